@@ -1,0 +1,99 @@
+//! `GET /fhir/metadata`: the CapabilityStatement, listing exactly what this server supports.
+//! It needs no token.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::fhir::fhir_json;
+use crate::fhir::search::{ParamType, TASK_PARAMS};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metadata", get(capability_statement))
+}
+
+async fn capability_statement(State(state): State<AppState>) -> Response {
+    fhir_json(StatusCode::OK, &build(&state.base_url))
+}
+
+/// The CapabilityStatement for a server at `base_url`.
+pub fn build(base_url: &str) -> Value {
+    let search_params: Vec<Value> = TASK_PARAMS
+        .iter()
+        .map(|p| {
+            let kind = match p.kind {
+                ParamType::Token => "token",
+                ParamType::Reference => "reference",
+                ParamType::Date => "date",
+            };
+            let mut param = json!({
+                "name": p.code,
+                "type": kind,
+                "documentation": p.description,
+            });
+            if let Some(definition) = definition(p.code) {
+                param["definition"] = json!(definition);
+            }
+            param
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": crate::fhir::datetime::format_instant(time::OffsetDateTime::now_utc()),
+        "publisher": "Baton",
+        "kind": "instance",
+        "software": { "name": "Baton", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": {
+            "description": "Baton FHIR workflow Task server",
+            "url": base_url,
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "cors": false,
+                "description": "Bearer JWT (HS256) in the Authorization header, with a 'role' claim of admin, practitioner or auditor; practitioners carry 'fhirUser'. Only /metadata is open.",
+            },
+            "resource": [{
+                "type": "Task",
+                "profile": "http://hl7.org/fhir/StructureDefinition/Task",
+                "interaction": [
+                    { "code": "read" },
+                    { "code": "vread" },
+                    { "code": "update" },
+                    { "code": "patch" },
+                    { "code": "delete" },
+                    { "code": "history-instance" },
+                    { "code": "create" },
+                    { "code": "search-type" },
+                ],
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": false,
+                "conditionalDelete": "not-supported",
+                "searchRevInclude": ["Task:part-of"],
+                "searchParam": search_params,
+            }],
+        }],
+    })
+}
+
+/// The canonical SearchParameter behind each code, where FHIR defines one.
+fn definition(code: &str) -> Option<String> {
+    match code {
+        "_id" => Some("http://hl7.org/fhir/SearchParameter/Resource-id".into()),
+        "_lastUpdated" => Some("http://hl7.org/fhir/SearchParameter/Resource-lastUpdated".into()),
+        "due-date" => None,
+        other => Some(format!("http://hl7.org/fhir/SearchParameter/Task-{other}")),
+    }
+}

@@ -1,0 +1,793 @@
+//! The FHIR RESTful API for `Task`: create, read, update, patch, delete, history, vread and
+//! search. Each write is handed to the store as a decision closure, so the If-Match check, the
+//! state machine and the role rules run against the version the write replaces, inside the
+//! same transaction.
+
+use std::collections::HashSet;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::{AppState, BodyKind, Prefer, parse_json, read_body};
+use crate::auth::{self, Principal};
+use crate::error::{Error, IssueCode, Result};
+use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode};
+use crate::fhir::{self, fhir_json, task as task_rules};
+use crate::store::{
+    CurrentTask, Decision, Interaction, PageRequest, StoredVersion, WriteOutcome, WriteRequest,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/Task", post(create).get(search_get))
+        .route("/Task/_search", post(search_post))
+        .route(
+            "/Task/{id}",
+            get(read).put(update).patch(patch).delete(delete),
+        )
+        .route("/Task/{id}/_history", get(history))
+        .route("/Task/{id}/_history/{vid}", get(vread))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes
+
+async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let prefer = Prefer::from_headers(&headers);
+    let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
+    let mut resource = parse_json(&bytes)?;
+    task_rules::validate_task(&resource, &state.base_url)?;
+    // The server assigns ids and versions on create; whatever the client sent is ignored.
+    if let Some(object) = resource.as_object_mut() {
+        object.remove("id");
+    }
+    clear_server_meta(&mut resource);
+    auth::authorize_task_write(&principal, None, Some(&resource), &state.base_url)?;
+    let if_none_exist = match headers.get("if-none-exist") {
+        None => None,
+        Some(value) => {
+            let text = value.to_str().map_err(|_| {
+                Error::bad_request(IssueCode::Invalid, "If-None-Exist is not valid text")
+            })?;
+            let text = text.trim_start_matches("Task?").trim_start_matches('?');
+            let pairs = parse_pairs(text)?;
+            let query = search::parse_query(
+                &pairs,
+                &state.search_limits,
+                &state.base_url,
+                Handling::Strict,
+            )
+            .map_err(|e| e.at("If-None-Exist"))?;
+            if query.predicates.is_empty() {
+                return Err(Error::bad_request(
+                    IssueCode::Invalid,
+                    "If-None-Exist needs at least one search criterion, e.g. identifier=http://x|123",
+                ));
+            }
+            let mut predicates = query.predicates;
+            predicates.extend(auth::read_scope(&principal));
+            Some(predicates)
+        }
+    };
+    let outcome = state
+        .store
+        .write(WriteRequest::Create {
+            resource,
+            if_none_exist,
+        })
+        .await?;
+    match outcome {
+        WriteOutcome::Written(version) => {
+            record_write(Interaction::Create);
+            Ok(version_response(
+                &state,
+                StatusCode::CREATED,
+                &version,
+                prefer,
+                true,
+            ))
+        }
+        WriteOutcome::Existing(current) => {
+            Ok(current_response(&state, StatusCode::OK, &current, prefer))
+        }
+        WriteOutcome::Unchanged => Err(Error::internal(
+            "create wrote nothing",
+            "unexpected outcome",
+        )),
+    }
+}
+
+async fn update(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    check_id(&id)?;
+    let prefer = Prefer::from_headers(&headers);
+    let if_match = parse_if_match(&headers)?;
+    let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
+    let mut resource = parse_json(&bytes)?;
+    task_rules::validate_task(&resource, &state.base_url)?;
+    match resource.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id == id => {}
+        Some(body_id) => {
+            return Err(Error::invalid(
+                "Task.id",
+                format!("the body's id '{body_id}' does not match the URL's id '{id}'"),
+            ));
+        }
+        None => {
+            return Err(Error::bad_request(
+                IssueCode::Required,
+                "an update must carry the Task's id in the body",
+            )
+            .at("Task.id"));
+        }
+    }
+    clear_server_meta(&mut resource);
+    let base_url = state.base_url.clone();
+    let decide = Box::new(move |current: Option<&CurrentTask>| {
+        let live = current.filter(|c| !c.deleted);
+        check_version(if_match, live)?;
+        let before = live.map(|c| &c.resource);
+        auth::authorize_task_write(&principal, before, Some(&resource), &base_url)?;
+        check_status_change(before, &resource)?;
+        Ok(Decision::Put(resource))
+    });
+    let outcome = state
+        .store
+        .write(WriteRequest::Change { id, decide })
+        .await?;
+    written_response(&state, outcome, prefer)
+}
+
+async fn patch(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    check_id(&id)?;
+    let prefer = Prefer::from_headers(&headers);
+    let if_match = parse_if_match(&headers)?;
+    let bytes = read_body(&state, &headers, body, BodyKind::JsonPatch).await?;
+    let operations = parse_json(&bytes)?;
+    let patch: json_patch::Patch = serde_json::from_value(operations).map_err(|e| {
+        Error::bad_request(
+            IssueCode::Structure,
+            format!("the body is not a valid JSON Patch (RFC 6902) document: {e}"),
+        )
+    })?;
+    let base_url = state.base_url.clone();
+    let task_id = id.clone();
+    let decide = Box::new(move |current: Option<&CurrentTask>| {
+        let current = require_live(current, &task_id)?;
+        check_version(if_match, Some(current))?;
+        // Reading rights come first, so a foreign Task is a 403 whatever the patch says.
+        auth::authorize_task_write(&principal, Some(&current.resource), None, &base_url)?;
+        let mut patched = current.resource.clone();
+        json_patch::patch(&mut patched, &patch).map_err(|e| {
+            Error::client(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                IssueCode::Processing,
+                format!("the patch cannot be applied to Task/{task_id}: {e}"),
+            )
+        })?;
+        if patched.get("id").and_then(Value::as_str) != Some(task_id.as_str()) {
+            return Err(Error::client(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                IssueCode::Processing,
+                "a patch may not change or remove the Task's id",
+            ));
+        }
+        task_rules::validate_task(&patched, &base_url)?;
+        clear_server_meta(&mut patched);
+        auth::authorize_task_write(
+            &principal,
+            Some(&current.resource),
+            Some(&patched),
+            &base_url,
+        )?;
+        check_status_change(Some(&current.resource), &patched)?;
+        Ok(Decision::Put(patched))
+    });
+    let outcome = state
+        .store
+        .write(WriteRequest::Change { id, decide })
+        .await?;
+    written_response(&state, outcome, prefer)
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    check_id(&id)?;
+    let if_match = parse_if_match(&headers)?;
+    let base_url = state.base_url.clone();
+    let task_id = id.clone();
+    let decide = Box::new(move |current: Option<&CurrentTask>| match current {
+        None => Err(Error::not_found(format!("Task/{task_id} does not exist"))),
+        Some(c) if c.deleted => Ok(Decision::Keep),
+        Some(c) => {
+            check_version(if_match, Some(c))?;
+            auth::authorize_task_write(&principal, Some(&c.resource), None, &base_url)?;
+            Ok(Decision::Delete)
+        }
+    });
+    let outcome = state
+        .store
+        .write(WriteRequest::Change { id, decide })
+        .await?;
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    if let WriteOutcome::Written(version) = outcome {
+        record_write(Interaction::Delete);
+        set_etag(response.headers_mut(), version.version);
+    }
+    Ok(response)
+}
+
+fn written_response(state: &AppState, outcome: WriteOutcome, prefer: Prefer) -> Result<Response> {
+    match outcome {
+        WriteOutcome::Written(version) => {
+            record_write(version.interaction);
+            let status = if version.interaction == Interaction::Create {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(version_response(
+                state,
+                status,
+                &version,
+                prefer,
+                status == StatusCode::CREATED,
+            ))
+        }
+        _ => Err(Error::internal(
+            "an update wrote nothing",
+            "unexpected outcome",
+        )),
+    }
+}
+
+fn record_write(interaction: Interaction) {
+    metrics::counter!("baton_task_writes_total", "interaction" => interaction.as_str())
+        .increment(1);
+}
+
+fn require_live<'a>(current: Option<&'a CurrentTask>, id: &str) -> Result<&'a CurrentTask> {
+    match current {
+        None => Err(Error::not_found(format!("Task/{id} does not exist"))),
+        Some(c) if c.deleted => Err(Error::gone(format!("Task/{id} has been deleted"))),
+        Some(c) => Ok(c),
+    }
+}
+
+/// The If-Match check: a stale version is a 412 that names the current one.
+fn check_version(expected: Option<i64>, current: Option<&CurrentTask>) -> Result<()> {
+    match (expected, current) {
+        (None, _) => Ok(()),
+        (Some(v), Some(c)) if c.version == v => Ok(()),
+        (Some(v), Some(c)) => Err(Error::precondition_failed(format!(
+            "If-Match names version {v} but Task/{} is at version {}; read it again and retry",
+            c.id, c.version
+        ))),
+        (Some(_), None) => Err(Error::precondition_failed(
+            "If-Match was given but the Task does not exist",
+        )),
+    }
+}
+
+fn check_status_change(before: Option<&Value>, after: &Value) -> Result<()> {
+    let next = task_rules::status(after).unwrap_or_default();
+    task_rules::check_transition(before.and_then(task_rules::status), next)
+}
+
+/// Removes `meta.versionId` and `meta.lastUpdated`, which only the server sets.
+fn clear_server_meta(resource: &mut Value) {
+    if let Some(meta) = resource.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+        if meta.is_empty() {
+            resource.as_object_mut().map(|o| o.remove("meta"));
+        }
+    }
+}
+
+fn check_id(id: &str) -> Result<()> {
+    if fhir::is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(Error::bad_request(
+            IssueCode::Invalid,
+            format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)"),
+        ))
+    }
+}
+
+/// Parses `If-Match: W/"3"` (also `"3"` and `3`).
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    let bare = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    bare.parse::<i64>().map(Some).map_err(|_| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("If-Match '{text}' must be an ETag such as W/\"3\""),
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+async fn read(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    check_id(&id)?;
+    let current = readable_current(&state, &principal, &id).await?;
+    if current.deleted {
+        return Ok(gone_with_etag(
+            format!("Task/{id} has been deleted"),
+            current.version,
+        ));
+    }
+    Ok(current_response(
+        &state,
+        StatusCode::OK,
+        &current,
+        Prefer::default(),
+    ))
+}
+
+/// Loads a Task (live or deleted) and applies the read rule to its latest content.
+async fn readable_current(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<CurrentTask> {
+    let current = state
+        .store
+        .read(id)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("Task/{id} does not exist")))?;
+    if !auth::may_read_task(principal, &current.resource, &state.base_url) {
+        return Err(Error::forbidden(format!(
+            "Task/{id} is not owned by you and not in one of your role queues"
+        )));
+    }
+    Ok(current)
+}
+
+async fn vread(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((id, vid)): Path<(String, String)>,
+) -> Result<Response> {
+    check_id(&id)?;
+    let version: i64 = vid.parse().map_err(|_| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("'{vid}' is not a version number"),
+        )
+    })?;
+    readable_current(&state, &principal, &id).await?;
+    let stored = state
+        .store
+        .read_version(&id, version)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("Task/{id} has no version {version}")))?;
+    match &stored.resource {
+        Some(_) => Ok(version_response(
+            &state,
+            StatusCode::OK,
+            &stored,
+            Prefer::default(),
+            false,
+        )),
+        None => Ok(gone_with_etag(
+            format!("version {version} of Task/{id} is its deletion"),
+            version,
+        )),
+    }
+}
+
+async fn history(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    check_id(&id)?;
+    readable_current(&state, &principal, &id).await?;
+    let pairs = parse_pairs(query.as_deref().unwrap_or(""))?;
+    let mut count = state.config.search.default_count;
+    let mut offset = 0usize;
+    for (name, value) in &pairs {
+        let number = || {
+            value.parse::<usize>().map_err(|_| {
+                Error::bad_request(
+                    IssueCode::Invalid,
+                    format!("{name} must be a non-negative integer"),
+                )
+            })
+        };
+        match name.as_str() {
+            "_count" => count = number()?.min(state.config.search.max_count),
+            "_offset" => offset = number()?,
+            "_format" | "_pretty" => {}
+            other => {
+                return Err(Error::not_supported(format!(
+                    "history supports _count and _offset, not '{other}'"
+                )));
+            }
+        }
+    }
+    let (versions, total) = state.store.history(&id, count, offset).await?;
+    let self_url = format!("{}/Task/{id}/_history", state.base_url);
+    let mut links = vec![link(
+        "self",
+        &format!("{self_url}?_count={count}&_offset={offset}"),
+    )];
+    if (offset + count) < total as usize {
+        links.push(link(
+            "next",
+            &format!("{self_url}?_count={count}&_offset={}", offset + count),
+        ));
+    }
+    if offset > 0 {
+        links.push(link(
+            "previous",
+            &format!(
+                "{self_url}?_count={count}&_offset={}",
+                offset.saturating_sub(count)
+            ),
+        ));
+    }
+    let entries: Vec<Value> = versions
+        .iter()
+        .map(|v| history_entry(&state.base_url, v))
+        .collect();
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": { "lastUpdated": now() },
+        "type": "history",
+        "total": total,
+        "link": links,
+        "entry": entries,
+    });
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+fn history_entry(base_url: &str, version: &StoredVersion) -> Value {
+    let url = format!("Task/{}", version.id);
+    let (method, status) = match version.interaction {
+        Interaction::Create => ("POST", "201 Created"),
+        Interaction::Update => ("PUT", "200 OK"),
+        Interaction::Delete => ("DELETE", "204 No Content"),
+    };
+    let mut entry = json!({
+        "fullUrl": format!("{base_url}/{url}"),
+        "request": { "method": method, "url": if method == "POST" { "Task".to_string() } else { url } },
+        "response": {
+            "status": status,
+            "etag": format!("W/\"{}\"", version.version),
+            "lastModified": version.last_updated,
+        },
+    });
+    if let Some(resource) = &version.resource {
+        entry["resource"] = resource.clone();
+    }
+    entry
+}
+
+// ---------------------------------------------------------------------------------------------
+// Search
+
+async fn search_get(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let pairs = parse_pairs(query.as_deref().unwrap_or(""))?;
+    run_search(&state, &principal, &headers, pairs).await
+}
+
+async fn search_post(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response> {
+    let bytes = read_body(&state, &headers, body, BodyKind::Form).await?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::bad_request(IssueCode::Structure, "the form body is not UTF-8"))?;
+    let mut pairs = parse_pairs(query.as_deref().unwrap_or(""))?;
+    pairs.extend(parse_pairs(text)?);
+    run_search(&state, &principal, &headers, pairs).await
+}
+
+fn parse_pairs(text: &str) -> Result<Vec<(String, String)>> {
+    serde_urlencoded::from_str(text).map_err(|e| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("the query string is malformed: {e}"),
+        )
+    })
+}
+
+async fn run_search(
+    state: &AppState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    pairs: Vec<(String, String)>,
+) -> Result<Response> {
+    let prefer = Prefer::from_headers(headers);
+    let handling = if prefer.lenient {
+        Handling::Lenient
+    } else {
+        Handling::Strict
+    };
+    let query = search::parse_query(&pairs, &state.search_limits, &state.base_url, handling)?;
+    let scope: Vec<Predicate> = auth::read_scope(principal).into_iter().collect();
+    let mut predicates = query.predicates.clone();
+    predicates.extend(scope.iter().cloned());
+    let count = if query.summary_count { 0 } else { query.count };
+    let with_total = query.summary_count || query.total == TotalMode::Accurate;
+    let page = state
+        .store
+        .search(PageRequest {
+            predicates: &predicates,
+            sort: &query.sort,
+            count,
+            offset: query.offset,
+            with_total,
+        })
+        .await?;
+
+    let mut entries: Vec<Value> = page
+        .tasks
+        .iter()
+        .map(|t| search_entry(&state.base_url, t, "match"))
+        .collect();
+    if let Some(revinclude) = query.revinclude.filter(|_| !page.tasks.is_empty()) {
+        let included = sub_tasks(state, &page.tasks, &scope, revinclude).await?;
+        entries.extend(
+            included
+                .iter()
+                .map(|t| search_entry(&state.base_url, t, "include")),
+        );
+    }
+
+    let self_base = format!("{}/Task", state.base_url);
+    let page_url = |offset: usize| {
+        let mut params = query.link_params.clone();
+        params.push(("_count".into(), query.count.to_string()));
+        params.push(("_offset".into(), offset.to_string()));
+        format!(
+            "{self_base}?{}",
+            serde_urlencoded::to_string(&params).unwrap_or_default()
+        )
+    };
+    let mut links = vec![link("self", &page_url(query.offset))];
+    if !query.summary_count {
+        links.push(link("first", &page_url(0)));
+        let has_next = match page.total {
+            Some(total) => query.offset + query.count < total as usize,
+            None => page.tasks.len() == query.count,
+        };
+        if has_next {
+            links.push(link("next", &page_url(query.offset + query.count)));
+        }
+        if query.offset > 0 {
+            links.push(link(
+                "previous",
+                &page_url(query.offset.saturating_sub(query.count)),
+            ));
+        }
+        if let Some(total) = page.total
+            && query.count > 0
+        {
+            let total = total as usize;
+            let last = if total == 0 {
+                0
+            } else {
+                (total - 1) / query.count * query.count
+            };
+            links.push(link("last", &page_url(last)));
+        }
+    }
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": { "lastUpdated": now() },
+        "type": "searchset",
+        "link": links,
+    });
+    if let Some(total) = page.total {
+        bundle["total"] = json!(total);
+    }
+    if !entries.is_empty() {
+        bundle["entry"] = Value::Array(entries);
+    }
+    metrics::counter!("baton_task_searches_total").increment(1);
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) the whole
+/// tree, bounded by `search.max_included` and applying the caller's read scope at each level.
+async fn sub_tasks(
+    state: &AppState,
+    matched: &[CurrentTask],
+    scope: &[Predicate],
+    revinclude: RevInclude,
+) -> Result<Vec<CurrentTask>> {
+    let limit = state.config.search.max_included;
+    let mut seen: HashSet<String> = matched.iter().map(|t| t.id.clone()).collect();
+    let mut frontier: Vec<String> = matched.iter().map(|t| format!("Task/{}", t.id)).collect();
+    let mut included = Vec::new();
+    while !frontier.is_empty() && included.len() < limit {
+        let children = state
+            .store
+            .children_of(&frontier, scope, limit - included.len())
+            .await?;
+        frontier = Vec::new();
+        for child in children {
+            if seen.insert(child.id.clone()) {
+                frontier.push(format!("Task/{}", child.id));
+                included.push(child);
+            }
+        }
+        if revinclude == RevInclude::PartOf {
+            break;
+        }
+    }
+    Ok(included)
+}
+
+fn search_entry(base_url: &str, task: &CurrentTask, mode: &str) -> Value {
+    json!({
+        "fullUrl": format!("{base_url}/Task/{}", task.id),
+        "resource": task.resource,
+        "search": { "mode": mode },
+    })
+}
+
+fn link(relation: &str, url: &str) -> Value {
+    json!({ "relation": relation, "url": url })
+}
+
+fn now() -> String {
+    fhir::datetime::format_instant(time::OffsetDateTime::now_utc())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+/// A 410 for a deleted Task or version, with the ETag of the deletion.
+fn gone_with_etag(diagnostics: String, version: i64) -> Response {
+    let mut response = axum::response::IntoResponse::into_response(Error::gone(diagnostics));
+    set_etag(response.headers_mut(), version);
+    response
+}
+
+fn set_etag(headers: &mut HeaderMap, version: i64) {
+    if let Ok(value) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
+        headers.insert(header::ETAG, value);
+    }
+}
+
+fn current_response(
+    state: &AppState,
+    status: StatusCode,
+    task: &CurrentTask,
+    prefer: Prefer,
+) -> Response {
+    respond(
+        state,
+        status,
+        &task.id,
+        task.version,
+        &task.last_updated,
+        &task.resource,
+        prefer,
+        false,
+    )
+}
+
+fn version_response(
+    state: &AppState,
+    status: StatusCode,
+    version: &StoredVersion,
+    prefer: Prefer,
+    with_location: bool,
+) -> Response {
+    let resource = version.resource.clone().unwrap_or(Value::Null);
+    respond(
+        state,
+        status,
+        &version.id,
+        version.version,
+        &version.last_updated,
+        &resource,
+        prefer,
+        with_location,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    state: &AppState,
+    status: StatusCode,
+    id: &str,
+    version: i64,
+    last_updated: &str,
+    resource: &Value,
+    prefer: Prefer,
+    with_location: bool,
+) -> Response {
+    let mut response = if prefer.minimal {
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = status;
+        r
+    } else if prefer.outcome {
+        fhir_json(
+            status,
+            &crate::error::operation_outcome(
+                "information",
+                IssueCode::Informational,
+                &format!("Task/{id} is at version {version}"),
+                None,
+            ),
+        )
+    } else {
+        fhir_json(status, resource)
+    };
+    let headers = response.headers_mut();
+    set_etag(headers, version);
+    if let Some(http_date) = http_date(last_updated)
+        && let Ok(value) = HeaderValue::from_str(&http_date)
+    {
+        headers.insert(header::LAST_MODIFIED, value);
+    }
+    if with_location
+        && let Ok(value) =
+            HeaderValue::from_str(&format!("{}/Task/{id}/_history/{version}", state.base_url))
+    {
+        headers.insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// Formats an instant as an HTTP date (`Last-Modified`).
+fn http_date(instant: &str) -> Option<String> {
+    let at = fhir::datetime::parse_instant(instant)?;
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    at.format(&format).ok()
+}

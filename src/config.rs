@@ -1,0 +1,336 @@
+//! Typed, layered configuration: embedded defaults, then a TOML file (`config/baton.toml` or
+//! `--config FILE`), then `BATON_*` environment variables. `validate` runs at start-up and
+//! fails with a message that names the setting to change.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The file read when no `--config` is given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config/baton.toml";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP server binds, `host:port` (`BATON_LISTEN`).
+    pub listen: String,
+    /// Base URL used in `fullUrl`, `Location` and references (`BATON_PUBLIC_URL`).
+    /// Defaults to `http://<listen>/fhir`.
+    pub public_url: Option<String>,
+    /// Directory for the embedded database and the generated development JWT secret.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` (default `sqlite://<data_dir>/baton.db`) or `postgres://…`.
+    pub database_url: Option<String>,
+    /// HS256 key for bearer tokens (`BATON_JWT_SECRET`). When unset, see `auth::resolve_secret`.
+    pub jwt_secret: Option<String>,
+    /// RabbitMQ broker for the AMQP channel, with credentials (`BATON_AMQP_URL`).
+    pub amqp_url: Option<String>,
+    /// Redis for cluster signalling (`BATON_REDIS_URL`).
+    pub redis_url: Option<String>,
+    /// Let rest-hook endpoints resolve to loopback, private or link-local addresses.
+    pub allow_private_endpoints: bool,
+    /// Let rest-hook endpoints use plain `http://`.
+    pub allow_http_endpoints: bool,
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+    /// How long in-flight requests may take to finish after a shutdown signal, in seconds.
+    pub shutdown_grace_seconds: u64,
+    pub auth: AuthConfig,
+    pub search: SearchConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Name of the token claim listing the performer types (`system|code`) a practitioner works as.
+    pub performer_types_claim: String,
+    /// Clock skew tolerated when checking `exp`, in seconds.
+    pub leeway_seconds: u64,
+    /// Lifetime of tokens minted by `baton token` when `--ttl` is not given, in seconds.
+    pub default_token_ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchConfig {
+    /// Page size when the client gives no `_count`.
+    pub default_count: usize,
+    /// Largest page size; a larger `_count` is reduced to this.
+    pub max_count: usize,
+    /// Most Tasks `_revinclude=Task:part-of:iterate` adds to one page.
+    pub max_included: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Most writes committed together in one transaction (group commit).
+    pub max_batch: usize,
+    /// Connections used for reads and searches.
+    pub read_connections: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            public_url: None,
+            data_dir: PathBuf::from("data"),
+            database_url: None,
+            jwt_secret: None,
+            amqp_url: None,
+            redis_url: None,
+            allow_private_endpoints: false,
+            allow_http_endpoints: false,
+            max_body_bytes: 1024 * 1024,
+            log_format: LogFormat::Text,
+            shutdown_grace_seconds: 10,
+            auth: AuthConfig::default(),
+            search: SearchConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            performer_types_claim: "performer_types".into(),
+            leeway_seconds: 30,
+            default_token_ttl_seconds: 3600,
+        }
+    }
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            default_count: 50,
+            max_count: 1000,
+            max_included: 1000,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_batch: 256,
+            read_connections: 8,
+        }
+    }
+}
+
+/// A configuration problem, phrased as what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The database backends Baton knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Config {
+    /// Loads defaults, then the file (the explicit one must exist), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError(format!(
+                        "configuration file {} does not exist",
+                        path.display()
+                    )));
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                figment = figment.merge(Toml::file(DEFAULT_CONFIG_FILE));
+            }
+            None => {}
+        }
+        figment = figment.merge(Env::prefixed("BATON_").split("__"));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting and says what to change. Called by `load` and by `run`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if let Some(url) = &self.public_url {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && reqwest::Url::parse(url).is_ok();
+            if !ok {
+                return Err(ConfigError(format!(
+                    "BATON_PUBLIC_URL '{url}' must be an absolute http(s) URL such as https://baton.example.org/fhir"
+                )));
+            }
+        }
+        self.database()?;
+        if let Some(secret) = &self.jwt_secret
+            && secret.trim().is_empty()
+        {
+            return Err(ConfigError(
+                "BATON_JWT_SECRET is set but empty; set a random string of at least 32 characters or unset it".into(),
+            ));
+        }
+        if let Some(url) = &self.amqp_url
+            && !(url.starts_with("amqp://") || url.starts_with("amqps://"))
+        {
+            return Err(ConfigError(format!(
+                "BATON_AMQP_URL must start with amqp:// or amqps://, got '{}'",
+                redact_url(url)
+            )));
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(ConfigError(format!(
+                "BATON_REDIS_URL must start with redis:// or rediss://, got '{}'",
+                redact_url(url)
+            )));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError(
+                "max_body_bytes must be at least 1024 (BATON_MAX_BODY_BYTES)".into(),
+            ));
+        }
+        if self.search.default_count == 0 || self.search.default_count > self.search.max_count {
+            return Err(ConfigError(
+                "search.default_count must be between 1 and search.max_count".into(),
+            ));
+        }
+        if self.store.max_batch == 0 || self.store.read_connections == 0 {
+            return Err(ConfigError(
+                "store.max_batch and store.read_connections must be at least 1".into(),
+            ));
+        }
+        if self.auth.performer_types_claim.is_empty() {
+            return Err(ConfigError(
+                "auth.performer_types_claim must name a claim".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| {
+            ConfigError(format!(
+                "BATON_LISTEN '{}' must be host:port with a numeric address, e.g. 127.0.0.1:8080",
+                self.listen
+            ))
+        })
+    }
+
+    pub fn database(&self) -> Result<DatabaseUrl, ConfigError> {
+        let Some(url) = &self.database_url else {
+            return Ok(DatabaseUrl::Sqlite(self.data_dir.join("baton.db")));
+        };
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(ConfigError(
+                    "BATON_DATABASE_URL sqlite:// needs a file path, e.g. sqlite://data/baton.db"
+                        .into(),
+                ));
+            }
+            return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseUrl::Postgres(url.clone()));
+        }
+        Err(ConfigError(format!(
+            "BATON_DATABASE_URL must start with sqlite:// or postgres://, got '{}'",
+            redact_url(url)
+        )))
+    }
+
+    /// The FHIR base URL: the configured one, or `http://<bound address>/fhir`.
+    pub fn base_url(&self, bound: SocketAddr) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{bound}/fhir"),
+        }
+    }
+}
+
+/// Hides the password of a URL so it can be shown in an error or a log line.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("****"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(
+            Config::default().database().unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("data/baton.db"))
+        );
+    }
+
+    #[test]
+    fn invalid_settings_name_what_to_change() {
+        let cases: Vec<(fn(&mut Config), &str)> = vec![
+            (|c| c.listen = "localhost".into(), "BATON_LISTEN"),
+            (
+                |c| c.public_url = Some("ftp://x".into()),
+                "BATON_PUBLIC_URL",
+            ),
+            (
+                |c| c.database_url = Some("mysql://x".into()),
+                "BATON_DATABASE_URL",
+            ),
+            (
+                |c| c.database_url = Some("sqlite://".into()),
+                "BATON_DATABASE_URL",
+            ),
+            (|c| c.jwt_secret = Some(" ".into()), "BATON_JWT_SECRET"),
+            (|c| c.amqp_url = Some("http://x".into()), "BATON_AMQP_URL"),
+            (|c| c.redis_url = Some("x".into()), "BATON_REDIS_URL"),
+            (|c| c.max_body_bytes = 10, "max_body_bytes"),
+            (|c| c.search.default_count = 0, "search.default_count"),
+        ];
+        for (mutate, needle) in cases {
+            let mut config = Config::default();
+            mutate(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@localhost:5672/%2f"),
+            "amqp://guest:****@localhost:5672/%2f"
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! The one error type of Baton and its single HTTP mapping.
+//!
+//! Client errors carry an HTTP status, a FHIR `OperationOutcome.issue.code` and a diagnostic
+//! that tells the caller what to change. Everything else is an opaque 500: the cause chain is
+//! logged once, at the boundary, and never sent to the client.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// FHIR `IssueType` codes Baton reports (http://hl7.org/fhir/issue-type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssueCode {
+    Invalid,
+    Structure,
+    Required,
+    Value,
+    Invariant,
+    Security,
+    Login,
+    Forbidden,
+    NotFound,
+    Deleted,
+    TooLong,
+    NotSupported,
+    Duplicate,
+    MultipleMatches,
+    Conflict,
+    BusinessRule,
+    Processing,
+    Exception,
+    Transient,
+    Informational,
+}
+
+impl IssueCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueCode::Invalid => "invalid",
+            IssueCode::Structure => "structure",
+            IssueCode::Required => "required",
+            IssueCode::Value => "value",
+            IssueCode::Invariant => "invariant",
+            IssueCode::Security => "security",
+            IssueCode::Login => "login",
+            IssueCode::Forbidden => "forbidden",
+            IssueCode::NotFound => "not-found",
+            IssueCode::Deleted => "deleted",
+            IssueCode::TooLong => "too-long",
+            IssueCode::NotSupported => "not-supported",
+            IssueCode::Duplicate => "duplicate",
+            IssueCode::MultipleMatches => "multiple-matches",
+            IssueCode::Conflict => "conflict",
+            IssueCode::BusinessRule => "business-rule",
+            IssueCode::Processing => "processing",
+            IssueCode::Exception => "exception",
+            IssueCode::Transient => "transient",
+            IssueCode::Informational => "informational",
+        }
+    }
+}
+
+/// A problem the client can fix: what went wrong and, where known, which element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    pub status: StatusCode,
+    pub code: IssueCode,
+    pub diagnostics: String,
+    /// FHIRPath-ish location of the offending element, e.g. `Task.status`.
+    pub expression: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}", .0.diagnostics)]
+    Client(Box<ClientError>),
+    #[error("{context}")]
+    Internal {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn client(status: StatusCode, code: IssueCode, diagnostics: impl Into<String>) -> Self {
+        Error::Client(Box::new(ClientError {
+            status,
+            code,
+            diagnostics: diagnostics.into(),
+            expression: None,
+        }))
+    }
+
+    /// Attaches the location of the offending element to a client error.
+    pub fn at(self, expression: impl Into<String>) -> Self {
+        match self {
+            Error::Client(mut e) => {
+                e.expression = Some(expression.into());
+                Error::Client(e)
+            }
+            other => other,
+        }
+    }
+
+    /// 400: the request itself is malformed (bad JSON, bad parameter).
+    pub fn bad_request(code: IssueCode, diagnostics: impl Into<String>) -> Self {
+        Self::client(StatusCode::BAD_REQUEST, code, diagnostics)
+    }
+
+    /// 400 `invalid` at a given element: the resource content breaks a rule.
+    pub fn invalid(expression: impl Into<String>, diagnostics: impl Into<String>) -> Self {
+        Self::bad_request(IssueCode::Invalid, diagnostics).at(expression)
+    }
+
+    pub fn unauthorized(diagnostics: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNAUTHORIZED, IssueCode::Login, diagnostics)
+    }
+
+    pub fn forbidden(diagnostics: impl Into<String>) -> Self {
+        Self::client(StatusCode::FORBIDDEN, IssueCode::Forbidden, diagnostics)
+    }
+
+    pub fn not_found(diagnostics: impl Into<String>) -> Self {
+        Self::client(StatusCode::NOT_FOUND, IssueCode::NotFound, diagnostics)
+    }
+
+    pub fn gone(diagnostics: impl Into<String>) -> Self {
+        Self::client(StatusCode::GONE, IssueCode::Deleted, diagnostics)
+    }
+
+    pub fn conflict(diagnostics: impl Into<String>) -> Self {
+        Self::client(StatusCode::CONFLICT, IssueCode::Conflict, diagnostics)
+    }
+
+    pub fn precondition_failed(diagnostics: impl Into<String>) -> Self {
+        Self::client(
+            StatusCode::PRECONDITION_FAILED,
+            IssueCode::Conflict,
+            diagnostics,
+        )
+    }
+
+    /// 422: well-formed, but it breaks a business rule (e.g. the Task state machine).
+    pub fn business_rule(diagnostics: impl Into<String>) -> Self {
+        Self::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            IssueCode::BusinessRule,
+            diagnostics,
+        )
+    }
+
+    pub fn not_supported(diagnostics: impl Into<String>) -> Self {
+        Self::bad_request(IssueCode::NotSupported, diagnostics)
+    }
+
+    pub fn internal(
+        context: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Internal {
+            context,
+            source: source.into(),
+        }
+    }
+
+    /// The client part of this error, if it is one.
+    pub fn as_client(&self) -> Option<&ClientError> {
+        match self {
+            Error::Client(e) => Some(e),
+            Error::Internal { .. } => None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Client(e) => e.status,
+            Error::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::internal("database error", e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Error::internal("database migration failed", e)
+    }
+}
+
+/// Builds a FHIR OperationOutcome with one issue.
+pub fn operation_outcome(
+    severity: &str,
+    code: IssueCode,
+    diagnostics: &str,
+    expression: Option<&str>,
+) -> Value {
+    let mut issue = json!({
+        "severity": severity,
+        "code": code.as_str(),
+        "diagnostics": diagnostics,
+    });
+    if let Some(expr) = expression {
+        issue["expression"] = json!([expr]);
+    }
+    json!({ "resourceType": "OperationOutcome", "issue": [issue] })
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            Error::Client(e) => (
+                e.status,
+                operation_outcome("error", e.code, &e.diagnostics, e.expression.as_deref()),
+            ),
+            Error::Internal { .. } => {
+                tracing::error!(error = %error_chain(&self), "request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    operation_outcome(
+                        "fatal",
+                        IssueCode::Exception,
+                        "internal server error; the cause has been logged",
+                        None,
+                    ),
+                )
+            }
+        };
+        let mut response = crate::fhir::fhir_json(status, &body);
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// Renders an error with its whole `source()` chain, for logs.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,1990 @@
+//! The Task search parameters: what each one indexes, how a query string is parsed into
+//! predicates, and how predicates are evaluated against an index in memory.
+//!
+//! This module is the single source of truth for search. The store writes the entries that
+//! `index_task` produces into its index tables and turns predicates into SQL
+//! (`store::search_sql`); the subscription matcher evaluates the same predicates with
+//! `matches`. Both read the same `TaskIndex` shape, so a Task found by a search is exactly a
+//! Task a filter matches. Nothing here does IO.
+
+use serde_json::Value;
+
+use crate::error::{Error, IssueCode, Result};
+use crate::fhir::datetime::{self, DateKind, MAX_KEY, MIN_KEY};
+use crate::fhir::{MULTI_FOCUS_EXTENSION, RESOURCE_TYPES, is_valid_id, normalize_reference};
+
+/// How a parameter's values are written and compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    /// `[system|]code`, compared exactly.
+    Token,
+    /// A reference, indexed and compared as normalised `Type/id` (or the absolute URL).
+    Reference,
+    /// A date range with an optional comparison prefix.
+    Date,
+}
+
+/// One search parameter of Task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamDef {
+    pub code: &'static str,
+    pub kind: ParamType,
+    pub sortable: bool,
+    /// The resource types a bare id expands to; empty for non-reference parameters.
+    pub targets: &'static [&'static str],
+    pub description: &'static str,
+}
+
+const STATUS_SYSTEM: &str = "http://hl7.org/fhir/task-status";
+const PRIORITY_SYSTEM: &str = "http://hl7.org/fhir/request-priority";
+const INTENT_SYSTEM: &str = "http://hl7.org/fhir/task-intent";
+
+const OWNER_TARGETS: &[&str] = &[
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "CareTeam",
+    "HealthcareService",
+    "Patient",
+    "Device",
+    "RelatedPerson",
+];
+const REQUESTER_TARGETS: &[&str] = &[
+    "Device",
+    "Organization",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "RelatedPerson",
+];
+const PATIENT_TARGETS: &[&str] = &["Patient"];
+const TASK_TARGETS: &[&str] = &["Task"];
+
+/// Every search parameter Baton supports on Task, in the order the CapabilityStatement lists them.
+pub static TASK_PARAMS: &[ParamDef] = &[
+    ParamDef {
+        code: "_id",
+        kind: ParamType::Token,
+        sortable: true,
+        targets: &[],
+        description: "The logical id of the Task",
+    },
+    ParamDef {
+        code: "_lastUpdated",
+        kind: ParamType::Date,
+        sortable: true,
+        targets: &[],
+        description: "When the Task was last changed on this server (meta.lastUpdated)",
+    },
+    ParamDef {
+        code: "status",
+        kind: ParamType::Token,
+        sortable: true,
+        targets: &[],
+        description: "The Task status",
+    },
+    ParamDef {
+        code: "business-status",
+        kind: ParamType::Token,
+        sortable: false,
+        targets: &[],
+        description: "The business status of the Task (businessStatus codings)",
+    },
+    ParamDef {
+        code: "owner",
+        kind: ParamType::Reference,
+        sortable: false,
+        targets: OWNER_TARGETS,
+        description: "The party responsible for carrying out the Task",
+    },
+    ParamDef {
+        code: "performer",
+        kind: ParamType::Token,
+        sortable: false,
+        targets: &[],
+        description: "The kind of performer the Task is for (performerType codings)",
+    },
+    ParamDef {
+        code: "patient",
+        kind: ParamType::Reference,
+        sortable: false,
+        targets: PATIENT_TARGETS,
+        description: "The patient the Task is for (Task.for when it is a Patient)",
+    },
+    ParamDef {
+        code: "subject",
+        kind: ParamType::Reference,
+        sortable: false,
+        targets: RESOURCE_TYPES,
+        description: "Whom or what the Task is for (Task.for)",
+    },
+    ParamDef {
+        code: "focus",
+        kind: ParamType::Reference,
+        sortable: false,
+        targets: RESOURCE_TYPES,
+        description: "What the Task acts on: Task.focus and every multi-focus extension",
+    },
+    ParamDef {
+        code: "part-of",
+        kind: ParamType::Reference,
+        sortable: false,
+        targets: TASK_TARGETS,
+        description: "The parent Task (Task.partOf)",
+    },
+    ParamDef {
+        code: "based-on",
+        kind: ParamType::Reference,
+        sortable: false,
+        targets: RESOURCE_TYPES,
+        description: "The request the Task fulfils (Task.basedOn)",
+    },
+    ParamDef {
+        code: "requester",
+        kind: ParamType::Reference,
+        sortable: false,
+        targets: REQUESTER_TARGETS,
+        description: "Who asked for the Task",
+    },
+    ParamDef {
+        code: "code",
+        kind: ParamType::Token,
+        sortable: false,
+        targets: &[],
+        description: "The kind of Task (Task.code codings)",
+    },
+    ParamDef {
+        code: "priority",
+        kind: ParamType::Token,
+        sortable: true,
+        targets: &[],
+        description: "The Task priority; sorting orders by urgency (routine < urgent < asap < stat)",
+    },
+    ParamDef {
+        code: "intent",
+        kind: ParamType::Token,
+        sortable: true,
+        targets: &[],
+        description: "The Task intent",
+    },
+    ParamDef {
+        code: "identifier",
+        kind: ParamType::Token,
+        sortable: false,
+        targets: &[],
+        description: "A business identifier of the Task",
+    },
+    ParamDef {
+        code: "authored-on",
+        kind: ParamType::Date,
+        sortable: true,
+        targets: &[],
+        description: "When the Task was created (Task.authoredOn)",
+    },
+    ParamDef {
+        code: "modified",
+        kind: ParamType::Date,
+        sortable: true,
+        targets: &[],
+        description: "When the Task was last modified (Task.lastModified)",
+    },
+    ParamDef {
+        code: "period",
+        kind: ParamType::Date,
+        sortable: true,
+        targets: &[],
+        description: "When the Task is carried out (Task.executionPeriod); open ends are unbounded",
+    },
+    ParamDef {
+        code: "due-date",
+        kind: ParamType::Date,
+        sortable: true,
+        targets: &[],
+        description: "When the Task must be done by (Task.restriction.period.end)",
+    },
+];
+
+/// Parameters that shape the result rather than filter it.
+const CONTROL_PARAMS: &[&str] = &[
+    "_count",
+    "_offset",
+    "_sort",
+    "_total",
+    "_summary",
+    "_revinclude",
+    "_format",
+    "_pretty",
+];
+
+/// Looks up a Task search parameter by its code.
+pub fn task_param(code: &str) -> Option<&'static ParamDef> {
+    TASK_PARAMS.iter().find(|def| def.code == code)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Indexing
+// ---------------------------------------------------------------------------------------------
+
+/// What a Task contributes to search: one entry per indexed value.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TaskIndex {
+    pub tokens: Vec<TokenEntry>,
+    pub dates: Vec<DateEntry>,
+}
+
+/// A token or reference value. References have no system and hold `Type/id` (or an absolute
+/// URL for a resource on another server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub param: &'static str,
+    pub system: Option<String>,
+    pub value: String,
+}
+
+/// A date value as the half-open range `[start, end)` of sortable keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DateEntry {
+    pub param: &'static str,
+    pub start: String,
+    pub end: String,
+}
+
+impl TaskIndex {
+    /// Adds a token, skipping empty codes and duplicates so that the store writes each row once.
+    fn token(&mut self, param: &'static str, system: Option<&str>, value: Option<&str>) {
+        let Some(value) = value.filter(|v| !v.is_empty()) else {
+            return;
+        };
+        // An empty system says nothing, so it is indexed as no system, which `|code` finds.
+        let system = system.filter(|s| !s.is_empty()).map(str::to_string);
+        let entry = TokenEntry {
+            param,
+            system,
+            value: value.to_string(),
+        };
+        if !self.tokens.contains(&entry) {
+            self.tokens.push(entry);
+        }
+    }
+
+    fn codings(&mut self, param: &'static str, concept: Option<&Value>) {
+        for coding in array(concept, "coding") {
+            self.token(param, str_at(coding, "system"), str_at(coding, "code"));
+        }
+    }
+
+    fn reference(&mut self, param: &'static str, reference: Option<&str>, base_url: &str) {
+        if let Some(normalized) = reference.and_then(|r| normalize_reference(r, base_url)) {
+            self.token(param, None, Some(&normalized));
+        }
+    }
+
+    fn date(&mut self, param: &'static str, start: String, end: String) {
+        self.dates.push(DateEntry { param, start, end });
+    }
+}
+
+fn str_at<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+    value.get(key).and_then(Value::as_str)
+}
+
+/// The elements of the array `key` of `value`, or nothing when it is absent.
+fn array<'a>(value: Option<&'a Value>, key: &str) -> impl Iterator<Item = &'a Value> {
+    value
+        .and_then(|v| v.get(key))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+/// The range of a stored date, dateTime or instant. A value the validator let through always
+/// parses; anything else is left out of the index rather than indexed wrongly.
+fn stored_range(text: Option<&str>) -> Option<datetime::DateRange> {
+    datetime::parse_range(text?, DateKind::DateTime).ok()
+}
+
+/// The resource type a normalised reference names: `Type` of `Type/id`, or the type segment of
+/// an absolute URL (ignoring a `/_history/N` suffix). Contained and `urn:` references have none.
+fn reference_type(reference: &str) -> Option<&str> {
+    if !reference.contains('/') || reference.starts_with('#') {
+        return None;
+    }
+    let mut segments: Vec<&str> = reference.split('/').collect();
+    if segments.len() >= 4 && segments[segments.len() - 2] == "_history" {
+        segments.truncate(segments.len() - 2);
+    }
+    (segments.len() >= 2).then(|| segments[segments.len() - 2])
+}
+
+/// Extracts every search value of a Task. The Task must be valid and have its `id` and
+/// `meta.lastUpdated` set.
+pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
+    let mut index = TaskIndex::default();
+    let task_ref = Some(task);
+
+    index.token("_id", None, str_at(task, "id"));
+    if let Some(range) = stored_range(task.pointer("/meta/lastUpdated").and_then(Value::as_str)) {
+        index.date("_lastUpdated", range.start_key(), range.end_key());
+    }
+
+    index.token("status", Some(STATUS_SYSTEM), str_at(task, "status"));
+    index.codings("business-status", task.get("businessStatus"));
+    index.reference(
+        "owner",
+        task.pointer("/owner/reference").and_then(Value::as_str),
+        base_url,
+    );
+    for concept in array(task_ref, "performerType") {
+        index.codings("performer", Some(concept));
+    }
+
+    // `for` feeds both `subject` and, when it is a Patient, `patient`.
+    if let Some(subject) = task.get("for") {
+        let normalized =
+            str_at(subject, "reference").and_then(|r| normalize_reference(r, base_url));
+        if let Some(normalized) = normalized {
+            let is_patient = reference_type(&normalized) == Some("Patient")
+                || str_at(subject, "type") == Some("Patient");
+            if is_patient {
+                index.token("patient", None, Some(&normalized));
+            }
+            index.token("subject", None, Some(&normalized));
+        }
+    }
+
+    index.reference(
+        "focus",
+        task.pointer("/focus/reference").and_then(Value::as_str),
+        base_url,
+    );
+    for extension in array(task_ref, "extension") {
+        if str_at(extension, "url") == Some(MULTI_FOCUS_EXTENSION) {
+            let reference = extension
+                .pointer("/valueReference/reference")
+                .and_then(Value::as_str);
+            index.reference("focus", reference, base_url);
+        }
+    }
+    for parent in array(task_ref, "partOf") {
+        index.reference("part-of", str_at(parent, "reference"), base_url);
+    }
+    for request in array(task_ref, "basedOn") {
+        index.reference("based-on", str_at(request, "reference"), base_url);
+    }
+    index.reference(
+        "requester",
+        task.pointer("/requester/reference").and_then(Value::as_str),
+        base_url,
+    );
+
+    index.codings("code", task.get("code"));
+    index.token("priority", Some(PRIORITY_SYSTEM), str_at(task, "priority"));
+    index.token("intent", Some(INTENT_SYSTEM), str_at(task, "intent"));
+    for identifier in array(task_ref, "identifier") {
+        index.token(
+            "identifier",
+            str_at(identifier, "system"),
+            str_at(identifier, "value"),
+        );
+    }
+
+    if let Some(range) = stored_range(str_at(task, "authoredOn")) {
+        index.date("authored-on", range.start_key(), range.end_key());
+    }
+    if let Some(range) = stored_range(str_at(task, "lastModified")) {
+        index.date("modified", range.start_key(), range.end_key());
+    }
+    if let Some(period) = task.get("executionPeriod") {
+        if let Some((start, end)) = period_keys(period) {
+            index.date("period", start, end);
+        }
+    }
+    if let Some(range) = stored_range(
+        task.pointer("/restriction/period/end")
+            .and_then(Value::as_str),
+    ) {
+        index.date("due-date", range.start_key(), range.end_key());
+    }
+    index
+}
+
+/// The range a Period covers: from the start of its start to the end of its end, with a missing
+/// bound open (MIN_KEY or MAX_KEY). A Period with neither bound says nothing and is not indexed.
+fn period_keys(period: &Value) -> Option<(String, String)> {
+    let start_text = str_at(period, "start");
+    let end_text = str_at(period, "end");
+    if start_text.is_none() && end_text.is_none() {
+        return None;
+    }
+    let start = match start_text {
+        Some(_) => stored_range(start_text)?.start_key(),
+        None => MIN_KEY.to_string(),
+    };
+    let end = match end_text {
+        Some(_) => stored_range(end_text)?.end_key(),
+        None => MAX_KEY.to_string(),
+    };
+    Some((start, end))
+}
+
+/// How urgent a Task is, for sorting by `priority`: routine (or absent) 1, urgent 2, asap 3,
+/// stat 4. The store keeps this in a column so that a priority sort needs no join.
+pub fn priority_rank(task: &Value) -> i64 {
+    match str_at(task, "priority") {
+        Some("urgent") => 2,
+        Some("asap") => 3,
+        Some("stat") => 4,
+        _ => 1,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Predicates
+// ---------------------------------------------------------------------------------------------
+
+/// Which systems a token search value accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SystemMatch {
+    /// `code`: any system, or none.
+    Any,
+    /// `|code`: only values without a system.
+    NoSystem,
+    /// `system|code` or `system|`: exactly this system.
+    Exact(String),
+}
+
+/// One token search value. `code` is `None` for `system|`, which matches any code in the system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenValue {
+    pub system: SystemMatch,
+    pub code: Option<String>,
+}
+
+/// A date search prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefix {
+    Eq,
+    Ne,
+    Gt,
+    Lt,
+    Ge,
+    Le,
+    Sa,
+    Eb,
+    Ap,
+}
+
+impl Prefix {
+    fn parse(text: &str) -> Option<Prefix> {
+        Some(match text {
+            "eq" => Prefix::Eq,
+            "ne" => Prefix::Ne,
+            "gt" => Prefix::Gt,
+            "lt" => Prefix::Lt,
+            "ge" => Prefix::Ge,
+            "le" => Prefix::Le,
+            "sa" => Prefix::Sa,
+            "eb" => Prefix::Eb,
+            "ap" => Prefix::Ap,
+            _ => return None,
+        })
+    }
+}
+
+/// One date search value: a prefix and the search range `[start, end)` as sortable keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DateComparison {
+    pub prefix: Prefix,
+    pub start: String,
+    pub end: String,
+}
+
+impl DateComparison {
+    /// Compares the resource range `[s, e)` with the search range `[a, b)`. The store's SQL
+    /// (`store::search_sql`) spells out the same conditions on `start_at`/`end_at`:
+    ///
+    /// - `eq`: the search range contains the resource range: `s >= a && e <= b`.
+    /// - `ne`: not `eq`.
+    /// - `gt`: the resource range reaches past the end of the search range: `e > b`.
+    /// - `lt`: the resource range begins before the search range: `s < a`.
+    /// - `ge`: the resource range ends after the search range starts: `e > a`.
+    /// - `le`: the resource range starts before the search range ends: `s < b`.
+    /// - `sa`: the resource range starts after the search range: `s >= b`.
+    /// - `eb`: the resource range ends before the search range: `e <= a`.
+    /// - `ap`: the ranges overlap: `s < b && e > a`.
+    ///
+    /// The keys are fixed-width UTC strings, so comparing them as text compares the instants.
+    pub fn matches(&self, start: &str, end: &str) -> bool {
+        let (a, b) = (self.start.as_str(), self.end.as_str());
+        match self.prefix {
+            Prefix::Eq => start >= a && end <= b,
+            Prefix::Ne => !(start >= a && end <= b),
+            Prefix::Gt => end > b,
+            Prefix::Lt => start < a,
+            Prefix::Ge => end > a,
+            Prefix::Le => start < b,
+            Prefix::Sa => start >= b,
+            Prefix::Eb => end <= a,
+            Prefix::Ap => start < b && end > a,
+        }
+    }
+}
+
+/// A condition on a Task's index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Predicate {
+    /// Some value of `param` matches one of `any_of`; with `negated` (`:not`), none does, which
+    /// includes the Task having no value at all.
+    Token {
+        param: &'static str,
+        negated: bool,
+        any_of: Vec<TokenValue>,
+    },
+    /// `:missing`: whether the Task has no value for `param`.
+    Missing {
+        param: &'static str,
+        missing: bool,
+    },
+    /// Some value of `param` satisfies one of `any_of`. A Task without a value never matches.
+    Date {
+        param: &'static str,
+        any_of: Vec<DateComparison>,
+    },
+    Or(Vec<Predicate>),
+    And(Vec<Predicate>),
+}
+
+impl TokenValue {
+    fn matches(&self, entry: &TokenEntry) -> bool {
+        let system_ok = match &self.system {
+            SystemMatch::Any => true,
+            SystemMatch::NoSystem => entry.system.is_none(),
+            SystemMatch::Exact(system) => entry.system.as_deref() == Some(system.as_str()),
+        };
+        system_ok && self.code.as_ref().is_none_or(|code| *code == entry.value)
+    }
+}
+
+impl Predicate {
+    /// Evaluates this predicate against one Task's index.
+    pub fn matches(&self, index: &TaskIndex) -> bool {
+        match self {
+            Predicate::Token {
+                param,
+                negated,
+                any_of,
+            } => {
+                let found = index
+                    .tokens
+                    .iter()
+                    .filter(|entry| entry.param == *param)
+                    .any(|entry| any_of.iter().any(|value| value.matches(entry)));
+                found != *negated
+            }
+            Predicate::Missing { param, missing } => {
+                let present = index.tokens.iter().any(|entry| entry.param == *param)
+                    || index.dates.iter().any(|entry| entry.param == *param);
+                present != *missing
+            }
+            Predicate::Date { param, any_of } => index
+                .dates
+                .iter()
+                .filter(|entry| entry.param == *param)
+                .any(|entry| any_of.iter().any(|c| c.matches(&entry.start, &entry.end))),
+            Predicate::Or(any) => any.iter().any(|p| p.matches(index)),
+            Predicate::And(all) => all.iter().all(|p| p.matches(index)),
+        }
+    }
+}
+
+/// Whether a Task's index satisfies every predicate (they are ANDed; none means all Tasks).
+pub fn matches(index: &TaskIndex, predicates: &[Predicate]) -> bool {
+    predicates.iter().all(|p| p.matches(index))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Query parsing
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SortKey {
+    pub param: &'static str,
+    pub descending: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TotalMode {
+    None,
+    Accurate,
+}
+
+/// `_revinclude=Task:part-of`: add the children of the matches; iterated, their descendants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevInclude {
+    PartOf,
+    PartOfIterate,
+}
+
+/// A parsed Task search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchQuery {
+    /// ANDed.
+    pub predicates: Vec<Predicate>,
+    pub count: usize,
+    pub offset: usize,
+    pub sort: Vec<SortKey>,
+    pub total: TotalMode,
+    /// `_summary=count` or `_count=0`: only the total is wanted.
+    pub summary_count: bool,
+    pub revinclude: Option<RevInclude>,
+    /// The accepted parameters, for the bundle's self and next links. `_count` and `_offset`
+    /// are left out (the links set them), as are ignored parameters.
+    pub link_params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchLimits {
+    pub default_count: usize,
+    pub max_count: usize,
+}
+
+/// `Prefer: handling=strict|lenient`: whether an unknown parameter is an error or ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    Strict,
+    Lenient,
+}
+
+fn invalid(diagnostics: String) -> Error {
+    Error::bad_request(IssueCode::Invalid, diagnostics)
+}
+
+/// Parses the (already percent-decoded) query parameters of a Task search.
+///
+/// Errors in a known parameter are always a 400, whatever the handling: a client that asked
+/// for a filter and got a silently broader result could act on the wrong Tasks.
+pub fn parse_query(
+    pairs: &[(String, String)],
+    limits: &SearchLimits,
+    base_url: &str,
+    handling: Handling,
+) -> Result<SearchQuery> {
+    let mut query = SearchQuery {
+        predicates: Vec::new(),
+        count: limits.default_count.min(limits.max_count),
+        offset: 0,
+        sort: Vec::new(),
+        total: TotalMode::Accurate,
+        summary_count: false,
+        revinclude: None,
+        link_params: Vec::new(),
+    };
+    let mut seen_once: Vec<&str> = Vec::new();
+    for (key, value) in pairs {
+        let (name, modifier) = match key.split_once(':') {
+            Some((name, modifier)) => (name, Some(modifier)),
+            None => (key.as_str(), None),
+        };
+        if CONTROL_PARAMS.contains(&name) {
+            apply_control(
+                &mut query,
+                name,
+                modifier,
+                key,
+                value,
+                limits,
+                &mut seen_once,
+            )?;
+        } else if let Some(def) = task_param(name) {
+            query
+                .predicates
+                .push(parse_param(def, modifier, key, value, base_url)?);
+            query.link_params.push((key.clone(), value.clone()));
+        } else if handling == Handling::Strict {
+            return Err(Error::not_supported(format!(
+                "The search parameter '{key}' is not supported on Task. Supported parameters: {}; \
+                 control parameters: {}. Send 'Prefer: handling=lenient' to have unknown parameters ignored.",
+                TASK_PARAMS
+                    .iter()
+                    .map(|d| d.code)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                CONTROL_PARAMS.join(", "),
+            )));
+        }
+    }
+    match query.revinclude {
+        Some(RevInclude::PartOf) => query
+            .link_params
+            .push(("_revinclude".into(), "Task:part-of".into())),
+        Some(RevInclude::PartOfIterate) => query
+            .link_params
+            .push(("_revinclude:iterate".into(), "Task:part-of".into())),
+        None => {}
+    }
+    // A count-only answer is nothing but the total, so `_total=none` cannot switch it off.
+    if query.summary_count {
+        query.total = TotalMode::Accurate;
+    }
+    Ok(query)
+}
+
+fn apply_control<'k>(
+    query: &mut SearchQuery,
+    name: &'k str,
+    modifier: Option<&str>,
+    key: &str,
+    value: &str,
+    limits: &SearchLimits,
+    seen_once: &mut Vec<&'k str>,
+) -> Result<()> {
+    let iterate = match (name, modifier) {
+        (_, None) => false,
+        ("_revinclude", Some("iterate" | "recurse")) => true,
+        (_, Some(_)) => {
+            return Err(Error::not_supported(format!(
+                "The parameter '{key}' is not supported: '{name}' takes no modifier"
+            )));
+        }
+    };
+    // `_revinclude` may be given more than once (plain and iterated); the others are single values
+    // and two conflicting ones would leave the result ambiguous.
+    if !matches!(name, "_revinclude" | "_format" | "_pretty") {
+        if seen_once.contains(&name) {
+            return Err(invalid(format!(
+                "The parameter '{name}' may appear only once"
+            )));
+        }
+        seen_once.push(name);
+    }
+    let integer = |what: &str| {
+        value.parse::<usize>().map_err(|_| {
+            invalid(format!(
+                "The value of '{name}' must be {what}, not '{value}'"
+            ))
+        })
+    };
+    match name {
+        "_count" => {
+            let count = integer("a non-negative integer")?;
+            query.count = count.min(limits.max_count);
+            if count == 0 {
+                query.summary_count = true;
+            }
+        }
+        "_offset" => query.offset = integer("a non-negative integer")?,
+        "_sort" => {
+            query.sort = parse_sort(value)?;
+            query.link_params.push((key.into(), value.into()));
+        }
+        "_total" => {
+            query.total = match value {
+                "none" => TotalMode::None,
+                // Counting is cheap enough at Baton's scale that an estimate is the exact count.
+                "estimate" | "accurate" => TotalMode::Accurate,
+                _ => {
+                    return Err(invalid(format!(
+                        "The value of '_total' must be none, estimate or accurate, not '{value}'"
+                    )));
+                }
+            };
+            query.link_params.push((key.into(), value.into()));
+        }
+        "_summary" => {
+            match value {
+                "count" => query.summary_count = true,
+                "false" => {}
+                _ => {
+                    return Err(Error::not_supported(format!(
+                        "'_summary={value}' is not supported; use _summary=count or _summary=false"
+                    )));
+                }
+            }
+            query.link_params.push((key.into(), value.into()));
+        }
+        "_revinclude" => {
+            let iterate = match value {
+                "Task:part-of" => iterate,
+                "Task:part-of:iterate" => true,
+                _ => {
+                    return Err(Error::not_supported(format!(
+                        "'{key}={value}' is not supported; the only reverse include is Task:part-of"
+                    )));
+                }
+            };
+            // Iterating includes everything a single step does, so the stronger request wins.
+            query.revinclude = Some(
+                if iterate || query.revinclude == Some(RevInclude::PartOfIterate) {
+                    RevInclude::PartOfIterate
+                } else {
+                    RevInclude::PartOf
+                },
+            );
+        }
+        // Baton only speaks FHIR JSON and its layout carries no meaning, so these change nothing.
+        _ => {}
+    }
+    Ok(())
+}
+
+fn parse_sort(value: &str) -> Result<Vec<SortKey>> {
+    value
+        .split(',')
+        .map(|item| {
+            let (code, descending) = match item.strip_prefix('-') {
+                Some(code) => (code, true),
+                None => (item, false),
+            };
+            if code.is_empty() {
+                return Err(invalid(format!("'_sort={value}' has an empty sort key")));
+            }
+            match task_param(code) {
+                Some(def) if def.sortable => Ok(SortKey {
+                    param: def.code,
+                    descending,
+                }),
+                _ => Err(Error::not_supported(format!(
+                    "Task searches cannot be sorted by '{code}'; sortable parameters: {}",
+                    TASK_PARAMS
+                        .iter()
+                        .filter(|d| d.sortable)
+                        .map(|d| d.code)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        })
+        .collect()
+}
+
+fn parse_param(
+    def: &'static ParamDef,
+    modifier: Option<&str>,
+    key: &str,
+    value: &str,
+    base_url: &str,
+) -> Result<Predicate> {
+    let code = def.code;
+    let mut negated = false;
+    let mut reference_type = None;
+    match modifier {
+        None => {}
+        Some("missing") => {
+            let missing = match value {
+                "true" => true,
+                "false" => false,
+                _ => {
+                    return Err(invalid(format!(
+                        "The value of '{key}' must be true or false, not '{value}'"
+                    )));
+                }
+            };
+            return Ok(Predicate::Missing {
+                param: code,
+                missing,
+            });
+        }
+        Some("not") if def.kind != ParamType::Date => negated = true,
+        Some(ty) if def.kind == ParamType::Reference && def.targets.contains(&ty) => {
+            reference_type = Some(ty);
+        }
+        Some(other) => {
+            let supported = match def.kind {
+                ParamType::Date => ":missing",
+                ParamType::Token => ":not, :missing",
+                ParamType::Reference => ":not, :missing, :[type]",
+            };
+            return Err(Error::not_supported(format!(
+                "The modifier ':{other}' is not supported on '{code}'; supported: {supported}"
+            )));
+        }
+    }
+    if value.is_empty() {
+        return Err(invalid(format!("The parameter '{key}' has an empty value")));
+    }
+    let pieces = split_unescaped(value, ',');
+    if pieces.iter().any(|p| p.is_empty()) {
+        return Err(invalid(format!(
+            "The parameter '{key}' has an empty value in '{value}'"
+        )));
+    }
+    match def.kind {
+        ParamType::Token => {
+            let any_of = pieces
+                .iter()
+                .map(|piece| parse_token(piece, key))
+                .collect::<Result<_>>()?;
+            Ok(Predicate::Token {
+                param: code,
+                negated,
+                any_of,
+            })
+        }
+        ParamType::Reference => {
+            let mut any_of = Vec::new();
+            for piece in &pieces {
+                for reference in parse_reference(def, reference_type, piece, key, base_url)? {
+                    any_of.push(TokenValue {
+                        system: SystemMatch::Any,
+                        code: Some(reference),
+                    });
+                }
+            }
+            Ok(Predicate::Token {
+                param: code,
+                negated,
+                any_of,
+            })
+        }
+        ParamType::Date => {
+            let any_of = pieces
+                .iter()
+                .map(|piece| parse_date(piece, key))
+                .collect::<Result<_>>()?;
+            Ok(Predicate::Date {
+                param: code,
+                any_of,
+            })
+        }
+    }
+}
+
+fn parse_token(piece: &str, key: &str) -> Result<TokenValue> {
+    let Some((system, code)) = split_once_unescaped(piece, '|') else {
+        return Ok(TokenValue {
+            system: SystemMatch::Any,
+            code: Some(unescape(piece)),
+        });
+    };
+    let (system, code) = (unescape(system), unescape(code));
+    match (system.is_empty(), code.is_empty()) {
+        (true, true) => Err(invalid(format!(
+            "The parameter '{key}' has a value '{piece}' with neither system nor code"
+        ))),
+        (true, false) => Ok(TokenValue {
+            system: SystemMatch::NoSystem,
+            code: Some(code),
+        }),
+        (false, true) => Ok(TokenValue {
+            system: SystemMatch::Exact(system),
+            code: None,
+        }),
+        (false, false) => Ok(TokenValue {
+            system: SystemMatch::Exact(system),
+            code: Some(code),
+        }),
+    }
+}
+
+/// Turns one reference search value into the normalised references it stands for: `Type/id`
+/// and local absolute URLs name one resource; a bare id names that id in every target type
+/// (or in the type of a `:[type]` modifier).
+fn parse_reference(
+    def: &ParamDef,
+    reference_type: Option<&str>,
+    piece: &str,
+    key: &str,
+    base_url: &str,
+) -> Result<Vec<String>> {
+    let text = unescape(piece);
+    if let Some(normalized) = normalize_reference(&text, base_url) {
+        if let Some(ty) = reference_type {
+            if !normalized.starts_with(&format!("{ty}/")) {
+                return Err(invalid(format!(
+                    "The parameter '{key}' asks for a {ty} but '{text}' is not one"
+                )));
+            }
+        }
+        return Ok(vec![normalized]);
+    }
+    if is_valid_id(&text) {
+        return Ok(match reference_type {
+            Some(ty) => vec![format!("{ty}/{text}")],
+            None => def
+                .targets
+                .iter()
+                .map(|ty| format!("{ty}/{text}"))
+                .collect(),
+        });
+    }
+    Err(invalid(format!(
+        "The parameter '{key}' has '{text}', which is neither a reference (Type/id or a URL) nor an id"
+    )))
+}
+
+fn parse_date(piece: &str, key: &str) -> Result<DateComparison> {
+    let text = unescape(piece);
+    // Dates start with a digit, so a leading letter can only be a prefix.
+    let (prefix, date_text) = if text.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        let prefix = text.get(..2).and_then(Prefix::parse).ok_or_else(|| {
+            invalid(format!(
+                "The parameter '{key}' has '{text}', which does not start with a date or one of \
+                     the prefixes eq, ne, gt, lt, ge, le, sa, eb, ap"
+            ))
+        })?;
+        (prefix, &text[2..])
+    } else {
+        (Prefix::Eq, text.as_str())
+    };
+    let range = datetime::parse_range(date_text, DateKind::SearchValue)
+        .map_err(|e| invalid(format!("The parameter '{key}' has an invalid date: {e}")))?;
+    Ok(DateComparison {
+        prefix,
+        start: range.start_key(),
+        end: range.end_key(),
+    })
+}
+
+/// Splits at every `sep` not escaped by a backslash; the pieces keep their escapes.
+fn split_unescaped(text: &str, sep: char) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut escaped = false;
+    for (i, c) in text.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == sep {
+            pieces.push(&text[start..i]);
+            start = i + c.len_utf8();
+        }
+    }
+    pieces.push(&text[start..]);
+    pieces
+}
+
+fn split_once_unescaped(text: &str, sep: char) -> Option<(&str, &str)> {
+    let first = split_unescaped(text, sep)[0];
+    (first.len() < text.len()).then(|| (first, &text[first.len() + sep.len_utf8()..]))
+}
+
+/// Removes the backslash of FHIR's search escapes (`\,`, `\|`, `\$`, `\\`); any other
+/// backslash is an ordinary character.
+fn unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(&next) = chars.peek() {
+                if matches!(next, ',' | '|' | '$' | '\\') {
+                    out.push(next);
+                    chars.next();
+                    continue;
+                }
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const BASE: &str = "http://baton.test/fhir";
+
+    fn full_task() -> Value {
+        json!({
+            "resourceType": "Task",
+            "id": "t1",
+            "meta": { "lastUpdated": "2024-03-05T10:00:00.000Z" },
+            "identifier": [
+                { "system": "urn:ids", "value": "A-1" },
+                { "value": "loose" },
+                { "system": "urn:ids" }
+            ],
+            "basedOn": [{ "reference": "ServiceRequest/sr1" }, { "display": "no reference" }],
+            "partOf": [{ "reference": "http://baton.test/fhir/Task/parent" }],
+            "status": "in-progress",
+            "businessStatus": {
+                "coding": [
+                    { "system": "urn:bs", "code": "waiting" },
+                    { "code": "bare" },
+                    { "system": "urn:bs", "display": "no code" }
+                ],
+                "text": "Waiting"
+            },
+            "intent": "order",
+            "priority": "asap",
+            "code": { "coding": [{ "system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill" }] },
+            "focus": { "reference": "ServiceRequest/sr1" },
+            "for": { "reference": "Patient/p1" },
+            "authoredOn": "2024-03-01T09:30:00+01:00",
+            "lastModified": "2024-03-04",
+            "requester": { "reference": "Practitioner/dr" },
+            "performerType": [
+                { "coding": [{ "system": "urn:roles", "code": "nurse" }] },
+                { "coding": [{ "system": "urn:roles", "code": "pharmacist" }, { "code": "clerk" }] }
+            ],
+            "owner": { "reference": "http://baton.test/fhir/Organization/o1/_history/2" },
+            "executionPeriod": { "start": "2024-03-02", "end": "2024-03-09T12:00:00Z" },
+            "restriction": { "period": { "end": "2024-03-10" } },
+            "extension": [
+                { "url": MULTI_FOCUS_EXTENSION, "valueReference": { "reference": "ServiceRequest/sr2" } },
+                { "url": MULTI_FOCUS_EXTENSION, "valueReference": { "reference": "ServiceRequest/sr1" } },
+                { "url": "urn:other", "valueReference": { "reference": "ServiceRequest/sr3" } }
+            ]
+        })
+    }
+
+    fn tokens_of<'a>(index: &'a TaskIndex, param: &str) -> Vec<(Option<&'a str>, &'a str)> {
+        index
+            .tokens
+            .iter()
+            .filter(|e| e.param == param)
+            .map(|e| (e.system.as_deref(), e.value.as_str()))
+            .collect()
+    }
+
+    fn dates_of<'a>(index: &'a TaskIndex, param: &str) -> Vec<(&'a str, &'a str)> {
+        index
+            .dates
+            .iter()
+            .filter(|e| e.param == param)
+            .map(|e| (e.start.as_str(), e.end.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn every_token_and_reference_parameter_is_extracted() {
+        let index = index_task(&full_task(), BASE);
+        let cases: &[(&str, &[(Option<&str>, &str)])] = &[
+            ("_id", &[(None, "t1")]),
+            ("status", &[(Some(STATUS_SYSTEM), "in-progress")]),
+            (
+                "business-status",
+                &[(Some("urn:bs"), "waiting"), (None, "bare")],
+            ),
+            ("owner", &[(None, "Organization/o1")]),
+            (
+                "performer",
+                &[
+                    (Some("urn:roles"), "nurse"),
+                    (Some("urn:roles"), "pharmacist"),
+                    (None, "clerk"),
+                ],
+            ),
+            ("patient", &[(None, "Patient/p1")]),
+            ("subject", &[(None, "Patient/p1")]),
+            // The focus and the first extension name the same request; it is indexed once.
+            (
+                "focus",
+                &[(None, "ServiceRequest/sr1"), (None, "ServiceRequest/sr2")],
+            ),
+            ("part-of", &[(None, "Task/parent")]),
+            ("based-on", &[(None, "ServiceRequest/sr1")]),
+            ("requester", &[(None, "Practitioner/dr")]),
+            (
+                "code",
+                &[(Some("http://hl7.org/fhir/CodeSystem/task-code"), "fulfill")],
+            ),
+            ("priority", &[(Some(PRIORITY_SYSTEM), "asap")]),
+            ("intent", &[(Some(INTENT_SYSTEM), "order")]),
+            ("identifier", &[(Some("urn:ids"), "A-1"), (None, "loose")]),
+        ];
+        for (param, expected) in cases {
+            assert_eq!(tokens_of(&index, param), expected.to_vec(), "{param}");
+        }
+        let covered: Vec<&str> = cases.iter().map(|(p, _)| *p).collect();
+        for entry in &index.tokens {
+            assert!(covered.contains(&entry.param), "unexpected {entry:?}");
+        }
+    }
+
+    #[test]
+    fn every_date_parameter_is_extracted_as_a_range() {
+        let index = index_task(&full_task(), BASE);
+        let cases = [
+            (
+                "_lastUpdated",
+                ("2024-03-05T10:00:00.000Z", "2024-03-05T10:00:00.001Z"),
+            ),
+            // 09:30+01:00 is 08:30 UTC; a dateTime to the second is a one-second range.
+            (
+                "authored-on",
+                ("2024-03-01T08:30:00.000Z", "2024-03-01T08:30:01.000Z"),
+            ),
+            (
+                "modified",
+                ("2024-03-04T00:00:00.000Z", "2024-03-05T00:00:00.000Z"),
+            ),
+            // From the start of the start day to the end of the end second.
+            (
+                "period",
+                ("2024-03-02T00:00:00.000Z", "2024-03-09T12:00:01.000Z"),
+            ),
+            (
+                "due-date",
+                ("2024-03-10T00:00:00.000Z", "2024-03-11T00:00:00.000Z"),
+            ),
+        ];
+        for (param, range) in cases {
+            assert_eq!(dates_of(&index, param), vec![range], "{param}");
+        }
+        assert_eq!(index.dates.len(), cases.len());
+    }
+
+    #[test]
+    fn periods_with_open_ends_are_unbounded() {
+        let cases = [
+            (
+                json!({ "start": "2024-05" }),
+                Some(("2024-05-01T00:00:00.000Z", MAX_KEY)),
+            ),
+            (
+                json!({ "end": "2024-05" }),
+                Some((MIN_KEY, "2024-06-01T00:00:00.000Z")),
+            ),
+            (json!({}), None),
+            (json!({ "start": "not a date" }), None),
+        ];
+        for (period, expected) in cases {
+            let task = json!({
+                "id": "p", "meta": { "lastUpdated": "2024-01-01T00:00:00Z" },
+                "status": "ready", "intent": "order", "executionPeriod": period
+            });
+            let index = index_task(&task, BASE);
+            assert_eq!(
+                dates_of(&index, "period"),
+                expected.into_iter().collect::<Vec<_>>(),
+                "{period}"
+            );
+        }
+    }
+
+    #[test]
+    fn patient_is_indexed_only_when_the_subject_is_a_patient() {
+        let cases = [
+            (json!({ "reference": "Patient/p1" }), Some("Patient/p1")),
+            (
+                json!({ "reference": "http://baton.test/fhir/Patient/p2/_history/1" }),
+                Some("Patient/p2"),
+            ),
+            (
+                json!({ "reference": "https://other.example/fhir/Patient/p3" }),
+                Some("https://other.example/fhir/Patient/p3"),
+            ),
+            (
+                json!({ "reference": "urn:uuid:1234", "type": "Patient" }),
+                Some("urn:uuid:1234"),
+            ),
+            (json!({ "reference": "Group/g1" }), None),
+            (
+                json!({ "reference": "https://other.example/fhir/Group/g1" }),
+                None,
+            ),
+            (json!({ "display": "someone" }), None),
+        ];
+        for (subject, expected) in cases {
+            let task = json!({ "id": "x", "status": "ready", "intent": "order", "for": subject });
+            let index = index_task(&task, BASE);
+            let patient: Vec<&str> = tokens_of(&index, "patient").iter().map(|t| t.1).collect();
+            assert_eq!(
+                patient,
+                expected.into_iter().collect::<Vec<_>>(),
+                "{subject}"
+            );
+            assert_eq!(
+                tokens_of(&index, "subject").len(),
+                usize::from(subject.get("reference").is_some()),
+                "{subject}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_minimal_task_indexes_only_what_it_has() {
+        let task = json!({
+            "resourceType": "Task", "id": "m", "meta": { "lastUpdated": "2024-01-01T00:00:00Z" },
+            "status": "draft", "intent": "plan"
+        });
+        let index = index_task(&task, BASE);
+        let params: Vec<&str> = index.tokens.iter().map(|e| e.param).collect();
+        assert_eq!(params, ["_id", "status", "intent"]);
+        let params: Vec<&str> = index.dates.iter().map(|e| e.param).collect();
+        assert_eq!(params, ["_lastUpdated"]);
+    }
+
+    #[test]
+    fn priority_ranks_by_urgency() {
+        let cases = [
+            (json!({}), 1),
+            (json!({ "priority": "routine" }), 1),
+            (json!({ "priority": "urgent" }), 2),
+            (json!({ "priority": "asap" }), 3),
+            (json!({ "priority": "stat" }), 4),
+        ];
+        for (task, rank) in cases {
+            assert_eq!(priority_rank(&task), rank, "{task}");
+        }
+    }
+
+    #[test]
+    fn parameter_codes_are_safe_to_splice_into_sql() {
+        // The store writes parameter codes into ORDER BY subqueries as literals.
+        for def in TASK_PARAMS {
+            assert!(
+                def.code
+                    .bytes()
+                    .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_'),
+                "{}",
+                def.code
+            );
+            assert_eq!(
+                def.targets.is_empty(),
+                def.kind != ParamType::Reference,
+                "{}",
+                def.code
+            );
+        }
+    }
+
+    // --- parsing -------------------------------------------------------------------------------
+
+    const LIMITS: SearchLimits = SearchLimits {
+        default_count: 20,
+        max_count: 100,
+    };
+
+    /// Splits a test query string; the tests avoid characters that would need percent-encoding.
+    pub(crate) fn pairs(query: &str) -> Vec<(String, String)> {
+        query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    }
+
+    fn parse(query: &str) -> Result<SearchQuery> {
+        parse_query(&pairs(query), &LIMITS, BASE, Handling::Strict)
+    }
+
+    fn only_predicate(query: &str) -> Predicate {
+        let parsed = parse(query).unwrap_or_else(|e| panic!("{query}: {e}"));
+        assert_eq!(parsed.predicates.len(), 1, "{query}");
+        parsed.predicates.into_iter().next().unwrap()
+    }
+
+    fn any(code: &str) -> TokenValue {
+        TokenValue {
+            system: SystemMatch::Any,
+            code: Some(code.into()),
+        }
+    }
+
+    fn token(param: &'static str, negated: bool, any_of: Vec<TokenValue>) -> Predicate {
+        Predicate::Token {
+            param,
+            negated,
+            any_of,
+        }
+    }
+
+    fn date(prefix: Prefix, start: &str, end: &str) -> DateComparison {
+        DateComparison {
+            prefix,
+            start: start.into(),
+            end: end.into(),
+        }
+    }
+
+    fn expanded(types: &[&str], id: &str) -> Vec<TokenValue> {
+        types.iter().map(|t| any(&format!("{t}/{id}"))).collect()
+    }
+
+    #[test]
+    fn token_parameters_parse_system_and_code() {
+        let exact = |s: &str, c: Option<&str>| TokenValue {
+            system: SystemMatch::Exact(s.into()),
+            code: c.map(Into::into),
+        };
+        let cases = [
+            ("_id=t1", token("_id", false, vec![any("t1")])),
+            (
+                "status=ready,in-progress",
+                token("status", false, vec![any("ready"), any("in-progress")]),
+            ),
+            (
+                "status=http://hl7.org/fhir/task-status|ready",
+                token(
+                    "status",
+                    false,
+                    vec![exact("http://hl7.org/fhir/task-status", Some("ready"))],
+                ),
+            ),
+            (
+                "business-status=|bare",
+                token(
+                    "business-status",
+                    false,
+                    vec![TokenValue {
+                        system: SystemMatch::NoSystem,
+                        code: Some("bare".into()),
+                    }],
+                ),
+            ),
+            (
+                "performer=urn:roles|",
+                token("performer", false, vec![exact("urn:roles", None)]),
+            ),
+            (
+                "code:not=fulfill",
+                token("code", true, vec![any("fulfill")]),
+            ),
+            ("priority=stat", token("priority", false, vec![any("stat")])),
+            ("intent=order", token("intent", false, vec![any("order")])),
+            (
+                "identifier=urn:ids|A-1",
+                token("identifier", false, vec![exact("urn:ids", Some("A-1"))]),
+            ),
+            // FHIR's escapes let a code contain a comma or a bar.
+            (
+                r"identifier=urn:ids|a\,b,c\|d",
+                token(
+                    "identifier",
+                    false,
+                    vec![exact("urn:ids", Some("a,b")), any("c|d")],
+                ),
+            ),
+            (
+                "status:missing=true",
+                Predicate::Missing {
+                    param: "status",
+                    missing: true,
+                },
+            ),
+            (
+                "business-status:missing=false",
+                Predicate::Missing {
+                    param: "business-status",
+                    missing: false,
+                },
+            ),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(only_predicate(query), expected, "{query}");
+        }
+    }
+
+    #[test]
+    fn reference_parameters_normalise_and_expand_bare_ids() {
+        let cases = [
+            (
+                "owner=Practitioner/1",
+                token("owner", false, vec![any("Practitioner/1")]),
+            ),
+            (
+                "owner=http://baton.test/fhir/Practitioner/1",
+                token("owner", false, vec![any("Practitioner/1")]),
+            ),
+            (
+                "owner=https://elsewhere/fhir/Practitioner/1",
+                token(
+                    "owner",
+                    false,
+                    vec![any("https://elsewhere/fhir/Practitioner/1")],
+                ),
+            ),
+            (
+                "owner=1",
+                token("owner", false, expanded(OWNER_TARGETS, "1")),
+            ),
+            (
+                "requester=dr",
+                token("requester", false, expanded(REQUESTER_TARGETS, "dr")),
+            ),
+            (
+                "patient=p1",
+                token("patient", false, vec![any("Patient/p1")]),
+            ),
+            (
+                "subject=p1",
+                token("subject", false, expanded(RESOURCE_TYPES, "p1")),
+            ),
+            (
+                "subject:Group=g1",
+                token("subject", false, vec![any("Group/g1")]),
+            ),
+            (
+                "focus=ServiceRequest/sr1,ServiceRequest/sr2",
+                token(
+                    "focus",
+                    false,
+                    vec![any("ServiceRequest/sr1"), any("ServiceRequest/sr2")],
+                ),
+            ),
+            (
+                "part-of=parent",
+                token("part-of", false, vec![any("Task/parent")]),
+            ),
+            (
+                "part-of:not=Task/parent/_history/3",
+                token("part-of", true, vec![any("Task/parent")]),
+            ),
+            (
+                "based-on=sr1",
+                token("based-on", false, expanded(RESOURCE_TYPES, "sr1")),
+            ),
+            (
+                "owner:missing=true",
+                Predicate::Missing {
+                    param: "owner",
+                    missing: true,
+                },
+            ),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(only_predicate(query), expected, "{query}");
+        }
+    }
+
+    #[test]
+    fn date_parameters_parse_every_prefix() {
+        let day = ("2024-03-01T00:00:00.000Z", "2024-03-02T00:00:00.000Z");
+        let cases = [
+            ("authored-on=2024-03-01", Prefix::Eq),
+            ("authored-on=eq2024-03-01", Prefix::Eq),
+            ("modified=ne2024-03-01", Prefix::Ne),
+            ("period=gt2024-03-01", Prefix::Gt),
+            ("due-date=lt2024-03-01", Prefix::Lt),
+            ("_lastUpdated=ge2024-03-01", Prefix::Ge),
+            ("authored-on=le2024-03-01", Prefix::Le),
+            ("authored-on=sa2024-03-01", Prefix::Sa),
+            ("authored-on=eb2024-03-01", Prefix::Eb),
+            ("authored-on=ap2024-03-01", Prefix::Ap),
+        ];
+        for (query, prefix) in cases {
+            let param = task_param(query.split('=').next().unwrap()).unwrap().code;
+            assert_eq!(
+                only_predicate(query),
+                Predicate::Date {
+                    param,
+                    any_of: vec![date(prefix, day.0, day.1)]
+                },
+                "{query}"
+            );
+        }
+        assert_eq!(
+            only_predicate("period=lt2024,ge2025-06-01T10:00"),
+            Predicate::Date {
+                param: "period",
+                any_of: vec![
+                    date(
+                        Prefix::Lt,
+                        "2024-01-01T00:00:00.000Z",
+                        "2025-01-01T00:00:00.000Z"
+                    ),
+                    date(
+                        Prefix::Ge,
+                        "2025-06-01T10:00:00.000Z",
+                        "2025-06-01T10:01:00.000Z"
+                    ),
+                ]
+            }
+        );
+        assert_eq!(
+            only_predicate("due-date:missing=true"),
+            Predicate::Missing {
+                param: "due-date",
+                missing: true
+            }
+        );
+    }
+
+    #[test]
+    fn repeated_parameters_are_anded() {
+        let parsed =
+            parse("status=ready&status:not=draft&authored-on=ge2024&authored-on=lt2025").unwrap();
+        assert_eq!(parsed.predicates.len(), 4);
+        assert_eq!(
+            parsed.link_params,
+            pairs("status=ready&status:not=draft&authored-on=ge2024&authored-on=lt2025")
+        );
+    }
+
+    #[test]
+    fn control_parameters_shape_the_query() {
+        let parsed = parse("").unwrap();
+        assert_eq!(
+            parsed,
+            SearchQuery {
+                predicates: vec![],
+                count: 20,
+                offset: 0,
+                sort: vec![],
+                total: TotalMode::Accurate,
+                summary_count: false,
+                revinclude: None,
+                link_params: vec![],
+            }
+        );
+
+        let parsed = parse("_count=5&_offset=10&_sort=-priority,_lastUpdated&_total=none").unwrap();
+        assert_eq!((parsed.count, parsed.offset), (5, 10));
+        assert_eq!(
+            parsed.sort,
+            vec![
+                SortKey {
+                    param: "priority",
+                    descending: true
+                },
+                SortKey {
+                    param: "_lastUpdated",
+                    descending: false
+                },
+            ]
+        );
+        assert_eq!(parsed.total, TotalMode::None);
+        assert_eq!(
+            parsed.link_params,
+            pairs("_sort=-priority,_lastUpdated&_total=none")
+        );
+
+        let cases: &[(&str, fn(&SearchQuery) -> bool)] = &[
+            ("_count=1000", |q| q.count == 100 && !q.summary_count),
+            ("_count=0", |q| q.count == 0 && q.summary_count),
+            ("_summary=count", |q| q.summary_count && q.count == 20),
+            ("_summary=count&_total=none", |q| {
+                q.summary_count && q.total == TotalMode::Accurate
+            }),
+            ("_summary=false", |q| !q.summary_count),
+            ("_total=estimate", |q| q.total == TotalMode::Accurate),
+            ("_total=accurate", |q| q.total == TotalMode::Accurate),
+            ("_format=json&_pretty=true", |q| q.link_params.is_empty()),
+            ("_revinclude=Task:part-of", |q| {
+                q.revinclude == Some(RevInclude::PartOf)
+                    && q.link_params == pairs("_revinclude=Task:part-of")
+            }),
+            ("_revinclude=Task:part-of:iterate", |q| {
+                q.revinclude == Some(RevInclude::PartOfIterate)
+                    && q.link_params == pairs("_revinclude:iterate=Task:part-of")
+            }),
+            ("_revinclude:iterate=Task:part-of", |q| {
+                q.revinclude == Some(RevInclude::PartOfIterate)
+            }),
+            ("_revinclude:recurse=Task:part-of", |q| {
+                q.revinclude == Some(RevInclude::PartOfIterate)
+            }),
+            (
+                "_revinclude:iterate=Task:part-of&_revinclude=Task:part-of",
+                |q| q.revinclude == Some(RevInclude::PartOfIterate) && q.link_params.len() == 1,
+            ),
+            (
+                "_sort=_id,-authored-on,status,intent,modified,period,due-date",
+                |q| q.sort.len() == 7 && q.sort[1].descending && !q.sort[0].descending,
+            ),
+        ];
+        for (query, check) in cases {
+            let parsed = parse(query).unwrap_or_else(|e| panic!("{query}: {e}"));
+            assert!(check(&parsed), "{query}: {parsed:?}");
+        }
+    }
+
+    #[test]
+    fn bad_queries_are_rejected_naming_the_parameter() {
+        use IssueCode::{Invalid, NotSupported};
+        let cases = [
+            ("foo=bar", NotSupported, "'foo'"),
+            ("_include=Task:part-of", NotSupported, "'_include'"),
+            ("_elements=status", NotSupported, "'_elements'"),
+            (
+                "_has:Task:part-of:status=ready",
+                NotSupported,
+                "'_has:Task:part-of:status'",
+            ),
+            ("status:text=ready", NotSupported, "':text'"),
+            ("status:exact=ready", NotSupported, "'status'"),
+            ("authored-on:not=2024", NotSupported, "'authored-on'"),
+            ("owner:Task=1", NotSupported, "'owner'"),
+            ("patient:Group=1", NotSupported, "'patient'"),
+            ("status:missing=yes", Invalid, "'status:missing'"),
+            ("status=", Invalid, "'status'"),
+            ("status=ready,,done", Invalid, "'status'"),
+            ("status=|", Invalid, "'status'"),
+            ("owner=not a ref", Invalid, "'owner'"),
+            ("subject:Patient=Group/1", Invalid, "'subject:Patient'"),
+            ("authored-on=yesterday", Invalid, "'authored-on'"),
+            ("authored-on=xx2024", Invalid, "'authored-on'"),
+            ("authored-on=gt", Invalid, "'authored-on'"),
+            ("authored-on=2024-13", Invalid, "'authored-on'"),
+            ("_lastUpdated=", Invalid, "'_lastUpdated'"),
+            ("_count=ten", Invalid, "'_count'"),
+            ("_count=-1", Invalid, "'_count'"),
+            ("_offset=1.5", Invalid, "'_offset'"),
+            ("_count=1&_count=2", Invalid, "'_count'"),
+            ("_sort=", Invalid, "'_sort="),
+            ("_sort=status,", Invalid, "'_sort="),
+            ("_sort=owner", NotSupported, "'owner'"),
+            ("_sort=nonsense", NotSupported, "'nonsense'"),
+            ("_sort:desc=status", NotSupported, "'_sort:desc'"),
+            ("_total=maybe", Invalid, "'_total'"),
+            ("_summary=true", NotSupported, "_summary=true"),
+            ("_summary=data", NotSupported, "_summary=data"),
+            (
+                "_revinclude=Task:based-on",
+                NotSupported,
+                "_revinclude=Task:based-on",
+            ),
+            (
+                "_revinclude:deep=Task:part-of",
+                NotSupported,
+                "'_revinclude:deep'",
+            ),
+        ];
+        for (query, code, needle) in cases {
+            let err = parse(query).expect_err(query);
+            let client = err.as_client().expect("a client error");
+            assert_eq!(
+                client.status,
+                axum::http::StatusCode::BAD_REQUEST,
+                "{query}"
+            );
+            assert_eq!(client.code, code, "{query}: {}", client.diagnostics);
+            assert!(
+                client.diagnostics.contains(needle),
+                "{query}: '{}' lacks {needle}",
+                client.diagnostics
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_parameter_lists_the_supported_ones() {
+        let err = parse("colour=red").unwrap_err();
+        let diagnostics = &err.as_client().unwrap().diagnostics;
+        for def in TASK_PARAMS {
+            assert!(diagnostics.contains(def.code), "{diagnostics}");
+        }
+        assert!(diagnostics.contains("_count"), "{diagnostics}");
+    }
+
+    #[test]
+    fn lenient_handling_ignores_unknown_parameters_only() {
+        let lenient = |q: &str| parse_query(&pairs(q), &LIMITS, BASE, Handling::Lenient);
+        let parsed = lenient("colour=red&_include=Task:part-of&status=ready").unwrap();
+        assert_eq!(
+            parsed.predicates,
+            vec![token("status", false, vec![any("ready")])]
+        );
+        assert_eq!(parsed.link_params, pairs("status=ready"));
+        // A known parameter with a bad value is still an error: ignoring it would widen the result.
+        assert!(lenient("status:text=ready").is_err());
+        assert!(lenient("authored-on=soon").is_err());
+    }
+
+    // --- matching ------------------------------------------------------------------------------
+
+    fn index_with(
+        tokens: &[(&'static str, Option<&str>, &str)],
+        dates: &[(&'static str, &str, &str)],
+    ) -> TaskIndex {
+        TaskIndex {
+            tokens: tokens
+                .iter()
+                .map(|(param, system, value)| TokenEntry {
+                    param,
+                    system: system.map(Into::into),
+                    value: (*value).into(),
+                })
+                .collect(),
+            dates: dates
+                .iter()
+                .map(|(param, start, end)| DateEntry {
+                    param,
+                    start: (*start).into(),
+                    end: (*end).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn token_matching_respects_systems_and_case() {
+        let index = index_with(
+            &[
+                ("code", Some("urn:a"), "x"),
+                ("code", None, "y"),
+                ("status", Some(STATUS_SYSTEM), "ready"),
+            ],
+            &[],
+        );
+        let cases = [
+            ("code=x", true),
+            ("code=X", false),
+            ("code=urn:a|x", true),
+            ("code=urn:b|x", false),
+            ("code=|x", false),
+            ("code=|y", true),
+            ("code=urn:a|y", false),
+            ("code=urn:a|", true),
+            ("code=urn:b|", false),
+            ("code=z,y", true),
+            ("code:not=x", false),
+            ("code:not=z", true),
+            ("code:not=z,x", false),
+            // `:not` is true when the element is absent.
+            ("performer:not=nurse", true),
+            ("performer=nurse", false),
+            ("code:missing=false", true),
+            ("code:missing=true", false),
+            ("owner:missing=true", true),
+            ("status=ready&code=x", true),
+            ("status=ready&code=z", false),
+        ];
+        for (query, expected) in cases {
+            let parsed = parse(query).unwrap();
+            assert_eq!(matches(&index, &parsed.predicates), expected, "{query}");
+        }
+    }
+
+    #[test]
+    fn date_prefixes_compare_ranges() {
+        // The resource range is the whole of 2024-03-10.
+        let index = index_with(
+            &[],
+            &[(
+                "authored-on",
+                "2024-03-10T00:00:00.000Z",
+                "2024-03-11T00:00:00.000Z",
+            )],
+        );
+        let cases = [
+            ("2024-03-10", true),
+            ("2024-03", true),
+            ("2024-03-10T12:00", false),
+            ("ne2024-03-10T12:00", true),
+            ("ne2024-03", false),
+            ("gt2024-03-09", true),
+            ("gt2024-03-10", false),
+            ("gt2024-03-10T12:00", true),
+            ("lt2024-03-11", true),
+            ("lt2024-03-10", false),
+            ("lt2024-03-10T12:00", true),
+            ("ge2024-03-10", true),
+            ("ge2024-03-11", false),
+            ("le2024-03-10", true),
+            ("le2024-03-09", false),
+            ("sa2024-03-09", true),
+            ("sa2024-03-10", false),
+            ("eb2024-03-11", true),
+            ("eb2024-03-10", false),
+            ("ap2024-03-10T23:59", true),
+            ("ap2024-03-11", false),
+            ("ap2024-03-09", false),
+            ("2024-03-09,2024-03-10", true),
+        ];
+        for (value, expected) in cases {
+            let query = format!("authored-on={value}");
+            let parsed = parse(&query).unwrap();
+            assert_eq!(matches(&index, &parsed.predicates), expected, "{query}");
+            // An absent element matches no comparison, not even `ne`.
+            let other = format!("modified={value}");
+            assert!(
+                !matches(&index, &parse(&other).unwrap().predicates),
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn open_periods_reach_to_the_ends_of_time() {
+        let index = index_with(&[], &[("period", "2024-05-01T00:00:00.000Z", MAX_KEY)]);
+        let cases = [
+            ("period=gt9000", true),
+            ("period=lt2024-05-01", false),
+            ("period=ge2024-04", true),
+            ("period=eb2030", false),
+            ("period=2024-05", false),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(
+                matches(&index, &parse(query).unwrap().predicates),
+                expected,
+                "{query}"
+            );
+        }
+    }
+
+    #[test]
+    fn compound_predicates_combine() {
+        let index = index_with(&[("status", None, "ready")], &[]);
+        let ready = token("status", false, vec![any("ready")]);
+        let done = token("status", false, vec![any("done")]);
+        let cases = [
+            (Predicate::Or(vec![]), false),
+            (Predicate::And(vec![]), true),
+            (Predicate::Or(vec![done.clone(), ready.clone()]), true),
+            (Predicate::And(vec![done.clone(), ready.clone()]), false),
+            (
+                Predicate::And(vec![ready.clone(), Predicate::Or(vec![done, ready])]),
+                true,
+            ),
+            (token("status", false, vec![]), false),
+            (token("status", true, vec![]), true),
+            (
+                Predicate::Date {
+                    param: "period",
+                    any_of: vec![],
+                },
+                false,
+            ),
+        ];
+        for (predicate, expected) in cases {
+            assert_eq!(predicate.matches(&index), expected, "{predicate:?}");
+        }
+        assert!(matches(&index, &[]));
+    }
+
+    #[test]
+    fn parsed_queries_match_an_indexed_task() {
+        let index = index_task(&full_task(), BASE);
+        let hits = [
+            "_id=t1",
+            "status=in-progress",
+            "owner=o1",
+            "owner=http://baton.test/fhir/Organization/o1",
+            "focus=sr2",
+            "focus=ServiceRequest/sr1",
+            "focus:not=ServiceRequest/sr3",
+            "part-of=parent",
+            "patient=p1",
+            "subject:Patient=p1",
+            "requester=Practitioner/dr",
+            "performer=urn:roles|pharmacist",
+            "identifier=urn:ids|A-1",
+            "identifier=|loose",
+            "authored-on=2024-03-01",
+            "_lastUpdated=ge2024-03-05",
+            "period=ap2024-03-05",
+            "due-date=le2024-03-10",
+            "modified=2024-03-04",
+            "priority=asap,stat",
+        ];
+        for query in hits {
+            assert!(
+                matches(&index, &parse(query).unwrap().predicates),
+                "{query}"
+            );
+        }
+        let misses = [
+            "focus=ServiceRequest/sr3",
+            "owner=Practitioner/o1",
+            "patient:missing=true",
+            "due-date=gt2024-03-10",
+            "authored-on=2024-02",
+            "priority:not=asap",
+        ];
+        for query in misses {
+            assert!(
+                !matches(&index, &parse(query).unwrap().predicates),
+                "{query}"
+            );
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! The embedded store: SQLite in WAL mode with one writer that commits in groups.
+//!
+//! All writes go through a single writer task that owns the only write connection. It takes
+//! every request waiting in its queue (up to `store.max_batch`), applies each inside its own
+//! savepoint of one transaction, and commits once. With `synchronous = FULL` each commit is
+//! one fsync of the WAL, so the cost of durability is shared by every write in the group:
+//! an acknowledged write survives a killed process and a power cut alike. Reads use a pool of
+//! read-only connections, which WAL lets run beside the writer.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+// Every dynamic statement here is assembled from fixed fragments; values are always bound.
+use sqlx::{AssertSqlSafe, Connection, Row};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+
+use super::search_sql::{Placeholder, order_by, where_clause};
+use super::{
+    ChangeEvent, CurrentTask, Decision, Interaction, PageRequest, SearchPage, Store, StoredVersion,
+    WriteOutcome, WriteRequest,
+};
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+use crate::fhir::datetime::format_instant;
+use crate::fhir::search::{Predicate, index_task, priority_rank};
+
+struct Job {
+    request: WriteRequest,
+    reply: oneshot::Sender<Result<WriteOutcome>>,
+}
+
+pub struct SqliteStore {
+    reads: SqlitePool,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file, runs the migrations and starts the writer.
+    /// `committed` is notified after every commit that wrote change events.
+    pub async fn open(
+        path: &Path,
+        base_url: &str,
+        config: &StoreConfig,
+        committed: Arc<Notify>,
+    ) -> Result<SqliteStore> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::internal("creating the data directory failed", e))?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-32000")
+            .pragma("temp_store", "memory");
+        // Migrations run through a one-connection pool: `Migrator::run` on a bare connection
+        // does not produce a `Send` future.
+        let migrations = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&migrations).await?;
+        migrations.close().await;
+        let writer = SqliteConnection::connect_with(&options).await?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(config.read_connections)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+        let (tx, rx) = mpsc::channel(config.max_batch * 4);
+        let base_url = base_url.to_string();
+        let max_batch = config.max_batch;
+        let handle = tokio::spawn(async move {
+            run_writer(writer, rx, base_url, max_batch, committed).await;
+        });
+        Ok(SqliteStore {
+            reads,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+}
+
+/// The writer loop: group commit of everything queued, one transaction per group.
+async fn run_writer(
+    mut conn: SqliteConnection,
+    mut jobs: mpsc::Receiver<Job>,
+    base_url: String,
+    max_batch: usize,
+    committed: Arc<Notify>,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while jobs.recv_many(&mut batch, max_batch).await > 0 {
+        let started = std::time::Instant::now();
+        let size = batch.len();
+        let results = commit_batch(&mut conn, &mut batch, &base_url).await;
+        let wrote = matches!(&results, Ok(r) if r.iter().any(|o| matches!(o, Ok(WriteOutcome::Written(_)))));
+        match results {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error::error_chain(&e), batch = size, "commit failed");
+                for job in batch.drain(..) {
+                    let _ = job
+                        .reply
+                        .send(Err(Error::internal("commit failed", e.to_string())));
+                }
+            }
+        }
+        metrics::histogram!("baton_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("baton_store_commit_batch_size").record(size as f64);
+        if wrote {
+            committed.notify_one();
+        }
+    }
+    // The queue is closed: fold the WAL back into the database so the file is self-contained.
+    let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
+}
+
+/// Applies each job in its own savepoint so one bad request does not undo the others.
+async fn commit_batch(
+    conn: &mut SqliteConnection,
+    batch: &mut [Job],
+    base_url: &str,
+) -> Result<Vec<Result<WriteOutcome>>> {
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for job in batch.iter_mut() {
+        // The request is moved out: its closure runs once.
+        let request = std::mem::replace(
+            &mut job.request,
+            WriteRequest::Create {
+                resource: Value::Null,
+                if_none_exist: None,
+            },
+        );
+        sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
+        let outcome = apply(conn, request, base_url).await;
+        if outcome.is_ok() {
+            sqlx::query("RELEASE job").execute(&mut *conn).await?;
+        } else {
+            sqlx::query("ROLLBACK TO job").execute(&mut *conn).await?;
+            sqlx::query("RELEASE job").execute(&mut *conn).await?;
+        }
+        outcomes.push(outcome);
+    }
+    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.into());
+    }
+    Ok(outcomes)
+}
+
+async fn apply(
+    conn: &mut SqliteConnection,
+    request: WriteRequest,
+    base_url: &str,
+) -> Result<WriteOutcome> {
+    match request {
+        WriteRequest::Create {
+            resource,
+            if_none_exist,
+        } => {
+            if let Some(predicates) = if_none_exist {
+                let found = find_ids(conn, &predicates, 2).await?;
+                match found.as_slice() {
+                    [] => {}
+                    [id] => {
+                        let current = load_current(conn, id).await?.ok_or_else(|| {
+                            Error::internal("a matched Task vanished", "missing row")
+                        })?;
+                        return Ok(WriteOutcome::Existing(current));
+                    }
+                    _ => {
+                        return Err(Error::precondition_failed(
+                            "If-None-Exist matches more than one Task; make the criteria more selective",
+                        ));
+                    }
+                }
+            }
+            let id = uuid::Uuid::new_v4().to_string();
+            put(conn, &id, None, resource, base_url).await
+        }
+        WriteRequest::Change { id, decide } => {
+            let current = load_current(conn, &id).await?;
+            match decide(current.as_ref())? {
+                Decision::Put(resource) => {
+                    put(conn, &id, current.as_ref(), resource, base_url).await
+                }
+                Decision::Delete => match current {
+                    Some(current) if !current.deleted => delete(conn, &current).await,
+                    _ => Ok(WriteOutcome::Unchanged),
+                },
+                Decision::Keep => Ok(WriteOutcome::Unchanged),
+            }
+        }
+    }
+}
+
+fn now_instant() -> String {
+    format_instant(time::OffsetDateTime::now_utc())
+}
+
+async fn put(
+    conn: &mut SqliteConnection,
+    id: &str,
+    current: Option<&CurrentTask>,
+    mut resource: Value,
+    base_url: &str,
+) -> Result<WriteOutcome> {
+    let live = current.filter(|c| !c.deleted);
+    let version = current.map_or(1, |c| c.version + 1);
+    let interaction = if live.is_some() {
+        Interaction::Update
+    } else {
+        Interaction::Create
+    };
+    let now = now_instant();
+    stamp(&mut resource, id, version, &now);
+    let text = resource.to_string();
+    sqlx::query(
+        "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource)
+         VALUES (?, ?, ?, 0, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version,
+           last_updated = excluded.last_updated, deleted = 0,
+           priority_rank = excluded.priority_rank, resource = excluded.resource",
+    )
+    .bind(id)
+    .bind(version)
+    .bind(&now)
+    .bind(priority_rank(&resource))
+    .bind(&text)
+    .execute(&mut *conn)
+    .await?;
+    insert_version(conn, id, version, &now, interaction, Some(&text)).await?;
+    clear_index(conn, id).await?;
+    write_index(conn, id, &resource, base_url).await?;
+    insert_change(
+        conn,
+        id,
+        version,
+        live.map(|c| c.version),
+        interaction,
+        &now,
+    )
+    .await?;
+    Ok(WriteOutcome::Written(StoredVersion {
+        id: id.to_string(),
+        version,
+        last_updated: now,
+        interaction,
+        resource: Some(resource),
+    }))
+}
+
+async fn delete(conn: &mut SqliteConnection, current: &CurrentTask) -> Result<WriteOutcome> {
+    let version = current.version + 1;
+    let now = now_instant();
+    sqlx::query("UPDATE task SET version = ?, last_updated = ?, deleted = 1 WHERE id = ?")
+        .bind(version)
+        .bind(&now)
+        .bind(&current.id)
+        .execute(&mut *conn)
+        .await?;
+    insert_version(conn, &current.id, version, &now, Interaction::Delete, None).await?;
+    clear_index(conn, &current.id).await?;
+    insert_change(
+        conn,
+        &current.id,
+        version,
+        Some(current.version),
+        Interaction::Delete,
+        &now,
+    )
+    .await?;
+    Ok(WriteOutcome::Written(StoredVersion {
+        id: current.id.clone(),
+        version,
+        last_updated: now,
+        interaction: Interaction::Delete,
+        resource: None,
+    }))
+}
+
+/// Sets the server-owned parts of a resource: its id and `meta.versionId`/`meta.lastUpdated`.
+fn stamp(resource: &mut Value, id: &str, version: i64, now: &str) {
+    resource["id"] = json!(id);
+    if !resource.get("meta").is_some_and(Value::is_object) {
+        resource["meta"] = json!({});
+    }
+    resource["meta"]["versionId"] = json!(version.to_string());
+    resource["meta"]["lastUpdated"] = json!(now);
+}
+
+async fn insert_version(
+    conn: &mut SqliteConnection,
+    id: &str,
+    version: i64,
+    now: &str,
+    interaction: Interaction,
+    resource: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO task_version (id, version, last_updated, interaction, resource) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(version)
+    .bind(now)
+    .bind(interaction.as_str())
+    .bind(resource)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_change(
+    conn: &mut SqliteConnection,
+    id: &str,
+    version: i64,
+    previous_version: Option<i64>,
+    interaction: Interaction,
+    now: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
+         VALUES ('Task', ?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(version)
+    .bind(previous_version)
+    .bind(interaction.as_str())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn clear_index(conn: &mut SqliteConnection, id: &str) -> Result<()> {
+    sqlx::query("DELETE FROM task_token WHERE task_id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM task_date WHERE task_id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Writes the search index rows of one Task, one multi-row insert per table.
+async fn write_index(
+    conn: &mut SqliteConnection,
+    id: &str,
+    resource: &Value,
+    base_url: &str,
+) -> Result<()> {
+    let index = index_task(resource, base_url);
+    if !index.tokens.is_empty() {
+        let sql = format!(
+            "INSERT INTO task_token (task_id, param, system, value) VALUES {}",
+            vec!["(?, ?, ?, ?)"; index.tokens.len()].join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for token in &index.tokens {
+            query = query
+                .bind(id)
+                .bind(token.param)
+                .bind(token.system.as_deref())
+                .bind(&token.value);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    if !index.dates.is_empty() {
+        let sql = format!(
+            "INSERT INTO task_date (task_id, param, start_at, end_at) VALUES {}",
+            vec!["(?, ?, ?, ?)"; index.dates.len()].join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for date in &index.dates {
+            query = query
+                .bind(id)
+                .bind(date.param)
+                .bind(&date.start)
+                .bind(&date.end);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+const CURRENT_COLUMNS: &str = "t.id, t.version, t.last_updated, t.deleted, t.resource";
+
+fn current_from_row(row: &SqliteRow) -> Result<CurrentTask> {
+    let text: String = row.try_get("resource")?;
+    Ok(CurrentTask {
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        last_updated: row.try_get("last_updated")?,
+        deleted: row.try_get::<i64, _>("deleted")? != 0,
+        resource: serde_json::from_str(&text)
+            .map_err(|e| Error::internal("a stored Task is not valid JSON", e))?,
+    })
+}
+
+fn version_from_row(row: &SqliteRow) -> Result<StoredVersion> {
+    let interaction: String = row.try_get("interaction")?;
+    let text: Option<String> = row.try_get("resource")?;
+    Ok(StoredVersion {
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        last_updated: row.try_get("last_updated")?,
+        interaction: Interaction::parse(&interaction)
+            .ok_or_else(|| Error::internal("unknown interaction in history", interaction))?,
+        resource: text
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| Error::internal("a stored Task version is not valid JSON", e))?,
+    })
+}
+
+async fn load_current(conn: &mut SqliteConnection, id: &str) -> Result<Option<CurrentTask>> {
+    let sql = format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(current_from_row).transpose()
+}
+
+async fn find_ids(
+    conn: &mut SqliteConnection,
+    predicates: &[Predicate],
+    limit: i64,
+) -> Result<Vec<String>> {
+    let filter = where_clause(predicates, Placeholder::Question, 1);
+    let sql = format!(
+        "SELECT t.id FROM task t WHERE t.deleted = 0 AND ({}) LIMIT ?",
+        filter.sql
+    );
+    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+    for bind in &filter.binds {
+        query = query.bind(bind);
+    }
+    Ok(query.bind(limit).fetch_all(&mut *conn).await?)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
+        let (reply, answer) = oneshot::channel();
+        let sender = self
+            .jobs
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| Error::internal("the store is closed", "writer stopped"))?;
+        sender
+            .send(Job { request, reply })
+            .await
+            .map_err(|_| Error::internal("the store is closed", "writer stopped"))?;
+        answer
+            .await
+            .map_err(|_| Error::internal("the store writer stopped", "reply dropped"))?
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<CurrentTask>> {
+        let sql = format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?;
+        row.as_ref().map(current_from_row).transpose()
+    }
+
+    async fn read_version(&self, id: &str, version: i64) -> Result<Option<StoredVersion>> {
+        let row = sqlx::query(
+            "SELECT id, version, last_updated, interaction, resource FROM task_version WHERE id = ? AND version = ?",
+        )
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.reads)
+        .await?;
+        row.as_ref().map(version_from_row).transpose()
+    }
+
+    async fn history(
+        &self,
+        id: &str,
+        count: usize,
+        offset: usize,
+    ) -> Result<(Vec<StoredVersion>, u64)> {
+        let rows = sqlx::query(
+            "SELECT id, version, last_updated, interaction, resource FROM task_version
+             WHERE id = ? ORDER BY version DESC LIMIT ? OFFSET ?",
+        )
+        .bind(id)
+        .bind(count as i64)
+        .bind(offset as i64)
+        .fetch_all(&self.reads)
+        .await?;
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM task_version WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.reads)
+            .await?;
+        let versions = rows.iter().map(version_from_row).collect::<Result<_>>()?;
+        Ok((versions, total as u64))
+    }
+
+    async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage> {
+        let filter = where_clause(page.predicates, Placeholder::Question, 1);
+        let total = if page.with_total {
+            let sql = format!(
+                "SELECT count(*) FROM task t WHERE t.deleted = 0 AND ({})",
+                filter.sql
+            );
+            let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+            for bind in &filter.binds {
+                query = query.bind(bind);
+            }
+            Some(query.fetch_one(&self.reads).await? as u64)
+        } else {
+            None
+        };
+        let tasks = if page.count == 0 {
+            Vec::new()
+        } else {
+            let sql = format!(
+                "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) ORDER BY {} LIMIT ? OFFSET ?",
+                filter.sql,
+                order_by(page.sort)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for bind in &filter.binds {
+                query = query.bind(bind);
+            }
+            let rows = query
+                .bind(page.count as i64)
+                .bind(page.offset as i64)
+                .fetch_all(&self.reads)
+                .await?;
+            rows.iter().map(current_from_row).collect::<Result<_>>()?
+        };
+        Ok(SearchPage { tasks, total })
+    }
+
+    async fn children_of(
+        &self,
+        parents: &[String],
+        scope: &[Predicate],
+        limit: usize,
+    ) -> Result<Vec<CurrentTask>> {
+        if parents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let filter = where_clause(scope, Placeholder::Question, 1);
+        let sql = format!(
+            "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0
+               AND t.id IN (SELECT task_id FROM task_token WHERE param = 'part-of' AND value IN ({}))
+               AND ({}) ORDER BY t.last_updated, t.id LIMIT ?",
+            vec!["?"; parents.len()].join(", "),
+            filter.sql
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for parent in parents {
+            query = query.bind(parent);
+        }
+        for bind in &filter.binds {
+            query = query.bind(bind);
+        }
+        let rows = query.bind(limit as i64).fetch_all(&self.reads).await?;
+        rows.iter().map(current_from_row).collect()
+    }
+
+    async fn change_events_after(&self, seq: i64, limit: usize) -> Result<Vec<ChangeEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, resource_type, resource_id, version, previous_version, interaction, recorded_at
+             FROM change_event WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(seq)
+        .bind(limit as i64)
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let interaction: String = row.try_get("interaction")?;
+                Ok(ChangeEvent {
+                    seq: row.try_get("seq")?,
+                    resource_type: row.try_get("resource_type")?,
+                    resource_id: row.try_get("resource_id")?,
+                    version: row.try_get("version")?,
+                    previous_version: row.try_get("previous_version")?,
+                    interaction: Interaction::parse(&interaction).ok_or_else(|| {
+                        Error::internal("unknown interaction in outbox", interaction)
+                    })?,
+                    recorded_at: row.try_get("recorded_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_change_seq(&self) -> Result<i64> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM change_event")
+            .fetch_one(&self.reads)
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.reads).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        // Dropping the sender lets the writer finish what is queued, then close.
+        self.jobs.lock().await.take();
+        if let Some(handle) = self.writer.lock().await.take() {
+            let _ = handle.await;
+        }
+        self.reads.close().await;
+    }
+}

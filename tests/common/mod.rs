@@ -1,0 +1,230 @@
+//! Starts the real server in-process on `127.0.0.1:0` with its own data directory, and gives
+//! tests an HTTP client, tokens and small helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton::auth::{Authenticator, Role};
+use baton::config::Config;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+pub struct TestServer {
+    /// `http://127.0.0.1:PORT`
+    pub root: String,
+    /// `http://127.0.0.1:PORT/fhir`
+    pub base: String,
+    pub client: reqwest::Client,
+    pub data_dir: PathBuf,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<baton::Result<()>>,
+    auth: Authenticator,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    /// A server on a fresh, private database.
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().to_path_buf();
+        let mut server = Self::start_in(&path, |_| {}).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// A server on a fresh database with adjusted configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().to_path_buf();
+        let mut server = Self::start_in(&path, adjust).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// A server on the database in `data_dir` (which the caller keeps alive).
+    pub async fn start_in(data_dir: &Path, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config {
+            data_dir: data_dir.to_path_buf(),
+            jwt_secret: Some(SECRET.into()),
+            listen: "127.0.0.1:0".into(),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(baton::run(config.clone(), listener, shutdown.clone()));
+        let root = format!("http://{addr}");
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        // Wait (bounded) until the server answers.
+        let mut ready = false;
+        for _ in 0..200 {
+            if let Ok(r) = client.get(format!("{root}/readyz")).send().await
+                && r.status() == StatusCode::OK
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(ready, "server did not become ready");
+        TestServer {
+            base: format!("{root}/fhir"),
+            root,
+            client,
+            data_dir: data_dir.to_path_buf(),
+            shutdown,
+            handle,
+            auth: Authenticator::new(SECRET, 0, &config.auth.performer_types_claim),
+            _dir: None,
+        }
+    }
+
+    /// Stops the server and waits for it to close its database.
+    pub async fn stop(self) -> Option<tempfile::TempDir> {
+        self.shutdown.cancel();
+        self.handle
+            .await
+            .expect("server task")
+            .expect("server result");
+        self._dir
+    }
+
+    pub fn admin(&self) -> String {
+        self.auth.issue(Role::Admin, None, &[], 600).unwrap()
+    }
+
+    pub fn auditor(&self) -> String {
+        self.auth
+            .issue(Role::Auditor, Some("Practitioner/audit"), &[], 600)
+            .unwrap()
+    }
+
+    pub fn practitioner(&self, user: &str) -> String {
+        self.auth
+            .issue(Role::Practitioner, Some(user), &[], 600)
+            .unwrap()
+    }
+
+    pub fn practitioner_with_types(&self, user: &str, types: &[&str]) -> String {
+        let types: Vec<String> = types.iter().map(|t| t.to_string()).collect();
+        self.auth
+            .issue(Role::Practitioner, Some(user), &types, 600)
+            .unwrap()
+    }
+
+    pub fn request(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{}", self.base, path)
+        };
+        self.client.request(method, url).bearer_auth(token)
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        body(self.request(Method::GET, path, token).send().await.unwrap()).await
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: &str,
+        resource: &Value,
+    ) -> (StatusCode, Value) {
+        let r = self
+            .request(Method::POST, path, token)
+            .header("content-type", "application/fhir+json")
+            .body(resource.to_string())
+            .send()
+            .await
+            .unwrap();
+        body(r).await
+    }
+
+    pub async fn put_json(&self, path: &str, token: &str, resource: &Value) -> (StatusCode, Value) {
+        let r = self
+            .request(Method::PUT, path, token)
+            .header("content-type", "application/fhir+json")
+            .body(resource.to_string())
+            .send()
+            .await
+            .unwrap();
+        body(r).await
+    }
+
+    /// Creates a Task as admin and returns it as stored.
+    pub async fn create_task(&self, task: &Value) -> Value {
+        let (status, body) = self.post_json("/Task", &self.admin(), task).await;
+        assert_eq!(status, StatusCode::CREATED, "create failed: {body}");
+        body
+    }
+
+    /// Ids of the `match` entries of a search, in order.
+    pub async fn search_ids(&self, query: &str, token: &str) -> Vec<String> {
+        let (status, bundle) = self.get(&format!("/Task?{query}"), token).await;
+        assert_eq!(status, StatusCode::OK, "search {query} failed: {bundle}");
+        match_ids(&bundle)
+    }
+}
+
+pub fn match_ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter(|e| e["search"]["mode"] == "match")
+                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub async fn body(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }))
+    };
+    (status, value)
+}
+
+/// A minimal valid Task.
+pub fn task(status: &str, owner: Option<&str>) -> Value {
+    let mut t = json!({
+        "resourceType": "Task",
+        "status": status,
+        "intent": "order",
+    });
+    if let Some(owner) = owner {
+        t["owner"] = json!({ "reference": owner });
+    }
+    t
+}
+
+/// Asserts an OperationOutcome with the given issue code.
+pub fn assert_outcome(body: &Value, code: &str) {
+    assert_eq!(
+        body["resourceType"], "OperationOutcome",
+        "not an OperationOutcome: {body}"
+    );
+    assert_eq!(body["issue"][0]["code"], code, "unexpected issue: {body}");
+    assert!(
+        body["issue"][0]["diagnostics"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "no diagnostics: {body}"
+    );
+}

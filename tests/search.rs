@@ -1,0 +1,391 @@
+//! Every Task search parameter and modifier over HTTP, paging to the last page, sorting,
+//! `_summary=count`, `_total` and `_revinclude=Task:part-of(:iterate)`.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{TestServer, assert_outcome, match_ids};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Fixture {
+    server: TestServer,
+    admin: String,
+    /// Task ids by the label used in the expectations.
+    ids: std::collections::HashMap<&'static str, String>,
+}
+
+async fn fixture() -> Fixture {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let roles = "http://terminology.hl7.org/CodeSystem/task-performer-type";
+    let tasks: Vec<(&'static str, Value)> = vec![
+        (
+            "lab1",
+            json!({
+                "resourceType": "Task", "status": "requested", "intent": "order", "priority": "stat",
+                "owner": { "reference": "Practitioner/alice" },
+                "performerType": [{ "coding": [{ "system": roles, "code": "performer" }] }],
+                "for": { "reference": "Patient/p1" },
+                "requester": { "reference": "Practitioner/placer" },
+                "code": { "coding": [{ "system": "http://loinc.org", "code": "1975-2" }] },
+                "businessStatus": { "coding": [{ "system": "http://example.org/bs", "code": "specimen-received" }] },
+                "identifier": [{ "system": "http://lab.example/orders", "value": "L-1" }],
+                "authoredOn": "2024-03-01T08:00:00Z",
+                "lastModified": "2024-03-02T09:30:00Z",
+                "executionPeriod": { "start": "2024-03-01T10:00:00Z", "end": "2024-03-01T12:00:00Z" },
+                "basedOn": [{ "reference": "ServiceRequest/sr1" }],
+                "focus": { "reference": "ServiceRequest/sr1" },
+            }),
+        ),
+        (
+            "lab2",
+            json!({
+                "resourceType": "Task", "status": "completed", "intent": "order", "priority": "routine",
+                "owner": { "reference": "Practitioner/alice" },
+                "for": { "reference": "Patient/p2" },
+                "code": { "coding": [{ "system": "http://loinc.org", "code": "2345-7" }] },
+                "authoredOn": "2024-04-15",
+                "executionPeriod": { "start": "2024-04-16T00:00:00Z" },
+            }),
+        ),
+        (
+            "queue",
+            json!({
+                "resourceType": "Task", "status": "requested", "intent": "order", "priority": "urgent",
+                "performerType": [{ "coding": [{ "system": roles, "code": "performer" }] }],
+                "for": { "reference": "Group/ward-7" },
+                "authoredOn": "2024-05-01T00:00:00+02:00",
+                "extension": [
+                    { "url": "https://baton.dev/fhir/StructureDefinition/task-focus", "valueReference": { "reference": "MedicationRequest/m1" } },
+                    { "url": "https://baton.dev/fhir/StructureDefinition/task-focus", "valueReference": { "reference": "MedicationRequest/m2" } }
+                ],
+            }),
+        ),
+        (
+            "rad",
+            json!({
+                "resourceType": "Task", "status": "in-progress", "intent": "plan", "priority": "asap",
+                "owner": { "reference": "Organization/radiology" },
+                "requester": { "reference": "Practitioner/placer" },
+                "for": { "reference": "Patient/p1" },
+                "identifier": [{ "value": "no-system" }],
+            }),
+        ),
+    ];
+    let mut ids = std::collections::HashMap::new();
+    for (label, t) in tasks {
+        let created = server.create_task(&t).await;
+        ids.insert(label, created["id"].as_str().unwrap().to_string());
+    }
+    // A coordination task with a sub-task tree: parent <- child <- grandchild.
+    let parent = server
+        .create_task(&json!({"resourceType": "Task", "status": "requested", "intent": "plan"}))
+        .await;
+    let parent_id = parent["id"].as_str().unwrap().to_string();
+    let child = server
+        .create_task(
+            &json!({"resourceType": "Task", "status": "requested", "intent": "order",
+        "partOf": [{ "reference": format!("Task/{parent_id}") }]}),
+        )
+        .await;
+    let child_id = child["id"].as_str().unwrap().to_string();
+    let grandchild = server
+        .create_task(
+            &json!({"resourceType": "Task", "status": "requested", "intent": "order",
+        "partOf": [{ "reference": format!("{}/Task/{child_id}", server.base) }]}),
+        )
+        .await;
+    ids.insert("parent", parent_id);
+    ids.insert("child", child_id);
+    ids.insert("grandchild", grandchild["id"].as_str().unwrap().to_string());
+    Fixture { server, admin, ids }
+}
+
+#[tokio::test]
+async fn every_parameter_and_modifier() {
+    let f = fixture().await;
+    let all = [
+        "lab1",
+        "lab2",
+        "queue",
+        "rad",
+        "parent",
+        "child",
+        "grandchild",
+    ];
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (format!("_id={}", f.ids["lab1"]), vec!["lab1"]),
+        (
+            format!("_id={},{}", f.ids["lab1"], f.ids["rad"]),
+            vec!["lab1", "rad"],
+        ),
+        (
+            "status=requested".into(),
+            vec!["lab1", "queue", "parent", "child", "grandchild"],
+        ),
+        ("status=completed,in-progress".into(), vec!["lab2", "rad"]),
+        ("status:not=requested".into(), vec!["lab2", "rad"]),
+        (
+            "status:not=requested&status:not=completed".into(),
+            vec!["rad"],
+        ),
+        (
+            "status=http://hl7.org/fhir/task-status|completed".into(),
+            vec!["lab2"],
+        ),
+        ("business-status=specimen-received".into(), vec!["lab1"]),
+        (
+            "business-status=http://example.org/bs|specimen-received".into(),
+            vec!["lab1"],
+        ),
+        ("owner=Practitioner/alice".into(), vec!["lab1", "lab2"]),
+        ("owner=alice".into(), vec!["lab1", "lab2"]),
+        (
+            format!("owner={}/Practitioner/alice", f.server.base),
+            vec!["lab1", "lab2"],
+        ),
+        (
+            "owner:missing=true".into(),
+            vec!["queue", "parent", "child", "grandchild"],
+        ),
+        ("owner:missing=false".into(), vec!["lab1", "lab2", "rad"]),
+        (
+            "owner:missing=true&performer=performer".into(),
+            vec!["queue"],
+        ),
+        (
+            "performer=http://terminology.hl7.org/CodeSystem/task-performer-type|performer".into(),
+            vec!["lab1", "queue"],
+        ),
+        ("performer=http://other|performer".into(), vec![]),
+        ("patient=Patient/p1".into(), vec!["lab1", "rad"]),
+        ("patient=p2".into(), vec!["lab2"]),
+        ("subject=Group/ward-7".into(), vec!["queue"]),
+        ("focus=ServiceRequest/sr1".into(), vec!["lab1"]),
+        ("focus=MedicationRequest/m2".into(), vec!["queue"]),
+        (format!("part-of=Task/{}", f.ids["parent"]), vec!["child"]),
+        (format!("part-of={}", f.ids["child"]), vec!["grandchild"]),
+        ("based-on=ServiceRequest/sr1".into(), vec!["lab1"]),
+        ("requester=Practitioner/placer".into(), vec!["lab1", "rad"]),
+        ("code=1975-2".into(), vec!["lab1"]),
+        ("code=http://loinc.org|".into(), vec!["lab1", "lab2"]),
+        ("code:not=1975-2&code:missing=false".into(), vec!["lab2"]),
+        ("priority=stat,asap".into(), vec!["lab1", "rad"]),
+        ("intent=plan".into(), vec!["rad", "parent"]),
+        (
+            "identifier=http://lab.example/orders|L-1".into(),
+            vec!["lab1"],
+        ),
+        ("identifier=L-1".into(), vec!["lab1"]),
+        ("identifier=|no-system".into(), vec!["rad"]),
+        ("authored-on=2024-03".into(), vec!["lab1"]),
+        ("authored-on=ge2024-04-01".into(), vec!["lab2", "queue"]),
+        ("authored-on=lt2024-04-15".into(), vec!["lab1"]),
+        (
+            "authored-on=gt2024-04-15&authored-on=le2024-05-01".into(),
+            vec!["queue"],
+        ),
+        ("authored-on=2024-04-30T22:00:00Z".into(), vec!["queue"]),
+        (
+            "authored-on:missing=true".into(),
+            vec!["rad", "parent", "child", "grandchild"],
+        ),
+        ("modified=2024-03-02".into(), vec!["lab1"]),
+        ("period=2024-03-01".into(), vec!["lab1"]),
+        ("period=ge2025-01-01".into(), vec!["lab2"]),
+        ("period=sa2024-03-01T12:00:00Z".into(), vec!["lab2"]),
+        ("period=eb2024-04-16".into(), vec!["lab1"]),
+        ("_lastUpdated=gt2020-01-01".into(), all.to_vec()),
+        ("_lastUpdated=lt2020-01-01".into(), vec![]),
+        (
+            "status=requested&owner=Practitioner/alice&code=1975-2&priority=stat".into(),
+            vec!["lab1"],
+        ),
+    ];
+    for (query, expected) in cases {
+        let got: BTreeSet<String> = f
+            .server
+            .search_ids(&query, &f.admin)
+            .await
+            .into_iter()
+            .collect();
+        let want: BTreeSet<String> = expected.iter().map(|l| f.ids[l].clone()).collect();
+        assert_eq!(got, want, "query {query}");
+    }
+    // POST _search answers the same as GET.
+    let r = f
+        .server
+        .request(reqwest::Method::POST, "/Task/_search", &f.admin)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("status=completed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let bundle: Value = r.json().await.unwrap();
+    assert_eq!(match_ids(&bundle), vec![f.ids["lab2"].clone()]);
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn sorting_totals_and_revinclude() {
+    let f = fixture().await;
+    let ids = f.server.search_ids("_sort=-priority", &f.admin).await;
+    let label = |id: &String| {
+        f.ids
+            .iter()
+            .find(|(_, v)| *v == id)
+            .map(|(k, _)| *k)
+            .unwrap()
+    };
+    let order: Vec<&str> = ids.iter().map(label).collect();
+    assert_eq!(
+        &order[..3],
+        ["lab1", "rad", "queue"],
+        "stat, asap, urgent first"
+    );
+    let order: Vec<&str> = f
+        .server
+        .search_ids("_sort=authored-on&authored-on:missing=false", &f.admin)
+        .await
+        .iter()
+        .map(label)
+        .collect();
+    assert_eq!(order, ["lab1", "lab2", "queue"]);
+    let newest_first = f.server.search_ids("_sort=-_lastUpdated", &f.admin).await;
+    assert_eq!(label(&newest_first[0]), "grandchild");
+
+    let (_, count) = f
+        .server
+        .get("/Task?status=requested&_summary=count", &f.admin)
+        .await;
+    assert_eq!(count["total"], 5);
+    assert!(count.get("entry").is_none());
+    let (_, no_total) = f.server.get("/Task?_total=none", &f.admin).await;
+    assert!(no_total.get("total").is_none());
+
+    let (_, tree) = f
+        .server
+        .get(
+            &format!(
+                "/Task?_id={}&_revinclude:iterate=Task:part-of",
+                f.ids["parent"]
+            ),
+            &f.admin,
+        )
+        .await;
+    let included: BTreeSet<String> = tree["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "include")
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        included,
+        BTreeSet::from([f.ids["child"].clone(), f.ids["grandchild"].clone()])
+    );
+    let (_, one_level) = f
+        .server
+        .get(
+            &format!("/Task?_id={}&_revinclude=Task:part-of", f.ids["parent"]),
+            &f.admin,
+        )
+        .await;
+    assert_eq!(
+        one_level["entry"].as_array().unwrap().len(),
+        2,
+        "match + direct child"
+    );
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn paging_reaches_the_last_page() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let mut created = BTreeSet::new();
+    for i in 0..23 {
+        let t = json!({"resourceType": "Task", "status": "requested", "intent": "order",
+            "identifier": [{ "system": "http://paging", "value": format!("{i}") }]});
+        created.insert(
+            server.create_task(&t).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let (_, mut page) = server
+        .get(
+            "/Task?identifier=http://paging|&_count=5&_sort=_lastUpdated",
+            &admin,
+        )
+        .await;
+    assert_eq!(page["total"], 23);
+    let last = page["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "last")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        seen.extend(match_ids(&page));
+        let next = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+        match next {
+            Some(url) => page = server.get(&url, &admin).await.1,
+            None => break,
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(pages, 5);
+    assert_eq!(seen.len(), 23, "no duplicates or gaps across pages");
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), created);
+    let (_, last_page) = server.get(&last, &admin).await;
+    assert_eq!(match_ids(&last_page).len(), 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_search_parameters_are_explained() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    for query in [
+        "colour=red",
+        "status:exact=requested",
+        "authored-on=yesterday",
+        "authored-on=xx2024-01-01",
+        "_count=many",
+        "_sort=description",
+        "_summary=text",
+        "_revinclude=Task:owner",
+        "owner:missing=maybe",
+    ] {
+        let (status, outcome) = server.get(&format!("/Task?{query}"), &admin).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{query}");
+    }
+    // Lenient handling ignores what it does not know.
+    let r = server
+        .request(reqwest::Method::GET, "/Task?colour=red", &admin)
+        .header("prefer", "handling=lenient")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, outcome) = server.get("/Task?colour=red", &admin).await;
+    assert_outcome(&outcome, "not-supported");
+    server.stop().await;
+}
