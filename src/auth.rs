@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::fhir::search::{Predicate, SystemMatch, TokenValue};
 use crate::fhir::task;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
     Practitioner,
@@ -44,7 +45,7 @@ impl Role {
 }
 
 /// A performer type a practitioner works as: `system|code`, or a bare code matching any system.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PerformerType {
     pub system: Option<String>,
     pub code: String,
@@ -68,7 +69,7 @@ impl PerformerType {
 }
 
 /// Who is calling, as established by a verified token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Principal {
     pub subject: String,
     pub role: Role,

@@ -40,9 +40,48 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long in-flight requests may take to finish after a shutdown signal, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// Extra SubscriptionTopic definitions (`*.json`) besides the built-in ones.
+    pub topics_dir: Option<PathBuf>,
     pub auth: AuthConfig,
     pub search: SearchConfig,
     pub store: StoreConfig,
+    pub delivery: DeliveryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Delay before each retry after 1, 2, 3… consecutive failures, in seconds; the last repeats.
+    pub retry_schedule_seconds: Vec<u64>,
+    /// Random spread applied to each delay, as a fraction (0.2 = ±20 %).
+    pub jitter_ratio: f64,
+    /// Consecutive failures after which a subscription's status becomes `error`.
+    pub error_after_failures: u32,
+    /// How long a subscription may keep failing before it is turned `off`, in seconds.
+    pub off_after_seconds: u64,
+    /// Deliveries in flight at once across all subscriptions (one per subscription at most).
+    pub max_concurrent: usize,
+    /// Per-attempt timeout when a subscription sets no `backport-timeout`, in seconds.
+    pub default_timeout_seconds: u64,
+    /// Events per notification when a subscription sets no `backport-max-count`.
+    pub default_max_count: u32,
+    /// Delivered events older than this are removed from the event log (`$events`), in days.
+    pub event_retention_days: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry_schedule_seconds: vec![1, 5, 15, 60, 300, 900, 3600],
+            jitter_ratio: 0.2,
+            error_after_failures: 3,
+            off_after_seconds: 3 * 24 * 3600,
+            max_concurrent: 64,
+            default_timeout_seconds: 10,
+            default_max_count: 20,
+            event_retention_days: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -98,9 +137,11 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             log_format: LogFormat::Text,
             shutdown_grace_seconds: 10,
+            topics_dir: None,
             auth: AuthConfig::default(),
             search: SearchConfig::default(),
             store: StoreConfig::default(),
+            delivery: DeliveryConfig::default(),
         }
     }
 }
@@ -224,6 +265,35 @@ impl Config {
                 "store.max_batch and store.read_connections must be at least 1".into(),
             ));
         }
+        let d = &self.delivery;
+        if d.retry_schedule_seconds.is_empty() || d.retry_schedule_seconds.contains(&0) {
+            return Err(ConfigError(
+                "delivery.retry_schedule_seconds must list at least one delay, each at least 1 second".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&d.jitter_ratio) {
+            return Err(ConfigError(
+                "delivery.jitter_ratio must be at least 0 and below 1".into(),
+            ));
+        }
+        if d.error_after_failures == 0 || d.max_concurrent == 0 || d.default_max_count == 0 {
+            return Err(ConfigError(
+                "delivery.error_after_failures, delivery.max_concurrent and delivery.default_max_count must be at least 1".into(),
+            ));
+        }
+        if d.default_timeout_seconds == 0 || d.default_timeout_seconds > 120 {
+            return Err(ConfigError(
+                "delivery.default_timeout_seconds must be between 1 and 120".into(),
+            ));
+        }
+        if let Some(dir) = &self.topics_dir
+            && !dir.is_dir()
+        {
+            return Err(ConfigError(format!(
+                "topics_dir {} is not a directory (BATON_TOPICS_DIR)",
+                dir.display()
+            )));
+        }
         if self.auth.performer_types_claim.is_empty() {
             return Err(ConfigError(
                 "auth.performer_types_claim must name a claim".into(),
@@ -298,7 +368,8 @@ mod tests {
 
     #[test]
     fn invalid_settings_name_what_to_change() {
-        let cases: Vec<(fn(&mut Config), &str)> = vec![
+        type Mutation = fn(&mut Config);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|c| c.listen = "localhost".into(), "BATON_LISTEN"),
             (
                 |c| c.public_url = Some("ftp://x".into()),

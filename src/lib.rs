@@ -5,9 +5,13 @@
 
 pub mod api;
 pub mod auth;
+pub mod channels;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod fhir;
+pub mod matcher;
+pub mod outbox;
 pub mod store;
 
 use std::sync::{Arc, OnceLock};
@@ -21,10 +25,14 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use error::{Error, Result};
 
+use crate::api::subscription::Hub;
 use crate::api::{AppState, Shared};
 use crate::auth::Authenticator;
+use crate::channels::rest_hook::RestHook;
 use crate::config::DatabaseUrl;
+use crate::delivery::Deliverer;
 use crate::fhir::search::SearchLimits;
+use crate::matcher::topic;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 
@@ -71,12 +79,54 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         }
     };
 
+    // Topics: the built-in ones plus the operator's; anything unsupported stops start-up.
+    let mut topics = topic::builtin_topics(&base_url)
+        .map_err(|e| Error::internal("loading the built-in topics failed", e))?;
+    if let Some(dir) = &config.topics_dir {
+        let extra = topic::load_topic_dir(dir, &base_url)
+            .map_err(|e| Error::internal("loading topics_dir failed", e))?;
+        topics = topic::combine_topics(topics, extra)
+            .map_err(|e| Error::internal("loading topics_dir failed", e))?;
+    }
+    let topics = Arc::new(topics);
+    let search_limits = SearchLimits {
+        default_count: config.search.default_count,
+        max_count: config.search.max_count,
+    };
+    let rest_hook = RestHook::new(config.allow_private_endpoints, config.allow_http_endpoints);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let pipeline_stop = CancellationToken::new();
+
+    let parse_topics = topics.clone();
+    let parse_config = config.clone();
+    let parse_limits = search_limits;
+    let parse_base = base_url.clone();
+    let deliverer = Arc::new(Deliverer {
+        store: store.clone(),
+        rest_hook: rest_hook.clone(),
+        base_url: base_url.clone(),
+        config: config.delivery.clone(),
+        parse: Box::new(move |resource| {
+            api::subscription::parse_with(
+                &parse_topics,
+                &parse_config,
+                &parse_limits,
+                &parse_base,
+                resource,
+            )
+        }),
+    });
+    let (delivery, scheduler) = delivery::start(deliverer, pipeline_stop.clone()).await?;
+
     let state = AppState {
         inner: Arc::new(Shared {
-            search_limits: SearchLimits {
-                default_count: config.search.default_count,
-                max_count: config.search.max_count,
+            hub: Hub {
+                topics: topics.clone(),
+                index: Default::default(),
+                delivery: delivery.clone(),
+                rest_hook,
             },
+            search_limits,
             base_url: base_url.clone(),
             auth: authenticator,
             store: store.clone(),
@@ -86,6 +136,29 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         }),
     };
     let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
+    // Every live subscription goes back into the matcher index before the first change is read.
+    for stored in store.live_subscriptions().await? {
+        match api::subscription::parse_spec(&state, &stored.resource) {
+            Ok(spec) => api::subscription::index_only(&state, &stored, &spec),
+            Err(e) => {
+                tracing::warn!(subscription.id = %stored.id, error = %error::error_chain(&e), "a stored subscription is no longer valid and is not matched")
+            }
+        }
+    }
+    let outbox = outbox::Outbox {
+        store: store.clone(),
+        topics,
+        index: state.hub.index.clone(),
+        delivery,
+        base_url: base_url.clone(),
+    };
+    tasks.spawn(outbox.run(committed, pipeline_stop.clone()));
+    tasks.spawn(prune_events(
+        store.clone(),
+        state.config.delivery.event_retention_days,
+        pipeline_stop.clone(),
+    ));
+    tasks.close();
     let app = api::router(state);
 
     tracing::info!(listen = %bound, base_url = %base_url, "Baton is serving");
@@ -106,9 +179,34 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             }
         }
     };
+    // The pipeline stops after the last request: what it has not finished stays in the store.
+    pipeline_stop.cancel();
+    tasks.wait().await;
+    let _ = scheduler.await;
     store.close().await;
     tracing::info!("Baton stopped");
     served.map_err(|e| Error::internal("the HTTP server failed", e))
+}
+
+/// Removes delivered events older than the retention period from the event log, hourly.
+async fn prune_events(store: Arc<dyn Store>, retention_days: u64, stop: CancellationToken) {
+    loop {
+        let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(retention_days as i64);
+        match store
+            .prune_events(&fhir::datetime::format_instant(cutoff))
+            .await
+        {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "pruned delivered events past retention"),
+            Err(e) => {
+                tracing::warn!(error = %error::error_chain(&e), "pruning the event log failed")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 /// The process-wide Prometheus recorder, installed on first use (tests run several servers in

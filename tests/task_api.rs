@@ -178,7 +178,7 @@ async fn update_as_create_and_conditional_create() {
     assert_eq!(second["meta"]["versionId"], "1", "nothing new was written");
 
     // Two matches: 412.
-    server
+    let _ = server
         .create_task(&with_identifier)
         .await
         .get("id")

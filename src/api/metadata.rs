@@ -17,11 +17,23 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn capability_statement(State(state): State<AppState>) -> Response {
-    fhir_json(StatusCode::OK, &build(&state.base_url))
+    let topic_urls: Vec<&str> = state.hub.topics.iter().map(|t| t.url.as_str()).collect();
+    fhir_json(StatusCode::OK, &build(&state.base_url, &topic_urls))
 }
 
-/// The CapabilityStatement for a server at `base_url`.
-pub fn build(base_url: &str) -> Value {
+const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport";
+
+/// The CapabilityStatement for a server at `base_url` offering these topics.
+pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
+    let topic_extensions: Vec<Value> = topic_urls
+        .iter()
+        .map(|url| {
+            json!({
+                "url": format!("{BACKPORT}/StructureDefinition/capabilitystatement-subscriptiontopic-canonical"),
+                "valueCanonical": url,
+            })
+        })
+        .collect();
     let search_params: Vec<Value> = TASK_PARAMS
         .iter()
         .map(|p| {
@@ -53,6 +65,8 @@ pub fn build(base_url: &str) -> Value {
             "url": base_url,
         },
         "fhirVersion": "4.0.1",
+        "instantiates": [format!("{BACKPORT}/CapabilityStatement/backport-subscription-server-r4")],
+        "implementationGuide": [format!("{BACKPORT}/ImplementationGuide/hl7.fhir.uv.subscriptions-backport")],
         "format": ["application/fhir+json", "json"],
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
@@ -83,6 +97,32 @@ pub fn build(base_url: &str) -> Value {
                 "conditionalDelete": "not-supported",
                 "searchRevInclude": ["Task:part-of"],
                 "searchParam": search_params,
+            }, {
+                "extension": topic_extensions,
+                "type": "Subscription",
+                "supportedProfile": [format!("{BACKPORT}/StructureDefinition/backport-subscription")],
+                "interaction": [
+                    { "code": "read" },
+                    { "code": "create" },
+                    { "code": "update" },
+                    { "code": "delete" },
+                    { "code": "search-type" },
+                ],
+                "versioning": "versioned",
+                "searchParam": [
+                    { "name": "url", "type": "uri", "definition": "http://hl7.org/fhir/SearchParameter/Subscription-url", "documentation": "The channel endpoint" },
+                    { "name": "status", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Subscription-status", "documentation": "requested, active, error or off" },
+                ],
+                "operation": [
+                    { "name": "status", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-status") },
+                    { "name": "events", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-events") },
+                ],
+            }, {
+                "type": "SubscriptionTopic",
+                "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                "searchParam": [
+                    { "name": "url", "type": "uri", "documentation": "The topic's canonical URL" },
+                ],
             }],
         }],
     })

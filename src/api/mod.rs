@@ -3,7 +3,9 @@
 
 pub mod health;
 pub mod metadata;
+pub mod subscription;
 pub mod task;
+pub mod topic;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,6 +33,7 @@ pub struct AppState {
 }
 
 pub struct Shared {
+    pub hub: subscription::Hub,
     pub config: Config,
     /// The FHIR base URL, e.g. `http://127.0.0.1:8080/fhir`.
     pub base_url: String,
@@ -60,6 +63,8 @@ pub fn router(state: AppState) -> Router {
     let fhir = Router::new()
         .merge(metadata::router())
         .merge(task::router())
+        .merge(subscription::router())
+        .merge(topic::router())
         .fallback(unknown_route);
     Router::new()
         .nest("/fhir", fhir)

@@ -323,7 +323,7 @@ fn check_id(id: &str) -> Result<()> {
 }
 
 /// Parses `If-Match: W/"3"` (also `"3"` and `3`).
-fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>> {
+pub(crate) fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>> {
     let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };

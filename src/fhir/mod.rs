@@ -2,7 +2,9 @@
 //! dates, the Task rules and the Task search parameters.
 
 pub mod datetime;
+pub mod notification;
 pub mod search;
+pub mod subscription;
 pub mod task;
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -116,6 +118,10 @@ pub fn normalize_reference(reference: &str, base_url: &str) -> Option<String> {
     }
 }
 
+/// Baton's extension for a Task that is about several resources at once (grouped focus).
+/// Each occurrence carries one `valueReference`; `focus` search and filters match these too.
+pub const MULTI_FOCUS_EXTENSION: &str = "https://baton.dev/fhir/StructureDefinition/task-focus";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,7 +154,3 @@ mod tests {
         }
     }
 }
-
-/// Baton's extension for a Task that is about several resources at once (grouped focus).
-/// Each occurrence carries one `valueReference`; `focus` search and filters match these too.
-pub const MULTI_FOCUS_EXTENSION: &str = "https://baton.dev/fhir/StructureDefinition/task-focus";

@@ -216,6 +216,11 @@ const CONTROL_PARAMS: &[&str] = &[
     "_pretty",
 ];
 
+/// The most values (after bare-id expansion) one search may carry. Each becomes a bind
+/// parameter, and databases cap those (PostgreSQL at 65535), so an oversized query is refused
+/// as the client's mistake rather than failing inside the store.
+const MAX_SEARCH_VALUES: usize = 1000;
+
 /// Looks up a Task search parameter by its code.
 pub fn task_param(code: &str) -> Option<&'static ParamDef> {
     TASK_PARAMS.iter().find(|def| def.code == code)
@@ -394,10 +399,8 @@ pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
     if let Some(range) = stored_range(str_at(task, "lastModified")) {
         index.date("modified", range.start_key(), range.end_key());
     }
-    if let Some(period) = task.get("executionPeriod") {
-        if let Some((start, end)) = period_keys(period) {
-            index.date("period", start, end);
-        }
+    if let Some((start, end)) = task.get("executionPeriod").and_then(period_keys) {
+        index.date("period", start, end);
     }
     if let Some(range) = stored_range(
         task.pointer("/restriction/period/end")
@@ -566,6 +569,16 @@ impl TokenValue {
 }
 
 impl Predicate {
+    /// How many values this predicate compares with, which is about how many binds its SQL has.
+    fn value_count(&self) -> usize {
+        match self {
+            Predicate::Token { any_of, .. } => any_of.len(),
+            Predicate::Date { any_of, .. } => any_of.len() * 2,
+            Predicate::Missing { .. } => 1,
+            Predicate::Or(all) | Predicate::And(all) => all.iter().map(Self::value_count).sum(),
+        }
+    }
+
     /// Evaluates this predicate against one Task's index.
     pub fn matches(&self, index: &TaskIndex) -> bool {
         match self {
@@ -712,6 +725,13 @@ pub fn parse_query(
                 CONTROL_PARAMS.join(", "),
             )));
         }
+    }
+    let values: usize = query.predicates.iter().map(Predicate::value_count).sum();
+    if values > MAX_SEARCH_VALUES {
+        return Err(invalid(format!(
+            "The search has {values} values (bare reference ids count once per possible type); \
+             the most one search may have is {MAX_SEARCH_VALUES}"
+        )));
     }
     match query.revinclude {
         Some(RevInclude::PartOf) => query
@@ -988,12 +1008,12 @@ fn parse_reference(
 ) -> Result<Vec<String>> {
     let text = unescape(piece);
     if let Some(normalized) = normalize_reference(&text, base_url) {
-        if let Some(ty) = reference_type {
-            if !normalized.starts_with(&format!("{ty}/")) {
-                return Err(invalid(format!(
-                    "The parameter '{key}' asks for a {ty} but '{text}' is not one"
-                )));
-            }
+        if let Some(ty) = reference_type
+            && !normalized.starts_with(&format!("{ty}/"))
+        {
+            return Err(invalid(format!(
+                "The parameter '{key}' asks for a {ty} but '{text}' is not one"
+            )));
         }
         return Ok(vec![normalized]);
     }
@@ -1065,14 +1085,13 @@ fn unescape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(&next) = chars.peek() {
-                if matches!(next, ',' | '|' | '$' | '\\') {
-                    out.push(next);
-                    chars.next();
-                    continue;
-                }
-            }
+        if c == '\\'
+            && let Some(&next) = chars.peek()
+            && matches!(next, ',' | '|' | '$' | '\\')
+        {
+            out.push(next);
+            chars.next();
+            continue;
         }
         out.push(c);
     }
@@ -1151,7 +1170,8 @@ mod tests {
     #[test]
     fn every_token_and_reference_parameter_is_extracted() {
         let index = index_task(&full_task(), BASE);
-        let cases: &[(&str, &[(Option<&str>, &str)])] = &[
+        type Expected<'a> = &'a [(Option<&'a str>, &'a str)];
+        let cases: &[(&str, Expected)] = &[
             ("_id", &[(None, "t1")]),
             ("status", &[(Some(STATUS_SYSTEM), "in-progress")]),
             (
@@ -1350,7 +1370,7 @@ mod tests {
     };
 
     /// Splits a test query string; the tests avoid characters that would need percent-encoding.
-    pub(crate) fn pairs(query: &str) -> Vec<(String, String)> {
+    fn pairs(query: &str) -> Vec<(String, String)> {
         query
             .split('&')
             .filter(|p| !p.is_empty())
@@ -1646,7 +1666,8 @@ mod tests {
             pairs("_sort=-priority,_lastUpdated&_total=none")
         );
 
-        let cases: &[(&str, fn(&SearchQuery) -> bool)] = &[
+        type Check = fn(&SearchQuery) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("_count=1000", |q| q.count == 100 && !q.summary_count),
             ("_count=0", |q| q.count == 0 && q.summary_count),
             ("_summary=count", |q| q.summary_count && q.count == 20),
@@ -1735,6 +1756,11 @@ mod tests {
                 "_revinclude:deep=Task:part-of",
                 NotSupported,
                 "'_revinclude:deep'",
+            ),
+            (
+                "subject=a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r,s,t,u,v,w,x",
+                Invalid,
+                "1000",
             ),
         ];
         for (query, code, needle) in cases {

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::{Predicate, SortKey};
 
 /// What a stored version records about how it came to be.
@@ -127,6 +128,100 @@ pub struct PageRequest<'a> {
     pub with_total: bool,
 }
 
+/// A stored subscription: the resource, who made it, its event counter and its delivery state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSubscription {
+    pub id: String,
+    pub version: i64,
+    pub last_updated: String,
+    pub status: SubscriptionStatus,
+    pub topic_url: String,
+    pub channel_type: String,
+    pub endpoint: Option<String>,
+    /// The author's principal (JSON of `auth::Principal`), fixed at creation.
+    pub author: Value,
+    /// The Subscription resource as its author sent it, with id and meta set.
+    pub resource: Value,
+    /// Changes at or below this outbox position happened before the subscription existed.
+    pub created_after_seq: i64,
+    pub events_since_start: i64,
+    pub delivered_through: i64,
+    pub handshake_pending: bool,
+    pub failures: i64,
+    pub failing_since: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+    pub last_sent_at: Option<String>,
+}
+
+/// What the API hands the store to create or replace a subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionRecord {
+    pub resource: Value,
+    pub status: SubscriptionStatus,
+    pub topic_url: String,
+    pub channel_type: String,
+    pub endpoint: Option<String>,
+    pub author: Value,
+    pub handshake_pending: bool,
+}
+
+/// Decides, inside the transaction, how a subscription is replaced.
+pub type SubscriptionDecide =
+    Box<dyn FnOnce(&StoredSubscription) -> Result<SubscriptionRecord> + Send>;
+
+/// One subscription matched by one change; the store gives it the next event number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatchRow {
+    pub subscription_id: String,
+    pub change_seq: i64,
+    pub task_id: String,
+    pub version: i64,
+    pub interaction: Interaction,
+    pub occurred_at: String,
+}
+
+/// An entry of a subscription's event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub event_number: i64,
+    pub change_seq: i64,
+    pub task_id: String,
+    pub version: i64,
+    pub interaction: Interaction,
+    pub occurred_at: String,
+}
+
+/// The result of one delivery attempt, to be recorded with the subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryReport {
+    Delivered {
+        subscription_id: String,
+        /// Highest event number now delivered (unchanged for handshakes and heartbeats).
+        through: i64,
+        /// Whether this was the handshake, which makes a `requested` subscription `active`.
+        handshake: bool,
+        at: String,
+    },
+    Failed {
+        subscription_id: String,
+        error: String,
+        failures: i64,
+        failing_since: String,
+        next_attempt_at: Option<String>,
+        status: SubscriptionStatus,
+    },
+}
+
+/// Filters of a subscription search; `None` means any.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubscriptionQuery {
+    pub author_subject: Option<String>,
+    pub status: Option<Vec<String>>,
+    pub endpoint: Option<String>,
+    pub ids: Option<Vec<String>>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies one write in a transaction together with its history row and change event.
@@ -152,6 +247,43 @@ pub trait Store: Send + Sync + 'static {
     async fn change_events_after(&self, seq: i64, limit: usize) -> Result<Vec<ChangeEvent>>;
     /// The highest committed outbox `seq`, 0 when empty.
     async fn last_change_seq(&self) -> Result<i64>;
+    /// Several versions at once, in no particular order; missing ones are left out.
+    async fn versions(&self, keys: &[(String, i64)]) -> Result<Vec<StoredVersion>>;
+
+    // Subscriptions, the event log and the delivery state.
+    async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription>;
+    async fn replace_subscription(
+        &self,
+        id: &str,
+        decide: SubscriptionDecide,
+    ) -> Result<StoredSubscription>;
+    /// Deletes a subscription and its event log; false if it did not exist.
+    async fn delete_subscription(&self, id: &str) -> Result<bool>;
+    async fn read_subscription(&self, id: &str) -> Result<Option<StoredSubscription>>;
+    async fn search_subscriptions(
+        &self,
+        query: &SubscriptionQuery,
+        count: usize,
+        offset: usize,
+    ) -> Result<(Vec<StoredSubscription>, u64)>;
+    /// Every subscription that is not `off`, for the matcher index and the scheduler at start-up.
+    async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>>;
+    /// Where an outbox consumer stopped reading.
+    async fn outbox_cursor(&self, consumer: &str) -> Result<i64>;
+    /// Numbers the matches (in order) and moves the consumer's cursor, in one transaction.
+    /// Returns `(subscription id, event number)` per recorded match.
+    async fn record_matches(
+        &self,
+        consumer: &str,
+        through_seq: i64,
+        matches: Vec<MatchRow>,
+    ) -> Result<Vec<(String, i64)>>;
+    /// Events `from..=to` of a subscription's log, oldest first.
+    async fn subscription_events(&self, id: &str, from: i64, to: i64) -> Result<Vec<EventRecord>>;
+    async fn record_delivery(&self, report: DeliveryReport) -> Result<()>;
+    /// Removes delivered events that happened before `before`; returns how many.
+    async fn prune_events(&self, before: &str) -> Result<u64>;
+
     /// Checks that the database answers, for `/readyz`.
     async fn ping(&self) -> Result<()>;
     /// Finishes queued writes and closes the database cleanly.

@@ -24,17 +24,48 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::search_sql::{Placeholder, order_by, where_clause};
 use super::{
-    ChangeEvent, CurrentTask, Decision, Interaction, PageRequest, SearchPage, Store, StoredVersion,
-    WriteOutcome, WriteRequest,
+    ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchRow,
+    PageRequest, SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionDecide,
+    SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::fhir::datetime::format_instant;
 use crate::fhir::search::{Predicate, index_task, priority_rank};
 
+mod hub;
+
+/// A unit of work for the writer. Hub writes share the writer with Task writes so that
+/// SQLite sees one writer and every kind of write benefits from group commit.
+enum Work {
+    Task(WriteRequest),
+    CreateSubscription(SubscriptionRecord),
+    ReplaceSubscription(String, SubscriptionDecide),
+    DeleteSubscription(String),
+    RecordMatches {
+        consumer: String,
+        through_seq: i64,
+        matches: Vec<MatchRow>,
+    },
+    RecordDelivery(DeliveryReport),
+    PruneEvents(String),
+    /// Placeholder left behind once a job's work has been taken.
+    Taken,
+}
+
+/// What a unit of work produced.
+enum Done {
+    Task(WriteOutcome),
+    Subscription(Box<StoredSubscription>),
+    Deleted(bool),
+    Numbers(Vec<(String, i64)>),
+    Count(u64),
+    Nothing,
+}
+
 struct Job {
-    request: WriteRequest,
-    reply: oneshot::Sender<Result<WriteOutcome>>,
+    work: Work,
+    reply: oneshot::Sender<Result<Done>>,
 }
 
 pub struct SqliteStore {
@@ -105,7 +136,7 @@ async fn run_writer(
         let started = std::time::Instant::now();
         let size = batch.len();
         let results = commit_batch(&mut conn, &mut batch, &base_url).await;
-        let wrote = matches!(&results, Ok(r) if r.iter().any(|o| matches!(o, Ok(WriteOutcome::Written(_)))));
+        let wrote = matches!(&results, Ok(r) if r.iter().any(|o| matches!(o, Ok(Done::Task(WriteOutcome::Written(_))))));
         match results {
             Ok(outcomes) => {
                 for (job, outcome) in batch.drain(..).zip(outcomes) {
@@ -139,20 +170,14 @@ async fn commit_batch(
     conn: &mut SqliteConnection,
     batch: &mut [Job],
     base_url: &str,
-) -> Result<Vec<Result<WriteOutcome>>> {
+) -> Result<Vec<Result<Done>>> {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch.iter_mut() {
-        // The request is moved out: its closure runs once.
-        let request = std::mem::replace(
-            &mut job.request,
-            WriteRequest::Create {
-                resource: Value::Null,
-                if_none_exist: None,
-            },
-        );
+        // The work is moved out: its closure runs once.
+        let work = std::mem::replace(&mut job.work, Work::Taken);
         sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
-        let outcome = apply(conn, request, base_url).await;
+        let outcome = apply_work(conn, work, base_url).await;
         if outcome.is_ok() {
             sqlx::query("RELEASE job").execute(&mut *conn).await?;
         } else {
@@ -166,6 +191,33 @@ async fn commit_batch(
         return Err(e.into());
     }
     Ok(outcomes)
+}
+
+async fn apply_work(conn: &mut SqliteConnection, work: Work, base_url: &str) -> Result<Done> {
+    match work {
+        Work::Task(request) => apply(conn, request, base_url).await.map(Done::Task),
+        Work::CreateSubscription(record) => hub::create_subscription(conn, record)
+            .await
+            .map(|s| Done::Subscription(Box::new(s))),
+        Work::ReplaceSubscription(id, decide) => hub::replace_subscription(conn, &id, decide)
+            .await
+            .map(|s| Done::Subscription(Box::new(s))),
+        Work::DeleteSubscription(id) => {
+            hub::delete_subscription(conn, &id).await.map(Done::Deleted)
+        }
+        Work::RecordMatches {
+            consumer,
+            through_seq,
+            matches,
+        } => hub::record_matches(conn, &consumer, through_seq, matches)
+            .await
+            .map(Done::Numbers),
+        Work::RecordDelivery(report) => hub::record_delivery(conn, report)
+            .await
+            .map(|()| Done::Nothing),
+        Work::PruneEvents(before) => hub::prune_events(conn, &before).await.map(Done::Count),
+        Work::Taken => Err(Error::internal("a job ran twice", "work already taken")),
+    }
 }
 
 async fn apply(
@@ -461,9 +513,9 @@ async fn find_ids(
     Ok(query.bind(limit).fetch_all(&mut *conn).await?)
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
+impl SqliteStore {
+    /// Queues work for the writer and waits for its commit.
+    async fn submit(&self, work: Work) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
         let sender = self
             .jobs
@@ -472,12 +524,147 @@ impl Store for SqliteStore {
             .clone()
             .ok_or_else(|| Error::internal("the store is closed", "writer stopped"))?;
         sender
-            .send(Job { request, reply })
+            .send(Job { work, reply })
             .await
             .map_err(|_| Error::internal("the store is closed", "writer stopped"))?;
         answer
             .await
             .map_err(|_| Error::internal("the store writer stopped", "reply dropped"))?
+    }
+}
+
+fn unexpected() -> Error {
+    Error::internal(
+        "the writer answered with the wrong kind of result",
+        "mismatch",
+    )
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
+        match self.submit(Work::Task(request)).await? {
+            Done::Task(outcome) => Ok(outcome),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn versions(&self, keys: &[(String, i64)]) -> Result<Vec<StoredVersion>> {
+        let mut found = Vec::with_capacity(keys.len());
+        // Chunks keep the statement under SQLite's bound-parameter limit.
+        for chunk in keys.chunks(400) {
+            let sql = format!(
+                "SELECT id, version, last_updated, interaction, resource FROM task_version WHERE (id, version) IN (VALUES {})",
+                vec!["(?, ?)"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for (id, version) in chunk {
+                query = query.bind(id).bind(version);
+            }
+            for row in query.fetch_all(&self.reads).await? {
+                found.push(version_from_row(&row)?);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
+        match self.submit(Work::CreateSubscription(record)).await? {
+            Done::Subscription(s) => Ok(*s),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn replace_subscription(
+        &self,
+        id: &str,
+        decide: SubscriptionDecide,
+    ) -> Result<StoredSubscription> {
+        match self
+            .submit(Work::ReplaceSubscription(id.to_string(), decide))
+            .await?
+        {
+            Done::Subscription(s) => Ok(*s),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn delete_subscription(&self, id: &str) -> Result<bool> {
+        match self
+            .submit(Work::DeleteSubscription(id.to_string()))
+            .await?
+        {
+            Done::Deleted(found) => Ok(found),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn read_subscription(&self, id: &str) -> Result<Option<StoredSubscription>> {
+        let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?;
+        row.as_ref().map(hub::subscription_from_row).transpose()
+    }
+
+    async fn search_subscriptions(
+        &self,
+        query: &SubscriptionQuery,
+        count: usize,
+        offset: usize,
+    ) -> Result<(Vec<StoredSubscription>, u64)> {
+        hub::search_subscriptions(&self.reads, query, count, offset).await
+    }
+
+    async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>> {
+        let rows = sqlx::query("SELECT * FROM subscription WHERE status != 'off'")
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(hub::subscription_from_row).collect()
+    }
+
+    async fn outbox_cursor(&self, consumer: &str) -> Result<i64> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM outbox_cursor WHERE consumer = ?")
+                .bind(consumer)
+                .fetch_optional(&self.reads)
+                .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    async fn record_matches(
+        &self,
+        consumer: &str,
+        through_seq: i64,
+        matches: Vec<MatchRow>,
+    ) -> Result<Vec<(String, i64)>> {
+        let work = Work::RecordMatches {
+            consumer: consumer.to_string(),
+            through_seq,
+            matches,
+        };
+        match self.submit(work).await? {
+            Done::Numbers(numbers) => Ok(numbers),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn subscription_events(&self, id: &str, from: i64, to: i64) -> Result<Vec<EventRecord>> {
+        hub::subscription_events(&self.reads, id, from, to).await
+    }
+
+    async fn record_delivery(&self, report: DeliveryReport) -> Result<()> {
+        match self.submit(Work::RecordDelivery(report)).await? {
+            Done::Nothing => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn prune_events(&self, before: &str) -> Result<u64> {
+        match self.submit(Work::PruneEvents(before.to_string())).await? {
+            Done::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn read(&self, id: &str) -> Result<Option<CurrentTask>> {

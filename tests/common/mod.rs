@@ -2,6 +2,8 @@
 //! tests an HTTP client, tokens and small helpers.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +45,17 @@ impl TestServer {
         let mut server = Self::start_in(&path, adjust).await;
         server._dir = Some(dir);
         server
+    }
+
+    /// A server whose rest-hooks may reach the local test receivers (plain http, loopback).
+    pub async fn start_hub() -> TestServer {
+        Self::start_with(|c| {
+            c.allow_http_endpoints = true;
+            c.allow_private_endpoints = true;
+            c.delivery.retry_schedule_seconds = vec![1];
+            c.delivery.jitter_ratio = 0.0;
+        })
+        .await
     }
 
     /// A server on the database in `data_dir` (which the caller keeps alive).
@@ -199,6 +212,56 @@ pub async fn body(response: Response) -> (StatusCode, Value) {
         serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }))
     };
     (status, value)
+}
+
+/// A rest-hook Subscription to a built-in topic, with filter criteria strings.
+pub fn subscription(topic: &str, filters: &[&str], endpoint: &str, content: &str) -> Value {
+    let criteria: Vec<Value> = filters
+        .iter()
+        .map(|f| json!({
+            "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria",
+            "valueString": f,
+        }))
+        .collect();
+    let mut s = json!({
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "integration test",
+        "criteria": format!("http://localhost/fhir/SubscriptionTopic/{topic}"),
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": { "extension": [{
+                "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content",
+                "valueCode": content,
+            }]},
+            "header": ["X-Test-Token: secret-123"],
+        },
+    });
+    if !criteria.is_empty() {
+        s["_criteria"] = json!({ "extension": criteria });
+    }
+    s
+}
+
+/// Polls (bounded) until `check` returns Some.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// A minimal valid Task.

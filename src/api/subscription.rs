@@ -1,0 +1,658 @@
+//! `Subscription` (R4 + Subscriptions Backport IG): create, read, update, delete, search, and
+//! the `$status` and `$events` operations; plus the hub state they share with the pipeline.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::{AppState, BodyKind, parse_json, read_body};
+use crate::auth::{Principal, Role};
+use crate::channels::rest_hook::RestHook;
+use crate::delivery::DeliveryHandle;
+use crate::error::{Error, IssueCode, Result};
+use crate::fhir::datetime::format_instant;
+use crate::fhir::notification::{
+    ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
+    notification_bundle, status_search_bundle,
+};
+use crate::fhir::subscription::{
+    ChannelPolicy, ChannelSpec, SubscriptionSpec, TopicFilters, parse_subscription,
+};
+use crate::fhir::{self, fhir_json};
+use crate::matcher::topic::Topic;
+use crate::matcher::{Candidate, SubscriptionIndex};
+use crate::store::{StoredSubscription, SubscriptionQuery, SubscriptionRecord};
+
+/// The subscription side of the shared state.
+pub struct Hub {
+    pub topics: Arc<Vec<Topic>>,
+    pub index: Arc<RwLock<SubscriptionIndex>>,
+    pub delivery: DeliveryHandle,
+    pub rest_hook: RestHook,
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/Subscription", get(search).post(create))
+        .route("/Subscription/$status", get(status_type).post(status_type))
+        .route("/Subscription/{id}", get(read).put(update).delete(delete))
+        .route(
+            "/Subscription/{id}/$status",
+            get(status_instance).post(status_instance),
+        )
+        .route("/Subscription/{id}/$events", get(events).post(events))
+}
+
+/// Finds a topic by its canonical URL (or any URL ending in `/SubscriptionTopic/<id>`).
+pub fn find_topic<'a>(topics: &'a [Topic], url: &str) -> Option<(usize, &'a Topic)> {
+    topics
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.url == url)
+        .or_else(|| {
+            let id = url.rsplit_once("/SubscriptionTopic/")?.1;
+            topics.iter().enumerate().find(|(_, t)| t.id == id)
+        })
+}
+
+/// Parses a Subscription resource with this hub's topics and policies.
+pub fn parse_spec(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
+    parse_with(
+        &state.hub.topics,
+        &state.config,
+        &state.search_limits,
+        &state.base_url,
+        resource,
+    )
+}
+
+/// The same, from the parts (the delivery worker uses it without an `AppState`).
+pub fn parse_with(
+    topics: &[Topic],
+    config: &crate::config::Config,
+    limits: &crate::fhir::search::SearchLimits,
+    base_url: &str,
+    resource: &Value,
+) -> Result<SubscriptionSpec> {
+    let lookup = |url: &str| {
+        find_topic(topics, url).map(|(_, t)| TopicFilters {
+            url: t.url.clone(),
+            id: t.id.clone(),
+            params: t
+                .filters
+                .iter()
+                .map(|f| (f.param.clone(), f.modifiers.clone()))
+                .collect(),
+        })
+    };
+    let policy = ChannelPolicy {
+        allow_http_endpoints: config.allow_http_endpoints,
+        amqp_configured: config.amqp_url.is_some(),
+    };
+    parse_subscription(resource, &lookup, &policy, limits, base_url)
+}
+
+/// Puts a subscription into the matcher index only (start-up: the scheduler loads its own work).
+pub fn index_only(state: &AppState, stored: &StoredSubscription, spec: &SubscriptionSpec) {
+    let Some((topic, _)) = find_topic(&state.hub.topics, &spec.topic_url) else {
+        return;
+    };
+    let Ok(author) = serde_json::from_value::<Principal>(stored.author.clone()) else {
+        return;
+    };
+    state
+        .hub
+        .index
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(Candidate {
+            id: stored.id.clone(),
+            topic,
+            filters: spec.filters.clone(),
+            author,
+            created_after_seq: stored.created_after_seq,
+        });
+}
+
+/// Puts an active subscription into the matcher index and the scheduler.
+pub fn activate(state: &AppState, stored: &StoredSubscription, spec: &SubscriptionSpec) {
+    let Some((topic, _)) = find_topic(&state.hub.topics, &spec.topic_url) else {
+        return;
+    };
+    let Ok(author) = serde_json::from_value::<Principal>(stored.author.clone()) else {
+        return;
+    };
+    if stored.status == SubscriptionStatus::Off {
+        deactivate(state, &stored.id);
+        return;
+    }
+    state
+        .hub
+        .index
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(Candidate {
+            id: stored.id.clone(),
+            topic,
+            filters: spec.filters.clone(),
+            author,
+            created_after_seq: stored.created_after_seq,
+        });
+    state.hub.delivery.set_heartbeat(
+        &stored.id,
+        spec.heartbeat_period.map(|p| Duration::from_secs(p.into())),
+    );
+    state.hub.delivery.wake(&stored.id);
+}
+
+fn deactivate(state: &AppState, id: &str) {
+    state
+        .hub
+        .index
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(id);
+    state.hub.delivery.forget(id);
+}
+
+fn channel_type(spec: &SubscriptionSpec) -> &'static str {
+    match spec.channel {
+        ChannelSpec::RestHook { .. } => "rest-hook",
+        ChannelSpec::WebSocket => "websocket",
+        ChannelSpec::Message { .. } => "message",
+    }
+}
+
+/// Checks what this version of the hub can deliver, and the endpoint policy.
+async fn check_deliverable(state: &AppState, spec: &SubscriptionSpec) -> Result<()> {
+    match &spec.channel {
+        ChannelSpec::RestHook { endpoint, .. } => state
+            .hub
+            .rest_hook
+            .check_endpoint(endpoint)
+            .await
+            .map_err(|why| Error::invalid("Subscription.channel.endpoint", why)),
+        ChannelSpec::WebSocket => Err(Error::not_supported(
+            "the websocket channel is not available on this hub yet; use rest-hook",
+        )
+        .at("Subscription.channel.type")),
+        ChannelSpec::Message { .. } => Err(Error::not_supported(
+            "the message (AMQP) channel is not available on this hub yet; use rest-hook",
+        )
+        .at("Subscription.channel.type")),
+    }
+}
+
+fn record_for(spec: &SubscriptionSpec, resource: Value, author: &Principal) -> SubscriptionRecord {
+    let off = spec.requested_status == SubscriptionStatus::Off;
+    SubscriptionRecord {
+        resource,
+        // rest-hook subscriptions start `requested` and become `active` after the handshake.
+        status: if off {
+            SubscriptionStatus::Off
+        } else {
+            SubscriptionStatus::Requested
+        },
+        topic_url: spec.topic_url.clone(),
+        channel_type: channel_type(spec).to_string(),
+        endpoint: match &spec.channel {
+            ChannelSpec::RestHook { endpoint, .. } => Some(endpoint.clone()),
+            _ => None,
+        },
+        author: serde_json::to_value(author).unwrap_or(Value::Null),
+        handshake_pending: !off,
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
+    let mut resource = parse_json(&bytes)?;
+    let spec = parse_spec(&state, &resource)?;
+    check_deliverable(&state, &spec).await?;
+    if let Some(object) = resource.as_object_mut() {
+        object.remove("id");
+        object.remove("error");
+    }
+    let stored = state
+        .store
+        .create_subscription(record_for(&spec, resource, &principal))
+        .await?;
+    activate(&state, &stored, &spec);
+    tracing::info!(subscription.id = %stored.id, topic = %stored.topic_url, channel = %stored.channel_type, "subscription created");
+    let mut response = fhir_json(StatusCode::CREATED, &render(&stored, true));
+    set_version_headers(&state, &mut response, &stored, true);
+    Ok(response)
+}
+
+async fn read(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let stored = visible(&state, &principal, &id).await?;
+    let mut response = fhir_json(
+        StatusCode::OK,
+        &render(&stored, is_author(&principal, &stored)),
+    );
+    set_version_headers(&state, &mut response, &stored, false);
+    Ok(response)
+}
+
+async fn update(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    visible(&state, &principal, &id).await?;
+    let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
+    let mut resource = parse_json(&bytes)?;
+    if resource.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+        return Err(Error::invalid(
+            "Subscription.id",
+            format!("the body's id must be '{id}', as in the URL"),
+        ));
+    }
+    let spec = parse_spec(&state, &resource)?;
+    check_deliverable(&state, &spec).await?;
+    if let Some(object) = resource.as_object_mut() {
+        object.remove("error");
+    }
+    let if_match = super::task::parse_if_match(&headers)?;
+    let record = record_for(&spec, resource, &principal);
+    let decide = Box::new(move |current: &StoredSubscription| {
+        if let Some(v) = if_match
+            && v != current.version
+        {
+            return Err(Error::precondition_failed(format!(
+                "If-Match names version {v} but the Subscription is at version {}",
+                current.version
+            )));
+        }
+        // The author stays the original one, whoever (author or admin) updates.
+        Ok(SubscriptionRecord {
+            author: current.author.clone(),
+            ..record
+        })
+    });
+    let stored = state.store.replace_subscription(&id, decide).await?;
+    activate(&state, &stored, &spec);
+    let mut response = fhir_json(
+        StatusCode::OK,
+        &render(&stored, is_author(&principal, &stored)),
+    );
+    set_version_headers(&state, &mut response, &stored, false);
+    Ok(response)
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    visible(&state, &principal, &id).await?;
+    state.store.delete_subscription(&id).await?;
+    deactivate(&state, &id);
+    tracing::info!(subscription.id = %id, "subscription deleted");
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+async fn search(
+    State(state): State<AppState>,
+    principal: Principal,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("the query string is malformed: {e}"),
+        )
+    })?;
+    let mut filter = author_scope(&principal);
+    let mut count = state.config.search.default_count;
+    let mut offset = 0usize;
+    for (name, value) in &pairs {
+        match name.as_str() {
+            "url" => filter.endpoint = Some(value.clone()),
+            "status" => filter.status = Some(value.split(',').map(str::to_string).collect()),
+            "_id" => filter.ids = Some(value.split(',').map(str::to_string).collect()),
+            "_count" => count = parse_number(name, value)?.min(state.config.search.max_count),
+            "_offset" => offset = parse_number(name, value)?,
+            "_format" | "_pretty" => {}
+            other => {
+                return Err(Error::not_supported(format!(
+                    "Subscription search supports url, status, _id, _count and _offset, not '{other}'"
+                )));
+            }
+        }
+    }
+    let (found, total) = state
+        .store
+        .search_subscriptions(&filter, count, offset)
+        .await?;
+    let entries: Vec<Value> = found
+        .iter()
+        .map(|s| {
+            json!({
+                "fullUrl": format!("{}/Subscription/{}", state.base_url, s.id),
+                "resource": render(s, is_author(&principal, s)),
+                "search": { "mode": "match" },
+            })
+        })
+        .collect();
+    let mut links = vec![
+        json!({"relation": "self", "url": format!("{}/Subscription?{}", state.base_url, query.unwrap_or_default())}),
+    ];
+    if offset + count < total as usize {
+        let mut params: Vec<(String, String)> = pairs
+            .into_iter()
+            .filter(|(n, _)| n != "_offset" && n != "_count")
+            .collect();
+        params.push(("_count".into(), count.to_string()));
+        params.push(("_offset".into(), (offset + count).to_string()));
+        links.push(json!({"relation": "next", "url": format!("{}/Subscription?{}", state.base_url, serde_urlencoded::to_string(&params).unwrap_or_default())}));
+    }
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": "searchset",
+        "total": total,
+        "link": links,
+        "entry": entries,
+    });
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+fn parse_number(name: &str, value: &str) -> Result<usize> {
+    value.parse().map_err(|_| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("{name} must be a non-negative integer"),
+        )
+    })
+}
+
+/// Admins see every subscription; everyone else only their own.
+fn author_scope(principal: &Principal) -> SubscriptionQuery {
+    SubscriptionQuery {
+        author_subject: (principal.role != Role::Admin).then(|| principal.subject.clone()),
+        ..SubscriptionQuery::default()
+    }
+}
+
+fn is_author(principal: &Principal, stored: &StoredSubscription) -> bool {
+    stored.author.get("subject").and_then(Value::as_str) == Some(principal.subject.as_str())
+}
+
+async fn visible(state: &AppState, principal: &Principal, id: &str) -> Result<StoredSubscription> {
+    if !fhir::is_valid_id(id) {
+        return Err(Error::bad_request(
+            IssueCode::Invalid,
+            format!("'{id}' is not a valid FHIR id"),
+        ));
+    }
+    let stored = state
+        .store
+        .read_subscription(id)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("Subscription/{id} does not exist")))?;
+    if principal.role != Role::Admin && !is_author(principal, &stored) {
+        return Err(Error::forbidden(format!(
+            "Subscription/{id} belongs to someone else"
+        )));
+    }
+    Ok(stored)
+}
+
+/// The Subscription as a client sees it: the authoritative status and last error, and header
+/// values and the signing secret hidden from anyone but the author.
+pub fn render(stored: &StoredSubscription, for_author: bool) -> Value {
+    let mut resource = stored.resource.clone();
+    resource["status"] = json!(stored.status.as_str());
+    match &stored.last_error {
+        Some(error) if stored.status != SubscriptionStatus::Active => {
+            resource["error"] = json!(error)
+        }
+        _ => {
+            resource.as_object_mut().map(|o| o.remove("error"));
+        }
+    }
+    if !for_author {
+        if let Some(headers) = resource
+            .pointer_mut("/channel/header")
+            .and_then(Value::as_array_mut)
+        {
+            for h in headers.iter_mut() {
+                let name = h
+                    .as_str()
+                    .and_then(|t| t.split_once(':'))
+                    .map(|(n, _)| n.trim().to_string());
+                *h = json!(format!("{}: ****", name.unwrap_or_default()));
+            }
+        }
+        if let Some(extensions) = resource
+            .pointer_mut("/channel/extension")
+            .and_then(Value::as_array_mut)
+        {
+            for e in extensions.iter_mut() {
+                if e["url"] == crate::fhir::subscription::SIGNING_SECRET_EXTENSION {
+                    e["valueString"] = json!("****");
+                }
+            }
+        }
+    }
+    resource
+}
+
+fn set_version_headers(
+    state: &AppState,
+    response: &mut Response,
+    stored: &StoredSubscription,
+    location: bool,
+) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("W/\"{}\"", stored.version)) {
+        headers.insert(header::ETAG, v);
+    }
+    if location
+        && let Ok(v) =
+            HeaderValue::from_str(&format!("{}/Subscription/{}", state.base_url, stored.id))
+    {
+        headers.insert(header::LOCATION, v);
+    }
+}
+
+fn snapshot<'a>(stored: &'a StoredSubscription, kind: NotificationType) -> StatusSnapshot<'a> {
+    StatusSnapshot {
+        subscription_id: &stored.id,
+        topic_url: &stored.topic_url,
+        status: stored.status,
+        events_since_start: stored.events_since_start,
+        notification_type: kind,
+        error: stored
+            .last_error
+            .as_deref()
+            .filter(|_| stored.status != SubscriptionStatus::Active),
+    }
+}
+
+fn now() -> String {
+    format_instant(time::OffsetDateTime::now_utc())
+}
+
+async fn status_instance(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let stored = visible(&state, &principal, &id).await?;
+    let bundle = status_search_bundle(
+        &state.base_url,
+        &uuid::Uuid::new_v4().to_string(),
+        &now(),
+        &[snapshot(&stored, NotificationType::QueryStatus)],
+    );
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+async fn status_type(
+    State(state): State<AppState>,
+    principal: Principal,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("the query string is malformed: {e}"),
+        )
+    })?;
+    let mut filter = author_scope(&principal);
+    for (name, value) in pairs {
+        // Repeated and comma-separated values are ORed, as the operation defines.
+        let values = value.split(',').map(str::to_string);
+        match name.as_str() {
+            "id" => filter.ids.get_or_insert_with(Vec::new).extend(values),
+            "status" => filter.status.get_or_insert_with(Vec::new).extend(values),
+            other => {
+                return Err(Error::not_supported(format!(
+                    "$status takes id and status, not '{other}'"
+                )));
+            }
+        }
+    }
+    let max = state.config.search.max_count;
+    let (found, _) = state.store.search_subscriptions(&filter, max, 0).await?;
+    let snapshots: Vec<StatusSnapshot<'_>> = found
+        .iter()
+        .map(|s| snapshot(s, NotificationType::QueryStatus))
+        .collect();
+    let bundle = status_search_bundle(
+        &state.base_url,
+        &uuid::Uuid::new_v4().to_string(),
+        &now(),
+        &snapshots,
+    );
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// Most events one `$events` call returns.
+const EVENTS_PAGE: i64 = 100;
+
+async fn events(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let stored = visible(&state, &principal, &id).await?;
+    let spec = parse_spec(&state, &stored.resource)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("the query string is malformed: {e}"),
+        )
+    })?;
+    let mut since = 1i64;
+    let mut until = stored.events_since_start;
+    let mut content = spec.content;
+    for (name, value) in &pairs {
+        let number = || {
+            value
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    Error::bad_request(
+                        IssueCode::Invalid,
+                        format!("{name} must be a positive event number"),
+                    )
+                })
+        };
+        match name.as_str() {
+            "eventsSinceNumber" => since = number()?,
+            "eventsUntilNumber" => until = number()?.min(stored.events_since_start),
+            "content" => {
+                content = ContentLevel::parse(value).ok_or_else(|| {
+                    Error::bad_request(
+                        IssueCode::Value,
+                        "content must be empty, id-only or full-resource",
+                    )
+                })?
+            }
+            other => {
+                return Err(Error::not_supported(format!(
+                    "$events takes eventsSinceNumber, eventsUntilNumber and content, not '{other}'"
+                )));
+            }
+        }
+    }
+    let until = until.min(since + EVENTS_PAGE - 1);
+    let records = if since <= until {
+        state.store.subscription_events(&id, since, until).await?
+    } else {
+        Vec::new()
+    };
+    let author: Option<Principal> = serde_json::from_value(stored.author.clone()).ok();
+    let keys: Vec<(String, i64)> = records
+        .iter()
+        .map(|e| (e.task_id.clone(), e.version))
+        .collect();
+    let versions: std::collections::HashMap<(String, i64), Value> =
+        if content == ContentLevel::Empty {
+            Default::default()
+        } else {
+            state
+                .store
+                .versions(&keys)
+                .await?
+                .into_iter()
+                .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
+                .collect()
+        };
+    let events: Vec<NotificationEvent<'_>> = records
+        .iter()
+        .map(|e| {
+            let resource = versions.get(&(e.task_id.clone(), e.version));
+            let readable = match (resource, &author) {
+                (Some(r), Some(a)) => crate::auth::may_read_task(a, r, &state.base_url),
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            NotificationEvent {
+                event_number: e.event_number,
+                timestamp: &e.occurred_at,
+                task_id: &e.task_id,
+                version: e.version,
+                interaction: e.interaction,
+                resource: if readable { resource } else { None },
+            }
+        })
+        .collect();
+    let bundle = notification_bundle(
+        &state.base_url,
+        &uuid::Uuid::new_v4().to_string(),
+        &now(),
+        &snapshot(&stored, NotificationType::QueryEvent),
+        &events,
+        content,
+    );
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}

@@ -1,0 +1,623 @@
+//! The durable, ordered, per-subscription delivery queue.
+//!
+//! The queue itself is data in the store: each subscription row says which event numbers are
+//! delivered, whether a handshake is owed, and when the next retry is due. This module is the
+//! in-memory scheduler over that data. It runs at most one attempt per subscription at a time
+//! (that is what keeps events in order), at most `delivery.max_concurrent` attempts overall
+//! (so one dead endpoint cannot hold up the others), and keeps timers for retries and
+//! heartbeats in a single binary heap rather than a sleeping task per subscription.
+//! Attempts carry only the subscription id: each loads what it needs when it runs, so a
+//! subscription turned off or deleted meanwhile is simply not delivered to.
+
+pub mod retry;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{self, Principal};
+use crate::channels::rest_hook::{Outgoing, RestHook};
+use crate::channels::signature::parse_secret;
+use crate::config::DeliveryConfig;
+use crate::error::Result;
+use crate::fhir::datetime::{format_instant, parse_instant};
+use crate::fhir::notification::{
+    ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
+    notification_bundle,
+};
+use crate::fhir::subscription::{ChannelSpec, SubscriptionSpec};
+use crate::store::{DeliveryReport, Store, StoredSubscription};
+use retry::{AfterFailure, RetryPolicy, after_failure};
+
+/// Asks the scheduler to look at a subscription.
+#[derive(Clone)]
+pub struct DeliveryHandle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+enum Command {
+    /// New events, a handshake owed, or a changed subscription: try now.
+    Wake(String),
+    /// Start or stop heartbeats at this period.
+    Heartbeat(String, Option<Duration>),
+    /// The subscription is gone or off: drop every timer.
+    Forget(String),
+}
+
+impl DeliveryHandle {
+    pub fn wake(&self, id: &str) {
+        let _ = self.commands.send(Command::Wake(id.to_string()));
+    }
+
+    pub fn set_heartbeat(&self, id: &str, period: Option<Duration>) {
+        let _ = self
+            .commands
+            .send(Command::Heartbeat(id.to_string(), period));
+    }
+
+    pub fn forget(&self, id: &str) {
+        let _ = self.commands.send(Command::Forget(id.to_string()));
+    }
+}
+
+/// Re-reads a stored Subscription resource into its delivery settings.
+pub type ParseSubscription = Box<dyn Fn(&Value) -> Result<SubscriptionSpec> + Send + Sync>;
+
+/// Everything an attempt needs.
+pub struct Deliverer {
+    pub store: Arc<dyn Store>,
+    pub rest_hook: RestHook,
+    pub base_url: String,
+    pub config: DeliveryConfig,
+    pub parse: ParseSubscription,
+}
+
+/// What an attempt found and did.
+#[derive(Debug)]
+enum Outcome {
+    /// Sent; more is waiting.
+    More,
+    /// Sent, or nothing to send.
+    Idle { sent: bool },
+    /// Failed; try again at this time.
+    RetryAt(Duration),
+    /// Deleted, off, or not a channel this queue serves.
+    Gone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    Retry,
+    Heartbeat,
+}
+
+/// Starts the scheduler. Subscriptions with work left from before a restart are picked up
+/// from the store.
+pub async fn start(
+    deliverer: Arc<Deliverer>,
+    shutdown: CancellationToken,
+) -> Result<(DeliveryHandle, tokio::task::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = DeliveryHandle { commands: tx };
+    let live = deliverer.store.live_subscriptions().await?;
+    let now_wall = time::OffsetDateTime::now_utc();
+    let mut scheduler = Scheduler::new(deliverer.clone());
+    for sub in &live {
+        let Ok(spec) = (deliverer.parse)(&sub.resource) else {
+            continue;
+        };
+        if !matches!(spec.channel, ChannelSpec::RestHook { .. }) {
+            continue;
+        }
+        if let Some(period) = spec.heartbeat_period {
+            scheduler
+                .heartbeats
+                .insert(sub.id.clone(), Duration::from_secs(period.into()));
+            scheduler.arm_heartbeat(&sub.id);
+        }
+        let pending = sub.handshake_pending || sub.delivered_through < sub.events_since_start;
+        if !pending {
+            continue;
+        }
+        // Honour a retry time recorded before the restart.
+        let wait = sub
+            .next_attempt_at
+            .as_deref()
+            .and_then(parse_instant)
+            .map(|at| (at - now_wall).max(time::Duration::ZERO))
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or_default();
+        scheduler.schedule(&sub.id, Instant::now() + wait, TimerKind::Retry);
+    }
+    tracing::info!(subscriptions = live.len(), "delivery scheduler started");
+    let task = tokio::spawn(scheduler.run(rx, shutdown));
+    Ok((handle, task))
+}
+
+struct Scheduler {
+    deliverer: Arc<Deliverer>,
+    timers: BinaryHeap<Reverse<(Instant, TimerKind, String)>>,
+    /// The retry time currently in force per subscription (older heap entries are stale).
+    retry_at: HashMap<String, Instant>,
+    heartbeats: HashMap<String, Duration>,
+    last_sent: HashMap<String, Instant>,
+    ready: VecDeque<(String, bool)>,
+    queued: HashSet<String>,
+    in_flight: HashSet<String>,
+    /// Woken while in flight: look again when the attempt ends.
+    rerun: HashSet<String>,
+    attempts: JoinSet<(String, Outcome)>,
+}
+
+impl Scheduler {
+    fn new(deliverer: Arc<Deliverer>) -> Scheduler {
+        Scheduler {
+            deliverer,
+            timers: BinaryHeap::new(),
+            retry_at: HashMap::new(),
+            heartbeats: HashMap::new(),
+            last_sent: HashMap::new(),
+            ready: VecDeque::new(),
+            queued: HashSet::new(),
+            in_flight: HashSet::new(),
+            rerun: HashSet::new(),
+            attempts: JoinSet::new(),
+        }
+    }
+
+    fn schedule(&mut self, id: &str, at: Instant, kind: TimerKind) {
+        if kind == TimerKind::Retry {
+            self.retry_at.insert(id.to_string(), at);
+        }
+        self.timers.push(Reverse((at, kind, id.to_string())));
+    }
+
+    fn arm_heartbeat(&mut self, id: &str) {
+        if let Some(period) = self.heartbeats.get(id).copied() {
+            let since = self.last_sent.get(id).copied().unwrap_or_else(Instant::now);
+            self.timers.push(Reverse((
+                since + period,
+                TimerKind::Heartbeat,
+                id.to_string(),
+            )));
+        }
+    }
+
+    /// Puts a subscription in the ready queue unless it is already queued or in flight.
+    fn make_ready(&mut self, id: &str, heartbeat: bool) {
+        if self.in_flight.contains(id) {
+            if !heartbeat {
+                self.rerun.insert(id.to_string());
+            }
+            return;
+        }
+        if self.queued.insert(id.to_string()) {
+            self.ready.push_back((id.to_string(), heartbeat));
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            while self.attempts.len() < self.deliverer.config.max_concurrent {
+                let Some((id, heartbeat)) = self.ready.pop_front() else {
+                    break;
+                };
+                self.queued.remove(&id);
+                self.in_flight.insert(id.clone());
+                let deliverer = self.deliverer.clone();
+                self.attempts.spawn(async move {
+                    let outcome = attempt(&deliverer, &id, heartbeat).await;
+                    (id, outcome)
+                });
+            }
+            let next_timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Wake(id)) => {
+                        // New work overrides nothing while a retry is pending: order and
+                        // back-off both hold, the new events simply wait with the old ones.
+                        if !self.retry_at.contains_key(&id) {
+                            self.make_ready(&id, false);
+                        }
+                    }
+                    Some(Command::Heartbeat(id, period)) => match period {
+                        Some(period) => {
+                            self.heartbeats.insert(id.clone(), period);
+                            self.arm_heartbeat(&id);
+                        }
+                        None => { self.heartbeats.remove(&id); }
+                    },
+                    Some(Command::Forget(id)) => {
+                        self.retry_at.remove(&id);
+                        self.heartbeats.remove(&id);
+                        self.last_sent.remove(&id);
+                        self.rerun.remove(&id);
+                    }
+                    None => break,
+                },
+                Some(joined) = self.attempts.join_next(), if !self.attempts.is_empty() => {
+                    let Ok((id, outcome)) = joined else { continue };
+                    self.in_flight.remove(&id);
+                    let rerun = self.rerun.remove(&id);
+                    match outcome {
+                        Outcome::More => {
+                            self.last_sent.insert(id.clone(), Instant::now());
+                            self.make_ready(&id, false);
+                        }
+                        Outcome::Idle { sent } => {
+                            if sent {
+                                self.last_sent.insert(id.clone(), Instant::now());
+                                self.arm_heartbeat(&id);
+                            }
+                            if rerun {
+                                self.make_ready(&id, false);
+                            }
+                        }
+                        Outcome::RetryAt(delay) => self.schedule(&id, Instant::now() + delay, TimerKind::Retry),
+                        Outcome::Gone => {
+                            self.heartbeats.remove(&id);
+                            self.last_sent.remove(&id);
+                        }
+                    }
+                }
+                () = sleep_until(next_timer) => {
+                    let now = Instant::now();
+                    while let Some(Reverse((at, _, _))) = self.timers.peek() {
+                        if *at > now { break; }
+                        let Some(Reverse((at, kind, id))) = self.timers.pop() else { break };
+                        match kind {
+                            TimerKind::Retry => {
+                                if self.retry_at.get(&id) == Some(&at) {
+                                    self.retry_at.remove(&id);
+                                    self.make_ready(&id, false);
+                                }
+                            }
+                            TimerKind::Heartbeat => {
+                                let Some(period) = self.heartbeats.get(&id).copied() else { continue };
+                                let last = self.last_sent.get(&id).copied();
+                                if last.is_some_and(|l| now < l + period) {
+                                    continue; // Something was sent since; a newer timer exists.
+                                }
+                                self.last_sent.insert(id.clone(), now);
+                                self.arm_heartbeat(&id);
+                                self.make_ready(&id, true);
+                            }
+                        }
+                    }
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        // In-flight attempts finish (their results are recorded) or are cut at the deadline;
+        // anything unfinished is still owed in the store and resumes at the next start.
+        let drain = async { while self.attempts.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One delivery attempt for one subscription.
+async fn attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Outcome {
+    match try_attempt(deliverer, id, heartbeat_due).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::error!(subscription.id = %id, error = %crate::error::error_chain(&e), "delivery attempt failed inside the hub");
+            Outcome::RetryAt(Duration::from_secs(5))
+        }
+    }
+}
+
+/// What a notification carries.
+enum Payload {
+    Handshake,
+    Events { from: i64, to: i64 },
+    Heartbeat,
+}
+
+async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Result<Outcome> {
+    let Some(sub) = deliverer.store.read_subscription(id).await? else {
+        return Ok(Outcome::Gone);
+    };
+    if sub.status == SubscriptionStatus::Off {
+        return Ok(Outcome::Gone);
+    }
+    let spec = match (deliverer.parse)(&sub.resource) {
+        Ok(spec) => spec,
+        Err(e) => {
+            tracing::warn!(subscription.id = %id, error = %crate::error::error_chain(&e), "stored subscription no longer valid; turning it off");
+            record_failure(
+                deliverer,
+                &sub,
+                "the subscription is no longer valid on this hub",
+                true,
+                None,
+            )
+            .await?;
+            return Ok(Outcome::Gone);
+        }
+    };
+    let ChannelSpec::RestHook { endpoint, headers } = &spec.channel else {
+        return Ok(Outcome::Gone);
+    };
+    let now = time::OffsetDateTime::now_utc();
+    if let Some(end) = spec.end.as_deref().and_then(|e| {
+        crate::fhir::datetime::parse_range(e, crate::fhir::datetime::DateKind::DateTime).ok()
+    }) && end.start <= now
+    {
+        record_failure(
+            deliverer,
+            &sub,
+            "the subscription reached its end time",
+            true,
+            None,
+        )
+        .await?;
+        return Ok(Outcome::Gone);
+    }
+    let max_count = i64::from(spec.max_count.unwrap_or(deliverer.config.default_max_count));
+    let payload = if sub.handshake_pending {
+        Payload::Handshake
+    } else if sub.delivered_through < sub.events_since_start {
+        let from = sub.delivered_through + 1;
+        Payload::Events {
+            from,
+            to: (from + max_count - 1).min(sub.events_since_start),
+        }
+    } else if heartbeat_due {
+        Payload::Heartbeat
+    } else {
+        return Ok(Outcome::Idle { sent: false });
+    };
+
+    let (body, message_id, through) = build(deliverer, &sub, &spec, &payload, now).await?;
+    let secret = spec.signing_secret.as_deref().and_then(parse_secret);
+    let timeout = Duration::from_secs(
+        spec.timeout
+            .map_or(deliverer.config.default_timeout_seconds, u64::from),
+    );
+    let started = std::time::Instant::now();
+    let sent = deliverer
+        .rest_hook
+        .send(
+            Outgoing {
+                endpoint,
+                content_type: &spec.content_type,
+                headers,
+                body,
+                message_id: &message_id,
+                secret: secret.as_deref(),
+                timeout,
+            },
+            now.unix_timestamp(),
+        )
+        .await;
+    let kind = match payload {
+        Payload::Handshake => "handshake",
+        Payload::Events { .. } => "event-notification",
+        Payload::Heartbeat => "heartbeat",
+    };
+    metrics::histogram!("baton_delivery_seconds", "channel" => "rest-hook")
+        .record(started.elapsed().as_secs_f64());
+    match sent {
+        Ok(()) => {
+            metrics::counter!("baton_deliveries_total", "channel" => "rest-hook", "type" => kind, "result" => "ok").increment(1);
+            deliverer
+                .store
+                .record_delivery(DeliveryReport::Delivered {
+                    subscription_id: sub.id.clone(),
+                    through,
+                    handshake: matches!(payload, Payload::Handshake),
+                    at: format_instant(now),
+                })
+                .await?;
+            // Events that arrived during the attempt wake the scheduler again by themselves.
+            let more = through < sub.events_since_start;
+            Ok(if more {
+                Outcome::More
+            } else {
+                Outcome::Idle { sent: true }
+            })
+        }
+        Err(failure) => {
+            metrics::counter!("baton_deliveries_total", "channel" => "rest-hook", "type" => kind, "result" => "failed").increment(1);
+            tracing::warn!(subscription.id = %sub.id, attempt.kind = kind, error = %failure.message, "delivery failed");
+            let retry = record_failure(
+                deliverer,
+                &sub,
+                &failure.message,
+                false,
+                failure.retry_after,
+            )
+            .await?;
+            Ok(retry.map_or(Outcome::Gone, Outcome::RetryAt))
+        }
+    }
+}
+
+/// Records a failed attempt; returns when to retry, or None when the subscription is now off.
+async fn record_failure(
+    deliverer: &Deliverer,
+    sub: &StoredSubscription,
+    error: &str,
+    turn_off: bool,
+    retry_after: Option<Duration>,
+) -> Result<Option<Duration>> {
+    let now = time::OffsetDateTime::now_utc();
+    let failing_since = sub
+        .failing_since
+        .as_deref()
+        .and_then(parse_instant)
+        .unwrap_or(now);
+    let failures = sub.failures + 1;
+    let policy = RetryPolicy {
+        schedule: deliverer
+            .config
+            .retry_schedule_seconds
+            .iter()
+            .map(|s| Duration::from_secs(*s))
+            .collect(),
+        jitter_ratio: deliverer.config.jitter_ratio,
+        error_after_failures: deliverer.config.error_after_failures,
+        off_after: Duration::from_secs(deliverer.config.off_after_seconds),
+    };
+    let failing_for = Duration::try_from(now - failing_since).unwrap_or_default();
+    let decision = if turn_off {
+        AfterFailure::TurnOff
+    } else {
+        after_failure(
+            &policy,
+            failures as u32,
+            failing_for,
+            retry_after,
+            rand::random::<f64>(),
+        )
+    };
+    let (status, next, retry) = match decision {
+        AfterFailure::RetryAt { delay, mark_error } => {
+            // A failed handshake means the endpoint is not verified: `error` at once (IG).
+            let status = if mark_error || sub.handshake_pending {
+                SubscriptionStatus::Error
+            } else {
+                sub.status
+            };
+            (status, Some(format_instant(now + delay)), Some(delay))
+        }
+        AfterFailure::TurnOff => (SubscriptionStatus::Off, None, None),
+    };
+    if status != sub.status {
+        tracing::info!(subscription.id = %sub.id, from = sub.status.as_str(), to = status.as_str(), "subscription status changed");
+    }
+    deliverer
+        .store
+        .record_delivery(DeliveryReport::Failed {
+            subscription_id: sub.id.clone(),
+            error: error.to_string(),
+            failures,
+            failing_since: format_instant(failing_since),
+            next_attempt_at: next,
+            status,
+        })
+        .await?;
+    Ok(retry)
+}
+
+/// Builds the notification body; returns it with its message id and the highest event number
+/// it carries (the current `delivered_through` for handshakes and heartbeats).
+async fn build(
+    deliverer: &Deliverer,
+    sub: &StoredSubscription,
+    spec: &SubscriptionSpec,
+    payload: &Payload,
+    now: time::OffsetDateTime,
+) -> Result<(Vec<u8>, String, i64)> {
+    let author: Option<Principal> = serde_json::from_value(sub.author.clone()).ok();
+    let (kind, events, through, message_id) = match payload {
+        Payload::Handshake => (
+            NotificationType::Handshake,
+            Vec::new(),
+            sub.delivered_through,
+            format!("{}-handshake-{}", sub.id, sub.version),
+        ),
+        Payload::Heartbeat => (
+            NotificationType::Heartbeat,
+            Vec::new(),
+            sub.delivered_through,
+            format!("{}-heartbeat-{}", sub.id, uuid::Uuid::new_v4()),
+        ),
+        Payload::Events { from, to } => {
+            let records = deliverer
+                .store
+                .subscription_events(&sub.id, *from, *to)
+                .await?;
+            (
+                NotificationType::EventNotification,
+                records,
+                *to,
+                format!("{}-events-{from}-{to}", sub.id),
+            )
+        }
+    };
+    // Load the exact versions the events are about, unless the content level needs none.
+    let versions: HashMap<(String, i64), Value> =
+        if spec.content == ContentLevel::Empty || events.is_empty() {
+            HashMap::new()
+        } else {
+            let keys: Vec<(String, i64)> = events
+                .iter()
+                .map(|e| (e.task_id.clone(), e.version))
+                .collect();
+            deliverer
+                .store
+                .versions(&keys)
+                .await?
+                .into_iter()
+                .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
+                .collect()
+        };
+    // The read rule once more, at send time: an event whose Task the author may not read
+    // goes out without its focus or content.
+    let readable = |resource: Option<&Value>| match (resource, author.as_ref()) {
+        (Some(r), Some(a)) => auth::may_read_task(a, r, &deliverer.base_url),
+        (None, Some(_)) => true,
+        (_, None) => false,
+    };
+    let notification_events: Vec<NotificationEvent<'_>> = events
+        .iter()
+        .map(|e| {
+            let resource = versions.get(&(e.task_id.clone(), e.version));
+            let allowed = readable(resource);
+            NotificationEvent {
+                event_number: e.event_number,
+                timestamp: &e.occurred_at,
+                task_id: &e.task_id,
+                version: e.version,
+                interaction: e.interaction,
+                resource: if allowed { resource } else { None },
+            }
+        })
+        .collect();
+    let status = StatusSnapshot {
+        subscription_id: &sub.id,
+        topic_url: &sub.topic_url,
+        status: if matches!(payload, Payload::Handshake) {
+            sub.status
+        } else if sub.status == SubscriptionStatus::Requested {
+            SubscriptionStatus::Active
+        } else {
+            sub.status
+        },
+        events_since_start: sub.events_since_start,
+        notification_type: kind,
+        error: None,
+    };
+    let bundle = notification_bundle(
+        &deliverer.base_url,
+        &uuid::Uuid::new_v4().to_string(),
+        &format_instant(now),
+        &status,
+        &notification_events,
+        spec.content,
+    );
+    Ok((
+        serde_json::to_vec(&bundle).unwrap_or_default(),
+        message_id,
+        through,
+    ))
+}

@@ -1,0 +1,2738 @@
+//! The incoming R4 Subscription (Subscriptions R5 Backport IG 1.1.0): the checks it must pass
+//! and the `SubscriptionSpec` the hub runs it from.
+//!
+//! The backport IG says a server SHALL reject a topic, filter, channel or payload it cannot
+//! honour, and the design goes further: anything the hub would otherwise ignore (an unknown
+//! extension, an R5 element, a modifier extension) is refused too, because a subscription
+//! accepted and then silently served differently from what was asked is worse than a 400. Every
+//! refusal names the offending element, both in the diagnostic and as the issue expression, and
+//! says what the hub supports instead.
+//!
+//! Diagnostics never repeat header values, signing secrets or URLs that carry credentials, since
+//! OperationOutcomes end up in client logs.
+//!
+//! Decisions the specifications leave open, made here once:
+//! - `status`: a client may ask for `requested`, `active` or `off`; the hub decides the real
+//!   status. `error` is refused because only the hub can know that deliveries fail; a client
+//!   that has fixed a failing subscription re-requests it with `requested` or `active`.
+//! - An absent `backport-payload-content` means `id-only`. The profile makes it 1..1, but
+//!   refusing would only break clients written against R4 examples, and `id-only` discloses no
+//!   resource content.
+//! - `channel.payload` may carry `;fhirVersion=4.0` (the only version the hub writes) and
+//!   `;charset=utf-8` (the only encoding it writes); `content_type` keeps the text as given,
+//!   because the notification `Content-Type` must start with it.
+//! - A filter `+` stays a plus sign: a filter is a JSON string, not a form-encoded query, and a
+//!   time-zone offset such as `+01:00` must survive.
+//! - A `message` (AMQP) endpoint without `routing_key` publishes with the empty routing key,
+//!   which a fanout exchange ignores and a direct exchange routes to queues bound with `""`.
+//!   The key never depends on the subscription, so that one binding serves all of them.
+//!
+//! Everything here is pure: the caller supplies the topics, the policy and the limits.
+
+use std::fmt;
+
+use axum::http::{HeaderName, HeaderValue};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use reqwest::Url;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, IssueCode, Result};
+use crate::fhir::datetime::{DateKind, parse_range};
+use crate::fhir::is_valid_id;
+use crate::fhir::notification::{ContentLevel, SubscriptionStatus};
+use crate::fhir::search::{Handling, Predicate, SearchLimits, parse_query, task_param};
+
+/// The common prefix of the backport IG's StructureDefinitions.
+pub const BACKPORT_BASE: &str =
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+pub const FILTER_CRITERIA_EXTENSION: &str =
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria";
+pub const PAYLOAD_CONTENT_EXTENSION: &str =
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content";
+pub const HEARTBEAT_PERIOD_EXTENSION: &str =
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period";
+pub const TIMEOUT_EXTENSION: &str =
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-timeout";
+pub const MAX_COUNT_EXTENSION: &str =
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count";
+/// Baton's extension on `Subscription.channel` carrying a Standard Webhooks signing secret.
+pub const SIGNING_SECRET_EXTENSION: &str =
+    "https://baton.dev/fhir/StructureDefinition/webhook-secret";
+
+/// The longest heartbeat period accepted, in seconds (a day). A longer one would make a
+/// heartbeat useless as a liveness signal.
+pub const MAX_HEARTBEAT_PERIOD: u32 = 86_400;
+/// The longest per-attempt delivery timeout accepted, in seconds. A slower endpoint would hold
+/// a delivery worker for longer than the retry schedule is designed around.
+pub const MAX_TIMEOUT: u32 = 120;
+/// The most events one notification bundle may be asked to carry.
+pub const MAX_MAX_COUNT: u32 = 1000;
+/// The shortest signing key accepted, in bytes: shorter keys make HMAC signatures guessable.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// The longest signing key accepted, in bytes, as in the Standard Webhooks specification.
+pub const MAX_SECRET_BYTES: usize = 64;
+/// The broker port when an `amqp://` endpoint names none.
+pub const DEFAULT_AMQP_PORT: u16 = 5672;
+
+/// The payload MIME types the hub writes.
+const MIME_TYPES: &[&str] = &["application/fhir+json", "application/json"];
+
+/// Header names the hub sets itself on every rest-hook POST (or that belong to the connection
+/// rather than the message), so a subscription may not set or override them.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "host",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The elements of an R4 Subscription, plus `_criteria`, where the filters live.
+const SUBSCRIPTION_ELEMENTS: &[&str] = &[
+    "resourceType",
+    "id",
+    "meta",
+    "implicitRules",
+    "language",
+    "text",
+    "contained",
+    "extension",
+    "modifierExtension",
+    "status",
+    "contact",
+    "end",
+    "reason",
+    "criteria",
+    "_criteria",
+    "error",
+    "channel",
+];
+
+/// The elements of `Subscription.channel` the hub reads.
+const CHANNEL_ELEMENTS: &[&str] = &[
+    "type",
+    "_type",
+    "endpoint",
+    "payload",
+    "_payload",
+    "header",
+    "extension",
+];
+
+/// What the caller knows about a topic: its canonical URL and which filters it allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFilters {
+    pub url: String,
+    pub id: String,
+    /// Each filter parameter the topic allows, with the modifiers allowed on it (`not`, `missing`).
+    pub params: Vec<(String, Vec<String>)>,
+}
+
+impl TopicFilters {
+    fn modifiers(&self, param: &str) -> Option<&[String]> {
+        self.params
+            .iter()
+            .find(|(name, _)| name == param)
+            .map(|(_, modifiers)| modifiers.as_slice())
+    }
+
+    fn describe(&self) -> String {
+        if self.params.is_empty() {
+            return "no filters".into();
+        }
+        self.params
+            .iter()
+            .map(|(name, modifiers)| {
+                if modifiers.is_empty() {
+                    name.clone()
+                } else {
+                    let modifiers: Vec<String> =
+                        modifiers.iter().map(|m| format!(":{m}")).collect();
+                    format!("{name} ({})", modifiers.join(", "))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// How notifications reach the subscriber.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ChannelSpec {
+    /// POST each notification to `endpoint`, with the client's extra headers.
+    RestHook {
+        endpoint: String,
+        headers: Vec<(String, String)>,
+    },
+    /// Push to the sockets bound with `$get-ws-binding-token`.
+    WebSocket,
+    /// Publish to an exchange on the broker the hub is configured for.
+    Message { endpoint: AmqpEndpoint },
+}
+
+/// An `amqp://HOST[:PORT]/VHOST?exchange=NAME&routing_key=KEY` endpoint. It only names a
+/// destination: credentials and TLS settings stay in the hub's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpEndpoint {
+    /// Lower-cased host name, or an IP address (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    /// The decoded virtual host; `/` when the URL gives none.
+    pub vhost: String,
+    pub exchange: String,
+    /// The routing key; empty when the URL gives none.
+    pub routing_key: String,
+}
+
+/// A Subscription the hub can honour, as parsed from the resource.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SubscriptionSpec {
+    pub topic_url: String,
+    pub topic_id: String,
+    /// The filters of every `backport-filter-criteria`, ANDed.
+    pub filters: Vec<Predicate>,
+    /// The `backport-filter-criteria` strings as given.
+    pub filter_criteria: Vec<String>,
+    pub channel: ChannelSpec,
+    /// The payload MIME type without parameters, lower-cased: `application/fhir+json` or
+    /// `application/json`.
+    pub mime_type: String,
+    /// `channel.payload` exactly as given, parameters included. Notifications are sent with this
+    /// `Content-Type`, because the IG (and Inferno) require it to match the subscription.
+    pub content_type: String,
+    pub content: ContentLevel,
+    pub heartbeat_period: Option<u32>,
+    pub timeout: Option<u32>,
+    pub max_count: Option<u32>,
+    /// `end` as given; whether it lies in the future is the caller's business.
+    pub end: Option<String>,
+    /// The status the client asked for: requested, active or off.
+    pub requested_status: SubscriptionStatus,
+    /// The `whsec_…` signing secret as given, for rest-hook subscriptions that want signatures.
+    pub signing_secret: Option<String>,
+}
+
+/// What the hub's configuration allows for channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelPolicy {
+    /// Whether plain `http:` rest-hook endpoints are accepted (development set-ups).
+    pub allow_http_endpoints: bool,
+    /// Whether the hub has an AMQP broker to publish to.
+    pub amqp_configured: bool,
+}
+
+// Header values and signing secrets are credentials, and a derived `Debug` would put them into
+// any log line or panic message that formats a spec, so these two print them redacted.
+impl fmt::Debug for ChannelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelSpec::RestHook { endpoint, headers } => f
+                .debug_struct("RestHook")
+                .field("endpoint", endpoint)
+                .field(
+                    "headers",
+                    &headers
+                        .iter()
+                        .map(|(name, _)| format!("{name}: <redacted>"))
+                        .collect::<Vec<_>>(),
+                )
+                .finish(),
+            ChannelSpec::WebSocket => f.write_str("WebSocket"),
+            ChannelSpec::Message { endpoint } => f
+                .debug_struct("Message")
+                .field("endpoint", endpoint)
+                .finish(),
+        }
+    }
+}
+
+impl fmt::Debug for SubscriptionSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionSpec")
+            .field("topic_url", &self.topic_url)
+            .field("topic_id", &self.topic_id)
+            .field("filters", &self.filters)
+            .field("filter_criteria", &self.filter_criteria)
+            .field("channel", &self.channel)
+            .field("mime_type", &self.mime_type)
+            .field("content_type", &self.content_type)
+            .field("content", &self.content)
+            .field("heartbeat_period", &self.heartbeat_period)
+            .field("timeout", &self.timeout)
+            .field("max_count", &self.max_count)
+            .field("end", &self.end)
+            .field("requested_status", &self.requested_status)
+            .field(
+                "signing_secret",
+                &self.signing_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Checks an incoming Subscription and turns it into the spec the hub runs it from. The first
+/// problem found is reported as a 4xx OperationOutcome naming the element; the caller stores
+/// nothing in that case.
+pub fn parse_subscription(
+    resource: &Value,
+    find_topic: &dyn Fn(&str) -> Option<TopicFilters>,
+    policy: &ChannelPolicy,
+    limits: &SearchLimits,
+    base_url: &str,
+) -> Result<SubscriptionSpec> {
+    let Value::Object(subscription) = resource else {
+        return Err(fail(
+            IssueCode::Structure,
+            "Subscription",
+            format_args!(
+                "must be a JSON object holding a Subscription resource, not a JSON {}",
+                json_type(resource)
+            ),
+        ));
+    };
+    check_resource_type(subscription)?;
+    check_elements(subscription)?;
+    if let Some(id) = string(subscription, "id", "Subscription.id")?
+        && !is_valid_id(id)
+    {
+        return Err(fail(
+            IssueCode::Invalid,
+            "Subscription.id",
+            format_args!("'{id}' is not a valid id (1 to 64 of A-Z, a-z, 0-9, '-' and '.')"),
+        ));
+    }
+    let requested_status = parse_status(subscription)?;
+    if string(subscription, "reason", "Subscription.reason")?.is_none() {
+        return Err(fail(
+            IssueCode::Required,
+            "Subscription.reason",
+            "is required in R4: say why the subscription exists",
+        ));
+    }
+    let end = string(subscription, "end", "Subscription.end")?;
+    if let Some(end) = end {
+        parse_range(end, DateKind::DateTime)
+            .map_err(|e| fail(IssueCode::Invalid, "Subscription.end", e))?;
+    }
+    refuse_extensions(subscription, "extension", "Subscription.extension")?;
+    refuse_extensions(
+        subscription,
+        "modifierExtension",
+        "Subscription.modifierExtension",
+    )?;
+
+    let topic = parse_topic(subscription, find_topic)?;
+    let (filters, filter_criteria) = parse_filters(subscription, &topic, limits, base_url)?;
+
+    let channel = match subscription.get("channel") {
+        Some(Value::Object(channel)) => channel,
+        Some(other) => {
+            return Err(fail(
+                IssueCode::Structure,
+                "Subscription.channel",
+                format_args!("must be a JSON object, not a JSON {}", json_type(other)),
+            ));
+        }
+        None => {
+            return Err(fail(
+                IssueCode::Required,
+                "Subscription.channel",
+                "is required: it says how notifications are delivered",
+            ));
+        }
+    };
+    let parsed = parse_channel(channel, policy)?;
+
+    Ok(SubscriptionSpec {
+        topic_url: topic.url,
+        topic_id: topic.id,
+        filters,
+        filter_criteria,
+        channel: parsed.channel,
+        mime_type: parsed.mime_type,
+        content_type: parsed.content_type,
+        content: parsed.content,
+        heartbeat_period: parsed.heartbeat_period,
+        timeout: parsed.timeout,
+        max_count: parsed.max_count,
+        end: end.map(String::from),
+        requested_status,
+        signing_secret: parsed.signing_secret,
+    })
+}
+
+/// Parses `amqp://HOST[:PORT]/VHOST?exchange=NAME&routing_key=KEY`. The error is a sentence
+/// about the endpoint, without the element path, for the caller to place.
+///
+/// The endpoint only names a destination, so user information (credentials), `amqps` (TLS is
+/// the hub's configuration) and unknown query parameters are refused rather than ignored.
+pub fn parse_amqp_endpoint(text: &str) -> Result<AmqpEndpoint, String> {
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    let Some(rest) = text.strip_prefix("amqp://") else {
+        return Err(if text.starts_with("amqps://") {
+            "uses amqps, which an endpoint cannot choose: TLS to the broker is set in the hub's \
+             configuration, so write amqp://HOST[:PORT]/VHOST?exchange=NAME"
+                .into()
+        } else {
+            "must be an amqp:// URL of the form amqp://HOST[:PORT]/VHOST?exchange=NAME&routing_key=KEY"
+                .into()
+        });
+    };
+    // The URL parser would accept credentials silently, and an error that echoed the text would
+    // leak them, so user information is looked for before anything else.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if rest[..authority_end].contains('@') {
+        return Err(
+            "must not carry a user name or password: broker credentials stay in the hub's \
+             configuration"
+                .into(),
+        );
+    }
+    let url = Url::parse(text).map_err(|e| format!("is not a valid URL: {e}"))?;
+    if url.fragment().is_some() {
+        return Err("must not have a #fragment".into());
+    }
+    // An `amqp` URL is not special to the URL parser, so its host stays as written: an IPv6
+    // address keeps its brackets, and anything else must look like a host name or IPv4 address.
+    let host = match url.host_str() {
+        Some(bracketed) if bracketed.starts_with('[') => bracketed
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        Some(name)
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') =>
+        {
+            name.to_ascii_lowercase()
+        }
+        Some(name) => return Err(format!("has an invalid host name '{name}'")),
+        None => return Err("must name the broker host: amqp://HOST[:PORT]/VHOST".into()),
+    };
+    let port = match url.port() {
+        Some(0) => return Err("has port 0, which no broker listens on".into()),
+        Some(port) => port,
+        None => DEFAULT_AMQP_PORT,
+    };
+    let vhost = match url.path() {
+        // The AMQP URI specification reads `amqp://host/` as the empty vhost, which no broker
+        // has; clients who write it mean the default vhost, as with no path at all.
+        "" | "/" => "/".to_string(),
+        path => {
+            let segment = &path[1..];
+            if segment.contains('/') {
+                return Err(format!(
+                    "has the path '{path}', but the virtual host must be one path segment; \
+                     write '/' inside it as %2F"
+                ));
+            }
+            percent_decode(segment).map_err(|e| format!("has an invalid virtual host: {e}"))?
+        }
+    };
+    let mut exchange = None;
+    let mut routing_key = None;
+    for (name, value) in url.query_pairs() {
+        let slot = match name.as_ref() {
+            "exchange" => &mut exchange,
+            "routing_key" => &mut routing_key,
+            other => {
+                return Err(format!(
+                    "has the query parameter '{other}'; the supported ones are exchange and \
+                     routing_key"
+                ));
+            }
+        };
+        if slot.is_some() {
+            return Err(format!("gives the query parameter '{name}' more than once"));
+        }
+        *slot = Some(value.into_owned());
+    }
+    let exchange = match exchange {
+        Some(name) if !name.is_empty() => name,
+        _ => {
+            return Err(
+                "must name an exchange: add ?exchange=NAME (the default exchange cannot be chosen)"
+                    .into(),
+            );
+        }
+    };
+    // These are the AMQP 0-9-1 grammar and length limits; a name outside them would only fail
+    // later, at the broker, where the client cannot see why.
+    let exchange_ok = exchange.len() <= 127
+        && exchange
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if !exchange_ok {
+        return Err(format!(
+            "has the exchange '{exchange}', but exchange names are at most 127 of A-Z, a-z, 0-9, \
+             '-', '_', '.' and ':'"
+        ));
+    }
+    let routing_key = routing_key.unwrap_or_default();
+    if routing_key.len() > 255 {
+        return Err("has a routing key longer than 255 bytes".into());
+    }
+    Ok(AmqpEndpoint {
+        host,
+        port,
+        vhost,
+        exchange,
+        routing_key,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Top level.
+
+fn check_resource_type(subscription: &Map<String, Value>) -> Result<()> {
+    let at = "Subscription.resourceType";
+    match subscription.get("resourceType") {
+        Some(Value::String(kind)) if kind == "Subscription" => Ok(()),
+        Some(Value::String(kind)) => Err(fail(
+            IssueCode::Invalid,
+            at,
+            format_args!("is '{kind}', but this endpoint accepts only Subscription resources"),
+        )),
+        Some(other) => Err(fail(
+            IssueCode::Structure,
+            at,
+            format_args!(
+                "must be the string \"Subscription\", not a JSON {}",
+                json_type(other)
+            ),
+        )),
+        None => Err(fail(
+            IssueCode::Required,
+            at,
+            "is required and must be \"Subscription\"",
+        )),
+    }
+}
+
+/// Refuses elements that are not in R4 Subscription, with a hint for the R5 names that clients
+/// of the backport most often send by mistake.
+fn check_elements(subscription: &Map<String, Value>) -> Result<()> {
+    for name in subscription.keys() {
+        if SUBSCRIPTION_ELEMENTS.contains(&name.as_str()) {
+            continue;
+        }
+        let hint = match name.as_str() {
+            "topic" => {
+                "; this hub speaks R4 with the backport IG, so put the topic URL in criteria"
+            }
+            "filterBy" => {
+                "; in R4 filters go in _criteria.extension as backport-filter-criteria strings"
+            }
+            "channelType" | "endpoint" | "parameter" | "heartbeatPeriod" | "timeout"
+            | "contentType" | "content" | "maxCount" => {
+                "; in R4 the channel settings go in Subscription.channel and its backport \
+                 extensions"
+            }
+            _ => "",
+        };
+        let path = format!("Subscription.{name}");
+        return Err(fail(
+            IssueCode::Structure,
+            &path,
+            format_args!("is not an element of an R4 Subscription{hint}"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_status(subscription: &Map<String, Value>) -> Result<SubscriptionStatus> {
+    let at = "Subscription.status";
+    let Some(code) = string(subscription, "status", at)? else {
+        return Err(fail(
+            IssueCode::Required,
+            at,
+            "is required: ask for requested, active or off",
+        ));
+    };
+    match SubscriptionStatus::parse(code) {
+        Some(SubscriptionStatus::Error) => Err(Error::business_rule(format!(
+            "{at} cannot be set to error by a client: the hub alone reports delivery failures. \
+             Ask for requested or active to (re)start the subscription, or off to stop it"
+        ))
+        .at(at)),
+        Some(status) => Ok(status),
+        None => Err(fail(
+            IssueCode::Invalid,
+            at,
+            format_args!(
+                "'{code}' is not an R4 subscription status; ask for requested, active or off"
+            ),
+        )),
+    }
+}
+
+/// Refuses every extension in `key`: the hub honours none there, and an extension it ignored
+/// could change what the client believes it subscribed to.
+fn refuse_extensions(object: &Map<String, Value>, key: &str, path: &str) -> Result<()> {
+    let Some(first) = array(object, key, path)?.first() else {
+        return Ok(());
+    };
+    let at = format!("{path}[0]");
+    let (url, _) = simple_extension(first, &at)?;
+    Err(fail(
+        IssueCode::NotSupported,
+        &at,
+        format_args!("has the extension '{url}', which this hub does not support there"),
+    ))
+}
+
+fn parse_topic(
+    subscription: &Map<String, Value>,
+    find_topic: &dyn Fn(&str) -> Option<TopicFilters>,
+) -> Result<TopicFilters> {
+    let at = "Subscription.criteria";
+    let Some(criteria) = string(subscription, "criteria", at)? else {
+        return Err(fail(
+            IssueCode::Required,
+            at,
+            "is required and must be the canonical URL of a SubscriptionTopic this hub offers",
+        ));
+    };
+    let is_url = (criteria.starts_with("https://") || criteria.starts_with("http://"))
+        && !criteria.chars().any(char::is_whitespace)
+        && Url::parse(criteria).is_ok_and(|url| url.host().is_some());
+    if !is_url {
+        return Err(fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "'{criteria}' is not a topic canonical URL. Legacy R4 search-criteria \
+                 subscriptions are not supported: put the SubscriptionTopic URL in criteria and \
+                 the filters in backport-filter-criteria extensions on _criteria"
+            ),
+        ));
+    }
+    find_topic(criteria).ok_or_else(|| {
+        fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "names the unknown topic '{criteria}'; the topics this hub supports are listed at \
+                 [base]/SubscriptionTopic and in the CapabilityStatement"
+            ),
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filters.
+
+fn parse_filters(
+    subscription: &Map<String, Value>,
+    topic: &TopicFilters,
+    limits: &SearchLimits,
+    base_url: &str,
+) -> Result<(Vec<Predicate>, Vec<String>)> {
+    let mut predicates = Vec::new();
+    let mut criteria = Vec::new();
+    let Some(element) = primitive_extension_element(subscription, "_criteria", "Subscription")?
+    else {
+        return Ok((predicates, criteria));
+    };
+    let path = "Subscription._criteria.extension";
+    for (index, extension) in array(element, "extension", path)?.iter().enumerate() {
+        let at = format!("{path}[{index}]");
+        let (url, value) = simple_extension(extension, &at)?;
+        if url != FILTER_CRITERIA_EXTENSION {
+            return Err(fail(
+                IssueCode::NotSupported,
+                &at,
+                format_args!(
+                    "has the extension '{url}', which this hub does not support; filters go in \
+                     '{FILTER_CRITERIA_EXTENSION}' (IG 1.1.0) with a valueString"
+                ),
+            ));
+        }
+        let text = match value {
+            Some(("valueString", Value::String(text))) if !text.is_empty() => text,
+            _ => {
+                return Err(fail(
+                    IssueCode::Invalid,
+                    &at,
+                    "must carry the filter as a non-empty valueString, e.g. 'Task?owner=Practitioner/1'",
+                ));
+            }
+        };
+        let pairs = split_filter(text, &at)?;
+        for (key, _) in &pairs {
+            check_filter_param(key, topic, &at)?;
+        }
+        let query =
+            parse_query(&pairs, limits, base_url, Handling::Strict).map_err(|e| locate(e, &at))?;
+        predicates.extend(query.predicates);
+        criteria.push(text.clone());
+    }
+    Ok((predicates, criteria))
+}
+
+/// Splits one filter string, in any of the spellings clients use (`Task?a=1&b=2`, `a=1`,
+/// `Task.a=1`, each with `:modifier`), into percent-decoded `(name[:modifier], value)` pairs.
+fn split_filter(text: &str, at: &str) -> Result<Vec<(String, String)>> {
+    let query = match text.split_once('?') {
+        Some((kind, query)) => {
+            check_filter_type(kind, at)?;
+            query
+        }
+        None => text,
+    };
+    let mut pairs = Vec::new();
+    // An empty segment (a trailing or doubled '&') carries nothing, as in any query string.
+    for segment in query.split('&').filter(|s| !s.is_empty()) {
+        let Some((raw_key, raw_value)) = segment.split_once('=') else {
+            return Err(fail(
+                IssueCode::Invalid,
+                at,
+                format_args!("has the filter '{segment}', which lacks '=': write name=value"),
+            ));
+        };
+        let raw_key = match raw_key.split_once('.') {
+            Some((kind, rest)) if looks_like_type(kind) => {
+                check_filter_type(kind, at)?;
+                rest
+            }
+            _ => raw_key,
+        };
+        let decode = |text: &str| {
+            percent_decode(text).map_err(|e| {
+                fail(
+                    IssueCode::Invalid,
+                    at,
+                    format_args!("has the filter '{segment}' with {e}"),
+                )
+            })
+        };
+        pairs.push((decode(raw_key)?, decode(raw_value)?));
+    }
+    if pairs.is_empty() {
+        return Err(fail(
+            IssueCode::Invalid,
+            at,
+            "has a filter without any parameter; write e.g. 'Task?owner=Practitioner/1'",
+        ));
+    }
+    Ok(pairs)
+}
+
+fn looks_like_type(text: &str) -> bool {
+    text.starts_with(|c: char| c.is_ascii_uppercase())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+fn check_filter_type(kind: &str, at: &str) -> Result<()> {
+    if kind == "Task" {
+        return Ok(());
+    }
+    Err(fail(
+        IssueCode::NotSupported,
+        at,
+        format_args!(
+            "filters on '{kind}', but every topic of this hub is about Task; write \
+             'Task?param=value', 'Task.param=value' or 'param=value'"
+        ),
+    ))
+}
+
+/// Checks one filter parameter against the topic, which is where the IG says filters are
+/// defined: the hub could evaluate any Task search parameter, but a topic that does not list one
+/// promises nothing about it.
+fn check_filter_param(key: &str, topic: &TopicFilters, at: &str) -> Result<()> {
+    let (name, modifier) = match key.split_once(':') {
+        Some((name, modifier)) => (name, Some(modifier)),
+        None => (key, None),
+    };
+    if name.starts_with('_') && task_param(name).is_none() {
+        return Err(fail(
+            IssueCode::Invalid,
+            at,
+            format_args!(
+                "has '{key}', which shapes a search result rather than filtering it and has no \
+                 meaning in a subscription filter"
+            ),
+        ));
+    }
+    let Some(modifiers) = topic.modifiers(name) else {
+        return Err(fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "filters by '{name}', which the topic '{}' does not allow; it allows: {}",
+                topic.url,
+                topic.describe()
+            ),
+        ));
+    };
+    if let Some(modifier) = modifier
+        && !modifiers.iter().any(|m| m == modifier)
+    {
+        let allowed = if modifiers.is_empty() {
+            "none".to_string()
+        } else {
+            modifiers
+                .iter()
+                .map(|m| format!(":{m}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "uses the modifier ':{modifier}' on '{name}', which the topic '{}' does not allow; \
+                 modifiers allowed on '{name}': {allowed}",
+                topic.url
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes `%XX` escapes. A `+` stays a plus sign (see the module notes).
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                .ok_or_else(|| "a '%' that is not followed by two hex digits".to_string())?;
+            let high = (hex[0] as char).to_digit(16).unwrap_or(0);
+            let low = (hex[1] as char).to_digit(16).unwrap_or(0);
+            out.push((high * 16 + low) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "percent-escapes that are not UTF-8".to_string())
+}
+
+/// Places an error from the search parser at the filter it came from.
+fn locate(error: Error, at: &str) -> Error {
+    match error {
+        Error::Client(mut client) => {
+            client.diagnostics = format!("{at}: {}", client.diagnostics);
+            client.expression = Some(at.to_string());
+            Error::Client(client)
+        }
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channel.
+
+struct ParsedChannel {
+    channel: ChannelSpec,
+    mime_type: String,
+    content_type: String,
+    content: ContentLevel,
+    heartbeat_period: Option<u32>,
+    timeout: Option<u32>,
+    max_count: Option<u32>,
+    signing_secret: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChannelKind {
+    RestHook,
+    WebSocket,
+    Message,
+}
+
+fn parse_channel(channel: &Map<String, Value>, policy: &ChannelPolicy) -> Result<ParsedChannel> {
+    for name in channel.keys() {
+        if !CHANNEL_ELEMENTS.contains(&name.as_str()) {
+            let path = format!("Subscription.channel.{name}");
+            return Err(fail(
+                IssueCode::Structure,
+                &path,
+                format_args!(
+                    "is not an element this hub reads on an R4 Subscription channel; it reads {}",
+                    CHANNEL_ELEMENTS.join(", ")
+                ),
+            ));
+        }
+    }
+    let kind = parse_channel_type(channel)?;
+    let endpoint = string(channel, "endpoint", "Subscription.channel.endpoint")?;
+    let (mime_type, content_type) = parse_payload_type(channel)?;
+    let content = parse_payload_content(channel)?;
+    let headers = parse_headers(channel, kind)?;
+    let extensions = parse_channel_extensions(channel, kind)?;
+
+    let at = "Subscription.channel.endpoint";
+    let spec = match kind {
+        ChannelKind::RestHook => {
+            let Some(endpoint) = endpoint else {
+                return Err(fail(
+                    IssueCode::Required,
+                    at,
+                    "is required for a rest-hook channel: the https URL notifications are POSTed to",
+                ));
+            };
+            check_rest_hook_endpoint(endpoint, policy)?;
+            ChannelSpec::RestHook {
+                endpoint: endpoint.to_string(),
+                headers,
+            }
+        }
+        ChannelKind::WebSocket => {
+            if endpoint.is_some() {
+                return Err(fail(
+                    IssueCode::Invalid,
+                    at,
+                    "must be absent for a websocket channel: the socket URL comes from \
+                     $get-ws-binding-token",
+                ));
+            }
+            ChannelSpec::WebSocket
+        }
+        ChannelKind::Message => {
+            if !policy.amqp_configured {
+                return Err(fail(
+                    IssueCode::NotSupported,
+                    "Subscription.channel.type",
+                    "is message, but the message (AMQP) channel is not configured on this hub; \
+                     use rest-hook or websocket",
+                ));
+            }
+            let Some(endpoint) = endpoint else {
+                return Err(fail(
+                    IssueCode::Required,
+                    at,
+                    "is required for a message channel: \
+                     amqp://HOST[:PORT]/VHOST?exchange=NAME&routing_key=KEY",
+                ));
+            };
+            let endpoint =
+                parse_amqp_endpoint(endpoint).map_err(|e| fail(IssueCode::Invalid, at, e))?;
+            ChannelSpec::Message { endpoint }
+        }
+    };
+    Ok(ParsedChannel {
+        channel: spec,
+        mime_type,
+        content_type,
+        content,
+        heartbeat_period: extensions.heartbeat_period,
+        timeout: extensions.timeout,
+        max_count: extensions.max_count,
+        signing_secret: extensions.signing_secret,
+    })
+}
+
+fn parse_channel_type(channel: &Map<String, Value>) -> Result<ChannelKind> {
+    let at = "Subscription.channel.type";
+    // A custom channel (backport-channel-type) is one the hub cannot deliver on, and reading
+    // `type` alone would deliver on the standard channel the client only gave as a fallback.
+    if let Some(element) = primitive_extension_element(channel, "_type", "Subscription.channel")?
+        && let Some(first) =
+            array(element, "extension", "Subscription.channel._type.extension")?.first()
+    {
+        let (url, _) = simple_extension(first, "Subscription.channel._type.extension[0]")?;
+        return Err(fail(
+            IssueCode::NotSupported,
+            "Subscription.channel._type.extension[0]",
+            format_args!(
+                "has the extension '{url}': custom channel types are not supported; this hub \
+                 delivers on rest-hook, websocket and message"
+            ),
+        ));
+    }
+    let Some(code) = string(channel, "type", at)? else {
+        return Err(fail(
+            IssueCode::Required,
+            at,
+            "is required: rest-hook, websocket or message",
+        ));
+    };
+    match code {
+        "rest-hook" => Ok(ChannelKind::RestHook),
+        "websocket" => Ok(ChannelKind::WebSocket),
+        "message" => Ok(ChannelKind::Message),
+        "email" | "sms" => Err(fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "'{code}' is not supported by this hub; it delivers on rest-hook, websocket and \
+                 message"
+            ),
+        )),
+        _ => Err(fail(
+            IssueCode::Invalid,
+            at,
+            format_args!(
+                "'{code}' is not an R4 channel type; this hub delivers on rest-hook, websocket \
+                 and message"
+            ),
+        )),
+    }
+}
+
+fn check_rest_hook_endpoint(endpoint: &str, policy: &ChannelPolicy) -> Result<()> {
+    let at = "Subscription.channel.endpoint";
+    let expected = if policy.allow_http_endpoints {
+        "an absolute https or http URL"
+    } else {
+        "an absolute https URL"
+    };
+    // The URL parser drops surrounding spaces and escapes inner ones without complaint, so the
+    // URL sent to would differ from the one the client sees echoed back.
+    if endpoint
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(fail(
+            IssueCode::Invalid,
+            at,
+            format_args!("must be {expected} without spaces or control characters"),
+        ));
+    }
+    let scheme = endpoint.split_once(':').map(|(scheme, _)| scheme);
+    let scheme_ok = match scheme.map(str::to_ascii_lowercase).as_deref() {
+        Some("https") => true,
+        Some("http") => policy.allow_http_endpoints,
+        _ => false,
+    };
+    if !scheme_ok {
+        return Err(fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "must be {expected}; notifications carry health data, so this hub does not send \
+                 them over other schemes"
+            ),
+        ));
+    }
+    let url = Url::parse(endpoint).map_err(|e| {
+        fail(
+            IssueCode::Invalid,
+            at,
+            format_args!("is not a valid URL ({e}); it must be {expected}"),
+        )
+    })?;
+    // Credentials in the URL would be echoed in every read of the Subscription; a token belongs
+    // in channel.header, whose values are shown only to the author.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(fail(
+            IssueCode::Invalid,
+            at,
+            "must not carry a user name or password; send credentials in channel.header instead",
+        ));
+    }
+    if url.fragment().is_some() {
+        return Err(fail(
+            IssueCode::Invalid,
+            at,
+            "must not have a #fragment, which is never sent to the server",
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `channel.payload`: the MIME type without parameters, and the text as given.
+fn parse_payload_type(channel: &Map<String, Value>) -> Result<(String, String)> {
+    let at = "Subscription.channel.payload";
+    let Some(payload) = string(channel, "payload", at)? else {
+        return Err(fail(
+            IssueCode::Required,
+            at,
+            "is required: application/fhir+json or application/json",
+        ));
+    };
+    let mut parts = payload.split(';');
+    let mime_type = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+    if !MIME_TYPES.contains(&mime_type.as_str()) {
+        return Err(fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "'{payload}' is not supported; this hub sends application/fhir+json or \
+                 application/json, optionally with ;fhirVersion=4.0"
+            ),
+        ));
+    }
+    for parameter in parts {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        let (name, value) = (name.trim(), value.trim());
+        let supported = if name.eq_ignore_ascii_case("fhirVersion") {
+            value == "4.0"
+        } else if name.eq_ignore_ascii_case("charset") {
+            value.eq_ignore_ascii_case("utf-8")
+        } else {
+            false
+        };
+        if !supported {
+            return Err(fail(
+                IssueCode::NotSupported,
+                at,
+                format_args!(
+                    "has the parameter '{}', which this hub cannot honour; it writes FHIR 4.0 \
+                     (;fhirVersion=4.0) in UTF-8 only",
+                    parameter.trim()
+                ),
+            ));
+        }
+    }
+    Ok((mime_type, payload.to_string()))
+}
+
+fn parse_payload_content(channel: &Map<String, Value>) -> Result<ContentLevel> {
+    let mut content = None;
+    let Some(element) = primitive_extension_element(channel, "_payload", "Subscription.channel")?
+    else {
+        return Ok(ContentLevel::IdOnly);
+    };
+    let path = "Subscription.channel._payload.extension";
+    for (index, extension) in array(element, "extension", path)?.iter().enumerate() {
+        let at = format!("{path}[{index}]");
+        let (url, value) = simple_extension(extension, &at)?;
+        if url != PAYLOAD_CONTENT_EXTENSION {
+            return Err(fail(
+                IssueCode::NotSupported,
+                &at,
+                format_args!(
+                    "has the extension '{url}', which this hub does not support; the payload \
+                     content level goes in '{PAYLOAD_CONTENT_EXTENSION}'"
+                ),
+            ));
+        }
+        let level = match value {
+            Some(("valueCode", Value::String(code))) => {
+                ContentLevel::parse(code).ok_or_else(|| {
+                    fail(
+                        IssueCode::NotSupported,
+                        &at,
+                        format_args!(
+                            "asks for the payload content '{code}'; this hub supports empty, \
+                             id-only and full-resource"
+                        ),
+                    )
+                })?
+            }
+            _ => {
+                return Err(fail(
+                    IssueCode::Invalid,
+                    &at,
+                    "must carry a valueCode: empty, id-only or full-resource",
+                ));
+            }
+        };
+        if content.replace(level).is_some() {
+            return Err(fail(
+                IssueCode::Invalid,
+                &at,
+                "repeats backport-payload-content, which may appear only once",
+            ));
+        }
+    }
+    Ok(content.unwrap_or(ContentLevel::IdOnly))
+}
+
+fn parse_headers(channel: &Map<String, Value>, kind: ChannelKind) -> Result<Vec<(String, String)>> {
+    let path = "Subscription.channel.header";
+    let lines = array(channel, "header", path)?;
+    if !lines.is_empty() && kind != ChannelKind::RestHook {
+        return Err(fail(
+            IssueCode::NotSupported,
+            path,
+            "is only sent on rest-hook channels; remove it for this channel type",
+        ));
+    }
+    let mut headers = Vec::with_capacity(lines.len());
+    for (index, line) in lines.iter().enumerate() {
+        let at = format!("{path}[{index}]");
+        // The value is never repeated in a diagnostic: headers usually carry credentials.
+        let Value::String(line) = line else {
+            return Err(fail(
+                IssueCode::Structure,
+                &at,
+                format_args!(
+                    "must be a string 'Name: value', not a JSON {}",
+                    json_type(line)
+                ),
+            ));
+        };
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(fail(
+                IssueCode::Invalid,
+                &at,
+                "must have the form 'Name: value'",
+            ));
+        };
+        let (name, value) = (name.trim(), value.trim());
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(fail(
+                IssueCode::Invalid,
+                &at,
+                format_args!(
+                    "has the header name '{}', which is not a valid HTTP header name",
+                    name.escape_debug()
+                ),
+            ));
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(fail(
+                IssueCode::NotSupported,
+                &at,
+                format_args!(
+                    "sets the header '{name}', which the hub controls itself; the reserved \
+                     headers are {}",
+                    RESERVED_HEADERS.join(", ")
+                ),
+            ));
+        }
+        if HeaderValue::from_str(value).is_err() {
+            return Err(fail(
+                IssueCode::Invalid,
+                &at,
+                format_args!(
+                    "has a value for '{name}' that is not a valid HTTP header value (visible \
+                     ASCII, spaces and tabs only)"
+                ),
+            ));
+        }
+        headers.push((name.to_string(), value.to_string()));
+    }
+    Ok(headers)
+}
+
+#[derive(Default)]
+struct ChannelExtensions {
+    heartbeat_period: Option<u32>,
+    timeout: Option<u32>,
+    max_count: Option<u32>,
+    signing_secret: Option<String>,
+}
+
+fn parse_channel_extensions(
+    channel: &Map<String, Value>,
+    kind: ChannelKind,
+) -> Result<ChannelExtensions> {
+    let path = "Subscription.channel.extension";
+    let mut parsed = ChannelExtensions::default();
+    for (index, extension) in array(channel, "extension", path)?.iter().enumerate() {
+        let at = format!("{path}[{index}]");
+        let (url, value) = simple_extension(extension, &at)?;
+        let (slot, number) = match url {
+            HEARTBEAT_PERIOD_EXTENSION => (
+                &mut parsed.heartbeat_period,
+                bounded(value, Bounds::HEARTBEAT_PERIOD, &at)?,
+            ),
+            TIMEOUT_EXTENSION => (&mut parsed.timeout, bounded(value, Bounds::TIMEOUT, &at)?),
+            MAX_COUNT_EXTENSION => (
+                &mut parsed.max_count,
+                bounded(value, Bounds::MAX_COUNT, &at)?,
+            ),
+            SIGNING_SECRET_EXTENSION => {
+                if kind != ChannelKind::RestHook {
+                    return Err(fail(
+                        IssueCode::NotSupported,
+                        &at,
+                        "carries a webhook signing secret, but only rest-hook notifications are \
+                         signed",
+                    ));
+                }
+                let secret = signing_secret(value, &at)?;
+                if parsed.signing_secret.replace(secret).is_some() {
+                    return Err(fail(
+                        IssueCode::Invalid,
+                        &at,
+                        "repeats the webhook signing secret, which may appear only once",
+                    ));
+                }
+                continue;
+            }
+            other => {
+                return Err(fail(
+                    IssueCode::NotSupported,
+                    &at,
+                    format_args!(
+                        "has the extension '{other}', which this hub does not support; on the \
+                         channel it honours backport-heartbeat-period, backport-timeout, \
+                         backport-max-count (under {BACKPORT_BASE}) and {SIGNING_SECRET_EXTENSION}"
+                    ),
+                ));
+            }
+        };
+        if slot.replace(number).is_some() {
+            return Err(fail(
+                IssueCode::Invalid,
+                &at,
+                format_args!("repeats '{url}', which may appear only once"),
+            ));
+        }
+    }
+    Ok(parsed)
+}
+
+/// The value type and range of a whole-number channel extension.
+struct Bounds {
+    extension: &'static str,
+    key: &'static str,
+    min: u32,
+    max: u32,
+}
+
+impl Bounds {
+    const HEARTBEAT_PERIOD: Bounds = Bounds {
+        extension: "backport-heartbeat-period",
+        key: "valueUnsignedInt",
+        min: 1,
+        max: MAX_HEARTBEAT_PERIOD,
+    };
+    const TIMEOUT: Bounds = Bounds {
+        extension: "backport-timeout",
+        key: "valueUnsignedInt",
+        min: 1,
+        max: MAX_TIMEOUT,
+    };
+    const MAX_COUNT: Bounds = Bounds {
+        extension: "backport-max-count",
+        key: "valuePositiveInt",
+        min: 1,
+        max: MAX_MAX_COUNT,
+    };
+}
+
+/// Reads a whole-number extension value and checks its type and range.
+fn bounded(value: Option<(&str, &Value)>, bounds: Bounds, at: &str) -> Result<u32> {
+    let Bounds {
+        extension,
+        key,
+        min,
+        max,
+    } = bounds;
+    let Some((_, number)) = value.filter(|(found, _)| *found == key) else {
+        return Err(fail(
+            IssueCode::Invalid,
+            at,
+            format_args!("({extension}) must carry a {key} from {min} to {max}"),
+        ));
+    };
+    number
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            fail(
+                IssueCode::Invalid,
+                at,
+                format_args!(
+                    "({extension}) has {key} {number}, but this hub accepts whole numbers from \
+                     {min} to {max}"
+                ),
+            )
+        })
+}
+
+/// Checks a Standard Webhooks secret: `whsec_` and the base64 of 16 to 64 random bytes.
+fn signing_secret(value: Option<(&str, &Value)>, at: &str) -> Result<String> {
+    let format =
+        "must carry a valueString 'whsec_' followed by the base64 of 16 to 64 random bytes";
+    let Some(("valueString", Value::String(secret))) = value else {
+        return Err(fail(IssueCode::Invalid, at, format));
+    };
+    // The secret itself never appears in a diagnostic.
+    let key = secret
+        .strip_prefix("whsec_")
+        .and_then(|encoded| STANDARD.decode(encoded).ok())
+        .filter(|key| (MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()));
+    match key {
+        Some(_) => Ok(secret.clone()),
+        None => Err(fail(IssueCode::Invalid, at, format)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON helpers.
+
+fn fail(code: IssueCode, path: &str, problem: impl fmt::Display) -> Error {
+    Error::bad_request(code, format!("{path} {problem}")).at(path)
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// An optional string element; FHIR JSON allows neither empty strings nor other JSON types.
+fn string<'a>(object: &'a Map<String, Value>, key: &str, path: &str) -> Result<Option<&'a str>> {
+    match object.get(key) {
+        None => Ok(None),
+        Some(Value::String(text)) if !text.trim().is_empty() => Ok(Some(text)),
+        Some(Value::String(_)) => Err(fail(
+            IssueCode::Invalid,
+            path,
+            "must not be empty; leave the element out instead",
+        )),
+        Some(other) => Err(fail(
+            IssueCode::Structure,
+            path,
+            format_args!("must be a JSON string, not a JSON {}", json_type(other)),
+        )),
+    }
+}
+
+/// An optional repeating element; absent reads as empty.
+fn array<'a>(object: &'a Map<String, Value>, key: &str, path: &str) -> Result<&'a [Value]> {
+    match object.get(key) {
+        None => Ok(&[]),
+        Some(Value::Array(items)) if !items.is_empty() => Ok(items),
+        Some(Value::Array(_)) => Err(fail(
+            IssueCode::Invalid,
+            path,
+            "must not be an empty array; leave the element out instead",
+        )),
+        Some(other) => Err(fail(
+            IssueCode::Structure,
+            path,
+            format_args!("must be a JSON array, not a JSON {}", json_type(other)),
+        )),
+    }
+}
+
+/// The `_name` object that carries a primitive element's id and extensions, if present.
+fn primitive_extension_element<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+    parent: &str,
+) -> Result<Option<&'a Map<String, Value>>> {
+    let path = format!("{parent}.{key}");
+    let element = match object.get(key) {
+        None => return Ok(None),
+        Some(Value::Object(element)) => element,
+        Some(other) => {
+            return Err(fail(
+                IssueCode::Structure,
+                &path,
+                format_args!("must be a JSON object, not a JSON {}", json_type(other)),
+            ));
+        }
+    };
+    if let Some(name) = element
+        .keys()
+        .find(|k| !matches!(k.as_str(), "id" | "extension"))
+    {
+        return Err(fail(
+            IssueCode::Structure,
+            &format!("{path}.{name}"),
+            format_args!("is not allowed: {path} may hold only id and extension"),
+        ));
+    }
+    Ok(Some(element))
+}
+
+/// Reads an extension that carries one `value[x]` (or none): its URL and its value with the
+/// `value…` key. Nested extensions are refused, since no extension the hub reads has them.
+fn simple_extension<'a>(
+    extension: &'a Value,
+    at: &str,
+) -> Result<(&'a str, Option<(&'a str, &'a Value)>)> {
+    let Value::Object(fields) = extension else {
+        return Err(fail(
+            IssueCode::Structure,
+            at,
+            format_args!("must be a JSON object, not a JSON {}", json_type(extension)),
+        ));
+    };
+    let url = match fields.get("url") {
+        Some(Value::String(url)) if !url.is_empty() => url.as_str(),
+        _ => {
+            return Err(fail(
+                IssueCode::Required,
+                at,
+                "must have a url naming the extension",
+            ));
+        }
+    };
+    let mut value = None;
+    for (key, field) in fields {
+        match key.as_str() {
+            "url" | "id" => {}
+            name if name.starts_with("value") => {
+                if value.replace((name, field)).is_some() {
+                    return Err(fail(
+                        IssueCode::Invalid,
+                        at,
+                        format_args!("('{url}') has more than one value[x]"),
+                    ));
+                }
+            }
+            other => {
+                return Err(fail(
+                    IssueCode::NotSupported,
+                    at,
+                    format_args!(
+                        "('{url}') has '{other}', which this hub does not read on an extension"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((url, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::search::{DateComparison, Prefix, SystemMatch, TokenValue};
+    use serde_json::json;
+
+    const BASE: &str = "http://h/fhir";
+    const TOPIC: &str = "http://h/fhir/SubscriptionTopic/task-changed";
+    const LIMITS: SearchLimits = SearchLimits {
+        default_count: 20,
+        max_count: 100,
+    };
+    const STRICT: ChannelPolicy = ChannelPolicy {
+        allow_http_endpoints: false,
+        amqp_configured: true,
+    };
+    const NO_AMQP: ChannelPolicy = ChannelPolicy {
+        allow_http_endpoints: false,
+        amqp_configured: false,
+    };
+    const HTTP_OK: ChannelPolicy = ChannelPolicy {
+        allow_http_endpoints: true,
+        amqp_configured: true,
+    };
+    /// 24 random bytes in Standard Webhooks form.
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    /// A header value that stands for a credential: no diagnostic may repeat it.
+    const TOKEN: &str = "s3cret-token";
+
+    fn topic() -> TopicFilters {
+        let allow = |name: &str, modifiers: &[&str]| {
+            (
+                name.to_string(),
+                modifiers.iter().map(|m| m.to_string()).collect(),
+            )
+        };
+        TopicFilters {
+            url: TOPIC.into(),
+            id: "task-changed".into(),
+            params: vec![
+                allow("owner", &["not", "missing"]),
+                allow("status", &["not"]),
+                allow("authored-on", &["missing"]),
+            ],
+        }
+    }
+
+    fn find_topic(url: &str) -> Option<TopicFilters> {
+        (url == TOPIC).then(topic)
+    }
+
+    fn ext(url: &str, key: &str, value: Value) -> Value {
+        let mut extension = json!({ "url": url });
+        extension[key] = value;
+        extension
+    }
+
+    /// A rest-hook subscription that uses every element the hub reads.
+    fn rest_hook() -> Value {
+        json!({
+            "resourceType": "Subscription",
+            "id": "s1",
+            "meta": { "versionId": "1" },
+            "status": "requested",
+            "reason": "Watch the lab's tasks",
+            "end": "2030-01-01T00:00:00Z",
+            "criteria": TOPIC,
+            "_criteria": { "extension": [
+                ext(FILTER_CRITERIA_EXTENSION, "valueString",
+                    json!("Task?owner=Practitioner/1&status=requested")),
+            ]},
+            "channel": {
+                "type": "rest-hook",
+                "endpoint": "https://receiver.example.org/hook?x=1",
+                "payload": "application/fhir+json",
+                "_payload": { "extension": [
+                    ext(PAYLOAD_CONTENT_EXTENSION, "valueCode", json!("full-resource")),
+                ]},
+                "header": [format!("Authorization: Bearer {TOKEN}"), "X-Tenant:lab-7"],
+                "extension": [
+                    ext(HEARTBEAT_PERIOD_EXTENSION, "valueUnsignedInt", json!(60)),
+                    ext(TIMEOUT_EXTENSION, "valueUnsignedInt", json!(30)),
+                    ext(MAX_COUNT_EXTENSION, "valuePositiveInt", json!(20)),
+                    ext(SIGNING_SECRET_EXTENSION, "valueString", json!(SECRET)),
+                ]
+            }
+        })
+    }
+
+    fn minimal(channel: Value) -> Value {
+        json!({
+            "resourceType": "Subscription",
+            "status": "requested",
+            "reason": "r",
+            "criteria": TOPIC,
+            "channel": channel,
+        })
+    }
+
+    fn parse(resource: &Value, policy: &ChannelPolicy) -> Result<SubscriptionSpec> {
+        parse_subscription(resource, &find_topic, policy, &LIMITS, BASE)
+    }
+
+    fn reference(param: &'static str, negated: bool, refs: &[&str]) -> Predicate {
+        Predicate::Token {
+            param,
+            negated,
+            any_of: refs
+                .iter()
+                .map(|r| TokenValue {
+                    system: SystemMatch::Any,
+                    code: Some(r.to_string()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_full_rest_hook_subscription_is_read_completely() {
+        let spec = parse(&rest_hook(), &STRICT).unwrap();
+        let expected = SubscriptionSpec {
+            topic_url: TOPIC.into(),
+            topic_id: "task-changed".into(),
+            filters: vec![
+                reference("owner", false, &["Practitioner/1"]),
+                reference("status", false, &["requested"]),
+            ],
+            filter_criteria: vec!["Task?owner=Practitioner/1&status=requested".into()],
+            channel: ChannelSpec::RestHook {
+                endpoint: "https://receiver.example.org/hook?x=1".into(),
+                headers: vec![
+                    ("Authorization".into(), format!("Bearer {TOKEN}")),
+                    ("X-Tenant".into(), "lab-7".into()),
+                ],
+            },
+            mime_type: "application/fhir+json".into(),
+            content_type: "application/fhir+json".into(),
+            content: ContentLevel::FullResource,
+            heartbeat_period: Some(60),
+            timeout: Some(30),
+            max_count: Some(20),
+            end: Some("2030-01-01T00:00:00Z".into()),
+            requested_status: SubscriptionStatus::Requested,
+            signing_secret: Some(SECRET.into()),
+        };
+        assert_eq!(spec, expected);
+    }
+
+    #[test]
+    fn debug_output_hides_header_values_and_the_signing_secret() {
+        let spec = parse(&rest_hook(), &STRICT).unwrap();
+        let printed = format!("{spec:?}");
+        assert!(!printed.contains(TOKEN), "{printed}");
+        assert!(!printed.contains(SECRET), "{printed}");
+        assert!(printed.contains("Authorization: <redacted>"), "{printed}");
+    }
+
+    #[test]
+    fn every_filter_spelling_gives_the_same_predicates() {
+        let owner = || reference("owner", false, &["Practitioner/1"]);
+        let cases: Vec<(Vec<&str>, Vec<Predicate>)> = vec![
+            (
+                vec!["Task?owner=Practitioner/1&status=requested"],
+                vec![owner(), reference("status", false, &["requested"])],
+            ),
+            (vec!["owner=Practitioner/1"], vec![owner()]),
+            (vec!["Task.owner=Practitioner/1"], vec![owner()]),
+            (vec!["Task?Task.owner=Practitioner/1"], vec![owner()]),
+            (vec!["owner=Practitioner%2F1"], vec![owner()]),
+            (vec!["owner=http://h/fhir/Practitioner/1"], vec![owner()]),
+            (vec!["owner=Practitioner/1&"], vec![owner()]),
+            (
+                vec!["owner:not=Practitioner/1"],
+                vec![reference("owner", true, &["Practitioner/1"])],
+            ),
+            (
+                vec!["Task.owner:not=Practitioner/1"],
+                vec![reference("owner", true, &["Practitioner/1"])],
+            ),
+            (
+                vec!["Task.owner:missing=true"],
+                vec![Predicate::Missing {
+                    param: "owner",
+                    missing: true,
+                }],
+            ),
+            (
+                vec!["status=requested,ready"],
+                vec![reference("status", false, &["requested", "ready"])],
+            ),
+            // Filters in separate extensions are ANDed, like the pairs of one filter.
+            (
+                vec!["owner=Practitioner/1", "Task.status:not=completed"],
+                vec![owner(), reference("status", true, &["completed"])],
+            ),
+            // A plus sign is kept, so a time-zone offset survives.
+            (
+                vec!["authored-on=ge2024-01-01T00:00:00+01:00"],
+                vec![Predicate::Date {
+                    param: "authored-on",
+                    any_of: vec![DateComparison {
+                        prefix: Prefix::Ge,
+                        start: "2023-12-31T23:00:00.000Z".into(),
+                        end: "2023-12-31T23:00:01.000Z".into(),
+                    }],
+                }],
+            ),
+        ];
+        for (filters, expected) in cases {
+            let mut resource =
+                minimal(json!({ "type": "websocket", "payload": "application/json" }));
+            resource["_criteria"] = json!({ "extension": filters
+                .iter()
+                .map(|f| ext(FILTER_CRITERIA_EXTENSION, "valueString", json!(f)))
+                .collect::<Vec<_>>() });
+            let spec = parse(&resource, &STRICT).unwrap_or_else(|e| panic!("{filters:?}: {e}"));
+            assert_eq!(spec.filters, expected, "{filters:?}");
+            assert_eq!(spec.filter_criteria, filters, "{filters:?}");
+        }
+    }
+
+    #[test]
+    fn a_subscription_without_filters_matches_every_event_of_its_topic() {
+        let spec = parse(
+            &minimal(json!({ "type": "websocket", "payload": "application/json" })),
+            &STRICT,
+        )
+        .unwrap();
+        assert!(spec.filters.is_empty());
+        assert!(spec.filter_criteria.is_empty());
+    }
+
+    #[test]
+    fn each_channel_and_payload_form_is_accepted() {
+        struct Case {
+            channel: Value,
+            policy: ChannelPolicy,
+            expected: ChannelSpec,
+            mime_type: &'static str,
+            content: ContentLevel,
+        }
+        let cases = [
+            Case {
+                channel: json!({ "type": "websocket", "payload": "application/fhir+json" }),
+                policy: STRICT,
+                expected: ChannelSpec::WebSocket,
+                mime_type: "application/fhir+json",
+                // An absent backport-payload-content means id-only.
+                content: ContentLevel::IdOnly,
+            },
+            Case {
+                channel: json!({
+                    "type": "message",
+                    "endpoint": "amqp://rabbit:5673/%2F?exchange=baton.events&routing_key=tasks",
+                    "payload": "application/json",
+                    "_payload": { "extension": [
+                        ext(PAYLOAD_CONTENT_EXTENSION, "valueCode", json!("empty")),
+                    ]},
+                    "extension": [ext(HEARTBEAT_PERIOD_EXTENSION, "valueUnsignedInt", json!(86_400))],
+                }),
+                policy: STRICT,
+                expected: ChannelSpec::Message {
+                    endpoint: AmqpEndpoint {
+                        host: "rabbit".into(),
+                        port: 5673,
+                        vhost: "/".into(),
+                        exchange: "baton.events".into(),
+                        routing_key: "tasks".into(),
+                    },
+                },
+                mime_type: "application/json",
+                content: ContentLevel::Empty,
+            },
+            Case {
+                channel: json!({
+                    "type": "rest-hook",
+                    "endpoint": "http://localhost:9000/hook",
+                    "payload": "application/fhir+json;fhirVersion=4.0",
+                }),
+                policy: HTTP_OK,
+                expected: ChannelSpec::RestHook {
+                    endpoint: "http://localhost:9000/hook".into(),
+                    headers: vec![],
+                },
+                mime_type: "application/fhir+json",
+                content: ContentLevel::IdOnly,
+            },
+            Case {
+                channel: json!({
+                    "type": "rest-hook",
+                    "endpoint": "HTTPS://Receiver.example.org",
+                    "payload": "Application/FHIR+json; charset=UTF-8",
+                    "_payload": { "extension": [
+                        ext(PAYLOAD_CONTENT_EXTENSION, "valueCode", json!("id-only")),
+                    ]},
+                }),
+                policy: STRICT,
+                expected: ChannelSpec::RestHook {
+                    endpoint: "HTTPS://Receiver.example.org".into(),
+                    headers: vec![],
+                },
+                mime_type: "application/fhir+json",
+                content: ContentLevel::IdOnly,
+            },
+        ];
+        for case in cases {
+            let payload = case.channel["payload"].as_str().unwrap().to_string();
+            let resource = minimal(case.channel);
+            let spec = parse(&resource, &case.policy).unwrap_or_else(|e| panic!("{resource}: {e}"));
+            assert_eq!(spec.channel, case.expected, "{resource}");
+            assert_eq!(spec.mime_type, case.mime_type, "{resource}");
+            assert_eq!(spec.content_type, payload, "{resource}");
+            assert_eq!(spec.content, case.content, "{resource}");
+        }
+    }
+
+    #[test]
+    fn a_client_may_ask_for_requested_active_or_off() {
+        for (code, status) in [
+            ("requested", SubscriptionStatus::Requested),
+            ("active", SubscriptionStatus::Active),
+            ("off", SubscriptionStatus::Off),
+        ] {
+            let mut resource = rest_hook();
+            resource["status"] = json!(code);
+            assert_eq!(parse(&resource, &STRICT).unwrap().requested_status, status);
+        }
+    }
+
+    type Mutation = fn(&mut Value);
+
+    fn remove(value: &mut Value, key: &str) {
+        value.as_object_mut().unwrap().remove(key);
+    }
+
+    fn to_websocket(v: &mut Value) {
+        v["channel"]["type"] = json!("websocket");
+        remove(&mut v["channel"], "endpoint");
+        remove(&mut v["channel"], "header");
+        v["channel"]["extension"] = json!([ext(TIMEOUT_EXTENSION, "valueUnsignedInt", json!(5))]);
+    }
+
+    fn to_message(v: &mut Value) {
+        v["channel"]["type"] = json!("message");
+        v["channel"]["endpoint"] = json!("amqp://rabbit/%2F?exchange=baton");
+        remove(&mut v["channel"], "header");
+        remove(&mut v["channel"], "extension");
+    }
+
+    fn filter(v: &mut Value, text: &str) {
+        v["_criteria"]["extension"][0]["valueString"] = json!(text);
+    }
+
+    fn channel_extension(v: &mut Value, extension: Value) {
+        v["channel"]["extension"] = json!([extension]);
+    }
+
+    #[test]
+    fn subscriptions_the_hub_cannot_honour_are_refused() {
+        use IssueCode::*;
+        let cases: &[(&str, Mutation, &ChannelPolicy, u16, IssueCode, &str)] = &[
+            (
+                "not an object",
+                |v| *v = json!([]),
+                &STRICT,
+                400,
+                Structure,
+                "JSON object",
+            ),
+            (
+                "another resource type",
+                |v| v["resourceType"] = json!("Task"),
+                &STRICT,
+                400,
+                Invalid,
+                "'Task'",
+            ),
+            (
+                "no resource type",
+                |v| remove(v, "resourceType"),
+                &STRICT,
+                400,
+                Required,
+                "resourceType",
+            ),
+            (
+                "an R5 topic element",
+                |v| v["topic"] = json!(TOPIC),
+                &STRICT,
+                400,
+                Structure,
+                "Subscription.topic",
+            ),
+            (
+                "an unknown element",
+                |v| v["colour"] = json!("red"),
+                &STRICT,
+                400,
+                Structure,
+                "Subscription.colour",
+            ),
+            (
+                "an invalid id",
+                |v| v["id"] = json!("a b"),
+                &STRICT,
+                400,
+                Invalid,
+                "'a b'",
+            ),
+            (
+                "no status",
+                |v| remove(v, "status"),
+                &STRICT,
+                400,
+                Required,
+                "Subscription.status",
+            ),
+            (
+                "status error",
+                |v| v["status"] = json!("error"),
+                &STRICT,
+                422,
+                BusinessRule,
+                "error",
+            ),
+            (
+                "an R5-only status",
+                |v| v["status"] = json!("entered-in-error"),
+                &STRICT,
+                400,
+                Invalid,
+                "entered-in-error",
+            ),
+            (
+                "a status that is not a string",
+                |v| v["status"] = json!(1),
+                &STRICT,
+                400,
+                Structure,
+                "Subscription.status",
+            ),
+            (
+                "no reason",
+                |v| remove(v, "reason"),
+                &STRICT,
+                400,
+                Required,
+                "Subscription.reason",
+            ),
+            (
+                "an empty reason",
+                |v| v["reason"] = json!(""),
+                &STRICT,
+                400,
+                Invalid,
+                "Subscription.reason",
+            ),
+            (
+                "an end that is no date",
+                |v| v["end"] = json!("tomorrow"),
+                &STRICT,
+                400,
+                Invalid,
+                "tomorrow",
+            ),
+            (
+                "an extension on the Subscription",
+                |v| {
+                    v["extension"] = json!([ext(
+                        "http://example.org/priority",
+                        "valueCode",
+                        json!("high")
+                    )])
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "http://example.org/priority",
+            ),
+            (
+                "a modifier extension",
+                |v| {
+                    v["modifierExtension"] = json!([ext(
+                        "http://example.org/dry-run",
+                        "valueBoolean",
+                        json!(true)
+                    )])
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "http://example.org/dry-run",
+            ),
+            (
+                "no criteria",
+                |v| remove(v, "criteria"),
+                &STRICT,
+                400,
+                Required,
+                "Subscription.criteria",
+            ),
+            (
+                "legacy search criteria",
+                |v| v["criteria"] = json!("Task?status=requested"),
+                &STRICT,
+                400,
+                NotSupported,
+                "Legacy R4",
+            ),
+            (
+                "an unknown topic",
+                |v| v["criteria"] = json!("http://h/fhir/SubscriptionTopic/encounter-start"),
+                &STRICT,
+                400,
+                NotSupported,
+                "unknown topic 'http://h/fhir/SubscriptionTopic/encounter-start'",
+            ),
+            (
+                "Inferno 6.01: the cross-version filter extension",
+                |v| {
+                    v["_criteria"] = json!({ "extension": [ext(
+                    "http://hl7.org/fhir/5.0/subscriptions-backport/StructureDefinition/backport-filter-criteria",
+                    "valueString", json!("Encounter.patient=Patient/123"))] })
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "http://hl7.org/fhir/5.0/subscriptions-backport/StructureDefinition/backport-filter-criteria",
+            ),
+            (
+                "a filter that is not a valueString",
+                |v| {
+                    v["_criteria"]["extension"][0] =
+                        ext(FILTER_CRITERIA_EXTENSION, "valueCode", json!("owner=x"))
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "valueString",
+            ),
+            (
+                "an unexpected element in _criteria",
+                |v| v["_criteria"]["value"] = json!("x"),
+                &STRICT,
+                400,
+                Structure,
+                "_criteria.value",
+            ),
+            (
+                "a filter on Encounter (search form)",
+                |v| filter(v, "Encounter?patient=Patient/123"),
+                &STRICT,
+                400,
+                NotSupported,
+                "'Encounter'",
+            ),
+            (
+                "a filter on Encounter (dotted form)",
+                |v| filter(v, "Encounter.patient=Patient/123"),
+                &STRICT,
+                400,
+                NotSupported,
+                "'Encounter'",
+            ),
+            (
+                "a filter the topic does not list",
+                |v| filter(v, "code=lab"),
+                &STRICT,
+                400,
+                NotSupported,
+                "'code'",
+            ),
+            (
+                "a modifier the topic does not allow",
+                |v| filter(v, "status:missing=true"),
+                &STRICT,
+                400,
+                NotSupported,
+                ":missing",
+            ),
+            (
+                "a result parameter _count",
+                |v| filter(v, "Task?owner=Practitioner/1&_count=10"),
+                &STRICT,
+                400,
+                Invalid,
+                "_count",
+            ),
+            (
+                "a result parameter _sort",
+                |v| filter(v, "_sort=status"),
+                &STRICT,
+                400,
+                Invalid,
+                "_sort",
+            ),
+            (
+                "a filter without '='",
+                |v| filter(v, "owner"),
+                &STRICT,
+                400,
+                Invalid,
+                "'owner'",
+            ),
+            (
+                "a broken percent escape",
+                |v| filter(v, "owner=Practitioner%2"),
+                &STRICT,
+                400,
+                Invalid,
+                "'%'",
+            ),
+            (
+                "a filter value the search parser refuses",
+                |v| filter(v, "authored-on=yesterday"),
+                &STRICT,
+                400,
+                Invalid,
+                "authored-on",
+            ),
+            (
+                "an empty filter",
+                |v| filter(v, "Task?"),
+                &STRICT,
+                400,
+                Invalid,
+                "without any parameter",
+            ),
+            (
+                "no channel",
+                |v| remove(v, "channel"),
+                &STRICT,
+                400,
+                Required,
+                "Subscription.channel",
+            ),
+            (
+                "a channel that is not an object",
+                |v| v["channel"] = json!("rest-hook"),
+                &STRICT,
+                400,
+                Structure,
+                "Subscription.channel",
+            ),
+            (
+                "an unknown channel element",
+                |v| v["channel"]["timeout"] = json!(5),
+                &STRICT,
+                400,
+                Structure,
+                "channel.timeout",
+            ),
+            (
+                "no channel type",
+                |v| remove(&mut v["channel"], "type"),
+                &STRICT,
+                400,
+                Required,
+                "channel.type",
+            ),
+            (
+                "the email channel",
+                |v| v["channel"]["type"] = json!("email"),
+                &STRICT,
+                400,
+                NotSupported,
+                "'email'",
+            ),
+            (
+                "the sms channel",
+                |v| v["channel"]["type"] = json!("sms"),
+                &STRICT,
+                400,
+                NotSupported,
+                "'sms'",
+            ),
+            (
+                "a channel type outside R4",
+                |v| v["channel"]["type"] = json!("pigeon"),
+                &STRICT,
+                400,
+                Invalid,
+                "'pigeon'",
+            ),
+            (
+                "a custom channel type",
+                |v| {
+                    v["channel"]["_type"] = json!({ "extension": [ext(
+                    &format!("{BACKPORT_BASE}backport-channel-type"), "valueCoding",
+                    json!({ "system": "http://example.org/subscription-channel-type", "code": "zulip" }))] })
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "custom channel types",
+            ),
+            (
+                "a rest-hook without endpoint",
+                |v| remove(&mut v["channel"], "endpoint"),
+                &STRICT,
+                400,
+                Required,
+                "channel.endpoint",
+            ),
+            (
+                "an http endpoint",
+                |v| v["channel"]["endpoint"] = json!("http://receiver.example.org/hook"),
+                &STRICT,
+                400,
+                NotSupported,
+                "https",
+            ),
+            (
+                "an ftp endpoint",
+                |v| v["channel"]["endpoint"] = json!("ftp://receiver.example.org/hook"),
+                &HTTP_OK,
+                400,
+                NotSupported,
+                "https or http",
+            ),
+            (
+                "an endpoint with credentials",
+                |v| v["channel"]["endpoint"] = json!("https://bob:hunter2@receiver.example.org/"),
+                &STRICT,
+                400,
+                Invalid,
+                "user name or password",
+            ),
+            (
+                "an endpoint with spaces",
+                |v| v["channel"]["endpoint"] = json!("https://receiver example.org/"),
+                &STRICT,
+                400,
+                Invalid,
+                "spaces",
+            ),
+            (
+                "an endpoint without host",
+                |v| v["channel"]["endpoint"] = json!("https://"),
+                &STRICT,
+                400,
+                Invalid,
+                "not a valid URL",
+            ),
+            (
+                "an endpoint with a fragment",
+                |v| v["channel"]["endpoint"] = json!("https://r.example.org/#x"),
+                &STRICT,
+                400,
+                Invalid,
+                "#fragment",
+            ),
+            (
+                "a websocket channel with an endpoint",
+                |v| {
+                    to_websocket(v);
+                    v["channel"]["endpoint"] = json!("wss://client.example.org/");
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "websocket",
+            ),
+            (
+                "the message channel on a hub without AMQP",
+                to_message,
+                &NO_AMQP,
+                400,
+                NotSupported,
+                "not configured",
+            ),
+            (
+                "a message channel without endpoint",
+                |v| {
+                    to_message(v);
+                    remove(&mut v["channel"], "endpoint");
+                },
+                &STRICT,
+                400,
+                Required,
+                "channel.endpoint",
+            ),
+            (
+                "a message channel with an https endpoint",
+                |v| {
+                    to_message(v);
+                    v["channel"]["endpoint"] = json!("https://rabbit/");
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "amqp://",
+            ),
+            (
+                "a message channel with broker credentials",
+                |v| {
+                    to_message(v);
+                    v["channel"]["endpoint"] = json!("amqp://bob:hunter2@rabbit/?exchange=e");
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "credentials stay in the hub",
+            ),
+            (
+                "no payload",
+                |v| remove(&mut v["channel"], "payload"),
+                &STRICT,
+                400,
+                Required,
+                "channel.payload",
+            ),
+            (
+                "an XML payload",
+                |v| v["channel"]["payload"] = json!("application/fhir+xml"),
+                &STRICT,
+                400,
+                NotSupported,
+                "'application/fhir+xml'",
+            ),
+            (
+                "an R5 payload",
+                |v| v["channel"]["payload"] = json!("application/fhir+json;fhirVersion=5.0"),
+                &STRICT,
+                400,
+                NotSupported,
+                "fhirVersion=5.0",
+            ),
+            (
+                "an unknown payload extension",
+                |v| {
+                    v["channel"]["_payload"]["extension"][0]["url"] =
+                        json!("http://example.org/payload-compression")
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "http://example.org/payload-compression",
+            ),
+            (
+                "an unknown content level",
+                |v| v["channel"]["_payload"]["extension"][0]["valueCode"] = json!("everything"),
+                &STRICT,
+                400,
+                NotSupported,
+                "'everything'",
+            ),
+            (
+                "a content level that is not a valueCode",
+                |v| {
+                    v["channel"]["_payload"]["extension"][0] =
+                        ext(PAYLOAD_CONTENT_EXTENSION, "valueString", json!("empty"))
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "valueCode",
+            ),
+            (
+                "a header without colon",
+                |v| v["channel"]["header"] = json!(["X-Token s3cret-token"]),
+                &STRICT,
+                400,
+                Invalid,
+                "'Name: value'",
+            ),
+            (
+                "a header the hub sets",
+                |v| v["channel"]["header"] = json!(["Content-Type: text/plain"]),
+                &STRICT,
+                400,
+                NotSupported,
+                "'Content-Type'",
+            ),
+            (
+                "a forged signature header",
+                |v| v["channel"]["header"] = json!(["webhook-signature: v1,abc"]),
+                &STRICT,
+                400,
+                NotSupported,
+                "'webhook-signature'",
+            ),
+            (
+                "an invalid header name",
+                |v| v["channel"]["header"] = json!(["X Token: s3cret-token"]),
+                &STRICT,
+                400,
+                Invalid,
+                "'X Token'",
+            ),
+            (
+                "an invalid header value",
+                |v| v["channel"]["header"] = json!(["X-Token: s3cret-token\u{7f}"]),
+                &STRICT,
+                400,
+                Invalid,
+                "'X-Token'",
+            ),
+            (
+                "a header that is not a string",
+                |v| v["channel"]["header"] = json!([{ "X-Token": TOKEN }]),
+                &STRICT,
+                400,
+                Structure,
+                "header[0]",
+            ),
+            (
+                "an empty header list",
+                |v| v["channel"]["header"] = json!([]),
+                &STRICT,
+                400,
+                Invalid,
+                "empty array",
+            ),
+            (
+                "headers on a websocket channel",
+                |v| {
+                    to_websocket(v);
+                    v["channel"]["header"] = json!(["X-A: b"]);
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "rest-hook",
+            ),
+            (
+                "a zero heartbeat period",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(HEARTBEAT_PERIOD_EXTENSION, "valueUnsignedInt", json!(0)),
+                    )
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "(backport-heartbeat-period) has valueUnsignedInt 0",
+            ),
+            (
+                "a heartbeat period over a day",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(
+                            HEARTBEAT_PERIOD_EXTENSION,
+                            "valueUnsignedInt",
+                            json!(86_401),
+                        ),
+                    )
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "86401",
+            ),
+            (
+                "a heartbeat period of the wrong type",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(HEARTBEAT_PERIOD_EXTENSION, "valueInteger", json!(60)),
+                    )
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "valueUnsignedInt",
+            ),
+            (
+                "a heartbeat period written as a string",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(HEARTBEAT_PERIOD_EXTENSION, "valueUnsignedInt", json!("60")),
+                    )
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "1 to 86400",
+            ),
+            (
+                "a timeout over two minutes",
+                |v| channel_extension(v, ext(TIMEOUT_EXTENSION, "valueUnsignedInt", json!(121))),
+                &STRICT,
+                400,
+                Invalid,
+                "(backport-timeout) has valueUnsignedInt 121",
+            ),
+            (
+                "a zero max count",
+                |v| channel_extension(v, ext(MAX_COUNT_EXTENSION, "valuePositiveInt", json!(0))),
+                &STRICT,
+                400,
+                Invalid,
+                "(backport-max-count) has valuePositiveInt 0",
+            ),
+            (
+                "a max count over a thousand",
+                |v| channel_extension(v, ext(MAX_COUNT_EXTENSION, "valuePositiveInt", json!(1001))),
+                &STRICT,
+                400,
+                Invalid,
+                "1001",
+            ),
+            (
+                "a repeated heartbeat period",
+                |v| {
+                    v["channel"]["extension"] = json!([
+                        ext(HEARTBEAT_PERIOD_EXTENSION, "valueUnsignedInt", json!(60)),
+                        ext(HEARTBEAT_PERIOD_EXTENSION, "valueUnsignedInt", json!(30)),
+                    ])
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "only once",
+            ),
+            (
+                "an unknown channel extension",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(
+                            "http://example.org/retry-forever",
+                            "valueBoolean",
+                            json!(true),
+                        ),
+                    )
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "http://example.org/retry-forever",
+            ),
+            (
+                "the channel-type extension on the channel",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(
+                            &format!("{BACKPORT_BASE}backport-channel-type"),
+                            "valueCoding",
+                            json!({ "code": "zulip" }),
+                        ),
+                    )
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "backport-channel-type",
+            ),
+            (
+                "a nested extension",
+                |v| channel_extension(v, json!({ "url": TIMEOUT_EXTENSION, "extension": [] })),
+                &STRICT,
+                400,
+                NotSupported,
+                "'extension'",
+            ),
+            (
+                "a signing secret without the whsec_ prefix",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(
+                            SIGNING_SECRET_EXTENSION,
+                            "valueString",
+                            json!("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                        ),
+                    )
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "whsec_",
+            ),
+            (
+                "a signing secret that is too short",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(
+                            SIGNING_SECRET_EXTENSION,
+                            "valueString",
+                            json!("whsec_c2hvcnQ="),
+                        ),
+                    )
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "16 to 64",
+            ),
+            (
+                "a signing secret that is not base64",
+                |v| {
+                    channel_extension(
+                        v,
+                        ext(
+                            SIGNING_SECRET_EXTENSION,
+                            "valueString",
+                            json!("whsec_not*base64*at*all*here!!"),
+                        ),
+                    )
+                },
+                &STRICT,
+                400,
+                Invalid,
+                "base64",
+            ),
+            (
+                "a signing secret on a websocket channel",
+                |v| {
+                    to_websocket(v);
+                    channel_extension(
+                        v,
+                        ext(SIGNING_SECRET_EXTENSION, "valueString", json!(SECRET)),
+                    );
+                },
+                &STRICT,
+                400,
+                NotSupported,
+                "only rest-hook",
+            ),
+        ];
+        assert!(cases.len() >= 35);
+        for (name, mutate, policy, status, code, needle) in cases {
+            let mut resource = rest_hook();
+            mutate(&mut resource);
+            let error = match parse(&resource, policy) {
+                Ok(spec) => panic!("{name}: accepted as {spec:?}"),
+                Err(error) => error,
+            };
+            let client = error
+                .as_client()
+                .unwrap_or_else(|| panic!("{name}: not a client error: {error}"));
+            assert_eq!(
+                client.status.as_u16(),
+                *status,
+                "{name}: {}",
+                client.diagnostics
+            );
+            assert_eq!(client.code, *code, "{name}: {}", client.diagnostics);
+            assert!(
+                client.diagnostics.contains(needle),
+                "{name}: '{}' does not mention {needle}",
+                client.diagnostics
+            );
+            let expression = client.expression.as_deref().unwrap_or_default();
+            assert!(
+                expression.starts_with("Subscription"),
+                "{name}: at '{expression}'"
+            );
+            for secret in [TOKEN, SECRET, "hunter2"] {
+                assert!(
+                    !client.diagnostics.contains(secret),
+                    "{name}: '{}' leaks a credential",
+                    client.diagnostics
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn amqp_endpoints_name_a_broker_destination() {
+        let endpoint =
+            |host: &str, port, vhost: &str, exchange: &str, routing_key: &str| AmqpEndpoint {
+                host: host.into(),
+                port,
+                vhost: vhost.into(),
+                exchange: exchange.into(),
+                routing_key: routing_key.into(),
+            };
+        let cases = [
+            (
+                "amqp://broker/%2F?exchange=baton&routing_key=tasks",
+                endpoint("broker", 5672, "/", "baton", "tasks"),
+            ),
+            (
+                "amqp://Broker.Example:5673/prod?exchange=ex",
+                endpoint("broker.example", 5673, "prod", "ex", ""),
+            ),
+            (
+                "amqp://broker?exchange=ex",
+                endpoint("broker", 5672, "/", "ex", ""),
+            ),
+            (
+                "amqp://broker/?exchange=ex",
+                endpoint("broker", 5672, "/", "ex", ""),
+            ),
+            (
+                "amqp://10.0.0.7/a%2Fb?routing_key=k.1&exchange=amq.topic",
+                endpoint("10.0.0.7", 5672, "a/b", "amq.topic", "k.1"),
+            ),
+            (
+                "amqp://[::1]:5671/v%20h?exchange=a.b:c",
+                endpoint("::1", 5671, "v h", "a.b:c", ""),
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_amqp_endpoint(text), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn amqp_endpoints_the_hub_cannot_use_are_refused() {
+        let cases = [
+            ("amqps://broker/?exchange=e", "amqps"),
+            ("https://broker/?exchange=e", "amqp://"),
+            ("amqp://guest:hunter2@broker/?exchange=e", "password"),
+            ("amqp://guest@broker/?exchange=e", "user name"),
+            ("amqp://broker/%2F", "exchange"),
+            ("amqp://broker/%2F?exchange=", "exchange"),
+            ("amqp://broker/a/b?exchange=e", "one path segment"),
+            ("amqp://broker/%zz?exchange=e", "virtual host"),
+            ("amqp://broker:0/?exchange=e", "port 0"),
+            ("amqp://broker:99999/?exchange=e", "not a valid URL"),
+            ("amqp://broker/?exchange=e&queue=q", "'queue'"),
+            ("amqp://broker/?exchange=e&exchange=f", "more than once"),
+            ("amqp://broker/?exchange=a%2Fb", "'a/b'"),
+            ("amqp://broker/?exchange=e#top", "#fragment"),
+            ("amqp:///vh?exchange=e", "host"),
+            ("amqp://bro_ker/?exchange=e", "'bro_ker'"),
+            ("amqp://broker/?exchange=e f", "spaces"),
+        ];
+        for (text, needle) in cases {
+            let error = parse_amqp_endpoint(text).expect_err(text);
+            assert!(error.contains(needle), "{text}: '{error}' lacks {needle}");
+            assert!(
+                !error.contains("hunter2"),
+                "{text}: '{error}' leaks the password"
+            );
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! SQLite statements for subscriptions, the event log and the delivery state. The write
+//! functions run inside the writer's transaction; the read functions use the read pool.
+
+use serde_json::{Value, json};
+use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::{AssertSqlSafe, Row};
+
+use super::now_instant;
+use crate::error::{Error, Result};
+use crate::fhir::notification::SubscriptionStatus;
+use crate::store::{
+    DeliveryReport, EventRecord, Interaction, MatchRow, StoredSubscription, SubscriptionDecide,
+    SubscriptionQuery, SubscriptionRecord,
+};
+
+pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<StoredSubscription> {
+    let status: String = row.try_get("status")?;
+    let author: String = row.try_get("author")?;
+    let resource: String = row.try_get("resource")?;
+    Ok(StoredSubscription {
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        last_updated: row.try_get("last_updated")?,
+        status: SubscriptionStatus::parse(&status)
+            .ok_or_else(|| Error::internal("unknown subscription status in the store", status))?,
+        topic_url: row.try_get("topic_url")?,
+        channel_type: row.try_get("channel_type")?,
+        endpoint: row.try_get("endpoint")?,
+        author: serde_json::from_str(&author)
+            .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,
+        resource: serde_json::from_str(&resource)
+            .map_err(|e| Error::internal("a stored Subscription is not JSON", e))?,
+        created_after_seq: row.try_get("created_after_seq")?,
+        events_since_start: row.try_get("events_since_start")?,
+        delivered_through: row.try_get("delivered_through")?,
+        handshake_pending: row.try_get::<i64, _>("handshake_pending")? != 0,
+        failures: row.try_get("failures")?,
+        failing_since: row.try_get("failing_since")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        last_sent_at: row.try_get("last_sent_at")?,
+    })
+}
+
+fn stamp(resource: &mut Value, id: &str, version: i64, now: &str) {
+    resource["id"] = json!(id);
+    if !resource.get("meta").is_some_and(Value::is_object) {
+        resource["meta"] = json!({});
+    }
+    resource["meta"]["versionId"] = json!(version.to_string());
+    resource["meta"]["lastUpdated"] = json!(now);
+}
+
+async fn load(conn: &mut SqliteConnection, id: &str) -> Result<Option<StoredSubscription>> {
+    let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(subscription_from_row).transpose()
+}
+
+pub(super) async fn create_subscription(
+    conn: &mut SqliteConnection,
+    mut record: SubscriptionRecord,
+) -> Result<StoredSubscription> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let now = now_instant();
+    stamp(&mut record.resource, &id, 1, &now);
+    record.resource["status"] = json!(record.status.as_str());
+    // Changes already committed belong to the past of this subscription: the matcher skips them.
+    let created_after_seq: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
+            .fetch_one(&mut *conn)
+            .await?;
+    sqlx::query(
+        "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
+           author, resource, created_after_seq, handshake_pending)
+         VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&id)
+    .bind(&now)
+    .bind(record.status.as_str())
+    .bind(&record.topic_url)
+    .bind(&record.channel_type)
+    .bind(&record.endpoint)
+    .bind(record.author.to_string())
+    .bind(record.resource.to_string())
+    .bind(created_after_seq)
+    .bind(record.handshake_pending as i64)
+    .execute(&mut *conn)
+    .await?;
+    load(conn, &id)
+        .await?
+        .ok_or_else(|| Error::internal("a created subscription vanished", "missing row"))
+}
+
+pub(super) async fn replace_subscription(
+    conn: &mut SqliteConnection,
+    id: &str,
+    decide: SubscriptionDecide,
+) -> Result<StoredSubscription> {
+    let current = load(conn, id)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("Subscription/{id} does not exist")))?;
+    let mut record = decide(&current)?;
+    let version = current.version + 1;
+    let now = now_instant();
+    stamp(&mut record.resource, id, version, &now);
+    record.resource["status"] = json!(record.status.as_str());
+    // A re-activation starts a fresh run: a new handshake, no inherited failures.
+    sqlx::query(
+        "UPDATE subscription SET version = ?, last_updated = ?, status = ?, topic_url = ?,
+           channel_type = ?, endpoint = ?, resource = ?, handshake_pending = ?,
+           failures = CASE WHEN ? THEN 0 ELSE failures END,
+           failing_since = CASE WHEN ? THEN NULL ELSE failing_since END,
+           next_attempt_at = CASE WHEN ? THEN NULL ELSE next_attempt_at END
+         WHERE id = ?",
+    )
+    .bind(version)
+    .bind(&now)
+    .bind(record.status.as_str())
+    .bind(&record.topic_url)
+    .bind(&record.channel_type)
+    .bind(&record.endpoint)
+    .bind(record.resource.to_string())
+    .bind(record.handshake_pending as i64)
+    .bind(record.handshake_pending)
+    .bind(record.handshake_pending)
+    .bind(record.handshake_pending)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    load(conn, id)
+        .await?
+        .ok_or_else(|| Error::internal("a replaced subscription vanished", "missing row"))
+}
+
+pub(super) async fn delete_subscription(conn: &mut SqliteConnection, id: &str) -> Result<bool> {
+    sqlx::query("DELETE FROM subscription_event WHERE subscription_id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    let deleted = sqlx::query("DELETE FROM subscription WHERE id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+pub(super) async fn record_matches(
+    conn: &mut SqliteConnection,
+    consumer: &str,
+    through_seq: i64,
+    matches: Vec<MatchRow>,
+) -> Result<Vec<(String, i64)>> {
+    let mut numbered = Vec::with_capacity(matches.len());
+    for m in matches {
+        // The counter and the log row move together; a subscription deleted or turned off
+        // since matching simply gets nothing.
+        let number: Option<i64> = sqlx::query_scalar(
+            "UPDATE subscription SET events_since_start = events_since_start + 1
+             WHERE id = ? AND status != 'off' RETURNING events_since_start",
+        )
+        .bind(&m.subscription_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(number) = number else { continue };
+        sqlx::query(
+            "INSERT INTO subscription_event (subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&m.subscription_id)
+        .bind(number)
+        .bind(m.change_seq)
+        .bind(&m.task_id)
+        .bind(m.version)
+        .bind(m.interaction.as_str())
+        .bind(&m.occurred_at)
+        .execute(&mut *conn)
+        .await?;
+        numbered.push((m.subscription_id, number));
+    }
+    sqlx::query(
+        "INSERT INTO outbox_cursor (consumer, seq) VALUES (?, ?)
+         ON CONFLICT (consumer) DO UPDATE SET seq = max(seq, excluded.seq)",
+    )
+    .bind(consumer)
+    .bind(through_seq)
+    .execute(&mut *conn)
+    .await?;
+    Ok(numbered)
+}
+
+pub(super) async fn record_delivery(
+    conn: &mut SqliteConnection,
+    report: DeliveryReport,
+) -> Result<()> {
+    match report {
+        DeliveryReport::Delivered {
+            subscription_id,
+            through,
+            handshake,
+            at,
+        } => {
+            sqlx::query(
+                "UPDATE subscription SET delivered_through = max(delivered_through, ?),
+                   handshake_pending = CASE WHEN ? THEN 0 ELSE handshake_pending END,
+                   failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
+                   last_sent_at = ?,
+                   status = CASE WHEN status = 'error' OR (status = 'requested' AND ?) THEN 'active' ELSE status END
+                 WHERE id = ?",
+            )
+            .bind(through)
+            .bind(handshake)
+            .bind(&at)
+            .bind(handshake)
+            .bind(&subscription_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        DeliveryReport::Failed {
+            subscription_id,
+            error,
+            failures,
+            failing_since,
+            next_attempt_at,
+            status,
+        } => {
+            sqlx::query(
+                "UPDATE subscription SET failures = ?, failing_since = ?, next_attempt_at = ?,
+                   last_error = ?, status = CASE WHEN status = 'off' THEN 'off' ELSE ? END
+                 WHERE id = ?",
+            )
+            .bind(failures)
+            .bind(&failing_since)
+            .bind(&next_attempt_at)
+            .bind(&error)
+            .bind(status.as_str())
+            .bind(&subscription_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn prune_events(conn: &mut SqliteConnection, before: &str) -> Result<u64> {
+    // Undelivered events are kept whatever their age: the queue must never lose them.
+    let done = sqlx::query(
+        "DELETE FROM subscription_event WHERE occurred_at < ? AND event_number <=
+           (SELECT s.delivered_through FROM subscription s WHERE s.id = subscription_event.subscription_id)",
+    )
+    .bind(before)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+pub(super) async fn search_subscriptions(
+    reads: &SqlitePool,
+    query: &SubscriptionQuery,
+    count: usize,
+    offset: usize,
+) -> Result<(Vec<StoredSubscription>, u64)> {
+    let mut conditions = vec!["1 = 1".to_string()];
+    let mut binds: Vec<String> = Vec::new();
+    if let Some(subject) = &query.author_subject {
+        conditions.push("json_extract(author, '$.subject') = ?".into());
+        binds.push(subject.clone());
+    }
+    if let Some(statuses) = &query.status {
+        conditions.push(format!(
+            "status IN ({})",
+            vec!["?"; statuses.len()].join(", ")
+        ));
+        binds.extend(statuses.iter().cloned());
+    }
+    if let Some(endpoint) = &query.endpoint {
+        conditions.push("endpoint = ?".into());
+        binds.push(endpoint.clone());
+    }
+    if let Some(ids) = &query.ids {
+        conditions.push(format!(
+            "id IN ({})",
+            vec!["?"; ids.len().max(1)].join(", ")
+        ));
+        if ids.is_empty() {
+            binds.push(String::new());
+        }
+        binds.extend(ids.iter().cloned());
+    }
+    let filter = conditions.join(" AND ");
+    let count_sql = format!("SELECT count(*) FROM subscription WHERE {filter}");
+    let mut total = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql));
+    for b in &binds {
+        total = total.bind(b);
+    }
+    let total = total.fetch_one(reads).await?;
+    let sql = format!(
+        "SELECT * FROM subscription WHERE {filter} ORDER BY last_updated, id LIMIT ? OFFSET ?"
+    );
+    let mut rows = sqlx::query(AssertSqlSafe(sql));
+    for b in &binds {
+        rows = rows.bind(b);
+    }
+    let rows = rows
+        .bind(count as i64)
+        .bind(offset as i64)
+        .fetch_all(reads)
+        .await?;
+    let found = rows
+        .iter()
+        .map(subscription_from_row)
+        .collect::<Result<_>>()?;
+    Ok((found, total as u64))
+}
+
+pub(super) async fn subscription_events(
+    reads: &SqlitePool,
+    id: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<EventRecord>> {
+    let rows = sqlx::query(
+        "SELECT event_number, change_seq, task_id, version, interaction, occurred_at
+         FROM subscription_event WHERE subscription_id = ? AND event_number BETWEEN ? AND ?
+         ORDER BY event_number",
+    )
+    .bind(id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(reads)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let interaction: String = row.try_get("interaction")?;
+            Ok(EventRecord {
+                event_number: row.try_get("event_number")?,
+                change_seq: row.try_get("change_seq")?,
+                task_id: row.try_get("task_id")?,
+                version: row.try_get("version")?,
+                interaction: Interaction::parse(&interaction).ok_or_else(|| {
+                    Error::internal("unknown interaction in the event log", interaction)
+                })?,
+                occurred_at: row.try_get("occurred_at")?,
+            })
+        })
+        .collect()
+}
