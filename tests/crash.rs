@@ -1,0 +1,168 @@
+//! Kill -9 mid-stream: the `baton` binary runs as a child process while Tasks are written in
+//! a loop and a receiver counts notifications; it is killed without warning and restarted on
+//! the same data. Every acknowledged change must be delivered, event numbers must be
+//! contiguous from 1, and duplicates may only come from attempts that were in flight.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::receiver::Receiver;
+use common::{SECRET, subscription, task};
+use reqwest::StatusCode;
+
+struct Child {
+    process: tokio::process::Child,
+    base: String,
+}
+
+async fn spawn(data: &Path, port: u16) -> Child {
+    let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("serve")
+        .env("BATON_LISTEN", format!("127.0.0.1:{port}"))
+        .env("BATON_DATABASE_URL", format!("sqlite://{}", data.join("baton.db").display()))
+        .env("BATON_JWT_SECRET", SECRET)
+        .env("BATON_ALLOW_HTTP_ENDPOINTS", "true")
+        .env("BATON_ALLOW_PRIVATE_ENDPOINTS", "true")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the baton binary starts");
+    let root = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
+        if let Ok(r) = client.get(format!("{root}/readyz")).send().await
+            && r.status() == StatusCode::OK
+        {
+            return Child {
+                process,
+                base: format!("{root}/fhir"),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("baton did not become ready on port {port}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_stream_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let receiver = Receiver::start().await;
+    let auth = baton::auth::Authenticator::new(SECRET, 0, "performer_types");
+    let admin = auth.issue(baton::auth::Role::Admin, None, &[], 600).unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+
+    let mut child = spawn(dir.path(), port).await;
+    let r = client
+        .post(format!("{}/Subscription", child.base))
+        .bearer_auth(&admin)
+        .header("content-type", "application/fhir+json")
+        .body(subscription("task-changed", &[], &receiver.url, "id-only").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let subscription_id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Write until well past the kill; remember what was acknowledged.
+    let writer = {
+        let client = client.clone();
+        let base = child.base.clone();
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..100_000 {
+                let body = task("requested", Some(&format!("Practitioner/{}", i % 7)));
+                let sent = client
+                    .post(format!("{base}/Task"))
+                    .bearer_auth(&admin)
+                    .header("content-type", "application/fhir+json")
+                    .body(body.to_string())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == StatusCode::CREATED => {
+                        let created: serde_json::Value = r.json().await.unwrap();
+                        acknowledged.push(created["id"].as_str().unwrap().to_string());
+                    }
+                    _ => break,
+                }
+            }
+            acknowledged
+        })
+    };
+    // Kill once a stream of writes and deliveries is under way.
+    receiver
+        .wait_for("deliveries under way", |r| r.len() > 150)
+        .await;
+    child.process.start_kill().unwrap();
+    child.process.wait().await.unwrap();
+    let acknowledged = writer.await.unwrap();
+    assert!(acknowledged.len() > 140, "only {} writes before the kill", acknowledged.len());
+
+    // Restart on the same data: the backlog drains.
+    let restarted = spawn(dir.path(), port).await;
+    let wanted: BTreeSet<String> = acknowledged.iter().cloned().collect();
+    let delivered_ids = |received: &[common::receiver::Received]| -> BTreeSet<String> {
+        received
+            .iter()
+            .filter(|r| r.subscription_id() == subscription_id && r.kind() == "event-notification")
+            .flat_map(|r| {
+                r.body["entry"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .skip(1)
+                    .filter_map(|e| e["fullUrl"].as_str().and_then(|u| u.rsplit('/').next()).map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    receiver
+        .wait_for("every acknowledged Task delivered", |r| delivered_ids(r).is_superset(&wanted))
+        .await;
+
+    // Event numbers: contiguous from 1, duplicates only re-sends of an in-flight batch.
+    let numbers = receiver.event_numbers(&subscription_id);
+    let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+    for n in &numbers {
+        *counts.entry(*n).or_default() += 1;
+    }
+    let highest = *counts.keys().last().unwrap();
+    assert_eq!(counts.len() as i64, highest, "event numbers 1..={highest} without gaps");
+    assert_eq!(*counts.keys().next().unwrap(), 1);
+    let duplicated: usize = counts.values().map(|c| c - 1).sum();
+    assert!(
+        duplicated <= 20,
+        "{duplicated} duplicates: more than one in-flight batch was repeated"
+    );
+    // Every event after the first delivery is in order: numbers never go backwards except for
+    // the one re-sent batch.
+    let backwards = numbers.windows(2).filter(|w| w[1] < w[0]).count();
+    eprintln!(
+        "acknowledged {} writes, delivered events 1..={highest}, {duplicated} duplicates",
+        acknowledged.len()
+    );
+    assert!(backwards <= 1, "order broken {backwards} times: {numbers:?}");
+    drop(restarted);
+}
