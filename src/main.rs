@@ -52,8 +52,18 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line that says what to change; no backtrace for an operator to wade through.
+            eprintln!("baton: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
@@ -101,7 +111,7 @@ fn main() -> anyhow::Result<()> {
                 .database_url
                 .as_deref()
                 .map(baton::config::redact_url);
-            println!("configuration is valid:\n{}", toml_like(&config));
+            println!("configuration is valid:\n{}", as_json(&config));
             Ok(())
         }
     }
@@ -142,8 +152,11 @@ async fn wait_for_signal() {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    use std::io::IsTerminal;
+    // Colour only for a person at a terminal; files and log shippers get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -151,6 +164,6 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn toml_like(config: &Config) -> String {
+fn as_json(config: &Config) -> String {
     serde_json::to_string_pretty(config).unwrap_or_default()
 }

@@ -23,7 +23,10 @@ async fn spawn(data: &Path, port: u16) -> Child {
     let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
         .arg("serve")
         .env("BATON_LISTEN", format!("127.0.0.1:{port}"))
-        .env("BATON_DATABASE_URL", format!("sqlite://{}", data.join("baton.db").display()))
+        .env(
+            "BATON_DATABASE_URL",
+            format!("sqlite://{}", data.join("baton.db").display()),
+        )
         .env("BATON_JWT_SECRET", SECRET)
         .env("BATON_ALLOW_HTTP_ENDPOINTS", "true")
         .env("BATON_ALLOW_PRIVATE_ENDPOINTS", "true")
@@ -63,7 +66,9 @@ async fn killed_mid_stream_loses_nothing() {
     let port = free_port();
     let receiver = Receiver::start().await;
     let auth = baton::auth::Authenticator::new(SECRET, 0, "performer_types");
-    let admin = auth.issue(baton::auth::Role::Admin, None, &[], 600).unwrap();
+    let admin = auth
+        .issue(baton::auth::Role::Admin, None, &[], 600)
+        .unwrap();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -118,7 +123,11 @@ async fn killed_mid_stream_loses_nothing() {
     child.process.start_kill().unwrap();
     child.process.wait().await.unwrap();
     let acknowledged = writer.await.unwrap();
-    assert!(acknowledged.len() > 140, "only {} writes before the kill", acknowledged.len());
+    assert!(
+        acknowledged.len() > 140,
+        "only {} writes before the kill",
+        acknowledged.len()
+    );
 
     // Restart on the same data: the backlog drains.
     let restarted = spawn(dir.path(), port).await;
@@ -133,13 +142,20 @@ async fn killed_mid_stream_loses_nothing() {
                     .unwrap()
                     .iter()
                     .skip(1)
-                    .filter_map(|e| e["fullUrl"].as_str().and_then(|u| u.rsplit('/').next()).map(str::to_string))
+                    .filter_map(|e| {
+                        e["fullUrl"]
+                            .as_str()
+                            .and_then(|u| u.rsplit('/').next())
+                            .map(str::to_string)
+                    })
                     .collect::<Vec<_>>()
             })
             .collect()
     };
     receiver
-        .wait_for("every acknowledged Task delivered", |r| delivered_ids(r).is_superset(&wanted))
+        .wait_for("every acknowledged Task delivered", |r| {
+            delivered_ids(r).is_superset(&wanted)
+        })
         .await;
 
     // Event numbers: contiguous from 1, duplicates only re-sends of an in-flight batch.
@@ -149,7 +165,11 @@ async fn killed_mid_stream_loses_nothing() {
         *counts.entry(*n).or_default() += 1;
     }
     let highest = *counts.keys().last().unwrap();
-    assert_eq!(counts.len() as i64, highest, "event numbers 1..={highest} without gaps");
+    assert_eq!(
+        counts.len() as i64,
+        highest,
+        "event numbers 1..={highest} without gaps"
+    );
     assert_eq!(*counts.keys().next().unwrap(), 1);
     let duplicated: usize = counts.values().map(|c| c - 1).sum();
     assert!(
@@ -163,6 +183,9 @@ async fn killed_mid_stream_loses_nothing() {
         "acknowledged {} writes, delivered events 1..={highest}, {duplicated} duplicates",
         acknowledged.len()
     );
-    assert!(backwards <= 1, "order broken {backwards} times: {numbers:?}");
+    assert!(
+        backwards <= 1,
+        "order broken {backwards} times: {numbers:?}"
+    );
     drop(restarted);
 }
