@@ -46,6 +46,28 @@ pub struct Config {
     pub search: SearchConfig,
     pub store: StoreConfig,
     pub delivery: DeliveryConfig,
+    pub websocket: WebSocketConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Lifetime of a `$get-ws-binding-token` token, in seconds. Tokens are also single-use.
+    pub token_ttl_seconds: u64,
+    /// Notifications queued per socket; a socket whose queue is full is closed as too slow.
+    pub outbox_capacity: usize,
+    /// Interval of server pings that keep idle sockets alive through proxies, in seconds.
+    pub ping_interval_seconds: u64,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            token_ttl_seconds: 120,
+            outbox_capacity: 256,
+            ping_interval_seconds: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +164,7 @@ impl Default for Config {
             search: SearchConfig::default(),
             store: StoreConfig::default(),
             delivery: DeliveryConfig::default(),
+            websocket: WebSocketConfig::default(),
         }
     }
 }
@@ -284,6 +307,12 @@ impl Config {
         if d.default_timeout_seconds == 0 || d.default_timeout_seconds > 120 {
             return Err(ConfigError(
                 "delivery.default_timeout_seconds must be between 1 and 120".into(),
+            ));
+        }
+        let w = &self.websocket;
+        if w.token_ttl_seconds == 0 || w.outbox_capacity == 0 || w.ping_interval_seconds == 0 {
+            return Err(ConfigError(
+                "websocket.token_ttl_seconds, websocket.outbox_capacity and websocket.ping_interval_seconds must be at least 1".into(),
             ));
         }
         if let Some(dir) = &self.topics_dir

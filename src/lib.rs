@@ -101,9 +101,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let parse_config = config.clone();
     let parse_limits = search_limits;
     let parse_base = base_url.clone();
+    let registry = Arc::new(channels::websocket::Registry::default());
     let deliverer = Arc::new(Deliverer {
         store: store.clone(),
         rest_hook: rest_hook.clone(),
+        websockets: registry.clone(),
         base_url: base_url.clone(),
         config: config.delivery.clone(),
         parse: Box::new(move |resource| {
@@ -125,6 +127,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 index: Default::default(),
                 delivery: delivery.clone(),
                 rest_hook,
+                websockets: Arc::new(channels::websocket::WebSocketHub {
+                    registry,
+                    tokens: Default::default(),
+                    store: store.clone(),
+                    base_url: base_url.clone(),
+                    config: config.websocket.clone(),
+                    shutdown: shutdown.clone(),
+                }),
             },
             search_limits,
             base_url: base_url.clone(),

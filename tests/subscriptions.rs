@@ -490,10 +490,9 @@ async fn unsupported_subscriptions_are_rejected_and_not_stored() {
             with(&|s| s["channel"]["type"] = json!("email")),
         ),
         (
-            "websocket channel (not yet offered)",
+            "websocket channel with an endpoint",
             with(&|s| {
                 s["channel"]["type"] = json!("websocket");
-                s["channel"].as_object_mut().unwrap().remove("endpoint");
                 s["channel"].as_object_mut().unwrap().remove("header");
             }),
         ),

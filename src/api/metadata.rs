@@ -116,6 +116,7 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                 "operation": [
                     { "name": "status", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-status") },
                     { "name": "events", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-events") },
+                    { "name": "get-ws-binding-token", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-get-ws-binding-token") },
                 ],
             }, {
                 "type": "SubscriptionTopic",

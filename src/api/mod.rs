@@ -6,6 +6,7 @@ pub mod metadata;
 pub mod subscription;
 pub mod task;
 pub mod topic;
+pub mod websocket;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -65,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .merge(task::router())
         .merge(subscription::router())
         .merge(topic::router())
+        .merge(websocket::router())
         .fallback(unknown_route);
     Router::new()
         .nest("/fhir", fhir)

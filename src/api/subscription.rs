@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::{AppState, BodyKind, parse_json, read_body};
 use crate::auth::{Principal, Role};
 use crate::channels::rest_hook::RestHook;
+use crate::channels::websocket::{Grant, WebSocketHub, binding_parameters, websocket_url};
 use crate::delivery::DeliveryHandle;
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::format_instant;
@@ -36,6 +37,7 @@ pub struct Hub {
     pub index: Arc<RwLock<SubscriptionIndex>>,
     pub delivery: DeliveryHandle,
     pub rest_hook: RestHook,
+    pub websockets: Arc<WebSocketHub>,
 }
 
 pub fn router() -> Router<AppState> {
@@ -48,6 +50,14 @@ pub fn router() -> Router<AppState> {
             get(status_instance).post(status_instance),
         )
         .route("/Subscription/{id}/$events", get(events).post(events))
+        .route(
+            "/Subscription/$get-ws-binding-token",
+            get(binding_token_type).post(binding_token_type),
+        )
+        .route(
+            "/Subscription/{id}/$get-ws-binding-token",
+            get(binding_token_instance).post(binding_token_instance),
+        )
 }
 
 /// Finds a topic by its canonical URL (or any URL ending in `/SubscriptionTopic/<id>`).
@@ -160,6 +170,7 @@ fn deactivate(state: &AppState, id: &str) {
         .unwrap_or_else(|e| e.into_inner())
         .remove(id);
     state.hub.delivery.forget(id);
+    state.hub.websockets.registry.unbind_subscription(id);
 }
 
 fn channel_type(spec: &SubscriptionSpec) -> &'static str {
@@ -179,10 +190,7 @@ async fn check_deliverable(state: &AppState, spec: &SubscriptionSpec) -> Result<
             .check_endpoint(endpoint)
             .await
             .map_err(|why| Error::invalid("Subscription.channel.endpoint", why)),
-        ChannelSpec::WebSocket => Err(Error::not_supported(
-            "the websocket channel is not available on this hub yet; use rest-hook",
-        )
-        .at("Subscription.channel.type")),
+        ChannelSpec::WebSocket => Ok(()),
         ChannelSpec::Message { .. } => Err(Error::not_supported(
             "the message (AMQP) channel is not available on this hub yet; use rest-hook",
         )
@@ -192,14 +200,17 @@ async fn check_deliverable(state: &AppState, spec: &SubscriptionSpec) -> Result<
 
 fn record_for(spec: &SubscriptionSpec, resource: Value, author: &Principal) -> SubscriptionRecord {
     let off = spec.requested_status == SubscriptionStatus::Off;
+    // rest-hook and message subscriptions start `requested` and become `active` after the
+    // handshake; a websocket subscription is active at once and handshakes on each bind.
+    let websocket = matches!(spec.channel, ChannelSpec::WebSocket);
+    let status = match (off, websocket) {
+        (true, _) => SubscriptionStatus::Off,
+        (false, true) => SubscriptionStatus::Active,
+        (false, false) => SubscriptionStatus::Requested,
+    };
     SubscriptionRecord {
         resource,
-        // rest-hook subscriptions start `requested` and become `active` after the handshake.
-        status: if off {
-            SubscriptionStatus::Off
-        } else {
-            SubscriptionStatus::Requested
-        },
+        status,
         topic_url: spec.topic_url.clone(),
         channel_type: channel_type(spec).to_string(),
         endpoint: match &spec.channel {
@@ -207,7 +218,7 @@ fn record_for(spec: &SubscriptionSpec, resource: Value, author: &Principal) -> S
             _ => None,
         },
         author: serde_json::to_value(author).unwrap_or(Value::Null),
-        handshake_pending: !off,
+        handshake_pending: !off && !websocket,
     }
 }
 
@@ -655,4 +666,106 @@ async fn events(
         content,
     );
     Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// Issues a binding token for these (already authorised) websocket subscriptions.
+fn issue_binding_token(state: &AppState, principal: &Principal, ids: Vec<String>) -> Response {
+    let expires_at = time::OffsetDateTime::now_utc()
+        + time::Duration::seconds(state.config.websocket.token_ttl_seconds as i64);
+    let token = state.hub.websockets.tokens.issue(Grant {
+        subject: principal.subject.clone(),
+        subscriptions: ids.clone(),
+        expires_at,
+    });
+    let url = websocket_url(&state.base_url);
+    fhir_json(
+        StatusCode::OK,
+        &binding_parameters(&token, expires_at, &ids, &url),
+    )
+}
+
+/// Binding tokens are for live websocket subscriptions, and only their author gets one.
+fn check_bindable(principal: &Principal, stored: &StoredSubscription) -> Result<()> {
+    if stored.channel_type != "websocket" {
+        return Err(Error::not_supported(format!(
+            "Subscription/{} uses the {} channel; binding tokens are for websocket subscriptions",
+            stored.id, stored.channel_type
+        )));
+    }
+    if stored.status == SubscriptionStatus::Off {
+        return Err(Error::business_rule(format!(
+            "Subscription/{} is off",
+            stored.id
+        )));
+    }
+    if !is_author(principal, stored) {
+        return Err(Error::forbidden(format!(
+            "only the author of Subscription/{} may bind to it",
+            stored.id
+        )));
+    }
+    Ok(())
+}
+
+async fn binding_token_instance(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let stored = visible(&state, &principal, &id).await?;
+    check_bindable(&principal, &stored)?;
+    Ok(issue_binding_token(&state, &principal, vec![id]))
+}
+
+async fn binding_token_type(
+    State(state): State<AppState>,
+    principal: Principal,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("the query string is malformed: {e}"),
+        )
+    })?;
+    let mut ids = Vec::new();
+    for (name, value) in pairs {
+        match name.as_str() {
+            "id" => ids.extend(value.split(',').map(str::to_string)),
+            other => {
+                return Err(Error::not_supported(format!(
+                    "$get-ws-binding-token takes id, not '{other}'"
+                )));
+            }
+        }
+    }
+    if ids.is_empty() {
+        // Without ids: every live websocket subscription of the caller.
+        let filter = SubscriptionQuery {
+            author_subject: Some(principal.subject.clone()),
+            status: Some(vec!["requested".into(), "active".into(), "error".into()]),
+            ..SubscriptionQuery::default()
+        };
+        let (found, _) = state
+            .store
+            .search_subscriptions(&filter, state.config.search.max_count, 0)
+            .await?;
+        ids = found
+            .into_iter()
+            .filter(|s| s.channel_type == "websocket")
+            .map(|s| s.id)
+            .collect();
+        if ids.is_empty() {
+            return Err(Error::not_found(
+                "you have no live websocket subscriptions to bind",
+            ));
+        }
+    } else {
+        for id in &ids {
+            let stored = visible(&state, &principal, id).await?;
+            check_bindable(&principal, &stored)?;
+        }
+    }
+    Ok(issue_binding_token(&state, &principal, ids))
 }

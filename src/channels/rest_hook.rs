@@ -13,17 +13,9 @@ use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
+use super::SendError;
 use super::signature::sign_notification;
 use crate::delivery::retry::parse_retry_after;
-
-/// Why a notification did not arrive.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SendError {
-    /// A short, PHI-free description for logs and `Subscription.error`.
-    pub message: String,
-    /// What the endpoint asked for in `Retry-After`.
-    pub retry_after: Option<Duration>,
-}
 
 /// One notification on its way to an endpoint.
 pub struct Outgoing<'a> {

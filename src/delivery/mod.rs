@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{self, Principal};
 use crate::channels::rest_hook::{Outgoing, RestHook};
 use crate::channels::signature::parse_secret;
+use crate::channels::websocket::Registry;
 use crate::config::DeliveryConfig;
 use crate::error::Result;
 use crate::fhir::datetime::{format_instant, parse_instant};
@@ -74,6 +75,7 @@ pub type ParseSubscription = Box<dyn Fn(&Value) -> Result<SubscriptionSpec> + Se
 pub struct Deliverer {
     pub store: Arc<dyn Store>,
     pub rest_hook: RestHook,
+    pub websockets: Arc<Registry>,
     pub base_url: String,
     pub config: DeliveryConfig,
     pub parse: ParseSubscription,
@@ -113,9 +115,6 @@ pub async fn start(
         let Ok(spec) = (deliverer.parse)(&sub.resource) else {
             continue;
         };
-        if !matches!(spec.channel, ChannelSpec::RestHook { .. }) {
-            continue;
-        }
         if let Some(period) = spec.heartbeat_period {
             scheduler
                 .heartbeats
@@ -353,9 +352,6 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
             return Ok(Outcome::Gone);
         }
     };
-    let ChannelSpec::RestHook { endpoint, headers } = &spec.channel else {
-        return Ok(Outcome::Gone);
-    };
     let now = time::OffsetDateTime::now_utc();
     if let Some(end) = spec.end.as_deref().and_then(|e| {
         crate::fhir::datetime::parse_range(e, crate::fhir::datetime::DateKind::DateTime).ok()
@@ -386,6 +382,18 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
         return Ok(Outcome::Idle { sent: false });
     };
 
+    let kind = match payload {
+        Payload::Handshake => "handshake",
+        Payload::Events { .. } => "event-notification",
+        Payload::Heartbeat => "heartbeat",
+    };
+    let (endpoint, headers) = match &spec.channel {
+        ChannelSpec::RestHook { endpoint, headers } => (endpoint, headers),
+        ChannelSpec::WebSocket => {
+            return push_to_sockets(deliverer, &sub, &spec, payload, kind, now).await;
+        }
+        ChannelSpec::Message { .. } => return Ok(Outcome::Gone),
+    };
     let (body, message_id, through) = build(deliverer, &sub, &spec, &payload, now).await?;
     let secret = spec.signing_secret.as_deref().and_then(parse_secret);
     let timeout = Duration::from_secs(
@@ -408,11 +416,6 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
             now.unix_timestamp(),
         )
         .await;
-    let kind = match payload {
-        Payload::Handshake => "handshake",
-        Payload::Events { .. } => "event-notification",
-        Payload::Heartbeat => "heartbeat",
-    };
     metrics::histogram!("baton_delivery_seconds", "channel" => "rest-hook")
         .record(started.elapsed().as_secs_f64());
     match sent {
@@ -449,6 +452,48 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
             Ok(retry.map_or(Outcome::Gone, Outcome::RetryAt))
         }
     }
+}
+
+/// Live, best-effort delivery to the sockets bound to a websocket subscription. With nobody
+/// listening the events are only marked as passed: a listener that comes back reads them with
+/// `$events`. A socket that cannot take the notification is closed by the registry.
+async fn push_to_sockets(
+    deliverer: &Deliverer,
+    sub: &StoredSubscription,
+    spec: &SubscriptionSpec,
+    payload: Payload,
+    kind: &'static str,
+    now: time::OffsetDateTime,
+) -> Result<Outcome> {
+    let through = match payload {
+        Payload::Events { to, .. } => to,
+        Payload::Handshake | Payload::Heartbeat => sub.delivered_through,
+    };
+    let mut sent = false;
+    if deliverer.websockets.listeners(&sub.id) > 0 {
+        let (body, _, _) = build(deliverer, sub, spec, &payload, now).await?;
+        let text = String::from_utf8(body).unwrap_or_default();
+        let took = deliverer.websockets.push(&sub.id, &text);
+        sent = took > 0;
+        metrics::counter!("baton_deliveries_total", "channel" => "websocket", "type" => kind, "result" => "ok")
+            .increment(took as u64);
+    }
+    if through > sub.delivered_through {
+        deliverer
+            .store
+            .record_delivery(DeliveryReport::Delivered {
+                subscription_id: sub.id.clone(),
+                through,
+                handshake: false,
+                at: format_instant(now),
+            })
+            .await?;
+    }
+    Ok(if through < sub.events_since_start {
+        Outcome::More
+    } else {
+        Outcome::Idle { sent }
+    })
 }
 
 /// Records a failed attempt; returns when to retry, or None when the subscription is now off.
