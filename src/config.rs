@@ -42,6 +42,8 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     /// Extra SubscriptionTopic definitions (`*.json`) besides the built-in ones.
     pub topics_dir: Option<PathBuf>,
+    /// How often the hub looks for Tasks whose due date passed (`task-overdue`), in seconds.
+    pub overdue_check_seconds: u64,
     pub auth: AuthConfig,
     pub search: SearchConfig,
     pub store: StoreConfig,
@@ -160,6 +162,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             shutdown_grace_seconds: 10,
             topics_dir: None,
+            overdue_check_seconds: 15,
             auth: AuthConfig::default(),
             search: SearchConfig::default(),
             store: StoreConfig::default(),
@@ -307,6 +310,11 @@ impl Config {
         if d.default_timeout_seconds == 0 || d.default_timeout_seconds > 120 {
             return Err(ConfigError(
                 "delivery.default_timeout_seconds must be between 1 and 120".into(),
+            ));
+        }
+        if self.overdue_check_seconds == 0 {
+            return Err(ConfigError(
+                "overdue_check_seconds must be at least 1".into(),
             ));
         }
         let w = &self.websocket;

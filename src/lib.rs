@@ -12,6 +12,7 @@ pub mod error;
 pub mod fhir;
 pub mod matcher;
 pub mod outbox;
+pub mod overdue;
 pub mod store;
 
 use std::sync::{Arc, OnceLock};
@@ -163,6 +164,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         base_url: base_url.clone(),
     };
     tasks.spawn(outbox.run(committed, pipeline_stop.clone()));
+    tasks.spawn(overdue::run(
+        store.clone(),
+        Duration::from_secs(state.config.overdue_check_seconds),
+        pipeline_stop.clone(),
+    ));
     tasks.spawn(prune_events(
         store.clone(),
         state.config.delivery.event_retention_days,

@@ -17,7 +17,8 @@ use super::{AppState, BodyKind, Prefer, parse_json, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode};
-use crate::fhir::{self, fhir_json, task as task_rules};
+use crate::fhir::workflow::{self, RequestKind};
+use crate::fhir::{self, fhir_json, normalize_reference, task as task_rules};
 use crate::store::{
     CurrentTask, Decision, Interaction, PageRequest, StoredVersion, WriteOutcome, WriteRequest,
 };
@@ -53,6 +54,10 @@ async fn create(
     }
     clear_server_meta(&mut resource);
     auth::authorize_task_write(&principal, None, Some(&resource), &state.base_url)?;
+    // Every link of a new Task is new: its parents and its focal Task must exist and be
+    // readable, and a request must be one its focal Task can honour.
+    let links = new_links(None, &resource, None, &state.base_url)?;
+    check_links(&state, &principal, &links, &resource).await?;
     let if_none_exist = match headers.get("if-none-exist") {
         None => None,
         Some(value) => {
@@ -137,13 +142,46 @@ async fn update(
         }
     }
     clear_server_meta(&mut resource);
+    // Links are checked against the version read now, and the decision below refuses any new
+    // link that this check did not see (the Task changed meanwhile). A Task without links
+    // makes none, so it costs no extra read.
+    let checked = if links(&resource, Some(&id), &state.base_url)?.is_empty() {
+        HashSet::new()
+    } else {
+        let before = state.store.read(&id).await?.filter(|c| !c.deleted);
+        match before {
+            Some(before)
+                if auth::authorize_task_write(
+                    &principal,
+                    Some(&before.resource),
+                    None,
+                    &state.base_url,
+                )
+                .is_err() =>
+            {
+                // The decision refuses it with 403 whatever it links to.
+                HashSet::new()
+            }
+            before => {
+                let fresh = new_links(
+                    before.as_ref().map(|c| &c.resource),
+                    &resource,
+                    Some(&id),
+                    &state.base_url,
+                )?;
+                check_links(&state, &principal, &fresh, &resource).await?
+            }
+        }
+    };
     let base_url = state.base_url.clone();
+    let task_id = id.clone();
     let decide = Box::new(move |current: Option<&CurrentTask>| {
         let live = current.filter(|c| !c.deleted);
         check_version(if_match, live)?;
         let before = live.map(|c| &c.resource);
         auth::authorize_task_write(&principal, before, Some(&resource), &base_url)?;
         check_status_change(before, &resource)?;
+        ensure_links_checked(before, &resource, &checked, &task_id, &base_url)?;
         Ok(Decision::Put(resource))
     });
     let outcome = state
@@ -165,12 +203,18 @@ async fn patch(
     let if_match = parse_if_match(&headers)?;
     let bytes = read_body(&state, &headers, body, BodyKind::JsonPatch).await?;
     let operations = parse_json(&bytes)?;
+    let touches_links = may_change_links(&operations);
     let patch: json_patch::Patch = serde_json::from_value(operations).map_err(|e| {
         Error::bad_request(
             IssueCode::Structure,
             format!("the body is not a valid JSON Patch (RFC 6902) document: {e}"),
         )
     })?;
+    let checked = if touches_links {
+        patched_links(&state, &principal, &id, &patch).await?
+    } else {
+        HashSet::new()
+    };
     let base_url = state.base_url.clone();
     let task_id = id.clone();
     let decide = Box::new(move |current: Option<&CurrentTask>| {
@@ -202,6 +246,13 @@ async fn patch(
             &base_url,
         )?;
         check_status_change(Some(&current.resource), &patched)?;
+        ensure_links_checked(
+            Some(&current.resource),
+            &patched,
+            &checked,
+            &task_id,
+            &base_url,
+        )?;
         Ok(Decision::Put(patched))
     });
     let outcome = state
@@ -277,6 +328,201 @@ fn require_live<'a>(current: Option<&'a CurrentTask>, id: &str) -> Result<&'a Cu
         None => Err(Error::not_found(format!("Task/{id} does not exist"))),
         Some(c) if c.deleted => Err(Error::gone(format!("Task/{id} has been deleted"))),
         Some(c) => Ok(c),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Links to other Tasks: sub-task parents (`partOf`) and the focal Task of a request.
+
+/// What a linked Task is to the Task that links to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkRole {
+    Parent,
+    Focal(RequestKind),
+}
+
+/// A Task on this server that a Task links to, and the element that links to it.
+#[derive(Debug, Clone)]
+struct Link {
+    task_id: String,
+    role: LinkRole,
+    at: String,
+}
+
+/// Every link of a Task, refusing the ones Baton cannot check: a `partOf` that is not a
+/// reference to a Task here (422), a malformed request (400, see `workflow::parse_request`),
+/// or a Task linking to itself (422). `own_id` is the Task's id when it already has one.
+fn links(task: &Value, own_id: Option<&str>, base_url: &str) -> Result<Vec<Link>> {
+    let mut links = Vec::new();
+    let parents = task.get("partOf").and_then(Value::as_array);
+    for (i, parent) in parents.into_iter().flatten().enumerate() {
+        let at = format!("Task.partOf[{i}]");
+        let reference = parent.get("reference").and_then(Value::as_str);
+        let local = reference
+            .and_then(|r| normalize_reference(r, base_url))
+            .and_then(|r| r.strip_prefix("Task/").map(str::to_string));
+        let Some(task_id) = local else {
+            return Err(Error::business_rule(format!(
+                "{at} must reference a Task on this server (Task/{{id}}), so that Baton can check \
+                 that the parent exists and keep the sub-task tree searchable; it is {}",
+                reference.map_or_else(|| "not a literal reference".into(), |r| format!("'{r}'"))
+            ))
+            .at(at));
+        };
+        links.push(Link {
+            task_id,
+            role: LinkRole::Parent,
+            at,
+        });
+    }
+    if let Some(request) = workflow::parse_request(task, base_url)? {
+        links.push(Link {
+            task_id: request.focal_id,
+            role: LinkRole::Focal(request.kind),
+            at: "Task.focus".into(),
+        });
+    }
+    if let Some(link) = links.iter().find(|l| Some(l.task_id.as_str()) == own_id) {
+        return Err(Error::business_rule(format!(
+            "{} names this Task itself; a Task can be neither its own parent nor its own focus",
+            link.at
+        ))
+        .at(link.at.clone()));
+    }
+    Ok(links)
+}
+
+/// The links `after` makes that `before` did not: the ones to check. A stored version whose
+/// links Baton would no longer accept is read leniently, so it does not block later writes.
+fn new_links(
+    before: Option<&Value>,
+    after: &Value,
+    own_id: Option<&str>,
+    base_url: &str,
+) -> Result<Vec<Link>> {
+    let old: Vec<Link> = before
+        .and_then(|b| links(b, own_id, base_url).ok())
+        .unwrap_or_default();
+    Ok(links(after, own_id, base_url)?
+        .into_iter()
+        .filter(|new| {
+            !old.iter()
+                .any(|o| o.task_id == new.task_id && o.role == new.role)
+        })
+        .collect())
+}
+
+/// Checks new links against the stored Tasks: each linked Task exists and is not deleted
+/// (404), and the caller may read it (403). A pending or completing request also needs a focal
+/// Task it can act on and must be addressed to that Task's owner (422). Returns the ids
+/// checked, which the write's decision compares with what it is about to store.
+async fn check_links(
+    state: &AppState,
+    principal: &Principal,
+    links: &[Link],
+    task: &Value,
+) -> Result<HashSet<String>> {
+    let status = task_rules::status(task).unwrap_or_default();
+    let asks_now = !task_rules::is_terminal(status) || status == "completed";
+    let mut checked = HashSet::new();
+    for link in links {
+        let id = &link.task_id;
+        let linked = match state.store.read(id).await? {
+            Some(linked) if !linked.deleted => linked,
+            found => {
+                let why = if found.is_some() {
+                    "has been deleted"
+                } else {
+                    "does not exist"
+                };
+                return Err(
+                    Error::not_found(format!("{} names Task/{id}, which {why}", link.at))
+                        .at(link.at.clone()),
+                );
+            }
+        };
+        if !auth::may_read_task(principal, &linked.resource, &state.base_url) {
+            return Err(Error::forbidden(format!(
+                "{} names Task/{id}, which is not owned by you and not in one of your role queues",
+                link.at
+            ))
+            .at(link.at.clone()));
+        }
+        if let LinkRole::Focal(kind) = link.role
+            && asks_now
+        {
+            workflow::check_request(kind, &linked.resource)?;
+            workflow::check_addressee(task, &linked.resource, &state.base_url)?;
+        }
+        checked.insert(id.clone());
+    }
+    Ok(checked)
+}
+
+/// Inside the transaction: refuses a write whose new links were not checked beforehand, which
+/// happens only when the Task changed between that check and this decision (409, retry).
+fn ensure_links_checked(
+    before: Option<&Value>,
+    after: &Value,
+    checked: &HashSet<String>,
+    id: &str,
+    base_url: &str,
+) -> Result<()> {
+    let fresh = new_links(before, after, Some(id), base_url)?;
+    match fresh.iter().find(|l| !checked.contains(&l.task_id)) {
+        None => Ok(()),
+        Some(link) => Err(Error::conflict(format!(
+            "Task/{id} changed while this write was being checked, and {} now names Task/{} \
+             anew; read it again and retry",
+            link.at, link.task_id
+        ))
+        .at(link.at.clone())),
+    }
+}
+
+/// Whether a JSON Patch may change what a Task links to: `partOf`, `focus`, or `code` (which
+/// makes a Task a request), or the whole document.
+fn may_change_links(operations: &Value) -> bool {
+    let mut paths = operations
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|op| ["path", "from"].map(|key| op.get(key).and_then(Value::as_str)))
+        .flatten();
+    paths.any(|path| {
+        path.is_empty()
+            || ["/partOf", "/focus", "/code"].iter().any(|element| {
+                path.strip_prefix(element)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+    })
+}
+
+/// Checks the links a patch would add, applying it to the version read now. A patch that
+/// cannot be applied or validated, or a Task the caller may not change, is left for the
+/// write's decision to refuse with its usual answer.
+async fn patched_links(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    patch: &json_patch::Patch,
+) -> Result<HashSet<String>> {
+    let Some(before) = state.store.read(id).await?.filter(|c| !c.deleted) else {
+        return Ok(HashSet::new());
+    };
+    if auth::authorize_task_write(principal, Some(&before.resource), None, &state.base_url).is_err()
+    {
+        return Ok(HashSet::new());
+    }
+    let mut after = before.resource.clone();
+    if json_patch::patch(&mut after, patch).is_err()
+        || task_rules::validate_task(&after, &state.base_url).is_err()
+    {
+        return Ok(HashSet::new());
+    }
+    match new_links(Some(&before.resource), &after, Some(id), &state.base_url) {
+        Ok(fresh) => check_links(state, principal, &fresh, &after).await,
+        Err(_) => Ok(HashSet::new()),
     }
 }
 
@@ -485,7 +731,8 @@ fn history_entry(base_url: &str, version: &StoredVersion) -> Value {
     let url = format!("Task/{}", version.id);
     let (method, status) = match version.interaction {
         Interaction::Create => ("POST", "201 Created"),
-        Interaction::Update => ("PUT", "200 OK"),
+        // History rows are only ever create, update or delete; overdue lives in the outbox.
+        Interaction::Update | Interaction::Overdue => ("PUT", "200 OK"),
         Interaction::Delete => ("DELETE", "204 No Content"),
     };
     let mut entry = json!({

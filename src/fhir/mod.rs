@@ -6,6 +6,7 @@ pub mod notification;
 pub mod search;
 pub mod subscription;
 pub mod task;
+pub mod workflow;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

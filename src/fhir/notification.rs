@@ -319,6 +319,8 @@ fn event_entry(base: &str, event: &NotificationEvent, content: ContentLevel) -> 
         Interaction::Create => ("POST", "Task".to_string(), "201"),
         Interaction::Update => ("PUT", format!("Task/{task}"), "200"),
         Interaction::Delete => ("DELETE", format!("Task/{task}"), "204"),
+        // An overdue event changes nothing: the entry points at the version that went overdue.
+        Interaction::Overdue => ("GET", format!("Task/{task}"), "200"),
     };
     let mut entry = Map::new();
     entry.insert("fullUrl".into(), json!(format!("{base}/Task/{task}")));

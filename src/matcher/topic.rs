@@ -33,6 +33,8 @@ pub struct Topic {
     pub status: String,
     /// OR-joined: a change that fires any trigger fires the topic.
     pub triggers: Vec<Trigger>,
+    /// Whether an `eventTrigger` asks for Baton's own `overdue` event (see `OVERDUE_EVENT`).
+    pub on_overdue: bool,
     pub filters: Vec<FilterDef>,
     /// The SubscriptionTopic JSON served at `/fhir/SubscriptionTopic/{id}`, with its final url.
     pub definition: Value,
@@ -90,6 +92,11 @@ impl Topic {
         previous: Option<TaskState<'_>>,
         current: Option<TaskState<'_>>,
     ) -> bool {
+        // The overdue event is not a REST interaction: only an eventTrigger asks for it, and
+        // resource triggers (even those listing no interaction) never see it.
+        if interaction == Interaction::Overdue {
+            return self.on_overdue;
+        }
         let previous = previous.filter(|_| interaction != Interaction::Create);
         let current = current.filter(|_| interaction != Interaction::Delete);
         self.triggers
@@ -196,6 +203,10 @@ const BUILTIN_TOPICS: &[(&str, &str)] = &[
         "task-business-status-changed.json",
         include_str!("../../config/topics/task-business-status-changed.json"),
     ),
+    (
+        "task-overdue.json",
+        include_str!("../../config/topics/task-overdue.json"),
+    ),
 ];
 
 /// The built-in topics (`config/topics/*.json`), with canonical URLs under `base_url`.
@@ -296,6 +307,7 @@ const TASK_TYPE_URL: &str = "http://hl7.org/fhir/StructureDefinition/Task";
 /// `modifierExtension` and `implicitRules` are left out on purpose: each would change what the
 /// topic means in a way Baton cannot honour.
 const TOPIC_KEYS: &[&str] = &[
+    "eventTrigger",
     "resourceType",
     "id",
     "meta",
@@ -401,13 +413,7 @@ fn parse_checked(object: &Map<String, Value>, id: String, base_url: &str) -> Res
                 .into(),
         );
     }
-    if object.contains_key("eventTrigger") {
-        return Err(
-            "'eventTrigger' is not supported: Baton raises events only for Task \
-                    changes, so use 'resourceTrigger'"
-                .into(),
-        );
-    }
+    let on_overdue = parse_event_triggers(object)?;
     check_keys(object, TOPIC_KEYS, "the topic")?;
 
     let url = match optional_string(object, "url", "url")? {
@@ -431,7 +437,7 @@ fn parse_checked(object: &Map<String, Value>, id: String, base_url: &str) -> Res
     optional_string(object, "description", "description")?;
 
     let triggers = array(object, "resourceTrigger", "resourceTrigger")?;
-    if triggers.is_empty() {
+    if triggers.is_empty() && !on_overdue {
         return Err("the topic has no resourceTrigger, so it could never fire".into());
     }
     let triggers = triggers
@@ -497,6 +503,7 @@ fn parse_checked(object: &Map<String, Value>, id: String, base_url: &str) -> Res
         title,
         status: status.to_string(),
         triggers,
+        on_overdue,
         filters,
         definition: Value::Object(definition),
     })
@@ -807,6 +814,47 @@ fn optional_string<'v>(
 }
 
 /// The array `key` of `object`, or an empty slice when it is absent.
+/// The code system of the events Baton raises itself, and its one event: a Task's due date
+/// (`restriction.period.end`) passed while the Task was not in a terminal state.
+pub const EVENT_SYSTEM: &str = "https://baton.dev/fhir/CodeSystem/task-event";
+pub const OVERDUE_EVENT: &str = "overdue";
+
+/// Reads `eventTrigger`: Baton raises exactly one non-REST event, `overdue` on Task, so every
+/// other event is refused rather than accepted and never fired.
+fn parse_event_triggers(object: &Map<String, Value>) -> Result<bool, String> {
+    let mut on_overdue = false;
+    for (i, trigger) in array(object, "eventTrigger", "eventTrigger")?
+        .iter()
+        .enumerate()
+    {
+        let place = format!("eventTrigger[{i}]");
+        let trigger = trigger
+            .as_object()
+            .ok_or_else(|| format!("{place} must be an object"))?;
+        check_keys(trigger, &["description", "event", "resource"], &place)?;
+        match trigger.get("resource").and_then(Value::as_str) {
+            Some("Task") | Some(TASK_TYPE_URL) => {}
+            _ => return Err(format!("{place}.resource must be Task")),
+        }
+        let codings = trigger
+            .get("event")
+            .and_then(|e| e.get("coding"))
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("{place}.event needs a coding"))?;
+        let known = codings.iter().any(|c| {
+            c.get("system").and_then(Value::as_str) == Some(EVENT_SYSTEM)
+                && c.get("code").and_then(Value::as_str) == Some(OVERDUE_EVENT)
+        });
+        if !known {
+            return Err(format!(
+                "{place}: Baton raises only the event {EVENT_SYSTEM}|{OVERDUE_EVENT}"
+            ));
+        }
+        on_overdue = true;
+    }
+    Ok(on_overdue)
+}
+
 fn array<'v>(
     object: &'v Map<String, Value>,
     key: &str,
@@ -879,6 +927,35 @@ mod tests {
     }
 
     #[test]
+    fn only_the_overdue_topic_hears_the_overdue_event() {
+        let task =
+            json!({"resourceType": "Task", "id": "t", "status": "in-progress", "intent": "order"});
+        for id in [
+            "task-changed",
+            "task-status-changed",
+            "task-owner-changed",
+            "task-business-status-changed",
+        ] {
+            assert!(
+                !fires(&builtin(id), Interaction::Overdue, None, Some(&task)),
+                "{id}"
+            );
+        }
+        let overdue = builtin("task-overdue");
+        assert!(fires(&overdue, Interaction::Overdue, None, Some(&task)));
+        for interaction in [
+            Interaction::Create,
+            Interaction::Update,
+            Interaction::Delete,
+        ] {
+            assert!(
+                !fires(&overdue, interaction, Some(&task), Some(&task)),
+                "{interaction:?}"
+            );
+        }
+    }
+
+    #[test]
     fn builtin_topics_load_with_urls_under_the_base() {
         let topics = builtin_topics("http://baton.test/fhir/").unwrap();
         let ids: Vec<&str> = topics.iter().map(|t| t.id.as_str()).collect();
@@ -888,7 +965,8 @@ mod tests {
                 "task-changed",
                 "task-status-changed",
                 "task-owner-changed",
-                "task-business-status-changed"
+                "task-business-status-changed",
+                "task-overdue"
             ]
         );
         for (topic, (file, text)) in topics.iter().zip(BUILTIN_TOPICS) {
@@ -1549,7 +1627,20 @@ mod tests {
             (|t| t["id"] = json!(7), "id 7 is not a valid FHIR id"),
             (
                 |t| t["eventTrigger"] = json!([{ "resource": "Encounter" }]),
-                "SubscriptionTopic 'sample': 'eventTrigger' is not supported",
+                "SubscriptionTopic 'sample': eventTrigger[0].resource must be Task",
+            ),
+            (
+                |t| {
+                    t["eventTrigger"] = json!([{
+                        "resource": "Task",
+                        "event": { "coding": [{ "system": "http://example.org/events", "code": "escalated" }] }
+                    }])
+                },
+                "Baton raises only the event https://baton.dev/fhir/CodeSystem/task-event|overdue",
+            ),
+            (
+                |t| t["eventTrigger"] = json!([{ "resource": "Task" }]),
+                "eventTrigger[0].event needs a coding",
             ),
             (
                 |t| t["trigger"] = json!([]),
@@ -1854,7 +1945,7 @@ mod tests {
         assert_eq!(ids, ["first", "second"]);
 
         let all = combine_topics(builtin_topics(BASE).unwrap(), topics).unwrap();
-        assert_eq!(all.len(), 6);
+        assert_eq!(all.len(), 7);
 
         let clash = combine_topics(
             builtin_topics(BASE).unwrap(),

@@ -22,6 +22,8 @@ pub enum Interaction {
     Create,
     Update,
     Delete,
+    /// Not a REST interaction: the hub's timer saw the Task's due date pass.
+    Overdue,
 }
 
 impl Interaction {
@@ -30,6 +32,7 @@ impl Interaction {
             Interaction::Create => "create",
             Interaction::Update => "update",
             Interaction::Delete => "delete",
+            Interaction::Overdue => "overdue",
         }
     }
 
@@ -38,6 +41,7 @@ impl Interaction {
             "create" => Some(Interaction::Create),
             "update" => Some(Interaction::Update),
             "delete" => Some(Interaction::Delete),
+            "overdue" => Some(Interaction::Overdue),
             _ => None,
         }
     }
@@ -283,6 +287,16 @@ pub trait Store: Send + Sync + 'static {
     async fn record_delivery(&self, report: DeliveryReport) -> Result<()>;
     /// Removes delivered events that happened before `before`; returns how many.
     async fn prune_events(&self, before: &str) -> Result<u64>;
+
+    // Due dates.
+    /// Live, non-terminal Tasks whose due date passed by `now` and was not yet reported, as
+    /// `(task id, due key)`.
+    async fn overdue_tasks(&self, now: &str, limit: usize) -> Result<Vec<(String, String)>>;
+    /// Reports one Task overdue for one due date — a marker and an `overdue` change event in
+    /// one transaction — unless already reported or no longer overdue. True if reported.
+    async fn mark_overdue(&self, task_id: &str, due_at: &str, now: &str) -> Result<bool>;
+    /// The earliest unreported due date after `now`, to know when to look again.
+    async fn next_due(&self, now: &str) -> Result<Option<String>>;
 
     /// Checks that the database answers, for `/readyz`.
     async fn ping(&self) -> Result<()>;

@@ -32,6 +32,7 @@ use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::fhir::datetime::format_instant;
 use crate::fhir::search::{Predicate, index_task, priority_rank};
+use crate::fhir::workflow::{self, RequestKind};
 
 mod hub;
 
@@ -49,6 +50,11 @@ enum Work {
     },
     RecordDelivery(DeliveryReport),
     PruneEvents(String),
+    MarkOverdue {
+        task_id: String,
+        due_at: String,
+        now: String,
+    },
     /// Placeholder left behind once a job's work has been taken.
     Taken,
 }
@@ -136,7 +142,11 @@ async fn run_writer(
         let started = std::time::Instant::now();
         let size = batch.len();
         let results = commit_batch(&mut conn, &mut batch, &base_url).await;
-        let wrote = matches!(&results, Ok(r) if r.iter().any(|o| matches!(o, Ok(Done::Task(WriteOutcome::Written(_))))));
+        // Task writes and overdue events feed the outbox consumer, which is woken below.
+        let wrote = matches!(&results, Ok(r) if r.iter().any(|o| matches!(
+            o,
+            Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
+        )));
         match results {
             Ok(outcomes) => {
                 for (job, outcome) in batch.drain(..).zip(outcomes) {
@@ -216,6 +226,13 @@ async fn apply_work(conn: &mut SqliteConnection, work: Work, base_url: &str) -> 
             .await
             .map(|()| Done::Nothing),
         Work::PruneEvents(before) => hub::prune_events(conn, &before).await.map(Done::Count),
+        Work::MarkOverdue {
+            task_id,
+            due_at,
+            now,
+        } => hub::mark_overdue(conn, &task_id, &due_at, &now)
+            .await
+            .map(Done::Deleted),
         Work::Taken => Err(Error::internal("a job ran twice", "work already taken")),
     }
 }
@@ -248,13 +265,13 @@ async fn apply(
                 }
             }
             let id = uuid::Uuid::new_v4().to_string();
-            put(conn, &id, None, resource, base_url).await
+            put_task(conn, &id, None, resource, base_url).await
         }
         WriteRequest::Change { id, decide } => {
             let current = load_current(conn, &id).await?;
             match decide(current.as_ref())? {
                 Decision::Put(resource) => {
-                    put(conn, &id, current.as_ref(), resource, base_url).await
+                    put_task(conn, &id, current.as_ref(), resource, base_url).await
                 }
                 Decision::Delete => match current {
                     Some(current) if !current.deleted => delete(conn, &current).await,
@@ -268,6 +285,82 @@ async fn apply(
 
 fn now_instant() -> String {
     format_instant(time::OffsetDateTime::now_utc())
+}
+
+/// Writes a Task version and, when the write completes a request Task (abort, suspend,
+/// resume), the change it asks of its focal Task: both versions, with their history and
+/// change events, in this job's savepoint, so subscribers hear of both or of neither. The
+/// focal Task is loaded and judged here, inside the transaction, so a concurrent change to it
+/// cannot slip between the check and the write; any refusal fails the request's write too.
+async fn put_task(
+    conn: &mut SqliteConnection,
+    id: &str,
+    current: Option<&CurrentTask>,
+    resource: Value,
+    base_url: &str,
+) -> Result<WriteOutcome> {
+    let previous = current.filter(|c| !c.deleted).map(|c| &c.resource);
+    let effect = match workflow::completes_request(previous, &resource) {
+        Some(kind) => Some(focal_change(conn, id, kind, &resource, base_url).await?),
+        None => None,
+    };
+    let outcome = put(conn, id, current, resource, base_url).await?;
+    if let Some((focal, changed)) = effect {
+        put(conn, &focal.id, Some(&focal), changed, base_url).await?;
+    }
+    Ok(outcome)
+}
+
+/// The focal Task of a request being completed, and the version the request makes of it.
+async fn focal_change(
+    conn: &mut SqliteConnection,
+    request_id: &str,
+    kind: RequestKind,
+    request: &Value,
+    base_url: &str,
+) -> Result<(CurrentTask, Value)> {
+    let code = kind.code();
+    let focal_id = workflow::focal_task(request, base_url)
+        .filter(|focal_id| focal_id != request_id)
+        .ok_or_else(|| {
+            Error::business_rule(format!(
+                "this {code} request names no other Task in Task.focus, so completing it would \
+                 change nothing"
+            ))
+            .at("Task.focus")
+        })?;
+    let focal = load_current(conn, &focal_id)
+        .await?
+        .filter(|f| !f.deleted)
+        .ok_or_else(|| {
+            Error::conflict(format!(
+                "Task/{focal_id}, the focal Task of this {code} request, no longer exists, so \
+                 the request cannot be completed; reject or cancel it instead"
+            ))
+            .at("Task.focus")
+        })?;
+    workflow::check_addressee(request, &focal.resource, base_url)?;
+    let before_hold = match kind {
+        RequestKind::Resume => status_before_hold(conn, &focal_id).await?,
+        RequestKind::Abort | RequestKind::Suspend => None,
+    };
+    let changed = workflow::apply_request(kind, &focal.resource, request, before_hold.as_deref())?;
+    Ok((focal, changed))
+}
+
+/// The status a Task had before its current on-hold streak: the newest version that is not
+/// on hold, read from the history newest first. `None` when it was created on hold, or when
+/// the newest such version is a deletion (what came before belongs to a Task that was gone).
+async fn status_before_hold(conn: &mut SqliteConnection, id: &str) -> Result<Option<String>> {
+    let status: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT json_extract(resource, '$.status') FROM task_version
+         WHERE id = ? AND (resource IS NULL OR json_extract(resource, '$.status') <> 'on-hold')
+         ORDER BY version DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(status.flatten())
 }
 
 async fn put(
@@ -658,6 +751,26 @@ impl Store for SqliteStore {
             Done::Nothing => Ok(()),
             _ => Err(unexpected()),
         }
+    }
+
+    async fn overdue_tasks(&self, now: &str, limit: usize) -> Result<Vec<(String, String)>> {
+        hub::overdue_tasks(&self.reads, now, limit).await
+    }
+
+    async fn mark_overdue(&self, task_id: &str, due_at: &str, now: &str) -> Result<bool> {
+        let work = Work::MarkOverdue {
+            task_id: task_id.to_string(),
+            due_at: due_at.to_string(),
+            now: now.to_string(),
+        };
+        match self.submit(work).await? {
+            Done::Deleted(reported) => Ok(reported),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn next_due(&self, now: &str) -> Result<Option<String>> {
+        hub::next_due(&self.reads, now).await
     }
 
     async fn prune_events(&self, before: &str) -> Result<u64> {

@@ -347,3 +347,79 @@ pub(super) async fn subscription_events(
         })
         .collect()
 }
+
+/// The terminal statuses, as bound SQL values: an overdue Task is one still open.
+const TERMINAL: &str = "'completed', 'cancelled', 'failed', 'rejected', 'entered-in-error'";
+
+pub(super) async fn overdue_tasks(
+    reads: &SqlitePool,
+    now: &str,
+    limit: usize,
+) -> Result<Vec<(String, String)>> {
+    let sql = format!(
+        "SELECT d.task_id, d.end_at FROM task_date d JOIN task t ON t.id = d.task_id
+         WHERE d.param = 'due-date' AND d.end_at <= ? AND t.deleted = 0
+           AND t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({TERMINAL}))
+           AND NOT EXISTS (SELECT 1 FROM task_overdue o WHERE o.task_id = d.task_id AND o.due_at = d.end_at)
+         ORDER BY d.end_at LIMIT ?"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(reads)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("task_id")?, r.try_get("end_at")?)))
+        .collect()
+}
+
+pub(super) async fn mark_overdue(
+    conn: &mut SqliteConnection,
+    task_id: &str,
+    due_at: &str,
+    now: &str,
+) -> Result<bool> {
+    // Checked again inside the transaction: the Task may have been completed or given a new
+    // due date since it was found.
+    let sql = format!(
+        "SELECT t.version FROM task t JOIN task_date d ON d.task_id = t.id AND d.param = 'due-date' AND d.end_at = ?
+         WHERE t.id = ? AND t.deleted = 0 AND d.end_at <= ?
+           AND t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({TERMINAL}))"
+    );
+    let version: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(due_at)
+        .bind(task_id)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(version) = version else {
+        return Ok(false);
+    };
+    let marked = sqlx::query("INSERT OR IGNORE INTO task_overdue (task_id, due_at) VALUES (?, ?)")
+        .bind(task_id)
+        .bind(due_at)
+        .execute(&mut *conn)
+        .await?;
+    if marked.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
+         VALUES ('Task', ?, ?, NULL, 'overdue', ?)",
+    )
+    .bind(task_id)
+    .bind(version)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
+
+pub(super) async fn next_due(reads: &SqlitePool, now: &str) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT min(end_at) FROM task_date WHERE param = 'due-date' AND end_at > ?",
+    )
+    .bind(now)
+    .fetch_one(reads)
+    .await?)
+}

@@ -1,0 +1,820 @@
+//! The FHIR workflow patterns end to end against the real server: request Tasks with effect
+//! (abort, suspend, resume), coordination Tasks with sub-tasks, and role queues, plus the
+//! notifications a completed request sends about both Tasks.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::receiver::Receiver;
+use common::{TestServer, assert_outcome, eventually, match_ids, subscription, task};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const TASK_CODE: &str = "http://hl7.org/fhir/CodeSystem/task-code";
+const PERFORMER_TYPES: &str = "http://terminology.hl7.org/CodeSystem/task-performer-type";
+
+/// A request Task (`abort`, `suspend`, `resume`) about `focal`, addressed to `owner`.
+fn request(kind: &str, focal: Option<&str>, owner: &str, reason: &str) -> Value {
+    let mut t = json!({
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "code": { "coding": [{ "system": TASK_CODE, "code": kind }] },
+        "requester": { "reference": "Practitioner/placer" },
+        "owner": { "reference": owner },
+        "statusReason": { "text": reason },
+    });
+    if let Some(focal) = focal {
+        t["focus"] = json!({ "reference": focal });
+    }
+    t
+}
+
+/// A Task waiting in the role queue of `code` (no owner).
+fn queued(code: &str) -> Value {
+    let mut t = task("requested", None);
+    t["performerType"] = json!([{ "coding": [{ "system": PERFORMER_TYPES, "code": code }] }]);
+    t
+}
+
+fn id_of(resource: &Value) -> String {
+    resource["id"].as_str().expect("an id").to_string()
+}
+
+async fn patch(
+    server: &TestServer,
+    path: &str,
+    token: &str,
+    operations: Value,
+    if_match: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut builder = server
+        .request(Method::PATCH, path, token)
+        .header("content-type", "application/json-patch+json")
+        .body(operations.to_string());
+    if let Some(version) = if_match {
+        builder = builder.header("if-match", format!("W/\"{version}\""));
+    }
+    common::body(builder.send().await.unwrap()).await
+}
+
+async fn set_status(
+    server: &TestServer,
+    id: &str,
+    token: &str,
+    status: &str,
+) -> (StatusCode, Value) {
+    let operations = json!([{ "op": "replace", "path": "/status", "value": status }]);
+    patch(server, &format!("/Task/{id}"), token, operations, None).await
+}
+
+/// `(status, versionId)` of a Task as the admin reads it.
+async fn state_of(server: &TestServer, id: &str) -> (String, String) {
+    let (status, task) = server.get(&format!("/Task/{id}"), &server.admin()).await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    (
+        task["status"].as_str().unwrap().to_string(),
+        task["meta"]["versionId"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The statuses of a Task's versions, newest first.
+async fn history_statuses(server: &TestServer, id: &str) -> Vec<String> {
+    let (status, bundle) = server
+        .get(&format!("/Task/{id}/_history"), &server.admin())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["resource"]["status"]
+                .as_str()
+                .unwrap_or("deleted")
+                .to_string()
+        })
+        .collect()
+}
+
+async fn task_count(server: &TestServer) -> u64 {
+    let (_, bundle) = server.get("/Task?_summary=count", &server.admin()).await;
+    bundle["total"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn a_completed_abort_request_cancels_its_focal_task() {
+    let server = TestServer::start().await;
+    let bob = server.practitioner("Practitioner/bob");
+    let focal = server
+        .create_task(&task("in-progress", Some("Practitioner/bob")))
+        .await;
+    let focal_id = id_of(&focal);
+    let abort = server
+        .create_task(&request(
+            "abort",
+            Some(&format!("Task/{focal_id}")),
+            "Practitioner/bob",
+            "patient transferred",
+        ))
+        .await;
+    let abort_id = id_of(&abort);
+    // Creating the request changes nothing yet.
+    assert_eq!(
+        state_of(&server, &focal_id).await,
+        ("in-progress".into(), "1".into())
+    );
+
+    // The owner accepts, then completes the request (as its owner, under the role rules).
+    assert_eq!(
+        set_status(&server, &abort_id, &bob, "accepted").await.0,
+        StatusCode::OK
+    );
+    let (status, completed) = patch(
+        &server,
+        &format!("/Task/{abort_id}"),
+        &bob,
+        json!([{ "op": "replace", "path": "/status", "value": "completed" }]),
+        Some("2"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{completed}");
+    assert_eq!(completed["status"], "completed");
+
+    let (_, cancelled) = server.get(&format!("/Task/{focal_id}"), &bob).await;
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(
+        cancelled["statusReason"],
+        json!({ "text": "patient transferred" })
+    );
+    assert_eq!(cancelled["meta"]["versionId"], "2");
+    // Both changes are versions of their own, visible in each Task's history.
+    assert_eq!(
+        history_statuses(&server, &focal_id).await,
+        ["cancelled", "in-progress"]
+    );
+    assert_eq!(
+        history_statuses(&server, &abort_id).await,
+        ["completed", "accepted", "requested"]
+    );
+
+    // A request created already completed takes effect at once.
+    let other = server
+        .create_task(&task("accepted", Some("Practitioner/bob")))
+        .await;
+    let mut done = request(
+        "abort",
+        Some(&format!("{}/Task/{}", server.base, id_of(&other))),
+        "Practitioner/bob",
+        "duplicate order",
+    );
+    done["status"] = json!("completed");
+    let (status, body) = server.post_json("/Task", &bob, &done).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(state_of(&server, &id_of(&other)).await.0, "cancelled");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_rejected_request_leaves_its_focal_task_alone() {
+    let server = TestServer::start().await;
+    let bob = server.practitioner("Practitioner/bob");
+    let focal_id = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let abort_id = id_of(
+        &server
+            .create_task(&request(
+                "abort",
+                Some(&format!("Task/{focal_id}")),
+                "Practitioner/bob",
+                "changed my mind",
+            ))
+            .await,
+    );
+    let (status, body) = set_status(&server, &abort_id, &bob, "rejected").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        state_of(&server, &focal_id).await,
+        ("in-progress".into(), "1".into())
+    );
+    assert_eq!(history_statuses(&server, &focal_id).await, ["in-progress"]);
+    // Rejected is final: the request cannot be completed afterwards.
+    let (status, body) = set_status(&server, &abort_id, &bob, "completed").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(state_of(&server, &focal_id).await.0, "in-progress");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn suspend_then_resume_restores_the_status_before_the_hold() {
+    let server = TestServer::start().await;
+    let bob = server.practitioner("Practitioner/bob");
+    let focal_id = id_of(
+        &server
+            .create_task(&task("accepted", Some("Practitioner/bob")))
+            .await,
+    );
+    assert_eq!(
+        set_status(&server, &focal_id, &bob, "in-progress").await.0,
+        StatusCode::OK
+    );
+    let focal_ref = format!("Task/{focal_id}");
+
+    let suspend_id = id_of(
+        &server
+            .create_task(&request(
+                "suspend",
+                Some(&focal_ref),
+                "Practitioner/bob",
+                "awaiting consent",
+            ))
+            .await,
+    );
+    let (status, body) = set_status(&server, &suspend_id, &bob, "completed").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, held) = server.get(&format!("/Task/{focal_id}"), &bob).await;
+    assert_eq!(held["status"], "on-hold");
+    assert_eq!(held["statusReason"]["text"], "awaiting consent");
+
+    // A second suspend is refused while it is on hold; an edit on hold keeps the streak going.
+    let (status, body) = server
+        .post_json(
+            "/Task",
+            &server.admin(),
+            &request("suspend", Some(&focal_ref), "Practitioner/bob", "again"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_outcome(&body, "business-rule");
+    let note =
+        json!([{ "op": "add", "path": "/note", "value": [{ "text": "consent form sent" }] }]);
+    assert_eq!(
+        patch(&server, &format!("/Task/{focal_id}"), &bob, note, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    let resume_id = id_of(
+        &server
+            .create_task(&request(
+                "resume",
+                Some(&focal_ref),
+                "Practitioner/bob",
+                "consent given",
+            ))
+            .await,
+    );
+    let (status, body) = set_status(&server, &resume_id, &bob, "completed").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, resumed) = server.get(&format!("/Task/{focal_id}"), &bob).await;
+    assert_eq!(
+        resumed["status"], "in-progress",
+        "the status before the hold, not accepted"
+    );
+    assert_eq!(resumed["statusReason"]["text"], "consent given");
+    assert_eq!(resumed["note"][0]["text"], "consent form sent");
+    assert_eq!(
+        history_statuses(&server, &focal_id).await,
+        [
+            "in-progress",
+            "on-hold",
+            "on-hold",
+            "in-progress",
+            "accepted"
+        ]
+    );
+
+    // A resume needs a Task on hold.
+    let (status, body) = server
+        .post_json(
+            "/Task",
+            &server.admin(),
+            &request("resume", Some(&focal_ref), "Practitioner/bob", "again"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_refused_and_nothing_is_stored() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+    let open = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let done = id_of(
+        &server
+            .create_task(&task("completed", Some("Practitioner/bob")))
+            .await,
+    );
+    let gone = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let r = server
+        .request(Method::DELETE, &format!("/Task/{gone}"), &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let stored = task_count(&server).await;
+
+    let bob = "Practitioner/bob";
+    let open_ref = format!("Task/{open}");
+    let cases: Vec<(&str, &str, Value, StatusCode, &str)> = vec![
+        (
+            "missing focus",
+            &admin,
+            request("abort", None, bob, "x"),
+            StatusCode::BAD_REQUEST,
+            "required",
+        ),
+        (
+            "focus not a Task",
+            &admin,
+            request("abort", Some("ServiceRequest/sr1"), bob, "x"),
+            StatusCode::BAD_REQUEST,
+            "value",
+        ),
+        (
+            "focus on another server",
+            &admin,
+            request(
+                "suspend",
+                Some("https://elsewhere.example/fhir/Task/1"),
+                bob,
+                "x",
+            ),
+            StatusCode::BAD_REQUEST,
+            "value",
+        ),
+        (
+            "focal Task missing",
+            &admin,
+            request("abort", Some("Task/no-such-task"), bob, "x"),
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+        (
+            "focal Task deleted",
+            &admin,
+            request("abort", Some(&format!("Task/{gone}")), bob, "x"),
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+        (
+            "focal Task terminal",
+            &admin,
+            request("abort", Some(&format!("Task/{done}")), bob, "x"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+        ),
+        (
+            "resume of a Task not on hold",
+            &admin,
+            request("resume", Some(&open_ref), bob, "x"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+        ),
+        (
+            "not addressed to the focal owner",
+            &admin,
+            request("abort", Some(&open_ref), "Practitioner/carol", "x"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+        ),
+        (
+            "focal Task the practitioner cannot read",
+            &alice,
+            request("abort", Some(&open_ref), "Practitioner/alice", "x"),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            "a request for someone else (role rules)",
+            &alice,
+            request("abort", Some(&open_ref), bob, "x"),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+    ];
+    for (label, token, body, expected, code) in cases {
+        let (status, outcome) = server.post_json("/Task", token, &body).await;
+        assert_eq!(status, expected, "{label}: {outcome}");
+        assert_outcome(&outcome, code);
+    }
+    assert_eq!(task_count(&server).await, stored, "nothing was stored");
+    assert_eq!(
+        state_of(&server, &open).await,
+        ("in-progress".into(), "1".into())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn completing_a_request_fails_when_its_focal_task_changed_meanwhile() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let new_pair = || async {
+        let focal = id_of(
+            &server
+                .create_task(&task("in-progress", Some("Practitioner/bob")))
+                .await,
+        );
+        let abort = id_of(
+            &server
+                .create_task(&request(
+                    "abort",
+                    Some(&format!("Task/{focal}")),
+                    "Practitioner/bob",
+                    "stop",
+                ))
+                .await,
+        );
+        (focal, abort)
+    };
+
+    // The focal Task was completed meanwhile: 422, the request stays as it was.
+    let (focal, abort) = new_pair().await;
+    assert_eq!(
+        set_status(&server, &focal, &admin, "completed").await.0,
+        StatusCode::OK
+    );
+    let (status, body) = set_status(&server, &abort, &bob, "completed").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_outcome(&body, "business-rule");
+    assert_eq!(
+        state_of(&server, &abort).await,
+        ("requested".into(), "1".into())
+    );
+    assert_eq!(
+        state_of(&server, &focal).await,
+        ("completed".into(), "2".into())
+    );
+    // Rejecting it is still possible.
+    assert_eq!(
+        set_status(&server, &abort, &bob, "rejected").await.0,
+        StatusCode::OK
+    );
+
+    // The focal Task was deleted meanwhile: 409.
+    let (focal, abort) = new_pair().await;
+    let r = server
+        .request(Method::DELETE, &format!("/Task/{focal}"), &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (status, body) = set_status(&server, &abort, &bob, "completed").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_outcome(&body, "conflict");
+    assert_eq!(
+        state_of(&server, &abort).await,
+        ("requested".into(), "1".into())
+    );
+
+    // The request was handed to someone who does not own the focal Task: completing it
+    // would let them change a Task they may not touch, so it is refused.
+    let (focal, abort) = new_pair().await;
+    let (_, mut readdressed) = server.get(&format!("/Task/{abort}"), &admin).await;
+    readdressed["owner"] = json!({ "reference": "Practitioner/mallory" });
+    assert_eq!(
+        server
+            .put_json(&format!("/Task/{abort}"), &admin, &readdressed)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let mallory = server.practitioner("Practitioner/mallory");
+    let (status, body) = set_status(&server, &abort, &mallory, "completed").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        state_of(&server, &focal).await,
+        ("in-progress".into(), "1".into())
+    );
+    assert_eq!(state_of(&server, &abort).await.0, "requested");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sub_tasks_need_a_parent_the_caller_may_read() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+    let mine = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/alice")))
+            .await,
+    );
+    let bobs = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let deleted = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/alice")))
+            .await,
+    );
+    let r = server
+        .request(Method::DELETE, &format!("/Task/{deleted}"), &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let stored = task_count(&server).await;
+
+    let child = |parent: &str| {
+        let mut t = task("requested", Some("Practitioner/alice"));
+        t["partOf"] = json!([{ "reference": parent }]);
+        t
+    };
+    let cases = [
+        (
+            "missing parent",
+            "Task/no-such-task".to_string(),
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+        (
+            "deleted parent",
+            format!("Task/{deleted}"),
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+        (
+            "unreadable parent",
+            format!("Task/{bobs}"),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            "parent on another server",
+            "https://elsewhere.example/fhir/Task/1".to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+        ),
+    ];
+    for (label, parent, expected, code) in &cases {
+        let (status, outcome) = server.post_json("/Task", &alice, &child(parent)).await;
+        assert_eq!(status, *expected, "{label}: {outcome}");
+        assert_outcome(&outcome, code);
+    }
+    assert_eq!(task_count(&server).await, stored, "nothing was stored");
+
+    // Under her own Task it works, and the same checks guard moving it by update or patch.
+    let (status, created) = server
+        .post_json("/Task", &alice, &child(&format!("Task/{mine}")))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let child_id = id_of(&created);
+    let mut moved = created.clone();
+    moved["partOf"] = json!([{ "reference": format!("Task/{bobs}") }]);
+    let (status, outcome) = server
+        .put_json(&format!("/Task/{child_id}"), &alice, &moved)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{outcome}");
+    let (status, outcome) = patch(
+        &server,
+        &format!("/Task/{child_id}"),
+        &alice,
+        json!([{ "op": "add", "path": "/partOf/-", "value": { "reference": "Task/no-such-task" } }]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{outcome}");
+    let (status, outcome) = patch(
+        &server,
+        &format!("/Task/{child_id}"),
+        &alice,
+        json!([{ "op": "add", "path": "/partOf/-", "value": { "reference": format!("Task/{child_id}") } }]),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a Task is not its own parent: {outcome}"
+    );
+    assert_eq!(
+        state_of(&server, &child_id).await.1,
+        "1",
+        "no refused change was stored"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_sub_task_tree_comes_back_in_one_search() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let mut coordination = task("in-progress", None);
+    coordination["intent"] = json!("plan");
+    let root = id_of(&server.create_task(&coordination).await);
+    let sub_task = |parent: &str| {
+        let mut t = task("requested", None);
+        t["partOf"] = json!([{ "reference": format!("Task/{parent}") }]);
+        t
+    };
+    let draw = id_of(&server.create_task(&sub_task(&root)).await);
+    let analyse = id_of(&server.create_task(&sub_task(&root)).await);
+    let aliquot = id_of(&server.create_task(&sub_task(&draw)).await);
+    let unrelated = id_of(&server.create_task(&task("requested", None)).await);
+
+    let (status, bundle) = server
+        .get(
+            &format!("/Task?_id={root}&_revinclude:iterate=Task:part-of"),
+            &admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    assert_eq!(match_ids(&bundle), vec![root.clone()]);
+    let included: BTreeSet<String> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "include")
+        .map(|e| id_of(&e["resource"]))
+        .collect();
+    assert_eq!(
+        included,
+        BTreeSet::from([draw.clone(), analyse, aliquot.clone()])
+    );
+    assert!(!included.contains(&unrelated));
+
+    // Without :iterate only the direct children come back.
+    let (_, bundle) = server
+        .get(
+            &format!("/Task?_id={root}&_revinclude=Task:part-of"),
+            &admin,
+        )
+        .await;
+    let direct = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "include")
+        .count();
+    assert_eq!(direct, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn role_queues_show_work_by_performer_type_and_a_race_has_one_winner() {
+    let server = TestServer::start().await;
+    let lab = format!("{PERFORMER_TYPES}|lab");
+    let alice = server.practitioner_with_types("Practitioner/alice", &[&lab]);
+    let bob = server.practitioner_with_types("Practitioner/bob", &[&lab]);
+    let carol = server.practitioner_with_types(
+        "Practitioner/carol",
+        &[&format!("{PERFORMER_TYPES}|radiology")],
+    );
+    let work = id_of(&server.create_task(&queued("lab")).await);
+    let scan = id_of(&server.create_task(&queued("radiology")).await);
+
+    let queue = "owner:missing=true&status=requested";
+    assert_eq!(server.search_ids(queue, &alice).await, vec![work.clone()]);
+    assert_eq!(server.search_ids(queue, &bob).await, vec![work.clone()]);
+    assert_eq!(server.search_ids(queue, &carol).await, vec![scan.clone()]);
+    assert_eq!(
+        server.get(&format!("/Task/{work}"), &carol).await.0,
+        StatusCode::FORBIDDEN
+    );
+
+    // Both claim version 1 at once: exactly one wins, the other is told its version is stale.
+    let path = format!("/Task/{work}");
+    let claim = |user: &'static str, token: &str| {
+        let (server, path, token) = (&server, path.clone(), token.to_string());
+        async move {
+            let claim = json!([
+                { "op": "add", "path": "/owner", "value": { "reference": user } },
+                { "op": "replace", "path": "/status", "value": "accepted" },
+            ]);
+            patch(server, &path, &token, claim, Some("1")).await
+        }
+    };
+    let (a, b) = tokio::join!(
+        claim("Practitioner/alice", &alice),
+        claim("Practitioner/bob", &bob)
+    );
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::PRECONDITION_FAILED],
+        "{a:?} {b:?}"
+    );
+    let (winner, loser) = if a.0 == StatusCode::OK {
+        (&alice, &bob)
+    } else {
+        (&bob, &alice)
+    };
+    let lost = if a.0 == StatusCode::OK { &b.1 } else { &a.1 };
+    assert_outcome(lost, "conflict");
+
+    // The claimed Task has left the queue: the loser no longer sees it, the winner does.
+    assert!(server.search_ids(queue, &alice).await.is_empty());
+    assert_eq!(
+        server.get(&format!("/Task/{work}"), loser).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        server.get(&format!("/Task/{work}"), winner).await.0,
+        StatusCode::OK
+    );
+
+    // Releasing the claim returns it to the queue for everyone of that type.
+    let release = json!([
+        { "op": "remove", "path": "/owner" },
+        { "op": "replace", "path": "/status", "value": "requested" },
+    ]);
+    let (status, body) = patch(&server, &format!("/Task/{work}"), winner, release, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(server.search_ids(queue, loser).await, vec![work.clone()]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn completing_an_abort_request_notifies_about_both_tasks() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let (status, created) = server
+        .post_json(
+            "/Subscription",
+            &admin,
+            &subscription("task-status-changed", &[], &receiver.url, "full-resource"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let subscription_id = id_of(&created);
+    eventually("an active subscription", || async {
+        let (_, s) = server
+            .get(&format!("/Subscription/{subscription_id}"), &admin)
+            .await;
+        (s["status"] == "active").then_some(())
+    })
+    .await;
+
+    let focal = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let abort = id_of(
+        &server
+            .create_task(&request(
+                "abort",
+                Some(&format!("Task/{focal}")),
+                "Practitioner/bob",
+                "no longer needed",
+            ))
+            .await,
+    );
+    let (status, body) = set_status(&server, &abort, &bob, "completed").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Every (Task id, status) the subscriber was told about.
+    let told = || -> BTreeSet<(String, String)> {
+        receiver
+            .of(&subscription_id, "event-notification")
+            .iter()
+            .flat_map(|r| r.body["entry"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["resource"]["resourceType"] == "Task")
+            .map(|e| {
+                (
+                    id_of(&e["resource"]),
+                    e["resource"]["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    receiver
+        .wait_for("both Tasks' changes", |_| {
+            let told = told();
+            told.contains(&(abort.clone(), "completed".into()))
+                && told.contains(&(focal.clone(), "cancelled".into()))
+        })
+        .await;
+    let numbers = receiver.event_numbers(&subscription_id);
+    let mut sorted = numbers.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        numbers, sorted,
+        "numbered in order, none twice: {numbers:?}"
+    );
+    server.stop().await;
+}
