@@ -647,3 +647,31 @@ async fn event_numbers_continue_across_a_restart() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_hanging_endpoint_does_not_delay_another_subscription() {
+    let server = TestServer::start_hub().await;
+    let stuck = Receiver::start().await;
+    let healthy = Receiver::start().await;
+    let admin = server.admin();
+    let mut slow_body = subscription("task-changed", &[], &stuck.url, "id-only");
+    slow_body["channel"]["extension"] = json!([{
+        "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-timeout",
+        "valueUnsignedInt": 30
+    }]);
+    let slow = subscribe(&server, &admin, &slow_body).await;
+    let fast = subscribe(&server, &admin, &subscription("task-changed", &[], &healthy.url, "id-only")).await;
+    stuck.wait_for("slow handshake", |r| !r.is_empty()).await;
+    healthy.wait_for("fast handshake", |r| !r.is_empty()).await;
+    // From now on the first endpoint holds every request for 25 s.
+    stuck.hang(Some(std::time::Duration::from_secs(25)));
+    for _ in 0..10 {
+        server.create_task(&task("requested", None)).await;
+    }
+    healthy.wait_for("all ten events", |_| healthy.event_numbers(&fast).len() == 10).await;
+    assert_eq!(healthy.event_numbers(&fast), (1..=10).collect::<Vec<_>>());
+    assert!(stuck.hanging() >= 1, "the stuck endpoint was still holding its first request");
+    assert!(stuck.event_numbers(&slow).is_empty());
+    stuck.hang(None);
+    server.stop().await;
+}

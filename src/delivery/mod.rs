@@ -216,7 +216,13 @@ impl Scheduler {
                 self.in_flight.insert(id.clone());
                 let deliverer = self.deliverer.clone();
                 self.attempts.spawn(async move {
-                    let outcome = attempt(&deliverer, &id, heartbeat).await;
+                    // A panic must not leave the subscription marked in flight forever: it
+                    // becomes a failed attempt, retried like any other.
+                    let guarded = std::panic::AssertUnwindSafe(attempt(&deliverer, &id, heartbeat));
+                    let outcome = futures::FutureExt::catch_unwind(guarded).await.unwrap_or_else(|_| {
+                        tracing::error!(subscription.id = %id, "a delivery attempt panicked; retrying later");
+                        Outcome::RetryAt(Duration::from_secs(5))
+                    });
                     (id, outcome)
                 });
             }
@@ -284,6 +290,12 @@ impl Scheduler {
                             }
                             TimerKind::Heartbeat => {
                                 let Some(period) = self.heartbeats.get(&id).copied() else { continue };
+                                // While a retry is pending the endpoint is failing: a heartbeat
+                                // attempt would only send the waiting events early, around the
+                                // back-off. The next success re-arms the heartbeat.
+                                if self.retry_at.contains_key(&id) {
+                                    continue;
+                                }
                                 let last = self.last_sent.get(&id).copied();
                                 if last.is_some_and(|l| now < l + period) {
                                     continue; // Something was sent since; a newer timer exists.

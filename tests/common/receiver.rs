@@ -80,6 +80,10 @@ struct Inner {
     script: Vec<u16>,
     /// Answer every request with this status while set.
     failing: Option<u16>,
+    /// Hold every request this long before answering.
+    hang: Option<Duration>,
+    /// Requests being held right now.
+    hanging: usize,
 }
 
 #[derive(Clone)]
@@ -89,12 +93,18 @@ pub struct Receiver {
 }
 
 async fn receive(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(shared): State<Arc<Mutex<Inner>>>,
     headers: HeaderMap,
     raw: Bytes,
 ) -> StatusCode {
+    let hang = shared.lock().unwrap().hang;
+    if let Some(hang) = hang {
+        shared.lock().unwrap().hanging += 1;
+        tokio::time::sleep(hang).await;
+        shared.lock().unwrap().hanging -= 1;
+    }
     let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-    let mut inner = inner.lock().unwrap();
+    let mut inner = shared.lock().unwrap();
     let status = if let Some(s) = inner.failing {
         s
     } else if !inner.script.is_empty() {
@@ -141,6 +151,16 @@ impl Receiver {
             .iter()
             .flat_map(Received::event_numbers)
             .collect()
+    }
+
+    /// Holds every request for `delay` before answering (an endpoint that hangs).
+    pub fn hang(&self, delay: Option<Duration>) {
+        self.inner.lock().unwrap().hang = delay;
+    }
+
+    /// How many requests are being held right now.
+    pub fn hanging(&self) -> usize {
+        self.inner.lock().unwrap().hanging
     }
 
     pub fn fail_with(&self, status: Option<u16>) {
