@@ -103,9 +103,21 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let parse_limits = search_limits;
     let parse_base = base_url.clone();
     let registry = Arc::new(channels::websocket::Registry::default());
+    // The AMQP publisher connects in the background; it stops when `run` returns, however it
+    // returns, and on a normal shutdown after the last delivery (below).
+    let amqp_stop = CancellationToken::new();
+    let _amqp_stop_guard = amqp_stop.clone().drop_guard();
+    let amqp = match &config.amqp_url {
+        Some(url) => Some(
+            channels::amqp::AmqpPublisher::start(url, amqp_stop.clone())
+                .map_err(|e| Error::internal("invalid configuration", e))?,
+        ),
+        None => None,
+    };
     let deliverer = Arc::new(Deliverer {
         store: store.clone(),
         rest_hook: rest_hook.clone(),
+        amqp: amqp.clone(),
         websockets: registry.clone(),
         base_url: base_url.clone(),
         config: config.delivery.clone(),
@@ -128,6 +140,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 index: Default::default(),
                 delivery: delivery.clone(),
                 rest_hook,
+                amqp: amqp.clone(),
                 websockets: Arc::new(channels::websocket::WebSocketHub {
                     registry,
                     tokens: Default::default(),
@@ -199,6 +212,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     pipeline_stop.cancel();
     tasks.wait().await;
     let _ = scheduler.await;
+    amqp_stop.cancel();
+    if let Some(amqp) = &amqp {
+        amqp.closed().await;
+    }
     store.close().await;
     tracing::info!("Baton stopped");
     served.map_err(|e| Error::internal("the HTTP server failed", e))

@@ -30,8 +30,23 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
             .into_response();
     }
+    // AMQP being down degrades one channel (its deliveries wait in the durable queue); the
+    // node still serves the API, so it stays ready and says what is degraded.
+    let amqp = state.hub.amqp.as_ref().map(|a| {
+        if a.is_connected() {
+            "connected"
+        } else {
+            "unreachable"
+        }
+    });
     match state.store.ping().await {
-        Ok(()) => axum::Json(json!({ "status": "ready", "database": "ok" })).into_response(),
+        Ok(()) => {
+            let mut body = json!({ "status": "ready", "database": "ok" });
+            if let Some(amqp) = amqp {
+                body["amqp"] = json!(amqp);
+            }
+            axum::Json(body).into_response()
+        }
         Err(e) => {
             tracing::warn!(error = %crate::error::error_chain(&e), "readiness check failed");
             (

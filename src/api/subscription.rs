@@ -37,6 +37,8 @@ pub struct Hub {
     pub index: Arc<RwLock<SubscriptionIndex>>,
     pub delivery: DeliveryHandle,
     pub rest_hook: RestHook,
+    /// The AMQP publisher, when `BATON_AMQP_URL` is set.
+    pub amqp: Option<crate::channels::amqp::AmqpPublisher>,
     pub websockets: Arc<WebSocketHub>,
 }
 
@@ -191,10 +193,15 @@ async fn check_deliverable(state: &AppState, spec: &SubscriptionSpec) -> Result<
             .await
             .map_err(|why| Error::invalid("Subscription.channel.endpoint", why)),
         ChannelSpec::WebSocket => Ok(()),
-        ChannelSpec::Message { .. } => Err(Error::not_supported(
-            "the message (AMQP) channel is not available on this hub yet; use rest-hook",
-        )
-        .at("Subscription.channel.type")),
+        ChannelSpec::Message { endpoint } => match &state.hub.amqp {
+            Some(amqp) => amqp
+                .check_endpoint(endpoint)
+                .map_err(|why| Error::invalid("Subscription.channel.endpoint", why)),
+            None => Err(Error::not_supported(
+                "the message (AMQP) channel is not configured on this hub",
+            )
+            .at("Subscription.channel.type")),
+        },
     }
 }
 

@@ -1,5 +1,6 @@
 //! Notification channels: how a notification leaves the hub.
 
+pub mod amqp;
 pub mod rest_hook;
 pub mod signature;
 pub mod websocket;

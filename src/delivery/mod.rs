@@ -23,6 +23,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, Principal};
+use crate::channels::SendError;
+use crate::channels::amqp::{AmqpMessage, AmqpPublisher};
 use crate::channels::rest_hook::{Outgoing, RestHook};
 use crate::channels::signature::parse_secret;
 use crate::channels::websocket::Registry;
@@ -75,6 +77,8 @@ pub type ParseSubscription = Box<dyn Fn(&Value) -> Result<SubscriptionSpec> + Se
 pub struct Deliverer {
     pub store: Arc<dyn Store>,
     pub rest_hook: RestHook,
+    /// The AMQP publisher, when `BATON_AMQP_URL` is set.
+    pub amqp: Option<AmqpPublisher>,
     pub websockets: Arc<Registry>,
     pub base_url: String,
     pub config: DeliveryConfig,
@@ -399,40 +403,74 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
         Payload::Events { .. } => "event-notification",
         Payload::Heartbeat => "heartbeat",
     };
-    let (endpoint, headers) = match &spec.channel {
-        ChannelSpec::RestHook { endpoint, headers } => (endpoint, headers),
-        ChannelSpec::WebSocket => {
-            return push_to_sockets(deliverer, &sub, &spec, payload, kind, now).await;
-        }
-        ChannelSpec::Message { .. } => return Ok(Outcome::Gone),
-    };
+    if matches!(spec.channel, ChannelSpec::WebSocket) {
+        return push_to_sockets(deliverer, &sub, &spec, payload, kind, now).await;
+    }
     let (body, message_id, through) = build(deliverer, &sub, &spec, &payload, now).await?;
-    let secret = spec.signing_secret.as_deref().and_then(parse_secret);
     let timeout = Duration::from_secs(
         spec.timeout
             .map_or(deliverer.config.default_timeout_seconds, u64::from),
     );
     let started = std::time::Instant::now();
-    let sent = deliverer
-        .rest_hook
-        .send(
-            Outgoing {
-                endpoint,
-                content_type: &spec.content_type,
-                headers,
-                body,
-                message_id: &message_id,
-                secret: secret.as_deref(),
-                timeout,
-            },
-            now.unix_timestamp(),
-        )
-        .await;
-    metrics::histogram!("baton_delivery_seconds", "channel" => "rest-hook")
+    let (channel, sent) = match &spec.channel {
+        ChannelSpec::RestHook { endpoint, headers } => {
+            let secret = spec.signing_secret.as_deref().and_then(parse_secret);
+            let sent = deliverer
+                .rest_hook
+                .send(
+                    Outgoing {
+                        endpoint,
+                        content_type: &spec.content_type,
+                        headers,
+                        body,
+                        message_id: &message_id,
+                        secret: secret.as_deref(),
+                        timeout,
+                    },
+                    now.unix_timestamp(),
+                )
+                .await;
+            ("rest-hook", sent)
+        }
+        ChannelSpec::Message { endpoint } => {
+            let (first_event, last_event) = match payload {
+                Payload::Events { from, to } => (Some(from), Some(to)),
+                Payload::Handshake | Payload::Heartbeat => (None, None),
+            };
+            let sent = match &deliverer.amqp {
+                Some(amqp) => {
+                    amqp.publish(
+                        endpoint,
+                        AmqpMessage {
+                            body: &body,
+                            content_type: &spec.content_type,
+                            message_id: &message_id,
+                            subscription_id: &sub.id,
+                            notification_type: kind,
+                            first_event,
+                            last_event,
+                            events_since_start: sub.events_since_start,
+                            timestamp_secs: now.unix_timestamp().max(0) as u64,
+                        },
+                        timeout,
+                    )
+                    .await
+                }
+                // A stored message subscription on a hub whose configuration lost the broker.
+                None => Err(SendError {
+                    message: "the message (AMQP) channel is not configured on this hub".into(),
+                    retry_after: None,
+                }),
+            };
+            ("message", sent)
+        }
+        ChannelSpec::WebSocket => return Ok(Outcome::Gone),
+    };
+    metrics::histogram!("baton_delivery_seconds", "channel" => channel)
         .record(started.elapsed().as_secs_f64());
     match sent {
         Ok(()) => {
-            metrics::counter!("baton_deliveries_total", "channel" => "rest-hook", "type" => kind, "result" => "ok").increment(1);
+            metrics::counter!("baton_deliveries_total", "channel" => channel, "type" => kind, "result" => "ok").increment(1);
             deliverer
                 .store
                 .record_delivery(DeliveryReport::Delivered {
@@ -451,7 +489,7 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
             })
         }
         Err(failure) => {
-            metrics::counter!("baton_deliveries_total", "channel" => "rest-hook", "type" => kind, "result" => "failed").increment(1);
+            metrics::counter!("baton_deliveries_total", "channel" => channel, "type" => kind, "result" => "failed").increment(1);
             tracing::warn!(subscription.id = %sub.id, attempt.kind = kind, error = %failure.message, "delivery failed");
             let retry = record_failure(
                 deliverer,
