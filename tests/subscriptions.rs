@@ -660,7 +660,12 @@ async fn a_hanging_endpoint_does_not_delay_another_subscription() {
         "valueUnsignedInt": 30
     }]);
     let slow = subscribe(&server, &admin, &slow_body).await;
-    let fast = subscribe(&server, &admin, &subscription("task-changed", &[], &healthy.url, "id-only")).await;
+    let fast = subscribe(
+        &server,
+        &admin,
+        &subscription("task-changed", &[], &healthy.url, "id-only"),
+    )
+    .await;
     stuck.wait_for("slow handshake", |r| !r.is_empty()).await;
     healthy.wait_for("fast handshake", |r| !r.is_empty()).await;
     // From now on the first endpoint holds every request for 25 s.
@@ -668,9 +673,16 @@ async fn a_hanging_endpoint_does_not_delay_another_subscription() {
     for _ in 0..10 {
         server.create_task(&task("requested", None)).await;
     }
-    healthy.wait_for("all ten events", |_| healthy.event_numbers(&fast).len() == 10).await;
+    healthy
+        .wait_for("all ten events", |_| {
+            healthy.event_numbers(&fast).len() == 10
+        })
+        .await;
     assert_eq!(healthy.event_numbers(&fast), (1..=10).collect::<Vec<_>>());
-    assert!(stuck.hanging() >= 1, "the stuck endpoint was still holding its first request");
+    assert!(
+        stuck.hanging() >= 1,
+        "the stuck endpoint was still holding its first request"
+    );
     assert!(stuck.event_numbers(&slow).is_empty());
     stuck.hang(None);
     server.stop().await;
