@@ -208,6 +208,16 @@ pub async fn read_body(
     })
 }
 
+/// Splits a query string (or a form body) into name/value pairs, decoded.
+pub fn query_pairs(text: Option<&str>) -> Result<Vec<(String, String)>> {
+    serde_urlencoded::from_str(text.unwrap_or("")).map_err(|e| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("the query string is malformed: {e}"),
+        )
+    })
+}
+
 /// Parses JSON, reporting where it is malformed.
 pub fn parse_json(bytes: &[u8]) -> Result<Value> {
     if bytes.is_empty() {

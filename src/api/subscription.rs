@@ -20,8 +20,8 @@ use crate::delivery::DeliveryHandle;
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::format_instant;
 use crate::fhir::notification::{
-    ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
-    notification_bundle, status_search_bundle,
+    ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
+    status_search_bundle,
 };
 use crate::fhir::subscription::{
     ChannelPolicy, ChannelSpec, SubscriptionSpec, TopicFilters, parse_subscription,
@@ -135,28 +135,11 @@ pub fn index_only(state: &AppState, stored: &StoredSubscription, spec: &Subscrip
 
 /// Puts an active subscription into the matcher index and the scheduler.
 pub fn activate(state: &AppState, stored: &StoredSubscription, spec: &SubscriptionSpec) {
-    let Some((topic, _)) = find_topic(&state.hub.topics, &spec.topic_url) else {
-        return;
-    };
-    let Ok(author) = serde_json::from_value::<Principal>(stored.author.clone()) else {
-        return;
-    };
     if stored.status == SubscriptionStatus::Off {
         deactivate(state, &stored.id);
         return;
     }
-    state
-        .hub
-        .index
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(Candidate {
-            id: stored.id.clone(),
-            topic,
-            filters: spec.filters.clone(),
-            author,
-            created_after_seq: stored.created_after_seq,
-        });
+    index_only(state, stored, spec);
     state.hub.delivery.set_heartbeat(
         &stored.id,
         spec.heartbeat_period.map(|p| Duration::from_secs(p.into())),
@@ -335,13 +318,7 @@ async fn search(
     principal: Principal,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| {
-        Error::bad_request(
-            IssueCode::Invalid,
-            format!("the query string is malformed: {e}"),
-        )
-    })?;
+    let pairs = super::query_pairs(query.as_deref())?;
     let mut filter = author_scope(&principal);
     let mut count = state.config.search.default_count;
     let mut offset = 0usize;
@@ -534,13 +511,7 @@ async fn status_type(
     principal: Principal,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| {
-        Error::bad_request(
-            IssueCode::Invalid,
-            format!("the query string is malformed: {e}"),
-        )
-    })?;
+    let pairs = super::query_pairs(query.as_deref())?;
     let mut filter = author_scope(&principal);
     for (name, value) in pairs {
         // Repeated and comma-separated values are ORed, as the operation defines.
@@ -581,13 +552,7 @@ async fn events(
 ) -> Result<Response> {
     let stored = visible(&state, &principal, &id).await?;
     let spec = parse_spec(&state, &stored.resource)?;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| {
-        Error::bad_request(
-            IssueCode::Invalid,
-            format!("the query string is malformed: {e}"),
-        )
-    })?;
+    let pairs = super::query_pairs(query.as_deref())?;
     let mut since = 1i64;
     let mut until = stored.events_since_start;
     let mut content = spec.content;
@@ -629,41 +594,9 @@ async fn events(
         Vec::new()
     };
     let author: Option<Principal> = serde_json::from_value(stored.author.clone()).ok();
-    let keys: Vec<(String, i64)> = records
-        .iter()
-        .map(|e| (e.task_id.clone(), e.version))
-        .collect();
-    let versions: std::collections::HashMap<(String, i64), Value> =
-        if content == ContentLevel::Empty {
-            Default::default()
-        } else {
-            state
-                .store
-                .versions(&keys)
-                .await?
-                .into_iter()
-                .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
-                .collect()
-        };
-    let events: Vec<NotificationEvent<'_>> = records
-        .iter()
-        .map(|e| {
-            let resource = versions.get(&(e.task_id.clone(), e.version));
-            let readable = match (resource, &author) {
-                (Some(r), Some(a)) => crate::auth::may_read_task(a, r, &state.base_url),
-                (None, Some(_)) => true,
-                _ => false,
-            };
-            NotificationEvent {
-                event_number: e.event_number,
-                timestamp: &e.occurred_at,
-                task_id: &e.task_id,
-                version: e.version,
-                interaction: e.interaction,
-                resource: if readable { resource } else { None },
-            }
-        })
-        .collect();
+    let versions = crate::delivery::load_versions(state.store.as_ref(), &records, content).await?;
+    let events =
+        crate::delivery::readable_events(&records, &versions, author.as_ref(), &state.base_url);
     let bundle = notification_bundle(
         &state.base_url,
         &uuid::Uuid::new_v4().to_string(),
@@ -729,13 +662,7 @@ async fn binding_token_type(
     principal: Principal,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| {
-        Error::bad_request(
-            IssueCode::Invalid,
-            format!("the query string is malformed: {e}"),
-        )
-    })?;
+    let pairs = super::query_pairs(query.as_deref())?;
     let mut ids = Vec::new();
     for (name, value) in pairs {
         match name.as_str() {

@@ -779,12 +779,7 @@ async fn search_post(
 }
 
 fn parse_pairs(text: &str) -> Result<Vec<(String, String)>> {
-    serde_urlencoded::from_str(text).map_err(|e| {
-        Error::bad_request(
-            IssueCode::Invalid,
-            format!("the query string is malformed: {e}"),
-        )
-    })
+    super::query_pairs(Some(text))
 }
 
 async fn run_search(

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::auth::Principal;
-use crate::error::{Error, IssueCode, Result};
+use crate::error::{Error, Result};
 use crate::fhir::fhir_json;
 
 pub fn router() -> Router<AppState> {
@@ -37,13 +37,7 @@ async fn search(
     _principal: Principal,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| {
-        Error::bad_request(
-            IssueCode::Invalid,
-            format!("the query string is malformed: {e}"),
-        )
-    })?;
+    let pairs = super::query_pairs(query.as_deref())?;
     let mut urls: Option<Vec<String>> = None;
     let mut ids: Option<Vec<String>> = None;
     for (name, value) in pairs {

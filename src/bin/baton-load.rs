@@ -126,6 +126,9 @@ struct Target {
     /// Without --token, mint a one-hour admin token with this HS256 key.
     #[arg(long, env = "BATON_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// Also report the CPU the server process used during the run (Linux /proc).
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 impl Target {
@@ -263,6 +266,60 @@ fn http_client(connections: usize) -> anyhow::Result<reqwest::Client> {
 fn etag_version(headers: &reqwest::header::HeaderMap) -> Option<i64> {
     let text = headers.get(reqwest::header::ETAG)?.to_str().ok()?;
     text.trim_start_matches("W/").trim_matches('"').parse().ok()
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces, so count the fields after its ')'. They
+    // start at field 3; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux this tool targets.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU used by this process and, when given, the server, between `start` and `finish`.
+struct CpuMeter {
+    at: Instant,
+    own: Option<Duration>,
+    server_pid: Option<String>,
+    server: Option<Duration>,
+}
+
+impl CpuMeter {
+    fn start(server_pid: Option<u32>) -> CpuMeter {
+        let server_pid = server_pid.map(|p| p.to_string());
+        CpuMeter {
+            at: Instant::now(),
+            own: cpu_time("self"),
+            server: server_pid.as_deref().and_then(cpu_time),
+            server_pid,
+        }
+    }
+
+    /// Percent of one core used since `start`: (this process, server).
+    fn finish(&self) -> (Option<f64>, Option<f64>) {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-3);
+        let percent = |before: Option<Duration>, now: Option<Duration>| {
+            Some(round2(100.0 * (now? - before?).as_secs_f64() / wall))
+        };
+        let server_now = self.server_pid.as_deref().and_then(cpu_time);
+        (
+            percent(self.own, cpu_time("self")),
+            percent(self.server, server_now),
+        )
+    }
+}
+
+fn cpu_line(own: Option<f64>, server: Option<f64>) -> String {
+    let show = |p: Option<f64>| p.map_or("n/a".to_string(), |p| format!("{p:.0}%"));
+    format!(
+        "server {}, baton-load {} (percent of one core; the machine has {})",
+        show(server),
+        show(own),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
 }
 
 /// Latency percentiles in milliseconds (nearest rank).
@@ -488,6 +545,7 @@ async fn tasks(
     }
 
     let started = Instant::now();
+    let cpu = CpuMeter::start(target.server_pid);
     let measure_from = started + warmup;
     let deadline = measure_from + duration;
     let mut workers = JoinSet::new();
@@ -562,6 +620,7 @@ async fn tasks(
             samples.entry(key).or_insert(sample);
         }
     }
+    let (own_cpu, server_cpu) = cpu.finish();
     let window = (last_done - measure_from).max(Duration::from_millis(1));
     let requests = latencies.len();
     let error_count: u64 = errors.values().sum();
@@ -575,6 +634,7 @@ async fn tasks(
     );
     println!("  requests   {requests} ({throughput:.0}/s)");
     println!("  latency    {}", percentiles.line());
+    println!("  cpu        {}", cpu_line(own_cpu, server_cpu));
     println!("  errors     {error_count}");
     for (key, count) in &errors {
         println!("    {key}: {count}  e.g. {}", samples[key]);
@@ -592,6 +652,7 @@ async fn tasks(
             "latency_ms": percentiles.json(),
             "errors": error_count,
             "errors_by_status": errors,
+            "cpu_percent": { "server": server_cpu, "load": own_cpu },
         })
     );
     Ok(if error_count == 0 {
@@ -944,6 +1005,7 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
     let mut peak_in_flight = 0;
     let mut issued: u64 = 0;
     let schedule_start = Instant::now();
+    let cpu = CpuMeter::start(target.server_pid);
     while issued < total {
         interval.tick().await;
         let due = ((schedule_start.elapsed().as_secs_f64() * options.rate) as u64 + 1).min(total);
@@ -1004,6 +1066,7 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
     }
     let _all_done = permits.acquire_many(options.max_in_flight as u32).await?;
     let schedule_end = Instant::now();
+    let (own_cpu, server_cpu) = cpu.finish();
 
     let mut update_latencies = Vec::new();
     let mut refused: BTreeMap<String, u64> = BTreeMap::new();
@@ -1148,6 +1211,7 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
         println!("    {key}: {count}");
     }
     println!("  update     {}", update_percentiles.line());
+    println!("  cpu        {}", cpu_line(own_cpu, server_cpu));
     println!(
         "  notified   {received} events in {posts} POSTs; {notifications_per_s:.0} events/s during the schedule; \
          last arrived {:.2} s after the last update response",
@@ -1221,6 +1285,7 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
             "repeated_event_numbers": repeated_numbers,
             "out_of_order": out_of_order,
             "malformed": malformed,
+            "cpu_percent": { "server": server_cpu, "load": own_cpu },
             "passed": passed,
         })
     );

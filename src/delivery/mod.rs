@@ -36,7 +36,7 @@ use crate::fhir::notification::{
     notification_bundle,
 };
 use crate::fhir::subscription::{ChannelSpec, SubscriptionSpec};
-use crate::store::{DeliveryReport, Store, StoredSubscription};
+use crate::store::{DeliveryReport, EventRecord, Store, StoredSubscription};
 use retry::{AfterFailure, RetryPolicy, after_failure};
 
 /// Asks the scheduler to look at a subscription.
@@ -504,6 +504,61 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
     }
 }
 
+/// The exact Task versions a batch of events is about, unless the content level needs none.
+pub async fn load_versions(
+    store: &dyn Store,
+    events: &[EventRecord],
+    content: ContentLevel,
+) -> Result<HashMap<(String, i64), Value>> {
+    if content == ContentLevel::Empty || events.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let keys: Vec<(String, i64)> = events
+        .iter()
+        .map(|e| (e.task_id.clone(), e.version))
+        .collect();
+    Ok(store
+        .versions(&keys)
+        .await?
+        .into_iter()
+        .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
+        .collect())
+}
+
+/// The events of a notification, with the read rule applied once more when it is sent or
+/// replayed: an event whose Task version the author may not read is left out altogether
+/// (its number is then missing from the Bundle, never its content disclosed). Matching
+/// already applied the same rule to the same version, so this only bites if the rule or the
+/// author's rights changed in between. Deletes carry no content and pass.
+pub fn readable_events<'a>(
+    events: &'a [EventRecord],
+    versions: &'a HashMap<(String, i64), Value>,
+    author: Option<&Principal>,
+    base_url: &str,
+) -> Vec<NotificationEvent<'a>> {
+    let Some(author) = author else {
+        return Vec::new();
+    };
+    events
+        .iter()
+        .filter_map(|e| {
+            let resource = versions.get(&(e.task_id.clone(), e.version));
+            if resource.is_some_and(|r| !auth::may_read_task(author, r, base_url)) {
+                metrics::counter!("baton_events_withheld_total").increment(1);
+                return None;
+            }
+            Some(NotificationEvent {
+                event_number: e.event_number,
+                timestamp: &e.occurred_at,
+                task_id: &e.task_id,
+                version: e.version,
+                interaction: e.interaction,
+                resource,
+            })
+        })
+        .collect()
+}
+
 /// Live, best-effort delivery to the sockets bound to a websocket subscription. With nobody
 /// listening the events are only marked as passed: a listener that comes back reads them with
 /// `$events`. A socket that cannot take the notification is closed by the registry.
@@ -649,45 +704,9 @@ async fn build(
             )
         }
     };
-    // Load the exact versions the events are about, unless the content level needs none.
-    let versions: HashMap<(String, i64), Value> =
-        if spec.content == ContentLevel::Empty || events.is_empty() {
-            HashMap::new()
-        } else {
-            let keys: Vec<(String, i64)> = events
-                .iter()
-                .map(|e| (e.task_id.clone(), e.version))
-                .collect();
-            deliverer
-                .store
-                .versions(&keys)
-                .await?
-                .into_iter()
-                .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
-                .collect()
-        };
-    // The read rule once more, at send time: an event whose Task the author may not read
-    // goes out without its focus or content.
-    let readable = |resource: Option<&Value>| match (resource, author.as_ref()) {
-        (Some(r), Some(a)) => auth::may_read_task(a, r, &deliverer.base_url),
-        (None, Some(_)) => true,
-        (_, None) => false,
-    };
-    let notification_events: Vec<NotificationEvent<'_>> = events
-        .iter()
-        .map(|e| {
-            let resource = versions.get(&(e.task_id.clone(), e.version));
-            let allowed = readable(resource);
-            NotificationEvent {
-                event_number: e.event_number,
-                timestamp: &e.occurred_at,
-                task_id: &e.task_id,
-                version: e.version,
-                interaction: e.interaction,
-                resource: if allowed { resource } else { None },
-            }
-        })
-        .collect();
+    let versions = load_versions(deliverer.store.as_ref(), &events, spec.content).await?;
+    let notification_events =
+        readable_events(&events, &versions, author.as_ref(), &deliverer.base_url);
     let status = StatusSnapshot {
         subscription_id: &sub.id,
         topic_url: &sub.topic_url,
@@ -715,4 +734,56 @@ async fn build(
         message_id,
         through,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+    use crate::store::Interaction;
+    use serde_json::json;
+
+    fn event(number: i64, task: &str, interaction: Interaction) -> EventRecord {
+        EventRecord {
+            event_number: number,
+            change_seq: number,
+            task_id: task.into(),
+            version: 1,
+            interaction,
+            occurred_at: "2026-01-01T00:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn events_the_author_may_not_read_are_left_out_at_send_time() {
+        let alice = Principal {
+            subject: "Practitioner/alice".into(),
+            role: Role::Practitioner,
+            fhir_user: Some("Practitioner/alice".into()),
+            performer_types: Vec::new(),
+        };
+        let owned_by = |owner: &str| json!({"resourceType": "Task", "status": "requested", "intent": "order", "owner": {"reference": owner}});
+        let events = vec![
+            event(1, "mine", Interaction::Update),
+            event(2, "theirs", Interaction::Update),
+            event(3, "gone", Interaction::Delete),
+        ];
+        let versions = HashMap::from([
+            (("mine".to_string(), 1), owned_by("Practitioner/alice")),
+            (("theirs".to_string(), 1), owned_by("Practitioner/bob")),
+        ]);
+        let kept: Vec<i64> = readable_events(&events, &versions, Some(&alice), "http://h/fhir")
+            .iter()
+            .map(|e| e.event_number)
+            .collect();
+        assert_eq!(
+            kept,
+            [1, 3],
+            "bob's Task is withheld; a delete carries nothing to withhold"
+        );
+        assert!(
+            readable_events(&events, &versions, None, "http://h/fhir").is_empty(),
+            "no author, nothing"
+        );
+    }
 }
