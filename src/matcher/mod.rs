@@ -47,7 +47,8 @@ pub struct Change<'a> {
 
 #[derive(Default)]
 struct Bucket {
-    keyed: HashMap<Key, Vec<Arc<Candidate>>>,
+    /// By parameter, then value: a lookup borrows the Task's value instead of copying it.
+    keyed: HashMap<&'static str, HashMap<String, Vec<Arc<Candidate>>>>,
     catch_all: Vec<Arc<Candidate>>,
 }
 
@@ -141,10 +142,12 @@ impl SubscriptionIndex {
         let bucket = self.buckets.entry(candidate.topic).or_default();
         match &keys {
             Some(keys) => {
-                for key in keys {
+                for (param, value) in keys {
                     bucket
                         .keyed
-                        .entry(key.clone())
+                        .entry(param)
+                        .or_default()
+                        .entry(value.clone())
                         .or_default()
                         .push(candidate.clone());
                 }
@@ -163,12 +166,18 @@ impl SubscriptionIndex {
         };
         match keys {
             Some(keys) => {
-                for key in keys {
-                    if let Some(list) = bucket.keyed.get_mut(&key) {
+                for (param, value) in keys {
+                    let Some(values) = bucket.keyed.get_mut(param) else {
+                        continue;
+                    };
+                    if let Some(list) = values.get_mut(&value) {
                         list.retain(|c| c.id != id);
                         if list.is_empty() {
-                            bucket.keyed.remove(&key);
+                            values.remove(&value);
                         }
+                    }
+                    if values.is_empty() {
+                        bucket.keyed.remove(param);
                     }
                 }
             }
@@ -209,7 +218,7 @@ impl SubscriptionIndex {
                 .index
                 .tokens
                 .iter()
-                .filter_map(|token| bucket.keyed.get(&(token.param, token.value.clone())));
+                .filter_map(|token| bucket.keyed.get(token.param)?.get(token.value.as_str()));
             let candidates = keyed.flatten().chain(bucket.catch_all.iter());
             for candidate in candidates {
                 if change.seq <= candidate.created_after_seq || !seen.insert(&candidate.id) {
@@ -223,5 +232,126 @@ impl SubscriptionIndex {
             }
         }
         matched
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+    use crate::fhir::search::{Handling, SearchLimits, index_task, parse_query};
+    use serde_json::json;
+
+    const BASE: &str = "http://h/fhir";
+
+    fn filters(query: &str) -> Vec<Predicate> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap();
+        let limits = SearchLimits {
+            default_count: 10,
+            max_count: 10,
+        };
+        parse_query(&pairs, &limits, BASE, Handling::Strict)
+            .unwrap()
+            .predicates
+    }
+
+    fn admin() -> Principal {
+        Principal {
+            subject: "admin".into(),
+            role: Role::Admin,
+            fhir_user: None,
+            performer_types: Vec::new(),
+        }
+    }
+
+    fn candidate(id: &str, query: &str, author: Principal, after: i64) -> Candidate {
+        Candidate {
+            id: id.into(),
+            topic: 0,
+            filters: filters(query),
+            author,
+            created_after_seq: after,
+        }
+    }
+
+    fn matched(index: &SubscriptionIndex, topics: &[Topic], seq: i64, task: &Value) -> Vec<String> {
+        let task_index = index_task(task, BASE);
+        let change = Change {
+            seq,
+            interaction: Interaction::Create,
+            previous: None,
+            current: Some(Side {
+                resource: task,
+                index: &task_index,
+            }),
+        };
+        let mut ids: Vec<String> = index
+            .match_change(topics, &change, BASE)
+            .iter()
+            .map(|c| c.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn the_index_finds_keyed_and_catch_all_subscriptions_and_forgets_removed_ones() {
+        let topics: Vec<Topic> = topic::builtin_topics(BASE)
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.id == "task-changed")
+            .collect();
+        let task = json!({"resourceType": "Task", "id": "t1", "status": "requested", "intent": "order",
+            "owner": {"reference": "Practitioner/1"}, "meta": {"lastUpdated": "2026-01-01T00:00:00.000Z"}});
+        let bob = Principal {
+            subject: "Practitioner/2".into(),
+            role: Role::Practitioner,
+            fhir_user: Some("Practitioner/2".into()),
+            performer_types: Vec::new(),
+        };
+        let mut index = SubscriptionIndex::default();
+        index.insert(candidate("owner-1", "owner=Practitioner/1", admin(), 0));
+        index.insert(candidate("owner-2", "owner=Practitioner/2", admin(), 0));
+        index.insert(candidate(
+            "both",
+            "owner=Practitioner/1,Practitioner/2&status=requested",
+            admin(),
+            0,
+        ));
+        index.insert(candidate(
+            "done",
+            "owner=Practitioner/1&status=completed",
+            admin(),
+            0,
+        ));
+        index.insert(candidate("all", "", admin(), 0));
+        index.insert(candidate(
+            "not-requested",
+            "status:not=requested",
+            admin(),
+            0,
+        ));
+        index.insert(candidate("later", "", admin(), 5));
+        index.insert(candidate("bobs-view", "", bob, 0));
+        assert_eq!(index.len(), 8);
+        assert_eq!(
+            matched(&index, &topics, 3, &task),
+            ["all", "both", "owner-1"]
+        );
+        assert_eq!(
+            matched(&index, &topics, 6, &task),
+            ["all", "both", "later", "owner-1"],
+            "a subscription hears changes committed after it was created"
+        );
+
+        index.remove("owner-1");
+        index.remove("all");
+        index.remove("missing");
+        assert_eq!(matched(&index, &topics, 3, &task), ["both"]);
+        // Re-inserting an id replaces its filters.
+        index.insert(candidate("both", "owner=Practitioner/3", admin(), 0));
+        assert!(matched(&index, &topics, 3, &task).is_empty());
+        assert_eq!(index.len(), 6);
+        assert!(index.contains("bobs-view") && !index.contains("owner-1"));
     }
 }
