@@ -51,6 +51,7 @@ impl Outbox {
             }
         };
         tracing::info!(cursor, "outbox consumer started");
+        let mut last_persisted = std::time::Instant::now();
         while !shutdown.is_cancelled() {
             let changes = match self.store.change_events_after(cursor, BATCH).await {
                 Ok(changes) => changes,
@@ -68,8 +69,14 @@ impl Outbox {
                 }
                 continue;
             }
-            match self.process(&changes).await {
-                Ok(through) => cursor = through,
+            let persist = last_persisted.elapsed() >= POLL;
+            match self.process(&changes, persist).await {
+                Ok((through, persisted)) => {
+                    cursor = through;
+                    if persisted {
+                        last_persisted = std::time::Instant::now();
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %crate::error::error_chain(&e), "matching a batch of changes failed; retrying");
                     tokio::time::sleep(POLL).await;
@@ -78,8 +85,12 @@ impl Outbox {
         }
     }
 
-    /// Matches a batch of changes and records the result; returns the new cursor.
-    async fn process(&self, changes: &[ChangeEvent]) -> Result<i64> {
+    /// Matches a batch of changes and records the result; returns the new cursor and whether
+    /// it was persisted. A batch that matched nothing is not written unless `persist` asks:
+    /// after a crash such changes are read again and, matched again, still match nothing (a
+    /// subscription created since is gated by `created_after_seq`), so the persisted cursor
+    /// may lag by up to `POLL` without skipping or repeating any event.
+    async fn process(&self, changes: &[ChangeEvent], persist: bool) -> Result<(i64, bool)> {
         let started = std::time::Instant::now();
         let mut keys = Vec::with_capacity(changes.len() * 2);
         for change in changes {
@@ -133,6 +144,10 @@ impl Outbox {
         }
         let through = changes.last().map_or(0, |c| c.seq);
         let matched = rows.len();
+        if rows.is_empty() && !persist {
+            metrics::counter!("baton_changes_matched_total").increment(changes.len() as u64);
+            return Ok((through, false));
+        }
         let numbered = self.store.record_matches(MATCHER, through, rows).await?;
         let woken: BTreeSet<String> = numbered.into_iter().map(|(id, _)| id).collect();
         for id in woken {
@@ -147,6 +162,6 @@ impl Outbox {
             through,
             "matched a batch of changes"
         );
-        Ok(through)
+        Ok((through, true))
     }
 }

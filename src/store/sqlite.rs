@@ -182,19 +182,30 @@ async fn commit_batch(
     base_url: &str,
 ) -> Result<Vec<Result<Done>>> {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    // Every statement is a round trip to SQLite's thread, so a lone job goes without the
+    // savepoint pair: its failure rolls back the whole (otherwise empty) transaction.
+    let alone = batch.len() == 1;
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch.iter_mut() {
         // The work is moved out: its closure runs once.
         let work = std::mem::replace(&mut job.work, Work::Taken);
-        sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
+        if !alone {
+            sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
+        }
         let outcome = apply_work(conn, work, base_url).await;
-        if outcome.is_ok() {
-            sqlx::query("RELEASE job").execute(&mut *conn).await?;
-        } else {
-            sqlx::query("ROLLBACK TO job").execute(&mut *conn).await?;
-            sqlx::query("RELEASE job").execute(&mut *conn).await?;
+        if !alone {
+            if outcome.is_ok() {
+                sqlx::query("RELEASE job").execute(&mut *conn).await?;
+            } else {
+                sqlx::query("ROLLBACK TO job").execute(&mut *conn).await?;
+                sqlx::query("RELEASE job").execute(&mut *conn).await?;
+            }
         }
         outcomes.push(outcome);
+    }
+    if alone && outcomes.first().is_some_and(Result::is_err) {
+        sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+        return Ok(outcomes);
     }
     if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
@@ -395,7 +406,10 @@ async fn put(
     .execute(&mut *conn)
     .await?;
     insert_version(conn, id, version, &now, interaction, Some(&text)).await?;
-    clear_index(conn, id).await?;
+    // A Task that never existed has no index rows to clear.
+    if current.is_some() {
+        clear_index(conn, id).await?;
+    }
     write_index(conn, id, &resource, base_url).await?;
     insert_change(
         conn,
