@@ -75,11 +75,13 @@ enum Command {
     Hub {
         #[command(flatten)]
         target: Target,
+        /// Rest-hook subscriptions, each filtering on its own Task owner.
         #[arg(long, default_value_t = 1000)]
         subscriptions: usize,
         /// Target Task updates per second, spread round-robin over the subscriptions' Tasks.
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
+        /// Length of the update schedule.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         duration: Duration,
         /// Port of the local receiver on 127.0.0.1 (0: any free port).
@@ -103,9 +105,13 @@ enum Command {
         /// Leave the subscriptions on the server afterwards (by default they are deleted).
         #[arg(long)]
         keep_subscriptions: bool,
-        /// Print updates/s, notifications/s and latency for each second of the run.
+        /// Print, for each second of the run, the events received and their worst latency.
         #[arg(long)]
         timeline: bool,
+        /// Answer every Nth event notification with 503 and ignore it, as a flaky endpoint
+        /// would, so the run also exercises Baton's retries (0: accept everything).
+        #[arg(long, default_value_t = 0)]
+        reject_every: u64,
     },
 }
 
@@ -177,6 +183,7 @@ fn main() -> ExitCode {
                 settle,
                 keep_subscriptions,
                 timeline,
+                reject_every,
             } => {
                 let options = HubOptions {
                     subscriptions,
@@ -190,6 +197,7 @@ fn main() -> ExitCode {
                     settle,
                     keep_subscriptions,
                     timeline,
+                    reject_every,
                 };
                 hub(&target, &options).await
             }
@@ -279,12 +287,44 @@ fn cpu_time(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// CPU used by this process and, when given, the server, between `start` and `finish`.
+/// Machine-wide CPU time so far from the first line of `/proc/stat`: (busy, steal), where busy
+/// excludes idle, iowait and steal.
+fn machine_cpu_time() -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = ticks[..] else {
+        return None;
+    };
+    let busy = user + nice + system + irq + softirq;
+    Some((
+        Duration::from_millis(busy * 10),
+        Duration::from_millis(steal * 10),
+    ))
+}
+
+/// CPU used by this process, the server (when given) and the whole machine, between `start`
+/// and `finish`, so a report shows how much of the machine other work took.
 struct CpuMeter {
     at: Instant,
     own: Option<Duration>,
     server_pid: Option<String>,
     server: Option<Duration>,
+    machine: Option<(Duration, Duration)>,
+}
+
+/// Percent of one core each consumer used.
+struct CpuUse {
+    own: Option<f64>,
+    server: Option<f64>,
+    machine: Option<f64>,
+    steal: Option<f64>,
 }
 
 impl CpuMeter {
@@ -295,31 +335,50 @@ impl CpuMeter {
             own: cpu_time("self"),
             server: server_pid.as_deref().and_then(cpu_time),
             server_pid,
+            machine: machine_cpu_time(),
         }
     }
 
-    /// Percent of one core used since `start`: (this process, server).
-    fn finish(&self) -> (Option<f64>, Option<f64>) {
+    fn finish(&self) -> CpuUse {
         let wall = self.at.elapsed().as_secs_f64().max(1e-3);
         let percent = |before: Option<Duration>, now: Option<Duration>| {
-            Some(round2(100.0 * (now? - before?).as_secs_f64() / wall))
+            Some(round2(
+                100.0 * (now?.checked_sub(before?)?).as_secs_f64() / wall,
+            ))
         };
         let server_now = self.server_pid.as_deref().and_then(cpu_time);
-        (
-            percent(self.own, cpu_time("self")),
-            percent(self.server, server_now),
-        )
+        let machine_now = machine_cpu_time();
+        CpuUse {
+            own: percent(self.own, cpu_time("self")),
+            server: percent(self.server, server_now),
+            machine: percent(self.machine.map(|m| m.0), machine_now.map(|m| m.0)),
+            steal: percent(self.machine.map(|m| m.1), machine_now.map(|m| m.1)),
+        }
     }
 }
 
-fn cpu_line(own: Option<f64>, server: Option<f64>) -> String {
-    let show = |p: Option<f64>| p.map_or("n/a".to_string(), |p| format!("{p:.0}%"));
-    format!(
-        "server {}, baton-load {} (percent of one core; the machine has {})",
-        show(server),
-        show(own),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    )
+impl CpuUse {
+    fn line(&self) -> String {
+        let show = |p: Option<f64>| p.map_or("n/a".to_string(), |p| format!("{p:.0}%"));
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        format!(
+            "server {}, baton-load {}, whole machine {} of {}% (steal {}); percent of one core",
+            show(self.server),
+            show(self.own),
+            show(self.machine),
+            cores * 100,
+            show(self.steal),
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "server": self.server,
+            "load": self.own,
+            "machine": self.machine,
+            "steal": self.steal,
+        })
+    }
 }
 
 /// Latency percentiles in milliseconds (nearest rank).
@@ -620,7 +679,7 @@ async fn tasks(
             samples.entry(key).or_insert(sample);
         }
     }
-    let (own_cpu, server_cpu) = cpu.finish();
+    let cpu = cpu.finish();
     let window = (last_done - measure_from).max(Duration::from_millis(1));
     let requests = latencies.len();
     let error_count: u64 = errors.values().sum();
@@ -634,7 +693,7 @@ async fn tasks(
     );
     println!("  requests   {requests} ({throughput:.0}/s)");
     println!("  latency    {}", percentiles.line());
-    println!("  cpu        {}", cpu_line(own_cpu, server_cpu));
+    println!("  cpu        {}", cpu.line());
     println!("  errors     {error_count}");
     for (key, count) in &errors {
         println!("    {key}: {count}  e.g. {}", samples[key]);
@@ -652,7 +711,7 @@ async fn tasks(
             "latency_ms": percentiles.json(),
             "errors": error_count,
             "errors_by_status": errors,
-            "cpu_percent": { "server": server_cpu, "load": own_cpu },
+            "cpu_percent": cpu.json(),
         })
     );
     Ok(if error_count == 0 {
@@ -682,6 +741,7 @@ struct HubOptions {
     settle: Duration,
     keep_subscriptions: bool,
     timeline: bool,
+    reject_every: u64,
 }
 
 /// One event of an event notification, as the receiver saw it.
@@ -709,6 +769,10 @@ struct Inbox {
     malformed: AtomicU64,
     /// Events received so far (cheap progress for the drain wait).
     events: AtomicU64,
+    /// Answer every Nth event notification with 503 (0: never).
+    reject_every: u64,
+    event_posts: AtomicU64,
+    rejected: AtomicU64,
 }
 
 async fn receive(
@@ -730,6 +794,11 @@ async fn receive(
             inbox.heartbeats.fetch_add(1, Ordering::Relaxed);
         }
         Some(Notification::Events(subscription_id, events)) => {
+            let nth = inbox.event_posts.fetch_add(1, Ordering::Relaxed) + 1;
+            if inbox.reject_every > 0 && nth % inbox.reject_every == 0 {
+                inbox.rejected.fetch_add(1, Ordering::Relaxed);
+                return StatusCode::SERVICE_UNAVAILABLE;
+            }
             inbox
                 .events
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
@@ -842,7 +911,10 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
 
     // The receiver.
-    let inbox = Arc::new(Inbox::default());
+    let inbox = Arc::new(Inbox {
+        reject_every: options.reject_every,
+        ..Inbox::default()
+    });
     let listener =
         tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], options.receivers_port)))
             .await
@@ -1066,7 +1138,7 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
     }
     let _all_done = permits.acquire_many(options.max_in_flight as u32).await?;
     let schedule_end = Instant::now();
-    let (own_cpu, server_cpu) = cpu.finish();
+    let cpu = cpu.finish();
 
     let mut update_latencies = Vec::new();
     let mut refused: BTreeMap<String, u64> = BTreeMap::new();
@@ -1167,10 +1239,11 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
             }
         }
     }
-    let missing_writes: Vec<&(String, i64)> = writes
+    let mut missing_writes: Vec<&(String, i64)> = writes
         .keys()
         .filter(|key| !seen.contains_key(key))
         .collect();
+    missing_writes.sort();
     let missing = missing_writes.len() as u64;
     let duplicates: u64 = seen.values().map(|c| u64::from(c - 1)).sum();
     let mut holes = 0u64;
@@ -1192,6 +1265,7 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
     let e2e = Percentiles::of(end_to_end);
     let posts = inbox.posts.load(Ordering::Relaxed);
     let malformed = inbox.malformed.load(Ordering::Relaxed);
+    let rejected = inbox.rejected.load(Ordering::Relaxed);
     // Refused or uncertain updates may legitimately explain events nobody expected.
     let unexplained = unexpected.saturating_sub(uncertain_count);
     let passed = missing == 0
@@ -1211,12 +1285,15 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
         println!("    {key}: {count}");
     }
     println!("  update     {}", update_percentiles.line());
-    println!("  cpu        {}", cpu_line(own_cpu, server_cpu));
+    println!("  cpu        {}", cpu.line());
     println!(
         "  notified   {received} events in {posts} POSTs; {notifications_per_s:.0} events/s during the schedule; \
          last arrived {:.2} s after the last update response",
         drain_after_last_update.as_secs_f64()
     );
+    if rejected > 0 {
+        println!("  rejected   {rejected} notifications answered 503 on purpose (--reject-every)");
+    }
     println!(
         "  latency    (update response -> arrival) {}",
         latency.line()
@@ -1285,7 +1362,8 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
             "repeated_event_numbers": repeated_numbers,
             "out_of_order": out_of_order,
             "malformed": malformed,
-            "cpu_percent": { "server": server_cpu, "load": own_cpu },
+            "rejected_on_purpose": rejected,
+            "cpu_percent": cpu.json(),
             "passed": passed,
         })
     );
