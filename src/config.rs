@@ -144,6 +144,17 @@ pub struct StoreConfig {
     pub max_batch: usize,
     /// Connections used for reads and searches.
     pub read_connections: u32,
+    /// SQLite durability: `full` fsyncs the WAL at every commit (an acknowledged write
+    /// survives a killed process and a power cut); `normal` fsyncs only at checkpoints (it
+    /// survives a killed process, but a power cut may lose the last commits).
+    pub synchronous: Synchronous,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Full,
+    Normal,
 }
 
 impl Default for Config {
@@ -197,6 +208,7 @@ impl Default for StoreConfig {
         StoreConfig {
             max_batch: 256,
             read_connections: 8,
+            synchronous: Synchronous::Full,
         }
     }
 }
