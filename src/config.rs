@@ -264,7 +264,11 @@ impl Config {
                 )));
             }
         }
-        self.database()?;
+        if let DatabaseUrl::Postgres(_) = self.database()? {
+            return Err(ConfigError(
+                "BATON_DATABASE_URL: the PostgreSQL store (cluster mode) is not part of this version; use sqlite://PATH".into(),
+            ));
+        }
         if let Some(secret) = &self.jwt_secret
             && secret.trim().is_empty()
         {
@@ -431,6 +435,10 @@ mod tests {
             (
                 |c| c.database_url = Some("sqlite://".into()),
                 "BATON_DATABASE_URL",
+            ),
+            (
+                |c| c.database_url = Some("postgres://db/baton".into()),
+                "PostgreSQL",
             ),
             (|c| c.jwt_secret = Some(" ".into()), "BATON_JWT_SECRET"),
             (|c| c.amqp_url = Some("http://x".into()), "BATON_AMQP_URL"),
