@@ -190,6 +190,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     tasks.close();
     let app = api::router(state);
 
+    // Counters that alerts watch exist from the start, at 0, rather than after the first event.
+    metrics::counter!("baton_websocket_closed_slow_total").increment(0);
+    metrics::counter!("baton_events_withheld_total").increment(0);
     tracing::info!(listen = %bound, base_url = %base_url, "Baton is serving");
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
