@@ -232,9 +232,7 @@ async fn create(
         .await?;
     activate(&state, &stored, &spec);
     tracing::info!(subscription.id = %stored.id, topic = %stored.topic_url, channel = %stored.channel_type, "subscription created");
-    let mut response = fhir_json(StatusCode::CREATED, &render(&stored, true));
-    set_version_headers(&state, &mut response, &stored, true);
-    Ok(response)
+    Ok(respond(&state, &principal, &stored, StatusCode::CREATED))
 }
 
 async fn read(
@@ -243,12 +241,7 @@ async fn read(
     Path(id): Path<String>,
 ) -> Result<Response> {
     let stored = visible(&state, &principal, &id).await?;
-    let mut response = fhir_json(
-        StatusCode::OK,
-        &render(&stored, is_author(&principal, &stored)),
-    );
-    set_version_headers(&state, &mut response, &stored, false);
-    Ok(response)
+    Ok(respond(&state, &principal, &stored, StatusCode::OK))
 }
 
 async fn update(
@@ -291,12 +284,7 @@ async fn update(
     });
     let stored = state.store.replace_subscription(&id, decide).await?;
     activate(&state, &stored, &spec);
-    let mut response = fhir_json(
-        StatusCode::OK,
-        &render(&stored, is_author(&principal, &stored)),
-    );
-    set_version_headers(&state, &mut response, &stored, false);
-    Ok(response)
+    Ok(respond(&state, &principal, &stored, StatusCode::OK))
 }
 
 async fn delete(
@@ -453,6 +441,18 @@ pub fn render(stored: &StoredSubscription, for_author: bool) -> Value {
         }
     }
     resource
+}
+
+/// The Subscription as `principal` may see it, with its ETag (and `Location` when created).
+fn respond(
+    state: &AppState,
+    principal: &Principal,
+    stored: &StoredSubscription,
+    status: StatusCode,
+) -> Response {
+    let mut response = fhir_json(status, &render(stored, is_author(principal, stored)));
+    set_version_headers(state, &mut response, stored, status == StatusCode::CREATED);
+    response
 }
 
 fn set_version_headers(
