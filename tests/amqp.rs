@@ -620,27 +620,6 @@ async fn amqp_hub(url: &str) -> common::TestServer {
     .await
 }
 
-fn event_numbers(bundle: &Value) -> Vec<i64> {
-    bundle["entry"][0]["resource"]["parameter"]
-        .as_array()
-        .map(|params| {
-            params
-                .iter()
-                .filter(|p| p["name"] == "notification-event")
-                .filter_map(|p| {
-                    p["part"]
-                        .as_array()?
-                        .iter()
-                        .find(|part| part["name"] == "event-number")?["valueString"]
-                        .as_str()?
-                        .parse()
-                        .ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_subscription_delivers_bundles_in_order_with_headers() {
     if !broker_available("a_message_subscription_delivers_bundles_in_order_with_headers").await {
@@ -710,7 +689,7 @@ async fn a_message_subscription_delivers_bundles_in_order_with_headers() {
                 .all(|r| r["resourceType"] == "Task" && r["id"] == task_id),
             "{bundle}"
         );
-        let carried = event_numbers(&bundle);
+        let carried = common::receiver::event_numbers(&bundle);
         let headers = properties.headers().as_ref().unwrap().inner();
         assert_eq!(
             header_text(headers.get("notification-type")),
@@ -869,7 +848,7 @@ async fn assert_in_order_at_least_once(fixture: &Fixture, count: i64) {
     while highest < count {
         let delivery = fixture.take(1).await.remove(0);
         let bundle: Value = serde_json::from_slice(&delivery.data).expect("a JSON Bundle");
-        let numbers = event_numbers(&bundle);
+        let numbers = common::receiver::event_numbers(&bundle);
         let (Some(&first), Some(&last)) = (numbers.first(), numbers.last()) else {
             continue;
         };

@@ -96,22 +96,6 @@ fn subscription_of(bundle: &Value) -> String {
         .to_string()
 }
 
-fn numbers(bundle: &Value) -> Vec<i64> {
-    bundle["entry"][0]["resource"]["parameter"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["name"] == "notification-event")
-        .map(|p| {
-            p["part"][0]["valueString"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn several_subscriptions_on_one_socket_with_every_bind_spelling() {
     let server = TestServer::start().await;
@@ -170,7 +154,7 @@ async fn several_subscriptions_on_one_socket_with_every_bind_spelling() {
         assert_eq!(kind(&bundle), "event-notification");
         seen.entry(subscription_of(&bundle))
             .or_default()
-            .extend(numbers(&bundle));
+            .extend(common::receiver::event_numbers(&bundle));
         if subscription_of(&bundle) == subs[1] {
             assert!(
                 bundle["entry"][1]["resource"]["owner"]["reference"] == "Practitioner/b",
@@ -399,7 +383,7 @@ async fn a_slow_reader_is_closed_while_a_fast_one_gets_everything() {
     let mut got = Vec::new();
     while got.len() < total {
         let bundle = next_json(&mut fast).await;
-        got.extend(numbers(&bundle));
+        got.extend(common::receiver::event_numbers(&bundle));
     }
     writer.await.unwrap();
     assert_eq!(
@@ -466,7 +450,7 @@ async fn reconnect_and_fill_the_gap_with_events() {
     assert_eq!(kind(&next_json(&mut socket).await), "handshake");
     server.create_task(&task("requested", None)).await;
     let first = next_json(&mut socket).await;
-    let last_seen = *numbers(&first).last().unwrap();
+    let last_seen = *common::receiver::event_numbers(&first).last().unwrap();
     socket.close(None).await.unwrap();
 
     // While away: two more events.
@@ -502,6 +486,6 @@ async fn reconnect_and_fill_the_gap_with_events() {
             &admin,
         )
         .await;
-    assert_eq!(numbers(&replay), vec![2, 3]);
+    assert_eq!(common::receiver::event_numbers(&replay), vec![2, 3]);
     server.stop().await;
 }

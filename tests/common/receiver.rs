@@ -26,24 +26,7 @@ impl Received {
 
     /// Event numbers carried by the notification, in order.
     pub fn event_numbers(&self) -> Vec<i64> {
-        self.body["entry"][0]["resource"]["parameter"]
-            .as_array()
-            .map(|params| {
-                params
-                    .iter()
-                    .filter(|p| p["name"] == "notification-event")
-                    .filter_map(|p| {
-                        p["part"]
-                            .as_array()?
-                            .iter()
-                            .find(|part| part["name"] == "event-number")?["valueString"]
-                            .as_str()?
-                            .parse()
-                            .ok()
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        event_numbers(&self.body)
     }
 
     /// The subscription id, from the `subscription` reference.
@@ -56,6 +39,28 @@ impl Received {
             .unwrap_or_default()
             .to_string()
     }
+}
+
+/// The `event-number`s of a notification Bundle's status Parameters, in order.
+pub fn event_numbers(bundle: &Value) -> Vec<i64> {
+    bundle["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .map(|params| {
+            params
+                .iter()
+                .filter(|p| p["name"] == "notification-event")
+                .filter_map(|p| {
+                    p["part"]
+                        .as_array()?
+                        .iter()
+                        .find(|part| part["name"] == "event-number")?["valueString"]
+                        .as_str()?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The value of a top-level parameter of the status Parameters in entry 0.
