@@ -49,6 +49,35 @@ pub struct Config {
     pub store: StoreConfig,
     pub delivery: DeliveryConfig,
     pub websocket: WebSocketConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// How nodes of a cluster (PostgreSQL store, Redis signalling) share work.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name in leases and logs; unique per node. Default: host name, process id
+    /// and a random suffix, so a restarted node never mistakes an old lease for its own.
+    pub node_id: Option<String>,
+    /// Prefix of every Redis key and channel; the nodes of one cluster share it, and two
+    /// clusters on one Redis must not.
+    pub redis_prefix: String,
+    /// How long the matcher's lease and a delivery claim outlive a node that stops renewing
+    /// them (a delivery claim also covers the attempt's timeout), in seconds.
+    pub lease_seconds: u64,
+    /// How often each node looks for delivery work that no node holds, in seconds.
+    pub scan_seconds: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: None,
+            redis_prefix: "baton".into(),
+            lease_seconds: 10,
+            scan_seconds: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,8 +171,10 @@ pub struct SearchConfig {
 pub struct StoreConfig {
     /// Most writes committed together in one transaction (group commit).
     pub max_batch: usize,
-    /// Connections used for reads and searches.
+    /// Connections used for reads and searches (SQLite).
     pub read_connections: u32,
+    /// Size of the connection pool shared by reads and writes (PostgreSQL).
+    pub postgres_connections: u32,
     /// SQLite durability: `full` fsyncs the WAL at every commit (an acknowledged write
     /// survives a killed process and a power cut); `normal` fsyncs only at checkpoints (it
     /// survives a killed process, but a power cut may lose the last commits).
@@ -179,6 +210,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             delivery: DeliveryConfig::default(),
             websocket: WebSocketConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -208,6 +240,7 @@ impl Default for StoreConfig {
         StoreConfig {
             max_batch: 256,
             read_connections: 8,
+            postgres_connections: 16,
             synchronous: Synchronous::Full,
         }
     }
@@ -264,9 +297,26 @@ impl Config {
                 )));
             }
         }
-        if let DatabaseUrl::Postgres(_) = self.database()? {
+        if let (DatabaseUrl::Sqlite(_), Some(_)) = (self.database()?, &self.redis_url) {
             return Err(ConfigError(
-                "BATON_DATABASE_URL: the PostgreSQL store (cluster mode) is not part of this version; use sqlite://PATH".into(),
+                "BATON_REDIS_URL is set but the database is SQLite, which serves one node: Redis signalling is for a cluster on BATON_DATABASE_URL=postgres://…; unset one of them".into(),
+            ));
+        }
+        if self.cluster.lease_seconds < 2 || self.cluster.scan_seconds == 0 {
+            return Err(ConfigError(
+                "cluster.lease_seconds must be at least 2 and cluster.scan_seconds at least 1 (BATON_CLUSTER__LEASE_SECONDS, BATON_CLUSTER__SCAN_SECONDS)".into(),
+            ));
+        }
+        if self.cluster.redis_prefix.is_empty()
+            || self.cluster.redis_prefix.contains(char::is_whitespace)
+        {
+            return Err(ConfigError(
+                "cluster.redis_prefix must be a non-empty word without spaces (BATON_CLUSTER__REDIS_PREFIX)".into(),
+            ));
+        }
+        if self.store.postgres_connections < 2 {
+            return Err(ConfigError(
+                "store.postgres_connections must be at least 2 (BATON_STORE__POSTGRES_CONNECTIONS)".into(),
             ));
         }
         if let Some(secret) = &self.jwt_secret
@@ -437,9 +487,11 @@ mod tests {
                 "BATON_DATABASE_URL",
             ),
             (
-                |c| c.database_url = Some("postgres://db/baton".into()),
-                "PostgreSQL",
+                |c| c.redis_url = Some("redis://127.0.0.1:6379".into()),
+                "postgres://",
             ),
+            (|c| c.cluster.lease_seconds = 1, "cluster.lease_seconds"),
+            (|c| c.cluster.redis_prefix = "a b".into(), "cluster.redis_prefix"),
             (|c| c.jwt_secret = Some(" ".into()), "BATON_JWT_SECRET"),
             (|c| c.amqp_url = Some("http://x".into()), "BATON_AMQP_URL"),
             (|c| c.redis_url = Some("x".into()), "BATON_REDIS_URL"),

@@ -1,13 +1,16 @@
 //! Durable storage of Tasks, their history and the change-event outbox.
 //!
-//! The API talks to the `Store` trait only; `sqlite` is the embedded implementation (a
-//! PostgreSQL one follows for cluster mode). Writes are described as data plus a decision
+//! The API talks to the `Store` trait only; `sqlite` is the embedded implementation for one
+//! node and `postgres` the shared one for a cluster. Writes are described as data plus a decision
 //! closure (`WriteRequest`) that the store runs inside its transaction against the current
 //! version, so If-Match checks, the state machine and the role rules see exactly the version
 //! they replace, and a Task write and its change event always commit together.
 
+pub mod postgres;
 pub mod search_sql;
 pub mod sqlite;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -217,6 +220,30 @@ pub enum DeliveryReport {
     },
 }
 
+/// A batch of matched changes, recorded in one transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatchBatch {
+    /// The outbox consumer (`outbox::MATCHER`), which is also the name of its lease.
+    pub consumer: String,
+    /// The node that holds the consumer's lease; a store shared by several nodes refuses the
+    /// batch when the lease is no longer this node's.
+    pub holder: String,
+    /// The outbox `seq` of every change the batch consumed, ascending.
+    pub changes: Vec<i64>,
+    pub matches: Vec<MatchRow>,
+}
+
+/// Subscriptions written since a generation of the subscription table.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubscriptionChanges {
+    /// The generation these changes bring the reader to.
+    pub generation: i64,
+    /// Created or replaced (including turned `off`), current state.
+    pub changed: Vec<StoredSubscription>,
+    /// Deleted ids.
+    pub deleted: Vec<String>,
+}
+
 /// Filters of a subscription search; `None` means any.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SubscriptionQuery {
@@ -247,8 +274,14 @@ pub trait Store: Send + Sync + 'static {
         scope: &[Predicate],
         limit: usize,
     ) -> Result<Vec<CurrentTask>>;
-    /// Outbox rows after `seq`, oldest first.
+    /// Changes the matcher has not consumed, oldest first. A store that commits in `seq` order
+    /// (see `outbox_in_commit_order`) returns those after `seq`, the caller's position; one
+    /// that does not returns every change not yet recorded by `record_matches`.
     async fn change_events_after(&self, seq: i64, limit: usize) -> Result<Vec<ChangeEvent>>;
+    /// Whether changes become visible in `seq` order, so that the matcher may keep its
+    /// position in memory and persist it lazily. False where concurrent transactions commit
+    /// out of `seq` order (PostgreSQL): there every batch is recorded.
+    fn outbox_in_commit_order(&self) -> bool;
     /// The highest committed outbox `seq`, 0 when empty.
     async fn last_change_seq(&self) -> Result<i64>;
     /// Several versions at once, in no particular order; missing ones are left out.
@@ -274,17 +307,37 @@ pub trait Store: Send + Sync + 'static {
     async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>>;
     /// Where an outbox consumer stopped reading.
     async fn outbox_cursor(&self, consumer: &str) -> Result<i64>;
-    /// Numbers the matches (in order) and moves the consumer's cursor, in one transaction.
-    /// Returns `(subscription id, event number)` per recorded match.
-    async fn record_matches(
-        &self,
-        consumer: &str,
-        through_seq: i64,
-        matches: Vec<MatchRow>,
-    ) -> Result<Vec<(String, i64)>>;
+    /// Numbers the matches (in order) and marks the changes consumed, in one transaction.
+    /// Returns `(subscription id, event number)` per recorded match. Fails, recording
+    /// nothing, when the batch's holder lost the consumer's lease or another node already
+    /// consumed one of its changes.
+    async fn record_matches(&self, batch: MatchBatch) -> Result<Vec<(String, i64)>>;
     /// Events `from..=to` of a subscription's log, oldest first.
     async fn subscription_events(&self, id: &str, from: i64, to: i64) -> Result<Vec<EventRecord>>;
-    async fn record_delivery(&self, report: DeliveryReport) -> Result<()>;
+    /// Records an attempt's result and ends `holder`'s claim on the subscription.
+    async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()>;
+
+    // Work sharing between nodes.
+    /// Takes or renews the named lease for `holder` until `ttl` from now; false when another
+    /// holder's lease has not yet expired. A store that serves a single process grants it.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool>;
+    /// Gives up the named lease if `holder` has it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+    /// Claims a subscription's delivery for `holder` until `ttl` from now and returns it;
+    /// None when it does not exist or another node's claim has not expired.
+    async fn claim_subscription(
+        &self,
+        id: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<StoredSubscription>>;
+    /// Live subscriptions with work due by `now` (a handshake or undelivered events, and no
+    /// retry pending after `now`) that no node has claimed: work a node left behind.
+    async fn due_subscriptions(&self, now: &str, limit: usize) -> Result<Vec<String>>;
+    /// The generation of the subscription table: it moves with every subscription write.
+    async fn subscription_generation(&self) -> Result<i64>;
+    /// What changed in the subscription table after `generation`.
+    async fn subscription_changes_since(&self, generation: i64) -> Result<SubscriptionChanges>;
     /// Removes delivered events that happened before `before`; returns how many.
     async fn prune_events(&self, before: &str) -> Result<u64>;
 

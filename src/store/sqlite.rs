@@ -24,9 +24,10 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::search_sql::{Placeholder, order_by, where_clause};
 use super::{
-    ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchRow,
-    PageRequest, SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionDecide,
-    SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
+    ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
+    MatchRow, PageRequest, SearchPage, Store, StoredSubscription, StoredVersion,
+    SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome,
+    WriteRequest,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -742,16 +743,13 @@ impl Store for SqliteStore {
         Ok(seq.unwrap_or(0))
     }
 
-    async fn record_matches(
-        &self,
-        consumer: &str,
-        through_seq: i64,
-        matches: Vec<MatchRow>,
-    ) -> Result<Vec<(String, i64)>> {
+    async fn record_matches(&self, batch: MatchBatch) -> Result<Vec<(String, i64)>> {
+        // One process owns the database file, so the lease holder is always this one and the
+        // cursor (changes commit in `seq` order here) says what was consumed.
         let work = Work::RecordMatches {
-            consumer: consumer.to_string(),
-            through_seq,
-            matches,
+            consumer: batch.consumer,
+            through_seq: batch.changes.last().copied().unwrap_or(0),
+            matches: batch.matches,
         };
         match self.submit(work).await? {
             Done::Numbers(numbers) => Ok(numbers),
@@ -763,7 +761,7 @@ impl Store for SqliteStore {
         hub::subscription_events(&self.reads, id, from, to).await
     }
 
-    async fn record_delivery(&self, report: DeliveryReport) -> Result<()> {
+    async fn record_delivery(&self, _holder: &str, report: DeliveryReport) -> Result<()> {
         match self.submit(Work::RecordDelivery(report)).await? {
             Done::Nothing => Ok(()),
             _ => Err(unexpected()),
@@ -903,6 +901,44 @@ impl Store for SqliteStore {
         }
         let rows = query.bind(limit as i64).fetch_all(&self.reads).await?;
         rows.iter().map(current_from_row).collect()
+    }
+
+    fn outbox_in_commit_order(&self) -> bool {
+        // One writer, one transaction at a time: `seq` order is commit order.
+        true
+    }
+
+    // A SQLite database serves one process (`run` opens it for one node), so the leases that
+    // share work between nodes are this process's own: granted, and claims are plain reads.
+    async fn acquire_lease(&self, _name: &str, _holder: &str, _ttl: Duration) -> Result<bool> {
+        Ok(true)
+    }
+
+    async fn release_lease(&self, _name: &str, _holder: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn claim_subscription(
+        &self,
+        id: &str,
+        _holder: &str,
+        _ttl: Duration,
+    ) -> Result<Option<StoredSubscription>> {
+        self.read_subscription(id).await
+    }
+
+    async fn due_subscriptions(&self, now: &str, limit: usize) -> Result<Vec<String>> {
+        hub::due_subscriptions(&self.reads, now, limit).await
+    }
+
+    // The subscription index of the only node is updated in-process by the API, so there is
+    // nothing to catch up on: the generation stays at 0.
+    async fn subscription_generation(&self) -> Result<i64> {
+        Ok(0)
+    }
+
+    async fn subscription_changes_since(&self, _generation: i64) -> Result<SubscriptionChanges> {
+        Ok(SubscriptionChanges::default())
     }
 
     async fn change_events_after(&self, seq: i64, limit: usize) -> Result<Vec<ChangeEvent>> {

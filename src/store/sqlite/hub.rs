@@ -415,6 +415,23 @@ pub(super) async fn mark_overdue(
     Ok(true)
 }
 
+pub(super) async fn due_subscriptions(
+    reads: &SqlitePool,
+    now: &str,
+    limit: usize,
+) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM subscription
+         WHERE status != 'off' AND (handshake_pending != 0 OR delivered_through < events_since_start)
+           AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
+         ORDER BY id LIMIT ?",
+    )
+    .bind(now)
+    .bind(limit as i64)
+    .fetch_all(reads)
+    .await?)
+}
+
 pub(super) async fn next_due(reads: &SqlitePool, now: &str) -> Result<Option<String>> {
     Ok(sqlx::query_scalar(
         "SELECT min(end_at) FROM task_date WHERE param = 'due-date' AND end_at > ?",

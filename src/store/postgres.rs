@@ -1,0 +1,1 @@
+//! The shared store for a cluster: PostgreSQL. (Being written.)
