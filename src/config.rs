@@ -316,7 +316,8 @@ impl Config {
         }
         if self.store.postgres_connections < 2 {
             return Err(ConfigError(
-                "store.postgres_connections must be at least 2 (BATON_STORE__POSTGRES_CONNECTIONS)".into(),
+                "store.postgres_connections must be at least 2 (BATON_STORE__POSTGRES_CONNECTIONS)"
+                    .into(),
             ));
         }
         if let Some(secret) = &self.jwt_secret
@@ -491,7 +492,10 @@ mod tests {
                 "postgres://",
             ),
             (|c| c.cluster.lease_seconds = 1, "cluster.lease_seconds"),
-            (|c| c.cluster.redis_prefix = "a b".into(), "cluster.redis_prefix"),
+            (
+                |c| c.cluster.redis_prefix = "a b".into(),
+                "cluster.redis_prefix",
+            ),
             (|c| c.jwt_secret = Some(" ".into()), "BATON_JWT_SECRET"),
             (|c| c.amqp_url = Some("http://x".into()), "BATON_AMQP_URL"),
             (|c| c.redis_url = Some("x".into()), "BATON_REDIS_URL"),

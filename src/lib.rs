@@ -13,6 +13,7 @@ pub mod fhir;
 pub mod matcher;
 pub mod outbox;
 pub mod overdue;
+pub mod signals;
 pub mod store;
 
 use std::sync::{Arc, OnceLock};
@@ -34,7 +35,10 @@ use crate::config::DatabaseUrl;
 use crate::delivery::Deliverer;
 use crate::fhir::search::SearchLimits;
 use crate::matcher::topic;
+use crate::signals::Signals;
+use crate::signals::redis::{RedisSetup, RedisSignals};
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 
 /// Runs the server on `listener` until `shutdown` is cancelled, then drains: in-flight requests
@@ -72,13 +76,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             tracing::info!(path = %path.display(), "opening the SQLite store");
             Arc::new(SqliteStore::open(&path, &base_url, &config.store, committed.clone()).await?)
         }
-        DatabaseUrl::Postgres(_) => {
-            return Err(Error::internal(
-                "invalid configuration",
-                "the PostgreSQL store is not available in this version; use sqlite://",
-            ));
+        DatabaseUrl::Postgres(url) => {
+            tracing::info!(database = %config::redact_url(&url), "opening the PostgreSQL store");
+            Arc::new(PostgresStore::open(&url, &base_url, &config.store, committed.clone()).await?)
         }
     };
+    let node = config
+        .cluster
+        .node_id
+        .clone()
+        .unwrap_or_else(default_node_id);
 
     // Topics: the built-in ones plus the operator's; anything unsupported stops start-up.
     let mut topics = topic::builtin_topics(&base_url)
@@ -102,7 +109,45 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let parse_config = config.clone();
     let parse_limits = search_limits;
     let parse_base = base_url.clone();
+    let parse: delivery::ParseSubscription = Arc::new(move |resource| {
+        api::subscription::parse_with(
+            &parse_topics,
+            &parse_config,
+            &parse_limits,
+            &parse_base,
+            resource,
+        )
+    });
     let registry = Arc::new(channels::websocket::Registry::default());
+    // Signals: in-process for one node; Redis when the nodes of a cluster must hear each other.
+    let (notices, mut remote_changes) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (signals, matcher_wake): (Arc<dyn Signals>, Arc<Notify>) = match &config.redis_url {
+        Some(url) => {
+            let matcher_wake = Arc::new(Notify::new());
+            let redis = RedisSignals::start(
+                RedisSetup {
+                    url: url.clone(),
+                    prefix: config.cluster.redis_prefix.clone(),
+                    node: node.clone(),
+                    registry: registry.clone(),
+                    committed: committed.clone(),
+                    matcher_wake: matcher_wake.clone(),
+                    notices,
+                },
+                pipeline_stop.clone(),
+                &tasks,
+            )?;
+            tracing::info!(redis = %config::redact_url(url), prefix = %config.cluster.redis_prefix, node = %node, "cluster signalling through Redis");
+            (Arc::new(redis), matcher_wake)
+        }
+        None => {
+            drop(notices);
+            (
+                Arc::new(signals::InProcess::new(registry.clone())),
+                committed.clone(),
+            )
+        }
+    };
     // The AMQP publisher connects in the background; it stops when `run` returns, however it
     // returns, and on a normal shutdown after the last delivery (below).
     let amqp_stop = CancellationToken::new();
@@ -118,18 +163,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         store: store.clone(),
         rest_hook: rest_hook.clone(),
         amqp: amqp.clone(),
-        websockets: registry.clone(),
+        signals: signals.clone(),
         base_url: base_url.clone(),
         config: config.delivery.clone(),
-        parse: Box::new(move |resource| {
-            api::subscription::parse_with(
-                &parse_topics,
-                &parse_config,
-                &parse_limits,
-                &parse_base,
-                resource,
-            )
-        }),
+        parse: parse.clone(),
+        node: node.clone(),
+        lease: Duration::from_secs(config.cluster.lease_seconds),
+        scan_every: Duration::from_secs(config.cluster.scan_seconds),
     });
     let (delivery, scheduler) = delivery::start(deliverer, pipeline_stop.clone()).await?;
 
@@ -143,12 +183,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 amqp: amqp.clone(),
                 websockets: Arc::new(channels::websocket::WebSocketHub {
                     registry,
-                    tokens: Default::default(),
+                    signals,
                     store: store.clone(),
                     base_url: base_url.clone(),
                     config: config.websocket.clone(),
                     shutdown: shutdown.clone(),
                 }),
+                matching: Default::default(),
+                node: node.clone(),
             },
             search_limits,
             base_url: base_url.clone(),
@@ -160,7 +202,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         }),
     };
     let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
-    // Every live subscription goes back into the matcher index before the first change is read.
+    // Every live subscription goes back into the matcher index before the first change is read;
+    // the generation is read first, so the outbox catches up on anything written meanwhile.
+    let generation = store.subscription_generation().await?;
     for stored in store.live_subscriptions().await? {
         match api::subscription::parse_spec(&state, &stored.resource) {
             Ok(spec) => api::subscription::index_only(&state, &stored, &spec),
@@ -175,8 +219,29 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         index: state.hub.index.clone(),
         delivery,
         base_url: base_url.clone(),
+        parse,
+        node: node.clone(),
+        lease: Duration::from_secs(state.config.cluster.lease_seconds),
+        generation,
+        matching: state.hub.matching.clone(),
     };
-    tasks.spawn(outbox.run(committed, pipeline_stop.clone()));
+    tasks.spawn(outbox.run(matcher_wake.clone(), pipeline_stop.clone()));
+    // Subscriptions written on other nodes: this node's scheduler, sockets and index follow.
+    let remote_state = state.clone();
+    let remote_stop = pipeline_stop.clone();
+    tasks.spawn(async move {
+        loop {
+            let id = tokio::select! {
+                id = remote_changes.recv() => match id {
+                    Some(id) => id,
+                    None => return,
+                },
+                () = remote_stop.cancelled() => return,
+            };
+            api::subscription::apply_remote_change(&remote_state, &id).await;
+            matcher_wake.notify_one();
+        }
+    });
     tasks.spawn(overdue::run(
         store.clone(),
         Duration::from_secs(state.config.overdue_check_seconds),
@@ -222,6 +287,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     store.close().await;
     tracing::info!("Baton stopped");
     served.map_err(|e| Error::internal("the HTTP server failed", e))
+}
+
+/// A node name that is unique even across restarts of the same host: host, process, random.
+fn default_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "baton".into());
+    let suffix: u16 = rand::random();
+    format!("{host}-{}-{suffix:04x}", std::process::id())
 }
 
 /// Removes delivered events older than the retention period from the event log, hourly.

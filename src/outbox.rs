@@ -2,8 +2,15 @@
 //! matches them against the subscription index, and records the matches with their event
 //! numbers in one transaction together with the consumer's cursor. A crash between commits
 //! replays from the persisted cursor, so no change is skipped and none is numbered twice.
+//!
+//! In a cluster exactly one node matches at a time: the one holding the `matcher` lease in
+//! the store, renewed as it works. The store refuses a batch from a node that lost the lease,
+//! so two nodes can never number the same change. Before matching a batch the consumer brings
+//! its index up to the store's subscription generation, so a subscription written on another
+//! node is in force for every change committed after it, whether or not its Redis notice came.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -11,12 +18,14 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::DeliveryHandle;
-use crate::error::Result;
+use crate::api::subscription::candidate;
+use crate::delivery::{DeliveryHandle, ParseSubscription};
+use crate::error::{Result, error_chain};
+use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::index_task;
 use crate::matcher::topic::Topic;
 use crate::matcher::{Change, Side, SubscriptionIndex};
-use crate::store::{ChangeEvent, MatchRow, Store};
+use crate::store::{ChangeEvent, MatchBatch, MatchRow, Store, StoredSubscription};
 
 /// The cursor name of the matcher in `outbox_cursor`.
 pub const MATCHER: &str = "matcher";
@@ -33,43 +42,99 @@ pub struct Outbox {
     pub index: Arc<RwLock<SubscriptionIndex>>,
     pub delivery: DeliveryHandle,
     pub base_url: String,
+    pub parse: ParseSubscription,
+    /// This node's name in the matcher lease.
+    pub node: String,
+    /// How long the lease outlives a node that stops renewing it.
+    pub lease: Duration,
+    /// The subscription generation the index was loaded at.
+    pub generation: i64,
+    /// Whether this node holds the matcher lease now (shown by `/readyz`).
+    pub matching: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Outbox {
-    /// Runs until `shutdown`, woken by `committed` after each Task commit.
-    pub async fn run(self, committed: Arc<Notify>, shutdown: CancellationToken) {
-        let mut cursor = loop {
-            match self.store.outbox_cursor(MATCHER).await {
-                Ok(seq) => break seq,
-                Err(e) => {
-                    tracing::error!(error = %crate::error::error_chain(&e), "reading the outbox cursor failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(POLL) => {}
-                        () = shutdown.cancelled() => return,
+    /// Runs until `shutdown`, woken by `wake` after Task commits (on any node).
+    pub async fn run(mut self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        // Renewing at a third of the lease leaves two chances before it would expire.
+        let renew_every = self.lease / 3;
+        let pause = POLL.min(renew_every);
+        let idle = async |shutdown: &CancellationToken| {
+            tokio::select! {
+                () = wake.notified() => true,
+                () = tokio::time::sleep(pause) => true,
+                () = shutdown.cancelled() => false,
+            }
+        };
+        let mut leading: Option<std::time::Instant> = None;
+        let mut cursor = 0;
+        let mut last_persisted = std::time::Instant::now();
+        while !shutdown.is_cancelled() {
+            if leading.is_none_or(|renewed| renewed.elapsed() >= renew_every) {
+                match self
+                    .store
+                    .acquire_lease(MATCHER, &self.node, self.lease)
+                    .await
+                {
+                    Ok(true) => {
+                        if leading.is_none() {
+                            match self.store.outbox_cursor(MATCHER).await {
+                                Ok(seq) => cursor = seq,
+                                Err(e) => {
+                                    tracing::error!(error = %error_chain(&e), "reading the outbox cursor failed; retrying");
+                                    if !idle(&shutdown).await {
+                                        break;
+                                    }
+                                    continue;
+                                }
+                            }
+                            tracing::info!(cursor, node = %self.node, "this node now matches changes");
+                        }
+                        leading = Some(std::time::Instant::now());
+                        self.matching.store(true, Ordering::Relaxed);
+                    }
+                    Ok(false) => {
+                        if leading.take().is_some() {
+                            tracing::warn!(node = %self.node, "the matcher lease passed to another node");
+                        }
+                        self.matching.store(false, Ordering::Relaxed);
+                        if !idle(&shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %error_chain(&e), "renewing the matcher lease failed");
+                        leading = None;
+                        self.matching.store(false, Ordering::Relaxed);
+                        if !idle(&shutdown).await {
+                            break;
+                        }
+                        continue;
                     }
                 }
             }
-        };
-        tracing::info!(cursor, "outbox consumer started");
-        let mut last_persisted = std::time::Instant::now();
-        while !shutdown.is_cancelled() {
             let changes = match self.store.change_events_after(cursor, BATCH).await {
                 Ok(changes) => changes,
                 Err(e) => {
-                    tracing::error!(error = %crate::error::error_chain(&e), "reading the outbox failed");
+                    tracing::error!(error = %error_chain(&e), "reading the outbox failed");
                     tokio::time::sleep(POLL).await;
                     continue;
                 }
             };
             if changes.is_empty() {
-                tokio::select! {
-                    () = committed.notified() => {}
-                    () = tokio::time::sleep(POLL) => {}
-                    () = shutdown.cancelled() => break,
+                if !idle(&shutdown).await {
+                    break;
                 }
                 continue;
             }
-            let persist = last_persisted.elapsed() >= POLL;
+            // Read after the changes: every subscription committed before them is included.
+            if let Err(e) = self.catch_up_subscriptions().await {
+                tracing::error!(error = %error_chain(&e), "reading subscription changes failed; retrying");
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            let persist = !self.store.outbox_in_commit_order() || last_persisted.elapsed() >= POLL;
             match self.process(&changes, persist).await {
                 Ok((through, persisted)) => {
                     cursor = through;
@@ -78,11 +143,58 @@ impl Outbox {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %crate::error::error_chain(&e), "matching a batch of changes failed; retrying");
+                    // Also how a node that lost the lease mid-batch learns it: the store
+                    // refused the batch, and the next renewal fails.
+                    tracing::error!(error = %error_chain(&e), "matching a batch of changes failed; retrying");
+                    leading = None;
                     tokio::time::sleep(POLL).await;
                 }
             }
         }
+        self.matching.store(false, Ordering::Relaxed);
+        if leading.is_some() {
+            // Hand over at once rather than after the lease runs out.
+            let _ = self.store.release_lease(MATCHER, &self.node).await;
+        }
+    }
+
+    /// Applies the subscriptions written since the index's generation (on any node).
+    async fn catch_up_subscriptions(&mut self) -> Result<()> {
+        let generation = self.store.subscription_generation().await?;
+        if generation == self.generation {
+            return Ok(());
+        }
+        let changes = self
+            .store
+            .subscription_changes_since(self.generation)
+            .await?;
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        for id in &changes.deleted {
+            index.remove(id);
+        }
+        for stored in &changes.changed {
+            match self.indexable(stored) {
+                Some(candidate) => index.insert(candidate),
+                None => index.remove(&stored.id),
+            }
+        }
+        tracing::debug!(
+            from = self.generation,
+            to = changes.generation,
+            changed = changes.changed.len(),
+            deleted = changes.deleted.len(),
+            "subscription index caught up"
+        );
+        self.generation = changes.generation;
+        Ok(())
+    }
+
+    fn indexable(&self, stored: &StoredSubscription) -> Option<crate::matcher::Candidate> {
+        if stored.status == SubscriptionStatus::Off {
+            return None;
+        }
+        let spec = (self.parse)(&stored.resource).ok()?;
+        candidate(&self.topics, stored, &spec)
     }
 
     /// Matches a batch of changes and records the result; returns the new cursor and whether
@@ -148,7 +260,15 @@ impl Outbox {
             metrics::counter!("baton_changes_matched_total").increment(changes.len() as u64);
             return Ok((through, false));
         }
-        let numbered = self.store.record_matches(MATCHER, through, rows).await?;
+        let numbered = self
+            .store
+            .record_matches(MatchBatch {
+                consumer: MATCHER.to_string(),
+                holder: self.node.clone(),
+                changes: changes.iter().map(|c| c.seq).collect(),
+                matches: rows,
+            })
+            .await?;
         let woken: BTreeSet<String> = numbered.into_iter().map(|(id, _)| id).collect();
         for id in woken {
             self.delivery.wake(&id);

@@ -20,13 +20,12 @@ struct Child {
 }
 
 async fn spawn(data: &Path, port: u16) -> Child {
+    let (database_url, _) = common::database_url_for(data).await;
     let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
         .arg("serve")
         .env("BATON_LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "BATON_DATABASE_URL",
-            format!("sqlite://{}", data.join("baton.db").display()),
-        )
+        .env("BATON_DATA_DIR", data)
+        .env("BATON_DATABASE_URL", database_url)
         .env("BATON_JWT_SECRET", SECRET)
         .env("BATON_ALLOW_HTTP_ENDPOINTS", "true")
         .env("BATON_ALLOW_PRIVATE_ENDPOINTS", "true")
@@ -188,4 +187,7 @@ async fn killed_mid_stream_loses_nothing() {
         "order broken {backwards} times: {numbers:?}"
     );
     drop(restarted);
+    if let (_, Some(name)) = common::database_url_for(dir.path()).await {
+        common::drop_database(&name);
+    }
 }

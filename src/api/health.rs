@@ -39,11 +39,32 @@ async fn readyz(State(state): State<AppState>) -> Response {
             "unreachable"
         }
     });
+    // Redis being down costs latency, not data (nodes poll the store, websocket listeners
+    // catch up with $events): ready, and degraded.
+    let redis = state.hub.websockets.signals.redis_state();
     match state.store.ping().await {
         Ok(()) => {
-            let mut body = json!({ "status": "ready", "database": "ok" });
+            let mut body = json!({
+                "status": "ready",
+                "database": "ok",
+                "node": state.hub.node,
+                "matcher": state.hub.matching.load(std::sync::atomic::Ordering::Relaxed),
+            });
+            let mut degraded = Vec::new();
             if let Some(amqp) = amqp {
                 body["amqp"] = json!(amqp);
+                if amqp != "connected" {
+                    degraded.push("amqp");
+                }
+            }
+            if let Some(redis) = redis {
+                body["redis"] = json!(redis);
+                if redis != "ok" {
+                    degraded.push("redis");
+                }
+            }
+            if !degraded.is_empty() {
+                body["degraded"] = json!(degraded);
             }
             axum::Json(body).into_response()
         }

@@ -40,6 +40,10 @@ pub struct Hub {
     /// The AMQP publisher, when `BATON_AMQP_URL` is set.
     pub amqp: Option<crate::channels::amqp::AmqpPublisher>,
     pub websockets: Arc<WebSocketHub>,
+    /// Whether this node holds the matcher lease.
+    pub matching: Arc<std::sync::atomic::AtomicBool>,
+    /// This node's name in leases and claims.
+    pub node: String,
 }
 
 pub fn router() -> Router<AppState> {
@@ -111,26 +115,49 @@ pub fn parse_with(
     parse_subscription(resource, &lookup, &policy, limits, base_url)
 }
 
+/// What the matcher index holds for a subscription; None if its topic is gone or its
+/// author unreadable.
+pub fn candidate(
+    topics: &[Topic],
+    stored: &StoredSubscription,
+    spec: &SubscriptionSpec,
+) -> Option<Candidate> {
+    let (topic, _) = find_topic(topics, &spec.topic_url)?;
+    let author = serde_json::from_value::<Principal>(stored.author.clone()).ok()?;
+    Some(Candidate {
+        id: stored.id.clone(),
+        topic,
+        filters: spec.filters.clone(),
+        author,
+        created_after_seq: stored.created_after_seq,
+    })
+}
+
 /// Puts a subscription into the matcher index only (start-up: the scheduler loads its own work).
 pub fn index_only(state: &AppState, stored: &StoredSubscription, spec: &SubscriptionSpec) {
-    let Some((topic, _)) = find_topic(&state.hub.topics, &spec.topic_url) else {
-        return;
-    };
-    let Ok(author) = serde_json::from_value::<Principal>(stored.author.clone()) else {
-        return;
-    };
-    state
-        .hub
-        .index
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(Candidate {
-            id: stored.id.clone(),
-            topic,
-            filters: spec.filters.clone(),
-            author,
-            created_after_seq: stored.created_after_seq,
-        });
+    if let Some(candidate) = candidate(&state.hub.topics, stored, spec) {
+        state
+            .hub
+            .index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(candidate);
+    }
+}
+
+/// Applies a subscription written on another node to this node's index, scheduler and
+/// sockets, as if it had been written here.
+pub async fn apply_remote_change(state: &AppState, id: &str) {
+    match state.store.read_subscription(id).await {
+        Ok(Some(stored)) => match parse_spec(state, &stored.resource) {
+            Ok(spec) => activate(state, &stored, &spec),
+            Err(_) => deactivate(state, id),
+        },
+        Ok(None) => deactivate(state, id),
+        Err(e) => {
+            tracing::warn!(subscription.id = %id, error = %crate::error::error_chain(&e), "reading a subscription changed on another node failed")
+        }
+    }
 }
 
 /// Puts an active subscription into the matcher index and the scheduler.
@@ -231,6 +258,11 @@ async fn create(
         .create_subscription(record_for(&spec, resource, &principal))
         .await?;
     activate(&state, &stored, &spec);
+    state
+        .hub
+        .websockets
+        .signals
+        .subscription_changed(&stored.id);
     tracing::info!(subscription.id = %stored.id, topic = %stored.topic_url, channel = %stored.channel_type, "subscription created");
     Ok(respond(&state, &principal, &stored, StatusCode::CREATED))
 }
@@ -284,6 +316,11 @@ async fn update(
     });
     let stored = state.store.replace_subscription(&id, decide).await?;
     activate(&state, &stored, &spec);
+    state
+        .hub
+        .websockets
+        .signals
+        .subscription_changed(&stored.id);
     Ok(respond(&state, &principal, &stored, StatusCode::OK))
 }
 
@@ -295,6 +332,7 @@ async fn delete(
     visible(&state, &principal, &id).await?;
     state.store.delete_subscription(&id).await?;
     deactivate(&state, &id);
+    state.hub.websockets.signals.subscription_changed(&id);
     tracing::info!(subscription.id = %id, "subscription deleted");
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
@@ -609,14 +647,23 @@ async fn events(
 }
 
 /// Issues a binding token for these (already authorised) websocket subscriptions.
-fn issue_binding_token(state: &AppState, principal: &Principal, ids: Vec<String>) -> Response {
+async fn issue_binding_token(
+    state: &AppState,
+    principal: &Principal,
+    ids: Vec<String>,
+) -> Response {
     let expires_at = time::OffsetDateTime::now_utc()
         + time::Duration::seconds(state.config.websocket.token_ttl_seconds as i64);
-    let token = state.hub.websockets.tokens.issue(Grant {
-        subject: principal.subject.clone(),
-        subscriptions: ids.clone(),
-        expires_at,
-    });
+    let token = state
+        .hub
+        .websockets
+        .signals
+        .issue_token(Grant {
+            subject: principal.subject.clone(),
+            subscriptions: ids.clone(),
+            expires_at,
+        })
+        .await;
     let url = websocket_url(&state.base_url);
     fhir_json(
         StatusCode::OK,
@@ -654,7 +701,7 @@ async fn binding_token_instance(
 ) -> Result<Response> {
     let stored = visible(&state, &principal, &id).await?;
     check_bindable(&principal, &stored)?;
-    Ok(issue_binding_token(&state, &principal, vec![id]))
+    Ok(issue_binding_token(&state, &principal, vec![id]).await)
 }
 
 async fn binding_token_type(
@@ -701,5 +748,5 @@ async fn binding_token_type(
             check_bindable(&principal, &stored)?;
         }
     }
-    Ok(issue_binding_token(&state, &principal, ids))
+    Ok(issue_binding_token(&state, &principal, ids).await)
 }

@@ -27,6 +27,7 @@ use crate::fhir::datetime::format_instant;
 use crate::fhir::notification::{
     ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
 };
+use crate::signals::Signals;
 use crate::store::Store;
 
 /// Close code for policy problems: a bad token, or a listener too slow to keep up.
@@ -43,6 +44,12 @@ pub struct Grant {
     pub expires_at: time::OffsetDateTime,
 }
 
+/// A fresh, unguessable binding token (192 random bits, hex).
+pub fn new_token() -> String {
+    let bytes: [u8; 24] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Single-use binding tokens, kept in memory on this node.
 #[derive(Default)]
 pub struct BindingTokens {
@@ -52,8 +59,7 @@ pub struct BindingTokens {
 impl BindingTokens {
     /// Issues a token for these subscriptions, valid until `expires_at`.
     pub fn issue(&self, grant: Grant) -> String {
-        let bytes: [u8; 24] = rand::random();
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let token = new_token();
         let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
         // Expired tokens are dropped as new ones are issued, so the table stays small.
         let now = time::OffsetDateTime::now_utc();
@@ -206,7 +212,8 @@ impl Registry {
 /// What a socket needs from the rest of the hub.
 pub struct WebSocketHub {
     pub registry: Arc<Registry>,
-    pub tokens: Arc<BindingTokens>,
+    /// Binding tokens live here, so that any node can redeem them.
+    pub signals: Arc<dyn Signals>,
     pub store: Arc<dyn Store>,
     pub base_url: String,
     pub config: WebSocketConfig,
@@ -340,7 +347,7 @@ async fn bind(
     outbox: &mpsc::Sender<Outbound>,
 ) -> bool {
     let now = time::OffsetDateTime::now_utc();
-    let Some(grant) = hub.tokens.redeem(token, now) else {
+    let Some(grant) = hub.signals.redeem_token(token, now).await else {
         let frame = outcome_frame(
             IssueCode::Security,
             "the binding token is unknown, already used or expired; get a new one with $get-ws-binding-token",

@@ -8,6 +8,12 @@
 //! heartbeats in a single binary heap rather than a sleeping task per subscription.
 //! Attempts carry only the subscription id: each loads what it needs when it runs, so a
 //! subscription turned off or deleted meanwhile is simply not delivered to.
+//!
+//! In a cluster every node runs a scheduler, and an attempt starts by claiming the
+//! subscription in the store: only one node works on a subscription at a time, which is what
+//! keeps its events in order across nodes. A claim ends with the attempt, or expires when its
+//! node dies; each node also scans the store for work no node holds, so what a dead node left
+//! is finished by the others.
 
 pub mod retry;
 
@@ -27,7 +33,6 @@ use crate::channels::SendError;
 use crate::channels::amqp::{AmqpMessage, AmqpPublisher};
 use crate::channels::rest_hook::{Outgoing, RestHook};
 use crate::channels::signature::parse_secret;
-use crate::channels::websocket::Registry;
 use crate::config::DeliveryConfig;
 use crate::error::Result;
 use crate::fhir::datetime::{format_instant, parse_instant};
@@ -36,6 +41,7 @@ use crate::fhir::notification::{
     notification_bundle,
 };
 use crate::fhir::subscription::{ChannelSpec, SubscriptionSpec};
+use crate::signals::Signals;
 use crate::store::{DeliveryReport, EventRecord, Store, StoredSubscription};
 use retry::{AfterFailure, RetryPolicy, after_failure};
 
@@ -71,7 +77,7 @@ impl DeliveryHandle {
 }
 
 /// Re-reads a stored Subscription resource into its delivery settings.
-pub type ParseSubscription = Box<dyn Fn(&Value) -> Result<SubscriptionSpec> + Send + Sync>;
+pub type ParseSubscription = Arc<dyn Fn(&Value) -> Result<SubscriptionSpec> + Send + Sync>;
 
 /// Everything an attempt needs.
 pub struct Deliverer {
@@ -79,10 +85,17 @@ pub struct Deliverer {
     pub rest_hook: RestHook,
     /// The AMQP publisher, when `BATON_AMQP_URL` is set.
     pub amqp: Option<AmqpPublisher>,
-    pub websockets: Arc<Registry>,
+    /// Websocket notifications go out through the signals, to the node holding the socket.
+    pub signals: Arc<dyn Signals>,
     pub base_url: String,
     pub config: DeliveryConfig,
     pub parse: ParseSubscription,
+    /// This node's name in delivery claims.
+    pub node: String,
+    /// How long a claim outlives a node that dies, on top of the attempt's timeout.
+    pub lease: Duration,
+    /// How often to look for work that no node holds.
+    pub scan_every: Duration,
 }
 
 /// What an attempt found and did.
@@ -96,7 +109,12 @@ enum Outcome {
     RetryAt(Duration),
     /// Deleted, off, or not a channel this queue serves.
     Gone,
+    /// Another node is working on it; look again shortly, in case it leaves work behind.
+    Busy,
 }
+
+/// How soon to look again at a subscription another node was working on.
+const BUSY_RETRY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKind {
@@ -211,6 +229,10 @@ impl Scheduler {
         mut commands: mpsc::UnboundedReceiver<Command>,
         shutdown: CancellationToken,
     ) {
+        let mut scan = tokio::time::interval(self.deliverer.scan_every);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (found_tx, mut found) = mpsc::unbounded_channel::<Vec<String>>();
+        let mut scanning = false;
         loop {
             while self.attempts.len() < self.deliverer.config.max_concurrent {
                 let Some((id, heartbeat)) = self.ready.pop_front() else {
@@ -274,6 +296,11 @@ impl Scheduler {
                             }
                         }
                         Outcome::RetryAt(delay) => self.schedule(&id, Instant::now() + delay, TimerKind::Retry),
+                        Outcome::Busy => {
+                            if !self.retry_at.contains_key(&id) {
+                                self.schedule(&id, Instant::now() + BUSY_RETRY, TimerKind::Retry);
+                            }
+                        }
                         Outcome::Gone => {
                             self.heartbeats.remove(&id);
                             self.last_sent.remove(&id);
@@ -308,6 +335,29 @@ impl Scheduler {
                                 self.arm_heartbeat(&id);
                                 self.make_ready(&id, true);
                             }
+                        }
+                    }
+                }
+                _ = scan.tick(), if !scanning => {
+                    // Work that no node holds: left by a node that died, or whose wake-up
+                    // never came. The query runs beside the loop, which must not wait on it.
+                    scanning = true;
+                    let store = self.deliverer.store.clone();
+                    let found_tx = found_tx.clone();
+                    tokio::spawn(async move {
+                        let now = format_instant(time::OffsetDateTime::now_utc());
+                        let due = store.due_subscriptions(&now, 1000).await.unwrap_or_else(|e| {
+                            tracing::warn!(error = %crate::error::error_chain(&e), "looking for unclaimed deliveries failed");
+                            Vec::new()
+                        });
+                        let _ = found_tx.send(due);
+                    });
+                }
+                Some(due) = found.recv() => {
+                    scanning = false;
+                    for id in due {
+                        if !self.retry_at.contains_key(&id) {
+                            self.make_ready(&id, false);
                         }
                     }
                 }
@@ -347,9 +397,36 @@ enum Payload {
 }
 
 async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Result<Outcome> {
-    let Some(sub) = deliverer.store.read_subscription(id).await? else {
-        return Ok(Outcome::Gone);
+    let default_timeout = Duration::from_secs(deliverer.config.default_timeout_seconds);
+    let node = deliverer.node.as_str();
+    let Some(sub) = deliverer
+        .store
+        .claim_subscription(id, node, deliverer.lease + default_timeout)
+        .await?
+    else {
+        return Ok(match deliverer.store.read_subscription(id).await? {
+            Some(sub) if sub.status != SubscriptionStatus::Off => Outcome::Busy,
+            _ => Outcome::Gone,
+        });
     };
+    let outcome = claimed_attempt(deliverer, sub, heartbeat_due, default_timeout).await;
+    // Recording a result ends the claim too, but not every attempt records one (nothing to
+    // send, a hub-side error); ending it here, always, means no other node ever waits for a
+    // claim to expire while its holder is alive.
+    if let Err(e) = deliverer.store.release_subscription(id, node).await {
+        tracing::warn!(subscription.id = %id, error = %crate::error::error_chain(&e), "releasing a delivery claim failed; it expires by itself");
+    }
+    outcome
+}
+
+/// The attempt proper, on a subscription this node has claimed.
+async fn claimed_attempt(
+    deliverer: &Deliverer,
+    sub: StoredSubscription,
+    heartbeat_due: bool,
+    default_timeout: Duration,
+) -> Result<Outcome> {
+    let id = sub.id.as_str();
     if sub.status == SubscriptionStatus::Off {
         return Ok(Outcome::Gone);
     }
@@ -392,7 +469,7 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
             from,
             to: (from + max_count - 1).min(sub.events_since_start),
         }
-    } else if heartbeat_due {
+    } else if heartbeat_due && !sent_within_heartbeat(&sub, &spec, now) {
         Payload::Heartbeat
     } else {
         return Ok(Outcome::Idle { sent: false });
@@ -407,10 +484,16 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
         return push_to_sockets(deliverer, &sub, &spec, payload, kind, now).await;
     }
     let (body, message_id, through) = build(deliverer, &sub, &spec, &payload, now).await?;
-    let timeout = Duration::from_secs(
-        spec.timeout
-            .map_or(deliverer.config.default_timeout_seconds, u64::from),
-    );
+    let timeout = spec
+        .timeout
+        .map_or(default_timeout, |t| Duration::from_secs(t.into()));
+    if timeout > default_timeout {
+        // The claim must outlast this subscription's longer timeout.
+        deliverer
+            .store
+            .claim_subscription(id, &deliverer.node, deliverer.lease + timeout)
+            .await?;
+    }
     let started = std::time::Instant::now();
     let (channel, sent) = match &spec.channel {
         ChannelSpec::RestHook { endpoint, headers } => {
@@ -473,12 +556,15 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
             metrics::counter!("baton_deliveries_total", "channel" => channel, "type" => kind, "result" => "ok").increment(1);
             deliverer
                 .store
-                .record_delivery(DeliveryReport::Delivered {
-                    subscription_id: sub.id.clone(),
-                    through,
-                    handshake: matches!(payload, Payload::Handshake),
-                    at: format_instant(now),
-                })
+                .record_delivery(
+                    &deliverer.node,
+                    DeliveryReport::Delivered {
+                        subscription_id: sub.id.clone(),
+                        through,
+                        handshake: matches!(payload, Payload::Handshake),
+                        at: format_instant(now),
+                    },
+                )
                 .await?;
             // Events that arrived during the attempt wake the scheduler again by themselves.
             let more = through < sub.events_since_start;
@@ -502,6 +588,23 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
             Ok(retry.map_or(Outcome::Gone, Outcome::RetryAt))
         }
     }
+}
+
+/// Whether a notification went out within the heartbeat period, from this node or another:
+/// a heartbeat timer on one node must not add to what another node just sent.
+fn sent_within_heartbeat(
+    sub: &StoredSubscription,
+    spec: &SubscriptionSpec,
+    now: time::OffsetDateTime,
+) -> bool {
+    let (Some(period), Some(last)) = (
+        spec.heartbeat_period,
+        sub.last_sent_at.as_deref().and_then(parse_instant),
+    ) else {
+        return false;
+    };
+    // A little slack, so timers that fire on the dot are not skipped for a few milliseconds.
+    now - last < time::Duration::seconds(i64::from(period)) - time::Duration::milliseconds(500)
 }
 
 /// The exact Task versions a batch of events is about, unless the content level needs none.
@@ -575,23 +678,29 @@ async fn push_to_sockets(
         Payload::Handshake | Payload::Heartbeat => sub.delivered_through,
     };
     let mut sent = false;
-    if deliverer.websockets.listeners(&sub.id) > 0 {
+    if deliverer.signals.may_have_listeners(&sub.id) {
         let (body, _, _) = build(deliverer, sub, spec, &payload, now).await?;
         let text = String::from_utf8(body).unwrap_or_default();
-        let took = deliverer.websockets.push(&sub.id, &text);
-        sent = took > 0;
+        let took = deliverer.signals.push_websocket(&sub.id, &text);
+        // In a cluster the sockets may be on other nodes, reached through Redis.
+        sent = took > 0 || deliverer.signals.redis_state() == Some("ok");
         metrics::counter!("baton_deliveries_total", "channel" => "websocket", "type" => kind, "result" => "ok")
             .increment(took as u64);
     }
-    if through > sub.delivered_through {
+    // A heartbeat that went out is recorded too: its time tells the other nodes' heartbeat
+    // timers that this period is covered.
+    if through > sub.delivered_through || sent {
         deliverer
             .store
-            .record_delivery(DeliveryReport::Delivered {
-                subscription_id: sub.id.clone(),
-                through,
-                handshake: false,
-                at: format_instant(now),
-            })
+            .record_delivery(
+                &deliverer.node,
+                DeliveryReport::Delivered {
+                    subscription_id: sub.id.clone(),
+                    through,
+                    handshake: false,
+                    at: format_instant(now),
+                },
+            )
             .await?;
     }
     Ok(if through < sub.events_since_start {
@@ -656,14 +765,17 @@ async fn record_failure(
     }
     deliverer
         .store
-        .record_delivery(DeliveryReport::Failed {
-            subscription_id: sub.id.clone(),
-            error: error.to_string(),
-            failures,
-            failing_since: format_instant(failing_since),
-            next_attempt_at: next,
-            status,
-        })
+        .record_delivery(
+            &deliverer.node,
+            DeliveryReport::Failed {
+                subscription_id: sub.id.clone(),
+                error: error.to_string(),
+                failures,
+                failing_since: format_instant(failing_since),
+                next_attempt_at: next,
+                status,
+            },
+        )
         .await?;
     Ok(retry)
 }

@@ -331,6 +331,8 @@ pub trait Store: Send + Sync + 'static {
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<StoredSubscription>>;
+    /// Ends `holder`'s claim without recording anything (the attempt found nothing to send).
+    async fn release_subscription(&self, id: &str, holder: &str) -> Result<()>;
     /// Live subscriptions with work due by `now` (a handshake or undelivered events, and no
     /// retry pending after `now`) that no node has claimed: work a node left behind.
     async fn due_subscriptions(&self, now: &str, limit: usize) -> Result<Vec<String>>;

@@ -927,6 +927,10 @@ impl Store for SqliteStore {
         self.read_subscription(id).await
     }
 
+    async fn release_subscription(&self, _id: &str, _holder: &str) -> Result<()> {
+        Ok(())
+    }
+
     async fn due_subscriptions(&self, now: &str, limit: usize) -> Result<Vec<String>> {
         hub::due_subscriptions(&self.reads, now, limit).await
     }

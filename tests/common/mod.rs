@@ -2,6 +2,7 @@
 //! tests an HTTP client, tokens and small helpers.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod receiver;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,88 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 
+/// Whether the suite runs against PostgreSQL (`TEST_BACKEND=postgres`) instead of the
+/// embedded SQLite store. CI runs it both ways.
+pub fn postgres_backend() -> bool {
+    std::env::var("TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// The server and user the tests create their databases with.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The URL of database `name` on the test server.
+pub fn postgres_url(name: &str) -> String {
+    let admin = postgres_admin_url();
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+/// Creates an empty database (or keeps the one that exists). Fails the test, saying so, when
+/// PostgreSQL is not reachable.
+pub async fn create_database(name: &str) {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is needed for this test ({}): {e}",
+                postgres_admin_url()
+            )
+        });
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_optional(&mut admin)
+        .await
+        .unwrap();
+    if exists.is_none() {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+}
+
+/// Drops a database, disconnecting whoever still uses it. Runs on its own thread, so it can
+/// be called from `Drop` inside a test's runtime.
+pub fn drop_database(name: &str) {
+    let name = name.to_string();
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            use sqlx::Connection;
+            if let Ok(mut admin) = sqlx::PgConnection::connect(&postgres_admin_url()).await {
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await;
+            }
+        });
+    })
+    .join();
+}
+
+/// The database a server on `data_dir` uses: SQLite inside the directory, or, on the
+/// PostgreSQL backend, a database named after the directory (so a restart finds its data).
+pub async fn database_url_for(data_dir: &Path) -> (String, Option<String>) {
+    if !postgres_backend() {
+        let url = format!("sqlite://{}", data_dir.join("baton.db").display());
+        return (url, None);
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes());
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let name = format!("baton_t_{name}");
+    create_database(&name).await;
+    (postgres_url(&name), Some(name))
+}
+
 pub struct TestServer {
     /// `http://127.0.0.1:PORT`
     pub root: String,
@@ -25,7 +108,20 @@ pub struct TestServer {
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<baton::Result<()>>,
     auth: Authenticator,
+    /// The PostgreSQL database, on that backend.
+    database: Option<String>,
     _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        // A server that owns its directory owns its database too; one started on a
+        // directory the test keeps may be restarted on it, so its database stays.
+        if let (Some(name), Some(_)) = (&self.database, &self._dir) {
+            self.shutdown.cancel();
+            drop_database(name);
+        }
+    }
 }
 
 impl TestServer {
@@ -66,6 +162,8 @@ impl TestServer {
             listen: "127.0.0.1:0".into(),
             ..Config::default()
         };
+        let (url, database) = database_url_for(data_dir).await;
+        config.database_url = Some(url);
         adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -98,18 +196,19 @@ impl TestServer {
             shutdown,
             handle,
             auth: Authenticator::new(SECRET, 0, &config.auth.performer_types_claim),
+            database,
             _dir: None,
         }
     }
 
-    /// Stops the server and waits for it to close its database.
-    pub async fn stop(self) -> Option<tempfile::TempDir> {
+    /// Stops the server and waits for it to close its database. A server that owns its
+    /// directory then drops its PostgreSQL database (on that backend) as it goes.
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        self.handle
+        (&mut self.handle)
             .await
             .expect("server task")
             .expect("server result");
-        self._dir
     }
 
     pub fn admin(&self) -> String {

@@ -1,0 +1,719 @@
+//! PostgreSQL statements for subscriptions, the event log, the delivery state, and the tables
+//! that let several nodes share the work: the matcher's lease, delivery claims and the
+//! subscription generation. Functions taking a connection run inside the caller's
+//! transaction; those taking the pool are one statement or their own read transaction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{now_instant, pg_text, stamp};
+use crate::error::{Error, Result};
+use crate::fhir::notification::SubscriptionStatus;
+use crate::store::{
+    DeliveryReport, EventRecord, Interaction, MatchBatch, StoredSubscription, SubscriptionChanges,
+    SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
+};
+
+fn subscription_from_row(row: &PgRow) -> Result<StoredSubscription> {
+    let status: String = row.try_get("status")?;
+    let author: String = row.try_get("author")?;
+    let resource: String = row.try_get("resource")?;
+    Ok(StoredSubscription {
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        last_updated: row.try_get("last_updated")?,
+        status: SubscriptionStatus::parse(&status)
+            .ok_or_else(|| Error::internal("unknown subscription status in the store", status))?,
+        topic_url: row.try_get("topic_url")?,
+        channel_type: row.try_get("channel_type")?,
+        endpoint: row.try_get("endpoint")?,
+        author: serde_json::from_str(&author)
+            .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,
+        resource: serde_json::from_str(&resource)
+            .map_err(|e| Error::internal("a stored Subscription is not JSON", e))?,
+        created_after_seq: row.try_get("created_after_seq")?,
+        events_since_start: row.try_get("events_since_start")?,
+        delivered_through: row.try_get("delivered_through")?,
+        handshake_pending: row.try_get::<i32, _>("handshake_pending")? != 0,
+        failures: row.try_get("failures")?,
+        failing_since: row.try_get("failing_since")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        last_sent_at: row.try_get("last_sent_at")?,
+    })
+}
+
+/// A ttl as a bind value: whole microseconds, PostgreSQL's interval resolution.
+fn micros(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)
+}
+
+async fn load(conn: &mut PgConnection, id: &str) -> Result<Option<StoredSubscription>> {
+    let row = sqlx::query("SELECT * FROM subscription WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(subscription_from_row).transpose()
+}
+
+pub(super) async fn read_subscription(
+    pool: &PgPool,
+    id: &str,
+) -> Result<Option<StoredSubscription>> {
+    let row = sqlx::query("SELECT * FROM subscription WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(subscription_from_row).transpose()
+}
+
+pub(super) async fn live_subscriptions(pool: &PgPool) -> Result<Vec<StoredSubscription>> {
+    let rows = sqlx::query("SELECT * FROM subscription WHERE status <> 'off' ORDER BY id")
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(subscription_from_row).collect()
+}
+
+/// Takes the next subscription generation. The row stays locked until the caller's
+/// transaction ends, so subscription writes commit in generation order: a node that has
+/// read generation `g` has seen every write numbered `g` or below.
+async fn next_generation(conn: &mut PgConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "UPDATE subscription_generation SET generation = generation + 1 RETURNING generation",
+    )
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+pub(super) async fn create_subscription(
+    conn: &mut PgConnection,
+    mut record: SubscriptionRecord,
+) -> Result<StoredSubscription> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let now = now_instant();
+    stamp(&mut record.resource, &id, 1, &now);
+    record.resource["status"] = json!(record.status.as_str());
+    let generation = next_generation(conn).await?;
+    // Changes already committed belong to the past of this subscription: the matcher skips them.
+    let created_after_seq: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
+            .fetch_one(&mut *conn)
+            .await?;
+    sqlx::query(
+        "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
+           author, resource, created_after_seq, handshake_pending, generation)
+         VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(&id)
+    .bind(&now)
+    .bind(record.status.as_str())
+    .bind(&record.topic_url)
+    .bind(&record.channel_type)
+    .bind(&record.endpoint)
+    .bind(record.author.to_string())
+    .bind(record.resource.to_string())
+    .bind(created_after_seq)
+    .bind(record.handshake_pending as i32)
+    .bind(generation)
+    .execute(&mut *conn)
+    .await?;
+    load(conn, &id)
+        .await?
+        .ok_or_else(|| Error::internal("a created subscription vanished", "missing row"))
+}
+
+pub(super) async fn replace_subscription(
+    conn: &mut PgConnection,
+    id: &str,
+    decide: SubscriptionDecide,
+) -> Result<StoredSubscription> {
+    // Locked first and the generation second, as every subscription write does, so that two
+    // of them cannot wait on each other.
+    let row = sqlx::query("SELECT * FROM subscription WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let current = row
+        .as_ref()
+        .map(subscription_from_row)
+        .transpose()?
+        .ok_or_else(|| Error::not_found(format!("Subscription/{id} does not exist")))?;
+    let mut record = decide(&current)?;
+    let version = current.version + 1;
+    let now = now_instant();
+    stamp(&mut record.resource, id, version, &now);
+    record.resource["status"] = json!(record.status.as_str());
+    let generation = next_generation(conn).await?;
+    // A re-activation starts a fresh run: a new handshake, no inherited failures.
+    sqlx::query(
+        "UPDATE subscription SET version = $1, last_updated = $2, status = $3, topic_url = $4,
+           channel_type = $5, endpoint = $6, resource = $7, handshake_pending = $8,
+           failures = CASE WHEN $9 THEN 0 ELSE failures END,
+           failing_since = CASE WHEN $9 THEN NULL ELSE failing_since END,
+           next_attempt_at = CASE WHEN $9 THEN NULL ELSE next_attempt_at END,
+           generation = $10
+         WHERE id = $11",
+    )
+    .bind(version)
+    .bind(&now)
+    .bind(record.status.as_str())
+    .bind(&record.topic_url)
+    .bind(&record.channel_type)
+    .bind(&record.endpoint)
+    .bind(record.resource.to_string())
+    .bind(record.handshake_pending as i32)
+    .bind(record.handshake_pending)
+    .bind(generation)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    load(conn, id)
+        .await?
+        .ok_or_else(|| Error::internal("a replaced subscription vanished", "missing row"))
+}
+
+pub(super) async fn delete_subscription(conn: &mut PgConnection, id: &str) -> Result<bool> {
+    let deleted = sqlx::query("DELETE FROM subscription WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    if deleted.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("DELETE FROM subscription_event WHERE subscription_id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    let generation = next_generation(conn).await?;
+    sqlx::query(
+        "INSERT INTO subscription_tombstone (id, generation) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET generation = excluded.generation",
+    )
+    .bind(id)
+    .bind(generation)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
+
+/// Records a batch of the matcher's work: checks the lease, marks the changes consumed and
+/// numbers the matches, in the caller's transaction.
+pub(super) async fn record_matches(
+    conn: &mut PgConnection,
+    batch: MatchBatch,
+) -> Result<Vec<(String, i64)>> {
+    // The lease row stays locked until commit: a node taking the lease over meanwhile waits,
+    // and this batch is recorded by the holder it names or not at all.
+    let held: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM lease WHERE name = $1 AND holder = $2 AND expires_at > now() FOR UPDATE",
+    )
+    .bind(&batch.consumer)
+    .bind(&batch.holder)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if held.is_none() {
+        return Err(Error::conflict(format!(
+            "the {} lease was lost by {}: another node may be matching, so this batch was not \
+             recorded; take the lease again and re-read the outbox",
+            batch.consumer, batch.holder
+        )));
+    }
+    let mut changes = batch.changes.clone();
+    changes.sort_unstable();
+    changes.dedup();
+    if !changes.is_empty() {
+        let marked = sqlx::query(
+            "UPDATE change_event SET matched = true WHERE seq = ANY($1) AND NOT matched",
+        )
+        .bind(&changes)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if marked != changes.len() as u64 {
+            return Err(Error::conflict(format!(
+                "{} of the batch's {} changes were already recorded (or do not exist), so \
+                 another node consumed them; nothing of this batch was recorded",
+                changes.len() as u64 - marked,
+                changes.len()
+            )));
+        }
+    }
+    let numbered = number_matches(conn, &batch).await?;
+    if let Some(&through) = changes.last() {
+        sqlx::query(
+            "INSERT INTO outbox_cursor (consumer, seq) VALUES ($1, $2)
+             ON CONFLICT (consumer) DO UPDATE SET seq = greatest(outbox_cursor.seq, excluded.seq)",
+        )
+        .bind(&batch.consumer)
+        .bind(through)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(numbered)
+}
+
+/// Gives each match the next event number of its subscription and logs it. The counters move
+/// once per subscription, by its number of matches; its matches take the numbers in batch
+/// order. A subscription deleted or turned off since matching gets nothing.
+async fn number_matches(conn: &mut PgConnection, batch: &MatchBatch) -> Result<Vec<(String, i64)>> {
+    if batch.matches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for m in &batch.matches {
+        *counts.entry(m.subscription_id.as_str()).or_default() += 1;
+    }
+    let ids: Vec<&str> = counts.keys().copied().collect();
+    let adds: Vec<i64> = counts.values().copied().collect();
+    // The rows are locked in id order (byte order, as the map's), so that two transactions
+    // locking several subscriptions cannot wait on each other.
+    sqlx::query(
+        "SELECT id FROM subscription WHERE id = ANY($1) AND status <> 'off' ORDER BY id FOR UPDATE",
+    )
+    .bind(&ids)
+    .execute(&mut *conn)
+    .await?;
+    let rows = sqlx::query(
+        "UPDATE subscription s SET events_since_start = s.events_since_start + w.n
+         FROM unnest($1::text[], $2::bigint[]) AS w(id, n)
+         WHERE s.id = w.id AND s.status <> 'off'
+         RETURNING s.id, s.events_since_start, w.n",
+    )
+    .bind(&ids)
+    .bind(&adds)
+    .fetch_all(&mut *conn)
+    .await?;
+    // The first number of each subscription's matches in this batch.
+    let mut next: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let total: i64 = row.try_get("events_since_start")?;
+        let added: i64 = row.try_get("n")?;
+        next.insert(row.try_get("id")?, total - added + 1);
+    }
+    let mut numbered = Vec::with_capacity(batch.matches.len());
+    let mut log = EventLog::default();
+    for m in &batch.matches {
+        let Some(number) = next.get_mut(&m.subscription_id) else {
+            continue;
+        };
+        log.subscription_ids.push(&m.subscription_id);
+        log.event_numbers.push(*number);
+        log.change_seqs.push(m.change_seq);
+        log.task_ids.push(&m.task_id);
+        log.versions.push(m.version);
+        log.interactions.push(m.interaction.as_str());
+        log.occurred_at.push(&m.occurred_at);
+        numbered.push((m.subscription_id.clone(), *number));
+        *number += 1;
+    }
+    if !numbered.is_empty() {
+        sqlx::query(
+            "INSERT INTO subscription_event (subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[])",
+        )
+        .bind(&log.subscription_ids)
+        .bind(&log.event_numbers)
+        .bind(&log.change_seqs)
+        .bind(&log.task_ids)
+        .bind(&log.versions)
+        .bind(&log.interactions)
+        .bind(&log.occurred_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(numbered)
+}
+
+/// Event-log rows as columns, for one insert of arrays.
+#[derive(Default)]
+struct EventLog<'a> {
+    subscription_ids: Vec<&'a str>,
+    event_numbers: Vec<i64>,
+    change_seqs: Vec<i64>,
+    task_ids: Vec<&'a str>,
+    versions: Vec<i64>,
+    interactions: Vec<&'static str>,
+    occurred_at: Vec<&'a str>,
+}
+
+/// Records an attempt's result; the claim ends only if `holder` still has it (a node whose
+/// claim expired and was taken over must not end the new holder's).
+pub(super) async fn record_delivery(
+    pool: &PgPool,
+    holder: &str,
+    report: DeliveryReport,
+) -> Result<()> {
+    match report {
+        DeliveryReport::Delivered {
+            subscription_id,
+            through,
+            handshake,
+            at,
+        } => {
+            sqlx::query(
+                "UPDATE subscription SET delivered_through = greatest(delivered_through, $1),
+                   handshake_pending = CASE WHEN $2 THEN 0 ELSE handshake_pending END,
+                   failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
+                   last_sent_at = $3,
+                   status = CASE WHEN status = 'error' OR (status = 'requested' AND $2) THEN 'active' ELSE status END,
+                   lease_holder = CASE WHEN lease_holder = $4 THEN NULL ELSE lease_holder END,
+                   lease_until = CASE WHEN lease_holder = $4 THEN NULL ELSE lease_until END
+                 WHERE id = $5",
+            )
+            .bind(through)
+            .bind(handshake)
+            .bind(&at)
+            .bind(holder)
+            .bind(&subscription_id)
+            .execute(pool)
+            .await?;
+        }
+        DeliveryReport::Failed {
+            subscription_id,
+            error,
+            failures,
+            failing_since,
+            next_attempt_at,
+            status,
+        } => {
+            sqlx::query(
+                "UPDATE subscription SET failures = $1, failing_since = $2, next_attempt_at = $3,
+                   last_error = $4, status = CASE WHEN status = 'off' THEN 'off' ELSE $5 END,
+                   lease_holder = CASE WHEN lease_holder = $6 THEN NULL ELSE lease_holder END,
+                   lease_until = CASE WHEN lease_holder = $6 THEN NULL ELSE lease_until END
+                 WHERE id = $7",
+            )
+            .bind(failures)
+            .bind(&failing_since)
+            .bind(&next_attempt_at)
+            .bind(pg_text(&error))
+            .bind(status.as_str())
+            .bind(holder)
+            .bind(&subscription_id)
+            .execute(pool)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn prune_events(pool: &PgPool, before: &str) -> Result<u64> {
+    // Undelivered events are kept whatever their age: the queue must never lose them.
+    let done = sqlx::query(
+        "DELETE FROM subscription_event e WHERE e.occurred_at < $1 AND e.event_number <=
+           (SELECT s.delivered_through FROM subscription s WHERE s.id = e.subscription_id)",
+    )
+    .bind(before)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A bind value of a subscription search.
+enum Bind {
+    Text(String),
+    List(Vec<String>),
+}
+
+pub(super) async fn search_subscriptions(
+    pool: &PgPool,
+    query: &SubscriptionQuery,
+    count: usize,
+    offset: usize,
+) -> Result<(Vec<StoredSubscription>, u64)> {
+    let mut conditions = vec!["1 = 1".to_string()];
+    let mut binds: Vec<Bind> = Vec::new();
+    if let Some(subject) = &query.author_subject {
+        binds.push(Bind::Text(pg_text(subject).into_owned()));
+        conditions.push(format!("(author::json ->> 'subject') = ${}", binds.len()));
+    }
+    if let Some(statuses) = &query.status {
+        binds.push(Bind::List(
+            statuses.iter().map(|s| pg_text(s).into_owned()).collect(),
+        ));
+        conditions.push(format!("status = ANY(${})", binds.len()));
+    }
+    if let Some(endpoint) = &query.endpoint {
+        binds.push(Bind::Text(pg_text(endpoint).into_owned()));
+        conditions.push(format!("endpoint = ${}", binds.len()));
+    }
+    if let Some(ids) = &query.ids {
+        binds.push(Bind::List(
+            ids.iter().map(|id| pg_text(id).into_owned()).collect(),
+        ));
+        conditions.push(format!("id = ANY(${})", binds.len()));
+    }
+    let filter = conditions.join(" AND ");
+    let count_sql = format!("SELECT count(*) FROM subscription WHERE {filter}");
+    let mut total = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql));
+    for bind in &binds {
+        total = match bind {
+            Bind::Text(text) => total.bind(text),
+            Bind::List(list) => total.bind(list),
+        };
+    }
+    let total = total.fetch_one(pool).await?;
+    let sql = format!(
+        "SELECT * FROM subscription WHERE {filter} ORDER BY last_updated, id LIMIT ${} OFFSET ${}",
+        binds.len() + 1,
+        binds.len() + 2
+    );
+    let mut rows = sqlx::query(AssertSqlSafe(sql));
+    for bind in &binds {
+        rows = match bind {
+            Bind::Text(text) => rows.bind(text),
+            Bind::List(list) => rows.bind(list),
+        };
+    }
+    let rows = rows
+        .bind(count as i64)
+        .bind(offset as i64)
+        .fetch_all(pool)
+        .await?;
+    let found = rows
+        .iter()
+        .map(subscription_from_row)
+        .collect::<Result<_>>()?;
+    Ok((found, total as u64))
+}
+
+pub(super) async fn subscription_events(
+    pool: &PgPool,
+    id: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<EventRecord>> {
+    let rows = sqlx::query(
+        "SELECT event_number, change_seq, task_id, version, interaction, occurred_at
+         FROM subscription_event WHERE subscription_id = $1 AND event_number BETWEEN $2 AND $3
+         ORDER BY event_number",
+    )
+    .bind(id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let interaction: String = row.try_get("interaction")?;
+            Ok(EventRecord {
+                event_number: row.try_get("event_number")?,
+                change_seq: row.try_get("change_seq")?,
+                task_id: row.try_get("task_id")?,
+                version: row.try_get("version")?,
+                interaction: Interaction::parse(&interaction).ok_or_else(|| {
+                    Error::internal("unknown interaction in the event log", interaction)
+                })?,
+                occurred_at: row.try_get("occurred_at")?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn acquire_lease(
+    pool: &PgPool,
+    name: &str,
+    holder: &str,
+    ttl: Duration,
+) -> Result<bool> {
+    // Inserted, renewed by its holder, or taken over once expired; otherwise the conflict's
+    // WHERE is false and no row comes back. The clock is the database's, shared by all nodes.
+    let held: Option<String> = sqlx::query_scalar(
+        "INSERT INTO lease (name, holder, expires_at)
+         VALUES ($1, $2, now() + $3 * interval '1 microsecond')
+         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+           WHERE lease.holder = excluded.holder OR lease.expires_at < now()
+         RETURNING holder",
+    )
+    .bind(name)
+    .bind(holder)
+    .bind(micros(ttl))
+    .fetch_optional(pool)
+    .await?;
+    Ok(held.as_deref() == Some(holder))
+}
+
+pub(super) async fn release_lease(pool: &PgPool, name: &str, holder: &str) -> Result<()> {
+    sqlx::query("DELETE FROM lease WHERE name = $1 AND holder = $2")
+        .bind(name)
+        .bind(holder)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn claim_subscription(
+    pool: &PgPool,
+    id: &str,
+    holder: &str,
+    ttl: Duration,
+) -> Result<Option<StoredSubscription>> {
+    let row = sqlx::query(
+        "UPDATE subscription SET lease_holder = $2, lease_until = now() + $3 * interval '1 microsecond'
+         WHERE id = $1 AND (lease_holder IS NULL OR lease_holder = $2 OR lease_until < now())
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(holder)
+    .bind(micros(ttl))
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(subscription_from_row).transpose()
+}
+
+pub(super) async fn release_subscription(pool: &PgPool, id: &str, holder: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE subscription SET lease_holder = NULL, lease_until = NULL
+         WHERE id = $1 AND lease_holder = $2",
+    )
+    .bind(id)
+    .bind(holder)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn due_subscriptions(
+    pool: &PgPool,
+    now: &str,
+    limit: usize,
+) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM subscription
+         WHERE status <> 'off' AND (handshake_pending <> 0 OR delivered_through < events_since_start)
+           AND (next_attempt_at IS NULL OR next_attempt_at <= $1)
+           AND (lease_holder IS NULL OR lease_until < now())
+         ORDER BY id LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub(super) async fn subscription_generation(pool: &PgPool) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT generation FROM subscription_generation")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+pub(super) async fn subscription_changes_since(
+    pool: &PgPool,
+    generation: i64,
+) -> Result<SubscriptionChanges> {
+    // One snapshot for the three reads, so that the generation returned covers exactly the
+    // rows returned.
+    let mut tx = pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let current: i64 = sqlx::query_scalar("SELECT generation FROM subscription_generation")
+        .fetch_one(&mut *tx)
+        .await?;
+    let rows = sqlx::query("SELECT * FROM subscription WHERE generation > $1 ORDER BY generation")
+        .bind(generation)
+        .fetch_all(&mut *tx)
+        .await?;
+    let deleted: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM subscription_tombstone WHERE generation > $1 ORDER BY generation",
+    )
+    .bind(generation)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(SubscriptionChanges {
+        generation: current,
+        changed: rows
+            .iter()
+            .map(subscription_from_row)
+            .collect::<Result<_>>()?,
+        deleted,
+    })
+}
+
+/// The terminal statuses, as SQL literals: an overdue Task is one still open.
+const TERMINAL: &str = "'completed', 'cancelled', 'failed', 'rejected', 'entered-in-error'";
+
+pub(super) async fn overdue_tasks(
+    pool: &PgPool,
+    now: &str,
+    limit: usize,
+) -> Result<Vec<(String, String)>> {
+    let sql = format!(
+        "SELECT d.task_id, d.end_at FROM task_date d JOIN task t ON t.id = d.task_id
+         WHERE d.param = 'due-date' AND d.end_at <= $1 AND t.deleted = 0
+           AND t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({TERMINAL}))
+           AND NOT EXISTS (SELECT 1 FROM task_overdue o WHERE o.task_id = d.task_id AND o.due_at = d.end_at)
+         ORDER BY d.end_at LIMIT $2"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("task_id")?, r.try_get("end_at")?)))
+        .collect()
+}
+
+pub(super) async fn mark_overdue(
+    conn: &mut PgConnection,
+    task_id: &str,
+    due_at: &str,
+    now: &str,
+) -> Result<bool> {
+    // Checked again inside the transaction: the Task may have been completed or given a new
+    // due date since it was found. The Task row is share-locked, so it cannot change before
+    // this commits, and the event names its current version.
+    let sql = format!(
+        "SELECT t.version FROM task t JOIN task_date d ON d.task_id = t.id AND d.param = 'due-date' AND d.end_at = $1
+         WHERE t.id = $2 AND t.deleted = 0 AND d.end_at <= $3
+           AND t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({TERMINAL}))
+         FOR SHARE OF t"
+    );
+    let version: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(due_at)
+        .bind(task_id)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(version) = version else {
+        return Ok(false);
+    };
+    // Nodes racing to report the same due date wait here on the key; the first to commit
+    // reports it, the others insert nothing.
+    let marked = sqlx::query(
+        "INSERT INTO task_overdue (task_id, due_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(task_id)
+    .bind(due_at)
+    .execute(&mut *conn)
+    .await?;
+    if marked.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
+         VALUES ('Task', $1, $2, NULL, 'overdue', $3)",
+    )
+    .bind(task_id)
+    .bind(version)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
+
+pub(super) async fn next_due(pool: &PgPool, now: &str) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT min(end_at) FROM task_date WHERE param = 'due-date' AND end_at > $1",
+    )
+    .bind(now)
+    .fetch_one(pool)
+    .await?)
+}

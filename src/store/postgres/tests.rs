@@ -1,0 +1,1024 @@
+//! What only the PostgreSQL store does, against a real server: concurrent writes, an outbox
+//! that commits out of order, leases, claims and the subscription generation. Each test has
+//! its own database, dropped at the end (even when the test fails).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
+
+use super::PostgresStore;
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+use crate::fhir::notification::SubscriptionStatus;
+use crate::fhir::search::{
+    Handling, Predicate, SearchLimits, SystemMatch, TokenValue, parse_query,
+};
+use crate::store::{
+    CurrentTask, Decision, DeliveryReport, Interaction, MatchBatch, MatchRow, PageRequest, Store,
+    SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
+};
+
+const BASE: &str = "http://baton.test/fhir";
+const MATCHER: &str = "matcher";
+
+/// A database of its own for one test.
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// None (after saying why) when no PostgreSQL answers, except on CI, where that fails.
+    async fn create() -> Option<TestDb> {
+        let admin = std::env::var("TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut conn = match PgConnection::connect(&admin).await {
+            Ok(conn) => conn,
+            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("PostgreSQL at {admin} is unreachable: {e}")
+            }
+            Err(e) => {
+                eprintln!(
+                    "skipped: PostgreSQL at {admin} is unreachable ({e}); set CI=true to fail instead"
+                );
+                return None;
+            }
+        };
+        let name = format!("baton_unit_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .expect("creating the test database");
+        let _ = conn.close().await;
+        let url = database_url(&admin, &name);
+        Some(TestDb { admin, name, url })
+    }
+
+    async fn open(&self) -> Arc<PostgresStore> {
+        let config = StoreConfig {
+            postgres_connections: 16,
+            ..StoreConfig::default()
+        };
+        let store = PostgresStore::open(&self.url, BASE, &config, Arc::new(Default::default()))
+            .await
+            .expect("opening the store");
+        Arc::new(store)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop cannot await, and may run while the test's runtime is unwinding: a thread with a
+        // runtime of its own drops the database.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for dropping the test database");
+            runtime.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    if let Err(e) = conn.execute(AssertSqlSafe(sql)).await {
+                        eprintln!("dropping {name} failed: {e}");
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The admin URL with its database replaced by `name`.
+fn database_url(admin: &str, name: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (admin, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+macro_rules! test_db {
+    () => {
+        match TestDb::create().await {
+            Some(db) => db,
+            None => return,
+        }
+    };
+}
+
+fn task(status: &str) -> Value {
+    json!({ "resourceType": "Task", "status": status, "intent": "order" })
+}
+
+async fn create(store: &PostgresStore, resource: Value) -> String {
+    match store
+        .write(WriteRequest::Create {
+            resource,
+            if_none_exist: None,
+        })
+        .await
+        .expect("creating a Task")
+    {
+        WriteOutcome::Written(version) => version.id,
+        other => panic!("create answered {other:?}"),
+    }
+}
+
+async fn change(
+    store: &PostgresStore,
+    id: &str,
+    decide: impl FnOnce(Option<&CurrentTask>) -> Result<Decision> + Send + 'static,
+) -> Result<WriteOutcome> {
+    store
+        .write(WriteRequest::Change {
+            id: id.to_string(),
+            decide: Box::new(decide),
+        })
+        .await
+}
+
+/// The decision of an If-Match update that appends `mark` to the description.
+fn append_if_match(
+    current: Option<&CurrentTask>,
+    expected: Option<i64>,
+    mark: &str,
+) -> Result<Decision> {
+    let current = current.expect("the Task exists");
+    if expected.is_some_and(|v| v != current.version) {
+        return Err(Error::precondition_failed(format!(
+            "If-Match {expected:?}, current {}",
+            current.version
+        )));
+    }
+    let mut resource = current.resource.clone();
+    let before = resource["description"].as_str().unwrap_or("").to_string();
+    resource["description"] = json!(format!("{before}{mark}"));
+    Ok(Decision::Put(resource))
+}
+
+fn subscription_record(status: SubscriptionStatus) -> SubscriptionRecord {
+    SubscriptionRecord {
+        resource: json!({
+            "resourceType": "Subscription",
+            "status": status.as_str(),
+            "criteria": "http://baton.test/SubscriptionTopic/task-created",
+            "channel": { "type": "rest-hook", "endpoint": "https://receiver.test/hook" },
+        }),
+        status,
+        topic_url: "http://baton.test/SubscriptionTopic/task-created".into(),
+        channel_type: "rest-hook".into(),
+        endpoint: Some("https://receiver.test/hook".into()),
+        author: json!({ "subject": "Practitioner/author", "role": "practitioner" }),
+        handshake_pending: true,
+    }
+}
+
+async fn subscribe(store: &PostgresStore) -> String {
+    store
+        .create_subscription(subscription_record(SubscriptionStatus::Requested))
+        .await
+        .expect("creating a subscription")
+        .id
+}
+
+fn matched(subscription_id: &str, change_seq: i64) -> MatchRow {
+    MatchRow {
+        subscription_id: subscription_id.to_string(),
+        change_seq,
+        task_id: format!("task-of-{change_seq}"),
+        version: 1,
+        interaction: Interaction::Create,
+        occurred_at: "2024-01-01T00:00:00.000Z".into(),
+    }
+}
+
+fn batch(holder: &str, changes: &[i64], matches: Vec<MatchRow>) -> MatchBatch {
+    MatchBatch {
+        consumer: MATCHER.into(),
+        holder: holder.into(),
+        changes: changes.to_vec(),
+        matches,
+    }
+}
+
+async fn unmatched_seqs(store: &PostgresStore) -> Vec<i64> {
+    store
+        .change_events_after(i64::MAX, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect()
+}
+
+async fn event_seqs(store: &PostgresStore, subscription: &str) -> Vec<(i64, i64)> {
+    store
+        .subscription_events(subscription, 1, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| (e.event_number, e.change_seq))
+        .collect()
+}
+
+fn assert_conflict<T: std::fmt::Debug>(result: Result<T>, what: &str) {
+    match result {
+        Err(e) => assert_eq!(e.status(), StatusCode::CONFLICT, "{what}: {e}"),
+        Ok(value) => panic!("{what} succeeded: {value:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_changes_to_one_task_lose_nothing() {
+    let db = test_db!();
+    let store = db.open().await;
+    let id = create(&store, task("requested")).await;
+
+    // The first update holds the Task while its decision runs; the others start meanwhile.
+    let (inside, entered) = std::sync::mpsc::channel();
+    let first = tokio::spawn({
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            change(&store, &id, move |current| {
+                inside.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                append_if_match(current, Some(1), "a")
+            })
+            .await
+        }
+    });
+    tokio::task::spawn_blocking(move || entered.recv().unwrap())
+        .await
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let second = tokio::spawn({
+        let (store, id, seen) = (store.clone(), id.clone(), seen.clone());
+        async move {
+            change(&store, &id, move |current| {
+                *seen.lock().unwrap() = current.map(|c| c.version);
+                append_if_match(current, None, "b")
+            })
+            .await
+        }
+    });
+    // Also waiting: an If-Match on the version the first update replaces.
+    let stale = tokio::spawn({
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            change(&store, &id, |current| {
+                append_if_match(current, Some(1), "c")
+            })
+            .await
+        }
+    });
+
+    let first = first.await.unwrap().expect("the first update");
+    let second = second.await.unwrap().expect("the second update");
+    let stale = stale.await.unwrap();
+    let version = |outcome: &WriteOutcome| match outcome {
+        WriteOutcome::Written(v) => v.version,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((version(&first), version(&second)), (2, 3));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(2),
+        "the second decision saw the first's result"
+    );
+    assert_eq!(
+        stale.expect_err("If-Match 1 after version 2").status(),
+        StatusCode::PRECONDITION_FAILED
+    );
+    let current = store.read(&id).await.unwrap().unwrap();
+    assert_eq!(current.version, 3);
+    assert_eq!(current.resource["description"], "ab");
+    assert_eq!(current.resource["meta"]["versionId"], "3");
+    let changes = store.change_events_after(0, 10).await.unwrap();
+    let versions: Vec<(i64, Option<i64>)> = changes
+        .iter()
+        .map(|c| (c.version, c.previous_version))
+        .collect();
+    assert_eq!(versions, [(1, None), (2, Some(1)), (3, Some(2))]);
+}
+
+#[tokio::test]
+async fn unmatched_changes_are_returned_even_below_a_matched_one() {
+    let db = test_db!();
+    let store = db.open().await;
+    create(&store, task("requested")).await;
+    // Another node's transaction has taken the next `seq` and not committed yet.
+    let mut other = PgConnection::connect(&db.url).await.unwrap();
+    let mut open = other.begin().await.unwrap();
+    let gap: i64 = sqlx::query_scalar(
+        "INSERT INTO change_event (resource_type, resource_id, version, interaction, recorded_at)
+         VALUES ('Task', 'slow', 1, 'create', '2024-01-01T00:00:00.000Z') RETURNING seq",
+    )
+    .fetch_one(&mut *open)
+    .await
+    .unwrap();
+    assert_eq!(gap, 2);
+    create(&store, task("requested")).await;
+    assert_eq!(unmatched_seqs(&store).await, [1, 3]);
+    assert!(
+        store
+            .acquire_lease(MATCHER, "A", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+
+    // The newest change is recorded first; the position passed in is ignored.
+    store
+        .record_matches(batch("A", &[3], vec![]))
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_cursor(MATCHER).await.unwrap(), 3);
+    let after = store.change_events_after(3, 10).await.unwrap();
+    assert_eq!(after.iter().map(|c| c.seq).collect::<Vec<_>>(), [1]);
+
+    open.commit().await.unwrap();
+    assert_eq!(unmatched_seqs(&store).await, [1, 2]);
+    assert_eq!(store.last_change_seq().await.unwrap(), 3);
+    store
+        .record_matches(batch("A", &[1, 2], vec![]))
+        .await
+        .unwrap();
+    assert!(unmatched_seqs(&store).await.is_empty());
+    assert_eq!(store.outbox_cursor(MATCHER).await.unwrap(), 3);
+    assert!(!store.outbox_in_commit_order());
+}
+
+#[tokio::test]
+async fn record_matches_refuses_a_batch_without_the_lease() {
+    let db = test_db!();
+    let store = db.open().await;
+    create(&store, task("requested")).await;
+    let subscription = subscribe(&store).await;
+    let ten = Duration::from_secs(10);
+    assert!(store.acquire_lease(MATCHER, "A", ten).await.unwrap());
+    assert!(
+        store.acquire_lease(MATCHER, "A", ten).await.unwrap(),
+        "renewed"
+    );
+    assert!(!store.acquire_lease(MATCHER, "B", ten).await.unwrap());
+
+    let nothing_recorded = |store: Arc<PostgresStore>, subscription: String| async move {
+        let s = store
+            .read_subscription(&subscription)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.events_since_start, 0);
+        assert!(event_seqs(&store, &subscription).await.is_empty());
+        assert_eq!(unmatched_seqs(&store).await, [1]);
+    };
+    let foreign = store
+        .record_matches(batch("B", &[1], vec![matched(&subscription, 1)]))
+        .await;
+    assert_conflict(foreign, "a batch from a node without the lease");
+    nothing_recorded(store.clone(), subscription.clone()).await;
+
+    // A's lease runs out: its batch is refused even before anyone else takes it.
+    assert!(
+        store
+            .acquire_lease(MATCHER, "A", Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let expired = store
+        .record_matches(batch("A", &[1], vec![matched(&subscription, 1)]))
+        .await;
+    assert_conflict(expired, "a batch under an expired lease");
+    nothing_recorded(store.clone(), subscription.clone()).await;
+
+    assert!(
+        store.acquire_lease(MATCHER, "B", ten).await.unwrap(),
+        "taken over"
+    );
+    let late = store
+        .record_matches(batch("A", &[1], vec![matched(&subscription, 1)]))
+        .await;
+    assert_conflict(late, "a batch from the former holder");
+    nothing_recorded(store.clone(), subscription.clone()).await;
+    let numbers = store
+        .record_matches(batch("B", &[1], vec![matched(&subscription, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(numbers, [(subscription.clone(), 1)]);
+
+    store.release_lease(MATCHER, "A").await.unwrap();
+    assert!(
+        !store.acquire_lease(MATCHER, "A", ten).await.unwrap(),
+        "B still holds it"
+    );
+    store.release_lease(MATCHER, "B").await.unwrap();
+    assert!(store.acquire_lease(MATCHER, "A", ten).await.unwrap());
+}
+
+#[tokio::test]
+async fn recording_changes_twice_fails_and_numbers_stay_contiguous() {
+    let db = test_db!();
+    let store = db.open().await;
+    create(&store, task("requested")).await;
+    create(&store, task("requested")).await;
+    let subscription = subscribe(&store).await;
+    assert!(
+        store
+            .acquire_lease(MATCHER, "A", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+
+    let first = store
+        .record_matches(batch("A", &[1], vec![matched(&subscription, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(first, [(subscription.clone(), 1)]);
+    let again = store
+        .record_matches(batch("A", &[1], vec![matched(&subscription, 1)]))
+        .await;
+    assert_conflict(again, "recording change 1 twice");
+    // One change of the batch was consumed already: the other is not marked either.
+    let partly = store
+        .record_matches(batch(
+            "A",
+            &[1, 2],
+            vec![matched(&subscription, 1), matched(&subscription, 2)],
+        ))
+        .await;
+    assert_conflict(partly, "a batch overlapping a recorded one");
+    assert_eq!(unmatched_seqs(&store).await, [2]);
+    assert_eq!(
+        store
+            .read_subscription(&subscription)
+            .await
+            .unwrap()
+            .unwrap()
+            .events_since_start,
+        1
+    );
+
+    let second = store
+        .record_matches(batch("A", &[2], vec![matched(&subscription, 2)]))
+        .await
+        .unwrap();
+    assert_eq!(second, [(subscription.clone(), 2)]);
+    assert_eq!(event_seqs(&store, &subscription).await, [(1, 1), (2, 2)]);
+}
+
+#[tokio::test]
+async fn numbers_are_contiguous_per_subscription_and_skip_off_ones() {
+    let db = test_db!();
+    let store = db.open().await;
+    for _ in 0..4 {
+        create(&store, task("requested")).await;
+    }
+    let (s1, s2) = (subscribe(&store).await, subscribe(&store).await);
+    let off = subscribe(&store).await;
+    store
+        .replace_subscription(
+            &off,
+            Box::new(|_| Ok(subscription_record(SubscriptionStatus::Off))),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .acquire_lease(MATCHER, "A", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+
+    let matches = vec![
+        matched(&s1, 1),
+        matched(&s2, 1),
+        matched(&off, 1),
+        matched(&s1, 2),
+        matched("no-such-subscription", 2),
+        matched(&s2, 3),
+        matched(&s1, 3),
+    ];
+    let numbers = store
+        .record_matches(batch("A", &[1, 2, 3], matches))
+        .await
+        .unwrap();
+    let expected = [
+        (s1.clone(), 1),
+        (s2.clone(), 1),
+        (s1.clone(), 2),
+        (s2.clone(), 2),
+        (s1.clone(), 3),
+    ];
+    assert_eq!(numbers, expected);
+    assert_eq!(event_seqs(&store, &s1).await, [(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(event_seqs(&store, &s2).await, [(1, 1), (2, 3)]);
+    assert!(event_seqs(&store, &off).await.is_empty());
+    let off_row = store.read_subscription(&off).await.unwrap().unwrap();
+    assert_eq!(off_row.events_since_start, 0);
+
+    let numbers = store
+        .record_matches(batch("A", &[4], vec![matched(&s2, 4), matched(&s1, 4)]))
+        .await
+        .unwrap();
+    assert_eq!(numbers, [(s2.clone(), 3), (s1.clone(), 4)]);
+    for (id, count) in [(&s1, 4), (&s2, 3)] {
+        let row = store.read_subscription(id).await.unwrap().unwrap();
+        assert_eq!(row.events_since_start, count);
+    }
+}
+
+#[tokio::test]
+async fn claims_keep_other_nodes_out_until_released_or_expired() {
+    let db = test_db!();
+    let store = db.open().await;
+    let subscription = subscribe(&store).await;
+    let now = super::now_instant();
+    let ten = Duration::from_secs(10);
+    assert_eq!(
+        store.due_subscriptions(&now, 10).await.unwrap(),
+        [subscription.as_str()]
+    );
+
+    let claimed = store
+        .claim_subscription(&subscription, "A", ten)
+        .await
+        .unwrap();
+    assert_eq!(claimed.map(|s| s.id), Some(subscription.clone()));
+    assert!(
+        store
+            .claim_subscription(&subscription, "B", ten)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store.due_subscriptions(&now, 10).await.unwrap().is_empty(),
+        "claimed work is not due"
+    );
+    assert!(
+        store
+            .claim_subscription(&subscription, "A", ten)
+            .await
+            .unwrap()
+            .is_some(),
+        "renewed"
+    );
+    assert!(
+        store
+            .claim_subscription("no-such-id", "A", ten)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A report from a node without the claim records its result but leaves A's claim alone.
+    let failed = DeliveryReport::Failed {
+        subscription_id: subscription.clone(),
+        error: "connection refused\0".into(),
+        failures: 1,
+        failing_since: now.clone(),
+        next_attempt_at: None,
+        status: SubscriptionStatus::Requested,
+    };
+    store.record_delivery("B", failed).await.unwrap();
+    assert!(
+        store
+            .claim_subscription(&subscription, "B", ten)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let delivered = DeliveryReport::Delivered {
+        subscription_id: subscription.clone(),
+        through: 0,
+        handshake: true,
+        at: now.clone(),
+    };
+    store.record_delivery("A", delivered).await.unwrap();
+    let row = store
+        .read_subscription(&subscription)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, SubscriptionStatus::Active);
+    assert!(!row.handshake_pending);
+    assert_eq!(row.failures, 0);
+
+    let short = Duration::from_millis(100);
+    assert!(
+        store
+            .claim_subscription(&subscription, "B", short)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .claim_subscription(&subscription, "A", ten)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        store
+            .claim_subscription(&subscription, "A", ten)
+            .await
+            .unwrap()
+            .is_some(),
+        "expired"
+    );
+    store
+        .release_subscription(&subscription, "B")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_subscription(&subscription, "B", ten)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .release_subscription(&subscription, "A")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_subscription(&subscription, "B", ten)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn the_generation_moves_with_subscription_writes_only() {
+    let db = test_db!();
+    let store = db.open().await;
+    assert_eq!(store.subscription_generation().await.unwrap(), 0);
+    let first = subscribe(&store).await;
+    assert_eq!(store.subscription_generation().await.unwrap(), 1);
+    let since = store.subscription_changes_since(0).await.unwrap();
+    assert_eq!(since.generation, 1);
+    assert_eq!(
+        since.changed.iter().map(|s| &s.id).collect::<Vec<_>>(),
+        [&first]
+    );
+
+    store
+        .replace_subscription(
+            &first,
+            Box::new(|_| Ok(subscription_record(SubscriptionStatus::Requested))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.subscription_generation().await.unwrap(), 2);
+    // Delivery bookkeeping does not move it.
+    create(&store, task("requested")).await;
+    assert!(
+        store
+            .acquire_lease(MATCHER, "A", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    store
+        .record_matches(batch("A", &[1], vec![matched(&first, 1)]))
+        .await
+        .unwrap();
+    store
+        .claim_subscription(&first, "A", Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    let delivered = DeliveryReport::Delivered {
+        subscription_id: first.clone(),
+        through: 1,
+        handshake: true,
+        at: super::now_instant(),
+    };
+    store.record_delivery("A", delivered).await.unwrap();
+    assert_eq!(store.subscription_generation().await.unwrap(), 2);
+    let missing = store
+        .replace_subscription("no-such-id", Box::new(|_| unreachable!()))
+        .await;
+    assert_eq!(missing.unwrap_err().status(), StatusCode::NOT_FOUND);
+    assert_eq!(store.subscription_generation().await.unwrap(), 2);
+
+    let second = subscribe(&store).await;
+    let since = store.subscription_changes_since(1).await.unwrap();
+    assert_eq!(since.generation, 3);
+    let changed: Vec<(&str, i64)> = since
+        .changed
+        .iter()
+        .map(|s| (s.id.as_str(), s.version))
+        .collect();
+    assert_eq!(changed, [(first.as_str(), 2), (second.as_str(), 1)]);
+    assert!(since.deleted.is_empty());
+    assert!(
+        store
+            .subscription_changes_since(3)
+            .await
+            .unwrap()
+            .changed
+            .is_empty()
+    );
+
+    assert!(store.delete_subscription(&first).await.unwrap());
+    assert!(!store.delete_subscription(&first).await.unwrap());
+    assert_eq!(store.subscription_generation().await.unwrap(), 4);
+    let since = store.subscription_changes_since(3).await.unwrap();
+    assert_eq!(since.generation, 4);
+    assert!(since.changed.is_empty());
+    assert_eq!(since.deleted, [first.as_str()]);
+    let all = store.subscription_changes_since(0).await.unwrap();
+    assert_eq!(
+        all.changed.iter().map(|s| &s.id).collect::<Vec<_>>(),
+        [&second]
+    );
+    assert_eq!(all.deleted, [first.as_str()]);
+    assert!(
+        store
+            .subscription_events(&first, 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_conditional_creates_create_one_task() {
+    let db = test_db!();
+    let store = db.open().await;
+    let predicate = || {
+        vec![Predicate::Token {
+            param: "identifier",
+            negated: false,
+            any_of: vec![TokenValue {
+                system: SystemMatch::Exact("urn:race".into()),
+                code: Some("one".into()),
+            }],
+        }]
+    };
+    let start = Arc::new(tokio::sync::Barrier::new(10));
+    let racers: Vec<_> = (0..10)
+        .map(|_| {
+            let (store, start, if_none_exist) = (store.clone(), start.clone(), predicate());
+            tokio::spawn(async move {
+                let mut resource = task("requested");
+                resource["identifier"] = json!([{ "system": "urn:race", "value": "one" }]);
+                start.wait().await;
+                store
+                    .write(WriteRequest::Create {
+                        resource,
+                        if_none_exist: Some(if_none_exist),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    let mut found = Vec::new();
+    for racer in racers {
+        match racer.await.unwrap().expect("a conditional create") {
+            WriteOutcome::Written(version) => created.push(version.id),
+            WriteOutcome::Existing(current) => found.push(current.id),
+            WriteOutcome::Unchanged => panic!("a create answered Unchanged"),
+        }
+    }
+    assert_eq!(created.len(), 1, "created {created:?}");
+    assert_eq!(found.len(), 9);
+    assert!(found.iter().all(|id| *id == created[0]));
+    let predicates = predicate();
+    let page = store
+        .search(PageRequest {
+            predicates: &predicates,
+            sort: &[],
+            count: 10,
+            offset: 0,
+            with_total: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.total, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdue_is_reported_once_by_racing_nodes() {
+    let db = test_db!();
+    let (node_a, node_b) = (db.open().await, db.open().await);
+    let mut resource = task("in-progress");
+    resource["restriction"] = json!({ "period": { "end": "2020-01-01" } });
+    let id = create(&node_a, resource).await;
+    let now = super::now_instant();
+    let due = node_a.overdue_tasks(&now, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    let (task_id, due_at) = due[0].clone();
+    assert_eq!(task_id, id);
+    let (a, b) = tokio::join!(
+        node_a.mark_overdue(&task_id, &due_at, &now),
+        node_b.mark_overdue(&task_id, &due_at, &now)
+    );
+    let reported = [a.unwrap(), b.unwrap()];
+    assert_eq!(reported.iter().filter(|r| **r).count(), 1, "{reported:?}");
+    assert!(node_a.overdue_tasks(&now, 10).await.unwrap().is_empty());
+    let changes = node_a.change_events_after(0, 10).await.unwrap();
+    let overdue: Vec<_> = changes
+        .iter()
+        .filter(|c| c.interaction == Interaction::Overdue)
+        .collect();
+    assert_eq!(overdue.len(), 1);
+    assert_eq!(
+        (overdue[0].resource_id.as_str(), overdue[0].version),
+        (id.as_str(), 1)
+    );
+}
+
+/// Not concurrency: that the SQL of the other operations runs on PostgreSQL and answers as
+/// the SQLite store does, on a few Tasks.
+#[tokio::test]
+async fn reads_searches_and_workflow_run_on_postgres() {
+    let db = test_db!();
+    let store = db.open().await;
+    // Creates a millisecond apart at least, so that `_lastUpdated` orders them.
+    let create = |resource: Value| {
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            create(&store, resource).await
+        }
+    };
+    let parent = create(task("in-progress")).await;
+    let mut child = task("ready");
+    child["partOf"] = json!([{ "reference": format!("Task/{parent}") }]);
+    child["priority"] = json!("urgent");
+    // U+0000 cannot be stored in PostgreSQL text; such a value is still indexed and found.
+    child["identifier"] = json!([{ "system": "urn:ids", "value": "nul\u{0}byte" }]);
+    let first_child = create(child.clone()).await;
+    child["status"] = json!("draft");
+    child["priority"] = json!("routine");
+    let second_child = create(child).await;
+
+    let limits = SearchLimits {
+        default_count: 10,
+        max_count: 100,
+    };
+    let search = |query: &str| {
+        let pairs: Vec<(String, String)> = query
+            .split('&')
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap();
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        parse_query(&pairs, &limits, BASE, Handling::Strict).unwrap()
+    };
+    let ids = |tasks: &[CurrentTask]| tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+    let run = |query: &str, offset: usize| {
+        let parsed = search(query);
+        let store = store.clone();
+        async move {
+            store
+                .search(PageRequest {
+                    predicates: &parsed.predicates,
+                    sort: &parsed.sort,
+                    count: 2,
+                    offset,
+                    with_total: true,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let page = run("status=ready,draft&_sort=-priority", 0).await;
+    assert_eq!(page.total, Some(2));
+    assert_eq!(
+        ids(&page.tasks),
+        [first_child.clone(), second_child.clone()]
+    );
+    let page = run("_sort=-_lastUpdated", 1).await;
+    assert_eq!(page.total, Some(3));
+    assert_eq!(ids(&page.tasks), [first_child.clone(), parent.clone()]);
+    let page = run("identifier=urn:ids|nul\u{0}byte&status:not=draft", 0).await;
+    assert_eq!(ids(&page.tasks), [first_child.as_str()]);
+
+    let scope = search("status=ready").predicates;
+    let children = store
+        .children_of(&[format!("Task/{parent}")], &scope, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&children), [first_child.as_str()]);
+    let children = store
+        .children_of(&[format!("Task/{parent}"), "Task/other".into()], &[], 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&children), [first_child.clone(), second_child.clone()]);
+
+    // A suspend and a resume request change the focal Task in their own transactions; the
+    // resume finds the status before the hold in the history.
+    for code in ["suspend", "resume"] {
+        let mut request = task("completed");
+        request["code"] = json!({ "coding": [{
+            "system": "http://hl7.org/fhir/CodeSystem/task-code", "code": code }] });
+        request["focus"] = json!({ "reference": format!("Task/{parent}") });
+        create(request).await;
+    }
+    let (history, total) = store.history(&parent, 10, 0).await.unwrap();
+    assert_eq!(total, 3);
+    let statuses: Vec<&str> = history
+        .iter()
+        .map(|v| v.resource.as_ref().unwrap()["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["in-progress", "on-hold", "in-progress"]);
+
+    let keys = [
+        (parent.clone(), 2),
+        (parent.clone(), 9),
+        (first_child.clone(), 1),
+    ];
+    let mut found: Vec<(String, i64)> = store
+        .versions(&keys)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.id, v.version))
+        .collect();
+    found.sort();
+    let mut expected = vec![(parent.clone(), 2), (first_child.clone(), 1)];
+    expected.sort();
+    assert_eq!(found, expected);
+    let second = store.read_version(&parent, 2).await.unwrap().unwrap();
+    assert_eq!(second.resource.unwrap()["status"], "on-hold");
+
+    let deleted = change(&store, &second_child, |_| Ok(Decision::Delete))
+        .await
+        .unwrap();
+    assert!(matches!(deleted, WriteOutcome::Written(v) if v.interaction == Interaction::Delete));
+    assert!(store.read(&second_child).await.unwrap().unwrap().deleted);
+    assert_eq!(run("status=ready,draft", 0).await.total, Some(1));
+
+    let subscription = subscribe(&store).await;
+    let query = SubscriptionQuery {
+        author_subject: Some("Practitioner/author".into()),
+        status: Some(vec!["requested".into(), "active".into()]),
+        endpoint: Some("https://receiver.test/hook".into()),
+        ids: Some(vec![subscription.clone()]),
+    };
+    let (found, total) = store.search_subscriptions(&query, 10, 0).await.unwrap();
+    assert_eq!((ids_of(&found), total), (vec![subscription.clone()], 1));
+    let nobody = SubscriptionQuery {
+        author_subject: Some("Practitioner/other".into()),
+        ..SubscriptionQuery::default()
+    };
+    assert_eq!(
+        store.search_subscriptions(&nobody, 10, 0).await.unwrap().1,
+        0
+    );
+    let no_ids = SubscriptionQuery {
+        ids: Some(vec![]),
+        ..SubscriptionQuery::default()
+    };
+    assert_eq!(
+        store.search_subscriptions(&no_ids, 10, 0).await.unwrap().1,
+        0
+    );
+    assert_eq!(
+        ids_of(&store.live_subscriptions().await.unwrap()),
+        [subscription]
+    );
+    store.ping().await.unwrap();
+    store.close().await;
+}
+
+fn ids_of(subscriptions: &[crate::store::StoredSubscription]) -> Vec<String> {
+    subscriptions.iter().map(|s| s.id.clone()).collect()
+}
+
+#[test]
+fn database_url_replaces_only_the_database() {
+    assert_eq!(
+        database_url("postgres://postgres@127.0.0.1:5432/postgres", "x"),
+        "postgres://postgres@127.0.0.1:5432/x"
+    );
+    assert_eq!(
+        database_url("postgres://u:p@h/db?sslmode=disable", "x"),
+        "postgres://u:p@h/x?sslmode=disable"
+    );
+    assert_eq!(
+        database_url("postgres://h:5432", "x"),
+        "postgres://h:5432/x"
+    );
+}

@@ -1,0 +1,494 @@
+//! Cluster mode, end to end: three `baton` processes share one PostgreSQL database and one
+//! Redis prefix. Writes go to every node while a webhook receiver, a websocket listener and an
+//! AMQP consumer count what they hear; nodes are killed with SIGKILL, Redis is restarted, and
+//! a node started late takes over. These tests need PostgreSQL, Redis and RabbitMQ and fail
+//! (never skip) when one is missing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::cluster::{Cluster, redis_url};
+use common::receiver::{Receiver, event_numbers};
+use common::{eventually, subscription, task};
+use futures::{SinkExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Asserts that `numbers` (in arrival order) hold every event from 1 to at least `at_least`,
+/// with nothing missing, and returns how many arrived more than once.
+fn check_contiguous(what: &str, numbers: &[i64], at_least: i64) -> usize {
+    let distinct: BTreeSet<i64> = numbers.iter().copied().collect();
+    let highest = distinct.last().copied().unwrap_or(0);
+    assert!(
+        highest >= at_least,
+        "{what}: heard up to event {highest}, expected at least {at_least}"
+    );
+    let expected: BTreeSet<i64> = (1..=highest).collect();
+    assert_eq!(distinct, expected, "{what}: event numbers have gaps");
+    numbers.len() - distinct.len()
+}
+
+/// Creates `count` Tasks, then updates them `rounds` times each, sending every request to the
+/// next running node in turn; returns how many writes were acknowledged. A request to a node
+/// that is down is sent to the next one.
+async fn write_everywhere(cluster: &Cluster, count: usize, rounds: usize) -> usize {
+    let mut ids = Vec::new();
+    let mut next = 0;
+    let mut acknowledged = 0;
+    let mut node = |cluster: &Cluster| loop {
+        next = (next + 1) % cluster.len();
+        if cluster.is_up(next) {
+            return next;
+        }
+    };
+    for _ in 0..count {
+        let (status, created) = cluster
+            .post(
+                node(cluster),
+                "/Task",
+                &task("requested", Some("Practitioner/alice")),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        ids.push(created["id"].as_str().unwrap().to_string());
+        acknowledged += 1;
+    }
+    for round in 0..rounds {
+        for id in &ids {
+            let mut body = task("in-progress", Some("Practitioner/alice"));
+            body["id"] = json!(id);
+            body["description"] = json!(format!("round {round}"));
+            let (status, updated) = cluster
+                .put(node(cluster), &format!("/Task/{id}"), &body)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{updated}");
+            acknowledged += 1;
+        }
+    }
+    acknowledged
+}
+
+async fn subscribe(cluster: &Cluster, node: usize, body: &Value) -> String {
+    let (status, created) = cluster.post(node, "/Subscription", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    created["id"].as_str().unwrap().to_string()
+}
+
+fn websocket_subscription() -> Value {
+    let mut s = subscription("task-changed", &[], "unused", "id-only");
+    s["channel"] = json!({
+        "type": "websocket",
+        "payload": "application/fhir+json",
+        "_payload": s["channel"]["_payload"].clone(),
+    });
+    s
+}
+
+/// A websocket bound on node `bind_on` with a token minted on node `mint_on`; every event
+/// number it hears is pushed to the returned list.
+async fn listen(
+    cluster: &Cluster,
+    subscription: &str,
+    mint_on: usize,
+    bind_on: usize,
+) -> Arc<Mutex<Vec<i64>>> {
+    let (status, params) = cluster
+        .get(
+            mint_on,
+            &format!("/Subscription/{subscription}/$get-ws-binding-token"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{params}");
+    let token = params["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "token")
+        .unwrap()["valueString"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("{}/ws", cluster.base(bind_on).replace("http://", "ws://"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket connects");
+    socket
+        .send(Message::Text(format!("bind-with-token {token}").into()))
+        .await
+        .unwrap();
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let handshake = Arc::new(tokio::sync::Notify::new());
+    let (sink, handshaken) = (heard.clone(), handshake.clone());
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = socket.next().await {
+            let Message::Text(text) = frame else { continue };
+            let bundle: Value = serde_json::from_str(text.as_str()).unwrap();
+            let kind = common::receiver::parameter(&bundle, "type").unwrap_or_default();
+            assert_ne!(
+                bundle["resourceType"], "OperationOutcome",
+                "bind failed: {bundle}"
+            );
+            if kind == "handshake" {
+                handshaken.notify_one();
+            }
+            sink.lock().unwrap().extend(event_numbers(&bundle));
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), handshake.notified())
+        .await
+        .expect("the token minted on one node binds on another");
+    heard
+}
+
+/// An exchange and an exclusive queue on the local RabbitMQ; event numbers of every message
+/// consumed go to the returned list.
+async fn consume(routing_key: &str) -> (String, Arc<Mutex<Vec<i64>>>, Connection) {
+    let connection = Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ is needed for the cluster tests (127.0.0.1:5672, guest/guest)");
+    let channel = connection.create_channel().await.unwrap();
+    let exchange = format!("baton-cluster-{}", uuid::Uuid::new_v4().simple());
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().as_str().into(),
+            exchange.as_str().into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().as_str().into(),
+            "cluster-test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let sink = heard.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let bundle: Value = serde_json::from_slice(&delivery.data).unwrap();
+            sink.lock().unwrap().extend(event_numbers(&bundle));
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+    });
+    (exchange, heard, connection)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_every_node_reach_every_channel_once_and_in_order() {
+    let cluster = Cluster::start(3, &redis_url(), &[("BATON_AMQP_URL", BROKER)]).await;
+    let receiver = Receiver::start().await;
+    let hook = subscribe(
+        &cluster,
+        0,
+        &subscription("task-changed", &[], &receiver.url, "id-only"),
+    )
+    .await;
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|n| n.kind() == "handshake")
+        })
+        .await;
+    let socket = subscribe(&cluster, 1, &websocket_subscription()).await;
+    let heard_socket = listen(&cluster, &socket, 0, 2).await;
+    let (exchange, heard_queue, _connection) = consume("cluster").await;
+    let mut message = subscription("task-changed", &[], "unused", "id-only");
+    message["channel"] = json!({
+        "type": "message",
+        "endpoint": format!("amqp://127.0.0.1:5672/%2F?exchange={exchange}&routing_key=cluster"),
+        "payload": "application/fhir+json",
+        "_payload": message["channel"]["_payload"].clone(),
+    });
+    let queue = subscribe(&cluster, 2, &message).await;
+
+    let written = write_everywhere(&cluster, 6, 10).await as i64;
+
+    let hook_numbers = eventually("every write reaches the webhook", || async {
+        let numbers = receiver.event_numbers(&hook);
+        (numbers.len() as i64 >= written).then_some(numbers)
+    })
+    .await;
+    let socket_numbers = eventually("every write reaches the websocket", || async {
+        let numbers = heard_socket.lock().unwrap().clone();
+        (numbers.len() as i64 >= written).then_some(numbers)
+    })
+    .await;
+    let queue_numbers = eventually("every write reaches the queue", || async {
+        let numbers = heard_queue.lock().unwrap().clone();
+        (numbers.len() as i64 >= written).then_some(numbers)
+    })
+    .await;
+    // A moment for anything extra to arrive, then: all of them, once each, in order.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (what, numbers) in [
+        ("webhook", receiver.event_numbers(&hook)),
+        ("websocket", heard_socket.lock().unwrap().clone()),
+        ("queue", heard_queue.lock().unwrap().clone()),
+    ] {
+        assert_eq!(
+            check_contiguous(what, &numbers, written),
+            0,
+            "{what}: duplicates"
+        );
+        assert_eq!(numbers.len() as i64, written, "{what}: one event per write");
+        assert!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "{what}: out of order: {numbers:?}"
+        );
+    }
+    drop((hook_numbers, socket_numbers, queue_numbers));
+    let (_, status) = cluster
+        .get(1, &format!("/Subscription/{queue}/$status"))
+        .await;
+    assert_eq!(
+        common::receiver::parameter(&status, "events-since-subscription-start").as_deref(),
+        Some(written.to_string().as_str()),
+        "any node reports the shared counter: {status}"
+    );
+    // Exactly one node matches.
+    let mut matching = 0;
+    for i in 0..3 {
+        if cluster.ready(i).await["matcher"] == true {
+            matching += 1;
+        }
+    }
+    assert_eq!(matching, 1, "one matcher lease holder");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_load_leaves_nothing_undone() {
+    let mut cluster = Cluster::start(3, &redis_url(), &[]).await;
+    let receiver = Receiver::start().await;
+    let hook = subscribe(
+        &cluster,
+        1,
+        &subscription("task-changed", &[], &receiver.url, "id-only"),
+    )
+    .await;
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|n| n.kind() == "handshake")
+        })
+        .await;
+    let first = write_everywhere(&cluster, 4, 5).await as i64;
+    // Kill the node that numbers events, while its deliveries may be in flight.
+    let victim = eventually("a matcher", || cluster.matcher()).await;
+    cluster.kill(victim).await;
+    let second = write_everywhere(&cluster, 4, 5).await as i64;
+    let written = first + second;
+    eventually("a surviving node takes over the matcher", || async {
+        cluster.matcher().await.filter(|&m| m != victim)
+    })
+    .await;
+    let numbers = eventually("every acknowledged write is delivered", || async {
+        let numbers = receiver.event_numbers(&hook);
+        let distinct: BTreeSet<i64> = numbers.iter().copied().collect();
+        (distinct.len() as i64 >= written).then_some(numbers)
+    })
+    .await;
+    let duplicates = check_contiguous("webhook", &numbers, written);
+    // Only the batch in flight when the node died may be sent again.
+    assert!(duplicates <= 20, "{duplicates} duplicates after one crash");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_node_finishes_what_a_dead_node_left() {
+    let mut cluster = Cluster::start(1, &redis_url(), &[]).await;
+    let receiver = Receiver::start().await;
+    let hook = subscribe(
+        &cluster,
+        0,
+        &subscription("task-changed", &[], &receiver.url, "id-only"),
+    )
+    .await;
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|n| n.kind() == "handshake")
+        })
+        .await;
+    // The endpoint goes down; events pile up in the store.
+    receiver.fail_with(Some(503));
+    let written = write_everywhere(&cluster, 3, 3).await as i64;
+    eventually("the changes are matched before the node dies", || async {
+        let (_, status) = cluster
+            .get(0, &format!("/Subscription/{hook}/$status"))
+            .await;
+        let counted = common::receiver::parameter(&status, "events-since-subscription-start")?;
+        (counted.parse::<i64>().ok()? >= written).then_some(())
+    })
+    .await;
+    cluster.kill(0).await;
+    receiver.fail_with(None);
+    let mut late = cluster;
+    late.add_node().await;
+    let numbers = eventually("the late node delivers everything", || async {
+        let numbers: Vec<i64> = receiver.event_numbers(&hook);
+        let distinct: BTreeSet<i64> = numbers.iter().copied().collect();
+        (distinct.len() as i64 >= written).then_some(numbers)
+    })
+    .await;
+    check_contiguous("webhook", &numbers, written);
+    // New writes on the late node are matched and delivered too: it holds the matcher now.
+    let more = write_everywhere(&late, 1, 1).await as i64;
+    eventually("the late node matches new writes", || async {
+        let distinct: BTreeSet<i64> = receiver.event_numbers(&hook).into_iter().collect();
+        (distinct.len() as i64 >= written + more).then_some(())
+    })
+    .await;
+}
+
+/// A Redis server of the test's own, so that restarting it disturbs no other test.
+struct OwnRedis {
+    port: u16,
+    process: Option<tokio::process::Child>,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> OwnRedis {
+        let mut redis = OwnRedis {
+            port,
+            process: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    async fn restart(&mut self) {
+        self.stop().await;
+        let process = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is needed for this test");
+        self.process = Some(process);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().await.unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_nothing() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = OwnRedis::start(port).await;
+    let cluster = Cluster::start(3, &redis.url(), &[]).await;
+    let receiver = Receiver::start().await;
+    let hook = subscribe(
+        &cluster,
+        0,
+        &subscription("task-changed", &[], &receiver.url, "id-only"),
+    )
+    .await;
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|n| n.kind() == "handshake")
+        })
+        .await;
+    let before = write_everywhere(&cluster, 3, 3).await as i64;
+
+    redis.stop().await;
+    eventually("the nodes notice Redis is gone", || async {
+        (cluster.ready(0).await["redis"] == "unavailable").then_some(())
+    })
+    .await;
+    let ready = cluster.ready(1).await;
+    assert_eq!(ready["status"], "ready", "still serving: {ready}");
+    let during = write_everywhere(&cluster, 3, 3).await as i64;
+    // Without Redis, the nodes poll: the writes are still matched and delivered.
+    eventually("delivery goes on without Redis", || async {
+        let distinct: BTreeSet<i64> = receiver.event_numbers(&hook).into_iter().collect();
+        (distinct.len() as i64 >= before + during).then_some(())
+    })
+    .await;
+
+    redis.restart().await;
+    eventually("the nodes are back on Redis", || async {
+        let mut all = true;
+        for i in 0..3 {
+            all &= cluster.ready(i).await["redis"] == "ok";
+        }
+        all.then_some(())
+    })
+    .await;
+    let after = write_everywhere(&cluster, 3, 3).await as i64;
+    let written = before + during + after;
+    let numbers = eventually("every write is delivered", || async {
+        let numbers = receiver.event_numbers(&hook);
+        let distinct: BTreeSet<i64> = numbers.iter().copied().collect();
+        (distinct.len() as i64 >= written).then_some(numbers)
+    })
+    .await;
+    assert_eq!(
+        check_contiguous("webhook", &numbers, written),
+        0,
+        "no duplicates"
+    );
+}
