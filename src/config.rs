@@ -56,8 +56,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// This node's name in leases and logs; unique per node. Default: host name, process id
-    /// and a random suffix, so a restarted node never mistakes an old lease for its own.
+    /// This node's name in leases and logs; unique among running nodes. Default: host name,
+    /// process id and a random suffix. A fixed name is safe: a restarted node renews what it
+    /// held before it died, which no live node holds.
     pub node_id: Option<String>,
     /// Prefix of every Redis key and channel; the nodes of one cluster share it, and two
     /// clusters on one Redis must not.

@@ -187,7 +187,5 @@ async fn killed_mid_stream_loses_nothing() {
         "order broken {backwards} times: {numbers:?}"
     );
     drop(restarted);
-    if let (_, Some(name)) = common::database_url_for(dir.path()).await {
-        common::drop_database(&name);
-    }
+    common::forget_database(dir.path());
 }

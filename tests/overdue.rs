@@ -108,4 +108,5 @@ async fn an_open_task_past_its_due_date_is_reported_once() {
     let changed_events = focus_ids(&receiver, &changed);
     assert_eq!(changed_events.len(), 2, "{changed_events:?}");
     server.stop().await;
+    common::forget_database(dir.path());
 }

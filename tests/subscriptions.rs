@@ -646,6 +646,7 @@ async fn event_numbers_continue_across_a_restart() {
         "no second handshake after a restart"
     );
     server.stop().await;
+    common::forget_database(dir.path());
 }
 
 #[tokio::test]

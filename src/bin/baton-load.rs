@@ -112,6 +112,10 @@ enum Command {
         /// would, so the run also exercises Baton's retries (0: accept everything).
         #[arg(long, default_value_t = 0)]
         reject_every: u64,
+        /// Send the updates round-robin to these FHIR base URLs (the nodes of a cluster)
+        /// instead of --base, which still takes the set-up; comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        write_base: Vec<String>,
     },
 }
 
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
                 keep_subscriptions,
                 timeline,
                 reject_every,
+                write_base,
             } => {
                 let options = HubOptions {
                     subscriptions,
@@ -198,6 +203,7 @@ fn main() -> ExitCode {
                     keep_subscriptions,
                     timeline,
                     reject_every,
+                    write_base,
                 };
                 hub(&target, &options).await
             }
@@ -742,6 +748,7 @@ struct HubOptions {
     keep_subscriptions: bool,
     timeline: bool,
     reject_every: u64,
+    write_base: Vec<String>,
 }
 
 /// One event of an event notification, as the receiver saw it.
@@ -1096,7 +1103,14 @@ async fn hub(target: &Target, options: &HubOptions) -> anyhow::Result<Verdict> {
             let i = (k % n as u64) as usize;
             let client = client.clone();
             let bearer = bearer.clone();
-            let base = base.clone();
+            let base = match options.write_base.len() {
+                0 => base.clone(),
+                nodes => Arc::new(
+                    options.write_base[(k % nodes as u64) as usize]
+                        .trim_end_matches('/')
+                        .to_string(),
+                ),
+            };
             let task_ids = task_ids.clone();
             let owners = owners.clone();
             let results = results.clone();

@@ -90,12 +90,24 @@ pub async fn database_url_for(data_dir: &Path) -> (String, Option<String>) {
         let url = format!("sqlite://{}", data_dir.join("baton.db").display());
         return (url, None);
     }
+    let name = database_name(data_dir);
+    create_database(&name).await;
+    (postgres_url(&name), Some(name))
+}
+
+fn database_name(data_dir: &Path) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes());
     let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    let name = format!("baton_t_{name}");
-    create_database(&name).await;
-    (postgres_url(&name), Some(name))
+    format!("baton_t_{name}")
+}
+
+/// Drops the PostgreSQL database of servers started with `start_in(data_dir)`, once the test
+/// is done restarting them; nothing to do on SQLite, where it lives in the directory.
+pub fn forget_database(data_dir: &Path) {
+    if postgres_backend() {
+        drop_database(&database_name(data_dir));
+    }
 }
 
 pub struct TestServer {
