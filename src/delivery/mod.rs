@@ -114,7 +114,7 @@ enum Outcome {
 }
 
 /// How soon to look again at a subscription another node was working on.
-const BUSY_RETRY: Duration = Duration::from_millis(200);
+const BUSY_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKind {
@@ -339,14 +339,17 @@ impl Scheduler {
                     }
                 }
                 _ = scan.tick(), if !scanning => {
-                    // Work that no node holds: left by a node that died, or whose wake-up
-                    // never came. The query runs beside the loop, which must not wait on it.
+                    // Work that no node holds and that has waited a whole scan interval: left
+                    // by a node that died, or whose wake-up never came. Fresher work belongs
+                    // to the node that matched it; taking it would only make that node wait.
+                    // The query runs beside the loop, which must not wait on it.
                     scanning = true;
                     let store = self.deliverer.store.clone();
                     let found_tx = found_tx.clone();
+                    let grace = self.deliverer.scan_every;
                     tokio::spawn(async move {
-                        let now = format_instant(time::OffsetDateTime::now_utc());
-                        let due = store.due_subscriptions(&now, 1000).await.unwrap_or_else(|e| {
+                        let stale_before = format_instant(time::OffsetDateTime::now_utc() - grace);
+                        let due = store.due_subscriptions(&stale_before, 1000).await.unwrap_or_else(|e| {
                             tracing::warn!(error = %crate::error::error_chain(&e), "looking for unclaimed deliveries failed");
                             Vec::new()
                         });

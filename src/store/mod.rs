@@ -333,9 +333,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<StoredSubscription>>;
     /// Ends `holder`'s claim without recording anything (the attempt found nothing to send).
     async fn release_subscription(&self, id: &str, holder: &str) -> Result<()>;
-    /// Live subscriptions with work due by `now` (a handshake or undelivered events, and no
-    /// retry pending after `now`) that no node has claimed: work a node left behind.
-    async fn due_subscriptions(&self, now: &str, limit: usize) -> Result<Vec<String>>;
+    /// Live subscriptions that no node has claimed and whose work has waited since before
+    /// `stale_before`: a handshake owed since then, or an oldest undelivered event (or a retry
+    /// time) that old. Work a node left behind, or whose wake-up never came; fresh work is
+    /// left to the node that matched it.
+    async fn due_subscriptions(&self, stale_before: &str, limit: usize) -> Result<Vec<String>>;
     /// The generation of the subscription table: it moves with every subscription write.
     async fn subscription_generation(&self) -> Result<i64>;
     /// What changed in the subscription table after `generation`.

@@ -835,8 +835,8 @@ impl Store for PostgresStore {
         hub::release_subscription(&self.pool, id, holder).await
     }
 
-    async fn due_subscriptions(&self, now: &str, limit: usize) -> Result<Vec<String>> {
-        hub::due_subscriptions(&self.pool, now, limit).await
+    async fn due_subscriptions(&self, stale_before: &str, limit: usize) -> Result<Vec<String>> {
+        hub::due_subscriptions(&self.pool, stale_before, limit).await
     }
 
     async fn subscription_generation(&self) -> Result<i64> {

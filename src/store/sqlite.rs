@@ -931,8 +931,8 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn due_subscriptions(&self, now: &str, limit: usize) -> Result<Vec<String>> {
-        hub::due_subscriptions(&self.reads, now, limit).await
+    async fn due_subscriptions(&self, stale_before: &str, limit: usize) -> Result<Vec<String>> {
+        hub::due_subscriptions(&self.reads, stale_before, limit).await
     }
 
     // The subscription index of the only node is updated in-process by the API, so there is

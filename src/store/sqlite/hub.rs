@@ -417,16 +417,21 @@ pub(super) async fn mark_overdue(
 
 pub(super) async fn due_subscriptions(
     reads: &SqlitePool,
-    now: &str,
+    stale_before: &str,
     limit: usize,
 ) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(
-        "SELECT id FROM subscription
-         WHERE status != 'off' AND (handshake_pending != 0 OR delivered_through < events_since_start)
-           AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
-         ORDER BY id LIMIT ?",
+        "SELECT s.id FROM subscription s
+         WHERE s.status != 'off'
+           AND ((s.handshake_pending != 0 AND s.last_updated <= ?1)
+             OR (s.delivered_through < s.events_since_start
+                 AND coalesce(s.next_attempt_at,
+                       (SELECT e.occurred_at FROM subscription_event e
+                        WHERE e.subscription_id = s.id
+                          AND e.event_number = s.delivered_through + 1)) <= ?1))
+         ORDER BY s.id LIMIT ?2",
     )
-    .bind(now)
+    .bind(stale_before)
     .bind(limit as i64)
     .fetch_all(reads)
     .await?)
