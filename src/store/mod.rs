@@ -19,6 +19,21 @@ use crate::error::Result;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::{Predicate, SortKey};
 
+/// Now, as stored: Baton's fixed-format UTC instant, which sorts as text.
+pub(crate) fn now_instant() -> String {
+    crate::fhir::datetime::format_instant(time::OffsetDateTime::now_utc())
+}
+
+/// Sets the server-owned parts of a resource: its id and `meta.versionId`/`meta.lastUpdated`.
+pub(crate) fn stamp(resource: &mut Value, id: &str, version: i64, now: &str) {
+    resource["id"] = serde_json::json!(id);
+    if !resource.get("meta").is_some_and(Value::is_object) {
+        resource["meta"] = serde_json::json!({});
+    }
+    resource["meta"]["versionId"] = serde_json::json!(version.to_string());
+    resource["meta"]["lastUpdated"] = serde_json::json!(now);
+}
+
 /// What a stored version records about how it came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interaction {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 // Every dynamic statement here is assembled from fixed fragments; values are always bound.
 use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
@@ -29,10 +29,10 @@ use super::{
     ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
     PageRequest, SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionChanges,
     SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
+    now_instant, stamp,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
-use crate::fhir::datetime::format_instant;
 use crate::fhir::search::{Predicate, index_task, priority_rank};
 use crate::fhir::workflow::{self, RequestKind};
 
@@ -134,20 +134,6 @@ fn pg_text(text: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(text)
     }
-}
-
-fn now_instant() -> String {
-    format_instant(time::OffsetDateTime::now_utc())
-}
-
-/// Sets the server-owned parts of a resource: its id and `meta.versionId`/`meta.lastUpdated`.
-fn stamp(resource: &mut Value, id: &str, version: i64, now: &str) {
-    resource["id"] = json!(id);
-    if !resource.get("meta").is_some_and(Value::is_object) {
-        resource["meta"] = json!({});
-    }
-    resource["meta"]["versionId"] = json!(version.to_string());
-    resource["meta"]["lastUpdated"] = json!(now);
 }
 
 /// A change event of the write in progress, inserted at the end of its transaction.

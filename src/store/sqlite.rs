@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
@@ -27,11 +27,10 @@ use super::{
     ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
     MatchRow, PageRequest, SearchPage, Store, StoredSubscription, StoredVersion,
     SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome,
-    WriteRequest,
+    WriteRequest, now_instant, stamp,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
-use crate::fhir::datetime::format_instant;
 use crate::fhir::search::{Predicate, index_task, priority_rank};
 use crate::fhir::workflow::{self, RequestKind};
 
@@ -298,10 +297,6 @@ async fn apply(
     }
 }
 
-fn now_instant() -> String {
-    format_instant(time::OffsetDateTime::now_utc())
-}
-
 /// Writes a Task version and, when the write completes a request Task (abort, suspend,
 /// resume), the change it asks of its focal Task: both versions, with their history and
 /// change events, in this job's savepoint, so subscribers hear of both or of neither. The
@@ -460,16 +455,6 @@ async fn delete(conn: &mut SqliteConnection, current: &CurrentTask) -> Result<Wr
         interaction: Interaction::Delete,
         resource: None,
     }))
-}
-
-/// Sets the server-owned parts of a resource: its id and `meta.versionId`/`meta.lastUpdated`.
-fn stamp(resource: &mut Value, id: &str, version: i64, now: &str) {
-    resource["id"] = json!(id);
-    if !resource.get("meta").is_some_and(Value::is_object) {
-        resource["meta"] = json!({});
-    }
-    resource["meta"]["versionId"] = json!(version.to_string());
-    resource["meta"]["lastUpdated"] = json!(now);
 }
 
 async fn insert_version(

@@ -10,13 +10,14 @@ use serde_json::json;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{now_instant, pg_text, stamp};
+use super::pg_text;
 use crate::error::{Error, Result};
 use crate::fhir::notification::SubscriptionStatus;
 use crate::store::{
     DeliveryReport, EventRecord, Interaction, MatchBatch, StoredSubscription, SubscriptionChanges,
     SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
 };
+use crate::store::{now_instant, stamp};
 
 fn subscription_from_row(row: &PgRow) -> Result<StoredSubscription> {
     let status: String = row.try_get("status")?;

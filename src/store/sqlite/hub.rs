@@ -1,17 +1,17 @@
 //! SQLite statements for subscriptions, the event log and the delivery state. The write
 //! functions run inside the writer's transaction; the read functions use the read pool.
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::now_instant;
 use crate::error::{Error, Result};
 use crate::fhir::notification::SubscriptionStatus;
 use crate::store::{
     DeliveryReport, EventRecord, Interaction, MatchRow, StoredSubscription, SubscriptionDecide,
     SubscriptionQuery, SubscriptionRecord,
 };
+use crate::store::{now_instant, stamp};
 
 pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<StoredSubscription> {
     let status: String = row.try_get("status")?;
@@ -40,15 +40,6 @@ pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<StoredSubscriptio
         last_error: row.try_get("last_error")?,
         last_sent_at: row.try_get("last_sent_at")?,
     })
-}
-
-fn stamp(resource: &mut Value, id: &str, version: i64, now: &str) {
-    resource["id"] = json!(id);
-    if !resource.get("meta").is_some_and(Value::is_object) {
-        resource["meta"] = json!({});
-    }
-    resource["meta"]["versionId"] = json!(version.to_string());
-    resource["meta"]["lastUpdated"] = json!(now);
 }
 
 async fn load(conn: &mut SqliteConnection, id: &str) -> Result<Option<StoredSubscription>> {
