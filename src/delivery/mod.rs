@@ -113,6 +113,12 @@ enum Outcome {
     Busy,
 }
 
+/// This node's claim on a subscription for one attempt. Recording the attempt's result ends
+/// the claim in the same statement; an attempt that records nothing ends it explicitly.
+struct Claim {
+    ended: bool,
+}
+
 /// How soon to look again at a subscription another node was working on.
 const BUSY_RETRY: Duration = Duration::from_millis(100);
 
@@ -297,6 +303,7 @@ impl Scheduler {
                         }
                         Outcome::RetryAt(delay) => self.schedule(&id, Instant::now() + delay, TimerKind::Retry),
                         Outcome::Busy => {
+                            metrics::counter!("baton_delivery_claims_busy_total").increment(1);
                             if !self.retry_at.contains_key(&id) {
                                 self.schedule(&id, Instant::now() + BUSY_RETRY, TimerKind::Retry);
                             }
@@ -412,11 +419,13 @@ async fn try_attempt(deliverer: &Deliverer, id: &str, heartbeat_due: bool) -> Re
             _ => Outcome::Gone,
         });
     };
-    let outcome = claimed_attempt(deliverer, sub, heartbeat_due, default_timeout).await;
-    // Recording a result ends the claim too, but not every attempt records one (nothing to
-    // send, a hub-side error); ending it here, always, means no other node ever waits for a
-    // claim to expire while its holder is alive.
-    if let Err(e) = deliverer.store.release_subscription(id, node).await {
+    let mut claim = Claim { ended: false };
+    let outcome = claimed_attempt(deliverer, sub, heartbeat_due, default_timeout, &mut claim).await;
+    // Not every attempt records a result (nothing to send, a hub-side error); ending the claim
+    // here then means no other node ever waits for it to expire while its holder is alive.
+    if !claim.ended
+        && let Err(e) = deliverer.store.release_subscription(id, node).await
+    {
         tracing::warn!(subscription.id = %id, error = %crate::error::error_chain(&e), "releasing a delivery claim failed; it expires by itself");
     }
     outcome
@@ -428,6 +437,7 @@ async fn claimed_attempt(
     sub: StoredSubscription,
     heartbeat_due: bool,
     default_timeout: Duration,
+    claim: &mut Claim,
 ) -> Result<Outcome> {
     let id = sub.id.as_str();
     if sub.status == SubscriptionStatus::Off {
@@ -439,6 +449,7 @@ async fn claimed_attempt(
             tracing::warn!(subscription.id = %id, error = %crate::error::error_chain(&e), "stored subscription no longer valid; turning it off");
             record_failure(
                 deliverer,
+                claim,
                 &sub,
                 "the subscription is no longer valid on this hub",
                 true,
@@ -455,6 +466,7 @@ async fn claimed_attempt(
     {
         record_failure(
             deliverer,
+            claim,
             &sub,
             "the subscription reached its end time",
             true,
@@ -484,7 +496,7 @@ async fn claimed_attempt(
         Payload::Heartbeat => "heartbeat",
     };
     if matches!(spec.channel, ChannelSpec::WebSocket) {
-        return push_to_sockets(deliverer, &sub, &spec, payload, kind, now).await;
+        return push_to_sockets(deliverer, &sub, &spec, payload, kind, now, claim).await;
     }
     let (body, message_id, through) = build(deliverer, &sub, &spec, &payload, now).await?;
     let timeout = spec
@@ -569,6 +581,7 @@ async fn claimed_attempt(
                     },
                 )
                 .await?;
+            claim.ended = true;
             // Events that arrived during the attempt wake the scheduler again by themselves.
             let more = through < sub.events_since_start;
             Ok(if more {
@@ -582,6 +595,7 @@ async fn claimed_attempt(
             tracing::warn!(subscription.id = %sub.id, attempt.kind = kind, error = %failure.message, "delivery failed");
             let retry = record_failure(
                 deliverer,
+                claim,
                 &sub,
                 &failure.message,
                 false,
@@ -675,6 +689,7 @@ async fn push_to_sockets(
     payload: Payload,
     kind: &'static str,
     now: time::OffsetDateTime,
+    claim: &mut Claim,
 ) -> Result<Outcome> {
     let through = match payload {
         Payload::Events { to, .. } => to,
@@ -705,6 +720,7 @@ async fn push_to_sockets(
                 },
             )
             .await?;
+        claim.ended = true;
     }
     Ok(if through < sub.events_since_start {
         Outcome::More
@@ -716,6 +732,7 @@ async fn push_to_sockets(
 /// Records a failed attempt; returns when to retry, or None when the subscription is now off.
 async fn record_failure(
     deliverer: &Deliverer,
+    claim: &mut Claim,
     sub: &StoredSubscription,
     error: &str,
     turn_off: bool,
@@ -780,6 +797,7 @@ async fn record_failure(
             },
         )
         .await?;
+    claim.ended = true;
     Ok(retry)
 }
 
