@@ -7,6 +7,10 @@
 //! still collides (a unique key, a deadlock) answers 409 "retry" instead of a 500: the
 //! decision closures run once, so the store does not retry them itself.
 //!
+//! Round trips are most of a write's cost, so a Task version (task row, history, search
+//! index, change event) is written by one statement of data-modifying CTEs, with the index
+//! rows as arrays; a plain create, being that one statement, runs without BEGIN and COMMIT.
+//!
 //! Outbox `seq` values are taken in one order and committed in another, so the outbox is
 //! consumed by marking rows `matched` (see `hub::record_matches`), not by a position. The
 //! work-sharing tables (the matcher's lease, delivery claims, the subscription generation)
@@ -136,13 +140,15 @@ fn pg_text(text: &str) -> Cow<'_, str> {
     }
 }
 
-/// A change event of the write in progress, inserted at the end of its transaction.
-struct PendingChange {
-    id: String,
-    version: i64,
-    previous_version: Option<i64>,
-    interaction: Interaction,
-    recorded_at: String,
+/// Whether a write is one statement, atomic on its own, so that it needs no transaction (and
+/// no BEGIN and COMMIT round trips): a create without If-None-Exist that completes no request
+/// (see `put_task`) is exactly one `put`. Every other write reads and locks before it writes.
+fn single_statement(request: &WriteRequest) -> bool {
+    matches!(
+        request,
+        WriteRequest::Create { resource, if_none_exist: None }
+            if workflow::completes_request(None, resource).is_none()
+    )
 }
 
 async fn apply(
@@ -150,15 +156,16 @@ async fn apply(
     request: WriteRequest,
     base_url: &str,
 ) -> Result<WriteOutcome> {
-    let mut changes = Vec::new();
-    let outcome = match request {
+    match request {
         WriteRequest::Create {
             resource,
             if_none_exist,
         } => {
             if let Some(predicates) = if_none_exist {
                 // Held until commit: the next conditional create searches after this one's
-                // Task is visible.
+                // Task is visible. A statement of its own: a statement's snapshot is taken
+                // when it starts, so a search in the lock's statement would miss a Task
+                // committed while the lock was awaited.
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(CONDITIONAL_CREATE_LOCK)
                     .execute(&mut *conn)
@@ -180,37 +187,22 @@ async fn apply(
                 }
             }
             let id = uuid::Uuid::new_v4().to_string();
-            put_task(conn, &mut changes, &id, None, resource, base_url).await?
+            put_task(conn, &id, None, resource, base_url).await
         }
         WriteRequest::Change { id, decide } => {
             let current = lock_current(conn, &id).await?;
             match decide(current.as_ref())? {
                 Decision::Put(resource) => {
-                    put_task(
-                        conn,
-                        &mut changes,
-                        &id,
-                        current.as_ref(),
-                        resource,
-                        base_url,
-                    )
-                    .await?
+                    put_task(conn, &id, current.as_ref(), resource, base_url).await
                 }
                 Decision::Delete => match current {
-                    Some(current) if !current.deleted => {
-                        delete(conn, &mut changes, &current).await?
-                    }
-                    _ => WriteOutcome::Unchanged,
+                    Some(current) if !current.deleted => delete(conn, &current).await,
+                    _ => Ok(WriteOutcome::Unchanged),
                 },
-                Decision::Keep => WriteOutcome::Unchanged,
+                Decision::Keep => Ok(WriteOutcome::Unchanged),
             }
         }
-    };
-    // Last, so that the `seq` values are taken as close to the commit as possible: the
-    // fewer transactions hold a lower `seq` uncommitted, the fewer changes the matcher sees
-    // out of order.
-    insert_changes(conn, &changes).await?;
-    Ok(outcome)
+    }
 }
 
 /// Writes a Task version and, when the write completes a request Task (abort, suspend,
@@ -218,9 +210,12 @@ async fn apply(
 /// change events, in one transaction, so subscribers hear of both or of neither. The focal
 /// Task is locked and judged here, so a concurrent change to it cannot slip between the check
 /// and the write; any refusal fails the request's write too.
+///
+/// Every read comes first; the writes are the last statements of the transaction, the
+/// request's and then the focal Task's, each carrying its change event, so the request's
+/// change takes the lower `seq`.
 async fn put_task(
     conn: &mut PgConnection,
-    changes: &mut Vec<PendingChange>,
     id: &str,
     current: Option<&CurrentTask>,
     resource: Value,
@@ -231,9 +226,9 @@ async fn put_task(
         Some(kind) => Some(focal_change(conn, id, kind, &resource, base_url).await?),
         None => None,
     };
-    let outcome = put(conn, changes, id, current, resource, base_url).await?;
+    let outcome = put(conn, id, current, resource, base_url).await?;
     if let Some((focal, changed)) = effect {
-        put(conn, changes, &focal.id, Some(&focal), changed, base_url).await?;
+        put(conn, &focal.id, Some(&focal), changed, base_url).await?;
     }
     Ok(outcome)
 }
@@ -292,9 +287,57 @@ async fn status_before_hold(conn: &mut PgConnection, id: &str) -> Result<Option<
     Ok(status.flatten())
 }
 
+/// Writes a version of a Task, its history row, its search index and its change event in one
+/// statement (a round trip each is most of a write's cost). Sub-statements of one WITH all
+/// run against the statement's snapshot and cannot see one another's rows, so the deletes of
+/// the old index rows never see, and never remove, the rows inserted beside them. The
+/// change event is inserted by the last statement of the write, so its `seq` is taken as
+/// close to the commit as possible: the fewer transactions hold a lower `seq` uncommitted,
+/// the fewer changes the matcher sees out of order.
+///
+/// Two first writes to one new id both find nothing to lock; the second waits here for the
+/// first, and its history row (same id, version 1) then fails as a unique violation: 409.
+const PUT_TASK: &str = "WITH task_row AS (
+       INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource)
+       VALUES ($1, $2, $3, 0, $4, $5)
+       ON CONFLICT (id) DO UPDATE SET version = excluded.version,
+         last_updated = excluded.last_updated, deleted = 0,
+         priority_rank = excluded.priority_rank, resource = excluded.resource
+     ), version_row AS (
+       INSERT INTO task_version (id, version, last_updated, interaction, resource)
+       VALUES ($1, $2, $3, $6, $5)
+     ), old_tokens AS (
+       DELETE FROM task_token WHERE $7 AND task_id = $1
+     ), old_dates AS (
+       DELETE FROM task_date WHERE $7 AND task_id = $1
+     ), tokens AS (
+       INSERT INTO task_token (task_id, param, system, value)
+       SELECT $1, p, s, v FROM unnest($8::text[], $9::text[], $10::text[]) AS x(p, s, v)
+     ), dates AS (
+       INSERT INTO task_date (task_id, param, start_at, end_at)
+       SELECT $1, p, s, e FROM unnest($11::text[], $12::text[], $13::text[]) AS x(p, s, e)
+     )
+     INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
+     VALUES ('Task', $1, $2, $14, $6, $3)";
+
+/// Deletes a Task as one statement, as `PUT_TASK` writes one: the row is kept, marked
+/// deleted; the history gains a version without a resource; the index rows go.
+const DELETE_TASK: &str = "WITH task_row AS (
+       UPDATE task SET version = $2, last_updated = $3, deleted = 1 WHERE id = $1
+     ), version_row AS (
+       INSERT INTO task_version (id, version, last_updated, interaction, resource)
+       VALUES ($1, $2, $3, $5, NULL)
+     ), old_tokens AS (
+       DELETE FROM task_token WHERE task_id = $1
+     ), old_dates AS (
+       DELETE FROM task_date WHERE task_id = $1
+     )
+     INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
+     VALUES ('Task', $1, $2, $4, $5, $3)";
+
+/// Writes a Task version with `PUT_TASK`: one statement (`single_statement` relies on it).
 async fn put(
     conn: &mut PgConnection,
-    changes: &mut Vec<PendingChange>,
     id: &str,
     current: Option<&CurrentTask>,
     mut resource: Value,
@@ -310,35 +353,35 @@ async fn put(
     let now = now_instant();
     stamp(&mut resource, id, version, &now);
     let text = resource.to_string();
-    // Two first writes to one new id both find nothing to lock; the second waits here for the
-    // first, and its history row (same id, version 1) then fails as a unique violation: 409.
-    sqlx::query(
-        "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource)
-         VALUES ($1, $2, $3, 0, $4, $5)
-         ON CONFLICT (id) DO UPDATE SET version = excluded.version,
-           last_updated = excluded.last_updated, deleted = 0,
-           priority_rank = excluded.priority_rank, resource = excluded.resource",
-    )
-    .bind(id)
-    .bind(version)
-    .bind(&now)
-    .bind(priority_rank(&resource))
-    .bind(&text)
-    .execute(&mut *conn)
-    .await?;
-    insert_version(conn, id, version, &now, interaction, Some(&text)).await?;
-    // A Task that never existed has no index rows to clear.
-    if current.is_some() {
-        clear_index(conn, id).await?;
-    }
-    write_index(conn, id, &resource, base_url).await?;
-    changes.push(PendingChange {
-        id: id.to_string(),
-        version,
-        previous_version: live.map(|c| c.version),
-        interaction,
-        recorded_at: now.clone(),
-    });
+    let index = index_task(&resource, base_url);
+    let token_params: Vec<&str> = index.tokens.iter().map(|t| t.param).collect();
+    let token_systems: Vec<Option<Cow<str>>> = index
+        .tokens
+        .iter()
+        .map(|t| t.system.as_deref().map(pg_text))
+        .collect();
+    let token_values: Vec<Cow<str>> = index.tokens.iter().map(|t| pg_text(&t.value)).collect();
+    let date_params: Vec<&str> = index.dates.iter().map(|d| d.param).collect();
+    let date_starts: Vec<&str> = index.dates.iter().map(|d| d.start.as_str()).collect();
+    let date_ends: Vec<&str> = index.dates.iter().map(|d| d.end.as_str()).collect();
+    sqlx::query(PUT_TASK)
+        .bind(id)
+        .bind(version)
+        .bind(&now)
+        .bind(priority_rank(&resource))
+        .bind(&text)
+        .bind(interaction.as_str())
+        // A Task that never existed has no index rows to clear.
+        .bind(current.is_some())
+        .bind(&token_params)
+        .bind(&token_systems)
+        .bind(&token_values)
+        .bind(&date_params)
+        .bind(&date_starts)
+        .bind(&date_ends)
+        .bind(live.map(|c| c.version))
+        .execute(&mut *conn)
+        .await?;
     Ok(WriteOutcome::Written(StoredVersion {
         id: id.to_string(),
         version,
@@ -348,28 +391,17 @@ async fn put(
     }))
 }
 
-async fn delete(
-    conn: &mut PgConnection,
-    changes: &mut Vec<PendingChange>,
-    current: &CurrentTask,
-) -> Result<WriteOutcome> {
+async fn delete(conn: &mut PgConnection, current: &CurrentTask) -> Result<WriteOutcome> {
     let version = current.version + 1;
     let now = now_instant();
-    sqlx::query("UPDATE task SET version = $1, last_updated = $2, deleted = 1 WHERE id = $3")
+    sqlx::query(DELETE_TASK)
+        .bind(&current.id)
         .bind(version)
         .bind(&now)
-        .bind(&current.id)
+        .bind(current.version)
+        .bind(Interaction::Delete.as_str())
         .execute(&mut *conn)
         .await?;
-    insert_version(conn, &current.id, version, &now, Interaction::Delete, None).await?;
-    clear_index(conn, &current.id).await?;
-    changes.push(PendingChange {
-        id: current.id.clone(),
-        version,
-        previous_version: Some(current.version),
-        interaction: Interaction::Delete,
-        recorded_at: now.clone(),
-    });
     Ok(WriteOutcome::Written(StoredVersion {
         id: current.id.clone(),
         version,
@@ -377,104 +409,6 @@ async fn delete(
         interaction: Interaction::Delete,
         resource: None,
     }))
-}
-
-async fn insert_version(
-    conn: &mut PgConnection,
-    id: &str,
-    version: i64,
-    now: &str,
-    interaction: Interaction,
-    resource: Option<&str>,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO task_version (id, version, last_updated, interaction, resource)
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(id)
-    .bind(version)
-    .bind(now)
-    .bind(interaction.as_str())
-    .bind(resource)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Inserts the write's change events, in the order they were made (a request before the
-/// focal Task it changes).
-async fn insert_changes(conn: &mut PgConnection, changes: &[PendingChange]) -> Result<()> {
-    for change in changes {
-        sqlx::query(
-            "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
-             VALUES ('Task', $1, $2, $3, $4, $5)",
-        )
-        .bind(&change.id)
-        .bind(change.version)
-        .bind(change.previous_version)
-        .bind(change.interaction.as_str())
-        .bind(&change.recorded_at)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
-
-async fn clear_index(conn: &mut PgConnection, id: &str) -> Result<()> {
-    sqlx::query("DELETE FROM task_token WHERE task_id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM task_date WHERE task_id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Writes the search index rows of one Task, one insert of arrays per table.
-async fn write_index(
-    conn: &mut PgConnection,
-    id: &str,
-    resource: &Value,
-    base_url: &str,
-) -> Result<()> {
-    let index = index_task(resource, base_url);
-    if !index.tokens.is_empty() {
-        let params: Vec<&str> = index.tokens.iter().map(|t| t.param).collect();
-        let systems: Vec<Option<Cow<str>>> = index
-            .tokens
-            .iter()
-            .map(|t| t.system.as_deref().map(pg_text))
-            .collect();
-        let values: Vec<Cow<str>> = index.tokens.iter().map(|t| pg_text(&t.value)).collect();
-        sqlx::query(
-            "INSERT INTO task_token (task_id, param, system, value)
-             SELECT $1, p, s, v FROM unnest($2::text[], $3::text[], $4::text[]) AS x(p, s, v)",
-        )
-        .bind(id)
-        .bind(&params)
-        .bind(&systems)
-        .bind(&values)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !index.dates.is_empty() {
-        let params: Vec<&str> = index.dates.iter().map(|d| d.param).collect();
-        let starts: Vec<&str> = index.dates.iter().map(|d| d.start.as_str()).collect();
-        let ends: Vec<&str> = index.dates.iter().map(|d| d.end.as_str()).collect();
-        sqlx::query(
-            "INSERT INTO task_date (task_id, param, start_at, end_at)
-             SELECT $1, p, s, e FROM unnest($2::text[], $3::text[], $4::text[]) AS x(p, s, e)",
-        )
-        .bind(id)
-        .bind(&params)
-        .bind(&starts)
-        .bind(&ends)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
 }
 
 const CURRENT_COLUMNS: &str = "t.id, t.version, t.last_updated, t.deleted, t.resource";
@@ -569,11 +503,15 @@ async fn find_ids(
 impl Store for PostgresStore {
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
         let started = Instant::now();
-        let mut tx = self.pool.begin().await?;
-        let result = apply(&mut tx, request, &self.base_url).await;
-        let outcome = finish(tx, result)
-            .await
-            .map_err(|e| concurrent(e, "the Task"))?;
+        let result = if single_statement(&request) {
+            let mut conn = self.pool.acquire().await?;
+            apply(&mut conn, request, &self.base_url).await
+        } else {
+            let mut tx = self.pool.begin().await?;
+            let result = apply(&mut tx, request, &self.base_url).await;
+            finish(tx, result).await
+        };
+        let outcome = result.map_err(|e| concurrent(e, "the Task"))?;
         metrics::histogram!("baton_store_commit_seconds").record(started.elapsed().as_secs_f64());
         if matches!(outcome, WriteOutcome::Written(_)) {
             self.wrote_changes();

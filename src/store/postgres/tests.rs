@@ -1022,3 +1022,241 @@ fn database_url_replaces_only_the_database() {
         "postgres://h:5432/x"
     );
 }
+
+/// A `task_token` row of a Task: param, system, value.
+type TokenRow = (String, Option<String>, String);
+/// A `task_date` row of a Task: param, start, end.
+type DateRow = (String, String, String);
+
+/// The rows a Task write leaves: the current row, the history, the search index of the
+/// current version only, and the outbox.
+struct TaskRows {
+    task: (i64, i32),
+    versions: Vec<(i64, String, bool)>,
+    tokens: Vec<TokenRow>,
+    dates: Vec<DateRow>,
+    changes: Vec<(i64, Option<i64>, String)>,
+}
+
+async fn task_rows(db: &TestDb, id: &str) -> TaskRows {
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let task = sqlx::query_as("SELECT version, deleted FROM task WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let versions = sqlx::query_as(
+        "SELECT version, interaction, resource IS NOT NULL FROM task_version
+         WHERE id = $1 ORDER BY version",
+    )
+    .bind(id)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let tokens = sqlx::query_as(
+        "SELECT param, system, value FROM task_token WHERE task_id = $1
+         ORDER BY param, system, value",
+    )
+    .bind(id)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let dates = sqlx::query_as(
+        "SELECT param, start_at, end_at FROM task_date WHERE task_id = $1
+         ORDER BY param, start_at, end_at",
+    )
+    .bind(id)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let changes = sqlx::query_as(
+        "SELECT version, previous_version, interaction FROM change_event
+         WHERE resource_type = 'Task' AND resource_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let _ = conn.close().await;
+    TaskRows {
+        task,
+        versions,
+        tokens,
+        dates,
+        changes,
+    }
+}
+
+/// The index rows the store should hold for a stored version, as `task_rows` reads them
+/// (U+0000 stored as U+FFFD).
+fn expected_index(resource: &Value) -> (Vec<TokenRow>, Vec<DateRow>) {
+    let index = crate::fhir::search::index_task(resource, BASE);
+    let mut tokens: Vec<_> = index
+        .tokens
+        .iter()
+        .map(|t| {
+            (
+                t.param.to_string(),
+                t.system.as_deref().map(|s| super::pg_text(s).into_owned()),
+                super::pg_text(&t.value).into_owned(),
+            )
+        })
+        .collect();
+    tokens.sort();
+    let mut dates: Vec<_> = index
+        .dates
+        .iter()
+        .map(|d| (d.param.to_string(), d.start.clone(), d.end.clone()))
+        .collect();
+    dates.sort();
+    assert!(!tokens.is_empty() && !dates.is_empty());
+    (tokens, dates)
+}
+
+fn written(outcome: WriteOutcome) -> crate::store::StoredVersion {
+    match outcome {
+        WriteOutcome::Written(version) => version,
+        other => panic!("expected a written version, got {other:?}"),
+    }
+}
+
+/// Each write is one statement that replaces the index rows beside the inserts: the rows
+/// after a create, an update, a delete and a create over the deleted Task are exactly those
+/// of the version written, and each write has its history row and change event.
+#[tokio::test]
+async fn each_write_leaves_exactly_its_rows() {
+    let db = test_db!();
+    let store = db.open().await;
+    let mut resource = task("in-progress");
+    resource["identifier"] = json!([
+        { "system": "urn:ids", "value": "a" },
+        { "system": "urn:ids\u{0}x", "value": "b\u{0}" },
+    ]);
+    resource["authoredOn"] = json!("2024-01-01");
+    resource["restriction"] = json!({ "period": { "end": "2030-01-01" } });
+    let created = written(
+        store
+            .write(WriteRequest::Create {
+                resource,
+                if_none_exist: None,
+            })
+            .await
+            .unwrap(),
+    );
+    let id = created.id.clone();
+    let rows = task_rows(&db, &id).await;
+    let (tokens, dates) = expected_index(created.resource.as_ref().unwrap());
+    assert_eq!((rows.tokens, rows.dates), (tokens, dates));
+    assert_eq!(rows.task, (1, 0));
+    assert_eq!(rows.versions, [(1, "create".into(), true)]);
+    assert_eq!(rows.changes, [(1, None, "create".into())]);
+
+    let updated = written(
+        change(&store, &id, |current| {
+            let mut resource = current.unwrap().resource.clone();
+            resource["identifier"] = json!([{ "system": "urn:ids", "value": "c" }]);
+            resource["authoredOn"] = json!("2025-02-02");
+            resource["status"] = json!("on-hold");
+            Ok(Decision::Put(resource))
+        })
+        .await
+        .unwrap(),
+    );
+    let rows = task_rows(&db, &id).await;
+    let (tokens, dates) = expected_index(updated.resource.as_ref().unwrap());
+    assert!(tokens.iter().any(|t| t.2 == "c") && !tokens.iter().any(|t| t.2 == "a"));
+    assert_eq!((rows.tokens, rows.dates), (tokens, dates));
+    assert_eq!(rows.task, (2, 0));
+    assert_eq!(rows.versions[1], (2, "update".into(), true));
+    assert_eq!(rows.changes[1], (2, Some(1), "update".into()));
+
+    written(change(&store, &id, |_| Ok(Decision::Delete)).await.unwrap());
+    let rows = task_rows(&db, &id).await;
+    assert!(rows.tokens.is_empty() && rows.dates.is_empty());
+    assert_eq!(rows.task, (3, 1));
+    assert_eq!(rows.versions[2], (3, "delete".into(), false));
+    assert_eq!(rows.changes[2], (3, Some(2), "delete".into()));
+    // Deleting what is deleted writes nothing.
+    let again = change(&store, &id, |_| Ok(Decision::Delete)).await.unwrap();
+    assert!(matches!(again, WriteOutcome::Unchanged));
+
+    let recreated = written(
+        change(&store, &id, |_| Ok(Decision::Put(task("ready"))))
+            .await
+            .unwrap(),
+    );
+    let rows = task_rows(&db, &id).await;
+    let index = crate::fhir::search::index_task(recreated.resource.as_ref().unwrap(), BASE);
+    assert_eq!(rows.tokens.len(), index.tokens.len());
+    assert!(rows.tokens.iter().any(|t| t.2 == "ready"));
+    assert!(rows.dates.len() == index.dates.len() && rows.dates.len() <= 1);
+    assert_eq!(rows.task, (4, 0));
+    assert_eq!(rows.versions.len(), 4);
+    assert_eq!(rows.versions[3], (4, "create".into(), true));
+    assert_eq!(rows.changes[3], (4, None, "create".into()));
+
+    // A completed request writes itself, then its focal Task: two versions, two change
+    // events, the request's first.
+    let mut request = task("completed");
+    request["code"] = json!({ "coding": [{
+        "system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "suspend" }] });
+    request["focus"] = json!({ "reference": format!("Task/{id}") });
+    let request_id = create(&store, request).await;
+    let changes = store.change_events_after(0, 100).await.unwrap();
+    let last: Vec<(&str, i64, Option<i64>)> = changes[changes.len() - 2..]
+        .iter()
+        .map(|c| (c.resource_id.as_str(), c.version, c.previous_version))
+        .collect();
+    assert_eq!(
+        last,
+        [(request_id.as_str(), 1, None), (id.as_str(), 5, Some(4))]
+    );
+    let rows = task_rows(&db, &id).await;
+    assert!(rows.tokens.iter().any(|t| t.2 == "on-hold"));
+    assert!(!rows.tokens.iter().any(|t| t.2 == "ready"));
+}
+
+/// Two first writes to one new id both find nothing to lock: one writes version 1, the
+/// other fails on the history's key and answers 409, leaving no row of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_first_writes_to_one_id_answer_409() {
+    let db = test_db!();
+    let store = db.open().await;
+    let id = uuid::Uuid::new_v4().to_string();
+    // Both decisions run (having found nothing) before either writes.
+    let both_decided = Arc::new(std::sync::Barrier::new(2));
+    let racers: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|mark| {
+            let (store, id, both_decided) = (store.clone(), id.clone(), both_decided.clone());
+            tokio::spawn(async move {
+                change(&store, &id, move |current| {
+                    assert!(current.is_none());
+                    // Off the worker, so that the other racer's task still runs.
+                    tokio::task::block_in_place(|| both_decided.wait());
+                    let mut resource = task("requested");
+                    resource["description"] = json!(mark);
+                    Ok(Decision::Put(resource))
+                })
+                .await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for racer in racers {
+        outcomes.push(racer.await.unwrap());
+    }
+    let (won, lost): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(|o| o.is_ok());
+    assert_eq!((won.len(), lost.len()), (1, 1), "{won:?} {lost:?}");
+    assert_conflict(lost.into_iter().next().unwrap(), "the second first write");
+    let winner = written(won.into_iter().next().unwrap().unwrap());
+    assert_eq!(winner.version, 1);
+    let rows = task_rows(&db, &id).await;
+    assert_eq!(rows.task, (1, 0));
+    assert_eq!(rows.versions, [(1, "create".into(), true)]);
+    assert_eq!(rows.changes, [(1, None, "create".into())]);
+    let index = crate::fhir::search::index_task(winner.resource.as_ref().unwrap(), BASE);
+    assert_eq!(rows.tokens.len(), index.tokens.len());
+    let current = store.read(&id).await.unwrap().unwrap();
+    assert_eq!(current.resource, winner.resource.unwrap());
+}
