@@ -3,7 +3,6 @@
 //! subscription generation. Functions taking a connection run inside the caller's
 //! transaction; those taking the pool are one statement or their own read transaction.
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::json;
@@ -201,139 +200,111 @@ pub(super) async fn delete_subscription(conn: &mut PgConnection, id: &str) -> Re
     Ok(true)
 }
 
-/// Records a batch of the matcher's work: checks the lease, marks the changes consumed and
-/// numbers the matches, in the caller's transaction.
+/// Records a batch of matches in two statements: the first checks the lease (locking its row
+/// until commit, so a node taking the lease over waits and this batch is recorded by the
+/// holder it names or not at all), marks the changes matched and moves the cursor; the second
+/// bumps each matched subscription's counter once, by its number of matches, and logs the
+/// matches under the numbers that frees, in batch order. Only the lease holder gets this far,
+/// and it holds the lease row, so no two transactions lock several subscriptions at once.
 pub(super) async fn record_matches(
     conn: &mut PgConnection,
     batch: MatchBatch,
 ) -> Result<Vec<(String, i64)>> {
-    // The lease row stays locked until commit: a node taking the lease over meanwhile waits,
-    // and this batch is recorded by the holder it names or not at all.
-    let held: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM lease WHERE name = $1 AND holder = $2 AND expires_at > now() FOR UPDATE",
+    let mut changes = batch.changes.clone();
+    changes.sort_unstable();
+    changes.dedup();
+    let marked: i64 = sqlx::query_scalar(
+        "WITH held AS (
+           SELECT 1 FROM lease WHERE name = $1 AND holder = $2 AND expires_at > now() FOR UPDATE
+         ), marked AS (
+           UPDATE change_event SET matched = true
+           WHERE seq = ANY($3) AND NOT matched AND EXISTS (SELECT 1 FROM held)
+           RETURNING seq
+         ), cursor AS (
+           INSERT INTO outbox_cursor (consumer, seq)
+           SELECT $1, max(seq) FROM marked HAVING count(*) > 0
+           ON CONFLICT (consumer) DO UPDATE SET seq = greatest(outbox_cursor.seq, excluded.seq)
+         )
+         SELECT CASE WHEN EXISTS (SELECT 1 FROM held) THEN (SELECT count(*) FROM marked) ELSE -1 END",
     )
     .bind(&batch.consumer)
     .bind(&batch.holder)
-    .fetch_optional(&mut *conn)
+    .bind(&changes)
+    .fetch_one(&mut *conn)
     .await?;
-    if held.is_none() {
+    if marked < 0 {
         return Err(Error::conflict(format!(
             "the {} lease was lost by {}: another node may be matching, so this batch was not \
              recorded; take the lease again and re-read the outbox",
             batch.consumer, batch.holder
         )));
     }
-    let mut changes = batch.changes.clone();
-    changes.sort_unstable();
-    changes.dedup();
-    if !changes.is_empty() {
-        let marked = sqlx::query(
-            "UPDATE change_event SET matched = true WHERE seq = ANY($1) AND NOT matched",
-        )
-        .bind(&changes)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if marked != changes.len() as u64 {
-            return Err(Error::conflict(format!(
-                "{} of the batch's {} changes were already recorded (or do not exist), so \
-                 another node consumed them; nothing of this batch was recorded",
-                changes.len() as u64 - marked,
-                changes.len()
-            )));
-        }
+    if marked != changes.len() as i64 {
+        return Err(Error::conflict(format!(
+            "{} of the batch's {} changes were already recorded (or do not exist), so another \
+             node consumed them; nothing of this batch was recorded",
+            changes.len() as i64 - marked,
+            changes.len()
+        )));
     }
-    let numbered = number_matches(conn, &batch).await?;
-    if let Some(&through) = changes.last() {
-        sqlx::query(
-            "INSERT INTO outbox_cursor (consumer, seq) VALUES ($1, $2)
-             ON CONFLICT (consumer) DO UPDATE SET seq = greatest(outbox_cursor.seq, excluded.seq)",
-        )
-        .bind(&batch.consumer)
-        .bind(through)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(numbered)
+    number_matches(conn, &batch).await
 }
 
-/// Gives each match the next event number of its subscription and logs it. The counters move
-/// once per subscription, by its number of matches; its matches take the numbers in batch
-/// order. A subscription deleted or turned off since matching gets nothing.
+/// Gives each match the next event number of its subscription and logs it, in one statement.
+/// A subscription deleted or turned off since matching gets nothing.
 async fn number_matches(conn: &mut PgConnection, batch: &MatchBatch) -> Result<Vec<(String, i64)>> {
     if batch.matches.is_empty() {
         return Ok(Vec::new());
     }
-    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-    for m in &batch.matches {
-        *counts.entry(m.subscription_id.as_str()).or_default() += 1;
-    }
-    let ids: Vec<&str> = counts.keys().copied().collect();
-    let adds: Vec<i64> = counts.values().copied().collect();
-    // The rows are locked in id order (byte order, as the map's), so that two transactions
-    // locking several subscriptions cannot wait on each other.
-    sqlx::query(
-        "SELECT id FROM subscription WHERE id = ANY($1) AND status <> 'off' ORDER BY id FOR UPDATE",
-    )
-    .bind(&ids)
-    .execute(&mut *conn)
-    .await?;
-    let rows = sqlx::query(
-        "UPDATE subscription s SET events_since_start = s.events_since_start + w.n
-         FROM unnest($1::text[], $2::bigint[]) AS w(id, n)
-         WHERE s.id = w.id AND s.status <> 'off'
-         RETURNING s.id, s.events_since_start, w.n",
-    )
-    .bind(&ids)
-    .bind(&adds)
-    .fetch_all(&mut *conn)
-    .await?;
-    // The first number of each subscription's matches in this batch.
-    let mut next: HashMap<String, i64> = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let total: i64 = row.try_get("events_since_start")?;
-        let added: i64 = row.try_get("n")?;
-        next.insert(row.try_get("id")?, total - added + 1);
-    }
-    let mut numbered = Vec::with_capacity(batch.matches.len());
     let mut log = EventLog::default();
     for m in &batch.matches {
-        let Some(number) = next.get_mut(&m.subscription_id) else {
-            continue;
-        };
         log.subscription_ids.push(&m.subscription_id);
-        log.event_numbers.push(*number);
         log.change_seqs.push(m.change_seq);
         log.task_ids.push(&m.task_id);
         log.versions.push(m.version);
         log.interactions.push(m.interaction.as_str());
         log.occurred_at.push(&m.occurred_at);
-        numbered.push((m.subscription_id.clone(), *number));
-        *number += 1;
     }
-    if !numbered.is_empty() {
-        sqlx::query(
-            "INSERT INTO subscription_event (subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[])",
-        )
-        .bind(&log.subscription_ids)
-        .bind(&log.event_numbers)
-        .bind(&log.change_seqs)
-        .bind(&log.task_ids)
-        .bind(&log.versions)
-        .bind(&log.interactions)
-        .bind(&log.occurred_at)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(numbered)
+    // `ord` is the match's place in the batch: numbers follow it within each subscription.
+    let rows = sqlx::query(
+        "WITH m AS (
+           SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[])
+             WITH ORDINALITY AS m(subscription_id, change_seq, task_id, version, interaction, occurred_at, ord)
+         ), bumped AS (
+           UPDATE subscription s SET events_since_start = s.events_since_start + w.n
+           FROM (SELECT subscription_id, count(*) AS n FROM m GROUP BY subscription_id) AS w
+           WHERE s.id = w.subscription_id AND s.status <> 'off'
+           RETURNING s.id, s.events_since_start - w.n AS before
+         ), numbered AS (
+           SELECT m.*, b.before + row_number() OVER (PARTITION BY m.subscription_id ORDER BY m.ord) AS event_number
+           FROM m JOIN bumped b ON b.id = m.subscription_id
+         ), logged AS (
+           INSERT INTO subscription_event (subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at)
+           SELECT subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at FROM numbered
+         )
+         SELECT subscription_id, event_number FROM numbered ORDER BY ord",
+    )
+    .bind(&log.subscription_ids)
+    .bind(&log.change_seqs)
+    .bind(&log.task_ids)
+    .bind(&log.versions)
+    .bind(&log.interactions)
+    .bind(&log.occurred_at)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get("subscription_id")?,
+                row.try_get("event_number")?,
+            ))
+        })
+        .collect()
 }
 
-/// Event-log rows as columns, for one insert of arrays.
 #[derive(Default)]
 struct EventLog<'a> {
     subscription_ids: Vec<&'a str>,
-    event_numbers: Vec<i64>,
     change_seqs: Vec<i64>,
     task_ids: Vec<&'a str>,
     versions: Vec<i64>,
