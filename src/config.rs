@@ -50,6 +50,63 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub websocket: WebSocketConfig,
     pub cluster: ClusterConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on what one client can make the node do, so that no client can exhaust it for the
+/// others. Refusals past a limit are 429 (or 413 for sizes) with an OperationOutcome, and a
+/// `Retry-After` header where waiting helps. A value of 0 turns a count or rate limit off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Live subscriptions one author (a practitioner or auditor identity) may hold; admins,
+    /// the integration accounts, are not counted. 0: no quota.
+    pub subscriptions_per_author: usize,
+    /// Sustained requests per second one practitioner or auditor identity may make (admins
+    /// are not limited); bursts up to `request_burst_per_token`. 0: no limit.
+    pub requests_per_second_per_token: u32,
+    /// Requests one identity may make at once before the per-second rate applies.
+    pub request_burst_per_token: u32,
+    /// Open client connections (HTTP and websocket) the node accepts; more wait in the
+    /// kernel's backlog. 0: no limit.
+    pub max_connections: usize,
+    /// Open connections from one client address; behind a proxy every client shares the
+    /// proxy's address, so raise it or set 0 there.
+    pub max_connections_per_client: usize,
+    /// Time a client has to send a request's headers once it starts one, in seconds.
+    pub header_read_timeout_seconds: u64,
+    /// A connection with no request in progress for this long is closed, in seconds.
+    pub idle_timeout_seconds: u64,
+    /// A websocket that has bound no subscription this long after opening is closed, in seconds.
+    pub websocket_bind_timeout_seconds: u64,
+    /// Most operations in one JSON Patch document.
+    pub max_patch_operations: usize,
+    /// Most entries in one batch or transaction Bundle.
+    pub max_transaction_entries: usize,
+    /// Searches (and other reads that may scan) evaluated at once on this node.
+    pub max_concurrent_searches: usize,
+    /// Searches that may wait for a free slot; past this a search is refused with 503 and
+    /// `Retry-After`.
+    pub search_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            subscriptions_per_author: 100,
+            requests_per_second_per_token: 100,
+            request_burst_per_token: 200,
+            max_connections: 16_384,
+            max_connections_per_client: 1024,
+            header_read_timeout_seconds: 10,
+            idle_timeout_seconds: 120,
+            websocket_bind_timeout_seconds: 30,
+            max_patch_operations: 100,
+            max_transaction_entries: 1000,
+            max_concurrent_searches: 8,
+            search_queue: 64,
+        }
+    }
 }
 
 /// How nodes of a cluster (PostgreSQL store, Redis signalling) share work.
@@ -212,6 +269,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             websocket: WebSocketConfig::default(),
             cluster: ClusterConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -398,6 +456,28 @@ impl Config {
                 "topics_dir {} is not a directory (BATON_TOPICS_DIR)",
                 dir.display()
             )));
+        }
+        let l = &self.limits;
+        if l.header_read_timeout_seconds == 0
+            || l.idle_timeout_seconds == 0
+            || l.websocket_bind_timeout_seconds == 0
+        {
+            return Err(ConfigError(
+                "limits.header_read_timeout_seconds, limits.idle_timeout_seconds and limits.websocket_bind_timeout_seconds must be at least 1".into(),
+            ));
+        }
+        if l.max_patch_operations == 0
+            || l.max_transaction_entries == 0
+            || l.max_concurrent_searches == 0
+        {
+            return Err(ConfigError(
+                "limits.max_patch_operations, limits.max_transaction_entries and limits.max_concurrent_searches must be at least 1".into(),
+            ));
+        }
+        if l.requests_per_second_per_token > 0 && l.request_burst_per_token == 0 {
+            return Err(ConfigError(
+                "limits.request_burst_per_token must be at least 1 while limits.requests_per_second_per_token is set".into(),
+            ));
         }
         if self.auth.performer_types_claim.is_empty() {
             return Err(ConfigError(

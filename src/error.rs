@@ -30,6 +30,8 @@ pub enum IssueCode {
     Processing,
     Exception,
     Transient,
+    Throttled,
+    TooCostly,
     Informational,
 }
 
@@ -55,6 +57,8 @@ impl IssueCode {
             IssueCode::Processing => "processing",
             IssueCode::Exception => "exception",
             IssueCode::Transient => "transient",
+            IssueCode::Throttled => "throttled",
+            IssueCode::TooCostly => "too-costly",
             IssueCode::Informational => "informational",
         }
     }
@@ -68,6 +72,9 @@ pub struct ClientError {
     pub diagnostics: String,
     /// FHIRPath-ish location of the offending element, e.g. `Task.status`.
     pub expression: Option<String>,
+    /// Seconds after which the same request may succeed (`Retry-After`), for refusals that
+    /// waiting cures: rate limits, full queues.
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +98,39 @@ impl Error {
             code,
             diagnostics: diagnostics.into(),
             expression: None,
+            retry_after: None,
         }))
+    }
+
+    /// Tells the client when to try again (`Retry-After`); only client errors carry it.
+    pub fn retry_after(self, seconds: u64) -> Self {
+        match self {
+            Error::Client(mut e) => {
+                e.retry_after = Some(seconds);
+                Error::Client(e)
+            }
+            other => other,
+        }
+    }
+
+    /// 429: this client asked for more than its share; try again after `seconds`.
+    pub fn too_many_requests(diagnostics: impl Into<String>, seconds: u64) -> Self {
+        Self::client(
+            StatusCode::TOO_MANY_REQUESTS,
+            IssueCode::Throttled,
+            diagnostics,
+        )
+        .retry_after(seconds)
+    }
+
+    /// 503: the node is busy or a part of it is down; try again after `seconds`.
+    pub fn unavailable(diagnostics: impl Into<String>, seconds: u64) -> Self {
+        Self::client(
+            StatusCode::SERVICE_UNAVAILABLE,
+            IssueCode::Transient,
+            diagnostics,
+        )
+        .retry_after(seconds)
     }
 
     /// Attaches the location of the offending element to a client error.
@@ -214,6 +253,7 @@ pub fn operation_outcome(
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
+        let retry_after = self.as_client().and_then(|e| e.retry_after);
         let (status, body) = match &self {
             Error::Client(e) => (
                 e.status,
@@ -238,6 +278,11 @@ impl IntoResponse for Error {
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
             );
+        }
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
         }
         response
     }
