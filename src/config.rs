@@ -438,12 +438,27 @@ impl Config {
                 "delivery.default_timeout_seconds must be between 1 and 120".into(),
             ));
         }
+        if d.event_retention_days == 0 || d.event_retention_days > 36_500 {
+            return Err(ConfigError(
+                "delivery.event_retention_days must be between 1 and 36500".into(),
+            ));
+        }
+        if d.off_after_seconds > 10 * 365 * 24 * 3600 {
+            return Err(ConfigError(
+                "delivery.off_after_seconds must be at most ten years (315360000)".into(),
+            ));
+        }
         if self.overdue_check_seconds == 0 {
             return Err(ConfigError(
                 "overdue_check_seconds must be at least 1".into(),
             ));
         }
         let w = &self.websocket;
+        if w.token_ttl_seconds > 86_400 {
+            return Err(ConfigError(
+                "websocket.token_ttl_seconds must be at most 86400 (a day); binding tokens are meant to be short-lived".into(),
+            ));
+        }
         if w.token_ttl_seconds == 0 || w.outbox_capacity == 0 || w.ping_interval_seconds == 0 {
             return Err(ConfigError(
                 "websocket.token_ttl_seconds, websocket.outbox_capacity and websocket.ping_interval_seconds must be at least 1".into(),

@@ -55,7 +55,7 @@ impl DateRange {
 
 /// Formats an instant as the fixed-width, sortable UTC key used by the store.
 pub fn to_key(at: OffsetDateTime) -> String {
-    let at = at.to_offset(UtcOffset::UTC);
+    let at = at.checked_to_offset(UtcOffset::UTC).unwrap_or(at);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         at.year(),
@@ -115,6 +115,9 @@ pub fn parse_range(text: &str, kind: DateKind) -> Result<DateRange, String> {
             return Err(bad());
         }
         let start = PrimitiveDateTime::new(date, Time::MIDNIGHT).assume_utc();
+        if !in_key_range(start) {
+            return Err(out_of_range(text));
+        }
         let precision = match pieces.len() {
             1 => Precision::Year,
             2 => Precision::Month,
@@ -122,7 +125,7 @@ pub fn parse_range(text: &str, kind: DateKind) -> Result<DateRange, String> {
         };
         return Ok(DateRange {
             start,
-            end: advance(start, precision).ok_or_else(bad)?,
+            end: advance(start, precision),
         });
     };
     if pieces.len() != 3 {
@@ -175,17 +178,40 @@ pub fn parse_range(text: &str, kind: DateKind) -> Result<DateRange, String> {
         None => (0, Precision::Second),
     };
     let clock = Time::from_hms_nano(hour, minute, second, nanos).map_err(|_| bad())?;
+    // A zone can carry a value across a year boundary (`9999-12-31T23:59:59-01:00` is in the
+    // year 10000 in UTC), so the conversion is checked, never assumed.
     let start = PrimitiveDateTime::new(date, clock)
         .assume_offset(offset.unwrap_or(UtcOffset::UTC))
-        .to_offset(UtcOffset::UTC);
+        .checked_to_offset(UtcOffset::UTC)
+        .filter(|at| in_key_range(*at))
+        .ok_or_else(|| out_of_range(text))?;
     // Truncate to milliseconds: that is the precision of the stored keys.
     let start = start
         .replace_nanosecond(start.millisecond() as u32 * 1_000_000)
         .map_err(|_| bad())?;
     Ok(DateRange {
         start,
-        end: advance(start, precision).ok_or_else(bad)?,
+        end: advance(start, precision),
     })
+}
+
+/// Whether an instant has a key: years 0000 to 9999 in UTC, the range FHIR's lexical forms
+/// can express and the fixed-width keys sort correctly.
+fn in_key_range(at: OffsetDateTime) -> bool {
+    (0..=9999).contains(&at.to_offset(UtcOffset::UTC).year())
+}
+
+fn out_of_range(text: &str) -> String {
+    format!("'{text}' lies outside the years 0000 to 9999 once converted to UTC")
+}
+
+/// The last instant that has a key, where ranges that would run past the year 9999 end.
+fn last_instant() -> OffsetDateTime {
+    PrimitiveDateTime::new(
+        Date::from_calendar_date(9999, Month::December, 31).unwrap_or(Date::MAX),
+        Time::from_hms_milli(23, 59, 59, 999).unwrap_or(Time::MIDNIGHT),
+    )
+    .assume_utc()
 }
 
 fn kind_name(kind: DateKind) -> &'static str {
@@ -215,9 +241,10 @@ fn parse_offset(zone: &str) -> Option<UtcOffset> {
     UtcOffset::from_hms(sign * hours, sign * minutes, 0).ok()
 }
 
-/// The end of the range that starts at `start` with the given precision.
-fn advance(start: OffsetDateTime, precision: Precision) -> Option<OffsetDateTime> {
-    match precision {
+/// The end of the range that starts at `start` with the given precision; a range that would
+/// end after the year 9999 ends at its last millisecond instead.
+fn advance(start: OffsetDateTime, precision: Precision) -> OffsetDateTime {
+    let end = match precision {
         Precision::Year => start.replace_year(start.year() + 1).ok(),
         Precision::Month => {
             let (year, month) = if start.month() == Month::December {
@@ -225,13 +252,18 @@ fn advance(start: OffsetDateTime, precision: Precision) -> Option<OffsetDateTime
             } else {
                 (start.year(), start.month().next())
             };
-            start.replace_year(year).ok()?.replace_month(month).ok()
+            start
+                .replace_year(year)
+                .ok()
+                .and_then(|s| s.replace_month(month).ok())
         }
         Precision::Day => start.checked_add(Duration::days(1)),
         Precision::Minute => start.checked_add(Duration::minutes(1)),
         Precision::Second => start.checked_add(Duration::seconds(1)),
         Precision::Millisecond => start.checked_add(Duration::milliseconds(1)),
-    }
+    };
+    end.filter(|end| in_key_range(*end))
+        .unwrap_or_else(last_instant)
 }
 
 #[cfg(test)]
@@ -302,6 +334,26 @@ mod tests {
     }
 
     #[test]
+    fn the_last_representable_values_end_at_the_last_key() {
+        for (text, kind) in [
+            ("9999", DateKind::Date),
+            ("9999-12", DateKind::Date),
+            ("9999-12-31", DateKind::Date),
+            ("9999-12-31T23:59:59Z", DateKind::DateTime),
+            ("9999-12-31T23:59:59.999+00:00", DateKind::Instant),
+            ("9999-12-31T23:59", DateKind::SearchValue),
+        ] {
+            let (_, end) = keys(text, kind);
+            assert_eq!(end, MAX_KEY, "{text}");
+        }
+        assert_eq!(
+            keys("0000-01-01T00:00:00Z", DateKind::Instant).0,
+            MIN_KEY,
+            "the first key"
+        );
+    }
+
+    #[test]
     fn malformed_values_are_rejected() {
         let bad = [
             ("2024-13", DateKind::Date),
@@ -315,6 +367,10 @@ mod tests {
             ("2024-01-01T10:00:00+15:00", DateKind::DateTime),
             ("yesterday", DateKind::SearchValue),
             ("", DateKind::SearchValue),
+            // Past the year 9999, or before 0000, once converted to UTC.
+            ("9999-12-31T23:59:59-01:00", DateKind::DateTime),
+            ("9999-12-31T23:30:00-00:30", DateKind::SearchValue),
+            ("0000-01-01T00:00:00+01:00", DateKind::Instant),
         ];
         for (text, kind) in bad {
             assert!(parse_range(text, kind).is_err(), "{text} should fail");
