@@ -32,6 +32,7 @@ pub enum IssueCode {
     Transient,
     Throttled,
     TooCostly,
+    NoStore,
     Informational,
 }
 
@@ -59,6 +60,7 @@ impl IssueCode {
             IssueCode::Transient => "transient",
             IssueCode::Throttled => "throttled",
             IssueCode::TooCostly => "too-costly",
+            IssueCode::NoStore => "no-store",
             IssueCode::Informational => "informational",
         }
     }
@@ -221,9 +223,75 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The same answer for another request that shared the failed work (a group commit): a
+    /// client error is repeated as it is, anything else becomes an opaque internal error.
+    pub fn for_another_request(&self) -> Error {
+        match self {
+            Error::Client(e) => Error::Client(e.clone()),
+            Error::Internal { context, .. } => Error::internal(context, error_chain(self)),
+        }
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        Error::internal("database error", e)
+        match storage_trouble(&e) {
+            Some(StorageTrouble::Full) => {
+                tracing::error!(error = %e, "the database has no space left");
+                Error::client(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    IssueCode::NoStore,
+                    "the server's database is out of disk space, so nothing was stored; retry once an operator has freed space",
+                )
+                .retry_after(30)
+            }
+            Some(StorageTrouble::Unavailable) => {
+                tracing::warn!(error = %e, "the database is unavailable");
+                Error::unavailable(
+                    "the server's database is unavailable for the moment, so nothing was stored; retry shortly",
+                    5,
+                )
+            }
+            None => Error::internal("database error", e),
+        }
+    }
+}
+
+/// A database failure that is about the database, not the request: it is out of space, or
+/// down, busy or unreachable for a while. Both leave the store as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StorageTrouble {
+    Full,
+    Unavailable,
+}
+
+fn storage_trouble(e: &sqlx::Error) -> Option<StorageTrouble> {
+    match e {
+        sqlx::Error::Database(db) => {
+            if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                // Extended result codes keep the primary code in their low byte.
+                let code: i64 = sqlx::error::DatabaseError::code(sqlite)?.parse().ok()?;
+                return match code & 0xff {
+                    13 => Some(StorageTrouble::Full),                     // SQLITE_FULL
+                    5 | 6 | 10 | 14 => Some(StorageTrouble::Unavailable), // BUSY, LOCKED, IOERR, CANTOPEN
+                    _ => None,
+                };
+            }
+            let code = db.code()?;
+            match code.as_ref() {
+                "53100" => Some(StorageTrouble::Full), // disk_full
+                // Insufficient resources, operator intervention, connection exceptions.
+                c if c.starts_with("53") || c.starts_with("57P") || c.starts_with("08") => {
+                    Some(StorageTrouble::Unavailable)
+                }
+                _ => None,
+            }
+        }
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            Some(StorageTrouble::Unavailable)
+        }
+        _ => None,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod overdue;
 pub mod signals;
 pub mod store;
+pub mod supervise;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -40,6 +41,7 @@ use crate::signals::redis::{RedisSetup, RedisSignals};
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
+use crate::supervise::Health;
 
 /// Runs the server on `listener` until `shutdown` is cancelled, then drains: in-flight requests
 /// get `shutdown_grace_seconds` to finish, and the store finishes its queued writes and closes.
@@ -68,13 +70,24 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     );
 
     let committed = Arc::new(Notify::new());
+    // Every long-running task reports here; a vital one dying stops the node (below).
+    let health = Arc::new(Health::default());
     let store: Arc<dyn Store> = match config
         .database()
         .map_err(|e| Error::internal("invalid configuration", e))?
     {
         DatabaseUrl::Sqlite(path) => {
             tracing::info!(path = %path.display(), "opening the SQLite store");
-            Arc::new(SqliteStore::open(&path, &base_url, &config.store, committed.clone()).await?)
+            Arc::new(
+                SqliteStore::open(
+                    &path,
+                    &base_url,
+                    &config.store,
+                    committed.clone(),
+                    health.clone(),
+                )
+                .await?,
+            )
         }
         DatabaseUrl::Postgres(url) => {
             tracing::info!(database = %config::redact_url(&url), "opening the PostgreSQL store");
@@ -106,21 +119,19 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let pipeline_stop = CancellationToken::new();
 
     let parse_topics = topics.clone();
-    let parse_config = config.clone();
+    let parse_policy = api::subscription::channel_policy(&config);
     let parse_limits = search_limits;
     let parse_base = base_url.clone();
-    let parse: delivery::ParseSubscription = Arc::new(move |resource| {
-        api::subscription::parse_with(
-            &parse_topics,
-            &parse_config,
-            &parse_limits,
-            &parse_base,
-            resource,
-        )
+    let parse: delivery::ParseSubscription = Arc::new(move |resource, purpose| {
+        let policy = match purpose {
+            delivery::Purpose::Matching => fhir::subscription::ChannelPolicy::ANY_CHANNEL,
+            delivery::Purpose::Delivery => parse_policy,
+        };
+        api::subscription::parse_with(&parse_topics, &policy, &parse_limits, &parse_base, resource)
     });
     let registry = Arc::new(channels::websocket::Registry::default());
     // Signals: in-process for one node; Redis when the nodes of a cluster must hear each other.
-    let (notices, mut remote_changes) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (notices, remote_changes) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (signals, matcher_wake): (Arc<dyn Signals>, Arc<Notify>) = match &config.redis_url {
         Some(url) => {
             let matcher_wake = Arc::new(Notify::new());
@@ -136,6 +147,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 },
                 pipeline_stop.clone(),
                 &tasks,
+                &health,
             )?;
             tracing::info!(redis = %config::redact_url(url), prefix = %config.cluster.redis_prefix, node = %node, "cluster signalling through Redis");
             (Arc::new(redis), matcher_wake)
@@ -154,7 +166,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let _amqp_stop_guard = amqp_stop.clone().drop_guard();
     let amqp = match &config.amqp_url {
         Some(url) => Some(
-            channels::amqp::AmqpPublisher::start(url, amqp_stop.clone())
+            channels::amqp::AmqpPublisher::start(url, amqp_stop.clone(), health.clone())
                 .map_err(|e| Error::internal("invalid configuration", e))?,
         ),
         None => None,
@@ -171,7 +183,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         lease: Duration::from_secs(config.cluster.lease_seconds),
         scan_every: Duration::from_secs(config.cluster.scan_seconds),
     });
-    let (delivery, scheduler) = delivery::start(deliverer, pipeline_stop.clone()).await?;
+    let delivery = delivery::start(deliverer, health.clone(), &tasks, pipeline_stop.clone());
 
     let state = AppState {
         inner: Arc::new(Shared {
@@ -198,19 +210,24 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             store: store.clone(),
             metrics: metrics_handle(),
             shutdown: shutdown.clone(),
+            health: health.clone(),
             config,
         }),
     };
     let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
     // Every live subscription goes back into the matcher index before the first change is read;
     // the generation is read first, so the outbox catches up on anything written meanwhile.
+    // One the hub can no longer deliver (a stricter endpoint policy, no AMQP broker, a topic
+    // gone) is handed to the scheduler, whose attempt records why in its status (`error`, or
+    // `off` when it can never match again) instead of leaving it `active` and silent.
     let generation = store.subscription_generation().await?;
     for stored in store.live_subscriptions().await? {
-        match api::subscription::parse_spec(&state, &stored.resource) {
-            Ok(spec) => api::subscription::index_only(&state, &stored, &spec),
-            Err(e) => {
-                tracing::warn!(subscription.id = %stored.id, error = %error::error_chain(&e), "a stored subscription is no longer valid and is not matched")
-            }
+        if let Ok(spec) = api::subscription::parse_for_matching(&state, &stored.resource) {
+            api::subscription::index_only(&state, &stored, &spec);
+        }
+        if let Err(e) = api::subscription::parse_spec(&state, &stored.resource) {
+            tracing::warn!(subscription.id = %stored.id, error = %error::error_chain(&e), "a stored subscription cannot be delivered with this configuration; its status will say why");
+            state.hub.delivery.wake(&stored.id);
         }
     }
     let outbox = outbox::Outbox {
@@ -225,33 +242,69 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         generation,
         matching: state.hub.matching.clone(),
     };
-    tasks.spawn(outbox.run(matcher_wake.clone(), pipeline_stop.clone()));
-    // Subscriptions written on other nodes: this node's scheduler, sockets and index follow.
+    let outbox_wake = matcher_wake.clone();
+    let outbox_stop = pipeline_stop.clone();
+    supervise::restartable(
+        &tasks,
+        health.clone(),
+        "matcher",
+        pipeline_stop.clone(),
+        move || outbox.clone().run(outbox_wake.clone(), outbox_stop.clone()),
+    );
+    // Subscriptions written on other nodes (a cluster signals them through Redis): this
+    // node's scheduler, sockets and index follow.
     let remote_state = state.clone();
     let remote_stop = pipeline_stop.clone();
-    tasks.spawn(async move {
-        loop {
-            let id = tokio::select! {
-                id = remote_changes.recv() => match id {
-                    Some(id) => id,
-                    None => return,
-                },
-                () = remote_stop.cancelled() => return,
-            };
-            api::subscription::apply_remote_change(&remote_state, &id).await;
-            matcher_wake.notify_one();
-        }
-    });
-    tasks.spawn(overdue::run(
-        store.clone(),
-        Duration::from_secs(state.config.overdue_check_seconds),
+    let remote_changes = Arc::new(tokio::sync::Mutex::new(remote_changes));
+    let follow_remote = state.config.redis_url.is_some();
+    if follow_remote {
+        supervise::restartable(
+            &tasks,
+            health.clone(),
+            "subscription-changes",
+            pipeline_stop.clone(),
+            move || {
+                let state = remote_state.clone();
+                let stop = remote_stop.clone();
+                let changes = remote_changes.clone();
+                let wake = matcher_wake.clone();
+                async move {
+                    let mut changes = changes.lock().await;
+                    loop {
+                        let id = tokio::select! {
+                            id = changes.recv() => match id {
+                                Some(id) => id,
+                                None => return,
+                            },
+                            () = stop.cancelled() => return,
+                        };
+                        api::subscription::apply_remote_change(&state, &id).await;
+                        wake.notify_one();
+                    }
+                }
+            },
+        );
+    }
+    let overdue_store = store.clone();
+    let overdue_every = Duration::from_secs(state.config.overdue_check_seconds);
+    let overdue_stop = pipeline_stop.clone();
+    supervise::restartable(
+        &tasks,
+        health.clone(),
+        "overdue",
         pipeline_stop.clone(),
-    ));
-    tasks.spawn(prune_events(
-        store.clone(),
-        state.config.delivery.event_retention_days,
+        move || overdue::run(overdue_store.clone(), overdue_every, overdue_stop.clone()),
+    );
+    let prune_store = store.clone();
+    let retention_days = state.config.delivery.event_retention_days;
+    let prune_stop = pipeline_stop.clone();
+    supervise::restartable(
+        &tasks,
+        health.clone(),
+        "pruning",
         pipeline_stop.clone(),
-    ));
+        move || prune_events(prune_store.clone(), retention_days, prune_stop.clone()),
+    );
     tasks.close();
     let app = api::router(state);
 
@@ -265,6 +318,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let mut server = std::pin::pin!(server);
     let served = tokio::select! {
         result = &mut server => result,
+        () = health.failed() => {
+            // A vital task died: stop serving (readiness already says so), drain, and return
+            // the reason, so that the process exits non-zero and is restarted.
+            shutdown.cancel();
+            let _ = tokio::time::timeout(grace, &mut server).await;
+            Ok(())
+        }
         () = shutdown.cancelled() => {
             // Graceful shutdown has begun inside axum; give in-flight requests the grace period.
             match tokio::time::timeout(grace, &mut server).await {
@@ -279,12 +339,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // The pipeline stops after the last request: what it has not finished stays in the store.
     pipeline_stop.cancel();
     tasks.wait().await;
-    let _ = scheduler.await;
     amqp_stop.cancel();
     if let Some(amqp) = &amqp {
         amqp.closed().await;
     }
     store.close().await;
+    if let Some(reason) = health.fatal_reason() {
+        tracing::error!(reason = %reason, "Baton stopped because a vital task died");
+        return Err(Error::internal("a vital task stopped", reason));
+    }
     tracing::info!("Baton stopped");
     served.map_err(|e| Error::internal("the HTTP server failed", e))
 }

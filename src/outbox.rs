@@ -19,13 +19,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::subscription::candidate;
-use crate::delivery::{DeliveryHandle, ParseSubscription};
+use crate::delivery::{DeliveryHandle, ParseSubscription, Purpose};
 use crate::error::{Result, error_chain};
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::index_task;
 use crate::matcher::topic::Topic;
 use crate::matcher::{Change, Side, SubscriptionIndex};
-use crate::store::{ChangeEvent, MatchBatch, MatchRow, Store, StoredSubscription};
+use crate::store::{ChangeEvent, Interaction, MatchBatch, MatchRow, Store, StoredSubscription};
 
 /// The cursor name of the matcher in `outbox_cursor`.
 pub const MATCHER: &str = "matcher";
@@ -36,6 +36,7 @@ const BATCH: usize = 512;
 /// If a wake-up is ever missed, the consumer still looks this often.
 const POLL: Duration = Duration::from_secs(1);
 
+#[derive(Clone)]
 pub struct Outbox {
     pub store: Arc<dyn Store>,
     pub topics: Arc<Vec<Topic>>,
@@ -193,7 +194,7 @@ impl Outbox {
         if stored.status == SubscriptionStatus::Off {
             return None;
         }
-        let spec = (self.parse)(&stored.resource).ok()?;
+        let spec = (self.parse)(&stored.resource, Purpose::Matching).ok()?;
         candidate(&self.topics, stored, &spec)
     }
 
@@ -230,6 +231,17 @@ impl Outbox {
                 let previous = change
                     .previous_version
                     .and_then(|v| versions.get(&(change.resource_id.clone(), v)));
+                // A version the store could not read back (see `Store::versions`) cannot be
+                // matched; the change is passed over, once and loudly, rather than holding up
+                // every change behind it.
+                let unreadable = (change.interaction != Interaction::Delete && current.is_none())
+                    || (change.previous_version.is_some() && previous.is_none());
+                if unreadable {
+                    metrics::counter!("baton_changes_skipped_total", "reason" => "unreadable")
+                        .increment(1);
+                    tracing::error!(change.seq = change.seq, task.id = %change.resource_id, task.version = change.version, "a change refers to a Task version that cannot be read; it is not matched");
+                    continue;
+                }
                 let current_index = current.map(|r| index_task(r, &self.base_url));
                 let previous_index = previous.map(|r| index_task(r, &self.base_url));
                 let view = Change {

@@ -525,10 +525,21 @@ async fn endpoints_naming_another_broker_are_not_published_to() {
     assert!(error.message.contains("broker"), "{}", error.message);
     stop.cancel();
 
-    assert!(AmqpPublisher::start("amqps://u:secret@rabbit/", CancellationToken::new()).is_err());
-    let error = AmqpPublisher::start("amqp:u:secret@rabbit", CancellationToken::new())
-        .err()
-        .expect("a malformed URL was accepted");
+    assert!(
+        AmqpPublisher::start(
+            "amqps://u:secret@rabbit/",
+            CancellationToken::new(),
+            Default::default()
+        )
+        .is_err()
+    );
+    let error = AmqpPublisher::start(
+        "amqp:u:secret@rabbit",
+        CancellationToken::new(),
+        Default::default(),
+    )
+    .err()
+    .expect("a malformed URL was accepted");
     assert!(!error.contains("secret"), "{error}");
 }
 
@@ -937,7 +948,8 @@ async fn broker_available(test: &str) -> bool {
 
 fn start_publisher(url: &str) -> (AmqpPublisher, CancellationToken) {
     let stop = CancellationToken::new();
-    let publisher = AmqpPublisher::start(url, stop.clone()).expect("a valid broker URL");
+    let publisher =
+        AmqpPublisher::start(url, stop.clone(), Default::default()).expect("a valid broker URL");
     (publisher, stop)
 }
 

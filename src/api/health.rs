@@ -21,7 +21,8 @@ async fn healthz() -> Response {
     axum::Json(json!({ "status": "ok" })).into_response()
 }
 
-/// The node can take traffic: the database answers and shutdown has not begun.
+/// The node can take traffic: the database answers, no vital task has died and shutdown has
+/// not begun.
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return (
@@ -42,6 +43,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
     // Redis being down costs latency, not data (nodes poll the store, websocket listeners
     // catch up with $events): ready, and degraded.
     let redis = state.hub.websockets.signals.redis_state();
+    // Every long-running task by name: a vital one that died makes the node unready (it is
+    // stopping); one being restarted after a failure degrades it.
+    let tasks = state.health.snapshot();
+    if let Some(reason) = state.health.fatal_reason() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "status": "failed", "reason": reason, "tasks": tasks })),
+        )
+            .into_response();
+    }
     match state.store.ping().await {
         Ok(()) => {
             let mut body = json!({
@@ -49,8 +60,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 "database": "ok",
                 "node": state.hub.node,
                 "matcher": state.hub.matching.load(std::sync::atomic::Ordering::Relaxed),
+                "tasks": tasks,
             });
             let mut degraded = Vec::new();
+            if !state.health.all_running() {
+                degraded.push("tasks");
+            }
             if let Some(amqp) = amqp {
                 body["amqp"] = json!(amqp);
                 if amqp != "connected" {
@@ -72,7 +87,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
             tracing::warn!(error = %crate::error::error_chain(&e), "readiness check failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({ "status": "unavailable", "database": "unreachable" })),
+                axum::Json(
+                    json!({ "status": "unavailable", "database": "unreachable", "tasks": tasks }),
+                ),
             )
                 .into_response()
         }

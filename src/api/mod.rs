@@ -44,6 +44,8 @@ pub struct Shared {
     pub search_limits: SearchLimits,
     /// Cancelled when shutdown begins; `/readyz` then answers 503 so balancers drain us.
     pub shutdown: CancellationToken,
+    /// The long-running tasks' health, shown by `/readyz`.
+    pub health: Arc<crate::supervise::Health>,
 }
 
 impl std::ops::Deref for AppState {
@@ -74,7 +76,21 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(record_request))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            answer_panic,
+        ))
         .with_state(state)
+}
+
+/// A handler that panics (a bug) answers an opaque 500 OperationOutcome, logged once with
+/// its message, instead of dropping the connection; the node goes on serving.
+fn answer_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    metrics::counter!("baton_request_panics_total").increment(1);
+    Error::internal(
+        "a request handler panicked",
+        crate::supervise::panic_message(panic.as_ref()),
+    )
+    .into_response()
 }
 
 async fn unknown_route(method: Method, uri: axum::http::Uri) -> Error {

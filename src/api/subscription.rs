@@ -82,7 +82,28 @@ pub fn find_topic<'a>(topics: &'a [Topic], url: &str) -> Option<(usize, &'a Topi
 pub fn parse_spec(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
     parse_with(
         &state.hub.topics,
-        &state.config,
+        &channel_policy(&state.config),
+        &state.search_limits,
+        &state.base_url,
+        resource,
+    )
+}
+
+/// The channels this hub's configuration can deliver to.
+pub fn channel_policy(config: &crate::config::Config) -> ChannelPolicy {
+    ChannelPolicy {
+        allow_http_endpoints: config.allow_http_endpoints,
+        amqp_configured: config.amqp_url.is_some(),
+    }
+}
+
+/// Parses a stored subscription for matching only: its topic and filters must still be
+/// understood, while its channel may be one the current configuration cannot serve (such a
+/// subscription keeps counting its events, in `error`, until the configuration serves it).
+pub fn parse_for_matching(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
+    parse_with(
+        &state.hub.topics,
+        &ChannelPolicy::ANY_CHANNEL,
         &state.search_limits,
         &state.base_url,
         resource,
@@ -92,7 +113,7 @@ pub fn parse_spec(state: &AppState, resource: &Value) -> Result<SubscriptionSpec
 /// The same, from the parts (the delivery worker uses it without an `AppState`).
 pub fn parse_with(
     topics: &[Topic],
-    config: &crate::config::Config,
+    policy: &ChannelPolicy,
     limits: &crate::fhir::search::SearchLimits,
     base_url: &str,
     resource: &Value,
@@ -108,11 +129,7 @@ pub fn parse_with(
                 .collect(),
         })
     };
-    let policy = ChannelPolicy {
-        allow_http_endpoints: config.allow_http_endpoints,
-        amqp_configured: config.amqp_url.is_some(),
-    };
-    parse_subscription(resource, &lookup, &policy, limits, base_url)
+    parse_subscription(resource, &lookup, policy, limits, base_url)
 }
 
 /// What the matcher index holds for a subscription; None if its topic is gone or its
@@ -149,7 +166,7 @@ pub fn index_only(state: &AppState, stored: &StoredSubscription, spec: &Subscrip
 /// sockets, as if it had been written here.
 pub async fn apply_remote_change(state: &AppState, id: &str) {
     match state.store.read_subscription(id).await {
-        Ok(Some(stored)) => match parse_spec(state, &stored.resource) {
+        Ok(Some(stored)) => match parse_for_matching(state, &stored.resource) {
             Ok(spec) => activate(state, &stored, &spec),
             Err(_) => deactivate(state, id),
         },
@@ -171,7 +188,9 @@ pub fn activate(state: &AppState, stored: &StoredSubscription, spec: &Subscripti
         &stored.id,
         spec.heartbeat_period.map(|p| Duration::from_secs(p.into())),
     );
-    state.hub.delivery.wake(&stored.id);
+    // A new or replaced subscription is tried at once: a back-off of its previous version
+    // (a failing endpoint that was just corrected) does not apply to this one.
+    state.hub.delivery.changed(&stored.id);
 }
 
 fn deactivate(state: &AppState, id: &str) {

@@ -186,7 +186,11 @@ impl AmqpPublisher {
     /// Must be called inside the Tokio runtime. Cancelling `shutdown` stops reconnecting, lets
     /// publishes in flight finish (up to ten seconds) and closes the connection; `closed()`
     /// resolves when that is done. Until then the background task keeps the publisher alive.
-    pub fn start(url: &str, shutdown: CancellationToken) -> Result<AmqpPublisher, String> {
+    pub fn start(
+        url: &str,
+        shutdown: CancellationToken,
+        health: Arc<crate::supervise::Health>,
+    ) -> Result<AmqpPublisher, String> {
         let (uri, broker) = parse_hub_url(url)?;
         let inner = Arc::new(Inner {
             broker,
@@ -196,7 +200,14 @@ impl AmqpPublisher {
             lost: Notify::new(),
             closed: CancellationToken::new(),
         });
-        tokio::spawn(supervise(inner.clone(), uri, shutdown));
+        // The connection loop reconnects by itself; if it ever panicked, publishing would
+        // stop for good, so that stops the node.
+        tokio::spawn(crate::supervise::watch_vital(
+            health,
+            "amqp",
+            shutdown.clone(),
+            supervise(inner.clone(), uri, shutdown),
+        ));
         Ok(AmqpPublisher { inner })
     }
 

@@ -43,7 +43,9 @@ use crate::fhir::notification::{
 use crate::fhir::subscription::{ChannelSpec, SubscriptionSpec};
 use crate::signals::Signals;
 use crate::store::{DeliveryReport, EventRecord, Store, StoredSubscription};
+use crate::supervise::{self, Health};
 use retry::{AfterFailure, RetryPolicy, after_failure};
+use tokio_util::task::TaskTracker;
 
 /// Asks the scheduler to look at a subscription.
 #[derive(Clone)]
@@ -52,8 +54,11 @@ pub struct DeliveryHandle {
 }
 
 enum Command {
-    /// New events, a handshake owed, or a changed subscription: try now.
+    /// New events or a handshake owed: try now, unless a retry is pending.
     Wake(String),
+    /// The subscription was created or replaced: a pending back-off belonged to the old
+    /// version, so try now whatever it said.
+    Changed(String),
     /// Start or stop heartbeats at this period.
     Heartbeat(String, Option<Duration>),
     /// The subscription is gone or off: drop every timer.
@@ -63,6 +68,10 @@ enum Command {
 impl DeliveryHandle {
     pub fn wake(&self, id: &str) {
         let _ = self.commands.send(Command::Wake(id.to_string()));
+    }
+
+    pub fn changed(&self, id: &str) {
+        let _ = self.commands.send(Command::Changed(id.to_string()));
     }
 
     pub fn set_heartbeat(&self, id: &str, period: Option<Duration>) {
@@ -76,8 +85,17 @@ impl DeliveryHandle {
     }
 }
 
-/// Re-reads a stored Subscription resource into its delivery settings.
-pub type ParseSubscription = Arc<dyn Fn(&Value) -> Result<SubscriptionSpec> + Send + Sync>;
+/// Re-reads a stored Subscription resource into its settings, checked for `Purpose`.
+pub type ParseSubscription = Arc<dyn Fn(&Value, Purpose) -> Result<SubscriptionSpec> + Send + Sync>;
+
+/// What a stored subscription is parsed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Its topic and filters: any channel the hub knows is accepted.
+    Matching,
+    /// Sending to it: the channel must be one this hub's configuration can serve.
+    Delivery,
+}
 
 /// Everything an attempt needs.
 pub struct Deliverer {
@@ -128,44 +146,68 @@ enum TimerKind {
     Heartbeat,
 }
 
-/// Starts the scheduler. Subscriptions with work left from before a restart are picked up
-/// from the store.
-pub async fn start(
+/// Starts the scheduler under supervision: each incarnation (the first, and any after a
+/// panic) picks up the work waiting in the store, so nothing is owed to memory alone.
+pub fn start(
     deliverer: Arc<Deliverer>,
+    health: Arc<Health>,
+    tasks: &TaskTracker,
     shutdown: CancellationToken,
-) -> Result<(DeliveryHandle, tokio::task::JoinHandle<()>)> {
+) -> DeliveryHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let handle = DeliveryHandle { commands: tx };
-    let live = deliverer.store.live_subscriptions().await?;
-    let now_wall = time::OffsetDateTime::now_utc();
-    let mut scheduler = Scheduler::new(deliverer.clone());
-    for sub in &live {
-        let Ok(spec) = (deliverer.parse)(&sub.resource) else {
-            continue;
-        };
-        if let Some(period) = spec.heartbeat_period {
-            scheduler
-                .heartbeats
-                .insert(sub.id.clone(), Duration::from_secs(period.into()));
-            scheduler.arm_heartbeat(&sub.id);
+    let commands = Arc::new(tokio::sync::Mutex::new(rx));
+    let stop = shutdown.clone();
+    supervise::restartable(tasks, health, "scheduler", shutdown, move || {
+        let deliverer = deliverer.clone();
+        let commands = commands.clone();
+        let stop = stop.clone();
+        async move {
+            let mut commands = commands.lock().await;
+            match Scheduler::load(deliverer).await {
+                Ok(scheduler) => scheduler.run(&mut commands, stop).await,
+                Err(e) => {
+                    tracing::error!(error = %crate::error::error_chain(&e), "loading the delivery queue failed");
+                }
+            }
         }
-        let pending = sub.handshake_pending || sub.delivered_through < sub.events_since_start;
-        if !pending {
-            continue;
+    });
+    DeliveryHandle { commands: tx }
+}
+
+impl Scheduler {
+    /// A scheduler holding the work left in the store: handshakes owed, undelivered events,
+    /// retry times and heartbeats.
+    async fn load(deliverer: Arc<Deliverer>) -> Result<Scheduler> {
+        let live = deliverer.store.live_subscriptions().await?;
+        let now_wall = time::OffsetDateTime::now_utc();
+        let mut scheduler = Scheduler::new(deliverer.clone());
+        for sub in &live {
+            let Ok(spec) = (deliverer.parse)(&sub.resource, Purpose::Matching) else {
+                continue;
+            };
+            if let Some(period) = spec.heartbeat_period {
+                scheduler
+                    .heartbeats
+                    .insert(sub.id.clone(), Duration::from_secs(period.into()));
+                scheduler.arm_heartbeat(&sub.id);
+            }
+            let pending = sub.handshake_pending || sub.delivered_through < sub.events_since_start;
+            if !pending {
+                continue;
+            }
+            // Honour a retry time recorded before the restart.
+            let wait = sub
+                .next_attempt_at
+                .as_deref()
+                .and_then(parse_instant)
+                .map(|at| (at - now_wall).max(time::Duration::ZERO))
+                .and_then(|d| Duration::try_from(d).ok())
+                .unwrap_or_default();
+            scheduler.schedule(&sub.id, Instant::now() + wait, TimerKind::Retry);
         }
-        // Honour a retry time recorded before the restart.
-        let wait = sub
-            .next_attempt_at
-            .as_deref()
-            .and_then(parse_instant)
-            .map(|at| (at - now_wall).max(time::Duration::ZERO))
-            .and_then(|d| Duration::try_from(d).ok())
-            .unwrap_or_default();
-        scheduler.schedule(&sub.id, Instant::now() + wait, TimerKind::Retry);
+        tracing::info!(subscriptions = live.len(), "delivery scheduler started");
+        Ok(scheduler)
     }
-    tracing::info!(subscriptions = live.len(), "delivery scheduler started");
-    let task = tokio::spawn(scheduler.run(rx, shutdown));
-    Ok((handle, task))
 }
 
 struct Scheduler {
@@ -232,7 +274,7 @@ impl Scheduler {
 
     async fn run(
         mut self,
-        mut commands: mpsc::UnboundedReceiver<Command>,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
         shutdown: CancellationToken,
     ) {
         let mut scan = tokio::time::interval(self.deliverer.scan_every);
@@ -267,6 +309,10 @@ impl Scheduler {
                         if !self.retry_at.contains_key(&id) {
                             self.make_ready(&id, false);
                         }
+                    }
+                    Some(Command::Changed(id)) => {
+                        self.retry_at.remove(&id);
+                        self.make_ready(&id, false);
                     }
                     Some(Command::Heartbeat(id, period)) => match period {
                         Some(period) => {
@@ -443,16 +489,25 @@ async fn claimed_attempt(
     if sub.status == SubscriptionStatus::Off {
         return Ok(Outcome::Gone);
     }
-    let spec = match (deliverer.parse)(&sub.resource) {
+    let spec = match (deliverer.parse)(&sub.resource, Purpose::Delivery) {
         Ok(spec) => spec,
         Err(e) => {
-            tracing::warn!(subscription.id = %id, error = %crate::error::error_chain(&e), "stored subscription no longer valid; turning it off");
+            let why = crate::error::error_chain(&e);
+            // A channel this configuration cannot serve (plain http no longer allowed, no AMQP
+            // broker): `error`, events still counted, until a configuration serves it again.
+            // A topic or filter the hub no longer understands can never match: `off`.
+            let stopping = match (deliverer.parse)(&sub.resource, Purpose::Matching) {
+                Ok(_) => Stopping::Pause,
+                Err(_) => Stopping::TurnOff,
+            };
+            tracing::warn!(subscription.id = %id, error = %why, "a stored subscription cannot be delivered with this hub's configuration");
+            metrics::counter!("baton_subscriptions_undeliverable_total", "reason" => stopping.as_str()).increment(1);
             record_failure(
                 deliverer,
                 claim,
                 &sub,
-                "the subscription is no longer valid on this hub",
-                true,
+                &format!("not deliverable with this hub's configuration: {why}"),
+                stopping,
                 None,
             )
             .await?;
@@ -469,7 +524,7 @@ async fn claimed_attempt(
             claim,
             &sub,
             "the subscription reached its end time",
-            true,
+            Stopping::TurnOff,
             None,
         )
         .await?;
@@ -598,7 +653,7 @@ async fn claimed_attempt(
                 claim,
                 &sub,
                 &failure.message,
-                false,
+                Stopping::Retry,
                 failure.retry_after,
             )
             .await?;
@@ -730,12 +785,35 @@ async fn push_to_sockets(
 }
 
 /// Records a failed attempt; returns when to retry, or None when the subscription is now off.
+/// What a failure does to a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopping {
+    /// An attempt failed: retry on the schedule (`error` after repeated failures, `off` past
+    /// the horizon).
+    Retry,
+    /// The hub cannot deliver it as configured: `error` with no retry; it is tried again when
+    /// it is changed, woken by new events, or the node restarts with another configuration.
+    Pause,
+    /// It can never be delivered again (ended, or its topic is gone): `off`.
+    TurnOff,
+}
+
+impl Stopping {
+    fn as_str(self) -> &'static str {
+        match self {
+            Stopping::Retry => "retry",
+            Stopping::Pause => "configuration",
+            Stopping::TurnOff => "topic",
+        }
+    }
+}
+
 async fn record_failure(
     deliverer: &Deliverer,
     claim: &mut Claim,
     sub: &StoredSubscription,
     error: &str,
-    turn_off: bool,
+    stopping: Stopping,
     retry_after: Option<Duration>,
 ) -> Result<Option<Duration>> {
     let now = time::OffsetDateTime::now_utc();
@@ -757,19 +835,19 @@ async fn record_failure(
         off_after: Duration::from_secs(deliverer.config.off_after_seconds),
     };
     let failing_for = Duration::try_from(now - failing_since).unwrap_or_default();
-    let decision = if turn_off {
-        AfterFailure::TurnOff
-    } else {
-        after_failure(
+    let decision = match stopping {
+        Stopping::Retry => Some(after_failure(
             &policy,
             failures as u32,
             failing_for,
             retry_after,
             rand::random::<f64>(),
-        )
+        )),
+        Stopping::Pause => None,
+        Stopping::TurnOff => Some(AfterFailure::TurnOff),
     };
     let (status, next, retry) = match decision {
-        AfterFailure::RetryAt { delay, mark_error } => {
+        Some(AfterFailure::RetryAt { delay, mark_error }) => {
             // A failed handshake means the endpoint is not verified: `error` at once (IG).
             let status = if mark_error || sub.handshake_pending {
                 SubscriptionStatus::Error
@@ -778,7 +856,8 @@ async fn record_failure(
             };
             (status, Some(format_instant(now + delay)), Some(delay))
         }
-        AfterFailure::TurnOff => (SubscriptionStatus::Off, None, None),
+        Some(AfterFailure::TurnOff) => (SubscriptionStatus::Off, None, None),
+        None => (SubscriptionStatus::Error, None, None),
     };
     if status != sub.status {
         tracing::info!(subscription.id = %sub.id, from = sub.status.as_str(), to = status.as_str(), "subscription status changed");

@@ -231,6 +231,15 @@ pub struct ChannelPolicy {
     pub amqp_configured: bool,
 }
 
+impl ChannelPolicy {
+    /// Accepts every channel the hub knows, whatever its configuration: what matching needs
+    /// of a stored subscription (delivery checks the real policy).
+    pub const ANY_CHANNEL: ChannelPolicy = ChannelPolicy {
+        allow_http_endpoints: true,
+        amqp_configured: true,
+    };
+}
+
 // Header values and signing secrets are credentials, and a derived `Debug` would put them into
 // any log line or panic message that formats a spec, so these two print them redacted.
 impl fmt::Debug for ChannelSpec {

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use super::Signals;
 use crate::channels::websocket::{BindingTokens, Grant, Registry, new_token};
 use crate::error::{Error, Result};
+use crate::supervise::{self, Health};
 
 /// How long a Redis command or connection attempt may take before the node gives up on it.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -93,6 +94,7 @@ impl RedisSignals {
         setup: RedisSetup,
         stop: CancellationToken,
         tasks: &TaskTracker,
+        health: &Arc<Health>,
     ) -> Result<RedisSignals> {
         let client = Client::open(setup.url.as_str())
             .map_err(|e| Error::internal("invalid configuration: BATON_REDIS_URL", e))?;
@@ -115,19 +117,27 @@ impl RedisSignals {
             subscribed: AtomicBool::new(false),
             commands_ok: AtomicBool::new(true),
         });
-        tasks.spawn(publish(
-            inner.clone(),
-            setup.committed,
-            setup.matcher_wake.clone(),
-            queued,
+        // Both reconnect by themselves; a panic would lose their queues, so it stops the node.
+        supervise::vital(
+            tasks,
+            health.clone(),
+            "redis-publisher",
             stop.clone(),
-        ));
-        tasks.spawn(listen(
-            inner.clone(),
-            setup.matcher_wake,
-            setup.notices,
-            stop,
-        ));
+            publish(
+                inner.clone(),
+                setup.committed,
+                setup.matcher_wake.clone(),
+                queued,
+                stop.clone(),
+            ),
+        );
+        supervise::vital(
+            tasks,
+            health.clone(),
+            "redis-listener",
+            stop.clone(),
+            listen(inner.clone(), setup.matcher_wake, setup.notices, stop),
+        );
         Ok(RedisSignals { inner })
     }
 }

@@ -34,6 +34,20 @@ pub(crate) fn stamp(resource: &mut Value, id: &str, version: i64, now: &str) {
     resource["meta"]["lastUpdated"] = serde_json::json!(now);
 }
 
+/// A version read for the pipeline, or nothing if its stored content cannot be parsed (too
+/// deep for the JSON parser, say, from before the API refused such content): one unreadable
+/// row must not stop matching for every change after it. It is logged and counted here.
+pub(crate) fn readable(version: Result<StoredVersion>) -> Option<StoredVersion> {
+    match version {
+        Ok(version) => Some(version),
+        Err(e) => {
+            metrics::counter!("baton_unreadable_versions_total").increment(1);
+            tracing::error!(error = %crate::error::error_chain(&e), "a stored Task version cannot be read");
+            None
+        }
+    }
+}
+
 /// What a stored version records about how it came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interaction {
@@ -299,7 +313,8 @@ pub trait Store: Send + Sync + 'static {
     fn outbox_in_commit_order(&self) -> bool;
     /// The highest committed outbox `seq`, 0 when empty.
     async fn last_change_seq(&self) -> Result<i64>;
-    /// Several versions at once, in no particular order; missing ones are left out.
+    /// Several versions at once, in no particular order; missing ones are left out, and so
+    /// are ones whose content cannot be read back (see `readable`).
     async fn versions(&self, keys: &[(String, i64)]) -> Result<Vec<StoredVersion>>;
 
     // Subscriptions, the event log and the delivery state.

@@ -665,7 +665,10 @@ impl Store for PostgresStore {
         .bind(&versions)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(version_from_row).collect()
+        Ok(rows
+            .iter()
+            .filter_map(|row| super::readable(version_from_row(row)))
+            .collect())
     }
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {

@@ -7,6 +7,7 @@
 //! an acknowledged write survives a killed process and a power cut alike. Reads use a pool of
 //! read-only connections, which WAL lets run beside the writer.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -19,8 +20,10 @@ use sqlx::sqlite::{
     SqliteRow, SqliteSynchronous,
 };
 // Every dynamic statement here is assembled from fixed fragments; values are always bound.
+use futures::FutureExt;
 use sqlx::{AssertSqlSafe, Connection, Row};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::search_sql::{Placeholder, order_by, where_clause};
 use super::{
@@ -33,6 +36,7 @@ use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::fhir::search::{Predicate, index_task, priority_rank};
 use crate::fhir::workflow::{self, RequestKind};
+use crate::supervise::{self, Health};
 
 mod hub;
 
@@ -78,16 +82,21 @@ pub struct SqliteStore {
     reads: SqlitePool,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Cancelled by `close`: the writer's end is then expected, not a failure of the node.
+    closing: CancellationToken,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file, runs the migrations and starts the writer.
     /// `committed` is notified after every commit that wrote change events.
+    /// The writer runs under `health` as a vital task: if it ever stops before `close`, the
+    /// node reports it and stops (see `supervise`).
     pub async fn open(
         path: &Path,
         base_url: &str,
         config: &StoreConfig,
         committed: Arc<Notify>,
+        health: Arc<Health>,
     ) -> Result<SqliteStore> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -121,13 +130,18 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
         let base_url = base_url.to_string();
         let max_batch = config.max_batch;
-        let handle = tokio::spawn(async move {
-            run_writer(writer, rx, base_url, max_batch, committed).await;
-        });
+        let closing = CancellationToken::new();
+        let handle = tokio::spawn(supervise::watch_vital(
+            health,
+            "writer",
+            closing.clone(),
+            run_writer(writer, rx, base_url, max_batch, committed),
+        ));
         Ok(SqliteStore {
             reads,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
+            closing,
         })
     }
 }
@@ -159,9 +173,7 @@ async fn run_writer(
             Err(e) => {
                 tracing::error!(error = %crate::error::error_chain(&e), batch = size, "commit failed");
                 for job in batch.drain(..) {
-                    let _ = job
-                        .reply
-                        .send(Err(Error::internal("commit failed", e.to_string())));
+                    let _ = job.reply.send(Err(e.for_another_request()));
                 }
             }
         }
@@ -184,6 +196,21 @@ async fn commit_batch(
     batch: &mut [Job],
     base_url: &str,
 ) -> Result<Vec<Result<Done>>> {
+    let committed = run_batch(conn, batch, base_url).await;
+    if committed.is_err() {
+        // Whatever failed — a statement between the jobs, the commit, or SQLite ending the
+        // transaction by itself (it does on a full disk and on I/O errors) — no transaction
+        // may stay open, or every later batch would fail to begin.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    }
+    committed
+}
+
+async fn run_batch(
+    conn: &mut SqliteConnection,
+    batch: &mut [Job],
+    base_url: &str,
+) -> Result<Vec<Result<Done>>> {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
     // Every statement is a round trip to SQLite's thread, so a lone job goes without the
     // savepoint pair: its failure rolls back the whole (otherwise empty) transaction.
@@ -195,7 +222,19 @@ async fn commit_batch(
         if !alone {
             sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
         }
-        let outcome = apply_work(conn, work, base_url).await;
+        // A job that panics (a bug in its decision or in building its rows) fails alone: its
+        // savepoint is rolled back like any failed job's, and the writer goes on.
+        let outcome = AssertUnwindSafe(apply_work(conn, work, base_url))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let message = supervise::panic_message(panic.as_ref());
+                metrics::counter!("baton_write_job_panics_total").increment(1);
+                Err(Error::internal(
+                    "a write panicked and was rolled back",
+                    message,
+                ))
+            });
         if !alone {
             if outcome.is_ok() {
                 sqlx::query("RELEASE job").execute(&mut *conn).await?;
@@ -210,10 +249,7 @@ async fn commit_batch(
         sqlx::query("ROLLBACK").execute(&mut *conn).await?;
         return Ok(outcomes);
     }
-    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e.into());
-    }
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
     Ok(outcomes)
 }
 
@@ -613,20 +649,22 @@ impl SqliteStore {
     /// Queues work for the writer and waits for its commit.
     async fn submit(&self, work: Work) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
-        let sender = self
-            .jobs
-            .lock()
-            .await
-            .clone()
-            .ok_or_else(|| Error::internal("the store is closed", "writer stopped"))?;
+        let sender = self.jobs.lock().await.clone().ok_or_else(writer_gone)?;
         sender
             .send(Job { work, reply })
             .await
-            .map_err(|_| Error::internal("the store is closed", "writer stopped"))?;
-        answer
-            .await
-            .map_err(|_| Error::internal("the store writer stopped", "reply dropped"))?
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
     }
+}
+
+/// The answer to a write when the writer is gone: the node is shutting down, or stopping
+/// because the writer died; another node, or this one restarted, will take it.
+fn writer_gone() -> Error {
+    Error::unavailable(
+        "this node cannot write now (its database writer has stopped); retry shortly",
+        5,
+    )
 }
 
 fn unexpected() -> Error {
@@ -658,7 +696,7 @@ impl Store for SqliteStore {
                 query = query.bind(id).bind(version);
             }
             for row in query.fetch_all(&self.reads).await? {
-                found.push(version_from_row(&row)?);
+                found.extend(super::readable(version_from_row(&row)));
             }
         }
         Ok(found)
@@ -965,12 +1003,22 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
+        if self
+            .writer
+            .lock()
+            .await
+            .as_ref()
+            .is_none_or(|w| w.is_finished())
+        {
+            return Err(writer_gone());
+        }
         sqlx::query("SELECT 1").execute(&self.reads).await?;
         Ok(())
     }
 
     async fn close(&self) {
         // Dropping the sender lets the writer finish what is queued, then close.
+        self.closing.cancel();
         self.jobs.lock().await.take();
         if let Some(handle) = self.writer.lock().await.take() {
             let _ = handle.await;
