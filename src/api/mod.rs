@@ -218,7 +218,9 @@ pub fn query_pairs(text: Option<&str>) -> Result<Vec<(String, String)>> {
     })
 }
 
-/// Parses JSON, reporting where it is malformed.
+/// Parses a JSON body, reporting where it is malformed. A key repeated in one object is
+/// refused (see `fhir::json`): FHIR JSON allows each key once, and silently keeping one of
+/// them would let two readers of the same body disagree.
 pub fn parse_json(bytes: &[u8]) -> Result<Value> {
     if bytes.is_empty() {
         return Err(Error::bad_request(
@@ -226,11 +228,15 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value> {
             "the request body is empty; send a FHIR JSON resource",
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        Error::bad_request(
-            IssueCode::Structure,
-            format!("the body is not valid JSON: {e}"),
-        )
+    crate::fhir::json::parse(bytes).map_err(|e| {
+        use crate::fhir::json::JsonError;
+        let diagnostics = match e {
+            JsonError::DuplicateKey { .. } => format!("the body repeats a JSON key: {e}"),
+            JsonError::TooDeep { .. } | JsonError::Syntax(_) => {
+                format!("the body is not valid JSON: {e}")
+            }
+        };
+        Error::bad_request(IssueCode::Structure, diagnostics)
     })
 }
 
