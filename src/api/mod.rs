@@ -148,6 +148,7 @@ pub async fn read_body(
     body: Body,
     kind: BodyKind,
 ) -> Result<Bytes> {
+    check_content_encoding(headers)?;
     let media_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -206,6 +207,29 @@ pub async fn read_body(
             Error::bad_request(IssueCode::Structure, "the request body could not be read")
         }
     })
+}
+
+/// Refuses a body sent with any `Content-Encoding` but `identity` (415). Baton does not
+/// decompress request bodies (nothing in FHIR needs it, and it would turn the size limit into
+/// a limit on compressed bytes); reading a compressed body as if it were plain would store
+/// garbage or misread it.
+fn check_content_encoding(headers: &HeaderMap) -> Result<()> {
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        let refused = text
+            .split(',')
+            .map(str::trim)
+            .find(|coding| !coding.eq_ignore_ascii_case("identity"));
+        if let Some(coding) = refused {
+            let shown: String = coding.chars().take(40).collect();
+            return Err(Error::client(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                IssueCode::NotSupported,
+                format!("Content-Encoding '{shown}' is not supported; send the body uncompressed (identity)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Splits a query string (or a form body) into name/value pairs, decoded.
