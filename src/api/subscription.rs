@@ -425,7 +425,7 @@ async fn visible(state: &AppState, principal: &Principal, id: &str) -> Result<St
     if !fhir::is_valid_id(id) {
         return Err(Error::bad_request(
             IssueCode::Invalid,
-            format!("'{id}' is not a valid FHIR id"),
+            format!("'{id}' is not a valid FHIR id ({})", fhir::ID_RULE),
         ));
     }
     let stored = state
