@@ -232,9 +232,9 @@ fn check_token_json(token: &str) -> Result<()> {
             .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
             .ok_or_else(|| Error::unauthorized("the token is malformed"))?;
         let value = crate::fhir::json::parse(&json).map_err(|e| match e {
-            crate::fhir::json::JsonError::DuplicateKey { key, .. } => Error::unauthorized(
-                format!("the token's {what} has the key '{key}' more than once"),
-            ),
+            crate::fhir::json::JsonError::DuplicateKey { key, .. } => Error::unauthorized(format!(
+                "the token's {what} has the key '{key}' more than once"
+            )),
             _ => Error::unauthorized("the token is malformed"),
         })?;
         if what == "header" && value.get("crit").is_some() {
@@ -607,9 +607,15 @@ mod tests {
             );
         }
         // A past nbf is fine, and a future one within the leeway too.
-        let past = format!(r#"{{"sub":"u","exp":{exp},"nbf":{},"role":"admin"}}"#, now - 5);
+        let past = format!(
+            r#"{{"sub":"u","exp":{exp},"nbf":{},"role":"admin"}}"#,
+            now - 5
+        );
         auth().verify(&sign_raw(header, &past)).unwrap();
-        let soon = format!(r#"{{"sub":"u","exp":{exp},"nbf":{},"role":"admin"}}"#, now + 20);
+        let soon = format!(
+            r#"{{"sub":"u","exp":{exp},"nbf":{},"role":"admin"}}"#,
+            now + 20
+        );
         Authenticator::new(SECRET, 60, "performer_types")
             .verify(&sign_raw(header, &soon))
             .unwrap();

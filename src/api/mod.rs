@@ -225,7 +225,9 @@ fn check_content_encoding(headers: &HeaderMap) -> Result<()> {
             return Err(Error::client(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 IssueCode::NotSupported,
-                format!("Content-Encoding '{shown}' is not supported; send the body uncompressed (identity)"),
+                format!(
+                    "Content-Encoding '{shown}' is not supported; send the body uncompressed (identity)"
+                ),
             ));
         }
     }

@@ -357,7 +357,10 @@ mod tests {
             ("https://127.0.0.1./h", Some("127.0.0.1")),
             ("https://[::1]:8443/h", Some("::1")),
             ("https://[::ffff:7f00:1]/h", Some("::ffff:127.0.0.1")),
-            ("https://[0:0:0:0:0:ffff:127.0.0.1]/h", Some("::ffff:127.0.0.1")),
+            (
+                "https://[0:0:0:0:0:ffff:127.0.0.1]/h",
+                Some("::ffff:127.0.0.1"),
+            ),
             ("https://example.org/h", None),
             ("https://example.org./h", None),
             ("https://localhost/h", None),

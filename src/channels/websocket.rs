@@ -502,7 +502,11 @@ mod tests {
             let why = parse_bind(text).unwrap_err();
             assert!(why.contains(expected), "{text}: {why}");
         }
-        assert!(parse_bind("nonsense").unwrap_err().contains("bind-with-token <token>"));
+        assert!(
+            parse_bind("nonsense")
+                .unwrap_err()
+                .contains("bind-with-token <token>")
+        );
     }
 
     #[test]

@@ -327,7 +327,14 @@ mod tests {
 
     #[test]
     fn malformed_documents_are_syntax_errors() {
-        for text in ["", "{", r#"{"a":1,}"#, "[1] [2]", r#"{"a":"\ud800"}"#, "nul"] {
+        for text in [
+            "",
+            "{",
+            r#"{"a":1,}"#,
+            "[1] [2]",
+            r#"{"a":"\ud800"}"#,
+            "nul",
+        ] {
             assert!(
                 matches!(parse(text.as_bytes()), Err(JsonError::Syntax(_))),
                 "{text}"
@@ -340,7 +347,10 @@ mod tests {
         let cases = [
             (json!({"a": "fine\ttab\r\nlines"}), None),
             (json!({"a": "nul\u{0}"}), Some(("R.a", '\u{0}'))),
-            (json!({"a": [1, {"b": "bell\u{7}"}]}), Some(("R.a[1].b", '\u{7}'))),
+            (
+                json!({"a": [1, {"b": "bell\u{7}"}]}),
+                Some(("R.a[1].b", '\u{7}')),
+            ),
             (json!({"k\u{1b}": 1}), Some(("R.k\u{1b}", '\u{1b}'))),
             (json!({"a": "del\u{7f}"}), Some(("R.a", '\u{7f}'))),
             (json!({"a": "c1\u{85}"}), Some(("R.a", '\u{85}'))),

@@ -185,17 +185,27 @@ mod tests {
     #[test]
     fn text_content_is_checked_everywhere_in_a_resource() {
         use serde_json::json;
-        let div = |inner: &str| format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{inner}</div>");
+        let div =
+            |inner: &str| format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{inner}</div>");
         let cases = [
             (json!({"description": "ok\ttab\nline"}), None),
             (json!({"description": "nul\u{0}"}), Some("Task.description")),
-            (json!({"note": [{"text": "a"}, {"text": "bell\u{7}"}]}), Some("Task.note[1].text")),
-            (json!({"text": {"status": "generated", "div": div("<p onclick=\"x\">y</p>")}}), Some("Task.text.div")),
+            (
+                json!({"note": [{"text": "a"}, {"text": "bell\u{7}"}]}),
+                Some("Task.note[1].text"),
+            ),
+            (
+                json!({"text": {"status": "generated", "div": div("<p onclick=\"x\">y</p>")}}),
+                Some("Task.text.div"),
+            ),
             (
                 json!({"contained": [{"resourceType": "Patient", "id": "p", "text": {"div": div("<script>x</script>")}}]}),
                 Some("Task.contained[0].text.div"),
             ),
-            (json!({"text": {"status": "generated", "div": div("fine")}}), None),
+            (
+                json!({"text": {"status": "generated", "div": div("fine")}}),
+                None,
+            ),
             // A note's text is a markdown string, not a narrative.
             (json!({"note": [{"text": "<script>"}]}), None),
         ];

@@ -380,7 +380,13 @@ impl<'d> Reader<'d> {
         if name.is_empty() {
             return Err(format!(
                 "is not well-formed XHTML: unexpected '{}' in the tag <{}>",
-                shown(&self.text[self.pos..].chars().next().unwrap_or(' ').to_string()),
+                shown(
+                    &self.text[self.pos..]
+                        .chars()
+                        .next()
+                        .unwrap_or(' ')
+                        .to_string()
+                ),
                 shown(element)
             ));
         }
@@ -638,16 +644,24 @@ mod tests {
     fn basic_formatting_is_accepted() {
         let good = [
             div("Draw blood"),
-            div("<p>Take <b>two</b> samples &amp; label them &#8212; see <a href=\"https://lab.example/how?x=1&amp;y=2\">the guide</a>.</p>"),
-            div("<table border=\"1\"><thead><tr><th>A</th></tr></thead><tbody><tr><td style=\"color: rgb(1, 2, 3); font-weight:bold\">1</td></tr></tbody></table>"),
+            div(
+                "<p>Take <b>two</b> samples &amp; label them &#8212; see <a href=\"https://lab.example/how?x=1&amp;y=2\">the guide</a>.</p>",
+            ),
+            div(
+                "<table border=\"1\"><thead><tr><th>A</th></tr></thead><tbody><tr><td style=\"color: rgb(1, 2, 3); font-weight:bold\">1</td></tr></tbody></table>",
+            ),
             div("<img src=\"#photo\" alt=\"\"/>"),
-            div("<ul><li><a href=\"Patient/1\">Patient</a></li><li><a href=\"mailto:lab@example.org\">mail</a></li><li><a name=\"x\">anchor</a></li></ul>"),
+            div(
+                "<ul><li><a href=\"Patient/1\">Patient</a></li><li><a href=\"mailto:lab@example.org\">mail</a></li><li><a name=\"x\">anchor</a></li></ul>",
+            ),
             div("<span xml:lang=\"en\" lang=\"en\">hi</span><br/><hr />"),
             div("<p xmlns=\"http://www.w3.org/1999/xhtml\">redundant namespace</p>"),
             format!("  \n{}\n", div("surrounding whitespace")),
             format!("<div xmlns='{XHTML_NAMESPACE}' class = \"n\">single quotes</div>"),
             div("a &gt; b, &lt;c&gt;, &quot;d&quot;, &apos;e&apos;, &#xA0;"),
-            div("<a href=\"urn:uuid:0b1e\">x</a><a href=\"tel:+123\">y</a><a href=\"HTTP://x\">z</a>"),
+            div(
+                "<a href=\"urn:uuid:0b1e\">x</a><a href=\"tel:+123\">y</a><a href=\"HTTP://x\">z</a>",
+            ),
             div("<a href=\"/path:with/colon\">relative with a colon later</a>"),
         ];
         for text in good {
@@ -658,55 +672,207 @@ mod tests {
     #[test]
     fn active_content_and_malformed_xhtml_are_refused() {
         let cases: &[(&str, String, &str)] = &[
-            ("script", div("<script>alert(1)</script>"), "<script>, which is active"),
-            ("upper-case script", div("<SCRIPT>alert(1)</SCRIPT>"), "<SCRIPT>, which is active"),
-            ("iframe", div("<iframe src=\"https://x\"></iframe>"), "<iframe>"),
+            (
+                "script",
+                div("<script>alert(1)</script>"),
+                "<script>, which is active",
+            ),
+            (
+                "upper-case script",
+                div("<SCRIPT>alert(1)</SCRIPT>"),
+                "<SCRIPT>, which is active",
+            ),
+            (
+                "iframe",
+                div("<iframe src=\"https://x\"></iframe>"),
+                "<iframe>",
+            ),
             ("object", div("<object data=\"x\"></object>"), "<object>"),
             ("embed", div("<embed src=\"x\"/>"), "<embed>"),
             ("form", div("<form action=\"x\"><p>x</p></form>"), "<form>"),
             ("svg", div("<svg onload=\"x\"/>"), "<svg>"),
             ("style element", div("<style>p{}</style>"), "<style>"),
-            ("unknown element", div("<blink>x</blink>"), "<blink>, which is not one of"),
-            ("event handler", div("<p onclick=\"alert(1)\">x</p>"), "event-handler attribute 'onclick' on <p>"),
-            ("event handler in caps", div("<img src=\"x\" ONERROR=\"alert(1)\"/>"), "event-handler attribute 'ONERROR'"),
-            ("unknown attribute", div("<p data-x=\"1\">x</p>"), "attribute 'data-x' on <p>"),
-            ("javascript href", div("<a href=\"javascript:alert(1)\">x</a>"), "'javascript:' URL in the href of <a>"),
-            ("javascript href in caps", div("<a href=\"JaVaScRiPt:alert(1)\">x</a>"), "'javascript:' URL"),
-            ("javascript with a tab entity", div("<a href=\"jav&#9;ascript:alert(1)\">x</a>"), "'javascript:' URL"),
-            ("javascript with entities", div("<a href=\"&#106;avascript:alert(1)\">x</a>"), "'javascript:' URL"),
-            ("javascript after spaces", div("<a href=\"  javascript:alert(1)\">x</a>"), "'javascript:' URL"),
-            ("vbscript", div("<a href=\"vbscript:msgbox\">x</a>"), "'vbscript:' URL"),
-            ("data src", div("<img src=\"data:image/svg+xml,&lt;svg/&gt;\"/>"), "'data:' URL in the src of <img>"),
-            ("javascript cite", div("<q cite=\"javascript:x\">q</q>"), "'javascript:' URL in the cite"),
-            ("style expression", div("<p style=\"width: expression(alert(1))\">x</p>"), "the function 'expression('"),
-            ("style url", div("<p style=\"background: url(https://x/y.png)\">x</p>"), "the function 'url('"),
-            ("style url with spaces", div("<p style=\"background: url (x)\">x</p>"), "the function 'url('"),
-            ("style escape", div("<p style=\"width: e\\78 pression(1)\">x</p>"), "a CSS escape"),
-            ("style comment", div("<p style=\"width: expr/**/ession(1)\">x</p>"), "a CSS comment"),
-            ("style import", div("<p style=\"@import 'x'\">x</p>"), "an at-rule"),
-            ("comment", div("<!-- x --><p>y</p>"), "a comment, CDATA section"),
-            ("html comment trick", div("<!-- --!><script>x</script> -->"), "a comment"),
-            ("cdata", div("<![CDATA[<script>x</script>]]>"), "a comment, CDATA"),
-            ("processing instruction", div("<?php echo 1 ?>x"), "processing instruction"),
-            ("no namespace", "<div>text</div>".into(), "must declare the XHTML namespace"),
-            ("other namespace", "<div xmlns=\"http://www.w3.org/2000/svg\">x</div>".into(), "namespace 'http://www.w3.org/2000/svg'"),
-            ("inner namespace", div("<p xmlns=\"urn:x\">x</p>"), "namespace 'urn:x'"),
+            (
+                "unknown element",
+                div("<blink>x</blink>"),
+                "<blink>, which is not one of",
+            ),
+            (
+                "event handler",
+                div("<p onclick=\"alert(1)\">x</p>"),
+                "event-handler attribute 'onclick' on <p>",
+            ),
+            (
+                "event handler in caps",
+                div("<img src=\"x\" ONERROR=\"alert(1)\"/>"),
+                "event-handler attribute 'ONERROR'",
+            ),
+            (
+                "unknown attribute",
+                div("<p data-x=\"1\">x</p>"),
+                "attribute 'data-x' on <p>",
+            ),
+            (
+                "javascript href",
+                div("<a href=\"javascript:alert(1)\">x</a>"),
+                "'javascript:' URL in the href of <a>",
+            ),
+            (
+                "javascript href in caps",
+                div("<a href=\"JaVaScRiPt:alert(1)\">x</a>"),
+                "'javascript:' URL",
+            ),
+            (
+                "javascript with a tab entity",
+                div("<a href=\"jav&#9;ascript:alert(1)\">x</a>"),
+                "'javascript:' URL",
+            ),
+            (
+                "javascript with entities",
+                div("<a href=\"&#106;avascript:alert(1)\">x</a>"),
+                "'javascript:' URL",
+            ),
+            (
+                "javascript after spaces",
+                div("<a href=\"  javascript:alert(1)\">x</a>"),
+                "'javascript:' URL",
+            ),
+            (
+                "vbscript",
+                div("<a href=\"vbscript:msgbox\">x</a>"),
+                "'vbscript:' URL",
+            ),
+            (
+                "data src",
+                div("<img src=\"data:image/svg+xml,&lt;svg/&gt;\"/>"),
+                "'data:' URL in the src of <img>",
+            ),
+            (
+                "javascript cite",
+                div("<q cite=\"javascript:x\">q</q>"),
+                "'javascript:' URL in the cite",
+            ),
+            (
+                "style expression",
+                div("<p style=\"width: expression(alert(1))\">x</p>"),
+                "the function 'expression('",
+            ),
+            (
+                "style url",
+                div("<p style=\"background: url(https://x/y.png)\">x</p>"),
+                "the function 'url('",
+            ),
+            (
+                "style url with spaces",
+                div("<p style=\"background: url (x)\">x</p>"),
+                "the function 'url('",
+            ),
+            (
+                "style escape",
+                div("<p style=\"width: e\\78 pression(1)\">x</p>"),
+                "a CSS escape",
+            ),
+            (
+                "style comment",
+                div("<p style=\"width: expr/**/ession(1)\">x</p>"),
+                "a CSS comment",
+            ),
+            (
+                "style import",
+                div("<p style=\"@import 'x'\">x</p>"),
+                "an at-rule",
+            ),
+            (
+                "comment",
+                div("<!-- x --><p>y</p>"),
+                "a comment, CDATA section",
+            ),
+            (
+                "html comment trick",
+                div("<!-- --!><script>x</script> -->"),
+                "a comment",
+            ),
+            (
+                "cdata",
+                div("<![CDATA[<script>x</script>]]>"),
+                "a comment, CDATA",
+            ),
+            (
+                "processing instruction",
+                div("<?php echo 1 ?>x"),
+                "processing instruction",
+            ),
+            (
+                "no namespace",
+                "<div>text</div>".into(),
+                "must declare the XHTML namespace",
+            ),
+            (
+                "other namespace",
+                "<div xmlns=\"http://www.w3.org/2000/svg\">x</div>".into(),
+                "namespace 'http://www.w3.org/2000/svg'",
+            ),
+            (
+                "inner namespace",
+                div("<p xmlns=\"urn:x\">x</p>"),
+                "namespace 'urn:x'",
+            ),
             ("not a div", "<p>hi</p>".into(), "single <div"),
-            ("text outside", format!("{}tail", div("x")), "content after its closing </div>"),
-            ("second root", format!("{}{}", div("x"), div("y")), "content after its closing"),
-            ("unclosed", format!("<div xmlns=\"{XHTML_NAMESPACE}\"><p>x</div>"), "<p> is closed by </div>"),
-            ("never closed", format!("<div xmlns=\"{XHTML_NAMESPACE}\">x"), "<div> is never closed"),
-            ("void without slash", div("a<br>b"), "<br> is closed by </div>"),
-            ("stray close", format!("{}</p>", div("x")), "content after its closing"),
+            (
+                "text outside",
+                format!("{}tail", div("x")),
+                "content after its closing </div>",
+            ),
+            (
+                "second root",
+                format!("{}{}", div("x"), div("y")),
+                "content after its closing",
+            ),
+            (
+                "unclosed",
+                format!("<div xmlns=\"{XHTML_NAMESPACE}\"><p>x</div>"),
+                "<p> is closed by </div>",
+            ),
+            (
+                "never closed",
+                format!("<div xmlns=\"{XHTML_NAMESPACE}\">x"),
+                "<div> is never closed",
+            ),
+            (
+                "void without slash",
+                div("a<br>b"),
+                "<br> is closed by </div>",
+            ),
+            (
+                "stray close",
+                format!("{}</p>", div("x")),
+                "content after its closing",
+            ),
             ("unquoted value", div("<p class=x>y</p>"), "must be quoted"),
             ("bare attribute", div("<td nowrap>y</td>"), "has no value"),
-            ("duplicate attribute", div("<a href=\"x\" href=\"javascript:y\">z</a>"), "attribute 'href' twice"),
-            ("glued attributes", div("<a title=\"x\"href=\"y\">z</a>"), "separated by spaces"),
-            ("lone ampersand", div("fish & chips"), "'&' starts no entity"),
+            (
+                "duplicate attribute",
+                div("<a href=\"x\" href=\"javascript:y\">z</a>"),
+                "attribute 'href' twice",
+            ),
+            (
+                "glued attributes",
+                div("<a title=\"x\"href=\"y\">z</a>"),
+                "separated by spaces",
+            ),
+            (
+                "lone ampersand",
+                div("fish & chips"),
+                "'&' starts no entity",
+            ),
             ("html entity", div("a&nbsp;b"), "entity '&nbsp;'"),
             ("nul reference", div("a&#0;b"), "entity '&#0;'"),
             ("lone lt", div("a < b"), "a '<' starts no tag"),
-            ("lt in attribute", div("<p title=\"a<b\">x</p>"), "contains '<'"),
+            (
+                "lt in attribute",
+                div("<p title=\"a<b\">x</p>"),
+                "contains '<'",
+            ),
             ("empty", div(""), "has no text and no image"),
             ("whitespace only", div(" <p> </p> "), "txt-2"),
             ("image without src", div("<img alt=\"x\"/>"), "txt-2"),

@@ -39,9 +39,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
-use crate::fhir::{ID_RULE, check_text_content, is_valid_id};
 use crate::fhir::notification::{ContentLevel, SubscriptionStatus};
 use crate::fhir::search::{Handling, Predicate, SearchLimits, parse_query, task_param};
+use crate::fhir::{ID_RULE, check_text_content, is_valid_id};
 
 /// The common prefix of the backport IG's StructureDefinitions.
 pub const BACKPORT_BASE: &str =

@@ -14,7 +14,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
-use crate::fhir::{ID_RULE, MULTI_FOCUS_EXTENSION, check_text_content, is_valid_id, normalize_reference};
+use crate::fhir::{
+    ID_RULE, MULTI_FOCUS_EXTENSION, check_text_content, is_valid_id, normalize_reference,
+};
 
 /// `Task.status` codes (http://hl7.org/fhir/task-status, R4 4.0.1).
 pub const TASK_STATUSES: &[&str] = &[
@@ -956,8 +958,9 @@ fn check_text(value: &str, kind: Text, path: &str) -> Result<()> {
         Text::Code(_) => None,
         Text::Language => (!is_language_tag(value))
             .then(|| format!("'{value}' is not a BCP-47 language tag such as 'en' or 'en-GB'")),
-        Text::Id => (!is_valid_id(value))
-            .then(|| format!("'{value}' is not a valid id: {ID_RULE}")),
+        Text::Id => {
+            (!is_valid_id(value)).then(|| format!("'{value}' is not a valid id: {ID_RULE}"))
+        }
         Text::Uri => value
             .contains(char::is_whitespace)
             .then(|| format!("'{value}' is not a valid URI: it contains whitespace")),
