@@ -373,6 +373,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sending_never_reaches_an_internal_literal_address() {
+        let guarded = RestHook::new(false, true);
+        for endpoint in [
+            "http://2130706433:9/hook",
+            "http://[::ffff:127.0.0.1]:9/hook",
+            "http://[64:ff9b::7f00:1]:9/hook",
+            "http://127.0.0.1.:9/hook",
+        ] {
+            let out = Outgoing {
+                endpoint,
+                content_type: "application/fhir+json",
+                headers: &[],
+                body: b"{}".to_vec(),
+                message_id: "m",
+                secret: None,
+                timeout: Duration::from_secs(1),
+            };
+            let error = guarded.send(out, 0).await.unwrap_err();
+            assert_eq!(
+                error.message, "the endpoint is an internal address",
+                "{endpoint}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn endpoint_policy_at_creation() {
         let strict = RestHook::new(false, false);
         assert!(
