@@ -98,21 +98,45 @@ pub fn control_character(value: &Value, root: &str) -> Option<(String, char)> {
         text.chars()
             .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
     };
-    match value {
-        Value::String(text) => bad(text).map(|c| (root.to_string(), c)),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, item)| control_character(item, &format!("{root}[{i}]"))),
-        Value::Object(map) => map.iter().find_map(|(key, item)| {
-            let path = format!("{root}.{key}");
-            match bad(key) {
-                Some(c) => Some((path, c)),
-                None => control_character(item, &path),
-            }
-        }),
-        Value::Null | Value::Bool(_) | Value::Number(_) => None,
+    find_path(value, root, &|key, value| match key.and_then(bad) {
+        Some(c) => Some(c),
+        None => value.as_str().and_then(bad),
+    })
+}
+
+/// Walks `value` depth first and returns the first finding of `check` (which sees each
+/// object key, if any, and the value under it, the root included) with the path to it. The
+/// path is only built for the finding, so the walk allocates nothing while all is well: it
+/// runs on every write, inside the writer for patches.
+pub fn find_path<T>(
+    value: &Value,
+    root: &str,
+    check: &dyn Fn(Option<&str>, &Value) -> Option<T>,
+) -> Option<(String, T)> {
+    fn walk<T>(
+        value: &Value,
+        check: &dyn Fn(Option<&str>, &Value) -> Option<T>,
+        path: &mut Vec<String>,
+    ) -> Option<T> {
+        match value {
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                let found = check(None, item).or_else(|| walk(item, check, path))?;
+                path.push(format!("[{i}]"));
+                Some(found)
+            }),
+            Value::Object(map) => map.iter().find_map(|(key, item)| {
+                let found = check(Some(key), item).or_else(|| walk(item, check, path))?;
+                path.push(format!(".{key}"));
+                Some(found)
+            }),
+            _ => None,
+        }
     }
+    let mut path = Vec::new();
+    let found = check(None, value).or_else(|| walk(value, check, &mut path))?;
+    path.push(root.to_string());
+    path.reverse();
+    Some((path.concat(), found))
 }
 
 /// What went wrong, kept aside because `serde_json` only carries a message string.

@@ -159,23 +159,13 @@ pub fn problem(div: &str) -> Option<String> {
 /// The first narrative anywhere in `resource` (its own `text.div`, a contained resource's,
 /// a resource inside those) that breaks the rules: its path and the problem.
 pub fn find_problem(resource: &Value, root: &str) -> Option<(String, String)> {
-    match resource {
-        Value::Object(map) => map.iter().find_map(|(key, value)| {
-            let path = format!("{root}.{key}");
-            if key == "text"
-                && let Some(Value::String(div)) = value.get("div")
-                && let Some(problem) = problem(div)
-            {
-                return Some((format!("{path}.div"), problem));
-            }
-            find_problem(value, &path)
-        }),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, item)| find_problem(item, &format!("{root}[{i}]"))),
-        _ => None,
-    }
+    let (path, problem) = crate::fhir::json::find_path(resource, root, &|key, value| {
+        if key != Some("text") {
+            return None;
+        }
+        problem(value.get("div")?.as_str()?)
+    })?;
+    Some((format!("{path}.div"), problem))
 }
 
 /// Names and values from the document, shortened for a diagnostic.
