@@ -92,6 +92,7 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = leeway_seconds;
         validation.validate_exp = true;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Authenticator {
             decoding: DecodingKey::from_secret(secret.as_bytes()),
@@ -109,6 +110,13 @@ impl Authenticator {
                     use jsonwebtoken::errors::ErrorKind;
                     let why = match e.kind() {
                         ErrorKind::ExpiredSignature => "the token has expired",
+                        ErrorKind::ImmatureSignature => {
+                            "the token is not valid yet: its 'nbf' (not before) time is in the \
+                             future"
+                        }
+                        ErrorKind::InvalidClaimFormat(_) => {
+                            "the token's 'exp' and 'nbf' claims must be numeric dates"
+                        }
                         ErrorKind::InvalidSignature => "the token signature is not valid",
                         ErrorKind::InvalidAlgorithm => "the token must be signed with HS256",
                         ErrorKind::MissingRequiredClaim(_) => {
@@ -118,6 +126,7 @@ impl Authenticator {
                     };
                     Error::unauthorized(why)
                 })?;
+        check_token_json(token)?;
         let claims = data.claims;
         let subject = claims
             .get("sub")
@@ -207,6 +216,35 @@ impl Authenticator {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| Error::internal("signing a token failed", e))
     }
+}
+
+/// Checks the JSON of a token whose signature has been verified: neither its header nor its
+/// payload may repeat a key (a JSON parser keeps one of them, and which one differs between
+/// parsers, so `"role"` twice could mean admin here and auditor in an audit log), and the
+/// header may not carry `crit`: it lists extensions the recipient must understand, and Baton
+/// understands none (RFC 7515 section 4.1.11).
+fn check_token_json(token: &str) -> Result<()> {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = token.split('.');
+    for (part, what) in [(parts.next(), "header"), (parts.next(), "payload")] {
+        let json = part
+            .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+            .ok_or_else(|| Error::unauthorized("the token is malformed"))?;
+        let value = crate::fhir::json::parse(&json).map_err(|e| match e {
+            crate::fhir::json::JsonError::DuplicateKey { key, .. } => Error::unauthorized(format!(
+                "the token's {what} has the key '{key}' more than once"
+            )),
+            _ => Error::unauthorized("the token is malformed"),
+        })?;
+        if what == "header" && value.get("crit").is_some() {
+            return Err(Error::unauthorized(
+                "the token's header lists critical extensions ('crit'), which this server does \
+                 not support",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads the secret from the configuration, or else from `<data_dir>/jwt-secret`, creating
@@ -487,6 +525,103 @@ mod tests {
             assert_eq!(err.status(), 401, "{name}");
         }
         a.verify(&sign(good, Algorithm::HS256, SECRET)).unwrap();
+    }
+
+    /// Signs header and payload exactly as given, so that the JSON can be anything.
+    fn sign_raw(header: &str, payload: &str) -> String {
+        use base64::Engine;
+        use hmac::Mac;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let message = format!("{}.{}", e.encode(header), e.encode(payload));
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(message.as_bytes());
+        format!("{message}.{}", e.encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn ambiguous_premature_and_critical_tokens_are_rejected() {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let exp = now + 600;
+        let header = r#"{"alg":"HS256","typ":"JWT"}"#;
+        let cases = [
+            (
+                "role twice",
+                sign_raw(
+                    header,
+                    &format!(r#"{{"sub":"u","exp":{exp},"role":"auditor","role":"admin"}}"#),
+                ),
+                "the token's payload has the key 'role' more than once",
+            ),
+            (
+                "nested key twice",
+                sign_raw(
+                    header,
+                    &format!(r#"{{"sub":"u","exp":{exp},"role":"admin","x":{{"a":1,"a":2}}}}"#),
+                ),
+                "the token's payload has the key 'a' more than once",
+            ),
+            (
+                "header key twice",
+                sign_raw(
+                    r#"{"alg":"HS256","typ":"JWT","kid":"a","kid":"b"}"#,
+                    &format!(r#"{{"sub":"u","exp":{exp},"role":"admin"}}"#),
+                ),
+                "",
+            ),
+            (
+                "crit",
+                sign_raw(
+                    r#"{"alg":"HS256","typ":"JWT","crit":["exp"],"exp":1}"#,
+                    &format!(r#"{{"sub":"u","exp":{exp},"role":"admin"}}"#),
+                ),
+                "critical extensions ('crit')",
+            ),
+            (
+                "nbf in the future",
+                sign_raw(
+                    header,
+                    &format!(
+                        r#"{{"sub":"u","exp":{exp},"nbf":{},"role":"admin"}}"#,
+                        now + 300
+                    ),
+                ),
+                "not valid yet",
+            ),
+            (
+                "nbf not a number",
+                sign_raw(
+                    header,
+                    &format!(r#"{{"sub":"u","exp":{exp},"nbf":"soon","role":"admin"}}"#),
+                ),
+                "numeric dates",
+            ),
+        ];
+        for (name, token, expected) in cases {
+            let err = auth().verify(&token).expect_err(name);
+            let client = err.as_client().unwrap();
+            assert_eq!(client.status, 401, "{name}");
+            assert!(
+                client.diagnostics.contains(expected),
+                "{name}: {}",
+                client.diagnostics
+            );
+        }
+        // A past nbf is fine, and a future one within the leeway too.
+        let past = format!(
+            r#"{{"sub":"u","exp":{exp},"nbf":{},"role":"admin"}}"#,
+            now - 5
+        );
+        auth().verify(&sign_raw(header, &past)).unwrap();
+        let soon = format!(
+            r#"{{"sub":"u","exp":{exp},"nbf":{},"role":"admin"}}"#,
+            now + 20
+        );
+        Authenticator::new(SECRET, 60, "performer_types")
+            .verify(&sign_raw(header, &soon))
+            .unwrap();
+        // The same claims once each are accepted.
+        let once = format!(r#"{{"sub":"u","exp":{exp},"role":"admin"}}"#);
+        auth().verify(&sign_raw(header, &once)).unwrap();
     }
 
     fn practitioner(user: &str, types: &[&str]) -> Principal {

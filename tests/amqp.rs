@@ -604,12 +604,14 @@ async fn a_broker_restart_is_survived_without_losing_messages() {
 
 /// A `message` Subscription publishing to `fixture`'s exchange with `routing_key`.
 fn message_subscription(
+    base: &str,
     fixture: &Fixture,
     routing_key: &str,
     filters: &[&str],
     content: &str,
 ) -> Value {
     let mut body = common::subscription(
+        base,
         "task-status-changed",
         filters,
         "https://unused.example",
@@ -639,7 +641,7 @@ async fn a_message_subscription_delivers_bundles_in_order_with_headers() {
     let fixture = Fixture::declare("tasks", Durability::Transient).await;
     let server = amqp_hub(&broker_url()).await;
     let admin = server.admin();
-    let body = message_subscription(&fixture, "tasks", &[], "full-resource");
+    let body = message_subscription(&server.base, &fixture, "tasks", &[], "full-resource");
     let (status, created) = server.post_json("/Subscription", &admin, &body).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["id"].as_str().unwrap().to_string();
@@ -729,7 +731,7 @@ async fn a_message_subscription_to_another_broker_is_rejected() {
     }
     let fixture = Fixture::declare("tasks", Durability::Transient).await;
     let server = amqp_hub(&broker_url()).await;
-    let mut body = message_subscription(&fixture, "tasks", &[], "id-only");
+    let mut body = message_subscription(&server.base, &fixture, "tasks", &[], "id-only");
     body["channel"]["endpoint"] = json!(format!(
         "amqp://rabbit.elsewhere.example/%2F?exchange={}",
         fixture.exchange
@@ -751,7 +753,13 @@ async fn an_unroutable_routing_key_puts_the_subscription_in_error() {
     let fixture = Fixture::declare("tasks", Durability::Transient).await;
     let server = amqp_hub(&broker_url()).await;
     let admin = server.admin();
-    let body = message_subscription(&fixture, "nobody-listens-here", &[], "id-only");
+    let body = message_subscription(
+        &server.base,
+        &fixture,
+        "nobody-listens-here",
+        &[],
+        "id-only",
+    );
     let (status, created) = server.post_json("/Subscription", &admin, &body).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["id"].as_str().unwrap().to_string();
@@ -777,7 +785,7 @@ async fn events_published_across_a_dropped_connection_all_arrive_in_order() {
     let fixture = Fixture::declare_in_own_vhost("tasks").await;
     let server = amqp_hub(&fixture.url).await;
     let admin = server.admin();
-    let body = message_subscription(&fixture, "tasks", &[], "id-only");
+    let body = message_subscription(&server.base, &fixture, "tasks", &[], "id-only");
     let (status, created) = server.post_json("/Subscription", &admin, &body).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     assert_eq!(fixture.take(1).await.len(), 1, "no handshake");
@@ -809,7 +817,7 @@ async fn events_wait_while_the_broker_is_unreachable_and_then_arrive_in_order() 
     let mut proxy = Proxy::start(0, broker_address()).await;
     let server = amqp_hub(&with_port(&broker_url(), proxy.port)).await;
     let admin = server.admin();
-    let mut body = message_subscription(&fixture, "tasks", &[], "id-only");
+    let mut body = message_subscription(&server.base, &fixture, "tasks", &[], "id-only");
     body["channel"]["endpoint"] = json!(format!(
         "amqp://127.0.0.1:{}/%2F?exchange={}&routing_key=tasks",
         proxy.port, fixture.exchange

@@ -180,8 +180,8 @@ async fn subscribe(cluster: &Cluster, node: usize, body: &Value) -> String {
     created["id"].as_str().unwrap().to_string()
 }
 
-fn websocket_subscription() -> Value {
-    let mut s = subscription("task-changed", &[], "unused", "id-only");
+fn websocket_subscription(base: &str) -> Value {
+    let mut s = subscription(base, "task-changed", &[], "unused", "id-only");
     s["channel"] = json!({
         "type": "websocket",
         "payload": "application/fhir+json",
@@ -315,7 +315,13 @@ async fn writes_on_every_node_reach_every_channel_once_and_in_order() {
     let hook = subscribe(
         &cluster,
         0,
-        &subscription("task-changed", &[], &receiver.url, "id-only"),
+        &subscription(
+            cluster.base(0),
+            "task-changed",
+            &[],
+            &receiver.url,
+            "id-only",
+        ),
     )
     .await;
     receiver
@@ -323,10 +329,10 @@ async fn writes_on_every_node_reach_every_channel_once_and_in_order() {
             r.iter().any(|n| n.kind() == "handshake")
         })
         .await;
-    let socket = subscribe(&cluster, 1, &websocket_subscription()).await;
+    let socket = subscribe(&cluster, 1, &websocket_subscription(cluster.base(1))).await;
     let heard_socket = listen(&cluster, &socket, 0, 2).await;
     let (exchange, heard_queue, _connection) = consume("cluster").await;
-    let mut message = subscription("task-changed", &[], "unused", "id-only");
+    let mut message = subscription(cluster.base(2), "task-changed", &[], "unused", "id-only");
     message["channel"] = json!({
         "type": "message",
         "endpoint": format!("amqp://127.0.0.1:5672/%2F?exchange={exchange}&routing_key=cluster"),
@@ -396,7 +402,13 @@ async fn a_node_killed_mid_load_leaves_nothing_undone() {
     let hook = subscribe(
         &cluster,
         1,
-        &subscription("task-changed", &[], &receiver.url, "id-only"),
+        &subscription(
+            cluster.base(1),
+            "task-changed",
+            &[],
+            &receiver.url,
+            "id-only",
+        ),
     )
     .await;
     receiver
@@ -436,7 +448,13 @@ async fn a_late_node_finishes_what_a_dead_node_left() {
     let hook = subscribe(
         &cluster,
         0,
-        &subscription("task-changed", &[], &receiver.url, "id-only"),
+        &subscription(
+            cluster.base(0),
+            "task-changed",
+            &[],
+            &receiver.url,
+            "id-only",
+        ),
     )
     .await;
     receiver
@@ -542,7 +560,13 @@ async fn a_redis_restart_loses_nothing() {
     let hook = subscribe(
         &cluster,
         0,
-        &subscription("task-changed", &[], &receiver.url, "id-only"),
+        &subscription(
+            cluster.base(0),
+            "task-changed",
+            &[],
+            &receiver.url,
+            "id-only",
+        ),
     )
     .await;
     receiver

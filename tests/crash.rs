@@ -78,7 +78,7 @@ async fn killed_mid_stream_loses_nothing() {
         .post(format!("{}/Subscription", child.base))
         .bearer_auth(&admin)
         .header("content-type", "application/fhir+json")
-        .body(subscription("task-changed", &[], &receiver.url, "id-only").to_string())
+        .body(subscription(&child.base, "task-changed", &[], &receiver.url, "id-only").to_string())
         .send()
         .await
         .unwrap();

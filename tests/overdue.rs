@@ -49,7 +49,7 @@ async fn an_open_task_past_its_due_date_is_reported_once() {
         .post_json(
             "/Subscription",
             &admin,
-            &subscription("task-overdue", &[], &receiver.url, "id-only"),
+            &subscription(&server.base, "task-overdue", &[], &receiver.url, "id-only"),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
@@ -59,6 +59,7 @@ async fn an_open_task_past_its_due_date_is_reported_once() {
             "/Subscription",
             &admin,
             &subscription(
+                &server.base,
                 "task-changed",
                 &["status=in-progress"],
                 &receiver.url,

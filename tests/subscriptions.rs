@@ -22,6 +22,7 @@ async fn status_changes_reach_the_owner_filtered_hook_in_order() {
     let receiver = Receiver::start().await;
     let admin = server.admin();
     let body = subscription(
+        &server.base,
         "task-status-changed",
         &["Task?owner=Practitioner/1"],
         &receiver.url,
@@ -176,7 +177,13 @@ async fn content_levels_follow_the_ig() {
         let id = subscribe(
             &server,
             &admin,
-            &subscription("task-changed", &["status=ready"], &receiver.url, content),
+            &subscription(
+                &server.base,
+                "task-changed",
+                &["status=ready"],
+                &receiver.url,
+                content,
+            ),
         )
         .await;
         ids.insert(content, id);
@@ -254,7 +261,13 @@ async fn a_practitioners_broad_subscription_carries_only_its_own_tasks() {
     let id = subscribe(
         &server,
         &alice,
-        &subscription("task-changed", &[], &receiver.url, "full-resource"),
+        &subscription(
+            &server.base,
+            "task-changed",
+            &[],
+            &receiver.url,
+            "full-resource",
+        ),
     )
     .await;
     receiver.wait_for("handshake", |r| !r.is_empty()).await;
@@ -320,6 +333,7 @@ async fn filters_owner_missing_and_status_not() {
         &server,
         &admin,
         &subscription(
+            &server.base,
             "task-changed",
             &["owner:missing=true", "Task.status:not=cancelled"],
             &receiver.url,
@@ -353,7 +367,7 @@ async fn an_outage_is_retried_in_order_and_the_status_recovers() {
     let id = subscribe(
         &server,
         &admin,
-        &subscription("task-changed", &[], &receiver.url, "id-only"),
+        &subscription(&server.base, "task-changed", &[], &receiver.url, "id-only"),
     )
     .await;
     receiver.wait_for("handshake", |r| !r.is_empty()).await;
@@ -399,7 +413,7 @@ async fn signed_notifications_and_heartbeats() {
     let receiver = Receiver::start().await;
     let admin = server.admin();
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    let mut body = subscription("task-changed", &[], &receiver.url, "id-only");
+    let mut body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
     body["channel"]["extension"] = json!([
         { "url": "https://baton.dev/fhir/StructureDefinition/webhook-secret", "valueString": secret },
         { "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period", "valueUnsignedInt": 1 },
@@ -408,7 +422,7 @@ async fn signed_notifications_and_heartbeats() {
     let quiet = subscribe(
         &server,
         &admin,
-        &subscription("task-changed", &[], &receiver.url, "id-only"),
+        &subscription(&server.base, "task-changed", &[], &receiver.url, "id-only"),
     )
     .await;
     receiver
@@ -452,7 +466,7 @@ async fn unsupported_subscriptions_are_rejected_and_not_stored() {
     let server = TestServer::start_with(|c| c.allow_http_endpoints = false).await;
     let admin = server.admin();
     let hook = "https://hooks.example.org/baton";
-    let base = subscription("task-changed", &[], hook, "id-only");
+    let base = subscription(&server.base, "task-changed", &[], hook, "id-only");
     let with = |f: &dyn Fn(&mut Value)| {
         let mut s = base.clone();
         f(&mut s);
@@ -622,7 +636,7 @@ async fn event_numbers_continue_across_a_restart() {
     let id = subscribe(
         &server,
         &admin,
-        &subscription("task-changed", &[], &receiver.url, "id-only"),
+        &subscription(&server.base, "task-changed", &[], &receiver.url, "id-only"),
     )
     .await;
     for _ in 0..3 {
@@ -655,7 +669,7 @@ async fn a_hanging_endpoint_does_not_delay_another_subscription() {
     let stuck = Receiver::start().await;
     let healthy = Receiver::start().await;
     let admin = server.admin();
-    let mut slow_body = subscription("task-changed", &[], &stuck.url, "id-only");
+    let mut slow_body = subscription(&server.base, "task-changed", &[], &stuck.url, "id-only");
     slow_body["channel"]["extension"] = json!([{
         "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-timeout",
         "valueUnsignedInt": 30
@@ -664,7 +678,7 @@ async fn a_hanging_endpoint_does_not_delay_another_subscription() {
     let fast = subscribe(
         &server,
         &admin,
-        &subscription("task-changed", &[], &healthy.url, "id-only"),
+        &subscription(&server.base, "task-changed", &[], &healthy.url, "id-only"),
     )
     .await;
     stuck.wait_for("slow handshake", |r| !r.is_empty()).await;

@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::Message;
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-fn ws_subscription(topic: &str, filters: &[&str], content: &str) -> Value {
-    let mut s = common::subscription(topic, filters, "unused", content);
+fn ws_subscription(base: &str, topic: &str, filters: &[&str], content: &str) -> Value {
+    let mut s = common::subscription(base, topic, filters, "unused", content);
     s["channel"] = json!({
         "type": "websocket",
         "payload": "application/fhir+json",
@@ -104,19 +104,34 @@ async fn several_subscriptions_on_one_socket_with_every_bind_spelling() {
         create(
             &server,
             &admin,
-            &ws_subscription("task-changed", &["owner=Practitioner/a"], "id-only"),
+            &ws_subscription(
+                &server.base,
+                "task-changed",
+                &["owner=Practitioner/a"],
+                "id-only",
+            ),
         )
         .await,
         create(
             &server,
             &admin,
-            &ws_subscription("task-changed", &["owner=Practitioner/b"], "full-resource"),
+            &ws_subscription(
+                &server.base,
+                "task-changed",
+                &["owner=Practitioner/b"],
+                "full-resource",
+            ),
         )
         .await,
         create(
             &server,
             &admin,
-            &ws_subscription("task-status-changed", &["owner=Practitioner/c"], "empty"),
+            &ws_subscription(
+                &server.base,
+                "task-status-changed",
+                &["owner=Practitioner/c"],
+                "empty",
+            ),
         )
         .await,
     ];
@@ -173,7 +188,7 @@ async fn heartbeats_tokens_and_authorisation() {
     let server = TestServer::start_with(|c| c.websocket.token_ttl_seconds = 1).await;
     let alice = server.practitioner("Practitioner/alice");
     let bob = server.practitioner("Practitioner/bob");
-    let mut with_heartbeat = ws_subscription("task-changed", &[], "id-only");
+    let mut with_heartbeat = ws_subscription(&server.base, "task-changed", &[], "id-only");
     with_heartbeat["channel"]["extension"] = json!([{ "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period", "valueUnsignedInt": 1 }]);
     let id = create(&server, &alice, &with_heartbeat).await;
 
@@ -263,13 +278,13 @@ async fn a_deleted_subscription_stops_and_the_read_rule_holds() {
     let gone = create(
         &server,
         &alice,
-        &ws_subscription("task-changed", &["code=gone"], "id-only"),
+        &ws_subscription(&server.base, "task-changed", &["code=gone"], "id-only"),
     )
     .await;
     let kept = create(
         &server,
         &alice,
-        &ws_subscription("task-changed", &[], "full-resource"),
+        &ws_subscription(&server.base, "task-changed", &[], "full-resource"),
     )
     .await;
     let (t1, url) = binding(&server, &alice, &gone).await;
@@ -338,7 +353,7 @@ async fn a_slow_reader_is_closed_while_a_fast_one_gets_everything() {
     let id = create(
         &server,
         &admin,
-        &ws_subscription("task-changed", &[], "full-resource"),
+        &ws_subscription(&server.base, "task-changed", &[], "full-resource"),
     )
     .await;
     let (slow_token, url) = binding(&server, &admin, &id).await;
@@ -438,7 +453,7 @@ async fn reconnect_and_fill_the_gap_with_events() {
     let id = create(
         &server,
         &admin,
-        &ws_subscription("task-changed", &[], "id-only"),
+        &ws_subscription(&server.base, "task-changed", &[], "id-only"),
     )
     .await;
     let (token, url) = binding(&server, &admin, &id).await;

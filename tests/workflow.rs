@@ -755,7 +755,13 @@ async fn completing_an_abort_request_notifies_about_both_tasks() {
         .post_json(
             "/Subscription",
             &admin,
-            &subscription("task-status-changed", &[], &receiver.url, "full-resource"),
+            &subscription(
+                &server.base,
+                "task-status-changed",
+                &[],
+                &receiver.url,
+                "full-resource",
+            ),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");

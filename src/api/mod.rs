@@ -164,6 +164,7 @@ pub async fn read_body(
     body: Body,
     kind: BodyKind,
 ) -> Result<Bytes> {
+    check_content_encoding(headers)?;
     let media_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -224,6 +225,31 @@ pub async fn read_body(
     })
 }
 
+/// Refuses a body sent with any `Content-Encoding` but `identity` (415). Baton does not
+/// decompress request bodies (nothing in FHIR needs it, and it would turn the size limit into
+/// a limit on compressed bytes); reading a compressed body as if it were plain would store
+/// garbage or misread it.
+fn check_content_encoding(headers: &HeaderMap) -> Result<()> {
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        let refused = text
+            .split(',')
+            .map(str::trim)
+            .find(|coding| !coding.eq_ignore_ascii_case("identity"));
+        if let Some(coding) = refused {
+            let shown: String = coding.chars().take(40).collect();
+            return Err(Error::client(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                IssueCode::NotSupported,
+                format!(
+                    "Content-Encoding '{shown}' is not supported; send the body uncompressed (identity)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Splits a query string (or a form body) into name/value pairs, decoded.
 pub fn query_pairs(text: Option<&str>) -> Result<Vec<(String, String)>> {
     serde_urlencoded::from_str(text.unwrap_or("")).map_err(|e| {
@@ -234,7 +260,9 @@ pub fn query_pairs(text: Option<&str>) -> Result<Vec<(String, String)>> {
     })
 }
 
-/// Parses JSON, reporting where it is malformed.
+/// Parses a JSON body, reporting where it is malformed. A key repeated in one object is
+/// refused (see `fhir::json`): FHIR JSON allows each key once, and silently keeping one of
+/// them would let two readers of the same body disagree.
 pub fn parse_json(bytes: &[u8]) -> Result<Value> {
     if bytes.is_empty() {
         return Err(Error::bad_request(
@@ -242,11 +270,15 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value> {
             "the request body is empty; send a FHIR JSON resource",
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        Error::bad_request(
-            IssueCode::Structure,
-            format!("the body is not valid JSON: {e}"),
-        )
+    crate::fhir::json::parse(bytes).map_err(|e| {
+        use crate::fhir::json::JsonError;
+        let diagnostics = match e {
+            JsonError::DuplicateKey { .. } => format!("the body repeats a JSON key: {e}"),
+            JsonError::TooDeep { .. } | JsonError::Syntax(_) => {
+                format!("the body is not valid JSON: {e}")
+            }
+        };
+        Error::bad_request(IssueCode::Structure, diagnostics)
     })
 }
 

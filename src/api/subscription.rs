@@ -66,19 +66,69 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-/// Finds a topic by its canonical URL (or any URL ending in `/SubscriptionTopic/<id>`).
-pub fn find_topic<'a>(topics: &'a [Topic], url: &str) -> Option<(usize, &'a Topic)> {
-    topics
-        .iter()
-        .enumerate()
-        .find(|(_, t)| t.url == url)
-        .or_else(|| {
-            let id = url.rsplit_once("/SubscriptionTopic/")?.1;
-            topics.iter().enumerate().find(|(_, t)| t.id == id)
-        })
+/// Which URLs name a topic of this hub in a subscription's `criteria`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicNames<'b> {
+    /// What a client sends: the topic's canonical URL, or `{base}/SubscriptionTopic/<id>` on
+    /// this server's own base. A URL on another server's base names that server's topic,
+    /// which this hub does not have.
+    OwnBase(&'b str),
+    /// A subscription already stored, which was held to `OwnBase` when it was written: the
+    /// canonical URL, or any URL ending in `/SubscriptionTopic/<id>`. The nodes of a cluster
+    /// may each have their own public URL (`deploy/cluster.sh` runs them so), and a
+    /// subscription written through one node must run on all of them.
+    Stored,
 }
 
-/// Parses a Subscription resource with this hub's topics and policies.
+/// Finds a topic by a URL from a subscription's `criteria`.
+pub fn find_topic<'a>(
+    topics: &'a [Topic],
+    url: &str,
+    names: TopicNames<'_>,
+) -> Option<(usize, &'a Topic)> {
+    if let Some(found) = topics.iter().enumerate().find(|(_, t)| t.url == url) {
+        return Some(found);
+    }
+    let id = match names {
+        TopicNames::OwnBase(base_url) => url
+            .strip_prefix(base_url.trim_end_matches('/'))?
+            .strip_prefix("/SubscriptionTopic/")?,
+        TopicNames::Stored => url.rsplit_once("/SubscriptionTopic/")?.1,
+    };
+    topics.iter().enumerate().find(|(_, t)| t.id == id)
+}
+
+/// Parses a Subscription a client sent, with this hub's topics and policies; its topic must
+/// be named by canonical URL or on this server's base.
+pub fn parse_request(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
+    parse_named(
+        &state.hub.topics,
+        &state.config,
+        &state.search_limits,
+        &state.base_url,
+        resource,
+        TopicNames::OwnBase(&state.base_url),
+    )
+    .map_err(|e| name_the_topics(e, &state.hub.topics, &state.base_url))
+}
+
+/// A refusal of `criteria` says which topics there are, so the client can pick one.
+fn name_the_topics(error: Error, topics: &[Topic], base_url: &str) -> Error {
+    let Error::Client(mut client) = error else {
+        return error;
+    };
+    if client.expression.as_deref() == Some("Subscription.criteria") {
+        let urls: Vec<&str> = topics.iter().map(|t| t.url.as_str()).collect();
+        client.diagnostics.push_str(&format!(
+            ". This hub's topics are: {}; a topic may also be named \
+             {base_url}/SubscriptionTopic/<id>",
+            urls.join(", ")
+        ));
+    }
+    Error::Client(client)
+}
+
+/// Parses a stored Subscription resource with this hub's topics and policies.
 pub fn parse_spec(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
     parse_with(
         &state.hub.topics,
@@ -118,8 +168,26 @@ pub fn parse_with(
     base_url: &str,
     resource: &Value,
 ) -> Result<SubscriptionSpec> {
+    parse_named(
+        topics,
+        config,
+        limits,
+        base_url,
+        resource,
+        TopicNames::Stored,
+    )
+}
+
+fn parse_named(
+    topics: &[Topic],
+    config: &crate::config::Config,
+    limits: &crate::fhir::search::SearchLimits,
+    base_url: &str,
+    resource: &Value,
+    names: TopicNames<'_>,
+) -> Result<SubscriptionSpec> {
     let lookup = |url: &str| {
-        find_topic(topics, url).map(|(_, t)| TopicFilters {
+        find_topic(topics, url, names).map(|(_, t)| TopicFilters {
             url: t.url.clone(),
             id: t.id.clone(),
             params: t
@@ -139,7 +207,7 @@ pub fn candidate(
     stored: &StoredSubscription,
     spec: &SubscriptionSpec,
 ) -> Option<Candidate> {
-    let (topic, _) = find_topic(topics, &spec.topic_url)?;
+    let (topic, _) = find_topic(topics, &spec.topic_url, TopicNames::Stored)?;
     let author = serde_json::from_value::<Principal>(stored.author.clone()).ok()?;
     Some(Candidate {
         id: stored.id.clone(),
@@ -266,7 +334,7 @@ async fn create(
 ) -> Result<Response> {
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let mut resource = parse_json(&bytes)?;
-    let spec = parse_spec(&state, &resource)?;
+    let spec = parse_request(&state, &resource)?;
     check_deliverable(&state, &spec).await?;
     if let Some(object) = resource.as_object_mut() {
         object.remove("id");
@@ -311,7 +379,7 @@ async fn update(
             format!("the body's id must be '{id}', as in the URL"),
         ));
     }
-    let spec = parse_spec(&state, &resource)?;
+    let spec = parse_request(&state, &resource)?;
     check_deliverable(&state, &spec).await?;
     if let Some(object) = resource.as_object_mut() {
         object.remove("error");
@@ -444,7 +512,7 @@ async fn visible(state: &AppState, principal: &Principal, id: &str) -> Result<St
     if !fhir::is_valid_id(id) {
         return Err(Error::bad_request(
             IssueCode::Invalid,
-            format!("'{id}' is not a valid FHIR id"),
+            format!("'{id}' is not a valid FHIR id ({})", fhir::ID_RULE),
         ));
     }
     let stored = state

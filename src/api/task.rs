@@ -563,7 +563,7 @@ fn check_id(id: &str) -> Result<()> {
     } else {
         Err(Error::bad_request(
             IssueCode::Invalid,
-            format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)"),
+            format!("'{id}' is not a valid FHIR id ({})", fhir::ID_RULE),
         ))
     }
 }

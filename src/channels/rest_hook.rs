@@ -7,7 +7,7 @@
 //! DNS resolver, so it applies to the address actually connected to (no DNS-rebinding gap),
 //! and literal IP hosts are checked before sending.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,9 +38,16 @@ pub struct RestHook {
 
 impl RestHook {
     pub fn new(allow_private: bool, allow_http: bool) -> RestHook {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .dns_resolver(Arc::new(GuardedResolver { allow_private }))
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(10));
+        if !allow_private {
+            // Through a proxy (HTTPS_PROXY and the like), the resolver would check the proxy's
+            // address and the proxy would connect wherever the URL says: the guard must see the
+            // address actually connected to.
+            builder = builder.no_proxy();
+        }
+        let client = builder
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("Baton/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -65,15 +72,14 @@ impl RestHook {
                 ));
             }
         }
-        let host = url.host_str().ok_or("the endpoint has no host")?;
         let port = url.port_or_known_default().unwrap_or(443);
         if self.allow_private {
             return Ok(());
         }
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addresses: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((host, port))
+        let host = url.host_str().ok_or("the endpoint has no host")?;
+        let addresses: Vec<SocketAddr> = match literal_address(&url) {
+            Some(ip) => vec![SocketAddr::new(ip, port)],
+            None => tokio::net::lookup_host((host, port))
                 .await
                 .map_err(|_| format!("the endpoint host '{host}' does not resolve"))?
                 .collect(),
@@ -104,12 +110,11 @@ impl RestHook {
                 url.scheme()
             )));
         }
+        // An address written in the URL is connected to without asking the resolver, so it is
+        // checked here. The URL parser has already normalised it (`2130706433`, `0x7f.1` and
+        // `127.0.0.1.` are all `127.0.0.1`), and the client connects to that same form.
         if !self.allow_private
-            && let Some(host) = url.host_str()
-            && let Ok(ip) = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
+            && let Some(ip) = literal_address(&url)
             && is_internal(ip)
         {
             return Err(fail("the endpoint is an internal address".into()));
@@ -155,6 +160,18 @@ impl RestHook {
     }
 }
 
+/// The address a URL names directly, if its host is an IPv4 or IPv6 literal. The URL parser
+/// has turned every spelling of an IPv4 address into dotted decimal and put IPv6 in brackets,
+/// so a host that does not parse here is a domain name, which goes through the resolver.
+fn literal_address(url: &reqwest::Url) -> Option<IpAddr> {
+    let host = url.host_str()?;
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .parse()
+        .ok()
+}
+
 /// Resolves names and refuses internal addresses unless allowed.
 struct GuardedResolver {
     allow_private: bool,
@@ -180,38 +197,70 @@ impl Resolve for GuardedResolver {
     }
 }
 
-/// Whether an address is loopback, private, link-local, shared, unspecified, multicast or
-/// otherwise not a public unicast target.
+/// Whether an address is not a public unicast target: loopback, private, link-local, shared,
+/// unspecified, multicast, documentation, benchmarking, reserved, or an IPv6 form that embeds
+/// or routes to any of those. The IANA special-purpose registries are the reference; an IPv6
+/// address counts as public only inside global unicast (`2000::/3`), so the many non-global
+/// blocks outside it (`::/96` IPv4-compatible, `100::/64` discard, `fc00::/7` ULA,
+/// `fe80::/10` link-local, `fec0::/10` site-local, `ff00::/8` multicast, `5f00::/16`
+/// SRv6…) need no rule of their own. Where an IPv6 address carries an IPv4 address that it
+/// reaches (IPv4-mapped `::ffff:a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`), that
+/// IPv4 address decides.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1]))
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
-                || (o[0] == 198 && (18..20).contains(&o[1]))
-                || o[0] >= 240
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || (s[0] == 0x2001 && s[1] == 0x0db8)
-        }
+        IpAddr::V4(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => match embedded_ipv4(v6) {
+            Some(v4) => is_internal_v4(v4),
+            None => is_internal_v6(v6),
+        },
     }
+}
+
+fn is_internal_v4(v4: Ipv4Addr) -> bool {
+    let o = v4.octets();
+    v4.is_unspecified()
+        || o[0] == 0 // 0.0.0.0/8, "this network"
+        || v4.is_private() // 10/8, 172.16/12, 192.168/16
+        || v4.is_loopback() // 127/8
+        || v4.is_link_local() // 169.254/16
+        || (o[0] == 100 && (64..128).contains(&o[1])) // 100.64/10, carrier-grade NAT
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0/24, IETF protocol assignments
+        || v4.is_documentation() // 192.0.2/24, 198.51.100/24, 203.0.113/24
+        || (o[0] == 192 && o[1] == 88 && o[2] == 99) // 192.88.99/24, 6to4 relay anycast
+        || (o[0] == 198 && (18..20).contains(&o[1])) // 198.18/15, benchmarking
+        || v4.is_multicast() // 224/4
+        || o[0] >= 240 // 240/4 reserved, and the broadcast address
+}
+
+/// The IPv4 address an IPv6 address delivers to, for the forms that embed one.
+fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let last32 = || Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4); // ::ffff:a.b.c.d
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(last32()); // 64:ff9b::a.b.c.d, the NAT64 well-known prefix
+    }
+    if s[0] == 0x2002 {
+        // 2002:AABB:CCDD::/48 is the 6to4 site of a.b.c.d.
+        return Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
+    }
+    None
+}
+
+fn is_internal_v6(v6: Ipv6Addr) -> bool {
+    let s = v6.segments();
+    let global_unicast = (s[0] & 0xe000) == 0x2000; // 2000::/3
+    !global_unicast
+        || (s[0] == 0x2001 && s[1] < 0x0200) // 2001::/23 IETF protocol assignments (Teredo 2001::/32, benchmarking, ORCHID)
+        || (s[0] == 0x2001 && s[1] == 0x0db8) // 2001:db8::/32 documentation
+        || (s[0] & 0xfff0) == 0x3ff0 // 3fff::/20 documentation
 }
 
 #[cfg(test)]
@@ -219,32 +268,133 @@ mod tests {
     use super::*;
 
     #[test]
-    fn internal_addresses_are_recognised() {
-        let internal = [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "255.255.255.255",
-            "::1",
-            "fc00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "::",
-        ];
-        for text in internal {
-            assert!(is_internal(text.parse().unwrap()), "{text}");
+    fn addresses_are_classified_by_where_they_lead() {
+        use Class::{Internal, Public};
+        #[derive(Debug, PartialEq)]
+        enum Class {
+            Internal,
+            Public,
         }
-        for text in [
-            "8.8.8.8",
-            "1.1.1.1",
-            "2606:4700:4700::1111",
-            "93.184.216.34",
+        #[rustfmt::skip]
+        let cases = [
+            // IPv4.
+            ("0.0.0.0", Internal, "unspecified"),
+            ("0.1.2.3", Internal, "0.0.0.0/8, this network"),
+            ("10.1.2.3", Internal, "private"),
+            ("100.64.0.1", Internal, "carrier-grade NAT"),
+            ("100.127.255.254", Internal, "carrier-grade NAT, top"),
+            ("100.128.0.1", Public, "just above carrier-grade NAT"),
+            ("127.0.0.1", Internal, "loopback"),
+            ("127.255.255.254", Internal, "loopback, top"),
+            ("169.254.169.254", Internal, "link-local (cloud metadata)"),
+            ("172.16.0.1", Internal, "private"),
+            ("172.31.255.255", Internal, "private, top"),
+            ("172.32.0.1", Public, "just above private"),
+            ("192.0.0.8", Internal, "IETF protocol assignments"),
+            ("192.0.2.1", Internal, "documentation"),
+            ("192.88.99.1", Internal, "6to4 relay anycast"),
+            ("192.168.1.1", Internal, "private"),
+            ("198.18.0.1", Internal, "benchmarking"),
+            ("198.19.255.255", Internal, "benchmarking, top"),
+            ("198.20.0.1", Public, "just above benchmarking"),
+            ("198.51.100.7", Internal, "documentation"),
+            ("203.0.113.9", Internal, "documentation"),
+            ("224.0.0.1", Internal, "multicast"),
+            ("240.0.0.1", Internal, "reserved"),
+            ("255.255.255.255", Internal, "broadcast"),
+            ("8.8.8.8", Public, "public"),
+            ("93.184.216.34", Public, "public"),
+            // IPv6 that embeds IPv4.
+            ("::ffff:127.0.0.1", Internal, "IPv4-mapped loopback"),
+            ("::ffff:10.0.0.1", Internal, "IPv4-mapped private"),
+            ("::ffff:8.8.8.8", Public, "IPv4-mapped public"),
+            ("::127.0.0.1", Internal, "IPv4-compatible (deprecated)"),
+            ("::8.8.8.8", Internal, "IPv4-compatible is never routed"),
+            ("64:ff9b::7f00:1", Internal, "NAT64 of loopback"),
+            ("64:ff9b::a9fe:a9fe", Internal, "NAT64 of link-local"),
+            ("64:ff9b::808:808", Public, "NAT64 of a public address"),
+            ("64:ff9b:1::808:808", Internal, "local-use NAT64"),
+            ("2002:7f00:1::1", Internal, "6to4 of loopback"),
+            ("2002:a00:1::1", Internal, "6to4 of private"),
+            ("2002:808:808::1", Public, "6to4 of a public address"),
+            // IPv6.
+            ("::", Internal, "unspecified"),
+            ("::1", Internal, "loopback"),
+            ("100::1", Internal, "discard"),
+            ("2001::1", Internal, "Teredo"),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", Internal, "Teredo with addresses"),
+            ("2001:2::1", Internal, "benchmarking"),
+            ("2001:10::1", Internal, "ORCHID"),
+            ("2001:db8::1", Internal, "documentation"),
+            ("3fff::1", Internal, "documentation (RFC 9637)"),
+            ("fc00::1", Internal, "unique local"),
+            ("fd12:3456::1", Internal, "unique local"),
+            ("fe80::1", Internal, "link-local"),
+            ("febf::1", Internal, "link-local, top"),
+            ("fec0::1", Internal, "site-local"),
+            ("ff02::1", Internal, "multicast"),
+            ("5f00::1", Internal, "SRv6, outside global unicast"),
+            ("4000::1", Internal, "unassigned, outside global unicast"),
+            ("2001:4860:4860::8888", Public, "public"),
+            ("2606:4700:4700::1111", Public, "public"),
+            ("2a00:1450:4001::1", Public, "public"),
+        ];
+        for (text, expected, why) in cases {
+            let ip: IpAddr = text.parse().unwrap();
+            let class = if is_internal(ip) { Internal } else { Public };
+            assert_eq!(class, expected, "{text}: {why}");
+        }
+    }
+
+    #[test]
+    fn the_address_checked_is_the_address_the_url_names() {
+        let cases = [
+            ("https://127.0.0.1/h", Some("127.0.0.1")),
+            ("https://2130706433/h", Some("127.0.0.1")),
+            ("https://0x7f.1/h", Some("127.0.0.1")),
+            ("https://0177.0.0.1/h", Some("127.0.0.1")),
+            ("https://127.1/h", Some("127.0.0.1")),
+            ("https://127.0.0.1./h", Some("127.0.0.1")),
+            ("https://[::1]:8443/h", Some("::1")),
+            ("https://[::ffff:7f00:1]/h", Some("::ffff:127.0.0.1")),
+            (
+                "https://[0:0:0:0:0:ffff:127.0.0.1]/h",
+                Some("::ffff:127.0.0.1"),
+            ),
+            ("https://example.org/h", None),
+            ("https://example.org./h", None),
+            ("https://localhost/h", None),
+        ];
+        for (endpoint, expected) in cases {
+            let url = reqwest::Url::parse(endpoint).unwrap();
+            let expected: Option<IpAddr> = expected.map(|e| e.parse().unwrap());
+            assert_eq!(literal_address(&url), expected, "{endpoint}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sending_never_reaches_an_internal_literal_address() {
+        let guarded = RestHook::new(false, true);
+        for endpoint in [
+            "http://2130706433:9/hook",
+            "http://[::ffff:127.0.0.1]:9/hook",
+            "http://[64:ff9b::7f00:1]:9/hook",
+            "http://127.0.0.1.:9/hook",
         ] {
-            assert!(!is_internal(text.parse().unwrap()), "{text}");
+            let out = Outgoing {
+                endpoint,
+                content_type: "application/fhir+json",
+                headers: &[],
+                body: b"{}".to_vec(),
+                message_id: "m",
+                secret: None,
+                timeout: Duration::from_secs(1),
+            };
+            let error = guarded.send(out, 0).await.unwrap_err();
+            assert_eq!(
+                error.message, "the endpoint is an internal address",
+                "{endpoint}"
+            );
         }
     }
 
@@ -278,6 +428,19 @@ mod tests {
                 .await
                 .is_err()
         );
+        for endpoint in [
+            "https://2130706433/hook",
+            "https://0x7f.0.0.1/hook",
+            "https://127.0.0.1./hook",
+            "https://[::ffff:127.0.0.1]/hook",
+            "https://[64:ff9b::a9fe:a9fe]/hook",
+            "https://[2002:a9fe:a9fe::1]/hook",
+            "https://[2001::1]/hook",
+            "https://[fec0::1]/hook",
+        ] {
+            let why = strict.check_endpoint(endpoint).await.unwrap_err();
+            assert!(why.contains("internal"), "{endpoint}: {why}");
+        }
         let open = RestHook::new(true, true);
         open.check_endpoint("http://127.0.0.1:9/hook")
             .await

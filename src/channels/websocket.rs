@@ -221,22 +221,38 @@ pub struct WebSocketHub {
     pub shutdown: CancellationToken,
 }
 
-/// Extracts the token from any of the accepted bind spellings.
-pub fn parse_bind(text: &str) -> Option<String> {
+/// The bind frames a socket understands, for the refusal of anything else.
+const BIND_SPELLINGS: &str = "expected 'bind-with-token <token>', 'bind-with-token: <token>' or {\"type\":\"bind-with-token\",\"payload\":{\"token\":\"…\"}}";
+
+/// Extracts the token from any of the accepted bind spellings; the error is the diagnostic
+/// for the client. A JSON frame is read like any client JSON: a repeated key is refused
+/// rather than resolved, so that `type` or `token` cannot mean two things.
+pub fn parse_bind(text: &str) -> Result<String, String> {
     let text = text.trim();
     if text.starts_with('{') {
-        let value: Value = serde_json::from_str(text).ok()?;
+        let value = crate::fhir::json::parse(text.as_bytes()).map_err(|e| match e {
+            crate::fhir::json::JsonError::DuplicateKey { .. } => {
+                format!("the bind frame repeats a JSON key: {e}")
+            }
+            _ => BIND_SPELLINGS.to_string(),
+        })?;
         if value["type"] != "bind-with-token" {
-            return None;
+            return Err(BIND_SPELLINGS.to_string());
         }
         return value["payload"]["token"]
             .as_str()
             .map(str::to_string)
-            .filter(|t| !t.is_empty());
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| BIND_SPELLINGS.to_string());
     }
-    let rest = text.strip_prefix("bind-with-token")?;
+    let rest = text
+        .strip_prefix("bind-with-token")
+        .ok_or_else(|| BIND_SPELLINGS.to_string())?;
     let token = rest.strip_prefix(':').unwrap_or(rest).trim();
-    (!token.is_empty() && !token.contains(char::is_whitespace)).then(|| token.to_string())
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return Err(BIND_SPELLINGS.to_string());
+    }
+    Ok(token.to_string())
 }
 
 fn outcome_frame(code: IssueCode, diagnostics: &str) -> Utf8Bytes {
@@ -299,15 +315,15 @@ pub async fn serve_socket(socket: WebSocket, hub: Arc<WebSocketHub>) {
         let Some(Ok(message)) = message else { break };
         match message {
             Message::Text(text) => {
-                let Some(token) = parse_bind(text.as_str()) else {
-                    let frame = outcome_frame(
-                        IssueCode::NotSupported,
-                        "expected 'bind-with-token <token>', 'bind-with-token: <token>' or {\"type\":\"bind-with-token\",\"payload\":{\"token\":\"…\"}}",
-                    );
-                    if outbox.try_send(Outbound::Text(frame)).is_err() {
-                        break;
+                let token = match parse_bind(text.as_str()) {
+                    Ok(token) => token,
+                    Err(why) => {
+                        let frame = outcome_frame(IssueCode::NotSupported, &why);
+                        if outbox.try_send(Outbound::Text(frame)).is_err() {
+                            break;
+                        }
+                        continue;
                     }
-                    continue;
                 };
                 let bound_before = hub
                     .registry
@@ -462,10 +478,35 @@ mod tests {
             ("bind-with-token a b", None),
             ("bind abc123", None),
             ("", None),
+            (r#"{"type":"bind-with-token","payload":{"token":""}}"#, None),
+            (r#"{"type":"bind-with-token","#, None),
         ];
         for (text, expected) in cases {
-            assert_eq!(parse_bind(text).as_deref(), expected, "{text}");
+            assert_eq!(parse_bind(text).ok().as_deref(), expected, "{text}");
         }
+    }
+
+    #[test]
+    fn bind_frames_with_repeated_keys_are_refused_by_name() {
+        let cases = [
+            (
+                r#"{"type":"unbind","type":"bind-with-token","payload":{"token":"a"}}"#,
+                "'type' occurs twice in the top-level object",
+            ),
+            (
+                r#"{"type":"bind-with-token","payload":{"token":"a","token":"b"}}"#,
+                "'token' occurs twice in the object at payload",
+            ),
+        ];
+        for (text, expected) in cases {
+            let why = parse_bind(text).unwrap_err();
+            assert!(why.contains(expected), "{text}: {why}");
+        }
+        assert!(
+            parse_bind("nonsense")
+                .unwrap_err()
+                .contains("bind-with-token <token>")
+        );
     }
 
     #[test]

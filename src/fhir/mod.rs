@@ -2,6 +2,8 @@
 //! dates, the Task rules and the Task search parameters.
 
 pub mod datetime;
+pub mod json;
+pub mod narrative;
 pub mod notification;
 pub mod search;
 pub mod subscription;
@@ -73,12 +75,42 @@ pub const RESOURCE_TYPES: &[&str] = &[
     "VisionPrescription",
 ];
 
-/// Whether `s` is a valid FHIR resource id: 1–64 of `[A-Za-z0-9-.]`.
+/// Whether `s` is a valid FHIR resource id: 1–64 of `[A-Za-z0-9-.]`, and not made of dots
+/// alone. FHIR's id pattern admits `.` and `..`, but in a URL (`/fhir/Task/..`) those are dot
+/// segments that clients, proxies and URL parsers remove, so the resource could never be
+/// addressed; `...` and longer are refused with them, so that the rule is one sentence.
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !s.bytes().all(|b| b == b'.')
+}
+
+/// What an id must look like, for diagnostics.
+pub const ID_RULE: &str = "1 to 64 of A-Z, a-z, 0-9, '-' and '.', and not only dots";
+
+/// Refuses what no string in a resource may hold, wherever it is (contained resources
+/// included): control characters other than tab, carriage return and line feed (FHIR's
+/// string rule), and narratives with active content or other markup FHIR does not allow
+/// (txt-1, txt-2). `root` is the resource type, which starts every path reported.
+pub fn check_text_content(resource: &Value, root: &str) -> crate::error::Result<()> {
+    use crate::error::{Error, IssueCode};
+    if let Some((path, c)) = json::control_character(resource, root) {
+        return Err(Error::bad_request(
+            IssueCode::Value,
+            format!(
+                "{path} contains the control character U+{:04X}; FHIR strings may hold tab, \
+                 carriage return and line feed, but no other control characters",
+                u32::from(c)
+            ),
+        )
+        .at(path));
+    }
+    if let Some((path, problem)) = narrative::find_problem(resource, root) {
+        return Err(Error::bad_request(IssueCode::Value, format!("{path} {problem}")).at(path));
+    }
+    Ok(())
 }
 
 /// Normalises a literal reference to `Type/id` when it points at a resource on this server
@@ -128,6 +160,64 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ids_follow_fhir_and_are_never_dot_segments() {
+        let cases = [
+            ("a", true),
+            ("Task-1.2", true),
+            ("a..", true),
+            (".a", true),
+            (&"x".repeat(64), true),
+            (&"x".repeat(65), false),
+            ("", false),
+            (".", false),
+            ("..", false),
+            ("...", false),
+            ("a/b", false),
+            ("a b", false),
+            ("ä", false),
+            ("%2e%2e", false),
+        ];
+        for (id, valid) in cases {
+            assert_eq!(is_valid_id(id), valid, "{id}");
+        }
+    }
+
+    #[test]
+    fn text_content_is_checked_everywhere_in_a_resource() {
+        use serde_json::json;
+        let div =
+            |inner: &str| format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{inner}</div>");
+        let cases = [
+            (json!({"description": "ok\ttab\nline"}), None),
+            (json!({"description": "nul\u{0}"}), Some("Task.description")),
+            (
+                json!({"note": [{"text": "a"}, {"text": "bell\u{7}"}]}),
+                Some("Task.note[1].text"),
+            ),
+            (
+                json!({"text": {"status": "generated", "div": div("<p onclick=\"x\">y</p>")}}),
+                Some("Task.text.div"),
+            ),
+            (
+                json!({"contained": [{"resourceType": "Patient", "id": "p", "text": {"div": div("<script>x</script>")}}]}),
+                Some("Task.contained[0].text.div"),
+            ),
+            (
+                json!({"text": {"status": "generated", "div": div("fine")}}),
+                None,
+            ),
+            // A note's text is a markdown string, not a narrative.
+            (json!({"note": [{"text": "<script>"}]}), None),
+        ];
+        for (resource, expected) in cases {
+            let found = check_text_content(&resource, "Task")
+                .err()
+                .and_then(|e| e.as_client().and_then(|c| c.expression.clone()));
+            assert_eq!(found.as_deref(), expected, "{resource}");
+        }
+    }
+
+    #[test]
     fn references_normalise_to_type_and_id() {
         let base = "http://h/fhir";
         let cases = [
@@ -144,6 +234,9 @@ mod tests {
             ("practitioner/1", None),
             ("Practitioner/has space", None),
             ("Practitioner/1/extra", None),
+            ("Task/..", None),
+            ("Task/.", None),
+            ("Task/a..b", Some("Task/a..b")),
             ("", None),
         ];
         for (input, expected) in cases {

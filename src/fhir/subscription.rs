@@ -39,9 +39,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
-use crate::fhir::is_valid_id;
 use crate::fhir::notification::{ContentLevel, SubscriptionStatus};
 use crate::fhir::search::{Handling, Predicate, SearchLimits, parse_query, task_param};
+use crate::fhir::{ID_RULE, check_text_content, is_valid_id};
 
 /// The common prefix of the backport IG's StructureDefinitions.
 pub const BACKPORT_BASE: &str =
@@ -311,13 +311,14 @@ pub fn parse_subscription(
     };
     check_resource_type(subscription)?;
     check_elements(subscription)?;
+    check_text_content(resource, "Subscription")?;
     if let Some(id) = string(subscription, "id", "Subscription.id")?
         && !is_valid_id(id)
     {
         return Err(fail(
             IssueCode::Invalid,
             "Subscription.id",
-            format_args!("'{id}' is not a valid id (1 to 64 of A-Z, a-z, 0-9, '-' and '.')"),
+            format_args!("'{id}' is not a valid id ({ID_RULE})"),
         ));
     }
     let requested_status = parse_status(subscription)?;
@@ -634,8 +635,9 @@ fn parse_topic(
             IssueCode::NotSupported,
             at,
             format_args!(
-                "names the unknown topic '{criteria}'; the topics this hub supports are listed at \
-                 [base]/SubscriptionTopic and in the CapabilityStatement"
+                "names the unknown topic '{criteria}': name a topic of this hub by its \
+                 canonical URL (listed at [base]/SubscriptionTopic and in the \
+                 CapabilityStatement)"
             ),
         )
     })
@@ -1911,6 +1913,35 @@ mod tests {
                 "Subscription.colour",
             ),
             (
+                "a narrative with a script",
+                |v| {
+                    v["text"] = json!({
+                        "status": "generated",
+                        "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><script>x()</script></div>"
+                    })
+                },
+                &STRICT,
+                400,
+                IssueCode::Value,
+                "Subscription.text.div contains <script>",
+            ),
+            (
+                "a NUL in the reason",
+                |v| v["reason"] = json!("watch\u{0}"),
+                &STRICT,
+                400,
+                IssueCode::Value,
+                "Subscription.reason contains the control character U+0000",
+            ),
+            (
+                "an id of dots",
+                |v| v["id"] = json!(".."),
+                &STRICT,
+                400,
+                Invalid,
+                "not only dots",
+            ),
+            (
                 "an invalid id",
                 |v| v["id"] = json!("a b"),
                 &STRICT,
@@ -2400,12 +2431,14 @@ mod tests {
                 "'X Token'",
             ),
             (
+                // Control characters are what make a header value invalid; the check that
+                // every string of the resource is free of them names the element first.
                 "an invalid header value",
                 |v| v["channel"]["header"] = json!(["X-Token: s3cret-token\u{7f}"]),
                 &STRICT,
                 400,
-                Invalid,
-                "'X-Token'",
+                IssueCode::Value,
+                "Subscription.channel.header[0] contains the control character U+007F",
             ),
             (
                 "a header that is not a string",

@@ -14,7 +14,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
-use crate::fhir::{MULTI_FOCUS_EXTENSION, is_valid_id, normalize_reference};
+use crate::fhir::{
+    ID_RULE, MULTI_FOCUS_EXTENSION, check_text_content, is_valid_id, normalize_reference,
+};
 
 /// `Task.status` codes (http://hl7.org/fhir/task-status, R4 4.0.1).
 pub const TASK_STATUSES: &[&str] = &[
@@ -150,7 +152,10 @@ pub fn validate_task(resource: &Value, base_url: &str) -> Result<()> {
         base_url,
         contained,
     };
-    check_object(task, "Task", &TASK, &cx)
+    check_object(task, "Task", &TASK, &cx)?;
+    // Contained resources are not walked element by element, so their strings and
+    // narratives are checked here, with the Task's own.
+    check_text_content(resource, "Task")
 }
 
 /// Enforces the FHIR Task state machine on a status change, as a 422 `business-rule`.
@@ -953,11 +958,9 @@ fn check_text(value: &str, kind: Text, path: &str) -> Result<()> {
         Text::Code(_) => None,
         Text::Language => (!is_language_tag(value))
             .then(|| format!("'{value}' is not a BCP-47 language tag such as 'en' or 'en-GB'")),
-        Text::Id => (!is_valid_id(value)).then(|| {
-            format!(
-                "'{value}' is not a valid id: 1 to 64 characters from A-Z, a-z, 0-9, '-' and '.'"
-            )
-        }),
+        Text::Id => {
+            (!is_valid_id(value)).then(|| format!("'{value}' is not a valid id: {ID_RULE}"))
+        }
         Text::Uri => value
             .contains(char::is_whitespace)
             .then(|| format!("'{value}' is not a valid URI: it contains whitespace")),
@@ -995,17 +998,10 @@ fn is_language_tag(value: &str) -> bool {
         .all(|tag| (1..=8).contains(&tag.len()) && tag.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
-/// Narrative must be a single XHTML `div`, and it must not carry scripts (txt-1), because
-/// clients render it as HTML.
+/// Narrative must be a single XHTML `div` with only basic formatting (txt-1, txt-2), because
+/// clients render it as HTML; `fhir::narrative` holds the rules.
 fn xhtml_problem(div: &str) -> Option<String> {
-    let div = div.trim();
-    if !div.starts_with("<div") || !div.ends_with("</div>") {
-        return Some("must be XHTML wrapped in a single <div>…</div> element".to_string());
-    }
-    if div.to_ascii_lowercase().contains("<script") {
-        return Some("must not contain scripts (txt-1)".to_string());
-    }
-    None
+    crate::fhir::narrative::problem(div)
 }
 
 /// Checks a Reference's text and, where its target's type can be told, that the type is one
@@ -1467,6 +1463,15 @@ mod tests {
             ("text without div", |t| remove(&mut t["text"], "div"), Required, "Task.text.div"),
             ("unknown narrative status", |t| t["text"]["status"] = json!("written"), Val, "Task.text.status"),
             ("narrative not a div", |t| t["text"]["div"] = json!("<p>hi</p>"), Val, "Task.text.div"),
+            ("narrative with a script", |t| t["text"]["div"] = json!("<div xmlns=\"http://www.w3.org/1999/xhtml\"><script>alert(1)</script></div>"), Val, "Task.text.div"),
+            ("narrative with an event handler", |t| t["text"]["div"] = json!("<div xmlns=\"http://www.w3.org/1999/xhtml\"><p onmouseover=\"x()\">hi</p></div>"), Val, "Task.text.div"),
+            ("narrative with a javascript link", |t| t["text"]["div"] = json!("<div xmlns=\"http://www.w3.org/1999/xhtml\"><a href=\"javascript:x()\">hi</a></div>"), Val, "Task.text.div"),
+            ("narrative without the XHTML namespace", |t| t["text"]["div"] = json!("<div>hi</div>"), Val, "Task.text.div"),
+            ("contained narrative with active content", |t| t["contained"][0]["text"] = json!({ "status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\"><iframe src=\"https://x\"></iframe></div>" }), Val, "Task.contained[0].text.div"),
+            ("NUL in a string", |t| t["description"] = json!("draw\u{0}blood"), Val, "Task.description"),
+            ("control character deep inside", |t| t["note"][1]["text"] = json!("ring \u{7} the bell"), Val, "Task.note[1].text"),
+            ("control character in a contained resource", |t| t["contained"][0]["name"][0]["family"] = json!("Esc\u{1b}ape"), Val, "Task.contained[0].name[0].family"),
+            ("id of dots", |t| t["id"] = json!(".."), Val, "Task.id"),
             ("language not a language tag", |t| t["language"] = json!("en GB"), Val, "Task.language"),
             ("uri with whitespace", |t| t["instantiatesUri"] = json!("http://example.org/a b"), Val, "Task.instantiatesUri"),
         ];

@@ -325,8 +325,15 @@ pub async fn body(response: Response) -> (StatusCode, Value) {
     (status, value)
 }
 
-/// A rest-hook Subscription to a built-in topic, with filter criteria strings.
-pub fn subscription(topic: &str, filters: &[&str], endpoint: &str, content: &str) -> Value {
+/// A rest-hook Subscription to a built-in topic, with filter criteria strings. `base` is the
+/// FHIR base of the server it is sent to: a topic is named on that server's own base.
+pub fn subscription(
+    base: &str,
+    topic: &str,
+    filters: &[&str],
+    endpoint: &str,
+    content: &str,
+) -> Value {
     let criteria: Vec<Value> = filters
         .iter()
         .map(|f| json!({
@@ -338,7 +345,7 @@ pub fn subscription(topic: &str, filters: &[&str], endpoint: &str, content: &str
         "resourceType": "Subscription",
         "status": "requested",
         "reason": "integration test",
-        "criteria": format!("http://localhost/fhir/SubscriptionTopic/{topic}"),
+        "criteria": format!("{base}/SubscriptionTopic/{topic}"),
         "channel": {
             "type": "rest-hook",
             "endpoint": endpoint,

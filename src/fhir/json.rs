@@ -1,0 +1,425 @@
+//! Reading client JSON strictly, and the string rule every FHIR resource obeys.
+//!
+//! `serde_json` keeps the last of two equal keys in an object, so `{"role": "auditor",
+//! "role": "admin"}` silently means admin, and two parsers that disagree on which one wins
+//! (a proxy, an audit log, this server) see different documents. [`parse`] builds the same
+//! `serde_json::Value` (key order kept, as with `preserve_order`) but refuses a repeated key,
+//! saying which one and where. Nesting is bounded by [`MAX_DEPTH`], below `serde_json`'s own
+//! limit, so that whatever is accepted here can be read back by the store and by clients
+//! after the server wraps it in a Bundle.
+//!
+//! [`control_character`] finds the characters FHIR strings may not hold.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+/// The deepest nesting of arrays and objects a client document may have.
+pub const MAX_DEPTH: usize = 100;
+
+/// Why a document was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonError {
+    /// An object names the same key twice.
+    DuplicateKey {
+        key: String,
+        /// Where the object is, e.g. `contained[0].meta`; empty for the top level.
+        path: String,
+        line: usize,
+        column: usize,
+    },
+    /// Arrays and objects nest deeper than [`MAX_DEPTH`].
+    TooDeep { line: usize, column: usize },
+    /// Not JSON at all; the text is `serde_json`'s, with its position.
+    Syntax(String),
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JsonError::DuplicateKey {
+                key,
+                path,
+                line,
+                column,
+            } => {
+                let place = if path.is_empty() {
+                    "the top-level object".to_string()
+                } else {
+                    format!("the object at {path}")
+                };
+                write!(
+                    f,
+                    "the key '{key}' occurs twice in {place} (line {line}, column {column}); \
+                     each key may occur only once"
+                )
+            }
+            JsonError::TooDeep { line, column } => write!(
+                f,
+                "arrays and objects nest more than {MAX_DEPTH} levels deep (line {line}, \
+                 column {column})"
+            ),
+            JsonError::Syntax(message) => f.write_str(message),
+        }
+    }
+}
+
+/// Parses a JSON document, refusing repeated keys and nesting deeper than [`MAX_DEPTH`].
+pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
+    let mut state = State::default();
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed = ValueSeed {
+        state: &mut state,
+        depth: 0,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|value| deserializer.end().map(|()| value));
+    parsed.map_err(|e| match state.refusal.take() {
+        Some(Refusal::Duplicate { key, path }) => JsonError::DuplicateKey {
+            key,
+            path,
+            line: e.line(),
+            column: e.column(),
+        },
+        Some(Refusal::TooDeep) => JsonError::TooDeep {
+            line: e.line(),
+            column: e.column(),
+        },
+        None => JsonError::Syntax(e.to_string()),
+    })
+}
+
+/// The first character FHIR does not allow in a string — a control character other than
+/// tab, carriage return and line feed — anywhere in `value`, keys included, with the path of
+/// the element that holds it (`root.note[0].text`).
+pub fn control_character(value: &Value, root: &str) -> Option<(String, char)> {
+    let bad = |text: &str| {
+        text.chars()
+            .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    };
+    find_path(value, root, &|key, value| match key.and_then(bad) {
+        Some(c) => Some(c),
+        None => value.as_str().and_then(bad),
+    })
+}
+
+/// Walks `value` depth first and returns the first finding of `check` (which sees each
+/// object key, if any, and the value under it, the root included) with the path to it. The
+/// path is only built for the finding, so the walk allocates nothing while all is well: it
+/// runs on every write, inside the writer for patches.
+pub fn find_path<T>(
+    value: &Value,
+    root: &str,
+    check: &dyn Fn(Option<&str>, &Value) -> Option<T>,
+) -> Option<(String, T)> {
+    fn walk<T>(
+        value: &Value,
+        check: &dyn Fn(Option<&str>, &Value) -> Option<T>,
+        path: &mut Vec<String>,
+    ) -> Option<T> {
+        match value {
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                let found = check(None, item).or_else(|| walk(item, check, path))?;
+                path.push(format!("[{i}]"));
+                Some(found)
+            }),
+            Value::Object(map) => map.iter().find_map(|(key, item)| {
+                let found = check(Some(key), item).or_else(|| walk(item, check, path))?;
+                path.push(format!(".{key}"));
+                Some(found)
+            }),
+            _ => None,
+        }
+    }
+    let mut path = Vec::new();
+    let found = check(None, value).or_else(|| walk(value, check, &mut path))?;
+    path.push(root.to_string());
+    path.reverse();
+    Some((path.concat(), found))
+}
+
+/// What went wrong, kept aside because `serde_json` only carries a message string.
+enum Refusal {
+    Duplicate { key: String, path: String },
+    TooDeep,
+}
+
+/// The path to the value being read, and the refusal once there is one.
+#[derive(Default)]
+struct State {
+    path: Vec<Segment>,
+    refusal: Option<Refusal>,
+}
+
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl State {
+    fn path_text(&self) -> String {
+        let mut out = String::new();
+        for segment in &self.path {
+            match segment {
+                Segment::Key(key) if out.is_empty() => out.push_str(key),
+                Segment::Key(key) => {
+                    out.push('.');
+                    out.push_str(key);
+                }
+                Segment::Index(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+}
+
+struct ValueSeed<'s> {
+    state: &'s mut State,
+    /// How many arrays and objects enclose this value.
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl ValueSeed<'_> {
+    /// Entering an array or object: refuses one level too many.
+    fn enter<E: de::Error>(&mut self) -> Result<usize, E> {
+        if self.depth >= MAX_DEPTH {
+            self.state.refusal = Some(Refusal::TooDeep);
+            return Err(E::custom("nesting too deep"));
+        }
+        Ok(self.depth + 1)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON text has no NaN or infinity, so this always holds a number.
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Value, A::Error> {
+        let depth = self.enter()?;
+        let mut items = Vec::new();
+        loop {
+            self.state.path.push(Segment::Index(items.len()));
+            let item = seq.next_element_seed(ValueSeed {
+                state: &mut *self.state,
+                depth,
+            })?;
+            self.state.path.pop();
+            match item {
+                Some(item) => items.push(item),
+                None => return Ok(Value::Array(items)),
+            }
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut access: A) -> Result<Value, A::Error> {
+        let depth = self.enter()?;
+        let mut map = Map::new();
+        while let Some(key) = access.next_key::<String>()? {
+            if map.contains_key(&key) {
+                let path = self.state.path_text();
+                self.state.refusal = Some(Refusal::Duplicate { key, path });
+                return Err(de::Error::custom("duplicate key"));
+            }
+            self.state.path.push(Segment::Key(key.clone()));
+            let value = access.next_value_seed(ValueSeed {
+                state: &mut *self.state,
+                depth,
+            })?;
+            self.state.path.pop();
+            map.insert(key, value);
+        }
+        Ok(Value::Object(map))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    #[test]
+    fn documents_parse_as_serde_json_reads_them() {
+        let texts = [
+            r#"{"resourceType":"Task","b":1,"a":[1,2.5,-3,true,null,"x"],"c":{"d":{}}}"#,
+            r#"[]"#,
+            r#""just a string""#,
+            r#"  {"z":1,"y":2}  "#,
+            r#"{"big":18446744073709551615,"neg":-9223372036854775808,"e":1e300}"#,
+            r#"{"escaped":"\u00e9\n\"q\""}"#,
+        ];
+        for text in texts {
+            let ours = parse(text.as_bytes()).unwrap();
+            let theirs: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(ours, theirs, "{text}");
+            // Key order is the document's, as with preserve_order.
+            assert_eq!(ours.to_string(), theirs.to_string(), "{text}");
+        }
+    }
+
+    #[test]
+    fn repeated_keys_are_refused_with_their_place() {
+        let cases = [
+            (r#"{"role":"auditor","role":"admin"}"#, "role", ""),
+            (
+                r#"{"contained":[{"meta":{"versionId":"1","versionId":"2"}}]}"#,
+                "versionId",
+                "contained[0].meta",
+            ),
+            (r#"[{"a":1},{"b":{"c":1,"c":1}}]"#, "c", "[1].b"),
+            (r#"{"a":{"x":1},"a":{"x":1}}"#, "a", ""),
+        ];
+        for (text, key, path) in cases {
+            match parse(text.as_bytes()) {
+                Err(JsonError::DuplicateKey {
+                    key: k, path: p, ..
+                }) => {
+                    assert_eq!((k.as_str(), p.as_str()), (key, path), "{text}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let message = parse(br#"{"a":1,"a":2}"#).unwrap_err().to_string();
+        assert!(
+            message.contains("'a' occurs twice in the top-level object (line 1, column"),
+            "{message}"
+        );
+        // Equal keys in different objects are fine.
+        parse(br#"{"a":{"a":1},"b":[{"a":1},{"a":2}]}"#).unwrap();
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let nest = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        parse(nest(MAX_DEPTH).as_bytes()).unwrap();
+        assert!(matches!(
+            parse(nest(MAX_DEPTH + 1).as_bytes()),
+            Err(JsonError::TooDeep { .. })
+        ));
+        // Far past serde_json's own limit, still a refusal rather than a stack overflow.
+        let deep = format!("{}1{}", "{\"a\":".repeat(100_000), "}".repeat(100_000));
+        assert!(matches!(
+            parse(deep.as_bytes()),
+            Err(JsonError::TooDeep { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_documents_are_syntax_errors() {
+        for text in [
+            "",
+            "{",
+            r#"{"a":1,}"#,
+            "[1] [2]",
+            r#"{"a":"\ud800"}"#,
+            "nul",
+        ] {
+            assert!(
+                matches!(parse(text.as_bytes()), Err(JsonError::Syntax(_))),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn control_characters_are_found_with_their_element() {
+        let cases = [
+            (json!({"a": "fine\ttab\r\nlines"}), None),
+            (json!({"a": "nul\u{0}"}), Some(("R.a", '\u{0}'))),
+            (
+                json!({"a": [1, {"b": "bell\u{7}"}]}),
+                Some(("R.a[1].b", '\u{7}')),
+            ),
+            (json!({"k\u{1b}": 1}), Some(("R.k\u{1b}", '\u{1b}'))),
+            (json!({"a": "del\u{7f}"}), Some(("R.a", '\u{7f}'))),
+            (json!({"a": "c1\u{85}"}), Some(("R.a", '\u{85}'))),
+            (json!({"a": "ünïcödé ✓"}), None),
+        ];
+        for (value, expected) in cases {
+            let found = control_character(&value, "R");
+            assert_eq!(
+                found.as_ref().map(|(p, c)| (p.as_str(), *c)),
+                expected,
+                "{value}"
+            );
+        }
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            ".{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(6, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_document_without_repeats_reads_as_serde_json_reads_it(value in any_json()) {
+            let text = serde_json::to_string(&value).unwrap();
+            let theirs: Value = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(parse(text.as_bytes()).unwrap(), theirs);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse(&bytes);
+        }
+    }
+}
