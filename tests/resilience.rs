@@ -173,7 +173,7 @@ async fn an_unreadable_change_is_passed_over_and_matching_goes_on() {
         .post_json(
             "/Subscription",
             &admin,
-            &subscription("task-changed", &[], &receiver.url, "id-only"),
+            &subscription(&server.base, "task-changed", &[], &receiver.url, "id-only"),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
@@ -258,7 +258,7 @@ async fn a_subscription_the_configuration_no_longer_serves_says_why_and_keeps_co
         .post_json(
             "/Subscription",
             &admin,
-            &subscription("task-changed", &[], &receiver.url, "id-only"),
+            &subscription(&server.base, "task-changed", &[], &receiver.url, "id-only"),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
@@ -326,7 +326,13 @@ async fn a_subscription_whose_topic_is_gone_is_turned_off_with_the_reason() {
     std::fs::write(topics.path().join("ward-changed.json"), topic.to_string()).unwrap();
     let topics_dir = topics.path().to_path_buf();
     let server = TestServer::start_in(dir.path(), |c| c.topics_dir = Some(topics_dir)).await;
-    let mut body = subscription("task-changed", &[], "wss://unused.example/", "id-only");
+    let mut body = subscription(
+        &server.base,
+        "task-changed",
+        &[],
+        "wss://unused.example/",
+        "id-only",
+    );
     body["criteria"] = json!(format!("{}/SubscriptionTopic/ward-changed", server.base));
     body["channel"] = json!({"type": "websocket", "payload": "application/fhir+json"});
     let (status, created) = server
@@ -363,7 +369,7 @@ async fn a_corrected_endpoint_is_tried_at_once_not_after_the_old_back_off() {
     failing.fail_with(Some(500));
     let working = Receiver::start().await;
     let admin = server.admin();
-    let body = subscription("task-changed", &[], &failing.url, "id-only");
+    let body = subscription(&server.base, "task-changed", &[], &failing.url, "id-only");
     let (status, created) = server.post_json("/Subscription", &admin, &body).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["id"].as_str().unwrap().to_string();

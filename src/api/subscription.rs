@@ -103,7 +103,7 @@ pub fn find_topic<'a>(
 pub fn parse_request(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
     parse_named(
         &state.hub.topics,
-        &state.config,
+        &channel_policy(&state.config),
         &state.search_limits,
         &state.base_url,
         resource,
@@ -170,7 +170,7 @@ pub fn parse_with(
 ) -> Result<SubscriptionSpec> {
     parse_named(
         topics,
-        config,
+        policy,
         limits,
         base_url,
         resource,
@@ -180,7 +180,7 @@ pub fn parse_with(
 
 fn parse_named(
     topics: &[Topic],
-    config: &crate::config::Config,
+    policy: &ChannelPolicy,
     limits: &crate::fhir::search::SearchLimits,
     base_url: &str,
     resource: &Value,
