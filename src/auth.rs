@@ -389,7 +389,8 @@ fn in_role_queue(principal: &Principal, resource: &Value) -> bool {
 }
 
 /// The read rule as a search predicate, so that searches only ever see readable Tasks.
-/// `None` means no restriction.
+/// `None` means no restriction. The queue branch's `owner:missing=true` leaves out Tasks whose
+/// owner has no reference, because `fhir::search::index_task` files those under `owner` too.
 pub fn read_scope(principal: &Principal) -> Option<Predicate> {
     if principal.role != Role::Practitioner {
         return None;
