@@ -432,9 +432,9 @@ pub fn read_scope(principal: &Principal) -> Option<Predicate> {
 }
 
 /// Checks a Task write against the role rules: `before` is the current version (None on
-/// create), `after` the proposed one (None on delete). Both must already be valid Tasks.
-/// Deleting takes more than reading: a practitioner deletes only the Tasks it owns, never
-/// one that merely waits in its queue.
+/// create), `after` the proposed one. Both must already be valid Tasks. Without `after`, it
+/// checks only that the principal may change `before` at all (deletes have their own rule,
+/// `authorize_task_delete`).
 pub fn authorize_task_write(
     principal: &Principal,
     before: Option<&Value>,
@@ -454,13 +454,7 @@ pub fn authorize_task_write(
                 )));
             }
             let Some(after) = after else {
-                return match before {
-                    Some(before) if owns(principal, before, base_url) => Ok(()),
-                    _ => Err(Error::forbidden(format!(
-                        "only an admin or the Task's owner may delete it, and {me} does not own it; \
-                         to give up a queued Task, leave it in the queue"
-                    ))),
-                };
+                return Ok(());
             };
             match task::ownership(after, base_url) {
                 Ownership::Reference(owner) if owner == me => Ok(()),
@@ -482,6 +476,21 @@ pub fn authorize_task_write(
     }
 }
 
+/// Checks a delete of the Task whose content is `before` (for a Task already deleted, its
+/// content before the delete). Deleting takes more than reading: admins, and the practitioner
+/// that owns the Task — never the practitioners of a queue it merely waits in.
+pub fn authorize_task_delete(principal: &Principal, before: &Value, base_url: &str) -> Result<()> {
+    authorize_task_write(principal, Some(before), None, base_url)?;
+    if principal.role == Role::Practitioner && !owns(principal, before, base_url) {
+        let me = principal.fhir_user.as_deref().unwrap_or_default();
+        return Err(Error::forbidden(format!(
+            "only an admin or the Task's owner may delete it, and {me} does not own it; a \
+             queued Task stays in its queue"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that the principal may create a Task again under the id of a deleted one, whose
 /// last content was `deleted`. The id's history stays with the id, so only whoever could
 /// have deleted that Task — an admin, or the practitioner who owned it — may take the id
@@ -492,7 +501,7 @@ pub fn authorize_task_recreate(
     id: &str,
     base_url: &str,
 ) -> Result<()> {
-    authorize_task_write(principal, Some(deleted), None, base_url).map_err(|_| {
+    authorize_task_delete(principal, deleted, base_url).map_err(|_| {
         Error::forbidden(format!(
             "Task/{id} was deleted; only an admin or the practitioner who owned it may create \
              a Task with this id again"
@@ -702,9 +711,10 @@ mod tests {
             !ok(authorize_task_write(&me, Some(&theirs), Some(&mine), base)),
             "steal"
         );
+        assert!(ok(authorize_task_delete(&me, &mine, base)), "delete own");
         assert!(
-            ok(authorize_task_write(&me, Some(&mine), None, base)),
-            "delete own"
+            ok(authorize_task_write(&me, Some(&queued), None, base)),
+            "a queued Task may be changed (claimed)"
         );
         assert!(ok(authorize_task_write(
             &admin,
@@ -938,7 +948,7 @@ mod tests {
             ("auditor, any", &auditor, &mine, false),
         ];
         for (name, who, task, allowed) in cases {
-            let delete = authorize_task_write(who, Some(task), None, base);
+            let delete = authorize_task_delete(who, task, base);
             let recreate = authorize_task_recreate(who, task, "t1", base);
             assert_eq!(delete.is_ok(), allowed, "delete: {name}");
             assert_eq!(recreate.is_ok(), allowed, "re-create: {name}");

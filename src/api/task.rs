@@ -280,12 +280,12 @@ async fn delete(
         // Deleting again changes nothing and answers 204, as FHIR allows, but only to whoever
         // could have deleted it: anyone else learns no more than a live Task would tell them.
         Some(c) if c.deleted => {
-            auth::authorize_task_write(&principal, Some(&c.resource), None, &base_url)?;
+            auth::authorize_task_delete(&principal, &c.resource, &base_url)?;
             Ok(Decision::Keep)
         }
         Some(c) => {
             check_version(if_match, Some(c))?;
-            auth::authorize_task_write(&principal, Some(&c.resource), None, &base_url)?;
+            auth::authorize_task_delete(&principal, &c.resource, &base_url)?;
             Ok(Decision::Delete)
         }
     });

@@ -665,7 +665,10 @@ impl Store for SqliteStore {
     }
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
-        match self.submit(Work::CreateSubscription(Box::new(record))).await? {
+        match self
+            .submit(Work::CreateSubscription(Box::new(record)))
+            .await?
+        {
             Done::Subscription(s) => Ok(*s),
             _ => Err(unexpected()),
         }
