@@ -235,9 +235,9 @@ pub fn quota_exceeded(quota: usize) -> crate::error::Error {
         axum::http::StatusCode::TOO_MANY_REQUESTS,
         crate::error::IssueCode::Throttled,
         format!(
-            "you already hold {quota} live subscriptions, the most one author may hold \
-             (limits.subscriptions_per_author); delete one, or set one's status to off, to \
-             free a slot"
+            "the author already holds {quota} live subscriptions, the most one author may \
+             hold (limits.subscriptions_per_author); delete one of them, or set one's status \
+             to off, to free a slot"
         ),
     )
 }
