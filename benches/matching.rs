@@ -52,6 +52,7 @@ fn subscription_id(kind: u8, n: usize) -> String {
 
 fn admin() -> Principal {
     Principal {
+        issuer: None,
         subject: "admin@hub.example.org".to_string(),
         role: Role::Admin,
         fhir_user: None,
@@ -63,6 +64,7 @@ fn admin() -> Principal {
 /// read rule then has to compare the Task's owner with the author.
 fn practitioner(n: usize) -> Principal {
     Principal {
+        issuer: None,
         subject: format!("practitioner-{n}"),
         role: Role::Practitioner,
         fhir_user: Some(format!("Practitioner/{n}")),

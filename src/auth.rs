@@ -1,10 +1,14 @@
 //! Bearer-token authentication and the role rules of the design.
 //!
-//! Tokens are HS256 JWTs with `sub`, `exp`, `role` and (for practitioners) `fhirUser`. The
-//! algorithm is pinned: a token whose header names any other algorithm, `none` included, is
-//! rejected. The rules deciding who may read or write a Task are plain functions of the
-//! principal and the resource, so the API, search and (later) every notification apply the
-//! very same rule.
+//! Tokens are HS256 JWTs with `sub`, `exp`, `role`, (for practitioners) `fhirUser` and
+//! optionally `iss`. The algorithm is pinned: a token whose header names any other algorithm,
+//! `none` included, is rejected. The rules deciding who may read or write a Task are plain
+//! functions of the principal and the resource, so the API, search and every notification
+//! apply the very same rule.
+//!
+//! Whatever a principal owns (a subscription, a binding token) is owned by its whole
+//! `Identity` — issuer, subject, role and FHIR user — never by `sub` alone: two tokens that
+//! share a `sub` but differ in role or FHIR user are two different owners.
 
 use std::path::Path;
 
@@ -15,9 +19,9 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
 use crate::fhir::search::{Predicate, SystemMatch, TokenValue};
-use crate::fhir::task;
+use crate::fhir::task::{self, Ownership};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
@@ -69,13 +73,57 @@ impl PerformerType {
 }
 
 /// Who is calling, as established by a verified token.
+///
+/// Stored as the author of a subscription (JSON), where it decides what the subscription's
+/// notifications may carry. Authors stored before `issuer` existed read back with none, which
+/// is what a token without `iss` gives: the local issuer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Principal {
+    /// The token's `iss`; None for a token without one (see `Identity::issuer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
     pub subject: String,
     pub role: Role,
     /// `Type/id` of the FHIR user behind the token; always present for practitioners.
     pub fhir_user: Option<String>,
     pub performer_types: Vec<PerformerType>,
+}
+
+impl Principal {
+    /// The identity that owns what this principal creates, and that must match exactly for
+    /// the principal to act as that owner.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            issuer: self.issuer.clone(),
+            subject: self.subject.clone(),
+            role: self.role,
+            fhir_user: self.fhir_user.clone(),
+        }
+    }
+
+    /// Whether this principal is the owner `identity`: every part must agree, so a token
+    /// with the same `sub` but another role, FHIR user or issuer is someone else.
+    pub fn is(&self, identity: &Identity) -> bool {
+        self.issuer == identity.issuer
+            && self.subject == identity.subject
+            && self.role == identity.role
+            && self.fhir_user == identity.fhir_user
+    }
+}
+
+/// The owner of a subscription or a binding token: everything about a token that says who it
+/// speaks for. Performer types are left out on purpose: they say which queues a practitioner
+/// works, not who it is, and may change from one token to the next.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// The token's `iss`. None means the token carried no `iss`: it was minted with the
+    /// configured HS256 key (`baton token`, development and service tokens), the "local
+    /// issuer". A token with an `iss` is never the same owner as one without, even with the
+    /// same `sub`.
+    pub issuer: Option<String>,
+    pub subject: String,
+    pub role: Role,
+    pub fhir_user: Option<String>,
 }
 
 /// Verifies and mints tokens with one HS256 key.
@@ -131,8 +179,24 @@ impl Authenticator {
         let subject = claims
             .get("sub")
             .and_then(Value::as_str)
-            .ok_or_else(|| Error::unauthorized("the token's 'sub' claim must be a string"))?
+            .filter(|s| is_identity_text(s))
+            .ok_or_else(|| {
+                Error::unauthorized(
+                    "the token's 'sub' claim must be a non-empty string without control characters",
+                )
+            })?
             .to_string();
+        // An empty `iss` would be a third state between "no issuer" and "this issuer";
+        // refusing it keeps the identity's issuer one of the two.
+        let issuer = match claims.get("iss") {
+            None => None,
+            Some(Value::String(iss)) if is_identity_text(iss) => Some(iss.clone()),
+            Some(_) => {
+                return Err(Error::unauthorized(
+                    "the token's 'iss' claim must be a non-empty string without control characters",
+                ));
+            }
+        };
         let role = claims
             .get("role")
             .and_then(Value::as_str)
@@ -184,6 +248,7 @@ impl Authenticator {
             }
         };
         Ok(Principal {
+            issuer,
             subject,
             role,
             fhir_user,
@@ -191,7 +256,10 @@ impl Authenticator {
         })
     }
 
-    /// Mints a token, for `baton token`, the start-up admin token and the tests.
+    /// Mints a token, for `baton token`, the start-up admin token and the tests. The token
+    /// carries no `iss` (the local issuer), and its subject names the role as well as the FHIR
+    /// user (`practitioner:Practitioner/7`, `auditor:Practitioner/7`; `admin-cli` without a
+    /// FHIR user), so tokens minted for different roles never share a `sub`.
     pub fn issue(
         &self,
         role: Role,
@@ -200,7 +268,7 @@ impl Authenticator {
         ttl_seconds: u64,
     ) -> Result<String> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let subject = fhir_user.map_or_else(|| format!("{}-cli", role.as_str()), str::to_string);
+        let subject = minted_subject(role, fhir_user);
         let mut claims = json!({
             "sub": subject,
             "iat": now,
@@ -245,6 +313,20 @@ fn check_token_json(token: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a claim can be part of an identity: not empty (the store writes "none" as ''), and
+/// free of control characters, which the stores would not keep exactly as given.
+fn is_identity_text(text: &str) -> bool {
+    !text.is_empty() && !text.chars().any(char::is_control)
+}
+
+/// The `sub` that `issue` gives a token.
+pub fn minted_subject(role: Role, fhir_user: Option<&str>) -> String {
+    match fhir_user {
+        Some(user) => format!("{}:{user}", role.as_str()),
+        None => format!("{}-cli", role.as_str()),
+    }
 }
 
 /// Reads the secret from the configuration, or else from `<data_dir>/jwt-secret`, creating
@@ -309,17 +391,26 @@ where
 }
 
 /// Whether the principal may read this Task: the one read rule of the design, applied to
-/// reads, searches and notifications alike.
+/// reads, every version in the history, searches and notifications alike. A practitioner
+/// reads the Tasks whose `owner` references its FHIR user, and Tasks with no `owner` at all
+/// waiting in one of its role queues; an `owner` named only by `display` or `identifier` is
+/// someone else, so such a Task is for admins and auditors only.
 pub fn may_read_task(principal: &Principal, resource: &Value, base_url: &str) -> bool {
     match principal.role {
         Role::Admin | Role::Auditor => true,
-        Role::Practitioner => {
-            let owner = task::owner(resource, base_url);
-            match owner {
-                Some(owner) => Some(&owner) == principal.fhir_user.as_ref(),
-                None => in_role_queue(principal, resource),
-            }
-        }
+        Role::Practitioner => match task::ownership(resource, base_url) {
+            Ownership::Reference(owner) => Some(&owner) == principal.fhir_user.as_ref(),
+            Ownership::Unowned => in_role_queue(principal, resource),
+            Ownership::Unresolved => false,
+        },
+    }
+}
+
+/// Whether the Task's `owner` references the principal's FHIR user.
+fn owns(principal: &Principal, resource: &Value, base_url: &str) -> bool {
+    match task::ownership(resource, base_url) {
+        Ownership::Reference(owner) => Some(&owner) == principal.fhir_user.as_ref(),
+        Ownership::Unowned | Ownership::Unresolved => false,
     }
 }
 
@@ -336,7 +427,8 @@ fn in_role_queue(principal: &Principal, resource: &Value) -> bool {
 }
 
 /// The read rule as a search predicate, so that searches only ever see readable Tasks.
-/// `None` means no restriction.
+/// `None` means no restriction. The queue branch's `owner:missing=true` leaves out Tasks whose
+/// owner has no reference, because `fhir::search::index_task` files those under `owner` too.
 pub fn read_scope(principal: &Principal) -> Option<Predicate> {
     if principal.role != Role::Practitioner {
         return None;
@@ -378,7 +470,9 @@ pub fn read_scope(principal: &Principal) -> Option<Predicate> {
 }
 
 /// Checks a Task write against the role rules: `before` is the current version (None on
-/// create), `after` the proposed one (None on delete). Both must already be valid Tasks.
+/// create), `after` the proposed one. Both must already be valid Tasks. Without `after`, it
+/// checks only that the principal may change `before` at all (deletes have their own rule,
+/// `authorize_task_delete`).
 pub fn authorize_task_write(
     principal: &Principal,
     before: Option<&Value>,
@@ -400,20 +494,57 @@ pub fn authorize_task_write(
             let Some(after) = after else {
                 return Ok(());
             };
-            match task::owner(after, base_url) {
-                Some(owner) if owner == me => Ok(()),
-                Some(owner) => Err(Error::forbidden(format!(
+            match task::ownership(after, base_url) {
+                Ownership::Reference(owner) if owner == me => Ok(()),
+                Ownership::Reference(owner) => Err(Error::forbidden(format!(
                     "a practitioner may only own its own Tasks: Task.owner must be {me}, not {owner}"
+                ))),
+                Ownership::Unresolved => Err(Error::forbidden(format!(
+                    "a practitioner may only own its own Tasks: Task.owner must reference {me}, \
+                     not only name an owner by display or identifier"
                 ))),
                 // Releasing a claim returns the Task to the queue; allowed only while the
                 // practitioner can still see it there, so nobody hands work into the void.
-                None if before.is_some() && in_role_queue(principal, after) => Ok(()),
-                None => Err(Error::forbidden(format!(
+                Ownership::Unowned if before.is_some() && in_role_queue(principal, after) => Ok(()),
+                Ownership::Unowned => Err(Error::forbidden(format!(
                     "a practitioner may only create or keep Tasks it owns: set Task.owner to {me}"
                 ))),
             }
         }
     }
+}
+
+/// Checks a delete of the Task whose content is `before` (for a Task already deleted, its
+/// content before the delete). Deleting takes more than reading: admins, and the practitioner
+/// that owns the Task — never the practitioners of a queue it merely waits in.
+pub fn authorize_task_delete(principal: &Principal, before: &Value, base_url: &str) -> Result<()> {
+    authorize_task_write(principal, Some(before), None, base_url)?;
+    if principal.role == Role::Practitioner && !owns(principal, before, base_url) {
+        let me = principal.fhir_user.as_deref().unwrap_or_default();
+        return Err(Error::forbidden(format!(
+            "only an admin or the Task's owner may delete it, and {me} does not own it; a \
+             queued Task stays in its queue"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that the principal may create a Task again under the id of a deleted one, whose
+/// last content was `deleted`. The id's history stays with the id, so only whoever could
+/// have deleted that Task — an admin, or the practitioner who owned it — may take the id
+/// over; anyone else would otherwise inherit a place next to versions they must not read.
+pub fn authorize_task_recreate(
+    principal: &Principal,
+    deleted: &Value,
+    id: &str,
+    base_url: &str,
+) -> Result<()> {
+    authorize_task_delete(principal, deleted, base_url).map_err(|_| {
+        Error::forbidden(format!(
+            "Task/{id} was deleted; only an admin or the practitioner who owned it may create \
+             a Task with this id again"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -626,6 +757,7 @@ mod tests {
 
     fn practitioner(user: &str, types: &[&str]) -> Principal {
         Principal {
+            issuer: None,
             subject: user.into(),
             role: Role::Practitioner,
             fhir_user: Some(user.into()),
@@ -714,9 +846,10 @@ mod tests {
             !ok(authorize_task_write(&me, Some(&theirs), Some(&mine), base)),
             "steal"
         );
+        assert!(ok(authorize_task_delete(&me, &mine, base)), "delete own");
         assert!(
-            ok(authorize_task_write(&me, Some(&mine), None, base)),
-            "delete own"
+            ok(authorize_task_write(&me, Some(&queued), None, base)),
+            "a queued Task may be changed (claimed)"
         );
         assert!(ok(authorize_task_write(
             &admin,
@@ -726,5 +859,237 @@ mod tests {
         )));
         let err = authorize_task_write(&auditor, None, Some(&mine), base).unwrap_err();
         assert_eq!(err.status(), 403);
+    }
+
+    #[test]
+    fn ownership_needs_the_whole_identity() {
+        let author = practitioner("Practitioner/1", &["http://x|lab"]);
+        let owner = author.identity();
+        let cases: [(&str, Principal, bool); 7] = [
+            ("the author itself", author.clone(), true),
+            (
+                "other performer types (not part of who it is)",
+                Principal {
+                    performer_types: Vec::new(),
+                    ..author.clone()
+                },
+                true,
+            ),
+            (
+                "same sub, auditor role",
+                Principal {
+                    role: Role::Auditor,
+                    ..author.clone()
+                },
+                false,
+            ),
+            (
+                "same sub, admin role",
+                Principal {
+                    role: Role::Admin,
+                    ..author.clone()
+                },
+                false,
+            ),
+            (
+                "same sub, other fhirUser",
+                Principal {
+                    fhir_user: Some("Practitioner/2".into()),
+                    ..author.clone()
+                },
+                false,
+            ),
+            (
+                "same sub, with an issuer",
+                Principal {
+                    issuer: Some("https://idp.example".into()),
+                    ..author.clone()
+                },
+                false,
+            ),
+            (
+                "other sub",
+                Principal {
+                    subject: "someone-else".into(),
+                    ..author.clone()
+                },
+                false,
+            ),
+        ];
+        for (name, caller, expected) in cases {
+            assert_eq!(caller.is(&owner), expected, "{name}");
+            assert_eq!(caller.identity() == owner, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn issuer_and_subject_claims_map_to_the_identity() {
+        let a = auth();
+        let token = |extra: Value| {
+            let mut claims = json!({"sub": "u", "exp": exp(), "role": "auditor"});
+            for (k, v) in extra.as_object().unwrap() {
+                claims[k] = v.clone();
+            }
+            sign(claims, Algorithm::HS256, SECRET)
+        };
+        let cases: [(&str, Value, Option<Option<&str>>); 7] = [
+            ("no iss: the local issuer", json!({}), Some(None)),
+            (
+                "an iss is kept",
+                json!({"iss": "https://idp.example"}),
+                Some(Some("https://idp.example")),
+            ),
+            ("empty iss", json!({"iss": ""}), None),
+            ("iss not a string", json!({"iss": 7}), None),
+            (
+                "iss with a control character",
+                json!({"iss": "a\u{1}b"}),
+                None,
+            ),
+            ("empty sub", json!({"sub": ""}), None),
+            ("sub with a control character", json!({"sub": "a\nb"}), None),
+        ];
+        for (name, extra, expected) in cases {
+            match (a.verify(&token(extra)), expected) {
+                (Ok(p), Some(issuer)) => assert_eq!(p.issuer.as_deref(), issuer, "{name}"),
+                (Err(e), None) => assert_eq!(e.status(), 401, "{name}"),
+                (got, _) => panic!("{name}: unexpected {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn minted_tokens_have_one_subject_per_role() {
+        let a = auth();
+        let cases = [
+            (
+                Role::Practitioner,
+                Some("Practitioner/7"),
+                "practitioner:Practitioner/7",
+            ),
+            (
+                Role::Auditor,
+                Some("Practitioner/7"),
+                "auditor:Practitioner/7",
+            ),
+            (Role::Admin, Some("Practitioner/7"), "admin:Practitioner/7"),
+            (Role::Admin, None, "admin-cli"),
+            (Role::Auditor, None, "auditor-cli"),
+        ];
+        let mut identities = Vec::new();
+        for (role, user, subject) in cases {
+            let p = a.verify(&a.issue(role, user, &[], 60).unwrap()).unwrap();
+            assert_eq!(p.subject, subject);
+            assert_eq!(p.issuer, None, "baton token is the local issuer");
+            identities.push(p.identity());
+        }
+        for (i, x) in identities.iter().enumerate() {
+            for y in &identities[i + 1..] {
+                assert_ne!(x.subject, y.subject);
+            }
+        }
+    }
+
+    #[test]
+    fn authors_stored_without_an_issuer_are_the_local_issuer() {
+        let stored = json!({"subject": "Practitioner/1", "role": "practitioner",
+            "fhir_user": "Practitioner/1", "performer_types": []});
+        let author: Principal = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(author.issuer, None);
+        assert_eq!(
+            serde_json::to_value(&author).unwrap(),
+            stored,
+            "a local author is stored as before"
+        );
+        let remote = Principal {
+            issuer: Some("https://idp.example".into()),
+            ..author
+        };
+        let round: Principal =
+            serde_json::from_value(serde_json::to_value(&remote).unwrap()).unwrap();
+        assert_eq!(round, remote);
+    }
+
+    #[test]
+    fn an_owner_without_a_reference_is_someone_else() {
+        let base = "http://h/fhir";
+        let queued_lab = |owner: Value| {
+            let mut t = task_owned_by(None, Some("lab"));
+            t["owner"] = owner;
+            t
+        };
+        let me = practitioner("Practitioner/1", &["http://x|lab"]);
+        let auditor = Principal {
+            role: Role::Auditor,
+            ..me.clone()
+        };
+        let admin = Principal {
+            role: Role::Admin,
+            ..me.clone()
+        };
+        let owners = [
+            json!({"display": "Dr. One"}),
+            json!({"identifier": {"system": "http://x", "value": "1"}}),
+            json!({"display": "Practitioner/1"}),
+        ];
+        for owner in owners {
+            let task = queued_lab(owner.clone());
+            assert!(!may_read_task(&me, &task, base), "{owner}");
+            assert!(may_read_task(&auditor, &task, base), "{owner}");
+            assert!(may_read_task(&admin, &task, base), "{owner}");
+            let claimed = task_owned_by(Some("Practitioner/1"), Some("lab"));
+            assert_eq!(
+                authorize_task_write(&me, Some(&task), Some(&claimed), base)
+                    .unwrap_err()
+                    .status(),
+                403,
+                "claim {owner}"
+            );
+            assert_eq!(
+                authorize_task_write(&me, None, Some(&task), base)
+                    .unwrap_err()
+                    .status(),
+                403,
+                "create {owner}"
+            );
+        }
+    }
+
+    #[test]
+    fn deleting_and_recreating_take_ownership() {
+        let base = "http://h/fhir";
+        let me = practitioner("Practitioner/1", &["http://x|lab"]);
+        let admin = Principal {
+            role: Role::Admin,
+            ..me.clone()
+        };
+        let auditor = Principal {
+            role: Role::Auditor,
+            ..me.clone()
+        };
+        let mine = task_owned_by(Some("Practitioner/1"), Some("lab"));
+        let theirs = task_owned_by(Some("Practitioner/2"), Some("lab"));
+        let queued = task_owned_by(None, Some("lab"));
+        let mut display_only = task_owned_by(None, Some("lab"));
+        display_only["owner"] = json!({"display": "Dr. One"});
+        // (who, the Task as last stored, may delete it and so re-create its id)
+        let cases = [
+            ("owner", &me, &mine, true),
+            ("another's", &me, &theirs, false),
+            ("queued, in my queue", &me, &queued, false),
+            ("owned by display only", &me, &display_only, false),
+            ("admin, another's", &admin, &theirs, true),
+            ("admin, queued", &admin, &queued, true),
+            ("auditor, any", &auditor, &mine, false),
+        ];
+        for (name, who, task, allowed) in cases {
+            let delete = authorize_task_delete(who, task, base);
+            let recreate = authorize_task_recreate(who, task, "t1", base);
+            assert_eq!(delete.is_ok(), allowed, "delete: {name}");
+            assert_eq!(recreate.is_ok(), allowed, "re-create: {name}");
+            for refused in [delete, recreate].into_iter().filter_map(Result::err) {
+                assert_eq!(refused.status(), 403, "{name}");
+            }
+        }
     }
 }

@@ -28,7 +28,9 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Print a bearer token signed with the configured key.
+    /// Print a bearer token signed with the configured key. Its `sub` names the role and the
+    /// FHIR user (`practitioner:Practitioner/123`; `admin-cli` without a FHIR user), so tokens
+    /// for different roles are different owners; it carries no `iss` (the local issuer).
     Token {
         /// admin, practitioner or auditor.
         #[arg(long)]

@@ -302,7 +302,19 @@ async fn check_deliverable(state: &AppState, spec: &SubscriptionSpec) -> Result<
     }
 }
 
-fn record_for(spec: &SubscriptionSpec, resource: Value, author: &Principal) -> SubscriptionRecord {
+/// The most live subscriptions an author with this role may hold, given
+/// `limits.subscriptions_per_author`: admins (placer systems, integration engines) have no
+/// quota, nor does anyone when the limit is 0.
+fn live_quota(limit: usize, role: Role) -> Option<usize> {
+    (role != Role::Admin && limit > 0).then_some(limit)
+}
+
+fn record_for(
+    spec: &SubscriptionSpec,
+    resource: Value,
+    author: &Principal,
+    live_quota: Option<usize>,
+) -> SubscriptionRecord {
     let off = spec.requested_status == SubscriptionStatus::Off;
     // rest-hook and message subscriptions start `requested` and become `active` after the
     // handshake; a websocket subscription is active at once and handshakes on each bind.
@@ -322,7 +334,9 @@ fn record_for(spec: &SubscriptionSpec, resource: Value, author: &Principal) -> S
             _ => None,
         },
         author: serde_json::to_value(author).unwrap_or(Value::Null),
+        owner: author.identity(),
         handshake_pending: !off && !websocket,
+        live_quota,
     }
 }
 
@@ -342,7 +356,12 @@ async fn create(
     }
     let stored = state
         .store
-        .create_subscription(record_for(&spec, resource, &principal))
+        .create_subscription(record_for(
+            &spec,
+            resource,
+            &principal,
+            live_quota(state.config.limits.subscriptions_per_author, principal.role),
+        ))
         .await?;
     activate(&state, &stored, &spec);
     state
@@ -385,7 +404,9 @@ async fn update(
         object.remove("error");
     }
     let if_match = super::task::parse_if_match(&headers)?;
-    let record = record_for(&spec, resource, &principal);
+    let record = record_for(&spec, resource, &principal, None);
+    let limit = state.config.limits.subscriptions_per_author;
+    let caller = principal.clone();
     let decide = Box::new(move |current: &StoredSubscription| {
         if let Some(v) = if_match
             && v != current.version
@@ -395,9 +416,18 @@ async fn update(
                 current.version
             )));
         }
-        // The author stays the original one, whoever (author or admin) updates.
+        // The owner stays the original one, whoever (author or admin) updates, and so does
+        // the quota that applies. An update by the author itself also refreshes the stored
+        // principal (its performer types), so notifications follow the author's current rights.
+        let author = if caller.is(&current.owner) {
+            record.author
+        } else {
+            current.author.clone()
+        };
         Ok(SubscriptionRecord {
-            author: current.author.clone(),
+            author,
+            owner: current.owner.clone(),
+            live_quota: live_quota(limit, current.owner.role),
             ..record
         })
     });
@@ -496,16 +526,18 @@ fn parse_number(name: &str, value: &str) -> Result<usize> {
     })
 }
 
-/// Admins see every subscription; everyone else only their own.
+/// Admins see every subscription; everyone else only those its whole identity owns.
 fn author_scope(principal: &Principal) -> SubscriptionQuery {
     SubscriptionQuery {
-        author_subject: (principal.role != Role::Admin).then(|| principal.subject.clone()),
+        author: (principal.role != Role::Admin).then(|| principal.identity()),
         ..SubscriptionQuery::default()
     }
 }
 
+/// Whether the caller is the subscription's author: issuer, subject, role and FHIR user all
+/// as stored. A token sharing only the `sub` is someone else.
 fn is_author(principal: &Principal, stored: &StoredSubscription) -> bool {
-    stored.author.get("subject").and_then(Value::as_str) == Some(principal.subject.as_str())
+    principal.is(&stored.owner)
 }
 
 async fn visible(state: &AppState, principal: &Principal, id: &str) -> Result<StoredSubscription> {
@@ -746,7 +778,7 @@ async fn issue_binding_token(
         .websockets
         .signals
         .issue_token(Grant {
-            subject: principal.subject.clone(),
+            owner: principal.identity(),
             subscriptions: ids.clone(),
             expires_at,
         })
@@ -811,7 +843,7 @@ async fn binding_token_type(
     if ids.is_empty() {
         // Without ids: every live websocket subscription of the caller.
         let filter = SubscriptionQuery {
-            author_subject: Some(principal.subject.clone()),
+            author: Some(principal.identity()),
             status: Some(vec!["requested".into(), "active".into(), "error".into()]),
             ..SubscriptionQuery::default()
         };

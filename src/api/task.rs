@@ -180,6 +180,9 @@ async fn update(
         check_version(if_match, live)?;
         let before = live.map(|c| &c.resource);
         auth::authorize_task_write(&principal, before, Some(&resource), &base_url)?;
+        if let Some(deleted) = current.filter(|c| c.deleted) {
+            auth::authorize_task_recreate(&principal, &deleted.resource, &task_id, &base_url)?;
+        }
         check_status_change(before, &resource)?;
         ensure_links_checked(before, &resource, &checked, &task_id, &base_url)?;
         Ok(Decision::Put(resource))
@@ -274,10 +277,15 @@ async fn delete(
     let task_id = id.clone();
     let decide = Box::new(move |current: Option<&CurrentTask>| match current {
         None => Err(Error::not_found(format!("Task/{task_id} does not exist"))),
-        Some(c) if c.deleted => Ok(Decision::Keep),
+        // Deleting again changes nothing and answers 204, as FHIR allows, but only to whoever
+        // could have deleted it: anyone else learns no more than a live Task would tell them.
+        Some(c) if c.deleted => {
+            auth::authorize_task_delete(&principal, &c.resource, &base_url)?;
+            Ok(Decision::Keep)
+        }
         Some(c) => {
             check_version(if_match, Some(c))?;
-            auth::authorize_task_write(&principal, Some(&c.resource), None, &base_url)?;
+            auth::authorize_task_delete(&principal, &c.resource, &base_url)?;
             Ok(Decision::Delete)
         }
     });
@@ -644,6 +652,22 @@ async fn vread(
         .read_version(&id, version)
         .await?
         .ok_or_else(|| Error::not_found(format!("Task/{id} has no version {version}")))?;
+    // The read rule holds for every version: a Task's past may belong to someone else (it
+    // changed hands, or its id was deleted and created again).
+    let content = match &stored.resource {
+        Some(resource) => Some(resource.clone()),
+        // A deletion shows as much as the version it deleted.
+        None => state
+            .store
+            .read_version(&id, version.saturating_sub(1))
+            .await?
+            .and_then(|v| v.resource),
+    };
+    if !content.is_some_and(|r| auth::may_read_task(&principal, &r, &state.base_url)) {
+        return Err(Error::forbidden(format!(
+            "version {version} of Task/{id} is not owned by you and was not in one of your role queues"
+        )));
+    }
     match &stored.resource {
         Some(_) => Ok(version_response(
             &state,
@@ -690,7 +714,7 @@ async fn history(
             }
         }
     }
-    let (versions, total) = state.store.history(&id, count, offset).await?;
+    let (versions, total) = readable_history(&state, &principal, &id, count, offset).await?;
     let self_url = format!("{}/Task/{id}/_history", state.base_url);
     let mut links = vec![link(
         "self",
@@ -725,6 +749,65 @@ async fn history(
         "entry": entries,
     });
     Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// Versions read from the store at a time while filtering a history.
+const HISTORY_CHUNK: usize = 100;
+
+/// One page (newest first) of the versions of a Task that `principal` may read, and how many
+/// it may read in all: the Bundle's `total` and its paging count only what the caller sees,
+/// so neither betrays how many versions were left out. A deletion counts as readable when
+/// the version it deleted is.
+async fn readable_history(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    count: usize,
+    offset: usize,
+) -> Result<(Vec<StoredVersion>, u64)> {
+    // No search restriction means the read rule lets this principal read every Task, and so
+    // every version: the store pages directly.
+    if auth::read_scope(principal).is_none() {
+        return state.store.history(id, count, offset).await;
+    }
+    // Anyone else walks the whole history in chunks, deciding version by version; a Task's
+    // history is short next to the cost of a wrong answer, and only `count` versions are kept.
+    let mut page = Vec::new();
+    let mut readable = 0usize;
+    let mut keep = |version: StoredVersion| {
+        if readable >= offset && page.len() < count {
+            page.push(version);
+        }
+        readable += 1;
+    };
+    // Newest first, a deletion comes just before the version it deleted, which decides it.
+    let mut deletion: Option<StoredVersion> = None;
+    let mut position = 0usize;
+    loop {
+        let (chunk, total) = state.store.history(id, HISTORY_CHUNK, position).await?;
+        let read = chunk.len();
+        for version in chunk {
+            let may_read = version
+                .resource
+                .as_ref()
+                .is_some_and(|r| auth::may_read_task(principal, r, &state.base_url));
+            if let Some(deleted) = deletion.take()
+                && may_read
+            {
+                keep(deleted);
+            }
+            if version.resource.is_none() {
+                deletion = Some(version);
+            } else if may_read {
+                keep(version);
+            }
+        }
+        position += read;
+        if read == 0 || position as u64 >= total {
+            break;
+        }
+    }
+    Ok((page, readable as u64))
 }
 
 fn history_entry(base_url: &str, version: &StoredVersion) -> Value {

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Identity;
 use crate::config::WebSocketConfig;
 use crate::error::IssueCode;
 use crate::fhir::datetime::format_instant;
@@ -38,8 +39,9 @@ const GOING_AWAY: u16 = 1001;
 /// What a redeemed binding token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
-    /// The `sub` of the principal the token was issued to.
-    pub subject: String,
+    /// The whole identity the token was issued to; a subscription binds only if this is still
+    /// exactly its owner.
+    pub owner: Identity,
     pub subscriptions: Vec<String>,
     pub expires_at: time::OffsetDateTime,
 }
@@ -378,8 +380,7 @@ async fn bind(
             _ => continue,
         };
         // The subscription must still be a live websocket subscription of the same author.
-        let same_author =
-            stored.author.get("subject").and_then(Value::as_str) == Some(grant.subject.as_str());
+        let same_author = stored.owner == grant.owner;
         if stored.channel_type != "websocket"
             || stored.status == SubscriptionStatus::Off
             || !same_author
@@ -514,7 +515,12 @@ mod tests {
         let tokens = BindingTokens::default();
         let now = time::OffsetDateTime::now_utc();
         let grant = Grant {
-            subject: "u".into(),
+            owner: Identity {
+                issuer: None,
+                subject: "u".into(),
+                role: crate::auth::Role::Auditor,
+                fhir_user: None,
+            },
             subscriptions: vec!["s".into()],
             expires_at: now + time::Duration::seconds(60),
         };

@@ -969,6 +969,7 @@ mod tests {
     #[test]
     fn events_the_author_may_not_read_are_left_out_at_send_time() {
         let alice = Principal {
+            issuer: None,
             subject: "Practitioner/alice".into(),
             role: Role::Practitioner,
             fhir_user: Some("Practitioner/alice".into()),

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{self, DateKind, MAX_KEY, MIN_KEY};
+use crate::fhir::task;
 use crate::fhir::{MULTI_FOCUS_EXTENSION, RESOURCE_TYPES, is_valid_id, normalize_reference};
 
 /// How a parameter's values are written and compared.
@@ -339,6 +340,11 @@ pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
         task.pointer("/owner/reference").and_then(Value::as_str),
         base_url,
     );
+    // An owner named without a reference still owns the Task: it is not `owner:missing`,
+    // and so not in any role queue (see `task::Ownership::Unresolved`).
+    if task::ownership(task, base_url) == task::Ownership::Unresolved {
+        index.token("owner", None, Some(task::OWNER_WITHOUT_REFERENCE));
+    }
     for concept in array(task_ref, "performerType") {
         index.codings("performer", Some(concept));
     }
@@ -1326,6 +1332,44 @@ mod tests {
         assert_eq!(params, ["_id", "status", "intent"]);
         let params: Vec<&str> = index.dates.iter().map(|e| e.param).collect();
         assert_eq!(params, ["_lastUpdated"]);
+    }
+
+    #[test]
+    fn an_owner_without_a_reference_is_not_missing() {
+        let task = |owner: Value| {
+            json!({
+                "resourceType": "Task", "id": "o", "meta": { "lastUpdated": "2024-01-01T00:00:00Z" },
+                "status": "requested", "intent": "order", "owner": owner,
+                "performerType": [{ "coding": [{ "system": "http://x", "code": "lab" }] }]
+            })
+        };
+        let queue = "owner:missing=true&performer=http://x|lab";
+        let cases = [
+            (json!({ "display": "Dr. One" }), "owner:missing=true", false),
+            (json!({ "display": "Dr. One" }), "owner:missing=false", true),
+            (json!({ "display": "Dr. One" }), queue, false),
+            (json!({ "identifier": { "value": "1" } }), queue, false),
+            (
+                json!({ "display": "Dr. One" }),
+                "owner=Practitioner/1",
+                false,
+            ),
+            (
+                json!({ "reference": "Practitioner/1" }),
+                "owner=Practitioner/1",
+                true,
+            ),
+            (json!({ "reference": "Practitioner/1" }), queue, false),
+        ];
+        for (owner, query, expected) in cases {
+            let index = index_task(&task(owner.clone()), BASE);
+            let parsed = parse(query).unwrap();
+            assert_eq!(
+                matches(&index, &parsed.predicates),
+                expected,
+                "{owner} {query}"
+            );
+        }
     }
 
     #[test]

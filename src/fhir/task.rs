@@ -199,6 +199,36 @@ pub fn owner(task: &Value, base_url: &str) -> Option<String> {
     normalize_reference(reference, base_url)
 }
 
+/// Who holds a Task, as the role rules see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// No `owner` at all: the Task waits in the queues of its performer types.
+    Unowned,
+    /// `owner.reference`, normalised (`Practitioner/123` for a local owner).
+    Reference(String),
+    /// An `owner` that names someone without a reference (only `display`, `identifier` or
+    /// extensions): owned by a party Baton cannot match to any token, so by no practitioner,
+    /// and not waiting in any queue either.
+    Unresolved,
+}
+
+/// The search value `fhir::search::index_task` files an `Ownership::Unresolved` owner under,
+/// so that `owner:missing=true` (the role queues) leaves such a Task out. It contains a space,
+/// which no normalised reference does, so no `owner=` search or filter can name it.
+pub const OWNER_WITHOUT_REFERENCE: &str = "(owner without reference)";
+
+/// Who holds the Task: the owner's reference, nobody, or someone named without a reference.
+pub fn ownership(task: &Value, base_url: &str) -> Ownership {
+    match task.get("owner") {
+        None | Some(Value::Null) => Ownership::Unowned,
+        Some(owner) => owner
+            .get("reference")
+            .and_then(Value::as_str)
+            .and_then(|r| normalize_reference(r, base_url))
+            .map_or(Ownership::Unresolved, Ownership::Reference),
+    }
+}
+
 /// The `(system, code)` pairs of every `performerType[].coding[]` that has a code.
 pub fn performer_types(task: &Value) -> Vec<(Option<String>, String)> {
     task.get("performerType")
@@ -1569,5 +1599,33 @@ mod tests {
             assert_eq!(is_terminal(status), TERMINAL_STATUSES.contains(status));
         }
         assert!(is_terminal("completed") && !is_terminal("in-progress"));
+    }
+
+    #[test]
+    fn ownership_tells_unowned_from_unresolved() {
+        let cases = [
+            (json!({}), Ownership::Unowned),
+            (json!({ "owner": null }), Ownership::Unowned),
+            (
+                json!({ "owner": { "reference": "Practitioner/1" } }),
+                Ownership::Reference("Practitioner/1".into()),
+            ),
+            (
+                json!({ "owner": { "reference": "http://h/fhir/Practitioner/1", "display": "Dr." } }),
+                Ownership::Reference("Practitioner/1".into()),
+            ),
+            (
+                json!({ "owner": { "display": "Dr. One" } }),
+                Ownership::Unresolved,
+            ),
+            (
+                json!({ "owner": { "identifier": { "system": "http://x", "value": "1" } } }),
+                Ownership::Unresolved,
+            ),
+            (json!({ "owner": {} }), Ownership::Unresolved),
+        ];
+        for (task, expected) in cases {
+            assert_eq!(ownership(&task, BASE), expected, "{task}");
+        }
     }
 }

@@ -257,6 +257,7 @@ mod tests {
 
     fn admin() -> Principal {
         Principal {
+            issuer: None,
             subject: "admin".into(),
             role: Role::Admin,
             fhir_user: None,
@@ -304,6 +305,7 @@ mod tests {
         let task = json!({"resourceType": "Task", "id": "t1", "status": "requested", "intent": "order",
             "owner": {"reference": "Practitioner/1"}, "meta": {"lastUpdated": "2026-01-01T00:00:00.000Z"}});
         let bob = Principal {
+            issuer: None,
             subject: "Practitioner/2".into(),
             role: Role::Practitioner,
             fhir_user: Some("Practitioner/2".into()),

@@ -44,7 +44,7 @@ struct Message {
 
 #[derive(Serialize, Deserialize)]
 struct StoredGrant {
-    subject: String,
+    owner: crate::auth::Identity,
     subscriptions: Vec<String>,
     expires_at: i64,
 }
@@ -355,7 +355,7 @@ impl Signals for RedisSignals {
             .whole_seconds()
             .max(1);
         let stored = StoredGrant {
-            subject: grant.subject.clone(),
+            owner: grant.owner.clone(),
             subscriptions: grant.subscriptions.clone(),
             expires_at: grant.expires_at.unix_timestamp(),
         };
@@ -382,7 +382,7 @@ impl Signals for RedisSignals {
         let stored: StoredGrant = serde_json::from_str(&stored).ok()?;
         let expires_at = time::OffsetDateTime::from_unix_timestamp(stored.expires_at).ok()?;
         (expires_at > now).then_some(Grant {
-            subject: stored.subject,
+            owner: stored.owner,
             subscriptions: stored.subscriptions,
             expires_at,
         })

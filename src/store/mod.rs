@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::auth::Identity;
 use crate::error::Result;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::{Predicate, SortKey};
@@ -174,8 +175,11 @@ pub struct StoredSubscription {
     pub topic_url: String,
     pub channel_type: String,
     pub endpoint: Option<String>,
-    /// The author's principal (JSON of `auth::Principal`), fixed at creation.
+    /// The author's principal (JSON of `auth::Principal`): what its notifications may carry.
     pub author: Value,
+    /// Who owns it: the author's whole identity, fixed at creation. Only a caller with exactly
+    /// this identity acts as the author.
+    pub owner: Identity,
     /// The Subscription resource as its author sent it, with id and meta set.
     pub resource: Value,
     /// Changes at or below this outbox position happened before the subscription existed.
@@ -198,8 +202,67 @@ pub struct SubscriptionRecord {
     pub topic_url: String,
     pub channel_type: String,
     pub endpoint: Option<String>,
+    /// The author's principal (JSON of `auth::Principal`).
     pub author: Value,
+    /// The author's identity; on a replace, the stored owner (ownership never changes).
+    pub owner: Identity,
     pub handshake_pending: bool,
+    /// The most live (not `off`) subscriptions `owner` may hold, checked inside the write so
+    /// that concurrent writes cannot overshoot it; None: no quota. A write that would take a
+    /// new live slot past it fails with 429 (`quota_exceeded`).
+    pub live_quota: Option<usize>,
+}
+
+/// An owner as the subscription table stores it: `author_issuer`, `author_subject`,
+/// `author_role`, `author_fhir_user`, with '' for "none" (see the migration that added them).
+pub(crate) fn owner_columns(owner: &Identity) -> [&str; 4] {
+    [
+        owner.issuer.as_deref().unwrap_or(""),
+        &owner.subject,
+        owner.role.as_str(),
+        owner.fhir_user.as_deref().unwrap_or(""),
+    ]
+}
+
+/// The owner stored in those four columns.
+pub(crate) fn owner_from_columns(
+    issuer: String,
+    subject: String,
+    role: String,
+    fhir_user: String,
+) -> Result<Identity> {
+    let role = crate::auth::Role::parse(&role).ok_or_else(|| {
+        crate::error::Error::internal("unknown subscription author role in the store", role)
+    })?;
+    Ok(Identity {
+        issuer: Some(issuer).filter(|i| !i.is_empty()),
+        subject,
+        role,
+        fhir_user: Some(fhir_user).filter(|u| !u.is_empty()),
+    })
+}
+
+/// The refusal of a subscription write that would take its author past its quota. Waiting
+/// frees nothing, so there is no `Retry-After`.
+pub fn quota_exceeded(quota: usize) -> crate::error::Error {
+    crate::error::Error::client(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        crate::error::IssueCode::Throttled,
+        format!(
+            "the author already holds {quota} live subscriptions, the most one author may \
+             hold (limits.subscriptions_per_author); delete one of them, or set one's status \
+             to off, to free a slot"
+        ),
+    )
+}
+
+/// Whether a write that leaves a subscription `after` (coming from `before`, None on create)
+/// takes one more live slot of its owner's quota.
+pub(crate) fn takes_live_slot(
+    before: Option<SubscriptionStatus>,
+    after: SubscriptionStatus,
+) -> bool {
+    after != SubscriptionStatus::Off && before.is_none_or(|b| b == SubscriptionStatus::Off)
 }
 
 /// Decides, inside the transaction, how a subscription is replaced.
@@ -276,7 +339,8 @@ pub struct SubscriptionChanges {
 /// Filters of a subscription search; `None` means any.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SubscriptionQuery {
-    pub author_subject: Option<String>,
+    /// Only the subscriptions this identity owns (compared on every part).
+    pub author: Option<Identity>,
     pub status: Option<Vec<String>>,
     pub endpoint: Option<String>,
     pub ids: Option<Vec<String>>,

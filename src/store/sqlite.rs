@@ -44,7 +44,7 @@ mod hub;
 /// SQLite sees one writer and every kind of write benefits from group commit.
 enum Work {
     Task(WriteRequest),
-    CreateSubscription(SubscriptionRecord),
+    CreateSubscription(Box<SubscriptionRecord>),
     ReplaceSubscription(String, SubscriptionDecide),
     DeleteSubscription(String),
     RecordMatches {
@@ -256,7 +256,7 @@ async fn run_batch(
 async fn apply_work(conn: &mut SqliteConnection, work: Work, base_url: &str) -> Result<Done> {
     match work {
         Work::Task(request) => apply(conn, request, base_url).await.map(Done::Task),
-        Work::CreateSubscription(record) => hub::create_subscription(conn, record)
+        Work::CreateSubscription(record) => hub::create_subscription(conn, *record)
             .await
             .map(|s| Done::Subscription(Box::new(s))),
         Work::ReplaceSubscription(id, decide) => hub::replace_subscription(conn, &id, decide)
@@ -703,7 +703,10 @@ impl Store for SqliteStore {
     }
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
-        match self.submit(Work::CreateSubscription(record)).await? {
+        match self
+            .submit(Work::CreateSubscription(Box::new(record)))
+            .await?
+        {
             Done::Subscription(s) => Ok(*s),
             _ => Err(unexpected()),
         }

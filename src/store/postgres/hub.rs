@@ -16,7 +16,9 @@ use crate::store::{
     DeliveryReport, EventRecord, Interaction, MatchBatch, StoredSubscription, SubscriptionChanges,
     SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
 };
-use crate::store::{now_instant, stamp};
+use crate::store::{
+    now_instant, owner_columns, owner_from_columns, quota_exceeded, stamp, takes_live_slot,
+};
 
 fn subscription_from_row(row: &PgRow) -> Result<StoredSubscription> {
     let status: String = row.try_get("status")?;
@@ -33,6 +35,12 @@ fn subscription_from_row(row: &PgRow) -> Result<StoredSubscription> {
         endpoint: row.try_get("endpoint")?,
         author: serde_json::from_str(&author)
             .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,
+        owner: owner_from_columns(
+            row.try_get("author_issuer")?,
+            row.try_get("author_subject")?,
+            row.try_get("author_role")?,
+            row.try_get("author_fhir_user")?,
+        )?,
         resource: serde_json::from_str(&resource)
             .map_err(|e| Error::internal("a stored Subscription is not JSON", e))?,
         created_after_seq: row.try_get("created_after_seq")?,
@@ -89,6 +97,39 @@ async fn next_generation(conn: &mut PgConnection) -> Result<i64> {
     .await?)
 }
 
+/// Refuses the write when it would take `record.owner` past its quota. The caller holds the
+/// subscription generation's row lock (`next_generation`), which every subscription write
+/// takes, so writes are counted one after another: under READ COMMITTED this statement sees
+/// every write that held the lock before, and none can commit until this one ends.
+async fn check_quota(
+    conn: &mut PgConnection,
+    record: &SubscriptionRecord,
+    before: Option<SubscriptionStatus>,
+) -> Result<()> {
+    let Some(quota) = record.live_quota else {
+        return Ok(());
+    };
+    if !takes_live_slot(before, record.status) {
+        return Ok(());
+    }
+    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner).map(pg_text);
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM subscription
+         WHERE author_subject = $1 AND author_role = $2 AND author_fhir_user = $3
+           AND author_issuer = $4 AND status <> 'off'",
+    )
+    .bind(subject.as_ref())
+    .bind(role.as_ref())
+    .bind(fhir_user.as_ref())
+    .bind(issuer.as_ref())
+    .fetch_one(&mut *conn)
+    .await?;
+    if live >= i64::try_from(quota).unwrap_or(i64::MAX) {
+        return Err(quota_exceeded(quota));
+    }
+    Ok(())
+}
+
 pub(super) async fn create_subscription(
     conn: &mut PgConnection,
     mut record: SubscriptionRecord,
@@ -98,15 +139,18 @@ pub(super) async fn create_subscription(
     stamp(&mut record.resource, &id, 1, &now);
     record.resource["status"] = json!(record.status.as_str());
     let generation = next_generation(conn).await?;
+    check_quota(conn, &record, None).await?;
     // Changes already committed belong to the past of this subscription: the matcher skips them.
     let created_after_seq: i64 =
         sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
             .fetch_one(&mut *conn)
             .await?;
+    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner).map(pg_text);
     sqlx::query(
         "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
-           author, resource, created_after_seq, handshake_pending, generation)
-         VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+           author, resource, created_after_seq, handshake_pending, generation,
+           author_issuer, author_subject, author_role, author_fhir_user)
+         VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(&id)
     .bind(&now)
@@ -119,6 +163,10 @@ pub(super) async fn create_subscription(
     .bind(created_after_seq)
     .bind(record.handshake_pending as i32)
     .bind(generation)
+    .bind(issuer.as_ref())
+    .bind(subject.as_ref())
+    .bind(role.as_ref())
+    .bind(fhir_user.as_ref())
     .execute(&mut *conn)
     .await?;
     load(conn, &id)
@@ -148,14 +196,16 @@ pub(super) async fn replace_subscription(
     stamp(&mut record.resource, id, version, &now);
     record.resource["status"] = json!(record.status.as_str());
     let generation = next_generation(conn).await?;
-    // A re-activation starts a fresh run: a new handshake, no inherited failures.
+    check_quota(conn, &record, Some(current.status)).await?;
+    // A re-activation starts a fresh run: a new handshake, no inherited failures. The owner
+    // columns are left alone: a subscription never changes hands.
     sqlx::query(
         "UPDATE subscription SET version = $1, last_updated = $2, status = $3, topic_url = $4,
            channel_type = $5, endpoint = $6, resource = $7, handshake_pending = $8,
            failures = CASE WHEN $9 THEN 0 ELSE failures END,
            failing_since = CASE WHEN $9 THEN NULL ELSE failing_since END,
            next_attempt_at = CASE WHEN $9 THEN NULL ELSE next_attempt_at END,
-           generation = $10
+           generation = $10, author = $12
          WHERE id = $11",
     )
     .bind(version)
@@ -169,6 +219,7 @@ pub(super) async fn replace_subscription(
     .bind(record.handshake_pending)
     .bind(generation)
     .bind(id)
+    .bind(record.author.to_string())
     .execute(&mut *conn)
     .await?;
     load(conn, id)
@@ -399,9 +450,17 @@ pub(super) async fn search_subscriptions(
 ) -> Result<(Vec<StoredSubscription>, u64)> {
     let mut conditions = vec!["1 = 1".to_string()];
     let mut binds: Vec<Bind> = Vec::new();
-    if let Some(subject) = &query.author_subject {
-        binds.push(Bind::Text(pg_text(subject).into_owned()));
-        conditions.push(format!("(author::json ->> 'subject') = ${}", binds.len()));
+    if let Some(author) = &query.author {
+        let [issuer, subject, role, fhir_user] = owner_columns(author);
+        for (column, value) in [
+            ("author_subject", subject),
+            ("author_role", role),
+            ("author_fhir_user", fhir_user),
+            ("author_issuer", issuer),
+        ] {
+            binds.push(Bind::Text(pg_text(value).into_owned()));
+            conditions.push(format!("{column} = ${}", binds.len()));
+        }
     }
     if let Some(statuses) = &query.status {
         binds.push(Bind::List(

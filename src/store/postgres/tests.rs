@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
 use super::PostgresStore;
+use crate::auth::{Identity, Role};
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::fhir::notification::SubscriptionStatus;
@@ -181,7 +182,18 @@ fn subscription_record(status: SubscriptionStatus) -> SubscriptionRecord {
         channel_type: "rest-hook".into(),
         endpoint: Some("https://receiver.test/hook".into()),
         author: json!({ "subject": "Practitioner/author", "role": "practitioner" }),
+        owner: author_identity("Practitioner/author"),
         handshake_pending: true,
+        live_quota: None,
+    }
+}
+
+fn author_identity(subject: &str) -> Identity {
+    Identity {
+        issuer: None,
+        subject: subject.into(),
+        role: Role::Practitioner,
+        fhir_user: None,
     }
 }
 
@@ -972,7 +984,7 @@ async fn reads_searches_and_workflow_run_on_postgres() {
 
     let subscription = subscribe(&store).await;
     let query = SubscriptionQuery {
-        author_subject: Some("Practitioner/author".into()),
+        author: Some(author_identity("Practitioner/author")),
         status: Some(vec!["requested".into(), "active".into()]),
         endpoint: Some("https://receiver.test/hook".into()),
         ids: Some(vec![subscription.clone()]),
@@ -980,7 +992,7 @@ async fn reads_searches_and_workflow_run_on_postgres() {
     let (found, total) = store.search_subscriptions(&query, 10, 0).await.unwrap();
     assert_eq!((ids_of(&found), total), (vec![subscription.clone()], 1));
     let nobody = SubscriptionQuery {
-        author_subject: Some("Practitioner/other".into()),
+        author: Some(author_identity("Practitioner/other")),
         ..SubscriptionQuery::default()
     };
     assert_eq!(

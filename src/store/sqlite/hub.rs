@@ -11,7 +11,9 @@ use crate::store::{
     DeliveryReport, EventRecord, Interaction, MatchRow, StoredSubscription, SubscriptionDecide,
     SubscriptionQuery, SubscriptionRecord,
 };
-use crate::store::{now_instant, stamp};
+use crate::store::{
+    now_instant, owner_columns, owner_from_columns, quota_exceeded, stamp, takes_live_slot,
+};
 
 pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<StoredSubscription> {
     let status: String = row.try_get("status")?;
@@ -28,6 +30,12 @@ pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<StoredSubscriptio
         endpoint: row.try_get("endpoint")?,
         author: serde_json::from_str(&author)
             .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,
+        owner: owner_from_columns(
+            row.try_get("author_issuer")?,
+            row.try_get("author_subject")?,
+            row.try_get("author_role")?,
+            row.try_get("author_fhir_user")?,
+        )?,
         resource: serde_json::from_str(&resource)
             .map_err(|e| Error::internal("a stored Subscription is not JSON", e))?,
         created_after_seq: row.try_get("created_after_seq")?,
@@ -42,6 +50,38 @@ pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<StoredSubscriptio
     })
 }
 
+/// Refuses the write when it would take `record.owner` past its quota. It runs inside the
+/// writer's transaction, and the single writer runs one job at a time, so no other write can
+/// slip in between this count and the write it guards.
+async fn check_quota(
+    conn: &mut SqliteConnection,
+    record: &SubscriptionRecord,
+    before: Option<SubscriptionStatus>,
+) -> Result<()> {
+    let Some(quota) = record.live_quota else {
+        return Ok(());
+    };
+    if !takes_live_slot(before, record.status) {
+        return Ok(());
+    }
+    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner);
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM subscription
+         WHERE author_subject = ? AND author_role = ? AND author_fhir_user = ?
+           AND author_issuer = ? AND status <> 'off'",
+    )
+    .bind(subject)
+    .bind(role)
+    .bind(fhir_user)
+    .bind(issuer)
+    .fetch_one(&mut *conn)
+    .await?;
+    if live >= i64::try_from(quota).unwrap_or(i64::MAX) {
+        return Err(quota_exceeded(quota));
+    }
+    Ok(())
+}
+
 async fn load(conn: &mut SqliteConnection, id: &str) -> Result<Option<StoredSubscription>> {
     let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
         .bind(id)
@@ -54,6 +94,7 @@ pub(super) async fn create_subscription(
     conn: &mut SqliteConnection,
     mut record: SubscriptionRecord,
 ) -> Result<StoredSubscription> {
+    check_quota(conn, &record, None).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_instant();
     stamp(&mut record.resource, &id, 1, &now);
@@ -63,10 +104,12 @@ pub(super) async fn create_subscription(
         sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
             .fetch_one(&mut *conn)
             .await?;
+    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner);
     sqlx::query(
         "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
-           author, resource, created_after_seq, handshake_pending)
-         VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+           author, resource, created_after_seq, handshake_pending,
+           author_issuer, author_subject, author_role, author_fhir_user)
+         VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&id)
     .bind(&now)
@@ -78,6 +121,10 @@ pub(super) async fn create_subscription(
     .bind(record.resource.to_string())
     .bind(created_after_seq)
     .bind(record.handshake_pending as i64)
+    .bind(issuer)
+    .bind(subject)
+    .bind(role)
+    .bind(fhir_user)
     .execute(&mut *conn)
     .await?;
     load(conn, &id)
@@ -94,14 +141,16 @@ pub(super) async fn replace_subscription(
         .await?
         .ok_or_else(|| Error::not_found(format!("Subscription/{id} does not exist")))?;
     let mut record = decide(&current)?;
+    check_quota(conn, &record, Some(current.status)).await?;
     let version = current.version + 1;
     let now = now_instant();
     stamp(&mut record.resource, id, version, &now);
     record.resource["status"] = json!(record.status.as_str());
-    // A re-activation starts a fresh run: a new handshake, no inherited failures.
+    // A re-activation starts a fresh run: a new handshake, no inherited failures. The owner
+    // columns are left alone: a subscription never changes hands.
     sqlx::query(
         "UPDATE subscription SET version = ?, last_updated = ?, status = ?, topic_url = ?,
-           channel_type = ?, endpoint = ?, resource = ?, handshake_pending = ?,
+           channel_type = ?, endpoint = ?, resource = ?, author = ?, handshake_pending = ?,
            failures = CASE WHEN ? THEN 0 ELSE failures END,
            failing_since = CASE WHEN ? THEN NULL ELSE failing_since END,
            next_attempt_at = CASE WHEN ? THEN NULL ELSE next_attempt_at END
@@ -114,6 +163,7 @@ pub(super) async fn replace_subscription(
     .bind(&record.channel_type)
     .bind(&record.endpoint)
     .bind(record.resource.to_string())
+    .bind(record.author.to_string())
     .bind(record.handshake_pending as i64)
     .bind(record.handshake_pending)
     .bind(record.handshake_pending)
@@ -255,9 +305,13 @@ pub(super) async fn search_subscriptions(
 ) -> Result<(Vec<StoredSubscription>, u64)> {
     let mut conditions = vec!["1 = 1".to_string()];
     let mut binds: Vec<String> = Vec::new();
-    if let Some(subject) = &query.author_subject {
-        conditions.push("json_extract(author, '$.subject') = ?".into());
-        binds.push(subject.clone());
+    if let Some(author) = &query.author {
+        conditions.push(
+            "author_subject = ? AND author_role = ? AND author_fhir_user = ? AND author_issuer = ?"
+                .into(),
+        );
+        let [issuer, subject, role, fhir_user] = owner_columns(author);
+        binds.extend([subject, role, fhir_user, issuer].map(str::to_string));
     }
     if let Some(statuses) = &query.status {
         conditions.push(format!(

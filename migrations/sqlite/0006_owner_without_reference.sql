@@ -1,0 +1,11 @@
+-- A Task whose `owner` names someone only by display or identifier is owned, not queued:
+-- fhir::search::index_task now files it under `owner` with a value no search can name
+-- (fhir::task::OWNER_WITHOUT_REFERENCE), so `owner:missing=true` leaves it out. Tasks
+-- written before this migration get that index row here.
+INSERT INTO task_token (task_id, param, system, value)
+SELECT id, 'owner', NULL, '(owner without reference)'
+FROM task
+WHERE deleted = 0
+  AND json_type(resource, '$.owner') IS NOT NULL
+  AND json_type(resource, '$.owner') <> 'null'
+  AND json_type(resource, '$.owner.reference') IS NULL;
