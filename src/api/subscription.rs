@@ -354,7 +354,7 @@ async fn search(
             "status" => filter.status = Some(value.split(',').map(str::to_string).collect()),
             "_id" => filter.ids = Some(value.split(',').map(str::to_string).collect()),
             "_count" => count = parse_number(name, value)?.min(state.config.search.max_count),
-            "_offset" => offset = parse_number(name, value)?,
+            "_offset" => offset = crate::fhir::search::parse_offset(name, value)?,
             "_format" | "_pretty" => {}
             other => {
                 return Err(Error::not_supported(format!(

@@ -684,7 +684,7 @@ async fn history(
         };
         match name.as_str() {
             "_count" => count = number()?.min(state.config.search.max_count),
-            "_offset" => offset = number()?,
+            "_offset" => offset = search::parse_offset(name, value)?,
             "_format" | "_pretty" => {}
             other => {
                 return Err(Error::not_supported(format!(
