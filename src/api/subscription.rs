@@ -625,7 +625,8 @@ async fn events(
             }
         }
     }
-    let until = until.min(since + EVENTS_PAGE - 1);
+    // Saturating: `eventsSinceNumber` may be as large as an i64 holds.
+    let until = until.min(since.saturating_add(EVENTS_PAGE - 1));
     let records = if since <= until {
         state.store.subscription_events(&id, since, until).await?
     } else {
