@@ -1757,6 +1757,8 @@ mod tests {
             ("_count=ten", Invalid, "'_count'"),
             ("_count=-1", Invalid, "'_count'"),
             ("_offset=1.5", Invalid, "'_offset'"),
+            ("_offset=2147483648", Invalid, "'_offset'"),
+            ("_offset=18446744073709551616", Invalid, "'_offset'"),
             ("_count=1&_count=2", Invalid, "'_count'"),
             ("_sort=", Invalid, "'_sort="),
             ("_sort=status,", Invalid, "'_sort="),
