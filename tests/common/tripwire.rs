@@ -17,6 +17,11 @@
 //! the server spawns. A helper task that a test spawns (a webhook receiver, a load generator)
 //! counts as the server's too, since a panic there is just as easily lost.
 //!
+//! Servers that tests start as child processes (`tests/common/cluster.rs`) report panics on
+//! their stderr, with the default hook's `thread '…' panicked at FILE:LINE:COL:` line;
+//! `watch_stderr` forwards that stream and records each such line, and dropping the cluster
+//! checks. A child that panics just as the test ends may be read too late to count.
+//!
 //! The record is per process. Under `cargo nextest` (the documented runner) every test has
 //! its own process; under plain `cargo test` a panic in one test's server may be reported by
 //! another test that checks first, which still fails the run.
@@ -102,6 +107,38 @@ fn describe(info: &PanicHookInfo<'_>) -> ServerPanic {
             .map_or_else(|| "an unknown location".to_string(), ToString::to_string),
         message,
     }
+}
+
+/// Forwards a child process's stderr to this process's stderr line by line, recording every
+/// panic the child reports there. `process` names the child in the record.
+pub fn watch_stderr<R>(process: &str, stderr: R) -> tokio::task::JoinHandle<()>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncBufReadExt;
+    let process = process.to_string();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            if let Some(panic) = reported_panic(&process, &line) {
+                lock(&RECORDED).push(panic);
+            }
+        }
+    })
+}
+
+/// Reads the first line the default panic hook prints: `thread 'NAME' panicked at LOCATION:`
+/// (the message follows on the next line, which the report leaves to the forwarded output).
+fn reported_panic(process: &str, line: &str) -> Option<ServerPanic> {
+    let rest = line.strip_prefix("thread '")?;
+    let (thread, rest) = rest.split_once('\'')?;
+    let location = rest.strip_prefix(" panicked at ")?;
+    Some(ServerPanic {
+        thread: format!("{process}: {thread}"),
+        location: location.trim_end_matches(':').to_string(),
+        message: "see the output above".to_string(),
+    })
 }
 
 /// Takes the panics recorded so far, leaving none: for tests of the tripwire itself.
