@@ -549,7 +549,7 @@ fn apply(document: &mut Value, mutation: &Mutation) {
                 let one = node.take();
                 // About a megabyte at most, the size of the largest body the API takes.
                 let size = serde_json::to_string(&one).map_or(1, |text| text.len().max(1));
-                *node = Value::Array(vec![one; (*copies).min(1 << 20 / size)]);
+                *node = Value::Array(vec![one; (*copies).min((1 << 20) / size)]);
             }
         }
         Mutation::NearDuplicate(i, twist) => {
