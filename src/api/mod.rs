@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(outcome_for_rejections))
         .layer(axum::middleware::from_fn(record_request))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             answer_panic,
@@ -106,6 +107,51 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Error {
         IssueCode::NotSupported,
         format!("{method} is not supported on {}", uri.path()),
     )
+}
+
+/// axum's own extractors refuse some requests before a handler runs, and answer in plain
+/// text: a path segment that is not UTF-8 once decoded (`/fhir/Task/%FF`), a websocket upgrade
+/// without its headers. Every client error is owed an OperationOutcome, so such an answer is
+/// rewritten into one with the same status, its text as the diagnostics, and its other
+/// headers (`Allow`, `Sec-WebSocket-Version`) kept.
+async fn outcome_for_rejections(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let plain_text = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !response.status().is_client_error() || !plain_text {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // Rejection texts are a line long; a longer body is cut rather than buffered.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let code = match parts.status {
+        StatusCode::NOT_FOUND => IssueCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED
+        | StatusCode::UNSUPPORTED_MEDIA_TYPE
+        | StatusCode::UPGRADE_REQUIRED => IssueCode::NotSupported,
+        StatusCode::PAYLOAD_TOO_LARGE => IssueCode::TooLong,
+        StatusCode::UNAUTHORIZED => IssueCode::Login,
+        StatusCode::FORBIDDEN => IssueCode::Forbidden,
+        _ => IssueCode::Invalid,
+    };
+    let diagnostics = if text.is_empty() {
+        format!("the request was refused ({})", parts.status)
+    } else {
+        text
+    };
+    let mut rewritten = Error::client(parts.status, code, diagnostics).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewritten.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    rewritten
 }
 
 /// Counts and times every request by route template (never the raw path: ids stay out of

@@ -471,7 +471,7 @@ async fn search(
             "status" => filter.status = Some(value.split(',').map(str::to_string).collect()),
             "_id" => filter.ids = Some(value.split(',').map(str::to_string).collect()),
             "_count" => count = parse_number(name, value)?.min(state.config.search.max_count),
-            "_offset" => offset = parse_number(name, value)?,
+            "_offset" => offset = crate::fhir::search::parse_offset(name, value)?,
             "_format" | "_pretty" => {}
             other => {
                 return Err(Error::not_supported(format!(
@@ -744,7 +744,8 @@ async fn events(
             }
         }
     }
-    let until = until.min(since + EVENTS_PAGE - 1);
+    // Saturating: `eventsSinceNumber` may be as large as an i64 holds.
+    let until = until.min(since.saturating_add(EVENTS_PAGE - 1));
     let records = if since <= until {
         state.store.subscription_events(&id, since, until).await?
     } else {

@@ -226,7 +226,10 @@ async fn patch(
         // Reading rights come first, so a foreign Task is a 403 whatever the patch says.
         auth::authorize_task_write(&principal, Some(&current.resource), None, &base_url)?;
         let mut patched = current.resource.clone();
-        json_patch::patch(&mut patched, &patch).map_err(|e| {
+        // `patch_unsafe` because the patch works on a copy that a failure discards anyway:
+        // `json_patch::patch` undoes the applied operations when a later one fails, and its
+        // undo panics when an operation replaced the whole document (a move or copy to "").
+        json_patch::patch_unsafe(&mut patched, &patch).map_err(|e| {
             Error::client(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 IssueCode::Processing,
@@ -523,7 +526,7 @@ async fn patched_links(
         return Ok(HashSet::new());
     }
     let mut after = before.resource.clone();
-    if json_patch::patch(&mut after, patch).is_err()
+    if json_patch::patch_unsafe(&mut after, patch).is_err()
         || task_rules::validate_task(&after, &state.base_url).is_err()
     {
         return Ok(HashSet::new());
@@ -705,7 +708,7 @@ async fn history(
         };
         match name.as_str() {
             "_count" => count = number()?.min(state.config.search.max_count),
-            "_offset" => offset = number()?,
+            "_offset" => offset = search::parse_offset(name, value)?,
             "_format" | "_pretty" => {}
             other => {
                 return Err(Error::not_supported(format!(

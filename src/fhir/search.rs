@@ -222,6 +222,25 @@ const CONTROL_PARAMS: &[&str] = &[
 /// as the client's mistake rather than failing inside the store.
 const MAX_SEARCH_VALUES: usize = 1000;
 
+/// The largest `_offset` a page (of a search, a history, a subscription list) may start at.
+/// The stores bind offsets as signed 64-bit integers and the paging links add a page to them,
+/// so a larger value would wrap (PostgreSQL refuses the negative result; the addition
+/// overflows) where it must be refused; no client pages this far.
+pub const MAX_OFFSET: usize = i32::MAX as usize;
+
+/// Reads an `_offset` value: an integer from 0 to `MAX_OFFSET`, else a 400 naming it.
+pub fn parse_offset(name: &str, value: &str) -> Result<usize> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|offset| *offset <= MAX_OFFSET)
+        .ok_or_else(|| {
+            invalid(format!(
+                "The value of '{name}' must be an integer from 0 to {MAX_OFFSET}, not '{value}'"
+            ))
+        })
+}
+
 /// Looks up a Task search parameter by its code.
 pub fn task_param(code: &str) -> Option<&'static ParamDef> {
     TASK_PARAMS.iter().find(|def| def.code == code)
@@ -798,7 +817,7 @@ fn apply_control<'k>(
                 query.summary_count = true;
             }
         }
-        "_offset" => query.offset = integer("a non-negative integer")?,
+        "_offset" => query.offset = parse_offset(name, value)?,
         "_sort" => {
             query.sort = parse_sort(value)?;
             query.link_params.push((key.into(), value.into()));
@@ -1782,6 +1801,8 @@ mod tests {
             ("_count=ten", Invalid, "'_count'"),
             ("_count=-1", Invalid, "'_count'"),
             ("_offset=1.5", Invalid, "'_offset'"),
+            ("_offset=2147483648", Invalid, "'_offset'"),
+            ("_offset=18446744073709551616", Invalid, "'_offset'"),
             ("_count=1&_count=2", Invalid, "'_count'"),
             ("_sort=", Invalid, "'_sort="),
             ("_sort=status,", Invalid, "'_sort="),

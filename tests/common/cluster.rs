@@ -98,12 +98,15 @@ impl Cluster {
                 std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         for (key, value) in &self.env {
             command.env(key, value);
         }
-        let process = command.spawn().expect("the baton binary starts");
+        let mut process = command.spawn().expect("the baton binary starts");
+        if let Some(stderr) = process.stderr.take() {
+            super::tripwire::watch_stderr(&format!("node {i}"), stderr);
+        }
         let root = format!("http://127.0.0.1:{port}");
         for _ in 0..800 {
             if let Ok(r) = self.client.get(format!("{root}/readyz")).send().await
@@ -221,5 +224,6 @@ impl Drop for Cluster {
             let _ = process.start_kill();
         }
         super::drop_database(&self.database);
+        super::tripwire::check("the cluster was dropped");
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod receiver;
+pub mod tripwire;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -133,6 +134,9 @@ impl Drop for TestServer {
             self.shutdown.cancel();
             drop_database(name);
         }
+        // Every test ends here, whether or not it stopped its server: a server panic fails
+        // the test even when the requests around it looked fine.
+        tripwire::check("the test server was dropped");
     }
 }
 
@@ -168,6 +172,7 @@ impl TestServer {
 
     /// A server on the database in `data_dir` (which the caller keeps alive).
     pub async fn start_in(data_dir: &Path, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        tripwire::arm();
         let mut config = Config {
             data_dir: data_dir.to_path_buf(),
             jwt_secret: Some(SECRET.into()),
@@ -221,6 +226,7 @@ impl TestServer {
             .await
             .expect("server task")
             .expect("server result");
+        tripwire::check("the server stopped");
     }
 
     pub fn admin(&self) -> String {
