@@ -13,6 +13,7 @@ pub mod fhir;
 pub mod matcher;
 pub mod outbox;
 pub mod overdue;
+pub mod server;
 pub mod signals;
 pub mod store;
 
@@ -253,29 +254,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         pipeline_stop.clone(),
     ));
     tasks.close();
+    let connection_limits = server::ConnectionLimits::from_config(&state.config.limits);
     let app = api::router(state);
 
     // Counters that alerts watch exist from the start, at 0, rather than after the first event.
     metrics::counter!("baton_websocket_closed_slow_total").increment(0);
     metrics::counter!("baton_events_withheld_total").increment(0);
     tracing::info!(listen = %bound, base_url = %base_url, "Baton is serving");
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    let mut server = std::pin::pin!(server);
-    let served = tokio::select! {
-        result = &mut server => result,
-        () = shutdown.cancelled() => {
-            // Graceful shutdown has begun inside axum; give in-flight requests the grace period.
-            match tokio::time::timeout(grace, &mut server).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(grace_seconds = grace.as_secs(), "requests still running at the shutdown deadline were cut off");
-                    Ok(())
-                }
-            }
-        }
-    };
+    // Stops accepting at shutdown; in-flight requests get the grace period, then are cut off.
+    server::serve(listener, app, connection_limits, grace, shutdown.clone()).await;
     // The pipeline stops after the last request: what it has not finished stays in the store.
     pipeline_stop.cancel();
     tasks.wait().await;
@@ -286,7 +273,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     }
     store.close().await;
     tracing::info!("Baton stopped");
-    served.map_err(|e| Error::internal("the HTTP server failed", e))
+    Ok(())
 }
 
 /// A node name that is unique even across restarts of the same host: host, process, random.
