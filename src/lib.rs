@@ -189,6 +189,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                     base_url: base_url.clone(),
                     config: config.websocket.clone(),
                     shutdown: shutdown.clone(),
+                    bind_timeout: Duration::from_secs(config.limits.websocket_bind_timeout_seconds),
                 }),
                 matching: Default::default(),
                 node: node.clone(),
@@ -260,6 +261,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // Counters that alerts watch exist from the start, at 0, rather than after the first event.
     metrics::counter!("baton_websocket_closed_slow_total").increment(0);
     metrics::counter!("baton_events_withheld_total").increment(0);
+    metrics::counter!("baton_websocket_closed_unbound_total").increment(0);
     tracing::info!(listen = %bound, base_url = %base_url, "Baton is serving");
     // Stops accepting at shutdown; in-flight requests get the grace period, then are cut off.
     server::serve(listener, app, connection_limits, grace, shutdown.clone()).await;
