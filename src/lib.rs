@@ -195,6 +195,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 node: node.clone(),
             },
             search_limits,
+            rate_limit: api::rate_limit::RequestLimiter::new(&config.limits),
             base_url: base_url.clone(),
             auth: authenticator,
             store: store.clone(),
@@ -254,6 +255,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         state.config.delivery.event_retention_days,
         pipeline_stop.clone(),
     ));
+    // The rate limiter forgets identities whose budget is full again, so its table only holds
+    // recent callers.
+    tasks.spawn(
+        state
+            .rate_limit
+            .clone()
+            .keep_small(Duration::from_secs(60), pipeline_stop.clone()),
+    );
     tasks.close();
     let connection_limits = server::ConnectionLimits::from_config(&state.config.limits);
     let app = api::router(state);
@@ -262,6 +271,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     metrics::counter!("baton_websocket_closed_slow_total").increment(0);
     metrics::counter!("baton_events_withheld_total").increment(0);
     metrics::counter!("baton_websocket_closed_unbound_total").increment(0);
+    for role in ["practitioner", "auditor"] {
+        metrics::counter!("baton_requests_throttled_total", "role" => role).increment(0);
+    }
     tracing::info!(listen = %bound, base_url = %base_url, "Baton is serving");
     // Stops accepting at shutdown; in-flight requests get the grace period, then are cut off.
     server::serve(listener, app, connection_limits, grace, shutdown.clone()).await;
