@@ -197,7 +197,7 @@ async fn serve_connection(
     let deadlines = shared.deadlines;
     let first_look = verdict(activity.snapshot(), Duration::ZERO, deadlines);
     let watchdog = tokio::time::sleep_until(match first_look {
-        Verdict::RecheckAt(at) => activity.started + at,
+        Verdict::RecheckAt(at) => later(activity.started, at),
         Verdict::CloseSlowHead | Verdict::CloseIdle => activity.started,
     });
     let mut watchdog = std::pin::pin!(watchdog);
@@ -213,7 +213,7 @@ async fn serve_connection(
             () = watchdog.as_mut() => {
                 let now = Instant::now();
                 match verdict(activity.snapshot(), now - activity.started, deadlines) {
-                    Verdict::RecheckAt(at) => watchdog.as_mut().reset(activity.started + at),
+                    Verdict::RecheckAt(at) => watchdog.as_mut().reset(later(activity.started, at)),
                     Verdict::CloseSlowHead => {
                         metrics::counter!("baton_connections_closed_total", "reason" => "header_timeout").increment(1);
                         tracing::debug!(peer = %peer, "closing a connection that did not send a request head in time");
@@ -228,7 +228,7 @@ async fn serve_connection(
                         // Graceful: should a request have just begun, it is still answered.
                         connection.as_mut().graceful_shutdown();
                         finishing = true;
-                        watchdog.as_mut().reset(now + deadlines.header_read);
+                        watchdog.as_mut().reset(later(now, deadlines.header_read));
                     }
                 }
             }
@@ -349,18 +349,29 @@ enum Verdict {
 /// deadline of the current state, or sooner, since a change of state (a request beginning or
 /// ending, a head beginning) leads to a deadline at least the shorter timeout after it.
 fn verdict(snapshot: Snapshot, now: Duration, deadlines: Deadlines) -> Verdict {
-    let next_change = now + deadlines.header_read.min(deadlines.idle);
+    let next_change = now.saturating_add(deadlines.header_read.min(deadlines.idle));
     if snapshot.in_flight > 0 {
         // Requests in progress have no deadline here.
         return Verdict::RecheckAt(next_change);
     }
     let deadline = match snapshot.head_since {
-        Some(since) if now >= since + deadlines.header_read => return Verdict::CloseSlowHead,
-        Some(since) => since + deadlines.header_read,
-        None if now >= snapshot.idle_since + deadlines.idle => return Verdict::CloseIdle,
-        None => snapshot.idle_since + deadlines.idle,
+        Some(since) => since.saturating_add(deadlines.header_read),
+        None => snapshot.idle_since.saturating_add(deadlines.idle),
     };
-    Verdict::RecheckAt(deadline.min(next_change))
+    if now < deadline {
+        return Verdict::RecheckAt(deadline.min(next_change));
+    }
+    match snapshot.head_since {
+        Some(_) => Verdict::CloseSlowHead,
+        None => Verdict::CloseIdle,
+    }
+}
+
+/// `from + offset`, or a time too far away to matter when a configured timeout is absurdly
+/// long (an overflow must not panic).
+fn later(from: Instant, offset: Duration) -> Instant {
+    from.checked_add(offset)
+        .unwrap_or_else(|| from + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// The socket, telling the connection's `Activity` when bytes arrive, and holding the
@@ -694,6 +705,17 @@ mod tests {
             verdict(snapshot(0, 0, Some(0)), Duration::ZERO, short_idle),
             Verdict::RecheckAt(secs(1))
         );
+        // Absurdly long timeouts saturate instead of overflowing.
+        let endless = Deadlines {
+            header_read: Duration::MAX,
+            idle: Duration::MAX,
+        };
+        assert_eq!(
+            verdict(snapshot(0, 50, None), secs(60), endless),
+            Verdict::RecheckAt(Duration::MAX)
+        );
+        let now = Instant::now();
+        assert!(later(now, Duration::MAX) > now);
         for (name, snapshot, now, expected) in cases {
             assert_eq!(verdict(snapshot, secs(now), DEADLINES), expected, "{name}");
         }
