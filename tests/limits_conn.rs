@@ -557,3 +557,27 @@ async fn requests_still_running_at_the_grace_deadline_are_cut_off() {
     assert!(!answer.contains("201"), "{answer}");
     server.stopped().await.expect("a clean stop");
 }
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_still_served() {
+    let server = TestServer::start_with(|c| {
+        c.limits.header_read_timeout_seconds = 1;
+        c.limits.idle_timeout_seconds = 1;
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let admin = server.admin();
+    for _ in 0..3 {
+        let response = client
+            .get(format!("{}/Task?_count=1", server.base))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
