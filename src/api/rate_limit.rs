@@ -11,7 +11,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +67,7 @@ impl RequestLimiter {
         match limiter.check_key(&RateKey::of(principal)) {
             Ok(()) => Ok(()),
             Err(not_until) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let wait = not_until.wait_time_from(limiter.clock().now());
                 metrics::counter!("baton_requests_throttled_total", "role" => principal.role.as_str())
                     .increment(1);
                 Err(Error::too_many_requests(
