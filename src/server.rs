@@ -204,6 +204,8 @@ async fn serve_connection(
     let mut finishing = false;
     loop {
         tokio::select! {
+            // The connection first: it is what is polled on every socket event.
+            biased;
             served = connection.as_mut() => {
                 if let Err(e) = served {
                     tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
@@ -212,7 +214,7 @@ async fn serve_connection(
             }
             () = watchdog.as_mut() => {
                 let now = Instant::now();
-                match verdict(activity.snapshot(), now - activity.started, deadlines) {
+                match verdict(activity.snapshot(), now.saturating_duration_since(activity.started), deadlines) {
                     Verdict::RecheckAt(at) => watchdog.as_mut().reset(later(activity.started, at)),
                     Verdict::CloseSlowHead => {
                         metrics::counter!("baton_connections_closed_total", "reason" => "header_timeout").increment(1);
