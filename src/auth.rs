@@ -364,7 +364,7 @@ pub fn resolve_secret(
 
 impl<S> FromRequestParts<S> for Principal
 where
-    S: Send + Sync + AsRef<Authenticator>,
+    S: Send + Sync + AsRef<Authenticator> + crate::api::rate_limit::RateLimited,
 {
     type Rejection = Error;
 
@@ -386,7 +386,10 @@ where
             .ok_or_else(|| {
                 Error::unauthorized("the Authorization header must use the Bearer scheme")
             })?;
-        state.as_ref().verify(token)
+        let principal = state.as_ref().verify(token)?;
+        // Only a verified identity is counted, so unverified text never grows the limiter.
+        state.request_limiter().admit(&principal)?;
+        Ok(principal)
     }
 }
 

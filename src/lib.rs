@@ -13,6 +13,7 @@ pub mod fhir;
 pub mod matcher;
 pub mod outbox;
 pub mod overdue;
+pub mod server;
 pub mod signals;
 pub mod store;
 pub mod supervise;
@@ -200,11 +201,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                     base_url: base_url.clone(),
                     config: config.websocket.clone(),
                     shutdown: shutdown.clone(),
+                    bind_timeout: Duration::from_secs(config.limits.websocket_bind_timeout_seconds),
                 }),
                 matching: Default::default(),
                 node: node.clone(),
             },
             search_limits,
+            rate_limit: api::rate_limit::RequestLimiter::new(&config.limits),
             base_url: base_url.clone(),
             auth: authenticator,
             store: store.clone(),
@@ -305,37 +308,45 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         pipeline_stop.clone(),
         move || prune_events(prune_store.clone(), retention_days, prune_stop.clone()),
     );
+    // The rate limiter forgets identities whose budget is full again, so its table only holds
+    // recent callers.
+    let rate_limit = state.rate_limit.clone();
+    let rate_stop = pipeline_stop.clone();
+    supervise::restartable(
+        &tasks,
+        health.clone(),
+        "rate-limit-pruning",
+        pipeline_stop.clone(),
+        move || {
+            rate_limit
+                .clone()
+                .keep_small(Duration::from_secs(60), rate_stop.clone())
+        },
+    );
     tasks.close();
+    let connection_limits = server::ConnectionLimits::from_config(&state.config.limits);
     let app = api::router(state);
 
     // Counters that alerts watch exist from the start, at 0, rather than after the first event.
     metrics::counter!("baton_websocket_closed_slow_total").increment(0);
     metrics::counter!("baton_events_withheld_total").increment(0);
+    metrics::counter!("baton_websocket_closed_unbound_total").increment(0);
+    for role in ["practitioner", "auditor"] {
+        metrics::counter!("baton_requests_throttled_total", "role" => role).increment(0);
+    }
     tracing::info!(listen = %bound, base_url = %base_url, "Baton is serving");
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    let mut server = std::pin::pin!(server);
-    let served = tokio::select! {
-        result = &mut server => result,
+    // Stops accepting at shutdown; in-flight requests get the grace period, then are cut off.
+    // A vital task that dies starts the same shutdown (readiness already says so), so that
+    // `run` returns its reason and the process exits non-zero to be restarted.
+    let serving = server::serve(listener, app, connection_limits, grace, shutdown.clone());
+    let mut serving = std::pin::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
         () = health.failed() => {
-            // A vital task died: stop serving (readiness already says so), drain, and return
-            // the reason, so that the process exits non-zero and is restarted.
             shutdown.cancel();
-            let _ = tokio::time::timeout(grace, &mut server).await;
-            Ok(())
+            serving.await;
         }
-        () = shutdown.cancelled() => {
-            // Graceful shutdown has begun inside axum; give in-flight requests the grace period.
-            match tokio::time::timeout(grace, &mut server).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(grace_seconds = grace.as_secs(), "requests still running at the shutdown deadline were cut off");
-                    Ok(())
-                }
-            }
-        }
-    };
+    }
     // The pipeline stops after the last request: what it has not finished stays in the store.
     pipeline_stop.cancel();
     tasks.wait().await;
@@ -349,7 +360,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         return Err(Error::internal("a vital task stopped", reason));
     }
     tracing::info!("Baton stopped");
-    served.map_err(|e| Error::internal("the HTTP server failed", e))
+    Ok(())
 }
 
 /// A node name that is unique even across restarts of the same host: host, process, random.

@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod metadata;
+pub mod rate_limit;
 pub mod subscription;
 pub mod task;
 pub mod topic;
@@ -42,6 +43,9 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub metrics: PrometheusHandle,
     pub search_limits: SearchLimits,
+    /// Requests per second per practitioner or auditor identity, checked as the principal is
+    /// verified.
+    pub rate_limit: rate_limit::RequestLimiter,
     /// Cancelled when shutdown begins; `/readyz` then answers 503 so balancers drain us.
     pub shutdown: CancellationToken,
     /// The long-running tasks' health, shown by `/readyz`.

@@ -35,6 +35,9 @@ use crate::store::Store;
 const POLICY: u16 = 1008;
 /// Close code for a server going away.
 const GOING_AWAY: u16 = 1001;
+/// Why a socket that never bound is closed.
+const UNBOUND: &str =
+    "no subscription was bound in time: send bind-with-token right after connecting";
 
 /// What a redeemed binding token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +224,9 @@ pub struct WebSocketHub {
     pub config: WebSocketConfig,
     /// Cancelled at shutdown: every socket gets a close frame.
     pub shutdown: CancellationToken,
+    /// A socket that has bound no subscription this long after opening is closed (1008): it
+    /// would only hold a connection (`limits.websocket_bind_timeout_seconds`).
+    pub bind_timeout: Duration,
 }
 
 /// The bind frames a socket understands, for the refusal of anything else.
@@ -279,15 +285,18 @@ pub async fn serve_socket(socket: WebSocket, hub: Arc<WebSocketHub>) {
         const TOO_SLOW: (u16, &str) = (POLICY, "too slow: notifications were not read in time");
         const SHUTTING_DOWN: (u16, &str) = (GOING_AWAY, "server shutting down");
         let (code, reason) = loop {
+            // Closing comes first: at shutdown the reader drops the queue too, and a closed
+            // queue must not win the race and end the socket without its 1001.
             let message = tokio::select! {
+                biased;
+                () = writer_close.cancelled() => break TOO_SLOW,
+                () = shutdown.cancelled() => break SHUTTING_DOWN,
                 next = queued.recv() => match next {
                     Some(Outbound::Text(text)) => Message::Text(text),
                     Some(Outbound::Close(code, reason)) => break (code, reason),
                     None => return,
                 },
                 _ = ping.tick() => Message::Ping(Default::default()),
-                () = writer_close.cancelled() => break TOO_SLOW,
-                () = shutdown.cancelled() => break SHUTTING_DOWN,
             };
             // A peer that stops reading blocks the send; the close signal must still win.
             tokio::select! {
@@ -308,11 +317,21 @@ pub async fn serve_socket(socket: WebSocket, hub: Arc<WebSocketHub>) {
         .await;
     });
 
+    // Once a subscription is bound the socket lives on its pings; until then, on this deadline.
+    let bind_deadline = tokio::time::sleep(hub.bind_timeout);
+    let mut bind_deadline = std::pin::pin!(bind_deadline);
+    let mut ever_bound = false;
     loop {
         let message = tokio::select! {
             message = stream.next() => message,
             () = close.cancelled() => break,
             () = hub.shutdown.cancelled() => break,
+            () = &mut bind_deadline, if !ever_bound => {
+                metrics::counter!("baton_websocket_closed_unbound_total").increment(1);
+                tracing::debug!(socket.id = id, "closing a websocket that bound nothing in time");
+                let _ = outbox.try_send(Outbound::Close(POLICY, UNBOUND));
+                break;
+            }
         };
         let Some(Ok(message)) = message else { break };
         match message {
@@ -333,7 +352,9 @@ pub async fn serve_socket(socket: WebSocket, hub: Arc<WebSocketHub>) {
                     .sockets
                     .get(&id)
                     .is_some_and(|h| !h.bound.is_empty());
-                if !bind(&hub, id, &token, &outbox).await && !bound_before {
+                let bound = bind(&hub, id, &token, &outbox).await;
+                ever_bound |= bound;
+                if !bound && !bound_before {
                     // A socket with nothing bound has no use: after the error frame it is
                     // closed with 1008, so the client cannot mistake silence for success.
                     let _ = outbox
