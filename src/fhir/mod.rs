@@ -3,7 +3,9 @@
 
 pub mod datetime;
 pub mod notification;
+pub mod patch;
 pub mod search;
+pub mod shape;
 pub mod subscription;
 pub mod task;
 pub mod workflow;
