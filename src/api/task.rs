@@ -17,6 +17,7 @@ use super::{AppState, BodyKind, Prefer, parse_json, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode};
+use crate::fhir::shape::{ShapeLimits, check_shape};
 use crate::fhir::workflow::{self, RequestKind};
 use crate::fhir::{self, fhir_json, normalize_reference, task as task_rules};
 use crate::store::{
@@ -48,6 +49,7 @@ async fn create(
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let mut resource = parse_json(&bytes)?;
     task_rules::validate_task(&resource, &state.base_url)?;
+    check_shape(&resource, stored_limits(&state), "Task")?;
     // The server assigns ids and versions on create; whatever the client sent is ignored.
     if let Some(object) = resource.as_object_mut() {
         object.remove("id");
@@ -125,6 +127,7 @@ async fn update(
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let mut resource = parse_json(&bytes)?;
     task_rules::validate_task(&resource, &state.base_url)?;
+    check_shape(&resource, stored_limits(&state), "Task")?;
     match resource.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id => {}
         Some(body_id) => {
@@ -204,41 +207,50 @@ async fn patch(
     let bytes = read_body(&state, &headers, body, BodyKind::JsonPatch).await?;
     let operations = parse_json(&bytes)?;
     let touches_links = may_change_links(&operations);
-    let patch: json_patch::Patch = serde_json::from_value(operations).map_err(|e| {
-        Error::bad_request(
-            IssueCode::Structure,
-            format!("the body is not a valid JSON Patch (RFC 6902) document: {e}"),
-        )
-    })?;
+    let patch = fhir::patch::parse_patch(operations, state.config.limits.max_patch_operations)?;
+    let limits = ShapeLimits::stored(state.config.max_body_bytes);
+    // The patch is applied and judged here, against the version read now, so that a patch
+    // that fails (or grows the Task past the limits) is answered without ever reaching the
+    // writer. The decision below repeats only the cheap checks, unless the Task changed in
+    // between.
+    let before = state.store.read(&id).await?;
+    let before = require_live(before.as_ref(), &id)?;
+    check_version(if_match, Some(before))?;
+    // Reading rights come first, so a foreign Task is a 403 whatever the patch says.
+    auth::authorize_task_write(&principal, Some(&before.resource), None, &state.base_url)?;
+    let prepared = patched_task(before, &patch, limits, &state.base_url)?;
+    auth::authorize_task_write(
+        &principal,
+        Some(&before.resource),
+        Some(&prepared),
+        &state.base_url,
+    )?;
+    check_status_change(Some(&before.resource), &prepared)?;
     let checked = if touches_links {
-        patched_links(&state, &principal, &id, &patch).await?
+        let fresh = new_links(
+            Some(&before.resource),
+            &prepared,
+            Some(&id),
+            &state.base_url,
+        )?;
+        check_links(&state, &principal, &fresh, &prepared).await?
     } else {
         HashSet::new()
     };
+    let prepared_from = before.version;
     let base_url = state.base_url.clone();
     let task_id = id.clone();
     let decide = Box::new(move |current: Option<&CurrentTask>| {
         let current = require_live(current, &task_id)?;
         check_version(if_match, Some(current))?;
-        // Reading rights come first, so a foreign Task is a 403 whatever the patch says.
         auth::authorize_task_write(&principal, Some(&current.resource), None, &base_url)?;
-        let mut patched = current.resource.clone();
-        json_patch::patch(&mut patched, &patch).map_err(|e| {
-            Error::client(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                IssueCode::Processing,
-                format!("the patch cannot be applied to Task/{task_id}: {e}"),
-            )
-        })?;
-        if patched.get("id").and_then(Value::as_str) != Some(task_id.as_str()) {
-            return Err(Error::client(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                IssueCode::Processing,
-                "a patch may not change or remove the Task's id",
-            ));
-        }
-        task_rules::validate_task(&patched, &base_url)?;
-        clear_server_meta(&mut patched);
+        // Versions only grow, so the same version is the same content: what was prepared
+        // stands. Otherwise the patch is applied again, with the same bounds, to what is there.
+        let patched = if current.version == prepared_from {
+            prepared
+        } else {
+            patched_task(current, &patch, limits, &base_url)?
+        };
         auth::authorize_task_write(
             &principal,
             Some(&current.resource),
@@ -260,6 +272,28 @@ async fn patch(
         .write(WriteRequest::Change { id, decide })
         .await?;
     written_response(&state, outcome, prefer)
+}
+
+/// Applies a patch to a stored Task within the limits (`fhir::patch::apply_patch`) and checks
+/// that the result is a Task Baton may store under the same id.
+fn patched_task(
+    current: &CurrentTask,
+    patch: &json_patch::Patch,
+    limits: ShapeLimits,
+    base_url: &str,
+) -> Result<Value> {
+    let what = format!("Task/{}", current.id);
+    let mut patched = fhir::patch::apply_patch(&current.resource, patch, limits, &what)?;
+    if patched.get("id").and_then(Value::as_str) != Some(current.id.as_str()) {
+        return Err(Error::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            IssueCode::Processing,
+            "a patch may not change or remove the Task's id",
+        ));
+    }
+    task_rules::validate_task(&patched, base_url)?;
+    clear_server_meta(&mut patched);
+    Ok(patched)
 }
 
 async fn delete(
@@ -316,6 +350,12 @@ fn written_response(state: &AppState, outcome: WriteOutcome, prefer: Prefer) -> 
             "unexpected outcome",
         )),
     }
+}
+
+/// What a stored Task may not exceed: the body-size limit as compact JSON, and
+/// `shape::MAX_DEPTH` levels of nesting, so that every stored Task can be read back.
+fn stored_limits(state: &AppState) -> ShapeLimits {
+    ShapeLimits::stored(state.config.max_body_bytes)
 }
 
 fn record_write(interaction: Interaction) {
@@ -496,34 +536,6 @@ fn may_change_links(operations: &Value) -> bool {
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             })
     })
-}
-
-/// Checks the links a patch would add, applying it to the version read now. A patch that
-/// cannot be applied or validated, or a Task the caller may not change, is left for the
-/// write's decision to refuse with its usual answer.
-async fn patched_links(
-    state: &AppState,
-    principal: &Principal,
-    id: &str,
-    patch: &json_patch::Patch,
-) -> Result<HashSet<String>> {
-    let Some(before) = state.store.read(id).await?.filter(|c| !c.deleted) else {
-        return Ok(HashSet::new());
-    };
-    if auth::authorize_task_write(principal, Some(&before.resource), None, &state.base_url).is_err()
-    {
-        return Ok(HashSet::new());
-    }
-    let mut after = before.resource.clone();
-    if json_patch::patch(&mut after, patch).is_err()
-        || task_rules::validate_task(&after, &state.base_url).is_err()
-    {
-        return Ok(HashSet::new());
-    }
-    match new_links(Some(&before.resource), &after, Some(id), &state.base_url) {
-        Ok(fresh) => check_links(state, principal, &fresh, &after).await,
-        Err(_) => Ok(HashSet::new()),
-    }
 }
 
 /// The If-Match check: a stale version is a 412 that names the current one.

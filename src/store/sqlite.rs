@@ -7,6 +7,7 @@
 //! an acknowledged write survives a killed process and a power cut alike. Reads use a pool of
 //! read-only connections, which WAL lets run beside the writer.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -31,7 +32,9 @@ use super::{
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
-use crate::fhir::search::{Predicate, index_task, priority_rank};
+use crate::fhir::search::{
+    self, DateEntry, Predicate, TaskIndex, TokenEntry, index_task, priority_rank, task_param,
+};
 use crate::fhir::workflow::{self, RequestKind};
 
 mod hub;
@@ -40,6 +43,14 @@ mod hub;
 /// SQLite sees one writer and every kind of write benefits from group commit.
 enum Work {
     Task(WriteRequest),
+    /// A create with If-None-Exist whose criteria matched no Task up to outbox position
+    /// `checked_through` (evaluated on the read pool, see `SqliteStore::precheck`): the writer
+    /// only looks again at the Tasks written since.
+    ConditionalCreate {
+        resource: Value,
+        predicates: Vec<Predicate>,
+        checked_through: i64,
+    },
     CreateSubscription(SubscriptionRecord),
     ReplaceSubscription(String, SubscriptionDecide),
     DeleteSubscription(String),
@@ -220,6 +231,13 @@ async fn commit_batch(
 async fn apply_work(conn: &mut SqliteConnection, work: Work, base_url: &str) -> Result<Done> {
     match work {
         Work::Task(request) => apply(conn, request, base_url).await.map(Done::Task),
+        Work::ConditionalCreate {
+            resource,
+            predicates,
+            checked_through,
+        } => create_unless_written(conn, resource, &predicates, checked_through, base_url)
+            .await
+            .map(Done::Task),
         Work::CreateSubscription(record) => hub::create_subscription(conn, record)
             .await
             .map(|s| Done::Subscription(Box::new(s))),
@@ -257,27 +275,9 @@ async fn apply(
     base_url: &str,
 ) -> Result<WriteOutcome> {
     match request {
-        WriteRequest::Create {
-            resource,
-            if_none_exist,
-        } => {
-            if let Some(predicates) = if_none_exist {
-                let found = find_ids(conn, &predicates, 2).await?;
-                match found.as_slice() {
-                    [] => {}
-                    [id] => {
-                        let current = load_current(conn, id).await?.ok_or_else(|| {
-                            Error::internal("a matched Task vanished", "missing row")
-                        })?;
-                        return Ok(WriteOutcome::Existing(current));
-                    }
-                    _ => {
-                        return Err(Error::precondition_failed(
-                            "If-None-Exist matches more than one Task; make the criteria more selective",
-                        ));
-                    }
-                }
-            }
+        // A conditional create never gets here with its criteria: `SqliteStore::write` checks
+        // them on the read pool and hands the writer a `Work::ConditionalCreate`.
+        WriteRequest::Create { resource, .. } => {
             let id = uuid::Uuid::new_v4().to_string();
             put_task(conn, &id, None, resource, base_url).await
         }
@@ -609,6 +609,138 @@ async fn find_ids(
     Ok(query.bind(limit).fetch_all(&mut *conn).await?)
 }
 
+/// What one or two matches of If-None-Exist criteria mean: the Task found, or a 412.
+async fn existing(conn: &mut SqliteConnection, found: &[String]) -> Result<Option<WriteOutcome>> {
+    match found {
+        [] => Ok(None),
+        [id] => {
+            let current = load_current(conn, id)
+                .await?
+                .ok_or_else(|| Error::internal("a matched Task vanished", "missing row"))?;
+            Ok(Some(WriteOutcome::Existing(current)))
+        }
+        _ => Err(Error::precondition_failed(
+            "If-None-Exist matches more than one Task; make the criteria more selective",
+        )),
+    }
+}
+
+/// Inside the writer: creates the Task unless a Task written after outbox position
+/// `checked_through` now matches the criteria. Those are the only Tasks whose match can have
+/// changed since the criteria found nothing on the read pool (the writer commits in `seq`
+/// order and every Task write has a change event), so the criteria are evaluated in memory
+/// (`search::matches`, the meaning the SQL has) over their index rows: the cost grows with the
+/// writes committed in between, never with the criteria's SQL or the size of the table.
+async fn create_unless_written(
+    conn: &mut SqliteConnection,
+    resource: Value,
+    predicates: &[Predicate],
+    checked_through: i64,
+    base_url: &str,
+) -> Result<WriteOutcome> {
+    let changed = indexes_written_after(conn, checked_through).await?;
+    let found: Vec<String> = changed
+        .into_iter()
+        .filter(|(_, index)| search::matches(index, predicates))
+        .map(|(id, _)| id)
+        .take(2)
+        .collect();
+    if let Some(outcome) = existing(conn, &found).await? {
+        return Ok(outcome);
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    put_task(conn, &id, None, resource, base_url).await
+}
+
+/// The live Tasks written after outbox position `seq`, each with its search index as stored.
+async fn indexes_written_after(
+    conn: &mut SqliteConnection,
+    seq: i64,
+) -> Result<Vec<(String, TaskIndex)>> {
+    const WRITTEN: &str = "SELECT DISTINCT resource_id FROM change_event WHERE seq > ?";
+    let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT t.id FROM task t WHERE t.deleted = 0 AND t.id IN ({WRITTEN}) ORDER BY t.id"
+    )))
+    .bind(seq)
+    .fetch_all(&mut *conn)
+    .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut indexes: HashMap<String, TaskIndex> = ids
+        .iter()
+        .map(|id| (id.clone(), TaskIndex::default()))
+        .collect();
+    let tokens = sqlx::query(AssertSqlSafe(format!(
+        "SELECT task_id, param, system, value FROM task_token WHERE task_id IN ({WRITTEN})"
+    )))
+    .bind(seq)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in tokens {
+        let id: String = row.try_get("task_id")?;
+        let param: String = row.try_get("param")?;
+        if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
+            index.tokens.push(TokenEntry {
+                param: def.code,
+                system: row.try_get("system")?,
+                value: row.try_get("value")?,
+            });
+        }
+    }
+    let dates = sqlx::query(AssertSqlSafe(format!(
+        "SELECT task_id, param, start_at, end_at FROM task_date WHERE task_id IN ({WRITTEN})"
+    )))
+    .bind(seq)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in dates {
+        let id: String = row.try_get("task_id")?;
+        let param: String = row.try_get("param")?;
+        if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
+            index.dates.push(DateEntry {
+                param: def.code,
+                start: row.try_get("start_at")?,
+                end: row.try_get("end_at")?,
+            });
+        }
+    }
+    // In id order, so that which Task a double match reports does not depend on a hash.
+    Ok(ids
+        .into_iter()
+        .filter_map(|id| indexes.remove(&id).map(|index| (id, index)))
+        .collect())
+}
+
+/// The answer of If-None-Exist criteria on the read pool.
+enum Precheck {
+    /// Exactly one Task matches: the create is answered with it, and nothing is written.
+    Found(CurrentTask),
+    /// Nothing matched in the snapshot that ends at this outbox position.
+    NoneThrough(i64),
+}
+
+impl SqliteStore {
+    /// Evaluates If-None-Exist criteria on the read pool, so that their cost (a search) is
+    /// paid beside the writer rather than inside it. The outbox position and the search are
+    /// read in one transaction, hence one snapshot: what the search did not see is exactly
+    /// what was written after that position.
+    async fn precheck(&self, predicates: &[Predicate]) -> Result<Precheck> {
+        let mut conn = self.reads.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
+            .fetch_one(&mut *tx)
+            .await?;
+        let found = find_ids(&mut tx, predicates, 2).await?;
+        let outcome = existing(&mut tx, &found).await?;
+        tx.rollback().await?;
+        Ok(match outcome {
+            Some(WriteOutcome::Existing(current)) => Precheck::Found(current),
+            _ => Precheck::NoneThrough(seq),
+        })
+    }
+}
+
 impl SqliteStore {
     /// Queues work for the writer and waits for its commit.
     async fn submit(&self, work: Work) -> Result<Done> {
@@ -639,7 +771,21 @@ fn unexpected() -> Error {
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
-        match self.submit(Work::Task(request)).await? {
+        let work = match request {
+            WriteRequest::Create {
+                resource,
+                if_none_exist: Some(predicates),
+            } => match self.precheck(&predicates).await? {
+                Precheck::Found(current) => return Ok(WriteOutcome::Existing(current)),
+                Precheck::NoneThrough(checked_through) => Work::ConditionalCreate {
+                    resource,
+                    predicates,
+                    checked_through,
+                },
+            },
+            request => Work::Task(request),
+        };
+        match self.submit(work).await? {
             Done::Task(outcome) => Ok(outcome),
             _ => Err(unexpected()),
         }
