@@ -193,6 +193,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 node: node.clone(),
             },
             search_limits,
+            searches: api::admission::Admission::new(
+                config.limits.max_concurrent_searches,
+                config.limits.search_queue,
+            ),
             base_url: base_url.clone(),
             auth: authenticator,
             store: store.clone(),

@@ -86,6 +86,12 @@ async fn create(
             Some(predicates)
         }
     };
+    // Conditional criteria are a search (the store evaluates them before the writer), so
+    // they take a search slot like any other.
+    let _admitted = match if_none_exist {
+        Some(_) => Some(state.searches.enter().await?),
+        None => None,
+    };
     let outcome = state
         .store
         .write(WriteRequest::Create {
@@ -208,7 +214,7 @@ async fn patch(
     let operations = parse_json(&bytes)?;
     let touches_links = may_change_links(&operations);
     let patch = fhir::patch::parse_patch(operations, state.config.limits.max_patch_operations)?;
-    let limits = ShapeLimits::stored(state.config.max_body_bytes);
+    let limits = stored_limits(&state);
     // The patch is applied and judged here, against the version read now, so that a patch
     // that fails (or grows the Task past the limits) is answered without ever reaching the
     // writer. The decision below repeats only the cheap checks, unless the Task changed in
@@ -807,11 +813,15 @@ async fn run_search(
         Handling::Strict
     };
     let query = search::parse_query(&pairs, &state.search_limits, &state.base_url, handling)?;
+    // A malformed query is refused above without taking a slot; from here on the search
+    // holds one until its Bundle is built.
+    let _admitted = state.searches.enter().await?;
     let scope: Vec<Predicate> = auth::read_scope(principal).into_iter().collect();
     let mut predicates = query.predicates.clone();
     predicates.extend(scope.iter().cloned());
     let count = if query.summary_count { 0 } else { query.count };
     let with_total = query.summary_count || query.total == TotalMode::Accurate;
+    let max_page_bytes = state.config.search.max_page_bytes;
     let page = state
         .store
         .search(PageRequest {
@@ -820,6 +830,7 @@ async fn run_search(
             count,
             offset: query.offset,
             with_total,
+            max_bytes: max_page_bytes,
         })
         .await?;
 
@@ -828,14 +839,38 @@ async fn run_search(
         .iter()
         .map(|t| search_entry(&state.base_url, t, "match"))
         .collect();
+    // Where the page stops short of what was asked, an `outcome` entry says why.
+    let mut warnings = Vec::new();
+    if page.truncated {
+        warnings.push(format!(
+            "this page holds {} of the {} Tasks asked for: it reached search.max_page_bytes              ({max_page_bytes} bytes); the next link continues after them",
+            page.tasks.len(),
+            query.count
+        ));
+    }
     if let Some(revinclude) = query.revinclude.filter(|_| !page.tasks.is_empty()) {
-        let included = sub_tasks(state, &page.tasks, &scope, revinclude).await?;
+        let budget = max_page_bytes.saturating_sub(page.bytes);
+        let (included, stop) = sub_tasks(state, &page.tasks, &scope, revinclude, budget).await?;
         entries.extend(
             included
                 .iter()
                 .map(|t| search_entry(&state.base_url, t, "include")),
         );
+        if let Some(stop) = stop {
+            warnings.push(stop.explain(state));
+        }
     }
+    entries.extend(warnings.iter().map(|warning| {
+        json!({
+            "resource": crate::error::operation_outcome(
+                "warning",
+                IssueCode::TooCostly,
+                warning,
+                None,
+            ),
+            "search": { "mode": "outcome" },
+        })
+    }));
 
     let self_base = format!("{}/Task", state.base_url);
     let page_url = |offset: usize| {
@@ -850,12 +885,16 @@ async fn run_search(
     let mut links = vec![link("self", &page_url(query.offset))];
     if !query.summary_count {
         links.push(link("first", &page_url(0)));
-        let has_next = match page.total {
-            Some(total) => query.offset + query.count < total as usize,
-            None => page.tasks.len() == query.count,
-        };
+        // A page the byte budget ended holds fewer Tasks than asked for; the next one starts
+        // right after the last it holds.
+        let next = query.offset + page.tasks.len();
+        let has_next = page.truncated
+            || match page.total {
+                Some(total) => next < total as usize,
+                None => page.tasks.len() == query.count,
+            };
         if has_next {
-            links.push(link("next", &page_url(query.offset + query.count)));
+            links.push(link("next", &page_url(next)));
         }
         if query.offset > 0 {
             links.push(link(
@@ -892,35 +931,88 @@ async fn run_search(
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
-/// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) the whole
-/// tree, bounded by `search.max_included` and applying the caller's read scope at each level.
+/// Why the included sub-tasks of a page stop short of the whole tree below its matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IncludeStop {
+    /// `search.max_included` Tasks were included.
+    Count,
+    /// The page's byte budget was spent.
+    Bytes,
+    /// `:iterate` went `search.max_include_depth` levels down.
+    Depth,
+}
+
+impl IncludeStop {
+    fn explain(self, state: &AppState) -> String {
+        let search = &state.config.search;
+        match self {
+            IncludeStop::Count => format!(
+                "included sub-tasks stop at search.max_included ({}); more may exist",
+                search.max_included
+            ),
+            IncludeStop::Bytes => format!(
+                "included sub-tasks stop where the page reached search.max_page_bytes ({} \
+                 bytes); more may exist",
+                search.max_page_bytes
+            ),
+            IncludeStop::Depth => format!(
+                "included sub-tasks stop {} levels below the matches \
+                 (search.max_include_depth); deeper ones, if any, are not included",
+                search.max_include_depth
+            ),
+        }
+    }
+}
+
+/// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) down to
+/// `search.max_include_depth` levels, bounded by `search.max_included` Tasks and by
+/// `max_bytes` of them, and applying the caller's read scope at each level. Says where it
+/// stopped short, if it did.
 async fn sub_tasks(
     state: &AppState,
     matched: &[CurrentTask],
     scope: &[Predicate],
     revinclude: RevInclude,
-) -> Result<Vec<CurrentTask>> {
+    max_bytes: usize,
+) -> Result<(Vec<CurrentTask>, Option<IncludeStop>)> {
     let limit = state.config.search.max_included;
+    let max_depth = match revinclude {
+        RevInclude::PartOf => 1,
+        RevInclude::PartOfIterate => state.config.search.max_include_depth,
+    };
     let mut seen: HashSet<String> = matched.iter().map(|t| t.id.clone()).collect();
     let mut frontier: Vec<String> = matched.iter().map(|t| format!("Task/{}", t.id)).collect();
     let mut included = Vec::new();
-    while !frontier.is_empty() && included.len() < limit {
+    let mut bytes_left = max_bytes;
+    let mut depth = 0;
+    while !frontier.is_empty() {
+        if depth == max_depth {
+            let stop = (revinclude == RevInclude::PartOfIterate).then_some(IncludeStop::Depth);
+            return Ok((included, stop));
+        }
+        let wanted = limit - included.len();
         let children = state
             .store
-            .children_of(&frontier, scope, limit - included.len())
+            .children_of(&frontier, scope, wanted, bytes_left)
             .await?;
+        depth += 1;
+        bytes_left = bytes_left.saturating_sub(children.bytes);
+        let full = children.tasks.len() == wanted;
         frontier = Vec::new();
-        for child in children {
+        for child in children.tasks {
             if seen.insert(child.id.clone()) {
                 frontier.push(format!("Task/{}", child.id));
                 included.push(child);
             }
         }
-        if revinclude == RevInclude::PartOf {
-            break;
+        if children.truncated {
+            return Ok((included, Some(IncludeStop::Bytes)));
+        }
+        if full {
+            return Ok((included, Some(IncludeStop::Count)));
         }
     }
-    Ok(included)
+    Ok((included, None))
 }
 
 fn search_entry(base_url: &str, task: &CurrentTask, mode: &str) -> Value {

@@ -33,7 +33,7 @@ use super::{
     ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
     PageRequest, SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionChanges,
     SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
-    now_instant, stamp,
+    collect_page, now_instant, stamp,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -416,6 +416,12 @@ fn current_from_row(row: &PgRow) -> Result<CurrentTask> {
     })
 }
 
+/// A Task row and the length of its stored JSON, for `collect_page`.
+fn sized_current_from_row(row: &PgRow) -> Result<(CurrentTask, usize)> {
+    let size = row.try_get::<&str, _>("resource")?.len();
+    Ok((current_from_row(row)?, size))
+}
+
 fn version_from_row(row: &PgRow) -> Result<StoredVersion> {
     let interaction: String = row.try_get("interaction")?;
     let text: Option<String> = row.try_get("resource")?;
@@ -589,9 +595,15 @@ impl Store for PostgresStore {
         } else {
             None
         };
-        let tasks = if page.count == 0 {
-            Vec::new()
-        } else {
+        if page.count == 0 {
+            return Ok(SearchPage {
+                tasks: Vec::new(),
+                total,
+                truncated: false,
+                bytes: 0,
+            });
+        }
+        {
             let next = filter.binds.len() + 1;
             let sql = format!(
                 "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) ORDER BY {}
@@ -608,11 +620,10 @@ impl Store for PostgresStore {
             let rows = query
                 .bind(page.count as i64)
                 .bind(page.offset as i64)
-                .fetch_all(&self.pool)
-                .await?;
-            rows.iter().map(current_from_row).collect::<Result<_>>()?
-        };
-        Ok(SearchPage { tasks, total })
+                .fetch(&self.pool);
+            let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
+            Ok(collected.into_page(total))
+        }
     }
 
     async fn children_of(
@@ -620,9 +631,15 @@ impl Store for PostgresStore {
         parents: &[String],
         scope: &[Predicate],
         limit: usize,
-    ) -> Result<Vec<CurrentTask>> {
+        max_bytes: usize,
+    ) -> Result<SearchPage> {
         if parents.is_empty() {
-            return Ok(Vec::new());
+            return Ok(SearchPage {
+                tasks: Vec::new(),
+                total: None,
+                truncated: false,
+                bytes: 0,
+            });
         }
         let filter = where_clause(scope, Placeholder::Dollar, 2);
         let sql = format!(
@@ -637,8 +654,9 @@ impl Store for PostgresStore {
         for bind in &filter.binds {
             query = query.bind(pg_text(bind));
         }
-        let rows = query.bind(limit as i64).fetch_all(&self.pool).await?;
-        rows.iter().map(current_from_row).collect()
+        let rows = query.bind(limit as i64).fetch(&self.pool);
+        let collected = collect_page(rows, max_bytes, 0, sized_current_from_row).await?;
+        Ok(collected.into_page(None))
     }
 
     async fn change_events_after(&self, _seq: i64, limit: usize) -> Result<Vec<ChangeEvent>> {

@@ -28,7 +28,7 @@ use super::{
     ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
     MatchRow, PageRequest, SearchPage, Store, StoredSubscription, StoredVersion,
     SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome,
-    WriteRequest, now_instant, stamp,
+    WriteRequest, collect_page, now_instant, stamp,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -567,6 +567,12 @@ fn current_from_row(row: &SqliteRow) -> Result<CurrentTask> {
     })
 }
 
+/// A Task row and the length of its stored JSON, for `collect_page`.
+fn sized_current_from_row(row: &SqliteRow) -> Result<(CurrentTask, usize)> {
+    let size = row.try_get::<&str, _>("resource")?.len();
+    Ok((current_from_row(row)?, size))
+}
+
 fn version_from_row(row: &SqliteRow) -> Result<StoredVersion> {
     let interaction: String = row.try_get("interaction")?;
     let text: Option<String> = row.try_get("resource")?;
@@ -984,9 +990,15 @@ impl Store for SqliteStore {
         } else {
             None
         };
-        let tasks = if page.count == 0 {
-            Vec::new()
-        } else {
+        if page.count == 0 {
+            return Ok(SearchPage {
+                tasks: Vec::new(),
+                total,
+                truncated: false,
+                bytes: 0,
+            });
+        }
+        {
             let sql = format!(
                 "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) ORDER BY {} LIMIT ? OFFSET ?",
                 filter.sql,
@@ -999,11 +1011,10 @@ impl Store for SqliteStore {
             let rows = query
                 .bind(page.count as i64)
                 .bind(page.offset as i64)
-                .fetch_all(&self.reads)
-                .await?;
-            rows.iter().map(current_from_row).collect::<Result<_>>()?
-        };
-        Ok(SearchPage { tasks, total })
+                .fetch(&self.reads);
+            let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
+            Ok(collected.into_page(total))
+        }
     }
 
     async fn children_of(
@@ -1011,9 +1022,15 @@ impl Store for SqliteStore {
         parents: &[String],
         scope: &[Predicate],
         limit: usize,
-    ) -> Result<Vec<CurrentTask>> {
+        max_bytes: usize,
+    ) -> Result<SearchPage> {
         if parents.is_empty() {
-            return Ok(Vec::new());
+            return Ok(SearchPage {
+                tasks: Vec::new(),
+                total: None,
+                truncated: false,
+                bytes: 0,
+            });
         }
         let filter = where_clause(scope, Placeholder::Question, 1);
         let sql = format!(
@@ -1030,8 +1047,9 @@ impl Store for SqliteStore {
         for bind in &filter.binds {
             query = query.bind(bind);
         }
-        let rows = query.bind(limit as i64).fetch_all(&self.reads).await?;
-        rows.iter().map(current_from_row).collect()
+        let rows = query.bind(limit as i64).fetch(&self.reads);
+        let collected = collect_page(rows, max_bytes, 0, sized_current_from_row).await?;
+        Ok(collected.into_page(None))
     }
 
     fn outbox_in_commit_order(&self) -> bool {
