@@ -1142,3 +1142,137 @@ impl Store for SqliteStore {
         self.reads.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::search::{Handling, SearchLimits, parse_query};
+    use serde_json::json;
+
+    const BASE: &str = "http://baton.test/fhir";
+
+    async fn open(dir: &Path) -> SqliteStore {
+        let config = StoreConfig {
+            max_batch: 16,
+            read_connections: 2,
+            postgres_connections: 1,
+            synchronous: crate::config::Synchronous::Normal,
+        };
+        SqliteStore::open(
+            &dir.join("baton.db"),
+            BASE,
+            &config,
+            Arc::new(Notify::new()),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn criteria(query: &str) -> Vec<Predicate> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap();
+        let limits = SearchLimits {
+            default_count: 10,
+            max_count: 10,
+        };
+        parse_query(&pairs, &limits, BASE, Handling::Strict)
+            .unwrap()
+            .predicates
+    }
+
+    fn order(value: &str) -> Value {
+        json!({
+            "resourceType": "Task", "status": "requested", "intent": "order",
+            "identifier": [{ "system": "urn:orders", "value": value }],
+        })
+    }
+
+    async fn create(store: &SqliteStore, resource: Value) -> String {
+        let request = WriteRequest::Create {
+            resource,
+            if_none_exist: None,
+        };
+        match store.write(request).await.unwrap() {
+            WriteOutcome::Written(version) => version.id,
+            other => panic!("not created: {other:?}"),
+        }
+    }
+
+    /// A conditional create as the writer gets it, after a read-pool check that saw the
+    /// outbox up to `checked_through`.
+    async fn conditional(
+        store: &SqliteStore,
+        value: &str,
+        checked_through: i64,
+    ) -> Result<WriteOutcome> {
+        let work = Work::ConditionalCreate {
+            resource: order(value),
+            predicates: criteria(&format!("identifier=urn:orders|{value}")),
+            checked_through,
+        };
+        match store.submit(work).await? {
+            Done::Task(outcome) => Ok(outcome),
+            _ => Err(unexpected()),
+        }
+    }
+
+    fn existing_id(outcome: &WriteOutcome) -> Option<&str> {
+        match outcome {
+            WriteOutcome::Existing(current) => Some(&current.id),
+            _ => None,
+        }
+    }
+
+    /// The writer's re-check looks only at Tasks written after the position the read-pool
+    /// check saw: a match written since is found, deleted ones are not, and two are a 412.
+    #[tokio::test]
+    async fn the_writer_rechecks_what_was_written_after_the_precheck() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let before = store.last_change_seq().await.unwrap();
+        let a1 = create(&store, order("A-1")).await;
+        // Written after `before`: found.
+        let outcome = conditional(&store, "A-1", before).await.unwrap();
+        assert_eq!(existing_id(&outcome), Some(a1.as_str()));
+        // Checked through the present: the writer looks at nothing and creates (the read-pool
+        // check, which would have found A-1, is what guards that case).
+        let now = store.last_change_seq().await.unwrap();
+        let outcome = conditional(&store, "A-1", now).await.unwrap();
+        assert!(matches!(outcome, WriteOutcome::Written(_)), "{outcome:?}");
+        // Two written since: 412.
+        let error = conditional(&store, "A-1", before).await.unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::PRECONDITION_FAILED);
+        // A match deleted since no longer counts.
+        let b1 = create(&store, order("B-1")).await;
+        let decide: crate::store::Decide = Box::new(|_| Ok(Decision::Delete));
+        store
+            .write(WriteRequest::Change { id: b1, decide })
+            .await
+            .unwrap();
+        let outcome = conditional(&store, "B-1", before).await.unwrap();
+        assert!(matches!(outcome, WriteOutcome::Written(_)), "{outcome:?}");
+        store.close().await;
+    }
+
+    /// Through `Store::write`: none, one and two matches on the read pool.
+    #[tokio::test]
+    async fn conditional_creates_find_none_one_or_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let write = |value: &'static str| {
+            store.write(WriteRequest::Create {
+                resource: order(value),
+                if_none_exist: Some(criteria(&format!("identifier=urn:orders|{value}"))),
+            })
+        };
+        let first = write("C-1").await.unwrap();
+        let WriteOutcome::Written(first) = first else {
+            panic!("not created: {first:?}");
+        };
+        let again = write("C-1").await.unwrap();
+        assert_eq!(existing_id(&again), Some(first.id.as_str()));
+        create(&store, order("C-1")).await;
+        let error = write("C-1").await.unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::PRECONDITION_FAILED);
+        store.close().await;
+    }
+}
