@@ -216,10 +216,16 @@ const CONTROL_PARAMS: &[&str] = &[
     "_pretty",
 ];
 
-/// The most values (after bare-id expansion) one search may carry. Each becomes a bind
-/// parameter, and databases cap those (PostgreSQL at 65535), so an oversized query is refused
-/// as the client's mistake rather than failing inside the store.
-const MAX_SEARCH_VALUES: usize = 1000;
+/// The most search criteria (parameters other than the control ones, ANDed) one search may
+/// carry. Each becomes a subquery, and what a database pays to plan and run a query grows
+/// with their number (SQLite refuses outright past about a thousand: "Expression tree is too
+/// large"). Real searches use a handful; BENCHMARKS.md has the measurements behind the cap.
+pub const MAX_SEARCH_CRITERIA: usize = 32;
+
+/// The most values (after bare-id expansion) one search may carry in all. Each becomes a
+/// bind parameter and a comparison, so an oversized query is refused as the client's
+/// mistake rather than left to cost the store.
+pub const MAX_SEARCH_VALUES: usize = 256;
 
 /// Looks up a Task search parameter by its code.
 pub fn task_param(code: &str) -> Option<&'static ParamDef> {
@@ -672,6 +678,11 @@ fn invalid(diagnostics: String) -> Error {
     Error::bad_request(IssueCode::Invalid, diagnostics)
 }
 
+/// 400 `too-costly`: a search larger than Baton evaluates.
+fn too_costly(diagnostics: String) -> Error {
+    Error::bad_request(IssueCode::TooCostly, diagnostics)
+}
+
 /// Parses the (already percent-decoded) query parameters of a Task search.
 ///
 /// Errors in a known parameter are always a 400, whatever the handling: a client that asked
@@ -709,6 +720,13 @@ pub fn parse_query(
                 &mut seen_once,
             )?;
         } else if let Some(def) = task_param(name) {
+            if query.predicates.len() == MAX_SEARCH_CRITERIA {
+                return Err(too_costly(format!(
+                    "The search has more than {MAX_SEARCH_CRITERIA} criteria; the most one \
+                     search may have is {MAX_SEARCH_CRITERIA} (values ORed in one parameter, \
+                     'status=ready,requested', count as one criterion)"
+                )));
+            }
             query
                 .predicates
                 .push(parse_param(def, modifier, key, value, base_url)?);
@@ -728,7 +746,7 @@ pub fn parse_query(
     }
     let values: usize = query.predicates.iter().map(Predicate::value_count).sum();
     if values > MAX_SEARCH_VALUES {
-        return Err(invalid(format!(
+        return Err(too_costly(format!(
             "The search has {values} values (bare reference ids count once per possible type); \
              the most one search may have is {MAX_SEARCH_VALUES}"
         )));
@@ -1709,7 +1727,7 @@ mod tests {
 
     #[test]
     fn bad_queries_are_rejected_naming_the_parameter() {
-        use IssueCode::{Invalid, NotSupported};
+        use IssueCode::{Invalid, NotSupported, TooCostly};
         let cases = [
             ("foo=bar", NotSupported, "'foo'"),
             ("_include=Task:part-of", NotSupported, "'_include'"),
@@ -1759,8 +1777,8 @@ mod tests {
             ),
             (
                 "subject=a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r,s,t,u,v,w,x",
-                Invalid,
-                "1000",
+                TooCostly,
+                "256",
             ),
         ];
         for (query, code, needle) in cases {
@@ -1777,6 +1795,48 @@ mod tests {
                 "{query}: '{}' lacks {needle}",
                 client.diagnostics
             );
+        }
+    }
+
+    #[test]
+    fn criteria_and_values_are_capped() {
+        let repeated = |param: &str, n: usize| vec![param; n].join("&");
+        let values = |n: usize| {
+            let ids: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+            format!("_id={}", ids.join(","))
+        };
+        let cases = [
+            (repeated("status=ready", MAX_SEARCH_CRITERIA), None),
+            (
+                repeated("status=ready", MAX_SEARCH_CRITERIA + 1),
+                Some("32 criteria"),
+            ),
+            (repeated("_id:missing=false", 995), Some("32 criteria")),
+            (values(MAX_SEARCH_VALUES), None),
+            (values(MAX_SEARCH_VALUES + 1), Some("257 values")),
+            // Control parameters are not criteria.
+            (
+                format!(
+                    "{}&_count=5&_sort=status&_total=none",
+                    repeated("status=ready", 32)
+                ),
+                None,
+            ),
+        ];
+        for (query, refused) in cases {
+            match (parse(&query), refused) {
+                (Ok(_), None) => {}
+                (Err(e), Some(needle)) => {
+                    let client = e.as_client().unwrap();
+                    assert_eq!(client.code, IssueCode::TooCostly, "{}", client.diagnostics);
+                    assert!(
+                        client.diagnostics.contains(needle),
+                        "{}",
+                        client.diagnostics
+                    );
+                }
+                (result, _) => panic!("{}: {result:?}", &query[..40.min(query.len())]),
+            }
         }
     }
 
