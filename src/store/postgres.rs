@@ -519,10 +519,9 @@ impl Store for PostgresStore {
             if_none_exist: Some(predicates),
             ..
         } = &request
+            && let Some(outcome) = existing(matching_tasks(&self.pool, predicates).await?)?
         {
-            if let Some(outcome) = existing(matching_tasks(&self.pool, predicates).await?)? {
-                return Ok(outcome);
-            }
+            return Ok(outcome);
         }
         let started = Instant::now();
         let result = if single_statement(&request) {

@@ -934,7 +934,7 @@ async fn reads_searches_and_workflow_run_on_postgres() {
     // takes its first Task, however small the budget.
     let one = children.tasks[0].resource.to_string().len();
     let children = store.children_of(&both, &[], 10, one).await.unwrap();
-    assert_eq!(ids(&children.tasks), [first_child.clone()]);
+    assert_eq!(ids(&children.tasks), std::slice::from_ref(&first_child));
     assert!(children.truncated);
     assert_eq!(children.bytes, one);
     let all = search("_sort=_lastUpdated").predicates;
