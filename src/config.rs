@@ -222,6 +222,12 @@ pub struct SearchConfig {
     pub max_count: usize,
     /// Most Tasks `_revinclude=Task:part-of:iterate` adds to one page.
     pub max_included: usize,
+    /// Most levels of sub-tasks `_revinclude=Task:part-of:iterate` follows down from a match.
+    pub max_include_depth: usize,
+    /// Most bytes of resources (matches and included) in one page of search results; a page
+    /// that reaches it ends early with a `next` link. At least `max_body_bytes`, so that any
+    /// stored Task fits on a page.
+    pub max_page_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -290,6 +296,8 @@ impl Default for SearchConfig {
             default_count: 50,
             max_count: 1000,
             max_included: 1000,
+            max_include_depth: 8,
+            max_page_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -410,6 +418,11 @@ impl Config {
         if self.search.default_count == 0 || self.search.default_count > self.search.max_count {
             return Err(ConfigError(
                 "search.default_count must be between 1 and search.max_count".into(),
+            ));
+        }
+        if self.search.max_page_bytes < self.max_body_bytes || self.search.max_include_depth == 0 {
+            return Err(ConfigError(
+                "search.max_page_bytes must be at least max_body_bytes, and search.max_include_depth at least 1".into(),
             ));
         }
         if self.store.max_batch == 0 || self.store.read_connections == 0 {
@@ -597,6 +610,11 @@ mod tests {
             (|c| c.redis_url = Some("x".into()), "BATON_REDIS_URL"),
             (|c| c.max_body_bytes = 10, "max_body_bytes"),
             (|c| c.search.default_count = 0, "search.default_count"),
+            (|c| c.search.max_page_bytes = 1000, "search.max_page_bytes"),
+            (
+                |c| c.search.max_include_depth = 0,
+                "search.max_include_depth",
+            ),
         ];
         for (mutate, needle) in cases {
             let mut config = Config::default();

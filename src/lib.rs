@@ -208,6 +208,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             },
             search_limits,
             rate_limit: api::rate_limit::RequestLimiter::new(&config.limits),
+            searches: api::admission::Admission::new(
+                config.limits.max_concurrent_searches,
+                config.limits.search_queue,
+            ),
             base_url: base_url.clone(),
             auth: authenticator,
             store: store.clone(),

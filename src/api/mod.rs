@@ -1,6 +1,7 @@
 //! The HTTP surface: one file per resource or operation, each with its own router, joined
 //! here with the shared state, request metrics and the FHIR error fallbacks.
 
+pub mod admission;
 pub mod health;
 pub mod metadata;
 pub mod rate_limit;
@@ -46,6 +47,9 @@ pub struct Shared {
     /// Requests per second per practitioner or auditor identity, checked as the principal is
     /// verified.
     pub rate_limit: rate_limit::RequestLimiter,
+    /// Slots and a wait queue for searches, so a burst of them cannot take all the memory
+    /// and connections (`limits.max_concurrent_searches`, `limits.search_queue`).
+    pub searches: admission::Admission,
     /// Cancelled when shutdown begins; `/readyz` then answers 503 so balancers drain us.
     pub shutdown: CancellationToken,
     /// The long-running tasks' health, shown by `/readyz`.

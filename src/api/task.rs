@@ -17,6 +17,7 @@ use super::{AppState, BodyKind, Prefer, parse_json, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode};
+use crate::fhir::shape::{ShapeLimits, check_shape};
 use crate::fhir::workflow::{self, RequestKind};
 use crate::fhir::{self, fhir_json, normalize_reference, task as task_rules};
 use crate::store::{
@@ -48,6 +49,7 @@ async fn create(
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let mut resource = parse_json(&bytes)?;
     task_rules::validate_task(&resource, &state.base_url)?;
+    check_shape(&resource, stored_limits(&state), "Task")?;
     // The server assigns ids and versions on create; whatever the client sent is ignored.
     if let Some(object) = resource.as_object_mut() {
         object.remove("id");
@@ -83,6 +85,12 @@ async fn create(
             predicates.extend(auth::read_scope(&principal));
             Some(predicates)
         }
+    };
+    // Conditional criteria are a search (the store evaluates them before the writer), so
+    // they take a search slot like any other.
+    let _admitted = match if_none_exist {
+        Some(_) => Some(state.searches.enter().await?),
+        None => None,
     };
     let outcome = state
         .store
@@ -125,6 +133,7 @@ async fn update(
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let mut resource = parse_json(&bytes)?;
     task_rules::validate_task(&resource, &state.base_url)?;
+    check_shape(&resource, stored_limits(&state), "Task")?;
     match resource.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id => {}
         Some(body_id) => {
@@ -207,44 +216,50 @@ async fn patch(
     let bytes = read_body(&state, &headers, body, BodyKind::JsonPatch).await?;
     let operations = parse_json(&bytes)?;
     let touches_links = may_change_links(&operations);
-    let patch: json_patch::Patch = serde_json::from_value(operations).map_err(|e| {
-        Error::bad_request(
-            IssueCode::Structure,
-            format!("the body is not a valid JSON Patch (RFC 6902) document: {e}"),
-        )
-    })?;
+    let patch = fhir::patch::parse_patch(operations, state.config.limits.max_patch_operations)?;
+    let limits = stored_limits(&state);
+    // The patch is applied and judged here, against the version read now, so that a patch
+    // that fails (or grows the Task past the limits) is answered without ever reaching the
+    // writer. The decision below repeats only the cheap checks, unless the Task changed in
+    // between.
+    let before = state.store.read(&id).await?;
+    let before = require_live(before.as_ref(), &id)?;
+    check_version(if_match, Some(before))?;
+    // Reading rights come first, so a foreign Task is a 403 whatever the patch says.
+    auth::authorize_task_write(&principal, Some(&before.resource), None, &state.base_url)?;
+    let prepared = patched_task(before, &patch, limits, &state.base_url)?;
+    auth::authorize_task_write(
+        &principal,
+        Some(&before.resource),
+        Some(&prepared),
+        &state.base_url,
+    )?;
+    check_status_change(Some(&before.resource), &prepared)?;
     let checked = if touches_links {
-        patched_links(&state, &principal, &id, &patch).await?
+        let fresh = new_links(
+            Some(&before.resource),
+            &prepared,
+            Some(&id),
+            &state.base_url,
+        )?;
+        check_links(&state, &principal, &fresh, &prepared).await?
     } else {
         HashSet::new()
     };
+    let prepared_from = before.version;
     let base_url = state.base_url.clone();
     let task_id = id.clone();
     let decide = Box::new(move |current: Option<&CurrentTask>| {
         let current = require_live(current, &task_id)?;
         check_version(if_match, Some(current))?;
-        // Reading rights come first, so a foreign Task is a 403 whatever the patch says.
         auth::authorize_task_write(&principal, Some(&current.resource), None, &base_url)?;
-        let mut patched = current.resource.clone();
-        // `patch_unsafe` because the patch works on a copy that a failure discards anyway:
-        // `json_patch::patch` undoes the applied operations when a later one fails, and its
-        // undo panics when an operation replaced the whole document (a move or copy to "").
-        json_patch::patch_unsafe(&mut patched, &patch).map_err(|e| {
-            Error::client(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                IssueCode::Processing,
-                format!("the patch cannot be applied to Task/{task_id}: {e}"),
-            )
-        })?;
-        if patched.get("id").and_then(Value::as_str) != Some(task_id.as_str()) {
-            return Err(Error::client(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                IssueCode::Processing,
-                "a patch may not change or remove the Task's id",
-            ));
-        }
-        task_rules::validate_task(&patched, &base_url)?;
-        clear_server_meta(&mut patched);
+        // Versions only grow, so the same version is the same content: what was prepared
+        // stands. Otherwise the patch is applied again, with the same bounds, to what is there.
+        let patched = if current.version == prepared_from {
+            prepared
+        } else {
+            patched_task(current, &patch, limits, &base_url)?
+        };
         auth::authorize_task_write(
             &principal,
             Some(&current.resource),
@@ -266,6 +281,28 @@ async fn patch(
         .write(WriteRequest::Change { id, decide })
         .await?;
     written_response(&state, outcome, prefer)
+}
+
+/// Applies a patch to a stored Task within the limits (`fhir::patch::apply_patch`) and checks
+/// that the result is a Task Baton may store under the same id.
+fn patched_task(
+    current: &CurrentTask,
+    patch: &json_patch::Patch,
+    limits: ShapeLimits,
+    base_url: &str,
+) -> Result<Value> {
+    let what = format!("Task/{}", current.id);
+    let mut patched = fhir::patch::apply_patch(&current.resource, patch, limits, &what)?;
+    if patched.get("id").and_then(Value::as_str) != Some(current.id.as_str()) {
+        return Err(Error::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            IssueCode::Processing,
+            "a patch may not change or remove the Task's id",
+        ));
+    }
+    task_rules::validate_task(&patched, base_url)?;
+    clear_server_meta(&mut patched);
+    Ok(patched)
 }
 
 async fn delete(
@@ -327,6 +364,12 @@ fn written_response(state: &AppState, outcome: WriteOutcome, prefer: Prefer) -> 
             "unexpected outcome",
         )),
     }
+}
+
+/// What a stored Task may not exceed: the body-size limit as compact JSON, and
+/// `shape::MAX_DEPTH` levels of nesting, so that every stored Task can be read back.
+fn stored_limits(state: &AppState) -> ShapeLimits {
+    ShapeLimits::stored(state.config.max_body_bytes)
 }
 
 fn record_write(interaction: Interaction) {
@@ -507,34 +550,6 @@ fn may_change_links(operations: &Value) -> bool {
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             })
     })
-}
-
-/// Checks the links a patch would add, applying it to the version read now. A patch that
-/// cannot be applied or validated, or a Task the caller may not change, is left for the
-/// write's decision to refuse with its usual answer.
-async fn patched_links(
-    state: &AppState,
-    principal: &Principal,
-    id: &str,
-    patch: &json_patch::Patch,
-) -> Result<HashSet<String>> {
-    let Some(before) = state.store.read(id).await?.filter(|c| !c.deleted) else {
-        return Ok(HashSet::new());
-    };
-    if auth::authorize_task_write(principal, Some(&before.resource), None, &state.base_url).is_err()
-    {
-        return Ok(HashSet::new());
-    }
-    let mut after = before.resource.clone();
-    if json_patch::patch_unsafe(&mut after, patch).is_err()
-        || task_rules::validate_task(&after, &state.base_url).is_err()
-    {
-        return Ok(HashSet::new());
-    }
-    match new_links(Some(&before.resource), &after, Some(id), &state.base_url) {
-        Ok(fresh) => check_links(state, principal, &fresh, &after).await,
-        Err(_) => Ok(HashSet::new()),
-    }
 }
 
 /// The If-Match check: a stale version is a 412 that names the current one.
@@ -881,11 +896,15 @@ async fn run_search(
         Handling::Strict
     };
     let query = search::parse_query(&pairs, &state.search_limits, &state.base_url, handling)?;
+    // A malformed query is refused above without taking a slot; from here on the search
+    // holds one until its Bundle is built.
+    let _admitted = state.searches.enter().await?;
     let scope: Vec<Predicate> = auth::read_scope(principal).into_iter().collect();
     let mut predicates = query.predicates.clone();
     predicates.extend(scope.iter().cloned());
     let count = if query.summary_count { 0 } else { query.count };
     let with_total = query.summary_count || query.total == TotalMode::Accurate;
+    let max_page_bytes = state.config.search.max_page_bytes;
     let page = state
         .store
         .search(PageRequest {
@@ -894,6 +913,7 @@ async fn run_search(
             count,
             offset: query.offset,
             with_total,
+            max_bytes: max_page_bytes,
         })
         .await?;
 
@@ -902,14 +922,38 @@ async fn run_search(
         .iter()
         .map(|t| search_entry(&state.base_url, t, "match"))
         .collect();
+    // Where the page stops short of what was asked, an `outcome` entry says why.
+    let mut warnings = Vec::new();
+    if page.truncated {
+        warnings.push(format!(
+            "this page holds {} of the {} Tasks asked for: it reached search.max_page_bytes              ({max_page_bytes} bytes); the next link continues after them",
+            page.tasks.len(),
+            query.count
+        ));
+    }
     if let Some(revinclude) = query.revinclude.filter(|_| !page.tasks.is_empty()) {
-        let included = sub_tasks(state, &page.tasks, &scope, revinclude).await?;
+        let budget = max_page_bytes.saturating_sub(page.bytes);
+        let (included, stop) = sub_tasks(state, &page.tasks, &scope, revinclude, budget).await?;
         entries.extend(
             included
                 .iter()
                 .map(|t| search_entry(&state.base_url, t, "include")),
         );
+        if let Some(stop) = stop {
+            warnings.push(stop.explain(state));
+        }
     }
+    entries.extend(warnings.iter().map(|warning| {
+        json!({
+            "resource": crate::error::operation_outcome(
+                "warning",
+                IssueCode::TooCostly,
+                warning,
+                None,
+            ),
+            "search": { "mode": "outcome" },
+        })
+    }));
 
     let self_base = format!("{}/Task", state.base_url);
     let page_url = |offset: usize| {
@@ -924,12 +968,16 @@ async fn run_search(
     let mut links = vec![link("self", &page_url(query.offset))];
     if !query.summary_count {
         links.push(link("first", &page_url(0)));
-        let has_next = match page.total {
-            Some(total) => query.offset + query.count < total as usize,
-            None => page.tasks.len() == query.count,
-        };
+        // A page the byte budget ended holds fewer Tasks than asked for; the next one starts
+        // right after the last it holds.
+        let next = query.offset + page.tasks.len();
+        let has_next = page.truncated
+            || match page.total {
+                Some(total) => next < total as usize,
+                None => page.tasks.len() == query.count,
+            };
         if has_next {
-            links.push(link("next", &page_url(query.offset + query.count)));
+            links.push(link("next", &page_url(next)));
         }
         if query.offset > 0 {
             links.push(link(
@@ -966,35 +1014,88 @@ async fn run_search(
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
-/// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) the whole
-/// tree, bounded by `search.max_included` and applying the caller's read scope at each level.
+/// Why the included sub-tasks of a page stop short of the whole tree below its matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IncludeStop {
+    /// `search.max_included` Tasks were included.
+    Count,
+    /// The page's byte budget was spent.
+    Bytes,
+    /// `:iterate` went `search.max_include_depth` levels down.
+    Depth,
+}
+
+impl IncludeStop {
+    fn explain(self, state: &AppState) -> String {
+        let search = &state.config.search;
+        match self {
+            IncludeStop::Count => format!(
+                "included sub-tasks stop at search.max_included ({}); more may exist",
+                search.max_included
+            ),
+            IncludeStop::Bytes => format!(
+                "included sub-tasks stop where the page reached search.max_page_bytes ({} \
+                 bytes); more may exist",
+                search.max_page_bytes
+            ),
+            IncludeStop::Depth => format!(
+                "included sub-tasks stop {} levels below the matches \
+                 (search.max_include_depth); deeper ones, if any, are not included",
+                search.max_include_depth
+            ),
+        }
+    }
+}
+
+/// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) down to
+/// `search.max_include_depth` levels, bounded by `search.max_included` Tasks and by
+/// `max_bytes` of them, and applying the caller's read scope at each level. Says where it
+/// stopped short, if it did.
 async fn sub_tasks(
     state: &AppState,
     matched: &[CurrentTask],
     scope: &[Predicate],
     revinclude: RevInclude,
-) -> Result<Vec<CurrentTask>> {
+    max_bytes: usize,
+) -> Result<(Vec<CurrentTask>, Option<IncludeStop>)> {
     let limit = state.config.search.max_included;
+    let max_depth = match revinclude {
+        RevInclude::PartOf => 1,
+        RevInclude::PartOfIterate => state.config.search.max_include_depth,
+    };
     let mut seen: HashSet<String> = matched.iter().map(|t| t.id.clone()).collect();
     let mut frontier: Vec<String> = matched.iter().map(|t| format!("Task/{}", t.id)).collect();
     let mut included = Vec::new();
-    while !frontier.is_empty() && included.len() < limit {
+    let mut bytes_left = max_bytes;
+    let mut depth = 0;
+    while !frontier.is_empty() {
+        if depth == max_depth {
+            let stop = (revinclude == RevInclude::PartOfIterate).then_some(IncludeStop::Depth);
+            return Ok((included, stop));
+        }
+        let wanted = limit - included.len();
         let children = state
             .store
-            .children_of(&frontier, scope, limit - included.len())
+            .children_of(&frontier, scope, wanted, bytes_left)
             .await?;
+        depth += 1;
+        bytes_left = bytes_left.saturating_sub(children.bytes);
+        let full = children.tasks.len() == wanted;
         frontier = Vec::new();
-        for child in children {
+        for child in children.tasks {
             if seen.insert(child.id.clone()) {
                 frontier.push(format!("Task/{}", child.id));
                 included.push(child);
             }
         }
-        if revinclude == RevInclude::PartOf {
-            break;
+        if children.truncated {
+            return Ok((included, Some(IncludeStop::Bytes)));
+        }
+        if full {
+            return Ok((included, Some(IncludeStop::Count)));
         }
     }
-    Ok(included)
+    Ok((included, None))
 }
 
 fn search_entry(base_url: &str, task: &CurrentTask, mode: &str) -> Value {

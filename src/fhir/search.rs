@@ -217,10 +217,19 @@ const CONTROL_PARAMS: &[&str] = &[
     "_pretty",
 ];
 
-/// The most values (after bare-id expansion) one search may carry. Each becomes a bind
-/// parameter, and databases cap those (PostgreSQL at 65535), so an oversized query is refused
-/// as the client's mistake rather than failing inside the store.
-const MAX_SEARCH_VALUES: usize = 1000;
+/// The most search criteria (parameters other than the control ones, ANDed) one search may
+/// carry. Each becomes a subquery, and what a database pays for a query grows with their
+/// number and with the rows each matches: on 5 000 Tasks, 32 criteria that match every Task
+/// cost over a second on PostgreSQL, and SQLite refuses a thousand outright ("Expression
+/// tree is too large"). Real searches use a handful. BENCHMARKS.md has the measurements.
+pub const MAX_SEARCH_CRITERIA: usize = 16;
+
+/// The most values one search may carry in all, counted as the store binds them: a code,
+/// a reference or `:missing` is one, `system|code` and a date are two, and a bare reference
+/// id counts once per resource type it may name. Values ORed in one parameter are cheap when
+/// they are plain codes, but `system|code` pairs and dates become a chain of ORs that SQLite
+/// cannot compile past about 450 terms; 512 keeps every chain under 260.
+pub const MAX_SEARCH_VALUES: usize = 512;
 
 /// The largest `_offset` a page (of a search, a history, a subscription list) may start at.
 /// The stores bind offsets as signed 64-bit integers and the paging links add a page to them,
@@ -594,10 +603,16 @@ impl TokenValue {
 }
 
 impl Predicate {
-    /// How many values this predicate compares with, which is about how many binds its SQL has.
+    /// How many values this predicate compares with, counted as its SQL binds them.
     fn value_count(&self) -> usize {
         match self {
-            Predicate::Token { any_of, .. } => any_of.len(),
+            Predicate::Token { any_of, .. } => any_of
+                .iter()
+                .map(|value| match (&value.system, &value.code) {
+                    (SystemMatch::Exact(_), Some(_)) => 2,
+                    _ => 1,
+                })
+                .sum(),
             Predicate::Date { any_of, .. } => any_of.len() * 2,
             Predicate::Missing { .. } => 1,
             Predicate::Or(all) | Predicate::And(all) => all.iter().map(Self::value_count).sum(),
@@ -697,6 +712,11 @@ fn invalid(diagnostics: String) -> Error {
     Error::bad_request(IssueCode::Invalid, diagnostics)
 }
 
+/// 400 `too-costly`: a search larger than Baton evaluates.
+fn too_costly(diagnostics: String) -> Error {
+    Error::bad_request(IssueCode::TooCostly, diagnostics)
+}
+
 /// Parses the (already percent-decoded) query parameters of a Task search.
 ///
 /// Errors in a known parameter are always a 400, whatever the handling: a client that asked
@@ -734,6 +754,13 @@ pub fn parse_query(
                 &mut seen_once,
             )?;
         } else if let Some(def) = task_param(name) {
+            if query.predicates.len() == MAX_SEARCH_CRITERIA {
+                return Err(too_costly(format!(
+                    "The search has more than {MAX_SEARCH_CRITERIA} criteria; the most one \
+                     search may have is {MAX_SEARCH_CRITERIA} (values ORed in one parameter, \
+                     'status=ready,requested', count as one criterion)"
+                )));
+            }
             query
                 .predicates
                 .push(parse_param(def, modifier, key, value, base_url)?);
@@ -753,7 +780,7 @@ pub fn parse_query(
     }
     let values: usize = query.predicates.iter().map(Predicate::value_count).sum();
     if values > MAX_SEARCH_VALUES {
-        return Err(invalid(format!(
+        return Err(too_costly(format!(
             "The search has {values} values (bare reference ids count once per possible type); \
              the most one search may have is {MAX_SEARCH_VALUES}"
         )));
@@ -1772,7 +1799,7 @@ mod tests {
 
     #[test]
     fn bad_queries_are_rejected_naming_the_parameter() {
-        use IssueCode::{Invalid, NotSupported};
+        use IssueCode::{Invalid, NotSupported, TooCostly};
         let cases = [
             ("foo=bar", NotSupported, "'foo'"),
             ("_include=Task:part-of", NotSupported, "'_include'"),
@@ -1824,8 +1851,8 @@ mod tests {
             ),
             (
                 "subject=a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r,s,t,u,v,w,x",
-                Invalid,
-                "1000",
+                TooCostly,
+                "512",
             ),
         ];
         for (query, code, needle) in cases {
@@ -1842,6 +1869,57 @@ mod tests {
                 "{query}: '{}' lacks {needle}",
                 client.diagnostics
             );
+        }
+    }
+
+    #[test]
+    fn criteria_and_values_are_capped() {
+        let repeated = |param: &str, n: usize| vec![param; n].join("&");
+        let ids = |n: usize| {
+            let ids: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+            format!("_id={}", ids.join(","))
+        };
+        let pairs = |n: usize| {
+            let pairs: Vec<String> = (0..n).map(|i| format!("urn:x|v{i}")).collect();
+            format!("identifier={}", pairs.join(","))
+        };
+        let max = MAX_SEARCH_CRITERIA;
+        let too_many = format!("more than {max} criteria");
+        let cases = [
+            (repeated("status=ready", max), None),
+            (repeated("status=ready", max + 1), Some(too_many.clone())),
+            (repeated("_id:missing=false", 995), Some(too_many)),
+            (ids(MAX_SEARCH_VALUES), None),
+            (ids(MAX_SEARCH_VALUES + 1), Some("513 values".to_string())),
+            // `system|code` binds two values.
+            (pairs(MAX_SEARCH_VALUES / 2), None),
+            (
+                pairs(MAX_SEARCH_VALUES / 2 + 1),
+                Some("514 values".to_string()),
+            ),
+            // Control parameters are not criteria.
+            (
+                format!(
+                    "{}&_count=5&_sort=status&_total=none",
+                    repeated("status=ready", max)
+                ),
+                None,
+            ),
+        ];
+        for (query, refused) in cases {
+            match (parse(&query), refused) {
+                (Ok(_), None) => {}
+                (Err(e), Some(needle)) => {
+                    let client = e.as_client().unwrap();
+                    assert_eq!(client.code, IssueCode::TooCostly, "{}", client.diagnostics);
+                    assert!(
+                        client.diagnostics.contains(&needle),
+                        "{}",
+                        client.diagnostics
+                    );
+                }
+                (result, _) => panic!("{}: {result:?}", &query[..40.min(query.len())]),
+            }
         }
     }
 

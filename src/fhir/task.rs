@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
+use crate::fhir::shape::{MAX_DEPTH, ShapeLimits, check_shape};
 use crate::fhir::{
     ID_RULE, MULTI_FOCUS_EXTENSION, check_text_content, is_valid_id, normalize_reference,
 };
@@ -100,6 +101,9 @@ const CORE_PROFILE_BASE: &str = "http://hl7.org/fhir/StructureDefinition/";
 
 /// Checks an incoming R4 Task and reports the first problem as a 400 OperationOutcome whose
 /// diagnostic starts with the offending element, which is also set as the issue expression.
+/// A Task nested more than `shape::MAX_DEPTH` levels deep is refused before anything else is
+/// walked; its size is the caller's to check (`shape::check_shape`), against the configured
+/// body-size limit.
 pub fn validate_task(resource: &Value, base_url: &str) -> Result<()> {
     let Value::Object(task) = resource else {
         return Err(fail(
@@ -140,6 +144,16 @@ pub fn validate_task(resource: &Value, base_url: &str) -> Result<()> {
             ));
         }
     }
+    // Depth first: it bounds the recursion of the walks below, and a resource nested past the
+    // JSON parser's limit could be stored but never read back.
+    check_shape(
+        resource,
+        ShapeLimits {
+            max_bytes: usize::MAX,
+            max_depth: MAX_DEPTH,
+        },
+        "Task",
+    )?;
     check_json_rules(resource, "Task")?;
     let contained = task
         .get("contained")
@@ -1393,6 +1407,23 @@ mod tests {
         })
     }
 
+    /// `levels` extensions, each inside the one before: two levels (array and object) each.
+    fn nested_extensions(levels: usize) -> Value {
+        let mut extension = json!({ "url": "urn:leaf", "valueString": "x" });
+        for _ in 1..levels {
+            extension = json!({ "url": "urn:level", "extension": [extension] });
+        }
+        json!([extension])
+    }
+
+    fn nested_arrays(levels: usize) -> Value {
+        let mut value = json!("x");
+        for _ in 0..levels {
+            value = json!([value]);
+        }
+        value
+    }
+
     fn remove(task: &mut Value, key: &str) {
         task.as_object_mut().unwrap().remove(key);
     }
@@ -1417,6 +1448,14 @@ mod tests {
     }
 
     #[test]
+    fn tasks_nested_up_to_the_depth_limit_are_valid() {
+        // Thirty-one nested extensions put the innermost one at level 63 (of 64).
+        let mut task = rich_task();
+        task["extension"] = nested_extensions(31);
+        validate_task(&task, BASE).unwrap();
+    }
+
+    #[test]
     fn minimal_task_is_valid() {
         let task = json!({ "resourceType": "Task", "status": "requested", "intent": "order" });
         validate_task(&task, BASE).unwrap();
@@ -1426,7 +1465,7 @@ mod tests {
 
     #[test]
     fn invalid_tasks_are_rejected_at_the_offending_element() {
-        use IssueCode::{Invalid, Invariant, Required, Structure, Value as Val};
+        use IssueCode::{Invalid, Invariant, Required, Structure, TooLong, Value as Val};
         // One case per line: what is broken, how, the issue code and the expression expected.
         #[rustfmt::skip]
         let cases: &[(&str, Mutation, IssueCode, &str)] = &[
@@ -1504,6 +1543,8 @@ mod tests {
             ("id of dots", |t| t["id"] = json!(".."), Val, "Task.id"),
             ("language not a language tag", |t| t["language"] = json!("en GB"), Val, "Task.language"),
             ("uri with whitespace", |t| t["instantiatesUri"] = json!("http://example.org/a b"), Val, "Task.instantiatesUri"),
+            ("extensions nested 65 levels deep", |t| t["extension"] = nested_extensions(32), TooLong, "Task"),
+            ("contained resource nested 65 levels deep", |t| t["contained"][0]["x"] = nested_arrays(62), TooLong, "Task"),
         ];
         for (what, mutate, code, expression) in cases {
             let mut task = rich_task();

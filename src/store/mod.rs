@@ -153,6 +153,10 @@ pub struct ChangeEvent {
 pub struct SearchPage {
     pub tasks: Vec<CurrentTask>,
     pub total: Option<u64>,
+    /// The byte budget ended the page before the Tasks asked for: more may follow.
+    pub truncated: bool,
+    /// Bytes of stored JSON of `tasks`.
+    pub bytes: usize,
 }
 
 /// What a search asks the store for.
@@ -163,6 +167,58 @@ pub struct PageRequest<'a> {
     pub count: usize,
     pub offset: usize,
     pub with_total: bool,
+    /// Most bytes of stored resources the page may hold (see `collect_page`).
+    pub max_bytes: usize,
+}
+
+/// Tasks read from a stream of rows, and how much of the byte budget they took.
+pub(crate) struct Collected {
+    pub tasks: Vec<CurrentTask>,
+    /// The budget ended the rows before the stream did.
+    pub truncated: bool,
+    pub bytes: usize,
+}
+
+/// Reads Tasks from a stream of rows until it ends or the next Task would take them past
+/// `max_bytes` of stored JSON, except that the first `at_least` Tasks are always taken (a page
+/// of matches takes one, so that paging always moves on). The rows not read are never parsed
+/// and the stream is dropped, so a page of large Tasks costs the budget, not `_count` times
+/// the largest Task. `read` parses a row into a Task and the length of its stored JSON.
+pub(crate) async fn collect_page<R>(
+    rows: impl futures::Stream<Item = std::result::Result<R, sqlx::Error>>,
+    max_bytes: usize,
+    at_least: usize,
+    read: impl Fn(&R) -> Result<(CurrentTask, usize)>,
+) -> Result<Collected> {
+    use futures::TryStreamExt;
+    let mut rows = std::pin::pin!(rows);
+    let mut collected = Collected {
+        tasks: Vec::new(),
+        truncated: false,
+        bytes: 0,
+    };
+    while let Some(row) = rows.try_next().await? {
+        let (task, size) = read(&row)?;
+        let bytes = collected.bytes.saturating_add(size);
+        if collected.tasks.len() >= at_least && bytes > max_bytes {
+            collected.truncated = true;
+            break;
+        }
+        collected.bytes = bytes;
+        collected.tasks.push(task);
+    }
+    Ok(collected)
+}
+
+impl Collected {
+    pub fn into_page(self, total: Option<u64>) -> SearchPage {
+        SearchPage {
+            tasks: self.tasks,
+            total,
+            truncated: self.truncated,
+            bytes: self.bytes,
+        }
+    }
 }
 
 /// A stored subscription: the resource, who made it, its event counter and its delivery state.
@@ -360,13 +416,15 @@ pub trait Store: Send + Sync + 'static {
         offset: usize,
     ) -> Result<(Vec<StoredVersion>, u64)>;
     async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage>;
-    /// Live Tasks whose `partOf` names one of `parents` (as `Task/id`) and that match `scope`.
+    /// Live Tasks whose `partOf` names one of `parents` (as `Task/id`) and that match `scope`:
+    /// at most `limit`, and no more than `max_bytes` of stored JSON (none may be taken).
     async fn children_of(
         &self,
         parents: &[String],
         scope: &[Predicate],
         limit: usize,
-    ) -> Result<Vec<CurrentTask>>;
+        max_bytes: usize,
+    ) -> Result<SearchPage>;
     /// Changes the matcher has not consumed, oldest first. A store that commits in `seq` order
     /// (see `outbox_in_commit_order`) returns those after `seq`, the caller's position; one
     /// that does not returns every change not yet recorded by `record_matches`.

@@ -33,7 +33,7 @@ use super::{
     ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
     PageRequest, SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionChanges,
     SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
-    now_instant, stamp,
+    collect_page, now_instant, stamp,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -165,25 +165,16 @@ async fn apply(
                 // Held until commit: the next conditional create searches after this one's
                 // Task is visible. A statement of its own: a statement's snapshot is taken
                 // when it starts, so a search in the lock's statement would miss a Task
-                // committed while the lock was awaited.
+                // committed while the lock was awaited. `PostgresStore::write` already found
+                // no match outside the transaction; this is the re-check under the lock. Its
+                // cost is bounded by the criteria caps of `fhir::search`, and it delays only
+                // other conditional creates: PostgreSQL has no single writer.
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(CONDITIONAL_CREATE_LOCK)
                     .execute(&mut *conn)
                     .await?;
-                let found = find_ids(conn, &predicates, 2).await?;
-                match found.as_slice() {
-                    [] => {}
-                    [id] => {
-                        let current = read_current(conn, id).await?.ok_or_else(|| {
-                            Error::internal("a matched Task vanished", "missing row")
-                        })?;
-                        return Ok(WriteOutcome::Existing(current));
-                    }
-                    _ => {
-                        return Err(Error::precondition_failed(
-                            "If-None-Exist matches more than one Task; make the criteria more selective",
-                        ));
-                    }
+                if let Some(outcome) = existing(matching_tasks(&mut *conn, &predicates).await?)? {
+                    return Ok(outcome);
                 }
             }
             let id = uuid::Uuid::new_v4().to_string();
@@ -425,6 +416,12 @@ fn current_from_row(row: &PgRow) -> Result<CurrentTask> {
     })
 }
 
+/// A Task row and the length of its stored JSON, for `collect_page`.
+fn sized_current_from_row(row: &PgRow) -> Result<(CurrentTask, usize)> {
+    let size = row.try_get::<&str, _>("resource")?.len();
+    Ok((current_from_row(row)?, size))
+}
+
 fn version_from_row(row: &PgRow) -> Result<StoredVersion> {
     let interaction: String = row.try_get("interaction")?;
     let text: Option<String> = row.try_get("resource")?;
@@ -481,27 +478,51 @@ async fn read_current<'e>(
     row.as_ref().map(current_from_row).transpose()
 }
 
-async fn find_ids(
-    conn: &mut PgConnection,
+/// The Tasks (at most two) that If-None-Exist criteria match, read by the statement that
+/// evaluates them, so that a Task deleted meanwhile cannot be reported.
+async fn matching_tasks<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     predicates: &[Predicate],
-    limit: i64,
-) -> Result<Vec<String>> {
+) -> Result<Vec<CurrentTask>> {
     let filter = where_clause(predicates, Placeholder::Dollar, 1);
     let sql = format!(
-        "SELECT t.id FROM task t WHERE t.deleted = 0 AND ({}) LIMIT ${}",
-        filter.sql,
-        filter.binds.len() + 1
+        "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) LIMIT 2",
+        filter.sql
     );
-    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+    let mut query = sqlx::query(AssertSqlSafe(sql));
     for bind in &filter.binds {
         query = query.bind(pg_text(bind));
     }
-    Ok(query.bind(limit).fetch_all(&mut *conn).await?)
+    let rows = query.fetch_all(executor).await?;
+    rows.iter().map(current_from_row).collect()
+}
+
+/// What the Tasks If-None-Exist criteria match mean: nothing to say (none), the Task found
+/// (one), or a 412 (more).
+fn existing(mut found: Vec<CurrentTask>) -> Result<Option<WriteOutcome>> {
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop().map(WriteOutcome::Existing)),
+        _ => Err(Error::precondition_failed(
+            "If-None-Exist matches more than one Task; make the criteria more selective",
+        )),
+    }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
+        // If-None-Exist criteria are evaluated first on the pool, outside any transaction and
+        // lock: a create that finds its Task (an idempotent retry, the common case) is
+        // answered without writing, and a double match without waiting for the lock.
+        if let WriteRequest::Create {
+            if_none_exist: Some(predicates),
+            ..
+        } = &request
+            && let Some(outcome) = existing(matching_tasks(&self.pool, predicates).await?)?
+        {
+            return Ok(outcome);
+        }
         let started = Instant::now();
         let result = if single_statement(&request) {
             let mut conn = self.pool.acquire().await?;
@@ -573,9 +594,15 @@ impl Store for PostgresStore {
         } else {
             None
         };
-        let tasks = if page.count == 0 {
-            Vec::new()
-        } else {
+        if page.count == 0 {
+            return Ok(SearchPage {
+                tasks: Vec::new(),
+                total,
+                truncated: false,
+                bytes: 0,
+            });
+        }
+        {
             let next = filter.binds.len() + 1;
             let sql = format!(
                 "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) ORDER BY {}
@@ -592,11 +619,10 @@ impl Store for PostgresStore {
             let rows = query
                 .bind(page.count as i64)
                 .bind(page.offset as i64)
-                .fetch_all(&self.pool)
-                .await?;
-            rows.iter().map(current_from_row).collect::<Result<_>>()?
-        };
-        Ok(SearchPage { tasks, total })
+                .fetch(&self.pool);
+            let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
+            Ok(collected.into_page(total))
+        }
     }
 
     async fn children_of(
@@ -604,9 +630,15 @@ impl Store for PostgresStore {
         parents: &[String],
         scope: &[Predicate],
         limit: usize,
-    ) -> Result<Vec<CurrentTask>> {
+        max_bytes: usize,
+    ) -> Result<SearchPage> {
         if parents.is_empty() {
-            return Ok(Vec::new());
+            return Ok(SearchPage {
+                tasks: Vec::new(),
+                total: None,
+                truncated: false,
+                bytes: 0,
+            });
         }
         let filter = where_clause(scope, Placeholder::Dollar, 2);
         let sql = format!(
@@ -621,8 +653,9 @@ impl Store for PostgresStore {
         for bind in &filter.binds {
             query = query.bind(pg_text(bind));
         }
-        let rows = query.bind(limit as i64).fetch_all(&self.pool).await?;
-        rows.iter().map(current_from_row).collect()
+        let rows = query.bind(limit as i64).fetch(&self.pool);
+        let collected = collect_page(rows, max_bytes, 0, sized_current_from_row).await?;
+        Ok(collected.into_page(None))
     }
 
     async fn change_events_after(&self, _seq: i64, limit: usize) -> Result<Vec<ChangeEvent>> {

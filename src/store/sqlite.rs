@@ -7,6 +7,7 @@
 //! an acknowledged write survives a killed process and a power cut alike. Reads use a pool of
 //! read-only connections, which WAL lets run beside the writer.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::str::FromStr;
@@ -30,11 +31,13 @@ use super::{
     ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
     MatchRow, PageRequest, SearchPage, Store, StoredSubscription, StoredVersion,
     SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome,
-    WriteRequest, now_instant, stamp,
+    WriteRequest, collect_page, now_instant, stamp,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
-use crate::fhir::search::{Predicate, index_task, priority_rank};
+use crate::fhir::search::{
+    self, DateEntry, Predicate, TaskIndex, TokenEntry, index_task, priority_rank, task_param,
+};
 use crate::fhir::workflow::{self, RequestKind};
 use crate::supervise::{self, Health};
 
@@ -44,6 +47,14 @@ mod hub;
 /// SQLite sees one writer and every kind of write benefits from group commit.
 enum Work {
     Task(WriteRequest),
+    /// A create with If-None-Exist whose criteria matched no Task up to outbox position
+    /// `checked_through` (evaluated on the read pool, see `SqliteStore::precheck`): the writer
+    /// only looks again at the Tasks written since.
+    ConditionalCreate {
+        resource: Value,
+        predicates: Vec<Predicate>,
+        checked_through: i64,
+    },
     CreateSubscription(Box<SubscriptionRecord>),
     ReplaceSubscription(String, SubscriptionDecide),
     DeleteSubscription(String),
@@ -256,6 +267,13 @@ async fn run_batch(
 async fn apply_work(conn: &mut SqliteConnection, work: Work, base_url: &str) -> Result<Done> {
     match work {
         Work::Task(request) => apply(conn, request, base_url).await.map(Done::Task),
+        Work::ConditionalCreate {
+            resource,
+            predicates,
+            checked_through,
+        } => create_unless_written(conn, resource, &predicates, checked_through, base_url)
+            .await
+            .map(Done::Task),
         Work::CreateSubscription(record) => hub::create_subscription(conn, *record)
             .await
             .map(|s| Done::Subscription(Box::new(s))),
@@ -293,27 +311,9 @@ async fn apply(
     base_url: &str,
 ) -> Result<WriteOutcome> {
     match request {
-        WriteRequest::Create {
-            resource,
-            if_none_exist,
-        } => {
-            if let Some(predicates) = if_none_exist {
-                let found = find_ids(conn, &predicates, 2).await?;
-                match found.as_slice() {
-                    [] => {}
-                    [id] => {
-                        let current = load_current(conn, id).await?.ok_or_else(|| {
-                            Error::internal("a matched Task vanished", "missing row")
-                        })?;
-                        return Ok(WriteOutcome::Existing(current));
-                    }
-                    _ => {
-                        return Err(Error::precondition_failed(
-                            "If-None-Exist matches more than one Task; make the criteria more selective",
-                        ));
-                    }
-                }
-            }
+        // A conditional create never gets here with its criteria: `SqliteStore::write` checks
+        // them on the read pool and hands the writer a `Work::ConditionalCreate`.
+        WriteRequest::Create { resource, .. } => {
             let id = uuid::Uuid::new_v4().to_string();
             put_task(conn, &id, None, resource, base_url).await
         }
@@ -603,6 +603,12 @@ fn current_from_row(row: &SqliteRow) -> Result<CurrentTask> {
     })
 }
 
+/// A Task row and the length of its stored JSON, for `collect_page`.
+fn sized_current_from_row(row: &SqliteRow) -> Result<(CurrentTask, usize)> {
+    let size = row.try_get::<&str, _>("resource")?.len();
+    Ok((current_from_row(row)?, size))
+}
+
 fn version_from_row(row: &SqliteRow) -> Result<StoredVersion> {
     let interaction: String = row.try_get("interaction")?;
     let text: Option<String> = row.try_get("resource")?;
@@ -645,6 +651,138 @@ async fn find_ids(
     Ok(query.bind(limit).fetch_all(&mut *conn).await?)
 }
 
+/// What one or two matches of If-None-Exist criteria mean: the Task found, or a 412.
+async fn existing(conn: &mut SqliteConnection, found: &[String]) -> Result<Option<WriteOutcome>> {
+    match found {
+        [] => Ok(None),
+        [id] => {
+            let current = load_current(conn, id)
+                .await?
+                .ok_or_else(|| Error::internal("a matched Task vanished", "missing row"))?;
+            Ok(Some(WriteOutcome::Existing(current)))
+        }
+        _ => Err(Error::precondition_failed(
+            "If-None-Exist matches more than one Task; make the criteria more selective",
+        )),
+    }
+}
+
+/// Inside the writer: creates the Task unless a Task written after outbox position
+/// `checked_through` now matches the criteria. Those are the only Tasks whose match can have
+/// changed since the criteria found nothing on the read pool (the writer commits in `seq`
+/// order and every Task write has a change event), so the criteria are evaluated in memory
+/// (`search::matches`, the meaning the SQL has) over their index rows: the cost grows with the
+/// writes committed in between, never with the criteria's SQL or the size of the table.
+async fn create_unless_written(
+    conn: &mut SqliteConnection,
+    resource: Value,
+    predicates: &[Predicate],
+    checked_through: i64,
+    base_url: &str,
+) -> Result<WriteOutcome> {
+    let changed = indexes_written_after(conn, checked_through).await?;
+    let found: Vec<String> = changed
+        .into_iter()
+        .filter(|(_, index)| search::matches(index, predicates))
+        .map(|(id, _)| id)
+        .take(2)
+        .collect();
+    if let Some(outcome) = existing(conn, &found).await? {
+        return Ok(outcome);
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    put_task(conn, &id, None, resource, base_url).await
+}
+
+/// The live Tasks written after outbox position `seq`, each with its search index as stored.
+async fn indexes_written_after(
+    conn: &mut SqliteConnection,
+    seq: i64,
+) -> Result<Vec<(String, TaskIndex)>> {
+    const WRITTEN: &str = "SELECT DISTINCT resource_id FROM change_event WHERE seq > ?";
+    let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT t.id FROM task t WHERE t.deleted = 0 AND t.id IN ({WRITTEN}) ORDER BY t.id"
+    )))
+    .bind(seq)
+    .fetch_all(&mut *conn)
+    .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut indexes: HashMap<String, TaskIndex> = ids
+        .iter()
+        .map(|id| (id.clone(), TaskIndex::default()))
+        .collect();
+    let tokens = sqlx::query(AssertSqlSafe(format!(
+        "SELECT task_id, param, system, value FROM task_token WHERE task_id IN ({WRITTEN})"
+    )))
+    .bind(seq)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in tokens {
+        let id: String = row.try_get("task_id")?;
+        let param: String = row.try_get("param")?;
+        if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
+            index.tokens.push(TokenEntry {
+                param: def.code,
+                system: row.try_get("system")?,
+                value: row.try_get("value")?,
+            });
+        }
+    }
+    let dates = sqlx::query(AssertSqlSafe(format!(
+        "SELECT task_id, param, start_at, end_at FROM task_date WHERE task_id IN ({WRITTEN})"
+    )))
+    .bind(seq)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in dates {
+        let id: String = row.try_get("task_id")?;
+        let param: String = row.try_get("param")?;
+        if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
+            index.dates.push(DateEntry {
+                param: def.code,
+                start: row.try_get("start_at")?,
+                end: row.try_get("end_at")?,
+            });
+        }
+    }
+    // In id order, so that which Task a double match reports does not depend on a hash.
+    Ok(ids
+        .into_iter()
+        .filter_map(|id| indexes.remove(&id).map(|index| (id, index)))
+        .collect())
+}
+
+/// The answer of If-None-Exist criteria on the read pool.
+enum Precheck {
+    /// Exactly one Task matches: the create is answered with it, and nothing is written.
+    Found(CurrentTask),
+    /// Nothing matched in the snapshot that ends at this outbox position.
+    NoneThrough(i64),
+}
+
+impl SqliteStore {
+    /// Evaluates If-None-Exist criteria on the read pool, so that their cost (a search) is
+    /// paid beside the writer rather than inside it. The outbox position and the search are
+    /// read in one transaction, hence one snapshot: what the search did not see is exactly
+    /// what was written after that position.
+    async fn precheck(&self, predicates: &[Predicate]) -> Result<Precheck> {
+        let mut conn = self.reads.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
+            .fetch_one(&mut *tx)
+            .await?;
+        let found = find_ids(&mut tx, predicates, 2).await?;
+        let outcome = existing(&mut tx, &found).await?;
+        tx.rollback().await?;
+        Ok(match outcome {
+            Some(WriteOutcome::Existing(current)) => Precheck::Found(current),
+            _ => Precheck::NoneThrough(seq),
+        })
+    }
+}
+
 impl SqliteStore {
     /// Queues work for the writer and waits for its commit.
     async fn submit(&self, work: Work) -> Result<Done> {
@@ -677,7 +815,21 @@ fn unexpected() -> Error {
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
-        match self.submit(Work::Task(request)).await? {
+        let work = match request {
+            WriteRequest::Create {
+                resource,
+                if_none_exist: Some(predicates),
+            } => match self.precheck(&predicates).await? {
+                Precheck::Found(current) => return Ok(WriteOutcome::Existing(current)),
+                Precheck::NoneThrough(checked_through) => Work::ConditionalCreate {
+                    resource,
+                    predicates,
+                    checked_through,
+                },
+            },
+            request => Work::Task(request),
+        };
+        match self.submit(work).await? {
             Done::Task(outcome) => Ok(outcome),
             _ => Err(unexpected()),
         }
@@ -879,9 +1031,15 @@ impl Store for SqliteStore {
         } else {
             None
         };
-        let tasks = if page.count == 0 {
-            Vec::new()
-        } else {
+        if page.count == 0 {
+            return Ok(SearchPage {
+                tasks: Vec::new(),
+                total,
+                truncated: false,
+                bytes: 0,
+            });
+        }
+        {
             let sql = format!(
                 "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) ORDER BY {} LIMIT ? OFFSET ?",
                 filter.sql,
@@ -894,11 +1052,10 @@ impl Store for SqliteStore {
             let rows = query
                 .bind(page.count as i64)
                 .bind(page.offset as i64)
-                .fetch_all(&self.reads)
-                .await?;
-            rows.iter().map(current_from_row).collect::<Result<_>>()?
-        };
-        Ok(SearchPage { tasks, total })
+                .fetch(&self.reads);
+            let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
+            Ok(collected.into_page(total))
+        }
     }
 
     async fn children_of(
@@ -906,9 +1063,15 @@ impl Store for SqliteStore {
         parents: &[String],
         scope: &[Predicate],
         limit: usize,
-    ) -> Result<Vec<CurrentTask>> {
+        max_bytes: usize,
+    ) -> Result<SearchPage> {
         if parents.is_empty() {
-            return Ok(Vec::new());
+            return Ok(SearchPage {
+                tasks: Vec::new(),
+                total: None,
+                truncated: false,
+                bytes: 0,
+            });
         }
         let filter = where_clause(scope, Placeholder::Question, 1);
         let sql = format!(
@@ -925,8 +1088,9 @@ impl Store for SqliteStore {
         for bind in &filter.binds {
             query = query.bind(bind);
         }
-        let rows = query.bind(limit as i64).fetch_all(&self.reads).await?;
-        rows.iter().map(current_from_row).collect()
+        let rows = query.bind(limit as i64).fetch(&self.reads);
+        let collected = collect_page(rows, max_bytes, 0, sized_current_from_row).await?;
+        Ok(collected.into_page(None))
     }
 
     fn outbox_in_commit_order(&self) -> bool {
@@ -1027,5 +1191,140 @@ impl Store for SqliteStore {
             let _ = handle.await;
         }
         self.reads.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::search::{Handling, SearchLimits, parse_query};
+    use serde_json::json;
+
+    const BASE: &str = "http://baton.test/fhir";
+
+    async fn open(dir: &Path) -> SqliteStore {
+        let config = StoreConfig {
+            max_batch: 16,
+            read_connections: 2,
+            postgres_connections: 1,
+            synchronous: crate::config::Synchronous::Normal,
+        };
+        SqliteStore::open(
+            &dir.join("baton.db"),
+            BASE,
+            &config,
+            Arc::new(Notify::new()),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn criteria(query: &str) -> Vec<Predicate> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap();
+        let limits = SearchLimits {
+            default_count: 10,
+            max_count: 10,
+        };
+        parse_query(&pairs, &limits, BASE, Handling::Strict)
+            .unwrap()
+            .predicates
+    }
+
+    fn order(value: &str) -> Value {
+        json!({
+            "resourceType": "Task", "status": "requested", "intent": "order",
+            "identifier": [{ "system": "urn:orders", "value": value }],
+        })
+    }
+
+    async fn create(store: &SqliteStore, resource: Value) -> String {
+        let request = WriteRequest::Create {
+            resource,
+            if_none_exist: None,
+        };
+        match store.write(request).await.unwrap() {
+            WriteOutcome::Written(version) => version.id,
+            other => panic!("not created: {other:?}"),
+        }
+    }
+
+    /// A conditional create as the writer gets it, after a read-pool check that saw the
+    /// outbox up to `checked_through`.
+    async fn conditional(
+        store: &SqliteStore,
+        value: &str,
+        checked_through: i64,
+    ) -> Result<WriteOutcome> {
+        let work = Work::ConditionalCreate {
+            resource: order(value),
+            predicates: criteria(&format!("identifier=urn:orders|{value}")),
+            checked_through,
+        };
+        match store.submit(work).await? {
+            Done::Task(outcome) => Ok(outcome),
+            _ => Err(unexpected()),
+        }
+    }
+
+    fn existing_id(outcome: &WriteOutcome) -> Option<&str> {
+        match outcome {
+            WriteOutcome::Existing(current) => Some(&current.id),
+            _ => None,
+        }
+    }
+
+    /// The writer's re-check looks only at Tasks written after the position the read-pool
+    /// check saw: a match written since is found, deleted ones are not, and two are a 412.
+    #[tokio::test]
+    async fn the_writer_rechecks_what_was_written_after_the_precheck() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let before = store.last_change_seq().await.unwrap();
+        let a1 = create(&store, order("A-1")).await;
+        // Written after `before`: found.
+        let outcome = conditional(&store, "A-1", before).await.unwrap();
+        assert_eq!(existing_id(&outcome), Some(a1.as_str()));
+        // Checked through the present: the writer looks at nothing and creates (the read-pool
+        // check, which would have found A-1, is what guards that case).
+        let now = store.last_change_seq().await.unwrap();
+        let outcome = conditional(&store, "A-1", now).await.unwrap();
+        assert!(matches!(outcome, WriteOutcome::Written(_)), "{outcome:?}");
+        // Two written since: 412.
+        let error = conditional(&store, "A-1", before).await.unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::PRECONDITION_FAILED);
+        // A match deleted since no longer counts.
+        let b1 = create(&store, order("B-1")).await;
+        let decide: crate::store::Decide = Box::new(|_| Ok(Decision::Delete));
+        store
+            .write(WriteRequest::Change { id: b1, decide })
+            .await
+            .unwrap();
+        let outcome = conditional(&store, "B-1", before).await.unwrap();
+        assert!(matches!(outcome, WriteOutcome::Written(_)), "{outcome:?}");
+        store.close().await;
+    }
+
+    /// Through `Store::write`: none, one and two matches on the read pool.
+    #[tokio::test]
+    async fn conditional_creates_find_none_one_or_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let write = |value: &'static str| {
+            store.write(WriteRequest::Create {
+                resource: order(value),
+                if_none_exist: Some(criteria(&format!("identifier=urn:orders|{value}"))),
+            })
+        };
+        let first = write("C-1").await.unwrap();
+        let WriteOutcome::Written(first) = first else {
+            panic!("not created: {first:?}");
+        };
+        let again = write("C-1").await.unwrap();
+        assert_eq!(existing_id(&again), Some(first.id.as_str()));
+        create(&store, order("C-1")).await;
+        let error = write("C-1").await.unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::PRECONDITION_FAILED);
+        store.close().await;
     }
 }

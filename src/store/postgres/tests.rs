@@ -822,6 +822,7 @@ async fn racing_conditional_creates_create_one_task() {
             count: 10,
             offset: 0,
             with_total: true,
+            max_bytes: usize::MAX,
         })
         .await
         .unwrap();
@@ -910,6 +911,7 @@ async fn reads_searches_and_workflow_run_on_postgres() {
                     count: 2,
                     offset,
                     with_total: true,
+                    max_bytes: usize::MAX,
                 })
                 .await
                 .unwrap()
@@ -929,15 +931,38 @@ async fn reads_searches_and_workflow_run_on_postgres() {
 
     let scope = search("status=ready").predicates;
     let children = store
-        .children_of(&[format!("Task/{parent}")], &scope, 10)
+        .children_of(&[format!("Task/{parent}")], &scope, 10, usize::MAX)
         .await
         .unwrap();
-    assert_eq!(ids(&children), [first_child.as_str()]);
-    let children = store
-        .children_of(&[format!("Task/{parent}"), "Task/other".into()], &[], 10)
+    assert_eq!(ids(&children.tasks), [first_child.as_str()]);
+    let both = [format!("Task/{parent}"), "Task/other".into()];
+    let children = store.children_of(&both, &[], 10, usize::MAX).await.unwrap();
+    assert_eq!(
+        ids(&children.tasks),
+        [first_child.clone(), second_child.clone()]
+    );
+    assert!(!children.truncated);
+    // A byte budget that holds one child ends the rows after it; a page of matches always
+    // takes its first Task, however small the budget.
+    let one = children.tasks[0].resource.to_string().len();
+    let children = store.children_of(&both, &[], 10, one).await.unwrap();
+    assert_eq!(ids(&children.tasks), std::slice::from_ref(&first_child));
+    assert!(children.truncated);
+    assert_eq!(children.bytes, one);
+    let all = search("_sort=_lastUpdated").predicates;
+    let page = store
+        .search(PageRequest {
+            predicates: &all,
+            sort: &[],
+            count: 10,
+            offset: 0,
+            with_total: false,
+            max_bytes: 1,
+        })
         .await
         .unwrap();
-    assert_eq!(ids(&children), [first_child.clone(), second_child.clone()]);
+    assert_eq!(page.tasks.len(), 1);
+    assert!(page.truncated);
 
     // A suspend and a resume request change the focal Task in their own transactions; the
     // resume finds the status before the hold in the history.
