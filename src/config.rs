@@ -239,6 +239,8 @@ pub struct StoreConfig {
     pub read_connections: u32,
     /// Size of the connection pool shared by reads and writes (PostgreSQL).
     pub postgres_connections: u32,
+    /// PostgreSQL cancels any statement of the serving pool that runs longer, in seconds.
+    pub statement_timeout_seconds: u64,
     /// SQLite durability: `full` fsyncs the WAL at every commit (an acknowledged write
     /// survives a killed process and a power cut); `normal` fsyncs only at checkpoints (it
     /// survives a killed process, but a power cut may lose the last commits).
@@ -308,6 +310,7 @@ impl Default for StoreConfig {
             max_batch: 256,
             read_connections: 8,
             postgres_connections: 16,
+            statement_timeout_seconds: 30,
             synchronous: Synchronous::Full,
         }
     }
@@ -379,6 +382,11 @@ impl Config {
         {
             return Err(ConfigError(
                 "cluster.redis_prefix must be a non-empty word without spaces (BATON_CLUSTER__REDIS_PREFIX)".into(),
+            ));
+        }
+        if self.store.statement_timeout_seconds == 0 {
+            return Err(ConfigError(
+                "store.statement_timeout_seconds must be at least 1 (BATON_STORE__STATEMENT_TIMEOUT_SECONDS)".into(),
             ));
         }
         if self.store.postgres_connections < 2 {

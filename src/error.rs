@@ -281,8 +281,9 @@ fn storage_trouble(e: &sqlx::Error) -> Option<StorageTrouble> {
             let code = db.code()?;
             match code.as_ref() {
                 "53100" => Some(StorageTrouble::Full), // disk_full
-                // Insufficient resources, operator intervention, connection exceptions.
-                c if c.starts_with("53") || c.starts_with("57P") || c.starts_with("08") => {
+                // Insufficient resources, operator intervention (a statement cancelled by
+                // `statement_timeout` included), connection exceptions.
+                c if c.starts_with("53") || c.starts_with("57") || c.starts_with("08") => {
                     Some(StorageTrouble::Unavailable)
                 }
                 _ => None,

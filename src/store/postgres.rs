@@ -67,6 +67,22 @@ impl PostgresStore {
         committed: Arc<Notify>,
     ) -> Result<PostgresStore> {
         let options = PgConnectOptions::from_str(url)?.application_name("baton");
+        // Migrations may rightly run long (an index over a large table); they run on a
+        // connection of their own, without the statement timeout the serving pool has.
+        let migrations = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&migrations)
+            .await?;
+        migrations.close().await;
+        // A statement that runs past the timeout is cancelled by the server itself, so a
+        // query whose client has gone (or that outgrew every cap) cannot run on for minutes.
+        let options = options.options([(
+            "statement_timeout",
+            format!("{}s", config.statement_timeout_seconds),
+        )]);
         let pool = PgPoolOptions::new()
             .max_connections(config.postgres_connections)
             .min_connections(1)
@@ -75,7 +91,6 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        sqlx::migrate!("migrations/postgres").run(&pool).await?;
         Ok(PostgresStore {
             pool,
             base_url: base_url.to_string(),

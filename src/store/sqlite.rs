@@ -1208,6 +1208,7 @@ mod tests {
             read_connections: 2,
             postgres_connections: 1,
             synchronous: crate::config::Synchronous::Normal,
+            ..StoreConfig::default()
         };
         SqliteStore::open(
             &dir.join("baton.db"),
