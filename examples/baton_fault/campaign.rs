@@ -404,10 +404,11 @@ pub async fn verify(
             ),
             status,
             notes: format!(
-                "{} requests: {} accepted, {} refused on purpose; {} handshakes",
+                "{} requests: {} accepted, {} failed on purpose; {} connections reset; {} handshakes",
                 stats.requests,
                 stats.accepted,
                 stats.refused_answers,
+                stats.resets,
                 rest.endpoint.handshakes()
             ) + &unusual(stats.malformed, stats.foreign),
         });

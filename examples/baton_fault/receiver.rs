@@ -55,6 +55,8 @@ struct Shared {
     accepted: AtomicU64,
     handshakes: AtomicU64,
     refused_answers: AtomicU64,
+    /// Connections closed at once (`Reset`).
+    resets: AtomicU64,
     malformed: AtomicU64,
     /// Notifications for another subscription than the first one seen (one endpoint serves
     /// one subscription in the campaign).
@@ -87,6 +89,7 @@ impl Endpoint {
                 accepted: AtomicU64::new(0),
                 handshakes: AtomicU64::new(0),
                 refused_answers: AtomicU64::new(0),
+                resets: AtomicU64::new(0),
                 malformed: AtomicU64::new(0),
                 foreign: AtomicU64::new(0),
             }),
@@ -142,6 +145,7 @@ impl Endpoint {
                     continue;
                 };
                 if *lock(&shared.behaviour) == Behaviour::Reset {
+                    shared.resets.fetch_add(1, Ordering::Relaxed);
                     drop(stream);
                     continue;
                 }
@@ -185,6 +189,7 @@ impl Endpoint {
             requests: self.shared.requests.load(Ordering::Relaxed),
             accepted: self.shared.accepted.load(Ordering::Relaxed),
             refused_answers: self.shared.refused_answers.load(Ordering::Relaxed),
+            resets: self.shared.resets.load(Ordering::Relaxed),
             malformed: self.shared.malformed.load(Ordering::Relaxed),
             foreign: self.shared.foreign.load(Ordering::Relaxed),
         }
@@ -196,8 +201,10 @@ pub struct EndpointStats {
     /// Requests that reached the handler (refused and reset connections never do).
     pub requests: u64,
     pub accepted: u64,
-    /// Requests answered with an error status on purpose.
+    /// Requests failed on purpose: an error status, or held past the hub's timeout.
     pub refused_answers: u64,
+    /// Connections closed on purpose before any request.
+    pub resets: u64,
     pub malformed: u64,
     pub foreign: u64,
 }
@@ -229,8 +236,11 @@ async fn answer(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
             return response;
         }
         Behaviour::Hang(hold) => {
+            // Counted before the wait: the hub usually gives up (and drops the connection)
+            // before the answer would go out.
+            shared.refused_answers.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(hold).await;
-            return refuse(503);
+            return status(StatusCode::SERVICE_UNAVAILABLE);
         }
         Behaviour::Slow(hold) => tokio::time::sleep(hold).await,
     }

@@ -216,19 +216,40 @@ fn mixed_plan(common: &Common, amqp: bool) -> Plan {
     }
 }
 
-/// Recovery times from fault moments to the first event of some kind after them, counting
-/// only events that came before the next fault.
-fn recoveries(
+/// For each `(fault, repaired)` moment, the time from the fault to the first event of some
+/// kind after the repair, counting only events that came before the next fault.
+fn since_fault(
     moments: &[(Instant, Instant)],
     first_after: impl Fn(Instant) -> Option<Instant>,
 ) -> Vec<Duration> {
+    recoveries(moments, first_after)
+        .into_iter()
+        .map(|(fault, _, at)| at - fault)
+        .collect()
+}
+
+/// As `since_fault`, but timed from the repair.
+fn since_repair(
+    moments: &[(Instant, Instant)],
+    first_after: impl Fn(Instant) -> Option<Instant>,
+) -> Vec<Duration> {
+    recoveries(moments, first_after)
+        .into_iter()
+        .map(|(_, repaired, at)| at - repaired)
+        .collect()
+}
+
+fn recoveries(
+    moments: &[(Instant, Instant)],
+    first_after: impl Fn(Instant) -> Option<Instant>,
+) -> Vec<(Instant, Instant, Instant)> {
     moments
         .iter()
         .enumerate()
-        .filter_map(|(i, (fault, recovered))| {
-            let at = first_after(*recovered)?;
+        .filter_map(|(i, (fault, repaired))| {
+            let at = first_after(*repaired)?;
             let next = moments.get(i + 1).map(|(f, _)| *f);
-            (next.is_none_or(|n| at < n)).then(|| at - *fault)
+            (next.is_none_or(|n| at < n)).then_some((*fault, *repaired, at))
         })
         .collect()
 }
@@ -281,18 +302,18 @@ pub async fn kill(common: &Common, options: &KillOptions) -> anyhow::Result<Repo
     ));
     report.recovery.push((
         "kill -9 -> next acknowledged write".into(),
-        recoveries(&moments, |t| load.log.first_ack_after(t)),
+        since_fault(&moments, |t| load.log.first_ack_after(t)),
     ));
     let rest = subscribers.rest_hooks[0].endpoint.clone();
     report.recovery.push((
         "kill -9 -> next rest-hook notification".into(),
-        recoveries(&moments, |t| rest.first_accepted_after(t)),
+        since_fault(&moments, |t| rest.first_accepted_after(t)),
     ));
     if let Some(amqp) = &subscribers.amqp {
         let inbox = amqp.inbox.clone();
         report.recovery.push((
             "kill -9 -> next AMQP notification".into(),
-            recoveries(&moments, |t| inbox.first_notified_after(t)),
+            since_fault(&moments, |t| inbox.first_notified_after(t)),
         ));
     }
     if let Some(ws) = &subscribers.websocket {
@@ -427,7 +448,7 @@ pub async fn rabbitmq(common: &Common, options: &RabbitOptions) -> anyhow::Resul
         let inbox = amqp.inbox.clone();
         report.recovery.push((
             "start_app -> next AMQP notification".into(),
-            recoveries(&moments, |t| inbox.first_notified_after(t)),
+            since_fault(&moments, |t| inbox.first_notified_after(t)),
         ));
         let gaps = crate::receiver::lock(&amqp.inbox.reconnect_gaps).clone();
         report
@@ -656,12 +677,12 @@ async fn postgres_run(
         .push(("restart begins -> every node /readyz 200".into(), all_ready));
     report.recovery.push((
         "restart begins -> next acknowledged write after it".into(),
-        recoveries(&moments, |t| load.log.first_ack_after(t)),
+        since_fault(&moments, |t| load.log.first_ack_after(t)),
     ));
     let rest = subscribers.rest_hooks[0].endpoint.clone();
     report.recovery.push((
         "restart begins -> next rest-hook notification after it".into(),
-        recoveries(&moments, |t| rest.first_accepted_after(t)),
+        since_fault(&moments, |t| rest.first_accepted_after(t)),
     ));
     for ((restarting, restarted), k) in moments.iter().zip(1..) {
         let refused = load
@@ -1067,14 +1088,14 @@ pub async fn flap(common: &Common, options: &FlapOptions) -> anyhow::Result<Repo
     for (flapper, rest) in flappers.into_iter().zip(&subscribers.rest_hooks) {
         let (cycles, switches) = flapper.await.context("a flapping endpoint panicked")??;
         let endpoint = rest.endpoint.clone();
-        recovered.extend(recoveries(&cycles, |t| endpoint.first_accepted_after(t)));
+        recovered.extend(since_repair(&cycles, |t| endpoint.first_accepted_after(t)));
         report.timeline.push(format!(
             "endpoint {}: {switches} down/up cycles",
             rest.label
         ));
     }
     report.recovery.push((
-        "endpoint down -> first notification accepted after it came back".into(),
+        "endpoint back up -> first notification accepted".into(),
         recovered,
     ));
     finish(
