@@ -319,42 +319,54 @@ pub async fn drain(
     timeout: Duration,
 ) -> anyhow::Result<(Truth, Option<Duration>)> {
     let started = Instant::now();
-    let truth = api.truth().await.context("reading what the store holds")?;
-    let committed = truth.committed();
+    let mut truth = api.truth().await.context("reading what the store holds")?;
     let mut drained = None;
     while started.elapsed() < timeout {
-        let mut done = true;
-        for (_, arrivals) in subscribers.strict_streams() {
-            let received: HashSet<(&str, u32)> = arrivals
-                .iter()
-                .map(|a| (a.task.as_str(), a.version))
-                .collect();
-            if !committed
-                .iter()
-                .all(|(t, v)| received.contains(&(t.as_str(), *v)))
-            {
-                done = false;
+        if delivered_everywhere(api, subscribers, &truth).await? {
+            // A write that timed out on the client may still have been in the server's
+            // queue: the store must not have changed meanwhile.
+            let again = api.truth().await.context("reading what the store holds")?;
+            if again.versions == truth.versions {
+                drained = Some(started.elapsed());
                 break;
             }
-        }
-        if done {
-            for id in subscribers.ids() {
-                let (_, numbered) = api.status(&id).await?;
-                if numbered < committed.len() as i64 {
-                    done = false;
-                    break;
-                }
-            }
-        }
-        if done {
-            drained = Some(started.elapsed());
-            break;
+            truth = again;
+            continue;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // Repeats of the last batches arrive soon after, if at all.
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok((truth, drained))
+}
+
+/// Whether every subscription numbered every committed change and every rest-hook and AMQP
+/// subscriber received all of them.
+async fn delivered_everywhere(
+    api: &Api,
+    subscribers: &Subscribers,
+    truth: &Truth,
+) -> anyhow::Result<bool> {
+    let committed = truth.committed();
+    for (_, arrivals) in subscribers.strict_streams() {
+        let received: HashSet<(&str, u32)> = arrivals
+            .iter()
+            .map(|a| (a.task.as_str(), a.version))
+            .collect();
+        if !committed
+            .iter()
+            .all(|(t, v)| received.contains(&(t.as_str(), *v)))
+        {
+            return Ok(false);
+        }
+    }
+    for id in subscribers.ids() {
+        let (_, numbered) = api.status(&id).await?;
+        if numbered < committed.len() as i64 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// One subscriber's row of the report.

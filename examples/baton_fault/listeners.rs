@@ -88,7 +88,8 @@ async fn run_websocket(api: Api, subscription: String, stop: CancellationToken, 
         let (mut socket, since_start) = match bound {
             Ok(bound) => bound,
             Err(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // A killed node is back within tens of milliseconds: look again soon.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };

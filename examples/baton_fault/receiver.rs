@@ -57,6 +57,9 @@ struct Shared {
     refused_answers: AtomicU64,
     /// Connections closed at once (`Reset`).
     resets: AtomicU64,
+    /// Cancelled to close every open connection: switching to `Reset` must also cut the
+    /// keep-alive connections the hub already holds.
+    close_open: Mutex<CancellationToken>,
     malformed: AtomicU64,
     /// Notifications for another subscription than the first one seen (one endpoint serves
     /// one subscription in the campaign).
@@ -90,6 +93,7 @@ impl Endpoint {
                 handshakes: AtomicU64::new(0),
                 refused_answers: AtomicU64::new(0),
                 resets: AtomicU64::new(0),
+                close_open: Mutex::new(CancellationToken::new()),
                 malformed: AtomicU64::new(0),
                 foreign: AtomicU64::new(0),
             }),
@@ -100,9 +104,13 @@ impl Endpoint {
     }
 
     /// Switches behaviour; `Refuse` closes the port and every open connection, leaving it
-    /// re-opens the port.
+    /// re-opens the port; `Reset` closes every open connection.
     pub async fn set(&self, behaviour: Behaviour) -> anyhow::Result<()> {
         *lock(&self.shared.behaviour) = behaviour;
+        if behaviour == Behaviour::Reset {
+            let close = std::mem::take(&mut *lock(&self.shared.close_open));
+            close.cancel();
+        }
         let running = lock(&self.server).is_some();
         match (behaviour == Behaviour::Refuse, running) {
             (true, true) => {
@@ -149,15 +157,20 @@ impl Endpoint {
                     drop(stream);
                     continue;
                 }
+                let close = lock(&shared.close_open).clone();
                 let shared = shared.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let shared = shared.clone();
                         async move { Ok::<_, Infallible>(answer(&shared, request).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    // Dropping the connection closes the socket, mid-request or not.
+                    tokio::select! {
+                        _ = connection => {}
+                        () = close.cancelled() => {}
+                    }
                 });
                 // Finished connections are reaped as the loop goes.
                 while connections.try_join_next().is_some() {}
