@@ -141,12 +141,12 @@ fn main() -> ExitCode {
                 // Dropping the scenario kills its nodes, starts the broker again if it was
                 // stopped, and unmounts the tmpfs.
                 eprintln!("interrupted");
-                vec![Report::not_run("interrupted", "interrupted by the user".into())]
+                vec![Report::incomplete("interrupted", "interrupted by the user".into())]
             }
         }
     });
     let passed = reports.iter().all(Report::passed);
-    let not_run = reports.iter().any(|r| r.summary == "did not complete");
+    let incomplete = reports.iter().any(|r| !r.complete);
     println!();
     for report in &reports {
         println!(
@@ -163,7 +163,7 @@ fn main() -> ExitCode {
         })
     );
     runtime.shutdown_timeout(Duration::from_secs(5));
-    match (passed, not_run) {
+    match (passed, incomplete) {
         (true, _) => ExitCode::SUCCESS,
         (false, false) => ExitCode::from(1),
         (false, true) => ExitCode::from(2),
@@ -235,7 +235,7 @@ async fn run(command: Command) -> Vec<Report> {
             for name in ["kill", "flap", "disk-full", "rabbitmq", "postgres"] {
                 let left = total.saturating_sub(started.elapsed());
                 if left < Duration::from_secs(60) {
-                    reports.push(Report::not_run(
+                    reports.push(Report::incomplete(
                         name,
                         format!(
                             "the campaign's bound of {:.0} s was reached",
@@ -291,8 +291,8 @@ async fn bounded(
     );
     let report = match tokio::time::timeout(bound, scenario).await {
         Ok(Ok(report)) => report,
-        Ok(Err(e)) => Report::not_run(name, format!("{e:#}")),
-        Err(_) => Report::not_run(
+        Ok(Err(e)) => Report::incomplete(name, format!("{e:#}")),
+        Err(_) => Report::incomplete(
             name,
             format!(
                 "did not finish within its bound of {:.0} s",

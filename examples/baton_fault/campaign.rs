@@ -66,6 +66,7 @@ impl Run {
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let dir = std::path::absolute(common.run_dir.join(format!("{scenario}-{id}")))?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        println!("baton_fault {scenario}: node data and logs in {}", dir.display());
         let secret =
             uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
         let bearer = format!("Bearer {}", crate::fhir::mint_admin_token(&secret)?);
@@ -540,6 +541,8 @@ fn round3(x: f64) -> f64 {
 /// Everything a scenario found.
 pub struct Report {
     pub scenario: String,
+    /// False when the scenario could not run or stopped early (setup error, time bound).
+    pub complete: bool,
     pub summary: String,
     pub run_dir: PathBuf,
     pub writes: Option<WriteCheck>,
@@ -565,6 +568,7 @@ impl Report {
     pub fn new(run: &Run, summary: String) -> Report {
         Report {
             scenario: run.scenario.to_string(),
+            complete: true,
             summary,
             run_dir: run.dir.clone(),
             writes: None,
@@ -583,10 +587,12 @@ impl Report {
         }
     }
 
-    /// A scenario that could not run at all (e.g. no tmpfs): it fails, saying why.
-    pub fn not_run(scenario: &str, why: String) -> Report {
+    /// A scenario that could not run or did not finish (no tmpfs, a set-up error, its time
+    /// bound): it fails, saying why.
+    pub fn incomplete(scenario: &str, why: String) -> Report {
         Report {
             scenario: scenario.to_string(),
+            complete: false,
             summary: "did not complete".into(),
             run_dir: PathBuf::new(),
             writes: None,

@@ -809,7 +809,7 @@ pub async fn disk_full(common: &Common, options: &DiskOptions) -> anyhow::Result
     let tmpfs = match Tmpfs::mount(&mount_point, options.tmpfs_mib) {
         Ok(tmpfs) => tmpfs,
         Err(e) => {
-            return Ok(Report::not_run(
+            return Ok(Report::incomplete(
                 "disk-full",
                 format!(
                     "{e:#}; the scenario needs to mount a tmpfs (root or CAP_SYS_ADMIN) and stops here"
