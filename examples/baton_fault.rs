@@ -135,13 +135,29 @@ fn main() -> ExitCode {
         }
     };
     let reports = runtime.block_on(async {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(e) => {
+                    eprintln!("error: listening for SIGTERM: {e}");
+                    return vec![Report::incomplete(
+                        "start",
+                        format!("listening for SIGTERM: {e}"),
+                    )];
+                }
+            };
+        // On SIGINT or SIGTERM (e.g. from `timeout`) the scenario is dropped, which kills its
+        // nodes, starts the broker again if it was stopped, stops a private PostgreSQL and
+        // unmounts the tmpfs.
         tokio::select! {
             reports = run(cli.command) => reports,
             _ = tokio::signal::ctrl_c() => {
-                // Dropping the scenario kills its nodes, starts the broker again if it was
-                // stopped, and unmounts the tmpfs.
                 eprintln!("interrupted");
-                vec![Report::incomplete("interrupted", "interrupted by the user".into())]
+                vec![Report::incomplete("interrupted", "interrupted (SIGINT)".into())]
+            }
+            _ = terminate.recv() => {
+                eprintln!("terminated");
+                vec![Report::incomplete("terminated", "terminated (SIGTERM)".into())]
             }
         }
     });

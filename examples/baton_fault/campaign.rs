@@ -66,7 +66,10 @@ impl Run {
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let dir = std::path::absolute(common.run_dir.join(format!("{scenario}-{id}")))?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        println!("baton_fault {scenario}: node data and logs in {}", dir.display());
+        println!(
+            "baton_fault {scenario}: node data and logs in {}",
+            dir.display()
+        );
         let secret =
             uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
         let bearer = format!("Bearer {}", crate::fhir::mint_admin_token(&secret)?);

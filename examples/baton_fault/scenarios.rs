@@ -54,11 +54,16 @@ pub struct PostgresOptions {
     /// How many times PostgreSQL is restarted under the cluster.
     #[arg(long, default_value_t = 3)]
     pub pg_restarts: u32,
-    /// The PostgreSQL cluster to restart, as VERSION/NAME (default: the one `pg_lsclusters`
+    /// Which PostgreSQL to restart: the machine's (`pg_ctlcluster`, disturbs its other users)
+    /// or a throwaway server of the campaign's own (`initdb` + `pg_ctl`, needs root to run it
+    /// as the `postgres` user).
+    #[arg(long, value_enum, default_value_t = PgServerKind::Machine)]
+    pub pg_server: PgServerKind,
+    /// The machine's cluster to restart, as VERSION/NAME (default: the one `pg_lsclusters`
     /// lists on port 5432).
     #[arg(long)]
     pub pg_cluster: Option<String>,
-    /// Server and user the campaign creates its database with.
+    /// Server and user the campaign creates its database with (the machine's server).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub pg_admin_url: String,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
@@ -66,6 +71,12 @@ pub struct PostgresOptions {
     /// Load before the first restart, between restarts and after the last.
     #[arg(long, default_value = "6s", value_parser = parse_duration)]
     pub pg_up: Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PgServerKind {
+    Machine,
+    Private,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -357,11 +368,16 @@ impl Drop for BrokerGuard {
 
 async fn rabbitmqctl(command: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .arg(command)
-        .output()
-        .await
-        .context("running rabbitmqctl (is it installed and are we allowed to use it?)")?;
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("rabbitmqctl")
+            .arg(command)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("rabbitmqctl {command} took more than 120 s"))?
+    .context("running rabbitmqctl (is it installed and are we allowed to use it?)")?;
     if !output.status.success() {
         bail!(
             "rabbitmqctl {command} failed ({}): {}",
@@ -515,27 +531,41 @@ async fn pg_database(admin_url: &str, name: &str, create: bool) -> anyhow::Resul
 pub async fn postgres(common: &Common, options: &PostgresOptions) -> anyhow::Result<Report> {
     check_binary(common)?;
     let run = Run::new("postgres", common)?;
-    let (version, name) = match &options.pg_cluster {
-        Some(spec) => spec
-            .split_once('/')
-            .map(|(v, n)| (v.to_string(), n.to_string()))
-            .context("--pg-cluster is VERSION/NAME, e.g. 15/main")?,
-        None => local_pg_cluster().await?,
+    let server = match options.pg_server {
+        PgServerKind::Machine => {
+            let (version, name) = match &options.pg_cluster {
+                Some(spec) => spec
+                    .split_once('/')
+                    .map(|(v, n)| (v.to_string(), n.to_string()))
+                    .context("--pg-cluster is VERSION/NAME, e.g. 15/main")?,
+                None => local_pg_cluster().await?,
+            };
+            PgServer::Cluster {
+                version,
+                name,
+                admin_url: options.pg_admin_url.clone(),
+            }
+        }
+        PgServerKind::Private => PgServer::Private(PrivatePg::start(&run).await?),
     };
     let mut report = Report::new(
         &run,
         format!(
-            "{}-node cluster on PostgreSQL + Redis, mixed load over all nodes, PostgreSQL {version}/{name} restarted {} times",
-            options.nodes, options.pg_restarts
+            "{}-node cluster on PostgreSQL + Redis, mixed load over all nodes, {} restarted {} times",
+            options.nodes,
+            server.describe(),
+            options.pg_restarts
         ),
     );
-    report.notes.push(
-        "this scenario restarts the machine's PostgreSQL: every other user of it is disturbed while it runs"
-            .into(),
-    );
+    if let PgServer::Cluster { .. } = server {
+        report.notes.push(
+            "this scenario restarts the machine's PostgreSQL: every other user of it is disturbed while it runs"
+                .into(),
+        );
+    }
     let mut rng = rng_for(common, &mut report);
     let database = format!("baton_fault_{}", run.id);
-    pg_database(&options.pg_admin_url, &database, true).await?;
+    pg_database(&server.admin_url(), &database, true).await?;
     let outcome = postgres_run(
         common,
         options,
@@ -543,13 +573,172 @@ pub async fn postgres(common: &Common, options: &PostgresOptions) -> anyhow::Res
         &mut report,
         &mut rng,
         &database,
-        (&version, &name),
+        &server,
     )
     .await;
-    let dropped = pg_database(&options.pg_admin_url, &database, false).await;
+    let dropped = pg_database(&server.admin_url(), &database, false).await;
     outcome?;
     dropped?;
     Ok(report)
+}
+
+/// The PostgreSQL server the `postgres` scenario restarts.
+enum PgServer {
+    /// One of the machine's clusters, restarted with `pg_ctlcluster`.
+    Cluster {
+        version: String,
+        name: String,
+        admin_url: String,
+    },
+    /// A throwaway server of the campaign's own.
+    Private(PrivatePg),
+}
+
+impl PgServer {
+    fn admin_url(&self) -> String {
+        match self {
+            PgServer::Cluster { admin_url, .. } => admin_url.clone(),
+            PgServer::Private(private) => {
+                format!("postgres://postgres@127.0.0.1:{}/postgres", private.port)
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            PgServer::Cluster { version, name, .. } => {
+                format!("the machine's PostgreSQL {version}/{name}")
+            }
+            PgServer::Private(private) => format!(
+                "a private PostgreSQL ({}) on port {}",
+                private.bin.display(),
+                private.port
+            ),
+        }
+    }
+
+    async fn restart(&self) -> anyhow::Result<()> {
+        let output = match self {
+            PgServer::Cluster { version, name, .. } => {
+                tokio::process::Command::new("pg_ctlcluster")
+                    .args([version.as_str(), name.as_str(), "restart"])
+                    .output()
+                    .await
+                    .context("running pg_ctlcluster")?
+            }
+            PgServer::Private(private) => private.restart().await?,
+        };
+        if !output.status.success() {
+            bail!(
+                "restarting {} failed: {}",
+                self.describe(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A PostgreSQL server in a temporary directory, run as the `postgres` user, on a free port;
+/// stopped and removed when dropped.
+struct PrivatePg {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePg {
+    async fn start(run: &Run) -> anyhow::Result<PrivatePg> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL's server binaries are needed under /usr/lib/postgresql")?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").is_file())
+            .max()
+            .context("no /usr/lib/postgresql/<version>/bin/initdb")?;
+        let dir = std::env::temp_dir().join(format!("baton-fault-pg-{}", run.id));
+        std::fs::create_dir_all(&dir)?;
+        let private = PrivatePg {
+            dir,
+            bin,
+            port: free_port()?,
+        };
+        let chown = tokio::process::Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&private.dir)
+            .status()
+            .await?;
+        anyhow::ensure!(
+            chown.success(),
+            "chown postgres {} failed",
+            private.dir.display()
+        );
+        let initdb = tokio::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(private.bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "-D"])
+            .arg(private.dir.join("data"))
+            .output()
+            .await
+            .context("running initdb as postgres (runuser needs root)")?;
+        anyhow::ensure!(
+            initdb.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&initdb.stderr).trim()
+        );
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            private.port,
+            private.dir.display()
+        );
+        let log = private.log();
+        let started = private
+            .pg_ctl(&["-w", "-l", &log, "-o", &options, "start"])
+            .await?;
+        anyhow::ensure!(
+            started.status.success(),
+            "pg_ctl start failed: {}",
+            String::from_utf8_lossy(&started.stderr).trim()
+        );
+        Ok(private)
+    }
+
+    /// The server's log; also where its output goes, so that it never holds on to the pipes
+    /// `pg_ctl`'s output is read from (which would make reading it wait forever).
+    fn log(&self) -> String {
+        self.dir.join("postgres.log").to_string_lossy().into_owned()
+    }
+
+    async fn restart(&self) -> anyhow::Result<std::process::Output> {
+        self.pg_ctl(&["-m", "fast", "-w", "-l", &self.log(), "restart"])
+            .await
+    }
+
+    async fn pg_ctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        tokio::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(args)
+            .output()
+            .await
+            .context("running pg_ctl as postgres")
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 async fn postgres_run(
@@ -559,9 +748,9 @@ async fn postgres_run(
     report: &mut Report,
     rng: &mut StdRng,
     database: &str,
-    (version, name): (&str, &str),
+    server: &PgServer,
 ) -> anyhow::Result<()> {
-    let database_url = match options.pg_admin_url.rsplit_once('/') {
+    let database_url = match server.admin_url().rsplit_once('/') {
         Some((server, _)) => format!("{server}/{database}"),
         None => bail!("--pg-admin-url must end in /DATABASE"),
     };
@@ -613,17 +802,9 @@ async fn postgres_run(
     for k in 1..=options.pg_restarts {
         tokio::time::sleep(between(rng, options.pg_up / 2, options.pg_up)).await;
         let restarting = Instant::now();
-        let output = tokio::process::Command::new("pg_ctlcluster")
-            .args([version, name, "restart"])
-            .output()
+        tokio::time::timeout(Duration::from_secs(120), server.restart())
             .await
-            .context("running pg_ctlcluster")?;
-        if !output.status.success() {
-            bail!(
-                "pg_ctlcluster {version} {name} restart failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+            .context("restarting PostgreSQL took more than 120 s")??;
         let restarted = Instant::now();
         // Every node answers /readyz 200 again (or has died, which the end reports).
         let deadline = restarted + Duration::from_secs(60);
