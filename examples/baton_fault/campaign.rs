@@ -798,3 +798,51 @@ impl Report {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_endpoints_drop_credentials() {
+        let cases = [
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://127.0.0.1:5672/%2f",
+            ),
+            ("amqp://127.0.0.1:5672/%2f", "amqp://127.0.0.1:5672/%2f"),
+            ("amqp://u:p@w@host/vh", "amqp://host/vh"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(broker_endpoint(url), expected, "{url}");
+        }
+    }
+
+    #[test]
+    fn spreads() {
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|m| Duration::from_millis(*m))
+                .collect::<Vec<_>>()
+        };
+        let cases = [
+            (ms(&[]), 0, 0, 0, 0),
+            (ms(&[5]), 1, 5, 5, 5),
+            (ms(&[30, 10, 20]), 3, 10, 20, 30),
+            (ms(&[40, 10, 30, 20]), 4, 10, 20, 40),
+        ];
+        for (samples, n, min, p50, max) in cases {
+            let spread = Spread::of(&samples);
+            assert_eq!(
+                (
+                    spread.n,
+                    spread.min.as_millis(),
+                    spread.p50.as_millis(),
+                    spread.max.as_millis()
+                ),
+                (n, min, p50, max),
+                "{samples:?}"
+            );
+        }
+    }
+}

@@ -1291,3 +1291,50 @@ pub async fn flap(common: &Common, options: &FlapOptions) -> anyhow::Result<Repo
     .await?;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recoveries_count_only_events_before_the_next_fault() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Faults at 0 and 1000 ms, each repaired 100 ms later.
+        let moments = [(at(0), at(100)), (at(1000), at(1100))];
+        let cases: Vec<(&str, Vec<Instant>, Vec<u128>, Vec<u128>)> = vec![
+            (
+                "an event after each repair",
+                vec![at(150), at(1300)],
+                vec![150, 300],
+                vec![50, 200],
+            ),
+            (
+                "nothing between the first repair and the next fault",
+                vec![at(1300)],
+                vec![300],
+                vec![200],
+            ),
+            (
+                "an event before the repair does not count",
+                vec![at(50)],
+                vec![],
+                vec![],
+            ),
+        ];
+        for (name, events, from_fault, from_repair) in cases {
+            let first_after = |t: Instant| events.iter().copied().find(|e| *e >= t);
+            let millis = |d: Vec<Duration>| d.iter().map(Duration::as_millis).collect::<Vec<_>>();
+            assert_eq!(
+                millis(since_fault(&moments, first_after)),
+                from_fault,
+                "{name}"
+            );
+            assert_eq!(
+                millis(since_repair(&moments, first_after)),
+                from_repair,
+                "{name}"
+            );
+        }
+    }
+}
