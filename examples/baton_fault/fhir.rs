@@ -335,7 +335,9 @@ mod tests {
             task: t.into(),
             version: v,
         };
-        let cases: Vec<(Vec<u8>, Option<(NoticeKind, Vec<SeenEvent>)>)> = vec![
+        // A Bundle and what it should read as (None: refused as malformed).
+        type Case = (Vec<u8>, Option<(NoticeKind, Vec<SeenEvent>)>);
+        let cases: Vec<Case> = vec![
             (
                 bundle("handshake", &[]),
                 Some((NoticeKind::Handshake, vec![])),

@@ -1302,7 +1302,9 @@ mod tests {
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         // Faults at 0 and 1000 ms, each repaired 100 ms later.
         let moments = [(at(0), at(100)), (at(1000), at(1100))];
-        let cases: Vec<(&str, Vec<Instant>, Vec<u128>, Vec<u128>)> = vec![
+        // Name, events, then the expected delays in ms from the fault and from the repair.
+        type Case = (&'static str, Vec<Instant>, Vec<u128>, Vec<u128>);
+        let cases: Vec<Case> = vec![
             (
                 "an event after each repair",
                 vec![at(150), at(1300)],
