@@ -109,7 +109,7 @@ fn machine_cpu() -> Option<(u64, u64)> {
         .filter_map(|v| v.parse().ok())
         .collect();
     let total: u64 = values.iter().sum();
-    // idle and iowait
+    // Idle and I/O wait count as not busy.
     let idle = values.get(3)? + values.get(4).copied().unwrap_or(0);
     Some((total - idle, total))
 }
