@@ -179,8 +179,8 @@ async fn bind(api: &Api, base: &str, subscription: &str) -> anyhow::Result<(Sock
 // AMQP
 
 /// The campaign's own topology on the broker: a durable direct exchange, a durable queue bound
-/// to it, both named after the run. The queue expires by itself if a run dies before removing
-/// it.
+/// to it, both named after the run. If a run dies before removing them, the queue expires by
+/// itself after an hour unused, and the exchange (auto-delete) goes with its last binding.
 pub struct AmqpTopology {
     pub url: String,
     pub exchange: String,
@@ -204,6 +204,7 @@ impl AmqpTopology {
                 ExchangeKind::Direct,
                 ExchangeDeclareOptions {
                     durable: true,
+                    auto_delete: true,
                     ..ExchangeDeclareOptions::default()
                 },
                 FieldTable::default(),
