@@ -1,0 +1,261 @@
+//! The FHIR calls the campaign makes besides the load itself: subscriptions, `$status`,
+//! `$events`, binding tokens, and reading back what the store holds after recovery.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::fhir::{FHIR_JSON, NoticeKind, RUN_SYSTEM, etag_version, parse_notice, snippet};
+use crate::verify::{Arrival, Truth, Via};
+
+/// Most events one `$events` call returns (the hub's page size).
+const EVENTS_PAGE: i64 = 100;
+
+#[derive(Clone)]
+pub struct Api {
+    pub client: reqwest::Client,
+    /// `Bearer …` of an admin token.
+    pub bearer: String,
+    /// The FHIR base of each node; set-up and checks use the first one that answers.
+    pub bases: Vec<String>,
+    /// This run's code: every Task of the run carries it.
+    pub run: String,
+}
+
+impl Api {
+    pub fn new(bearer: String, bases: Vec<String>, run: String) -> anyhow::Result<Api> {
+        let client = reqwest::Client::builder()
+            .http1_only()
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Api {
+            client,
+            bearer,
+            bases,
+            run,
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.bases[0]
+    }
+
+    async fn get_json(&self, url: &str) -> anyhow::Result<(reqwest::StatusCode, Vec<u8>)> {
+        let response = self
+            .client
+            .get(url)
+            .header(reqwest::header::AUTHORIZATION, &self.bearer)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .context("reading a response")?
+            .to_vec();
+        Ok((status, body))
+    }
+
+    /// Retries a read until it succeeds or `within` passes: the checks run right after faults,
+    /// while a node may still be coming back.
+    async fn get_ok(&self, url: &str, within: Duration) -> anyhow::Result<Vec<u8>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let outcome = self.get_json(url).await;
+            match outcome {
+                Ok((status, body)) if status.is_success() => return Ok(body),
+                Ok((status, body)) if Instant::now() >= deadline => {
+                    bail!(
+                        "GET {url}: HTTP {status}: {}",
+                        snippet(&String::from_utf8_lossy(&body))
+                    )
+                }
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Creates a subscription and returns its id.
+    pub async fn create_subscription(&self, body: &Value) -> anyhow::Result<String> {
+        let response = self
+            .client
+            .post(format!("{}/Subscription", self.base()))
+            .header(reqwest::header::AUTHORIZATION, &self.bearer)
+            .header(reqwest::header::CONTENT_TYPE, FHIR_JSON)
+            .body(body.to_string())
+            .send()
+            .await
+            .context("creating a subscription")?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("creating a subscription: HTTP {status}: {}", snippet(&text));
+        }
+        let created: Value = serde_json::from_str(&text).context("reading the subscription")?;
+        created["id"]
+            .as_str()
+            .map(str::to_string)
+            .context("the created subscription has no id")
+    }
+
+    /// The subscription's `$status`: its status code and `events-since-subscription-start`.
+    pub async fn status(&self, subscription: &str) -> anyhow::Result<(String, i64)> {
+        let url = format!("{}/Subscription/{subscription}/$status", self.base());
+        let body = self.get_ok(&url, Duration::from_secs(30)).await?;
+        let notice = parse_notice(&body)
+            .filter(|n| n.kind == NoticeKind::QueryStatus)
+            .with_context(|| {
+                format!(
+                    "unexpected $status answer: {}",
+                    snippet(&String::from_utf8_lossy(&body))
+                )
+            })?;
+        Ok((notice.status, notice.events_since_start))
+    }
+
+    /// Waits until a subscription is `active` (its handshake was accepted).
+    pub async fn wait_active(&self, subscription: &str, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, _) = self.status(subscription).await?;
+            if status == "active" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("Subscription/{subscription} still '{status}' after {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Events `since..=until` from the durable event log (`$events`), in pages.
+    pub async fn replay(
+        &self,
+        subscription: &str,
+        since: i64,
+        until: i64,
+    ) -> anyhow::Result<Vec<Arrival>> {
+        let mut arrivals = Vec::new();
+        let mut from = since.max(1);
+        while from <= until {
+            let to = (from + EVENTS_PAGE - 1).min(until);
+            let url = format!(
+                "{}/Subscription/{subscription}/$events?eventsSinceNumber={from}&eventsUntilNumber={to}&content=id-only",
+                self.base()
+            );
+            let body = self.get_ok(&url, Duration::from_secs(30)).await?;
+            let notice = parse_notice(&body).with_context(|| {
+                format!(
+                    "unexpected $events answer: {}",
+                    snippet(&String::from_utf8_lossy(&body))
+                )
+            })?;
+            arrivals.extend(notice.events.into_iter().map(|e| Arrival {
+                number: e.number,
+                task: e.task,
+                version: e.version,
+                via: Via::Replay,
+            }));
+            from = to + 1;
+        }
+        Ok(arrivals)
+    }
+
+    /// A single-use websocket binding token for one subscription, and the socket URL.
+    pub async fn binding_token(
+        &self,
+        base: &str,
+        subscription: &str,
+    ) -> anyhow::Result<(String, String)> {
+        let url = format!("{base}/Subscription/{subscription}/$get-ws-binding-token");
+        let (status, body) = self.get_json(&url).await?;
+        if !status.is_success() {
+            bail!("binding token: HTTP {status}");
+        }
+        let parameters: Value =
+            serde_json::from_slice(&body).context("reading the binding token")?;
+        crate::fhir::binding(&parameters).context("no token or websocket-url in the answer")
+    }
+
+    /// Every Task of the run and its current version, by search.
+    pub async fn truth(&self) -> anyhow::Result<Truth> {
+        let mut truth = Truth::default();
+        let mut url = Some(format!(
+            "{}/Task?code={RUN_SYSTEM}|{}&_count=500",
+            self.base(),
+            self.run
+        ));
+        while let Some(next) = url.take() {
+            let body = self.get_ok(&next, Duration::from_secs(30)).await?;
+            let page: Value = serde_json::from_slice(&body).context("reading a search page")?;
+            for entry in page["entry"].as_array().into_iter().flatten() {
+                let resource = &entry["resource"];
+                let (Some(id), Some(version)) = (
+                    resource["id"].as_str(),
+                    resource["meta"]["versionId"]
+                        .as_str()
+                        .and_then(|v| v.parse().ok()),
+                ) else {
+                    bail!("a search entry without id or versionId: {entry}");
+                };
+                truth.versions.insert(id.to_string(), version);
+            }
+            url = page["link"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str())
+                .map(str::to_string);
+        }
+        Ok(truth)
+    }
+
+    /// Each version of a Task and the marker (`description`) it holds.
+    pub async fn history(&self, task: &str) -> anyhow::Result<BTreeMap<u32, String>> {
+        let mut versions = BTreeMap::new();
+        let mut url = Some(format!("{}/Task/{task}/_history?_count=1000", self.base()));
+        while let Some(next) = url.take() {
+            let body = self.get_ok(&next, Duration::from_secs(30)).await?;
+            let page: Value = serde_json::from_slice(&body).context("reading a history page")?;
+            for entry in page["entry"].as_array().into_iter().flatten() {
+                let resource = &entry["resource"];
+                let version = resource["meta"]["versionId"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .or_else(|| entry["response"]["etag"].as_str().and_then(etag_version));
+                if let Some(version) = version {
+                    let marker = resource["description"].as_str().unwrap_or_default();
+                    versions.insert(version, marker.to_string());
+                }
+            }
+            url = page["link"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str())
+                .map(str::to_string);
+        }
+        Ok(versions)
+    }
+
+    /// `/readyz` of one node, as JSON (`None` when it does not answer).
+    pub async fn readyz(&self, root: &str) -> Option<(u16, Value)> {
+        let response = self
+            .client
+            .get(format!("{root}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Some((status, body))
+    }
+}

@@ -1,0 +1,338 @@
+//! The write load: several writers, each creating Tasks (PUT to a new id or POST) and updating
+//! its own Tasks (PUT or JSON Patch), paced to a total rate. Each write carries a unique marker
+//! in `description`; each one the server acknowledges (2xx with an ETag) is remembered with
+//! its Task, version and marker, so the campaign can later check it is in the store exactly.
+//! A write that fails is not retried as such: the writer goes on with a new one, as a client
+//! that gave up would, and the store's state after recovery decides what was committed.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::fhir::{FHIR_JSON, etag_version, is_operation_outcome, snippet, task_body};
+use crate::receiver::lock;
+use crate::verify::AckedWrite;
+
+#[derive(Clone, Copy)]
+pub struct LoadShape {
+    pub writers: usize,
+    /// Writes per second over all writers; 0 means each writer sends its next write as soon as
+    /// the previous one is answered.
+    pub rate: f64,
+    /// Share of writes that create a Task (the rest update one).
+    pub create_share: f64,
+    /// Per-request timeout: a write not answered by then counts as "timeout".
+    pub timeout: Duration,
+}
+
+/// How a write that was not acknowledged was answered, and one example of it.
+#[derive(Debug, Default, Clone)]
+pub struct FailureKind {
+    pub count: u64,
+    pub first_body: String,
+    pub first_at: Option<Instant>,
+    pub last_at: Option<Instant>,
+    /// The slowest answer of this kind (hangs show here).
+    pub slowest: Duration,
+}
+
+/// Shared between the writers and the campaign while the load runs.
+#[derive(Default)]
+pub struct LoadLog {
+    pub acked: Mutex<Vec<AckedWrite>>,
+    /// When each acknowledgement came, in order per writer (merged unsorted).
+    pub acked_at: Mutex<Vec<Instant>>,
+    pub failures: Mutex<BTreeMap<String, FailureKind>>,
+    /// Every failure with its time, for counts within a fault's window.
+    pub failure_times: Mutex<Vec<(Instant, String)>>,
+    pub creates: AtomicU64,
+    pub updates: AtomicU64,
+    pub attempts: AtomicU64,
+}
+
+impl LoadLog {
+    pub fn acknowledged(&self) -> usize {
+        lock(&self.acked).len()
+    }
+
+    /// The first acknowledgement at or after `since`.
+    pub fn first_ack_after(&self, since: Instant) -> Option<Instant> {
+        lock(&self.acked_at)
+            .iter()
+            .copied()
+            .filter(|at| *at >= since)
+            .min()
+    }
+
+    /// Failures answered between `from` and `to`, by kind.
+    pub fn failures_between(&self, from: Instant, to: Instant) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for (at, kind) in lock(&self.failure_times).iter() {
+            if *at >= from && *at <= to {
+                *counts.entry(kind.clone()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Acknowledgements between `from` and `to`.
+    pub fn acks_between(&self, from: Instant, to: Instant) -> usize {
+        lock(&self.acked_at)
+            .iter()
+            .filter(|at| **at >= from && **at <= to)
+            .count()
+    }
+
+    fn fail(&self, kind: String, body: &str, elapsed: Duration) {
+        let now = Instant::now();
+        lock(&self.failure_times).push((now, kind.clone()));
+        let mut failures = lock(&self.failures);
+        let entry = failures.entry(kind).or_default();
+        entry.count += 1;
+        if entry.first_at.is_none() {
+            entry.first_at = Some(now);
+            entry.first_body = snippet(body);
+        }
+        entry.last_at = Some(now);
+        entry.slowest = entry.slowest.max(elapsed);
+    }
+}
+
+pub struct Load {
+    stop: CancellationToken,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    pub log: Arc<LoadLog>,
+}
+
+impl Load {
+    /// Starts the writers against `bases` (round-robin per write).
+    pub fn start(
+        client: reqwest::Client,
+        bearer: String,
+        bases: Vec<String>,
+        run: String,
+        shape: LoadShape,
+    ) -> Load {
+        let stop = CancellationToken::new();
+        let log = Arc::new(LoadLog::default());
+        let writers = (0..shape.writers.max(1))
+            .map(|w| {
+                let writer = Writer {
+                    id: w,
+                    client: client.clone(),
+                    bearer: bearer.clone(),
+                    bases: bases.clone(),
+                    run: run.clone(),
+                    shape,
+                    log: log.clone(),
+                    tasks: Vec::new(),
+                };
+                tokio::spawn(writer.run(stop.clone()))
+            })
+            .collect();
+        Load { stop, writers, log }
+    }
+
+    /// Stops the writers and waits for their last writes to be answered.
+    pub async fn stop(self) -> Arc<LoadLog> {
+        self.stop.cancel();
+        for writer in self.writers {
+            let _ = writer.await;
+        }
+        self.log
+    }
+}
+
+struct Writer {
+    id: usize,
+    client: reqwest::Client,
+    bearer: String,
+    bases: Vec<String>,
+    run: String,
+    shape: LoadShape,
+    log: Arc<LoadLog>,
+    /// Tasks this writer created and saw acknowledged; only it updates them.
+    tasks: Vec<String>,
+}
+
+enum Write {
+    PutCreate(String),
+    PostCreate,
+    PutUpdate(String),
+    Patch(String),
+}
+
+impl Writer {
+    async fn run(mut self, stop: CancellationToken) {
+        let period = (self.shape.rate > 0.0)
+            .then(|| Duration::from_secs_f64(self.shape.writers as f64 / self.shape.rate));
+        let mut pace = period.map(|p| {
+            let mut interval = tokio::time::interval(p);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
+        let mut k = 0u64;
+        while !stop.is_cancelled() {
+            if let Some(pace) = pace.as_mut() {
+                tokio::select! {
+                    _ = pace.tick() => {}
+                    () = stop.cancelled() => break,
+                }
+            }
+            let base = self.bases[(self.id + k as usize) % self.bases.len()].clone();
+            let acked = self.write_once(&base, k).await;
+            k += 1;
+            if !acked && pace.is_none() {
+                // Closed loop against a node that is down: do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn choose(&self, k: u64) -> Write {
+        let mut rng = rand::rng();
+        if self.tasks.is_empty() || rng.random_bool(self.shape.create_share.clamp(0.0, 1.0)) {
+            if rng.random_bool(0.5) {
+                Write::PutCreate(format!("f-{}-{}-{k}", self.run, self.id))
+            } else {
+                Write::PostCreate
+            }
+        } else {
+            let task = self.tasks[rng.random_range(0..self.tasks.len())].clone();
+            if rng.random_bool(0.5) {
+                Write::PutUpdate(task)
+            } else {
+                Write::Patch(task)
+            }
+        }
+    }
+
+    /// Sends one write; returns whether it was acknowledged.
+    async fn write_once(&mut self, base: &str, k: u64) -> bool {
+        let marker = format!("{}:{}:{k}", self.run, self.id);
+        let owner = format!("Practitioner/fault-{}", self.id % 3);
+        let write = self.choose(k);
+        let (request, known_id, creates) = match &write {
+            Write::PutCreate(id) | Write::PutUpdate(id) => (
+                self.client
+                    .put(format!("{base}/Task/{id}"))
+                    .header(reqwest::header::CONTENT_TYPE, FHIR_JSON)
+                    .body(task_body(Some(id), &self.run, &owner, &marker).to_string()),
+                Some(id.clone()),
+                matches!(write, Write::PutCreate(_)),
+            ),
+            Write::PostCreate => (
+                self.client
+                    .post(format!("{base}/Task"))
+                    .header(reqwest::header::CONTENT_TYPE, FHIR_JSON)
+                    .body(task_body(None, &self.run, &owner, &marker).to_string()),
+                None,
+                true,
+            ),
+            Write::Patch(id) => (
+                self.client
+                    .patch(format!("{base}/Task/{id}"))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json-patch+json")
+                    .body(
+                        json!([{ "op": "replace", "path": "/description", "value": marker }])
+                            .to_string(),
+                    ),
+                Some(id.clone()),
+                false,
+            ),
+        };
+        self.log.attempts.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let sent = request
+            .header(reqwest::header::AUTHORIZATION, &self.bearer)
+            .header("prefer", "return=minimal")
+            .timeout(self.shape.timeout)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "no answer: timeout"
+                } else if e.is_connect() {
+                    "no answer: connection refused"
+                } else {
+                    "no answer: connection closed"
+                };
+                self.log.fail(kind.into(), "", started.elapsed());
+                return false;
+            }
+        };
+        let status = response.status();
+        let etag = response
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .and_then(etag_version);
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(_) => {
+                self.log
+                    .fail("no answer: body cut off".into(), "", started.elapsed());
+                return false;
+            }
+        };
+        let elapsed = started.elapsed();
+        if !status.is_success() {
+            let outcome = if is_operation_outcome(&body) {
+                "OperationOutcome"
+            } else if body.is_empty() {
+                "empty body"
+            } else {
+                "not an OperationOutcome"
+            };
+            self.log.fail(
+                format!("HTTP {} ({outcome})", status.as_u16()),
+                &String::from_utf8_lossy(&body),
+                elapsed,
+            );
+            return false;
+        }
+        let id = known_id.or_else(|| {
+            // `…/Task/{id}/_history/{version}`
+            location
+                .as_deref()?
+                .split("/Task/")
+                .nth(1)?
+                .split('/')
+                .next()
+                .map(str::to_string)
+        });
+        let (Some(id), Some(version)) = (id, etag) else {
+            self.log.fail(
+                format!("HTTP {} without ETag or Location", status.as_u16()),
+                "",
+                elapsed,
+            );
+            return false;
+        };
+        if creates {
+            self.log.creates.fetch_add(1, Ordering::Relaxed);
+            self.tasks.push(id.clone());
+        } else {
+            self.log.updates.fetch_add(1, Ordering::Relaxed);
+        }
+        lock(&self.log.acked).push(AckedWrite {
+            task: id,
+            version,
+            marker,
+        });
+        lock(&self.log.acked_at).push(Instant::now());
+        true
+    }
+}
