@@ -4,6 +4,8 @@
 //! that tells the caller what to change. Everything else is an opaque 500: the cause chain is
 //! logged once, at the boundary, and never sent to the client.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -238,7 +240,11 @@ impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match storage_trouble(&e) {
             Some(StorageTrouble::Full) => {
-                tracing::error!(error = %e, "the database has no space left");
+                // Every write is refused while the disk is full: say so once in a while, not
+                // once per refused write.
+                if log_now(&LAST_FULL_LOG) {
+                    tracing::error!(error = %e, "the database has no space left; writes are refused with 507 until space is freed");
+                }
                 Error::client(
                     StatusCode::INSUFFICIENT_STORAGE,
                     IssueCode::NoStore,
@@ -247,7 +253,9 @@ impl From<sqlx::Error> for Error {
                 .retry_after(30)
             }
             Some(StorageTrouble::Unavailable) => {
-                tracing::warn!(error = %e, "the database is unavailable");
+                if log_now(&LAST_UNAVAILABLE_LOG) {
+                    tracing::warn!(error = %e, "the database is unavailable; requests are answered 503");
+                }
                 Error::unavailable(
                     "the server's database is unavailable for the moment, so nothing was stored; retry shortly",
                     5,
@@ -256,6 +264,21 @@ impl From<sqlx::Error> for Error {
             None => Error::internal("database error", e),
         }
     }
+}
+
+static LAST_FULL_LOG: AtomicU64 = AtomicU64::new(0);
+static LAST_UNAVAILABLE_LOG: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a recurring condition should be logged now: at most once every ten seconds.
+fn log_now(last: &AtomicU64) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let before = last.load(Ordering::Relaxed);
+    now >= before.saturating_add(10)
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// A database failure that is about the database, not the request: it is out of space, or

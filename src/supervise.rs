@@ -52,10 +52,16 @@ pub struct TaskHealth {
     pub last_error: Option<String>,
 }
 
+/// How long a condition noted by `Health::note` keeps the node `degraded` after its last
+/// occurrence.
+const CONDITION_LASTS: Duration = Duration::from_secs(30);
+
 /// The health of every supervised task of this node.
 #[derive(Debug, Default)]
 pub struct Health {
     tasks: Mutex<BTreeMap<&'static str, TaskHealth>>,
+    /// Conditions that degrade the node while they recur (e.g. `disk-full`), by when last seen.
+    conditions: Mutex<BTreeMap<&'static str, Instant>>,
     /// Cancelled when a vital task dies; `run` then stops the node with an error.
     fatal: CancellationToken,
     /// Why the node must stop.
@@ -73,6 +79,22 @@ impl Health {
         self.lock()
             .values()
             .all(|t| matches!(t.state, TaskState::Running | TaskState::Stopped))
+    }
+
+    /// Notes that a condition occurred now: `/readyz` lists it as degraded until it has not
+    /// recurred for 30 s (a full disk is noted by each write it refuses).
+    pub fn note(&self, condition: &'static str) {
+        self.conditions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(condition, Instant::now());
+    }
+
+    /// The conditions noted within the last 30 s.
+    pub fn conditions(&self) -> Vec<&'static str> {
+        let mut conditions = self.conditions.lock().unwrap_or_else(|e| e.into_inner());
+        conditions.retain(|_, at| at.elapsed() < CONDITION_LASTS);
+        conditions.keys().copied().collect()
     }
 
     /// Resolves when a vital task has died.

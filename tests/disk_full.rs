@@ -96,6 +96,23 @@ async fn a_full_disk_refuses_writes_with_507_and_writing_resumes_when_space_retu
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
     common::assert_outcome(&body, "no-store");
 
+    // Readiness says why writes are refused, while the node keeps serving reads.
+    let ready: Value = server
+        .client
+        .get(format!("{}/readyz", server.root))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        ready["degraded"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|c| c == "disk-full")),
+        "{ready}"
+    );
+
     // The node keeps serving: reads work, and the same write is refused the same way.
     let (status, _) = server
         .get(&format!("/Task/{}", acknowledged[0]), &admin)

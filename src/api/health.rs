@@ -66,6 +66,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             if !state.health.all_running() {
                 degraded.push("tasks");
             }
+            degraded.extend(state.health.conditions());
             if let Some(amqp) = amqp {
                 body["amqp"] = json!(amqp);
                 if amqp != "connected" {

@@ -95,6 +95,8 @@ pub struct SqliteStore {
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: the writer's end is then expected, not a failure of the node.
     closing: CancellationToken,
+    /// Where a full disk is noted, so that `/readyz` says why writes are refused.
+    health: Arc<Health>,
 }
 
 impl SqliteStore {
@@ -143,7 +145,7 @@ impl SqliteStore {
         let max_batch = config.max_batch;
         let closing = CancellationToken::new();
         let handle = tokio::spawn(supervise::watch_vital(
-            health,
+            health.clone(),
             "writer",
             closing.clone(),
             run_writer(writer, rx, base_url, max_batch, committed),
@@ -153,6 +155,7 @@ impl SqliteStore {
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             closing,
+            health,
         })
     }
 }
@@ -182,7 +185,11 @@ async fn run_writer(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %crate::error::error_chain(&e), batch = size, "commit failed");
+                // A full disk or an unavailable database was logged (sparingly) where it was
+                // classified; anything else is a fault worth a line per batch.
+                if e.as_client().is_none() {
+                    tracing::error!(error = %crate::error::error_chain(&e), batch = size, "commit failed");
+                }
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(e.for_another_request()));
                 }
@@ -792,7 +799,13 @@ impl SqliteStore {
             .send(Job { work, reply })
             .await
             .map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
+        let done = answer.await.map_err(|_| writer_gone())?;
+        if let Err(e) = &done
+            && e.status() == axum::http::StatusCode::INSUFFICIENT_STORAGE
+        {
+            self.health.note("disk-full");
+        }
+        done
     }
 }
 
