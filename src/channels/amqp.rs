@@ -71,8 +71,9 @@ const HEALTH_CHECK: Duration = Duration::from_secs(5);
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// The backoff before the first retry after a failed attempt; it doubles per failure.
 const FIRST_RETRY: Duration = Duration::from_millis(250);
-/// The longest backoff between connection attempts.
-const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The longest backoff between connection attempts: a connection attempt costs the broker
+/// little, and a broker restart should be noticed within seconds (events wait meanwhile).
+const MAX_RETRY: Duration = Duration::from_secs(5);
 /// How long shutdown waits for publishes in flight to get their confirms.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the broker to acknowledge closing the connection.
@@ -821,9 +822,10 @@ mod tests {
             (1, 1.0, ms(250)),
             (2, 0.0, ms(250)),
             (3, 1.0, ms(1000)),
-            (8, 1.0, ms(30_000)),
-            (8, 0.0, ms(15_000)),
-            (u32::MAX, 0.5, ms(22_500)),
+            (5, 1.0, ms(4_000)),
+            (8, 1.0, ms(5_000)),
+            (8, 0.0, ms(2_500)),
+            (u32::MAX, 0.5, ms(3_750)),
             // Out-of-range randomness is clamped rather than trusted.
             (1, 7.0, ms(250)),
             (1, -1.0, ms(125)),
