@@ -2,6 +2,7 @@
 //! dates, the Task rules and the Task search parameters.
 
 pub mod datetime;
+pub mod interaction;
 pub mod json;
 pub mod narrative;
 pub mod notification;
