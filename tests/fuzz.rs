@@ -20,8 +20,8 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
+use baton::api::websocket::parse_bind;
 use baton::auth::{Authenticator, Role};
-use baton::channels::websocket::parse_bind;
 use baton::error::Error;
 use baton::fhir::datetime::{DateKind, MAX_KEY, MIN_KEY, parse_instant, parse_range};
 use baton::fhir::interaction::Interaction;

@@ -12,10 +12,11 @@ use axum::response::Response;
 use axum::routing::get;
 use serde_json::{Value, json};
 
+use super::websocket::WebSocketHub;
 use super::{AppState, BodyKind, fhir_json, parse_json, read_body};
 use crate::auth::{Principal, Role};
 use crate::channels::rest_hook::RestHook;
-use crate::channels::websocket::{Grant, WebSocketHub, binding_parameters, websocket_url};
+use crate::channels::websocket::{Grant, binding_parameters, websocket_url};
 use crate::delivery::DeliveryHandle;
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir;
