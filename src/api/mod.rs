@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod health;
 pub mod metadata;
+pub mod principal;
 pub mod rate_limit;
 pub mod subscription;
 pub mod task;
