@@ -10,11 +10,11 @@
 
 use std::hint::black_box;
 
+use baton::fhir::interaction::Interaction;
 use baton::fhir::notification::{
     ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
     notification_bundle,
 };
-use baton::store::Interaction;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use serde_json::{Value, json};
 

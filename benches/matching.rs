@@ -14,12 +14,12 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use baton::auth::{Principal, Role};
+use baton::fhir::interaction::Interaction;
 use baton::fhir::search::{
     Handling, Predicate, SearchLimits, SystemMatch, TaskIndex, TokenValue, index_task, parse_query,
 };
 use baton::matcher::topic::{Topic, builtin_topics};
 use baton::matcher::{Candidate, Change, Side, SubscriptionIndex};
-use baton::store::Interaction;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use serde_json::{Value, json};
 

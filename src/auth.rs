@@ -12,8 +12,6 @@
 
 use std::path::Path;
 
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 
@@ -360,37 +358,6 @@ pub fn resolve_secret(
     use std::io::Write;
     options.open(&path)?.write_all(secret.as_bytes())?;
     Ok((secret, true))
-}
-
-impl<S> FromRequestParts<S> for Principal
-where
-    S: Send + Sync + AsRef<Authenticator> + crate::api::rate_limit::RateLimited,
-{
-    type Rejection = Error;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                Error::unauthorized("an 'Authorization: Bearer <token>' header is required")
-            })?;
-        let value = header
-            .to_str()
-            .map_err(|_| Error::unauthorized("the Authorization header is not valid text"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Error::unauthorized("the Authorization header must use the Bearer scheme")
-            })?;
-        let principal = state.as_ref().verify(token)?;
-        // Only a verified identity is counted, so unverified text never grows the limiter.
-        state.request_limiter().admit(&principal)?;
-        Ok(principal)
-    }
 }
 
 /// Whether the principal may read this Task: the one read rule of the design, applied to

@@ -6,9 +6,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+
+/// The media type of every FHIR JSON body Baton sends, OperationOutcomes and resources alike.
+/// It is defined here, in the base layer, because the error's own response needs it and the
+/// API's responses (`api::fhir_json`) build on it.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
 /// FHIR `IssueType` codes Baton reports (http://hl7.org/fhir/issue-type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,17 +369,17 @@ impl IntoResponse for Error {
                 )
             }
         };
-        let mut response = crate::fhir::fhir_json(status, &body);
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = (status, [(header::CONTENT_TYPE, FHIR_JSON)], bytes).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+                .insert(header::RETRY_AFTER, seconds.into());
         }
         response
     }

@@ -194,7 +194,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 delivery: delivery.clone(),
                 rest_hook,
                 amqp: amqp.clone(),
-                websockets: Arc::new(channels::websocket::WebSocketHub {
+                websockets: Arc::new(api::websocket::WebSocketHub {
                     registry,
                     signals,
                     store: store.clone(),

@@ -21,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 use crate::api::subscription::candidate;
 use crate::delivery::{DeliveryHandle, ParseSubscription, Purpose};
 use crate::error::{Result, error_chain};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::index_task;
 use crate::matcher::topic::Topic;
 use crate::matcher::{Change, Side, SubscriptionIndex};
-use crate::store::{ChangeEvent, Interaction, MatchBatch, MatchRow, Store, StoredSubscription};
+use crate::store::{ChangeEvent, MatchBatch, MatchRow, Store, StoredSubscription};
 
 /// The cursor name of the matcher in `outbox_cursor`.
 pub const MATCHER: &str = "matcher";

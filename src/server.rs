@@ -21,7 +21,7 @@
 //! A connection's slot in both caps travels with its socket: after a websocket upgrade the
 //! HTTP connection ends and its deadlines with it, but the socket still counts until the
 //! websocket closes. Websockets have their own bind deadline and pings
-//! (`channels::websocket`).
+//! (`api::websocket`).
 //!
 //! Shutdown: the loop stops accepting and closes the listener, every connection is asked to
 //! finish (an idle HTTP/1.1 connection closes at once, one with a request in progress after

@@ -20,16 +20,16 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
+use baton::api::websocket::parse_bind;
 use baton::auth::{Authenticator, Role};
-use baton::channels::websocket::parse_bind;
 use baton::error::Error;
 use baton::fhir::datetime::{DateKind, MAX_KEY, MIN_KEY, parse_instant, parse_range};
+use baton::fhir::interaction::Interaction;
 use baton::fhir::search::{
     Handling, ParamType, SearchLimits, TASK_PARAMS, index_task, matches, parse_query,
 };
 use baton::fhir::task::{PRIORITIES, TASK_INTENTS, TASK_STATUSES, validate_task};
 use baton::matcher::topic::{TaskState, Topic, builtin_topics};
-use baton::store::Interaction;
 use baton::store::search_sql::{Placeholder, order_by, where_clause};
 use common::{SECRET, TestServer};
 use proptest::prelude::*;

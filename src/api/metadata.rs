@@ -8,8 +8,7 @@ use axum::response::Response;
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use super::AppState;
-use crate::fhir::fhir_json;
+use super::{AppState, fhir_json};
 use crate::fhir::search::{ParamType, TASK_PARAMS};
 
 pub fn router() -> Router<AppState> {

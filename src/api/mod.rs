@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod health;
 pub mod metadata;
+pub mod principal;
 pub mod rate_limit;
 pub mod subscription;
 pub mod task;
@@ -16,7 +17,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::error::{Error, IssueCode, Result};
+use crate::error::{Error, FHIR_JSON, IssueCode, Result};
 use crate::fhir::search::SearchLimits;
 use crate::store::Store;
 
@@ -360,6 +361,16 @@ impl Prefer {
         }
         prefer
     }
+}
+
+/// Builds a response whose body is FHIR JSON.
+pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = (status, bytes).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
 }
 
 /// `GET /metrics` body and `/readyz` use this; kept here so the state stays private.

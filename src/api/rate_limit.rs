@@ -5,8 +5,9 @@
 //! never the token text: only a
 //! token that verified can add a key, and new tokens for one identity share its budget. Admins
 //! (the placer systems and integration engines) are not limited. The check runs where the
-//! principal is produced (`auth`'s extractor), so every authenticated request is counted once
-//! and unauthenticated ones (`/fhir/metadata`, the websocket upgrade) are not.
+//! principal is produced (the `Principal` extractor, `api::principal`), so every authenticated
+//! request is counted once and unauthenticated ones (`/fhir/metadata`, the websocket upgrade)
+//! are not.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

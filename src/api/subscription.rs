@@ -12,12 +12,14 @@ use axum::response::Response;
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use super::{AppState, BodyKind, parse_json, read_body};
+use super::websocket::WebSocketHub;
+use super::{AppState, BodyKind, fhir_json, parse_json, read_body};
 use crate::auth::{Principal, Role};
 use crate::channels::rest_hook::RestHook;
-use crate::channels::websocket::{Grant, WebSocketHub, binding_parameters, websocket_url};
+use crate::channels::websocket::{Grant, binding_parameters, websocket_url};
 use crate::delivery::DeliveryHandle;
 use crate::error::{Error, IssueCode, Result};
+use crate::fhir;
 use crate::fhir::datetime::format_instant;
 use crate::fhir::notification::{
     ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
@@ -26,7 +28,6 @@ use crate::fhir::notification::{
 use crate::fhir::subscription::{
     ChannelPolicy, ChannelSpec, SubscriptionSpec, TopicFilters, parse_subscription,
 };
-use crate::fhir::{self, fhir_json};
 use crate::matcher::topic::Topic;
 use crate::matcher::{Candidate, SubscriptionIndex};
 use crate::store::{StoredSubscription, SubscriptionQuery, SubscriptionRecord};

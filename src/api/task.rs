@@ -13,16 +13,15 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::{AppState, BodyKind, Prefer, parse_json, read_body};
+use super::{AppState, BodyKind, Prefer, fhir_json, parse_json, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode};
 use crate::fhir::shape::{ShapeLimits, check_shape};
 use crate::fhir::workflow::{self, RequestKind};
-use crate::fhir::{self, fhir_json, normalize_reference, task as task_rules};
-use crate::store::{
-    CurrentTask, Decision, Interaction, PageRequest, StoredVersion, WriteOutcome, WriteRequest,
-};
+use crate::fhir::{self, normalize_reference, task as task_rules};
+use crate::store::{CurrentTask, Decision, PageRequest, StoredVersion, WriteOutcome, WriteRequest};
 
 pub fn router() -> Router<AppState> {
     Router::new()

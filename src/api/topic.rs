@@ -7,10 +7,9 @@ use axum::response::Response;
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, fhir_json};
 use crate::auth::Principal;
 use crate::error::{Error, Result};
-use crate::fhir::fhir_json;
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use time::OffsetDateTime;
+use time::macros::format_description;
 
 use super::SendError;
 use super::signature::sign_notification;
-use crate::delivery::retry::parse_retry_after;
 
 /// One notification on its way to an endpoint.
 pub struct Outgoing<'a> {
@@ -158,6 +159,33 @@ impl RestHook {
             retry_after,
         })
     }
+}
+
+/// Reads a `Retry-After` header: delta-seconds, or an HTTP-date (IMF-fixdate, or the obsolete
+/// asctime form that RFC 9110 still asks recipients to accept). A date in the past means "now"
+/// and gives zero. Returns `None` for anything else, so a malformed header is simply ignored.
+pub fn parse_retry_after(header: &str, now: OffsetDateTime) -> Option<Duration> {
+    let text = header.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // A number too large for u64 still means "a very long time"; the cap applies later.
+        return Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)));
+    }
+    let imf_fixdate = format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    let asctime = format_description!(
+        "[weekday repr:short] [month repr:short] [day padding:space] [hour]:[minute]:[second] [year]"
+    );
+    let at = time::PrimitiveDateTime::parse(text, imf_fixdate)
+        .or_else(|_| time::PrimitiveDateTime::parse(text, asctime))
+        .ok()?
+        .assume_utc();
+    let wait = at - now;
+    Some(if wait.is_positive() {
+        wait.unsigned_abs()
+    } else {
+        Duration::ZERO
+    })
 }
 
 /// The address a URL names directly, if its host is an IPv4 or IPv6 literal. The URL parser
@@ -445,5 +473,30 @@ mod tests {
         open.check_endpoint("http://127.0.0.1:9/hook")
             .await
             .unwrap();
+    }
+
+    #[test]
+    fn retry_after_headers_parse_as_seconds_or_http_dates() {
+        let secs = Duration::from_secs;
+        let now = time::macros::datetime!(2025-06-01 10:00:00 UTC);
+        let cases = [
+            ("120", Some(secs(120))),
+            (" 0 ", Some(secs(0))),
+            ("18446744073709551616000", Some(secs(u64::MAX))),
+            ("Sun, 01 Jun 2025 10:02:30 GMT", Some(secs(150))),
+            ("Sun Jun  1 10:00:07 2025", Some(secs(7))),
+            // A date in the past means the endpoint is ready now.
+            ("Sat, 31 May 2025 10:00:00 GMT", Some(secs(0))),
+            ("-5", None),
+            ("1.5", None),
+            ("", None),
+            ("soon", None),
+            // The weekday is redundant, so a wrong one is ignored rather than discarding the date.
+            ("Mon, 01 Jun 2025 10:02:30 GMT", Some(secs(150))),
+            ("Sun, 01 Jun 2025 10:02:30 +0000", None),
+        ];
+        for (header, expected) in cases {
+            assert_eq!(parse_retry_after(header, now), expected, "{header:?}");
+        }
     }
 }

@@ -952,7 +952,7 @@ async fn build(
 mod tests {
     use super::*;
     use crate::auth::Role;
-    use crate::store::Interaction;
+    use crate::fhir::interaction::Interaction;
     use serde_json::json;
 
     fn event(number: i64, task: &str, interaction: Interaction) -> EventRecord {

@@ -7,9 +7,6 @@
 
 use std::time::Duration;
 
-use time::OffsetDateTime;
-use time::macros::format_description;
-
 /// The longest wait an endpoint can impose through `Retry-After`. Without a cap, one answer
 /// could park a subscription's whole queue for days.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
@@ -128,37 +125,9 @@ fn with_jitter(delay: Duration, ratio: f64, random_unit: f64) -> Duration {
     Duration::try_from_secs_f64(delay.as_secs_f64() * factor).unwrap_or(delay)
 }
 
-/// Reads a `Retry-After` header: delta-seconds, or an HTTP-date (IMF-fixdate, or the obsolete
-/// asctime form that RFC 9110 still asks recipients to accept). A date in the past means "now"
-/// and gives zero. Returns `None` for anything else, so a malformed header is simply ignored.
-pub fn parse_retry_after(header: &str, now: OffsetDateTime) -> Option<Duration> {
-    let text = header.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        // A number too large for u64 still means "a very long time"; the cap applies later.
-        return Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)));
-    }
-    let imf_fixdate = format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    let asctime = format_description!(
-        "[weekday repr:short] [month repr:short] [day padding:space] [hour]:[minute]:[second] [year]"
-    );
-    let at = time::PrimitiveDateTime::parse(text, imf_fixdate)
-        .or_else(|_| time::PrimitiveDateTime::parse(text, asctime))
-        .ok()?
-        .assume_utc();
-    let wait = at - now;
-    Some(if wait.is_positive() {
-        wait.unsigned_abs()
-    } else {
-        Duration::ZERO
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use time::macros::datetime;
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
@@ -345,29 +314,5 @@ mod tests {
             }
         }
         assert_eq!(RetryPolicy::default().validate(), Ok(()));
-    }
-
-    #[test]
-    fn retry_after_headers_parse_as_seconds_or_http_dates() {
-        let now = datetime!(2025-06-01 10:00:00 UTC);
-        let cases = [
-            ("120", Some(secs(120))),
-            (" 0 ", Some(secs(0))),
-            ("18446744073709551616000", Some(secs(u64::MAX))),
-            ("Sun, 01 Jun 2025 10:02:30 GMT", Some(secs(150))),
-            ("Sun Jun  1 10:00:07 2025", Some(secs(7))),
-            // A date in the past means the endpoint is ready now.
-            ("Sat, 31 May 2025 10:00:00 GMT", Some(secs(0))),
-            ("-5", None),
-            ("1.5", None),
-            ("", None),
-            ("soon", None),
-            // The weekday is redundant, so a wrong one is ignored rather than discarding the date.
-            ("Mon, 01 Jun 2025 10:02:30 GMT", Some(secs(150))),
-            ("Sun, 01 Jun 2025 10:02:30 +0000", None),
-        ];
-        for (header, expected) in cases {
-            assert_eq!(parse_retry_after(header, now), expected, "{header:?}");
-        }
     }
 }

@@ -1,7 +1,9 @@
-//! FHIR shapes shared by the API, the store and the matcher: JSON responses, references,
-//! dates, the Task rules and the Task search parameters.
+//! FHIR shapes shared by the API, the store and the matcher: references, dates, the Task
+//! rules and the Task search parameters. Pure: nothing here builds an HTTP response or
+//! touches storage (errors carry their status through `crate::error`).
 
 pub mod datetime;
+pub mod interaction;
 pub mod json;
 pub mod narrative;
 pub mod notification;
@@ -12,22 +14,7 @@ pub mod subscription;
 pub mod task;
 pub mod workflow;
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use serde_json::Value;
-
-/// The media type of every FHIR JSON body Baton sends.
-pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
-
-/// Builds a response whose body is FHIR JSON.
-pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut response = (status, bytes).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    response
-}
 
 /// Resource types a reference may name. Used to recognise `Type/id` and to expand a bare id
 /// in a reference search.

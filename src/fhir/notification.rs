@@ -83,7 +83,7 @@ impl SubscriptionStatus {
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use crate::store::Interaction;
+use crate::fhir::interaction::Interaction;
 
 /// The profile every status `Parameters` claims, so validators check it against the backport IG.
 pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4";

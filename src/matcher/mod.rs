@@ -15,8 +15,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::auth::{self, Principal};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::search::{Predicate, TaskIndex, matches};
-use crate::store::Interaction;
 use topic::{TaskState, Topic};
 
 /// What the matcher knows about one active subscription.

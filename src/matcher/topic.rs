@@ -14,13 +14,13 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::fhir::interaction::Interaction;
 use crate::fhir::is_valid_id;
 use crate::fhir::search::{
     Handling, ParamType, Predicate, SearchLimits, TASK_PARAMS, TaskIndex, matches, parse_query,
     task_param,
 };
 use crate::matcher::fhirpath::{self, Expression};
-use crate::store::Interaction;
 
 /// A SubscriptionTopic Baton can evaluate.
 #[derive(Debug, Clone)]

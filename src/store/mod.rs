@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::auth::Identity;
 use crate::error::Result;
+use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::{Predicate, SortKey};
 
@@ -45,37 +46,6 @@ pub(crate) fn readable(version: Result<StoredVersion>) -> Option<StoredVersion> 
             metrics::counter!("baton_unreadable_versions_total").increment(1);
             tracing::error!(error = %crate::error::error_chain(&e), "a stored Task version cannot be read");
             None
-        }
-    }
-}
-
-/// What a stored version records about how it came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Interaction {
-    Create,
-    Update,
-    Delete,
-    /// Not a REST interaction: the hub's timer saw the Task's due date pass.
-    Overdue,
-}
-
-impl Interaction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Interaction::Create => "create",
-            Interaction::Update => "update",
-            Interaction::Delete => "delete",
-            Interaction::Overdue => "overdue",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Interaction> {
-        match text {
-            "create" => Some(Interaction::Create),
-            "update" => Some(Interaction::Update),
-            "delete" => Some(Interaction::Delete),
-            "overdue" => Some(Interaction::Overdue),
-            _ => None,
         }
     }
 }

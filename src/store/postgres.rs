@@ -30,13 +30,14 @@ use tokio::sync::Notify;
 
 use super::search_sql::{Placeholder, order_by, where_clause};
 use super::{
-    ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
-    PageRequest, SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionChanges,
-    SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
-    collect_page, now_instant, stamp,
+    ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, MatchBatch, PageRequest,
+    SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionChanges, SubscriptionDecide,
+    SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest, collect_page, now_instant,
+    stamp,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::search::{Predicate, index_task, priority_rank};
 use crate::fhir::workflow::{self, RequestKind};
 

@@ -28,13 +28,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::search_sql::{Placeholder, order_by, where_clause};
 use super::{
-    ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, Interaction, MatchBatch,
-    MatchRow, PageRequest, SearchPage, Store, StoredSubscription, StoredVersion,
-    SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome,
-    WriteRequest, collect_page, now_instant, stamp,
+    ChangeEvent, CurrentTask, Decision, DeliveryReport, EventRecord, MatchBatch, MatchRow,
+    PageRequest, SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionChanges,
+    SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
+    collect_page, now_instant, stamp,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::search::{
     self, DateEntry, Predicate, TaskIndex, TokenEntry, index_task, priority_rank, task_param,
 };

@@ -11,9 +11,10 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::pg_text;
 use crate::error::{Error, Result};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::store::{
-    DeliveryReport, EventRecord, Interaction, MatchBatch, StoredSubscription, SubscriptionChanges,
+    DeliveryReport, EventRecord, MatchBatch, StoredSubscription, SubscriptionChanges,
     SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
 };
 use crate::store::{

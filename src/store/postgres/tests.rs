@@ -13,12 +13,13 @@ use super::PostgresStore;
 use crate::auth::{Identity, Role};
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::{
     Handling, Predicate, SearchLimits, SystemMatch, TokenValue, parse_query,
 };
 use crate::store::{
-    CurrentTask, Decision, DeliveryReport, Interaction, MatchBatch, MatchRow, PageRequest, Store,
+    CurrentTask, Decision, DeliveryReport, MatchBatch, MatchRow, PageRequest, Store,
     SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
 };
 

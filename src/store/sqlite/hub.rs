@@ -6,9 +6,10 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::error::{Error, Result};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::store::{
-    DeliveryReport, EventRecord, Interaction, MatchRow, StoredSubscription, SubscriptionDecide,
+    DeliveryReport, EventRecord, MatchRow, StoredSubscription, SubscriptionDecide,
     SubscriptionQuery, SubscriptionRecord,
 };
 use crate::store::{
