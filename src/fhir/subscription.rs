@@ -252,6 +252,13 @@ impl ChannelPolicy {
     };
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChannelKind {
+    RestHook,
+    WebSocket,
+    Message,
+}
+
 // Header values and signing secrets are credentials, and a derived `Debug` would put them into
 // any log line or panic message that formats a spec, so these two print them redacted.
 impl fmt::Debug for ChannelSpec {

@@ -10,6 +10,8 @@
 //! This file holds the code sets, the entry points and the accessors; the tables are in
 //! `tables`, the walker in `walker` and the multi-element invariants in `invariants`.
 
+use std::fmt::Display;
+
 use serde_json::Value;
 
 use crate::error::{Error, IssueCode, Result};
@@ -21,7 +23,7 @@ mod tables;
 mod walker;
 
 use tables::TASK;
-use walker::{Context, check_json_rules, check_object, fail, json_type};
+use walker::{Context, check_json_rules, check_object};
 
 /// `Task.status` codes (http://hl7.org/fhir/task-status, R4 4.0.1).
 pub const TASK_STATUSES: &[&str] = &[
@@ -266,6 +268,22 @@ pub fn performer_types(task: &Value) -> Vec<(Option<String>, String)> {
 /// Whether a Task in this status is finished for good (only `entered-in-error` may follow).
 pub fn is_terminal(status: &str) -> bool {
     TERMINAL_STATUSES.contains(&status)
+}
+
+/// Builds a 400 whose diagnostic starts with the element it is about.
+fn fail(code: IssueCode, path: &str, problem: impl Display) -> Error {
+    Error::bad_request(code, format!("{path} {problem}")).at(path)
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
 }
 
 #[cfg(test)]

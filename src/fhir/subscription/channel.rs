@@ -12,8 +12,8 @@ use super::elements::{
 use super::extensions::parse_channel_extensions;
 use super::filters::percent_decode;
 use super::{
-    AmqpEndpoint, CHANNEL_ELEMENTS, ChannelPolicy, ChannelSpec, DEFAULT_AMQP_PORT, MIME_TYPES,
-    PAYLOAD_CONTENT_EXTENSION, RESERVED_HEADERS,
+    AmqpEndpoint, CHANNEL_ELEMENTS, ChannelKind, ChannelPolicy, ChannelSpec, DEFAULT_AMQP_PORT,
+    MIME_TYPES, PAYLOAD_CONTENT_EXTENSION, RESERVED_HEADERS,
 };
 use crate::error::{IssueCode, Result};
 use crate::fhir::notification::ContentLevel;
@@ -27,13 +27,6 @@ pub(super) struct ParsedChannel {
     pub(super) timeout: Option<u32>,
     pub(super) max_count: Option<u32>,
     pub(super) signing_secret: Option<String>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum ChannelKind {
-    RestHook,
-    WebSocket,
-    Message,
 }
 
 pub(super) fn parse_channel(

@@ -6,12 +6,11 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value};
 
-use super::channel::ChannelKind;
 use super::elements::{array, fail, simple_extension};
 use super::{
-    BACKPORT_BASE, HEARTBEAT_PERIOD_EXTENSION, MAX_COUNT_EXTENSION, MAX_HEARTBEAT_PERIOD,
-    MAX_MAX_COUNT, MAX_SECRET_BYTES, MAX_TIMEOUT, MIN_SECRET_BYTES, SIGNING_SECRET_EXTENSION,
-    TIMEOUT_EXTENSION,
+    BACKPORT_BASE, ChannelKind, HEARTBEAT_PERIOD_EXTENSION, MAX_COUNT_EXTENSION,
+    MAX_HEARTBEAT_PERIOD, MAX_MAX_COUNT, MAX_SECRET_BYTES, MAX_TIMEOUT, MIN_SECRET_BYTES,
+    SIGNING_SECRET_EXTENSION, TIMEOUT_EXTENSION,
 };
 use crate::error::{IssueCode, Result};
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value};
 
-use super::walker::fail;
+use super::fail;
 use crate::error::{IssueCode, Result};
 use crate::fhir::MULTI_FOCUS_EXTENSION;
 use crate::fhir::datetime::{DateKind, parse_range};

@@ -3,15 +3,14 @@
 //! kept apart from the tables because it knows no element by name.
 
 use std::collections::HashMap;
-use std::fmt::Display;
 
 use serde_json::{Map, Value};
 
-use super::CORE_PROFILE_BASE;
 use super::tables::{
     Card, Complex, ELEMENT, Kind, Primitive, REFERENCE, Text, VALUE_TYPES, ValueChoice,
 };
-use crate::error::{Error, IssueCode, Result};
+use super::{CORE_PROFILE_BASE, fail, json_type};
+use crate::error::{IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
 use crate::fhir::{ID_RULE, is_valid_id, normalize_reference};
 
@@ -46,22 +45,6 @@ impl<'a> Context<'a> {
             return Ok(None);
         }
         Ok(reference.split('/').next())
-    }
-}
-
-/// Builds a 400 whose diagnostic starts with the element it is about.
-pub(super) fn fail(code: IssueCode, path: &str, problem: impl Display) -> Error {
-    Error::bad_request(code, format!("{path} {problem}")).at(path)
-}
-
-pub(super) fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
     }
 }
 
