@@ -1,0 +1,279 @@
+//! Search: `GET` and `POST _search`, paging, `_revinclude` of sub-tasks within the include
+//! budget, and the Bundle they answer with. It is kept apart because it is the one handler that
+//! answers with many Tasks, under the search admission and byte budgets.
+
+use std::collections::HashSet;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use crate::api::fhir_json;
+use crate::api::{AppState, BodyKind, Prefer, read_body};
+use crate::auth::{self, Principal};
+use crate::error::{Error, IssueCode, Result};
+use crate::fhir;
+use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode};
+use crate::store::{CurrentTask, PageRequest};
+
+pub(super) async fn search_get(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let pairs = parse_pairs(query.as_deref().unwrap_or(""))?;
+    run_search(&state, &principal, &headers, pairs).await
+}
+
+pub(super) async fn search_post(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response> {
+    let bytes = read_body(&state, &headers, body, BodyKind::Form).await?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::bad_request(IssueCode::Structure, "the form body is not UTF-8"))?;
+    let mut pairs = parse_pairs(query.as_deref().unwrap_or(""))?;
+    pairs.extend(parse_pairs(text)?);
+    run_search(&state, &principal, &headers, pairs).await
+}
+
+pub(super) fn parse_pairs(text: &str) -> Result<Vec<(String, String)>> {
+    crate::api::query_pairs(Some(text))
+}
+
+async fn run_search(
+    state: &AppState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    pairs: Vec<(String, String)>,
+) -> Result<Response> {
+    let prefer = Prefer::from_headers(headers);
+    let handling = if prefer.lenient {
+        Handling::Lenient
+    } else {
+        Handling::Strict
+    };
+    let query = search::parse_query(&pairs, &state.search_limits, &state.base_url, handling)?;
+    // A malformed query is refused above without taking a slot; from here on the search
+    // holds one until its Bundle is built.
+    let _admitted = state.searches.enter().await?;
+    let scope: Vec<Predicate> = auth::read_scope(principal).into_iter().collect();
+    let mut predicates = query.predicates.clone();
+    predicates.extend(scope.iter().cloned());
+    let count = if query.summary_count { 0 } else { query.count };
+    let with_total = query.summary_count || query.total == TotalMode::Accurate;
+    let max_page_bytes = state.config.search.max_page_bytes;
+    let page = state
+        .store
+        .search(PageRequest {
+            predicates: &predicates,
+            sort: &query.sort,
+            count,
+            offset: query.offset,
+            with_total,
+            max_bytes: max_page_bytes,
+        })
+        .await?;
+
+    let mut entries: Vec<Value> = page
+        .tasks
+        .iter()
+        .map(|t| search_entry(&state.base_url, t, "match"))
+        .collect();
+    // Where the page stops short of what was asked, an `outcome` entry says why.
+    let mut warnings = Vec::new();
+    if page.truncated {
+        warnings.push(format!(
+            "this page holds {} of the {} Tasks asked for: it reached search.max_page_bytes              ({max_page_bytes} bytes); the next link continues after them",
+            page.tasks.len(),
+            query.count
+        ));
+    }
+    if let Some(revinclude) = query.revinclude.filter(|_| !page.tasks.is_empty()) {
+        let budget = max_page_bytes.saturating_sub(page.bytes);
+        let (included, stop) = sub_tasks(state, &page.tasks, &scope, revinclude, budget).await?;
+        entries.extend(
+            included
+                .iter()
+                .map(|t| search_entry(&state.base_url, t, "include")),
+        );
+        if let Some(stop) = stop {
+            warnings.push(stop.explain(state));
+        }
+    }
+    entries.extend(warnings.iter().map(|warning| {
+        json!({
+            "resource": crate::error::operation_outcome(
+                "warning",
+                IssueCode::TooCostly,
+                warning,
+                None,
+            ),
+            "search": { "mode": "outcome" },
+        })
+    }));
+
+    let self_base = format!("{}/Task", state.base_url);
+    let page_url = |offset: usize| {
+        let mut params = query.link_params.clone();
+        params.push(("_count".into(), query.count.to_string()));
+        params.push(("_offset".into(), offset.to_string()));
+        format!(
+            "{self_base}?{}",
+            serde_urlencoded::to_string(&params).unwrap_or_default()
+        )
+    };
+    let mut links = vec![link("self", &page_url(query.offset))];
+    if !query.summary_count {
+        links.push(link("first", &page_url(0)));
+        // A page the byte budget ended holds fewer Tasks than asked for; the next one starts
+        // right after the last it holds.
+        let next = query.offset + page.tasks.len();
+        let has_next = page.truncated
+            || match page.total {
+                Some(total) => next < total as usize,
+                None => page.tasks.len() == query.count,
+            };
+        if has_next {
+            links.push(link("next", &page_url(next)));
+        }
+        if query.offset > 0 {
+            links.push(link(
+                "previous",
+                &page_url(query.offset.saturating_sub(query.count)),
+            ));
+        }
+        if let Some(total) = page.total
+            && query.count > 0
+        {
+            let total = total as usize;
+            let last = if total == 0 {
+                0
+            } else {
+                (total - 1) / query.count * query.count
+            };
+            links.push(link("last", &page_url(last)));
+        }
+    }
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": { "lastUpdated": now() },
+        "type": "searchset",
+        "link": links,
+    });
+    if let Some(total) = page.total {
+        bundle["total"] = json!(total);
+    }
+    if !entries.is_empty() {
+        bundle["entry"] = Value::Array(entries);
+    }
+    metrics::counter!("baton_task_searches_total").increment(1);
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// Why the included sub-tasks of a page stop short of the whole tree below its matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IncludeStop {
+    /// `search.max_included` Tasks were included.
+    Count,
+    /// The page's byte budget was spent.
+    Bytes,
+    /// `:iterate` went `search.max_include_depth` levels down.
+    Depth,
+}
+
+impl IncludeStop {
+    fn explain(self, state: &AppState) -> String {
+        let search = &state.config.search;
+        match self {
+            IncludeStop::Count => format!(
+                "included sub-tasks stop at search.max_included ({}); more may exist",
+                search.max_included
+            ),
+            IncludeStop::Bytes => format!(
+                "included sub-tasks stop where the page reached search.max_page_bytes ({} \
+                 bytes); more may exist",
+                search.max_page_bytes
+            ),
+            IncludeStop::Depth => format!(
+                "included sub-tasks stop {} levels below the matches \
+                 (search.max_include_depth); deeper ones, if any, are not included",
+                search.max_include_depth
+            ),
+        }
+    }
+}
+
+/// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) down to
+/// `search.max_include_depth` levels, bounded by `search.max_included` Tasks and by
+/// `max_bytes` of them, and applying the caller's read scope at each level. Says where it
+/// stopped short, if it did.
+async fn sub_tasks(
+    state: &AppState,
+    matched: &[CurrentTask],
+    scope: &[Predicate],
+    revinclude: RevInclude,
+    max_bytes: usize,
+) -> Result<(Vec<CurrentTask>, Option<IncludeStop>)> {
+    let limit = state.config.search.max_included;
+    let max_depth = match revinclude {
+        RevInclude::PartOf => 1,
+        RevInclude::PartOfIterate => state.config.search.max_include_depth,
+    };
+    let mut seen: HashSet<String> = matched.iter().map(|t| t.id.clone()).collect();
+    let mut frontier: Vec<String> = matched.iter().map(|t| format!("Task/{}", t.id)).collect();
+    let mut included = Vec::new();
+    let mut bytes_left = max_bytes;
+    let mut depth = 0;
+    while !frontier.is_empty() {
+        if depth == max_depth {
+            let stop = (revinclude == RevInclude::PartOfIterate).then_some(IncludeStop::Depth);
+            return Ok((included, stop));
+        }
+        let wanted = limit - included.len();
+        let children = state
+            .store
+            .children_of(&frontier, scope, wanted, bytes_left)
+            .await?;
+        depth += 1;
+        bytes_left = bytes_left.saturating_sub(children.bytes);
+        let full = children.tasks.len() == wanted;
+        frontier = Vec::new();
+        for child in children.tasks {
+            if seen.insert(child.id.clone()) {
+                frontier.push(format!("Task/{}", child.id));
+                included.push(child);
+            }
+        }
+        if children.truncated {
+            return Ok((included, Some(IncludeStop::Bytes)));
+        }
+        if full {
+            return Ok((included, Some(IncludeStop::Count)));
+        }
+    }
+    Ok((included, None))
+}
+
+fn search_entry(base_url: &str, task: &CurrentTask, mode: &str) -> Value {
+    json!({
+        "fullUrl": format!("{base_url}/Task/{}", task.id),
+        "resource": task.resource,
+        "search": { "mode": mode },
+    })
+}
+
+pub(super) fn link(relation: &str, url: &str) -> Value {
+    json!({ "relation": relation, "url": url })
+}
+
+pub(super) fn now() -> String {
+    fhir::datetime::format_instant(time::OffsetDateTime::now_utc())
+}

@@ -1,0 +1,426 @@
+//! The writes: create (with If-None-Exist), update, JSON Patch and delete, each handed to the
+//! store as a decision closure, and the checks they make (If-Match, the state machine, ids).
+//! They are kept apart from reads because only writes go through the writer.
+
+use std::collections::HashSet;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use serde_json::Value;
+
+use super::links::{check_links, ensure_links_checked, links, may_change_links, new_links};
+use super::search::parse_pairs;
+use super::{current_response, set_etag, version_response};
+use crate::api::{AppState, BodyKind, Prefer, parse_json, read_body};
+use crate::auth::{self, Principal};
+use crate::error::{Error, IssueCode, Result};
+use crate::fhir::interaction::Interaction;
+use crate::fhir::search::{self, Handling};
+use crate::fhir::shape::{ShapeLimits, check_shape};
+use crate::fhir::{self, task as task_rules};
+use crate::store::{CurrentTask, Decision, WriteOutcome, WriteRequest};
+
+pub(super) async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let prefer = Prefer::from_headers(&headers);
+    let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
+    let mut resource = parse_json(&bytes)?;
+    task_rules::validate_task(&resource, &state.base_url)?;
+    check_shape(&resource, stored_limits(&state), "Task")?;
+    // The server assigns ids and versions on create; whatever the client sent is ignored.
+    if let Some(object) = resource.as_object_mut() {
+        object.remove("id");
+    }
+    clear_server_meta(&mut resource);
+    auth::authorize_task_write(&principal, None, Some(&resource), &state.base_url)?;
+    // Every link of a new Task is new: its parents and its focal Task must exist and be
+    // readable, and a request must be one its focal Task can honour.
+    let links = new_links(None, &resource, None, &state.base_url)?;
+    check_links(&state, &principal, &links, &resource).await?;
+    let if_none_exist = match headers.get("if-none-exist") {
+        None => None,
+        Some(value) => {
+            let text = value.to_str().map_err(|_| {
+                Error::bad_request(IssueCode::Invalid, "If-None-Exist is not valid text")
+            })?;
+            let text = text.trim_start_matches("Task?").trim_start_matches('?');
+            let pairs = parse_pairs(text)?;
+            let query = search::parse_query(
+                &pairs,
+                &state.search_limits,
+                &state.base_url,
+                Handling::Strict,
+            )
+            .map_err(|e| e.at("If-None-Exist"))?;
+            if query.predicates.is_empty() {
+                return Err(Error::bad_request(
+                    IssueCode::Invalid,
+                    "If-None-Exist needs at least one search criterion, e.g. identifier=http://x|123",
+                ));
+            }
+            let mut predicates = query.predicates;
+            predicates.extend(auth::read_scope(&principal));
+            Some(predicates)
+        }
+    };
+    // Conditional criteria are a search (the store evaluates them before the writer), so
+    // they take a search slot like any other.
+    let _admitted = match if_none_exist {
+        Some(_) => Some(state.searches.enter().await?),
+        None => None,
+    };
+    let outcome = state
+        .store
+        .write(WriteRequest::Create {
+            resource,
+            if_none_exist,
+        })
+        .await?;
+    match outcome {
+        WriteOutcome::Written(version) => {
+            record_write(Interaction::Create);
+            Ok(version_response(
+                &state,
+                StatusCode::CREATED,
+                &version,
+                prefer,
+                true,
+            ))
+        }
+        WriteOutcome::Existing(current) => {
+            Ok(current_response(&state, StatusCode::OK, &current, prefer))
+        }
+        WriteOutcome::Unchanged => Err(Error::internal(
+            "create wrote nothing",
+            "unexpected outcome",
+        )),
+    }
+}
+
+pub(super) async fn update(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    check_id(&id)?;
+    let prefer = Prefer::from_headers(&headers);
+    let if_match = parse_if_match(&headers)?;
+    let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
+    let mut resource = parse_json(&bytes)?;
+    task_rules::validate_task(&resource, &state.base_url)?;
+    check_shape(&resource, stored_limits(&state), "Task")?;
+    match resource.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id == id => {}
+        Some(body_id) => {
+            return Err(Error::invalid(
+                "Task.id",
+                format!("the body's id '{body_id}' does not match the URL's id '{id}'"),
+            ));
+        }
+        None => {
+            return Err(Error::bad_request(
+                IssueCode::Required,
+                "an update must carry the Task's id in the body",
+            )
+            .at("Task.id"));
+        }
+    }
+    clear_server_meta(&mut resource);
+    // Links are checked against the version read now, and the decision below refuses any new
+    // link that this check did not see (the Task changed meanwhile). A Task without links
+    // makes none, so it costs no extra read.
+    let checked = if links(&resource, Some(&id), &state.base_url)?.is_empty() {
+        HashSet::new()
+    } else {
+        let before = state.store.read(&id).await?.filter(|c| !c.deleted);
+        match before {
+            Some(before)
+                if auth::authorize_task_write(
+                    &principal,
+                    Some(&before.resource),
+                    None,
+                    &state.base_url,
+                )
+                .is_err() =>
+            {
+                // The decision refuses it with 403 whatever it links to.
+                HashSet::new()
+            }
+            before => {
+                let fresh = new_links(
+                    before.as_ref().map(|c| &c.resource),
+                    &resource,
+                    Some(&id),
+                    &state.base_url,
+                )?;
+                check_links(&state, &principal, &fresh, &resource).await?
+            }
+        }
+    };
+    let base_url = state.base_url.clone();
+    let task_id = id.clone();
+    let decide = Box::new(move |current: Option<&CurrentTask>| {
+        let live = current.filter(|c| !c.deleted);
+        check_version(if_match, live)?;
+        let before = live.map(|c| &c.resource);
+        auth::authorize_task_write(&principal, before, Some(&resource), &base_url)?;
+        if let Some(deleted) = current.filter(|c| c.deleted) {
+            auth::authorize_task_recreate(&principal, &deleted.resource, &task_id, &base_url)?;
+        }
+        check_status_change(before, &resource)?;
+        ensure_links_checked(before, &resource, &checked, &task_id, &base_url)?;
+        Ok(Decision::Put(resource))
+    });
+    let outcome = state
+        .store
+        .write(WriteRequest::Change { id, decide })
+        .await?;
+    written_response(&state, outcome, prefer)
+}
+
+pub(super) async fn patch(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    check_id(&id)?;
+    let prefer = Prefer::from_headers(&headers);
+    let if_match = parse_if_match(&headers)?;
+    let bytes = read_body(&state, &headers, body, BodyKind::JsonPatch).await?;
+    let operations = parse_json(&bytes)?;
+    let touches_links = may_change_links(&operations);
+    let patch = fhir::patch::parse_patch(operations, state.config.limits.max_patch_operations)?;
+    let limits = stored_limits(&state);
+    // The patch is applied and judged here, against the version read now, so that a patch
+    // that fails (or grows the Task past the limits) is answered without ever reaching the
+    // writer. The decision below repeats only the cheap checks, unless the Task changed in
+    // between.
+    let before = state.store.read(&id).await?;
+    let before = require_live(before.as_ref(), &id)?;
+    check_version(if_match, Some(before))?;
+    // Reading rights come first, so a foreign Task is a 403 whatever the patch says.
+    auth::authorize_task_write(&principal, Some(&before.resource), None, &state.base_url)?;
+    let prepared = patched_task(before, &patch, limits, &state.base_url)?;
+    auth::authorize_task_write(
+        &principal,
+        Some(&before.resource),
+        Some(&prepared),
+        &state.base_url,
+    )?;
+    check_status_change(Some(&before.resource), &prepared)?;
+    let checked = if touches_links {
+        let fresh = new_links(
+            Some(&before.resource),
+            &prepared,
+            Some(&id),
+            &state.base_url,
+        )?;
+        check_links(&state, &principal, &fresh, &prepared).await?
+    } else {
+        HashSet::new()
+    };
+    let prepared_from = before.version;
+    let base_url = state.base_url.clone();
+    let task_id = id.clone();
+    let decide = Box::new(move |current: Option<&CurrentTask>| {
+        let current = require_live(current, &task_id)?;
+        check_version(if_match, Some(current))?;
+        auth::authorize_task_write(&principal, Some(&current.resource), None, &base_url)?;
+        // Versions only grow, so the same version is the same content: what was prepared
+        // stands. Otherwise the patch is applied again, with the same bounds, to what is there.
+        let patched = if current.version == prepared_from {
+            prepared
+        } else {
+            patched_task(current, &patch, limits, &base_url)?
+        };
+        auth::authorize_task_write(
+            &principal,
+            Some(&current.resource),
+            Some(&patched),
+            &base_url,
+        )?;
+        check_status_change(Some(&current.resource), &patched)?;
+        ensure_links_checked(
+            Some(&current.resource),
+            &patched,
+            &checked,
+            &task_id,
+            &base_url,
+        )?;
+        Ok(Decision::Put(patched))
+    });
+    let outcome = state
+        .store
+        .write(WriteRequest::Change { id, decide })
+        .await?;
+    written_response(&state, outcome, prefer)
+}
+
+/// Applies a patch to a stored Task within the limits (`fhir::patch::apply_patch`) and checks
+/// that the result is a Task Baton may store under the same id.
+fn patched_task(
+    current: &CurrentTask,
+    patch: &json_patch::Patch,
+    limits: ShapeLimits,
+    base_url: &str,
+) -> Result<Value> {
+    let what = format!("Task/{}", current.id);
+    let mut patched = fhir::patch::apply_patch(&current.resource, patch, limits, &what)?;
+    if patched.get("id").and_then(Value::as_str) != Some(current.id.as_str()) {
+        return Err(Error::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            IssueCode::Processing,
+            "a patch may not change or remove the Task's id",
+        ));
+    }
+    task_rules::validate_task(&patched, base_url)?;
+    clear_server_meta(&mut patched);
+    Ok(patched)
+}
+
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    check_id(&id)?;
+    let if_match = parse_if_match(&headers)?;
+    let base_url = state.base_url.clone();
+    let task_id = id.clone();
+    let decide = Box::new(move |current: Option<&CurrentTask>| match current {
+        None => Err(Error::not_found(format!("Task/{task_id} does not exist"))),
+        // Deleting again changes nothing and answers 204, as FHIR allows, but only to whoever
+        // could have deleted it: anyone else learns no more than a live Task would tell them.
+        Some(c) if c.deleted => {
+            auth::authorize_task_delete(&principal, &c.resource, &base_url)?;
+            Ok(Decision::Keep)
+        }
+        Some(c) => {
+            check_version(if_match, Some(c))?;
+            auth::authorize_task_delete(&principal, &c.resource, &base_url)?;
+            Ok(Decision::Delete)
+        }
+    });
+    let outcome = state
+        .store
+        .write(WriteRequest::Change { id, decide })
+        .await?;
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    if let WriteOutcome::Written(version) = outcome {
+        record_write(Interaction::Delete);
+        set_etag(response.headers_mut(), version.version);
+    }
+    Ok(response)
+}
+
+fn written_response(state: &AppState, outcome: WriteOutcome, prefer: Prefer) -> Result<Response> {
+    match outcome {
+        WriteOutcome::Written(version) => {
+            record_write(version.interaction);
+            let status = if version.interaction == Interaction::Create {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(version_response(
+                state,
+                status,
+                &version,
+                prefer,
+                status == StatusCode::CREATED,
+            ))
+        }
+        _ => Err(Error::internal(
+            "an update wrote nothing",
+            "unexpected outcome",
+        )),
+    }
+}
+
+/// What a stored Task may not exceed: the body-size limit as compact JSON, and
+/// `shape::MAX_DEPTH` levels of nesting, so that every stored Task can be read back.
+fn stored_limits(state: &AppState) -> ShapeLimits {
+    ShapeLimits::stored(state.config.max_body_bytes)
+}
+
+fn record_write(interaction: Interaction) {
+    metrics::counter!("baton_task_writes_total", "interaction" => interaction.as_str())
+        .increment(1);
+}
+
+fn require_live<'a>(current: Option<&'a CurrentTask>, id: &str) -> Result<&'a CurrentTask> {
+    match current {
+        None => Err(Error::not_found(format!("Task/{id} does not exist"))),
+        Some(c) if c.deleted => Err(Error::gone(format!("Task/{id} has been deleted"))),
+        Some(c) => Ok(c),
+    }
+}
+
+/// The If-Match check: a stale version is a 412 that names the current one.
+fn check_version(expected: Option<i64>, current: Option<&CurrentTask>) -> Result<()> {
+    match (expected, current) {
+        (None, _) => Ok(()),
+        (Some(v), Some(c)) if c.version == v => Ok(()),
+        (Some(v), Some(c)) => Err(Error::precondition_failed(format!(
+            "If-Match names version {v} but Task/{} is at version {}; read it again and retry",
+            c.id, c.version
+        ))),
+        (Some(_), None) => Err(Error::precondition_failed(
+            "If-Match was given but the Task does not exist",
+        )),
+    }
+}
+
+fn check_status_change(before: Option<&Value>, after: &Value) -> Result<()> {
+    let next = task_rules::status(after).unwrap_or_default();
+    task_rules::check_transition(before.and_then(task_rules::status), next)
+}
+
+/// Removes `meta.versionId` and `meta.lastUpdated`, which only the server sets.
+fn clear_server_meta(resource: &mut Value) {
+    if let Some(meta) = resource.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+        if meta.is_empty() {
+            resource.as_object_mut().map(|o| o.remove("meta"));
+        }
+    }
+}
+
+pub(super) fn check_id(id: &str) -> Result<()> {
+    if fhir::is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(Error::bad_request(
+            IssueCode::Invalid,
+            format!("'{id}' is not a valid FHIR id ({})", fhir::ID_RULE),
+        ))
+    }
+}
+
+/// Parses `If-Match: W/"3"` (also `"3"` and `3`).
+pub(crate) fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    let bare = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    bare.parse::<i64>().map(Some).map_err(|_| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("If-Match '{text}' must be an ETag such as W/\"3\""),
+        )
+    })
+}
