@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use super::Hub;
+use super::{Hub, TopicNames, find_topic};
 use crate::auth::Principal;
 use crate::error::error_chain;
 use crate::fhir::notification::SubscriptionStatus;
@@ -17,8 +17,6 @@ use crate::fhir::subscription::SubscriptionSpec;
 use crate::matcher::Candidate;
 use crate::matcher::topic::Topic;
 use crate::store::{Store, StoredSubscription};
-
-use super::{TopicNames, find_topic};
 
 /// Why the hub looks at a subscription, which decides how far putting it in force or
 /// withdrawing it reaches on this node.
