@@ -10,6 +10,7 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod fhir;
+pub mod hub;
 pub mod matcher;
 pub mod outbox;
 pub mod overdue;
@@ -29,13 +30,13 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use error::{Error, Result};
 
-use crate::api::subscription::Hub;
 use crate::api::{AppState, Shared};
 use crate::auth::Authenticator;
 use crate::channels::rest_hook::RestHook;
 use crate::config::DatabaseUrl;
 use crate::delivery::Deliverer;
 use crate::fhir::search::SearchLimits;
+use crate::hub::{Hub, Occasion};
 use crate::matcher::topic;
 use crate::signals::Signals;
 use crate::signals::redis::{RedisSetup, RedisSignals};
@@ -119,17 +120,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let tasks = tokio_util::task::TaskTracker::new();
     let pipeline_stop = CancellationToken::new();
 
-    let parse_topics = topics.clone();
-    let parse_policy = api::subscription::channel_policy(&config);
-    let parse_limits = search_limits;
-    let parse_base = base_url.clone();
-    let parse: delivery::ParseSubscription = Arc::new(move |resource, purpose| {
-        let policy = match purpose {
-            delivery::Purpose::Matching => fhir::subscription::ChannelPolicy::ANY_CHANNEL,
-            delivery::Purpose::Delivery => parse_policy,
-        };
-        api::subscription::parse_with(&parse_topics, &policy, &parse_limits, &parse_base, resource)
-    });
     let registry = Arc::new(channels::websocket::Registry::default());
     // Signals: in-process for one node; Redis when the nodes of a cluster must hear each other.
     let (notices, remote_changes) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -172,40 +162,54 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         ),
         None => None,
     };
+    // The hub holds the scheduler's inbox; the scheduler consumes what is sent to it.
+    let (inbox, commands) = hub::inbox();
+    let hub = Arc::new(Hub {
+        topics,
+        policy: hub::channel_policy(&config),
+        search_limits,
+        base_url: base_url.clone(),
+        index: Default::default(),
+        specs: Default::default(),
+        delivery: inbox,
+        rest_hook: rest_hook.clone(),
+        amqp: amqp.clone(),
+        sockets: registry.clone(),
+        node: node.clone(),
+        matching: Default::default(),
+    });
     let deliverer = Arc::new(Deliverer {
         store: store.clone(),
-        rest_hook: rest_hook.clone(),
+        rest_hook,
         amqp: amqp.clone(),
         signals: signals.clone(),
         base_url: base_url.clone(),
         config: config.delivery.clone(),
-        parse: parse.clone(),
+        hub: hub.clone(),
         node: node.clone(),
         lease: Duration::from_secs(config.cluster.lease_seconds),
         scan_every: Duration::from_secs(config.cluster.scan_seconds),
     });
-    let delivery = delivery::start(deliverer, health.clone(), &tasks, pipeline_stop.clone());
+    delivery::start(
+        deliverer,
+        commands,
+        health.clone(),
+        &tasks,
+        pipeline_stop.clone(),
+    );
 
     let state = AppState {
         inner: Arc::new(Shared {
-            hub: Hub {
-                topics: topics.clone(),
-                index: Default::default(),
-                delivery: delivery.clone(),
-                rest_hook,
-                amqp: amqp.clone(),
-                websockets: Arc::new(api::websocket::WebSocketHub {
-                    registry,
-                    signals,
-                    store: store.clone(),
-                    base_url: base_url.clone(),
-                    config: config.websocket.clone(),
-                    shutdown: shutdown.clone(),
-                    bind_timeout: Duration::from_secs(config.limits.websocket_bind_timeout_seconds),
-                }),
-                matching: Default::default(),
-                node: node.clone(),
-            },
+            hub: hub.clone(),
+            websockets: Arc::new(api::websocket::WebSocketHub {
+                registry,
+                signals,
+                store: store.clone(),
+                base_url: base_url.clone(),
+                config: config.websocket.clone(),
+                shutdown: shutdown.clone(),
+                bind_timeout: Duration::from_secs(config.limits.websocket_bind_timeout_seconds),
+            }),
             search_limits,
             rate_limit: api::rate_limit::RequestLimiter::new(&config.limits),
             searches: api::admission::Admission::new(
@@ -224,30 +228,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
     // Every live subscription goes back into the matcher index before the first change is read;
     // the generation is read first, so the outbox catches up on anything written meanwhile.
-    // One the hub can no longer deliver (a stricter endpoint policy, no AMQP broker, a topic
-    // gone) is handed to the scheduler, whose attempt records why in its status (`error`, or
-    // `off` when it can never match again) instead of leaving it `active` and silent.
+    // One the hub can no longer deliver is handed to the scheduler (`Occasion::StartUp`).
     let generation = store.subscription_generation().await?;
     for stored in store.live_subscriptions().await? {
-        if let Ok(spec) = api::subscription::parse_for_matching(&state, &stored.resource) {
-            api::subscription::index_only(&state, &stored, &spec);
-        }
-        if let Err(e) = api::subscription::parse_spec(&state, &stored.resource) {
-            tracing::warn!(subscription.id = %stored.id, error = %error::error_chain(&e), "a stored subscription cannot be delivered with this configuration; its status will say why");
-            state.hub.delivery.wake(&stored.id);
-        }
+        hub.put_in_force(&stored, Occasion::StartUp);
     }
     let outbox = outbox::Outbox {
         store: store.clone(),
-        topics,
-        index: state.hub.index.clone(),
-        delivery,
-        base_url: base_url.clone(),
-        parse,
+        hub: hub.clone(),
         node: node.clone(),
         lease: Duration::from_secs(state.config.cluster.lease_seconds),
         generation,
-        matching: state.hub.matching.clone(),
     };
     let outbox_wake = matcher_wake.clone();
     let outbox_stop = pipeline_stop.clone();
@@ -260,7 +251,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     );
     // Subscriptions written on other nodes (a cluster signals them through Redis): this
     // node's scheduler, sockets and index follow.
-    let remote_state = state.clone();
+    let remote_hub = hub.clone();
+    let remote_store = store.clone();
     let remote_stop = pipeline_stop.clone();
     let remote_changes = Arc::new(tokio::sync::Mutex::new(remote_changes));
     let follow_remote = state.config.redis_url.is_some();
@@ -271,7 +263,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             "subscription-changes",
             pipeline_stop.clone(),
             move || {
-                let state = remote_state.clone();
+                let hub = remote_hub.clone();
+                let store = remote_store.clone();
                 let stop = remote_stop.clone();
                 let changes = remote_changes.clone();
                 let wake = matcher_wake.clone();
@@ -285,7 +278,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                             },
                             () = stop.cancelled() => return,
                         };
-                        api::subscription::apply_remote_change(&state, &id).await;
+                        hub.apply_remote_change(store.as_ref(), &id).await;
                         wake.notify_one();
                     }
                 }

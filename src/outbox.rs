@@ -10,23 +10,20 @@
 //! node is in force for every change committed after it, whether or not its Redis notice came.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::subscription::candidate;
-use crate::delivery::{DeliveryHandle, ParseSubscription, Purpose};
 use crate::error::{Result, error_chain};
 use crate::fhir::interaction::Interaction;
-use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::index_task;
-use crate::matcher::topic::Topic;
-use crate::matcher::{Change, Side, SubscriptionIndex};
-use crate::store::{ChangeEvent, MatchBatch, MatchRow, Store, StoredSubscription};
+use crate::hub::{Hub, Occasion};
+use crate::matcher::{Change, Side};
+use crate::store::{ChangeEvent, MatchBatch, MatchRow, Store};
 
 /// The cursor name of the matcher in `outbox_cursor`.
 pub const MATCHER: &str = "matcher";
@@ -40,19 +37,14 @@ const POLL: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Outbox {
     pub store: Arc<dyn Store>,
-    pub topics: Arc<Vec<Topic>>,
-    pub index: Arc<RwLock<SubscriptionIndex>>,
-    pub delivery: DeliveryHandle,
-    pub base_url: String,
-    pub parse: ParseSubscription,
+    /// The hub: the subscription index matched against, and the scheduler's inbox.
+    pub hub: Arc<Hub>,
     /// This node's name in the matcher lease.
     pub node: String,
     /// How long the lease outlives a node that stops renewing it.
     pub lease: Duration,
     /// The subscription generation the index was loaded at.
     pub generation: i64,
-    /// Whether this node holds the matcher lease now (shown by `/readyz`).
-    pub matching: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Outbox {
@@ -93,13 +85,13 @@ impl Outbox {
                             tracing::info!(cursor, node = %self.node, "this node now matches changes");
                         }
                         leading = Some(std::time::Instant::now());
-                        self.matching.store(true, Ordering::Relaxed);
+                        self.hub.matching.store(true, Ordering::Relaxed);
                     }
                     Ok(false) => {
                         if leading.take().is_some() {
                             tracing::warn!(node = %self.node, "the matcher lease passed to another node");
                         }
-                        self.matching.store(false, Ordering::Relaxed);
+                        self.hub.matching.store(false, Ordering::Relaxed);
                         if !idle(&shutdown).await {
                             break;
                         }
@@ -108,7 +100,7 @@ impl Outbox {
                     Err(e) => {
                         tracing::error!(error = %error_chain(&e), "renewing the matcher lease failed");
                         leading = None;
-                        self.matching.store(false, Ordering::Relaxed);
+                        self.hub.matching.store(false, Ordering::Relaxed);
                         if !idle(&shutdown).await {
                             break;
                         }
@@ -153,7 +145,7 @@ impl Outbox {
                 }
             }
         }
-        self.matching.store(false, Ordering::Relaxed);
+        self.hub.matching.store(false, Ordering::Relaxed);
         if leading.is_some() {
             // Hand over at once rather than after the lease runs out.
             let _ = self.store.release_lease(MATCHER, &self.node).await;
@@ -170,15 +162,11 @@ impl Outbox {
             .store
             .subscription_changes_since(self.generation)
             .await?;
-        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
         for id in &changes.deleted {
-            index.remove(id);
+            self.hub.withdraw(id, Occasion::CatchUp);
         }
         for stored in &changes.changed {
-            match self.indexable(stored) {
-                Some(candidate) => index.insert(candidate),
-                None => index.remove(&stored.id),
-            }
+            self.hub.put_in_force(stored, Occasion::CatchUp);
         }
         tracing::debug!(
             from = self.generation,
@@ -189,14 +177,6 @@ impl Outbox {
         );
         self.generation = changes.generation;
         Ok(())
-    }
-
-    fn indexable(&self, stored: &StoredSubscription) -> Option<crate::matcher::Candidate> {
-        if stored.status == SubscriptionStatus::Off {
-            return None;
-        }
-        let spec = (self.parse)(&stored.resource, Purpose::Matching).ok()?;
-        candidate(&self.topics, stored, &spec)
     }
 
     /// Matches a batch of changes and records the result; returns the new cursor and whether
@@ -226,7 +206,7 @@ impl Outbox {
 
         let mut rows = Vec::new();
         {
-            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let index = self.hub.index.read().unwrap_or_else(|e| e.into_inner());
             for change in changes.iter().filter(|c| c.resource_type == "Task") {
                 let current = versions.get(&(change.resource_id.clone(), change.version));
                 let previous = change
@@ -243,8 +223,8 @@ impl Outbox {
                     tracing::error!(change.seq = change.seq, task.id = %change.resource_id, task.version = change.version, "a change refers to a Task version that cannot be read; it is not matched");
                     continue;
                 }
-                let current_index = current.map(|r| index_task(r, &self.base_url));
-                let previous_index = previous.map(|r| index_task(r, &self.base_url));
+                let current_index = current.map(|r| index_task(r, &self.hub.base_url));
+                let previous_index = previous.map(|r| index_task(r, &self.hub.base_url));
                 let view = Change {
                     seq: change.seq,
                     interaction: change.interaction,
@@ -255,7 +235,7 @@ impl Outbox {
                         .zip(current_index.as_ref())
                         .map(|(resource, index)| Side { resource, index }),
                 };
-                for candidate in index.match_change(&self.topics, &view, &self.base_url) {
+                for candidate in index.match_change(&self.hub.topics, &view, &self.hub.base_url) {
                     rows.push(MatchRow {
                         subscription_id: candidate.id.clone(),
                         change_seq: change.seq,
@@ -284,7 +264,7 @@ impl Outbox {
             .await?;
         let woken: BTreeSet<String> = numbered.into_iter().map(|(id, _)| id).collect();
         for id in woken {
-            self.delivery.wake(&id);
+            self.hub.delivery.wake(&id);
         }
         metrics::counter!("baton_changes_matched_total").increment(changes.len() as u64);
         metrics::counter!("baton_events_total").increment(matched as u64);

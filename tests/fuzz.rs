@@ -1551,7 +1551,7 @@ proptest! {
         subscription in mutated_subscription(),
         variant in 0u8..4,
     ) {
-        let parsed = baton::api::subscription::parse_with(
+        let parsed = baton::hub::parse_with(
             &TOPICS,
             &hub_policy(variant),
             &limits(),

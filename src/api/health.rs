@@ -42,7 +42,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     });
     // Redis being down costs latency, not data (nodes poll the store, websocket listeners
     // catch up with $events): ready, and degraded.
-    let redis = state.hub.websockets.signals.redis_state();
+    let redis = state.websockets.signals.redis_state();
     // Every long-running task by name: a vital one that died makes the node unready (it is
     // stopping); one being restarted after a failure degrades it.
     let tasks = state.health.snapshot();

@@ -37,7 +37,10 @@ pub struct AppState {
 }
 
 pub struct Shared {
-    pub hub: subscription::Hub,
+    /// The subscription hub, shared with the outbox and delivery.
+    pub hub: Arc<crate::hub::Hub>,
+    /// What a websocket session needs: binding tokens, the socket registry, the deadlines.
+    pub websockets: Arc<websocket::WebSocketHub>,
     pub config: Config,
     /// The FHIR base URL, e.g. `http://127.0.0.1:8080/fhir`.
     pub base_url: String,

@@ -1,8 +1,7 @@
 //! `Subscription` (R4 + Subscriptions Backport IG): create, read, update, delete, search, and
-//! the `$status` and `$events` operations; plus the hub state they share with the pipeline.
-
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+//! the `$status`, `$events` and `$get-ws-binding-token` operations. What a subscription means
+//! to the node once it is written (parsing with the hub's topics, putting it in force) is the
+//! hub's (`crate::hub`).
 
 use axum::Router;
 use axum::body::Body;
@@ -12,12 +11,9 @@ use axum::response::Response;
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use super::websocket::WebSocketHub;
 use super::{AppState, BodyKind, fhir_json, parse_json, read_body};
 use crate::auth::{Principal, Role};
-use crate::channels::rest_hook::RestHook;
 use crate::channels::websocket::{Grant, binding_parameters, websocket_url};
-use crate::delivery::DeliveryHandle;
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir;
 use crate::fhir::datetime::format_instant;
@@ -25,27 +21,8 @@ use crate::fhir::notification::{
     ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
     status_search_bundle,
 };
-use crate::fhir::subscription::{
-    ChannelPolicy, ChannelSpec, SubscriptionSpec, TopicFilters, parse_subscription,
-};
-use crate::matcher::topic::Topic;
-use crate::matcher::{Candidate, SubscriptionIndex};
+use crate::hub::{Occasion, live_quota, record_for};
 use crate::store::{StoredSubscription, SubscriptionQuery, SubscriptionRecord};
-
-/// The subscription side of the shared state.
-pub struct Hub {
-    pub topics: Arc<Vec<Topic>>,
-    pub index: Arc<RwLock<SubscriptionIndex>>,
-    pub delivery: DeliveryHandle,
-    pub rest_hook: RestHook,
-    /// The AMQP publisher, when `BATON_AMQP_URL` is set.
-    pub amqp: Option<crate::channels::amqp::AmqpPublisher>,
-    pub websockets: Arc<WebSocketHub>,
-    /// Whether this node holds the matcher lease.
-    pub matching: Arc<std::sync::atomic::AtomicBool>,
-    /// This node's name in leases and claims.
-    pub node: String,
-}
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -67,280 +44,6 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-/// Which URLs name a topic of this hub in a subscription's `criteria`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TopicNames<'b> {
-    /// What a client sends: the topic's canonical URL, or `{base}/SubscriptionTopic/<id>` on
-    /// this server's own base. A URL on another server's base names that server's topic,
-    /// which this hub does not have.
-    OwnBase(&'b str),
-    /// A subscription already stored, which was held to `OwnBase` when it was written: the
-    /// canonical URL, or any URL ending in `/SubscriptionTopic/<id>`. The nodes of a cluster
-    /// may each have their own public URL (`deploy/cluster.sh` runs them so), and a
-    /// subscription written through one node must run on all of them.
-    Stored,
-}
-
-/// Finds a topic by a URL from a subscription's `criteria`.
-pub fn find_topic<'a>(
-    topics: &'a [Topic],
-    url: &str,
-    names: TopicNames<'_>,
-) -> Option<(usize, &'a Topic)> {
-    if let Some(found) = topics.iter().enumerate().find(|(_, t)| t.url == url) {
-        return Some(found);
-    }
-    let id = match names {
-        TopicNames::OwnBase(base_url) => url
-            .strip_prefix(base_url.trim_end_matches('/'))?
-            .strip_prefix("/SubscriptionTopic/")?,
-        TopicNames::Stored => url.rsplit_once("/SubscriptionTopic/")?.1,
-    };
-    topics.iter().enumerate().find(|(_, t)| t.id == id)
-}
-
-/// Parses a Subscription a client sent, with this hub's topics and policies; its topic must
-/// be named by canonical URL or on this server's base.
-pub fn parse_request(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
-    parse_named(
-        &state.hub.topics,
-        &channel_policy(&state.config),
-        &state.search_limits,
-        &state.base_url,
-        resource,
-        TopicNames::OwnBase(&state.base_url),
-    )
-    .map_err(|e| name_the_topics(e, &state.hub.topics, &state.base_url))
-}
-
-/// A refusal of `criteria` says which topics there are, so the client can pick one.
-fn name_the_topics(error: Error, topics: &[Topic], base_url: &str) -> Error {
-    let Error::Client(mut client) = error else {
-        return error;
-    };
-    if client.expression.as_deref() == Some("Subscription.criteria") {
-        let urls: Vec<&str> = topics.iter().map(|t| t.url.as_str()).collect();
-        client.diagnostics.push_str(&format!(
-            ". This hub's topics are: {}; a topic may also be named \
-             {base_url}/SubscriptionTopic/<id>",
-            urls.join(", ")
-        ));
-    }
-    Error::Client(client)
-}
-
-/// Parses a stored Subscription resource with this hub's topics and policies.
-pub fn parse_spec(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
-    parse_with(
-        &state.hub.topics,
-        &channel_policy(&state.config),
-        &state.search_limits,
-        &state.base_url,
-        resource,
-    )
-}
-
-/// The channels this hub's configuration can deliver to.
-pub fn channel_policy(config: &crate::config::Config) -> ChannelPolicy {
-    ChannelPolicy {
-        allow_http_endpoints: config.allow_http_endpoints,
-        amqp_configured: config.amqp_url.is_some(),
-    }
-}
-
-/// Parses a stored subscription for matching only: its topic and filters must still be
-/// understood, while its channel may be one the current configuration cannot serve (such a
-/// subscription keeps counting its events, in `error`, until the configuration serves it).
-pub fn parse_for_matching(state: &AppState, resource: &Value) -> Result<SubscriptionSpec> {
-    parse_with(
-        &state.hub.topics,
-        &ChannelPolicy::ANY_CHANNEL,
-        &state.search_limits,
-        &state.base_url,
-        resource,
-    )
-}
-
-/// The same, from the parts (the delivery worker uses it without an `AppState`).
-pub fn parse_with(
-    topics: &[Topic],
-    policy: &ChannelPolicy,
-    limits: &crate::fhir::search::SearchLimits,
-    base_url: &str,
-    resource: &Value,
-) -> Result<SubscriptionSpec> {
-    parse_named(
-        topics,
-        policy,
-        limits,
-        base_url,
-        resource,
-        TopicNames::Stored,
-    )
-}
-
-fn parse_named(
-    topics: &[Topic],
-    policy: &ChannelPolicy,
-    limits: &crate::fhir::search::SearchLimits,
-    base_url: &str,
-    resource: &Value,
-    names: TopicNames<'_>,
-) -> Result<SubscriptionSpec> {
-    let lookup = |url: &str| {
-        find_topic(topics, url, names).map(|(_, t)| TopicFilters {
-            url: t.url.clone(),
-            id: t.id.clone(),
-            params: t
-                .filters
-                .iter()
-                .map(|f| (f.param.clone(), f.modifiers.clone()))
-                .collect(),
-        })
-    };
-    parse_subscription(resource, &lookup, policy, limits, base_url)
-}
-
-/// What the matcher index holds for a subscription; None if its topic is gone or its
-/// author unreadable.
-pub fn candidate(
-    topics: &[Topic],
-    stored: &StoredSubscription,
-    spec: &SubscriptionSpec,
-) -> Option<Candidate> {
-    let (topic, _) = find_topic(topics, &spec.topic_url, TopicNames::Stored)?;
-    let author = serde_json::from_value::<Principal>(stored.author.clone()).ok()?;
-    Some(Candidate {
-        id: stored.id.clone(),
-        topic,
-        filters: spec.filters.clone(),
-        author,
-        created_after_seq: stored.created_after_seq,
-    })
-}
-
-/// Puts a subscription into the matcher index only (start-up: the scheduler loads its own work).
-pub fn index_only(state: &AppState, stored: &StoredSubscription, spec: &SubscriptionSpec) {
-    if let Some(candidate) = candidate(&state.hub.topics, stored, spec) {
-        state
-            .hub
-            .index
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(candidate);
-    }
-}
-
-/// Applies a subscription written on another node to this node's index, scheduler and
-/// sockets, as if it had been written here.
-pub async fn apply_remote_change(state: &AppState, id: &str) {
-    match state.store.read_subscription(id).await {
-        Ok(Some(stored)) => match parse_for_matching(state, &stored.resource) {
-            Ok(spec) => activate(state, &stored, &spec),
-            Err(_) => deactivate(state, id),
-        },
-        Ok(None) => deactivate(state, id),
-        Err(e) => {
-            tracing::warn!(subscription.id = %id, error = %crate::error::error_chain(&e), "reading a subscription changed on another node failed")
-        }
-    }
-}
-
-/// Puts an active subscription into the matcher index and the scheduler.
-pub fn activate(state: &AppState, stored: &StoredSubscription, spec: &SubscriptionSpec) {
-    if stored.status == SubscriptionStatus::Off {
-        deactivate(state, &stored.id);
-        return;
-    }
-    index_only(state, stored, spec);
-    state.hub.delivery.set_heartbeat(
-        &stored.id,
-        spec.heartbeat_period.map(|p| Duration::from_secs(p.into())),
-    );
-    // A new or replaced subscription is tried at once: a back-off of its previous version
-    // (a failing endpoint that was just corrected) does not apply to this one.
-    state.hub.delivery.changed(&stored.id);
-}
-
-fn deactivate(state: &AppState, id: &str) {
-    state
-        .hub
-        .index
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(id);
-    state.hub.delivery.forget(id);
-    state.hub.websockets.registry.unbind_subscription(id);
-}
-
-fn channel_type(spec: &SubscriptionSpec) -> &'static str {
-    match spec.channel {
-        ChannelSpec::RestHook { .. } => "rest-hook",
-        ChannelSpec::WebSocket => "websocket",
-        ChannelSpec::Message { .. } => "message",
-    }
-}
-
-/// Checks what this version of the hub can deliver, and the endpoint policy.
-async fn check_deliverable(state: &AppState, spec: &SubscriptionSpec) -> Result<()> {
-    match &spec.channel {
-        ChannelSpec::RestHook { endpoint, .. } => state
-            .hub
-            .rest_hook
-            .check_endpoint(endpoint)
-            .await
-            .map_err(|why| Error::invalid("Subscription.channel.endpoint", why)),
-        ChannelSpec::WebSocket => Ok(()),
-        ChannelSpec::Message { endpoint } => match &state.hub.amqp {
-            Some(amqp) => amqp
-                .check_endpoint(endpoint)
-                .map_err(|why| Error::invalid("Subscription.channel.endpoint", why)),
-            None => Err(Error::not_supported(
-                "the message (AMQP) channel is not configured on this hub",
-            )
-            .at("Subscription.channel.type")),
-        },
-    }
-}
-
-/// The most live subscriptions an author with this role may hold, given
-/// `limits.subscriptions_per_author`: admins (placer systems, integration engines) have no
-/// quota, nor does anyone when the limit is 0.
-fn live_quota(limit: usize, role: Role) -> Option<usize> {
-    (role != Role::Admin && limit > 0).then_some(limit)
-}
-
-fn record_for(
-    spec: &SubscriptionSpec,
-    resource: Value,
-    author: &Principal,
-    live_quota: Option<usize>,
-) -> SubscriptionRecord {
-    let off = spec.requested_status == SubscriptionStatus::Off;
-    // rest-hook and message subscriptions start `requested` and become `active` after the
-    // handshake; a websocket subscription is active at once and handshakes on each bind.
-    let websocket = matches!(spec.channel, ChannelSpec::WebSocket);
-    let status = match (off, websocket) {
-        (true, _) => SubscriptionStatus::Off,
-        (false, true) => SubscriptionStatus::Active,
-        (false, false) => SubscriptionStatus::Requested,
-    };
-    SubscriptionRecord {
-        resource,
-        status,
-        topic_url: spec.topic_url.clone(),
-        channel_type: channel_type(spec).to_string(),
-        endpoint: match &spec.channel {
-            ChannelSpec::RestHook { endpoint, .. } => Some(endpoint.clone()),
-            _ => None,
-        },
-        author: serde_json::to_value(author).unwrap_or(Value::Null),
-        owner: author.identity(),
-        handshake_pending: !off && !websocket,
-        live_quota,
-    }
-}
-
 async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -349,8 +52,8 @@ async fn create(
 ) -> Result<Response> {
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let mut resource = parse_json(&bytes)?;
-    let spec = parse_request(&state, &resource)?;
-    check_deliverable(&state, &spec).await?;
+    let spec = state.hub.parse_request(&resource)?;
+    state.hub.check_deliverable(&spec).await?;
     if let Some(object) = resource.as_object_mut() {
         object.remove("id");
         object.remove("error");
@@ -364,12 +67,8 @@ async fn create(
             live_quota(state.config.limits.subscriptions_per_author, principal.role),
         ))
         .await?;
-    activate(&state, &stored, &spec);
-    state
-        .hub
-        .websockets
-        .signals
-        .subscription_changed(&stored.id);
+    state.hub.put_in_force(&stored, Occasion::Written);
+    state.websockets.signals.subscription_changed(&stored.id);
     tracing::info!(subscription.id = %stored.id, topic = %stored.topic_url, channel = %stored.channel_type, "subscription created");
     Ok(respond(&state, &principal, &stored, StatusCode::CREATED))
 }
@@ -399,8 +98,8 @@ async fn update(
             format!("the body's id must be '{id}', as in the URL"),
         ));
     }
-    let spec = parse_request(&state, &resource)?;
-    check_deliverable(&state, &spec).await?;
+    let spec = state.hub.parse_request(&resource)?;
+    state.hub.check_deliverable(&spec).await?;
     if let Some(object) = resource.as_object_mut() {
         object.remove("error");
     }
@@ -433,12 +132,8 @@ async fn update(
         })
     });
     let stored = state.store.replace_subscription(&id, decide).await?;
-    activate(&state, &stored, &spec);
-    state
-        .hub
-        .websockets
-        .signals
-        .subscription_changed(&stored.id);
+    state.hub.put_in_force(&stored, Occasion::Written);
+    state.websockets.signals.subscription_changed(&stored.id);
     Ok(respond(&state, &principal, &stored, StatusCode::OK))
 }
 
@@ -449,8 +144,8 @@ async fn delete(
 ) -> Result<Response> {
     visible(&state, &principal, &id).await?;
     state.store.delete_subscription(&id).await?;
-    deactivate(&state, &id);
-    state.hub.websockets.signals.subscription_changed(&id);
+    state.hub.withdraw(&id, Occasion::Written);
+    state.websockets.signals.subscription_changed(&id);
     tracing::info!(subscription.id = %id, "subscription deleted");
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
@@ -709,7 +404,7 @@ async fn events(
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
     let stored = visible(&state, &principal, &id).await?;
-    let spec = parse_spec(&state, &stored.resource)?;
+    let spec = state.hub.spec_for_delivery(&stored)?;
     let pairs = super::query_pairs(query.as_deref())?;
     let mut since = 1i64;
     let mut until = stored.events_since_start;
@@ -776,7 +471,6 @@ async fn issue_binding_token(
     let expires_at = time::OffsetDateTime::now_utc()
         + time::Duration::seconds(state.config.websocket.token_ttl_seconds as i64);
     let token = state
-        .hub
         .websockets
         .signals
         .issue_token(Grant {

@@ -57,7 +57,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn upgrade(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    let hub = state.hub.websockets.clone();
+    let hub = state.websockets.clone();
     upgrade
         .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_INCOMING)

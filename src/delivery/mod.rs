@@ -41,61 +41,12 @@ use crate::fhir::notification::{
     notification_bundle,
 };
 use crate::fhir::subscription::{ChannelSpec, SubscriptionSpec};
+use crate::hub::{Command, Commands, Hub};
 use crate::signals::Signals;
 use crate::store::{DeliveryReport, EventRecord, Store, StoredSubscription};
 use crate::supervise::{self, Health};
 use retry::{AfterFailure, RetryPolicy, after_failure};
 use tokio_util::task::TaskTracker;
-
-/// Asks the scheduler to look at a subscription.
-#[derive(Clone)]
-pub struct DeliveryHandle {
-    commands: mpsc::UnboundedSender<Command>,
-}
-
-enum Command {
-    /// New events or a handshake owed: try now, unless a retry is pending.
-    Wake(String),
-    /// The subscription was created or replaced: a pending back-off belonged to the old
-    /// version, so try now whatever it said.
-    Changed(String),
-    /// Start or stop heartbeats at this period.
-    Heartbeat(String, Option<Duration>),
-    /// The subscription is gone or off: drop every timer.
-    Forget(String),
-}
-
-impl DeliveryHandle {
-    pub fn wake(&self, id: &str) {
-        let _ = self.commands.send(Command::Wake(id.to_string()));
-    }
-
-    pub fn changed(&self, id: &str) {
-        let _ = self.commands.send(Command::Changed(id.to_string()));
-    }
-
-    pub fn set_heartbeat(&self, id: &str, period: Option<Duration>) {
-        let _ = self
-            .commands
-            .send(Command::Heartbeat(id.to_string(), period));
-    }
-
-    pub fn forget(&self, id: &str) {
-        let _ = self.commands.send(Command::Forget(id.to_string()));
-    }
-}
-
-/// Re-reads a stored Subscription resource into its settings, checked for `Purpose`.
-pub type ParseSubscription = Arc<dyn Fn(&Value, Purpose) -> Result<SubscriptionSpec> + Send + Sync>;
-
-/// What a stored subscription is parsed for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purpose {
-    /// Its topic and filters: any channel the hub knows is accepted.
-    Matching,
-    /// Sending to it: the channel must be one this hub's configuration can serve.
-    Delivery,
-}
 
 /// Everything an attempt needs.
 pub struct Deliverer {
@@ -107,7 +58,8 @@ pub struct Deliverer {
     pub signals: Arc<dyn Signals>,
     pub base_url: String,
     pub config: DeliveryConfig,
-    pub parse: ParseSubscription,
+    /// The hub: each subscription's settings, parsed once per version.
+    pub hub: Arc<Hub>,
     /// This node's name in delivery claims.
     pub node: String,
     /// How long a claim outlives a node that dies, on top of the attempt's timeout.
@@ -146,16 +98,17 @@ enum TimerKind {
     Heartbeat,
 }
 
-/// Starts the scheduler under supervision: each incarnation (the first, and any after a
-/// panic) picks up the work waiting in the store, so nothing is owed to memory alone.
+/// Starts the scheduler under supervision, taking its commands from the hub's inbox: each
+/// incarnation (the first, and any after a panic) picks up the work waiting in the store, so
+/// nothing is owed to memory alone.
 pub fn start(
     deliverer: Arc<Deliverer>,
+    commands: Commands,
     health: Arc<Health>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
-) -> DeliveryHandle {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let commands = Arc::new(tokio::sync::Mutex::new(rx));
+) {
+    let commands = Arc::new(tokio::sync::Mutex::new(commands));
     let stop = shutdown.clone();
     supervise::restartable(tasks, health, "scheduler", shutdown, move || {
         let deliverer = deliverer.clone();
@@ -171,7 +124,6 @@ pub fn start(
             }
         }
     });
-    DeliveryHandle { commands: tx }
 }
 
 impl Scheduler {
@@ -182,7 +134,7 @@ impl Scheduler {
         let now_wall = time::OffsetDateTime::now_utc();
         let mut scheduler = Scheduler::new(deliverer.clone());
         for sub in &live {
-            let Ok(spec) = (deliverer.parse)(&sub.resource, Purpose::Matching) else {
+            let Ok(spec) = deliverer.hub.spec_for_matching(sub) else {
                 continue;
             };
             if let Some(period) = spec.heartbeat_period {
@@ -489,14 +441,14 @@ async fn claimed_attempt(
     if sub.status == SubscriptionStatus::Off {
         return Ok(Outcome::Gone);
     }
-    let spec = match (deliverer.parse)(&sub.resource, Purpose::Delivery) {
+    let spec = match deliverer.hub.spec_for_delivery(&sub) {
         Ok(spec) => spec,
         Err(e) => {
             let why = crate::error::error_chain(&e);
             // A channel this configuration cannot serve (plain http no longer allowed, no AMQP
             // broker): `error`, events still counted, until a configuration serves it again.
             // A topic or filter the hub no longer understands can never match: `off`.
-            let stopping = match (deliverer.parse)(&sub.resource, Purpose::Matching) {
+            let stopping = match deliverer.hub.spec_for_matching(&sub) {
                 Ok(_) => Stopping::Pause,
                 Err(_) => Stopping::TurnOff,
             };

@@ -1,0 +1,82 @@
+//! Accepting a client's Subscription: whether this hub can deliver to it, and the record the
+//! store keeps of it.
+
+use serde_json::Value;
+
+use super::Hub;
+use crate::auth::{Principal, Role};
+use crate::error::{Error, Result};
+use crate::fhir::notification::SubscriptionStatus;
+use crate::fhir::subscription::{ChannelSpec, SubscriptionSpec};
+use crate::store::SubscriptionRecord;
+
+impl Hub {
+    /// Checks what this version of the hub can deliver, and the endpoint policy.
+    pub async fn check_deliverable(&self, spec: &SubscriptionSpec) -> Result<()> {
+        match &spec.channel {
+            ChannelSpec::RestHook { endpoint, .. } => self
+                .rest_hook
+                .check_endpoint(endpoint)
+                .await
+                .map_err(|why| Error::invalid("Subscription.channel.endpoint", why)),
+            ChannelSpec::WebSocket => Ok(()),
+            ChannelSpec::Message { endpoint } => match &self.amqp {
+                Some(amqp) => amqp
+                    .check_endpoint(endpoint)
+                    .map_err(|why| Error::invalid("Subscription.channel.endpoint", why)),
+                None => Err(Error::not_supported(
+                    "the message (AMQP) channel is not configured on this hub",
+                )
+                .at("Subscription.channel.type")),
+            },
+        }
+    }
+}
+
+fn channel_type(spec: &SubscriptionSpec) -> &'static str {
+    match spec.channel {
+        ChannelSpec::RestHook { .. } => "rest-hook",
+        ChannelSpec::WebSocket => "websocket",
+        ChannelSpec::Message { .. } => "message",
+    }
+}
+
+/// The most live subscriptions an author with this role may hold, given
+/// `limits.subscriptions_per_author`: admins (placer systems, integration engines) have no
+/// quota, nor does anyone when the limit is 0.
+pub fn live_quota(limit: usize, role: Role) -> Option<usize> {
+    (role != Role::Admin && limit > 0).then_some(limit)
+}
+
+/// What the store keeps of a subscription a client sent: its status to start with, the
+/// columns searched and compared, and whether a handshake is owed.
+pub fn record_for(
+    spec: &SubscriptionSpec,
+    resource: Value,
+    author: &Principal,
+    live_quota: Option<usize>,
+) -> SubscriptionRecord {
+    let off = spec.requested_status == SubscriptionStatus::Off;
+    // rest-hook and message subscriptions start `requested` and become `active` after the
+    // handshake; a websocket subscription is active at once and handshakes on each bind.
+    let websocket = matches!(spec.channel, ChannelSpec::WebSocket);
+    let status = match (off, websocket) {
+        (true, _) => SubscriptionStatus::Off,
+        (false, true) => SubscriptionStatus::Active,
+        (false, false) => SubscriptionStatus::Requested,
+    };
+    SubscriptionRecord {
+        resource,
+        status,
+        topic_url: spec.topic_url.clone(),
+        channel_type: channel_type(spec).to_string(),
+        endpoint: match &spec.channel {
+            ChannelSpec::RestHook { endpoint, .. } => Some(endpoint.clone()),
+            _ => None,
+        },
+        author: serde_json::to_value(author).unwrap_or(Value::Null),
+        owner: author.identity(),
+        handshake_pending: !off && !websocket,
+        live_quota,
+    }
+}

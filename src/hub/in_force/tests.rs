@@ -1,0 +1,233 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::super::{Command, Commands, Hub, InForce, Occasion, inbox};
+use crate::auth::{Principal, Role};
+use crate::channels::rest_hook::RestHook;
+use crate::fhir::notification::SubscriptionStatus;
+use crate::fhir::search::SearchLimits;
+use crate::fhir::subscription::ChannelPolicy;
+use crate::matcher::topic::builtin_topics;
+use crate::store::StoredSubscription;
+
+const BASE: &str = "http://hub.test/fhir";
+const ID: &str = "s1";
+
+/// A hub that allows neither plain http endpoints nor AMQP, and its scheduler's inbox.
+fn hub() -> (Hub, Commands) {
+    let (delivery, commands) = inbox();
+    let hub = Hub {
+        topics: Arc::new(builtin_topics(BASE).expect("the built-in topics load")),
+        policy: ChannelPolicy {
+            allow_http_endpoints: false,
+            amqp_configured: false,
+        },
+        search_limits: SearchLimits {
+            default_count: 50,
+            max_count: 1000,
+        },
+        base_url: BASE.into(),
+        index: Default::default(),
+        specs: Default::default(),
+        delivery,
+        rest_hook: RestHook::new(false, false),
+        amqp: None,
+        sockets: Default::default(),
+        node: "test-node".into(),
+        matching: Default::default(),
+    };
+    (hub, commands)
+}
+
+/// What a stored subscription's resource says.
+#[derive(Debug, Clone, Copy)]
+enum Resource {
+    /// Deliverable here, with a heartbeat every 60 s.
+    Deliverable,
+    /// Understood for matching, but its plain http endpoint is not allowed here.
+    HttpEndpoint,
+    /// Names a topic this hub does not have.
+    UnknownTopic,
+}
+
+fn resource(kind: Resource) -> Value {
+    let (criteria, endpoint) = match kind {
+        Resource::Deliverable => ("task-changed", "https://receiver.test/hook"),
+        Resource::HttpEndpoint => ("task-changed", "http://receiver.test/hook"),
+        Resource::UnknownTopic => ("no-such-topic", "https://receiver.test/hook"),
+    };
+    json!({
+        "resourceType": "Subscription",
+        "id": ID,
+        "status": "requested",
+        "reason": "unit test",
+        "criteria": format!("{BASE}/SubscriptionTopic/{criteria}"),
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "extension": [{
+                "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period",
+                "valueUnsignedInt": 60,
+            }],
+        },
+    })
+}
+
+fn stored(version: i64, status: SubscriptionStatus, kind: Resource) -> StoredSubscription {
+    let author = Principal {
+        issuer: None,
+        subject: "practitioner:Practitioner/1".into(),
+        role: Role::Practitioner,
+        fhir_user: Some("Practitioner/1".into()),
+        performer_types: Vec::new(),
+    };
+    StoredSubscription {
+        id: ID.into(),
+        version,
+        last_updated: "2026-01-01T00:00:00.000Z".into(),
+        status,
+        topic_url: format!("{BASE}/SubscriptionTopic/task-changed"),
+        channel_type: "rest-hook".into(),
+        endpoint: None,
+        author: serde_json::to_value(&author).unwrap(),
+        owner: author.identity(),
+        resource: resource(kind),
+        created_after_seq: 0,
+        events_since_start: 0,
+        delivered_through: 0,
+        handshake_pending: true,
+        failures: 0,
+        failing_since: None,
+        next_attempt_at: None,
+        last_error: None,
+        last_sent_at: None,
+    }
+}
+
+fn sent(commands: &mut Commands) -> Vec<Command> {
+    std::iter::from_fn(|| commands.try_recv().ok()).collect()
+}
+
+#[test]
+fn a_subscription_is_in_force_unless_off_or_not_understood() {
+    use Occasion::{CatchUp, StartUp, Written};
+    use Resource::{Deliverable, HttpEndpoint, UnknownTopic};
+    use SubscriptionStatus::{Active, Error, Off, Requested};
+    let heartbeat = || Command::Heartbeat(ID.into(), Some(Duration::from_secs(60)));
+    let changed = || Command::Changed(ID.into());
+    let forget = || Command::Forget(ID.into());
+    let wake = || Command::Wake(ID.into());
+    // (status, resource, occasion, where it stands, what the scheduler is told)
+    let table = [
+        (
+            Active,
+            Deliverable,
+            Written,
+            InForce::Indexed,
+            vec![heartbeat(), changed()],
+        ),
+        (
+            Requested,
+            Deliverable,
+            Written,
+            InForce::Indexed,
+            vec![heartbeat(), changed()],
+        ),
+        (
+            Error,
+            Deliverable,
+            Written,
+            InForce::Indexed,
+            vec![heartbeat(), changed()],
+        ),
+        (
+            Off,
+            Deliverable,
+            Written,
+            InForce::Withdrawn,
+            vec![forget()],
+        ),
+        (
+            Active,
+            UnknownTopic,
+            Written,
+            InForce::Withdrawn,
+            vec![forget()],
+        ),
+        // Matched, and delivery records why it cannot send.
+        (
+            Error,
+            HttpEndpoint,
+            Written,
+            InForce::Indexed,
+            vec![heartbeat(), changed()],
+        ),
+        // At start-up the scheduler loads its own work; only what cannot be delivered here is
+        // woken, so that its attempt says why.
+        (Active, Deliverable, StartUp, InForce::Indexed, vec![]),
+        (
+            Requested,
+            HttpEndpoint,
+            StartUp,
+            InForce::Indexed,
+            vec![wake()],
+        ),
+        (
+            Active,
+            UnknownTopic,
+            StartUp,
+            InForce::Withdrawn,
+            vec![wake()],
+        ),
+        // Catching up touches the index only.
+        (Requested, Deliverable, CatchUp, InForce::Indexed, vec![]),
+        (Error, HttpEndpoint, CatchUp, InForce::Indexed, vec![]),
+        (Off, Deliverable, CatchUp, InForce::Withdrawn, vec![]),
+        (Active, UnknownTopic, CatchUp, InForce::Withdrawn, vec![]),
+    ];
+    for (status, kind, occasion, expected, told) in table {
+        let (hub, mut commands) = hub();
+        // Version 1 was in force: version 2 replaces it, or withdrawing takes it out.
+        hub.put_in_force(&stored(1, Active, Deliverable), CatchUp);
+        assert!(hub.index.read().unwrap().contains(ID));
+        let case = format!("{status:?} {kind:?} {occasion:?}");
+        assert_eq!(
+            hub.put_in_force(&stored(2, status, kind), occasion),
+            expected,
+            "{case}"
+        );
+        assert_eq!(
+            hub.index.read().unwrap().contains(ID),
+            expected == InForce::Indexed,
+            "{case}: the matcher index"
+        );
+        assert_eq!(sent(&mut commands), told, "{case}: the scheduler");
+    }
+}
+
+#[test]
+fn a_withdrawn_subscription_is_parsed_afresh() {
+    let (hub, _commands) = hub();
+    let first = stored(1, SubscriptionStatus::Active, Resource::Deliverable);
+    let spec = hub.spec_for_delivery(&first).unwrap();
+    assert!(
+        Arc::ptr_eq(&spec, &hub.spec_for_matching(&first).unwrap()),
+        "one parse serves matching and delivery"
+    );
+    hub.withdraw(ID, Occasion::Written);
+    assert!(
+        !Arc::ptr_eq(&spec, &hub.spec_for_delivery(&first).unwrap()),
+        "deleted: forgotten"
+    );
+    // Version 2 moved to a plain http endpoint: matched still, not delivered to.
+    let second = stored(2, SubscriptionStatus::Active, Resource::HttpEndpoint);
+    assert!(hub.spec_for_matching(&second).is_ok());
+    let refusal = hub.spec_for_delivery(&second).unwrap_err();
+    assert!(
+        refusal.to_string().contains("https"),
+        "the refusal says why: {refusal}"
+    );
+}

@@ -1,0 +1,58 @@
+//! The delivery scheduler's inbox: what the rest of the node may ask of the scheduler.
+//!
+//! The hub and the outbox hold the sending half; `delivery::start` consumes the receiving
+//! half. It lives here, below both, so that the hub can tell the scheduler about a
+//! subscription without importing `delivery`, and `delivery` can read specs through the hub.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+/// Asks the scheduler to look at a subscription.
+#[derive(Clone)]
+pub struct DeliveryHandle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// What the scheduler is asked to do, per subscription id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// New events or a handshake owed: try now, unless a retry is pending.
+    Wake(String),
+    /// The subscription was created or replaced: a pending back-off belonged to the old
+    /// version, so try now whatever it said.
+    Changed(String),
+    /// Start or stop heartbeats at this period.
+    Heartbeat(String, Option<Duration>),
+    /// The subscription is gone or off: drop every timer.
+    Forget(String),
+}
+
+/// The scheduler's commands as it receives them.
+pub type Commands = mpsc::UnboundedReceiver<Command>;
+
+/// A new inbox: the handle to send with, and the commands for the scheduler to consume.
+pub fn inbox() -> (DeliveryHandle, Commands) {
+    let (commands, received) = mpsc::unbounded_channel();
+    (DeliveryHandle { commands }, received)
+}
+
+impl DeliveryHandle {
+    pub fn wake(&self, id: &str) {
+        let _ = self.commands.send(Command::Wake(id.to_string()));
+    }
+
+    pub fn changed(&self, id: &str) {
+        let _ = self.commands.send(Command::Changed(id.to_string()));
+    }
+
+    pub fn set_heartbeat(&self, id: &str, period: Option<Duration>) {
+        let _ = self
+            .commands
+            .send(Command::Heartbeat(id.to_string(), period));
+    }
+
+    pub fn forget(&self, id: &str) {
+        let _ = self.commands.send(Command::Forget(id.to_string()));
+    }
+}

@@ -1,0 +1,173 @@
+//! The parsed form of each stored subscription, kept per version.
+//!
+//! A delivery attempt, the scheduler's start, the outbox's catch-up and `$events` all need a
+//! stored subscription's settings, and reading them from its JSON means checking the whole
+//! resource again (topic, filters, channel, extensions). The resource of a given (id,
+//! version) never changes, so it is parsed once: a newer version is parsed afresh, and a
+//! subscription withdrawn is forgotten. Nodes of a cluster each keep their own; the version
+//! in the key is what keeps one node's entry from outliving a write made on another.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{ClientError, Error, Result};
+use crate::fhir::subscription::SubscriptionSpec;
+
+/// A stored subscription's resource as this hub reads it.
+#[derive(Debug)]
+pub struct Parsed {
+    /// Read with any channel the hub knows: what matching needs. A subscription whose
+    /// channel this configuration cannot serve still counts its events.
+    pub matching: Result<Arc<SubscriptionSpec>, Box<ClientError>>,
+    /// Read with this configuration's channel policy: what delivery needs.
+    pub delivery: Result<Arc<SubscriptionSpec>, Box<ClientError>>,
+}
+
+impl Parsed {
+    pub fn for_matching(&self) -> Result<Arc<SubscriptionSpec>> {
+        self.matching.clone().map_err(Error::Client)
+    }
+
+    pub fn for_delivery(&self) -> Result<Arc<SubscriptionSpec>> {
+        self.delivery.clone().map_err(Error::Client)
+    }
+}
+
+/// What a parse gave, with a refusal kept apart from an error of the hub itself: only the
+/// first is a fact about the resource, and so only it is kept.
+pub fn refusal_or_spec(
+    parsed: Result<SubscriptionSpec>,
+) -> Result<Result<Arc<SubscriptionSpec>, Box<ClientError>>> {
+    match parsed {
+        Ok(spec) => Ok(Ok(Arc::new(spec))),
+        Err(Error::Client(refusal)) => Ok(Err(refusal)),
+        Err(other) => Err(other),
+    }
+}
+
+/// Parsed subscriptions by id, each with the version it was parsed from.
+#[derive(Default)]
+pub struct SpecCache {
+    entries: Mutex<HashMap<String, (i64, Arc<Parsed>)>>,
+}
+
+impl SpecCache {
+    /// The parsed form of version `version` of subscription `id`, parsed by `parse` unless
+    /// this version was parsed before. An error from `parse` is returned and not kept.
+    pub fn get_or_parse(
+        &self,
+        id: &str,
+        version: i64,
+        parse: impl FnOnce() -> Result<Parsed>,
+    ) -> Result<Arc<Parsed>> {
+        if let Some((kept, parsed)) = self.entries().get(id)
+            && *kept == version
+        {
+            return Ok(parsed.clone());
+        }
+        // Parsed without the lock, so attempts for other subscriptions do not wait on it; two
+        // attempts parsing the same version at once only do the work twice.
+        let parsed = Arc::new(parse()?);
+        let mut entries = self.entries();
+        // Versions only grow: an attempt that loaded an older version just before a write
+        // must not put it back over the newer one.
+        if entries.get(id).is_none_or(|(kept, _)| *kept <= version) {
+            entries.insert(id.to_string(), (version, parsed.clone()));
+        }
+        Ok(parsed)
+    }
+
+    /// Drops whatever is kept for `id` (deleted, or withdrawn from this node).
+    pub fn forget(&self, id: &str) {
+        self.entries().remove(id);
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Arc<Parsed>)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    fn refused(why: &str) -> Box<ClientError> {
+        let Error::Client(refusal) = Error::invalid("Subscription.criteria", why) else {
+            unreachable!("Error::invalid is a client error")
+        };
+        refusal
+    }
+
+    /// A stand-in for the parse: refuses with a diagnostic naming the version, so that each
+    /// result shows which parse made it.
+    fn parse_version(parses: &Cell<u32>, version: i64) -> impl FnOnce() -> Result<Parsed> {
+        move || {
+            parses.set(parses.get() + 1);
+            Ok(Parsed {
+                matching: Err(refused(&format!("version {version}"))),
+                delivery: Err(refused(&format!("version {version}"))),
+            })
+        }
+    }
+
+    fn diagnostics(parsed: &Parsed) -> String {
+        parsed.matching.as_ref().unwrap_err().diagnostics.clone()
+    }
+
+    #[test]
+    fn each_version_is_parsed_once_and_a_forgotten_id_again() {
+        let cache = SpecCache::default();
+        let parses = Cell::new(0);
+        // (what happens, version asked for, parses so far afterwards, version the result is of)
+        let steps: [(&str, Option<i64>, u32, i64); 7] = [
+            ("first read", Some(1), 1, 1),
+            ("same version again", Some(1), 1, 1),
+            ("a changed version is parsed", Some(2), 2, 2),
+            ("then kept", Some(2), 2, 2),
+            ("deleted: forgotten", None, 2, 2),
+            ("read after forgetting is parsed", Some(2), 3, 2),
+            ("an older version loaded late is parsed", Some(1), 4, 1),
+        ];
+        for (what, version, expected_parses, of_version) in steps {
+            match version {
+                Some(version) => {
+                    let parsed = cache
+                        .get_or_parse("s1", version, parse_version(&parses, version))
+                        .unwrap();
+                    assert!(
+                        diagnostics(&parsed).contains(&format!("version {of_version}")),
+                        "{what}"
+                    );
+                }
+                None => cache.forget("s1"),
+            }
+            assert_eq!(parses.get(), expected_parses, "{what}");
+        }
+        // The late older version did not displace the newer one.
+        let parsed = cache
+            .get_or_parse("s1", 2, parse_version(&parses, 2))
+            .unwrap();
+        assert!(diagnostics(&parsed).contains("version 2"));
+        assert_eq!(parses.get(), 4, "version 2 is still kept");
+    }
+
+    #[test]
+    fn an_error_of_the_hub_itself_is_not_kept() {
+        let cache = SpecCache::default();
+        let parses = Cell::new(0);
+        let failing = || {
+            parses.set(parses.get() + 1);
+            Err(Error::internal(
+                "a parse failed",
+                "not a fact about the resource",
+            ))
+        };
+        assert!(cache.get_or_parse("s1", 1, failing).is_err());
+        cache
+            .get_or_parse("s1", 1, parse_version(&parses, 1))
+            .unwrap();
+        assert_eq!(parses.get(), 2, "the failed parse left nothing behind");
+    }
+}
