@@ -4,11 +4,15 @@
 //! node and `postgres` the shared one for a cluster. Writes are described as data plus a decision
 //! closure (`WriteRequest`) that the store runs inside its transaction against the current
 //! version, so If-Match checks, the state machine and the role rules see exactly the version
-//! they replace, and a Task write and its change event always commit together.
+//! they replace, and a Task write and its change event always commit together. The rules of
+//! a Task write are written once, in `write`, over the statements each backend supplies;
+//! `rows` reads stored rows back for both.
 
 pub mod postgres;
+mod rows;
 pub mod search_sql;
 pub mod sqlite;
+mod write;
 
 use std::time::Duration;
 
@@ -178,6 +182,18 @@ pub(crate) async fn collect_page<R>(
         collected.tasks.push(task);
     }
     Ok(collected)
+}
+
+impl SearchPage {
+    /// A page without Tasks (none asked for, or nothing to look in), with the total if any.
+    pub fn empty(total: Option<u64>) -> SearchPage {
+        SearchPage {
+            tasks: Vec::new(),
+            total,
+            truncated: false,
+            bytes: 0,
+        }
+    }
 }
 
 impl Collected {

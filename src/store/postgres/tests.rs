@@ -557,7 +557,7 @@ async fn claims_keep_other_nodes_out_until_released_or_expired() {
     let db = test_db!();
     let store = db.open().await;
     let subscription = subscribe(&store).await;
-    let now = super::now_instant();
+    let now = crate::store::now_instant();
     let ten = Duration::from_secs(10);
     assert_eq!(
         store.due_subscriptions(&now, 10).await.unwrap(),
@@ -721,7 +721,7 @@ async fn the_generation_moves_with_subscription_writes_only() {
         subscription_id: first.clone(),
         through: 1,
         handshake: true,
-        at: super::now_instant(),
+        at: crate::store::now_instant(),
     };
     store.record_delivery("A", delivered).await.unwrap();
     assert_eq!(store.subscription_generation().await.unwrap(), 2);
@@ -837,7 +837,7 @@ async fn overdue_is_reported_once_by_racing_nodes() {
     let mut resource = task("in-progress");
     resource["restriction"] = json!({ "period": { "end": "2020-01-01" } });
     let id = create(&node_a, resource).await;
-    let now = super::now_instant();
+    let now = crate::store::now_instant();
     let due = node_a.overdue_tasks(&now, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     let (task_id, due_at) = due[0].clone();

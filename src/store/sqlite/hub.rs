@@ -2,54 +2,17 @@
 //! functions run inside the writer's transaction; the read functions use the read pool.
 
 use serde_json::json;
-use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::error::{Error, Result};
-use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::SubscriptionStatus;
+use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::{
     DeliveryReport, EventRecord, MatchRow, StoredSubscription, SubscriptionDecide,
     SubscriptionQuery, SubscriptionRecord,
 };
-use crate::store::{
-    now_instant, owner_columns, owner_from_columns, quota_exceeded, stamp, takes_live_slot,
-};
-
-pub(super) fn subscription_from_row(row: &SqliteRow) -> Result<StoredSubscription> {
-    let status: String = row.try_get("status")?;
-    let author: String = row.try_get("author")?;
-    let resource: String = row.try_get("resource")?;
-    Ok(StoredSubscription {
-        id: row.try_get("id")?,
-        version: row.try_get("version")?,
-        last_updated: row.try_get("last_updated")?,
-        status: SubscriptionStatus::parse(&status)
-            .ok_or_else(|| Error::internal("unknown subscription status in the store", status))?,
-        topic_url: row.try_get("topic_url")?,
-        channel_type: row.try_get("channel_type")?,
-        endpoint: row.try_get("endpoint")?,
-        author: serde_json::from_str(&author)
-            .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,
-        owner: owner_from_columns(
-            row.try_get("author_issuer")?,
-            row.try_get("author_subject")?,
-            row.try_get("author_role")?,
-            row.try_get("author_fhir_user")?,
-        )?,
-        resource: serde_json::from_str(&resource)
-            .map_err(|e| Error::internal("a stored Subscription is not JSON", e))?,
-        created_after_seq: row.try_get("created_after_seq")?,
-        events_since_start: row.try_get("events_since_start")?,
-        delivered_through: row.try_get("delivered_through")?,
-        handshake_pending: row.try_get::<i64, _>("handshake_pending")? != 0,
-        failures: row.try_get("failures")?,
-        failing_since: row.try_get("failing_since")?,
-        next_attempt_at: row.try_get("next_attempt_at")?,
-        last_error: row.try_get("last_error")?,
-        last_sent_at: row.try_get("last_sent_at")?,
-    })
-}
+use crate::store::{now_instant, owner_columns, quota_exceeded, stamp, takes_live_slot};
 
 /// Refuses the write when it would take `record.owner` past its quota. It runs inside the
 /// writer's transaction, and the single writer runs one job at a time, so no other write can
@@ -377,21 +340,7 @@ pub(super) async fn subscription_events(
     .bind(to)
     .fetch_all(reads)
     .await?;
-    rows.iter()
-        .map(|row| {
-            let interaction: String = row.try_get("interaction")?;
-            Ok(EventRecord {
-                event_number: row.try_get("event_number")?,
-                change_seq: row.try_get("change_seq")?,
-                task_id: row.try_get("task_id")?,
-                version: row.try_get("version")?,
-                interaction: Interaction::parse(&interaction).ok_or_else(|| {
-                    Error::internal("unknown interaction in the event log", interaction)
-                })?,
-                occurred_at: row.try_get("occurred_at")?,
-            })
-        })
-        .collect()
+    rows.iter().map(event_from_row).collect()
 }
 
 /// The terminal statuses, as bound SQL values: an overdue Task is one still open.

@@ -1,0 +1,183 @@
+//! PostgreSQL statements of a Task write: `store::write::TaskTx` on a connection, inside its
+//! transaction (or alone, for a write that is one statement), and the If-None-Exist search.
+//! A change locks the Task it replaces (`SELECT … FOR UPDATE`), so decisions see the version
+//! they replace; conditional creates take one advisory lock so that two cannot both create.
+
+use std::borrow::Cow;
+
+use sqlx::postgres::PgConnection;
+// Every dynamic statement here is assembled from fixed fragments; values are always bound.
+use sqlx::AssertSqlSafe;
+
+use super::pg_text;
+use crate::error::Result;
+use crate::fhir::search::Predicate;
+use crate::store::rows::{CURRENT_COLUMNS, current_from_row};
+use crate::store::search_sql::{Placeholder, where_clause};
+use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
+use crate::store::{CurrentTask, Interaction};
+
+/// The advisory lock every conditional create holds while it searches and creates, so that
+/// two of them cannot both find nothing and both create. ("baton:if-none-exist", hashed by
+/// hand: any fixed key that nothing else uses would do.)
+const CONDITIONAL_CREATE_LOCK: i64 = 0x6261_746f_6e49_4e45;
+
+/// Writes a version of a Task, its history row, its search index and its change event in one
+/// statement (a round trip each is most of a write's cost). Sub-statements of one WITH all
+/// run against the statement's snapshot and cannot see one another's rows, so the deletes of
+/// the old index rows never see, and never remove, the rows inserted beside them. The
+/// change event is inserted by the last statement of the write, so its `seq` is taken as
+/// close to the commit as possible: the fewer transactions hold a lower `seq` uncommitted,
+/// the fewer changes the matcher sees out of order.
+///
+/// Two first writes to one new id both find nothing to lock; the second waits here for the
+/// first, and its history row (same id, version 1) then fails as a unique violation: 409.
+const PUT_TASK: &str = "WITH task_row AS (
+       INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource)
+       VALUES ($1, $2, $3, 0, $4, $5)
+       ON CONFLICT (id) DO UPDATE SET version = excluded.version,
+         last_updated = excluded.last_updated, deleted = 0,
+         priority_rank = excluded.priority_rank, resource = excluded.resource
+     ), version_row AS (
+       INSERT INTO task_version (id, version, last_updated, interaction, resource)
+       VALUES ($1, $2, $3, $6, $5)
+     ), old_tokens AS (
+       DELETE FROM task_token WHERE $7 AND task_id = $1
+     ), old_dates AS (
+       DELETE FROM task_date WHERE $7 AND task_id = $1
+     ), tokens AS (
+       INSERT INTO task_token (task_id, param, system, value)
+       SELECT $1, p, s, v FROM unnest($8::text[], $9::text[], $10::text[]) AS x(p, s, v)
+     ), dates AS (
+       INSERT INTO task_date (task_id, param, start_at, end_at)
+       SELECT $1, p, s, e FROM unnest($11::text[], $12::text[], $13::text[]) AS x(p, s, e)
+     )
+     INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
+     VALUES ('Task', $1, $2, $14, $6, $3)";
+
+/// Deletes a Task as one statement, as `PUT_TASK` writes one: the row is kept, marked
+/// deleted; the history gains a version without a resource; the index rows go.
+const DELETE_TASK: &str = "WITH task_row AS (
+       UPDATE task SET version = $2, last_updated = $3, deleted = 1 WHERE id = $1
+     ), version_row AS (
+       INSERT INTO task_version (id, version, last_updated, interaction, resource)
+       VALUES ($1, $2, $3, $5, NULL)
+     ), old_tokens AS (
+       DELETE FROM task_token WHERE task_id = $1
+     ), old_dates AS (
+       DELETE FROM task_date WHERE task_id = $1
+     )
+     INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
+     VALUES ('Task', $1, $2, $4, $5, $3)";
+
+impl TaskTx for PgConnection {
+    /// Nothing: the re-check searches again, under the conditional-create lock.
+    type Seen = ();
+
+    /// The current state of a Task, locked until the transaction ends: a concurrent change
+    /// waits here, then sees this one's result.
+    async fn load_for_change(&mut self, id: &str) -> Result<Option<CurrentTask>> {
+        let row = sqlx::query(
+            "SELECT t.id, t.version, t.last_updated, t.deleted, t.resource FROM task t
+             WHERE t.id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self)
+        .await?;
+        row.as_ref().map(current_from_row).transpose()
+    }
+
+    async fn recheck(&mut self, criteria: &[Predicate], _seen: ()) -> Result<Found> {
+        // Held until commit: the next conditional create searches after this one's Task is
+        // visible. A statement of its own: a statement's snapshot is taken when it starts, so
+        // a search in the lock's statement would miss a Task committed while the lock was
+        // awaited. `PostgresStore::precheck` already found no match outside the transaction;
+        // this is the re-check under the lock. Its cost is bounded by the criteria caps of
+        // `fhir::search`, and it delays only other conditional creates: PostgreSQL has no
+        // single writer.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CONDITIONAL_CREATE_LOCK)
+            .execute(&mut *self)
+            .await?;
+        Ok(Found::among(matching_tasks(&mut *self, criteria).await?))
+    }
+
+    async fn status_before_hold(&mut self, id: &str) -> Result<Option<String>> {
+        // `json`, not `jsonb`: it accepts every string JSON allows, `\u0000` included.
+        let status: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT resource::json ->> 'status' FROM task_version
+             WHERE id = $1 AND (resource IS NULL OR (resource::json ->> 'status') <> 'on-hold')
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self)
+        .await?;
+        Ok(status.flatten())
+    }
+
+    /// One statement, `PUT_TASK` (`write::is_single_put` relies on it).
+    async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
+        let token_params: Vec<&str> = v.index.tokens.iter().map(|t| t.param).collect();
+        let token_systems: Vec<Option<Cow<str>>> = v
+            .index
+            .tokens
+            .iter()
+            .map(|t| t.system.as_deref().map(pg_text))
+            .collect();
+        let token_values: Vec<Cow<str>> =
+            v.index.tokens.iter().map(|t| pg_text(&t.value)).collect();
+        let date_params: Vec<&str> = v.index.dates.iter().map(|d| d.param).collect();
+        let date_starts: Vec<&str> = v.index.dates.iter().map(|d| d.start.as_str()).collect();
+        let date_ends: Vec<&str> = v.index.dates.iter().map(|d| d.end.as_str()).collect();
+        sqlx::query(PUT_TASK)
+            .bind(v.id)
+            .bind(v.version)
+            .bind(v.last_updated)
+            .bind(v.priority_rank)
+            .bind(v.text)
+            .bind(v.interaction.as_str())
+            // A Task that never existed has no index rows to clear.
+            .bind(v.existed)
+            .bind(&token_params)
+            .bind(&token_systems)
+            .bind(&token_values)
+            .bind(&date_params)
+            .bind(&date_starts)
+            .bind(&date_ends)
+            .bind(v.previous_version)
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
+        sqlx::query(DELETE_TASK)
+            .bind(d.id)
+            .bind(d.version)
+            .bind(d.last_updated)
+            .bind(d.previous_version)
+            .bind(Interaction::Delete.as_str())
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The Tasks (at most two) that If-None-Exist criteria match, read by the statement that
+/// evaluates them, so that a Task deleted meanwhile cannot be reported.
+pub(super) async fn matching_tasks<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    predicates: &[Predicate],
+) -> Result<Vec<CurrentTask>> {
+    let filter = where_clause(predicates, Placeholder::Dollar, 1);
+    let sql = format!(
+        "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) LIMIT 2",
+        filter.sql
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for bind in &filter.binds {
+        query = query.bind(pg_text(bind));
+    }
+    let rows = query.fetch_all(executor).await?;
+    rows.iter().map(current_from_row).collect()
+}

@@ -1,0 +1,209 @@
+//! How stored rows read back, once for both stores: one `sqlx::FromRow` shape per stored
+//! type, generic over the database, and one conversion into the store's own type. The two
+//! schemas name and type their columns alike; the flags (`task.deleted`,
+//! `subscription.handshake_pending`) are integers in both (SQLite `INTEGER`, PostgreSQL
+//! `integer`) and are read here, as `i32`, into booleans.
+
+use sqlx::{FromRow, Row};
+
+use super::owner_from_columns;
+use super::{
+    ChangeEvent, CurrentTask, EventRecord, Interaction, StoredSubscription, StoredVersion,
+};
+use crate::error::{Error, Result};
+use crate::fhir::notification::SubscriptionStatus;
+
+/// The columns of the current Task (table `task t`) that `TaskRow` reads.
+pub(crate) const CURRENT_COLUMNS: &str = "t.id, t.version, t.last_updated, t.deleted, t.resource";
+
+/// A row of `task`.
+#[derive(FromRow)]
+pub(crate) struct TaskRow {
+    id: String,
+    version: i64,
+    last_updated: String,
+    deleted: i32,
+    resource: String,
+}
+
+/// The current state of a Task.
+pub(crate) fn current_from_row<R: Row>(row: &R) -> Result<CurrentTask>
+where
+    TaskRow: for<'r> FromRow<'r, R>,
+{
+    Ok(sized_current_from_row(row)?.0)
+}
+
+/// A Task row and the length of its stored JSON, for `collect_page`.
+pub(crate) fn sized_current_from_row<R: Row>(row: &R) -> Result<(CurrentTask, usize)>
+where
+    TaskRow: for<'r> FromRow<'r, R>,
+{
+    let row = TaskRow::from_row(row)?;
+    let size = row.resource.len();
+    let task = CurrentTask {
+        id: row.id,
+        version: row.version,
+        last_updated: row.last_updated,
+        deleted: row.deleted != 0,
+        resource: serde_json::from_str(&row.resource)
+            .map_err(|e| Error::internal("a stored Task is not valid JSON", e))?,
+    };
+    Ok((task, size))
+}
+
+/// A row of `task_version`.
+#[derive(FromRow)]
+pub(crate) struct VersionRow {
+    id: String,
+    version: i64,
+    last_updated: String,
+    interaction: String,
+    resource: Option<String>,
+}
+
+/// One version from a Task's history.
+pub(crate) fn version_from_row<R: Row>(row: &R) -> Result<StoredVersion>
+where
+    VersionRow: for<'r> FromRow<'r, R>,
+{
+    let row = VersionRow::from_row(row)?;
+    Ok(StoredVersion {
+        id: row.id,
+        version: row.version,
+        last_updated: row.last_updated,
+        interaction: interaction(row.interaction, "unknown interaction in history")?,
+        resource: row
+            .resource
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| Error::internal("a stored Task version is not valid JSON", e))?,
+    })
+}
+
+/// A row of `change_event` (PostgreSQL's `matched` flag is not read).
+#[derive(FromRow)]
+pub(crate) struct ChangeRow {
+    seq: i64,
+    resource_type: String,
+    resource_id: String,
+    version: i64,
+    previous_version: Option<i64>,
+    interaction: String,
+    recorded_at: String,
+}
+
+/// One change event of the outbox.
+pub(crate) fn change_from_row<R: Row>(row: &R) -> Result<ChangeEvent>
+where
+    ChangeRow: for<'r> FromRow<'r, R>,
+{
+    let row = ChangeRow::from_row(row)?;
+    Ok(ChangeEvent {
+        seq: row.seq,
+        resource_type: row.resource_type,
+        resource_id: row.resource_id,
+        version: row.version,
+        previous_version: row.previous_version,
+        interaction: interaction(row.interaction, "unknown interaction in outbox")?,
+        recorded_at: row.recorded_at,
+    })
+}
+
+/// A row of `subscription_event`.
+#[derive(FromRow)]
+pub(crate) struct EventRow {
+    event_number: i64,
+    change_seq: i64,
+    task_id: String,
+    version: i64,
+    interaction: String,
+    occurred_at: String,
+}
+
+/// One entry of a subscription's event log.
+pub(crate) fn event_from_row<R: Row>(row: &R) -> Result<EventRecord>
+where
+    EventRow: for<'r> FromRow<'r, R>,
+{
+    let row = EventRow::from_row(row)?;
+    Ok(EventRecord {
+        event_number: row.event_number,
+        change_seq: row.change_seq,
+        task_id: row.task_id,
+        version: row.version,
+        interaction: interaction(row.interaction, "unknown interaction in the event log")?,
+        occurred_at: row.occurred_at,
+    })
+}
+
+/// A row of `subscription` (the columns both schemas have; PostgreSQL's generation and
+/// delivery claim are not read).
+#[derive(FromRow)]
+pub(crate) struct SubscriptionRow {
+    id: String,
+    version: i64,
+    last_updated: String,
+    status: String,
+    topic_url: String,
+    channel_type: String,
+    endpoint: Option<String>,
+    author: String,
+    author_issuer: String,
+    author_subject: String,
+    author_role: String,
+    author_fhir_user: String,
+    resource: String,
+    created_after_seq: i64,
+    events_since_start: i64,
+    delivered_through: i64,
+    handshake_pending: i32,
+    failures: i64,
+    failing_since: Option<String>,
+    next_attempt_at: Option<String>,
+    last_error: Option<String>,
+    last_sent_at: Option<String>,
+}
+
+/// A stored subscription.
+pub(crate) fn subscription_from_row<R: Row>(row: &R) -> Result<StoredSubscription>
+where
+    SubscriptionRow: for<'r> FromRow<'r, R>,
+{
+    let row = SubscriptionRow::from_row(row)?;
+    Ok(StoredSubscription {
+        id: row.id,
+        version: row.version,
+        last_updated: row.last_updated,
+        status: SubscriptionStatus::parse(&row.status).ok_or_else(|| {
+            Error::internal("unknown subscription status in the store", row.status)
+        })?,
+        topic_url: row.topic_url,
+        channel_type: row.channel_type,
+        endpoint: row.endpoint,
+        author: serde_json::from_str(&row.author)
+            .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,
+        owner: owner_from_columns(
+            row.author_issuer,
+            row.author_subject,
+            row.author_role,
+            row.author_fhir_user,
+        )?,
+        resource: serde_json::from_str(&row.resource)
+            .map_err(|e| Error::internal("a stored Subscription is not JSON", e))?,
+        created_after_seq: row.created_after_seq,
+        events_since_start: row.events_since_start,
+        delivered_through: row.delivered_through,
+        handshake_pending: row.handshake_pending != 0,
+        failures: row.failures,
+        failing_since: row.failing_since,
+        next_attempt_at: row.next_attempt_at,
+        last_error: row.last_error,
+        last_sent_at: row.last_sent_at,
+    })
+}
+
+/// A stored interaction, or the internal error `problem` for one this version does not know.
+fn interaction(text: String, problem: &'static str) -> Result<Interaction> {
+    Interaction::parse(&text).ok_or_else(|| Error::internal(problem, text))
+}

@@ -1,0 +1,357 @@
+//! The rules of a Task write, once for both stores.
+//!
+//! What a `WriteRequest` means is decided here: a conditional create answered by the Task its
+//! criteria find, the decision dispatch (put, delete, keep), and a request Task whose
+//! completion changes its focal Task in the same transaction. Each backend supplies only its
+//! statements, through `Precheck` (If-None-Exist evaluated before the write, outside any
+//! transaction) and `TaskTx` (the reads and writes inside its transaction: SQLite's writer
+//! savepoint, a PostgreSQL transaction with row locks). A rule changed here therefore holds
+//! on both backends, and each keeps its own SQL and its own way of settling concurrency.
+
+use serde_json::Value;
+
+use super::{
+    CurrentTask, Decide, Decision, Interaction, StoredVersion, WriteOutcome, WriteRequest,
+};
+use super::{now_instant, stamp};
+use crate::error::{Error, Result};
+use crate::fhir::search::{Predicate, TaskIndex, index_task, priority_rank};
+use crate::fhir::workflow::{self, RequestKind};
+
+/// What If-None-Exist criteria matched. A search for them asks for two Tasks at most, since
+/// two already mean "more than one".
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Found {
+    Nothing,
+    One(CurrentTask),
+    Several,
+}
+
+impl Found {
+    /// What a search for at most two matching Tasks returned.
+    pub(crate) fn among(mut tasks: Vec<CurrentTask>) -> Found {
+        match tasks.len() {
+            0 => Found::Nothing,
+            1 => tasks.pop().map_or(Found::Nothing, Found::One),
+            _ => Found::Several,
+        }
+    }
+
+    /// The answer a conditional create gets from its matches: the Task found (nothing is
+    /// written), a 412 for several, or None when the create goes ahead.
+    fn answer(self) -> Result<Option<WriteOutcome>> {
+        match self {
+            Found::Nothing => Ok(None),
+            Found::One(task) => Ok(Some(WriteOutcome::Existing(task))),
+            Found::Several => Err(Error::precondition_failed(
+                "If-None-Exist matches more than one Task; make the criteria more selective",
+            )),
+        }
+    }
+}
+
+/// How a backend evaluates If-None-Exist criteria before the write: a search costs more than
+/// a write may hold the writer (or the conditional-create lock) for, and a create that finds
+/// its Task (an idempotent retry, the common case) is then answered without writing at all.
+pub(crate) trait Precheck {
+    /// What the pre-check saw, for the re-check inside the transaction to build on (see
+    /// `TaskTx::recheck`).
+    type Seen: Send;
+
+    /// The Tasks the criteria match now, and how far the check saw.
+    async fn precheck(&self, criteria: &[Predicate]) -> Result<(Found, Self::Seen)>;
+}
+
+/// What a backend does inside the transaction of one Task write, with its own SQL. Every
+/// method takes the transaction (or connection) it runs on as `&mut self`, and nothing in the
+/// signatures belongs to a database driver, so any SQLite or PostgreSQL client can implement
+/// it.
+pub(crate) trait TaskTx {
+    /// What a conditional create's pre-check saw (see `Precheck::Seen`).
+    type Seen: Send;
+
+    /// The current state of a Task this transaction may change (None if the id never
+    /// existed), held so that nothing changes it before the transaction ends: SQLite's single
+    /// writer runs one write at a time; PostgreSQL locks the row.
+    async fn load_for_change(&mut self, id: &str) -> Result<Option<CurrentTask>>;
+
+    /// Evaluates If-None-Exist criteria again inside the transaction, after the pre-check
+    /// found nothing as far as `seen`: only what was written since can match now.
+    async fn recheck(&mut self, criteria: &[Predicate], seen: Self::Seen) -> Result<Found>;
+
+    /// The status a Task had before its current on-hold streak: the newest version that is
+    /// not on hold, read from the history newest first. `None` when it was created on hold, or
+    /// when the newest such version is a deletion (what came before belongs to a Task that was
+    /// gone).
+    async fn status_before_hold(&mut self, id: &str) -> Result<Option<String>>;
+
+    /// Writes one version of a Task: the current row, its history row, its search index rows
+    /// (replacing any the id had) and its change event.
+    async fn put_version(&mut self, version: &NewVersion<'_>) -> Result<()>;
+
+    /// Deletes a Task: the row stays, marked deleted; the history gains a version without
+    /// content; the index rows go; a change event records it.
+    async fn delete_version(&mut self, deletion: &Deletion<'_>) -> Result<()>;
+}
+
+/// One version of a Task as both backends store it.
+#[derive(Debug)]
+pub(crate) struct NewVersion<'a> {
+    pub id: &'a str,
+    pub version: i64,
+    /// The live version this one replaces; None when it creates the Task (for the first time,
+    /// or again after a delete).
+    pub previous_version: Option<i64>,
+    pub interaction: Interaction,
+    pub last_updated: &'a str,
+    /// The resource as stored: compact JSON, with its id and meta set.
+    pub text: &'a str,
+    pub priority_rank: i64,
+    pub index: &'a TaskIndex,
+    /// Whether the id has rows already (a live or a deleted Task): a Task that never existed
+    /// has no index rows to clear.
+    pub existed: bool,
+}
+
+/// The deletion of a live Task, as both backends store it.
+#[derive(Debug)]
+pub(crate) struct Deletion<'a> {
+    pub id: &'a str,
+    pub version: i64,
+    /// The live version the deletion replaces.
+    pub previous_version: i64,
+    pub last_updated: &'a str,
+}
+
+/// A Task write once any If-None-Exist pre-check is done: what the transaction applies.
+pub(crate) enum TaskWrite<S> {
+    /// Create with a server-assigned id.
+    Create(Value),
+    /// Create with a server-assigned id unless the criteria now match a Task; the pre-check
+    /// found none, as far as `seen`.
+    CreateUnlessFound {
+        resource: Value,
+        criteria: Vec<Predicate>,
+        seen: S,
+    },
+    /// Update, patch, delete, or update-as-create of the Task with this id.
+    Change { id: String, decide: Decide },
+}
+
+/// A request after its pre-check.
+pub(crate) enum Prepared<S> {
+    /// The pre-check answered it; nothing is written.
+    Answered(WriteOutcome),
+    /// What the transaction must apply.
+    Write(TaskWrite<S>),
+}
+
+/// Runs the pre-check of a conditional create, which answers it when its criteria find a Task
+/// (or several); every other request goes on to the transaction unchanged.
+pub(crate) async fn prepare<P: Precheck>(
+    store: &P,
+    request: WriteRequest,
+) -> Result<Prepared<P::Seen>> {
+    let write = match request {
+        WriteRequest::Create {
+            resource,
+            if_none_exist: None,
+        } => TaskWrite::Create(resource),
+        WriteRequest::Create {
+            resource,
+            if_none_exist: Some(criteria),
+        } => {
+            let (found, seen) = store.precheck(&criteria).await?;
+            if let Some(outcome) = found.answer()? {
+                return Ok(Prepared::Answered(outcome));
+            }
+            TaskWrite::CreateUnlessFound {
+                resource,
+                criteria,
+                seen,
+            }
+        }
+        WriteRequest::Change { id, decide } => TaskWrite::Change { id, decide },
+    };
+    Ok(Prepared::Write(write))
+}
+
+/// Applies one Task write inside the backend's transaction: the decision sees the version it
+/// replaces, and the write and its change event (and a completed request's change to its
+/// focal Task) commit together or not at all.
+pub(crate) async fn apply<T: TaskTx>(
+    tx: &mut T,
+    write: TaskWrite<T::Seen>,
+    base_url: &str,
+) -> Result<WriteOutcome> {
+    match write {
+        TaskWrite::Create(resource) => put_task(tx, &new_id(), None, resource, base_url).await,
+        TaskWrite::CreateUnlessFound {
+            resource,
+            criteria,
+            seen,
+        } => {
+            if let Some(outcome) = tx.recheck(&criteria, seen).await?.answer()? {
+                return Ok(outcome);
+            }
+            put_task(tx, &new_id(), None, resource, base_url).await
+        }
+        TaskWrite::Change { id, decide } => {
+            let current = tx.load_for_change(&id).await?;
+            match decide(current.as_ref())? {
+                Decision::Put(resource) => {
+                    put_task(tx, &id, current.as_ref(), resource, base_url).await
+                }
+                Decision::Delete => match current {
+                    Some(current) if !current.deleted => delete(tx, &current).await,
+                    _ => Ok(WriteOutcome::Unchanged),
+                },
+                Decision::Keep => Ok(WriteOutcome::Unchanged),
+            }
+        }
+    }
+}
+
+/// Whether a write is one `TaskTx::put_version` and nothing else: a create without
+/// If-None-Exist that completes no request (see `put_task`). A backend may run it without a
+/// transaction of its own when that statement is atomic by itself.
+pub(crate) fn is_single_put<S>(write: &TaskWrite<S>) -> bool {
+    matches!(
+        write,
+        TaskWrite::Create(resource) if workflow::completes_request(None, resource).is_none()
+    )
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Writes a Task version and, when the write completes a request Task (abort, suspend,
+/// resume), the change it asks of its focal Task: both versions, with their history and
+/// change events, in one transaction, so subscribers hear of both or of neither. The focal
+/// Task is loaded for change and judged here, inside the transaction, so a concurrent change
+/// to it cannot slip between the check and the write; any refusal fails the request's write
+/// too.
+///
+/// Every read comes first; the writes are the last statements of the transaction, the
+/// request's and then the focal Task's, each carrying its change event, so the request's
+/// change takes the lower `seq`.
+async fn put_task<T: TaskTx>(
+    tx: &mut T,
+    id: &str,
+    current: Option<&CurrentTask>,
+    resource: Value,
+    base_url: &str,
+) -> Result<WriteOutcome> {
+    let previous = current.filter(|c| !c.deleted).map(|c| &c.resource);
+    let effect = match workflow::completes_request(previous, &resource) {
+        Some(kind) => Some(focal_change(tx, id, kind, &resource, base_url).await?),
+        None => None,
+    };
+    let outcome = put(tx, id, current, resource, base_url).await?;
+    if let Some((focal, changed)) = effect {
+        put(tx, &focal.id, Some(&focal), changed, base_url).await?;
+    }
+    Ok(outcome)
+}
+
+/// The focal Task of a request being completed (loaded for change), and the version the
+/// request makes of it.
+async fn focal_change<T: TaskTx>(
+    tx: &mut T,
+    request_id: &str,
+    kind: RequestKind,
+    request: &Value,
+    base_url: &str,
+) -> Result<(CurrentTask, Value)> {
+    let code = kind.code();
+    let focal_id = workflow::focal_task(request, base_url)
+        .filter(|focal_id| focal_id != request_id)
+        .ok_or_else(|| {
+            Error::business_rule(format!(
+                "this {code} request names no other Task in Task.focus, so completing it would \
+                 change nothing"
+            ))
+            .at("Task.focus")
+        })?;
+    let focal = tx
+        .load_for_change(&focal_id)
+        .await?
+        .filter(|f| !f.deleted)
+        .ok_or_else(|| {
+            Error::conflict(format!(
+                "Task/{focal_id}, the focal Task of this {code} request, no longer exists, so \
+                 the request cannot be completed; reject or cancel it instead"
+            ))
+            .at("Task.focus")
+        })?;
+    workflow::check_addressee(request, &focal.resource, base_url)?;
+    let before_hold = match kind {
+        RequestKind::Resume => tx.status_before_hold(&focal_id).await?,
+        RequestKind::Abort | RequestKind::Suspend => None,
+    };
+    let changed = workflow::apply_request(kind, &focal.resource, request, before_hold.as_deref())?;
+    Ok((focal, changed))
+}
+
+/// Stores `resource` as the next version of the Task (the first, if it never existed).
+async fn put<T: TaskTx>(
+    tx: &mut T,
+    id: &str,
+    current: Option<&CurrentTask>,
+    mut resource: Value,
+    base_url: &str,
+) -> Result<WriteOutcome> {
+    let live = current.filter(|c| !c.deleted);
+    let version = current.map_or(1, |c| c.version + 1);
+    let interaction = if live.is_some() {
+        Interaction::Update
+    } else {
+        Interaction::Create
+    };
+    let now = now_instant();
+    stamp(&mut resource, id, version, &now);
+    let text = resource.to_string();
+    let index = index_task(&resource, base_url);
+    tx.put_version(&NewVersion {
+        id,
+        version,
+        previous_version: live.map(|c| c.version),
+        interaction,
+        last_updated: &now,
+        text: &text,
+        priority_rank: priority_rank(&resource),
+        index: &index,
+        existed: current.is_some(),
+    })
+    .await?;
+    Ok(WriteOutcome::Written(StoredVersion {
+        id: id.to_string(),
+        version,
+        last_updated: now,
+        interaction,
+        resource: Some(resource),
+    }))
+}
+
+async fn delete<T: TaskTx>(tx: &mut T, current: &CurrentTask) -> Result<WriteOutcome> {
+    let version = current.version + 1;
+    let now = now_instant();
+    tx.delete_version(&Deletion {
+        id: &current.id,
+        version,
+        previous_version: current.version,
+        last_updated: &now,
+    })
+    .await?;
+    Ok(WriteOutcome::Written(StoredVersion {
+        id: current.id.clone(),
+        version,
+        last_updated: now,
+        interaction: Interaction::Delete,
+        resource: None,
+    }))
+}
+
+#[cfg(test)]
+mod tests;
