@@ -15,7 +15,8 @@
 //! Outbox `seq` values are taken in one order and committed in another, so the outbox is
 //! consumed by marking rows `matched` (see `hub::record_matches`), not by a position. The
 //! work-sharing tables (the matcher's lease, delivery claims, the subscription generation)
-//! live in `hub`.
+//! live in `hub`; a subscription write runs under the rules of `store::subscriptions` over
+//! the statements in `subscriptions`, which take the generation.
 
 use std::borrow::Cow;
 use std::str::FromStr;
@@ -43,6 +44,7 @@ use crate::error::{Error, Result};
 use crate::fhir::search::Predicate;
 
 mod hub;
+mod subscriptions;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -359,7 +361,7 @@ impl Store for PostgresStore {
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
         let mut tx = self.pool.begin().await?;
-        let result = hub::create_subscription(&mut tx, record).await;
+        let result = super::subscriptions::create(&mut *tx, record).await;
         finish(tx, result)
             .await
             .map_err(|e| concurrent(e, "the subscription table"))
@@ -371,7 +373,7 @@ impl Store for PostgresStore {
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription> {
         let mut tx = self.pool.begin().await?;
-        let result = hub::replace_subscription(&mut tx, id, decide).await;
+        let result = super::subscriptions::replace(&mut *tx, id, decide).await;
         finish(tx, result)
             .await
             .map_err(|e| concurrent(e, "the subscription"))
@@ -379,7 +381,7 @@ impl Store for PostgresStore {
 
     async fn delete_subscription(&self, id: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let result = hub::delete_subscription(&mut tx, id).await;
+        let result = super::subscriptions::delete(&mut *tx, id).await;
         finish(tx, result)
             .await
             .map_err(|e| concurrent(e, "the subscription"))

@@ -8,7 +8,8 @@
 //! read-only connections, which WAL lets run beside the writer.
 //!
 //! The writer loop is in `writer`; the statements of a Task write, which it runs under the
-//! rules of `store::write`, in `tasks`; those of the hub in `hub`.
+//! rules of `store::write`, in `tasks`; those of a subscription write, under the rules of
+//! `store::subscriptions`, in `subscriptions`; the rest of the hub's in `hub`.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -43,6 +44,7 @@ use crate::supervise::{self, Health};
 use writer::{Done, Job, Work, run_writer};
 
 mod hub;
+mod subscriptions;
 mod tasks;
 mod writer;
 

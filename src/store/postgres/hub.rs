@@ -1,35 +1,27 @@
-//! PostgreSQL statements for subscriptions, the event log, the delivery state, and the tables
-//! that let several nodes share the work: the matcher's lease, delivery claims and the
-//! subscription generation. Functions taking a connection run inside the caller's
-//! transaction; those taking the pool are one statement or their own read transaction.
+//! PostgreSQL statements for subscription reads, the event log, the delivery state, due
+//! dates, and the tables that let several nodes share the work: the matcher's lease,
+//! delivery claims and the subscription changes since a generation (a subscription's own
+//! writes, which take the generations, are in `subscriptions`). Functions taking a
+//! connection run inside the caller's transaction; those taking the pool are one statement
+//! or their own read transaction.
 
 use std::time::Duration;
 
-use serde_json::json;
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::pg_text;
 use crate::error::{Error, Result};
-use crate::fhir::notification::SubscriptionStatus;
+use crate::store::owner_columns;
 use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::{
     DeliveryReport, EventRecord, MatchBatch, StoredSubscription, SubscriptionChanges,
-    SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
+    SubscriptionQuery,
 };
-use crate::store::{now_instant, owner_columns, quota_exceeded, stamp, takes_live_slot};
 
 /// A ttl as a bind value: whole microseconds, PostgreSQL's interval resolution.
 fn micros(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)
-}
-
-async fn load(conn: &mut PgConnection, id: &str) -> Result<Option<StoredSubscription>> {
-    let row = sqlx::query("SELECT * FROM subscription WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.as_ref().map(subscription_from_row).transpose()
 }
 
 pub(super) async fn read_subscription(
@@ -48,171 +40,6 @@ pub(super) async fn live_subscriptions(pool: &PgPool) -> Result<Vec<StoredSubscr
         .fetch_all(pool)
         .await?;
     rows.iter().map(subscription_from_row).collect()
-}
-
-/// Takes the next subscription generation. The row stays locked until the caller's
-/// transaction ends, so subscription writes commit in generation order: a node that has
-/// read generation `g` has seen every write numbered `g` or below.
-async fn next_generation(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "UPDATE subscription_generation SET generation = generation + 1 RETURNING generation",
-    )
-    .fetch_one(&mut *conn)
-    .await?)
-}
-
-/// Refuses the write when it would take `record.owner` past its quota. The caller holds the
-/// subscription generation's row lock (`next_generation`), which every subscription write
-/// takes, so writes are counted one after another: under READ COMMITTED this statement sees
-/// every write that held the lock before, and none can commit until this one ends.
-async fn check_quota(
-    conn: &mut PgConnection,
-    record: &SubscriptionRecord,
-    before: Option<SubscriptionStatus>,
-) -> Result<()> {
-    let Some(quota) = record.live_quota else {
-        return Ok(());
-    };
-    if !takes_live_slot(before, record.status) {
-        return Ok(());
-    }
-    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner).map(pg_text);
-    let live: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM subscription
-         WHERE author_subject = $1 AND author_role = $2 AND author_fhir_user = $3
-           AND author_issuer = $4 AND status <> 'off'",
-    )
-    .bind(subject.as_ref())
-    .bind(role.as_ref())
-    .bind(fhir_user.as_ref())
-    .bind(issuer.as_ref())
-    .fetch_one(&mut *conn)
-    .await?;
-    if live >= i64::try_from(quota).unwrap_or(i64::MAX) {
-        return Err(quota_exceeded(quota));
-    }
-    Ok(())
-}
-
-pub(super) async fn create_subscription(
-    conn: &mut PgConnection,
-    mut record: SubscriptionRecord,
-) -> Result<StoredSubscription> {
-    let id = uuid::Uuid::new_v4().to_string();
-    let now = now_instant();
-    stamp(&mut record.resource, &id, 1, &now);
-    record.resource["status"] = json!(record.status.as_str());
-    let generation = next_generation(conn).await?;
-    check_quota(conn, &record, None).await?;
-    // Changes already committed belong to the past of this subscription: the matcher skips them.
-    let created_after_seq: i64 =
-        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
-            .fetch_one(&mut *conn)
-            .await?;
-    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner).map(pg_text);
-    sqlx::query(
-        "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
-           author, resource, created_after_seq, handshake_pending, generation,
-           author_issuer, author_subject, author_role, author_fhir_user)
-         VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-    )
-    .bind(&id)
-    .bind(&now)
-    .bind(record.status.as_str())
-    .bind(&record.topic_url)
-    .bind(&record.channel_type)
-    .bind(&record.endpoint)
-    .bind(record.author.to_string())
-    .bind(record.resource.to_string())
-    .bind(created_after_seq)
-    .bind(record.handshake_pending as i32)
-    .bind(generation)
-    .bind(issuer.as_ref())
-    .bind(subject.as_ref())
-    .bind(role.as_ref())
-    .bind(fhir_user.as_ref())
-    .execute(&mut *conn)
-    .await?;
-    load(conn, &id)
-        .await?
-        .ok_or_else(|| Error::internal("a created subscription vanished", "missing row"))
-}
-
-pub(super) async fn replace_subscription(
-    conn: &mut PgConnection,
-    id: &str,
-    decide: SubscriptionDecide,
-) -> Result<StoredSubscription> {
-    // Locked first and the generation second, as every subscription write does, so that two
-    // of them cannot wait on each other.
-    let row = sqlx::query("SELECT * FROM subscription WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let current = row
-        .as_ref()
-        .map(subscription_from_row)
-        .transpose()?
-        .ok_or_else(|| Error::not_found(format!("Subscription/{id} does not exist")))?;
-    let mut record = decide(&current)?;
-    let version = current.version + 1;
-    let now = now_instant();
-    stamp(&mut record.resource, id, version, &now);
-    record.resource["status"] = json!(record.status.as_str());
-    let generation = next_generation(conn).await?;
-    check_quota(conn, &record, Some(current.status)).await?;
-    // A re-activation starts a fresh run: a new handshake, no inherited failures. The owner
-    // columns are left alone: a subscription never changes hands.
-    sqlx::query(
-        "UPDATE subscription SET version = $1, last_updated = $2, status = $3, topic_url = $4,
-           channel_type = $5, endpoint = $6, resource = $7, handshake_pending = $8,
-           failures = CASE WHEN $9 THEN 0 ELSE failures END,
-           failing_since = CASE WHEN $9 THEN NULL ELSE failing_since END,
-           next_attempt_at = CASE WHEN $9 THEN NULL ELSE next_attempt_at END,
-           generation = $10, author = $12
-         WHERE id = $11",
-    )
-    .bind(version)
-    .bind(&now)
-    .bind(record.status.as_str())
-    .bind(&record.topic_url)
-    .bind(&record.channel_type)
-    .bind(&record.endpoint)
-    .bind(record.resource.to_string())
-    .bind(record.handshake_pending as i32)
-    .bind(record.handshake_pending)
-    .bind(generation)
-    .bind(id)
-    .bind(record.author.to_string())
-    .execute(&mut *conn)
-    .await?;
-    load(conn, id)
-        .await?
-        .ok_or_else(|| Error::internal("a replaced subscription vanished", "missing row"))
-}
-
-pub(super) async fn delete_subscription(conn: &mut PgConnection, id: &str) -> Result<bool> {
-    let deleted = sqlx::query("DELETE FROM subscription WHERE id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    if deleted.rows_affected() == 0 {
-        return Ok(false);
-    }
-    sqlx::query("DELETE FROM subscription_event WHERE subscription_id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    let generation = next_generation(conn).await?;
-    sqlx::query(
-        "INSERT INTO subscription_tombstone (id, generation) VALUES ($1, $2)
-         ON CONFLICT (id) DO UPDATE SET generation = excluded.generation",
-    )
-    .bind(id)
-    .bind(generation)
-    .execute(&mut *conn)
-    .await?;
-    Ok(true)
 }
 
 /// Records a batch of matches in two statements: the first checks the lease (locking its row
