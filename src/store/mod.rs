@@ -9,6 +9,7 @@
 //! `subscriptions`, over the statements each backend supplies; `rows` reads stored rows back
 //! for both.
 
+mod hub_sql;
 pub mod postgres;
 mod rows;
 pub mod search_sql;
