@@ -22,11 +22,12 @@ impl SubscriptionTx for PgConnection {
     /// The subscription, locked until the transaction ends: a concurrent write waits here,
     /// then sees this one's result.
     async fn load_for_replace(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
-        let row = sqlx::query("SELECT * FROM subscription WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *self)
-            .await?;
-        row.as_ref().map(subscription_from_row).transpose()
+        load(
+            self,
+            "SELECT * FROM subscription WHERE id = $1 FOR UPDATE",
+            id,
+        )
+        .await
     }
 
     /// Takes the next subscription generation. The row stays locked until the transaction
@@ -126,11 +127,7 @@ impl SubscriptionTx for PgConnection {
     }
 
     async fn reload(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
-        let row = sqlx::query("SELECT * FROM subscription WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *self)
-            .await?;
-        row.as_ref().map(subscription_from_row).transpose()
+        load(self, "SELECT * FROM subscription WHERE id = $1", id).await
     }
 
     async fn delete_row(&mut self, id: &str) -> Result<bool> {
@@ -162,4 +159,17 @@ impl SubscriptionTx for PgConnection {
         .await?;
         Ok(())
     }
+}
+
+/// The subscription `select` finds by id (`$1`).
+async fn load(
+    conn: &mut PgConnection,
+    select: &'static str,
+    id: &str,
+) -> Result<Option<StoredSubscription>> {
+    let row = sqlx::query(select)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(subscription_from_row).transpose()
 }

@@ -382,7 +382,7 @@ async fn a_replace_bumps_the_version_and_counts_a_reactivation() {
     use Failures::{Cleared, Kept};
     #[rustfmt::skip]
     let cases = [
-        case("active stays active, at the quota", Active, Requested, 2, false, Cleared, None),
+        case("active, updated: a handshake again, at the quota", Active, Requested, 2, false, Cleared, None),
         case("error back to requested: a fresh run", Failing, Requested, 2, false, Cleared, None),
         case("turned off", Active, Off, 2, false, Kept, None),
         case("a websocket stays active: no handshake, failures kept", Active, Active, 2, false,
