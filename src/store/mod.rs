@@ -5,13 +5,16 @@
 //! closure (`WriteRequest`) that the store runs inside its transaction against the current
 //! version, so If-Match checks, the state machine and the role rules see exactly the version
 //! they replace, and a Task write and its change event always commit together. The rules of
-//! a Task write are written once, in `write`, over the statements each backend supplies;
-//! `rows` reads stored rows back for both.
+//! a Task write are written once, in `write`, and those of a subscription write in
+//! `subscriptions`, over the statements each backend supplies; `rows` reads stored rows back
+//! for both.
 
+mod hub_sql;
 pub mod postgres;
 mod rows;
 pub mod search_sql;
 pub mod sqlite;
+mod subscriptions;
 mod write;
 
 use std::time::Duration;
@@ -246,12 +249,13 @@ pub struct SubscriptionRecord {
     pub endpoint: Option<String>,
     /// The author's principal (JSON of `auth::Principal`).
     pub author: Value,
-    /// The author's identity; on a replace, the stored owner (ownership never changes).
+    /// The author's identity. A replace does not read it: a subscription keeps the owner it
+    /// was created with.
     pub owner: Identity,
     pub handshake_pending: bool,
     /// The most live (not `off`) subscriptions `owner` may hold, checked inside the write so
     /// that concurrent writes cannot overshoot it; None: no quota. A write that would take a
-    /// new live slot past it fails with 429 (`quota_exceeded`).
+    /// new live slot past it fails with 429 (`subscriptions::quota_exceeded`).
     pub live_quota: Option<usize>,
 }
 
@@ -282,29 +286,6 @@ pub(crate) fn owner_from_columns(
         role,
         fhir_user: Some(fhir_user).filter(|u| !u.is_empty()),
     })
-}
-
-/// The refusal of a subscription write that would take its author past its quota. Waiting
-/// frees nothing, so there is no `Retry-After`.
-pub fn quota_exceeded(quota: usize) -> crate::error::Error {
-    crate::error::Error::client(
-        axum::http::StatusCode::TOO_MANY_REQUESTS,
-        crate::error::IssueCode::Throttled,
-        format!(
-            "the author already holds {quota} live subscriptions, the most one author may \
-             hold (limits.subscriptions_per_author); delete one of them, or set one's status \
-             to off, to free a slot"
-        ),
-    )
-}
-
-/// Whether a write that leaves a subscription `after` (coming from `before`, None on create)
-/// takes one more live slot of its owner's quota.
-pub(crate) fn takes_live_slot(
-    before: Option<SubscriptionStatus>,
-    after: SubscriptionStatus,
-) -> bool {
-    after != SubscriptionStatus::Off && before.is_none_or(|b| b == SubscriptionStatus::Off)
 }
 
 /// Decides, inside the transaction, how a subscription is replaced.

@@ -15,7 +15,12 @@
 //! Outbox `seq` values are taken in one order and committed in another, so the outbox is
 //! consumed by marking rows `matched` (see `hub::record_matches`), not by a position. The
 //! work-sharing tables (the matcher's lease, delivery claims, the subscription generation)
-//! live in `hub`.
+//! live in `hub`; a subscription write runs under the rules of `store::subscriptions` over
+//! the statements in `subscriptions`, which take the generation.
+//!
+//! The reads build their search statements with `search_sql` and read rows with `rows`, as
+//! SQLite's do; what stays per dialect is the `$n` placeholder, the pool, text bound through
+//! `pg_text`, and `unnest` for the version keys of `versions`.
 
 use std::borrow::Cow;
 use std::str::FromStr;
@@ -28,10 +33,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tokio::sync::Notify;
 
-use super::rows::{
-    CURRENT_COLUMNS, change_from_row, current_from_row, sized_current_from_row, version_from_row,
-};
-use super::search_sql::{Placeholder, order_by, where_clause};
+use super::rows::{change_from_row, current_from_row, sized_current_from_row, version_from_row};
+use super::search_sql::{Placeholder, children_sql, page_sql};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
     ChangeEvent, CurrentTask, DeliveryReport, EventRecord, MatchBatch, PageRequest, SearchPage,
@@ -43,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::fhir::search::Predicate;
 
 mod hub;
+mod subscriptions;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -243,14 +247,10 @@ impl Store for PostgresStore {
     }
 
     async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage> {
-        let filter = where_clause(page.predicates, Placeholder::Dollar, 1);
+        let sql = page_sql(page.predicates, page.sort, Placeholder::Dollar);
         let total = if page.with_total {
-            let sql = format!(
-                "SELECT count(*) FROM task t WHERE t.deleted = 0 AND ({})",
-                filter.sql
-            );
-            let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
-            for bind in &filter.binds {
+            let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.count));
+            for bind in &sql.binds {
                 query = query.bind(pg_text(bind));
             }
             Some(query.fetch_one(&self.pool).await? as u64)
@@ -260,27 +260,16 @@ impl Store for PostgresStore {
         if page.count == 0 {
             return Ok(SearchPage::empty(total));
         }
-        {
-            let next = filter.binds.len() + 1;
-            let sql = format!(
-                "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) ORDER BY {}
-                 LIMIT ${} OFFSET ${}",
-                filter.sql,
-                order_by(page.sort),
-                next,
-                next + 1
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for bind in &filter.binds {
-                query = query.bind(pg_text(bind));
-            }
-            let rows = query
-                .bind(page.count as i64)
-                .bind(page.offset as i64)
-                .fetch(&self.pool);
-            let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
-            Ok(collected.into_page(total))
+        let mut query = sqlx::query(AssertSqlSafe(sql.rows));
+        for bind in &sql.binds {
+            query = query.bind(pg_text(bind));
         }
+        let rows = query
+            .bind(page.count as i64)
+            .bind(page.offset as i64)
+            .fetch(&self.pool);
+        let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
+        Ok(collected.into_page(total))
     }
 
     async fn children_of(
@@ -293,17 +282,9 @@ impl Store for PostgresStore {
         if parents.is_empty() {
             return Ok(SearchPage::empty(None));
         }
-        let filter = where_clause(scope, Placeholder::Dollar, 2);
-        let sql = format!(
-            "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0
-               AND t.id IN (SELECT task_id FROM task_token WHERE param = 'part-of' AND value = ANY($1))
-               AND ({}) ORDER BY t.last_updated, t.id LIMIT ${}",
-            filter.sql,
-            filter.binds.len() + 2
-        );
-        let parents: Vec<Cow<str>> = parents.iter().map(|p| pg_text(p)).collect();
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(&parents);
-        for bind in &filter.binds {
+        let sql = children_sql(parents, scope, Placeholder::Dollar);
+        let mut query = sqlx::query(AssertSqlSafe(sql.sql));
+        for bind in &sql.binds {
             query = query.bind(pg_text(bind));
         }
         let rows = query.bind(limit as i64).fetch(&self.pool);
@@ -359,7 +340,7 @@ impl Store for PostgresStore {
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
         let mut tx = self.pool.begin().await?;
-        let result = hub::create_subscription(&mut tx, record).await;
+        let result = super::subscriptions::create(&mut *tx, record).await;
         finish(tx, result)
             .await
             .map_err(|e| concurrent(e, "the subscription table"))
@@ -371,7 +352,7 @@ impl Store for PostgresStore {
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription> {
         let mut tx = self.pool.begin().await?;
-        let result = hub::replace_subscription(&mut tx, id, decide).await;
+        let result = super::subscriptions::replace(&mut *tx, id, decide).await;
         finish(tx, result)
             .await
             .map_err(|e| concurrent(e, "the subscription"))
@@ -379,7 +360,7 @@ impl Store for PostgresStore {
 
     async fn delete_subscription(&self, id: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let result = hub::delete_subscription(&mut tx, id).await;
+        let result = super::subscriptions::delete(&mut *tx, id).await;
         finish(tx, result)
             .await
             .map_err(|e| concurrent(e, "the subscription"))

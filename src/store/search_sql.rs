@@ -7,6 +7,7 @@
 //! same meaning as `Predicate::matches`: "some value of the parameter satisfies the condition".
 //! Every value is bound; the only text spliced into SQL comes from Baton's own parameter table.
 
+use super::rows::CURRENT_COLUMNS;
 use crate::fhir::search::{
     DateComparison, ParamType, Predicate, Prefix, SortKey, SystemMatch, TokenValue, task_param,
 };
@@ -54,6 +55,11 @@ struct Writer {
 impl Writer {
     fn bind(&mut self, value: &str) -> String {
         self.binds.push(value.to_string());
+        self.placeholder()
+    }
+
+    /// The next placeholder; its value is bound by the caller unless `bind` pushed it.
+    fn placeholder(&mut self) -> String {
         match self.style {
             Placeholder::Question => "?".to_string(),
             Placeholder::Dollar => {
@@ -185,6 +191,59 @@ impl Writer {
                 self.bind(a)
             ),
         }
+    }
+}
+
+/// The statements of a page of search results: the count of every match, and the page of
+/// current Tasks (`CURRENT_COLUMNS`), sorted; the page's size and then its offset are bound
+/// after `binds`, by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageSql {
+    pub count: String,
+    pub rows: String,
+    pub binds: Vec<String>,
+}
+
+/// The statements of a search for live Tasks matching `predicates`, sorted by `sort`.
+pub fn page_sql(predicates: &[Predicate], sort: &[SortKey], style: Placeholder) -> PageSql {
+    let mut writer = Writer {
+        style,
+        next: 1,
+        binds: Vec::new(),
+    };
+    let filter = writer.all(predicates);
+    let (limit, offset) = (writer.placeholder(), writer.placeholder());
+    PageSql {
+        count: format!("SELECT count(*) FROM task t WHERE t.deleted = 0 AND ({filter})"),
+        rows: format!(
+            "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({filter}) ORDER BY {}
+             LIMIT {limit} OFFSET {offset}",
+            order_by(sort)
+        ),
+        binds: writer.binds,
+    }
+}
+
+/// The statement of the live Tasks whose `partOf` names one of `parents` (as `Task/id`) and
+/// that match `scope`, oldest first; how many at most is bound after the filter's binds, by
+/// the caller.
+pub fn children_sql(parents: &[String], scope: &[Predicate], style: Placeholder) -> SqlFilter {
+    let mut writer = Writer {
+        style,
+        next: 1,
+        binds: Vec::new(),
+    };
+    let parents: Vec<String> = parents.iter().map(|p| writer.bind(p)).collect();
+    let filter = writer.all(scope);
+    let limit = writer.placeholder();
+    SqlFilter {
+        sql: format!(
+            "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0
+               AND t.id IN (SELECT task_id FROM task_token WHERE param = 'part-of' AND value IN ({}))
+               AND ({filter}) ORDER BY t.last_updated, t.id LIMIT {limit}",
+            parents.join(", ")
+        ),
+        binds: writer.binds,
     }
 }
 
@@ -874,5 +933,32 @@ mod tests {
         for (sort, expected) in cases {
             assert_eq!(order_by(&sort), expected, "{sort:?}");
         }
+    }
+
+    /// A page's size and offset, and a child search's limit, take the placeholders after the
+    /// filter's; a child search's parents come first.
+    #[test]
+    fn statements_number_their_own_placeholders_after_the_filter() {
+        let predicates = vec![Predicate::Missing {
+            param: "owner",
+            missing: true,
+        }];
+        let page = page_sql(&predicates, &[], Placeholder::Dollar);
+        assert_eq!(page.binds, ["owner"]);
+        assert!(page.count.ends_with("param = $1))"), "{}", page.count);
+        assert!(page.rows.ends_with("LIMIT $2 OFFSET $3"), "{}", page.rows);
+        let page = page_sql(&predicates, &[], Placeholder::Question);
+        assert!(page.rows.ends_with("LIMIT ? OFFSET ?"), "{}", page.rows);
+
+        let parents = ["Task/a".to_string(), "Task/b".to_string()];
+        let children = children_sql(&parents, &predicates, Placeholder::Dollar);
+        assert_eq!(children.binds, ["Task/a", "Task/b", "owner"]);
+        assert!(
+            children.sql.contains("value IN ($1, $2)"),
+            "{}",
+            children.sql
+        );
+        assert!(children.sql.contains("param = $3"), "{}", children.sql);
+        assert!(children.sql.ends_with("LIMIT $4"), "{}", children.sql);
     }
 }

@@ -8,7 +8,13 @@
 //! read-only connections, which WAL lets run beside the writer.
 //!
 //! The writer loop is in `writer`; the statements of a Task write, which it runs under the
-//! rules of `store::write`, in `tasks`; those of the hub in `hub`.
+//! rules of `store::write`, in `tasks`; those of a subscription write, under the rules of
+//! `store::subscriptions`, in `subscriptions`; the rest of the hub's in `hub`.
+//!
+//! The reads below build their search statements with `search_sql` and read rows with
+//! `rows`, as PostgreSQL's do; what stays per dialect is the `?` placeholder, the executor
+//! (the read pool) and, for `versions`, SQLite's `(id, version) IN (VALUES …)` in chunks
+//! under its bound-parameter limit.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -26,10 +32,9 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::rows::{
-    CURRENT_COLUMNS, change_from_row, sized_current_from_row, subscription_from_row,
-    version_from_row,
+    change_from_row, sized_current_from_row, subscription_from_row, version_from_row,
 };
-use super::search_sql::{Placeholder, order_by, where_clause};
+use super::search_sql::{Placeholder, children_sql, page_sql};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
     ChangeEvent, CurrentTask, DeliveryReport, EventRecord, MatchBatch, PageRequest, SearchPage,
@@ -43,6 +48,7 @@ use crate::supervise::{self, Health};
 use writer::{Done, Job, Work, run_writer};
 
 mod hub;
+mod subscriptions;
 mod tasks;
 mod writer;
 
@@ -363,14 +369,10 @@ impl Store for SqliteStore {
     }
 
     async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage> {
-        let filter = where_clause(page.predicates, Placeholder::Question, 1);
+        let sql = page_sql(page.predicates, page.sort, Placeholder::Question);
         let total = if page.with_total {
-            let sql = format!(
-                "SELECT count(*) FROM task t WHERE t.deleted = 0 AND ({})",
-                filter.sql
-            );
-            let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
-            for bind in &filter.binds {
+            let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.count));
+            for bind in &sql.binds {
                 query = query.bind(bind);
             }
             Some(query.fetch_one(&self.reads).await? as u64)
@@ -380,23 +382,16 @@ impl Store for SqliteStore {
         if page.count == 0 {
             return Ok(SearchPage::empty(total));
         }
-        {
-            let sql = format!(
-                "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({}) ORDER BY {} LIMIT ? OFFSET ?",
-                filter.sql,
-                order_by(page.sort)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for bind in &filter.binds {
-                query = query.bind(bind);
-            }
-            let rows = query
-                .bind(page.count as i64)
-                .bind(page.offset as i64)
-                .fetch(&self.reads);
-            let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
-            Ok(collected.into_page(total))
+        let mut query = sqlx::query(AssertSqlSafe(sql.rows));
+        for bind in &sql.binds {
+            query = query.bind(bind);
         }
+        let rows = query
+            .bind(page.count as i64)
+            .bind(page.offset as i64)
+            .fetch(&self.reads);
+        let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
+        Ok(collected.into_page(total))
     }
 
     async fn children_of(
@@ -409,19 +404,9 @@ impl Store for SqliteStore {
         if parents.is_empty() {
             return Ok(SearchPage::empty(None));
         }
-        let filter = where_clause(scope, Placeholder::Question, 1);
-        let sql = format!(
-            "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0
-               AND t.id IN (SELECT task_id FROM task_token WHERE param = 'part-of' AND value IN ({}))
-               AND ({}) ORDER BY t.last_updated, t.id LIMIT ?",
-            vec!["?"; parents.len()].join(", "),
-            filter.sql
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for parent in parents {
-            query = query.bind(parent);
-        }
-        for bind in &filter.binds {
+        let sql = children_sql(parents, scope, Placeholder::Question);
+        let mut query = sqlx::query(AssertSqlSafe(sql.sql));
+        for bind in &sql.binds {
             query = query.bind(bind);
         }
         let rows = query.bind(limit as i64).fetch(&self.reads);

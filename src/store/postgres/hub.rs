@@ -1,35 +1,33 @@
-//! PostgreSQL statements for subscriptions, the event log, the delivery state, and the tables
-//! that let several nodes share the work: the matcher's lease, delivery claims and the
-//! subscription generation. Functions taking a connection run inside the caller's
-//! transaction; those taking the pool are one statement or their own read transaction.
+//! PostgreSQL statements for subscription reads, the event log, the delivery state, due
+//! dates, and the tables that let several nodes share the work: the matcher's lease,
+//! delivery claims and the subscription changes since a generation (a subscription's own
+//! writes, which take the generations, are in `subscriptions`). Functions taking a
+//! connection run inside the caller's transaction; those taking the pool are one statement
+//! or their own read transaction.
+//!
+//! The statements both dialects share are `store::hub_sql`'s. What stays here per dialect
+//! is how they run (on the pool or in a transaction, text bound through `pg_text`) and the
+//! statements PostgreSQL alone has: leases, claims, generations, row locks, and
+//! `record_matches` numbering a batch in one statement.
 
 use std::time::Duration;
 
-use serde_json::json;
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::pg_text;
 use crate::error::{Error, Result};
-use crate::fhir::notification::SubscriptionStatus;
+use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
+use crate::store::search_sql::Placeholder;
 use crate::store::{
     DeliveryReport, EventRecord, MatchBatch, StoredSubscription, SubscriptionChanges,
-    SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
+    SubscriptionQuery,
 };
-use crate::store::{now_instant, owner_columns, quota_exceeded, stamp, takes_live_slot};
 
 /// A ttl as a bind value: whole microseconds, PostgreSQL's interval resolution.
 fn micros(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)
-}
-
-async fn load(conn: &mut PgConnection, id: &str) -> Result<Option<StoredSubscription>> {
-    let row = sqlx::query("SELECT * FROM subscription WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.as_ref().map(subscription_from_row).transpose()
 }
 
 pub(super) async fn read_subscription(
@@ -48,171 +46,6 @@ pub(super) async fn live_subscriptions(pool: &PgPool) -> Result<Vec<StoredSubscr
         .fetch_all(pool)
         .await?;
     rows.iter().map(subscription_from_row).collect()
-}
-
-/// Takes the next subscription generation. The row stays locked until the caller's
-/// transaction ends, so subscription writes commit in generation order: a node that has
-/// read generation `g` has seen every write numbered `g` or below.
-async fn next_generation(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "UPDATE subscription_generation SET generation = generation + 1 RETURNING generation",
-    )
-    .fetch_one(&mut *conn)
-    .await?)
-}
-
-/// Refuses the write when it would take `record.owner` past its quota. The caller holds the
-/// subscription generation's row lock (`next_generation`), which every subscription write
-/// takes, so writes are counted one after another: under READ COMMITTED this statement sees
-/// every write that held the lock before, and none can commit until this one ends.
-async fn check_quota(
-    conn: &mut PgConnection,
-    record: &SubscriptionRecord,
-    before: Option<SubscriptionStatus>,
-) -> Result<()> {
-    let Some(quota) = record.live_quota else {
-        return Ok(());
-    };
-    if !takes_live_slot(before, record.status) {
-        return Ok(());
-    }
-    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner).map(pg_text);
-    let live: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM subscription
-         WHERE author_subject = $1 AND author_role = $2 AND author_fhir_user = $3
-           AND author_issuer = $4 AND status <> 'off'",
-    )
-    .bind(subject.as_ref())
-    .bind(role.as_ref())
-    .bind(fhir_user.as_ref())
-    .bind(issuer.as_ref())
-    .fetch_one(&mut *conn)
-    .await?;
-    if live >= i64::try_from(quota).unwrap_or(i64::MAX) {
-        return Err(quota_exceeded(quota));
-    }
-    Ok(())
-}
-
-pub(super) async fn create_subscription(
-    conn: &mut PgConnection,
-    mut record: SubscriptionRecord,
-) -> Result<StoredSubscription> {
-    let id = uuid::Uuid::new_v4().to_string();
-    let now = now_instant();
-    stamp(&mut record.resource, &id, 1, &now);
-    record.resource["status"] = json!(record.status.as_str());
-    let generation = next_generation(conn).await?;
-    check_quota(conn, &record, None).await?;
-    // Changes already committed belong to the past of this subscription: the matcher skips them.
-    let created_after_seq: i64 =
-        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
-            .fetch_one(&mut *conn)
-            .await?;
-    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner).map(pg_text);
-    sqlx::query(
-        "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
-           author, resource, created_after_seq, handshake_pending, generation,
-           author_issuer, author_subject, author_role, author_fhir_user)
-         VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-    )
-    .bind(&id)
-    .bind(&now)
-    .bind(record.status.as_str())
-    .bind(&record.topic_url)
-    .bind(&record.channel_type)
-    .bind(&record.endpoint)
-    .bind(record.author.to_string())
-    .bind(record.resource.to_string())
-    .bind(created_after_seq)
-    .bind(record.handshake_pending as i32)
-    .bind(generation)
-    .bind(issuer.as_ref())
-    .bind(subject.as_ref())
-    .bind(role.as_ref())
-    .bind(fhir_user.as_ref())
-    .execute(&mut *conn)
-    .await?;
-    load(conn, &id)
-        .await?
-        .ok_or_else(|| Error::internal("a created subscription vanished", "missing row"))
-}
-
-pub(super) async fn replace_subscription(
-    conn: &mut PgConnection,
-    id: &str,
-    decide: SubscriptionDecide,
-) -> Result<StoredSubscription> {
-    // Locked first and the generation second, as every subscription write does, so that two
-    // of them cannot wait on each other.
-    let row = sqlx::query("SELECT * FROM subscription WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let current = row
-        .as_ref()
-        .map(subscription_from_row)
-        .transpose()?
-        .ok_or_else(|| Error::not_found(format!("Subscription/{id} does not exist")))?;
-    let mut record = decide(&current)?;
-    let version = current.version + 1;
-    let now = now_instant();
-    stamp(&mut record.resource, id, version, &now);
-    record.resource["status"] = json!(record.status.as_str());
-    let generation = next_generation(conn).await?;
-    check_quota(conn, &record, Some(current.status)).await?;
-    // A re-activation starts a fresh run: a new handshake, no inherited failures. The owner
-    // columns are left alone: a subscription never changes hands.
-    sqlx::query(
-        "UPDATE subscription SET version = $1, last_updated = $2, status = $3, topic_url = $4,
-           channel_type = $5, endpoint = $6, resource = $7, handshake_pending = $8,
-           failures = CASE WHEN $9 THEN 0 ELSE failures END,
-           failing_since = CASE WHEN $9 THEN NULL ELSE failing_since END,
-           next_attempt_at = CASE WHEN $9 THEN NULL ELSE next_attempt_at END,
-           generation = $10, author = $12
-         WHERE id = $11",
-    )
-    .bind(version)
-    .bind(&now)
-    .bind(record.status.as_str())
-    .bind(&record.topic_url)
-    .bind(&record.channel_type)
-    .bind(&record.endpoint)
-    .bind(record.resource.to_string())
-    .bind(record.handshake_pending as i32)
-    .bind(record.handshake_pending)
-    .bind(generation)
-    .bind(id)
-    .bind(record.author.to_string())
-    .execute(&mut *conn)
-    .await?;
-    load(conn, id)
-        .await?
-        .ok_or_else(|| Error::internal("a replaced subscription vanished", "missing row"))
-}
-
-pub(super) async fn delete_subscription(conn: &mut PgConnection, id: &str) -> Result<bool> {
-    let deleted = sqlx::query("DELETE FROM subscription WHERE id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    if deleted.rows_affected() == 0 {
-        return Ok(false);
-    }
-    sqlx::query("DELETE FROM subscription_event WHERE subscription_id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    let generation = next_generation(conn).await?;
-    sqlx::query(
-        "INSERT INTO subscription_tombstone (id, generation) VALUES ($1, $2)
-         ON CONFLICT (id) DO UPDATE SET generation = excluded.generation",
-    )
-    .bind(id)
-    .bind(generation)
-    .execute(&mut *conn)
-    .await?;
-    Ok(true)
 }
 
 /// Records a batch of matches in two statements: the first checks the lease (locking its row
@@ -389,21 +222,11 @@ pub(super) async fn record_delivery(
 }
 
 pub(super) async fn prune_events(pool: &PgPool, before: &str) -> Result<u64> {
-    // Undelivered events are kept whatever their age: the queue must never lose them.
-    let done = sqlx::query(
-        "DELETE FROM subscription_event e WHERE e.occurred_at < $1 AND e.event_number <=
-           (SELECT s.delivered_through FROM subscription s WHERE s.id = e.subscription_id)",
-    )
-    .bind(before)
-    .execute(pool)
-    .await?;
+    let done = sqlx::query(hub_sql::PRUNE_EVENTS)
+        .bind(before)
+        .execute(pool)
+        .await?;
     Ok(done.rows_affected())
-}
-
-/// A bind value of a subscription search.
-enum Bind {
-    Text(String),
-    List(Vec<String>),
 }
 
 pub(super) async fn search_subscriptions(
@@ -412,57 +235,15 @@ pub(super) async fn search_subscriptions(
     count: usize,
     offset: usize,
 ) -> Result<(Vec<StoredSubscription>, u64)> {
-    let mut conditions = vec!["1 = 1".to_string()];
-    let mut binds: Vec<Bind> = Vec::new();
-    if let Some(author) = &query.author {
-        let [issuer, subject, role, fhir_user] = owner_columns(author);
-        for (column, value) in [
-            ("author_subject", subject),
-            ("author_role", role),
-            ("author_fhir_user", fhir_user),
-            ("author_issuer", issuer),
-        ] {
-            binds.push(Bind::Text(pg_text(value).into_owned()));
-            conditions.push(format!("{column} = ${}", binds.len()));
-        }
-    }
-    if let Some(statuses) = &query.status {
-        binds.push(Bind::List(
-            statuses.iter().map(|s| pg_text(s).into_owned()).collect(),
-        ));
-        conditions.push(format!("status = ANY(${})", binds.len()));
-    }
-    if let Some(endpoint) = &query.endpoint {
-        binds.push(Bind::Text(pg_text(endpoint).into_owned()));
-        conditions.push(format!("endpoint = ${}", binds.len()));
-    }
-    if let Some(ids) = &query.ids {
-        binds.push(Bind::List(
-            ids.iter().map(|id| pg_text(id).into_owned()).collect(),
-        ));
-        conditions.push(format!("id = ANY(${})", binds.len()));
-    }
-    let filter = conditions.join(" AND ");
-    let count_sql = format!("SELECT count(*) FROM subscription WHERE {filter}");
-    let mut total = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql));
-    for bind in &binds {
-        total = match bind {
-            Bind::Text(text) => total.bind(text),
-            Bind::List(list) => total.bind(list),
-        };
+    let search = hub_sql::subscription_search(query, Placeholder::Dollar);
+    let mut total = sqlx::query_scalar::<_, i64>(AssertSqlSafe(search.count));
+    for bind in &search.binds {
+        total = total.bind(pg_text(bind));
     }
     let total = total.fetch_one(pool).await?;
-    let sql = format!(
-        "SELECT * FROM subscription WHERE {filter} ORDER BY last_updated, id LIMIT ${} OFFSET ${}",
-        binds.len() + 1,
-        binds.len() + 2
-    );
-    let mut rows = sqlx::query(AssertSqlSafe(sql));
-    for bind in &binds {
-        rows = match bind {
-            Bind::Text(text) => rows.bind(text),
-            Bind::List(list) => rows.bind(list),
-        };
+    let mut rows = sqlx::query(AssertSqlSafe(search.page));
+    for bind in &search.binds {
+        rows = rows.bind(pg_text(bind));
     }
     let rows = rows
         .bind(count as i64)
@@ -482,16 +263,12 @@ pub(super) async fn subscription_events(
     from: i64,
     to: i64,
 ) -> Result<Vec<EventRecord>> {
-    let rows = sqlx::query(
-        "SELECT event_number, change_seq, task_id, version, interaction, occurred_at
-         FROM subscription_event WHERE subscription_id = $1 AND event_number BETWEEN $2 AND $3
-         ORDER BY event_number",
-    )
-    .bind(id)
-    .bind(from)
-    .bind(to)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query(hub_sql::SUBSCRIPTION_EVENTS)
+        .bind(id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await?;
     rows.iter().map(event_from_row).collect()
 }
 
@@ -558,27 +335,23 @@ pub(super) async fn release_subscription(pool: &PgPool, id: &str, holder: &str) 
     Ok(())
 }
 
+/// Work waiting that no node has claimed, or whose claim expired.
 pub(super) async fn due_subscriptions(
     pool: &PgPool,
     stale_before: &str,
     limit: usize,
 ) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
+    let sql = format!(
         "SELECT s.id FROM subscription s
-         WHERE s.status <> 'off'
-           AND (s.lease_holder IS NULL OR s.lease_until < now())
-           AND ((s.handshake_pending <> 0 AND s.last_updated <= $1)
-             OR (s.delivered_through < s.events_since_start
-                 AND coalesce(s.next_attempt_at,
-                       (SELECT e.occurred_at FROM subscription_event e
-                        WHERE e.subscription_id = s.id
-                          AND e.event_number = s.delivered_through + 1)) <= $1))
+         WHERE {} AND (s.lease_holder IS NULL OR s.lease_until < now())
          ORDER BY s.id LIMIT $2",
-    )
-    .bind(stale_before)
-    .bind(limit as i64)
-    .fetch_all(pool)
-    .await?)
+        hub_sql::WORK_WAITING
+    );
+    Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(stale_before)
+        .bind(limit as i64)
+        .fetch_all(pool)
+        .await?)
 }
 
 pub(super) async fn subscription_generation(pool: &PgPool) -> Result<i64> {
@@ -622,22 +395,12 @@ pub(super) async fn subscription_changes_since(
     })
 }
 
-/// The terminal statuses, as SQL literals: an overdue Task is one still open.
-const TERMINAL: &str = "'completed', 'cancelled', 'failed', 'rejected', 'entered-in-error'";
-
 pub(super) async fn overdue_tasks(
     pool: &PgPool,
     now: &str,
     limit: usize,
 ) -> Result<Vec<(String, String)>> {
-    let sql = format!(
-        "SELECT d.task_id, d.end_at FROM task_date d JOIN task t ON t.id = d.task_id
-         WHERE d.param = 'due-date' AND d.end_at <= $1 AND t.deleted = 0
-           AND t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({TERMINAL}))
-           AND NOT EXISTS (SELECT 1 FROM task_overdue o WHERE o.task_id = d.task_id AND o.due_at = d.end_at)
-         ORDER BY d.end_at LIMIT $2"
-    );
-    let rows = sqlx::query(AssertSqlSafe(sql))
+    let rows = sqlx::query(AssertSqlSafe(hub_sql::overdue_tasks()))
         .bind(now)
         .bind(limit as i64)
         .fetch_all(pool)
@@ -647,21 +410,16 @@ pub(super) async fn overdue_tasks(
         .collect()
 }
 
+/// The Task row is share-locked by the check, so it cannot change before this commits, and
+/// the event names its current version. Nodes racing to report the same due date wait on
+/// the marker's key; the first to commit reports it, the others insert nothing.
 pub(super) async fn mark_overdue(
     conn: &mut PgConnection,
     task_id: &str,
     due_at: &str,
     now: &str,
 ) -> Result<bool> {
-    // Checked again inside the transaction: the Task may have been completed or given a new
-    // due date since it was found. The Task row is share-locked, so it cannot change before
-    // this commits, and the event names its current version.
-    let sql = format!(
-        "SELECT t.version FROM task t JOIN task_date d ON d.task_id = t.id AND d.param = 'due-date' AND d.end_at = $1
-         WHERE t.id = $2 AND t.deleted = 0 AND d.end_at <= $3
-           AND t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({TERMINAL}))
-         FOR SHARE OF t"
-    );
+    let sql = hub_sql::overdue_version("FOR SHARE OF t");
     let version: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
         .bind(due_at)
         .bind(task_id)
@@ -671,35 +429,26 @@ pub(super) async fn mark_overdue(
     let Some(version) = version else {
         return Ok(false);
     };
-    // Nodes racing to report the same due date wait here on the key; the first to commit
-    // reports it, the others insert nothing.
-    let marked = sqlx::query(
-        "INSERT INTO task_overdue (task_id, due_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(task_id)
-    .bind(due_at)
-    .execute(&mut *conn)
-    .await?;
+    let marked = sqlx::query(hub_sql::MARK_OVERDUE)
+        .bind(task_id)
+        .bind(due_at)
+        .execute(&mut *conn)
+        .await?;
     if marked.rows_affected() == 0 {
         return Ok(false);
     }
-    sqlx::query(
-        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
-         VALUES ('Task', $1, $2, NULL, 'overdue', $3)",
-    )
-    .bind(task_id)
-    .bind(version)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(hub_sql::OVERDUE_EVENT)
+        .bind(task_id)
+        .bind(version)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
     Ok(true)
 }
 
 pub(super) async fn next_due(pool: &PgPool, now: &str) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT min(end_at) FROM task_date WHERE param = 'due-date' AND end_at > $1",
-    )
-    .bind(now)
-    .fetch_one(pool)
-    .await?)
+    Ok(sqlx::query_scalar(hub_sql::NEXT_DUE)
+        .bind(now)
+        .fetch_one(pool)
+        .await?)
 }

@@ -1,156 +1,20 @@
-//! SQLite statements for subscriptions, the event log and the delivery state. The write
-//! functions run inside the writer's transaction; the read functions use the read pool.
+//! SQLite statements for the event log, the delivery state, subscription searches and due
+//! dates (a subscription's own writes are in `subscriptions`). The write functions run
+//! inside the writer's transaction; the read functions use the read pool.
+//!
+//! The statements both dialects share are `store::hub_sql`'s. What stays here per dialect
+//! is how they run: on the writer's connection or the read pool, with SQLite's `?` where a
+//! statement is built, and the statements SQLite alone has (`record_matches` numbers matches
+//! one at a time, where PostgreSQL numbers a batch in one statement).
 
-use serde_json::json;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::error::{Error, Result};
-use crate::fhir::notification::SubscriptionStatus;
+use crate::error::Result;
+use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
-use crate::store::{
-    DeliveryReport, EventRecord, MatchRow, StoredSubscription, SubscriptionDecide,
-    SubscriptionQuery, SubscriptionRecord,
-};
-use crate::store::{now_instant, owner_columns, quota_exceeded, stamp, takes_live_slot};
-
-/// Refuses the write when it would take `record.owner` past its quota. It runs inside the
-/// writer's transaction, and the single writer runs one job at a time, so no other write can
-/// slip in between this count and the write it guards.
-async fn check_quota(
-    conn: &mut SqliteConnection,
-    record: &SubscriptionRecord,
-    before: Option<SubscriptionStatus>,
-) -> Result<()> {
-    let Some(quota) = record.live_quota else {
-        return Ok(());
-    };
-    if !takes_live_slot(before, record.status) {
-        return Ok(());
-    }
-    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner);
-    let live: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM subscription
-         WHERE author_subject = ? AND author_role = ? AND author_fhir_user = ?
-           AND author_issuer = ? AND status <> 'off'",
-    )
-    .bind(subject)
-    .bind(role)
-    .bind(fhir_user)
-    .bind(issuer)
-    .fetch_one(&mut *conn)
-    .await?;
-    if live >= i64::try_from(quota).unwrap_or(i64::MAX) {
-        return Err(quota_exceeded(quota));
-    }
-    Ok(())
-}
-
-async fn load(conn: &mut SqliteConnection, id: &str) -> Result<Option<StoredSubscription>> {
-    let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.as_ref().map(subscription_from_row).transpose()
-}
-
-pub(super) async fn create_subscription(
-    conn: &mut SqliteConnection,
-    mut record: SubscriptionRecord,
-) -> Result<StoredSubscription> {
-    check_quota(conn, &record, None).await?;
-    let id = uuid::Uuid::new_v4().to_string();
-    let now = now_instant();
-    stamp(&mut record.resource, &id, 1, &now);
-    record.resource["status"] = json!(record.status.as_str());
-    // Changes already committed belong to the past of this subscription: the matcher skips them.
-    let created_after_seq: i64 =
-        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
-            .fetch_one(&mut *conn)
-            .await?;
-    let [issuer, subject, role, fhir_user] = owner_columns(&record.owner);
-    sqlx::query(
-        "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
-           author, resource, created_after_seq, handshake_pending,
-           author_issuer, author_subject, author_role, author_fhir_user)
-         VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&id)
-    .bind(&now)
-    .bind(record.status.as_str())
-    .bind(&record.topic_url)
-    .bind(&record.channel_type)
-    .bind(&record.endpoint)
-    .bind(record.author.to_string())
-    .bind(record.resource.to_string())
-    .bind(created_after_seq)
-    .bind(record.handshake_pending as i64)
-    .bind(issuer)
-    .bind(subject)
-    .bind(role)
-    .bind(fhir_user)
-    .execute(&mut *conn)
-    .await?;
-    load(conn, &id)
-        .await?
-        .ok_or_else(|| Error::internal("a created subscription vanished", "missing row"))
-}
-
-pub(super) async fn replace_subscription(
-    conn: &mut SqliteConnection,
-    id: &str,
-    decide: SubscriptionDecide,
-) -> Result<StoredSubscription> {
-    let current = load(conn, id)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("Subscription/{id} does not exist")))?;
-    let mut record = decide(&current)?;
-    check_quota(conn, &record, Some(current.status)).await?;
-    let version = current.version + 1;
-    let now = now_instant();
-    stamp(&mut record.resource, id, version, &now);
-    record.resource["status"] = json!(record.status.as_str());
-    // A re-activation starts a fresh run: a new handshake, no inherited failures. The owner
-    // columns are left alone: a subscription never changes hands.
-    sqlx::query(
-        "UPDATE subscription SET version = ?, last_updated = ?, status = ?, topic_url = ?,
-           channel_type = ?, endpoint = ?, resource = ?, author = ?, handshake_pending = ?,
-           failures = CASE WHEN ? THEN 0 ELSE failures END,
-           failing_since = CASE WHEN ? THEN NULL ELSE failing_since END,
-           next_attempt_at = CASE WHEN ? THEN NULL ELSE next_attempt_at END
-         WHERE id = ?",
-    )
-    .bind(version)
-    .bind(&now)
-    .bind(record.status.as_str())
-    .bind(&record.topic_url)
-    .bind(&record.channel_type)
-    .bind(&record.endpoint)
-    .bind(record.resource.to_string())
-    .bind(record.author.to_string())
-    .bind(record.handshake_pending as i64)
-    .bind(record.handshake_pending)
-    .bind(record.handshake_pending)
-    .bind(record.handshake_pending)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    load(conn, id)
-        .await?
-        .ok_or_else(|| Error::internal("a replaced subscription vanished", "missing row"))
-}
-
-pub(super) async fn delete_subscription(conn: &mut SqliteConnection, id: &str) -> Result<bool> {
-    sqlx::query("DELETE FROM subscription_event WHERE subscription_id = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    let deleted = sqlx::query("DELETE FROM subscription WHERE id = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(deleted.rows_affected() > 0)
-}
+use crate::store::search_sql::Placeholder;
+use crate::store::{DeliveryReport, EventRecord, MatchRow, StoredSubscription, SubscriptionQuery};
 
 pub(super) async fn record_matches(
     conn: &mut SqliteConnection,
@@ -250,14 +114,10 @@ pub(super) async fn record_delivery(
 }
 
 pub(super) async fn prune_events(conn: &mut SqliteConnection, before: &str) -> Result<u64> {
-    // Undelivered events are kept whatever their age: the queue must never lose them.
-    let done = sqlx::query(
-        "DELETE FROM subscription_event WHERE occurred_at < ? AND event_number <=
-           (SELECT s.delivered_through FROM subscription s WHERE s.id = subscription_event.subscription_id)",
-    )
-    .bind(before)
-    .execute(&mut *conn)
-    .await?;
+    let done = sqlx::query(hub_sql::PRUNE_EVENTS)
+        .bind(before)
+        .execute(&mut *conn)
+        .await?;
     Ok(done.rows_affected())
 }
 
@@ -267,50 +127,15 @@ pub(super) async fn search_subscriptions(
     count: usize,
     offset: usize,
 ) -> Result<(Vec<StoredSubscription>, u64)> {
-    let mut conditions = vec!["1 = 1".to_string()];
-    let mut binds: Vec<String> = Vec::new();
-    if let Some(author) = &query.author {
-        conditions.push(
-            "author_subject = ? AND author_role = ? AND author_fhir_user = ? AND author_issuer = ?"
-                .into(),
-        );
-        let [issuer, subject, role, fhir_user] = owner_columns(author);
-        binds.extend([subject, role, fhir_user, issuer].map(str::to_string));
-    }
-    if let Some(statuses) = &query.status {
-        conditions.push(format!(
-            "status IN ({})",
-            vec!["?"; statuses.len()].join(", ")
-        ));
-        binds.extend(statuses.iter().cloned());
-    }
-    if let Some(endpoint) = &query.endpoint {
-        conditions.push("endpoint = ?".into());
-        binds.push(endpoint.clone());
-    }
-    if let Some(ids) = &query.ids {
-        conditions.push(format!(
-            "id IN ({})",
-            vec!["?"; ids.len().max(1)].join(", ")
-        ));
-        if ids.is_empty() {
-            binds.push(String::new());
-        }
-        binds.extend(ids.iter().cloned());
-    }
-    let filter = conditions.join(" AND ");
-    let count_sql = format!("SELECT count(*) FROM subscription WHERE {filter}");
-    let mut total = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql));
-    for b in &binds {
-        total = total.bind(b);
+    let search = hub_sql::subscription_search(query, Placeholder::Question);
+    let mut total = sqlx::query_scalar::<_, i64>(AssertSqlSafe(search.count));
+    for bind in &search.binds {
+        total = total.bind(bind);
     }
     let total = total.fetch_one(reads).await?;
-    let sql = format!(
-        "SELECT * FROM subscription WHERE {filter} ORDER BY last_updated, id LIMIT ? OFFSET ?"
-    );
-    let mut rows = sqlx::query(AssertSqlSafe(sql));
-    for b in &binds {
-        rows = rows.bind(b);
+    let mut rows = sqlx::query(AssertSqlSafe(search.page));
+    for bind in &search.binds {
+        rows = rows.bind(bind);
     }
     let rows = rows
         .bind(count as i64)
@@ -330,35 +155,21 @@ pub(super) async fn subscription_events(
     from: i64,
     to: i64,
 ) -> Result<Vec<EventRecord>> {
-    let rows = sqlx::query(
-        "SELECT event_number, change_seq, task_id, version, interaction, occurred_at
-         FROM subscription_event WHERE subscription_id = ? AND event_number BETWEEN ? AND ?
-         ORDER BY event_number",
-    )
-    .bind(id)
-    .bind(from)
-    .bind(to)
-    .fetch_all(reads)
-    .await?;
+    let rows = sqlx::query(hub_sql::SUBSCRIPTION_EVENTS)
+        .bind(id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(reads)
+        .await?;
     rows.iter().map(event_from_row).collect()
 }
-
-/// The terminal statuses, as bound SQL values: an overdue Task is one still open.
-const TERMINAL: &str = "'completed', 'cancelled', 'failed', 'rejected', 'entered-in-error'";
 
 pub(super) async fn overdue_tasks(
     reads: &SqlitePool,
     now: &str,
     limit: usize,
 ) -> Result<Vec<(String, String)>> {
-    let sql = format!(
-        "SELECT d.task_id, d.end_at FROM task_date d JOIN task t ON t.id = d.task_id
-         WHERE d.param = 'due-date' AND d.end_at <= ? AND t.deleted = 0
-           AND t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({TERMINAL}))
-           AND NOT EXISTS (SELECT 1 FROM task_overdue o WHERE o.task_id = d.task_id AND o.due_at = d.end_at)
-         ORDER BY d.end_at LIMIT ?"
-    );
-    let rows = sqlx::query(AssertSqlSafe(sql))
+    let rows = sqlx::query(AssertSqlSafe(hub_sql::overdue_tasks()))
         .bind(now)
         .bind(limit as i64)
         .fetch_all(reads)
@@ -368,20 +179,15 @@ pub(super) async fn overdue_tasks(
         .collect()
 }
 
+/// Checked, marked and recorded inside the writer's transaction; the single writer runs one
+/// job at a time, so the Task cannot change in between.
 pub(super) async fn mark_overdue(
     conn: &mut SqliteConnection,
     task_id: &str,
     due_at: &str,
     now: &str,
 ) -> Result<bool> {
-    // Checked again inside the transaction: the Task may have been completed or given a new
-    // due date since it was found.
-    let sql = format!(
-        "SELECT t.version FROM task t JOIN task_date d ON d.task_id = t.id AND d.param = 'due-date' AND d.end_at = ?
-         WHERE t.id = ? AND t.deleted = 0 AND d.end_at <= ?
-           AND t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({TERMINAL}))"
-    );
-    let version: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+    let version: Option<i64> = sqlx::query_scalar(AssertSqlSafe(hub_sql::overdue_version("")))
         .bind(due_at)
         .bind(task_id)
         .bind(now)
@@ -390,7 +196,7 @@ pub(super) async fn mark_overdue(
     let Some(version) = version else {
         return Ok(false);
     };
-    let marked = sqlx::query("INSERT OR IGNORE INTO task_overdue (task_id, due_at) VALUES (?, ?)")
+    let marked = sqlx::query(hub_sql::MARK_OVERDUE)
         .bind(task_id)
         .bind(due_at)
         .execute(&mut *conn)
@@ -398,45 +204,35 @@ pub(super) async fn mark_overdue(
     if marked.rows_affected() == 0 {
         return Ok(false);
     }
-    sqlx::query(
-        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
-         VALUES ('Task', ?, ?, NULL, 'overdue', ?)",
-    )
-    .bind(task_id)
-    .bind(version)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(hub_sql::OVERDUE_EVENT)
+        .bind(task_id)
+        .bind(version)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
     Ok(true)
 }
 
+/// One node has no claims: work waiting is all there is to it.
 pub(super) async fn due_subscriptions(
     reads: &SqlitePool,
     stale_before: &str,
     limit: usize,
 ) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT s.id FROM subscription s
-         WHERE s.status != 'off'
-           AND ((s.handshake_pending != 0 AND s.last_updated <= ?1)
-             OR (s.delivered_through < s.events_since_start
-                 AND coalesce(s.next_attempt_at,
-                       (SELECT e.occurred_at FROM subscription_event e
-                        WHERE e.subscription_id = s.id
-                          AND e.event_number = s.delivered_through + 1)) <= ?1))
-         ORDER BY s.id LIMIT ?2",
-    )
-    .bind(stale_before)
-    .bind(limit as i64)
-    .fetch_all(reads)
-    .await?)
+    let sql = format!(
+        "SELECT s.id FROM subscription s WHERE {} ORDER BY s.id LIMIT $2",
+        hub_sql::WORK_WAITING
+    );
+    Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(stale_before)
+        .bind(limit as i64)
+        .fetch_all(reads)
+        .await?)
 }
 
 pub(super) async fn next_due(reads: &SqlitePool, now: &str) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT min(end_at) FROM task_date WHERE param = 'due-date' AND end_at > ?",
-    )
-    .bind(now)
-    .fetch_one(reads)
-    .await?)
+    Ok(sqlx::query_scalar(hub_sql::NEXT_DUE)
+        .bind(now)
+        .fetch_one(reads)
+        .await?)
 }

@@ -2,7 +2,8 @@
 //!
 //! It takes every job waiting in its queue (up to `store.max_batch`), applies each inside its
 //! own savepoint of one transaction, and commits once. Task writes follow the rules of
-//! `store::write` over this connection's statements (`tasks`); hub writes run `hub`'s.
+//! `store::write` over this connection's statements (`tasks`), subscription writes those of
+//! `store::subscriptions` (over `sqlite::subscriptions`); the other hub writes run `hub`'s.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::hub;
 use crate::error::{Error, Result};
+use crate::store::subscriptions;
 use crate::store::write::{self, TaskWrite};
 use crate::store::{
     DeliveryReport, MatchRow, StoredSubscription, SubscriptionDecide, SubscriptionRecord,
@@ -176,15 +178,13 @@ async fn run_batch(
 async fn apply_work(conn: &mut SqliteConnection, work: Work, base_url: &str) -> Result<Done> {
     match work {
         Work::Task(task) => write::apply(conn, task, base_url).await.map(Done::Task),
-        Work::CreateSubscription(record) => hub::create_subscription(conn, *record)
+        Work::CreateSubscription(record) => subscriptions::create(conn, *record)
             .await
             .map(|s| Done::Subscription(Box::new(s))),
-        Work::ReplaceSubscription(id, decide) => hub::replace_subscription(conn, &id, decide)
+        Work::ReplaceSubscription(id, decide) => subscriptions::replace(conn, &id, decide)
             .await
             .map(|s| Done::Subscription(Box::new(s))),
-        Work::DeleteSubscription(id) => {
-            hub::delete_subscription(conn, &id).await.map(Done::Deleted)
-        }
+        Work::DeleteSubscription(id) => subscriptions::delete(conn, &id).await.map(Done::Deleted),
         Work::RecordMatches {
             consumer,
             through_seq,
