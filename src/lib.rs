@@ -172,24 +172,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         index: Default::default(),
         specs: Default::default(),
         delivery: inbox,
-        rest_hook: rest_hook.clone(),
+        rest_hook,
         amqp: amqp.clone(),
         sockets: registry.clone(),
         node: node.clone(),
         matching: Default::default(),
     });
-    let deliverer = Arc::new(Deliverer {
-        store: store.clone(),
-        rest_hook,
-        amqp: amqp.clone(),
-        signals: signals.clone(),
-        base_url: base_url.clone(),
-        config: config.delivery.clone(),
-        hub: hub.clone(),
-        node: node.clone(),
-        lease: Duration::from_secs(config.cluster.lease_seconds),
-        scan_every: Duration::from_secs(config.cluster.scan_seconds),
-    });
+    let deliverer = Arc::new(Deliverer::new(
+        store.clone(),
+        signals.clone(),
+        hub.clone(),
+        &config,
+    ));
     delivery::start(
         deliverer,
         commands,

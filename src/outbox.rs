@@ -184,6 +184,15 @@ impl Outbox {
     /// after a crash such changes are read again and, matched again, still match nothing (a
     /// subscription created since is gated by `created_after_seq`), so the persisted cursor
     /// may lag by up to `POLL` without skipping or repeating any event.
+    #[tracing::instrument(
+        name = "outbox.batch",
+        skip_all,
+        fields(
+            change.from = changes.first().map_or(0, |c| c.seq),
+            change.to = changes.last().map_or(0, |c| c.seq),
+            changes = changes.len(),
+        )
+    )]
     async fn process(&self, changes: &[ChangeEvent], persist: bool) -> Result<(i64, bool)> {
         let started = std::time::Instant::now();
         let mut keys = Vec::with_capacity(changes.len() * 2);

@@ -7,10 +7,14 @@ mod common;
 
 use std::sync::Arc;
 
+use baton::auth::{Identity, Role};
 use baton::config::StoreConfig;
+use baton::fhir::notification::SubscriptionStatus;
 use baton::store::postgres::PostgresStore;
 use baton::store::sqlite::SqliteStore;
-use baton::store::{Decision, Store, WriteOutcome, WriteRequest};
+use baton::store::{
+    Decision, DeliveryReport, HandshakeOwed, Store, SubscriptionRecord, WriteOutcome, WriteRequest,
+};
 use baton::supervise::{Health, TaskState};
 use common::receiver::Receiver;
 use common::{TestServer, eventually, subscription, task};
@@ -114,6 +118,57 @@ async fn a_panicking_write_fails_alone_and_the_writer_goes_on() {
         "{:?}",
         health.snapshot()
     );
+    store.close().await;
+    common::forget_database(dir.path());
+}
+
+#[tokio::test]
+async fn a_delivery_that_was_not_the_handshake_never_activates_a_subscription_that_owes_one() {
+    // An events attempt that was in flight while its subscription was replaced (a new
+    // version, which owes a new handshake) must not mark the new version `active`.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_store(dir.path()).await;
+    let owner = Identity {
+        issuer: None,
+        subject: "admin-cli".into(),
+        role: Role::Admin,
+        fhir_user: None,
+    };
+    let stored = store
+        .create_subscription(SubscriptionRecord {
+            resource: json!({"resourceType": "Subscription", "status": "requested"}),
+            status: SubscriptionStatus::Requested,
+            topic_url: "http://baton.test/fhir/SubscriptionTopic/task-changed".into(),
+            channel_type: "rest-hook".into(),
+            endpoint: Some("https://receiver.example/hook".into()),
+            author: json!({"subject": "admin-cli", "role": "admin", "performer_types": []}),
+            owner,
+            handshake_pending: true,
+            live_quota: None,
+        })
+        .await
+        .unwrap();
+    let delivered = |handshake| DeliveryReport::Delivered {
+        subscription_id: stored.id.clone(),
+        through: 0,
+        handshake,
+        status: SubscriptionStatus::Active,
+        at: "2026-01-01T00:00:00.000Z".into(),
+    };
+    store
+        .record_delivery("node", delivered(HandshakeOwed::Unchanged))
+        .await
+        .unwrap();
+    let after = store.read_subscription(&stored.id).await.unwrap().unwrap();
+    assert_eq!(after.status, SubscriptionStatus::Requested);
+    assert!(after.handshake_pending);
+    store
+        .record_delivery("node", delivered(HandshakeOwed::Settled))
+        .await
+        .unwrap();
+    let after = store.read_subscription(&stored.id).await.unwrap().unwrap();
+    assert_eq!(after.status, SubscriptionStatus::Active);
+    assert!(!after.handshake_pending);
     store.close().await;
     common::forget_database(dir.path());
 }

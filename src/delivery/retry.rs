@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use crate::config::DeliveryConfig;
+
 /// The longest wait an endpoint can impose through `Retry-After`. Without a cap, one answer
 /// could park a subscription's whole queue for days.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
@@ -37,6 +39,22 @@ impl Default for RetryPolicy {
             jitter_ratio: 0.2,
             error_after_failures: 5,
             off_after: Duration::from_secs(3 * 24 * 60 * 60),
+        }
+    }
+}
+
+impl From<&DeliveryConfig> for RetryPolicy {
+    /// The policy the configuration describes, built once when delivery starts.
+    fn from(config: &DeliveryConfig) -> Self {
+        RetryPolicy {
+            schedule: config
+                .retry_schedule_seconds
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+            jitter_ratio: config.jitter_ratio,
+            error_after_failures: config.error_after_failures,
+            off_after: Duration::from_secs(config.off_after_seconds),
         }
     }
 }

@@ -316,13 +316,16 @@ pub struct EventRecord {
 
 /// The result of one delivery attempt, to be recorded with the subscription.
 #[derive(Debug, Clone, PartialEq)]
+/// Either way `status` is written as given (delivery's status machine decides it), except
+/// that a subscription `off` in the row stays `off`.
 pub enum DeliveryReport {
     Delivered {
         subscription_id: String,
         /// Highest event number now delivered (unchanged for handshakes and heartbeats).
         through: i64,
-        /// Whether this was the handshake, which makes a `requested` subscription `active`.
-        handshake: bool,
+        /// Whether this was the handshake, which settles the handshake owed.
+        handshake: HandshakeOwed,
+        status: SubscriptionStatus,
         at: String,
     },
     Failed {
@@ -333,6 +336,15 @@ pub enum DeliveryReport {
         next_attempt_at: Option<String>,
         status: SubscriptionStatus,
     },
+}
+
+/// What a delivery did to the handshake its subscription owes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeOwed {
+    /// The handshake itself went out: none is owed any longer.
+    Settled,
+    /// Events or a heartbeat went out: whatever was owed still is.
+    Unchanged,
 }
 
 /// A batch of matched changes, recorded in one transaction.

@@ -21,8 +21,8 @@ use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
-    DeliveryReport, EventRecord, MatchBatch, StoredSubscription, SubscriptionChanges,
-    SubscriptionQuery,
+    DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, StoredSubscription,
+    SubscriptionChanges, SubscriptionQuery,
 };
 
 /// A ttl as a bind value: whole microseconds, PostgreSQL's interval resolution.
@@ -172,6 +172,7 @@ pub(super) async fn record_delivery(
             subscription_id,
             through,
             handshake,
+            status,
             at,
         } => {
             sqlx::query(
@@ -179,16 +180,20 @@ pub(super) async fn record_delivery(
                    handshake_pending = CASE WHEN $2 THEN 0 ELSE handshake_pending END,
                    failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
                    last_sent_at = $3,
-                   status = CASE WHEN status = 'error' OR (status = 'requested' AND $2) THEN 'active' ELSE status END,
+                   -- Off stays off; a row that owes a handshake (the subscription was replaced
+                   -- while this attempt was in flight) keeps its status until the handshake.
+                   status = CASE WHEN status = 'off' THEN 'off'
+                     WHEN handshake_pending = 1 AND NOT $2 THEN status ELSE $6 END,
                    lease_holder = CASE WHEN lease_holder = $4 THEN NULL ELSE lease_holder END,
                    lease_until = CASE WHEN lease_holder = $4 THEN NULL ELSE lease_until END
                  WHERE id = $5",
             )
             .bind(through)
-            .bind(handshake)
+            .bind(handshake == HandshakeOwed::Settled)
             .bind(&at)
             .bind(holder)
             .bind(&subscription_id)
+            .bind(status.as_str())
             .execute(pool)
             .await?;
         }

@@ -19,7 +19,7 @@ use crate::fhir::search::{
     Handling, Predicate, SearchLimits, SystemMatch, TokenValue, parse_query,
 };
 use crate::store::{
-    CurrentTask, Decision, DeliveryReport, MatchBatch, MatchRow, PageRequest, Store,
+    CurrentTask, Decision, DeliveryReport, HandshakeOwed, MatchBatch, MatchRow, PageRequest, Store,
     SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
 };
 
@@ -617,7 +617,8 @@ async fn claims_keep_other_nodes_out_until_released_or_expired() {
     let delivered = DeliveryReport::Delivered {
         subscription_id: subscription.clone(),
         through: 0,
-        handshake: true,
+        handshake: HandshakeOwed::Settled,
+        status: SubscriptionStatus::Active,
         at: now.clone(),
     };
     store.record_delivery("A", delivered).await.unwrap();
@@ -720,7 +721,8 @@ async fn the_generation_moves_with_subscription_writes_only() {
     let delivered = DeliveryReport::Delivered {
         subscription_id: first.clone(),
         through: 1,
-        handshake: true,
+        handshake: HandshakeOwed::Settled,
+        status: SubscriptionStatus::Active,
         at: crate::store::now_instant(),
     };
     store.record_delivery("A", delivered).await.unwrap();

@@ -14,7 +14,9 @@ use crate::error::Result;
 use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
-use crate::store::{DeliveryReport, EventRecord, MatchRow, StoredSubscription, SubscriptionQuery};
+use crate::store::{
+    DeliveryReport, EventRecord, HandshakeOwed, MatchRow, StoredSubscription, SubscriptionQuery,
+};
 
 pub(super) async fn record_matches(
     conn: &mut SqliteConnection,
@@ -69,6 +71,7 @@ pub(super) async fn record_delivery(
             subscription_id,
             through,
             handshake,
+            status,
             at,
         } => {
             sqlx::query(
@@ -76,13 +79,17 @@ pub(super) async fn record_delivery(
                    handshake_pending = CASE WHEN ? THEN 0 ELSE handshake_pending END,
                    failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
                    last_sent_at = ?,
-                   status = CASE WHEN status = 'error' OR (status = 'requested' AND ?) THEN 'active' ELSE status END
+                   -- Off stays off; a row that owes a handshake (the subscription was replaced
+                   -- while this attempt was in flight) keeps its status until the handshake.
+                   status = CASE WHEN status = 'off' THEN 'off'
+                     WHEN handshake_pending = 1 AND NOT ? THEN status ELSE ? END
                  WHERE id = ?",
             )
             .bind(through)
-            .bind(handshake)
+            .bind(handshake == HandshakeOwed::Settled)
             .bind(&at)
-            .bind(handshake)
+            .bind(handshake == HandshakeOwed::Settled)
+            .bind(status.as_str())
             .bind(&subscription_id)
             .execute(&mut *conn)
             .await?;

@@ -1,0 +1,464 @@
+//! One delivery attempt for one subscription, in stages: claim it, choose what to send, send
+//! it on its channel, record the result.
+//!
+//! The attempt reads the clock at its two edges, when it starts and when a send has failed,
+//! and hands the instant to the pure decisions: what to send (`choose_payload`), what a
+//! failure records (`failure_report`) and the status either way (`status::next_status`).
+
+use std::time::Duration;
+
+use tracing::field::Empty;
+
+use super::Deliverer;
+use super::dispatch::{Channel, Guarantee, Outgoing, Reach, channel_for};
+use super::notify::{Notification, Payload, Subject, build};
+use super::retry::{AfterFailure, RetryPolicy, after_failure};
+use super::scheduler::{Attempt, Outcome};
+use super::status::{Happened, next_status};
+use crate::error::Result;
+use crate::fhir::datetime::{DateKind, format_instant, parse_instant, parse_range};
+use crate::fhir::notification::SubscriptionStatus;
+use crate::fhir::subscription::SubscriptionSpec;
+use crate::store::{DeliveryReport, HandshakeOwed, StoredSubscription};
+
+/// How long to wait before trying again after an attempt that failed inside the hub (a store
+/// error, a panic) rather than at the endpoint.
+pub const HUB_FAILURE_RETRY: Duration = Duration::from_secs(5);
+
+/// One delivery attempt for one subscription.
+pub async fn attempt(deliverer: &Deliverer, id: &str, attempt: Attempt) -> Outcome {
+    match try_attempt(deliverer, id, attempt).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::error!(subscription.id = %id, error = %crate::error::error_chain(&e), "delivery attempt failed inside the hub");
+            Outcome::RetryAt(HUB_FAILURE_RETRY)
+        }
+    }
+}
+
+/// This node's claim on a subscription for one attempt. Recording the attempt's result ends
+/// the claim in the same statement; an attempt that records nothing ends it explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    Held,
+    Ended,
+}
+
+/// A failed attempt's consequence for its subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopping {
+    /// The channel did not take it: retry on the schedule (`error` after repeated failures,
+    /// `off` past the horizon), no sooner than the endpoint's `Retry-After`.
+    Retry(Option<Duration>),
+    /// The hub cannot deliver it as configured: `error` with no retry; it is tried again when
+    /// it is changed, woken by new events, or the node restarts with another configuration.
+    Pause,
+    /// It reached its end time: `off`.
+    End,
+    /// Its topic or filters are gone, so it can never match again: `off`.
+    TurnOff,
+}
+
+impl Stopping {
+    /// The reason in `baton_subscriptions_undeliverable_total`.
+    fn as_str(self) -> &'static str {
+        match self {
+            Stopping::Retry(_) => "retry",
+            Stopping::Pause => "configuration",
+            Stopping::End => "end",
+            Stopping::TurnOff => "topic",
+        }
+    }
+}
+
+/// A subscription this node has claimed, and what the attempt's stages share.
+struct Claimed<'a> {
+    deliverer: &'a Deliverer,
+    sub: StoredSubscription,
+    claim: Claim,
+}
+
+#[tracing::instrument(
+    name = "delivery.attempt",
+    skip_all,
+    fields(subscription.id = %id, attempt = Empty, event.from = Empty, event.to = Empty)
+)]
+async fn try_attempt(deliverer: &Deliverer, id: &str, attempt: Attempt) -> Result<Outcome> {
+    let default_timeout = Duration::from_secs(deliverer.config.default_timeout_seconds);
+    let node = deliverer.hub.node.as_str();
+    let Some(sub) = deliverer
+        .store
+        .claim_subscription(id, node, deliverer.lease + default_timeout)
+        .await?
+    else {
+        return Ok(match deliverer.store.read_subscription(id).await? {
+            Some(sub) if sub.status != SubscriptionStatus::Off => {
+                metrics::counter!("baton_delivery_claims_busy_total").increment(1);
+                Outcome::Busy
+            }
+            _ => Outcome::Gone,
+        });
+    };
+    let mut claimed = Claimed {
+        deliverer,
+        sub,
+        claim: Claim::Held,
+    };
+    let outcome = claimed.deliver(attempt, default_timeout).await;
+    // Not every attempt records a result (nothing to send, a hub-side error); ending the claim
+    // here then means no other node ever waits for it to expire while its holder is alive.
+    if claimed.claim == Claim::Held
+        && let Err(e) = deliverer.store.release_subscription(id, node).await
+    {
+        tracing::warn!(subscription.id = %id, error = %crate::error::error_chain(&e), "releasing a delivery claim failed; it expires by itself");
+    }
+    outcome
+}
+
+impl Claimed<'_> {
+    /// The attempt proper, on a subscription this node has claimed.
+    async fn deliver(&mut self, attempt: Attempt, default_timeout: Duration) -> Result<Outcome> {
+        if self.sub.status == SubscriptionStatus::Off {
+            return Ok(Outcome::Gone);
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let deliverer = self.deliverer;
+        let hub = &deliverer.hub;
+        let spec = match hub.spec_for_delivery(&self.sub) {
+            Ok(spec) => spec,
+            Err(e) => {
+                let why = crate::error::error_chain(&e);
+                // A channel this configuration cannot serve (plain http no longer allowed, no
+                // AMQP broker): `error`, events still counted, until a configuration serves it
+                // again. A topic or filter the hub no longer understands can never match: `off`.
+                let stopping = match hub.spec_for_matching(&self.sub) {
+                    Ok(_) => Stopping::Pause,
+                    Err(_) => Stopping::TurnOff,
+                };
+                tracing::warn!(subscription.id = %self.sub.id, error = %why, "a stored subscription cannot be delivered with this hub's configuration");
+                metrics::counter!("baton_subscriptions_undeliverable_total", "reason" => stopping.as_str()).increment(1);
+                let error = format!("not deliverable with this hub's configuration: {why}");
+                self.record_failure(&error, stopping, now).await?;
+                return Ok(Outcome::Gone);
+            }
+        };
+        if let Some(end) = spec
+            .end
+            .as_deref()
+            .and_then(|e| parse_range(e, DateKind::DateTime).ok())
+            && end.start <= now
+        {
+            self.record_failure("the subscription reached its end time", Stopping::End, now)
+                .await?;
+            return Ok(Outcome::Gone);
+        }
+        let max_count = i64::from(spec.max_count.unwrap_or(deliverer.config.default_max_count));
+        let Some(payload) =
+            choose_payload(&self.sub, max_count, spec.heartbeat_period, attempt, now)
+        else {
+            return Ok(Outcome::Idle);
+        };
+        let span = tracing::Span::current();
+        span.record("attempt", payload.notification_type().as_str());
+        if let (Some(from), Some(to)) = payload.events() {
+            span.record("event.from", from).record("event.to", to);
+        }
+        let timeout = spec
+            .timeout
+            .map_or(default_timeout, |t| Duration::from_secs(t.into()));
+        let sending = Sending {
+            spec: &spec,
+            payload,
+            timeout,
+            default_timeout,
+            now,
+        };
+        let channel = channel_for(hub, deliverer.signals.as_ref(), &spec.channel);
+        match channel.guarantee() {
+            Guarantee::Confirmed => self.send_confirmed(channel.as_ref(), &sending).await,
+            Guarantee::BestEffort => self.offer(channel.as_ref(), &sending).await,
+        }
+    }
+
+    /// Sends on a channel whose endpoint must accept the notification, and records either
+    /// the delivery or the failure.
+    async fn send_confirmed(
+        &mut self,
+        channel: &dyn Channel,
+        sending: &Sending<'_>,
+    ) -> Result<Outcome> {
+        let deliverer = self.deliverer;
+        let Sending { payload, now, .. } = *sending;
+        let notification = build(&self.subject(sending)).await?;
+        if sending.timeout > sending.default_timeout {
+            // The claim must outlast this subscription's longer timeout.
+            deliverer
+                .store
+                .claim_subscription(
+                    &self.sub.id,
+                    &deliverer.hub.node,
+                    deliverer.lease + sending.timeout,
+                )
+                .await?;
+        }
+        let started = std::time::Instant::now();
+        let sent = channel.send(self.outgoing(sending, notification)).await;
+        let name = channel.name();
+        let kind = payload.notification_type().as_str();
+        metrics::histogram!("baton_delivery_seconds", "channel" => name)
+            .record(started.elapsed().as_secs_f64());
+        match sent {
+            Ok(_) => {
+                metrics::counter!("baton_deliveries_total", "channel" => name, "type" => kind, "result" => "ok").increment(1);
+                let (happened, handshake) = match payload {
+                    Payload::Handshake => (Happened::HandshakeDelivered, HandshakeOwed::Settled),
+                    Payload::Events { .. } | Payload::Heartbeat => {
+                        (Happened::Delivered, HandshakeOwed::Unchanged)
+                    }
+                };
+                let through = payload.through(&self.sub);
+                self.record_delivered(through, handshake, happened, now)
+                    .await?;
+                // Events that arrived during the attempt wake the scheduler again by themselves.
+                Ok(if through < self.sub.events_since_start {
+                    Outcome::More
+                } else {
+                    Outcome::Sent
+                })
+            }
+            Err(failure) => {
+                metrics::counter!("baton_deliveries_total", "channel" => name, "type" => kind, "result" => "failed").increment(1);
+                tracing::warn!(subscription.id = %self.sub.id, attempt.kind = kind, error = %failure.message, "delivery failed");
+                let failed_at = time::OffsetDateTime::now_utc();
+                let retry = self
+                    .record_failure(
+                        &failure.message,
+                        Stopping::Retry(failure.retry_after),
+                        failed_at,
+                    )
+                    .await?;
+                Ok(retry.map_or(Outcome::Gone, Outcome::RetryAt))
+            }
+        }
+    }
+
+    /// Live, best-effort delivery (the sockets bound to a websocket subscription). With
+    /// nobody listening the events are only marked as passed: a listener that comes back reads
+    /// them with `$events`.
+    async fn offer(&mut self, channel: &dyn Channel, sending: &Sending<'_>) -> Result<Outcome> {
+        let through = sending.payload.through(&self.sub);
+        let mut reach = Reach::Nobody;
+        if channel.may_have_listeners(&self.sub.id) {
+            let notification = build(&self.subject(sending)).await?;
+            reach = channel
+                .send(self.outgoing(sending, notification))
+                .await
+                .unwrap_or(Reach::Nobody);
+        }
+        // A heartbeat that went out is recorded too: its time tells the other nodes' heartbeat
+        // timers that this period is covered.
+        if through > self.sub.delivered_through || reach == Reach::Someone {
+            self.record_delivered(
+                through,
+                HandshakeOwed::Unchanged,
+                Happened::Delivered,
+                sending.now,
+            )
+            .await?;
+        }
+        Ok(if through < self.sub.events_since_start {
+            Outcome::More
+        } else if reach == Reach::Someone {
+            Outcome::Sent
+        } else {
+            Outcome::Idle
+        })
+    }
+
+    fn subject<'s>(&'s self, sending: &Sending<'s>) -> Subject<'s> {
+        Subject {
+            store: self.deliverer.store.as_ref(),
+            base_url: &self.deliverer.hub.base_url,
+            sub: &self.sub,
+            spec: sending.spec,
+            payload: sending.payload,
+            now: sending.now,
+        }
+    }
+
+    fn outgoing<'s>(&'s self, sending: &Sending<'s>, notification: Notification) -> Outgoing<'s> {
+        Outgoing {
+            sub: &self.sub,
+            spec: sending.spec,
+            payload: sending.payload,
+            notification,
+            timeout: sending.timeout,
+            now: sending.now,
+        }
+    }
+
+    async fn record_delivered(
+        &mut self,
+        through: i64,
+        handshake: HandshakeOwed,
+        happened: Happened,
+        now: time::OffsetDateTime,
+    ) -> Result<()> {
+        let status = next_status(self.sub.status, happened);
+        self.record(DeliveryReport::Delivered {
+            subscription_id: self.sub.id.clone(),
+            through,
+            handshake,
+            status,
+            at: format_instant(now),
+        })
+        .await
+    }
+
+    /// Records a failed attempt; returns when to retry, or None when there is no retry (the
+    /// subscription is now off, or waits for a configuration that serves it).
+    async fn record_failure(
+        &mut self,
+        error: &str,
+        stopping: Stopping,
+        now: time::OffsetDateTime,
+    ) -> Result<Option<Duration>> {
+        let policy = &self.deliverer.retry;
+        let (report, retry) = failure_report(
+            &self.sub,
+            error,
+            stopping,
+            policy,
+            now,
+            rand::random::<f64>(),
+        );
+        self.record(report).await?;
+        Ok(retry)
+    }
+
+    /// Writes the attempt's result, which ends the claim.
+    async fn record(&mut self, report: DeliveryReport) -> Result<()> {
+        let status = match &report {
+            DeliveryReport::Delivered { status, .. } | DeliveryReport::Failed { status, .. } => {
+                *status
+            }
+        };
+        if status != self.sub.status {
+            tracing::info!(subscription.id = %self.sub.id, from = self.sub.status.as_str(), to = status.as_str(), "subscription status changed");
+        }
+        self.deliverer
+            .store
+            .record_delivery(&self.deliverer.hub.node, report)
+            .await?;
+        self.claim = Claim::Ended;
+        Ok(())
+    }
+}
+
+/// What the send stage needs besides the claimed subscription.
+struct Sending<'a> {
+    spec: &'a SubscriptionSpec,
+    payload: Payload,
+    /// This subscription's timeout, or the configured default.
+    timeout: Duration,
+    /// The configured default timeout, which the claim already covers.
+    default_timeout: Duration,
+    now: time::OffsetDateTime,
+}
+
+/// What an attempt sends: the handshake while one is owed, then waiting events (at most
+/// `max_count` per notification), else a heartbeat if one is due and nothing went out within
+/// the period (in seconds); None when there is nothing to send.
+fn choose_payload(
+    sub: &StoredSubscription,
+    max_count: i64,
+    heartbeat_period: Option<u32>,
+    attempt: Attempt,
+    now: time::OffsetDateTime,
+) -> Option<Payload> {
+    if sub.handshake_pending {
+        Some(Payload::Handshake)
+    } else if sub.delivered_through < sub.events_since_start {
+        let from = sub.delivered_through + 1;
+        Some(Payload::Events {
+            from,
+            to: (from + max_count - 1).min(sub.events_since_start),
+        })
+    } else if attempt == Attempt::Heartbeat && !sent_within_heartbeat(sub, heartbeat_period, now) {
+        Some(Payload::Heartbeat)
+    } else {
+        None
+    }
+}
+
+/// Whether a notification went out within the heartbeat period, from this node or another:
+/// a heartbeat timer on one node must not add to what another node just sent.
+fn sent_within_heartbeat(
+    sub: &StoredSubscription,
+    heartbeat_period: Option<u32>,
+    now: time::OffsetDateTime,
+) -> bool {
+    let (Some(period), Some(last)) = (
+        heartbeat_period,
+        sub.last_sent_at.as_deref().and_then(parse_instant),
+    ) else {
+        return false;
+    };
+    // A little slack, so timers that fire on the dot are not skipped for a few milliseconds.
+    now - last < time::Duration::seconds(i64::from(period)) - time::Duration::milliseconds(500)
+}
+
+/// What a failed attempt records, and when to retry (None: no retry). `random_unit` is the
+/// retry jitter's draw, passed in so tests can fix it.
+fn failure_report(
+    sub: &StoredSubscription,
+    error: &str,
+    stopping: Stopping,
+    policy: &RetryPolicy,
+    now: time::OffsetDateTime,
+    random_unit: f64,
+) -> (DeliveryReport, Option<Duration>) {
+    let failing_since = sub
+        .failing_since
+        .as_deref()
+        .and_then(parse_instant)
+        .unwrap_or(now);
+    let failures = sub.failures + 1;
+    let failing_for = Duration::try_from(now - failing_since).unwrap_or_default();
+    let (happened, retry) = match stopping {
+        Stopping::Retry(retry_after) => {
+            let decision = after_failure(
+                policy,
+                failures as u32,
+                failing_for,
+                retry_after,
+                random_unit,
+            );
+            let retry = match decision {
+                AfterFailure::RetryAt { delay, .. } => Some(delay),
+                AfterFailure::TurnOff => None,
+            };
+            let happened = if sub.handshake_pending {
+                Happened::HandshakeFailed(decision)
+            } else {
+                Happened::Failed(decision)
+            };
+            (happened, retry)
+        }
+        Stopping::Pause => (Happened::Paused, None),
+        Stopping::End => (Happened::Ended, None),
+        Stopping::TurnOff => (Happened::TurnedOff, None),
+    };
+    let report = DeliveryReport::Failed {
+        subscription_id: sub.id.clone(),
+        error: error.to_string(),
+        failures,
+        failing_since: format_instant(failing_since),
+        next_attempt_at: retry.map(|delay| format_instant(now + delay)),
+        status: next_status(sub.status, happened),
+    };
+    (report, retry)
+}
+
+#[cfg(test)]
+mod tests;

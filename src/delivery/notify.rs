@@ -1,0 +1,231 @@
+//! Building a notification: what it carries, its body and message id, and the read rule applied
+//! once more to each event as it goes out.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::auth::{self, Principal};
+use crate::error::Result;
+use crate::fhir::datetime::format_instant;
+use crate::fhir::notification::{
+    ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
+    notification_bundle,
+};
+use crate::fhir::subscription::SubscriptionSpec;
+use crate::store::{EventRecord, Store, StoredSubscription};
+
+/// What a notification carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Handshake,
+    Events { from: i64, to: i64 },
+    Heartbeat,
+}
+
+impl Payload {
+    pub fn notification_type(self) -> NotificationType {
+        match self {
+            Payload::Handshake => NotificationType::Handshake,
+            Payload::Events { .. } => NotificationType::EventNotification,
+            Payload::Heartbeat => NotificationType::Heartbeat,
+        }
+    }
+
+    /// The first and last event numbers carried, if any.
+    pub fn events(self) -> (Option<i64>, Option<i64>) {
+        match self {
+            Payload::Events { from, to } => (Some(from), Some(to)),
+            Payload::Handshake | Payload::Heartbeat => (None, None),
+        }
+    }
+
+    /// The highest event number delivered once this has gone out: its last event, or the
+    /// current `delivered_through` for handshakes and heartbeats.
+    pub fn through(self, sub: &StoredSubscription) -> i64 {
+        match self {
+            Payload::Events { to, .. } => to,
+            Payload::Handshake | Payload::Heartbeat => sub.delivered_through,
+        }
+    }
+}
+
+/// A notification ready to send.
+pub struct Notification {
+    /// The Bundle, as JSON.
+    pub body: Vec<u8>,
+    /// The same for every copy of the same notification, so endpoints can drop duplicates:
+    /// handshakes per subscription version, events per range, heartbeats each new.
+    pub message_id: String,
+}
+
+/// What a notification is about, and when it is made.
+pub struct Subject<'a> {
+    pub store: &'a dyn Store,
+    /// The FHIR base URL, for the Bundle's references and the read rule.
+    pub base_url: &'a str,
+    pub sub: &'a StoredSubscription,
+    pub spec: &'a SubscriptionSpec,
+    pub payload: Payload,
+    pub now: time::OffsetDateTime,
+}
+
+/// Builds the notification body and its message id.
+pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
+    let Subject {
+        store,
+        base_url,
+        sub,
+        spec,
+        payload,
+        now,
+    } = *subject;
+    let author: Option<Principal> = serde_json::from_value(sub.author.clone()).ok();
+    let (events, message_id) = match payload {
+        Payload::Handshake => (Vec::new(), format!("{}-handshake-{}", sub.id, sub.version)),
+        Payload::Heartbeat => (
+            Vec::new(),
+            format!("{}-heartbeat-{}", sub.id, uuid::Uuid::new_v4()),
+        ),
+        Payload::Events { from, to } => {
+            let records = store.subscription_events(&sub.id, from, to).await?;
+            (records, format!("{}-events-{from}-{to}", sub.id))
+        }
+    };
+    let versions = load_versions(store, &events, spec.content).await?;
+    let notification_events = readable_events(&events, &versions, author.as_ref(), base_url);
+    let status = StatusSnapshot {
+        subscription_id: &sub.id,
+        topic_url: &sub.topic_url,
+        status: if matches!(payload, Payload::Handshake) {
+            sub.status
+        } else if sub.status == SubscriptionStatus::Requested {
+            SubscriptionStatus::Active
+        } else {
+            sub.status
+        },
+        events_since_start: sub.events_since_start,
+        notification_type: payload.notification_type(),
+        error: None,
+    };
+    let bundle = notification_bundle(
+        base_url,
+        &uuid::Uuid::new_v4().to_string(),
+        &format_instant(now),
+        &status,
+        &notification_events,
+        spec.content,
+    );
+    Ok(Notification {
+        body: serde_json::to_vec(&bundle).unwrap_or_default(),
+        message_id,
+    })
+}
+
+/// The exact Task versions a batch of events is about, unless the content level needs none.
+pub async fn load_versions(
+    store: &dyn Store,
+    events: &[EventRecord],
+    content: ContentLevel,
+) -> Result<HashMap<(String, i64), Value>> {
+    if content == ContentLevel::Empty || events.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let keys: Vec<(String, i64)> = events
+        .iter()
+        .map(|e| (e.task_id.clone(), e.version))
+        .collect();
+    Ok(store
+        .versions(&keys)
+        .await?
+        .into_iter()
+        .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
+        .collect())
+}
+
+/// The events of a notification, with the read rule applied once more when it is sent or
+/// replayed: an event whose Task version the author may not read is left out altogether
+/// (its number is then missing from the Bundle, never its content disclosed). Matching
+/// already applied the same rule to the same version, so this only bites if the rule or the
+/// author's rights changed in between. Deletes carry no content and pass.
+pub fn readable_events<'a>(
+    events: &'a [EventRecord],
+    versions: &'a HashMap<(String, i64), Value>,
+    author: Option<&Principal>,
+    base_url: &str,
+) -> Vec<NotificationEvent<'a>> {
+    let Some(author) = author else {
+        return Vec::new();
+    };
+    events
+        .iter()
+        .filter_map(|e| {
+            let resource = versions.get(&(e.task_id.clone(), e.version));
+            if resource.is_some_and(|r| !auth::may_read_task(author, r, base_url)) {
+                metrics::counter!("baton_events_withheld_total").increment(1);
+                return None;
+            }
+            Some(NotificationEvent {
+                event_number: e.event_number,
+                timestamp: &e.occurred_at,
+                task_id: &e.task_id,
+                version: e.version,
+                interaction: e.interaction,
+                resource,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+    use crate::fhir::interaction::Interaction;
+    use serde_json::json;
+
+    fn event(number: i64, task: &str, interaction: Interaction) -> EventRecord {
+        EventRecord {
+            event_number: number,
+            change_seq: number,
+            task_id: task.into(),
+            version: 1,
+            interaction,
+            occurred_at: "2026-01-01T00:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn events_the_author_may_not_read_are_left_out_at_send_time() {
+        let alice = Principal {
+            issuer: None,
+            subject: "Practitioner/alice".into(),
+            role: Role::Practitioner,
+            fhir_user: Some("Practitioner/alice".into()),
+            performer_types: Vec::new(),
+        };
+        let owned_by = |owner: &str| json!({"resourceType": "Task", "status": "requested", "intent": "order", "owner": {"reference": owner}});
+        let events = vec![
+            event(1, "mine", Interaction::Update),
+            event(2, "theirs", Interaction::Update),
+            event(3, "gone", Interaction::Delete),
+        ];
+        let versions = HashMap::from([
+            (("mine".to_string(), 1), owned_by("Practitioner/alice")),
+            (("theirs".to_string(), 1), owned_by("Practitioner/bob")),
+        ]);
+        let kept: Vec<i64> = readable_events(&events, &versions, Some(&alice), "http://h/fhir")
+            .iter()
+            .map(|e| e.event_number)
+            .collect();
+        assert_eq!(
+            kept,
+            [1, 3],
+            "bob's Task is withheld; a delete carries nothing to withhold"
+        );
+        assert!(
+            readable_events(&events, &versions, None, "http://h/fhir").is_empty(),
+            "no author, nothing"
+        );
+    }
+}

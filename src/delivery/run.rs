@@ -1,0 +1,152 @@
+//! The scheduler's async loop. It owns the clock and the running attempts and decides
+//! nothing: it waits for whatever comes first — a command from the hub's inbox, a finished
+//! attempt, the scheduler's next wake, the scan for work no node holds — tells the
+//! `Scheduler`, and starts the attempts it says are due.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::Deliverer;
+use super::attempt::{HUB_FAILURE_RETRY, attempt};
+use super::scheduler::{Attempt, Outcome, Scheduler};
+use crate::error::Result;
+use crate::fhir::datetime::{format_instant, parse_instant};
+use crate::hub::Command;
+
+/// How long in-flight attempts may take to finish at shutdown; anything unfinished is still
+/// owed in the store and resumes at the next start.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// The scheduler's clock. Tokio's, so that tests with a paused runtime clock see it paused.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A scheduler holding the work left in the store: handshakes owed, undelivered events,
+/// retry times and heartbeats.
+pub async fn load(deliverer: &Deliverer) -> Result<Scheduler> {
+    let live = deliverer.store.live_subscriptions().await?;
+    let now_wall = time::OffsetDateTime::now_utc();
+    let now = now();
+    let mut scheduler = Scheduler::new(deliverer.config.max_concurrent);
+    for sub in &live {
+        let Ok(spec) = deliverer.hub.spec_for_matching(sub) else {
+            continue;
+        };
+        if let Some(period) = spec.heartbeat_period {
+            scheduler.set_heartbeat(&sub.id, Some(Duration::from_secs(period.into())), now);
+        }
+        let pending = sub.handshake_pending || sub.delivered_through < sub.events_since_start;
+        if !pending {
+            continue;
+        }
+        // Honour a retry time recorded before the restart.
+        let wait = sub
+            .next_attempt_at
+            .as_deref()
+            .and_then(parse_instant)
+            .map(|at| (at - now_wall).max(time::Duration::ZERO))
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or_default();
+        scheduler.resume(&sub.id, now + wait);
+    }
+    tracing::info!(subscriptions = live.len(), "delivery scheduler started");
+    Ok(scheduler)
+}
+
+/// Runs the scheduler until its inbox closes or shutdown, then lets in-flight attempts finish
+/// for a moment.
+pub async fn run(
+    deliverer: Arc<Deliverer>,
+    mut scheduler: Scheduler,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    shutdown: CancellationToken,
+) {
+    let mut attempts: JoinSet<(String, Outcome)> = JoinSet::new();
+    let mut scan = tokio::time::interval(deliverer.scan_every);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (found_tx, mut found) = mpsc::unbounded_channel::<Vec<String>>();
+    let mut scanning = false;
+    loop {
+        for (id, kind) in scheduler.due(now()) {
+            start_attempt(&mut attempts, &deliverer, id, kind);
+        }
+        let next_wake = scheduler.next_wake();
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(Command::Wake(id)) => scheduler.wake(&id),
+                Some(Command::Changed(id)) => scheduler.changed(&id),
+                Some(Command::Heartbeat(id, period)) => scheduler.set_heartbeat(&id, period, now()),
+                Some(Command::Forget(id)) => scheduler.forget(&id),
+                None => break,
+            },
+            Some(joined) = attempts.join_next(), if !attempts.is_empty() => {
+                let Ok((id, outcome)) = joined else { continue };
+                scheduler.attempt_finished(&id, outcome, now());
+            }
+            // The timers that came due are fired by `due` at the top of the loop.
+            () = sleep_until(next_wake) => {}
+            _ = scan.tick(), if !scanning => {
+                // Work that no node holds and that has waited a whole scan interval: left
+                // by a node that died, or whose wake-up never came. Fresher work belongs
+                // to the node that matched it; taking it would only make that node wait.
+                // The query runs beside the loop, which must not wait on it.
+                scanning = true;
+                let store = deliverer.store.clone();
+                let found_tx = found_tx.clone();
+                let grace = deliverer.scan_every;
+                tokio::spawn(async move {
+                    let stale_before = format_instant(time::OffsetDateTime::now_utc() - grace);
+                    let due = store.due_subscriptions(&stale_before, 1000).await.unwrap_or_else(|e| {
+                        tracing::warn!(error = %crate::error::error_chain(&e), "looking for unclaimed deliveries failed");
+                        Vec::new()
+                    });
+                    let _ = found_tx.send(due);
+                });
+            }
+            Some(due) = found.recv() => {
+                scanning = false;
+                for id in due {
+                    scheduler.wake(&id);
+                }
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+    // In-flight attempts finish (their results are recorded) or are cut at the deadline;
+    // anything unfinished is still owed in the store and resumes at the next start.
+    let drain = async { while attempts.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(DRAIN, drain).await;
+}
+
+fn start_attempt(
+    attempts: &mut JoinSet<(String, Outcome)>,
+    deliverer: &Arc<Deliverer>,
+    id: String,
+    kind: Attempt,
+) {
+    let deliverer = deliverer.clone();
+    attempts.spawn(async move {
+        // A panic must not leave the subscription marked in flight forever: it becomes a
+        // failed attempt, retried like any other.
+        let guarded = std::panic::AssertUnwindSafe(attempt(&deliverer, &id, kind));
+        let outcome = futures::FutureExt::catch_unwind(guarded)
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!(subscription.id = %id, "a delivery attempt panicked; retrying later");
+                Outcome::RetryAt(HUB_FAILURE_RETRY)
+            });
+        (id, outcome)
+    });
+}
+
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
