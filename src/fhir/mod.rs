@@ -3,6 +3,7 @@
 //! touches storage (errors carry their status through `crate::error`).
 
 pub mod datetime;
+pub mod ids;
 pub mod interaction;
 pub mod json;
 pub mod narrative;
