@@ -61,7 +61,7 @@ pub fn record_for(
         resource,
         status,
         topic_url: spec.topic_url.clone(),
-        channel_type: spec.channel.channel_type().as_str().to_string(),
+        channel_type: spec.channel.channel_type(),
         endpoint: match &spec.channel {
             ChannelSpec::RestHook { endpoint, .. } => Some(endpoint.clone()),
             _ => None,
