@@ -11,6 +11,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::error::Result;
+use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
@@ -21,14 +22,14 @@ use crate::store::{
 pub(super) async fn record_matches(
     conn: &mut SqliteConnection,
     consumer: &str,
-    through_seq: i64,
+    through_seq: ChangeSeq,
     matches: Vec<MatchRow>,
-) -> Result<Vec<(String, i64)>> {
+) -> Result<Vec<(SubscriptionId, EventNumber)>> {
     let mut numbered = Vec::with_capacity(matches.len());
     for m in matches {
         // The counter and the log row move together; a subscription deleted or turned off
         // since matching simply gets nothing.
-        let number: Option<i64> = sqlx::query_scalar(
+        let number: Option<EventNumber> = sqlx::query_scalar(
             "UPDATE subscription SET events_since_start = events_since_start + 1
              WHERE id = ? AND status != 'off' RETURNING events_since_start",
         )
@@ -120,7 +121,10 @@ pub(super) async fn record_delivery(
     Ok(())
 }
 
-pub(super) async fn prune_events(conn: &mut SqliteConnection, before: &str) -> Result<u64> {
+pub(super) async fn prune_events(
+    conn: &mut SqliteConnection,
+    before: &StoredInstant,
+) -> Result<u64> {
     let done = sqlx::query(hub_sql::PRUNE_EVENTS)
         .bind(before)
         .execute(&mut *conn)
@@ -158,9 +162,9 @@ pub(super) async fn search_subscriptions(
 
 pub(super) async fn subscription_events(
     reads: &SqlitePool,
-    id: &str,
-    from: i64,
-    to: i64,
+    id: &SubscriptionId,
+    from: EventNumber,
+    to: EventNumber,
 ) -> Result<Vec<EventRecord>> {
     let rows = sqlx::query(hub_sql::SUBSCRIPTION_EVENTS)
         .bind(id)
@@ -173,9 +177,9 @@ pub(super) async fn subscription_events(
 
 pub(super) async fn overdue_tasks(
     reads: &SqlitePool,
-    now: &str,
+    now: &StoredInstant,
     limit: usize,
-) -> Result<Vec<(String, String)>> {
+) -> Result<Vec<(TaskId, StoredInstant)>> {
     let rows = sqlx::query(AssertSqlSafe(hub_sql::overdue_tasks()))
         .bind(now)
         .bind(limit as i64)
@@ -190,11 +194,11 @@ pub(super) async fn overdue_tasks(
 /// job at a time, so the Task cannot change in between.
 pub(super) async fn mark_overdue(
     conn: &mut SqliteConnection,
-    task_id: &str,
-    due_at: &str,
-    now: &str,
+    task_id: &TaskId,
+    due_at: &StoredInstant,
+    now: &StoredInstant,
 ) -> Result<bool> {
-    let version: Option<i64> = sqlx::query_scalar(AssertSqlSafe(hub_sql::overdue_version("")))
+    let version: Option<Version> = sqlx::query_scalar(AssertSqlSafe(hub_sql::overdue_version("")))
         .bind(due_at)
         .bind(task_id)
         .bind(now)
@@ -223,9 +227,9 @@ pub(super) async fn mark_overdue(
 /// One node has no claims: work waiting is all there is to it.
 pub(super) async fn due_subscriptions(
     reads: &SqlitePool,
-    stale_before: &str,
+    stale_before: &StoredInstant,
     limit: usize,
-) -> Result<Vec<String>> {
+) -> Result<Vec<SubscriptionId>> {
     let sql = format!(
         "SELECT s.id FROM subscription s WHERE {} ORDER BY s.id LIMIT $2",
         hub_sql::WORK_WAITING
@@ -237,7 +241,10 @@ pub(super) async fn due_subscriptions(
         .await?)
 }
 
-pub(super) async fn next_due(reads: &SqlitePool, now: &str) -> Result<Option<String>> {
+pub(super) async fn next_due(
+    reads: &SqlitePool,
+    now: &StoredInstant,
+) -> Result<Option<StoredInstant>> {
     Ok(sqlx::query_scalar(hub_sql::NEXT_DUE)
         .bind(now)
         .fetch_one(reads)

@@ -7,6 +7,7 @@ use sqlx::sqlite::SqliteConnection;
 
 use crate::auth::Identity;
 use crate::error::Result;
+use crate::fhir::ids::{ChangeSeq, SubscriptionId};
 use crate::store::StoredSubscription;
 use crate::store::owner_columns;
 use crate::store::rows::subscription_from_row;
@@ -16,7 +17,10 @@ impl SubscriptionTx for SqliteConnection {
     /// Nothing: the single writer is one line already.
     type Turn = ();
 
-    async fn load_for_replace(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn load_for_replace(
+        &mut self,
+        id: &SubscriptionId,
+    ) -> Result<Option<StoredSubscription>> {
         load(self, id).await
     }
 
@@ -39,7 +43,7 @@ impl SubscriptionTx for SqliteConnection {
         .await?)
     }
 
-    async fn last_change_seq(&mut self) -> Result<i64> {
+    async fn last_change_seq(&mut self) -> Result<ChangeSeq> {
         Ok(
             sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
                 .fetch_one(&mut *self)
@@ -61,7 +65,7 @@ impl SubscriptionTx for SqliteConnection {
         .bind(c.last_updated)
         .bind(c.status.as_str())
         .bind(c.topic_url)
-        .bind(c.channel_type)
+        .bind(c.channel_type.as_str())
         .bind(c.endpoint)
         .bind(c.author)
         .bind(c.resource)
@@ -91,7 +95,7 @@ impl SubscriptionTx for SqliteConnection {
         .bind(c.last_updated)
         .bind(c.status.as_str())
         .bind(c.topic_url)
-        .bind(c.channel_type)
+        .bind(c.channel_type.as_str())
         .bind(c.endpoint)
         .bind(c.resource)
         .bind(c.author)
@@ -105,11 +109,11 @@ impl SubscriptionTx for SqliteConnection {
         Ok(())
     }
 
-    async fn reload(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn reload(&mut self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
         load(self, id).await
     }
 
-    async fn delete_row(&mut self, id: &str) -> Result<bool> {
+    async fn delete_row(&mut self, id: &SubscriptionId) -> Result<bool> {
         let deleted = sqlx::query("DELETE FROM subscription WHERE id = ?")
             .bind(id)
             .execute(&mut *self)
@@ -117,7 +121,7 @@ impl SubscriptionTx for SqliteConnection {
         Ok(deleted.rows_affected() > 0)
     }
 
-    async fn delete_events(&mut self, id: &str) -> Result<()> {
+    async fn delete_events(&mut self, id: &SubscriptionId) -> Result<()> {
         sqlx::query("DELETE FROM subscription_event WHERE subscription_id = ?")
             .bind(id)
             .execute(&mut *self)
@@ -127,12 +131,15 @@ impl SubscriptionTx for SqliteConnection {
 
     /// Nothing: the only node updates its subscription index in-process (see
     /// `SqliteStore::subscription_changes_since`).
-    async fn note_deletion(&mut self, _id: &str, _turn: ()) -> Result<()> {
+    async fn note_deletion(&mut self, _id: &SubscriptionId, _turn: ()) -> Result<()> {
         Ok(())
     }
 }
 
-async fn load(conn: &mut SqliteConnection, id: &str) -> Result<Option<StoredSubscription>> {
+async fn load(
+    conn: &mut SqliteConnection,
+    id: &SubscriptionId,
+) -> Result<Option<StoredSubscription>> {
     let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
         .bind(id)
         .fetch_optional(&mut *conn)

@@ -8,6 +8,7 @@ use sqlx::sqlite::{SqliteConnection, SqliteExecutor};
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::error::{Error, Result};
+use crate::fhir::ids::{ChangeSeq, StoredInstant, TaskId, Version};
 use crate::fhir::search::{self, DateEntry, Predicate, TaskIndex, TokenEntry, task_param};
 use crate::store::rows::{CURRENT_COLUMNS, current_from_row};
 use crate::store::search_sql::{Placeholder, where_clause};
@@ -16,10 +17,10 @@ use crate::store::{CurrentTask, Interaction};
 
 impl TaskTx for SqliteConnection {
     /// The outbox position up to which the read pool found no match (`SqliteStore::precheck`).
-    type Seen = i64;
+    type Seen = ChangeSeq;
 
     // The single writer runs one write at a time: what it loads cannot change under it.
-    async fn load_for_change(&mut self, id: &str) -> Result<Option<CurrentTask>> {
+    async fn load_for_change(&mut self, id: &TaskId) -> Result<Option<CurrentTask>> {
         load_current(&mut *self, id).await
     }
 
@@ -29,9 +30,9 @@ impl TaskTx for SqliteConnection {
     /// are evaluated in memory (`search::matches`, the meaning the SQL has) over their index
     /// rows: the cost grows with the writes committed in between, never with the criteria's
     /// SQL or the size of the table.
-    async fn recheck(&mut self, criteria: &[Predicate], seen: i64) -> Result<Found> {
+    async fn recheck(&mut self, criteria: &[Predicate], seen: ChangeSeq) -> Result<Found> {
         let changed = indexes_written_after(self, seen).await?;
-        let found: Vec<String> = changed
+        let found: Vec<TaskId> = changed
             .into_iter()
             .filter(|(_, index)| search::matches(index, criteria))
             .map(|(id, _)| id)
@@ -40,7 +41,7 @@ impl TaskTx for SqliteConnection {
         found_among(self, &found).await
     }
 
-    async fn status_before_hold(&mut self, id: &str) -> Result<Option<String>> {
+    async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
         let status: Option<Option<String>> = sqlx::query_scalar(
             "SELECT json_extract(resource, '$.status') FROM task_version
              WHERE id = ? AND (resource IS NULL OR json_extract(resource, '$.status') <> 'on-hold')
@@ -123,9 +124,9 @@ impl TaskTx for SqliteConnection {
 
 async fn insert_version(
     conn: &mut SqliteConnection,
-    id: &str,
-    version: i64,
-    now: &str,
+    id: &TaskId,
+    version: Version,
+    now: &StoredInstant,
     interaction: Interaction,
     resource: Option<&str>,
 ) -> Result<()> {
@@ -144,11 +145,11 @@ async fn insert_version(
 
 async fn insert_change(
     conn: &mut SqliteConnection,
-    id: &str,
-    version: i64,
-    previous_version: Option<i64>,
+    id: &TaskId,
+    version: Version,
+    previous_version: Option<Version>,
     interaction: Interaction,
-    now: &str,
+    now: &StoredInstant,
 ) -> Result<()> {
     sqlx::query(
         "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
@@ -164,7 +165,7 @@ async fn insert_change(
     Ok(())
 }
 
-async fn clear_index(conn: &mut SqliteConnection, id: &str) -> Result<()> {
+async fn clear_index(conn: &mut SqliteConnection, id: &TaskId) -> Result<()> {
     sqlx::query("DELETE FROM task_token WHERE task_id = ?")
         .bind(id)
         .execute(&mut *conn)
@@ -177,7 +178,7 @@ async fn clear_index(conn: &mut SqliteConnection, id: &str) -> Result<()> {
 }
 
 /// Writes the search index rows of one Task, one multi-row insert per table.
-async fn write_index(conn: &mut SqliteConnection, id: &str, index: &TaskIndex) -> Result<()> {
+async fn write_index(conn: &mut SqliteConnection, id: &TaskId, index: &TaskIndex) -> Result<()> {
     if !index.tokens.is_empty() {
         let sql = format!(
             "INSERT INTO task_token (task_id, param, system, value) VALUES {}",
@@ -213,7 +214,7 @@ async fn write_index(conn: &mut SqliteConnection, id: &str, index: &TaskIndex) -
 
 pub(super) async fn load_current<'e>(
     executor: impl SqliteExecutor<'e>,
-    id: &str,
+    id: &TaskId,
 ) -> Result<Option<CurrentTask>> {
     let sql = format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?");
     let row = sqlx::query(AssertSqlSafe(sql))
@@ -227,13 +228,13 @@ pub(super) async fn find_ids(
     conn: &mut SqliteConnection,
     predicates: &[Predicate],
     limit: i64,
-) -> Result<Vec<String>> {
+) -> Result<Vec<TaskId>> {
     let filter = where_clause(predicates, Placeholder::Question, 1);
     let sql = format!(
         "SELECT t.id FROM task t WHERE t.deleted = 0 AND ({}) LIMIT ?",
         filter.sql
     );
-    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+    let mut query = sqlx::query_scalar::<_, TaskId>(AssertSqlSafe(sql));
     for bind in &filter.binds {
         query = query.bind(bind);
     }
@@ -241,7 +242,7 @@ pub(super) async fn find_ids(
 }
 
 /// What the ids of at most two matching Tasks found; the one Task is loaded.
-pub(super) async fn found_among(conn: &mut SqliteConnection, ids: &[String]) -> Result<Found> {
+pub(super) async fn found_among(conn: &mut SqliteConnection, ids: &[TaskId]) -> Result<Found> {
     match ids {
         [] => Ok(Found::Nothing),
         [id] => {
@@ -257,10 +258,10 @@ pub(super) async fn found_among(conn: &mut SqliteConnection, ids: &[String]) -> 
 /// The live Tasks written after outbox position `seq`, each with its search index as stored.
 async fn indexes_written_after(
     conn: &mut SqliteConnection,
-    seq: i64,
-) -> Result<Vec<(String, TaskIndex)>> {
+    seq: ChangeSeq,
+) -> Result<Vec<(TaskId, TaskIndex)>> {
     const WRITTEN: &str = "SELECT DISTINCT resource_id FROM change_event WHERE seq > ?";
-    let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+    let ids: Vec<TaskId> = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT t.id FROM task t WHERE t.deleted = 0 AND t.id IN ({WRITTEN}) ORDER BY t.id"
     )))
     .bind(seq)
@@ -269,7 +270,7 @@ async fn indexes_written_after(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut indexes: HashMap<String, TaskIndex> = ids
+    let mut indexes: HashMap<TaskId, TaskIndex> = ids
         .iter()
         .map(|id| (id.clone(), TaskIndex::default()))
         .collect();
@@ -280,7 +281,7 @@ async fn indexes_written_after(
     .fetch_all(&mut *conn)
     .await?;
     for row in tokens {
-        let id: String = row.try_get("task_id")?;
+        let id: TaskId = row.try_get("task_id")?;
         let param: String = row.try_get("param")?;
         if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
             index.tokens.push(TokenEntry {
@@ -297,7 +298,7 @@ async fn indexes_written_after(
     .fetch_all(&mut *conn)
     .await?;
     for row in dates {
-        let id: String = row.try_get("task_id")?;
+        let id: TaskId = row.try_get("task_id")?;
         let param: String = row.try_get("param")?;
         if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
             index.dates.push(DateEntry {

@@ -15,6 +15,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::hub;
 use crate::error::{Error, Result};
+use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId};
 use crate::store::subscriptions;
 use crate::store::write::{self, TaskWrite};
 use crate::store::{
@@ -29,21 +30,21 @@ pub(super) enum Work {
     /// A Task write. A conditional create comes with what its criteria matched on the read
     /// pool (`SqliteStore::precheck`): nothing, up to an outbox position, so that the writer
     /// only looks again at the Tasks written since.
-    Task(TaskWrite<i64>),
+    Task(TaskWrite<ChangeSeq>),
     CreateSubscription(Box<SubscriptionRecord>),
-    ReplaceSubscription(String, SubscriptionDecide),
-    DeleteSubscription(String),
+    ReplaceSubscription(SubscriptionId, SubscriptionDecide),
+    DeleteSubscription(SubscriptionId),
     RecordMatches {
         consumer: String,
-        through_seq: i64,
+        through_seq: ChangeSeq,
         matches: Vec<MatchRow>,
     },
     RecordDelivery(DeliveryReport),
-    PruneEvents(String),
+    PruneEvents(StoredInstant),
     MarkOverdue {
-        task_id: String,
-        due_at: String,
-        now: String,
+        task_id: TaskId,
+        due_at: StoredInstant,
+        now: StoredInstant,
     },
     /// Placeholder left behind once a job's work has been taken.
     Taken,
@@ -54,7 +55,7 @@ pub(super) enum Done {
     Task(WriteOutcome),
     Subscription(Box<StoredSubscription>),
     Deleted(bool),
-    Numbers(Vec<(String, i64)>),
+    Numbers(Vec<(SubscriptionId, EventNumber)>),
     Count(u64),
     Nothing,
 }
