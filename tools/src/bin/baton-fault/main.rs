@@ -27,23 +27,14 @@
 //! dev-dependencies: `cargo build --release --bin baton --example baton_fault`, then
 //! `target/release/examples/baton_fault <scenario> [options]`.
 
-#[path = "baton_fault/api.rs"]
 mod api;
-#[path = "baton_fault/campaign.rs"]
 mod campaign;
-#[path = "baton_fault/fhir.rs"]
 mod fhir;
-#[path = "baton_fault/listeners.rs"]
 mod listeners;
-#[path = "baton_fault/load.rs"]
 mod load;
-#[path = "baton_fault/node.rs"]
 mod node;
-#[path = "baton_fault/receiver.rs"]
 mod receiver;
-#[path = "baton_fault/scenarios.rs"]
 mod scenarios;
-#[path = "baton_fault/verify.rs"]
 mod verify;
 
 use std::process::ExitCode;
