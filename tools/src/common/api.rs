@@ -24,6 +24,17 @@ pub fn http_client(idle_per_host: usize, timeout: Duration) -> anyhow::Result<re
         .context("building the HTTP client")
 }
 
+/// The body of a 2xx answer; any other status is an error naming `what` was being done, with
+/// the start of the body.
+pub async fn success_text(response: reqwest::Response, what: &str) -> anyhow::Result<String> {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("{what}: HTTP {status}: {}", snippet(&text));
+    }
+    Ok(text)
+}
+
 /// Creates a subscription (`POST {base}/Subscription`) and returns its id.
 pub async fn create_subscription(
     client: &reqwest::Client,
@@ -39,11 +50,7 @@ pub async fn create_subscription(
         .send()
         .await
         .context("creating a subscription")?;
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!("creating a subscription: HTTP {status}: {}", snippet(&text));
-    }
+    let text = success_text(response, "creating a subscription").await?;
     let created: Value = serde_json::from_str(&text).context("reading the subscription")?;
     created["id"]
         .as_str()
@@ -101,11 +108,7 @@ pub async fn binding_token(
         .send()
         .await
         .context("getting a binding token")?;
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!("getting a binding token: HTTP {status}: {}", snippet(&text));
-    }
+    let text = success_text(response, "getting a binding token").await?;
     let parameters: Value = serde_json::from_str(&text).context("reading the binding token")?;
     read_binding(&parameters).context("no token or websocket-url in the binding answer")
 }

@@ -135,8 +135,31 @@ fn percent(before: Option<Duration>, now: Option<Duration>, wall: Duration) -> O
 
 impl CpuUse {
     /// A percentage as the reports print it: `37%`, or `n/a`.
-    pub fn show(percent: Option<f64>) -> String {
+    fn show(percent: Option<f64>) -> String {
         percent.map_or("n/a".to_string(), |p| format!("{p:.0}%"))
+    }
+
+    /// `server 96%, baton-load 8%, whole machine 152% of 200% (steal 0%); percent of one core`
+    pub fn line_with_machine(&self, tool: &str) -> String {
+        format!(
+            "server {}, {tool} {}, whole machine {} of {}% (steal {}); percent of one core",
+            CpuUse::show(self.server),
+            CpuUse::show(self.own),
+            CpuUse::show(self.machine),
+            cores() * 100,
+            CpuUse::show(self.steal),
+        )
+    }
+
+    /// `server 16%, baton-fanout 2% (percent of one core; the machine has 2); load average 4.39 2.75 2.29`
+    pub fn line_with_load_average(&self, tool: &str) -> String {
+        format!(
+            "server {}, {tool} {} (percent of one core; the machine has {}); load average {}",
+            CpuUse::show(self.server),
+            CpuUse::show(self.own),
+            cores(),
+            load_average()
+        )
     }
 
     /// `{"server", "load", "machine", "steal"}`.
@@ -176,8 +199,23 @@ mod tests {
         assert_eq!(percent(Some(s(1)), Some(s(2)), s(4)), Some(25.0));
         assert_eq!(percent(Some(s(2)), Some(s(1)), s(4)), None);
         assert_eq!(percent(None, Some(s(1)), s(4)), None);
-        assert_eq!(CpuUse::show(Some(12.6)), "13%");
-        assert_eq!(CpuUse::show(None), "n/a");
+        let used = CpuUse {
+            own: Some(8.4),
+            server: Some(96.3),
+            machine: None,
+            steal: Some(0.0),
+        };
+        assert_eq!(
+            used.line_with_machine("tool"),
+            format!(
+                "server 96%, tool 8%, whole machine n/a of {}% (steal 0%); percent of one core",
+                cores() * 100
+            )
+        );
+        assert!(
+            used.line_with_load_average("tool")
+                .starts_with("server 96%, tool 8% (percent of one core; the machine has ")
+        );
         // This process can read its own figures on Linux.
         let used = CpuMeter::start(None).finish();
         assert!(used.own.is_some() && used.server.is_none());

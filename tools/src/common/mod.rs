@@ -14,12 +14,47 @@ pub mod target;
 pub mod token;
 pub mod websocket;
 
+use std::collections::HashMap;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+
+/// The tools' async runtime; when it cannot start, the error is printed and the exit code is 2.
+pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("error: starting the async runtime: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Runs a load subcommand to its exit code: 0 when its checks passed, 1 when one failed, 2
+/// when it could not run (the error is printed).
+pub fn run_to_exit(run: impl Future<Output = anyhow::Result<bool>>) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(run) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Each id's position in `ids`: which of a run's subscriptions a notification names.
+pub fn positions(ids: &[String]) -> HashMap<String, usize> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), i))
+        .collect()
+}
 
 /// Parses `20s`, `500ms`, `2m` or a bare number of seconds (every duration flag of the tools).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

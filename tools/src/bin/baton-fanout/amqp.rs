@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use baton_tools::common::amqp::Topology;
-use baton_tools::common::api::{create_subscription, delete_subscriptions, http_client};
+use baton_tools::common::api::{create_subscription, delete_subscriptions};
 use baton_tools::common::cpu::{CpuMeter, CpuUse};
 use baton_tools::common::fhir::{Channel, subscription_body};
-use baton_tools::common::target::Target;
-use baton_tools::common::{lock, parse_duration, poll_until, run_bounded};
+use baton_tools::common::{lock, parse_duration, poll_until, positions, run_bounded};
 use clap::ValueEnum;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
@@ -24,9 +23,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use tokio::task::JoinSet;
 
-use crate::ADMIN;
 use crate::check::Write;
-use crate::server::{Names, Server};
+use crate::server::{Names, Server, ServerArgs};
 
 /// The routing key every AMQP subscription of a run publishes with.
 const ROUTING_KEY: &str = "fanout";
@@ -34,10 +32,7 @@ const ROUTING_KEY: &str = "fanout";
 #[derive(clap::Args)]
 pub struct Options {
     #[command(flatten)]
-    target: Target,
-    /// Concurrent requests while creating Tasks and Subscriptions.
-    #[arg(long, default_value_t = 32)]
-    setup_concurrency: usize,
+    server: ServerArgs,
     /// The broker, for this tool's own topology and consumer (with credentials).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
@@ -120,17 +115,12 @@ struct Setup {
 }
 
 async fn setup(options: &Options) -> anyhow::Result<Setup> {
-    let target = &options.target;
+    let target = &options.server.target;
     let m = options.subscriptions;
-    let server = Server {
-        client: http_client(
-            options.writers.max(options.setup_concurrency),
-            Duration::from_secs(60),
-        )?,
-        bearer: Arc::new(target.bearer(&ADMIN)?),
-        base: Arc::new(target.base().to_string()),
-        root: Arc::new(target.root().to_string()),
-    };
+    let server = Server::new(
+        target,
+        options.writers.max(options.server.setup_concurrency),
+    )?;
     let names = Arc::new(Names::new());
     let exchange = format!("baton-fanout-{}", names.run);
     println!(
@@ -194,7 +184,12 @@ async fn setup(options: &Options) -> anyhow::Result<Setup> {
     // Tasks before subscriptions, so their creation notifies nobody.
     let started = Instant::now();
     server
-        .create_tasks(&names, options.tasks, |i| i % m, options.setup_concurrency)
+        .create_tasks(
+            &names,
+            options.tasks,
+            |i| i % m,
+            options.server.setup_concurrency,
+        )
         .await?;
     let subscription_ids = subscribe(&server, &names, &topology, options).await?;
     let handshaken = poll_until(Duration::from_secs(60), Duration::from_millis(50), || {
@@ -221,11 +216,7 @@ async fn setup(options: &Options) -> anyhow::Result<Setup> {
         topology,
         inbox,
         consumer_task,
-        subscription_of: subscription_ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (id.clone(), i))
-            .collect(),
+        subscription_of: positions(&subscription_ids),
         subscription_ids,
     })
 }
@@ -240,7 +231,7 @@ async fn subscribe(
         "{}?exchange={}&routing_key={ROUTING_KEY}",
         options.endpoint_broker, topology.exchange
     );
-    run_bounded(options.subscriptions, options.setup_concurrency, |i| {
+    run_bounded(options.subscriptions, options.server.setup_concurrency, |i| {
         let filter = match options.filter {
             Filter::None => None,
             Filter::Owner => Some(format!("owner={}", names.owner(i))),
@@ -304,7 +295,7 @@ async fn drive(options: &Options, setup: &Setup) -> anyhow::Result<Driven> {
     let m = options.subscriptions;
     let stop_at = Instant::now() + options.duration;
     let started = Instant::now();
-    let cpu = CpuMeter::start(options.target.server_pid);
+    let cpu = CpuMeter::start(options.server.target.server_pid);
     let mut writers = JoinSet::new();
     for w in 0..options.writers {
         let (server, names) = (setup.server.clone(), setup.names.clone());
@@ -400,7 +391,7 @@ async fn teardown(options: &Options, setup: Setup) {
         &server.bearer,
         &server.base,
         &setup.subscription_ids,
-        options.setup_concurrency,
+        options.server.setup_concurrency,
     )
     .await;
     setup.consumer_task.abort();

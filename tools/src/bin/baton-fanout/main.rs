@@ -23,13 +23,16 @@ mod websocket;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use baton_tools::common::cpu::{CpuUse, cores, load_average};
+use baton_tools::common::run_to_exit;
 use baton_tools::common::token::Admin;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+
+/// How the tool names itself in its reports (and the server's logs, as the token's subject).
+const NAME: &str = "baton-fanout";
 
 /// The token `baton-fanout` mints when given only the JWT secret.
 const ADMIN: Admin = Admin {
-    subject: "baton-fanout",
+    subject: NAME,
     lifetime: Duration::from_secs(2 * 3600),
 };
 
@@ -38,12 +41,6 @@ const ADMIN: Admin = Admin {
     name = "baton-fanout",
     about = "Websocket and AMQP fan-out benchmarks for Baton (loopback only)"
 )]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
 enum Command {
     /// Bound websocket listeners: memory per idle socket, then latency under open-loop updates.
     Websocket(websocket::Options),
@@ -51,38 +48,13 @@ enum Command {
     Amqp(amqp::Options),
 }
 
+/// Exit 0 when the run's checks passed, 1 when one failed, 2 when it could not run.
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = runtime.block_on(async {
-        match cli.command {
+    let command = Command::parse();
+    run_to_exit(async {
+        match command {
             Command::Websocket(options) => websocket::run(&options).await,
             Command::Amqp(options) => amqp::run(&options).await,
         }
-    });
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// The report's `cpu` line.
-fn cpu_line(cpu: &CpuUse) -> String {
-    format!(
-        "server {}, baton-fanout {} (percent of one core; the machine has {}); load average {}",
-        CpuUse::show(cpu.server),
-        CpuUse::show(cpu.own),
-        cores(),
-        load_average()
-    )
+    })
 }

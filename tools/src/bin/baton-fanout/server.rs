@@ -2,11 +2,16 @@
 //! the server says about itself (`/metrics`, `/proc/<pid>/status`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use baton_tools::common::api::{http_client, success_text};
 use baton_tools::common::fhir::{FHIR_JSON, etag_version, task_body};
-use baton_tools::common::{run_bounded, snippet};
+use baton_tools::common::run_bounded;
+use baton_tools::common::target::Target;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, ETAG};
+
+use crate::ADMIN;
 
 /// The ids and owners of one run's Tasks: `fo-<run>-<i>` owned by `Practitioner/fo-<run>-<i mod owners>`.
 pub struct Names {
@@ -38,6 +43,16 @@ impl Names {
     }
 }
 
+/// The server, and how many requests at once set a run up: flattened into every subcommand.
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Concurrent requests while creating Tasks and Subscriptions and binding sockets.
+    #[arg(long, default_value_t = 32)]
+    pub setup_concurrency: usize,
+}
+
 /// Requests to one server as one admin.
 #[derive(Clone)]
 pub struct Server {
@@ -49,6 +64,17 @@ pub struct Server {
 }
 
 impl Server {
+    /// The target's server, called with up to `connections` at once (requests time out
+    /// after a minute).
+    pub fn new(target: &Target, connections: usize) -> anyhow::Result<Server> {
+        Ok(Server {
+            client: http_client(connections, Duration::from_secs(60))?,
+            bearer: Arc::new(target.bearer(&ADMIN)?),
+            base: Arc::new(target.base().to_string()),
+            root: Arc::new(target.root().to_string()),
+        })
+    }
+
     /// Creates Task i (PUT to a new id) for i in 0..n, owned by owner `owner_of(i)`.
     pub async fn create_tasks(
         &self,
@@ -68,11 +94,7 @@ impl Server {
                 .body(body.to_string());
             async move {
                 let response = request.send().await.context("creating a Task")?;
-                let status = response.status();
-                if !status.is_success() {
-                    let text = response.text().await.unwrap_or_default();
-                    bail!("creating a Task: HTTP {status}: {}", snippet(&text));
-                }
+                success_text(response, "creating a Task").await?;
                 Ok(())
             }
         })

@@ -11,29 +11,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use baton_tools::common::api::{create_subscription, http_client};
+use baton_tools::common::api::create_subscription;
 use baton_tools::common::cpu::{CpuMeter, CpuUse};
 use baton_tools::common::fhir::{Channel, subscription_body};
 use baton_tools::common::schedule::{OpenLoop, Schedule};
-use baton_tools::common::target::Target;
 use baton_tools::common::websocket::{BindDeadlines, bind};
 use baton_tools::common::{lock, parse_duration, poll_until, run_bounded};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::ADMIN;
 use crate::check::Write;
-use crate::server::{Names, Server, metric_sum, proc_status_kib};
+use crate::server::{Names, Server, ServerArgs, metric_sum, proc_status_kib};
 use listener::ListenerLog;
 
 #[derive(clap::Args)]
 pub struct Options {
     #[command(flatten)]
-    target: Target,
-    /// Concurrent requests while creating Tasks and Subscriptions and binding sockets.
-    #[arg(long, default_value_t = 32)]
-    setup_concurrency: usize,
+    server: ServerArgs,
     /// Owners, each with one Task and one websocket subscription filtered on it.
     #[arg(long, default_value_t = 10_000)]
     owners: usize,
@@ -100,20 +95,15 @@ struct Listeners {
 }
 
 async fn setup(options: &Options) -> anyhow::Result<(Setup, Listeners)> {
-    let target = &options.target;
+    let target = &options.server.target;
     let owners = options.owners;
     let pid = target
         .server_pid
         .context("--server-pid is needed to read the server's memory")?;
-    let server = Server {
-        client: http_client(
-            options.max_in_flight.max(options.setup_concurrency),
-            Duration::from_secs(60),
-        )?,
-        bearer: Arc::new(target.bearer(&ADMIN)?),
-        base: Arc::new(target.base().to_string()),
-        root: Arc::new(target.root().to_string()),
-    };
+    let server = Server::new(
+        target,
+        options.max_in_flight.max(options.server.setup_concurrency),
+    )?;
     let names = Arc::new(Names::new());
     let mut setup = Setup {
         server,
@@ -136,7 +126,12 @@ async fn setup(options: &Options) -> anyhow::Result<(Setup, Listeners)> {
     let started = Instant::now();
     setup
         .server
-        .create_tasks(&setup.names, owners, |i| i, options.setup_concurrency)
+        .create_tasks(
+            &setup.names,
+            owners,
+            |i| i,
+            options.server.setup_concurrency,
+        )
         .await?;
     println!(
         "  setup      {owners} Tasks created in {:.1} s",
@@ -157,7 +152,7 @@ async fn setup(options: &Options) -> anyhow::Result<(Setup, Listeners)> {
 
 async fn subscribe(setup: &Setup, options: &Options) -> anyhow::Result<Vec<String>> {
     let server = &setup.server;
-    run_bounded(setup.listeners, options.setup_concurrency, |i| {
+    run_bounded(setup.listeners, options.server.setup_concurrency, |i| {
         let filter = (i < options.owners).then(|| format!("owner={}", setup.names.owner(i)));
         let body = subscription_body(&server.base, "baton_fanout", filter.as_deref(), Channel::WebSocket);
         let server = server.clone();
@@ -178,7 +173,7 @@ async fn bind_all(
     let bound: Arc<Mutex<HashSet<usize>>> = Arc::default();
     let failed = Arc::new(AtomicU64::new(0));
     let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let permits = Arc::new(Semaphore::new(options.setup_concurrency.max(1)));
+    let permits = Arc::new(Semaphore::new(options.server.setup_concurrency.max(1)));
     let mut readers = JoinSet::new();
     let deadlines = BindDeadlines {
         connect: None,

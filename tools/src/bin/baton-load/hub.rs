@@ -13,17 +13,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use baton_tools::common::api::{create_subscription, delete_subscriptions, http_client};
+use baton_tools::common::api::{
+    create_subscription, delete_subscriptions, http_client, success_text,
+};
 use baton_tools::common::cpu::{CpuMeter, CpuUse};
 use baton_tools::common::fhir::{Channel, FHIR_JSON, etag_version, subscription_body, task_body};
 use baton_tools::common::schedule::{OpenLoop, Schedule};
 use baton_tools::common::target::Target;
-use baton_tools::common::{lock, parse_duration, poll_until, run_bounded, snippet};
+use baton_tools::common::{lock, parse_duration, poll_until, positions, run_bounded};
 use reqwest::header;
 use serde_json::Value;
 
+use crate::ADMIN;
 use crate::tasks::transport_error;
-use crate::{ADMIN, Verdict};
 use receiver::{Arrival, Inbox};
 
 #[derive(clap::Args)]
@@ -73,7 +75,7 @@ pub struct Options {
     write_base: Vec<String>,
 }
 
-pub async fn run(options: &Options) -> anyhow::Result<Verdict> {
+pub async fn run(options: &Options) -> anyhow::Result<bool> {
     if options.subscriptions == 0 || options.rate <= 0.0 || options.max_in_flight == 0 {
         bail!("--subscriptions, --rate and --max-in-flight must be positive");
     }
@@ -87,7 +89,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Verdict> {
     }
     setup.receiver.abort();
     println!("{}", findings.json(options, &setup, &collected));
-    Ok(Verdict::of(findings.passed))
+    Ok(findings.passed)
 }
 
 /// A Task write whose notification is expected.
@@ -165,11 +167,7 @@ async fn setup(options: &Options) -> anyhow::Result<Setup> {
         run,
         inbox,
         receiver,
-        subscription_of: subscription_ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (id.clone(), i))
-            .collect(),
+        subscription_of: positions(&subscription_ids),
         subscription_ids,
         owners: Arc::new(owners),
         task_ids: Arc::default(),
@@ -261,12 +259,8 @@ async fn create_tasks(
                 .await
                 .context("creating a Task")?;
             let responded = Instant::now();
-            let status = response.status();
             let version = response_version(&response).unwrap_or(1);
-            let text = response.text().await.unwrap_or_default();
-            if !status.is_success() {
-                bail!("creating a Task: HTTP {status}: {}", snippet(&text));
-            }
+            let text = success_text(response, "creating a Task").await?;
             let task: Value = serde_json::from_str(&text).context("reading the Task")?;
             let id = task["id"].as_str().context("the created Task has no id")?;
             Ok((id.to_string(), version, sent, responded))

@@ -20,13 +20,16 @@ mod tasks;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use baton_tools::common::cpu::{CpuUse, cores};
+use baton_tools::common::run_to_exit;
 use baton_tools::common::token::Admin;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+
+/// How the tool names itself in its reports (and the server's logs, as the token's subject).
+const NAME: &str = "baton-load";
 
 /// The token `baton-load` mints when given only the JWT secret.
 const ADMIN: Admin = Admin {
-    subject: "baton-load",
+    subject: NAME,
     lifetime: Duration::from_secs(3600),
 };
 
@@ -36,12 +39,6 @@ const ADMIN: Admin = Admin {
     version,
     about = "Load generator and notification receiver for Baton benchmarks (loopback only)"
 )]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
 enum Command {
     /// Echo server for POST /fhir/Task and PUT /fhir/Task/{id}: the ceiling without storage.
     BareServer(bare_server::Options),
@@ -51,56 +48,14 @@ enum Command {
     Hub(hub::Options),
 }
 
-/// Whether a run met its correctness checks (setup failures are errors instead).
-enum Verdict {
-    Passed,
-    Failed,
-}
-
-impl Verdict {
-    fn of(passed: bool) -> Verdict {
-        if passed {
-            Verdict::Passed
-        } else {
-            Verdict::Failed
-        }
-    }
-}
-
+/// Exit 0 when the run's checks passed, 1 when one failed, 2 when it could not run.
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = runtime.block_on(async {
-        match cli.command {
+    let command = Command::parse();
+    run_to_exit(async {
+        match command {
             Command::BareServer(options) => bare_server::run(&options).await,
             Command::Tasks(options) => tasks::run(&options).await,
             Command::Hub(options) => hub::run(&options).await,
         }
-    });
-    match result {
-        Ok(Verdict::Passed) => ExitCode::SUCCESS,
-        Ok(Verdict::Failed) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// The report's `cpu` line.
-fn cpu_line(cpu: &CpuUse) -> String {
-    format!(
-        "server {}, baton-load {}, whole machine {} of {}% (steal {}); percent of one core",
-        CpuUse::show(cpu.server),
-        CpuUse::show(cpu.own),
-        CpuUse::show(cpu.machine),
-        cores() * 100,
-        CpuUse::show(cpu.steal),
-    )
+    })
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use baton_tools::common::api::http_client;
+use baton_tools::common::api::{http_client, success_text};
 use baton_tools::common::cpu::{CpuMeter, CpuUse};
 use baton_tools::common::fhir::{FHIR_JSON, task_body, task_id};
 use baton_tools::common::percentiles::{Percentiles, round2};
@@ -16,7 +16,7 @@ use reqwest::header;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::{ADMIN, Verdict, cpu_line};
+use crate::ADMIN;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -50,7 +50,7 @@ impl Mode {
     }
 }
 
-pub async fn run(options: &Options) -> anyhow::Result<Verdict> {
+pub async fn run(options: &Options) -> anyhow::Result<bool> {
     if options.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
@@ -85,20 +85,13 @@ async fn setup(options: &Options) -> anyhow::Result<Setup> {
                 .send()
                 .await
                 .context("creating the Tasks to update")?;
-            let status = response.status();
             let location = response
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(task_id)
                 .map(str::to_string);
-            let body = response.text().await.unwrap_or_default();
-            if !status.is_success() {
-                bail!(
-                    "creating a Task to update: HTTP {status}: {}",
-                    snippet(&body)
-                );
-            }
+            let body = success_text(response, "creating a Task to update").await?;
             // The bare server echoes the body without an id; any id will do there.
             let id = serde_json::from_str::<Value>(&body)
                 .ok()
@@ -238,7 +231,7 @@ async fn collect(mut driven: Driven) -> anyhow::Result<Collected> {
 }
 
 /// Reports the figures; the run passes when no request failed.
-fn verify(options: &Options, setup: &Setup, collected: &Collected) -> Verdict {
+fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
     let Collected {
         latencies,
         errors,
@@ -259,7 +252,7 @@ fn verify(options: &Options, setup: &Setup, collected: &Collected) -> Verdict {
     );
     println!("  requests   {requests} ({throughput:.0}/s)");
     println!("  latency    {}", percentiles.line());
-    println!("  cpu        {}", cpu_line(cpu));
+    println!("  cpu        {}", cpu.line_with_machine(crate::NAME));
     println!("  errors     {error_count}");
     for (key, count) in errors {
         println!("    {key}: {count}  e.g. {}", samples[key]);
@@ -280,7 +273,7 @@ fn verify(options: &Options, setup: &Setup, collected: &Collected) -> Verdict {
             "cpu_percent": cpu.json(),
         })
     );
-    Verdict::of(error_count == 0)
+    error_count == 0
 }
 
 /// The error key of a request that got no status: `transport: timeout`, `transport: connect`, ….

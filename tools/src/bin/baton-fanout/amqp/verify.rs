@@ -9,7 +9,6 @@ use serde_json::{Value, json};
 
 use super::{Collected, Driven, Options, Setup, header_number, header_text};
 use crate::check::{Arrival, Tally, check_listener, write_index};
-use crate::cpu_line;
 
 pub struct Findings {
     pub passed: bool,
@@ -141,7 +140,10 @@ impl Findings {
         for (key, count) in &driven.failures {
             println!("    {key}: {count}");
         }
-        println!("  cpu        {}", cpu_line(&driven.cpu));
+        println!(
+            "  cpu        {}",
+            driven.cpu.line_with_load_average(crate::NAME)
+        );
         println!(
             "  consumed   {} events in {} event messages ({:.2} events each); \
              {:.0} events/s while updates ran, {:.0} events/s until the last arrived ({:.2} s after the last update)",

@@ -10,7 +10,6 @@ use serde_json::json;
 
 use super::{Collected, Options, Setup};
 use crate::check::{Tally, check_listener, write_index};
-use crate::cpu_line;
 use crate::server::{metric_sum, proc_status_kib};
 
 /// Checks every listener, prints the report and its JSON line; returns whether the run passed.
@@ -115,7 +114,10 @@ pub fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
     for (key, count) in &driven.failures {
         println!("    {key}: {count}");
     }
-    println!("  cpu        {}", cpu_line(&driven.cpu));
+    println!(
+        "  cpu        {}",
+        driven.cpu.line_with_load_average(crate::NAME)
+    );
     println!(
         "  notified   {} events in {notifications} notifications ({:.2} events each), {heartbeats} heartbeats; \
          last event {:.2} s after the last update response{}",

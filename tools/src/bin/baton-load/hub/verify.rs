@@ -10,7 +10,6 @@ use baton_tools::common::percentiles::{Percentiles, millis, round2};
 use serde_json::{Value, json};
 
 use super::{Collected, Options, Setup, TaskVersion};
-use crate::cpu_line;
 
 /// What the run's notifications showed.
 pub struct Findings {
@@ -172,7 +171,10 @@ impl Findings {
             println!("    {key}: {count}");
         }
         println!("  update     {}", self.update_latency.line());
-        println!("  cpu        {}", cpu_line(&collected.cpu));
+        println!(
+            "  cpu        {}",
+            collected.cpu.line_with_machine(crate::NAME)
+        );
         println!(
             "  notified   {} events in {} POSTs; {:.0} events/s during the schedule; \
              last arrived {:.2} s after the last update response",
