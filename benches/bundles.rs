@@ -10,6 +10,7 @@
 
 use std::hint::black_box;
 
+use baton::fhir::ids::{EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use baton::fhir::interaction::Interaction;
 use baton::fhir::notification::{
     ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
@@ -96,12 +97,12 @@ fn task(n: usize) -> Value {
     })
 }
 
-fn status(events_since_start: i64) -> StatusSnapshot<'static> {
+fn status(subscription: &SubscriptionId, events_since_start: i64) -> StatusSnapshot<'_> {
     StatusSnapshot {
-        subscription_id: SUBSCRIPTION,
+        subscription_id: subscription,
         topic_url: TOPIC,
         status: SubscriptionStatus::Active,
-        events_since_start,
+        events_since_start: EventNumber::new(events_since_start),
         notification_type: NotificationType::EventNotification,
         error: None,
     }
@@ -147,18 +148,24 @@ fn notification_bundles(c: &mut Criterion) {
     let tasks: Vec<Value> = (0..BATCHES.iter().copied().max().unwrap_or(0))
         .map(task)
         .collect();
-    let timestamps: Vec<String> = (0..tasks.len())
+    let subscription = SubscriptionId::parse(SUBSCRIPTION).expect("a subscription id");
+    let timestamps: Vec<StoredInstant> = (0..tasks.len())
         .map(|n| format!("2025-06-01T10:{:02}:{:02}Z", 15 + n / 60, n % 60))
+        .map(|text| StoredInstant::parse(&text).expect("an instant"))
+        .collect();
+    let task_ids: Vec<TaskId> = tasks
+        .iter()
+        .map(|task| TaskId::parse(task["id"].as_str().expect("a task id")).expect("an id"))
         .collect();
     let events: Vec<NotificationEvent> = tasks
         .iter()
-        .zip(&timestamps)
+        .zip(timestamps.iter().zip(&task_ids))
         .enumerate()
-        .map(|(n, (task, timestamp))| NotificationEvent {
-            event_number: 100 + n as i64,
+        .map(|(n, (task, (timestamp, task_id)))| NotificationEvent {
+            event_number: EventNumber::new(100 + n as i64),
             timestamp,
-            task_id: task["id"].as_str().expect("a task id"),
-            version: 4,
+            task_id,
+            version: Version::new(4),
             interaction: Interaction::Update,
             resource: Some(task),
         })
@@ -172,7 +179,7 @@ fn notification_bundles(c: &mut Criterion) {
     for &content in CONTENTS {
         for &batch in BATCHES {
             let events = &events[..batch];
-            let status = status(100 + batch as i64);
+            let status = status(&subscription, 100 + batch as i64);
             let bundle = build(&status, events, content);
             check(&bundle, batch, content);
             eprintln!(
@@ -195,7 +202,7 @@ fn notification_bundles(c: &mut Criterion) {
     for &content in CONTENTS {
         for &batch in BATCHES {
             let events = &events[..batch];
-            let status = status(100 + batch as i64);
+            let status = status(&subscription, 100 + batch as i64);
             build_only.bench_with_input(
                 BenchmarkId::new(content.as_str(), batch),
                 &events,

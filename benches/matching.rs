@@ -14,6 +14,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use baton::auth::{Principal, Role};
+use baton::fhir::ids::{ChangeSeq, SubscriptionId};
 use baton::fhir::interaction::Interaction;
 use baton::fhir::search::{
     Handling, Predicate, SearchLimits, SystemMatch, TaskIndex, TokenValue, index_task, parse_query,
@@ -42,12 +43,12 @@ const CATCH_ALLS: usize = 5;
 const STATUS_SUBSCRIPTIONS: usize = 5;
 
 /// The outbox position of the measured change; every subscription predates it.
-const CHANGE_SEQ: i64 = 1_000;
+const CHANGE_SEQ: ChangeSeq = ChangeSeq::new(1_000);
 
 /// A subscription id shaped like the UUIDs the API assigns, so that the index's memory is
 /// representative.
-fn subscription_id(kind: u8, n: usize) -> String {
-    format!("00000000-0000-4000-8{kind:03x}-{n:012}")
+fn subscription_id(kind: u8, n: usize) -> SubscriptionId {
+    SubscriptionId::parse(&format!("00000000-0000-4000-8{kind:03x}-{n:012}")).expect("an id")
 }
 
 fn admin() -> Principal {
@@ -116,7 +117,7 @@ fn build_index(topic: usize, owners: usize) -> SubscriptionIndex {
             topic,
             filters: vec![owner_filter(n)],
             author: practitioner(n),
-            created_after_seq: 0,
+            created_after_seq: ChangeSeq::ZERO,
         });
     }
     for n in 0..CATCH_ALLS {
@@ -125,7 +126,7 @@ fn build_index(topic: usize, owners: usize) -> SubscriptionIndex {
             topic,
             filters: vec![],
             author: admin(),
-            created_after_seq: 0,
+            created_after_seq: ChangeSeq::ZERO,
         });
     }
     let in_progress = parse_filters("status", "in-progress");
@@ -135,14 +136,14 @@ fn build_index(topic: usize, owners: usize) -> SubscriptionIndex {
             topic,
             filters: in_progress.clone(),
             author: admin(),
-            created_after_seq: 0,
+            created_after_seq: ChangeSeq::ZERO,
         });
     }
     index
 }
 
 /// The ids the change must match, whatever the index size.
-fn expected_matches() -> BTreeSet<String> {
+fn expected_matches() -> BTreeSet<SubscriptionId> {
     let mut ids = BTreeSet::from([subscription_id(1, TASK_OWNER)]);
     ids.extend((0..CATCH_ALLS).map(|n| subscription_id(2, n)));
     ids.extend((0..STATUS_SUBSCRIPTIONS).map(|n| subscription_id(3, n)));
@@ -256,7 +257,7 @@ fn match_change(c: &mut Criterion) {
 
             // The bench must measure the real work: exactly the expected subscriptions match.
             let change_now = change(&previous, &previous_index, &current, &current_index);
-            let matched: BTreeSet<String> = index
+            let matched: BTreeSet<SubscriptionId> = index
                 .match_change(&topics, &change_now, BASE)
                 .iter()
                 .map(|candidate| candidate.id.clone())

@@ -16,6 +16,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
+use crate::fhir::ids::TaskId;
 use crate::fhir::search::{Predicate, SystemMatch, TokenValue};
 use crate::fhir::task::{self, Ownership};
 
@@ -506,7 +507,7 @@ pub fn authorize_task_delete(principal: &Principal, before: &Value, base_url: &s
 pub fn authorize_task_recreate(
     principal: &Principal,
     deleted: &Value,
-    id: &str,
+    id: &TaskId,
     base_url: &str,
 ) -> Result<()> {
     authorize_task_delete(principal, deleted, base_url).map_err(|_| {
@@ -1054,7 +1055,7 @@ mod tests {
         ];
         for (name, who, task, allowed) in cases {
             let delete = authorize_task_delete(who, task, base);
-            let recreate = authorize_task_recreate(who, task, "t1", base);
+            let recreate = authorize_task_recreate(who, task, &TaskId::parse("t1").unwrap(), base);
             assert_eq!(delete.is_ok(), allowed, "delete: {name}");
             assert_eq!(recreate.is_ok(), allowed, "re-create: {name}");
             for refused in [delete, recreate].into_iter().filter_map(Result::err) {

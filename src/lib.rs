@@ -35,6 +35,7 @@ use crate::auth::Authenticator;
 use crate::channels::rest_hook::RestHook;
 use crate::config::DatabaseUrl;
 use crate::delivery::Deliverer;
+use crate::fhir::ids::{StoredInstant, SubscriptionId};
 use crate::fhir::search::SearchLimits;
 use crate::hub::{Hub, Occasion};
 use crate::matcher::topic;
@@ -122,7 +123,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 
     let registry = Arc::new(channels::websocket::Registry::default());
     // Signals: in-process for one node; Redis when the nodes of a cluster must hear each other.
-    let (notices, remote_changes) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (notices, remote_changes) = tokio::sync::mpsc::unbounded_channel::<SubscriptionId>();
     let (signals, matcher_wake): (Arc<dyn Signals>, Arc<Notify>) = match &config.redis_url {
         Some(url) => {
             let matcher_wake = Arc::new(Notify::new());
@@ -370,10 +371,7 @@ fn default_node_id() -> String {
 async fn prune_events(store: Arc<dyn Store>, retention_days: u64, stop: CancellationToken) {
     loop {
         let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(retention_days as i64);
-        match store
-            .prune_events(&fhir::datetime::format_instant(cutoff))
-            .await
-        {
+        match store.prune_events(&StoredInstant::at(cutoff)).await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "pruned delivered events past retention"),
             Err(e) => {

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, error_chain};
+use crate::fhir::ids::{ChangeSeq, SubscriptionId, TaskId, Version};
 use crate::fhir::interaction::Interaction;
 use crate::fhir::search::index_task;
 use crate::hub::{Hub, Occasion};
@@ -61,7 +62,7 @@ impl Outbox {
             }
         };
         let mut leading: Option<std::time::Instant> = None;
-        let mut cursor = 0;
+        let mut cursor = ChangeSeq::ZERO;
         let mut last_persisted = std::time::Instant::now();
         while !shutdown.is_cancelled() {
             if leading.is_none_or(|renewed| renewed.elapsed() >= renew_every) {
@@ -82,7 +83,7 @@ impl Outbox {
                                     continue;
                                 }
                             }
-                            tracing::info!(cursor, node = %self.node, "this node now matches changes");
+                            tracing::info!(cursor = cursor.get(), node = %self.node, "this node now matches changes");
                         }
                         leading = Some(std::time::Instant::now());
                         self.hub.matching.store(true, Ordering::Relaxed);
@@ -188,12 +189,12 @@ impl Outbox {
         name = "outbox.batch",
         skip_all,
         fields(
-            change.from = changes.first().map_or(0, |c| c.seq),
-            change.to = changes.last().map_or(0, |c| c.seq),
+            change.from = changes.first().map_or(0, |c| c.seq.get()),
+            change.to = changes.last().map_or(0, |c| c.seq.get()),
             changes = changes.len(),
         )
     )]
-    async fn process(&self, changes: &[ChangeEvent], persist: bool) -> Result<(i64, bool)> {
+    async fn process(&self, changes: &[ChangeEvent], persist: bool) -> Result<(ChangeSeq, bool)> {
         let started = std::time::Instant::now();
         let mut keys = Vec::with_capacity(changes.len() * 2);
         for change in changes {
@@ -205,7 +206,7 @@ impl Outbox {
                 keys.push((change.resource_id.clone(), previous));
             }
         }
-        let versions: HashMap<(String, i64), Value> = self
+        let versions: HashMap<(TaskId, Version), Value> = self
             .store
             .versions(&keys)
             .await?
@@ -229,7 +230,7 @@ impl Outbox {
                 if unreadable {
                     metrics::counter!("baton_changes_skipped_total", "reason" => "unreadable")
                         .increment(1);
-                    tracing::error!(change.seq = change.seq, task.id = %change.resource_id, task.version = change.version, "a change refers to a Task version that cannot be read; it is not matched");
+                    tracing::error!(change.seq = change.seq.get(), task.id = %change.resource_id, task.version = change.version.get(), "a change refers to a Task version that cannot be read; it is not matched");
                     continue;
                 }
                 let current_index = current.map(|r| index_task(r, &self.hub.base_url));
@@ -256,7 +257,7 @@ impl Outbox {
                 }
             }
         }
-        let through = changes.last().map_or(0, |c| c.seq);
+        let through = changes.last().map_or(ChangeSeq::ZERO, |c| c.seq);
         let matched = rows.len();
         if rows.is_empty() && !persist {
             metrics::counter!("baton_changes_matched_total").increment(changes.len() as u64);
@@ -271,7 +272,7 @@ impl Outbox {
                 matches: rows,
             })
             .await?;
-        let woken: BTreeSet<String> = numbered.into_iter().map(|(id, _)| id).collect();
+        let woken: BTreeSet<SubscriptionId> = numbered.into_iter().map(|(id, _)| id).collect();
         for id in woken {
             self.hub.delivery.wake(&id);
         }
@@ -281,7 +282,7 @@ impl Outbox {
         tracing::debug!(
             changes = changes.len(),
             matched,
-            through,
+            through = through.get(),
             "matched a batch of changes"
         );
         Ok((through, true))

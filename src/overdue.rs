@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::fhir::datetime::{format_instant, parse_instant};
+use crate::fhir::ids::StoredInstant;
 use crate::store::Store;
 
 /// Most Tasks reported in one pass; the next pass follows at once when there were more.
@@ -17,7 +17,7 @@ const BATCH: usize = 500;
 pub async fn run(store: Arc<dyn Store>, every: Duration, stop: CancellationToken) {
     loop {
         let now = time::OffsetDateTime::now_utc();
-        let now_key = format_instant(now);
+        let now_key = StoredInstant::at(now);
         let mut full = false;
         match store.overdue_tasks(&now_key, BATCH).await {
             Ok(due) => {
@@ -49,7 +49,7 @@ pub async fn run(store: Arc<dyn Store>, every: Duration, stop: CancellationToken
                 .await
                 .ok()
                 .flatten()
-                .and_then(|next| parse_instant(&next))
+                .and_then(|next| next.datetime())
                 .and_then(|next| Duration::try_from(next - now).ok())
                 .map_or(every, |until| until.min(every))
         };

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use baton::channels::SendError;
 use baton::channels::amqp::{AmqpMessage, AmqpPublisher};
+use baton::fhir::ids::{EventNumber, SubscriptionId};
 use baton::fhir::subscription::{AmqpEndpoint, parse_amqp_endpoint};
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -50,6 +51,7 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
     assert!(publisher.serves(&endpoint));
 
     let body = br#"{"resourceType":"Bundle","type":"history"}"#;
+    let subscription = SubscriptionId::parse("sub-1").unwrap();
     publisher
         .publish(
             &endpoint,
@@ -57,11 +59,11 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
                 body,
                 content_type: "application/fhir+json;fhirVersion=4.0",
                 message_id: "sub-1/7",
-                subscription_id: "sub-1",
+                subscription_id: &subscription,
                 notification_type: "event-notification",
-                first_event: Some(5),
-                last_event: Some(7),
-                events_since_start: 7,
+                first_event: Some(EventNumber::new(5)),
+                last_event: Some(EventNumber::new(7)),
+                events_since_start: EventNumber::new(7),
                 timestamp_secs: 1_700_000_000,
             },
             PUBLISH_TIMEOUT,
@@ -76,11 +78,11 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
                 body: b"{}",
                 content_type: "application/json",
                 message_id: "sub-1/heartbeat-1",
-                subscription_id: "sub-1",
+                subscription_id: &subscription,
                 notification_type: "heartbeat",
                 first_event: None,
                 last_event: None,
-                events_since_start: 7,
+                events_since_start: EventNumber::new(7),
                 timestamp_secs: 1_700_000_060,
             },
             PUBLISH_TIMEOUT,
@@ -975,15 +977,17 @@ async fn publish_numbered(
     n: u32,
 ) -> Result<(), SendError> {
     let message_id = format!("message-{n}");
+    let subscription = SubscriptionId::parse("sub-1").unwrap();
+    let number = EventNumber::new(i64::from(n));
     let message = AmqpMessage {
         body: b"{\"resourceType\":\"Bundle\"}",
         content_type: "application/fhir+json",
         message_id: &message_id,
-        subscription_id: "sub-1",
+        subscription_id: &subscription,
         notification_type: "event-notification",
-        first_event: Some(i64::from(n)),
-        last_event: Some(i64::from(n)),
-        events_since_start: i64::from(n),
+        first_event: Some(number),
+        last_event: Some(number),
+        events_since_start: number,
         timestamp_secs: 1_700_000_000,
     };
     publisher.publish(endpoint, message, PUBLISH_TIMEOUT).await

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use baton::auth::{Identity, Role};
 use baton::config::StoreConfig;
+use baton::fhir::ids::{ChannelType, EventNumber, StoredInstant, Version};
 use baton::fhir::notification::SubscriptionStatus;
 use baton::store::postgres::PostgresStore;
 use baton::store::sqlite::SqliteStore;
@@ -107,7 +108,7 @@ async fn a_panicking_write_fails_alone_and_the_writer_goes_on() {
         Ok(WriteOutcome::Written(_))
     ));
     let current = store.read(&first.id).await.unwrap().unwrap();
-    assert_eq!(current.version, 1);
+    assert_eq!(current.version, Version::FIRST);
     store.ping().await.expect("the store is healthy");
     assert!(health.fatal_reason().is_none());
     assert!(
@@ -139,7 +140,7 @@ async fn a_delivery_that_was_not_the_handshake_never_activates_a_subscription_th
             resource: json!({"resourceType": "Subscription", "status": "requested"}),
             status: SubscriptionStatus::Requested,
             topic_url: "http://baton.test/fhir/SubscriptionTopic/task-changed".into(),
-            channel_type: "rest-hook".into(),
+            channel_type: ChannelType::RestHook,
             endpoint: Some("https://receiver.example/hook".into()),
             author: json!({"subject": "admin-cli", "role": "admin", "performer_types": []}),
             owner,
@@ -150,10 +151,10 @@ async fn a_delivery_that_was_not_the_handshake_never_activates_a_subscription_th
         .unwrap();
     let delivered = |handshake| DeliveryReport::Delivered {
         subscription_id: stored.id.clone(),
-        through: 0,
+        through: EventNumber::ZERO,
         handshake,
         status: SubscriptionStatus::Active,
-        at: "2026-01-01T00:00:00.000Z".into(),
+        at: StoredInstant::parse("2026-01-01T00:00:00.000Z").unwrap(),
     };
     store
         .record_delivery("node", delivered(HandshakeOwed::Unchanged))

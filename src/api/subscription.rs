@@ -15,8 +15,8 @@ use super::{AppState, BodyKind, fhir_json, parse_json, read_body};
 use crate::auth::{Principal, Role};
 use crate::channels::websocket::{Grant, binding_parameters, websocket_url};
 use crate::error::{Error, IssueCode, Result};
-use crate::fhir;
 use crate::fhir::datetime::format_instant;
+use crate::fhir::ids::{ChannelType, EventNumber, SubscriptionId};
 use crate::fhir::notification::{
     ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
     status_search_bundle,
@@ -78,6 +78,7 @@ async fn read(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response> {
+    let id = SubscriptionId::parse(&id)?;
     let stored = visible(&state, &principal, &id).await?;
     Ok(respond(&state, &principal, &stored, StatusCode::OK))
 }
@@ -89,6 +90,7 @@ async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
+    let id = SubscriptionId::parse(&id)?;
     visible(&state, &principal, &id).await?;
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let mut resource = parse_json(&bytes)?;
@@ -142,6 +144,7 @@ async fn delete(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response> {
+    let id = SubscriptionId::parse(&id)?;
     visible(&state, &principal, &id).await?;
     state.store.delete_subscription(&id).await?;
     state.hub.withdraw(&id, Occasion::Written);
@@ -236,13 +239,12 @@ fn is_author(principal: &Principal, stored: &StoredSubscription) -> bool {
     principal.is(&stored.owner)
 }
 
-async fn visible(state: &AppState, principal: &Principal, id: &str) -> Result<StoredSubscription> {
-    if !fhir::is_valid_id(id) {
-        return Err(Error::bad_request(
-            IssueCode::Invalid,
-            format!("'{id}' is not a valid FHIR id ({})", fhir::ID_RULE),
-        ));
-    }
+/// The subscription as `principal` may see it: only its author (or an admin) may.
+async fn visible(
+    state: &AppState,
+    principal: &Principal,
+    id: &SubscriptionId,
+) -> Result<StoredSubscription> {
     let stored = state
         .store
         .read_subscription(id)
@@ -349,6 +351,7 @@ async fn status_instance(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response> {
+    let id = SubscriptionId::parse(&id)?;
     let stored = visible(&state, &principal, &id).await?;
     let bundle = status_search_bundle(
         &state.base_url,
@@ -403,10 +406,11 @@ async fn events(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
+    let id = SubscriptionId::parse(&id)?;
     let stored = visible(&state, &principal, &id).await?;
     let spec = state.hub.spec_for_delivery(&stored)?;
     let pairs = super::query_pairs(query.as_deref())?;
-    let mut since = 1i64;
+    let mut since = EventNumber::new(1);
     let mut until = stored.events_since_start;
     let mut content = spec.content;
     for (name, value) in &pairs {
@@ -415,6 +419,7 @@ async fn events(
                 .parse::<i64>()
                 .ok()
                 .filter(|n| *n >= 1)
+                .map(EventNumber::new)
                 .ok_or_else(|| {
                     Error::bad_request(
                         IssueCode::Invalid,
@@ -466,7 +471,7 @@ async fn events(
 async fn issue_binding_token(
     state: &AppState,
     principal: &Principal,
-    ids: Vec<String>,
+    ids: Vec<SubscriptionId>,
 ) -> Response {
     let expires_at = time::OffsetDateTime::now_utc()
         + time::Duration::seconds(state.config.websocket.token_ttl_seconds as i64);
@@ -488,7 +493,7 @@ async fn issue_binding_token(
 
 /// Binding tokens are for live websocket subscriptions, and only their author gets one.
 fn check_bindable(principal: &Principal, stored: &StoredSubscription) -> Result<()> {
-    if stored.channel_type != "websocket" {
+    if stored.channel_type != ChannelType::WebSocket {
         return Err(Error::not_supported(format!(
             "Subscription/{} uses the {} channel; binding tokens are for websocket subscriptions",
             stored.id, stored.channel_type
@@ -514,6 +519,7 @@ async fn binding_token_instance(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response> {
+    let id = SubscriptionId::parse(&id)?;
     let stored = visible(&state, &principal, &id).await?;
     check_bindable(&principal, &stored)?;
     Ok(issue_binding_token(&state, &principal, vec![id]).await)
@@ -525,10 +531,10 @@ async fn binding_token_type(
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
     let pairs = super::query_pairs(query.as_deref())?;
-    let mut ids = Vec::new();
+    let mut named = Vec::new();
     for (name, value) in pairs {
         match name.as_str() {
-            "id" => ids.extend(value.split(',').map(str::to_string)),
+            "id" => named.extend(value.split(',').map(str::to_string)),
             other => {
                 return Err(Error::not_supported(format!(
                     "$get-ws-binding-token takes id, not '{other}'"
@@ -536,7 +542,8 @@ async fn binding_token_type(
             }
         }
     }
-    if ids.is_empty() {
+    let mut ids = Vec::with_capacity(named.len());
+    if named.is_empty() {
         // Without ids: every live websocket subscription of the caller.
         let filter = SubscriptionQuery {
             author: Some(principal.identity()),
@@ -549,7 +556,7 @@ async fn binding_token_type(
             .await?;
         ids = found
             .into_iter()
-            .filter(|s| s.channel_type == "websocket")
+            .filter(|s| s.channel_type == ChannelType::WebSocket)
             .map(|s| s.id)
             .collect();
         if ids.is_empty() {
@@ -558,9 +565,11 @@ async fn binding_token_type(
             ));
         }
     } else {
-        for id in &ids {
-            let stored = visible(&state, &principal, id).await?;
+        for id in &named {
+            let id = SubscriptionId::parse(id)?;
+            let stored = visible(&state, &principal, &id).await?;
             check_bindable(&principal, &stored)?;
+            ids.push(id);
         }
     }
     Ok(issue_binding_token(&state, &principal, ids).await)

@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::fhir_json;
 use super::{AppState, Prefer};
 use crate::error::{Error, IssueCode};
-use crate::fhir;
+use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::store::{CurrentTask, StoredVersion};
 
 mod links;
@@ -46,13 +46,13 @@ pub fn router() -> Router<AppState> {
 // Responses
 
 /// A 410 for a deleted Task or version, with the ETag of the deletion.
-fn gone_with_etag(diagnostics: String, version: i64) -> Response {
+fn gone_with_etag(diagnostics: String, version: Version) -> Response {
     let mut response = axum::response::IntoResponse::into_response(Error::gone(diagnostics));
     set_etag(response.headers_mut(), version);
     response
 }
 
-fn set_etag(headers: &mut HeaderMap, version: i64) {
+fn set_etag(headers: &mut HeaderMap, version: Version) {
     if let Ok(value) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
         headers.insert(header::ETAG, value);
     }
@@ -100,9 +100,9 @@ fn version_response(
 fn respond(
     state: &AppState,
     status: StatusCode,
-    id: &str,
-    version: i64,
-    last_updated: &str,
+    id: &TaskId,
+    version: Version,
+    last_updated: &StoredInstant,
     resource: &Value,
     prefer: Prefer,
     with_location: bool,
@@ -141,8 +141,8 @@ fn respond(
 }
 
 /// Formats an instant as an HTTP date (`Last-Modified`).
-fn http_date(instant: &str) -> Option<String> {
-    let at = fhir::datetime::parse_instant(instant)?;
+fn http_date(instant: &StoredInstant) -> Option<String> {
+    let at = instant.datetime()?;
     let format = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );

@@ -30,6 +30,7 @@ use crate::channels::websocket::{Outbound, Registry};
 use crate::config::WebSocketConfig;
 use crate::error::IssueCode;
 use crate::fhir::datetime::format_instant;
+use crate::fhir::ids::ChannelType;
 use crate::fhir::notification::{
     ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
 };
@@ -248,7 +249,7 @@ async fn bind(
         };
         // The subscription must still be a live websocket subscription of the same author.
         let same_author = stored.owner == grant.owner;
-        if stored.channel_type != "websocket"
+        if stored.channel_type != ChannelType::WebSocket
             || stored.status == SubscriptionStatus::Off
             || !same_author
         {

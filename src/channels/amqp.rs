@@ -57,6 +57,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::SendError;
+use crate::fhir::ids::{EventNumber, SubscriptionId};
 use crate::fhir::subscription::{AmqpEndpoint, DEFAULT_AMQP_PORT};
 
 /// How many confirm-mode channels publish concurrently. Each carries one message at a time, so
@@ -98,14 +99,14 @@ pub struct AmqpMessage<'a> {
     pub content_type: &'a str,
     /// Stable per notification, so consumers can drop duplicates.
     pub message_id: &'a str,
-    pub subscription_id: &'a str,
+    pub subscription_id: &'a SubscriptionId,
     /// `handshake`, `heartbeat`, `event-notification`, ...
     pub notification_type: &'a str,
     /// The first event number carried, when the notification carries events.
-    pub first_event: Option<i64>,
+    pub first_event: Option<EventNumber>,
     /// The last event number carried, when the notification carries events.
-    pub last_event: Option<i64>,
-    pub events_since_start: i64,
+    pub last_event: Option<EventNumber>,
+    pub events_since_start: EventNumber,
     /// When the notification was built, in seconds since the Unix epoch.
     pub timestamp_secs: u64,
 }
@@ -654,21 +655,21 @@ fn message_properties(message: &AmqpMessage<'_>) -> Result<BasicProperties, Send
     let mut headers = FieldTable::default();
     headers.insert(
         "subscription-id".into(),
-        AMQPValue::LongString(message.subscription_id.into()),
+        AMQPValue::LongString(message.subscription_id.as_str().into()),
     );
     headers.insert(
         "notification-type".into(),
         AMQPValue::LongString(message.notification_type.into()),
     );
     if let Some(first) = message.first_event {
-        headers.insert("first-event".into(), AMQPValue::LongLongInt(first));
+        headers.insert("first-event".into(), AMQPValue::LongLongInt(first.get()));
     }
     if let Some(last) = message.last_event {
-        headers.insert("last-event".into(), AMQPValue::LongLongInt(last));
+        headers.insert("last-event".into(), AMQPValue::LongLongInt(last.get()));
     }
     headers.insert(
         "events-since-subscription-start".into(),
-        AMQPValue::LongLongInt(message.events_since_start),
+        AMQPValue::LongLongInt(message.events_since_start.get()),
     );
     Ok(BasicProperties::default()
         .with_content_type(short_string(message.content_type, "the content type")?)
@@ -842,15 +843,16 @@ mod tests {
 
     #[test]
     fn properties_carry_the_message_format() {
+        let subscription = SubscriptionId::parse("sub-1").unwrap();
         let message = AmqpMessage {
             body: b"{}",
             content_type: "application/fhir+json;fhirVersion=4.0",
             message_id: "sub-1/7",
-            subscription_id: "sub-1",
+            subscription_id: &subscription,
             notification_type: "event-notification",
-            first_event: Some(5),
-            last_event: Some(7),
-            events_since_start: 7,
+            first_event: Some(EventNumber::new(5)),
+            last_event: Some(EventNumber::new(7)),
+            events_since_start: EventNumber::new(7),
             timestamp_secs: 1_700_000_000,
         };
         let properties = message_properties(&message).unwrap();

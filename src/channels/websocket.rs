@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::fhir::datetime::format_instant;
+use crate::fhir::ids::SubscriptionId;
 
 /// What a redeemed binding token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +30,7 @@ pub struct Grant {
     /// The whole identity the token was issued to; a subscription binds only if this is still
     /// exactly its owner.
     pub owner: Identity,
-    pub subscriptions: Vec<String>,
+    pub subscriptions: Vec<SubscriptionId>,
     pub expires_at: time::OffsetDateTime,
 }
 
@@ -79,7 +80,7 @@ struct SocketHandle {
     outbox: mpsc::Sender<Outbound>,
     /// Cancelled to close the socket; the reason goes in the close frame.
     close: CancellationToken,
-    bound: HashSet<String>,
+    bound: HashSet<SubscriptionId>,
 }
 
 /// The table of open sockets and which subscriptions each carries.
@@ -92,7 +93,7 @@ pub struct Registry {
 #[derive(Default)]
 struct Tables {
     sockets: HashMap<u64, SocketHandle>,
-    by_subscription: HashMap<String, HashSet<u64>>,
+    by_subscription: HashMap<SubscriptionId, HashSet<u64>>,
 }
 
 impl Tables {
@@ -140,15 +141,15 @@ impl Registry {
 
     /// Carries a subscription on a socket from now on; false when the socket is gone (closed
     /// as too slow meanwhile), so the session stops binding.
-    pub(crate) fn bind(&self, socket: u64, subscription: &str) -> bool {
+    pub(crate) fn bind(&self, socket: u64, subscription: &SubscriptionId) -> bool {
         let mut tables = self.tables();
         let Some(handle) = tables.sockets.get_mut(&socket) else {
             return false;
         };
-        handle.bound.insert(subscription.to_string());
+        handle.bound.insert(subscription.clone());
         tables
             .by_subscription
-            .entry(subscription.to_string())
+            .entry(subscription.clone())
             .or_default()
             .insert(socket);
         true
@@ -163,7 +164,7 @@ impl Registry {
     }
 
     /// How many sockets carry this subscription.
-    pub fn listeners(&self, subscription: &str) -> usize {
+    pub fn listeners(&self, subscription: &SubscriptionId) -> usize {
         self.tables()
             .by_subscription
             .get(subscription)
@@ -171,7 +172,7 @@ impl Registry {
     }
 
     /// Stops delivering a subscription (deleted or turned off) to every socket.
-    pub fn unbind_subscription(&self, subscription: &str) {
+    pub fn unbind_subscription(&self, subscription: &SubscriptionId) {
         let mut tables = self.tables();
         if let Some(sockets) = tables.by_subscription.remove(subscription) {
             for id in sockets {
@@ -184,7 +185,7 @@ impl Registry {
 
     /// Queues a notification on every socket bound to the subscription, without waiting.
     /// A socket whose outbox is full is closed as too slow. Returns how many took it.
-    pub fn push(&self, subscription: &str, text: &str) -> usize {
+    pub fn push(&self, subscription: &SubscriptionId, text: &str) -> usize {
         let text = Utf8Bytes::from(text.to_string());
         let mut tables = self.tables();
         let Some(sockets) = tables.by_subscription.get(subscription).cloned() else {
@@ -229,7 +230,7 @@ pub fn websocket_url(base_url: &str) -> String {
 pub fn binding_parameters(
     token: &str,
     expires_at: time::OffsetDateTime,
-    subscriptions: &[String],
+    subscriptions: &[SubscriptionId],
     url: &str,
 ) -> Value {
     let mut parameter = vec![
@@ -260,7 +261,7 @@ mod tests {
                 role: crate::auth::Role::Auditor,
                 fhir_user: None,
             },
-            subscriptions: vec!["s".into()],
+            subscriptions: vec![SubscriptionId::parse("s").unwrap()],
             expires_at: now + time::Duration::seconds(60),
         };
         let token = tokens.issue(grant.clone());
@@ -294,17 +295,18 @@ mod tests {
         let slow_close = CancellationToken::new();
         let slow = registry.add(slow_tx, slow_close.clone());
         let fast = registry.add(fast_tx, CancellationToken::new());
-        registry.bind(slow, "s");
-        registry.bind(fast, "s");
-        assert_eq!(registry.push("s", "1"), 2);
+        let s = SubscriptionId::parse("s").unwrap();
+        registry.bind(slow, &s);
+        registry.bind(fast, &s);
+        assert_eq!(registry.push(&s, "1"), 2);
         assert_eq!(
-            registry.push("s", "2"),
+            registry.push(&s, "2"),
             1,
             "the slow socket is full and dropped"
         );
         assert!(slow_close.is_cancelled());
-        assert_eq!(registry.listeners("s"), 1);
-        assert_eq!(registry.push("s", "3"), 1);
+        assert_eq!(registry.listeners(&s), 1);
+        assert_eq!(registry.push(&s, "3"), 1);
         let mut got = Vec::new();
         while let Ok(Outbound::Text(t)) = fast_rx.try_recv() {
             got.push(t.to_string());

@@ -16,7 +16,8 @@ use super::retry::{AfterFailure, RetryPolicy, after_failure};
 use super::scheduler::{Attempt, Outcome};
 use super::status::{Happened, next_status};
 use crate::error::Result;
-use crate::fhir::datetime::{DateKind, format_instant, parse_instant, parse_range};
+use crate::fhir::datetime::{DateKind, parse_range};
+use crate::fhir::ids::{EventNumber, StoredInstant, SubscriptionId};
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::subscription::SubscriptionSpec;
 use crate::store::{DeliveryReport, HandshakeOwed, StoredSubscription};
@@ -26,7 +27,7 @@ use crate::store::{DeliveryReport, HandshakeOwed, StoredSubscription};
 pub const HUB_FAILURE_RETRY: Duration = Duration::from_secs(5);
 
 /// One delivery attempt for one subscription.
-pub async fn attempt(deliverer: &Deliverer, id: &str, attempt: Attempt) -> Outcome {
+pub async fn attempt(deliverer: &Deliverer, id: &SubscriptionId, attempt: Attempt) -> Outcome {
     match try_attempt(deliverer, id, attempt).await {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -83,7 +84,11 @@ struct Claimed<'a> {
     skip_all,
     fields(subscription.id = %id, attempt = Empty, event.from = Empty, event.to = Empty)
 )]
-async fn try_attempt(deliverer: &Deliverer, id: &str, attempt: Attempt) -> Result<Outcome> {
+async fn try_attempt(
+    deliverer: &Deliverer,
+    id: &SubscriptionId,
+    attempt: Attempt,
+) -> Result<Outcome> {
     let default_timeout = Duration::from_secs(deliverer.config.default_timeout_seconds);
     let node = deliverer.hub.node.as_str();
     let Some(sub) = deliverer
@@ -161,7 +166,8 @@ impl Claimed<'_> {
         let span = tracing::Span::current();
         span.record("attempt", payload.notification_type().as_str());
         if let (Some(from), Some(to)) = payload.events() {
-            span.record("event.from", from).record("event.to", to);
+            span.record("event.from", from.get())
+                .record("event.to", to.get());
         }
         let timeout = spec
             .timeout
@@ -299,7 +305,7 @@ impl Claimed<'_> {
 
     async fn record_delivered(
         &mut self,
-        through: i64,
+        through: EventNumber,
         handshake: HandshakeOwed,
         happened: Happened,
         now: time::OffsetDateTime,
@@ -310,7 +316,7 @@ impl Claimed<'_> {
             through,
             handshake,
             status,
-            at: format_instant(now),
+            at: StoredInstant::at(now),
         })
         .await
     }
@@ -379,10 +385,12 @@ fn choose_payload(
     if sub.handshake_pending {
         Some(Payload::Handshake)
     } else if sub.delivered_through < sub.events_since_start {
-        let from = sub.delivered_through + 1;
+        let from = sub.delivered_through.next();
         Some(Payload::Events {
             from,
-            to: (from + max_count - 1).min(sub.events_since_start),
+            to: from
+                .saturating_add(max_count - 1)
+                .min(sub.events_since_start),
         })
     } else if attempt == Attempt::Heartbeat && !sent_within_heartbeat(sub, heartbeat_period, now) {
         Some(Payload::Heartbeat)
@@ -400,7 +408,7 @@ fn sent_within_heartbeat(
 ) -> bool {
     let (Some(period), Some(last)) = (
         heartbeat_period,
-        sub.last_sent_at.as_deref().and_then(parse_instant),
+        sub.last_sent_at.as_ref().and_then(StoredInstant::datetime),
     ) else {
         return false;
     };
@@ -420,8 +428,8 @@ fn failure_report(
 ) -> (DeliveryReport, Option<Duration>) {
     let failing_since = sub
         .failing_since
-        .as_deref()
-        .and_then(parse_instant)
+        .as_ref()
+        .and_then(StoredInstant::datetime)
         .unwrap_or(now);
     let failures = sub.failures + 1;
     let failing_for = Duration::try_from(now - failing_since).unwrap_or_default();
@@ -453,8 +461,8 @@ fn failure_report(
         subscription_id: sub.id.clone(),
         error: error.to_string(),
         failures,
-        failing_since: format_instant(failing_since),
-        next_attempt_at: retry.map(|delay| format_instant(now + delay)),
+        failing_since: StoredInstant::at(failing_since),
+        next_attempt_at: retry.map(|delay| StoredInstant::at(now + delay)),
         status: next_status(sub.status, happened),
     };
     (report, retry)

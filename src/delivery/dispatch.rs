@@ -12,6 +12,7 @@ use crate::channels::SendError;
 use crate::channels::amqp::{AmqpMessage, AmqpPublisher};
 use crate::channels::rest_hook::{self, RestHook};
 use crate::channels::signature::parse_secret;
+use crate::fhir::ids::SubscriptionId;
 use crate::fhir::subscription::{AmqpEndpoint, ChannelSpec, SubscriptionSpec};
 use crate::hub::Hub;
 use crate::signals::Signals;
@@ -56,7 +57,7 @@ pub trait Channel: Send + Sync {
 
     /// Whether anyone may take a notification now. A best-effort channel's notification is
     /// built only when someone may; a confirmed channel always has its endpoint.
-    fn may_have_listeners(&self, _subscription: &str) -> bool {
+    fn may_have_listeners(&self, _subscription: &SubscriptionId) -> bool {
         true
     }
 
@@ -182,7 +183,7 @@ impl Channel for Sockets<'_> {
         Guarantee::BestEffort
     }
 
-    fn may_have_listeners(&self, subscription: &str) -> bool {
+    fn may_have_listeners(&self, subscription: &SubscriptionId) -> bool {
         self.signals.may_have_listeners(subscription)
     }
 

@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::auth::{self, Principal};
 use crate::error::Result;
 use crate::fhir::datetime::format_instant;
+use crate::fhir::ids::{EventNumber, TaskId, Version};
 use crate::fhir::notification::{
     ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
     notification_bundle,
@@ -19,7 +20,7 @@ use crate::store::{EventRecord, Store, StoredSubscription};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Payload {
     Handshake,
-    Events { from: i64, to: i64 },
+    Events { from: EventNumber, to: EventNumber },
     Heartbeat,
 }
 
@@ -33,7 +34,7 @@ impl Payload {
     }
 
     /// The first and last event numbers carried, if any.
-    pub fn events(self) -> (Option<i64>, Option<i64>) {
+    pub fn events(self) -> (Option<EventNumber>, Option<EventNumber>) {
         match self {
             Payload::Events { from, to } => (Some(from), Some(to)),
             Payload::Handshake | Payload::Heartbeat => (None, None),
@@ -42,7 +43,7 @@ impl Payload {
 
     /// The highest event number delivered once this has gone out: its last event, or the
     /// current `delivered_through` for handshakes and heartbeats.
-    pub fn through(self, sub: &StoredSubscription) -> i64 {
+    pub fn through(self, sub: &StoredSubscription) -> EventNumber {
         match self {
             Payload::Events { to, .. } => to,
             Payload::Handshake | Payload::Heartbeat => sub.delivered_through,
@@ -127,11 +128,11 @@ pub async fn load_versions(
     store: &dyn Store,
     events: &[EventRecord],
     content: ContentLevel,
-) -> Result<HashMap<(String, i64), Value>> {
+) -> Result<HashMap<(TaskId, Version), Value>> {
     if content == ContentLevel::Empty || events.is_empty() {
         return Ok(HashMap::new());
     }
-    let keys: Vec<(String, i64)> = events
+    let keys: Vec<(TaskId, Version)> = events
         .iter()
         .map(|e| (e.task_id.clone(), e.version))
         .collect();
@@ -150,7 +151,7 @@ pub async fn load_versions(
 /// author's rights changed in between. Deletes carry no content and pass.
 pub fn readable_events<'a>(
     events: &'a [EventRecord],
-    versions: &'a HashMap<(String, i64), Value>,
+    versions: &'a HashMap<(TaskId, Version), Value>,
     author: Option<&Principal>,
     base_url: &str,
 ) -> Vec<NotificationEvent<'a>> {
@@ -181,17 +182,22 @@ pub fn readable_events<'a>(
 mod tests {
     use super::*;
     use crate::auth::Role;
+    use crate::fhir::ids::{ChangeSeq, StoredInstant};
     use crate::fhir::interaction::Interaction;
     use serde_json::json;
 
+    fn task_id(id: &str) -> TaskId {
+        TaskId::parse(id).unwrap()
+    }
+
     fn event(number: i64, task: &str, interaction: Interaction) -> EventRecord {
         EventRecord {
-            event_number: number,
-            change_seq: number,
-            task_id: task.into(),
-            version: 1,
+            event_number: EventNumber::new(number),
+            change_seq: ChangeSeq::new(number),
+            task_id: task_id(task),
+            version: Version::FIRST,
             interaction,
-            occurred_at: "2026-01-01T00:00:00.000Z".into(),
+            occurred_at: StoredInstant::parse("2026-01-01T00:00:00.000Z").unwrap(),
         }
     }
 
@@ -211,12 +217,18 @@ mod tests {
             event(3, "gone", Interaction::Delete),
         ];
         let versions = HashMap::from([
-            (("mine".to_string(), 1), owned_by("Practitioner/alice")),
-            (("theirs".to_string(), 1), owned_by("Practitioner/bob")),
+            (
+                (task_id("mine"), Version::FIRST),
+                owned_by("Practitioner/alice"),
+            ),
+            (
+                (task_id("theirs"), Version::FIRST),
+                owned_by("Practitioner/bob"),
+            ),
         ]);
         let kept: Vec<i64> = readable_events(&events, &versions, Some(&alice), "http://h/fhir")
             .iter()
-            .map(|e| e.event_number)
+            .map(|e| e.event_number.get())
             .collect();
         assert_eq!(
             kept,

@@ -14,7 +14,7 @@ use super::Deliverer;
 use super::attempt::{HUB_FAILURE_RETRY, attempt};
 use super::scheduler::{Attempt, Outcome, Scheduler};
 use crate::error::Result;
-use crate::fhir::datetime::{format_instant, parse_instant};
+use crate::fhir::ids::{StoredInstant, SubscriptionId};
 use crate::hub::Command;
 
 /// How long in-flight attempts may take to finish at shutdown; anything unfinished is still
@@ -47,8 +47,8 @@ pub async fn load(deliverer: &Deliverer) -> Result<Scheduler> {
         // Honour a retry time recorded before the restart.
         let wait = sub
             .next_attempt_at
-            .as_deref()
-            .and_then(parse_instant)
+            .as_ref()
+            .and_then(StoredInstant::datetime)
             .map(|at| (at - now_wall).max(time::Duration::ZERO))
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or_default();
@@ -66,10 +66,10 @@ pub async fn run(
     commands: &mut mpsc::UnboundedReceiver<Command>,
     shutdown: CancellationToken,
 ) {
-    let mut attempts: JoinSet<(String, Outcome)> = JoinSet::new();
+    let mut attempts: JoinSet<(SubscriptionId, Outcome)> = JoinSet::new();
     let mut scan = tokio::time::interval(deliverer.scan_every);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (found_tx, mut found) = mpsc::unbounded_channel::<Vec<String>>();
+    let (found_tx, mut found) = mpsc::unbounded_channel::<Vec<SubscriptionId>>();
     let mut scanning = false;
     loop {
         for (id, kind) in scheduler.due(now()) {
@@ -100,7 +100,7 @@ pub async fn run(
                 let found_tx = found_tx.clone();
                 let grace = deliverer.scan_every;
                 tokio::spawn(async move {
-                    let stale_before = format_instant(time::OffsetDateTime::now_utc() - grace);
+                    let stale_before = StoredInstant::at(time::OffsetDateTime::now_utc() - grace);
                     let due = store.due_subscriptions(&stale_before, 1000).await.unwrap_or_else(|e| {
                         tracing::warn!(error = %crate::error::error_chain(&e), "looking for unclaimed deliveries failed");
                         Vec::new()
@@ -124,9 +124,9 @@ pub async fn run(
 }
 
 fn start_attempt(
-    attempts: &mut JoinSet<(String, Outcome)>,
+    attempts: &mut JoinSet<(SubscriptionId, Outcome)>,
     deliverer: &Arc<Deliverer>,
-    id: String,
+    id: SubscriptionId,
     kind: Attempt,
 ) {
     let deliverer = deliverer.clone();

@@ -14,6 +14,8 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::fhir::ids::SubscriptionId;
+
 /// Why an attempt starts. Either way it sends whatever is owed (a handshake, events); a
 /// heartbeat only when one is due and nothing else went out within the period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,23 +62,23 @@ pub struct Scheduler {
     /// Every timer, soonest first. An entry superseded since it was filed is left in place
     /// and passed over when it comes up: a retry whose time is no longer `retry_at`'s, a
     /// heartbeat whose period something sent since has covered.
-    timers: BinaryHeap<Reverse<(Instant, Timer, String)>>,
+    timers: BinaryHeap<Reverse<(Instant, Timer, SubscriptionId)>>,
     /// The retry time currently in force per subscription. While one is pending, new work
     /// waits for it: the back-off holds, and the new events are in the log behind the old.
-    retry_at: HashMap<String, Instant>,
+    retry_at: HashMap<SubscriptionId, Instant>,
     /// The heartbeat period of each subscription that has one.
-    heartbeats: HashMap<String, Duration>,
+    heartbeats: HashMap<SubscriptionId, Duration>,
     /// When each subscription last had something sent (or a heartbeat started): the next
     /// heartbeat is due a period after it.
-    last_sent: HashMap<String, Instant>,
+    last_sent: HashMap<SubscriptionId, Instant>,
     /// Subscriptions waiting for a free slot, first come first served, with why.
-    ready: VecDeque<(String, Attempt)>,
+    ready: VecDeque<(SubscriptionId, Attempt)>,
     /// The subscriptions in `ready`, so none is queued twice.
-    queued: HashSet<String>,
+    queued: HashSet<SubscriptionId>,
     /// The subscriptions with an attempt running.
-    in_flight: HashSet<String>,
+    in_flight: HashSet<SubscriptionId>,
     /// Woken while in flight: look again when the attempt ends.
-    rerun: HashSet<String>,
+    rerun: HashSet<SubscriptionId>,
 }
 
 impl Scheduler {
@@ -95,7 +97,7 @@ impl Scheduler {
     }
 
     /// New events or a handshake owed: try now, unless a retry is pending.
-    pub fn wake(&mut self, id: &str) {
+    pub fn wake(&mut self, id: &SubscriptionId) {
         // New work overrides nothing while a retry is pending: order and back-off both hold,
         // the new events simply wait with the old ones.
         if !self.retry_at.contains_key(id) {
@@ -105,23 +107,23 @@ impl Scheduler {
 
     /// The subscription was created or replaced: a pending back-off belonged to the old
     /// version, so try now whatever it said.
-    pub fn changed(&mut self, id: &str) {
+    pub fn changed(&mut self, id: &SubscriptionId) {
         self.retry_at.remove(id);
         self.make_ready(id, Attempt::Work);
     }
 
     /// Work found waiting in the store (at start-up, with a retry time recorded before the
     /// restart): try at `at`.
-    pub fn resume(&mut self, id: &str, at: Instant) {
+    pub fn resume(&mut self, id: &SubscriptionId, at: Instant) {
         self.schedule_retry(id, at);
     }
 
     /// Starts or stops heartbeats at this period; the first is due a period after the last
     /// notification sent, or after `now`.
-    pub fn set_heartbeat(&mut self, id: &str, period: Option<Duration>, now: Instant) {
+    pub fn set_heartbeat(&mut self, id: &SubscriptionId, period: Option<Duration>, now: Instant) {
         match period {
             Some(period) => {
-                self.heartbeats.insert(id.to_string(), period);
+                self.heartbeats.insert(id.clone(), period);
                 self.arm_heartbeat(id, now);
             }
             None => {
@@ -131,7 +133,7 @@ impl Scheduler {
     }
 
     /// The subscription is gone or off: its timers are dropped (the heap's entries go stale).
-    pub fn forget(&mut self, id: &str) {
+    pub fn forget(&mut self, id: &SubscriptionId) {
         self.retry_at.remove(id);
         self.heartbeats.remove(id);
         self.last_sent.remove(id);
@@ -139,16 +141,16 @@ impl Scheduler {
     }
 
     /// An attempt ended at `now` with this outcome.
-    pub fn attempt_finished(&mut self, id: &str, outcome: Outcome, now: Instant) {
+    pub fn attempt_finished(&mut self, id: &SubscriptionId, outcome: Outcome, now: Instant) {
         self.in_flight.remove(id);
         let rerun = self.rerun.remove(id);
         match outcome {
             Outcome::More => {
-                self.last_sent.insert(id.to_string(), now);
+                self.last_sent.insert(id.clone(), now);
                 self.make_ready(id, Attempt::Work);
             }
             Outcome::Sent => {
-                self.last_sent.insert(id.to_string(), now);
+                self.last_sent.insert(id.clone(), now);
                 self.arm_heartbeat(id, now);
                 if rerun {
                     self.make_ready(id, Attempt::Work);
@@ -175,7 +177,7 @@ impl Scheduler {
     /// The attempts to start at `now`: the timers that came due put their subscriptions in
     /// the ready queue, and the queue is taken in order while slots are free. Each returned
     /// subscription is in flight until `attempt_finished`.
-    pub fn due(&mut self, now: Instant) -> Vec<(String, Attempt)> {
+    pub fn due(&mut self, now: Instant) -> Vec<(SubscriptionId, Attempt)> {
         self.fire_timers(now);
         let mut starting = Vec::new();
         while self.in_flight.len() < self.max_concurrent {
@@ -214,7 +216,7 @@ impl Scheduler {
         }
     }
 
-    fn heartbeat_due(&mut self, id: &str, now: Instant) {
+    fn heartbeat_due(&mut self, id: &SubscriptionId, now: Instant) {
         let Some(period) = self.heartbeats.get(id).copied() else {
             return;
         };
@@ -228,37 +230,36 @@ impl Scheduler {
         if last.is_some_and(|l| now < l + period) {
             return; // Something was sent since; a newer timer exists.
         }
-        self.last_sent.insert(id.to_string(), now);
+        self.last_sent.insert(id.clone(), now);
         self.arm_heartbeat(id, now);
         self.make_ready(id, Attempt::Heartbeat);
     }
 
-    fn schedule_retry(&mut self, id: &str, at: Instant) {
-        self.retry_at.insert(id.to_string(), at);
-        self.timers
-            .push(Reverse((at, Timer::Retry, id.to_string())));
+    fn schedule_retry(&mut self, id: &SubscriptionId, at: Instant) {
+        self.retry_at.insert(id.clone(), at);
+        self.timers.push(Reverse((at, Timer::Retry, id.clone())));
     }
 
-    fn arm_heartbeat(&mut self, id: &str, now: Instant) {
+    fn arm_heartbeat(&mut self, id: &SubscriptionId, now: Instant) {
         if let Some(period) = self.heartbeats.get(id).copied() {
             let since = self.last_sent.get(id).copied().unwrap_or(now);
             self.timers
-                .push(Reverse((since + period, Timer::Heartbeat, id.to_string())));
+                .push(Reverse((since + period, Timer::Heartbeat, id.clone())));
         }
     }
 
     /// Puts a subscription in the ready queue unless it is already queued or in flight. Work
     /// that arrives while it is in flight is looked at again when the attempt ends; a
     /// heartbeat then is not, since the attempt in flight covers it.
-    fn make_ready(&mut self, id: &str, attempt: Attempt) {
+    fn make_ready(&mut self, id: &SubscriptionId, attempt: Attempt) {
         if self.in_flight.contains(id) {
             if attempt == Attempt::Work {
-                self.rerun.insert(id.to_string());
+                self.rerun.insert(id.clone());
             }
             return;
         }
-        if self.queued.insert(id.to_string()) {
-            self.ready.push_back((id.to_string(), attempt));
+        if self.queued.insert(id.clone()) {
+            self.ready.push_back((id.clone(), attempt));
         }
     }
 }

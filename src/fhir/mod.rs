@@ -1,8 +1,9 @@
-//! FHIR shapes shared by the API, the store and the matcher: references, dates, the Task
+//! FHIR shapes shared by the API, the store and the matcher: references, dates, ids, the Task
 //! rules and the Task search parameters. Pure: nothing here builds an HTTP response or
 //! touches storage (errors carry their status through `crate::error`).
 
 pub mod datetime;
+pub mod ids;
 pub mod interaction;
 pub mod json;
 pub mod narrative;

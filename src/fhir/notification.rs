@@ -83,6 +83,7 @@ impl SubscriptionStatus {
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+use crate::fhir::ids::{EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::interaction::Interaction;
 
 /// The profile every status `Parameters` claims, so validators check it against the backport IG.
@@ -95,12 +96,12 @@ pub const SUBSCRIPTION_ERROR_SYSTEM: &str =
 /// What a notification says about its subscription at the moment it is generated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusSnapshot<'a> {
-    pub subscription_id: &'a str,
+    pub subscription_id: &'a SubscriptionId,
     pub topic_url: &'a str,
     pub status: SubscriptionStatus,
     /// Events generated since the subscription started, delivered or not. Handshakes,
     /// heartbeats and queries never increment it.
-    pub events_since_start: i64,
+    pub events_since_start: EventNumber,
     pub notification_type: NotificationType,
     /// The last delivery error as a short text. See [`error_code`] for how the text is coded.
     pub error: Option<&'a str>,
@@ -109,12 +110,12 @@ pub struct StatusSnapshot<'a> {
 /// One event of the subscription's event log, as a notification reports it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NotificationEvent<'a> {
-    pub event_number: i64,
-    /// The instant the Task change was recorded, already formatted as a FHIR `instant`.
-    pub timestamp: &'a str,
-    pub task_id: &'a str,
+    pub event_number: EventNumber,
+    /// The instant the Task change was recorded, which is a FHIR `instant` as stored.
+    pub timestamp: &'a StoredInstant,
+    pub task_id: &'a TaskId,
     /// The Task version the event produced (for a delete, the tombstone's version).
-    pub version: i64,
+    pub version: Version,
     pub interaction: Interaction,
     /// The Task version the event is about; `None` for deletes or when it was not loaded.
     pub resource: Option<&'a Value>,
@@ -349,6 +350,23 @@ mod tests {
     const TOPIC: &str = "https://hub.example.org/fhir/SubscriptionTopic/task-changed";
     const NOW: &str = "2025-06-01T10:15:04Z";
 
+    /// A fixture that lives as long as the test run, as the snapshots' borrows want.
+    fn fixed<T>(value: T) -> &'static T {
+        Box::leak(Box::new(value))
+    }
+
+    fn task_id(id: &str) -> &'static TaskId {
+        fixed(TaskId::parse(id).unwrap())
+    }
+
+    fn at(instant: &str) -> &'static StoredInstant {
+        fixed(StoredInstant::parse(instant).unwrap())
+    }
+
+    fn sub_id(id: &str) -> &'static SubscriptionId {
+        fixed(SubscriptionId::parse(id).unwrap())
+    }
+
     fn task(id: &str, version: i64) -> Value {
         json!({
             "resourceType": "Task",
@@ -364,27 +382,27 @@ mod tests {
     fn events<'a>(a1: &'a Value, a2: &'a Value, b4: &'a Value) -> [NotificationEvent<'a>; 3] {
         [
             NotificationEvent {
-                event_number: 7,
-                timestamp: "2025-06-01T10:15:01Z",
-                task_id: "task-a",
-                version: 1,
+                event_number: EventNumber::new(7),
+                timestamp: at("2025-06-01T10:15:01Z"),
+                task_id: task_id("task-a"),
+                version: Version::new(1),
                 interaction: Interaction::Create,
                 resource: Some(a1),
             },
             NotificationEvent {
-                event_number: 8,
-                timestamp: "2025-06-01T10:15:02Z",
-                task_id: "task-a",
-                version: 2,
+                event_number: EventNumber::new(8),
+                timestamp: at("2025-06-01T10:15:02Z"),
+                task_id: task_id("task-a"),
+                version: Version::new(2),
                 interaction: Interaction::Update,
                 resource: Some(a2),
             },
             // A caller that hands over the last version for a delete must still not see it sent.
             NotificationEvent {
-                event_number: 9,
-                timestamp: "2025-06-01T10:15:03Z",
-                task_id: "task-b",
-                version: 4,
+                event_number: EventNumber::new(9),
+                timestamp: at("2025-06-01T10:15:03Z"),
+                task_id: task_id("task-b"),
+                version: Version::new(4),
                 interaction: Interaction::Delete,
                 resource: Some(b4),
             },
@@ -404,10 +422,10 @@ mod tests {
             _ => (SubscriptionStatus::Active, 9, None),
         };
         StatusSnapshot {
-            subscription_id: SUB,
+            subscription_id: sub_id(SUB),
             topic_url: TOPIC,
             status,
-            events_since_start: since,
+            events_since_start: EventNumber::new(since),
             notification_type,
             error,
         }
@@ -555,7 +573,11 @@ mod tests {
                 "{label}"
             );
             let timestamp = part(event, "timestamp").expect("timestamp");
-            assert_eq!(timestamp["valueInstant"], expected.timestamp, "{label}");
+            assert_eq!(
+                timestamp["valueInstant"],
+                expected.timestamp.as_str(),
+                "{label}"
+            );
             assert!(part(event, "additional-context").is_none(), "{label}");
             let focus = part(event, "focus");
             if content == ContentLevel::Empty {
@@ -659,15 +681,15 @@ mod tests {
     #[test]
     fn a_resource_that_was_not_loaded_leaves_request_and_response() {
         let event = NotificationEvent {
-            event_number: 1,
-            timestamp: "2025-06-01T10:15:01Z",
-            task_id: "task-c",
-            version: 3,
+            event_number: EventNumber::new(1),
+            timestamp: at("2025-06-01T10:15:01Z"),
+            task_id: task_id("task-c"),
+            version: Version::new(3),
             interaction: Interaction::Update,
             resource: None,
         };
         let status = StatusSnapshot {
-            events_since_start: 1,
+            events_since_start: EventNumber::new(1),
             ..snapshot(NotificationType::EventNotification)
         };
         let bundle = notification_bundle(
@@ -740,11 +762,11 @@ mod tests {
     fn status_search_bundle_lists_one_query_status_per_subscription() {
         let statuses = [
             StatusSnapshot {
-                subscription_id: "sub-1",
+                subscription_id: sub_id("sub-1"),
                 ..snapshot(NotificationType::EventNotification)
             },
             StatusSnapshot {
-                subscription_id: "sub-2",
+                subscription_id: sub_id("sub-2"),
                 status: SubscriptionStatus::Error,
                 error: Some("connection refused"),
                 ..snapshot(NotificationType::Heartbeat)

@@ -41,6 +41,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
+use crate::fhir::ids::ChannelType;
 use crate::fhir::notification::{ContentLevel, SubscriptionStatus};
 use crate::fhir::search::{Predicate, SearchLimits};
 use crate::fhir::{ID_RULE, check_text_content, is_valid_id};
@@ -192,6 +193,17 @@ pub enum ChannelSpec {
     Message { endpoint: AmqpEndpoint },
 }
 
+impl ChannelSpec {
+    /// The channel's `Subscription.channel.type`.
+    pub fn channel_type(&self) -> ChannelType {
+        match self {
+            ChannelSpec::RestHook { .. } => ChannelType::RestHook,
+            ChannelSpec::WebSocket => ChannelType::WebSocket,
+            ChannelSpec::Message { .. } => ChannelType::Message,
+        }
+    }
+}
+
 /// An `amqp://HOST[:PORT]/VHOST?exchange=NAME&routing_key=KEY` endpoint. It only names a
 /// destination: credentials and TLS settings stay in the hub's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,13 +262,6 @@ impl ChannelPolicy {
         allow_http_endpoints: true,
         amqp_configured: true,
     };
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ChannelKind {
-    RestHook,
-    WebSocket,
-    Message,
 }
 
 // Header values and signing secrets are credentials, and a derived `Debug` would put them into

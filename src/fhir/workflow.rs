@@ -13,6 +13,7 @@
 use serde_json::Value;
 
 use crate::error::{Error, IssueCode, Result};
+use crate::fhir::ids::TaskId;
 use crate::fhir::task::{self as task_rules};
 use crate::fhir::{MULTI_FOCUS_EXTENSION, normalize_reference};
 
@@ -54,7 +55,7 @@ impl RequestKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub kind: RequestKind,
-    pub focal_id: String,
+    pub focal_id: TaskId,
 }
 
 /// Every request code among `code.coding`, in order.
@@ -74,10 +75,10 @@ pub fn request_kind(task: &Value) -> Option<RequestKind> {
 
 /// The id of the Task that `focus` references, when it references a Task on this server
 /// (`Task/1`, `{base_url}/Task/1`, or either with `/_history/N`).
-pub fn focal_task(task: &Value, base_url: &str) -> Option<String> {
+pub fn focal_task(task: &Value, base_url: &str) -> Option<TaskId> {
     let reference = task.pointer("/focus/reference")?.as_str()?;
     let local = normalize_reference(reference, base_url)?;
-    local.strip_prefix("Task/").map(str::to_string)
+    TaskId::parse(local.strip_prefix("Task/")?).ok()
 }
 
 /// Checks the shape of a request Task: `Ok(None)` for a Task that is not a request, the
@@ -329,7 +330,11 @@ mod tests {
         ];
         for (focus, expected) in cases {
             let task = request("abort", *focus);
-            assert_eq!(focal_task(&task, BASE).as_deref(), *expected, "{focus:?}");
+            assert_eq!(
+                focal_task(&task, BASE).as_ref().map(TaskId::as_str),
+                *expected,
+                "{focus:?}"
+            );
         }
     }
 
@@ -372,7 +377,7 @@ mod tests {
             parse_request(&request("abort", Some("Task/f1")), BASE).unwrap(),
             Some(Request {
                 kind: RequestKind::Abort,
-                focal_id: "f1".into()
+                focal_id: TaskId::parse("f1").unwrap()
             })
         );
         assert_eq!(parse_request(&focal("requested"), BASE).unwrap(), None);

@@ -33,14 +33,6 @@ impl Hub {
     }
 }
 
-fn channel_type(spec: &SubscriptionSpec) -> &'static str {
-    match spec.channel {
-        ChannelSpec::RestHook { .. } => "rest-hook",
-        ChannelSpec::WebSocket => "websocket",
-        ChannelSpec::Message { .. } => "message",
-    }
-}
-
 /// The most live subscriptions an author with this role may hold, given
 /// `limits.subscriptions_per_author`: admins (placer systems, integration engines) have no
 /// quota, nor does anyone when the limit is 0.
@@ -69,7 +61,7 @@ pub fn record_for(
         resource,
         status,
         topic_url: spec.topic_url.clone(),
-        channel_type: channel_type(spec).to_string(),
+        channel_type: spec.channel.channel_type(),
         endpoint: match &spec.channel {
             ChannelSpec::RestHook { endpoint, .. } => Some(endpoint.clone()),
             _ => None,

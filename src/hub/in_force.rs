@@ -12,6 +12,7 @@ use std::time::Duration;
 use super::{Hub, TopicNames, find_topic};
 use crate::auth::Principal;
 use crate::error::error_chain;
+use crate::fhir::ids::SubscriptionId;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::subscription::SubscriptionSpec;
 use crate::matcher::Candidate;
@@ -90,7 +91,7 @@ impl Hub {
     }
 
     /// Withdraws a subscription from this node: deleted, `off`, or no longer understood.
-    pub fn withdraw(&self, id: &str, occasion: Occasion) {
+    pub fn withdraw(&self, id: &SubscriptionId, occasion: Occasion) {
         self.index
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -104,7 +105,7 @@ impl Hub {
 
     /// Follows a subscription written on another node: this node's index, scheduler and
     /// sockets take it as if it had been written here.
-    pub async fn apply_remote_change(&self, store: &dyn Store, id: &str) {
+    pub async fn apply_remote_change(&self, store: &dyn Store, id: &SubscriptionId) {
         match store.read_subscription(id).await {
             Ok(Some(stored)) => {
                 self.put_in_force(&stored, Occasion::Written);

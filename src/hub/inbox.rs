@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::fhir::ids::SubscriptionId;
+
 /// Asks the scheduler to look at a subscription.
 #[derive(Clone)]
 pub struct DeliveryHandle {
@@ -18,14 +20,14 @@ pub struct DeliveryHandle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// New events or a handshake owed: try now, unless a retry is pending.
-    Wake(String),
+    Wake(SubscriptionId),
     /// The subscription was created or replaced: a pending back-off belonged to the old
     /// version, so try now whatever it said.
-    Changed(String),
+    Changed(SubscriptionId),
     /// Start or stop heartbeats at this period.
-    Heartbeat(String, Option<Duration>),
+    Heartbeat(SubscriptionId, Option<Duration>),
     /// The subscription is gone or off: drop every timer.
-    Forget(String),
+    Forget(SubscriptionId),
 }
 
 /// The scheduler's commands as it receives them.
@@ -38,21 +40,19 @@ pub fn inbox() -> (DeliveryHandle, Commands) {
 }
 
 impl DeliveryHandle {
-    pub fn wake(&self, id: &str) {
-        let _ = self.commands.send(Command::Wake(id.to_string()));
+    pub fn wake(&self, id: &SubscriptionId) {
+        let _ = self.commands.send(Command::Wake(id.clone()));
     }
 
-    pub fn changed(&self, id: &str) {
-        let _ = self.commands.send(Command::Changed(id.to_string()));
+    pub fn changed(&self, id: &SubscriptionId) {
+        let _ = self.commands.send(Command::Changed(id.clone()));
     }
 
-    pub fn set_heartbeat(&self, id: &str, period: Option<Duration>) {
-        let _ = self
-            .commands
-            .send(Command::Heartbeat(id.to_string(), period));
+    pub fn set_heartbeat(&self, id: &SubscriptionId, period: Option<Duration>) {
+        let _ = self.commands.send(Command::Heartbeat(id.clone(), period));
     }
 
-    pub fn forget(&self, id: &str) {
-        let _ = self.commands.send(Command::Forget(id.to_string()));
+    pub fn forget(&self, id: &SubscriptionId) {
+        let _ = self.commands.send(Command::Forget(id.clone()));
     }
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{ClientError, Error, Result};
+use crate::fhir::ids::{SubscriptionId, Version};
 use crate::fhir::subscription::SubscriptionSpec;
 
 /// A stored subscription's resource as this hub reads it.
@@ -48,7 +49,7 @@ pub fn refusal_or_spec(
 /// Parsed subscriptions by id, each with the version it was parsed from.
 #[derive(Default)]
 pub struct SpecCache {
-    entries: Mutex<HashMap<String, (i64, Arc<Parsed>)>>,
+    entries: Mutex<HashMap<SubscriptionId, (Version, Arc<Parsed>)>>,
 }
 
 impl SpecCache {
@@ -56,8 +57,8 @@ impl SpecCache {
     /// this version was parsed before. An error from `parse` is returned and not kept.
     pub fn get_or_parse(
         &self,
-        id: &str,
-        version: i64,
+        id: &SubscriptionId,
+        version: Version,
         parse: impl FnOnce() -> Result<Parsed>,
     ) -> Result<Arc<Parsed>> {
         if let Some((kept, parsed)) = self.entries().get(id)
@@ -72,17 +73,19 @@ impl SpecCache {
         // Versions only grow: an attempt that loaded an older version just before a write
         // must not put it back over the newer one.
         if entries.get(id).is_none_or(|(kept, _)| *kept <= version) {
-            entries.insert(id.to_string(), (version, parsed.clone()));
+            entries.insert(id.clone(), (version, parsed.clone()));
         }
         Ok(parsed)
     }
 
     /// Drops whatever is kept for `id` (deleted, or withdrawn from this node).
-    pub fn forget(&self, id: &str) {
+    pub fn forget(&self, id: &SubscriptionId) {
         self.entries().remove(id);
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Arc<Parsed>)>> {
+    fn entries(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<SubscriptionId, (Version, Arc<Parsed>)>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -116,6 +119,10 @@ mod tests {
         parsed.matching.as_ref().unwrap_err().diagnostics.clone()
     }
 
+    fn s1() -> SubscriptionId {
+        SubscriptionId::parse("s1").unwrap()
+    }
+
     #[test]
     fn each_version_is_parsed_once_and_a_forgotten_id_again() {
         let cache = SpecCache::default();
@@ -134,20 +141,24 @@ mod tests {
             match version {
                 Some(version) => {
                     let parsed = cache
-                        .get_or_parse("s1", version, parse_version(&parses, version))
+                        .get_or_parse(
+                            &s1(),
+                            Version::new(version),
+                            parse_version(&parses, version),
+                        )
                         .unwrap();
                     assert!(
                         diagnostics(&parsed).contains(&format!("version {of_version}")),
                         "{what}"
                     );
                 }
-                None => cache.forget("s1"),
+                None => cache.forget(&s1()),
             }
             assert_eq!(parses.get(), expected_parses, "{what}");
         }
         // The late older version did not displace the newer one.
         let parsed = cache
-            .get_or_parse("s1", 2, parse_version(&parses, 2))
+            .get_or_parse(&s1(), Version::new(2), parse_version(&parses, 2))
             .unwrap();
         assert!(diagnostics(&parsed).contains("version 2"));
         assert_eq!(parses.get(), 4, "version 2 is still kept");
@@ -164,9 +175,9 @@ mod tests {
                 "not a fact about the resource",
             ))
         };
-        assert!(cache.get_or_parse("s1", 1, failing).is_err());
+        assert!(cache.get_or_parse(&s1(), Version::FIRST, failing).is_err());
         cache
-            .get_or_parse("s1", 1, parse_version(&parses, 1))
+            .get_or_parse(&s1(), Version::FIRST, parse_version(&parses, 1))
             .unwrap();
         assert_eq!(parses.get(), 2, "the failed parse left nothing behind");
     }

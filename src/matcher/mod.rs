@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::auth::{self, Principal};
+use crate::fhir::ids::{ChangeSeq, SubscriptionId};
 use crate::fhir::interaction::Interaction;
 use crate::fhir::search::{Predicate, TaskIndex, matches};
 use topic::{TaskState, Topic};
@@ -22,13 +23,13 @@ use topic::{TaskState, Topic};
 /// What the matcher knows about one active subscription.
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    pub id: String,
+    pub id: SubscriptionId,
     /// Position of its topic in the topic list.
     pub topic: usize,
     pub filters: Vec<Predicate>,
     pub author: Principal,
     /// Changes at or before this outbox position predate the subscription.
-    pub created_after_seq: i64,
+    pub created_after_seq: ChangeSeq,
 }
 
 /// One side of a change: the Task content and its search index.
@@ -39,7 +40,7 @@ pub struct Side<'a> {
 
 /// A committed Task change, as the matcher sees it.
 pub struct Change<'a> {
-    pub seq: i64,
+    pub seq: ChangeSeq,
     pub interaction: Interaction,
     pub previous: Option<Side<'a>>,
     pub current: Option<Side<'a>>,
@@ -59,7 +60,7 @@ type Key = (&'static str, String);
 #[derive(Default)]
 pub struct SubscriptionIndex {
     /// Each subscription with the keys it was filed under (None: the catch-all list).
-    by_id: HashMap<String, (Arc<Candidate>, Option<Vec<Key>>)>,
+    by_id: HashMap<SubscriptionId, (Arc<Candidate>, Option<Vec<Key>>)>,
     buckets: HashMap<usize, Bucket>,
 }
 
@@ -130,7 +131,7 @@ impl SubscriptionIndex {
         self.by_id.is_empty()
     }
 
-    pub fn contains(&self, id: &str) -> bool {
+    pub fn contains(&self, id: &SubscriptionId) -> bool {
         self.by_id.contains_key(id)
     }
 
@@ -157,7 +158,7 @@ impl SubscriptionIndex {
         self.by_id.insert(candidate.id.clone(), (candidate, keys));
     }
 
-    pub fn remove(&mut self, id: &str) {
+    pub fn remove(&mut self, id: &SubscriptionId) {
         let Some((candidate, keys)) = self.by_id.remove(id) else {
             return;
         };
@@ -171,7 +172,7 @@ impl SubscriptionIndex {
                         continue;
                     };
                     if let Some(list) = values.get_mut(&value) {
-                        list.retain(|c| c.id != id);
+                        list.retain(|c| &c.id != id);
                         if list.is_empty() {
                             values.remove(&value);
                         }
@@ -181,7 +182,7 @@ impl SubscriptionIndex {
                     }
                 }
             }
-            None => bucket.catch_all.retain(|c| c.id != id),
+            None => bucket.catch_all.retain(|c| &c.id != id),
         }
     }
 
@@ -202,7 +203,7 @@ impl SubscriptionIndex {
             return Vec::new();
         };
         let mut matched = Vec::new();
-        let mut seen: HashSet<&str> = HashSet::new();
+        let mut seen: HashSet<&SubscriptionId> = HashSet::new();
         for (position, bucket) in &self.buckets {
             let Some(topic) = topics.get(*position) else {
                 continue;
@@ -265,20 +266,24 @@ mod tests {
         }
     }
 
+    fn id(text: &str) -> SubscriptionId {
+        SubscriptionId::parse(text).unwrap()
+    }
+
     fn candidate(id: &str, query: &str, author: Principal, after: i64) -> Candidate {
         Candidate {
-            id: id.into(),
+            id: self::id(id),
             topic: 0,
             filters: filters(query),
             author,
-            created_after_seq: after,
+            created_after_seq: ChangeSeq::new(after),
         }
     }
 
     fn matched(index: &SubscriptionIndex, topics: &[Topic], seq: i64, task: &Value) -> Vec<String> {
         let task_index = index_task(task, BASE);
         let change = Change {
-            seq,
+            seq: ChangeSeq::new(seq),
             interaction: Interaction::Create,
             previous: None,
             current: Some(Side {
@@ -289,7 +294,7 @@ mod tests {
         let mut ids: Vec<String> = index
             .match_change(topics, &change, BASE)
             .iter()
-            .map(|c| c.id.clone())
+            .map(|c| c.id.to_string())
             .collect();
         ids.sort();
         ids
@@ -346,14 +351,14 @@ mod tests {
             "a subscription hears changes committed after it was created"
         );
 
-        index.remove("owner-1");
-        index.remove("all");
-        index.remove("missing");
+        index.remove(&id("owner-1"));
+        index.remove(&id("all"));
+        index.remove(&id("missing"));
         assert_eq!(matched(&index, &topics, 3, &task), ["both"]);
         // Re-inserting an id replaces its filters.
         index.insert(candidate("both", "owner=Practitioner/3", admin(), 0));
         assert!(matched(&index, &topics, 3, &task).is_empty());
         assert_eq!(index.len(), 6);
-        assert!(index.contains("bobs-view") && !index.contains("owner-1"));
+        assert!(index.contains(&id("bobs-view")) && !index.contains(&id("owner-1")));
     }
 }

@@ -16,16 +16,17 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use crate::channels::websocket::{BindingTokens, Grant, Registry};
+use crate::fhir::ids::SubscriptionId;
 
 #[async_trait]
 pub trait Signals: Send + Sync + 'static {
     /// Tells every node that a subscription was created, replaced or deleted.
-    fn subscription_changed(&self, id: &str);
+    fn subscription_changed(&self, id: &SubscriptionId);
     /// Queues a notification on the sockets bound to `subscription`, on this node and every
     /// other; returns how many sockets on this node took it.
-    fn push_websocket(&self, subscription: &str, text: &str) -> usize;
+    fn push_websocket(&self, subscription: &SubscriptionId, text: &str) -> usize;
     /// Whether some node may have a socket bound to `subscription`.
-    fn may_have_listeners(&self, subscription: &str) -> bool;
+    fn may_have_listeners(&self, subscription: &SubscriptionId) -> bool;
     /// Keeps a binding token where any node can redeem it.
     async fn issue_token(&self, grant: Grant) -> String;
     /// Takes a token: it works once, on any node, and only before it expires.
@@ -52,15 +53,15 @@ impl InProcess {
 
 #[async_trait]
 impl Signals for InProcess {
-    fn subscription_changed(&self, _id: &str) {
+    fn subscription_changed(&self, _id: &SubscriptionId) {
         // The API updates this node's index and scheduler itself; nobody else needs telling.
     }
 
-    fn push_websocket(&self, subscription: &str, text: &str) -> usize {
+    fn push_websocket(&self, subscription: &SubscriptionId, text: &str) -> usize {
         self.registry.push(subscription, text)
     }
 
-    fn may_have_listeners(&self, subscription: &str) -> bool {
+    fn may_have_listeners(&self, subscription: &SubscriptionId) -> bool {
         self.registry.listeners(subscription) > 0
     }
 

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use super::Signals;
 use crate::channels::websocket::{BindingTokens, Grant, Registry, new_token};
 use crate::error::{Error, Result};
+use crate::fhir::ids::SubscriptionId;
 use crate::supervise::{self, Health};
 
 /// How long a Redis command or connection attempt may take before the node gives up on it.
@@ -37,7 +38,7 @@ const QUEUE: usize = 65_536;
 struct Message {
     origin: String,
     #[serde(default)]
-    subscription: Option<String>,
+    subscription: Option<SubscriptionId>,
     #[serde(default)]
     text: Option<String>,
 }
@@ -45,7 +46,7 @@ struct Message {
 #[derive(Serialize, Deserialize)]
 struct StoredGrant {
     owner: crate::auth::Identity,
-    subscriptions: Vec<String>,
+    subscriptions: Vec<SubscriptionId>,
     expires_at: i64,
 }
 
@@ -85,7 +86,7 @@ pub struct RedisSetup {
     /// What the matcher waits on.
     pub matcher_wake: Arc<Notify>,
     /// Receives the ids of subscriptions written on other nodes.
-    pub notices: mpsc::UnboundedSender<String>,
+    pub notices: mpsc::UnboundedSender<SubscriptionId>,
 }
 
 impl RedisSignals {
@@ -143,10 +144,10 @@ impl RedisSignals {
 }
 
 impl Inner {
-    fn message(&self, subscription: Option<&str>, text: Option<&str>) -> String {
+    fn message(&self, subscription: Option<&SubscriptionId>, text: Option<&str>) -> String {
         serde_json::to_string(&Message {
             origin: self.node.clone(),
-            subscription: subscription.map(str::to_string),
+            subscription: subscription.cloned(),
             text: text.map(str::to_string),
         })
         .unwrap_or_default()
@@ -256,7 +257,7 @@ async fn publish(
 async fn listen(
     inner: Arc<Inner>,
     matcher_wake: Arc<Notify>,
-    notices: mpsc::UnboundedSender<String>,
+    notices: mpsc::UnboundedSender<SubscriptionId>,
     stop: CancellationToken,
 ) {
     let mut pause = Duration::from_millis(250);
@@ -331,19 +332,19 @@ async fn listen(
 
 #[async_trait]
 impl Signals for RedisSignals {
-    fn subscription_changed(&self, id: &str) {
+    fn subscription_changed(&self, id: &SubscriptionId) {
         let payload = self.inner.message(Some(id), None);
         self.inner
             .enqueue(&self.inner.subscription_channel, payload);
     }
 
-    fn push_websocket(&self, subscription: &str, text: &str) -> usize {
+    fn push_websocket(&self, subscription: &SubscriptionId, text: &str) -> usize {
         let payload = self.inner.message(Some(subscription), Some(text));
         self.inner.enqueue(&self.inner.ws_channel, payload);
         self.inner.registry.push(subscription, text)
     }
 
-    fn may_have_listeners(&self, _subscription: &str) -> bool {
+    fn may_have_listeners(&self, _subscription: &SubscriptionId) -> bool {
         // Sockets on other nodes are not counted here; building the notification is cheap
         // next to asking every node.
         true

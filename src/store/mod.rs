@@ -24,17 +24,15 @@ use serde_json::Value;
 
 use crate::auth::Identity;
 use crate::error::Result;
+use crate::fhir::ids::{
+    ChangeSeq, ChannelType, EventNumber, StoredInstant, SubscriptionId, TaskId, Version,
+};
 use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::{Predicate, SortKey};
 
-/// Now, as stored: Baton's fixed-format UTC instant, which sorts as text.
-pub(crate) fn now_instant() -> String {
-    crate::fhir::datetime::format_instant(time::OffsetDateTime::now_utc())
-}
-
 /// Sets the server-owned parts of a resource: its id and `meta.versionId`/`meta.lastUpdated`.
-pub(crate) fn stamp(resource: &mut Value, id: &str, version: i64, now: &str) {
+pub(crate) fn stamp(resource: &mut Value, id: &str, version: Version, now: &StoredInstant) {
     resource["id"] = serde_json::json!(id);
     if !resource.get("meta").is_some_and(Value::is_object) {
         resource["meta"] = serde_json::json!({});
@@ -60,9 +58,9 @@ pub(crate) fn readable(version: Result<StoredVersion>) -> Option<StoredVersion> 
 /// The current state of a Task, including a tombstone when it was deleted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CurrentTask {
-    pub id: String,
-    pub version: i64,
-    pub last_updated: String,
+    pub id: TaskId,
+    pub version: Version,
+    pub last_updated: StoredInstant,
     pub deleted: bool,
     /// The current content; for a deleted Task, the content before the delete.
     pub resource: Value,
@@ -71,9 +69,9 @@ pub struct CurrentTask {
 /// One version from the history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredVersion {
-    pub id: String,
-    pub version: i64,
-    pub last_updated: String,
+    pub id: TaskId,
+    pub version: Version,
+    pub last_updated: StoredInstant,
     pub interaction: Interaction,
     /// `None` for a delete.
     pub resource: Option<Value>,
@@ -100,7 +98,7 @@ pub enum WriteRequest {
         if_none_exist: Option<Vec<Predicate>>,
     },
     /// Update, patch, delete, or update-as-create of the Task with this id.
-    Change { id: String, decide: Decide },
+    Change { id: TaskId, decide: Decide },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,13 +114,14 @@ pub enum WriteOutcome {
 /// A row of the outbox: one committed Task write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeEvent {
-    pub seq: i64,
+    pub seq: ChangeSeq,
+    /// Always `Task`: Tasks are the only resources whose changes are recorded.
     pub resource_type: String,
-    pub resource_id: String,
-    pub version: i64,
-    pub previous_version: Option<i64>,
+    pub resource_id: TaskId,
+    pub version: Version,
+    pub previous_version: Option<Version>,
     pub interaction: Interaction,
-    pub recorded_at: String,
+    pub recorded_at: StoredInstant,
 }
 
 /// A page of search results.
@@ -213,12 +212,12 @@ impl Collected {
 /// A stored subscription: the resource, who made it, its event counter and its delivery state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredSubscription {
-    pub id: String,
-    pub version: i64,
-    pub last_updated: String,
+    pub id: SubscriptionId,
+    pub version: Version,
+    pub last_updated: StoredInstant,
     pub status: SubscriptionStatus,
     pub topic_url: String,
-    pub channel_type: String,
+    pub channel_type: ChannelType,
     pub endpoint: Option<String>,
     /// The author's principal (JSON of `auth::Principal`): what its notifications may carry.
     pub author: Value,
@@ -228,15 +227,16 @@ pub struct StoredSubscription {
     /// The Subscription resource as its author sent it, with id and meta set.
     pub resource: Value,
     /// Changes at or below this outbox position happened before the subscription existed.
-    pub created_after_seq: i64,
-    pub events_since_start: i64,
-    pub delivered_through: i64,
+    pub created_after_seq: ChangeSeq,
+    /// The number of the last event matched, 0 before the first.
+    pub events_since_start: EventNumber,
+    pub delivered_through: EventNumber,
     pub handshake_pending: bool,
     pub failures: i64,
-    pub failing_since: Option<String>,
-    pub next_attempt_at: Option<String>,
+    pub failing_since: Option<StoredInstant>,
+    pub next_attempt_at: Option<StoredInstant>,
     pub last_error: Option<String>,
-    pub last_sent_at: Option<String>,
+    pub last_sent_at: Option<StoredInstant>,
 }
 
 /// What the API hands the store to create or replace a subscription.
@@ -245,7 +245,7 @@ pub struct SubscriptionRecord {
     pub resource: Value,
     pub status: SubscriptionStatus,
     pub topic_url: String,
-    pub channel_type: String,
+    pub channel_type: ChannelType,
     pub endpoint: Option<String>,
     /// The author's principal (JSON of `auth::Principal`).
     pub author: Value,
@@ -295,23 +295,23 @@ pub type SubscriptionDecide =
 /// One subscription matched by one change; the store gives it the next event number.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MatchRow {
-    pub subscription_id: String,
-    pub change_seq: i64,
-    pub task_id: String,
-    pub version: i64,
+    pub subscription_id: SubscriptionId,
+    pub change_seq: ChangeSeq,
+    pub task_id: TaskId,
+    pub version: Version,
     pub interaction: Interaction,
-    pub occurred_at: String,
+    pub occurred_at: StoredInstant,
 }
 
 /// An entry of a subscription's event log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRecord {
-    pub event_number: i64,
-    pub change_seq: i64,
-    pub task_id: String,
-    pub version: i64,
+    pub event_number: EventNumber,
+    pub change_seq: ChangeSeq,
+    pub task_id: TaskId,
+    pub version: Version,
     pub interaction: Interaction,
-    pub occurred_at: String,
+    pub occurred_at: StoredInstant,
 }
 
 /// The result of one delivery attempt, to be recorded with the subscription.
@@ -320,20 +320,20 @@ pub struct EventRecord {
 /// that a subscription `off` in the row stays `off`.
 pub enum DeliveryReport {
     Delivered {
-        subscription_id: String,
+        subscription_id: SubscriptionId,
         /// Highest event number now delivered (unchanged for handshakes and heartbeats).
-        through: i64,
+        through: EventNumber,
         /// Whether this was the handshake, which settles the handshake owed.
         handshake: HandshakeOwed,
         status: SubscriptionStatus,
-        at: String,
+        at: StoredInstant,
     },
     Failed {
-        subscription_id: String,
+        subscription_id: SubscriptionId,
         error: String,
         failures: i64,
-        failing_since: String,
-        next_attempt_at: Option<String>,
+        failing_since: StoredInstant,
+        next_attempt_at: Option<StoredInstant>,
         status: SubscriptionStatus,
     },
 }
@@ -356,7 +356,7 @@ pub struct MatchBatch {
     /// batch when the lease is no longer this node's.
     pub holder: String,
     /// The outbox `seq` of every change the batch consumed, ascending.
-    pub changes: Vec<i64>,
+    pub changes: Vec<ChangeSeq>,
     pub matches: Vec<MatchRow>,
 }
 
@@ -368,7 +368,7 @@ pub struct SubscriptionChanges {
     /// Created or replaced (including turned `off`), current state.
     pub changed: Vec<StoredSubscription>,
     /// Deleted ids.
-    pub deleted: Vec<String>,
+    pub deleted: Vec<SubscriptionId>,
 }
 
 /// Filters of a subscription search; `None` means any.
@@ -378,6 +378,7 @@ pub struct SubscriptionQuery {
     pub author: Option<Identity>,
     pub status: Option<Vec<String>>,
     pub endpoint: Option<String>,
+    /// Ids as a client wrote them in a search: one that is not an id matches nothing.
     pub ids: Option<Vec<String>>,
 }
 
@@ -385,12 +386,12 @@ pub struct SubscriptionQuery {
 pub trait Store: Send + Sync + 'static {
     /// Applies one write in a transaction together with its history row and change event.
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome>;
-    async fn read(&self, id: &str) -> Result<Option<CurrentTask>>;
-    async fn read_version(&self, id: &str, version: i64) -> Result<Option<StoredVersion>>;
+    async fn read(&self, id: &TaskId) -> Result<Option<CurrentTask>>;
+    async fn read_version(&self, id: &TaskId, version: Version) -> Result<Option<StoredVersion>>;
     /// Versions newest first, and how many there are in all.
     async fn history(
         &self,
-        id: &str,
+        id: &TaskId,
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredVersion>, u64)>;
@@ -407,27 +408,27 @@ pub trait Store: Send + Sync + 'static {
     /// Changes the matcher has not consumed, oldest first. A store that commits in `seq` order
     /// (see `outbox_in_commit_order`) returns those after `seq`, the caller's position; one
     /// that does not returns every change not yet recorded by `record_matches`.
-    async fn change_events_after(&self, seq: i64, limit: usize) -> Result<Vec<ChangeEvent>>;
+    async fn change_events_after(&self, seq: ChangeSeq, limit: usize) -> Result<Vec<ChangeEvent>>;
     /// Whether changes become visible in `seq` order, so that the matcher may keep its
     /// position in memory and persist it lazily. False where concurrent transactions commit
     /// out of `seq` order (PostgreSQL): there every batch is recorded.
     fn outbox_in_commit_order(&self) -> bool;
     /// The highest committed outbox `seq`, 0 when empty.
-    async fn last_change_seq(&self) -> Result<i64>;
+    async fn last_change_seq(&self) -> Result<ChangeSeq>;
     /// Several versions at once, in no particular order; missing ones are left out, and so
     /// are ones whose content cannot be read back (see `readable`).
-    async fn versions(&self, keys: &[(String, i64)]) -> Result<Vec<StoredVersion>>;
+    async fn versions(&self, keys: &[(TaskId, Version)]) -> Result<Vec<StoredVersion>>;
 
     // Subscriptions, the event log and the delivery state.
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription>;
     async fn replace_subscription(
         &self,
-        id: &str,
+        id: &SubscriptionId,
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription>;
     /// Deletes a subscription and its event log; false if it did not exist.
-    async fn delete_subscription(&self, id: &str) -> Result<bool>;
-    async fn read_subscription(&self, id: &str) -> Result<Option<StoredSubscription>>;
+    async fn delete_subscription(&self, id: &SubscriptionId) -> Result<bool>;
+    async fn read_subscription(&self, id: &SubscriptionId) -> Result<Option<StoredSubscription>>;
     async fn search_subscriptions(
         &self,
         query: &SubscriptionQuery,
@@ -437,14 +438,20 @@ pub trait Store: Send + Sync + 'static {
     /// Every subscription that is not `off`, for the matcher index and the scheduler at start-up.
     async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>>;
     /// Where an outbox consumer stopped reading.
-    async fn outbox_cursor(&self, consumer: &str) -> Result<i64>;
+    async fn outbox_cursor(&self, consumer: &str) -> Result<ChangeSeq>;
     /// Numbers the matches (in order) and marks the changes consumed, in one transaction.
     /// Returns `(subscription id, event number)` per recorded match. Fails, recording
     /// nothing, when the batch's holder lost the consumer's lease or another node already
     /// consumed one of its changes.
-    async fn record_matches(&self, batch: MatchBatch) -> Result<Vec<(String, i64)>>;
+    async fn record_matches(&self, batch: MatchBatch)
+    -> Result<Vec<(SubscriptionId, EventNumber)>>;
     /// Events `from..=to` of a subscription's log, oldest first.
-    async fn subscription_events(&self, id: &str, from: i64, to: i64) -> Result<Vec<EventRecord>>;
+    async fn subscription_events(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+        to: EventNumber,
+    ) -> Result<Vec<EventRecord>>;
     /// Records an attempt's result and ends `holder`'s claim on the subscription.
     async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()>;
 
@@ -458,33 +465,46 @@ pub trait Store: Send + Sync + 'static {
     /// None when it does not exist or another node's claim has not expired.
     async fn claim_subscription(
         &self,
-        id: &str,
+        id: &SubscriptionId,
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<StoredSubscription>>;
     /// Ends `holder`'s claim without recording anything (the attempt found nothing to send).
-    async fn release_subscription(&self, id: &str, holder: &str) -> Result<()>;
+    async fn release_subscription(&self, id: &SubscriptionId, holder: &str) -> Result<()>;
     /// Live subscriptions that no node has claimed and whose work has waited since before
     /// `stale_before`: a handshake owed since then, or an oldest undelivered event (or a retry
     /// time) that old. Work a node left behind, or whose wake-up never came; fresh work is
     /// left to the node that matched it.
-    async fn due_subscriptions(&self, stale_before: &str, limit: usize) -> Result<Vec<String>>;
+    async fn due_subscriptions(
+        &self,
+        stale_before: &StoredInstant,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionId>>;
     /// The generation of the subscription table: it moves with every subscription write.
     async fn subscription_generation(&self) -> Result<i64>;
     /// What changed in the subscription table after `generation`.
     async fn subscription_changes_since(&self, generation: i64) -> Result<SubscriptionChanges>;
     /// Removes delivered events that happened before `before`; returns how many.
-    async fn prune_events(&self, before: &str) -> Result<u64>;
+    async fn prune_events(&self, before: &StoredInstant) -> Result<u64>;
 
     // Due dates.
     /// Live, non-terminal Tasks whose due date passed by `now` and was not yet reported, as
-    /// `(task id, due key)`.
-    async fn overdue_tasks(&self, now: &str, limit: usize) -> Result<Vec<(String, String)>>;
+    /// `(task id, due date)`.
+    async fn overdue_tasks(
+        &self,
+        now: &StoredInstant,
+        limit: usize,
+    ) -> Result<Vec<(TaskId, StoredInstant)>>;
     /// Reports one Task overdue for one due date — a marker and an `overdue` change event in
     /// one transaction — unless already reported or no longer overdue. True if reported.
-    async fn mark_overdue(&self, task_id: &str, due_at: &str, now: &str) -> Result<bool>;
+    async fn mark_overdue(
+        &self,
+        task_id: &TaskId,
+        due_at: &StoredInstant,
+        now: &StoredInstant,
+    ) -> Result<bool>;
     /// The earliest unreported due date after `now`, to know when to look again.
-    async fn next_due(&self, now: &str) -> Result<Option<String>>;
+    async fn next_due(&self, now: &StoredInstant) -> Result<Option<StoredInstant>>;
 
     /// Checks that the database answers, for `/readyz`.
     async fn ping(&self) -> Result<()>;

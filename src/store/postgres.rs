@@ -43,6 +43,7 @@ use super::{
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::search::Predicate;
 
 mod hub;
@@ -159,7 +160,7 @@ fn pg_text(text: &str) -> Cow<'_, str> {
 
 async fn read_current<'e>(
     executor: impl sqlx::PgExecutor<'e>,
-    id: &str,
+    id: &TaskId,
 ) -> Result<Option<CurrentTask>> {
     let row = sqlx::query(
         "SELECT t.id, t.version, t.last_updated, t.deleted, t.resource FROM task t WHERE t.id = $1",
@@ -207,11 +208,11 @@ impl Store for PostgresStore {
         Ok(outcome)
     }
 
-    async fn read(&self, id: &str) -> Result<Option<CurrentTask>> {
+    async fn read(&self, id: &TaskId) -> Result<Option<CurrentTask>> {
         read_current(&self.pool, id).await
     }
 
-    async fn read_version(&self, id: &str, version: i64) -> Result<Option<StoredVersion>> {
+    async fn read_version(&self, id: &TaskId, version: Version) -> Result<Option<StoredVersion>> {
         let row = sqlx::query(
             "SELECT id, version, last_updated, interaction, resource FROM task_version
              WHERE id = $1 AND version = $2",
@@ -225,7 +226,7 @@ impl Store for PostgresStore {
 
     async fn history(
         &self,
-        id: &str,
+        id: &TaskId,
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredVersion>, u64)> {
@@ -292,7 +293,7 @@ impl Store for PostgresStore {
         Ok(collected.into_page(None))
     }
 
-    async fn change_events_after(&self, _seq: i64, limit: usize) -> Result<Vec<ChangeEvent>> {
+    async fn change_events_after(&self, _seq: ChangeSeq, limit: usize) -> Result<Vec<ChangeEvent>> {
         // Not after a position: a change with a lower `seq` may commit after a higher one was
         // matched, so every change not yet recorded is returned (see `outbox_in_commit_order`).
         let rows = sqlx::query(
@@ -310,19 +311,19 @@ impl Store for PostgresStore {
         false
     }
 
-    async fn last_change_seq(&self) -> Result<i64> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM change_event")
+    async fn last_change_seq(&self) -> Result<ChangeSeq> {
+        let seq: Option<ChangeSeq> = sqlx::query_scalar("SELECT max(seq) FROM change_event")
             .fetch_one(&self.pool)
             .await?;
-        Ok(seq.unwrap_or(0))
+        Ok(seq.unwrap_or(ChangeSeq::ZERO))
     }
 
-    async fn versions(&self, keys: &[(String, i64)]) -> Result<Vec<StoredVersion>> {
+    async fn versions(&self, keys: &[(TaskId, Version)]) -> Result<Vec<StoredVersion>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
-        let versions: Vec<i64> = keys.iter().map(|(_, version)| *version).collect();
+        let versions: Vec<Version> = keys.iter().map(|(_, version)| *version).collect();
         let rows = sqlx::query(
             "SELECT v.id, v.version, v.last_updated, v.interaction, v.resource
              FROM task_version v JOIN unnest($1::text[], $2::bigint[]) AS k(id, version)
@@ -348,7 +349,7 @@ impl Store for PostgresStore {
 
     async fn replace_subscription(
         &self,
-        id: &str,
+        id: &SubscriptionId,
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription> {
         let mut tx = self.pool.begin().await?;
@@ -358,7 +359,7 @@ impl Store for PostgresStore {
             .map_err(|e| concurrent(e, "the subscription"))
     }
 
-    async fn delete_subscription(&self, id: &str) -> Result<bool> {
+    async fn delete_subscription(&self, id: &SubscriptionId) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let result = super::subscriptions::delete(&mut *tx, id).await;
         finish(tx, result)
@@ -366,7 +367,7 @@ impl Store for PostgresStore {
             .map_err(|e| concurrent(e, "the subscription"))
     }
 
-    async fn read_subscription(&self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn read_subscription(&self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
         hub::read_subscription(&self.pool, id).await
     }
 
@@ -383,16 +384,19 @@ impl Store for PostgresStore {
         hub::live_subscriptions(&self.pool).await
     }
 
-    async fn outbox_cursor(&self, consumer: &str) -> Result<i64> {
-        let seq: Option<i64> =
+    async fn outbox_cursor(&self, consumer: &str) -> Result<ChangeSeq> {
+        let seq: Option<ChangeSeq> =
             sqlx::query_scalar("SELECT seq FROM outbox_cursor WHERE consumer = $1")
                 .bind(consumer)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(seq.unwrap_or(0))
+        Ok(seq.unwrap_or(ChangeSeq::ZERO))
     }
 
-    async fn record_matches(&self, batch: MatchBatch) -> Result<Vec<(String, i64)>> {
+    async fn record_matches(
+        &self,
+        batch: MatchBatch,
+    ) -> Result<Vec<(SubscriptionId, EventNumber)>> {
         let mut tx = self.pool.begin().await?;
         let result = hub::record_matches(&mut tx, batch).await;
         finish(tx, result)
@@ -400,7 +404,12 @@ impl Store for PostgresStore {
             .map_err(|e| concurrent(e, "the outbox"))
     }
 
-    async fn subscription_events(&self, id: &str, from: i64, to: i64) -> Result<Vec<EventRecord>> {
+    async fn subscription_events(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+        to: EventNumber,
+    ) -> Result<Vec<EventRecord>> {
         hub::subscription_events(&self.pool, id, from, to).await
     }
 
@@ -418,18 +427,22 @@ impl Store for PostgresStore {
 
     async fn claim_subscription(
         &self,
-        id: &str,
+        id: &SubscriptionId,
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<StoredSubscription>> {
         hub::claim_subscription(&self.pool, id, holder, ttl).await
     }
 
-    async fn release_subscription(&self, id: &str, holder: &str) -> Result<()> {
+    async fn release_subscription(&self, id: &SubscriptionId, holder: &str) -> Result<()> {
         hub::release_subscription(&self.pool, id, holder).await
     }
 
-    async fn due_subscriptions(&self, stale_before: &str, limit: usize) -> Result<Vec<String>> {
+    async fn due_subscriptions(
+        &self,
+        stale_before: &StoredInstant,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionId>> {
         hub::due_subscriptions(&self.pool, stale_before, limit).await
     }
 
@@ -441,15 +454,24 @@ impl Store for PostgresStore {
         hub::subscription_changes_since(&self.pool, generation).await
     }
 
-    async fn prune_events(&self, before: &str) -> Result<u64> {
+    async fn prune_events(&self, before: &StoredInstant) -> Result<u64> {
         hub::prune_events(&self.pool, before).await
     }
 
-    async fn overdue_tasks(&self, now: &str, limit: usize) -> Result<Vec<(String, String)>> {
+    async fn overdue_tasks(
+        &self,
+        now: &StoredInstant,
+        limit: usize,
+    ) -> Result<Vec<(TaskId, StoredInstant)>> {
         hub::overdue_tasks(&self.pool, now, limit).await
     }
 
-    async fn mark_overdue(&self, task_id: &str, due_at: &str, now: &str) -> Result<bool> {
+    async fn mark_overdue(
+        &self,
+        task_id: &TaskId,
+        due_at: &StoredInstant,
+        now: &StoredInstant,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let result = hub::mark_overdue(&mut tx, task_id, due_at, now).await;
         let reported = finish(tx, result)
@@ -461,7 +483,7 @@ impl Store for PostgresStore {
         Ok(reported)
     }
 
-    async fn next_due(&self, now: &str) -> Result<Option<String>> {
+    async fn next_due(&self, now: &StoredInstant) -> Result<Option<StoredInstant>> {
         hub::next_due(&self.pool, now).await
     }
 

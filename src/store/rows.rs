@@ -4,7 +4,9 @@
 //! shapes through rusqlite (`from_rusqlite`), by the same column names. The two
 //! schemas name and type their columns alike; the flags (`task.deleted`,
 //! `subscription.handshake_pending`) are integers in both (SQLite `INTEGER`, PostgreSQL
-//! `integer`) and are read here, as `i32`, into booleans.
+//! `integer`) and are read here, as `i32`, into booleans. Ids, counters and instants decode
+//! straight into their own types (`fhir::ids`, transparent for the driver); the codes (status,
+//! channel type, interaction) are parsed here, an unknown one being an internal error.
 
 use sqlx::{FromRow, Row};
 
@@ -13,6 +15,9 @@ use super::{
     ChangeEvent, CurrentTask, EventRecord, Interaction, StoredSubscription, StoredVersion,
 };
 use crate::error::{Error, Result};
+use crate::fhir::ids::{
+    ChangeSeq, ChannelType, EventNumber, StoredInstant, SubscriptionId, TaskId, Version,
+};
 use crate::fhir::notification::SubscriptionStatus;
 
 /// The columns of the current Task (table `task t`) that `TaskRow` reads.
@@ -21,9 +26,9 @@ pub(crate) const CURRENT_COLUMNS: &str = "t.id, t.version, t.last_updated, t.del
 /// A row of `task`.
 #[derive(FromRow)]
 pub(crate) struct TaskRow {
-    id: String,
-    version: i64,
-    last_updated: String,
+    id: TaskId,
+    version: Version,
+    last_updated: StoredInstant,
     deleted: i32,
     resource: String,
 }
@@ -74,9 +79,9 @@ impl TaskRow {
 /// A row of `task_version`.
 #[derive(FromRow)]
 pub(crate) struct VersionRow {
-    id: String,
-    version: i64,
-    last_updated: String,
+    id: TaskId,
+    version: Version,
+    last_updated: StoredInstant,
     interaction: String,
     resource: Option<String>,
 }
@@ -103,13 +108,13 @@ where
 /// A row of `change_event` (PostgreSQL's `matched` flag is not read).
 #[derive(FromRow)]
 pub(crate) struct ChangeRow {
-    seq: i64,
+    seq: ChangeSeq,
     resource_type: String,
-    resource_id: String,
-    version: i64,
-    previous_version: Option<i64>,
+    resource_id: TaskId,
+    version: Version,
+    previous_version: Option<Version>,
     interaction: String,
-    recorded_at: String,
+    recorded_at: StoredInstant,
 }
 
 /// One change event of the outbox.
@@ -132,12 +137,12 @@ where
 /// A row of `subscription_event`.
 #[derive(FromRow)]
 pub(crate) struct EventRow {
-    event_number: i64,
-    change_seq: i64,
-    task_id: String,
-    version: i64,
+    event_number: EventNumber,
+    change_seq: ChangeSeq,
+    task_id: TaskId,
+    version: Version,
     interaction: String,
-    occurred_at: String,
+    occurred_at: StoredInstant,
 }
 
 /// One entry of a subscription's event log.
@@ -160,9 +165,9 @@ where
 /// delivery claim are not read).
 #[derive(FromRow)]
 pub(crate) struct SubscriptionRow {
-    id: String,
-    version: i64,
-    last_updated: String,
+    id: SubscriptionId,
+    version: Version,
+    last_updated: StoredInstant,
     status: String,
     topic_url: String,
     channel_type: String,
@@ -173,15 +178,15 @@ pub(crate) struct SubscriptionRow {
     author_role: String,
     author_fhir_user: String,
     resource: String,
-    created_after_seq: i64,
-    events_since_start: i64,
-    delivered_through: i64,
+    created_after_seq: ChangeSeq,
+    events_since_start: EventNumber,
+    delivered_through: EventNumber,
     handshake_pending: i32,
     failures: i64,
-    failing_since: Option<String>,
-    next_attempt_at: Option<String>,
+    failing_since: Option<StoredInstant>,
+    next_attempt_at: Option<StoredInstant>,
     last_error: Option<String>,
-    last_sent_at: Option<String>,
+    last_sent_at: Option<StoredInstant>,
 }
 
 /// A stored subscription.
@@ -232,7 +237,12 @@ impl SubscriptionRow {
                 Error::internal("unknown subscription status in the store", row.status)
             })?,
             topic_url: row.topic_url,
-            channel_type: row.channel_type,
+            channel_type: ChannelType::parse(&row.channel_type).ok_or_else(|| {
+                Error::internal(
+                    "unknown subscription channel type in the store",
+                    row.channel_type,
+                )
+            })?,
             endpoint: row.endpoint,
             author: serde_json::from_str(&row.author)
                 .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,

@@ -50,6 +50,7 @@ use super::{
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::search::Predicate;
 use crate::supervise::{self, Health};
 use writer::{Done, Job, Work};
@@ -139,16 +140,16 @@ impl SqliteStore {
 
 impl Precheck for SqliteStore {
     /// The outbox position the pre-check's snapshot ends at.
-    type Seen = i64;
+    type Seen = ChangeSeq;
 
     /// Evaluates If-None-Exist criteria on the read pool, so that their cost (a search) is
     /// paid beside the writer rather than inside it. The outbox position and the search are
     /// read in one transaction, hence one snapshot: what the search did not see is exactly
     /// what was written after that position.
-    async fn precheck(&self, criteria: &[Predicate]) -> Result<(Found, i64)> {
+    async fn precheck(&self, criteria: &[Predicate]) -> Result<(Found, ChangeSeq)> {
         let mut conn = self.reads.acquire().await?;
         let mut tx = conn.begin().await?;
-        let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
+        let seq: ChangeSeq = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
             .fetch_one(&mut *tx)
             .await?;
         let ids = tasks::find_ids(&mut tx, criteria, 2).await?;
@@ -207,7 +208,7 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn versions(&self, keys: &[(String, i64)]) -> Result<Vec<StoredVersion>> {
+    async fn versions(&self, keys: &[(TaskId, Version)]) -> Result<Vec<StoredVersion>> {
         let mut found = Vec::with_capacity(keys.len());
         // Chunks keep the statement under SQLite's bound-parameter limit.
         for chunk in keys.chunks(400) {
@@ -238,11 +239,11 @@ impl Store for SqliteStore {
 
     async fn replace_subscription(
         &self,
-        id: &str,
+        id: &SubscriptionId,
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription> {
         match self
-            .submit(Work::ReplaceSubscription(id.to_string(), decide))
+            .submit(Work::ReplaceSubscription(id.clone(), decide))
             .await?
         {
             Done::Subscription(s) => Ok(*s),
@@ -250,17 +251,14 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn delete_subscription(&self, id: &str) -> Result<bool> {
-        match self
-            .submit(Work::DeleteSubscription(id.to_string()))
-            .await?
-        {
+    async fn delete_subscription(&self, id: &SubscriptionId) -> Result<bool> {
+        match self.submit(Work::DeleteSubscription(id.clone())).await? {
             Done::Deleted(found) => Ok(found),
             _ => Err(unexpected()),
         }
     }
 
-    async fn read_subscription(&self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn read_subscription(&self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
         let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.reads)
@@ -284,21 +282,24 @@ impl Store for SqliteStore {
         rows.iter().map(subscription_from_row).collect()
     }
 
-    async fn outbox_cursor(&self, consumer: &str) -> Result<i64> {
-        let seq: Option<i64> =
+    async fn outbox_cursor(&self, consumer: &str) -> Result<ChangeSeq> {
+        let seq: Option<ChangeSeq> =
             sqlx::query_scalar("SELECT seq FROM outbox_cursor WHERE consumer = ?")
                 .bind(consumer)
                 .fetch_optional(&self.reads)
                 .await?;
-        Ok(seq.unwrap_or(0))
+        Ok(seq.unwrap_or(ChangeSeq::ZERO))
     }
 
-    async fn record_matches(&self, batch: MatchBatch) -> Result<Vec<(String, i64)>> {
+    async fn record_matches(
+        &self,
+        batch: MatchBatch,
+    ) -> Result<Vec<(SubscriptionId, EventNumber)>> {
         // One process owns the database file, so the lease holder is always this one and the
         // cursor (changes commit in `seq` order here) says what was consumed.
         let work = Work::RecordMatches {
             consumer: batch.consumer,
-            through_seq: batch.changes.last().copied().unwrap_or(0),
+            through_seq: batch.changes.last().copied().unwrap_or(ChangeSeq::ZERO),
             matches: batch.matches,
         };
         match self.submit(work).await? {
@@ -307,7 +308,12 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn subscription_events(&self, id: &str, from: i64, to: i64) -> Result<Vec<EventRecord>> {
+    async fn subscription_events(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+        to: EventNumber,
+    ) -> Result<Vec<EventRecord>> {
         hub::subscription_events(&self.reads, id, from, to).await
     }
 
@@ -318,15 +324,24 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn overdue_tasks(&self, now: &str, limit: usize) -> Result<Vec<(String, String)>> {
+    async fn overdue_tasks(
+        &self,
+        now: &StoredInstant,
+        limit: usize,
+    ) -> Result<Vec<(TaskId, StoredInstant)>> {
         hub::overdue_tasks(&self.reads, now, limit).await
     }
 
-    async fn mark_overdue(&self, task_id: &str, due_at: &str, now: &str) -> Result<bool> {
+    async fn mark_overdue(
+        &self,
+        task_id: &TaskId,
+        due_at: &StoredInstant,
+        now: &StoredInstant,
+    ) -> Result<bool> {
         let work = Work::MarkOverdue {
-            task_id: task_id.to_string(),
-            due_at: due_at.to_string(),
-            now: now.to_string(),
+            task_id: task_id.clone(),
+            due_at: due_at.clone(),
+            now: now.clone(),
         };
         match self.submit(work).await? {
             Done::Deleted(reported) => Ok(reported),
@@ -334,22 +349,22 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn next_due(&self, now: &str) -> Result<Option<String>> {
+    async fn next_due(&self, now: &StoredInstant) -> Result<Option<StoredInstant>> {
         hub::next_due(&self.reads, now).await
     }
 
-    async fn prune_events(&self, before: &str) -> Result<u64> {
-        match self.submit(Work::PruneEvents(before.to_string())).await? {
+    async fn prune_events(&self, before: &StoredInstant) -> Result<u64> {
+        match self.submit(Work::PruneEvents(before.clone())).await? {
             Done::Count(n) => Ok(n),
             _ => Err(unexpected()),
         }
     }
 
-    async fn read(&self, id: &str) -> Result<Option<CurrentTask>> {
+    async fn read(&self, id: &TaskId) -> Result<Option<CurrentTask>> {
         tasks::load_current(&self.reads, id).await
     }
 
-    async fn read_version(&self, id: &str, version: i64) -> Result<Option<StoredVersion>> {
+    async fn read_version(&self, id: &TaskId, version: Version) -> Result<Option<StoredVersion>> {
         let row = sqlx::query(
             "SELECT id, version, last_updated, interaction, resource FROM task_version WHERE id = ? AND version = ?",
         )
@@ -362,7 +377,7 @@ impl Store for SqliteStore {
 
     async fn history(
         &self,
-        id: &str,
+        id: &TaskId,
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredVersion>, u64)> {
@@ -446,18 +461,22 @@ impl Store for SqliteStore {
 
     async fn claim_subscription(
         &self,
-        id: &str,
+        id: &SubscriptionId,
         _holder: &str,
         _ttl: Duration,
     ) -> Result<Option<StoredSubscription>> {
         self.read_subscription(id).await
     }
 
-    async fn release_subscription(&self, _id: &str, _holder: &str) -> Result<()> {
+    async fn release_subscription(&self, _id: &SubscriptionId, _holder: &str) -> Result<()> {
         Ok(())
     }
 
-    async fn due_subscriptions(&self, stale_before: &str, limit: usize) -> Result<Vec<String>> {
+    async fn due_subscriptions(
+        &self,
+        stale_before: &StoredInstant,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionId>> {
         hub::due_subscriptions(&self.reads, stale_before, limit).await
     }
 
@@ -471,7 +490,7 @@ impl Store for SqliteStore {
         Ok(SubscriptionChanges::default())
     }
 
-    async fn change_events_after(&self, seq: i64, limit: usize) -> Result<Vec<ChangeEvent>> {
+    async fn change_events_after(&self, seq: ChangeSeq, limit: usize) -> Result<Vec<ChangeEvent>> {
         let rows = sqlx::query(
             "SELECT seq, resource_type, resource_id, version, previous_version, interaction, recorded_at
              FROM change_event WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -483,11 +502,11 @@ impl Store for SqliteStore {
         rows.iter().map(change_from_row).collect()
     }
 
-    async fn last_change_seq(&self) -> Result<i64> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM change_event")
+    async fn last_change_seq(&self) -> Result<ChangeSeq> {
+        let seq: Option<ChangeSeq> = sqlx::query_scalar("SELECT max(seq) FROM change_event")
             .fetch_one(&self.reads)
             .await?;
-        Ok(seq.unwrap_or(0))
+        Ok(seq.unwrap_or(ChangeSeq::ZERO))
     }
 
     async fn ping(&self) -> Result<()> {
@@ -562,7 +581,7 @@ mod tests {
         })
     }
 
-    async fn create(store: &SqliteStore, resource: Value) -> String {
+    async fn create(store: &SqliteStore, resource: Value) -> TaskId {
         let request = WriteRequest::Create {
             resource,
             if_none_exist: None,
@@ -578,7 +597,7 @@ mod tests {
     async fn conditional(
         store: &SqliteStore,
         value: &str,
-        checked_through: i64,
+        checked_through: ChangeSeq,
     ) -> Result<WriteOutcome> {
         let work = Work::Task(write::TaskWrite::CreateUnlessFound {
             resource: order(value),
@@ -591,7 +610,7 @@ mod tests {
         }
     }
 
-    fn existing_id(outcome: &WriteOutcome) -> Option<&str> {
+    fn existing_id(outcome: &WriteOutcome) -> Option<&TaskId> {
         match outcome {
             WriteOutcome::Existing(current) => Some(&current.id),
             _ => None,
@@ -608,7 +627,7 @@ mod tests {
         let a1 = create(&store, order("A-1")).await;
         // Written after `before`: found.
         let outcome = conditional(&store, "A-1", before).await.unwrap();
-        assert_eq!(existing_id(&outcome), Some(a1.as_str()));
+        assert_eq!(existing_id(&outcome), Some(&a1));
         // Checked through the present: the writer looks at nothing and creates (the read-pool
         // check, which would have found A-1, is what guards that case).
         let now = store.last_change_seq().await.unwrap();
@@ -645,7 +664,7 @@ mod tests {
             panic!("not created: {first:?}");
         };
         let again = write("C-1").await.unwrap();
-        assert_eq!(existing_id(&again), Some(first.id.as_str()));
+        assert_eq!(existing_id(&again), Some(&first.id));
         create(&store, order("C-1")).await;
         let error = write("C-1").await.unwrap_err();
         assert_eq!(error.status(), axum::http::StatusCode::PRECONDITION_FAILED);

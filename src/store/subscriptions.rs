@@ -11,9 +11,10 @@
 
 use serde_json::json;
 
-use super::{StoredSubscription, SubscriptionDecide, SubscriptionRecord, now_instant, stamp};
+use super::{StoredSubscription, SubscriptionDecide, SubscriptionRecord, stamp};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
+use crate::fhir::ids::{ChangeSeq, ChannelType, StoredInstant, SubscriptionId, Version};
 use crate::fhir::notification::SubscriptionStatus;
 
 /// What a backend does inside the transaction of one subscription write, with its own SQL.
@@ -28,7 +29,8 @@ pub(crate) trait SubscriptionTx {
     /// The subscription a replace changes (None if it does not exist), held so that nothing
     /// changes it before the transaction ends: SQLite's single writer runs one write at a
     /// time; PostgreSQL locks the row.
-    async fn load_for_replace(&mut self, id: &str) -> Result<Option<StoredSubscription>>;
+    async fn load_for_replace(&mut self, id: &SubscriptionId)
+    -> Result<Option<StoredSubscription>>;
 
     /// Puts this write in line behind every subscription write before it. Every write takes
     /// its turn before it counts an owner's live subscriptions and before it writes, and
@@ -42,7 +44,7 @@ pub(crate) trait SubscriptionTx {
     async fn count_live(&mut self, owner: &Identity) -> Result<i64>;
 
     /// The highest outbox `seq` committed so far, 0 when there is none.
-    async fn last_change_seq(&mut self) -> Result<i64>;
+    async fn last_change_seq(&mut self) -> Result<ChangeSeq>;
 
     /// Writes a new subscription row, with delivery state at its start (no events, no
     /// failures).
@@ -53,29 +55,29 @@ pub(crate) trait SubscriptionTx {
     async fn update(&mut self, row: &SubscriptionUpdate<'_>, turn: Self::Turn) -> Result<()>;
 
     /// A subscription as this transaction sees it after its write.
-    async fn reload(&mut self, id: &str) -> Result<Option<StoredSubscription>>;
+    async fn reload(&mut self, id: &SubscriptionId) -> Result<Option<StoredSubscription>>;
 
     /// Deletes a subscription's row; false if there was none.
-    async fn delete_row(&mut self, id: &str) -> Result<bool>;
+    async fn delete_row(&mut self, id: &SubscriptionId) -> Result<bool>;
 
     /// Deletes a subscription's event log.
-    async fn delete_events(&mut self, id: &str) -> Result<()>;
+    async fn delete_events(&mut self, id: &SubscriptionId) -> Result<()>;
 
     /// Records, in turn, that a subscription was deleted, for nodes that catch up on
     /// subscription writes (PostgreSQL's tombstone); a store that serves one node has nothing
     /// to record.
-    async fn note_deletion(&mut self, id: &str, turn: Self::Turn) -> Result<()>;
+    async fn note_deletion(&mut self, id: &SubscriptionId, turn: Self::Turn) -> Result<()>;
 }
 
 /// The columns a create or a replace writes, as both backends store them.
 #[derive(Debug)]
 pub(crate) struct SubscriptionColumns<'a> {
-    pub id: &'a str,
-    pub version: i64,
-    pub last_updated: &'a str,
+    pub id: &'a SubscriptionId,
+    pub version: Version,
+    pub last_updated: &'a StoredInstant,
     pub status: SubscriptionStatus,
     pub topic_url: &'a str,
-    pub channel_type: &'a str,
+    pub channel_type: ChannelType,
     pub endpoint: Option<&'a str>,
     /// The author's principal, as JSON text.
     pub author: &'a str,
@@ -91,7 +93,7 @@ pub(crate) struct NewSubscription<'a> {
     /// Who owns it, for good (see `owner_columns`).
     pub owner: &'a Identity,
     /// Changes at or below this outbox position happened before the subscription existed.
-    pub created_after_seq: i64,
+    pub created_after_seq: ChangeSeq,
 }
 
 /// A subscription being replaced.
@@ -139,16 +141,16 @@ pub(crate) async fn create<T: SubscriptionTx>(
     tx: &mut T,
     mut record: SubscriptionRecord,
 ) -> Result<StoredSubscription> {
-    let id = uuid::Uuid::new_v4().to_string();
-    let now = now_instant();
-    stamp_record(&mut record, &id, 1, &now);
+    let id = SubscriptionId::generate();
+    let now = StoredInstant::now();
+    stamp_record(&mut record, &id, Version::FIRST, &now);
     let turn = tx.take_turn().await?;
     check_quota(tx, &record.owner, &record, None).await?;
     // Changes already committed belong to the past of this subscription: the matcher skips them.
     let created_after_seq = tx.last_change_seq().await?;
     let (author, resource) = (record.author.to_string(), record.resource.to_string());
     let row = NewSubscription {
-        columns: columns(&record, &id, 1, &now, &author, &resource),
+        columns: columns(&record, &id, Version::FIRST, &now, &author, &resource),
         owner: &record.owner,
         created_after_seq,
     };
@@ -160,7 +162,7 @@ pub(crate) async fn create<T: SubscriptionTx>(
 /// transaction, so that its If-Match and ownership checks see the version they replace.
 pub(crate) async fn replace<T: SubscriptionTx>(
     tx: &mut T,
-    id: &str,
+    id: &SubscriptionId,
     decide: SubscriptionDecide,
 ) -> Result<StoredSubscription> {
     let current = tx
@@ -168,8 +170,8 @@ pub(crate) async fn replace<T: SubscriptionTx>(
         .await?
         .ok_or_else(|| Error::not_found(format!("Subscription/{id} does not exist")))?;
     let mut record = decide(&current)?;
-    let version = current.version + 1;
-    let now = now_instant();
+    let version = current.version.next();
+    let now = StoredInstant::now();
     stamp_record(&mut record, id, version, &now);
     let turn = tx.take_turn().await?;
     // A subscription never changes hands: the slot it takes is its stored owner's, and the
@@ -193,7 +195,7 @@ pub(crate) async fn replace<T: SubscriptionTx>(
 /// Deletes a subscription and its event log; false if it did not exist. The row goes first,
 /// as a replace locks it first, so that two writes to one subscription cannot wait on each
 /// other.
-pub(crate) async fn delete<T: SubscriptionTx>(tx: &mut T, id: &str) -> Result<bool> {
+pub(crate) async fn delete<T: SubscriptionTx>(tx: &mut T, id: &SubscriptionId) -> Result<bool> {
     if !tx.delete_row(id).await? {
         return Ok(false);
     }
@@ -204,8 +206,13 @@ pub(crate) async fn delete<T: SubscriptionTx>(tx: &mut T, id: &str) -> Result<bo
 }
 
 /// Sets the server-owned parts of the resource: id, meta, and the status the hub gave it.
-fn stamp_record(record: &mut SubscriptionRecord, id: &str, version: i64, now: &str) {
-    stamp(&mut record.resource, id, version, now);
+fn stamp_record(
+    record: &mut SubscriptionRecord,
+    id: &SubscriptionId,
+    version: Version,
+    now: &StoredInstant,
+) {
+    stamp(&mut record.resource, id.as_str(), version, now);
     record.resource["status"] = json!(record.status.as_str());
 }
 
@@ -232,9 +239,9 @@ async fn check_quota<T: SubscriptionTx>(
 
 fn columns<'a>(
     record: &'a SubscriptionRecord,
-    id: &'a str,
-    version: i64,
-    now: &'a str,
+    id: &'a SubscriptionId,
+    version: Version,
+    now: &'a StoredInstant,
     author: &'a str,
     resource: &'a str,
 ) -> SubscriptionColumns<'a> {
@@ -244,7 +251,7 @@ fn columns<'a>(
         last_updated: now,
         status: record.status,
         topic_url: &record.topic_url,
-        channel_type: &record.channel_type,
+        channel_type: record.channel_type,
         endpoint: record.endpoint.as_deref(),
         author,
         resource,
@@ -254,7 +261,7 @@ fn columns<'a>(
 
 async fn reloaded<T: SubscriptionTx>(
     tx: &mut T,
-    id: &str,
+    id: &SubscriptionId,
     problem: &'static str,
 ) -> Result<StoredSubscription> {
     tx.reload(id)

@@ -10,11 +10,12 @@
 
 use serde_json::Value;
 
+use super::stamp;
 use super::{
     CurrentTask, Decide, Decision, Interaction, StoredVersion, WriteOutcome, WriteRequest,
 };
-use super::{now_instant, stamp};
 use crate::error::{Error, Result};
+use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::fhir::search::{Predicate, TaskIndex, index_task, priority_rank};
 use crate::fhir::workflow::{self, RequestKind};
 
@@ -73,7 +74,7 @@ pub(crate) trait TaskTx {
     /// The current state of a Task this transaction may change (None if the id never
     /// existed), held so that nothing changes it before the transaction ends: SQLite's single
     /// writer runs one write at a time; PostgreSQL locks the row.
-    async fn load_for_change(&mut self, id: &str) -> Result<Option<CurrentTask>>;
+    async fn load_for_change(&mut self, id: &TaskId) -> Result<Option<CurrentTask>>;
 
     /// Evaluates If-None-Exist criteria again inside the transaction, after the pre-check
     /// found nothing as far as `seen`: only what was written since can match now.
@@ -83,7 +84,7 @@ pub(crate) trait TaskTx {
     /// not on hold, read from the history newest first. `None` when it was created on hold, or
     /// when the newest such version is a deletion (what came before belongs to a Task that was
     /// gone).
-    async fn status_before_hold(&mut self, id: &str) -> Result<Option<String>>;
+    async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>>;
 
     /// Writes one version of a Task: the current row, its history row, its search index rows
     /// (replacing any the id had) and its change event.
@@ -97,13 +98,13 @@ pub(crate) trait TaskTx {
 /// One version of a Task as both backends store it.
 #[derive(Debug)]
 pub(crate) struct NewVersion<'a> {
-    pub id: &'a str,
-    pub version: i64,
+    pub id: &'a TaskId,
+    pub version: Version,
     /// The live version this one replaces; None when it creates the Task (for the first time,
     /// or again after a delete).
-    pub previous_version: Option<i64>,
+    pub previous_version: Option<Version>,
     pub interaction: Interaction,
-    pub last_updated: &'a str,
+    pub last_updated: &'a StoredInstant,
     /// The resource as stored: compact JSON, with its id and meta set.
     pub text: &'a str,
     pub priority_rank: i64,
@@ -116,11 +117,11 @@ pub(crate) struct NewVersion<'a> {
 /// The deletion of a live Task, as both backends store it.
 #[derive(Debug)]
 pub(crate) struct Deletion<'a> {
-    pub id: &'a str,
-    pub version: i64,
+    pub id: &'a TaskId,
+    pub version: Version,
     /// The live version the deletion replaces.
-    pub previous_version: i64,
-    pub last_updated: &'a str,
+    pub previous_version: Version,
+    pub last_updated: &'a StoredInstant,
 }
 
 /// A Task write once any If-None-Exist pre-check is done: what the transaction applies.
@@ -135,7 +136,7 @@ pub(crate) enum TaskWrite<S> {
         seen: S,
     },
     /// Update, patch, delete, or update-as-create of the Task with this id.
-    Change { id: String, decide: Decide },
+    Change { id: TaskId, decide: Decide },
 }
 
 /// A request after its pre-check.
@@ -185,7 +186,9 @@ pub(crate) async fn apply<T: TaskTx>(
     base_url: &str,
 ) -> Result<WriteOutcome> {
     match write {
-        TaskWrite::Create(resource) => put_task(tx, &new_id(), None, resource, base_url).await,
+        TaskWrite::Create(resource) => {
+            put_task(tx, &TaskId::generate(), None, resource, base_url).await
+        }
         TaskWrite::CreateUnlessFound {
             resource,
             criteria,
@@ -194,7 +197,7 @@ pub(crate) async fn apply<T: TaskTx>(
             if let Some(outcome) = tx.recheck(&criteria, seen).await?.answer()? {
                 return Ok(outcome);
             }
-            put_task(tx, &new_id(), None, resource, base_url).await
+            put_task(tx, &TaskId::generate(), None, resource, base_url).await
         }
         TaskWrite::Change { id, decide } => {
             let current = tx.load_for_change(&id).await?;
@@ -222,10 +225,6 @@ pub(crate) fn is_single_put<S>(write: &TaskWrite<S>) -> bool {
     )
 }
 
-fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
 /// Writes a Task version and, when the write completes a request Task (abort, suspend,
 /// resume), the change it asks of its focal Task: both versions, with their history and
 /// change events, in one transaction, so subscribers hear of both or of neither. The focal
@@ -238,7 +237,7 @@ fn new_id() -> String {
 /// change takes the lower `seq`.
 async fn put_task<T: TaskTx>(
     tx: &mut T,
-    id: &str,
+    id: &TaskId,
     current: Option<&CurrentTask>,
     resource: Value,
     base_url: &str,
@@ -259,7 +258,7 @@ async fn put_task<T: TaskTx>(
 /// request makes of it.
 async fn focal_change<T: TaskTx>(
     tx: &mut T,
-    request_id: &str,
+    request_id: &TaskId,
     kind: RequestKind,
     request: &Value,
     base_url: &str,
@@ -297,20 +296,20 @@ async fn focal_change<T: TaskTx>(
 /// Stores `resource` as the next version of the Task (the first, if it never existed).
 async fn put<T: TaskTx>(
     tx: &mut T,
-    id: &str,
+    id: &TaskId,
     current: Option<&CurrentTask>,
     mut resource: Value,
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let live = current.filter(|c| !c.deleted);
-    let version = current.map_or(1, |c| c.version + 1);
+    let version = current.map_or(Version::FIRST, |c| c.version.next());
     let interaction = if live.is_some() {
         Interaction::Update
     } else {
         Interaction::Create
     };
-    let now = now_instant();
-    stamp(&mut resource, id, version, &now);
+    let now = StoredInstant::now();
+    stamp(&mut resource, id.as_str(), version, &now);
     let text = resource.to_string();
     let index = index_task(&resource, base_url);
     tx.put_version(&NewVersion {
@@ -326,7 +325,7 @@ async fn put<T: TaskTx>(
     })
     .await?;
     Ok(WriteOutcome::Written(StoredVersion {
-        id: id.to_string(),
+        id: id.clone(),
         version,
         last_updated: now,
         interaction,
@@ -335,8 +334,8 @@ async fn put<T: TaskTx>(
 }
 
 async fn delete<T: TaskTx>(tx: &mut T, current: &CurrentTask) -> Result<WriteOutcome> {
-    let version = current.version + 1;
-    let now = now_instant();
+    let version = current.version.next();
+    let now = StoredInstant::now();
     tx.delete_version(&Deletion {
         id: &current.id,
         version,

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::api::AppState;
 use crate::auth::{self, Principal};
 use crate::error::{Error, Result};
+use crate::fhir::ids::TaskId;
 use crate::fhir::workflow::{self, RequestKind};
 use crate::fhir::{normalize_reference, task as task_rules};
 
@@ -22,7 +23,7 @@ enum LinkRole {
 /// A Task on this server that a Task links to, and the element that links to it.
 #[derive(Debug, Clone)]
 pub(super) struct Link {
-    task_id: String,
+    task_id: TaskId,
     role: LinkRole,
     at: String,
 }
@@ -30,7 +31,7 @@ pub(super) struct Link {
 /// Every link of a Task, refusing the ones Baton cannot check: a `partOf` that is not a
 /// reference to a Task here (422), a malformed request (400, see `workflow::parse_request`),
 /// or a Task linking to itself (422). `own_id` is the Task's id when it already has one.
-pub(super) fn links(task: &Value, own_id: Option<&str>, base_url: &str) -> Result<Vec<Link>> {
+pub(super) fn links(task: &Value, own_id: Option<&TaskId>, base_url: &str) -> Result<Vec<Link>> {
     let mut links = Vec::new();
     let parents = task.get("partOf").and_then(Value::as_array);
     for (i, parent) in parents.into_iter().flatten().enumerate() {
@@ -38,7 +39,7 @@ pub(super) fn links(task: &Value, own_id: Option<&str>, base_url: &str) -> Resul
         let reference = parent.get("reference").and_then(Value::as_str);
         let local = reference
             .and_then(|r| normalize_reference(r, base_url))
-            .and_then(|r| r.strip_prefix("Task/").map(str::to_string));
+            .and_then(|r| TaskId::parse(r.strip_prefix("Task/")?).ok());
         let Some(task_id) = local else {
             return Err(Error::business_rule(format!(
                 "{at} must reference a Task on this server (Task/{{id}}), so that Baton can check \
@@ -60,7 +61,7 @@ pub(super) fn links(task: &Value, own_id: Option<&str>, base_url: &str) -> Resul
             at: "Task.focus".into(),
         });
     }
-    if let Some(link) = links.iter().find(|l| Some(l.task_id.as_str()) == own_id) {
+    if let Some(link) = links.iter().find(|l| Some(&l.task_id) == own_id) {
         return Err(Error::business_rule(format!(
             "{} names this Task itself; a Task can be neither its own parent nor its own focus",
             link.at
@@ -75,7 +76,7 @@ pub(super) fn links(task: &Value, own_id: Option<&str>, base_url: &str) -> Resul
 pub(super) fn new_links(
     before: Option<&Value>,
     after: &Value,
-    own_id: Option<&str>,
+    own_id: Option<&TaskId>,
     base_url: &str,
 ) -> Result<Vec<Link>> {
     let old: Vec<Link> = before
@@ -99,7 +100,7 @@ pub(super) async fn check_links(
     principal: &Principal,
     links: &[Link],
     task: &Value,
-) -> Result<HashSet<String>> {
+) -> Result<HashSet<TaskId>> {
     let status = task_rules::status(task).unwrap_or_default();
     let asks_now = !task_rules::is_terminal(status) || status == "completed";
     let mut checked = HashSet::new();
@@ -142,8 +143,8 @@ pub(super) async fn check_links(
 pub(super) fn ensure_links_checked(
     before: Option<&Value>,
     after: &Value,
-    checked: &HashSet<String>,
-    id: &str,
+    checked: &HashSet<TaskId>,
+    id: &TaskId,
     base_url: &str,
 ) -> Result<()> {
     let fresh = new_links(before, after, Some(id), base_url)?;

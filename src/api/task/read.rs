@@ -8,12 +8,12 @@ use axum::response::Response;
 use serde_json::{Value, json};
 
 use super::search::{link, now, parse_pairs};
-use super::write::check_id;
 use super::{current_response, gone_with_etag, version_response};
 use crate::api::fhir_json;
 use crate::api::{AppState, Prefer};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
+use crate::fhir::ids::{TaskId, Version};
 use crate::fhir::interaction::Interaction;
 use crate::fhir::search;
 use crate::store::{CurrentTask, StoredVersion};
@@ -23,7 +23,7 @@ pub(super) async fn read(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    check_id(&id)?;
+    let id = TaskId::parse(&id)?;
     let current = readable_current(&state, &principal, &id).await?;
     if current.deleted {
         return Ok(gone_with_etag(
@@ -43,7 +43,7 @@ pub(super) async fn read(
 async fn readable_current(
     state: &AppState,
     principal: &Principal,
-    id: &str,
+    id: &TaskId,
 ) -> Result<CurrentTask> {
     let current = state
         .store
@@ -63,8 +63,8 @@ pub(super) async fn vread(
     principal: Principal,
     Path((id, vid)): Path<(String, String)>,
 ) -> Result<Response> {
-    check_id(&id)?;
-    let version: i64 = vid.parse().map_err(|_| {
+    let id = TaskId::parse(&id)?;
+    let version: Version = vid.parse().map_err(|_| {
         Error::bad_request(
             IssueCode::Invalid,
             format!("'{vid}' is not a version number"),
@@ -83,7 +83,7 @@ pub(super) async fn vread(
         // A deletion shows as much as the version it deleted.
         None => state
             .store
-            .read_version(&id, version.saturating_sub(1))
+            .read_version(&id, version.previous())
             .await?
             .and_then(|v| v.resource),
     };
@@ -113,7 +113,7 @@ pub(super) async fn history(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    check_id(&id)?;
+    let id = TaskId::parse(&id)?;
     readable_current(&state, &principal, &id).await?;
     let pairs = parse_pairs(query.as_deref().unwrap_or(""))?;
     let mut count = state.config.search.default_count;
@@ -185,7 +185,7 @@ const HISTORY_CHUNK: usize = 100;
 async fn readable_history(
     state: &AppState,
     principal: &Principal,
-    id: &str,
+    id: &TaskId,
     count: usize,
     offset: usize,
 ) -> Result<(Vec<StoredVersion>, u64)> {

@@ -15,6 +15,7 @@ use crate::api::{AppState, BodyKind, Prefer, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir;
+use crate::fhir::ids::TaskId;
 use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode};
 use crate::store::{CurrentTask, PageRequest};
 
@@ -227,7 +228,7 @@ async fn sub_tasks(
         RevInclude::PartOf => 1,
         RevInclude::PartOfIterate => state.config.search.max_include_depth,
     };
-    let mut seen: HashSet<String> = matched.iter().map(|t| t.id.clone()).collect();
+    let mut seen: HashSet<TaskId> = matched.iter().map(|t| t.id.clone()).collect();
     let mut frontier: Vec<String> = matched.iter().map(|t| format!("Task/{}", t.id)).collect();
     let mut included = Vec::new();
     let mut bytes_left = max_bytes;

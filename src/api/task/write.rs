@@ -16,6 +16,7 @@ use super::{current_response, set_etag, version_response};
 use crate::api::{AppState, BodyKind, Prefer, parse_json, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
+use crate::fhir::ids::{TaskId, Version};
 use crate::fhir::interaction::Interaction;
 use crate::fhir::search::{self, Handling};
 use crate::fhir::shape::{ShapeLimits, check_shape};
@@ -110,7 +111,7 @@ pub(super) async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    check_id(&id)?;
+    let id = TaskId::parse(&id)?;
     let prefer = Prefer::from_headers(&headers);
     let if_match = parse_if_match(&headers)?;
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
@@ -118,7 +119,7 @@ pub(super) async fn update(
     task_rules::validate_task(&resource, &state.base_url)?;
     check_shape(&resource, stored_limits(&state), "Task")?;
     match resource.get("id").and_then(Value::as_str) {
-        Some(body_id) if body_id == id => {}
+        Some(body_id) if body_id == id.as_str() => {}
         Some(body_id) => {
             return Err(Error::invalid(
                 "Task.id",
@@ -193,7 +194,7 @@ pub(super) async fn patch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    check_id(&id)?;
+    let id = TaskId::parse(&id)?;
     let prefer = Prefer::from_headers(&headers);
     let if_match = parse_if_match(&headers)?;
     let bytes = read_body(&state, &headers, body, BodyKind::JsonPatch).await?;
@@ -294,7 +295,7 @@ pub(super) async fn delete(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    check_id(&id)?;
+    let id = TaskId::parse(&id)?;
     let if_match = parse_if_match(&headers)?;
     let base_url = state.base_url.clone();
     let task_id = id.clone();
@@ -360,7 +361,7 @@ fn record_write(interaction: Interaction) {
         .increment(1);
 }
 
-fn require_live<'a>(current: Option<&'a CurrentTask>, id: &str) -> Result<&'a CurrentTask> {
+fn require_live<'a>(current: Option<&'a CurrentTask>, id: &TaskId) -> Result<&'a CurrentTask> {
     match current {
         None => Err(Error::not_found(format!("Task/{id} does not exist"))),
         Some(c) if c.deleted => Err(Error::gone(format!("Task/{id} has been deleted"))),
@@ -369,7 +370,7 @@ fn require_live<'a>(current: Option<&'a CurrentTask>, id: &str) -> Result<&'a Cu
 }
 
 /// The If-Match check: a stale version is a 412 that names the current one.
-fn check_version(expected: Option<i64>, current: Option<&CurrentTask>) -> Result<()> {
+fn check_version(expected: Option<Version>, current: Option<&CurrentTask>) -> Result<()> {
     match (expected, current) {
         (None, _) => Ok(()),
         (Some(v), Some(c)) if c.version == v => Ok(()),
@@ -399,25 +400,14 @@ fn clear_server_meta(resource: &mut Value) {
     }
 }
 
-pub(super) fn check_id(id: &str) -> Result<()> {
-    if fhir::is_valid_id(id) {
-        Ok(())
-    } else {
-        Err(Error::bad_request(
-            IssueCode::Invalid,
-            format!("'{id}' is not a valid FHIR id ({})", fhir::ID_RULE),
-        ))
-    }
-}
-
 /// Parses `If-Match: W/"3"` (also `"3"` and `3`).
-pub(crate) fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>> {
+pub(crate) fn parse_if_match(headers: &HeaderMap) -> Result<Option<Version>> {
     let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
     let text = value.to_str().unwrap_or("").trim();
     let bare = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
-    bare.parse::<i64>().map(Some).map_err(|_| {
+    bare.parse::<Version>().map(Some).map_err(|_| {
         Error::bad_request(
             IssueCode::Invalid,
             format!("If-Match '{text}' must be an ETag such as W/\"3\""),

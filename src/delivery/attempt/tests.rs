@@ -2,12 +2,17 @@ use time::macros::datetime;
 
 use super::*;
 use crate::auth::{Principal, Role};
+use crate::fhir::ids::{ChangeSeq, ChannelType, Version};
 use SubscriptionStatus::{Active, Error, Off, Requested};
 
 const NOW: time::OffsetDateTime = datetime!(2026-01-01 12:00 UTC);
 
-fn at(seconds_before_now: i64) -> String {
-    format_instant(NOW - time::Duration::seconds(seconds_before_now))
+fn at(seconds_before_now: i64) -> StoredInstant {
+    StoredInstant::at(NOW - time::Duration::seconds(seconds_before_now))
+}
+
+fn n(number: i64) -> EventNumber {
+    EventNumber::new(number)
 }
 
 fn stored() -> StoredSubscription {
@@ -19,19 +24,19 @@ fn stored() -> StoredSubscription {
         performer_types: Vec::new(),
     };
     StoredSubscription {
-        id: "s1".into(),
-        version: 1,
+        id: SubscriptionId::parse("s1").unwrap(),
+        version: Version::FIRST,
         last_updated: at(86_400),
         status: Active,
         topic_url: "http://baton.test/fhir/SubscriptionTopic/task-changed".into(),
-        channel_type: "rest-hook".into(),
+        channel_type: ChannelType::RestHook,
         endpoint: Some("https://receiver.example.org/hook".into()),
         author: serde_json::to_value(&author).unwrap(),
         owner: author.identity(),
         resource: serde_json::json!({"resourceType": "Subscription"}),
-        created_after_seq: 0,
-        events_since_start: 0,
-        delivered_through: 0,
+        created_after_seq: ChangeSeq::ZERO,
+        events_since_start: EventNumber::ZERO,
+        delivered_through: EventNumber::ZERO,
         handshake_pending: false,
         failures: 0,
         failing_since: None,
@@ -64,7 +69,7 @@ fn what_an_attempt_sends() {
             "the handshake comes first",
             |s| {
                 s.handshake_pending = true;
-                s.events_since_start = 3;
+                s.events_since_start = n(3);
             },
             Attempt::Work,
             None,
@@ -73,29 +78,38 @@ fn what_an_attempt_sends() {
         (
             "waiting events, up to max_count",
             |s| {
-                s.delivered_through = 3;
-                s.events_since_start = 10;
+                s.delivered_through = n(3);
+                s.events_since_start = n(10);
             },
             Attempt::Work,
             None,
-            Some(Payload::Events { from: 4, to: 8 }),
+            Some(Payload::Events {
+                from: n(4),
+                to: n(8),
+            }),
         ),
         (
             "the last few events",
             |s| {
-                s.delivered_through = 3;
-                s.events_since_start = 5;
+                s.delivered_through = n(3);
+                s.events_since_start = n(5);
             },
             Attempt::Work,
             None,
-            Some(Payload::Events { from: 4, to: 5 }),
+            Some(Payload::Events {
+                from: n(4),
+                to: n(5),
+            }),
         ),
         (
             "events rather than a heartbeat",
-            |s| s.events_since_start = 1,
+            |s| s.events_since_start = n(1),
             Attempt::Heartbeat,
             Some(60),
-            Some(Payload::Events { from: 1, to: 1 }),
+            Some(Payload::Events {
+                from: n(1),
+                to: n(1),
+            }),
         ),
         (
             "a heartbeat due, nothing ever sent",
@@ -113,7 +127,11 @@ fn what_an_attempt_sends() {
         ),
         (
             "a heartbeat due within the half second of slack",
-            |s| s.last_sent_at = Some(format_instant(NOW - time::Duration::milliseconds(59_600))),
+            |s| {
+                s.last_sent_at = Some(StoredInstant::at(
+                    NOW - time::Duration::milliseconds(59_600),
+                ))
+            },
             Attempt::Heartbeat,
             Some(60),
             Some(Payload::Heartbeat),
@@ -127,7 +145,11 @@ fn what_an_attempt_sends() {
         ),
         (
             "just inside the period",
-            |s| s.last_sent_at = Some(format_instant(NOW - time::Duration::milliseconds(59_400))),
+            |s| {
+                s.last_sent_at = Some(StoredInstant::at(
+                    NOW - time::Duration::milliseconds(59_400),
+                ))
+            },
             Attempt::Heartbeat,
             Some(60),
             None,
@@ -272,7 +294,9 @@ fn what_a_failure_records() {
             "a failing_since that cannot be read starts a new run",
             |s| {
                 s.failures = 1;
-                s.failing_since = Some("not an instant".into());
+                // What a row whose text is not an instant reads back as.
+                s.failing_since =
+                    Some(serde_json::from_value(serde_json::json!("not an instant")).unwrap());
             },
             retry,
             Active,
@@ -287,11 +311,11 @@ fn what_a_failure_records() {
         // 0.5 is the centre of the jitter range: the delay is exactly the schedule's.
         let (report, decided) = failure_report(&sub, "HTTP 503", stopping, &policy(), NOW, 0.5);
         let expected = DeliveryReport::Failed {
-            subscription_id: "s1".into(),
+            subscription_id: SubscriptionId::parse("s1").unwrap(),
             error: "HTTP 503".into(),
             failures: sub.failures + 1,
             failing_since: at(since),
-            next_attempt_at: retry.map(|d| format_instant(NOW + d)),
+            next_attempt_at: retry.map(|d| StoredInstant::at(NOW + d)),
             status,
         };
         assert_eq!((report, decided), (expected, retry), "{name}");

@@ -32,21 +32,22 @@ fn play(name: &str, max_concurrent: usize, steps: &[Step]) {
     let origin = Instant::now();
     let mut now = origin;
     let mut scheduler = Scheduler::new(max_concurrent);
+    let id = |text: &str| SubscriptionId::parse(text).unwrap();
     for (n, step) in steps.iter().enumerate() {
         let at = format!("{name}, step {n} ({step:?})");
         match *step {
             At(t) => now = origin + ms(t),
-            Wake(id) => scheduler.wake(id),
-            Changed(id) => scheduler.changed(id),
-            Forget(id) => scheduler.forget(id),
-            Resume(id, t) => scheduler.resume(id, origin + ms(t)),
-            Heartbeat(id, period) => scheduler.set_heartbeat(id, period.map(ms), now),
-            Finish(id, outcome) => scheduler.attempt_finished(id, outcome, now),
+            Wake(s) => scheduler.wake(&id(s)),
+            Changed(s) => scheduler.changed(&id(s)),
+            Forget(s) => scheduler.forget(&id(s)),
+            Resume(s, t) => scheduler.resume(&id(s), origin + ms(t)),
+            Heartbeat(s, period) => scheduler.set_heartbeat(&id(s), period.map(ms), now),
+            Finish(s, outcome) => scheduler.attempt_finished(&id(s), outcome, now),
             Due(expected) => {
                 let due = scheduler.due(now);
-                let expected: Vec<(String, Attempt)> = expected
+                let expected: Vec<(SubscriptionId, Attempt)> = expected
                     .iter()
-                    .map(|(id, attempt)| (id.to_string(), *attempt))
+                    .map(|(s, attempt)| (id(s), *attempt))
                     .collect();
                 assert_eq!(due, expected, "{at}");
             }

@@ -12,10 +12,11 @@ use super::elements::{
 use super::extensions::parse_channel_extensions;
 use super::filters::percent_decode;
 use super::{
-    AmqpEndpoint, CHANNEL_ELEMENTS, ChannelKind, ChannelPolicy, ChannelSpec, DEFAULT_AMQP_PORT,
-    MIME_TYPES, PAYLOAD_CONTENT_EXTENSION, RESERVED_HEADERS,
+    AmqpEndpoint, CHANNEL_ELEMENTS, ChannelPolicy, ChannelSpec, DEFAULT_AMQP_PORT, MIME_TYPES,
+    PAYLOAD_CONTENT_EXTENSION, RESERVED_HEADERS,
 };
 use crate::error::{IssueCode, Result};
+use crate::fhir::ids::ChannelType;
 use crate::fhir::notification::ContentLevel;
 
 pub(super) struct ParsedChannel {
@@ -55,7 +56,7 @@ pub(super) fn parse_channel(
 
     let at = "Subscription.channel.endpoint";
     let spec = match kind {
-        ChannelKind::RestHook => {
+        ChannelType::RestHook => {
             let Some(endpoint) = endpoint else {
                 return Err(fail(
                     IssueCode::Required,
@@ -69,7 +70,7 @@ pub(super) fn parse_channel(
                 headers,
             }
         }
-        ChannelKind::WebSocket => {
+        ChannelType::WebSocket => {
             if endpoint.is_some() {
                 return Err(fail(
                     IssueCode::Invalid,
@@ -80,7 +81,7 @@ pub(super) fn parse_channel(
             }
             ChannelSpec::WebSocket
         }
-        ChannelKind::Message => {
+        ChannelType::Message => {
             if !policy.amqp_configured {
                 return Err(fail(
                     IssueCode::NotSupported,
@@ -114,7 +115,7 @@ pub(super) fn parse_channel(
     })
 }
 
-fn parse_channel_type(channel: &Map<String, Value>) -> Result<ChannelKind> {
+fn parse_channel_type(channel: &Map<String, Value>) -> Result<ChannelType> {
     let at = "Subscription.channel.type";
     // A custom channel (backport-channel-type) is one the hub cannot deliver on, and reading
     // `type` alone would deliver on the standard channel the client only gave as a fallback.
@@ -139,10 +140,10 @@ fn parse_channel_type(channel: &Map<String, Value>) -> Result<ChannelKind> {
             "is required: rest-hook, websocket or message",
         ));
     };
+    if let Some(channel_type) = ChannelType::parse(code) {
+        return Ok(channel_type);
+    }
     match code {
-        "rest-hook" => Ok(ChannelKind::RestHook),
-        "websocket" => Ok(ChannelKind::WebSocket),
-        "message" => Ok(ChannelKind::Message),
         "email" | "sms" => Err(fail(
             IssueCode::NotSupported,
             at,
@@ -322,10 +323,10 @@ fn parse_payload_content(channel: &Map<String, Value>) -> Result<ContentLevel> {
     Ok(content.unwrap_or(ContentLevel::IdOnly))
 }
 
-fn parse_headers(channel: &Map<String, Value>, kind: ChannelKind) -> Result<Vec<(String, String)>> {
+fn parse_headers(channel: &Map<String, Value>, kind: ChannelType) -> Result<Vec<(String, String)>> {
     let path = "Subscription.channel.header";
     let lines = array(channel, "header", path)?;
-    if !lines.is_empty() && kind != ChannelKind::RestHook {
+    if !lines.is_empty() && kind != ChannelType::RestHook {
         return Err(fail(
             IssueCode::NotSupported,
             path,

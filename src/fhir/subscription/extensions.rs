@@ -8,11 +8,12 @@ use serde_json::{Map, Value};
 
 use super::elements::{array, fail, simple_extension};
 use super::{
-    BACKPORT_BASE, ChannelKind, HEARTBEAT_PERIOD_EXTENSION, MAX_COUNT_EXTENSION,
-    MAX_HEARTBEAT_PERIOD, MAX_MAX_COUNT, MAX_SECRET_BYTES, MAX_TIMEOUT, MIN_SECRET_BYTES,
-    SIGNING_SECRET_EXTENSION, TIMEOUT_EXTENSION,
+    BACKPORT_BASE, HEARTBEAT_PERIOD_EXTENSION, MAX_COUNT_EXTENSION, MAX_HEARTBEAT_PERIOD,
+    MAX_MAX_COUNT, MAX_SECRET_BYTES, MAX_TIMEOUT, MIN_SECRET_BYTES, SIGNING_SECRET_EXTENSION,
+    TIMEOUT_EXTENSION,
 };
 use crate::error::{IssueCode, Result};
+use crate::fhir::ids::ChannelType;
 
 #[derive(Default)]
 pub(super) struct ChannelExtensions {
@@ -24,7 +25,7 @@ pub(super) struct ChannelExtensions {
 
 pub(super) fn parse_channel_extensions(
     channel: &Map<String, Value>,
-    kind: ChannelKind,
+    kind: ChannelType,
 ) -> Result<ChannelExtensions> {
     let path = "Subscription.channel.extension";
     let mut parsed = ChannelExtensions::default();
@@ -42,7 +43,7 @@ pub(super) fn parse_channel_extensions(
                 bounded(value, Bounds::MAX_COUNT, &at)?,
             ),
             SIGNING_SECRET_EXTENSION => {
-                if kind != ChannelKind::RestHook {
+                if kind != ChannelType::RestHook {
                     return Err(fail(
                         IssueCode::NotSupported,
                         &at,

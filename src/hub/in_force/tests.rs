@@ -6,6 +6,9 @@ use serde_json::{Value, json};
 use super::super::{Command, Commands, Hub, InForce, Occasion, inbox};
 use crate::auth::{Principal, Role};
 use crate::channels::rest_hook::RestHook;
+use crate::fhir::ids::{
+    ChangeSeq, ChannelType, EventNumber, StoredInstant, SubscriptionId, Version,
+};
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::SearchLimits;
 use crate::fhir::subscription::ChannelPolicy;
@@ -14,6 +17,10 @@ use crate::store::StoredSubscription;
 
 const BASE: &str = "http://hub.test/fhir";
 const ID: &str = "s1";
+
+fn id() -> SubscriptionId {
+    SubscriptionId::parse(ID).unwrap()
+}
 
 /// A hub that allows neither plain http endpoints nor AMQP, and its scheduler's inbox.
 fn hub() -> (Hub, Commands) {
@@ -85,19 +92,19 @@ fn stored(version: i64, status: SubscriptionStatus, kind: Resource) -> StoredSub
         performer_types: Vec::new(),
     };
     StoredSubscription {
-        id: ID.into(),
-        version,
-        last_updated: "2026-01-01T00:00:00.000Z".into(),
+        id: id(),
+        version: Version::new(version),
+        last_updated: StoredInstant::parse("2026-01-01T00:00:00.000Z").unwrap(),
         status,
         topic_url: format!("{BASE}/SubscriptionTopic/task-changed"),
-        channel_type: "rest-hook".into(),
+        channel_type: ChannelType::RestHook,
         endpoint: None,
         author: serde_json::to_value(&author).unwrap(),
         owner: author.identity(),
         resource: resource(kind),
-        created_after_seq: 0,
-        events_since_start: 0,
-        delivered_through: 0,
+        created_after_seq: ChangeSeq::ZERO,
+        events_since_start: EventNumber::ZERO,
+        delivered_through: EventNumber::ZERO,
         handshake_pending: true,
         failures: 0,
         failing_since: None,
@@ -116,10 +123,10 @@ fn a_subscription_is_in_force_unless_off_or_not_understood() {
     use Occasion::{CatchUp, StartUp, Written};
     use Resource::{Deliverable, HttpEndpoint, UnknownTopic};
     use SubscriptionStatus::{Active, Error, Off, Requested};
-    let heartbeat = || Command::Heartbeat(ID.into(), Some(Duration::from_secs(60)));
-    let changed = || Command::Changed(ID.into());
-    let forget = || Command::Forget(ID.into());
-    let wake = || Command::Wake(ID.into());
+    let heartbeat = || Command::Heartbeat(id(), Some(Duration::from_secs(60)));
+    let changed = || Command::Changed(id());
+    let forget = || Command::Forget(id());
+    let wake = || Command::Wake(id());
     // (status, resource, occasion, where it stands, what the scheduler is told)
     let table = [
         (
@@ -192,7 +199,7 @@ fn a_subscription_is_in_force_unless_off_or_not_understood() {
         let (hub, mut commands) = hub();
         // Version 1 was in force: version 2 replaces it, or withdrawing takes it out.
         hub.put_in_force(&stored(1, Active, Deliverable), CatchUp);
-        assert!(hub.index.read().unwrap().contains(ID));
+        assert!(hub.index.read().unwrap().contains(&id()));
         let case = format!("{status:?} {kind:?} {occasion:?}");
         assert_eq!(
             hub.put_in_force(&stored(2, status, kind), occasion),
@@ -200,7 +207,7 @@ fn a_subscription_is_in_force_unless_off_or_not_understood() {
             "{case}"
         );
         assert_eq!(
-            hub.index.read().unwrap().contains(ID),
+            hub.index.read().unwrap().contains(&id()),
             expected == InForce::Indexed,
             "{case}: the matcher index"
         );
@@ -217,7 +224,7 @@ fn a_withdrawn_subscription_is_parsed_afresh() {
         Arc::ptr_eq(&spec, &hub.spec_for_matching(&first).unwrap()),
         "one parse serves matching and delivery"
     );
-    hub.withdraw(ID, Occasion::Written);
+    hub.withdraw(&id(), Occasion::Written);
     assert!(
         !Arc::ptr_eq(&spec, &hub.spec_for_delivery(&first).unwrap()),
         "deleted: forgotten"

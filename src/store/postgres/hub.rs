@@ -17,6 +17,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::pg_text;
 use crate::error::{Error, Result};
+use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
@@ -32,7 +33,7 @@ fn micros(ttl: Duration) -> i64 {
 
 pub(super) async fn read_subscription(
     pool: &PgPool,
-    id: &str,
+    id: &SubscriptionId,
 ) -> Result<Option<StoredSubscription>> {
     let row = sqlx::query("SELECT * FROM subscription WHERE id = $1")
         .bind(id)
@@ -57,7 +58,7 @@ pub(super) async fn live_subscriptions(pool: &PgPool) -> Result<Vec<StoredSubscr
 pub(super) async fn record_matches(
     conn: &mut PgConnection,
     batch: MatchBatch,
-) -> Result<Vec<(String, i64)>> {
+) -> Result<Vec<(SubscriptionId, EventNumber)>> {
     let mut changes = batch.changes.clone();
     changes.sort_unstable();
     changes.dedup();
@@ -100,18 +101,21 @@ pub(super) async fn record_matches(
 
 /// Gives each match the next event number of its subscription and logs it, in one statement.
 /// A subscription deleted or turned off since matching gets nothing.
-async fn number_matches(conn: &mut PgConnection, batch: &MatchBatch) -> Result<Vec<(String, i64)>> {
+async fn number_matches(
+    conn: &mut PgConnection,
+    batch: &MatchBatch,
+) -> Result<Vec<(SubscriptionId, EventNumber)>> {
     if batch.matches.is_empty() {
         return Ok(Vec::new());
     }
     let mut log = EventLog::default();
     for m in &batch.matches {
-        log.subscription_ids.push(&m.subscription_id);
+        log.subscription_ids.push(m.subscription_id.as_str());
         log.change_seqs.push(m.change_seq);
-        log.task_ids.push(&m.task_id);
+        log.task_ids.push(m.task_id.as_str());
         log.versions.push(m.version);
         log.interactions.push(m.interaction.as_str());
-        log.occurred_at.push(&m.occurred_at);
+        log.occurred_at.push(m.occurred_at.as_str());
     }
     // `ord` is the match's place in the batch: numbers follow it within each subscription.
     let rows = sqlx::query(
@@ -153,9 +157,9 @@ async fn number_matches(conn: &mut PgConnection, batch: &MatchBatch) -> Result<V
 #[derive(Default)]
 struct EventLog<'a> {
     subscription_ids: Vec<&'a str>,
-    change_seqs: Vec<i64>,
+    change_seqs: Vec<ChangeSeq>,
     task_ids: Vec<&'a str>,
-    versions: Vec<i64>,
+    versions: Vec<Version>,
     interactions: Vec<&'static str>,
     occurred_at: Vec<&'a str>,
 }
@@ -226,7 +230,7 @@ pub(super) async fn record_delivery(
     Ok(())
 }
 
-pub(super) async fn prune_events(pool: &PgPool, before: &str) -> Result<u64> {
+pub(super) async fn prune_events(pool: &PgPool, before: &StoredInstant) -> Result<u64> {
     let done = sqlx::query(hub_sql::PRUNE_EVENTS)
         .bind(before)
         .execute(pool)
@@ -264,9 +268,9 @@ pub(super) async fn search_subscriptions(
 
 pub(super) async fn subscription_events(
     pool: &PgPool,
-    id: &str,
-    from: i64,
-    to: i64,
+    id: &SubscriptionId,
+    from: EventNumber,
+    to: EventNumber,
 ) -> Result<Vec<EventRecord>> {
     let rows = sqlx::query(hub_sql::SUBSCRIPTION_EVENTS)
         .bind(id)
@@ -311,7 +315,7 @@ pub(super) async fn release_lease(pool: &PgPool, name: &str, holder: &str) -> Re
 
 pub(super) async fn claim_subscription(
     pool: &PgPool,
-    id: &str,
+    id: &SubscriptionId,
     holder: &str,
     ttl: Duration,
 ) -> Result<Option<StoredSubscription>> {
@@ -328,7 +332,11 @@ pub(super) async fn claim_subscription(
     row.as_ref().map(subscription_from_row).transpose()
 }
 
-pub(super) async fn release_subscription(pool: &PgPool, id: &str, holder: &str) -> Result<()> {
+pub(super) async fn release_subscription(
+    pool: &PgPool,
+    id: &SubscriptionId,
+    holder: &str,
+) -> Result<()> {
     sqlx::query(
         "UPDATE subscription SET lease_holder = NULL, lease_until = NULL
          WHERE id = $1 AND lease_holder = $2",
@@ -343,9 +351,9 @@ pub(super) async fn release_subscription(pool: &PgPool, id: &str, holder: &str) 
 /// Work waiting that no node has claimed, or whose claim expired.
 pub(super) async fn due_subscriptions(
     pool: &PgPool,
-    stale_before: &str,
+    stale_before: &StoredInstant,
     limit: usize,
-) -> Result<Vec<String>> {
+) -> Result<Vec<SubscriptionId>> {
     let sql = format!(
         "SELECT s.id FROM subscription s
          WHERE {} AND (s.lease_holder IS NULL OR s.lease_until < now())
@@ -383,7 +391,7 @@ pub(super) async fn subscription_changes_since(
         .bind(generation)
         .fetch_all(&mut *tx)
         .await?;
-    let deleted: Vec<String> = sqlx::query_scalar(
+    let deleted: Vec<SubscriptionId> = sqlx::query_scalar(
         "SELECT id FROM subscription_tombstone WHERE generation > $1 ORDER BY generation",
     )
     .bind(generation)
@@ -402,9 +410,9 @@ pub(super) async fn subscription_changes_since(
 
 pub(super) async fn overdue_tasks(
     pool: &PgPool,
-    now: &str,
+    now: &StoredInstant,
     limit: usize,
-) -> Result<Vec<(String, String)>> {
+) -> Result<Vec<(TaskId, StoredInstant)>> {
     let rows = sqlx::query(AssertSqlSafe(hub_sql::overdue_tasks()))
         .bind(now)
         .bind(limit as i64)
@@ -420,12 +428,12 @@ pub(super) async fn overdue_tasks(
 /// the marker's key; the first to commit reports it, the others insert nothing.
 pub(super) async fn mark_overdue(
     conn: &mut PgConnection,
-    task_id: &str,
-    due_at: &str,
-    now: &str,
+    task_id: &TaskId,
+    due_at: &StoredInstant,
+    now: &StoredInstant,
 ) -> Result<bool> {
     let sql = hub_sql::overdue_version("FOR SHARE OF t");
-    let version: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+    let version: Option<Version> = sqlx::query_scalar(AssertSqlSafe(sql))
         .bind(due_at)
         .bind(task_id)
         .bind(now)
@@ -451,7 +459,7 @@ pub(super) async fn mark_overdue(
     Ok(true)
 }
 
-pub(super) async fn next_due(pool: &PgPool, now: &str) -> Result<Option<String>> {
+pub(super) async fn next_due(pool: &PgPool, now: &StoredInstant) -> Result<Option<StoredInstant>> {
     Ok(sqlx::query_scalar(hub_sql::NEXT_DUE)
         .bind(now)
         .fetch_one(pool)

@@ -9,6 +9,7 @@ use sqlx::postgres::PgConnection;
 use super::pg_text;
 use crate::auth::Identity;
 use crate::error::Result;
+use crate::fhir::ids::{ChangeSeq, SubscriptionId};
 use crate::store::StoredSubscription;
 use crate::store::owner_columns;
 use crate::store::rows::subscription_from_row;
@@ -21,7 +22,10 @@ impl SubscriptionTx for PgConnection {
 
     /// The subscription, locked until the transaction ends: a concurrent write waits here,
     /// then sees this one's result.
-    async fn load_for_replace(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn load_for_replace(
+        &mut self,
+        id: &SubscriptionId,
+    ) -> Result<Option<StoredSubscription>> {
         load(
             self,
             "SELECT * FROM subscription WHERE id = $1 FOR UPDATE",
@@ -60,7 +64,7 @@ impl SubscriptionTx for PgConnection {
         .await?)
     }
 
-    async fn last_change_seq(&mut self) -> Result<i64> {
+    async fn last_change_seq(&mut self) -> Result<ChangeSeq> {
         Ok(
             sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_event")
                 .fetch_one(&mut *self)
@@ -82,7 +86,7 @@ impl SubscriptionTx for PgConnection {
         .bind(c.last_updated)
         .bind(c.status.as_str())
         .bind(c.topic_url)
-        .bind(c.channel_type)
+        .bind(c.channel_type.as_str())
         .bind(c.endpoint)
         .bind(c.author)
         .bind(c.resource)
@@ -113,7 +117,7 @@ impl SubscriptionTx for PgConnection {
         .bind(c.last_updated)
         .bind(c.status.as_str())
         .bind(c.topic_url)
-        .bind(c.channel_type)
+        .bind(c.channel_type.as_str())
         .bind(c.endpoint)
         .bind(c.resource)
         .bind(c.handshake_pending as i32)
@@ -126,11 +130,11 @@ impl SubscriptionTx for PgConnection {
         Ok(())
     }
 
-    async fn reload(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn reload(&mut self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
         load(self, "SELECT * FROM subscription WHERE id = $1", id).await
     }
 
-    async fn delete_row(&mut self, id: &str) -> Result<bool> {
+    async fn delete_row(&mut self, id: &SubscriptionId) -> Result<bool> {
         let deleted = sqlx::query("DELETE FROM subscription WHERE id = $1")
             .bind(id)
             .execute(&mut *self)
@@ -138,7 +142,7 @@ impl SubscriptionTx for PgConnection {
         Ok(deleted.rows_affected() > 0)
     }
 
-    async fn delete_events(&mut self, id: &str) -> Result<()> {
+    async fn delete_events(&mut self, id: &SubscriptionId) -> Result<()> {
         sqlx::query("DELETE FROM subscription_event WHERE subscription_id = $1")
             .bind(id)
             .execute(&mut *self)
@@ -148,7 +152,7 @@ impl SubscriptionTx for PgConnection {
 
     /// A tombstone numbered with the deletion's generation, which `subscription_changes_since`
     /// reports.
-    async fn note_deletion(&mut self, id: &str, generation: i64) -> Result<()> {
+    async fn note_deletion(&mut self, id: &SubscriptionId, generation: i64) -> Result<()> {
         sqlx::query(
             "INSERT INTO subscription_tombstone (id, generation) VALUES ($1, $2)
              ON CONFLICT (id) DO UPDATE SET generation = excluded.generation",
@@ -165,7 +169,7 @@ impl SubscriptionTx for PgConnection {
 async fn load(
     conn: &mut PgConnection,
     select: &'static str,
-    id: &str,
+    id: &SubscriptionId,
 ) -> Result<Option<StoredSubscription>> {
     let row = sqlx::query(select)
         .bind(id)

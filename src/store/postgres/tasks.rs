@@ -11,6 +11,7 @@ use sqlx::AssertSqlSafe;
 
 use super::pg_text;
 use crate::error::Result;
+use crate::fhir::ids::TaskId;
 use crate::fhir::search::Predicate;
 use crate::store::rows::{CURRENT_COLUMNS, current_from_row};
 use crate::store::search_sql::{Placeholder, where_clause};
@@ -76,7 +77,7 @@ impl TaskTx for PgConnection {
 
     /// The current state of a Task, locked until the transaction ends: a concurrent change
     /// waits here, then sees this one's result.
-    async fn load_for_change(&mut self, id: &str) -> Result<Option<CurrentTask>> {
+    async fn load_for_change(&mut self, id: &TaskId) -> Result<Option<CurrentTask>> {
         let row = sqlx::query(
             "SELECT t.id, t.version, t.last_updated, t.deleted, t.resource FROM task t
              WHERE t.id = $1 FOR UPDATE",
@@ -102,7 +103,7 @@ impl TaskTx for PgConnection {
         Ok(Found::among(matching_tasks(&mut *self, criteria).await?))
     }
 
-    async fn status_before_hold(&mut self, id: &str) -> Result<Option<String>> {
+    async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
         // `json`, not `jsonb`: it accepts every string JSON allows, `\u0000` included.
         let status: Option<Option<String>> = sqlx::query_scalar(
             "SELECT resource::json ->> 'status' FROM task_version

@@ -13,6 +13,9 @@ use super::PostgresStore;
 use crate::auth::{Identity, Role};
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::fhir::ids::{
+    ChangeSeq, ChannelType, EventNumber, StoredInstant, SubscriptionId, TaskId, Version,
+};
 use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::{
@@ -120,11 +123,27 @@ macro_rules! test_db {
     };
 }
 
+fn seq(number: i64) -> ChangeSeq {
+    ChangeSeq::new(number)
+}
+
+fn n(number: i64) -> EventNumber {
+    EventNumber::new(number)
+}
+
+fn v(number: i64) -> Version {
+    Version::new(number)
+}
+
+fn sid(text: &str) -> SubscriptionId {
+    SubscriptionId::parse(text).unwrap()
+}
+
 fn task(status: &str) -> Value {
     json!({ "resourceType": "Task", "status": status, "intent": "order" })
 }
 
-async fn create(store: &PostgresStore, resource: Value) -> String {
+async fn create(store: &PostgresStore, resource: Value) -> TaskId {
     match store
         .write(WriteRequest::Create {
             resource,
@@ -140,12 +159,12 @@ async fn create(store: &PostgresStore, resource: Value) -> String {
 
 async fn change(
     store: &PostgresStore,
-    id: &str,
+    id: &TaskId,
     decide: impl FnOnce(Option<&CurrentTask>) -> Result<Decision> + Send + 'static,
 ) -> Result<WriteOutcome> {
     store
         .write(WriteRequest::Change {
-            id: id.to_string(),
+            id: id.clone(),
             decide: Box::new(decide),
         })
         .await
@@ -158,7 +177,7 @@ fn append_if_match(
     mark: &str,
 ) -> Result<Decision> {
     let current = current.expect("the Task exists");
-    if expected.is_some_and(|v| v != current.version) {
+    if expected.is_some_and(|v| v != current.version.get()) {
         return Err(Error::precondition_failed(format!(
             "If-Match {expected:?}, current {}",
             current.version
@@ -180,7 +199,7 @@ fn subscription_record(status: SubscriptionStatus) -> SubscriptionRecord {
         }),
         status,
         topic_url: "http://baton.test/SubscriptionTopic/task-created".into(),
-        channel_type: "rest-hook".into(),
+        channel_type: ChannelType::RestHook,
         endpoint: Some("https://receiver.test/hook".into()),
         author: json!({ "subject": "Practitioner/author", "role": "practitioner" }),
         owner: author_identity("Practitioner/author"),
@@ -198,7 +217,7 @@ fn author_identity(subject: &str) -> Identity {
     }
 }
 
-async fn subscribe(store: &PostgresStore) -> String {
+async fn subscribe(store: &PostgresStore) -> SubscriptionId {
     store
         .create_subscription(subscription_record(SubscriptionStatus::Requested))
         .await
@@ -206,14 +225,14 @@ async fn subscribe(store: &PostgresStore) -> String {
         .id
 }
 
-fn matched(subscription_id: &str, change_seq: i64) -> MatchRow {
+fn matched(subscription_id: &SubscriptionId, change_seq: i64) -> MatchRow {
     MatchRow {
-        subscription_id: subscription_id.to_string(),
-        change_seq,
-        task_id: format!("task-of-{change_seq}"),
-        version: 1,
+        subscription_id: subscription_id.clone(),
+        change_seq: seq(change_seq),
+        task_id: TaskId::parse(&format!("task-of-{change_seq}")).unwrap(),
+        version: Version::FIRST,
         interaction: Interaction::Create,
-        occurred_at: "2024-01-01T00:00:00.000Z".into(),
+        occurred_at: StoredInstant::parse("2024-01-01T00:00:00.000Z").unwrap(),
     }
 }
 
@@ -221,28 +240,28 @@ fn batch(holder: &str, changes: &[i64], matches: Vec<MatchRow>) -> MatchBatch {
     MatchBatch {
         consumer: MATCHER.into(),
         holder: holder.into(),
-        changes: changes.to_vec(),
+        changes: changes.iter().copied().map(seq).collect(),
         matches,
     }
 }
 
 async fn unmatched_seqs(store: &PostgresStore) -> Vec<i64> {
     store
-        .change_events_after(i64::MAX, 100)
+        .change_events_after(seq(i64::MAX), 100)
         .await
         .unwrap()
         .iter()
-        .map(|c| c.seq)
+        .map(|c| c.seq.get())
         .collect()
 }
 
-async fn event_seqs(store: &PostgresStore, subscription: &str) -> Vec<(i64, i64)> {
+async fn event_seqs(store: &PostgresStore, subscription: &SubscriptionId) -> Vec<(i64, i64)> {
     store
-        .subscription_events(subscription, 1, 100)
+        .subscription_events(subscription, n(1), n(100))
         .await
         .unwrap()
         .iter()
-        .map(|e| (e.event_number, e.change_seq))
+        .map(|e| (e.event_number.get(), e.change_seq.get()))
         .collect()
 }
 
@@ -280,7 +299,7 @@ async fn concurrent_changes_to_one_task_lose_nothing() {
         let (store, id, seen) = (store.clone(), id.clone(), seen.clone());
         async move {
             change(&store, &id, move |current| {
-                *seen.lock().unwrap() = current.map(|c| c.version);
+                *seen.lock().unwrap() = current.map(|c| c.version.get());
                 append_if_match(current, None, "b")
             })
             .await
@@ -301,7 +320,7 @@ async fn concurrent_changes_to_one_task_lose_nothing() {
     let second = second.await.unwrap().expect("the second update");
     let stale = stale.await.unwrap();
     let version = |outcome: &WriteOutcome| match outcome {
-        WriteOutcome::Written(v) => v.version,
+        WriteOutcome::Written(v) => v.version.get(),
         other => panic!("{other:?}"),
     };
     assert_eq!((version(&first), version(&second)), (2, 3));
@@ -315,13 +334,16 @@ async fn concurrent_changes_to_one_task_lose_nothing() {
         StatusCode::PRECONDITION_FAILED
     );
     let current = store.read(&id).await.unwrap().unwrap();
-    assert_eq!(current.version, 3);
+    assert_eq!(current.version, v(3));
     assert_eq!(current.resource["description"], "ab");
     assert_eq!(current.resource["meta"]["versionId"], "3");
-    let changes = store.change_events_after(0, 10).await.unwrap();
+    let changes = store
+        .change_events_after(ChangeSeq::ZERO, 10)
+        .await
+        .unwrap();
     let versions: Vec<(i64, Option<i64>)> = changes
         .iter()
-        .map(|c| (c.version, c.previous_version))
+        .map(|c| (c.version.get(), c.previous_version.map(Version::get)))
         .collect();
     assert_eq!(versions, [(1, None), (2, Some(1)), (3, Some(2))]);
 }
@@ -356,19 +378,19 @@ async fn unmatched_changes_are_returned_even_below_a_matched_one() {
         .record_matches(batch("A", &[3], vec![]))
         .await
         .unwrap();
-    assert_eq!(store.outbox_cursor(MATCHER).await.unwrap(), 3);
-    let after = store.change_events_after(3, 10).await.unwrap();
-    assert_eq!(after.iter().map(|c| c.seq).collect::<Vec<_>>(), [1]);
+    assert_eq!(store.outbox_cursor(MATCHER).await.unwrap(), seq(3));
+    let after = store.change_events_after(seq(3), 10).await.unwrap();
+    assert_eq!(after.iter().map(|c| c.seq).collect::<Vec<_>>(), [seq(1)]);
 
     open.commit().await.unwrap();
     assert_eq!(unmatched_seqs(&store).await, [1, 2]);
-    assert_eq!(store.last_change_seq().await.unwrap(), 3);
+    assert_eq!(store.last_change_seq().await.unwrap(), seq(3));
     store
         .record_matches(batch("A", &[1, 2], vec![]))
         .await
         .unwrap();
     assert!(unmatched_seqs(&store).await.is_empty());
-    assert_eq!(store.outbox_cursor(MATCHER).await.unwrap(), 3);
+    assert_eq!(store.outbox_cursor(MATCHER).await.unwrap(), seq(3));
     assert!(!store.outbox_in_commit_order());
 }
 
@@ -386,13 +408,13 @@ async fn record_matches_refuses_a_batch_without_the_lease() {
     );
     assert!(!store.acquire_lease(MATCHER, "B", ten).await.unwrap());
 
-    let nothing_recorded = |store: Arc<PostgresStore>, subscription: String| async move {
+    let nothing_recorded = |store: Arc<PostgresStore>, subscription: SubscriptionId| async move {
         let s = store
             .read_subscription(&subscription)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(s.events_since_start, 0);
+        assert_eq!(s.events_since_start, EventNumber::ZERO);
         assert!(event_seqs(&store, &subscription).await.is_empty());
         assert_eq!(unmatched_seqs(&store).await, [1]);
     };
@@ -429,7 +451,7 @@ async fn record_matches_refuses_a_batch_without_the_lease() {
         .record_matches(batch("B", &[1], vec![matched(&subscription, 1)]))
         .await
         .unwrap();
-    assert_eq!(numbers, [(subscription.clone(), 1)]);
+    assert_eq!(numbers, [(subscription.clone(), n(1))]);
 
     store.release_lease(MATCHER, "A").await.unwrap();
     assert!(
@@ -458,7 +480,7 @@ async fn recording_changes_twice_fails_and_numbers_stay_contiguous() {
         .record_matches(batch("A", &[1], vec![matched(&subscription, 1)]))
         .await
         .unwrap();
-    assert_eq!(first, [(subscription.clone(), 1)]);
+    assert_eq!(first, [(subscription.clone(), n(1))]);
     let again = store
         .record_matches(batch("A", &[1], vec![matched(&subscription, 1)]))
         .await;
@@ -480,14 +502,14 @@ async fn recording_changes_twice_fails_and_numbers_stay_contiguous() {
             .unwrap()
             .unwrap()
             .events_since_start,
-        1
+        n(1)
     );
 
     let second = store
         .record_matches(batch("A", &[2], vec![matched(&subscription, 2)]))
         .await
         .unwrap();
-    assert_eq!(second, [(subscription.clone(), 2)]);
+    assert_eq!(second, [(subscription.clone(), n(2))]);
     assert_eq!(event_seqs(&store, &subscription).await, [(1, 1), (2, 2)]);
 }
 
@@ -519,7 +541,7 @@ async fn numbers_are_contiguous_per_subscription_and_skip_off_ones() {
         matched(&s2, 1),
         matched(&off, 1),
         matched(&s1, 2),
-        matched("no-such-subscription", 2),
+        matched(&sid("no-such-subscription"), 2),
         matched(&s2, 3),
         matched(&s1, 3),
     ];
@@ -528,27 +550,27 @@ async fn numbers_are_contiguous_per_subscription_and_skip_off_ones() {
         .await
         .unwrap();
     let expected = [
-        (s1.clone(), 1),
-        (s2.clone(), 1),
-        (s1.clone(), 2),
-        (s2.clone(), 2),
-        (s1.clone(), 3),
+        (s1.clone(), n(1)),
+        (s2.clone(), n(1)),
+        (s1.clone(), n(2)),
+        (s2.clone(), n(2)),
+        (s1.clone(), n(3)),
     ];
     assert_eq!(numbers, expected);
     assert_eq!(event_seqs(&store, &s1).await, [(1, 1), (2, 2), (3, 3)]);
     assert_eq!(event_seqs(&store, &s2).await, [(1, 1), (2, 3)]);
     assert!(event_seqs(&store, &off).await.is_empty());
     let off_row = store.read_subscription(&off).await.unwrap().unwrap();
-    assert_eq!(off_row.events_since_start, 0);
+    assert_eq!(off_row.events_since_start, EventNumber::ZERO);
 
     let numbers = store
         .record_matches(batch("A", &[4], vec![matched(&s2, 4), matched(&s1, 4)]))
         .await
         .unwrap();
-    assert_eq!(numbers, [(s2.clone(), 3), (s1.clone(), 4)]);
+    assert_eq!(numbers, [(s2.clone(), n(3)), (s1.clone(), n(4))]);
     for (id, count) in [(&s1, 4), (&s2, 3)] {
         let row = store.read_subscription(id).await.unwrap().unwrap();
-        assert_eq!(row.events_since_start, count);
+        assert_eq!(row.events_since_start, n(count));
     }
 }
 
@@ -557,11 +579,11 @@ async fn claims_keep_other_nodes_out_until_released_or_expired() {
     let db = test_db!();
     let store = db.open().await;
     let subscription = subscribe(&store).await;
-    let now = crate::store::now_instant();
+    let now = StoredInstant::now();
     let ten = Duration::from_secs(10);
     assert_eq!(
         store.due_subscriptions(&now, 10).await.unwrap(),
-        [subscription.as_str()]
+        std::slice::from_ref(&subscription)
     );
 
     let claimed = store
@@ -590,7 +612,7 @@ async fn claims_keep_other_nodes_out_until_released_or_expired() {
     );
     assert!(
         store
-            .claim_subscription("no-such-id", "A", ten)
+            .claim_subscription(&sid("no-such-id"), "A", ten)
             .await
             .unwrap()
             .is_none()
@@ -616,7 +638,7 @@ async fn claims_keep_other_nodes_out_until_released_or_expired() {
 
     let delivered = DeliveryReport::Delivered {
         subscription_id: subscription.clone(),
-        through: 0,
+        through: EventNumber::ZERO,
         handshake: HandshakeOwed::Settled,
         status: SubscriptionStatus::Active,
         at: now.clone(),
@@ -720,15 +742,15 @@ async fn the_generation_moves_with_subscription_writes_only() {
         .unwrap();
     let delivered = DeliveryReport::Delivered {
         subscription_id: first.clone(),
-        through: 1,
+        through: n(1),
         handshake: HandshakeOwed::Settled,
         status: SubscriptionStatus::Active,
-        at: crate::store::now_instant(),
+        at: StoredInstant::now(),
     };
     store.record_delivery("A", delivered).await.unwrap();
     assert_eq!(store.subscription_generation().await.unwrap(), 2);
     let missing = store
-        .replace_subscription("no-such-id", Box::new(|_| unreachable!()))
+        .replace_subscription(&sid("no-such-id"), Box::new(|_| unreachable!()))
         .await;
     assert_eq!(missing.unwrap_err().status(), StatusCode::NOT_FOUND);
     assert_eq!(store.subscription_generation().await.unwrap(), 2);
@@ -739,7 +761,7 @@ async fn the_generation_moves_with_subscription_writes_only() {
     let changed: Vec<(&str, i64)> = since
         .changed
         .iter()
-        .map(|s| (s.id.as_str(), s.version))
+        .map(|s| (s.id.as_str(), s.version.get()))
         .collect();
     assert_eq!(changed, [(first.as_str(), 2), (second.as_str(), 1)]);
     assert!(since.deleted.is_empty());
@@ -758,16 +780,16 @@ async fn the_generation_moves_with_subscription_writes_only() {
     let since = store.subscription_changes_since(3).await.unwrap();
     assert_eq!(since.generation, 4);
     assert!(since.changed.is_empty());
-    assert_eq!(since.deleted, [first.as_str()]);
+    assert_eq!(since.deleted, std::slice::from_ref(&first));
     let all = store.subscription_changes_since(0).await.unwrap();
     assert_eq!(
         all.changed.iter().map(|s| &s.id).collect::<Vec<_>>(),
         [&second]
     );
-    assert_eq!(all.deleted, [first.as_str()]);
+    assert_eq!(all.deleted, std::slice::from_ref(&first));
     assert!(
         store
-            .subscription_events(&first, 1, 10)
+            .subscription_events(&first, n(1), n(10))
             .await
             .unwrap()
             .is_empty()
@@ -839,7 +861,7 @@ async fn overdue_is_reported_once_by_racing_nodes() {
     let mut resource = task("in-progress");
     resource["restriction"] = json!({ "period": { "end": "2020-01-01" } });
     let id = create(&node_a, resource).await;
-    let now = crate::store::now_instant();
+    let now = StoredInstant::now();
     let due = node_a.overdue_tasks(&now, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     let (task_id, due_at) = due[0].clone();
@@ -851,15 +873,18 @@ async fn overdue_is_reported_once_by_racing_nodes() {
     let reported = [a.unwrap(), b.unwrap()];
     assert_eq!(reported.iter().filter(|r| **r).count(), 1, "{reported:?}");
     assert!(node_a.overdue_tasks(&now, 10).await.unwrap().is_empty());
-    let changes = node_a.change_events_after(0, 10).await.unwrap();
+    let changes = node_a
+        .change_events_after(ChangeSeq::ZERO, 10)
+        .await
+        .unwrap();
     let overdue: Vec<_> = changes
         .iter()
         .filter(|c| c.interaction == Interaction::Overdue)
         .collect();
     assert_eq!(overdue.len(), 1);
     assert_eq!(
-        (overdue[0].resource_id.as_str(), overdue[0].version),
-        (id.as_str(), 1)
+        (&overdue[0].resource_id, overdue[0].version),
+        (&id, Version::FIRST)
     );
 }
 
@@ -930,14 +955,14 @@ async fn reads_searches_and_workflow_run_on_postgres() {
     assert_eq!(page.total, Some(3));
     assert_eq!(ids(&page.tasks), [first_child.clone(), parent.clone()]);
     let page = run("identifier=urn:ids|nul\u{0}byte&status:not=draft", 0).await;
-    assert_eq!(ids(&page.tasks), [first_child.as_str()]);
+    assert_eq!(ids(&page.tasks), std::slice::from_ref(&first_child));
 
     let scope = search("status=ready").predicates;
     let children = store
         .children_of(&[format!("Task/{parent}")], &scope, 10, usize::MAX)
         .await
         .unwrap();
-    assert_eq!(ids(&children.tasks), [first_child.as_str()]);
+    assert_eq!(ids(&children.tasks), std::slice::from_ref(&first_child));
     let both = [format!("Task/{parent}"), "Task/other".into()];
     let children = store.children_of(&both, &[], 10, usize::MAX).await.unwrap();
     assert_eq!(
@@ -985,11 +1010,11 @@ async fn reads_searches_and_workflow_run_on_postgres() {
     assert_eq!(statuses, ["in-progress", "on-hold", "in-progress"]);
 
     let keys = [
-        (parent.clone(), 2),
-        (parent.clone(), 9),
-        (first_child.clone(), 1),
+        (parent.clone(), v(2)),
+        (parent.clone(), v(9)),
+        (first_child.clone(), v(1)),
     ];
-    let mut found: Vec<(String, i64)> = store
+    let mut found: Vec<(TaskId, Version)> = store
         .versions(&keys)
         .await
         .unwrap()
@@ -997,10 +1022,10 @@ async fn reads_searches_and_workflow_run_on_postgres() {
         .map(|v| (v.id, v.version))
         .collect();
     found.sort();
-    let mut expected = vec![(parent.clone(), 2), (first_child.clone(), 1)];
+    let mut expected = vec![(parent.clone(), v(2)), (first_child.clone(), v(1))];
     expected.sort();
     assert_eq!(found, expected);
-    let second = store.read_version(&parent, 2).await.unwrap().unwrap();
+    let second = store.read_version(&parent, v(2)).await.unwrap().unwrap();
     assert_eq!(second.resource.unwrap()["status"], "on-hold");
 
     let deleted = change(&store, &second_child, |_| Ok(Decision::Delete))
@@ -1015,7 +1040,7 @@ async fn reads_searches_and_workflow_run_on_postgres() {
         author: Some(author_identity("Practitioner/author")),
         status: Some(vec!["requested".into(), "active".into()]),
         endpoint: Some("https://receiver.test/hook".into()),
-        ids: Some(vec![subscription.clone()]),
+        ids: Some(vec![subscription.to_string()]),
     };
     let (found, total) = store.search_subscriptions(&query, 10, 0).await.unwrap();
     assert_eq!((ids_of(&found), total), (vec![subscription.clone()], 1));
@@ -1043,7 +1068,7 @@ async fn reads_searches_and_workflow_run_on_postgres() {
     store.close().await;
 }
 
-fn ids_of(subscriptions: &[crate::store::StoredSubscription]) -> Vec<String> {
+fn ids_of(subscriptions: &[crate::store::StoredSubscription]) -> Vec<SubscriptionId> {
     subscriptions.iter().map(|s| s.id.clone()).collect()
 }
 
@@ -1078,7 +1103,7 @@ struct TaskRows {
     changes: Vec<(i64, Option<i64>, String)>,
 }
 
-async fn task_rows(db: &TestDb, id: &str) -> TaskRows {
+async fn task_rows(db: &TestDb, id: &TaskId) -> TaskRows {
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     let task = sqlx::query_as("SELECT version, deleted FROM task WHERE id = $1")
         .bind(id)
@@ -1242,10 +1267,16 @@ async fn each_write_leaves_exactly_its_rows() {
         "system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "suspend" }] });
     request["focus"] = json!({ "reference": format!("Task/{id}") });
     let request_id = create(&store, request).await;
-    let changes = store.change_events_after(0, 100).await.unwrap();
+    let changes = store
+        .change_events_after(ChangeSeq::ZERO, 100)
+        .await
+        .unwrap();
     let last: Vec<(&str, i64, Option<i64>)> = changes[changes.len() - 2..]
         .iter()
-        .map(|c| (c.resource_id.as_str(), c.version, c.previous_version))
+        .map(|c| {
+            let previous = c.previous_version.map(Version::get);
+            (c.resource_id.as_str(), c.version.get(), previous)
+        })
         .collect();
     assert_eq!(
         last,
@@ -1262,7 +1293,7 @@ async fn each_write_leaves_exactly_its_rows() {
 async fn racing_first_writes_to_one_id_answer_409() {
     let db = test_db!();
     let store = db.open().await;
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = TaskId::generate();
     // Both decisions run (having found nothing) before either writes.
     let both_decided = Arc::new(std::sync::Barrier::new(2));
     let racers: Vec<_> = ["a", "b"]
@@ -1290,7 +1321,7 @@ async fn racing_first_writes_to_one_id_answer_409() {
     assert_eq!((won.len(), lost.len()), (1, 1), "{won:?} {lost:?}");
     assert_conflict(lost.into_iter().next().unwrap(), "the second first write");
     let winner = written(won.into_iter().next().unwrap().unwrap());
-    assert_eq!(winner.version, 1);
+    assert_eq!(winner.version, Version::FIRST);
     let rows = task_rows(&db, &id).await;
     assert_eq!(rows.task, (1, 0));
     assert_eq!(rows.versions, [(1, "create".into(), true)]);

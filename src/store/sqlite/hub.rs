@@ -14,6 +14,7 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::error::Result;
+use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
@@ -24,9 +25,9 @@ use crate::store::{
 pub(super) fn record_matches(
     conn: &Connection,
     consumer: &str,
-    through_seq: i64,
+    through_seq: ChangeSeq,
     matches: Vec<MatchRow>,
-) -> Result<Vec<(String, i64)>> {
+) -> Result<Vec<(SubscriptionId, EventNumber)>> {
     let mut count = conn.prepare_cached(
         "UPDATE subscription SET events_since_start = events_since_start + 1
          WHERE id = ? AND status != 'off' RETURNING events_since_start",
@@ -39,7 +40,7 @@ pub(super) fn record_matches(
     for m in matches {
         // The counter and the log row move together; a subscription deleted or turned off
         // since matching simply gets nothing.
-        let number: Option<i64> = count
+        let number: Option<EventNumber> = count
             .query_row([&m.subscription_id], |row| row.get(0))
             .optional()?;
         let Some(number) = number else { continue };
@@ -118,7 +119,7 @@ pub(super) fn record_delivery(conn: &Connection, report: DeliveryReport) -> Resu
     Ok(())
 }
 
-pub(super) fn prune_events(conn: &Connection, before: &str) -> Result<u64> {
+pub(super) fn prune_events(conn: &Connection, before: &StoredInstant) -> Result<u64> {
     let pruned = conn
         .prepare_cached(hub_sql::PRUNE_EVENTS)?
         .execute([before])?;
@@ -155,9 +156,9 @@ pub(super) async fn search_subscriptions(
 
 pub(super) async fn subscription_events(
     reads: &SqlitePool,
-    id: &str,
-    from: i64,
-    to: i64,
+    id: &SubscriptionId,
+    from: EventNumber,
+    to: EventNumber,
 ) -> Result<Vec<EventRecord>> {
     let rows = sqlx::query(hub_sql::SUBSCRIPTION_EVENTS)
         .bind(id)
@@ -170,9 +171,9 @@ pub(super) async fn subscription_events(
 
 pub(super) async fn overdue_tasks(
     reads: &SqlitePool,
-    now: &str,
+    now: &StoredInstant,
     limit: usize,
-) -> Result<Vec<(String, String)>> {
+) -> Result<Vec<(TaskId, StoredInstant)>> {
     let rows = sqlx::query(AssertSqlSafe(hub_sql::overdue_tasks()))
         .bind(now)
         .bind(limit as i64)
@@ -187,20 +188,20 @@ pub(super) async fn overdue_tasks(
 /// job at a time, so the Task cannot change in between.
 pub(super) fn mark_overdue(
     conn: &Connection,
-    task_id: &str,
-    due_at: &str,
-    now: &str,
+    task_id: &TaskId,
+    due_at: &StoredInstant,
+    now: &StoredInstant,
 ) -> Result<bool> {
-    let version: Option<i64> = conn
+    let version: Option<Version> = conn
         .prepare_cached(&hub_sql::overdue_version(""))?
-        .query_row([due_at, task_id, now], |row| row.get(0))
+        .query_row(params![due_at, task_id, now], |row| row.get(0))
         .optional()?;
     let Some(version) = version else {
         return Ok(false);
     };
     let marked = conn
         .prepare_cached(hub_sql::MARK_OVERDUE)?
-        .execute([task_id, due_at])?;
+        .execute(params![task_id, due_at])?;
     if marked == 0 {
         return Ok(false);
     }
@@ -212,9 +213,9 @@ pub(super) fn mark_overdue(
 /// One node has no claims: work waiting is all there is to it.
 pub(super) async fn due_subscriptions(
     reads: &SqlitePool,
-    stale_before: &str,
+    stale_before: &StoredInstant,
     limit: usize,
-) -> Result<Vec<String>> {
+) -> Result<Vec<SubscriptionId>> {
     let sql = format!(
         "SELECT s.id FROM subscription s WHERE {} ORDER BY s.id LIMIT $2",
         hub_sql::WORK_WAITING
@@ -226,7 +227,10 @@ pub(super) async fn due_subscriptions(
         .await?)
 }
 
-pub(super) async fn next_due(reads: &SqlitePool, now: &str) -> Result<Option<String>> {
+pub(super) async fn next_due(
+    reads: &SqlitePool,
+    now: &StoredInstant,
+) -> Result<Option<StoredInstant>> {
     Ok(sqlx::query_scalar(hub_sql::NEXT_DUE)
         .bind(now)
         .fetch_one(reads)

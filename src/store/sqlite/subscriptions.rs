@@ -7,6 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::auth::Identity;
 use crate::error::Result;
+use crate::fhir::ids::{ChangeSeq, SubscriptionId};
 use crate::store::StoredSubscription;
 use crate::store::owner_columns;
 use crate::store::rows::SubscriptionRow;
@@ -16,7 +17,10 @@ impl SubscriptionTx for Connection {
     /// Nothing: the single writer is one line already.
     type Turn = ();
 
-    async fn load_for_replace(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn load_for_replace(
+        &mut self,
+        id: &SubscriptionId,
+    ) -> Result<Option<StoredSubscription>> {
         load(self, id)
     }
 
@@ -35,7 +39,7 @@ impl SubscriptionTx for Connection {
             .query_row(params![subject, role, fhir_user, issuer], |row| row.get(0))?)
     }
 
-    async fn last_change_seq(&mut self) -> Result<i64> {
+    async fn last_change_seq(&mut self) -> Result<ChangeSeq> {
         Ok(self
             .prepare_cached("SELECT coalesce(max(seq), 0) FROM change_event")?
             .query_row([], |row| row.get(0))?)
@@ -56,7 +60,7 @@ impl SubscriptionTx for Connection {
             c.last_updated,
             c.status.as_str(),
             c.topic_url,
-            c.channel_type,
+            c.channel_type.as_str(),
             c.endpoint,
             c.author,
             c.resource,
@@ -86,7 +90,7 @@ impl SubscriptionTx for Connection {
             c.last_updated,
             c.status.as_str(),
             c.topic_url,
-            c.channel_type,
+            c.channel_type.as_str(),
             c.endpoint,
             c.resource,
             c.author,
@@ -99,18 +103,18 @@ impl SubscriptionTx for Connection {
         Ok(())
     }
 
-    async fn reload(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn reload(&mut self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
         load(self, id)
     }
 
-    async fn delete_row(&mut self, id: &str) -> Result<bool> {
+    async fn delete_row(&mut self, id: &SubscriptionId) -> Result<bool> {
         let deleted = self
             .prepare_cached("DELETE FROM subscription WHERE id = ?")?
             .execute([id])?;
         Ok(deleted > 0)
     }
 
-    async fn delete_events(&mut self, id: &str) -> Result<()> {
+    async fn delete_events(&mut self, id: &SubscriptionId) -> Result<()> {
         self.prepare_cached("DELETE FROM subscription_event WHERE subscription_id = ?")?
             .execute([id])?;
         Ok(())
@@ -118,12 +122,12 @@ impl SubscriptionTx for Connection {
 
     /// Nothing: the only node updates its subscription index in-process (see
     /// `SqliteStore::subscription_changes_since`).
-    async fn note_deletion(&mut self, _id: &str, _turn: ()) -> Result<()> {
+    async fn note_deletion(&mut self, _id: &SubscriptionId, _turn: ()) -> Result<()> {
         Ok(())
     }
 }
 
-fn load(conn: &Connection, id: &str) -> Result<Option<StoredSubscription>> {
+fn load(conn: &Connection, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
     let row = conn
         .prepare_cached("SELECT * FROM subscription WHERE id = ?")?
         .query_row([id], SubscriptionRow::from_rusqlite)

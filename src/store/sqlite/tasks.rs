@@ -15,6 +15,7 @@ use sqlx::sqlite::{SqliteConnection, SqliteExecutor};
 use sqlx::AssertSqlSafe;
 
 use crate::error::{Error, Result};
+use crate::fhir::ids::{ChangeSeq, StoredInstant, TaskId, Version};
 use crate::fhir::search::{self, DateEntry, Predicate, TaskIndex, TokenEntry, task_param};
 use crate::store::rows::{CURRENT_COLUMNS, TaskRow, current_from_row};
 use crate::store::search_sql::{Placeholder, where_clause};
@@ -23,10 +24,10 @@ use crate::store::{CurrentTask, Interaction};
 
 impl TaskTx for Connection {
     /// The outbox position up to which the read pool found no match (`SqliteStore::precheck`).
-    type Seen = i64;
+    type Seen = ChangeSeq;
 
     // The single writer runs one write at a time: what it loads cannot change under it.
-    async fn load_for_change(&mut self, id: &str) -> Result<Option<CurrentTask>> {
+    async fn load_for_change(&mut self, id: &TaskId) -> Result<Option<CurrentTask>> {
         load_for_write(self, id)
     }
 
@@ -36,9 +37,9 @@ impl TaskTx for Connection {
     /// are evaluated in memory (`search::matches`, the meaning the SQL has) over their index
     /// rows: the cost grows with the writes committed in between, never with the criteria's
     /// SQL or the size of the table.
-    async fn recheck(&mut self, criteria: &[Predicate], seen: i64) -> Result<Found> {
+    async fn recheck(&mut self, criteria: &[Predicate], seen: ChangeSeq) -> Result<Found> {
         let changed = indexes_written_after(self, seen)?;
-        let found: Vec<String> = changed
+        let found: Vec<TaskId> = changed
             .into_iter()
             .filter(|(_, index)| search::matches(index, criteria))
             .map(|(id, _)| id)
@@ -47,7 +48,7 @@ impl TaskTx for Connection {
         found_among(&found, async |id| load_for_write(self, id)).await
     }
 
-    async fn status_before_hold(&mut self, id: &str) -> Result<Option<String>> {
+    async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
         let status: Option<Option<String>> = self
             .prepare_cached(
                 "SELECT json_extract(resource, '$.status') FROM task_version
@@ -124,9 +125,9 @@ impl TaskTx for Connection {
 
 fn insert_version(
     conn: &Connection,
-    id: &str,
-    version: i64,
-    now: &str,
+    id: &TaskId,
+    version: Version,
+    now: &StoredInstant,
     interaction: Interaction,
     resource: Option<&str>,
 ) -> Result<()> {
@@ -139,11 +140,11 @@ fn insert_version(
 
 fn insert_change(
     conn: &Connection,
-    id: &str,
-    version: i64,
-    previous_version: Option<i64>,
+    id: &TaskId,
+    version: Version,
+    previous_version: Option<Version>,
     interaction: Interaction,
-    now: &str,
+    now: &StoredInstant,
 ) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
@@ -159,7 +160,7 @@ fn insert_change(
     Ok(())
 }
 
-fn clear_index(conn: &Connection, id: &str) -> Result<()> {
+fn clear_index(conn: &Connection, id: &TaskId) -> Result<()> {
     conn.prepare_cached("DELETE FROM task_token WHERE task_id = ?")?
         .execute([id])?;
     conn.prepare_cached("DELETE FROM task_date WHERE task_id = ?")?
@@ -168,7 +169,7 @@ fn clear_index(conn: &Connection, id: &str) -> Result<()> {
 }
 
 /// Writes the search index rows of one Task.
-fn write_index(conn: &Connection, id: &str, index: &TaskIndex) -> Result<()> {
+fn write_index(conn: &Connection, id: &TaskId, index: &TaskIndex) -> Result<()> {
     if !index.tokens.is_empty() {
         let mut insert = conn.prepare_cached(
             "INSERT INTO task_token (task_id, param, system, value) VALUES (?, ?, ?, ?)",
@@ -198,7 +199,7 @@ static LOAD_CURRENT: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?"));
 
 /// The current state of a Task, read inside the writer's transaction.
-fn load_for_write(conn: &Connection, id: &str) -> Result<Option<CurrentTask>> {
+fn load_for_write(conn: &Connection, id: &TaskId) -> Result<Option<CurrentTask>> {
     let row = conn
         .prepare_cached(&LOAD_CURRENT)?
         .query_row([id], TaskRow::from_rusqlite)
@@ -212,7 +213,7 @@ fn load_for_write(conn: &Connection, id: &str) -> Result<Option<CurrentTask>> {
 /// The current state of a Task, read on the read pool.
 pub(super) async fn load_current<'e>(
     executor: impl SqliteExecutor<'e>,
-    id: &str,
+    id: &TaskId,
 ) -> Result<Option<CurrentTask>> {
     let row = sqlx::query(AssertSqlSafe(LOAD_CURRENT.as_str()))
         .bind(id)
@@ -226,13 +227,13 @@ pub(super) async fn find_ids(
     conn: &mut SqliteConnection,
     predicates: &[Predicate],
     limit: i64,
-) -> Result<Vec<String>> {
+) -> Result<Vec<TaskId>> {
     let filter = where_clause(predicates, Placeholder::Question, 1);
     let sql = format!(
         "SELECT t.id FROM task t WHERE t.deleted = 0 AND ({}) LIMIT ?",
         filter.sql
     );
-    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+    let mut query = sqlx::query_scalar::<_, TaskId>(AssertSqlSafe(sql));
     for bind in &filter.binds {
         query = query.bind(bind);
     }
@@ -242,8 +243,8 @@ pub(super) async fn find_ids(
 /// What the ids of at most two matching Tasks found; the one Task is loaded with `load`
 /// (on the read pool for the pre-check, in the writer's transaction for the re-check).
 pub(super) async fn found_among(
-    ids: &[String],
-    load: impl AsyncFnOnce(&str) -> Result<Option<CurrentTask>>,
+    ids: &[TaskId],
+    load: impl AsyncFnOnce(&TaskId) -> Result<Option<CurrentTask>>,
 ) -> Result<Found> {
     match ids {
         [] => Ok(Found::Nothing),
@@ -258,8 +259,8 @@ pub(super) async fn found_among(
 }
 
 /// The live Tasks written after outbox position `seq`, each with its search index as stored.
-fn indexes_written_after(conn: &Connection, seq: i64) -> Result<Vec<(String, TaskIndex)>> {
-    let ids: Vec<String> = conn
+fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskId, TaskIndex)>> {
+    let ids: Vec<TaskId> = conn
         .prepare_cached(
             "SELECT t.id FROM task t WHERE t.deleted = 0
                AND t.id IN (SELECT DISTINCT resource_id FROM change_event WHERE seq > ?)
@@ -270,7 +271,7 @@ fn indexes_written_after(conn: &Connection, seq: i64) -> Result<Vec<(String, Tas
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut indexes: HashMap<String, TaskIndex> = ids
+    let mut indexes: HashMap<TaskId, TaskIndex> = ids
         .iter()
         .map(|id| (id.clone(), TaskIndex::default()))
         .collect();
@@ -280,7 +281,7 @@ fn indexes_written_after(conn: &Connection, seq: i64) -> Result<Vec<(String, Tas
     )?;
     let mut rows = tokens.query([seq])?;
     while let Some(row) = rows.next()? {
-        let id: String = row.get(0)?;
+        let id: TaskId = row.get(0)?;
         let param: String = row.get(1)?;
         if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
             index.tokens.push(TokenEntry {
@@ -296,7 +297,7 @@ fn indexes_written_after(conn: &Connection, seq: i64) -> Result<Vec<(String, Tas
     )?;
     let mut rows = dates.query([seq])?;
     while let Some(row) = rows.next()? {
-        let id: String = row.get(0)?;
+        let id: TaskId = row.get(0)?;
         let param: String = row.get(1)?;
         if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
             index.dates.push(DateEntry {

@@ -12,7 +12,7 @@
 //!
 //! Callers queue a `Job` from any task and await its oneshot answer. When the queue closes
 //! (`SqliteStore::close`) the thread finishes what is queued, checkpoints the WAL into the
-//! database file and ends; `supervision` is the future that resolves when it has ended,
+//! database file and ends; `start` returns the future that resolves when it has ended,
 //! however it ended, for `supervise::watch_vital`.
 
 use std::future::Future;
@@ -28,6 +28,7 @@ use super::hub;
 use super::{BUSY_TIMEOUT, CACHE_SIZE};
 use crate::config::Synchronous;
 use crate::error::{Error, Result};
+use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId};
 use crate::store::subscriptions;
 use crate::store::write::{self, TaskWrite};
 use crate::store::{
@@ -46,21 +47,21 @@ pub(super) enum Work {
     /// A Task write. A conditional create comes with what its criteria matched on the read
     /// pool (`SqliteStore::precheck`): nothing, up to an outbox position, so that the writer
     /// only looks again at the Tasks written since.
-    Task(TaskWrite<i64>),
+    Task(TaskWrite<ChangeSeq>),
     CreateSubscription(Box<SubscriptionRecord>),
-    ReplaceSubscription(String, SubscriptionDecide),
-    DeleteSubscription(String),
+    ReplaceSubscription(SubscriptionId, SubscriptionDecide),
+    DeleteSubscription(SubscriptionId),
     RecordMatches {
         consumer: String,
-        through_seq: i64,
+        through_seq: ChangeSeq,
         matches: Vec<MatchRow>,
     },
     RecordDelivery(DeliveryReport),
-    PruneEvents(String),
+    PruneEvents(StoredInstant),
     MarkOverdue {
-        task_id: String,
-        due_at: String,
-        now: String,
+        task_id: TaskId,
+        due_at: StoredInstant,
+        now: StoredInstant,
     },
 }
 
@@ -69,7 +70,7 @@ pub(super) enum Done {
     Task(WriteOutcome),
     Subscription(Box<StoredSubscription>),
     Deleted(bool),
-    Numbers(Vec<(String, i64)>),
+    Numbers(Vec<(SubscriptionId, EventNumber)>),
     Count(u64),
     Nothing,
 }

@@ -9,8 +9,9 @@ use serde_json::json;
 
 use super::*;
 use crate::auth::Role;
+use crate::fhir::ids::EventNumber;
 
-/// One statement the rules asked of the backend.
+/// One statement the rules asked of the backend, with its ids and versions as bare values.
 #[derive(Debug, Clone, PartialEq)]
 enum Step {
     LoadForReplace(String),
@@ -51,7 +52,7 @@ impl Fake {
         Fake {
             subscriptions: subscriptions
                 .into_iter()
-                .map(|s| (s.id.clone(), s))
+                .map(|s| (s.id.to_string(), s))
                 .collect(),
             ..Fake::default()
         }
@@ -82,9 +83,12 @@ impl Fake {
 impl SubscriptionTx for Fake {
     type Turn = u32;
 
-    async fn load_for_replace(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn load_for_replace(
+        &mut self,
+        id: &SubscriptionId,
+    ) -> Result<Option<StoredSubscription>> {
         self.steps.push(Step::LoadForReplace(id.to_string()));
-        Ok(self.subscriptions.get(id).cloned())
+        Ok(self.subscriptions.get(id.as_str()).cloned())
     }
 
     async fn take_turn(&mut self) -> Result<u32> {
@@ -103,9 +107,9 @@ impl SubscriptionTx for Fake {
         Ok(live as i64)
     }
 
-    async fn last_change_seq(&mut self) -> Result<i64> {
+    async fn last_change_seq(&mut self) -> Result<ChangeSeq> {
         self.steps.push(Step::LastChangeSeq);
-        Ok(self.last_seq)
+        Ok(ChangeSeq::new(self.last_seq))
     }
 
     async fn insert(&mut self, row: &NewSubscription<'_>, turn: u32) -> Result<()> {
@@ -114,8 +118,8 @@ impl SubscriptionTx for Fake {
         let stored = StoredSubscription {
             owner: row.owner.clone(),
             created_after_seq: row.created_after_seq,
-            events_since_start: 0,
-            delivered_through: 0,
+            events_since_start: EventNumber::ZERO,
+            delivered_through: EventNumber::ZERO,
             failures: 0,
             failing_since: None,
             next_attempt_at: None,
@@ -123,7 +127,7 @@ impl SubscriptionTx for Fake {
             last_sent_at: None,
             ..from_columns(c)
         };
-        self.subscriptions.insert(stored.id.clone(), stored);
+        self.subscriptions.insert(stored.id.to_string(), stored);
         Ok(())
     }
 
@@ -131,10 +135,10 @@ impl SubscriptionTx for Fake {
         let c = &row.columns;
         self.steps.push(Step::Update {
             turn,
-            version: c.version,
+            version: c.version.get(),
             failures: row.failures,
         });
-        let current = self.subscriptions.get_mut(c.id).unwrap();
+        let current = self.subscriptions.get_mut(c.id.as_str()).unwrap();
         let delivery = current.clone();
         *current = StoredSubscription {
             owner: delivery.owner.clone(),
@@ -153,23 +157,23 @@ impl SubscriptionTx for Fake {
         Ok(())
     }
 
-    async fn reload(&mut self, id: &str) -> Result<Option<StoredSubscription>> {
+    async fn reload(&mut self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
         self.steps.push(Step::Reload(id.to_string()));
-        Ok(self.subscriptions.get(id).cloned())
+        Ok(self.subscriptions.get(id.as_str()).cloned())
     }
 
-    async fn delete_row(&mut self, id: &str) -> Result<bool> {
+    async fn delete_row(&mut self, id: &SubscriptionId) -> Result<bool> {
         self.steps.push(Step::DeleteRow(id.to_string()));
-        Ok(self.subscriptions.remove(id).is_some())
+        Ok(self.subscriptions.remove(id.as_str()).is_some())
     }
 
-    async fn delete_events(&mut self, id: &str) -> Result<()> {
+    async fn delete_events(&mut self, id: &SubscriptionId) -> Result<()> {
         self.steps.push(Step::DeleteEvents(id.to_string()));
-        self.events.remove(id);
+        self.events.remove(id.as_str());
         Ok(())
     }
 
-    async fn note_deletion(&mut self, id: &str, turn: u32) -> Result<()> {
+    async fn note_deletion(&mut self, id: &SubscriptionId, turn: u32) -> Result<()> {
         self.steps.push(Step::NoteDeletion {
             id: id.to_string(),
             turn,
@@ -181,19 +185,19 @@ impl SubscriptionTx for Fake {
 /// A stored subscription with the written columns and no delivery state.
 fn from_columns(c: &SubscriptionColumns<'_>) -> StoredSubscription {
     StoredSubscription {
-        id: c.id.to_string(),
+        id: c.id.clone(),
         version: c.version,
-        last_updated: c.last_updated.to_string(),
+        last_updated: c.last_updated.clone(),
         status: c.status,
         topic_url: c.topic_url.to_string(),
-        channel_type: c.channel_type.to_string(),
+        channel_type: c.channel_type,
         endpoint: c.endpoint.map(str::to_string),
         author: serde_json::from_str(c.author).unwrap(),
         owner: identity("nobody"),
         resource: serde_json::from_str(c.resource).unwrap(),
-        created_after_seq: 0,
-        events_since_start: 0,
-        delivered_through: 0,
+        created_after_seq: ChangeSeq::ZERO,
+        events_since_start: EventNumber::ZERO,
+        delivered_through: EventNumber::ZERO,
         handshake_pending: c.handshake_pending,
         failures: 0,
         failing_since: None,
@@ -223,7 +227,7 @@ fn record(subject: &str, status: SubscriptionStatus, quota: Option<usize>) -> Su
         }),
         status,
         topic_url: "http://baton.test/SubscriptionTopic/task-changed".into(),
-        channel_type: "rest-hook".into(),
+        channel_type: ChannelType::RestHook,
         endpoint: Some("https://example.org/hook".into()),
         author: json!({ "sub": subject }),
         owner: identity(subject),
@@ -236,26 +240,34 @@ fn record(subject: &str, status: SubscriptionStatus, quota: Option<usize>) -> Su
 /// numbered and delivered, and failures on record.
 fn stored(id: &str, subject: &str, version: i64, status: SubscriptionStatus) -> StoredSubscription {
     StoredSubscription {
-        id: id.to_string(),
-        version,
-        last_updated: "2024-01-01T00:00:00Z".into(),
+        id: sid(id),
+        version: Version::new(version),
+        last_updated: instant("2024-01-01T00:00:00Z"),
         status,
         topic_url: "http://baton.test/SubscriptionTopic/task-changed".into(),
-        channel_type: "rest-hook".into(),
+        channel_type: ChannelType::RestHook,
         endpoint: Some("https://example.org/hook".into()),
         author: json!({ "sub": subject }),
         owner: identity(subject),
         resource: json!({ "resourceType": "Subscription", "id": id }),
-        created_after_seq: 5,
-        events_since_start: 9,
-        delivered_through: 7,
+        created_after_seq: ChangeSeq::new(5),
+        events_since_start: EventNumber::new(9),
+        delivered_through: EventNumber::new(7),
         handshake_pending: false,
         failures: 3,
-        failing_since: Some("2024-01-01T00:00:00Z".into()),
-        next_attempt_at: Some("2024-01-01T00:05:00Z".into()),
+        failing_since: Some(instant("2024-01-01T00:00:00Z")),
+        next_attempt_at: Some(instant("2024-01-01T00:05:00Z")),
         last_error: Some("503".into()),
-        last_sent_at: Some("2024-01-01T00:00:00Z".into()),
+        last_sent_at: Some(instant("2024-01-01T00:00:00Z")),
     }
+}
+
+fn sid(id: &str) -> SubscriptionId {
+    SubscriptionId::parse(id).unwrap()
+}
+
+fn instant(text: &str) -> StoredInstant {
+    StoredInstant::parse(text).unwrap()
 }
 
 /// `count` live subscriptions of `subject`.
@@ -299,7 +311,7 @@ async fn a_create_is_counted_against_its_authors_quota() {
         let mut tx = Fake::with(live("alice", held));
         // Another author's subscriptions do not count against alice.
         tx.subscriptions
-            .extend(live("bob", 3).into_iter().map(|s| (s.id.clone(), s)));
+            .extend(live("bob", 3).into_iter().map(|s| (s.id.to_string(), s)));
         let outcome = create(&mut tx, record("alice", status, quota)).await;
         assert_eq!(status_of(&outcome), error, "{name}");
         assert_eq!(tx.counted(), counts, "{name}");
@@ -336,11 +348,15 @@ async fn a_create_stamps_the_resource_and_records_its_owner() {
             Step::CountLive("alice".into()),
             Step::LastChangeSeq,
             Step::Insert { turn: 1 },
-            Step::Reload(created.id.clone()),
+            Step::Reload(created.id.to_string()),
         ]
     );
-    assert!(uuid::Uuid::parse_str(&created.id).is_ok(), "{}", created.id);
-    assert_eq!(created.version, 1);
+    assert!(
+        uuid::Uuid::parse_str(created.id.as_str()).is_ok(),
+        "{}",
+        created.id
+    );
+    assert_eq!(created.version, Version::FIRST);
     assert_eq!(created.resource["id"], created.id.as_str());
     assert_eq!(created.resource["meta"]["versionId"], "1");
     assert_eq!(
@@ -350,7 +366,7 @@ async fn a_create_stamps_the_resource_and_records_its_owner() {
     assert_eq!(created.resource["status"], "requested");
     assert_eq!(created.owner, identity("alice"));
     assert_eq!(created.author, json!({ "sub": "alice" }));
-    assert_eq!(created.created_after_seq, 41);
+    assert_eq!(created.created_after_seq, ChangeSeq::new(41));
     assert!(created.handshake_pending);
 }
 
@@ -410,12 +426,12 @@ async fn a_replace_bumps_the_version_and_counts_a_reactivation() {
         let mut next = record("alice", after, Some(2));
         // A websocket subscription is active at once and owes no handshake.
         next.handshake_pending = after == Requested;
-        let outcome = replace(&mut tx, "s", replace_with(next)).await;
+        let outcome = replace(&mut tx, &sid("s"), replace_with(next)).await;
         assert_eq!(status_of(&outcome), error, "{name}");
         assert_eq!(tx.counted(), counts, "{name}");
         let Ok(replaced) = outcome else {
             assert!(tx.writes().is_empty(), "{name}: nothing written");
-            assert_eq!(tx.subscriptions["s"].version, 3, "{name}");
+            assert_eq!(tx.subscriptions["s"].version, Version::new(3), "{name}");
             continue;
         };
         assert_eq!(
@@ -427,7 +443,7 @@ async fn a_replace_bumps_the_version_and_counts_a_reactivation() {
             }],
             "{name}"
         );
-        assert_eq!(replaced.version, 4, "{name}");
+        assert_eq!(replaced.version, Version::new(4), "{name}");
         assert_eq!(replaced.resource["id"], "s", "{name}");
         assert_eq!(replaced.resource["meta"]["versionId"], "4", "{name}");
         assert_eq!(replaced.resource["status"], after.as_str(), "{name}");
@@ -435,7 +451,7 @@ async fn a_replace_bumps_the_version_and_counts_a_reactivation() {
         // The event counters and the delivered position are the subscription's queue.
         assert_eq!(
             (replaced.events_since_start, replaced.delivered_through),
-            (9, 7),
+            (EventNumber::new(9), EventNumber::new(7)),
             "{name}"
         );
         let failures_left = (replaced.failures, replaced.next_attempt_at.is_some());
@@ -456,7 +472,9 @@ async fn a_replace_keeps_the_owner() {
     // An admin turns alice's subscription back on; the record names the admin.
     let mut next = record("admin", SubscriptionStatus::Requested, Some(5));
     next.author = json!({ "sub": "admin" });
-    let replaced = replace(&mut tx, "s", replace_with(next)).await.unwrap();
+    let replaced = replace(&mut tx, &sid("s"), replace_with(next))
+        .await
+        .unwrap();
     assert!(tx.steps.contains(&Step::CountLive("alice".into())));
     assert_eq!(replaced.owner, identity("alice"));
     // The author's principal is what the decision chose (the API keeps the stored one unless
@@ -479,7 +497,7 @@ async fn a_refused_or_missing_replace_writes_nothing() {
     ];
     for (name, current, decide, status) in cases {
         let mut tx = Fake::with(current);
-        let outcome = replace(&mut tx, "s", decide).await;
+        let outcome = replace(&mut tx, &sid("s"), decide).await;
         assert_eq!(status_of(&outcome), Some(status), "{name}");
         assert_eq!(tx.steps, [Step::LoadForReplace("s".into())], "{name}");
     }
@@ -491,7 +509,7 @@ async fn a_refused_or_missing_replace_writes_nothing() {
 async fn a_delete_takes_the_event_log_and_is_noted_in_turn() {
     let mut tx = Fake::with([stored("s", "alice", 2, SubscriptionStatus::Active)]);
     tx.events.insert("s".into(), 9);
-    assert!(delete(&mut tx, "s").await.unwrap());
+    assert!(delete(&mut tx, &sid("s")).await.unwrap());
     assert_eq!(
         tx.steps,
         [
@@ -507,7 +525,7 @@ async fn a_delete_takes_the_event_log_and_is_noted_in_turn() {
     assert!(tx.events.is_empty() && tx.subscriptions.is_empty());
 
     let mut tx = Fake::default();
-    assert!(!delete(&mut tx, "s").await.unwrap());
+    assert!(!delete(&mut tx, &sid("s")).await.unwrap());
     assert_eq!(tx.steps, [Step::DeleteRow("s".into())]);
 }
 

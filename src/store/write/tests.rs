@@ -12,7 +12,7 @@ use crate::fhir::workflow::TASK_CODE_SYSTEM;
 const BASE: &str = "http://baton.test/fhir";
 const OWNER: &str = "Practitioner/1";
 
-/// One statement the rules asked of the backend.
+/// One statement the rules asked of the backend, with its ids and versions as bare values.
 #[derive(Debug, Clone, PartialEq)]
 enum Step {
     Load(String),
@@ -46,7 +46,7 @@ struct Fake {
 impl Fake {
     fn with(tasks: impl IntoIterator<Item = CurrentTask>) -> Fake {
         Fake {
-            tasks: tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
+            tasks: tasks.into_iter().map(|t| (t.id.to_string(), t)).collect(),
             ..Fake::default()
         }
     }
@@ -63,9 +63,9 @@ impl Fake {
 impl TaskTx for Fake {
     type Seen = u64;
 
-    async fn load_for_change(&mut self, id: &str) -> Result<Option<CurrentTask>> {
+    async fn load_for_change(&mut self, id: &TaskId) -> Result<Option<CurrentTask>> {
         self.steps.push(Step::Load(id.to_string()));
-        Ok(self.tasks.get(id).cloned())
+        Ok(self.tasks.get(id.as_str()).cloned())
     }
 
     async fn recheck(&mut self, _criteria: &[Predicate], seen: u64) -> Result<Found> {
@@ -73,37 +73,37 @@ impl TaskTx for Fake {
         Ok(self.recheck.take().unwrap_or(Found::Nothing))
     }
 
-    async fn status_before_hold(&mut self, id: &str) -> Result<Option<String>> {
+    async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
         self.steps.push(Step::BeforeHold(id.to_string()));
-        Ok(self.before_hold.get(id).cloned())
+        Ok(self.before_hold.get(id.as_str()).cloned())
     }
 
     async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
         self.steps.push(Step::Put {
             id: v.id.to_string(),
-            version: v.version,
-            previous_version: v.previous_version,
+            version: v.version.get(),
+            previous_version: v.previous_version.map(Version::get),
             interaction: v.interaction,
             existed: v.existed,
         });
         let task = CurrentTask {
-            id: v.id.to_string(),
+            id: v.id.clone(),
             version: v.version,
-            last_updated: v.last_updated.to_string(),
+            last_updated: v.last_updated.clone(),
             deleted: false,
             resource: serde_json::from_str(v.text).unwrap(),
         };
-        self.tasks.insert(task.id.clone(), task);
+        self.tasks.insert(task.id.to_string(), task);
         Ok(())
     }
 
     async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
         self.steps.push(Step::Delete {
             id: d.id.to_string(),
-            version: d.version,
-            previous_version: d.previous_version,
+            version: d.version.get(),
+            previous_version: d.previous_version.get(),
         });
-        let task = self.tasks.get_mut(d.id).unwrap();
+        let task = self.tasks.get_mut(d.id.as_str()).unwrap();
         task.version = d.version;
         task.deleted = true;
         Ok(())
@@ -126,9 +126,9 @@ impl Precheck for Reads {
 
 fn task(id: &str, version: i64, status: &str) -> CurrentTask {
     CurrentTask {
-        id: id.to_string(),
-        version,
-        last_updated: "2024-01-01T00:00:00Z".into(),
+        id: TaskId::parse(id).unwrap(),
+        version: Version::new(version),
+        last_updated: StoredInstant::parse("2024-01-01T00:00:00Z").unwrap(),
         deleted: false,
         resource: json!({
             "resourceType": "Task", "id": id, "status": status, "intent": "order",
@@ -170,7 +170,7 @@ fn put_step(id: &str, version: i64, previous: Option<i64>, existed: bool) -> Ste
 
 fn change(id: &str, decision: fn() -> Result<Decision>) -> TaskWrite<u64> {
     TaskWrite::Change {
-        id: id.to_string(),
+        id: TaskId::parse(id).unwrap(),
         decide: Box::new(move |_| decision()),
     }
 }
@@ -311,10 +311,14 @@ async fn conditional_creates_are_answered_by_the_first_check_that_finds() {
             .collect();
         assert_eq!(steps, reads, "{name}");
         match (expect, outcome) {
-            (Expect::Existing(id), Ok(WriteOutcome::Existing(t))) => assert_eq!(t.id, id),
+            (Expect::Existing(id), Ok(WriteOutcome::Existing(t))) => assert_eq!(t.id.as_str(), id),
             (Expect::Created, Ok(WriteOutcome::Written(v))) => {
                 assert_eq!(v.interaction, Interaction::Create, "{name}");
-                assert_eq!(tx.writes(), [&put_step(&v.id, 1, None, false)], "{name}");
+                assert_eq!(
+                    tx.writes(),
+                    [&put_step(v.id.as_str(), 1, None, false)],
+                    "{name}"
+                );
             }
             (Expect::Refused(status), Err(e)) => assert_eq!(e.status(), status, "{name}"),
             (_, outcome) => panic!("{name}: {outcome:?}"),
@@ -359,13 +363,17 @@ async fn completing_a_request_changes_its_focal_task() {
         let mut tx = Fake::with(focal);
         tx.before_hold.insert("f".into(), "in-progress".into());
         let write = TaskWrite::Change {
-            id: "r".into(),
+            id: TaskId::parse("r").unwrap(),
             decide: Box::new(move |_| Ok(Decision::Put(resource))),
         };
         let outcome = apply(&mut tx, write, BASE).await;
         match (expect, outcome) {
             (Expect::Focal(status), Ok(WriteOutcome::Written(v))) => {
-                assert_eq!(v.id, "r", "{name}: the request's version is the answer");
+                assert_eq!(
+                    v.id.as_str(),
+                    "r",
+                    "{name}: the request's version is the answer"
+                );
                 assert_eq!(
                     tx.writes(),
                     [
@@ -398,7 +406,7 @@ async fn only_the_write_that_completes_a_request_acts_on_its_focal_task() {
     let mut tx = Fake::with([completed, task("f", 2, "in-progress")]);
     let again = request("abort", "f", OWNER);
     let write = TaskWrite::Change {
-        id: "r".into(),
+        id: TaskId::parse("r").unwrap(),
         decide: Box::new(move |_| Ok(Decision::Put(again))),
     };
     apply(&mut tx, write, BASE).await.unwrap();
