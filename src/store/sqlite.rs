@@ -648,6 +648,47 @@ mod tests {
         store.close().await;
     }
 
+    /// `close` waits for the writer thread, which commits what was queued before it ends;
+    /// after it, a write is refused as "cannot write now" rather than lost or hung, and what
+    /// was acknowledged is there when the database is opened again.
+    #[tokio::test]
+    async fn close_drains_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let queued: Vec<_> = (0..20)
+            .map(|n| {
+                store.write(WriteRequest::Create {
+                    resource: order(&format!("E-{n}")),
+                    if_none_exist: None,
+                })
+            })
+            .collect();
+        // The writes are queued first (`join!` polls in order), then the queue is closed.
+        let (written, ()) = tokio::join!(futures::future::join_all(queued), store.close());
+        let error = store.ping().await.unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        let refused = store
+            .write(WriteRequest::Create {
+                resource: order("E-late"),
+                if_none_exist: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+
+        let reopened = open(dir.path()).await;
+        for outcome in written {
+            let Ok(WriteOutcome::Written(version)) = outcome else {
+                panic!("not written: {outcome:?}");
+            };
+            assert!(reopened.read(&version.id).await.unwrap().is_some());
+        }
+        reopened.close().await;
+    }
+
     /// Through `Store::write`: none, one and two matches on the read pool.
     #[tokio::test]
     async fn conditional_creates_find_none_one_or_two() {

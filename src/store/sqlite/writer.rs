@@ -108,13 +108,24 @@ pub(super) fn start(
     max_batch: usize,
     committed: Arc<Notify>,
 ) -> Result<impl Future<Output = ()> + Send + 'static> {
+    spawn_watched("baton-sqlite-writer", move || {
+        run_writer(conn, jobs, &base_url, max_batch, &committed);
+    })
+}
+
+/// Runs `body` on a new OS thread named `name`, and returns a future that resolves when the
+/// thread has ended, by return or by panic; a panic is raised again in the future.
+fn spawn_watched(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<impl Future<Output = ()> + Send + 'static> {
     let (ended, on_end) = oneshot::channel();
     let thread = std::thread::Builder::new()
-        .name("baton-sqlite-writer".into())
+        .name(name.into())
         .spawn(move || {
-            // Dropped when the thread ends, by return or by panic.
+            // Dropped when the thread ends, by return or by unwinding.
             let _ended = Ended(Some(ended));
-            run_writer(conn, jobs, &base_url, max_batch, &committed);
+            body();
         })
         .map_err(|e| Error::internal("starting the SQLite writer thread failed", e))?;
     Ok(async move {
@@ -127,7 +138,7 @@ pub(super) fn start(
     })
 }
 
-/// Says that the writer thread ended, when dropped at its end (by return or by unwinding).
+/// Says that a watched thread ended, when dropped at its end.
 struct Ended(Option<oneshot::Sender<()>>);
 
 impl Drop for Ended {
@@ -270,5 +281,50 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             due_at,
             now,
         } => hub::mark_overdue(conn, &task_id, &due_at, &now).map(Done::Deleted),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervise::{Health, TaskState};
+    use tokio_util::sync::CancellationToken;
+
+    /// A writer thread that dies before the node stops is reported as a dead vital task, with
+    /// its panic; one that ends with the shutdown is simply stopped.
+    #[tokio::test]
+    async fn the_end_of_a_watched_thread_reaches_its_supervisor() {
+        let health = Arc::new(Health::default());
+        let died = spawn_watched("doomed-writer", || panic!("the writer thread broke")).unwrap();
+        supervise::watch_vital(health.clone(), "writer", CancellationToken::new(), died).await;
+        let writer = health.snapshot()["writer"].clone();
+        assert_eq!(writer.state, TaskState::Failed);
+        assert!(
+            writer
+                .last_error
+                .is_some_and(|e| e.contains("the writer thread broke")),
+            "{:?}",
+            health.snapshot()
+        );
+
+        let health = Arc::new(Health::default());
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let stopping = spawn_watched("stopping-writer", move || {
+            let _ = wait.recv();
+        })
+        .unwrap();
+        let stop = CancellationToken::new();
+        let watched = tokio::spawn(supervise::watch_vital(
+            health.clone(),
+            "writer",
+            stop.clone(),
+            stopping,
+        ));
+        tokio::task::yield_now().await;
+        assert!(!watched.is_finished(), "the future waits for the thread");
+        stop.cancel();
+        release.send(()).unwrap();
+        watched.await.unwrap();
+        assert_eq!(health.snapshot()["writer"].state, TaskState::Stopped);
     }
 }
