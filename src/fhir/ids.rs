@@ -67,9 +67,15 @@ macro_rules! resource_id {
                 }
             }
 
-            /// A new id assigned by the server: a random UUID, which is a valid FHIR id.
+            /// A new id assigned by the server: a UUID, which is a valid FHIR id, of version 7
+            /// (a millisecond timestamp, then 74 random bits), so that ids this process
+            /// generates sort in the order they were made. The id is the primary key of its
+            /// rows and the leading column of their index rows: time-ordered ids append to
+            /// those B-trees where random ones (version 4) would touch a different page for
+            /// every write, which made each commit of the single SQLite writer two to three
+            /// times slower for creates (BENCHMARKS.md, "Task server").
             pub fn generate() -> $name {
-                $name(uuid::Uuid::new_v4().to_string())
+                $name(uuid::Uuid::now_v7().to_string())
             }
 
             pub fn as_str(&self) -> &str {
@@ -348,6 +354,11 @@ mod tests {
         }
         let id = SubscriptionId::generate();
         assert!(is_valid_id(id.as_str()));
+        // In the order they were made, however close together.
+        let made: Vec<TaskId> = (0..100).map(|_| TaskId::generate()).collect();
+        let mut sorted = made.clone();
+        sorted.sort();
+        assert_eq!(sorted, made);
     }
 
     #[test]
