@@ -308,7 +308,13 @@ async fn seed(
     let mut child = server(binary, dir, port)?;
     ready(client, port, &mut child).await?;
     let token = Command::new(binary)
-        .args(["token", "--role", "practitioner", "--fhir-user", "Practitioner/0"])
+        .args([
+            "token",
+            "--role",
+            "practitioner",
+            "--fhir-user",
+            "Practitioner/0",
+        ])
         .env("BATON_JWT_SECRET", SECRET)
         .output()?;
     let token = String::from_utf8(token.stdout)?.trim().to_string();
@@ -341,7 +347,10 @@ async fn seed(
     let status = response.status();
     let body = response.text().await?;
     stop(child)?;
-    anyhow::ensure!(status.is_success(), "creating the seed failed: {status} {body}");
+    anyhow::ensure!(
+        status.is_success(),
+        "creating the seed failed: {status} {body}"
+    );
     Ok(())
 }
 
