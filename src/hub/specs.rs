@@ -86,7 +86,7 @@ impl SpecCache {
     }
 
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries().by_id.len()
     }
 

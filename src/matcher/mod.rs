@@ -98,14 +98,33 @@ struct Slot {
     /// The filters still to check once a change has reached it. The filter it is filed under
     /// is left out when reaching it through that key already proves the filter holds.
     filters: Box<[Predicate]>,
-    /// The values it is filed under, of the parameter `param`; empty for a catch-all.
-    keys: Box<[Box<str>]>,
+    /// The values it is filed under, of the parameter `param`.
+    keys: Keys,
     created_after_seq: ChangeSeq,
     /// The next slot whose id has the same hash (`END` for none).
     next_same_id: u32,
     topic: u32,
     /// Position in `KEY_PREFERENCE` of the parameter of `keys`.
     param: u8,
+}
+
+/// The values a subscription is filed under: usually one, kept without a list around it.
+#[derive(Debug)]
+enum Keys {
+    /// A catch-all.
+    None,
+    One(Box<str>),
+    Many(Box<[Box<str>]>),
+}
+
+impl Keys {
+    fn as_slice(&self) -> &[Box<str>] {
+        match self {
+            Keys::None => &[],
+            Keys::One(value) => std::slice::from_ref(value),
+            Keys::Many(values) => values,
+        }
+    }
 }
 
 /// A slot filed under one of its key values; filings of the same (topic, parameter, value)
@@ -275,13 +294,16 @@ impl SubscriptionIndex {
         };
         let (param, keys) = match index_key(&filters) {
             Some((position, rank, codes)) => {
-                let keys: Box<[Box<str>]> = codes.into_iter().map(Box::from).collect();
+                let keys = match codes.as_slice() {
+                    [one] => Keys::One(Box::from(*one)),
+                    _ => Keys::Many(codes.into_iter().map(Box::from).collect()),
+                };
                 if implied_by_key(&filters[position]) {
                     filters.remove(position);
                 }
                 (rank as u8, keys)
             }
-            None => (0, Box::default()),
+            None => (0, Keys::None),
         };
         let id_hash = self.id_hash(&id);
         let slot = Slot {
@@ -314,6 +336,7 @@ impl SubscriptionIndex {
         let slot = self.slot(at);
         let hashes: Vec<u64> = slot
             .keys
+            .as_slice()
             .iter()
             .map(|value| self.key_hash(slot.topic, slot.param, value))
             .collect();
@@ -370,10 +393,10 @@ impl SubscriptionIndex {
             .expect("found slots are in use");
         // Out of its key chains, or the catch-all list.
         let topic = slot.topic as usize;
-        if slot.keys.is_empty() {
+        if slot.keys.as_slice().is_empty() {
             self.catch_all[topic].retain(|&s| s != at);
         }
-        for value in &slot.keys {
+        for value in slot.keys.as_slice() {
             let hash = self.key_hash(slot.topic, slot.param, value);
             let mut previous = END;
             let mut filing = self.keyed[&hash];
@@ -471,7 +494,7 @@ impl SubscriptionIndex {
                     let slot = self.slot(at);
                     if slot.topic == position
                         && slot.param == param
-                        && *slot.keys[value as usize] == *token.value
+                        && *slot.keys.as_slice()[value as usize] == *token.value
                     {
                         consider(at);
                     }
