@@ -254,8 +254,36 @@ async fn sorting_totals_and_revinclude() {
         .map(label)
         .collect();
     assert_eq!(order, ["lab1", "lab2", "queue"]);
-    let newest_first = f.server.search_ids("_sort=-_lastUpdated", &f.admin).await;
-    assert_eq!(label(&newest_first[0]), "grandchild");
+    // Newest first; Tasks written in the same millisecond share a lastUpdated and are then
+    // ordered by id, so the check is on the order of (lastUpdated, id), not on which Task the
+    // fixture happened to write last.
+    let (_, newest_first) = f.server.get("/Task?_sort=-_lastUpdated", &f.admin).await;
+    let keys: Vec<(String, String)> = newest_first["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let r = &e["resource"];
+            (
+                r["meta"]["lastUpdated"].as_str().unwrap().to_string(),
+                r["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(keys.len(), f.ids.len(), "{newest_first}");
+    for pair in keys.windows(2) {
+        let ((newer, a), (older, b)) = (&pair[0], &pair[1]);
+        assert!(
+            newer > older || (newer == older && a < b),
+            "not newest first with ties by id: {keys:?}"
+        );
+    }
+    let newest = &keys[0].0;
+    let grandchild = &f.ids["grandchild"];
+    assert!(
+        keys.iter().any(|(at, id)| at == newest && id == grandchild),
+        "the last Task written is among the newest: {keys:?}"
+    );
 
     let (_, count) = f
         .server

@@ -66,7 +66,7 @@ impl Node {
         use std::io::Write;
         let _ = writeln!(
             &log,
-            "=== baton_fault: start {} of the node on port {}",
+            "=== baton-fault: start {} of the node on port {}",
             self.starts + 1,
             self.spec.port
         );

@@ -9,13 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::{SinkExt, StreamExt};
+use baton_tools::common::amqp::Topology;
+use baton_tools::common::lock;
+use baton_tools::common::notification::{NotificationEvent, NotificationType, read_notification};
+use baton_tools::common::websocket::{BindDeadlines, bind};
+use futures::StreamExt;
+use lapin::{Connection, ConnectionProperties};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
-use crate::fhir::{NoticeKind, parse_notice};
-use crate::receiver::lock;
 use crate::verify::{Arrival, Via};
 
 /// What a subscriber saw, shared between its task and the campaign.
@@ -48,7 +51,7 @@ impl Inbox {
             .find(|at| *at >= since)
     }
 
-    fn push_delivery(&self, connection: u32, events: Vec<crate::fhir::SeenEvent>) {
+    fn push_delivery(&self, connection: u32, events: Vec<NotificationEvent>) {
         lock(&self.notified_at).push(Instant::now());
         lock(&self.arrivals).extend(events.into_iter().map(|e| Arrival {
             number: e.number,
@@ -59,8 +62,11 @@ impl Inbox {
     }
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A killed node is back within tens of milliseconds: binding gives up soon and tries again.
+const BIND_DEADLINES: BindDeadlines = BindDeadlines {
+    connect: Some(Duration::from_secs(5)),
+    handshake: Duration::from_secs(10),
+};
 
 /// Runs a websocket listener for one subscription until `stop`; returns at once.
 pub fn start_websocket(
@@ -82,11 +88,11 @@ async fn run_websocket(api: Api, subscription: String, stop: CancellationToken, 
         // In a cluster, spread reconnections over the nodes.
         let base = api.bases[connection as usize % api.bases.len()].clone();
         let bound = tokio::select! {
-            bound = bind(&api, &base, &subscription) => bound,
+            bound = bind(&api.client, &api.bearer, &base, &subscription, BIND_DEADLINES) => bound,
             () = stop.cancelled() => break,
         };
         let (mut socket, since_start) = match bound {
-            Ok(bound) => bound,
+            Ok((socket, handshake)) => (socket, handshake.events_since_start.unwrap_or(0)),
             Err(_) => {
                 // A killed node is back within tens of milliseconds: look again soon.
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -116,11 +122,11 @@ async fn run_websocket(api: Api, subscription: String, stop: CancellationToken, 
                 () = stop.cancelled() => break,
             };
             match message {
-                Some(Ok(Message::Text(text))) => match parse_notice(text.as_bytes()) {
+                Some(Ok(Message::Text(text))) => match read_notification(text.as_bytes()) {
                     Some(notice) if notice.subscription != subscription => {
                         inbox.foreign.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some(notice) if notice.kind == NoticeKind::Events => {
+                    Some(notice) if notice.kind.carries_events() => {
                         highest =
                             highest.max(notice.events.iter().map(|e| e.number).max().unwrap_or(0));
                         inbox.push_delivery(connection, notice.events);
@@ -139,123 +145,50 @@ async fn run_websocket(api: Api, subscription: String, stop: CancellationToken, 
     }
 }
 
-/// Gets a binding token, connects, binds and waits for the handshake; returns the socket and
-/// the handshake's `events-since-subscription-start`.
-async fn bind(api: &Api, base: &str, subscription: &str) -> anyhow::Result<(Socket, i64)> {
-    let (token, url) = api.binding_token(base, subscription).await?;
-    let (mut socket, _) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_tungstenite::connect_async(url.as_str()),
-    )
-    .await
-    .context("connecting the websocket timed out")?
-    .context("connecting the websocket")?;
-    socket
-        .send(Message::text(format!("bind-with-token {token}")))
-        .await
-        .context("sending bind-with-token")?;
-    let handshake = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Text(text))) => return Ok(text),
-                Some(Ok(Message::Close(frame))) => anyhow::bail!("closed while binding: {frame:?}"),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => anyhow::bail!("reading the handshake: {e}"),
-                None => anyhow::bail!("the socket ended while binding"),
-            }
-        }
-    })
-    .await
-    .context("no handshake within 10 s")??;
-    match parse_notice(handshake.as_bytes()) {
-        Some(notice) if notice.kind == NoticeKind::Handshake => {
-            Ok((socket, notice.events_since_start))
-        }
-        _ => anyhow::bail!("expected a handshake"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // AMQP
 
-/// The campaign's own topology on the broker: a durable direct exchange, a durable queue bound
-/// to it, both named after the run. If a run dies before removing them, the queue expires by
-/// itself after an hour unused, and the exchange (auto-delete) goes with its last binding.
+/// The campaign's own topology on the broker, named after the run. If a run dies before
+/// removing it, the queue expires by itself after an hour unused, and the exchange
+/// (auto-delete) goes with its last binding.
 pub struct AmqpTopology {
     pub url: String,
-    pub exchange: String,
-    pub queue: String,
-    pub routing_key: String,
+    pub topology: Topology,
 }
 
 impl AmqpTopology {
-    pub async fn declare(&self) -> anyhow::Result<()> {
-        use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-        use lapin::types::{AMQPValue, FieldTable};
-        use lapin::{Connection, ConnectionProperties, ExchangeKind};
+    pub fn new(url: String, run: &str) -> AmqpTopology {
+        let name = format!("baton-fault-{run}");
+        AmqpTopology {
+            url,
+            topology: Topology {
+                exchange: name.clone(),
+                queue: name,
+                routing_key: "fault".into(),
+                exchange_auto_delete: true,
+                queue_expires: Duration::from_secs(3600),
+            },
+        }
+    }
 
+    pub async fn declare(&self) -> anyhow::Result<()> {
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
             .with_context(|| format!("connecting to the broker at {}", self.url))?;
         let channel = connection.create_channel().await?;
-        channel
-            .exchange_declare(
-                self.exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    auto_delete: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .context("declaring the exchange")?;
-        let mut arguments = FieldTable::default();
-        arguments.insert("x-expires".into(), AMQPValue::LongInt(3_600_000));
-        channel
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            )
-            .await
-            .context("declaring the queue")?;
-        channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                self.exchange.as_str().into(),
-                self.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context("binding the queue")?;
+        self.topology.declare(&channel).await?;
         let _ = connection.close(200, "OK".into()).await;
         Ok(())
     }
 
     /// Removes the queue and the exchange (best effort).
     pub async fn remove(&self) {
-        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-        use lapin::{Connection, ConnectionProperties};
         let Ok(connection) = Connection::connect(&self.url, ConnectionProperties::default()).await
         else {
             return;
         };
         if let Ok(channel) = connection.create_channel().await {
-            let _ = channel
-                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-            let _ = channel
-                .exchange_delete(
-                    self.exchange.as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
+            self.topology.remove(&channel).await;
         }
         let _ = connection.close(200, "OK".into()).await;
     }
@@ -302,7 +235,6 @@ async fn consume(
 ) -> anyhow::Result<()> {
     use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
     use lapin::types::FieldTable;
-    use lapin::{Connection, ConnectionProperties};
 
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -322,16 +254,18 @@ async fn consume(
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
         let wanted = lock(subscription).clone();
-        match parse_notice(&delivery.data) {
+        match read_notification(&delivery.data) {
             Some(notice) if wanted.as_deref().is_some_and(|s| s != notice.subscription) => {
                 inbox.foreign.fetch_add(1, Ordering::Relaxed);
             }
             Some(notice) => match notice.kind {
-                NoticeKind::Events => inbox.push_delivery(connection_number, notice.events),
-                NoticeKind::Handshake => {
+                NotificationType::EventNotification | NotificationType::QueryEvent => {
+                    inbox.push_delivery(connection_number, notice.events)
+                }
+                NotificationType::Handshake => {
                     inbox.handshakes.fetch_add(1, Ordering::Relaxed);
                 }
-                _ => {}
+                NotificationType::Heartbeat | NotificationType::QueryStatus => {}
             },
             None => {
                 inbox.malformed.fetch_add(1, Ordering::Relaxed);

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use baton_tools::common::lock;
+use baton_tools::common::notification::{NotificationType, read_notification};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -19,7 +21,6 @@ use rand::Rng;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::fhir::{NoticeKind, parse_notice};
 use crate::verify::{Arrival, Via};
 
 /// What the endpoint does with the next requests.
@@ -262,7 +263,7 @@ async fn answer(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
 }
 
 fn record(shared: &Shared, body: &[u8]) {
-    let Some(notice) = parse_notice(body) else {
+    let Some(notice) = read_notification(body) else {
         shared.malformed.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -279,10 +280,10 @@ fn record(shared: &Shared, body: &[u8]) {
     }
     shared.accepted.fetch_add(1, Ordering::Relaxed);
     match notice.kind {
-        NoticeKind::Handshake => {
+        NotificationType::Handshake => {
             shared.handshakes.fetch_add(1, Ordering::Relaxed);
         }
-        NoticeKind::Events => {
+        NotificationType::EventNotification | NotificationType::QueryEvent => {
             lock(&shared.accepted_at).push(Instant::now());
             lock(&shared.arrivals).extend(notice.events.into_iter().map(|e| Arrival {
                 number: e.number,
@@ -291,7 +292,7 @@ fn record(shared: &Shared, body: &[u8]) {
                 via: Via::Delivery(0),
             }));
         }
-        NoticeKind::Heartbeat | NoticeKind::QueryStatus => {}
+        NotificationType::Heartbeat | NotificationType::QueryStatus => {}
     }
 }
 
@@ -299,8 +300,4 @@ fn status(code: StatusCode) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = code;
     response
-}
-
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

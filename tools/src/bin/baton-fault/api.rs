@@ -5,9 +5,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use baton_tools::common::api::{create_subscription, http_client};
+use baton_tools::common::fhir::etag_version;
+use baton_tools::common::notification::{NotificationType, read_notification};
+use baton_tools::common::snippet;
 use serde_json::Value;
 
-use crate::fhir::{FHIR_JSON, NoticeKind, RUN_SYSTEM, etag_version, parse_notice, snippet};
+use crate::fhir::RUN_SYSTEM;
 use crate::verify::{Arrival, Truth, Via};
 
 /// Most events one `$events` call returns (the hub's page size).
@@ -26,12 +30,7 @@ pub struct Api {
 
 impl Api {
     pub fn new(bearer: String, bases: Vec<String>, run: String) -> anyhow::Result<Api> {
-        let client = reqwest::Client::builder()
-            .http1_only()
-            .tcp_nodelay(true)
-            .timeout(Duration::from_secs(10))
-            .build()
-            .context("building the HTTP client")?;
+        let client = http_client(usize::MAX, Duration::from_secs(10))?;
         Ok(Api {
             client,
             bearer,
@@ -83,40 +82,22 @@ impl Api {
 
     /// Creates a subscription and returns its id.
     pub async fn create_subscription(&self, body: &Value) -> anyhow::Result<String> {
-        let response = self
-            .client
-            .post(format!("{}/Subscription", self.base()))
-            .header(reqwest::header::AUTHORIZATION, &self.bearer)
-            .header(reqwest::header::CONTENT_TYPE, FHIR_JSON)
-            .body(body.to_string())
-            .send()
-            .await
-            .context("creating a subscription")?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            bail!("creating a subscription: HTTP {status}: {}", snippet(&text));
-        }
-        let created: Value = serde_json::from_str(&text).context("reading the subscription")?;
-        created["id"]
-            .as_str()
-            .map(str::to_string)
-            .context("the created subscription has no id")
+        create_subscription(&self.client, &self.bearer, self.base(), body).await
     }
 
     /// The subscription's `$status`: its status code and `events-since-subscription-start`.
     pub async fn status(&self, subscription: &str) -> anyhow::Result<(String, i64)> {
         let url = format!("{}/Subscription/{subscription}/$status", self.base());
         let body = self.get_ok(&url, Duration::from_secs(30)).await?;
-        let notice = parse_notice(&body)
-            .filter(|n| n.kind == NoticeKind::QueryStatus)
-            .with_context(|| {
-                format!(
-                    "unexpected $status answer: {}",
-                    snippet(&String::from_utf8_lossy(&body))
-                )
-            })?;
-        Ok((notice.status, notice.events_since_start))
+        let status = read_notification(&body)
+            .filter(|n| n.kind == NotificationType::QueryStatus)
+            .and_then(|n| Some((n.status.unwrap_or_default(), n.events_since_start?)));
+        status.with_context(|| {
+            format!(
+                "unexpected $status answer: {}",
+                snippet(&String::from_utf8_lossy(&body))
+            )
+        })
     }
 
     /// Waits until a subscription is `active` (its handshake was accepted).
@@ -150,7 +131,7 @@ impl Api {
                 self.base()
             );
             let body = self.get_ok(&url, Duration::from_secs(30)).await?;
-            let notice = parse_notice(&body).with_context(|| {
+            let notice = read_notification(&body).with_context(|| {
                 format!(
                     "unexpected $events answer: {}",
                     snippet(&String::from_utf8_lossy(&body))
@@ -165,22 +146,6 @@ impl Api {
             from = to + 1;
         }
         Ok(arrivals)
-    }
-
-    /// A single-use websocket binding token for one subscription, and the socket URL.
-    pub async fn binding_token(
-        &self,
-        base: &str,
-        subscription: &str,
-    ) -> anyhow::Result<(String, String)> {
-        let url = format!("{base}/Subscription/{subscription}/$get-ws-binding-token");
-        let (status, body) = self.get_json(&url).await?;
-        if !status.is_success() {
-            bail!("binding token: HTTP {status}");
-        }
-        let parameters: Value =
-            serde_json::from_slice(&body).context("reading the binding token")?;
-        crate::fhir::binding(&parameters).context("no token or websocket-url in the answer")
     }
 
     /// Every Task of the run and its current version, by search.
@@ -206,13 +171,7 @@ impl Api {
                 };
                 truth.versions.insert(id.to_string(), version);
             }
-            url = page["link"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|l| l["relation"] == "next")
-                .and_then(|l| l["url"].as_str())
-                .map(str::to_string);
+            url = next_page(&page);
         }
         Ok(truth)
     }
@@ -235,13 +194,7 @@ impl Api {
                     versions.insert(version, marker.to_string());
                 }
             }
-            url = page["link"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|l| l["relation"] == "next")
-                .and_then(|l| l["url"].as_str())
-                .map(str::to_string);
+            url = next_page(&page);
         }
         Ok(versions)
     }
@@ -258,4 +211,14 @@ impl Api {
         let body = response.json().await.unwrap_or(Value::Null);
         Some((status, body))
     }
+}
+
+/// The `next` link of a search or history Bundle.
+fn next_page(page: &Value) -> Option<String> {
+    page["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == "next")?["url"]
+        .as_str()
+        .map(str::to_string)
 }

@@ -1,4 +1,4 @@
-//! `baton_fault`: the fault campaign (RELIABILITY.md).
+//! `baton-fault`: the fault campaign (RELIABILITY.md).
 //!
 //! It starts the release `baton` binary as child processes on loopback ports, runs a mixed
 //! load against them — Task creates and updates from several writers, a rest-hook subscriber
@@ -20,52 +20,42 @@
 //! object, and exits 0 when everything held, 1 when a check failed, 2 when a scenario could not
 //! run.
 //!
-//! `rabbitmq` and `postgres` disturb every other user of the machine's broker and database;
-//! `disk-full` mounts a tmpfs (root). None of this runs inside `cargo nextest run`.
+//! Each scenario is its phases: setup (nodes, subscribers, load), drive (its faults), collect
+//! (stop the load, drain) and verify (the checks of verify.rs, a clean shutdown, no panics).
 //!
-//! An example rather than a binary because its clients (tokio-tungstenite) are
-//! dev-dependencies: `cargo build --release --bin baton --example baton_fault`, then
-//! `target/release/examples/baton_fault <scenario> [options]`.
+//! `rabbitmq` and `postgres` disturb every other user of the machine's broker and database;
+//! `disk-full` mounts a tmpfs (root). None of this runs inside `cargo nextest run`, which runs
+//! only the verdict's unit tests. `cargo build --release --bin baton --bin baton-fault`, then
+//! `target/release/baton-fault <scenario> [options]`.
 
-#[path = "baton_fault/api.rs"]
 mod api;
-#[path = "baton_fault/campaign.rs"]
 mod campaign;
-#[path = "baton_fault/fhir.rs"]
 mod fhir;
-#[path = "baton_fault/listeners.rs"]
 mod listeners;
-#[path = "baton_fault/load.rs"]
 mod load;
-#[path = "baton_fault/node.rs"]
 mod node;
-#[path = "baton_fault/receiver.rs"]
 mod receiver;
-#[path = "baton_fault/scenarios.rs"]
+mod report;
 mod scenarios;
-#[path = "baton_fault/verify.rs"]
+mod subscribers;
 mod verify;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use baton_tools::common::{parse_duration, runtime};
+use clap::Parser;
 use serde_json::json;
 
-use campaign::{Common, Report};
+use campaign::Common;
+use report::Report;
 use scenarios::{DiskOptions, FlapOptions, KillOptions, PostgresOptions, RabbitOptions};
 
 #[derive(Parser)]
 #[command(
-    name = "baton_fault",
+    name = "baton-fault",
     about = "Fault campaign for Baton: kills, broker and database restarts, a full disk and flapping endpoints under mixed load (loopback only)"
 )]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
 enum Command {
     /// kill -9 a SQLite node N times under mixed load, restarting it each time.
     Kill {
@@ -107,7 +97,7 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Bound on the whole campaign; scenarios that would start past it are not run.
-        #[arg(long, default_value = "40m", value_parser = fhir::parse_duration)]
+        #[arg(long, default_value = "40m", value_parser = parse_duration)]
         total: Duration,
         #[command(flatten)]
         kill: KillOptions,
@@ -126,13 +116,10 @@ enum Command {
 const SCENARIO_BOUND: Duration = Duration::from_secs(15 * 60);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let command = Command::parse();
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let reports = runtime.block_on(async {
         let mut terminate =
@@ -150,7 +137,7 @@ fn main() -> ExitCode {
         // nodes, starts the broker again if it was stopped, stops a private PostgreSQL and
         // unmounts the tmpfs.
         tokio::select! {
-            reports = run(cli.command) => reports,
+            reports = run(command) => reports,
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("interrupted");
                 vec![Report::incomplete("interrupted", "interrupted (SIGINT)".into())]
@@ -302,7 +289,7 @@ async fn bounded(
     scenario: impl std::future::Future<Output = anyhow::Result<Report>>,
 ) -> Report {
     println!(
-        "baton_fault {name}: starting (bound {:.0} s)",
+        "baton-fault {name}: starting (bound {:.0} s)",
         bound.as_secs_f64()
     );
     let report = match tokio::time::timeout(bound, scenario).await {

@@ -14,8 +14,10 @@ use rand::Rng;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::fhir::{FHIR_JSON, etag_version, is_operation_outcome, snippet, task_body};
-use crate::receiver::lock;
+use baton_tools::common::fhir::{FHIR_JSON, etag_version, task_id};
+use baton_tools::common::{lock, snippet};
+
+use crate::fhir::{is_operation_outcome, run_task};
 use crate::verify::AckedWrite;
 
 #[derive(Clone, Copy)]
@@ -222,7 +224,7 @@ impl Writer {
                 self.client
                     .put(format!("{base}/Task/{id}"))
                     .header(reqwest::header::CONTENT_TYPE, FHIR_JSON)
-                    .body(task_body(Some(id), &self.run, &owner, &marker).to_string()),
+                    .body(run_task(Some(id), &self.run, &owner, &marker).to_string()),
                 Some(id.clone()),
                 matches!(write, Write::PutCreate(_)),
             ),
@@ -230,7 +232,7 @@ impl Writer {
                 self.client
                     .post(format!("{base}/Task"))
                     .header(reqwest::header::CONTENT_TYPE, FHIR_JSON)
-                    .body(task_body(None, &self.run, &owner, &marker).to_string()),
+                    .body(run_task(None, &self.run, &owner, &marker).to_string()),
                 None,
                 true,
             ),
@@ -303,16 +305,8 @@ impl Writer {
             );
             return false;
         }
-        let id = known_id.or_else(|| {
-            // `…/Task/{id}/_history/{version}`
-            location
-                .as_deref()?
-                .split("/Task/")
-                .nth(1)?
-                .split('/')
-                .next()
-                .map(str::to_string)
-        });
+        // `Location: …/Task/{id}/_history/{version}`
+        let id = known_id.or_else(|| Some(task_id(location.as_deref()?)?.to_string()));
         let (Some(id), Some(version)) = (id, etag) else {
             self.log.fail(
                 format!("HTTP {} without ETag or Location", status.as_u16()),
