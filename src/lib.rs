@@ -37,7 +37,7 @@ use crate::config::DatabaseUrl;
 use crate::delivery::Deliverer;
 use crate::fhir::ids::{StoredInstant, SubscriptionId};
 use crate::fhir::search::SearchLimits;
-use crate::hub::{Hub, Occasion};
+use crate::hub::Hub;
 use crate::matcher::topic;
 use crate::signals::Signals;
 use crate::signals::redis::{RedisSetup, RedisSignals};
@@ -172,6 +172,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         base_url: base_url.clone(),
         index: Default::default(),
         specs: Default::default(),
+        heartbeats: Default::default(),
         delivery: inbox,
         rest_hook,
         amqp: amqp.clone(),
@@ -185,13 +186,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         hub.clone(),
         &config,
     ));
-    delivery::start(
-        deliverer,
-        commands,
-        health.clone(),
-        &tasks,
-        pipeline_stop.clone(),
-    );
 
     let state = AppState {
         inner: Arc::new(Shared {
@@ -224,10 +218,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // Every live subscription goes back into the matcher index before the first change is read;
     // the generation is read first, so the outbox catches up on anything written meanwhile.
     // One the hub can no longer deliver is handed to the scheduler (`Occasion::StartUp`).
+    // They are read a page at a time; each page is parsed on every core while the next one
+    // is read. The scheduler starts once they are in: it takes their heartbeats from the hub.
     let generation = store.subscription_generation().await?;
-    for stored in store.live_subscriptions().await? {
-        hub.put_in_force(&stored, Occasion::StartUp);
-    }
+    put_live_subscriptions_in_force(store.as_ref(), &hub).await?;
+    delivery::start(
+        deliverer,
+        commands,
+        health.clone(),
+        &tasks,
+        pipeline_stop.clone(),
+    );
     let outbox = outbox::Outbox {
         store: store.clone(),
         hub: hub.clone(),
@@ -400,4 +401,47 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("no other metrics recorder is installed")
         })
         .clone()
+}
+
+/// How many live subscriptions start-up reads at a time.
+const START_UP_PAGE: usize = 20_000;
+
+/// Puts every live subscription in force (`Occasion::StartUp`), page by page, parsing one page
+/// while the store reads the next.
+async fn put_live_subscriptions_in_force(store: &dyn Store, hub: &Arc<Hub>) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut after: Option<SubscriptionId> = None;
+    let mut parsing: Option<tokio::task::JoinHandle<Result<()>>> = None;
+    let mut count = 0;
+    loop {
+        let page = store
+            .live_subscription_page(after.as_ref(), START_UP_PAGE)
+            .await?;
+        if let Some(previous) = parsing.take() {
+            previous
+                .await
+                .map_err(|e| Error::internal("parsing stored subscriptions failed", e))??;
+        }
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        count += page.len();
+        let full = page.len() == START_UP_PAGE;
+        let hub = hub.clone();
+        parsing = Some(tokio::task::spawn_blocking(move || {
+            hub.put_in_force_at_start_up(&page)
+        }));
+        if !full {
+            break;
+        }
+    }
+    if let Some(last) = parsing {
+        last.await
+            .map_err(|e| Error::internal("parsing stored subscriptions failed", e))??;
+    }
+    tracing::info!(
+        subscriptions = count,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "live subscriptions in force"
+    );
+    Ok(())
 }
