@@ -221,7 +221,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // They are read a page at a time; each page is parsed on every core while the next one
     // is read. The scheduler starts once they are in: it takes their heartbeats from the hub.
     let generation = store.subscription_generation().await?;
-    put_live_subscriptions_in_force(store.as_ref(), &hub).await?;
+    hub.put_live_in_force(store.as_ref()).await?;
     delivery::start(
         deliverer,
         commands,
@@ -401,47 +401,4 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("no other metrics recorder is installed")
         })
         .clone()
-}
-
-/// How many live subscriptions start-up reads at a time.
-const START_UP_PAGE: usize = 20_000;
-
-/// Puts every live subscription in force (`Occasion::StartUp`), page by page, parsing one page
-/// while the store reads the next.
-async fn put_live_subscriptions_in_force(store: &dyn Store, hub: &Arc<Hub>) -> Result<()> {
-    let started = std::time::Instant::now();
-    let mut after: Option<SubscriptionId> = None;
-    let mut parsing: Option<tokio::task::JoinHandle<Result<()>>> = None;
-    let mut count = 0;
-    loop {
-        let page = store
-            .live_subscription_page(after.as_ref(), START_UP_PAGE)
-            .await?;
-        if let Some(previous) = parsing.take() {
-            previous
-                .await
-                .map_err(|e| Error::internal("parsing stored subscriptions failed", e))??;
-        }
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        count += page.len();
-        let full = page.len() == START_UP_PAGE;
-        let hub = hub.clone();
-        parsing = Some(tokio::task::spawn_blocking(move || {
-            hub.put_in_force_at_start_up(&page)
-        }));
-        if !full {
-            break;
-        }
-    }
-    if let Some(last) = parsing {
-        last.await
-            .map_err(|e| Error::internal("parsing stored subscriptions failed", e))??;
-    }
-    tracing::info!(
-        subscriptions = count,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "live subscriptions in force"
-    );
-    Ok(())
 }
