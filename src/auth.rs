@@ -48,7 +48,7 @@ impl Role {
 }
 
 /// A performer type a practitioner works as: `system|code`, or a bare code matching any system.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PerformerType {
     pub system: Option<String>,
     pub code: String,
@@ -367,11 +367,69 @@ pub fn resolve_secret(
 /// waiting in one of its role queues; an `owner` named only by `display` or `identifier` is
 /// someone else, so such a Task is for admins and auditors only.
 pub fn may_read_task(principal: &Principal, resource: &Value, base_url: &str) -> bool {
-    match principal.role {
+    may_read(
+        principal.role,
+        principal.fhir_user.as_deref(),
+        &principal.performer_types,
+        resource,
+        base_url,
+    )
+}
+
+/// What the read rule looks at of a principal, and nothing else: what the matcher keeps of
+/// each subscription's author. Admins and auditors read every Task, so one `Reader` stands
+/// for all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reader {
+    Everything,
+    Practitioner {
+        fhir_user: Option<Box<str>>,
+        performer_types: Box<[PerformerType]>,
+    },
+}
+
+impl Reader {
+    pub fn of(principal: &Principal) -> Reader {
+        match principal.role {
+            Role::Admin | Role::Auditor => Reader::Everything,
+            Role::Practitioner => Reader::Practitioner {
+                fhir_user: principal.fhir_user.as_deref().map(Box::from),
+                performer_types: principal.performer_types.clone().into_boxed_slice(),
+            },
+        }
+    }
+
+    /// `may_read_task` for the principal this reader was made of.
+    pub fn may_read_task(&self, resource: &Value, base_url: &str) -> bool {
+        match self {
+            Reader::Everything => true,
+            Reader::Practitioner {
+                fhir_user,
+                performer_types,
+            } => may_read(
+                Role::Practitioner,
+                fhir_user.as_deref(),
+                performer_types,
+                resource,
+                base_url,
+            ),
+        }
+    }
+}
+
+/// The read rule, over the parts of a principal it looks at.
+fn may_read(
+    role: Role,
+    fhir_user: Option<&str>,
+    performer_types: &[PerformerType],
+    resource: &Value,
+    base_url: &str,
+) -> bool {
+    match role {
         Role::Admin | Role::Auditor => true,
         Role::Practitioner => match task::ownership(resource, base_url) {
-            Ownership::Reference(owner) => Some(&owner) == principal.fhir_user.as_ref(),
-            Ownership::Unowned => in_role_queue(principal, resource),
+            Ownership::Reference(owner) => Some(owner.as_str()) == fhir_user,
+            Ownership::Unowned => in_role_queue(performer_types, resource),
             Ownership::Unresolved => false,
         },
     }
@@ -386,12 +444,11 @@ fn owns(principal: &Principal, resource: &Value, base_url: &str) -> bool {
 }
 
 /// Whether an unowned Task waits in one of the practitioner's role queues.
-fn in_role_queue(principal: &Principal, resource: &Value) -> bool {
+fn in_role_queue(performer_types: &[PerformerType], resource: &Value) -> bool {
     task::performer_types(resource)
         .iter()
         .any(|(system, code)| {
-            principal
-                .performer_types
+            performer_types
                 .iter()
                 .any(|p| p.matches(system.as_deref(), code))
         })
@@ -476,7 +533,11 @@ pub fn authorize_task_write(
                 ))),
                 // Releasing a claim returns the Task to the queue; allowed only while the
                 // practitioner can still see it there, so nobody hands work into the void.
-                Ownership::Unowned if before.is_some() && in_role_queue(principal, after) => Ok(()),
+                Ownership::Unowned
+                    if before.is_some() && in_role_queue(&principal.performer_types, after) =>
+                {
+                    Ok(())
+                }
                 Ownership::Unowned => Err(Error::forbidden(format!(
                     "a practitioner may only create or keep Tasks it owns: set Task.owner to {me}"
                 ))),

@@ -37,7 +37,7 @@ use crate::config::DatabaseUrl;
 use crate::delivery::Deliverer;
 use crate::fhir::ids::{StoredInstant, SubscriptionId};
 use crate::fhir::search::SearchLimits;
-use crate::hub::{Hub, Occasion};
+use crate::hub::Hub;
 use crate::matcher::topic;
 use crate::signals::Signals;
 use crate::signals::redis::{RedisSetup, RedisSignals};
@@ -172,6 +172,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         base_url: base_url.clone(),
         index: Default::default(),
         specs: Default::default(),
+        heartbeats: Default::default(),
         delivery: inbox,
         rest_hook,
         amqp: amqp.clone(),
@@ -185,13 +186,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         hub.clone(),
         &config,
     ));
-    delivery::start(
-        deliverer,
-        commands,
-        health.clone(),
-        &tasks,
-        pipeline_stop.clone(),
-    );
 
     let state = AppState {
         inner: Arc::new(Shared {
@@ -224,10 +218,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // Every live subscription goes back into the matcher index before the first change is read;
     // the generation is read first, so the outbox catches up on anything written meanwhile.
     // One the hub can no longer deliver is handed to the scheduler (`Occasion::StartUp`).
+    // They are read a page at a time; each page is parsed on every core while the next one
+    // is read. The scheduler starts once they are in: it takes their heartbeats from the hub.
     let generation = store.subscription_generation().await?;
-    for stored in store.live_subscriptions().await? {
-        hub.put_in_force(&stored, Occasion::StartUp);
-    }
+    hub.put_live_in_force(store.as_ref()).await?;
+    delivery::start(
+        deliverer,
+        commands,
+        health.clone(),
+        &tasks,
+        pipeline_stop.clone(),
+    );
     let outbox = outbox::Outbox {
         store: store.clone(),
         hub: hub.clone(),

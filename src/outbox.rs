@@ -245,9 +245,11 @@ impl Outbox {
                         .zip(current_index.as_ref())
                         .map(|(resource, index)| Side { resource, index }),
                 };
-                for candidate in index.match_change(&self.hub.topics, &view, &self.hub.base_url) {
+                for subscription_id in
+                    index.match_change(&self.hub.topics, &view, &self.hub.base_url)
+                {
                     rows.push(MatchRow {
-                        subscription_id: candidate.id.clone(),
+                        subscription_id,
                         change_seq: change.seq,
                         task_id: change.resource_id.clone(),
                         version: change.version,

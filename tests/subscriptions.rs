@@ -705,3 +705,78 @@ async fn a_hanging_endpoint_does_not_delay_another_subscription() {
     stuck.hang(None);
     server.stop().await;
 }
+
+/// A subscription replaced with another filter matches by the new one from the next change
+/// on, and so does the index start-up rebuilds from the store (a page at a time, parsed on
+/// every core); its heartbeat, which the scheduler takes from the hub at start, resumes.
+#[tokio::test]
+async fn a_replaced_filter_holds_from_the_next_change_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let hub = |c: &mut baton::Config| {
+        c.allow_http_endpoints = true;
+        c.allow_private_endpoints = true;
+    };
+    let server = TestServer::start_in(dir.path(), hub).await;
+    let admin = server.admin();
+    let body = |owner: &str| {
+        let mut body = subscription(
+            &server.base,
+            "task-changed",
+            &[&format!("owner={owner}")],
+            &receiver.url,
+            "id-only",
+        );
+        body["channel"]["extension"] = json!([{
+            "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period",
+            "valueUnsignedInt": 1
+        }]);
+        body
+    };
+    let id = subscribe(&server, &admin, &body("Practitioner/1")).await;
+    receiver.wait_for("handshake", |r| !r.is_empty()).await;
+    let mut replaced = body("Practitioner/2");
+    replaced["id"] = json!(id);
+    let (status, stored) = server
+        .put_json(&format!("/Subscription/{id}"), &admin, &replaced)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{stored}");
+    server
+        .create_task(&task("requested", Some("Practitioner/1")))
+        .await; // the old filter: no
+    let second = server
+        .create_task(&task("requested", Some("Practitioner/2")))
+        .await;
+    receiver
+        .wait_for("one event", |_| !receiver.event_numbers(&id).is_empty())
+        .await;
+    server.stop().await;
+
+    let server = TestServer::start_in(dir.path(), hub).await;
+    let heartbeats = receiver.of(&id, "heartbeat").len();
+    server
+        .create_task(&task("requested", Some("Practitioner/1")))
+        .await; // still no
+    let third = server
+        .create_task(&task("requested", Some("Practitioner/2")))
+        .await;
+    receiver
+        .wait_for("two events", |_| receiver.event_numbers(&id).len() >= 2)
+        .await;
+    let events = receiver.of(&id, "event-notification");
+    // Each server had its own port, so only the Task part of the URL is compared.
+    let focus = |n: usize| {
+        let url = events[n].body["entry"][1]["fullUrl"].as_str().unwrap();
+        url.rsplit_once("/Task/").unwrap().1.to_string()
+    };
+    assert_eq!(events.len(), 2, "only Practitioner/2's Tasks");
+    assert_eq!(focus(0), second["id"].as_str().unwrap());
+    assert_eq!(focus(1), third["id"].as_str().unwrap());
+    receiver
+        .wait_for("a heartbeat after the restart", |_| {
+            receiver.of(&id, "heartbeat").len() > heartbeats
+        })
+        .await;
+    server.stop().await;
+    common::forget_database(dir.path());
+}

@@ -29,21 +29,17 @@ fn now() -> std::time::Instant {
 /// A scheduler holding the work left in the store: handshakes owed, undelivered events,
 /// retry times and heartbeats.
 pub async fn load(deliverer: &Deliverer) -> Result<Scheduler> {
-    let live = deliverer.store.live_subscriptions().await?;
     let now_wall = time::OffsetDateTime::now_utc();
     let now = now();
     let mut scheduler = Scheduler::new(deliverer.config.max_concurrent);
-    for sub in &live {
-        let Ok(spec) = deliverer.hub.spec_for_matching(sub) else {
-            continue;
-        };
-        if let Some(period) = spec.heartbeat_period {
-            scheduler.set_heartbeat(&sub.id, Some(Duration::from_secs(period.into())), now);
-        }
-        let pending = sub.handshake_pending || sub.delivered_through < sub.events_since_start;
-        if !pending {
-            continue;
-        }
+    // The hub knows the heartbeats of the subscriptions in force; the store knows which of
+    // them are owed something.
+    let heartbeats = deliverer.hub.heartbeats();
+    for (id, period) in &heartbeats {
+        scheduler.set_heartbeat(id, Some(Duration::from_secs((*period).into())), now);
+    }
+    let pending = deliverer.store.pending_deliveries().await?;
+    for sub in &pending {
         // Honour a retry time recorded before the restart.
         let wait = sub
             .next_attempt_at
@@ -54,7 +50,11 @@ pub async fn load(deliverer: &Deliverer) -> Result<Scheduler> {
             .unwrap_or_default();
         scheduler.resume(&sub.id, now + wait);
     }
-    tracing::info!(subscriptions = live.len(), "delivery scheduler started");
+    tracing::info!(
+        heartbeats = heartbeats.len(),
+        pending = pending.len(),
+        "delivery scheduler started"
+    );
     Ok(scheduler)
 }
 

@@ -25,6 +25,7 @@ use crate::channels::amqp::AmqpPublisher;
 use crate::channels::rest_hook::RestHook;
 use crate::channels::websocket::Registry;
 use crate::error::{Error, Result};
+use crate::fhir::ids::SubscriptionId;
 use crate::fhir::search::SearchLimits;
 use crate::fhir::subscription::{
     ChannelPolicy, SubscriptionSpec, TopicFilters, parse_subscription,
@@ -51,8 +52,13 @@ pub struct Hub {
     pub base_url: String,
     /// The subscriptions in force, as the outbox matches changes against them.
     pub index: RwLock<SubscriptionIndex>,
-    /// Each stored subscription as parsed, per version.
+    /// Stored subscriptions as parsed, per version: those delivery, the API and catch-up used
+    /// last, up to a bound (start-up does not fill it).
     pub(crate) specs: SpecCache,
+    /// The heartbeat period, in seconds, of each subscription in force that has one: what
+    /// the scheduler's start needs of each subscription's settings, without parsing them all
+    /// again.
+    pub(crate) heartbeats: std::sync::Mutex<std::collections::HashMap<SubscriptionId, u32>>,
     /// The delivery scheduler's inbox.
     pub delivery: DeliveryHandle,
     /// Checks a rest-hook endpoint a client names (scheme, and no internal address once its
@@ -105,27 +111,54 @@ impl Hub {
         self.parsed(stored)?.for_delivery()
     }
 
-    /// A stored subscription read both ways, once per version.
+    /// A stored subscription read both ways, once per version while it stays cached.
     fn parsed(&self, stored: &StoredSubscription) -> Result<Arc<Parsed>> {
         self.specs.get_or_parse(&stored.id, stored.version, || {
-            let parse = |policy: &ChannelPolicy| {
-                refusal_or_spec(parse_with(
-                    &self.topics,
-                    policy,
-                    &self.search_limits,
-                    &self.base_url,
-                    &stored.resource,
-                ))
-            };
-            let delivery = parse(&self.policy)?;
-            // The channel policy only accepts or refuses: what the configuration accepts, any
-            // channel accepts, and reads the same.
-            let matching = match &delivery {
-                Ok(spec) => Ok(spec.clone()),
-                Err(_) => parse(&ChannelPolicy::ANY_CHANNEL)?,
-            };
-            Ok(Parsed { matching, delivery })
+            self.parse_stored(&stored.resource)
         })
+    }
+
+    /// A stored subscription's resource read both ways, uncached.
+    fn parse_stored(&self, resource: &Value) -> Result<Parsed> {
+        let parse = |policy: &ChannelPolicy| {
+            refusal_or_spec(parse_with(
+                &self.topics,
+                policy,
+                &self.search_limits,
+                &self.base_url,
+                resource,
+            ))
+        };
+        let delivery = parse(&self.policy)?;
+        // The channel policy only accepts or refuses: what the configuration accepts, any
+        // channel accepts, and reads the same.
+        let matching = match &delivery {
+            Ok(spec) => Ok(spec.clone()),
+            Err(_) => parse(&ChannelPolicy::ANY_CHANNEL)?,
+        };
+        Ok(Parsed { matching, delivery })
+    }
+
+    /// The heartbeat periods of the subscriptions in force, for the scheduler's start.
+    pub fn heartbeats(&self) -> Vec<(SubscriptionId, u32)> {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, period)| (id.clone(), *period))
+            .collect()
+    }
+
+    fn set_heartbeat(&self, id: &SubscriptionId, period: Option<u32>) {
+        let mut heartbeats = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+        match period {
+            Some(period) => {
+                heartbeats.insert(id.clone(), period);
+            }
+            None => {
+                heartbeats.remove(id);
+            }
+        }
     }
 }
 

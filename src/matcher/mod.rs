@@ -10,17 +10,19 @@ pub mod fhirpath;
 pub mod topic;
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::auth::{self, Principal};
+use crate::auth::{Principal, Reader};
 use crate::fhir::ids::{ChangeSeq, SubscriptionId};
 use crate::fhir::interaction::Interaction;
-use crate::fhir::search::{Predicate, TaskIndex, matches};
+use crate::fhir::search::{Predicate, SystemMatch, TaskIndex, matches};
 use topic::{TaskState, Topic};
 
-/// What the matcher knows about one active subscription.
+/// A subscription to put in the index: what the matcher needs to know about it. The index
+/// keeps a compact form of it (see `SubscriptionIndex`).
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub id: SubscriptionId,
@@ -46,22 +48,120 @@ pub struct Change<'a> {
     pub current: Option<Side<'a>>,
 }
 
-#[derive(Default)]
-struct Bucket {
-    /// By parameter, then value: a lookup borrows the Task's value instead of copying it.
-    keyed: HashMap<&'static str, HashMap<String, Vec<Arc<Candidate>>>>,
-    catch_all: Vec<Arc<Candidate>>,
+/// The end of a chain of slots or filings.
+const END: u32 = u32::MAX;
+
+/// A subscription id as the index keeps it: the UUIDs the API assigns as their 16 bytes, any
+/// other id (a client's, on update-as-create) as its text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum CompactId {
+    Uuid([u8; 16]),
+    Text(Box<str>),
 }
 
-/// An index key: a search parameter and one of its values.
-type Key = (&'static str, String);
+impl CompactId {
+    fn of(id: &SubscriptionId) -> CompactId {
+        let text = id.as_str();
+        match uuid::Uuid::try_parse(text) {
+            // Only the lower-case hyphenated form writes back as the same text.
+            Ok(uuid)
+                if uuid
+                    .hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer())
+                    == text =>
+            {
+                CompactId::Uuid(uuid.into_bytes())
+            }
+            _ => CompactId::Text(text.into()),
+        }
+    }
 
-/// The index of active subscriptions, per topic.
+    fn to_id(&self) -> Option<SubscriptionId> {
+        match self {
+            CompactId::Uuid(bytes) => SubscriptionId::parse(
+                uuid::Uuid::from_bytes(*bytes)
+                    .hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
+            )
+            .ok(),
+            CompactId::Text(text) => SubscriptionId::parse(text).ok(),
+        }
+    }
+}
+
+/// One subscription in the index.
+#[derive(Debug)]
+struct Slot {
+    id: CompactId,
+    /// What the read rule needs of its author, shared by every subscription of that reader.
+    reader: Arc<Reader>,
+    /// The filters still to check once a change has reached it. The filter it is filed under
+    /// is left out when reaching it through that key already proves the filter holds.
+    filters: Box<[Predicate]>,
+    /// The values it is filed under, of the parameter `param`.
+    keys: Keys,
+    created_after_seq: ChangeSeq,
+    /// The next slot whose id has the same hash (`END` for none).
+    next_same_id: u32,
+    topic: u32,
+    /// Position in `KEY_PREFERENCE` of the parameter of `keys`.
+    param: u8,
+}
+
+/// The values a subscription is filed under: usually one, kept without a list around it.
+#[derive(Debug)]
+enum Keys {
+    /// A catch-all.
+    None,
+    One(Box<str>),
+    Many(Box<[Box<str>]>),
+}
+
+impl Keys {
+    fn as_slice(&self) -> &[Box<str>] {
+        match self {
+            Keys::None => &[],
+            Keys::One(value) => std::slice::from_ref(value),
+            Keys::Many(values) => values,
+        }
+    }
+}
+
+/// A slot filed under one of its key values; filings of the same (topic, parameter, value)
+/// hash are chained.
+#[derive(Debug, Clone, Copy)]
+struct Filing {
+    slot: u32,
+    /// Which of the slot's `keys`.
+    value: u32,
+    next: u32,
+}
+
+/// The index of active subscriptions.
+///
+/// Built to hold a million subscriptions in a few hundred megabytes at most: each is one
+/// `Slot` in a vector (its id inline when it is a UUID, its author's `Reader` shared), found by
+/// id through a map from the id's hash to the first slot of a chain, and by key through a map
+/// from the hash of (topic, parameter, value) to a chain of `Filing`s. Chains settle hash
+/// collisions: every step compares the real id or value.
 #[derive(Default)]
 pub struct SubscriptionIndex {
-    /// Each subscription with the keys it was filed under (None: the catch-all list).
-    by_id: HashMap<SubscriptionId, (Arc<Candidate>, Option<Vec<Key>>)>,
-    buckets: HashMap<usize, Bucket>,
+    slots: Vec<Option<Slot>>,
+    free_slots: Vec<u32>,
+    filings: Vec<Filing>,
+    free_filings: Vec<u32>,
+    /// Hash of the id → first slot of the chain.
+    by_id: HashMap<u64, u32>,
+    /// Hash of (topic, parameter, value) → first filing of the chain.
+    keyed: HashMap<u64, u32>,
+    /// Per topic, the subscriptions without an indexable filter.
+    catch_all: Vec<Vec<u32>>,
+    /// Per topic, how many subscriptions it has (topics without any are not evaluated).
+    per_topic: Vec<u32>,
+    /// The readers of the subscriptions held, each once.
+    readers: HashSet<Arc<Reader>>,
+    hasher: RandomState,
+    len: usize,
 }
 
 /// The parameters worth indexing on, most selective first.
@@ -83,11 +183,12 @@ const KEY_PREFERENCE: &[&str] = &[
     "intent",
 ];
 
-/// Chooses the key list of a subscription: the codes of one positive token filter. A Task can
-/// only match if it carries one of them.
-fn index_keys(filters: &[Predicate]) -> Option<Vec<Key>> {
-    let mut best: Option<(usize, Vec<Key>)> = None;
-    for predicate in filters {
+/// Chooses the filter a subscription is filed under: one positive token filter with codes on
+/// a parameter of `KEY_PREFERENCE` (a Task can only match if it carries one of the codes).
+/// Returns its position among the filters, the parameter's rank and the codes.
+fn index_key(filters: &[Predicate]) -> Option<(usize, usize, Vec<&str>)> {
+    let mut best: Option<(usize, usize, Vec<&str>)> = None;
+    for (position, predicate) in filters.iter().enumerate() {
         let Predicate::Token {
             param,
             negated: false,
@@ -99,19 +200,23 @@ fn index_keys(filters: &[Predicate]) -> Option<Vec<Key>> {
         let Some(rank) = KEY_PREFERENCE.iter().position(|p| p == param) else {
             continue;
         };
-        let codes: Option<Vec<_>> = any_of
-            .iter()
-            .map(|v| v.code.clone().map(|c| (*param, c)))
-            .collect();
+        let codes: Option<Vec<&str>> = any_of.iter().map(|v| v.code.as_deref()).collect();
         let Some(codes) = codes else { continue };
         if codes.is_empty() {
             continue;
         }
-        if best.as_ref().is_none_or(|(r, _)| rank < *r) {
-            best = Some((rank, codes));
+        if best.as_ref().is_none_or(|(_, r, _)| rank < *r) {
+            best = Some((position, rank, codes));
         }
     }
-    best.map(|(_, keys)| keys)
+    best
+}
+
+/// Whether reaching a subscription through one of this filter's codes proves the filter:
+/// every value matches its code on any system, as the index's lookup does.
+fn implied_by_key(filter: &Predicate) -> bool {
+    matches!(filter, Predicate::Token { negated: false, any_of, .. }
+        if any_of.iter().all(|v| v.system == SystemMatch::Any && v.code.is_some()))
 }
 
 /// The topic's view of one side of a change.
@@ -122,68 +227,205 @@ fn state<'a>(side: &Option<Side<'a>>) -> Option<TaskState<'a>> {
     })
 }
 
+fn index_of(position: usize) -> u32 {
+    u32::try_from(position).expect("fewer than 4 billion subscriptions")
+}
+
 impl SubscriptionIndex {
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.len == 0
     }
 
     pub fn contains(&self, id: &SubscriptionId) -> bool {
-        self.by_id.contains_key(id)
+        self.find(&CompactId::of(id)).is_some()
+    }
+
+    fn slot(&self, slot: u32) -> &Slot {
+        self.slots[slot as usize]
+            .as_ref()
+            .expect("chains only lead to slots in use")
+    }
+
+    fn id_hash(&self, id: &CompactId) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    fn key_hash(&self, topic: u32, param: u8, value: &str) -> u64 {
+        self.hasher.hash_one((topic, param, value))
+    }
+
+    /// The slot holding `id`.
+    fn find(&self, id: &CompactId) -> Option<u32> {
+        let mut at = *self.by_id.get(&self.id_hash(id))?;
+        while at != END {
+            let slot = self.slot(at);
+            if slot.id == *id {
+                return Some(at);
+            }
+            at = slot.next_same_id;
+        }
+        None
     }
 
     /// Adds or replaces a subscription.
     pub fn insert(&mut self, candidate: Candidate) {
         self.remove(&candidate.id);
-        let candidate = Arc::new(candidate);
-        let keys = index_keys(&candidate.filters);
-        let bucket = self.buckets.entry(candidate.topic).or_default();
-        match &keys {
-            Some(keys) => {
-                for (param, value) in keys {
-                    bucket
-                        .keyed
-                        .entry(param)
-                        .or_default()
-                        .entry(value.clone())
-                        .or_default()
-                        .push(candidate.clone());
-                }
+        let Candidate {
+            id,
+            topic,
+            mut filters,
+            author,
+            created_after_seq,
+        } = candidate;
+        let id = CompactId::of(&id);
+        let topic = index_of(topic);
+        let reader = Reader::of(&author);
+        let reader = match self.readers.get(&reader) {
+            Some(shared) => shared.clone(),
+            None => {
+                let reader = Arc::new(reader);
+                self.readers.insert(reader.clone());
+                reader
             }
-            None => bucket.catch_all.push(candidate.clone()),
+        };
+        let (param, keys) = match index_key(&filters) {
+            Some((position, rank, codes)) => {
+                let keys = match codes.as_slice() {
+                    [one] => Keys::One(Box::from(*one)),
+                    _ => Keys::Many(codes.into_iter().map(Box::from).collect()),
+                };
+                if implied_by_key(&filters[position]) {
+                    filters.remove(position);
+                }
+                (rank as u8, keys)
+            }
+            None => (0, Keys::None),
+        };
+        let id_hash = self.id_hash(&id);
+        let slot = Slot {
+            id,
+            reader,
+            filters: filters.into_boxed_slice(),
+            keys,
+            created_after_seq,
+            next_same_id: self.by_id.get(&id_hash).copied().unwrap_or(END),
+            topic,
+            param,
+        };
+        let at = match self.free_slots.pop() {
+            Some(at) => {
+                self.slots[at as usize] = Some(slot);
+                at
+            }
+            None => {
+                self.slots.push(Some(slot));
+                index_of(self.slots.len() - 1)
+            }
+        };
+        self.by_id.insert(id_hash, at);
+        let topic = topic as usize;
+        if self.per_topic.len() <= topic {
+            self.per_topic.resize(topic + 1, 0);
+            self.catch_all.resize_with(topic + 1, Vec::new);
         }
-        self.by_id.insert(candidate.id.clone(), (candidate, keys));
+        self.per_topic[topic] += 1;
+        let slot = self.slot(at);
+        let hashes: Vec<u64> = slot
+            .keys
+            .as_slice()
+            .iter()
+            .map(|value| self.key_hash(slot.topic, slot.param, value))
+            .collect();
+        if hashes.is_empty() {
+            self.catch_all[topic].push(at);
+        }
+        for (value, hash) in hashes.into_iter().enumerate() {
+            let filing = Filing {
+                slot: at,
+                value: index_of(value),
+                next: self.keyed.get(&hash).copied().unwrap_or(END),
+            };
+            let filed = match self.free_filings.pop() {
+                Some(free) => {
+                    self.filings[free as usize] = filing;
+                    free
+                }
+                None => {
+                    self.filings.push(filing);
+                    index_of(self.filings.len() - 1)
+                }
+            };
+            self.keyed.insert(hash, filed);
+        }
+        self.len += 1;
     }
 
     pub fn remove(&mut self, id: &SubscriptionId) {
-        let Some((candidate, keys)) = self.by_id.remove(id) else {
+        let id = CompactId::of(id);
+        let Some(at) = self.find(&id) else {
             return;
         };
-        let Some(bucket) = self.buckets.get_mut(&candidate.topic) else {
-            return;
-        };
-        match keys {
-            Some(keys) => {
-                for (param, value) in keys {
-                    let Some(values) = bucket.keyed.get_mut(param) else {
-                        continue;
-                    };
-                    if let Some(list) = values.get_mut(&value) {
-                        list.retain(|c| &c.id != id);
-                        if list.is_empty() {
-                            values.remove(&value);
-                        }
-                    }
-                    if values.is_empty() {
-                        bucket.keyed.remove(param);
-                    }
-                }
+        // Out of its id chain.
+        let id_hash = self.id_hash(&id);
+        let next = self.slot(at).next_same_id;
+        let head = self.by_id[&id_hash];
+        if head == at {
+            if next == END {
+                self.by_id.remove(&id_hash);
+            } else {
+                self.by_id.insert(id_hash, next);
             }
-            None => bucket.catch_all.retain(|c| &c.id != id),
+        } else {
+            let mut before = head;
+            while self.slot(before).next_same_id != at {
+                before = self.slot(before).next_same_id;
+            }
+            if let Some(slot) = self.slots[before as usize].as_mut() {
+                slot.next_same_id = next;
+            }
         }
+        let slot = self.slots[at as usize]
+            .take()
+            .expect("found slots are in use");
+        // Out of its key chains, or the catch-all list.
+        let topic = slot.topic as usize;
+        if slot.keys.as_slice().is_empty() {
+            self.catch_all[topic].retain(|&s| s != at);
+        }
+        for value in slot.keys.as_slice() {
+            let hash = self.key_hash(slot.topic, slot.param, value);
+            let mut previous = END;
+            let mut filing = self.keyed[&hash];
+            while filing != END {
+                let Filing { slot: of, next, .. } = self.filings[filing as usize];
+                if of == at {
+                    if previous == END {
+                        if next == END {
+                            self.keyed.remove(&hash);
+                        } else {
+                            self.keyed.insert(hash, next);
+                        }
+                    } else {
+                        self.filings[previous as usize].next = next;
+                    }
+                    self.free_filings.push(filing);
+                } else {
+                    previous = filing;
+                }
+                filing = next;
+            }
+        }
+        self.per_topic[topic] -= 1;
+        // The index's own reference and this slot's: the last subscription of that reader.
+        if Arc::strong_count(&slot.reader) == 2 {
+            self.readers.remove(&slot.reader);
+        }
+        self.free_slots.push(at);
+        self.len -= 1;
     }
 
     /// The subscriptions this change must be told to: the topic fires, every filter holds
@@ -194,7 +436,7 @@ impl SubscriptionIndex {
         topics: &[Topic],
         change: &Change<'_>,
         base_url: &str,
-    ) -> Vec<Arc<Candidate>> {
+    ) -> Vec<SubscriptionId> {
         let subject = match change.interaction {
             Interaction::Delete => change.previous.as_ref(),
             _ => change.current.as_ref(),
@@ -203,9 +445,12 @@ impl SubscriptionIndex {
             return Vec::new();
         };
         let mut matched = Vec::new();
-        let mut seen: HashSet<&SubscriptionId> = HashSet::new();
-        for (position, bucket) in &self.buckets {
-            let Some(topic) = topics.get(*position) else {
+        let mut seen: HashSet<u32> = HashSet::new();
+        for (position, count) in self.per_topic.iter().enumerate() {
+            if *count == 0 {
+                continue;
+            }
+            let Some(topic) = topics.get(position) else {
                 continue;
             };
             if !topic.fires(
@@ -215,21 +460,49 @@ impl SubscriptionIndex {
             ) {
                 continue;
             }
-            let keyed = subject
-                .index
-                .tokens
-                .iter()
-                .filter_map(|token| bucket.keyed.get(token.param)?.get(token.value.as_str()));
-            let candidates = keyed.flatten().chain(bucket.catch_all.iter());
-            for candidate in candidates {
-                if change.seq <= candidate.created_after_seq || !seen.insert(&candidate.id) {
-                    continue;
+            let position = index_of(position);
+            let mut consider = |at: u32| {
+                let slot = self.slot(at);
+                if change.seq <= slot.created_after_seq || !seen.insert(at) {
+                    return;
                 }
-                if matches(subject.index, &candidate.filters)
-                    && auth::may_read_task(&candidate.author, subject.resource, base_url)
+                if matches(subject.index, &slot.filters)
+                    && slot.reader.may_read_task(subject.resource, base_url)
+                    && let Some(id) = slot.id.to_id()
                 {
-                    matched.push(candidate.clone());
+                    matched.push(id);
                 }
+            };
+            for token in &subject.index.tokens {
+                let Some(param) = KEY_PREFERENCE.iter().position(|p| *p == token.param) else {
+                    continue;
+                };
+                let param = param as u8;
+                let Some(&first) =
+                    self.keyed
+                        .get(&self.key_hash(position, param, token.value.as_str()))
+                else {
+                    continue;
+                };
+                let mut filing = first;
+                while filing != END {
+                    let Filing {
+                        slot: at,
+                        value,
+                        next,
+                    } = self.filings[filing as usize];
+                    let slot = self.slot(at);
+                    if slot.topic == position
+                        && slot.param == param
+                        && *slot.keys.as_slice()[value as usize] == *token.value
+                    {
+                        consider(at);
+                    }
+                    filing = next;
+                }
+            }
+            for &at in &self.catch_all[position as usize] {
+                consider(at);
             }
         }
         matched
@@ -239,7 +512,7 @@ impl SubscriptionIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Role;
+    use crate::auth::{self, Role};
     use crate::fhir::search::{Handling, SearchLimits, index_task, parse_query};
     use serde_json::json;
 
@@ -294,7 +567,7 @@ mod tests {
         let mut ids: Vec<String> = index
             .match_change(topics, &change, BASE)
             .iter()
-            .map(|c| c.id.to_string())
+            .map(|id| id.to_string())
             .collect();
         ids.sort();
         ids
@@ -360,5 +633,152 @@ mod tests {
         assert!(matched(&index, &topics, 3, &task).is_empty());
         assert_eq!(index.len(), 6);
         assert!(index.contains(&id("bobs-view")) && !index.contains(&id("owner-1")));
+    }
+
+    /// The index against the rule it implements, checked on every subscription one by one:
+    /// random subscriptions (keyed, catch-all, several keys, keys with a system, UUID and other
+    /// ids, shared and own authors) inserted, replaced and removed, then random Tasks.
+    #[test]
+    fn the_index_matches_exactly_what_checking_every_subscription_matches() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+
+        let topics: Vec<Topic> = topic::builtin_topics(BASE)
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.id == "task-changed")
+            .collect();
+        let queries = [
+            "",
+            "owner=Practitioner/1",
+            "owner=Practitioner/2",
+            "owner=Practitioner/1,Practitioner/2",
+            "owner=Practitioner/1&status=requested",
+            "status=requested",
+            "status=requested,completed&owner:missing=true",
+            "status:not=requested",
+            "code=http://sys|a",
+            "code=a",
+            "code=http://other|a,b",
+        ];
+        let practitioner = |n: u32| Principal {
+            issuer: None,
+            subject: format!("practitioner:Practitioner/{n}"),
+            role: Role::Practitioner,
+            fhir_user: Some(format!("Practitioner/{n}")),
+            performer_types: Vec::new(),
+        };
+        let mut rng = StdRng::seed_from_u64(15);
+        let mut index = SubscriptionIndex::default();
+        let mut expected: HashMap<SubscriptionId, Candidate> = HashMap::new();
+        for round in 0..3000 {
+            let n = rng.random_range(0..200u32);
+            let id = if n % 3 == 0 {
+                self::id(&format!("sub-{n}"))
+            } else {
+                self::id(&format!("00000000-0000-4000-8000-{n:012}"))
+            };
+            if rng.random_bool(0.2) {
+                index.remove(&id);
+                expected.remove(&id);
+            } else {
+                let author = match rng.random_range(0..3) {
+                    0 => admin(),
+                    _ => practitioner(rng.random_range(1..4)),
+                };
+                let query = queries[rng.random_range(0..queries.len())];
+                let candidate = Candidate {
+                    id: id.clone(),
+                    topic: 0,
+                    filters: filters(query),
+                    author,
+                    created_after_seq: ChangeSeq::new(rng.random_range(0..10)),
+                };
+                index.insert(candidate.clone());
+                expected.insert(id, candidate);
+            }
+            assert_eq!(index.len(), expected.len());
+            if round % 100 != 0 {
+                continue;
+            }
+            for _ in 0..20 {
+                let owner = rng.random_range(0..4);
+                let status = ["requested", "completed", "accepted"][rng.random_range(0..3)];
+                let code = ["a", "b", "c"][rng.random_range(0..3)];
+                let system = ["http://sys", "http://other"][rng.random_range(0..2)];
+                let mut task = json!({"resourceType": "Task", "id": "t1", "status": status,
+                    "intent": "order", "code": {"coding": [{"system": system, "code": code}]},
+                    "meta": {"lastUpdated": "2026-01-01T00:00:00.000Z"}});
+                if owner > 0 {
+                    task["owner"] = json!({"reference": format!("Practitioner/{owner}")});
+                }
+                let seq = rng.random_range(0..12);
+                let task_index = index_task(&task, BASE);
+                let mut want: Vec<String> = expected
+                    .values()
+                    .filter(|c| {
+                        seq > c.created_after_seq.get()
+                            && matches(&task_index, &c.filters)
+                            && auth::may_read_task(&c.author, &task, BASE)
+                    })
+                    .map(|c| c.id.to_string())
+                    .collect();
+                want.sort();
+                assert_eq!(matched(&index, &topics, seq, &task), want, "{task}");
+            }
+        }
+        // Removing everything leaves nothing behind.
+        for id in expected.keys() {
+            index.remove(id);
+        }
+        assert!(index.is_empty());
+        assert!(index.by_id.is_empty() && index.keyed.is_empty() && index.readers.is_empty());
+        assert!(index.catch_all.iter().all(Vec::is_empty));
+    }
+
+    #[test]
+    fn subscriptions_of_one_reader_share_it_and_the_last_one_frees_it() {
+        let mut index = SubscriptionIndex::default();
+        let practitioner = Principal {
+            issuer: Some("https://idp".into()),
+            subject: "p1".into(),
+            role: Role::Practitioner,
+            fhir_user: Some("Practitioner/1".into()),
+            performer_types: Vec::new(),
+        };
+        // An auditor reads what an admin reads: one reader for both.
+        let auditor = Principal {
+            role: Role::Auditor,
+            ..admin()
+        };
+        index.insert(candidate("a", "owner=Practitioner/1", admin(), 0));
+        index.insert(candidate("b", "owner=Practitioner/2", auditor, 0));
+        index.insert(candidate("c", "", practitioner.clone(), 0));
+        index.insert(candidate("d", "status=requested", practitioner, 0));
+        assert_eq!(index.readers.len(), 2);
+        let reader = |id: &str| {
+            let at = index.find(&CompactId::of(&self::id(id))).unwrap();
+            index.slot(at).reader.clone()
+        };
+        assert!(Arc::ptr_eq(&reader("a"), &reader("b")));
+        assert!(Arc::ptr_eq(&reader("c"), &reader("d")));
+        index.remove(&id("c"));
+        assert_eq!(index.readers.len(), 2, "d still reads as the practitioner");
+        index.remove(&id("d"));
+        assert_eq!(index.readers.len(), 1);
+    }
+
+    #[test]
+    fn server_ids_are_kept_as_uuids_and_others_as_text_and_both_read_back() {
+        for (text, is_uuid) in [
+            ("0f8c3d1e-7a2b-4c5d-9e6f-123456789abc", true),
+            ("0F8C3D1E-7A2B-4C5D-9E6F-123456789ABC", false),
+            ("0f8c3d1e7a2b4c5d9e6f123456789abc", false),
+            ("my-subscription", false),
+        ] {
+            let compact = CompactId::of(&id(text));
+            assert_eq!(matches!(compact, CompactId::Uuid(_)), is_uuid, "{text}");
+            assert_eq!(compact.to_id().unwrap().as_str(), text);
+        }
     }
 }

@@ -21,6 +21,19 @@ pub(crate) const SUBSCRIPTION_EVENTS: &str =
 
 /// Deletes the events that happened before `$1` and were delivered. Undelivered events are
 /// kept whatever their age: the queue must never lose them.
+/// A page of live subscriptions in id order, from `after` (the first placeholder; '' for the
+/// start), at most the second placeholder many: only what start-up needs.
+pub(crate) fn live_page(after: &str, limit: &str) -> String {
+    format!(
+        "SELECT id, version, status, author, resource, created_after_seq FROM subscription
+         WHERE status <> 'off' AND id > {after} ORDER BY id LIMIT {limit}"
+    )
+}
+
+/// The live subscriptions with a handshake or events owed.
+pub(crate) const PENDING_DELIVERIES: &str = "SELECT id, next_attempt_at FROM subscription
+     WHERE status <> 'off' AND (handshake_pending <> 0 OR delivered_through < events_since_start)";
+
 pub(crate) const PRUNE_EVENTS: &str =
     "DELETE FROM subscription_event WHERE occurred_at < $1 AND event_number <=
        (SELECT s.delivered_through FROM subscription s WHERE s.id = subscription_event.subscription_id)";

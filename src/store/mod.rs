@@ -239,6 +239,30 @@ pub struct StoredSubscription {
     pub last_sent_at: Option<StoredInstant>,
 }
 
+/// A live subscription as start-up reads it: what the matcher index and the hub's start-up
+/// checks need, the resource and author as the stored JSON text (the hub parses them, on all
+/// cores, and keeps only what it needs).
+#[derive(Debug, Clone)]
+pub struct LiveSubscription {
+    pub id: SubscriptionId,
+    pub version: Version,
+    pub status: SubscriptionStatus,
+    /// JSON of `auth::Principal`.
+    pub author: String,
+    /// The Subscription resource, JSON.
+    pub resource: String,
+    pub created_after_seq: ChangeSeq,
+}
+
+/// A live subscription with something owed (its handshake, or events not yet delivered),
+/// for the scheduler's start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingDelivery {
+    pub id: SubscriptionId,
+    /// A retry time recorded before the restart.
+    pub next_attempt_at: Option<StoredInstant>,
+}
+
 /// What the API hands the store to create or replace a subscription.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubscriptionRecord {
@@ -435,8 +459,17 @@ pub trait Store: Send + Sync + 'static {
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredSubscription>, u64)>;
-    /// Every subscription that is not `off`, for the matcher index and the scheduler at start-up.
+    /// Every subscription that is not `off`, as whole rows.
     async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>>;
+    /// Up to `limit` subscriptions that are not `off`, in id order after `after`: start-up
+    /// reads them page by page, so that a million never sit in memory at once.
+    async fn live_subscription_page(
+        &self,
+        after: Option<&SubscriptionId>,
+        limit: usize,
+    ) -> Result<Vec<LiveSubscription>>;
+    /// The live subscriptions with a handshake or events owed, for the scheduler's start.
+    async fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>>;
     /// Where an outbox consumer stopped reading.
     async fn outbox_cursor(&self, consumer: &str) -> Result<ChangeSeq>;
     /// Numbers the matches (in order) and marks the changes consumed, in one transaction.

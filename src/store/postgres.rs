@@ -33,13 +33,17 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tokio::sync::Notify;
 
-use super::rows::{change_from_row, current_from_row, sized_current_from_row, version_from_row};
+use super::hub_sql;
+use super::rows::{
+    change_from_row, current_from_row, live_from_row, sized_current_from_row, version_from_row,
+};
 use super::search_sql::{Placeholder, children_sql, page_sql};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
-    ChangeEvent, CurrentTask, DeliveryReport, EventRecord, MatchBatch, PageRequest, SearchPage,
-    Store, StoredSubscription, StoredVersion, SubscriptionChanges, SubscriptionDecide,
-    SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest, collect_page,
+    ChangeEvent, CurrentTask, DeliveryReport, EventRecord, LiveSubscription, MatchBatch,
+    PageRequest, PendingDelivery, SearchPage, Store, StoredSubscription, StoredVersion,
+    SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome,
+    WriteRequest, collect_page,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -382,6 +386,34 @@ impl Store for PostgresStore {
 
     async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>> {
         hub::live_subscriptions(&self.pool).await
+    }
+
+    async fn live_subscription_page(
+        &self,
+        after: Option<&SubscriptionId>,
+        limit: usize,
+    ) -> Result<Vec<LiveSubscription>> {
+        let sql = hub_sql::live_page("$1", "$2");
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(after.map_or("", SubscriptionId::as_str))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(live_from_row).collect()
+    }
+
+    async fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>> {
+        let rows: Vec<(SubscriptionId, Option<StoredInstant>)> =
+            sqlx::query_as(hub_sql::PENDING_DELIVERIES)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, next_attempt_at)| PendingDelivery {
+                id,
+                next_attempt_at,
+            })
+            .collect())
     }
 
     async fn outbox_cursor(&self, consumer: &str) -> Result<ChangeSeq> {

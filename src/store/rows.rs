@@ -12,7 +12,8 @@ use sqlx::{FromRow, Row};
 
 use super::owner_from_columns;
 use super::{
-    ChangeEvent, CurrentTask, EventRecord, Interaction, StoredSubscription, StoredVersion,
+    ChangeEvent, CurrentTask, EventRecord, Interaction, LiveSubscription, StoredSubscription,
+    StoredVersion,
 };
 use crate::error::{Error, Result};
 use crate::fhir::ids::{
@@ -158,6 +159,35 @@ where
         version: row.version,
         interaction: interaction(row.interaction, "unknown interaction in the event log")?,
         occurred_at: row.occurred_at,
+    })
+}
+
+/// The columns of `subscription` start-up reads (`hub_sql::LIVE_PAGE`).
+#[derive(FromRow)]
+pub(crate) struct LiveRow {
+    id: SubscriptionId,
+    version: Version,
+    status: String,
+    author: String,
+    resource: String,
+    created_after_seq: ChangeSeq,
+}
+
+/// A live subscription as start-up reads it.
+pub(crate) fn live_from_row<R: Row>(row: &R) -> Result<LiveSubscription>
+where
+    LiveRow: for<'r> FromRow<'r, R>,
+{
+    let row = LiveRow::from_row(row)?;
+    Ok(LiveSubscription {
+        id: row.id,
+        version: row.version,
+        status: SubscriptionStatus::parse(&row.status).ok_or_else(|| {
+            Error::internal("unknown subscription status in the store", row.status)
+        })?,
+        author: row.author,
+        resource: row.resource,
+        created_after_seq: row.created_after_seq,
     })
 }
 

@@ -38,6 +38,7 @@ fn hub() -> (Hub, Commands) {
         base_url: BASE.into(),
         index: Default::default(),
         specs: Default::default(),
+        heartbeats: Default::default(),
         delivery,
         rest_hook: RestHook::new(false, false),
         amqp: None,
@@ -237,4 +238,49 @@ fn a_withdrawn_subscription_is_parsed_afresh() {
         refusal.to_string().contains("https"),
         "the refusal says why: {refusal}"
     );
+}
+
+/// Start-up's page at a time gives, for each subscription, what `put_in_force` with
+/// `Occasion::StartUp` gives: the same index, the same scheduler commands, the heartbeat kept
+/// for the scheduler's start, and no spec left in the cache.
+#[test]
+fn a_start_up_page_puts_in_force_what_start_up_one_by_one_does() {
+    use Resource::{Deliverable, HttpEndpoint, UnknownTopic};
+    use SubscriptionStatus::{Active, Error, Off, Requested};
+    for status in [Active, Requested, Error, Off] {
+        for kind in [Deliverable, HttpEndpoint, UnknownTopic] {
+            let case = format!("{status:?} {kind:?}");
+            let row = stored(3, status, kind);
+            let (one_by_one, mut told_one_by_one) = hub();
+            let expected = one_by_one.put_in_force(&row, Occasion::StartUp);
+            let (paged, mut told_paged) = hub();
+            let live = crate::store::LiveSubscription {
+                id: row.id.clone(),
+                version: row.version,
+                status: row.status,
+                author: row.author.to_string(),
+                resource: row.resource.to_string(),
+                created_after_seq: row.created_after_seq,
+            };
+            paged.put_in_force_at_start_up(&[live]).unwrap();
+            assert_eq!(
+                paged.index.read().unwrap().contains(&id()),
+                expected == InForce::Indexed,
+                "{case}: the matcher index"
+            );
+            assert_eq!(
+                sent(&mut told_paged),
+                sent(&mut told_one_by_one),
+                "{case}: the scheduler"
+            );
+            assert_eq!(paged.heartbeats(), one_by_one.heartbeats(), "{case}");
+            let heartbeat = status != Off && !matches!(kind, UnknownTopic);
+            assert_eq!(
+                paged.heartbeats(),
+                if heartbeat { vec![(id(), 60)] } else { vec![] },
+                "{case}"
+            );
+            assert_eq!(paged.specs.len(), 0, "{case}: nothing cached");
+        }
+    }
 }
