@@ -349,8 +349,9 @@ struct Driven {
     cpu: CpuMeter,
 }
 
-/// Starts the mix (closed-loop workers until the warm-up and the measured time have passed;
-/// only searches sent after the warm-up count) or, with `--single`, one client that runs
+/// Starts the mix (closed-loop workers, each taking the next query of the run's sequence,
+/// until the warm-up and the measured time have passed; only searches sent after the warm-up
+/// count) or, with `--single`, one client that runs
 /// each query in turn, one unmeasured round and then `--single` measured ones.
 async fn drive(options: &Options, setup: &Arc<Setup>) -> Driven {
     let single = options.single;
@@ -364,8 +365,12 @@ async fn drive(options: &Options, setup: &Arc<Setup>) -> Driven {
     let measure_from = started + options.warmup;
     let deadline = measure_from + options.duration;
     let mut workers = JoinSet::new();
-    for worker in 0..workers_count {
+    // One sequence for all workers, so that the kinds take turns across the whole run
+    // whatever the number of workers.
+    let sequence = Arc::new(AtomicU64::new(0));
+    for _ in 0..workers_count {
         let setup = setup.clone();
+        let sequence = sequence.clone();
         workers.spawn(async move {
             let kinds = &setup.kinds;
             let rounds = single.map(|k| (k + 1) * kinds.len() as u64);
@@ -373,8 +378,8 @@ async fn drive(options: &Options, setup: &Arc<Setup>) -> Driven {
                 stats: Stats::new(),
                 last_done: None,
             };
-            for i in 0u64.. {
-                let n = worker as u64 + i * workers_count as u64;
+            loop {
+                let n = sequence.fetch_add(1, Ordering::Relaxed);
                 let measured = match rounds {
                     Some(rounds) if n >= rounds => break,
                     Some(_) => n >= kinds.len() as u64,
