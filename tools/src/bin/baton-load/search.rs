@@ -52,8 +52,10 @@ pub struct Options {
     /// Patients `Patient/pt0` … the Tasks are for.
     #[arg(long, default_value_t = 20_000)]
     patients: u64,
-    /// First day of the due dates (`restriction.period.end`).
-    #[arg(long, default_value = "2026-07-01", value_parser = parse_day)]
+    /// First day of the due dates (`restriction.period.end`). Keep it after the day of the
+    /// run: Tasks seeded already past due are each reported by the server's overdue timer, a
+    /// backlog of background writes that would run during the measurement.
+    #[arg(long, default_value = "2027-01-01", value_parser = parse_day)]
     due_from: time::Date,
     /// Days over which the due dates spread.
     #[arg(long, default_value_t = 365)]
