@@ -29,9 +29,11 @@ pub enum Kind {
     /// 6: `_count=20`, no filter.
     All,
     /// Paging: the first page of 20 of the unfiltered listing.
+    #[value(name = "page-1")]
     Page1,
     /// Paging: page 500 of 20 of the same listing (`_offset=9980`, as the server's `next`
     /// links page).
+    #[value(name = "page-500")]
     Page500,
 }
 
