@@ -243,31 +243,54 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        match storage_trouble(&e) {
-            Some(StorageTrouble::Full) => {
-                // Every write is refused while the disk is full: say so once in a while, not
-                // once per refused write.
-                if log_now(&LAST_FULL_LOG) {
-                    tracing::error!(error = %e, "the database has no space left; writes are refused with 507 until space is freed");
-                }
-                Error::client(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    IssueCode::NoStore,
-                    "the server's database is out of disk space, so nothing was stored; retry once an operator has freed space",
-                )
-                .retry_after(30)
+        database_error(storage_trouble(&e), e)
+    }
+}
+
+/// The SQLite writer's errors (`store::sqlite::writer`, on rusqlite) follow the same policy as
+/// the read pool's (on sqlx): one classification of SQLite's result codes, one answer each.
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        let trouble = match &e {
+            rusqlite::Error::SqliteFailure(failure, _) => {
+                sqlite_trouble(i64::from(failure.extended_code))
             }
-            Some(StorageTrouble::Unavailable) => {
-                if log_now(&LAST_UNAVAILABLE_LOG) {
-                    tracing::warn!(error = %e, "the database is unavailable; requests are answered 503");
-                }
-                Error::unavailable(
-                    "the server's database is unavailable for the moment, so nothing was stored; retry shortly",
-                    5,
-                )
+            _ => None,
+        };
+        database_error(trouble, e)
+    }
+}
+
+/// The answer to a failed database call: 507 when the disk is full, 503 when the database is
+/// unavailable (each logged at most once every ten seconds), otherwise an opaque 500.
+fn database_error<E>(trouble: Option<StorageTrouble>, e: E) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match trouble {
+        Some(StorageTrouble::Full) => {
+            // Every write is refused while the disk is full: say so once in a while, not
+            // once per refused write.
+            if log_now(&LAST_FULL_LOG) {
+                tracing::error!(error = %e, "the database has no space left; writes are refused with 507 until space is freed");
             }
-            None => Error::internal("database error", e),
+            Error::client(
+                StatusCode::INSUFFICIENT_STORAGE,
+                IssueCode::NoStore,
+                "the server's database is out of disk space, so nothing was stored; retry once an operator has freed space",
+            )
+            .retry_after(30)
         }
+        Some(StorageTrouble::Unavailable) => {
+            if log_now(&LAST_UNAVAILABLE_LOG) {
+                tracing::warn!(error = %e, "the database is unavailable; requests are answered 503");
+            }
+            Error::unavailable(
+                "the server's database is unavailable for the moment, so nothing was stored; retry shortly",
+                5,
+            )
+        }
+        None => Error::internal("database error", e),
     }
 }
 
@@ -298,13 +321,8 @@ fn storage_trouble(e: &sqlx::Error) -> Option<StorageTrouble> {
     match e {
         sqlx::Error::Database(db) => {
             if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
-                // Extended result codes keep the primary code in their low byte.
                 let code: i64 = sqlx::error::DatabaseError::code(sqlite)?.parse().ok()?;
-                return match code & 0xff {
-                    13 => Some(StorageTrouble::Full),                     // SQLITE_FULL
-                    5 | 6 | 10 | 14 => Some(StorageTrouble::Unavailable), // BUSY, LOCKED, IOERR, CANTOPEN
-                    _ => None,
-                };
+                return sqlite_trouble(code);
             }
             let code = db.code()?;
             match code.as_ref() {
@@ -320,6 +338,16 @@ fn storage_trouble(e: &sqlx::Error) -> Option<StorageTrouble> {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
             Some(StorageTrouble::Unavailable)
         }
+        _ => None,
+    }
+}
+
+/// What a SQLite result code says about the database, whichever client reported it.
+fn sqlite_trouble(code: i64) -> Option<StorageTrouble> {
+    // Extended result codes keep the primary code in their low byte.
+    match code & 0xff {
+        13 => Some(StorageTrouble::Full),                     // SQLITE_FULL
+        5 | 6 | 10 | 14 => Some(StorageTrouble::Unavailable), // BUSY, LOCKED, IOERR, CANTOPEN
         _ => None,
     }
 }

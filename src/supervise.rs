@@ -254,7 +254,8 @@ pub fn vital<Fut>(
     tasks.spawn(watch_vital(health, name, stop, task));
 }
 
-/// The body of `vital`, for tasks spawned elsewhere (the SQLite writer spawns its own).
+/// The body of `vital`, for tasks spawned elsewhere (the SQLite store spawns the future that
+/// resolves when its writer thread ends).
 pub async fn watch_vital<Fut>(
     health: Arc<Health>,
     name: &'static str,

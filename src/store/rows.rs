@@ -1,5 +1,7 @@
 //! How stored rows read back, once for both stores: one `sqlx::FromRow` shape per stored
-//! type, generic over the database, and one conversion into the store's own type. The two
+//! type, generic over the database, and one conversion into the store's own type. The rows
+//! the SQLite writer reads inside its transaction (a Task, a subscription) fill the same
+//! shapes through rusqlite (`from_rusqlite`), by the same column names. The two
 //! schemas name and type their columns alike; the flags (`task.deleted`,
 //! `subscription.handshake_pending`) are integers in both (SQLite `INTEGER`, PostgreSQL
 //! `integer`) and are read here, as `i32`, into booleans. Ids, counters and instants decode
@@ -45,17 +47,34 @@ pub(crate) fn sized_current_from_row<R: Row>(row: &R) -> Result<(CurrentTask, us
 where
     TaskRow: for<'r> FromRow<'r, R>,
 {
-    let row = TaskRow::from_row(row)?;
-    let size = row.resource.len();
-    let task = CurrentTask {
-        id: row.id,
-        version: row.version,
-        last_updated: row.last_updated,
-        deleted: row.deleted != 0,
-        resource: serde_json::from_str(&row.resource)
-            .map_err(|e| Error::internal("a stored Task is not valid JSON", e))?,
-    };
-    Ok((task, size))
+    TaskRow::from_row(row)?.into_current()
+}
+
+impl TaskRow {
+    /// The same row read by the SQLite writer's client (rusqlite), by the same column names.
+    pub(crate) fn from_rusqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
+        Ok(TaskRow {
+            id: row.get("id")?,
+            version: row.get("version")?,
+            last_updated: row.get("last_updated")?,
+            deleted: row.get("deleted")?,
+            resource: row.get("resource")?,
+        })
+    }
+
+    /// The current state of the Task, and the length of its stored JSON.
+    pub(crate) fn into_current(self) -> Result<(CurrentTask, usize)> {
+        let size = self.resource.len();
+        let task = CurrentTask {
+            id: self.id,
+            version: self.version,
+            last_updated: self.last_updated,
+            deleted: self.deleted != 0,
+            resource: serde_json::from_str(&self.resource)
+                .map_err(|e| Error::internal("a stored Task is not valid JSON", e))?,
+        };
+        Ok((task, size))
+    }
 }
 
 /// A row of `task_version`.
@@ -205,42 +224,77 @@ pub(crate) fn subscription_from_row<R: Row>(row: &R) -> Result<StoredSubscriptio
 where
     SubscriptionRow: for<'r> FromRow<'r, R>,
 {
-    let row = SubscriptionRow::from_row(row)?;
-    Ok(StoredSubscription {
-        id: row.id,
-        version: row.version,
-        last_updated: row.last_updated,
-        status: SubscriptionStatus::parse(&row.status).ok_or_else(|| {
-            Error::internal("unknown subscription status in the store", row.status)
-        })?,
-        topic_url: row.topic_url,
-        channel_type: ChannelType::parse(&row.channel_type).ok_or_else(|| {
-            Error::internal(
-                "unknown subscription channel type in the store",
-                row.channel_type,
-            )
-        })?,
-        endpoint: row.endpoint,
-        author: serde_json::from_str(&row.author)
-            .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,
-        owner: owner_from_columns(
-            row.author_issuer,
-            row.author_subject,
-            row.author_role,
-            row.author_fhir_user,
-        )?,
-        resource: serde_json::from_str(&row.resource)
-            .map_err(|e| Error::internal("a stored Subscription is not JSON", e))?,
-        created_after_seq: row.created_after_seq,
-        events_since_start: row.events_since_start,
-        delivered_through: row.delivered_through,
-        handshake_pending: row.handshake_pending != 0,
-        failures: row.failures,
-        failing_since: row.failing_since,
-        next_attempt_at: row.next_attempt_at,
-        last_error: row.last_error,
-        last_sent_at: row.last_sent_at,
-    })
+    SubscriptionRow::from_row(row)?.into_subscription()
+}
+
+impl SubscriptionRow {
+    /// The same row read by the SQLite writer's client (rusqlite), by the same column names.
+    pub(crate) fn from_rusqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<SubscriptionRow> {
+        Ok(SubscriptionRow {
+            id: row.get("id")?,
+            version: row.get("version")?,
+            last_updated: row.get("last_updated")?,
+            status: row.get("status")?,
+            topic_url: row.get("topic_url")?,
+            channel_type: row.get("channel_type")?,
+            endpoint: row.get("endpoint")?,
+            author: row.get("author")?,
+            author_issuer: row.get("author_issuer")?,
+            author_subject: row.get("author_subject")?,
+            author_role: row.get("author_role")?,
+            author_fhir_user: row.get("author_fhir_user")?,
+            resource: row.get("resource")?,
+            created_after_seq: row.get("created_after_seq")?,
+            events_since_start: row.get("events_since_start")?,
+            delivered_through: row.get("delivered_through")?,
+            handshake_pending: row.get("handshake_pending")?,
+            failures: row.get("failures")?,
+            failing_since: row.get("failing_since")?,
+            next_attempt_at: row.get("next_attempt_at")?,
+            last_error: row.get("last_error")?,
+            last_sent_at: row.get("last_sent_at")?,
+        })
+    }
+
+    /// The stored subscription this row holds.
+    pub(crate) fn into_subscription(self) -> Result<StoredSubscription> {
+        let row = self;
+        Ok(StoredSubscription {
+            id: row.id,
+            version: row.version,
+            last_updated: row.last_updated,
+            status: SubscriptionStatus::parse(&row.status).ok_or_else(|| {
+                Error::internal("unknown subscription status in the store", row.status)
+            })?,
+            topic_url: row.topic_url,
+            channel_type: ChannelType::parse(&row.channel_type).ok_or_else(|| {
+                Error::internal(
+                    "unknown subscription channel type in the store",
+                    row.channel_type,
+                )
+            })?,
+            endpoint: row.endpoint,
+            author: serde_json::from_str(&row.author)
+                .map_err(|e| Error::internal("a stored subscription author is not JSON", e))?,
+            owner: owner_from_columns(
+                row.author_issuer,
+                row.author_subject,
+                row.author_role,
+                row.author_fhir_user,
+            )?,
+            resource: serde_json::from_str(&row.resource)
+                .map_err(|e| Error::internal("a stored Subscription is not JSON", e))?,
+            created_after_seq: row.created_after_seq,
+            events_since_start: row.events_since_start,
+            delivered_through: row.delivered_through,
+            handshake_pending: row.handshake_pending != 0,
+            failures: row.failures,
+            failing_since: row.failing_since,
+            next_attempt_at: row.next_attempt_at,
+            last_error: row.last_error,
+            last_sent_at: row.last_sent_at,
+        })
+    }
 }
 
 /// A stored interaction, or the internal error `problem` for one this version does not know.

@@ -1,13 +1,21 @@
 //! The embedded store: SQLite in WAL mode with one writer that commits in groups.
 //!
-//! All writes go through a single writer task that owns the only write connection. It takes
-//! every request waiting in its queue (up to `store.max_batch`), applies each inside its own
-//! savepoint of one transaction, and commits once. With `synchronous = FULL` each commit is
-//! one fsync of the WAL, so the cost of durability is shared by every write in the group:
-//! an acknowledged write survives a killed process and a power cut alike. Reads use a pool of
-//! read-only connections, which WAL lets run beside the writer.
+//! All writes go through a single writer, a dedicated OS thread (`baton-sqlite-writer`)
+//! that owns the only write connection, a rusqlite `Connection`. Async callers queue jobs
+//! on a bounded tokio channel and await each job's oneshot answer; the thread blocks on the
+//! channel, takes every job waiting (up to `store.max_batch`), applies each inside its own
+//! savepoint of one `BEGIN IMMEDIATE` transaction, and commits once, calling into SQLite
+//! directly, with no hop to another thread per statement. With `synchronous = FULL` each
+//! commit is one fsync of the WAL, so the cost of durability is shared by every write in the
+//! group: an acknowledged write survives a killed process and a power cut alike. The thread
+//! is a vital task (`supervise::watch_vital`): if it ends before `close`, the node says so
+//! and stops. `close` closes the queue; the thread finishes what is queued, checkpoints the
+//! WAL and ends, and `close` waits for it.
 //!
-//! The writer loop is in `writer`; the statements of a Task write, which it runs under the
+//! Reads use a pool of read-only sqlx connections, which WAL lets run beside the writer:
+//! they never queue behind it. The migrations run through sqlx before the writer starts.
+//!
+//! The writer thread is in `writer`; the statements of a Task write, which it runs under the
 //! rules of `store::write`, in `tasks`; those of a subscription write, under the rules of
 //! `store::subscriptions`, in `subscriptions`; the rest of the hub's in `hub`.
 //!
@@ -23,8 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 // Every dynamic statement here is assembled from fixed fragments; values are always bound.
 use sqlx::{AssertSqlSafe, Connection};
@@ -48,12 +55,17 @@ use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::search::Predicate;
 use crate::supervise::{self, Health};
-use writer::{Done, Job, Work, run_writer};
+use writer::{Done, Job, Work};
 
 mod hub;
 mod subscriptions;
 mod tasks;
 mod writer;
+
+/// How long a connection waits for a lock another holds (a checkpoint, a reader starting).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// SQLite's page cache per connection (`PRAGMA cache_size`; negative: in KiB).
+const CACHE_SIZE: &str = "-32000";
 
 pub struct SqliteStore {
     reads: SqlitePool,
@@ -66,7 +78,8 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file, runs the migrations and starts the writer.
+    /// Opens (creating if needed) the database file, runs the migrations and starts the writer
+    /// thread.
     /// `committed` is notified after every commit that wrote change events.
     /// The writer runs under `health` as a vital task: if it ever stops before `close`, the
     /// node reports it and stops (see `supervise`).
@@ -89,8 +102,8 @@ impl SqliteStore {
                 crate::config::Synchronous::Full => SqliteSynchronous::Full,
                 crate::config::Synchronous::Normal => SqliteSynchronous::Normal,
             })
-            .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-32000")
+            .busy_timeout(BUSY_TIMEOUT)
+            .pragma("cache_size", CACHE_SIZE)
             .pragma("temp_store", "memory");
         // Migrations run through a one-connection pool: `Migrator::run` on a bare connection
         // does not produce a `Send` future.
@@ -100,7 +113,7 @@ impl SqliteStore {
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&migrations).await?;
         migrations.close().await;
-        let writer = SqliteConnection::connect_with(&options).await?;
+        let writer = writer::connect(path, config.synchronous)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(config.read_connections)
             .min_connections(1)
@@ -110,11 +123,12 @@ impl SqliteStore {
         let base_url = base_url.to_string();
         let max_batch = config.max_batch;
         let closing = CancellationToken::new();
+        let ended = writer::start(writer, rx, base_url, max_batch, committed)?;
         let handle = tokio::spawn(supervise::watch_vital(
             health.clone(),
             "writer",
             closing.clone(),
-            run_writer(writer, rx, base_url, max_batch, committed),
+            ended,
         ));
         Ok(SqliteStore {
             reads,
@@ -141,7 +155,8 @@ impl Precheck for SqliteStore {
             .fetch_one(&mut *tx)
             .await?;
         let ids = tasks::find_ids(&mut tx, criteria, 2).await?;
-        let found = tasks::found_among(&mut tx, &ids).await?;
+        let found =
+            tasks::found_among(&ids, async |id| tasks::load_current(&mut *tx, id).await).await?;
         tx.rollback().await?;
         Ok((found, seq))
     }
@@ -539,7 +554,8 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        // Dropping the sender lets the writer finish what is queued, then close.
+        // Dropping the sender lets the writer thread finish what is queued, checkpoint and
+        // end; the supervising task resolves once it has.
         self.closing.cancel();
         self.jobs.lock().await.take();
         if let Some(handle) = self.writer.lock().await.take() {
@@ -660,6 +676,47 @@ mod tests {
         let outcome = conditional(&store, "B-1", before).await.unwrap();
         assert!(matches!(outcome, WriteOutcome::Written(_)), "{outcome:?}");
         store.close().await;
+    }
+
+    /// `close` waits for the writer thread, which commits what was queued before it ends;
+    /// after it, a write is refused as "cannot write now" rather than lost or hung, and what
+    /// was acknowledged is there when the database is opened again.
+    #[tokio::test]
+    async fn close_drains_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let queued: Vec<_> = (0..20)
+            .map(|n| {
+                store.write(WriteRequest::Create {
+                    resource: order(&format!("E-{n}")),
+                    if_none_exist: None,
+                })
+            })
+            .collect();
+        // The writes are queued first (`join!` polls in order), then the queue is closed.
+        let (written, ()) = tokio::join!(futures::future::join_all(queued), store.close());
+        let error = store.ping().await.unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        let refused = store
+            .write(WriteRequest::Create {
+                resource: order("E-late"),
+                if_none_exist: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+
+        let reopened = open(dir.path()).await;
+        for outcome in written {
+            let Ok(WriteOutcome::Written(version)) = outcome else {
+                panic!("not written: {outcome:?}");
+            };
+            assert!(reopened.read(&version.id).await.unwrap().is_some());
+        }
+        reopened.close().await;
     }
 
     /// Through `Store::write`: none, one and two matches on the read pool.

@@ -1,13 +1,16 @@
 //! SQLite statements for the event log, the delivery state, subscription searches and due
-//! dates (a subscription's own writes are in `subscriptions`). The write functions run
-//! inside the writer's transaction; the read functions use the read pool.
+//! dates (a subscription's own writes are in `subscriptions`). The write functions run on the
+//! writer thread's connection (rusqlite), inside its transaction; the read functions use the
+//! read pool (sqlx).
 //!
-//! The statements both dialects share are `store::hub_sql`'s. What stays here per dialect
-//! is how they run: on the writer's connection or the read pool, with SQLite's `?` where a
-//! statement is built, and the statements SQLite alone has (`record_matches` numbers matches
-//! one at a time, where PostgreSQL numbers a batch in one statement).
+//! The statements both dialects share are `store::hub_sql`'s; their `$n` placeholders are
+//! SQLite parameters numbered by first appearance, which both clients bind in order. What
+//! stays here per dialect is how they run, with SQLite's `?` where a statement is built, and
+//! the statements SQLite alone has (`record_matches` numbers matches one at a time, where
+//! PostgreSQL numbers a batch in one statement).
 
-use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use rusqlite::{Connection, OptionalExtension, params};
+use sqlx::sqlite::SqlitePool;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::error::Result;
@@ -19,54 +22,48 @@ use crate::store::{
     DeliveryReport, EventRecord, HandshakeOwed, MatchRow, StoredSubscription, SubscriptionQuery,
 };
 
-pub(super) async fn record_matches(
-    conn: &mut SqliteConnection,
+pub(super) fn record_matches(
+    conn: &Connection,
     consumer: &str,
     through_seq: ChangeSeq,
     matches: Vec<MatchRow>,
 ) -> Result<Vec<(SubscriptionId, EventNumber)>> {
+    let mut count = conn.prepare_cached(
+        "UPDATE subscription SET events_since_start = events_since_start + 1
+         WHERE id = ? AND status != 'off' RETURNING events_since_start",
+    )?;
+    let mut log = conn.prepare_cached(
+        "INSERT INTO subscription_event (subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )?;
     let mut numbered = Vec::with_capacity(matches.len());
     for m in matches {
         // The counter and the log row move together; a subscription deleted or turned off
         // since matching simply gets nothing.
-        let number: Option<EventNumber> = sqlx::query_scalar(
-            "UPDATE subscription SET events_since_start = events_since_start + 1
-             WHERE id = ? AND status != 'off' RETURNING events_since_start",
-        )
-        .bind(&m.subscription_id)
-        .fetch_optional(&mut *conn)
-        .await?;
+        let number: Option<EventNumber> = count
+            .query_row([&m.subscription_id], |row| row.get(0))
+            .optional()?;
         let Some(number) = number else { continue };
-        sqlx::query(
-            "INSERT INTO subscription_event (subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&m.subscription_id)
-        .bind(number)
-        .bind(m.change_seq)
-        .bind(&m.task_id)
-        .bind(m.version)
-        .bind(m.interaction.as_str())
-        .bind(&m.occurred_at)
-        .execute(&mut *conn)
-        .await?;
+        log.execute(params![
+            &m.subscription_id,
+            number,
+            m.change_seq,
+            &m.task_id,
+            m.version,
+            m.interaction.as_str(),
+            &m.occurred_at,
+        ])?;
         numbered.push((m.subscription_id, number));
     }
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO outbox_cursor (consumer, seq) VALUES (?, ?)
          ON CONFLICT (consumer) DO UPDATE SET seq = max(seq, excluded.seq)",
-    )
-    .bind(consumer)
-    .bind(through_seq)
-    .execute(&mut *conn)
-    .await?;
+    )?
+    .execute(params![consumer, through_seq])?;
     Ok(numbered)
 }
 
-pub(super) async fn record_delivery(
-    conn: &mut SqliteConnection,
-    report: DeliveryReport,
-) -> Result<()> {
+pub(super) fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
     match report {
         DeliveryReport::Delivered {
             subscription_id,
@@ -75,7 +72,8 @@ pub(super) async fn record_delivery(
             status,
             at,
         } => {
-            sqlx::query(
+            let settled = handshake == HandshakeOwed::Settled;
+            conn.prepare_cached(
                 "UPDATE subscription SET delivered_through = max(delivered_through, ?),
                    handshake_pending = CASE WHEN ? THEN 0 ELSE handshake_pending END,
                    failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
@@ -85,15 +83,15 @@ pub(super) async fn record_delivery(
                    status = CASE WHEN status = 'off' THEN 'off'
                      WHEN handshake_pending = 1 AND NOT ? THEN status ELSE ? END
                  WHERE id = ?",
-            )
-            .bind(through)
-            .bind(handshake == HandshakeOwed::Settled)
-            .bind(&at)
-            .bind(handshake == HandshakeOwed::Settled)
-            .bind(status.as_str())
-            .bind(&subscription_id)
-            .execute(&mut *conn)
-            .await?;
+            )?
+            .execute(params![
+                through,
+                settled,
+                &at,
+                settled,
+                status.as_str(),
+                &subscription_id,
+            ])?;
         }
         DeliveryReport::Failed {
             subscription_id,
@@ -103,33 +101,29 @@ pub(super) async fn record_delivery(
             next_attempt_at,
             status,
         } => {
-            sqlx::query(
+            conn.prepare_cached(
                 "UPDATE subscription SET failures = ?, failing_since = ?, next_attempt_at = ?,
                    last_error = ?, status = CASE WHEN status = 'off' THEN 'off' ELSE ? END
                  WHERE id = ?",
-            )
-            .bind(failures)
-            .bind(&failing_since)
-            .bind(&next_attempt_at)
-            .bind(&error)
-            .bind(status.as_str())
-            .bind(&subscription_id)
-            .execute(&mut *conn)
-            .await?;
+            )?
+            .execute(params![
+                failures,
+                &failing_since,
+                &next_attempt_at,
+                &error,
+                status.as_str(),
+                &subscription_id,
+            ])?;
         }
     }
     Ok(())
 }
 
-pub(super) async fn prune_events(
-    conn: &mut SqliteConnection,
-    before: &StoredInstant,
-) -> Result<u64> {
-    let done = sqlx::query(hub_sql::PRUNE_EVENTS)
-        .bind(before)
-        .execute(&mut *conn)
-        .await?;
-    Ok(done.rows_affected())
+pub(super) fn prune_events(conn: &Connection, before: &StoredInstant) -> Result<u64> {
+    let pruned = conn
+        .prepare_cached(hub_sql::PRUNE_EVENTS)?
+        .execute([before])?;
+    Ok(pruned as u64)
 }
 
 pub(super) async fn search_subscriptions(
@@ -192,35 +186,27 @@ pub(super) async fn overdue_tasks(
 
 /// Checked, marked and recorded inside the writer's transaction; the single writer runs one
 /// job at a time, so the Task cannot change in between.
-pub(super) async fn mark_overdue(
-    conn: &mut SqliteConnection,
+pub(super) fn mark_overdue(
+    conn: &Connection,
     task_id: &TaskId,
     due_at: &StoredInstant,
     now: &StoredInstant,
 ) -> Result<bool> {
-    let version: Option<Version> = sqlx::query_scalar(AssertSqlSafe(hub_sql::overdue_version("")))
-        .bind(due_at)
-        .bind(task_id)
-        .bind(now)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let version: Option<Version> = conn
+        .prepare_cached(&hub_sql::overdue_version(""))?
+        .query_row(params![due_at, task_id, now], |row| row.get(0))
+        .optional()?;
     let Some(version) = version else {
         return Ok(false);
     };
-    let marked = sqlx::query(hub_sql::MARK_OVERDUE)
-        .bind(task_id)
-        .bind(due_at)
-        .execute(&mut *conn)
-        .await?;
-    if marked.rows_affected() == 0 {
+    let marked = conn
+        .prepare_cached(hub_sql::MARK_OVERDUE)?
+        .execute(params![task_id, due_at])?;
+    if marked == 0 {
         return Ok(false);
     }
-    sqlx::query(hub_sql::OVERDUE_EVENT)
-        .bind(task_id)
-        .bind(version)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
+    conn.prepare_cached(hub_sql::OVERDUE_EVENT)?
+        .execute(params![task_id, version, now])?;
     Ok(true)
 }
 

@@ -1,27 +1,34 @@
-//! SQLite statements of a Task write: `store::write::TaskTx` on the writer's connection,
-//! inside its transaction, and the If-None-Exist search the read pool runs before it.
+//! SQLite statements of a Task write: `store::write::TaskTx` on the writer thread's
+//! connection (rusqlite), inside its transaction, and the If-None-Exist search the read pool
+//! (sqlx) runs before it.
+//!
+//! Every statement of the writer is fixed text, prepared once and kept (`prepare_cached`); a
+//! Task's index rows are written one row at a time through the same prepared insert, which
+//! costs no more than a multi-row statement once nothing crosses a thread per statement.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
+use rusqlite::{Connection, OptionalExtension, params};
 use sqlx::sqlite::{SqliteConnection, SqliteExecutor};
 // Every dynamic statement here is assembled from fixed fragments; values are always bound.
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::AssertSqlSafe;
 
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, StoredInstant, TaskId, Version};
 use crate::fhir::search::{self, DateEntry, Predicate, TaskIndex, TokenEntry, task_param};
-use crate::store::rows::{CURRENT_COLUMNS, current_from_row};
+use crate::store::rows::{CURRENT_COLUMNS, TaskRow, current_from_row};
 use crate::store::search_sql::{Placeholder, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
 use crate::store::{CurrentTask, Interaction};
 
-impl TaskTx for SqliteConnection {
+impl TaskTx for Connection {
     /// The outbox position up to which the read pool found no match (`SqliteStore::precheck`).
     type Seen = ChangeSeq;
 
     // The single writer runs one write at a time: what it loads cannot change under it.
     async fn load_for_change(&mut self, id: &TaskId) -> Result<Option<CurrentTask>> {
-        load_current(&mut *self, id).await
+        load_for_write(self, id)
     }
 
     /// Looks only at the Tasks written after outbox position `seen`: those are the only Tasks
@@ -31,43 +38,43 @@ impl TaskTx for SqliteConnection {
     /// rows: the cost grows with the writes committed in between, never with the criteria's
     /// SQL or the size of the table.
     async fn recheck(&mut self, criteria: &[Predicate], seen: ChangeSeq) -> Result<Found> {
-        let changed = indexes_written_after(self, seen).await?;
+        let changed = indexes_written_after(self, seen)?;
         let found: Vec<TaskId> = changed
             .into_iter()
             .filter(|(_, index)| search::matches(index, criteria))
             .map(|(id, _)| id)
             .take(2)
             .collect();
-        found_among(self, &found).await
+        found_among(&found, async |id| load_for_write(self, id)).await
     }
 
     async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
-        let status: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT json_extract(resource, '$.status') FROM task_version
-             WHERE id = ? AND (resource IS NULL OR json_extract(resource, '$.status') <> 'on-hold')
-             ORDER BY version DESC LIMIT 1",
-        )
-        .bind(id)
-        .fetch_optional(&mut *self)
-        .await?;
+        let status: Option<Option<String>> = self
+            .prepare_cached(
+                "SELECT json_extract(resource, '$.status') FROM task_version
+                 WHERE id = ? AND (resource IS NULL OR json_extract(resource, '$.status') <> 'on-hold')
+                 ORDER BY version DESC LIMIT 1",
+            )?
+            .query_row([id], |row| row.get(0))
+            .optional()?;
         Ok(status.flatten())
     }
 
     async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
-        sqlx::query(
+        self.prepare_cached(
             "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource)
              VALUES (?, ?, ?, 0, ?, ?)
              ON CONFLICT (id) DO UPDATE SET version = excluded.version,
                last_updated = excluded.last_updated, deleted = 0,
                priority_rank = excluded.priority_rank, resource = excluded.resource",
-        )
-        .bind(v.id)
-        .bind(v.version)
-        .bind(v.last_updated)
-        .bind(v.priority_rank)
-        .bind(v.text)
-        .execute(&mut *self)
-        .await?;
+        )?
+        .execute(params![
+            v.id,
+            v.version,
+            v.last_updated,
+            v.priority_rank,
+            v.text
+        ])?;
         insert_version(
             self,
             v.id,
@@ -75,13 +82,12 @@ impl TaskTx for SqliteConnection {
             v.last_updated,
             v.interaction,
             Some(v.text),
-        )
-        .await?;
+        )?;
         // A Task that never existed has no index rows to clear.
         if v.existed {
-            clear_index(self, v.id).await?;
+            clear_index(self, v.id)?;
         }
-        write_index(self, v.id, v.index).await?;
+        write_index(self, v.id, v.index)?;
         insert_change(
             self,
             v.id,
@@ -90,16 +96,13 @@ impl TaskTx for SqliteConnection {
             v.interaction,
             v.last_updated,
         )
-        .await
     }
 
     async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
-        sqlx::query("UPDATE task SET version = ?, last_updated = ?, deleted = 1 WHERE id = ?")
-            .bind(d.version)
-            .bind(d.last_updated)
-            .bind(d.id)
-            .execute(&mut *self)
-            .await?;
+        self.prepare_cached(
+            "UPDATE task SET version = ?, last_updated = ?, deleted = 1 WHERE id = ?",
+        )?
+        .execute(params![d.version, d.last_updated, d.id])?;
         insert_version(
             self,
             d.id,
@@ -107,9 +110,8 @@ impl TaskTx for SqliteConnection {
             d.last_updated,
             Interaction::Delete,
             None,
-        )
-        .await?;
-        clear_index(self, d.id).await?;
+        )?;
+        clear_index(self, d.id)?;
         insert_change(
             self,
             d.id,
@@ -118,112 +120,109 @@ impl TaskTx for SqliteConnection {
             Interaction::Delete,
             d.last_updated,
         )
-        .await
     }
 }
 
-async fn insert_version(
-    conn: &mut SqliteConnection,
+fn insert_version(
+    conn: &Connection,
     id: &TaskId,
     version: Version,
     now: &StoredInstant,
     interaction: Interaction,
     resource: Option<&str>,
 ) -> Result<()> {
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO task_version (id, version, last_updated, interaction, resource) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(version)
-    .bind(now)
-    .bind(interaction.as_str())
-    .bind(resource)
-    .execute(&mut *conn)
-    .await?;
+    )?
+    .execute(params![id, version, now, interaction.as_str(), resource])?;
     Ok(())
 }
 
-async fn insert_change(
-    conn: &mut SqliteConnection,
+fn insert_change(
+    conn: &Connection,
     id: &TaskId,
     version: Version,
     previous_version: Option<Version>,
     interaction: Interaction,
     now: &StoredInstant,
 ) -> Result<()> {
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
          VALUES ('Task', ?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(version)
-    .bind(previous_version)
-    .bind(interaction.as_str())
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
+    )?
+    .execute(params![
+        id,
+        version,
+        previous_version,
+        interaction.as_str(),
+        now
+    ])?;
     Ok(())
 }
 
-async fn clear_index(conn: &mut SqliteConnection, id: &TaskId) -> Result<()> {
-    sqlx::query("DELETE FROM task_token WHERE task_id = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM task_date WHERE task_id = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+fn clear_index(conn: &Connection, id: &TaskId) -> Result<()> {
+    conn.prepare_cached("DELETE FROM task_token WHERE task_id = ?")?
+        .execute([id])?;
+    conn.prepare_cached("DELETE FROM task_date WHERE task_id = ?")?
+        .execute([id])?;
     Ok(())
 }
 
-/// Writes the search index rows of one Task, one multi-row insert per table.
-async fn write_index(conn: &mut SqliteConnection, id: &TaskId, index: &TaskIndex) -> Result<()> {
+/// Writes the search index rows of one Task.
+fn write_index(conn: &Connection, id: &TaskId, index: &TaskIndex) -> Result<()> {
     if !index.tokens.is_empty() {
-        let sql = format!(
-            "INSERT INTO task_token (task_id, param, system, value) VALUES {}",
-            vec!["(?, ?, ?, ?)"; index.tokens.len()].join(", ")
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO task_token (task_id, param, system, value) VALUES (?, ?, ?, ?)",
+        )?;
         for token in &index.tokens {
-            query = query
-                .bind(id)
-                .bind(token.param)
-                .bind(token.system.as_deref())
-                .bind(&token.value);
+            insert.execute(params![
+                id,
+                token.param,
+                token.system.as_deref(),
+                &token.value
+            ])?;
         }
-        query.execute(&mut *conn).await?;
     }
     if !index.dates.is_empty() {
-        let sql = format!(
-            "INSERT INTO task_date (task_id, param, start_at, end_at) VALUES {}",
-            vec!["(?, ?, ?, ?)"; index.dates.len()].join(", ")
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO task_date (task_id, param, start_at, end_at) VALUES (?, ?, ?, ?)",
+        )?;
         for date in &index.dates {
-            query = query
-                .bind(id)
-                .bind(date.param)
-                .bind(&date.start)
-                .bind(&date.end);
+            insert.execute(params![id, date.param, &date.start, &date.end])?;
         }
-        query.execute(&mut *conn).await?;
     }
     Ok(())
 }
 
+/// The statement that reads a current Task by id.
+static LOAD_CURRENT: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?"));
+
+/// The current state of a Task, read inside the writer's transaction.
+fn load_for_write(conn: &Connection, id: &TaskId) -> Result<Option<CurrentTask>> {
+    let row = conn
+        .prepare_cached(&LOAD_CURRENT)?
+        .query_row([id], TaskRow::from_rusqlite)
+        .optional()?;
+    Ok(row
+        .map(TaskRow::into_current)
+        .transpose()?
+        .map(|(task, _)| task))
+}
+
+/// The current state of a Task, read on the read pool.
 pub(super) async fn load_current<'e>(
     executor: impl SqliteExecutor<'e>,
     id: &TaskId,
 ) -> Result<Option<CurrentTask>> {
-    let sql = format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?");
-    let row = sqlx::query(AssertSqlSafe(sql))
+    let row = sqlx::query(AssertSqlSafe(LOAD_CURRENT.as_str()))
         .bind(id)
         .fetch_optional(executor)
         .await?;
     row.as_ref().map(current_from_row).transpose()
 }
 
+/// The ids of at most `limit` live Tasks the criteria match, on the read pool.
 pub(super) async fn find_ids(
     conn: &mut SqliteConnection,
     predicates: &[Predicate],
@@ -241,12 +240,16 @@ pub(super) async fn find_ids(
     Ok(query.bind(limit).fetch_all(&mut *conn).await?)
 }
 
-/// What the ids of at most two matching Tasks found; the one Task is loaded.
-pub(super) async fn found_among(conn: &mut SqliteConnection, ids: &[TaskId]) -> Result<Found> {
+/// What the ids of at most two matching Tasks found; the one Task is loaded with `load`
+/// (on the read pool for the pre-check, in the writer's transaction for the re-check).
+pub(super) async fn found_among(
+    ids: &[TaskId],
+    load: impl AsyncFnOnce(&TaskId) -> Result<Option<CurrentTask>>,
+) -> Result<Found> {
     match ids {
         [] => Ok(Found::Nothing),
         [id] => {
-            let current = load_current(&mut *conn, id)
+            let current = load(id)
                 .await?
                 .ok_or_else(|| Error::internal("a matched Task vanished", "missing row"))?;
             Ok(Found::One(current))
@@ -256,17 +259,15 @@ pub(super) async fn found_among(conn: &mut SqliteConnection, ids: &[TaskId]) -> 
 }
 
 /// The live Tasks written after outbox position `seq`, each with its search index as stored.
-async fn indexes_written_after(
-    conn: &mut SqliteConnection,
-    seq: ChangeSeq,
-) -> Result<Vec<(TaskId, TaskIndex)>> {
-    const WRITTEN: &str = "SELECT DISTINCT resource_id FROM change_event WHERE seq > ?";
-    let ids: Vec<TaskId> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT t.id FROM task t WHERE t.deleted = 0 AND t.id IN ({WRITTEN}) ORDER BY t.id"
-    )))
-    .bind(seq)
-    .fetch_all(&mut *conn)
-    .await?;
+fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskId, TaskIndex)>> {
+    let ids: Vec<TaskId> = conn
+        .prepare_cached(
+            "SELECT t.id FROM task t WHERE t.deleted = 0
+               AND t.id IN (SELECT DISTINCT resource_id FROM change_event WHERE seq > ?)
+             ORDER BY t.id",
+        )?
+        .query_map([seq], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -274,37 +275,35 @@ async fn indexes_written_after(
         .iter()
         .map(|id| (id.clone(), TaskIndex::default()))
         .collect();
-    let tokens = sqlx::query(AssertSqlSafe(format!(
-        "SELECT task_id, param, system, value FROM task_token WHERE task_id IN ({WRITTEN})"
-    )))
-    .bind(seq)
-    .fetch_all(&mut *conn)
-    .await?;
-    for row in tokens {
-        let id: TaskId = row.try_get("task_id")?;
-        let param: String = row.try_get("param")?;
+    let mut tokens = conn.prepare_cached(
+        "SELECT task_id, param, system, value FROM task_token
+         WHERE task_id IN (SELECT DISTINCT resource_id FROM change_event WHERE seq > ?)",
+    )?;
+    let mut rows = tokens.query([seq])?;
+    while let Some(row) = rows.next()? {
+        let id: TaskId = row.get(0)?;
+        let param: String = row.get(1)?;
         if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
             index.tokens.push(TokenEntry {
                 param: def.code,
-                system: row.try_get("system")?,
-                value: row.try_get("value")?,
+                system: row.get(2)?,
+                value: row.get(3)?,
             });
         }
     }
-    let dates = sqlx::query(AssertSqlSafe(format!(
-        "SELECT task_id, param, start_at, end_at FROM task_date WHERE task_id IN ({WRITTEN})"
-    )))
-    .bind(seq)
-    .fetch_all(&mut *conn)
-    .await?;
-    for row in dates {
-        let id: TaskId = row.try_get("task_id")?;
-        let param: String = row.try_get("param")?;
+    let mut dates = conn.prepare_cached(
+        "SELECT task_id, param, start_at, end_at FROM task_date
+         WHERE task_id IN (SELECT DISTINCT resource_id FROM change_event WHERE seq > ?)",
+    )?;
+    let mut rows = dates.query([seq])?;
+    while let Some(row) = rows.next()? {
+        let id: TaskId = row.get(0)?;
+        let param: String = row.get(1)?;
         if let (Some(index), Some(def)) = (indexes.get_mut(&id), task_param(&param)) {
             index.dates.push(DateEntry {
                 param: def.code,
-                start: row.try_get("start_at")?,
-                end: row.try_get("end_at")?,
+                start: row.get(2)?,
+                end: row.get(3)?,
             });
         }
     }
