@@ -459,8 +459,6 @@ pub trait Store: Send + Sync + 'static {
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredSubscription>, u64)>;
-    /// Every subscription that is not `off`, as whole rows.
-    async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>>;
     /// Up to `limit` subscriptions that are not `off`, in id order after `after`: start-up
     /// reads them page by page, so that a million never sit in memory at once.
     async fn live_subscription_page(

@@ -384,10 +384,6 @@ impl Store for PostgresStore {
         hub::search_subscriptions(&self.pool, query, count, offset).await
     }
 
-    async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>> {
-        hub::live_subscriptions(&self.pool).await
-    }
-
     async fn live_subscription_page(
         &self,
         after: Option<&SubscriptionId>,

@@ -277,13 +277,6 @@ impl Store for SqliteStore {
         hub::search_subscriptions(&self.reads, query, count, offset).await
     }
 
-    async fn live_subscriptions(&self) -> Result<Vec<StoredSubscription>> {
-        let rows = sqlx::query("SELECT * FROM subscription WHERE status != 'off'")
-            .fetch_all(&self.reads)
-            .await?;
-        rows.iter().map(subscription_from_row).collect()
-    }
-
     async fn live_subscription_page(
         &self,
         after: Option<&SubscriptionId>,

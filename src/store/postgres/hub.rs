@@ -42,13 +42,6 @@ pub(super) async fn read_subscription(
     row.as_ref().map(subscription_from_row).transpose()
 }
 
-pub(super) async fn live_subscriptions(pool: &PgPool) -> Result<Vec<StoredSubscription>> {
-    let rows = sqlx::query("SELECT * FROM subscription WHERE status <> 'off' ORDER BY id")
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(subscription_from_row).collect()
-}
-
 /// Records a batch of matches in two statements: the first checks the lease (locking its row
 /// until commit, so a node taking the lease over waits and this batch is recorded by the
 /// holder it names or not at all), marks the changes matched and moves the cursor; the second

@@ -1061,7 +1061,13 @@ async fn reads_searches_and_workflow_run_on_postgres() {
         0
     );
     assert_eq!(
-        ids_of(&store.live_subscriptions().await.unwrap()),
+        store
+            .live_subscription_page(None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>(),
         [subscription]
     );
     store.ping().await.unwrap();
