@@ -255,8 +255,8 @@ pub struct LiveSubscription {
 }
 
 /// A live subscription with something owed (its handshake, or events not yet delivered),
-/// for the scheduler's start.
-#[derive(Debug, Clone, PartialEq)]
+/// for the scheduler's start. Read straight from `hub_sql::PENDING_DELIVERIES`' columns.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct PendingDelivery {
     pub id: SubscriptionId,
     /// A retry time recorded before the restart.

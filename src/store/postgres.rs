@@ -399,17 +399,9 @@ impl Store for PostgresStore {
     }
 
     async fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>> {
-        let rows: Vec<(SubscriptionId, Option<StoredInstant>)> =
-            sqlx::query_as(hub_sql::PENDING_DELIVERIES)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, next_attempt_at)| PendingDelivery {
-                id,
-                next_attempt_at,
-            })
-            .collect())
+        Ok(sqlx::query_as(hub_sql::PENDING_DELIVERIES)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn outbox_cursor(&self, consumer: &str) -> Result<ChangeSeq> {
