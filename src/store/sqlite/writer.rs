@@ -32,8 +32,8 @@ use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, Ta
 use crate::store::subscriptions;
 use crate::store::write::{self, TaskWrite};
 use crate::store::{
-    DeliveryReport, MatchRow, StoredSubscription, SubscriptionDecide, SubscriptionRecord,
-    WriteOutcome,
+    DeliveryReport, MatchRow, MatchingFormRow, StoredSubscription, SubscriptionDecide,
+    SubscriptionRecord, WriteOutcome,
 };
 use crate::supervise;
 
@@ -57,6 +57,7 @@ pub(super) enum Work {
         matches: Vec<MatchRow>,
     },
     RecordDelivery(DeliveryReport),
+    FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
     MarkOverdue {
         task_id: TaskId,
@@ -275,6 +276,9 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             matches,
         } => hub::record_matches(conn, &consumer, through_seq, matches).map(Done::Numbers),
         Work::RecordDelivery(report) => hub::record_delivery(conn, report).map(|()| Done::Nothing),
+        Work::FillMatchingForms(forms) => {
+            super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
+        }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
         Work::MarkOverdue {
             task_id,
