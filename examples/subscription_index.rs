@@ -425,12 +425,15 @@ mod tests {
         assert_eq!(parsed.predicates, vec![owner_filter(7)]);
     }
 
-    /// Not a timing: the memory the index holds per owner-filtered subscription stays under a
-    /// generous bound (the target is 250 B; the index before it was compacted took ~1 100 B).
+    /// Not a timing: the memory the index holds per owner-filtered subscription, each with its
+    /// own practitioner author (the costlier case), stays under a bound. The target is 250 B,
+    /// met at a million with `MIMALLOC_PURGE_DELAY=0` (BENCHMARKS.md); here the allocator may
+    /// still hold the buffers the index outgrew (273 B measured at 200 000), hence the margin.
+    /// The index before it was compacted took ~1 100 B, and 333 B before readers were interned.
     #[test]
     fn the_index_holds_a_few_hundred_bytes_per_subscription() {
-        let (index, bytes, _) = measure(200_000, 100, Author::Service);
+        let (index, bytes, _) = measure(200_000, 100, Author::Practitioner);
         let per = bytes as f64 / index.len() as f64;
-        assert!(per < 400.0, "{per:.0} B per subscription");
+        assert!(per < 320.0, "{per:.0} B per subscription");
     }
 }
