@@ -300,6 +300,7 @@ impl Claimed<'_> {
         Subject {
             store: self.deliverer.store.as_ref(),
             base_url: &self.deliverer.hub.base_url,
+            shared: &self.deliverer.hub.shared,
             sub: &self.sub,
             spec: sending.spec,
             payload: sending.payload,
