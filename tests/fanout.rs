@@ -148,16 +148,30 @@ async fn the_read_rule_applies_per_subscription_at_send_time_with_shared_parts()
     let catch_all = subscribe(
         &server,
         &admin,
-        &subscription(&server.base, "task-changed", &[], &admins.url, "full-resource"),
+        &subscription(
+            &server.base,
+            "task-changed",
+            &[],
+            &admins.url,
+            "full-resource",
+        ),
     )
     .await;
     let carols = subscribe(
         &server,
         &with_queue,
-        &subscription(&server.base, "task-changed", &[], &hers.url, "full-resource"),
+        &subscription(
+            &server.base,
+            "task-changed",
+            &[],
+            &hers.url,
+            "full-resource",
+        ),
     )
     .await;
-    admins.wait_for("the admin's handshake", |r| !r.is_empty()).await;
+    admins
+        .wait_for("the admin's handshake", |r| !r.is_empty())
+        .await;
     hers.wait_for("carol's handshake", |r| !r.is_empty()).await;
     // Carol's endpoint is down: her notification waits in her queue.
     hers.fail_with(Some(503));
@@ -176,7 +190,10 @@ async fn the_read_rule_applies_per_subscription_at_send_time_with_shared_parts()
         .iter()
         .find(|r| r.kind() == "event-notification")
         .unwrap();
-    assert_eq!(in_full.body["entry"][1]["resource"]["id"], queued_id.as_str());
+    assert_eq!(
+        in_full.body["entry"][1]["resource"]["id"],
+        queued_id.as_str()
+    );
     eventually("the queued Task numbered for carol", || async {
         (events_since_start(&server, &carols).await == 1).then_some(())
     })
@@ -194,11 +211,14 @@ async fn the_read_rule_applies_per_subscription_at_send_time_with_shared_parts()
     assert_eq!(status, StatusCode::OK);
     hers.fail_with(None);
     // Her queue drains in order: once her own next Task reaches her, event 1 has gone by.
-    let unqueued = server.create_task(&task("requested", Some("Practitioner/carol"))).await;
+    let unqueued = server
+        .create_task(&task("requested", Some("Practitioner/carol")))
+        .await;
     let unqueued_id = unqueued["id"].as_str().unwrap().to_string();
     hers.wait_for("carol's own Task", |r| {
         r.iter().any(|n| {
-            n.kind() == "event-notification" && n.body["entry"][1]["resource"]["id"] == unqueued_id.as_str()
+            n.kind() == "event-notification"
+                && n.body["entry"][1]["resource"]["id"] == unqueued_id.as_str()
         })
     })
     .await;

@@ -13,10 +13,10 @@ use std::time::Duration;
 use tracing::field::Empty;
 
 use super::Deliverer;
-use super::run::Slot;
 use super::dispatch::{Channel, Guarantee, Outgoing, Reach, channel_for};
 use super::notify::{Notification, Payload, Subject, build};
 use super::retry::{AfterFailure, RetryPolicy, after_failure};
+use super::run::Slot;
 use super::scheduler::{Attempt, Outcome};
 use super::status::{Happened, next_status};
 use crate::error::Result;

@@ -216,9 +216,7 @@ pub fn readable_events<'a>(
     events
         .iter()
         .filter_map(|e| {
-            let resource = versions
-                .get(&(e.task_id.clone(), e.version))
-                .map(|r| &**r);
+            let resource = versions.get(&(e.task_id.clone(), e.version)).map(|r| &**r);
             if resource.is_some_and(|r| !auth::may_read_task(author, r, base_url)) {
                 metrics::counter!("baton_events_withheld_total").increment(1);
                 return None;

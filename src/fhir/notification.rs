@@ -153,7 +153,9 @@ pub fn notification_bundle(
     content: ContentLevel,
 ) -> Value {
     let status_id = Uuid::new_v4().to_string();
-    notification_bundle_with_status_id(base_url, bundle_id, now, &status_id, status, events, content)
+    notification_bundle_with_status_id(
+        base_url, bundle_id, now, &status_id, status, events, content,
+    )
 }
 
 /// `notification_bundle` with the status entry's id given (`notification_bundle` draws a
@@ -184,7 +186,11 @@ pub fn notification_bundle_with_status_id(
 /// One event's Bundle entry, serialised: what `notification_bundle` puts in its `entry` for
 /// it, and what [`notification_bundle_bytes`] takes. It does not depend on the subscription,
 /// so one change heard by many subscriptions needs it built once per content level.
-pub fn event_entry_bytes(base_url: &str, event: &NotificationEvent, content: ContentLevel) -> Vec<u8> {
+pub fn event_entry_bytes(
+    base_url: &str,
+    event: &NotificationEvent,
+    content: ContentLevel,
+) -> Vec<u8> {
     let base = base_url.trim_end_matches('/');
     serde_json::to_vec(&event_entry(base, event, content)).unwrap_or_default()
 }
@@ -218,7 +224,10 @@ pub fn notification_bundle_bytes(
     out.extend_from_slice(br#","type":"history","timestamp":"#);
     write_json(&mut out, &now);
     out.extend_from_slice(br#","entry":["#);
-    write_json(&mut out, &status_entry(base, status_id, status, events, content));
+    write_json(
+        &mut out,
+        &status_entry(base, status_id, status, events, content),
+    );
     for entry in listed {
         out.push(b',');
         out.extend_from_slice(entry);

@@ -76,7 +76,11 @@ impl SharedParts {
 
     /// Keeps the version each change produced, from the versions the outbox loaded to match
     /// them: the deliveries that follow find them here instead of in the store.
-    pub fn keep_current(&self, changes: &[ChangeEvent], loaded: &HashMap<(TaskId, Version), Value>) {
+    pub fn keep_current(
+        &self,
+        changes: &[ChangeEvent],
+        loaded: &HashMap<(TaskId, Version), Value>,
+    ) {
         let mut versions = lock(&self.versions);
         for change in changes {
             let key = (change.resource_id.clone(), change.version);
@@ -170,6 +174,9 @@ mod tests {
             });
             assert_eq!(&*entry, b"{}");
         }
-        assert_eq!(builds, 1, "built by the first notification, reused by the others");
+        assert_eq!(
+            builds, 1,
+            "built by the first notification, reused by the others"
+        );
     }
 }

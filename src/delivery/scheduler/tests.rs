@@ -276,7 +276,11 @@ fn a_catch_all_with_a_backlog_and_ten_thousand_single_events_share_the_slots_fai
             scheduler.attempt_finished(&id, outcome, origin);
         }
     }
-    assert_eq!(catch_all_at.len(), CATCH_ALL_ATTEMPTS, "its backlog was all sent");
+    assert_eq!(
+        catch_all_at.len(),
+        CATCH_ALL_ATTEMPTS,
+        "its backlog was all sent"
+    );
     assert_eq!(catch_all_at[0], 0, "waiting longest, it went first");
     for pair in catch_all_at.windows(2) {
         assert!(
@@ -284,7 +288,10 @@ fn a_catch_all_with_a_backlog_and_ten_thousand_single_events_share_the_slots_fai
             "the catch-all waited at most one round of the others: {pair:?}"
         );
     }
-    let last_owner = owner_at.iter().map(|at| at.expect("every owner was served")).max();
+    let last_owner = owner_at
+        .iter()
+        .map(|at| at.expect("every owner was served"))
+        .max();
     assert!(
         last_owner < Some(catch_all_at[1]),
         "every single-event subscription was served before the catch-all's second attempt: \
