@@ -216,7 +216,7 @@ impl Scheduler {
 
     /// Attempts holding a slot: in flight and not yet only waiting for their record.
     fn sending(&self) -> usize {
-        self.in_flight.len() - self.recording.len()
+        self.in_flight.len().saturating_sub(self.recording.len())
     }
 
     /// When the next timer comes due, if any; `due` is to be called then.
