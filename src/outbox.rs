@@ -230,6 +230,7 @@ impl Outbox {
             .into_iter()
             .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
             .collect();
+        self.hub.shared.keep_current(changes, &versions);
 
         let mut rows = Vec::new();
         {

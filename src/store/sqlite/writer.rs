@@ -56,7 +56,10 @@ pub(super) enum Work {
         through_seq: ChangeSeq,
         matches: Vec<MatchRow>,
     },
-    RecordDelivery(DeliveryReport),
+    /// The results of many delivery attempts, in the order they were reported: one job (one
+    /// savepoint) for all the attempts whose results gathered while the previous one
+    /// committed.
+    RecordDeliveries(Vec<DeliveryReport>),
     PruneEvents(StoredInstant),
     MarkOverdue {
         task_id: TaskId,
@@ -274,7 +277,9 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             through_seq,
             matches,
         } => hub::record_matches(conn, &consumer, through_seq, matches).map(Done::Numbers),
-        Work::RecordDelivery(report) => hub::record_delivery(conn, report).map(|()| Done::Nothing),
+        Work::RecordDeliveries(reports) => {
+            hub::record_deliveries(conn, reports).map(|()| Done::Nothing)
+        }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
         Work::MarkOverdue {
             task_id,
