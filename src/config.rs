@@ -245,6 +245,12 @@ pub struct StoreConfig {
     /// survives a killed process and a power cut); `normal` fsyncs only at checkpoints (it
     /// survives a killed process, but a power cut may lose the last commits).
     pub synchronous: Synchronous,
+    /// Writes waiting for the database beyond which a new Task or subscription write is
+    /// refused with 429 and `Retry-After` (see `store::pressure`).
+    pub max_queue: usize,
+    /// Committed Task changes not yet matched and recorded beyond which a new Task write is
+    /// refused with 429 and `Retry-After`.
+    pub max_fanout_lag: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -312,6 +318,8 @@ impl Default for StoreConfig {
             postgres_connections: 16,
             statement_timeout_seconds: 30,
             synchronous: Synchronous::Full,
+            max_queue: 4096,
+            max_fanout_lag: 50_000,
         }
     }
 }
@@ -436,6 +444,11 @@ impl Config {
         if self.store.max_batch == 0 || self.store.read_connections == 0 {
             return Err(ConfigError(
                 "store.max_batch and store.read_connections must be at least 1".into(),
+            ));
+        }
+        if self.store.max_queue == 0 || self.store.max_fanout_lag == 0 {
+            return Err(ConfigError(
+                "store.max_queue and store.max_fanout_lag must be at least 1 (BATON_STORE__MAX_QUEUE, BATON_STORE__MAX_FANOUT_LAG)".into(),
             ));
         }
         let d = &self.delivery;

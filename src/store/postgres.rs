@@ -34,6 +34,7 @@ use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tokio::sync::Notify;
 
 use super::hub_sql;
+use super::pressure::{Pressure, WriteKind};
 use super::rows::{
     change_from_row, current_from_row, live_from_row, sized_current_from_row, version_from_row,
 };
@@ -60,6 +61,9 @@ pub struct PostgresStore {
     pool: PgPool,
     base_url: String,
     committed: Arc<Notify>,
+    /// The client writes in flight on this node and the fan-out lag they are admitted
+    /// against.
+    pressure: Pressure,
 }
 
 impl PostgresStore {
@@ -102,6 +106,7 @@ impl PostgresStore {
             pool,
             base_url: base_url.to_string(),
             committed,
+            pressure: Pressure::new(config.max_queue, config.max_fanout_lag),
         })
     }
 
@@ -189,6 +194,8 @@ impl Precheck for PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
+        self.pressure.admit(WriteKind::Task)?;
+        let _queued = self.pressure.enter();
         let write = match write::prepare(self, request).await? {
             Prepared::Answered(outcome) => return Ok(outcome),
             Prepared::Write(write) => write,
@@ -344,6 +351,8 @@ impl Store for PostgresStore {
     }
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
+        self.pressure.admit(WriteKind::Subscription)?;
+        let _queued = self.pressure.enter();
         let mut tx = self.pool.begin().await?;
         let result = super::subscriptions::create(&mut *tx, record).await;
         finish(tx, result)
@@ -356,6 +365,8 @@ impl Store for PostgresStore {
         id: &SubscriptionId,
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription> {
+        self.pressure.admit(WriteKind::Subscription)?;
+        let _queued = self.pressure.enter();
         let mut tx = self.pool.begin().await?;
         let result = super::subscriptions::replace(&mut *tx, id, decide).await;
         finish(tx, result)
@@ -437,8 +448,8 @@ impl Store for PostgresStore {
         hub::subscription_events(&self.pool, id, from, to).await
     }
 
-    async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()> {
-        hub::record_delivery(&self.pool, holder, report).await
+    async fn record_deliveries(&self, holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
+        hub::record_deliveries(&self.pool, holder, reports).await
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
@@ -509,6 +520,10 @@ impl Store for PostgresStore {
 
     async fn next_due(&self, now: &StoredInstant) -> Result<Option<StoredInstant>> {
         hub::next_due(&self.pool, now).await
+    }
+
+    fn pressure(&self) -> &Pressure {
+        &self.pressure
     }
 
     async fn ping(&self) -> Result<()> {

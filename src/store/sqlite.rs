@@ -39,6 +39,7 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::hub_sql;
+use super::pressure::{Pressure, WriteKind};
 use super::rows::{
     change_from_row, live_from_row, sized_current_from_row, subscription_from_row, version_from_row,
 };
@@ -75,6 +76,9 @@ pub struct SqliteStore {
     closing: CancellationToken,
     /// Where a full disk is noted, so that `/readyz` says why writes are refused.
     health: Arc<Health>,
+    /// The writer's queue depth (every job, the hub's too) and the fan-out lag that client
+    /// writes are admitted against.
+    pressure: Pressure,
 }
 
 impl SqliteStore {
@@ -136,6 +140,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(handle)),
             closing,
             health,
+            pressure: Pressure::new(config.max_queue, config.max_fanout_lag),
         })
     }
 }
@@ -165,6 +170,7 @@ impl Precheck for SqliteStore {
 impl SqliteStore {
     /// Queues work for the writer and waits for its commit.
     async fn submit(&self, work: Work) -> Result<Done> {
+        let _queued = self.pressure.enter();
         let (reply, answer) = oneshot::channel();
         let sender = self.jobs.lock().await.clone().ok_or_else(writer_gone)?;
         sender
@@ -200,6 +206,7 @@ fn unexpected() -> Error {
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
+        self.pressure.admit(WriteKind::Task)?;
         let work = match write::prepare(self, request).await? {
             Prepared::Answered(outcome) => return Ok(outcome),
             Prepared::Write(write) => Work::Task(write),
@@ -230,6 +237,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
+        self.pressure.admit(WriteKind::Subscription)?;
         match self
             .submit(Work::CreateSubscription(Box::new(record)))
             .await?
@@ -244,6 +252,7 @@ impl Store for SqliteStore {
         id: &SubscriptionId,
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription> {
+        self.pressure.admit(WriteKind::Subscription)?;
         match self
             .submit(Work::ReplaceSubscription(id.clone(), decide))
             .await?
@@ -339,8 +348,11 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn record_delivery(&self, _holder: &str, report: DeliveryReport) -> Result<()> {
-        match self.submit(Work::RecordDelivery(report)).await? {
+    async fn record_deliveries(&self, _holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
+        if reports.is_empty() {
+            return Ok(());
+        }
+        match self.submit(Work::RecordDeliveries(reports)).await? {
             Done::Nothing => Ok(()),
             _ => Err(unexpected()),
         }
@@ -529,6 +541,10 @@ impl Store for SqliteStore {
             .fetch_one(&self.reads)
             .await?;
         Ok(seq.unwrap_or(ChangeSeq::ZERO))
+    }
+
+    fn pressure(&self) -> &Pressure {
+        &self.pressure
     }
 
     async fn ping(&self) -> Result<()> {

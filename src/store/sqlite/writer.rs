@@ -56,7 +56,10 @@ pub(super) enum Work {
         through_seq: ChangeSeq,
         matches: Vec<MatchRow>,
     },
-    RecordDelivery(DeliveryReport),
+    /// The results of many delivery attempts, in the order they were reported: one job (one
+    /// savepoint) for all the attempts whose results gathered while the previous one
+    /// committed.
+    RecordDeliveries(Vec<DeliveryReport>),
     FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
     MarkOverdue {
@@ -275,7 +278,9 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             through_seq,
             matches,
         } => hub::record_matches(conn, &consumer, through_seq, matches).map(Done::Numbers),
-        Work::RecordDelivery(report) => hub::record_delivery(conn, report).map(|()| Done::Nothing),
+        Work::RecordDeliveries(reports) => {
+            hub::record_deliveries(conn, reports).map(|()| Done::Nothing)
+        }
         Work::FillMatchingForms(forms) => {
             super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
         }
