@@ -69,9 +69,15 @@ async fn store(path: &Path) -> (Arc<dyn Store>, Vec<SubscriptionId>, Vec<ChangeS
         ..StoreConfig::default()
     };
     let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(path, BASE, &config, Arc::new(Notify::new()), Default::default())
-            .await
-            .expect("opening the store"),
+        SqliteStore::open(
+            path,
+            BASE,
+            &config,
+            Arc::new(Notify::new()),
+            Default::default(),
+        )
+        .await
+        .expect("opening the store"),
     );
     let mut ids = Vec::new();
     for _ in 0..CATCH_ALLS + OWNERS {

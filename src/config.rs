@@ -260,9 +260,7 @@ pub struct HubConfig {
 
 impl Default for HubConfig {
     fn default() -> Self {
-        HubConfig {
-            fanout_chunk: 2000,
-        }
+        HubConfig { fanout_chunk: 2000 }
     }
 }
 

@@ -249,8 +249,7 @@ impl Outbox {
                         change_seq: change.seq,
                     }));
                 recorded = end;
-                let Some(through) = ids[..recorded].last().filter(|_| recorded < ids.len())
-                else {
+                let Some(through) = ids[..recorded].last().filter(|_| recorded < ids.len()) else {
                     chunk.changes.push(change.seq);
                     break;
                 };
@@ -330,8 +329,7 @@ impl Outbox {
         let unreadable = (change.interaction != Interaction::Delete && current.is_none())
             || (change.previous_version.is_some() && previous.is_none());
         if unreadable {
-            metrics::counter!("baton_changes_skipped_total", "reason" => "unreadable")
-                .increment(1);
+            metrics::counter!("baton_changes_skipped_total", "reason" => "unreadable").increment(1);
             tracing::error!(change.seq = change.seq.get(), task.id = %change.resource_id, task.version = change.version.get(), "a change refers to a Task version that cannot be read; it is not matched");
             return Vec::new();
         }

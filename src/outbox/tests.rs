@@ -249,8 +249,16 @@ pub(crate) async fn events_replay_runs_exactly(store: Arc<dyn Store>) {
     for i in 0..6 {
         seqs.push(write_task(store.as_ref(), &format!("Practitioner/{i}")).await);
     }
-    let changes = store.change_events_after(ChangeSeq::ZERO, 100).await.unwrap();
-    assert!(store.acquire_lease(MATCHER, NODE, Duration::from_secs(30)).await.unwrap());
+    let changes = store
+        .change_events_after(ChangeSeq::ZERO, 100)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .acquire_lease(MATCHER, NODE, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
     let c = |i: usize| seqs[i];
 
     // `all` hears changes 0-2, then (after a gap at 3) 4-5; `some` hears 1, then 3-5.
@@ -267,7 +275,13 @@ pub(crate) async fn events_replay_runs_exactly(store: Arc<dyn Store>) {
     let second = store
         .record_matches(chunk(
             &[c(3), c(4), c(5)],
-            &[(&some, c(3)), (&all, c(4)), (&some, c(4)), (&all, c(5)), (&some, c(5))],
+            &[
+                (&some, c(3)),
+                (&all, c(4)),
+                (&some, c(4)),
+                (&all, c(5)),
+                (&some, c(5)),
+            ],
             None,
             None,
         ))
@@ -287,7 +301,11 @@ pub(crate) async fn events_replay_runs_exactly(store: Arc<dyn Store>) {
         for from in 1..=heard.len() + 1 {
             for to in from..=heard.len() + 1 {
                 let replayed = store
-                    .subscription_events(id, EventNumber::new(from as i64), EventNumber::new(to as i64))
+                    .subscription_events(
+                        id,
+                        EventNumber::new(from as i64),
+                        EventNumber::new(to as i64),
+                    )
                     .await
                     .unwrap();
                 let wanted: Vec<EventRecord> = expected
@@ -322,7 +340,10 @@ pub(crate) async fn events_replay_runs_exactly(store: Arc<dyn Store>) {
                 .unwrap()
         }
     };
-    assert_eq!(everything(&all).await, expected_events(&changes, &all_heard));
+    assert_eq!(
+        everything(&all).await,
+        expected_events(&changes, &all_heard)
+    );
     // Delivered through 3: the first run goes, the one after it (undelivered) stays.
     store.record_delivery(NODE, deliver(3)).await.unwrap();
     assert_eq!(store.prune_events(&far_future).await.unwrap(), 1);
@@ -330,7 +351,10 @@ pub(crate) async fn events_replay_runs_exactly(store: Arc<dyn Store>) {
         everything(&all).await,
         expected_events(&changes, &all_heard)[3..].to_vec()
     );
-    assert_eq!(everything(&some).await, expected_events(&changes, &some_heard));
+    assert_eq!(
+        everything(&some).await,
+        expected_events(&changes, &some_heard)
+    );
 }
 
 /// A crash between two chunks of one change: recording resumes after the last subscription
@@ -351,8 +375,16 @@ pub(crate) async fn recording_resumes_inside_a_change(open: Open) {
     ids.sort();
     let first = write_task(store.as_ref(), "Practitioner/1").await;
     let second = write_task(store.as_ref(), "Practitioner/2").await;
-    let changes = store.change_events_after(ChangeSeq::ZERO, 100).await.unwrap();
-    assert!(store.acquire_lease(MATCHER, NODE, Duration::from_secs(30)).await.unwrap());
+    let changes = store
+        .change_events_after(ChangeSeq::ZERO, 100)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .acquire_lease(MATCHER, NODE, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
     // The consumer recorded the first chunk of the first change, then the node died.
     let progress = ChangeProgress {
         seq: first,
@@ -372,7 +404,10 @@ pub(crate) async fn recording_resumes_inside_a_change(open: Open) {
     let stale = store
         .record_matches(chunk(&[first], &[(&ids[0], first)], None, None))
         .await;
-    assert!(stale.is_err(), "a chunk out of turn was recorded: {stale:?}");
+    assert!(
+        stale.is_err(),
+        "a chunk out of turn was recorded: {stale:?}"
+    );
     store.close().await;
     drop(store);
 
@@ -405,7 +440,12 @@ pub(crate) async fn recording_resumes_inside_a_change(open: Open) {
     consume_until(consumer, "the rest of the fan-out is recorded", || {
         let (store, last) = (waiting.clone(), last.clone());
         async move {
-            store.read_subscription(&last).await.unwrap().unwrap().events_since_start
+            store
+                .read_subscription(&last)
+                .await
+                .unwrap()
+                .unwrap()
+                .events_since_start
                 == EventNumber::new(2)
         }
     })
@@ -448,7 +488,11 @@ async fn sqlite_recording_resumes_inside_a_change() {
 /// Copies subscription `template` under `count` new ids (`fan00001`, …) in one statement per
 /// column set, on a connection of its own while no store has the file open: a fast way to
 /// a hundred thousand stored subscriptions, each the template's row with its own id.
-fn clone_subscriptions(path: &Path, template: &SubscriptionId, count: usize) -> Vec<SubscriptionId> {
+fn clone_subscriptions(
+    path: &Path,
+    template: &SubscriptionId,
+    count: usize,
+) -> Vec<SubscriptionId> {
     let conn = rusqlite::Connection::open(path).unwrap();
     let columns: Vec<String> = conn
         .prepare("SELECT name FROM pragma_table_info('subscription')")
@@ -509,10 +553,10 @@ async fn a_task_write_is_answered_between_chunks_of_a_large_fan_out() {
     hub.put_live_in_force(store.as_ref()).await.unwrap();
     let heard = write_task(store.as_ref(), "Practitioner/busy").await;
     let stop = CancellationToken::new();
-    let running = tokio::spawn(
-        outbox(store.clone(), hub, 2000).run(Arc::new(Notify::new()), stop.clone()),
-    );
-    let progress = |store: Arc<dyn Store>| async move { store.match_progress(MATCHER).await.unwrap() };
+    let running =
+        tokio::spawn(outbox(store.clone(), hub, 2000).run(Arc::new(Notify::new()), stop.clone()));
+    let progress =
+        |store: Arc<dyn Store>| async move { store.match_progress(MATCHER).await.unwrap() };
     eventually("the first chunk is recorded", || {
         let store = store.clone();
         async move { progress(store).await.is_some() }
@@ -539,7 +583,12 @@ async fn a_task_write_is_answered_between_chunks_of_a_large_fan_out() {
     eventually("the fan-out is recorded", || {
         let (store, last) = (store.clone(), last.clone());
         async move {
-            store.read_subscription(&last).await.unwrap().unwrap().events_since_start
+            store
+                .read_subscription(&last)
+                .await
+                .unwrap()
+                .unwrap()
+                .events_since_start
                 == EventNumber::new(1)
         }
     })
@@ -555,10 +604,19 @@ async fn a_task_write_is_answered_between_chunks_of_a_large_fan_out() {
                     (SELECT count(*) FROM subscription_event WHERE event_number = 1 AND events = 1),
                     (SELECT count(*) FROM subscription_event WHERE change_seq = ?1)",
             [heard],
-            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)),
+            |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            },
         )
         .unwrap()
     };
-    assert_eq!((counted, numbered, first), (LISTENERS as i64, LISTENERS as i64, LISTENERS as i64));
+    assert_eq!(
+        (counted, numbered, first),
+        (LISTENERS as i64, LISTENERS as i64, LISTENERS as i64)
+    );
     store.close().await;
 }

@@ -11,9 +11,9 @@
 use std::collections::HashMap;
 
 use super::owner_columns;
+use super::search_sql::Placeholder;
 use super::{MatchRow, SubscriptionQuery};
 use crate::fhir::ids::{ChangeSeq, EventNumber, SubscriptionId};
-use super::search_sql::Placeholder;
 use crate::fhir::task::TERMINAL_STATUSES;
 
 /// Events `$2..=$3` of subscription `$1`'s log, oldest first, expanded from its runs: a row
@@ -36,8 +36,7 @@ pub(crate) const SUBSCRIPTION_EVENTS: &str =
 
 /// The time of the latest change of the run `r` (columns `change_seq`, `events`): the run's
 /// `occurred_at`, which pruning compares (every event of the run happened by then).
-pub(crate) const RUN_OCCURRED_AT: &str =
-    "(SELECT max(c.recorded_at) FROM change_event c
+pub(crate) const RUN_OCCURRED_AT: &str = "(SELECT max(c.recorded_at) FROM change_event c
       WHERE c.seq BETWEEN r.change_seq AND r.change_seq + r.events - 1)";
 
 /// A page of live subscriptions in id order, from `after` (the first placeholder; '' for the
@@ -373,8 +372,17 @@ mod tests {
             .iter()
             .map(|r| (r.subscription, r.offset, r.change_seq.get(), r.events))
             .collect();
-        assert_eq!(runs, [(0, 0, 10, 3), (1, 0, 10, 1), (2, 0, 11, 1), (2, 1, 13, 2)]);
-        assert_eq!(plan_runs(&[]), RunPlan { counts: vec![], runs: vec![] });
+        assert_eq!(
+            runs,
+            [(0, 0, 10, 3), (1, 0, 10, 1), (2, 0, 11, 1), (2, 1, 13, 2)]
+        );
+        assert_eq!(
+            plan_runs(&[]),
+            RunPlan {
+                counts: vec![],
+                runs: vec![]
+            }
+        );
     }
 
     /// Numbers follow each counter in the order given; an uncounted subscription (deleted or
@@ -393,7 +401,12 @@ mod tests {
             .collect();
         assert_eq!(
             numbered,
-            [("a".into(), 8), ("b".into(), 1), ("a".into(), 9), ("b".into(), 2)]
+            [
+                ("a".into(), 8),
+                ("b".into(), 1),
+                ("a".into(), 9),
+                ("b".into(), 2)
+            ]
         );
     }
 

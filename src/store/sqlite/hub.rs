@@ -75,7 +75,12 @@ pub(super) fn record_matches(
             .filter_map(|run| {
                 let id = &plan.counts[run.subscription].0;
                 let start = before.get(id)?;
-                Some((id.as_str(), start + run.offset + 1, run.change_seq, run.events))
+                Some((
+                    id.as_str(),
+                    start + run.offset + 1,
+                    run.change_seq,
+                    run.events,
+                ))
             })
             .collect();
         if !runs.is_empty() {
@@ -117,7 +122,9 @@ fn as_json(values: &impl serde::Serialize) -> Result<String> {
 /// The progress inside a change that `record_matches` last left for `consumer`.
 pub(super) fn match_progress(conn: &Connection, consumer: &str) -> Result<Option<ChangeProgress>> {
     let row: Option<(Option<ChangeSeq>, Option<SubscriptionId>)> = conn
-        .prepare_cached("SELECT partial_seq, partial_through FROM outbox_cursor WHERE consumer = ?")?
+        .prepare_cached(
+            "SELECT partial_seq, partial_through FROM outbox_cursor WHERE consumer = ?",
+        )?
         .query_row([consumer], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     Ok(match row {
