@@ -458,7 +458,7 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.hub.fanout_chunk) {
             return Err(ConfigError(
-                "hub.fanout_chunk must be between 1 and 100000 (matches per fan-out transaction)"
+                "hub.fanout_chunk must be between 1 and 100000 (matches per fan-out transaction; BATON_HUB__FANOUT_CHUNK)"
                     .into(),
             ));
         }

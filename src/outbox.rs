@@ -1,7 +1,12 @@
 //! The outbox consumer: reads committed Task changes in `seq` order right after each commit,
 //! matches them against the subscription index, and records the matches with their event
-//! numbers in one transaction together with the consumer's cursor. A crash between commits
-//! replays from the persisted cursor, so no change is skipped and none is numbered twice.
+//! numbers together with the consumer's cursor, in chunks of at most `hub.fanout_chunk`
+//! matches, one store transaction each, awaited one after the other: on SQLite each chunk is
+//! one writer job, so Task writes queued behind a large fan-out commit between its chunks.
+//! A change's matches are recorded in subscription-id order, and a chunk that ends inside a
+//! change persists how far it got (`ChangeProgress`) with the cursor. A crash between
+//! commits replays from the persisted cursor and progress, so no change is skipped, none is
+//! numbered twice, and a change half recorded resumes after the last subscription recorded.
 //!
 //! In a cluster exactly one node matches at a time: the one holding the `matcher` lease in
 //! the store, renewed as it works. The store refuses a batch from a node that lost the lease,
