@@ -246,6 +246,12 @@ pub struct StoreConfig {
     /// survives a killed process and a power cut); `normal` fsyncs only at checkpoints (it
     /// survives a killed process, but a power cut may lose the last commits).
     pub synchronous: Synchronous,
+    /// Writes waiting for the database beyond which a new Task or subscription write is
+    /// refused with 429 and `Retry-After` (see `store::pressure`).
+    pub max_queue: usize,
+    /// Committed Task changes not yet matched and recorded beyond which a new Task write is
+    /// refused with 429 and `Retry-After`.
+    pub max_fanout_lag: u64,
 }
 
 /// How the outbox consumer records what it matched.
@@ -330,6 +336,8 @@ impl Default for StoreConfig {
             postgres_connections: 16,
             statement_timeout_seconds: 30,
             synchronous: Synchronous::Full,
+            max_queue: 4096,
+            max_fanout_lag: 50_000,
         }
     }
 }
@@ -460,6 +468,11 @@ impl Config {
             return Err(ConfigError(
                 "hub.fanout_chunk must be between 1 and 100000 (matches per fan-out transaction; BATON_HUB__FANOUT_CHUNK)"
                     .into(),
+            ));
+        }
+        if self.store.max_queue == 0 || self.store.max_fanout_lag == 0 {
+            return Err(ConfigError(
+                "store.max_queue and store.max_fanout_lag must be at least 1 (BATON_STORE__MAX_QUEUE, BATON_STORE__MAX_FANOUT_LAG)".into(),
             ));
         }
         let d = &self.delivery;

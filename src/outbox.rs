@@ -152,6 +152,7 @@ impl Outbox {
                 Ok((through, persisted)) => {
                     cursor = through;
                     resume = None;
+                    self.note_lag(changes.len(), through).await;
                     if persisted {
                         last_persisted = std::time::Instant::now();
                     }
@@ -170,6 +171,22 @@ impl Outbox {
             // Hand over at once rather than after the lease runs out.
             let _ = self.store.release_lease(MATCHER, &self.node).await;
         }
+    }
+
+    /// Tells the store's back-pressure (and `/metrics`) how many committed changes wait to
+    /// be matched: when a batch came back full, how far the newest change is beyond it;
+    /// otherwise the batch was all there was when it was read.
+    async fn note_lag(&self, read: usize, through: ChangeSeq) {
+        let lag = if read < BATCH {
+            0
+        } else {
+            match self.store.last_change_seq().await {
+                Ok(last) => u64::try_from(last.get() - through.get()).unwrap_or(0),
+                // Unknown this time: the last figure stands until the next batch.
+                Err(_) => return,
+            }
+        };
+        self.store.pressure().set_fanout_lag(lag);
     }
 
     /// Applies the subscriptions written since the index's generation (on any node).

@@ -1,7 +1,8 @@
 //! What one request may cost: a JSON Patch is bounded before any writer work, the API stores
 //! only what it can read back, conditional creates are decided beside the writer, searches
 //! are bounded in criteria, bytes per page and include depth, and a node evaluates a bounded
-//! number of them at once, refusing the rest with 503 and `Retry-After`.
+//! number of them at once, refusing the rest with 503 and `Retry-After`; writes past the
+//! database queue's depth are refused with 429 and `Retry-After`, storing nothing.
 
 mod common;
 
@@ -470,5 +471,119 @@ async fn a_full_search_queue_answers_503_with_retry_after() {
         assert_eq!(status, StatusCode::OK, "{bundle}");
         assert_eq!(bundle["total"], 1);
     }
+    server.stop().await;
+}
+
+/// What holds the database's write lock so that the writes admitted meanwhile stay queued:
+/// a second SQLite connection in an immediate transaction, or a PostgreSQL table lock.
+enum WriteLock {
+    Sqlite(rusqlite::Connection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl WriteLock {
+    async fn take(server: &TestServer) -> WriteLock {
+        use sqlx::Connection;
+        if common::postgres_backend() {
+            let (url, _) = common::database_url_for(&server.data_dir).await;
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql("BEGIN; LOCK TABLE change_event IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            WriteLock::Postgres(conn)
+        } else {
+            let conn = rusqlite::Connection::open(server.data_dir.join("baton.db")).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            WriteLock::Sqlite(conn)
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            WriteLock::Sqlite(conn) => conn.execute_batch("ROLLBACK").unwrap(),
+            WriteLock::Postgres(mut conn) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+}
+
+/// The writer's queue depth as `/metrics` shows it.
+async fn writer_queue_depth(server: &TestServer) -> f64 {
+    let text = server
+        .client
+        .get(format!("{}/metrics", server.root))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("baton_writer_queue_depth "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Past `store.max_queue` writes waiting for the database, a write is refused at once with
+/// 429, `Retry-After` and an OperationOutcome, and nothing of it is stored. The queue is held
+/// full deterministically: the test takes the database's write lock, so whatever write is
+/// queued cannot finish until the lock goes.
+#[tokio::test]
+async fn writes_past_the_queue_depth_are_refused_with_429_and_nothing_is_stored() {
+    let server = TestServer::start_with(|c| c.store.max_queue = 1).await;
+    let admin = server.admin();
+    let lock = WriteLock::take(&server).await;
+
+    // A write that waits on the lock (or, on SQLite, a job of the hub's already waiting, in
+    // which case this one is refused too).
+    let create = || {
+        let request = server
+            .request(Method::POST, "/Task", &admin)
+            .json(&task("requested", Some("Practitioner/1")));
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    let waiting = create();
+    let mut depth = 0.0;
+    for _ in 0..400 {
+        depth = writer_queue_depth(&server).await;
+        if depth >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(depth >= 1.0, "nothing ever waited for the locked database");
+
+    let refused = create().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let (_, outcome) = body(refused).await;
+    assert_outcome(&outcome, "throttled");
+    assert!(
+        outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("store.max_queue"),
+        "{outcome}"
+    );
+
+    lock.release().await;
+    let first = waiting.await.unwrap().status();
+    assert!(
+        first == StatusCode::CREATED || first == StatusCode::TOO_MANY_REQUESTS,
+        "{first}"
+    );
+    // Exactly what was acknowledged is stored: the refused write left nothing behind.
+    let (status, bundle) = server.get("/Task?_total=accurate", &admin).await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    let stored = u64::from(first == StatusCode::CREATED);
+    assert_eq!(bundle["total"], stored, "{bundle}");
     server.stop().await;
 }

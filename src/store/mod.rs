@@ -11,6 +11,7 @@
 
 mod hub_sql;
 pub mod postgres;
+pub mod pressure;
 mod rows;
 pub mod search_sql;
 pub mod sqlite;
@@ -557,6 +558,8 @@ pub trait Store: Send + Sync + 'static {
     /// The earliest unreported due date after `now`, to know when to look again.
     async fn next_due(&self, now: &StoredInstant) -> Result<Option<StoredInstant>>;
 
+    /// The depths this store's writes are admitted against (see `pressure`).
+    fn pressure(&self) -> &pressure::Pressure;
     /// Checks that the database answers, for `/readyz`.
     async fn ping(&self) -> Result<()>;
     /// Finishes queued writes and closes the database cleanly.

@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 
 use super::ChangeProgress;
 use super::hub_sql;
+use super::pressure::{Pressure, WriteKind};
 use super::rows::{
     change_from_row, current_from_row, live_from_row, sized_current_from_row, version_from_row,
 };
@@ -61,6 +62,9 @@ pub struct PostgresStore {
     pool: PgPool,
     base_url: String,
     committed: Arc<Notify>,
+    /// The client writes in flight on this node and the fan-out lag they are admitted
+    /// against.
+    pressure: Pressure,
 }
 
 impl PostgresStore {
@@ -103,6 +107,7 @@ impl PostgresStore {
             pool,
             base_url: base_url.to_string(),
             committed,
+            pressure: Pressure::new(config.max_queue, config.max_fanout_lag),
         })
     }
 
@@ -190,6 +195,8 @@ impl Precheck for PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
+        self.pressure.admit(WriteKind::Task)?;
+        let _queued = self.pressure.enter();
         let write = match write::prepare(self, request).await? {
             Prepared::Answered(outcome) => return Ok(outcome),
             Prepared::Write(write) => write,
@@ -345,6 +352,8 @@ impl Store for PostgresStore {
     }
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
+        self.pressure.admit(WriteKind::Subscription)?;
+        let _queued = self.pressure.enter();
         let mut tx = self.pool.begin().await?;
         let result = super::subscriptions::create(&mut *tx, record).await;
         finish(tx, result)
@@ -357,6 +366,8 @@ impl Store for PostgresStore {
         id: &SubscriptionId,
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription> {
+        self.pressure.admit(WriteKind::Subscription)?;
+        let _queued = self.pressure.enter();
         let mut tx = self.pool.begin().await?;
         let result = super::subscriptions::replace(&mut *tx, id, decide).await;
         finish(tx, result)
@@ -510,6 +521,10 @@ impl Store for PostgresStore {
 
     async fn next_due(&self, now: &StoredInstant) -> Result<Option<StoredInstant>> {
         hub::next_due(&self.pool, now).await
+    }
+
+    fn pressure(&self) -> &Pressure {
+        &self.pressure
     }
 
     async fn ping(&self) -> Result<()> {

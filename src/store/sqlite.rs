@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ChangeProgress;
 use super::hub_sql;
+use super::pressure::{Pressure, WriteKind};
 use super::rows::{
     change_from_row, live_from_row, sized_current_from_row, subscription_from_row, version_from_row,
 };
@@ -76,6 +77,9 @@ pub struct SqliteStore {
     closing: CancellationToken,
     /// Where a full disk is noted, so that `/readyz` says why writes are refused.
     health: Arc<Health>,
+    /// The writer's queue depth (every job, the hub's too) and the fan-out lag that client
+    /// writes are admitted against.
+    pressure: Pressure,
 }
 
 impl SqliteStore {
@@ -137,6 +141,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(handle)),
             closing,
             health,
+            pressure: Pressure::new(config.max_queue, config.max_fanout_lag),
         })
     }
 }
@@ -166,6 +171,7 @@ impl Precheck for SqliteStore {
 impl SqliteStore {
     /// Queues work for the writer and waits for its commit.
     async fn submit(&self, work: Work) -> Result<Done> {
+        let _queued = self.pressure.enter();
         let (reply, answer) = oneshot::channel();
         let sender = self.jobs.lock().await.clone().ok_or_else(writer_gone)?;
         sender
@@ -201,6 +207,7 @@ fn unexpected() -> Error {
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome> {
+        self.pressure.admit(WriteKind::Task)?;
         let work = match write::prepare(self, request).await? {
             Prepared::Answered(outcome) => return Ok(outcome),
             Prepared::Write(write) => Work::Task(write),
@@ -231,6 +238,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
+        self.pressure.admit(WriteKind::Subscription)?;
         match self
             .submit(Work::CreateSubscription(Box::new(record)))
             .await?
@@ -245,6 +253,7 @@ impl Store for SqliteStore {
         id: &SubscriptionId,
         decide: SubscriptionDecide,
     ) -> Result<StoredSubscription> {
+        self.pressure.admit(WriteKind::Subscription)?;
         match self
             .submit(Work::ReplaceSubscription(id.clone(), decide))
             .await?
@@ -531,6 +540,10 @@ impl Store for SqliteStore {
             .fetch_one(&self.reads)
             .await?;
         Ok(seq.unwrap_or(ChangeSeq::ZERO))
+    }
+
+    fn pressure(&self) -> &Pressure {
+        &self.pressure
     }
 
     async fn ping(&self) -> Result<()> {
