@@ -172,6 +172,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         base_url: base_url.clone(),
         index: Default::default(),
         specs: Default::default(),
+        shared: Default::default(),
         heartbeats: Default::default(),
         delivery: inbox,
         rest_hook,

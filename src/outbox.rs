@@ -246,6 +246,7 @@ impl Outbox {
     ) -> Result<(ChangeSeq, bool)> {
         let started = std::time::Instant::now();
         let versions = self.load_versions(changes).await?;
+        self.hub.shared.keep_current(changes, &versions);
         let chunk_size = self.fanout_chunk.max(1);
         let mut chunk = Chunk {
             matches: Vec::with_capacity(chunk_size),

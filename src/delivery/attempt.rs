@@ -1,5 +1,8 @@
 //! One delivery attempt for one subscription, in stages: claim it, choose what to send, send
-//! it on its channel, record the result.
+//! it on its channel, record the result. The attempt frees its delivery slot as soon as its
+//! send is done, and records the result through the `Recorder`, which writes the results of
+//! many attempts at once; the attempt ends (and its subscription may be tried again) once
+//! its result is committed.
 //!
 //! The attempt reads the clock at its two edges, when it starts and when a send has failed,
 //! and hands the instant to the pure decisions: what to send (`choose_payload`), what a
@@ -13,6 +16,7 @@ use super::Deliverer;
 use super::dispatch::{Channel, Guarantee, Outgoing, Reach, channel_for};
 use super::notify::{Notification, Payload, Subject, build};
 use super::retry::{AfterFailure, RetryPolicy, after_failure};
+use super::run::Slot;
 use super::scheduler::{Attempt, Outcome};
 use super::status::{Happened, next_status};
 use crate::error::Result;
@@ -27,8 +31,13 @@ use crate::store::{DeliveryReport, HandshakeOwed, StoredSubscription};
 pub const HUB_FAILURE_RETRY: Duration = Duration::from_secs(5);
 
 /// One delivery attempt for one subscription.
-pub async fn attempt(deliverer: &Deliverer, id: &SubscriptionId, attempt: Attempt) -> Outcome {
-    match try_attempt(deliverer, id, attempt).await {
+pub async fn attempt(
+    deliverer: &Deliverer,
+    id: &SubscriptionId,
+    attempt: Attempt,
+    slot: Slot,
+) -> Outcome {
+    match try_attempt(deliverer, id, attempt, slot).await {
         Ok(outcome) => outcome,
         Err(e) => {
             tracing::error!(subscription.id = %id, error = %crate::error::error_chain(&e), "delivery attempt failed inside the hub");
@@ -77,6 +86,8 @@ struct Claimed<'a> {
     deliverer: &'a Deliverer,
     sub: StoredSubscription,
     claim: Claim,
+    /// Released once the send is done: recording the result needs no slot.
+    slot: Slot,
 }
 
 #[tracing::instrument(
@@ -88,6 +99,7 @@ async fn try_attempt(
     deliverer: &Deliverer,
     id: &SubscriptionId,
     attempt: Attempt,
+    slot: Slot,
 ) -> Result<Outcome> {
     let default_timeout = Duration::from_secs(deliverer.config.default_timeout_seconds);
     let node = deliverer.hub.node.as_str();
@@ -108,6 +120,7 @@ async fn try_attempt(
         deliverer,
         sub,
         claim: Claim::Held,
+        slot,
     };
     let outcome = claimed.deliver(attempt, default_timeout).await;
     // Not every attempt records a result (nothing to send, a hub-side error); ending the claim
@@ -209,6 +222,7 @@ impl Claimed<'_> {
         }
         let started = std::time::Instant::now();
         let sent = channel.send(self.outgoing(sending, notification)).await;
+        self.slot.release();
         let name = channel.name();
         let kind = payload.notification_type().as_str();
         metrics::histogram!("baton_delivery_seconds", "channel" => name)
@@ -261,6 +275,7 @@ impl Claimed<'_> {
                 .await
                 .unwrap_or(Reach::Nobody);
         }
+        self.slot.release();
         // A heartbeat that went out is recorded too: its time tells the other nodes' heartbeat
         // timers that this period is covered.
         if through > self.sub.delivered_through || reach == Reach::Someone {
@@ -285,6 +300,7 @@ impl Claimed<'_> {
         Subject {
             store: self.deliverer.store.as_ref(),
             base_url: &self.deliverer.hub.base_url,
+            shared: &self.deliverer.hub.shared,
             sub: &self.sub,
             spec: sending.spec,
             payload: sending.payload,
@@ -352,10 +368,7 @@ impl Claimed<'_> {
         if status != self.sub.status {
             tracing::info!(subscription.id = %self.sub.id, from = self.sub.status.as_str(), to = status.as_str(), "subscription status changed");
         }
-        self.deliverer
-            .store
-            .record_delivery(&self.deliverer.hub.node, report)
-            .await?;
+        self.deliverer.recorder.record(report).await?;
         self.claim = Claim::Ended;
         Ok(())
     }

@@ -10,6 +10,8 @@
 //!   timers, the scan) and starts the attempts it says are due;
 //! - `attempt`: one attempt — claim the subscription, choose what to send, send it, record
 //!   the result;
+//! - `record`: the results of many attempts written together, while the attempts' slots are
+//!   already free for others;
 //! - `notify`: building the notification (its Bundle, message id, and the read rule applied
 //!   once more to each event);
 //! - `dispatch`: one implementation per channel (rest-hook, AMQP, websocket);
@@ -28,6 +30,7 @@
 mod attempt;
 mod dispatch;
 mod notify;
+mod record;
 pub mod retry;
 mod run;
 mod scheduler;
@@ -63,6 +66,8 @@ pub struct Deliverer {
     lease: Duration,
     /// How often to look for work that no node holds.
     scan_every: Duration,
+    /// Writes the attempts' results in batches.
+    recorder: record::Recorder,
 }
 
 impl Deliverer {
@@ -73,6 +78,7 @@ impl Deliverer {
         config: &Config,
     ) -> Deliverer {
         Deliverer {
+            recorder: record::Recorder::start(store.clone(), hub.node.clone()),
             store,
             signals,
             hub,

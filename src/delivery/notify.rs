@@ -2,6 +2,7 @@
 //! once more to each event as it goes out.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -11,9 +12,10 @@ use crate::fhir::datetime::format_instant;
 use crate::fhir::ids::{EventNumber, TaskId, Version};
 use crate::fhir::notification::{
     ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
-    notification_bundle,
+    event_entry_bytes, notification_bundle_bytes,
 };
 use crate::fhir::subscription::SubscriptionSpec;
+use crate::hub::{EntryKey, SharedParts};
 use crate::store::{EventRecord, Store, StoredSubscription};
 
 /// What a notification carries.
@@ -65,6 +67,8 @@ pub struct Subject<'a> {
     pub store: &'a dyn Store,
     /// The FHIR base URL, for the Bundle's references and the read rule.
     pub base_url: &'a str,
+    /// The Task versions and event entries every notification about the same change shares.
+    pub shared: &'a SharedParts,
     pub sub: &'a StoredSubscription,
     pub spec: &'a SubscriptionSpec,
     pub payload: Payload,
@@ -72,10 +76,18 @@ pub struct Subject<'a> {
 }
 
 /// Builds the notification body and its message id.
+///
+/// What depends on the subscription is made here: which events it gets (its own event
+/// numbers, and the read rule applied for its author) and its status `Parameters`. What does
+/// not — each event's Task version and its serialised Bundle entry — comes from the hub's
+/// shared parts, loaded and built once per change by whichever notification needed it first.
+/// The bytes are those `notification_bundle` would give (`fhir::notification`'s tests hold
+/// it).
 pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
     let Subject {
         store,
         base_url,
+        shared,
         sub,
         spec,
         payload,
@@ -93,7 +105,7 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
             (records, format!("{}-events-{from}-{to}", sub.id))
         }
     };
-    let versions = load_versions(store, &events, spec.content).await?;
+    let versions = load_shared_versions(store, Some(shared), &events, spec.content).await?;
     let notification_events = readable_events(&events, &versions, author.as_ref(), base_url);
     let status = StatusSnapshot {
         subscription_id: &sub.id,
@@ -109,39 +121,82 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
         notification_type: payload.notification_type(),
         error: None,
     };
-    let bundle = notification_bundle(
+    let content = spec.content;
+    let entries: Vec<Arc<[u8]>> = notification_events
+        .iter()
+        .map(|event| {
+            let key = EntryKey {
+                task_id: event.task_id.clone(),
+                version: event.version,
+                interaction: event.interaction,
+                content,
+                with_resource: event.resource.is_some(),
+            };
+            shared.entry(key, || event_entry_bytes(base_url, event, content))
+        })
+        .collect();
+    let entries: Vec<&[u8]> = entries.iter().map(|e| &e[..]).collect();
+    let body = notification_bundle_bytes(
         base_url,
         &uuid::Uuid::new_v4().to_string(),
         &format_instant(now),
+        &uuid::Uuid::new_v4().to_string(),
         &status,
         &notification_events,
-        spec.content,
+        content,
+        &entries,
     );
-    Ok(Notification {
-        body: serde_json::to_vec(&bundle).unwrap_or_default(),
-        message_id,
-    })
+    Ok(Notification { body, message_id })
 }
 
-/// The exact Task versions a batch of events is about, unless the content level needs none.
+/// The exact Task versions a batch of events is about, unless the content level needs none
+/// (for `$events`, whose old events the shared parts would not hold).
 pub async fn load_versions(
     store: &dyn Store,
     events: &[EventRecord],
     content: ContentLevel,
-) -> Result<HashMap<(TaskId, Version), Value>> {
+) -> Result<HashMap<(TaskId, Version), Arc<Value>>> {
+    load_shared_versions(store, None, events, content).await
+}
+
+/// `load_versions`, taking what `shared` holds and loading only the rest from the store (in
+/// one read), which it then keeps for the other subscriptions hearing of the same changes.
+async fn load_shared_versions(
+    store: &dyn Store,
+    shared: Option<&SharedParts>,
+    events: &[EventRecord],
+    content: ContentLevel,
+) -> Result<HashMap<(TaskId, Version), Arc<Value>>> {
     if content == ContentLevel::Empty || events.is_empty() {
         return Ok(HashMap::new());
     }
-    let keys: Vec<(TaskId, Version)> = events
-        .iter()
-        .map(|e| (e.task_id.clone(), e.version))
-        .collect();
-    Ok(store
-        .versions(&keys)
-        .await?
-        .into_iter()
-        .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
-        .collect())
+    let mut found = HashMap::with_capacity(events.len());
+    let mut missing: Vec<(TaskId, Version)> = Vec::new();
+    for event in events {
+        let key = (event.task_id.clone(), event.version);
+        if found.contains_key(&key) {
+            continue;
+        }
+        match shared.and_then(|shared| shared.version(&key)) {
+            Some(resource) => {
+                found.insert(key, resource);
+            }
+            None => missing.push(key),
+        }
+    }
+    if !missing.is_empty() {
+        for version in store.versions(&missing).await? {
+            if let Some(resource) = version.resource {
+                let key = (version.id, version.version);
+                let resource = Arc::new(resource);
+                if let Some(shared) = shared {
+                    shared.keep_version(key.clone(), resource.clone());
+                }
+                found.insert(key, resource);
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// The events of a notification, with the read rule applied once more when it is sent or
@@ -151,7 +206,7 @@ pub async fn load_versions(
 /// author's rights changed in between. Deletes carry no content and pass.
 pub fn readable_events<'a>(
     events: &'a [EventRecord],
-    versions: &'a HashMap<(TaskId, Version), Value>,
+    versions: &'a HashMap<(TaskId, Version), Arc<Value>>,
     author: Option<&Principal>,
     base_url: &str,
 ) -> Vec<NotificationEvent<'a>> {
@@ -161,7 +216,7 @@ pub fn readable_events<'a>(
     events
         .iter()
         .filter_map(|e| {
-            let resource = versions.get(&(e.task_id.clone(), e.version));
+            let resource = versions.get(&(e.task_id.clone(), e.version)).map(|r| &**r);
             if resource.is_some_and(|r| !auth::may_read_task(author, r, base_url)) {
                 metrics::counter!("baton_events_withheld_total").increment(1);
                 return None;
@@ -219,11 +274,11 @@ mod tests {
         let versions = HashMap::from([
             (
                 (task_id("mine"), Version::FIRST),
-                owned_by("Practitioner/alice"),
+                Arc::new(owned_by("Practitioner/alice")),
             ),
             (
                 (task_id("theirs"), Version::FIRST),
-                owned_by("Practitioner/bob"),
+                Arc::new(owned_by("Practitioner/bob")),
             ),
         ]);
         let kept: Vec<i64> = readable_events(&events, &versions, Some(&alice), "http://h/fhir")

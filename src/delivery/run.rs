@@ -1,7 +1,8 @@
 //! The scheduler's async loop. It owns the clock and the running attempts and decides
-//! nothing: it waits for whatever comes first — a command from the hub's inbox, a finished
-//! attempt, the scheduler's next wake, the scan for work no node holds — tells the
-//! `Scheduler`, and starts the attempts it says are due.
+//! nothing: it waits for whatever comes first — a command from the hub's inbox, an attempt
+//! whose send is done (its slot is free while its result is recorded), a finished attempt,
+//! the scheduler's next wake, the scan for work no node holds — tells the `Scheduler`, and
+//! starts the attempts it says are due.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,25 +72,28 @@ pub async fn run(
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (found_tx, mut found) = mpsc::unbounded_channel::<Vec<SubscriptionId>>();
     let mut scanning = false;
+    let (released_tx, mut released) = mpsc::unbounded_channel::<SubscriptionId>();
     loop {
         for (id, kind) in scheduler.due(now()) {
-            start_attempt(&mut attempts, &deliverer, id, kind);
+            let slot = Slot {
+                id: id.clone(),
+                released: Some(released_tx.clone()),
+            };
+            start_attempt(&mut attempts, &deliverer, id, kind, slot);
         }
         let next_wake = scheduler.next_wake();
         tokio::select! {
-            command = commands.recv() => match command {
-                Some(Command::Wake(id)) => scheduler.wake(&id),
-                Some(Command::Changed(id)) => scheduler.changed(&id),
-                Some(Command::Heartbeat(id, period)) => scheduler.set_heartbeat(&id, period, now()),
-                Some(Command::Forget(id)) => scheduler.forget(&id),
-                None => break,
-            },
+            // In this order: an attempt's slot is released before its end is taken (its
+            // message was sent first), so a release is never taken for the next attempt of
+            // the same subscription; shutdown and finished attempts are never starved by a
+            // flood of wake-ups (timers fire in `due` on every turn of the loop anyway).
+            biased;
+            () = shutdown.cancelled() => break,
+            Some(id) = released.recv() => scheduler.slot_released(&id),
             Some(joined) = attempts.join_next(), if !attempts.is_empty() => {
                 let Ok((id, outcome)) = joined else { continue };
                 scheduler.attempt_finished(&id, outcome, now());
             }
-            // The timers that came due are fired by `due` at the top of the loop.
-            () = sleep_until(next_wake) => {}
             _ = scan.tick(), if !scanning => {
                 // Work that no node holds and that has waited a whole scan interval: left
                 // by a node that died, or whose wake-up never came. Fresher work belongs
@@ -114,7 +118,15 @@ pub async fn run(
                     scheduler.wake(&id);
                 }
             }
-            () = shutdown.cancelled() => break,
+            command = commands.recv() => match command {
+                Some(Command::Wake(id)) => scheduler.wake(&id),
+                Some(Command::Changed(id)) => scheduler.changed(&id),
+                Some(Command::Heartbeat(id, period)) => scheduler.set_heartbeat(&id, period, now()),
+                Some(Command::Forget(id)) => scheduler.forget(&id),
+                None => break,
+            },
+            // The timers that came due are fired by `due` at the top of the loop.
+            () = sleep_until(next_wake) => {}
         }
     }
     // In-flight attempts finish (their results are recorded) or are cut at the deadline;
@@ -123,17 +135,36 @@ pub async fn run(
     let _ = tokio::time::timeout(DRAIN, drain).await;
 }
 
+/// An attempt's delivery slot: released when its send is done, so that the next subscription
+/// can send while this one's result is being recorded.
+pub struct Slot {
+    id: SubscriptionId,
+    /// None once released.
+    released: Option<mpsc::UnboundedSender<SubscriptionId>>,
+}
+
+impl Slot {
+    /// Frees the slot (once; later calls do nothing). The attempt still counts as its
+    /// subscription's one attempt until it ends.
+    pub fn release(&mut self) {
+        if let Some(released) = self.released.take() {
+            let _ = released.send(self.id.clone());
+        }
+    }
+}
+
 fn start_attempt(
     attempts: &mut JoinSet<(SubscriptionId, Outcome)>,
     deliverer: &Arc<Deliverer>,
     id: SubscriptionId,
     kind: Attempt,
+    slot: Slot,
 ) {
     let deliverer = deliverer.clone();
     attempts.spawn(async move {
         // A panic must not leave the subscription marked in flight forever: it becomes a
         // failed attempt, retried like any other.
-        let guarded = std::panic::AssertUnwindSafe(attempt(&deliverer, &id, kind));
+        let guarded = std::panic::AssertUnwindSafe(attempt(&deliverer, &id, kind, slot));
         let outcome = futures::FutureExt::catch_unwind(guarded)
             .await
             .unwrap_or_else(|_| {

@@ -6,8 +6,10 @@
 //! methods, so every decision is tested here without a runtime or a clock.
 //!
 //! It runs at most one attempt per subscription at a time (that is what keeps events in
-//! order), at most `max_concurrent` attempts overall (so one dead endpoint cannot hold up the
-//! others), and keeps the timers for retries and heartbeats in one binary heap rather than a
+//! order), at most `max_concurrent` attempts sending at once (so one dead endpoint cannot hold
+//! up the others) — an attempt whose send is done and that only waits for its result to be
+//! recorded (`slot_released`) no longer takes a slot, but still counts as its subscription's
+//! one attempt — and keeps the timers for retries and heartbeats in one binary heap rather than a
 //! sleeping task per subscription.
 
 use std::cmp::Reverse;
@@ -75,8 +77,11 @@ pub struct Scheduler {
     ready: VecDeque<(SubscriptionId, Attempt)>,
     /// The subscriptions in `ready`, so none is queued twice.
     queued: HashSet<SubscriptionId>,
-    /// The subscriptions with an attempt running.
+    /// The subscriptions with an attempt running (sending, or waiting for its record).
     in_flight: HashSet<SubscriptionId>,
+    /// Those of `in_flight` whose send is done: they wait for their result's commit, without
+    /// a slot.
+    recording: HashSet<SubscriptionId>,
     /// Woken while in flight: look again when the attempt ends.
     rerun: HashSet<SubscriptionId>,
 }
@@ -92,6 +97,7 @@ impl Scheduler {
             ready: VecDeque::new(),
             queued: HashSet::new(),
             in_flight: HashSet::new(),
+            recording: HashSet::new(),
             rerun: HashSet::new(),
         }
     }
@@ -140,9 +146,19 @@ impl Scheduler {
         self.rerun.remove(id);
     }
 
+    /// The attempt in flight for `id` has sent its notification and now only waits for its
+    /// result to be recorded: its slot is free for another subscription, while no other
+    /// attempt for `id` starts before it ends (the next one must read what this one sent).
+    pub fn slot_released(&mut self, id: &SubscriptionId) {
+        if self.in_flight.contains(id) {
+            self.recording.insert(id.clone());
+        }
+    }
+
     /// An attempt ended at `now` with this outcome.
     pub fn attempt_finished(&mut self, id: &SubscriptionId, outcome: Outcome, now: Instant) {
         self.in_flight.remove(id);
+        self.recording.remove(id);
         let rerun = self.rerun.remove(id);
         match outcome {
             Outcome::More => {
@@ -177,10 +193,17 @@ impl Scheduler {
     /// The attempts to start at `now`: the timers that came due put their subscriptions in
     /// the ready queue, and the queue is taken in order while slots are free. Each returned
     /// subscription is in flight until `attempt_finished`.
+    ///
+    /// The queue is fair by construction: a subscription is in it at most once, joins at the
+    /// back when it becomes ready, and goes to the back again after each attempt that leaves
+    /// more waiting (`Outcome::More`). So the oldest-waiting subscription goes first, and a
+    /// catch-all with a backlog gets one attempt (of up to `maxCount` events) per pass over
+    /// everyone else ready, however many single-event subscriptions there are — and they get
+    /// theirs however long its backlog.
     pub fn due(&mut self, now: Instant) -> Vec<(SubscriptionId, Attempt)> {
         self.fire_timers(now);
         let mut starting = Vec::new();
-        while self.in_flight.len() < self.max_concurrent {
+        while self.sending() < self.max_concurrent {
             let Some((id, attempt)) = self.ready.pop_front() else {
                 break;
             };
@@ -189,6 +212,11 @@ impl Scheduler {
             starting.push((id, attempt));
         }
         starting
+    }
+
+    /// Attempts holding a slot: in flight and not yet only waiting for their record.
+    fn sending(&self) -> usize {
+        self.in_flight.len().saturating_sub(self.recording.len())
     }
 
     /// When the next timer comes due, if any; `due` is to be called then.

@@ -6,7 +6,7 @@
 //! here at the bottom, where all three can use it without one of them importing another.
 
 /// What a stored version records about how it came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Interaction {
     Create,
     Update,

@@ -152,22 +152,26 @@ pub fn notification_bundle(
     events: &[NotificationEvent],
     content: ContentLevel,
 ) -> Value {
-    let base = base_url.trim_end_matches('/');
     let status_id = Uuid::new_v4().to_string();
-    let topic = content != ContentLevel::Empty;
-    let parameters = build_parameters(base, Some(&status_id), status, events, content, topic);
-    let mut entries = vec![json!({
-        "fullUrl": format!("urn:uuid:{status_id}"),
-        "resource": parameters,
-        "request": {
-            "method": "GET",
-            "url": format!("{base}/Subscription/{}/$status", status.subscription_id),
-        },
-        "response": { "status": "200" },
-    })];
-    // The IG forbids any entry besides the status for `empty`, and the status of a handshake or
-    // heartbeat lists no events, so an entry there would describe nothing.
-    if content != ContentLevel::Empty && carries_events(status.notification_type) {
+    notification_bundle_with_status_id(
+        base_url, bundle_id, now, &status_id, status, events, content,
+    )
+}
+
+/// `notification_bundle` with the status entry's id given (`notification_bundle` draws a
+/// random one), so that two ways of building the same notification can be compared.
+pub fn notification_bundle_with_status_id(
+    base_url: &str,
+    bundle_id: &str,
+    now: &str,
+    status_id: &str,
+    status: &StatusSnapshot,
+    events: &[NotificationEvent],
+    content: ContentLevel,
+) -> Value {
+    let base = base_url.trim_end_matches('/');
+    let mut entries = vec![status_entry(base, status_id, status, events, content)];
+    if lists_event_entries(status, content) {
         entries.extend(events.iter().map(|event| event_entry(base, event, content)));
     }
     json!({
@@ -176,6 +180,92 @@ pub fn notification_bundle(
         "type": "history",
         "timestamp": now,
         "entry": entries,
+    })
+}
+
+/// One event's Bundle entry, serialised: what `notification_bundle` puts in its `entry` for
+/// it, and what [`notification_bundle_bytes`] takes. It does not depend on the subscription,
+/// so one change heard by many subscriptions needs it built once per content level.
+pub fn event_entry_bytes(
+    base_url: &str,
+    event: &NotificationEvent,
+    content: ContentLevel,
+) -> Vec<u8> {
+    let base = base_url.trim_end_matches('/');
+    serde_json::to_vec(&event_entry(base, event, content)).unwrap_or_default()
+}
+
+/// The notification Bundle serialised, byte for byte what `serde_json::to_vec` gives for
+/// [`notification_bundle_with_status_id`] with the same arguments, but with each event's
+/// entry given already serialised (`entries[i]` is [`event_entry_bytes`] of `events[i]`):
+/// only the status `Parameters`, which is the subscription's own, is built here.
+#[allow(clippy::too_many_arguments)]
+pub fn notification_bundle_bytes(
+    base_url: &str,
+    bundle_id: &str,
+    now: &str,
+    status_id: &str,
+    status: &StatusSnapshot,
+    events: &[NotificationEvent],
+    content: ContentLevel,
+    entries: &[&[u8]],
+) -> Vec<u8> {
+    let base = base_url.trim_end_matches('/');
+    let listed = if lists_event_entries(status, content) {
+        entries
+    } else {
+        &[]
+    };
+    let mut out = Vec::with_capacity(1024 + listed.iter().map(|e| e.len() + 1).sum::<usize>());
+    // The same keys, in the same order, as `notification_bundle_with_status_id`'s `json!`
+    // (serde_json keeps insertion order here: the `preserve_order` feature).
+    out.extend_from_slice(br#"{"resourceType":"Bundle","id":"#);
+    write_json(&mut out, &bundle_id);
+    out.extend_from_slice(br#","type":"history","timestamp":"#);
+    write_json(&mut out, &now);
+    out.extend_from_slice(br#","entry":["#);
+    write_json(
+        &mut out,
+        &status_entry(base, status_id, status, events, content),
+    );
+    for entry in listed {
+        out.push(b',');
+        out.extend_from_slice(entry);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+fn write_json(out: &mut Vec<u8>, value: &impl serde::Serialize) {
+    // Writing plain strings and `Value`s into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
+/// Whether a notification lists its events as Bundle entries. The IG forbids any entry
+/// besides the status for `empty`, and the status of a handshake or heartbeat lists no
+/// events, so an entry there would describe nothing.
+fn lists_event_entries(status: &StatusSnapshot, content: ContentLevel) -> bool {
+    content != ContentLevel::Empty && carries_events(status.notification_type)
+}
+
+/// The notification's first entry: the status `Parameters`, as a `$status` read.
+fn status_entry(
+    base: &str,
+    status_id: &str,
+    status: &StatusSnapshot,
+    events: &[NotificationEvent],
+    content: ContentLevel,
+) -> Value {
+    let topic = content != ContentLevel::Empty;
+    let parameters = build_parameters(base, Some(status_id), status, events, content, topic);
+    json!({
+        "fullUrl": format!("urn:uuid:{status_id}"),
+        "resource": parameters,
+        "request": {
+            "method": "GET",
+            "url": format!("{base}/Subscription/{}/$status", status.subscription_id),
+        },
+        "response": { "status": "200" },
     })
 }
 
@@ -442,6 +532,65 @@ mod tests {
 
     fn part<'v>(event: &'v Value, name: &str) -> Option<&'v Value> {
         event["part"].as_array()?.iter().find(|p| p["name"] == name)
+    }
+
+    /// The shared building (event entries serialised once, spliced into each subscription's
+    /// Bundle) gives byte for byte the Bundle built whole, for every content level and
+    /// notification type, with a create, an update, a delete that was handed its last
+    /// version, and an event whose version was not found; and one set of entries serves
+    /// two subscriptions with different statuses.
+    #[test]
+    fn shared_event_entries_give_byte_identical_notifications() {
+        let (a1, a2, b4) = (task("task-a", 1), task("task-a", 2), task("task-b", 4));
+        let mut events = events(&a1, &a2, &b4).to_vec();
+        events.push(NotificationEvent {
+            event_number: EventNumber::new(10),
+            timestamp: at("2025-06-01T10:15:04Z"),
+            task_id: task_id("task-c"),
+            version: Version::new(1),
+            interaction: Interaction::Overdue,
+            resource: None,
+        });
+        let types = [
+            NotificationType::Handshake,
+            NotificationType::Heartbeat,
+            NotificationType::EventNotification,
+            NotificationType::QueryEvent,
+        ];
+        for content in [
+            ContentLevel::Empty,
+            ContentLevel::IdOnly,
+            ContentLevel::FullResource,
+        ] {
+            // Built once per content level, as the hub's shared parts keep them.
+            let shared: Vec<Vec<u8>> = events
+                .iter()
+                .map(|e| event_entry_bytes(&format!("{BASE}/"), e, content))
+                .collect();
+            let shared: Vec<&[u8]> = shared.iter().map(Vec::as_slice).collect();
+            for notification_type in types {
+                for subscription in [SUB, "another-subscription"] {
+                    let status = StatusSnapshot {
+                        subscription_id: sub_id(subscription),
+                        ..snapshot(notification_type)
+                    };
+                    let whole = serde_json::to_vec(&notification_bundle_with_status_id(
+                        BASE, "bundle-1", NOW, "status-1", &status, &events, content,
+                    ))
+                    .unwrap();
+                    let spliced = notification_bundle_bytes(
+                        BASE, "bundle-1", NOW, "status-1", &status, &events, content, &shared,
+                    );
+                    assert_eq!(
+                        String::from_utf8(spliced).unwrap(),
+                        String::from_utf8(whole).unwrap(),
+                        "{} {} {subscription}",
+                        content.as_str(),
+                        notification_type.as_str()
+                    );
+                }
+            }
+        }
     }
 
     /// Applies what the Inferno kit's `notification_verification` and its per-content-level

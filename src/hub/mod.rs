@@ -6,14 +6,16 @@
 //! subscription in force — the matcher index, the scheduler's heartbeat and an attempt — or
 //! withdraws it (`in_force`); the API's writes, start-up, the loop that follows writes made on
 //! other nodes and the outbox's catch-up all go through that one path, each saying how far it
-//! reaches. Delivery takes its commands from the hub's inbox (`inbox`) and its settings from
-//! the hub's parsed subscriptions.
+//! reaches. Delivery takes its commands from the hub's inbox (`inbox`), its settings from
+//! the hub's parsed subscriptions, and the parts of a notification that every subscription
+//! hearing of the same change shares from `shared`.
 //!
 //! The hub stands below `api`, `outbox` and `delivery` and imports none of them.
 
 mod accept;
 mod in_force;
 mod inbox;
+mod shared;
 mod specs;
 
 use std::sync::atomic::AtomicBool;
@@ -37,6 +39,7 @@ use crate::store::StoredSubscription;
 pub use accept::{live_quota, record_for};
 pub use in_force::{InForce, Occasion};
 pub use inbox::{Command, Commands, DeliveryHandle, inbox};
+pub use shared::{EntryKey, SharedParts};
 use specs::{Parsed, SpecCache, refusal_or_spec};
 
 /// What the subscription lifecycle needs on this node, shared by the API, the outbox and
@@ -55,6 +58,9 @@ pub struct Hub {
     /// Stored subscriptions as parsed, per version: those delivery, the API and catch-up used
     /// last, up to a bound (start-up does not fill it).
     pub(crate) specs: SpecCache,
+    /// The recent Task versions and serialised event entries, shared by every notification
+    /// about the same change (the outbox fills the versions as it matches).
+    pub shared: SharedParts,
     /// The heartbeat period, in seconds, of each subscription in force that has one: what
     /// the scheduler's start needs of each subscription's settings, without parsing them all
     /// again.

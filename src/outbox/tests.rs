@@ -46,6 +46,7 @@ fn hub() -> (Arc<Hub>, Commands) {
         base_url: BASE.into(),
         index: Default::default(),
         specs: Default::default(),
+        shared: Default::default(),
         heartbeats: Default::default(),
         delivery,
         rest_hook: RestHook::new(false, false),

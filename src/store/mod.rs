@@ -369,6 +369,20 @@ pub enum DeliveryReport {
     },
 }
 
+impl DeliveryReport {
+    /// The subscription the report is about.
+    pub fn subscription_id(&self) -> &SubscriptionId {
+        match self {
+            DeliveryReport::Delivered {
+                subscription_id, ..
+            }
+            | DeliveryReport::Failed {
+                subscription_id, ..
+            } => subscription_id,
+        }
+    }
+}
+
 /// What a delivery did to the handshake its subscription owes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeOwed {
@@ -505,7 +519,13 @@ pub trait Store: Send + Sync + 'static {
         to: EventNumber,
     ) -> Result<Vec<EventRecord>>;
     /// Records an attempt's result and ends `holder`'s claim on the subscription.
-    async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()>;
+    async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()> {
+        self.record_deliveries(holder, vec![report]).await
+    }
+    /// Records the results of many attempts (of many subscriptions) in one transaction, in
+    /// the order given, each ending `holder`'s claim on its subscription: delivery's
+    /// bookkeeping is one write per commit, not one per attempt. All or none are recorded.
+    async fn record_deliveries(&self, holder: &str, reports: Vec<DeliveryReport>) -> Result<()>;
 
     // Work sharing between nodes.
     /// Takes or renews the named lease for `holder` until `ttl` from now; false when another

@@ -449,8 +449,8 @@ impl Store for PostgresStore {
         hub::subscription_events(&self.pool, id, from, to).await
     }
 
-    async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()> {
-        hub::record_delivery(&self.pool, holder, report).await
+    async fn record_deliveries(&self, holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
+        hub::record_deliveries(&self.pool, holder, reports).await
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {

@@ -350,8 +350,11 @@ impl Store for SqliteStore {
         hub::subscription_events(&self.reads, id, from, to).await
     }
 
-    async fn record_delivery(&self, _holder: &str, report: DeliveryReport) -> Result<()> {
-        match self.submit(Work::RecordDelivery(report)).await? {
+    async fn record_deliveries(&self, _holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
+        if reports.is_empty() {
+            return Ok(());
+        }
+        match self.submit(Work::RecordDeliveries(reports)).await? {
             Done::Nothing => Ok(()),
             _ => Err(unexpected()),
         }

@@ -185,3 +185,116 @@ fn scenarios() {
         play(name, *max_concurrent, steps);
     }
 }
+
+#[test]
+fn an_attempt_that_only_waits_for_its_record_frees_its_slot_but_not_its_subscription() {
+    let origin = Instant::now();
+    let mut scheduler = Scheduler::new(1);
+    let id = |text: &str| SubscriptionId::parse(text).unwrap();
+    scheduler.wake(&id("a"));
+    scheduler.wake(&id("b"));
+    assert_eq!(scheduler.due(origin), vec![(id("a"), Work)], "one slot");
+    assert_eq!(scheduler.due(origin), vec![], "a holds it while it sends");
+    scheduler.slot_released(&id("a"));
+    assert_eq!(
+        scheduler.due(origin),
+        vec![(id("b"), Work)],
+        "a's send is done: its slot goes to b"
+    );
+    scheduler.wake(&id("a"));
+    scheduler.slot_released(&id("b"));
+    assert_eq!(
+        scheduler.due(origin),
+        vec![],
+        "a is woken, but its attempt waits for its record: no second attempt for a"
+    );
+    scheduler.attempt_finished(&id("a"), Outcome::Sent, origin);
+    assert_eq!(
+        scheduler.due(origin),
+        vec![(id("a"), Work)],
+        "once a's record is committed, the wake runs"
+    );
+    // A release that arrives for an attempt that already ended changes nothing.
+    scheduler.attempt_finished(&id("b"), Outcome::Sent, origin);
+    scheduler.slot_released(&id("b"));
+    scheduler.wake(&id("b"));
+    assert_eq!(scheduler.due(origin), vec![], "a still holds the one slot");
+}
+
+/// Ten thousand subscriptions with one event each and a catch-all with a backlog: the
+/// catch-all is never passed over more than once per round of the others, and its backlog
+/// never keeps the others waiting beyond its own turn.
+#[test]
+fn a_catch_all_with_a_backlog_and_ten_thousand_single_events_share_the_slots_fairly() {
+    const OWNERS: usize = 10_000;
+    const SLOTS: usize = 64;
+    const CATCH_ALL_ATTEMPTS: usize = 25;
+    let origin = Instant::now();
+    let mut scheduler = Scheduler::new(SLOTS);
+    let catch_all = SubscriptionId::parse("catch-all").unwrap();
+    let owners: Vec<SubscriptionId> = (0..OWNERS)
+        .map(|n| SubscriptionId::parse(&format!("owner-{n}")).unwrap())
+        .collect();
+    scheduler.wake(&catch_all);
+    for owner in &owners {
+        scheduler.wake(owner);
+    }
+    // The order attempts start in, as positions: where each catch-all attempt started, and
+    // where each owner's did.
+    let mut started = 0usize;
+    let mut catch_all_at = Vec::new();
+    let mut owner_at = vec![None; OWNERS];
+    let mut catch_all_left = CATCH_ALL_ATTEMPTS;
+    loop {
+        let due = scheduler.due(origin);
+        if due.is_empty() {
+            break;
+        }
+        for (id, _) in &due {
+            if *id == catch_all {
+                catch_all_at.push(started);
+            } else {
+                let n: usize = id.as_str()["owner-".len()..].parse().unwrap();
+                assert!(owner_at[n].is_none(), "one event, one attempt");
+                owner_at[n] = Some(started);
+            }
+            started += 1;
+        }
+        // Every send completes and is recorded: the catch-all always has more.
+        for (id, _) in due {
+            let outcome = if id == catch_all {
+                catch_all_left -= 1;
+                if catch_all_left == 0 {
+                    Outcome::Sent
+                } else {
+                    Outcome::More
+                }
+            } else {
+                Outcome::Sent
+            };
+            scheduler.slot_released(&id);
+            scheduler.attempt_finished(&id, outcome, origin);
+        }
+    }
+    assert_eq!(
+        catch_all_at.len(),
+        CATCH_ALL_ATTEMPTS,
+        "its backlog was all sent"
+    );
+    assert_eq!(catch_all_at[0], 0, "waiting longest, it went first");
+    for pair in catch_all_at.windows(2) {
+        assert!(
+            pair[1] - pair[0] <= OWNERS + SLOTS,
+            "the catch-all waited at most one round of the others: {pair:?}"
+        );
+    }
+    let last_owner = owner_at
+        .iter()
+        .map(|at| at.expect("every owner was served"))
+        .max();
+    assert!(
+        last_owner < Some(catch_all_at[1]),
+        "every single-event subscription was served before the catch-all's second attempt: \
+         its backlog did not hold them up"
+    );
+}

@@ -38,6 +38,7 @@ fn hub() -> (Hub, Commands) {
         base_url: BASE.into(),
         index: Default::default(),
         specs: Default::default(),
+        shared: Default::default(),
         heartbeats: Default::default(),
         delivery,
         rest_hook: RestHook::new(false, false),

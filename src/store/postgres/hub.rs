@@ -192,70 +192,148 @@ async fn number_matches(
     Ok(hub_sql::number_matches(matches, &before))
 }
 
-/// Records an attempt's result; the claim ends only if `holder` still has it (a node whose
-/// claim expired and was taken over must not end the new holder's).
-pub(super) async fn record_delivery(
+/// Records the results of many attempts in one transaction, one statement per kind of result
+/// (`unnest` of the reports' columns); each claim ends only if `holder` still has it (a node
+/// whose claim expired and was taken over must not end the new holder's). One `UPDATE … FROM`
+/// may change a row only once, so a subscription reported twice (two attempts whose results
+/// gathered in one batch) is recorded in rounds, the k-th report of each subscription in the
+/// k-th; rows are updated in id order, so two nodes never lock the same rows in opposite
+/// orders.
+pub(super) async fn record_deliveries(
     pool: &PgPool,
     holder: &str,
-    report: DeliveryReport,
+    reports: Vec<DeliveryReport>,
 ) -> Result<()> {
-    match report {
-        DeliveryReport::Delivered {
-            subscription_id,
-            through,
-            handshake,
-            status,
-            at,
-        } => {
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    for round in rounds(reports) {
+        let mut delivered = DeliveredColumns::default();
+        let mut failed = FailedColumns::default();
+        for report in &round {
+            match report {
+                DeliveryReport::Delivered {
+                    subscription_id,
+                    through,
+                    handshake,
+                    status,
+                    at,
+                } => {
+                    delivered.ids.push(subscription_id.as_str());
+                    delivered.through.push(through.get());
+                    delivered.settled.push(*handshake == HandshakeOwed::Settled);
+                    delivered.status.push(status.as_str());
+                    delivered.at.push(at.as_str());
+                }
+                DeliveryReport::Failed {
+                    subscription_id,
+                    error,
+                    failures,
+                    failing_since,
+                    next_attempt_at,
+                    status,
+                } => {
+                    failed.ids.push(subscription_id.as_str());
+                    failed.failures.push(*failures);
+                    failed.failing_since.push(failing_since.as_str());
+                    failed
+                        .next_attempt_at
+                        .push(next_attempt_at.as_ref().map(StoredInstant::as_str));
+                    failed.errors.push(pg_text(error).into_owned());
+                    failed.status.push(status.as_str());
+                }
+            }
+        }
+        if !delivered.ids.is_empty() {
             sqlx::query(
-                "UPDATE subscription SET delivered_through = greatest(delivered_through, $1),
-                   handshake_pending = CASE WHEN $2 THEN 0 ELSE handshake_pending END,
+                "UPDATE subscription s SET delivered_through = greatest(s.delivered_through, r.through),
+                   handshake_pending = CASE WHEN r.settled THEN 0 ELSE s.handshake_pending END,
                    failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
-                   last_sent_at = $3,
+                   last_sent_at = r.at,
                    -- Off stays off; a row that owes a handshake (the subscription was replaced
                    -- while this attempt was in flight) keeps its status until the handshake.
-                   status = CASE WHEN status = 'off' THEN 'off'
-                     WHEN handshake_pending = 1 AND NOT $2 THEN status ELSE $6 END,
-                   lease_holder = CASE WHEN lease_holder = $4 THEN NULL ELSE lease_holder END,
-                   lease_until = CASE WHEN lease_holder = $4 THEN NULL ELSE lease_until END
-                 WHERE id = $5",
+                   status = CASE WHEN s.status = 'off' THEN 'off'
+                     WHEN s.handshake_pending = 1 AND NOT r.settled THEN s.status ELSE r.status END,
+                   lease_holder = CASE WHEN s.lease_holder = $1 THEN NULL ELSE s.lease_holder END,
+                   lease_until = CASE WHEN s.lease_holder = $1 THEN NULL ELSE s.lease_until END
+                 FROM unnest($2::text[], $3::bigint[], $4::bool[], $5::text[], $6::text[])
+                   AS r(id, through, settled, status, at)
+                 WHERE s.id = r.id",
             )
-            .bind(through)
-            .bind(handshake == HandshakeOwed::Settled)
-            .bind(&at)
             .bind(holder)
-            .bind(&subscription_id)
-            .bind(status.as_str())
-            .execute(pool)
+            .bind(&delivered.ids)
+            .bind(&delivered.through)
+            .bind(&delivered.settled)
+            .bind(&delivered.status)
+            .bind(&delivered.at)
+            .execute(&mut *tx)
             .await?;
         }
-        DeliveryReport::Failed {
-            subscription_id,
-            error,
-            failures,
-            failing_since,
-            next_attempt_at,
-            status,
-        } => {
+        if !failed.ids.is_empty() {
             sqlx::query(
-                "UPDATE subscription SET failures = $1, failing_since = $2, next_attempt_at = $3,
-                   last_error = $4, status = CASE WHEN status = 'off' THEN 'off' ELSE $5 END,
-                   lease_holder = CASE WHEN lease_holder = $6 THEN NULL ELSE lease_holder END,
-                   lease_until = CASE WHEN lease_holder = $6 THEN NULL ELSE lease_until END
-                 WHERE id = $7",
+                "UPDATE subscription s SET failures = r.failures, failing_since = r.failing_since,
+                   next_attempt_at = r.next_attempt_at, last_error = r.error,
+                   status = CASE WHEN s.status = 'off' THEN 'off' ELSE r.status END,
+                   lease_holder = CASE WHEN s.lease_holder = $1 THEN NULL ELSE s.lease_holder END,
+                   lease_until = CASE WHEN s.lease_holder = $1 THEN NULL ELSE s.lease_until END
+                 FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+                   AS r(id, failures, failing_since, next_attempt_at, error, status)
+                 WHERE s.id = r.id",
             )
-            .bind(failures)
-            .bind(&failing_since)
-            .bind(&next_attempt_at)
-            .bind(pg_text(&error))
-            .bind(status.as_str())
             .bind(holder)
-            .bind(&subscription_id)
-            .execute(pool)
+            .bind(&failed.ids)
+            .bind(&failed.failures)
+            .bind(&failed.failing_since)
+            .bind(&failed.next_attempt_at)
+            .bind(&failed.errors)
+            .bind(&failed.status)
+            .execute(&mut *tx)
             .await?;
         }
     }
+    tx.commit().await?;
     Ok(())
+}
+
+/// The reports split so that no subscription appears twice in a round, the k-th report of
+/// each subscription in round k (so each subscription's reports keep their order), each round
+/// in subscription id order.
+fn rounds(reports: Vec<DeliveryReport>) -> Vec<Vec<DeliveryReport>> {
+    let mut seen: std::collections::HashMap<SubscriptionId, usize> =
+        std::collections::HashMap::new();
+    let mut rounds: Vec<Vec<DeliveryReport>> = Vec::new();
+    for report in reports {
+        let round = seen.entry(report.subscription_id().clone()).or_insert(0);
+        if rounds.len() <= *round {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(report);
+        *round += 1;
+    }
+    for round in &mut rounds {
+        round.sort_by(|a, b| a.subscription_id().cmp(b.subscription_id()));
+    }
+    rounds
+}
+
+#[derive(Default)]
+struct DeliveredColumns<'a> {
+    ids: Vec<&'a str>,
+    through: Vec<i64>,
+    settled: Vec<bool>,
+    status: Vec<&'static str>,
+    at: Vec<&'a str>,
+}
+
+#[derive(Default)]
+struct FailedColumns<'a> {
+    ids: Vec<&'a str>,
+    failures: Vec<i64>,
+    failing_since: Vec<&'a str>,
+    next_attempt_at: Vec<Option<&'a str>>,
+    errors: Vec<String>,
+    status: Vec<&'static str>,
 }
 
 pub(super) async fn prune_events(pool: &PgPool, before: &StoredInstant) -> Result<u64> {

@@ -133,7 +133,16 @@ pub(super) fn match_progress(conn: &Connection, consumer: &str) -> Result<Option
     })
 }
 
-pub(super) fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
+/// Each report in turn, with the same two cached statements: a batch of a thousand is a
+/// thousand row updates in one savepoint, never a thousand jobs.
+pub(super) fn record_deliveries(conn: &Connection, reports: Vec<DeliveryReport>) -> Result<()> {
+    for report in reports {
+        record_delivery(conn, report)?;
+    }
+    Ok(())
+}
+
+fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
     match report {
         DeliveryReport::Delivered {
             subscription_id,

@@ -54,7 +54,10 @@ pub(super) enum Work {
     /// One chunk of the outbox's matches (at most `hub.fanout_chunk`): a bounded job, so
     /// that Task writes queued behind it wait for one chunk, never for a whole fan-out.
     RecordMatches(MatchBatch),
-    RecordDelivery(DeliveryReport),
+    /// The results of many delivery attempts, in the order they were reported: one job (one
+    /// savepoint) for all the attempts whose results gathered while the previous one
+    /// committed.
+    RecordDeliveries(Vec<DeliveryReport>),
     PruneEvents(StoredInstant),
     MarkOverdue {
         task_id: TaskId,
@@ -268,7 +271,9 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             .map(|s| Done::Subscription(Box::new(s))),
         Work::DeleteSubscription(id) => subscriptions::delete(conn, &id).await.map(Done::Deleted),
         Work::RecordMatches(batch) => hub::record_matches(conn, batch).map(Done::Numbers),
-        Work::RecordDelivery(report) => hub::record_delivery(conn, report).map(|()| Done::Nothing),
+        Work::RecordDeliveries(reports) => {
+            hub::record_deliveries(conn, reports).map(|()| Done::Nothing)
+        }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
         Work::MarkOverdue {
             task_id,
