@@ -47,6 +47,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub search: SearchConfig,
     pub store: StoreConfig,
+    pub hub: HubConfig,
     pub delivery: DeliveryConfig,
     pub websocket: WebSocketConfig,
     pub cluster: ClusterConfig,
@@ -253,6 +254,22 @@ pub struct StoreConfig {
     pub max_fanout_lag: u64,
 }
 
+/// How the outbox consumer records what it matched.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Most matches recorded in one store transaction (one SQLite writer job). A change heard
+    /// by more subscriptions is recorded in several chunks, and Task writes queued meanwhile
+    /// commit between them, so a Task write waits for one chunk, never a whole fan-out.
+    pub fanout_chunk: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig { fanout_chunk: 2000 }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
@@ -280,6 +297,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             search: SearchConfig::default(),
             store: StoreConfig::default(),
+            hub: HubConfig::default(),
             delivery: DeliveryConfig::default(),
             websocket: WebSocketConfig::default(),
             cluster: ClusterConfig::default(),
@@ -444,6 +462,12 @@ impl Config {
         if self.store.max_batch == 0 || self.store.read_connections == 0 {
             return Err(ConfigError(
                 "store.max_batch and store.read_connections must be at least 1".into(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.hub.fanout_chunk) {
+            return Err(ConfigError(
+                "hub.fanout_chunk must be between 1 and 100000 (matches per fan-out transaction; BATON_HUB__FANOUT_CHUNK)"
+                    .into(),
             ));
         }
         if self.store.max_queue == 0 || self.store.max_fanout_lag == 0 {

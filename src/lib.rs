@@ -236,6 +236,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         node: node.clone(),
         lease: Duration::from_secs(state.config.cluster.lease_seconds),
         generation,
+        fanout_chunk: state.config.hub.fanout_chunk,
     };
     let outbox_wake = matcher_wake.clone();
     let outbox_stop = pipeline_stop.clone();

@@ -1,7 +1,12 @@
 //! The outbox consumer: reads committed Task changes in `seq` order right after each commit,
 //! matches them against the subscription index, and records the matches with their event
-//! numbers in one transaction together with the consumer's cursor. A crash between commits
-//! replays from the persisted cursor, so no change is skipped and none is numbered twice.
+//! numbers together with the consumer's cursor, in chunks of at most `hub.fanout_chunk`
+//! matches, one store transaction each, awaited one after the other: on SQLite each chunk is
+//! one writer job, so Task writes queued behind a large fan-out commit between its chunks.
+//! A change's matches are recorded in subscription-id order, and a chunk that ends inside a
+//! change persists how far it got (`ChangeProgress`) with the cursor. A crash between
+//! commits replays from the persisted cursor and progress, so no change is skipped, none is
+//! numbered twice, and a change half recorded resumes after the last subscription recorded.
 //!
 //! In a cluster exactly one node matches at a time: the one holding the `matcher` lease in
 //! the store, renewed as it works. The store refuses a batch from a node that lost the lease,
@@ -24,7 +29,7 @@ use crate::fhir::interaction::Interaction;
 use crate::fhir::search::index_task;
 use crate::hub::{Hub, Occasion};
 use crate::matcher::{Change, Side};
-use crate::store::{ChangeEvent, MatchBatch, MatchRow, Store};
+use crate::store::{ChangeEvent, ChangeProgress, MatchBatch, MatchRow, Store};
 
 /// The cursor name of the matcher in `outbox_cursor`.
 pub const MATCHER: &str = "matcher";
@@ -46,6 +51,8 @@ pub struct Outbox {
     pub lease: Duration,
     /// The subscription generation the index was loaded at.
     pub generation: i64,
+    /// Most matches recorded in one store transaction (`hub.fanout_chunk`).
+    pub fanout_chunk: usize,
 }
 
 impl Outbox {
@@ -63,6 +70,8 @@ impl Outbox {
         };
         let mut leading: Option<std::time::Instant> = None;
         let mut cursor = ChangeSeq::ZERO;
+        // Where recording stopped inside a change, read with the cursor on taking the lease.
+        let mut resume: Option<ChangeProgress> = None;
         let mut last_persisted = std::time::Instant::now();
         while !shutdown.is_cancelled() {
             if leading.is_none_or(|renewed| renewed.elapsed() >= renew_every) {
@@ -73,8 +82,17 @@ impl Outbox {
                 {
                     Ok(true) => {
                         if leading.is_none() {
-                            match self.store.outbox_cursor(MATCHER).await {
-                                Ok(seq) => cursor = seq,
+                            let read = async {
+                                Ok::<_, crate::error::Error>((
+                                    self.store.outbox_cursor(MATCHER).await?,
+                                    self.store.match_progress(MATCHER).await?,
+                                ))
+                            };
+                            match read.await {
+                                Ok((seq, progress)) => {
+                                    cursor = seq;
+                                    resume = progress;
+                                }
                                 Err(e) => {
                                     tracing::error!(error = %error_chain(&e), "reading the outbox cursor failed; retrying");
                                     if !idle(&shutdown).await {
@@ -130,9 +148,10 @@ impl Outbox {
                 continue;
             }
             let persist = !self.store.outbox_in_commit_order() || last_persisted.elapsed() >= POLL;
-            match self.process(&changes, persist).await {
+            match self.process(&changes, persist, resume.clone()).await {
                 Ok((through, persisted)) => {
                     cursor = through;
+                    resume = None;
                     self.note_lag(changes.len(), through).await;
                     if persisted {
                         last_persisted = std::time::Instant::now();
@@ -197,11 +216,19 @@ impl Outbox {
         Ok(())
     }
 
-    /// Matches a batch of changes and records the result; returns the new cursor and whether
-    /// it was persisted. A batch that matched nothing is not written unless `persist` asks:
-    /// after a crash such changes are read again and, matched again, still match nothing (a
-    /// subscription created since is gated by `created_after_seq`), so the persisted cursor
-    /// may lag by up to `POLL` without skipping or repeating any event.
+    /// Matches a batch of changes and records the matches in chunks of at most
+    /// `fanout_chunk`, each awaited before the next is sent, so that Task writes queued
+    /// meanwhile commit between chunks; returns the new cursor and whether anything was
+    /// written. A change's matches are recorded in subscription-id order, and a chunk that
+    /// ends inside a change records how far it got (`ChangeProgress`) in its transaction:
+    /// after a crash the change is matched again and recording resumes after that id (a
+    /// subscription created since is gated by `created_after_seq`; one deleted or `off` is
+    /// skipped when numbered), so no number is repeated or skipped. `resume` is that progress
+    /// as read from the store when this node took the lease.
+    ///
+    /// A batch that matched nothing is not written unless `persist` asks: after a crash such
+    /// changes are read again and, matched again, still match nothing, so the persisted
+    /// cursor may lag by up to `POLL` without skipping or repeating any event.
     #[tracing::instrument(
         name = "outbox.batch",
         skip_all,
@@ -211,90 +238,61 @@ impl Outbox {
             changes = changes.len(),
         )
     )]
-    async fn process(&self, changes: &[ChangeEvent], persist: bool) -> Result<(ChangeSeq, bool)> {
+    async fn process(
+        &self,
+        changes: &[ChangeEvent],
+        persist: bool,
+        resume: Option<ChangeProgress>,
+    ) -> Result<(ChangeSeq, bool)> {
         let started = std::time::Instant::now();
-        let mut keys = Vec::with_capacity(changes.len() * 2);
-        for change in changes {
-            if change.resource_type != "Task" {
-                continue;
-            }
-            keys.push((change.resource_id.clone(), change.version));
-            if let Some(previous) = change.previous_version {
-                keys.push((change.resource_id.clone(), previous));
-            }
-        }
-        let versions: HashMap<(TaskId, Version), Value> = self
-            .store
-            .versions(&keys)
-            .await?
-            .into_iter()
-            .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
-            .collect();
+        let versions = self.load_versions(changes).await?;
         self.hub.shared.keep_current(changes, &versions);
-
-        let mut rows = Vec::new();
-        {
-            let index = self.hub.index.read().unwrap_or_else(|e| e.into_inner());
-            for change in changes.iter().filter(|c| c.resource_type == "Task") {
-                let current = versions.get(&(change.resource_id.clone(), change.version));
-                let previous = change
-                    .previous_version
-                    .and_then(|v| versions.get(&(change.resource_id.clone(), v)));
-                // A version the store could not read back (see `Store::versions`) cannot be
-                // matched; the change is passed over, once and loudly, rather than holding up
-                // every change behind it.
-                let unreadable = (change.interaction != Interaction::Delete && current.is_none())
-                    || (change.previous_version.is_some() && previous.is_none());
-                if unreadable {
-                    metrics::counter!("baton_changes_skipped_total", "reason" => "unreadable")
-                        .increment(1);
-                    tracing::error!(change.seq = change.seq.get(), task.id = %change.resource_id, task.version = change.version.get(), "a change refers to a Task version that cannot be read; it is not matched");
-                    continue;
-                }
-                let current_index = current.map(|r| index_task(r, &self.hub.base_url));
-                let previous_index = previous.map(|r| index_task(r, &self.hub.base_url));
-                let view = Change {
-                    seq: change.seq,
-                    interaction: change.interaction,
-                    previous: previous
-                        .zip(previous_index.as_ref())
-                        .map(|(resource, index)| Side { resource, index }),
-                    current: current
-                        .zip(current_index.as_ref())
-                        .map(|(resource, index)| Side { resource, index }),
-                };
-                for subscription_id in
-                    index.match_change(&self.hub.topics, &view, &self.hub.base_url)
-                {
-                    rows.push(MatchRow {
-                        subscription_id,
+        let chunk_size = self.fanout_chunk.max(1);
+        let mut chunk = Chunk {
+            matches: Vec::with_capacity(chunk_size),
+            changes: Vec::new(),
+            resumed: resume.clone(),
+        };
+        let mut written = false;
+        let mut matched = 0;
+        for change in changes {
+            let mut ids = self.match_change(change, &versions);
+            if let Some(resume) = resume.as_ref().filter(|r| r.seq == change.seq) {
+                ids.retain(|id| *id > resume.through);
+            }
+            matched += ids.len();
+            let mut recorded = 0;
+            loop {
+                let room = chunk_size.saturating_sub(chunk.matches.len()).max(1);
+                let end = ids.len().min(recorded + room);
+                chunk
+                    .matches
+                    .extend(ids[recorded..end].iter().map(|id| MatchRow {
+                        subscription_id: id.clone(),
                         change_seq: change.seq,
-                        task_id: change.resource_id.clone(),
-                        version: change.version,
-                        interaction: change.interaction,
-                        occurred_at: change.recorded_at.clone(),
-                    });
-                }
+                    }));
+                recorded = end;
+                let Some(through) = ids[..recorded].last().filter(|_| recorded < ids.len()) else {
+                    chunk.changes.push(change.seq);
+                    break;
+                };
+                // The chunk is full inside this change: recorded up to `through`.
+                let progress = ChangeProgress {
+                    seq: change.seq,
+                    through: through.clone(),
+                };
+                self.record_chunk(&mut chunk, Some(progress)).await?;
+                written = true;
+            }
+            if chunk.matches.len() >= chunk_size {
+                self.record_chunk(&mut chunk, None).await?;
+                written = true;
             }
         }
         let through = changes.last().map_or(ChangeSeq::ZERO, |c| c.seq);
-        let matched = rows.len();
-        if rows.is_empty() && !persist {
-            metrics::counter!("baton_changes_matched_total").increment(changes.len() as u64);
-            return Ok((through, false));
-        }
-        let numbered = self
-            .store
-            .record_matches(MatchBatch {
-                consumer: MATCHER.to_string(),
-                holder: self.node.clone(),
-                changes: changes.iter().map(|c| c.seq).collect(),
-                matches: rows,
-            })
-            .await?;
-        let woken: BTreeSet<SubscriptionId> = numbered.into_iter().map(|(id, _)| id).collect();
-        for id in woken {
-            self.hub.delivery.wake(&id);
+        if !chunk.matches.is_empty() || (persist && !chunk.changes.is_empty()) {
+            self.record_chunk(&mut chunk, None).await?;
+            written = true;
         }
         metrics::counter!("baton_changes_matched_total").increment(changes.len() as u64);
         metrics::counter!("baton_events_total").increment(matched as u64);
@@ -305,6 +303,117 @@ impl Outbox {
             through = through.get(),
             "matched a batch of changes"
         );
-        Ok((through, true))
+        Ok((through, written))
+    }
+
+    /// The Task versions a batch of changes needs to be matched (each change's version and
+    /// the one before it), read in one call.
+    async fn load_versions(
+        &self,
+        changes: &[ChangeEvent],
+    ) -> Result<HashMap<(TaskId, Version), Value>> {
+        let mut keys = Vec::with_capacity(changes.len() * 2);
+        for change in changes {
+            if change.resource_type != "Task" {
+                continue;
+            }
+            keys.push((change.resource_id.clone(), change.version));
+            if let Some(previous) = change.previous_version {
+                keys.push((change.resource_id.clone(), previous));
+            }
+        }
+        Ok(self
+            .store
+            .versions(&keys)
+            .await?
+            .into_iter()
+            .filter_map(|v| v.resource.map(|r| ((v.id, v.version), r)))
+            .collect())
+    }
+
+    /// The subscriptions one change matches, in id order: the order they are numbered and
+    /// recorded in, which `ChangeProgress` counts on. The index is read-locked only for this
+    /// change, never across a store call.
+    fn match_change(
+        &self,
+        change: &ChangeEvent,
+        versions: &HashMap<(TaskId, Version), Value>,
+    ) -> Vec<SubscriptionId> {
+        if change.resource_type != "Task" {
+            return Vec::new();
+        }
+        let current = versions.get(&(change.resource_id.clone(), change.version));
+        let previous = change
+            .previous_version
+            .and_then(|v| versions.get(&(change.resource_id.clone(), v)));
+        // A version the store could not read back (see `Store::versions`) cannot be
+        // matched; the change is passed over, once and loudly, rather than holding up
+        // every change behind it.
+        let unreadable = (change.interaction != Interaction::Delete && current.is_none())
+            || (change.previous_version.is_some() && previous.is_none());
+        if unreadable {
+            metrics::counter!("baton_changes_skipped_total", "reason" => "unreadable").increment(1);
+            tracing::error!(change.seq = change.seq.get(), task.id = %change.resource_id, task.version = change.version.get(), "a change refers to a Task version that cannot be read; it is not matched");
+            return Vec::new();
+        }
+        let current_index = current.map(|r| index_task(r, &self.hub.base_url));
+        let previous_index = previous.map(|r| index_task(r, &self.hub.base_url));
+        let view = Change {
+            seq: change.seq,
+            interaction: change.interaction,
+            previous: previous
+                .zip(previous_index.as_ref())
+                .map(|(resource, index)| Side { resource, index }),
+            current: current
+                .zip(current_index.as_ref())
+                .map(|(resource, index)| Side { resource, index }),
+        };
+        let mut ids = {
+            let index = self.hub.index.read().unwrap_or_else(|e| e.into_inner());
+            index.match_change(&self.hub.topics, &view, &self.hub.base_url)
+        };
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Records a chunk (one store transaction), ending at `progress` inside a change or at a
+    /// change boundary, and wakes the delivery of every subscription it numbered events for.
+    async fn record_chunk(
+        &self,
+        chunk: &mut Chunk,
+        progress: Option<ChangeProgress>,
+    ) -> Result<()> {
+        let batch = MatchBatch {
+            consumer: MATCHER.to_string(),
+            holder: self.node.clone(),
+            changes: std::mem::take(&mut chunk.changes),
+            matches: std::mem::replace(
+                &mut chunk.matches,
+                Vec::with_capacity(self.fanout_chunk.max(1)),
+            ),
+            resumed: chunk.resumed.take(),
+            progress: progress.clone(),
+        };
+        let numbered = self.store.record_matches(batch).await?;
+        chunk.resumed = progress;
+        metrics::counter!("baton_fanout_chunks_total").increment(1);
+        let woken: BTreeSet<SubscriptionId> = numbered.into_iter().map(|(id, _)| id).collect();
+        for id in woken {
+            self.hub.delivery.wake(&id);
+        }
+        Ok(())
     }
 }
+
+/// Matches gathered for the next store transaction.
+struct Chunk {
+    matches: Vec<MatchRow>,
+    /// The changes whose matches are all recorded once these are.
+    changes: Vec<ChangeSeq>,
+    /// The progress inside a change the previous chunk ended at.
+    resumed: Option<ChangeProgress>,
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

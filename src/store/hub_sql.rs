@@ -8,19 +8,37 @@
 //! on SQLite too. Each number first appears after the ones below it, so SQLite's own
 //! numbering of named parameters (by first appearance) gives the same order to any client.
 
-use super::SubscriptionQuery;
+use std::collections::HashMap;
+
 use super::owner_columns;
 use super::search_sql::Placeholder;
+use super::{MatchRow, SubscriptionQuery};
+use crate::fhir::ids::{ChangeSeq, EventNumber, SubscriptionId};
 use crate::fhir::task::TERMINAL_STATUSES;
 
-/// Events `$2..=$3` of subscription `$1`'s log, oldest first.
+/// Events `$2..=$3` of subscription `$1`'s log, oldest first, expanded from its runs: a row
+/// of `subscription_event` is a run of `events` consecutive event numbers from
+/// `event_number`, told of the changes `change_seq`, `change_seq + 1`, … (`plan_runs` makes
+/// runs only of consecutive `seq`s), and the change itself is read from `change_event`,
+/// which is never pruned. The run holding `$2` is found by one seek on the key; the runs
+/// after it up to `$3` follow it on the same index.
 pub(crate) const SUBSCRIPTION_EVENTS: &str =
-    "SELECT event_number, change_seq, task_id, version, interaction, occurred_at
-     FROM subscription_event WHERE subscription_id = $1 AND event_number BETWEEN $2 AND $3
-     ORDER BY event_number";
+    "SELECT e.event_number + (c.seq - e.change_seq) AS event_number, c.seq AS change_seq,
+            c.resource_id AS task_id, c.version, c.interaction, c.recorded_at AS occurred_at
+     FROM subscription_event e
+     JOIN change_event c ON c.seq BETWEEN e.change_seq AND e.change_seq + e.events - 1
+     WHERE e.subscription_id = $1
+       AND e.event_number >= coalesce((SELECT max(f.event_number) FROM subscription_event f
+                                       WHERE f.subscription_id = $1 AND f.event_number <= $2), 0)
+       AND e.event_number <= $3
+       AND e.event_number + (c.seq - e.change_seq) BETWEEN $2 AND $3
+     ORDER BY 1";
 
-/// Deletes the events that happened before `$1` and were delivered. Undelivered events are
-/// kept whatever their age: the queue must never lose them.
+/// The time of the latest change of the run `r` (columns `change_seq`, `events`): the run's
+/// `occurred_at`, which pruning compares (every event of the run happened by then).
+pub(crate) const RUN_OCCURRED_AT: &str = "(SELECT max(c.recorded_at) FROM change_event c
+      WHERE c.seq BETWEEN r.change_seq AND r.change_seq + r.events - 1)";
+
 /// A page of live subscriptions in id order, from `after` (the first placeholder; '' for the
 /// start), at most the second placeholder many: only what start-up needs. The resource comes
 /// only with a row that has no matching form yet (written before the column existed).
@@ -37,8 +55,11 @@ pub(crate) fn live_page(after: &str, limit: &str) -> String {
 pub(crate) const PENDING_DELIVERIES: &str = "SELECT id, next_attempt_at FROM subscription
      WHERE status <> 'off' AND (handshake_pending <> 0 OR delivered_through < events_since_start)";
 
+/// Deletes the runs of events that all happened before `$1` and were all delivered.
+/// Undelivered events are kept whatever their age: the queue must never lose them (a run
+/// with one undelivered event is kept whole).
 pub(crate) const PRUNE_EVENTS: &str =
-    "DELETE FROM subscription_event WHERE occurred_at < $1 AND event_number <=
+    "DELETE FROM subscription_event WHERE occurred_at < $1 AND event_number + events - 1 <=
        (SELECT s.delivered_through FROM subscription s WHERE s.id = subscription_event.subscription_id)";
 
 /// The condition on `subscription s` of work that has waited since before `$1`: a live
@@ -48,9 +69,89 @@ pub(crate) const WORK_WAITING: &str = "s.status <> 'off'
        AND ((s.handshake_pending <> 0 AND s.last_updated <= $1)
          OR (s.delivered_through < s.events_since_start
              AND coalesce(s.next_attempt_at,
-                   (SELECT e.occurred_at FROM subscription_event e
-                    WHERE e.subscription_id = s.id
-                      AND e.event_number = s.delivered_through + 1)) <= $1))";
+                   (SELECT c.recorded_at FROM change_event c WHERE c.seq =
+                      (SELECT e.change_seq + (s.delivered_through + 1 - e.event_number)
+                       FROM subscription_event e
+                       WHERE e.subscription_id = s.id AND e.event_number <= s.delivered_through + 1
+                       ORDER BY e.event_number DESC LIMIT 1))) <= $1))";
+
+/// How a chunk of matches is written: each subscription's number of matches (its counter
+/// moves once, by that many) and the runs its event-log rows hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RunPlan {
+    /// Each matched subscription and its number of matches, in order of first match.
+    pub counts: Vec<(SubscriptionId, i64)>,
+    pub runs: Vec<Run>,
+}
+
+/// Consecutive matches of one subscription whose changes have consecutive `seq`s: one row
+/// of `subscription_event`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// The subscription, by its place in `RunPlan::counts`.
+    pub subscription: usize,
+    /// How many of the subscription's matches in this chunk come before the run: its first
+    /// event number is the counter before the chunk plus this plus 1.
+    pub offset: i64,
+    pub change_seq: ChangeSeq,
+    pub events: i64,
+}
+
+/// Plans the rows of a chunk of matches, numbered in the order given. A catch-all
+/// subscription that hears every change of the chunk gets one run; one that hears a single
+/// change gets a run of one. `seq`s with a gap between them never share a run, so a run
+/// can be expanded from `change_event` by `seq` alone (`SUBSCRIPTION_EVENTS`).
+pub(crate) fn plan_runs(matches: &[MatchRow]) -> RunPlan {
+    let mut places: HashMap<&str, usize> = HashMap::new();
+    let mut counts: Vec<(SubscriptionId, i64)> = Vec::new();
+    // The run each subscription's last match went to.
+    let mut last_run: Vec<usize> = Vec::new();
+    let mut runs: Vec<Run> = Vec::new();
+    for m in matches {
+        let place = *places.entry(m.subscription_id.as_str()).or_insert_with(|| {
+            counts.push((m.subscription_id.clone(), 0));
+            last_run.push(usize::MAX);
+            counts.len() - 1
+        });
+        let offset = counts[place].1;
+        let extends = runs.get(last_run[place]).is_some_and(|run| {
+            run.change_seq.get().checked_add(run.events) == Some(m.change_seq.get())
+        });
+        if extends {
+            runs[last_run[place]].events += 1;
+        } else {
+            runs.push(Run {
+                subscription: place,
+                offset,
+                change_seq: m.change_seq,
+                events: 1,
+            });
+            last_run[place] = runs.len() - 1;
+        }
+        counts[place].1 += 1;
+    }
+    RunPlan { counts, runs }
+}
+
+/// The event number of each match whose subscription was counted, in the order given,
+/// from each subscription's counter before the chunk (`before`; a subscription missing from
+/// it, deleted or `off`, gets none).
+pub(crate) fn number_matches(
+    matches: Vec<MatchRow>,
+    before: &HashMap<SubscriptionId, i64>,
+) -> Vec<(SubscriptionId, EventNumber)> {
+    let mut next: HashMap<SubscriptionId, i64> = HashMap::with_capacity(before.len());
+    let mut numbered = Vec::with_capacity(matches.len());
+    for m in matches {
+        let Some(&start) = before.get(&m.subscription_id) else {
+            continue;
+        };
+        let number = next.entry(m.subscription_id.clone()).or_insert(start);
+        *number += 1;
+        numbered.push((m.subscription_id, EventNumber::new(*number)));
+    }
+    numbered
+}
 
 /// The earliest due date after `$1`.
 pub(crate) const NEXT_DUE: &str =
@@ -241,6 +342,75 @@ mod tests {
         );
         assert!(everything.page.ends_with("LIMIT $1 OFFSET $2"));
         assert!(everything.binds.is_empty());
+    }
+
+    fn m(subscription: &str, seq: i64) -> MatchRow {
+        MatchRow {
+            subscription_id: SubscriptionId::parse(subscription).unwrap(),
+            change_seq: ChangeSeq::new(seq),
+        }
+    }
+
+    /// A catch-all that hears every change of a chunk gets one run; one that hears changes
+    /// with a gap between them a run per stretch; each counter moves by its matches.
+    #[test]
+    fn runs_cover_consecutive_changes_of_a_subscription() {
+        let matches = [
+            m("all", 10),
+            m("owner", 10),
+            m("all", 11),
+            m("gappy", 11),
+            m("all", 12),
+            m("gappy", 13),
+            m("gappy", 14),
+        ];
+        let plan = plan_runs(&matches);
+        let id = |s: &str| SubscriptionId::parse(s).unwrap();
+        assert_eq!(
+            plan.counts,
+            [(id("all"), 3), (id("owner"), 1), (id("gappy"), 3)]
+        );
+        let runs: Vec<(usize, i64, i64, i64)> = plan
+            .runs
+            .iter()
+            .map(|r| (r.subscription, r.offset, r.change_seq.get(), r.events))
+            .collect();
+        assert_eq!(
+            runs,
+            [(0, 0, 10, 3), (1, 0, 10, 1), (2, 0, 11, 1), (2, 1, 13, 2)]
+        );
+        assert_eq!(
+            plan_runs(&[]),
+            RunPlan {
+                counts: vec![],
+                runs: vec![]
+            }
+        );
+    }
+
+    /// Numbers follow each counter in the order given; an uncounted subscription (deleted or
+    /// off) gets none, and the others are not shifted by it.
+    #[test]
+    fn matches_are_numbered_from_each_counter() {
+        let id = |s: &str| SubscriptionId::parse(s).unwrap();
+        let before = HashMap::from([(id("a"), 7), (id("b"), 0)]);
+        let numbered = number_matches(
+            vec![m("a", 1), m("off", 1), m("b", 1), m("a", 2), m("b", 5)],
+            &before,
+        );
+        let numbered: Vec<(String, i64)> = numbered
+            .into_iter()
+            .map(|(s, n)| (s.to_string(), n.get()))
+            .collect();
+        assert_eq!(
+            numbered,
+            [
+                ("a".into(), 8),
+                ("b".into(), 1),
+                ("a".into(), 9),
+                ("b".into(), 2)
+            ]
+        );
     }
 
     /// The open-Task condition names exactly the terminal statuses of `fhir::task`.

@@ -334,15 +334,21 @@ pub(crate) fn owner_from_columns(
 pub type SubscriptionDecide =
     Box<dyn FnOnce(&StoredSubscription) -> Result<SubscriptionRecord> + Send>;
 
-/// One subscription matched by one change; the store gives it the next event number.
+/// One subscription matched by one change; the store gives it the next event number. The
+/// event log refers to the change by its `seq` (`change_event` is never pruned), so a match
+/// carries nothing else.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MatchRow {
     pub subscription_id: SubscriptionId,
     pub change_seq: ChangeSeq,
-    pub task_id: TaskId,
-    pub version: Version,
-    pub interaction: Interaction,
-    pub occurred_at: StoredInstant,
+}
+
+/// How far recording has got inside one change whose matches span several chunks: its
+/// matches are recorded in subscription-id order, up to and including `through`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeProgress {
+    pub seq: ChangeSeq,
+    pub through: SubscriptionId,
 }
 
 /// An entry of a subscription's event log.
@@ -403,7 +409,9 @@ pub enum HandshakeOwed {
     Unchanged,
 }
 
-/// A batch of matched changes, recorded in one transaction.
+/// A chunk of matched changes, recorded in one transaction. The outbox sends at most
+/// `hub.fanout_chunk` matches per chunk, so one change heard by many subscriptions is
+/// recorded in several chunks, and the store persists how far inside that change it got.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MatchBatch {
     /// The outbox consumer (`outbox::MATCHER`), which is also the name of its lease.
@@ -411,9 +419,16 @@ pub struct MatchBatch {
     /// The node that holds the consumer's lease; a store shared by several nodes refuses the
     /// batch when the lease is no longer this node's.
     pub holder: String,
-    /// The outbox `seq` of every change the batch consumed, ascending.
+    /// The outbox `seq` of every change whose matches this chunk completes, ascending.
     pub changes: Vec<ChangeSeq>,
+    /// The matches, in the order they are numbered: by change, then by subscription id.
     pub matches: Vec<MatchRow>,
+    /// The progress inside a change this chunk continues from, as the previous chunk left it
+    /// (None: it starts at a change boundary). The store refuses the chunk unless this is the
+    /// progress it holds, so a chunk can never be recorded twice or out of turn.
+    pub resumed: Option<ChangeProgress>,
+    /// The progress inside a change this chunk ends in (None: it ends at a change boundary).
+    pub progress: Option<ChangeProgress>,
 }
 
 /// Subscriptions written since a generation of the subscription table.
@@ -505,10 +520,15 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>>;
     /// Where an outbox consumer stopped reading.
     async fn outbox_cursor(&self, consumer: &str) -> Result<ChangeSeq>;
-    /// Numbers the matches (in order) and marks the changes consumed, in one transaction.
-    /// Returns `(subscription id, event number)` per recorded match. Fails, recording
-    /// nothing, when the batch's holder lost the consumer's lease or another node already
-    /// consumed one of its changes.
+    /// Where recording stopped inside a change whose matches span several chunks (see
+    /// `MatchBatch::progress`); None at a change boundary.
+    async fn match_progress(&self, consumer: &str) -> Result<Option<ChangeProgress>>;
+    /// Numbers the matches (in order) and marks the changes consumed, in one transaction,
+    /// with a handful of statements whatever the number of matches (`hub_sql::plan_runs`).
+    /// Returns `(subscription id, event number)` per recorded match; a subscription deleted
+    /// or `off` gets none. Fails, recording nothing, when the batch's holder lost the
+    /// consumer's lease, another node already consumed one of its changes, or the progress
+    /// it resumes from is not the one recorded.
     async fn record_matches(&self, batch: MatchBatch)
     -> Result<Vec<(SubscriptionId, EventNumber)>>;
     /// Events `from..=to` of a subscription's log, oldest first.

@@ -33,6 +33,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tokio::sync::Notify;
 
+use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::{
@@ -426,6 +427,10 @@ impl Store for PostgresStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(seq.unwrap_or(ChangeSeq::ZERO))
+    }
+
+    async fn match_progress(&self, consumer: &str) -> Result<Option<ChangeProgress>> {
+        hub::match_progress(&self.pool, consumer).await
     }
 
     async fn record_matches(

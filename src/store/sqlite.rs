@@ -38,6 +38,7 @@ use sqlx::{AssertSqlSafe, Connection};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::{
@@ -315,18 +316,26 @@ impl Store for SqliteStore {
         Ok(seq.unwrap_or(ChangeSeq::ZERO))
     }
 
+    async fn match_progress(&self, consumer: &str) -> Result<Option<ChangeProgress>> {
+        let row: Option<(Option<ChangeSeq>, Option<SubscriptionId>)> = sqlx::query_as(
+            "SELECT partial_seq, partial_through FROM outbox_cursor WHERE consumer = ?",
+        )
+        .bind(consumer)
+        .fetch_optional(&self.reads)
+        .await?;
+        Ok(match row {
+            Some((Some(seq), Some(through))) => Some(ChangeProgress { seq, through }),
+            _ => None,
+        })
+    }
+
     async fn record_matches(
         &self,
         batch: MatchBatch,
     ) -> Result<Vec<(SubscriptionId, EventNumber)>> {
         // One process owns the database file, so the lease holder is always this one and the
         // cursor (changes commit in `seq` order here) says what was consumed.
-        let work = Work::RecordMatches {
-            consumer: batch.consumer,
-            through_seq: batch.changes.last().copied().unwrap_or(ChangeSeq::ZERO),
-            matches: batch.matches,
-        };
-        match self.submit(work).await? {
+        match self.submit(Work::RecordMatches(batch)).await? {
             Done::Numbers(numbers) => Ok(numbers),
             _ => Err(unexpected()),
         }

@@ -8,8 +8,9 @@
 //! The statements both dialects share are `store::hub_sql`'s. What stays here per dialect
 //! is how they run (on the pool or in a transaction, text bound through `pg_text`) and the
 //! statements PostgreSQL alone has: leases, claims, generations, row locks, and
-//! `record_matches` numbering a batch in one statement.
+//! `record_matches` numbering a chunk of matches in one statement over `unnest`ed arrays.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgPool};
@@ -22,8 +23,8 @@ use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
-    DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, StoredSubscription,
-    SubscriptionChanges, SubscriptionQuery,
+    ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, MatchRow,
+    StoredSubscription, SubscriptionChanges, SubscriptionQuery,
 };
 
 /// A ttl as a bind value: whole microseconds, PostgreSQL's interval resolution.
@@ -42,12 +43,13 @@ pub(super) async fn read_subscription(
     row.as_ref().map(subscription_from_row).transpose()
 }
 
-/// Records a batch of matches in two statements: the first checks the lease (locking its row
-/// until commit, so a node taking the lease over waits and this batch is recorded by the
-/// holder it names or not at all), marks the changes matched and moves the cursor; the second
-/// bumps each matched subscription's counter once, by its number of matches, and logs the
-/// matches under the numbers that frees, in batch order. Only the lease holder gets this far,
-/// and it holds the lease row, so no two transactions lock several subscriptions at once.
+/// Records a chunk of matches in three statements, whatever its size. The first checks the
+/// lease (locking its row until commit, so a node taking the lease over waits and this chunk
+/// is recorded by the holder it names or not at all) and reads the progress inside a change
+/// that the chunk must continue from; the second marks the changes the chunk completes
+/// matched and moves the cursor and the progress; the third (`number_matches`) numbers and
+/// logs the matches. Only the lease holder gets this far, and it holds the lease row, so no
+/// two transactions lock several subscriptions at once.
 pub(super) async fn record_matches(
     conn: &mut PgConnection,
     batch: MatchBatch,
@@ -55,32 +57,52 @@ pub(super) async fn record_matches(
     let mut changes = batch.changes.clone();
     changes.sort_unstable();
     changes.dedup();
-    let marked: i64 = sqlx::query_scalar(
-        "WITH held AS (
-           SELECT 1 FROM lease WHERE name = $1 AND holder = $2 AND expires_at > now() FOR UPDATE
-         ), marked AS (
-           UPDATE change_event SET matched = true
-           WHERE seq = ANY($3) AND NOT matched AND EXISTS (SELECT 1 FROM held)
-           RETURNING seq
-         ), cursor AS (
-           INSERT INTO outbox_cursor (consumer, seq)
-           SELECT $1, max(seq) FROM marked HAVING count(*) > 0
-           ON CONFLICT (consumer) DO UPDATE SET seq = greatest(outbox_cursor.seq, excluded.seq)
-         )
-         SELECT CASE WHEN EXISTS (SELECT 1 FROM held) THEN (SELECT count(*) FROM marked) ELSE -1 END",
-    )
-    .bind(&batch.consumer)
-    .bind(&batch.holder)
-    .bind(&changes)
-    .fetch_one(&mut *conn)
-    .await?;
-    if marked < 0 {
+    let (held, partial_seq, partial_through): (bool, Option<ChangeSeq>, Option<SubscriptionId>) =
+        sqlx::query_as(
+            "WITH held AS (
+               SELECT 1 FROM lease WHERE name = $1 AND holder = $2 AND expires_at > now() FOR UPDATE
+             )
+             SELECT EXISTS (SELECT 1 FROM held),
+                    (SELECT partial_seq FROM outbox_cursor WHERE consumer = $1),
+                    (SELECT partial_through FROM outbox_cursor WHERE consumer = $1)",
+        )
+        .bind(&batch.consumer)
+        .bind(&batch.holder)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !held {
         return Err(Error::conflict(format!(
             "the {} lease was lost by {}: another node may be matching, so this batch was not \
              recorded; take the lease again and re-read the outbox",
             batch.consumer, batch.holder
         )));
     }
+    let recorded = progress_from(partial_seq, partial_through);
+    if recorded != batch.resumed {
+        return Err(Error::conflict(format!(
+            "the {} recorded progress {recorded:?} inside a change, but this chunk continues \
+             from {:?}; nothing of it was recorded",
+            batch.consumer, batch.resumed
+        )));
+    }
+    let marked: i64 = sqlx::query_scalar(
+        "WITH marked AS (
+           UPDATE change_event SET matched = true WHERE seq = ANY($2) AND NOT matched
+           RETURNING seq
+         ), cursor AS (
+           INSERT INTO outbox_cursor (consumer, seq, partial_seq, partial_through)
+           SELECT $1, coalesce(max(seq), 0), $3, $4 FROM marked
+           ON CONFLICT (consumer) DO UPDATE SET seq = greatest(outbox_cursor.seq, excluded.seq),
+             partial_seq = excluded.partial_seq, partial_through = excluded.partial_through
+         )
+         SELECT count(*) FROM marked",
+    )
+    .bind(&batch.consumer)
+    .bind(&changes)
+    .bind(batch.progress.as_ref().map(|p| p.seq))
+    .bind(batch.progress.as_ref().map(|p| p.through.as_str()))
+    .fetch_one(&mut *conn)
+    .await?;
     if marked != changes.len() as i64 {
         return Err(Error::conflict(format!(
             "{} of the batch's {} changes were already recorded (or do not exist), so another \
@@ -89,72 +111,85 @@ pub(super) async fn record_matches(
             changes.len()
         )));
     }
-    number_matches(conn, &batch).await
+    number_matches(conn, batch.matches).await
 }
 
-/// Gives each match the next event number of its subscription and logs it, in one statement.
-/// A subscription deleted or turned off since matching gets nothing.
+fn progress_from(
+    seq: Option<ChangeSeq>,
+    through: Option<SubscriptionId>,
+) -> Option<ChangeProgress> {
+    Some(ChangeProgress {
+        seq: seq?,
+        through: through?,
+    })
+}
+
+/// The progress inside a change that `record_matches` last left for `consumer`.
+pub(super) async fn match_progress(
+    pool: &PgPool,
+    consumer: &str,
+) -> Result<Option<ChangeProgress>> {
+    let row: Option<(Option<ChangeSeq>, Option<SubscriptionId>)> = sqlx::query_as(
+        "SELECT partial_seq, partial_through FROM outbox_cursor WHERE consumer = $1",
+    )
+    .bind(consumer)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|(seq, through)| progress_from(seq, through)))
+}
+
+/// Moves each matched subscription's counter once, by its number of matches, and logs the
+/// chunk's runs (`hub_sql::plan_runs`) under the numbers that frees, in one statement. A
+/// subscription deleted or turned off since matching gets nothing.
 async fn number_matches(
     conn: &mut PgConnection,
-    batch: &MatchBatch,
+    matches: Vec<MatchRow>,
 ) -> Result<Vec<(SubscriptionId, EventNumber)>> {
-    if batch.matches.is_empty() {
+    if matches.is_empty() {
         return Ok(Vec::new());
     }
-    let mut log = EventLog::default();
-    for m in &batch.matches {
-        log.subscription_ids.push(m.subscription_id.as_str());
-        log.change_seqs.push(m.change_seq);
-        log.task_ids.push(m.task_id.as_str());
-        log.versions.push(m.version);
-        log.interactions.push(m.interaction.as_str());
-        log.occurred_at.push(m.occurred_at.as_str());
-    }
-    // `ord` is the match's place in the batch: numbers follow it within each subscription.
-    let rows = sqlx::query(
-        "WITH m AS (
-           SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[])
-             WITH ORDINALITY AS m(subscription_id, change_seq, task_id, version, interaction, occurred_at, ord)
+    let plan = hub_sql::plan_runs(&matches);
+    let count_ids: Vec<&str> = plan.counts.iter().map(|(id, _)| id.as_str()).collect();
+    let counts: Vec<i64> = plan.counts.iter().map(|(_, n)| *n).collect();
+    let run_ids: Vec<&str> = plan
+        .runs
+        .iter()
+        .map(|r| plan.counts[r.subscription].0.as_str())
+        .collect();
+    let offsets: Vec<i64> = plan.runs.iter().map(|r| r.offset).collect();
+    let seqs: Vec<ChangeSeq> = plan.runs.iter().map(|r| r.change_seq).collect();
+    let lengths: Vec<i64> = plan.runs.iter().map(|r| r.events).collect();
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "WITH w AS (
+           SELECT * FROM unnest($1::text[], $2::bigint[]) AS w(subscription_id, n)
          ), bumped AS (
            UPDATE subscription s SET events_since_start = s.events_since_start + w.n
-           FROM (SELECT subscription_id, count(*) AS n FROM m GROUP BY subscription_id) AS w
-           WHERE s.id = w.subscription_id AND s.status <> 'off'
+           FROM w WHERE s.id = w.subscription_id AND s.status <> 'off'
            RETURNING s.id, s.events_since_start - w.n AS before
-         ), numbered AS (
-           SELECT m.*, b.before + row_number() OVER (PARTITION BY m.subscription_id ORDER BY m.ord) AS event_number
-           FROM m JOIN bumped b ON b.id = m.subscription_id
+         ), r AS (
+           SELECT * FROM unnest($3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
+             AS r(subscription_id, start, change_seq, events)
          ), logged AS (
-           INSERT INTO subscription_event (subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at)
-           SELECT subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at FROM numbered
+           INSERT INTO subscription_event (subscription_id, event_number, change_seq, events, occurred_at)
+           SELECT r.subscription_id, b.before + r.start + 1, r.change_seq, r.events, {}
+           FROM r JOIN bumped b ON b.id = r.subscription_id
          )
-         SELECT subscription_id, event_number FROM numbered ORDER BY ord",
-    )
-    .bind(&log.subscription_ids)
-    .bind(&log.change_seqs)
-    .bind(&log.task_ids)
-    .bind(&log.versions)
-    .bind(&log.interactions)
-    .bind(&log.occurred_at)
+         SELECT id, before FROM bumped",
+        hub_sql::RUN_OCCURRED_AT
+    )))
+    .bind(&count_ids)
+    .bind(&counts)
+    .bind(&run_ids)
+    .bind(&offsets)
+    .bind(&seqs)
+    .bind(&lengths)
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter()
-        .map(|row| {
-            Ok((
-                row.try_get("subscription_id")?,
-                row.try_get("event_number")?,
-            ))
-        })
-        .collect()
-}
-
-#[derive(Default)]
-struct EventLog<'a> {
-    subscription_ids: Vec<&'a str>,
-    change_seqs: Vec<ChangeSeq>,
-    task_ids: Vec<&'a str>,
-    versions: Vec<Version>,
-    interactions: Vec<&'static str>,
-    occurred_at: Vec<&'a str>,
+    let before: HashMap<SubscriptionId, i64> = rows
+        .iter()
+        .map(|row| Ok((row.try_get("id")?, row.try_get("before")?)))
+        .collect::<Result<_>>()?;
+    Ok(hub_sql::number_matches(matches, &before))
 }
 
 /// Records the results of many attempts in one transaction, one statement per kind of result

@@ -230,10 +230,6 @@ fn matched(subscription_id: &SubscriptionId, change_seq: i64) -> MatchRow {
     MatchRow {
         subscription_id: subscription_id.clone(),
         change_seq: seq(change_seq),
-        task_id: TaskId::parse(&format!("task-of-{change_seq}")).unwrap(),
-        version: Version::FIRST,
-        interaction: Interaction::Create,
-        occurred_at: StoredInstant::parse("2024-01-01T00:00:00.000Z").unwrap(),
     }
 }
 
@@ -243,6 +239,8 @@ fn batch(holder: &str, changes: &[i64], matches: Vec<MatchRow>) -> MatchBatch {
         holder: holder.into(),
         changes: changes.iter().copied().map(seq).collect(),
         matches,
+        resumed: None,
+        progress: None,
     }
 }
 
@@ -1337,4 +1335,35 @@ async fn racing_first_writes_to_one_id_answer_409() {
     assert_eq!(rows.tokens.len(), index.tokens.len());
     let current = store.read(&id).await.unwrap().unwrap();
     assert_eq!(current.resource, winner.resource.unwrap());
+}
+
+/// `$events` over runs on PostgreSQL (the scenario is `outbox::tests`').
+#[tokio::test]
+async fn events_replay_runs_exactly() {
+    let db = test_db!();
+    let store: Arc<dyn Store> = db.open().await;
+    crate::outbox::tests::events_replay_runs_exactly(store).await;
+}
+
+/// Recording resumes inside a change after a crash between chunks, on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_resumes_inside_a_change() {
+    let db = test_db!();
+    let url = db.url.clone();
+    crate::outbox::tests::recording_resumes_inside_a_change(Box::new(move || {
+        let url = url.clone();
+        Box::pin(async move {
+            let config = StoreConfig {
+                postgres_connections: 4,
+                ..StoreConfig::default()
+            };
+            let store: Arc<dyn Store> = Arc::new(
+                PostgresStore::open(&url, BASE, &config, Arc::new(Default::default()))
+                    .await
+                    .expect("opening the store"),
+            );
+            store
+        })
+    }))
+    .await;
 }

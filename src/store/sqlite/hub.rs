@@ -6,61 +6,131 @@
 //! The statements both dialects share are `store::hub_sql`'s; their `$n` placeholders are
 //! SQLite parameters numbered by first appearance, which both clients bind in order. What
 //! stays here per dialect is how they run, with SQLite's `?` where a statement is built, and
-//! the statements SQLite alone has (`record_matches` numbers matches one at a time, where
-//! PostgreSQL numbers a batch in one statement).
+//! the statements SQLite alone has (`record_matches` walks the chunk as JSON with
+//! `json_each`, where PostgreSQL binds arrays to `unnest`).
 
 use rusqlite::{Connection, OptionalExtension, params};
 use sqlx::sqlite::SqlitePool;
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::error::Result;
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::store::hub_sql;
 use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
-    DeliveryReport, EventRecord, HandshakeOwed, MatchRow, StoredSubscription, SubscriptionQuery,
+    ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, StoredSubscription,
+    SubscriptionQuery,
 };
 
+/// Records a chunk of matches in four statements, whatever its size: the progress check,
+/// one `UPDATE … FROM json_each` that moves each matched subscription's counter once (by its
+/// number of matches), one `INSERT … SELECT FROM json_each` of the chunk's runs
+/// (`hub_sql::plan_runs`), and the cursor with the progress inside a change. The chunk's
+/// JSON is bound as one text value: SQLite walks it without a statement per match.
 pub(super) fn record_matches(
     conn: &Connection,
-    consumer: &str,
-    through_seq: ChangeSeq,
-    matches: Vec<MatchRow>,
+    batch: MatchBatch,
 ) -> Result<Vec<(SubscriptionId, EventNumber)>> {
-    let mut count = conn.prepare_cached(
-        "UPDATE subscription SET events_since_start = events_since_start + 1
-         WHERE id = ? AND status != 'off' RETURNING events_since_start",
-    )?;
-    let mut log = conn.prepare_cached(
-        "INSERT INTO subscription_event (subscription_id, event_number, change_seq, task_id, version, interaction, occurred_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )?;
-    let mut numbered = Vec::with_capacity(matches.len());
-    for m in matches {
-        // The counter and the log row move together; a subscription deleted or turned off
-        // since matching simply gets nothing.
-        let number: Option<EventNumber> = count
-            .query_row([&m.subscription_id], |row| row.get(0))
-            .optional()?;
-        let Some(number) = number else { continue };
-        log.execute(params![
-            &m.subscription_id,
-            number,
-            m.change_seq,
-            &m.task_id,
-            m.version,
-            m.interaction.as_str(),
-            &m.occurred_at,
-        ])?;
-        numbered.push((m.subscription_id, number));
+    let recorded = match_progress(conn, &batch.consumer)?;
+    if recorded != batch.resumed {
+        return Err(Error::conflict(format!(
+            "the {} recorded progress {recorded:?} inside a change, but this chunk continues \
+             from {:?}; nothing of it was recorded",
+            batch.consumer, batch.resumed
+        )));
     }
+    let before = if batch.matches.is_empty() {
+        HashMap::new()
+    } else {
+        let plan = hub_sql::plan_runs(&batch.matches);
+        let counts: Vec<(&str, i64)> = plan
+            .counts
+            .iter()
+            .map(|(id, n)| (id.as_str(), *n))
+            .collect();
+        let mut bump = conn.prepare_cached(
+            "UPDATE subscription SET events_since_start = events_since_start + m.n
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each(?1)) AS m
+             WHERE subscription.id = m.id AND subscription.status <> 'off'
+             RETURNING subscription.id, subscription.events_since_start",
+        )?;
+        // The counter after the chunk, less the chunk's matches: the counter before it. A
+        // subscription deleted or turned off since matching is not returned and gets nothing.
+        let mut before: HashMap<SubscriptionId, i64> = HashMap::with_capacity(counts.len());
+        let mut rows = bump.query([as_json(&counts)?])?;
+        while let Some(row) = rows.next()? {
+            before.insert(row.get(0)?, row.get(1)?);
+        }
+        for (id, n) in &plan.counts {
+            if let Some(count) = before.get_mut(id) {
+                *count -= n;
+            }
+        }
+        let runs: Vec<(&str, i64, ChangeSeq, i64)> = plan
+            .runs
+            .iter()
+            .filter_map(|run| {
+                let id = &plan.counts[run.subscription].0;
+                let start = before.get(id)?;
+                Some((
+                    id.as_str(),
+                    start + run.offset + 1,
+                    run.change_seq,
+                    run.events,
+                ))
+            })
+            .collect();
+        if !runs.is_empty() {
+            conn.prepare_cached(&format!(
+                "INSERT INTO subscription_event (subscription_id, event_number, change_seq, events, occurred_at)
+                 SELECT r.subscription_id, r.event_number, r.change_seq, r.events, {}
+                 FROM (SELECT value ->> 0 AS subscription_id, value ->> 1 AS event_number,
+                              value ->> 2 AS change_seq, value ->> 3 AS events
+                       FROM json_each(?1)) AS r",
+                hub_sql::RUN_OCCURRED_AT
+            ))?
+            .execute([as_json(&runs)?])?;
+        }
+        before
+    };
+    let (partial_seq, partial_through) = match &batch.progress {
+        Some(p) => (Some(p.seq), Some(p.through.as_str())),
+        None => (None, None),
+    };
     conn.prepare_cached(
-        "INSERT INTO outbox_cursor (consumer, seq) VALUES (?, ?)
-         ON CONFLICT (consumer) DO UPDATE SET seq = max(seq, excluded.seq)",
+        "INSERT INTO outbox_cursor (consumer, seq, partial_seq, partial_through) VALUES (?, ?, ?, ?)
+         ON CONFLICT (consumer) DO UPDATE SET seq = max(seq, excluded.seq),
+           partial_seq = excluded.partial_seq, partial_through = excluded.partial_through",
     )?
-    .execute(params![consumer, through_seq])?;
-    Ok(numbered)
+    .execute(params![
+        &batch.consumer,
+        batch.changes.iter().max().copied().unwrap_or(ChangeSeq::ZERO),
+        partial_seq,
+        partial_through,
+    ])?;
+    Ok(hub_sql::number_matches(batch.matches, &before))
+}
+
+/// A chunk's values as one JSON text, for `json_each`.
+fn as_json(values: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string(values).map_err(|e| Error::internal("encoding a chunk of matches", e))
+}
+
+/// The progress inside a change that `record_matches` last left for `consumer`.
+pub(super) fn match_progress(conn: &Connection, consumer: &str) -> Result<Option<ChangeProgress>> {
+    let row: Option<(Option<ChangeSeq>, Option<SubscriptionId>)> = conn
+        .prepare_cached(
+            "SELECT partial_seq, partial_through FROM outbox_cursor WHERE consumer = ?",
+        )?
+        .query_row([consumer], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    Ok(match row {
+        Some((Some(seq), Some(through))) => Some(ChangeProgress { seq, through }),
+        _ => None,
+    })
 }
 
 /// Each report in turn, with the same two cached statements: a batch of a thousand is a

@@ -32,7 +32,7 @@ use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, Ta
 use crate::store::subscriptions;
 use crate::store::write::{self, TaskWrite};
 use crate::store::{
-    DeliveryReport, MatchRow, MatchingFormRow, StoredSubscription, SubscriptionDecide,
+    DeliveryReport, MatchBatch, MatchingFormRow, StoredSubscription, SubscriptionDecide,
     SubscriptionRecord, WriteOutcome,
 };
 use crate::supervise;
@@ -51,11 +51,9 @@ pub(super) enum Work {
     CreateSubscription(Box<SubscriptionRecord>),
     ReplaceSubscription(SubscriptionId, SubscriptionDecide),
     DeleteSubscription(SubscriptionId),
-    RecordMatches {
-        consumer: String,
-        through_seq: ChangeSeq,
-        matches: Vec<MatchRow>,
-    },
+    /// One chunk of the outbox's matches (at most `hub.fanout_chunk`): a bounded job, so
+    /// that Task writes queued behind it wait for one chunk, never for a whole fan-out.
+    RecordMatches(MatchBatch),
     /// The results of many delivery attempts, in the order they were reported: one job (one
     /// savepoint) for all the attempts whose results gathered while the previous one
     /// committed.
@@ -273,11 +271,7 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             .await
             .map(|s| Done::Subscription(Box::new(s))),
         Work::DeleteSubscription(id) => subscriptions::delete(conn, &id).await.map(Done::Deleted),
-        Work::RecordMatches {
-            consumer,
-            through_seq,
-            matches,
-        } => hub::record_matches(conn, &consumer, through_seq, matches).map(Done::Numbers),
+        Work::RecordMatches(batch) => hub::record_matches(conn, batch).map(Done::Numbers),
         Work::RecordDeliveries(reports) => {
             hub::record_deliveries(conn, reports).map(|()| Done::Nothing)
         }
