@@ -145,6 +145,8 @@ async fn a_delivery_that_was_not_the_handshake_never_activates_a_subscription_th
             author: json!({"subject": "admin-cli", "role": "admin", "performer_types": []}),
             owner,
             handshake_pending: true,
+            matching: r#"{"v":1,"topic":"http://baton.test/fhir/SubscriptionTopic/task-changed"}"#
+                .into(),
             live_quota: None,
         })
         .await

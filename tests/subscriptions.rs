@@ -706,9 +706,13 @@ async fn a_hanging_endpoint_does_not_delay_another_subscription() {
     server.stop().await;
 }
 
-/// A subscription replaced with another filter matches by the new one from the next change
-/// on, and so does the index start-up rebuilds from the store (a page at a time, parsed on
-/// every core); its heartbeat, which the scheduler takes from the hub at start, resumes.
+/// A subscription replaced with another filter (and content level) is matched and delivered by
+/// the new version from the next change on, although the old one had matched and been
+/// delivered (so the hub's spec cache held it): the old filter no longer matches, and the
+/// notification has the new content. After a restart the index is rebuilt from the matching
+/// form written with the replacement; its heartbeat, which the scheduler takes from the hub at
+/// start, resumes. A row without a form (written before the column existed) is read from its
+/// resource at the next start, matches the same, and has its form written back.
 #[tokio::test]
 async fn a_replaced_filter_holds_from_the_next_change_and_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -719,13 +723,13 @@ async fn a_replaced_filter_holds_from_the_next_change_and_after_a_restart() {
     };
     let server = TestServer::start_in(dir.path(), hub).await;
     let admin = server.admin();
-    let body = |owner: &str| {
+    let body = |owner: &str, content: &str| {
         let mut body = subscription(
             &server.base,
             "task-changed",
             &[&format!("owner={owner}")],
             &receiver.url,
-            "id-only",
+            content,
         );
         body["channel"]["extension"] = json!([{
             "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period",
@@ -733,9 +737,17 @@ async fn a_replaced_filter_holds_from_the_next_change_and_after_a_restart() {
         }]);
         body
     };
-    let id = subscribe(&server, &admin, &body("Practitioner/1")).await;
+    let id = subscribe(&server, &admin, &body("Practitioner/1", "id-only")).await;
     receiver.wait_for("handshake", |r| !r.is_empty()).await;
-    let mut replaced = body("Practitioner/2");
+    let first = server
+        .create_task(&task("requested", Some("Practitioner/1")))
+        .await;
+    receiver
+        .wait_for("the first event", |_| {
+            !receiver.event_numbers(&id).is_empty()
+        })
+        .await;
+    let mut replaced = body("Practitioner/2", "full-resource");
     replaced["id"] = json!(id);
     let (status, stored) = server
         .put_json(&format!("/Subscription/{id}"), &admin, &replaced)
@@ -748,7 +760,7 @@ async fn a_replaced_filter_holds_from_the_next_change_and_after_a_restart() {
         .create_task(&task("requested", Some("Practitioner/2")))
         .await;
     receiver
-        .wait_for("one event", |_| !receiver.event_numbers(&id).is_empty())
+        .wait_for("two events", |_| receiver.event_numbers(&id).len() >= 2)
         .await;
     server.stop().await;
 
@@ -761,22 +773,61 @@ async fn a_replaced_filter_holds_from_the_next_change_and_after_a_restart() {
         .create_task(&task("requested", Some("Practitioner/2")))
         .await;
     receiver
-        .wait_for("two events", |_| receiver.event_numbers(&id).len() >= 2)
+        .wait_for("three events", |_| receiver.event_numbers(&id).len() >= 3)
         .await;
-    let events = receiver.of(&id, "event-notification");
-    // Each server had its own port, so only the Task part of the URL is compared.
-    let focus = |n: usize| {
-        let url = events[n].body["entry"][1]["fullUrl"].as_str().unwrap();
-        url.rsplit_once("/Task/").unwrap().1.to_string()
-    };
-    assert_eq!(events.len(), 2, "only Practitioner/2's Tasks");
-    assert_eq!(focus(0), second["id"].as_str().unwrap());
-    assert_eq!(focus(1), third["id"].as_str().unwrap());
     receiver
         .wait_for("a heartbeat after the restart", |_| {
             receiver.of(&id, "heartbeat").len() > heartbeats
         })
         .await;
     server.stop().await;
+
+    // As if written before the matching form existed.
+    let forms = |sql: &'static str| common::database_execute(dir.path(), sql);
+    forms("UPDATE subscription SET matching = NULL").await;
+    let server = TestServer::start_in(dir.path(), hub).await;
+    server
+        .create_task(&task("requested", Some("Practitioner/1")))
+        .await; // still no
+    let fourth = server
+        .create_task(&task("requested", Some("Practitioner/2")))
+        .await;
+    receiver
+        .wait_for("four events", |_| receiver.event_numbers(&id).len() >= 4)
+        .await;
+    server.stop().await;
+    let written_back = common::database_scalar(
+        dir.path(),
+        "SELECT matching FROM subscription WHERE matching IS NOT NULL",
+    )
+    .await;
+    assert!(
+        written_back.contains(r#""filters":["owner=Practitioner/2"]"#),
+        "the form derived at start-up is written back: {written_back}"
+    );
+
+    let events = receiver.of(&id, "event-notification");
+    // Each server had its own port, so only the Task part of the URL is compared.
+    let focus = |n: usize| {
+        let url = events[n].body["entry"][1]["fullUrl"].as_str().unwrap();
+        url.rsplit_once("/Task/").unwrap().1.to_string()
+    };
+    assert_eq!(
+        events.len(),
+        4,
+        "the first Task, then only Practitioner/2's"
+    );
+    for (n, task) in [&first, &second, &third, &fourth].into_iter().enumerate() {
+        assert_eq!(focus(n), task["id"].as_str().unwrap(), "event {}", n + 1);
+    }
+    assert_eq!(receiver.event_numbers(&id), [1, 2, 3, 4]);
+    // id-only before the replacement, full-resource from the next change on.
+    assert!(events[0].body["entry"][1].get("resource").is_none());
+    for event in &events[1..] {
+        assert_eq!(
+            event.body["entry"][1]["resource"]["owner"]["reference"],
+            "Practitioner/2"
+        );
+    }
     common::forget_database(dir.path());
 }

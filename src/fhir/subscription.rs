@@ -54,6 +54,7 @@ mod filters;
 pub use channel::parse_amqp_endpoint;
 use channel::parse_channel;
 use elements::{array, fail, json_type, simple_extension, string};
+pub use filters::parse_filter_criteria;
 use filters::parse_filters;
 
 /// The common prefix of the backport IG's StructureDefinitions.
@@ -262,6 +263,28 @@ impl ChannelPolicy {
         allow_http_endpoints: true,
         amqp_configured: true,
     };
+
+    /// The least a configuration must allow to deliver over `channel`: what of a channel
+    /// the policy decides (a plain `http:` endpoint, the AMQP broker). The rest of a channel
+    /// was checked when it was written and reads the same under any configuration.
+    pub fn least_for(channel: &ChannelSpec) -> ChannelPolicy {
+        let plain_http = |endpoint: &str| {
+            endpoint
+                .split_once(':')
+                .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("http"))
+        };
+        ChannelPolicy {
+            allow_http_endpoints: matches!(channel,
+                ChannelSpec::RestHook { endpoint, .. } if plain_http(endpoint)),
+            amqp_configured: matches!(channel, ChannelSpec::Message { .. }),
+        }
+    }
+
+    /// Whether this configuration allows everything `needed` asks for.
+    pub fn allows(&self, needed: ChannelPolicy) -> bool {
+        (self.allow_http_endpoints || !needed.allow_http_endpoints)
+            && (self.amqp_configured || !needed.amqp_configured)
+    }
 }
 
 // Header values and signing secrets are credentials, and a derived `Debug` would put them into

@@ -69,6 +69,7 @@ pub fn record_for(
         author: serde_json::to_value(author).unwrap_or(Value::Null),
         owner: author.identity(),
         handshake_pending: !off && !websocket,
+        matching: super::MatchingForm::of(spec).to_text(),
         live_quota,
     }
 }

@@ -37,7 +37,7 @@ use crate::matcher::topic::Topic;
 use crate::store::StoredSubscription;
 
 pub use accept::{live_quota, record_for};
-pub use in_force::{InForce, Occasion};
+pub use in_force::{InForce, MatchingForm, Occasion};
 pub use inbox::{Command, Commands, DeliveryHandle, inbox};
 pub use shared::{EntryKey, SharedParts};
 use specs::{Parsed, SpecCache, refusal_or_spec};
@@ -243,16 +243,19 @@ fn parse_named(
     resource: &Value,
     names: TopicNames<'_>,
 ) -> Result<SubscriptionSpec> {
-    let lookup = |url: &str| {
-        find_topic(topics, url, names).map(|(_, t)| TopicFilters {
-            url: t.url.clone(),
-            id: t.id.clone(),
-            params: t
-                .filters
-                .iter()
-                .map(|f| (f.param.clone(), f.modifiers.clone()))
-                .collect(),
-        })
-    };
+    let lookup = |url: &str| find_topic(topics, url, names).map(|(_, t)| topic_filters(t));
     parse_subscription(resource, &lookup, policy, limits, base_url)
+}
+
+/// What a subscription's filters are checked against of its topic.
+fn topic_filters(topic: &Topic) -> TopicFilters {
+    TopicFilters {
+        url: topic.url.clone(),
+        id: topic.id.clone(),
+        params: topic
+            .filters
+            .iter()
+            .map(|f| (f.param.clone(), f.modifiers.clone()))
+            .collect(),
+    }
 }

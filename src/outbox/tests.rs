@@ -109,6 +109,13 @@ pub(crate) fn subscription(filter: Option<&str>) -> SubscriptionRecord {
             fhir_user: None,
         },
         handshake_pending: false,
+        // The matching form the hub writes beside the resource (`hub::in_force::form`).
+        matching: json!({
+            "v": 1,
+            "topic": format!("{BASE}/SubscriptionTopic/task-changed"),
+            "filters": filter.into_iter().collect::<Vec<_>>(),
+        })
+        .to_string(),
         live_quota: None,
     }
 }

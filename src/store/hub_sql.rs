@@ -40,10 +40,13 @@ pub(crate) const RUN_OCCURRED_AT: &str = "(SELECT max(c.recorded_at) FROM change
       WHERE c.seq BETWEEN r.change_seq AND r.change_seq + r.events - 1)";
 
 /// A page of live subscriptions in id order, from `after` (the first placeholder; '' for the
-/// start), at most the second placeholder many: only what start-up needs.
+/// start), at most the second placeholder many: only what start-up needs. The resource comes
+/// only with a row that has no matching form yet (written before the column existed).
 pub(crate) fn live_page(after: &str, limit: &str) -> String {
     format!(
-        "SELECT id, version, status, author, resource, created_after_seq FROM subscription
+        "SELECT id, version, status, author, matching,
+                CASE WHEN matching IS NULL THEN resource END AS resource, created_after_seq
+         FROM subscription
          WHERE status <> 'off' AND id > {after} ORDER BY id LIMIT {limit}"
     )
 }

@@ -250,9 +250,22 @@ pub struct LiveSubscription {
     pub status: SubscriptionStatus,
     /// JSON of `auth::Principal`.
     pub author: String,
-    /// The Subscription resource, JSON.
-    pub resource: String,
+    /// The matching form written with this version (`SubscriptionRecord::matching`); None
+    /// for a row written before the column existed.
+    pub matching: Option<String>,
+    /// The Subscription resource, JSON: only when `matching` is None, so that start-up can
+    /// derive the form once.
+    pub resource: Option<String>,
     pub created_after_seq: ChangeSeq,
+}
+
+/// A matching form derived at start-up for a row that had none, written back under the
+/// version it was derived from (a row replaced meanwhile keeps its own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatchingFormRow {
+    pub id: SubscriptionId,
+    pub version: Version,
+    pub matching: String,
 }
 
 /// A live subscription with something owed (its handshake, or events not yet delivered),
@@ -278,6 +291,10 @@ pub struct SubscriptionRecord {
     /// was created with.
     pub owner: Identity,
     pub handshake_pending: bool,
+    /// What matching needs of this subscription, pre-parsed by the hub from the resource it
+    /// stores with it (`hub::MatchingForm`): start-up reads it instead of the resource. The
+    /// store keeps it as opaque text.
+    pub matching: String,
     /// The most live (not `off`) subscriptions `owner` may hold, checked inside the write so
     /// that concurrent writes cannot overshoot it; None: no quota. A write that would take a
     /// new live slot past it fails with 429 (`subscriptions::quota_exceeded`).
@@ -496,6 +513,9 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&SubscriptionId>,
         limit: usize,
     ) -> Result<Vec<LiveSubscription>>;
+    /// Writes the matching forms start-up derived for rows that had none, each only if its row
+    /// is still at the version it was derived from.
+    async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()>;
     /// The live subscriptions with a handshake or events owed, for the scheduler's start.
     async fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>>;
     /// Where an outbox consumer stopped reading.

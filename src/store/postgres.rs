@@ -43,9 +43,9 @@ use super::search_sql::{Placeholder, children_sql, page_sql};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
     ChangeEvent, CurrentTask, DeliveryReport, EventRecord, LiveSubscription, MatchBatch,
-    PageRequest, PendingDelivery, SearchPage, Store, StoredSubscription, StoredVersion,
-    SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome,
-    WriteRequest, collect_page,
+    MatchingFormRow, PageRequest, PendingDelivery, SearchPage, Store, StoredSubscription,
+    StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
+    WriteOutcome, WriteRequest, collect_page,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -408,6 +408,10 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(live_from_row).collect()
+    }
+
+    async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()> {
+        subscriptions::fill_matching_forms(&self.pool, forms).await
     }
 
     async fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>> {

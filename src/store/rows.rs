@@ -169,7 +169,8 @@ pub(crate) struct LiveRow {
     version: Version,
     status: String,
     author: String,
-    resource: String,
+    matching: Option<String>,
+    resource: Option<String>,
     created_after_seq: ChangeSeq,
 }
 
@@ -186,6 +187,7 @@ where
             Error::internal("unknown subscription status in the store", row.status)
         })?,
         author: row.author,
+        matching: row.matching,
         resource: row.resource,
         created_after_seq: row.created_after_seq,
     })

@@ -48,9 +48,9 @@ use super::search_sql::{Placeholder, children_sql, page_sql};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
     ChangeEvent, CurrentTask, DeliveryReport, EventRecord, LiveSubscription, MatchBatch,
-    PageRequest, PendingDelivery, SearchPage, Store, StoredSubscription, StoredVersion,
-    SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord, WriteOutcome,
-    WriteRequest, collect_page,
+    MatchingFormRow, PageRequest, PendingDelivery, SearchPage, Store, StoredSubscription,
+    StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
+    WriteOutcome, WriteRequest, collect_page,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -348,6 +348,13 @@ impl Store for SqliteStore {
         to: EventNumber,
     ) -> Result<Vec<EventRecord>> {
         hub::subscription_events(&self.reads, id, from, to).await
+    }
+
+    async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()> {
+        match self.submit(Work::FillMatchingForms(forms)).await? {
+            Done::Nothing => Ok(()),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn record_deliveries(&self, _holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {

@@ -83,6 +83,9 @@ pub(crate) struct SubscriptionColumns<'a> {
     pub author: &'a str,
     /// The resource as stored: JSON text, with its id, meta and status set.
     pub resource: &'a str,
+    /// The hub's matching form of `resource`, written with it so that start-up reads what
+    /// is stored.
+    pub matching: &'a str,
     pub handshake_pending: bool,
 }
 
@@ -255,6 +258,7 @@ fn columns<'a>(
         endpoint: record.endpoint.as_deref(),
         author,
         resource,
+        matching: &record.matching,
         handshake_pending: record.handshake_pending,
     }
 }

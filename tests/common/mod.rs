@@ -111,6 +111,53 @@ pub fn forget_database(data_dir: &Path) {
     }
 }
 
+/// Runs one statement on the database of servers started with `start_in(data_dir)`, while
+/// none is running: what an older version, or an operator, left there.
+pub async fn database_execute(data_dir: &Path, sql: &'static str) {
+    use sqlx::Connection;
+    let (url, _) = database_url_for(data_dir).await;
+    if postgres_backend() {
+        let mut db = sqlx::PgConnection::connect(&url)
+            .await
+            .expect("the test database");
+        sqlx::query(sql)
+            .execute(&mut db)
+            .await
+            .expect("the statement");
+    } else {
+        let mut db = sqlx::SqliteConnection::connect(&url)
+            .await
+            .expect("the test database");
+        sqlx::query(sql)
+            .execute(&mut db)
+            .await
+            .expect("the statement");
+    }
+}
+
+/// The one text value a query gives on that database.
+pub async fn database_scalar(data_dir: &Path, sql: &'static str) -> String {
+    use sqlx::Connection;
+    let (url, _) = database_url_for(data_dir).await;
+    if postgres_backend() {
+        let mut db = sqlx::PgConnection::connect(&url)
+            .await
+            .expect("the test database");
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut db)
+            .await
+            .expect("the query")
+    } else {
+        let mut db = sqlx::SqliteConnection::connect(&url)
+            .await
+            .expect("the test database");
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut db)
+            .await
+            .expect("the query")
+    }
+}
+
 pub struct TestServer {
     /// `http://127.0.0.1:PORT`
     pub root: String,

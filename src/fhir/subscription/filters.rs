@@ -46,16 +46,45 @@ pub(super) fn parse_filters(
                 ));
             }
         };
-        let pairs = split_filter(text, &at)?;
-        for (key, _) in &pairs {
-            check_filter_param(key, topic, &at)?;
-        }
-        let query =
-            parse_query(&pairs, limits, base_url, Handling::Strict).map_err(|e| locate(e, &at))?;
-        predicates.extend(query.predicates);
+        predicates.extend(parse_criterion(text, topic, limits, base_url, &at)?);
         criteria.push(text.clone());
     }
     Ok((predicates, criteria))
+}
+
+/// The predicates of `backport-filter-criteria` strings kept from a subscription that was
+/// parsed before (`SubscriptionSpec::filter_criteria`), checked against the topic and read
+/// exactly as `parse_subscription` reads them: what start-up makes of a stored
+/// subscription's matching form without reading its resource again.
+pub fn parse_filter_criteria(
+    criteria: &[String],
+    topic: &TopicFilters,
+    limits: &SearchLimits,
+    base_url: &str,
+) -> Result<Vec<Predicate>> {
+    let mut predicates = Vec::new();
+    for (index, text) in criteria.iter().enumerate() {
+        let at = format!("Subscription._criteria.extension[{index}]");
+        predicates.extend(parse_criterion(text, topic, limits, base_url, &at)?);
+    }
+    Ok(predicates)
+}
+
+/// One filter string: split, each parameter checked against the topic, parsed as a search.
+fn parse_criterion(
+    text: &str,
+    topic: &TopicFilters,
+    limits: &SearchLimits,
+    base_url: &str,
+    at: &str,
+) -> Result<Vec<Predicate>> {
+    let pairs = split_filter(text, at)?;
+    for (key, _) in &pairs {
+        check_filter_param(key, topic, at)?;
+    }
+    let query =
+        parse_query(&pairs, limits, base_url, Handling::Strict).map_err(|e| locate(e, at))?;
+    Ok(query.predicates)
 }
 
 /// Splits one filter string, in any of the spellings clients use (`Task?a=1&b=2`, `a=1`,

@@ -4,6 +4,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::super::{Command, Commands, Hub, InForce, Occasion, inbox};
+use super::{MatchingForm, form};
 use crate::auth::{Principal, Role};
 use crate::channels::rest_hook::RestHook;
 use crate::fhir::ids::{
@@ -13,7 +14,7 @@ use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::search::SearchLimits;
 use crate::fhir::subscription::ChannelPolicy;
 use crate::matcher::topic::builtin_topics;
-use crate::store::StoredSubscription;
+use crate::store::{MatchingFormRow, StoredSubscription};
 
 const BASE: &str = "http://hub.test/fhir";
 const ID: &str = "s1";
@@ -243,45 +244,122 @@ fn a_withdrawn_subscription_is_parsed_afresh() {
 
 /// Start-up's page at a time gives, for each subscription, what `put_in_force` with
 /// `Occasion::StartUp` gives: the same index, the same scheduler commands, the heartbeat kept
-/// for the scheduler's start, and no spec left in the cache.
+/// for the scheduler's start, and no spec left in the cache. So it does whether the row comes
+/// with its matching form (as written with the resource; for a topic that is gone, a form
+/// naming it) or only with its resource (a row written before the form existed), whose form
+/// it then derives for the store to write back.
 #[test]
 fn a_start_up_page_puts_in_force_what_start_up_one_by_one_does() {
     use Resource::{Deliverable, HttpEndpoint, UnknownTopic};
     use SubscriptionStatus::{Active, Error, Off, Requested};
     for status in [Active, Requested, Error, Off] {
         for kind in [Deliverable, HttpEndpoint, UnknownTopic] {
-            let case = format!("{status:?} {kind:?}");
             let row = stored(3, status, kind);
             let (one_by_one, mut told_one_by_one) = hub();
             let expected = one_by_one.put_in_force(&row, Occasion::StartUp);
-            let (paged, mut told_paged) = hub();
-            let live = crate::store::LiveSubscription {
-                id: row.id.clone(),
-                version: row.version,
-                status: row.status,
-                author: row.author.to_string(),
-                resource: row.resource.to_string(),
-                created_after_seq: row.created_after_seq,
+            let told_expected = sent(&mut told_one_by_one);
+            let form = match one_by_one.spec_for_matching(&row) {
+                Ok(spec) => MatchingForm::of(&spec),
+                Err(_) => MatchingForm {
+                    v: form::FORMAT,
+                    topic: format!("{BASE}/SubscriptionTopic/no-such-topic"),
+                    filters: vec!["owner=Practitioner/1".into()],
+                    heartbeat: Some(60),
+                    http: false,
+                    amqp: false,
+                },
             };
-            paged.put_in_force_at_start_up(&[live]).unwrap();
-            assert_eq!(
-                paged.index.read().unwrap().contains(&id()),
-                expected == InForce::Indexed,
-                "{case}: the matcher index"
-            );
-            assert_eq!(
-                sent(&mut told_paged),
-                sent(&mut told_one_by_one),
-                "{case}: the scheduler"
-            );
-            assert_eq!(paged.heartbeats(), one_by_one.heartbeats(), "{case}");
-            let heartbeat = status != Off && !matches!(kind, UnknownTopic);
-            assert_eq!(
-                paged.heartbeats(),
-                if heartbeat { vec![(id(), 60)] } else { vec![] },
-                "{case}"
-            );
-            assert_eq!(paged.specs.len(), 0, "{case}: nothing cached");
+            for with_form in [true, false] {
+                let case = format!("{status:?} {kind:?}, form: {with_form}");
+                let (paged, mut told_paged) = hub();
+                let live = crate::store::LiveSubscription {
+                    id: row.id.clone(),
+                    version: row.version,
+                    status: row.status,
+                    author: row.author.to_string(),
+                    matching: with_form.then(|| form.to_text()),
+                    resource: (!with_form).then(|| row.resource.to_string()),
+                    created_after_seq: row.created_after_seq,
+                };
+                let derived = paged.put_in_force_at_start_up(&[live]).unwrap();
+                assert_eq!(
+                    paged.index.read().unwrap().contains(&id()),
+                    expected == InForce::Indexed,
+                    "{case}: the matcher index"
+                );
+                assert_eq!(
+                    sent(&mut told_paged),
+                    told_expected,
+                    "{case}: the scheduler"
+                );
+                assert_eq!(paged.heartbeats(), one_by_one.heartbeats(), "{case}");
+                let heartbeat = status != Off && !matches!(kind, UnknownTopic);
+                assert_eq!(
+                    paged.heartbeats(),
+                    if heartbeat { vec![(id(), 60)] } else { vec![] },
+                    "{case}"
+                );
+                assert_eq!(paged.specs.len(), 0, "{case}: nothing cached");
+                let expected_derived = match (with_form, kind) {
+                    (false, Deliverable | HttpEndpoint) => vec![MatchingFormRow {
+                        id: id(),
+                        version: Version::new(3),
+                        matching: form.to_text(),
+                    }],
+                    _ => vec![],
+                };
+                assert_eq!(derived, expected_derived, "{case}: the forms to write back");
+            }
+        }
+    }
+}
+
+/// A form read at start-up gives the index the filters of the resource it was made from.
+#[test]
+fn a_subscription_in_force_from_its_form_matches_what_its_resource_matches() {
+    use crate::fhir::interaction::Interaction;
+    use crate::fhir::search::index_task;
+    use crate::matcher::{Change, Side};
+    let mut row = stored(1, SubscriptionStatus::Active, Resource::Deliverable);
+    row.resource["_criteria"] = json!({"extension": [{
+        "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria",
+        "valueString": "Task?status=requested",
+    }]});
+    let (written, _c1) = hub();
+    written.put_in_force(&row, Occasion::Written);
+    let (started, _c2) = hub();
+    let form = MatchingForm::of(&written.spec_for_matching(&row).unwrap());
+    assert_eq!(form.filters, ["Task?status=requested"]);
+    let live = crate::store::LiveSubscription {
+        id: row.id.clone(),
+        version: row.version,
+        status: row.status,
+        author: row.author.to_string(),
+        matching: Some(form.to_text()),
+        resource: None,
+        created_after_seq: row.created_after_seq,
+    };
+    started.put_in_force_at_start_up(&[live]).unwrap();
+    for (status, heard) in [("requested", true), ("completed", false)] {
+        let task = json!({"resourceType": "Task", "id": "t1", "status": status, "intent": "order",
+            "owner": {"reference": "Practitioner/1"}, "meta": {"lastUpdated": "2026-01-01T00:00:00.000Z"}});
+        let index = index_task(&task, BASE);
+        let change = Change {
+            seq: ChangeSeq::new(1),
+            interaction: Interaction::Update,
+            previous: None,
+            current: Some(Side {
+                resource: &task,
+                index: &index,
+            }),
+        };
+        for hub in [&written, &started] {
+            let matched = hub
+                .index
+                .read()
+                .unwrap()
+                .match_change(&hub.topics, &change, BASE);
+            assert_eq!(matched == [id()], heard, "{status}");
         }
     }
 }

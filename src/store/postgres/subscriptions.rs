@@ -10,10 +10,10 @@ use super::pg_text;
 use crate::auth::Identity;
 use crate::error::Result;
 use crate::fhir::ids::{ChangeSeq, SubscriptionId};
-use crate::store::StoredSubscription;
 use crate::store::owner_columns;
 use crate::store::rows::subscription_from_row;
 use crate::store::subscriptions::{Failures, NewSubscription, SubscriptionTx, SubscriptionUpdate};
+use crate::store::{MatchingFormRow, StoredSubscription};
 
 impl SubscriptionTx for PgConnection {
     /// The subscription generation the write takes, which its rows carry: a node catching up
@@ -78,8 +78,8 @@ impl SubscriptionTx for PgConnection {
         sqlx::query(
             "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
                author, resource, created_after_seq, handshake_pending, generation,
-               author_issuer, author_subject, author_role, author_fhir_user)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+               author_issuer, author_subject, author_role, author_fhir_user, matching)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(c.id)
         .bind(c.version)
@@ -97,6 +97,7 @@ impl SubscriptionTx for PgConnection {
         .bind(subject.as_ref())
         .bind(role.as_ref())
         .bind(fhir_user.as_ref())
+        .bind(c.matching)
         .execute(&mut *self)
         .await?;
         Ok(())
@@ -110,7 +111,7 @@ impl SubscriptionTx for PgConnection {
                failures = CASE WHEN $9 THEN 0 ELSE failures END,
                failing_since = CASE WHEN $9 THEN NULL ELSE failing_since END,
                next_attempt_at = CASE WHEN $9 THEN NULL ELSE next_attempt_at END,
-               generation = $10, author = $12
+               generation = $10, author = $12, matching = $13
              WHERE id = $11",
         )
         .bind(c.version)
@@ -125,6 +126,7 @@ impl SubscriptionTx for PgConnection {
         .bind(generation)
         .bind(c.id)
         .bind(c.author)
+        .bind(c.matching)
         .execute(&mut *self)
         .await?;
         Ok(())
@@ -163,6 +165,33 @@ impl SubscriptionTx for PgConnection {
         .await?;
         Ok(())
     }
+}
+
+/// Writes matching forms derived at start-up in one statement, each only onto the version it
+/// was derived from.
+pub(super) async fn fill_matching_forms(
+    pool: &sqlx::PgPool,
+    forms: Vec<MatchingFormRow>,
+) -> Result<()> {
+    let mut ids = Vec::with_capacity(forms.len());
+    let mut versions = Vec::with_capacity(forms.len());
+    let mut texts = Vec::with_capacity(forms.len());
+    for form in forms {
+        ids.push(form.id.as_str().to_owned());
+        versions.push(form.version.get());
+        texts.push(form.matching);
+    }
+    sqlx::query(
+        "UPDATE subscription s SET matching = f.matching
+         FROM unnest($1::text[], $2::bigint[], $3::text[]) AS f(id, version, matching)
+         WHERE s.id = f.id AND s.version = f.version",
+    )
+    .bind(ids)
+    .bind(versions)
+    .bind(texts)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// The subscription `select` finds by id (`$1`).

@@ -204,6 +204,7 @@ fn subscription_record(status: SubscriptionStatus) -> SubscriptionRecord {
         author: json!({ "subject": "Practitioner/author", "role": "practitioner" }),
         owner: author_identity("Practitioner/author"),
         handshake_pending: true,
+        matching: r#"{"v":1,"topic":"http://baton.test/SubscriptionTopic/task-created"}"#.into(),
         live_quota: None,
     }
 }

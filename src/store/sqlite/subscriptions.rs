@@ -8,10 +8,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::auth::Identity;
 use crate::error::Result;
 use crate::fhir::ids::{ChangeSeq, SubscriptionId};
-use crate::store::StoredSubscription;
 use crate::store::owner_columns;
 use crate::store::rows::SubscriptionRow;
 use crate::store::subscriptions::{Failures, NewSubscription, SubscriptionTx, SubscriptionUpdate};
+use crate::store::{MatchingFormRow, StoredSubscription};
 
 impl SubscriptionTx for Connection {
     /// Nothing: the single writer is one line already.
@@ -51,8 +51,8 @@ impl SubscriptionTx for Connection {
         self.prepare_cached(
             "INSERT INTO subscription (id, version, last_updated, status, topic_url, channel_type, endpoint,
                author, resource, created_after_seq, handshake_pending,
-               author_issuer, author_subject, author_role, author_fhir_user)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               author_issuer, author_subject, author_role, author_fhir_user, matching)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )?
         .execute(params![
             c.id,
@@ -70,6 +70,7 @@ impl SubscriptionTx for Connection {
             subject,
             role,
             fhir_user,
+            c.matching,
         ])?;
         Ok(())
     }
@@ -79,7 +80,8 @@ impl SubscriptionTx for Connection {
         let cleared = row.failures == Failures::Cleared;
         self.prepare_cached(
             "UPDATE subscription SET version = ?, last_updated = ?, status = ?, topic_url = ?,
-               channel_type = ?, endpoint = ?, resource = ?, author = ?, handshake_pending = ?,
+               channel_type = ?, endpoint = ?, resource = ?, matching = ?, author = ?,
+               handshake_pending = ?,
                failures = CASE WHEN ? THEN 0 ELSE failures END,
                failing_since = CASE WHEN ? THEN NULL ELSE failing_since END,
                next_attempt_at = CASE WHEN ? THEN NULL ELSE next_attempt_at END
@@ -93,6 +95,7 @@ impl SubscriptionTx for Connection {
             c.channel_type.as_str(),
             c.endpoint,
             c.resource,
+            c.matching,
             c.author,
             c.handshake_pending,
             cleared,
@@ -125,6 +128,16 @@ impl SubscriptionTx for Connection {
     async fn note_deletion(&mut self, _id: &SubscriptionId, _turn: ()) -> Result<()> {
         Ok(())
     }
+}
+
+/// Writes matching forms derived at start-up, each only onto the version it was derived from.
+pub(super) fn fill_matching_forms(conn: &Connection, forms: &[MatchingFormRow]) -> Result<()> {
+    let mut update =
+        conn.prepare_cached("UPDATE subscription SET matching = ? WHERE id = ? AND version = ?")?;
+    for form in forms {
+        update.execute(params![form.matching, form.id, form.version])?;
+    }
+    Ok(())
 }
 
 fn load(conn: &Connection, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {

@@ -32,8 +32,8 @@ use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, Ta
 use crate::store::subscriptions;
 use crate::store::write::{self, TaskWrite};
 use crate::store::{
-    DeliveryReport, MatchBatch, StoredSubscription, SubscriptionDecide, SubscriptionRecord,
-    WriteOutcome,
+    DeliveryReport, MatchBatch, MatchingFormRow, StoredSubscription, SubscriptionDecide,
+    SubscriptionRecord, WriteOutcome,
 };
 use crate::supervise;
 
@@ -58,6 +58,7 @@ pub(super) enum Work {
     /// savepoint) for all the attempts whose results gathered while the previous one
     /// committed.
     RecordDeliveries(Vec<DeliveryReport>),
+    FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
     MarkOverdue {
         task_id: TaskId,
@@ -273,6 +274,9 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
         Work::RecordMatches(batch) => hub::record_matches(conn, batch).map(Done::Numbers),
         Work::RecordDeliveries(reports) => {
             hub::record_deliveries(conn, reports).map(|()| Done::Nothing)
+        }
+        Work::FillMatchingForms(forms) => {
+            super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
         }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
         Work::MarkOverdue {

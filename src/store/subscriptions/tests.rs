@@ -232,6 +232,9 @@ fn record(subject: &str, status: SubscriptionStatus, quota: Option<usize>) -> Su
         author: json!({ "sub": subject }),
         owner: identity(subject),
         handshake_pending: status != SubscriptionStatus::Off,
+        matching: format!(
+            r#"{{"v":1,"topic":"http://baton.test/SubscriptionTopic/task-changed","filters":["owner={subject}"]}}"#
+        ),
         live_quota: quota,
     }
 }
