@@ -58,6 +58,9 @@ fn record() -> SubscriptionRecord {
             fhir_user: None,
         },
         handshake_pending: false,
+        // The matching form the hub writes beside the resource: the topic, no filter.
+        matching: json!({ "v": 1, "topic": format!("{BASE}/SubscriptionTopic/task-changed"), "filters": [] })
+            .to_string(),
         live_quota: None,
     }
 }
