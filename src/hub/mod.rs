@@ -89,6 +89,40 @@ pub fn channel_policy(config: &crate::config::Config) -> ChannelPolicy {
     }
 }
 
+#[cfg(test)]
+impl Hub {
+    /// A hub for unit tests: the built-in topics at `base_url`, an empty index, a policy that
+    /// allows neither plain http endpoints nor AMQP; and its scheduler's inbox.
+    pub(crate) fn for_tests(base_url: &str, node: &str) -> (Hub, Commands) {
+        let (delivery, commands) = inbox();
+        let hub = Hub {
+            topics: Arc::new(
+                crate::matcher::topic::builtin_topics(base_url).expect("the built-in topics load"),
+            ),
+            policy: ChannelPolicy {
+                allow_http_endpoints: false,
+                amqp_configured: false,
+            },
+            search_limits: SearchLimits {
+                default_count: 50,
+                max_count: 1000,
+            },
+            base_url: base_url.into(),
+            index: Default::default(),
+            specs: Default::default(),
+            shared: Default::default(),
+            heartbeats: Default::default(),
+            delivery,
+            rest_hook: RestHook::new(false, false),
+            amqp: None,
+            sockets: Default::default(),
+            node: node.into(),
+            matching: Default::default(),
+        };
+        (hub, commands)
+    }
+}
+
 impl Hub {
     /// Parses a Subscription a client sent, with this hub's topics and policies; its topic must
     /// be named by canonical URL or on this server's base.

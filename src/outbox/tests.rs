@@ -11,14 +11,10 @@ use serde_json::json;
 
 use super::*;
 use crate::auth::{Identity, Principal, Role};
-use crate::channels::rest_hook::RestHook;
 use crate::config::StoreConfig;
 use crate::fhir::ids::{ChannelType, EventNumber, StoredInstant};
 use crate::fhir::notification::SubscriptionStatus;
-use crate::fhir::search::SearchLimits;
-use crate::fhir::subscription::ChannelPolicy;
-use crate::hub::{Command, Commands, inbox};
-use crate::matcher::topic::builtin_topics;
+use crate::hub::{Command, Commands};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{
     DeliveryReport, EventRecord, HandshakeOwed, SubscriptionRecord, WriteOutcome, WriteRequest,
@@ -32,29 +28,7 @@ pub(crate) type Open = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store
 
 /// A hub with the built-in topics and an empty index, and its scheduler's inbox.
 fn hub() -> (Arc<Hub>, Commands) {
-    let (delivery, commands) = inbox();
-    let hub = Hub {
-        topics: Arc::new(builtin_topics(BASE).expect("the built-in topics load")),
-        policy: ChannelPolicy {
-            allow_http_endpoints: false,
-            amqp_configured: false,
-        },
-        search_limits: SearchLimits {
-            default_count: 50,
-            max_count: 1000,
-        },
-        base_url: BASE.into(),
-        index: Default::default(),
-        specs: Default::default(),
-        shared: Default::default(),
-        heartbeats: Default::default(),
-        delivery,
-        rest_hook: RestHook::new(false, false),
-        amqp: None,
-        sockets: Default::default(),
-        node: NODE.into(),
-        matching: Default::default(),
-    };
+    let (hub, commands) = Hub::for_tests(BASE, NODE);
     (Arc::new(hub), commands)
 }
 

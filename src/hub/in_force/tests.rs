@@ -3,17 +3,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::super::{Command, Commands, Hub, InForce, Occasion, inbox};
+use super::super::{Command, Commands, Hub, InForce, Occasion};
 use super::{MatchingForm, form};
 use crate::auth::{Principal, Role};
-use crate::channels::rest_hook::RestHook;
 use crate::fhir::ids::{
     ChangeSeq, ChannelType, EventNumber, StoredInstant, SubscriptionId, Version,
 };
 use crate::fhir::notification::SubscriptionStatus;
-use crate::fhir::search::SearchLimits;
-use crate::fhir::subscription::ChannelPolicy;
-use crate::matcher::topic::builtin_topics;
 use crate::store::{MatchingFormRow, StoredSubscription};
 
 const BASE: &str = "http://hub.test/fhir";
@@ -25,30 +21,7 @@ fn id() -> SubscriptionId {
 
 /// A hub that allows neither plain http endpoints nor AMQP, and its scheduler's inbox.
 fn hub() -> (Hub, Commands) {
-    let (delivery, commands) = inbox();
-    let hub = Hub {
-        topics: Arc::new(builtin_topics(BASE).expect("the built-in topics load")),
-        policy: ChannelPolicy {
-            allow_http_endpoints: false,
-            amqp_configured: false,
-        },
-        search_limits: SearchLimits {
-            default_count: 50,
-            max_count: 1000,
-        },
-        base_url: BASE.into(),
-        index: Default::default(),
-        specs: Default::default(),
-        shared: Default::default(),
-        heartbeats: Default::default(),
-        delivery,
-        rest_hook: RestHook::new(false, false),
-        amqp: None,
-        sockets: Default::default(),
-        node: "test-node".into(),
-        matching: Default::default(),
-    };
-    (hub, commands)
+    Hub::for_tests(BASE, "test-node")
 }
 
 /// What a stored subscription's resource says.
