@@ -1235,7 +1235,7 @@ fn check_query(
             // subscription filters; neither may panic.
             let _ = where_clause(&query.predicates, Placeholder::Question, 1);
             let _ = where_clause(&query.predicates, Placeholder::Dollar, 3);
-            let _ = order_by(&query.sort);
+            let _ = order_by(&query.sort, &query.predicates);
             for task in tasks {
                 matches(task, &query.predicates);
             }

@@ -14,10 +14,12 @@
 use crate::error::Result;
 use crate::fhir::RESOURCE_TYPES;
 
+mod columns;
 mod index;
 mod predicate;
 mod query;
 
+pub use columns::{SEVERAL, SINGLE_VALUED, TaskColumns};
 pub use index::{DateEntry, TaskIndex, TokenEntry, index_task, priority_rank};
 pub use predicate::{DateComparison, Predicate, Prefix, SystemMatch, TokenValue, matches};
 use query::invalid;
@@ -45,7 +47,7 @@ pub struct ParamDef {
     pub description: &'static str,
 }
 
-const STATUS_SYSTEM: &str = "http://hl7.org/fhir/task-status";
+pub const STATUS_SYSTEM: &str = "http://hl7.org/fhir/task-status";
 const PRIORITY_SYSTEM: &str = "http://hl7.org/fhir/request-priority";
 const INTENT_SYSTEM: &str = "http://hl7.org/fhir/task-intent";
 

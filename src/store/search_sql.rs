@@ -9,8 +9,10 @@
 
 use super::rows::CURRENT_COLUMNS;
 use crate::fhir::search::{
-    DateComparison, ParamType, Predicate, Prefix, SortKey, SystemMatch, TokenValue, task_param,
+    DateComparison, ParamType, Predicate, Prefix, SEVERAL, STATUS_SYSTEM, SortKey, SystemMatch,
+    TokenValue, task_param,
 };
+use crate::fhir::task::TASK_STATUSES;
 
 /// How bind parameters are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,14 +86,29 @@ impl Writer {
                 param,
                 negated,
                 any_of,
-            } => {
-                let param = self.bind(param);
-                let values = self.token_values(any_of);
-                let subquery =
-                    format!("SELECT task_id FROM task_token WHERE param = {param} AND {values}");
-                membership(*negated, &subquery)
-            }
+            } => match (column_of(param), negated) {
+                (Some(Column::Token(column)), false) if has_codes(any_of) => {
+                    self.token_column(param, &column, any_of)
+                }
+                (Some(Column::Token(column)), true)
+                    if has_codes(any_of) && !matches!(column.system, ColumnSystem::Own(_)) =>
+                {
+                    self.token_column_negated(&column, any_of)
+                }
+                _ => {
+                    let subquery = self.token_subquery(param, any_of);
+                    membership(*negated, &subquery)
+                }
+            },
             Predicate::Missing { param, missing } => {
+                if let Some(column) = column_of(param) {
+                    let name = match column {
+                        Column::Token(token) => token.name,
+                        Column::Date { start, .. } => start,
+                    };
+                    let test = if *missing { "IS NULL" } else { "IS NOT NULL" };
+                    return format!("{name} {test}");
+                }
                 let table = match task_param(param).map(|def| def.kind) {
                     Some(ParamType::Date) => "task_date",
                     _ => "task_token",
@@ -101,16 +118,27 @@ impl Writer {
                 membership(*missing, &subquery)
             }
             Predicate::Date { param, any_of } => {
+                if any_of.is_empty() {
+                    return "0=1".to_string();
+                }
+                if let Some(Column::Date { start, end }) = column_of(param) {
+                    // One value per Task: "some value satisfies" is "the column satisfies",
+                    // and a Task without one (NULL) satisfies no comparison.
+                    let parts: Vec<String> = any_of
+                        .iter()
+                        .map(|c| self.date_condition(c, start, end))
+                        .collect();
+                    return format!("({})", parts.join(" OR "));
+                }
                 let param = self.bind(param);
-                let conditions = if any_of.is_empty() {
-                    "0=1".to_string()
-                } else {
-                    let parts: Vec<String> =
-                        any_of.iter().map(|c| self.date_condition(c)).collect();
-                    format!("({})", parts.join(" OR "))
-                };
-                let subquery =
-                    format!("SELECT task_id FROM task_date WHERE param = {param} AND {conditions}");
+                let parts: Vec<String> = any_of
+                    .iter()
+                    .map(|c| self.date_condition(c, "start_at", "end_at"))
+                    .collect();
+                let subquery = format!(
+                    "SELECT task_id FROM task_date WHERE param = {param} AND ({})",
+                    parts.join(" OR ")
+                );
                 membership(false, &subquery)
             }
             Predicate::Or(any) => {
@@ -125,6 +153,100 @@ impl Writer {
                 format!("({parts})")
             }
         }
+    }
+
+    /// `SELECT task_id FROM task_token …` of the Tasks with a value of `param` among `any_of`.
+    fn token_subquery(&mut self, param: &str, any_of: &[TokenValue]) -> String {
+        let param = self.bind(param);
+        let values = self.token_values(any_of);
+        format!("SELECT task_id FROM task_token WHERE param = {param} AND {values}")
+    }
+
+    /// A token predicate on a parameter kept in a column of the Task row: the column is one of
+    /// the codes, and its system (fixed for the parameter, or in a column of its own) is one
+    /// the value accepts. A Task whose column says it has several values (`SEVERAL`) is looked
+    /// up in the index table instead.
+    fn token_column(&mut self, param: &str, column: &TokenColumn, any_of: &[TokenValue]) -> String {
+        let name = column.name;
+        let accepted: Vec<&TokenValue> = any_of
+            .iter()
+            .filter(|value| column.system.may_hold(&value.system))
+            .collect();
+        if accepted.is_empty() {
+            return "0=1".to_string();
+        }
+        let mut codes: Vec<String> = Vec::new();
+        for value in &accepted {
+            let code = value.code.as_deref().unwrap_or_default();
+            codes.push(self.bind(code));
+        }
+        let ColumnSystem::Own(system_column) = column.system else {
+            // The system is the parameter's own, checked above; the column holds one value.
+            return format!("{name} IN ({})", codes.join(", "));
+        };
+        // Correlated, so that only the rare Task with several values pays for the lookup.
+        let param_bind = self.bind(param);
+        let values = self.token_values(any_of);
+        let several = format!(
+            "EXISTS (SELECT 1 FROM task_token WHERE task_id = t.id AND param = {param_bind} AND {values})"
+        );
+        let mut one = Vec::new();
+        for value in accepted {
+            let code = self.bind(value.code.as_deref().unwrap_or_default());
+            one.push(match &value.system {
+                SystemMatch::Any => format!("{name} = {code}"),
+                SystemMatch::NoSystem => format!("({name} = {code} AND {system_column} IS NULL)"),
+                SystemMatch::Exact(system) => {
+                    format!(
+                        "({name} = {code} AND {system_column} = {})",
+                        self.bind(system)
+                    )
+                }
+            });
+        }
+        format!(
+            "{name} IN ({}, '{SEVERAL}') AND CASE WHEN {name} = '{SEVERAL}' THEN {several} \
+             ELSE ({}) END",
+            codes.join(", "),
+            one.join(" OR ")
+        )
+    }
+
+    /// `:not` on a single-valued column with a fixed system: no value of the Task is one of the
+    /// codes. `status` always has one of the statuses Task allows (the validator refuses any
+    /// other), so its negation is the list of the other statuses, which its index serves.
+    fn token_column_negated(&mut self, column: &TokenColumn, any_of: &[TokenValue]) -> String {
+        let name = column.name;
+        let excluded: Vec<&str> = any_of
+            .iter()
+            .filter(|value| column.system.may_hold(&value.system))
+            .filter_map(|value| value.code.as_deref())
+            .collect();
+        if excluded.is_empty() {
+            return "1=1".to_string();
+        }
+        if let Some(allowed) = column.allowed {
+            let rest: Vec<String> = allowed
+                .iter()
+                .filter(|code| !excluded.contains(code))
+                .map(|code| self.bind(code))
+                .collect();
+            if rest.is_empty() {
+                return "0=1".to_string();
+            }
+            // What is left after a negation is most of the Tasks, so on SQLite, which plans
+            // without statistics, the term is kept from choosing the index (a unary `+`):
+            // a date range or a sort order then serves the search instead of a walk through
+            // most of the table. PostgreSQL weighs it by its statistics.
+            let unindexed = if self.style == Placeholder::Question {
+                "+"
+            } else {
+                ""
+            };
+            return format!("{unindexed}{name} IN ({})", rest.join(", "));
+        }
+        let codes: Vec<String> = excluded.iter().map(|code| self.bind(code)).collect();
+        format!("({name} IS NULL OR {name} NOT IN ({}))", codes.join(", "))
     }
 
     /// The OR of the token values. Plain codes (any system) are gathered into one
@@ -164,34 +286,102 @@ impl Writer {
         }
     }
 
-    /// The prefix semantics of `DateComparison::matches`, on the row's `[start_at, end_at)`
-    /// against the search range `[a, b)`.
-    fn date_condition(&mut self, comparison: &DateComparison) -> String {
+    /// The prefix semantics of `DateComparison::matches`, on the range `[start, end)` held in
+    /// the columns `start` and `end`, against the search range `[a, b)`.
+    fn date_condition(&mut self, comparison: &DateComparison, start: &str, end: &str) -> String {
         let (a, b) = (comparison.start.as_str(), comparison.end.as_str());
         match comparison.prefix {
             Prefix::Eq => format!(
-                "(start_at >= {} AND end_at <= {})",
+                "({start} >= {} AND {end} <= {})",
                 self.bind(a),
                 self.bind(b)
             ),
             Prefix::Ne => format!(
-                "NOT (start_at >= {} AND end_at <= {})",
+                "NOT ({start} >= {} AND {end} <= {})",
                 self.bind(a),
                 self.bind(b)
             ),
-            Prefix::Gt => format!("end_at > {}", self.bind(b)),
-            Prefix::Lt => format!("start_at < {}", self.bind(a)),
-            Prefix::Ge => format!("end_at > {}", self.bind(a)),
-            Prefix::Le => format!("start_at < {}", self.bind(b)),
-            Prefix::Sa => format!("start_at >= {}", self.bind(b)),
-            Prefix::Eb => format!("end_at <= {}", self.bind(a)),
-            Prefix::Ap => format!(
-                "(start_at < {} AND end_at > {})",
-                self.bind(b),
-                self.bind(a)
-            ),
+            Prefix::Gt => format!("{end} > {}", self.bind(b)),
+            Prefix::Lt => format!("{start} < {}", self.bind(a)),
+            Prefix::Ge => format!("{end} > {}", self.bind(a)),
+            Prefix::Le => format!("{start} < {}", self.bind(b)),
+            Prefix::Sa => format!("{start} >= {}", self.bind(b)),
+            Prefix::Eb => format!("{end} <= {}", self.bind(a)),
+            Prefix::Ap => format!("({start} < {} AND {end} > {})", self.bind(b), self.bind(a)),
         }
     }
+}
+
+/// How the system of a token kept in a column is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ColumnSystem {
+    /// Every value of the parameter has this system (or none).
+    Fixed(Option<&'static str>),
+    /// The system is in this column of its own.
+    Own(&'static str),
+}
+
+impl ColumnSystem {
+    /// Whether a value with this system may be in the column at all.
+    fn may_hold(self, wanted: &SystemMatch) -> bool {
+        match (self, wanted) {
+            (_, SystemMatch::Any) | (ColumnSystem::Own(_), _) => true,
+            (ColumnSystem::Fixed(fixed), SystemMatch::NoSystem) => fixed.is_none(),
+            (ColumnSystem::Fixed(fixed), SystemMatch::Exact(system)) => {
+                fixed == Some(system.as_str())
+            }
+        }
+    }
+}
+
+/// A token parameter kept in a column of the Task row (see `fhir::search::TaskColumns`).
+#[derive(Debug, Clone, Copy)]
+struct TokenColumn {
+    name: &'static str,
+    system: ColumnSystem,
+    /// Every code the column can hold, when the validator limits them.
+    allowed: Option<&'static [&'static str]>,
+}
+
+/// A work-list parameter kept on the Task row.
+#[derive(Debug, Clone, Copy)]
+enum Column {
+    Token(TokenColumn),
+    Date {
+        start: &'static str,
+        end: &'static str,
+    },
+}
+
+/// The column of a work-list parameter, if it has one.
+fn column_of(param: &str) -> Option<Column> {
+    Some(match param {
+        "status" => Column::Token(TokenColumn {
+            name: "t.status",
+            system: ColumnSystem::Fixed(Some(STATUS_SYSTEM)),
+            allowed: Some(TASK_STATUSES),
+        }),
+        "owner" => Column::Token(TokenColumn {
+            name: "t.owner",
+            system: ColumnSystem::Fixed(None),
+            allowed: None,
+        }),
+        "performer" => Column::Token(TokenColumn {
+            name: "t.performer",
+            system: ColumnSystem::Own("t.performer_system"),
+            allowed: None,
+        }),
+        "due-date" => Column::Date {
+            start: "t.due_start",
+            end: "t.due_end",
+        },
+        _ => return None,
+    })
+}
+
+/// Whether every value names a code (`system|` alone is left to the index table).
+fn has_codes(any_of: &[TokenValue]) -> bool {
+    any_of.iter().all(|value| value.code.is_some())
 }
 
 /// The statements of a page of search results: the count of every match, and the page of
@@ -218,7 +408,7 @@ pub fn page_sql(predicates: &[Predicate], sort: &[SortKey], style: Placeholder) 
         rows: format!(
             "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({filter}) ORDER BY {}
              LIMIT {limit} OFFSET {offset}",
-            order_by(sort)
+            order_by(sort, predicates)
         ),
         binds: writer.binds,
     }
@@ -255,25 +445,77 @@ fn membership(negated: bool, subquery: &str) -> String {
     }
 }
 
-/// The content of an ORDER BY clause for the sort keys, ending in `t.last_updated, t.id` so
-/// that pages never overlap or skip. Tasks without a value for a sort parameter come last
-/// in either direction (written out, because SQLite and PostgreSQL disagree by default).
-pub fn order_by(sort: &[SortKey]) -> String {
+/// One term of a search's order: an expression over the task table `t` and its direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortTerm {
+    pub expression: String,
+    pub descending: bool,
+    /// Whether some matching Task may have no value (NULL), which sorts last either way.
+    pub nullable: bool,
+    /// Whether the values are integers (a cursor carries them as text).
+    pub integer: bool,
+}
+
+impl SortTerm {
+    fn new(expression: impl Into<String>, descending: bool) -> SortTerm {
+        SortTerm {
+            expression: expression.into(),
+            descending,
+            nullable: false,
+            integer: false,
+        }
+    }
+
+    /// The term as ORDER BY writes it; NULLS LAST is spelled out where it matters, because
+    /// SQLite and PostgreSQL disagree by default, and only there, because a database that
+    /// must put NULLs last against its index order sorts instead of walking the index.
+    fn order(&self) -> String {
+        let direction = if self.descending { "DESC" } else { "ASC" };
+        if self.nullable {
+            format!("{} {direction} NULLS LAST", self.expression)
+        } else {
+            format!("{} {direction}", self.expression)
+        }
+    }
+}
+
+/// The terms of a search's order for the sort keys, ending in `t.last_updated, t.id` so that
+/// the order is total and pages never overlap or skip. Work-list parameters sort by their
+/// column (`column_of`), which an index walks; the others by the smallest indexed value.
+/// `predicates` tell which sort values every match has (a date criterion on the parameter
+/// excludes Tasks without one), which spares the NULLS LAST that would stop an index walk.
+pub fn sort_terms(sort: &[SortKey], predicates: &[Predicate]) -> Vec<SortTerm> {
     let mut terms = Vec::new();
     let mut by_last_updated = false;
     for key in sort {
-        let direction = if key.descending { "DESC" } else { "ASC" };
+        let descending = key.descending;
         match key.param {
             "_id" => {
                 // Ids are unique, so nothing after this key can change the order.
-                terms.push(format!("t.id {direction}"));
-                return terms.join(", ");
+                terms.push(SortTerm::new("t.id", descending));
+                return terms;
             }
             "_lastUpdated" => {
                 by_last_updated = true;
-                terms.push(format!("t.last_updated {direction}"));
+                terms.push(SortTerm::new("t.last_updated", descending));
             }
-            "priority" => terms.push(format!("t.priority_rank {direction}")),
+            "priority" => terms.push(SortTerm {
+                integer: true,
+                ..SortTerm::new("t.priority_rank", descending)
+            }),
+            // Every Task has a status (the validator requires one).
+            "status" => terms.push(SortTerm::new("t.status", descending)),
+            "due-date" | "authored-on" => {
+                let column = if key.param == "due-date" {
+                    "t.due_start"
+                } else {
+                    "t.authored_on"
+                };
+                terms.push(SortTerm {
+                    nullable: !always_present(predicates, key.param),
+                    ..SortTerm::new(column, descending)
+                });
+            }
             other => {
                 // The parameter code is spliced into the SQL, so it must come from Baton's own
                 // table; a key that does not name a parameter is skipped.
@@ -290,15 +532,38 @@ pub fn order_by(sort: &[SortKey]) -> String {
                         def.code
                     ),
                 };
-                terms.push(format!("{expression} {direction} NULLS LAST"));
+                terms.push(SortTerm {
+                    nullable: true,
+                    ..SortTerm::new(expression, descending)
+                });
             }
         }
     }
     if !by_last_updated {
-        terms.push("t.last_updated ASC".to_string());
+        terms.push(SortTerm::new("t.last_updated", false));
     }
-    terms.push("t.id ASC".to_string());
-    terms.join(", ")
+    terms.push(SortTerm::new("t.id", false));
+    terms
+}
+
+/// Whether the ANDed predicates let through only Tasks that have a value of `param`: a date
+/// criterion on it (no comparison holds for a missing value), or `:missing=false`.
+fn always_present(predicates: &[Predicate], param: &str) -> bool {
+    predicates.iter().any(|predicate| match predicate {
+        Predicate::Date { param: p, .. } => *p == param,
+        Predicate::Missing { param: p, missing } => *p == param && !missing,
+        Predicate::And(all) => always_present(all, param),
+        _ => false,
+    })
+}
+
+/// The content of an ORDER BY clause for the sort keys (see `sort_terms`).
+pub fn order_by(sort: &[SortKey], predicates: &[Predicate]) -> String {
+    sort_terms(sort, predicates)
+        .iter()
+        .map(SortTerm::order)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -306,8 +571,8 @@ mod tests {
     use super::*;
     use crate::fhir::MULTI_FOCUS_EXTENSION;
     use crate::fhir::search::{
-        Handling, SearchLimits, TaskIndex, TokenValue, index_task, matches, parse_query,
-        priority_rank,
+        Handling, SearchLimits, TaskColumns, TaskIndex, TokenValue, index_task, matches,
+        parse_query, priority_rank,
     };
     use serde_json::{Value, json};
     use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
@@ -315,17 +580,6 @@ mod tests {
     use std::cmp::Ordering;
 
     const BASE: &str = "http://baton.test/fhir";
-
-    const SCHEMA: &str = "
-        CREATE TABLE task (id TEXT PRIMARY KEY, version INTEGER NOT NULL, last_updated TEXT NOT NULL,
-            deleted INTEGER NOT NULL DEFAULT 0, priority_rank INTEGER NOT NULL, resource TEXT NOT NULL);
-        CREATE TABLE task_token (task_id TEXT NOT NULL, param TEXT NOT NULL, system TEXT, value TEXT NOT NULL);
-        CREATE INDEX task_token_lookup ON task_token (param, value, task_id);
-        CREATE INDEX task_token_task ON task_token (task_id);
-        CREATE TABLE task_date (task_id TEXT NOT NULL, param TEXT NOT NULL, start_at TEXT NOT NULL, end_at TEXT NOT NULL);
-        CREATE INDEX task_date_lookup ON task_date (param, start_at, task_id);
-        CREATE INDEX task_date_task ON task_date (task_id);
-    ";
 
     fn pick<T: Clone>(options: &[T], i: usize) -> T {
         options[i % options.len()].clone()
@@ -452,22 +706,35 @@ mod tests {
     }
 
     async fn load(pool: &SqlitePool) -> Vec<Indexed> {
-        sqlx::raw_sql(SCHEMA).execute(pool).await.unwrap();
+        // The real schema, so that the statements meet the columns and indexes they will in use.
+        sqlx::migrate!("migrations/sqlite").run(pool).await.unwrap();
         let mut loaded = Vec::new();
         for task in fleet() {
             let id = task["id"].as_str().unwrap().to_string();
             let last_updated = task["meta"]["lastUpdated"].as_str().unwrap().to_string();
             let deleted = DELETED.contains(&id.as_str());
             let index = index_task(&task, BASE);
-            sqlx::query("INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource) VALUES (?, 1, ?, ?, ?, ?)")
-                .bind(&id)
-                .bind(&last_updated)
-                .bind(i64::from(deleted))
-                .bind(priority_rank(&task))
-                .bind(task.to_string())
-                .execute(pool)
-                .await
-                .unwrap();
+            let c = TaskColumns::from_index(&index);
+            sqlx::query(
+                "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
+                   status, owner, performer, performer_system, due_start, due_end, authored_on)
+                 VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&id)
+            .bind(&last_updated)
+            .bind(i64::from(deleted))
+            .bind(priority_rank(&task))
+            .bind(task.to_string())
+            .bind(&c.status)
+            .bind(&c.owner)
+            .bind(&c.performer)
+            .bind(&c.performer_system)
+            .bind(&c.due_start)
+            .bind(&c.due_end)
+            .bind(&c.authored_on)
+            .execute(pool)
+            .await
+            .unwrap();
             for entry in &index.tokens {
                 sqlx::query(
                     "INSERT INTO task_token (task_id, param, system, value) VALUES (?, ?, ?, ?)",
@@ -583,7 +850,7 @@ mod tests {
         let sql = format!(
             "SELECT t.id FROM task t WHERE t.deleted = {deleted} AND ({}) ORDER BY {}",
             filter.sql,
-            order_by(sort)
+            order_by(sort, predicates)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql.clone()));
         if style == Placeholder::Dollar {
@@ -893,10 +1160,9 @@ mod tests {
         let filter = where_clause(&predicates, Placeholder::Dollar, 3);
         assert_eq!(
             filter.sql,
-            "t.id IN (SELECT task_id FROM task_token WHERE param = $3 AND (value IN ($4) OR (system = $5 AND value = $6))) \
-             AND t.id NOT IN (SELECT task_id FROM task_date WHERE param = $7)"
+            "t.status IN ($3) AND t.id NOT IN (SELECT task_id FROM task_date WHERE param = $4)"
         );
-        assert_eq!(filter.binds, ["status", "ready", "urn:s", "x", "period"]);
+        assert_eq!(filter.binds, ["ready", "period"]);
         let filter = where_clause(&predicates, Placeholder::Question, 1);
         assert_eq!(filter.sql.matches('?').count(), filter.binds.len());
         assert!(
@@ -922,7 +1188,11 @@ mod tests {
             (vec![key("_id", true), key("priority", false)], "t.id DESC"),
             (
                 vec![key("due-date", false)],
-                "(SELECT min(d.start_at) FROM task_date d WHERE d.task_id = t.id AND d.param = 'due-date') ASC NULLS LAST, \
+                "t.due_start ASC NULLS LAST, t.last_updated ASC, t.id ASC",
+            ),
+            (
+                vec![key("modified", true)],
+                "(SELECT min(d.start_at) FROM task_date d WHERE d.task_id = t.id AND d.param = 'modified') DESC NULLS LAST, \
                  t.last_updated ASC, t.id ASC",
             ),
             (
@@ -931,7 +1201,7 @@ mod tests {
             ),
         ];
         for (sort, expected) in cases {
-            assert_eq!(order_by(&sort), expected, "{sort:?}");
+            assert_eq!(order_by(&sort, &[]), expected, "{sort:?}");
         }
     }
 
@@ -940,11 +1210,11 @@ mod tests {
     #[test]
     fn statements_number_their_own_placeholders_after_the_filter() {
         let predicates = vec![Predicate::Missing {
-            param: "owner",
+            param: "period",
             missing: true,
         }];
         let page = page_sql(&predicates, &[], Placeholder::Dollar);
-        assert_eq!(page.binds, ["owner"]);
+        assert_eq!(page.binds, ["period"]);
         assert!(page.count.ends_with("param = $1))"), "{}", page.count);
         assert!(page.rows.ends_with("LIMIT $2 OFFSET $3"), "{}", page.rows);
         let page = page_sql(&predicates, &[], Placeholder::Question);
@@ -952,7 +1222,7 @@ mod tests {
 
         let parents = ["Task/a".to_string(), "Task/b".to_string()];
         let children = children_sql(&parents, &predicates, Placeholder::Dollar);
-        assert_eq!(children.binds, ["Task/a", "Task/b", "owner"]);
+        assert_eq!(children.binds, ["Task/a", "Task/b", "period"]);
         assert!(
             children.sql.contains("value IN ($1, $2)"),
             "{}",
@@ -960,5 +1230,53 @@ mod tests {
         );
         assert!(children.sql.contains("param = $3"), "{}", children.sql);
         assert!(children.sql.ends_with("LIMIT $4"), "{}", children.sql);
+    }
+}
+
+#[cfg(test)]
+mod dump {
+    use super::*;
+    use crate::fhir::search::{Handling, SearchLimits, parse_query};
+
+    #[test]
+    #[ignore]
+    fn dump_work_list_sql() {
+        let limits = SearchLimits {
+            default_count: 50,
+            max_count: 1000,
+        };
+        let queries = [
+            "owner=Practitioner/p17&status:not=completed&_sort=-priority",
+            "owner:missing=true&performer=urn:q|q3&status=requested",
+            "status=requested&_count=20",
+            "status:not=completed&due-date=lt2027-03-15&_sort=due-date&_count=20",
+            "patient=Patient/pt42",
+            "_count=20",
+        ];
+        let mut out = String::new();
+        for q in queries {
+            let pairs: Vec<(String, String)> = q
+                .split('&')
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap();
+                    (k.into(), v.into())
+                })
+                .collect();
+            let parsed = parse_query(&pairs, &limits, "http://x/fhir", Handling::Strict).unwrap();
+            let sql = page_sql(&parsed.predicates, &parsed.sort, Placeholder::Question);
+            let inline = |text: &str, extra: &[String]| {
+                let mut text = text.to_string();
+                for b in sql.binds.iter().chain(extra) {
+                    text = text.replacen('?', &format!("'{}'", b.replace('\'', "''")), 1);
+                }
+                text.replace('\n', " ")
+            };
+            out.push_str(&format!(
+                "-- {q}\n{};\n{};\n",
+                inline(&sql.count, &[]),
+                inline(&sql.rows, &[]).replacen("LIMIT '", "LIMIT '", 1)
+            ));
+        }
+        std::fs::write("/tmp/hs/queries.sql", out).unwrap();
     }
 }
