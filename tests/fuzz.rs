@@ -61,6 +61,7 @@ fn limits() -> SearchLimits {
     SearchLimits {
         default_count: 50,
         max_count: 1000,
+        default_total: baton::fhir::search::TotalMode::Accurate,
     }
 }
 

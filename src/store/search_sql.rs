@@ -7,7 +7,9 @@
 //! same meaning as `Predicate::matches`: "some value of the parameter satisfies the condition".
 //! Every value is bound; the only text spliced into SQL comes from Baton's own parameter table.
 
+use super::Counting;
 use super::rows::CURRENT_COLUMNS;
+use crate::error::{Error, IssueCode, Result};
 use crate::fhir::search::{
     DateComparison, ParamType, Predicate, Prefix, SEVERAL, STATUS_SYSTEM, SortKey, SystemMatch,
     TokenValue, task_param,
@@ -384,34 +386,158 @@ fn has_codes(any_of: &[TokenValue]) -> bool {
     any_of.iter().all(|value| value.code.is_some())
 }
 
-/// The statements of a page of search results: the count of every match, and the page of
-/// current Tasks (`CURRENT_COLUMNS`), sorted; the page's size and then its offset are bound
-/// after `binds`, by the caller.
+/// The statements of a page of search results: the count of the matches (if asked for), and
+/// the page of current Tasks (`CURRENT_COLUMNS`, then each sort value as text, `sort_0`, …),
+/// sorted; the page's size and then its offset are bound after `binds`, by the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageSql {
-    pub count: String,
+    pub count: Option<String>,
+    /// The binds of `count`.
+    pub count_binds: Vec<String>,
     pub rows: String,
+    /// The binds of `rows`, before its page size and offset.
     pub binds: Vec<String>,
 }
 
-/// The statements of a search for live Tasks matching `predicates`, sorted by `sort`.
-pub fn page_sql(predicates: &[Predicate], sort: &[SortKey], style: Placeholder) -> PageSql {
+/// What a page of search results is: its criteria, its order, where it starts and how its
+/// matches are counted.
+#[derive(Debug, Clone, Copy)]
+pub struct PageSpec<'a> {
+    pub predicates: &'a [Predicate],
+    pub sort: &'a [SortKey],
+    /// The sort values of the Task the page starts after (a keyset cursor).
+    pub after: Option<&'a [Option<String>]>,
+    pub counting: Counting,
+}
+
+/// The statements of a search for live Tasks matching `predicates`, sorted by `sort`. A
+/// cursor (`after`) that does not fit the sort is a 400: it was made for another search or
+/// altered.
+pub fn page_sql(spec: PageSpec<'_>, style: Placeholder) -> Result<PageSql> {
+    let terms = sort_terms(spec.sort, spec.predicates);
     let mut writer = Writer {
         style,
         next: 1,
         binds: Vec::new(),
     };
-    let filter = writer.all(predicates);
+    let filter = writer.all(spec.predicates);
+    let count_binds = writer.binds.clone();
+    let matches = format!("FROM task t WHERE t.deleted = 0 AND ({filter})");
+    let count = match spec.counting {
+        Counting::Skip => None,
+        Counting::All => Some(format!("SELECT count(*) {matches}")),
+        // The limit is a number of Baton's, not a client's value.
+        Counting::UpTo(limit) => Some(format!(
+            "SELECT count(*) FROM (SELECT 1 {matches} LIMIT {}) AS counted",
+            limit.saturating_add(1)
+        )),
+    };
+    let after = match spec.after {
+        Some(values) => format!(" AND {}", writer.after(&terms, values)?),
+        None => String::new(),
+    };
     let (limit, offset) = (writer.placeholder(), writer.placeholder());
-    PageSql {
-        count: format!("SELECT count(*) FROM task t WHERE t.deleted = 0 AND ({filter})"),
+    let sort_values: Vec<String> = terms
+        .iter()
+        .enumerate()
+        .map(|(i, term)| format!(", CAST({} AS TEXT) AS sort_{i}", term.expression))
+        .collect();
+    let order: Vec<String> = terms.iter().map(SortTerm::order).collect();
+    Ok(PageSql {
+        count,
+        count_binds,
         rows: format!(
-            "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({filter}) ORDER BY {}
-             LIMIT {limit} OFFSET {offset}",
-            order_by(sort, predicates)
+            "SELECT {CURRENT_COLUMNS}{} {matches}{after} ORDER BY {} LIMIT {limit} OFFSET {offset}",
+            sort_values.concat(),
+            order.join(", ")
         ),
         binds: writer.binds,
+    })
+}
+
+/// How many sort values a page's rows carry (`sort_0`, …) for these sort keys.
+pub fn sort_value_count(sort: &[SortKey]) -> usize {
+    sort_terms(sort, &[]).len()
+}
+
+impl Writer {
+    /// The keyset condition "after the row with these sort values" in the order of `terms`:
+    /// some term is past its value and every term before it equal to its own. The first term
+    /// is also bounded on its own (`>=` or `<=`), which an index on it serves as a range.
+    fn after(&mut self, terms: &[SortTerm], values: &[Option<String>]) -> Result<String> {
+        if values.len() != terms.len() {
+            return Err(bad_cursor("it was made for another sort order"));
+        }
+        for (term, value) in terms.iter().zip(values) {
+            match value {
+                None if !term.nullable => return Err(bad_cursor("a sort value is missing")),
+                Some(text) if term.integer && text.parse::<i64>().is_err() => {
+                    return Err(bad_cursor("a sort value is not a number"));
+                }
+                _ => {}
+            }
+        }
+        let mut alternatives = Vec::new();
+        for i in 0..terms.len() {
+            let mut parts = Vec::new();
+            for (term, value) in terms[..i].iter().zip(values) {
+                parts.push(self.equal(term, value.as_deref()));
+            }
+            parts.push(self.past(&terms[i], values[i].as_deref()));
+            alternatives.push(format!("({})", parts.join(" AND ")));
+        }
+        let first = &terms[0];
+        let bound = match values[0].as_deref() {
+            Some(value) if !first.nullable => {
+                let operator = if first.descending { "<=" } else { ">=" };
+                let value = self.sort_value(first, value);
+                format!("{} {operator} {value} AND ", first.expression)
+            }
+            _ => String::new(),
+        };
+        Ok(format!("{bound}({})", alternatives.join(" OR ")))
     }
+
+    /// A bound sort value, as an integer where the term is one.
+    fn sort_value(&mut self, term: &SortTerm, value: &str) -> String {
+        let placeholder = self.bind(value);
+        match (term.integer, self.style) {
+            (false, _) => placeholder,
+            (true, Placeholder::Question) => format!("CAST({placeholder} AS INTEGER)"),
+            (true, Placeholder::Dollar) => format!("CAST({placeholder} AS bigint)"),
+        }
+    }
+
+    fn equal(&mut self, term: &SortTerm, value: Option<&str>) -> String {
+        match value {
+            Some(value) => format!("{} = {}", term.expression, self.sort_value(term, value)),
+            None => format!("{} IS NULL", term.expression),
+        }
+    }
+
+    /// Strictly after `value` in the term's order; Tasks without a value come last.
+    fn past(&mut self, term: &SortTerm, value: Option<&str>) -> String {
+        let Some(value) = value else {
+            return "0=1".to_string();
+        };
+        let operator = if term.descending { "<" } else { ">" };
+        let value = self.sort_value(term, value);
+        if term.nullable {
+            format!("({0} {operator} {value} OR {0} IS NULL)", term.expression)
+        } else {
+            format!("{} {operator} {value}", term.expression)
+        }
+    }
+}
+
+fn bad_cursor(why: &str) -> Error {
+    Error::bad_request(
+        IssueCode::Invalid,
+        format!(
+            "The value of '_cursor' is not a cursor of this search: {why}. Follow the 'next' \
+             link of a page as it is, or start again without '_cursor'"
+        ),
+    )
 }
 
 /// The statement of the live Tasks whose `partOf` names one of `parents` (as `Task/id`) and
@@ -972,6 +1098,7 @@ mod tests {
         let limits = SearchLimits {
             default_count: 10,
             max_count: 100,
+            default_total: crate::fhir::search::TotalMode::Accurate,
         };
         let live: Vec<&Indexed> = tasks.iter().filter(|t| !t.deleted).collect();
         for query in QUERIES {
@@ -1077,6 +1204,7 @@ mod tests {
         let limits = SearchLimits {
             default_count: 10,
             max_count: 100,
+            default_total: crate::fhir::search::TotalMode::Accurate,
         };
         let live: Vec<&Indexed> = tasks.iter().filter(|t| !t.deleted).collect();
         let sorts = [
@@ -1213,12 +1341,52 @@ mod tests {
             param: "period",
             missing: true,
         }];
-        let page = page_sql(&predicates, &[], Placeholder::Dollar);
+        let spec = |counting| PageSpec {
+            predicates: &predicates,
+            sort: &[],
+            after: None,
+            counting,
+        };
+        let page = page_sql(spec(Counting::All), Placeholder::Dollar).unwrap();
         assert_eq!(page.binds, ["period"]);
-        assert!(page.count.ends_with("param = $1))"), "{}", page.count);
+        let count = page.count.unwrap();
+        assert!(count.ends_with("param = $1))"), "{count}");
         assert!(page.rows.ends_with("LIMIT $2 OFFSET $3"), "{}", page.rows);
-        let page = page_sql(&predicates, &[], Placeholder::Question);
+        let page = page_sql(spec(Counting::UpTo(1000)), Placeholder::Question).unwrap();
         assert!(page.rows.ends_with("LIMIT ? OFFSET ?"), "{}", page.rows);
+        assert!(page.count.unwrap().ends_with("LIMIT 1001) AS counted"));
+        assert_eq!(
+            page_sql(spec(Counting::Skip), Placeholder::Question)
+                .unwrap()
+                .count,
+            None
+        );
+        // A cursor's values come after the filter's, before the page size.
+        let after = [
+            Some("2024-01-01T00:00:00.000Z".to_string()),
+            Some("t1".to_string()),
+        ];
+        let page = page_sql(
+            PageSpec {
+                after: Some(&after),
+                ..spec(Counting::Skip)
+            },
+            Placeholder::Dollar,
+        )
+        .unwrap();
+        assert_eq!(page.binds[0], "period");
+        assert_eq!(page.binds.len(), 1 + 4);
+        assert!(page.rows.ends_with("LIMIT $6 OFFSET $7"), "{}", page.rows);
+        let wrong = [Some("t1".to_string())];
+        let error = page_sql(
+            PageSpec {
+                after: Some(&wrong),
+                ..spec(Counting::Skip)
+            },
+            Placeholder::Dollar,
+        )
+        .unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
 
         let parents = ["Task/a".to_string(), "Task/b".to_string()];
         let children = children_sql(&parents, &predicates, Placeholder::Dollar);
@@ -1234,49 +1402,121 @@ mod tests {
 }
 
 #[cfg(test)]
-mod dump {
+mod plans {
     use super::*;
-    use crate::fhir::search::{Handling, SearchLimits, parse_query};
+    use crate::fhir::search::{Handling, SearchLimits, TotalMode, parse_query};
+    use sqlx::{AssertSqlSafe, Row};
 
-    #[test]
-    #[ignore]
-    fn dump_work_list_sql() {
+    /// The six work-list searches of issue 16, and whether the page must come out of an index
+    /// in its order (a sort of a few hundred matches of one owner or patient is fine; a sort of
+    /// a status's or the whole table's matches is not).
+    const WORK_LISTS: &[(&str, bool)] = &[
+        (
+            "owner=Practitioner/p17&status:not=completed&_sort=-priority",
+            false,
+        ),
+        (
+            "owner:missing=true&performer=http://baton.example/CodeSystem/work-queue|triage&status=requested",
+            false,
+        ),
+        ("status=requested&_count=20", true),
+        (
+            "status:not=completed&due-date=lt2027-03-15&_sort=due-date&_count=20",
+            true,
+        ),
+        ("patient=Patient/pt42", false),
+        ("_count=20", true),
+    ];
+
+    /// The plan of every statement of the six work-list searches (the estimate count, the first
+    /// page and a page after a cursor), on the real schema, has no full scan of the task table
+    /// or of an index table, and the large listings walk an index in their order instead of
+    /// sorting: a later change that loses an index or a rewrite fails here. SQLite has no
+    /// statistics here, as on a freshly loaded database, so the plans are the ones Baton gets
+    /// without `ANALYZE`.
+    #[tokio::test]
+    async fn work_list_searches_use_indexes_not_scans() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .unwrap();
         let limits = SearchLimits {
             default_count: 50,
             max_count: 1000,
+            default_total: TotalMode::Estimate,
         };
-        let queries = [
-            "owner=Practitioner/p17&status:not=completed&_sort=-priority",
-            "owner:missing=true&performer=urn:q|q3&status=requested",
-            "status=requested&_count=20",
-            "status:not=completed&due-date=lt2027-03-15&_sort=due-date&_count=20",
-            "patient=Patient/pt42",
-            "_count=20",
-        ];
-        let mut out = String::new();
-        for q in queries {
-            let pairs: Vec<(String, String)> = q
+        for (query, walks_index) in WORK_LISTS {
+            let pairs: Vec<(String, String)> = query
                 .split('&')
                 .map(|p| {
                     let (k, v) = p.split_once('=').unwrap();
                     (k.into(), v.into())
                 })
                 .collect();
-            let parsed = parse_query(&pairs, &limits, "http://x/fhir", Handling::Strict).unwrap();
-            let sql = page_sql(&parsed.predicates, &parsed.sort, Placeholder::Question);
-            let inline = |text: &str, extra: &[String]| {
-                let mut text = text.to_string();
-                for b in sql.binds.iter().chain(extra) {
-                    text = text.replacen('?', &format!("'{}'", b.replace('\'', "''")), 1);
+            let parsed =
+                parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict).unwrap();
+            let cursor: Vec<Option<String>> = sort_terms(&parsed.sort, &parsed.predicates)
+                .iter()
+                .map(|term| Some(if term.integer { "2" } else { "x" }.to_string()))
+                .collect();
+            for after in [None, Some(cursor.as_slice())] {
+                let sql = page_sql(
+                    PageSpec {
+                        predicates: &parsed.predicates,
+                        sort: &parsed.sort,
+                        after,
+                        counting: Counting::UpTo(1000),
+                    },
+                    Placeholder::Question,
+                )
+                .unwrap();
+                let count = sql.count.clone().unwrap();
+                let statements = [
+                    (count, sql.count_binds.clone(), false),
+                    (sql.rows.clone(), sql.binds.clone(), *walks_index),
+                ];
+                for (statement, binds, ordered) in statements {
+                    let mut explain =
+                        sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {statement}")));
+                    for bind in &binds {
+                        explain = explain.bind(bind);
+                    }
+                    if statement.contains("LIMIT ? OFFSET ?") {
+                        explain = explain.bind(20_i64).bind(0_i64);
+                    }
+                    let plan: Vec<String> = explain
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|row| row.get::<String, _>("detail"))
+                        .collect();
+                    let full_scan = plan.iter().find(|step| {
+                        let scans_table = step.starts_with("SCAN ")
+                            && !step.starts_with("SCAN (subquery")
+                            && *step != "SCAN counted"
+                            && !step.contains(" INDEX ");
+                        let scans_index_table = step.starts_with("SCAN task_token")
+                            || step.starts_with("SCAN task_date");
+                        scans_table || scans_index_table
+                    });
+                    assert!(
+                        full_scan.is_none(),
+                        "{query}: {full_scan:?} in {plan:#?}\n{statement}"
+                    );
+                    if ordered {
+                        assert!(
+                            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+                            "{query} sorts instead of walking an index: {plan:#?}\n{statement}"
+                        );
+                    }
                 }
-                text.replace('\n', " ")
-            };
-            out.push_str(&format!(
-                "-- {q}\n{};\n{};\n",
-                inline(&sql.count, &[]),
-                inline(&sql.rows, &[]).replacen("LIMIT '", "LIMIT '", 1)
-            ));
+            }
         }
-        std::fs::write("/tmp/hs/queries.sql", out).unwrap();
     }
 }
