@@ -477,15 +477,7 @@ impl Writer {
                 _ => {}
             }
         }
-        let mut alternatives = Vec::new();
-        for i in 0..terms.len() {
-            let mut parts = Vec::new();
-            for (term, value) in terms[..i].iter().zip(values) {
-                parts.push(self.equal(term, value.as_deref()));
-            }
-            parts.push(self.past(&terms[i], values[i].as_deref()));
-            alternatives.push(format!("({})", parts.join(" AND ")));
-        }
+        // Written first, so bound first: the binds follow the text.
         let first = &terms[0];
         let bound = match values[0].as_deref() {
             Some(value) if !first.nullable => {
@@ -495,6 +487,15 @@ impl Writer {
             }
             _ => String::new(),
         };
+        let mut alternatives = Vec::new();
+        for i in 0..terms.len() {
+            let mut parts = Vec::new();
+            for (term, value) in terms[..i].iter().zip(values) {
+                parts.push(self.equal(term, value.as_deref()));
+            }
+            parts.push(self.past(&terms[i], values[i].as_deref()));
+            alternatives.push(format!("({})", parts.join(" AND ")));
+        }
         Ok(format!("{bound}({})", alternatives.join(" OR ")))
     }
 
@@ -1374,8 +1375,11 @@ mod tests {
             Placeholder::Dollar,
         )
         .unwrap();
-        assert_eq!(page.binds[0], "period");
-        assert_eq!(page.binds.len(), 1 + 4);
+        // In the order of the text: `t.last_updated >= $2 AND ((t.last_updated > $3) OR
+        // (t.last_updated = $4 AND t.id > $5))`.
+        let at = "2024-01-01T00:00:00.000Z";
+        assert_eq!(page.binds, ["period", at, at, at, "t1"]);
+        assert!(page.rows.contains("t.last_updated >= $2 AND"), "{}", page.rows);
         assert!(page.rows.ends_with("LIMIT $6 OFFSET $7"), "{}", page.rows);
         let wrong = [Some("t1".to_string())];
         let error = page_sql(
