@@ -130,7 +130,13 @@ fn random_query(draw: &mut Draw) -> String {
     }
     let keys: Vec<String> = (0..draw.below(3))
         .map(|_| {
-            let key = draw.pick(&["priority", "due-date", "authored-on", "_lastUpdated", "status"]);
+            let key = draw.pick(&[
+                "priority",
+                "due-date",
+                "authored-on",
+                "_lastUpdated",
+                "status",
+            ]);
             if draw.chance(50) {
                 format!("-{key}")
             } else {
@@ -284,7 +290,10 @@ async fn random_work_list_queries_agree_with_an_in_memory_evaluation() {
         assert_eq!(page["total"].as_u64(), estimate, "{query}");
     }
     // The queries must find something, or they could not catch a wrong translation.
-    assert!(nonempty >= 40, "only {nonempty} of 60 queries matched a Task");
+    assert!(
+        nonempty >= 40,
+        "only {nonempty} of 60 queries matched a Task"
+    );
     server.stop().await;
 }
 
@@ -326,15 +335,15 @@ async fn keyset_paging_neither_skips_nor_repeats_under_concurrent_writes() {
             while !done.load(AtomicOrdering::Relaxed) {
                 // A new Task between two existing ones, one updated, now and then one deleted.
                 let mut new = task("requested", None);
-                new["restriction"] =
-                    json!({ "period": { "end": due(draw.below(TASKS) * 2 + 1) } });
+                new["restriction"] = json!({ "period": { "end": due(draw.below(TASKS) * 2 + 1) } });
                 server.create_task(&new).await;
                 let mut changed = created[draw.below(TASKS) as usize].clone();
                 changed["description"] = json!(format!("changed {written}"));
                 let id = changed["id"].as_str().unwrap().to_string();
                 if !deleted.contains(&id) {
-                    let (status, body) =
-                        server.put_json(&format!("/Task/{id}"), &token, &changed).await;
+                    let (status, body) = server
+                        .put_json(&format!("/Task/{id}"), &token, &changed)
+                        .await;
                     assert_eq!(status, StatusCode::OK, "{body}");
                 }
                 if written % 10 == 0 {

@@ -1379,7 +1379,11 @@ mod tests {
         // (t.last_updated = $4 AND t.id > $5))`.
         let at = "2024-01-01T00:00:00.000Z";
         assert_eq!(page.binds, ["period", at, at, at, "t1"]);
-        assert!(page.rows.contains("t.last_updated >= $2 AND"), "{}", page.rows);
+        assert!(
+            page.rows.contains("t.last_updated >= $2 AND"),
+            "{}",
+            page.rows
+        );
         assert!(page.rows.ends_with("LIMIT $6 OFFSET $7"), "{}", page.rows);
         let wrong = [Some("t1".to_string())];
         let error = page_sql(
