@@ -492,6 +492,11 @@ impl Store for SqliteStore {
         true
     }
 
+    fn serves_one_node(&self) -> bool {
+        // One process owns the database file and its writer.
+        true
+    }
+
     // A SQLite database serves one process (`run` opens it for one node), so the leases that
     // share work between nodes are this process's own: granted, and claims are plain reads.
     async fn acquire_lease(&self, _name: &str, _holder: &str, _ttl: Duration) -> Result<bool> {
