@@ -42,7 +42,7 @@ use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::{
-    change_from_row, live_from_row, sized_current_from_row, subscription_from_row, version_from_row,
+    change_from_row, live_from_row, sized_current_from_row, version_from_row,
 };
 use super::search_sql::{Placeholder, children_sql, page_sql};
 use super::write::{self, Found, Precheck, Prepared};
@@ -60,6 +60,7 @@ use crate::supervise::{self, Health};
 use writer::{Done, Job, Work};
 
 mod hub;
+mod point;
 mod subscriptions;
 mod tasks;
 mod writer;
@@ -71,6 +72,8 @@ const CACHE_SIZE: &str = "-32000";
 
 pub struct SqliteStore {
     reads: SqlitePool,
+    /// The delivery path's reads by key, on the caller's thread (`point`).
+    point: point::PointReads,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: the writer's end is then expected, not a failure of the node.
@@ -137,6 +140,7 @@ impl SqliteStore {
         ));
         Ok(SqliteStore {
             reads,
+            point: point::PointReads::new(path, config.read_connections as usize),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             closing,
@@ -271,11 +275,7 @@ impl Store for SqliteStore {
     }
 
     async fn read_subscription(&self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
-        let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.reads)
-            .await?;
-        row.as_ref().map(subscription_from_row).transpose()
+        self.point.run(|conn| subscriptions::load(conn, id))
     }
 
     async fn search_subscriptions(
@@ -347,7 +347,8 @@ impl Store for SqliteStore {
         from: EventNumber,
         to: EventNumber,
     ) -> Result<Vec<EventRecord>> {
-        hub::subscription_events(&self.reads, id, from, to).await
+        self.point
+            .run(|conn| hub::subscription_events(conn, id, from, to))
     }
 
     async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()> {
