@@ -405,7 +405,7 @@ impl Store for SqliteStore {
     }
 
     async fn read(&self, id: &TaskId) -> Result<Option<CurrentTask>> {
-        tasks::load_current(&self.reads, id).await
+        self.point.run(|conn| tasks::load_by_id(conn, id))
     }
 
     async fn read_version(&self, id: &TaskId, version: Version) -> Result<Option<StoredVersion>> {
