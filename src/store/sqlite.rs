@@ -43,7 +43,7 @@ use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::read_sort_values;
 use super::rows::{
-    change_from_row, live_from_row, sized_current_from_row, subscription_from_row, version_from_row,
+    change_from_row, live_from_row, sized_current_from_row, version_from_row,
 };
 use super::search_sql::{PageSpec, Placeholder, children_sql, page_sql, sort_value_count};
 use super::write::{self, Found, Precheck, Prepared};
@@ -61,6 +61,7 @@ use crate::supervise::{self, Health};
 use writer::{Done, Job, Work};
 
 mod hub;
+mod point;
 mod subscriptions;
 mod tasks;
 mod writer;
@@ -72,6 +73,8 @@ const CACHE_SIZE: &str = "-32000";
 
 pub struct SqliteStore {
     reads: SqlitePool,
+    /// The delivery path's reads by key, on the caller's thread (`point`).
+    point: point::PointReads,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: the writer's end is then expected, not a failure of the node.
@@ -138,6 +141,7 @@ impl SqliteStore {
         ));
         Ok(SqliteStore {
             reads,
+            point: point::PointReads::new(path, config.read_connections as usize),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             closing,
@@ -272,11 +276,7 @@ impl Store for SqliteStore {
     }
 
     async fn read_subscription(&self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
-        let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.reads)
-            .await?;
-        row.as_ref().map(subscription_from_row).transpose()
+        self.point.run(|conn| subscriptions::load(conn, id))
     }
 
     async fn search_subscriptions(
@@ -348,7 +348,8 @@ impl Store for SqliteStore {
         from: EventNumber,
         to: EventNumber,
     ) -> Result<Vec<EventRecord>> {
-        hub::subscription_events(&self.reads, id, from, to).await
+        self.point
+            .run(|conn| hub::subscription_events(conn, id, from, to))
     }
 
     async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()> {
@@ -405,7 +406,7 @@ impl Store for SqliteStore {
     }
 
     async fn read(&self, id: &TaskId) -> Result<Option<CurrentTask>> {
-        tasks::load_current(&self.reads, id).await
+        self.point.run(|conn| tasks::load_by_id(conn, id))
     }
 
     async fn read_version(&self, id: &TaskId, version: Version) -> Result<Option<StoredVersion>> {
@@ -507,6 +508,11 @@ impl Store for SqliteStore {
 
     fn outbox_in_commit_order(&self) -> bool {
         // One writer, one transaction at a time: `seq` order is commit order.
+        true
+    }
+
+    fn serves_one_node(&self) -> bool {
+        // One process owns the database file and its writer.
         true
     }
 
