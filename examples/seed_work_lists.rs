@@ -83,7 +83,7 @@ async fn main() {
     while let Some(outcome) = writes.next().await {
         outcome.expect("a write failed");
         written += 1;
-        if written % 100_000 == 0 {
+        if written.is_multiple_of(100_000) {
             eprintln!(
                 "{written} Tasks in {:.1} s",
                 started.elapsed().as_secs_f64()

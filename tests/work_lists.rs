@@ -331,7 +331,7 @@ async fn keyset_paging_neither_skips_nor_repeats_under_concurrent_writes() {
         tokio::spawn(async move {
             let token = server.admin();
             let mut draw = Draw(7);
-            let (mut written, mut deleted) = (0, HashSet::new());
+            let (mut written, mut deleted) = (0_u64, HashSet::new());
             while !done.load(AtomicOrdering::Relaxed) {
                 // A new Task between two existing ones, one updated, now and then one deleted.
                 let mut new = task("requested", None);
@@ -346,7 +346,7 @@ async fn keyset_paging_neither_skips_nor_repeats_under_concurrent_writes() {
                         .await;
                     assert_eq!(status, StatusCode::OK, "{body}");
                 }
-                if written % 10 == 0 {
+                if written.is_multiple_of(10) {
                     let victim = created[draw.below(TASKS) as usize]["id"]
                         .as_str()
                         .unwrap()

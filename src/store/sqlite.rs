@@ -42,9 +42,7 @@ use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::read_sort_values;
-use super::rows::{
-    change_from_row, live_from_row, sized_current_from_row, version_from_row,
-};
+use super::rows::{change_from_row, live_from_row, sized_current_from_row, version_from_row};
 use super::search_sql::{PageSpec, Placeholder, children_sql, page_sql, sort_value_count};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
