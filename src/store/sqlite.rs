@@ -60,6 +60,7 @@ use crate::supervise::{self, Health};
 use writer::{Done, Job, Work};
 
 mod hub;
+mod live;
 mod subscriptions;
 mod tasks;
 mod writer;
@@ -71,6 +72,9 @@ const CACHE_SIZE: &str = "-32000";
 
 pub struct SqliteStore {
     reads: SqlitePool,
+    /// The database file, which start-up's read of the live subscriptions (`live`) opens
+    /// on a connection of its own.
+    path: std::path::PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: the writer's end is then expected, not a failure of the node.
@@ -137,6 +141,7 @@ impl SqliteStore {
         ));
         Ok(SqliteStore {
             reads,
+            path: path.to_path_buf(),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             closing,
@@ -299,6 +304,24 @@ impl Store for SqliteStore {
             .fetch_all(&self.reads)
             .await?;
         rows.iter().map(live_from_row).collect()
+    }
+
+    async fn live_subscription_count(&self) -> Result<usize> {
+        let count: i64 = sqlx::query_scalar(hub_sql::COUNT_LIVE)
+            .fetch_one(&self.reads)
+            .await?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
+    async fn read_live_subscriptions(
+        &self,
+        page: usize,
+        pages: mpsc::Sender<Vec<LiveSubscription>>,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || live::read_live(&path, page, &pages))
+            .await
+            .map_err(|e| Error::internal("reading the live subscriptions failed", e))?
     }
 
     async fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>> {
