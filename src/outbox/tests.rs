@@ -113,7 +113,7 @@ pub(crate) async fn write_task(store: &dyn Store, owner: &str) -> ChangeSeq {
     }
 }
 
-async fn open_sqlite(path: &Path) -> Arc<dyn Store> {
+pub(crate) async fn open_sqlite(path: &Path) -> Arc<dyn Store> {
     let config = StoreConfig {
         max_batch: 64,
         read_connections: 4,
