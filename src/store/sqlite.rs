@@ -13,7 +13,10 @@
 //! WAL and ends, and `close` waits for it.
 //!
 //! Reads use a pool of read-only sqlx connections, which WAL lets run beside the writer:
-//! they never queue behind it. The migrations run through sqlx before the writer starts.
+//! they never queue behind it. Start-up's one pass over the live subscriptions (`live`) has
+//! a read-only rusqlite connection of its own, on a blocking thread, instead: a million rows
+//! through sqlx's per-row channel cost more than putting them in force. The migrations run
+//! through sqlx before the writer starts.
 //!
 //! The writer thread is in `writer`; the statements of a Task write, which it runs under the
 //! rules of `store::write`, in `tasks`; those of a subscription write, under the rules of
