@@ -295,7 +295,7 @@ pub struct Prepared {
 }
 
 /// What a hasher hashes to tell whether it is the index's.
-const HASHER_MARK: u64 = 0x5eed_15;
+const HASHER_MARK: u64 = 0x005e_ed15;
 
 /// Prepares candidates for one index, on any thread (`SubscriptionIndex::preparer`).
 #[derive(Clone)]
