@@ -148,8 +148,9 @@ impl Hub {
                 .chunks(chunk)
                 .map(|rows| {
                     scope.spawn(move || {
+                        let mut reading = Reading::new(topics, preparer);
                         rows.iter()
-                            .filter_map(|row| self.start_up(row, topics, preparer).transpose())
+                            .filter_map(|row| self.start_up(row, &mut reading).transpose())
                             .collect()
                     })
                 })
@@ -201,6 +202,7 @@ impl Hub {
             for _ in 0..threads {
                 let prepared_tx = prepared_tx.clone();
                 scope.spawn(move || {
+                    let mut reading = Reading::new(topics, preparer);
                     loop {
                         let (number, page) = {
                             let mut pages = pages.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,7 +212,7 @@ impl Hub {
                             pages.1 += 1;
                             (pages.1 - 1, page)
                         };
-                        let page = self.prepare_page(page, topics, preparer);
+                        let page = self.prepare_page(page, &mut reading);
                         if prepared_tx.send((number, page)).is_err() {
                             return;
                         }
@@ -251,13 +253,12 @@ impl Hub {
     fn prepare_page(
         &self,
         page: Vec<LiveSubscription>,
-        topics: &[TopicFilters],
-        preparer: &Preparer,
+        reading: &mut Reading<'_>,
     ) -> Result<ReadyPage> {
         let mut loaded = Vec::with_capacity(page.len());
         let mut stale = Vec::new();
         for row in page {
-            match self.start_up(&row, topics, preparer)? {
+            match self.start_up(&row, reading)? {
                 Some(start_up) => loaded.push(start_up),
                 None => stale.push(row),
             }
@@ -324,14 +325,13 @@ impl Hub {
     fn start_up(
         &self,
         row: &LiveSubscription,
-        topics: &[TopicFilters],
-        preparer: &Preparer,
+        reading: &mut Reading<'_>,
     ) -> Result<Option<StartUp>> {
         match row.matching.as_deref().and_then(MatchingForm::read) {
-            Some(form) => Ok(Some(self.start_up_from_form(row, &form, topics, preparer))),
+            Some(form) => Ok(Some(self.start_up_from_form(row, &form, reading))),
             None => match &row.resource {
                 Some(resource) => self
-                    .start_up_from_resource(row, resource, preparer)
+                    .start_up_from_resource(row, resource, reading.preparer)
                     .map(Some),
                 None => Ok(None),
             },
@@ -344,24 +344,32 @@ impl Hub {
         &self,
         row: &LiveSubscription,
         form: &MatchingForm,
-        topics: &[TopicFilters],
-        preparer: &Preparer,
+        reading: &mut Reading<'_>,
     ) -> StartUp {
-        let matching: std::result::Result<(usize, Vec<Predicate>), String> =
-            match find_topic(&self.topics, &form.topic, TopicNames::Stored) {
-                None => Err(format!(
-                    "its topic '{}' is not one of this hub's topics any more",
-                    form.topic
-                )),
-                Some((topic, _)) => parse_filter_criteria(
-                    &form.filters,
-                    &topics[topic],
-                    &self.search_limits,
-                    &self.base_url,
-                )
-                .map(|filters| (topic, filters))
-                .map_err(|e| error_chain(&e)),
-            };
+        // Nearly every row names the same topic, by the same URL: it is looked up once.
+        let found = match &reading.last_topic {
+            Some((url, found)) if *url == form.topic => *found,
+            _ => {
+                let found = find_topic(&self.topics, &form.topic, TopicNames::Stored)
+                    .map(|(topic, _)| topic);
+                reading.last_topic = Some((form.topic.clone(), found));
+                found
+            }
+        };
+        let matching: std::result::Result<(usize, Vec<Predicate>), String> = match found {
+            None => Err(format!(
+                "its topic '{}' is not one of this hub's topics any more",
+                form.topic
+            )),
+            Some(topic) => parse_filter_criteria(
+                &form.filters,
+                &reading.topics[topic],
+                &self.search_limits,
+                &self.base_url,
+            )
+            .map(|filters| (topic, filters))
+            .map_err(|e| error_chain(&e)),
+        };
         let undeliverable = match &matching {
             Err(why) => Some(why.clone()),
             Ok(_) if !self.policy.allows(form.needs()) => Some(
@@ -386,7 +394,7 @@ impl Hub {
         });
         StartUp {
             id: row.id.clone(),
-            candidate: candidate.map(|candidate| preparer.prepare(candidate)),
+            candidate: candidate.map(|candidate| reading.preparer.prepare(candidate)),
             heartbeat,
             undeliverable,
             form: None,
@@ -545,6 +553,25 @@ struct StartUp {
     undeliverable: Option<String>,
     /// Its matching form, when it had none of the current version and one was derived.
     form: Option<MatchingFormRow>,
+}
+
+/// What a thread reading start-up's rows keeps from one row to the next.
+struct Reading<'a> {
+    /// The topics, as the filter parser checks criteria against them.
+    topics: &'a [TopicFilters],
+    preparer: &'a Preparer,
+    /// The topic URL of the row before, and where it was found.
+    last_topic: Option<(String, Option<usize>)>,
+}
+
+impl<'a> Reading<'a> {
+    fn new(topics: &'a [TopicFilters], preparer: &'a Preparer) -> Reading<'a> {
+        Reading {
+            topics,
+            preparer,
+            last_topic: None,
+        }
+    }
 }
 
 /// A start-up page made ready to file.

@@ -22,6 +22,8 @@ use crate::store::rows::LiveRow;
 
 /// How long the connection waits for a lock another holds (a checkpoint).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much of the database file the read maps (`PRAGMA mmap_size`; SQLite caps it).
+const MMAP_SIZE: i64 = 1 << 40;
 
 /// Reads every subscription that is not `off` and sends them to `pages`, `page` rows at a
 /// time; stops early, without error, when the receiver is gone. Blocking.
@@ -35,6 +37,10 @@ pub(super) fn read_live(
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // The file mapped rather than read a page per system call and copied: a third of this
+    // thread's time went to `pread`. SQLite maps at most what it was built to (2 GB) and reads
+    // the rest as usual.
+    conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
     // `NOT INDEXED`: the table front to back, not through `subscription_by_status`.
     let sql = format!(
         "{} NOT INDEXED WHERE status <> 'off'",
