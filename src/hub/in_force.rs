@@ -635,4 +635,4 @@ fn candidate(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
