@@ -41,9 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
-use super::rows::{
-    change_from_row, live_from_row, sized_current_from_row, version_from_row,
-};
+use super::rows::{change_from_row, live_from_row, sized_current_from_row, version_from_row};
 use super::search_sql::{Placeholder, children_sql, page_sql};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
