@@ -15,6 +15,7 @@ use tracing::field::Empty;
 use super::Deliverer;
 use super::dispatch::{Channel, Guarantee, Outgoing, Reach, channel_for};
 use super::notify::{Notification, Payload, Subject, build};
+use super::record;
 use super::retry::{AfterFailure, RetryPolicy, after_failure};
 use super::run::Slot;
 use super::scheduler::{Attempt, Outcome};
@@ -88,6 +89,10 @@ struct Claimed<'a> {
     claim: Claim,
     /// Released once the send is done: recording the result needs no slot.
     slot: Slot,
+    /// What the channel promises: only a best-effort channel's deliveries may run ahead of
+    /// their record (`record`); a confirmed channel's wait, so that a crash re-sends at most
+    /// the one notification whose result was being recorded.
+    guarantee: Guarantee,
 }
 
 #[tracing::instrument(
@@ -103,6 +108,12 @@ async fn try_attempt(
 ) -> Result<Outcome> {
     let default_timeout = Duration::from_secs(deliverer.config.default_timeout_seconds);
     let node = deliverer.hub.node.as_str();
+    // What an earlier attempt sent ahead of its record (this node alone serves the store),
+    // looked up before the row is read: the recorder forgets a position only once a record
+    // reaching it has committed, so either this finds it or the row read next counts it.
+    // (Looked up after the read, a commit in between would leave the row read stale and
+    // the position forgotten, and the events would be sent twice.)
+    let sent_ahead = deliverer.recorder.sent_through(id);
     let Some(sub) = deliverer
         .store
         .claim_subscription(id, node, deliverer.lease + default_timeout)
@@ -116,11 +127,20 @@ async fn try_attempt(
             _ => Outcome::Gone,
         });
     };
+    let mut sub = sub;
+    // A position past the subscription's last event belongs to a deleted subscription whose
+    // id was used again: it is not this one's.
+    if let Some(sent) = sent_ahead
+        && sent <= sub.events_since_start
+    {
+        sub.delivered_through = sub.delivered_through.max(sent);
+    }
     let mut claimed = Claimed {
         deliverer,
         sub,
         claim: Claim::Held,
         slot,
+        guarantee: Guarantee::Confirmed,
     };
     let outcome = claimed.deliver(attempt, default_timeout).await;
     // Not every attempt records a result (nothing to send, a hub-side error); ending the claim
@@ -193,7 +213,8 @@ impl Claimed<'_> {
             now,
         };
         let channel = channel_for(hub, deliverer.signals.as_ref(), &spec.channel);
-        match channel.guarantee() {
+        self.guarantee = channel.guarantee();
+        match self.guarantee {
             Guarantee::Confirmed => self.send_confirmed(channel.as_ref(), &sending).await,
             Guarantee::BestEffort => self.offer(channel.as_ref(), &sending).await,
         }
@@ -358,7 +379,9 @@ impl Claimed<'_> {
         Ok(retry)
     }
 
-    /// Writes the attempt's result, which ends the claim.
+    /// Writes the attempt's result, which ends the claim: waiting for it to commit, or, for a
+    /// plain delivery on a best-effort channel where this node alone serves the store,
+    /// running ahead of it (see `record`).
     async fn record(&mut self, report: DeliveryReport) -> Result<()> {
         let status = match &report {
             DeliveryReport::Delivered { status, .. } | DeliveryReport::Failed { status, .. } => {
@@ -368,7 +391,15 @@ impl Claimed<'_> {
         if status != self.sub.status {
             tracing::info!(subscription.id = %self.sub.id, from = self.sub.status.as_str(), to = status.as_str(), "subscription status changed");
         }
-        self.deliverer.recorder.record(report).await?;
+        let recorder = &self.deliverer.recorder;
+        if self.guarantee == Guarantee::BestEffort
+            && self.deliverer.store.serves_one_node()
+            && record::runs_ahead(&report, self.sub.status, self.sub.failures)
+        {
+            recorder.record_ahead(report)?;
+        } else {
+            recorder.record(report).await?;
+        }
         self.claim = Claim::Ended;
         Ok(())
     }

@@ -120,9 +120,15 @@ pub async fn run(
             }
             command = commands.recv() => match command {
                 Some(Command::Wake(id)) => scheduler.wake(&id),
-                Some(Command::Changed(id)) => scheduler.changed(&id),
+                Some(Command::Changed(id)) => {
+                    deliverer.recorder.forget(&id);
+                    scheduler.changed(&id);
+                }
                 Some(Command::Heartbeat(id, period)) => scheduler.set_heartbeat(&id, period, now()),
-                Some(Command::Forget(id)) => scheduler.forget(&id),
+                Some(Command::Forget(id)) => {
+                    deliverer.recorder.forget(&id);
+                    scheduler.forget(&id);
+                }
                 None => break,
             },
             // The timers that came due are fired by `due` at the top of the loop.

@@ -484,6 +484,11 @@ pub trait Store: Send + Sync + 'static {
     /// position in memory and persist it lazily. False where concurrent transactions commit
     /// out of `seq` order (PostgreSQL): there every batch is recorded.
     fn outbox_in_commit_order(&self) -> bool;
+    /// Whether this store serves one process only (SQLite): then no other node delivers, and
+    /// a node may send a subscription's next events before the result of the previous send
+    /// has committed (`delivery::record`). False where nodes share the store (PostgreSQL):
+    /// there each attempt's claim and result go through the store before the next.
+    fn serves_one_node(&self) -> bool;
     /// The highest committed outbox `seq`, 0 when empty.
     async fn last_change_seq(&self) -> Result<ChangeSeq>;
     /// Several versions at once, in no particular order; missing ones are left out, and so

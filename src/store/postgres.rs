@@ -323,6 +323,11 @@ impl Store for PostgresStore {
         false
     }
 
+    fn serves_one_node(&self) -> bool {
+        // Any number of nodes may share the database.
+        false
+    }
+
     async fn last_change_seq(&self) -> Result<ChangeSeq> {
         let seq: Option<ChangeSeq> = sqlx::query_scalar("SELECT max(seq) FROM change_event")
             .fetch_one(&self.pool)

@@ -151,15 +151,32 @@ pub(crate) fn event_from_row<R: Row>(row: &R) -> Result<EventRecord>
 where
     EventRow: for<'r> FromRow<'r, R>,
 {
-    let row = EventRow::from_row(row)?;
-    Ok(EventRecord {
-        event_number: row.event_number,
-        change_seq: row.change_seq,
-        task_id: row.task_id,
-        version: row.version,
-        interaction: interaction(row.interaction, "unknown interaction in the event log")?,
-        occurred_at: row.occurred_at,
-    })
+    EventRow::from_row(row)?.into_record()
+}
+
+impl EventRow {
+    /// The same row read on a rusqlite connection, by the same column names.
+    pub(crate) fn from_rusqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+        Ok(EventRow {
+            event_number: row.get("event_number")?,
+            change_seq: row.get("change_seq")?,
+            task_id: row.get("task_id")?,
+            version: row.get("version")?,
+            interaction: row.get("interaction")?,
+            occurred_at: row.get("occurred_at")?,
+        })
+    }
+
+    pub(crate) fn into_record(self) -> Result<EventRecord> {
+        Ok(EventRecord {
+            event_number: self.event_number,
+            change_seq: self.change_seq,
+            task_id: self.task_id,
+            version: self.version,
+            interaction: interaction(self.interaction, "unknown interaction in the event log")?,
+            occurred_at: self.occurred_at,
+        })
+    }
 }
 
 /// The columns of `subscription` start-up reads (`hub_sql::LIVE_COLUMNS`).

@@ -44,9 +44,7 @@ use tokio_util::sync::CancellationToken;
 use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
-use super::rows::{
-    change_from_row, live_from_row, sized_current_from_row, subscription_from_row, version_from_row,
-};
+use super::rows::{change_from_row, live_from_row, sized_current_from_row, version_from_row};
 use super::search_sql::{Placeholder, children_sql, page_sql};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
@@ -64,6 +62,7 @@ use writer::{Done, Job, Work};
 
 mod hub;
 mod live;
+mod point;
 mod subscriptions;
 mod tasks;
 mod writer;
@@ -78,6 +77,8 @@ pub struct SqliteStore {
     /// The database file, which start-up's read of the live subscriptions (`live`) opens
     /// on a connection of its own.
     path: std::path::PathBuf,
+    /// The delivery path's reads by key, on the caller's thread (`point`).
+    point: point::PointReads,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: the writer's end is then expected, not a failure of the node.
@@ -145,6 +146,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             reads,
             path: path.to_path_buf(),
+            point: point::PointReads::new(path, config.read_connections as usize),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             closing,
@@ -279,11 +281,7 @@ impl Store for SqliteStore {
     }
 
     async fn read_subscription(&self, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
-        let row = sqlx::query("SELECT * FROM subscription WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.reads)
-            .await?;
-        row.as_ref().map(subscription_from_row).transpose()
+        self.point.run(|conn| subscriptions::load(conn, id))
     }
 
     async fn search_subscriptions(
@@ -373,7 +371,8 @@ impl Store for SqliteStore {
         from: EventNumber,
         to: EventNumber,
     ) -> Result<Vec<EventRecord>> {
-        hub::subscription_events(&self.reads, id, from, to).await
+        self.point
+            .run(|conn| hub::subscription_events(conn, id, from, to))
     }
 
     async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()> {
@@ -430,7 +429,7 @@ impl Store for SqliteStore {
     }
 
     async fn read(&self, id: &TaskId) -> Result<Option<CurrentTask>> {
-        tasks::load_current(&self.reads, id).await
+        self.point.run(|conn| tasks::load_by_id(conn, id))
     }
 
     async fn read_version(&self, id: &TaskId, version: Version) -> Result<Option<StoredVersion>> {
@@ -515,6 +514,11 @@ impl Store for SqliteStore {
 
     fn outbox_in_commit_order(&self) -> bool {
         // One writer, one transaction at a time: `seq` order is commit order.
+        true
+    }
+
+    fn serves_one_node(&self) -> bool {
+        // One process owns the database file and its writer.
         true
     }
 

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::store::hub_sql;
-use crate::store::rows::{event_from_row, subscription_from_row};
+use crate::store::rows::{EventRow, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
     ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, StoredSubscription,
@@ -233,19 +233,16 @@ pub(super) async fn search_subscriptions(
     Ok((found, total as u64))
 }
 
-pub(super) async fn subscription_events(
-    reads: &SqlitePool,
+/// A subscription's events `from..=to`, read on the caller's thread (`point`).
+pub(super) fn subscription_events(
+    conn: &Connection,
     id: &SubscriptionId,
     from: EventNumber,
     to: EventNumber,
 ) -> Result<Vec<EventRecord>> {
-    let rows = sqlx::query(hub_sql::SUBSCRIPTION_EVENTS)
-        .bind(id)
-        .bind(from)
-        .bind(to)
-        .fetch_all(reads)
-        .await?;
-    rows.iter().map(event_from_row).collect()
+    let mut statement = conn.prepare_cached(hub_sql::SUBSCRIPTION_EVENTS)?;
+    let rows = statement.query_map(params![id, from, to], EventRow::from_rusqlite)?;
+    rows.map(|row| row?.into_record()).collect()
 }
 
 pub(super) async fn overdue_tasks(

@@ -140,7 +140,7 @@ pub(super) fn fill_matching_forms(conn: &Connection, forms: &[MatchingFormRow]) 
     Ok(())
 }
 
-fn load(conn: &Connection, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
+pub(super) fn load(conn: &Connection, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
     let row = conn
         .prepare_cached("SELECT * FROM subscription WHERE id = ?")?
         .query_row([id], SubscriptionRow::from_rusqlite)

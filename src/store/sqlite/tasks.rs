@@ -28,7 +28,7 @@ impl TaskTx for Connection {
 
     // The single writer runs one write at a time: what it loads cannot change under it.
     async fn load_for_change(&mut self, id: &TaskId) -> Result<Option<CurrentTask>> {
-        load_for_write(self, id)
+        load_by_id(self, id)
     }
 
     /// Looks only at the Tasks written after outbox position `seen`: those are the only Tasks
@@ -45,7 +45,7 @@ impl TaskTx for Connection {
             .map(|(id, _)| id)
             .take(2)
             .collect();
-        found_among(&found, async |id| load_for_write(self, id)).await
+        found_among(&found, async |id| load_by_id(self, id)).await
     }
 
     async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
@@ -198,8 +198,9 @@ fn write_index(conn: &Connection, id: &TaskId, index: &TaskIndex) -> Result<()> 
 static LOAD_CURRENT: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?"));
 
-/// The current state of a Task, read inside the writer's transaction.
-fn load_for_write(conn: &Connection, id: &TaskId) -> Result<Option<CurrentTask>> {
+/// The current state of a Task, read by id on a rusqlite connection: the writer's, inside its
+/// transaction, or a point-read connection (`point`).
+pub(super) fn load_by_id(conn: &Connection, id: &TaskId) -> Result<Option<CurrentTask>> {
     let row = conn
         .prepare_cached(&LOAD_CURRENT)?
         .query_row([id], TaskRow::from_rusqlite)

@@ -1,9 +1,11 @@
 //! The SQLite writer: one OS thread owns the only write connection and commits in groups.
 //!
 //! The thread (`baton-sqlite-writer`) owns a rusqlite `Connection` and blocks on the job
-//! queue. It takes every job waiting (up to `store.max_batch`), runs `BEGIN IMMEDIATE`,
-//! applies each job inside its own savepoint, and commits once; every statement is a call
-//! into SQLite on this thread, with no hand-off to another thread in between. Task writes
+//! queue. It runs a group of the jobs waiting (up to `store.max_batch`) in one transaction
+//! (`BEGIN IMMEDIATE`), each inside its own savepoint, and commits once; every statement is a
+//! call into SQLite on this thread, with no hand-off to another thread in between. Requests
+//! (Task and subscription writes) go before the hub's bookkeeping and join a group that is
+//! already running (`run_writer`), so a Task write never queues behind the fan-out. Task writes
 //! follow the rules of `store::write` over this connection's statements (`tasks`),
 //! subscription writes those of `store::subscriptions` (over `sqlite::subscriptions`); the
 //! other hub writes run `hub`'s. The rules are async functions over the `TaskTx` and
@@ -15,6 +17,7 @@
 //! database file and ends; `start` returns the future that resolves when it has ended,
 //! however it ended, for `supervise::watch_vital`.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -151,7 +154,105 @@ impl Drop for Ended {
     }
 }
 
-/// The writer loop: group commit of everything queued, one transaction per group.
+/// The jobs received and not yet run, in two lanes. A request waits on the `urgent` lane
+/// (Task and subscription writes, answered to an API client); the hub's own bookkeeping
+/// (match chunks, delivery results, overdue events, pruning) on `background`.
+#[derive(Default)]
+struct Waiting {
+    urgent: VecDeque<Job>,
+    background: VecDeque<Job>,
+}
+
+impl Waiting {
+    fn push(&mut self, job: Job) {
+        if job.work.is_urgent() {
+            self.urgent.push_back(job);
+        } else {
+            self.background.push_back(job);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.urgent.is_empty() && self.background.is_empty()
+    }
+
+    /// Takes every job that arrived since the last look, without waiting.
+    fn take_arrived(&mut self, jobs: &mut mpsc::Receiver<Job>) {
+        while let Ok(job) = jobs.try_recv() {
+            self.push(job);
+        }
+    }
+}
+
+impl Work {
+    /// Whether an API client waits for this job's answer.
+    fn is_urgent(&self) -> bool {
+        matches!(
+            self,
+            Work::Task(_)
+                | Work::CreateSubscription(_)
+                | Work::ReplaceSubscription(..)
+                | Work::DeleteSubscription(_)
+        )
+    }
+}
+
+/// Which lane a group starts with when both have jobs waiting: they take turns, so neither
+/// Task writes nor the fan-out can hold the other back for more than one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Urgent,
+    Background,
+}
+
+impl Lane {
+    fn other(self) -> Lane {
+        match self {
+            Lane::Urgent => Lane::Background,
+            Lane::Background => Lane::Urgent,
+        }
+    }
+}
+
+/// The lane a group starts with: the one whose `turn` it is, if it has jobs waiting, else the
+/// one that has (at least one of the two has, or there would be no group).
+fn first_lane(turn: Lane, urgent: usize, background: usize) -> Lane {
+    match turn {
+        Lane::Background if background > 0 => Lane::Background,
+        _ if urgent > 0 => Lane::Urgent,
+        _ => Lane::Background,
+    }
+}
+
+/// The lane of a group's next job, after `ran` jobs, or None to commit: requests first
+/// whenever one waits; background jobs only while the group holds no request (a request's
+/// answer waits for the commit, so nothing more is put before it); never past `max_batch`.
+fn next_lane(
+    ran: usize,
+    max_batch: usize,
+    holds_request: bool,
+    urgent: usize,
+    background: usize,
+) -> Option<Lane> {
+    if ran >= max_batch {
+        None
+    } else if urgent > 0 {
+        Some(Lane::Urgent)
+    } else if holds_request || background == 0 {
+        None
+    } else {
+        Some(Lane::Background)
+    }
+}
+
+/// The writer loop: group commit of what is waiting, one transaction per group.
+///
+/// A group is filled while it runs, a job at a time: after each job the writer looks at what
+/// arrived, and a request that arrives while a background job runs joins the open
+/// transaction right after it. Once a group holds a request, only requests follow, and it
+/// commits as soon as none is waiting, so a Task write waits at most for the background job
+/// running when it arrived (one chunk of `hub.fanout_chunk` matches, or one batch of delivery
+/// results) and one commit — never for a queue of fan-out work ahead of it.
 fn run_writer(
     mut conn: Connection,
     mut jobs: mpsc::Receiver<Job>,
@@ -159,26 +260,33 @@ fn run_writer(
     max_batch: usize,
     committed: &Notify,
 ) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while let Some(first) = jobs.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    let mut waiting = Waiting::default();
+    let mut turn = Lane::Urgent;
+    loop {
+        if waiting.is_empty() {
+            match jobs.blocking_recv() {
+                Some(job) => waiting.push(job),
+                None => break,
             }
         }
+        waiting.take_arrived(&mut jobs);
+        let first = first_lane(turn, waiting.urgent.len(), waiting.background.len());
+        // The other lane goes first next time, if it has anything waiting.
+        turn = first.other();
         let started = std::time::Instant::now();
-        let size = batch.len();
-        let (works, replies): (Vec<Work>, Vec<_>) =
-            batch.drain(..).map(|job| (job.work, job.reply)).unzip();
-        let results = commit_batch(&mut conn, works, base_url);
-        // Task writes and overdue events feed the outbox consumer, which is woken below.
-        let wrote = matches!(&results, Ok(r) if r.iter().any(|o| matches!(
-            o,
-            Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
-        )));
-        match results {
+        let mut group = Group {
+            conn: &mut conn,
+            jobs: &mut jobs,
+            waiting: &mut waiting,
+            base_url,
+            max_batch,
+            replies: Vec::with_capacity(max_batch),
+            wrote: false,
+        };
+        let committed_group = group.run(first);
+        let Group { replies, wrote, .. } = group;
+        let size = replies.len();
+        match committed_group {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome);
@@ -197,6 +305,7 @@ fn run_writer(
         }
         metrics::histogram!("baton_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("baton_store_commit_batch_size").record(size as f64);
+        // Task writes and overdue events feed the outbox consumer.
         if wrote {
             committed.notify_one();
         }
@@ -206,31 +315,75 @@ fn run_writer(
     drop(conn);
 }
 
-/// Applies each job in its own savepoint so one bad request does not undo the others.
-fn commit_batch(
-    conn: &mut Connection,
-    works: Vec<Work>,
-    base_url: &str,
-) -> Result<Vec<Result<Done>>> {
-    let committed = run_batch(conn, works, base_url);
-    if committed.is_err() && !conn.is_autocommit() {
-        // Whatever failed — a statement between the jobs or the commit — no transaction may
-        // stay open, or every later batch would fail to begin. (SQLite ends the transaction
-        // by itself on a full disk and on I/O errors.)
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    committed
+/// One group commit in the making.
+struct Group<'a> {
+    conn: &'a mut Connection,
+    jobs: &'a mut mpsc::Receiver<Job>,
+    waiting: &'a mut Waiting,
+    base_url: &'a str,
+    max_batch: usize,
+    /// Where to answer each job run so far, in order.
+    replies: Vec<oneshot::Sender<Result<Done>>>,
+    /// Whether a job wrote a change event (a Task write, an overdue event), which the outbox
+    /// consumer is woken for once the group commits.
+    wrote: bool,
 }
 
-fn run_batch(conn: &mut Connection, works: Vec<Work>, base_url: &str) -> Result<Vec<Result<Done>>> {
-    execute(conn, "BEGIN IMMEDIATE")?;
-    let mut outcomes = Vec::with_capacity(works.len());
-    for work in works {
+impl Group<'_> {
+    /// Runs the group in one transaction, starting with the `first` lane, and commits it;
+    /// each job in its own savepoint, so one bad request does not undo the others.
+    fn run(&mut self, first: Lane) -> Result<Vec<Result<Done>>> {
+        let committed = self.run_jobs(first);
+        if committed.is_err() && !self.conn.is_autocommit() {
+            // Whatever failed — a statement between the jobs or the commit — no transaction
+            // may stay open, or every later group would fail to begin. (SQLite ends the
+            // transaction by itself on a full disk and on I/O errors.)
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        committed
+    }
+
+    fn run_jobs(&mut self, first: Lane) -> Result<Vec<Result<Done>>> {
+        execute(self.conn, "BEGIN IMMEDIATE")?;
+        let mut outcomes = Vec::new();
+        let mut holds_request = false;
+        let mut lane = Some(first);
+        while let Some(next) = lane {
+            let queue = match next {
+                Lane::Urgent => &mut self.waiting.urgent,
+                Lane::Background => &mut self.waiting.background,
+            };
+            let Some(job) = queue.pop_front() else { break };
+            holds_request |= next == Lane::Urgent;
+            self.replies.push(job.reply);
+            let outcome = self.run_job(job.work)?;
+            self.wrote |= matches!(
+                outcome,
+                Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
+            );
+            outcomes.push(outcome);
+            self.waiting.take_arrived(self.jobs);
+            lane = next_lane(
+                self.replies.len(),
+                self.max_batch,
+                holds_request,
+                self.waiting.urgent.len(),
+                self.waiting.background.len(),
+            );
+        }
+        execute(self.conn, "COMMIT")?;
+        Ok(outcomes)
+    }
+
+    /// Runs one job in its own savepoint. The outer error is the transaction's (SQLite ended
+    /// it); the inner one the job's alone, rolled back to its savepoint.
+    fn run_job(&mut self, work: Work) -> Result<Result<Done>> {
+        let conn = &mut *self.conn;
         execute(conn, "SAVEPOINT job")?;
         // A job that panics (a bug in its decision or in building its rows) fails alone: its
         // savepoint is rolled back like any failed job's, and the writer goes on.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            block_on(apply_work(conn, work, base_url))
+            block_on(apply_work(conn, work, self.base_url))
         }))
         .unwrap_or_else(|panic| {
             let message = supervise::panic_message(panic.as_ref());
@@ -249,10 +402,8 @@ fn run_batch(conn: &mut Connection, works: Vec<Work>, base_url: &str) -> Result<
             execute(conn, "ROLLBACK TO job")?;
         }
         execute(conn, "RELEASE job")?;
-        outcomes.push(outcome);
+        Ok(outcome)
     }
-    execute(conn, "COMMIT")?;
-    Ok(outcomes)
 }
 
 /// Runs one of the writer's fixed statements (transaction control), prepared once.
@@ -292,6 +443,82 @@ mod tests {
     use super::*;
     use crate::supervise::{Health, TaskState};
     use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn a_group_starts_with_the_lane_whose_turn_it_is_if_it_has_work() {
+        use Lane::{Background, Urgent};
+        // (turn, urgent waiting, background waiting, first lane)
+        let cases = [
+            (Urgent, 3, 5, Urgent),
+            (Background, 3, 5, Background),
+            (Background, 3, 0, Urgent),
+            (Urgent, 0, 5, Background),
+            (Background, 0, 5, Background),
+        ];
+        for (turn, urgent, background, first) in cases {
+            assert_eq!(
+                first_lane(turn, urgent, background),
+                first,
+                "turn {turn:?}, {urgent} urgent, {background} background"
+            );
+        }
+    }
+
+    #[test]
+    fn requests_join_a_running_group_and_nothing_is_put_before_their_commit() {
+        use Lane::{Background, Urgent};
+        // (name, jobs run, holds a request, urgent waiting, background waiting, next)
+        let cases = [
+            (
+                "a request arriving during fan-out joins the group",
+                1,
+                false,
+                1,
+                9,
+                Some(Urgent),
+            ),
+            (
+                "requests keep joining while they arrive",
+                2,
+                true,
+                1,
+                9,
+                Some(Urgent),
+            ),
+            (
+                "a group with a request commits once none waits",
+                2,
+                true,
+                0,
+                9,
+                None,
+            ),
+            (
+                "background work fills a group without requests",
+                1,
+                false,
+                0,
+                9,
+                Some(Background),
+            ),
+            ("an empty queue commits", 1, false, 0, 0, None),
+            (
+                "the batch bound commits whatever waits",
+                64,
+                false,
+                5,
+                9,
+                None,
+            ),
+        ];
+        for (name, ran, holds_request, urgent, background, next) in cases {
+            assert_eq!(
+                next_lane(ran, 64, holds_request, urgent, background),
+                next,
+                "{name}"
+            );
+        }
+    }
 
     /// A writer thread that dies before the node stops is reported as a dead vital task, with
     /// its panic; one that ends with the shutdown is simply stopped.
