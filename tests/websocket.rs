@@ -504,3 +504,71 @@ async fn reconnect_and_fill_the_gap_with_events() {
     assert_eq!(common::receiver::event_numbers(&replay), vec![2, 3]);
     server.stop().await;
 }
+
+/// Listeners with a backlog, served faster than their records commit (on SQLite a websocket
+/// delivery runs ahead of its record): four catch-alls with small notifications (`maxCount`
+/// 1 to 3), bound on their own sockets, hear every Task that four writers create at once.
+/// Each socket gets every event number exactly once, 1..=N, in increasing order — an attempt
+/// that started while an earlier one's record was committing neither re-sent what that one
+/// sent nor skipped anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_with_a_backlog_get_each_event_once_in_order() {
+    const LISTENERS: usize = 4;
+    const WRITES: usize = 60;
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let mut sockets = Vec::new();
+    for n in 0..LISTENERS {
+        let mut body = ws_subscription(&server.base, "task-changed", &[], "id-only");
+        body["channel"]["extension"] = json!([{
+            "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-max-count",
+            "valuePositiveInt": 1 + n % 3,
+        }]);
+        let id = create(&server, &admin, &body).await;
+        let (token, url) = binding(&server, &admin, &id).await;
+        let mut socket = connect(&url).await;
+        socket
+            .send(Message::Text(format!("bind-with-token {token}").into()))
+            .await
+            .unwrap();
+        assert_eq!(kind(&next_json(&mut socket).await), "handshake");
+        sockets.push(socket);
+    }
+
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let client = server.client.clone();
+        let base = server.base.clone();
+        let admin = admin.clone();
+        writers.push(tokio::spawn(async move {
+            for _ in 0..WRITES {
+                let created = client
+                    .post(format!("{base}/Task"))
+                    .bearer_auth(&admin)
+                    .header("content-type", "application/fhir+json")
+                    .body(task("requested", None).to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(created.status(), StatusCode::CREATED);
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let total = (4 * WRITES) as i64;
+    for socket in &mut sockets {
+        let mut numbers = Vec::new();
+        while numbers.last().copied().unwrap_or(0) < total {
+            let bundle = next_json(socket).await;
+            if kind(&bundle) == "event-notification" {
+                numbers.extend(common::receiver::event_numbers(&bundle));
+            }
+        }
+        let wanted: Vec<i64> = (1..=total).collect();
+        assert_eq!(numbers, wanted, "each event once, in order, none skipped");
+    }
+    server.stop().await;
+}

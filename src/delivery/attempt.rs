@@ -108,6 +108,12 @@ async fn try_attempt(
 ) -> Result<Outcome> {
     let default_timeout = Duration::from_secs(deliverer.config.default_timeout_seconds);
     let node = deliverer.hub.node.as_str();
+    // What an earlier attempt sent ahead of its record (this node alone serves the store),
+    // looked up before the row is read: the recorder forgets a position only once a record
+    // reaching it has committed, so either this finds it or the row read next counts it.
+    // (Looked up after the read, a commit in between would leave the row read stale and
+    // the position forgotten, and the events would be sent twice.)
+    let sent_ahead = deliverer.recorder.sent_through(id);
     let Some(sub) = deliverer
         .store
         .claim_subscription(id, node, deliverer.lease + default_timeout)
@@ -122,10 +128,9 @@ async fn try_attempt(
         });
     };
     let mut sub = sub;
-    // What an earlier attempt sent ahead of its record (this node alone serves the store).
     // A position past the subscription's last event belongs to a deleted subscription whose
     // id was used again: it is not this one's.
-    if let Some(sent) = deliverer.recorder.sent_through(id)
+    if let Some(sent) = sent_ahead
         && sent <= sub.events_since_start
     {
         sub.delivered_through = sub.delivered_through.max(sent);

@@ -37,6 +37,9 @@ use crate::matcher::topic::Topic;
 use crate::store::StoredSubscription;
 
 pub use accept::{live_quota, record_for};
+/// The start-up scenario each store's tests run (`in_force::tests`).
+#[cfg(test)]
+pub(crate) use in_force::tests::{ClearForms, start_up_puts_in_force_what_one_by_one_does};
 pub use in_force::{InForce, MatchingForm, Occasion};
 pub use inbox::{Command, Commands, DeliveryHandle, inbox};
 pub use shared::{EntryKey, SharedParts};

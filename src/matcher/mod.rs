@@ -173,14 +173,14 @@ impl Readers {
             .0
     }
 
-    /// The number of `reader`, numbering it if it is new, counted as used once more.
-    fn intern(&mut self, reader: Reader, hasher: &RandomState) -> u32 {
+    /// The number of `reader` (whose hash by `hasher` is `hash`), numbering it if it is new,
+    /// counted as used once more.
+    fn intern(&mut self, reader: Reader, hash: u64, hasher: &RandomState) -> u32 {
         let Readers {
             entries,
             free,
             table,
         } = self;
-        let hash = hasher.hash_one(&reader);
         let held = |number: u32| entries[number as usize].as_ref().expect("numbered readers");
         if let Some(bucket) = table.find(hash, |n| held(n).0 == reader) {
             let number = table.get(bucket);
@@ -204,6 +204,24 @@ impl Readers {
             hasher.hash_one(&entries[n as usize].as_ref().expect("numbered readers").0)
         });
         number
+    }
+
+    /// Room in the table for `additional` more readers (`SubscriptionIndex::reserve`). The
+    /// entries are left to grow as they come: many subscriptions share a reader (one
+    /// integration service writing them all), and a vector grows without rehashing.
+    fn reserve(&mut self, additional: usize, hasher: &RandomState) {
+        let entries = &self.entries;
+        self.table.reserve(additional, |n| {
+            hasher.hash_one(&entries[n as usize].as_ref().expect("numbered readers").0)
+        });
+    }
+
+    fn shrink_to_fit(&mut self, hasher: &RandomState) {
+        self.entries.shrink_to_fit();
+        let entries = &self.entries;
+        self.table.shrink_to_fit(|n| {
+            hasher.hash_one(&entries[n as usize].as_ref().expect("numbered readers").0)
+        });
     }
 
     /// One slot fewer names reader `number`; the last one frees it.
@@ -258,6 +276,87 @@ pub struct SubscriptionIndex {
     readers: Readers,
     hasher: RandomState,
     len: usize,
+}
+
+/// A subscription made ready for the index by its `preparer`: what `insert_new` works out from
+/// a `Candidate` before it touches the index (its compact id, reader, keys and filters, and
+/// the hashes they are found by), so that start-up can prepare a page on every core and
+/// hold the index's lock only to link each in (`insert_prepared`).
+pub struct Prepared {
+    /// Its slot, but for the reader's number.
+    slot: Slot,
+    reader: Reader,
+    id_hash: u64,
+    reader_hash: u64,
+    /// The hash of its first key, when it has one.
+    first_key_hash: u64,
+    /// The preparer's hasher's hash of `HASHER_MARK`, to check it was this index's.
+    hasher_mark: u64,
+}
+
+/// What a hasher hashes to tell whether it is the index's.
+const HASHER_MARK: u64 = 0x005e_ed15;
+
+/// Prepares candidates for one index, on any thread (`SubscriptionIndex::preparer`).
+#[derive(Clone)]
+pub struct Preparer {
+    /// The index's hasher.
+    hasher: RandomState,
+}
+
+impl Preparer {
+    pub fn prepare(&self, candidate: Candidate) -> Prepared {
+        let Candidate {
+            id,
+            topic,
+            mut filters,
+            author,
+            created_after_seq,
+        } = candidate;
+        let id = CompactId::of(&id);
+        let reader = Reader::of(&author);
+        let (param, mut keys) = match index_key(&filters) {
+            Some((position, rank, codes)) => {
+                let keys: Vec<Box<str>> = codes.into_iter().map(Box::from).collect();
+                if implied_by_key(&filters[position]) {
+                    filters.remove(position);
+                }
+                (rank as u8, keys)
+            }
+            None => (0, Vec::new()),
+        };
+        let key = match keys.as_slice() {
+            [_] => keys.pop(),
+            _ => None,
+        };
+        let rest = (!filters.is_empty() || !keys.is_empty()).then(|| {
+            Box::new(Rest {
+                filters: filters.into_boxed_slice(),
+                keys: keys.into_boxed_slice(),
+            })
+        });
+        let slot = Slot {
+            id,
+            key,
+            rest,
+            created_after_seq,
+            reader: 0,
+            topic: index_of(topic),
+            param,
+        };
+        let hasher = &self.hasher;
+        Prepared {
+            id_hash: hasher.hash_one(&slot.id),
+            reader_hash: hasher.hash_one(&reader),
+            first_key_hash: slot
+                .keys()
+                .first()
+                .map_or(0, |value| key_hash(hasher, slot.topic, slot.param, value)),
+            hasher_mark: hasher.hash_one(HASHER_MARK),
+            slot,
+            reader,
+        }
+    }
 }
 
 /// The slot a chain or table leads to.
@@ -375,55 +474,101 @@ impl SubscriptionIndex {
 
     /// The bucket of `keyed` holding the chain of (topic, parameter, value).
     fn chain(&self, topic: u32, param: u8, value: &str) -> Option<usize> {
-        self.keyed
-            .find(key_hash(&self.hasher, topic, param, value), |head| {
-                filing_key(&self.slots, self.filings[head as usize]) == (topic, param, value)
-            })
+        self.chain_hashed(
+            key_hash(&self.hasher, topic, param, value),
+            topic,
+            param,
+            value,
+        )
+    }
+
+    /// `chain`, with the key's hash worked out already.
+    fn chain_hashed(&self, hash: u64, topic: u32, param: u8, value: &str) -> Option<usize> {
+        self.keyed.find(hash, |head| {
+            filing_key(&self.slots, self.filings[head as usize]) == (topic, param, value)
+        })
+    }
+
+    /// Makes room for `additional` more subscriptions, as if each were filed under one key of
+    /// its own and had an author of its own: a start-up that knows how many it is about to put
+    /// in grows each vector and table once, instead of moving (and, for a table, rehashing
+    /// through every slot) what it holds at each doubling. `shrink_to_fit` gives back what the
+    /// subscriptions put in did not use.
+    pub fn reserve(&mut self, additional: usize) {
+        self.slots
+            .reserve_exact(additional.saturating_sub(self.free_slots.len()));
+        self.filings
+            .reserve_exact(additional.saturating_sub(self.free_filings.len()));
+        let (slots, filings, hasher) = (&self.slots, &self.filings, &self.hasher);
+        self.by_id.reserve(additional, |other| {
+            hasher.hash_one(&slot_in(slots, other).id)
+        });
+        self.keyed.reserve(additional, |other| {
+            let (topic, param, value) = filing_key(slots, filings[other as usize]);
+            key_hash(hasher, topic, param, value)
+        });
+        self.readers.reserve(additional, hasher);
+    }
+
+    /// Gives back the room `reserve` made that the subscriptions put in since did not take
+    /// (keys or authors they share, catch-alls filed under no key): the index then holds what
+    /// inserting them one by one would have left.
+    pub fn shrink_to_fit(&mut self) {
+        self.slots.shrink_to_fit();
+        self.filings.shrink_to_fit();
+        let (slots, filings, hasher) = (&self.slots, &self.filings, &self.hasher);
+        self.by_id
+            .shrink_to_fit(|other| hasher.hash_one(&slot_in(slots, other).id));
+        self.keyed.shrink_to_fit(|other| {
+            let (topic, param, value) = filing_key(slots, filings[other as usize]);
+            key_hash(hasher, topic, param, value)
+        });
+        self.readers.shrink_to_fit(hasher);
     }
 
     /// Adds or replaces a subscription.
     pub fn insert(&mut self, candidate: Candidate) {
         self.remove(&candidate.id);
-        let Candidate {
-            id,
-            topic,
-            mut filters,
-            author,
-            created_after_seq,
-        } = candidate;
-        let id = CompactId::of(&id);
-        let topic = index_of(topic);
-        let reader = self.readers.intern(Reader::of(&author), &self.hasher);
-        let (param, mut keys) = match index_key(&filters) {
-            Some((position, rank, codes)) => {
-                let keys: Vec<Box<str>> = codes.into_iter().map(Box::from).collect();
-                if implied_by_key(&filters[position]) {
-                    filters.remove(position);
-                }
-                (rank as u8, keys)
-            }
-            None => (0, Vec::new()),
-        };
-        let key = match keys.as_slice() {
-            [_] => keys.pop(),
-            _ => None,
-        };
-        let rest = (!filters.is_empty() || !keys.is_empty()).then(|| {
-            Box::new(Rest {
-                filters: filters.into_boxed_slice(),
-                keys: keys.into_boxed_slice(),
-            })
-        });
-        let id_hash = self.id_hash(&id);
-        let slot = Slot {
-            id,
-            key,
-            rest,
-            created_after_seq,
+        self.insert_new(candidate);
+    }
+
+    /// Adds a subscription whose id the index does not hold: what start-up files from a read
+    /// of the store, where each id comes once, spares `insert`'s lookup for one to replace.
+    /// An id held already would then be there twice (and matched twice), so `insert` is for
+    /// anything else.
+    pub fn insert_new(&mut self, candidate: Candidate) {
+        let prepared = self.preparer().prepare(candidate);
+        self.insert_prepared(prepared);
+    }
+
+    /// What prepares candidates for this index off its lock (`Prepared`).
+    pub fn preparer(&self) -> Preparer {
+        Preparer {
+            hasher: self.hasher.clone(),
+        }
+    }
+
+    /// Adds a subscription prepared by this index's `preparer`, whose id the index does not
+    /// hold (as `insert_new`): all that is left to do is to find room for it and link it in.
+    pub fn insert_prepared(&mut self, prepared: Prepared) {
+        debug_assert!(
+            self.hasher.hash_one(HASHER_MARK) == prepared.hasher_mark,
+            "prepared by another index's preparer"
+        );
+        debug_assert!(
+            self.find(&prepared.slot.id).is_none(),
+            "insert_prepared with an id held"
+        );
+        let Prepared {
+            mut slot,
             reader,
-            topic,
-            param,
-        };
+            id_hash,
+            reader_hash,
+            first_key_hash,
+            hasher_mark: _,
+        } = prepared;
+        slot.reader = self.readers.intern(reader, reader_hash, &self.hasher);
+        let topic = slot.topic as usize;
         let at = match self.free_slots.pop() {
             Some(at) => {
                 self.slots[at as usize] = Some(slot);
@@ -438,7 +583,6 @@ impl SubscriptionIndex {
         self.by_id.insert(id_hash, at, |other| {
             hasher.hash_one(&slot_in(slots, other).id)
         });
-        let topic = topic as usize;
         if self.per_topic.len() <= topic {
             self.per_topic.resize(topic + 1, 0);
             self.catch_all.resize_with(topic + 1, Vec::new);
@@ -451,8 +595,12 @@ impl SubscriptionIndex {
         for value in 0..count {
             let slot = self.slot(at);
             let key_text: &str = &slot.keys()[value];
-            let head = self.chain(slot.topic, slot.param, key_text);
-            let hash = key_hash(&self.hasher, slot.topic, slot.param, key_text);
+            let hash = if value == 0 {
+                first_key_hash
+            } else {
+                key_hash(&self.hasher, slot.topic, slot.param, key_text)
+            };
+            let head = self.chain_hashed(hash, slot.topic, slot.param, key_text);
             let filing = Filing {
                 slot: at,
                 value: index_of(value),

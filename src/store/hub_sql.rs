@@ -43,13 +43,17 @@ pub(crate) const RUN_OCCURRED_AT: &str = "(SELECT max(c.recorded_at) FROM change
 /// start), at most the second placeholder many: only what start-up needs. The resource comes
 /// only with a row that has no matching form yet (written before the column existed).
 pub(crate) fn live_page(after: &str, limit: &str) -> String {
-    format!(
-        "SELECT id, version, status, author, matching,
-                CASE WHEN matching IS NULL THEN resource END AS resource, created_after_seq
-         FROM subscription
-         WHERE status <> 'off' AND id > {after} ORDER BY id LIMIT {limit}"
-    )
+    format!("{LIVE_COLUMNS} WHERE status <> 'off' AND id > {after} ORDER BY id LIMIT {limit}")
 }
+
+/// What start-up reads of each live subscription, in this order (`rows::LiveRow` reads it
+/// by position through rusqlite).
+pub(crate) const LIVE_COLUMNS: &str = "SELECT id, version, status, author, matching,
+            CASE WHEN matching IS NULL THEN resource END AS resource, created_after_seq
+     FROM subscription";
+
+/// How many subscriptions are live (SQLite counts them from `subscription_by_status`).
+pub(crate) const COUNT_LIVE: &str = "SELECT count(*) FROM subscription WHERE status <> 'off'";
 
 /// The live subscriptions with a handshake or events owed.
 pub(crate) const PENDING_DELIVERIES: &str = "SELECT id, next_attempt_at FROM subscription

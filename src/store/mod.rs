@@ -543,6 +543,31 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&SubscriptionId>,
         limit: usize,
     ) -> Result<Vec<LiveSubscription>>;
+    /// How many subscriptions are not `off`: what start-up makes room for in the matcher
+    /// index before it reads them. A hint: rows written meanwhile may make it off by a few.
+    async fn live_subscription_count(&self) -> Result<usize>;
+    /// Sends every subscription that is not `off` to `pages`, about `page` rows at a time,
+    /// each once (so no id comes twice), and returns when all are sent, or as soon as the
+    /// receiver is gone. By default it reads them `live_subscription_page` by page; a store
+    /// may read them in one pass (SQLite reads them in one transaction on a thread of its own).
+    async fn read_live_subscriptions(
+        &self,
+        page: usize,
+        pages: tokio::sync::mpsc::Sender<Vec<LiveSubscription>>,
+    ) -> Result<()> {
+        let mut after: Option<SubscriptionId> = None;
+        loop {
+            let rows = self.live_subscription_page(after.as_ref(), page).await?;
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
+            after = Some(last.id.clone());
+            let full = rows.len() == page;
+            if pages.send(rows).await.is_err() || !full {
+                return Ok(());
+            }
+        }
+    }
     /// Writes the matching forms start-up derived for rows that had none, each only if its row
     /// is still at the version it was derived from.
     async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()>;

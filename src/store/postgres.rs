@@ -433,6 +433,13 @@ impl Store for PostgresStore {
         rows.iter().map(live_from_row).collect()
     }
 
+    async fn live_subscription_count(&self) -> Result<usize> {
+        let count: i64 = sqlx::query_scalar(hub_sql::COUNT_LIVE)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
     async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()> {
         subscriptions::fill_matching_forms(&self.pool, forms).await
     }

@@ -193,7 +193,7 @@ impl EventRow {
     }
 }
 
-/// The columns of `subscription` start-up reads (`hub_sql::LIVE_PAGE`).
+/// The columns of `subscription` start-up reads (`hub_sql::LIVE_COLUMNS`).
 #[derive(FromRow)]
 pub(crate) struct LiveRow {
     id: SubscriptionId,
@@ -210,18 +210,38 @@ pub(crate) fn live_from_row<R: Row>(row: &R) -> Result<LiveSubscription>
 where
     LiveRow: for<'r> FromRow<'r, R>,
 {
-    let row = LiveRow::from_row(row)?;
-    Ok(LiveSubscription {
-        id: row.id,
-        version: row.version,
-        status: SubscriptionStatus::parse(&row.status).ok_or_else(|| {
-            Error::internal("unknown subscription status in the store", row.status)
-        })?,
-        author: row.author,
-        matching: row.matching,
-        resource: row.resource,
-        created_after_seq: row.created_after_seq,
-    })
+    LiveRow::from_row(row)?.into_live()
+}
+
+impl LiveRow {
+    /// The same row read through rusqlite (SQLite's start-up read), by position: the columns
+    /// in the order of `hub_sql::LIVE_COLUMNS`.
+    pub(crate) fn from_rusqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<LiveRow> {
+        Ok(LiveRow {
+            id: row.get(0)?,
+            version: row.get(1)?,
+            status: row.get(2)?,
+            author: row.get(3)?,
+            matching: row.get(4)?,
+            resource: row.get(5)?,
+            created_after_seq: row.get(6)?,
+        })
+    }
+
+    /// The live subscription this row holds.
+    pub(crate) fn into_live(self) -> Result<LiveSubscription> {
+        Ok(LiveSubscription {
+            id: self.id,
+            version: self.version,
+            status: SubscriptionStatus::parse(&self.status).ok_or_else(|| {
+                Error::internal("unknown subscription status in the store", self.status)
+            })?,
+            author: self.author,
+            matching: self.matching,
+            resource: self.resource,
+            created_after_seq: self.created_after_seq,
+        })
+    }
 }
 
 /// A row of `subscription` (the columns both schemas have; PostgreSQL's generation and

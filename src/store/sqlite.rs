@@ -13,7 +13,10 @@
 //! WAL and ends, and `close` waits for it.
 //!
 //! Reads use a pool of read-only sqlx connections, which WAL lets run beside the writer:
-//! they never queue behind it. The migrations run through sqlx before the writer starts.
+//! they never queue behind it. Start-up's one pass over the live subscriptions (`live`) has
+//! a read-only rusqlite connection of its own, on a blocking thread, instead: a million rows
+//! through sqlx's per-row channel cost more than putting them in force. The migrations run
+//! through sqlx before the writer starts.
 //!
 //! The writer thread is in `writer`; the statements of a Task write, which it runs under the
 //! rules of `store::write`, in `tasks`; those of a subscription write, under the rules of
@@ -59,6 +62,7 @@ use crate::supervise::{self, Health};
 use writer::{Done, Job, Work};
 
 mod hub;
+mod live;
 mod point;
 mod subscriptions;
 mod tasks;
@@ -71,6 +75,9 @@ const CACHE_SIZE: &str = "-32000";
 
 pub struct SqliteStore {
     reads: SqlitePool,
+    /// The database file, which start-up's read of the live subscriptions (`live`) opens
+    /// on a connection of its own.
+    path: std::path::PathBuf,
     /// The delivery path's reads by key, on the caller's thread (`point`).
     point: point::PointReads,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
@@ -139,6 +146,7 @@ impl SqliteStore {
         ));
         Ok(SqliteStore {
             reads,
+            path: path.to_path_buf(),
             point: point::PointReads::new(path, config.read_connections as usize),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
@@ -298,6 +306,24 @@ impl Store for SqliteStore {
             .fetch_all(&self.reads)
             .await?;
         rows.iter().map(live_from_row).collect()
+    }
+
+    async fn live_subscription_count(&self) -> Result<usize> {
+        let count: i64 = sqlx::query_scalar(hub_sql::COUNT_LIVE)
+            .fetch_one(&self.reads)
+            .await?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
+    async fn read_live_subscriptions(
+        &self,
+        page: usize,
+        pages: mpsc::Sender<Vec<LiveSubscription>>,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || live::read_live(&path, page, &pages))
+            .await
+            .map_err(|e| Error::internal("reading the live subscriptions failed", e))?
     }
 
     async fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>> {

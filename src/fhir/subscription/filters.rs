@@ -64,8 +64,15 @@ pub fn parse_filter_criteria(
 ) -> Result<Vec<Predicate>> {
     let mut predicates = Vec::new();
     for (index, text) in criteria.iter().enumerate() {
-        let at = format!("Subscription._criteria.extension[{index}]");
-        predicates.extend(parse_criterion(text, topic, limits, base_url, &at)?);
+        // Where a criterion sits is spelled out only for a refusal, by reading it again: start-up
+        // reads a million of them, nearly all fine.
+        match parse_criterion(text, topic, limits, base_url, "") {
+            Ok(found) => predicates.extend(found),
+            Err(_) => {
+                let at = format!("Subscription._criteria.extension[{index}]");
+                predicates.extend(parse_criterion(text, topic, limits, base_url, &at)?);
+            }
+        }
     }
     Ok(predicates)
 }

@@ -336,3 +336,227 @@ fn a_subscription_in_force_from_its_form_matches_what_its_resource_matches() {
         }
     }
 }
+
+/// Clears the matching form of the given rows, as if they were written before the column
+/// existed (the store's API always writes one).
+pub(crate) type ClearForms = Box<
+    dyn Fn(Vec<SubscriptionId>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+>;
+
+/// The scenario of `start_up_from_the_store_puts_in_force_what_one_by_one_does`, for any store.
+pub(crate) async fn start_up_puts_in_force_what_one_by_one_does(
+    store: Arc<dyn crate::store::Store>,
+    clear_forms: ClearForms,
+) {
+    use crate::auth::Identity;
+    use crate::fhir::interaction::Interaction;
+    use crate::fhir::search::index_task;
+    use crate::matcher::{Change, Side};
+    use crate::outbox::tests::{BASE, subscription};
+
+    let (reference, _) = Hub::for_tests(BASE, "reference");
+    let mut cleared = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..60u32 {
+        let filter = match i % 6 {
+            0 => None,
+            1 => Some(format!("Task?owner=Practitioner/{}", i % 4)),
+            2 => Some("Task?owner=Practitioner/1,Practitioner/2&status=requested".into()),
+            3 => Some("Task?status=requested".into()),
+            4 => Some("Task?status:not=completed".into()),
+            _ => Some("Task?code=http://sys|a".into()),
+        };
+        let mut record = subscription(filter.as_deref());
+        let topic = if i % 11 == 5 {
+            format!("{BASE}/SubscriptionTopic/no-such-topic")
+        } else {
+            format!("{BASE}/SubscriptionTopic/task-changed")
+        };
+        record.resource["criteria"] = json!(topic);
+        record.topic_url = topic.clone();
+        if i % 7 == 3 {
+            record.resource["channel"]["endpoint"] = json!("http://receiver.test/hook");
+            record.endpoint = Some("http://receiver.test/hook".into());
+        }
+        if i % 5 == 0 {
+            record.resource["channel"]["extension"] = json!([{
+                "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period",
+                "valueUnsignedInt": 60,
+            }]);
+        }
+        if i % 3 != 0 {
+            let author = Principal {
+                issuer: None,
+                subject: format!("practitioner:Practitioner/{}", i % 4),
+                role: Role::Practitioner,
+                fhir_user: Some(format!("Practitioner/{}", i % 4)),
+                performer_types: Vec::new(),
+            };
+            record.author = serde_json::to_value(&author).unwrap();
+            record.owner = Identity {
+                issuer: None,
+                subject: author.subject.clone(),
+                role: Role::Practitioner,
+                fhir_user: author.fhir_user.clone(),
+            };
+        }
+        record.status = match i % 10 {
+            9 => SubscriptionStatus::Off,
+            8 => SubscriptionStatus::Requested,
+            _ => SubscriptionStatus::Active,
+        };
+        record.resource["status"] = json!(record.status.as_str());
+        // The form the hub writes; one naming the topic for a topic it does not have.
+        let spec = |hub: &Hub, resource: &Value| {
+            hub.parse_stored(resource)
+                .ok()
+                .and_then(|parsed| parsed.for_matching().ok())
+        };
+        let current = match spec(&reference, &record.resource) {
+            Some(spec) => MatchingForm::of(&spec),
+            None => MatchingForm {
+                v: form::FORMAT,
+                topic,
+                filters: filter.into_iter().collect(),
+                heartbeat: None,
+                http: false,
+                amqp: false,
+            },
+        };
+        record.matching = match i % 8 {
+            2 => json!({"v": form::FORMAT + 1, "topic": "written by a later version"}).to_string(),
+            6 => "not a form".into(),
+            _ => current.to_text(),
+        };
+        let id = store.create_subscription(record).await.unwrap().id;
+        if i % 4 == 3 {
+            cleared.push(id.clone());
+        }
+        ids.push(id);
+    }
+    clear_forms(cleared).await;
+
+    // One by one, from each stored row, as `put_in_force` takes a subscription at start-up.
+    let (one_by_one, mut told_one_by_one) = Hub::for_tests(BASE, "one-by-one");
+    for id in &ids {
+        let stored = store.read_subscription(id).await.unwrap().unwrap();
+        if stored.status != SubscriptionStatus::Off {
+            one_by_one.put_in_force(&stored, Occasion::StartUp);
+        }
+    }
+    // In pages of 7, on an empty index, then again on the full one (which replaces each).
+    let (paged, mut told_paged) = Hub::for_tests(BASE, "paged");
+    let paged = Arc::new(paged);
+    paged
+        .put_live_in_force_in_pages(store.as_ref(), 7)
+        .await
+        .unwrap();
+    let sorted = |commands: &mut Commands| {
+        let mut told: Vec<String> = sent(commands).iter().map(|c| format!("{c:?}")).collect();
+        told.sort();
+        told
+    };
+    let told = sorted(&mut told_one_by_one);
+    assert!(!told.is_empty(), "some rows cannot be delivered here");
+    assert_eq!(sorted(&mut told_paged), told, "the scheduler");
+    let sorted_heartbeats = |hub: &Hub| {
+        let mut heartbeats = hub.heartbeats();
+        heartbeats.sort();
+        heartbeats
+    };
+    assert!(!sorted_heartbeats(&one_by_one).is_empty());
+    assert_eq!(sorted_heartbeats(&paged), sorted_heartbeats(&one_by_one));
+    assert_eq!(paged.specs.len(), 0, "nothing cached");
+
+    let same_matches = |what: &str| {
+        let expected = one_by_one.index.read().unwrap();
+        let index = paged.index.read().unwrap();
+        assert_eq!(index.len(), expected.len(), "{what}");
+        assert!(expected.len() > 20, "{what}: most rows are in force");
+        let mut heard = 0;
+        for owner in [None, Some(0), Some(1), Some(2), Some(3)] {
+            for status in ["requested", "completed"] {
+                for code in ["a", "b"] {
+                    let mut task = json!({"resourceType": "Task", "id": "t1", "status": status,
+                        "intent": "order", "code": {"coding": [{"system": "http://sys", "code": code}]},
+                        "meta": {"lastUpdated": "2026-01-01T00:00:00.000Z"}});
+                    if let Some(owner) = owner {
+                        task["owner"] = json!({"reference": format!("Practitioner/{owner}")});
+                    }
+                    let task_index = index_task(&task, BASE);
+                    let change = Change {
+                        seq: ChangeSeq::new(1_000_000),
+                        interaction: Interaction::Update,
+                        previous: None,
+                        current: Some(Side {
+                            resource: &task,
+                            index: &task_index,
+                        }),
+                    };
+                    let matched = |index: &crate::matcher::SubscriptionIndex| {
+                        let mut ids = index.match_change(&one_by_one.topics, &change, BASE);
+                        ids.sort();
+                        ids
+                    };
+                    let want = matched(&expected);
+                    heard += want.len();
+                    assert_eq!(matched(&index), want, "{what}: {task}");
+                }
+            }
+        }
+        assert!(heard > 0, "{what}: the Tasks tried are heard");
+    };
+    same_matches("start-up");
+    paged
+        .put_live_in_force_in_pages(store.as_ref(), 7)
+        .await
+        .unwrap();
+    same_matches("start-up again, on a full index");
+    assert_eq!(sorted_heartbeats(&paged), sorted_heartbeats(&one_by_one));
+
+    // Every live row whose resource names a topic of this hub now has a current form: the
+    // rows without one, or with a form of another version, had theirs derived and written.
+    let live = store.live_subscription_page(None, 1000).await.unwrap();
+    assert_eq!(live.len(), 54, "the off rows are not read");
+    for row in live {
+        let stored = store.read_subscription(&row.id).await.unwrap().unwrap();
+        let form = row.matching.as_deref().and_then(MatchingForm::read);
+        let spec = reference
+            .parse_stored(&stored.resource)
+            .ok()
+            .and_then(|parsed| parsed.for_matching().ok());
+        match spec {
+            Some(spec) => assert_eq!(form, Some(MatchingForm::of(&spec)), "{}", row.id),
+            None => assert!(
+                form.is_none_or(|form| form.topic.ends_with("/no-such-topic")),
+                "{}",
+                row.id
+            ),
+        }
+    }
+}
+
+/// Start-up from a SQLite store (its one-pass read on a connection of its own) puts in force
+/// exactly what putting each stored subscription in force one by one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_from_the_store_puts_in_force_what_one_by_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    let store = crate::outbox::tests::open_sqlite(&path).await;
+    let clear_forms: ClearForms = Box::new(move |ids| {
+        let path = path.clone();
+        Box::pin(async move {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.busy_timeout(Duration::from_secs(10)).unwrap();
+            for id in ids {
+                conn.execute(
+                    "UPDATE subscription SET matching = NULL WHERE id = ?",
+                    [id.as_str()],
+                )
+                .unwrap();
+            }
+        })
+    });
+    start_up_puts_in_force_what_one_by_one_does(store.clone(), clear_forms).await;
+    store.close().await;
+}

@@ -1371,3 +1371,29 @@ async fn recording_resumes_inside_a_change() {
     }))
     .await;
 }
+
+/// Start-up from PostgreSQL (the default page-by-page read) puts in force exactly what
+/// putting each stored subscription in force one by one does (the scenario is
+/// `hub::in_force::tests`').
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_puts_in_force_what_one_by_one_does() {
+    let db = test_db!();
+    let store: Arc<dyn Store> = db.open().await;
+    let url = db.url.clone();
+    let clear_forms: crate::hub::ClearForms = Box::new(move |ids| {
+        let url = url.clone();
+        Box::pin(async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            for id in ids {
+                sqlx::query("UPDATE subscription SET matching = NULL WHERE id = $1")
+                    .bind(id.as_str())
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            conn.close().await.unwrap();
+        })
+    });
+    crate::hub::start_up_puts_in_force_what_one_by_one_does(store.clone(), clear_forms).await;
+    store.close().await;
+}
