@@ -10,18 +10,16 @@
 //! first looking for one to replace. WAL lets the read run beside the writer.
 
 use std::path::Path;
-use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::mpsc;
 
+use super::BUSY_TIMEOUT;
 use crate::error::Result;
 use crate::store::LiveSubscription;
 use crate::store::hub_sql;
 use crate::store::rows::LiveRow;
 
-/// How long the connection waits for a lock another holds (a checkpoint).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the database file the read maps (`PRAGMA mmap_size`; SQLite caps it).
 const MMAP_SIZE: i64 = 1 << 40;
 
