@@ -92,6 +92,7 @@ fn parse_filters(param: &str, value: &str) -> Vec<Predicate> {
     let limits = SearchLimits {
         default_count: 50,
         max_count: 1000,
+        default_total: baton::fhir::search::TotalMode::Accurate,
     };
     parse_query(&pairs, &limits, BASE, Handling::Strict)
         .expect("a valid filter")

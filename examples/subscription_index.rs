@@ -420,6 +420,7 @@ mod tests {
         let limits = SearchLimits {
             default_count: 50,
             max_count: 1000,
+            default_total: baton::fhir::search::TotalMode::Accurate,
         };
         let parsed = parse_query(&pairs, &limits, "https://h/fhir", Handling::Strict).unwrap();
         assert_eq!(parsed.predicates, vec![owner_filter(7)]);

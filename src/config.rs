@@ -229,6 +229,20 @@ pub struct SearchConfig {
     /// that reaches it ends early with a `next` link. At least `max_body_bytes`, so that any
     /// stored Task fits on a page.
     pub max_page_bytes: usize,
+    /// What `Bundle.total` a search without `_total` gets (see `DefaultTotal`).
+    pub default_total: DefaultTotal,
+}
+
+/// The `_total` of a search that does not say: `estimate` counts up to
+/// `api::task::search::ESTIMATE_LIMIT` matches (exact below it, left out above it), `accurate`
+/// counts every match (a count of all the Tasks of a large listing costs more than its page),
+/// `none` counts nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultTotal {
+    None,
+    Estimate,
+    Accurate,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -324,6 +338,7 @@ impl Default for SearchConfig {
             max_included: 1000,
             max_include_depth: 8,
             max_page_bytes: 4 * 1024 * 1024,
+            default_total: DefaultTotal::Estimate,
         }
     }
 }

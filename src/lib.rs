@@ -36,7 +36,7 @@ use crate::channels::rest_hook::RestHook;
 use crate::config::DatabaseUrl;
 use crate::delivery::Deliverer;
 use crate::fhir::ids::{StoredInstant, SubscriptionId};
-use crate::fhir::search::SearchLimits;
+use crate::fhir::search::{SearchLimits, TotalMode};
 use crate::hub::Hub;
 use crate::matcher::topic;
 use crate::signals::Signals;
@@ -116,6 +116,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let search_limits = SearchLimits {
         default_count: config.search.default_count,
         max_count: config.search.max_count,
+        default_total: match config.search.default_total {
+            config::DefaultTotal::None => TotalMode::None,
+            config::DefaultTotal::Estimate => TotalMode::Estimate,
+            config::DefaultTotal::Accurate => TotalMode::Accurate,
+        },
     };
     let rest_hook = RestHook::new(config.allow_private_endpoints, config.allow_http_endpoints);
     let tasks = tokio_util::task::TaskTracker::new();

@@ -61,6 +61,7 @@ fn limits() -> SearchLimits {
     SearchLimits {
         default_count: 50,
         max_count: 1000,
+        default_total: baton::fhir::search::TotalMode::Accurate,
     }
 }
 
@@ -1235,7 +1236,7 @@ fn check_query(
             // subscription filters; neither may panic.
             let _ = where_clause(&query.predicates, Placeholder::Question, 1);
             let _ = where_clause(&query.predicates, Placeholder::Dollar, 3);
-            let _ = order_by(&query.sort);
+            let _ = order_by(&query.sort, &query.predicates);
             for task in tasks {
                 matches(task, &query.predicates);
             }

@@ -14,10 +14,13 @@
 use crate::error::Result;
 use crate::fhir::RESOURCE_TYPES;
 
+mod columns;
+pub mod cursor;
 mod index;
 mod predicate;
 mod query;
 
+pub use columns::{SEVERAL, SINGLE_VALUED, TaskColumns};
 pub use index::{DateEntry, TaskIndex, TokenEntry, index_task, priority_rank};
 pub use predicate::{DateComparison, Predicate, Prefix, SystemMatch, TokenValue, matches};
 use query::invalid;
@@ -45,7 +48,7 @@ pub struct ParamDef {
     pub description: &'static str,
 }
 
-const STATUS_SYSTEM: &str = "http://hl7.org/fhir/task-status";
+pub const STATUS_SYSTEM: &str = "http://hl7.org/fhir/task-status";
 const PRIORITY_SYSTEM: &str = "http://hl7.org/fhir/request-priority";
 const INTENT_SYSTEM: &str = "http://hl7.org/fhir/task-intent";
 
@@ -218,6 +221,7 @@ pub static TASK_PARAMS: &[ParamDef] = &[
 const CONTROL_PARAMS: &[&str] = &[
     "_count",
     "_offset",
+    "_cursor",
     "_sort",
     "_total",
     "_summary",
@@ -574,6 +578,7 @@ mod tests {
     const LIMITS: SearchLimits = SearchLimits {
         default_count: 20,
         max_count: 100,
+        default_total: crate::fhir::search::TotalMode::Accurate,
     };
 
     /// Splits a test query string; the tests avoid characters that would need percent-encoding.
@@ -844,6 +849,7 @@ mod tests {
                 predicates: vec![],
                 count: 20,
                 offset: 0,
+                after: None,
                 sort: vec![],
                 total: TotalMode::Accurate,
                 summary_count: false,
@@ -882,7 +888,7 @@ mod tests {
                 q.summary_count && q.total == TotalMode::Accurate
             }),
             ("_summary=false", |q| !q.summary_count),
-            ("_total=estimate", |q| q.total == TotalMode::Accurate),
+            ("_total=estimate", |q| q.total == TotalMode::Estimate),
             ("_total=accurate", |q| q.total == TotalMode::Accurate),
             ("_format=json&_pretty=true", |q| q.link_params.is_empty()),
             ("_revinclude=Task:part-of", |q| {

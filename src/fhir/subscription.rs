@@ -578,6 +578,7 @@ mod tests {
     const LIMITS: SearchLimits = SearchLimits {
         default_count: 20,
         max_count: 100,
+        default_total: crate::fhir::search::TotalMode::Accurate,
     };
     const STRICT: ChannelPolicy = ChannelPolicy {
         allow_http_endpoints: false,

@@ -109,6 +109,7 @@ impl Hub {
             search_limits: SearchLimits {
                 default_count: 50,
                 max_count: 1000,
+                default_total: crate::fhir::search::TotalMode::Accurate,
             },
             base_url: base_url.into(),
             index: Default::default(),

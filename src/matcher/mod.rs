@@ -774,6 +774,7 @@ mod tests {
         let limits = SearchLimits {
             default_count: 10,
             max_count: 10,
+            default_total: crate::fhir::search::TotalMode::Accurate,
         };
         parse_query(&pairs, &limits, BASE, Handling::Strict)
             .unwrap()

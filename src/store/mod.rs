@@ -129,7 +129,11 @@ pub struct ChangeEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchPage {
     pub tasks: Vec<CurrentTask>,
+    /// The matches counted, as `PageRequest::counting` asked (at most one over its limit).
     pub total: Option<u64>,
+    /// The sort values of the last Task of the page, in the order of
+    /// `search_sql::sort_terms`: where the next page starts (see `PageRequest::after`).
+    pub last_sort_values: Option<Vec<Option<String>>>,
     /// The byte budget ended the page before the Tasks asked for: more may follow.
     pub truncated: bool,
     /// Bytes of stored JSON of `tasks`.
@@ -143,9 +147,24 @@ pub struct PageRequest<'a> {
     pub sort: &'a [SortKey],
     pub count: usize,
     pub offset: usize,
-    pub with_total: bool,
+    /// Start after the Task with these sort values (a keyset cursor: `SearchPage::
+    /// last_sort_values` of the page before), rather than at the first match.
+    pub after: Option<&'a [Option<String>]>,
+    pub counting: Counting,
     /// Most bytes of stored resources the page may hold (see `collect_page`).
     pub max_bytes: usize,
+}
+
+/// How a search counts its matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counting {
+    /// Not at all (`_total=none`).
+    Skip,
+    /// Up to this many and one more, so that the caller can tell "exactly n" from "more than
+    /// n" (`_total=estimate`): the count stops where it reaches the limit.
+    UpTo(u64),
+    /// Every match (`_total=accurate`).
+    All,
 }
 
 /// Tasks read from a stream of rows, and how much of the byte budget they took.
@@ -154,6 +173,8 @@ pub(crate) struct Collected {
     /// The budget ended the rows before the stream did.
     pub truncated: bool,
     pub bytes: usize,
+    /// The sort values of the last Task taken.
+    pub last_sort_values: Option<Vec<Option<String>>>,
 }
 
 /// Reads Tasks from a stream of rows until it ends or the next Task would take them past
@@ -165,7 +186,7 @@ pub(crate) async fn collect_page<R>(
     rows: impl futures::Stream<Item = std::result::Result<R, sqlx::Error>>,
     max_bytes: usize,
     at_least: usize,
-    read: impl Fn(&R) -> Result<(CurrentTask, usize)>,
+    read: impl Fn(&R) -> Result<(CurrentTask, usize, Option<Vec<Option<String>>>)>,
 ) -> Result<Collected> {
     use futures::TryStreamExt;
     let mut rows = std::pin::pin!(rows);
@@ -173,9 +194,10 @@ pub(crate) async fn collect_page<R>(
         tasks: Vec::new(),
         truncated: false,
         bytes: 0,
+        last_sort_values: None,
     };
     while let Some(row) = rows.try_next().await? {
-        let (task, size) = read(&row)?;
+        let (task, size, sort_values) = read(&row)?;
         let bytes = collected.bytes.saturating_add(size);
         if collected.tasks.len() >= at_least && bytes > max_bytes {
             collected.truncated = true;
@@ -183,6 +205,7 @@ pub(crate) async fn collect_page<R>(
         }
         collected.bytes = bytes;
         collected.tasks.push(task);
+        collected.last_sort_values = sort_values;
     }
     Ok(collected)
 }
@@ -193,6 +216,7 @@ impl SearchPage {
         SearchPage {
             tasks: Vec::new(),
             total,
+            last_sort_values: None,
             truncated: false,
             bytes: 0,
         }
@@ -204,6 +228,7 @@ impl Collected {
         SearchPage {
             tasks: self.tasks,
             total,
+            last_sort_values: self.last_sort_values,
             truncated: self.truncated,
             bytes: self.bytes,
         }

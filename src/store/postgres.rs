@@ -36,10 +36,11 @@ use tokio::sync::Notify;
 use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
+use super::rows::read_sort_values;
 use super::rows::{
     change_from_row, current_from_row, live_from_row, sized_current_from_row, version_from_row,
 };
-use super::search_sql::{Placeholder, children_sql, page_sql};
+use super::search_sql::{PageSpec, Placeholder, children_sql, page_sql, sort_value_count};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
     ChangeEvent, CurrentTask, DeliveryReport, EventRecord, LiveSubscription, MatchBatch,
@@ -260,15 +261,24 @@ impl Store for PostgresStore {
     }
 
     async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage> {
-        let sql = page_sql(page.predicates, page.sort, Placeholder::Dollar);
-        let total = if page.with_total {
-            let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.count));
-            for bind in &sql.binds {
-                query = query.bind(pg_text(bind));
+        let sql = page_sql(
+            PageSpec {
+                predicates: page.predicates,
+                sort: page.sort,
+                after: page.after,
+                counting: page.counting,
+            },
+            Placeholder::Dollar,
+        )?;
+        let total = match sql.count {
+            Some(count) => {
+                let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count));
+                for bind in &sql.count_binds {
+                    query = query.bind(pg_text(bind));
+                }
+                Some(query.fetch_one(&self.pool).await? as u64)
             }
-            Some(query.fetch_one(&self.pool).await? as u64)
-        } else {
-            None
+            None => None,
         };
         if page.count == 0 {
             return Ok(SearchPage::empty(total));
@@ -281,7 +291,12 @@ impl Store for PostgresStore {
             .bind(page.count as i64)
             .bind(page.offset as i64)
             .fetch(&self.pool);
-        let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
+        let sort_values = sort_value_count(page.sort);
+        let collected = collect_page(rows, page.max_bytes, 1, |row: &sqlx::postgres::PgRow| {
+            let (task, size) = sized_current_from_row(row)?;
+            Ok((task, size, Some(read_sort_values(row, sort_values)?)))
+        })
+        .await?;
         Ok(collected.into_page(total))
     }
 
@@ -301,7 +316,10 @@ impl Store for PostgresStore {
             query = query.bind(pg_text(bind));
         }
         let rows = query.bind(limit as i64).fetch(&self.pool);
-        let collected = collect_page(rows, max_bytes, 0, sized_current_from_row).await?;
+        let collected = collect_page(rows, max_bytes, 0, |row| {
+            sized_current_from_row(row).map(|(task, size)| (task, size, None))
+        })
+        .await?;
         Ok(collected.into_page(None))
     }
 

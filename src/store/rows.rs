@@ -24,6 +24,20 @@ use crate::fhir::notification::SubscriptionStatus;
 /// The columns of the current Task (table `task t`) that `TaskRow` reads.
 pub(crate) const CURRENT_COLUMNS: &str = "t.id, t.version, t.last_updated, t.deleted, t.resource";
 
+/// How many columns `CURRENT_COLUMNS` names; a search page's sort values follow them.
+const CURRENT_COLUMN_COUNT: usize = 5;
+
+/// The sort values a search page's row carries after the Task (`search_sql::page_sql`).
+pub(crate) fn read_sort_values<R: Row>(row: &R, count: usize) -> Result<Vec<Option<String>>>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    (CURRENT_COLUMN_COUNT..CURRENT_COLUMN_COUNT + count)
+        .map(|i| Ok(row.try_get::<Option<String>, _>(i)?))
+        .collect()
+}
+
 /// A row of `task`.
 #[derive(FromRow)]
 pub(crate) struct TaskRow {

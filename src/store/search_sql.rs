@@ -7,10 +7,14 @@
 //! same meaning as `Predicate::matches`: "some value of the parameter satisfies the condition".
 //! Every value is bound; the only text spliced into SQL comes from Baton's own parameter table.
 
+use super::Counting;
 use super::rows::CURRENT_COLUMNS;
+use crate::error::{Error, IssueCode, Result};
 use crate::fhir::search::{
-    DateComparison, ParamType, Predicate, Prefix, SortKey, SystemMatch, TokenValue, task_param,
+    DateComparison, ParamType, Predicate, Prefix, SEVERAL, STATUS_SYSTEM, SortKey, SystemMatch,
+    TokenValue, task_param,
 };
+use crate::fhir::task::TASK_STATUSES;
 
 /// How bind parameters are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,14 +88,29 @@ impl Writer {
                 param,
                 negated,
                 any_of,
-            } => {
-                let param = self.bind(param);
-                let values = self.token_values(any_of);
-                let subquery =
-                    format!("SELECT task_id FROM task_token WHERE param = {param} AND {values}");
-                membership(*negated, &subquery)
-            }
+            } => match (column_of(param), negated) {
+                (Some(Column::Token(column)), false) if has_codes(any_of) => {
+                    self.token_column(param, &column, any_of)
+                }
+                (Some(Column::Token(column)), true)
+                    if has_codes(any_of) && !matches!(column.system, ColumnSystem::Own(_)) =>
+                {
+                    self.token_column_negated(&column, any_of)
+                }
+                _ => {
+                    let subquery = self.token_subquery(param, any_of);
+                    membership(*negated, &subquery)
+                }
+            },
             Predicate::Missing { param, missing } => {
+                if let Some(column) = column_of(param) {
+                    let name = match column {
+                        Column::Token(token) => token.name,
+                        Column::Date { start, .. } => start,
+                    };
+                    let test = if *missing { "IS NULL" } else { "IS NOT NULL" };
+                    return format!("{name} {test}");
+                }
                 let table = match task_param(param).map(|def| def.kind) {
                     Some(ParamType::Date) => "task_date",
                     _ => "task_token",
@@ -101,16 +120,27 @@ impl Writer {
                 membership(*missing, &subquery)
             }
             Predicate::Date { param, any_of } => {
+                if any_of.is_empty() {
+                    return "0=1".to_string();
+                }
+                if let Some(Column::Date { start, end }) = column_of(param) {
+                    // One value per Task: "some value satisfies" is "the column satisfies",
+                    // and a Task without one (NULL) satisfies no comparison.
+                    let parts: Vec<String> = any_of
+                        .iter()
+                        .map(|c| self.date_condition(c, start, end))
+                        .collect();
+                    return format!("({})", parts.join(" OR "));
+                }
                 let param = self.bind(param);
-                let conditions = if any_of.is_empty() {
-                    "0=1".to_string()
-                } else {
-                    let parts: Vec<String> =
-                        any_of.iter().map(|c| self.date_condition(c)).collect();
-                    format!("({})", parts.join(" OR "))
-                };
-                let subquery =
-                    format!("SELECT task_id FROM task_date WHERE param = {param} AND {conditions}");
+                let parts: Vec<String> = any_of
+                    .iter()
+                    .map(|c| self.date_condition(c, "start_at", "end_at"))
+                    .collect();
+                let subquery = format!(
+                    "SELECT task_id FROM task_date WHERE param = {param} AND ({})",
+                    parts.join(" OR ")
+                );
                 membership(false, &subquery)
             }
             Predicate::Or(any) => {
@@ -125,6 +155,100 @@ impl Writer {
                 format!("({parts})")
             }
         }
+    }
+
+    /// `SELECT task_id FROM task_token …` of the Tasks with a value of `param` among `any_of`.
+    fn token_subquery(&mut self, param: &str, any_of: &[TokenValue]) -> String {
+        let param = self.bind(param);
+        let values = self.token_values(any_of);
+        format!("SELECT task_id FROM task_token WHERE param = {param} AND {values}")
+    }
+
+    /// A token predicate on a parameter kept in a column of the Task row: the column is one of
+    /// the codes, and its system (fixed for the parameter, or in a column of its own) is one
+    /// the value accepts. A Task whose column says it has several values (`SEVERAL`) is looked
+    /// up in the index table instead.
+    fn token_column(&mut self, param: &str, column: &TokenColumn, any_of: &[TokenValue]) -> String {
+        let name = column.name;
+        let accepted: Vec<&TokenValue> = any_of
+            .iter()
+            .filter(|value| column.system.may_hold(&value.system))
+            .collect();
+        if accepted.is_empty() {
+            return "0=1".to_string();
+        }
+        let mut codes: Vec<String> = Vec::new();
+        for value in &accepted {
+            let code = value.code.as_deref().unwrap_or_default();
+            codes.push(self.bind(code));
+        }
+        let ColumnSystem::Own(system_column) = column.system else {
+            // The system is the parameter's own, checked above; the column holds one value.
+            return format!("{name} IN ({})", codes.join(", "));
+        };
+        // Correlated, so that only the rare Task with several values pays for the lookup.
+        let param_bind = self.bind(param);
+        let values = self.token_values(any_of);
+        let several = format!(
+            "EXISTS (SELECT 1 FROM task_token WHERE task_id = t.id AND param = {param_bind} AND {values})"
+        );
+        let mut one = Vec::new();
+        for value in accepted {
+            let code = self.bind(value.code.as_deref().unwrap_or_default());
+            one.push(match &value.system {
+                SystemMatch::Any => format!("{name} = {code}"),
+                SystemMatch::NoSystem => format!("({name} = {code} AND {system_column} IS NULL)"),
+                SystemMatch::Exact(system) => {
+                    format!(
+                        "({name} = {code} AND {system_column} = {})",
+                        self.bind(system)
+                    )
+                }
+            });
+        }
+        format!(
+            "{name} IN ({}, '{SEVERAL}') AND CASE WHEN {name} = '{SEVERAL}' THEN {several} \
+             ELSE ({}) END",
+            codes.join(", "),
+            one.join(" OR ")
+        )
+    }
+
+    /// `:not` on a single-valued column with a fixed system: no value of the Task is one of the
+    /// codes. `status` always has one of the statuses Task allows (the validator refuses any
+    /// other), so its negation is the list of the other statuses, which its index serves.
+    fn token_column_negated(&mut self, column: &TokenColumn, any_of: &[TokenValue]) -> String {
+        let name = column.name;
+        let excluded: Vec<&str> = any_of
+            .iter()
+            .filter(|value| column.system.may_hold(&value.system))
+            .filter_map(|value| value.code.as_deref())
+            .collect();
+        if excluded.is_empty() {
+            return "1=1".to_string();
+        }
+        if let Some(allowed) = column.allowed {
+            let rest: Vec<String> = allowed
+                .iter()
+                .filter(|code| !excluded.contains(code))
+                .map(|code| self.bind(code))
+                .collect();
+            if rest.is_empty() {
+                return "0=1".to_string();
+            }
+            // What is left after a negation is most of the Tasks, so on SQLite, which plans
+            // without statistics, the term is kept from choosing the index (a unary `+`):
+            // a date range or a sort order then serves the search instead of a walk through
+            // most of the table. PostgreSQL weighs it by its statistics.
+            let unindexed = if self.style == Placeholder::Question {
+                "+"
+            } else {
+                ""
+            };
+            return format!("{unindexed}{name} IN ({})", rest.join(", "));
+        }
+        let codes: Vec<String> = excluded.iter().map(|code| self.bind(code)).collect();
+        format!("({name} IS NULL OR {name} NOT IN ({}))", codes.join(", "))
     }
 
     /// The OR of the token values. Plain codes (any system) are gathered into one
@@ -164,64 +288,257 @@ impl Writer {
         }
     }
 
-    /// The prefix semantics of `DateComparison::matches`, on the row's `[start_at, end_at)`
-    /// against the search range `[a, b)`.
-    fn date_condition(&mut self, comparison: &DateComparison) -> String {
+    /// The prefix semantics of `DateComparison::matches`, on the range `[start, end)` held in
+    /// the columns `start` and `end`, against the search range `[a, b)`.
+    fn date_condition(&mut self, comparison: &DateComparison, start: &str, end: &str) -> String {
         let (a, b) = (comparison.start.as_str(), comparison.end.as_str());
         match comparison.prefix {
             Prefix::Eq => format!(
-                "(start_at >= {} AND end_at <= {})",
+                "({start} >= {} AND {end} <= {})",
                 self.bind(a),
                 self.bind(b)
             ),
             Prefix::Ne => format!(
-                "NOT (start_at >= {} AND end_at <= {})",
+                "NOT ({start} >= {} AND {end} <= {})",
                 self.bind(a),
                 self.bind(b)
             ),
-            Prefix::Gt => format!("end_at > {}", self.bind(b)),
-            Prefix::Lt => format!("start_at < {}", self.bind(a)),
-            Prefix::Ge => format!("end_at > {}", self.bind(a)),
-            Prefix::Le => format!("start_at < {}", self.bind(b)),
-            Prefix::Sa => format!("start_at >= {}", self.bind(b)),
-            Prefix::Eb => format!("end_at <= {}", self.bind(a)),
-            Prefix::Ap => format!(
-                "(start_at < {} AND end_at > {})",
-                self.bind(b),
-                self.bind(a)
-            ),
+            Prefix::Gt => format!("{end} > {}", self.bind(b)),
+            Prefix::Lt => format!("{start} < {}", self.bind(a)),
+            Prefix::Ge => format!("{end} > {}", self.bind(a)),
+            Prefix::Le => format!("{start} < {}", self.bind(b)),
+            Prefix::Sa => format!("{start} >= {}", self.bind(b)),
+            Prefix::Eb => format!("{end} <= {}", self.bind(a)),
+            Prefix::Ap => format!("({start} < {} AND {end} > {})", self.bind(b), self.bind(a)),
         }
     }
 }
 
-/// The statements of a page of search results: the count of every match, and the page of
-/// current Tasks (`CURRENT_COLUMNS`), sorted; the page's size and then its offset are bound
-/// after `binds`, by the caller.
+/// How the system of a token kept in a column is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ColumnSystem {
+    /// Every value of the parameter has this system (or none).
+    Fixed(Option<&'static str>),
+    /// The system is in this column of its own.
+    Own(&'static str),
+}
+
+impl ColumnSystem {
+    /// Whether a value with this system may be in the column at all.
+    fn may_hold(self, wanted: &SystemMatch) -> bool {
+        match (self, wanted) {
+            (_, SystemMatch::Any) | (ColumnSystem::Own(_), _) => true,
+            (ColumnSystem::Fixed(fixed), SystemMatch::NoSystem) => fixed.is_none(),
+            (ColumnSystem::Fixed(fixed), SystemMatch::Exact(system)) => {
+                fixed == Some(system.as_str())
+            }
+        }
+    }
+}
+
+/// A token parameter kept in a column of the Task row (see `fhir::search::TaskColumns`).
+#[derive(Debug, Clone, Copy)]
+struct TokenColumn {
+    name: &'static str,
+    system: ColumnSystem,
+    /// Every code the column can hold, when the validator limits them.
+    allowed: Option<&'static [&'static str]>,
+}
+
+/// A work-list parameter kept on the Task row.
+#[derive(Debug, Clone, Copy)]
+enum Column {
+    Token(TokenColumn),
+    Date {
+        start: &'static str,
+        end: &'static str,
+    },
+}
+
+/// The column of a work-list parameter, if it has one.
+fn column_of(param: &str) -> Option<Column> {
+    Some(match param {
+        "status" => Column::Token(TokenColumn {
+            name: "t.status",
+            system: ColumnSystem::Fixed(Some(STATUS_SYSTEM)),
+            allowed: Some(TASK_STATUSES),
+        }),
+        "owner" => Column::Token(TokenColumn {
+            name: "t.owner",
+            system: ColumnSystem::Fixed(None),
+            allowed: None,
+        }),
+        "performer" => Column::Token(TokenColumn {
+            name: "t.performer",
+            system: ColumnSystem::Own("t.performer_system"),
+            allowed: None,
+        }),
+        "due-date" => Column::Date {
+            start: "t.due_start",
+            end: "t.due_end",
+        },
+        _ => return None,
+    })
+}
+
+/// Whether every value names a code (`system|` alone is left to the index table).
+fn has_codes(any_of: &[TokenValue]) -> bool {
+    any_of.iter().all(|value| value.code.is_some())
+}
+
+/// The statements of a page of search results: the count of the matches (if asked for), and
+/// the page of current Tasks (`CURRENT_COLUMNS`, then each sort value as text, `sort_0`, …),
+/// sorted; the page's size and then its offset are bound after `binds`, by the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageSql {
-    pub count: String,
+    pub count: Option<String>,
+    /// The binds of `count`.
+    pub count_binds: Vec<String>,
     pub rows: String,
+    /// The binds of `rows`, before its page size and offset.
     pub binds: Vec<String>,
 }
 
-/// The statements of a search for live Tasks matching `predicates`, sorted by `sort`.
-pub fn page_sql(predicates: &[Predicate], sort: &[SortKey], style: Placeholder) -> PageSql {
+/// What a page of search results is: its criteria, its order, where it starts and how its
+/// matches are counted.
+#[derive(Debug, Clone, Copy)]
+pub struct PageSpec<'a> {
+    pub predicates: &'a [Predicate],
+    pub sort: &'a [SortKey],
+    /// The sort values of the Task the page starts after (a keyset cursor).
+    pub after: Option<&'a [Option<String>]>,
+    pub counting: Counting,
+}
+
+/// The statements of a search for live Tasks matching `predicates`, sorted by `sort`. A
+/// cursor (`after`) that does not fit the sort is a 400: it was made for another search or
+/// altered.
+pub fn page_sql(spec: PageSpec<'_>, style: Placeholder) -> Result<PageSql> {
+    let terms = sort_terms(spec.sort, spec.predicates);
     let mut writer = Writer {
         style,
         next: 1,
         binds: Vec::new(),
     };
-    let filter = writer.all(predicates);
+    let filter = writer.all(spec.predicates);
+    let count_binds = writer.binds.clone();
+    let matches = format!("FROM task t WHERE t.deleted = 0 AND ({filter})");
+    let count = match spec.counting {
+        Counting::Skip => None,
+        Counting::All => Some(format!("SELECT count(*) {matches}")),
+        // The limit is a number of Baton's, not a client's value.
+        Counting::UpTo(limit) => Some(format!(
+            "SELECT count(*) FROM (SELECT 1 {matches} LIMIT {}) AS counted",
+            limit.saturating_add(1)
+        )),
+    };
+    let after = match spec.after {
+        Some(values) => format!(" AND {}", writer.after(&terms, values)?),
+        None => String::new(),
+    };
     let (limit, offset) = (writer.placeholder(), writer.placeholder());
-    PageSql {
-        count: format!("SELECT count(*) FROM task t WHERE t.deleted = 0 AND ({filter})"),
+    let sort_values: Vec<String> = terms
+        .iter()
+        .enumerate()
+        .map(|(i, term)| format!(", CAST({} AS TEXT) AS sort_{i}", term.expression))
+        .collect();
+    let order: Vec<String> = terms.iter().map(SortTerm::order).collect();
+    Ok(PageSql {
+        count,
+        count_binds,
         rows: format!(
-            "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND ({filter}) ORDER BY {}
-             LIMIT {limit} OFFSET {offset}",
-            order_by(sort)
+            "SELECT {CURRENT_COLUMNS}{} {matches}{after} ORDER BY {} LIMIT {limit} OFFSET {offset}",
+            sort_values.concat(),
+            order.join(", ")
         ),
         binds: writer.binds,
+    })
+}
+
+/// How many sort values a page's rows carry (`sort_0`, …) for these sort keys.
+pub fn sort_value_count(sort: &[SortKey]) -> usize {
+    sort_terms(sort, &[]).len()
+}
+
+impl Writer {
+    /// The keyset condition "after the row with these sort values" in the order of `terms`:
+    /// some term is past its value and every term before it equal to its own. The first term
+    /// is also bounded on its own (`>=` or `<=`), which an index on it serves as a range.
+    fn after(&mut self, terms: &[SortTerm], values: &[Option<String>]) -> Result<String> {
+        if values.len() != terms.len() {
+            return Err(bad_cursor("it was made for another sort order"));
+        }
+        for (term, value) in terms.iter().zip(values) {
+            match value {
+                None if !term.nullable => return Err(bad_cursor("a sort value is missing")),
+                Some(text) if term.integer && text.parse::<i64>().is_err() => {
+                    return Err(bad_cursor("a sort value is not a number"));
+                }
+                _ => {}
+            }
+        }
+        // Written first, so bound first: the binds follow the text.
+        let first = &terms[0];
+        let bound = match values[0].as_deref() {
+            Some(value) if !first.nullable => {
+                let operator = if first.descending { "<=" } else { ">=" };
+                let value = self.sort_value(first, value);
+                format!("{} {operator} {value} AND ", first.expression)
+            }
+            _ => String::new(),
+        };
+        let mut alternatives = Vec::new();
+        for i in 0..terms.len() {
+            let mut parts = Vec::new();
+            for (term, value) in terms[..i].iter().zip(values) {
+                parts.push(self.equal(term, value.as_deref()));
+            }
+            parts.push(self.past(&terms[i], values[i].as_deref()));
+            alternatives.push(format!("({})", parts.join(" AND ")));
+        }
+        Ok(format!("{bound}({})", alternatives.join(" OR ")))
     }
+
+    /// A bound sort value, as an integer where the term is one.
+    fn sort_value(&mut self, term: &SortTerm, value: &str) -> String {
+        let placeholder = self.bind(value);
+        match (term.integer, self.style) {
+            (false, _) => placeholder,
+            (true, Placeholder::Question) => format!("CAST({placeholder} AS INTEGER)"),
+            (true, Placeholder::Dollar) => format!("CAST({placeholder} AS bigint)"),
+        }
+    }
+
+    fn equal(&mut self, term: &SortTerm, value: Option<&str>) -> String {
+        match value {
+            Some(value) => format!("{} = {}", term.expression, self.sort_value(term, value)),
+            None => format!("{} IS NULL", term.expression),
+        }
+    }
+
+    /// Strictly after `value` in the term's order; Tasks without a value come last.
+    fn past(&mut self, term: &SortTerm, value: Option<&str>) -> String {
+        let Some(value) = value else {
+            return "0=1".to_string();
+        };
+        let operator = if term.descending { "<" } else { ">" };
+        let value = self.sort_value(term, value);
+        if term.nullable {
+            format!("({0} {operator} {value} OR {0} IS NULL)", term.expression)
+        } else {
+            format!("{} {operator} {value}", term.expression)
+        }
+    }
+}
+
+fn bad_cursor(why: &str) -> Error {
+    Error::bad_request(
+        IssueCode::Invalid,
+        format!(
+            "The value of '_cursor' is not a cursor of this search: {why}. Follow the 'next' \
+             link of a page as it is, or start again without '_cursor'"
+        ),
+    )
 }
 
 /// The statement of the live Tasks whose `partOf` names one of `parents` (as `Task/id`) and
@@ -255,25 +572,77 @@ fn membership(negated: bool, subquery: &str) -> String {
     }
 }
 
-/// The content of an ORDER BY clause for the sort keys, ending in `t.last_updated, t.id` so
-/// that pages never overlap or skip. Tasks without a value for a sort parameter come last
-/// in either direction (written out, because SQLite and PostgreSQL disagree by default).
-pub fn order_by(sort: &[SortKey]) -> String {
+/// One term of a search's order: an expression over the task table `t` and its direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortTerm {
+    pub expression: String,
+    pub descending: bool,
+    /// Whether some matching Task may have no value (NULL), which sorts last either way.
+    pub nullable: bool,
+    /// Whether the values are integers (a cursor carries them as text).
+    pub integer: bool,
+}
+
+impl SortTerm {
+    fn new(expression: impl Into<String>, descending: bool) -> SortTerm {
+        SortTerm {
+            expression: expression.into(),
+            descending,
+            nullable: false,
+            integer: false,
+        }
+    }
+
+    /// The term as ORDER BY writes it; NULLS LAST is spelled out where it matters, because
+    /// SQLite and PostgreSQL disagree by default, and only there, because a database that
+    /// must put NULLs last against its index order sorts instead of walking the index.
+    fn order(&self) -> String {
+        let direction = if self.descending { "DESC" } else { "ASC" };
+        if self.nullable {
+            format!("{} {direction} NULLS LAST", self.expression)
+        } else {
+            format!("{} {direction}", self.expression)
+        }
+    }
+}
+
+/// The terms of a search's order for the sort keys, ending in `t.last_updated, t.id` so that
+/// the order is total and pages never overlap or skip. Work-list parameters sort by their
+/// column (`column_of`), which an index walks; the others by the smallest indexed value.
+/// `predicates` tell which sort values every match has (a date criterion on the parameter
+/// excludes Tasks without one), which spares the NULLS LAST that would stop an index walk.
+pub fn sort_terms(sort: &[SortKey], predicates: &[Predicate]) -> Vec<SortTerm> {
     let mut terms = Vec::new();
     let mut by_last_updated = false;
     for key in sort {
-        let direction = if key.descending { "DESC" } else { "ASC" };
+        let descending = key.descending;
         match key.param {
             "_id" => {
                 // Ids are unique, so nothing after this key can change the order.
-                terms.push(format!("t.id {direction}"));
-                return terms.join(", ");
+                terms.push(SortTerm::new("t.id", descending));
+                return terms;
             }
             "_lastUpdated" => {
                 by_last_updated = true;
-                terms.push(format!("t.last_updated {direction}"));
+                terms.push(SortTerm::new("t.last_updated", descending));
             }
-            "priority" => terms.push(format!("t.priority_rank {direction}")),
+            "priority" => terms.push(SortTerm {
+                integer: true,
+                ..SortTerm::new("t.priority_rank", descending)
+            }),
+            // Every Task has a status (the validator requires one).
+            "status" => terms.push(SortTerm::new("t.status", descending)),
+            "due-date" | "authored-on" => {
+                let column = if key.param == "due-date" {
+                    "t.due_start"
+                } else {
+                    "t.authored_on"
+                };
+                terms.push(SortTerm {
+                    nullable: !always_present(predicates, key.param),
+                    ..SortTerm::new(column, descending)
+                });
+            }
             other => {
                 // The parameter code is spliced into the SQL, so it must come from Baton's own
                 // table; a key that does not name a parameter is skipped.
@@ -290,15 +659,38 @@ pub fn order_by(sort: &[SortKey]) -> String {
                         def.code
                     ),
                 };
-                terms.push(format!("{expression} {direction} NULLS LAST"));
+                terms.push(SortTerm {
+                    nullable: true,
+                    ..SortTerm::new(expression, descending)
+                });
             }
         }
     }
     if !by_last_updated {
-        terms.push("t.last_updated ASC".to_string());
+        terms.push(SortTerm::new("t.last_updated", false));
     }
-    terms.push("t.id ASC".to_string());
-    terms.join(", ")
+    terms.push(SortTerm::new("t.id", false));
+    terms
+}
+
+/// Whether the ANDed predicates let through only Tasks that have a value of `param`: a date
+/// criterion on it (no comparison holds for a missing value), or `:missing=false`.
+fn always_present(predicates: &[Predicate], param: &str) -> bool {
+    predicates.iter().any(|predicate| match predicate {
+        Predicate::Date { param: p, .. } => *p == param,
+        Predicate::Missing { param: p, missing } => *p == param && !missing,
+        Predicate::And(all) => always_present(all, param),
+        _ => false,
+    })
+}
+
+/// The content of an ORDER BY clause for the sort keys (see `sort_terms`).
+pub fn order_by(sort: &[SortKey], predicates: &[Predicate]) -> String {
+    sort_terms(sort, predicates)
+        .iter()
+        .map(SortTerm::order)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -306,8 +698,8 @@ mod tests {
     use super::*;
     use crate::fhir::MULTI_FOCUS_EXTENSION;
     use crate::fhir::search::{
-        Handling, SearchLimits, TaskIndex, TokenValue, index_task, matches, parse_query,
-        priority_rank,
+        Handling, SearchLimits, TaskColumns, TaskIndex, TokenValue, index_task, matches,
+        parse_query, priority_rank,
     };
     use serde_json::{Value, json};
     use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
@@ -315,17 +707,6 @@ mod tests {
     use std::cmp::Ordering;
 
     const BASE: &str = "http://baton.test/fhir";
-
-    const SCHEMA: &str = "
-        CREATE TABLE task (id TEXT PRIMARY KEY, version INTEGER NOT NULL, last_updated TEXT NOT NULL,
-            deleted INTEGER NOT NULL DEFAULT 0, priority_rank INTEGER NOT NULL, resource TEXT NOT NULL);
-        CREATE TABLE task_token (task_id TEXT NOT NULL, param TEXT NOT NULL, system TEXT, value TEXT NOT NULL);
-        CREATE INDEX task_token_lookup ON task_token (param, value, task_id);
-        CREATE INDEX task_token_task ON task_token (task_id);
-        CREATE TABLE task_date (task_id TEXT NOT NULL, param TEXT NOT NULL, start_at TEXT NOT NULL, end_at TEXT NOT NULL);
-        CREATE INDEX task_date_lookup ON task_date (param, start_at, task_id);
-        CREATE INDEX task_date_task ON task_date (task_id);
-    ";
 
     fn pick<T: Clone>(options: &[T], i: usize) -> T {
         options[i % options.len()].clone()
@@ -452,22 +833,35 @@ mod tests {
     }
 
     async fn load(pool: &SqlitePool) -> Vec<Indexed> {
-        sqlx::raw_sql(SCHEMA).execute(pool).await.unwrap();
+        // The real schema, so that the statements meet the columns and indexes they will in use.
+        sqlx::migrate!("migrations/sqlite").run(pool).await.unwrap();
         let mut loaded = Vec::new();
         for task in fleet() {
             let id = task["id"].as_str().unwrap().to_string();
             let last_updated = task["meta"]["lastUpdated"].as_str().unwrap().to_string();
             let deleted = DELETED.contains(&id.as_str());
             let index = index_task(&task, BASE);
-            sqlx::query("INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource) VALUES (?, 1, ?, ?, ?, ?)")
-                .bind(&id)
-                .bind(&last_updated)
-                .bind(i64::from(deleted))
-                .bind(priority_rank(&task))
-                .bind(task.to_string())
-                .execute(pool)
-                .await
-                .unwrap();
+            let c = TaskColumns::from_index(&index);
+            sqlx::query(
+                "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
+                   status, owner, performer, performer_system, due_start, due_end, authored_on)
+                 VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&id)
+            .bind(&last_updated)
+            .bind(i64::from(deleted))
+            .bind(priority_rank(&task))
+            .bind(task.to_string())
+            .bind(&c.status)
+            .bind(&c.owner)
+            .bind(&c.performer)
+            .bind(&c.performer_system)
+            .bind(&c.due_start)
+            .bind(&c.due_end)
+            .bind(&c.authored_on)
+            .execute(pool)
+            .await
+            .unwrap();
             for entry in &index.tokens {
                 sqlx::query(
                     "INSERT INTO task_token (task_id, param, system, value) VALUES (?, ?, ?, ?)",
@@ -583,7 +977,7 @@ mod tests {
         let sql = format!(
             "SELECT t.id FROM task t WHERE t.deleted = {deleted} AND ({}) ORDER BY {}",
             filter.sql,
-            order_by(sort)
+            order_by(sort, predicates)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql.clone()));
         if style == Placeholder::Dollar {
@@ -705,6 +1099,7 @@ mod tests {
         let limits = SearchLimits {
             default_count: 10,
             max_count: 100,
+            default_total: crate::fhir::search::TotalMode::Accurate,
         };
         let live: Vec<&Indexed> = tasks.iter().filter(|t| !t.deleted).collect();
         for query in QUERIES {
@@ -810,6 +1205,7 @@ mod tests {
         let limits = SearchLimits {
             default_count: 10,
             max_count: 100,
+            default_total: crate::fhir::search::TotalMode::Accurate,
         };
         let live: Vec<&Indexed> = tasks.iter().filter(|t| !t.deleted).collect();
         let sorts = [
@@ -893,10 +1289,9 @@ mod tests {
         let filter = where_clause(&predicates, Placeholder::Dollar, 3);
         assert_eq!(
             filter.sql,
-            "t.id IN (SELECT task_id FROM task_token WHERE param = $3 AND (value IN ($4) OR (system = $5 AND value = $6))) \
-             AND t.id NOT IN (SELECT task_id FROM task_date WHERE param = $7)"
+            "t.status IN ($3) AND t.id NOT IN (SELECT task_id FROM task_date WHERE param = $4)"
         );
-        assert_eq!(filter.binds, ["status", "ready", "urn:s", "x", "period"]);
+        assert_eq!(filter.binds, ["ready", "period"]);
         let filter = where_clause(&predicates, Placeholder::Question, 1);
         assert_eq!(filter.sql.matches('?').count(), filter.binds.len());
         assert!(
@@ -922,7 +1317,11 @@ mod tests {
             (vec![key("_id", true), key("priority", false)], "t.id DESC"),
             (
                 vec![key("due-date", false)],
-                "(SELECT min(d.start_at) FROM task_date d WHERE d.task_id = t.id AND d.param = 'due-date') ASC NULLS LAST, \
+                "t.due_start ASC NULLS LAST, t.last_updated ASC, t.id ASC",
+            ),
+            (
+                vec![key("modified", true)],
+                "(SELECT min(d.start_at) FROM task_date d WHERE d.task_id = t.id AND d.param = 'modified') DESC NULLS LAST, \
                  t.last_updated ASC, t.id ASC",
             ),
             (
@@ -931,7 +1330,7 @@ mod tests {
             ),
         ];
         for (sort, expected) in cases {
-            assert_eq!(order_by(&sort), expected, "{sort:?}");
+            assert_eq!(order_by(&sort, &[]), expected, "{sort:?}");
         }
     }
 
@@ -940,19 +1339,66 @@ mod tests {
     #[test]
     fn statements_number_their_own_placeholders_after_the_filter() {
         let predicates = vec![Predicate::Missing {
-            param: "owner",
+            param: "period",
             missing: true,
         }];
-        let page = page_sql(&predicates, &[], Placeholder::Dollar);
-        assert_eq!(page.binds, ["owner"]);
-        assert!(page.count.ends_with("param = $1))"), "{}", page.count);
+        let spec = |counting| PageSpec {
+            predicates: &predicates,
+            sort: &[],
+            after: None,
+            counting,
+        };
+        let page = page_sql(spec(Counting::All), Placeholder::Dollar).unwrap();
+        assert_eq!(page.binds, ["period"]);
+        let count = page.count.unwrap();
+        assert!(count.ends_with("param = $1))"), "{count}");
         assert!(page.rows.ends_with("LIMIT $2 OFFSET $3"), "{}", page.rows);
-        let page = page_sql(&predicates, &[], Placeholder::Question);
+        let page = page_sql(spec(Counting::UpTo(1000)), Placeholder::Question).unwrap();
         assert!(page.rows.ends_with("LIMIT ? OFFSET ?"), "{}", page.rows);
+        assert!(page.count.unwrap().ends_with("LIMIT 1001) AS counted"));
+        assert_eq!(
+            page_sql(spec(Counting::Skip), Placeholder::Question)
+                .unwrap()
+                .count,
+            None
+        );
+        // A cursor's values come after the filter's, before the page size.
+        let after = [
+            Some("2024-01-01T00:00:00.000Z".to_string()),
+            Some("t1".to_string()),
+        ];
+        let page = page_sql(
+            PageSpec {
+                after: Some(&after),
+                ..spec(Counting::Skip)
+            },
+            Placeholder::Dollar,
+        )
+        .unwrap();
+        // In the order of the text: `t.last_updated >= $2 AND ((t.last_updated > $3) OR
+        // (t.last_updated = $4 AND t.id > $5))`.
+        let at = "2024-01-01T00:00:00.000Z";
+        assert_eq!(page.binds, ["period", at, at, at, "t1"]);
+        assert!(
+            page.rows.contains("t.last_updated >= $2 AND"),
+            "{}",
+            page.rows
+        );
+        assert!(page.rows.ends_with("LIMIT $6 OFFSET $7"), "{}", page.rows);
+        let wrong = [Some("t1".to_string())];
+        let error = page_sql(
+            PageSpec {
+                after: Some(&wrong),
+                ..spec(Counting::Skip)
+            },
+            Placeholder::Dollar,
+        )
+        .unwrap_err();
+        assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
 
         let parents = ["Task/a".to_string(), "Task/b".to_string()];
         let children = children_sql(&parents, &predicates, Placeholder::Dollar);
-        assert_eq!(children.binds, ["Task/a", "Task/b", "owner"]);
+        assert_eq!(children.binds, ["Task/a", "Task/b", "period"]);
         assert!(
             children.sql.contains("value IN ($1, $2)"),
             "{}",
@@ -960,5 +1406,125 @@ mod tests {
         );
         assert!(children.sql.contains("param = $3"), "{}", children.sql);
         assert!(children.sql.ends_with("LIMIT $4"), "{}", children.sql);
+    }
+}
+
+#[cfg(test)]
+mod plans {
+    use super::*;
+    use crate::fhir::search::{Handling, SearchLimits, TotalMode, parse_query};
+    use sqlx::{AssertSqlSafe, Row};
+
+    /// The six work-list searches of issue 16, and whether the page must come out of an index
+    /// in its order (a sort of a few hundred matches of one owner or patient is fine; a sort of
+    /// a status's or the whole table's matches is not).
+    const WORK_LISTS: &[(&str, bool)] = &[
+        (
+            "owner=Practitioner/p17&status:not=completed&_sort=-priority",
+            false,
+        ),
+        (
+            "owner:missing=true&performer=http://baton.example/CodeSystem/work-queue|triage&status=requested",
+            false,
+        ),
+        ("status=requested&_count=20", true),
+        (
+            "status:not=completed&due-date=lt2027-03-15&_sort=due-date&_count=20",
+            true,
+        ),
+        ("patient=Patient/pt42", false),
+        ("_count=20", true),
+    ];
+
+    /// The plan of every statement of the six work-list searches (the estimate count, the first
+    /// page and a page after a cursor), on the real schema, has no full scan of the task table
+    /// or of an index table, and the large listings walk an index in their order instead of
+    /// sorting: a later change that loses an index or a rewrite fails here. SQLite has no
+    /// statistics here, as on a freshly loaded database, so the plans are the ones Baton gets
+    /// without `ANALYZE`.
+    #[tokio::test]
+    async fn work_list_searches_use_indexes_not_scans() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .unwrap();
+        let limits = SearchLimits {
+            default_count: 50,
+            max_count: 1000,
+            default_total: TotalMode::Estimate,
+        };
+        for (query, walks_index) in WORK_LISTS {
+            let pairs: Vec<(String, String)> = query
+                .split('&')
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap();
+                    (k.into(), v.into())
+                })
+                .collect();
+            let parsed =
+                parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict).unwrap();
+            let cursor: Vec<Option<String>> = sort_terms(&parsed.sort, &parsed.predicates)
+                .iter()
+                .map(|term| Some(if term.integer { "2" } else { "x" }.to_string()))
+                .collect();
+            for after in [None, Some(cursor.as_slice())] {
+                let sql = page_sql(
+                    PageSpec {
+                        predicates: &parsed.predicates,
+                        sort: &parsed.sort,
+                        after,
+                        counting: Counting::UpTo(1000),
+                    },
+                    Placeholder::Question,
+                )
+                .unwrap();
+                let count = sql.count.clone().unwrap();
+                let statements = [
+                    (count, sql.count_binds.clone(), false),
+                    (sql.rows.clone(), sql.binds.clone(), *walks_index),
+                ];
+                for (statement, binds, ordered) in statements {
+                    let mut explain =
+                        sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {statement}")));
+                    for bind in &binds {
+                        explain = explain.bind(bind);
+                    }
+                    if statement.contains("LIMIT ? OFFSET ?") {
+                        explain = explain.bind(20_i64).bind(0_i64);
+                    }
+                    let plan: Vec<String> = explain
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|row| row.get::<String, _>("detail"))
+                        .collect();
+                    let full_scan = plan.iter().find(|step| {
+                        let scans_table = step.starts_with("SCAN ")
+                            && !step.starts_with("SCAN (subquery")
+                            && *step != "SCAN counted"
+                            && !step.contains(" INDEX ");
+                        let scans_index_table = step.starts_with("SCAN task_token")
+                            || step.starts_with("SCAN task_date");
+                        scans_table || scans_index_table
+                    });
+                    assert!(
+                        full_scan.is_none(),
+                        "{query}: {full_scan:?} in {plan:#?}\n{statement}"
+                    );
+                    if ordered {
+                        assert!(
+                            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+                            "{query} sorts instead of walking an index: {plan:#?}\n{statement}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

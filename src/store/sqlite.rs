@@ -44,8 +44,9 @@ use tokio_util::sync::CancellationToken;
 use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
+use super::rows::read_sort_values;
 use super::rows::{change_from_row, live_from_row, sized_current_from_row, version_from_row};
-use super::search_sql::{Placeholder, children_sql, page_sql};
+use super::search_sql::{PageSpec, Placeholder, children_sql, page_sql, sort_value_count};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
     ChangeEvent, CurrentTask, DeliveryReport, EventRecord, LiveSubscription, MatchBatch,
@@ -467,15 +468,24 @@ impl Store for SqliteStore {
     }
 
     async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage> {
-        let sql = page_sql(page.predicates, page.sort, Placeholder::Question);
-        let total = if page.with_total {
-            let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.count));
-            for bind in &sql.binds {
-                query = query.bind(bind);
+        let sql = page_sql(
+            PageSpec {
+                predicates: page.predicates,
+                sort: page.sort,
+                after: page.after,
+                counting: page.counting,
+            },
+            Placeholder::Question,
+        )?;
+        let total = match sql.count {
+            Some(count) => {
+                let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count));
+                for bind in &sql.count_binds {
+                    query = query.bind(bind);
+                }
+                Some(query.fetch_one(&self.reads).await? as u64)
             }
-            Some(query.fetch_one(&self.reads).await? as u64)
-        } else {
-            None
+            None => None,
         };
         if page.count == 0 {
             return Ok(SearchPage::empty(total));
@@ -488,7 +498,12 @@ impl Store for SqliteStore {
             .bind(page.count as i64)
             .bind(page.offset as i64)
             .fetch(&self.reads);
-        let collected = collect_page(rows, page.max_bytes, 1, sized_current_from_row).await?;
+        let sort_values = sort_value_count(page.sort);
+        let collected = collect_page(rows, page.max_bytes, 1, |row: &sqlx::sqlite::SqliteRow| {
+            let (task, size) = sized_current_from_row(row)?;
+            Ok((task, size, Some(read_sort_values(row, sort_values)?)))
+        })
+        .await?;
         Ok(collected.into_page(total))
     }
 
@@ -508,7 +523,10 @@ impl Store for SqliteStore {
             query = query.bind(bind);
         }
         let rows = query.bind(limit as i64).fetch(&self.reads);
-        let collected = collect_page(rows, max_bytes, 0, sized_current_from_row).await?;
+        let collected = collect_page(rows, max_bytes, 0, |row| {
+            sized_current_from_row(row).map(|(task, size)| (task, size, None))
+        })
+        .await?;
         Ok(collected.into_page(None))
     }
 
@@ -645,6 +663,7 @@ mod tests {
         let limits = SearchLimits {
             default_count: 10,
             max_count: 10,
+            default_total: crate::fhir::search::TotalMode::Accurate,
         };
         parse_query(&pairs, &limits, BASE, Handling::Strict)
             .unwrap()

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
-use crate::fhir::search::{Predicate, TaskIndex, index_task, priority_rank};
+use crate::fhir::search::{Predicate, TaskColumns, TaskIndex, index_task, priority_rank};
 use crate::fhir::workflow::{self, RequestKind};
 
 /// What If-None-Exist criteria matched. A search for them asks for two Tasks at most, since
@@ -109,6 +109,8 @@ pub(crate) struct NewVersion<'a> {
     pub text: &'a str,
     pub priority_rank: i64,
     pub index: &'a TaskIndex,
+    /// The work-list values kept on the Task row (derived from `index`).
+    pub columns: &'a TaskColumns,
     /// Whether the id has rows already (a live or a deleted Task): a Task that never existed
     /// has no index rows to clear.
     pub existed: bool,
@@ -312,6 +314,7 @@ async fn put<T: TaskTx>(
     stamp(&mut resource, id.as_str(), version, &now);
     let text = resource.to_string();
     let index = index_task(&resource, base_url);
+    let columns = TaskColumns::from_index(&index);
     tx.put_version(&NewVersion {
         id,
         version,
@@ -321,6 +324,7 @@ async fn put<T: TaskTx>(
         text: &text,
         priority_rank: priority_rank(&resource),
         index: &index,
+        columns: &columns,
         existed: current.is_some(),
     })
     .await?;

@@ -16,8 +16,13 @@ use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir;
 use crate::fhir::ids::TaskId;
-use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode};
-use crate::store::{CurrentTask, PageRequest};
+use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode, cursor};
+use crate::store::{Counting, CurrentTask, PageRequest};
+
+/// How far `_total=estimate` counts (see `config::DefaultTotal`): below it the total is
+/// exact; above it the total is left out. Counting a thousand index entries costs about as
+/// much as reading a page, and a work list whose count passes a thousand is read as "many".
+pub const ESTIMATE_LIMIT: u64 = 1000;
 
 pub(super) async fn search_get(
     State(state): State<AppState>,
@@ -68,7 +73,12 @@ async fn run_search(
     let mut predicates = query.predicates.clone();
     predicates.extend(scope.iter().cloned());
     let count = if query.summary_count { 0 } else { query.count };
-    let with_total = query.summary_count || query.total == TotalMode::Accurate;
+    let counting = match query.total {
+        _ if query.summary_count => Counting::All,
+        TotalMode::None => Counting::Skip,
+        TotalMode::Estimate => Counting::UpTo(ESTIMATE_LIMIT),
+        TotalMode::Accurate => Counting::All,
+    };
     let max_page_bytes = state.config.search.max_page_bytes;
     let page = state
         .store
@@ -77,10 +87,15 @@ async fn run_search(
             sort: &query.sort,
             count,
             offset: query.offset,
-            with_total,
+            after: query.after.as_deref(),
+            counting,
             max_bytes: max_page_bytes,
         })
         .await?;
+    // An estimate past its limit says only "more than ESTIMATE_LIMIT": no total is given.
+    let total = page
+        .total
+        .filter(|total| counting != Counting::UpTo(ESTIMATE_LIMIT) || *total <= ESTIMATE_LIMIT);
 
     let mut entries: Vec<Value> = page
         .tasks
@@ -121,37 +136,52 @@ async fn run_search(
     }));
 
     let self_base = format!("{}/Task", state.base_url);
-    let page_url = |offset: usize| {
+    let link_to = |paging: (&str, String)| {
         let mut params = query.link_params.clone();
         params.push(("_count".into(), query.count.to_string()));
-        params.push(("_offset".into(), offset.to_string()));
+        params.push((paging.0.into(), paging.1));
         format!(
             "{self_base}?{}",
             serde_urlencoded::to_string(&params).unwrap_or_default()
         )
     };
-    let mut links = vec![link("self", &page_url(query.offset))];
+    let offset_url = |offset: usize| link_to(("_offset", offset.to_string()));
+    let self_url = match &query.after {
+        Some(values) => link_to(("_cursor", cursor::encode(&query.sort, values))),
+        None => offset_url(query.offset),
+    };
+    let mut links = vec![link("self", &self_url)];
     if !query.summary_count {
-        links.push(link("first", &page_url(0)));
-        // A page the byte budget ended holds fewer Tasks than asked for; the next one starts
-        // right after the last it holds.
-        let next = query.offset + page.tasks.len();
-        let has_next = page.truncated
-            || match page.total {
-                Some(total) => next < total as usize,
-                None => page.tasks.len() == query.count,
-            };
-        if has_next {
-            links.push(link("next", &page_url(next)));
+        links.push(link("first", &offset_url(0)));
+        // The next page starts after the last Task of this one (a keyset cursor), however
+        // it was reached, so that Tasks written meanwhile neither shift nor repeat the rest.
+        // A page the byte budget ended holds fewer Tasks than asked for and goes on too.
+        let full = page.truncated || page.tasks.len() == query.count;
+        let more = match total {
+            Some(total) if query.after.is_none() => {
+                query.offset + page.tasks.len() < total as usize
+            }
+            _ => full,
+        };
+        if full
+            && more
+            && let Some(values) = &page.last_sort_values
+        {
+            links.push(link(
+                "next",
+                &link_to(("_cursor", cursor::encode(&query.sort, values))),
+            ));
         }
+        // Offsets stay for clients that page by them; a cursor cannot go back.
         if query.offset > 0 {
             links.push(link(
                 "previous",
-                &page_url(query.offset.saturating_sub(query.count)),
+                &offset_url(query.offset.saturating_sub(query.count)),
             ));
         }
-        if let Some(total) = page.total
+        if let Some(total) = total
             && query.count > 0
+            && query.after.is_none()
         {
             let total = total as usize;
             let last = if total == 0 {
@@ -159,7 +189,7 @@ async fn run_search(
             } else {
                 (total - 1) / query.count * query.count
             };
-            links.push(link("last", &page_url(last)));
+            links.push(link("last", &offset_url(last)));
         }
     }
     let mut bundle = json!({
@@ -169,7 +199,7 @@ async fn run_search(
         "type": "searchset",
         "link": links,
     });
-    if let Some(total) = page.total {
+    if let Some(total) = total {
         bundle["total"] = json!(total);
     }
     if !entries.is_empty() {

@@ -17,9 +17,12 @@ pub struct SortKey {
     pub descending: bool,
 }
 
+/// What `Bundle.total` a search asks for (`_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TotalMode {
     None,
+    /// A count that stops at a limit: exact below it, left out above it.
+    Estimate,
     Accurate,
 }
 
@@ -37,13 +40,15 @@ pub struct SearchQuery {
     pub predicates: Vec<Predicate>,
     pub count: usize,
     pub offset: usize,
+    /// `_cursor`: the sort values of the Task this page starts after (see `cursor`).
+    pub after: Option<Vec<Option<String>>>,
     pub sort: Vec<SortKey>,
     pub total: TotalMode,
     /// `_summary=count` or `_count=0`: only the total is wanted.
     pub summary_count: bool,
     pub revinclude: Option<RevInclude>,
-    /// The accepted parameters, for the bundle's self and next links. `_count` and `_offset`
-    /// are left out (the links set them), as are ignored parameters.
+    /// The accepted parameters, for the bundle's self and next links. `_count`, `_offset` and
+    /// `_cursor` are left out (the links set them), as are ignored parameters.
     pub link_params: Vec<(String, String)>,
 }
 
@@ -51,6 +56,8 @@ pub struct SearchQuery {
 pub struct SearchLimits {
     pub default_count: usize,
     pub max_count: usize,
+    /// The `_total` of a search that does not say (`search.default_total`).
+    pub default_total: TotalMode,
 }
 
 /// `Prefer: handling=strict|lenient`: whether an unknown parameter is an error or ignored.
@@ -83,14 +90,25 @@ pub fn parse_query(
         predicates: Vec::new(),
         count: limits.default_count.min(limits.max_count),
         offset: 0,
+        after: None,
         sort: Vec::new(),
-        total: TotalMode::Accurate,
+        total: limits.default_total,
         summary_count: false,
         revinclude: None,
         link_params: Vec::new(),
     };
     let mut seen_once: Vec<&str> = Vec::new();
+    let mut cursor = None;
     for (key, value) in pairs {
+        if key == "_cursor" {
+            if cursor.is_some() {
+                return Err(invalid(
+                    "The parameter '_cursor' may appear only once".into(),
+                ));
+            }
+            cursor = Some(value.as_str());
+            continue;
+        }
         let (name, modifier) = match key.split_once(':') {
             Some((name, modifier)) => (name, Some(modifier)),
             None => (key.as_str(), None),
@@ -145,6 +163,15 @@ pub fn parse_query(
             .link_params
             .push(("_revinclude:iterate".into(), "Task:part-of".into())),
         None => {}
+    }
+    if let Some(text) = cursor {
+        if query.offset != 0 {
+            return Err(invalid(
+                "A search pages either by '_cursor' (the next links) or by '_offset', not both"
+                    .into(),
+            ));
+        }
+        query.after = Some(super::cursor::decode(text, &query.sort)?);
     }
     // A count-only answer is nothing but the total, so `_total=none` cannot switch it off.
     if query.summary_count {
@@ -204,8 +231,8 @@ fn apply_control<'k>(
         "_total" => {
             query.total = match value {
                 "none" => TotalMode::None,
-                // Counting is cheap enough at Baton's scale that an estimate is the exact count.
-                "estimate" | "accurate" => TotalMode::Accurate,
+                "estimate" => TotalMode::Estimate,
+                "accurate" => TotalMode::Accurate,
                 _ => {
                     return Err(invalid(format!(
                         "The value of '_total' must be none, estimate or accurate, not '{value}'"

@@ -357,6 +357,7 @@ fn parse_search(text: &str, base_url: &str) -> Result<Vec<Predicate>, String> {
     let limits = SearchLimits {
         default_count: 1,
         max_count: 1,
+        default_total: crate::fhir::search::TotalMode::Accurate,
     };
     parse_query(&pairs, &limits, base_url, Handling::Strict)
         .map(|query| query.predicates)

@@ -34,11 +34,15 @@ const CONDITIONAL_CREATE_LOCK: i64 = 0x6261_746f_6e49_4e45;
 /// Two first writes to one new id both find nothing to lock; the second waits here for the
 /// first, and its history row (same id, version 1) then fails as a unique violation: 409.
 const PUT_TASK: &str = "WITH task_row AS (
-       INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource)
-       VALUES ($1, $2, $3, 0, $4, $5)
+       INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
+         status, owner, performer, performer_system, due_start, due_end, authored_on)
+       VALUES ($1, $2, $3, 0, $4, $5, $15, $16, $17, $18, $19, $20, $21)
        ON CONFLICT (id) DO UPDATE SET version = excluded.version,
          last_updated = excluded.last_updated, deleted = 0,
-         priority_rank = excluded.priority_rank, resource = excluded.resource
+         priority_rank = excluded.priority_rank, resource = excluded.resource,
+         status = excluded.status, owner = excluded.owner, performer = excluded.performer,
+         performer_system = excluded.performer_system, due_start = excluded.due_start,
+         due_end = excluded.due_end, authored_on = excluded.authored_on
      ), version_row AS (
        INSERT INTO task_version (id, version, last_updated, interaction, resource)
        VALUES ($1, $2, $3, $6, $5)
@@ -130,6 +134,7 @@ impl TaskTx for PgConnection {
         let date_params: Vec<&str> = v.index.dates.iter().map(|d| d.param).collect();
         let date_starts: Vec<&str> = v.index.dates.iter().map(|d| d.start.as_str()).collect();
         let date_ends: Vec<&str> = v.index.dates.iter().map(|d| d.end.as_str()).collect();
+        let c = v.columns;
         sqlx::query(PUT_TASK)
             .bind(v.id)
             .bind(v.version)
@@ -146,6 +151,13 @@ impl TaskTx for PgConnection {
             .bind(&date_starts)
             .bind(&date_ends)
             .bind(v.previous_version)
+            .bind(c.status.as_deref().map(pg_text))
+            .bind(c.owner.as_deref().map(pg_text))
+            .bind(c.performer.as_deref().map(pg_text))
+            .bind(c.performer_system.as_deref().map(pg_text))
+            .bind(c.due_start.as_deref())
+            .bind(c.due_end.as_deref())
+            .bind(c.authored_on.as_deref())
             .execute(&mut *self)
             .await?;
         Ok(())

@@ -845,7 +845,8 @@ async fn racing_conditional_creates_create_one_task() {
             sort: &[],
             count: 10,
             offset: 0,
-            with_total: true,
+            after: None,
+            counting: crate::store::Counting::All,
             max_bytes: usize::MAX,
         })
         .await
@@ -915,6 +916,7 @@ async fn reads_searches_and_workflow_run_on_postgres() {
     let limits = SearchLimits {
         default_count: 10,
         max_count: 100,
+        default_total: crate::fhir::search::TotalMode::Accurate,
     };
     let search = |query: &str| {
         let pairs: Vec<(String, String)> = query
@@ -937,7 +939,8 @@ async fn reads_searches_and_workflow_run_on_postgres() {
                     sort: &parsed.sort,
                     count: 2,
                     offset,
-                    with_total: true,
+                    after: None,
+                    counting: crate::store::Counting::All,
                     max_bytes: usize::MAX,
                 })
                 .await
@@ -983,7 +986,8 @@ async fn reads_searches_and_workflow_run_on_postgres() {
             sort: &[],
             count: 10,
             offset: 0,
-            with_total: false,
+            after: None,
+            counting: crate::store::Counting::Skip,
             max_bytes: 1,
         })
         .await

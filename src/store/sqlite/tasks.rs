@@ -61,19 +61,31 @@ impl TaskTx for Connection {
     }
 
     async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
+        let c = v.columns;
         self.prepare_cached(
-            "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource)
-             VALUES (?, ?, ?, 0, ?, ?)
+            "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
+               status, owner, performer, performer_system, due_start, due_end, authored_on)
+             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET version = excluded.version,
                last_updated = excluded.last_updated, deleted = 0,
-               priority_rank = excluded.priority_rank, resource = excluded.resource",
+               priority_rank = excluded.priority_rank, resource = excluded.resource,
+               status = excluded.status, owner = excluded.owner, performer = excluded.performer,
+               performer_system = excluded.performer_system, due_start = excluded.due_start,
+               due_end = excluded.due_end, authored_on = excluded.authored_on",
         )?
         .execute(params![
             v.id,
             v.version,
             v.last_updated,
             v.priority_rank,
-            v.text
+            v.text,
+            c.status,
+            c.owner,
+            c.performer,
+            c.performer_system,
+            c.due_start,
+            c.due_end,
+            c.authored_on
         ])?;
         insert_version(
             self,

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use crate::ADMIN;
 use crate::tasks::transport_error;
 use data::{IDENTIFIER_SYSTEM, Shape, parse_day};
-use queries::{ALL_KINDS, Answer, Kind, PAGE, Query, WORK_LISTS};
+use queries::{ALL_KINDS, Answer, FAR_PAGE, Kind, PAGE, Query, WORK_LISTS};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -124,10 +124,12 @@ struct Setup {
     kinds: Vec<Kind>,
     /// How long seeding took, when this run seeded.
     seeded_in: Option<Duration>,
+    /// The query of page `FAR_PAGE`, as the server's next links reach it.
+    far_page: String,
 }
 
-/// Seeds the data set (or checks that the server holds it), and checks that the server
-/// pages with `_offset`, as the paging measure assumes.
+/// Seeds the data set (or checks that the server holds it), and finds page `FAR_PAGE` by the
+/// server's next links.
 async fn setup(options: &Options) -> anyhow::Result<Setup> {
     let bearer = options.target.bearer(&ADMIN)?;
     let client = http_client(
@@ -143,6 +145,7 @@ async fn setup(options: &Options) -> anyhow::Result<Setup> {
         shape,
         kinds: options.kinds(),
         seeded_in: None,
+        far_page: String::new(),
     };
     let first_held = setup.holds(0).await?;
     if options.skip_seed {
@@ -162,7 +165,7 @@ async fn setup(options: &Options) -> anyhow::Result<Setup> {
         );
         setup.seeded_in = Some(setup.seed(options.seed_concurrency).await?);
     }
-    setup.check_paging().await?;
+    setup.far_page = setup.find_far_page().await?;
     Ok(setup)
 }
 
@@ -221,25 +224,27 @@ impl Setup {
         Ok(started.elapsed())
     }
 
-    /// The paging measure asks for `_offset` directly; this checks that the server's own
-    /// `next` link pages that way too.
-    async fn check_paging(&self) -> anyhow::Result<()> {
-        let response = self.get(&format!("_count={PAGE}")).send().await?;
-        let body: Value = serde_json::from_str(&success_text(response, "a first page").await?)?;
-        let next = body["link"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|l| l["relation"] == "next")
-            .and_then(|l| l["url"].as_str())
-            .unwrap_or_default();
-        if !next.contains(&format!("_offset={PAGE}")) {
-            bail!(
-                "the first page's next link is '{next}', not an _offset of {PAGE}: the paging \
-                 measure (page-500 as _offset) no longer follows the server"
-            );
+    /// The query of page `FAR_PAGE` of the unfiltered listing as the server's own `next`
+    /// links reach it (a keyset `_cursor` since issue 16, `_offset` before), found once by
+    /// following them from the first page; the paging measure then asks for it directly.
+    async fn find_far_page(&self) -> anyhow::Result<String> {
+        let mut query = format!("_count={PAGE}");
+        for page in 1..FAR_PAGE {
+            let response = self.get(&query).send().await?;
+            let body: Value = serde_json::from_str(&success_text(response, "a page").await?)?;
+            let next = body["link"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str())
+                .unwrap_or_default();
+            let Some((_, next_query)) = next.split_once('?') else {
+                bail!("page {page} of the unfiltered listing has no next link ('{next}')");
+            };
+            query = next_query.to_string();
         }
-        Ok(())
+        Ok(query)
     }
 }
 
@@ -254,7 +259,13 @@ struct Failure {
 /// judging is not timed.
 async fn search_once(setup: &Setup, query: &Query) -> (Duration, Result<Answer, Failure>) {
     let sent = Instant::now();
-    let outcome = match setup.get(&query.text).send().await {
+    // Page 500 is asked for as the server's next links reach it (see `find_far_page`).
+    let text = if query.kind == Kind::Page500 {
+        &setup.far_page
+    } else {
+        &query.text
+    };
+    let outcome = match setup.get(text).send().await {
         Ok(response) => {
             let status = response.status();
             response.bytes().await.map(|body| (status, body))

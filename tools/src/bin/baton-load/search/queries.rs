@@ -31,8 +31,8 @@ pub enum Kind {
     /// Paging: the first page of 20 of the unfiltered listing.
     #[value(name = "page-1")]
     Page1,
-    /// Paging: page 500 of 20 of the same listing (`_offset=9980`, as the server's `next`
-    /// links page).
+    /// Paging: page 500 of 20 of the same listing, as the server's `next` links reach it
+    /// (found once at start-up; `_offset=9980` stands for it here).
     #[value(name = "page-500")]
     Page500,
 }

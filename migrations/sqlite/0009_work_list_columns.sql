@@ -1,0 +1,45 @@
+-- Work lists (issue 16): the search values task-queue applications filter and sort by all
+-- day live on the Task row as well as in the index tables (see fhir::search::TaskColumns),
+-- so that one index on the row serves a whole work-list search instead of intersecting
+-- lists of ids from task_token and task_date. The index tables stay the source for every
+-- other parameter and for Tasks with several performer types (`performer` = '').
+ALTER TABLE task ADD COLUMN status TEXT;
+ALTER TABLE task ADD COLUMN owner TEXT;
+ALTER TABLE task ADD COLUMN performer TEXT;
+ALTER TABLE task ADD COLUMN performer_system TEXT;
+ALTER TABLE task ADD COLUMN due_start TEXT;
+ALTER TABLE task ADD COLUMN due_end TEXT;
+ALTER TABLE task ADD COLUMN authored_on TEXT;
+
+-- Tasks written before this migration get their columns from their index rows.
+UPDATE task SET
+    status = (SELECT value FROM task_token k WHERE k.task_id = task.id AND k.param = 'status'),
+    owner = (SELECT value FROM task_token k WHERE k.task_id = task.id AND k.param = 'owner'),
+    performer = (SELECT CASE WHEN count(*) = 1 THEN max(value) WHEN count(*) > 1 THEN '' END
+                 FROM task_token k WHERE k.task_id = task.id AND k.param = 'performer'),
+    performer_system = (SELECT CASE WHEN count(*) = 1 THEN max(system) END
+                 FROM task_token k WHERE k.task_id = task.id AND k.param = 'performer'),
+    due_start = (SELECT start_at FROM task_date d WHERE d.task_id = task.id AND d.param = 'due-date'),
+    due_end = (SELECT end_at FROM task_date d WHERE d.task_id = task.id AND d.param = 'due-date'),
+    authored_on = (SELECT start_at FROM task_date d WHERE d.task_id = task.id AND d.param = 'authored-on')
+WHERE deleted = 0;
+
+-- Every index is partial on live Tasks and ends in (last_updated, id), the tie-break of every
+-- sort, so that a search walks it in the order it answers in and stops at `_count`.
+-- "Status X, oldest first": `status=requested`, and any status list.
+CREATE INDEX task_by_status ON task (status, last_updated, id) WHERE deleted = 0;
+-- "My tasks": an owner's Tasks by status; a few hundred at most, sorted after. Owned Tasks
+-- only, so that `owner IS NULL` (role queues) is left to task_queue.
+CREATE INDEX task_by_owner ON task (owner, status, priority_rank)
+    WHERE deleted = 0 AND owner IS NOT NULL;
+-- Role queues: unowned Tasks by performer type and status, oldest first.
+CREATE INDEX task_queue ON task (performer, status, last_updated, id)
+    WHERE deleted = 0 AND owner IS NULL;
+-- "Due soonest" and "overdue": walked in due-date order; the status at the end lets a
+-- count of open Tasks be answered from the index alone.
+CREATE INDEX task_by_due ON task (due_start, last_updated, id, status) WHERE deleted = 0;
+-- `_sort=authored-on` walks this one.
+CREATE INDEX task_by_authored ON task (authored_on, last_updated, id) WHERE deleted = 0;
+-- `(param, value, task_id)` cannot check a system without reading the table.
+CREATE INDEX task_token_system ON task_token (param, value, system, task_id);
+DROP INDEX task_token_lookup;

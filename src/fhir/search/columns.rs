@@ -1,0 +1,146 @@
+//! Work-list columns: the few search values that task-queue applications filter and sort by
+//! all day (status, owner, performer type, due date, authored date), which the store keeps on
+//! the Task row itself, beside the generic index tables, so that one index on the row can serve
+//! a whole work-list search. They are derived here from the `TaskIndex`, the one reading of a
+//! Task for search, so a column can never disagree with the index rows written beside it, and
+//! `store::search_sql` translates a predicate on such a parameter to the column exactly when
+//! the result is the same.
+//!
+//! A column holds the parameter's one value, or NULL when the Task has none. `status`, `owner`,
+//! `due-date` and `authored-on` have at most one value by construction (`index_task` reads a
+//! single element for each); `performer` (every coding of every `performerType`) may have
+//! several, and then its column holds `SEVERAL` (the empty string, which no indexed code can
+//! be) and the search falls back to the index table for that Task.
+
+use super::index::TaskIndex;
+
+/// What the `performer` column holds for a Task with more than one performer type coding.
+/// Indexed codes are never empty (`TaskIndex::token` skips them), so it cannot be a code.
+pub const SEVERAL: &str = "";
+
+/// The work-list values of one Task version, as the store writes them on its row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskColumns {
+    /// `status` (its system is always the task-status system).
+    pub status: Option<String>,
+    /// `owner`: the normalised reference, or `task::OWNER_WITHOUT_REFERENCE`.
+    pub owner: Option<String>,
+    /// `performer`: the one code, or `SEVERAL`.
+    pub performer: Option<String>,
+    /// The system of the one performer code (None when it has none, or for `SEVERAL`).
+    pub performer_system: Option<String>,
+    /// `due-date` as its range `[start, end)`.
+    pub due_start: Option<String>,
+    pub due_end: Option<String>,
+    /// The start of `authored-on`, its sort key.
+    pub authored_on: Option<String>,
+}
+
+impl TaskColumns {
+    /// The columns of a Task whose search values are `index`.
+    pub fn from_index(index: &TaskIndex) -> TaskColumns {
+        let token = |param: &str| {
+            index
+                .tokens
+                .iter()
+                .find(|t| t.param == param)
+                .map(|t| t.value.clone())
+        };
+        let date = |param: &str| index.dates.iter().find(|d| d.param == param);
+        let performers: Vec<_> = index
+            .tokens
+            .iter()
+            .filter(|t| t.param == "performer")
+            .collect();
+        let (performer, performer_system) = match performers.as_slice() {
+            [] => (None, None),
+            [one] => (Some(one.value.clone()), one.system.clone()),
+            _ => (Some(SEVERAL.to_string()), None),
+        };
+        let due = date("due-date");
+        TaskColumns {
+            status: token("status"),
+            owner: token("owner"),
+            performer,
+            performer_system,
+            due_start: due.map(|d| d.start.clone()),
+            due_end: due.map(|d| d.end.clone()),
+            authored_on: date("authored-on").map(|d| d.start.clone()),
+        }
+    }
+}
+
+/// The parameters whose values `index_task` extracts at most once per Task, so that a column
+/// holds all of them (checked by a test over every element that feeds them).
+pub const SINGLE_VALUED: &[&str] = &["status", "owner", "due-date", "authored-on"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::search::index_task;
+    use serde_json::json;
+
+    const BASE: &str = "http://baton.test/fhir";
+
+    #[test]
+    fn columns_hold_the_one_value_or_say_several() {
+        let task = json!({
+            "resourceType": "Task", "id": "a", "meta": { "lastUpdated": "2024-01-01T00:00:00.000Z" },
+            "status": "ready", "intent": "order",
+            "owner": { "reference": "Practitioner/p1" },
+            "performerType": [{ "coding": [{ "system": "urn:q", "code": "triage" }] }],
+            "restriction": { "period": { "end": "2024-03-10" } },
+            "authoredOn": "2024-02-01T10:00:00Z",
+        });
+        let columns = TaskColumns::from_index(&index_task(&task, BASE));
+        assert_eq!(columns.status.as_deref(), Some("ready"));
+        assert_eq!(columns.owner.as_deref(), Some("Practitioner/p1"));
+        assert_eq!(columns.performer.as_deref(), Some("triage"));
+        assert_eq!(columns.performer_system.as_deref(), Some("urn:q"));
+        assert!(columns.due_start.is_some() && columns.due_start < columns.due_end);
+        assert!(columns.authored_on.is_some());
+
+        let several = json!({
+            "resourceType": "Task", "id": "b", "meta": { "lastUpdated": "2024-01-01T00:00:00.000Z" },
+            "status": "ready", "intent": "order",
+            "owner": { "display": "the ward clerk" },
+            "performerType": [{ "coding": [{ "system": "urn:q", "code": "triage" }, { "code": "x" }] }],
+        });
+        let columns = TaskColumns::from_index(&index_task(&several, BASE));
+        assert_eq!(columns.performer.as_deref(), Some(SEVERAL));
+        assert_eq!(columns.performer_system, None);
+        assert_eq!(
+            columns.owner.as_deref(),
+            Some(crate::fhir::task::OWNER_WITHOUT_REFERENCE)
+        );
+        assert_eq!(columns.due_start, None);
+        assert_eq!(columns.authored_on, None);
+    }
+
+    /// A column can hold only one value: every element that feeds a single-valued parameter
+    /// is filled in here at once, and each must still give one index entry.
+    #[test]
+    fn single_valued_parameters_never_index_two_values() {
+        let crowded = json!({
+            "resourceType": "Task", "id": "c", "meta": { "lastUpdated": "2024-01-01T00:00:00.000Z" },
+            "status": "ready", "intent": "order",
+            "owner": { "reference": "Practitioner/p1", "display": "Dr One", "identifier": { "value": "x" } },
+            "restriction": { "period": { "start": "2024-03-01", "end": "2024-03-10" } },
+            "authoredOn": "2024-02-01T10:00:00Z",
+            "lastModified": "2024-02-02T10:00:00Z",
+        });
+        let unresolved = json!({
+            "resourceType": "Task", "id": "d", "meta": { "lastUpdated": "2024-01-01T00:00:00.000Z" },
+            "status": "ready", "intent": "order",
+            "owner": { "reference": "#contained", "display": "someone" },
+        });
+        for task in [crowded, unresolved] {
+            let index = index_task(&task, BASE);
+            for param in SINGLE_VALUED {
+                let tokens = index.tokens.iter().filter(|t| t.param == *param).count();
+                let dates = index.dates.iter().filter(|d| d.param == *param).count();
+                assert!(tokens + dates <= 1, "{param} of {task}");
+            }
+        }
+    }
+}
