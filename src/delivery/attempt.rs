@@ -2,7 +2,8 @@
 //! it on its channel, record the result. The attempt frees its delivery slot as soon as its
 //! send is done, and records the result through the `Recorder`, which writes the results of
 //! many attempts at once; the attempt ends (and its subscription may be tried again) once
-//! its result is committed.
+//! its result is committed — or at once, for a plain websocket delivery on SQLite, which
+//! runs ahead of its record (`record`).
 //!
 //! The attempt reads the clock at its two edges, when it starts and when a send has failed,
 //! and hands the instant to the pure decisions: what to send (`choose_payload`), what a
@@ -114,7 +115,7 @@ async fn try_attempt(
     // (Looked up after the read, a commit in between would leave the row read stale and
     // the position forgotten, and the events would be sent twice.)
     let sent_ahead = deliverer.recorder.sent_through(id);
-    let Some(sub) = deliverer
+    let Some(mut sub) = deliverer
         .store
         .claim_subscription(id, node, deliverer.lease + default_timeout)
         .await?
@@ -127,7 +128,6 @@ async fn try_attempt(
             _ => Outcome::Gone,
         });
     };
-    let mut sub = sub;
     // A position past the subscription's last event belongs to a deleted subscription whose
     // id was used again: it is not this one's.
     if let Some(sent) = sent_ahead

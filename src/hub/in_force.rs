@@ -122,6 +122,18 @@ impl Hub {
         }
     }
 
+    /// What every thread preparing start-up rows shares: each topic's filters, and the index's
+    /// preparer (what a candidate needs to be made ready off the index lock).
+    fn start_up_parts(&self) -> (Vec<TopicFilters>, Preparer) {
+        let topics = self.topics.iter().map(topic_filters).collect();
+        let preparer = self
+            .index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .preparer();
+        (topics, preparer)
+    }
+
     /// Puts a page of the live subscriptions read at start-up in force, as `put_in_force` with
     /// `Occasion::StartUp` does one by one, but from each row's matching form: the page is read
     /// on every core, no spec is kept (delivery parses, and caches, what it delivers to), and
@@ -133,14 +145,8 @@ impl Hub {
         &self,
         page: &[LiveSubscription],
     ) -> Result<Vec<MatchingFormRow>> {
-        let topics: Vec<TopicFilters> = self.topics.iter().map(topic_filters).collect();
-        let topics = &topics;
-        let preparer = self
-            .index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .preparer();
-        let preparer = &preparer;
+        let (topics, preparer) = self.start_up_parts();
+        let (topics, preparer) = (&topics, &preparer);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = page.len().div_ceil(threads).max(1);
         let loaded: Vec<Result<Vec<StartUp>>> = std::thread::scope(|scope| {
@@ -184,14 +190,8 @@ impl Hub {
         back: &mpsc::UnboundedSender<Returned>,
         fresh: Fresh,
     ) -> Result<usize> {
-        let topics: Vec<TopicFilters> = self.topics.iter().map(topic_filters).collect();
-        let topics = &topics;
-        let preparer = self
-            .index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .preparer();
-        let preparer = &preparer;
+        let (topics, preparer) = self.start_up_parts();
+        let (topics, preparer) = (&topics, &preparer);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         // The pages, numbered as they are taken, so that they are filed in the order read.
         let pages = std::sync::Mutex::new((pages, 0usize));
