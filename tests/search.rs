@@ -390,8 +390,9 @@ async fn paging_reaches_the_last_page() {
 async fn bad_search_parameters_are_explained() {
     let server = TestServer::start().await;
     let admin = server.admin();
+    // Bad values and unsupported modifiers of known parameters are refused whatever the
+    // handling: ignoring them would widen the result.
     for query in [
-        "colour=red",
         "status:exact=requested",
         "authored-on=yesterday",
         "authored-on=xx2024-01-01",
@@ -401,19 +402,80 @@ async fn bad_search_parameters_are_explained() {
         "_revinclude=Task:owner",
         "owner:missing=maybe",
     ] {
-        let (status, outcome) = server.get(&format!("/Task?{query}"), &admin).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
-        assert_eq!(outcome["resourceType"], "OperationOutcome", "{query}");
+        for prefer in ["handling=lenient", "handling=strict"] {
+            let r = server
+                .request(reqwest::Method::GET, &format!("/Task?{query}"), &admin)
+                .header("prefer", prefer)
+                .send()
+                .await
+                .unwrap();
+            let (status, outcome) = common::body(r).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{query} {prefer}: {outcome}");
+            assert_eq!(outcome["resourceType"], "OperationOutcome", "{query}");
+        }
     }
-    // Lenient handling ignores what it does not know.
+    // Strict handling refuses an unknown parameter, naming it.
     let r = server
         .request(reqwest::Method::GET, "/Task?colour=red", &admin)
-        .header("prefer", "handling=lenient")
+        .header("prefer", "handling=strict")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let (_, outcome) = server.get("/Task?colour=red", &admin).await;
+    let (status, outcome) = common::body(r).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_outcome(&outcome, "not-supported");
+    assert!(outcome.to_string().contains("colour"), "{outcome}");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_parameters_are_ignored_by_default_and_left_out_of_self() {
+    let f = fixture().await;
+    let (server, admin) = (&f.server, &f.admin);
+    let strict_ids = server.search_ids("status=completed", admin).await;
+    assert_eq!(strict_ids, vec![f.ids["lab2"].clone()]);
+    for prefer in [None, Some("handling=lenient")] {
+        let mut request = server.request(
+            reqwest::Method::GET,
+            "/Task?colour=red&status=completed&_totalMethod=count&_elements=id",
+            admin,
+        );
+        if let Some(prefer) = prefer {
+            request = request.header("prefer", prefer);
+        }
+        let (status, bundle) = common::body(request.send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{prefer:?}: {bundle}");
+        assert_eq!(match_ids(&bundle), strict_ids, "{prefer:?}");
+        let self_link = bundle["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "self")
+            .unwrap()["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(self_link.contains("status=completed"), "{self_link}");
+        assert!(!self_link.contains("colour"), "{self_link}");
+        assert!(!self_link.contains("_totalMethod"), "{self_link}");
+    }
+    // fhirpy's count(): `_count=0` with `_totalMethod=count`, read from `total`.
+    let (status, bundle) = server
+        .get("/Task?status=requested&_totalMethod=count&_count=0", admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    assert_eq!(bundle["total"], 5);
+    assert!(bundle.get("entry").is_none(), "{bundle}");
+    for total in ["none", "estimate", "accurate"] {
+        let (status, bundle) = server
+            .get(&format!("/Task?status=requested&_total={total}"), admin)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{bundle}");
+        if total == "none" {
+            assert!(bundle.get("total").is_none(), "{bundle}");
+        } else {
+            assert_eq!(bundle["total"], 5, "{total}");
+        }
+    }
+    f.server.stop().await;
 }

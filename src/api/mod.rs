@@ -345,7 +345,9 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value> {
 pub struct Prefer {
     pub minimal: bool,
     pub outcome: bool,
-    pub lenient: bool,
+    /// `handling=strict`: an unknown search parameter is an error. Lenient (the default the
+    /// FHIR search page recommends, and `handling=lenient`) ignores it.
+    pub strict: bool,
 }
 
 impl Prefer {
@@ -357,7 +359,8 @@ impl Prefer {
                 match item {
                     "return=minimal" => prefer.minimal = true,
                     "return=OperationOutcome" => prefer.outcome = true,
-                    "handling=lenient" => prefer.lenient = true,
+                    "handling=strict" => prefer.strict = true,
+                    "handling=lenient" => prefer.strict = false,
                     _ => {}
                 }
             }

@@ -60,10 +60,10 @@ async fn run_search(
     pairs: Vec<(String, String)>,
 ) -> Result<Response> {
     let prefer = Prefer::from_headers(headers);
-    let handling = if prefer.lenient {
-        Handling::Lenient
-    } else {
+    let handling = if prefer.strict {
         Handling::Strict
+    } else {
+        Handling::Lenient
     };
     let query = search::parse_query(&pairs, &state.search_limits, &state.base_url, handling)?;
     // A malformed query is refused above without taking a slot; from here on the search

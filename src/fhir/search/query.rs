@@ -61,6 +61,9 @@ pub struct SearchLimits {
 }
 
 /// `Prefer: handling=strict|lenient`: whether an unknown parameter is an error or ignored.
+/// Lenient is what a search gets by default (the FHIR search page's recommendation); an
+/// ignored parameter is left out of `link_params`, so the Bundle's `self` link shows what was
+/// applied. Bad values and unsupported modifiers of known parameters are errors either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handling {
     Strict,
@@ -138,7 +141,7 @@ pub fn parse_query(
         } else if handling == Handling::Strict {
             return Err(Error::not_supported(format!(
                 "The search parameter '{key}' is not supported on Task. Supported parameters: {}; \
-                 control parameters: {}. Send 'Prefer: handling=lenient' to have unknown parameters ignored.",
+                 control parameters: {}. Without 'Prefer: handling=strict' unknown parameters are ignored.",
                 TASK_PARAMS
                     .iter()
                     .map(|d| d.code)
