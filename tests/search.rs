@@ -410,7 +410,11 @@ async fn bad_search_parameters_are_explained() {
                 .await
                 .unwrap();
             let (status, outcome) = common::body(r).await;
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{query} {prefer}: {outcome}");
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{query} {prefer}: {outcome}"
+            );
             assert_eq!(outcome["resourceType"], "OperationOutcome", "{query}");
         }
     }

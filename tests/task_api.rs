@@ -406,3 +406,306 @@ async fn operator_endpoints_and_metadata() {
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     server.stop().await;
 }
+
+/// Sends a PATCH with the given content type and body; answers the status and JSON body.
+async fn patch(
+    server: &TestServer,
+    id: &str,
+    token: &str,
+    content_type: &str,
+    if_match: Option<&str>,
+    body_value: &Value,
+) -> (StatusCode, Value) {
+    let mut request = server
+        .request(Method::PATCH, &format!("/Task/{id}"), token)
+        .header("content-type", content_type)
+        .body(body_value.to_string());
+    if let Some(version) = if_match {
+        request = request.header("if-match", format!("W/\"{version}\""));
+    }
+    body(request.send().await.unwrap()).await
+}
+
+fn fhirpath_op(parts: Value) -> Value {
+    json!({ "name": "operation", "part": parts })
+}
+
+fn parameters(operations: Vec<Value>) -> Value {
+    json!({ "resourceType": "Parameters", "parameter": operations })
+}
+
+#[tokio::test]
+async fn patches_in_every_form_clients_send() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+    let mut new = task("requested", Some("Practitioner/alice"));
+    new["note"] = json!([{ "text": "first" }]);
+    let created = server.create_task(&new).await;
+    let id = created["id"].as_str().unwrap().to_string();
+
+    // JSON Merge Patch: a member changes, a null removes one.
+    let (status, patched) = patch(
+        &server,
+        &id,
+        &alice,
+        "application/merge-patch+json",
+        Some("1"),
+        &json!({ "status": "accepted", "note": null, "description": "draw blood" }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["status"], "accepted");
+    assert_eq!(patched["description"], "draw blood");
+    assert!(patched.get("note").is_none(), "{patched}");
+    assert_eq!(patched["meta"]["versionId"], "2");
+
+    // fhirpy's patch(): the elements to change as application/json, resourceType included.
+    let (status, patched) = patch(
+        &server,
+        &id,
+        &alice,
+        "application/json",
+        None,
+        &json!({ "resourceType": "Task", "status": "in-progress" }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["status"], "in-progress");
+    assert_eq!(patched["description"], "draw blood");
+
+    // FHIRPath Patch: add a note, replace inside it, insert before it, move, delete.
+    let operations = vec![
+        fhirpath_op(json!([
+            { "name": "type", "valueCode": "add" },
+            { "name": "path", "valueString": "Task" },
+            { "name": "name", "valueString": "note" },
+            { "name": "value", "valueAnnotation": { "text": "second" } },
+        ])),
+        fhirpath_op(json!([
+            { "name": "type", "valueCode": "insert" },
+            { "name": "path", "valueString": "Task.note" },
+            { "name": "index", "valueInteger": 0 },
+            { "name": "value", "valueAnnotation": { "text": "first" } },
+        ])),
+        fhirpath_op(json!([
+            { "name": "type", "valueCode": "replace" },
+            { "name": "path", "valueString": "Task.note[1].text" },
+            { "name": "value", "valueString": "second, changed" },
+        ])),
+        fhirpath_op(json!([
+            { "name": "type", "valueCode": "move" },
+            { "name": "path", "valueString": "Task.note" },
+            { "name": "source", "valueInteger": 1 },
+            { "name": "destination", "valueInteger": 0 },
+        ])),
+        fhirpath_op(json!([
+            { "name": "type", "valueCode": "delete" },
+            { "name": "path", "valueString": "Task.description" },
+        ])),
+    ];
+    let (status, patched) = patch(
+        &server,
+        &id,
+        &alice,
+        "application/fhir+json",
+        Some("3"),
+        &parameters(operations),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(
+        patched["note"],
+        json!([{ "text": "second, changed" }, { "text": "first" }])
+    );
+    assert!(patched.get("description").is_none(), "{patched}");
+    assert_eq!(patched["meta"]["versionId"], "4");
+
+    // Each form honours If-Match, the state machine and the roles; a refusal stores nothing.
+    let replace_status = |status: &str| {
+        parameters(vec![fhirpath_op(json!([
+            { "name": "type", "valueCode": "replace" },
+            { "name": "path", "valueString": "Task.status" },
+            { "name": "value", "valueCode": status },
+        ]))])
+    };
+    let refusals: Vec<(&str, &str, Option<&str>, Value, StatusCode, &str)> = vec![
+        (
+            "application/merge-patch+json",
+            "alice",
+            Some("3"),
+            json!({ "status": "completed" }),
+            StatusCode::PRECONDITION_FAILED,
+            "If-Match names version 3",
+        ),
+        (
+            "application/fhir+json",
+            "alice",
+            Some("2"),
+            replace_status("completed"),
+            StatusCode::PRECONDITION_FAILED,
+            "If-Match names version 2",
+        ),
+        (
+            "application/json",
+            "alice",
+            None,
+            json!({ "owner": { "reference": "Practitioner/bob" } }),
+            StatusCode::FORBIDDEN,
+            "",
+        ),
+        (
+            "application/json",
+            "alice",
+            None,
+            json!({ "status": "finished" }),
+            StatusCode::BAD_REQUEST,
+            "Task.status",
+        ),
+        (
+            "application/merge-patch+json",
+            "alice",
+            None,
+            json!(["not", "an", "object"]),
+            StatusCode::BAD_REQUEST,
+            "a merge patch must be a JSON object",
+        ),
+        (
+            "application/fhir+json",
+            "alice",
+            None,
+            parameters(vec![fhirpath_op(json!([
+                { "name": "type", "valueCode": "replace" },
+                { "name": "path", "valueString": "Task.note.where(text='first').text" },
+                { "name": "value", "valueString": "x" },
+            ]))]),
+            StatusCode::BAD_REQUEST,
+            "Task.note.where(text='first').text",
+        ),
+        (
+            "application/fhir+json",
+            "alice",
+            None,
+            parameters(vec![fhirpath_op(json!([
+                { "name": "type", "valueCode": "replace" },
+                { "name": "path", "valueString": "Task.note" },
+                { "name": "value", "valueAnnotation": { "text": "x" } },
+            ]))]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "FHIRPath Patch operation 0 (replace at 'Task.note')",
+        ),
+        (
+            "application/fhir+json",
+            "alice",
+            None,
+            task("requested", Some("Practitioner/alice")),
+            StatusCode::BAD_REQUEST,
+            "must be a FHIRPath Patch",
+        ),
+        (
+            "text/plain",
+            "alice",
+            None,
+            json!({ "status": "completed" }),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "application/merge-patch+json",
+        ),
+    ];
+    for (content_type, who, if_match, patch_body, expected, fragment) in refusals {
+        let token = if who == "alice" { &alice } else { &admin };
+        let (status, outcome) =
+            patch(&server, &id, token, content_type, if_match, &patch_body).await;
+        assert_eq!(status, expected, "{content_type} {patch_body}: {outcome}");
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
+        assert!(
+            outcome.to_string().contains(fragment),
+            "{fragment}: {outcome}"
+        );
+    }
+    // Completed is terminal: no patch form brings it back.
+    let (status, _) = patch(
+        &server,
+        &id,
+        &alice,
+        "application/fhir+json",
+        None,
+        &replace_status("completed"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for (content_type, patch_body) in [
+        (
+            "application/merge-patch+json",
+            json!({ "status": "in-progress" }),
+        ),
+        ("application/json", json!({ "status": "in-progress" })),
+        ("application/fhir+json", replace_status("in-progress")),
+    ] {
+        let (status, outcome) = patch(&server, &id, &alice, content_type, None, &patch_body).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{content_type}: {outcome}"
+        );
+    }
+    let (_, read) = server.get(&format!("/Task/{id}"), &admin).await;
+    assert_eq!(
+        read["meta"]["versionId"], "5",
+        "only the accepted patches wrote: {read}"
+    );
+    assert_eq!(read["status"], "completed");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn patches_are_bounded_like_json_patch() {
+    let server = TestServer::start_with(|c| c.limits.max_patch_operations = 3).await;
+    let admin = server.admin();
+    let created = server.create_task(&task("requested", None)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let wide = json!({ "description": "a", "priority": "urgent", "note": [{ "text": "n" }],
+                       "authoredOn": "2024-01-01" });
+    let (status, outcome) = patch(
+        &server,
+        &id,
+        &admin,
+        "application/merge-patch+json",
+        None,
+        &wide,
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{outcome}");
+    assert!(
+        outcome.to_string().contains("limits.max_patch_operations"),
+        "{outcome}"
+    );
+    let delete = fhirpath_op(json!([
+        { "name": "type", "valueCode": "delete" },
+        { "name": "path", "valueString": "Task.note" },
+    ]));
+    let (status, outcome) = patch(
+        &server,
+        &id,
+        &admin,
+        "application/fhir+json",
+        None,
+        &parameters(vec![delete; 4]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{outcome}");
+    // A body past max_body_bytes is a 413 before it is read as a patch of any form.
+    let huge = json!({ "description": "x".repeat(2 * 1024 * 1024) });
+    let (status, _) = patch(
+        &server,
+        &id,
+        &admin,
+        "application/merge-patch+json",
+        None,
+        &huge,
+    )
+    .await;
+    assert!(status == StatusCode::PAYLOAD_TOO_LARGE, "{status}");
+    let (_, read) = server.get(&format!("/Task/{id}"), &admin).await;
+    assert_eq!(read["meta"]["versionId"], "1", "{read}");
+    server.stop().await;
+}

@@ -189,8 +189,9 @@ async fn record_request(request: Request, next: Next) -> Response {
 pub enum BodyKind {
     /// `application/fhir+json` or `application/json`.
     FhirJson,
-    /// `application/json-patch+json`.
-    JsonPatch,
+    /// A PATCH body: `application/json-patch+json`, `application/merge-patch+json`, or
+    /// `application/fhir+json` / `application/json` (FHIRPath Patch or merge patch).
+    Patch,
     /// `application/x-www-form-urlencoded` (POST `_search`).
     Form,
 }
@@ -201,7 +202,13 @@ impl BodyKind {
             BodyKind::FhirJson => {
                 matches!(media_type, "application/fhir+json" | "application/json")
             }
-            BodyKind::JsonPatch => media_type == "application/json-patch+json",
+            BodyKind::Patch => matches!(
+                media_type,
+                "application/json-patch+json"
+                    | "application/merge-patch+json"
+                    | "application/fhir+json"
+                    | "application/json"
+            ),
             BodyKind::Form => media_type == "application/x-www-form-urlencoded",
         }
     }
@@ -209,10 +216,27 @@ impl BodyKind {
     fn expected(self) -> &'static str {
         match self {
             BodyKind::FhirJson => "application/fhir+json or application/json",
-            BodyKind::JsonPatch => "application/json-patch+json",
+            BodyKind::Patch => {
+                "application/json-patch+json, application/merge-patch+json or application/fhir+json \
+                 (FHIRPath Patch)"
+            }
             BodyKind::Form => "application/x-www-form-urlencoded",
         }
     }
+}
+
+/// The body's media type: `Content-Type` without its parameters, lower-cased.
+pub fn media_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
 }
 
 /// Reads a body of the expected kind, enforcing the size limit, and returns its bytes.
@@ -223,17 +247,7 @@ pub async fn read_body(
     kind: BodyKind,
 ) -> Result<Bytes> {
     check_content_encoding(headers)?;
-    let media_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
-    match media_type {
+    match media_type(headers) {
         Some(m) if kind.accepts(&m) => {}
         Some(m) => {
             return Err(Error::client(
