@@ -709,3 +709,195 @@ async fn patches_are_bounded_like_json_patch() {
     assert_eq!(read["meta"]["versionId"], "1", "{read}");
     server.stop().await;
 }
+
+/// Waits (bounded) until the clock has passed `instant` at the store's millisecond precision,
+/// so that the next write gets a later `lastUpdated` than it.
+async fn after_instant(instant: &str) {
+    common::eventually("the clock passes the last write", || async {
+        let now = time::OffsetDateTime::now_utc();
+        let then =
+            time::OffsetDateTime::parse(instant, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+        (now - then > time::Duration::milliseconds(1)).then_some(())
+    })
+    .await;
+}
+
+/// Every entry of a type-level history, following `next` links to the end.
+async fn all_history(server: &TestServer, first: &str, token: &str) -> Vec<Value> {
+    let mut entries = Vec::new();
+    let mut url = first.to_string();
+    for _ in 0..50 {
+        let (status, bundle) = server.get(&url, token).await;
+        assert_eq!(status, StatusCode::OK, "{url}: {bundle}");
+        assert_eq!(bundle["type"], "history");
+        entries.extend(bundle["entry"].as_array().cloned().unwrap_or_default());
+        let next = bundle["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+        match next {
+            Some(next) => url = next.strip_prefix(&server.base).unwrap().to_string(),
+            None => return entries,
+        }
+    }
+    panic!("the history did not end in 50 pages");
+}
+
+/// (id, version) of each entry, in order.
+fn versions_of(entries: &[Value]) -> Vec<(String, String)> {
+    entries
+        .iter()
+        .map(|e| {
+            let url = e["fullUrl"].as_str().unwrap();
+            let id = url.rsplit('/').next().unwrap().to_string();
+            let etag = e["response"]["etag"].as_str().unwrap();
+            (
+                id,
+                etag.trim_start_matches("W/").trim_matches('"').to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn type_level_history_pages_every_version_newest_first_under_the_read_rule() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+    let bob = server.practitioner("Practitioner/bob");
+    // A: alice's, updated by her, then handed to bob by an admin. B: bob's, then deleted.
+    let a = server
+        .create_task(&task("requested", Some("Practitioner/alice")))
+        .await;
+    let a_id = a["id"].as_str().unwrap().to_string();
+    let mut stamps = vec![a["meta"]["lastUpdated"].as_str().unwrap().to_string()];
+    after_instant(&stamps[0]).await;
+    let b = server
+        .create_task(&task("requested", Some("Practitioner/bob")))
+        .await;
+    let b_id = b["id"].as_str().unwrap().to_string();
+    stamps.push(b["meta"]["lastUpdated"].as_str().unwrap().to_string());
+    for (token, owner, status) in [
+        (&alice, "Practitioner/alice", "accepted"),
+        (&admin, "Practitioner/bob", "in-progress"),
+    ] {
+        after_instant(stamps.last().unwrap()).await;
+        let mut next = task(status, Some(owner));
+        next["id"] = json!(a_id);
+        let (code, written) = server
+            .put_json(&format!("/Task/{a_id}"), token, &next)
+            .await;
+        assert_eq!(code, StatusCode::OK, "{written}");
+        stamps.push(written["meta"]["lastUpdated"].as_str().unwrap().to_string());
+    }
+    after_instant(stamps.last().unwrap()).await;
+    let response = server
+        .request(Method::DELETE, &format!("/Task/{b_id}"), &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+
+    let v = |id: &str, version: &str| (id.to_string(), version.to_string());
+    let everything = vec![
+        v(&b_id, "2"),
+        v(&a_id, "3"),
+        v(&a_id, "2"),
+        v(&b_id, "1"),
+        v(&a_id, "1"),
+    ];
+    // One page, then pages of two: the same versions, newest first, none twice.
+    let all = all_history(&server, "/Task/_history", &admin).await;
+    assert_eq!(versions_of(&all), everything);
+    assert_eq!(
+        versions_of(&all_history(&server, "/Task/_history?_count=2", &admin).await),
+        everything
+    );
+    let (_, first_page) = server.get("/Task/_history?_count=2", &admin).await;
+    assert_eq!(first_page["entry"].as_array().unwrap().len(), 2);
+    assert!(first_page.get("total").is_none(), "{first_page}");
+
+    // The deletion: request DELETE, no resource; the others carry request and response.
+    assert_eq!(
+        all[0]["request"],
+        json!({ "method": "DELETE", "url": format!("Task/{b_id}") })
+    );
+    assert!(all[0].get("resource").is_none(), "{}", all[0]);
+    assert_eq!(all[0]["response"]["status"], "204 No Content");
+    assert_eq!(
+        all[4]["request"],
+        json!({ "method": "POST", "url": "Task" })
+    );
+    assert_eq!(all[4]["response"]["status"], "201 Created");
+    assert_eq!(all[4]["response"]["lastModified"], stamps[0]);
+    assert_eq!(all[1]["request"]["method"], "PUT");
+    assert_eq!(all[1]["resource"]["meta"]["versionId"], "3");
+
+    // _since: from A's second version on. _at: what was current at A's first write.
+    let since = format!("/Task/_history?_since={}", stamps[2].replace('+', "%2B"));
+    assert_eq!(
+        versions_of(&all_history(&server, &since, &admin).await),
+        everything[..3].to_vec()
+    );
+    let at = format!("/Task/_history?_at={}", stamps[0]);
+    assert_eq!(
+        versions_of(&all_history(&server, &at, &admin).await),
+        vec![v(&a_id, "1")]
+    );
+    let at = format!("/Task/_history?_at={}", stamps[1]);
+    assert_eq!(
+        versions_of(&all_history(&server, &at, &admin).await),
+        vec![v(&b_id, "1"), v(&a_id, "1")]
+    );
+
+    // Each version is judged on its own content: alice sees A while it was hers, bob sees
+    // it since it is his, and his B with its deletion.
+    assert_eq!(
+        versions_of(&all_history(&server, "/Task/_history?_count=1", &alice).await),
+        vec![v(&a_id, "2"), v(&a_id, "1")]
+    );
+    assert_eq!(
+        versions_of(&all_history(&server, "/Task/_history", &bob).await),
+        vec![v(&b_id, "2"), v(&a_id, "3"), v(&b_id, "1")]
+    );
+    assert_eq!(
+        versions_of(&all_history(&server, "/Task/_history", &server.auditor()).await),
+        everything
+    );
+
+    // Bad values are 400s; an unknown parameter is ignored unless handling is strict.
+    for query in [
+        "_since=yesterday",
+        "_since=2026-01-01",
+        "_at=soon",
+        "_count=0",
+        "_cursor=abc",
+        "_count=1&_count=2",
+    ] {
+        let (status, outcome) = server.get(&format!("/Task/_history?{query}"), &admin).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+    }
+    let (status, bundle) = server
+        .get("/Task/_history?colour=red&_count=1", &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    assert!(
+        !bundle["link"][0]["url"]
+            .as_str()
+            .unwrap()
+            .contains("colour"),
+        "{bundle}"
+    );
+    let response = server
+        .request(Method::GET, "/Task/_history?colour=red", &admin)
+        .header("prefer", "handling=strict")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    server.stop().await;
+}

@@ -25,7 +25,7 @@ mod read;
 mod search;
 mod write;
 
-use read::{history, read, vread};
+use read::{history, read, type_history, vread};
 use search::{search_get, search_post};
 pub(crate) use write::parse_if_match;
 use write::{create, delete, patch, update};
@@ -34,6 +34,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/Task", post(create).get(search_get))
         .route("/Task/_search", post(search_post))
+        .route("/Task/_history", get(type_history))
         .route(
             "/Task/{id}",
             get(read).put(update).patch(patch).delete(delete),
