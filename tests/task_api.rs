@@ -901,3 +901,131 @@ async fn type_level_history_pages_every_version_newest_first_under_the_read_rule
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn conditional_reads_formats_and_locations() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let created = server.create_task(&task("requested", None)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let path = format!("/Task/{id}");
+    let read_with = |name: &'static str, value: String| {
+        server
+            .request(Method::GET, &path, &admin)
+            .header(name, value)
+            .send()
+    };
+    let first = server
+        .request(Method::GET, &path, &admin)
+        .send()
+        .await
+        .unwrap();
+    let last_modified = first.headers()["last-modified"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    // If-None-Match naming the current version, or If-Modified-Since at or after the last
+    // change: 304 with the validators and no body.
+    for (name, value) in [
+        ("if-none-match", "W/\"1\"".to_string()),
+        ("if-none-match", "\"1\"".to_string()),
+        ("if-none-match", "*".to_string()),
+        ("if-modified-since", last_modified.clone()),
+        (
+            "if-modified-since",
+            "Fri, 01 Jan 2100 00:00:00 GMT".to_string(),
+        ),
+    ] {
+        let response = read_with(name, value.clone()).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::NOT_MODIFIED,
+            "{name}: {value}"
+        );
+        assert_eq!(response.headers()["etag"], "W/\"1\"");
+        assert!(response.text().await.unwrap().is_empty());
+    }
+    for (name, value) in [
+        ("if-none-match", "W/\"2\"".to_string()),
+        (
+            "if-modified-since",
+            "Mon, 01 Jan 2001 00:00:00 GMT".to_string(),
+        ),
+        ("if-modified-since", "not a date".to_string()),
+    ] {
+        let response = read_with(name, value.clone()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{name}: {value}");
+    }
+
+    // Accept and _format: JSON in any of its names is fine, anything else a 406.
+    for accept in [
+        "application/fhir+json",
+        "application/fhir+json; fhirVersion=4.0",
+        "application/json",
+        "*/*",
+        "text/html, application/xhtml+xml, */*;q=0.8",
+    ] {
+        let response = read_with("accept", accept.to_string()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{accept}");
+    }
+    for accept in [
+        "application/fhir+xml",
+        "text/xml",
+        "application/xml, text/plain",
+        "application/fhir+json;q=0",
+    ] {
+        let response = read_with("accept", accept.to_string()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE, "{accept}");
+        let (_, outcome) = body(response).await;
+        assert_outcome(&outcome, "not-supported");
+    }
+    for (format, expected) in [
+        ("json", StatusCode::OK),
+        ("application/fhir%2Bjson", StatusCode::OK),
+        ("application/fhir+json", StatusCode::OK),
+        ("xml", StatusCode::NOT_ACCEPTABLE),
+        ("application/fhir%2Bxml", StatusCode::NOT_ACCEPTABLE),
+    ] {
+        let (status, _) = server.get(&format!("/Task?_format={format}"), &admin).await;
+        assert_eq!(status, expected, "_format={format}");
+    }
+    // _format wins over Accept.
+    let response = server
+        .request(Method::GET, &format!("{path}?_format=json"), &admin)
+        .header("accept", "application/fhir+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // Every create answers with Location …/{id}/_history/{vid}, and it can be read.
+    let mut subscription =
+        common::subscription(&server.base, "task-changed", &[], "unused", "id-only");
+    subscription["channel"] = json!({ "type": "websocket", "payload": "application/fhir+json" });
+    let response = server
+        .request(Method::POST, "/Subscription", &admin)
+        .header("content-type", "application/fhir+json")
+        .body(subscription.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let (_, created) = body(response).await;
+    let sub_id = created["id"].as_str().unwrap();
+    assert_eq!(
+        location,
+        format!("{}/Subscription/{sub_id}/_history/1", server.base)
+    );
+    let (status, read) = server
+        .get(location.strip_prefix(&server.base).unwrap(), &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read["id"], sub_id);
+    let (status, _) = server
+        .get(&format!("/Subscription/{sub_id}/_history/7"), &admin)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}

@@ -126,12 +126,7 @@ fn respond(
         fhir_json(status, resource)
     };
     let headers = response.headers_mut();
-    set_etag(headers, version);
-    if let Some(http_date) = http_date(last_updated)
-        && let Ok(value) = HeaderValue::from_str(&http_date)
-    {
-        headers.insert(header::LAST_MODIFIED, value);
-    }
+    set_validators(headers, version, last_updated);
     if with_location
         && let Ok(value) =
             HeaderValue::from_str(&format!("{}/Task/{id}/_history/{version}", state.base_url))
@@ -139,6 +134,16 @@ fn respond(
         headers.insert(header::LOCATION, value);
     }
     response
+}
+
+/// `ETag` and `Last-Modified`.
+fn set_validators(headers: &mut HeaderMap, version: Version, last_updated: &StoredInstant) {
+    set_etag(headers, version);
+    if let Some(http_date) = http_date(last_updated)
+        && let Ok(value) = HeaderValue::from_str(&http_date)
+    {
+        headers.insert(header::LAST_MODIFIED, value);
+    }
 }
 
 /// Formats an instant as an HTTP date (`Last-Modified`).

@@ -3,7 +3,7 @@
 //! versions the caller may only partly see.
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 
@@ -23,6 +23,7 @@ pub(super) async fn read(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response> {
     let id = TaskId::parse(&id)?;
     let current = readable_current(&state, &principal, &id).await?;
@@ -32,12 +33,56 @@ pub(super) async fn read(
             current.version,
         ));
     }
+    if not_modified(&headers, current.version, &current.last_updated) {
+        return Ok(not_modified_response(
+            current.version,
+            &current.last_updated,
+        ));
+    }
     Ok(current_response(
         &state,
         StatusCode::OK,
         &current,
         Prefer::default(),
     ))
+}
+
+/// Whether a conditional read may be answered 304: `If-None-Match` names the current
+/// version (or is `*`), or, without it, `If-Modified-Since` is no earlier than the last
+/// change (at the second, as HTTP dates go). An unreadable date is ignored, as HTTP says.
+fn not_modified(headers: &HeaderMap, version: Version, last_updated: &StoredInstant) -> bool {
+    if let Some(value) = headers.get(header::IF_NONE_MATCH) {
+        let text = value.to_str().unwrap_or("");
+        return text.split(',').map(str::trim).any(|tag| {
+            tag == "*"
+                || tag.strip_prefix("W/").unwrap_or(tag).trim_matches('"') == version.to_string()
+        });
+    }
+    let since = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_http_date);
+    match (since, last_updated.datetime()) {
+        (Some(since), Some(changed)) => changed.replace_millisecond(0).unwrap_or(changed) <= since,
+        _ => false,
+    }
+}
+
+fn parse_http_date(text: &str) -> Option<time::OffsetDateTime> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(text.trim(), &format)
+        .ok()
+        .map(time::PrimitiveDateTime::assume_utc)
+}
+
+/// 304 Not Modified, with the validators a cache keeps.
+fn not_modified_response(version: Version, last_updated: &StoredInstant) -> Response {
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    super::set_validators(response.headers_mut(), version, last_updated);
+    response
 }
 
 /// Loads a Task (live or deleted) and applies the read rule to its latest content.
