@@ -398,7 +398,9 @@ async fn bad_search_parameters_are_explained() {
         "authored-on=xx2024-01-01",
         "_count=many",
         "_sort=description",
-        "_summary=text",
+        "_summary=maybe",
+        "_summary=true&_elements=status",
+        "_elements=note.text",
         "_revinclude=Task:owner",
         "owner:missing=maybe",
     ] {
@@ -480,6 +482,94 @@ async fn unknown_parameters_are_ignored_by_default_and_left_out_of_self() {
         } else {
             assert_eq!(bundle["total"], 5, "{total}");
         }
+    }
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn summary_and_elements_subset_reads_and_searches() {
+    let f = fixture().await;
+    let (server, admin) = (&f.server, &f.admin);
+    let lab1 = &f.ids["lab1"];
+    let subsetted = |resource: &Value| {
+        resource["meta"]["tag"].as_array().is_some_and(|tags| {
+            tags.iter().any(|t| {
+                t["system"] == "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+                    && t["code"] == "SUBSETTED"
+            })
+        })
+    };
+    let keys = |resource: &Value| {
+        let mut keys: Vec<String> = resource.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    let (_, whole) = server.get(&format!("/Task/{lab1}"), admin).await;
+    assert!(!subsetted(&whole), "{whole}");
+    for (query, present, absent) in [
+        (
+            "_elements=owner,priority",
+            vec!["owner", "priority", "status", "intent", "id"],
+            vec!["code", "for"],
+        ),
+        (
+            "_summary=true",
+            vec!["owner", "code", "for", "status"],
+            vec!["priority", "performerType"],
+        ),
+        (
+            "_summary=data",
+            vec!["owner", "priority", "performerType"],
+            vec!["text"],
+        ),
+        (
+            "_summary=text",
+            vec!["status", "intent", "id"],
+            vec!["owner", "code"],
+        ),
+    ] {
+        // The same subset on a read and on a search's matches.
+        let (status, read) = server.get(&format!("/Task/{lab1}?{query}"), admin).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {read}");
+        let (status, bundle) = server
+            .get(&format!("/Task?_id={lab1}&{query}"), admin)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        let found = &bundle["entry"][0]["resource"];
+        assert_eq!(keys(&read), keys(found), "{query}");
+        for resource in [&read, found] {
+            assert!(subsetted(resource), "{query}: {resource}");
+            for element in &present {
+                assert!(
+                    resource.get(*element).is_some(),
+                    "{query}: {element} in {resource}"
+                );
+            }
+            for element in &absent {
+                assert!(
+                    resource.get(*element).is_none(),
+                    "{query}: no {element} in {resource}"
+                );
+            }
+        }
+        let self_link = bundle["link"][0]["url"].as_str().unwrap();
+        assert!(
+            self_link.contains(query.split('=').next().unwrap()),
+            "{self_link}"
+        );
+    }
+    let (status, read) = server
+        .get(&format!("/Task/{lab1}?_summary=false"), admin)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(read, whole);
+    for query in [
+        "_summary=maybe",
+        "_summary=true&_elements=owner",
+        "_elements=owner.reference",
+    ] {
+        let (status, outcome) = server.get(&format!("/Task/{lab1}?{query}"), admin).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
     }
     f.server.stop().await;
 }

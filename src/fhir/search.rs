@@ -225,6 +225,7 @@ const CONTROL_PARAMS: &[&str] = &[
     "_sort",
     "_total",
     "_summary",
+    "_elements",
     "_revinclude",
     "_format",
     "_pretty",
@@ -853,6 +854,7 @@ mod tests {
                 sort: vec![],
                 total: TotalMode::Accurate,
                 summary_count: false,
+                subset: None,
                 revinclude: None,
                 link_params: vec![],
             }
@@ -926,7 +928,7 @@ mod tests {
         let cases = [
             ("foo=bar", NotSupported, "'foo'"),
             ("_include=Task:part-of", NotSupported, "'_include'"),
-            ("_elements=status", NotSupported, "'_elements'"),
+            ("_elements:x=status", NotSupported, "'_elements:x'"),
             (
                 "_has:Task:part-of:status=ready",
                 NotSupported,
@@ -960,8 +962,8 @@ mod tests {
             ("_sort=nonsense", NotSupported, "'nonsense'"),
             ("_sort:desc=status", NotSupported, "'_sort:desc'"),
             ("_total=maybe", Invalid, "'_total'"),
-            ("_summary=true", NotSupported, "_summary=true"),
-            ("_summary=data", NotSupported, "_summary=data"),
+            ("_summary=maybe", Invalid, "'maybe'"),
+            ("_elements=a.b", Invalid, "'a.b'"),
             (
                 "_revinclude=Task:based-on",
                 NotSupported,

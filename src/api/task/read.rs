@@ -17,6 +17,7 @@ use crate::fhir::datetime::{self, DateKind};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::fhir::interaction::Interaction;
 use crate::fhir::search;
+use crate::fhir::subset::{self, Subset};
 use crate::store::{CurrentTask, HistoryKey, HistoryRequest, HistoryVersion, StoredVersion};
 
 pub(super) async fn read(
@@ -24,9 +25,11 @@ pub(super) async fn read(
     principal: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
+    RawQuery(query): RawQuery,
 ) -> Result<Response> {
     let id = TaskId::parse(&id)?;
-    let current = readable_current(&state, &principal, &id).await?;
+    let subset = read_subset(&parse_pairs(query.as_deref().unwrap_or(""))?)?;
+    let mut current = readable_current(&state, &principal, &id).await?;
     if current.deleted {
         return Ok(gone_with_etag(
             format!("Task/{id} has been deleted"),
@@ -39,12 +42,34 @@ pub(super) async fn read(
             &current.last_updated,
         ));
     }
+    if let Some(subset) = subset {
+        current.resource = subset.apply(&current.resource);
+    }
     Ok(current_response(
         &state,
         StatusCode::OK,
         &current,
         Prefer::default(),
     ))
+}
+
+/// `_summary` and `_elements` on a read (other parameters are ignored, as `_format` is).
+fn read_subset(pairs: &[(String, String)]) -> Result<Option<Subset>> {
+    let mut subset = None;
+    let mut given = 0;
+    for (name, value) in pairs {
+        let next = match name.as_str() {
+            "_summary" => subset::parse_summary(value)?,
+            "_elements" => Some(subset::parse_elements(value)?),
+            _ => continue,
+        };
+        given += 1;
+        if given > 1 {
+            return Err(subset::both_given());
+        }
+        subset = next;
+    }
+    Ok(subset)
 }
 
 /// Whether a conditional read may be answered 304: `If-None-Match` names the current

@@ -100,7 +100,13 @@ async fn run_search(
     let mut entries: Vec<Value> = page
         .tasks
         .iter()
-        .map(|t| search_entry(&state.base_url, t, "match"))
+        .map(|t| {
+            let mut entry = search_entry(&state.base_url, t, "match");
+            if let Some(subset) = &query.subset {
+                entry["resource"] = subset.apply(&t.resource);
+            }
+            entry
+        })
         .collect();
     // Where the page stops short of what was asked, an `outcome` entry says why.
     let mut warnings = Vec::new();

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{self, DateKind};
+use crate::fhir::subset::{self, Subset};
 use crate::fhir::{is_valid_id, normalize_reference};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct SearchQuery {
     pub total: TotalMode,
     /// `_summary=count` or `_count=0`: only the total is wanted.
     pub summary_count: bool,
+    /// `_summary=true|text|data` or `_elements`: the part of each matched Task to answer with.
+    pub subset: Option<Subset>,
     pub revinclude: Option<RevInclude>,
     /// The accepted parameters, for the bundle's self and next links. `_count`, `_offset` and
     /// `_cursor` are left out (the links set them), as are ignored parameters.
@@ -97,6 +100,7 @@ pub fn parse_query(
         sort: Vec::new(),
         total: limits.default_total,
         summary_count: false,
+        subset: None,
         revinclude: None,
         link_params: Vec::new(),
     };
@@ -245,15 +249,21 @@ fn apply_control<'k>(
             query.link_params.push((key.into(), value.into()));
         }
         "_summary" => {
-            match value {
-                "count" => query.summary_count = true,
-                "false" => {}
-                _ => {
-                    return Err(Error::not_supported(format!(
-                        "'_summary={value}' is not supported; use _summary=count or _summary=false"
-                    )));
+            if value == "count" {
+                query.summary_count = true;
+            } else if let Some(subset) = subset::parse_summary(value)? {
+                if query.subset.is_some() {
+                    return Err(subset::both_given());
                 }
+                query.subset = Some(subset);
             }
+            query.link_params.push((key.into(), value.into()));
+        }
+        "_elements" => {
+            if query.subset.is_some() {
+                return Err(subset::both_given());
+            }
+            query.subset = Some(subset::parse_elements(value)?);
             query.link_params.push((key.into(), value.into()));
         }
         "_revinclude" => {
