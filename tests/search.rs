@@ -573,3 +573,76 @@ async fn summary_and_elements_subset_reads_and_searches() {
     }
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn includes_add_the_parent_and_based_on_tasks_under_the_read_rule() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+    let id_of = |t: &Value| t["id"].as_str().unwrap().to_string();
+    // Parent owned by alice, a plan owned by bob; the child is alice's, part of the first
+    // and based on the second (and on a ServiceRequest, which is not followed).
+    let parent = id_of(
+        &server
+            .create_task(&common::task("requested", Some("Practitioner/alice")))
+            .await,
+    );
+    let plan = id_of(
+        &server
+            .create_task(&common::task("requested", Some("Practitioner/bob")))
+            .await,
+    );
+    let mut child = common::task("requested", Some("Practitioner/alice"));
+    child["partOf"] = json!([{ "reference": format!("Task/{parent}") }]);
+    child["basedOn"] = json!([
+        { "reference": format!("{}/Task/{plan}", server.base) },
+        { "reference": "ServiceRequest/sr1" },
+    ]);
+    let child = id_of(&server.create_task(&child).await);
+    let included = |bundle: &Value| -> BTreeSet<String> {
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] == "include")
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (status, bundle) = server
+        .get(&format!("/Task?_id={child}&_include=Task:part-of"), &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    assert_eq!(match_ids(&bundle), vec![child.clone()]);
+    assert_eq!(included(&bundle), BTreeSet::from([parent.clone()]));
+    let (_, bundle) = server
+        .get(
+            &format!("/Task?_id={child}&_include=Task:part-of&_include=Task:based-on"),
+            &admin,
+        )
+        .await;
+    assert_eq!(
+        included(&bundle),
+        BTreeSet::from([parent.clone(), plan.clone()])
+    );
+    assert!(
+        bundle["link"][0]["url"]
+            .as_str()
+            .unwrap()
+            .contains("_include=Task%3Abased-on"),
+        "{bundle}"
+    );
+    // Alice may not read bob's plan: it is left out, as a search would leave it out.
+    let (_, bundle) = server
+        .get(
+            &format!("/Task?_id={child}&_include=Task:part-of&_include=Task:based-on"),
+            &alice,
+        )
+        .await;
+    assert_eq!(included(&bundle), BTreeSet::from([parent.clone()]));
+    // A Task already matched is not repeated as an include.
+    let url = format!("/Task?_id={child},{parent}&_include=Task:part-of");
+    let (_, bundle) = server.get(&url, &admin).await;
+    assert_eq!(bundle["entry"].as_array().unwrap().len(), 2, "{bundle}");
+    assert!(included(&bundle).is_empty());
+    server.stop().await;
+}

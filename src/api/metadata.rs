@@ -99,6 +99,7 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
+                "searchInclude": ["Task:part-of", "Task:based-on"],
                 "searchRevInclude": ["Task:part-of"],
                 "searchParam": search_params,
             }, {

@@ -24,7 +24,9 @@ pub use columns::{SEVERAL, SINGLE_VALUED, TaskColumns};
 pub use index::{DateEntry, TaskIndex, TokenEntry, index_task, priority_rank};
 pub use predicate::{DateComparison, Predicate, Prefix, SystemMatch, TokenValue, matches};
 use query::invalid;
-pub use query::{Handling, RevInclude, SearchLimits, SearchQuery, SortKey, TotalMode, parse_query};
+pub use query::{
+    Handling, Include, RevInclude, SearchLimits, SearchQuery, SortKey, TotalMode, parse_query,
+};
 
 /// How a parameter's values are written and compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +228,7 @@ const CONTROL_PARAMS: &[&str] = &[
     "_total",
     "_summary",
     "_elements",
+    "_include",
     "_revinclude",
     "_format",
     "_pretty",
@@ -855,6 +858,7 @@ mod tests {
                 total: TotalMode::Accurate,
                 summary_count: false,
                 subset: None,
+                includes: Vec::new(),
                 revinclude: None,
                 link_params: vec![],
             }
@@ -927,7 +931,12 @@ mod tests {
         use IssueCode::{Invalid, NotSupported, TooCostly};
         let cases = [
             ("foo=bar", NotSupported, "'foo'"),
-            ("_include=Task:part-of", NotSupported, "'_include'"),
+            ("_include=Task:owner", NotSupported, "'_include=Task:owner'"),
+            (
+                "_include:iterate=Task:part-of",
+                NotSupported,
+                "'_include:iterate'",
+            ),
             ("_elements:x=status", NotSupported, "'_elements:x'"),
             (
                 "_has:Task:part-of:status=ready",

@@ -16,7 +16,9 @@ use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir;
 use crate::fhir::ids::TaskId;
-use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode, cursor};
+use crate::fhir::search::{
+    self, Handling, Include, Predicate, RevInclude, SystemMatch, TokenValue, TotalMode, cursor,
+};
 use crate::store::{Counting, CurrentTask, PageRequest};
 
 /// How far `_total=estimate` counts (see `config::DefaultTotal`): below it the total is
@@ -129,6 +131,24 @@ async fn run_search(
             warnings.push(stop.explain(state));
         }
     }
+    if !query.includes.is_empty() && !page.tasks.is_empty() {
+        let shown: HashSet<String> = entries
+            .iter()
+            .filter_map(|e| e["resource"]["id"].as_str().map(str::to_string))
+            .collect();
+        let used: usize = page.bytes;
+        let budget = max_page_bytes.saturating_sub(used);
+        let (included, stop) =
+            included_tasks(state, &page.tasks, &query.includes, &shown, &scope, budget).await?;
+        entries.extend(
+            included
+                .iter()
+                .map(|t| search_entry(&state.base_url, t, "include")),
+        );
+        if let Some(stop) = stop {
+            warnings.push(stop.explain(state));
+        }
+    }
     entries.extend(warnings.iter().map(|warning| {
         json!({
             "resource": crate::error::operation_outcome(
@@ -218,7 +238,8 @@ async fn run_search(
 /// Why the included sub-tasks of a page stop short of the whole tree below its matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IncludeStop {
-    /// `search.max_included` Tasks were included.
+    /// `search.max_included` Tasks were included (or, for `_include`, as many Tasks as one
+    /// search may name).
     Count,
     /// The page's byte budget was spent.
     Bytes,
@@ -231,11 +252,11 @@ impl IncludeStop {
         let search = &state.config.search;
         match self {
             IncludeStop::Count => format!(
-                "included sub-tasks stop at search.max_included ({}); more may exist",
+                "included Tasks stop at search.max_included ({}); more may exist",
                 search.max_included
             ),
             IncludeStop::Bytes => format!(
-                "included sub-tasks stop where the page reached search.max_page_bytes ({} \
+                "included Tasks stop where the page reached search.max_page_bytes ({} \
                  bytes); more may exist",
                 search.max_page_bytes
             ),
@@ -246,6 +267,79 @@ impl IncludeStop {
             ),
         }
     }
+}
+
+/// `_include=Task:part-of` / `Task:based-on`: the Tasks the matched ones name in those
+/// elements (references to other resource types are not followed), read with the caller's
+/// read scope, so an included Task obeys the read rule as a matched one does; those already
+/// in the Bundle are not repeated. At most `search.max_included` of them and `max_bytes` of
+/// stored JSON.
+async fn included_tasks(
+    state: &AppState,
+    matched: &[CurrentTask],
+    includes: &[Include],
+    shown: &HashSet<String>,
+    scope: &[Predicate],
+    max_bytes: usize,
+) -> Result<(Vec<CurrentTask>, Option<IncludeStop>)> {
+    let limit = state.config.search.max_included;
+    let mut targets: Vec<String> = Vec::new();
+    let mut stop = None;
+    let references = matched.iter().flat_map(|task| {
+        includes.iter().flat_map(move |include| {
+            task.resource[include.element()]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["reference"].as_str())
+        })
+    });
+    for reference in references {
+        let Some(id) = fhir::normalize_reference(reference, &state.base_url)
+            .and_then(|r| r.strip_prefix("Task/").map(str::to_string))
+        else {
+            continue;
+        };
+        if shown.contains(&id) || targets.contains(&id) {
+            continue;
+        }
+        if targets.len() == limit.min(search::MAX_SEARCH_VALUES) {
+            stop = Some(IncludeStop::Count);
+            break;
+        }
+        targets.push(id);
+    }
+    if targets.is_empty() {
+        return Ok((Vec::new(), stop));
+    }
+    let mut predicates = vec![Predicate::Token {
+        param: "_id",
+        negated: false,
+        any_of: targets
+            .iter()
+            .map(|id| TokenValue {
+                system: SystemMatch::Any,
+                code: Some(id.clone()),
+            })
+            .collect(),
+    }];
+    predicates.extend(scope.iter().cloned());
+    let found = state
+        .store
+        .search(PageRequest {
+            predicates: &predicates,
+            sort: &[],
+            count: targets.len(),
+            offset: 0,
+            after: None,
+            counting: Counting::Skip,
+            max_bytes,
+        })
+        .await?;
+    if found.truncated {
+        stop = Some(IncludeStop::Bytes);
+    }
+    Ok((found.tasks, stop))
 }
 
 /// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) down to

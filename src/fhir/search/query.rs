@@ -34,6 +34,25 @@ pub enum RevInclude {
     PartOfIterate,
 }
 
+/// `_include=Task:part-of` or `Task:based-on`: add the Tasks the matches point at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Include {
+    /// `Task.partOf`.
+    PartOf,
+    /// `Task.basedOn`, where it names a Task.
+    BasedOn,
+}
+
+impl Include {
+    /// The element of Task the include follows.
+    pub fn element(self) -> &'static str {
+        match self {
+            Include::PartOf => "partOf",
+            Include::BasedOn => "basedOn",
+        }
+    }
+}
+
 /// A parsed Task search.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SearchQuery {
@@ -50,6 +69,8 @@ pub struct SearchQuery {
     /// `_summary=true|text|data` or `_elements`: the part of each matched Task to answer with.
     pub subset: Option<Subset>,
     pub revinclude: Option<RevInclude>,
+    /// `_include`s, each once.
+    pub includes: Vec<Include>,
     /// The accepted parameters, for the bundle's self and next links. `_count`, `_offset` and
     /// `_cursor` are left out (the links set them), as are ignored parameters.
     pub link_params: Vec<(String, String)>,
@@ -102,6 +123,7 @@ pub fn parse_query(
         summary_count: false,
         subset: None,
         revinclude: None,
+        includes: Vec::new(),
         link_params: Vec::new(),
     };
     let mut seen_once: Vec<&str> = Vec::new();
@@ -198,7 +220,7 @@ fn apply_control<'k>(
 ) -> Result<()> {
     let iterate = match (name, modifier) {
         (_, None) => false,
-        ("_revinclude", Some("iterate" | "recurse")) => true,
+        ("_revinclude" | "_include", Some("iterate" | "recurse")) => true,
         (_, Some(_)) => {
             return Err(Error::not_supported(format!(
                 "The parameter '{key}' is not supported: '{name}' takes no modifier"
@@ -207,7 +229,7 @@ fn apply_control<'k>(
     };
     // `_revinclude` may be given more than once (plain and iterated); the others are single values
     // and two conflicting ones would leave the result ambiguous.
-    if !matches!(name, "_revinclude" | "_format" | "_pretty") {
+    if !matches!(name, "_revinclude" | "_include" | "_format" | "_pretty") {
         if seen_once.contains(&name) {
             return Err(invalid(format!(
                 "The parameter '{name}' may appear only once"
@@ -265,6 +287,27 @@ fn apply_control<'k>(
             }
             query.subset = Some(subset::parse_elements(value)?);
             query.link_params.push((key.into(), value.into()));
+        }
+        "_include" => {
+            let include = match value {
+                "Task:part-of" | "Task:part-of:Task" => Include::PartOf,
+                "Task:based-on:Task" | "Task:based-on" => Include::BasedOn,
+                _ => {
+                    return Err(Error::not_supported(format!(
+                        "'{key}={value}' is not supported; the includes are Task:part-of and \
+                         Task:based-on (the Tasks they name)"
+                    )));
+                }
+            };
+            if iterate {
+                return Err(Error::not_supported(format!(
+                    "'{key}' is not supported: includes go one step"
+                )));
+            }
+            if !query.includes.contains(&include) {
+                query.includes.push(include);
+                query.link_params.push((key.into(), value.into()));
+            }
         }
         "_revinclude" => {
             let iterate = match value {
