@@ -1070,7 +1070,7 @@ mod tests {
     #[test]
     fn lenient_handling_ignores_unknown_parameters_only() {
         let lenient = |q: &str| parse_query(&pairs(q), &LIMITS, BASE, Handling::Lenient);
-        let parsed = lenient("colour=red&_include=Task:part-of&status=ready").unwrap();
+        let parsed = lenient("colour=red&_has:Task:part-of:status=ready&status=ready").unwrap();
         assert_eq!(
             parsed.predicates,
             vec![token("status", false, vec![any("ready")])]
