@@ -1020,3 +1020,31 @@ async fn conditional_reads_formats_and_locations() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_filtered_history_page_stops_after_its_scan_budget_and_goes_on() {
+    let server = TestServer::start().await;
+    let alice = server.practitioner("Practitioner/alice");
+    // Alice's one Task is the oldest version; above it, more than one page's scan budget
+    // (1 000 versions) of Tasks she may not read.
+    let hers = server
+        .create_task(&task("requested", Some("Practitioner/alice")))
+        .await;
+    after_instant(hers["meta"]["lastUpdated"].as_str().unwrap()).await;
+    let bobs = task("requested", Some("Practitioner/bob"));
+    for _ in 0..21 {
+        futures::future::join_all((0..50).map(|_| server.create_task(&bobs))).await;
+    }
+    let (status, first) = server.get("/Task/_history?_count=5", &alice).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert!(
+        first.get("entry").is_none(),
+        "nothing of hers in the newest 1 000: {first}"
+    );
+    let pages = all_history(&server, "/Task/_history?_count=5", &alice).await;
+    assert_eq!(
+        versions_of(&pages),
+        vec![(hers["id"].as_str().unwrap().to_string(), "1".to_string())]
+    );
+    server.stop().await;
+}

@@ -394,56 +394,7 @@ pub(super) async fn type_history(
         }
     }
     let first_after = request.after.clone();
-    let scope = auth::read_scope(&principal);
-    let mut entries = Vec::new();
-    // The key of the last version looked at, when more may follow it.
-    let mut next_after = None;
-    if scope.is_none() {
-        request.limit = count + 1;
-        let mut versions = state.store.task_history(&request).await?;
-        if versions.len() > count {
-            versions.truncate(count);
-            next_after = versions.last().map(HistoryVersion::key);
-        }
-        entries.extend(
-            versions
-                .iter()
-                .map(|v| history_entry(&state.base_url, &v.version)),
-        );
-    } else {
-        let mut scanned = 0usize;
-        'scan: loop {
-            request.limit = HISTORY_CHUNK.min(TYPE_HISTORY_SCAN - scanned);
-            let chunk = state.store.task_history(&request).await?;
-            let exhausted = chunk.len() < request.limit;
-            for (i, version) in chunk.iter().enumerate() {
-                scanned += 1;
-                request.after = Some(version.key());
-                let content = version
-                    .version
-                    .resource
-                    .as_ref()
-                    .or(version.deleted.as_ref());
-                if content.is_some_and(|r| auth::may_read_task(&principal, r, &state.base_url)) {
-                    entries.push(history_entry(&state.base_url, &version.version));
-                    if entries.len() == count {
-                        let last_of_all = exhausted && i + 1 == chunk.len();
-                        if !last_of_all {
-                            next_after = request.after.clone();
-                        }
-                        break 'scan;
-                    }
-                }
-            }
-            if exhausted {
-                break;
-            }
-            if scanned >= TYPE_HISTORY_SCAN {
-                next_after = request.after.clone();
-                break;
-            }
-        }
-    }
+    let (entries, next_after) = history_page(&state, &principal, request, count).await?;
     let self_base = format!("{}/Task/_history", state.base_url);
     let link_to = |after: Option<&HistoryKey>| {
         let mut params = link_params.clone();
@@ -471,6 +422,59 @@ pub(super) async fn type_history(
         bundle["entry"] = Value::Array(entries);
     }
     Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// One page of the type-level history: its entries, and the key the `next` link goes on
+/// from when more may follow. A caller who reads everything gets `count` versions in one
+/// query; anyone else has them filtered by the read rule as they are read, in chunks, until
+/// the page is full or `TYPE_HISTORY_SCAN` versions were looked at.
+async fn history_page(
+    state: &AppState,
+    principal: &Principal,
+    mut request: HistoryRequest,
+    count: usize,
+) -> Result<(Vec<Value>, Option<HistoryKey>)> {
+    let entry = |version: &HistoryVersion| history_entry(&state.base_url, &version.version);
+    if auth::read_scope(principal).is_none() {
+        request.limit = count + 1;
+        let mut versions = state.store.task_history(&request).await?;
+        let mut next_after = None;
+        if versions.len() > count {
+            versions.truncate(count);
+            next_after = versions.last().map(HistoryVersion::key);
+        }
+        return Ok((versions.iter().map(entry).collect(), next_after));
+    }
+    let mut entries = Vec::new();
+    let mut scanned = 0usize;
+    loop {
+        request.limit = HISTORY_CHUNK.min(TYPE_HISTORY_SCAN - scanned);
+        let chunk = state.store.task_history(&request).await?;
+        let exhausted = chunk.len() < request.limit;
+        for (i, version) in chunk.iter().enumerate() {
+            scanned += 1;
+            let key = version.key();
+            let content = version
+                .version
+                .resource
+                .as_ref()
+                .or(version.deleted.as_ref());
+            if content.is_some_and(|r| auth::may_read_task(principal, r, &state.base_url)) {
+                entries.push(entry(version));
+                if entries.len() == count {
+                    let last_of_all = exhausted && i + 1 == chunk.len();
+                    return Ok((entries, (!last_of_all).then_some(key)));
+                }
+            }
+            request.after = Some(key);
+        }
+        if exhausted {
+            return Ok((entries, None));
+        }
+        if scanned >= TYPE_HISTORY_SCAN {
+            return Ok((entries, request.after));
+        }
+    }
 }
 
 /// Versions one page of the type-level history looks at, at most, for a caller whose read
