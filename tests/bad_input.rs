@@ -352,16 +352,51 @@ async fn bad_inputs_get_precise_errors_and_store_nothing() {
     );
     xml.content_type = "application/fhir+xml";
     cases.push(xml);
-    let mut patch_as_json = case(
-        "patch sent as plain JSON",
+    // application/json is a patch form (an array JSON Patch, an object a merge patch); a
+    // patch in a type that is none of the patch forms is refused.
+    let mut patch_as_text = case(
+        "patch sent as text",
         Method::PATCH,
         "/Task/{id}",
         "[]".into(),
         S::UNSUPPORTED_MEDIA_TYPE,
         "not-supported",
     );
-    patch_as_json.content_type = "application/json";
-    cases.push(patch_as_json);
+    patch_as_text.content_type = "text/plain";
+    cases.push(patch_as_text);
+    let mut merge_not_object = case(
+        "merge patch that is not an object",
+        Method::PATCH,
+        "/Task/{id}",
+        "[1, 2]".into(),
+        S::BAD_REQUEST,
+        "structure",
+    );
+    merge_not_object.content_type = "application/merge-patch+json";
+    cases.push(merge_not_object);
+    let mut merge_bad_status = case(
+        "merge patch with a status outside the code set",
+        Method::PATCH,
+        "/Task/{id}",
+        r#"{"status": "finished"}"#.into(),
+        S::BAD_REQUEST,
+        "value",
+    );
+    merge_bad_status.content_type = "application/json";
+    cases.push(merge_bad_status);
+    let mut fhirpath_function = case(
+        "FHIRPath Patch with a function in its path",
+        Method::PATCH,
+        "/Task/{id}",
+        r#"{"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+            {"name": "type", "valueCode": "delete"},
+            {"name": "path", "valueString": "Task.note.first()"}]}]}"#
+            .into(),
+        S::BAD_REQUEST,
+        "not-supported",
+    );
+    fhirpath_function.content_type = "application/fhir+json";
+    cases.push(fhirpath_function);
     assert!(cases.len() >= 25);
 
     let mut failures = Vec::new();

@@ -390,30 +390,259 @@ async fn paging_reaches_the_last_page() {
 async fn bad_search_parameters_are_explained() {
     let server = TestServer::start().await;
     let admin = server.admin();
+    // Bad values and unsupported modifiers of known parameters are refused whatever the
+    // handling: ignoring them would widen the result.
     for query in [
-        "colour=red",
         "status:exact=requested",
         "authored-on=yesterday",
         "authored-on=xx2024-01-01",
         "_count=many",
         "_sort=description",
-        "_summary=text",
+        "_summary=maybe",
+        "_summary=true&_elements=status",
+        "_elements=note.text",
         "_revinclude=Task:owner",
         "owner:missing=maybe",
     ] {
-        let (status, outcome) = server.get(&format!("/Task?{query}"), &admin).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
-        assert_eq!(outcome["resourceType"], "OperationOutcome", "{query}");
+        for prefer in ["handling=lenient", "handling=strict"] {
+            let r = server
+                .request(reqwest::Method::GET, &format!("/Task?{query}"), &admin)
+                .header("prefer", prefer)
+                .send()
+                .await
+                .unwrap();
+            let (status, outcome) = common::body(r).await;
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{query} {prefer}: {outcome}"
+            );
+            assert_eq!(outcome["resourceType"], "OperationOutcome", "{query}");
+        }
     }
-    // Lenient handling ignores what it does not know.
+    // Strict handling refuses an unknown parameter, naming it.
     let r = server
         .request(reqwest::Method::GET, "/Task?colour=red", &admin)
-        .header("prefer", "handling=lenient")
+        .header("prefer", "handling=strict")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let (_, outcome) = server.get("/Task?colour=red", &admin).await;
+    let (status, outcome) = common::body(r).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_outcome(&outcome, "not-supported");
+    assert!(outcome.to_string().contains("colour"), "{outcome}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_parameters_are_ignored_by_default_and_left_out_of_self() {
+    let f = fixture().await;
+    let (server, admin) = (&f.server, &f.admin);
+    let strict_ids = server.search_ids("status=completed", admin).await;
+    assert_eq!(strict_ids, vec![f.ids["lab2"].clone()]);
+    for prefer in [None, Some("handling=lenient")] {
+        let mut request = server.request(
+            reqwest::Method::GET,
+            "/Task?colour=red&status=completed&_totalMethod=count&_elements=id",
+            admin,
+        );
+        if let Some(prefer) = prefer {
+            request = request.header("prefer", prefer);
+        }
+        let (status, bundle) = common::body(request.send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{prefer:?}: {bundle}");
+        assert_eq!(match_ids(&bundle), strict_ids, "{prefer:?}");
+        let self_link = bundle["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "self")
+            .unwrap()["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(self_link.contains("status=completed"), "{self_link}");
+        assert!(!self_link.contains("colour"), "{self_link}");
+        assert!(!self_link.contains("_totalMethod"), "{self_link}");
+    }
+    // fhirpy's count(): `_count=0` with `_totalMethod=count`, read from `total`.
+    let (status, bundle) = server
+        .get("/Task?status=requested&_totalMethod=count&_count=0", admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    assert_eq!(bundle["total"], 5);
+    assert!(bundle.get("entry").is_none(), "{bundle}");
+    for total in ["none", "estimate", "accurate"] {
+        let (status, bundle) = server
+            .get(&format!("/Task?status=requested&_total={total}"), admin)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{bundle}");
+        if total == "none" {
+            assert!(bundle.get("total").is_none(), "{bundle}");
+        } else {
+            assert_eq!(bundle["total"], 5, "{total}");
+        }
+    }
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn summary_and_elements_subset_reads_and_searches() {
+    let f = fixture().await;
+    let (server, admin) = (&f.server, &f.admin);
+    let lab1 = &f.ids["lab1"];
+    let subsetted = |resource: &Value| {
+        resource["meta"]["tag"].as_array().is_some_and(|tags| {
+            tags.iter().any(|t| {
+                t["system"] == "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+                    && t["code"] == "SUBSETTED"
+            })
+        })
+    };
+    let keys = |resource: &Value| {
+        let mut keys: Vec<String> = resource.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    let (_, whole) = server.get(&format!("/Task/{lab1}"), admin).await;
+    assert!(!subsetted(&whole), "{whole}");
+    for (query, present, absent) in [
+        (
+            "_elements=owner,priority",
+            vec!["owner", "priority", "status", "intent", "id"],
+            vec!["code", "for"],
+        ),
+        (
+            "_summary=true",
+            vec!["owner", "code", "for", "status"],
+            vec!["priority", "performerType"],
+        ),
+        (
+            "_summary=data",
+            vec!["owner", "priority", "performerType"],
+            vec!["text"],
+        ),
+        (
+            "_summary=text",
+            vec!["status", "intent", "id"],
+            vec!["owner", "code"],
+        ),
+    ] {
+        // The same subset on a read and on a search's matches.
+        let (status, read) = server.get(&format!("/Task/{lab1}?{query}"), admin).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {read}");
+        let (status, bundle) = server
+            .get(&format!("/Task?_id={lab1}&{query}"), admin)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        let found = &bundle["entry"][0]["resource"];
+        assert_eq!(keys(&read), keys(found), "{query}");
+        for resource in [&read, found] {
+            assert!(subsetted(resource), "{query}: {resource}");
+            for element in &present {
+                assert!(
+                    resource.get(*element).is_some(),
+                    "{query}: {element} in {resource}"
+                );
+            }
+            for element in &absent {
+                assert!(
+                    resource.get(*element).is_none(),
+                    "{query}: no {element} in {resource}"
+                );
+            }
+        }
+        let self_link = bundle["link"][0]["url"].as_str().unwrap();
+        assert!(
+            self_link.contains(query.split('=').next().unwrap()),
+            "{self_link}"
+        );
+    }
+    let (status, read) = server
+        .get(&format!("/Task/{lab1}?_summary=false"), admin)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(read, whole);
+    for query in [
+        "_summary=maybe",
+        "_summary=true&_elements=owner",
+        "_elements=owner.reference",
+    ] {
+        let (status, outcome) = server.get(&format!("/Task/{lab1}?{query}"), admin).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+    }
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn includes_add_the_parent_and_based_on_tasks_under_the_read_rule() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+    let id_of = |t: &Value| t["id"].as_str().unwrap().to_string();
+    // Parent owned by alice, a plan owned by bob; the child is alice's, part of the first
+    // and based on the second (and on a ServiceRequest, which is not followed).
+    let parent = id_of(
+        &server
+            .create_task(&common::task("requested", Some("Practitioner/alice")))
+            .await,
+    );
+    let plan = id_of(
+        &server
+            .create_task(&common::task("requested", Some("Practitioner/bob")))
+            .await,
+    );
+    let mut child = common::task("requested", Some("Practitioner/alice"));
+    child["partOf"] = json!([{ "reference": format!("Task/{parent}") }]);
+    child["basedOn"] = json!([
+        { "reference": format!("{}/Task/{plan}", server.base) },
+        { "reference": "ServiceRequest/sr1" },
+    ]);
+    let child = id_of(&server.create_task(&child).await);
+    let included = |bundle: &Value| -> BTreeSet<String> {
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] == "include")
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (status, bundle) = server
+        .get(&format!("/Task?_id={child}&_include=Task:part-of"), &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    assert_eq!(match_ids(&bundle), vec![child.clone()]);
+    assert_eq!(included(&bundle), BTreeSet::from([parent.clone()]));
+    let (_, bundle) = server
+        .get(
+            &format!("/Task?_id={child}&_include=Task:part-of&_include=Task:based-on"),
+            &admin,
+        )
+        .await;
+    assert_eq!(
+        included(&bundle),
+        BTreeSet::from([parent.clone(), plan.clone()])
+    );
+    assert!(
+        bundle["link"][0]["url"]
+            .as_str()
+            .unwrap()
+            .contains("_include=Task%3Abased-on"),
+        "{bundle}"
+    );
+    // Alice may not read bob's plan: it is left out, as a search would leave it out.
+    let (_, bundle) = server
+        .get(
+            &format!("/Task?_id={child}&_include=Task:part-of&_include=Task:based-on"),
+            &alice,
+        )
+        .await;
+    assert_eq!(included(&bundle), BTreeSet::from([parent.clone()]));
+    // A Task already matched is not repeated as an include.
+    let url = format!("/Task?_id={child},{parent}&_include=Task:part-of");
+    let (_, bundle) = server.get(&url, &admin).await;
+    assert_eq!(bundle["entry"].as_array().unwrap().len(), 2, "{bundle}");
+    assert!(included(&bundle).is_empty());
     server.stop().await;
 }

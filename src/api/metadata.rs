@@ -67,7 +67,11 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
         "instantiates": [format!("{BACKPORT}/CapabilityStatement/backport-subscription-server-r4")],
         "implementationGuide": [format!("{BACKPORT}/ImplementationGuide/hl7.fhir.uv.subscriptions-backport")],
         "format": ["application/fhir+json", "json"],
-        "patchFormat": ["application/json-patch+json"],
+        "patchFormat": [
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            "application/fhir+json",
+        ],
         "rest": [{
             "mode": "server",
             "security": {
@@ -84,6 +88,7 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                     { "code": "patch" },
                     { "code": "delete" },
                     { "code": "history-instance" },
+                    { "code": "history-type" },
                     { "code": "create" },
                     { "code": "search-type" },
                 ],
@@ -94,6 +99,7 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
+                "searchInclude": ["Task:part-of", "Task:based-on"],
                 "searchRevInclude": ["Task:part-of"],
                 "searchParam": search_params,
             }, {

@@ -81,7 +81,8 @@ pub fn router(state: AppState) -> Router {
         .merge(subscription::router())
         .merge(topic::router())
         .merge(websocket::router())
-        .fallback(unknown_route);
+        .fallback(unknown_route)
+        .layer(axum::middleware::from_fn(negotiate_format));
     Router::new()
         .nest("/fhir", fhir)
         .merge(health::router())
@@ -119,6 +120,81 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Error {
         IssueCode::NotSupported,
         format!("{method} is not supported on {}", uri.path()),
     )
+}
+
+/// Baton writes FHIR JSON and nothing else, so a request that accepts only something else
+/// (`Accept: application/fhir+xml`, `_format=xml`) gets a 406 OperationOutcome instead of
+/// JSON it did not ask for. `_format` overrides `Accept`, as FHIR says.
+async fn negotiate_format(request: Request, next: Next) -> Response {
+    match check_format(request.headers(), request.uri().query()) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// Whether a response in FHIR JSON is acceptable to the request: a 406 naming what was asked
+/// for when it is not. No `Accept` (or an empty one) accepts anything; so does `*/*`.
+pub fn check_format(headers: &HeaderMap, query: Option<&str>) -> Result<()> {
+    let refuse = |asked: &str| {
+        let shown: String = asked.chars().take(80).collect();
+        Error::client(
+            StatusCode::NOT_ACCEPTABLE,
+            IssueCode::NotSupported,
+            format!(
+                "this server answers only in FHIR JSON (application/fhir+json), not '{shown}'; \
+                 accept application/fhir+json, application/json or */*, or send _format=json"
+            ),
+        )
+    };
+    // A malformed query string is the handler's to refuse.
+    let format = serde_urlencoded::from_str::<Vec<(String, String)>>(query.unwrap_or(""))
+        .ok()
+        .and_then(|pairs| pairs.into_iter().find(|(name, _)| name == "_format"));
+    if let Some((_, value)) = format {
+        // A `+` left unescaped in a query string arrives as a space.
+        let media = value
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .replace(' ', "+");
+        return match media.to_ascii_lowercase().as_str() {
+            "json" | "application/json" | "application/fhir+json" => Ok(()),
+            _ => Err(refuse(&value)),
+        };
+    }
+    let mut ranges = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|range| !range.is_empty())
+        .peekable();
+    if ranges.peek().is_none() {
+        return Ok(());
+    }
+    let mut asked = Vec::new();
+    for range in ranges {
+        let mut pieces = range.split(';').map(str::trim);
+        let media = pieces.next().unwrap_or("").to_ascii_lowercase();
+        // `q=0` means "not this one".
+        let refused = pieces.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        if !refused
+            && matches!(
+                media.as_str(),
+                "*/*" | "application/*" | "application/json" | "application/fhir+json"
+            )
+        {
+            return Ok(());
+        }
+        asked.push(media);
+    }
+    Err(refuse(&asked.join(", ")))
 }
 
 /// axum's own extractors refuse some requests before a handler runs, and answer in plain
@@ -189,8 +265,9 @@ async fn record_request(request: Request, next: Next) -> Response {
 pub enum BodyKind {
     /// `application/fhir+json` or `application/json`.
     FhirJson,
-    /// `application/json-patch+json`.
-    JsonPatch,
+    /// A PATCH body: `application/json-patch+json`, `application/merge-patch+json`, or
+    /// `application/fhir+json` / `application/json` (FHIRPath Patch or merge patch).
+    Patch,
     /// `application/x-www-form-urlencoded` (POST `_search`).
     Form,
 }
@@ -201,7 +278,13 @@ impl BodyKind {
             BodyKind::FhirJson => {
                 matches!(media_type, "application/fhir+json" | "application/json")
             }
-            BodyKind::JsonPatch => media_type == "application/json-patch+json",
+            BodyKind::Patch => matches!(
+                media_type,
+                "application/json-patch+json"
+                    | "application/merge-patch+json"
+                    | "application/fhir+json"
+                    | "application/json"
+            ),
             BodyKind::Form => media_type == "application/x-www-form-urlencoded",
         }
     }
@@ -209,10 +292,27 @@ impl BodyKind {
     fn expected(self) -> &'static str {
         match self {
             BodyKind::FhirJson => "application/fhir+json or application/json",
-            BodyKind::JsonPatch => "application/json-patch+json",
+            BodyKind::Patch => {
+                "application/json-patch+json, application/merge-patch+json or application/fhir+json \
+                 (FHIRPath Patch)"
+            }
             BodyKind::Form => "application/x-www-form-urlencoded",
         }
     }
+}
+
+/// The body's media type: `Content-Type` without its parameters, lower-cased.
+pub fn media_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
 }
 
 /// Reads a body of the expected kind, enforcing the size limit, and returns its bytes.
@@ -223,17 +323,7 @@ pub async fn read_body(
     kind: BodyKind,
 ) -> Result<Bytes> {
     check_content_encoding(headers)?;
-    let media_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
-    match media_type {
+    match media_type(headers) {
         Some(m) if kind.accepts(&m) => {}
         Some(m) => {
             return Err(Error::client(
@@ -345,7 +435,9 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value> {
 pub struct Prefer {
     pub minimal: bool,
     pub outcome: bool,
-    pub lenient: bool,
+    /// `handling=strict`: an unknown search parameter is an error. Lenient (the default the
+    /// FHIR search page recommends, and `handling=lenient`) ignores it.
+    pub strict: bool,
 }
 
 impl Prefer {
@@ -357,7 +449,8 @@ impl Prefer {
                 match item {
                     "return=minimal" => prefer.minimal = true,
                     "return=OperationOutcome" => prefer.outcome = true,
-                    "handling=lenient" => prefer.lenient = true,
+                    "handling=strict" => prefer.strict = true,
+                    "handling=lenient" => prefer.strict = false,
                     _ => {}
                 }
             }

@@ -29,6 +29,7 @@ pub fn router() -> Router<AppState> {
         .route("/Subscription", get(search).post(create))
         .route("/Subscription/$status", get(status_type).post(status_type))
         .route("/Subscription/{id}", get(read).put(update).delete(delete))
+        .route("/Subscription/{id}/_history/{vid}", get(vread))
         .route(
             "/Subscription/{id}/$status",
             get(status_instance).post(status_instance),
@@ -80,6 +81,26 @@ async fn read(
 ) -> Result<Response> {
     let id = SubscriptionId::parse(&id)?;
     let stored = visible(&state, &principal, &id).await?;
+    Ok(respond(&state, &principal, &stored, StatusCode::OK))
+}
+
+/// A Subscription keeps no version history, so only its current version can be read by
+/// version; it is what a create's `Location` (`…/Subscription/{id}/_history/{vid}`, the form
+/// every create answers with) names.
+async fn vread(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((id, vid)): Path<(String, String)>,
+) -> Result<Response> {
+    let id = SubscriptionId::parse(&id)?;
+    let stored = visible(&state, &principal, &id).await?;
+    if vid != stored.version.to_string() {
+        return Err(Error::not_found(format!(
+            "Subscription/{id} is at version {}; subscriptions keep no earlier versions, and \
+             '{vid}' is not the current one",
+            stored.version
+        )));
+    }
     Ok(respond(&state, &principal, &stored, StatusCode::OK))
 }
 
@@ -321,8 +342,10 @@ fn set_version_headers(
         headers.insert(header::ETAG, v);
     }
     if location
-        && let Ok(v) =
-            HeaderValue::from_str(&format!("{}/Subscription/{}", state.base_url, stored.id))
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "{}/Subscription/{}/_history/{}",
+            state.base_url, stored.id, stored.version
+        ))
     {
         headers.insert(header::LOCATION, v);
     }

@@ -25,7 +25,7 @@ mod read;
 mod search;
 mod write;
 
-use read::{history, read, vread};
+use read::{history, read, type_history, vread};
 use search::{search_get, search_post};
 pub(crate) use write::parse_if_match;
 use write::{create, delete, patch, update};
@@ -34,6 +34,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/Task", post(create).get(search_get))
         .route("/Task/_search", post(search_post))
+        .route("/Task/_history", get(type_history))
         .route(
             "/Task/{id}",
             get(read).put(update).patch(patch).delete(delete),
@@ -125,12 +126,7 @@ fn respond(
         fhir_json(status, resource)
     };
     let headers = response.headers_mut();
-    set_etag(headers, version);
-    if let Some(http_date) = http_date(last_updated)
-        && let Ok(value) = HeaderValue::from_str(&http_date)
-    {
-        headers.insert(header::LAST_MODIFIED, value);
-    }
+    set_validators(headers, version, last_updated);
     if with_location
         && let Ok(value) =
             HeaderValue::from_str(&format!("{}/Task/{id}/_history/{version}", state.base_url))
@@ -138,6 +134,16 @@ fn respond(
         headers.insert(header::LOCATION, value);
     }
     response
+}
+
+/// `ETag` and `Last-Modified`.
+fn set_validators(headers: &mut HeaderMap, version: Version, last_updated: &StoredInstant) {
+    set_etag(headers, version);
+    if let Some(http_date) = http_date(last_updated)
+        && let Ok(value) = HeaderValue::from_str(&http_date)
+    {
+        headers.insert(header::LAST_MODIFIED, value);
+    }
 }
 
 /// Formats an instant as an HTTP date (`Last-Modified`).

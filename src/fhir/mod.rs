@@ -12,6 +12,7 @@ pub mod patch;
 pub mod search;
 pub mod shape;
 pub mod subscription;
+pub mod subset;
 pub mod task;
 pub mod workflow;
 

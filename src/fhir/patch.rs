@@ -1,5 +1,7 @@
-//! JSON Patch (RFC 6902) with bounded cost: a capped number of operations, applied one at a
-//! time, with the document's size and depth bounded after each.
+//! Patches with bounded cost: JSON Patch (RFC 6902) with a capped number of operations,
+//! applied one at a time, with the document's size and depth bounded after each; and the
+//! forms turned into such operations as they are applied — JSON Merge Patch (RFC 7386,
+//! `merge`) and FHIRPath Patch (`fhirpath`).
 //!
 //! A patch is small, but what it makes need not be: each `copy` of a document's largest
 //! element into itself doubles it, so eighteen operations turn a one-note Task into hundreds
@@ -17,6 +19,9 @@ use serde_json::Value;
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::shape::{Exceeded, Shape, ShapeLimits, measure, too_deep, too_large};
+
+pub mod fhirpath;
+mod merge;
 
 /// Reads a JSON Patch document, refusing one with more than `max_operations` operations
 /// (413, `limits.max_patch_operations`) before converting any of them.
@@ -47,6 +52,61 @@ pub fn parse_patch(body: Value, max_operations: usize) -> Result<Patch> {
     })
 }
 
+/// A patch in one of the forms Baton accepts. Each is applied as JSON Patch operations, one
+/// at a time, under the same bounds; merge and FHIRPath patches are turned into operations
+/// against the document as it stands when they are applied, since what they mean depends on
+/// what is there.
+#[derive(Debug, Clone)]
+pub enum TaskPatch {
+    /// `application/json-patch+json` (RFC 6902).
+    Json(Patch),
+    /// `application/merge-patch+json` (RFC 7386), or `application/json` with an object body;
+    /// it makes at most `max_operations` operations.
+    Merge { patch: Value, max_operations: usize },
+    /// FHIRPath Patch: a `Parameters` resource of `operation`s.
+    FhirPath(Vec<fhirpath::Operation>),
+}
+
+/// Applies any form of patch to a copy of `target` (see `apply_patch` for the bounds and
+/// the statuses of refusals).
+pub fn apply_task_patch(
+    target: &Value,
+    patch: &TaskPatch,
+    limits: ShapeLimits,
+    what: &str,
+) -> Result<Value> {
+    match patch {
+        TaskPatch::Json(patch) => apply_patch(target, patch, limits, what),
+        TaskPatch::Merge {
+            patch,
+            max_operations,
+        } => {
+            let operations = merge::operations(target, patch, *max_operations)?;
+            let mut applier = Applier::new(target, limits, what)?;
+            for operation in &operations {
+                applier.apply(operation, || {
+                    format!(
+                        "the merge patch's {} at '{}'",
+                        op_name(operation),
+                        operation.path()
+                    )
+                })?;
+            }
+            Ok(applier.document)
+        }
+        TaskPatch::FhirPath(operations) => {
+            let mut applier = Applier::new(target, limits, what)?;
+            for (i, operation) in operations.iter().enumerate() {
+                let label = || operation.label(i);
+                for step in operation.steps(&applier.document, what, i)? {
+                    applier.apply(&step, label)?;
+                }
+            }
+            Ok(applier.document)
+        }
+    }
+}
+
 /// Applies `patch` to a copy of `target`, one operation at a time, and returns the result.
 /// The copy is thrown away on failure, so nothing is undone: `json_patch::patch`, which undoes
 /// a failed patch in place, panics on some (a `move` of an element into its parent's place
@@ -60,32 +120,85 @@ pub fn apply_patch(
     limits: ShapeLimits,
     what: &str,
 ) -> Result<Value> {
-    let mut document = target.clone();
-    let mut bound = exact(&document, limits, what)?;
+    let mut applier = Applier::new(target, limits, what)?;
     for (i, operation) in patch.iter().enumerate() {
-        let growth = growth(&document, operation, limits, what)?;
-        json_patch::patch_unsafe(&mut document, std::slice::from_ref(operation)).map_err(|e| {
-            Error::client(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                IssueCode::Processing,
-                format!(
-                    "operation {i} ({} at '{}') cannot be applied to {what}: {}",
-                    op_name(operation),
-                    operation.path(),
-                    e.kind
-                ),
+        applier.apply(operation, || {
+            format!(
+                "operation {i} ({} at '{}')",
+                op_name(operation),
+                operation.path()
             )
         })?;
-        bound = Shape {
-            bytes: bound.bytes.saturating_add(growth.bytes),
-            depth: bound.depth.max(growth.depth),
-        };
-        if bound.bytes > limits.max_bytes || bound.depth > limits.max_depth {
-            // The bound is loose (removals never lower it): measure what is really there.
-            bound = exact(&document, limits, what)?;
-        }
     }
-    Ok(document)
+    Ok(applier.document)
+}
+
+/// A document being patched, with a running upper bound on its size and depth.
+struct Applier<'w> {
+    document: Value,
+    bound: Shape,
+    limits: ShapeLimits,
+    what: &'w str,
+}
+
+impl<'w> Applier<'w> {
+    fn new(target: &Value, limits: ShapeLimits, what: &'w str) -> Result<Self> {
+        let document = target.clone();
+        let bound = exact(&document, limits, what)?;
+        Ok(Applier {
+            document,
+            bound,
+            limits,
+            what,
+        })
+    }
+
+    /// Applies one operation; `label` names it in a refusal (e.g. "operation 2 (add at '/note')").
+    fn apply(&mut self, operation: &PatchOperation, label: impl Fn() -> String) -> Result<()> {
+        let (limits, what) = (self.limits, self.what);
+        let growth = growth(&self.document, operation, limits, what)?;
+        json_patch::patch_unsafe(&mut self.document, std::slice::from_ref(operation)).map_err(
+            |e| {
+                Error::client(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    IssueCode::Processing,
+                    format!("{} cannot be applied to {what}: {}", label(), e.kind),
+                )
+            },
+        )?;
+        self.bound = Shape {
+            bytes: self.bound.bytes.saturating_add(growth.bytes),
+            depth: self.bound.depth.max(growth.depth),
+        };
+        if self.bound.bytes > limits.max_bytes || self.bound.depth > limits.max_depth {
+            // The bound is loose (removals never lower it): measure what is really there.
+            self.bound = exact(&self.document, limits, what)?;
+        }
+        Ok(())
+    }
+}
+
+/// One JSON Patch operation from its parts (the forms that are turned into JSON Patch use it).
+fn operation(
+    op: &str,
+    path: &str,
+    value: Option<Value>,
+    from: Option<&str>,
+) -> Result<PatchOperation> {
+    let mut body = serde_json::json!({ "op": op, "path": path });
+    if let Some(value) = value {
+        body["value"] = value;
+    }
+    if let Some(from) = from {
+        body["from"] = Value::String(from.to_string());
+    }
+    serde_json::from_value(body)
+        .map_err(|e| Error::internal("a generated patch operation did not parse", e.to_string()))
+}
+
+/// Appends a key to a JSON Pointer, escaped as RFC 6901 says.
+fn pointer_child(pointer: &str, key: &str) -> String {
+    format!("{pointer}/{}", key.replace('~', "~0").replace('/', "~1"))
 }
 
 /// The size and depth of the whole document, or the refusal of the limit it passes.

@@ -24,7 +24,9 @@ pub use columns::{SEVERAL, SINGLE_VALUED, TaskColumns};
 pub use index::{DateEntry, TaskIndex, TokenEntry, index_task, priority_rank};
 pub use predicate::{DateComparison, Predicate, Prefix, SystemMatch, TokenValue, matches};
 use query::invalid;
-pub use query::{Handling, RevInclude, SearchLimits, SearchQuery, SortKey, TotalMode, parse_query};
+pub use query::{
+    Handling, Include, RevInclude, SearchLimits, SearchQuery, SortKey, TotalMode, parse_query,
+};
 
 /// How a parameter's values are written and compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +227,8 @@ const CONTROL_PARAMS: &[&str] = &[
     "_sort",
     "_total",
     "_summary",
+    "_elements",
+    "_include",
     "_revinclude",
     "_format",
     "_pretty",
@@ -853,6 +857,8 @@ mod tests {
                 sort: vec![],
                 total: TotalMode::Accurate,
                 summary_count: false,
+                subset: None,
+                includes: Vec::new(),
                 revinclude: None,
                 link_params: vec![],
             }
@@ -925,8 +931,13 @@ mod tests {
         use IssueCode::{Invalid, NotSupported, TooCostly};
         let cases = [
             ("foo=bar", NotSupported, "'foo'"),
-            ("_include=Task:part-of", NotSupported, "'_include'"),
-            ("_elements=status", NotSupported, "'_elements'"),
+            ("_include=Task:owner", NotSupported, "'_include=Task:owner'"),
+            (
+                "_include:iterate=Task:part-of",
+                NotSupported,
+                "'_include:iterate'",
+            ),
+            ("_elements:x=status", NotSupported, "'_elements:x'"),
             (
                 "_has:Task:part-of:status=ready",
                 NotSupported,
@@ -960,8 +971,8 @@ mod tests {
             ("_sort=nonsense", NotSupported, "'nonsense'"),
             ("_sort:desc=status", NotSupported, "'_sort:desc'"),
             ("_total=maybe", Invalid, "'_total'"),
-            ("_summary=true", NotSupported, "_summary=true"),
-            ("_summary=data", NotSupported, "_summary=data"),
+            ("_summary=maybe", Invalid, "'maybe'"),
+            ("_elements=a.b", Invalid, "'a.b'"),
             (
                 "_revinclude=Task:based-on",
                 NotSupported,
@@ -1059,7 +1070,7 @@ mod tests {
     #[test]
     fn lenient_handling_ignores_unknown_parameters_only() {
         let lenient = |q: &str| parse_query(&pairs(q), &LIMITS, BASE, Handling::Lenient);
-        let parsed = lenient("colour=red&_include=Task:part-of&status=ready").unwrap();
+        let parsed = lenient("colour=red&_has:Task:part-of:status=ready&status=ready").unwrap();
         assert_eq!(
             parsed.predicates,
             vec![token("status", false, vec![any("ready")])]

@@ -23,7 +23,7 @@ mod tables;
 mod walker;
 
 use tables::TASK;
-use walker::{Context, check_json_rules, check_object};
+use walker::{Context, check_json_rules, check_object, element_repeats};
 
 /// `Task.status` codes (http://hl7.org/fhir/task-status, R4 4.0.1).
 pub const TASK_STATUSES: &[&str] = &[
@@ -176,6 +176,12 @@ pub fn validate_task(resource: &Value, base_url: &str) -> Result<()> {
     // Contained resources are not walked element by element, so their strings and
     // narratives are checked here, with the Task's own.
     check_text_content(resource, "Task")
+}
+
+/// Whether the Task element at `names` (below `Task`, e.g. `["note"]`) repeats; `None` when
+/// the tables know no such element.
+pub fn repeats(names: &[&str]) -> Option<bool> {
+    element_repeats(names)
 }
 
 /// Enforces the FHIR Task state machine on a status change, as a 422 `business-rule`.

@@ -78,6 +78,47 @@ pub struct StoredVersion {
     pub resource: Option<Value>,
 }
 
+/// Where a version stands in the type-level history: newest first by `last_updated`, then
+/// id, then version, all descending. A page's `next` link carries the key of the last version
+/// it looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryKey {
+    pub last_updated: StoredInstant,
+    pub id: TaskId,
+    pub version: Version,
+}
+
+/// What a page of the type-level history (`GET /fhir/Task/_history`) asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRequest {
+    /// `_since`: versions written at or after this instant.
+    pub since: Option<StoredInstant>,
+    /// `_at`: versions that were current at some time in `[start, end)` (store keys).
+    pub at: Option<(String, String)>,
+    /// Versions ordered after this one (older, or the same instant with a lower id or
+    /// version).
+    pub after: Option<HistoryKey>,
+    pub limit: usize,
+}
+
+/// One version of the type-level history. A deletion carries the content it deleted, so
+/// that the read rule can judge it without another read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryVersion {
+    pub version: StoredVersion,
+    pub deleted: Option<Value>,
+}
+
+impl HistoryVersion {
+    pub fn key(&self) -> HistoryKey {
+        HistoryKey {
+            last_updated: self.version.last_updated.clone(),
+            id: self.version.id.clone(),
+            version: self.version.version,
+        }
+    }
+}
+
 /// What the decision closure of a change wants done.
 #[derive(Debug)]
 pub enum Decision {
@@ -532,6 +573,9 @@ pub trait Store: Send + Sync + 'static {
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredVersion>, u64)>;
+    /// The versions of every Task, newest first, within the request's bounds: at most
+    /// `limit` of them.
+    async fn task_history(&self, request: &HistoryRequest) -> Result<Vec<HistoryVersion>>;
     async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage>;
     /// Live Tasks whose `partOf` names one of `parents` (as `Task/id`) and that match `scope`:
     /// at most `limit`, and no more than `max_bytes` of stored JSON (none may be taken).

@@ -36,17 +36,20 @@ use tokio::sync::Notify;
 use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
+use super::rows::history_from_row;
 use super::rows::read_sort_values;
 use super::rows::{
     change_from_row, current_from_row, listed_from_row, live_from_row, version_from_row,
 };
-use super::search_sql::{PageSpec, Placeholder, children_sql, page_sql, sort_value_count};
+use super::search_sql::{
+    PageSpec, Placeholder, children_sql, history_sql, page_sql, sort_value_count,
+};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
-    ChangeEvent, CurrentTask, DeliveryReport, EventRecord, LiveSubscription, MatchBatch,
-    MatchingFormRow, PageRequest, PendingDelivery, SearchPage, Store, StoredSubscription,
-    StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
-    WriteOutcome, WriteRequest, collect_page,
+    ChangeEvent, CurrentTask, DeliveryReport, EventRecord, HistoryRequest, HistoryVersion,
+    LiveSubscription, MatchBatch, MatchingFormRow, PageRequest, PendingDelivery, SearchPage, Store,
+    StoredSubscription, StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery,
+    SubscriptionRecord, WriteOutcome, WriteRequest, collect_page,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -258,6 +261,16 @@ impl Store for PostgresStore {
             .await?;
         let versions = rows.iter().map(version_from_row).collect::<Result<_>>()?;
         Ok((versions, total as u64))
+    }
+
+    async fn task_history(&self, request: &HistoryRequest) -> Result<Vec<HistoryVersion>> {
+        let (sql, binds) = history_sql(request, Placeholder::Dollar);
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for bind in binds {
+            query = query.bind(bind);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(history_from_row).collect()
     }
 
     async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage> {

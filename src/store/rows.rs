@@ -12,8 +12,8 @@ use sqlx::{FromRow, Row};
 
 use super::owner_from_columns;
 use super::{
-    ChangeEvent, CurrentTask, EventRecord, Interaction, ListedTask, LiveSubscription,
-    StoredSubscription, StoredVersion,
+    ChangeEvent, CurrentTask, EventRecord, HistoryVersion, Interaction, ListedTask,
+    LiveSubscription, StoredSubscription, StoredVersion,
 };
 use crate::error::{Error, Result};
 use crate::fhir::ids::{
@@ -136,6 +136,28 @@ where
             .transpose()
             .map_err(|e| Error::internal("a stored Task version is not valid JSON", e))?,
     })
+}
+
+/// The content a deletion deleted, joined to it in the type-level history.
+#[derive(FromRow)]
+pub(crate) struct DeletedRow {
+    deleted_resource: Option<String>,
+}
+
+/// One version of the type-level history (`search_sql::history_sql`).
+pub(crate) fn history_from_row<R: Row>(row: &R) -> Result<HistoryVersion>
+where
+    VersionRow: for<'r> FromRow<'r, R>,
+    DeletedRow: for<'r> FromRow<'r, R>,
+{
+    let version = version_from_row(row)?;
+    let deleted = DeletedRow::from_row(row)?
+        .deleted_resource
+        .filter(|_| version.resource.is_none())
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| Error::internal("a stored Task version is not valid JSON", e))?;
+    Ok(HistoryVersion { version, deleted })
 }
 
 /// A row of `change_event` (PostgreSQL's `matched` flag is not read).

@@ -7,8 +7,8 @@
 //! same meaning as `Predicate::matches`: "some value of the parameter satisfies the condition".
 //! Every value is bound; the only text spliced into SQL comes from Baton's own parameter table.
 
-use super::Counting;
 use super::rows::CURRENT_COLUMNS;
+use super::{Counting, HistoryRequest};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::search::{
     DateComparison, ParamType, Predicate, Prefix, SEVERAL, STATUS_SYSTEM, SortKey, SystemMatch,
@@ -23,6 +23,56 @@ pub enum Placeholder {
     Question,
     /// PostgreSQL: `$1`, `$2`, … numbered from `first_bind`.
     Dollar,
+}
+
+/// The type-level history query and its text binds in order (numbers are written into the
+/// SQL, as they come from Baton's own types). Newest first over the
+/// `task_version (last_updated, id, version)` index; a deletion is joined to the version it
+/// deleted (`deleted_resource`), and with `_at` each version to the one after it, which
+/// ends its time as the current one.
+pub fn history_sql(request: &HistoryRequest, style: Placeholder) -> (String, Vec<String>) {
+    let mut binds: Vec<String> = Vec::new();
+    let next = |value: &str, binds: &mut Vec<String>| {
+        binds.push(value.to_string());
+        match style {
+            Placeholder::Question => "?".to_string(),
+            Placeholder::Dollar => format!("${}", binds.len()),
+        }
+    };
+    let mut sql = String::from(
+        "SELECT v.id, v.version, v.last_updated, v.interaction, v.resource, \
+         p.resource AS deleted_resource FROM task_version v \
+         LEFT JOIN task_version p ON v.resource IS NULL AND p.id = v.id \
+         AND p.version = v.version - 1",
+    );
+    if request.at.is_some() {
+        sql.push_str(" LEFT JOIN task_version n ON n.id = v.id AND n.version = v.version + 1");
+    }
+    sql.push_str(" WHERE 1=1");
+    if let Some(since) = &request.since {
+        let since = next(since.as_str(), &mut binds);
+        sql.push_str(&format!(" AND v.last_updated >= {since}"));
+    }
+    if let Some((start, end)) = &request.at {
+        let end = next(end, &mut binds);
+        let start = next(start, &mut binds);
+        sql.push_str(&format!(
+            " AND v.last_updated < {end} AND (n.last_updated IS NULL OR n.last_updated > {start})"
+        ));
+    }
+    if let Some(after) = &request.after {
+        let last_updated = next(after.last_updated.as_str(), &mut binds);
+        let id = next(after.id.as_str(), &mut binds);
+        sql.push_str(&format!(
+            " AND (v.last_updated, v.id, v.version) < ({last_updated}, {id}, {})",
+            after.version.get()
+        ));
+    }
+    sql.push_str(&format!(
+        " ORDER BY v.last_updated DESC, v.id DESC, v.version DESC LIMIT {}",
+        request.limit
+    ));
+    (sql, binds)
 }
 
 /// A SQL condition over the task table aliased `t`, and its bind values in order.

@@ -16,7 +16,9 @@ use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir;
 use crate::fhir::ids::TaskId;
-use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode, cursor};
+use crate::fhir::search::{
+    self, Handling, Include, Predicate, RevInclude, SystemMatch, TokenValue, TotalMode, cursor,
+};
 use crate::store::{Counting, ListedTask, PageRequest};
 
 /// How far `_total=estimate` counts (see `config::DefaultTotal`): below it the total is
@@ -60,10 +62,10 @@ async fn run_search(
     pairs: Vec<(String, String)>,
 ) -> Result<Response> {
     let prefer = Prefer::from_headers(headers);
-    let handling = if prefer.lenient {
-        Handling::Lenient
-    } else {
+    let handling = if prefer.strict {
         Handling::Strict
+    } else {
+        Handling::Lenient
     };
     let query = search::parse_query(&pairs, &state.search_limits, &state.base_url, handling)?;
     // A malformed query is refused above without taking a slot; from here on the search
@@ -116,12 +118,34 @@ async fn run_search(
             warnings.push(stop.explain(state));
         }
     }
-    let mut entries: Vec<Entry> = page
-        .tasks
-        .iter()
-        .map(|task| Entry::Task(task, "match"))
-        .chain(included.iter().map(|task| Entry::Task(task, "include")))
-        .collect();
+    if !query.includes.is_empty() && !page.tasks.is_empty() {
+        let shown: HashSet<&str> = page
+            .tasks
+            .iter()
+            .chain(&included)
+            .map(|t| t.id.as_str())
+            .collect();
+        let budget = max_page_bytes.saturating_sub(page.bytes);
+        let (parents, stop) =
+            included_tasks(state, &page.tasks, &query.includes, &shown, &scope, budget).await?;
+        included.extend(parents);
+        if let Some(stop) = stop {
+            warnings.push(stop.explain(state));
+        }
+    }
+    // A subset is written here; a whole Task goes into the Bundle as it was stored.
+    let mut entries: Vec<Entry> = Vec::with_capacity(page.tasks.len() + included.len());
+    for task in &page.tasks {
+        entries.push(match &query.subset {
+            Some(subset) => Entry::Outcome(json!({
+                "fullUrl": format!("{}/Task/{}", state.base_url, task.id),
+                "resource": subset.apply(&task.resource()?),
+                "search": { "mode": "match" },
+            })),
+            None => Entry::Task(task, "match"),
+        });
+    }
+    entries.extend(included.iter().map(|task| Entry::Task(task, "include")));
     entries.extend(warnings.iter().map(|warning| {
         Entry::Outcome(json!({
             "resource": crate::error::operation_outcome(
@@ -212,7 +236,8 @@ async fn run_search(
 enum Entry<'a> {
     /// A Task found (`match`) or included (`include`), as stored.
     Task(&'a ListedTask, &'static str),
-    /// An entry written here (an OperationOutcome's).
+    /// An entry written here: an OperationOutcome's, or a Task's subset (`_summary`,
+    /// `_elements`).
     Outcome(Value),
 }
 
@@ -260,7 +285,8 @@ fn bundle_bytes(head: &Value, entries: &[Entry<'_>], base_url: &str) -> Vec<u8> 
 /// Why the included sub-tasks of a page stop short of the whole tree below its matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IncludeStop {
-    /// `search.max_included` Tasks were included.
+    /// `search.max_included` Tasks were included (or, for `_include`, as many Tasks as one
+    /// search may name).
     Count,
     /// The page's byte budget was spent.
     Bytes,
@@ -273,11 +299,11 @@ impl IncludeStop {
         let search = &state.config.search;
         match self {
             IncludeStop::Count => format!(
-                "included sub-tasks stop at search.max_included ({}); more may exist",
+                "included Tasks stop at search.max_included ({}); more may exist",
                 search.max_included
             ),
             IncludeStop::Bytes => format!(
-                "included sub-tasks stop where the page reached search.max_page_bytes ({} \
+                "included Tasks stop where the page reached search.max_page_bytes ({} \
                  bytes); more may exist",
                 search.max_page_bytes
             ),
@@ -288,6 +314,84 @@ impl IncludeStop {
             ),
         }
     }
+}
+
+/// `_include=Task:part-of` / `Task:based-on`: the Tasks the matched ones name in those
+/// elements (references to other resource types are not followed), read with the caller's
+/// read scope, so an included Task obeys the read rule as a matched one does; those already
+/// in the Bundle are not repeated. At most `search.max_included` of them and `max_bytes` of
+/// stored JSON.
+async fn included_tasks(
+    state: &AppState,
+    matched: &[ListedTask],
+    includes: &[Include],
+    shown: &HashSet<&str>,
+    scope: &[Predicate],
+    max_bytes: usize,
+) -> Result<(Vec<ListedTask>, Option<IncludeStop>)> {
+    let limit = state.config.search.max_included;
+    let mut targets: Vec<String> = Vec::new();
+    let mut stop = None;
+    // Only the Tasks whose links are followed are parsed; the page itself stays as stored.
+    let resources = matched
+        .iter()
+        .map(ListedTask::resource)
+        .collect::<Result<Vec<_>>>()?;
+    let references = resources.iter().flat_map(|task| {
+        includes.iter().flat_map(move |include| {
+            task[include.element()]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["reference"].as_str())
+        })
+    });
+    for reference in references {
+        let Some(id) = fhir::normalize_reference(reference, &state.base_url)
+            .and_then(|r| r.strip_prefix("Task/").map(str::to_string))
+        else {
+            continue;
+        };
+        if shown.contains(id.as_str()) || targets.contains(&id) {
+            continue;
+        }
+        if targets.len() == limit.min(search::MAX_SEARCH_VALUES) {
+            stop = Some(IncludeStop::Count);
+            break;
+        }
+        targets.push(id);
+    }
+    if targets.is_empty() {
+        return Ok((Vec::new(), stop));
+    }
+    let mut predicates = vec![Predicate::Token {
+        param: "_id",
+        negated: false,
+        any_of: targets
+            .iter()
+            .map(|id| TokenValue {
+                system: SystemMatch::Any,
+                code: Some(id.clone()),
+            })
+            .collect(),
+    }];
+    predicates.extend(scope.iter().cloned());
+    let found = state
+        .store
+        .search(PageRequest {
+            predicates: &predicates,
+            sort: &[],
+            count: targets.len(),
+            offset: 0,
+            after: None,
+            counting: Counting::Skip,
+            max_bytes,
+        })
+        .await?;
+    if found.truncated {
+        stop = Some(IncludeStop::Bytes);
+    }
+    Ok((found.tasks, stop))
 }
 
 /// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) down to

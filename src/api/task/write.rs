@@ -1,4 +1,5 @@
-//! The writes: create (with If-None-Exist), update, JSON Patch and delete, each handed to the
+//! The writes: create (with If-None-Exist), update, patch (JSON Patch, merge patch, FHIRPath
+//! Patch) and delete, each handed to the
 //! store as a decision closure, and the checks they make (If-Match, the state machine, ids).
 //! They are kept apart from reads because only writes go through the writer.
 
@@ -13,11 +14,12 @@ use serde_json::Value;
 use super::links::{check_links, ensure_links_checked, links, may_change_links, new_links};
 use super::search::parse_pairs;
 use super::{current_response, set_etag, version_response};
-use crate::api::{AppState, BodyKind, Prefer, parse_json, read_body};
+use crate::api::{AppState, BodyKind, Prefer, media_type, parse_json, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{TaskId, Version};
 use crate::fhir::interaction::Interaction;
+use crate::fhir::patch::TaskPatch;
 use crate::fhir::search::{self, Handling};
 use crate::fhir::shape::{ShapeLimits, check_shape};
 use crate::fhir::{self, task as task_rules};
@@ -197,10 +199,9 @@ pub(super) async fn patch(
     let id = TaskId::parse(&id)?;
     let prefer = Prefer::from_headers(&headers);
     let if_match = parse_if_match(&headers)?;
-    let bytes = read_body(&state, &headers, body, BodyKind::JsonPatch).await?;
-    let operations = parse_json(&bytes)?;
-    let touches_links = may_change_links(&operations);
-    let patch = fhir::patch::parse_patch(operations, state.config.limits.max_patch_operations)?;
+    let bytes = read_body(&state, &headers, body, BodyKind::Patch).await?;
+    let document = parse_json(&bytes)?;
+    let (patch, touches_links) = read_patch(document, media_type(&headers).as_deref(), &state)?;
     let limits = stored_limits(&state);
     // The patch is applied and judged here, against the version read now, so that a patch
     // that fails (or grows the Task past the limits) is answered without ever reaching the
@@ -267,16 +268,65 @@ pub(super) async fn patch(
     written_response(&state, outcome, prefer)
 }
 
-/// Applies a patch to a stored Task within the limits (`fhir::patch::apply_patch`) and checks
-/// that the result is a Task Baton may store under the same id.
+/// Reads a PATCH body in the form its media type says, and whether it may change the Task's
+/// links (a JSON Patch says by its paths; the other forms are checked for new links always,
+/// which costs nothing when there are none):
+/// - `application/json-patch+json`: JSON Patch;
+/// - `application/merge-patch+json`: JSON Merge Patch;
+/// - `application/fhir+json`: FHIRPath Patch, a `Parameters` resource;
+/// - `application/json`: an array is JSON Patch, a `Parameters` resource FHIRPath Patch, any
+///   other object a merge patch (what fhirpy's `patch()` sends: the elements to change).
+fn read_patch(
+    document: Value,
+    media_type: Option<&str>,
+    state: &AppState,
+) -> Result<(TaskPatch, bool)> {
+    let max_operations = state.config.limits.max_patch_operations;
+    let is_parameters = document.get("resourceType").and_then(Value::as_str) == Some("Parameters");
+    let json_patch = |document: Value| -> Result<(TaskPatch, bool)> {
+        let touches_links = may_change_links(&document);
+        let patch = fhir::patch::parse_patch(document, max_operations)?;
+        Ok((TaskPatch::Json(patch), touches_links))
+    };
+    let fhirpath = |document: &Value| -> Result<(TaskPatch, bool)> {
+        let operations = fhir::patch::fhirpath::parse(document, max_operations)?;
+        Ok((TaskPatch::FhirPath(operations), true))
+    };
+    let merge = |patch: Value| {
+        (
+            TaskPatch::Merge {
+                patch,
+                max_operations,
+            },
+            true,
+        )
+    };
+    match media_type {
+        Some("application/merge-patch+json") => Ok(merge(document)),
+        Some("application/fhir+json") if is_parameters => fhirpath(&document),
+        Some("application/fhir+json") => Err(Error::bad_request(
+            IssueCode::Structure,
+            "a PATCH sent as application/fhir+json must be a FHIRPath Patch: a Parameters \
+             resource of 'operation' parameters; send a JSON Patch as \
+             application/json-patch+json and a merge patch as application/merge-patch+json",
+        )),
+        Some("application/json") if document.is_array() => json_patch(document),
+        Some("application/json") if is_parameters => fhirpath(&document),
+        Some("application/json") => Ok(merge(document)),
+        _ => json_patch(document),
+    }
+}
+
+/// Applies a patch to a stored Task within the limits (`fhir::patch::apply_task_patch`) and
+/// checks that the result is a Task Baton may store under the same id.
 fn patched_task(
     current: &CurrentTask,
-    patch: &json_patch::Patch,
+    patch: &TaskPatch,
     limits: ShapeLimits,
     base_url: &str,
 ) -> Result<Value> {
     let what = format!("Task/{}", current.id);
-    let mut patched = fhir::patch::apply_patch(&current.resource, patch, limits, &what)?;
+    let mut patched = fhir::patch::apply_task_patch(&current.resource, patch, limits, &what)?;
     if patched.get("id").and_then(Value::as_str) != Some(current.id.as_str()) {
         return Err(Error::client(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{self, DateKind};
+use crate::fhir::subset::{self, Subset};
 use crate::fhir::{is_valid_id, normalize_reference};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,25 @@ pub enum RevInclude {
     PartOfIterate,
 }
 
+/// `_include=Task:part-of` or `Task:based-on`: add the Tasks the matches point at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Include {
+    /// `Task.partOf`.
+    PartOf,
+    /// `Task.basedOn`, where it names a Task.
+    BasedOn,
+}
+
+impl Include {
+    /// The element of Task the include follows.
+    pub fn element(self) -> &'static str {
+        match self {
+            Include::PartOf => "partOf",
+            Include::BasedOn => "basedOn",
+        }
+    }
+}
+
 /// A parsed Task search.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SearchQuery {
@@ -46,7 +66,11 @@ pub struct SearchQuery {
     pub total: TotalMode,
     /// `_summary=count` or `_count=0`: only the total is wanted.
     pub summary_count: bool,
+    /// `_summary=true|text|data` or `_elements`: the part of each matched Task to answer with.
+    pub subset: Option<Subset>,
     pub revinclude: Option<RevInclude>,
+    /// `_include`s, each once.
+    pub includes: Vec<Include>,
     /// The accepted parameters, for the bundle's self and next links. `_count`, `_offset` and
     /// `_cursor` are left out (the links set them), as are ignored parameters.
     pub link_params: Vec<(String, String)>,
@@ -61,6 +85,9 @@ pub struct SearchLimits {
 }
 
 /// `Prefer: handling=strict|lenient`: whether an unknown parameter is an error or ignored.
+/// Lenient is what a search gets by default (the FHIR search page's recommendation); an
+/// ignored parameter is left out of `link_params`, so the Bundle's `self` link shows what was
+/// applied. Bad values and unsupported modifiers of known parameters are errors either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handling {
     Strict,
@@ -94,7 +121,9 @@ pub fn parse_query(
         sort: Vec::new(),
         total: limits.default_total,
         summary_count: false,
+        subset: None,
         revinclude: None,
+        includes: Vec::new(),
         link_params: Vec::new(),
     };
     let mut seen_once: Vec<&str> = Vec::new();
@@ -138,7 +167,7 @@ pub fn parse_query(
         } else if handling == Handling::Strict {
             return Err(Error::not_supported(format!(
                 "The search parameter '{key}' is not supported on Task. Supported parameters: {}; \
-                 control parameters: {}. Send 'Prefer: handling=lenient' to have unknown parameters ignored.",
+                 control parameters: {}. Without 'Prefer: handling=strict' unknown parameters are ignored.",
                 TASK_PARAMS
                     .iter()
                     .map(|d| d.code)
@@ -191,7 +220,7 @@ fn apply_control<'k>(
 ) -> Result<()> {
     let iterate = match (name, modifier) {
         (_, None) => false,
-        ("_revinclude", Some("iterate" | "recurse")) => true,
+        ("_revinclude" | "_include", Some("iterate" | "recurse")) => true,
         (_, Some(_)) => {
             return Err(Error::not_supported(format!(
                 "The parameter '{key}' is not supported: '{name}' takes no modifier"
@@ -200,7 +229,7 @@ fn apply_control<'k>(
     };
     // `_revinclude` may be given more than once (plain and iterated); the others are single values
     // and two conflicting ones would leave the result ambiguous.
-    if !matches!(name, "_revinclude" | "_format" | "_pretty") {
+    if !matches!(name, "_revinclude" | "_include" | "_format" | "_pretty") {
         if seen_once.contains(&name) {
             return Err(invalid(format!(
                 "The parameter '{name}' may appear only once"
@@ -242,16 +271,43 @@ fn apply_control<'k>(
             query.link_params.push((key.into(), value.into()));
         }
         "_summary" => {
-            match value {
-                "count" => query.summary_count = true,
-                "false" => {}
-                _ => {
-                    return Err(Error::not_supported(format!(
-                        "'_summary={value}' is not supported; use _summary=count or _summary=false"
-                    )));
+            if value == "count" {
+                query.summary_count = true;
+            } else if let Some(subset) = subset::parse_summary(value)? {
+                if query.subset.is_some() {
+                    return Err(subset::both_given());
                 }
+                query.subset = Some(subset);
             }
             query.link_params.push((key.into(), value.into()));
+        }
+        "_elements" => {
+            if query.subset.is_some() {
+                return Err(subset::both_given());
+            }
+            query.subset = Some(subset::parse_elements(value)?);
+            query.link_params.push((key.into(), value.into()));
+        }
+        "_include" => {
+            let include = match value {
+                "Task:part-of" | "Task:part-of:Task" => Include::PartOf,
+                "Task:based-on:Task" | "Task:based-on" => Include::BasedOn,
+                _ => {
+                    return Err(Error::not_supported(format!(
+                        "'{key}={value}' is not supported; the includes are Task:part-of and \
+                         Task:based-on (the Tasks they name)"
+                    )));
+                }
+            };
+            if iterate {
+                return Err(Error::not_supported(format!(
+                    "'{key}' is not supported: includes go one step"
+                )));
+            }
+            if !query.includes.contains(&include) {
+                query.includes.push(include);
+                query.link_params.push((key.into(), value.into()));
+            }
         }
         "_revinclude" => {
             let iterate = match value {

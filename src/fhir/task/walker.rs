@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use super::tables::{
-    Card, Complex, ELEMENT, Kind, Primitive, REFERENCE, Text, VALUE_TYPES, ValueChoice,
+    Card, Complex, ELEMENT, Kind, Primitive, REFERENCE, TASK, Text, VALUE_TYPES, ValueChoice,
 };
 use super::{CORE_PROFILE_BASE, fail, json_type};
 use crate::error::{IssueCode, Result};
@@ -138,6 +138,22 @@ fn lookup(def: &Complex, name: &str) -> Option<(Card, Kind, bool)> {
         .iter()
         .find(|(type_name, _)| *type_name == suffix)
         .map(|(_, kind)| (Card::Optional, *kind, true))
+}
+
+/// Whether the Task element reached by `names` (e.g. `["note"]`, `["restriction",
+/// "recipient"]`) repeats; `None` when Task has no such element or it lies inside a type the
+/// tables do not model. A FHIRPath Patch `add` needs it to know whether to write a value or
+/// a list.
+pub(super) fn element_repeats(names: &[&str]) -> Option<bool> {
+    let (last, parents) = names.split_last()?;
+    let mut def: &Complex = &TASK;
+    for name in parents {
+        match lookup(def, name)? {
+            (_, Kind::Complex(next), _) => def = next,
+            _ => return None,
+        }
+    }
+    lookup(def, last).map(|(card, _, _)| card == Card::Many)
 }
 
 pub(super) fn check_object(
