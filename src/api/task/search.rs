@@ -137,7 +137,7 @@ async fn run_search(
     let mut entries: Vec<Entry> = Vec::with_capacity(page.tasks.len() + included.len());
     for task in &page.tasks {
         entries.push(match &query.subset {
-            Some(subset) => Entry::Outcome(json!({
+            Some(subset) => Entry::Written(json!({
                 "fullUrl": format!("{}/Task/{}", state.base_url, task.id),
                 "resource": subset.apply(&task.resource()?),
                 "search": { "mode": "match" },
@@ -147,7 +147,7 @@ async fn run_search(
     }
     entries.extend(included.iter().map(|task| Entry::Task(task, "include")));
     entries.extend(warnings.iter().map(|warning| {
-        Entry::Outcome(json!({
+        Entry::Written(json!({
             "resource": crate::error::operation_outcome(
                 "warning",
                 IssueCode::TooCostly,
@@ -238,7 +238,7 @@ enum Entry<'a> {
     Task(&'a ListedTask, &'static str),
     /// An entry written here: an OperationOutcome's, or a Task's subset (`_summary`,
     /// `_elements`).
-    Outcome(Value),
+    Written(Value),
 }
 
 /// The Bundle whose every member but `entry` is in `head`, with `entries` after them. A Task's
@@ -253,7 +253,7 @@ fn bundle_bytes(head: &Value, entries: &[Entry<'_>], base_url: &str) -> Vec<u8> 
         .iter()
         .map(|entry| match entry {
             Entry::Task(task, _) => task.json.len() + base_url.len() + 80,
-            Entry::Outcome(_) => 512,
+            Entry::Written(_) => 512,
         })
         .sum();
     bytes.reserve(size + 16);
@@ -273,7 +273,7 @@ fn bundle_bytes(head: &Value, entries: &[Entry<'_>], base_url: &str) -> Vec<u8> 
                 bytes.extend_from_slice(mode.as_bytes());
                 bytes.extend_from_slice(b"\"}}");
             }
-            Entry::Outcome(value) => {
+            Entry::Written(value) => {
                 serde_json::to_writer(&mut bytes, value).unwrap_or_default();
             }
         }
@@ -479,7 +479,7 @@ mod tests {
         let entries = [
             Entry::Task(&a, "match"),
             Entry::Task(&b, "include"),
-            Entry::Outcome(outcome.clone()),
+            Entry::Written(outcome.clone()),
         ];
         let bytes = bundle_bytes(&head, &entries, "http://baton.test/fhir");
         let read: Value = serde_json::from_slice(&bytes).unwrap();
