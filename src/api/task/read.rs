@@ -40,7 +40,7 @@ pub(super) async fn read(
 }
 
 /// Loads a Task (live or deleted) and applies the read rule to its latest content.
-async fn readable_current(
+pub(super) async fn readable_current(
     state: &AppState,
     principal: &Principal,
     id: &TaskId,
