@@ -725,3 +725,99 @@ async fn a_transaction_mixes_creates_updates_deletes_and_conditional_creates() {
     );
     assert!(found(&server, "mix-gone").await.is_empty());
 }
+
+#[tokio::test]
+async fn a_batch_creates_reads_updates_and_deletes_subscriptions() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+    let body = subscription(
+        &server.base,
+        "task-changed",
+        &["Task?owner=Practitioner/alice"],
+        &receiver.url,
+        "id-only",
+    );
+    let mut bad = body.clone();
+    bad["criteria"] = json!("http://example.org/no-such-topic");
+    let request = bundle(
+        "batch",
+        vec![
+            json!({ "resource": body, "request": { "method": "POST", "url": "Subscription" } }),
+            json!({ "resource": bad, "request": { "method": "POST", "url": "Subscription" } }),
+        ],
+    );
+    let (status, answer) = server.post_json("", &alice, &request).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["entry"][0]["response"]["status"], "201 Created",
+        "{answer}"
+    );
+    assert_eq!(
+        answer["entry"][1]["response"]["status"], "400 Bad Request",
+        "{answer}"
+    );
+    let id = answer["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        answer["entry"][0]["response"]["location"],
+        format!("Subscription/{id}")
+    );
+    // The subscription is the author's and in force: it is read back through the API.
+    let (status, stored) = server.get(&format!("/Subscription/{id}"), &alice).await;
+    assert_eq!(status, StatusCode::OK, "{stored}");
+
+    let mut off = stored.clone();
+    off["status"] = json!("off");
+    let stranger = server.practitioner("Practitioner/bob");
+    let request = bundle(
+        "batch",
+        vec![
+            json!({ "request": { "method": "GET", "url": format!("Subscription/{id}") } }),
+            json!({ "resource": off, "request": { "method": "PUT", "url": format!("Subscription/{id}") } }),
+        ],
+    );
+    let (_, answer) = server.post_json("", &stranger, &request).await;
+    assert_eq!(
+        answer["entry"][0]["response"]["status"], "403 Forbidden",
+        "{answer}"
+    );
+    assert_eq!(
+        answer["entry"][1]["response"]["status"], "403 Forbidden",
+        "{answer}"
+    );
+    let (_, answer) = server.post_json("", &alice, &request).await;
+    assert_eq!(
+        answer["entry"][0]["response"]["status"], "200 OK",
+        "{answer}"
+    );
+    assert_eq!(
+        answer["entry"][1]["response"]["status"], "200 OK",
+        "{answer}"
+    );
+    assert_eq!(answer["entry"][1]["resource"]["status"], "off", "{answer}");
+
+    // In a transaction a Subscription entry is refused: only Task writes roll back together.
+    let transaction = bundle(
+        "transaction",
+        vec![json!({ "request": { "method": "DELETE", "url": format!("Subscription/{id}") } })],
+    );
+    let (status, refused) = server.post_json("", &alice, &transaction).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["issue"][0]["expression"][0], "Bundle.entry[0]");
+
+    let request = bundle(
+        "batch",
+        vec![json!({ "request": { "method": "DELETE", "url": format!("Subscription/{id}") } })],
+    );
+    let (_, answer) = server.post_json("", &alice, &request).await;
+    assert_eq!(
+        answer["entry"][0]["response"]["status"], "204 No Content",
+        "{answer}"
+    );
+    let (status, _) = server.get(&format!("/Subscription/{id}"), &admin).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -19,7 +19,10 @@
 //!   direction, cycles included (two Tasks each `partOf` the other are stored as sent). A
 //!   `urn:uuid:` that names no entry is a 400 naming the entry that holds it. A request Task's
 //!   focal Task must exist before the transaction (see `links::check_links`).
-//! - Only `Task` entries are supported; any other resource type is a 400 naming the entry.
+//! - A batch may also create, read, update and delete Subscriptions (through the same
+//!   functions as `api::subscription`); a transaction holds Task entries only (400), since a
+//!   subscription write puts it in force on the hub, which no database rollback could undo.
+//!   Any other resource type is a 400 naming the entry.
 
 use std::collections::{HashMap, HashSet};
 
@@ -36,12 +39,12 @@ use super::write::{
     criteria, delete_request, find_matches, parse_if_match_text, race_lost, record_write,
     update_request,
 };
-use crate::api::{AppState, BodyKind, Prefer, fhir_json, parse_json, read_body};
+use crate::api::{AppState, BodyKind, Prefer, fhir_json, parse_json, read_body, subscription};
 use crate::auth::Principal;
 use crate::error::{Error, IssueCode, Result};
-use crate::fhir::ids::{StoredInstant, TaskId, Version};
+use crate::fhir::ids::{StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::interaction::Interaction;
-use crate::store::{CurrentTask, StoredVersion, WriteOutcome, WriteRequest};
+use crate::store::{CurrentTask, StoredSubscription, StoredVersion, WriteOutcome, WriteRequest};
 
 /// The kind of Bundle posted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +71,20 @@ enum Target {
     Instance(TaskId),
     /// `Task?criteria`: a conditional update or delete, or a search.
     Conditional(String),
+    /// `Subscription`: a create (batch only).
+    Subscriptions,
+    /// `Subscription/{id}` (batch only).
+    Subscription(SubscriptionId),
+}
+
+impl Target {
+    /// The resource type an entry's resource must have.
+    fn resource_type(&self) -> &'static str {
+        match self {
+            Target::Subscriptions | Target::Subscription(_) => "Subscription",
+            Target::Type | Target::Instance(_) | Target::Conditional(_) => "Task",
+        }
+    }
 }
 
 /// An entry's interaction.
@@ -105,6 +122,13 @@ enum Answer {
     Deleted(Option<Version>),
     /// A search's Bundle.
     Searchset(Value),
+    /// A Subscription created, read or updated (batch only).
+    Subscription {
+        status: StatusCode,
+        id: SubscriptionId,
+        version: Version,
+        resource: Value,
+    },
     /// The entry failed (batch only).
     Failed(Error),
 }
@@ -229,10 +253,13 @@ fn parse_entry_inner(index: usize, raw: &Value, base_url: &str) -> Result<Entry>
     let target = parse_url(url, base_url)?;
     let resource = entry.get("resource").cloned();
     match (method, &target) {
-        (Method::Post, Target::Type)
-        | (Method::Put, Target::Instance(_) | Target::Conditional(_))
-        | (Method::Delete, Target::Instance(_) | Target::Conditional(_))
-        | (Method::Get, _) => {}
+        (Method::Post, Target::Type | Target::Subscriptions)
+        | (
+            Method::Put | Method::Delete,
+            Target::Instance(_) | Target::Conditional(_) | Target::Subscription(_),
+        )
+        | (Method::Get, Target::Type | Target::Instance(_) | Target::Conditional(_))
+        | (Method::Get, Target::Subscription(_)) => {}
         _ => {
             return Err(Error::bad_request(
                 IssueCode::NotSupported,
@@ -260,12 +287,15 @@ fn parse_entry_inner(index: usize, raw: &Value, base_url: &str) -> Result<Entry>
         _ => {}
     }
     if let Some(resource) = &resource
-        && resource.get("resourceType").and_then(Value::as_str) != Some("Task")
+        && resource.get("resourceType").and_then(Value::as_str) != Some(target.resource_type())
     {
-        return Err(Error::not_supported(
-            "only Task resources are supported in a Bundle's entries",
-        )
-        .at("resource.resourceType"));
+        return Err(Error::invalid(
+            "resource.resourceType",
+            format!(
+                "request.url '{url}' takes a {} in entry.resource",
+                target.resource_type()
+            ),
+        ));
     }
     let text = |key: &str| -> Result<Option<String>> {
         match request.get(key) {
@@ -316,9 +346,20 @@ fn parse_url(url: &str, base_url: &str) -> Result<Target> {
     };
     let mut parts = path.split('/');
     let resource_type = parts.next().unwrap_or("");
+    if resource_type == "Subscription" && query.is_none() {
+        return match (parts.next(), parts.next()) {
+            (None, _) => Ok(Target::Subscriptions),
+            (Some(id), None) => Ok(Target::Subscription(SubscriptionId::parse(id)?)),
+            _ => Err(Error::not_supported(format!(
+                "request.url '{url}' is not Subscription or Subscription/{{id}}"
+            ))
+            .at("request.url")),
+        };
+    }
     if resource_type != "Task" {
         return Err(Error::not_supported(format!(
-            "request.url '{url}' names a {}; only Task entries are supported in a Bundle",
+            "request.url '{url}' names a {}; only Task and Subscription entries are supported in \
+             a Bundle",
             if resource_type.is_empty() {
                 "no resource type".to_owned()
             } else {
@@ -366,6 +407,12 @@ async fn batch_entry(
         // A batch's entries are independent: a reference to another entry cannot be resolved.
         rewrite_references(resource, &HashMap::new())?;
     }
+    if matches!(
+        entry.target,
+        Target::Subscriptions | Target::Subscription(_)
+    ) {
+        return subscription_entry(state, principal, entry).await;
+    }
     if entry.method == Method::Get {
         return read_entry(state, principal, &entry).await;
     }
@@ -392,6 +439,45 @@ async fn batch_entry(
     }
 }
 
+/// A Subscription entry of a batch, through the same functions as the Subscription API.
+async fn subscription_entry(
+    state: &AppState,
+    principal: &Principal,
+    entry: Entry,
+) -> Result<Answer> {
+    let answer = |status: StatusCode, stored: StoredSubscription| Answer::Subscription {
+        status,
+        resource: subscription::render(&stored, subscription::is_author(principal, &stored)),
+        id: stored.id,
+        version: stored.version,
+    };
+    let resource = entry.resource.unwrap_or(Value::Null);
+    match (entry.method, entry.target) {
+        (Method::Post, _) => {
+            let stored = subscription::create_subscription(state, principal, resource).await?;
+            Ok(answer(StatusCode::CREATED, stored))
+        }
+        (Method::Get, Target::Subscription(id)) => {
+            let stored = subscription::visible(state, principal, &id).await?;
+            Ok(answer(StatusCode::OK, stored))
+        }
+        (Method::Put, Target::Subscription(id)) => {
+            subscription::visible(state, principal, &id).await?;
+            let stored =
+                subscription::update_subscription(state, principal, &id, resource, entry.if_match)
+                    .await?;
+            Ok(answer(StatusCode::OK, stored))
+        }
+        (Method::Delete, Target::Subscription(id)) => {
+            subscription::delete_subscription(state, principal, &id).await?;
+            Ok(Answer::Deleted(None))
+        }
+        _ => Err(Error::not_supported(
+            "this combination of request.method and request.url is not supported",
+        )),
+    }
+}
+
 /// A GET entry of a batch: a read (with the read rule) or a search.
 async fn read_entry(state: &AppState, principal: &Principal, entry: &Entry) -> Result<Answer> {
     match &entry.target {
@@ -402,6 +488,9 @@ async fn read_entry(state: &AppState, principal: &Principal, entry: &Entry) -> R
             }
             Ok(existing(StatusCode::OK, current))
         }
+        Target::Subscriptions | Target::Subscription(_) => Err(Error::not_supported(
+            "read Subscriptions with GET Subscription/{id}",
+        )),
         Target::Type | Target::Conditional(_) => {
             let query = match &entry.target {
                 Target::Conditional(query) => query.as_str(),
@@ -435,6 +524,13 @@ async fn run_transaction(
         if entry.method == Method::Get {
             return Err(Error::not_supported(
                 "a transaction may not read (GET); send reads in a batch, or after the transaction",
+            )
+            .in_entry(index));
+        }
+        if entry.target.resource_type() != "Task" {
+            return Err(Error::not_supported(
+                "a transaction holds Task entries only; create, update or delete Subscriptions \
+                 in a batch",
             )
             .in_entry(index));
         }
@@ -787,6 +883,23 @@ fn entry_json(state: &AppState, answer: Answer, prefer: Prefer) -> Value {
             response.insert("status".into(), json!(status_line(StatusCode::NO_CONTENT)));
             if let Some(version) = version {
                 response.insert("etag".into(), json!(format!("W/\"{version}\"")));
+            }
+        }
+        Answer::Subscription {
+            status,
+            id,
+            version,
+            resource,
+        } => {
+            response.insert("status".into(), json!(status_line(status)));
+            response.insert("location".into(), json!(format!("Subscription/{id}")));
+            response.insert("etag".into(), json!(format!("W/\"{version}\"")));
+            entry.insert(
+                "fullUrl".into(),
+                json!(format!("{}/Subscription/{id}", state.base_url)),
+            );
+            if !prefer.minimal {
+                entry.insert("resource".into(), resource);
             }
         }
         Answer::Searchset(bundle) => {
