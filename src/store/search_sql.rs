@@ -40,6 +40,7 @@ pub fn where_clause(predicates: &[Predicate], style: Placeholder, first_bind: us
         style,
         next: first_bind,
         binds: Vec::new(),
+        arm: Arm::Both,
     };
     let sql = writer.all(predicates);
     SqlFilter {
@@ -54,6 +55,24 @@ struct Writer {
     style: Placeholder,
     next: usize,
     binds: Vec<String>,
+    /// Which Tasks a token column that may say `SEVERAL` is written for (see `Arm`).
+    arm: Arm,
+}
+
+/// Which Tasks the condition on a token column with a system of its own (`performer`) is
+/// written for. A search whose criteria require such a value is answered as two arms, one per
+/// kind of Task, merged in the sort order: each arm then walks an index in that order, where
+/// one condition covering both kinds (`IN (code, 'SEVERAL')`) would make the database sort
+/// every match (the role queue of issue 16: a walk of all requested Tasks, or a sort of a
+/// whole queue). Every Task is of exactly one kind, so the arms never overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arm {
+    /// Both kinds in one condition.
+    Both,
+    /// Tasks with one value in the column.
+    One,
+    /// Tasks whose column says `SEVERAL`, looked up in the index table.
+    Several,
 }
 
 impl Writer {
@@ -177,41 +196,61 @@ impl Writer {
         if accepted.is_empty() {
             return "0=1".to_string();
         }
-        let mut codes: Vec<String> = Vec::new();
-        for value in &accepted {
-            let code = value.code.as_deref().unwrap_or_default();
-            codes.push(self.bind(code));
-        }
+        let codes = |writer: &mut Writer| {
+            let codes: Vec<String> = accepted
+                .iter()
+                .map(|value| writer.bind(value.code.as_deref().unwrap_or_default()))
+                .collect();
+            codes.join(", ")
+        };
         let ColumnSystem::Own(system_column) = column.system else {
             // The system is the parameter's own, checked above; the column holds one value.
-            return format!("{name} IN ({})", codes.join(", "));
+            return format!("{name} IN ({})", codes(self));
         };
         // Correlated, so that only the rare Task with several values pays for the lookup.
-        let param_bind = self.bind(param);
-        let values = self.token_values(any_of);
-        let several = format!(
-            "EXISTS (SELECT 1 FROM task_token WHERE task_id = t.id AND param = {param_bind} AND {values})"
-        );
-        let mut one = Vec::new();
-        for value in accepted {
-            let code = self.bind(value.code.as_deref().unwrap_or_default());
-            one.push(match &value.system {
-                SystemMatch::Any => format!("{name} = {code}"),
-                SystemMatch::NoSystem => format!("({name} = {code} AND {system_column} IS NULL)"),
-                SystemMatch::Exact(system) => {
-                    format!(
-                        "({name} = {code} AND {system_column} = {})",
-                        self.bind(system)
-                    )
-                }
-            });
-        }
-        format!(
-            "{name} IN ({}, '{SEVERAL}') AND CASE WHEN {name} = '{SEVERAL}' THEN {several} \
-             ELSE ({}) END",
-            codes.join(", "),
+        let several = |writer: &mut Writer| {
+            let param_bind = writer.bind(param);
+            let values = writer.token_values(any_of);
+            format!(
+                "EXISTS (SELECT 1 FROM task_token WHERE task_id = t.id AND param = {param_bind} AND {values})"
+            )
+        };
+        let one = |writer: &mut Writer| {
+            let mut one = Vec::new();
+            for value in &accepted {
+                let code = writer.bind(value.code.as_deref().unwrap_or_default());
+                one.push(match &value.system {
+                    SystemMatch::Any => format!("{name} = {code}"),
+                    SystemMatch::NoSystem => {
+                        format!("({name} = {code} AND {system_column} IS NULL)")
+                    }
+                    SystemMatch::Exact(system) => {
+                        format!(
+                            "({name} = {code} AND {system_column} = {})",
+                            writer.bind(system)
+                        )
+                    }
+                });
+            }
             one.join(" OR ")
-        )
+        };
+        // Each part is written (and so bound) in the order of the text.
+        match self.arm {
+            Arm::Both => {
+                let codes = codes(self);
+                let several = several(self);
+                let one = one(self);
+                format!(
+                    "{name} IN ({codes}, '{SEVERAL}') AND CASE WHEN {name} = '{SEVERAL}' \
+                     THEN {several} ELSE ({one}) END"
+                )
+            }
+            Arm::One => {
+                let codes = codes(self);
+                format!("{name} IN ({codes}) AND ({})", one(self))
+            }
+            Arm::Several => format!("{name} = '{SEVERAL}' AND {}", several(self)),
+        }
     }
 
     /// `:not` on a single-valued column with a fixed system: no value of the Task is one of the
@@ -415,43 +454,100 @@ pub struct PageSpec<'a> {
 /// altered.
 pub fn page_sql(spec: PageSpec<'_>, style: Placeholder) -> Result<PageSql> {
     let terms = sort_terms(spec.sort, spec.predicates);
-    let mut writer = Writer {
+    let writer = |arm| Writer {
         style,
         next: 1,
         binds: Vec::new(),
+        arm,
     };
-    let filter = writer.all(spec.predicates);
-    let count_binds = writer.binds.clone();
-    let matches = format!("FROM task t WHERE t.deleted = 0 AND ({filter})");
+    let matches = |filter: &str| format!("FROM task t WHERE t.deleted = 0 AND ({filter})");
+    let mut counter = writer(Arm::Both);
+    let counted = matches(&counter.all(spec.predicates));
     let count = match spec.counting {
         Counting::Skip => None,
-        Counting::All => Some(format!("SELECT count(*) {matches}")),
+        Counting::All => Some(format!("SELECT count(*) {counted}")),
         // The limit is a number of Baton's, not a client's value.
         Counting::UpTo(limit) => Some(format!(
-            "SELECT count(*) FROM (SELECT 1 {matches} LIMIT {}) AS counted",
+            "SELECT count(*) FROM (SELECT 1 {counted} LIMIT {}) AS counted",
             limit.saturating_add(1)
         )),
     };
-    let after = match spec.after {
-        Some(values) => format!(" AND {}", writer.after(&terms, values)?),
-        None => String::new(),
-    };
-    let (limit, offset) = (writer.placeholder(), writer.placeholder());
-    let sort_values: Vec<String> = terms
+    let sort_values: String = terms
         .iter()
         .enumerate()
         .map(|(i, term)| format!(", CAST({} AS TEXT) AS sort_{i}", term.expression))
         .collect();
-    let order: Vec<String> = terms.iter().map(SortTerm::order).collect();
+    let arms = if requires_several_column(spec.predicates) {
+        vec![Arm::One, Arm::Several]
+    } else {
+        vec![Arm::Both]
+    };
+    let mut rows = writer(Arm::Both);
+    let mut selects = Vec::new();
+    for arm in &arms {
+        rows.arm = *arm;
+        let filter = rows.all(spec.predicates);
+        let after = match spec.after {
+            Some(values) => format!(" AND {}", rows.after(&terms, values)?),
+            None => String::new(),
+        };
+        // The arms of a merge are ordered by the raw sort values (`order_{i}`): their text
+        // forms would sort integers as text.
+        let order_values: String = if arms.len() > 1 {
+            terms
+                .iter()
+                .enumerate()
+                .map(|(i, term)| format!(", {} AS order_{i}", term.expression))
+                .collect()
+        } else {
+            String::new()
+        };
+        selects.push(format!(
+            "SELECT {CURRENT_COLUMNS}{sort_values}{order_values} {}{after}",
+            matches(&filter)
+        ));
+    }
+    let order: Vec<String> = if arms.len() > 1 {
+        terms
+            .iter()
+            .enumerate()
+            .map(|(i, term)| term.order_as(&format!("order_{i}")))
+            .collect()
+    } else {
+        terms.iter().map(SortTerm::order).collect()
+    };
+    let (limit, offset) = (rows.placeholder(), rows.placeholder());
     Ok(PageSql {
         count,
-        count_binds,
+        count_binds: counter.binds,
         rows: format!(
-            "SELECT {CURRENT_COLUMNS}{} {matches}{after} ORDER BY {} LIMIT {limit} OFFSET {offset}",
-            sort_values.concat(),
+            "{} ORDER BY {} LIMIT {limit} OFFSET {offset}",
+            selects.join(" UNION ALL "),
             order.join(", ")
         ),
-        binds: writer.binds,
+        binds: rows.binds,
+    })
+}
+
+/// Whether the ANDed predicates require a value of a token column with a system of its own
+/// (`performer=…`), whose Tasks are then read in two arms (see `Arm`).
+fn requires_several_column(predicates: &[Predicate]) -> bool {
+    predicates.iter().any(|predicate| match predicate {
+        Predicate::Token {
+            param,
+            negated: false,
+            any_of,
+        } => {
+            matches!(
+                column_of(param),
+                Some(Column::Token(TokenColumn {
+                    system: ColumnSystem::Own(_),
+                    ..
+                }))
+            ) && has_codes(any_of)
+        }
+        Predicate::And(all) => requires_several_column(all),
+        _ => false,
     })
 }
 
@@ -549,6 +645,7 @@ pub fn children_sql(parents: &[String], scope: &[Predicate], style: Placeholder)
         style,
         next: 1,
         binds: Vec::new(),
+        arm: Arm::Both,
     };
     let parents: Vec<String> = parents.iter().map(|p| writer.bind(p)).collect();
     let filter = writer.all(scope);
@@ -597,11 +694,16 @@ impl SortTerm {
     /// SQLite and PostgreSQL disagree by default, and only there, because a database that
     /// must put NULLs last against its index order sorts instead of walking the index.
     fn order(&self) -> String {
+        self.order_as(&self.expression)
+    }
+
+    /// The term's direction applied to another expression (a result column of a merge).
+    fn order_as(&self, expression: &str) -> String {
         let direction = if self.descending { "DESC" } else { "ASC" };
         if self.nullable {
-            format!("{} {direction} NULLS LAST", self.expression)
+            format!("{expression} {direction} NULLS LAST")
         } else {
-            format!("{} {direction}", self.expression)
+            format!("{expression} {direction}")
         }
     }
 }
@@ -1417,7 +1519,8 @@ mod plans {
 
     /// The six work-list searches of issue 16, and whether the page must come out of an index
     /// in its order (a sort of a few hundred matches of one owner or patient is fine; a sort of
-    /// a status's or the whole table's matches is not).
+    /// a status's, a queue's or the whole table's matches is not, and neither is a walk of
+    /// every requested Task in search of one queue's).
     const WORK_LISTS: &[(&str, bool)] = &[
         (
             "owner=Practitioner/p17&status:not=completed&_sort=-priority",
@@ -1425,7 +1528,7 @@ mod plans {
         ),
         (
             "owner:missing=true&performer=http://baton.example/CodeSystem/work-queue|triage&status=requested",
-            false,
+            true,
         ),
         ("status=requested&_count=20", true),
         (
@@ -1521,6 +1624,13 @@ mod plans {
                         assert!(
                             !plan.iter().any(|step| step.contains("TEMP B-TREE")),
                             "{query} sorts instead of walking an index: {plan:#?}\n{statement}"
+                        );
+                    }
+                    // A role queue's page walks its own queue, not every requested Task.
+                    if ordered && query.contains("performer=") {
+                        assert!(
+                            plan.iter().all(|step| !step.contains("task_by_status")),
+                            "{query} walks the status index: {plan:#?}\n{statement}"
                         );
                     }
                 }
