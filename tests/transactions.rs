@@ -689,6 +689,9 @@ async fn a_transaction_mixes_creates_updates_deletes_and_conditional_creates() {
     let gone = server
         .create_task(&with_identifier(task("requested", None), "mix-gone"))
         .await;
+    let found_task = server
+        .create_task(&with_identifier(task("requested", None), "mix-found"))
+        .await;
     let mut accepted = kept.clone();
     accepted["status"] = json!("accepted");
     let parent = "urn:uuid:70000000-0000-4000-8000-000000000001";
@@ -698,7 +701,7 @@ async fn a_transaction_mixes_creates_updates_deletes_and_conditional_creates() {
             json!({ "resource": accepted, "request": { "method": "PUT", "url": format!("Task/{}", kept["id"].as_str().unwrap()), "ifMatch": "W/\"1\"" } }),
             json!({ "request": { "method": "DELETE", "url": format!("Task/{}", gone["id"].as_str().unwrap()) } }),
             // Found by its ifNoneExist: nothing written, and references to it resolve to it.
-            json!({ "fullUrl": parent, "resource": task("requested", None), "request": { "method": "POST", "url": "Task", "ifNoneExist": "identifier=http://example.org/orders|mix-kept" } }),
+            json!({ "fullUrl": parent, "resource": task("requested", None), "request": { "method": "POST", "url": "Task", "ifNoneExist": "identifier=http://example.org/orders|mix-found" } }),
             post(
                 "urn:uuid:70000000-0000-4000-8000-000000000002",
                 sub_task(parent, "mix-child"),
@@ -718,12 +721,26 @@ async fn a_transaction_mixes_creates_updates_deletes_and_conditional_creates() {
         ["200 OK", "204 No Content", "200 OK", "201 Created"]
     );
     assert_eq!(answer["entry"][0]["response"]["etag"], "W/\"2\"");
-    assert_eq!(answer["entry"][2]["resource"]["id"], kept["id"]);
+    assert_eq!(answer["entry"][2]["resource"]["id"], found_task["id"]);
     assert_eq!(
         answer["entry"][3]["resource"]["partOf"][0]["reference"],
-        format!("Task/{}", kept["id"].as_str().unwrap())
+        format!("Task/{}", found_task["id"].as_str().unwrap())
     );
     assert!(found(&server, "mix-gone").await.is_empty());
+
+    // The Task an ifNoneExist finds counts as touched: deleting it in the same transaction
+    // is refused, and nothing is stored.
+    let request = bundle(
+        "transaction",
+        vec![
+            json!({ "resource": task("requested", None), "request": { "method": "POST", "url": "Task", "ifNoneExist": "identifier=http://example.org/orders|mix-kept" } }),
+            json!({ "request": { "method": "DELETE", "url": format!("Task/{}", kept["id"].as_str().unwrap()) } }),
+        ],
+    );
+    let (status, refused) = server.post_json("", &admin, &request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_outcome(&refused, "duplicate");
+    assert_eq!(found(&server, "mix-kept").await.len(), 1);
 }
 
 #[tokio::test]

@@ -605,23 +605,27 @@ async fn run_transaction(
                 } => (None, Some((request, conditional))),
             },
         };
+        // The Task each entry stands for: no two entries may touch the same one, the Task an
+        // ifNoneExist found included.
+        let target = match (&request, &answer) {
+            (Some((WriteRequest::Create { id, .. }, _)), _) => id.clone(),
+            (Some((WriteRequest::Change { id, .. }, _)), _) => Some(id.clone()),
+            (None, Some(Answer::Version { id, .. })) => Some(id.clone()),
+            (None, _) => None,
+        };
+        if let Some(id) = target
+            && !touched.insert(id.clone())
+        {
+            return Err(Error::bad_request(
+                IssueCode::Duplicate,
+                format!(
+                    "Task/{id} is the target of more than one entry; a transaction may touch \
+                     each Task once"
+                ),
+            )
+            .in_entry(index));
+        }
         if let Some((request, conditional)) = request {
-            let id = match &request {
-                WriteRequest::Create { id, .. } => id.clone(),
-                WriteRequest::Change { id, .. } => Some(id.clone()),
-            };
-            if let Some(id) = id
-                && !touched.insert(id.clone())
-            {
-                return Err(Error::bad_request(
-                    IssueCode::Duplicate,
-                    format!(
-                        "Task/{id} is the target of more than one entry; a transaction may \
-                         touch each Task once"
-                    ),
-                )
-                .in_entry(index));
-            }
             writes.push((index, request, conditional));
         }
         answers.push(answer);
