@@ -35,9 +35,8 @@ use serde_json::{Map, Value, json};
 use super::read::readable_current;
 use super::search::{parse_pairs, run_search};
 use super::write::{
-    Created, check_body_id, conditional_delete_request, conditional_update_request, create_request,
-    criteria, delete_request, find_matches, parse_if_match_text, race_lost, record_write,
-    update_request,
+    Created, conditional_delete_request, conditional_update_request, create_request, criteria,
+    delete_request, find_matches, parse_if_match_text, race_lost, record_write, update_request,
 };
 use crate::api::{AppState, BodyKind, Prefer, fhir_json, parse_json, read_body, subscription};
 use crate::auth::Principal;
@@ -732,7 +731,6 @@ async fn prepare_write(
             .await?,
         ),
         (Method::Put, Target::Instance(id)) => {
-            check_body_id(&resource, &id)?;
             write(update_request(state, principal, id, resource, entry.if_match, created).await?)
         }
         (Method::Put, Target::Conditional(query)) => {

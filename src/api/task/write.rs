@@ -211,7 +211,6 @@ pub(super) async fn update(
     let if_match = parse_if_match(&headers)?;
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let resource = parse_json(&bytes)?;
-    check_body_id(&resource, &id)?;
     let request =
         update_request(&state, principal, id, resource, if_match, &Created::new()).await?;
     let outcome = state.store.write(request).await?;
@@ -308,10 +307,11 @@ pub(crate) async fn conditional_update_request(
             let Some(target) = found.pop() else {
                 return Err(Error::internal("conditional update", "no match"));
             };
+            // A body without an id updates the Task found; one with an id must name it
+            // (`update_request` checks).
             let mut resource = resource;
-            match resource.get("id") {
-                None => resource["id"] = Value::String(target.id.to_string()),
-                Some(_) => check_body_id(&resource, &target.id)?,
+            if resource.get("id").is_none() {
+                resource["id"] = Value::String(target.id.to_string());
             }
             let request =
                 update_request(state, principal, target.id, resource, if_match, created).await?;
@@ -342,7 +342,7 @@ fn guard(request: WriteRequest, predicates: Vec<Predicate>, base_url: &str) -> W
 }
 
 /// The body's id must be the Task's.
-pub(crate) fn check_body_id(resource: &Value, id: &TaskId) -> Result<()> {
+fn check_body_id(resource: &Value, id: &TaskId) -> Result<()> {
     match resource.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id.as_str() => Ok(()),
         Some(body_id) => Err(Error::invalid(
