@@ -368,7 +368,11 @@ impl Prefer {
 
 /// Builds a response whose body is FHIR JSON.
 pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    fhir_json_bytes(status, serde_json::to_vec(body).unwrap_or_default())
+}
+
+/// A FHIR JSON response whose body is already written.
+pub fn fhir_json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
     let mut response = (status, bytes).into_response();
     response
         .headers_mut()

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::auth::Identity;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fhir::ids::{
     ChangeSeq, ChannelType, EventNumber, StoredInstant, SubscriptionId, TaskId, Version,
 };
@@ -128,10 +128,30 @@ pub struct ChangeEvent {
     pub recorded_at: StoredInstant,
 }
 
+/// A live Task of a search page, with its JSON as stored. A page is passed on as it was
+/// stored, never parsed and written again: that was most of a search's cost (BENCHMARKS.md,
+/// issue 16).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedTask {
+    pub id: TaskId,
+    pub version: Version,
+    pub last_updated: StoredInstant,
+    /// The stored resource: a JSON object, stamped with its id and meta when it was written.
+    pub json: String,
+}
+
+impl ListedTask {
+    /// The Task as a JSON value, for the few callers that look inside it.
+    pub fn resource(&self) -> Result<Value> {
+        serde_json::from_str(&self.json)
+            .map_err(|e| Error::internal("a stored Task is not valid JSON", e))
+    }
+}
+
 /// A page of search results.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchPage {
-    pub tasks: Vec<CurrentTask>,
+    pub tasks: Vec<ListedTask>,
     /// The matches counted, as `PageRequest::counting` asked (at most one over its limit).
     pub total: Option<u64>,
     /// The sort values of the last Task of the page, in the order of
@@ -170,45 +190,66 @@ pub enum Counting {
     All,
 }
 
-/// Tasks read from a stream of rows, and how much of the byte budget they took.
+/// Tasks read from rows, and how much of the byte budget they took.
 pub(crate) struct Collected {
-    pub tasks: Vec<CurrentTask>,
+    pub tasks: Vec<ListedTask>,
     /// The budget ended the rows before the stream did.
     pub truncated: bool,
     pub bytes: usize,
     /// The sort values of the last Task taken.
     pub last_sort_values: Option<Vec<Option<String>>>,
+    /// The first `at_least` Tasks are taken whatever their size.
+    at_least: usize,
+    max_bytes: usize,
 }
 
-/// Reads Tasks from a stream of rows until it ends or the next Task would take them past
-/// `max_bytes` of stored JSON, except that the first `at_least` Tasks are always taken (a page
-/// of matches takes one, so that paging always moves on). The rows not read are never parsed
-/// and the stream is dropped, so a page of large Tasks costs the budget, not `_count` times
-/// the largest Task. `read` parses a row into a Task and the length of its stored JSON.
+impl Collected {
+    /// Nothing collected yet: Tasks are taken until the next would take them past
+    /// `max_bytes` of stored JSON, except that the first `at_least` are always taken (a page of
+    /// matches takes one, so that paging always moves on).
+    pub fn new(max_bytes: usize, at_least: usize) -> Collected {
+        Collected {
+            tasks: Vec::new(),
+            truncated: false,
+            bytes: 0,
+            last_sort_values: None,
+            at_least,
+            max_bytes,
+        }
+    }
+
+    /// Takes the next Task, or says (false) that the budget is spent and the rows should stop.
+    pub fn take(&mut self, task: ListedTask, sort_values: Option<Vec<Option<String>>>) -> bool {
+        let bytes = self.bytes.saturating_add(task.json.len());
+        if self.tasks.len() >= self.at_least && bytes > self.max_bytes {
+            self.truncated = true;
+            return false;
+        }
+        self.bytes = bytes;
+        self.tasks.push(task);
+        self.last_sort_values = sort_values;
+        true
+    }
+}
+
+/// Reads Tasks from a stream of rows until it ends or the budget of `Collected` is spent. The
+/// rows not read are never decoded and the stream is dropped, so a page of large Tasks costs
+/// the budget, not `_count` times the largest Task. `read` turns a row into a Task and its
+/// sort values.
 pub(crate) async fn collect_page<R>(
     rows: impl futures::Stream<Item = std::result::Result<R, sqlx::Error>>,
     max_bytes: usize,
     at_least: usize,
-    read: impl Fn(&R) -> Result<(CurrentTask, usize, Option<Vec<Option<String>>>)>,
+    read: impl Fn(&R) -> Result<(ListedTask, Option<Vec<Option<String>>>)>,
 ) -> Result<Collected> {
     use futures::TryStreamExt;
     let mut rows = std::pin::pin!(rows);
-    let mut collected = Collected {
-        tasks: Vec::new(),
-        truncated: false,
-        bytes: 0,
-        last_sort_values: None,
-    };
+    let mut collected = Collected::new(max_bytes, at_least);
     while let Some(row) = rows.try_next().await? {
-        let (task, size, sort_values) = read(&row)?;
-        let bytes = collected.bytes.saturating_add(size);
-        if collected.tasks.len() >= at_least && bytes > max_bytes {
-            collected.truncated = true;
+        let (task, sort_values) = read(&row)?;
+        if !collected.take(task, sort_values) {
             break;
         }
-        collected.bytes = bytes;
-        collected.tasks.push(task);
-        collected.last_sort_values = sort_values;
     }
     Ok(collected)
 }

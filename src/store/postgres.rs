@@ -38,7 +38,7 @@ use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::read_sort_values;
 use super::rows::{
-    change_from_row, current_from_row, live_from_row, sized_current_from_row, version_from_row,
+    change_from_row, current_from_row, listed_from_row, live_from_row, version_from_row,
 };
 use super::search_sql::{PageSpec, Placeholder, children_sql, page_sql, sort_value_count};
 use super::write::{self, Found, Precheck, Prepared};
@@ -313,8 +313,10 @@ impl Store for PostgresStore {
             .fetch(&self.pool);
         let sort_values = sort_value_count(page.sort);
         let collected = collect_page(rows, page.max_bytes, 1, |row: &sqlx::postgres::PgRow| {
-            let (task, size) = sized_current_from_row(row)?;
-            Ok((task, size, Some(read_sort_values(row, sort_values)?)))
+            Ok((
+                listed_from_row(row)?,
+                Some(read_sort_values(row, sort_values)?),
+            ))
         })
         .await?;
         Ok(collected.into_page(total))
@@ -337,7 +339,7 @@ impl Store for PostgresStore {
         }
         let rows = query.bind(limit as i64).fetch(&self.pool);
         let collected = collect_page(rows, max_bytes, 0, |row| {
-            sized_current_from_row(row).map(|(task, size)| (task, size, None))
+            listed_from_row(row).map(|task| (task, None))
         })
         .await?;
         Ok(collected.into_page(None))

@@ -12,8 +12,8 @@ use sqlx::{FromRow, Row};
 
 use super::owner_from_columns;
 use super::{
-    ChangeEvent, CurrentTask, EventRecord, Interaction, LiveSubscription, StoredSubscription,
-    StoredVersion,
+    ChangeEvent, CurrentTask, EventRecord, Interaction, ListedTask, LiveSubscription,
+    StoredSubscription, StoredVersion,
 };
 use crate::error::{Error, Result};
 use crate::fhir::ids::{
@@ -26,6 +26,16 @@ pub(crate) const CURRENT_COLUMNS: &str = "t.id, t.version, t.last_updated, t.del
 
 /// How many columns `CURRENT_COLUMNS` names; a search page's sort values follow them.
 const CURRENT_COLUMN_COUNT: usize = 5;
+
+/// The sort values a search page's row read by rusqlite carries after the Task.
+pub(crate) fn read_sort_values_rusqlite(
+    row: &rusqlite::Row<'_>,
+    count: usize,
+) -> rusqlite::Result<Vec<Option<String>>> {
+    (CURRENT_COLUMN_COUNT..CURRENT_COLUMN_COUNT + count)
+        .map(|i| row.get::<_, Option<String>>(i))
+        .collect()
+}
 
 /// The sort values a search page's row carries after the Task (`search_sql::page_sql`).
 pub(crate) fn read_sort_values<R: Row>(row: &R, count: usize) -> Result<Vec<Option<String>>>
@@ -53,15 +63,15 @@ pub(crate) fn current_from_row<R: Row>(row: &R) -> Result<CurrentTask>
 where
     TaskRow: for<'r> FromRow<'r, R>,
 {
-    Ok(sized_current_from_row(row)?.0)
+    TaskRow::from_row(row)?.into_current()
 }
 
-/// A Task row and the length of its stored JSON, for `collect_page`.
-pub(crate) fn sized_current_from_row<R: Row>(row: &R) -> Result<(CurrentTask, usize)>
+/// A Task row of a search page, its JSON left as stored (see `ListedTask`).
+pub(crate) fn listed_from_row<R: Row>(row: &R) -> Result<ListedTask>
 where
     TaskRow: for<'r> FromRow<'r, R>,
 {
-    TaskRow::from_row(row)?.into_current()
+    Ok(TaskRow::from_row(row)?.into_listed())
 }
 
 impl TaskRow {
@@ -76,18 +86,26 @@ impl TaskRow {
         })
     }
 
-    /// The current state of the Task, and the length of its stored JSON.
-    pub(crate) fn into_current(self) -> Result<(CurrentTask, usize)> {
-        let size = self.resource.len();
-        let task = CurrentTask {
+    /// The Task of a search page, its JSON not parsed.
+    pub(crate) fn into_listed(self) -> ListedTask {
+        ListedTask {
+            id: self.id,
+            version: self.version,
+            last_updated: self.last_updated,
+            json: self.resource,
+        }
+    }
+
+    /// The current state of the Task.
+    pub(crate) fn into_current(self) -> Result<CurrentTask> {
+        Ok(CurrentTask {
             id: self.id,
             version: self.version,
             last_updated: self.last_updated,
             deleted: self.deleted != 0,
             resource: serde_json::from_str(&self.resource)
                 .map_err(|e| Error::internal("a stored Task is not valid JSON", e))?,
-        };
-        Ok((task, size))
+        })
     }
 }
 

@@ -44,15 +44,14 @@ use tokio_util::sync::CancellationToken;
 use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
-use super::rows::read_sort_values;
-use super::rows::{change_from_row, live_from_row, sized_current_from_row, version_from_row};
+use super::rows::{change_from_row, live_from_row, version_from_row};
 use super::search_sql::{PageSpec, Placeholder, children_sql, page_sql, sort_value_count};
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
     ChangeEvent, CurrentTask, DeliveryReport, EventRecord, LiveSubscription, MatchBatch,
     MatchingFormRow, PageRequest, PendingDelivery, SearchPage, Store, StoredSubscription,
     StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery, SubscriptionRecord,
-    WriteOutcome, WriteRequest, collect_page,
+    WriteOutcome, WriteRequest,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -80,6 +79,8 @@ pub struct SqliteStore {
     path: std::path::PathBuf,
     /// The delivery path's reads by key, on the caller's thread (`point`).
     point: point::PointReads,
+    /// Searches, each on a blocking thread (`point::PointReads::for_searches`).
+    searches: Arc<point::PointReads>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: the writer's end is then expected, not a failure of the node.
@@ -148,12 +149,30 @@ impl SqliteStore {
             reads,
             path: path.to_path_buf(),
             point: point::PointReads::new(path, config.read_connections as usize),
+            searches: Arc::new(point::PointReads::for_searches(
+                path,
+                config.read_connections as usize,
+            )),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             closing,
             health,
             pressure: Pressure::new(config.max_queue, config.max_fanout_lag),
         })
+    }
+}
+
+impl SqliteStore {
+    /// Runs a search's reads on a search connection, on a blocking thread: a search may read
+    /// thousands of rows, which must not hold a runtime thread.
+    async fn search_reads<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&rusqlite::Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let searches = self.searches.clone();
+        tokio::task::spawn_blocking(move || searches.run(read))
+            .await
+            .map_err(|e| Error::internal("a search's thread failed", e))?
     }
 }
 
@@ -486,34 +505,14 @@ impl Store for SqliteStore {
             },
             Placeholder::Question,
         )?;
-        let total = match sql.count {
-            Some(count) => {
-                let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count));
-                for bind in &sql.count_binds {
-                    query = query.bind(bind);
-                }
-                Some(query.fetch_one(&self.reads).await? as u64)
-            }
-            None => None,
+        let shape = tasks::PageShape {
+            count: page.count,
+            offset: page.offset,
+            max_bytes: page.max_bytes,
+            sort_values: sort_value_count(page.sort),
         };
-        if page.count == 0 {
-            return Ok(SearchPage::empty(total));
-        }
-        let mut query = sqlx::query(AssertSqlSafe(sql.rows));
-        for bind in &sql.binds {
-            query = query.bind(bind);
-        }
-        let rows = query
-            .bind(page.count as i64)
-            .bind(page.offset as i64)
-            .fetch(&self.reads);
-        let sort_values = sort_value_count(page.sort);
-        let collected = collect_page(rows, page.max_bytes, 1, |row: &sqlx::sqlite::SqliteRow| {
-            let (task, size) = sized_current_from_row(row)?;
-            Ok((task, size, Some(read_sort_values(row, sort_values)?)))
-        })
-        .await?;
-        Ok(collected.into_page(total))
+        self.search_reads(move |conn| tasks::search_page(conn, &sql, shape))
+            .await
     }
 
     async fn children_of(
@@ -527,16 +526,8 @@ impl Store for SqliteStore {
             return Ok(SearchPage::empty(None));
         }
         let sql = children_sql(parents, scope, Placeholder::Question);
-        let mut query = sqlx::query(AssertSqlSafe(sql.sql));
-        for bind in &sql.binds {
-            query = query.bind(bind);
-        }
-        let rows = query.bind(limit as i64).fetch(&self.reads);
-        let collected = collect_page(rows, max_bytes, 0, |row| {
-            sized_current_from_row(row).map(|(task, size)| (task, size, None))
-        })
-        .await?;
-        Ok(collected.into_page(None))
+        self.search_reads(move |conn| tasks::children(conn, &sql, limit, max_bytes))
+            .await
     }
 
     fn outbox_in_commit_order(&self) -> bool {

@@ -10,14 +10,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use crate::api::fhir_json;
+use crate::api::fhir_json_bytes;
 use crate::api::{AppState, BodyKind, Prefer, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir;
 use crate::fhir::ids::TaskId;
 use crate::fhir::search::{self, Handling, Predicate, RevInclude, TotalMode, cursor};
-use crate::store::{Counting, CurrentTask, PageRequest};
+use crate::store::{Counting, ListedTask, PageRequest};
 
 /// How far `_total=estimate` counts (see `config::DefaultTotal`): below it the total is
 /// exact; above it the total is left out. Counting a thousand index entries costs about as
@@ -97,34 +97,33 @@ pub(super) async fn run_search(
         .total
         .filter(|total| counting != Counting::UpTo(ESTIMATE_LIMIT) || *total <= ESTIMATE_LIMIT);
 
-    let mut entries: Vec<Value> = page
-        .tasks
-        .iter()
-        .map(|t| search_entry(&state.base_url, t, "match"))
-        .collect();
     // Where the page stops short of what was asked, an `outcome` entry says why.
     let mut warnings = Vec::new();
     if page.truncated {
         warnings.push(format!(
-            "this page holds {} of the {} Tasks asked for: it reached search.max_page_bytes              ({max_page_bytes} bytes); the next link continues after them",
+            "this page holds {} of the {} Tasks asked for: it reached search.max_page_bytes \
+             ({max_page_bytes} bytes); the next link continues after them",
             page.tasks.len(),
             query.count
         ));
     }
+    let mut included = Vec::new();
     if let Some(revinclude) = query.revinclude.filter(|_| !page.tasks.is_empty()) {
         let budget = max_page_bytes.saturating_sub(page.bytes);
-        let (included, stop) = sub_tasks(state, &page.tasks, &scope, revinclude, budget).await?;
-        entries.extend(
-            included
-                .iter()
-                .map(|t| search_entry(&state.base_url, t, "include")),
-        );
+        let stop;
+        (included, stop) = sub_tasks(state, &page.tasks, &scope, revinclude, budget).await?;
         if let Some(stop) = stop {
             warnings.push(stop.explain(state));
         }
     }
+    let mut entries: Vec<Entry> = page
+        .tasks
+        .iter()
+        .map(|task| Entry::Task(task, "match"))
+        .chain(included.iter().map(|task| Entry::Task(task, "include")))
+        .collect();
     entries.extend(warnings.iter().map(|warning| {
-        json!({
+        Entry::Outcome(json!({
             "resource": crate::error::operation_outcome(
                 "warning",
                 IssueCode::TooCostly,
@@ -132,7 +131,7 @@ pub(super) async fn run_search(
                 None,
             ),
             "search": { "mode": "outcome" },
-        })
+        }))
     }));
 
     let self_base = format!("{}/Task", state.base_url);
@@ -202,11 +201,60 @@ pub(super) async fn run_search(
     if let Some(total) = total {
         bundle["total"] = json!(total);
     }
-    if !entries.is_empty() {
-        bundle["entry"] = Value::Array(entries);
-    }
     metrics::counter!("baton_task_searches_total").increment(1);
-    Ok(fhir_json(StatusCode::OK, &bundle))
+    Ok(fhir_json_bytes(
+        StatusCode::OK,
+        bundle_bytes(&bundle, &entries, &state.base_url),
+    ))
+}
+
+/// An entry of a searchset Bundle.
+enum Entry<'a> {
+    /// A Task found (`match`) or included (`include`), as stored.
+    Task(&'a ListedTask, &'static str),
+    /// An entry written here (an OperationOutcome's).
+    Outcome(Value),
+}
+
+/// The Bundle whose every member but `entry` is in `head`, with `entries` after them. A Task's
+/// stored JSON goes into its entry as it was stored: parsing every Task of a page and writing
+/// it again was most of a search's cost (BENCHMARKS.md, issue 16).
+fn bundle_bytes(head: &Value, entries: &[Entry<'_>], base_url: &str) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(head).unwrap_or_default();
+    if entries.is_empty() || bytes.pop() != Some(b'}') {
+        return bytes;
+    }
+    let size: usize = entries
+        .iter()
+        .map(|entry| match entry {
+            Entry::Task(task, _) => task.json.len() + base_url.len() + 80,
+            Entry::Outcome(_) => 512,
+        })
+        .sum();
+    bytes.reserve(size + 16);
+    bytes.extend_from_slice(b",\"entry\":[");
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            bytes.push(b',');
+        }
+        match entry {
+            Entry::Task(task, mode) => {
+                bytes.extend_from_slice(b"{\"fullUrl\":");
+                let full_url = format!("{base_url}/Task/{}", task.id);
+                serde_json::to_writer(&mut bytes, &full_url).unwrap_or_default();
+                bytes.extend_from_slice(b",\"resource\":");
+                bytes.extend_from_slice(task.json.as_bytes());
+                bytes.extend_from_slice(b",\"search\":{\"mode\":\"");
+                bytes.extend_from_slice(mode.as_bytes());
+                bytes.extend_from_slice(b"\"}}");
+            }
+            Entry::Outcome(value) => {
+                serde_json::to_writer(&mut bytes, value).unwrap_or_default();
+            }
+        }
+    }
+    bytes.extend_from_slice(b"]}");
+    bytes
 }
 
 /// Why the included sub-tasks of a page stop short of the whole tree below its matches.
@@ -248,11 +296,11 @@ impl IncludeStop {
 /// stopped short, if it did.
 async fn sub_tasks(
     state: &AppState,
-    matched: &[CurrentTask],
+    matched: &[ListedTask],
     scope: &[Predicate],
     revinclude: RevInclude,
     max_bytes: usize,
-) -> Result<(Vec<CurrentTask>, Option<IncludeStop>)> {
+) -> Result<(Vec<ListedTask>, Option<IncludeStop>)> {
     let limit = state.config.search.max_included;
     let max_depth = match revinclude {
         RevInclude::PartOf => 1,
@@ -293,18 +341,67 @@ async fn sub_tasks(
     Ok((included, None))
 }
 
-fn search_entry(base_url: &str, task: &CurrentTask, mode: &str) -> Value {
-    json!({
-        "fullUrl": format!("{base_url}/Task/{}", task.id),
-        "resource": task.resource,
-        "search": { "mode": mode },
-    })
-}
-
 pub(super) fn link(relation: &str, url: &str) -> Value {
     json!({ "relation": relation, "url": url })
 }
 
 pub(super) fn now() -> String {
     fhir::datetime::format_instant(time::OffsetDateTime::now_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::ids::{StoredInstant, Version};
+
+    fn listed(id: &str, json: &str) -> ListedTask {
+        ListedTask {
+            id: TaskId::parse(id).unwrap(),
+            version: Version::FIRST,
+            last_updated: StoredInstant::parse("2026-12-06T10:00:00.000000Z").unwrap(),
+            json: json.to_string(),
+        }
+    }
+
+    /// The Bundle written as bytes, stored Tasks spliced in, reads back as the Bundle built
+    /// as a value would: members in order, escapes kept, an outcome entry after the Tasks.
+    #[test]
+    fn the_bundle_written_as_bytes_is_the_bundle() {
+        let head = json!({ "resourceType": "Bundle", "type": "searchset", "total": 2 });
+        let a = r#"{"resourceType":"Task","id":"a","description":"\"quoted\" é \u0001"}"#;
+        let b = r#"{"resourceType":"Task","id":"b"}"#;
+        let (a, b) = (listed("a", a), listed("b", b));
+        let outcome = json!({ "search": { "mode": "outcome" } });
+        let entries = [
+            Entry::Task(&a, "match"),
+            Entry::Task(&b, "include"),
+            Entry::Outcome(outcome.clone()),
+        ];
+        let bytes = bundle_bytes(&head, &entries, "http://baton.test/fhir");
+        let read: Value = serde_json::from_slice(&bytes).unwrap();
+        let expected = json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": 2,
+            "entry": [
+                {
+                    "fullUrl": "http://baton.test/fhir/Task/a",
+                    "resource": a.resource().unwrap(),
+                    "search": { "mode": "match" },
+                },
+                {
+                    "fullUrl": "http://baton.test/fhir/Task/b",
+                    "resource": b.resource().unwrap(),
+                    "search": { "mode": "include" },
+                },
+                outcome,
+            ],
+        });
+        assert_eq!(read, expected);
+        let keys: Vec<&String> = read.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["resourceType", "type", "total", "entry"]);
+        // No entries: no `entry` member at all.
+        let bare: Value = serde_json::from_slice(&bundle_bytes(&head, &[], "x")).unwrap();
+        assert_eq!(bare, head);
+    }
 }

@@ -930,7 +930,8 @@ async fn reads_searches_and_workflow_run_on_postgres() {
             .collect();
         parse_query(&pairs, &limits, BASE, Handling::Strict).unwrap()
     };
-    let ids = |tasks: &[CurrentTask]| tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
+    let ids =
+        |tasks: &[crate::store::ListedTask]| tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>();
     let run = |query: &str, offset: usize| {
         let parsed = search(query);
         let store = store.clone();
@@ -976,7 +977,7 @@ async fn reads_searches_and_workflow_run_on_postgres() {
     assert!(!children.truncated);
     // A byte budget that holds one child ends the rows after it; a page of matches always
     // takes its first Task, however small the budget.
-    let one = children.tasks[0].resource.to_string().len();
+    let one = children.tasks[0].json.len();
     let children = store.children_of(&both, &[], 10, one).await.unwrap();
     assert_eq!(ids(&children.tasks), std::slice::from_ref(&first_child));
     assert!(children.truncated);

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use sqlx::sqlite::{SqliteConnection, SqliteExecutor};
 // Every dynamic statement here is assembled from fixed fragments; values are always bound.
 use sqlx::AssertSqlSafe;
@@ -17,10 +17,10 @@ use sqlx::AssertSqlSafe;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, StoredInstant, TaskId, Version};
 use crate::fhir::search::{self, DateEntry, Predicate, TaskIndex, TokenEntry, task_param};
-use crate::store::rows::{CURRENT_COLUMNS, TaskRow, current_from_row};
-use crate::store::search_sql::{Placeholder, where_clause};
+use crate::store::rows::{CURRENT_COLUMNS, TaskRow, current_from_row, read_sort_values_rusqlite};
+use crate::store::search_sql::{PageSql, Placeholder, SqlFilter, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
-use crate::store::{CurrentTask, Interaction};
+use crate::store::{Collected, CurrentTask, Interaction, SearchPage};
 
 impl TaskTx for Connection {
     /// The outbox position up to which the read pool found no match (`SqliteStore::precheck`).
@@ -217,10 +217,74 @@ pub(super) fn load_by_id(conn: &Connection, id: &TaskId) -> Result<Option<Curren
         .prepare_cached(&LOAD_CURRENT)?
         .query_row([id], TaskRow::from_rusqlite)
         .optional()?;
-    Ok(row
-        .map(TaskRow::into_current)
-        .transpose()?
-        .map(|(task, _)| task))
+    row.map(TaskRow::into_current).transpose()
+}
+
+/// The size and budget of a search page.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PageShape {
+    pub count: usize,
+    pub offset: usize,
+    pub max_bytes: usize,
+    /// How many sort values follow the Task's columns in each row.
+    pub sort_values: usize,
+}
+
+/// A search page and its count (see `search_sql::page_sql`), on a search connection: blocking.
+pub(super) fn search_page(
+    conn: &Connection,
+    sql: &PageSql,
+    shape: PageShape,
+) -> Result<SearchPage> {
+    let total = match &sql.count {
+        Some(count) => {
+            let counted: i64 = conn
+                .prepare_cached(count)?
+                .query_row(params_from_iter(&sql.count_binds), |row| row.get(0))?;
+            Some(u64::try_from(counted).unwrap_or(0))
+        }
+        None => None,
+    };
+    if shape.count == 0 {
+        return Ok(SearchPage::empty(total));
+    }
+    let (count, offset) = (shape.count as i64, shape.offset as i64);
+    let mut binds: Vec<&dyn ToSql> = sql.binds.iter().map(|b| b as &dyn ToSql).collect();
+    binds.push(&count);
+    binds.push(&offset);
+    let mut statement = conn.prepare_cached(&sql.rows)?;
+    let mut rows = statement.query(binds.as_slice())?;
+    let mut collected = Collected::new(shape.max_bytes, 1);
+    while let Some(row) = rows.next()? {
+        let task = TaskRow::from_rusqlite(row)?.into_listed();
+        let sort_values = read_sort_values_rusqlite(row, shape.sort_values)?;
+        if !collected.take(task, Some(sort_values)) {
+            break;
+        }
+    }
+    Ok(collected.into_page(total))
+}
+
+/// The live sub-tasks of a search's `_revinclude` (see `search_sql::children_sql`), at most
+/// `limit` and `max_bytes` of them, on a search connection: blocking.
+pub(super) fn children(
+    conn: &Connection,
+    sql: &SqlFilter,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<SearchPage> {
+    let limit = limit as i64;
+    let mut binds: Vec<&dyn ToSql> = sql.binds.iter().map(|b| b as &dyn ToSql).collect();
+    binds.push(&limit);
+    let mut statement = conn.prepare_cached(&sql.sql)?;
+    let mut rows = statement.query(binds.as_slice())?;
+    let mut collected = Collected::new(max_bytes, 0);
+    while let Some(row) = rows.next()? {
+        if !collected.take(TaskRow::from_rusqlite(row)?.into_listed(), None) {
+            break;
+        }
+    }
+    Ok(collected.into_page(None))
 }
 
 /// The current state of a Task, read on the read pool.
