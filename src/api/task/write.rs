@@ -174,7 +174,19 @@ pub(crate) async fn find_matches(
             max_bytes: usize::MAX,
         })
         .await?;
-    Ok(page.tasks)
+    // A search lists live Tasks only.
+    page.tasks
+        .into_iter()
+        .map(|listed| {
+            Ok(CurrentTask {
+                resource: listed.resource()?,
+                id: listed.id,
+                version: listed.version,
+                last_updated: listed.last_updated,
+                deleted: false,
+            })
+        })
+        .collect()
 }
 
 /// Wraps a change's decision so that it first confirms that the Task still matches the
