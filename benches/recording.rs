@@ -92,6 +92,7 @@ async fn store(path: &Path) -> (Arc<dyn Store>, Vec<SubscriptionId>, Vec<ChangeS
                                "owner": { "reference": format!("Practitioner/{i}") } });
         store
             .write(WriteRequest::Create {
+                id: None,
                 resource,
                 if_none_exist: None,
             })

@@ -73,6 +73,7 @@ async fn main() {
             async move {
                 store
                     .write(WriteRequest::Create {
+                        id: None,
                         resource,
                         if_none_exist: None,
                     })

@@ -153,6 +153,24 @@ impl Error {
         }
     }
 
+    /// Names the Bundle entry a client error comes from (`Bundle.entry[3]`), for a batch or
+    /// transaction: the entry becomes the location, and the element the error named inside the
+    /// entry's resource stays in the diagnostics.
+    pub fn in_entry(self, entry: usize) -> Self {
+        match self {
+            Error::Client(mut e) => {
+                let inner = e.expression.take();
+                e.diagnostics = match inner {
+                    Some(at) => format!("Bundle.entry[{entry}] ({at}): {}", e.diagnostics),
+                    None => format!("Bundle.entry[{entry}]: {}", e.diagnostics),
+                };
+                e.expression = Some(format!("Bundle.entry[{entry}]"));
+                Error::Client(e)
+            }
+            other => other,
+        }
+    }
+
     /// 400: the request itself is malformed (bad JSON, bad parameter).
     pub fn bad_request(code: IssueCode, diagnostics: impl Into<String>) -> Self {
         Self::client(StatusCode::BAD_REQUEST, code, diagnostics)
@@ -376,16 +394,17 @@ pub fn operation_outcome(
     json!({ "resourceType": "OperationOutcome", "issue": [issue] })
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let retry_after = self.as_client().and_then(|e| e.retry_after);
-        let (status, body) = match &self {
+impl Error {
+    /// The status and OperationOutcome this error answers with (an internal error is logged
+    /// here, once, and answered opaquely): a response's body, or a Bundle entry's `outcome`.
+    pub fn outcome(&self) -> (StatusCode, Value) {
+        match self {
             Error::Client(e) => (
                 e.status,
                 operation_outcome("error", e.code, &e.diagnostics, e.expression.as_deref()),
             ),
             Error::Internal { .. } => {
-                tracing::error!(error = %error_chain(&self), "request failed");
+                tracing::error!(error = %error_chain(self), "request failed");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     operation_outcome(
@@ -396,7 +415,14 @@ impl IntoResponse for Error {
                     ),
                 )
             }
-        };
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let retry_after = self.as_client().and_then(|e| e.retry_after);
+        let (status, body) = self.outcome();
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, [(header::CONTENT_TYPE, FHIR_JSON)], bytes).into_response();
         if status == StatusCode::UNAUTHORIZED {

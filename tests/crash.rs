@@ -189,3 +189,153 @@ async fn killed_mid_stream_loses_nothing() {
     drop(restarted);
     common::forget_database(dir.path());
 }
+
+/// Kill -9 while transaction Bundles are being written from several clients: after a restart
+/// each transaction is either wholly stored with the change events of all its entries, or
+/// wholly absent, acknowledged ones present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_transactions_leaves_each_whole_or_absent() {
+    const ENTRIES: usize = 5;
+    const WRITERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let receiver = Receiver::start().await;
+    let auth = baton::auth::Authenticator::new(SECRET, 0, "performer_types");
+    let admin = auth
+        .issue(baton::auth::Role::Admin, None, &[], 600)
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let child = spawn(dir.path(), port).await;
+    let r = client
+        .post(format!("{}/Subscription", child.base))
+        .bearer_auth(&admin)
+        .header("content-type", "application/fhir+json")
+        .body(subscription(&child.base, "task-changed", &[], &receiver.url, "id-only").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let subscription_id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Each writer sends transactions tagged `w{writer}-{n}` on all their entries (a parent and
+    // sub-tasks linked by urn:uuid) until the server is gone.
+    let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let (client, base, admin) = (client.clone(), child.base.clone(), admin.clone());
+        let acknowledged = acknowledged.clone();
+        writers.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut acked = Vec::new();
+            for n in 0..100_000 {
+                let tag = format!("w{writer}-{n}");
+                let parent = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+                let entries: Vec<serde_json::Value> = (0..ENTRIES)
+                    .map(|i| {
+                        let mut t = task("requested", Some("Practitioner/1"));
+                        t["identifier"] =
+                            serde_json::json!([{ "system": "http://example.org/tx", "value": tag }]);
+                        let full_url = if i == 0 {
+                            parent.clone()
+                        } else {
+                            t["partOf"] = serde_json::json!([{ "reference": parent }]);
+                            format!("urn:uuid:{}", uuid::Uuid::new_v4())
+                        };
+                        serde_json::json!({ "fullUrl": full_url, "resource": t, "request": { "method": "POST", "url": "Task" } })
+                    })
+                    .collect();
+                let bundle = serde_json::json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
+                sent.push(tag.clone());
+                let answer = client
+                    .post(&base)
+                    .bearer_auth(&admin)
+                    .header("content-type", "application/fhir+json")
+                    .body(bundle.to_string())
+                    .send()
+                    .await;
+                match answer {
+                    Ok(r) if r.status() == StatusCode::OK => {
+                        acked.push(tag);
+                        acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    _ => break,
+                }
+            }
+            (sent, acked)
+        }));
+    }
+    common::eventually("transactions under way", || async {
+        (acknowledged.load(std::sync::atomic::Ordering::Relaxed) > 40).then_some(())
+    })
+    .await;
+    let mut child = child;
+    child.process.start_kill().unwrap();
+    child.process.wait().await.unwrap();
+    let mut sent = Vec::new();
+    let mut acked = BTreeSet::new();
+    for writer in writers {
+        let (s, a) = writer.await.unwrap();
+        sent.extend(s);
+        acked.extend(a);
+    }
+
+    let restarted = spawn(dir.path(), port).await;
+    let count = |query: String| {
+        let (client, base, admin) = (client.clone(), restarted.base.clone(), admin.clone());
+        async move {
+            let r = client
+                .get(format!(
+                    "{base}/Task?{query}&_summary=count&_total=accurate"
+                ))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            r.json::<serde_json::Value>().await.unwrap()["total"]
+                .as_u64()
+                .unwrap() as usize
+        }
+    };
+    let mut stored = 0;
+    for tag in &sent {
+        let found = count(format!("identifier=http://example.org/tx|{tag}")).await;
+        assert!(
+            found == 0 || found == ENTRIES,
+            "transaction {tag} is partly stored: {found} of {ENTRIES} Tasks"
+        );
+        if acked.contains(tag) {
+            assert_eq!(found, ENTRIES, "acknowledged transaction {tag} is missing");
+        }
+        stored += found;
+    }
+    assert!(stored >= acked.len() * ENTRIES);
+    // Every stored Task's change event is matched: the subscription counts exactly one event
+    // per stored Task.
+    let status_url = format!("{}/Subscription/{subscription_id}/$status", restarted.base);
+    common::eventually("one event per stored Task", || {
+        let (client, admin, url) = (client.clone(), admin.clone(), status_url.clone());
+        async move {
+            let r = client.get(url).bearer_auth(&admin).send().await.ok()?;
+            let bundle: serde_json::Value = r.json().await.ok()?;
+            let events = common::receiver::parameter(&bundle, "events-since-subscription-start")?;
+            let events: usize = events.parse().ok()?;
+            assert!(events <= stored, "{events} events for {stored} Tasks");
+            (events == stored).then_some(())
+        }
+    })
+    .await;
+    eprintln!(
+        "{} transactions sent, {} acknowledged, {stored} Tasks stored",
+        sent.len(),
+        acked.len()
+    );
+    drop(restarted);
+    common::forget_database(dir.path());
+}

@@ -51,6 +51,7 @@ async fn open_store(dir: &std::path::Path) -> (Arc<dyn Store>, Arc<Health>) {
 
 fn create(status: &str) -> WriteRequest {
     WriteRequest::Create {
+        id: None,
         resource: task(status, None),
         if_none_exist: None,
     }

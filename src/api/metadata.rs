@@ -97,8 +97,8 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                 "updateCreate": true,
                 "conditionalCreate": true,
                 "conditionalRead": "not-supported",
-                "conditionalUpdate": false,
-                "conditionalDelete": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": "single",
                 "searchInclude": ["Task:part-of", "Task:based-on"],
                 "searchRevInclude": ["Task:part-of"],
                 "searchParam": search_params,
@@ -130,6 +130,7 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                     { "name": "url", "type": "uri", "documentation": "The topic's canonical URL" },
                 ],
             }],
+            "interaction": [{ "code": "transaction" }, { "code": "batch" }],
         }],
     })
 }

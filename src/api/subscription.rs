@@ -16,7 +16,7 @@ use crate::auth::{Principal, Role};
 use crate::channels::websocket::{Grant, binding_parameters, websocket_url};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::format_instant;
-use crate::fhir::ids::{ChannelType, EventNumber, SubscriptionId};
+use crate::fhir::ids::{ChannelType, EventNumber, SubscriptionId, Version};
 use crate::fhir::notification::{
     ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
     status_search_bundle,
@@ -52,7 +52,18 @@ async fn create(
     body: Body,
 ) -> Result<Response> {
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
-    let mut resource = parse_json(&bytes)?;
+    let resource = parse_json(&bytes)?;
+    let stored = create_subscription(&state, &principal, resource).await?;
+    Ok(respond(&state, &principal, &stored, StatusCode::CREATED))
+}
+
+/// Creates a subscription for `principal` and puts it in force: the work of a POST, and of a
+/// batch entry that creates one.
+pub(crate) async fn create_subscription(
+    state: &AppState,
+    principal: &Principal,
+    mut resource: Value,
+) -> Result<StoredSubscription> {
     let spec = state.hub.parse_request(&resource)?;
     state.hub.check_deliverable(&spec).await?;
     if let Some(object) = resource.as_object_mut() {
@@ -64,14 +75,14 @@ async fn create(
         .create_subscription(record_for(
             &spec,
             resource,
-            &principal,
+            principal,
             live_quota(state.config.limits.subscriptions_per_author, principal.role),
         ))
         .await?;
     state.hub.put_in_force(&stored, Occasion::Written);
     state.websockets.signals.subscription_changed(&stored.id);
     tracing::info!(subscription.id = %stored.id, topic = %stored.topic_url, channel = %stored.channel_type, "subscription created");
-    Ok(respond(&state, &principal, &stored, StatusCode::CREATED))
+    Ok(stored)
 }
 
 async fn read(
@@ -114,7 +125,21 @@ async fn update(
     let id = SubscriptionId::parse(&id)?;
     visible(&state, &principal, &id).await?;
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
-    let mut resource = parse_json(&bytes)?;
+    let resource = parse_json(&bytes)?;
+    let if_match = super::task::parse_if_match(&headers)?;
+    let stored = update_subscription(&state, &principal, &id, resource, if_match).await?;
+    Ok(respond(&state, &principal, &stored, StatusCode::OK))
+}
+
+/// Replaces a subscription and puts the new version in force: the work of a PUT, and of a
+/// batch entry that updates one. The caller has checked that it may see it (`visible`).
+pub(crate) async fn update_subscription(
+    state: &AppState,
+    principal: &Principal,
+    id: &SubscriptionId,
+    mut resource: Value,
+    if_match: Option<Version>,
+) -> Result<StoredSubscription> {
     if resource.get("id").and_then(Value::as_str) != Some(id.as_str()) {
         return Err(Error::invalid(
             "Subscription.id",
@@ -126,8 +151,7 @@ async fn update(
     if let Some(object) = resource.as_object_mut() {
         object.remove("error");
     }
-    let if_match = super::task::parse_if_match(&headers)?;
-    let record = record_for(&spec, resource, &principal, None);
+    let record = record_for(&spec, resource, principal, None);
     let limit = state.config.limits.subscriptions_per_author;
     let caller = principal.clone();
     let decide = Box::new(move |current: &StoredSubscription| {
@@ -154,10 +178,10 @@ async fn update(
             ..record
         })
     });
-    let stored = state.store.replace_subscription(&id, decide).await?;
+    let stored = state.store.replace_subscription(id, decide).await?;
     state.hub.put_in_force(&stored, Occasion::Written);
     state.websockets.signals.subscription_changed(&stored.id);
-    Ok(respond(&state, &principal, &stored, StatusCode::OK))
+    Ok(stored)
 }
 
 async fn delete(
@@ -166,14 +190,25 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<Response> {
     let id = SubscriptionId::parse(&id)?;
-    visible(&state, &principal, &id).await?;
-    state.store.delete_subscription(&id).await?;
-    state.hub.withdraw(&id, Occasion::Written);
-    state.websockets.signals.subscription_changed(&id);
-    tracing::info!(subscription.id = %id, "subscription deleted");
+    delete_subscription(&state, &principal, &id).await?;
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
+}
+
+/// Deletes a subscription the caller may see and withdraws it: the work of a DELETE, and of a
+/// batch entry that deletes one.
+pub(crate) async fn delete_subscription(
+    state: &AppState,
+    principal: &Principal,
+    id: &SubscriptionId,
+) -> Result<()> {
+    visible(state, principal, id).await?;
+    state.store.delete_subscription(id).await?;
+    state.hub.withdraw(id, Occasion::Written);
+    state.websockets.signals.subscription_changed(id);
+    tracing::info!(subscription.id = %id, "subscription deleted");
+    Ok(())
 }
 
 async fn search(
@@ -256,12 +291,12 @@ fn author_scope(principal: &Principal) -> SubscriptionQuery {
 
 /// Whether the caller is the subscription's author: issuer, subject, role and FHIR user all
 /// as stored. A token sharing only the `sub` is someone else.
-fn is_author(principal: &Principal, stored: &StoredSubscription) -> bool {
+pub(crate) fn is_author(principal: &Principal, stored: &StoredSubscription) -> bool {
     principal.is(&stored.owner)
 }
 
 /// The subscription as `principal` may see it: only its author (or an admin) may.
-async fn visible(
+pub(crate) async fn visible(
     state: &AppState,
     principal: &Principal,
     id: &SubscriptionId,

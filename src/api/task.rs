@@ -20,6 +20,7 @@ use crate::error::{Error, IssueCode};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::store::{CurrentTask, StoredVersion};
 
+mod bundle;
 mod links;
 mod read;
 mod search;
@@ -28,11 +29,18 @@ mod write;
 use read::{history, read, type_history, vread};
 use search::{search_get, search_post};
 pub(crate) use write::parse_if_match;
-use write::{create, delete, patch, update};
+use write::{conditional_delete, conditional_update, create, delete, patch, update};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/Task", post(create).get(search_get))
+        .route("/", post(bundle::process))
+        .route(
+            "/Task",
+            post(create)
+                .get(search_get)
+                .put(conditional_update)
+                .delete(conditional_delete),
+        )
         .route("/Task/_search", post(search_post))
         .route("/Task/_history", get(type_history))
         .route(

@@ -102,6 +102,7 @@ pub(crate) async fn write_task(store: &dyn Store, owner: &str) -> ChangeSeq {
     });
     match store
         .write(WriteRequest::Create {
+            id: None,
             resource,
             if_none_exist: None,
         })

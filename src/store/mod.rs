@@ -135,7 +135,10 @@ pub type Decide = Box<dyn FnOnce(Option<&CurrentTask>) -> Result<Decision> + Sen
 
 pub enum WriteRequest {
     /// Create with a server-assigned id; with `if_none_exist`, only when no Task matches.
+    /// `id` is the id chosen beforehand (a transaction's entries refer to each other by it);
+    /// None: the store generates one.
     Create {
+        id: Option<TaskId>,
         resource: Value,
         if_none_exist: Option<Vec<Predicate>>,
     },
@@ -564,6 +567,10 @@ pub struct SubscriptionQuery {
 pub trait Store: Send + Sync + 'static {
     /// Applies one write in a transaction together with its history row and change event.
     async fn write(&self, request: WriteRequest) -> Result<WriteOutcome>;
+    /// Applies several writes (each with the number of the Bundle entry it comes from) in one
+    /// transaction, in the order given: all of them and their change events commit, or none
+    /// does. An entry's client error fails the whole and names the entry (`Error::in_entry`).
+    async fn transaction(&self, entries: Vec<(usize, WriteRequest)>) -> Result<Vec<WriteOutcome>>;
     async fn read(&self, id: &TaskId) -> Result<Option<CurrentTask>>;
     async fn read_version(&self, id: &TaskId, version: Version) -> Result<Option<StoredVersion>>;
     /// Versions newest first, and how many there are in all.

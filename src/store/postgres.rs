@@ -224,6 +224,26 @@ impl Store for PostgresStore {
         Ok(outcome)
     }
 
+    async fn transaction(&self, entries: Vec<(usize, WriteRequest)>) -> Result<Vec<WriteOutcome>> {
+        self.pressure.admit(WriteKind::Task)?;
+        let _queued = self.pressure.enter();
+        let writes = write::prepare_transaction(self, entries).await?;
+        let started = Instant::now();
+        let mut tx = self.pool.begin().await?;
+        let result = write::apply_transaction(&mut *tx, writes, &self.base_url).await;
+        let outcomes = finish(tx, result)
+            .await
+            .map_err(|e| concurrent(e, "a Task of this transaction"))?;
+        metrics::histogram!("baton_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, WriteOutcome::Written(_)))
+        {
+            self.wrote_changes();
+        }
+        Ok(outcomes)
+    }
+
     async fn read(&self, id: &TaskId) -> Result<Option<CurrentTask>> {
         read_current(&self.pool, id).await
     }

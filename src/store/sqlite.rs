@@ -251,6 +251,15 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn transaction(&self, entries: Vec<(usize, WriteRequest)>) -> Result<Vec<WriteOutcome>> {
+        self.pressure.admit(WriteKind::Task)?;
+        let writes = write::prepare_transaction(self, entries).await?;
+        match self.submit(Work::Transaction(writes)).await? {
+            Done::Transaction(outcomes) => Ok(outcomes),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn versions(&self, keys: &[(TaskId, Version)]) -> Result<Vec<StoredVersion>> {
         let mut found = Vec::with_capacity(keys.len());
         // Chunks keep the statement under SQLite's bound-parameter limit.
@@ -683,6 +692,7 @@ mod tests {
 
     async fn create(store: &SqliteStore, resource: Value) -> TaskId {
         let request = WriteRequest::Create {
+            id: None,
             resource,
             if_none_exist: None,
         };
@@ -700,6 +710,7 @@ mod tests {
         checked_through: ChangeSeq,
     ) -> Result<WriteOutcome> {
         let work = Work::Task(write::TaskWrite::CreateUnlessFound {
+            id: TaskId::generate(),
             resource: order(value),
             criteria: criteria(&format!("identifier=urn:orders|{value}")),
             seen: checked_through,
@@ -758,6 +769,7 @@ mod tests {
         let queued: Vec<_> = (0..20)
             .map(|n| {
                 store.write(WriteRequest::Create {
+                    id: None,
                     resource: order(&format!("E-{n}")),
                     if_none_exist: None,
                 })
@@ -769,6 +781,7 @@ mod tests {
         assert_eq!(error.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
         let refused = store
             .write(WriteRequest::Create {
+                id: None,
                 resource: order("E-late"),
                 if_none_exist: None,
             })
@@ -796,6 +809,7 @@ mod tests {
         let store = open(dir.path()).await;
         let write = |value: &'static str| {
             store.write(WriteRequest::Create {
+                id: None,
                 resource: order(value),
                 if_none_exist: Some(criteria(&format!("identifier=urn:orders|{value}"))),
             })

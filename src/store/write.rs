@@ -128,11 +128,13 @@ pub(crate) struct Deletion<'a> {
 
 /// A Task write once any If-None-Exist pre-check is done: what the transaction applies.
 pub(crate) enum TaskWrite<S> {
-    /// Create with a server-assigned id.
-    Create(Value),
+    /// Create with a server-assigned id (assigned before the write, so that a transaction's
+    /// entries can refer to each other).
+    Create { id: TaskId, resource: Value },
     /// Create with a server-assigned id unless the criteria now match a Task; the pre-check
     /// found none, as far as `seen`.
     CreateUnlessFound {
+        id: TaskId,
         resource: Value,
         criteria: Vec<Predicate>,
         seen: S,
@@ -157,10 +159,15 @@ pub(crate) async fn prepare<P: Precheck>(
 ) -> Result<Prepared<P::Seen>> {
     let write = match request {
         WriteRequest::Create {
+            id,
             resource,
             if_none_exist: None,
-        } => TaskWrite::Create(resource),
+        } => TaskWrite::Create {
+            id: id.unwrap_or_else(TaskId::generate),
+            resource,
+        },
         WriteRequest::Create {
+            id,
             resource,
             if_none_exist: Some(criteria),
         } => {
@@ -169,6 +176,7 @@ pub(crate) async fn prepare<P: Precheck>(
                 return Ok(Prepared::Answered(outcome));
             }
             TaskWrite::CreateUnlessFound {
+                id: id.unwrap_or_else(TaskId::generate),
                 resource,
                 criteria,
                 seen,
@@ -188,10 +196,9 @@ pub(crate) async fn apply<T: TaskTx>(
     base_url: &str,
 ) -> Result<WriteOutcome> {
     match write {
-        TaskWrite::Create(resource) => {
-            put_task(tx, &TaskId::generate(), None, resource, base_url).await
-        }
+        TaskWrite::Create { id, resource } => put_task(tx, &id, None, resource, base_url).await,
         TaskWrite::CreateUnlessFound {
+            id,
             resource,
             criteria,
             seen,
@@ -199,7 +206,7 @@ pub(crate) async fn apply<T: TaskTx>(
             if let Some(outcome) = tx.recheck(&criteria, seen).await?.answer()? {
                 return Ok(outcome);
             }
-            put_task(tx, &TaskId::generate(), None, resource, base_url).await
+            put_task(tx, &id, None, resource, base_url).await
         }
         TaskWrite::Change { id, decide } => {
             let current = tx.load_for_change(&id).await?;
@@ -223,7 +230,67 @@ pub(crate) async fn apply<T: TaskTx>(
 pub(crate) fn is_single_put<S>(write: &TaskWrite<S>) -> bool {
     matches!(
         write,
-        TaskWrite::Create(resource) if workflow::completes_request(None, resource).is_none()
+        TaskWrite::Create { resource, .. } if workflow::completes_request(None, resource).is_none()
+    )
+}
+
+/// Runs the pre-checks of a transaction's writes, in order; the first that fails fails the
+/// transaction, named by its Bundle entry. A conditional create's criteria were found to
+/// match nothing when its entry was given an id; a match now fails it (see
+/// `apply_transaction`).
+pub(crate) async fn prepare_transaction<P: Precheck>(
+    store: &P,
+    entries: Vec<(usize, WriteRequest)>,
+) -> Result<Vec<(usize, Prepared<P::Seen>)>> {
+    let mut prepared = Vec::with_capacity(entries.len());
+    for (entry, request) in entries {
+        let done = prepare(store, request)
+            .await
+            .map_err(|e| e.in_entry(entry))?;
+        if let Prepared::Answered(WriteOutcome::Existing(_)) = done {
+            // The caller found no match for these criteria when it gave the entry its id.
+            return Err(conditional_race().in_entry(entry));
+        }
+        prepared.push((entry, done));
+    }
+    Ok(prepared)
+}
+
+/// Applies a transaction's writes in one backend transaction, in the order given (so their
+/// change events take ascending `seq`s in that order): every write and every change event
+/// commit together, or — when one fails, the error naming its Bundle entry — the caller rolls
+/// them all back. A conditional create whose criteria come to match a Task only inside the
+/// transaction (one was written since its pre-check) fails it with a 409: the entries that
+/// refer to the new Task were given its id, so the transaction cannot stand as prepared.
+pub(crate) async fn apply_transaction<T: TaskTx>(
+    tx: &mut T,
+    writes: Vec<(usize, Prepared<T::Seen>)>,
+    base_url: &str,
+) -> Result<Vec<WriteOutcome>> {
+    let mut outcomes = Vec::with_capacity(writes.len());
+    for (entry, prepared) in writes {
+        let outcome = match prepared {
+            Prepared::Answered(outcome) => outcome,
+            Prepared::Write(write) => {
+                let conditional = matches!(write, TaskWrite::CreateUnlessFound { .. });
+                let outcome = apply(tx, write, base_url)
+                    .await
+                    .map_err(|e| e.in_entry(entry))?;
+                if conditional && matches!(outcome, WriteOutcome::Existing(_)) {
+                    return Err(conditional_race().in_entry(entry));
+                }
+                outcome
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+fn conditional_race() -> Error {
+    Error::conflict(
+        "a Task matching this entry's conditional criteria was written while the transaction \
+         was being prepared; retry the transaction",
     )
 }
 

@@ -93,19 +93,35 @@ pub(super) fn new_links(
 
 /// Checks new links against the stored Tasks: each linked Task exists and is not deleted
 /// (404), and the caller may read it (403). A pending or completing request also needs a focal
-/// Task it can act on and must be addressed to that Task's owner (422). Returns the ids
-/// checked, which the write's decision compares with what it is about to store.
+/// Task it can act on and must be addressed to that Task's owner (422). A link to a Task in
+/// `created` (one the same transaction creates) is taken as checked when it names a parent;
+/// a request's focal Task must exist before the transaction, since what a request asks is
+/// judged against the focal Task's state. Returns the ids checked, which the write's decision
+/// compares with what it is about to store.
 pub(super) async fn check_links(
     state: &AppState,
     principal: &Principal,
     links: &[Link],
     task: &Value,
+    created: &HashSet<TaskId>,
 ) -> Result<HashSet<TaskId>> {
     let status = task_rules::status(task).unwrap_or_default();
     let asks_now = !task_rules::is_terminal(status) || status == "completed";
     let mut checked = HashSet::new();
     for link in links {
         let id = &link.task_id;
+        if created.contains(id) {
+            if let LinkRole::Focal(_) = link.role {
+                return Err(Error::business_rule(format!(
+                    "{} names a Task this transaction creates; a request's focal Task must \
+                     exist before the request is made",
+                    link.at
+                ))
+                .at(link.at.clone()));
+            }
+            checked.insert(id.clone());
+            continue;
+        }
         let linked = match state.store.read(id).await? {
             Some(linked) if !linked.deleted => linked,
             found => {

@@ -111,7 +111,7 @@ fn not_modified_response(version: Version, last_updated: &StoredInstant) -> Resp
 }
 
 /// Loads a Task (live or deleted) and applies the read rule to its latest content.
-async fn readable_current(
+pub(super) async fn readable_current(
     state: &AppState,
     principal: &Principal,
     id: &TaskId,

@@ -55,7 +55,7 @@ pub(super) fn parse_pairs(text: &str) -> Result<Vec<(String, String)>> {
     crate::api::query_pairs(Some(text))
 }
 
-async fn run_search(
+pub(super) async fn run_search(
     state: &AppState,
     principal: &Principal,
     headers: &HeaderMap,

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde_json::Value;
@@ -20,10 +20,17 @@ use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{TaskId, Version};
 use crate::fhir::interaction::Interaction;
 use crate::fhir::patch::TaskPatch;
-use crate::fhir::search::{self, Handling};
+use crate::fhir::search::{self, Handling, Predicate, index_task};
 use crate::fhir::shape::{ShapeLimits, check_shape};
 use crate::fhir::{self, task as task_rules};
-use crate::store::{CurrentTask, Decision, WriteOutcome, WriteRequest};
+use crate::store::{
+    Counting, CurrentTask, Decide, Decision, PageRequest, WriteOutcome, WriteRequest,
+};
+
+/// Tasks a transaction creates, by the ids given to them before any is written: links to
+/// them are taken as checked, since they are written in the same transaction by the same
+/// caller (who may read what it may create). Empty for a single request and a batch entry.
+pub(crate) type Created = HashSet<TaskId>;
 
 pub(super) async fn create(
     State(state): State<AppState>,
@@ -33,63 +40,42 @@ pub(super) async fn create(
 ) -> Result<Response> {
     let prefer = Prefer::from_headers(&headers);
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
-    let mut resource = parse_json(&bytes)?;
-    task_rules::validate_task(&resource, &state.base_url)?;
-    check_shape(&resource, stored_limits(&state), "Task")?;
-    // The server assigns ids and versions on create; whatever the client sent is ignored.
-    if let Some(object) = resource.as_object_mut() {
-        object.remove("id");
-    }
-    clear_server_meta(&mut resource);
-    auth::authorize_task_write(&principal, None, Some(&resource), &state.base_url)?;
-    // Every link of a new Task is new: its parents and its focal Task must exist and be
-    // readable, and a request must be one its focal Task can honour.
-    let links = new_links(None, &resource, None, &state.base_url)?;
-    check_links(&state, &principal, &links, &resource).await?;
+    let resource = parse_json(&bytes)?;
     let if_none_exist = match headers.get("if-none-exist") {
         None => None,
-        Some(value) => {
-            let text = value.to_str().map_err(|_| {
-                Error::bad_request(IssueCode::Invalid, "If-None-Exist is not valid text")
-            })?;
-            let text = text.trim_start_matches("Task?").trim_start_matches('?');
-            let pairs = parse_pairs(text)?;
-            let query = search::parse_query(
-                &pairs,
-                &state.search_limits,
-                &state.base_url,
-                Handling::Strict,
-            )
-            .map_err(|e| e.at("If-None-Exist"))?;
-            if query.predicates.is_empty() {
-                return Err(Error::bad_request(
-                    IssueCode::Invalid,
-                    "If-None-Exist needs at least one search criterion, e.g. identifier=http://x|123",
-                ));
-            }
-            let mut predicates = query.predicates;
-            predicates.extend(auth::read_scope(&principal));
-            Some(predicates)
-        }
+        Some(value) => Some(value.to_str().map_err(|_| {
+            Error::bad_request(IssueCode::Invalid, "If-None-Exist is not valid text")
+        })?),
     };
+    let request = create_request(
+        &state,
+        &principal,
+        resource,
+        if_none_exist,
+        None,
+        &Created::new(),
+    )
+    .await?;
     // Conditional criteria are a search (the store evaluates them before the writer), so
     // they take a search slot like any other.
-    let _admitted = match if_none_exist {
-        Some(_) => Some(state.searches.enter().await?),
-        None => None,
+    let _admitted = match &request {
+        WriteRequest::Create {
+            if_none_exist: Some(_),
+            ..
+        } => Some(state.searches.enter().await?),
+        _ => None,
     };
-    let outcome = state
-        .store
-        .write(WriteRequest::Create {
-            resource,
-            if_none_exist,
-        })
-        .await?;
+    let outcome = state.store.write(request).await?;
+    created_response(&state, outcome, prefer)
+}
+
+/// The answer to a create: 201 with the new version, or 200 with the Task If-None-Exist found.
+fn created_response(state: &AppState, outcome: WriteOutcome, prefer: Prefer) -> Result<Response> {
     match outcome {
         WriteOutcome::Written(version) => {
             record_write(Interaction::Create);
             Ok(version_response(
-                &state,
+                state,
                 StatusCode::CREATED,
                 &version,
                 prefer,
@@ -97,13 +83,134 @@ pub(super) async fn create(
             ))
         }
         WriteOutcome::Existing(current) => {
-            Ok(current_response(&state, StatusCode::OK, &current, prefer))
+            Ok(current_response(state, StatusCode::OK, &current, prefer))
         }
         WriteOutcome::Unchanged => Err(Error::internal(
             "create wrote nothing",
             "unexpected outcome",
         )),
     }
+}
+
+/// A create as the store takes it, after every check that needs no transaction: validation,
+/// shape, the role rule, the links (those to Tasks in `created` are taken as checked), and
+/// If-None-Exist criteria parsed and scoped to what the caller may read. `id` is the id a
+/// transaction gave the new Task beforehand; None lets the store choose.
+pub(crate) async fn create_request(
+    state: &AppState,
+    principal: &Principal,
+    mut resource: Value,
+    if_none_exist: Option<&str>,
+    id: Option<TaskId>,
+    created: &Created,
+) -> Result<WriteRequest> {
+    task_rules::validate_task(&resource, &state.base_url)?;
+    check_shape(&resource, stored_limits(state), "Task")?;
+    // The server assigns ids and versions on create; whatever the client sent is ignored.
+    if let Some(object) = resource.as_object_mut() {
+        object.remove("id");
+    }
+    clear_server_meta(&mut resource);
+    auth::authorize_task_write(principal, None, Some(&resource), &state.base_url)?;
+    // Every link of a new Task is new: its parents and its focal Task must exist and be
+    // readable, and a request must be one its focal Task can honour.
+    let links = new_links(None, &resource, id.as_ref(), &state.base_url)?;
+    check_links(state, principal, &links, &resource, created).await?;
+    let if_none_exist = match if_none_exist {
+        None => None,
+        Some(text) => Some(criteria(state, principal, text, "If-None-Exist")?),
+    };
+    Ok(WriteRequest::Create {
+        id,
+        resource,
+        if_none_exist,
+    })
+}
+
+/// Conditional criteria (`If-None-Exist`, a conditional update's or delete's query) as
+/// predicates, with the caller's read scope: a caller's condition never sees, and so never
+/// reveals or touches, a Task it may not read. `what` names the criteria in errors.
+pub(crate) fn criteria(
+    state: &AppState,
+    principal: &Principal,
+    text: &str,
+    what: &str,
+) -> Result<Vec<Predicate>> {
+    let text = text.trim_start_matches("Task?").trim_start_matches('?');
+    let pairs = parse_pairs(text)?;
+    let query = search::parse_query(
+        &pairs,
+        &state.search_limits,
+        &state.base_url,
+        Handling::Strict,
+    )
+    .map_err(|e| e.at(what))?;
+    if query.predicates.is_empty() {
+        return Err(Error::bad_request(
+            IssueCode::Invalid,
+            format!("{what} needs at least one search criterion, e.g. identifier=http://x|123"),
+        )
+        .at(what));
+    }
+    let mut predicates = query.predicates;
+    predicates.extend(auth::read_scope(principal));
+    Ok(predicates)
+}
+
+/// The Tasks conditional criteria match now: none, one, or (as two) several. The search
+/// takes a search slot like any other.
+pub(crate) async fn find_matches(
+    state: &AppState,
+    predicates: &[Predicate],
+) -> Result<Vec<CurrentTask>> {
+    let _admitted = state.searches.enter().await?;
+    let page = state
+        .store
+        .search(PageRequest {
+            predicates,
+            sort: &[],
+            count: 2,
+            offset: 0,
+            after: None,
+            counting: Counting::Skip,
+            max_bytes: usize::MAX,
+        })
+        .await?;
+    // A search lists live Tasks only.
+    page.tasks
+        .into_iter()
+        .map(|listed| {
+            Ok(CurrentTask {
+                resource: listed.resource()?,
+                id: listed.id,
+                version: listed.version,
+                last_updated: listed.last_updated,
+                deleted: false,
+            })
+        })
+        .collect()
+}
+
+/// Wraps a change's decision so that it first confirms that the Task still matches the
+/// conditional criteria that chose it: a Task changed between the search and the write so
+/// that it no longer matches is a 409 (retry), never a write to the wrong Task.
+pub(crate) fn while_matching(
+    decide: Decide,
+    predicates: Vec<Predicate>,
+    base_url: String,
+) -> Decide {
+    Box::new(move |current: Option<&CurrentTask>| {
+        let still = current
+            .filter(|c| !c.deleted)
+            .is_some_and(|c| search::matches(&index_task(&c.resource, &base_url), &predicates));
+        if !still {
+            return Err(Error::conflict(
+                "the Task the conditional criteria matched changed before it could be written; \
+                 retry the request",
+            ));
+        }
+        decide(current)
+    })
 }
 
 pub(super) async fn update(
@@ -117,25 +224,168 @@ pub(super) async fn update(
     let prefer = Prefer::from_headers(&headers);
     let if_match = parse_if_match(&headers)?;
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
-    let mut resource = parse_json(&bytes)?;
-    task_rules::validate_task(&resource, &state.base_url)?;
-    check_shape(&resource, stored_limits(&state), "Task")?;
-    match resource.get("id").and_then(Value::as_str) {
-        Some(body_id) if body_id == id.as_str() => {}
-        Some(body_id) => {
-            return Err(Error::invalid(
-                "Task.id",
-                format!("the body's id '{body_id}' does not match the URL's id '{id}'"),
-            ));
-        }
-        None => {
-            return Err(Error::bad_request(
-                IssueCode::Required,
-                "an update must carry the Task's id in the body",
-            )
-            .at("Task.id"));
-        }
+    let resource = parse_json(&bytes)?;
+    let request =
+        update_request(&state, principal, id, resource, if_match, &Created::new()).await?;
+    let outcome = state.store.write(request).await?;
+    written_response(&state, outcome, prefer)
+}
+
+/// `PUT /fhir/Task?criteria`, the conditional update: no match creates the Task (its body may
+/// not carry an id, since the server assigns ids), one match updates that Task (the body's id,
+/// if any, must be its id), several are a 412.
+pub(super) async fn conditional_update(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response> {
+    let prefer = Prefer::from_headers(&headers);
+    let if_match = parse_if_match(&headers)?;
+    let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
+    let resource = parse_json(&bytes)?;
+    let request = conditional_update_request(
+        &state,
+        principal,
+        query.as_deref().unwrap_or(""),
+        resource,
+        if_match,
+        &Created::new(),
+    )
+    .await?;
+    let creates = matches!(request, WriteRequest::Create { .. });
+    let outcome = state.store.write(request).await?;
+    if creates {
+        conditional_created(&state, outcome, prefer)
+    } else {
+        written_response(&state, outcome, prefer)
     }
+}
+
+/// A conditional update that found nothing creates the Task; if a matching Task was written
+/// in the meantime (the store found it again), the create did not happen: 409, retry.
+fn conditional_created(
+    state: &AppState,
+    outcome: WriteOutcome,
+    prefer: Prefer,
+) -> Result<Response> {
+    match outcome {
+        WriteOutcome::Existing(_) => Err(race_lost()),
+        outcome => created_response(state, outcome, prefer),
+    }
+}
+
+pub(crate) fn race_lost() -> Error {
+    Error::conflict(
+        "a Task matching the conditional criteria was written while this request was checked; \
+         retry the request",
+    )
+}
+
+/// A conditional update as the store takes it (see `conditional_update`): a create guarded by
+/// the same criteria as If-None-Exist when nothing matches, an update of the one Task matched
+/// (guarded by `while_matching`) otherwise.
+pub(crate) async fn conditional_update_request(
+    state: &AppState,
+    principal: Principal,
+    query: &str,
+    resource: Value,
+    if_match: Option<Version>,
+    created: &Created,
+) -> Result<WriteRequest> {
+    let predicates = criteria(
+        state,
+        &principal,
+        query,
+        "the conditional update's criteria",
+    )?;
+    let mut found = find_matches(state, &predicates).await?;
+    match found.len() {
+        0 => {
+            if resource.get("id").is_some() {
+                return Err(Error::invalid(
+                    "Task.id",
+                    "no Task matches the conditional update's criteria, so it creates one, and \
+                     the server assigns the id of a new Task; remove the id from the body",
+                ));
+            }
+            let mut request =
+                create_request(state, &principal, resource, None, None, created).await?;
+            if let WriteRequest::Create { if_none_exist, .. } = &mut request {
+                *if_none_exist = Some(predicates);
+            }
+            Ok(request)
+        }
+        1 => {
+            let Some(target) = found.pop() else {
+                return Err(Error::internal("conditional update", "no match"));
+            };
+            // A body without an id updates the Task found; one with an id must name it
+            // (`update_request` checks).
+            let mut resource = resource;
+            if resource.get("id").is_none() {
+                resource["id"] = Value::String(target.id.to_string());
+            }
+            let request =
+                update_request(state, principal, target.id, resource, if_match, created).await?;
+            Ok(guard(request, predicates, &state.base_url))
+        }
+        _ => Err(several("the conditional update's criteria")),
+    }
+}
+
+/// A 412 for conditional criteria that match more than one Task.
+fn several(what: &str) -> Error {
+    Error::client(
+        StatusCode::PRECONDITION_FAILED,
+        IssueCode::MultipleMatches,
+        format!("{what} match more than one Task; make them more selective"),
+    )
+}
+
+/// A change request guarded by `while_matching`.
+fn guard(request: WriteRequest, predicates: Vec<Predicate>, base_url: &str) -> WriteRequest {
+    match request {
+        WriteRequest::Change { id, decide } => WriteRequest::Change {
+            id,
+            decide: while_matching(decide, predicates, base_url.to_owned()),
+        },
+        other => other,
+    }
+}
+
+/// The body's id must be the Task's.
+fn check_body_id(resource: &Value, id: &TaskId) -> Result<()> {
+    match resource.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id == id.as_str() => Ok(()),
+        Some(body_id) => Err(Error::invalid(
+            "Task.id",
+            format!("the body's id '{body_id}' does not match the URL's id '{id}'"),
+        )),
+        None => Err(Error::bad_request(
+            IssueCode::Required,
+            "an update must carry the Task's id in the body",
+        )
+        .at("Task.id")),
+    }
+}
+
+/// An update as the store takes it: validation and shape first, the links checked against
+/// the version read now (those to Tasks in `created` taken as checked), and a decision that
+/// runs inside the transaction with If-Match, the role rules, the state machine and the links
+/// against the version it replaces.
+pub(crate) async fn update_request(
+    state: &AppState,
+    principal: Principal,
+    id: TaskId,
+    mut resource: Value,
+    if_match: Option<Version>,
+    created: &Created,
+) -> Result<WriteRequest> {
+    task_rules::validate_task(&resource, &state.base_url)?;
+    check_shape(&resource, stored_limits(state), "Task")?;
+    check_body_id(&resource, &id)?;
     clear_server_meta(&mut resource);
     // Links are checked against the version read now, and the decision below refuses any new
     // link that this check did not see (the Task changed meanwhile). A Task without links
@@ -164,7 +414,7 @@ pub(super) async fn update(
                     Some(&id),
                     &state.base_url,
                 )?;
-                check_links(&state, &principal, &fresh, &resource).await?
+                check_links(state, &principal, &fresh, &resource, created).await?
             }
         }
     };
@@ -182,11 +432,7 @@ pub(super) async fn update(
         ensure_links_checked(before, &resource, &checked, &task_id, &base_url)?;
         Ok(Decision::Put(resource))
     });
-    let outcome = state
-        .store
-        .write(WriteRequest::Change { id, decide })
-        .await?;
-    written_response(&state, outcome, prefer)
+    Ok(WriteRequest::Change { id, decide })
 }
 
 pub(super) async fn patch(
@@ -227,7 +473,7 @@ pub(super) async fn patch(
             Some(&id),
             &state.base_url,
         )?;
-        check_links(&state, &principal, &fresh, &prepared).await?
+        check_links(&state, &principal, &fresh, &prepared, &Created::new()).await?
     } else {
         HashSet::new()
     };
@@ -347,6 +593,66 @@ pub(super) async fn delete(
 ) -> Result<Response> {
     let id = TaskId::parse(&id)?;
     let if_match = parse_if_match(&headers)?;
+    let outcome = state
+        .store
+        .write(delete_request(&state, principal, id, if_match))
+        .await?;
+    Ok(deleted_response(outcome))
+}
+
+/// `DELETE /fhir/Task?criteria`, the conditional delete: no match is a 204 that changes
+/// nothing, one match deletes that Task, several are a 412 (Baton deletes one Task per
+/// request, so a mistaken criterion cannot empty a work list).
+pub(super) async fn conditional_delete(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let if_match = parse_if_match(&headers)?;
+    match conditional_delete_request(&state, principal, query.as_deref().unwrap_or(""), if_match)
+        .await?
+    {
+        None => Ok(deleted_response(WriteOutcome::Unchanged)),
+        Some(request) => Ok(deleted_response(state.store.write(request).await?)),
+    }
+}
+
+/// A conditional delete as the store takes it: None when nothing matches (nothing to do),
+/// the delete of the one Task matched (guarded by `while_matching`), or a 412 for several.
+pub(crate) async fn conditional_delete_request(
+    state: &AppState,
+    principal: Principal,
+    query: &str,
+    if_match: Option<Version>,
+) -> Result<Option<WriteRequest>> {
+    let predicates = criteria(
+        state,
+        &principal,
+        query,
+        "the conditional delete's criteria",
+    )?;
+    let mut found = find_matches(state, &predicates).await?;
+    if found.len() > 1 {
+        return Err(several("the conditional delete's criteria"));
+    }
+    Ok(found.pop().map(|target| {
+        guard(
+            delete_request(state, principal, target.id, if_match),
+            predicates,
+            &state.base_url,
+        )
+    }))
+}
+
+/// A delete as the store takes it: the decision checks If-Match and the role rule against
+/// the version it deletes.
+pub(crate) fn delete_request(
+    state: &AppState,
+    principal: Principal,
+    id: TaskId,
+    if_match: Option<Version>,
+) -> WriteRequest {
     let base_url = state.base_url.clone();
     let task_id = id.clone();
     let decide = Box::new(move |current: Option<&CurrentTask>| match current {
@@ -363,17 +669,17 @@ pub(super) async fn delete(
             Ok(Decision::Delete)
         }
     });
-    let outcome = state
-        .store
-        .write(WriteRequest::Change { id, decide })
-        .await?;
+    WriteRequest::Change { id, decide }
+}
+
+fn deleted_response(outcome: WriteOutcome) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
     if let WriteOutcome::Written(version) = outcome {
         record_write(Interaction::Delete);
         set_etag(response.headers_mut(), version.version);
     }
-    Ok(response)
+    response
 }
 
 fn written_response(state: &AppState, outcome: WriteOutcome, prefer: Prefer) -> Result<Response> {
@@ -406,7 +712,7 @@ fn stored_limits(state: &AppState) -> ShapeLimits {
     ShapeLimits::stored(state.config.max_body_bytes)
 }
 
-fn record_write(interaction: Interaction) {
+pub(crate) fn record_write(interaction: Interaction) {
     metrics::counter!("baton_task_writes_total", "interaction" => interaction.as_str())
         .increment(1);
 }
@@ -455,7 +761,12 @@ pub(crate) fn parse_if_match(headers: &HeaderMap) -> Result<Option<Version>> {
     let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
-    let text = value.to_str().unwrap_or("").trim();
+    parse_if_match_text(value.to_str().unwrap_or(""))
+}
+
+/// Parses an ETag as If-Match (or a Bundle entry's `request.ifMatch`) gives it.
+pub(crate) fn parse_if_match_text(text: &str) -> Result<Option<Version>> {
+    let text = text.trim();
     let bare = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
     bare.parse::<Version>().map(Some).map_err(|_| {
         Error::bad_request(

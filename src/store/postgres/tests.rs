@@ -146,6 +146,7 @@ fn task(status: &str) -> Value {
 async fn create(store: &PostgresStore, resource: Value) -> TaskId {
     match store
         .write(WriteRequest::Create {
+            id: None,
             resource,
             if_none_exist: None,
         })
@@ -819,6 +820,7 @@ async fn racing_conditional_creates_create_one_task() {
                 start.wait().await;
                 store
                     .write(WriteRequest::Create {
+                        id: None,
                         resource,
                         if_none_exist: Some(if_none_exist),
                     })
@@ -1212,6 +1214,7 @@ async fn each_write_leaves_exactly_its_rows() {
     let created = written(
         store
             .write(WriteRequest::Create {
+                id: None,
                 resource,
                 if_none_exist: None,
             })

@@ -33,7 +33,7 @@ use crate::config::Synchronous;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId};
 use crate::store::subscriptions;
-use crate::store::write::{self, TaskWrite};
+use crate::store::write::{self, Prepared, TaskWrite};
 use crate::store::{
     DeliveryReport, MatchBatch, MatchingFormRow, StoredSubscription, SubscriptionDecide,
     SubscriptionRecord, WriteOutcome,
@@ -51,6 +51,9 @@ pub(super) enum Work {
     /// pool (`SqliteStore::precheck`): nothing, up to an outbox position, so that the writer
     /// only looks again at the Tasks written since.
     Task(TaskWrite<ChangeSeq>),
+    /// A transaction Bundle's writes, each with its Bundle entry: one job, so one savepoint
+    /// holds them all and a failure in any entry rolls back the entries before it.
+    Transaction(Vec<(usize, Prepared<ChangeSeq>)>),
     CreateSubscription(Box<SubscriptionRecord>),
     ReplaceSubscription(SubscriptionId, SubscriptionDecide),
     DeleteSubscription(SubscriptionId),
@@ -73,6 +76,7 @@ pub(super) enum Work {
 /// What a unit of work produced.
 pub(super) enum Done {
     Task(WriteOutcome),
+    Transaction(Vec<WriteOutcome>),
     Subscription(Box<StoredSubscription>),
     Deleted(bool),
     Numbers(Vec<(SubscriptionId, EventNumber)>),
@@ -190,6 +194,7 @@ impl Work {
         matches!(
             self,
             Work::Task(_)
+                | Work::Transaction(_)
                 | Work::CreateSubscription(_)
                 | Work::ReplaceSubscription(..)
                 | Work::DeleteSubscription(_)
@@ -360,7 +365,8 @@ impl Group<'_> {
             self.wrote |= matches!(
                 outcome,
                 Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
-            );
+            ) || matches!(&outcome, Ok(Done::Transaction(outcomes))
+                if outcomes.iter().any(|o| matches!(o, WriteOutcome::Written(_))));
             outcomes.push(outcome);
             self.waiting.take_arrived(self.jobs);
             lane = next_lane(
@@ -415,6 +421,9 @@ fn execute(conn: &Connection, sql: &str) -> Result<()> {
 async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result<Done> {
     match work {
         Work::Task(task) => write::apply(conn, task, base_url).await.map(Done::Task),
+        Work::Transaction(writes) => write::apply_transaction(conn, writes, base_url)
+            .await
+            .map(Done::Transaction),
         Work::CreateSubscription(record) => subscriptions::create(conn, *record)
             .await
             .map(|s| Done::Subscription(Box::new(s))),

@@ -283,6 +283,7 @@ async fn conditional_creates_are_answered_by_the_first_check_that_finds() {
     ];
     for (name, pre, re, expect, reads) in cases {
         let request = WriteRequest::Create {
+            id: None,
             resource: json!({ "resourceType": "Task", "status": "requested", "intent": "order" }),
             if_none_exist: Some(Vec::new()),
         };
@@ -413,7 +414,10 @@ async fn only_the_write_that_completes_a_request_acts_on_its_focal_task() {
     assert_eq!(tx.writes(), [&put_step("r", 2, Some(1), true)]);
 
     let mut tx = Fake::with([task("f", 2, "on-hold")]);
-    let write = TaskWrite::<u64>::Create(request("resume", "f", OWNER));
+    let write = TaskWrite::<u64>::Create {
+        id: TaskId::generate(),
+        resource: request("resume", "f", OWNER),
+    };
     let error = apply(&mut tx, write, BASE).await.unwrap_err();
     assert_eq!(error.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(tx.writes().is_empty());
@@ -424,15 +428,26 @@ async fn only_the_write_that_completes_a_request_acts_on_its_focal_task() {
 fn single_puts_are_plain_creates() {
     let plain = json!({ "resourceType": "Task", "status": "requested", "intent": "order" });
     let cases: [(&str, TaskWrite<u64>, bool); 4] = [
-        ("a plain create", TaskWrite::Create(plain.clone()), true),
+        (
+            "a plain create",
+            TaskWrite::Create {
+                id: TaskId::generate(),
+                resource: plain.clone(),
+            },
+            true,
+        ),
         (
             "a create that completes a request",
-            TaskWrite::Create(request("abort", "f", OWNER)),
+            TaskWrite::Create {
+                id: TaskId::generate(),
+                resource: request("abort", "f", OWNER),
+            },
             false,
         ),
         (
             "a conditional create",
             TaskWrite::CreateUnlessFound {
+                id: TaskId::generate(),
                 resource: plain,
                 criteria: Vec::new(),
                 seen: 0,

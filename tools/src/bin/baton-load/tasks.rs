@@ -1,5 +1,7 @@
 //! `baton-load tasks`: closed-loop Task creates or updates from concurrent workers, each with
-//! one request in flight, on one keep-alive HTTP/1.1 client.
+//! one request in flight, on one keep-alive HTTP/1.1 client. `--mode transaction` posts the
+//! creates to the FHIR base as transaction Bundles of `--entries` Tasks each, and reports
+//! creates per second beside requests per second.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -33,12 +35,17 @@ pub struct Options {
     warmup: Duration,
     #[arg(long, value_enum, default_value_t = Mode::Create)]
     mode: Mode,
+    /// Transaction mode: Task creates in each transaction Bundle.
+    #[arg(long, default_value_t = 10)]
+    entries: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Create,
     Update,
+    /// Creates in transaction Bundles (`POST /fhir`), `--entries` per Bundle.
+    Transaction,
 }
 
 impl Mode {
@@ -46,13 +53,31 @@ impl Mode {
         match self {
             Mode::Create => "create",
             Mode::Update => "update",
+            Mode::Transaction => "transaction",
         }
     }
+}
+
+/// A transaction Bundle creating `entries` Tasks for `owner`.
+fn transaction_body(owner: &str, entries: usize) -> Value {
+    let entries: Vec<Value> = (0..entries)
+        .map(|_| {
+            json!({
+                "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+                "resource": task_body(owner, None, None),
+                "request": { "method": "POST", "url": "Task" },
+            })
+        })
+        .collect();
+    json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries })
 }
 
 pub async fn run(options: &Options) -> anyhow::Result<bool> {
     if options.concurrency == 0 {
         bail!("--concurrency must be at least 1");
+    }
+    if options.entries == 0 {
+        bail!("--entries must be at least 1");
     }
     let setup = setup(options).await?;
     let driven = drive(options, &setup).await;
@@ -139,16 +164,21 @@ async fn drive(options: &Options, setup: &Setup) -> Driven {
         let bearer = setup.bearer.clone();
         let base = setup.base.clone();
         let own = setup.own_tasks.get(worker).cloned();
+        let transaction = (options.mode == Mode::Transaction).then_some(options.entries);
         workers.spawn(async move {
             let mut stats = WorkerStats::default();
             let mut n: u64 = 0;
             while Instant::now() < deadline {
                 n += 1;
-                let request = match &own {
-                    None => client.post(format!("{base}/Task")).body(
+                let request = match (&own, transaction) {
+                    (_, Some(entries)) => client.post(base.clone()).body(
+                        transaction_body(&format!("Practitioner/load-{worker}"), entries)
+                            .to_string(),
+                    ),
+                    (None, None) => client.post(format!("{base}/Task")).body(
                         task_body(&format!("Practitioner/load-{worker}"), None, None).to_string(),
                     ),
-                    Some((owner, id)) => client.put(format!("{base}/Task/{id}")).body(
+                    (Some((owner, id)), None) => client.put(format!("{base}/Task/{id}")).body(
                         task_body(owner, Some(id), Some(&format!("load {worker}-{n}"))).to_string(),
                     ),
                 };
@@ -243,6 +273,13 @@ fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
     let requests = latencies.len();
     let error_count: u64 = errors.values().sum();
     let throughput = requests as f64 / window.as_secs_f64();
+    // Each request creates one Task, or `--entries` in transaction mode.
+    let per_request = match options.mode {
+        Mode::Transaction => options.entries,
+        Mode::Create | Mode::Update => 1,
+    };
+    let writes = requests * per_request;
+    let write_rate = writes as f64 / window.as_secs_f64();
     let percentiles = Percentiles::of(latencies.clone());
 
     println!(
@@ -251,6 +288,7 @@ fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
         options.warmup.as_secs_f64()
     );
     println!("  requests   {requests} ({throughput:.0}/s)");
+    println!("  Tasks      {writes} ({write_rate:.0}/s, {per_request} per request)");
     println!("  latency    {}", percentiles.line());
     println!("  cpu        {}", cpu.line_with_machine(crate::NAME));
     println!("  errors     {error_count}");
@@ -267,6 +305,9 @@ fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
             "duration_s": round2(window.as_secs_f64()),
             "requests": requests,
             "requests_per_s": round2(throughput),
+            "entries_per_request": per_request,
+            "tasks_written": writes,
+            "tasks_per_s": round2(write_rate),
             "latency_ms": percentiles.json(),
             "errors": error_count,
             "errors_by_status": errors,
