@@ -179,7 +179,7 @@ fn sort_value(task: &Known, key: &SortKey) -> Option<Value_> {
 }
 
 /// The order a search answers in: each sort key (Tasks without a value last either way),
-/// then the oldest change first, then the id.
+/// then the id; without keys, the oldest change first, then the id.
 fn compare(a: &Known, b: &Known, sort: &[SortKey]) -> Ordering {
     for key in sort {
         let ordering = match (sort_value(a, key), sort_value(b, key)) {
@@ -193,9 +193,13 @@ fn compare(a: &Known, b: &Known, sort: &[SortKey]) -> Ordering {
             return ordering;
         }
     }
-    a.last_updated
-        .cmp(&b.last_updated)
-        .then_with(|| a.id.cmp(&b.id))
+    if sort.is_empty() {
+        a.last_updated
+            .cmp(&b.last_updated)
+            .then_with(|| a.id.cmp(&b.id))
+    } else {
+        a.id.cmp(&b.id)
+    }
 }
 
 fn next_link(bundle: &Value) -> Option<String> {

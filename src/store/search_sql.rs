@@ -758,14 +758,13 @@ impl SortTerm {
     }
 }
 
-/// The terms of a search's order for the sort keys, ending in `t.last_updated, t.id` so that
-/// the order is total and pages never overlap or skip. Work-list parameters sort by their
+/// The terms of a search's order for the sort keys, ending in `t.id` so that the order is
+/// total and pages never overlap or skip (without keys: `t.last_updated, t.id`). Work-list parameters sort by their
 /// column (`column_of`), which an index walks; the others by the smallest indexed value.
 /// `predicates` tell which sort values every match has (a date criterion on the parameter
 /// excludes Tasks without one), which spares the NULLS LAST that would stop an index walk.
 pub fn sort_terms(sort: &[SortKey], predicates: &[Predicate]) -> Vec<SortTerm> {
     let mut terms = Vec::new();
-    let mut by_last_updated = false;
     for key in sort {
         let descending = key.descending;
         match key.param {
@@ -774,10 +773,7 @@ pub fn sort_terms(sort: &[SortKey], predicates: &[Predicate]) -> Vec<SortTerm> {
                 terms.push(SortTerm::new("t.id", descending));
                 return terms;
             }
-            "_lastUpdated" => {
-                by_last_updated = true;
-                terms.push(SortTerm::new("t.last_updated", descending));
-            }
+            "_lastUpdated" => terms.push(SortTerm::new("t.last_updated", descending)),
             "priority" => terms.push(SortTerm {
                 integer: true,
                 ..SortTerm::new("t.priority_rank", descending)
@@ -818,7 +814,11 @@ pub fn sort_terms(sort: &[SortKey], predicates: &[Predicate]) -> Vec<SortTerm> {
             }
         }
     }
-    if !by_last_updated {
+    // Without a sort key of the client's, oldest change first. After the client's keys the
+    // tie-break is the id alone: a page's `next` link starts after its last Task's sort
+    // values, and a tie-break on the last change would bring back a Task of an earlier page
+    // whose change (a status update, a note) moved it past that point while the client paged.
+    if terms.is_empty() {
         terms.push(SortTerm::new("t.last_updated", false));
     }
     terms.push(SortTerm::new("t.id", false));
@@ -1460,7 +1460,7 @@ mod tests {
             (vec![], "t.last_updated ASC, t.id ASC"),
             (
                 vec![key("priority", true)],
-                "t.priority_rank DESC, t.last_updated ASC, t.id ASC",
+                "t.priority_rank DESC, t.id ASC",
             ),
             (
                 vec![key("_lastUpdated", true)],
@@ -1469,12 +1469,12 @@ mod tests {
             (vec![key("_id", true), key("priority", false)], "t.id DESC"),
             (
                 vec![key("due-date", false)],
-                "t.due_start ASC NULLS LAST, t.last_updated ASC, t.id ASC",
+                "t.due_start ASC NULLS LAST, t.id ASC",
             ),
             (
                 vec![key("modified", true)],
                 "(SELECT min(d.start_at) FROM task_date d WHERE d.task_id = t.id AND d.param = 'modified') DESC NULLS LAST, \
-                 t.last_updated ASC, t.id ASC",
+                 t.id ASC",
             ),
             (
                 vec![key("not-a-param", false)],
@@ -1674,6 +1674,15 @@ mod plans {
                         assert!(
                             !plan.iter().any(|step| step.contains("TEMP B-TREE")),
                             "{query} sorts instead of walking an index: {plan:#?}\n{statement}"
+                        );
+                    }
+                    // A role queue's count reads its index alone (the performer system is
+                    // in it), not a Task row per match.
+                    if !ordered && query.contains("performer=") {
+                        assert!(
+                            plan.iter()
+                                .any(|step| step.contains("COVERING INDEX task_queue")),
+                            "{query} counts from the table: {plan:#?}\n{statement}"
                         );
                     }
                     // A role queue's page walks its own queue, not every requested Task.
