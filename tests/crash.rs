@@ -51,6 +51,23 @@ async fn spawn(data: &Path, port: u16) -> Child {
     panic!("baton did not become ready on port {port}");
 }
 
+/// Creates an id-only rest-hook subscription to every Task change, sent to `endpoint`; its id.
+async fn subscribe(client: &reqwest::Client, base: &str, admin: &str, endpoint: &str) -> String {
+    let r = client
+        .post(format!("{base}/Subscription"))
+        .bearer_auth(admin)
+        .header("content-type", "application/fhir+json")
+        .body(subscription(base, "task-changed", &[], endpoint, "id-only").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -74,19 +91,7 @@ async fn killed_mid_stream_loses_nothing() {
         .unwrap();
 
     let mut child = spawn(dir.path(), port).await;
-    let r = client
-        .post(format!("{}/Subscription", child.base))
-        .bearer_auth(&admin)
-        .header("content-type", "application/fhir+json")
-        .body(subscription(&child.base, "task-changed", &[], &receiver.url, "id-only").to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let subscription_id = r.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let subscription_id = subscribe(&client, &child.base, &admin, &receiver.url).await;
 
     // Write until well past the kill; remember what was acknowledged.
     let writer = {
@@ -209,19 +214,7 @@ async fn killed_mid_transactions_leaves_each_whole_or_absent() {
         .build()
         .unwrap();
     let child = spawn(dir.path(), port).await;
-    let r = client
-        .post(format!("{}/Subscription", child.base))
-        .bearer_auth(&admin)
-        .header("content-type", "application/fhir+json")
-        .body(subscription(&child.base, "task-changed", &[], &receiver.url, "id-only").to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let subscription_id = r.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let subscription_id = subscribe(&client, &child.base, &admin, &receiver.url).await;
 
     // Each writer sends transactions tagged `w{writer}-{n}` on all their entries (a parent and
     // sub-tasks linked by urn:uuid) until the server is gone.
