@@ -51,6 +51,19 @@ async fn spawn(data: &Path, port: u16) -> Child {
     panic!("baton did not become ready on port {port}");
 }
 
+/// An admin token for the child servers' secret, and an HTTP client with a timeout.
+fn admin_client() -> (String, reqwest::Client) {
+    let auth = baton::auth::Authenticator::new(SECRET, 0, "performer_types");
+    let admin = auth
+        .issue(baton::auth::Role::Admin, None, &[], 600)
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    (admin, client)
+}
+
 /// Creates an id-only rest-hook subscription to every Task change, sent to `endpoint`; its id.
 async fn subscribe(client: &reqwest::Client, base: &str, admin: &str, endpoint: &str) -> String {
     let r = client
@@ -81,14 +94,7 @@ async fn killed_mid_stream_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let receiver = Receiver::start().await;
-    let auth = baton::auth::Authenticator::new(SECRET, 0, "performer_types");
-    let admin = auth
-        .issue(baton::auth::Role::Admin, None, &[], 600)
-        .unwrap();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let (admin, client) = admin_client();
 
     let mut child = spawn(dir.path(), port).await;
     let subscription_id = subscribe(&client, &child.base, &admin, &receiver.url).await;
@@ -205,14 +211,7 @@ async fn killed_mid_transactions_leaves_each_whole_or_absent() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let receiver = Receiver::start().await;
-    let auth = baton::auth::Authenticator::new(SECRET, 0, "performer_types");
-    let admin = auth
-        .issue(baton::auth::Role::Admin, None, &[], 600)
-        .unwrap();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let (admin, client) = admin_client();
     let child = spawn(dir.path(), port).await;
     let subscription_id = subscribe(&client, &child.base, &admin, &receiver.url).await;
 

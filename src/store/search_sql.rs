@@ -532,6 +532,24 @@ pub fn page_sql(spec: PageSpec<'_>, style: Placeholder) -> Result<PageSql> {
     } else {
         vec![Arm::Both]
     };
+    // Two arms are merged by the raw sort values (`order_{i}`), which each arm selects: their
+    // text forms (`sort_{i}`) would sort integers as text.
+    let (order_values, order): (String, Vec<String>) = if arms.len() > 1 {
+        (
+            terms
+                .iter()
+                .enumerate()
+                .map(|(i, term)| format!(", {} AS order_{i}", term.expression))
+                .collect(),
+            terms
+                .iter()
+                .enumerate()
+                .map(|(i, term)| term.order_as(&format!("order_{i}")))
+                .collect(),
+        )
+    } else {
+        (String::new(), terms.iter().map(SortTerm::order).collect())
+    };
     let mut rows = writer(Arm::Both);
     let mut selects = Vec::new();
     for arm in &arms {
@@ -541,31 +559,11 @@ pub fn page_sql(spec: PageSpec<'_>, style: Placeholder) -> Result<PageSql> {
             Some(values) => format!(" AND {}", rows.after(&terms, values)?),
             None => String::new(),
         };
-        // The arms of a merge are ordered by the raw sort values (`order_{i}`): their text
-        // forms would sort integers as text.
-        let order_values: String = if arms.len() > 1 {
-            terms
-                .iter()
-                .enumerate()
-                .map(|(i, term)| format!(", {} AS order_{i}", term.expression))
-                .collect()
-        } else {
-            String::new()
-        };
         selects.push(format!(
             "SELECT {CURRENT_COLUMNS}{sort_values}{order_values} {}{after}",
             matches(&filter)
         ));
     }
-    let order: Vec<String> = if arms.len() > 1 {
-        terms
-            .iter()
-            .enumerate()
-            .map(|(i, term)| term.order_as(&format!("order_{i}")))
-            .collect()
-    } else {
-        terms.iter().map(SortTerm::order).collect()
-    };
     let (limit, offset) = (rows.placeholder(), rows.placeholder());
     Ok(PageSql {
         count,
