@@ -348,6 +348,10 @@ pub struct StoredSubscription {
     pub next_attempt_at: Option<StoredInstant>,
     pub last_error: Option<String>,
     pub last_sent_at: Option<StoredInstant>,
+    /// How many times delivery was restarted from an earlier event (`$resend`). A delivery
+    /// report carries the count its attempt read, and moves `delivered_through` only if it
+    /// is still the stored one: an attempt in flight during a restart cannot undo it.
+    pub rewinds: i64,
 }
 
 /// A live subscription as start-up reads it: what the matcher index and the hub's start-up
@@ -485,6 +489,9 @@ pub enum DeliveryReport {
         handshake: HandshakeOwed,
         status: SubscriptionStatus,
         at: StoredInstant,
+        /// The restart count the attempt read (`StoredSubscription::rewinds`): the position
+        /// moves only if delivery was not restarted since.
+        rewinds: i64,
     },
     Failed {
         subscription_id: SubscriptionId,
@@ -685,6 +692,15 @@ pub trait Store: Send + Sync + 'static {
         from: EventNumber,
         to: EventNumber,
     ) -> Result<Vec<EventRecord>>;
+    /// Restarts a subscription's delivery at event `from` (`$resend`): its position moves
+    /// back to just before `from` (never forward) and the restart is counted, so that an
+    /// attempt in flight cannot move the position on again (`DeliveryReport::Delivered`'s
+    /// `rewinds`). None if the subscription is gone or `off`.
+    async fn restart_delivery(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+    ) -> Result<Option<StoredSubscription>>;
     /// Records an attempt's result and ends `holder`'s claim on the subscription.
     async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()> {
         self.record_deliveries(holder, vec![report]).await

@@ -518,6 +518,14 @@ impl Store for PostgresStore {
         hub::subscription_events(&self.pool, id, from, to).await
     }
 
+    async fn restart_delivery(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+    ) -> Result<Option<StoredSubscription>> {
+        hub::restart_delivery(&self.pool, id, from).await
+    }
+
     async fn record_deliveries(&self, holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
         hub::record_deliveries(&self.pool, holder, reports).await
     }

@@ -414,6 +414,24 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn restart_delivery(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+    ) -> Result<Option<StoredSubscription>> {
+        match self
+            .submit(Work::RestartDelivery {
+                id: id.clone(),
+                from,
+            })
+            .await?
+        {
+            Done::Subscription(stored) => Ok(Some(*stored)),
+            Done::Nothing => Ok(None),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn record_deliveries(&self, _holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
         if reports.is_empty() {
             return Ok(());

@@ -43,6 +43,26 @@ pub(super) async fn read_subscription(
     row.as_ref().map(subscription_from_row).transpose()
 }
 
+/// Moves a live subscription's delivery position back to just before `from` and counts the
+/// restart (see `Store::restart_delivery`); None if it is gone or `off`.
+pub(super) async fn restart_delivery(
+    pool: &PgPool,
+    id: &SubscriptionId,
+    from: EventNumber,
+) -> Result<Option<StoredSubscription>> {
+    let row = sqlx::query(
+        "UPDATE subscription SET delivered_through = least(delivered_through, $2),
+           rewinds = rewinds + 1
+         WHERE id = $1 AND status <> 'off'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(from.get() - 1)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(subscription_from_row).transpose()
+}
+
 /// Records a chunk of matches in three statements, whatever its size. The first checks the
 /// lease (locking its row until commit, so a node taking the lease over waits and this chunk
 /// is recorded by the holder it names or not at all) and reads the progress inside a change
@@ -219,8 +239,10 @@ pub(super) async fn record_deliveries(
                     handshake,
                     status,
                     at,
+                    rewinds,
                 } => {
                     delivered.ids.push(subscription_id.as_str());
+                    delivered.rewinds.push(*rewinds);
                     delivered.through.push(through.get());
                     delivered.settled.push(*handshake == HandshakeOwed::Settled);
                     delivered.status.push(status.as_str());
@@ -247,7 +269,8 @@ pub(super) async fn record_deliveries(
         }
         if !delivered.ids.is_empty() {
             sqlx::query(
-                "UPDATE subscription s SET delivered_through = greatest(s.delivered_through, r.through),
+                "UPDATE subscription s SET delivered_through = CASE WHEN s.rewinds = r.rewinds
+                     THEN greatest(s.delivered_through, r.through) ELSE s.delivered_through END,
                    handshake_pending = CASE WHEN r.settled THEN 0 ELSE s.handshake_pending END,
                    failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
                    last_sent_at = r.at,
@@ -257,8 +280,8 @@ pub(super) async fn record_deliveries(
                      WHEN s.handshake_pending = 1 AND NOT r.settled THEN s.status ELSE r.status END,
                    lease_holder = CASE WHEN s.lease_holder = $1 THEN NULL ELSE s.lease_holder END,
                    lease_until = CASE WHEN s.lease_holder = $1 THEN NULL ELSE s.lease_until END
-                 FROM unnest($2::text[], $3::bigint[], $4::bool[], $5::text[], $6::text[])
-                   AS r(id, through, settled, status, at)
+                 FROM unnest($2::text[], $3::bigint[], $4::bool[], $5::text[], $6::text[], $7::bigint[])
+                   AS r(id, through, settled, status, at, rewinds)
                  WHERE s.id = r.id",
             )
             .bind(holder)
@@ -267,6 +290,7 @@ pub(super) async fn record_deliveries(
             .bind(&delivered.settled)
             .bind(&delivered.status)
             .bind(&delivered.at)
+            .bind(&delivered.rewinds)
             .execute(&mut *tx)
             .await?;
         }
@@ -324,6 +348,7 @@ struct DeliveredColumns<'a> {
     settled: Vec<bool>,
     status: Vec<&'static str>,
     at: Vec<&'a str>,
+    rewinds: Vec<i64>,
 }
 
 #[derive(Default)]

@@ -150,10 +150,14 @@ fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
             handshake,
             status,
             at,
+            rewinds,
         } => {
             let settled = handshake == HandshakeOwed::Settled;
             conn.prepare_cached(
-                "UPDATE subscription SET delivered_through = max(delivered_through, ?),
+                // The position moves only if delivery was not restarted since the attempt
+                // read the row (`$resend`): an attempt in flight cannot undo a restart.
+                "UPDATE subscription SET delivered_through = CASE WHEN rewinds = ?
+                     THEN max(delivered_through, ?) ELSE delivered_through END,
                    handshake_pending = CASE WHEN ? THEN 0 ELSE handshake_pending END,
                    failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
                    last_sent_at = ?,
@@ -164,6 +168,7 @@ fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
                  WHERE id = ?",
             )?
             .execute(params![
+                rewinds,
                 through,
                 settled,
                 &at,
@@ -196,6 +201,26 @@ fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Moves a live subscription's delivery position back to just before `from` and counts the
+/// restart (see `Store::restart_delivery`); None if it is gone or `off`.
+pub(super) fn restart_delivery(
+    conn: &Connection,
+    id: &SubscriptionId,
+    from: EventNumber,
+) -> Result<Option<StoredSubscription>> {
+    let restarted = conn
+        .prepare_cached(
+            "UPDATE subscription SET delivered_through = min(delivered_through, ?),
+               rewinds = rewinds + 1
+             WHERE id = ? AND status <> 'off'",
+        )?
+        .execute(params![from.get() - 1, id])?;
+    if restarted == 0 {
+        return Ok(None);
+    }
+    super::subscriptions::load(conn, id)
 }
 
 pub(super) fn prune_events(conn: &Connection, before: &StoredInstant) -> Result<u64> {
