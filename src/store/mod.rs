@@ -354,6 +354,18 @@ pub struct StoredSubscription {
     pub rewinds: i64,
 }
 
+/// What `/metrics` tells of the subscriptions. It is read from the store, so every node of a
+/// cluster reports the same figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubscriptionGauges {
+    /// How many subscriptions have each status (statuses without any are left out).
+    pub by_status: Vec<(String, i64)>,
+    /// The largest backlogs (events counted and not delivered), largest first.
+    pub backlogs: Vec<(SubscriptionId, i64)>,
+    /// When the oldest undelivered event happened; None when every event is delivered.
+    pub oldest_undelivered: Option<StoredInstant>,
+}
+
 /// A live subscription as start-up reads it: what the matcher index and the hub's start-up
 /// checks need, the resource and author as the stored JSON text (the hub parses them, on all
 /// cores, and keeps only what it needs).
@@ -635,6 +647,8 @@ pub trait Store: Send + Sync + 'static {
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredSubscription>, u64)>;
+    /// What `/metrics` tells of the subscriptions, with at most `max_backlogs` backlogs.
+    async fn subscription_gauges(&self, max_backlogs: usize) -> Result<SubscriptionGauges>;
     /// Up to `limit` subscriptions that are not `off`, in id order after `after`: start-up
     /// reads them page by page, so that a million never sit in memory at once.
     async fn live_subscription_page(

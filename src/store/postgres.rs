@@ -33,7 +33,6 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tokio::sync::Notify;
 
-use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::history_from_row;
@@ -51,6 +50,7 @@ use super::{
     StoredSubscription, StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery,
     SubscriptionRecord, WriteOutcome, WriteRequest, collect_page,
 };
+use super::{ChangeProgress, SubscriptionGauges};
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
@@ -452,6 +452,10 @@ impl Store for PostgresStore {
         offset: usize,
     ) -> Result<(Vec<StoredSubscription>, u64)> {
         hub::search_subscriptions(&self.pool, query, count, offset).await
+    }
+
+    async fn subscription_gauges(&self, max_backlogs: usize) -> Result<SubscriptionGauges> {
+        hub::subscription_gauges(&self.pool, max_backlogs).await
     }
 
     async fn live_subscription_page(

@@ -24,7 +24,7 @@ use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
     ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, MatchRow,
-    StoredSubscription, SubscriptionChanges, SubscriptionQuery,
+    StoredSubscription, SubscriptionChanges, SubscriptionGauges, SubscriptionQuery,
 };
 
 /// A ttl as a bind value: whole microseconds, PostgreSQL's interval resolution.
@@ -367,6 +367,28 @@ pub(super) async fn prune_events(pool: &PgPool, before: &StoredInstant) -> Resul
         .execute(pool)
         .await?;
     Ok(done.rows_affected())
+}
+
+pub(super) async fn subscription_gauges(
+    pool: &PgPool,
+    max_backlogs: usize,
+) -> Result<SubscriptionGauges> {
+    let by_status = sqlx::query_as::<_, (String, i64)>(hub_sql::SUBSCRIPTIONS_BY_STATUS)
+        .fetch_all(pool)
+        .await?;
+    let backlogs = sqlx::query_as::<_, (SubscriptionId, i64)>(hub_sql::LARGEST_BACKLOGS)
+        .bind(i64::try_from(max_backlogs).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    let oldest_undelivered =
+        sqlx::query_scalar::<_, Option<StoredInstant>>(hub_sql::OLDEST_UNDELIVERED)
+            .fetch_one(pool)
+            .await?;
+    Ok(SubscriptionGauges {
+        by_status,
+        backlogs,
+        oldest_undelivered,
+    })
 }
 
 pub(super) async fn search_subscriptions(

@@ -22,7 +22,7 @@ use crate::store::rows::{EventRow, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
     ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, StoredSubscription,
-    SubscriptionQuery,
+    SubscriptionGauges, SubscriptionQuery,
 };
 
 /// Records a chunk of matches in four statements, whatever its size: the progress check,
@@ -228,6 +228,28 @@ pub(super) fn prune_events(conn: &Connection, before: &StoredInstant) -> Result<
         .prepare_cached(hub_sql::PRUNE_EVENTS)?
         .execute([before])?;
     Ok(pruned as u64)
+}
+
+pub(super) async fn subscription_gauges(
+    pool: &SqlitePool,
+    max_backlogs: usize,
+) -> Result<SubscriptionGauges> {
+    let by_status = sqlx::query_as::<_, (String, i64)>(hub_sql::SUBSCRIPTIONS_BY_STATUS)
+        .fetch_all(pool)
+        .await?;
+    let backlogs = sqlx::query_as::<_, (SubscriptionId, i64)>(hub_sql::LARGEST_BACKLOGS)
+        .bind(i64::try_from(max_backlogs).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    let oldest_undelivered =
+        sqlx::query_scalar::<_, Option<StoredInstant>>(hub_sql::OLDEST_UNDELIVERED)
+            .fetch_one(pool)
+            .await?;
+    Ok(SubscriptionGauges {
+        by_status,
+        backlogs,
+        oldest_undelivered,
+    })
 }
 
 pub(super) async fn search_subscriptions(
