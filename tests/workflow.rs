@@ -824,3 +824,153 @@ async fn completing_an_abort_request_notifies_about_both_tasks() {
     );
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Immutable elements
+
+/// Asserts a refusal whose OperationOutcome names `expression`.
+fn assert_refused_at(status: StatusCode, body: &Value, expected: StatusCode, expression: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    assert_eq!(body["issue"][0]["expression"][0], expression, "{body}");
+}
+
+async fn patch_as(
+    server: &TestServer,
+    id: &str,
+    token: &str,
+    content_type: &str,
+    document: &Value,
+) -> (StatusCode, Value) {
+    let request = server
+        .request(Method::PATCH, &format!("/Task/{id}"), token)
+        .header("content-type", content_type)
+        .body(document.to_string());
+    common::body(request.send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn intent_and_authored_on_never_change_and_request_elements_only_for_the_placer() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let mut new = task("requested", Some("Practitioner/bob"));
+    new["requester"] = json!({ "reference": "Practitioner/placer" });
+    new["for"] = json!({ "reference": "Patient/p1" });
+    new["priority"] = json!("routine");
+    new["authoredOn"] = json!("2026-01-05T10:00:00Z");
+    let created = server.create_task(&new).await;
+    let id = id_of(&created);
+    let path = format!("/Task/{id}");
+
+    // PUT changing intent: refused for everyone, the admin included (the issue's own case).
+    let mut plan = created.clone();
+    plan["intent"] = json!("plan");
+    for token in [&admin, &bob] {
+        let (status, body) = server.put_json(&path, token, &plan).await;
+        assert_refused_at(
+            status,
+            &body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Task.intent",
+        );
+    }
+    // Every patch form, too.
+    let fhirpath = json!({ "resourceType": "Parameters", "parameter": [{ "name": "operation", "part": [
+        { "name": "type", "valueCode": "replace" },
+        { "name": "path", "valueString": "Task.intent" },
+        { "name": "value", "valueCode": "plan" },
+    ]}]});
+    #[rustfmt::skip]
+    let patches = [
+        ("application/json-patch+json", json!([{ "op": "replace", "path": "/intent", "value": "plan" }]), "Task.intent"),
+        ("application/merge-patch+json", json!({ "intent": "proposal" }), "Task.intent"),
+        ("application/fhir+json", fhirpath, "Task.intent"),
+        ("application/json-patch+json", json!([{ "op": "remove", "path": "/authoredOn" }]), "Task.authoredOn"),
+    ];
+    for (content_type, document, expression) in &patches {
+        let (status, body) = patch_as(&server, &id, &admin, content_type, document).await;
+        assert_refused_at(status, &body, StatusCode::UNPROCESSABLE_ENTITY, expression);
+    }
+
+    // The fulfiller may not rewrite what the placer asked for...
+    #[rustfmt::skip]
+    let fulfiller_patches = [
+        (json!([{ "op": "replace", "path": "/priority", "value": "stat" }]), "Task.priority"),
+        (json!([{ "op": "replace", "path": "/for", "value": { "reference": "Patient/p2" } }]), "Task.for"),
+        (json!([{ "op": "remove", "path": "/requester" }]), "Task.requester"),
+        (json!([{ "op": "add", "path": "/basedOn", "value": [{ "reference": "ServiceRequest/s1" }] }]), "Task.basedOn"),
+    ];
+    for (document, expression) in &fulfiller_patches {
+        let (status, body) =
+            patch_as(&server, &id, &bob, "application/json-patch+json", document).await;
+        assert_refused_at(status, &body, StatusCode::FORBIDDEN, expression);
+    }
+    let mut moved = created.clone();
+    moved["for"] = json!({ "reference": "Patient/p2" });
+    let (status, body) = server.put_json(&path, &bob, &moved).await;
+    assert_refused_at(status, &body, StatusCode::FORBIDDEN, "Task.for");
+    // ...nor through a transaction entry; the transaction stores nothing.
+    let other = server
+        .create_task(&task("requested", Some("Practitioner/bob")))
+        .await;
+    let mut other_done = other.clone();
+    other_done["status"] = json!("accepted");
+    let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": [
+        { "resource": other_done, "request": { "method": "PUT", "url": format!("Task/{}", id_of(&other)) } },
+        { "resource": moved, "request": { "method": "PUT", "url": format!("Task/{id}") } },
+    ]});
+    let (status, body) = server.post_json("", &bob, &bundle).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        body["issue"][0]["expression"][0], "Bundle.entry[1]",
+        "{body}"
+    );
+    assert!(
+        body["issue"][0]["diagnostics"]
+            .as_str()
+            .is_some_and(|d| d.contains("(Task.for)")),
+        "{body}"
+    );
+    assert_eq!(state_of(&server, &id_of(&other)).await.1, "1");
+    assert_eq!(
+        state_of(&server, &id).await,
+        ("requested".into(), "1".into())
+    );
+
+    // What the fulfiller reports is its own to change.
+    let (status, body) = patch_as(
+        &server,
+        &id,
+        &bob,
+        "application/merge-patch+json",
+        &json!({ "status": "in-progress", "businessStatus": { "text": "sample drawn" },
+                 "note": [{ "text": "called the patient" }] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The placer (the admin, or the practitioner named as requester) may change the request.
+    let (status, body) = patch_as(
+        &server,
+        &id,
+        &admin,
+        "application/json-patch+json",
+        &json!([{ "op": "replace", "path": "/priority", "value": "urgent" }]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let carol = server.practitioner("Practitioner/carol");
+    let mut own = task("requested", Some("Practitioner/carol"));
+    own["requester"] = json!({ "reference": "Practitioner/carol" });
+    let own = server.create_task(&own).await;
+    let (status, body) = patch_as(
+        &server,
+        &id_of(&own),
+        &carol,
+        "application/json-patch+json",
+        &json!([{ "op": "add", "path": "/priority", "value": "asap" }]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(history_statuses(&server, &id).await.len(), 3);
+}

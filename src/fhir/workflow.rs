@@ -10,6 +10,8 @@
 //! so the same rules decide at creation (for a clear answer to the placer) and, again, inside
 //! the transaction that completes the request (where they cannot race another write).
 
+pub mod elements;
+
 use serde_json::Value;
 
 use crate::error::{Error, IssueCode, Result};

@@ -22,6 +22,7 @@ use crate::fhir::interaction::Interaction;
 use crate::fhir::patch::TaskPatch;
 use crate::fhir::search::{self, Handling, Predicate, index_task};
 use crate::fhir::shape::{ShapeLimits, check_shape};
+use crate::fhir::workflow::elements;
 use crate::fhir::{self, task as task_rules};
 use crate::store::{
     Counting, CurrentTask, Decide, Decision, PageRequest, WriteOutcome, WriteRequest,
@@ -428,6 +429,9 @@ pub(crate) async fn update_request(
         if let Some(deleted) = current.filter(|c| c.deleted) {
             auth::authorize_task_recreate(&principal, &deleted.resource, &task_id, &base_url)?;
         }
+        if let Some(before) = before {
+            check_rewrite(&principal, before, &resource, &base_url)?;
+        }
         check_status_change(before, &resource)?;
         ensure_links_checked(before, &resource, &checked, &task_id, &base_url)?;
         Ok(Decision::Put(resource))
@@ -465,6 +469,7 @@ pub(super) async fn patch(
         Some(&prepared),
         &state.base_url,
     )?;
+    check_rewrite(&principal, &before.resource, &prepared, &state.base_url)?;
     check_status_change(Some(&before.resource), &prepared)?;
     let checked = if touches_links {
         let fresh = new_links(
@@ -497,6 +502,7 @@ pub(super) async fn patch(
             Some(&patched),
             &base_url,
         )?;
+        check_rewrite(&principal, &current.resource, &patched, &base_url)?;
         check_status_change(Some(&current.resource), &patched)?;
         ensure_links_checked(
             Some(&current.resource),
@@ -738,6 +744,23 @@ fn check_version(expected: Option<Version>, current: Option<&CurrentTask>) -> Re
             "If-Match was given but the Task does not exist",
         )),
     }
+}
+
+/// Refuses a change to an element that is fixed once the Task exists, or that states the
+/// request and the caller is not its placer (`fhir::workflow::elements`).
+fn check_rewrite(
+    principal: &Principal,
+    before: &Value,
+    after: &Value,
+    base_url: &str,
+) -> Result<()> {
+    let side = elements::side_of(
+        principal.role == auth::Role::Admin,
+        principal.fhir_user.as_deref(),
+        before,
+        base_url,
+    );
+    elements::check_rewrite(side, before, after)
 }
 
 fn check_status_change(before: Option<&Value>, after: &Value) -> Result<()> {
