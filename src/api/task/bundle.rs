@@ -863,7 +863,7 @@ fn entry_json(state: &AppState, answer: Answer, prefer: Prefer) -> Value {
             response.insert("lastModified".into(), json!(last_updated));
             entry.insert(
                 "fullUrl".into(),
-                json!(format!("{}/Task/{id}", state.base_url)),
+                json!(format!("{}/Task/{id}", state.link_base)),
             );
             if prefer.outcome {
                 response.insert(
@@ -898,7 +898,7 @@ fn entry_json(state: &AppState, answer: Answer, prefer: Prefer) -> Value {
             response.insert("etag".into(), json!(format!("W/\"{version}\"")));
             entry.insert(
                 "fullUrl".into(),
-                json!(format!("{}/Subscription/{id}", state.base_url)),
+                json!(format!("{}/Subscription/{id}", state.link_base)),
             );
             if !prefer.minimal {
                 entry.insert("resource".into(), resource);
