@@ -356,9 +356,16 @@ async fn focal_change<T: TaskTx>(
     workflow::check_addressee(request, &focal.resource, base_url)?;
     let before_hold = match kind {
         RequestKind::Resume => tx.status_before_hold(&focal_id).await?,
-        RequestKind::Abort | RequestKind::Suspend => None,
+        RequestKind::Abort | RequestKind::Suspend | RequestKind::Change => None,
     };
-    let changed = workflow::apply_request(kind, &focal.resource, request, before_hold.as_deref())?;
+    let changed = workflow::apply_request(
+        kind,
+        &focal.resource,
+        focal.version,
+        request,
+        before_hold.as_deref(),
+        base_url,
+    )?;
     Ok((focal, changed))
 }
 

@@ -148,6 +148,18 @@ pub(super) async fn check_links(
         {
             workflow::check_request(kind, &linked.resource)?;
             workflow::check_addressee(task, &linked.resource, &state.base_url)?;
+            if kind == RequestKind::Change {
+                // The change must apply to the focal Task as it is now (and, if the request
+                // names a version, be made against it).
+                workflow::apply_request(
+                    kind,
+                    &linked.resource,
+                    linked.version,
+                    task,
+                    None,
+                    &state.base_url,
+                )?;
+            }
         }
         checked.insert(id.clone());
     }

@@ -22,7 +22,7 @@ use crate::fhir::interaction::Interaction;
 use crate::fhir::patch::TaskPatch;
 use crate::fhir::search::{self, Handling, Predicate, index_task};
 use crate::fhir::shape::{ShapeLimits, check_shape};
-use crate::fhir::workflow::elements;
+use crate::fhir::workflow::{change, elements};
 use crate::fhir::{self, task as task_rules};
 use crate::store::{
     Counting, CurrentTask, Decide, Decision, PageRequest, WriteOutcome, WriteRequest,
@@ -113,6 +113,7 @@ pub(crate) async fn create_request(
     }
     clear_server_meta(&mut resource);
     auth::authorize_task_write(principal, None, Some(&resource), &state.base_url)?;
+    check_request_write(principal, None, &resource, &state.base_url)?;
     // Every link of a new Task is new: its parents and its focal Task must exist and be
     // readable, and a request must be one its focal Task can honour.
     let links = new_links(None, &resource, id.as_ref(), &state.base_url)?;
@@ -432,6 +433,7 @@ pub(crate) async fn update_request(
         if let Some(before) = before {
             check_rewrite(&principal, before, &resource, &base_url)?;
         }
+        check_request_write(&principal, before, &resource, &base_url)?;
         check_status_change(before, &resource)?;
         ensure_links_checked(before, &resource, &checked, &task_id, &base_url)?;
         Ok(Decision::Put(resource))
@@ -470,6 +472,12 @@ pub(super) async fn patch(
         &state.base_url,
     )?;
     check_rewrite(&principal, &before.resource, &prepared, &state.base_url)?;
+    check_request_write(
+        &principal,
+        Some(&before.resource),
+        &prepared,
+        &state.base_url,
+    )?;
     check_status_change(Some(&before.resource), &prepared)?;
     let checked = if touches_links {
         let fresh = new_links(
@@ -503,6 +511,7 @@ pub(super) async fn patch(
             &base_url,
         )?;
         check_rewrite(&principal, &current.resource, &patched, &base_url)?;
+        check_request_write(&principal, Some(&current.resource), &patched, &base_url)?;
         check_status_change(Some(&current.resource), &patched)?;
         ensure_links_checked(
             Some(&current.resource),
@@ -761,6 +770,22 @@ fn check_rewrite(
         base_url,
     );
     elements::check_rewrite(side, before, after)
+}
+
+/// The rules of a modification request's direction (`fhir::workflow::change`).
+fn check_request_write(
+    principal: &Principal,
+    before: Option<&Value>,
+    after: &Value,
+    base_url: &str,
+) -> Result<()> {
+    change::check_request_write(
+        principal.role == auth::Role::Admin,
+        principal.fhir_user.as_deref(),
+        before,
+        after,
+        base_url,
+    )
 }
 
 fn check_status_change(before: Option<&Value>, after: &Value) -> Result<()> {
