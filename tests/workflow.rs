@@ -974,3 +974,320 @@ async fn intent_and_authored_on_never_change_and_request_elements_only_for_the_p
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(history_statuses(&server, &id).await.len(), 3);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Modification requests
+
+const CHANGE: &str = "https://baton.dev/fhir/CodeSystem/task-change";
+
+/// A modification request about `focus` (a Task reference, maybe with a version), owned by
+/// the focal Task's owner and asked by `requester`, with these inputs.
+fn change_request(focus: &str, owner: &str, requester: &str, inputs: Value) -> Value {
+    json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "code": { "coding": [{ "system": TASK_CODE, "code": "change" }] },
+        "focus": { "reference": focus },
+        "owner": { "reference": owner },
+        "requester": { "reference": requester },
+        "input": inputs,
+    })
+}
+
+fn edit(element: &str, value_key: &str, value: Value) -> Value {
+    json!({ "type": { "coding": [{ "system": CHANGE, "code": element }] }, value_key: value })
+}
+
+/// A listener: a rest-hook subscription to `task-changed` made with `token`, active.
+async fn listen(server: &TestServer, token: &str, receiver: &Receiver, filters: &[&str]) -> String {
+    let (status, created) = server
+        .post_json(
+            "/Subscription",
+            token,
+            &subscription(
+                &server.base,
+                "task-changed",
+                filters,
+                &receiver.url,
+                "full-resource",
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = id_of(&created);
+    eventually("an active subscription", || async {
+        let (_, s) = server.get(&format!("/Subscription/{id}"), token).await;
+        (s["status"] == "active").then_some(())
+    })
+    .await;
+    id
+}
+
+/// Every (Task id, version, status) a subscription was told about.
+fn told(receiver: &Receiver, subscription: &str) -> BTreeSet<(String, String, String)> {
+    receiver
+        .of(subscription, "event-notification")
+        .iter()
+        .flat_map(|r| r.body["entry"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["resource"]["resourceType"] == "Task")
+        .map(|e| {
+            let t = &e["resource"];
+            (
+                id_of(t),
+                t["meta"]["versionId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                t["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn modification_requests_change_the_focal_task_only_when_the_other_side_completes_them() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let carol = server.practitioner("Practitioner/carol");
+    let placer_listens = listen(&server, &admin, &receiver, &[]).await;
+    let bob_listens = listen(&server, &bob, &receiver, &[]).await;
+    let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+
+    let mut focal = task("in-progress", Some("Practitioner/bob"));
+    focal["requester"] = json!({ "reference": "Practitioner/placer" });
+    focal["priority"] = json!("routine");
+    focal["input"] = json!([{ "type": { "coding": [{ "system": "http://loinc.org", "code": "1975-2" }] },
+                              "valueString": "non-fasting" }]);
+    let focal = id_of(&server.create_task(&focal).await);
+    let focal_ref = format!("Task/{focal}");
+
+    // 1. The placer asks for a higher priority and an earlier deadline; the fulfiller agrees.
+    let asked = server
+        .create_task(&change_request(
+            &focal_ref,
+            "Practitioner/bob",
+            "Practitioner/placer",
+            json!([
+                edit("priority", "valueCode", json!("stat")),
+                edit(
+                    "restriction-period",
+                    "valuePeriod",
+                    json!({ "end": "2026-12-31T17:00:00Z" })
+                ),
+            ]),
+        ))
+        .await;
+    let asked = id_of(&asked);
+    assert_eq!(
+        state_of(&server, &focal).await.1,
+        "1",
+        "asking changes nothing"
+    );
+    let (status, body) = set_status(&server, &asked, &bob, "completed").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, changed) = server.get(&format!("/Task/{focal}"), &bob).await;
+    assert_eq!(changed["priority"], "stat", "{changed}");
+    assert_eq!(
+        changed["restriction"]["period"]["end"],
+        "2026-12-31T17:00:00Z"
+    );
+    assert_eq!(changed["meta"]["versionId"], "2");
+    assert_eq!(changed["status"], "in-progress");
+
+    // 2. The fulfiller asks for a new description; it cannot approve its own request, and the
+    //    placer rejects it: the focal Task stays as it is.
+    let mut own = change_request(
+        &focal_ref,
+        "Practitioner/bob",
+        "Practitioner/bob",
+        json!([edit("description", "valueString", json!("draw at home"))]),
+    );
+    let (status, body) = server.post_json("/Task", &bob, &own).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let refused = id_of(&body);
+    let (status, body) = set_status(&server, &refused, &bob, "completed").await;
+    assert_refused_at(status, &body, StatusCode::FORBIDDEN, "Task.status");
+    let (status, body) = set_status(&server, &refused, &admin, "rejected").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        state_of(&server, &focal).await,
+        ("in-progress".into(), "2".into())
+    );
+
+    // 3. The fulfiller asks again, against version 2; the placer's approval races the
+    //    fulfiller's own update of the focal Task made against the same version: one wins.
+    own["focus"] = json!({ "reference": format!("{focal_ref}/_history/2") });
+    own["input"] = json!([{
+        "type": { "coding": [{ "system": CHANGE, "code": "input" }, { "system": "http://loinc.org", "code": "1975-2" }] },
+        "valueString": "fasting",
+    }]);
+    let (status, body) = server.post_json("/Task", &bob, &own).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let racing = id_of(&body);
+    let focal_path = format!("/Task/{focal}");
+    let approve = set_status(&server, &racing, &admin, "completed");
+    let update = patch(
+        &server,
+        &focal_path,
+        &bob,
+        json!([{ "op": "add", "path": "/businessStatus", "value": { "text": "sample drawn" } }]),
+        Some("2"),
+    );
+    let ((approved, approve_body), (updated, update_body)) = tokio::join!(approve, update);
+    let (_, after) = server.get(&format!("/Task/{focal}"), &admin).await;
+    assert_eq!(
+        after["meta"]["versionId"], "3",
+        "exactly one write: {after}"
+    );
+    match (approved, updated) {
+        (StatusCode::OK, StatusCode::PRECONDITION_FAILED) => {
+            assert_eq!(after["input"][0]["valueString"], "fasting");
+            assert!(after.get("businessStatus").is_none());
+        }
+        (StatusCode::CONFLICT, StatusCode::OK) => {
+            assert_eq!(after["input"][0]["valueString"], "non-fasting");
+            assert_eq!(after["businessStatus"]["text"], "sample drawn");
+            assert_eq!(state_of(&server, &racing).await.0, "requested");
+        }
+        other => panic!("not one winner: {other:?} {approve_body} {update_body}"),
+    }
+
+    // Both sides heard of every step that concerns them; the other practitioner of nothing.
+    receiver
+        .wait_for("the placer and the fulfiller told", |_| {
+            let placer = told(&receiver, &placer_listens);
+            let fulfiller = told(&receiver, &bob_listens);
+            let seen = |set: &BTreeSet<(String, String, String)>, id: &str, status: &str| {
+                set.iter().any(|(i, _, s)| i == id && s == status)
+            };
+            [&placer, &fulfiller].iter().all(|set| {
+                seen(set, &asked, "completed")
+                    && seen(set, &refused, "rejected")
+                    && set.contains(&(focal.clone(), "2".into(), "in-progress".into()))
+                    && set.iter().any(|(i, v, _)| i == &focal && v == "3")
+            })
+        })
+        .await;
+    assert!(
+        receiver.of(&carol_listens, "event-notification").is_empty(),
+        "carol was told about Tasks that are not hers"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_modification_requests_are_refused_and_nothing_changes() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let carol = server.practitioner("Practitioner/carol");
+    let focal = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let finished = id_of(
+        &server
+            .create_task(&task("completed", Some("Practitioner/bob")))
+            .await,
+    );
+    let focal_ref = format!("Task/{focal}");
+    let priority = || json!([edit("priority", "valueCode", json!("urgent"))]);
+    let before = task_count(&server).await;
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &String, Value, StatusCode, &str)> = vec![
+        ("an immutable element", &admin,
+            change_request(&focal_ref, "Practitioner/bob", "Practitioner/placer", json!([edit("intent", "valueCode", json!("plan"))])),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.input[0]"),
+        ("an element it does not set", &admin,
+            change_request(&focal_ref, "Practitioner/bob", "Practitioner/placer", json!([edit("status", "valueCode", json!("completed"))])),
+            StatusCode::BAD_REQUEST, "Task.input[0].type"),
+        ("no change at all", &admin,
+            change_request(&focal_ref, "Practitioner/bob", "Practitioner/placer", json!([])),
+            StatusCode::BAD_REQUEST, "Task.input"),
+        ("a finished focal Task", &admin,
+            change_request(&format!("Task/{finished}"), "Practitioner/bob", "Practitioner/placer", priority()),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.focus"),
+        ("addressed to someone else", &admin,
+            change_request(&focal_ref, "Practitioner/carol", "Practitioner/placer", priority()),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.owner"),
+        ("asked in someone else's name", &bob,
+            change_request(&focal_ref, "Practitioner/bob", "Practitioner/placer", priority()),
+            StatusCode::FORBIDDEN, "Task.requester"),
+        ("against an old version", &admin,
+            change_request(&format!("{focal_ref}/_history/7"), "Practitioner/bob", "Practitioner/placer", priority()),
+            StatusCode::CONFLICT, "Task.focus"),
+        ("a focal Task the asker may not read", &carol,
+            change_request(&focal_ref, "Practitioner/carol", "Practitioner/carol", priority()),
+            StatusCode::FORBIDDEN, "Task.focus"),
+    ];
+    for (label, token, body, expected, expression) in &cases {
+        let (status, answer) = server.post_json("/Task", token, body).await;
+        assert_eq!(status, *expected, "{label}: {answer}");
+        assert_eq!(
+            answer["issue"][0]["expression"][0], *expression,
+            "{label}: {answer}"
+        );
+    }
+    // Created completed by the one who asked: an answer to its own request.
+    let mut self_approved = change_request(
+        &focal_ref,
+        "Practitioner/bob",
+        "Practitioner/bob",
+        priority(),
+    );
+    self_approved["status"] = json!("completed");
+    let (status, answer) = server.post_json("/Task", &bob, &self_approved).await;
+    assert_refused_at(status, &answer, StatusCode::FORBIDDEN, "Task.status");
+    assert_eq!(task_count(&server).await, before, "nothing stored");
+
+    // An answer by someone who was not asked, and a requester rewritten to turn it around.
+    let asked = id_of(
+        &server
+            .create_task(&change_request(
+                &focal_ref,
+                "Practitioner/bob",
+                "Practitioner/bob",
+                priority(),
+            ))
+            .await,
+    );
+    let (status, _) = set_status(&server, &asked, &carol, "completed").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, answer) = patch(
+        &server,
+        &format!("/Task/{asked}"),
+        &admin,
+        json!([{ "op": "replace", "path": "/requester", "value": { "reference": "Practitioner/placer" } }]),
+        None,
+    )
+    .await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.requester",
+    );
+    // The focal Task finished meanwhile: approving is refused, and nothing changes.
+    let (status, _) = set_status(&server, &focal, &bob, "completed").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = set_status(&server, &asked, &admin, "completed").await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.focus",
+    );
+    assert_eq!(
+        state_of(&server, &focal).await,
+        ("completed".into(), "2".into())
+    );
+    assert_eq!(
+        state_of(&server, &asked).await,
+        ("requested".into(), "1".into())
+    );
+    // Withdrawing is the asker's.
+    let (status, answer) = set_status(&server, &asked, &bob, "cancelled").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
