@@ -214,7 +214,8 @@ pub fn check_request_write(
     match before {
         Some(before) if requester(before) != requester(after) => {
             return Err(Error::business_rule(
-                "Task.requester of a modification request says who asked for the change, so it                  cannot change; withdraw the request (cancelled) and ask anew",
+                "Task.requester of a modification request says who asked for the change, so it \
+                 cannot change; withdraw the request (cancelled) and ask anew",
             )
             .at("Task.requester"));
         }
@@ -234,7 +235,9 @@ pub fn check_request_write(
         requester(after).is_some() && requester(after) == task_rules::owner(after, base_url);
     if answers_now && asked_by_owner && !admin {
         return Err(Error::forbidden(
-            "this modification request was asked by the focal Task's owner, so the placer              answers it (completed applies the change, rejected refuses it); the asker may only              withdraw it by setting status to cancelled",
+            "this modification request was asked by the focal Task's owner, so the placer \
+             answers it (completed applies the change, rejected refuses it); the asker may only \
+             withdraw it by setting status to cancelled",
         )
         .at("Task.status"));
     }
