@@ -1291,3 +1291,149 @@ async fn bad_modification_requests_are_refused_and_nothing_changes() {
     let (status, answer) = set_status(&server, &asked, &bob, "cancelled").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fulfiller needs more information
+
+const WORKFLOW_TASK: &str = "https://baton.dev/fhir/CodeSystem/workflow-task";
+
+fn information_request(coordination: &str, placer: &str, asker: &str) -> Value {
+    json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "code": { "coding": [{ "system": WORKFLOW_TASK, "code": "information-request" }] },
+        "focus": { "reference": format!("Task/{coordination}") },
+        "owner": { "reference": placer },
+        "requester": { "reference": asker },
+        "input": [{ "type": { "text": "questionnaire" },
+                    "valueCanonical": "http://forms.example/Questionnaire/allergies" }],
+    })
+}
+
+#[tokio::test]
+async fn a_fulfiller_asks_its_placer_for_information_and_the_answer_reaches_it() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let placer = server.practitioner("Practitioner/placer");
+    let bob = server.practitioner("Practitioner/bob");
+    let carol = server.practitioner("Practitioner/carol");
+    // "Information requests addressed to me", and the fulfiller's and a bystander's work.
+    let placer_listens = listen(
+        &server,
+        &placer,
+        &receiver,
+        &[&format!(
+            "code={WORKFLOW_TASK}|information-request&owner=Practitioner/placer"
+        )],
+    )
+    .await;
+    let bob_listens = listen(&server, &bob, &receiver, &[]).await;
+    let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+
+    let mut coordination = task("in-progress", Some("Practitioner/bob"));
+    coordination["intent"] = json!("plan");
+    coordination["requester"] = json!({ "reference": "Practitioner/placer" });
+    let coordination = id_of(&server.create_task(&coordination).await);
+    // The placer's own Task that is no information request: not for that subscription.
+    server
+        .create_task(&task("requested", Some("Practitioner/placer")))
+        .await;
+
+    // Bad questions first: nothing is stored.
+    let before = task_count(&server).await;
+    let no_question = {
+        let mut q = information_request(&coordination, "Practitioner/placer", "Practitioner/bob");
+        q.as_object_mut().unwrap().remove("input");
+        q
+    };
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &String, Value, StatusCode, &str)> = vec![
+        ("no question", &bob, no_question, StatusCode::BAD_REQUEST, "Task.input"),
+        ("not to the placer", &bob, information_request(&coordination, "Practitioner/carol", "Practitioner/bob"),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.owner"),
+        ("in someone else's name", &bob, information_request(&coordination, "Practitioner/placer", "Practitioner/carol"),
+            StatusCode::FORBIDDEN, "Task.requester"),
+        ("about a Task the asker does not hold", &carol, information_request(&coordination, "Practitioner/placer", "Practitioner/carol"),
+            StatusCode::FORBIDDEN, "Task.focus"),
+    ];
+    for (label, token, body, expected, expression) in &cases {
+        let (status, answer) = server.post_json("/Task", token, body).await;
+        assert_refused_at(status, &answer, *expected, expression);
+        let _ = label;
+    }
+    assert_eq!(task_count(&server).await, before);
+    assert_eq!(state_of(&server, &coordination).await.1, "1");
+
+    // Bob asks; his coordination Task shows that it waits, in the same transaction.
+    let (status, asked) = server
+        .post_json(
+            "/Task",
+            &bob,
+            &information_request(&coordination, "Practitioner/placer", "Practitioner/bob"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{asked}");
+    let question = id_of(&asked);
+    let (_, waiting) = server.get(&format!("/Task/{coordination}"), &bob).await;
+    assert_eq!(
+        waiting["businessStatus"]["coding"][0]["code"], "waiting-for-information",
+        "{waiting}"
+    );
+    assert_eq!(waiting["meta"]["versionId"], "2");
+    // Only the placer answers: Bob cannot even read the question once asked.
+    let (status, _) = set_status(&server, &question, &bob, "completed").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // An answer without output is no answer.
+    let (status, body) = set_status(&server, &question, &placer, "completed").await;
+    assert_refused_at(status, &body, StatusCode::BAD_REQUEST, "Task.output");
+    assert_eq!(
+        state_of(&server, &question).await,
+        ("requested".into(), "1".into())
+    );
+
+    let (status, body) = patch(
+        &server,
+        &format!("/Task/{question}"),
+        &placer,
+        json!([
+            { "op": "replace", "path": "/status", "value": "completed" },
+            { "op": "add", "path": "/output", "value": [{ "type": { "text": "answers" },
+              "valueReference": { "reference": "QuestionnaireResponse/r1" } }] },
+        ]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, answered) = server.get(&format!("/Task/{coordination}"), &bob).await;
+    assert!(answered.get("businessStatus").is_none(), "{answered}");
+    assert_eq!(
+        answered["input"][0]["valueReference"]["reference"], "QuestionnaireResponse/r1",
+        "{answered}"
+    );
+    assert_eq!(answered["meta"]["versionId"], "3");
+
+    receiver
+        .wait_for("the placer asked and the fulfiller answered", |_| {
+            let placer_told = told(&receiver, &placer_listens);
+            let bob_told = told(&receiver, &bob_listens);
+            placer_told.contains(&(question.clone(), "1".into(), "requested".into()))
+                && placer_told.contains(&(question.clone(), "2".into(), "completed".into()))
+                && bob_told.contains(&(coordination.clone(), "2".into(), "in-progress".into()))
+                && bob_told.contains(&(coordination.clone(), "3".into(), "in-progress".into()))
+        })
+        .await;
+    let placer_told = told(&receiver, &placer_listens);
+    assert!(
+        placer_told.iter().all(|(id, _, _)| id == &question),
+        "only the information request: {placer_told:?}"
+    );
+    assert!(
+        told(&receiver, &bob_listens)
+            .iter()
+            .all(|(id, _, _)| id == &coordination),
+        "Bob hears of his own Task only"
+    );
+    assert!(receiver.of(&carol_listens, "event-notification").is_empty());
+    let _ = admin;
+    server.stop().await;
+}

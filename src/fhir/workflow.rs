@@ -12,6 +12,7 @@
 
 pub mod change;
 pub mod elements;
+pub mod information;
 
 use serde_json::Value;
 

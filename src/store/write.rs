@@ -17,6 +17,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::fhir::search::{Predicate, TaskColumns, TaskIndex, index_task, priority_rank};
+use crate::fhir::workflow::information::{self, Transition};
 use crate::fhir::workflow::{self, RequestKind};
 
 /// What If-None-Exist criteria matched. A search for them asks for two Tasks at most, since
@@ -230,7 +231,9 @@ pub(crate) async fn apply<T: TaskTx>(
 pub(crate) fn is_single_put<S>(write: &TaskWrite<S>) -> bool {
     matches!(
         write,
-        TaskWrite::Create { resource, .. } if workflow::completes_request(None, resource).is_none()
+        TaskWrite::Create { resource, .. }
+            if workflow::completes_request(None, resource).is_none()
+                && information::transition(None, resource).is_none()
     )
 }
 
@@ -314,7 +317,12 @@ async fn put_task<T: TaskTx>(
     let previous = current.filter(|c| !c.deleted).map(|c| &c.resource);
     let effect = match workflow::completes_request(previous, &resource) {
         Some(kind) => Some(focal_change(tx, id, kind, &resource, base_url).await?),
-        None => None,
+        None => match information::transition(previous, &resource) {
+            Some(transition) => {
+                coordination_change(tx, id, transition, &resource, base_url).await?
+            }
+            None => None,
+        },
     };
     let outcome = put(tx, id, current, resource, base_url).await?;
     if let Some((focal, changed)) = effect {
@@ -367,6 +375,41 @@ async fn focal_change<T: TaskTx>(
         base_url,
     )?;
     Ok((focal, changed))
+}
+
+/// The coordination Task an information request is about (loaded for change), and the
+/// version its opening or closing makes of it; None when it stays as it is. Opening checks
+/// the request against the coordination Task again, here where nothing can change it.
+async fn coordination_change<T: TaskTx>(
+    tx: &mut T,
+    request_id: &TaskId,
+    transition: Transition,
+    request: &Value,
+    base_url: &str,
+) -> Result<Option<(CurrentTask, Value)>> {
+    let Some(focal_id) = workflow::focal_task(request, base_url).filter(|f| f != request_id) else {
+        return Err(Error::business_rule(
+            "this information request names no other Task in Task.focus",
+        )
+        .at("Task.focus"));
+    };
+    let Some(coordination) = tx.load_for_change(&focal_id).await?.filter(|f| !f.deleted) else {
+        return match transition {
+            // A request about a Task deleted since may still be closed.
+            Transition::Closed { .. } => Ok(None),
+            Transition::Opened => Err(Error::not_found(format!(
+                "Task/{focal_id}, the coordination Task of this information request, does not                  exist"
+            ))
+            .at("Task.focus")),
+        };
+    };
+    if transition == Transition::Opened {
+        information::check_against(request, &coordination.resource, base_url)?;
+    }
+    Ok(
+        information::apply(transition, &coordination.resource, request)?
+            .map(|changed| (coordination, changed)),
+    )
 }
 
 /// Stores `resource` as the next version of the Task (the first, if it never existed).

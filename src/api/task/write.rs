@@ -22,7 +22,7 @@ use crate::fhir::interaction::Interaction;
 use crate::fhir::patch::TaskPatch;
 use crate::fhir::search::{self, Handling, Predicate, index_task};
 use crate::fhir::shape::{ShapeLimits, check_shape};
-use crate::fhir::workflow::{change, elements};
+use crate::fhir::workflow::{change, elements, information};
 use crate::fhir::{self, task as task_rules};
 use crate::store::{
     Counting, CurrentTask, Decide, Decision, PageRequest, WriteOutcome, WriteRequest,
@@ -112,7 +112,7 @@ pub(crate) async fn create_request(
         object.remove("id");
     }
     clear_server_meta(&mut resource);
-    auth::authorize_task_write(principal, None, Some(&resource), &state.base_url)?;
+    authorize_create(principal, &resource, &state.base_url)?;
     check_request_write(principal, None, &resource, &state.base_url)?;
     // Every link of a new Task is new: its parents and its focal Task must exist and be
     // readable, and a request must be one its focal Task can honour.
@@ -127,6 +127,35 @@ pub(crate) async fn create_request(
         resource,
         if_none_exist,
     })
+}
+
+/// The role rule of a create, with the one case the workflow guidance adds: a fulfiller asks
+/// its placer for information with a Task the placer owns (`fhir::workflow::information`). A
+/// practitioner may create such a Task open and in its own name (`requester`); that it is
+/// owned by the placer of a coordination Task the practitioner owns is checked with the links.
+fn authorize_create(principal: &Principal, resource: &Value, base_url: &str) -> Result<()> {
+    if principal.role != auth::Role::Practitioner || !information::is_information_request(resource)
+    {
+        return auth::authorize_task_write(principal, None, Some(resource), base_url);
+    }
+    let me = principal.fhir_user.as_deref().unwrap_or_default();
+    let requester = resource
+        .pointer("/requester/reference")
+        .and_then(Value::as_str)
+        .and_then(|r| fhir::normalize_reference(r, base_url));
+    if requester.as_deref() != Some(me) {
+        return Err(Error::forbidden(format!(
+            "a practitioner asks for information in its own name: Task.requester must be {me}"
+        ))
+        .at("Task.requester"));
+    }
+    if task_rules::is_terminal(task_rules::status(resource).unwrap_or_default()) {
+        return Err(Error::business_rule(
+            "an information request is created open (e.g. requested); the placer closes it",
+        )
+        .at("Task.status"));
+    }
+    Ok(())
 }
 
 /// Conditional criteria (`If-None-Exist`, a conditional update's or delete's query) as
