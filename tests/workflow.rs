@@ -1437,3 +1437,234 @@ async fn a_fulfiller_asks_its_placer_for_information_and_the_answer_reaches_it()
     let _ = admin;
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bidding
+
+const BID: &str = "https://baton.dev/fhir/CodeSystem/bid";
+const CANDIDATE: &str = "https://baton.dev/fhir/StructureDefinition/task-candidate";
+
+fn bid(bidding: &str, owner: &str, willing: bool, extra: Value) -> Value {
+    let mut output = vec![
+        json!({ "type": { "coding": [{ "system": BID, "code": "willing" }] },
+                                  "valueBoolean": willing }),
+    ];
+    output.extend(extra.as_array().cloned().unwrap_or_default());
+    json!({
+        "resourceType": "Task", "status": "requested", "intent": "proposal",
+        "code": { "coding": [{ "system": WORKFLOW_TASK, "code": "bid" }] },
+        "partOf": [{ "reference": format!("Task/{bidding}") }],
+        "owner": { "reference": owner },
+        "output": output,
+    })
+}
+
+fn award(bid: &str) -> Value {
+    json!([
+        { "op": "replace", "path": "/status", "value": "completed" },
+        { "op": "add", "path": "/output", "value": [{ "type": { "coding": [{ "system": BID, "code": "awarded" }] },
+          "valueReference": { "reference": format!("Task/{bid}") } }] },
+    ])
+}
+
+#[tokio::test]
+async fn bidding_candidates_answer_alone_and_one_award_gives_the_work() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let surgeon = format!("{PERFORMER_TYPES}|surgeon");
+    let bob = server.practitioner_with_types("Practitioner/bob", &[&surgeon]);
+    let carol = server.practitioner_with_types("Practitioner/carol", &[&surgeon]);
+    let dave = server.practitioner_with_types("Practitioner/dave", &[&surgeon]);
+    let erin = server.practitioner_with_types("Practitioner/erin", &[&surgeon]);
+    let eve = server.practitioner("Practitioner/eve");
+    // "Answers to my bidding Tasks", for the placer system.
+    let placer_listens = listen(
+        &server,
+        &admin,
+        &receiver,
+        &[&format!("code={WORKFLOW_TASK}|bid")],
+    )
+    .await;
+    let bob_listens = listen(&server, &bob, &receiver, &[]).await;
+    let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+    let eve_listens = listen(&server, &eve, &receiver, &[]).await;
+
+    let coordination = id_of(
+        &server
+            .create_task(
+                &json!({ "resourceType": "Task", "status": "requested", "intent": "plan",
+                                  "description": "hip replacement, week 12" }),
+            )
+            .await,
+    );
+    let bidding = json!({
+        "resourceType": "Task", "status": "requested", "intent": "proposal",
+        "code": { "coding": [{ "system": WORKFLOW_TASK, "code": "bidding" }] },
+        "focus": { "reference": format!("Task/{coordination}") },
+        "performerType": [{ "coding": [{ "system": PERFORMER_TYPES, "code": "surgeon" }] }],
+        "extension": [
+            { "url": CANDIDATE, "valueReference": { "reference": "Practitioner/bob" } },
+            { "url": CANDIDATE, "valueReference": { "reference": "Practitioner/carol" } },
+            { "url": CANDIDATE, "valueReference": { "reference": "Practitioner/erin" } },
+        ],
+    });
+    let (status, body) = server.post_json("/Task", &admin, &bidding).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bidding_id = id_of(&body);
+
+    // Each candidate answers; nobody sees another's bid.
+    let (status, body) = server
+        .post_json(
+            "/Task",
+            &bob,
+            &bid(&bidding_id, "Practitioner/bob", true, json!([
+                { "type": { "coding": [{ "system": BID, "code": "earliest-start" }] }, "valueDateTime": "2026-03-02" },
+            ])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bob_bid = id_of(&body);
+    let (status, body) = server
+        .post_json(
+            "/Task",
+            &carol,
+            &bid(&bidding_id, "Practitioner/carol", true, json!([
+                { "type": { "coding": [{ "system": BID, "code": "cost" }] }, "valueMoney": { "value": 1200, "currency": "EUR" } },
+            ])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let carol_bid = id_of(&body);
+    assert_eq!(
+        server
+            .search_ids(&format!("part-of=Task/{bidding_id}"), &bob)
+            .await,
+        vec![bob_bid.clone()]
+    );
+    assert_eq!(
+        server
+            .search_ids(&format!("part-of=Task/{bidding_id}"), &admin)
+            .await
+            .len(),
+        2
+    );
+
+    // Answers by someone who was not asked, twice, or without saying whether: refused.
+    let before = task_count(&server).await;
+    #[rustfmt::skip]
+    let refusals: Vec<(&String, Value, StatusCode, &str)> = vec![
+        (&dave, bid(&bidding_id, "Practitioner/dave", true, json!([])), StatusCode::FORBIDDEN, "Task.owner"),
+        (&eve, bid(&bidding_id, "Practitioner/eve", true, json!([])), StatusCode::FORBIDDEN, "Task.partOf[0]"),
+        (&bob, bid(&bidding_id, "Practitioner/bob", false, json!([])), StatusCode::CONFLICT, "Task.partOf"),
+        (&erin, { let mut b = bid(&bidding_id, "Practitioner/erin", true, json!([])); b["output"] = json!([]); b },
+            StatusCode::BAD_REQUEST, "Task.output"),
+    ];
+    for (token, body, expected, expression) in &refusals {
+        let (status, answer) = server.post_json("/Task", token, body).await;
+        assert_refused_at(status, &answer, *expected, expression);
+    }
+    assert_eq!(task_count(&server).await, before);
+    // An award to someone who did not bid: 422, nothing changes.
+    let (status, answer) = patch(
+        &server,
+        &format!("/Task/{bidding_id}"),
+        &admin,
+        award(&coordination),
+        None,
+    )
+    .await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.output",
+    );
+    assert_eq!(
+        state_of(&server, &bidding_id).await,
+        ("requested".into(), "1".into())
+    );
+
+    // Two awards race on the version they read: one wins, the other gets 412.
+    let path = format!("/Task/{bidding_id}");
+    let (first, second) = tokio::join!(
+        patch(&server, &path, &admin, award(&bob_bid), Some("1")),
+        patch(&server, &path, &admin, award(&carol_bid), Some("1")),
+    );
+    let (winner, loser, winner_token, loser_listens) = match (first.0, second.0) {
+        (StatusCode::OK, StatusCode::PRECONDITION_FAILED) => {
+            ("Practitioner/bob", &carol_bid, &bob, &carol_listens)
+        }
+        (StatusCode::PRECONDITION_FAILED, StatusCode::OK) => {
+            ("Practitioner/carol", &bob_bid, &carol, &bob_listens)
+        }
+        other => panic!("not one winner: {other:?} {} {}", first.1, second.1),
+    };
+    let (_, awarded) = server
+        .get(&format!("/Task/{coordination}"), winner_token)
+        .await;
+    assert_eq!(awarded["owner"]["reference"], winner, "{awarded}");
+    assert_eq!(state_of(&server, loser).await.0, "rejected");
+    assert_eq!(state_of(&server, &bidding_id).await.0, "completed");
+    // A late answer finds the bidding closed.
+    let (status, answer) = server
+        .post_json(
+            "/Task",
+            &erin,
+            &bid(&bidding_id, "Practitioner/erin", true, json!([])),
+        )
+        .await;
+    assert_refused_at(status, &answer, StatusCode::CONFLICT, "Task.partOf");
+
+    receiver
+        .wait_for(
+            "the placer told of every answer, each candidate of its own",
+            |_| {
+                let placer = told(&receiver, &placer_listens);
+                let seen = |set: &BTreeSet<(String, String, String)>, id: &str, status: &str| {
+                    set.iter().any(|(i, _, s)| i == id && s == status)
+                };
+                let loser_told = told(&receiver, loser_listens);
+                seen(&placer, &bob_bid, "requested")
+                    && seen(&placer, &carol_bid, "requested")
+                    && seen(&placer, loser, "rejected")
+                    && seen(&loser_told, loser, "rejected")
+                    && seen(
+                        &told(
+                            &receiver,
+                            if winner.ends_with("bob") {
+                                &bob_listens
+                            } else {
+                                &carol_listens
+                            },
+                        ),
+                        &coordination,
+                        "requested",
+                    )
+            },
+        )
+        .await;
+    // The placer's filter carries bids only; the loser never hears of the coordination Task,
+    // nor of the other's bid; eve hears nothing.
+    assert!(
+        told(&receiver, &placer_listens)
+            .iter()
+            .all(|(id, _, _)| id == &bob_bid || id == &carol_bid)
+    );
+    let loser_told = told(&receiver, loser_listens);
+    assert!(
+        !loser_told.iter().any(|(id, _, _)| id == &coordination),
+        "{loser_told:?}"
+    );
+    let other_bid = if loser == &bob_bid {
+        &carol_bid
+    } else {
+        &bob_bid
+    };
+    assert!(
+        !loser_told.iter().any(|(id, _, _)| id == other_bid),
+        "{loser_told:?}"
+    );
+    assert!(receiver.of(&eve_listens, "event-notification").is_empty());
+    server.stop().await;
+}

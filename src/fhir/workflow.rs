@@ -10,6 +10,7 @@
 //! so the same rules decide at creation (for a clear answer to the placer) and, again, inside
 //! the transaction that completes the request (where they cannot race another write).
 
+pub mod bidding;
 pub mod change;
 pub mod elements;
 pub mod information;

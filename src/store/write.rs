@@ -17,6 +17,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::fhir::search::{Predicate, TaskColumns, TaskIndex, index_task, priority_rank};
+use crate::fhir::workflow::bidding;
 use crate::fhir::workflow::information::{self, Transition};
 use crate::fhir::workflow::{self, RequestKind};
 
@@ -86,6 +87,14 @@ pub(crate) trait TaskTx {
     /// when the newest such version is a deletion (what came before belongs to a Task that was
     /// gone).
     async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>>;
+
+    /// The live sub-tasks of a Task (`partOf` names it), at most `limit`, each held for change
+    /// like `load_for_change`, in id order.
+    async fn children_for_change(
+        &mut self,
+        parent: &TaskId,
+        limit: usize,
+    ) -> Result<Vec<CurrentTask>>;
 
     /// Writes one version of a Task: the current row, its history row, its search index rows
     /// (replacing any the id had) and its change event.
@@ -234,6 +243,8 @@ pub(crate) fn is_single_put<S>(write: &TaskWrite<S>) -> bool {
         TaskWrite::Create { resource, .. }
             if workflow::completes_request(None, resource).is_none()
                 && information::transition(None, resource).is_none()
+                && !bidding::is_bid(resource)
+                && !bidding::is_bidding(resource)
     )
 }
 
@@ -315,18 +326,20 @@ async fn put_task<T: TaskTx>(
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let previous = current.filter(|c| !c.deleted).map(|c| &c.resource);
-    let effect = match workflow::completes_request(previous, &resource) {
-        Some(kind) => Some(focal_change(tx, id, kind, &resource, base_url).await?),
-        None => match information::transition(previous, &resource) {
-            Some(transition) => {
-                coordination_change(tx, id, transition, &resource, base_url).await?
-            }
-            None => None,
-        },
-    };
+    let effects: Vec<(CurrentTask, Value)> =
+        if let Some(kind) = workflow::completes_request(previous, &resource) {
+            vec![focal_change(tx, id, kind, &resource, base_url).await?]
+        } else if let Some(transition) = information::transition(previous, &resource) {
+            coordination_change(tx, id, transition, &resource, base_url)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            bidding_effects(tx, id, previous, &resource, base_url).await?
+        };
     let outcome = put(tx, id, current, resource, base_url).await?;
-    if let Some((focal, changed)) = effect {
-        put(tx, &focal.id, Some(&focal), changed, base_url).await?;
+    for (task, changed) in effects {
+        put(tx, &task.id, Some(&task), changed, base_url).await?;
     }
     Ok(outcome)
 }
@@ -410,6 +423,87 @@ async fn coordination_change<T: TaskTx>(
         information::apply(transition, &coordination.resource, request)?
             .map(|changed| (coordination, changed)),
     )
+}
+
+/// What a write of a bidding Task or a bid checks and changes (`fhir::workflow::bidding`),
+/// inside the transaction: a new bidding Task's coordination Task must be open and unowned; a
+/// new bid is checked against its bidding Task, held for change, and the bids it has, so a
+/// bid and an award cannot cross; closing a bidding Task writes the award to the
+/// coordination Task and tells every open bid.
+async fn bidding_effects<T: TaskTx>(
+    tx: &mut T,
+    id: &TaskId,
+    previous: Option<&Value>,
+    resource: &Value,
+    base_url: &str,
+) -> Result<Vec<(CurrentTask, Value)>> {
+    let open = |task: &Value| {
+        !crate::fhir::task::is_terminal(crate::fhir::task::status(task).unwrap_or_default())
+    };
+    if bidding::is_bid(resource) && previous.is_none() {
+        let parent_id = bidding::parse_bid(resource, base_url)?;
+        let parent = tx
+            .load_for_change(&parent_id)
+            .await?
+            .filter(|p| !p.deleted)
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "Task.partOf names Task/{parent_id}, which does not exist"
+                ))
+                .at("Task.partOf")
+            })?;
+        let bids = tx
+            .children_for_change(&parent_id, bidding::MAX_BIDS)
+            .await?
+            .into_iter()
+            .filter(|b| &b.id != id)
+            .map(|b| b.resource)
+            .collect::<Vec<_>>();
+        bidding::check_bid(resource, &parent.resource, &bids, base_url)?;
+        return Ok(Vec::new());
+    }
+    if !bidding::is_bidding(resource) {
+        return Ok(Vec::new());
+    }
+    let coordination_id = bidding::parse_bidding(resource, base_url)?;
+    let coordination = tx
+        .load_for_change(&coordination_id)
+        .await?
+        .filter(|c| !c.deleted);
+    match previous {
+        None => {
+            let coordination = coordination.ok_or_else(|| {
+                Error::not_found(format!(
+                    "Task.focus names Task/{coordination_id}, which does not exist"
+                ))
+                .at("Task.focus")
+            })?;
+            bidding::check_coordination(&coordination.resource)?;
+            Ok(Vec::new())
+        }
+        Some(before) if open(before) && !open(resource) => {
+            let chosen = match crate::fhir::task::status(resource) {
+                Some("completed") => Some(bidding::awarded(resource, base_url)?),
+                _ => None,
+            };
+            let bids = tx.children_for_change(id, bidding::MAX_BIDS).await?;
+            let contents: Vec<Value> = bids.iter().map(|b| b.resource.clone()).collect();
+            let (coordination_after, bids_after) = bidding::close(
+                chosen.as_ref(),
+                coordination.as_ref().map(|c| &c.resource),
+                &contents,
+            )?;
+            let mut effects = Vec::new();
+            if let (Some(coordination), Some(changed)) = (coordination, coordination_after) {
+                effects.push((coordination, changed));
+            }
+            for (i, changed) in bids_after {
+                effects.push((bids[i].clone(), changed));
+            }
+            Ok(effects)
+        }
+        Some(_) => Ok(Vec::new()),
+    }
 }
 
 /// Stores `resource` as the next version of the Task (the first, if it never existed).
