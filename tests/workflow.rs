@@ -1668,3 +1668,86 @@ async fn bidding_candidates_answer_alone_and_one_award_gives_the_work() {
     assert!(receiver.of(&eve_listens, "event-notification").is_empty());
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Profiles
+
+#[tokio::test]
+async fn tasks_that_declare_a_workflow_profile_are_held_to_it() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let focal = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let coordination = json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "meta": { "profile": ["https://baton.dev/fhir/StructureDefinition/coordination-task"] },
+        "code": { "coding": [{ "system": TASK_CODE, "code": "fulfill" }] },
+        "focus": { "reference": "ServiceRequest/sr1" },
+        "requester": { "reference": "Practitioner/placer" },
+    });
+    let cancellation = json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "meta": { "profile": ["https://baton.dev/fhir/StructureDefinition/cancellation-request-task"] },
+        "code": { "coding": [{ "system": TASK_CODE, "code": "abort" }] },
+        "focus": { "reference": format!("Task/{focal}") },
+        "owner": { "reference": "Practitioner/bob" },
+        "requester": { "reference": "Practitioner/placer" },
+    });
+    let before = task_count(&server).await;
+    let without = |t: &Value, element: &str| {
+        let mut t = t.clone();
+        t.as_object_mut().unwrap().remove(element);
+        t
+    };
+    let with = |t: &Value, element: &str, value: Value| {
+        let mut t = t.clone();
+        t[element] = value;
+        t
+    };
+    #[rustfmt::skip]
+    let cases = [
+        (without(&coordination, "requester"), "Task.requester"),
+        (with(&coordination, "intent", json!("plan")), "Task.intent"),
+        (without(&coordination, "code"), "Task.code"),
+        (with(&cancellation, "code", json!({ "coding": [{ "system": TASK_CODE, "code": "suspend" }] })), "Task.code"),
+        (without(&cancellation, "requester"), "Task.requester"),
+    ];
+    for (body, expression) in &cases {
+        let (status, answer) = server.post_json("/Task", &admin, body).await;
+        assert_refused_at(
+            status,
+            &answer,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            expression,
+        );
+        assert!(
+            answer["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("profile"),
+            "{answer}"
+        );
+    }
+    assert_eq!(task_count(&server).await, before, "nothing stored");
+    let coordination_id = id_of(&server.create_task(&coordination).await);
+    server.create_task(&cancellation).await;
+    // A later write is held to the profile too.
+    let (status, answer) = patch(
+        &server,
+        &format!("/Task/{coordination_id}"),
+        &admin,
+        json!([{ "op": "remove", "path": "/focus" }]),
+        None,
+    )
+    .await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.focus",
+    );
+    assert_eq!(state_of(&server, &coordination_id).await.1, "1");
+}

@@ -14,6 +14,7 @@ pub mod bidding;
 pub mod change;
 pub mod elements;
 pub mod information;
+pub mod profiles;
 
 use serde_json::Value;
 

@@ -22,7 +22,7 @@ use crate::fhir::interaction::Interaction;
 use crate::fhir::patch::TaskPatch;
 use crate::fhir::search::{self, Handling, Predicate, index_task};
 use crate::fhir::shape::{ShapeLimits, check_shape};
-use crate::fhir::workflow::{change, elements, information};
+use crate::fhir::workflow::{change, elements, information, profiles};
 use crate::fhir::{self, task as task_rules};
 use crate::store::{
     Counting, CurrentTask, Decide, Decision, PageRequest, WriteOutcome, WriteRequest,
@@ -106,6 +106,7 @@ pub(crate) async fn create_request(
     created: &Created,
 ) -> Result<WriteRequest> {
     task_rules::validate_task(&resource, &state.base_url)?;
+    profiles::check_declared(&resource)?;
     check_shape(&resource, stored_limits(state), "Task")?;
     // The server assigns ids and versions on create; whatever the client sent is ignored.
     if let Some(object) = resource.as_object_mut() {
@@ -415,6 +416,7 @@ pub(crate) async fn update_request(
     created: &Created,
 ) -> Result<WriteRequest> {
     task_rules::validate_task(&resource, &state.base_url)?;
+    profiles::check_declared(&resource)?;
     check_shape(&resource, stored_limits(state), "Task")?;
     check_body_id(&resource, &id)?;
     clear_server_meta(&mut resource);
@@ -625,6 +627,7 @@ fn patched_task(
         ));
     }
     task_rules::validate_task(&patched, base_url)?;
+    profiles::check_declared(&patched)?;
     clear_server_meta(&mut patched);
     Ok(patched)
 }
