@@ -1053,6 +1053,14 @@ async fn modification_requests_change_the_focal_task_only_when_the_other_side_co
     let placer_listens = listen(&server, &admin, &receiver, &[]).await;
     let bob_listens = listen(&server, &bob, &receiver, &[]).await;
     let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+    // "Modification requests addressed to me".
+    let bob_requests = listen(
+        &server,
+        &bob,
+        &receiver,
+        &[&format!("code={TASK_CODE}|change&owner=Practitioner/bob")],
+    )
+    .await;
 
     let mut focal = task("in-progress", Some("Practitioner/bob"));
     focal["requester"] = json!({ "reference": "Practitioner/placer" });
@@ -1172,6 +1180,20 @@ async fn modification_requests_change_the_focal_task_only_when_the_other_side_co
     assert!(
         receiver.of(&carol_listens, "event-notification").is_empty(),
         "carol was told about Tasks that are not hers"
+    );
+    receiver
+        .wait_for("the requests addressed to Bob", |_| {
+            let requests = told(&receiver, &bob_requests);
+            requests.contains(&(asked.clone(), "1".into(), "requested".into()))
+                && requests.contains(&(asked.clone(), "2".into(), "completed".into()))
+        })
+        .await;
+    let requests = told(&receiver, &bob_requests);
+    assert!(
+        requests
+            .iter()
+            .all(|(id, _, _)| [&asked, &refused, &racing].contains(&id)),
+        "only modification requests: {requests:?}"
     );
     server.stop().await;
 }
