@@ -708,8 +708,10 @@ mod tests {
         let http = HttpConfig {
             extra_base_paths: vec!["/api/fhir".into(), "/r4".into()],
         };
-        let mut config = Config::default();
-        config.http = http.clone();
+        let config = Config {
+            http: http.clone(),
+            ..Config::default()
+        };
         config.validate().unwrap();
         #[rustfmt::skip]
         let cases = [

@@ -230,6 +230,10 @@ pub fn awarded(bidding: &Value, base_url: &str) -> Result<TaskId> {
         })
 }
 
+/// What closing a bidding changes: the coordination Task's new version, if awarded, and each
+/// open bid's, by its index among the bids.
+pub type Closing = (Option<Value>, Vec<(usize, Value)>);
+
 /// What closing the bidding changes: the coordination Task (when awarded) and each open bid,
 /// as `(index into bids, new version)`. `chosen` is the awarded bid's id, if any; it must be
 /// an open, willing bid among `bids` (422 otherwise), and the coordination Task must still be
@@ -238,7 +242,7 @@ pub fn close(
     chosen: Option<&TaskId>,
     coordination: Option<&Value>,
     bids: &[Value],
-) -> Result<(Option<Value>, Vec<(usize, Value)>)> {
+) -> Result<Closing> {
     let mut coordination_after = None;
     if let Some(chosen) = chosen {
         let bid = bids

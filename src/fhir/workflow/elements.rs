@@ -163,6 +163,9 @@ mod tests {
         );
     }
 
+    /// The refusal a side gets: its expression and status, or None when allowed.
+    type Expected = Option<(&'static str, StatusCode)>;
+
     #[test]
     fn each_element_is_held_for_the_right_sides() {
         use Side::{Fulfiller, Placer};
@@ -172,7 +175,7 @@ mod tests {
             t
         };
         #[rustfmt::skip]
-        let cases: Vec<(&str, Value, Option<(&str, StatusCode)>, Option<(&str, StatusCode)>)> = vec![
+        let cases: Vec<(&str, Value, Expected, Expected)> = vec![
             ("intent", with(&|t| t["intent"] = json!("plan")),
                 Some(("Task.intent", StatusCode::UNPROCESSABLE_ENTITY)), Some(("Task.intent", StatusCode::UNPROCESSABLE_ENTITY))),
             ("authoredOn removed", with(&|t| { t.as_object_mut().unwrap().remove("authoredOn"); }),
