@@ -441,6 +441,42 @@ pub enum DatabaseUrl {
     Postgres(String),
 }
 
+/// Whether `key` (an environment variable's name after `BATON_`) is one that Kubernetes
+/// injects into every pod for a Service named `baton`: `BATON_PORT`, `BATON_SERVICE_HOST`,
+/// `BATON_SERVICE_PORT[_NAME]`, `BATON_PORT_8080_TCP[_ADDR|_PORT|_PROTO]`. They are not
+/// settings, so they are passed over, while any other unknown `BATON_*` name (a misspelt
+/// setting) still stops start-up.
+fn is_kubernetes_service_variable(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    if key == "port" || key == "service_host" || key == "service_port" {
+        return true;
+    }
+    if key.starts_with("service_port_") {
+        return true;
+    }
+    let Some(rest) = key.strip_prefix("port_") else {
+        return false;
+    };
+    let mut parts = rest.split('_');
+    let port = parts.next().unwrap_or_default();
+    let protocol = parts.next().unwrap_or_default();
+    let field = parts.next();
+    !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && matches!(protocol, "tcp" | "udp" | "sctp")
+        && matches!(field, None | Some("addr" | "port" | "proto"))
+        && parts.next().is_none()
+}
+
+/// The file `Config::load` reads for this `--config` argument: the one given, else the default
+/// file if it exists. Start-up names it in the log, so an operator sees which file counted.
+pub fn file_used(explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(path) => Some(path.to_path_buf()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.is_file()),
+    }
+}
+
 impl Config {
     /// Loads defaults, then the file (the explicit one must exist), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -460,7 +496,11 @@ impl Config {
             }
             None => {}
         }
-        figment = figment.merge(Env::prefixed("BATON_").split("__"));
+        figment = figment.merge(
+            Env::prefixed("BATON_")
+                .filter(|key| !is_kubernetes_service_variable(key.as_str()))
+                .split("__"),
+        );
         let config: Config = figment
             .extract()
             .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
@@ -731,6 +771,36 @@ mod tests {
             Config::default().database().unwrap(),
             DatabaseUrl::Sqlite(PathBuf::from("data/baton.db"))
         );
+    }
+
+    #[test]
+    fn kubernetes_service_variables_are_told_from_settings() {
+        for key in [
+            "PORT",
+            "SERVICE_HOST",
+            "SERVICE_PORT",
+            "SERVICE_PORT_HTTP",
+            "PORT_8080_TCP",
+            "PORT_8080_TCP_ADDR",
+            "PORT_8080_TCP_PORT",
+            "PORT_8080_TCP_PROTO",
+            "PORT_5672_UDP",
+        ] {
+            assert!(is_kubernetes_service_variable(key), "{key}");
+        }
+        for key in [
+            "LISTEN",
+            "LISTN",
+            "PORTS",
+            "PORT_HTTP",
+            "PORT_8080",
+            "PORT_8080_TCP_HOST",
+            "PORT_X_TCP",
+            "SERVICE",
+            "DELIVERY__MAX_CONCURRENT",
+        ] {
+            assert!(!is_kubernetes_service_variable(key), "{key}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod server;
 pub mod signals;
 pub mod store;
 pub mod supervise;
+pub mod telemetry;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -406,6 +407,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                 ])
                 .expect("the bucket list is not empty")
                 .install_recorder()
+                .inspect(|_| telemetry::describe_metrics())
                 .expect("no other metrics recorder is installed")
         })
         .clone()

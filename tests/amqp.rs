@@ -147,6 +147,59 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
     fixture.delete().await;
 }
 
+/// Everything logged in this test process (every thread, lapin's included), for checking
+/// what a shutdown logs.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_after_publishing_logs_no_error() {
+    if !broker_available("a_clean_shutdown_after_publishing_logs_no_error").await {
+        return;
+    }
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+    let fixture = Fixture::declare("shutdown", Durability::Transient).await;
+    let (publisher, stop) = start_publisher(&broker_url());
+    let endpoint = fixture.endpoint(&fixture.exchange, "shutdown");
+    // Publishes on several channels, so that shutdown has open channels to close.
+    let sent =
+        futures::future::join_all((1..=4).map(|n| publish_numbered(&publisher, &endpoint, n)))
+            .await;
+    assert!(sent.iter().all(Result::is_ok), "{sent:?}");
+    fixture.take(4).await;
+    stop_publisher(&publisher, &stop).await;
+    fixture.delete().await;
+
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("closed the AMQP connection"),
+        "the shutdown was logged:\n{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains(" ERROR ") || l.contains(" WARN ")),
+        "a clean shutdown logs no error or warning:\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_routing_key_is_a_failed_attempt() {
     if !broker_available("an_unroutable_routing_key_is_a_failed_attempt").await {

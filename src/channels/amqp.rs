@@ -538,10 +538,21 @@ async fn watch_connection(
 async fn shut_down(inner: &Inner, connection: Option<Arc<Connection>>) {
     inner.link.send_replace(Link::Stopped);
     // Taking every slot waits for the publishes holding them (each bounded by its own timeout)
-    // and drops the channels; publishes arriving later find the link stopped.
+    // and closes the channels; publishes arriving later find the link stopped. Each channel is
+    // closed and its close awaited: a channel merely dropped closes in the background, and
+    // closing the connection under it makes lapin log an error for a clean shutdown.
     let drained = timeout(DRAIN_TIMEOUT, async {
         for slot in &inner.slots {
-            slot.lock().await.take();
+            let taken = slot.lock().await.take();
+            if let Some(open) = taken
+                && open.channel.status().connected()
+                && let Err(e) = open
+                    .channel
+                    .close(200, "Baton is shutting down".into())
+                    .await
+            {
+                tracing::debug!(error = %e, "closing an AMQP channel at shutdown failed");
+            }
         }
     })
     .await;

@@ -105,6 +105,7 @@ impl RestHook {
         };
         let url = reqwest::Url::parse(out.endpoint)
             .map_err(|_| fail("the endpoint is not a valid URL".into()))?;
+        let host = url.host_str().unwrap_or_default().to_string();
         if !(url.scheme() == "https" || (url.scheme() == "http" && self.allow_http)) {
             return Err(fail(format!(
                 "endpoint scheme '{}' is not allowed",
@@ -135,16 +136,11 @@ impl RestHook {
                 .header("webhook-timestamp", now_secs.to_string())
                 .header("webhook-signature", signature);
         }
-        let response = request.body(out.body).send().await.map_err(|e| {
-            let message = if e.is_timeout() {
-                "the endpoint did not answer within the timeout".to_string()
-            } else if e.is_connect() {
-                "the endpoint could not be reached".to_string()
-            } else {
-                "the request to the endpoint failed".to_string()
-            };
-            fail(message)
-        })?;
+        let response = request
+            .body(out.body)
+            .send()
+            .await
+            .map_err(|e| fail(describe_send_error(&host, out.timeout, &e)))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -155,9 +151,36 @@ impl RestHook {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, time::OffsetDateTime::now_utc()));
         Err(SendError {
-            message: format!("HTTP {} from the endpoint", status.as_u16()),
+            message: format!("HTTP {} from {host}", status.as_u16()),
             retry_after,
         })
+    }
+}
+
+/// Why a POST got no answer, naming the endpoint's host, in the words an operator searches
+/// for: a timeout, DNS, a refused connection, TLS, or the cause as the client reported it.
+/// (`fhir::notification::error_code` reads the `subscription-error` code from this text.)
+fn describe_send_error(host: &str, timeout: Duration, error: &reqwest::Error) -> String {
+    // The causes only: the error itself names the whole URL, which may carry a secret.
+    let chain = std::error::Error::source(error)
+        .map(crate::error::error_chain)
+        .unwrap_or_else(|| "no cause given".to_string());
+    let lower = chain.to_ascii_lowercase();
+    if error.is_timeout() {
+        format!(
+            "timeout: no answer from {host} within {} s",
+            timeout.as_secs_f64()
+        )
+    } else if lower.contains("dns error") || lower.contains("no public address") {
+        format!("DNS: {host} does not resolve to an address Baton may post to ({chain})")
+    } else if lower.contains("connection refused") {
+        format!("connection refused by {host}")
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
+        format!("TLS failure with {host}: {chain}")
+    } else if error.is_connect() {
+        format!("could not connect to {host}: {chain}")
+    } else {
+        format!("the request to {host} failed: {chain}")
     }
 }
 

@@ -354,6 +354,7 @@ impl Claimed<'_> {
             handshake,
             status,
             at: StoredInstant::at(now),
+            rewinds: self.sub.rewinds,
         })
         .await
     }

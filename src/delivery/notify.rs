@@ -130,6 +130,7 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
         events_since_start: sub.events_since_start,
         notification_type: payload.notification_type(),
         error: None,
+        last_delivered: None,
     };
     let content = spec.content;
     let entries: Vec<Arc<[u8]>> = notification_events

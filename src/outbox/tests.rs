@@ -311,6 +311,7 @@ pub(crate) async fn events_replay_runs_exactly(store: Arc<dyn Store>) {
         handshake: HandshakeOwed::Unchanged,
         status: SubscriptionStatus::Active,
         at: StoredInstant::parse("2026-01-01T00:00:00.000Z").unwrap(),
+        rewinds: 0,
     };
     store.record_delivery(NODE, deliver(2)).await.unwrap();
     assert_eq!(store.prune_events(&far_future).await.unwrap(), 0);

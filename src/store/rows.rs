@@ -310,6 +310,7 @@ pub(crate) struct SubscriptionRow {
     next_attempt_at: Option<StoredInstant>,
     last_error: Option<String>,
     last_sent_at: Option<StoredInstant>,
+    rewinds: i64,
 }
 
 /// A stored subscription.
@@ -346,6 +347,7 @@ impl SubscriptionRow {
             next_attempt_at: row.get("next_attempt_at")?,
             last_error: row.get("last_error")?,
             last_sent_at: row.get("last_sent_at")?,
+            rewinds: row.get("rewinds")?,
         })
     }
 
@@ -386,6 +388,7 @@ impl SubscriptionRow {
             next_attempt_at: row.next_attempt_at,
             last_error: row.last_error,
             last_sent_at: row.last_sent_at,
+            rewinds: row.rewinds,
         })
     }
 }

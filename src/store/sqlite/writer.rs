@@ -66,6 +66,10 @@ pub(super) enum Work {
     RecordDeliveries(Vec<DeliveryReport>),
     FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
+    RestartDelivery {
+        id: SubscriptionId,
+        from: EventNumber,
+    },
     MarkOverdue {
         task_id: TaskId,
         due_at: StoredInstant,
@@ -439,6 +443,12 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
         }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
+        Work::RestartDelivery { id, from } => {
+            hub::restart_delivery(conn, &id, from).map(|restarted| match restarted {
+                Some(stored) => Done::Subscription(Box::new(stored)),
+                None => Done::Nothing,
+            })
+        }
         Work::MarkOverdue {
             task_id,
             due_at,
