@@ -159,6 +159,24 @@ async fn the_reference_calls_run_verbatim_under_api_fhir() {
     assert_eq!(body["status"], "completed");
     assert_eq!(headers["etag"], "W/\"2\"");
 
+    // A transaction posted to the extra path may name its entries on that path, and its
+    // answer links there.
+    let new_id = "65f8901234567abcdef89019";
+    let mut other = created.clone();
+    other["id"] = json!(new_id);
+    let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": [
+        { "fullUrl": format!("{api}/Task/{new_id}"), "resource": other,
+          "request": { "method": "PUT", "url": format!("{api}/Task/{new_id}") } },
+    ]});
+    let (status, _, answer) = call(&server, Method::POST, &api, &alice, Some(&bundle)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["entry"][0]["fullUrl"],
+        format!("{api}/Task/{new_id}"),
+        "{answer}"
+    );
+    assert_eq!(answer["entry"][0]["response"]["status"], "201 Created");
+
     // The same Task under /fhir, with /fhir links; a path not configured is a 404.
     let (status, bundle) = server.get(&format!("/Task?_id={id}"), &alice).await;
     assert_eq!(status, StatusCode::OK);
