@@ -52,6 +52,77 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
+    pub http: HttpConfig,
+}
+
+/// How the HTTP surface is laid out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// More base paths serving the same FHIR API as `/fhir`, e.g. `["/api/fhir"]`. Links in
+    /// responses (`fullUrl`, `Location`, paging) follow the path a request came in on.
+    pub extra_base_paths: Vec<String>,
+}
+
+/// Paths outside the FHIR API that an extra base path may not take over.
+const RESERVED_PATHS: &[&str] = &["/fhir", "/healthz", "/readyz", "/metrics", "/console"];
+
+impl HttpConfig {
+    /// Checks each extra base path: absolute, no trailing slash, plain segments, not one of
+    /// Baton's own paths, no repeats.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (i, path) in self.extra_base_paths.iter().enumerate() {
+            let segments_ok = path.strip_prefix('/').is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest.split('/').all(|segment| {
+                        !segment.is_empty()
+                            && segment != "."
+                            && segment != ".."
+                            && segment.chars().all(|c| {
+                                c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~')
+                            })
+                    })
+            });
+            if !segments_ok {
+                return Err(ConfigError(format!(
+                    "http.extra_base_paths entry '{path}' must be an absolute path of plain segments without a trailing slash, e.g. \"/api/fhir\" (BATON_HTTP__EXTRA_BASE_PATHS)"
+                )));
+            }
+            if let Some(reserved) = RESERVED_PATHS.iter().find(|r| {
+                path == *r
+                    || path.starts_with(&format!("{r}/"))
+                    || r.starts_with(&format!("{path}/"))
+            }) {
+                return Err(ConfigError(format!(
+                    "http.extra_base_paths entry '{path}' overlaps Baton's own path {reserved}; choose another path (BATON_HTTP__EXTRA_BASE_PATHS)"
+                )));
+            }
+            if let Some(other) = self.extra_base_paths[..i].iter().find(|o| {
+                *o == path
+                    || path.starts_with(&format!("{o}/"))
+                    || o.starts_with(&format!("{path}/"))
+            }) {
+                return Err(ConfigError(format!(
+                    "http.extra_base_paths lists '{path}' and '{other}', which overlap; keep one (BATON_HTTP__EXTRA_BASE_PATHS)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The base URL of the FHIR API under `path`, given the primary one: the primary base with
+    /// its final `/fhir` replaced by `path` (`https://x/fhir` → `https://x/api/fhir`); a base
+    /// that does not end in `/fhir` keeps its origin only.
+    pub fn base_url_for(&self, primary: &str, path: &str) -> String {
+        let primary = primary.trim_end_matches('/');
+        if let Some(prefix) = primary.strip_suffix("/fhir") {
+            return format!("{prefix}{path}");
+        }
+        match reqwest::Url::parse(primary) {
+            Ok(url) => format!("{}{path}", url.origin().ascii_serialization()),
+            Err(_) => format!("{primary}{path}"),
+        }
+    }
 }
 
 /// Bounds on what one client can make the node do, so that no client can exhaust it for the
@@ -316,6 +387,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             cluster: ClusterConfig::default(),
             limits: LimitsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -439,6 +511,7 @@ impl Config {
     /// Checks every setting and says what to change. Called by `load` and by `run`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.http.validate()?;
         if let Some(url) = &self.public_url {
             let ok = (url.starts_with("http://") || url.starts_with("https://"))
                 && reqwest::Url::parse(url).is_ok();
@@ -671,6 +744,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn extra_base_paths_take_the_origin_of_the_public_url() {
+        let http = HttpConfig {
+            extra_base_paths: vec!["/api/fhir".into(), "/r4".into()],
+        };
+        let config = Config {
+            http: http.clone(),
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        #[rustfmt::skip]
+        let cases = [
+            ("http://127.0.0.1:8080/fhir", "/api/fhir", "http://127.0.0.1:8080/api/fhir"),
+            ("https://x.example/baton/fhir/", "/api/fhir", "https://x.example/baton/api/fhir"),
+            ("https://x.example/r4-base", "/r4", "https://x.example/r4"),
+        ];
+        for (primary, path, expected) in cases {
+            assert_eq!(http.base_url_for(primary, path), expected, "{primary}");
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
         assert_eq!(
@@ -744,6 +838,30 @@ mod tests {
             (
                 |c| c.search.max_include_depth = 0,
                 "search.max_include_depth",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["api/fhir".into()],
+                "http.extra_base_paths",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/api/fhir/".into()],
+                "http.extra_base_paths",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/api/../fhir".into()],
+                "http.extra_base_paths",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/fhir".into()],
+                "overlaps Baton's own path /fhir",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/metrics/x".into()],
+                "overlaps",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/api".into(), "/api/fhir".into()],
+                "overlap",
             ),
         ];
         for (mutate, needle) in cases {

@@ -221,6 +221,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             health: health.clone(),
             config,
         }),
+        link_base: Arc::from(base_url.as_str()),
     };
     let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
     // Every live subscription goes back into the matcher index before the first change is read;

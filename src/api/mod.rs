@@ -36,6 +36,22 @@ use crate::trace::{TraceContext, in_trace};
 #[derive(Clone)]
 pub struct AppState {
     pub inner: Arc<Shared>,
+    /// The base URL of the path a request came in on: `base_url` under `/fhir`, the same
+    /// origin with another path under each of `http.extra_base_paths`. Links a response gives
+    /// (`fullUrl`, `Location`, paging links) start with it, so a client stays on its path;
+    /// references are still read and stored against `base_url`.
+    pub link_base: Arc<str>,
+}
+
+impl AppState {
+    /// The state as the FHIR API under another base path sees it: everything shared, only
+    /// `link_base` differs.
+    pub fn under(&self, link_base: &str) -> AppState {
+        AppState {
+            inner: self.inner.clone(),
+            link_base: Arc::from(link_base),
+        }
+    }
 }
 
 pub struct Shared {
@@ -77,17 +93,13 @@ impl AsRef<Authenticator> for AppState {
 
 /// Builds the whole router.
 pub fn router(state: AppState) -> Router {
-    let fhir = Router::new()
-        .merge(metadata::router())
-        .merge(task::router())
-        .merge(subscription::router())
-        .merge(topic::router())
-        .merge(websocket::router())
-        .fallback(unknown_route)
-        .layer(axum::middleware::from_fn(negotiate_format));
-    Router::new()
-        .nest("/fhir", fhir)
-        .merge(health::router())
+    let mut app = Router::new().nest("/fhir", fhir_router());
+    // The same API under each extra base path, with links that follow the path.
+    for path in &state.config.http.extra_base_paths {
+        let link_base = state.config.http.base_url_for(&state.base_url, path);
+        app = app.nest(path, fhir_router().with_state(state.under(&link_base)));
+    }
+    app.merge(health::router())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(outcome_for_rejections))
@@ -96,6 +108,18 @@ pub fn router(state: AppState) -> Router {
             answer_panic,
         ))
         .with_state(state)
+}
+
+/// The FHIR API, served under `/fhir` and each of `http.extra_base_paths`.
+fn fhir_router() -> Router<AppState> {
+    Router::new()
+        .merge(metadata::router())
+        .merge(task::router())
+        .merge(subscription::router())
+        .merge(topic::router())
+        .merge(websocket::router())
+        .fallback(unknown_route)
+        .layer(axum::middleware::from_fn(negotiate_format))
 }
 
 /// A handler that panics (a bug) answers an opaque 500 OperationOutcome, logged once with

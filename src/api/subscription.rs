@@ -245,14 +245,14 @@ async fn search(
         .iter()
         .map(|s| {
             json!({
-                "fullUrl": format!("{}/Subscription/{}", state.base_url, s.id),
+                "fullUrl": format!("{}/Subscription/{}", state.link_base, s.id),
                 "resource": render(s, is_author(&principal, s)),
                 "search": { "mode": "match" },
             })
         })
         .collect();
     let mut links = vec![
-        json!({"relation": "self", "url": format!("{}/Subscription?{}", state.base_url, query.unwrap_or_default())}),
+        json!({"relation": "self", "url": format!("{}/Subscription?{}", state.link_base, query.unwrap_or_default())}),
     ];
     if offset + count < total as usize {
         let mut params: Vec<(String, String)> = pairs
@@ -261,7 +261,7 @@ async fn search(
             .collect();
         params.push(("_count".into(), count.to_string()));
         params.push(("_offset".into(), (offset + count).to_string()));
-        links.push(json!({"relation": "next", "url": format!("{}/Subscription?{}", state.base_url, serde_urlencoded::to_string(&params).unwrap_or_default())}));
+        links.push(json!({"relation": "next", "url": format!("{}/Subscription?{}", state.link_base, serde_urlencoded::to_string(&params).unwrap_or_default())}));
     }
     let bundle = json!({
         "resourceType": "Bundle",
@@ -381,7 +381,7 @@ fn set_version_headers(
     if location
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{}/Subscription/{}/_history/{}",
-            state.base_url, stored.id, stored.version
+            state.link_base, stored.id, stored.version
         ))
     {
         headers.insert(header::LOCATION, v);

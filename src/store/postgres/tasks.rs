@@ -108,6 +108,24 @@ impl TaskTx for PgConnection {
         Ok(Found::among(matching_tasks(&mut *self, criteria).await?))
     }
 
+    async fn children_for_change(
+        &mut self,
+        parent: &TaskId,
+        limit: usize,
+    ) -> Result<Vec<CurrentTask>> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.version, t.last_updated, t.deleted, t.resource FROM task t
+             WHERE t.deleted = 0 AND t.id IN
+               (SELECT task_id FROM task_token WHERE param = 'part-of' AND value = $1)
+             ORDER BY t.id LIMIT $2 FOR UPDATE",
+        )
+        .bind(format!("Task/{parent}"))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *self)
+        .await?;
+        rows.iter().map(current_from_row).collect()
+    }
+
     async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
         // `json`, not `jsonb`: it accepts every string JSON allows, `\u0000` included.
         let status: Option<Option<String>> = sqlx::query_scalar(

@@ -49,6 +49,19 @@ impl TaskTx for Connection {
         found_among(&found, async |id| load_by_id(self, id)).await
     }
 
+    async fn children_for_change(
+        &mut self,
+        parent: &TaskId,
+        limit: usize,
+    ) -> Result<Vec<CurrentTask>> {
+        let mut statement = self.prepare_cached(&LOAD_CHILDREN)?;
+        let rows = statement.query_map(
+            rusqlite::params![format!("Task/{parent}"), limit as i64],
+            TaskRow::from_rusqlite,
+        )?;
+        rows.map(|row| row?.into_current()).collect()
+    }
+
     async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
         let status: Option<Option<String>> = self
             .prepare_cached(
@@ -211,6 +224,15 @@ fn write_index(conn: &Connection, id: &TaskId, index: &TaskIndex) -> Result<()> 
 }
 
 /// The statement that reads a current Task by id.
+/// The live sub-tasks of a Task, through the `part-of` index rows.
+static LOAD_CHILDREN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND t.id IN
+           (SELECT task_id FROM task_token WHERE param = 'part-of' AND value = ?)
+         ORDER BY t.id LIMIT ?"
+    )
+});
+
 static LOAD_CURRENT: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?"));
 
