@@ -293,24 +293,25 @@ cluster_secret() {
 # Starts node K in the background with the cluster's settings and records its pid and port.
 launch_node() {
     local k=$1 secret=$2 port=$((BASE_PORT + $1 - 1))
-    local data=$RUN_DIR/node-$k log=$RUN_DIR/node-$k.log entry
+    local data=$RUN_DIR/node-$k log=$RUN_DIR/node-$k.log
     mkdir -p "$data"
     echo "=== $(date '+%F %T') start node-$k on 127.0.0.1:$port" >>"$log"
     # setsid: the nodes outlive this script and ignore a Ctrl-C typed while it waits.
     # Run from the repository root, like `cargo run`, so config/baton.toml applies.
+    # env -u: no AMQP unless the cluster has it, whatever this shell exports.
     (
         cd "$REPO_ROOT"
-        for entry in "${PASS_ENV[@]}"; do export "${entry?}"; done
-        export BATON_LISTEN=127.0.0.1:$port
-        export BATON_PUBLIC_URL=http://127.0.0.1:$port/fhir
-        export BATON_DATA_DIR=$data
-        export BATON_DATABASE_URL=$DATABASE_URL
-        export BATON_REDIS_URL=$REDIS_URL
-        export BATON_JWT_SECRET=$secret
-        export BATON_CLUSTER__NODE_ID=node-$k
-        export BATON_CLUSTER__REDIS_PREFIX=$PREFIX
-        if [[ -n $AMQP_URL ]]; then export BATON_AMQP_URL=$AMQP_URL; else unset BATON_AMQP_URL; fi
-        exec setsid "$BINARY" serve </dev/null >>"$log" 2>&1
+        exec env -u BATON_AMQP_URL "${PASS_ENV[@]}" \
+            BATON_LISTEN="127.0.0.1:$port" \
+            BATON_PUBLIC_URL="http://127.0.0.1:$port/fhir" \
+            BATON_DATA_DIR="$data" \
+            BATON_DATABASE_URL="$DATABASE_URL" \
+            BATON_REDIS_URL="$REDIS_URL" \
+            BATON_JWT_SECRET="$secret" \
+            BATON_CLUSTER__NODE_ID="node-$k" \
+            BATON_CLUSTER__REDIS_PREFIX="$PREFIX" \
+            ${AMQP_URL:+"BATON_AMQP_URL=$AMQP_URL"} \
+            setsid "$BINARY" serve </dev/null >>"$log" 2>&1
     ) &
     echo "$!" >"$RUN_DIR/node-$k.pid"
     echo "$port" >"$RUN_DIR/node-$k.port"
@@ -428,8 +429,9 @@ EOF
 
 # The node number the node commands take first.
 node_number() {
-    [[ $# -ge 1 && $1 =~ ^[0-9]{1,3}$ ]] && ((10#$1 >= 1 && 10#$1 <= 100)) ||
+    if ! [[ $# -ge 1 && $1 =~ ^[0-9]{1,3}$ ]] || ((10#$1 < 1 || 10#$1 > 100)); then
         die "$COMMAND needs a node number from 1 to 100 first, e.g. $PROG $COMMAND 2"
+    fi
     echo "$((10#$1))"
 }
 
