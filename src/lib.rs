@@ -19,6 +19,7 @@ pub mod signals;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
+pub mod trace;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -65,6 +65,7 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
                 last_event: Some(EventNumber::new(7)),
                 events_since_start: EventNumber::new(7),
                 timestamp_secs: 1_700_000_000,
+                traceparent: None,
             },
             PUBLISH_TIMEOUT,
         )
@@ -84,6 +85,7 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
                 last_event: None,
                 events_since_start: EventNumber::new(7),
                 timestamp_secs: 1_700_000_060,
+                traceparent: None,
             },
             PUBLISH_TIMEOUT,
         )
@@ -717,7 +719,18 @@ async fn a_message_subscription_delivers_bundles_in_order_with_headers() {
     })
     .await;
 
-    let task = server.create_task(&common::task("requested", None)).await;
+    // The create continues the caller's trace; its notification carries it on.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let response = server
+        .request(reqwest::Method::POST, "/Task", &admin)
+        .header("content-type", "application/fhir+json")
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&common::task("requested", None))
+        .send()
+        .await
+        .unwrap();
+    let (code, task) = common::body(response).await;
+    assert_eq!(code, StatusCode::CREATED, "{task}");
     let task_id = task["id"].as_str().unwrap();
     for status in ["accepted", "in-progress", "completed"] {
         let mut changed = task.clone();
@@ -759,6 +772,15 @@ async fn a_message_subscription_delivers_bundles_in_order_with_headers() {
         );
         let carried = common::receiver::event_numbers(&bundle);
         let headers = properties.headers().as_ref().unwrap().inner();
+        if carried.first() == Some(&1) {
+            let traceparent = header_text(headers.get("traceparent")).expect("a traceparent");
+            assert_eq!(
+                traceparent.split('-').nth(1),
+                Some(trace_id),
+                "{traceparent}"
+            );
+            assert_ne!(traceparent.split('-').nth(2), Some("b7ad6b7169203331"));
+        }
         assert_eq!(
             header_text(headers.get("notification-type")),
             Some("event-notification")
@@ -1042,6 +1064,7 @@ async fn publish_numbered(
         last_event: Some(number),
         events_since_start: number,
         timestamp_secs: 1_700_000_000,
+        traceparent: None,
     };
     publisher.publish(endpoint, message, PUBLISH_TIMEOUT).await
 }

@@ -211,3 +211,73 @@ async fn a_delivery_failure_says_why_and_names_the_endpoint_host() {
     }
     server.stop().await;
 }
+
+/// The `traceparent` the receiver got with the first notification carrying event `number`.
+fn traceparent_of(receiver: &Receiver, subscription: &str, number: i64) -> String {
+    receiver
+        .of(subscription, "event-notification")
+        .iter()
+        .find(|r| r.event_numbers().contains(&number))
+        .and_then(|r| r.headers.get("traceparent"))
+        .and_then(|v| v.to_str().ok())
+        .expect("a traceparent header")
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_notification_continues_the_trace_of_the_write_that_caused_it() {
+    let server = TestServer::start_with(|c| {
+        c.allow_http_endpoints = true;
+        c.allow_private_endpoints = true;
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+    let (status, created) = server
+        .post_json("/Subscription", &server.admin(), &body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|r| r.kind() == "handshake")
+        })
+        .await;
+
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    // One at a time: a notification carrying several events continues its first one's trace.
+    for (n, traceparent) in [Some(caller), None, Some("00-not-a-trace-01")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut request = server
+            .request(reqwest::Method::POST, "/Task", &server.admin())
+            .header("content-type", "application/fhir+json");
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let response = request.json(&task("requested", None)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        receiver
+            .wait_for("the event", |_| receiver.event_numbers(&id).len() == n + 1)
+            .await;
+    }
+    let sent: Vec<String> = (1..=3).map(|n| traceparent_of(&receiver, &id, n)).collect();
+    // Each is a valid W3C traceparent of a span of Baton's own.
+    for traceparent in &sent {
+        let fields: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(fields.len(), 4, "{traceparent}");
+        assert_eq!(
+            (fields[0], fields[1].len(), fields[2].len()),
+            ("00", 32, 16)
+        );
+        assert_ne!(fields[2], "00f067aa0ba902b7", "{traceparent}");
+    }
+    // The first continues the caller's trace; the other two each started one of their own.
+    let trace = |t: &String| t.split('-').nth(1).unwrap().to_string();
+    assert_eq!(trace(&sent[0]), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(trace(&sent[1]), trace(&sent[0]));
+    assert_ne!(trace(&sent[2]), trace(&sent[0]));
+    assert_ne!(trace(&sent[2]), trace(&sent[1]));
+    server.stop().await;
+}

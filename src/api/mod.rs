@@ -23,12 +23,14 @@ use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::error::{Error, FHIR_JSON, IssueCode, Result};
 use crate::fhir::search::SearchLimits;
 use crate::store::Store;
+use crate::trace::{TraceContext, in_trace};
 
 /// Everything a handler needs, cheap to clone.
 #[derive(Clone)]
@@ -243,7 +245,9 @@ async fn outcome_for_rejections(request: Request, next: Next) -> Response {
 }
 
 /// Counts and times every request by route template (never the raw path: ids stay out of
-/// label values and logs).
+/// label values and logs), and runs it in its trace: the caller's `traceparent` continued,
+/// or a new trace. Log lines of the request carry `trace_id`; a change it writes stores the
+/// trace with its change event (`telemetry::current_trace`).
 async fn record_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
@@ -251,7 +255,16 @@ async fn record_request(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let response = next.run(request).await;
+    let trace = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .map_or_else(TraceContext::new_root, |caller| caller.child());
+    let span = tracing::info_span!("http.request", trace_id = %trace.trace_id());
+    let response = in_trace(Some(trace), next.run(request))
+        .instrument(span)
+        .await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16().to_string();
     metrics::counter!("baton_http_requests_total", "method" => method.to_string(), "route" => route.clone(), "status" => status.clone()).increment(1);

@@ -109,6 +109,8 @@ pub struct AmqpMessage<'a> {
     pub events_since_start: EventNumber,
     /// When the notification was built, in seconds since the Unix epoch.
     pub timestamp_secs: u64,
+    /// The W3C trace context the notification continues, sent as the `traceparent` header.
+    pub traceparent: Option<&'a str>,
 }
 
 struct Inner {
@@ -675,6 +677,12 @@ fn message_properties(message: &AmqpMessage<'_>) -> Result<BasicProperties, Send
     if let Some(first) = message.first_event {
         headers.insert("first-event".into(), AMQPValue::LongLongInt(first.get()));
     }
+    if let Some(traceparent) = message.traceparent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent.into()),
+        );
+    }
     if let Some(last) = message.last_event {
         headers.insert("last-event".into(), AMQPValue::LongLongInt(last.get()));
     }
@@ -865,6 +873,7 @@ mod tests {
             last_event: Some(EventNumber::new(7)),
             events_since_start: EventNumber::new(7),
             timestamp_secs: 1_700_000_000,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         };
         let properties = message_properties(&message).unwrap();
         assert_eq!(
@@ -884,6 +893,12 @@ mod tests {
         let headers = properties.headers().as_ref().unwrap().inner();
         assert_eq!(headers.get("first-event"), Some(&AMQPValue::LongLongInt(5)));
         assert_eq!(headers.get("last-event"), Some(&AMQPValue::LongLongInt(7)));
+        assert_eq!(
+            headers.get("traceparent"),
+            Some(&AMQPValue::LongString(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()
+            ))
+        );
 
         let heartbeat = AmqpMessage {
             notification_type: "heartbeat",

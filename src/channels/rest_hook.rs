@@ -28,6 +28,9 @@ pub struct Outgoing<'a> {
     pub message_id: &'a str,
     pub secret: Option<&'a [u8]>,
     pub timeout: Duration,
+    /// The W3C trace context the notification continues (`traceparent` header), unless the
+    /// subscription's own `channel.header` sets one.
+    pub traceparent: &'a str,
 }
 
 #[derive(Clone)]
@@ -126,6 +129,13 @@ impl RestHook {
             .post(url)
             .timeout(out.timeout)
             .header(reqwest::header::CONTENT_TYPE, out.content_type);
+        if !out
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("traceparent"))
+        {
+            request = request.header("traceparent", out.traceparent);
+        }
         for (name, value) in out.headers {
             request = request.header(name.as_str(), value.as_str());
         }
@@ -440,6 +450,7 @@ mod tests {
                 message_id: "m",
                 secret: None,
                 timeout: Duration::from_secs(1),
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             };
             let error = guarded.send(out, 0).await.unwrap_err();
             assert_eq!(

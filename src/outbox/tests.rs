@@ -174,6 +174,7 @@ fn expected_events(changes: &[ChangeEvent], heard: &[ChangeSeq]) -> Vec<EventRec
                 version: change.version,
                 interaction: change.interaction,
                 occurred_at: change.recorded_at.clone(),
+                traceparent: None,
             }
         })
         .collect()

@@ -24,7 +24,8 @@ use crate::fhir::task::TERMINAL_STATUSES;
 /// after it up to `$3` follow it on the same index.
 pub(crate) const SUBSCRIPTION_EVENTS: &str =
     "SELECT e.event_number + (c.seq - e.change_seq) AS event_number, c.seq AS change_seq,
-            c.resource_id AS task_id, c.version, c.interaction, c.recorded_at AS occurred_at
+            c.resource_id AS task_id, c.version, c.interaction, c.recorded_at AS occurred_at,
+            c.traceparent
      FROM subscription_event e
      JOIN change_event c ON c.seq BETWEEN e.change_seq AND e.change_seq + e.events - 1
      WHERE e.subscription_id = $1

@@ -486,6 +486,8 @@ pub struct EventRecord {
     pub version: Version,
     pub interaction: Interaction,
     pub occurred_at: StoredInstant,
+    /// The `traceparent` of the request that made the change, if one did.
+    pub traceparent: Option<String>,
 }
 
 /// The result of one delivery attempt, to be recorded with the subscription.

@@ -198,6 +198,7 @@ pub(crate) struct EventRow {
     version: Version,
     interaction: String,
     occurred_at: StoredInstant,
+    traceparent: Option<String>,
 }
 
 /// One entry of a subscription's event log.
@@ -218,6 +219,7 @@ impl EventRow {
             version: row.get("version")?,
             interaction: row.get("interaction")?,
             occurred_at: row.get("occurred_at")?,
+            traceparent: row.get("traceparent")?,
         })
     }
 
@@ -229,6 +231,7 @@ impl EventRow {
             version: self.version,
             interaction: interaction(self.interaction, "unknown interaction in the event log")?,
             occurred_at: self.occurred_at,
+            traceparent: self.traceparent,
         })
     }
 }

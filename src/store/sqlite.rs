@@ -61,6 +61,7 @@ use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::search::Predicate;
 use crate::supervise::{self, Health};
+use crate::trace::current_trace;
 use writer::{Done, Job, Work};
 
 mod hub;
@@ -208,7 +209,11 @@ impl SqliteStore {
         let (reply, answer) = oneshot::channel();
         let sender = self.jobs.lock().await.clone().ok_or_else(writer_gone)?;
         sender
-            .send(Job { work, reply })
+            .send(Job {
+                work,
+                reply,
+                trace: current_trace(),
+            })
             .await
             .map_err(|_| writer_gone())?;
         let done = answer.await.map_err(|_| writer_gone())?;

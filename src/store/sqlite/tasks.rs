@@ -21,6 +21,7 @@ use crate::store::rows::{CURRENT_COLUMNS, TaskRow, current_from_row, read_sort_v
 use crate::store::search_sql::{PageSql, Placeholder, SqlFilter, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
 use crate::store::{Collected, CurrentTask, Interaction, SearchPage};
+use crate::trace::current_trace;
 
 impl TaskTx for Connection {
     /// The outbox position up to which the read pool found no match (`SqliteStore::precheck`).
@@ -158,16 +159,19 @@ fn insert_change(
     interaction: Interaction,
     now: &StoredInstant,
 ) -> Result<()> {
+    // The writer runs each job in the trace of the request that submitted it.
+    let trace = current_trace().map(|t| t.header());
     conn.prepare_cached(
-        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
-         VALUES ('Task', ?, ?, ?, ?, ?)",
+        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
+         VALUES ('Task', ?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
         id,
         version,
         previous_version,
         interaction.as_str(),
-        now
+        now,
+        trace
     ])?;
     Ok(())
 }
