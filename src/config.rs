@@ -53,6 +53,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
     pub http: HttpConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// How the HTTP surface is laid out.
@@ -388,6 +389,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             limits: LimitsConfig::default(),
             http: HttpConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -426,6 +428,51 @@ impl Default for StoreConfig {
             max_queue: 4096,
             max_fanout_lag: 50_000,
         }
+    }
+}
+
+/// Exporting spans over OTLP: the request, the match and each delivery attempt of a change,
+/// in the trace the request came with (`trace::TraceContext`). Off unless an endpoint is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP collector, e.g. `http://127.0.0.1:4318` (spans go to `/v1/traces` on it)
+    /// (`BATON_TELEMETRY__OTLP_ENDPOINT`).
+    pub otlp_endpoint: Option<String>,
+    /// How spans are encoded: `http/protobuf` (the OTLP default) or `http/json`.
+    pub otlp_protocol: OtlpProtocol,
+}
+
+/// The OTLP/HTTP encodings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
+impl TelemetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError(format!(
+                "telemetry.otlp_endpoint '{endpoint}' must be an http(s) URL of an OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (BATON_TELEMETRY__OTLP_ENDPOINT)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where spans are posted: the endpoint's `/v1/traces`, unless it names that path already.
+    pub fn traces_url(&self) -> Option<String> {
+        let endpoint = self.otlp_endpoint.as_deref()?.trim_end_matches('/');
+        Some(if endpoint.ends_with("/v1/traces") {
+            endpoint.to_string()
+        } else {
+            format!("{endpoint}/v1/traces")
+        })
     }
 }
 
@@ -512,6 +559,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.http.validate()?;
+        self.telemetry.validate()?;
         if let Some(url) = &self.public_url {
             let ok = (url.starts_with("http://") || url.starts_with("https://"))
                 && reqwest::Url::parse(url).is_ok();

@@ -104,6 +104,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .node_id
         .clone()
         .unwrap_or_else(default_node_id);
+    telemetry::start_export(&config.telemetry, &node)
+        .map_err(|e| Error::internal("starting the OTLP span export failed", e))?;
 
     // Topics: the built-in ones plus the operator's; anything unsupported stops start-up.
     let mut topics = topic::builtin_topics(&base_url)
@@ -358,6 +360,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         amqp.closed().await;
     }
     store.close().await;
+    telemetry::flush_export().await;
     if let Some(reason) = health.fatal_reason() {
         tracing::error!(reason = %reason, "Baton stopped because a vital task died");
         return Err(Error::internal("a vital task stopped", reason));

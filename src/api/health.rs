@@ -98,10 +98,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    crate::telemetry::record_subscription_gauges(
-        state.store.as_ref(),
-        time::OffsetDateTime::now_utc(),
-    )
-    .await;
+    crate::telemetry::refresh_subscription_gauges(state.store.clone());
     super::render_metrics(&state)
 }
