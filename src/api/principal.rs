@@ -21,7 +21,7 @@ where
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| {
-                Error::unauthorized("an 'Authorization: Bearer <token>' header is required")
+                Error::unauthenticated("an 'Authorization: Bearer <token>' header is required")
             })?;
         let value = header
             .to_str()
@@ -34,7 +34,7 @@ where
             .ok_or_else(|| {
                 Error::unauthorized("the Authorization header must use the Bearer scheme")
             })?;
-        let principal = state.as_ref().verify(token)?;
+        let principal = state.as_ref().authenticate(token).await?;
         // Only a verified identity is counted, so unverified text never grows the limiter.
         state.request_limiter().admit(&principal)?;
         Ok(principal)

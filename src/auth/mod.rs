@@ -10,11 +10,15 @@
 //! `Identity` — issuer, subject, role and FHIR user — never by `sub` alone: two tokens that
 //! share a `sub` but differ in role or FHIR user are two different owners.
 
+pub mod issuers;
+
 use std::path::Path;
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 
+use crate::config::IssuerConfig;
 use crate::error::{Error, Result};
 use crate::fhir::ids::TaskId;
 use crate::fhir::search::{Predicate, SystemMatch, TokenValue};
@@ -125,13 +129,15 @@ pub struct Identity {
     pub fhir_user: Option<String>,
 }
 
-/// Verifies and mints tokens with one HS256 key.
+/// Verifies tokens of the trusted issuers (`[[auth.issuers]]`), and verifies and mints the
+/// local HS256 tokens.
 #[derive(Clone)]
 pub struct Authenticator {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
     performer_types_claim: String,
+    issuers: Arc<issuers::Issuers>,
 }
 
 impl Authenticator {
@@ -146,7 +152,46 @@ impl Authenticator {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             validation,
             performer_types_claim: performer_types_claim.to_string(),
+            issuers: Arc::new(issuers::Issuers::new(&crate::config::AuthConfig::default())),
         }
+    }
+
+    /// Trusts the issuers of `config` besides the local HS256 key.
+    pub fn with_issuers(mut self, config: &crate::config::AuthConfig) -> Authenticator {
+        self.issuers = Arc::new(issuers::Issuers::new(config));
+        self
+    }
+
+    pub fn issuers(&self) -> &issuers::Issuers {
+        &self.issuers
+    }
+
+    /// Verifies a bearer token of any kind: a token whose (not yet verified) `iss` names a
+    /// configured issuer is checked against that issuer's keys and rules only; any other token
+    /// must be a local HS256 token. So an issuer's name never lets a token choose HS256, and a
+    /// token signed by anyone else is refused for its issuer, not its algorithm.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal> {
+        if !self.issuers.is_empty() {
+            let iss = unverified_issuer(token);
+            if let Some(issuer) = iss.as_deref().and_then(|iss| self.issuers.find(iss)) {
+                let claims = self.issuers.verify(issuer, token).await?;
+                check_token_json(token)?;
+                return map_issuer_claims(&issuer.config, &claims);
+            }
+            let local = jsonwebtoken::decode_header(token)
+                .map(|h| h.alg == Algorithm::HS256)
+                .unwrap_or(false);
+            if !local {
+                return Err(Error::unauthorized(match iss {
+                    Some(iss) => format!(
+                        "the token's issuer '{}' is not trusted (see [[auth.issuers]])",
+                        iss.escape_debug()
+                    ),
+                    None => "the token names no trusted issuer ('iss')".to_string(),
+                }));
+            }
+        }
+        self.verify(token)
     }
 
     /// Verifies a bearer token and turns its claims into a principal.
@@ -312,6 +357,139 @@ fn check_token_json(token: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `iss` of a token's payload, read before its signature is checked: only to choose which
+/// issuer's keys check it.
+fn unverified_issuer(token: &str) -> Option<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let payload = URL_SAFE_NO_PAD.decode(token.split('.').nth(1)?).ok()?;
+    let claims: Value = serde_json::from_slice(&payload).ok()?;
+    claims.get("iss")?.as_str().map(String::from)
+}
+
+/// The value at a claim path: the whole path as one claim name first (claim names may contain
+/// dots, e.g. `https://example.org/roles`), else each dot-separated part one object deeper
+/// (`realm_access.roles`).
+pub fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(value) = claims.get(path) {
+        return Some(value);
+    }
+    let mut parts = path.split('.');
+    let mut value = claims.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_object()?.get(part)?;
+    }
+    Some(value)
+}
+
+/// Turns the verified claims of an issuer's token into a principal, as the issuer's mapping
+/// says. The token is genuine, so a claim that does not map is a 403 naming the claim, not a
+/// 401: another token will not help, a change at the identity provider will.
+pub fn map_issuer_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> Result<Principal> {
+    let unmappable = |why: String| Error::forbidden(why);
+    let issuer = config.issuer.clone();
+    let subject = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .filter(|s| is_identity_text(s))
+        .ok_or_else(|| {
+            Error::unauthorized(
+                "the token's 'sub' claim must be a non-empty string without control characters",
+            )
+        })?
+        .to_string();
+    let role_path = &config.role_claim;
+    let roles: Vec<Role> = match claim_at(claims, role_path) {
+        None => {
+            return Err(unmappable(format!(
+                "the token carries no '{role_path}' claim, which names the role (admin, practitioner or auditor)"
+            )));
+        }
+        Some(Value::String(one)) => Role::parse(one).into_iter().collect(),
+        Some(Value::Array(items)) => {
+            let mut roles: Vec<Role> = items
+                .iter()
+                .filter_map(Value::as_str)
+                .filter_map(Role::parse)
+                .collect();
+            roles.sort_by_key(|r| r.as_str());
+            roles.dedup();
+            roles
+        }
+        Some(_) => Vec::new(),
+    };
+    let role = match roles.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(unmappable(format!(
+                "the token's '{role_path}' claim names no role: it must be or include admin, practitioner or auditor"
+            )));
+        }
+        _ => {
+            return Err(unmappable(format!(
+                "the token's '{role_path}' claim names more than one of admin, practitioner and auditor; a token must act as one"
+            )));
+        }
+    };
+    let user_path = &config.fhir_user_claim;
+    let from_claim = match claim_at(claims, user_path) {
+        None => None,
+        Some(Value::String(user)) => Some(user.clone()),
+        Some(_) => {
+            return Err(unmappable(format!(
+                "the token's '{user_path}' claim must be a string like Practitioner/123"
+            )));
+        }
+    };
+    let from_template = config
+        .fhir_user_template
+        .as_ref()
+        .map(|t| t.replace("{sub}", &subject));
+    let fhir_user = match from_claim.or(from_template) {
+        None => None,
+        Some(user) => Some(
+            crate::fhir::normalize_reference(&user, "")
+                .filter(|r| r.contains('/') && !r.contains(':'))
+                .ok_or_else(|| {
+                    unmappable(format!(
+                        "the token's FHIR user '{}' (from '{user_path}' or fhir_user_template) must be a reference like Practitioner/123",
+                        user.escape_debug()
+                    ))
+                })?,
+        ),
+    };
+    if role == Role::Practitioner && fhir_user.is_none() {
+        return Err(unmappable(format!(
+            "a practitioner token must carry a '{user_path}' claim (or the issuer a fhir_user_template)"
+        )));
+    }
+    let types_path = &config.performer_types_claim;
+    let performer_types = match claim_at(claims, types_path) {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().and_then(PerformerType::parse))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                unmappable(format!(
+                    "the token's '{types_path}' claim must be a list of 'system|code' strings"
+                ))
+            })?,
+        Some(_) => {
+            return Err(unmappable(format!(
+                "the token's '{types_path}' claim must be a list"
+            )));
+        }
+    };
+    Ok(Principal {
+        issuer: Some(issuer),
+        subject,
+        role,
+        fhir_user,
+        performer_types,
+    })
 }
 
 /// Whether a claim can be part of an identity: not empty (the store writes "none" as ''), and
