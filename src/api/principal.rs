@@ -32,7 +32,7 @@ where
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
-                Error::unauthorized("the Authorization header must use the Bearer scheme")
+                Error::unauthenticated("the Authorization header must use the Bearer scheme")
             })?;
         let principal = state.as_ref().authenticate(token).await?;
         // Only a verified identity is counted, so unverified text never grows the limiter.
