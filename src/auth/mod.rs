@@ -11,6 +11,7 @@
 //! share a `sub` but differ in role or FHIR user are two different owners.
 
 pub mod issuers;
+pub mod scopes;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::fhir::ids::TaskId;
 use crate::fhir::search::{Predicate, SystemMatch, TokenValue};
 use crate::fhir::task::{self, Ownership};
+pub use scopes::{Permission, Resource, Scopes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,9 +92,58 @@ pub struct Principal {
     /// `Type/id` of the FHIR user behind the token; always present for practitioners.
     pub fhir_user: Option<String>,
     pub performer_types: Vec<PerformerType>,
+    /// The token's SMART resource scopes, which narrow the role; None when it carries none
+    /// (the role alone decides). Kept with a subscription's author, so its notifications are
+    /// held to the scopes it was created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Scopes>,
+    /// The token's `patient` launch context (`Patient/123`), which `patient/` scopes need.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
 }
 
 impl Principal {
+    /// Refuses with 403 `insufficient_scope` unless the token's scopes (if any) allow
+    /// `permission` on `resource`. The role rules are checked besides, not instead.
+    pub fn require_scope(&self, resource: Resource, permission: Permission) -> Result<()> {
+        let Some(scopes) = &self.scopes else {
+            return Ok(());
+        };
+        if scopes.allow(resource, permission, self.patient.is_some()) {
+            return Ok(());
+        }
+        let context = if self.role == Role::Admin && self.fhir_user.is_none() {
+            "system"
+        } else {
+            "user"
+        };
+        let needed = scopes::needed(context, resource, permission);
+        Err(Error::insufficient_scope(
+            needed.clone(),
+            format!(
+                "the token's scopes do not allow this: it needs {needed} (or a scope that includes it)"
+            ),
+        ))
+    }
+
+    /// The patient a permission on Tasks is limited to: Some when the token's scopes grant it
+    /// only through `patient/` scopes (then only Tasks whose `for` is that patient).
+    fn patient_bound(&self, permission: Permission) -> Option<&str> {
+        let scopes = self.scopes.as_ref()?;
+        scopes
+            .patient_only(Resource::Task, permission)
+            .then(|| self.patient.as_deref().unwrap_or_default())
+    }
+
+    /// Whether the token's scopes let it read Task content at all (read or search).
+    fn scopes_read_tasks(&self) -> bool {
+        self.scopes.as_ref().is_none_or(|s| {
+            let patient = self.patient.is_some();
+            s.allow(Resource::Task, Permission::Read, patient)
+                || s.allow(Resource::Task, Permission::Search, patient)
+        })
+    }
+
     /// The identity that owns what this principal creates, and that must match exactly for
     /// the principal to act as that owner.
     pub fn identity(&self) -> Identity {
@@ -291,12 +342,15 @@ impl Authenticator {
                 )));
             }
         };
+        let (scopes, patient) = smart_context(&claims)?;
         Ok(Principal {
             issuer,
             subject,
             role,
             fhir_user,
             performer_types,
+            scopes,
+            patient,
         })
     }
 
@@ -483,13 +537,64 @@ pub fn map_issuer_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> 
             )));
         }
     };
+    let (scopes, patient) = smart_context(claims)?;
+    // An issuer that requires scopes lets a token without any do nothing: every request is
+    // refused naming the scope it needs.
+    let scopes = match scopes {
+        None if config.require_scopes => Some(Scopes::none()),
+        scopes => scopes,
+    };
     Ok(Principal {
         issuer: Some(issuer),
         subject,
         role,
         fhir_user,
         performer_types,
+        scopes,
+        patient,
     })
+}
+
+/// A token's SMART resource scopes (from `scope`, a space-separated string, or `scp`, a list
+/// or a string) and its `patient` launch context (an id, or `Patient/<id>`).
+fn smart_context(claims: &Map<String, Value>) -> Result<(Option<Scopes>, Option<String>)> {
+    let malformed = |name: &str| {
+        Error::unauthorized(format!(
+            "the token's '{name}' claim must be a space-separated string or a list of strings"
+        ))
+    };
+    let mut texts: Vec<&str> = Vec::new();
+    for name in ["scope", "scp"] {
+        match claims.get(name) {
+            None => {}
+            Some(Value::String(list)) => texts.extend(list.split_whitespace()),
+            Some(Value::Array(items)) => {
+                for item in items {
+                    texts.push(item.as_str().ok_or_else(|| malformed(name))?);
+                }
+            }
+            Some(_) => return Err(malformed(name)),
+        }
+    }
+    let patient = match claims.get("patient") {
+        None => None,
+        Some(Value::String(id)) if crate::fhir::is_valid_id(id) => Some(format!("Patient/{id}")),
+        Some(Value::String(reference)) => Some(
+            crate::fhir::normalize_reference(reference, "")
+                .filter(|r| r.starts_with("Patient/"))
+                .ok_or_else(|| {
+                    Error::unauthorized(
+                        "the token's 'patient' claim must be a Patient id or Patient/<id>",
+                    )
+                })?,
+        ),
+        Some(_) => {
+            return Err(Error::unauthorized(
+                "the token's 'patient' claim must be a string",
+            ));
+        }
+    };
+    Ok((Scopes::parse(texts), patient))
 }
 
 /// Whether a claim can be part of an identity: not empty (the store writes "none" as ''), and
@@ -544,7 +649,20 @@ pub fn resolve_secret(
 /// reads the Tasks whose `owner` references its FHIR user, and Tasks with no `owner` at all
 /// waiting in one of its role queues; an `owner` named only by `display` or `identifier` is
 /// someone else, so such a Task is for admins and auditors only.
+///
+/// SMART scopes narrow it: a token whose scopes grant neither read nor search on Task reads
+/// none, and one whose scopes reach Tasks only through `patient/` scopes reads only those of
+/// its patient.
 pub fn may_read_task(principal: &Principal, resource: &Value, base_url: &str) -> bool {
+    if !principal.scopes_read_tasks() {
+        return false;
+    }
+    if let Some(patient) = principal.patient_bound(Permission::Read)
+        && principal.patient_bound(Permission::Search).is_some()
+        && !is_for_patient(resource, patient, base_url)
+    {
+        return false;
+    }
     may_read(
         principal.role,
         principal.fhir_user.as_deref(),
@@ -564,10 +682,32 @@ pub enum Reader {
         fhir_user: Option<Box<str>>,
         performer_types: Box<[PerformerType]>,
     },
+    /// An author whose scopes grant no Task reads.
+    Nothing,
+    /// An author whose scopes reach Tasks only through `patient/` scopes: the Tasks `inner`
+    /// reads whose `for` is this patient.
+    Patient { patient: Box<str>, inner: Box<Reader> },
 }
 
 impl Reader {
     pub fn of(principal: &Principal) -> Reader {
+        if !principal.scopes_read_tasks() {
+            return Reader::Nothing;
+        }
+        let role = Reader::of_role(principal);
+        match (
+            principal.patient_bound(Permission::Read),
+            principal.patient_bound(Permission::Search),
+        ) {
+            (Some(patient), Some(_)) => Reader::Patient {
+                patient: patient.into(),
+                inner: Box::new(role),
+            },
+            _ => role,
+        }
+    }
+
+    fn of_role(principal: &Principal) -> Reader {
         match principal.role {
             Role::Admin | Role::Auditor => Reader::Everything,
             Role::Practitioner => Reader::Practitioner {
@@ -581,6 +721,11 @@ impl Reader {
     pub fn may_read_task(&self, resource: &Value, base_url: &str) -> bool {
         match self {
             Reader::Everything => true,
+            Reader::Nothing => false,
+            Reader::Patient { patient, inner } => {
+                is_for_patient(resource, patient, base_url)
+                    && inner.may_read_task(resource, base_url)
+            }
             Reader::Practitioner {
                 fhir_user,
                 performer_types,
@@ -613,6 +758,14 @@ fn may_read(
     }
 }
 
+/// Whether the Task is `for` this patient (`Patient/123`).
+fn is_for_patient(resource: &Value, patient: &str, base_url: &str) -> bool {
+    resource["for"]["reference"]
+        .as_str()
+        .and_then(|r| crate::fhir::normalize_reference(r, base_url))
+        .is_some_and(|r| !patient.is_empty() && r == patient)
+}
+
 /// Whether the Task's `owner` references the principal's FHIR user.
 fn owns(principal: &Principal, resource: &Value, base_url: &str) -> bool {
     match task::ownership(resource, base_url) {
@@ -636,6 +789,26 @@ fn in_role_queue(performer_types: &[PerformerType], resource: &Value) -> bool {
 /// `None` means no restriction. The queue branch's `owner:missing=true` leaves out Tasks whose
 /// owner has no reference, because `fhir::search::index_task` files those under `owner` too.
 pub fn read_scope(principal: &Principal) -> Option<Predicate> {
+    let role = read_scope_of_role(principal);
+    // Searches reaching Tasks only through `patient/` scopes see only the patient's.
+    let Some(patient) = principal.patient_bound(Permission::Search) else {
+        return role;
+    };
+    let for_patient = Predicate::Token {
+        param: "patient",
+        negated: false,
+        any_of: vec![TokenValue {
+            system: SystemMatch::Any,
+            code: Some(patient.to_string()),
+        }],
+    };
+    Some(match role {
+        Some(role) => Predicate::And(vec![role, for_patient]),
+        None => for_patient,
+    })
+}
+
+fn read_scope_of_role(principal: &Principal) -> Option<Predicate> {
     if principal.role != Role::Practitioner {
         return None;
     }
@@ -685,6 +858,24 @@ pub fn authorize_task_write(
     after: Option<&Value>,
     base_url: &str,
 ) -> Result<()> {
+    // Writes allowed only through `patient/` scopes stay within the patient's Tasks.
+    let permission = if before.is_some() {
+        Permission::Update
+    } else {
+        Permission::Create
+    };
+    if let Some(patient) = principal.patient_bound(permission) {
+        for task in before.into_iter().chain(after) {
+            if !is_for_patient(task, patient, base_url) {
+                return Err(Error::insufficient_scope(
+                    scopes::needed("user", Resource::Task, permission),
+                    format!(
+                        "the token's patient/ scopes reach only the Tasks of {patient}, and this Task is not for it"
+                    ),
+                ));
+            }
+        }
+    }
     match principal.role {
         Role::Admin => Ok(()),
         Role::Auditor => Err(Error::forbidden("auditors have read-only access to Tasks")),
@@ -975,6 +1166,8 @@ mod tests {
                 .iter()
                 .filter_map(|t| PerformerType::parse(t))
                 .collect(),
+            scopes: None,
+            patient: None,
         }
     }
 
