@@ -636,3 +636,64 @@ async fn issuer_configuration_is_checked_at_start_up() {
     fine.auth.issuers = vec![base];
     fine.validate().unwrap();
 }
+
+#[tokio::test]
+async fn provider_scopes_narrow_the_role_and_can_be_required() {
+    let Some(provider) =
+        Provider::start("provider_scopes_narrow_the_role_and_can_be_required").await
+    else {
+        return;
+    };
+    let server = baton_for(&provider, 10, |c| c.auth.issuers[0].require_scopes = true).await;
+    let refused = |response: reqwest::Response| async move {
+        let challenge = response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let (status, body) = common::body(response).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        challenge
+    };
+    // An admin token with read scopes only reads.
+    let reader = provider
+        .token_for("admin-app", Some("system/Task.rs"), AUDIENCE)
+        .await;
+    let (status, _) = server.get("/Task", &reader).await;
+    assert_eq!(status, StatusCode::OK);
+    let create = |token: String| {
+        server
+            .request(Method::POST, "/Task", &token)
+            .header("content-type", "application/fhir+json")
+            .body(task("requested", None).to_string())
+            .send()
+    };
+    let challenge = refused(create(reader).await.unwrap()).await;
+    assert_eq!(
+        challenge,
+        r#"Bearer error="insufficient_scope", scope="system/Task.c""#
+    );
+    // The issuer requires scopes: a token without any may do nothing.
+    let unscoped = provider.token("admin-app").await;
+    let challenge = refused(
+        server
+            .request(Method::GET, "/Task", &unscoped)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(challenge.contains("insufficient_scope"), "{challenge}");
+    // A practitioner with user/Task.cruds still writes only its own Tasks.
+    let nurse = provider
+        .token_for("nurse-app", Some("user/Task.cruds"), AUDIENCE)
+        .await;
+    let (status, body) = server
+        .post_json("/Task", &nurse, &task("requested", Some("Practitioner/n2")))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = server
+        .post_json("/Task", &nurse, &task("requested", Some("Practitioner/n1")))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    server.stop().await;
+}

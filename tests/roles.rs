@@ -266,9 +266,17 @@ async fn bad_tokens_get_401() {
     let invalid = r#"Bearer error="invalid_token""#;
     let cases = [
         ("missing", None, bare),
-        ("not bearer", Some("Basic YWRtaW46YWRtaW4=".to_string()), bare),
+        (
+            "not bearer",
+            Some("Basic YWRtaW46YWRtaW4=".to_string()),
+            bare,
+        ),
         ("garbage", Some("Bearer abc".to_string()), invalid),
-        ("forged signature", Some(format!("Bearer {forged}")), invalid),
+        (
+            "forged signature",
+            Some(format!("Bearer {forged}")),
+            invalid,
+        ),
     ];
     for (name, header, challenge) in cases {
         let mut request = server.client.get(&url);

@@ -291,9 +291,11 @@ impl Issuers {
             (key, due)
         };
         let (key, refresh) = due(Instant::now());
-        if !refresh {
+        if key.is_some() && !refresh {
             return key;
         }
+        // An unknown kid waits for a fetch under way (the start-up one, or another request's)
+        // before concluding the key does not exist.
         let _guard = issuer.fetching.lock().await;
         // Another request may have fetched while this one waited.
         let (key, refresh) = due(Instant::now());

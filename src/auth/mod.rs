@@ -112,11 +112,10 @@ impl Principal {
         if scopes.allow(resource, permission, self.patient.is_some()) {
             return Ok(());
         }
-        let context = if self.role == Role::Admin && self.fhir_user.is_none() {
-            "system"
-        } else {
-            "user"
-        };
+        let context = scopes.context().unwrap_or(match self.fhir_user {
+            None => "system",
+            Some(_) => "user",
+        });
         let needed = scopes::needed(context, resource, permission);
         Err(Error::insufficient_scope(
             needed.clone(),
@@ -686,7 +685,10 @@ pub enum Reader {
     Nothing,
     /// An author whose scopes reach Tasks only through `patient/` scopes: the Tasks `inner`
     /// reads whose `for` is this patient.
-    Patient { patient: Box<str>, inner: Box<Reader> },
+    Patient {
+        patient: Box<str>,
+        inner: Box<Reader>,
+    },
 }
 
 impl Reader {
@@ -881,8 +883,17 @@ pub fn authorize_task_write(
         Role::Auditor => Err(Error::forbidden("auditors have read-only access to Tasks")),
         Role::Practitioner => {
             let me = principal.fhir_user.as_deref().unwrap_or_default();
+            // The role's own read rule: whether the Task is the practitioner's to change. Its
+            // scopes were checked for the write itself; a write-only token may change its own
+            // Tasks without being allowed to read them back.
             if let Some(before) = before
-                && !may_read_task(principal, before, base_url)
+                && !may_read(
+                    principal.role,
+                    principal.fhir_user.as_deref(),
+                    &principal.performer_types,
+                    before,
+                    base_url,
+                )
             {
                 return Err(Error::forbidden(format!(
                     "this Task is not owned by {me} and not in one of its role queues"

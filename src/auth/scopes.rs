@@ -170,7 +170,11 @@ impl fmt::Display for Grant {
             .map(|(c, _)| *c)
             .collect();
         // A grant of nothing (a granular scope) keeps a form that reads back as nothing.
-        let letters = if letters.is_empty() { "none?" } else { &letters };
+        let letters = if letters.is_empty() {
+            "none?"
+        } else {
+            &letters
+        };
         write!(f, "{}/{resource}.{letters}", context.as_str())
     }
 }
@@ -223,6 +227,12 @@ impl Scopes {
         })
     }
 
+    /// The context to name in a refusal: that of the token's own scopes (its first), so the
+    /// scope named is one its client could ask for; None for a token without any.
+    pub fn context(&self) -> Option<&'static str> {
+        self.grants.iter().find_map(|g| g.context.map(Context::as_str))
+    }
+
     /// Whether the permission comes only through `patient` grants, so the Tasks it reaches are
     /// those of the token's patient.
     pub fn patient_only(&self, resource: Resource, permission: Permission) -> bool {
@@ -260,9 +270,7 @@ pub fn for_request(method: &axum::http::Method, path: &str) -> Option<(Resource,
     };
     let rest: Vec<&str> = segments.collect();
     let permission = match (rest.as_slice(), method) {
-        ([], &Method::GET) | (["_search"], &Method::POST) | (["_history"], _) => {
-            Permission::Search
-        }
+        ([], &Method::GET) | (["_search"], &Method::POST) | (["_history"], _) => Permission::Search,
         ([op], _) if op.starts_with('$') => Permission::Search,
         ([], &Method::POST) => Permission::Create,
         ([] | [_], &Method::PUT | &Method::PATCH) => Permission::Update,
@@ -307,8 +315,20 @@ mod tests {
             // Out of order or repeated letters are not a v2 scope: ignored.
             ("user/Task.sr system/Task.c", Task, Read, false, false),
             ("user/Task.rr system/Task.c", Task, Create, false, true),
-            ("user/Task.rs openid fhirUser launch/patient", Task, Read, false, true),
-            ("user/Observation.rs system/Task.c", Task, Read, false, false),
+            (
+                "user/Task.rs openid fhirUser launch/patient",
+                Task,
+                Read,
+                false,
+                true,
+            ),
+            (
+                "user/Observation.rs system/Task.c",
+                Task,
+                Read,
+                false,
+                false,
+            ),
         ];
         for (scopes, resource, permission, patient, allowed) in cases {
             let parsed = Scopes::parse(scopes.split(' ')).expect(scopes);
@@ -351,12 +371,32 @@ mod tests {
             (Method::DELETE, "/Task", Some((Task, Delete))),
             (Method::GET, "/Subscription", Some((Subscription, Search))),
             (Method::POST, "/Subscription", Some((Subscription, Create))),
-            (Method::GET, "/Subscription/$status", Some((Subscription, Search))),
+            (
+                Method::GET,
+                "/Subscription/$status",
+                Some((Subscription, Search)),
+            ),
             (Method::GET, "/Subscription/s1", Some((Subscription, Read))),
-            (Method::GET, "/Subscription/s1/$status", Some((Subscription, Read))),
-            (Method::POST, "/Subscription/s1/$get-ws-binding-token", Some((Subscription, Read))),
-            (Method::GET, "/Subscription/s1/$events", Some((Subscription, Read))),
-            (Method::DELETE, "/Subscription/s1", Some((Subscription, Delete))),
+            (
+                Method::GET,
+                "/Subscription/s1/$status",
+                Some((Subscription, Read)),
+            ),
+            (
+                Method::POST,
+                "/Subscription/s1/$get-ws-binding-token",
+                Some((Subscription, Read)),
+            ),
+            (
+                Method::GET,
+                "/Subscription/s1/$events",
+                Some((Subscription, Read)),
+            ),
+            (
+                Method::DELETE,
+                "/Subscription/s1",
+                Some((Subscription, Delete)),
+            ),
             (Method::GET, "/metadata", None),
             (Method::GET, "/SubscriptionTopic", None),
             (Method::POST, "/", None),
