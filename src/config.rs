@@ -52,6 +52,16 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
+    pub cors: CorsConfig,
+}
+
+/// Browser clients on other origins (`[cors]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins (`scheme://host[:port]`) whose pages may call the FHIR API and open the
+    /// websocket. Empty: no CORS headers at all, and websockets from any browser page refused.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Bounds on what one client can make the node do, so that no client can exhaust it for the
@@ -251,6 +261,13 @@ pub struct IssuerConfig {
     /// Dotted path of the claim listing the performer types (`system|code`).
     #[serde(default = "default_performer_types_claim")]
     pub performer_types_claim: String,
+    /// The provider's token endpoint, advertised in SMART discovery; when absent, read from its
+    /// OIDC discovery document.
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    /// The provider's authorization endpoint, likewise.
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
     /// Refuse tokens of this issuer that carry no SMART scopes, instead of letting the role
     /// alone decide.
     #[serde(default)]
@@ -375,6 +392,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             cluster: ClusterConfig::default(),
             limits: LimitsConfig::default(),
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -399,8 +417,14 @@ impl AuthConfig {
                 )));
             }
             check_identity_url(&format!("{at}.issuer"), &issuer.issuer)?;
-            if let Some(uri) = &issuer.jwks_uri {
-                check_identity_url(&format!("{at}.jwks_uri"), uri)?;
+            for (name, uri) in [
+                ("jwks_uri", &issuer.jwks_uri),
+                ("token_endpoint", &issuer.token_endpoint),
+                ("authorization_endpoint", &issuer.authorization_endpoint),
+            ] {
+                if let Some(uri) = uri {
+                    check_identity_url(&format!("{at}.{name}"), uri)?;
+                }
             }
             if issuer.audience.is_empty() {
                 return Err(ConfigError(format!(
@@ -722,6 +746,24 @@ impl Config {
             ));
         }
         self.auth.validate_issuers()?;
+        for origin in &self.cors.allowed_origins {
+            let parsed = reqwest::Url::parse(origin).ok();
+            let exact = parsed.as_ref().is_some_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some()
+                    && u.username().is_empty()
+                    && u.password().is_none()
+                    && u.path() == "/"
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+                    && !origin.ends_with('/')
+            });
+            if !exact {
+                return Err(ConfigError(format!(
+                    "cors.allowed_origins: '{origin}' must be an origin, scheme://host[:port] without a path or trailing slash, e.g. https://board.example.org (wildcards are not accepted)"
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -87,6 +87,8 @@ impl Provider {
             fhir_user_claim: "fhirUser".into(),
             fhir_user_template: Some("Practitioner/{sub}".into()),
             performer_types_claim: "performer_types".into(),
+            token_endpoint: None,
+            authorization_endpoint: None,
             require_scopes: false,
         }
     }
@@ -565,6 +567,8 @@ async fn issuer_configuration_is_checked_at_start_up() {
         fhir_user_claim: "fhirUser".into(),
         fhir_user_template: None,
         performer_types_claim: "performer_types".into(),
+        token_endpoint: None,
+        authorization_endpoint: None,
         require_scopes: false,
     };
     let cases: [(&str, IssuerConfig, &str); 6] = [
@@ -696,4 +700,88 @@ async fn provider_scopes_narrow_the_role_and_can_be_required() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn smart_discovery_advertises_the_provider() {
+    let Some(provider) = Provider::start("smart_discovery_advertises_the_provider").await else {
+        return;
+    };
+    let server = baton_for(&provider, 10, |c| {
+        c.cors.allowed_origins = vec!["https://board.example".into()];
+    })
+    .await;
+    // The endpoints come from the provider's discovery document, read with its keys at start.
+    let document = common::eventually("the SMART configuration", || async {
+        let response = server
+            .client
+            .get(format!("{}/.well-known/smart-configuration", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let document: Value = response.json().await.unwrap();
+        document.get("token_endpoint").is_some().then_some(document)
+    })
+    .await;
+    assert_eq!(document["issuer"], provider.issuer);
+    assert_eq!(
+        document["token_endpoint"],
+        format!("{}/token", provider.issuer)
+    );
+    assert_eq!(
+        document["authorization_endpoint"],
+        format!("{}/auth", provider.issuer)
+    );
+    assert_eq!(document["jwks_uri"], format!("{}/jwks", provider.issuer));
+    for capability in [
+        "permission-v2",
+        "permission-v1",
+        "client-confidential-symmetric",
+    ] {
+        assert!(
+            document["capabilities"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(capability)),
+            "{document}"
+        );
+    }
+    assert!(
+        document["scopes_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("user/Task.cruds"))
+    );
+
+    let (status, statement) = server.get("/metadata", "unused").await;
+    assert_eq!(status, StatusCode::OK);
+    let security = &statement["rest"][0]["security"];
+    assert_eq!(security["cors"], true);
+    assert_eq!(security["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    let uris = &security["extension"][0];
+    assert_eq!(
+        uris["url"],
+        "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+    );
+    assert!(
+        uris["extension"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"url": "token", "valueUri": format!("{}/token", provider.issuer)})),
+        "{security}"
+    );
+    server.stop().await;
+
+    // Without issuers Baton is no SMART server, and says so.
+    let plain = TestServer::start().await;
+    let (status, body) = plain
+        .get("/.well-known/smart-configuration", "unused")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_outcome(&body, "not-found");
+    let (_, statement) = plain.get("/metadata", "unused").await;
+    assert_eq!(statement["rest"][0]["security"]["cors"], false);
+    assert!(statement["rest"][0]["security"].get("service").is_none());
+    plain.stop().await;
 }

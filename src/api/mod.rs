@@ -2,10 +2,12 @@
 //! here with the shared state, request metrics and the FHIR error fallbacks.
 
 pub mod admission;
+pub mod cors;
 pub mod health;
 pub mod metadata;
 pub mod principal;
 pub mod rate_limit;
+pub mod smart;
 pub mod subscription;
 pub mod task;
 pub mod topic;
@@ -77,13 +79,14 @@ impl AsRef<Authenticator> for AppState {
 pub fn router(state: AppState) -> Router {
     let fhir = Router::new()
         .merge(metadata::router())
+        .merge(smart::router())
         .merge(task::router())
         .merge(subscription::router())
         .merge(topic::router())
         .merge(websocket::router())
         .fallback(unknown_route)
         .layer(axum::middleware::from_fn(negotiate_format));
-    Router::new()
+    let router = Router::new()
         .nest("/fhir", fhir)
         .merge(health::router())
         .fallback(unknown_route)
@@ -92,8 +95,20 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(record_request))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             answer_panic,
-        ))
-        .with_state(state)
+        ));
+    // CORS outermost, so that preflights are answered before anything else looks at them and
+    // every answer, errors included, carries the headers a listed page needs to read it.
+    let origins = cors::AllowedOrigins::new(&state.config.cors.allowed_origins);
+    let router = match origins.is_empty() {
+        true => router,
+        false => router
+            .layer(origins.layer())
+            .layer(axum::middleware::from_fn_with_state(
+                origins,
+                cors::only_listed_origins,
+            )),
+    };
+    router.with_state(state)
 }
 
 /// A handler that panics (a bug) answers an opaque 500 OperationOutcome, logged once with

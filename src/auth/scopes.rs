@@ -230,7 +230,9 @@ impl Scopes {
     /// The context to name in a refusal: that of the token's own scopes (its first), so the
     /// scope named is one its client could ask for; None for a token without any.
     pub fn context(&self) -> Option<&'static str> {
-        self.grants.iter().find_map(|g| g.context.map(Context::as_str))
+        self.grants
+            .iter()
+            .find_map(|g| g.context.map(Context::as_str))
     }
 
     /// Whether the permission comes only through `patient` grants, so the Tasks it reaches are
