@@ -51,6 +51,7 @@ impl Provider {
             .arg("provider.mjs")
             .arg(AUDIENCE)
             .current_dir(&dir)
+            .env("EXIT_WITH_STDIN", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

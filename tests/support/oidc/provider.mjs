@@ -12,7 +12,8 @@
 //                            provider would never issue: expired, not yet valid, wrong audience)
 //   GET  /_test/public.pem   the current RSA public key as PEM (for the HS256 confusion forgery)
 //
-// Usage: node provider.mjs <audience>. Prints "READY <port>" once it listens on 127.0.0.1.
+// Usage: node provider.mjs <audience> [port]. Prints "READY <port>" once it listens on
+// 127.0.0.1 (on the port given, or any free one).
 
 import http from 'node:http';
 import crypto from 'node:crypto';
@@ -163,13 +164,16 @@ const server = http.createServer(async (req, res) => {
   return provider.callback()(req, res);
 });
 
-server.listen(0, '127.0.0.1', () => {
+server.listen(Number(process.argv[3] || 0), '127.0.0.1', () => {
   const { port } = server.address();
   issuer = `http://127.0.0.1:${port}`;
   provider = buildProvider();
   process.stdout.write(`READY ${port}\n`);
 });
 
-// The test kills this process; should it die first, stdin closing ends it too.
-process.stdin.on('end', () => process.exit(0));
-process.stdin.resume();
+// The test kills this process; should the test die first, its end of stdin closes, which ends
+// this process too (only when asked: a shell's background job has no such stdin).
+if (process.env.EXIT_WITH_STDIN === '1') {
+  process.stdin.on('end', () => process.exit(0));
+  process.stdin.resume();
+}
