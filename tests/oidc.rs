@@ -786,3 +786,181 @@ async fn smart_discovery_advertises_the_provider() {
     assert!(statement["rest"][0]["security"].get("service").is_none());
     plain.stop().await;
 }
+
+/// A WebDriver session on chromedriver with headless Chromium, spoken to over its HTTP API.
+struct Browser {
+    http: reqwest::Client,
+    session: String,
+    _driver: tokio::process::Child,
+}
+
+impl Browser {
+    /// Starts chromedriver and a session, or None (after a note) without them and without CI.
+    async fn start(test: &str) -> Option<Browser> {
+        let found = |name: &str| {
+            std::process::Command::new(name)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !found("chromedriver") || !found("chromium") {
+            let why = "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)";
+            if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+                panic!("{test}: the browser test is required when CI=true, but {why}");
+            }
+            eprintln!("{test}: skipped: {why}");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = tokio::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting chromedriver");
+        let http = reqwest::Client::new();
+        let root = format!("http://127.0.0.1:{port}");
+        common::eventually("chromedriver is ready", || async {
+            let status = http.get(format!("{root}/status")).send().await.ok()?;
+            let body: Value = status.json().await.ok()?;
+            (body["value"]["ready"] == true).then_some(())
+        })
+        .await;
+        let created: Value = http
+            .post(format!("{root}/session"))
+            .json(&json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+            }}}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {created}"));
+        Some(Browser {
+            http,
+            session: format!("{root}/session/{session}"),
+            _driver: driver,
+        })
+    }
+
+    async fn open(&self, url: &str) {
+        let response = self
+            .http
+            .post(format!("{}/url", self.session))
+            .json(&json!({ "url": url }))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+
+    /// Runs `script` in the page and returns what it returns.
+    async fn run(&self, script: &str) -> Value {
+        let answer: Value = self
+            .http
+            .post(format!("{}/execute/sync", self.session))
+            .json(&json!({ "script": script, "args": [] }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["value"].clone()
+    }
+
+    async fn close(self) {
+        let _ = self.http.delete(&self.session).send().await;
+    }
+}
+
+/// The page's origin as Baton's `[cors] allowed_origins` lists it.
+fn board_origins(page_origin: &str) -> Vec<String> {
+    vec![page_origin.to_string()]
+}
+
+#[tokio::test]
+async fn a_browser_page_lists_tasks_and_hears_notifications() {
+    let test = "a_browser_page_lists_tasks_and_hears_notifications";
+    let Some(provider) = Provider::start(test).await else {
+        return;
+    };
+    let Some(browser) = Browser::start(test).await else {
+        return;
+    };
+    // The example page, served from an origin of its own.
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/browser/index.html"),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/index.html",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let allowed = board_origins(&origin);
+    let server = baton_for(&provider, 10, move |c| c.cors.allowed_origins = allowed).await;
+    let earlier = server.create_task(&task("requested", None)).await;
+
+    let query = reqwest::Url::parse_with_params(
+        &format!("{origin}/index.html"),
+        [
+            ("fhir", server.base.as_str()),
+            ("token_endpoint", &format!("{}/token", provider.issuer)),
+            ("client_id", "board-app"),
+            ("client_secret", "board-app-secret"),
+            ("resource", AUDIENCE),
+        ],
+    )
+    .unwrap();
+    browser.open(query.as_str()).await;
+    common::eventually("the page listens on its websocket", || async {
+        let status = browser
+            .run("return document.getElementById('status').textContent")
+            .await;
+        assert!(
+            !status.as_str().unwrap_or_default().starts_with("failed"),
+            "the page failed: {status}"
+        );
+        (status == "listening").then_some(())
+    })
+    .await;
+    assert_eq!(
+        browser
+            .run("return document.getElementById('task-count').textContent")
+            .await,
+        "1",
+        "the page found {earlier}"
+    );
+
+    let mut created = task("requested", None);
+    created["description"] = json!("seen in the browser");
+    let created = server.create_task(&created).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    common::eventually("the page shows the notification", || async {
+        let shown = browser
+            .run(
+                "return [...document.querySelectorAll('.notification')].map((e) => e.dataset.task)",
+            )
+            .await;
+        shown
+            .as_array()
+            .is_some_and(|ids| ids.contains(&json!(id)))
+            .then_some(())
+    })
+    .await;
+    browser.close().await;
+    server.stop().await;
+}

@@ -46,6 +46,8 @@ const CLIENTS = {
   'template-app': { claims: { realm_access: { roles: ['practitioner'] } } },
   'es-app': { alg: 'ES256', claims: { realm_access: { roles: ['admin'] } } },
   'ps-app': { alg: 'PS256', claims: { realm_access: { roles: ['admin'] } } },
+  // The browser page of tests/browser.rs (examples/browser): a board reading every Task.
+  'board-app': { claims: { realm_access: { roles: ['auditor'] }, fhirUser: 'Practitioner/board' } },
   'patient-app': {
     claims: { realm_access: { roles: ['practitioner'] }, fhirUser: 'Practitioner/p1', patient: 'Patient/1' },
   },
@@ -100,6 +102,9 @@ function buildProvider() {
       },
     },
     extraTokenClaims: (ctx, token) => CLIENTS[token.clientId]?.claims ?? {},
+    // Only the board's page calls the token endpoint from a browser (any loopback origin).
+    clientBasedCORS: (ctx, origin, client) =>
+      client.clientId === 'board-app' && new URL(origin).hostname === '127.0.0.1',
   });
   p.proxy = false;
   return p;
