@@ -105,6 +105,7 @@ fn status(subscription: &SubscriptionId, events_since_start: i64) -> StatusSnaps
         events_since_start: EventNumber::new(events_since_start),
         notification_type: NotificationType::EventNotification,
         error: None,
+        last_delivered: None,
     }
 }
 

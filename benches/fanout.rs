@@ -66,6 +66,7 @@ fn status(subscription: &SubscriptionId, n: usize) -> StatusSnapshot<'_> {
         events_since_start: EventNumber::new(n as i64 + 1),
         notification_type: NotificationType::EventNotification,
         error: None,
+        last_delivered: None,
     }
 }
 

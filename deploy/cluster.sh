@@ -7,7 +7,17 @@
 #                           [--binary PATH] [--run-dir DIR] [--wait SECONDS]
 #   deploy/cluster.sh stop [--run-dir DIR]
 #   deploy/cluster.sh status [--run-dir DIR]
+#   deploy/cluster.sh stop-node K [--run-dir DIR]
+#   deploy/cluster.sh start-node K [--run-dir DIR] [--wait SECONDS]
+#   deploy/cluster.sh restart-node K [--run-dir DIR] [--wait SECONDS]
 #   deploy/cluster.sh drop-db [--db NAME] [--run-dir DIR]
+#
+# start refuses while any node of RUN_DIR is alive; the other nodes keep running through
+# stop-node, start-node and restart-node (SIGTERM, wait for the drain, start again). A node
+# (re)started alone gets the settings `start` recorded in RUN_DIR/cluster.env: binary,
+# database, Redis, AMQP, prefix, the BATON_* and RUST_LOG variables passed through then, and
+# its own port (base port + K - 1), data dir and node id (node-K), so it takes straight back
+# what it held. A K beyond -n adds a node. start-node appends to node-K.log.
 #
 # Defaults: -n 3, --base-port 8081 (nodes on 8081, 8082, ...), --db baton_cluster,
 # --prefix baton-cluster, --binary target/release/baton (else target/debug/baton),
@@ -16,7 +26,8 @@
 # Options also take the --option=value form. Works from any directory.
 #
 # Environment (all optional):
-#   BATON_JWT_SECRET   shared token key; otherwise one is generated into RUN_DIR/jwt-secret
+#   BATON_JWT_SECRET   shared token key; otherwise one is generated into RUN_DIR/jwt-secret.
+#                      Yours is never written to disk: export the same one for start-node.
 #   BATON_REDIS_URL    default redis://127.0.0.1:6379
 #   BATON_AMQP_URL     default amqp://guest:guest@127.0.0.1:5672/%2f when that port is open
 #   CLUSTER_PG_HOST, CLUSTER_PG_PORT, CLUSTER_PG_USER
@@ -231,6 +242,107 @@ stop_nodes() {
 
 # ---- commands -----------------------------------------------------------------------------
 
+# Settings `start` records for the nodes, and start-node reads back.
+CLUSTER_VARS=(BINARY NODES BASE_PORT DB_NAME PREFIX DATABASE_URL REDIS_URL AMQP_URL SECRET_FROM_ENV SECRET_SHA PASS_ENV)
+
+# The variables a node gets from this script; every other BATON_* is passed through.
+node_variable() {
+    case $1 in
+        BATON_LISTEN | BATON_PUBLIC_URL | BATON_DATA_DIR | BATON_DATABASE_URL | BATON_REDIS_URL | \
+            BATON_JWT_SECRET | BATON_CLUSTER__NODE_ID | BATON_CLUSTER__REDIS_PREFIX | BATON_AMQP_URL) return 0 ;;
+    esac
+    return 1
+}
+
+secret_sha() {
+    printf '%s' "$1" | sha256sum | cut -d' ' -f1
+}
+
+write_cluster_env() {
+    local name
+    PASS_ENV=()
+    while IFS= read -r name; do
+        node_variable "$name" || PASS_ENV+=("$name=${!name}")
+    done < <(compgen -e | grep -E '^(BATON_[A-Z0-9_]+|RUST_LOG)$' || true)
+    # Mode 0600: passed-through variables may hold passwords. The token key is not in it.
+    # declare -g: read_cluster_env sources it inside a function.
+    (umask 077 && declare -p "${CLUSTER_VARS[@]}" | sed 's/^declare /declare -g /' >"$RUN_DIR/cluster.env")
+}
+
+read_cluster_env() {
+    [[ -f $RUN_DIR/cluster.env ]] ||
+        die "no cluster was started from $RUN_DIR (no cluster.env): $PROG start first"
+    # shellcheck disable=SC1091 # written by write_cluster_env
+    source "$RUN_DIR/cluster.env"
+}
+
+# The token key the nodes share, as `start` chose it (SECRET_FROM_ENV, SECRET_SHA).
+cluster_secret() {
+    if [[ $SECRET_FROM_ENV == 1 ]]; then
+        [[ -n ${BATON_JWT_SECRET:-} ]] ||
+            die "this cluster was started with your BATON_JWT_SECRET: export the same one"
+        [[ $(secret_sha "$BATON_JWT_SECRET") == "$SECRET_SHA" ]] ||
+            die "BATON_JWT_SECRET differs from the one this cluster was started with"
+        printf '%s' "$BATON_JWT_SECRET"
+    else
+        [[ -s $RUN_DIR/jwt-secret ]] || die "$RUN_DIR/jwt-secret is missing"
+        cat "$RUN_DIR/jwt-secret"
+    fi
+}
+
+# Starts node K in the background with the cluster's settings and records its pid and port.
+launch_node() {
+    local k=$1 secret=$2 port=$((BASE_PORT + $1 - 1))
+    local data=$RUN_DIR/node-$k log=$RUN_DIR/node-$k.log
+    mkdir -p "$data"
+    echo "=== $(date '+%F %T') start node-$k on 127.0.0.1:$port" >>"$log"
+    # setsid: the nodes outlive this script and ignore a Ctrl-C typed while it waits.
+    # Run from the repository root, like `cargo run`, so config/baton.toml applies.
+    # env -u: no AMQP unless the cluster has it, whatever this shell exports.
+    (
+        cd "$REPO_ROOT"
+        exec env -u BATON_AMQP_URL "${PASS_ENV[@]}" \
+            BATON_LISTEN="127.0.0.1:$port" \
+            BATON_PUBLIC_URL="http://127.0.0.1:$port/fhir" \
+            BATON_DATA_DIR="$data" \
+            BATON_DATABASE_URL="$DATABASE_URL" \
+            BATON_REDIS_URL="$REDIS_URL" \
+            BATON_JWT_SECRET="$secret" \
+            BATON_CLUSTER__NODE_ID="node-$k" \
+            BATON_CLUSTER__REDIS_PREFIX="$PREFIX" \
+            ${AMQP_URL:+"BATON_AMQP_URL=$AMQP_URL"} \
+            setsid "$BINARY" serve </dev/null >>"$log" 2>&1
+    ) &
+    echo "$!" >"$RUN_DIR/node-$k.pid"
+    echo "$port" >"$RUN_DIR/node-$k.port"
+}
+
+# Waits until node K's /readyz answers 200 (deadline in SECONDS) and prints its body; fails
+# with the end of its log when it exits or the deadline passes.
+wait_ready() {
+    local k=$1 deadline=$2 port body=$RUN_DIR/.readyz-$1 code
+    port=$(node_port "$k")
+    while :; do
+        code=$(readyz "$port" "$body")
+        [[ $code == 200 ]] && break
+        if ! recorded_pid "$k" >/dev/null; then
+            echo "node-$k exited; the end of $RUN_DIR/node-$k.log:" >&2
+            tail -n 20 "$RUN_DIR/node-$k.log" >&2
+            rm -f "$body"
+            return 1
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "node-$k not ready after ${WAIT_SECONDS}s (last /readyz: ${code:-no answer}); see $RUN_DIR/node-$k.log" >&2
+            tail -n 20 "$RUN_DIR/node-$k.log" >&2
+            rm -f "$body"
+            return 1
+        fi
+        sleep 0.5
+    done
+    echo "node-$k ready: http://127.0.0.1:$port/fhir   $(<"$body")"
+    rm -f "$body"
+}
+
 cmd_start() {
     parse_options "-n --nodes --base-port --db --prefix --binary --run-dir --wait" "$@"
 
@@ -247,7 +359,9 @@ cmd_start() {
     mkdir -p "$RUN_DIR"
     local k
     for k in $(known_nodes); do
-        if live_pid "$k" >/dev/null; then die "a cluster is already running from $RUN_DIR ($PROG stop first)"; fi
+        if live_pid "$k" >/dev/null; then
+            die "a cluster is already running from $RUN_DIR ($PROG stop first, or $PROG restart-node K for one node)"
+        fi
     done
     rm -f "$RUN_DIR"/node-*.pid "$RUN_DIR"/node-*.port
     for ((k = 1; k <= NODES; k++)); do
@@ -257,15 +371,15 @@ cmd_start() {
     done
 
     create_database
-    local database_url="postgres://$PG_USER@$PG_HOST:$PG_PORT/$DB_NAME"
+    DATABASE_URL="postgres://$PG_USER@$PG_HOST:$PG_PORT/$DB_NAME"
 
-    local redis_url=${BATON_REDIS_URL:-redis://127.0.0.1:6379}
+    REDIS_URL=${BATON_REDIS_URL:-redis://127.0.0.1:6379}
     if [[ -z ${BATON_REDIS_URL:-} ]] && ! port_open 127.0.0.1 6379; then
         echo "warning: Redis does not answer on 127.0.0.1:6379; nodes will fall back to polling" >&2
     fi
-    local amqp_url=${BATON_AMQP_URL:-}
-    if [[ -z $amqp_url ]] && port_open 127.0.0.1 5672; then
-        amqp_url='amqp://guest:guest@127.0.0.1:5672/%2f'
+    AMQP_URL=${BATON_AMQP_URL:-}
+    if [[ -z $AMQP_URL ]] && port_open 127.0.0.1 5672; then
+        AMQP_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
     fi
 
     # The shared token key: yours from the environment (never written to disk), else the
@@ -273,68 +387,35 @@ cmd_start() {
     local secret_file=$RUN_DIR/jwt-secret secret token_cmd
     if [[ -n ${BATON_JWT_SECRET:-} ]]; then
         secret=$BATON_JWT_SECRET
+        SECRET_FROM_ENV=1
         token_cmd="$BINARY token --role admin    # with the BATON_JWT_SECRET you exported"
     else
         if [[ ! -s $secret_file ]]; then
             (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$secret_file")
         fi
         secret=$(<"$secret_file")
+        SECRET_FROM_ENV=0
         token_cmd="BATON_JWT_SECRET=\$(cat $secret_file) $BINARY token --role admin"
     fi
+    SECRET_SHA=$(secret_sha "$secret")
+    write_cluster_env
 
     echo "starting $NODES node(s) of $BINARY"
-    echo "  database $database_url, redis $redis_url (prefix $PREFIX), amqp ${amqp_url:-off}"
-    local port log data pid
+    echo "  database $DATABASE_URL, redis $REDIS_URL (prefix $PREFIX), amqp ${AMQP_URL:-off}"
+    local log
     for ((k = 1; k <= NODES; k++)); do
-        port=$((BASE_PORT + k - 1))
-        data=$RUN_DIR/node-$k
         log=$RUN_DIR/node-$k.log
-        mkdir -p "$data"
         if [[ -f $log ]]; then mv -f "$log" "$log.1"; fi
-        echo "=== $(date '+%F %T') start node-$k on 127.0.0.1:$port" >"$log"
-        # setsid: the nodes outlive this script and ignore a Ctrl-C typed while it waits.
-        # Run from the repository root, like `cargo run`, so config/baton.toml applies.
-        (
-            cd "$REPO_ROOT"
-            export BATON_LISTEN=127.0.0.1:$port
-            export BATON_PUBLIC_URL=http://127.0.0.1:$port/fhir
-            export BATON_DATA_DIR=$data
-            export BATON_DATABASE_URL=$database_url
-            export BATON_REDIS_URL=$redis_url
-            export BATON_JWT_SECRET=$secret
-            export BATON_CLUSTER__NODE_ID=node-$k
-            export BATON_CLUSTER__REDIS_PREFIX=$PREFIX
-            if [[ -n $amqp_url ]]; then export BATON_AMQP_URL=$amqp_url; else unset BATON_AMQP_URL; fi
-            exec setsid "$BINARY" serve </dev/null >>"$log" 2>&1
-        ) &
-        pid=$!
-        echo "$pid" >"$RUN_DIR/node-$k.pid"
-        echo "$port" >"$RUN_DIR/node-$k.port"
+        launch_node "$k" "$secret"
     done
 
-    local deadline=$((SECONDS + WAIT_SECONDS)) body=$RUN_DIR/.readyz code
+    local deadline=$((SECONDS + WAIT_SECONDS))
     for ((k = 1; k <= NODES; k++)); do
-        port=$((BASE_PORT + k - 1))
-        while :; do
-            code=$(readyz "$port" "$body")
-            [[ $code == 200 ]] && break
-            if ! recorded_pid "$k" >/dev/null; then
-                echo "node-$k exited; the end of $RUN_DIR/node-$k.log:" >&2
-                tail -n 20 "$RUN_DIR/node-$k.log" >&2
-                stop_nodes >/dev/null
-                exit 1
-            fi
-            if ((SECONDS >= deadline)); then
-                echo "node-$k not ready after ${WAIT_SECONDS}s (last /readyz: ${code:-no answer}); see $RUN_DIR/node-$k.log" >&2
-                tail -n 20 "$RUN_DIR/node-$k.log" >&2
-                stop_nodes >/dev/null
-                exit 1
-            fi
-            sleep 0.5
-        done
-        echo "node-$k ready: http://127.0.0.1:$port/fhir   $(<"$body")"
+        if ! wait_ready "$k" "$deadline"; then
+            stop_nodes >/dev/null
+            exit 1
+        fi
     done
-    rm -f "$body"
 
     cat <<EOF
 
@@ -342,7 +423,86 @@ Cluster of $NODES node(s) running from $RUN_DIR (logs: node-K.log).
 An admin token, valid on every node:
   $token_cmd
 Status and stop: $0 status|stop --run-dir $RUN_DIR
+One node:        $0 restart-node|stop-node|start-node K --run-dir $RUN_DIR
 EOF
+}
+
+# The node number the node commands take first.
+node_number() {
+    if ! [[ $# -ge 1 && $1 =~ ^[0-9]{1,3}$ ]] || ((10#$1 < 1 || 10#$1 > 100)); then
+        die "$COMMAND needs a node number from 1 to 100 first, e.g. $PROG $COMMAND 2"
+    fi
+    echo "$((10#$1))"
+}
+
+# SIGTERM to node K, then waits for its drain (SIGKILL after STOP_SECONDS). Its pid and
+# port files stay, so that status lists it as not running.
+stop_one() {
+    local k=$1 pid
+    if ! pid=$(live_pid "$k"); then
+        echo "node-$k: not running"
+        return 0
+    fi
+    echo "node-$k: stopping (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + STOP_SECONDS))
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            echo "node-$k: still running after ${STOP_SECONDS}s, killing pid $pid"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.2
+    done
+    echo "node-$k: stopped"
+}
+
+# Starts node K alone with the recorded settings (read_cluster_env first) and waits for it.
+start_one() {
+    local k=$1 port=$((BASE_PORT + $1 - 1)) secret
+    if live_pid "$k" >/dev/null; then die "node-$k is already running ($PROG restart-node $k)"; fi
+    ((port <= 65535)) || die "node-$k would need port $port"
+    if port_open 127.0.0.1 "$port"; then die "port $port of node-$k is in use"; fi
+    secret=$(cluster_secret) || exit 1
+    launch_node "$k" "$secret"
+    if ! wait_ready "$k" $((SECONDS + WAIT_SECONDS)); then
+        stop_one "$k" >/dev/null
+        exit 1
+    fi
+}
+
+# What start-node and restart-node check before touching a node.
+check_can_start() {
+    read_cluster_env
+    [[ -x $BINARY ]] || die "no Baton binary at $BINARY (the one this cluster was started with)"
+    cluster_secret >/dev/null || exit 1
+}
+
+cmd_stop_node() {
+    local k
+    k=$(node_number "$@") || exit 1
+    parse_options "--run-dir" "${@:2}"
+    [[ -f $RUN_DIR/node-$k.pid ]] || die "no node-$k in $RUN_DIR"
+    stop_one "$k"
+}
+
+cmd_start_node() {
+    local k
+    k=$(node_number "$@") || exit 1
+    parse_options "--run-dir --wait" "${@:2}"
+    check_can_start
+    start_one "$k"
+}
+
+cmd_restart_node() {
+    local k
+    k=$(node_number "$@") || exit 1
+    parse_options "--run-dir --wait" "${@:2}"
+    [[ -f $RUN_DIR/node-$k.pid ]] || die "no node-$k in $RUN_DIR ($PROG start-node $k adds one)"
+    # Checked first, so that a node that could not be started again is left running.
+    check_can_start
+    stop_one "$k"
+    start_one "$k"
 }
 
 cmd_stop() {
@@ -405,16 +565,19 @@ main() {
         usage >&2
         exit 2
     }
-    local command=$1
+    COMMAND=$1
     shift
-    case $command in
+    case $COMMAND in
         start) cmd_start "$@" ;;
         stop) cmd_stop "$@" ;;
         status) cmd_status "$@" ;;
+        stop-node) cmd_stop_node "$@" ;;
+        start-node) cmd_start_node "$@" ;;
+        restart-node) cmd_restart_node "$@" ;;
         drop-db) cmd_drop_db "$@" ;;
         -h | --help | help) usage ;;
         *)
-            echo "$PROG: unknown command '$command'" >&2
+            echo "$PROG: unknown command '$COMMAND'" >&2
             usage >&2
             exit 2
             ;;

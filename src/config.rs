@@ -53,6 +53,77 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
     pub cors: CorsConfig,
+    pub http: HttpConfig,
+}
+
+/// How the HTTP surface is laid out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// More base paths serving the same FHIR API as `/fhir`, e.g. `["/api/fhir"]`. Links in
+    /// responses (`fullUrl`, `Location`, paging) follow the path a request came in on.
+    pub extra_base_paths: Vec<String>,
+}
+
+/// Paths outside the FHIR API that an extra base path may not take over.
+const RESERVED_PATHS: &[&str] = &["/fhir", "/healthz", "/readyz", "/metrics", "/console"];
+
+impl HttpConfig {
+    /// Checks each extra base path: absolute, no trailing slash, plain segments, not one of
+    /// Baton's own paths, no repeats.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (i, path) in self.extra_base_paths.iter().enumerate() {
+            let segments_ok = path.strip_prefix('/').is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest.split('/').all(|segment| {
+                        !segment.is_empty()
+                            && segment != "."
+                            && segment != ".."
+                            && segment.chars().all(|c| {
+                                c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~')
+                            })
+                    })
+            });
+            if !segments_ok {
+                return Err(ConfigError(format!(
+                    "http.extra_base_paths entry '{path}' must be an absolute path of plain segments without a trailing slash, e.g. \"/api/fhir\" (BATON_HTTP__EXTRA_BASE_PATHS)"
+                )));
+            }
+            if let Some(reserved) = RESERVED_PATHS.iter().find(|r| {
+                path == *r
+                    || path.starts_with(&format!("{r}/"))
+                    || r.starts_with(&format!("{path}/"))
+            }) {
+                return Err(ConfigError(format!(
+                    "http.extra_base_paths entry '{path}' overlaps Baton's own path {reserved}; choose another path (BATON_HTTP__EXTRA_BASE_PATHS)"
+                )));
+            }
+            if let Some(other) = self.extra_base_paths[..i].iter().find(|o| {
+                *o == path
+                    || path.starts_with(&format!("{o}/"))
+                    || o.starts_with(&format!("{path}/"))
+            }) {
+                return Err(ConfigError(format!(
+                    "http.extra_base_paths lists '{path}' and '{other}', which overlap; keep one (BATON_HTTP__EXTRA_BASE_PATHS)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The base URL of the FHIR API under `path`, given the primary one: the primary base with
+    /// its final `/fhir` replaced by `path` (`https://x/fhir` → `https://x/api/fhir`); a base
+    /// that does not end in `/fhir` keeps its origin only.
+    pub fn base_url_for(&self, primary: &str, path: &str) -> String {
+        let primary = primary.trim_end_matches('/');
+        if let Some(prefix) = primary.strip_suffix("/fhir") {
+            return format!("{prefix}{path}");
+        }
+        match reqwest::Url::parse(primary) {
+            Ok(url) => format!("{}{path}", url.origin().ascii_serialization()),
+            Err(_) => format!("{primary}{path}"),
+        }
+    }
 }
 
 /// Browser clients on other origins (`[cors]`).
@@ -393,6 +464,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             limits: LimitsConfig::default(),
             cors: CorsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -542,6 +614,42 @@ pub enum DatabaseUrl {
     Postgres(String),
 }
 
+/// Whether `key` (an environment variable's name after `BATON_`) is one that Kubernetes
+/// injects into every pod for a Service named `baton`: `BATON_PORT`, `BATON_SERVICE_HOST`,
+/// `BATON_SERVICE_PORT[_NAME]`, `BATON_PORT_8080_TCP[_ADDR|_PORT|_PROTO]`. They are not
+/// settings, so they are passed over, while any other unknown `BATON_*` name (a misspelt
+/// setting) still stops start-up.
+fn is_kubernetes_service_variable(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    if key == "port" || key == "service_host" || key == "service_port" {
+        return true;
+    }
+    if key.starts_with("service_port_") {
+        return true;
+    }
+    let Some(rest) = key.strip_prefix("port_") else {
+        return false;
+    };
+    let mut parts = rest.split('_');
+    let port = parts.next().unwrap_or_default();
+    let protocol = parts.next().unwrap_or_default();
+    let field = parts.next();
+    !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && matches!(protocol, "tcp" | "udp" | "sctp")
+        && matches!(field, None | Some("addr" | "port" | "proto"))
+        && parts.next().is_none()
+}
+
+/// The file `Config::load` reads for this `--config` argument: the one given, else the default
+/// file if it exists. Start-up names it in the log, so an operator sees which file counted.
+pub fn file_used(explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(path) => Some(path.to_path_buf()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.is_file()),
+    }
+}
+
 impl Config {
     /// Loads defaults, then the file (the explicit one must exist), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -561,7 +669,11 @@ impl Config {
             }
             None => {}
         }
-        figment = figment.merge(Env::prefixed("BATON_").split("__"));
+        figment = figment.merge(
+            Env::prefixed("BATON_")
+                .filter(|key| !is_kubernetes_service_variable(key.as_str()))
+                .split("__"),
+        );
         let config: Config = figment
             .extract()
             .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
@@ -572,6 +684,7 @@ impl Config {
     /// Checks every setting and says what to change. Called by `load` and by `run`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.http.validate()?;
         if let Some(url) = &self.public_url {
             let ok = (url.starts_with("http://") || url.starts_with("https://"))
                 && reqwest::Url::parse(url).is_ok();
@@ -823,12 +936,63 @@ mod tests {
     use super::*;
 
     #[test]
+    fn extra_base_paths_take_the_origin_of_the_public_url() {
+        let http = HttpConfig {
+            extra_base_paths: vec!["/api/fhir".into(), "/r4".into()],
+        };
+        let config = Config {
+            http: http.clone(),
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        #[rustfmt::skip]
+        let cases = [
+            ("http://127.0.0.1:8080/fhir", "/api/fhir", "http://127.0.0.1:8080/api/fhir"),
+            ("https://x.example/baton/fhir/", "/api/fhir", "https://x.example/baton/api/fhir"),
+            ("https://x.example/r4-base", "/r4", "https://x.example/r4"),
+        ];
+        for (primary, path, expected) in cases {
+            assert_eq!(http.base_url_for(primary, path), expected, "{primary}");
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
         assert_eq!(
             Config::default().database().unwrap(),
             DatabaseUrl::Sqlite(PathBuf::from("data/baton.db"))
         );
+    }
+
+    #[test]
+    fn kubernetes_service_variables_are_told_from_settings() {
+        for key in [
+            "PORT",
+            "SERVICE_HOST",
+            "SERVICE_PORT",
+            "SERVICE_PORT_HTTP",
+            "PORT_8080_TCP",
+            "PORT_8080_TCP_ADDR",
+            "PORT_8080_TCP_PORT",
+            "PORT_8080_TCP_PROTO",
+            "PORT_5672_UDP",
+        ] {
+            assert!(is_kubernetes_service_variable(key), "{key}");
+        }
+        for key in [
+            "LISTEN",
+            "LISTN",
+            "PORTS",
+            "PORT_HTTP",
+            "PORT_8080",
+            "PORT_8080_TCP_HOST",
+            "PORT_X_TCP",
+            "SERVICE",
+            "DELIVERY__MAX_CONCURRENT",
+        ] {
+            assert!(!is_kubernetes_service_variable(key), "{key}");
+        }
     }
 
     #[test]
@@ -866,6 +1030,30 @@ mod tests {
             (
                 |c| c.search.max_include_depth = 0,
                 "search.max_include_depth",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["api/fhir".into()],
+                "http.extra_base_paths",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/api/fhir/".into()],
+                "http.extra_base_paths",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/api/../fhir".into()],
+                "http.extra_base_paths",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/fhir".into()],
+                "overlaps Baton's own path /fhir",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/metrics/x".into()],
+                "overlaps",
+            ),
+            (
+                |c| c.http.extra_base_paths = vec!["/api".into(), "/api/fhir".into()],
+                "overlap",
             ),
         ];
         for (mutate, needle) in cases {

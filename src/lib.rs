@@ -18,6 +18,8 @@ pub mod server;
 pub mod signals;
 pub mod store;
 pub mod supervise;
+pub mod telemetry;
+pub mod trace;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -220,6 +222,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             health: health.clone(),
             config,
         }),
+        link_base: Arc::from(base_url.as_str()),
     };
     let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
     // The issuers' keys are fetched once in the background, so the first tokens find them;
@@ -418,6 +421,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                 ])
                 .expect("the bucket list is not empty")
                 .install_recorder()
+                .inspect(|_| telemetry::describe_metrics())
                 .expect("no other metrics recorder is installed")
         })
         .clone()

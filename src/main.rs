@@ -75,9 +75,11 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
+            let file = baton::config::file_used(config.as_deref());
             let config = Config::load(config.as_deref())?;
             init_logging(config.log_format);
             baton::supervise::log_panics();
+            log_start_up(&config, file.as_deref());
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(serve(config))
         }
@@ -124,6 +126,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("configuration is valid:\n{}", as_json(&config));
             Ok(())
         }
+    }
+}
+
+/// What an operator checks first in the log: which build, which configuration file, and any
+/// relaxed endpoint policy (a warning: it lets subscriptions post to internal addresses).
+fn log_start_up(config: &Config, file: Option<&std::path::Path>) {
+    let file = file.map_or_else(
+        || "none (embedded defaults and environment)".to_string(),
+        |f| f.display().to_string(),
+    );
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config_file = %file,
+        "starting Baton"
+    );
+    if config.allow_private_endpoints {
+        tracing::warn!(
+            "allow_private_endpoints is on: rest-hook subscriptions may post to loopback, private and link-local addresses (BATON_ALLOW_PRIVATE_ENDPOINTS)"
+        );
+    }
+    if config.allow_http_endpoints {
+        tracing::warn!(
+            "allow_http_endpoints is on: rest-hook subscriptions may post over plain http, unencrypted (BATON_ALLOW_HTTP_ENDPOINTS)"
+        );
     }
 }
 

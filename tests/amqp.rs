@@ -65,6 +65,7 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
                 last_event: Some(EventNumber::new(7)),
                 events_since_start: EventNumber::new(7),
                 timestamp_secs: 1_700_000_000,
+                traceparent: None,
             },
             PUBLISH_TIMEOUT,
         )
@@ -84,6 +85,7 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
                 last_event: None,
                 events_since_start: EventNumber::new(7),
                 timestamp_secs: 1_700_000_060,
+                traceparent: None,
             },
             PUBLISH_TIMEOUT,
         )
@@ -145,6 +147,59 @@ async fn published_notifications_arrive_with_their_properties_and_headers() {
 
     stop_publisher(&publisher, &stop).await;
     fixture.delete().await;
+}
+
+/// Everything logged in this test process (every thread, lapin's included), for checking
+/// what a shutdown logs.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_after_publishing_logs_no_error() {
+    if !broker_available("a_clean_shutdown_after_publishing_logs_no_error").await {
+        return;
+    }
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+    let fixture = Fixture::declare("shutdown", Durability::Transient).await;
+    let (publisher, stop) = start_publisher(&broker_url());
+    let endpoint = fixture.endpoint(&fixture.exchange, "shutdown");
+    // Publishes on several channels, so that shutdown has open channels to close.
+    let sent =
+        futures::future::join_all((1..=4).map(|n| publish_numbered(&publisher, &endpoint, n)))
+            .await;
+    assert!(sent.iter().all(Result::is_ok), "{sent:?}");
+    fixture.take(4).await;
+    stop_publisher(&publisher, &stop).await;
+    fixture.delete().await;
+
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("closed the AMQP connection"),
+        "the shutdown was logged:\n{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains(" ERROR ") || l.contains(" WARN ")),
+        "a clean shutdown logs no error or warning:\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -664,7 +719,18 @@ async fn a_message_subscription_delivers_bundles_in_order_with_headers() {
     })
     .await;
 
-    let task = server.create_task(&common::task("requested", None)).await;
+    // The create continues the caller's trace; its notification carries it on.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let response = server
+        .request(reqwest::Method::POST, "/Task", &admin)
+        .header("content-type", "application/fhir+json")
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&common::task("requested", None))
+        .send()
+        .await
+        .unwrap();
+    let (code, task) = common::body(response).await;
+    assert_eq!(code, StatusCode::CREATED, "{task}");
     let task_id = task["id"].as_str().unwrap();
     for status in ["accepted", "in-progress", "completed"] {
         let mut changed = task.clone();
@@ -706,6 +772,15 @@ async fn a_message_subscription_delivers_bundles_in_order_with_headers() {
         );
         let carried = common::receiver::event_numbers(&bundle);
         let headers = properties.headers().as_ref().unwrap().inner();
+        if carried.first() == Some(&1) {
+            let traceparent = header_text(headers.get("traceparent")).expect("a traceparent");
+            assert_eq!(
+                traceparent.split('-').nth(1),
+                Some(trace_id),
+                "{traceparent}"
+            );
+            assert_ne!(traceparent.split('-').nth(2), Some("b7ad6b7169203331"));
+        }
         assert_eq!(
             header_text(headers.get("notification-type")),
             Some("event-notification")
@@ -989,6 +1064,7 @@ async fn publish_numbered(
         last_event: Some(number),
         events_since_start: number,
         timestamp_secs: 1_700_000_000,
+        traceparent: None,
     };
     publisher.publish(endpoint, message, PUBLISH_TIMEOUT).await
 }

@@ -158,6 +158,7 @@ async fn a_delivery_that_was_not_the_handshake_never_activates_a_subscription_th
         handshake,
         status: SubscriptionStatus::Active,
         at: StoredInstant::parse("2026-01-01T00:00:00.000Z").unwrap(),
+        rewinds: 0,
     };
     store
         .record_delivery("node", delivered(HandshakeOwed::Unchanged))

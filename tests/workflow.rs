@@ -824,3 +824,952 @@ async fn completing_an_abort_request_notifies_about_both_tasks() {
     );
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Immutable elements
+
+/// Asserts a refusal whose OperationOutcome names `expression`.
+fn assert_refused_at(status: StatusCode, body: &Value, expected: StatusCode, expression: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    assert_eq!(body["issue"][0]["expression"][0], expression, "{body}");
+}
+
+async fn patch_as(
+    server: &TestServer,
+    id: &str,
+    token: &str,
+    content_type: &str,
+    document: &Value,
+) -> (StatusCode, Value) {
+    let request = server
+        .request(Method::PATCH, &format!("/Task/{id}"), token)
+        .header("content-type", content_type)
+        .body(document.to_string());
+    common::body(request.send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn intent_and_authored_on_never_change_and_request_elements_only_for_the_placer() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let mut new = task("requested", Some("Practitioner/bob"));
+    new["requester"] = json!({ "reference": "Practitioner/placer" });
+    new["for"] = json!({ "reference": "Patient/p1" });
+    new["priority"] = json!("routine");
+    new["authoredOn"] = json!("2026-01-05T10:00:00Z");
+    let created = server.create_task(&new).await;
+    let id = id_of(&created);
+    let path = format!("/Task/{id}");
+
+    // PUT changing intent: refused for everyone, the admin included (the issue's own case).
+    let mut plan = created.clone();
+    plan["intent"] = json!("plan");
+    for token in [&admin, &bob] {
+        let (status, body) = server.put_json(&path, token, &plan).await;
+        assert_refused_at(
+            status,
+            &body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Task.intent",
+        );
+    }
+    // Every patch form, too.
+    let fhirpath = json!({ "resourceType": "Parameters", "parameter": [{ "name": "operation", "part": [
+        { "name": "type", "valueCode": "replace" },
+        { "name": "path", "valueString": "Task.intent" },
+        { "name": "value", "valueCode": "plan" },
+    ]}]});
+    #[rustfmt::skip]
+    let patches = [
+        ("application/json-patch+json", json!([{ "op": "replace", "path": "/intent", "value": "plan" }]), "Task.intent"),
+        ("application/merge-patch+json", json!({ "intent": "proposal" }), "Task.intent"),
+        ("application/fhir+json", fhirpath, "Task.intent"),
+        ("application/json-patch+json", json!([{ "op": "remove", "path": "/authoredOn" }]), "Task.authoredOn"),
+    ];
+    for (content_type, document, expression) in &patches {
+        let (status, body) = patch_as(&server, &id, &admin, content_type, document).await;
+        assert_refused_at(status, &body, StatusCode::UNPROCESSABLE_ENTITY, expression);
+    }
+
+    // The fulfiller may not rewrite what the placer asked for...
+    #[rustfmt::skip]
+    let fulfiller_patches = [
+        (json!([{ "op": "replace", "path": "/priority", "value": "stat" }]), "Task.priority"),
+        (json!([{ "op": "replace", "path": "/for", "value": { "reference": "Patient/p2" } }]), "Task.for"),
+        (json!([{ "op": "remove", "path": "/requester" }]), "Task.requester"),
+        (json!([{ "op": "add", "path": "/basedOn", "value": [{ "reference": "ServiceRequest/s1" }] }]), "Task.basedOn"),
+    ];
+    for (document, expression) in &fulfiller_patches {
+        let (status, body) =
+            patch_as(&server, &id, &bob, "application/json-patch+json", document).await;
+        assert_refused_at(status, &body, StatusCode::FORBIDDEN, expression);
+    }
+    let mut moved = created.clone();
+    moved["for"] = json!({ "reference": "Patient/p2" });
+    let (status, body) = server.put_json(&path, &bob, &moved).await;
+    assert_refused_at(status, &body, StatusCode::FORBIDDEN, "Task.for");
+    // ...nor through a transaction entry; the transaction stores nothing.
+    let other = server
+        .create_task(&task("requested", Some("Practitioner/bob")))
+        .await;
+    let mut other_done = other.clone();
+    other_done["status"] = json!("accepted");
+    let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": [
+        { "resource": other_done, "request": { "method": "PUT", "url": format!("Task/{}", id_of(&other)) } },
+        { "resource": moved, "request": { "method": "PUT", "url": format!("Task/{id}") } },
+    ]});
+    let (status, body) = server.post_json("", &bob, &bundle).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        body["issue"][0]["expression"][0], "Bundle.entry[1]",
+        "{body}"
+    );
+    assert!(
+        body["issue"][0]["diagnostics"]
+            .as_str()
+            .is_some_and(|d| d.contains("(Task.for)")),
+        "{body}"
+    );
+    assert_eq!(state_of(&server, &id_of(&other)).await.1, "1");
+    assert_eq!(
+        state_of(&server, &id).await,
+        ("requested".into(), "1".into())
+    );
+
+    // What the fulfiller reports is its own to change.
+    let (status, body) = patch_as(
+        &server,
+        &id,
+        &bob,
+        "application/merge-patch+json",
+        &json!({ "status": "in-progress", "businessStatus": { "text": "sample drawn" },
+                 "note": [{ "text": "called the patient" }] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The placer (the admin, or the practitioner named as requester) may change the request.
+    let (status, body) = patch_as(
+        &server,
+        &id,
+        &admin,
+        "application/json-patch+json",
+        &json!([{ "op": "replace", "path": "/priority", "value": "urgent" }]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let carol = server.practitioner("Practitioner/carol");
+    let mut own = task("requested", Some("Practitioner/carol"));
+    own["requester"] = json!({ "reference": "Practitioner/carol" });
+    let own = server.create_task(&own).await;
+    let (status, body) = patch_as(
+        &server,
+        &id_of(&own),
+        &carol,
+        "application/json-patch+json",
+        &json!([{ "op": "add", "path": "/priority", "value": "asap" }]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(history_statuses(&server, &id).await.len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modification requests
+
+const CHANGE: &str = "https://baton.dev/fhir/CodeSystem/task-change";
+
+/// A modification request about `focus` (a Task reference, maybe with a version), owned by
+/// the focal Task's owner and asked by `requester`, with these inputs.
+fn change_request(focus: &str, owner: &str, requester: &str, inputs: Value) -> Value {
+    json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "code": { "coding": [{ "system": TASK_CODE, "code": "change" }] },
+        "focus": { "reference": focus },
+        "owner": { "reference": owner },
+        "requester": { "reference": requester },
+        "input": inputs,
+    })
+}
+
+fn edit(element: &str, value_key: &str, value: Value) -> Value {
+    json!({ "type": { "coding": [{ "system": CHANGE, "code": element }] }, value_key: value })
+}
+
+/// A listener: a rest-hook subscription to `task-changed` made with `token`, active.
+async fn listen(server: &TestServer, token: &str, receiver: &Receiver, filters: &[&str]) -> String {
+    let (status, created) = server
+        .post_json(
+            "/Subscription",
+            token,
+            &subscription(
+                &server.base,
+                "task-changed",
+                filters,
+                &receiver.url,
+                "full-resource",
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = id_of(&created);
+    eventually("an active subscription", || async {
+        let (_, s) = server.get(&format!("/Subscription/{id}"), token).await;
+        (s["status"] == "active").then_some(())
+    })
+    .await;
+    id
+}
+
+/// Every (Task id, version, status) a subscription was told about.
+fn told(receiver: &Receiver, subscription: &str) -> BTreeSet<(String, String, String)> {
+    receiver
+        .of(subscription, "event-notification")
+        .iter()
+        .flat_map(|r| r.body["entry"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["resource"]["resourceType"] == "Task")
+        .map(|e| {
+            let t = &e["resource"];
+            (
+                id_of(t),
+                t["meta"]["versionId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                t["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn modification_requests_change_the_focal_task_only_when_the_other_side_completes_them() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let carol = server.practitioner("Practitioner/carol");
+    let placer_listens = listen(&server, &admin, &receiver, &[]).await;
+    let bob_listens = listen(&server, &bob, &receiver, &[]).await;
+    let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+    // "Modification requests addressed to me".
+    let bob_requests = listen(
+        &server,
+        &bob,
+        &receiver,
+        &[&format!("code={TASK_CODE}|change&owner=Practitioner/bob")],
+    )
+    .await;
+
+    let mut focal = task("in-progress", Some("Practitioner/bob"));
+    focal["requester"] = json!({ "reference": "Practitioner/placer" });
+    focal["priority"] = json!("routine");
+    focal["input"] = json!([{ "type": { "coding": [{ "system": "http://loinc.org", "code": "1975-2" }] },
+                              "valueString": "non-fasting" }]);
+    let focal = id_of(&server.create_task(&focal).await);
+    let focal_ref = format!("Task/{focal}");
+
+    // 1. The placer asks for a higher priority and an earlier deadline; the fulfiller agrees.
+    let asked = server
+        .create_task(&change_request(
+            &focal_ref,
+            "Practitioner/bob",
+            "Practitioner/placer",
+            json!([
+                edit("priority", "valueCode", json!("stat")),
+                edit(
+                    "restriction-period",
+                    "valuePeriod",
+                    json!({ "end": "2026-12-31T17:00:00Z" })
+                ),
+            ]),
+        ))
+        .await;
+    let asked = id_of(&asked);
+    assert_eq!(
+        state_of(&server, &focal).await.1,
+        "1",
+        "asking changes nothing"
+    );
+    let (status, body) = set_status(&server, &asked, &bob, "completed").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, changed) = server.get(&format!("/Task/{focal}"), &bob).await;
+    assert_eq!(changed["priority"], "stat", "{changed}");
+    assert_eq!(
+        changed["restriction"]["period"]["end"],
+        "2026-12-31T17:00:00Z"
+    );
+    assert_eq!(changed["meta"]["versionId"], "2");
+    assert_eq!(changed["status"], "in-progress");
+
+    // 2. The fulfiller asks for a new description; it cannot approve its own request, and the
+    //    placer rejects it: the focal Task stays as it is.
+    let mut own = change_request(
+        &focal_ref,
+        "Practitioner/bob",
+        "Practitioner/bob",
+        json!([edit("description", "valueString", json!("draw at home"))]),
+    );
+    let (status, body) = server.post_json("/Task", &bob, &own).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let refused = id_of(&body);
+    let (status, body) = set_status(&server, &refused, &bob, "completed").await;
+    assert_refused_at(status, &body, StatusCode::FORBIDDEN, "Task.status");
+    let (status, body) = set_status(&server, &refused, &admin, "rejected").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        state_of(&server, &focal).await,
+        ("in-progress".into(), "2".into())
+    );
+
+    // 3. The fulfiller asks again, against version 2; the placer's approval races the
+    //    fulfiller's own update of the focal Task made against the same version: one wins.
+    own["focus"] = json!({ "reference": format!("{focal_ref}/_history/2") });
+    own["input"] = json!([{
+        "type": { "coding": [{ "system": CHANGE, "code": "input" }, { "system": "http://loinc.org", "code": "1975-2" }] },
+        "valueString": "fasting",
+    }]);
+    let (status, body) = server.post_json("/Task", &bob, &own).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let racing = id_of(&body);
+    let focal_path = format!("/Task/{focal}");
+    let approve = set_status(&server, &racing, &admin, "completed");
+    let update = patch(
+        &server,
+        &focal_path,
+        &bob,
+        json!([{ "op": "add", "path": "/businessStatus", "value": { "text": "sample drawn" } }]),
+        Some("2"),
+    );
+    let ((approved, approve_body), (updated, update_body)) = tokio::join!(approve, update);
+    let (_, after) = server.get(&format!("/Task/{focal}"), &admin).await;
+    assert_eq!(
+        after["meta"]["versionId"], "3",
+        "exactly one write: {after}"
+    );
+    match (approved, updated) {
+        (StatusCode::OK, StatusCode::PRECONDITION_FAILED) => {
+            assert_eq!(after["input"][0]["valueString"], "fasting");
+            assert!(after.get("businessStatus").is_none());
+        }
+        (StatusCode::CONFLICT, StatusCode::OK) => {
+            assert_eq!(after["input"][0]["valueString"], "non-fasting");
+            assert_eq!(after["businessStatus"]["text"], "sample drawn");
+            assert_eq!(state_of(&server, &racing).await.0, "requested");
+        }
+        other => panic!("not one winner: {other:?} {approve_body} {update_body}"),
+    }
+
+    // Both sides heard of every step that concerns them; the other practitioner of nothing.
+    receiver
+        .wait_for("the placer and the fulfiller told", |_| {
+            let placer = told(&receiver, &placer_listens);
+            let fulfiller = told(&receiver, &bob_listens);
+            let seen = |set: &BTreeSet<(String, String, String)>, id: &str, status: &str| {
+                set.iter().any(|(i, _, s)| i == id && s == status)
+            };
+            [&placer, &fulfiller].iter().all(|set| {
+                seen(set, &asked, "completed")
+                    && seen(set, &refused, "rejected")
+                    && set.contains(&(focal.clone(), "2".into(), "in-progress".into()))
+                    && set.iter().any(|(i, v, _)| i == &focal && v == "3")
+            })
+        })
+        .await;
+    assert!(
+        receiver.of(&carol_listens, "event-notification").is_empty(),
+        "carol was told about Tasks that are not hers"
+    );
+    receiver
+        .wait_for("the requests addressed to Bob", |_| {
+            let requests = told(&receiver, &bob_requests);
+            requests.contains(&(asked.clone(), "1".into(), "requested".into()))
+                && requests.contains(&(asked.clone(), "2".into(), "completed".into()))
+        })
+        .await;
+    let requests = told(&receiver, &bob_requests);
+    assert!(
+        requests
+            .iter()
+            .all(|(id, _, _)| [&asked, &refused, &racing].contains(&id)),
+        "only modification requests: {requests:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_modification_requests_are_refused_and_nothing_changes() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let carol = server.practitioner("Practitioner/carol");
+    let focal = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let finished = id_of(
+        &server
+            .create_task(&task("completed", Some("Practitioner/bob")))
+            .await,
+    );
+    let focal_ref = format!("Task/{focal}");
+    let priority = || json!([edit("priority", "valueCode", json!("urgent"))]);
+    let before = task_count(&server).await;
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &String, Value, StatusCode, &str)> = vec![
+        ("an immutable element", &admin,
+            change_request(&focal_ref, "Practitioner/bob", "Practitioner/placer", json!([edit("intent", "valueCode", json!("plan"))])),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.input[0]"),
+        ("an element it does not set", &admin,
+            change_request(&focal_ref, "Practitioner/bob", "Practitioner/placer", json!([edit("status", "valueCode", json!("completed"))])),
+            StatusCode::BAD_REQUEST, "Task.input[0].type"),
+        ("no change at all", &admin,
+            change_request(&focal_ref, "Practitioner/bob", "Practitioner/placer", json!([])),
+            StatusCode::BAD_REQUEST, "Task.input"),
+        ("a finished focal Task", &admin,
+            change_request(&format!("Task/{finished}"), "Practitioner/bob", "Practitioner/placer", priority()),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.focus"),
+        ("addressed to someone else", &admin,
+            change_request(&focal_ref, "Practitioner/carol", "Practitioner/placer", priority()),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.owner"),
+        ("asked in someone else's name", &bob,
+            change_request(&focal_ref, "Practitioner/bob", "Practitioner/placer", priority()),
+            StatusCode::FORBIDDEN, "Task.requester"),
+        ("against an old version", &admin,
+            change_request(&format!("{focal_ref}/_history/7"), "Practitioner/bob", "Practitioner/placer", priority()),
+            StatusCode::CONFLICT, "Task.focus"),
+        ("a focal Task the asker may not read", &carol,
+            change_request(&focal_ref, "Practitioner/carol", "Practitioner/carol", priority()),
+            StatusCode::FORBIDDEN, "Task.focus"),
+    ];
+    for (label, token, body, expected, expression) in &cases {
+        let (status, answer) = server.post_json("/Task", token, body).await;
+        assert_eq!(status, *expected, "{label}: {answer}");
+        assert_eq!(
+            answer["issue"][0]["expression"][0], *expression,
+            "{label}: {answer}"
+        );
+    }
+    // Created completed by the one who asked: an answer to its own request.
+    let mut self_approved = change_request(
+        &focal_ref,
+        "Practitioner/bob",
+        "Practitioner/bob",
+        priority(),
+    );
+    self_approved["status"] = json!("completed");
+    let (status, answer) = server.post_json("/Task", &bob, &self_approved).await;
+    assert_refused_at(status, &answer, StatusCode::FORBIDDEN, "Task.status");
+    assert_eq!(task_count(&server).await, before, "nothing stored");
+
+    // An answer by someone who was not asked, and a requester rewritten to turn it around.
+    let asked = id_of(
+        &server
+            .create_task(&change_request(
+                &focal_ref,
+                "Practitioner/bob",
+                "Practitioner/bob",
+                priority(),
+            ))
+            .await,
+    );
+    let (status, _) = set_status(&server, &asked, &carol, "completed").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, answer) = patch(
+        &server,
+        &format!("/Task/{asked}"),
+        &admin,
+        json!([{ "op": "replace", "path": "/requester", "value": { "reference": "Practitioner/placer" } }]),
+        None,
+    )
+    .await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.requester",
+    );
+    // The focal Task finished meanwhile: approving is refused, and nothing changes.
+    let (status, _) = set_status(&server, &focal, &bob, "completed").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = set_status(&server, &asked, &admin, "completed").await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.focus",
+    );
+    assert_eq!(
+        state_of(&server, &focal).await,
+        ("completed".into(), "2".into())
+    );
+    assert_eq!(
+        state_of(&server, &asked).await,
+        ("requested".into(), "1".into())
+    );
+    // Withdrawing is the asker's.
+    let (status, answer) = set_status(&server, &asked, &bob, "cancelled").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fulfiller needs more information
+
+const WORKFLOW_TASK: &str = "https://baton.dev/fhir/CodeSystem/workflow-task";
+
+fn information_request(coordination: &str, placer: &str, asker: &str) -> Value {
+    json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "code": { "coding": [{ "system": WORKFLOW_TASK, "code": "information-request" }] },
+        "focus": { "reference": format!("Task/{coordination}") },
+        "owner": { "reference": placer },
+        "requester": { "reference": asker },
+        "input": [{ "type": { "text": "questionnaire" },
+                    "valueCanonical": "http://forms.example/Questionnaire/allergies" }],
+    })
+}
+
+#[tokio::test]
+async fn a_fulfiller_asks_its_placer_for_information_and_the_answer_reaches_it() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let placer = server.practitioner("Practitioner/placer");
+    let bob = server.practitioner("Practitioner/bob");
+    let carol = server.practitioner("Practitioner/carol");
+    // "Information requests addressed to me", and the fulfiller's and a bystander's work.
+    let placer_listens = listen(
+        &server,
+        &placer,
+        &receiver,
+        &[&format!(
+            "code={WORKFLOW_TASK}|information-request&owner=Practitioner/placer"
+        )],
+    )
+    .await;
+    let bob_listens = listen(&server, &bob, &receiver, &[]).await;
+    let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+
+    let mut coordination = task("in-progress", Some("Practitioner/bob"));
+    coordination["intent"] = json!("plan");
+    coordination["requester"] = json!({ "reference": "Practitioner/placer" });
+    let coordination = id_of(&server.create_task(&coordination).await);
+    // The placer's own Task that is no information request: not for that subscription.
+    server
+        .create_task(&task("requested", Some("Practitioner/placer")))
+        .await;
+
+    // Bad questions first: nothing is stored.
+    let before = task_count(&server).await;
+    let no_question = {
+        let mut q = information_request(&coordination, "Practitioner/placer", "Practitioner/bob");
+        q.as_object_mut().unwrap().remove("input");
+        q
+    };
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &String, Value, StatusCode, &str)> = vec![
+        ("no question", &bob, no_question, StatusCode::BAD_REQUEST, "Task.input"),
+        ("not to the placer", &bob, information_request(&coordination, "Practitioner/carol", "Practitioner/bob"),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.owner"),
+        ("in someone else's name", &bob, information_request(&coordination, "Practitioner/placer", "Practitioner/carol"),
+            StatusCode::FORBIDDEN, "Task.requester"),
+        ("about a Task the asker does not hold", &carol, information_request(&coordination, "Practitioner/placer", "Practitioner/carol"),
+            StatusCode::FORBIDDEN, "Task.focus"),
+    ];
+    for (label, token, body, expected, expression) in &cases {
+        let (status, answer) = server.post_json("/Task", token, body).await;
+        assert_refused_at(status, &answer, *expected, expression);
+        let _ = label;
+    }
+    assert_eq!(task_count(&server).await, before);
+    assert_eq!(state_of(&server, &coordination).await.1, "1");
+
+    // Bob asks; his coordination Task shows that it waits, in the same transaction.
+    let (status, asked) = server
+        .post_json(
+            "/Task",
+            &bob,
+            &information_request(&coordination, "Practitioner/placer", "Practitioner/bob"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{asked}");
+    let question = id_of(&asked);
+    let (_, waiting) = server.get(&format!("/Task/{coordination}"), &bob).await;
+    assert_eq!(
+        waiting["businessStatus"]["coding"][0]["code"], "waiting-for-information",
+        "{waiting}"
+    );
+    assert_eq!(waiting["meta"]["versionId"], "2");
+    // Only the placer answers: Bob cannot even read the question once asked.
+    let (status, _) = set_status(&server, &question, &bob, "completed").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // An answer without output is no answer.
+    let (status, body) = set_status(&server, &question, &placer, "completed").await;
+    assert_refused_at(status, &body, StatusCode::BAD_REQUEST, "Task.output");
+    assert_eq!(
+        state_of(&server, &question).await,
+        ("requested".into(), "1".into())
+    );
+
+    let (status, body) = patch(
+        &server,
+        &format!("/Task/{question}"),
+        &placer,
+        json!([
+            { "op": "replace", "path": "/status", "value": "completed" },
+            { "op": "add", "path": "/output", "value": [{ "type": { "text": "answers" },
+              "valueReference": { "reference": "QuestionnaireResponse/r1" } }] },
+        ]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, answered) = server.get(&format!("/Task/{coordination}"), &bob).await;
+    assert!(answered.get("businessStatus").is_none(), "{answered}");
+    assert_eq!(
+        answered["input"][0]["valueReference"]["reference"], "QuestionnaireResponse/r1",
+        "{answered}"
+    );
+    assert_eq!(answered["meta"]["versionId"], "3");
+
+    receiver
+        .wait_for("the placer asked and the fulfiller answered", |_| {
+            let placer_told = told(&receiver, &placer_listens);
+            let bob_told = told(&receiver, &bob_listens);
+            placer_told.contains(&(question.clone(), "1".into(), "requested".into()))
+                && placer_told.contains(&(question.clone(), "2".into(), "completed".into()))
+                && bob_told.contains(&(coordination.clone(), "2".into(), "in-progress".into()))
+                && bob_told.contains(&(coordination.clone(), "3".into(), "in-progress".into()))
+        })
+        .await;
+    let placer_told = told(&receiver, &placer_listens);
+    assert!(
+        placer_told.iter().all(|(id, _, _)| id == &question),
+        "only the information request: {placer_told:?}"
+    );
+    assert!(
+        told(&receiver, &bob_listens)
+            .iter()
+            .all(|(id, _, _)| id == &coordination),
+        "Bob hears of his own Task only"
+    );
+    assert!(receiver.of(&carol_listens, "event-notification").is_empty());
+    let _ = admin;
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bidding
+
+const BID: &str = "https://baton.dev/fhir/CodeSystem/bid";
+const CANDIDATE: &str = "https://baton.dev/fhir/StructureDefinition/task-candidate";
+
+fn bid(bidding: &str, owner: &str, willing: bool, extra: Value) -> Value {
+    let mut output = vec![
+        json!({ "type": { "coding": [{ "system": BID, "code": "willing" }] },
+                                  "valueBoolean": willing }),
+    ];
+    output.extend(extra.as_array().cloned().unwrap_or_default());
+    json!({
+        "resourceType": "Task", "status": "requested", "intent": "proposal",
+        "code": { "coding": [{ "system": WORKFLOW_TASK, "code": "bid" }] },
+        "partOf": [{ "reference": format!("Task/{bidding}") }],
+        "owner": { "reference": owner },
+        "output": output,
+    })
+}
+
+fn award(bid: &str) -> Value {
+    json!([
+        { "op": "replace", "path": "/status", "value": "completed" },
+        { "op": "add", "path": "/output", "value": [{ "type": { "coding": [{ "system": BID, "code": "awarded" }] },
+          "valueReference": { "reference": format!("Task/{bid}") } }] },
+    ])
+}
+
+#[tokio::test]
+async fn bidding_candidates_answer_alone_and_one_award_gives_the_work() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let surgeon = format!("{PERFORMER_TYPES}|surgeon");
+    let bob = server.practitioner_with_types("Practitioner/bob", &[&surgeon]);
+    let carol = server.practitioner_with_types("Practitioner/carol", &[&surgeon]);
+    let dave = server.practitioner_with_types("Practitioner/dave", &[&surgeon]);
+    let erin = server.practitioner_with_types("Practitioner/erin", &[&surgeon]);
+    let eve = server.practitioner("Practitioner/eve");
+    // "Answers to my bidding Tasks", for the placer system.
+    let placer_listens = listen(
+        &server,
+        &admin,
+        &receiver,
+        &[&format!("code={WORKFLOW_TASK}|bid")],
+    )
+    .await;
+    let bob_listens = listen(&server, &bob, &receiver, &[]).await;
+    let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+    let eve_listens = listen(&server, &eve, &receiver, &[]).await;
+
+    let coordination = id_of(
+        &server
+            .create_task(
+                &json!({ "resourceType": "Task", "status": "requested", "intent": "plan",
+                                  "description": "hip replacement, week 12" }),
+            )
+            .await,
+    );
+    let bidding = json!({
+        "resourceType": "Task", "status": "requested", "intent": "proposal",
+        "code": { "coding": [{ "system": WORKFLOW_TASK, "code": "bidding" }] },
+        "focus": { "reference": format!("Task/{coordination}") },
+        "performerType": [{ "coding": [{ "system": PERFORMER_TYPES, "code": "surgeon" }] }],
+        "extension": [
+            { "url": CANDIDATE, "valueReference": { "reference": "Practitioner/bob" } },
+            { "url": CANDIDATE, "valueReference": { "reference": "Practitioner/carol" } },
+            { "url": CANDIDATE, "valueReference": { "reference": "Practitioner/erin" } },
+        ],
+    });
+    let (status, body) = server.post_json("/Task", &admin, &bidding).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bidding_id = id_of(&body);
+
+    // Each candidate answers; nobody sees another's bid.
+    let (status, body) = server
+        .post_json(
+            "/Task",
+            &bob,
+            &bid(&bidding_id, "Practitioner/bob", true, json!([
+                { "type": { "coding": [{ "system": BID, "code": "earliest-start" }] }, "valueDateTime": "2026-03-02" },
+            ])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bob_bid = id_of(&body);
+    let (status, body) = server
+        .post_json(
+            "/Task",
+            &carol,
+            &bid(&bidding_id, "Practitioner/carol", true, json!([
+                { "type": { "coding": [{ "system": BID, "code": "cost" }] }, "valueMoney": { "value": 1200, "currency": "EUR" } },
+            ])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let carol_bid = id_of(&body);
+    assert_eq!(
+        server
+            .search_ids(&format!("part-of=Task/{bidding_id}"), &bob)
+            .await,
+        vec![bob_bid.clone()]
+    );
+    assert_eq!(
+        server
+            .search_ids(&format!("part-of=Task/{bidding_id}"), &admin)
+            .await
+            .len(),
+        2
+    );
+
+    // Answers by someone who was not asked, twice, or without saying whether: refused.
+    let before = task_count(&server).await;
+    #[rustfmt::skip]
+    let refusals: Vec<(&String, Value, StatusCode, &str)> = vec![
+        (&dave, bid(&bidding_id, "Practitioner/dave", true, json!([])), StatusCode::FORBIDDEN, "Task.owner"),
+        (&eve, bid(&bidding_id, "Practitioner/eve", true, json!([])), StatusCode::FORBIDDEN, "Task.partOf[0]"),
+        (&bob, bid(&bidding_id, "Practitioner/bob", false, json!([])), StatusCode::CONFLICT, "Task.partOf"),
+        (&erin, { let mut b = bid(&bidding_id, "Practitioner/erin", true, json!([])); b["output"] = json!([]); b },
+            StatusCode::BAD_REQUEST, "Task.output"),
+    ];
+    for (token, body, expected, expression) in &refusals {
+        let (status, answer) = server.post_json("/Task", token, body).await;
+        assert_refused_at(status, &answer, *expected, expression);
+    }
+    assert_eq!(task_count(&server).await, before);
+    // An award to someone who did not bid: 422, nothing changes.
+    let (status, answer) = patch(
+        &server,
+        &format!("/Task/{bidding_id}"),
+        &admin,
+        award(&coordination),
+        None,
+    )
+    .await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.output",
+    );
+    assert_eq!(
+        state_of(&server, &bidding_id).await,
+        ("requested".into(), "1".into())
+    );
+
+    // Two awards race on the version they read: one wins, the other gets 412.
+    let path = format!("/Task/{bidding_id}");
+    let (first, second) = tokio::join!(
+        patch(&server, &path, &admin, award(&bob_bid), Some("1")),
+        patch(&server, &path, &admin, award(&carol_bid), Some("1")),
+    );
+    let (winner, loser, winner_token, loser_listens) = match (first.0, second.0) {
+        (StatusCode::OK, StatusCode::PRECONDITION_FAILED) => {
+            ("Practitioner/bob", &carol_bid, &bob, &carol_listens)
+        }
+        (StatusCode::PRECONDITION_FAILED, StatusCode::OK) => {
+            ("Practitioner/carol", &bob_bid, &carol, &bob_listens)
+        }
+        other => panic!("not one winner: {other:?} {} {}", first.1, second.1),
+    };
+    let (_, awarded) = server
+        .get(&format!("/Task/{coordination}"), winner_token)
+        .await;
+    assert_eq!(awarded["owner"]["reference"], winner, "{awarded}");
+    assert_eq!(state_of(&server, loser).await.0, "rejected");
+    assert_eq!(state_of(&server, &bidding_id).await.0, "completed");
+    // A late answer finds the bidding closed.
+    let (status, answer) = server
+        .post_json(
+            "/Task",
+            &erin,
+            &bid(&bidding_id, "Practitioner/erin", true, json!([])),
+        )
+        .await;
+    assert_refused_at(status, &answer, StatusCode::CONFLICT, "Task.partOf");
+
+    receiver
+        .wait_for(
+            "the placer told of every answer, each candidate of its own",
+            |_| {
+                let placer = told(&receiver, &placer_listens);
+                let seen = |set: &BTreeSet<(String, String, String)>, id: &str, status: &str| {
+                    set.iter().any(|(i, _, s)| i == id && s == status)
+                };
+                let loser_told = told(&receiver, loser_listens);
+                seen(&placer, &bob_bid, "requested")
+                    && seen(&placer, &carol_bid, "requested")
+                    && seen(&placer, loser, "rejected")
+                    && seen(&loser_told, loser, "rejected")
+                    && seen(
+                        &told(
+                            &receiver,
+                            if winner.ends_with("bob") {
+                                &bob_listens
+                            } else {
+                                &carol_listens
+                            },
+                        ),
+                        &coordination,
+                        "requested",
+                    )
+            },
+        )
+        .await;
+    // The placer's filter carries bids only; the loser never hears of the coordination Task,
+    // nor of the other's bid; eve hears nothing.
+    assert!(
+        told(&receiver, &placer_listens)
+            .iter()
+            .all(|(id, _, _)| id == &bob_bid || id == &carol_bid)
+    );
+    let loser_told = told(&receiver, loser_listens);
+    assert!(
+        !loser_told.iter().any(|(id, _, _)| id == &coordination),
+        "{loser_told:?}"
+    );
+    let other_bid = if loser == &bob_bid {
+        &carol_bid
+    } else {
+        &bob_bid
+    };
+    assert!(
+        !loser_told.iter().any(|(id, _, _)| id == other_bid),
+        "{loser_told:?}"
+    );
+    assert!(receiver.of(&eve_listens, "event-notification").is_empty());
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Profiles
+
+#[tokio::test]
+async fn tasks_that_declare_a_workflow_profile_are_held_to_it() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let focal = id_of(
+        &server
+            .create_task(&task("in-progress", Some("Practitioner/bob")))
+            .await,
+    );
+    let coordination = json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "meta": { "profile": ["https://baton.dev/fhir/StructureDefinition/coordination-task"] },
+        "code": { "coding": [{ "system": TASK_CODE, "code": "fulfill" }] },
+        "focus": { "reference": "ServiceRequest/sr1" },
+        "requester": { "reference": "Practitioner/placer" },
+    });
+    let cancellation = json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "meta": { "profile": ["https://baton.dev/fhir/StructureDefinition/cancellation-request-task"] },
+        "code": { "coding": [{ "system": TASK_CODE, "code": "abort" }] },
+        "focus": { "reference": format!("Task/{focal}") },
+        "owner": { "reference": "Practitioner/bob" },
+        "requester": { "reference": "Practitioner/placer" },
+    });
+    let before = task_count(&server).await;
+    let without = |t: &Value, element: &str| {
+        let mut t = t.clone();
+        t.as_object_mut().unwrap().remove(element);
+        t
+    };
+    let with = |t: &Value, element: &str, value: Value| {
+        let mut t = t.clone();
+        t[element] = value;
+        t
+    };
+    #[rustfmt::skip]
+    let cases = [
+        (without(&coordination, "requester"), "Task.requester"),
+        (with(&coordination, "intent", json!("plan")), "Task.intent"),
+        (without(&coordination, "code"), "Task.code"),
+        (with(&cancellation, "code", json!({ "coding": [{ "system": TASK_CODE, "code": "suspend" }] })), "Task.code"),
+        (without(&cancellation, "requester"), "Task.requester"),
+    ];
+    for (body, expression) in &cases {
+        let (status, answer) = server.post_json("/Task", &admin, body).await;
+        assert_refused_at(
+            status,
+            &answer,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            expression,
+        );
+        assert!(
+            answer["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("profile"),
+            "{answer}"
+        );
+    }
+    assert_eq!(task_count(&server).await, before, "nothing stored");
+    let coordination_id = id_of(&server.create_task(&coordination).await);
+    server.create_task(&cancellation).await;
+    // A later write is held to the profile too.
+    let (status, answer) = patch(
+        &server,
+        &format!("/Task/{coordination_id}"),
+        &admin,
+        json!([{ "op": "remove", "path": "/focus" }]),
+        None,
+    )
+    .await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.focus",
+    );
+    assert_eq!(state_of(&server, &coordination_id).await.1, "1");
+}

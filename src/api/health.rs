@@ -107,5 +107,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    crate::telemetry::record_subscription_gauges(
+        state.store.as_ref(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .await;
     super::render_metrics(&state)
 }

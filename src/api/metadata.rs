@@ -124,6 +124,7 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                     { "name": "status", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-status") },
                     { "name": "events", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-events") },
                     { "name": "get-ws-binding-token", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-get-ws-binding-token") },
+                    { "name": "resend", "definition": "https://baton.dev/fhir/OperationDefinition/Subscription-resend", "documentation": "Admin only: POST [base]/Subscription/{id}/$resend?eventsSinceNumber=N delivers events N onwards again, in order, with their original numbers (rest-hook and AMQP)." },
                 ],
             }, {
                 "type": "SubscriptionTopic",

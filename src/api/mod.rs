@@ -25,17 +25,35 @@ use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::error::{Error, FHIR_JSON, IssueCode, Result};
 use crate::fhir::search::SearchLimits;
 use crate::store::Store;
+use crate::trace::{TraceContext, in_trace};
 
 /// Everything a handler needs, cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub inner: Arc<Shared>,
+    /// The base URL of the path a request came in on: `base_url` under `/fhir`, the same
+    /// origin with another path under each of `http.extra_base_paths`. Links a response gives
+    /// (`fullUrl`, `Location`, paging links) start with it, so a client stays on its path;
+    /// references are still read and stored against `base_url`.
+    pub link_base: Arc<str>,
+}
+
+impl AppState {
+    /// The state as the FHIR API under another base path sees it: everything shared, only
+    /// `link_base` differs.
+    pub fn under(&self, link_base: &str) -> AppState {
+        AppState {
+            inner: self.inner.clone(),
+            link_base: Arc::from(link_base),
+        }
+    }
 }
 
 pub struct Shared {
@@ -77,17 +95,13 @@ impl AsRef<Authenticator> for AppState {
 
 /// Builds the whole router.
 pub fn router(state: AppState) -> Router {
-    let fhir = Router::new()
-        .merge(metadata::router())
-        .merge(smart::router())
-        .merge(task::router())
-        .merge(subscription::router())
-        .merge(topic::router())
-        .merge(websocket::router())
-        .fallback(unknown_route)
-        .layer(axum::middleware::from_fn(negotiate_format));
-    let router = Router::new()
-        .nest("/fhir", fhir)
+    let mut app = Router::new().nest("/fhir", fhir_router());
+    // The same API under each extra base path, with links that follow the path.
+    for path in &state.config.http.extra_base_paths {
+        let link_base = state.config.http.base_url_for(&state.base_url, path);
+        app = app.nest(path, fhir_router().with_state(state.under(&link_base)));
+    }
+    let router = app
         .merge(health::router())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -109,6 +123,19 @@ pub fn router(state: AppState) -> Router {
             )),
     };
     router.with_state(state)
+}
+
+/// The FHIR API, served under `/fhir` and each of `http.extra_base_paths`.
+fn fhir_router() -> Router<AppState> {
+    Router::new()
+        .merge(metadata::router())
+        .merge(smart::router())
+        .merge(task::router())
+        .merge(subscription::router())
+        .merge(topic::router())
+        .merge(websocket::router())
+        .fallback(unknown_route)
+        .layer(axum::middleware::from_fn(negotiate_format))
 }
 
 /// A handler that panics (a bug) answers an opaque 500 OperationOutcome, logged once with
@@ -258,7 +285,9 @@ async fn outcome_for_rejections(request: Request, next: Next) -> Response {
 }
 
 /// Counts and times every request by route template (never the raw path: ids stay out of
-/// label values and logs).
+/// label values and logs), and runs it in its trace: the caller's `traceparent` continued,
+/// or a new trace. Log lines of the request carry `trace_id`; a change it writes stores the
+/// trace with its change event (`telemetry::current_trace`).
 async fn record_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
@@ -266,7 +295,16 @@ async fn record_request(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let response = next.run(request).await;
+    let trace = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .map_or_else(TraceContext::new_root, |caller| caller.child());
+    let span = tracing::info_span!("http.request", trace_id = %trace.trace_id());
+    let response = in_trace(Some(trace), next.run(request))
+        .instrument(span)
+        .await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16().to_string();
     metrics::counter!("baton_http_requests_total", "method" => method.to_string(), "route" => route.clone(), "status" => status.clone()).increment(1);

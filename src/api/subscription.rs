@@ -1,5 +1,6 @@
 //! `Subscription` (R4 + Subscriptions Backport IG): create, read, update, delete, search, and
-//! the `$status`, `$events` and `$get-ws-binding-token` operations. What a subscription means
+//! the `$status`, `$events` and `$get-ws-binding-token` operations, and Baton's `$resend`
+//! (an admin restarts a subscription's delivery from an event number). What a subscription means
 //! to the node once it is written (parsing with the hub's topics, putting it in force) is the
 //! hub's (`crate::hub`).
 
@@ -8,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::{AppState, BodyKind, fhir_json, parse_json, read_body};
@@ -16,7 +17,7 @@ use crate::auth::{Principal, Role};
 use crate::channels::websocket::{Grant, binding_parameters, websocket_url};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::format_instant;
-use crate::fhir::ids::{ChannelType, EventNumber, SubscriptionId, Version};
+use crate::fhir::ids::{ChannelType, EventNumber, StoredInstant, SubscriptionId, Version};
 use crate::fhir::notification::{
     ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
     status_search_bundle,
@@ -35,6 +36,7 @@ pub fn router() -> Router<AppState> {
             get(status_instance).post(status_instance),
         )
         .route("/Subscription/{id}/$events", get(events).post(events))
+        .route("/Subscription/{id}/$resend", post(resend))
         .route(
             "/Subscription/$get-ws-binding-token",
             get(binding_token_type).post(binding_token_type),
@@ -243,14 +245,14 @@ async fn search(
         .iter()
         .map(|s| {
             json!({
-                "fullUrl": format!("{}/Subscription/{}", state.base_url, s.id),
+                "fullUrl": format!("{}/Subscription/{}", state.link_base, s.id),
                 "resource": render(s, is_author(&principal, s)),
                 "search": { "mode": "match" },
             })
         })
         .collect();
     let mut links = vec![
-        json!({"relation": "self", "url": format!("{}/Subscription?{}", state.base_url, query.unwrap_or_default())}),
+        json!({"relation": "self", "url": format!("{}/Subscription?{}", state.link_base, query.unwrap_or_default())}),
     ];
     if offset + count < total as usize {
         let mut params: Vec<(String, String)> = pairs
@@ -259,7 +261,7 @@ async fn search(
             .collect();
         params.push(("_count".into(), count.to_string()));
         params.push(("_offset".into(), (offset + count).to_string()));
-        links.push(json!({"relation": "next", "url": format!("{}/Subscription?{}", state.base_url, serde_urlencoded::to_string(&params).unwrap_or_default())}));
+        links.push(json!({"relation": "next", "url": format!("{}/Subscription?{}", state.link_base, serde_urlencoded::to_string(&params).unwrap_or_default())}));
     }
     let bundle = json!({
         "resourceType": "Bundle",
@@ -379,7 +381,7 @@ fn set_version_headers(
     if location
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{}/Subscription/{}/_history/{}",
-            state.base_url, stored.id, stored.version
+            state.link_base, stored.id, stored.version
         ))
     {
         headers.insert(header::LOCATION, v);
@@ -397,6 +399,7 @@ fn snapshot<'a>(stored: &'a StoredSubscription, kind: NotificationType) -> Statu
             .last_error
             .as_deref()
             .filter(|_| stored.status != SubscriptionStatus::Active),
+        last_delivered: stored.last_sent_at.as_ref().map(StoredInstant::as_str),
     }
 }
 
@@ -521,6 +524,106 @@ async fn events(
         &snapshot(&stored, NotificationType::QueryEvent),
         &events,
         content,
+    );
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// `$resend?eventsSinceNumber=N`: an admin restarts a rest-hook or AMQP subscription's
+/// delivery at event N, for a receiver that lost what it was sent. Events N onwards go out
+/// again, in order, with their original numbers, then delivery goes on as before. A
+/// websocket subscription has no queue to restart (its listeners catch up with `$events`),
+/// and an `off` one is switched on again by writing it as `requested`, which resumes from its
+/// first undelivered event. Answers with the subscription's `$status`.
+async fn resend(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let id = SubscriptionId::parse(&id)?;
+    if principal.role != Role::Admin {
+        return Err(Error::forbidden(
+            "only an admin may restart a subscription's delivery",
+        ));
+    }
+    let stored = visible(&state, &principal, &id).await?;
+    let pairs = super::query_pairs(query.as_deref())?;
+    let mut since = None;
+    for (name, value) in &pairs {
+        match name.as_str() {
+            "eventsSinceNumber" if since.is_some() => {
+                return Err(Error::bad_request(
+                    IssueCode::Invalid,
+                    "eventsSinceNumber is given more than once",
+                ));
+            }
+            "eventsSinceNumber" => since = Some(value),
+            other => {
+                return Err(Error::not_supported(format!(
+                    "$resend takes eventsSinceNumber, not '{other}'"
+                )));
+            }
+        }
+    }
+    let Some(since) = since else {
+        return Err(Error::bad_request(
+            IssueCode::Required,
+            "$resend needs eventsSinceNumber, the first event number to send again",
+        ));
+    };
+    if stored.channel_type == ChannelType::WebSocket {
+        return Err(Error::not_supported(
+            "a websocket subscription has no delivery queue to restart; its listeners catch up with $events",
+        ));
+    }
+    if stored.status == SubscriptionStatus::Off {
+        return Err(Error::conflict(format!(
+            "Subscription/{id} is off; write it with status 'requested' to switch it on, which resumes from its first undelivered event"
+        )));
+    }
+    let last = stored.events_since_start;
+    let from = since
+        .parse::<i64>()
+        .ok()
+        .filter(|n| (1..=last.get()).contains(n))
+        .map(EventNumber::new)
+        .ok_or_else(|| {
+            Error::bad_request(
+                IssueCode::Invalid,
+                format!(
+                    "eventsSinceNumber must be an event number this subscription has had, 1 to {last}; got '{since}'"
+                ),
+            )
+        })?;
+    if state
+        .store
+        .subscription_events(&id, from, from)
+        .await?
+        .is_empty()
+    {
+        return Err(Error::bad_request(
+            IssueCode::Invalid,
+            format!(
+                "event {from} of Subscription/{id} is past retention (delivery.event_retention_days) and can no longer be sent"
+            ),
+        ));
+    }
+    let restarted = state
+        .store
+        .restart_delivery(&id, from)
+        .await?
+        .ok_or_else(|| {
+            Error::conflict(format!(
+                "Subscription/{id} was deleted or switched off meanwhile"
+            ))
+        })?;
+    tracing::info!(subscription.id = %id, event.from = %from, "delivery restarted by an admin");
+    state.hub.delivery.wake(&id);
+    let bundle = status_search_bundle(
+        &state.base_url,
+        &uuid::Uuid::new_v4().to_string(),
+        &now(),
+        &[snapshot(&restarted, NotificationType::QueryStatus)],
     );
     Ok(fhir_json(StatusCode::OK, &bundle))
 }

@@ -137,7 +137,7 @@ fn respond(
     set_validators(headers, version, last_updated);
     if with_location
         && let Ok(value) =
-            HeaderValue::from_str(&format!("{}/Task/{id}/_history/{version}", state.base_url))
+            HeaderValue::from_str(&format!("{}/Task/{id}/_history/{version}", state.link_base))
     {
         headers.insert(header::LOCATION, value);
     }

@@ -61,7 +61,7 @@ async fn search(
         .filter(|t| ids.as_ref().is_none_or(|i| i.contains(&t.id)))
         .map(|t| {
             json!({
-                "fullUrl": format!("{}/SubscriptionTopic/{}", state.base_url, t.id),
+                "fullUrl": format!("{}/SubscriptionTopic/{}", state.link_base, t.id),
                 "resource": t.definition,
                 "search": { "mode": "match" },
             })

@@ -286,6 +286,7 @@ async fn bind(
             events_since_start: stored.events_since_start,
             notification_type: NotificationType::Handshake,
             error: None,
+            last_delivered: None,
         };
         let bundle = notification_bundle(
             &hub.base_url,

@@ -109,6 +109,8 @@ pub struct AmqpMessage<'a> {
     pub events_since_start: EventNumber,
     /// When the notification was built, in seconds since the Unix epoch.
     pub timestamp_secs: u64,
+    /// The W3C trace context the notification continues, sent as the `traceparent` header.
+    pub traceparent: Option<&'a str>,
 }
 
 struct Inner {
@@ -538,10 +540,21 @@ async fn watch_connection(
 async fn shut_down(inner: &Inner, connection: Option<Arc<Connection>>) {
     inner.link.send_replace(Link::Stopped);
     // Taking every slot waits for the publishes holding them (each bounded by its own timeout)
-    // and drops the channels; publishes arriving later find the link stopped.
+    // and closes the channels; publishes arriving later find the link stopped. Each channel is
+    // closed and its close awaited: a channel merely dropped closes in the background, and
+    // closing the connection under it makes lapin log an error for a clean shutdown.
     let drained = timeout(DRAIN_TIMEOUT, async {
         for slot in &inner.slots {
-            slot.lock().await.take();
+            let taken = slot.lock().await.take();
+            if let Some(open) = taken
+                && open.channel.status().connected()
+                && let Err(e) = open
+                    .channel
+                    .close(200, "Baton is shutting down".into())
+                    .await
+            {
+                tracing::debug!(error = %e, "closing an AMQP channel at shutdown failed");
+            }
         }
     })
     .await;
@@ -663,6 +676,12 @@ fn message_properties(message: &AmqpMessage<'_>) -> Result<BasicProperties, Send
     );
     if let Some(first) = message.first_event {
         headers.insert("first-event".into(), AMQPValue::LongLongInt(first.get()));
+    }
+    if let Some(traceparent) = message.traceparent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent.into()),
+        );
     }
     if let Some(last) = message.last_event {
         headers.insert("last-event".into(), AMQPValue::LongLongInt(last.get()));
@@ -854,6 +873,7 @@ mod tests {
             last_event: Some(EventNumber::new(7)),
             events_since_start: EventNumber::new(7),
             timestamp_secs: 1_700_000_000,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         };
         let properties = message_properties(&message).unwrap();
         assert_eq!(
@@ -873,6 +893,12 @@ mod tests {
         let headers = properties.headers().as_ref().unwrap().inner();
         assert_eq!(headers.get("first-event"), Some(&AMQPValue::LongLongInt(5)));
         assert_eq!(headers.get("last-event"), Some(&AMQPValue::LongLongInt(7)));
+        assert_eq!(
+            headers.get("traceparent"),
+            Some(&AMQPValue::LongString(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()
+            ))
+        );
 
         let heartbeat = AmqpMessage {
             notification_type: "heartbeat",

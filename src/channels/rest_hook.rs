@@ -28,6 +28,9 @@ pub struct Outgoing<'a> {
     pub message_id: &'a str,
     pub secret: Option<&'a [u8]>,
     pub timeout: Duration,
+    /// The W3C trace context the notification continues (`traceparent` header), unless the
+    /// subscription's own `channel.header` sets one.
+    pub traceparent: &'a str,
 }
 
 #[derive(Clone)]
@@ -105,6 +108,7 @@ impl RestHook {
         };
         let url = reqwest::Url::parse(out.endpoint)
             .map_err(|_| fail("the endpoint is not a valid URL".into()))?;
+        let host = url.host_str().unwrap_or_default().to_string();
         if !(url.scheme() == "https" || (url.scheme() == "http" && self.allow_http)) {
             return Err(fail(format!(
                 "endpoint scheme '{}' is not allowed",
@@ -125,6 +129,13 @@ impl RestHook {
             .post(url)
             .timeout(out.timeout)
             .header(reqwest::header::CONTENT_TYPE, out.content_type);
+        if !out
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("traceparent"))
+        {
+            request = request.header("traceparent", out.traceparent);
+        }
         for (name, value) in out.headers {
             request = request.header(name.as_str(), value.as_str());
         }
@@ -135,16 +146,11 @@ impl RestHook {
                 .header("webhook-timestamp", now_secs.to_string())
                 .header("webhook-signature", signature);
         }
-        let response = request.body(out.body).send().await.map_err(|e| {
-            let message = if e.is_timeout() {
-                "the endpoint did not answer within the timeout".to_string()
-            } else if e.is_connect() {
-                "the endpoint could not be reached".to_string()
-            } else {
-                "the request to the endpoint failed".to_string()
-            };
-            fail(message)
-        })?;
+        let response = request
+            .body(out.body)
+            .send()
+            .await
+            .map_err(|e| fail(describe_send_error(&host, out.timeout, &e)))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -155,9 +161,36 @@ impl RestHook {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, time::OffsetDateTime::now_utc()));
         Err(SendError {
-            message: format!("HTTP {} from the endpoint", status.as_u16()),
+            message: format!("HTTP {} from {host}", status.as_u16()),
             retry_after,
         })
+    }
+}
+
+/// Why a POST got no answer, naming the endpoint's host, in the words an operator searches
+/// for: a timeout, DNS, a refused connection, TLS, or the cause as the client reported it.
+/// (`fhir::notification::error_code` reads the `subscription-error` code from this text.)
+fn describe_send_error(host: &str, timeout: Duration, error: &reqwest::Error) -> String {
+    // The causes only: the error itself names the whole URL, which may carry a secret.
+    let chain = std::error::Error::source(error)
+        .map(crate::error::error_chain)
+        .unwrap_or_else(|| "no cause given".to_string());
+    let lower = chain.to_ascii_lowercase();
+    if error.is_timeout() {
+        format!(
+            "timeout: no answer from {host} within {} s",
+            timeout.as_secs_f64()
+        )
+    } else if lower.contains("dns error") || lower.contains("no public address") {
+        format!("DNS: {host} does not resolve to an address Baton may post to ({chain})")
+    } else if lower.contains("connection refused") {
+        format!("connection refused by {host}")
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
+        format!("TLS failure with {host}: {chain}")
+    } else if error.is_connect() {
+        format!("could not connect to {host}: {chain}")
+    } else {
+        format!("the request to {host} failed: {chain}")
     }
 }
 
@@ -417,6 +450,7 @@ mod tests {
                 message_id: "m",
                 secret: None,
                 timeout: Duration::from_secs(1),
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             };
             let error = guarded.send(out, 0).await.unwrap_err();
             assert_eq!(

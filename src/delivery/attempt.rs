@@ -99,7 +99,7 @@ struct Claimed<'a> {
 #[tracing::instrument(
     name = "delivery.attempt",
     skip_all,
-    fields(subscription.id = %id, attempt = Empty, event.from = Empty, event.to = Empty)
+    fields(subscription.id = %id, attempt = Empty, event.from = Empty, event.to = Empty, trace_id = Empty)
 )]
 async fn try_attempt(
     deliverer: &Deliverer,
@@ -230,6 +230,7 @@ impl Claimed<'_> {
         let deliverer = self.deliverer;
         let Sending { payload, now, .. } = *sending;
         let notification = build(&self.subject(sending)).await?;
+        tracing::Span::current().record("trace_id", notification.trace.trace_id());
         if sending.timeout > sending.default_timeout {
             // The claim must outlast this subscription's longer timeout.
             deliverer
@@ -291,6 +292,7 @@ impl Claimed<'_> {
         let mut reach = Reach::Nobody;
         if channel.may_have_listeners(&self.sub.id) {
             let notification = build(&self.subject(sending)).await?;
+            tracing::Span::current().record("trace_id", notification.trace.trace_id());
             reach = channel
                 .send(self.outgoing(sending, notification))
                 .await
@@ -354,6 +356,7 @@ impl Claimed<'_> {
             handshake,
             status,
             at: StoredInstant::at(now),
+            rewinds: self.sub.rewinds,
         })
         .await
     }

@@ -114,6 +114,7 @@ impl Channel for RestHookTo<'_> {
                     message_id: &out.notification.message_id,
                     secret: secret.as_deref(),
                     timeout: out.timeout,
+                    traceparent: &out.notification.trace.header(),
                 },
                 out.now.unix_timestamp(),
             )
@@ -159,6 +160,7 @@ impl Channel for MessageTo<'_> {
                 last_event,
                 events_since_start: out.sub.events_since_start,
                 timestamp_secs: out.now.unix_timestamp().max(0) as u64,
+                traceparent: Some(&out.notification.trace.header()),
             },
             out.timeout,
         )

@@ -17,6 +17,7 @@ use crate::fhir::notification::{
 use crate::fhir::subscription::SubscriptionSpec;
 use crate::hub::{EntryKey, SharedParts};
 use crate::store::{EventRecord, Store, StoredSubscription};
+use crate::trace::TraceContext;
 
 /// What a notification carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,9 @@ pub struct Notification {
     /// The same for every copy of the same notification, so endpoints can drop duplicates:
     /// handshakes per subscription version, events per range, heartbeats each new.
     pub message_id: String,
+    /// What the notification continues: the trace of the request that made its first event's
+    /// change, else a trace of its own. Sent on as a `traceparent` header.
+    pub trace: TraceContext,
 }
 
 /// What a notification is about, and when it is made.
@@ -130,6 +134,7 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
         events_since_start: sub.events_since_start,
         notification_type: payload.notification_type(),
         error: None,
+        last_delivered: None,
     };
     let content = spec.content;
     let entries: Vec<Arc<[u8]>> = notification_events
@@ -156,7 +161,16 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
         content,
         &entries,
     );
-    Ok(Notification { body, message_id })
+    // A span of its own in the trace of the change it reports, or a trace of its own.
+    let trace = events
+        .iter()
+        .find_map(|e| e.traceparent.as_deref().and_then(TraceContext::parse))
+        .map_or_else(TraceContext::new_root, |change| change.child());
+    Ok(Notification {
+        body,
+        message_id,
+        trace,
+    })
 }
 
 /// The exact Task versions a batch of events is about, unless the content level needs none
@@ -263,6 +277,7 @@ mod tests {
             version: Version::FIRST,
             interaction,
             occurred_at: StoredInstant::parse("2026-01-01T00:00:00.000Z").unwrap(),
+            traceparent: None,
         }
     }
 

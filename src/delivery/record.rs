@@ -247,9 +247,13 @@ fn coalesce(reports: Vec<DeliveryReport>) -> Vec<DeliveryReport> {
             } => {
                 if let Some(&at) = open.get(subscription_id)
                     && let Some(DeliveryReport::Delivered {
-                        through: earlier, ..
-                    }) = kept[at].take()
+                        through: earlier,
+                        rewinds: earlier_rewinds,
+                        ..
+                    }) = &kept[at]
+                    && Some(*earlier_rewinds) == rewinds_of(&report)
                 {
+                    let earlier = *earlier;
                     let mut later = report;
                     if let DeliveryReport::Delivered { through, .. } = &mut later {
                         *through = (*through).max(earlier);
@@ -273,6 +277,14 @@ fn coalesce(reports: Vec<DeliveryReport>) -> Vec<DeliveryReport> {
     kept.into_iter().flatten().collect()
 }
 
+/// The restart count a delivery was made under; None for a failure.
+fn rewinds_of(report: &DeliveryReport) -> Option<i64> {
+    match report {
+        DeliveryReport::Delivered { rewinds, .. } => Some(*rewinds),
+        DeliveryReport::Failed { .. } => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,7 +306,16 @@ mod tests {
             handshake,
             status: SubscriptionStatus::Active,
             at: at(second),
+            rewinds: 0,
         }
+    }
+
+    /// The same delivery made after one restart (`$resend`).
+    fn restarted(mut report: DeliveryReport) -> DeliveryReport {
+        if let DeliveryReport::Delivered { rewinds, .. } = &mut report {
+            *rewinds += 1;
+        }
+        report
     }
 
     fn failed(sub: &str, failures: i64) -> DeliveryReport {
@@ -386,6 +407,17 @@ mod tests {
                 ],
                 vec!["a delivered 40 Unchanged 2026-12-06T10:00:02.000Z"],
             ),
+            (
+                "a delivery after a restart ($resend) is not folded into one before it",
+                vec![
+                    delivered("a", 40, Unchanged, 1),
+                    restarted(delivered("a", 2, Unchanged, 2)),
+                ],
+                vec![
+                    "a delivered 40 Unchanged 2026-12-06T10:00:01.000Z",
+                    "a delivered 2 Unchanged 2026-12-06T10:00:02.000Z",
+                ],
+            ),
         ];
         for (name, reports, expected) in cases {
             assert_eq!(describe(&coalesce(reports)), expected, "{name}");
@@ -428,6 +460,7 @@ mod tests {
             handshake: HandshakeOwed::Unchanged,
             status: sub.status,
             at: StoredInstant::now(),
+            rewinds: sub.rewinds,
         };
         recorder.record_ahead(report).unwrap();
         assert_eq!(recorder.sent_through(&sub.id), Some(EventNumber::new(5)));

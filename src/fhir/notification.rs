@@ -89,6 +89,11 @@ use crate::fhir::interaction::Interaction;
 /// The profile every status `Parameters` claims, so validators check it against the backport IG.
 pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4";
 
+/// On a status's `error` parameter: when something last reached the endpoint (handshake,
+/// heartbeat or events), absent if nothing ever did.
+pub const LAST_DELIVERED_EXTENSION: &str =
+    "https://baton.dev/fhir/StructureDefinition/last-delivered";
+
 /// The code system of the `error` parameter's coding.
 pub const SUBSCRIPTION_ERROR_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/subscription-error";
@@ -105,6 +110,9 @@ pub struct StatusSnapshot<'a> {
     pub notification_type: NotificationType,
     /// The last delivery error as a short text. See [`error_code`] for how the text is coded.
     pub error: Option<&'a str>,
+    /// When something last reached the subscription's endpoint (an instant), told with the
+    /// error so that an operator sees how long it has been failing.
+    pub last_delivered: Option<&'a str>,
 }
 
 /// One event of the subscription's event log, as a notification reports it.
@@ -382,13 +390,17 @@ fn build_parameters(
         }
     }
     if let Some(text) = status.error {
-        parameter.push(json!({
+        let mut error = json!({
             "name": "error",
             "valueCodeableConcept": {
                 "coding": [{ "system": SUBSCRIPTION_ERROR_SYSTEM, "code": error_code(text) }],
                 "text": text,
             },
-        }));
+        });
+        if let Some(at) = status.last_delivered {
+            error["extension"] = json!([{ "url": LAST_DELIVERED_EXTENSION, "valueInstant": at }]);
+        }
+        parameter.push(error);
     }
     let mut resource = Map::new();
     resource.insert("resourceType".into(), json!("Parameters"));
@@ -518,6 +530,7 @@ mod tests {
             events_since_start: EventNumber::new(since),
             notification_type,
             error,
+            last_delivered: None,
         }
     }
 
@@ -918,6 +931,7 @@ mod tests {
                 subscription_id: sub_id("sub-2"),
                 status: SubscriptionStatus::Error,
                 error: Some("connection refused"),
+                last_delivered: Some("2026-12-06T09:58:00.000Z"),
                 ..snapshot(NotificationType::Heartbeat)
             },
         ];
@@ -959,6 +973,12 @@ mod tests {
         let error = &named(&entries[1]["resource"], "error")[0]["valueCodeableConcept"];
         assert_eq!(error["text"], "connection refused");
         assert_eq!(error["coding"][0]["code"], "no-response");
+        let error = named(&entries[1]["resource"], "error")[0];
+        assert_eq!(error["extension"][0]["url"], LAST_DELIVERED_EXTENSION);
+        assert_eq!(
+            error["extension"][0]["valueInstant"],
+            "2026-12-06T09:58:00.000Z"
+        );
         assert!(named(&entries[0]["resource"], "error").is_empty());
 
         let none = status_search_bundle(BASE, "search-2", NOW, &[]);

@@ -10,10 +10,16 @@
 //! so the same rules decide at creation (for a clear answer to the placer) and, again, inside
 //! the transaction that completes the request (where they cannot race another write).
 
+pub mod bidding;
+pub mod change;
+pub mod elements;
+pub mod information;
+pub mod profiles;
+
 use serde_json::Value;
 
 use crate::error::{Error, IssueCode, Result};
-use crate::fhir::ids::TaskId;
+use crate::fhir::ids::{TaskId, Version};
 use crate::fhir::task::{self as task_rules};
 use crate::fhir::{MULTI_FOCUS_EXTENSION, normalize_reference};
 
@@ -29,6 +35,9 @@ pub enum RequestKind {
     Suspend,
     /// Continue: the focal Task returns to the status it had before it was put on hold.
     Resume,
+    /// Modify: the edits in the request's inputs are applied to the focal Task
+    /// (`workflow::change`).
+    Change,
 }
 
 impl RequestKind {
@@ -38,6 +47,7 @@ impl RequestKind {
             RequestKind::Abort => "abort",
             RequestKind::Suspend => "suspend",
             RequestKind::Resume => "resume",
+            RequestKind::Change => "change",
         }
     }
 
@@ -46,6 +56,7 @@ impl RequestKind {
             "abort" => Some(RequestKind::Abort),
             "suspend" => Some(RequestKind::Suspend),
             "resume" => Some(RequestKind::Resume),
+            "change" => Some(RequestKind::Change),
             _ => None,
         }
     }
@@ -122,6 +133,12 @@ pub fn parse_request(task: &Value, base_url: &str) -> Result<Option<Request>> {
         )
         .at("Task.focus"));
     };
+    if kind == RequestKind::Change {
+        change::parse_edits(task)?;
+        if let Some(Err(e)) = change::pinned_version(task) {
+            return Err(e);
+        }
+    }
     match focal_task(task, base_url) {
         Some(focal_id) => Ok(Some(Request { kind, focal_id })),
         None => {
@@ -201,19 +218,27 @@ pub fn check_addressee(request: &Value, focal: &Value, base_url: &str) -> Result
 }
 
 /// The focal Task as the completed request leaves it: abort → `cancelled`, suspend →
-/// `on-hold`, resume → `status_before_hold` (the status before the current on-hold streak).
-/// The request's `statusReason` replaces the focal Task's, which explained a status it no
-/// longer has; without one, the old reason is removed. The result passes the state machine.
+/// `on-hold`, resume → `status_before_hold` (the status before the current on-hold streak),
+/// change → the request's edits applied (`change::apply_change`, made against
+/// `focal_version` if the request names a version). For a status change, the request's
+/// `statusReason` replaces the focal Task's, which explained a status it no longer has;
+/// without one, the old reason is removed. The result passes the state machine.
 pub fn apply_request(
     kind: RequestKind,
     focal: &Value,
+    focal_version: Version,
     request: &Value,
     status_before_hold: Option<&str>,
+    base_url: &str,
 ) -> Result<Value> {
     check_request(kind, focal)?;
     let id = task_id(focal);
     let current = task_rules::status(focal).unwrap_or_default();
     let next = match kind {
+        RequestKind::Change => {
+            change::check_pinned(request, focal_version)?;
+            return change::apply_change(focal, request, base_url);
+        }
         RequestKind::Abort => "cancelled",
         RequestKind::Suspend => "on-hold",
         RequestKind::Resume => match status_before_hold {
@@ -501,7 +526,7 @@ mod tests {
         for (kind, status, before_hold, expected) in cases {
             let mut f = focal(status);
             f["statusReason"] = json!({ "text": "old reason" });
-            let result = apply_request(*kind, &f, &r, *before_hold);
+            let result = apply_request(*kind, &f, Version::FIRST, &r, *before_hold, BASE);
             match expected {
                 Some(next) => {
                     let changed = result.unwrap();
@@ -528,8 +553,10 @@ mod tests {
                 f["statusReason"] = json!({ "text": "old" });
                 f
             },
+            Version::FIRST,
             &request("suspend", Some("Task/f1")),
             None,
+            BASE,
         )
         .unwrap();
         assert!(changed.get("statusReason").is_none(), "{changed}");

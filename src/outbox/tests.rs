@@ -176,6 +176,7 @@ fn expected_events(changes: &[ChangeEvent], heard: &[ChangeSeq]) -> Vec<EventRec
                 version: change.version,
                 interaction: change.interaction,
                 occurred_at: change.recorded_at.clone(),
+                traceparent: None,
             }
         })
         .collect()
@@ -313,6 +314,7 @@ pub(crate) async fn events_replay_runs_exactly(store: Arc<dyn Store>) {
         handshake: HandshakeOwed::Unchanged,
         status: SubscriptionStatus::Active,
         at: StoredInstant::parse("2026-01-01T00:00:00.000Z").unwrap(),
+        rewinds: 0,
     };
     store.record_delivery(NODE, deliver(2)).await.unwrap();
     assert_eq!(store.prune_events(&far_future).await.unwrap(), 0);

@@ -24,7 +24,8 @@ use crate::fhir::task::TERMINAL_STATUSES;
 /// after it up to `$3` follow it on the same index.
 pub(crate) const SUBSCRIPTION_EVENTS: &str =
     "SELECT e.event_number + (c.seq - e.change_seq) AS event_number, c.seq AS change_seq,
-            c.resource_id AS task_id, c.version, c.interaction, c.recorded_at AS occurred_at
+            c.resource_id AS task_id, c.version, c.interaction, c.recorded_at AS occurred_at,
+            c.traceparent
      FROM subscription_event e
      JOIN change_event c ON c.seq BETWEEN e.change_seq AND e.change_seq + e.events - 1
      WHERE e.subscription_id = $1
@@ -290,6 +291,28 @@ impl Binds {
         format!("{column} IN ({})", placeholders.join(", "))
     }
 }
+
+/// Subscriptions per status, for `/metrics`.
+pub(crate) const SUBSCRIPTIONS_BY_STATUS: &str =
+    "SELECT status, count(*) FROM subscription GROUP BY status";
+
+/// The largest backlogs (events counted and not delivered, whatever the status), at most
+/// `$1`, largest first, for `/metrics`.
+pub(crate) const LARGEST_BACKLOGS: &str =
+    "SELECT id, events_since_start - delivered_through FROM subscription
+     WHERE delivered_through < events_since_start
+     ORDER BY 2 DESC, id LIMIT $1";
+
+/// When the oldest undelivered event of any subscription happened: per subscription with a
+/// backlog, the change of its first undelivered event (found in its run as `WORK_WAITING`
+/// finds it), for `/metrics`.
+pub(crate) const OLDEST_UNDELIVERED: &str = "SELECT min(c.recorded_at) FROM subscription s
+     JOIN change_event c ON c.seq =
+       (SELECT e.change_seq + (s.delivered_through + 1 - e.event_number)
+        FROM subscription_event e
+        WHERE e.subscription_id = s.id AND e.event_number <= s.delivered_through + 1
+        ORDER BY e.event_number DESC LIMIT 1)
+     WHERE s.delivered_through < s.events_since_start";
 
 #[cfg(test)]
 mod tests {

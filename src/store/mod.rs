@@ -348,6 +348,22 @@ pub struct StoredSubscription {
     pub next_attempt_at: Option<StoredInstant>,
     pub last_error: Option<String>,
     pub last_sent_at: Option<StoredInstant>,
+    /// How many times delivery was restarted from an earlier event (`$resend`). A delivery
+    /// report carries the count its attempt read, and moves `delivered_through` only if it
+    /// is still the stored one: an attempt in flight during a restart cannot undo it.
+    pub rewinds: i64,
+}
+
+/// What `/metrics` tells of the subscriptions. It is read from the store, so every node of a
+/// cluster reports the same figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubscriptionGauges {
+    /// How many subscriptions have each status (statuses without any are left out).
+    pub by_status: Vec<(String, i64)>,
+    /// The largest backlogs (events counted and not delivered), largest first.
+    pub backlogs: Vec<(SubscriptionId, i64)>,
+    /// When the oldest undelivered event happened; None when every event is delivered.
+    pub oldest_undelivered: Option<StoredInstant>,
 }
 
 /// A live subscription as start-up reads it: what the matcher index and the hub's start-up
@@ -470,6 +486,8 @@ pub struct EventRecord {
     pub version: Version,
     pub interaction: Interaction,
     pub occurred_at: StoredInstant,
+    /// The `traceparent` of the request that made the change, if one did.
+    pub traceparent: Option<String>,
 }
 
 /// The result of one delivery attempt, to be recorded with the subscription.
@@ -485,6 +503,9 @@ pub enum DeliveryReport {
         handshake: HandshakeOwed,
         status: SubscriptionStatus,
         at: StoredInstant,
+        /// The restart count the attempt read (`StoredSubscription::rewinds`): the position
+        /// moves only if delivery was not restarted since.
+        rewinds: i64,
     },
     Failed {
         subscription_id: SubscriptionId,
@@ -628,6 +649,8 @@ pub trait Store: Send + Sync + 'static {
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredSubscription>, u64)>;
+    /// What `/metrics` tells of the subscriptions, with at most `max_backlogs` backlogs.
+    async fn subscription_gauges(&self, max_backlogs: usize) -> Result<SubscriptionGauges>;
     /// Up to `limit` subscriptions that are not `off`, in id order after `after`: start-up
     /// reads them page by page, so that a million never sit in memory at once.
     async fn live_subscription_page(
@@ -685,6 +708,15 @@ pub trait Store: Send + Sync + 'static {
         from: EventNumber,
         to: EventNumber,
     ) -> Result<Vec<EventRecord>>;
+    /// Restarts a subscription's delivery at event `from` (`$resend`): its position moves
+    /// back to just before `from` (never forward) and the restart is counted, so that an
+    /// attempt in flight cannot move the position on again (`DeliveryReport::Delivered`'s
+    /// `rewinds`). None if the subscription is gone or `off`.
+    async fn restart_delivery(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+    ) -> Result<Option<StoredSubscription>>;
     /// Records an attempt's result and ends `holder`'s claim on the subscription.
     async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()> {
         self.record_deliveries(holder, vec![report]).await

@@ -33,7 +33,6 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tokio::sync::Notify;
 
-use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::history_from_row;
@@ -51,6 +50,7 @@ use super::{
     StoredSubscription, StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery,
     SubscriptionRecord, WriteOutcome, WriteRequest, collect_page,
 };
+use super::{ChangeProgress, SubscriptionGauges};
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
@@ -454,6 +454,10 @@ impl Store for PostgresStore {
         hub::search_subscriptions(&self.pool, query, count, offset).await
     }
 
+    async fn subscription_gauges(&self, max_backlogs: usize) -> Result<SubscriptionGauges> {
+        hub::subscription_gauges(&self.pool, max_backlogs).await
+    }
+
     async fn live_subscription_page(
         &self,
         after: Option<&SubscriptionId>,
@@ -516,6 +520,14 @@ impl Store for PostgresStore {
         to: EventNumber,
     ) -> Result<Vec<EventRecord>> {
         hub::subscription_events(&self.pool, id, from, to).await
+    }
+
+    async fn restart_delivery(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+    ) -> Result<Option<StoredSubscription>> {
+        hub::restart_delivery(&self.pool, id, from).await
     }
 
     async fn record_deliveries(&self, holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {

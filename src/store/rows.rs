@@ -198,6 +198,7 @@ pub(crate) struct EventRow {
     version: Version,
     interaction: String,
     occurred_at: StoredInstant,
+    traceparent: Option<String>,
 }
 
 /// One entry of a subscription's event log.
@@ -218,6 +219,7 @@ impl EventRow {
             version: row.get("version")?,
             interaction: row.get("interaction")?,
             occurred_at: row.get("occurred_at")?,
+            traceparent: row.get("traceparent")?,
         })
     }
 
@@ -229,6 +231,7 @@ impl EventRow {
             version: self.version,
             interaction: interaction(self.interaction, "unknown interaction in the event log")?,
             occurred_at: self.occurred_at,
+            traceparent: self.traceparent,
         })
     }
 }
@@ -310,6 +313,7 @@ pub(crate) struct SubscriptionRow {
     next_attempt_at: Option<StoredInstant>,
     last_error: Option<String>,
     last_sent_at: Option<StoredInstant>,
+    rewinds: i64,
 }
 
 /// A stored subscription.
@@ -346,6 +350,7 @@ impl SubscriptionRow {
             next_attempt_at: row.get("next_attempt_at")?,
             last_error: row.get("last_error")?,
             last_sent_at: row.get("last_sent_at")?,
+            rewinds: row.get("rewinds")?,
         })
     }
 
@@ -386,6 +391,7 @@ impl SubscriptionRow {
             next_attempt_at: row.next_attempt_at,
             last_error: row.last_error,
             last_sent_at: row.last_sent_at,
+            rewinds: row.rewinds,
         })
     }
 }

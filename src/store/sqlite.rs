@@ -41,7 +41,6 @@ use sqlx::{AssertSqlSafe, Connection};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::ChangeProgress;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::history_from_row;
@@ -56,11 +55,13 @@ use super::{
     StoredSubscription, StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery,
     SubscriptionRecord, WriteOutcome, WriteRequest,
 };
+use super::{ChangeProgress, SubscriptionGauges};
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::search::Predicate;
 use crate::supervise::{self, Health};
+use crate::trace::current_trace;
 use writer::{Done, Job, Work};
 
 mod hub;
@@ -208,7 +209,11 @@ impl SqliteStore {
         let (reply, answer) = oneshot::channel();
         let sender = self.jobs.lock().await.clone().ok_or_else(writer_gone)?;
         sender
-            .send(Job { work, reply })
+            .send(Job {
+                work,
+                reply,
+                trace: current_trace(),
+            })
             .await
             .map_err(|_| writer_gone())?;
         let done = answer.await.map_err(|_| writer_gone())?;
@@ -325,6 +330,10 @@ impl Store for SqliteStore {
         hub::search_subscriptions(&self.reads, query, count, offset).await
     }
 
+    async fn subscription_gauges(&self, max_backlogs: usize) -> Result<SubscriptionGauges> {
+        hub::subscription_gauges(&self.reads, max_backlogs).await
+    }
+
     async fn live_subscription_page(
         &self,
         after: Option<&SubscriptionId>,
@@ -410,6 +419,24 @@ impl Store for SqliteStore {
     async fn fill_matching_forms(&self, forms: Vec<MatchingFormRow>) -> Result<()> {
         match self.submit(Work::FillMatchingForms(forms)).await? {
             Done::Nothing => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn restart_delivery(
+        &self,
+        id: &SubscriptionId,
+        from: EventNumber,
+    ) -> Result<Option<StoredSubscription>> {
+        match self
+            .submit(Work::RestartDelivery {
+                id: id.clone(),
+                from,
+            })
+            .await?
+        {
+            Done::Subscription(stored) => Ok(Some(*stored)),
+            Done::Nothing => Ok(None),
             _ => Err(unexpected()),
         }
     }

@@ -17,6 +17,8 @@ use super::{
 use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::fhir::search::{Predicate, TaskColumns, TaskIndex, index_task, priority_rank};
+use crate::fhir::workflow::bidding;
+use crate::fhir::workflow::information::{self, Transition};
 use crate::fhir::workflow::{self, RequestKind};
 
 /// What If-None-Exist criteria matched. A search for them asks for two Tasks at most, since
@@ -85,6 +87,14 @@ pub(crate) trait TaskTx {
     /// when the newest such version is a deletion (what came before belongs to a Task that was
     /// gone).
     async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>>;
+
+    /// The live sub-tasks of a Task (`partOf` names it), at most `limit`, each held for change
+    /// like `load_for_change`, in id order.
+    async fn children_for_change(
+        &mut self,
+        parent: &TaskId,
+        limit: usize,
+    ) -> Result<Vec<CurrentTask>>;
 
     /// Writes one version of a Task: the current row, its history row, its search index rows
     /// (replacing any the id had) and its change event.
@@ -230,7 +240,11 @@ pub(crate) async fn apply<T: TaskTx>(
 pub(crate) fn is_single_put<S>(write: &TaskWrite<S>) -> bool {
     matches!(
         write,
-        TaskWrite::Create { resource, .. } if workflow::completes_request(None, resource).is_none()
+        TaskWrite::Create { resource, .. }
+            if workflow::completes_request(None, resource).is_none()
+                && information::transition(None, resource).is_none()
+                && !bidding::is_bid(resource)
+                && !bidding::is_bidding(resource)
     )
 }
 
@@ -312,13 +326,20 @@ async fn put_task<T: TaskTx>(
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let previous = current.filter(|c| !c.deleted).map(|c| &c.resource);
-    let effect = match workflow::completes_request(previous, &resource) {
-        Some(kind) => Some(focal_change(tx, id, kind, &resource, base_url).await?),
-        None => None,
-    };
+    let effects: Vec<(CurrentTask, Value)> =
+        if let Some(kind) = workflow::completes_request(previous, &resource) {
+            vec![focal_change(tx, id, kind, &resource, base_url).await?]
+        } else if let Some(transition) = information::transition(previous, &resource) {
+            coordination_change(tx, id, transition, &resource, base_url)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            bidding_effects(tx, id, previous, &resource, base_url).await?
+        };
     let outcome = put(tx, id, current, resource, base_url).await?;
-    if let Some((focal, changed)) = effect {
-        put(tx, &focal.id, Some(&focal), changed, base_url).await?;
+    for (task, changed) in effects {
+        put(tx, &task.id, Some(&task), changed, base_url).await?;
     }
     Ok(outcome)
 }
@@ -356,10 +377,133 @@ async fn focal_change<T: TaskTx>(
     workflow::check_addressee(request, &focal.resource, base_url)?;
     let before_hold = match kind {
         RequestKind::Resume => tx.status_before_hold(&focal_id).await?,
-        RequestKind::Abort | RequestKind::Suspend => None,
+        RequestKind::Abort | RequestKind::Suspend | RequestKind::Change => None,
     };
-    let changed = workflow::apply_request(kind, &focal.resource, request, before_hold.as_deref())?;
+    let changed = workflow::apply_request(
+        kind,
+        &focal.resource,
+        focal.version,
+        request,
+        before_hold.as_deref(),
+        base_url,
+    )?;
     Ok((focal, changed))
+}
+
+/// The coordination Task an information request is about (loaded for change), and the
+/// version its opening or closing makes of it; None when it stays as it is. Opening checks
+/// the request against the coordination Task again, here where nothing can change it.
+async fn coordination_change<T: TaskTx>(
+    tx: &mut T,
+    request_id: &TaskId,
+    transition: Transition,
+    request: &Value,
+    base_url: &str,
+) -> Result<Option<(CurrentTask, Value)>> {
+    let Some(focal_id) = workflow::focal_task(request, base_url).filter(|f| f != request_id) else {
+        return Err(Error::business_rule(
+            "this information request names no other Task in Task.focus",
+        )
+        .at("Task.focus"));
+    };
+    let Some(coordination) = tx.load_for_change(&focal_id).await?.filter(|f| !f.deleted) else {
+        return match transition {
+            // A request about a Task deleted since may still be closed.
+            Transition::Closed { .. } => Ok(None),
+            Transition::Opened => Err(Error::not_found(format!(
+                "Task/{focal_id}, the coordination Task of this information request, does not                  exist"
+            ))
+            .at("Task.focus")),
+        };
+    };
+    if transition == Transition::Opened {
+        information::check_against(request, &coordination.resource, base_url)?;
+    }
+    Ok(
+        information::apply(transition, &coordination.resource, request)?
+            .map(|changed| (coordination, changed)),
+    )
+}
+
+/// What a write of a bidding Task or a bid checks and changes (`fhir::workflow::bidding`),
+/// inside the transaction: a new bidding Task's coordination Task must be open and unowned; a
+/// new bid is checked against its bidding Task, held for change, and the bids it has, so a
+/// bid and an award cannot cross; closing a bidding Task writes the award to the
+/// coordination Task and tells every open bid.
+async fn bidding_effects<T: TaskTx>(
+    tx: &mut T,
+    id: &TaskId,
+    previous: Option<&Value>,
+    resource: &Value,
+    base_url: &str,
+) -> Result<Vec<(CurrentTask, Value)>> {
+    let open = |task: &Value| {
+        !crate::fhir::task::is_terminal(crate::fhir::task::status(task).unwrap_or_default())
+    };
+    if bidding::is_bid(resource) && previous.is_none() {
+        let parent_id = bidding::parse_bid(resource, base_url)?;
+        let parent = tx
+            .load_for_change(&parent_id)
+            .await?
+            .filter(|p| !p.deleted)
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "Task.partOf names Task/{parent_id}, which does not exist"
+                ))
+                .at("Task.partOf")
+            })?;
+        let bids = tx
+            .children_for_change(&parent_id, bidding::MAX_BIDS)
+            .await?
+            .into_iter()
+            .filter(|b| &b.id != id)
+            .map(|b| b.resource)
+            .collect::<Vec<_>>();
+        bidding::check_bid(resource, &parent.resource, &bids, base_url)?;
+        return Ok(Vec::new());
+    }
+    if !bidding::is_bidding(resource) {
+        return Ok(Vec::new());
+    }
+    let coordination_id = bidding::parse_bidding(resource, base_url)?;
+    let coordination = tx
+        .load_for_change(&coordination_id)
+        .await?
+        .filter(|c| !c.deleted);
+    match previous {
+        None => {
+            let coordination = coordination.ok_or_else(|| {
+                Error::not_found(format!(
+                    "Task.focus names Task/{coordination_id}, which does not exist"
+                ))
+                .at("Task.focus")
+            })?;
+            bidding::check_coordination(&coordination.resource)?;
+            Ok(Vec::new())
+        }
+        Some(before) if open(before) && !open(resource) => {
+            let chosen = match crate::fhir::task::status(resource) {
+                Some("completed") => Some(bidding::awarded(resource, base_url)?),
+                _ => None,
+            };
+            let bids = tx.children_for_change(id, bidding::MAX_BIDS).await?;
+            let contents: Vec<Value> = bids.iter().map(|b| b.resource.clone()).collect();
+            let (coordination_after, bids_after) = bidding::close(
+                chosen.as_ref(),
+                coordination.as_ref().map(|c| &c.resource),
+                &contents,
+            )?;
+            let mut effects = Vec::new();
+            if let (Some(coordination), Some(changed)) = (coordination, coordination_after) {
+                effects.push((coordination, changed));
+            }
+            for (i, changed) in bids_after {
+                effects.push((bids[i].clone(), changed));
+            }
+            Ok(effects)
+        }
+        Some(_) => Ok(Vec::new()),
+    }
 }
 
 /// Stores `resource` as the next version of the Task (the first, if it never existed).

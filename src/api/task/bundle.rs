@@ -227,11 +227,11 @@ fn bundle_parts(bundle: &Value, max_entries: usize) -> Result<(Kind, &[Value])> 
 }
 
 /// Parses one entry; every error names it.
-fn parse_entry(index: usize, raw: &Value, base_url: &str) -> Result<Entry> {
-    parse_entry_inner(index, raw, base_url).map_err(|e| e.in_entry(index))
+fn parse_entry(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry> {
+    parse_entry_inner(index, raw, bases).map_err(|e| e.in_entry(index))
 }
 
-fn parse_entry_inner(index: usize, raw: &Value, base_url: &str) -> Result<Entry> {
+fn parse_entry_inner(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry> {
     let Some(entry) = raw.as_object() else {
         return Err(Error::bad_request(
             IssueCode::Structure,
@@ -268,7 +268,7 @@ fn parse_entry_inner(index: usize, raw: &Value, base_url: &str) -> Result<Entry>
             Error::bad_request(IssueCode::Required, "request.url is required").at("request.url"),
         );
     };
-    let target = parse_url(url, base_url)?;
+    let target = parse_url(url, bases)?;
     let resource = entry.get("resource").cloned();
     match (method, &target) {
         (Method::Post, Target::Type | Target::Subscriptions)
@@ -352,10 +352,12 @@ fn parse_entry_inner(index: usize, raw: &Value, base_url: &str) -> Result<Entry>
     })
 }
 
-/// `Task`, `Task/{id}` or `Task?criteria`, relative or on this server's base.
-fn parse_url(url: &str, base_url: &str) -> Result<Target> {
-    let relative = url
-        .strip_prefix(base_url)
+/// `Task`, `Task/{id}` or `Task?criteria`, relative or on one of this server's bases (the
+/// path the Bundle came in on, and `public_url`).
+fn parse_url(url: &str, bases: &[&str]) -> Result<Target> {
+    let relative = bases
+        .iter()
+        .find_map(|base| url.strip_prefix(base))
         .unwrap_or(url)
         .trim_start_matches('/');
     let (path, query) = match relative.split_once('?') {
@@ -420,7 +422,7 @@ async fn batch_entry(
     index: usize,
     raw: &Value,
 ) -> Result<Answer> {
-    let mut entry = parse_entry(index, raw, &state.base_url)?;
+    let mut entry = parse_entry(index, raw, &[&state.link_base, &state.base_url])?;
     require_entry_scope(principal, &entry)?;
     if let Some(resource) = &mut entry.resource {
         // A batch's entries are independent: a reference to another entry cannot be resolved.
@@ -539,7 +541,7 @@ async fn run_transaction(
 ) -> Result<Vec<Answer>> {
     let mut entries = Vec::with_capacity(raw.len());
     for (index, raw) in raw.iter().enumerate() {
-        let entry = parse_entry(index, raw, &state.base_url)?;
+        let entry = parse_entry(index, raw, &[&state.link_base, &state.base_url])?;
         require_entry_scope(principal, &entry)?;
         if entry.method == Method::Get {
             return Err(Error::not_supported(
@@ -884,7 +886,7 @@ fn entry_json(state: &AppState, answer: Answer, prefer: Prefer) -> Value {
             response.insert("lastModified".into(), json!(last_updated));
             entry.insert(
                 "fullUrl".into(),
-                json!(format!("{}/Task/{id}", state.base_url)),
+                json!(format!("{}/Task/{id}", state.link_base)),
             );
             if prefer.outcome {
                 response.insert(
@@ -919,7 +921,7 @@ fn entry_json(state: &AppState, answer: Answer, prefer: Prefer) -> Value {
             response.insert("etag".into(), json!(format!("W/\"{version}\"")));
             entry.insert(
                 "fullUrl".into(),
-                json!(format!("{}/Subscription/{id}", state.base_url)),
+                json!(format!("{}/Subscription/{id}", state.link_base)),
             );
             if !prefer.minimal {
                 entry.insert("resource".into(), resource);
@@ -971,7 +973,7 @@ mod tests {
             ("Task/a1?x=1", None),
         ];
         for (url, expected) in cases {
-            assert_eq!(parse_url(url, BASE).ok(), expected, "{url}");
+            assert_eq!(parse_url(url, &[BASE]).ok(), expected, "{url}");
         }
     }
 

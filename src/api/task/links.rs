@@ -10,7 +10,7 @@ use crate::api::AppState;
 use crate::auth::{self, Principal};
 use crate::error::{Error, Result};
 use crate::fhir::ids::TaskId;
-use crate::fhir::workflow::{self, RequestKind};
+use crate::fhir::workflow::{self, RequestKind, information};
 use crate::fhir::{normalize_reference, task as task_rules};
 
 /// What a linked Task is to the Task that links to it.
@@ -18,6 +18,8 @@ use crate::fhir::{normalize_reference, task as task_rules};
 enum LinkRole {
     Parent,
     Focal(RequestKind),
+    /// The coordination Task an information request asks about.
+    Asks,
 }
 
 /// A Task on this server that a Task links to, and the element that links to it.
@@ -58,6 +60,13 @@ pub(super) fn links(task: &Value, own_id: Option<&TaskId>, base_url: &str) -> Re
         links.push(Link {
             task_id: request.focal_id,
             role: LinkRole::Focal(request.kind),
+            at: "Task.focus".into(),
+        });
+    }
+    if let Some(task_id) = information::parse(task, base_url)? {
+        links.push(Link {
+            task_id,
+            role: LinkRole::Asks,
             at: "Task.focus".into(),
         });
     }
@@ -111,7 +120,7 @@ pub(super) async fn check_links(
     for link in links {
         let id = &link.task_id;
         if created.contains(id) {
-            if let LinkRole::Focal(_) = link.role {
+            if let LinkRole::Focal(_) | LinkRole::Asks = link.role {
                 return Err(Error::business_rule(format!(
                     "{} names a Task this transaction creates; a request's focal Task must \
                      exist before the request is made",
@@ -148,6 +157,21 @@ pub(super) async fn check_links(
         {
             workflow::check_request(kind, &linked.resource)?;
             workflow::check_addressee(task, &linked.resource, &state.base_url)?;
+            if kind == RequestKind::Change {
+                // The change must apply to the focal Task as it is now (and, if the request
+                // names a version, be made against it).
+                workflow::apply_request(
+                    kind,
+                    &linked.resource,
+                    linked.version,
+                    task,
+                    None,
+                    &state.base_url,
+                )?;
+            }
+        }
+        if link.role == LinkRole::Asks && asks_now {
+            information::check_against(task, &linked.resource, &state.base_url)?;
         }
         checked.insert(id.clone());
     }

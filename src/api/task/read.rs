@@ -210,7 +210,7 @@ pub(super) async fn history(
         }
     }
     let (versions, total) = readable_history(&state, &principal, &id, count, offset).await?;
-    let self_url = format!("{}/Task/{id}/_history", state.base_url);
+    let self_url = format!("{}/Task/{id}/_history", state.link_base);
     let mut links = vec![link(
         "self",
         &format!("{self_url}?_count={count}&_offset={offset}"),
@@ -232,7 +232,7 @@ pub(super) async fn history(
     }
     let entries: Vec<Value> = versions
         .iter()
-        .map(|v| history_entry(&state.base_url, v))
+        .map(|v| history_entry(&state.link_base, v))
         .collect();
     let bundle = json!({
         "resourceType": "Bundle",
@@ -395,7 +395,7 @@ pub(super) async fn type_history(
     }
     let first_after = request.after.clone();
     let (entries, next_after) = history_page(&state, &principal, request, count).await?;
-    let self_base = format!("{}/Task/_history", state.base_url);
+    let self_base = format!("{}/Task/_history", state.link_base);
     let link_to = |after: Option<&HistoryKey>| {
         let mut params = link_params.clone();
         params.push(("_count".into(), count.to_string()));
@@ -434,7 +434,7 @@ async fn history_page(
     mut request: HistoryRequest,
     count: usize,
 ) -> Result<(Vec<Value>, Option<HistoryKey>)> {
-    let entry = |version: &HistoryVersion| history_entry(&state.base_url, &version.version);
+    let entry = |version: &HistoryVersion| history_entry(&state.link_base, &version.version);
     if auth::read_scope(principal).is_none() {
         request.limit = count + 1;
         let mut versions = state.store.task_history(&request).await?;

@@ -138,7 +138,7 @@ pub(super) async fn run_search(
     for task in &page.tasks {
         entries.push(match &query.subset {
             Some(subset) => Entry::Written(json!({
-                "fullUrl": format!("{}/Task/{}", state.base_url, task.id),
+                "fullUrl": format!("{}/Task/{}", state.link_base, task.id),
                 "resource": subset.apply(&task.resource()?),
                 "search": { "mode": "match" },
             })),
@@ -158,7 +158,7 @@ pub(super) async fn run_search(
         }))
     }));
 
-    let self_base = format!("{}/Task", state.base_url);
+    let self_base = format!("{}/Task", state.link_base);
     let link_to = |paging: (&str, String)| {
         let mut params = query.link_params.clone();
         params.push(("_count".into(), query.count.to_string()));
@@ -228,7 +228,7 @@ pub(super) async fn run_search(
     metrics::counter!("baton_task_searches_total").increment(1);
     Ok(fhir_json_bytes(
         StatusCode::OK,
-        bundle_bytes(&bundle, &entries, &state.base_url),
+        bundle_bytes(&bundle, &entries, &state.link_base),
     ))
 }
 

@@ -22,6 +22,7 @@ use crate::fhir::interaction::Interaction;
 use crate::fhir::patch::TaskPatch;
 use crate::fhir::search::{self, Handling, Predicate, index_task};
 use crate::fhir::shape::{ShapeLimits, check_shape};
+use crate::fhir::workflow::{change, elements, information, profiles};
 use crate::fhir::{self, task as task_rules};
 use crate::store::{
     Counting, CurrentTask, Decide, Decision, PageRequest, WriteOutcome, WriteRequest,
@@ -105,13 +106,15 @@ pub(crate) async fn create_request(
     created: &Created,
 ) -> Result<WriteRequest> {
     task_rules::validate_task(&resource, &state.base_url)?;
+    profiles::check_declared(&resource)?;
     check_shape(&resource, stored_limits(state), "Task")?;
     // The server assigns ids and versions on create; whatever the client sent is ignored.
     if let Some(object) = resource.as_object_mut() {
         object.remove("id");
     }
     clear_server_meta(&mut resource);
-    auth::authorize_task_write(principal, None, Some(&resource), &state.base_url)?;
+    authorize_create(principal, &resource, &state.base_url)?;
+    check_request_write(principal, None, &resource, &state.base_url)?;
     // Every link of a new Task is new: its parents and its focal Task must exist and be
     // readable, and a request must be one its focal Task can honour.
     let links = new_links(None, &resource, id.as_ref(), &state.base_url)?;
@@ -125,6 +128,35 @@ pub(crate) async fn create_request(
         resource,
         if_none_exist,
     })
+}
+
+/// The role rule of a create, with the one case the workflow guidance adds: a fulfiller asks
+/// its placer for information with a Task the placer owns (`fhir::workflow::information`). A
+/// practitioner may create such a Task open and in its own name (`requester`); that it is
+/// owned by the placer of a coordination Task the practitioner owns is checked with the links.
+fn authorize_create(principal: &Principal, resource: &Value, base_url: &str) -> Result<()> {
+    if principal.role != auth::Role::Practitioner || !information::is_information_request(resource)
+    {
+        return auth::authorize_task_write(principal, None, Some(resource), base_url);
+    }
+    let me = principal.fhir_user.as_deref().unwrap_or_default();
+    let requester = resource
+        .pointer("/requester/reference")
+        .and_then(Value::as_str)
+        .and_then(|r| fhir::normalize_reference(r, base_url));
+    if requester.as_deref() != Some(me) {
+        return Err(Error::forbidden(format!(
+            "a practitioner asks for information in its own name: Task.requester must be {me}"
+        ))
+        .at("Task.requester"));
+    }
+    if task_rules::is_terminal(task_rules::status(resource).unwrap_or_default()) {
+        return Err(Error::business_rule(
+            "an information request is created open (e.g. requested); the placer closes it",
+        )
+        .at("Task.status"));
+    }
+    Ok(())
 }
 
 /// Conditional criteria (`If-None-Exist`, a conditional update's or delete's query) as
@@ -384,6 +416,7 @@ pub(crate) async fn update_request(
     created: &Created,
 ) -> Result<WriteRequest> {
     task_rules::validate_task(&resource, &state.base_url)?;
+    profiles::check_declared(&resource)?;
     check_shape(&resource, stored_limits(state), "Task")?;
     check_body_id(&resource, &id)?;
     clear_server_meta(&mut resource);
@@ -428,6 +461,10 @@ pub(crate) async fn update_request(
         if let Some(deleted) = current.filter(|c| c.deleted) {
             auth::authorize_task_recreate(&principal, &deleted.resource, &task_id, &base_url)?;
         }
+        if let Some(before) = before {
+            check_rewrite(&principal, before, &resource, &base_url)?;
+        }
+        check_request_write(&principal, before, &resource, &base_url)?;
         check_status_change(before, &resource)?;
         ensure_links_checked(before, &resource, &checked, &task_id, &base_url)?;
         Ok(Decision::Put(resource))
@@ -465,6 +502,13 @@ pub(super) async fn patch(
         Some(&prepared),
         &state.base_url,
     )?;
+    check_rewrite(&principal, &before.resource, &prepared, &state.base_url)?;
+    check_request_write(
+        &principal,
+        Some(&before.resource),
+        &prepared,
+        &state.base_url,
+    )?;
     check_status_change(Some(&before.resource), &prepared)?;
     let checked = if touches_links {
         let fresh = new_links(
@@ -497,6 +541,8 @@ pub(super) async fn patch(
             Some(&patched),
             &base_url,
         )?;
+        check_rewrite(&principal, &current.resource, &patched, &base_url)?;
+        check_request_write(&principal, Some(&current.resource), &patched, &base_url)?;
         check_status_change(Some(&current.resource), &patched)?;
         ensure_links_checked(
             Some(&current.resource),
@@ -581,6 +627,7 @@ fn patched_task(
         ));
     }
     task_rules::validate_task(&patched, base_url)?;
+    profiles::check_declared(&patched)?;
     clear_server_meta(&mut patched);
     Ok(patched)
 }
@@ -738,6 +785,39 @@ fn check_version(expected: Option<Version>, current: Option<&CurrentTask>) -> Re
             "If-Match was given but the Task does not exist",
         )),
     }
+}
+
+/// Refuses a change to an element that is fixed once the Task exists, or that states the
+/// request and the caller is not its placer (`fhir::workflow::elements`).
+fn check_rewrite(
+    principal: &Principal,
+    before: &Value,
+    after: &Value,
+    base_url: &str,
+) -> Result<()> {
+    let side = elements::side_of(
+        principal.role == auth::Role::Admin,
+        principal.fhir_user.as_deref(),
+        before,
+        base_url,
+    );
+    elements::check_rewrite(side, before, after)
+}
+
+/// The rules of a modification request's direction (`fhir::workflow::change`).
+fn check_request_write(
+    principal: &Principal,
+    before: Option<&Value>,
+    after: &Value,
+    base_url: &str,
+) -> Result<()> {
+    change::check_request_write(
+        principal.role == auth::Role::Admin,
+        principal.fhir_user.as_deref(),
+        before,
+        after,
+        base_url,
+    )
 }
 
 fn check_status_change(before: Option<&Value>, after: &Value) -> Result<()> {

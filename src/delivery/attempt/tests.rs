@@ -45,6 +45,7 @@ fn stored() -> StoredSubscription {
         next_attempt_at: None,
         last_error: None,
         last_sent_at: None,
+        rewinds: 0,
     }
 }
 

@@ -89,6 +89,7 @@ fn stored(version: i64, status: SubscriptionStatus, kind: Resource) -> StoredSub
         next_attempt_at: None,
         last_error: None,
         last_sent_at: None,
+        rewinds: 0,
     }
 }
 

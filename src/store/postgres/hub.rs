@@ -24,7 +24,7 @@ use crate::store::rows::{event_from_row, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
     ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, MatchRow,
-    StoredSubscription, SubscriptionChanges, SubscriptionQuery,
+    StoredSubscription, SubscriptionChanges, SubscriptionGauges, SubscriptionQuery,
 };
 
 /// A ttl as a bind value: whole microseconds, PostgreSQL's interval resolution.
@@ -40,6 +40,26 @@ pub(super) async fn read_subscription(
         .bind(id)
         .fetch_optional(pool)
         .await?;
+    row.as_ref().map(subscription_from_row).transpose()
+}
+
+/// Moves a live subscription's delivery position back to just before `from` and counts the
+/// restart (see `Store::restart_delivery`); None if it is gone or `off`.
+pub(super) async fn restart_delivery(
+    pool: &PgPool,
+    id: &SubscriptionId,
+    from: EventNumber,
+) -> Result<Option<StoredSubscription>> {
+    let row = sqlx::query(
+        "UPDATE subscription SET delivered_through = least(delivered_through, $2),
+           rewinds = rewinds + 1
+         WHERE id = $1 AND status <> 'off'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(from.get() - 1)
+    .fetch_optional(pool)
+    .await?;
     row.as_ref().map(subscription_from_row).transpose()
 }
 
@@ -219,8 +239,10 @@ pub(super) async fn record_deliveries(
                     handshake,
                     status,
                     at,
+                    rewinds,
                 } => {
                     delivered.ids.push(subscription_id.as_str());
+                    delivered.rewinds.push(*rewinds);
                     delivered.through.push(through.get());
                     delivered.settled.push(*handshake == HandshakeOwed::Settled);
                     delivered.status.push(status.as_str());
@@ -247,7 +269,8 @@ pub(super) async fn record_deliveries(
         }
         if !delivered.ids.is_empty() {
             sqlx::query(
-                "UPDATE subscription s SET delivered_through = greatest(s.delivered_through, r.through),
+                "UPDATE subscription s SET delivered_through = CASE WHEN s.rewinds = r.rewinds
+                     THEN greatest(s.delivered_through, r.through) ELSE s.delivered_through END,
                    handshake_pending = CASE WHEN r.settled THEN 0 ELSE s.handshake_pending END,
                    failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
                    last_sent_at = r.at,
@@ -257,8 +280,8 @@ pub(super) async fn record_deliveries(
                      WHEN s.handshake_pending = 1 AND NOT r.settled THEN s.status ELSE r.status END,
                    lease_holder = CASE WHEN s.lease_holder = $1 THEN NULL ELSE s.lease_holder END,
                    lease_until = CASE WHEN s.lease_holder = $1 THEN NULL ELSE s.lease_until END
-                 FROM unnest($2::text[], $3::bigint[], $4::bool[], $5::text[], $6::text[])
-                   AS r(id, through, settled, status, at)
+                 FROM unnest($2::text[], $3::bigint[], $4::bool[], $5::text[], $6::text[], $7::bigint[])
+                   AS r(id, through, settled, status, at, rewinds)
                  WHERE s.id = r.id",
             )
             .bind(holder)
@@ -267,6 +290,7 @@ pub(super) async fn record_deliveries(
             .bind(&delivered.settled)
             .bind(&delivered.status)
             .bind(&delivered.at)
+            .bind(&delivered.rewinds)
             .execute(&mut *tx)
             .await?;
         }
@@ -324,6 +348,7 @@ struct DeliveredColumns<'a> {
     settled: Vec<bool>,
     status: Vec<&'static str>,
     at: Vec<&'a str>,
+    rewinds: Vec<i64>,
 }
 
 #[derive(Default)]
@@ -342,6 +367,28 @@ pub(super) async fn prune_events(pool: &PgPool, before: &StoredInstant) -> Resul
         .execute(pool)
         .await?;
     Ok(done.rows_affected())
+}
+
+pub(super) async fn subscription_gauges(
+    pool: &PgPool,
+    max_backlogs: usize,
+) -> Result<SubscriptionGauges> {
+    let by_status = sqlx::query_as::<_, (String, i64)>(hub_sql::SUBSCRIPTIONS_BY_STATUS)
+        .fetch_all(pool)
+        .await?;
+    let backlogs = sqlx::query_as::<_, (SubscriptionId, i64)>(hub_sql::LARGEST_BACKLOGS)
+        .bind(i64::try_from(max_backlogs).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    let oldest_undelivered =
+        sqlx::query_scalar::<_, Option<StoredInstant>>(hub_sql::OLDEST_UNDELIVERED)
+            .fetch_one(pool)
+            .await?;
+    Ok(SubscriptionGauges {
+        by_status,
+        backlogs,
+        oldest_undelivered,
+    })
 }
 
 pub(super) async fn search_subscriptions(

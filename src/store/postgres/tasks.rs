@@ -17,6 +17,7 @@ use crate::store::rows::{CURRENT_COLUMNS, current_from_row};
 use crate::store::search_sql::{Placeholder, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
 use crate::store::{CurrentTask, Interaction};
+use crate::trace::current_trace;
 
 /// The advisory lock every conditional create holds while it searches and creates, so that
 /// two of them cannot both find nothing and both create. ("baton:if-none-exist", hashed by
@@ -57,8 +58,8 @@ const PUT_TASK: &str = "WITH task_row AS (
        INSERT INTO task_date (task_id, param, start_at, end_at)
        SELECT $1, p, s, e FROM unnest($11::text[], $12::text[], $13::text[]) AS x(p, s, e)
      )
-     INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
-     VALUES ('Task', $1, $2, $14, $6, $3)";
+     INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
+     VALUES ('Task', $1, $2, $14, $6, $3, $22)";
 
 /// Deletes a Task as one statement, as `PUT_TASK` writes one: the row is kept, marked
 /// deleted; the history gains a version without a resource; the index rows go.
@@ -72,8 +73,8 @@ const DELETE_TASK: &str = "WITH task_row AS (
      ), old_dates AS (
        DELETE FROM task_date WHERE task_id = $1
      )
-     INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
-     VALUES ('Task', $1, $2, $4, $5, $3)";
+     INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
+     VALUES ('Task', $1, $2, $4, $5, $3, $6)";
 
 impl TaskTx for PgConnection {
     /// Nothing: the re-check searches again, under the conditional-create lock.
@@ -105,6 +106,24 @@ impl TaskTx for PgConnection {
             .execute(&mut *self)
             .await?;
         Ok(Found::among(matching_tasks(&mut *self, criteria).await?))
+    }
+
+    async fn children_for_change(
+        &mut self,
+        parent: &TaskId,
+        limit: usize,
+    ) -> Result<Vec<CurrentTask>> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.version, t.last_updated, t.deleted, t.resource FROM task t
+             WHERE t.deleted = 0 AND t.id IN
+               (SELECT task_id FROM task_token WHERE param = 'part-of' AND value = $1)
+             ORDER BY t.id LIMIT $2 FOR UPDATE",
+        )
+        .bind(format!("Task/{parent}"))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *self)
+        .await?;
+        rows.iter().map(current_from_row).collect()
     }
 
     async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
@@ -158,6 +177,7 @@ impl TaskTx for PgConnection {
             .bind(c.due_start.as_deref())
             .bind(c.due_end.as_deref())
             .bind(c.authored_on.as_deref())
+            .bind(current_trace().map(|t| t.header()))
             .execute(&mut *self)
             .await?;
         Ok(())
@@ -170,6 +190,7 @@ impl TaskTx for PgConnection {
             .bind(d.last_updated)
             .bind(d.previous_version)
             .bind(Interaction::Delete.as_str())
+            .bind(current_trace().map(|t| t.header()))
             .execute(&mut *self)
             .await?;
         Ok(())

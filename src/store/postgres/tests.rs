@@ -642,6 +642,7 @@ async fn claims_keep_other_nodes_out_until_released_or_expired() {
         handshake: HandshakeOwed::Settled,
         status: SubscriptionStatus::Active,
         at: now.clone(),
+        rewinds: 0,
     };
     store.record_delivery("A", delivered).await.unwrap();
     let row = store
@@ -746,6 +747,7 @@ async fn the_generation_moves_with_subscription_writes_only() {
         handshake: HandshakeOwed::Settled,
         status: SubscriptionStatus::Active,
         at: StoredInstant::now(),
+        rewinds: 0,
     };
     store.record_delivery("A", delivered).await.unwrap();
     assert_eq!(store.subscription_generation().await.unwrap(), 2);

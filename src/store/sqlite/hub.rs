@@ -22,7 +22,7 @@ use crate::store::rows::{EventRow, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
     ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, StoredSubscription,
-    SubscriptionQuery,
+    SubscriptionGauges, SubscriptionQuery,
 };
 
 /// Records a chunk of matches in four statements, whatever its size: the progress check,
@@ -150,10 +150,14 @@ fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
             handshake,
             status,
             at,
+            rewinds,
         } => {
             let settled = handshake == HandshakeOwed::Settled;
             conn.prepare_cached(
-                "UPDATE subscription SET delivered_through = max(delivered_through, ?),
+                // The position moves only if delivery was not restarted since the attempt
+                // read the row (`$resend`): an attempt in flight cannot undo a restart.
+                "UPDATE subscription SET delivered_through = CASE WHEN rewinds = ?
+                     THEN max(delivered_through, ?) ELSE delivered_through END,
                    handshake_pending = CASE WHEN ? THEN 0 ELSE handshake_pending END,
                    failures = 0, failing_since = NULL, next_attempt_at = NULL, last_error = NULL,
                    last_sent_at = ?,
@@ -164,6 +168,7 @@ fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
                  WHERE id = ?",
             )?
             .execute(params![
+                rewinds,
                 through,
                 settled,
                 &at,
@@ -198,11 +203,53 @@ fn record_delivery(conn: &Connection, report: DeliveryReport) -> Result<()> {
     Ok(())
 }
 
+/// Moves a live subscription's delivery position back to just before `from` and counts the
+/// restart (see `Store::restart_delivery`); None if it is gone or `off`.
+pub(super) fn restart_delivery(
+    conn: &Connection,
+    id: &SubscriptionId,
+    from: EventNumber,
+) -> Result<Option<StoredSubscription>> {
+    let restarted = conn
+        .prepare_cached(
+            "UPDATE subscription SET delivered_through = min(delivered_through, ?),
+               rewinds = rewinds + 1
+             WHERE id = ? AND status <> 'off'",
+        )?
+        .execute(params![from.get() - 1, id])?;
+    if restarted == 0 {
+        return Ok(None);
+    }
+    super::subscriptions::load(conn, id)
+}
+
 pub(super) fn prune_events(conn: &Connection, before: &StoredInstant) -> Result<u64> {
     let pruned = conn
         .prepare_cached(hub_sql::PRUNE_EVENTS)?
         .execute([before])?;
     Ok(pruned as u64)
+}
+
+pub(super) async fn subscription_gauges(
+    pool: &SqlitePool,
+    max_backlogs: usize,
+) -> Result<SubscriptionGauges> {
+    let by_status = sqlx::query_as::<_, (String, i64)>(hub_sql::SUBSCRIPTIONS_BY_STATUS)
+        .fetch_all(pool)
+        .await?;
+    let backlogs = sqlx::query_as::<_, (SubscriptionId, i64)>(hub_sql::LARGEST_BACKLOGS)
+        .bind(i64::try_from(max_backlogs).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    let oldest_undelivered =
+        sqlx::query_scalar::<_, Option<StoredInstant>>(hub_sql::OLDEST_UNDELIVERED)
+            .fetch_one(pool)
+            .await?;
+    Ok(SubscriptionGauges {
+        by_status,
+        backlogs,
+        oldest_undelivered,
+    })
 }
 
 pub(super) async fn search_subscriptions(

@@ -21,6 +21,7 @@ use crate::store::rows::{CURRENT_COLUMNS, TaskRow, current_from_row, read_sort_v
 use crate::store::search_sql::{PageSql, Placeholder, SqlFilter, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
 use crate::store::{Collected, CurrentTask, Interaction, SearchPage};
+use crate::trace::current_trace;
 
 impl TaskTx for Connection {
     /// The outbox position up to which the read pool found no match (`SqliteStore::precheck`).
@@ -46,6 +47,19 @@ impl TaskTx for Connection {
             .take(2)
             .collect();
         found_among(&found, async |id| load_by_id(self, id)).await
+    }
+
+    async fn children_for_change(
+        &mut self,
+        parent: &TaskId,
+        limit: usize,
+    ) -> Result<Vec<CurrentTask>> {
+        let mut statement = self.prepare_cached(&LOAD_CHILDREN)?;
+        let rows = statement.query_map(
+            rusqlite::params![format!("Task/{parent}"), limit as i64],
+            TaskRow::from_rusqlite,
+        )?;
+        rows.map(|row| row?.into_current()).collect()
     }
 
     async fn status_before_hold(&mut self, id: &TaskId) -> Result<Option<String>> {
@@ -158,16 +172,19 @@ fn insert_change(
     interaction: Interaction,
     now: &StoredInstant,
 ) -> Result<()> {
+    // The writer runs each job in the trace of the request that submitted it.
+    let trace = current_trace().map(|t| t.header());
     conn.prepare_cached(
-        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
-         VALUES ('Task', ?, ?, ?, ?, ?)",
+        "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
+         VALUES ('Task', ?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
         id,
         version,
         previous_version,
         interaction.as_str(),
-        now
+        now,
+        trace
     ])?;
     Ok(())
 }
@@ -207,6 +224,15 @@ fn write_index(conn: &Connection, id: &TaskId, index: &TaskIndex) -> Result<()> 
 }
 
 /// The statement that reads a current Task by id.
+/// The live sub-tasks of a Task, through the `part-of` index rows.
+static LOAD_CHILDREN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND t.id IN
+           (SELECT task_id FROM task_token WHERE param = 'part-of' AND value = ?)
+         ORDER BY t.id LIMIT ?"
+    )
+});
+
 static LOAD_CURRENT: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.id = ?"));
 

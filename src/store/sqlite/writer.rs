@@ -39,6 +39,7 @@ use crate::store::{
     SubscriptionRecord, WriteOutcome,
 };
 use crate::supervise;
+use crate::trace::{TraceContext, in_trace};
 
 /// Statements kept prepared on the writer's connection. Every statement it runs is fixed
 /// text (there are about 30), so all of them stay prepared.
@@ -66,6 +67,10 @@ pub(super) enum Work {
     RecordDeliveries(Vec<DeliveryReport>),
     FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
+    RestartDelivery {
+        id: SubscriptionId,
+        from: EventNumber,
+    },
     MarkOverdue {
         task_id: TaskId,
         due_at: StoredInstant,
@@ -87,6 +92,8 @@ pub(super) enum Done {
 pub(super) struct Job {
     pub(super) work: Work,
     pub(super) reply: oneshot::Sender<Result<Done>>,
+    /// The trace of the request that submitted it: the change event it writes keeps it.
+    pub(super) trace: Option<TraceContext>,
 }
 
 /// Opens the write connection with the same settings as the read pool's (`SqliteStore::open`):
@@ -361,7 +368,7 @@ impl Group<'_> {
             let Some(job) = queue.pop_front() else { break };
             holds_request |= next == Lane::Urgent;
             self.replies.push(job.reply);
-            let outcome = self.run_job(job.work)?;
+            let outcome = self.run_job(job.work, job.trace)?;
             self.wrote |= matches!(
                 outcome,
                 Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
@@ -383,13 +390,13 @@ impl Group<'_> {
 
     /// Runs one job in its own savepoint. The outer error is the transaction's (SQLite ended
     /// it); the inner one the job's alone, rolled back to its savepoint.
-    fn run_job(&mut self, work: Work) -> Result<Result<Done>> {
+    fn run_job(&mut self, work: Work, trace: Option<TraceContext>) -> Result<Result<Done>> {
         let conn = &mut *self.conn;
         execute(conn, "SAVEPOINT job")?;
         // A job that panics (a bug in its decision or in building its rows) fails alone: its
         // savepoint is rolled back like any failed job's, and the writer goes on.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            block_on(apply_work(conn, work, self.base_url))
+            block_on(in_trace(trace, apply_work(conn, work, self.base_url)))
         }))
         .unwrap_or_else(|panic| {
             let message = supervise::panic_message(panic.as_ref());
@@ -439,6 +446,12 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
         }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
+        Work::RestartDelivery { id, from } => {
+            hub::restart_delivery(conn, &id, from).map(|restarted| match restarted {
+                Some(stored) => Done::Subscription(Box::new(stored)),
+                None => Done::Nothing,
+            })
+        }
         Work::MarkOverdue {
             task_id,
             due_at,

@@ -125,6 +125,7 @@ impl SubscriptionTx for Fake {
             next_attempt_at: None,
             last_error: None,
             last_sent_at: None,
+            rewinds: 0,
             ..from_columns(c)
         };
         self.subscriptions.insert(stored.id.to_string(), stored);
@@ -147,6 +148,7 @@ impl SubscriptionTx for Fake {
             delivered_through: delivery.delivered_through,
             last_error: delivery.last_error.clone(),
             last_sent_at: delivery.last_sent_at.clone(),
+            rewinds: delivery.rewinds,
             ..from_columns(c)
         };
         if row.failures == Failures::Kept {
@@ -204,6 +206,7 @@ fn from_columns(c: &SubscriptionColumns<'_>) -> StoredSubscription {
         next_attempt_at: None,
         last_error: None,
         last_sent_at: None,
+        rewinds: 0,
     }
 }
 
@@ -262,6 +265,7 @@ fn stored(id: &str, subject: &str, version: i64, status: SubscriptionStatus) -> 
         next_attempt_at: Some(instant("2024-01-01T00:05:00Z")),
         last_error: Some("503".into()),
         last_sent_at: Some(instant("2024-01-01T00:00:00Z")),
+        rewinds: 0,
     }
 }
 

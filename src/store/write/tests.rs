@@ -78,6 +78,28 @@ impl TaskTx for Fake {
         Ok(self.before_hold.get(id.as_str()).cloned())
     }
 
+    async fn children_for_change(
+        &mut self,
+        parent: &TaskId,
+        limit: usize,
+    ) -> Result<Vec<CurrentTask>> {
+        let parent = format!("Task/{parent}");
+        let mut children: Vec<CurrentTask> = self
+            .tasks
+            .values()
+            .filter(|t| !t.deleted)
+            .filter(|t| {
+                t.resource["partOf"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|r| r["reference"] == parent.as_str()))
+            })
+            .cloned()
+            .collect();
+        children.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        children.truncate(limit);
+        Ok(children)
+    }
+
     async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
         self.steps.push(Step::Put {
             id: v.id.to_string(),

@@ -19,7 +19,9 @@ use crate::load::{Load, LoadLog, LoadShape};
 use crate::node::{Node, panics_in};
 use crate::report::{ChannelRow, Report, Spread, unusual};
 use crate::subscribers::{Plan, Subscribers};
-use crate::verify::{OrderRule, Truth, WriteCheck, check_channel, check_writes};
+use crate::verify::{
+    OrderRule, TransactionCheck, Truth, WriteCheck, check_channel, check_transactions, check_writes,
+};
 
 /// The campaign's token: admin, so neither rate limits nor quotas stand in the way, and
 /// valid for longer than the longest campaign.
@@ -303,8 +305,9 @@ pub async fn verify(
         truth,
         drained_in,
     } = collected;
-    let (writes, rows) = check(&api, &subscribers, &truth, &log).await?;
+    let (writes, transactions, rows) = check(&api, &subscribers, &truth, &log).await?;
     report.add_checks(writes, rows, drained_in, common.drain_timeout);
+    report.add_transactions(transactions);
     subscribers.stop().await;
     for (i, node) in nodes.iter_mut().enumerate() {
         match node.terminate(Duration::from_secs(20)).await? {
@@ -336,13 +339,14 @@ pub async fn verify(
     Ok(())
 }
 
-/// Checks acknowledged writes against the store and every subscriber against the truth.
+/// Checks acknowledged writes and transactions against the store and every subscriber
+/// against the truth.
 async fn check(
     api: &Api,
     subscribers: &Subscribers,
     truth: &Truth,
     log: &LoadLog,
-) -> anyhow::Result<(WriteCheck, Vec<ChannelRow>)> {
+) -> anyhow::Result<(WriteCheck, TransactionCheck, Vec<ChannelRow>)> {
     let histories: Vec<anyhow::Result<(String, BTreeMap<u32, String>)>> =
         futures::stream::iter(truth.versions.keys().cloned())
             .map(|task| async move {
@@ -359,6 +363,7 @@ async fn check(
     }
     let acked = lock(&log.acked).clone();
     let writes = check_writes(&acked, truth, &history);
+    let transactions = check_transactions(&lock(&log.transactions), &history);
 
     let mut rows = Vec::new();
     for rest in &subscribers.rest_hooks {
@@ -430,7 +435,7 @@ async fn check(
             ),
         });
     }
-    Ok((writes, rows))
+    Ok((writes, transactions, rows))
 }
 
 #[cfg(test)]

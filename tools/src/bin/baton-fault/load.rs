@@ -1,5 +1,6 @@
-//! The write load: several writers, each creating Tasks (PUT to a new id or POST) and updating
-//! its own Tasks (PUT or JSON Patch), paced to a total rate. Each write carries a unique marker
+//! The write load: several writers, each creating Tasks (PUT to a new id, POST, or a
+//! transaction Bundle creating a coordination Task and its sub-tasks) and updating its own
+//! Tasks (PUT or JSON Patch), paced to a total rate. Each write carries a unique marker
 //! in `description`; each one the server acknowledges (2xx with an ETag) is remembered with
 //! its Task, version and marker, so the campaign can later check it is in the store exactly.
 //! A write that fails is not retried as such: the writer goes on with a new one, as a client
@@ -18,7 +19,7 @@ use baton_tools::common::fhir::{FHIR_JSON, etag_version, task_id};
 use baton_tools::common::{lock, snippet};
 
 use crate::fhir::{is_operation_outcome, run_task};
-use crate::verify::AckedWrite;
+use crate::verify::{AckedWrite, TRANSACTION_ENTRIES, transaction_entry_marker};
 
 #[derive(Clone, Copy)]
 pub struct LoadShape {
@@ -55,6 +56,9 @@ pub struct LoadLog {
     pub creates: AtomicU64,
     pub updates: AtomicU64,
     pub attempts: AtomicU64,
+    /// The marker of every transaction Bundle sent, answered or not: each must be in the
+    /// store whole or not at all.
+    pub transactions: Mutex<Vec<String>>,
 }
 
 impl LoadLog {
@@ -165,6 +169,8 @@ struct Writer {
 enum Write {
     PutCreate(String),
     PostCreate,
+    /// A transaction Bundle: a coordination Task and its sub-tasks (`partOf` by `urn:uuid`).
+    Transaction,
     PutUpdate(String),
     Patch(String),
 }
@@ -199,10 +205,10 @@ impl Writer {
     fn choose(&self, k: u64) -> Write {
         let mut rng = rand::rng();
         if self.tasks.is_empty() || rng.random_bool(self.shape.create_share.clamp(0.0, 1.0)) {
-            if rng.random_bool(0.5) {
-                Write::PutCreate(format!("f-{}-{}-{k}", self.run, self.id))
-            } else {
-                Write::PostCreate
+            match rng.random_range(0..10) {
+                0..=4 => Write::PutCreate(format!("f-{}-{}-{k}", self.run, self.id)),
+                5..=8 => Write::PostCreate,
+                _ => Write::Transaction,
             }
         } else {
             let task = self.tasks[rng.random_range(0..self.tasks.len())].clone();
@@ -219,6 +225,9 @@ impl Writer {
         let marker = format!("{}:{}:{k}", self.run, self.id);
         let owner = format!("Practitioner/fault-{}", self.id % 3);
         let write = self.choose(k);
+        if matches!(write, Write::Transaction) {
+            return self.transaction_once(base, marker, &owner).await;
+        }
         let (request, known_id, creates) = match &write {
             Write::PutCreate(id) | Write::PutUpdate(id) => (
                 self.client
@@ -228,6 +237,7 @@ impl Writer {
                 Some(id.clone()),
                 matches!(write, Write::PutCreate(_)),
             ),
+            Write::Transaction => unreachable!("sent by transaction_once"),
             Write::PostCreate => (
                 self.client
                     .post(format!("{base}/Task"))
@@ -327,6 +337,113 @@ impl Writer {
             marker,
         });
         lock(&self.log.acked_at).push(Instant::now());
+        true
+    }
+
+    /// Sends one transaction Bundle creating `TRANSACTION_ENTRIES` Tasks (the first the
+    /// coordination Task, the others `partOf` it by `urn:uuid`); returns whether it was
+    /// acknowledged, with every entry's location and ETag.
+    async fn transaction_once(&mut self, base: &str, marker: String, owner: &str) -> bool {
+        let urn = |entry: usize| {
+            format!("urn:uuid:{}", uuid::Uuid::new_v4().simple()) + &format!("-{entry}")
+        };
+        let parent = urn(0);
+        let entries: Vec<serde_json::Value> = (0..TRANSACTION_ENTRIES)
+            .map(|entry| {
+                let mut task = run_task(
+                    None,
+                    &self.run,
+                    owner,
+                    &transaction_entry_marker(&marker, entry),
+                );
+                let full_url = if entry == 0 {
+                    parent.clone()
+                } else {
+                    urn(entry)
+                };
+                if entry > 0 {
+                    task["partOf"] = json!([{ "reference": parent }]);
+                }
+                json!({
+                    "fullUrl": full_url,
+                    "resource": task,
+                    "request": { "method": "POST", "url": "Task" },
+                })
+            })
+            .collect();
+        let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
+        lock(&self.log.transactions).push(marker.clone());
+        self.log.attempts.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let sent = self
+            .client
+            .post(base)
+            .header(reqwest::header::CONTENT_TYPE, FHIR_JSON)
+            .header(reqwest::header::AUTHORIZATION, &self.bearer)
+            .timeout(self.shape.timeout)
+            .body(bundle.to_string())
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "no answer: timeout"
+                } else if e.is_connect() {
+                    "no answer: connection refused"
+                } else {
+                    "no answer: connection closed"
+                };
+                self.log.fail(kind.into(), "", started.elapsed());
+                return false;
+            }
+        };
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        let elapsed = started.elapsed();
+        if !status.is_success() {
+            let outcome = if is_operation_outcome(&body) {
+                "OperationOutcome"
+            } else {
+                "not an OperationOutcome"
+            };
+            self.log.fail(
+                format!("transaction HTTP {} ({outcome})", status.as_u16()),
+                &String::from_utf8_lossy(&body),
+                elapsed,
+            );
+            return false;
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let written: Option<Vec<(String, u32)>> = answer["entry"].as_array().map(|entries| {
+            entries
+                .iter()
+                .filter_map(|e| {
+                    let id = task_id(e["response"]["location"].as_str()?)?.to_string();
+                    let version = etag_version(e["response"]["etag"].as_str()?)?;
+                    Some((id, version))
+                })
+                .collect()
+        });
+        let Some(written) = written.filter(|w| w.len() == TRANSACTION_ENTRIES) else {
+            self.log.fail(
+                "transaction answered without every entry's location and ETag".into(),
+                &String::from_utf8_lossy(&body),
+                elapsed,
+            );
+            return false;
+        };
+        let now = Instant::now();
+        for (entry, (id, version)) in written.into_iter().enumerate() {
+            self.log.creates.fetch_add(1, Ordering::Relaxed);
+            self.tasks.push(id.clone());
+            lock(&self.log.acked).push(AckedWrite {
+                task: id,
+                version,
+                marker: transaction_entry_marker(&marker, entry),
+            });
+            lock(&self.log.acked_at).push(now);
+        }
         true
     }
 }

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::campaign::Run;
 use crate::load::LoadLog;
-use crate::verify::{ChannelCheck, WriteCheck};
+use crate::verify::{ChannelCheck, TransactionCheck, WriteCheck};
 
 /// One subscriber's row of the report.
 pub struct ChannelRow {
@@ -93,6 +93,7 @@ pub struct Report {
     pub summary: String,
     pub run_dir: PathBuf,
     pub writes: Option<WriteCheck>,
+    pub transactions: Option<TransactionCheck>,
     pub attempts: u64,
     pub creates: u64,
     pub updates: u64,
@@ -133,6 +134,7 @@ impl Report {
             summary,
             run_dir,
             writes: None,
+            transactions: None,
             attempts: 0,
             creates: 0,
             updates: 0,
@@ -163,6 +165,12 @@ impl Report {
     }
 
     /// Takes the checks and turns what they found into failures.
+    /// The transactions' all-or-nothing check.
+    pub fn add_transactions(&mut self, transactions: TransactionCheck) {
+        self.failures.extend(transactions.failures());
+        self.transactions = Some(transactions);
+    }
+
     pub fn add_checks(
         &mut self,
         writes: WriteCheck,
@@ -213,6 +221,16 @@ impl Report {
                 w.unacknowledged_committed,
                 w.missing,
                 w.history_holes
+            );
+        }
+        if let Some(t) = &self.transactions {
+            println!(
+                "   txs       {} transaction Bundles sent ({} Tasks each); {} in the store whole, {} not at all, half committed: {}",
+                t.attempted,
+                crate::verify::TRANSACTION_ENTRIES,
+                t.committed,
+                t.attempted - t.committed - t.partial,
+                t.partial
             );
         }
         for (kind, (count, body, slowest)) in &self.refusals {
@@ -322,6 +340,11 @@ impl Report {
                 "unacknowledged_committed": w.unacknowledged_committed,
                 "missing": w.missing,
                 "history_holes": w.history_holes,
+            })),
+            "transactions": self.transactions.as_ref().map(|t| json!({
+                "attempted": t.attempted,
+                "committed": t.committed,
+                "partial": t.partial,
             })),
             "refused": self.refusals.iter().map(|(k, (n, _, _))| (k.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
             "channels": channels,

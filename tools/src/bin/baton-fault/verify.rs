@@ -293,6 +293,63 @@ pub fn check_writes(
     }
 }
 
+/// How many Tasks one transaction of the load creates: a coordination Task and its sub-tasks.
+pub const TRANSACTION_ENTRIES: usize = 3;
+
+/// The `description` of entry `entry` of the transaction with `marker`, in its first version.
+pub fn transaction_entry_marker(marker: &str, entry: usize) -> String {
+    format!("{marker}/e{entry}")
+}
+
+/// Transaction Bundles sent, against what the store holds: each creates
+/// `TRANSACTION_ENTRIES` Tasks together or none of them, whether or not its answer arrived.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TransactionCheck {
+    pub attempted: u64,
+    /// Transactions whose every Task is in the store.
+    pub committed: u64,
+    /// Transactions with some of their Tasks in the store and not all: atomicity broken.
+    pub partial: u64,
+}
+
+impl TransactionCheck {
+    pub fn failures(&self) -> Vec<String> {
+        if self.partial == 0 {
+            return Vec::new();
+        }
+        vec![format!(
+            "{} transactions half committed (some of their Tasks in the store, not all)",
+            self.partial
+        )]
+    }
+}
+
+/// Counts, per attempted transaction, the Tasks whose first version carries one of its entry
+/// markers (`history`: every Task of the run, `version → description`).
+pub fn check_transactions(
+    attempted: &[String],
+    history: &BTreeMap<String, BTreeMap<u32, String>>,
+) -> TransactionCheck {
+    let mut found: BTreeMap<&str, usize> = BTreeMap::new();
+    for versions in history.values() {
+        if let Some((marker, _entry)) = versions.get(&1).and_then(|d| d.rsplit_once("/e")) {
+            *found.entry(marker).or_default() += 1;
+        }
+    }
+    let mut check = TransactionCheck {
+        attempted: attempted.len() as u64,
+        ..TransactionCheck::default()
+    };
+    for marker in attempted {
+        match found.get(marker.as_str()) {
+            None => {}
+            Some(&n) if n == TRANSACTION_ENTRIES => check.committed += 1,
+            Some(_) => check.partial += 1,
+        }
+    }
+    check
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,5 +657,37 @@ mod tests {
         for (name, acked, history, expected) in cases {
             assert_eq!(check_writes(&acked, &store, &history), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn transaction_checks() {
+        let mut history: BTreeMap<String, BTreeMap<u32, String>> = BTreeMap::new();
+        let mut first_version = |task: &str, description: String| {
+            history
+                .entry(task.to_string())
+                .or_default()
+                .insert(1, description);
+        };
+        for e in 0..TRANSACTION_ENTRIES {
+            first_version(&format!("whole-{e}"), transaction_entry_marker("r:0:1", e));
+        }
+        first_version("half-0", transaction_entry_marker("r:0:2", 0));
+        first_version("plain", "r:0:3".into());
+        // A later version of a transaction's Task does not move it out of its transaction.
+        history
+            .get_mut("whole-0")
+            .unwrap()
+            .insert(2, "r:1:9".into());
+        let attempted: Vec<String> = ["r:0:1", "r:0:2", "r:0:4"].map(String::from).to_vec();
+        let check = check_transactions(&attempted, &history);
+        assert_eq!(
+            check,
+            TransactionCheck {
+                attempted: 3,
+                committed: 1,
+                partial: 1,
+            }
+        );
+        assert_eq!(check.failures().len(), 1);
     }
 }
