@@ -274,6 +274,8 @@ pub fn for_request(method: &axum::http::Method, path: &str) -> Option<(Resource,
     let permission = match (rest.as_slice(), method) {
         ([], &Method::GET) | (["_search"], &Method::POST) | (["_history"], _) => Permission::Search,
         ([op], _) if op.starts_with('$') => Permission::Search,
+        // Re-delivering events acts on the subscription: it is a change, not a read.
+        ([_, "$resend"], _) => Permission::Update,
         ([], &Method::POST) => Permission::Create,
         ([] | [_], &Method::PUT | &Method::PATCH) => Permission::Update,
         ([] | [_], &Method::DELETE) => Permission::Delete,
