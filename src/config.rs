@@ -474,9 +474,9 @@ impl AuthConfig {
     /// http on a loopback host, for development), known asymmetric algorithms only, and claim
     /// paths that name something.
     fn validate_issuers(&self) -> Result<(), ConfigError> {
-        if self.jwks_cache_seconds == 0 {
+        if self.jwks_cache_seconds == 0 || self.jwks_min_refresh_seconds == 0 {
             return Err(ConfigError(
-                "auth.jwks_cache_seconds must be at least 1".into(),
+                "auth.jwks_cache_seconds and auth.jwks_min_refresh_seconds must be at least 1 (the second bounds how often a flood of unknown key ids can make Baton fetch keys)".into(),
             ));
         }
         let mut seen = std::collections::HashSet::new();

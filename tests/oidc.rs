@@ -637,6 +637,15 @@ async fn issuer_configuration_is_checked_at_start_up() {
             .to_string()
             .contains("listed twice")
     );
+    let mut unbounded = Config::default();
+    unbounded.auth.jwks_min_refresh_seconds = 0;
+    assert!(
+        unbounded
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("jwks_min_refresh_seconds")
+    );
     let mut fine = Config::default();
     fine.auth.issuers = vec![base];
     fine.validate().unwrap();
