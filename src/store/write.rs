@@ -411,7 +411,7 @@ async fn coordination_change<T: TaskTx>(
             // A request about a Task deleted since may still be closed.
             Transition::Closed { .. } => Ok(None),
             Transition::Opened => Err(Error::not_found(format!(
-                "Task/{focal_id}, the coordination Task of this information request, does not                  exist"
+                "Task/{focal_id}, the coordination Task of this information request, does not exist"
             ))
             .at("Task.focus")),
         };
