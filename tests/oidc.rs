@@ -800,7 +800,20 @@ async fn smart_discovery_advertises_the_provider() {
 struct Browser {
     http: reqwest::Client,
     session: String,
-    _driver: tokio::process::Child,
+    /// chromedriver leads a process group of its own, which its Chromium processes join.
+    driver: tokio::process::Child,
+}
+
+impl Drop for Browser {
+    /// A test that fails before `close` still leaves no browser behind: the whole process
+    /// group (chromedriver and the Chromium it started) is killed.
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
 }
 
 impl Browser {
@@ -827,6 +840,7 @@ impl Browser {
             .port();
         let driver = tokio::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -858,7 +872,7 @@ impl Browser {
         Some(Browser {
             http,
             session: format!("{root}/session/{session}"),
-            _driver: driver,
+            driver,
         })
     }
 
