@@ -72,7 +72,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         &secret,
         config.auth.leeway_seconds,
         &config.auth.performer_types_claim,
-    );
+    )
+    .with_issuers(&config.auth);
 
     let committed = Arc::new(Notify::new());
     // Every long-running task reports here; a vital one dying stops the node (below).
@@ -226,6 +227,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         link_base: Arc::from(base_url.as_str()),
     };
     let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
+    // The issuers' keys are fetched once in the background, so the first tokens find them;
+    // a provider that is down does not hold up start-up (`/readyz` says so).
+    if !state.auth.issuers().is_empty() {
+        let auth = state.auth.clone();
+        let stop = pipeline_stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = auth.issuers().warm_up() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
     // Every live subscription goes back into the matcher index before the first change is read;
     // the generation is read first, so the outbox catches up on anything written meanwhile.
     // One the hub can no longer deliver is handed to the scheduler (`Occasion::StartUp`).

@@ -390,6 +390,16 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
         "baton_panics_total",
         "Panics anywhere in the process.",
     ),
+    (
+        Kind::Counter,
+        "baton_jwks_fetches_total",
+        "Fetches of a trusted issuer's signing keys (JWKS), successful or not.",
+    ),
+    (
+        Kind::Counter,
+        "baton_jwks_fetch_failures_total",
+        "Fetches of a trusted issuer's signing keys that failed (the cached keys stay in use).",
+    ),
 ];
 
 #[derive(Clone, Copy)]

@@ -2,10 +2,12 @@
 //! here with the shared state, request metrics and the FHIR error fallbacks.
 
 pub mod admission;
+pub mod cors;
 pub mod health;
 pub mod metadata;
 pub mod principal;
 pub mod rate_limit;
+pub mod smart;
 pub mod subscription;
 pub mod task;
 pub mod topic;
@@ -100,21 +102,35 @@ pub fn router(state: AppState) -> Router {
         let link_base = state.config.http.base_url_for(&state.base_url, path);
         app = app.nest(path, fhir_router().with_state(state.under(&link_base)));
     }
-    app.merge(health::router())
+    let router = app
+        .merge(health::router())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(outcome_for_rejections))
         .layer(axum::middleware::from_fn(record_request))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             answer_panic,
-        ))
-        .with_state(state)
+        ));
+    // CORS outermost, so that preflights are answered before anything else looks at them and
+    // every answer, errors included, carries the headers a listed page needs to read it.
+    let origins = cors::AllowedOrigins::new(&state.config.cors.allowed_origins);
+    let router = match origins.is_empty() {
+        true => router,
+        false => router
+            .layer(origins.layer())
+            .layer(axum::middleware::from_fn_with_state(
+                origins,
+                cors::only_listed_origins,
+            )),
+    };
+    router.with_state(state)
 }
 
 /// The FHIR API, served under `/fhir` and each of `http.extra_base_paths`.
 fn fhir_router() -> Router<AppState> {
     Router::new()
         .merge(metadata::router())
+        .merge(smart::router())
         .merge(task::router())
         .merge(subscription::router())
         .merge(topic::router())

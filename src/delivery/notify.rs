@@ -292,6 +292,8 @@ mod tests {
             role: Role::Practitioner,
             fhir_user: Some("Practitioner/alice".into()),
             performer_types: Vec::new(),
+            scopes: None,
+            patient: None,
         };
         let owned_by = |owner: &str| json!({"resourceType": "Task", "status": "requested", "intent": "order", "owner": {"reference": owner}});
         let events = vec![
