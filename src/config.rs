@@ -302,6 +302,10 @@ pub struct AuthConfig {
     pub jwks_min_refresh_seconds: u64,
     /// Trusted identity providers whose asymmetric tokens are accepted (`[[auth.issuers]]`).
     pub issuers: Vec<IssuerConfig>,
+    /// Whether local HS256 tokens (`baton token`, signed with `BATON_JWT_SECRET` or the
+    /// development secret) are accepted. Behind an identity provider, turn them off so that
+    /// only the provider's tokens count; it needs at least one issuer.
+    pub local_tokens: bool,
 }
 
 /// One trusted token issuer (an OpenID provider or OAuth authorization server).
@@ -476,6 +480,11 @@ impl AuthConfig {
     /// http on a loopback host, for development), known asymmetric algorithms only, and claim
     /// paths that name something.
     fn validate_issuers(&self) -> Result<(), ConfigError> {
+        if !self.local_tokens && self.issuers.is_empty() {
+            return Err(ConfigError(
+                "auth.local_tokens = false refuses every local HS256 token, so at least one [[auth.issuers]] is needed; configure an issuer or set local_tokens = true (BATON_AUTH__LOCAL_TOKENS)".into(),
+            ));
+        }
         if self.jwks_cache_seconds == 0 || self.jwks_min_refresh_seconds == 0 {
             return Err(ConfigError(
                 "auth.jwks_cache_seconds and auth.jwks_min_refresh_seconds must be at least 1 (the second bounds how often a flood of unknown key ids can make Baton fetch keys)".into(),
@@ -573,6 +582,7 @@ impl Default for AuthConfig {
             jwks_cache_seconds: 300,
             jwks_min_refresh_seconds: 10,
             issuers: Vec::new(),
+            local_tokens: true,
         }
     }
 }

@@ -291,6 +291,36 @@ async fn provider_tokens_act_as_their_mapped_roles() {
 }
 
 #[tokio::test]
+async fn local_tokens_can_be_turned_off_behind_a_provider() {
+    let Some(provider) = Provider::start("local_tokens_can_be_turned_off_behind_a_provider").await
+    else {
+        return;
+    };
+    let server = baton_for(&provider, 10, |c| c.auth.local_tokens = false).await;
+    // The HS256 admin token `baton token` would mint is refused, and nothing is stored.
+    let (status, body) = server
+        .post_json("/Task", &server.admin(), &task("requested", None))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_outcome(&body, "login");
+    // The provider's tokens still work.
+    let admin = provider.token("admin-app").await;
+    let (status, body) = server.get("/Task", &admin).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["total"], 0,
+        "the refused create stored nothing: {body}"
+    );
+    server.stop().await;
+
+    // Without an issuer, turning local tokens off would lock everyone out: refused at start.
+    let mut config = Config::default();
+    config.auth.local_tokens = false;
+    let refused = config.validate().expect_err("no issuer");
+    assert!(refused.0.contains("auth.local_tokens"), "{refused}");
+}
+
+#[tokio::test]
 async fn claims_that_do_not_map_are_refused_naming_the_claim() {
     let Some(provider) =
         Provider::start("claims_that_do_not_map_are_refused_naming_the_claim").await

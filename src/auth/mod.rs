@@ -188,6 +188,9 @@ pub struct Authenticator {
     validation: Validation,
     performer_types_claim: String,
     issuers: Arc<issuers::Issuers>,
+    /// Whether local HS256 tokens are accepted (`auth.local_tokens`); minting them is always
+    /// possible, for the `baton token` command.
+    local_tokens: bool,
 }
 
 impl Authenticator {
@@ -203,12 +206,14 @@ impl Authenticator {
             validation,
             performer_types_claim: performer_types_claim.to_string(),
             issuers: Arc::new(issuers::Issuers::new(&crate::config::AuthConfig::default())),
+            local_tokens: true,
         }
     }
 
     /// Trusts the issuers of `config` besides the local HS256 key.
     pub fn with_issuers(mut self, config: &crate::config::AuthConfig) -> Authenticator {
         self.issuers = Arc::new(issuers::Issuers::new(config));
+        self.local_tokens = config.local_tokens;
         self
     }
 
@@ -231,6 +236,11 @@ impl Authenticator {
             let local = jsonwebtoken::decode_header(token)
                 .map(|h| h.alg == Algorithm::HS256)
                 .unwrap_or(false);
+            if local && !self.local_tokens {
+                return Err(Error::unauthorized(
+                    "local HS256 tokens are turned off here (auth.local_tokens = false); use a token from a trusted issuer",
+                ));
+            }
             if !local {
                 return Err(Error::unauthorized(match iss {
                     Some(iss) => format!(
