@@ -53,6 +53,30 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
     pub http: HttpConfig,
+    pub audit: AuditConfig,
+}
+
+/// The audit trail (`AuditEvent`s, see `crate::audit`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Whether Baton records AuditEvents at all. Off only to measure what auditing costs.
+    pub enabled: bool,
+    /// Whether reads, searches and history requests are audited too (writes, Subscription
+    /// changes and refusals always are while `enabled`).
+    pub reads: bool,
+    /// Days an AuditEvent is kept; older ones are pruned hourly. 0 keeps them forever.
+    pub retention_days: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            reads: true,
+            retention_days: 365,
+        }
+    }
 }
 
 /// How the HTTP surface is laid out.
@@ -388,6 +412,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             limits: LimitsConfig::default(),
             http: HttpConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -590,6 +615,11 @@ impl Config {
         if self.store.max_batch == 0 || self.store.read_connections == 0 {
             return Err(ConfigError(
                 "store.max_batch and store.read_connections must be at least 1".into(),
+            ));
+        }
+        if self.audit.retention_days > 36_500 {
+            return Err(ConfigError(
+                "audit.retention_days must be between 0 (keep forever) and 36500 (BATON_AUDIT__RETENTION_DAYS)".into(),
             ));
         }
         if !(1..=100_000).contains(&self.hub.fanout_chunk) {

@@ -35,6 +35,8 @@ where
                 Error::unauthorized("the Authorization header must use the Bearer scheme")
             })?;
         let principal = state.as_ref().verify(token)?;
+        // The request's AuditEvent names the verified caller (see `crate::audit`).
+        crate::audit::note_principal(&principal);
         // Only a verified identity is counted, so unverified text never grows the limiter.
         state.request_limiter().admit(&principal)?;
         Ok(principal)
