@@ -196,6 +196,7 @@ impl RequestAudit {
         }
         AuditRecord {
             id,
+            type_code: TYPE_REST,
             recorded: recorded.clone(),
             subtype: subtype.to_string(),
             outcome: outcome.code(),
@@ -272,6 +273,100 @@ impl AuditEntity {
     }
 }
 
+/// The code system of a delivery attempt's `type` and `subtype`: Baton's own, since no FHIR
+/// code names "a notification was sent to an endpoint".
+pub const DELIVERY_SYSTEM: &str = "https://baton.dev/fhir/CodeSystem/audit-event-type";
+/// `AuditEvent.type` (and `subtype`) of a delivery attempt.
+pub const TYPE_TRANSMIT: &str = "transmit";
+
+/// What one delivery attempt did, for its AuditEvent. No header, secret or payload: only the
+/// endpoint's host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryFacts<'a> {
+    pub node: &'a str,
+    pub subscription: &'a str,
+    /// `handshake`, `heartbeat` or `event-notification`.
+    pub kind: &'a str,
+    /// The first and last event numbers sent, for an event notification.
+    pub events: Option<(i64, i64)>,
+    /// `rest-hook` or `message`.
+    pub channel: &'a str,
+    pub endpoint_host: Option<&'a str>,
+    pub duration_ms: u128,
+    /// The channel's failure (`HTTP 503`, `connection refused…`); None when delivered.
+    pub error: Option<&'a str>,
+}
+
+/// The AuditEvent of one delivery attempt: the node is the agent, the Subscription the
+/// entity, the attempt's facts its details.
+pub fn delivery_attempt(facts: &DeliveryFacts<'_>, recorded: &StoredInstant) -> AuditRecord {
+    let id = TaskId::generate().to_string();
+    let outcome = if facts.error.is_some() {
+        AuditOutcome::SeriousFailure
+    } else {
+        AuditOutcome::Success
+    };
+    let mut details = vec![
+        json!({ "type": "notification-type", "valueString": facts.kind }),
+        json!({ "type": "channel", "valueString": facts.channel }),
+        json!({ "type": "duration-ms", "valueString": facts.duration_ms.to_string() }),
+    ];
+    if let Some((from, to)) = facts.events {
+        details.push(json!({ "type": "events", "valueString": format!("{from}..{to}") }));
+    }
+    if let Some(host) = facts.endpoint_host {
+        details.push(json!({ "type": "endpoint-host", "valueString": host }));
+    }
+    if let Some(error) = facts.error {
+        details.push(json!({ "type": "error", "valueString": error }));
+    }
+    let subscription = format!("Subscription/{}", facts.subscription);
+    let mut resource = json!({
+        "resourceType": "AuditEvent",
+        "id": id,
+        "meta": { "versionId": "1", "lastUpdated": recorded.as_str() },
+        "type": { "system": DELIVERY_SYSTEM, "code": TYPE_TRANSMIT, "display": "Notification sent" },
+        "subtype": [{ "system": DELIVERY_SYSTEM, "code": facts.kind }],
+        "action": "E",
+        "recorded": recorded.as_str(),
+        "outcome": outcome.code(),
+        "agent": [{
+            "who": { "display": facts.node },
+            "requestor": false,
+        }],
+        "source": {
+            "observer": { "display": facts.node },
+            "type": [{
+                "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                "code": "4",
+                "display": "Application Server"
+            }]
+        },
+        "entity": [{
+            "what": { "reference": subscription },
+            "type": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                "code": "2",
+                "display": "System Object"
+            },
+            "detail": details,
+        }],
+    });
+    if let Some(error) = facts.error {
+        resource["outcomeDesc"] = json!(error);
+    }
+    AuditRecord {
+        id,
+        type_code: TYPE_TRANSMIT,
+        recorded: recorded.clone(),
+        subtype: facts.kind.to_string(),
+        outcome: outcome.code(),
+        agent: None,
+        entity: Some(subscription),
+        resource: resource.to_string(),
+    }
+}
+
 /// The CRUDE action of an interaction.
 fn action_of(subtype: &str) -> &'static str {
     match subtype {
@@ -288,6 +383,8 @@ fn action_of(subtype: &str) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
     pub id: String,
+    /// `AuditEvent.type` code: `rest` for requests, `transmit` for delivery attempts.
+    pub type_code: &'static str,
     pub recorded: StoredInstant,
     pub subtype: String,
     pub outcome: &'static str,

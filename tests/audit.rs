@@ -300,7 +300,11 @@ async fn subscription_changes_are_audited_without_secrets() {
         .unwrap();
     assert!(deleted.status().is_success());
 
-    let events = audit_events(&server, &format!("entity=Subscription/{sub_id}&_sort=date")).await;
+    let events = audit_events(
+        &server,
+        &format!("entity=Subscription/{sub_id}&type=rest&_sort=date"),
+    )
+    .await;
     let subs: Vec<String> = subtypes(&events)
         .into_iter()
         .filter(|s| s != "read")
@@ -461,4 +465,68 @@ async fn pruning_removes_audit_events_past_retention() {
     assert_eq!(subtypes(&kept), ["create"], "a recent AuditEvent is kept");
     server.stop().await;
     forget_database(dir.path());
+}
+
+#[tokio::test]
+async fn delivery_attempts_are_audited_with_their_outcome() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+    let (status, created) = server.post_json("/Subscription", &admin, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let sub_id = created["id"].as_str().unwrap().to_string();
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|n| n.kind() == "handshake")
+        })
+        .await;
+    server.create_task(&task("requested", None)).await;
+    receiver
+        .wait_for("the first event", |r| {
+            r.iter().any(|n| n.kind() == "event-notification")
+        })
+        .await;
+    // The endpoint starts failing: the next attempt is audited as a failure, with why.
+    receiver.fail_with(Some(503));
+    server.create_task(&task("requested", None)).await;
+    let failed = eventually("a failed attempt's AuditEvent", || async {
+        let events = audit_events(
+            &server,
+            &format!("entity=Subscription/{sub_id}&type=transmit&outcome=8"),
+        )
+        .await;
+        events.into_iter().next()
+    })
+    .await;
+    assert!(
+        failed["outcomeDesc"].as_str().unwrap().contains("503"),
+        "{failed}"
+    );
+    let delivered = audit_events(
+        &server,
+        &format!("entity=Subscription/{sub_id}&type=transmit&outcome=0&_sort=date"),
+    )
+    .await;
+    assert_eq!(
+        subtypes(&delivered)[..2],
+        ["handshake", "event-notification"],
+        "{delivered:#?}"
+    );
+    let details = delivered[1]["entity"][0]["detail"].as_array().unwrap();
+    let detail = |name: &str| {
+        details
+            .iter()
+            .find(|d| d["type"] == name)
+            .map(|d| d["valueString"].as_str().unwrap().to_string())
+    };
+    assert_eq!(detail("events").as_deref(), Some("1..1"));
+    assert_eq!(detail("channel").as_deref(), Some("rest-hook"));
+    assert_eq!(detail("endpoint-host").as_deref(), Some("127.0.0.1"));
+    assert!(detail("duration-ms").is_some());
+    assert_eq!(delivered[1]["agent"][0]["requestor"], false);
+    // The channel's header value never reaches the ledger.
+    assert!(!delivered[1].to_string().contains("secret-123"));
+    assert!(!failed.to_string().contains("secret-123"));
+    server.stop().await;
 }

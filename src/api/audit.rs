@@ -18,7 +18,9 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::{AppState, fhir_json};
-use crate::audit::{AuditEntity, AuditOutcome, RequestAudit, SUBTYPE_SYSTEM, TYPE_SYSTEM};
+use crate::audit::{
+    AuditEntity, AuditOutcome, DELIVERY_SYSTEM, RequestAudit, SUBTYPE_SYSTEM, TYPE_SYSTEM,
+};
 use crate::auth::{Principal, Role};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
@@ -350,8 +352,12 @@ fn parse_query(pairs: &[(String, String)], base_url: &str) -> Result<(AuditQuery
                     query.agent.push(references);
                 }
             }
-            "type" => query.type_code.push(token_codes(&values(), TYPE_SYSTEM)),
-            "subtype" => query.subtype.push(token_codes(&values(), SUBTYPE_SYSTEM)),
+            "type" => query
+                .type_code
+                .push(token_codes(&values(), &[TYPE_SYSTEM, DELIVERY_SYSTEM])),
+            "subtype" => query
+                .subtype
+                .push(token_codes(&values(), &[SUBTYPE_SYSTEM, DELIVERY_SYSTEM])),
             "outcome" => {
                 let codes = values();
                 if let Some(bad) = codes
@@ -432,11 +438,11 @@ fn plain_reference(value: &str, base_url: &str) -> String {
 
 /// The codes of token values (`system|code` or `code`); a value of another system matches
 /// nothing.
-fn token_codes(values: &[String], system: &str) -> Vec<String> {
+fn token_codes(values: &[String], systems: &[&str]) -> Vec<String> {
     values
         .iter()
         .map(|v| match v.split_once('|') {
-            Some((s, code)) if s.is_empty() || s == system => code.to_string(),
+            Some((s, code)) if s.is_empty() || systems.contains(&s) => code.to_string(),
             Some(_) => String::from("\u{1}no such code"),
             None => v.clone(),
         })

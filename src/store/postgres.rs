@@ -578,7 +578,7 @@ impl Store for PostgresStore {
     async fn record_audit(&self, r: crate::audit::AuditRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
-             VALUES ($1, $2, 'rest', $3, $4, $5, $6, $7)",
+             VALUES ($1, $2, $8, $3, $4, $5, $6, $7)",
         )
         .bind(r.id)
         .bind(r.recorded)
@@ -587,6 +587,7 @@ impl Store for PostgresStore {
         .bind(r.agent)
         .bind(r.entity)
         .bind(r.resource)
+        .bind(r.type_code)
         .execute(&self.pool)
         .await?;
         Ok(())

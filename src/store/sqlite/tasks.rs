@@ -197,11 +197,12 @@ fn insert_change(
 pub(super) fn insert_audit(conn: &Connection, record: &crate::audit::AuditRecord) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
-         VALUES (?, ?, 'rest', ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
         record.id,
         record.recorded,
+        record.type_code,
         record.subtype,
         record.outcome,
         record.agent,
