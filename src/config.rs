@@ -863,6 +863,10 @@ mod tests {
             (|c| c.amqp_url = Some("http://x".into()), "BATON_AMQP_URL"),
             (|c| c.redis_url = Some("x".into()), "BATON_REDIS_URL"),
             (|c| c.max_body_bytes = 10, "max_body_bytes"),
+            (
+                |c| c.audit.retention_days = 100_000,
+                "BATON_AUDIT__RETENTION_DAYS",
+            ),
             (|c| c.search.default_count = 0, "search.default_count"),
             (|c| c.search.max_page_bytes = 1000, "search.max_page_bytes"),
             (
