@@ -58,6 +58,8 @@ fn admin() -> Principal {
         role: Role::Admin,
         fhir_user: None,
         performer_types: vec![],
+        scopes: None,
+        patient: None,
     }
 }
 
@@ -70,6 +72,8 @@ fn practitioner(n: usize) -> Principal {
         role: Role::Practitioner,
         fhir_user: Some(format!("Practitioner/{n}")),
         performer_types: vec![],
+        scopes: None,
+        patient: None,
     }
 }
 

@@ -38,6 +38,8 @@ fn record() -> SubscriptionRecord {
         role: Role::Admin,
         fhir_user: None,
         performer_types: Vec::new(),
+        scopes: None,
+        patient: None,
     };
     SubscriptionRecord {
         resource: json!({

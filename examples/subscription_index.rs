@@ -139,6 +139,8 @@ fn service() -> Principal {
         role: Role::Admin,
         fhir_user: None,
         performer_types: vec![],
+        scopes: None,
+        patient: None,
     }
 }
 
@@ -149,6 +151,8 @@ fn practitioner(n: usize) -> Principal {
         role: Role::Practitioner,
         fhir_user: Some(format!("Practitioner/{n}")),
         performer_types: vec![],
+        scopes: None,
+        patient: None,
     }
 }
 

@@ -52,8 +52,10 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
+    pub cors: CorsConfig,
     pub http: HttpConfig,
     pub audit: AuditConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// The audit trail (`AuditEvent`s, see `crate::audit`).
@@ -147,6 +149,15 @@ impl HttpConfig {
             Err(_) => format!("{primary}{path}"),
         }
     }
+}
+
+/// Browser clients on other origins (`[cors]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins (`scheme://host[:port]`) whose pages may call the FHIR API and open the
+    /// websocket. Empty: no CORS headers at all, and websockets from any browser page refused.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Bounds on what one client can make the node do, so that no client can exhaust it for the
@@ -307,6 +318,72 @@ pub struct AuthConfig {
     pub leeway_seconds: u64,
     /// Lifetime of tokens minted by `baton token` when `--ttl` is not given, in seconds.
     pub default_token_ttl_seconds: u64,
+    /// How long a fetched JWKS is used before it is fetched again, in seconds.
+    pub jwks_cache_seconds: u64,
+    /// Least time between two JWKS fetches of one issuer, in seconds: a token naming an
+    /// unknown `kid` triggers a fetch at most this often, so a flood of bogus `kid`s cannot make
+    /// Baton hammer the identity provider.
+    pub jwks_min_refresh_seconds: u64,
+    /// Trusted identity providers whose asymmetric tokens are accepted (`[[auth.issuers]]`).
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// One trusted token issuer (an OpenID provider or OAuth authorization server).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The exact `iss` of its tokens, e.g. `https://idp.example/realms/hospital`.
+    pub issuer: String,
+    /// The `aud` its tokens must carry for Baton.
+    pub audience: String,
+    /// Where its signing keys are published; when absent, read from the issuer's OIDC
+    /// discovery document (`<issuer>/.well-known/openid-configuration`).
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Signature algorithms accepted from it: RS256/384/512, PS256/384/512, ES256/384, EdDSA.
+    #[serde(default = "default_issuer_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Dotted path of the claim naming the role (a string or a list of strings), e.g. `role` or
+    /// `realm_access.roles`.
+    #[serde(default = "default_role_claim")]
+    pub role_claim: String,
+    /// Dotted path of the claim holding the FHIR user reference (`Practitioner/123`).
+    #[serde(default = "default_fhir_user_claim")]
+    pub fhir_user_claim: String,
+    /// Builds the FHIR user from `sub` when the token has no FHIR user claim, e.g.
+    /// `Practitioner/{sub}`.
+    #[serde(default)]
+    pub fhir_user_template: Option<String>,
+    /// Dotted path of the claim listing the performer types (`system|code`).
+    #[serde(default = "default_performer_types_claim")]
+    pub performer_types_claim: String,
+    /// The provider's token endpoint, advertised in SMART discovery; when absent, read from its
+    /// OIDC discovery document.
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    /// The provider's authorization endpoint, likewise.
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
+    /// Refuse tokens of this issuer that carry no SMART scopes, instead of letting the role
+    /// alone decide.
+    #[serde(default)]
+    pub require_scopes: bool,
+}
+
+fn default_issuer_algorithms() -> Vec<String> {
+    vec!["RS256".into()]
+}
+
+fn default_role_claim() -> String {
+    "role".into()
+}
+
+fn default_fhir_user_claim() -> String {
+    "fhirUser".into()
+}
+
+fn default_performer_types_claim() -> String {
+    "performer_types".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -411,9 +488,104 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             cluster: ClusterConfig::default(),
             limits: LimitsConfig::default(),
+            cors: CorsConfig::default(),
             http: HttpConfig::default(),
             audit: AuditConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
+    }
+}
+
+impl AuthConfig {
+    /// Checks `[[auth.issuers]]`: each issuer once, with an audience, URLs that are https (or
+    /// http on a loopback host, for development), known asymmetric algorithms only, and claim
+    /// paths that name something.
+    fn validate_issuers(&self) -> Result<(), ConfigError> {
+        if self.jwks_cache_seconds == 0 || self.jwks_min_refresh_seconds == 0 {
+            return Err(ConfigError(
+                "auth.jwks_cache_seconds and auth.jwks_min_refresh_seconds must be at least 1 (the second bounds how often a flood of unknown key ids can make Baton fetch keys)".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, issuer) in self.issuers.iter().enumerate() {
+            let at = format!("auth.issuers[{i}]");
+            if !seen.insert(issuer.issuer.as_str()) {
+                return Err(ConfigError(format!(
+                    "{at}: the issuer '{}' is listed twice; keep one [[auth.issuers]] table per issuer",
+                    issuer.issuer
+                )));
+            }
+            check_identity_url(&format!("{at}.issuer"), &issuer.issuer)?;
+            for (name, uri) in [
+                ("jwks_uri", &issuer.jwks_uri),
+                ("token_endpoint", &issuer.token_endpoint),
+                ("authorization_endpoint", &issuer.authorization_endpoint),
+            ] {
+                if let Some(uri) = uri {
+                    check_identity_url(&format!("{at}.{name}"), uri)?;
+                }
+            }
+            if issuer.audience.is_empty() {
+                return Err(ConfigError(format!(
+                    "{at}.audience must name the audience Baton's tokens carry (the 'aud' claim)"
+                )));
+            }
+            if issuer.algorithms.is_empty() {
+                return Err(ConfigError(format!(
+                    "{at}.algorithms must list at least one algorithm, e.g. [\"RS256\"]"
+                )));
+            }
+            for alg in &issuer.algorithms {
+                if crate::auth::issuers::parse_algorithm(alg).is_none() {
+                    return Err(ConfigError(format!(
+                        "{at}.algorithms: '{alg}' is not supported; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA (HS256 is only for the local BATON_JWT_SECRET)"
+                    )));
+                }
+            }
+            for (name, path) in [
+                ("role_claim", &issuer.role_claim),
+                ("fhir_user_claim", &issuer.fhir_user_claim),
+                ("performer_types_claim", &issuer.performer_types_claim),
+            ] {
+                if path.is_empty() || path.split('.').any(str::is_empty) {
+                    return Err(ConfigError(format!(
+                        "{at}.{name} '{path}' must be a claim name or a dotted path such as realm_access.roles"
+                    )));
+                }
+            }
+            if let Some(template) = &issuer.fhir_user_template {
+                let filled = template.replace("{sub}", "x");
+                if !template.contains("{sub}") || !filled.contains('/') {
+                    return Err(ConfigError(format!(
+                        "{at}.fhir_user_template '{template}' must be a reference containing {{sub}}, e.g. Practitioner/{{sub}}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An identity provider URL must be https, or http on a loopback host (development and tests):
+/// keys fetched in the clear from elsewhere could be swapped on the way.
+fn check_identity_url(what: &str, url: &str) -> Result<(), ConfigError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|_| ConfigError(format!("{what} '{url}' is not a URL")))?;
+    let loopback = match parsed.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    };
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(ConfigError(format!(
+            "{what} '{url}' must be an https URL (http only on localhost, for development)"
+        ))),
     }
 }
 
@@ -423,6 +595,9 @@ impl Default for AuthConfig {
             performer_types_claim: "performer_types".into(),
             leeway_seconds: 30,
             default_token_ttl_seconds: 3600,
+            jwks_cache_seconds: 300,
+            jwks_min_refresh_seconds: 10,
+            issuers: Vec::new(),
         }
     }
 }
@@ -451,6 +626,51 @@ impl Default for StoreConfig {
             max_queue: 4096,
             max_fanout_lag: 50_000,
         }
+    }
+}
+
+/// Exporting spans over OTLP: the request, the match and each delivery attempt of a change,
+/// in the trace the request came with (`trace::TraceContext`). Off unless an endpoint is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP collector, e.g. `http://127.0.0.1:4318` (spans go to `/v1/traces` on it)
+    /// (`BATON_TELEMETRY__OTLP_ENDPOINT`).
+    pub otlp_endpoint: Option<String>,
+    /// How spans are encoded: `http/protobuf` (the OTLP default) or `http/json`.
+    pub otlp_protocol: OtlpProtocol,
+}
+
+/// The OTLP/HTTP encodings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
+impl TelemetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError(format!(
+                "telemetry.otlp_endpoint '{endpoint}' must be an http(s) URL of an OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (BATON_TELEMETRY__OTLP_ENDPOINT)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where spans are posted: the endpoint's `/v1/traces`, unless it names that path already.
+    pub fn traces_url(&self) -> Option<String> {
+        let endpoint = self.otlp_endpoint.as_deref()?.trim_end_matches('/');
+        Some(if endpoint.ends_with("/v1/traces") {
+            endpoint.to_string()
+        } else {
+            format!("{endpoint}/v1/traces")
+        })
     }
 }
 
@@ -537,6 +757,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.http.validate()?;
+        self.telemetry.validate()?;
         if let Some(url) = &self.public_url {
             let ok = (url.starts_with("http://") || url.starts_with("https://"))
                 && reqwest::Url::parse(url).is_ok();
@@ -714,6 +935,25 @@ impl Config {
             return Err(ConfigError(
                 "auth.performer_types_claim must name a claim".into(),
             ));
+        }
+        self.auth.validate_issuers()?;
+        for origin in &self.cors.allowed_origins {
+            let parsed = reqwest::Url::parse(origin).ok();
+            let exact = parsed.as_ref().is_some_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some()
+                    && u.username().is_empty()
+                    && u.password().is_none()
+                    && u.path() == "/"
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+                    && !origin.ends_with('/')
+            });
+            if !exact {
+                return Err(ConfigError(format!(
+                    "cors.allowed_origins: '{origin}' must be an origin, scheme://host[:port] without a path or trailing slash, e.g. https://board.example.org (wildcards are not accepted)"
+                )));
+            }
         }
         Ok(())
     }

@@ -84,6 +84,18 @@ pub struct ClientError {
     /// Seconds after which the same request may succeed (`Retry-After`), for refusals that
     /// waiting cures: rate limits, full queues.
     pub retry_after: Option<u64>,
+    /// The RFC 6750 error code of a bearer-token refusal, sent in `WWW-Authenticate`.
+    pub bearer_error: Option<BearerError>,
+}
+
+/// Why a bearer token was refused (RFC 6750 section 3.1), for `WWW-Authenticate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BearerError {
+    /// 401: the token is expired, forged, malformed or from an issuer not trusted.
+    InvalidToken,
+    /// 403: the token is genuine but its scopes do not cover the request; names the scope
+    /// that would.
+    InsufficientScope { scope: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +120,7 @@ impl Error {
             diagnostics: diagnostics.into(),
             expression: None,
             retry_after: None,
+            bearer_error: None,
         }))
     }
 
@@ -181,8 +194,35 @@ impl Error {
         Self::bad_request(IssueCode::Invalid, diagnostics).at(expression)
     }
 
-    pub fn unauthorized(diagnostics: impl Into<String>) -> Self {
+    /// 401 for a request without a bearer token (RFC 6750: no error code, only the scheme).
+    pub fn unauthenticated(diagnostics: impl Into<String>) -> Self {
         Self::client(StatusCode::UNAUTHORIZED, IssueCode::Login, diagnostics)
+    }
+
+    /// 401 for a bearer token that is not valid: `WWW-Authenticate: Bearer
+    /// error="invalid_token"`.
+    pub fn unauthorized(diagnostics: impl Into<String>) -> Self {
+        match Self::client(StatusCode::UNAUTHORIZED, IssueCode::Login, diagnostics) {
+            Error::Client(mut e) => {
+                e.bearer_error = Some(BearerError::InvalidToken);
+                Error::Client(e)
+            }
+            other => other,
+        }
+    }
+
+    /// 403 for a genuine token whose scopes do not allow the request: `WWW-Authenticate:
+    /// Bearer error="insufficient_scope", scope="<the scope needed>"`.
+    pub fn insufficient_scope(scope: impl Into<String>, diagnostics: impl Into<String>) -> Self {
+        match Self::forbidden(diagnostics) {
+            Error::Client(mut e) => {
+                e.bearer_error = Some(BearerError::InsufficientScope {
+                    scope: scope.into(),
+                });
+                Error::Client(e)
+            }
+            other => other,
+        }
     }
 
     pub fn forbidden(diagnostics: impl Into<String>) -> Self {
@@ -422,13 +462,32 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let retry_after = self.as_client().and_then(|e| e.retry_after);
+        let challenge = match self.as_client().and_then(|e| e.bearer_error.as_ref()) {
+            Some(BearerError::InvalidToken) => {
+                Some(HeaderValue::from_static(r#"Bearer error="invalid_token""#))
+            }
+            // Scopes are checked against a fixed grammar, so the value is always a valid header;
+            // should it not be, the challenge still names the error.
+            Some(BearerError::InsufficientScope { scope }) => Some(
+                HeaderValue::from_str(&format!(
+                    r#"Bearer error="insufficient_scope", scope="{scope}""#
+                ))
+                .unwrap_or(HeaderValue::from_static(
+                    r#"Bearer error="insufficient_scope""#,
+                )),
+            ),
+            None if self.status() == StatusCode::UNAUTHORIZED => {
+                Some(HeaderValue::from_static("Bearer"))
+            }
+            None => None,
+        };
         let (status, body) = self.outcome();
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, [(header::CONTENT_TYPE, FHIR_JSON)], bytes).into_response();
-        if status == StatusCode::UNAUTHORIZED {
+        if let Some(challenge) = challenge {
             response
                 .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                .insert(header::WWW_AUTHENTICATE, challenge);
         }
         if let Some(seconds) = retry_after {
             response

@@ -73,7 +73,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         &secret,
         config.auth.leeway_seconds,
         &config.auth.performer_types_claim,
-    );
+    )
+    .with_issuers(&config.auth);
 
     let committed = Arc::new(Notify::new());
     // Every long-running task reports here; a vital one dying stops the node (below).
@@ -105,6 +106,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .node_id
         .clone()
         .unwrap_or_else(default_node_id);
+    telemetry::start_export(&config.telemetry, &node)
+        .map_err(|e| Error::internal("starting the OTLP span export failed", e))?;
 
     // Topics: the built-in ones plus the operator's; anything unsupported stops start-up.
     let mut topics = topic::builtin_topics(&base_url)
@@ -225,6 +228,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         link_base: Arc::from(base_url.as_str()),
     };
     let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
+    // The issuers' keys are fetched once in the background, so the first tokens find them;
+    // a provider that is down does not hold up start-up (`/readyz` says so).
+    if !state.auth.issuers().is_empty() {
+        let auth = state.auth.clone();
+        let stop = pipeline_stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = auth.issuers().warm_up() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
     // Every live subscription goes back into the matcher index before the first change is read;
     // the generation is read first, so the outbox catches up on anything written meanwhile.
     // One the hub can no longer deliver is handed to the scheduler (`Occasion::StartUp`).
@@ -367,6 +382,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         amqp.closed().await;
     }
     store.close().await;
+    telemetry::flush_export().await;
     if let Some(reason) = health.fatal_reason() {
         tracing::error!(reason = %reason, "Baton stopped because a vital task died");
         return Err(Error::internal("a vital task stopped", reason));

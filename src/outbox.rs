@@ -30,6 +30,8 @@ use crate::fhir::search::index_task;
 use crate::hub::{Hub, Occasion};
 use crate::matcher::{Change, Side};
 use crate::store::{ChangeEvent, ChangeProgress, MatchBatch, MatchRow, Store};
+use crate::telemetry;
+use crate::trace::TraceContext;
 
 /// The cursor name of the matcher in `outbox_cursor`.
 pub const MATCHER: &str = "matcher";
@@ -245,6 +247,7 @@ impl Outbox {
         resume: Option<ChangeProgress>,
     ) -> Result<(ChangeSeq, bool)> {
         let started = std::time::Instant::now();
+        let started_at = std::time::SystemTime::now();
         let versions = self.load_versions(changes).await?;
         self.hub.shared.keep_current(changes, &versions);
         let chunk_size = self.fanout_chunk.max(1);
@@ -255,12 +258,20 @@ impl Outbox {
         };
         let mut written = false;
         let mut matched = 0;
+        // Per change made in a trace, how many subscriptions it matched: a span each once
+        // they are recorded (only when spans are exported).
+        let mut traced: Vec<(TraceContext, ChangeSeq, usize)> = Vec::new();
         for change in changes {
             let mut ids = self.match_change(change, &versions);
             if let Some(resume) = resume.as_ref().filter(|r| r.seq == change.seq) {
                 ids.retain(|id| *id > resume.through);
             }
             matched += ids.len();
+            if telemetry::exporting()
+                && let Some(trace) = change.traceparent.as_deref().and_then(TraceContext::parse)
+            {
+                traced.push((trace, change.seq, ids.len()));
+            }
             let mut recorded = 0;
             loop {
                 let room = chunk_size.saturating_sub(chunk.matches.len()).max(1);
@@ -293,6 +304,28 @@ impl Outbox {
         if !chunk.matches.is_empty() || (persist && !chunk.changes.is_empty()) {
             self.record_chunk(&mut chunk, None).await?;
             written = true;
+        }
+        let ended_at = std::time::SystemTime::now();
+        for (trace, seq, matches) in traced {
+            telemetry::export(telemetry::FinishedSpan {
+                name: "outbox.match".into(),
+                kind: opentelemetry::trace::SpanKind::Internal,
+                context: trace.child(),
+                parent: Some(telemetry::Parent {
+                    span_id: trace.parts().1,
+                    remote: false,
+                }),
+                start: started_at,
+                end: ended_at,
+                attributes: vec![
+                    opentelemetry::KeyValue::new("baton.change.seq", seq.get()),
+                    opentelemetry::KeyValue::new(
+                        "baton.subscriptions.matched",
+                        i64::try_from(matches).unwrap_or(i64::MAX),
+                    ),
+                ],
+                error: None,
+            });
         }
         metrics::counter!("baton_changes_matched_total").increment(changes.len() as u64);
         metrics::counter!("baton_events_total").increment(matched as u64);

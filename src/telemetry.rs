@@ -1,11 +1,162 @@
-//! What `/metrics` says about itself and about the subscriptions: `# HELP` text for every
-//! family Baton records, `baton_build_info`, and the subscription gauges read from the store
-//! at each scrape (so they are never stale and cost nothing between scrapes).
+//! Spans exported over OTLP (`[telemetry]`), and what `/metrics` says about itself and about
+//! the subscriptions: `# HELP` text for every family Baton records, `baton_build_info`, and
+//! the subscription gauges, read from the store when someone scrapes (in the background: a
+//! scrape shows what the previous read found, and costs nothing when nobody scrapes).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime};
 
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SpanData, SpanEvents, SpanLinks, SpanProcessor,
+};
+
+use crate::config::{OtlpProtocol, TelemetryConfig};
 use crate::store::{Store, SubscriptionGauges};
+use crate::trace::TraceContext;
+
+/// A span to export: one piece of Baton's work in a trace, with the ids Baton gave it (the
+/// same ids it logs and sends on in `traceparent` headers, so an exported trace joins the
+/// receiver's spans).
+pub struct FinishedSpan {
+    pub name: Cow<'static, str>,
+    pub kind: SpanKind,
+    /// The span's own trace and span id.
+    pub context: TraceContext,
+    /// The span it was done for, if any: the caller's (remote) or Baton's own.
+    pub parent: Option<Parent>,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<KeyValue>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// A span's parent: its id, and whether it is another process's.
+#[derive(Debug, Clone, Copy)]
+pub struct Parent {
+    pub span_id: [u8; 8],
+    pub remote: bool,
+}
+
+/// The exporter, when `[telemetry] otlp_endpoint` is set: a batch processor posting to the
+/// collector from a thread of its own, so no request or delivery ever waits for it.
+struct Export {
+    processor: BatchSpanProcessor,
+    scope: InstrumentationScope,
+}
+
+/// One per process (tests start several servers in one process; the first configures it).
+static EXPORT: OnceLock<Export> = OnceLock::new();
+
+/// Starts exporting spans if the configuration asks for it. A collector that is down costs
+/// only dropped spans (the processor's queue is bounded), never a slower request.
+pub fn start_export(config: &TelemetryConfig, node: &str) -> Result<(), String> {
+    let Some(url) = config.traces_url() else {
+        return Ok(());
+    };
+    if EXPORT.get().is_some() {
+        return Ok(());
+    }
+    let protocol = match config.otlp_protocol {
+        OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
+        OtlpProtocol::HttpJson => Protocol::HttpJson,
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(url.clone())
+        .with_protocol(protocol)
+        .with_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| format!("telemetry.otlp_endpoint {url}: {e}"))?;
+    let mut processor = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(Duration::from_millis(500))
+                .build(),
+        )
+        .build();
+    processor.set_resource(
+        &Resource::builder()
+            .with_service_name("baton")
+            .with_attribute(KeyValue::new("service.instance.id", node.to_string()))
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+            .build(),
+    );
+    let scope = InstrumentationScope::builder("baton")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build();
+    if EXPORT.set(Export { processor, scope }).is_ok() {
+        tracing::info!(otlp.endpoint = %url, "exporting spans over OTLP");
+    }
+    Ok(())
+}
+
+/// Whether spans are exported: callers skip building them otherwise.
+pub fn exporting() -> bool {
+    EXPORT.get().is_some()
+}
+
+/// Hands a finished span to the exporter (nothing when export is off).
+pub fn export(span: FinishedSpan) {
+    let Some(export) = EXPORT.get() else {
+        return;
+    };
+    let (trace_id, span_id, sampled) = span.context.parts();
+    let flags = if sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let status = match span.error {
+        Some(message) => Status::error(message),
+        None => Status::Unset,
+    };
+    export.processor.on_end(SpanData {
+        span_context: SpanContext::new(
+            TraceId::from_bytes(trace_id),
+            SpanId::from_bytes(span_id),
+            flags,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: span
+            .parent
+            .map_or(SpanId::INVALID, |p| SpanId::from_bytes(p.span_id)),
+        parent_span_is_remote: span.parent.is_some_and(|p| p.remote),
+        span_kind: span.kind,
+        name: span.name,
+        start_time: span.start,
+        end_time: span.end,
+        attributes: span.attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status,
+        instrumentation_scope: export.scope.clone(),
+    });
+}
+
+/// Sends what is queued (at shutdown, so the last spans are not lost). It waits for the
+/// collector, so it runs off the async workers.
+pub async fn flush_export() {
+    if EXPORT.get().is_none() {
+        return;
+    }
+    let flushed =
+        tokio::task::spawn_blocking(|| EXPORT.get().map(|e| e.processor.force_flush())).await;
+    if let Ok(Some(Err(e))) = flushed {
+        tracing::warn!(error = %e, "could not flush the spans to the OTLP collector");
+    }
+}
 
 /// The most subscriptions given their own backlog series: the largest backlogs, which are the
 /// ones an operator looks for, without one series per subscription of a large hub.
@@ -239,6 +390,16 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
         "baton_panics_total",
         "Panics anywhere in the process.",
     ),
+    (
+        Kind::Counter,
+        "baton_jwks_fetches_total",
+        "Fetches of a trusted issuer's signing keys (JWKS), successful or not.",
+    ),
+    (
+        Kind::Counter,
+        "baton_jwks_fetch_failures_total",
+        "Fetches of a trusted issuer's signing keys that failed (the cached keys stay in use).",
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -270,16 +431,37 @@ pub fn family_names() -> impl Iterator<Item = &'static str> {
 /// is gone is set to 0 rather than left at its last value.
 static BACKLOG_SERIES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
-/// Reads the subscription gauges from the store and sets them, before a scrape renders.
-pub async fn record_subscription_gauges(store: &dyn Store, now: time::OffsetDateTime) {
-    let gauges = match store.subscription_gauges(MAX_BACKLOG_SERIES).await {
-        Ok(gauges) => gauges,
-        Err(e) => {
-            tracing::warn!(error = %crate::error::error_chain(&e), "could not read the subscription gauges for /metrics");
-            return;
+/// Whether a read of the subscription gauges is under way.
+static REFRESHING: AtomicBool = AtomicBool::new(false);
+
+/// The longest a read of the subscription gauges may take before it is given up.
+const GAUGES_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts reading the subscription gauges from the store, unless a read is under way, and
+/// returns at once: a scrape renders what the last read found and never waits for the
+/// database (a stuck or locked database must not take `/metrics` down with it). So the
+/// figures are one scrape old, and the database is read only as often as someone scrapes.
+pub fn refresh_subscription_gauges(store: Arc<dyn Store>) {
+    if REFRESHING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async move {
+        match tokio::time::timeout(
+            GAUGES_TIMEOUT,
+            store.subscription_gauges(MAX_BACKLOG_SERIES),
+        )
+        .await
+        {
+            Ok(Ok(gauges)) => set_subscription_gauges(&gauges, time::OffsetDateTime::now_utc()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "could not read the subscription gauges for /metrics");
+            }
+            Err(_) => tracing::warn!(
+                "reading the subscription gauges for /metrics took over 30 s; given up"
+            ),
         }
-    };
-    set_subscription_gauges(&gauges, now);
+        REFRESHING.store(false, Ordering::Release);
+    });
 }
 
 fn set_subscription_gauges(gauges: &SubscriptionGauges, now: time::OffsetDateTime) {

@@ -67,6 +67,11 @@ impl TraceContext {
         }
     }
 
+    /// The trace id, span id and sampled flag, for exporting the span.
+    pub fn parts(&self) -> ([u8; 16], [u8; 8], bool) {
+        (self.trace_id, self.span_id, self.sampled)
+    }
+
     /// The trace id as 32 lowercase hex digits, as logs and receivers show it.
     pub fn trace_id(&self) -> String {
         hex(&self.trace_id)

@@ -224,7 +224,7 @@ async fn tokens_with_repeated_claims_crit_or_a_future_nbf_are_refused() {
             .unwrap();
         assert_eq!(
             response.headers().get("www-authenticate").unwrap(),
-            "Bearer"
+            r#"Bearer error="invalid_token""#
         );
         let answer = common::body(response).await;
         assert_refused(

@@ -101,9 +101,12 @@ async fn metrics_explain_themselves_and_show_what_waits_for_delivery() {
         server.create_task(&task("requested", None)).await;
     }
     let backlog = format!("baton_subscription_backlog_events{{subscription=\"{id}\"}}");
+    // The gauges are read in the background when someone scrapes: one scrape old.
     let metrics = eventually("three undelivered events in /metrics", || async {
         let metrics = scrape(&server).await;
-        (sample(&metrics, &backlog) == Some(3.0)).then_some(metrics)
+        (sample(&metrics, &backlog) == Some(3.0)
+            && sample(&metrics, "baton_subscriptions{status=\"error\"}") >= Some(1.0))
+        .then_some(metrics)
     })
     .await;
 
@@ -279,5 +282,106 @@ async fn a_notification_continues_the_trace_of_the_write_that_caused_it() {
     assert_ne!(trace(&sent[1]), trace(&sent[0]));
     assert_ne!(trace(&sent[2]), trace(&sent[0]));
     assert_ne!(trace(&sent[2]), trace(&sent[1]));
+    server.stop().await;
+}
+
+/// An OTLP/HTTP collector that keeps every span posted to it (JSON encoding).
+async fn collector() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use axum::routing::post;
+    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let mut kept = kept.lock().unwrap();
+                for resource in request["resourceSpans"].as_array().into_iter().flatten() {
+                    for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                        kept.extend(scope["spans"].as_array().into_iter().flatten().cloned());
+                    }
+                }
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, spans)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_for_the_request_the_match_and_the_delivery_reach_the_otlp_collector() {
+    let (otlp, spans) = collector().await;
+    let server = TestServer::start_with(|c| {
+        c.allow_http_endpoints = true;
+        c.allow_private_endpoints = true;
+        c.telemetry.otlp_endpoint = Some(otlp.clone());
+        c.telemetry.otlp_protocol = baton::config::OtlpProtocol::HttpJson;
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+    let (status, created) = server
+        .post_json("/Subscription", &server.admin(), &body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|r| r.kind() == "handshake")
+        })
+        .await;
+
+    let trace = "5af7651916cd43dd8448eb211c80319c";
+    let caller_span = "b7ad6b7169203331";
+    let response = server
+        .request(reqwest::Method::POST, "/Task", &server.admin())
+        .header("content-type", "application/fhir+json")
+        .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+        .json(&task("requested", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    receiver
+        .wait_for("event 1", |_| receiver.event_numbers(&id) == [1])
+        .await;
+    let sent = traceparent_of(&receiver, &id, 1);
+    let sent_span = sent.split('-').nth(2).unwrap().to_string();
+
+    let of_trace = eventually("the three spans of the trace at the collector", || async {
+        let spans: Vec<serde_json::Value> = spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s["traceId"] == trace)
+            .cloned()
+            .collect();
+        let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+        (names.contains(&"outbox.match") && names.contains(&"delivery.attempt")).then_some(spans)
+    })
+    .await;
+    let named = |name: &str| {
+        of_trace
+            .iter()
+            .find(|s| s["name"].as_str().is_some_and(|n| n.contains(name)))
+            .unwrap_or_else(|| panic!("no {name} span in {of_trace:?}"))
+            .clone()
+    };
+    let request = named("POST");
+    let matched = named("outbox.match");
+    let delivery = named("delivery.attempt");
+    // The request continues the caller's span; the match and the delivery hang under it; the
+    // receiver was told the delivery span as its parent.
+    assert_eq!(request["parentSpanId"], caller_span, "{request}");
+    assert_eq!(matched["parentSpanId"], request["spanId"], "{matched}");
+    assert_eq!(delivery["parentSpanId"], request["spanId"], "{delivery}");
+    assert_eq!(delivery["spanId"], sent_span.as_str(), "{delivery}");
     server.stop().await;
 }

@@ -260,20 +260,32 @@ async fn bad_tokens_get_401() {
         parts[2] = &sig;
         parts.join(".")
     };
+    // RFC 6750: a request without a bearer token gets the bare challenge, a bad token
+    // `error="invalid_token"`.
+    let bare = "Bearer";
+    let invalid = r#"Bearer error="invalid_token""#;
     let cases = [
-        ("missing", None),
-        ("not bearer", Some("Basic YWRtaW46YWRtaW4=".to_string())),
-        ("garbage", Some("Bearer abc".to_string())),
-        ("forged signature", Some(format!("Bearer {forged}"))),
+        ("missing", None, bare),
+        (
+            "not bearer",
+            Some("Basic YWRtaW46YWRtaW4=".to_string()),
+            bare,
+        ),
+        ("garbage", Some("Bearer abc".to_string()), invalid),
+        (
+            "forged signature",
+            Some(format!("Bearer {forged}")),
+            invalid,
+        ),
     ];
-    for (name, header) in cases {
+    for (name, header, challenge) in cases {
         let mut request = server.client.get(&url);
         if let Some(h) = header {
             request = request.header("authorization", h);
         }
         let r = request.send().await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{name}");
-        assert_eq!(r.headers()["www-authenticate"], "Bearer", "{name}");
+        assert_eq!(r.headers()["www-authenticate"], challenge, "{name}");
         let body: serde_json::Value = r.json().await.unwrap();
         assert_outcome(&body, "login");
     }

@@ -73,6 +73,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
                     degraded.push("amqp");
                 }
             }
+            // An identity provider that cannot be reached degrades the node: tokens signed with
+            // keys fetched before keep working, new keys cannot be learnt.
+            let issuers = state.auth.issuers().status();
+            if !issuers.is_empty() {
+                if issuers.iter().any(|i| i.status != "ok") {
+                    degraded.push("identity");
+                }
+                body["issuers"] = json!(issuers);
+            }
             if let Some(redis) = redis {
                 body["redis"] = json!(redis);
                 if redis != "ok" {
@@ -98,10 +107,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    crate::telemetry::record_subscription_gauges(
-        state.store.as_ref(),
-        time::OffsetDateTime::now_utc(),
-    )
-    .await;
+    crate::telemetry::refresh_subscription_gauges(state.store.clone());
     super::render_metrics(&state)
 }

@@ -17,7 +17,9 @@ pub fn router() -> Router<AppState> {
 
 async fn capability_statement(State(state): State<AppState>) -> Response {
     let topic_urls: Vec<&str> = state.hub.topics.iter().map(|t| t.url.as_str()).collect();
-    fhir_json(StatusCode::OK, &build(&state.base_url, &topic_urls))
+    let mut statement = build(&state.base_url, &topic_urls);
+    statement["rest"][0]["security"] = super::smart::security(&state);
+    fhir_json(StatusCode::OK, &statement)
 }
 
 const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport";

@@ -3,10 +3,12 @@
 
 pub mod admission;
 pub mod audit;
+pub mod cors;
 pub mod health;
 pub mod metadata;
 pub mod principal;
 pub mod rate_limit;
+pub mod smart;
 pub mod subscription;
 pub mod task;
 pub mod topic;
@@ -31,6 +33,7 @@ use crate::config::Config;
 use crate::error::{Error, FHIR_JSON, IssueCode, Result};
 use crate::fhir::search::SearchLimits;
 use crate::store::Store;
+use crate::telemetry;
 use crate::trace::{TraceContext, in_trace};
 
 /// Everything a handler needs, cheap to clone.
@@ -101,15 +104,28 @@ pub fn router(state: AppState) -> Router {
         let under = state.under(&link_base);
         app = app.nest(path, fhir_router(&under).with_state(under));
     }
-    app.merge(health::router())
+    let router = app
+        .merge(health::router())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(outcome_for_rejections))
         .layer(axum::middleware::from_fn(record_request))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             answer_panic,
-        ))
-        .with_state(state)
+        ));
+    // CORS outermost, so that preflights are answered before anything else looks at them and
+    // every answer, errors included, carries the headers a listed page needs to read it.
+    let origins = cors::AllowedOrigins::new(&state.config.cors.allowed_origins);
+    let router = match origins.is_empty() {
+        true => router,
+        false => router
+            .layer(origins.layer())
+            .layer(axum::middleware::from_fn_with_state(
+                origins,
+                cors::only_listed_origins,
+            )),
+    };
+    router.with_state(state)
 }
 
 /// The FHIR API, served under `/fhir` and each of `http.extra_base_paths`.
@@ -117,6 +133,7 @@ fn fhir_router(state: &AppState) -> Router<AppState> {
     Router::new()
         .merge(metadata::router())
         .merge(audit::router())
+        .merge(smart::router())
         .merge(task::router())
         .merge(subscription::router())
         .merge(topic::router())
@@ -286,18 +303,44 @@ async fn record_request(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let trace = request
+    let caller = request
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
-        .map_or_else(TraceContext::new_root, |caller| caller.child());
+        .and_then(TraceContext::parse);
+    let trace = caller.map_or_else(TraceContext::new_root, |caller| caller.child());
     let span = tracing::info_span!("http.request", trace_id = %trace.trace_id());
+    let started_at = std::time::SystemTime::now();
     let response = in_trace(Some(trace), next.run(request))
         .instrument(span)
         .await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16().to_string();
+    if telemetry::exporting() {
+        telemetry::export(telemetry::FinishedSpan {
+            name: format!("{method} {route}").into(),
+            kind: opentelemetry::trace::SpanKind::Server,
+            context: trace,
+            parent: caller.map(|c| telemetry::Parent {
+                span_id: c.parts().1,
+                remote: true,
+            }),
+            start: started_at,
+            end: started_at + elapsed,
+            attributes: vec![
+                opentelemetry::KeyValue::new("http.request.method", method.to_string()),
+                opentelemetry::KeyValue::new("http.route", route.clone()),
+                opentelemetry::KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(response.status().as_u16()),
+                ),
+            ],
+            error: response
+                .status()
+                .is_server_error()
+                .then(|| format!("HTTP {status}")),
+        });
+    }
     metrics::counter!("baton_http_requests_total", "method" => method.to_string(), "route" => route.clone(), "status" => status.clone()).increment(1);
     metrics::histogram!("baton_http_request_duration_seconds", "method" => method.to_string(), "route" => route.clone()).record(elapsed.as_secs_f64());
     tracing::debug!(http.method = %method, http.route = %route, http.status = %status, duration_ms = elapsed.as_millis() as u64, "request");

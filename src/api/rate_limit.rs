@@ -116,6 +116,8 @@ mod tests {
             role,
             fhir_user: fhir_user.map(str::to_string),
             performer_types: Vec::new(),
+            scopes: None,
+            patient: None,
         }
     }
 

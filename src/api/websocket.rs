@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -57,7 +57,27 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/ws", get(upgrade))
 }
 
-async fn upgrade(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+/// Opens a socket. A browser page says where it comes from (`Origin`): only the pages of
+/// `[cors] allowed_origins` may open one, the same as may call the API. Clients that are not
+/// browsers send no `Origin` and are not affected.
+async fn upgrade(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let origin = headers.get(axum::http::header::ORIGIN);
+    if !super::cors::AllowedOrigins::new(&state.config.cors.allowed_origins).allows(origin) {
+        let shown: String = origin
+            .and_then(|o| o.to_str().ok())
+            .unwrap_or("?")
+            .chars()
+            .take(100)
+            .collect();
+        return crate::error::Error::forbidden(format!(
+            "pages from the origin '{shown}' may not open a websocket here; add it to [cors] allowed_origins"
+        ))
+        .into_response();
+    }
     let hub = state.websockets.clone();
     upgrade
         .read_buffer_size(READ_BUFFER)

@@ -27,6 +27,8 @@ use crate::fhir::ids::{EventNumber, StoredInstant, SubscriptionId};
 use crate::fhir::notification::SubscriptionStatus;
 use crate::fhir::subscription::SubscriptionSpec;
 use crate::store::{DeliveryReport, HandshakeOwed, StoredSubscription};
+use crate::telemetry;
+use crate::trace::TraceContext;
 
 /// How long to wait before trying again after an attempt that failed inside the hub (a store
 /// error, a panic) rather than at the endpoint.
@@ -243,12 +245,26 @@ impl Claimed<'_> {
                 .await?;
         }
         let started = std::time::Instant::now();
+        let started_at = std::time::SystemTime::now();
+        let (trace, caused_by) = (notification.trace, notification.caused_by);
         let sent = channel.send(self.outgoing(sending, notification)).await;
         self.slot.release();
         let name = channel.name();
         let kind = payload.notification_type().as_str();
         metrics::histogram!("baton_delivery_seconds", "channel" => name)
             .record(started.elapsed().as_secs_f64());
+        if telemetry::exporting() {
+            export_attempt(AttemptSpan {
+                sub: &self.sub,
+                channel: name,
+                payload,
+                trace,
+                caused_by,
+                started_at,
+                elapsed: started.elapsed(),
+                error: sent.as_ref().err().map(|f| f.message.clone()),
+            });
+        }
         if deliverer.audit {
             self.audit_attempt(sending, name, started.elapsed(), sent.as_ref().err())
                 .await;
@@ -465,6 +481,55 @@ struct Sending<'a> {
 }
 
 /// What an attempt sends: the handshake while one is owed, then waiting events (at most
+/// What an exported `delivery.attempt` span says.
+struct AttemptSpan<'a> {
+    sub: &'a StoredSubscription,
+    channel: &'static str,
+    payload: Payload,
+    /// The span the notification was sent as (its `traceparent`).
+    trace: TraceContext,
+    /// The request span that made the change, when the notification continues one.
+    caused_by: Option<TraceContext>,
+    started_at: std::time::SystemTime,
+    elapsed: Duration,
+    error: Option<String>,
+}
+
+/// Exports a delivery attempt as a span of the trace of the change it reports: a client span
+/// for a rest-hook POST, a producer span for a publish or a push to sockets.
+fn export_attempt(span: AttemptSpan<'_>) {
+    use opentelemetry::KeyValue;
+    let mut attributes = vec![
+        KeyValue::new("baton.subscription.id", span.sub.id.to_string()),
+        KeyValue::new("baton.channel", span.channel),
+        KeyValue::new(
+            "baton.notification.type",
+            span.payload.notification_type().as_str(),
+        ),
+    ];
+    if let (Some(first), Some(last)) = span.payload.events() {
+        attributes.push(KeyValue::new("baton.events.first", first.get()));
+        attributes.push(KeyValue::new("baton.events.last", last.get()));
+    }
+    telemetry::export(telemetry::FinishedSpan {
+        name: "delivery.attempt".into(),
+        kind: if span.channel == "rest-hook" {
+            opentelemetry::trace::SpanKind::Client
+        } else {
+            opentelemetry::trace::SpanKind::Producer
+        },
+        context: span.trace,
+        parent: span.caused_by.map(|c| telemetry::Parent {
+            span_id: c.parts().1,
+            remote: false,
+        }),
+        start: span.started_at,
+        end: span.started_at + span.elapsed,
+        attributes,
+        error: span.error,
+    });
+}
+
 /// `max_count` per notification), else a heartbeat if one is due and nothing went out within
 /// the period (in seconds); None when there is nothing to send.
 fn choose_payload(

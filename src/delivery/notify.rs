@@ -64,6 +64,8 @@ pub struct Notification {
     /// What the notification continues: the trace of the request that made its first event's
     /// change, else a trace of its own. Sent on as a `traceparent` header.
     pub trace: TraceContext,
+    /// The span that made the change `trace` continues (the request's), if any.
+    pub caused_by: Option<TraceContext>,
 }
 
 /// What a notification is about, and when it is made.
@@ -162,14 +164,15 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
         &entries,
     );
     // A span of its own in the trace of the change it reports, or a trace of its own.
-    let trace = events
+    let caused_by = events
         .iter()
-        .find_map(|e| e.traceparent.as_deref().and_then(TraceContext::parse))
-        .map_or_else(TraceContext::new_root, |change| change.child());
+        .find_map(|e| e.traceparent.as_deref().and_then(TraceContext::parse));
+    let trace = caused_by.map_or_else(TraceContext::new_root, |change| change.child());
     Ok(Notification {
         body,
         message_id,
         trace,
+        caused_by,
     })
 }
 
@@ -289,6 +292,8 @@ mod tests {
             role: Role::Practitioner,
             fhir_user: Some("Practitioner/alice".into()),
             performer_types: Vec::new(),
+            scopes: None,
+            patient: None,
         };
         let owned_by = |owner: &str| json!({"resourceType": "Task", "status": "requested", "intent": "order", "owner": {"reference": owner}});
         let events = vec![

@@ -788,6 +788,8 @@ mod tests {
             role: Role::Admin,
             fhir_user: None,
             performer_types: Vec::new(),
+            scopes: None,
+            patient: None,
         }
     }
 
@@ -840,6 +842,8 @@ mod tests {
             role: Role::Practitioner,
             fhir_user: Some("Practitioner/2".into()),
             performer_types: Vec::new(),
+            scopes: None,
+            patient: None,
         };
         let mut index = SubscriptionIndex::default();
         index.insert(candidate("owner-1", "owner=Practitioner/1", admin(), 0));
@@ -919,6 +923,8 @@ mod tests {
             role: Role::Practitioner,
             fhir_user: Some(format!("Practitioner/{n}")),
             performer_types: Vec::new(),
+            scopes: None,
+            patient: None,
         };
         let mut rng = StdRng::seed_from_u64(15);
         let mut index = SubscriptionIndex::default();
@@ -997,6 +1003,8 @@ mod tests {
             role: Role::Practitioner,
             fhir_user: Some("Practitioner/1".into()),
             performer_types: Vec::new(),
+            scopes: None,
+            patient: None,
         };
         // An auditor reads what an admin reads: one reader for both.
         let auditor = Principal {

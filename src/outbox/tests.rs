@@ -68,6 +68,8 @@ pub(crate) fn subscription(filter: Option<&str>) -> SubscriptionRecord {
         role: Role::Admin,
         fhir_user: None,
         performer_types: Vec::new(),
+        scopes: None,
+        patient: None,
     };
     SubscriptionRecord {
         resource,

@@ -168,6 +168,8 @@ pub struct ChangeEvent {
     pub previous_version: Option<Version>,
     pub interaction: Interaction,
     pub recorded_at: StoredInstant,
+    /// The `traceparent` of the request that made the change, if one did.
+    pub traceparent: Option<String>,
 }
 
 /// A live Task of a search page, with its JSON as stored. A page is passed on as it was

@@ -362,7 +362,8 @@ impl Store for PostgresStore {
         // Not after a position: a change with a lower `seq` may commit after a higher one was
         // matched, so every change not yet recorded is returned (see `outbox_in_commit_order`).
         let rows = sqlx::query(
-            "SELECT seq, resource_type, resource_id, version, previous_version, interaction, recorded_at
+            "SELECT seq, resource_type, resource_id, version, previous_version, interaction, recorded_at,
+                    traceparent
              FROM change_event WHERE NOT matched ORDER BY seq LIMIT $1",
         )
         .bind(limit as i64)

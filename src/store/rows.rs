@@ -170,6 +170,7 @@ pub(crate) struct ChangeRow {
     previous_version: Option<Version>,
     interaction: String,
     recorded_at: StoredInstant,
+    traceparent: Option<String>,
 }
 
 /// One change event of the outbox.
@@ -186,6 +187,7 @@ where
         previous_version: row.previous_version,
         interaction: interaction(row.interaction, "unknown interaction in outbox")?,
         recorded_at: row.recorded_at,
+        traceparent: row.traceparent,
     })
 }
 

@@ -668,7 +668,8 @@ impl Store for SqliteStore {
 
     async fn change_events_after(&self, seq: ChangeSeq, limit: usize) -> Result<Vec<ChangeEvent>> {
         let rows = sqlx::query(
-            "SELECT seq, resource_type, resource_id, version, previous_version, interaction, recorded_at
+            "SELECT seq, resource_type, resource_id, version, previous_version, interaction, recorded_at,
+                    traceparent
              FROM change_event WHERE seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(seq)

@@ -39,7 +39,7 @@ use super::write::{
     delete_request, find_matches, parse_if_match_text, race_lost, record_write, update_request,
 };
 use crate::api::{AppState, BodyKind, Prefer, fhir_json, parse_json, read_body, subscription};
-use crate::auth::Principal;
+use crate::auth::{Permission, Principal, Resource};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::interaction::Interaction;
@@ -93,6 +93,25 @@ enum Method {
     Post,
     Put,
     Delete,
+}
+
+/// Checks an entry's interaction against the token's SMART scopes, as the extractor does for
+/// a request of its own.
+fn require_entry_scope(principal: &Principal, entry: &Entry) -> Result<()> {
+    let resource = match entry.target {
+        Target::Subscriptions | Target::Subscription(_) => Resource::Subscription,
+        _ => Resource::Task,
+    };
+    let permission = match (entry.method, &entry.target) {
+        (Method::Get, Target::Instance(_) | Target::Subscription(_)) => Permission::Read,
+        (Method::Get, _) => Permission::Search,
+        (Method::Post, _) => Permission::Create,
+        (Method::Put, _) => Permission::Update,
+        (Method::Delete, _) => Permission::Delete,
+    };
+    principal
+        .require_scope(resource, permission)
+        .map_err(|e| e.in_entry(entry.index))
 }
 
 /// One entry of the Bundle, parsed.
@@ -404,6 +423,7 @@ async fn batch_entry(
     raw: &Value,
 ) -> Result<Answer> {
     let mut entry = parse_entry(index, raw, &[&state.link_base, &state.base_url])?;
+    require_entry_scope(principal, &entry)?;
     if let Some(resource) = &mut entry.resource {
         // A batch's entries are independent: a reference to another entry cannot be resolved.
         rewrite_references(resource, &HashMap::new())?;
@@ -522,6 +542,7 @@ async fn run_transaction(
     let mut entries = Vec::with_capacity(raw.len());
     for (index, raw) in raw.iter().enumerate() {
         let entry = parse_entry(index, raw, &[&state.link_base, &state.base_url])?;
+        require_entry_scope(principal, &entry)?;
         if entry.method == Method::Get {
             return Err(Error::not_supported(
                 "a transaction may not read (GET); send reads in a batch, or after the transaction",

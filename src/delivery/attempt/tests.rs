@@ -22,6 +22,8 @@ fn stored() -> StoredSubscription {
         role: Role::Practitioner,
         fhir_user: Some("Practitioner/1".into()),
         performer_types: Vec::new(),
+        scopes: None,
+        patient: None,
     };
     StoredSubscription {
         id: SubscriptionId::parse("s1").unwrap(),

@@ -66,6 +66,8 @@ fn stored(version: i64, status: SubscriptionStatus, kind: Resource) -> StoredSub
         role: Role::Practitioner,
         fhir_user: Some("Practitioner/1".into()),
         performer_types: Vec::new(),
+        scopes: None,
+        patient: None,
     };
     StoredSubscription {
         id: id(),
@@ -392,6 +394,8 @@ pub(crate) async fn start_up_puts_in_force_what_one_by_one_does(
                 role: Role::Practitioner,
                 fhir_user: Some(format!("Practitioner/{}", i % 4)),
                 performer_types: Vec::new(),
+                scopes: None,
+                patient: None,
             };
             record.author = serde_json::to_value(&author).unwrap();
             record.owner = Identity {

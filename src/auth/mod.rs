@@ -10,15 +10,21 @@
 //! `Identity` — issuer, subject, role and FHIR user — never by `sub` alone: two tokens that
 //! share a `sub` but differ in role or FHIR user are two different owners.
 
+pub mod issuers;
+pub mod scopes;
+
 use std::path::Path;
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 
+use crate::config::IssuerConfig;
 use crate::error::{Error, Result};
 use crate::fhir::ids::TaskId;
 use crate::fhir::search::{Predicate, SystemMatch, TokenValue};
 use crate::fhir::task::{self, Ownership};
+pub use scopes::{Permission, Resource, Scopes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,9 +92,57 @@ pub struct Principal {
     /// `Type/id` of the FHIR user behind the token; always present for practitioners.
     pub fhir_user: Option<String>,
     pub performer_types: Vec<PerformerType>,
+    /// The token's SMART resource scopes, which narrow the role; None when it carries none
+    /// (the role alone decides). Kept with a subscription's author, so its notifications are
+    /// held to the scopes it was created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Scopes>,
+    /// The token's `patient` launch context (`Patient/123`), which `patient/` scopes need.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
 }
 
 impl Principal {
+    /// Refuses with 403 `insufficient_scope` unless the token's scopes (if any) allow
+    /// `permission` on `resource`. The role rules are checked besides, not instead.
+    pub fn require_scope(&self, resource: Resource, permission: Permission) -> Result<()> {
+        let Some(scopes) = &self.scopes else {
+            return Ok(());
+        };
+        if scopes.allow(resource, permission, self.patient.is_some()) {
+            return Ok(());
+        }
+        let context = scopes.context().unwrap_or(match self.fhir_user {
+            None => "system",
+            Some(_) => "user",
+        });
+        let needed = scopes::needed(context, resource, permission);
+        Err(Error::insufficient_scope(
+            needed.clone(),
+            format!(
+                "the token's scopes do not allow this: it needs {needed} (or a scope that includes it)"
+            ),
+        ))
+    }
+
+    /// The patient a permission on Tasks is limited to: Some when the token's scopes grant it
+    /// only through `patient/` scopes (then only Tasks whose `for` is that patient).
+    fn patient_bound(&self, permission: Permission) -> Option<&str> {
+        let scopes = self.scopes.as_ref()?;
+        scopes
+            .patient_only(Resource::Task, permission)
+            .then(|| self.patient.as_deref().unwrap_or_default())
+    }
+
+    /// Whether the token's scopes let it read Task content at all (read or search).
+    fn scopes_read_tasks(&self) -> bool {
+        self.scopes.as_ref().is_none_or(|s| {
+            let patient = self.patient.is_some();
+            s.allow(Resource::Task, Permission::Read, patient)
+                || s.allow(Resource::Task, Permission::Search, patient)
+        })
+    }
+
     /// The identity that owns what this principal creates, and that must match exactly for
     /// the principal to act as that owner.
     pub fn identity(&self) -> Identity {
@@ -125,13 +179,15 @@ pub struct Identity {
     pub fhir_user: Option<String>,
 }
 
-/// Verifies and mints tokens with one HS256 key.
+/// Verifies tokens of the trusted issuers (`[[auth.issuers]]`), and verifies and mints the
+/// local HS256 tokens.
 #[derive(Clone)]
 pub struct Authenticator {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
     performer_types_claim: String,
+    issuers: Arc<issuers::Issuers>,
 }
 
 impl Authenticator {
@@ -146,7 +202,46 @@ impl Authenticator {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             validation,
             performer_types_claim: performer_types_claim.to_string(),
+            issuers: Arc::new(issuers::Issuers::new(&crate::config::AuthConfig::default())),
         }
+    }
+
+    /// Trusts the issuers of `config` besides the local HS256 key.
+    pub fn with_issuers(mut self, config: &crate::config::AuthConfig) -> Authenticator {
+        self.issuers = Arc::new(issuers::Issuers::new(config));
+        self
+    }
+
+    pub fn issuers(&self) -> &issuers::Issuers {
+        &self.issuers
+    }
+
+    /// Verifies a bearer token of any kind: a token whose (not yet verified) `iss` names a
+    /// configured issuer is checked against that issuer's keys and rules only; any other token
+    /// must be a local HS256 token. So an issuer's name never lets a token choose HS256, and a
+    /// token signed by anyone else is refused for its issuer, not its algorithm.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal> {
+        if !self.issuers.is_empty() {
+            let iss = unverified_issuer(token);
+            if let Some(issuer) = iss.as_deref().and_then(|iss| self.issuers.find(iss)) {
+                let claims = self.issuers.verify(issuer, token).await?;
+                check_token_json(token)?;
+                return map_issuer_claims(&issuer.config, &claims);
+            }
+            let local = jsonwebtoken::decode_header(token)
+                .map(|h| h.alg == Algorithm::HS256)
+                .unwrap_or(false);
+            if !local {
+                return Err(Error::unauthorized(match iss {
+                    Some(iss) => format!(
+                        "the token's issuer '{}' is not trusted (see [[auth.issuers]])",
+                        iss.escape_debug()
+                    ),
+                    None => "the token names no trusted issuer ('iss')".to_string(),
+                }));
+            }
+        }
+        self.verify(token)
     }
 
     /// Verifies a bearer token and turns its claims into a principal.
@@ -246,12 +341,15 @@ impl Authenticator {
                 )));
             }
         };
+        let (scopes, patient) = smart_context(&claims)?;
         Ok(Principal {
             issuer,
             subject,
             role,
             fhir_user,
             performer_types,
+            scopes,
+            patient,
         })
     }
 
@@ -314,6 +412,190 @@ fn check_token_json(token: &str) -> Result<()> {
     Ok(())
 }
 
+/// The `iss` of a token's payload, read before its signature is checked: only to choose which
+/// issuer's keys check it.
+fn unverified_issuer(token: &str) -> Option<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let payload = URL_SAFE_NO_PAD.decode(token.split('.').nth(1)?).ok()?;
+    let claims: Value = serde_json::from_slice(&payload).ok()?;
+    claims.get("iss")?.as_str().map(String::from)
+}
+
+/// The value at a claim path: the whole path as one claim name first (claim names may contain
+/// dots, e.g. `https://example.org/roles`), else each dot-separated part one object deeper
+/// (`realm_access.roles`).
+pub fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(value) = claims.get(path) {
+        return Some(value);
+    }
+    let mut parts = path.split('.');
+    let mut value = claims.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_object()?.get(part)?;
+    }
+    Some(value)
+}
+
+/// Turns the verified claims of an issuer's token into a principal, as the issuer's mapping
+/// says. The token is genuine, so a claim that does not map is a 403 naming the claim, not a
+/// 401: another token will not help, a change at the identity provider will.
+pub fn map_issuer_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> Result<Principal> {
+    let unmappable = |why: String| Error::forbidden(why);
+    let issuer = config.issuer.clone();
+    let subject = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .filter(|s| is_identity_text(s))
+        .ok_or_else(|| {
+            Error::unauthorized(
+                "the token's 'sub' claim must be a non-empty string without control characters",
+            )
+        })?
+        .to_string();
+    let role_path = &config.role_claim;
+    let roles: Vec<Role> = match claim_at(claims, role_path) {
+        None => {
+            return Err(unmappable(format!(
+                "the token carries no '{role_path}' claim, which names the role (admin, practitioner or auditor)"
+            )));
+        }
+        Some(Value::String(one)) => Role::parse(one).into_iter().collect(),
+        Some(Value::Array(items)) => {
+            let mut roles: Vec<Role> = items
+                .iter()
+                .filter_map(Value::as_str)
+                .filter_map(Role::parse)
+                .collect();
+            roles.sort_by_key(|r| r.as_str());
+            roles.dedup();
+            roles
+        }
+        Some(_) => Vec::new(),
+    };
+    let role = match roles.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(unmappable(format!(
+                "the token's '{role_path}' claim names no role: it must be or include admin, practitioner or auditor"
+            )));
+        }
+        _ => {
+            return Err(unmappable(format!(
+                "the token's '{role_path}' claim names more than one of admin, practitioner and auditor; a token must act as one"
+            )));
+        }
+    };
+    let user_path = &config.fhir_user_claim;
+    let from_claim = match claim_at(claims, user_path) {
+        None => None,
+        Some(Value::String(user)) => Some(user.clone()),
+        Some(_) => {
+            return Err(unmappable(format!(
+                "the token's '{user_path}' claim must be a string like Practitioner/123"
+            )));
+        }
+    };
+    let from_template = config
+        .fhir_user_template
+        .as_ref()
+        .map(|t| t.replace("{sub}", &subject));
+    let fhir_user = match from_claim.or(from_template) {
+        None => None,
+        Some(user) => Some(
+            crate::fhir::normalize_reference(&user, "")
+                .filter(|r| r.contains('/') && !r.contains(':'))
+                .ok_or_else(|| {
+                    unmappable(format!(
+                        "the token's FHIR user '{}' (from '{user_path}' or fhir_user_template) must be a reference like Practitioner/123",
+                        user.escape_debug()
+                    ))
+                })?,
+        ),
+    };
+    if role == Role::Practitioner && fhir_user.is_none() {
+        return Err(unmappable(format!(
+            "a practitioner token must carry a '{user_path}' claim (or the issuer a fhir_user_template)"
+        )));
+    }
+    let types_path = &config.performer_types_claim;
+    let performer_types = match claim_at(claims, types_path) {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().and_then(PerformerType::parse))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                unmappable(format!(
+                    "the token's '{types_path}' claim must be a list of 'system|code' strings"
+                ))
+            })?,
+        Some(_) => {
+            return Err(unmappable(format!(
+                "the token's '{types_path}' claim must be a list"
+            )));
+        }
+    };
+    let (scopes, patient) = smart_context(claims)?;
+    // An issuer that requires scopes lets a token without any do nothing: every request is
+    // refused naming the scope it needs.
+    let scopes = match scopes {
+        None if config.require_scopes => Some(Scopes::none()),
+        scopes => scopes,
+    };
+    Ok(Principal {
+        issuer: Some(issuer),
+        subject,
+        role,
+        fhir_user,
+        performer_types,
+        scopes,
+        patient,
+    })
+}
+
+/// A token's SMART resource scopes (from `scope`, a space-separated string, or `scp`, a list
+/// or a string) and its `patient` launch context (an id, or `Patient/<id>`).
+fn smart_context(claims: &Map<String, Value>) -> Result<(Option<Scopes>, Option<String>)> {
+    let malformed = |name: &str| {
+        Error::unauthorized(format!(
+            "the token's '{name}' claim must be a space-separated string or a list of strings"
+        ))
+    };
+    let mut texts: Vec<&str> = Vec::new();
+    for name in ["scope", "scp"] {
+        match claims.get(name) {
+            None => {}
+            Some(Value::String(list)) => texts.extend(list.split_whitespace()),
+            Some(Value::Array(items)) => {
+                for item in items {
+                    texts.push(item.as_str().ok_or_else(|| malformed(name))?);
+                }
+            }
+            Some(_) => return Err(malformed(name)),
+        }
+    }
+    let patient = match claims.get("patient") {
+        None => None,
+        Some(Value::String(id)) if crate::fhir::is_valid_id(id) => Some(format!("Patient/{id}")),
+        Some(Value::String(reference)) => Some(
+            crate::fhir::normalize_reference(reference, "")
+                .filter(|r| r.starts_with("Patient/"))
+                .ok_or_else(|| {
+                    Error::unauthorized(
+                        "the token's 'patient' claim must be a Patient id or Patient/<id>",
+                    )
+                })?,
+        ),
+        Some(_) => {
+            return Err(Error::unauthorized(
+                "the token's 'patient' claim must be a string",
+            ));
+        }
+    };
+    Ok((Scopes::parse(texts), patient))
+}
+
 /// Whether a claim can be part of an identity: not empty (the store writes "none" as ''), and
 /// free of control characters, which the stores would not keep exactly as given.
 fn is_identity_text(text: &str) -> bool {
@@ -366,7 +648,20 @@ pub fn resolve_secret(
 /// reads the Tasks whose `owner` references its FHIR user, and Tasks with no `owner` at all
 /// waiting in one of its role queues; an `owner` named only by `display` or `identifier` is
 /// someone else, so such a Task is for admins and auditors only.
+///
+/// SMART scopes narrow it: a token whose scopes grant neither read nor search on Task reads
+/// none, and one whose scopes reach Tasks only through `patient/` scopes reads only those of
+/// its patient.
 pub fn may_read_task(principal: &Principal, resource: &Value, base_url: &str) -> bool {
+    if !principal.scopes_read_tasks() {
+        return false;
+    }
+    if let Some(patient) = principal.patient_bound(Permission::Read)
+        && principal.patient_bound(Permission::Search).is_some()
+        && !is_for_patient(resource, patient, base_url)
+    {
+        return false;
+    }
     may_read(
         principal.role,
         principal.fhir_user.as_deref(),
@@ -386,10 +681,35 @@ pub enum Reader {
         fhir_user: Option<Box<str>>,
         performer_types: Box<[PerformerType]>,
     },
+    /// An author whose scopes grant no Task reads.
+    Nothing,
+    /// An author whose scopes reach Tasks only through `patient/` scopes: the Tasks `inner`
+    /// reads whose `for` is this patient.
+    Patient {
+        patient: Box<str>,
+        inner: Box<Reader>,
+    },
 }
 
 impl Reader {
     pub fn of(principal: &Principal) -> Reader {
+        if !principal.scopes_read_tasks() {
+            return Reader::Nothing;
+        }
+        let role = Reader::of_role(principal);
+        match (
+            principal.patient_bound(Permission::Read),
+            principal.patient_bound(Permission::Search),
+        ) {
+            (Some(patient), Some(_)) => Reader::Patient {
+                patient: patient.into(),
+                inner: Box::new(role),
+            },
+            _ => role,
+        }
+    }
+
+    fn of_role(principal: &Principal) -> Reader {
         match principal.role {
             Role::Admin | Role::Auditor => Reader::Everything,
             Role::Practitioner => Reader::Practitioner {
@@ -403,6 +723,11 @@ impl Reader {
     pub fn may_read_task(&self, resource: &Value, base_url: &str) -> bool {
         match self {
             Reader::Everything => true,
+            Reader::Nothing => false,
+            Reader::Patient { patient, inner } => {
+                is_for_patient(resource, patient, base_url)
+                    && inner.may_read_task(resource, base_url)
+            }
             Reader::Practitioner {
                 fhir_user,
                 performer_types,
@@ -435,6 +760,14 @@ fn may_read(
     }
 }
 
+/// Whether the Task is `for` this patient (`Patient/123`).
+fn is_for_patient(resource: &Value, patient: &str, base_url: &str) -> bool {
+    resource["for"]["reference"]
+        .as_str()
+        .and_then(|r| crate::fhir::normalize_reference(r, base_url))
+        .is_some_and(|r| !patient.is_empty() && r == patient)
+}
+
 /// Whether the Task's `owner` references the principal's FHIR user.
 fn owns(principal: &Principal, resource: &Value, base_url: &str) -> bool {
     match task::ownership(resource, base_url) {
@@ -458,6 +791,26 @@ fn in_role_queue(performer_types: &[PerformerType], resource: &Value) -> bool {
 /// `None` means no restriction. The queue branch's `owner:missing=true` leaves out Tasks whose
 /// owner has no reference, because `fhir::search::index_task` files those under `owner` too.
 pub fn read_scope(principal: &Principal) -> Option<Predicate> {
+    let role = read_scope_of_role(principal);
+    // Searches reaching Tasks only through `patient/` scopes see only the patient's.
+    let Some(patient) = principal.patient_bound(Permission::Search) else {
+        return role;
+    };
+    let for_patient = Predicate::Token {
+        param: "patient",
+        negated: false,
+        any_of: vec![TokenValue {
+            system: SystemMatch::Any,
+            code: Some(patient.to_string()),
+        }],
+    };
+    Some(match role {
+        Some(role) => Predicate::And(vec![role, for_patient]),
+        None => for_patient,
+    })
+}
+
+fn read_scope_of_role(principal: &Principal) -> Option<Predicate> {
     if principal.role != Role::Practitioner {
         return None;
     }
@@ -507,13 +860,40 @@ pub fn authorize_task_write(
     after: Option<&Value>,
     base_url: &str,
 ) -> Result<()> {
+    // Writes allowed only through `patient/` scopes stay within the patient's Tasks.
+    let permission = if before.is_some() {
+        Permission::Update
+    } else {
+        Permission::Create
+    };
+    if let Some(patient) = principal.patient_bound(permission) {
+        for task in before.into_iter().chain(after) {
+            if !is_for_patient(task, patient, base_url) {
+                return Err(Error::insufficient_scope(
+                    scopes::needed("user", Resource::Task, permission),
+                    format!(
+                        "the token's patient/ scopes reach only the Tasks of {patient}, and this Task is not for it"
+                    ),
+                ));
+            }
+        }
+    }
     match principal.role {
         Role::Admin => Ok(()),
         Role::Auditor => Err(Error::forbidden("auditors have read-only access to Tasks")),
         Role::Practitioner => {
             let me = principal.fhir_user.as_deref().unwrap_or_default();
+            // The role's own read rule: whether the Task is the practitioner's to change. Its
+            // scopes were checked for the write itself; a write-only token may change its own
+            // Tasks without being allowed to read them back.
             if let Some(before) = before
-                && !may_read_task(principal, before, base_url)
+                && !may_read(
+                    principal.role,
+                    principal.fhir_user.as_deref(),
+                    &principal.performer_types,
+                    before,
+                    base_url,
+                )
             {
                 return Err(Error::forbidden(format!(
                     "this Task is not owned by {me} and not in one of its role queues"
@@ -797,6 +1177,8 @@ mod tests {
                 .iter()
                 .filter_map(|t| PerformerType::parse(t))
                 .collect(),
+            scopes: None,
+            patient: None,
         }
     }
 
