@@ -50,6 +50,21 @@ async fn subscribe(server: &TestServer, receiver: &Receiver) -> (String, Value) 
     (id, created)
 }
 
+/// An impatient hub with one subscriber that has received events 1 to `count`.
+async fn delivered(count: usize) -> (TestServer, Receiver, String) {
+    let server = impatient_hub().await;
+    let receiver = Receiver::start().await;
+    let (id, _) = subscribe(&server, &receiver).await;
+    create_tasks(&server, count).await;
+    let expected: Vec<i64> = (1..=count as i64).collect();
+    receiver
+        .wait_for("the first events", |_| {
+            receiver.event_numbers(&id) == expected
+        })
+        .await;
+    (server, receiver, id)
+}
+
 async fn create_tasks(server: &TestServer, count: usize) {
     for _ in 0..count {
         server.create_task(&task("requested", None)).await;
@@ -156,15 +171,7 @@ async fn a_subscription_turned_off_and_back_on_delivers_what_it_missed_in_order(
 
 #[tokio::test]
 async fn resend_redelivers_from_the_event_number_given() {
-    let server = impatient_hub().await;
-    let receiver = Receiver::start().await;
-    let (id, _) = subscribe(&server, &receiver).await;
-    create_tasks(&server, 4).await;
-    receiver
-        .wait_for("events 1 to 4", |_| {
-            receiver.event_numbers(&id) == [1, 2, 3, 4]
-        })
-        .await;
+    let (server, receiver, id) = delivered(4).await;
 
     let admin = server.admin();
     let (status, bundle) = resend(&server, &id, "?eventsSinceNumber=2", &admin).await;
@@ -188,13 +195,7 @@ async fn resend_redelivers_from_the_event_number_given() {
 
 #[tokio::test]
 async fn a_delivery_in_flight_during_a_resend_does_not_undo_it() {
-    let server = impatient_hub().await;
-    let receiver = Receiver::start().await;
-    let (id, _) = subscribe(&server, &receiver).await;
-    create_tasks(&server, 2).await;
-    receiver
-        .wait_for("events 1 and 2", |_| receiver.event_numbers(&id) == [1, 2])
-        .await;
+    let (server, receiver, id) = delivered(2).await;
 
     // Event 3 is on its way when the admin asks for everything from 2 again: the answer to
     // event 3 arrives after the restart and must not move the position past it.
@@ -217,13 +218,7 @@ async fn a_delivery_in_flight_during_a_resend_does_not_undo_it() {
 
 #[tokio::test]
 async fn resend_refuses_what_it_cannot_do_and_changes_nothing() {
-    let server = impatient_hub().await;
-    let receiver = Receiver::start().await;
-    let (id, _) = subscribe(&server, &receiver).await;
-    create_tasks(&server, 2).await;
-    receiver
-        .wait_for("events 1 and 2", |_| receiver.event_numbers(&id) == [1, 2])
-        .await;
+    let (server, receiver, id) = delivered(2).await;
     let admin = server.admin();
 
     for (query, code) in [

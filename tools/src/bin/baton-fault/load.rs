@@ -269,14 +269,7 @@ impl Writer {
         let response = match sent {
             Ok(response) => response,
             Err(e) => {
-                let kind = if e.is_timeout() {
-                    "no answer: timeout"
-                } else if e.is_connect() {
-                    "no answer: connection refused"
-                } else {
-                    "no answer: connection closed"
-                };
-                self.log.fail(kind.into(), "", started.elapsed());
+                self.log.fail(no_answer(&e).into(), "", started.elapsed());
                 return false;
             }
         };
@@ -387,14 +380,7 @@ impl Writer {
         let response = match sent {
             Ok(response) => response,
             Err(e) => {
-                let kind = if e.is_timeout() {
-                    "no answer: timeout"
-                } else if e.is_connect() {
-                    "no answer: connection refused"
-                } else {
-                    "no answer: connection closed"
-                };
-                self.log.fail(kind.into(), "", started.elapsed());
+                self.log.fail(no_answer(&e).into(), "", started.elapsed());
                 return false;
             }
         };
@@ -445,5 +431,16 @@ impl Writer {
             lock(&self.log.acked_at).push(now);
         }
         true
+    }
+}
+
+/// How a write that got no answer failed, in the words of the report.
+fn no_answer(error: &reqwest::Error) -> &'static str {
+    if error.is_timeout() {
+        "no answer: timeout"
+    } else if error.is_connect() {
+        "no answer: connection refused"
+    } else {
+        "no answer: connection closed"
     }
 }
