@@ -54,7 +54,31 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub cors: CorsConfig,
     pub http: HttpConfig,
+    pub audit: AuditConfig,
     pub telemetry: TelemetryConfig,
+}
+
+/// The audit trail (`AuditEvent`s, see `crate::audit`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Whether Baton records AuditEvents at all. Off only to measure what auditing costs.
+    pub enabled: bool,
+    /// Whether reads, searches and history requests are audited too (writes, Subscription
+    /// changes and refusals always are while `enabled`).
+    pub reads: bool,
+    /// Days an AuditEvent is kept; older ones are pruned hourly. 0 keeps them forever.
+    pub retention_days: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            reads: true,
+            retention_days: 365,
+        }
+    }
 }
 
 /// How the HTTP surface is laid out.
@@ -470,6 +494,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             cors: CorsConfig::default(),
             http: HttpConfig::default(),
+            audit: AuditConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -823,6 +848,11 @@ impl Config {
                 "store.max_batch and store.read_connections must be at least 1".into(),
             ));
         }
+        if self.audit.retention_days > 36_500 {
+            return Err(ConfigError(
+                "audit.retention_days must be between 0 (keep forever) and 36500 (BATON_AUDIT__RETENTION_DAYS)".into(),
+            ));
+        }
         if !(1..=100_000).contains(&self.hub.fanout_chunk) {
             return Err(ConfigError(
                 "hub.fanout_chunk must be between 1 and 100000 (matches per fan-out transaction; BATON_HUB__FANOUT_CHUNK)"
@@ -1083,6 +1113,10 @@ mod tests {
             (|c| c.amqp_url = Some("http://x".into()), "BATON_AMQP_URL"),
             (|c| c.redis_url = Some("x".into()), "BATON_REDIS_URL"),
             (|c| c.max_body_bytes = 10, "max_body_bytes"),
+            (
+                |c| c.audit.retention_days = 100_000,
+                "BATON_AUDIT__RETENTION_DAYS",
+            ),
             (|c| c.search.default_count = 0, "search.default_count"),
             (|c| c.search.max_page_bytes = 1000, "search.max_page_bytes"),
             (

@@ -4,6 +4,7 @@
 //! tests drive exactly what `baton serve` runs. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod channels;
 pub mod config;
@@ -318,13 +319,21 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     );
     let prune_store = store.clone();
     let retention_days = state.config.delivery.event_retention_days;
+    let audit_retention_days = state.config.audit.retention_days;
     let prune_stop = pipeline_stop.clone();
     supervise::restartable(
         &tasks,
         health.clone(),
         "pruning",
         pipeline_stop.clone(),
-        move || prune_events(prune_store.clone(), retention_days, prune_stop.clone()),
+        move || {
+            prune_events(
+                prune_store.clone(),
+                retention_days,
+                audit_retention_days,
+                prune_stop.clone(),
+            )
+        },
     );
     // The rate limiter forgets identities whose budget is full again, so its table only holds
     // recent callers.
@@ -395,14 +404,31 @@ fn default_node_id() -> String {
 }
 
 /// Removes delivered events older than the retention period from the event log, hourly.
-async fn prune_events(store: Arc<dyn Store>, retention_days: u64, stop: CancellationToken) {
+/// Removes AuditEvents older than `audit.retention_days` too (0 keeps them forever).
+async fn prune_events(
+    store: Arc<dyn Store>,
+    retention_days: u64,
+    audit_retention_days: u64,
+    stop: CancellationToken,
+) {
     loop {
-        let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(retention_days as i64);
+        let now = time::OffsetDateTime::now_utc();
+        let cutoff = now - time::Duration::days(retention_days as i64);
         match store.prune_events(&StoredInstant::at(cutoff)).await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "pruned delivered events past retention"),
             Err(e) => {
                 tracing::warn!(error = %error::error_chain(&e), "pruning the event log failed")
+            }
+        }
+        if audit_retention_days > 0 {
+            let cutoff = now - time::Duration::days(audit_retention_days as i64);
+            match store.prune_audit(&StoredInstant::at(cutoff)).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "pruned AuditEvents past retention"),
+                Err(e) => {
+                    tracing::warn!(error = %error::error_chain(&e), "pruning the audit trail failed")
+                }
             }
         }
         tokio::select! {

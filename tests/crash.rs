@@ -1,7 +1,8 @@
 //! Kill -9 mid-stream: the `baton` binary runs as a child process while Tasks are written in
 //! a loop and a receiver counts notifications; it is killed without warning and restarted on
 //! the same data. Every acknowledged change must be delivered, event numbers must be
-//! contiguous from 1, and duplicates may only come from attempts that were in flight.
+//! contiguous from 1, and duplicates may only come from attempts that were in flight; every
+//! stored Task has its create AuditEvent and no AuditEvent names a Task that was not stored.
 
 mod common;
 
@@ -196,6 +197,38 @@ async fn killed_mid_stream_loses_nothing() {
     assert!(
         backwards <= 1,
         "order broken {backwards} times: {numbers:?}"
+    );
+    // Each Task and its create AuditEvent committed together: never one without the other.
+    let tasks_without_audit = common::database_scalar(
+        dir.path(),
+        "SELECT CAST(count(*) AS TEXT) FROM task t WHERE NOT EXISTS
+           (SELECT 1 FROM audit_event a WHERE a.subtype = 'create' AND a.entity = 'Task/' || t.id)",
+    )
+    .await;
+    let audits_without_task = common::database_scalar(
+        dir.path(),
+        "SELECT CAST(count(*) AS TEXT) FROM audit_event a WHERE a.subtype = 'create'
+           AND a.entity LIKE 'Task/%'
+           AND NOT EXISTS (SELECT 1 FROM task t WHERE 'Task/' || t.id = a.entity)",
+    )
+    .await;
+    let audited = common::database_scalar(
+        dir.path(),
+        "SELECT CAST(count(*) AS TEXT) FROM audit_event WHERE subtype = 'create' AND entity LIKE 'Task/%'",
+    )
+    .await;
+    assert_eq!(
+        tasks_without_audit, "0",
+        "Tasks stored without their AuditEvent"
+    );
+    assert_eq!(
+        audits_without_task, "0",
+        "AuditEvents of Tasks never stored"
+    );
+    assert!(
+        audited.parse::<usize>().unwrap() >= acknowledged.len(),
+        "{audited} create AuditEvents for {} acknowledged creates",
+        acknowledged.len()
     );
     drop(restarted);
     common::forget_database(dir.path());

@@ -127,6 +127,18 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                     { "name": "resend", "definition": "https://baton.dev/fhir/OperationDefinition/Subscription-resend", "documentation": "Admin only: POST [base]/Subscription/{id}/$resend?eventsSinceNumber=N delivers events N onwards again, in order, with their original numbers (rest-hook and AMQP)." },
                 ],
             }, {
+                "type": "AuditEvent",
+                "documentation": "The audit trail; admins and auditors only.",
+                "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                "searchParam": [
+                    { "name": "date", "type": "date", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-date", "documentation": "When the event was recorded" },
+                    { "name": "entity", "type": "reference", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-entity", "documentation": "The resource the event is about (any version)" },
+                    { "name": "agent", "type": "reference", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-agent", "documentation": "The caller's fhirUser, or the sub of a token without one" },
+                    { "name": "type", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-type", "documentation": "rest for requests, transmit for delivery attempts" },
+                    { "name": "subtype", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-subtype", "documentation": "The FHIR interaction: create, update, patch, delete, read, vread, search-type, history-instance, history-type, operation; for a delivery attempt handshake, heartbeat or event-notification" },
+                    { "name": "outcome", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-outcome", "documentation": "0 success, 4 refused, 8 failed (a delivery attempt that failed)" },
+                ],
+            }, {
                 "type": "SubscriptionTopic",
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
                 "searchParam": [

@@ -2,6 +2,7 @@
 //! here with the shared state, request metrics and the FHIR error fallbacks.
 
 pub mod admission;
+pub mod audit;
 pub mod cors;
 pub mod health;
 pub mod metadata;
@@ -96,11 +97,12 @@ impl AsRef<Authenticator> for AppState {
 
 /// Builds the whole router.
 pub fn router(state: AppState) -> Router {
-    let mut app = Router::new().nest("/fhir", fhir_router());
+    let mut app = Router::new().nest("/fhir", fhir_router(&state));
     // The same API under each extra base path, with links that follow the path.
     for path in &state.config.http.extra_base_paths {
         let link_base = state.config.http.base_url_for(&state.base_url, path);
-        app = app.nest(path, fhir_router().with_state(state.under(&link_base)));
+        let under = state.under(&link_base);
+        app = app.nest(path, fhir_router(&under).with_state(under));
     }
     let router = app
         .merge(health::router())
@@ -127,9 +129,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The FHIR API, served under `/fhir` and each of `http.extra_base_paths`.
-fn fhir_router() -> Router<AppState> {
+fn fhir_router(state: &AppState) -> Router<AppState> {
     Router::new()
         .merge(metadata::router())
+        .merge(audit::router())
         .merge(smart::router())
         .merge(task::router())
         .merge(subscription::router())
@@ -137,6 +140,10 @@ fn fhir_router() -> Router<AppState> {
         .merge(websocket::router())
         .fallback(unknown_route)
         .layer(axum::middleware::from_fn(negotiate_format))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::audit_request,
+        ))
 }
 
 /// A handler that panics (a bug) answers an opaque 500 OperationOutcome, logged once with

@@ -37,6 +37,8 @@ where
                 Error::unauthenticated("the Authorization header must use the Bearer scheme")
             })?;
         let principal = state.as_ref().authenticate(token).await?;
+        // The request's AuditEvent names the verified caller (see `crate::audit`).
+        crate::audit::note_principal(&principal);
         // Only a verified identity is counted, so unverified text never grows the limiter.
         state.request_limiter().admit(&principal)?;
         // SMART scopes narrow the role: the interaction must be one they allow. The role rules

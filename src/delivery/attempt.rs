@@ -265,6 +265,10 @@ impl Claimed<'_> {
                 error: sent.as_ref().err().map(|f| f.message.clone()),
             });
         }
+        if deliverer.audit {
+            self.audit_attempt(sending, name, started.elapsed(), sent.as_ref().err())
+                .await;
+        }
         match sent {
             Ok(_) => {
                 metrics::counter!("baton_deliveries_total", "channel" => name, "type" => kind, "result" => "ok").increment(1);
@@ -333,6 +337,47 @@ impl Claimed<'_> {
         } else {
             Outcome::Idle
         })
+    }
+
+    /// Records the AuditEvent of a confirmed send (its own write, after the send): the
+    /// delivery ledger. A failure to record it is logged, never fails the delivery.
+    async fn audit_attempt(
+        &self,
+        sending: &Sending<'_>,
+        channel: &str,
+        took: Duration,
+        failure: Option<&crate::channels::SendError>,
+    ) {
+        let endpoint_host = match &sending.spec.channel {
+            crate::fhir::subscription::ChannelSpec::RestHook { endpoint, .. } => {
+                reqwest::Url::parse(endpoint)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+            }
+            crate::fhir::subscription::ChannelSpec::Message { endpoint } => {
+                Some(endpoint.host.clone())
+            }
+            crate::fhir::subscription::ChannelSpec::WebSocket => None,
+        };
+        let events = match sending.payload.events() {
+            (Some(from), Some(to)) => Some((from.get(), to.get())),
+            _ => None,
+        };
+        let subscription = self.sub.id.to_string();
+        let facts = crate::audit::DeliveryFacts {
+            node: &self.deliverer.hub.node,
+            subscription: &subscription,
+            kind: sending.payload.notification_type().as_str(),
+            events,
+            channel,
+            endpoint_host: endpoint_host.as_deref(),
+            duration_ms: took.as_millis(),
+            error: failure.map(|f| f.message.as_str()),
+        };
+        let record = crate::audit::delivery_attempt(&facts, &StoredInstant::now());
+        if let Err(e) = self.deliverer.store.record_audit(record).await {
+            tracing::warn!(subscription.id = %self.sub.id, error = %crate::error::error_chain(&e), "recording a delivery attempt's AuditEvent failed");
+        }
     }
 
     fn subject<'s>(&'s self, sending: &Sending<'s>) -> Subject<'s> {

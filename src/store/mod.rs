@@ -9,6 +9,7 @@
 //! `subscriptions`, over the statements each backend supplies; `rows` reads stored rows back
 //! for both.
 
+pub mod audit_sql;
 mod hub_sql;
 pub mod postgres;
 pub mod pressure;
@@ -759,6 +760,17 @@ pub trait Store: Send + Sync + 'static {
     async fn subscription_changes_since(&self, generation: i64) -> Result<SubscriptionChanges>;
     /// Removes delivered events that happened before `before`; returns how many.
     async fn prune_events(&self, before: &StoredInstant) -> Result<u64>;
+
+    // The audit trail.
+    /// Records an AuditEvent on its own (a Task write's is written with the write).
+    async fn record_audit(&self, record: crate::audit::AuditRecord) -> Result<()>;
+    /// One page of an AuditEvent search.
+    async fn search_audit(&self, query: &audit_sql::AuditQuery)
+    -> Result<Vec<audit_sql::AuditRow>>;
+    /// One AuditEvent by id, as stored.
+    async fn read_audit(&self, id: &str) -> Result<Option<String>>;
+    /// Removes AuditEvents recorded before `before`; returns how many.
+    async fn prune_audit(&self, before: &StoredInstant) -> Result<u64>;
 
     // Due dates.
     /// Live, non-terminal Tasks whose due date passed by `now` and was not yet reported, as

@@ -576,6 +576,62 @@ impl Store for PostgresStore {
         hub::prune_events(&self.pool, before).await
     }
 
+    async fn record_audit(&self, r: crate::audit::AuditRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+             VALUES ($1, $2, $8, $3, $4, $5, $6, $7)",
+        )
+        .bind(r.id)
+        .bind(r.recorded)
+        .bind(r.subtype)
+        .bind(r.outcome)
+        .bind(r.agent)
+        .bind(r.entity)
+        .bind(r.resource)
+        .bind(r.type_code)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn search_audit(
+        &self,
+        query: &super::audit_sql::AuditQuery,
+    ) -> Result<Vec<super::audit_sql::AuditRow>> {
+        let (sql, binds) = super::audit_sql::search_sql(query, Placeholder::Dollar);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for bind in binds {
+            q = q.bind(pg_text(&bind).into_owned());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(super::audit_sql::AuditRow {
+                    seq: sqlx::Row::try_get(r, "seq")?,
+                    recorded: sqlx::Row::try_get(r, "recorded")?,
+                    resource: sqlx::Row::try_get(r, "resource")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn read_audit(&self, id: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT resource FROM audit_event WHERE id = $1")
+                .bind(pg_text(id).into_owned())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn prune_audit(&self, before: &StoredInstant) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM audit_event WHERE recorded < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn overdue_tasks(
         &self,
         now: &StoredInstant,

@@ -213,6 +213,7 @@ impl SqliteStore {
                 work,
                 reply,
                 trace: current_trace(),
+                audit: crate::audit::current(),
             })
             .await
             .map_err(|_| writer_gone())?;
@@ -482,6 +483,50 @@ impl Store for SqliteStore {
 
     async fn prune_events(&self, before: &StoredInstant) -> Result<u64> {
         match self.submit(Work::PruneEvents(before.clone())).await? {
+            Done::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn record_audit(&self, record: crate::audit::AuditRecord) -> Result<()> {
+        match self.submit(Work::RecordAudit(Box::new(record))).await? {
+            Done::Nothing => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn search_audit(
+        &self,
+        query: &super::audit_sql::AuditQuery,
+    ) -> Result<Vec<super::audit_sql::AuditRow>> {
+        let (sql, binds) = super::audit_sql::search_sql(query, Placeholder::Question);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for bind in binds {
+            q = q.bind(bind);
+        }
+        let rows = q.fetch_all(&self.reads).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(super::audit_sql::AuditRow {
+                    seq: sqlx::Row::try_get(r, "seq")?,
+                    recorded: sqlx::Row::try_get(r, "recorded")?,
+                    resource: sqlx::Row::try_get(r, "resource")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn read_audit(&self, id: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT resource FROM audit_event WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.reads)
+                .await?,
+        )
+    }
+
+    async fn prune_audit(&self, before: &StoredInstant) -> Result<u64> {
+        match self.submit(Work::PruneAudit(before.clone())).await? {
             Done::Count(n) => Ok(n),
             _ => Err(unexpected()),
         }

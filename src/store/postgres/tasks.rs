@@ -10,8 +10,9 @@ use sqlx::postgres::PgConnection;
 use sqlx::AssertSqlSafe;
 
 use super::pg_text;
+use crate::audit::AuditRecord;
 use crate::error::Result;
-use crate::fhir::ids::TaskId;
+use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::fhir::search::Predicate;
 use crate::store::rows::{CURRENT_COLUMNS, current_from_row};
 use crate::store::search_sql::{Placeholder, where_clause};
@@ -57,6 +58,10 @@ const PUT_TASK: &str = "WITH task_row AS (
      ), dates AS (
        INSERT INTO task_date (task_id, param, start_at, end_at)
        SELECT $1, p, s, e FROM unnest($11::text[], $12::text[], $13::text[]) AS x(p, s, e)
+     ), audit AS (
+       INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+       SELECT $23::text, $3, 'rest', $24::text, $25::text, $26::text, $27::text, $28::text
+       WHERE $23::text IS NOT NULL
      )
      INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
      VALUES ('Task', $1, $2, $14, $6, $3, $22)";
@@ -72,6 +77,10 @@ const DELETE_TASK: &str = "WITH task_row AS (
        DELETE FROM task_token WHERE task_id = $1
      ), old_dates AS (
        DELETE FROM task_date WHERE task_id = $1
+     ), audit AS (
+       INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+       SELECT $7::text, $3, 'rest', $8::text, $9::text, $10::text, $11::text, $12::text
+       WHERE $7::text IS NOT NULL
      )
      INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
      VALUES ('Task', $1, $2, $4, $5, $3, $6)";
@@ -178,6 +187,7 @@ impl TaskTx for PgConnection {
             .bind(c.due_end.as_deref())
             .bind(c.authored_on.as_deref())
             .bind(current_trace().map(|t| t.header()))
+            .bind_audit(audit_of(v.id, v.version, v.interaction, v.last_updated))
             .execute(&mut *self)
             .await?;
         Ok(())
@@ -191,9 +201,51 @@ impl TaskTx for PgConnection {
             .bind(d.previous_version)
             .bind(Interaction::Delete.as_str())
             .bind(current_trace().map(|t| t.header()))
+            .bind_audit(audit_of(
+                d.id,
+                d.version,
+                Interaction::Delete,
+                d.last_updated,
+            ))
             .execute(&mut *self)
             .await?;
         Ok(())
+    }
+}
+
+/// The AuditEvent of a Task version, when the request writing it is audited.
+fn audit_of(
+    id: &TaskId,
+    version: Version,
+    interaction: Interaction,
+    recorded: &StoredInstant,
+) -> Option<AuditRecord> {
+    crate::audit::current().map(|audit| audit.task_change(id, version, interaction, recorded))
+}
+
+/// Binds an AuditEvent's columns (all NULL when there is none, and nothing is inserted).
+trait BindAudit {
+    fn bind_audit(self, record: Option<AuditRecord>) -> Self;
+}
+
+impl<'q> BindAudit for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_audit(self, record: Option<AuditRecord>) -> Self {
+        match record {
+            Some(r) => self
+                .bind(r.id)
+                .bind(r.subtype)
+                .bind(r.outcome)
+                .bind(r.agent)
+                .bind(r.entity)
+                .bind(r.resource),
+            None => self
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<String>),
+        }
     }
 }
 

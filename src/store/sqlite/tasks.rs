@@ -186,6 +186,29 @@ fn insert_change(
         now,
         trace
     ])?;
+    // And in the audit facts of that request: its AuditEvent commits with the change.
+    if let Some(audit) = crate::audit::current() {
+        insert_audit(conn, &audit.task_change(id, version, interaction, now))?;
+    }
+    Ok(())
+}
+
+/// Inserts one AuditEvent on the writer's connection, inside the caller's transaction.
+pub(super) fn insert_audit(conn: &Connection, record: &crate::audit::AuditRecord) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(params![
+        record.id,
+        record.recorded,
+        record.type_code,
+        record.subtype,
+        record.outcome,
+        record.agent,
+        record.entity,
+        record.resource
+    ])?;
     Ok(())
 }
 

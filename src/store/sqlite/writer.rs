@@ -29,6 +29,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::hub;
 use super::{BUSY_TIMEOUT, CACHE_SIZE};
+use crate::audit::{AuditRecord, RequestAudit, in_request};
 use crate::config::Synchronous;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId};
@@ -67,6 +68,11 @@ pub(super) enum Work {
     RecordDeliveries(Vec<DeliveryReport>),
     FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
+    /// An AuditEvent recorded after the request it describes (a read, a search, a refusal,
+    /// a Subscription change).
+    RecordAudit(Box<AuditRecord>),
+    /// Removes AuditEvents recorded before the instant.
+    PruneAudit(StoredInstant),
     RestartDelivery {
         id: SubscriptionId,
         from: EventNumber,
@@ -94,6 +100,9 @@ pub(super) struct Job {
     pub(super) reply: oneshot::Sender<Result<Done>>,
     /// The trace of the request that submitted it: the change event it writes keeps it.
     pub(super) trace: Option<TraceContext>,
+    /// The audit facts of the request that submitted it: a Task write's AuditEvent is
+    /// written from them beside its change event.
+    pub(super) audit: Option<Arc<RequestAudit>>,
 }
 
 /// Opens the write connection with the same settings as the read pool's (`SqliteStore::open`):
@@ -368,7 +377,7 @@ impl Group<'_> {
             let Some(job) = queue.pop_front() else { break };
             holds_request |= next == Lane::Urgent;
             self.replies.push(job.reply);
-            let outcome = self.run_job(job.work, job.trace)?;
+            let outcome = self.run_job(job.work, job.trace, job.audit)?;
             self.wrote |= matches!(
                 outcome,
                 Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
@@ -390,13 +399,21 @@ impl Group<'_> {
 
     /// Runs one job in its own savepoint. The outer error is the transaction's (SQLite ended
     /// it); the inner one the job's alone, rolled back to its savepoint.
-    fn run_job(&mut self, work: Work, trace: Option<TraceContext>) -> Result<Result<Done>> {
+    fn run_job(
+        &mut self,
+        work: Work,
+        trace: Option<TraceContext>,
+        audit: Option<Arc<RequestAudit>>,
+    ) -> Result<Result<Done>> {
         let conn = &mut *self.conn;
         execute(conn, "SAVEPOINT job")?;
         // A job that panics (a bug in its decision or in building its rows) fails alone: its
         // savepoint is rolled back like any failed job's, and the writer goes on.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            block_on(in_trace(trace, apply_work(conn, work, self.base_url)))
+            block_on(in_trace(
+                trace,
+                in_request(audit, apply_work(conn, work, self.base_url)),
+            ))
         }))
         .unwrap_or_else(|panic| {
             let message = supervise::panic_message(panic.as_ref());
@@ -446,6 +463,14 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
         }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
+        Work::RecordAudit(record) => {
+            super::tasks::insert_audit(conn, &record).map(|()| Done::Nothing)
+        }
+        Work::PruneAudit(before) => conn
+            .prepare_cached("DELETE FROM audit_event WHERE recorded < ?")?
+            .execute([&before])
+            .map(|n| Done::Count(n as u64))
+            .map_err(Into::into),
         Work::RestartDelivery { id, from } => {
             hub::restart_delivery(conn, &id, from).map(|restarted| match restarted {
                 Some(stored) => Done::Subscription(Box::new(stored)),

@@ -1,0 +1,532 @@
+//! The audit trail: every Task interaction, Subscription change and refusal leaves a FHIR
+//! AuditEvent, found again by searching `/fhir/AuditEvent`; a Task change and its AuditEvent
+//! commit together; nothing secret is stored; old AuditEvents are pruned.
+
+mod common;
+
+use common::receiver::Receiver;
+use common::{
+    TestServer, assert_outcome, database_execute, database_scalar, eventually, forget_database,
+    postgres_backend, subscription, task,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// The AuditEvents a search finds (first page), as the auditor sees them.
+async fn audit_events(server: &TestServer, query: &str) -> Vec<Value> {
+    let (status, bundle) = server
+        .get(&format!("/AuditEvent?{query}"), &server.auditor())
+        .await;
+    assert_eq!(status, StatusCode::OK, "AuditEvent?{query}: {bundle}");
+    bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"].clone())
+        .collect()
+}
+
+fn subtypes(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["subtype"][0]["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn entity_of(event: &Value) -> String {
+    event["entity"][0]["what"]["reference"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn each_task_interaction_leaves_an_audit_event() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+
+    let (status, created) = server
+        .post_json(
+            "/Task",
+            &alice,
+            &task("requested", Some("Practitioner/alice")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        server.get(&format!("/Task/{id}"), &alice).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        server
+            .get(&format!("/Task/{id}/_history/1"), &alice)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let patch = server
+        .request(Method::PATCH, &format!("/Task/{id}"), &admin)
+        .header("content-type", "application/json-patch+json")
+        .body(json!([{ "op": "replace", "path": "/status", "value": "accepted" }]).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch.status(), StatusCode::OK);
+    let mut updated = task("in-progress", Some("Practitioner/alice"));
+    updated["id"] = json!(id);
+    let (status, body) = server
+        .put_json(&format!("/Task/{id}"), &admin, &updated)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let search = server
+        .search_ids("status=in-progress&_count=5", &alice)
+        .await;
+    assert_eq!(search, vec![id.clone()]);
+    let deleted = server
+        .request(Method::DELETE, &format!("/Task/{id}"), &admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+
+    // Everything about the Task, oldest first.
+    let events = audit_events(&server, &format!("entity=Task/{id}&_sort=date")).await;
+    assert_eq!(
+        subtypes(&events),
+        ["create", "read", "vread", "patch", "update", "delete"],
+        "{events:#?}"
+    );
+    let entities: Vec<String> = events.iter().map(entity_of).collect();
+    assert_eq!(
+        entities,
+        [
+            format!("Task/{id}/_history/1"),
+            format!("Task/{id}/_history/1"),
+            format!("Task/{id}/_history/1"),
+            format!("Task/{id}/_history/2"),
+            format!("Task/{id}/_history/3"),
+            format!("Task/{id}/_history/4"),
+        ]
+    );
+    let actions: Vec<&str> = events
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["C", "R", "R", "U", "U", "D"]);
+    for event in &events {
+        assert_eq!(event["resourceType"], "AuditEvent");
+        assert_eq!(event["type"]["code"], "rest");
+        assert_eq!(event["outcome"], "0");
+        assert_eq!(event["agent"][0]["requestor"], true);
+        assert_eq!(event["agent"][0]["network"]["address"], "127.0.0.1");
+        assert!(
+            event["source"]["observer"]["display"].is_string(),
+            "{event}"
+        );
+    }
+    assert_eq!(
+        events[0]["agent"][0]["who"]["reference"],
+        "Practitioner/alice"
+    );
+    assert_eq!(events[0]["agent"][0]["role"][0]["text"], "practitioner");
+    // The admin's token has no fhirUser: its sub names it.
+    assert!(events[3]["agent"][0]["who"]["identifier"]["value"].is_string());
+
+    // Alice's own trail holds her search, with its query.
+    let alices = audit_events(&server, "agent=Practitioner/alice&subtype=search-type").await;
+    assert_eq!(alices.len(), 1, "{alices:#?}");
+    assert_eq!(
+        alices[0]["entity"][0]["description"],
+        "Task?status=in-progress&_count=5"
+    );
+    assert_eq!(
+        alices[0]["entity"][0]["query"],
+        "c3RhdHVzPWluLXByb2dyZXNzJl9jb3VudD01"
+    );
+    // Type, outcome and date narrow a search; an AuditEvent reads back by id.
+    assert_eq!(audit_events(&server, &format!("entity=Task/{id}&type=http://terminology.hl7.org/CodeSystem/audit-event-type|rest&outcome=0")).await.len(), 6);
+    assert_eq!(
+        audit_events(&server, &format!("entity=Task/{id}&date=lt2000-01-01"))
+            .await
+            .len(),
+        0
+    );
+    assert_eq!(
+        audit_events(
+            &server,
+            &format!("entity=Task/{id}&date=ge2000-01-01&date=lt3000")
+        )
+        .await
+        .len(),
+        6
+    );
+    let first_id = events[0]["id"].as_str().unwrap();
+    let (status, read) = server.get(&format!("/AuditEvent/{first_id}"), &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(read, events[0]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_request_changes_nothing_and_leaves_an_audit_event() {
+    let server = TestServer::start().await;
+    let alice = server.practitioner("Practitioner/alice");
+    let bob = server.practitioner("Practitioner/bob");
+    let created = server
+        .create_task(&task("requested", Some("Practitioner/alice")))
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+
+    let mut taken = task("requested", Some("Practitioner/bob"));
+    taken["id"] = json!(id);
+    let (status, body) = server.put_json(&format!("/Task/{id}"), &bob, &taken).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, _) = server.get(&format!("/Task/{id}"), "not-a-token").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Practitioners do not read the audit trail.
+    let (status, body) = server.get("/AuditEvent", &alice).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_outcome(&body, "forbidden");
+
+    let (_, stored) = server.get(&format!("/Task/{id}"), &server.admin()).await;
+    assert_eq!(
+        stored["meta"]["versionId"], "1",
+        "the refused update changed nothing"
+    );
+    assert_eq!(stored["owner"]["reference"], "Practitioner/alice");
+
+    let refused = audit_events(&server, "outcome=4&_sort=date").await;
+    assert_eq!(
+        subtypes(&refused),
+        ["update", "read", "search-type"],
+        "{refused:#?}"
+    );
+    assert_eq!(
+        refused[0]["agent"][0]["who"]["reference"],
+        "Practitioner/bob"
+    );
+    assert_eq!(entity_of(&refused[0]), format!("Task/{id}"));
+    assert!(refused[0]["outcomeDesc"].as_str().unwrap().contains("403"));
+    // The 401 names no agent: nobody was verified.
+    assert!(refused[1]["agent"][0]["who"]["reference"].is_null());
+    assert!(refused[1]["outcomeDesc"].as_str().unwrap().contains("401"));
+    assert_eq!(
+        refused[2]["agent"][0]["who"]["reference"],
+        "Practitioner/alice"
+    );
+    // No update of the Task was recorded as a success.
+    let updates = audit_events(
+        &server,
+        &format!("entity=Task/{id}&subtype=update&outcome=0"),
+    )
+    .await;
+    assert!(updates.is_empty(), "{updates:#?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_write_leaves_neither_change_nor_audit_event() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let created = server.create_task(&task("requested", None)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+
+    // A stale If-Match fails inside the write's transaction.
+    let mut changed = task("accepted", None);
+    changed["id"] = json!(id);
+    let stale = server
+        .request(Method::PUT, &format!("/Task/{id}"), &admin)
+        .header("content-type", "application/fhir+json")
+        .header("if-match", "W/\"7\"")
+        .body(changed.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+
+    // A transaction whose second entry fails: its first entry's create is rolled back, and
+    // so is that create's AuditEvent.
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:6f1d1d3e-0000-4000-8000-000000000001",
+                "resource": task("requested", None),
+                "request": { "method": "POST", "url": "Task" }
+            },
+            {
+                "resource": changed,
+                "request": { "method": "PUT", "url": format!("Task/{id}"), "ifMatch": "W/\"7\"" }
+            }
+        ]
+    });
+    let (status, body) = server.post_json("", &admin, &bundle).await;
+    assert!(status.is_client_error(), "{status} {body}");
+
+    let (_, stored) = server.get(&format!("/Task/{id}"), &admin).await;
+    assert_eq!(stored["meta"]["versionId"], "1");
+    let writes = audit_events(&server, "subtype=create,update,patch,delete").await;
+    assert_eq!(subtypes(&writes), ["create"], "{writes:#?}");
+    assert_eq!(entity_of(&writes[0]), format!("Task/{id}/_history/1"));
+    let (_, tasks) = server.get("/Task?_summary=count", &admin).await;
+    assert_eq!(tasks["total"], 1, "the rolled-back create left no Task");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn subscription_changes_are_audited_without_secrets() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+    let (status, created) = server.post_json("/Subscription", &admin, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let sub_id = created["id"].as_str().unwrap().to_string();
+    let mut changed = body.clone();
+    changed["id"] = json!(sub_id);
+    changed["reason"] = json!("changed");
+    let (status, replaced) = server
+        .put_json(&format!("/Subscription/{sub_id}"), &admin, &changed)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replaced}");
+    server.create_task(&task("requested", None)).await;
+    let deleted = server
+        .request(Method::DELETE, &format!("/Subscription/{sub_id}"), &admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+
+    let events = audit_events(
+        &server,
+        &format!("entity=Subscription/{sub_id}&type=rest&_sort=date"),
+    )
+    .await;
+    let subs: Vec<String> = subtypes(&events)
+        .into_iter()
+        .filter(|s| s != "read")
+        .collect();
+    assert_eq!(subs, ["create", "update", "delete"], "{events:#?}");
+    assert!(entity_of(&events[0]).starts_with(&format!("Subscription/{sub_id}")));
+
+    // Neither the bearer token nor the channel header is anywhere in the stored trail.
+    let all = if postgres_backend() {
+        "SELECT coalesce(string_agg(resource, ' '), '') FROM audit_event"
+    } else {
+        "SELECT coalesce(group_concat(resource, ' '), '') FROM audit_event"
+    };
+    let stored = database_scalar(&server.data_dir, all).await;
+    assert!(
+        stored.contains("AuditEvent"),
+        "the trail is there: {stored}"
+    );
+    assert!(!stored.contains(&admin), "a bearer token was stored");
+    assert!(
+        !stored.contains("secret-123"),
+        "a channel.header value was stored"
+    );
+    assert!(
+        !stored.contains("X-Test-Token"),
+        "a channel.header name was stored"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn searches_page_with_next_links() {
+    let server = TestServer::start().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let created = server.create_task(&task("requested", None)).await;
+        ids.push(created["id"].as_str().unwrap().to_string());
+    }
+    let auditor = server.auditor();
+    let mut seen = Vec::new();
+    let mut next = Some(format!(
+        "{}/AuditEvent?subtype=create&_sort=date&_count=2",
+        server.base
+    ));
+    let mut pages = 0;
+    while let Some(url) = next {
+        let (status, bundle) = server.get(&url, &auditor).await;
+        assert_eq!(status, StatusCode::OK, "{bundle}");
+        pages += 1;
+        for entry in bundle["entry"].as_array().unwrap() {
+            let reference = entity_of(&entry["resource"]);
+            seen.push(reference.split('/').nth(1).unwrap().to_string());
+        }
+        next = bundle["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids, "oldest first, each once");
+    let newest = audit_events(&server, "subtype=create&_count=1").await;
+    assert_eq!(entity_of(&newest[0]), format!("Task/{}/_history/1", ids[4]));
+
+    let (status, body) = server.get("/AuditEvent?date=ne2020", &auditor).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = server.get("/AuditEvent?_cursor=bogus", &auditor).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = server.get("/AuditEvent?color=red", &auditor).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = server.get("/AuditEvent/no-such-event", &auditor).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The CapabilityStatement lists the resource and its search parameters.
+    let (_, capabilities) = server.get("/metadata", &auditor).await;
+    let audit = capabilities["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "AuditEvent")
+        .expect("AuditEvent in the CapabilityStatement")
+        .clone();
+    let params: Vec<&str> = audit["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        params,
+        ["date", "entity", "agent", "type", "subtype", "outcome"]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reads_are_not_audited_when_turned_off() {
+    let server = TestServer::start_with(|c| c.audit.reads = false).await;
+    let admin = server.admin();
+    let created = server.create_task(&task("requested", None)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        server.get(&format!("/Task/{id}"), &admin).await.0,
+        StatusCode::OK
+    );
+    server.search_ids("status=requested", &admin).await;
+    let (status, _) = server.get(&format!("/Task/{id}"), "not-a-token").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let events = audit_events(&server, "_sort=date").await;
+    assert_eq!(subtypes(&events), ["create", "read"], "{events:#?}");
+    assert_eq!(
+        events[1]["outcome"], "4",
+        "refusals are audited all the same"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn nothing_is_audited_when_auditing_is_off() {
+    let server = TestServer::start_with(|c| c.audit.enabled = false).await;
+    server.create_task(&task("requested", None)).await;
+    assert!(audit_events(&server, "").await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pruning_removes_audit_events_past_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), |c| c.audit.retention_days = 30).await;
+    let created = server.create_task(&task("requested", None)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    server.stop().await;
+    // An AuditEvent recorded long ago, as an older run of Baton would have left it.
+    database_execute(
+        dir.path(),
+        "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+         VALUES ('old-one', '2001-01-01T00:00:00.000Z', 'rest', 'read', '0', NULL, 'Task/old',
+                 '{\"resourceType\":\"AuditEvent\",\"id\":\"old-one\"}')",
+    )
+    .await;
+    assert_eq!(
+        database_scalar(
+            dir.path(),
+            "SELECT id FROM audit_event WHERE id = 'old-one'"
+        )
+        .await,
+        "old-one"
+    );
+    // Pruning runs as the server starts, then hourly.
+    let server = TestServer::start_in(dir.path(), |c| c.audit.retention_days = 30).await;
+    let auditor = server.auditor();
+    eventually("the old AuditEvent is pruned", || async {
+        let (status, _) = server.get("/AuditEvent/old-one", &auditor).await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    let kept = audit_events(&server, &format!("entity=Task/{id}")).await;
+    assert_eq!(subtypes(&kept), ["create"], "a recent AuditEvent is kept");
+    server.stop().await;
+    forget_database(dir.path());
+}
+
+#[tokio::test]
+async fn delivery_attempts_are_audited_with_their_outcome() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+    let (status, created) = server.post_json("/Subscription", &admin, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let sub_id = created["id"].as_str().unwrap().to_string();
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|n| n.kind() == "handshake")
+        })
+        .await;
+    server.create_task(&task("requested", None)).await;
+    receiver
+        .wait_for("the first event", |r| {
+            r.iter().any(|n| n.kind() == "event-notification")
+        })
+        .await;
+    // The endpoint starts failing: the next attempt is audited as a failure, with why.
+    receiver.fail_with(Some(503));
+    server.create_task(&task("requested", None)).await;
+    let failed = eventually("a failed attempt's AuditEvent", || async {
+        let events = audit_events(
+            &server,
+            &format!("entity=Subscription/{sub_id}&type=transmit&outcome=8"),
+        )
+        .await;
+        events.into_iter().next()
+    })
+    .await;
+    assert!(
+        failed["outcomeDesc"].as_str().unwrap().contains("503"),
+        "{failed}"
+    );
+    let delivered = audit_events(
+        &server,
+        &format!("entity=Subscription/{sub_id}&type=transmit&outcome=0&_sort=date"),
+    )
+    .await;
+    assert_eq!(
+        subtypes(&delivered)[..2],
+        ["handshake", "event-notification"],
+        "{delivered:#?}"
+    );
+    let details = delivered[1]["entity"][0]["detail"].as_array().unwrap();
+    let detail = |name: &str| {
+        details
+            .iter()
+            .find(|d| d["type"] == name)
+            .map(|d| d["valueString"].as_str().unwrap().to_string())
+    };
+    assert_eq!(detail("events").as_deref(), Some("1..1"));
+    assert_eq!(detail("channel").as_deref(), Some("rest-hook"));
+    assert_eq!(detail("endpoint-host").as_deref(), Some("127.0.0.1"));
+    assert!(detail("duration-ms").is_some());
+    assert_eq!(delivered[1]["agent"][0]["requestor"], false);
+    // The channel's header value never reaches the ledger.
+    assert!(!delivered[1].to_string().contains("secret-123"));
+    assert!(!failed.to_string().contains("secret-123"));
+    server.stop().await;
+}
