@@ -311,6 +311,11 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
         "Attempts this node's configuration could not make (e.g. no AMQP broker), by reason.",
     ),
     (
+        Kind::Counter,
+        "baton_audit_refusals_dropped_total",
+        "401/403 refusals not recorded as AuditEvents: over the per-address budget (10/s, burst 50).",
+    ),
+    (
         Kind::Gauge,
         "baton_subscriptions",
         "Subscriptions in the store, by status (the same on every node).",

@@ -530,3 +530,35 @@ async fn delivery_attempts_are_audited_with_their_outcome() {
     assert!(!failed.to_string().contains("secret-123"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_is_recorded_up_to_a_budget_not_written_whole() {
+    let server = TestServer::start().await;
+    // 200 refusals from one address at once: the burst (50) is recorded, the rest counted.
+    for _ in 0..200 {
+        let (status, _) = server.get("/Task", "not-a-token").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = audit_events(&server, "outcome=4&_count=1000").await;
+    assert!(
+        (50..200).contains(&refused.len()),
+        "{} refusals recorded",
+        refused.len()
+    );
+    let metrics = server
+        .client
+        .get(format!("{}/metrics", server.root))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_audit_refusals_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(dropped as usize + refused.len(), 200, "{metrics}");
+    server.stop().await;
+}

@@ -6,7 +6,8 @@
 //! transaction from the facts this layer opened (see `crate::audit`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
@@ -15,6 +16,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
 use base64::Engine as _;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::{Value, json};
 
 use super::{AppState, fhir_json};
@@ -57,7 +59,7 @@ pub async fn audit_request(
         .map(|c| c.0.ip().to_string());
     let audit = Arc::new(RequestAudit::new(
         state.hub.node.clone(),
-        address,
+        address.clone(),
         method == Method::PATCH,
     ));
     let response = crate::audit::in_request(Some(audit.clone()), next.run(request)).await;
@@ -69,6 +71,10 @@ pub async fn audit_request(
         headers: response.headers(),
     };
     if let Some(event) = classify(&seen, settings.reads) {
+        if is_refusal(seen.status) && !refusal_recorded(address.as_deref()) {
+            metrics::counter!("baton_audit_refusals_dropped_total").increment(1);
+            return response;
+        }
         let record = audit.record(
             event.subtype,
             event.outcome,
@@ -81,6 +87,30 @@ pub async fn audit_request(
         }
     }
     response
+}
+
+/// How many refusals (401/403) per second one client address may have recorded, and the
+/// burst: a flood of bad tokens must not become a flood of writes. What is over it is counted
+/// in `baton_audit_refusals_dropped_total`, not recorded.
+const REFUSALS_PER_SECOND: u32 = 10;
+const REFUSAL_BURST: u32 = 50;
+
+/// Whether this refusal may be recorded under the per-address budget (one for the process).
+fn refusal_recorded(address: Option<&str>) -> bool {
+    static LIMITER: OnceLock<DefaultKeyedRateLimiter<String>> = OnceLock::new();
+    let limiter = LIMITER.get_or_init(|| {
+        let rate = NonZeroU32::new(REFUSALS_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(REFUSAL_BURST).unwrap_or(rate);
+        RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+    });
+    // Addresses not seen for a while are forgotten, so a scan from many addresses cannot
+    // grow the table without bound.
+    if limiter.len() > 10_000 {
+        limiter.retain_recent();
+    }
+    limiter
+        .check_key(&address.unwrap_or("unknown").to_string())
+        .is_ok()
 }
 
 /// What the layer saw of one request and its answer.
