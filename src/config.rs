@@ -332,6 +332,12 @@ pub struct AuthConfig {
     pub local_tokens: bool,
 }
 
+/// The asymmetric signature algorithms an issuer may be configured with, by their JOSE names
+/// (`auth::issuers::parse_algorithm` reads each). HMAC is only for the local secret.
+pub const ISSUER_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
 /// One trusted token issuer (an OpenID provider or OAuth authorization server).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -545,9 +551,10 @@ impl AuthConfig {
                 )));
             }
             for alg in &issuer.algorithms {
-                if crate::auth::issuers::parse_algorithm(alg).is_none() {
+                if !ISSUER_ALGORITHMS.contains(&alg.as_str()) {
                     return Err(ConfigError(format!(
-                        "{at}.algorithms: '{alg}' is not supported; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA (HS256 is only for the local BATON_JWT_SECRET)"
+                        "{at}.algorithms: '{alg}' is not supported; use one of {} (HS256 is only for the local BATON_JWT_SECRET)",
+                        ISSUER_ALGORITHMS.join(", ")
                     )));
                 }
             }

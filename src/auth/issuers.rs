@@ -29,8 +29,8 @@ use tokio::time::Instant;
 use crate::config::{AuthConfig, IssuerConfig};
 use crate::error::{Error, Result};
 
-/// The asymmetric algorithms an issuer may be configured with; HMAC is only for the local
-/// secret, so it is not one of them.
+/// One of the asymmetric algorithms an issuer may be configured with
+/// (`config::ISSUER_ALGORITHMS`); HMAC is only for the local secret, so it is not one of them.
 pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
     match name {
         "RS256" => Some(Algorithm::RS256),
@@ -464,6 +464,16 @@ fn parse_jwks(document: &Value) -> Result<HashMap<String, Key>, String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_configurable_algorithm_is_read_and_no_other() {
+        for name in crate::config::ISSUER_ALGORITHMS {
+            assert!(parse_algorithm(name).is_some(), "{name}");
+        }
+        for name in ["HS256", "HS384", "HS512", "none", "rs256", ""] {
+            assert_eq!(parse_algorithm(name), None, "{name}");
+        }
+    }
 
     #[test]
     fn keys_are_fetched_when_unknown_or_stale_and_never_too_often() {
