@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::error::{Error, FHIR_JSON, IssueCode, Result};
+use crate::fhir::ids::Version;
 use crate::fhir::search::SearchLimits;
 use crate::store::Store;
 use crate::telemetry;
@@ -568,3 +569,23 @@ pub fn render_metrics(state: &AppState) -> Response {
 
 /// A `State` extractor alias used by the handlers.
 pub type AppStateExtract = State<AppState>;
+
+/// Parses `If-Match: W/"3"` (also `"3"` and `3`).
+pub(crate) fn parse_if_match(headers: &HeaderMap) -> Result<Option<Version>> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    parse_if_match_text(value.to_str().unwrap_or(""))
+}
+
+/// Parses an ETag as If-Match (or a Bundle entry's `request.ifMatch`) gives it.
+pub(crate) fn parse_if_match_text(text: &str) -> Result<Option<Version>> {
+    let text = text.trim();
+    let bare = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    bare.parse::<Version>().map(Some).map_err(|_| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("If-Match '{text}' must be an ETag such as W/\"3\""),
+        )
+    })
+}

@@ -128,7 +128,7 @@ async fn update(
     visible(&state, &principal, &id).await?;
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let resource = parse_json(&bytes)?;
-    let if_match = super::task::parse_if_match(&headers)?;
+    let if_match = super::parse_if_match(&headers)?;
     let stored = update_subscription(&state, &principal, &id, resource, if_match).await?;
     Ok(respond(&state, &principal, &stored, StatusCode::OK))
 }

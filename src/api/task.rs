@@ -28,7 +28,6 @@ mod write;
 
 use read::{history, read, type_history, vread};
 use search::{search_get, search_post};
-pub(crate) use write::parse_if_match;
 use write::{conditional_delete, conditional_update, create, delete, patch, update};
 
 pub fn router() -> Router<AppState> {

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tracing::field::Empty;
 
 use super::Deliverer;
@@ -18,7 +19,6 @@ use super::dispatch::{Channel, Guarantee, Outgoing, Reach, channel_for};
 use super::notify::{Notification, Payload, Subject, build};
 use super::record;
 use super::retry::{AfterFailure, RetryPolicy, after_failure};
-use super::run::Slot;
 use super::scheduler::{Attempt, Outcome};
 use super::status::{Happened, next_status};
 use crate::error::Result;
@@ -481,6 +481,32 @@ struct Sending<'a> {
 }
 
 /// What an attempt sends: the handshake while one is owed, then waiting events (at most
+/// An attempt's delivery slot: released when its send is done, so that the next subscription
+/// can send while this one's result is being recorded.
+pub struct Slot {
+    id: SubscriptionId,
+    /// None once released.
+    released: Option<mpsc::UnboundedSender<SubscriptionId>>,
+}
+
+impl Slot {
+    /// The slot the scheduler's loop gives an attempt of `id`; releasing it tells the loop.
+    pub fn new(id: SubscriptionId, released: mpsc::UnboundedSender<SubscriptionId>) -> Slot {
+        Slot {
+            id,
+            released: Some(released),
+        }
+    }
+
+    /// Frees the slot (once; later calls do nothing). The attempt still counts as its
+    /// subscription's one attempt until it ends.
+    pub fn release(&mut self) {
+        if let Some(released) = self.released.take() {
+            let _ = released.send(self.id.clone());
+        }
+    }
+}
+
 /// What an exported `delivery.attempt` span says.
 struct AttemptSpan<'a> {
     sub: &'a StoredSubscription,

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Deliverer;
-use super::attempt::{HUB_FAILURE_RETRY, attempt};
+use super::attempt::{HUB_FAILURE_RETRY, Slot, attempt};
 use super::scheduler::{Attempt, Outcome, Scheduler};
 use crate::error::Result;
 use crate::fhir::ids::{StoredInstant, SubscriptionId};
@@ -75,10 +75,7 @@ pub async fn run(
     let (released_tx, mut released) = mpsc::unbounded_channel::<SubscriptionId>();
     loop {
         for (id, kind) in scheduler.due(now()) {
-            let slot = Slot {
-                id: id.clone(),
-                released: Some(released_tx.clone()),
-            };
+            let slot = Slot::new(id.clone(), released_tx.clone());
             start_attempt(&mut attempts, &deliverer, id, kind, slot);
         }
         let next_wake = scheduler.next_wake();
@@ -139,24 +136,6 @@ pub async fn run(
     // anything unfinished is still owed in the store and resumes at the next start.
     let drain = async { while attempts.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(DRAIN, drain).await;
-}
-
-/// An attempt's delivery slot: released when its send is done, so that the next subscription
-/// can send while this one's result is being recorded.
-pub struct Slot {
-    id: SubscriptionId,
-    /// None once released.
-    released: Option<mpsc::UnboundedSender<SubscriptionId>>,
-}
-
-impl Slot {
-    /// Frees the slot (once; later calls do nothing). The attempt still counts as its
-    /// subscription's one attempt until it ends.
-    pub fn release(&mut self) {
-        if let Some(released) = self.released.take() {
-            let _ = released.send(self.id.clone());
-        }
-    }
 }
 
 fn start_attempt(

@@ -36,9 +36,11 @@ use super::read::readable_current;
 use super::search::{parse_pairs, run_search};
 use super::write::{
     Created, conditional_delete_request, conditional_update_request, create_request, criteria,
-    delete_request, find_matches, parse_if_match_text, race_lost, record_write, update_request,
+    delete_request, find_matches, race_lost, record_write, update_request,
 };
-use crate::api::{AppState, BodyKind, Prefer, fhir_json, parse_json, read_body, subscription};
+use crate::api::{
+    AppState, BodyKind, Prefer, fhir_json, parse_if_match_text, parse_json, read_body, subscription,
+};
 use crate::auth::{Permission, Principal, Resource};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{StoredInstant, SubscriptionId, TaskId, Version};

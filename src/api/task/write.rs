@@ -7,14 +7,14 @@ use std::collections::HashSet;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::Value;
 
 use super::links::{check_links, ensure_links_checked, links, may_change_links, new_links};
 use super::search::parse_pairs;
 use super::{current_response, set_etag, version_response};
-use crate::api::{AppState, BodyKind, Prefer, media_type, parse_json, read_body};
+use crate::api::{AppState, BodyKind, Prefer, media_type, parse_if_match, parse_json, read_body};
 use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{TaskId, Version};
@@ -834,24 +834,4 @@ fn clear_server_meta(resource: &mut Value) {
             resource.as_object_mut().map(|o| o.remove("meta"));
         }
     }
-}
-
-/// Parses `If-Match: W/"3"` (also `"3"` and `3`).
-pub(crate) fn parse_if_match(headers: &HeaderMap) -> Result<Option<Version>> {
-    let Some(value) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    parse_if_match_text(value.to_str().unwrap_or(""))
-}
-
-/// Parses an ETag as If-Match (or a Bundle entry's `request.ifMatch`) gives it.
-pub(crate) fn parse_if_match_text(text: &str) -> Result<Option<Version>> {
-    let text = text.trim();
-    let bare = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
-    bare.parse::<Version>().map(Some).map_err(|_| {
-        Error::bad_request(
-            IssueCode::Invalid,
-            format!("If-Match '{text}' must be an ETag such as W/\"3\""),
-        )
-    })
 }
