@@ -191,6 +191,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         sockets: registry.clone(),
         node: node.clone(),
         matching: Default::default(),
+        audits: crate::store::audit_queue::AuditQueue::start(store.clone()),
     });
     let deliverer = Arc::new(Deliverer::new(
         store.clone(),
@@ -381,6 +382,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     if let Some(amqp) = &amqp {
         amqp.closed().await;
     }
+    hub.audits.flush().await;
     store.close().await;
     telemetry::flush_export().await;
     if let Some(reason) = health.fatal_reason() {

@@ -312,6 +312,11 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Counter,
+        "baton_audit_dropped_total",
+        "AuditEvents of reads, searches, refusals, Subscription changes and deliveries lost: the queue was full or its write failed.",
+    ),
+    (
+        Kind::Counter,
         "baton_audit_refusals_dropped_total",
         "401/403 refusals not recorded as AuditEvents: over the per-address budget (10/s, burst 50).",
     ),

@@ -375,9 +375,7 @@ impl Claimed<'_> {
             error: failure.map(|f| f.message.as_str()),
         };
         let record = crate::audit::delivery_attempt(&facts, &StoredInstant::now());
-        if let Err(e) = self.deliverer.store.record_audit(record).await {
-            tracing::warn!(subscription.id = %self.sub.id, error = %crate::error::error_chain(&e), "recording a delivery attempt's AuditEvent failed");
-        }
+        self.deliverer.hub.audits.record(record);
     }
 
     fn subject<'s>(&'s self, sending: &Sending<'s>) -> Subject<'s> {

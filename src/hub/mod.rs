@@ -35,6 +35,7 @@ use crate::fhir::subscription::{
 use crate::matcher::SubscriptionIndex;
 use crate::matcher::topic::Topic;
 use crate::store::StoredSubscription;
+use crate::store::audit_queue::AuditQueue;
 
 pub use accept::{live_quota, record_for};
 /// The start-up scenario each store's tests run (`in_force::tests`).
@@ -82,6 +83,9 @@ pub struct Hub {
     pub node: String,
     /// Whether this node holds the matcher lease (set by the outbox, shown by `/readyz`).
     pub matching: AtomicBool,
+    /// The node's queue of AuditEvents that commit with nothing else (reads, searches,
+    /// refusals, Subscription changes, delivery attempts), shared by the API and delivery.
+    pub audits: AuditQueue,
 }
 
 /// The channels this hub's configuration can deliver to.
@@ -122,6 +126,7 @@ impl Hub {
             sockets: Default::default(),
             node: node.into(),
             matching: Default::default(),
+            audits: AuditQueue::disconnected(),
         };
         (hub, commands)
     }

@@ -9,6 +9,7 @@
 //! `subscriptions`, over the statements each backend supplies; `rows` reads stored rows back
 //! for both.
 
+pub mod audit_queue;
 pub mod audit_sql;
 mod hub_sql;
 pub mod postgres;
@@ -762,8 +763,9 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_events(&self, before: &StoredInstant) -> Result<u64>;
 
     // The audit trail.
-    /// Records an AuditEvent on its own (a Task write's is written with the write).
-    async fn record_audit(&self, record: crate::audit::AuditRecord) -> Result<()>;
+    /// Records AuditEvents on their own, in one write (a Task write's is written with the
+    /// write; the others come through `audit_queue::AuditQueue`).
+    async fn record_audits(&self, records: Vec<crate::audit::AuditRecord>) -> Result<()>;
     /// One page of an AuditEvent search.
     async fn search_audit(&self, query: &audit_sql::AuditQuery)
     -> Result<Vec<audit_sql::AuditRow>>;

@@ -576,21 +576,28 @@ impl Store for PostgresStore {
         hub::prune_events(&self.pool, before).await
     }
 
-    async fn record_audit(&self, r: crate::audit::AuditRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
-             VALUES ($1, $2, $8, $3, $4, $5, $6, $7)",
-        )
-        .bind(r.id)
-        .bind(r.recorded)
-        .bind(r.subtype)
-        .bind(r.outcome)
-        .bind(r.agent)
-        .bind(r.entity)
-        .bind(r.resource)
-        .bind(r.type_code)
-        .execute(&self.pool)
-        .await?;
+    async fn record_audits(&self, records: Vec<crate::audit::AuditRecord>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for r in records {
+            sqlx::query(
+                "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7)",
+            )
+            .bind(r.id)
+            .bind(r.recorded)
+            .bind(r.subtype)
+            .bind(r.outcome)
+            .bind(r.agent)
+            .bind(r.entity)
+            .bind(r.resource)
+            .bind(r.type_code)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -488,8 +488,11 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn record_audit(&self, record: crate::audit::AuditRecord) -> Result<()> {
-        match self.submit(Work::RecordAudit(Box::new(record))).await? {
+    async fn record_audits(&self, records: Vec<crate::audit::AuditRecord>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        match self.submit(Work::RecordAudits(records)).await? {
             Done::Nothing => Ok(()),
             _ => Err(unexpected()),
         }

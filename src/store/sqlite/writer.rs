@@ -70,7 +70,7 @@ pub(super) enum Work {
     PruneEvents(StoredInstant),
     /// An AuditEvent recorded after the request it describes (a read, a search, a refusal,
     /// a Subscription change).
-    RecordAudit(Box<AuditRecord>),
+    RecordAudits(Vec<AuditRecord>),
     /// Removes AuditEvents recorded before the instant.
     PruneAudit(StoredInstant),
     RestartDelivery {
@@ -463,9 +463,10 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
         }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
-        Work::RecordAudit(record) => {
-            super::tasks::insert_audit(conn, &record).map(|()| Done::Nothing)
-        }
+        Work::RecordAudits(records) => records
+            .iter()
+            .try_for_each(|record| super::tasks::insert_audit(conn, record))
+            .map(|()| Done::Nothing),
         Work::PruneAudit(before) => conn
             .prepare_cached("DELETE FROM audit_event WHERE recorded < ?")?
             .execute([&before])
