@@ -54,6 +54,24 @@ fn kubernetes_service_variables_do_not_stop_start_up_but_a_misspelt_setting_does
     assert!(stderr.contains("listn"), "names the setting: {stderr}");
 }
 
+/// A receiver subscribed to every Task change, its subscription id and resource, once the
+/// handshake has arrived.
+async fn subscribed(server: &TestServer) -> (Receiver, String, serde_json::Value) {
+    let receiver = Receiver::start().await;
+    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+    let (status, created) = server
+        .post_json("/Subscription", &server.admin(), &body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    receiver
+        .wait_for("the handshake", |r| {
+            r.iter().any(|r| r.kind() == "handshake")
+        })
+        .await;
+    (receiver, id, created)
+}
+
 async fn scrape(server: &TestServer) -> String {
     server
         .client
@@ -84,18 +102,7 @@ async fn metrics_explain_themselves_and_show_what_waits_for_delivery() {
         c.delivery.error_after_failures = 1;
     })
     .await;
-    let receiver = Receiver::start().await;
-    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
-    let (status, created) = server
-        .post_json("/Subscription", &server.admin(), &body)
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let id = created["id"].as_str().unwrap().to_string();
-    receiver
-        .wait_for("the handshake", |r| {
-            r.iter().any(|r| r.kind() == "handshake")
-        })
-        .await;
+    let (receiver, id, created) = subscribed(&server).await;
     receiver.fail_with(Some(503));
     for _ in 0..3 {
         server.create_task(&task("requested", None)).await;
@@ -215,6 +222,18 @@ async fn a_delivery_failure_says_why_and_names_the_endpoint_host() {
     server.stop().await;
 }
 
+/// Creates a Task, sending `traceparent` with the request when given.
+async fn create_task_in_trace(server: &TestServer, traceparent: Option<&str>) {
+    let mut request = server
+        .request(reqwest::Method::POST, "/Task", &server.admin())
+        .header("content-type", "application/fhir+json");
+    if let Some(traceparent) = traceparent {
+        request = request.header("traceparent", traceparent);
+    }
+    let response = request.json(&task("requested", None)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+}
+
 /// The `traceparent` the receiver got with the first notification carrying event `number`.
 fn traceparent_of(receiver: &Receiver, subscription: &str, number: i64) -> String {
     receiver
@@ -234,18 +253,7 @@ async fn a_notification_continues_the_trace_of_the_write_that_caused_it() {
         c.allow_private_endpoints = true;
     })
     .await;
-    let receiver = Receiver::start().await;
-    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
-    let (status, created) = server
-        .post_json("/Subscription", &server.admin(), &body)
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let id = created["id"].as_str().unwrap().to_string();
-    receiver
-        .wait_for("the handshake", |r| {
-            r.iter().any(|r| r.kind() == "handshake")
-        })
-        .await;
+    let (receiver, id, _) = subscribed(&server).await;
 
     let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     // One at a time: a notification carrying several events continues its first one's trace.
@@ -253,14 +261,7 @@ async fn a_notification_continues_the_trace_of_the_write_that_caused_it() {
         .into_iter()
         .enumerate()
     {
-        let mut request = server
-            .request(reqwest::Method::POST, "/Task", &server.admin())
-            .header("content-type", "application/fhir+json");
-        if let Some(traceparent) = traceparent {
-            request = request.header("traceparent", traceparent);
-        }
-        let response = request.json(&task("requested", None)).send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
+        create_task_in_trace(&server, traceparent).await;
         receiver
             .wait_for("the event", |_| receiver.event_numbers(&id).len() == n + 1)
             .await;
@@ -325,30 +326,11 @@ async fn spans_for_the_request_the_match_and_the_delivery_reach_the_otlp_collect
         c.telemetry.otlp_protocol = baton::config::OtlpProtocol::HttpJson;
     })
     .await;
-    let receiver = Receiver::start().await;
-    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
-    let (status, created) = server
-        .post_json("/Subscription", &server.admin(), &body)
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let id = created["id"].as_str().unwrap().to_string();
-    receiver
-        .wait_for("the handshake", |r| {
-            r.iter().any(|r| r.kind() == "handshake")
-        })
-        .await;
+    let (receiver, id, _) = subscribed(&server).await;
 
     let trace = "5af7651916cd43dd8448eb211c80319c";
     let caller_span = "b7ad6b7169203331";
-    let response = server
-        .request(reqwest::Method::POST, "/Task", &server.admin())
-        .header("content-type", "application/fhir+json")
-        .header("traceparent", format!("00-{trace}-{caller_span}-01"))
-        .json(&task("requested", None))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
+    create_task_in_trace(&server, Some(&format!("00-{trace}-{caller_span}-01"))).await;
     receiver
         .wait_for("event 1", |_| receiver.event_numbers(&id) == [1])
         .await;
