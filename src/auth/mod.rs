@@ -280,16 +280,7 @@ impl Authenticator {
                 })?;
         check_token_json(token)?;
         let claims = data.claims;
-        let subject = claims
-            .get("sub")
-            .and_then(Value::as_str)
-            .filter(|s| is_identity_text(s))
-            .ok_or_else(|| {
-                Error::unauthorized(
-                    "the token's 'sub' claim must be a non-empty string without control characters",
-                )
-            })?
-            .to_string();
+        let subject = subject_claim(&claims)?;
         // An empty `iss` would be a third state between "no issuer" and "this issuer";
         // refusing it keeps the identity's issuer one of the two.
         let issuer = match claims.get("iss") {
@@ -447,13 +438,9 @@ pub fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Va
     Some(value)
 }
 
-/// Turns the verified claims of an issuer's token into a principal, as the issuer's mapping
-/// says. The token is genuine, so a claim that does not map is a 403 naming the claim, not a
-/// 401: another token will not help, a change at the identity provider will.
-pub fn map_issuer_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> Result<Principal> {
-    let unmappable = |why: String| Error::forbidden(why);
-    let issuer = config.issuer.clone();
-    let subject = claims
+/// The token's `sub`: a non-empty string without control characters, or 401.
+fn subject_claim(claims: &Map<String, Value>) -> Result<String> {
+    claims
         .get("sub")
         .and_then(Value::as_str)
         .filter(|s| is_identity_text(s))
@@ -461,8 +448,17 @@ pub fn map_issuer_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> 
             Error::unauthorized(
                 "the token's 'sub' claim must be a non-empty string without control characters",
             )
-        })?
-        .to_string();
+        })
+        .map(str::to_string)
+}
+
+/// Turns the verified claims of an issuer's token into a principal, as the issuer's mapping
+/// says. The token is genuine, so a claim that does not map is a 403 naming the claim, not a
+/// 401: another token will not help, a change at the identity provider will.
+pub fn map_issuer_claims(config: &IssuerConfig, claims: &Map<String, Value>) -> Result<Principal> {
+    let unmappable = |why: String| Error::forbidden(why);
+    let issuer = config.issuer.clone();
+    let subject = subject_claim(claims)?;
     let role_path = &config.role_claim;
     let roles: Vec<Role> = match claim_at(claims, role_path) {
         None => {

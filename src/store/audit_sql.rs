@@ -31,8 +31,8 @@ pub struct AuditQuery {
     pub limit: usize,
 }
 
-/// One row a search reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One row a search reads (both stores read it by these column names).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditRow {
     pub seq: i64,
     pub recorded: String,

@@ -606,20 +606,11 @@ impl Store for PostgresStore {
         query: &super::audit_sql::AuditQuery,
     ) -> Result<Vec<super::audit_sql::AuditRow>> {
         let (sql, binds) = super::audit_sql::search_sql(query, Placeholder::Dollar);
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let mut q = sqlx::query_as::<_, super::audit_sql::AuditRow>(AssertSqlSafe(sql));
         for bind in binds {
             q = q.bind(pg_text(&bind).into_owned());
         }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(super::audit_sql::AuditRow {
-                    seq: sqlx::Row::try_get(r, "seq")?,
-                    recorded: sqlx::Row::try_get(r, "recorded")?,
-                    resource: sqlx::Row::try_get(r, "resource")?,
-                })
-            })
-            .collect()
+        Ok(q.fetch_all(&self.pool).await?)
     }
 
     async fn read_audit(&self, id: &str) -> Result<Option<String>> {

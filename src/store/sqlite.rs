@@ -503,20 +503,11 @@ impl Store for SqliteStore {
         query: &super::audit_sql::AuditQuery,
     ) -> Result<Vec<super::audit_sql::AuditRow>> {
         let (sql, binds) = super::audit_sql::search_sql(query, Placeholder::Question);
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query_as::<_, super::audit_sql::AuditRow>(sqlx::AssertSqlSafe(sql));
         for bind in binds {
             q = q.bind(bind);
         }
-        let rows = q.fetch_all(&self.reads).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(super::audit_sql::AuditRow {
-                    seq: sqlx::Row::try_get(r, "seq")?,
-                    recorded: sqlx::Row::try_get(r, "recorded")?,
-                    resource: sqlx::Row::try_get(r, "resource")?,
-                })
-            })
-            .collect()
+        Ok(q.fetch_all(&self.reads).await?)
     }
 
     async fn read_audit(&self, id: &str) -> Result<Option<String>> {
