@@ -543,6 +543,10 @@ impl Store for PostgresStore {
         hub::release_lease(&self.pool, name, holder).await
     }
 
+    async fn lease_holders(&self, prefix: &str) -> Result<Vec<String>> {
+        hub::lease_holders(&self.pool, prefix).await
+    }
+
     async fn claim_subscription(
         &self,
         id: &SubscriptionId,
