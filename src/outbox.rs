@@ -417,7 +417,7 @@ impl Outbox {
     /// Records a chunk (one store transaction), ending at `progress` inside a change or at a
     /// change boundary, and wakes the delivery of every subscription it numbered events for:
     /// on the node each prefers (`hub::nodes`), this one's scheduler directly, another's
-    /// through the signals.
+    /// through the signals while Redis carries them (otherwise here).
     async fn record_chunk(
         &self,
         chunk: &mut Chunk,
@@ -438,8 +438,11 @@ impl Outbox {
         chunk.resumed = progress;
         metrics::counter!("baton_fanout_chunks_total").increment(1);
         let woken: BTreeSet<SubscriptionId> = numbered.into_iter().map(|(id, _)| id).collect();
+        // Without Redis (a cluster may run without it, or it is down) another node would only
+        // find the work at its next scan: this node delivers it then, as the claims allow.
+        let others_hear = self.signals.redis_state() == Some("ok");
         for (node, ids) in self.hub.nodes.by_node(woken) {
-            if node == self.hub.node {
+            if node == self.hub.node || !others_hear {
                 for id in &ids {
                     self.hub.delivery.wake(id);
                 }
