@@ -13,6 +13,7 @@ pub mod error;
 pub mod fhir;
 pub mod hub;
 pub mod matcher;
+pub mod membership;
 pub mod outbox;
 pub mod overdue;
 pub mod server;
@@ -133,6 +134,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let pipeline_stop = CancellationToken::new();
 
     let registry = Arc::new(channels::websocket::Registry::default());
+    // The hub holds the scheduler's inbox; the scheduler consumes what is sent to it (and, in
+    // a cluster, the Redis listener wakes it for work another node's matcher numbered).
+    let (inbox, commands) = hub::inbox();
     // Signals: in-process for one node; Redis when the nodes of a cluster must hear each other.
     let (notices, remote_changes) = tokio::sync::mpsc::unbounded_channel::<SubscriptionId>();
     let (signals, matcher_wake): (Arc<dyn Signals>, Arc<Notify>) = match &config.redis_url {
@@ -147,6 +151,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                     committed: committed.clone(),
                     matcher_wake: matcher_wake.clone(),
                     notices,
+                    delivery: inbox.clone(),
                 },
                 pipeline_stop.clone(),
                 &tasks,
@@ -179,8 +184,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         ),
         None => None,
     };
-    // The hub holds the scheduler's inbox; the scheduler consumes what is sent to it.
-    let (inbox, commands) = hub::inbox();
     let hub = Arc::new(Hub {
         topics,
         policy: hub::channel_policy(&config),
@@ -196,6 +199,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         sockets: registry.clone(),
         node: node.clone(),
         matching: Default::default(),
+        nodes: hub::nodes::LiveNodes::new(&node),
         audits: crate::store::audit_queue::AuditQueue::start(store.clone()),
     });
     let deliverer = Arc::new(Deliverer::new(
@@ -210,7 +214,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             hub: hub.clone(),
             websockets: Arc::new(api::websocket::WebSocketHub {
                 registry,
-                signals,
+                signals: signals.clone(),
                 store: store.clone(),
                 base_url: base_url.clone(),
                 config: config.websocket.clone(),
@@ -263,6 +267,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let outbox = outbox::Outbox {
         store: store.clone(),
         hub: hub.clone(),
+        signals,
         node: node.clone(),
         lease: Duration::from_secs(state.config.cluster.lease_seconds),
         generation,
@@ -313,6 +318,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             },
         );
     }
+    // This node's presence lease, and the list of live nodes that says which node each
+    // subscription's deliveries prefer.
+    let members_store = store.clone();
+    let members_hub = hub.clone();
+    let members_lease = Duration::from_secs(state.config.cluster.lease_seconds);
+    let members_stop = pipeline_stop.clone();
+    supervise::restartable(
+        &tasks,
+        health.clone(),
+        "membership",
+        pipeline_stop.clone(),
+        move || {
+            membership::run(
+                members_store.clone(),
+                members_hub.clone(),
+                members_lease,
+                members_stop.clone(),
+            )
+        },
+    );
     let overdue_store = store.clone();
     let overdue_every = Duration::from_secs(state.config.overdue_check_seconds);
     let overdue_stop = pipeline_stop.clone();
