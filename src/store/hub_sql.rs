@@ -444,7 +444,7 @@ mod tests {
     fn overdue_tasks_are_the_open_ones() {
         let sql = overdue_tasks();
         assert!(sql.contains(
-            "value IN ('completed', 'cancelled', 'failed', 'rejected', 'entered-in-error')"
+            "t.status NOT IN ('completed', 'cancelled', 'failed', 'rejected', 'entered-in-error')"
         ));
         assert!(overdue_version("FOR SHARE OF t").ends_with(" FOR SHARE OF t"));
     }

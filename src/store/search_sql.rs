@@ -349,16 +349,17 @@ impl Writer {
         let values = self.token_values(any_of);
         let mut one = Vec::new();
         for value in &accepted {
+            // Bound in the order of the text: the code, then the system.
+            let code = match value.code.as_deref() {
+                Some(code) => format!("{name} = {}", self.bind(code)),
+                None => format!("{name} IS NOT NULL"),
+            };
             let system = match &value.system {
                 SystemMatch::Any => None,
                 SystemMatch::NoSystem => Some(format!("{system_column} IS NULL")),
                 SystemMatch::Exact(system) => {
                     Some(format!("{system_column} = {}", self.bind(system)))
                 }
-            };
-            let code = match value.code.as_deref() {
-                Some(code) => format!("{name} = {}", self.bind(code)),
-                None => format!("{name} IS NOT NULL"),
             };
             one.push(match system {
                 Some(system) => format!("({code} AND {system})"),
@@ -862,23 +863,6 @@ pub fn sort_terms(sort: &[SortKey], predicates: &[Predicate]) -> Vec<SortTerm> {
                     ..SortTerm::new(column, descending)
                 });
             }
-            // One value per Task, in the column.
-            "owner" => terms.push(SortTerm {
-                nullable: true,
-                ..SortTerm::new("t.owner", descending)
-            }),
-            // The smallest of several performer types is in the index rows.
-            "performer" => terms.push(SortTerm {
-                nullable: true,
-                ..SortTerm::new(
-                    format!(
-                        "CASE WHEN t.performer = '{SEVERAL}' THEN (SELECT min(k.value) \
-                         FROM task_token k WHERE k.task_id = t.id AND k.param = 'performer') \
-                         ELSE t.performer END"
-                    ),
-                    descending,
-                )
-            }),
             other => {
                 // The parameter code is spliced into the SQL, so it must come from Baton's own
                 // table; a key that does not name a parameter is skipped.
@@ -1333,7 +1317,6 @@ mod tests {
         "owner:Practitioner=1",
         "owner:missing=false",
         "performer=urn:roles|",
-        "performer=|",
         "performer=urn:roles|,|clerk",
         "performer:not=nurse",
         "performer:not=urn:roles|pharmacist",
@@ -1492,10 +1475,6 @@ mod tests {
             "_sort=period",
             "_sort=-due-date,priority",
             "status:not=completed&_sort=-priority,authored-on",
-            "_sort=owner",
-            "_sort=-owner,priority",
-            "_sort=performer",
-            "_sort=-performer",
             "_sort=-status",
             "owner=Practitioner/1,Practitioner/2&status:not=completed&_sort=-priority",
             "owner=Practitioner/2&_sort=priority",
@@ -1856,8 +1835,7 @@ mod plans {
             (hub_sql::overdue_version(""), 3),
         ];
         for (statement, binds) in statements {
-            let mut explain =
-                sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {statement}")));
+            let mut explain = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {statement}")));
             for _ in 0..binds {
                 explain = explain.bind("2027-01-01T00:00:00.000Z");
             }
@@ -1869,8 +1847,10 @@ mod plans {
                 .map(|row| row.get::<String, _>("detail"))
                 .collect();
             assert!(
-                plan.iter().all(|step| !(step.starts_with("SCAN ") && !step.contains(" INDEX "))
-                    && !step.contains("TEMP B-TREE")),
+                plan.iter().all(
+                    |step| !(step.starts_with("SCAN ") && !step.contains(" INDEX "))
+                        && !step.contains("TEMP B-TREE")
+                ),
                 "{plan:#?}\n{statement}"
             );
         }

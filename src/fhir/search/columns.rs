@@ -220,12 +220,22 @@ mod tests {
                 assert!(!rows.tokens.iter().any(|t| t.param == *param), "{param}");
                 assert!(!rows.dates.iter().any(|d| d.param == *param), "{param}");
             }
-            let performer_rows = rows.tokens.iter().filter(|t| t.param == "performer").count();
-            assert_eq!(performer_rows > 0, columns.performer.as_deref() == Some(SEVERAL));
+            let performer_rows = rows
+                .tokens
+                .iter()
+                .filter(|t| t.param == "performer")
+                .count();
+            assert_eq!(
+                performer_rows > 0,
+                columns.performer.as_deref() == Some(SEVERAL)
+            );
             columns.add_entries(&mut rows);
             let sorted = |mut i: TaskIndex| {
-                i.tokens.sort_by(|a, b| (a.param, &a.system, &a.value).cmp(&(b.param, &b.system, &b.value)));
-                i.dates.sort_by(|a, b| (a.param, &a.start).cmp(&(b.param, &b.start)));
+                i.tokens.sort_by(|a, b| {
+                    (a.param, &a.system, &a.value).cmp(&(b.param, &b.system, &b.value))
+                });
+                i.dates
+                    .sort_by(|a, b| (a.param, &a.start).cmp(&(b.param, &b.start)));
                 i
             };
             assert_eq!(sorted(rows), sorted(index));

@@ -1261,7 +1261,10 @@ async fn each_write_leaves_exactly_its_rows() {
     let (tokens, dates) = expected_index(created.resource.as_ref().unwrap());
     assert_eq!((rows.tokens, rows.dates), (tokens, dates));
     let whole = crate::fhir::search::index_task(created.resource.as_ref().unwrap(), BASE);
-    assert_eq!(rows.columns, crate::fhir::search::TaskColumns::from_index(&whole));
+    assert_eq!(
+        rows.columns,
+        crate::fhir::search::TaskColumns::from_index(&whole)
+    );
     assert!(rows.columns.authored_end.is_some() && rows.columns.due_end.is_some());
     assert_eq!(rows.task, (1, 0));
     assert_eq!(rows.versions, [(1, "create".into(), true)]);
