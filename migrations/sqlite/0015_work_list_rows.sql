@@ -1,21 +1,17 @@
 -- The work-list values live on the Task row only (issue 16): `status`, `owner`, `due-date`,
--- `authored-on`, and `performer` of a Task with at most one performer type are no longer
--- written as task_token / task_date rows as well (see fhir::search::TaskColumns::rows_beside),
--- so a create writes the row's index entries instead of index rows beside them. Every search
--- on them is answered from the columns (store::search_sql), the overdue timer too.
-
--- `authored-on` searches compare the whole range, so its end joins its start on the row.
-ALTER TABLE task ADD COLUMN authored_end TEXT;
-UPDATE task SET authored_end =
-    (SELECT end_at FROM task_date d WHERE d.task_id = task.id AND d.param = 'authored-on')
-WHERE deleted = 0 AND authored_on IS NOT NULL;
+-- and `performer` of a Task with at most one performer type are no longer written as
+-- task_token / task_date rows as well (see fhir::search::TaskColumns::rows_beside), so a
+-- create writes the row's index entries instead of index rows beside them. Every search on
+-- them is answered from the columns (store::search_sql), the overdue timer too.
+-- `authored-on` keeps its rows: its column holds only its sort key, and a column for the end
+-- of its range would have to be filled by rewriting every stored Task.
 
 -- The rows the columns now hold. A Task with several performer types (`performer` = '')
 -- keeps its performer rows: the column cannot say them.
 DELETE FROM task_token WHERE param IN ('status', 'owner');
 DELETE FROM task_token WHERE param = 'performer'
     AND task_id NOT IN (SELECT id FROM task WHERE performer = '');
-DELETE FROM task_date WHERE param IN ('due-date', 'authored-on');
+DELETE FROM task_date WHERE param = 'due-date';
 
 -- "My open tasks, most urgent first" (`owner=X&status:not=completed&_sort=-priority`): the
 -- owner's Tasks in that order (priority descending, then id, the tie-break of every client

@@ -1,10 +1,11 @@
 //! Search predicates and sort keys as SQL over the index tables, for both stores.
 //!
-//! The work-list parameters (`status`, `owner`, `performer`, `due-date`, `authored-on`) are
-//! columns of the Task row (`fhir::search::TaskColumns`) and are answered from them; the index
-//! tables hold the rest of what `fhir::search::index_task` extracts (`TaskColumns::rows_beside`):
-//! one `task_token` row per token or reference value and one `task_date` row per date range,
-//! and the performer types of a Task that has several. Each predicate becomes
+//! The work-list parameters `status`, `owner`, `performer` and `due-date` are columns of the
+//! Task row (`fhir::search::TaskColumns`) and are answered from them; the index tables hold the
+//! rest of what `fhir::search::index_task` extracts (`TaskColumns::rows_beside`): one
+//! `task_token` row per token or reference value and one `task_date` row per date range
+//! (`authored-on` included: its column holds only its sort key), and the performer types of a
+//! Task that has several. Each predicate becomes
 //! `t.id [NOT] IN (SELECT task_id FROM task_… WHERE param = ? AND …)`, which the
 //! `(param, value, task_id)` and `(param, start_at, task_id)` indexes answer, and which has the
 //! same meaning as `Predicate::matches`: "some value of the parameter satisfies the condition".
@@ -536,10 +537,6 @@ fn column_of(param: &str) -> Option<Column> {
             start: "t.due_start",
             end: "t.due_end",
         },
-        "authored-on" => Column::Date {
-            start: "t.authored_on",
-            end: "t.authored_end",
-        },
         _ => return None,
     })
 }
@@ -1068,9 +1065,8 @@ mod tests {
             let c = TaskColumns::from_index(&index);
             sqlx::query(
                 "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
-                   status, owner, performer, performer_system, due_start, due_end, authored_on,
-                   authored_end)
-                 VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   status, owner, performer, performer_system, due_start, due_end, authored_on)
+                 VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&id)
             .bind(&last_updated)
@@ -1084,7 +1080,6 @@ mod tests {
             .bind(&c.due_start)
             .bind(&c.due_end)
             .bind(&c.authored_on)
-            .bind(&c.authored_end)
             .execute(pool)
             .await
             .unwrap();

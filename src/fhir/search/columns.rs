@@ -12,8 +12,11 @@
 //! several, and then its column holds `SEVERAL` (the empty string, which no indexed code can
 //! be) and the search falls back to the index table for that Task.
 //!
-//! What a column holds is not written again as index rows (`TaskColumns::rows_beside`): the
-//! index tables hold every other parameter, and `performer` only for a Task with several.
+//! What a column answers every search form of is not written again as index rows
+//! (`TaskColumns::rows_beside`): `status`, `owner`, `due-date`, and `performer` unless the Task
+//! has several. `authored-on` keeps its index row: the column holds only the start of its range
+//! (its sort key), and putting the end on the row too would have meant rewriting every stored
+//! Task when upgrading (measured: far too long at a million Tasks).
 //! `TaskColumns::entries` gives the index entries back from the columns, so that the whole
 //! `TaskIndex` of a stored Task is its rows plus its columns.
 
@@ -38,9 +41,8 @@ pub struct TaskColumns {
     /// `due-date` as its range `[start, end)`.
     pub due_start: Option<String>,
     pub due_end: Option<String>,
-    /// `authored-on` as its range `[start, end)`; the start is its sort key.
+    /// The start of `authored-on`, its sort key.
     pub authored_on: Option<String>,
-    pub authored_end: Option<String>,
 }
 
 impl TaskColumns {
@@ -65,7 +67,6 @@ impl TaskColumns {
             _ => (Some(SEVERAL.to_string()), None),
         };
         let due = date("due-date");
-        let authored = date("authored-on");
         TaskColumns {
             status: token("status"),
             owner: token("owner"),
@@ -73,18 +74,16 @@ impl TaskColumns {
             performer_system,
             due_start: due.map(|d| d.start.clone()),
             due_end: due.map(|d| d.end.clone()),
-            authored_on: authored.map(|d| d.start.clone()),
-            authored_end: authored.map(|d| d.end.clone()),
+            authored_on: date("authored-on").map(|d| d.start.clone()),
         }
     }
 
     /// Whether the index entries of `param` are held by these columns (and so not written as
-    /// index rows): always for the single-valued parameters, for `performer` unless the Task
-    /// has several.
+    /// index rows): always for `HELD`, for `performer` unless the Task has several.
     pub fn holds(&self, param: &str) -> bool {
         match param {
             "performer" => self.performer.as_deref() != Some(SEVERAL),
-            other => SINGLE_VALUED.contains(&other),
+            other => HELD.contains(&other),
         }
     }
 
@@ -138,19 +137,16 @@ impl TaskColumns {
                 end: end.clone(),
             });
         }
-        if let (Some(start), Some(end)) = (&self.authored_on, &self.authored_end) {
-            rows.dates.push(DateEntry {
-                param: "authored-on",
-                start: start.clone(),
-                end: end.clone(),
-            });
-        }
     }
 }
 
 /// The parameters whose values `index_task` extracts at most once per Task, so that a column
 /// holds all of them (checked by a test over every element that feeds them).
 pub const SINGLE_VALUED: &[&str] = &["status", "owner", "due-date", "authored-on"];
+
+/// The single-valued parameters whose every search form the columns answer, which therefore
+/// have no index rows (`authored-on` has only its start on the row).
+pub const HELD: &[&str] = &["status", "owner", "due-date"];
 
 #[cfg(test)]
 mod tests {
@@ -216,10 +212,16 @@ mod tests {
             let index = index_task(&task, BASE);
             let columns = TaskColumns::from_index(&index);
             let mut rows = columns.rows_beside(&index);
-            for param in SINGLE_VALUED {
+            for param in HELD {
                 assert!(!rows.tokens.iter().any(|t| t.param == *param), "{param}");
                 assert!(!rows.dates.iter().any(|d| d.param == *param), "{param}");
             }
+            let authored = rows
+                .dates
+                .iter()
+                .filter(|d| d.param == "authored-on")
+                .count();
+            assert_eq!(authored, usize::from(columns.authored_on.is_some()));
             let performer_rows = rows
                 .tokens
                 .iter()

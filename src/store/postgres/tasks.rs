@@ -38,16 +38,14 @@ const CONDITIONAL_CREATE_LOCK: i64 = 0x6261_746f_6e49_4e45;
 /// first, and its history row (same id, version 1) then fails as a unique violation: 409.
 const PUT_TASK: &str = "WITH task_row AS (
        INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
-         status, owner, performer, performer_system, due_start, due_end, authored_on,
-         authored_end)
-       VALUES ($1, $2, $3, 0, $4, $5, $15, $16, $17, $18, $19, $20, $21, $29)
+         status, owner, performer, performer_system, due_start, due_end, authored_on)
+       VALUES ($1, $2, $3, 0, $4, $5, $15, $16, $17, $18, $19, $20, $21)
        ON CONFLICT (id) DO UPDATE SET version = excluded.version,
          last_updated = excluded.last_updated, deleted = 0,
          priority_rank = excluded.priority_rank, resource = excluded.resource,
          status = excluded.status, owner = excluded.owner, performer = excluded.performer,
          performer_system = excluded.performer_system, due_start = excluded.due_start,
-         due_end = excluded.due_end, authored_on = excluded.authored_on,
-         authored_end = excluded.authored_end
+         due_end = excluded.due_end, authored_on = excluded.authored_on
      ), version_row AS (
        INSERT INTO task_version (id, version, last_updated, interaction, resource)
        VALUES ($1, $2, $3, $6, $5)
@@ -191,7 +189,6 @@ impl TaskTx for PgConnection {
             .bind(c.authored_on.as_deref())
             .bind(current_trace().map(|t| t.header()))
             .bind_audit(audit_of(v.id, v.version, v.interaction, v.last_updated))
-            .bind(c.authored_end.as_deref())
             .execute(&mut *self)
             .await?;
         Ok(())

@@ -1115,7 +1115,6 @@ type ColumnRow = (
     Option<String>,
     Option<String>,
     Option<String>,
-    Option<String>,
 );
 
 /// The rows a Task write leaves: the current row, the history, the search index of the
@@ -1138,8 +1137,8 @@ async fn task_rows(db: &TestDb, id: &TaskId) -> TaskRows {
         .await
         .unwrap();
     let columns: ColumnRow = sqlx::query_as(
-        "SELECT status, owner, performer, performer_system, due_start, due_end, authored_on,
-           authored_end FROM task WHERE id = $1",
+        "SELECT status, owner, performer, performer_system, due_start, due_end, authored_on
+         FROM task WHERE id = $1",
     )
     .bind(id)
     .fetch_one(&mut conn)
@@ -1153,7 +1152,6 @@ async fn task_rows(db: &TestDb, id: &TaskId) -> TaskRows {
         due_start: columns.4,
         due_end: columns.5,
         authored_on: columns.6,
-        authored_end: columns.7,
     };
     let versions = sqlx::query_as(
         "SELECT version, interaction, resource IS NOT NULL FROM task_version
@@ -1265,7 +1263,7 @@ async fn each_write_leaves_exactly_its_rows() {
         rows.columns,
         crate::fhir::search::TaskColumns::from_index(&whole)
     );
-    assert!(rows.columns.authored_end.is_some() && rows.columns.due_end.is_some());
+    assert!(rows.columns.authored_on.is_some() && rows.columns.due_end.is_some());
     assert_eq!(rows.task, (1, 0));
     assert_eq!(rows.versions, [(1, "create".into(), true)]);
     assert_eq!(rows.changes, [(1, None, "create".into())]);

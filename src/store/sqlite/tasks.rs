@@ -80,16 +80,14 @@ impl TaskTx for Connection {
         let c = v.columns;
         self.prepare_cached(
             "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
-               status, owner, performer, performer_system, due_start, due_end, authored_on,
-               authored_end)
-             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               status, owner, performer, performer_system, due_start, due_end, authored_on)
+             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET version = excluded.version,
                last_updated = excluded.last_updated, deleted = 0,
                priority_rank = excluded.priority_rank, resource = excluded.resource,
                status = excluded.status, owner = excluded.owner, performer = excluded.performer,
                performer_system = excluded.performer_system, due_start = excluded.due_start,
-               due_end = excluded.due_end, authored_on = excluded.authored_on,
-               authored_end = excluded.authored_end",
+               due_end = excluded.due_end, authored_on = excluded.authored_on",
         )?
         .execute(params![
             v.id,
@@ -103,8 +101,7 @@ impl TaskTx for Connection {
             c.performer_system,
             c.due_start,
             c.due_end,
-            c.authored_on,
-            c.authored_end
+            c.authored_on
         ])?;
         insert_version(
             self,
@@ -396,7 +393,7 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
     let changed: Vec<(TaskId, TaskColumns)> = conn
         .prepare_cached(
             "SELECT t.id, t.status, t.owner, t.performer, t.performer_system, t.due_start,
-               t.due_end, t.authored_on, t.authored_end
+               t.due_end, t.authored_on
              FROM task t WHERE t.deleted = 0
                AND t.id IN (SELECT DISTINCT resource_id FROM change_event WHERE seq > ?)
              ORDER BY t.id",
@@ -412,7 +409,6 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
                     due_start: row.get(5)?,
                     due_end: row.get(6)?,
                     authored_on: row.get(7)?,
-                    authored_end: row.get(8)?,
                 },
             ))
         })?
