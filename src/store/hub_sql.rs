@@ -158,9 +158,10 @@ pub(crate) fn number_matches(
     numbered
 }
 
-/// The earliest due date after `$1`.
+/// The earliest due date after `$1` (the due date is the `due_end` column of the Task row,
+/// served by the partial index `task_due_end`).
 pub(crate) const NEXT_DUE: &str =
-    "SELECT min(end_at) FROM task_date WHERE param = 'due-date' AND end_at > $1";
+    "SELECT min(due_end) FROM task WHERE deleted = 0 AND due_end > $1";
 
 /// Marks Task `$1` reported for due date `$2`; inserts nothing when it already was.
 pub(crate) const MARK_OVERDUE: &str =
@@ -171,24 +172,22 @@ pub(crate) const OVERDUE_EVENT: &str =
     "INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at)
      VALUES ('Task', $1, $2, NULL, 'overdue', $3)";
 
-/// The condition on `task t` of a Task that is still open: no status of it is terminal.
+/// The condition on `task t` of a Task that is still open: its status is not terminal.
 fn still_open() -> String {
     let terminal: Vec<String> = TERMINAL_STATUSES.iter().map(|s| format!("'{s}'")).collect();
-    format!(
-        "t.id NOT IN (SELECT task_id FROM task_token WHERE param = 'status' AND value IN ({}))",
-        terminal.join(", ")
-    )
+    format!("t.status NOT IN ({})", terminal.join(", "))
 }
 
 /// At most `$2` live, open Tasks whose due date passed by `$1` and was not yet reported, as
-/// `(task_id, end_at)`, earliest first.
+/// `(task_id, end_at)`, earliest first. (SQLite numbers `$N` in order of first appearance, so
+/// each statement here names its parameters in their numeric order.)
 pub(crate) fn overdue_tasks() -> String {
     format!(
-        "SELECT d.task_id, d.end_at FROM task_date d JOIN task t ON t.id = d.task_id
-         WHERE d.param = 'due-date' AND d.end_at <= $1 AND t.deleted = 0
+        "SELECT t.id AS task_id, t.due_end AS end_at FROM task t
+         WHERE t.deleted = 0 AND t.due_end <= $1
            AND {}
-           AND NOT EXISTS (SELECT 1 FROM task_overdue o WHERE o.task_id = d.task_id AND o.due_at = d.end_at)
-         ORDER BY d.end_at LIMIT $2",
+           AND NOT EXISTS (SELECT 1 FROM task_overdue o WHERE o.task_id = t.id AND o.due_at = t.due_end)
+         ORDER BY t.due_end LIMIT $2",
         still_open()
     )
 }
@@ -199,8 +198,8 @@ pub(crate) fn overdue_tasks() -> String {
 /// backend's row lock, or nothing).
 pub(crate) fn overdue_version(lock: &str) -> String {
     format!(
-        "SELECT t.version FROM task t JOIN task_date d ON d.task_id = t.id AND d.param = 'due-date' AND d.end_at = $1
-         WHERE t.id = $2 AND t.deleted = 0 AND d.end_at <= $3
+        "SELECT t.version FROM task t
+         WHERE t.due_end = $1 AND t.id = $2 AND t.deleted = 0 AND t.due_end <= $3
            AND {} {lock}",
         still_open()
     )
@@ -445,7 +444,7 @@ mod tests {
     fn overdue_tasks_are_the_open_ones() {
         let sql = overdue_tasks();
         assert!(sql.contains(
-            "value IN ('completed', 'cancelled', 'failed', 'rejected', 'entered-in-error')"
+            "t.status NOT IN ('completed', 'cancelled', 'failed', 'rejected', 'entered-in-error')"
         ));
         assert!(overdue_version("FOR SHARE OF t").ends_with(" FOR SHARE OF t"));
     }

@@ -1,7 +1,11 @@
 //! Search predicates and sort keys as SQL over the index tables, for both stores.
 //!
-//! The index tables hold exactly what `fhir::search::index_task` extracts: one `task_token` row
-//! per token or reference value and one `task_date` row per date range. Each predicate becomes
+//! The work-list parameters `status`, `owner`, `performer` and `due-date` are columns of the
+//! Task row (`fhir::search::TaskColumns`) and are answered from them; the index tables hold the
+//! rest of what `fhir::search::index_task` extracts (`TaskColumns::rows_beside`): one
+//! `task_token` row per token or reference value and one `task_date` row per date range
+//! (`authored-on` included: its column holds only its sort key), and the performer types of a
+//! Task that has several. Each predicate becomes
 //! `t.id [NOT] IN (SELECT task_id FROM task_… WHERE param = ? AND …)`, which the
 //! `(param, value, task_id)` and `(param, start_at, task_id)` indexes answer, and which has the
 //! same meaning as `Predicate::matches`: "some value of the parameter satisfies the condition".
@@ -166,6 +170,17 @@ impl Writer {
                 {
                     self.token_column_negated(&column, any_of)
                 }
+                // The other forms on a column (`system|` without a code, `performer:not`):
+                // the column's general condition, which is never NULL-true, negated with
+                // its NULLs (no value) counted as "no match".
+                (Some(Column::Token(column)), negated) => {
+                    let matched = self.token_column_any(param, &column, any_of);
+                    if *negated {
+                        format!("NOT COALESCE(({matched}), FALSE)")
+                    } else {
+                        format!("COALESCE(({matched}), FALSE)")
+                    }
+                }
                 _ => {
                     let subquery = self.token_subquery(param, any_of);
                     membership(*negated, &subquery)
@@ -301,6 +316,62 @@ impl Writer {
             }
             Arm::Several => format!("{name} = '{SEVERAL}' AND {}", several(self)),
         }
+    }
+
+    /// Any token predicate on a column, codes or not: true when some value of the Task
+    /// matches one of `any_of`, false or NULL otherwise. (The forms the indexes serve best
+    /// are written by `token_column` and `token_column_negated`.)
+    fn token_column_any(
+        &mut self,
+        param: &str,
+        column: &TokenColumn,
+        any_of: &[TokenValue],
+    ) -> String {
+        let name = column.name;
+        let accepted: Vec<&TokenValue> = any_of
+            .iter()
+            .filter(|value| column.system.may_hold(&value.system))
+            .collect();
+        if accepted.is_empty() {
+            return "0=1".to_string();
+        }
+        let ColumnSystem::Own(system_column) = column.system else {
+            // The system is the parameter's own, checked above: only the code is left.
+            let parts: Vec<String> = accepted
+                .iter()
+                .map(|value| match value.code.as_deref() {
+                    Some(code) => format!("{name} = {}", self.bind(code)),
+                    None => format!("{name} IS NOT NULL"),
+                })
+                .collect();
+            return format!("({})", parts.join(" OR "));
+        };
+        let param_bind = self.bind(param);
+        let values = self.token_values(any_of);
+        let mut one = Vec::new();
+        for value in &accepted {
+            // Bound in the order of the text: the code, then the system.
+            let code = match value.code.as_deref() {
+                Some(code) => format!("{name} = {}", self.bind(code)),
+                None => format!("{name} IS NOT NULL"),
+            };
+            let system = match &value.system {
+                SystemMatch::Any => None,
+                SystemMatch::NoSystem => Some(format!("{system_column} IS NULL")),
+                SystemMatch::Exact(system) => {
+                    Some(format!("{system_column} = {}", self.bind(system)))
+                }
+            };
+            one.push(match system {
+                Some(system) => format!("({code} AND {system})"),
+                None => code,
+            });
+        }
+        format!(
+            "CASE WHEN {name} = '{SEVERAL}' THEN EXISTS (SELECT 1 FROM task_token \
+             WHERE task_id = t.id AND param = {param_bind} AND {values}) ELSE ({}) END",
+            one.join(" OR ")
+        )
     }
 
     /// `:not` on a single-valued column with a fixed system: no value of the Task is one of the
@@ -1026,7 +1097,9 @@ mod tests {
             .execute(pool)
             .await
             .unwrap();
-            for entry in &index.tokens {
+            // As the store writes them: the index rows hold what the columns do not.
+            let rows = c.rows_beside(&index);
+            for entry in &rows.tokens {
                 sqlx::query(
                     "INSERT INTO task_token (task_id, param, system, value) VALUES (?, ?, ?, ?)",
                 )
@@ -1038,7 +1111,7 @@ mod tests {
                 .await
                 .unwrap();
             }
-            for entry in &index.dates {
+            for entry in &rows.dates {
                 sqlx::query(
                     "INSERT INTO task_date (task_id, param, start_at, end_at) VALUES (?, ?, ?, ?)",
                 )
@@ -1239,6 +1312,27 @@ mod tests {
         "period:missing=true",
         "due-date=le2024-03-12",
         "due-date=ge2024-03-20",
+        "due-date=2024-03-04,2024-03-08",
+        "due-date=ne2024-03-04",
+        "due-date:missing=true",
+        // The work-list columns in every form (they have no index rows but for a Task with
+        // several performer types).
+        "status=http://hl7.org/fhir/task-status|&priority=stat",
+        "status=|ready",
+        "status:not=http://hl7.org/fhir/task-status|&priority=stat",
+        "status:not=urn:wrong|draft&priority=stat",
+        "status:missing=false&priority=stat",
+        "owner:not=Practitioner/1,Organization/1",
+        "owner:Practitioner=1",
+        "owner:missing=false",
+        "performer=urn:roles|",
+        "performer=urn:roles|,|clerk",
+        "performer:not=nurse",
+        "performer:not=urn:roles|pharmacist",
+        "performer:not=|clerk,urn:roles|nurse",
+        "performer:not=urn:roles|",
+        "performer:missing=true",
+        "authored-on:missing=false",
         "status=ready,in-progress,on-hold&owner:missing=true",
         "authored-on=ge2024-02&authored-on=lt2024-02-15",
         "performer=nurse&priority:not=routine&requester=dr",
@@ -1246,7 +1340,12 @@ mod tests {
     ];
 
     /// Queries in QUERIES for values that no live Task has.
-    const FIND_NOTHING: &[&str] = &["status=urn:wrong|draft", "focus=ServiceRequest/sr8"];
+    const FIND_NOTHING: &[&str] = &[
+        "status=urn:wrong|draft",
+        "focus=ServiceRequest/sr8",
+        "status=|ready",
+        "status:not=http://hl7.org/fhir/task-status|&priority=stat",
+    ];
 
     async fn pool() -> SqlitePool {
         SqlitePoolOptions::new()
@@ -1385,6 +1484,9 @@ mod tests {
             "_sort=period",
             "_sort=-due-date,priority",
             "status:not=completed&_sort=-priority,authored-on",
+            "_sort=-status",
+            "owner=Practitioner/1,Practitioner/2&status:not=completed&_sort=-priority",
+            "owner=Practitioner/2&_sort=priority",
         ];
         for query in sorts {
             let parsed = parse_query(&pairs(query), &limits, BASE, Handling::Strict).unwrap();
@@ -1586,7 +1688,7 @@ mod plans {
     const WORK_LISTS: &[(&str, bool)] = &[
         (
             "owner=Practitioner/p17&status:not=completed&_sort=-priority",
-            false,
+            true,
         ),
         (
             "owner:missing=true&performer=http://baton.example/CodeSystem/work-queue|triage&status=requested",
@@ -1697,6 +1799,19 @@ mod plans {
                             "{query} counts from the table: {plan:#?}\n{statement}"
                         );
                     }
+                    // "My open tasks" walks the owner's index in priority order, checks the
+                    // status from it (its count reads the index alone) and stops at `_count`.
+                    if query.starts_with("owner=") {
+                        let index = if ordered {
+                            "INDEX task_by_owner"
+                        } else {
+                            "COVERING INDEX task_by_owner"
+                        };
+                        assert!(
+                            plan.iter().any(|step| step.contains(index)),
+                            "{query} does not use {index}: {plan:#?}\n{statement}"
+                        );
+                    }
                     // A role queue's page walks its own queue, not every requested Task.
                     if ordered && query.contains("performer=") {
                         assert!(
@@ -1706,6 +1821,48 @@ mod plans {
                     }
                 }
             }
+        }
+    }
+
+    /// The overdue timer's statements read the due-date column through its index, never a
+    /// scan of the task table (they read `task_date` before issue 16's columns).
+    #[tokio::test]
+    async fn the_overdue_timer_walks_the_due_date_index() {
+        use crate::store::hub_sql;
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .unwrap();
+        let statements = [
+            (hub_sql::NEXT_DUE.to_string(), 1),
+            (hub_sql::overdue_tasks(), 2),
+            (hub_sql::overdue_version(""), 3),
+        ];
+        for (statement, binds) in statements {
+            let mut explain = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {statement}")));
+            for _ in 0..binds {
+                explain = explain.bind("2027-01-01T00:00:00.000Z");
+            }
+            let plan: Vec<String> = explain
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            assert!(
+                plan.iter().all(|step| {
+                    let full_scan = step.starts_with("SCAN ") && !step.contains(" INDEX ");
+                    let sorts = step.contains("TEMP B-TREE");
+                    !full_scan && !sorts
+                }),
+                "{plan:#?}\n{statement}"
+            );
         }
     }
 }

@@ -118,8 +118,10 @@ pub(crate) struct NewVersion<'a> {
     /// The resource as stored: compact JSON, with its id and meta set.
     pub text: &'a str,
     pub priority_rank: i64,
+    /// The search index entries written as index rows: those the columns do not hold
+    /// (`TaskColumns::rows_beside`).
     pub index: &'a TaskIndex,
-    /// The work-list values kept on the Task row (derived from `index`).
+    /// The work-list values kept on the Task row (derived from the Task's whole index).
     pub columns: &'a TaskColumns,
     /// Whether the id has rows already (a live or a deleted Task): a Task that never existed
     /// has no index rows to clear.
@@ -524,8 +526,9 @@ async fn put<T: TaskTx>(
     let now = StoredInstant::now();
     stamp(&mut resource, id.as_str(), version, &now);
     let text = resource.to_string();
-    let index = index_task(&resource, base_url);
-    let columns = TaskColumns::from_index(&index);
+    let whole = index_task(&resource, base_url);
+    let columns = TaskColumns::from_index(&whole);
+    let index = columns.rows_beside(&whole);
     tx.put_version(&NewVersion {
         id,
         version,

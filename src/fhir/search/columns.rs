@@ -11,8 +11,17 @@
 //! single element for each); `performer` (every coding of every `performerType`) may have
 //! several, and then its column holds `SEVERAL` (the empty string, which no indexed code can
 //! be) and the search falls back to the index table for that Task.
+//!
+//! What a column answers every search form of is not written again as index rows
+//! (`TaskColumns::rows_beside`): `status`, `owner`, `due-date`, and `performer` unless the Task
+//! has several. `authored-on` keeps its index row: the column holds only the start of its range
+//! (its sort key), and putting the end on the row too would have meant rewriting every stored
+//! Task when upgrading (measured: far too long at a million Tasks).
+//! `TaskColumns::entries` gives the index entries back from the columns, so that the whole
+//! `TaskIndex` of a stored Task is its rows plus its columns.
 
-use super::index::TaskIndex;
+use super::STATUS_SYSTEM;
+use super::index::{DateEntry, TaskIndex, TokenEntry};
 
 /// What the `performer` column holds for a Task with more than one performer type coding.
 /// Indexed codes are never empty (`TaskIndex::token` skips them), so it cannot be a code.
@@ -68,11 +77,76 @@ impl TaskColumns {
             authored_on: date("authored-on").map(|d| d.start.clone()),
         }
     }
+
+    /// Whether the index entries of `param` are held by these columns (and so not written as
+    /// index rows): always for `HELD`, for `performer` unless the Task has several.
+    pub fn holds(&self, param: &str) -> bool {
+        match param {
+            "performer" => self.performer.as_deref() != Some(SEVERAL),
+            other => HELD.contains(&other),
+        }
+    }
+
+    /// The entries of `index` that the columns do not hold: what the store writes as index
+    /// rows beside them.
+    pub fn rows_beside(&self, index: &TaskIndex) -> TaskIndex {
+        TaskIndex {
+            tokens: index
+                .tokens
+                .iter()
+                .filter(|t| !self.holds(t.param))
+                .cloned()
+                .collect(),
+            dates: index
+                .dates
+                .iter()
+                .filter(|d| !self.holds(d.param))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The index entries the columns hold, added to `rows` (the entries read back from the
+    /// index rows), which gives the Task's whole `TaskIndex` again.
+    pub fn add_entries(&self, rows: &mut TaskIndex) {
+        if let Some(status) = &self.status {
+            rows.tokens.push(TokenEntry {
+                param: "status",
+                system: Some(STATUS_SYSTEM.to_string()),
+                value: status.clone(),
+            });
+        }
+        if let Some(owner) = &self.owner {
+            rows.tokens.push(TokenEntry {
+                param: "owner",
+                system: None,
+                value: owner.clone(),
+            });
+        }
+        if let Some(performer) = self.performer.as_ref().filter(|p| *p != SEVERAL) {
+            rows.tokens.push(TokenEntry {
+                param: "performer",
+                system: self.performer_system.clone(),
+                value: performer.clone(),
+            });
+        }
+        if let (Some(start), Some(end)) = (&self.due_start, &self.due_end) {
+            rows.dates.push(DateEntry {
+                param: "due-date",
+                start: start.clone(),
+                end: end.clone(),
+            });
+        }
+    }
 }
 
 /// The parameters whose values `index_task` extracts at most once per Task, so that a column
 /// holds all of them (checked by a test over every element that feeds them).
 pub const SINGLE_VALUED: &[&str] = &["status", "owner", "due-date", "authored-on"];
+
+/// The single-valued parameters whose every search form the columns answer, which therefore
+/// have no index rows (`authored-on` has only its start on the row).
+pub const HELD: &[&str] = &["status", "owner", "due-date"];
 
 #[cfg(test)]
 mod tests {
@@ -115,6 +189,59 @@ mod tests {
         );
         assert_eq!(columns.due_start, None);
         assert_eq!(columns.authored_on, None);
+    }
+
+    /// The rows written beside the columns and the columns together give the whole index back.
+    #[test]
+    fn rows_and_columns_together_are_the_whole_index() {
+        let one = json!({
+            "resourceType": "Task", "id": "a", "meta": { "lastUpdated": "2024-01-01T00:00:00.000Z" },
+            "status": "ready", "intent": "order", "priority": "urgent",
+            "owner": { "reference": "Practitioner/p1" },
+            "for": { "reference": "Patient/x" },
+            "performerType": [{ "coding": [{ "system": "urn:q", "code": "triage" }] }],
+            "restriction": { "period": { "end": "2024-03-10" } },
+            "authoredOn": "2024-02",
+        });
+        let several = json!({
+            "resourceType": "Task", "id": "b", "meta": { "lastUpdated": "2024-01-01T00:00:00.000Z" },
+            "status": "ready", "intent": "order",
+            "performerType": [{ "coding": [{ "system": "urn:q", "code": "triage" }, { "code": "x" }] }],
+        });
+        for task in [one, several] {
+            let index = index_task(&task, BASE);
+            let columns = TaskColumns::from_index(&index);
+            let mut rows = columns.rows_beside(&index);
+            for param in HELD {
+                assert!(!rows.tokens.iter().any(|t| t.param == *param), "{param}");
+                assert!(!rows.dates.iter().any(|d| d.param == *param), "{param}");
+            }
+            let authored = rows
+                .dates
+                .iter()
+                .filter(|d| d.param == "authored-on")
+                .count();
+            assert_eq!(authored, usize::from(columns.authored_on.is_some()));
+            let performer_rows = rows
+                .tokens
+                .iter()
+                .filter(|t| t.param == "performer")
+                .count();
+            assert_eq!(
+                performer_rows > 0,
+                columns.performer.as_deref() == Some(SEVERAL)
+            );
+            columns.add_entries(&mut rows);
+            let sorted = |mut i: TaskIndex| {
+                i.tokens.sort_by(|a, b| {
+                    (a.param, &a.system, &a.value).cmp(&(b.param, &b.system, &b.value))
+                });
+                i.dates
+                    .sort_by(|a, b| (a.param, &a.start).cmp(&(b.param, &b.start)));
+                i
+            };
+            assert_eq!(sorted(rows), sorted(index));
+        }
     }
 
     /// A column can hold only one value: every element that feeds a single-valued parameter

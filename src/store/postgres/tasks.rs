@@ -25,7 +25,8 @@ use crate::trace::current_trace;
 /// hand: any fixed key that nothing else uses would do.)
 const CONDITIONAL_CREATE_LOCK: i64 = 0x6261_746f_6e49_4e45;
 
-/// Writes a version of a Task, its history row, its search index and its change event in one
+/// Writes a version of a Task, its history row, its search index (the work-list columns on the
+/// row, the other values as index rows) and its change event in one
 /// statement (a round trip each is most of a write's cost). Sub-statements of one WITH all
 /// run against the statement's snapshot and cannot see one another's rows, so the deletes of
 /// the old index rows never see, and never remove, the rows inserted beside them. The

@@ -16,7 +16,9 @@ use sqlx::AssertSqlSafe;
 
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, StoredInstant, TaskId, Version};
-use crate::fhir::search::{self, DateEntry, Predicate, TaskIndex, TokenEntry, task_param};
+use crate::fhir::search::{
+    self, DateEntry, Predicate, TaskColumns, TaskIndex, TokenEntry, task_param,
+};
 use crate::store::rows::{CURRENT_COLUMNS, TaskRow, current_from_row, read_sort_values_rusqlite};
 use crate::store::search_sql::{PageSql, Placeholder, SqlFilter, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
@@ -384,22 +386,44 @@ pub(super) async fn found_among(
     }
 }
 
-/// The live Tasks written after outbox position `seq`, each with its search index as stored.
+/// The live Tasks written after outbox position `seq`, each with its search index as stored:
+/// its work-list columns and its index rows.
 fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskId, TaskIndex)>> {
-    let ids: Vec<TaskId> = conn
+    // The work-list values are on the row (`TaskColumns`), the rest in the index rows.
+    let changed: Vec<(TaskId, TaskColumns)> = conn
         .prepare_cached(
-            "SELECT t.id FROM task t WHERE t.deleted = 0
+            "SELECT t.id, t.status, t.owner, t.performer, t.performer_system, t.due_start,
+               t.due_end, t.authored_on
+             FROM task t WHERE t.deleted = 0
                AND t.id IN (SELECT DISTINCT resource_id FROM change_event WHERE seq > ?)
              ORDER BY t.id",
         )?
-        .query_map([seq], |row| row.get(0))?
+        .query_map([seq], |row| {
+            Ok((
+                row.get(0)?,
+                TaskColumns {
+                    status: row.get(1)?,
+                    owner: row.get(2)?,
+                    performer: row.get(3)?,
+                    performer_system: row.get(4)?,
+                    due_start: row.get(5)?,
+                    due_end: row.get(6)?,
+                    authored_on: row.get(7)?,
+                },
+            ))
+        })?
         .collect::<rusqlite::Result<_>>()?;
-    if ids.is_empty() {
+    if changed.is_empty() {
         return Ok(Vec::new());
     }
-    let mut indexes: HashMap<TaskId, TaskIndex> = ids
+    let ids: Vec<TaskId> = changed.iter().map(|(id, _)| id.clone()).collect();
+    let mut indexes: HashMap<TaskId, TaskIndex> = changed
         .iter()
-        .map(|id| (id.clone(), TaskIndex::default()))
+        .map(|(id, columns)| {
+            let mut index = TaskIndex::default();
+            columns.add_entries(&mut index);
+            (id.clone(), index)
+        })
         .collect();
     let mut tokens = conn.prepare_cached(
         "SELECT task_id, param, system, value FROM task_token
