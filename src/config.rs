@@ -285,6 +285,21 @@ pub struct DeliveryConfig {
     pub default_max_count: u32,
     /// Delivered events older than this are removed from the event log (`$events`), in days.
     pub event_retention_days: u64,
+    /// Worker threads of the delivery runtime, which runs the matcher, the delivery scheduler
+    /// and the channel senders apart from the API's runtime, so that a broad fan-out never
+    /// holds every thread an API request needs. 0 chooses half the cores, at least one.
+    pub threads: usize,
+}
+
+impl DeliveryConfig {
+    /// The delivery runtime's worker threads: `threads`, or half the cores (at least one).
+    pub fn runtime_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        (cores / 2).max(1)
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -298,6 +313,7 @@ impl Default for DeliveryConfig {
             default_timeout_seconds: 10,
             default_max_count: 20,
             event_retention_days: 30,
+            threads: 0,
         }
     }
 }
