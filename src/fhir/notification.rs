@@ -1083,21 +1083,23 @@ mod tests {
         }
     }
 
+    /// Base URL, subscription id, status id, topic, error, last delivered, events since
+    /// start, events (number, Task id), and the picks of status, type and content level.
+    type StatusEntryInputs = (
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+        Vec<(i64, String)>,
+        (usize, usize, usize),
+    );
+
     /// Every input the status entry depends on, drawn at random, with text that needs
     /// escaping (quotes, backslashes, control characters, non-ASCII) wherever text goes.
-    fn any_status_entry() -> impl proptest::strategy::Strategy<
-        Value = (
-            String,
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            i64,
-            Vec<(i64, String)>,
-            (usize, usize, usize),
-        ),
-    > {
+    fn any_status_entry() -> impl proptest::strategy::Strategy<Value = StatusEntryInputs> {
         use proptest::prelude::*;
         (
             "https://[a-z.]{1,12}/fhir/{0,2}",
