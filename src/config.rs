@@ -285,6 +285,9 @@ pub struct DeliveryConfig {
     pub default_max_count: u32,
     /// Delivered events older than this are removed from the event log (`$events`), in days.
     pub event_retention_days: u64,
+    /// AMQP channels in confirm mode on the hub's broker connection. Each carries one publish
+    /// awaiting its confirm at a time, so this bounds the AMQP notifications in flight.
+    pub amqp_channels: usize,
     /// Worker threads of the delivery runtime, which runs the matcher, the delivery scheduler
     /// and the channel senders apart from the API's runtime, so that a broad fan-out never
     /// holds every thread an API request needs. 0 chooses half the cores, at least one.
@@ -313,6 +316,7 @@ impl Default for DeliveryConfig {
             default_timeout_seconds: 10,
             default_max_count: 20,
             event_retention_days: 30,
+            amqp_channels: 4,
             threads: 0,
         }
     }
@@ -901,6 +905,11 @@ impl Config {
         if d.error_after_failures == 0 || d.max_concurrent == 0 || d.default_max_count == 0 {
             return Err(ConfigError(
                 "delivery.error_after_failures, delivery.max_concurrent and delivery.default_max_count must be at least 1".into(),
+            ));
+        }
+        if d.amqp_channels == 0 || d.amqp_channels > 256 {
+            return Err(ConfigError(
+                "delivery.amqp_channels must be between 1 and 256".into(),
             ));
         }
         if d.default_timeout_seconds == 0 || d.default_timeout_seconds > 120 {

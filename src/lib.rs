@@ -173,8 +173,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let _amqp_stop_guard = amqp_stop.clone().drop_guard();
     let amqp = match &config.amqp_url {
         Some(url) => Some(
-            channels::amqp::AmqpPublisher::start(url, amqp_stop.clone(), health.clone())
-                .map_err(|e| Error::internal("invalid configuration", e))?,
+            channels::amqp::AmqpPublisher::start(
+                url,
+                config.delivery.amqp_channels,
+                amqp_stop.clone(),
+                health.clone(),
+            )
+            .map_err(|e| Error::internal("invalid configuration", e))?,
         ),
         None => None,
     };

@@ -410,6 +410,11 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
         "baton_jwks_fetch_failures_total",
         "Fetches of a trusted issuer's signing keys that failed (the cached keys stay in use).",
     ),
+    (
+        Kind::Counter,
+        "baton_issuer_tokens_verified_total",
+        "Issuer tokens whose signature was checked, by whether an earlier check of the same token was reused (cached) or the signature was verified (verified).",
+    ),
 ];
 
 #[derive(Clone, Copy)]

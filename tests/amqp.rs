@@ -585,6 +585,7 @@ async fn endpoints_naming_another_broker_are_not_published_to() {
     assert!(
         AmqpPublisher::start(
             "amqps://u:secret@rabbit/",
+            4,
             CancellationToken::new(),
             Default::default()
         )
@@ -592,6 +593,7 @@ async fn endpoints_naming_another_broker_are_not_published_to() {
     );
     let error = AmqpPublisher::start(
         "amqp:u:secret@rabbit",
+        4,
         CancellationToken::new(),
         Default::default(),
     )
@@ -1034,7 +1036,7 @@ async fn broker_available(test: &str) -> bool {
 fn start_publisher(url: &str) -> (AmqpPublisher, CancellationToken) {
     let stop = CancellationToken::new();
     let publisher =
-        AmqpPublisher::start(url, stop.clone(), Default::default()).expect("a valid broker URL");
+        AmqpPublisher::start(url, 4, stop.clone(), Default::default()).expect("a valid broker URL");
     (publisher, stop)
 }
 

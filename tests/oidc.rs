@@ -535,6 +535,55 @@ async fn a_flood_of_unknown_kids_costs_the_provider_one_fetch() {
     server.stop().await;
 }
 
+/// A token's signature is checked once and its verified claims reused for its next requests;
+/// a token differing from it in any byte (here, its signature) is checked in full and refused.
+#[tokio::test]
+async fn a_token_is_verified_once_and_a_tampered_copy_is_not() {
+    let Some(provider) =
+        Provider::start("a_token_is_verified_once_and_a_tampered_copy_is_not").await
+    else {
+        return;
+    };
+    let server = baton_for(&provider, 10, |_| {}).await;
+    let genuine = provider.token("admin-app").await;
+    for _ in 0..3 {
+        let (status, _) = server.get("/Task", &genuine).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(token_checks(&server, "verified").await, 1.0);
+    assert_eq!(token_checks(&server, "cached").await, 2.0);
+
+    // The same header and claims with another signature: not the remembered token.
+    let (unsigned, signature) = genuine.rsplit_once('.').unwrap();
+    let flipped = if signature.starts_with('A') { "B" } else { "A" };
+    let tampered = format!("{unsigned}.{flipped}{}", &signature[1..]);
+    assert_invalid_token(&server, &tampered, "signature", "tampered signature").await;
+    assert_eq!(token_checks(&server, "verified").await, 1.0);
+    assert_eq!(token_checks(&server, "cached").await, 2.0);
+    let (status, _) = server.get("/Task", &genuine).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(token_checks(&server, "cached").await, 3.0);
+    server.stop().await;
+}
+
+/// `baton_issuer_tokens_verified_total{check}` as `/metrics` shows it.
+async fn token_checks(server: &TestServer, check: &str) -> f64 {
+    let text = server
+        .client
+        .get(format!("{}/metrics", server.root))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("baton_issuer_tokens_verified_total{{check=\"{check}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test]
 async fn cached_keys_outlive_a_provider_outage_and_readyz_says_so() {
     let Some(provider) =

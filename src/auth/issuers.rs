@@ -26,6 +26,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use super::verified::{self, MAX_VERIFIED_TOKENS, VerifiedTokens};
 use crate::config::{AuthConfig, IssuerConfig};
 use crate::error::{Error, Result};
 
@@ -84,6 +85,9 @@ pub fn refresh_due(now: Instant, freshness: Freshness, kid_known: bool, timing: 
 #[derive(Clone)]
 struct Key {
     decoding: DecodingKey,
+    /// The number of the fetch this key came from (`KeyState::fetches`), which ties the
+    /// tokens it verified (`verified::VerifiedTokens`) to exactly this key.
+    fetch: u64,
     /// The algorithms this key may verify: from its `alg` when the JWK names one, else from its
     /// type (and curve).
     algorithms: Vec<Algorithm>,
@@ -103,6 +107,8 @@ struct KeyState {
     freshness: Freshness,
     /// Why the last attempt failed; None after a success.
     last_error: Option<String>,
+    /// Successful fetches so far.
+    fetches: u64,
     endpoints: Option<Endpoints>,
 }
 
@@ -114,6 +120,8 @@ pub struct Issuer {
     /// Held while fetching, so that concurrent requests with a new `kid` wait for one fetch
     /// instead of each starting their own.
     fetching: tokio::sync::Mutex<()>,
+    /// Its tokens verified before, reused while their key stands and they have not expired.
+    verified: VerifiedTokens,
 }
 
 /// The state of one issuer's keys, for `/readyz`.
@@ -160,6 +168,7 @@ impl Issuers {
                         config: c.clone(),
                         state: Mutex::new(KeyState::default()),
                         fetching: tokio::sync::Mutex::new(()),
+                        verified: VerifiedTokens::new(MAX_VERIFIED_TOKENS, config.leeway_seconds),
                     })
                 })
                 .collect(),
@@ -247,6 +256,13 @@ impl Issuers {
                 "the token's algorithm {alg:?} does not match its signing key"
             )));
         }
+        let digest = verified::digest(token);
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(claims) = issuer.verified.get(&digest, &kid, key.fetch, now) {
+            metrics::counter!("baton_issuer_tokens_verified_total", "check" => "cached")
+                .increment(1);
+            return Ok(claims);
+        }
         let mut validation = Validation::new(alg);
         validation.algorithms = vec![alg];
         validation.leeway = self.leeway;
@@ -279,6 +295,10 @@ impl Issuers {
                     _ => "the token is malformed or its signature is not valid".to_string(),
                 })
             })?;
+        metrics::counter!("baton_issuer_tokens_verified_total", "check" => "verified").increment(1);
+        issuer
+            .verified
+            .insert(digest, &kid, key.fetch, &data.claims, now);
         Ok(data.claims)
     }
 
@@ -318,8 +338,12 @@ impl Issuers {
         let result = self.fetch(issuer).await;
         let mut state = issuer.state.lock().unwrap_or_else(|e| e.into_inner());
         match result {
-            Ok((endpoints, keys)) => {
+            Ok((endpoints, mut keys)) => {
                 tracing::info!(issuer = %issuer.config.issuer, keys = keys.len(), "fetched the issuer's signing keys");
+                state.fetches += 1;
+                for key in keys.values_mut() {
+                    key.fetch = state.fetches;
+                }
                 state.keys = keys;
                 state.endpoints = Some(endpoints);
                 state.freshness.fetched_at = Some(Instant::now());
@@ -453,6 +477,7 @@ fn parse_jwks(document: &Value) -> Result<HashMap<String, Key>, String> {
             kid,
             Key {
                 decoding,
+                fetch: 0,
                 algorithms,
             },
         );

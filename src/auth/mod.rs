@@ -12,6 +12,7 @@
 
 pub mod issuers;
 pub mod scopes;
+pub mod verified;
 
 use std::path::Path;
 use std::sync::Arc;

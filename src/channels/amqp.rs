@@ -60,9 +60,6 @@ use super::SendError;
 use crate::fhir::ids::{EventNumber, SubscriptionId};
 use crate::fhir::subscription::{AmqpEndpoint, DEFAULT_AMQP_PORT};
 
-/// How many confirm-mode channels publish concurrently. Each carries one message at a time, so
-/// this bounds the publishes awaiting a confirm; a few are enough to keep one connection busy.
-const CHANNELS: usize = 4;
 /// How long one connection attempt (TCP, AMQP handshake, authentication) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the supervisor looks at the connection even when no event woke it, as a backstop.
@@ -192,6 +189,7 @@ impl AmqpPublisher {
     /// resolves when that is done. Until then the background task keeps the publisher alive.
     pub fn start(
         url: &str,
+        channels: usize,
         shutdown: CancellationToken,
         health: Arc<crate::supervise::Health>,
     ) -> Result<AmqpPublisher, String> {
@@ -199,7 +197,7 @@ impl AmqpPublisher {
         let inner = Arc::new(Inner {
             broker,
             link: watch::Sender::new(Link::Connecting),
-            slots: (0..CHANNELS).map(|_| Mutex::new(None)).collect(),
+            slots: (0..channels.max(1)).map(|_| Mutex::new(None)).collect(),
             next_slot: AtomicUsize::new(0),
             lost: Notify::new(),
             closed: CancellationToken::new(),
