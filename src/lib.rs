@@ -13,6 +13,7 @@ pub mod error;
 pub mod fhir;
 pub mod hub;
 pub mod matcher;
+pub mod membership;
 pub mod outbox;
 pub mod overdue;
 pub mod runtimes;
@@ -137,6 +138,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let pipeline_stop = CancellationToken::new();
 
     let registry = Arc::new(channels::websocket::Registry::default());
+    // The hub holds the scheduler's inbox; the scheduler consumes what is sent to it (and, in
+    // a cluster, the Redis listener wakes it for work another node's matcher numbered).
+    let (inbox, commands) = hub::inbox();
     // Signals: in-process for one node; Redis when the nodes of a cluster must hear each other.
     let (notices, remote_changes) = tokio::sync::mpsc::unbounded_channel::<SubscriptionId>();
     let (signals, matcher_wake): (Arc<dyn Signals>, Arc<Notify>) = match &config.redis_url {
@@ -151,6 +155,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                     committed: committed.clone(),
                     matcher_wake: matcher_wake.clone(),
                     notices,
+                    delivery: inbox.clone(),
                 },
                 pipeline_stop.clone(),
                 &tasks,
@@ -183,8 +188,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         ),
         None => None,
     };
-    // The hub holds the scheduler's inbox; the scheduler consumes what is sent to it.
-    let (inbox, commands) = hub::inbox();
     let hub = Arc::new(Hub {
         topics,
         policy: hub::channel_policy(&config),
@@ -200,6 +203,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         sockets: registry.clone(),
         node: node.clone(),
         matching: Default::default(),
+        nodes: hub::nodes::LiveNodes::new(&node),
         audits: crate::store::audit_queue::AuditQueue::start(store.clone()),
     });
     // The deliverer starts its recorder on the delivery runtime.
@@ -218,7 +222,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             hub: hub.clone(),
             websockets: Arc::new(api::websocket::WebSocketHub {
                 registry,
-                signals,
+                signals: signals.clone(),
                 store: store.clone(),
                 base_url: base_url.clone(),
                 config: config.websocket.clone(),
@@ -276,6 +280,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         let outbox = outbox::Outbox {
             store: store.clone(),
             hub: hub.clone(),
+            signals,
             node: node.clone(),
             lease: Duration::from_secs(state.config.cluster.lease_seconds),
             generation,
@@ -327,6 +332,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             },
         );
     }
+    // This node's presence lease, and the list of live nodes that says which node each
+    // subscription's deliveries prefer.
+    let members_store = store.clone();
+    let members_hub = hub.clone();
+    let members_lease = Duration::from_secs(state.config.cluster.lease_seconds);
+    let members_stop = pipeline_stop.clone();
+    supervise::restartable(
+        &tasks,
+        health.clone(),
+        "membership",
+        pipeline_stop.clone(),
+        move || {
+            membership::run(
+                members_store.clone(),
+                members_hub.clone(),
+                members_lease,
+                members_stop.clone(),
+            )
+        },
+    );
     let overdue_store = store.clone();
     let overdue_every = Duration::from_secs(state.config.overdue_check_seconds);
     let overdue_stop = pipeline_stop.clone();

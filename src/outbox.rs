@@ -29,6 +29,7 @@ use crate::fhir::interaction::Interaction;
 use crate::fhir::search::index_task;
 use crate::hub::{Hub, Occasion};
 use crate::matcher::{Change, Side};
+use crate::signals::Signals;
 use crate::store::{ChangeEvent, ChangeProgress, MatchBatch, MatchRow, Store};
 use crate::telemetry;
 use crate::trace::TraceContext;
@@ -45,8 +46,11 @@ const POLL: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Outbox {
     pub store: Arc<dyn Store>,
-    /// The hub: the subscription index matched against, and the scheduler's inbox.
+    /// The hub: the subscription index matched against, the scheduler's inbox, and which
+    /// node each subscription's deliveries prefer.
     pub hub: Arc<Hub>,
+    /// How the other nodes are woken for the subscriptions that prefer them.
+    pub signals: Arc<dyn Signals>,
     /// This node's name in the matcher lease.
     pub node: String,
     /// How long the lease outlives a node that stops renewing it.
@@ -411,7 +415,9 @@ impl Outbox {
     }
 
     /// Records a chunk (one store transaction), ending at `progress` inside a change or at a
-    /// change boundary, and wakes the delivery of every subscription it numbered events for.
+    /// change boundary, and wakes the delivery of every subscription it numbered events for:
+    /// on the node each prefers (`hub::nodes`), this one's scheduler directly, another's
+    /// through the signals while Redis carries them (otherwise here).
     async fn record_chunk(
         &self,
         chunk: &mut Chunk,
@@ -432,8 +438,17 @@ impl Outbox {
         chunk.resumed = progress;
         metrics::counter!("baton_fanout_chunks_total").increment(1);
         let woken: BTreeSet<SubscriptionId> = numbered.into_iter().map(|(id, _)| id).collect();
-        for id in woken {
-            self.hub.delivery.wake(&id);
+        // Without Redis (a cluster may run without it, or it is down) another node would only
+        // find the work at its next scan: this node delivers it then, as the claims allow.
+        let others_hear = self.signals.redis_state() == Some("ok");
+        for (node, ids) in self.hub.nodes.by_node(woken) {
+            if node == self.hub.node || !others_hear {
+                for id in &ids {
+                    self.hub.delivery.wake(id);
+                }
+            } else {
+                self.signals.wake_delivery(&node, ids);
+            }
         }
         Ok(())
     }

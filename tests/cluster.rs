@@ -493,6 +493,131 @@ async fn a_late_node_finishes_what_a_dead_node_left() {
     .await;
 }
 
+/// How many event notifications node `i` has delivered to rest-hooks, from its `/metrics`.
+async fn notifications_sent(cluster: &Cluster, i: usize) -> f64 {
+    let text = cluster
+        .client
+        .get(format!("{}/metrics", cluster.root(i)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("baton_deliveries_total{")
+                && l.contains("channel=\"rest-hook\"")
+                && l.contains("type=\"event-notification\"")
+                && l.contains("result=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_delivers_what_prefers_it_and_a_dead_nodes_share_moves() {
+    let mut cluster = Cluster::start(3, &redis_url(), &[]).await;
+    let mut names = Vec::new();
+    for i in 0..3 {
+        eventually("every node sees three live nodes", || async {
+            (cluster.ready(i).await["live_nodes"] == 3).then_some(())
+        })
+        .await;
+        names.push(cluster.ready(i).await["node"].as_str().unwrap().to_string());
+    }
+    let receiver = Receiver::start().await;
+    // Enough subscriptions that each node is preferred by some (by chance all but certain:
+    // a node is preferred by none of 48 with probability 3 * (2/3)^48, about 1e-8).
+    let mut hooks = Vec::new();
+    for k in 0..48 {
+        let node = k % 3;
+        let body = subscription(
+            cluster.base(node),
+            "task-changed",
+            &[],
+            &receiver.url,
+            "id-only",
+        );
+        hooks.push(subscribe(&cluster, node, &body).await);
+    }
+    receiver
+        .wait_for("every handshake", |r| {
+            r.iter().filter(|n| n.kind() == "handshake").count() >= hooks.len()
+        })
+        .await;
+    let all_heard = |expected: i64| {
+        let receiver = &receiver;
+        let hooks = &hooks;
+        async move {
+            hooks
+                .iter()
+                .all(|h| {
+                    let distinct: BTreeSet<i64> = receiver.event_numbers(h).into_iter().collect();
+                    distinct.len() as i64 >= expected
+                })
+                .then_some(())
+        }
+    };
+    let written = write_everywhere(&cluster, 3, 2).await as i64;
+    eventually("every subscription hears every write", || {
+        all_heard(written)
+    })
+    .await;
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        sent.push(notifications_sent(&cluster, i).await);
+    }
+    let total: f64 = sent.iter().sum();
+    for (i, n) in sent.iter().enumerate() {
+        // Not the matcher lease holder doing nearly all of it: every node its share.
+        assert!(
+            *n > 0.0 && *n < 0.75 * total,
+            "node {i} sent {n} of {total} notifications: {sent:?}"
+        );
+    }
+
+    // Kill a node that does not match, so that only its deliveries have to move.
+    let matcher = eventually("a matcher", || cluster.matcher()).await;
+    let victim = (matcher + 1) % 3;
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let orphaned: Vec<&String> = hooks
+        .iter()
+        .filter(|h| baton::hub::nodes::preferred_node(h, &names) == Some(names[victim].as_str()))
+        .collect();
+    assert!(!orphaned.is_empty(), "the victim is preferred by some");
+    cluster.kill(victim).await;
+    let before: Vec<f64> = {
+        let mut before = Vec::new();
+        for &i in &survivors {
+            before.push(notifications_sent(&cluster, i).await);
+        }
+        before
+    };
+    let more = write_everywhere(&cluster, 3, 2).await as i64;
+    eventually(
+        "every subscription, the victim's too, hears the writes after the kill",
+        || all_heard(written + more),
+    )
+    .await;
+    for hook in &hooks {
+        check_contiguous(hook, &receiver.event_numbers(hook), written + more);
+    }
+    let mut grown = 0.0;
+    for (k, &i) in survivors.iter().enumerate() {
+        let now = notifications_sent(&cluster, i).await;
+        assert!(now > before[k], "survivor {i} kept delivering");
+        grown += now - before[k];
+    }
+    // Each of the victim's subscriptions heard at least one notification after the kill,
+    // and only the survivors were left to send it.
+    assert!(
+        grown >= orphaned.len() as f64,
+        "{grown} notifications after the kill, {} subscriptions moved",
+        orphaned.len()
+    );
+}
+
 /// A Redis server of the test's own, so that restarting it disturbs no other test.
 struct OwnRedis {
     port: u16,

@@ -469,7 +469,7 @@ async fn readiness_shows_every_supervised_task() {
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
     let tasks = body["tasks"].as_object().expect("tasks are listed");
-    let mut expected = vec!["matcher", "scheduler", "overdue", "pruning"];
+    let mut expected = vec!["matcher", "scheduler", "membership", "overdue", "pruning"];
     if !common::postgres_backend() {
         expected.push("writer");
     }

@@ -60,6 +60,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 "database": "ok",
                 "node": state.hub.node,
                 "matcher": state.hub.matching.load(std::sync::atomic::Ordering::Relaxed),
+                "live_nodes": state.hub.nodes.live().len(),
                 "tasks": tasks,
             });
             let mut degraded = Vec::new();

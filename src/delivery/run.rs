@@ -92,22 +92,15 @@ pub async fn run(
                 scheduler.attempt_finished(&id, outcome, now());
             }
             _ = scan.tick(), if !scanning => {
-                // Work that no node holds and that has waited a whole scan interval: left
-                // by a node that died, or whose wake-up never came. Fresher work belongs
-                // to the node that matched it; taking it would only make that node wait.
-                // The query runs beside the loop, which must not wait on it.
                 scanning = true;
-                let store = deliverer.store.clone();
-                let found_tx = found_tx.clone();
-                let grace = deliverer.scan_every;
-                tokio::spawn(async move {
-                    let stale_before = StoredInstant::at(time::OffsetDateTime::now_utc() - grace);
-                    let due = store.due_subscriptions(&stale_before, 1000).await.unwrap_or_else(|e| {
-                        tracing::warn!(error = %crate::error::error_chain(&e), "looking for unclaimed deliveries failed");
-                        Vec::new()
-                    });
-                    let _ = found_tx.send(due);
-                });
+                start_scan(&deliverer, &found_tx, deliverer.scan_every);
+            }
+            // A node left the cluster: the subscriptions it was preferred for prefer another
+            // node now, which looks for their waiting work at once rather than at its next
+            // scan.
+            () = deliverer.hub.nodes.departed.notified(), if !scanning => {
+                scanning = true;
+                start_scan(&deliverer, &found_tx, Duration::ZERO);
             }
             Some(due) = found.recv() => {
                 scanning = false;
@@ -136,6 +129,52 @@ pub async fn run(
     // anything unfinished is still owed in the store and resumes at the next start.
     let drain = async { while attempts.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(DRAIN, drain).await;
+}
+
+/// Most subscriptions one scan wakes.
+const SCAN_LIMIT: usize = 1000;
+
+/// Looks for waiting work that no node holds, beside the loop (which must not wait on it),
+/// and sends what this node should take to `found`:
+/// - the subscriptions that prefer this node (`hub::nodes`) whose work has waited `grace`:
+///   their wake-up from the matcher was lost, or never came because this node just became
+///   their preferred one when another left (that scan runs with no grace). The regular scan
+///   leaves work younger than one scan interval alone, as the wake-up for it may be on its way;
+/// - in a cluster, any subscription whose work has waited a whole lease: the node it prefers
+///   is not getting to it (overloaded, or stuck). Fresher work of other nodes is theirs;
+///   taking it would only make them wait for this node's claim.
+fn start_scan(
+    deliverer: &Arc<Deliverer>,
+    found: &mpsc::UnboundedSender<Vec<SubscriptionId>>,
+    grace: Duration,
+) {
+    let deliverer = deliverer.clone();
+    let found = found.clone();
+    tokio::spawn(async move {
+        let now = time::OffsetDateTime::now_utc();
+        let store = &deliverer.store;
+        let failed = |e: crate::error::Error| {
+            tracing::warn!(error = %crate::error::error_chain(&e), "looking for unclaimed deliveries failed");
+            Vec::new()
+        };
+        let mut due: Vec<SubscriptionId> = store
+            .due_subscriptions(&StoredInstant::at(now - grace), SCAN_LIMIT)
+            .await
+            .unwrap_or_else(failed)
+            .into_iter()
+            .filter(|id| deliverer.hub.nodes.delivers_here(id))
+            .collect();
+        if deliverer.hub.nodes.live().len() > 1 {
+            let stale_before = StoredInstant::at(now - deliverer.lease);
+            due.extend(
+                store
+                    .due_subscriptions(&stale_before, SCAN_LIMIT)
+                    .await
+                    .unwrap_or_else(failed),
+            );
+        }
+        let _ = found.send(due);
+    });
 }
 
 fn start_attempt(

@@ -15,6 +15,7 @@
 mod accept;
 mod in_force;
 mod inbox;
+pub mod nodes;
 mod shared;
 mod specs;
 
@@ -83,6 +84,9 @@ pub struct Hub {
     pub node: String,
     /// Whether this node holds the matcher lease (set by the outbox, shown by `/readyz`).
     pub matching: AtomicBool,
+    /// The live nodes of the cluster, and which of them each subscription prefers for its
+    /// deliveries (`nodes`).
+    pub nodes: nodes::LiveNodes,
     /// The node's queue of AuditEvents that commit with nothing else (reads, searches,
     /// refusals, Subscription changes, delivery attempts), shared by the API and delivery.
     pub audits: AuditQueue,
@@ -126,6 +130,7 @@ impl Hub {
             sockets: Default::default(),
             node: node.into(),
             matching: Default::default(),
+            nodes: nodes::LiveNodes::new(node),
             audits: AuditQueue::disconnected(),
         };
         (hub, commands)

@@ -35,6 +35,7 @@ fn hub() -> (Arc<Hub>, Commands) {
 fn outbox(store: Arc<dyn Store>, hub: Arc<Hub>, fanout_chunk: usize) -> Outbox {
     Outbox {
         store,
+        signals: Arc::new(crate::signals::InProcess::new(hub.sockets.clone())),
         hub,
         node: NODE.into(),
         lease: Duration::from_secs(30),

@@ -25,6 +25,10 @@ pub trait Signals: Send + Sync + 'static {
     /// Queues a notification on the sockets bound to `subscription`, on this node and every
     /// other; returns how many sockets on this node took it.
     fn push_websocket(&self, subscription: &SubscriptionId, text: &str) -> usize;
+    /// Asks `node` to look at these subscriptions' waiting work: the matcher numbered events
+    /// for them, and `node` is the live node they prefer (`hub::nodes`). Only a shortcut: when
+    /// it is lost, that node's scan finds the work.
+    fn wake_delivery(&self, node: &str, subscriptions: Vec<SubscriptionId>);
     /// Whether some node may have a socket bound to `subscription`.
     fn may_have_listeners(&self, subscription: &SubscriptionId) -> bool;
     /// Keeps a binding token where any node can redeem it.
@@ -59,6 +63,10 @@ impl Signals for InProcess {
 
     fn push_websocket(&self, subscription: &SubscriptionId, text: &str) -> usize {
         self.registry.push(subscription, text)
+    }
+
+    fn wake_delivery(&self, _node: &str, _subscriptions: Vec<SubscriptionId>) {
+        // One node prefers itself for everything: there is nobody else to wake.
     }
 
     fn may_have_listeners(&self, subscription: &SubscriptionId) -> bool {

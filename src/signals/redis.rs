@@ -1,9 +1,10 @@
 //! Signals between the nodes of a cluster, over Redis pub/sub, and binding tokens as Redis
 //! keys with an expiry.
 //!
-//! Three channels under the cluster's prefix: `wake` (a node committed changes), `subscription`
-//! (a subscription was written) and `ws` (a websocket notification for sockets on other
-//! nodes). Every message names the node it came from, and a node ignores its own. Publishing
+//! Four channels under the cluster's prefix: `wake` (a node committed changes), `subscription`
+//! (a subscription was written), `ws` (a websocket notification for sockets on other nodes)
+//! and `deliver` (the matcher numbered events for subscriptions that prefer the node the
+//! message names). Every message names the node it came from, and a node ignores its own. Publishing
 //! never holds up a request: messages go through a bounded queue to one publisher task, and
 //! what cannot be published while Redis is away is dropped — the store still has it, the
 //! nodes poll, and websocket listeners catch up with `$events`.
@@ -25,6 +26,7 @@ use super::Signals;
 use crate::channels::websocket::{BindingTokens, Grant, Registry, new_token};
 use crate::error::{Error, Result};
 use crate::fhir::ids::SubscriptionId;
+use crate::hub::DeliveryHandle;
 use crate::supervise::{self, Health};
 
 /// How long a Redis command or connection attempt may take before the node gives up on it.
@@ -41,6 +43,11 @@ struct Message {
     subscription: Option<SubscriptionId>,
     #[serde(default)]
     text: Option<String>,
+    /// `deliver`: the node asked to look at `subscriptions`.
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default)]
+    subscriptions: Vec<SubscriptionId>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -60,6 +67,7 @@ struct Inner {
     wake_channel: String,
     subscription_channel: String,
     ws_channel: String,
+    deliver_channel: String,
     token_prefix: String,
     registry: Arc<Registry>,
     /// Tokens issued while Redis was away: they still work on this node.
@@ -87,6 +95,9 @@ pub struct RedisSetup {
     pub matcher_wake: Arc<Notify>,
     /// Receives the ids of subscriptions written on other nodes.
     pub notices: mpsc::UnboundedSender<SubscriptionId>,
+    /// This node's scheduler: woken for subscriptions that prefer this node when another
+    /// node's matcher numbered events for them.
+    pub delivery: DeliveryHandle,
 }
 
 impl RedisSignals {
@@ -107,6 +118,7 @@ impl RedisSignals {
             wake_channel: format!("{prefix}:wake"),
             subscription_channel: format!("{prefix}:subscription"),
             ws_channel: format!("{prefix}:ws"),
+            deliver_channel: format!("{prefix}:deliver"),
             token_prefix: format!("{prefix}:ws-token:"),
             registry: setup.registry,
             local_tokens: BindingTokens::default(),
@@ -137,7 +149,13 @@ impl RedisSignals {
             health.clone(),
             "redis-listener",
             stop.clone(),
-            listen(inner.clone(), setup.matcher_wake, setup.notices, stop),
+            listen(
+                inner.clone(),
+                setup.matcher_wake,
+                setup.notices,
+                setup.delivery,
+                stop,
+            ),
         );
         Ok(RedisSignals { inner })
     }
@@ -149,6 +167,8 @@ impl Inner {
             origin: self.node.clone(),
             subscription: subscription.cloned(),
             text: text.map(str::to_string),
+            target: None,
+            subscriptions: Vec::new(),
         })
         .unwrap_or_default()
     }
@@ -258,6 +278,7 @@ async fn listen(
     inner: Arc<Inner>,
     matcher_wake: Arc<Notify>,
     notices: mpsc::UnboundedSender<SubscriptionId>,
+    delivery: DeliveryHandle,
     stop: CancellationToken,
 ) {
     let mut pause = Duration::from_millis(250);
@@ -269,6 +290,7 @@ async fn listen(
                     inner.wake_channel.as_str(),
                     inner.subscription_channel.as_str(),
                     inner.ws_channel.as_str(),
+                    inner.deliver_channel.as_str(),
                 ])
                 .await?;
             Ok::<_, redis::RedisError>(pubsub)
@@ -319,6 +341,12 @@ async fn listen(
                 if let Some(id) = body.subscription {
                     let _ = notices.send(id);
                 }
+            } else if channel == inner.deliver_channel {
+                if body.target.as_deref() == Some(inner.node.as_str()) {
+                    for id in &body.subscriptions {
+                        delivery.wake(id);
+                    }
+                }
             } else if channel == inner.ws_channel
                 && let (Some(subscription), Some(text)) = (body.subscription, body.text)
             {
@@ -342,6 +370,18 @@ impl Signals for RedisSignals {
         let payload = self.inner.message(Some(subscription), Some(text));
         self.inner.enqueue(&self.inner.ws_channel, payload);
         self.inner.registry.push(subscription, text)
+    }
+
+    fn wake_delivery(&self, node: &str, subscriptions: Vec<SubscriptionId>) {
+        let payload = serde_json::to_string(&Message {
+            origin: self.inner.node.clone(),
+            subscription: None,
+            text: None,
+            target: Some(node.to_string()),
+            subscriptions,
+        })
+        .unwrap_or_default();
+        self.inner.enqueue(&self.inner.deliver_channel, payload);
     }
 
     fn may_have_listeners(&self, _subscription: &SubscriptionId) -> bool {

@@ -736,6 +736,10 @@ pub trait Store: Send + Sync + 'static {
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool>;
     /// Gives up the named lease if `holder` has it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+    /// The holders of the unexpired leases whose names start with `prefix`, sorted: the live
+    /// nodes, from their presence leases (`hub::nodes`). A store that serves a single process
+    /// keeps no leases and returns none.
+    async fn lease_holders(&self, prefix: &str) -> Result<Vec<String>>;
     /// Claims a subscription's delivery for `holder` until `ttl` from now and returns it;
     /// None when it does not exist or another node's claim has not expired.
     async fn claim_subscription(
@@ -748,8 +752,9 @@ pub trait Store: Send + Sync + 'static {
     async fn release_subscription(&self, id: &SubscriptionId, holder: &str) -> Result<()>;
     /// Live subscriptions that no node has claimed and whose work has waited since before
     /// `stale_before`: a handshake owed since then, or an oldest undelivered event (or a retry
-    /// time) that old. Work a node left behind, or whose wake-up never came; fresh work is
-    /// left to the node that matched it.
+    /// time) that old. A node's scan asks for all waiting work (`stale_before` now) to take
+    /// what it is preferred for, and for work waiting a lease or longer to take anything a
+    /// live node is not getting to (`delivery::run`).
     async fn due_subscriptions(
         &self,
         stale_before: &StoredInstant,

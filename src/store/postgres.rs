@@ -543,6 +543,10 @@ impl Store for PostgresStore {
         hub::release_lease(&self.pool, name, holder).await
     }
 
+    async fn lease_holders(&self, prefix: &str) -> Result<Vec<String>> {
+        hub::lease_holders(&self.pool, prefix).await
+    }
+
     async fn claim_subscription(
         &self,
         id: &SubscriptionId,
@@ -580,24 +584,36 @@ impl Store for PostgresStore {
         if records.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        // One statement for the whole batch, in the order given (the `seq` order).
+        let mut columns = AuditColumns::default();
         for r in records {
-            sqlx::query(
-                "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
-                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7)",
-            )
-            .bind(r.id)
-            .bind(r.recorded)
-            .bind(r.subtype)
-            .bind(r.outcome)
-            .bind(r.agent)
-            .bind(r.entity)
-            .bind(r.resource)
-            .bind(r.type_code)
-            .execute(&mut *tx)
-            .await?;
+            columns.ids.push(r.id);
+            columns.recorded.push(r.recorded.as_str().to_string());
+            columns.type_codes.push(r.type_code);
+            columns.subtypes.push(r.subtype);
+            columns.outcomes.push(r.outcome);
+            columns.agents.push(r.agent);
+            columns.entities.push(r.entity);
+            columns.resources.push(r.resource);
         }
-        tx.commit().await?;
+        sqlx::query(
+            "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+             SELECT id, recorded, type_code, subtype, outcome, agent, entity, resource
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[])
+               WITH ORDINALITY AS r(id, recorded, type_code, subtype, outcome, agent, entity, resource, n)
+             ORDER BY n",
+        )
+        .bind(&columns.ids)
+        .bind(&columns.recorded)
+        .bind(&columns.type_codes)
+        .bind(&columns.subtypes)
+        .bind(&columns.outcomes)
+        .bind(&columns.agents)
+        .bind(&columns.entities)
+        .bind(&columns.resources)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -673,4 +689,17 @@ impl Store for PostgresStore {
         // pool waits for the connections in use and closes them all.
         self.pool.close().await;
     }
+}
+
+/// A batch of AuditEvent rows as columns, for one `unnest` insert.
+#[derive(Default)]
+struct AuditColumns {
+    ids: Vec<String>,
+    recorded: Vec<String>,
+    type_codes: Vec<&'static str>,
+    subtypes: Vec<String>,
+    outcomes: Vec<&'static str>,
+    agents: Vec<Option<String>>,
+    entities: Vec<Option<String>>,
+    resources: Vec<String>,
 }

@@ -565,6 +565,20 @@ pub fn page_sql(spec: PageSpec<'_>, style: Placeholder) -> Result<PageSql> {
         ));
     }
     let (limit, offset) = (rows.placeholder(), rows.placeholder());
+    // PostgreSQL (15) sorts the whole of a UNION ALL under an ORDER BY … LIMIT instead of
+    // merging its arms in order: each arm read every Task of the queue (1 800 at 1 000 000
+    // Tasks, 35 ms) to return 50. An arm that is ordered and limited itself walks its index
+    // and stops, and the arms are then merged (Merge Append). SQLite merges a compound
+    // SELECT's arms in order by itself, and its `?` cannot be bound twice.
+    if arms.len() > 1 && style == Placeholder::Dollar {
+        let arm_order: Vec<String> = terms.iter().map(SortTerm::order).collect();
+        for (k, select) in selects.iter_mut().enumerate() {
+            *select = format!(
+                "SELECT * FROM ({select} ORDER BY {} LIMIT CAST({limit} AS bigint) + CAST({offset} AS bigint)) AS arm_{k}",
+                arm_order.join(", ")
+            );
+        }
+    }
     Ok(PageSql {
         count,
         count_binds: counter.binds,

@@ -629,6 +629,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn lease_holders(&self, _prefix: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     async fn claim_subscription(
         &self,
         id: &SubscriptionId,

@@ -466,6 +466,17 @@ pub(super) async fn release_lease(pool: &PgPool, name: &str, holder: &str) -> Re
     Ok(())
 }
 
+/// The holders of the unexpired leases named `prefix…`, by the database's clock.
+pub(super) async fn lease_holders(pool: &PgPool, prefix: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT holder FROM lease
+         WHERE starts_with(name, $1) AND expires_at > now() ORDER BY holder",
+    )
+    .bind(prefix)
+    .fetch_all(pool)
+    .await?)
+}
+
 pub(super) async fn claim_subscription(
     pool: &PgPool,
     id: &SubscriptionId,
