@@ -288,6 +288,21 @@ pub struct DeliveryConfig {
     /// AMQP channels in confirm mode on the hub's broker connection. Each carries one publish
     /// awaiting its confirm at a time, so this bounds the AMQP notifications in flight.
     pub amqp_channels: usize,
+    /// Worker threads of the delivery runtime, which runs the matcher, the delivery scheduler
+    /// and the channel senders apart from the API's runtime, so that a broad fan-out never
+    /// holds every thread an API request needs. 0 chooses half the cores, at least one.
+    pub threads: usize,
+}
+
+impl DeliveryConfig {
+    /// The delivery runtime's worker threads: `threads`, or half the cores (at least one).
+    pub fn runtime_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        (cores / 2).max(1)
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -302,6 +317,7 @@ impl Default for DeliveryConfig {
             default_max_count: 20,
             event_retention_days: 30,
             amqp_channels: 4,
+            threads: 0,
         }
     }
 }

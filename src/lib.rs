@@ -16,6 +16,7 @@ pub mod matcher;
 pub mod membership;
 pub mod outbox;
 pub mod overdue;
+pub mod runtimes;
 pub mod server;
 pub mod signals;
 pub mod store;
@@ -60,6 +61,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .local_addr()
         .map_err(|e| Error::internal("reading the listener address failed", e))?;
     let base_url = config.base_url(bound);
+    // The matcher, the delivery scheduler and the channel senders run here, apart from the
+    // API (see `runtimes`); dropped when `run` returns, after the store has closed.
+    let deliveries = runtimes::DeliveryRuntime::start(config.delivery.runtime_threads())?;
 
     let (secret, from_file) = auth::resolve_secret(config.jwt_secret.as_deref(), &config.data_dir)
         .map_err(|e| Error::internal("reading or creating the development JWT secret failed", e))?;
@@ -202,12 +206,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         nodes: hub::nodes::LiveNodes::new(&node),
         audits: crate::store::audit_queue::AuditQueue::start(store.clone()),
     });
-    let deliverer = Arc::new(Deliverer::new(
-        store.clone(),
-        signals.clone(),
-        hub.clone(),
-        &config,
-    ));
+    // The deliverer starts its recorder on the delivery runtime.
+    let deliverer = {
+        let _on_deliveries = deliveries.handle().enter();
+        Arc::new(Deliverer::new(
+            store.clone(),
+            signals.clone(),
+            hub.clone(),
+            &config,
+        ))
+    };
 
     let state = AppState {
         inner: Arc::new(Shared {
@@ -220,6 +228,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 config: config.websocket.clone(),
                 shutdown: shutdown.clone(),
                 bind_timeout: Duration::from_secs(config.limits.websocket_bind_timeout_seconds),
+                writers: deliveries.handle().clone(),
             }),
             search_limits,
             rate_limit: api::rate_limit::RequestLimiter::new(&config.limits),
@@ -257,31 +266,36 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // is read. The scheduler starts once they are in: it takes their heartbeats from the hub.
     let generation = store.subscription_generation().await?;
     hub.put_live_in_force(store.as_ref()).await?;
-    delivery::start(
-        deliverer,
-        commands,
-        health.clone(),
-        &tasks,
-        pipeline_stop.clone(),
-    );
-    let outbox = outbox::Outbox {
-        store: store.clone(),
-        hub: hub.clone(),
-        signals,
-        node: node.clone(),
-        lease: Duration::from_secs(state.config.cluster.lease_seconds),
-        generation,
-        fanout_chunk: state.config.hub.fanout_chunk,
-    };
-    let outbox_wake = matcher_wake.clone();
-    let outbox_stop = pipeline_stop.clone();
-    supervise::restartable(
-        &tasks,
-        health.clone(),
-        "matcher",
-        pipeline_stop.clone(),
-        move || outbox.clone().run(outbox_wake.clone(), outbox_stop.clone()),
-    );
+    // The scheduler and the matcher are spawned on the delivery runtime (`tasks` spawns on
+    // the runtime entered), and whatever they spawn stays there.
+    {
+        let _on_deliveries = deliveries.handle().enter();
+        delivery::start(
+            deliverer,
+            commands,
+            health.clone(),
+            &tasks,
+            pipeline_stop.clone(),
+        );
+        let outbox = outbox::Outbox {
+            store: store.clone(),
+            hub: hub.clone(),
+            signals,
+            node: node.clone(),
+            lease: Duration::from_secs(state.config.cluster.lease_seconds),
+            generation,
+            fanout_chunk: state.config.hub.fanout_chunk,
+        };
+        let outbox_wake = matcher_wake.clone();
+        let outbox_stop = pipeline_stop.clone();
+        supervise::restartable(
+            &tasks,
+            health.clone(),
+            "matcher",
+            pipeline_stop.clone(),
+            move || outbox.clone().run(outbox_wake.clone(), outbox_stop.clone()),
+        );
+    }
     // Subscriptions written on other nodes (a cluster signals them through Redis): this
     // node's scheduler, sockets and index follow.
     let remote_hub = hub.clone();

@@ -99,6 +99,9 @@ pub struct WebSocketHub {
     /// A socket that has bound no subscription this long after opening is closed (1008): it
     /// would only hold a connection (`limits.websocket_bind_timeout_seconds`).
     pub bind_timeout: Duration,
+    /// The delivery runtime, where each socket's writer runs (see `runtimes`): under a broad
+    /// fan-out the writes are delivery work, and must not hold the API's threads.
+    pub writers: tokio::runtime::Handle,
 }
 
 /// The bind frames a socket understands, for the refusal of anything else.
@@ -151,7 +154,7 @@ pub async fn serve_socket(socket: WebSocket, hub: Arc<WebSocketHub>) {
     let writer_close = close.clone();
     let shutdown = hub.shutdown.clone();
     let ping_every = Duration::from_secs(hub.config.ping_interval_seconds);
-    let writer = tokio::spawn(async move {
+    let writer = hub.writers.spawn(async move {
         let mut ping = tokio::time::interval(ping_every);
         ping.tick().await;
         const TOO_SLOW: (u16, &str) = (POLICY, "too slow: notifications were not read in time");

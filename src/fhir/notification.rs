@@ -206,7 +206,8 @@ pub fn event_entry_bytes(
 /// The notification Bundle serialised, byte for byte what `serde_json::to_vec` gives for
 /// [`notification_bundle_with_status_id`] with the same arguments, but with each event's
 /// entry given already serialised (`entries[i]` is [`event_entry_bytes`] of `events[i]`):
-/// only the status `Parameters`, which is the subscription's own, is built here.
+/// only the status entry, which is the subscription's own, is written here, straight to
+/// bytes (`write_status_entry`).
 #[allow(clippy::too_many_arguments)]
 pub fn notification_bundle_bytes(
     base_url: &str,
@@ -232,10 +233,7 @@ pub fn notification_bundle_bytes(
     out.extend_from_slice(br#","type":"history","timestamp":"#);
     write_json(&mut out, &now);
     out.extend_from_slice(br#","entry":["#);
-    write_json(
-        &mut out,
-        &status_entry(base, status_id, status, events, content),
-    );
+    write_status_entry(&mut out, base, status_id, status, events, content);
     for entry in listed {
         out.push(b',');
         out.extend_from_slice(entry);
@@ -247,6 +245,86 @@ pub fn notification_bundle_bytes(
 fn write_json(out: &mut Vec<u8>, value: &impl serde::Serialize) {
     // Writing plain strings and `Value`s into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, value);
+}
+
+/// Writes what `serde_json` writes for [`status_entry`], without building it as a `Value`.
+///
+/// Under a broad fan-out every notification needs its own status entry (its subscription,
+/// counter and event numbers), and building it as a `Value` (a map per object, a `String`
+/// per key) and then serialising it was the largest part of a notification's CPU
+/// (BENCHMARKS.md, issue 15: ~8 % of the server beside the websocket fan-out). The keys come
+/// in the same order as the `json!` of `status_entry` and `build_parameters`;
+/// `tests::the_status_entry_is_written_as_serde_json_writes_it` holds the two together.
+fn write_status_entry(
+    out: &mut Vec<u8>,
+    base: &str,
+    status_id: &str,
+    status: &StatusSnapshot,
+    events: &[NotificationEvent],
+    content: ContentLevel,
+) {
+    let base = base.trim_end_matches('/');
+    let subscription = format!("{base}/Subscription/{}", status.subscription_id);
+    out.extend_from_slice(br#"{"fullUrl":"#);
+    write_json(out, &format_args!("urn:uuid:{status_id}"));
+    out.extend_from_slice(br#","resource":{"resourceType":"Parameters","id":"#);
+    write_json(out, &status_id);
+    out.extend_from_slice(br#","meta":{"profile":["#);
+    write_json(out, &STATUS_PROFILE);
+    out.extend_from_slice(
+        br#"]},"parameter":[{"name":"subscription","valueReference":{"reference":"#,
+    );
+    write_json(out, &subscription);
+    out.extend_from_slice(b"}}");
+    if content != ContentLevel::Empty {
+        out.extend_from_slice(br#",{"name":"topic","valueCanonical":"#);
+        write_json(out, &status.topic_url);
+        out.push(b'}');
+    }
+    out.extend_from_slice(br#",{"name":"status","valueCode":"#);
+    write_json(out, &status.status.as_str());
+    out.extend_from_slice(br#"},{"name":"type","valueCode":"#);
+    write_json(out, &status.notification_type.as_str());
+    out.extend_from_slice(br#"},{"name":"events-since-subscription-start","valueString":"#);
+    write_json(out, &format_args!("{}", status.events_since_start));
+    out.push(b'}');
+    if carries_events(status.notification_type) {
+        for event in events {
+            out.extend_from_slice(
+                br#",{"name":"notification-event","part":[{"name":"event-number","valueString":"#,
+            );
+            write_json(out, &format_args!("{}", event.event_number));
+            out.extend_from_slice(br#"},{"name":"timestamp","valueInstant":"#);
+            write_json(out, event.timestamp);
+            out.push(b'}');
+            if content != ContentLevel::Empty {
+                out.extend_from_slice(br#",{"name":"focus","valueReference":{"reference":"#);
+                write_json(out, &format_args!("{base}/Task/{}", event.task_id));
+                out.extend_from_slice(br#","type":"Task"}}"#);
+            }
+            out.extend_from_slice(b"]}");
+        }
+    }
+    if let Some(text) = status.error {
+        out.extend_from_slice(br#",{"name":"error","valueCodeableConcept":{"coding":[{"system":"#);
+        write_json(out, &SUBSCRIPTION_ERROR_SYSTEM);
+        out.extend_from_slice(br#","code":"#);
+        write_json(out, &error_code(text));
+        out.extend_from_slice(br#"}],"text":"#);
+        write_json(out, &text);
+        out.push(b'}');
+        if let Some(at) = status.last_delivered {
+            out.extend_from_slice(br#","extension":[{"url":"#);
+            write_json(out, &LAST_DELIVERED_EXTENSION);
+            out.extend_from_slice(br#","valueInstant":"#);
+            write_json(out, &at);
+            out.extend_from_slice(b"}]");
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(br#"]},"request":{"method":"GET","url":"#);
+    write_json(out, &format_args!("{subscription}/$status"));
+    out.extend_from_slice(br#"},"response":{"status":"200"}}"#);
 }
 
 /// Whether a notification lists its events as Bundle entries. The IG forbids any entry
@@ -1002,6 +1080,103 @@ mod tests {
         ];
         for (text, code) in cases {
             assert_eq!(error_code(text), code, "{text}");
+        }
+    }
+
+    /// Base URL, subscription id, status id, topic, error, last delivered, events since
+    /// start, events (number, Task id), and the picks of status, type and content level.
+    type StatusEntryInputs = (
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+        Vec<(i64, String)>,
+        (usize, usize, usize),
+    );
+
+    /// Every input the status entry depends on, drawn at random, with text that needs
+    /// escaping (quotes, backslashes, control characters, non-ASCII) wherever text goes.
+    fn any_status_entry() -> impl proptest::strategy::Strategy<Value = StatusEntryInputs> {
+        use proptest::prelude::*;
+        (
+            "https://[a-z.]{1,12}/fhir/{0,2}",
+            "[A-Za-z0-9][A-Za-z0-9.-]{0,63}",
+            "[a-f0-9-]{1,36}",
+            ".{0,40}",
+            proptest::option::of(prop_oneof![
+                Just("HTTP 503 \"busy\"".to_string()),
+                ".{0,40}"
+            ]),
+            proptest::option::of(".{0,30}"),
+            0i64..i64::MAX,
+            proptest::collection::vec((0i64..i64::MAX, "[A-Za-z0-9][A-Za-z0-9.-]{0,63}"), 0..5),
+            (0usize..4, 0usize..5, 0usize..3),
+        )
+    }
+
+    proptest::proptest! {
+        /// The status entry written straight to bytes is byte for byte what `serde_json`
+        /// writes for the `Value` built by `status_entry`, over every status, type and
+        /// content level, with and without an error, events and escaping.
+        #[test]
+        fn the_status_entry_is_written_as_serde_json_writes_it(
+            (base, subscription, status_id, topic, error, last_delivered, since, events, picks)
+                in any_status_entry()
+        ) {
+            let statuses = [
+                SubscriptionStatus::Requested,
+                SubscriptionStatus::Active,
+                SubscriptionStatus::Error,
+                SubscriptionStatus::Off,
+            ];
+            let types = [
+                NotificationType::Handshake,
+                NotificationType::Heartbeat,
+                NotificationType::EventNotification,
+                NotificationType::QueryStatus,
+                NotificationType::QueryEvent,
+            ];
+            let contents = [ContentLevel::Empty, ContentLevel::IdOnly, ContentLevel::FullResource];
+            let subscription = SubscriptionId::parse(&subscription).unwrap();
+            let timestamp = StoredInstant::parse("2025-06-01T10:15:01.123Z").unwrap();
+            let task_ids: Vec<TaskId> =
+                events.iter().map(|(_, id)| TaskId::parse(id).unwrap()).collect();
+            let events: Vec<NotificationEvent> = events
+                .iter()
+                .zip(&task_ids)
+                .map(|((number, _), task_id)| NotificationEvent {
+                    event_number: EventNumber::new(*number),
+                    timestamp: &timestamp,
+                    task_id,
+                    version: Version::new(1),
+                    interaction: Interaction::Update,
+                    resource: None,
+                })
+                .collect();
+            let status = StatusSnapshot {
+                subscription_id: &subscription,
+                topic_url: &topic,
+                status: statuses[picks.0],
+                events_since_start: EventNumber::new(since),
+                notification_type: types[picks.1],
+                error: error.as_deref(),
+                last_delivered: last_delivered.as_deref(),
+            };
+            let content = contents[picks.2];
+            let trimmed = base.trim_end_matches('/');
+            let built = serde_json::to_vec(
+                &status_entry(trimmed, &status_id, &status, &events, content),
+            )
+            .unwrap();
+            let mut written = Vec::new();
+            write_status_entry(&mut written, &base, &status_id, &status, &events, content);
+            proptest::prop_assert_eq!(
+                String::from_utf8(written).unwrap(),
+                String::from_utf8(built).unwrap()
+            );
         }
     }
 }

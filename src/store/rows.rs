@@ -1,7 +1,11 @@
 //! How stored rows read back, once for both stores: one `sqlx::FromRow` shape per stored
 //! type, generic over the database, and one conversion into the store's own type. The rows
-//! the SQLite writer reads inside its transaction (a Task, a subscription) fill the same
-//! shapes through rusqlite (`from_rusqlite`), by the same column names. The two
+//! SQLite reads through rusqlite (the writer inside its transaction, the delivery path's point
+//! reads) fill the same shapes (`from_rusqlite`) by position, from statements that name their
+//! columns in the shape's order (`CURRENT_COLUMNS`, `SUBSCRIPTION_COLUMNS`,
+//! `hub_sql::SUBSCRIPTION_EVENTS`): a lookup by name compares the name with every column's
+//! for each value read, which under a broad fan-out was ~4 % of the server (BENCHMARKS.md,
+//! issue 15). The two
 //! schemas name and type their columns alike; the flags (`task.deleted`,
 //! `subscription.handshake_pending`) are integers in both (SQLite `INTEGER`, PostgreSQL
 //! `integer`) and are read here, as `i32`, into booleans. Ids, counters and instants decode
@@ -26,6 +30,14 @@ pub(crate) const CURRENT_COLUMNS: &str = "t.id, t.version, t.last_updated, t.del
 
 /// How many columns `CURRENT_COLUMNS` names; a search page's sort values follow them.
 const CURRENT_COLUMN_COUNT: usize = 5;
+
+/// The columns of `subscription` that `SubscriptionRow` reads, in the order
+/// `SubscriptionRow::from_rusqlite` reads them.
+pub(crate) const SUBSCRIPTION_COLUMNS: &str = "id, version, last_updated, status, topic_url, \
+     channel_type, endpoint, author, author_issuer, author_subject, author_role, \
+     author_fhir_user, resource, created_after_seq, events_since_start, delivered_through, \
+     handshake_pending, failures, failing_since, next_attempt_at, last_error, last_sent_at, \
+     rewinds";
 
 /// The sort values a search page's row read by rusqlite carries after the Task.
 pub(crate) fn read_sort_values_rusqlite(
@@ -75,14 +87,15 @@ where
 }
 
 impl TaskRow {
-    /// The same row read by the SQLite writer's client (rusqlite), by the same column names.
+    /// The same row read through rusqlite, by position: the columns in the order of
+    /// `CURRENT_COLUMNS`.
     pub(crate) fn from_rusqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         Ok(TaskRow {
-            id: row.get("id")?,
-            version: row.get("version")?,
-            last_updated: row.get("last_updated")?,
-            deleted: row.get("deleted")?,
-            resource: row.get("resource")?,
+            id: row.get(0)?,
+            version: row.get(1)?,
+            last_updated: row.get(2)?,
+            deleted: row.get(3)?,
+            resource: row.get(4)?,
         })
     }
 
@@ -212,16 +225,17 @@ where
 }
 
 impl EventRow {
-    /// The same row read on a rusqlite connection, by the same column names.
+    /// The same row read on a rusqlite connection, by position: the columns in the order
+    /// of `hub_sql::SUBSCRIPTION_EVENTS`.
     pub(crate) fn from_rusqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
         Ok(EventRow {
-            event_number: row.get("event_number")?,
-            change_seq: row.get("change_seq")?,
-            task_id: row.get("task_id")?,
-            version: row.get("version")?,
-            interaction: row.get("interaction")?,
-            occurred_at: row.get("occurred_at")?,
-            traceparent: row.get("traceparent")?,
+            event_number: row.get(0)?,
+            change_seq: row.get(1)?,
+            task_id: row.get(2)?,
+            version: row.get(3)?,
+            interaction: row.get(4)?,
+            occurred_at: row.get(5)?,
+            traceparent: row.get(6)?,
         })
     }
 
@@ -327,32 +341,33 @@ where
 }
 
 impl SubscriptionRow {
-    /// The same row read by the SQLite writer's client (rusqlite), by the same column names.
+    /// The same row read through rusqlite, by position: the columns in the order of
+    /// `SUBSCRIPTION_COLUMNS`.
     pub(crate) fn from_rusqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<SubscriptionRow> {
         Ok(SubscriptionRow {
-            id: row.get("id")?,
-            version: row.get("version")?,
-            last_updated: row.get("last_updated")?,
-            status: row.get("status")?,
-            topic_url: row.get("topic_url")?,
-            channel_type: row.get("channel_type")?,
-            endpoint: row.get("endpoint")?,
-            author: row.get("author")?,
-            author_issuer: row.get("author_issuer")?,
-            author_subject: row.get("author_subject")?,
-            author_role: row.get("author_role")?,
-            author_fhir_user: row.get("author_fhir_user")?,
-            resource: row.get("resource")?,
-            created_after_seq: row.get("created_after_seq")?,
-            events_since_start: row.get("events_since_start")?,
-            delivered_through: row.get("delivered_through")?,
-            handshake_pending: row.get("handshake_pending")?,
-            failures: row.get("failures")?,
-            failing_since: row.get("failing_since")?,
-            next_attempt_at: row.get("next_attempt_at")?,
-            last_error: row.get("last_error")?,
-            last_sent_at: row.get("last_sent_at")?,
-            rewinds: row.get("rewinds")?,
+            id: row.get(0)?,
+            version: row.get(1)?,
+            last_updated: row.get(2)?,
+            status: row.get(3)?,
+            topic_url: row.get(4)?,
+            channel_type: row.get(5)?,
+            endpoint: row.get(6)?,
+            author: row.get(7)?,
+            author_issuer: row.get(8)?,
+            author_subject: row.get(9)?,
+            author_role: row.get(10)?,
+            author_fhir_user: row.get(11)?,
+            resource: row.get(12)?,
+            created_after_seq: row.get(13)?,
+            events_since_start: row.get(14)?,
+            delivered_through: row.get(15)?,
+            handshake_pending: row.get(16)?,
+            failures: row.get(17)?,
+            failing_since: row.get(18)?,
+            next_attempt_at: row.get(19)?,
+            last_error: row.get(20)?,
+            last_sent_at: row.get(21)?,
+            rewinds: row.get(22)?,
         })
     }
 

@@ -3,13 +3,15 @@
 //! job at a time, so nothing can slip in between a job's reads (the row it replaces, a quota
 //! count) and its writes: there is no lock to take and no turn to wait for.
 
+use std::sync::LazyLock;
+
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::auth::Identity;
 use crate::error::Result;
 use crate::fhir::ids::{ChangeSeq, SubscriptionId};
 use crate::store::owner_columns;
-use crate::store::rows::SubscriptionRow;
+use crate::store::rows::{SUBSCRIPTION_COLUMNS, SubscriptionRow};
 use crate::store::subscriptions::{Failures, NewSubscription, SubscriptionTx, SubscriptionUpdate};
 use crate::store::{MatchingFormRow, StoredSubscription};
 
@@ -140,9 +142,13 @@ pub(super) fn fill_matching_forms(conn: &Connection, forms: &[MatchingFormRow]) 
     Ok(())
 }
 
+static LOAD: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscription WHERE id = ?"));
+
+/// A subscription by id, on the writer's connection or a point-read connection.
 pub(super) fn load(conn: &Connection, id: &SubscriptionId) -> Result<Option<StoredSubscription>> {
     let row = conn
-        .prepare_cached("SELECT * FROM subscription WHERE id = ?")?
+        .prepare_cached(&LOAD)?
         .query_row([id], SubscriptionRow::from_rusqlite)
         .optional()?;
     row.map(SubscriptionRow::into_subscription).transpose()
