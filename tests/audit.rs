@@ -545,15 +545,7 @@ async fn a_flood_of_bad_tokens_is_recorded_up_to_a_budget_not_written_whole() {
         "{} refusals recorded",
         refused.len()
     );
-    let metrics = server
-        .client
-        .get(format!("{}/metrics", server.root))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     let dropped: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("baton_audit_refusals_dropped_total "))

@@ -511,15 +511,7 @@ impl WriteLock {
 
 /// The writer's queue depth as `/metrics` shows it.
 async fn writer_queue_depth(server: &TestServer) -> f64 {
-    let text = server
-        .client
-        .get(format!("{}/metrics", server.root))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     text.lines()
         .find_map(|line| line.strip_prefix("baton_writer_queue_depth "))
         .and_then(|value| value.trim().parse().ok())

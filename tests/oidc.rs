@@ -568,15 +568,7 @@ async fn a_token_is_verified_once_and_a_tampered_copy_is_not() {
 
 /// `baton_issuer_tokens_verified_total{check}` as `/metrics` shows it.
 async fn token_checks(server: &TestServer, check: &str) -> f64 {
-    let text = server
-        .client
-        .get(format!("{}/metrics", server.root))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     let prefix = format!("baton_issuer_tokens_verified_total{{check=\"{check}\"}} ");
     text.lines()
         .find_map(|line| line.strip_prefix(prefix.as_str()))

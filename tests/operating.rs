@@ -72,18 +72,6 @@ async fn subscribed(server: &TestServer) -> (Receiver, String, serde_json::Value
     (receiver, id, created)
 }
 
-async fn scrape(server: &TestServer) -> String {
-    server
-        .client
-        .get(format!("{}/metrics", server.root))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of the one sample whose line starts with `series`.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics
@@ -110,7 +98,7 @@ async fn metrics_explain_themselves_and_show_what_waits_for_delivery() {
     let backlog = format!("baton_subscription_backlog_events{{subscription=\"{id}\"}}");
     // The gauges are read in the background when someone scrapes: one scrape old.
     let metrics = eventually("three undelivered events in /metrics", || async {
-        let metrics = scrape(&server).await;
+        let metrics = server.metrics().await;
         (sample(&metrics, &backlog) == Some(3.0)
             && sample(&metrics, "baton_subscriptions{status=\"error\"}") >= Some(1.0))
         .then_some(metrics)
@@ -165,7 +153,7 @@ async fn metrics_explain_themselves_and_show_what_waits_for_delivery() {
         .await;
     assert_eq!(status, StatusCode::OK);
     eventually("the backlog delivered", || async {
-        let metrics = scrape(&server).await;
+        let metrics = server.metrics().await;
         (sample(&metrics, &backlog) == Some(0.0)).then_some(())
     })
     .await;

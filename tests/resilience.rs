@@ -266,15 +266,7 @@ async fn an_unreadable_change_is_passed_over_and_matching_goes_on() {
         last.body.to_string().contains(after_id),
         "the second event is about the Task written after the unreadable change"
     );
-    let metrics = server
-        .client
-        .get(format!("{}/metrics", server.root))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics
             .lines()

@@ -430,15 +430,7 @@ async fn a_slow_reader_is_closed_while_a_fast_one_gets_everything() {
     if let Some(code) = ended {
         assert_eq!(code, 1008);
     }
-    let metrics = server
-        .client
-        .get(format!("{}/metrics", server.root))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("baton_websocket_closed_slow_total"),
         "counted in the metrics"

@@ -308,6 +308,18 @@ impl TestServer {
         self.client.request(method, url).bearer_auth(token)
     }
 
+    /// The server's `/metrics` text (Prometheus exposition format).
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.root))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
         body(self.request(Method::GET, path, token).send().await.unwrap()).await
     }
