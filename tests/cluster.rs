@@ -706,8 +706,13 @@ async fn a_redis_restart_loses_nothing() {
     .await;
 
     redis.stop().await;
+    // Each node notices on its own next Redis command or reconnect, so each is waited for.
     eventually("the nodes notice Redis is gone", || async {
-        (cluster.ready(0).await["redis"] == "unavailable").then_some(())
+        let mut all = true;
+        for i in 0..2 {
+            all &= cluster.ready(i).await["redis"] == "unavailable";
+        }
+        all.then_some(())
     })
     .await;
     let ready = cluster.ready(1).await;
