@@ -1681,6 +1681,20 @@ mod plans {
     use crate::fhir::search::{Handling, SearchLimits, TotalMode, parse_query};
     use sqlx::{AssertSqlSafe, Row};
 
+    /// An in-memory database with the real schema (every SQLite migration), no statistics.
+    async fn migrated_pool() -> sqlx::SqlitePool {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .unwrap();
+        pool
+    }
+
     /// The six work-list searches of issue 16, and whether the page must come out of an index
     /// in its order (a sort of a few hundred matches of one owner or patient is fine; a sort of
     /// a status's, a queue's or the whole table's matches is not, and neither is a walk of
@@ -1711,15 +1725,7 @@ mod plans {
     /// without `ANALYZE`.
     #[tokio::test]
     async fn work_list_searches_use_indexes_not_scans() {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        sqlx::migrate!("migrations/sqlite")
-            .run(&pool)
-            .await
-            .unwrap();
+        let pool = migrated_pool().await;
         let limits = SearchLimits {
             default_count: 50,
             max_count: 1000,
@@ -1829,15 +1835,7 @@ mod plans {
     #[tokio::test]
     async fn the_overdue_timer_walks_the_due_date_index() {
         use crate::store::hub_sql;
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        sqlx::migrate!("migrations/sqlite")
-            .run(&pool)
-            .await
-            .unwrap();
+        let pool = migrated_pool().await;
         let statements = [
             (hub_sql::NEXT_DUE.to_string(), 1),
             (hub_sql::overdue_tasks(), 2),
