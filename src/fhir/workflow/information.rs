@@ -379,6 +379,9 @@ mod tests {
         );
     }
 
+    /// The status and expression of a refusal, or None when allowed.
+    type Refusal = Option<(u16, &'static str)>;
+
     #[test]
     fn the_asker_may_only_withdraw_its_open_request() {
         let with = |f: &dyn Fn(&mut Value)| {
@@ -387,7 +390,7 @@ mod tests {
             t
         };
         #[rustfmt::skip]
-        let cases: Vec<(&str, Value, Value, Option<(u16, &str)>)> = vec![
+        let cases: Vec<(&str, Value, Value, Refusal)> = vec![
             ("withdrawn", ask("requested"), ask("cancelled"), None),
             ("with a reason", ask("in-progress"), with(&|t| t["statusReason"] = json!({ "text": "asked the GP instead" })), None),
             ("server meta differs", ask("requested"), with(&|t| t["meta"] = json!({ "versionId": "9" })), None),
