@@ -857,28 +857,36 @@ fn read_scope_of_role(principal: &Principal) -> Option<Predicate> {
             code: Some(me.clone()),
         }],
     };
-    // The workflow Tasks it asked for (`asked_for`): the same rule as a search predicate.
-    let asked = Predicate::And(vec![
-        Predicate::Token {
-            param: "requester",
-            negated: false,
-            any_of: vec![TokenValue {
-                system: SystemMatch::Any,
-                code: Some(me),
-            }],
-        },
-        Predicate::Token {
-            param: "code",
-            negated: false,
-            any_of: workflow::ASKED_FOR_CODES
-                .iter()
-                .map(|code| TokenValue {
-                    system: SystemMatch::Exact(workflow::information::WORKFLOW_TASK_SYSTEM.into()),
-                    code: Some((*code).into()),
-                })
-                .collect(),
-        },
-    ]);
+    // The workflow Tasks it asked for (`asked_for`): the same rule as a search predicate, one
+    // branch per kind, so that each code is one `system|code` the token index looks up by
+    // equality (a list of alternatives would read every code of every Task).
+    let asked = Predicate::Or(
+        workflow::ASKED_FOR_CODES
+            .iter()
+            .map(|code| {
+                Predicate::And(vec![
+                    Predicate::Token {
+                        param: "requester",
+                        negated: false,
+                        any_of: vec![TokenValue {
+                            system: SystemMatch::Any,
+                            code: Some(me.clone()),
+                        }],
+                    },
+                    Predicate::Token {
+                        param: "code",
+                        negated: false,
+                        any_of: vec![TokenValue {
+                            system: SystemMatch::Exact(
+                                workflow::information::WORKFLOW_TASK_SYSTEM.into(),
+                            ),
+                            code: Some((*code).into()),
+                        }],
+                    },
+                ])
+            })
+            .collect(),
+    );
     if principal.performer_types.is_empty() {
         return Some(Predicate::Or(vec![owned, asked]));
     }
