@@ -85,6 +85,7 @@ use uuid::Uuid;
 
 use crate::fhir::ids::{EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::interaction::Interaction;
+use crate::fhir::json::write_json;
 
 /// The profile every status `Parameters` claims, so validators check it against the backport IG.
 pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4";
@@ -240,11 +241,6 @@ pub fn notification_bundle_bytes(
     }
     out.extend_from_slice(b"]}");
     out
-}
-
-fn write_json(out: &mut Vec<u8>, value: &impl serde::Serialize) {
-    // Writing plain strings and `Value`s into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, value);
 }
 
 /// Writes what `serde_json` writes for [`status_entry`], without building it as a `Value`.
