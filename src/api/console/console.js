@@ -286,7 +286,7 @@ function subscriptionPage(id) {
     h('p', { class: 'hint' },
       'The tail opens a websocket subscription of your own with this subscription\'s topic and ',
       'filters, so it shows what this subscription is told about as it happens, numbered by ',
-      'the tail. It is removed when you stop the tail or leave the page, and ends by itself after an hour.'),
+      'the tail. It is removed when you stop the tail or leave the page; if the tab dies first, it is switched off an hour later.'),
     h('p', {}, tailButton, ' Status: ', tailState),
     tail);
 
