@@ -95,6 +95,13 @@ pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/
 pub const LAST_DELIVERED_EXTENSION: &str =
     "https://baton.dev/fhir/StructureDefinition/last-delivered";
 
+/// On a `$status` answer's `events-since-subscription-start` parameter: how many of those
+/// events have reached the endpoint (rest-hook and AMQP; the position delivery has
+/// confirmed), so that the backlog is the difference. Left out of notifications, whose
+/// receiver is the endpoint itself.
+pub const EVENTS_DELIVERED_EXTENSION: &str =
+    "https://baton.dev/fhir/StructureDefinition/events-delivered";
+
 /// The code system of the `error` parameter's coding.
 pub const SUBSCRIPTION_ERROR_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/subscription-error";
@@ -394,6 +401,30 @@ pub fn status_search_bundle(
         "total": entries.len(),
         "entry": entries,
     })
+}
+
+/// Adds to each status of a `$status` Bundle (in the order of `delivered`, which is the
+/// order of its snapshots) the events delivered so far, as the
+/// [`EVENTS_DELIVERED_EXTENSION`] on `events-since-subscription-start`. A string, like the
+/// count it qualifies, since both are 64-bit.
+pub fn add_events_delivered(bundle: &mut Value, delivered: &[EventNumber]) {
+    let Some(entries) = bundle["entry"].as_array_mut() else {
+        return;
+    };
+    for (entry, delivered) in entries.iter_mut().zip(delivered) {
+        let Some(parameters) = entry["resource"]["parameter"].as_array_mut() else {
+            continue;
+        };
+        if let Some(since) = parameters
+            .iter_mut()
+            .find(|p| p["name"] == "events-since-subscription-start")
+        {
+            since["extension"] = json!([{
+                "url": EVENTS_DELIVERED_EXTENSION,
+                "valueString": delivered.to_string(),
+            }]);
+        }
+    }
 }
 
 /// The `subscription-error` code for a delivery error text.
@@ -1058,6 +1089,37 @@ mod tests {
         let none = status_search_bundle(BASE, "search-2", NOW, &[]);
         assert_eq!(none["total"], 0);
         assert_eq!(none["entry"], json!([]));
+    }
+
+    #[test]
+    fn status_answers_say_how_many_events_were_delivered() {
+        let statuses = [
+            StatusSnapshot {
+                subscription_id: sub_id("sub-1"),
+                ..snapshot(NotificationType::QueryStatus)
+            },
+            StatusSnapshot {
+                subscription_id: sub_id("sub-2"),
+                ..snapshot(NotificationType::QueryStatus)
+            },
+        ];
+        let mut bundle = status_search_bundle(BASE, "search-1", NOW, &statuses);
+        add_events_delivered(
+            &mut bundle,
+            &[EventNumber::ZERO.saturating_add(7), EventNumber::ZERO],
+        );
+        let delivered: Vec<Value> = bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let since = named(&e["resource"], "events-since-subscription-start")[0];
+                assert_eq!(since["valueString"], "9");
+                assert_eq!(since["extension"][0]["url"], EVENTS_DELIVERED_EXTENSION);
+                since["extension"][0]["valueString"].clone()
+            })
+            .collect();
+        assert_eq!(delivered, [json!("7"), json!("0")]);
     }
 
     #[test]
