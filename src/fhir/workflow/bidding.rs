@@ -270,8 +270,9 @@ pub fn check_bid(bid: &Value, bidding: &Value, bids: &[Value], base_url: &str) -
 /// and a 422 when it names another (or names one the bidding Task does not have). The read rule
 /// lets that practitioner read the bid (`workflow::asked_by`), and `elements` keeps both
 /// `requester`s from changing afterwards, so "the placer of a bidding Task reads its bids"
-/// holds from the bid alone — in reads, searches and at send time alike.
-pub fn settle_placer(bid: &mut Value, bidding: &Value, base_url: &str) -> Result<()> {
+/// holds from the bid alone — in reads, searches and at send time alike. True when it
+/// amended the bid.
+pub fn settle_placer(bid: &mut Value, bidding: &Value, base_url: &str) -> Result<bool> {
     let normal = |task: &Value| {
         task.pointer("/requester/reference")
             .and_then(Value::as_str)
@@ -280,12 +281,14 @@ pub fn settle_placer(bid: &mut Value, bidding: &Value, base_url: &str) -> Result
     let placer = normal(bidding);
     let id = id_of(bidding);
     let problem = match (bid.get("requester").is_some(), placer) {
-        (false, None) => return Ok(()),
+        (false, None) => return Ok(false),
         (false, Some(_)) => {
             bid["requester"] = bidding["requester"].clone();
-            return Ok(());
+            return Ok(true);
         }
-        (true, Some(placer)) if normal(bid).as_deref() == Some(placer.as_str()) => return Ok(()),
+        (true, Some(placer)) if normal(bid).as_deref() == Some(placer.as_str()) => {
+            return Ok(false);
+        }
         (true, Some(placer)) => format!(
             "a bid answers the placer of its bidding Task: Task.requester must be {placer}, the \
              requester of Task/{id} (leave it out and it is copied)"
