@@ -144,20 +144,23 @@ pub(crate) struct Deletion<'a> {
 }
 
 /// A Task write once any If-None-Exist pre-check is done: what the transaction applies.
+///
+/// A create's `Staged` work is boxed: it is several times the size of everything else here,
+/// and a `TaskWrite` travels by value through the writer's queue (clippy `large_enum_variant`).
 pub(crate) enum TaskWrite<S> {
     /// Create with a server-assigned id (assigned before the write, so that a transaction's
     /// entries can refer to each other).
     Create {
         id: TaskId,
         resource: Value,
-        staged: Option<Staged>,
+        staged: Option<Box<Staged>>,
     },
     /// Create with a server-assigned id unless the criteria now match a Task; the pre-check
     /// found none, as far as `seen`.
     CreateUnlessFound {
         id: TaskId,
         resource: Value,
-        staged: Option<Staged>,
+        staged: Option<Box<Staged>>,
         criteria: Vec<Predicate>,
         seen: S,
     },
@@ -249,7 +252,7 @@ pub(crate) async fn prepare<P: Precheck>(
             if_none_exist: None,
         } => {
             let id = id.unwrap_or_else(TaskId::generate);
-            let staged = Staged::of(&id, &mut resource, base_url);
+            let staged = Staged::of(&id, &mut resource, base_url).map(Box::new);
             TaskWrite::Create {
                 id,
                 resource,
@@ -266,7 +269,7 @@ pub(crate) async fn prepare<P: Precheck>(
                 return Ok(Prepared::Answered(outcome));
             }
             let id = id.unwrap_or_else(TaskId::generate);
-            let staged = Staged::of(&id, &mut resource, base_url);
+            let staged = Staged::of(&id, &mut resource, base_url).map(Box::new);
             TaskWrite::CreateUnlessFound {
                 id,
                 resource,
@@ -411,7 +414,7 @@ async fn put_task<T: TaskTx>(
     id: &TaskId,
     current: Option<&CurrentTask>,
     resource: Value,
-    staged: Option<Staged>,
+    staged: Option<Box<Staged>>,
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let previous = current.filter(|c| !c.deleted).map(|c| &c.resource);
@@ -650,7 +653,7 @@ async fn put<T: TaskTx>(
     id: &TaskId,
     current: Option<&CurrentTask>,
     mut resource: Value,
-    staged: Option<Staged>,
+    staged: Option<Box<Staged>>,
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let live = current.filter(|c| !c.deleted);
@@ -663,7 +666,7 @@ async fn put<T: TaskTx>(
     let now = StoredInstant::now();
     stamp(&mut resource, id.as_str(), version, &now);
     let (text, index, columns, priority_rank) = match staged.filter(|_| current.is_none()) {
-        Some(staged) => staged.at(&now),
+        Some(staged) => Staged::at(*staged, &now),
         None => unstaged(&resource, base_url),
     };
     tx.put_version(&NewVersion {
