@@ -838,3 +838,266 @@ async fn a_batch_creates_reads_updates_and_deletes_subscriptions() {
     let (status, _) = server.get(&format!("/Subscription/{id}"), &admin).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+// ---------------------------------------------------------------------------------------------
+// PATCH entries
+
+/// A PATCH entry of `Task/{id}` carrying `patch` (a Parameters or a Binary), with `ifMatch`.
+fn patch_entry(id: &str, patch: Value, if_match: Option<&str>) -> Value {
+    let mut entry =
+        json!({ "resource": patch, "request": { "method": "PATCH", "url": format!("Task/{id}") } });
+    if let Some(version) = if_match {
+        entry["request"]["ifMatch"] = json!(format!("W/\"{version}\""));
+    }
+    entry
+}
+
+/// A JSON Patch (or merge patch, by `content_type`) in a Binary, as HAPI FHIR takes it.
+fn binary(content_type: &str, document: &Value) -> Value {
+    use base64::Engine;
+    let data = base64::engine::general_purpose::STANDARD.encode(document.to_string());
+    json!({ "resourceType": "Binary", "contentType": content_type, "data": data })
+}
+
+/// A FHIRPath Patch replacing `path` with `value` (`value_key`, e.g. valueCode).
+fn fhirpath_replace(path: &str, value_key: &str, value: Value) -> Value {
+    json!({ "resourceType": "Parameters", "parameter": [{ "name": "operation", "part": [
+        { "name": "type", "valueCode": "replace" },
+        { "name": "path", "valueString": path },
+        { "name": "value", value_key: value },
+    ] }] })
+}
+
+/// `(status, versionId)` of a Task as the admin reads it.
+async fn version_of(server: &TestServer, id: &str) -> (String, String) {
+    let (status, task) = server.get(&format!("/Task/{id}"), &server.admin()).await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    (
+        task["status"].as_str().unwrap().to_string(),
+        task["meta"]["versionId"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn patch_entries_change_tasks_in_a_transaction_and_in_a_batch() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let watch = catch_all(&server, &receiver).await;
+    let bob = server.practitioner("Practitioner/bob");
+    let mine = |value: &str| with_identifier(task("requested", Some("Practitioner/bob")), value);
+    let first = server.create_task(&mine("patched-1")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = server.create_task(&mine("patched-2")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The owner claims one Task with a JSON Patch in a Binary (If-Match), starts the other
+    // with a FHIRPath Patch, and creates a third, all at once.
+    let claim = json!([
+        { "op": "test", "path": "/status", "value": "requested" },
+        { "op": "replace", "path": "/status", "value": "accepted" },
+    ]);
+    let request = bundle(
+        "transaction",
+        vec![
+            patch_entry(
+                &first,
+                binary("application/json-patch+json", &claim),
+                Some("1"),
+            ),
+            patch_entry(
+                &second,
+                fhirpath_replace("Task.status", "valueCode", json!("in-progress")),
+                None,
+            ),
+            post(
+                "urn:uuid:70000000-0000-4000-8000-000000000001",
+                mine("patched-new"),
+            ),
+        ],
+    );
+    let (status, answer) = server.post_json("", &bob, &request).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let entries = answer["entry"].as_array().unwrap();
+    assert_eq!(entries[0]["response"]["status"], "200 OK", "{answer}");
+    assert_eq!(entries[0]["response"]["etag"], "W/\"2\"");
+    assert_eq!(entries[0]["resource"]["status"], "accepted");
+    assert_eq!(entries[1]["response"]["status"], "200 OK");
+    assert_eq!(entries[1]["resource"]["status"], "in-progress");
+    assert_eq!(entries[2]["response"]["status"], "201 Created");
+    assert_eq!(
+        version_of(&server, &first).await,
+        ("accepted".into(), "2".into())
+    );
+    assert_eq!(
+        version_of(&server, &second).await,
+        ("in-progress".into(), "2".into())
+    );
+    let created = locations(&answer)[2].clone();
+    // Subscribers hear of the three changes in entry order.
+    eventually("the transaction's events", || async {
+        let heard = event_task_ids(&server, &watch).await;
+        (heard.len() == 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        event_task_ids(&server, &watch).await[2..],
+        [first.clone(), second.clone(), created]
+    );
+
+    // A batch answers each PATCH entry on its own: a merge patch passes, a stale If-Match
+    // fails in its place.
+    let request = bundle(
+        "batch",
+        vec![
+            patch_entry(
+                &first,
+                binary(
+                    "application/merge-patch+json",
+                    &json!({ "status": "in-progress" }),
+                ),
+                Some("2"),
+            ),
+            patch_entry(
+                &second,
+                fhirpath_replace("Task.status", "valueCode", json!("completed")),
+                Some("1"),
+            ),
+        ],
+    );
+    let (status, answer) = server.post_json("", &bob, &request).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let entries = answer["entry"].as_array().unwrap();
+    assert_eq!(entries[0]["response"]["status"], "200 OK", "{answer}");
+    assert_eq!(
+        entries[1]["response"]["status"], "412 Precondition Failed",
+        "{answer}"
+    );
+    assert_outcome(&entries[1]["response"]["outcome"], "conflict");
+    assert_eq!(
+        version_of(&server, &first).await,
+        ("in-progress".into(), "3".into())
+    );
+    assert_eq!(
+        version_of(&server, &second).await,
+        ("in-progress".into(), "2".into())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_patch_entry_fails_the_whole_transaction_naming_it() {
+    let server = TestServer::start_with(|c| c.limits.max_patch_operations = 3).await;
+    let admin = server.admin();
+    let bob = server.practitioner("Practitioner/bob");
+    let mine = |value: &str| with_identifier(task("requested", Some("Practitioner/bob")), value);
+    let target = server.create_task(&mine("target")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = server.create_task(&mine("other")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let carols = server
+        .create_task(&with_identifier(
+            task("requested", Some("Practitioner/carol")),
+            "carols",
+        ))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = server
+        .create_task(&with_identifier(
+            task("completed", Some("Practitioner/bob")),
+            "done",
+        ))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let json_patch = |operations: Value| binary("application/json-patch+json", &operations);
+    let accept = json!([{ "op": "replace", "path": "/status", "value": "accepted" }]);
+    let replace =
+        |path: &str, value: Value| json!([{ "op": "replace", "path": path, "value": value }]);
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
+        ("a failing test operation",
+            patch_entry(&other, json_patch(json!([{ "op": "test", "path": "/status", "value": "accepted" }])), None),
+            StatusCode::UNPROCESSABLE_ENTITY, "test"),
+        ("a stale ifMatch", patch_entry(&other, json_patch(accept.clone()), Some("4")),
+            StatusCode::PRECONDITION_FAILED, "version"),
+        ("a status the state machine forbids", patch_entry(&done, json_patch(replace("/status", json!("in-progress"))), None),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.status"),
+        ("an element fixed at creation", patch_entry(&other, fhirpath_replace("Task.intent", "valueCode", json!("plan")), None),
+            StatusCode::UNPROCESSABLE_ENTITY, "Task.intent"),
+        ("a request element the fulfiller may not change", patch_entry(&other, json_patch(json!([{ "op": "add", "path": "/priority", "value": "stat" }])), None),
+            StatusCode::FORBIDDEN, "Task.priority"),
+        ("another practitioner's Task", patch_entry(&carols, json_patch(accept.clone()), None),
+            StatusCode::FORBIDDEN, "not owned"),
+        ("too many operations", patch_entry(&other, json_patch(json!([
+                { "op": "test", "path": "/status", "value": "requested" },
+                { "op": "test", "path": "/status", "value": "requested" },
+                { "op": "test", "path": "/status", "value": "requested" },
+                { "op": "replace", "path": "/status", "value": "accepted" }])), None),
+            StatusCode::PAYLOAD_TOO_LARGE, "max_patch_operations"),
+        ("an invalid result", patch_entry(&other, json_patch(replace("/status", json!("bogus"))), None),
+            StatusCode::BAD_REQUEST, "status"),
+        ("a Binary of another type", patch_entry(&other, binary("text/plain", &accept), None),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE, "resource.contentType"),
+        ("a Binary that is not base64",
+            patch_entry(&other, json!({ "resourceType": "Binary", "contentType": "application/json-patch+json", "data": "%%%" }), None),
+            StatusCode::BAD_REQUEST, "resource.data"),
+        ("a Task instead of a patch", patch_entry(&other, task("accepted", Some("Practitioner/bob")), None),
+            StatusCode::BAD_REQUEST, "resourceType"),
+        ("no patch at all", json!({ "request": { "method": "PATCH", "url": format!("Task/{other}") } }),
+            StatusCode::BAD_REQUEST, "resource"),
+        ("a conditional PATCH",
+            json!({ "resource": json_patch(accept.clone()),
+                    "request": { "method": "PATCH", "url": "Task?identifier=http://example.org/orders|other" } }),
+            StatusCode::BAD_REQUEST, "request.url"),
+        ("a Task that does not exist", patch_entry("no-such-task", json_patch(accept.clone()), None),
+            StatusCode::NOT_FOUND, "no-such-task"),
+    ];
+    for (what, bad, expected, named) in cases {
+        let request = bundle(
+            "transaction",
+            vec![
+                post(
+                    "urn:uuid:80000000-0000-4000-8000-000000000001",
+                    mine("rolled-back"),
+                ),
+                patch_entry(&target, json_patch(accept.clone()), Some("1")),
+                bad,
+            ],
+        );
+        let (status, answer) = server.post_json("", &bob, &request).await;
+        assert_eq!(status, expected, "{what}: {answer}");
+        assert_eq!(answer["resourceType"], "OperationOutcome", "{what}");
+        assert_eq!(
+            answer["issue"][0]["expression"][0], "Bundle.entry[2]",
+            "{what}: {answer}"
+        );
+        let diagnostics = answer["issue"][0]["diagnostics"].as_str().unwrap_or("");
+        assert!(
+            diagnostics.contains(named),
+            "{what}: '{named}' not in {diagnostics}"
+        );
+        // Nothing of the transaction stands: not the create, not the good patch.
+        assert!(found(&server, "rolled-back").await.is_empty(), "{what}");
+        assert_eq!(
+            version_of(&server, &target).await,
+            ("requested".into(), "1".into()),
+            "{what}"
+        );
+    }
+    for id in [&other, &carols, &done] {
+        let (_, task) = server.get(&format!("/Task/{id}"), &admin).await;
+        assert_eq!(task["meta"]["versionId"], "1", "{task}");
+    }
+    server.stop().await;
+}

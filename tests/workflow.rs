@@ -8,8 +8,10 @@ use std::collections::BTreeSet;
 
 use common::receiver::Receiver;
 use common::{TestServer, assert_outcome, eventually, match_ids, subscription, task};
+use futures::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 const TASK_CODE: &str = "http://hl7.org/fhir/CodeSystem/task-code";
 const PERFORMER_TYPES: &str = "http://terminology.hl7.org/CodeSystem/task-performer-type";
@@ -1355,6 +1357,7 @@ async fn a_fulfiller_asks_its_placer_for_information_and_the_answer_reaches_it()
     let mut coordination = task("in-progress", Some("Practitioner/bob"));
     coordination["intent"] = json!("plan");
     coordination["requester"] = json!({ "reference": "Practitioner/placer" });
+    coordination["businessStatus"] = json!({ "text": "theatre booked" });
     let coordination = id_of(&server.create_task(&coordination).await);
     // The placer's own Task that is no information request: not for that subscription.
     server
@@ -1402,9 +1405,13 @@ async fn a_fulfiller_asks_its_placer_for_information_and_the_answer_reaches_it()
         "{waiting}"
     );
     assert_eq!(waiting["meta"]["versionId"], "2");
-    // Only the placer answers: Bob cannot even read the question once asked.
-    let (status, _) = set_status(&server, &question, &bob, "completed").await;
+    // Bob reads his question, and Carol does not; only the placer answers it.
+    let (status, _) = server.get(&format!("/Task/{question}"), &bob).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server.get(&format!("/Task/{question}"), &carol).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = set_status(&server, &question, &bob, "completed").await;
+    assert_refused_at(status, &body, StatusCode::FORBIDDEN, "Task.status");
     // An answer without output is no answer.
     let (status, body) = set_status(&server, &question, &placer, "completed").await;
     assert_refused_at(status, &body, StatusCode::BAD_REQUEST, "Task.output");
@@ -1426,8 +1433,14 @@ async fn a_fulfiller_asks_its_placer_for_information_and_the_answer_reaches_it()
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The answer reaches Bob's Task, and its business status is what it was before it waited.
     let (_, answered) = server.get(&format!("/Task/{coordination}"), &bob).await;
-    assert!(answered.get("businessStatus").is_none(), "{answered}");
+    assert_eq!(
+        answered["businessStatus"],
+        json!({ "text": "theatre booked" }),
+        "{answered}"
+    );
+    assert!(answered.get("extension").is_none(), "{answered}");
     assert_eq!(
         answered["input"][0]["valueReference"]["reference"], "QuestionnaireResponse/r1",
         "{answered}"
@@ -1452,9 +1465,137 @@ async fn a_fulfiller_asks_its_placer_for_information_and_the_answer_reaches_it()
     assert!(
         told(&receiver, &bob_listens)
             .iter()
-            .all(|(id, _, _)| id == &coordination),
-        "Bob hears of his own Task only"
+            .all(|(id, _, _)| id == &coordination || id == &question),
+        "Bob hears of his own Task and his question only"
     );
+    assert!(receiver.of(&carol_listens, "event-notification").is_empty());
+    let _ = admin;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_asker_reads_and_withdraws_its_information_request_and_nobody_else_sees_it() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let placer = server.practitioner("Practitioner/placer");
+    let bob = server.practitioner("Practitioner/bob");
+    let carol = server.practitioner("Practitioner/carol");
+    let bob_listens = listen(&server, &bob, &receiver, &[]).await;
+    let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+
+    let mut coordination = task("in-progress", Some("Practitioner/bob"));
+    coordination["intent"] = json!("plan");
+    coordination["requester"] = json!({ "reference": "Practitioner/placer" });
+    coordination["businessStatus"] = json!({ "text": "theatre booked" });
+    let coordination = id_of(&server.create_task(&coordination).await);
+    let (status, asked) = server
+        .post_json(
+            "/Task",
+            &bob,
+            &information_request(&coordination, "Practitioner/placer", "Practitioner/bob"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{asked}");
+    let question = id_of(&asked);
+
+    // Bob and the placer read it, by id and by search; Carol sees nothing of it.
+    let questions = format!("code={WORKFLOW_TASK}|information-request");
+    for (token, expected) in [
+        (&bob, StatusCode::OK),
+        (&placer, StatusCode::OK),
+        (&carol, StatusCode::FORBIDDEN),
+    ] {
+        let (status, _) = server.get(&format!("/Task/{question}"), token).await;
+        assert_eq!(status, expected);
+    }
+    assert_eq!(
+        server.search_ids(&questions, &bob).await,
+        vec![question.clone()]
+    );
+    assert_eq!(
+        server.search_ids(&questions, &placer).await,
+        vec![question.clone()]
+    );
+    assert!(server.search_ids(&questions, &carol).await.is_empty());
+
+    // Withdrawing is all Bob may do with it: each other change is refused, nothing changes.
+    #[rustfmt::skip]
+    let refusals: Vec<(&String, Value, StatusCode, &str)> = vec![
+        (&bob, json!([{ "op": "replace", "path": "/status", "value": "completed" },
+                      { "op": "add", "path": "/output", "value": [{ "type": { "text": "a" }, "valueString": "b" }] }]),
+            StatusCode::FORBIDDEN, "Task.status"),
+        (&bob, json!([{ "op": "replace", "path": "/status", "value": "cancelled" },
+                      { "op": "replace", "path": "/input/0/valueCanonical", "value": "http://forms.example/Questionnaire/other" }]),
+            StatusCode::FORBIDDEN, "Task.input"),
+        (&bob, json!([{ "op": "replace", "path": "/status", "value": "cancelled" },
+                      { "op": "replace", "path": "/owner", "value": { "reference": "Practitioner/bob" } }]),
+            StatusCode::FORBIDDEN, "Task.owner"),
+        (&carol, json!([{ "op": "replace", "path": "/status", "value": "cancelled" }]),
+            StatusCode::FORBIDDEN, ""),
+    ];
+    for (token, operations, expected, expression) in &refusals {
+        let (status, body) = patch(
+            &server,
+            &format!("/Task/{question}"),
+            token,
+            operations.clone(),
+            None,
+        )
+        .await;
+        if expression.is_empty() {
+            assert_eq!(status, *expected, "{body}");
+            assert_outcome(&body, "forbidden");
+        } else {
+            assert_refused_at(status, &body, *expected, expression);
+        }
+    }
+    let response = server
+        .request(Method::DELETE, &format!("/Task/{question}"), &bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        state_of(&server, &question).await,
+        ("requested".into(), "1".into())
+    );
+    assert_eq!(state_of(&server, &coordination).await.1, "2");
+
+    // Bob withdraws it: the coordination Task stops waiting, in the same transaction, and
+    // shows its business status from before.
+    let (status, body) = patch(
+        &server,
+        &format!("/Task/{question}"),
+        &bob,
+        json!([
+            { "op": "replace", "path": "/status", "value": "cancelled" },
+            { "op": "add", "path": "/statusReason", "value": { "text": "found it in the notes" } },
+        ]),
+        Some("1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, after) = server.get(&format!("/Task/{coordination}"), &bob).await;
+    assert_eq!(after["meta"]["versionId"], "3", "{after}");
+    assert_eq!(after["businessStatus"], json!({ "text": "theatre booked" }));
+    // Withdrawn once is final.
+    let (status, body) = set_status(&server, &question, &bob, "cancelled").await;
+    assert_refused_at(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.status",
+    );
+
+    receiver
+        .wait_for("Bob told of his question and of his Task", |_| {
+            let bob_told = told(&receiver, &bob_listens);
+            bob_told.contains(&(question.clone(), "1".into(), "requested".into()))
+                && bob_told.contains(&(question.clone(), "2".into(), "cancelled".into()))
+                && bob_told.contains(&(coordination.clone(), "3".into(), "in-progress".into()))
+        })
+        .await;
     assert!(receiver.of(&carol_listens, "event-notification").is_empty());
     let _ = admin;
     server.stop().await;
@@ -1688,6 +1829,365 @@ async fn bidding_candidates_answer_alone_and_one_award_gives_the_work() {
         "{loser_told:?}"
     );
     assert!(receiver.of(&eve_listens, "event-notification").is_empty());
+    server.stop().await;
+}
+
+/// A websocket listener: a `task-changed` subscription (full resources) made with `token`,
+/// bound on its own socket with a binding token; returns the subscription id and the socket
+/// after its handshake.
+async fn listen_on_socket(server: &TestServer, token: &str, filters: &[&str]) -> (String, Socket) {
+    let mut body = subscription(
+        &server.base,
+        "task-changed",
+        filters,
+        "unused",
+        "full-resource",
+    );
+    body["channel"] = json!({
+        "type": "websocket",
+        "payload": "application/fhir+json",
+        "_payload": body["channel"]["_payload"].clone(),
+    });
+    let (status, created) = server.post_json("/Subscription", token, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = id_of(&created);
+    let (status, params) = server
+        .get(&format!("/Subscription/{id}/$get-ws-binding-token"), token)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{params}");
+    let value = |name: &str, key: &str| {
+        params["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()[key]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (mut socket, _) = tokio_tungstenite::connect_async(value("websocket-url", "valueUrl"))
+        .await
+        .expect("the websocket connects");
+    socket
+        .send(Message::Text(
+            format!("bind-with-token {}", value("token", "valueString")).into(),
+        ))
+        .await
+        .unwrap();
+    let handshake = next_frame(&mut socket).await;
+    assert_eq!(
+        common::receiver::parameter(&handshake, "type").as_deref(),
+        Some("handshake"),
+        "{handshake}"
+    );
+    (id, socket)
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text frame as JSON, skipping pings; panics after a bounded wait.
+async fn next_frame(socket: &mut Socket) -> Value {
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(20), socket.next())
+            .await
+            .expect("a frame within 20 s")
+            .expect("the socket is open")
+            .expect("a valid frame");
+        match frame {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// The (Task id, version, status) of every Task a socket is told about, in order, until it
+/// has been told about `until` (a Task id and status); every frame must be an event
+/// notification.
+async fn told_on_socket(socket: &mut Socket, until: (&str, &str)) -> Vec<(String, String, String)> {
+    let mut told = Vec::new();
+    loop {
+        let bundle = next_frame(socket).await;
+        assert_eq!(
+            common::receiver::parameter(&bundle, "type").as_deref(),
+            Some("event-notification"),
+            "{bundle}"
+        );
+        for entry in bundle["entry"].as_array().unwrap().iter().skip(1) {
+            let t = &entry["resource"];
+            told.push((
+                id_of(t),
+                t["meta"]["versionId"].as_str().unwrap().to_string(),
+                t["status"].as_str().unwrap().to_string(),
+            ));
+        }
+        if told
+            .iter()
+            .any(|(id, _, status)| id == until.0 && status == until.1)
+        {
+            return told;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_practitioner_placer_reads_and_hears_the_bids_on_its_bidding_task_and_no_one_else_does() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let surgeon = format!("{PERFORMER_TYPES}|surgeon");
+    let placer = server.practitioner("Practitioner/placer");
+    let bob = server.practitioner_with_types("Practitioner/bob", &[&surgeon]);
+    let carol = server.practitioner_with_types("Practitioner/carol", &[&surgeon]);
+    let dave = server.practitioner_with_types("Practitioner/dave", &[&surgeon]);
+    let bids_filter = format!("code={WORKFLOW_TASK}|bid");
+    // "Answers to my bidding Tasks": the placer listens over a websocket, Dave (a surgeon who
+    // does not bid) asks for the same, and Bob and Carol listen to everything they may read.
+    let (placer_listens, mut placer_socket) =
+        listen_on_socket(&server, &placer, &[&bids_filter]).await;
+    let dave_listens = listen(&server, &dave, &receiver, &[&bids_filter]).await;
+    let bob_listens = listen(&server, &bob, &receiver, &[]).await;
+    let carol_listens = listen(&server, &carol, &receiver, &[]).await;
+
+    // The placer system opens the bidding for the practitioner placer, with no coordination
+    // Task yet: the award creates it.
+    let bidding_of = |description: &str| {
+        json!({
+            "resourceType": "Task", "status": "requested", "intent": "proposal",
+            "code": { "coding": [{ "system": WORKFLOW_TASK, "code": "bidding" }] },
+            "requester": { "reference": "Practitioner/placer" },
+            "for": { "reference": "Patient/p1" },
+            "basedOn": [{ "reference": "ServiceRequest/hip-1" }],
+            "priority": "urgent",
+            "description": description,
+            "performerType": [{ "coding": [{ "system": PERFORMER_TYPES, "code": "surgeon" }] }],
+            "extension": [
+                { "url": CANDIDATE, "valueReference": { "reference": "Practitioner/bob" } },
+                { "url": CANDIDATE, "valueReference": { "reference": "Practitioner/carol" } },
+            ],
+        })
+    };
+    let (status, body) = server
+        .post_json("/Task", &admin, &bidding_of("hip replacement, week 12"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bidding_id = id_of(&body);
+
+    // Bob's bid names nobody as requester: it gets the bidding Task's placer. A bid naming
+    // another placer is refused, nothing stored.
+    let before = task_count(&server).await;
+    let mut misdirected = bid(&bidding_id, "Practitioner/carol", true, json!([]));
+    misdirected["requester"] = json!({ "reference": "Practitioner/dave" });
+    let (status, answer) = server.post_json("/Task", &carol, &misdirected).await;
+    assert_refused_at(
+        status,
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.requester",
+    );
+    assert_eq!(task_count(&server).await, before);
+    let (status, body) = server
+        .post_json(
+            "/Task",
+            &bob,
+            &bid(&bidding_id, "Practitioner/bob", true, json!([])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["requester"]["reference"], "Practitioner/placer");
+    let bob_bid = id_of(&body);
+    let mut carols = bid(&bidding_id, "Practitioner/carol", true, json!([]));
+    carols["requester"] = json!({ "reference": "Practitioner/placer" });
+    let (status, body) = server.post_json("/Task", &carol, &carols).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let carol_bid = id_of(&body);
+
+    // Reads and searches: the placer sees both bids, each candidate its own, Dave none.
+    let mut both = vec![bob_bid.clone(), carol_bid.clone()];
+    both.sort();
+    let part_of = format!("part-of=Task/{bidding_id}");
+    let mut placer_sees = server.search_ids(&part_of, &placer).await;
+    placer_sees.sort();
+    assert_eq!(placer_sees, both);
+    assert_eq!(
+        server.search_ids(&bids_filter, &placer).await.len(),
+        2,
+        "by code too"
+    );
+    assert_eq!(
+        server.search_ids(&part_of, &bob).await,
+        vec![bob_bid.clone()]
+    );
+    assert_eq!(
+        server.search_ids(&part_of, &carol).await,
+        vec![carol_bid.clone()]
+    );
+    assert!(server.search_ids(&part_of, &dave).await.is_empty());
+    for (token, id, expected) in [
+        (&placer, &bob_bid, StatusCode::OK),
+        (&placer, &carol_bid, StatusCode::OK),
+        (&bob, &carol_bid, StatusCode::FORBIDDEN),
+        (&carol, &bob_bid, StatusCode::FORBIDDEN),
+        (&dave, &bob_bid, StatusCode::FORBIDDEN),
+    ] {
+        let (status, body) = server.get(&format!("/Task/{id}"), token).await;
+        assert_eq!(status, expected, "{body}");
+        let (status, _) = server.get(&format!("/Task/{id}/_history"), token).await;
+        assert_eq!(status, expected);
+    }
+    // Reading is all the placer may do with a bid: no taking it over, no delete. Nobody
+    // rewrites who placed it, not even an admin.
+    let (status, body) = patch(
+        &server,
+        &format!("/Task/{bob_bid}"),
+        &placer,
+        json!([{ "op": "replace", "path": "/owner", "value": { "reference": "Practitioner/placer" } }]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let response = server
+        .request(Method::DELETE, &format!("/Task/{bob_bid}"), &placer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let (status, body) = patch(
+        &server,
+        &format!("/Task/{bob_bid}"),
+        &admin,
+        json!([{ "op": "replace", "path": "/requester", "value": { "reference": "Practitioner/dave" } }]),
+        None,
+    )
+    .await;
+    assert_refused_at(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Task.requester",
+    );
+    assert_eq!(
+        state_of(&server, &bob_bid).await,
+        ("requested".into(), "1".into())
+    );
+
+    // The award: the coordination Task is created for Bob in the same transaction that
+    // closes the bidding and accepts and rejects the bids.
+    let (status, awarded) = patch(
+        &server,
+        &format!("/Task/{bidding_id}"),
+        &admin,
+        award(&bob_bid),
+        Some("1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{awarded}");
+    let coordination = awarded["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["type"]["coding"][0]["code"] == "coordination")
+        .and_then(|o| o["valueReference"]["reference"].as_str())
+        .and_then(|r| r.strip_prefix("Task/"))
+        .unwrap_or_else(|| panic!("no coordination output: {awarded}"))
+        .to_string();
+    let (status, created) = server.get(&format!("/Task/{coordination}"), &bob).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    assert_eq!(created["owner"]["reference"], "Practitioner/bob");
+    assert_eq!(created["requester"]["reference"], "Practitioner/placer");
+    assert_eq!(created["for"]["reference"], "Patient/p1");
+    assert_eq!(created["basedOn"][0]["reference"], "ServiceRequest/hip-1");
+    assert_eq!(created["priority"], "urgent");
+    assert_eq!(created["description"], "hip replacement, week 12");
+    assert_eq!(
+        (&created["status"], &created["intent"]),
+        (&json!("requested"), &json!("order"))
+    );
+    assert_eq!(created["meta"]["versionId"], "1");
+    assert_eq!(state_of(&server, &bob_bid).await.0, "accepted");
+    assert_eq!(state_of(&server, &carol_bid).await.0, "rejected");
+    let (status, _) = server.get(&format!("/Task/{coordination}"), &carol).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // A later bid on another of the placer's biddings marks the end of what the socket hears:
+    // events reach one subscription in order, so everything before it has been sent.
+    let (_, other) = server
+        .post_json("/Task", &admin, &bidding_of("knee, week 14"))
+        .await;
+    let (status, body) = server
+        .post_json(
+            "/Task",
+            &carol,
+            &bid(&id_of(&other), "Practitioner/carol", false, json!([])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let last_bid = id_of(&body);
+    let heard = told_on_socket(&mut placer_socket, (&last_bid, "requested")).await;
+    let heard: BTreeSet<(String, String, String)> = heard.into_iter().collect();
+    let expected: BTreeSet<(String, String, String)> = [
+        (bob_bid.clone(), "1", "requested"),
+        (carol_bid.clone(), "1", "requested"),
+        (bob_bid.clone(), "2", "accepted"),
+        (carol_bid.clone(), "2", "rejected"),
+        (last_bid.clone(), "1", "requested"),
+    ]
+    .into_iter()
+    .map(|(id, v, s)| (id, v.to_string(), s.to_string()))
+    .collect();
+    assert_eq!(heard, expected, "the placer hears exactly the answers");
+    // $events replays the same for the placer.
+    let (status, events) = server
+        .get(
+            &format!("/Subscription/{placer_listens}/$events?content=id-only"),
+            &placer,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    assert_eq!(events["entry"].as_array().unwrap().len(), 1 + 5, "{events}");
+
+    receiver
+        .wait_for(
+            "each candidate told of its own bid and the winner of the work",
+            |_| {
+                let bob_told = told(&receiver, &bob_listens);
+                let carol_told = told(&receiver, &carol_listens);
+                bob_told.contains(&(bob_bid.clone(), "2".into(), "accepted".into()))
+                    && bob_told.contains(&(coordination.clone(), "1".into(), "requested".into()))
+                    && carol_told.contains(&(carol_bid.clone(), "2".into(), "rejected".into()))
+                    && carol_told.contains(&(last_bid.clone(), "1".into(), "requested".into()))
+            },
+        )
+        .await;
+    let carol_told = told(&receiver, &carol_listens);
+    assert!(
+        !carol_told
+            .iter()
+            .any(|(id, _, _)| id == &bob_bid || id == &coordination),
+        "{carol_told:?}"
+    );
+    let bob_told = told(&receiver, &bob_listens);
+    assert!(
+        !bob_told
+            .iter()
+            .any(|(id, _, _)| id == &carol_bid || id == &last_bid),
+        "{bob_told:?}"
+    );
+    // Dave asked for bids too, and may read none of them.
+    assert!(receiver.of(&dave_listens, "event-notification").is_empty());
+    let (_, events) = server
+        .get(
+            &format!("/Subscription/{dave_listens}/$events?content=id-only"),
+            &dave,
+        )
+        .await;
+    assert_eq!(
+        events["entry"].as_array().map_or(0, Vec::len),
+        1,
+        "{events}"
+    );
     server.stop().await;
 }
 

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::fhir::ids::TaskId;
 use crate::fhir::search::{Predicate, SystemMatch, TokenValue};
 use crate::fhir::task::{self, Ownership};
+use crate::fhir::workflow::{self, information};
 pub use scopes::{Permission, Resource, Scopes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -749,8 +750,24 @@ impl Reader {
     }
 }
 
-/// The read rule, over the parts of a principal it looks at.
+/// The read rule, over the parts of a principal it looks at: the Tasks the principal may
+/// work on (`may_work_on`), and, for a practitioner, the workflow Tasks it asked for and may
+/// only watch (`asked_for`).
 fn may_read(
+    role: Role,
+    fhir_user: Option<&str>,
+    performer_types: &[PerformerType],
+    resource: &Value,
+    base_url: &str,
+) -> bool {
+    may_work_on(role, fhir_user, performer_types, resource, base_url)
+        || (role == Role::Practitioner && asked_for(fhir_user, resource, base_url))
+}
+
+/// The Tasks a principal may change as well as read: admins and auditors (whose writes the
+/// role rules refuse anyway) every Task; a practitioner the Tasks it owns and the unowned ones
+/// waiting in its role queues.
+fn may_work_on(
     role: Role,
     fhir_user: Option<&str>,
     performer_types: &[PerformerType],
@@ -765,6 +782,16 @@ fn may_read(
             Ownership::Unresolved => false,
         },
     }
+}
+
+/// The workflow Tasks a practitioner reads, without owning them, because it asked for them
+/// (`fhir::workflow::asked_by`): the bids on a bidding Task it placed (a bid's `requester` is
+/// its bidding Task's, held so by the store), and the information requests it sent to a
+/// placer. Narrow on purpose: nothing else with `requester` = the practitioner becomes
+/// readable, and these grant no write beyond withdrawing an information request
+/// (`authorize_task_write`).
+fn asked_for(fhir_user: Option<&str>, resource: &Value, base_url: &str) -> bool {
+    fhir_user.is_some_and(|me| workflow::asked_by(resource, base_url).as_deref() == Some(me))
 }
 
 /// Whether the Task is `for` this patient (`Patient/123`).
@@ -827,11 +854,41 @@ fn read_scope_of_role(principal: &Principal) -> Option<Predicate> {
         negated: false,
         any_of: vec![TokenValue {
             system: SystemMatch::Any,
-            code: Some(me),
+            code: Some(me.clone()),
         }],
     };
+    // The workflow Tasks it asked for (`asked_for`): the same rule as a search predicate, one
+    // branch per kind, so that each code is one `system|code` the token index looks up by
+    // equality (a list of alternatives would read every code of every Task).
+    let asked = Predicate::Or(
+        workflow::ASKED_FOR_CODES
+            .iter()
+            .map(|code| {
+                Predicate::And(vec![
+                    Predicate::Token {
+                        param: "requester",
+                        negated: false,
+                        any_of: vec![TokenValue {
+                            system: SystemMatch::Any,
+                            code: Some(me.clone()),
+                        }],
+                    },
+                    Predicate::Token {
+                        param: "code",
+                        negated: false,
+                        any_of: vec![TokenValue {
+                            system: SystemMatch::Exact(
+                                workflow::information::WORKFLOW_TASK_SYSTEM.into(),
+                            ),
+                            code: Some((*code).into()),
+                        }],
+                    },
+                ])
+            })
+            .collect(),
+    );
     if principal.performer_types.is_empty() {
-        return Some(owned);
+        return Some(Predicate::Or(vec![owned, asked]));
     }
     let queue = Predicate::And(vec![
         Predicate::Missing {
@@ -854,7 +911,7 @@ fn read_scope_of_role(principal: &Principal) -> Option<Predicate> {
                 .collect(),
         },
     ]);
-    Some(Predicate::Or(vec![owned, queue]))
+    Some(Predicate::Or(vec![owned, queue, asked]))
 }
 
 /// Checks a Task write against the role rules: `before` is the current version (None on
@@ -894,7 +951,7 @@ pub fn authorize_task_write(
             // scopes were checked for the write itself; a write-only token may change its own
             // Tasks without being allowed to read them back.
             if let Some(before) = before
-                && !may_read(
+                && !may_work_on(
                     principal.role,
                     principal.fhir_user.as_deref(),
                     &principal.performer_types,
@@ -902,6 +959,18 @@ pub fn authorize_task_write(
                     base_url,
                 )
             {
+                // The one write a Task it only asked for allows: withdrawing its own
+                // information request (`fhir::workflow::information::check_withdrawal`).
+                if asked_for(principal.fhir_user.as_deref(), before, base_url)
+                    && information::is_information_request(before)
+                {
+                    // Without `after` the question is only whether it may change the Task
+                    // at all; a delete is refused by `authorize_task_delete` (not its owner).
+                    return match after {
+                        None => Ok(()),
+                        Some(after) => information::check_withdrawal(before, after),
+                    };
+                }
                 return Err(Error::forbidden(format!(
                     "this Task is not owned by {me} and not in one of its role queues"
                 )));
@@ -1230,6 +1299,83 @@ mod tests {
             &task_owned_by(Some("Practitioner/2"), Some("lab")),
             base
         ));
+    }
+
+    /// A Task of Baton's workflow kinds (`bid`, `information-request`, …) asked for by
+    /// `requester` and owned by `owner`.
+    fn workflow_task(kind: &str, requester: Option<&str>, owner: &str) -> Value {
+        let mut t = task_owned_by(Some(owner), None);
+        t["code"] = json!({ "coding": [{ "system": workflow::information::WORKFLOW_TASK_SYSTEM, "code": kind }] });
+        if let Some(r) = requester {
+            t["requester"] = json!({ "reference": r });
+        }
+        t
+    }
+
+    #[test]
+    fn askers_read_their_bids_and_questions_and_nothing_else_they_requested() {
+        let base = "http://h/fhir";
+        let placer = practitioner("Practitioner/placer", &[]);
+        #[rustfmt::skip]
+        let cases: &[(&str, Value, bool)] = &[
+            ("a bid on its bidding Task", workflow_task("bid", Some("Practitioner/placer"), "Practitioner/bob"), true),
+            ("by an absolute reference", workflow_task("bid", Some("http://h/fhir/Practitioner/placer"), "Practitioner/bob"), true),
+            ("its information request", workflow_task("information-request", Some("Practitioner/placer"), "Organization/o"), true),
+            ("someone else's bid", workflow_task("bid", Some("Practitioner/other"), "Practitioner/bob"), false),
+            ("a bid with no placer", workflow_task("bid", None, "Practitioner/bob"), false),
+            ("a bidding Task it requested", workflow_task("bidding", Some("Practitioner/placer"), "Practitioner/bob"), false),
+            ("a plain Task it requested", { let mut t = task_owned_by(Some("Practitioner/bob"), None); t["requester"] = json!({ "reference": "Practitioner/placer" }); t }, false),
+            ("a bid code of another system", { let mut t = workflow_task("bid", Some("Practitioner/placer"), "Practitioner/bob"); t["code"]["coding"][0]["system"] = json!("http://other"); t }, false),
+        ];
+        for (label, task, readable) in cases {
+            assert_eq!(may_read_task(&placer, task, base), *readable, "{label}");
+        }
+        // Reading is not changing: the placer may not write a bid, even to take it.
+        let bid = &cases[0].1;
+        let mut taken = bid.clone();
+        taken["owner"] = json!({ "reference": "Practitioner/placer" });
+        assert!(authorize_task_write(&placer, Some(bid), Some(&taken), base).is_err());
+        assert!(authorize_task_delete(&placer, bid, base).is_err());
+    }
+
+    /// The read rule as a search predicate selects exactly the Tasks `may_read_task` allows,
+    /// for every kind of reader and Task.
+    #[test]
+    fn read_scope_agrees_with_may_read_task() {
+        use crate::fhir::search::{index_task, matches};
+        let base = "http://h/fhir";
+        let readers = [
+            practitioner("Practitioner/placer", &[]),
+            practitioner("Practitioner/bob", &["http://x|lab"]),
+            practitioner("Practitioner/1", &["http://x|lab", "http://x|radiology"]),
+        ];
+        let mut tasks = vec![
+            task_owned_by(Some("Practitioner/1"), None),
+            task_owned_by(Some("Practitioner/bob"), Some("lab")),
+            task_owned_by(None, Some("lab")),
+            task_owned_by(None, Some("radiology")),
+            task_owned_by(None, None),
+        ];
+        for kind in ["bid", "bidding", "information-request", "other"] {
+            for requester in [Some("Practitioner/placer"), Some("Practitioner/bob"), None] {
+                tasks.push(workflow_task(kind, requester, "Practitioner/1"));
+            }
+        }
+        for (i, task) in tasks.iter_mut().enumerate() {
+            task["id"] = json!(format!("t{i}"));
+            task["meta"] = json!({ "lastUpdated": "2026-01-01T00:00:00Z" });
+        }
+        for reader in &readers {
+            let scope: Vec<Predicate> = read_scope(reader).into_iter().collect();
+            for task in &tasks {
+                assert_eq!(
+                    matches(&index_task(task, base), &scope),
+                    may_read_task(reader, task, base),
+                    "{:?} reading {task}",
+                    reader.fhir_user
+                );
+            }
+        }
     }
 
     #[test]

@@ -23,6 +23,23 @@ use crate::fhir::ids::{TaskId, Version};
 use crate::fhir::task::{self as task_rules};
 use crate::fhir::{MULTI_FOCUS_EXTENSION, normalize_reference};
 
+/// The codes (of `information::WORKFLOW_TASK_SYSTEM`) of the workflow Tasks a practitioner
+/// reads because it asked for them (`asked_by`).
+pub const ASKED_FOR_CODES: &[&str] = &[bidding::BID, information::INFORMATION_REQUEST];
+
+/// Who asked for this Task, when it is one of the workflow Tasks whose asker reads it without
+/// owning it: a bid, which its bidding Task's placer reads (the store keeps a bid's
+/// `requester` equal to its bidding Task's, and neither changes), and an information request,
+/// which the fulfiller who sent it reads (and may withdraw). The normalised `requester`
+/// reference; `None` for any other Task, or one without a `requester`.
+pub fn asked_by(task: &Value, base_url: &str) -> Option<String> {
+    if !bidding::is_bid(task) && !information::is_information_request(task) {
+        return None;
+    }
+    let reference = task.pointer("/requester/reference")?.as_str()?;
+    normalize_reference(reference, base_url)
+}
+
 /// The code system of the request codes (http://hl7.org/fhir/CodeSystem/task-code).
 pub const TASK_CODE_SYSTEM: &str = "http://hl7.org/fhir/CodeSystem/task-code";
 

@@ -1864,3 +1864,91 @@ mod plans {
         }
     }
 }
+
+/// The read scope of a practitioner, added to every search it makes, looks its token values up
+/// by equality: the branch for the workflow Tasks it asked for (`auth::read_scope`) reads the
+/// bids and information requests it requested, never every `code` of every Task.
+#[cfg(test)]
+mod read_scope_plans {
+    use super::*;
+    use crate::auth::{PerformerType, Principal, Role, read_scope};
+    use crate::fhir::search::{Handling, SearchLimits, TotalMode, parse_query};
+    use sqlx::{AssertSqlSafe, Row};
+
+    #[tokio::test]
+    async fn a_practitioner_scope_looks_up_tokens_by_equality() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .unwrap();
+        let limits = SearchLimits {
+            default_count: 50,
+            max_count: 1000,
+            default_total: TotalMode::Estimate,
+        };
+        for types in [vec![], vec![PerformerType::parse("http://x|lab").unwrap()]] {
+            let practitioner = Principal {
+                issuer: None,
+                subject: "s".into(),
+                role: Role::Practitioner,
+                fhir_user: Some("Practitioner/p17".into()),
+                performer_types: types,
+                scopes: None,
+                patient: None,
+            };
+            for query in [
+                "owner=Practitioner/p17&status:not=completed&_sort=-priority",
+                "status=requested&_count=20",
+                "_count=20",
+            ] {
+                let pairs: Vec<(String, String)> = query
+                    .split('&')
+                    .map(|p| {
+                        let (k, v) = p.split_once('=').unwrap();
+                        (k.into(), v.into())
+                    })
+                    .collect();
+                let mut parsed =
+                    parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict)
+                        .unwrap();
+                parsed.predicates.extend(read_scope(&practitioner));
+                let sql = page_sql(
+                    PageSpec {
+                        predicates: &parsed.predicates,
+                        sort: &parsed.sort,
+                        after: None,
+                        counting: Counting::UpTo(1000),
+                    },
+                    Placeholder::Question,
+                )
+                .unwrap();
+                let mut explain =
+                    sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", sql.rows)));
+                for bind in &sql.binds {
+                    explain = explain.bind(bind);
+                }
+                if sql.rows.contains("LIMIT ? OFFSET ?") {
+                    explain = explain.bind(20_i64).bind(0_i64);
+                }
+                let plan: Vec<String> = explain
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|row| row.get::<String, _>("detail"))
+                    .collect();
+                let broad = plan.iter().find(|step| {
+                    step.starts_with("SCAN task_token")
+                        || (step.contains("task_token") && step.ends_with("(param=?)"))
+                        || (step.starts_with("SCAN t") && !step.contains(" INDEX "))
+                });
+                assert!(broad.is_none(), "{query}: {broad:?} in {plan:#?}");
+            }
+        }
+    }
+}

@@ -144,20 +144,23 @@ pub(crate) struct Deletion<'a> {
 }
 
 /// A Task write once any If-None-Exist pre-check is done: what the transaction applies.
+///
+/// A create's `Staged` work is boxed: it is several times the size of everything else here,
+/// and a `TaskWrite` travels by value through the writer's queue (clippy `large_enum_variant`).
 pub(crate) enum TaskWrite<S> {
     /// Create with a server-assigned id (assigned before the write, so that a transaction's
     /// entries can refer to each other).
     Create {
         id: TaskId,
         resource: Value,
-        staged: Option<Staged>,
+        staged: Option<Box<Staged>>,
     },
     /// Create with a server-assigned id unless the criteria now match a Task; the pre-check
     /// found none, as far as `seen`.
     CreateUnlessFound {
         id: TaskId,
         resource: Value,
-        staged: Option<Staged>,
+        staged: Option<Box<Staged>>,
         criteria: Vec<Predicate>,
         seen: S,
     },
@@ -249,7 +252,7 @@ pub(crate) async fn prepare<P: Precheck>(
             if_none_exist: None,
         } => {
             let id = id.unwrap_or_else(TaskId::generate);
-            let staged = Staged::of(&id, &mut resource, base_url);
+            let staged = Staged::of(&id, &mut resource, base_url).map(Box::new);
             TaskWrite::Create {
                 id,
                 resource,
@@ -266,7 +269,7 @@ pub(crate) async fn prepare<P: Precheck>(
                 return Ok(Prepared::Answered(outcome));
             }
             let id = id.unwrap_or_else(TaskId::generate);
-            let staged = Staged::of(&id, &mut resource, base_url);
+            let staged = Staged::of(&id, &mut resource, base_url).map(Box::new);
             TaskWrite::CreateUnlessFound {
                 id,
                 resource,
@@ -411,24 +414,38 @@ async fn put_task<T: TaskTx>(
     id: &TaskId,
     current: Option<&CurrentTask>,
     resource: Value,
-    staged: Option<Staged>,
+    staged: Option<Box<Staged>>,
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let previous = current.filter(|c| !c.deleted).map(|c| &c.resource);
-    let effects: Vec<(CurrentTask, Value)> =
-        if let Some(kind) = workflow::completes_request(previous, &resource) {
-            vec![focal_change(tx, id, kind, &resource, base_url).await?]
-        } else if let Some(transition) = information::transition(previous, &resource) {
-            coordination_change(tx, id, transition, &resource, base_url)
+    let mut resource = resource;
+    let effects = if let Some(kind) = workflow::completes_request(previous, &resource) {
+        Effects {
+            changes: vec![focal_change(tx, id, kind, &resource, base_url).await?],
+            created: None,
+            amended: false,
+        }
+    } else if let Some(transition) = information::transition(previous, &resource) {
+        Effects {
+            changes: coordination_change(tx, id, transition, &resource, base_url)
                 .await?
                 .into_iter()
-                .collect()
-        } else {
-            bidding_effects(tx, id, previous, &resource, base_url).await?
-        };
+                .collect(),
+            created: None,
+            amended: false,
+        }
+    } else {
+        bidding_effects(tx, id, previous, &mut resource, base_url).await?
+    };
+    // A staged create was worked out from the resource as it came; one the effects amended
+    // (a bid given its placer) is written from what it has become.
+    let staged = staged.filter(|_| !effects.amended);
     let outcome = put(tx, id, current, resource, staged, base_url).await?;
-    for (task, changed) in effects {
+    for (task, changed) in effects.changes {
         put(tx, &task.id, Some(&task), changed, None, base_url).await?;
+    }
+    if let Some((new_id, task)) = effects.created {
+        put(tx, &new_id, None, task, None, base_url).await?;
     }
     Ok(outcome)
 }
@@ -523,9 +540,9 @@ async fn bidding_effects<T: TaskTx>(
     tx: &mut T,
     id: &TaskId,
     previous: Option<&Value>,
-    resource: &Value,
+    resource: &mut Value,
     base_url: &str,
-) -> Result<Vec<(CurrentTask, Value)>> {
+) -> Result<Effects> {
     let open = |task: &Value| {
         !crate::fhir::task::is_terminal(crate::fhir::task::status(task).unwrap_or_default())
     };
@@ -549,26 +566,35 @@ async fn bidding_effects<T: TaskTx>(
             .map(|b| b.resource)
             .collect::<Vec<_>>();
         bidding::check_bid(resource, &parent.resource, &bids, base_url)?;
-        return Ok(Vec::new());
+        let amended = bidding::settle_placer(resource, &parent.resource, base_url)?;
+        return Ok(Effects {
+            amended,
+            ..Effects::default()
+        });
     }
     if !bidding::is_bidding(resource) {
-        return Ok(Vec::new());
+        return Ok(Effects::default());
     }
     let coordination_id = bidding::parse_bidding(resource, base_url)?;
-    let coordination = tx
-        .load_for_change(&coordination_id)
-        .await?
-        .filter(|c| !c.deleted);
+    let coordination = match &coordination_id {
+        Some(coordination_id) => tx
+            .load_for_change(coordination_id)
+            .await?
+            .filter(|c| !c.deleted),
+        None => None,
+    };
     match previous {
         None => {
-            let coordination = coordination.ok_or_else(|| {
-                Error::not_found(format!(
-                    "Task.focus names Task/{coordination_id}, which does not exist"
-                ))
-                .at("Task.focus")
-            })?;
-            bidding::check_coordination(&coordination.resource)?;
-            Ok(Vec::new())
+            if let Some(coordination_id) = &coordination_id {
+                let coordination = coordination.ok_or_else(|| {
+                    Error::not_found(format!(
+                        "Task.focus names Task/{coordination_id}, which does not exist"
+                    ))
+                    .at("Task.focus")
+                })?;
+                bidding::check_coordination(&coordination.resource)?;
+            }
+            Ok(Effects::default())
         }
         Some(before) if open(before) && !open(resource) => {
             let chosen = match crate::fhir::task::status(resource) {
@@ -577,22 +603,47 @@ async fn bidding_effects<T: TaskTx>(
             };
             let bids = tx.children_for_change(id, bidding::MAX_BIDS).await?;
             let contents: Vec<Value> = bids.iter().map(|b| b.resource.clone()).collect();
-            let (coordination_after, bids_after) = bidding::close(
-                chosen.as_ref(),
-                coordination.as_ref().map(|c| &c.resource),
-                &contents,
-            )?;
-            let mut effects = Vec::new();
-            if let (Some(coordination), Some(changed)) = (coordination, coordination_after) {
-                effects.push((coordination, changed));
+            let focus = match &coordination_id {
+                Some(_) => bidding::Focus::Named(coordination.as_ref().map(|c| &c.resource)),
+                None => bidding::Focus::None,
+            };
+            let now = StoredInstant::now();
+            let closing =
+                bidding::close(chosen.as_ref(), resource, focus, &contents, now.as_str())?;
+            let mut effects = Effects::default();
+            match (coordination, closing.coordination) {
+                (Some(coordination), Some(bidding::Coordination::Updated(changed))) => {
+                    effects.changes.push((coordination, changed));
+                }
+                (_, Some(bidding::Coordination::Created(task))) => {
+                    // The award names the Task it created among the bidding Task's outputs.
+                    let new_id = TaskId::generate();
+                    if let Some(outputs) = resource.get_mut("output").and_then(Value::as_array_mut)
+                    {
+                        outputs.push(bidding::coordination_output(&new_id));
+                    }
+                    effects.created = Some((new_id, task));
+                    effects.amended = true;
+                }
+                _ => {}
             }
-            for (i, changed) in bids_after {
-                effects.push((bids[i].clone(), changed));
+            for (i, changed) in closing.bids {
+                effects.changes.push((bids[i].clone(), changed));
             }
             Ok(effects)
         }
-        Some(_) => Ok(Vec::new()),
+        Some(_) => Ok(Effects::default()),
     }
+}
+
+/// What a write changes besides its own Task, in the same transaction: new versions of Tasks
+/// it loaded for change, and a Task it creates (an award's coordination Task); `amended` when
+/// it also changed the written Task itself (a bid's placer, an award's output).
+#[derive(Default)]
+struct Effects {
+    changes: Vec<(CurrentTask, Value)>,
+    created: Option<(TaskId, Value)>,
+    amended: bool,
 }
 
 /// Stores `resource` as the next version of the Task (the first, if it never existed), from
@@ -602,7 +653,7 @@ async fn put<T: TaskTx>(
     id: &TaskId,
     current: Option<&CurrentTask>,
     mut resource: Value,
-    staged: Option<Staged>,
+    staged: Option<Box<Staged>>,
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let live = current.filter(|c| !c.deleted);
@@ -615,7 +666,7 @@ async fn put<T: TaskTx>(
     let now = StoredInstant::now();
     stamp(&mut resource, id.as_str(), version, &now);
     let (text, index, columns, priority_rank) = match staged.filter(|_| current.is_none()) {
-        Some(staged) => staged.at(&now),
+        Some(staged) => Staged::at(*staged, &now),
         None => unstaged(&resource, base_url),
     };
     tx.put_version(&NewVersion {

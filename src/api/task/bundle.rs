@@ -19,6 +19,11 @@
 //!   direction, cycles included (two Tasks each `partOf` the other are stored as sent). A
 //!   `urn:uuid:` that names no entry is a 400 naming the entry that holds it. A request Task's
 //!   focal Task must exist before the transaction (see `links::check_links`).
+//! - A PATCH entry (`Task/{id}` only) carries its patch as the entry's resource, as HAPI FHIR
+//!   takes it: a FHIRPath Patch `Parameters`, or a `Binary` whose `contentType` is
+//!   `application/json-patch+json` (or `application/merge-patch+json`) and whose `data` is the
+//!   patch's base64. It goes through `write::patch_request`, as `PATCH /fhir/Task/{id}` does:
+//!   `ifMatch`, the role and element rules, the state machine and `limits.max_patch_operations`.
 //! - A batch may also create, read, update and delete Subscriptions (through the same
 //!   functions as `api::subscription`); a transaction holds Task entries only (400), since a
 //!   subscription write puts it in force on the hub, which no database rollback could undo.
@@ -30,13 +35,16 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value, json};
 
 use super::read::readable_current;
 use super::search::{parse_pairs, run_search};
 use super::write::{
     Created, conditional_delete_request, conditional_update_request, create_request, criteria,
-    delete_request, find_matches, race_lost, record_write, update_request,
+    delete_request, find_matches, patch_request, race_lost, read_patch, record_write,
+    update_request,
 };
 use crate::api::{
     AppState, BodyKind, Prefer, fhir_json, parse_if_match_text, parse_json, read_body, subscription,
@@ -45,6 +53,7 @@ use crate::auth::{Permission, Principal, Resource};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::interaction::Interaction;
+use crate::fhir::patch::TaskPatch;
 use crate::store::{CurrentTask, StoredSubscription, StoredVersion, WriteOutcome, WriteRequest};
 
 /// The kind of Bundle posted.
@@ -94,6 +103,7 @@ enum Method {
     Get,
     Post,
     Put,
+    Patch,
     Delete,
 }
 
@@ -108,7 +118,7 @@ fn require_entry_scope(principal: &Principal, entry: &Entry) -> Result<()> {
         (Method::Get, Target::Instance(_) | Target::Subscription(_)) => Permission::Read,
         (Method::Get, _) => Permission::Search,
         (Method::Post, _) => Permission::Create,
-        (Method::Put, _) => Permission::Update,
+        (Method::Put | Method::Patch, _) => Permission::Update,
         (Method::Delete, _) => Permission::Delete,
     };
     principal
@@ -251,10 +261,12 @@ fn parse_entry_inner(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry>
         Some("GET") => Method::Get,
         Some("POST") => Method::Post,
         Some("PUT") => Method::Put,
+        Some("PATCH") => Method::Patch,
         Some("DELETE") => Method::Delete,
         Some(other) => {
             return Err(Error::not_supported(format!(
-                "request.method '{other}' is not supported in a Bundle; use GET, POST, PUT or DELETE"
+                "request.method '{other}' is not supported in a Bundle; use GET, POST, PUT, \
+                 PATCH or DELETE"
             ))
             .at("request.method"));
         }
@@ -278,6 +290,7 @@ fn parse_entry_inner(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry>
             Method::Put | Method::Delete,
             Target::Instance(_) | Target::Conditional(_) | Target::Subscription(_),
         )
+        | (Method::Patch, Target::Instance(_))
         | (Method::Get, Target::Type | Target::Instance(_) | Target::Conditional(_))
         | (Method::Get, Target::Subscription(_)) => {}
         _ => {
@@ -288,8 +301,17 @@ fn parse_entry_inner(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry>
             .at("request.url"));
         }
     }
-    let needs_resource = matches!(method, Method::Post | Method::Put);
+    let needs_resource = matches!(method, Method::Post | Method::Put | Method::Patch);
     match (&resource, needs_resource) {
+        (None, true) if method == Method::Patch => {
+            return Err(Error::bad_request(
+                IssueCode::Required,
+                "a PATCH entry carries its patch in entry.resource: a FHIRPath Patch \
+                 (Parameters) or a JSON Patch in a Binary (contentType \
+                 application/json-patch+json, data its base64)",
+            )
+            .at("resource"));
+        }
         (None, true) => {
             return Err(Error::bad_request(
                 IssueCode::Required,
@@ -307,6 +329,20 @@ fn parse_entry_inner(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry>
         _ => {}
     }
     if let Some(resource) = &resource
+        && method == Method::Patch
+    {
+        let kind = resource.get("resourceType").and_then(Value::as_str);
+        if !matches!(kind, Some("Parameters" | "Binary")) {
+            return Err(Error::invalid(
+                "resource.resourceType",
+                format!(
+                    "a PATCH entry's resource is the patch: a Parameters resource (FHIRPath \
+                     Patch) or a Binary holding a JSON Patch, not {}",
+                    kind.map_or_else(|| "a resource without a type".into(), |k| format!("a {k}"))
+                ),
+            ));
+        }
+    } else if let Some(resource) = &resource
         && resource.get("resourceType").and_then(Value::as_str) != Some(target.resource_type())
     {
         return Err(Error::invalid(
@@ -774,6 +810,21 @@ async fn prepare_write(
                 conditional,
             }
         }
+        (Method::Patch, Target::Instance(id)) => {
+            let (patch, touches_links) = entry_patch(state, resource)?;
+            write(
+                patch_request(
+                    state,
+                    principal,
+                    id,
+                    patch,
+                    touches_links,
+                    entry.if_match,
+                    created,
+                )
+                .await?,
+            )
+        }
         (Method::Delete, Target::Instance(id)) => {
             write(delete_request(state, principal, id, entry.if_match))
         }
@@ -789,6 +840,63 @@ async fn prepare_write(
             ));
         }
     })
+}
+
+/// The patch a PATCH entry carries, as HAPI FHIR and the FHIR R4 http page take it: a
+/// `Parameters` resource is a FHIRPath Patch; a `Binary` holds a JSON Patch
+/// (`contentType` `application/json-patch+json`) or a JSON Merge Patch
+/// (`application/merge-patch+json`) as the base64 of its JSON in `data`. Every refusal names
+/// the element at fault (the caller adds the entry). References to other entries
+/// (`urn:uuid:`) are resolved in a Parameters patch, like those in a resource; a Binary's
+/// bytes are taken as they are.
+fn entry_patch(state: &AppState, resource: Value) -> Result<(TaskPatch, bool)> {
+    if resource.get("resourceType").and_then(Value::as_str) == Some("Parameters") {
+        return read_patch(resource, Some("application/fhir+json"), state);
+    }
+    let content_type = resource.get("contentType").and_then(Value::as_str);
+    let media_type = match content_type.map(|t| t.split(';').next().unwrap_or("").trim()) {
+        Some(media_type @ ("application/json-patch+json" | "application/merge-patch+json")) => {
+            media_type
+        }
+        other => {
+            return Err(Error::client(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                IssueCode::NotSupported,
+                format!(
+                    "a Binary in a PATCH entry holds a JSON Patch (contentType \
+                     application/json-patch+json) or a JSON Merge Patch \
+                     (application/merge-patch+json), not {}",
+                    other.map_or_else(
+                        || "a Binary without a contentType".into(),
+                        |t| format!("'{t}'")
+                    )
+                ),
+            )
+            .at("resource.contentType"));
+        }
+    };
+    let Some(data) = resource.get("data").and_then(Value::as_str) else {
+        return Err(Error::bad_request(
+            IssueCode::Required,
+            "the Binary in a PATCH entry carries its patch as base64 in Binary.data",
+        )
+        .at("resource.data"));
+    };
+    let bytes = STANDARD.decode(data.trim()).map_err(|e| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("Binary.data is not base64: {e}"),
+        )
+        .at("resource.data")
+    })?;
+    let document: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::bad_request(
+            IssueCode::Invalid,
+            format!("Binary.data does not hold JSON: {e}"),
+        )
+        .at("resource.data")
+    })?;
+    read_patch(document, Some(media_type), state)
 }
 
 /// The answer an entry gets from its write's outcome.

@@ -485,11 +485,36 @@ pub(super) async fn patch(
     let bytes = read_body(&state, &headers, body, BodyKind::Patch).await?;
     let document = parse_json(&bytes)?;
     let (patch, touches_links) = read_patch(document, media_type(&headers).as_deref(), &state)?;
-    let limits = stored_limits(&state);
-    // The patch is applied and judged here, against the version read now, so that a patch
-    // that fails (or grows the Task past the limits) is answered without ever reaching the
-    // writer. The decision below repeats only the cheap checks, unless the Task changed in
-    // between.
+    let request = patch_request(
+        &state,
+        principal,
+        id,
+        patch,
+        touches_links,
+        if_match,
+        &Created::new(),
+    )
+    .await?;
+    let outcome = state.store.write(request).await?;
+    written_response(&state, outcome, prefer)
+}
+
+/// A patch as the store takes it: the patch applied and judged against the version read now,
+/// so that a patch that fails (or grows the Task past the limits) is answered without ever
+/// reaching the writer, and a decision that repeats only the cheap checks, unless the Task
+/// changed in between (then the patch is applied again to what is there). `touches_links`
+/// says whether the patch may change the Task's links (those to Tasks in `created` are taken
+/// as checked).
+pub(crate) async fn patch_request(
+    state: &AppState,
+    principal: Principal,
+    id: TaskId,
+    patch: TaskPatch,
+    touches_links: bool,
+    if_match: Option<Version>,
+    created: &Created,
+) -> Result<WriteRequest> {
+    let limits = stored_limits(state);
     let before = state.store.read(&id).await?;
     let before = require_live(before.as_ref(), &id)?;
     check_version(if_match, Some(before))?;
@@ -517,7 +542,7 @@ pub(super) async fn patch(
             Some(&id),
             &state.base_url,
         )?;
-        check_links(&state, &principal, &fresh, &prepared, &Created::new()).await?
+        check_links(state, &principal, &fresh, &prepared, created).await?
     } else {
         HashSet::new()
     };
@@ -553,11 +578,7 @@ pub(super) async fn patch(
         )?;
         Ok(Decision::Put(patched))
     });
-    let outcome = state
-        .store
-        .write(WriteRequest::Change { id, decide })
-        .await?;
-    written_response(&state, outcome, prefer)
+    Ok(WriteRequest::Change { id, decide })
 }
 
 /// Reads a PATCH body in the form its media type says, and whether it may change the Task's
@@ -568,7 +589,7 @@ pub(super) async fn patch(
 /// - `application/fhir+json`: FHIRPath Patch, a `Parameters` resource;
 /// - `application/json`: an array is JSON Patch, a `Parameters` resource FHIRPath Patch, any
 ///   other object a merge patch (what fhirpy's `patch()` sends: the elements to change).
-fn read_patch(
+pub(crate) fn read_patch(
     document: Value,
     media_type: Option<&str>,
     state: &AppState,

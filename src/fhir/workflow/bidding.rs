@@ -2,19 +2,23 @@
 //! work to one of them.
 //!
 //! - The **bidding Task** (`code` `bidding` of `WORKFLOW_TASK_SYSTEM`) has no owner and a
-//!   `performerType`: it waits in that role queue, where every candidate sees it. Its `focus`
-//!   is the coordination Task to award, open and without an owner. Candidate owners may be
-//!   narrowed further with `CANDIDATE_EXTENSION` (one `valueReference` per candidate).
-//! - A **bid** (`code` `bid`) is a Task `partOf` the bidding Task, owned by the candidate, so
-//!   only the candidate and the placer's systems (admins, auditors) ever read it. Its `output`
-//!   says whether the candidate is willing (`willing`, `valueBoolean`, required) and how:
-//!   `earliest-start` (`valueDateTime`), `cost` (`valueMoney`), `conditions` (`valueString`),
-//!   typed with `BID_SYSTEM`. One bid per candidate; none once the bidding is closed (409).
+//!   `performerType`: it waits in that role queue, where every candidate sees it. Its
+//!   `requester` is the placer. Its `focus`, if any, is the coordination Task to award, open
+//!   and without an owner; without one the award creates it (`new_coordination`). Candidate
+//!   owners may be narrowed further with `CANDIDATE_EXTENSION` (one `valueReference` each).
+//! - A **bid** (`code` `bid`) is a Task `partOf` the bidding Task, owned by the candidate,
+//!   whose `requester` is the bidding Task's (`settle_placer`), so only the candidate, the
+//!   placer (read-only, `auth::may_read_task`) and the placer's systems (admins, auditors)
+//!   ever read it. Its `output` says whether the candidate is willing (`willing`,
+//!   `valueBoolean`, required) and how: `earliest-start` (`valueDateTime`), `cost`
+//!   (`valueMoney`), `conditions` (`valueString`), typed with `BID_SYSTEM`. One bid per
+//!   candidate; none once the bidding is closed (409).
 //! - The **award**: the placer completes the bidding Task with an `output` `awarded`
 //!   (`valueReference` to the chosen bid). In the same transaction the coordination Task gets
-//!   the chosen candidate as `owner`, the chosen bid becomes `accepted` and every other open
-//!   bid `rejected` (so each candidate hears it). Cancelling or rejecting the bidding Task
-//!   closes it without an award: the open bids become `rejected`.
+//!   the chosen candidate as `owner` (or is created with it, and named in the bidding Task's
+//!   `output` `coordination`), the chosen bid becomes `accepted` and every other open bid
+//!   `rejected` (so each candidate hears it). Cancelling or rejecting the bidding Task closes
+//!   it without an award: the open bids become `rejected`.
 
 use serde_json::{Value, json};
 
@@ -77,9 +81,11 @@ fn output<'a>(task: &'a Value, code: &str) -> Option<&'a Value> {
     })
 }
 
-/// Checks a bidding Task's own shape: a role queue for its candidates and no owner (422), a
-/// `focus` on the coordination Task here (400). Returns the coordination Task's id.
-pub fn parse_bidding(task: &Value, base_url: &str) -> Result<TaskId> {
+/// Checks a bidding Task's own shape: a role queue for its candidates and no owner (422), and
+/// a `focus`, when it has one, on the coordination Task here (400). Returns the coordination
+/// Task's id; `None` when the bidding Task has no `focus`, so that the award creates the
+/// coordination Task (`new_coordination`).
+pub fn parse_bidding(task: &Value, base_url: &str) -> Result<Option<TaskId>> {
     if task_rules::performer_types(task).is_empty() {
         return Err(Error::business_rule(
             "a bidding Task reaches its candidates through their role queue: give it a \
@@ -94,14 +100,64 @@ pub fn parse_bidding(task: &Value, base_url: &str) -> Result<TaskId> {
         )
         .at("Task.owner"));
     }
-    focal_task(task, base_url).ok_or_else(|| {
+    if task.get("focus").is_none() {
+        return Ok(None);
+    }
+    focal_task(task, base_url).map(Some).ok_or_else(|| {
         Error::bad_request(
-            IssueCode::Required,
+            IssueCode::Value,
             "Task.focus of a bidding Task must reference the coordination Task on this server \
-             that the award gives an owner (Task/{id})",
+             that the award gives an owner (Task/{id}); leave it out and the award creates one",
         )
-        .at("Task.focus")
+        .at("Task.focus.reference")
     })
+}
+
+/// The elements a coordination Task created by an award copies from its bidding Task: what
+/// was asked (`basedOn`, `groupIdentifier`, `for`, `encounter`, `requester`, `description`,
+/// `priority`, `restriction`, `reasonCode`, `reasonReference`, `insurance`, `note`) and for
+/// which role queue (`performerType`). Not the bidding Task's own `code`, `intent`, `input`,
+/// `output` or candidate extensions, which are about the bidding.
+pub const COPIED_TO_COORDINATION: &[&str] = &[
+    "basedOn",
+    "groupIdentifier",
+    "for",
+    "encounter",
+    "requester",
+    "description",
+    "priority",
+    "restriction",
+    "reasonCode",
+    "reasonReference",
+    "insurance",
+    "note",
+    "performerType",
+];
+
+/// The coordination Task an award creates when its bidding Task named none: `status`
+/// `requested`, `intent` `order`, `owner` the chosen bid's owner, `authoredOn` the award's
+/// `now`, and the request elements of `COPIED_TO_COORDINATION`. The store gives it its id.
+pub fn new_coordination(bidding: &Value, bid: &Value, now: &str) -> Value {
+    let mut task = json!({
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "authoredOn": now,
+    });
+    for element in COPIED_TO_COORDINATION {
+        if let Some(value) = bidding.get(*element) {
+            task[*element] = value.clone();
+        }
+    }
+    task["owner"] = bid["owner"].clone();
+    task
+}
+
+/// The output an award adds to its bidding Task when it created the coordination Task: typed
+/// `coordination` of `BID_SYSTEM`, a `valueReference` to it.
+pub fn coordination_output(id: &TaskId) -> Value {
+    json!({ "type": { "coding": [{ "system": BID_SYSTEM, "code": "coordination" }] },
+            "valueReference": { "reference": format!("Task/{id}") } })
 }
 
 /// Checks the coordination Task a bidding Task is about: open and without an owner (422).
@@ -210,6 +266,40 @@ pub fn check_bid(bid: &Value, bidding: &Value, bids: &[Value], base_url: &str) -
     Ok(())
 }
 
+/// Gives a new bid its placer: the bidding Task's `requester`, copied when the bid names none,
+/// and a 422 when it names another (or names one the bidding Task does not have). The read rule
+/// lets that practitioner read the bid (`workflow::asked_by`), and `elements` keeps both
+/// `requester`s from changing afterwards, so "the placer of a bidding Task reads its bids"
+/// holds from the bid alone — in reads, searches and at send time alike. True when it
+/// amended the bid.
+pub fn settle_placer(bid: &mut Value, bidding: &Value, base_url: &str) -> Result<bool> {
+    let normal = |task: &Value| {
+        task.pointer("/requester/reference")
+            .and_then(Value::as_str)
+            .and_then(|r| normalize_reference(r, base_url))
+    };
+    let placer = normal(bidding);
+    let id = id_of(bidding);
+    let problem = match (bid.get("requester").is_some(), placer) {
+        (false, None) => return Ok(false),
+        (false, Some(_)) => {
+            bid["requester"] = bidding["requester"].clone();
+            return Ok(true);
+        }
+        (true, Some(placer)) if normal(bid).as_deref() == Some(placer.as_str()) => {
+            return Ok(false);
+        }
+        (true, Some(placer)) => format!(
+            "a bid answers the placer of its bidding Task: Task.requester must be {placer}, the \
+             requester of Task/{id} (leave it out and it is copied)"
+        ),
+        (true, None) => format!(
+            "Task/{id} names no requester, so its bids name none either: leave out Task.requester"
+        ),
+    };
+    Err(Error::business_rule(problem).at("Task.requester"))
+}
+
 /// The bid an award chooses (`awarded` output), for a bidding Task being completed; a 400
 /// when it names none.
 pub fn awarded(bidding: &Value, base_url: &str) -> Result<TaskId> {
@@ -230,18 +320,42 @@ pub fn awarded(bidding: &Value, base_url: &str) -> Result<TaskId> {
         })
 }
 
-/// What closing a bidding changes: the coordination Task's new version, if awarded, and each
-/// open bid's, by its index among the bids.
-pub type Closing = (Option<Value>, Vec<(usize, Value)>);
+/// What closing a bidding changes: the coordination Task, if awarded, and each open bid's new
+/// version, by its index among the bids.
+#[derive(Debug)]
+pub struct Closing {
+    /// The coordination Task as the award leaves it: the existing one with its new owner, or
+    /// (when the bidding Task names none) a new one to create (`new_coordination`).
+    pub coordination: Option<Coordination>,
+    pub bids: Vec<(usize, Value)>,
+}
+
+/// The coordination Task an award writes.
+#[derive(Debug)]
+pub enum Coordination {
+    Updated(Value),
+    Created(Value),
+}
+
+/// The coordination Task a closing bidding Task is about: the current version of the one its
+/// `focus` names (`None` if it no longer exists), or none named at all.
+#[derive(Debug, Clone, Copy)]
+pub enum Focus<'a> {
+    Named(Option<&'a Value>),
+    None,
+}
 
 /// What closing the bidding changes: the coordination Task (when awarded) and each open bid,
 /// as `(index into bids, new version)`. `chosen` is the awarded bid's id, if any; it must be
-/// an open, willing bid among `bids` (422 otherwise), and the coordination Task must still be
-/// open and unowned (409: someone took it meanwhile).
+/// an open, willing bid among `bids` (422 otherwise), and a named coordination Task must still
+/// be there, open and unowned (409: someone took it meanwhile); without one, the award creates
+/// it from `bidding` at `now`.
 pub fn close(
     chosen: Option<&TaskId>,
-    coordination: Option<&Value>,
+    bidding: &Value,
+    focus: Focus<'_>,
     bids: &[Value],
+    now: &str,
 ) -> Result<Closing> {
     let mut coordination_after = None;
     if let Some(chosen) = chosen {
@@ -264,22 +378,27 @@ pub fn close(
             ))
             .at("Task.output"));
         }
-        let Some(coordination) = coordination else {
-            return Err(Error::conflict(
-                "the coordination Task in this bidding Task's focus no longer exists",
-            )
-            .at("Task.focus"));
-        };
-        check_coordination(coordination).map_err(|e| {
-            Error::conflict(
-                e.as_client()
-                    .map_or_else(String::new, |c| c.diagnostics.clone()),
-            )
-            .at("Task.focus")
-        })?;
-        let mut changed = coordination.clone();
-        changed["owner"] = bid["owner"].clone();
-        coordination_after = Some(changed);
+        coordination_after = Some(match focus {
+            Focus::None => Coordination::Created(new_coordination(bidding, bid, now)),
+            Focus::Named(None) => {
+                return Err(Error::conflict(
+                    "the coordination Task in this bidding Task's focus no longer exists",
+                )
+                .at("Task.focus"));
+            }
+            Focus::Named(Some(coordination)) => {
+                check_coordination(coordination).map_err(|e| {
+                    Error::conflict(
+                        e.as_client()
+                            .map_or_else(String::new, |c| c.diagnostics.clone()),
+                    )
+                    .at("Task.focus")
+                })?;
+                let mut changed = coordination.clone();
+                changed["owner"] = bid["owner"].clone();
+                Coordination::Updated(changed)
+            }
+        });
     }
     let mut bids_after = Vec::new();
     for (i, bid) in bids.iter().enumerate() {
@@ -299,7 +418,10 @@ pub fn close(
         }
         bids_after.push((i, changed));
     }
-    Ok((coordination_after, bids_after))
+    Ok(Closing {
+        coordination: coordination_after,
+        bids: bids_after,
+    })
 }
 
 #[cfg(test)]
@@ -331,7 +453,18 @@ mod tests {
 
     #[test]
     fn shapes_are_checked() {
-        assert_eq!(parse_bidding(&bidding(), B).unwrap().as_str(), "c1");
+        assert_eq!(
+            parse_bidding(&bidding(), B).unwrap().unwrap().as_str(),
+            "c1"
+        );
+        let mut unfocused = bidding();
+        unfocused.as_object_mut().unwrap().remove("focus");
+        assert_eq!(parse_bidding(&unfocused, B).unwrap(), None);
+        unfocused["focus"] = json!({ "reference": "ServiceRequest/1" });
+        assert_eq!(
+            status(parse_bidding(&unfocused, B)),
+            StatusCode::BAD_REQUEST
+        );
         let mut owned = bidding();
         owned["owner"] = json!({ "reference": "Practitioner/x" });
         assert_eq!(
@@ -378,10 +511,16 @@ mod tests {
         ];
         let coordination =
             json!({ "resourceType": "Task", "id": "c1", "status": "requested", "intent": "plan" });
+        let named = Focus::Named(Some(&coordination));
+        let now = "2026-12-07T06:00:00Z";
         let chosen = TaskId::parse("b2").unwrap();
-        let (c, changed) = close(Some(&chosen), Some(&coordination), &bids).unwrap();
-        assert_eq!(c.unwrap()["owner"]["reference"], "Practitioner/b");
-        let statuses: Vec<(usize, &str)> = changed
+        let closing = close(Some(&chosen), &bidding(), named, &bids, now).unwrap();
+        let Some(Coordination::Updated(c)) = closing.coordination else {
+            panic!("{closing:?}")
+        };
+        assert_eq!(c["owner"]["reference"], "Practitioner/b");
+        let statuses: Vec<(usize, &str)> = closing
+            .bids
             .iter()
             .map(|(i, t)| (*i, t["status"].as_str().unwrap()))
             .collect();
@@ -389,26 +528,72 @@ mod tests {
             statuses,
             vec![(0, "rejected"), (1, "accepted"), (2, "rejected")]
         );
-        // Not a bid here, a declined one, or work someone took meanwhile.
+        // Not a bid here, a declined one, or work someone took meanwhile, or that is gone.
         let other = TaskId::parse("zz").unwrap();
         assert_eq!(
-            status(close(Some(&other), Some(&coordination), &bids)),
+            status(close(Some(&other), &bidding(), named, &bids, now)),
             StatusCode::UNPROCESSABLE_ENTITY
         );
         let declined = TaskId::parse("b3").unwrap();
         assert_eq!(
-            status(close(Some(&declined), Some(&coordination), &bids)),
+            status(close(Some(&declined), &bidding(), named, &bids, now)),
             StatusCode::UNPROCESSABLE_ENTITY
         );
         let mut taken = coordination.clone();
         taken["owner"] = json!({ "reference": "Practitioner/z" });
         assert_eq!(
-            status(close(Some(&chosen), Some(&taken), &bids)),
+            status(close(
+                Some(&chosen),
+                &bidding(),
+                Focus::Named(Some(&taken)),
+                &bids,
+                now
+            )),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            status(close(
+                Some(&chosen),
+                &bidding(),
+                Focus::Named(None),
+                &bids,
+                now
+            )),
             StatusCode::CONFLICT
         );
         // Closed without an award: every open bid is told.
-        let (c, changed) = close(None, None, &bids).unwrap();
-        assert!(c.is_none());
-        assert!(changed.iter().all(|(_, t)| t["status"] == "rejected"));
+        let closing = close(None, &bidding(), Focus::None, &bids, now).unwrap();
+        assert!(closing.coordination.is_none());
+        assert!(closing.bids.iter().all(|(_, t)| t["status"] == "rejected"));
+    }
+
+    #[test]
+    fn an_award_without_a_coordination_task_creates_one_from_the_bidding_task() {
+        let mut placed = bidding();
+        placed.as_object_mut().unwrap().remove("focus");
+        placed["requester"] = json!({ "reference": "Practitioner/placer" });
+        placed["for"] = json!({ "reference": "Patient/p" });
+        placed["basedOn"] = json!([{ "reference": "ServiceRequest/s" }]);
+        placed["priority"] = json!("urgent");
+        placed["description"] = json!("hip replacement");
+        placed["input"] = json!([{ "type": { "text": "x" }, "valueString": "y" }]);
+        let bids = [bid("b1", "Practitioner/a", true)];
+        let chosen = TaskId::parse("b1").unwrap();
+        let closing = close(Some(&chosen), &placed, Focus::None, &bids, "2026-12-07").unwrap();
+        let Some(Coordination::Created(c)) = closing.coordination else {
+            panic!("{closing:?}")
+        };
+        assert_eq!(
+            c,
+            json!({ "resourceType": "Task", "status": "requested", "intent": "order",
+                    "authoredOn": "2026-12-07",
+                    "owner": { "reference": "Practitioner/a" },
+                    "requester": { "reference": "Practitioner/placer" },
+                    "for": { "reference": "Patient/p" },
+                    "basedOn": [{ "reference": "ServiceRequest/s" }],
+                    "priority": "urgent", "description": "hip replacement",
+                    "performerType": placed["performerType"] })
+        );
+        task_rules::validate_task(&c, B).unwrap();
     }
 }

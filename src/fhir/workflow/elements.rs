@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::fhir::normalize_reference;
+use crate::fhir::workflow::{bidding, information};
 
 /// The two parties of the workflow guidance, as a write's author is one of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,11 +78,46 @@ pub fn side_of(admin: bool, fhir_user: Option<&str>, current: &Value, base_url: 
     }
 }
 
+/// The workflow kinds whose links the read rule trusts (`auth::may_read_task` through
+/// `workflow::asked_by`): a bid is read by the `requester` it shares with its bidding Task, an
+/// information request by the `requester` who sent it. For these Tasks the kind itself (the
+/// `code` that makes them one), `requester` and a bid's `partOf` are fixed at creation, where
+/// the store checked them, so that nobody, an admin included, can later widen who reads them.
+fn workflow_kind(task: &Value) -> Option<&'static str> {
+    if bidding::is_bid(task) {
+        Some(bidding::BID)
+    } else if bidding::is_bidding(task) {
+        Some(bidding::BIDDING)
+    } else if information::is_information_request(task) {
+        Some(information::INFORMATION_REQUEST)
+    } else {
+        None
+    }
+}
+
+/// The element of a workflow Task (`workflow_kind`) that may not change from `before` to
+/// `after`, if one does.
+fn workflow_fixed(before: &Value, after: &Value) -> Option<&'static str> {
+    let kind = workflow_kind(before);
+    if kind != workflow_kind(after) {
+        return Some("code");
+    }
+    let changed = |element: &str| before.get(element) != after.get(element);
+    match kind {
+        None => None,
+        Some(kind) if kind == bidding::BID && changed("partOf") => Some("partOf"),
+        Some(_) => changed("requester").then_some("requester"),
+    }
+}
+
 /// The first element, in the order of the tables above, that `side` may not change from
 /// `before` to `after` (an element added or removed counts as changed).
 pub fn forbidden_change(side: Side, before: &Value, after: &Value) -> Option<(&'static str, bool)> {
     let changed = |element: &str| before.get(element) != after.get(element);
     if let Some(element) = FIXED.iter().copied().find(|e| changed(e)) {
+        return Some((element, true));
+    }
+    if let Some(element) = workflow_fixed(before, after) {
         return Some((element, true));
     }
     match side {
@@ -102,11 +138,16 @@ pub fn check_rewrite(side: Side, before: &Value, after: &Value) -> Result<()> {
         None => Ok(()),
         Some((element, true)) => Err(Error::business_rule(format!(
             "Task.{element} cannot change once the Task exists; {}",
-            if element == "intent" {
-                "a request with another intent is a new Task (FHIR R4 Request pattern: intent \
-                 is immutable)"
-            } else {
-                "it records when the Task was created"
+            match element {
+                "intent" => {
+                    "a request with another intent is a new Task (FHIR R4 Request pattern: \
+                     intent is immutable)"
+                }
+                "authoredOn" => "it records when the Task was created",
+                _ => {
+                    "on a bid, a bidding Task or an information request it decides who reads \
+                     the Task, and was checked when the Task was created"
+                }
             }
         ))
         .at(format!("Task.{element}"))),
@@ -207,5 +248,45 @@ mod tests {
         }
         // Nothing changed is never refused.
         assert!(check_rewrite(Fulfiller, &base(), &base()).is_ok());
+    }
+
+    #[test]
+    fn who_reads_a_workflow_task_is_fixed_at_creation() {
+        use Side::Placer;
+        let kind = |code: &str| {
+            let mut t = base();
+            t["code"] = json!({ "coding": [{ "system": information::WORKFLOW_TASK_SYSTEM, "code": code }] });
+            t["partOf"] = json!([{ "reference": "Task/bt" }]);
+            t
+        };
+        let with = |mut t: Value, f: &dyn Fn(&mut Value)| {
+            f(&mut t);
+            t
+        };
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Value, Value, Option<&str>)> = vec![
+            ("made a bid", base(), kind("bid"), Some("Task.code")),
+            ("no longer a bid", kind("bid"), base(), Some("Task.code")),
+            ("bid to information request", kind("bid"), kind("information-request"), Some("Task.code")),
+            ("bid's requester", kind("bid"), with(kind("bid"), &|t| t["requester"] = json!({ "reference": "Practitioner/eve" })), Some("Task.requester")),
+            ("bid's parent", kind("bid"), with(kind("bid"), &|t| t["partOf"] = json!([{ "reference": "Task/other" }])), Some("Task.partOf")),
+            ("bidding's requester", kind("bidding"), with(kind("bidding"), &|t| { t.as_object_mut().unwrap().remove("requester"); }), Some("Task.requester")),
+            ("question's asker", kind("information-request"), with(kind("information-request"), &|t| t["requester"] = json!({ "reference": "Practitioner/eve" })), Some("Task.requester")),
+            ("a question's parent is not held", kind("information-request"), with(kind("information-request"), &|t| t["partOf"] = json!([])), None),
+            ("a plain Task's requester", base(), with(base(), &|t| t["requester"] = json!({ "reference": "Practitioner/eve" })), None),
+        ];
+        for (label, before, after, expected) in cases {
+            // Even the placer (an admin) may not change these.
+            let result = check_rewrite(Placer, &before, &after);
+            match expected {
+                None => assert!(result.is_ok(), "{label}: {result:?}"),
+                Some(expression) => {
+                    let error = result.expect_err(label);
+                    let client = error.as_client().expect("a client error");
+                    assert_eq!(client.status, StatusCode::UNPROCESSABLE_ENTITY, "{label}");
+                    assert_eq!(client.expression.as_deref(), Some(expression), "{label}");
+                }
+            }
+        }
     }
 }

@@ -7,9 +7,11 @@
 //! While it is open the coordination Task's `businessStatus` is `WAITING` (written in the
 //! request's transaction). When the placer completes it, the answer in its `output` (e.g. a
 //! QuestionnaireResponse reference) is added to the coordination Task's `input` — the placer
-//! supplies what was missing, where the fulfiller reads it — and the waiting business status
-//! is removed, in the same transaction; rejecting, cancelling or failing it only removes the
-//! waiting status.
+//! supplies what was missing, where the fulfiller reads it — and the business status the
+//! coordination Task had before it waited is restored (kept meanwhile in
+//! `BEFORE_WAITING_EXTENSION`; removed when it had none), in the same transaction; rejecting,
+//! cancelling or failing it only restores the business status. The fulfiller who asked reads
+//! its request and may withdraw it (`cancelled`, `check_withdrawal`).
 
 use serde_json::{Value, json};
 
@@ -29,6 +31,13 @@ pub const BUSINESS_STATUS_SYSTEM: &str = "https://baton.dev/fhir/CodeSystem/busi
 
 /// The business status of a coordination Task waiting for an answer from its placer.
 pub const WAITING: &str = "waiting-for-information";
+
+/// Where a waiting coordination Task keeps the `businessStatus` it had before it began to
+/// wait (a `valueCodeableConcept`), so that closing the information request puts it back.
+/// It lives on the coordination Task itself, which only the parties that read that Task see;
+/// the information request is the placer's, who may not read the fulfiller's business status.
+pub const BEFORE_WAITING_EXTENSION: &str =
+    "https://baton.dev/fhir/StructureDefinition/business-status-before-waiting";
 
 /// Whether this Task is an information request (by its `code`).
 pub fn is_information_request(task: &Value) -> bool {
@@ -69,6 +78,65 @@ pub fn parse(task: &Value, base_url: &str) -> Result<Option<TaskId>> {
              server that it asks about (Task/{id})",
         )
         .at("Task.focus")),
+    }
+}
+
+/// Checks a write by the practitioner who asked for an information request (its
+/// `requester`, not its owner): it may only withdraw it, moving it from an open status to
+/// `cancelled`, with a `statusReason` and `lastModified` if it likes; anything else is a 403
+/// naming the first element it changes (422 for a request already closed). Withdrawing
+/// closes the request like a refusal (`Transition::Closed`), so the coordination Task stops
+/// waiting.
+pub fn check_withdrawal(before: &Value, after: &Value) -> Result<()> {
+    let status = task_rules::status(before).unwrap_or_default();
+    if task_rules::is_terminal(status) {
+        return Err(Error::business_rule(format!(
+            "this information request is already {status}, so there is nothing to withdraw"
+        ))
+        .at("Task.status"));
+    }
+    if task_rules::status(after) != Some("cancelled") {
+        return Err(Error::forbidden(
+            "the practitioner who asked for information may only withdraw its request: set \
+             Task.status to cancelled; the placer, its owner, answers or refuses it",
+        )
+        .at("Task.status"));
+    }
+    const MAY_CHANGE: &[&str] = &["status", "statusReason", "lastModified", "meta"];
+    let keys = |task: &Value| -> Vec<String> {
+        task.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let mut elements = keys(before);
+    elements.extend(keys(after));
+    elements.sort();
+    elements.dedup();
+    let changed = elements
+        .iter()
+        .filter(|e| !MAY_CHANGE.contains(&e.as_str()))
+        .find(|e| before.get(e.as_str()) != after.get(e.as_str()));
+    let tags = |task: &Value| {
+        task.get("meta")
+            .and_then(Value::as_object)
+            .map(|meta| {
+                meta.iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "versionId" | "lastUpdated"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let changed = changed
+        .cloned()
+        .or_else(|| (tags(before) != tags(after)).then(|| "meta".to_string()));
+    match changed {
+        None => Ok(()),
+        Some(element) => Err(Error::forbidden(format!(
+            "the practitioner who asked for information may only withdraw its request \
+             (Task.status cancelled, with a statusReason); it may not change Task.{element}"
+        ))
+        .at(format!("Task.{element}"))),
     }
 }
 
@@ -155,7 +223,26 @@ fn is_waiting(task: &Value) -> bool {
         })
 }
 
-/// The coordination Task as the transition leaves it; `None` when it stays as it is.
+/// The `businessStatus` a waiting coordination Task had before it began to wait, if it had
+/// one, taking the extension that kept it off the Task.
+fn take_before_waiting(task: &mut Value) -> Option<Value> {
+    let extensions = task.get_mut("extension")?.as_array_mut()?;
+    let at = extensions
+        .iter()
+        .position(|e| e.get("url").and_then(Value::as_str) == Some(BEFORE_WAITING_EXTENSION))?;
+    let kept = extensions.remove(at);
+    if extensions.is_empty()
+        && let Some(object) = task.as_object_mut()
+    {
+        object.remove("extension");
+    }
+    kept.get("valueCodeableConcept").cloned()
+}
+
+/// The coordination Task as the transition leaves it; `None` when it stays as it is. Opening
+/// keeps the business status it replaces in `BEFORE_WAITING_EXTENSION`; closing puts that
+/// back (or removes the waiting status when there was none). If the fulfiller changed the
+/// business status meanwhile, its own value stands and only the kept one goes.
 pub fn apply(
     transition: Transition,
     coordination: &Value,
@@ -166,6 +253,15 @@ pub fn apply(
         Transition::Opened => {
             if is_waiting(coordination) {
                 return Ok(None);
+            }
+            take_before_waiting(&mut changed);
+            if let Some(before) = coordination.get("businessStatus") {
+                let kept =
+                    json!({ "url": BEFORE_WAITING_EXTENSION, "valueCodeableConcept": before });
+                match changed.get_mut("extension").and_then(Value::as_array_mut) {
+                    Some(extensions) => extensions.push(kept),
+                    None => changed["extension"] = json!([kept]),
+                }
             }
             changed["businessStatus"] = json!({
                 "coding": [{ "system": BUSINESS_STATUS_SYSTEM, "code": WAITING,
@@ -183,10 +279,15 @@ pub fn apply(
                 )
                 .at("Task.output"));
             }
-            if let Some(object) = changed.as_object_mut()
-                && is_waiting(coordination)
-            {
-                object.remove("businessStatus");
+            let before = take_before_waiting(&mut changed);
+            if is_waiting(coordination) {
+                match (before, changed.as_object_mut()) {
+                    (Some(before), _) => changed["businessStatus"] = before,
+                    (None, Some(object)) => {
+                        object.remove("businessStatus");
+                    }
+                    (None, None) => {}
+                }
             }
             if completed {
                 let inputs = changed
@@ -278,6 +379,41 @@ mod tests {
         );
     }
 
+    /// The status and expression of a refusal, or None when allowed.
+    type Refusal = Option<(u16, &'static str)>;
+
+    #[test]
+    fn the_asker_may_only_withdraw_its_open_request() {
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut t = ask("cancelled");
+            f(&mut t);
+            t
+        };
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Value, Value, Refusal)> = vec![
+            ("withdrawn", ask("requested"), ask("cancelled"), None),
+            ("with a reason", ask("in-progress"), with(&|t| t["statusReason"] = json!({ "text": "asked the GP instead" })), None),
+            ("server meta differs", ask("requested"), with(&|t| t["meta"] = json!({ "versionId": "9" })), None),
+            ("completed by the asker", ask("requested"), ask("completed"), Some((403, "Task.status"))),
+            ("question rewritten", ask("requested"), with(&|t| t["input"] = json!([])), Some((403, "Task.input"))),
+            ("owner changed", ask("requested"), with(&|t| { t.as_object_mut().unwrap().remove("owner"); }), Some((403, "Task.owner"))),
+            ("tagged", ask("requested"), with(&|t| t["meta"] = json!({ "tag": [{ "code": "x" }] })), Some((403, "Task.meta"))),
+            ("already closed", ask("rejected"), ask("cancelled"), Some((422, "Task.status"))),
+        ];
+        for (label, before, after, expected) in cases {
+            let result = check_withdrawal(&before, &after);
+            match expected {
+                None => assert!(result.is_ok(), "{label}: {result:?}"),
+                Some((status, expression)) => {
+                    let error = result.expect_err(label);
+                    let client = error.as_client().unwrap();
+                    assert_eq!(client.status.as_u16(), status, "{label}");
+                    assert_eq!(client.expression.as_deref(), Some(expression), "{label}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_coordination_task_waits_while_the_request_is_open() {
         use Transition::*;
@@ -326,5 +462,33 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(refused, coordination());
+
+        // A business status the coordination Task had comes back when the waiting ends.
+        let mut scheduled = coordination();
+        scheduled["businessStatus"] = json!({ "text": "scheduled for Tuesday" });
+        scheduled["extension"] = json!([{ "url": "urn:other", "valueString": "kept" }]);
+        let waiting = apply(Opened, &scheduled, &ask("requested"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(waiting["businessStatus"]["coding"][0]["code"], WAITING);
+        assert_eq!(waiting["extension"][1]["url"], BEFORE_WAITING_EXTENSION);
+        for closing in [Closed { completed: true }, Closed { completed: false }] {
+            let mut answered = ask("completed");
+            answered["output"] = json!([{ "type": { "text": "answer" }, "valueString": "none" }]);
+            let done = apply(closing, &waiting, &answered).unwrap().unwrap();
+            assert_eq!(
+                done["businessStatus"], scheduled["businessStatus"],
+                "{done}"
+            );
+            assert_eq!(done["extension"], scheduled["extension"], "{done}");
+        }
+        // Changed meanwhile by the fulfiller: its value stands, the kept one goes.
+        let mut moved_on = waiting.clone();
+        moved_on["businessStatus"] = json!({ "text": "operated" });
+        let done = apply(Closed { completed: false }, &moved_on, &ask("rejected"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(done["businessStatus"]["text"], "operated");
+        assert_eq!(done["extension"], scheduled["extension"]);
     }
 }
