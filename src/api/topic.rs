@@ -3,7 +3,8 @@
 //! Topics are served in R4B's shape, the only FHIR version before R5 that has the resource
 //! (`GET /fhir/metadata` claims 4.0.1, where topics are known by their canonical URLs, listed
 //! in the CapabilityStatement): a definition written in R5's shape (`canFilterBy.comparator`)
-//! has its comparators folded into `canFilterBy.modifier`, as R4B lists them (`served`).
+//! has its comparators folded into `canFilterBy.modifier`, as R4B lists them, and R5's `name`
+//! (which R4B lacks; `title` stays) left out (`served`).
 
 use axum::Router;
 use axum::extract::{Path, RawQuery, State};
@@ -84,9 +85,12 @@ async fn search(
 
 /// A topic definition in R4B's shape: R5's `canFilterBy.comparator` codes folded into
 /// `modifier` (R4B's `subscription-search-modifier` codes include the comparators), ahead of
-/// the modifiers.
+/// the modifiers, and R5's `name` left out.
 pub fn served(definition: &Value) -> Value {
     let mut served = definition.clone();
+    if let Some(topic) = served.as_object_mut() {
+        topic.remove("name");
+    }
     if let Some(filters) = served
         .get_mut("canFilterBy")
         .and_then(Value::as_array_mut)
@@ -115,12 +119,14 @@ mod tests {
     fn comparators_are_served_as_r4b_modifiers() {
         let r5 = json!({
             "resourceType": "SubscriptionTopic",
+            "name": "R5Only",
             "canFilterBy": [
                 { "filterParameter": "authored-on", "comparator": ["ge", "lt"], "modifier": ["missing"] },
                 { "filterParameter": "due-date", "comparator": ["le"] },
                 { "filterParameter": "owner", "modifier": ["not"] },
             ],
         });
+        assert!(served(&r5).get("name").is_none());
         assert_eq!(
             served(&r5)["canFilterBy"],
             json!([
