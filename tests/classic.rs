@@ -150,7 +150,12 @@ async fn each_payload_form_reaches_the_endpoint_as_r4_and_hapi_send_it() {
     let endpoint = Endpoint::start().await;
     let criteria = "Task?owner=Practitioner/1&status=requested";
     let root = &endpoint.root;
-    create(&server, &admin, &classic(criteria, &format!("{root}/ping"), None)).await;
+    create(
+        &server,
+        &admin,
+        &classic(criteria, &format!("{root}/ping"), None),
+    )
+    .await;
     create(
         &server,
         &admin,
@@ -161,7 +166,11 @@ async fn each_payload_form_reaches_the_endpoint_as_r4_and_hapi_send_it() {
         ),
     )
     .await;
-    let mut bundled = classic(criteria, &format!("{root}/bundle"), Some("application/json"));
+    let mut bundled = classic(
+        criteria,
+        &format!("{root}/bundle"),
+        Some("application/json"),
+    );
     bundled["channel"]["_payload"] = json!({ "extension": [{
         "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content",
         "valueCode": "id-only",
@@ -351,7 +360,10 @@ async fn a_failing_endpoint_gets_every_event_in_order_after_retries() {
         "each Task once, in order, after two failures"
     );
     let (_, sub) = server.get(&format!("/Subscription/{id}"), &admin).await;
-    assert_eq!(sub["status"], "active", "recovered after the retries: {sub}");
+    assert_eq!(
+        sub["status"], "active",
+        "recovered after the retries: {sub}"
+    );
     server.stop().await;
 }
 
@@ -370,7 +382,11 @@ async fn events_survive_a_restart() {
     create(
         &server,
         &admin,
-        &classic("Task?status=requested", &format!("{}/ping", endpoint.root), None),
+        &classic(
+            "Task?status=requested",
+            &format!("{}/ping", endpoint.root),
+            None,
+        ),
     )
     .await;
     server
@@ -440,11 +456,7 @@ async fn unsupported_criteria_are_refused_and_nothing_is_stored() {
             "Subscription.channel.payload",
             "text/plain",
         ),
-        (
-            heartbeat,
-            "Subscription.channel.extension",
-            "heartbeat",
-        ),
+        (heartbeat, "Subscription.channel.extension", "heartbeat"),
         (both, "Subscription._criteria", "classic"),
     ];
     for (subscription, expression, mentions) in cases {
@@ -473,10 +485,9 @@ async fn connect(server: &TestServer, token: Option<&str>) -> Socket {
     let url = format!("{}/fhir/ws", server.root.replacen("http", "ws", 1));
     let mut request = url.into_client_request().unwrap();
     if let Some(token) = token {
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {token}").parse().unwrap(),
-        );
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     tokio_tungstenite::connect_async(request)
         .await
@@ -537,7 +548,11 @@ async fn a_websocket_binds_by_id_and_hears_pings_only_for_its_own_subscription()
         .unwrap();
     assert_eq!(next_text(&mut socket).await, format!("bound {id}"));
     let (status, _) = server
-        .post_json("/Task", &alice, &task("requested", Some("Practitioner/alice")))
+        .post_json(
+            "/Task",
+            &alice,
+            &task("requested", Some("Practitioner/alice")),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(next_text(&mut socket).await, format!("ping {id}"));
@@ -578,7 +593,9 @@ async fn the_capability_statement_lists_r4_types_and_the_classic_websocket() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|e| e["url"] == "http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket")
+        .find(|e| {
+            e["url"] == "http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket"
+        })
         .expect("the classic websocket URL is advertised");
     assert_eq!(
         websocket["valueUri"],

@@ -91,10 +91,7 @@ pub fn served(definition: &Value) -> Value {
     if let Some(topic) = served.as_object_mut() {
         topic.remove("name");
     }
-    if let Some(filters) = served
-        .get_mut("canFilterBy")
-        .and_then(Value::as_array_mut)
-    {
+    if let Some(filters) = served.get_mut("canFilterBy").and_then(Value::as_array_mut) {
         for filter in filters.iter_mut().filter_map(Value::as_object_mut) {
             let Some(Value::Array(comparators)) = filter.remove("comparator") else {
                 continue;

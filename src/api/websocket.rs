@@ -87,7 +87,10 @@ async fn upgrade(
             let token = value
                 .to_str()
                 .ok()
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
                 .map(str::trim)
                 .filter(|t| !t.is_empty());
             let Some(token) = token else {
@@ -319,7 +322,8 @@ async fn bind_classic(
     let Ok(Some(stored)) = hub.store.read_subscription(&subscription_id).await else {
         return false;
     };
-    let allowed = principal.role == crate::auth::Role::Admin || stored.owner == principal.identity();
+    let allowed =
+        principal.role == crate::auth::Role::Admin || stored.owner == principal.identity();
     if stored.channel_type != ChannelType::WebSocket
         || stored.status == SubscriptionStatus::Off
         || !crate::fhir::subscription::is_classic(&stored.resource)

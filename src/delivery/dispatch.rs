@@ -254,8 +254,14 @@ mod tests {
     #[test]
     fn a_classic_resource_goes_to_the_task_url_on_the_endpoint_base() {
         let cases = [
-            ("https://r.example.org/fhir", "https://r.example.org/fhir/Task/t1"),
-            ("https://r.example.org/fhir/", "https://r.example.org/fhir/Task/t1"),
+            (
+                "https://r.example.org/fhir",
+                "https://r.example.org/fhir/Task/t1",
+            ),
+            (
+                "https://r.example.org/fhir/",
+                "https://r.example.org/fhir/Task/t1",
+            ),
             ("https://r.example.org", "https://r.example.org/Task/t1"),
             (
                 "https://r.example.org/fhir?tenant=7",
@@ -267,7 +273,11 @@ mod tests {
             ),
         ];
         for (endpoint, expected) in cases {
-            assert_eq!(resource_url(endpoint, "t1").unwrap(), expected, "{endpoint}");
+            assert_eq!(
+                resource_url(endpoint, "t1").unwrap(),
+                expected,
+                "{endpoint}"
+            );
         }
         assert!(resource_url("not a url", "t1").is_err());
     }

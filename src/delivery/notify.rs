@@ -10,14 +10,12 @@ use crate::auth::{self, Principal, Reader};
 use crate::error::Result;
 use crate::fhir::datetime::format_instant;
 use crate::fhir::ids::{EventNumber, TaskId, Version};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::{
     ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
     event_entry_bytes, notification_bundle_bytes,
 };
-use crate::fhir::interaction::Interaction;
-use crate::fhir::subscription::{
-    ChannelSpec, ClassicPayload, SubscriptionForm, SubscriptionSpec,
-};
+use crate::fhir::subscription::{ChannelSpec, ClassicPayload, SubscriptionForm, SubscriptionSpec};
 use crate::hub::{EntryKey, SharedParts};
 use crate::store::{EventRecord, Store, StoredSubscription};
 use crate::trace::TraceContext;
@@ -144,7 +142,13 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
     };
     let notification_events = readable_events(&events, &versions, author.as_ref(), base_url);
     if spec.form.sends_requests_per_event() {
-        return Ok(classic_notification(sub, spec, &events, &notification_events, message_id));
+        return Ok(classic_notification(
+            sub,
+            spec,
+            &events,
+            &notification_events,
+            message_id,
+        ));
     }
     let status = StatusSnapshot {
         subscription_id: &sub.id,
@@ -220,7 +224,9 @@ fn classic_notification(
         (Some(_), _) if websocket => (ClassicCall::Ping, format!("ping {}", sub.id).into_bytes()),
         (Some(event), SubscriptionForm::Classic(ClassicPayload::Resource)) => {
             match (event.interaction, event.resource) {
-                (Interaction::Delete, _) => (ClassicCall::Delete(event.task_id.clone()), Vec::new()),
+                (Interaction::Delete, _) => {
+                    (ClassicCall::Delete(event.task_id.clone()), Vec::new())
+                }
                 (_, Some(resource)) => (
                     ClassicCall::Put(event.task_id.clone()),
                     serde_json::to_vec(resource).unwrap_or_default(),

@@ -440,8 +440,7 @@ pub fn parse_subscription(
     let classic = matches!(criteria, Criteria::Classic { .. });
     let (topic, filters, filter_criteria) = match criteria {
         Criteria::Topic(topic) => {
-            let (filters, filter_criteria) =
-                parse_filters(subscription, &topic, limits, base_url)?;
+            let (filters, filter_criteria) = parse_filters(subscription, &topic, limits, base_url)?;
             (topic, filters, filter_criteria)
         }
         Criteria::Classic { topic, search } => {
@@ -1097,7 +1096,8 @@ mod tests {
     #[test]
     fn a_classic_search_runs_on_task_changed_with_the_search_as_its_filter() {
         let hook = |payload: Option<&str>| {
-            let mut channel = json!({ "type": "rest-hook", "endpoint": "https://r.example.org/fhir" });
+            let mut channel =
+                json!({ "type": "rest-hook", "endpoint": "https://r.example.org/fhir" });
             if let Some(payload) = payload {
                 channel["payload"] = json!(payload);
             }
@@ -1169,7 +1169,10 @@ mod tests {
         .unwrap();
         assert!(spec.filters.is_empty() && spec.filter_criteria.is_empty());
         assert!(!is_classic(&rest_hook()));
-        assert_eq!(parse(&rest_hook(), &STRICT).unwrap().form, SubscriptionForm::Topic);
+        assert_eq!(
+            parse(&rest_hook(), &STRICT).unwrap().form,
+            SubscriptionForm::Topic
+        );
     }
 
     #[test]
@@ -1181,12 +1184,24 @@ mod tests {
             "payload": "application/json",
         });
         let cases = [
-            (classic("Observation?code=1", hook.clone()), "Subscription.criteria"),
+            (
+                classic("Observation?code=1", hook.clone()),
+                "Subscription.criteria",
+            ),
             (classic("Patient", hook.clone()), "Subscription.criteria"),
-            (classic("Task?nope=1", hook.clone()), "Subscription.criteria"),
+            (
+                classic("Task?nope=1", hook.clone()),
+                "Subscription.criteria",
+            ),
             (classic("Task?owner", hook.clone()), "Subscription.criteria"),
-            (classic("Task?status:below=x", hook.clone()), "Subscription.criteria"),
-            (classic("Task?status=requested", amqp), "Subscription.channel.type"),
+            (
+                classic("Task?status:below=x", hook.clone()),
+                "Subscription.criteria",
+            ),
+            (
+                classic("Task?status=requested", amqp),
+                "Subscription.channel.type",
+            ),
         ];
         for (resource, expression) in cases {
             let Err(Error::Client(refusal)) =
@@ -1194,8 +1209,16 @@ mod tests {
             else {
                 panic!("accepted {resource}");
             };
-            assert_eq!(refusal.expression.as_deref(), Some(expression), "{resource}");
-            assert!(refusal.diagnostics.starts_with(expression), "{}", refusal.diagnostics);
+            assert_eq!(
+                refusal.expression.as_deref(),
+                Some(expression),
+                "{resource}"
+            );
+            assert!(
+                refusal.diagnostics.starts_with(expression),
+                "{}",
+                refusal.diagnostics
+            );
         }
         // Without the built-in topic there is nothing to run a classic search on.
         let none = |_: &str| None;

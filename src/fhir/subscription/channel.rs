@@ -12,8 +12,8 @@ use super::elements::{
 use super::extensions::parse_channel_extensions;
 use super::filters::percent_decode;
 use super::{
-    AmqpEndpoint, CHANNEL_ELEMENTS, ChannelPolicy, ClassicPayload, ChannelSpec, DEFAULT_AMQP_PORT, MIME_TYPES,
-    PAYLOAD_CONTENT_EXTENSION, RESERVED_HEADERS,
+    AmqpEndpoint, CHANNEL_ELEMENTS, ChannelPolicy, ChannelSpec, ClassicPayload, DEFAULT_AMQP_PORT,
+    MIME_TYPES, PAYLOAD_CONTENT_EXTENSION, RESERVED_HEADERS,
 };
 use crate::error::{IssueCode, Result};
 use crate::fhir::ids::ChannelType;
