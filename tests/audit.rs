@@ -268,11 +268,67 @@ async fn a_failed_write_leaves_neither_change_nor_audit_event() {
 
     let (_, stored) = server.get(&format!("/Task/{id}"), &admin).await;
     assert_eq!(stored["meta"]["versionId"], "1");
-    let writes = audit_events(&server, "subtype=create,update,patch,delete").await;
+    let writes = audit_events(&server, "subtype=create,update,patch,delete&outcome=0").await;
     assert_eq!(subtypes(&writes), ["create"], "{writes:#?}");
     assert_eq!(entity_of(&writes[0]), format!("Task/{id}/_history/1"));
+    // The stale PUT is on record as a failed update, and it names no version it made.
+    let failed = audit_events(&server, "subtype=update&outcome=4").await;
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(entity_of(&failed[0]), format!("Task/{id}"));
+    assert_eq!(
+        failed[0]["outcomeDesc"],
+        "failed with 412 Precondition Failed"
+    );
     let (_, tasks) = server.get("/Task?_summary=count", &admin).await;
     assert_eq!(tasks["total"], 1, "the rolled-back create left no Task");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failed_task_writes_are_audited_with_why() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let created = server.create_task(&task("requested", None)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let put = |body: Value, if_match: Option<&str>| {
+        let mut request = server
+            .request(Method::PUT, &format!("/Task/{id}"), &admin)
+            .header("content-type", "application/fhir+json");
+        if let Some(tag) = if_match {
+            request = request.header("if-match", tag);
+        }
+        request.body(body.to_string()).send()
+    };
+    let mut changed = task("accepted", None);
+    changed["id"] = json!(id);
+    // 412: a stale If-Match.
+    let stale = put(changed.clone(), Some("W/\"9\"")).await.unwrap();
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+    // 422: a terminal Task may not come back.
+    let mut done = task("completed", None);
+    done["id"] = json!(id);
+    assert_eq!(put(done, None).await.unwrap().status(), StatusCode::OK);
+    let revived = put(changed, None).await.unwrap();
+    assert_eq!(revived.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let failed = audit_events(&server, "subtype=update&outcome=4&_sort=date").await;
+    let why: Vec<&str> = failed
+        .iter()
+        .map(|e| e["outcomeDesc"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        why,
+        [
+            "failed with 412 Precondition Failed",
+            "failed with 422 Unprocessable Entity"
+        ],
+        "{failed:#?}"
+    );
+    assert!(failed.iter().all(|e| entity_of(e) == format!("Task/{id}")));
+    // The one update that succeeded is the store's record, with its version.
+    let done = audit_events(&server, "subtype=update&outcome=0").await;
+    assert_eq!(done.len(), 1, "{done:#?}");
+    assert_eq!(entity_of(&done[0]), format!("Task/{id}/_history/2"));
     server.stop().await;
 }
 
@@ -552,5 +608,104 @@ async fn a_flood_of_bad_tokens_is_recorded_up_to_a_budget_not_written_whole() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0);
     assert_eq!(dropped as usize + refused.len(), 200, "{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_practitioner_reads_only_its_own_subscriptions_delivery_ledger() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let alice = server.practitioner("Practitioner/alice");
+    let bob = server.practitioner("Practitioner/bob");
+    let mut created = Vec::new();
+    for token in [&alice, &bob] {
+        let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+        let (status, sub) = server.post_json("/Subscription", token, &body).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        created.push(sub["id"].as_str().unwrap().to_string());
+    }
+    let (alices, bobs) = (&created[0], &created[1]);
+    let (status, made) = server
+        .post_json(
+            "/Task",
+            &alice,
+            &task("requested", Some("Practitioner/alice")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let on = &server;
+    let ledger = move |token: String, query: String| async move {
+        on.get(&format!("/AuditEvent?{query}"), &token).await
+    };
+    // Alice reads her subscription's delivery attempts: the handshake and the event.
+    let rows = eventually("alice's ledger shows the event's delivery", || async {
+        let (status, bundle) = ledger(alice.clone(), format!("entity=Subscription/{alices}")).await;
+        assert_eq!(status, StatusCode::OK, "{bundle}");
+        let rows: Vec<Value> = bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"].clone())
+            .collect();
+        subtypes(&rows)
+            .contains(&"event-notification".to_string())
+            .then_some(rows)
+    })
+    .await;
+    assert!(
+        subtypes(&rows).contains(&"handshake".to_string()),
+        "{rows:#?}"
+    );
+    // Only delivery attempts: the record of who created the subscription stays the auditors'.
+    assert!(
+        rows.iter().all(|r| r["type"]["code"] == "transmit"),
+        "{rows:#?}"
+    );
+    assert!(
+        rows.iter()
+            .all(|r| entity_of(r) == format!("Subscription/{alices}"))
+    );
+    let changes = audit_events(&server, &format!("entity=Subscription/{alices}&type=rest")).await;
+    assert!(
+        !changes.is_empty(),
+        "the subscription's creation is audited"
+    );
+    // The full URL of the reference names the same subscription.
+    let (status, _) = ledger(
+        alice.clone(),
+        format!("entity={}/Subscription/{alices}&_count=1", server.base),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Everything else is refused with a 403 OperationOutcome.
+    let refused = [
+        (alice.clone(), String::new()),
+        (alice.clone(), "type=transmit".to_string()),
+        (
+            alice.clone(),
+            format!("entity=Task/{}", made["id"].as_str().unwrap()),
+        ),
+        (alice.clone(), format!("entity=Subscription/{bobs}")),
+        (
+            alice.clone(),
+            format!("entity=Subscription/{alices},Subscription/{bobs}"),
+        ),
+        (
+            alice.clone(),
+            format!("entity=Subscription/{alices}&entity=Subscription/{bobs}"),
+        ),
+        (alice.clone(), "entity=Subscription/no-such-one".to_string()),
+        (bob.clone(), format!("entity=Subscription/{alices}")),
+    ];
+    for (token, query) in refused {
+        let (status, body) = ledger(token, query.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "AuditEvent?{query}: {body}");
+        assert_outcome(&body, "forbidden");
+    }
+    // A single AuditEvent stays the auditors' too, even one of her own ledger.
+    let id = rows[0]["id"].as_str().unwrap();
+    let (status, body) = server.get(&format!("/AuditEvent/{id}"), &alice).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     server.stop().await;
 }

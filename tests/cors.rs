@@ -133,6 +133,10 @@ async fn the_websocket_checks_the_origin() {
     };
     assert!(connect(Some(BOARD)).await.is_ok(), "a listed origin");
     assert!(
+        connect(Some(&server.root)).await.is_ok(),
+        "this server's own pages (the console at /console)"
+    );
+    assert!(
         connect(None).await.is_ok(),
         "a client that is not a browser"
     );

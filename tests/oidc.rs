@@ -11,6 +11,7 @@ mod common;
 use std::process::Stdio;
 
 use baton::config::{Config, IssuerConfig};
+use common::browser::Browser;
 use common::{TestServer, assert_outcome, task};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -865,117 +866,6 @@ async fn smart_discovery_advertises_the_provider() {
     assert_eq!(statement["rest"][0]["security"]["cors"], false);
     assert!(statement["rest"][0]["security"].get("service").is_none());
     plain.stop().await;
-}
-
-/// A WebDriver session on chromedriver with headless Chromium, spoken to over its HTTP API.
-struct Browser {
-    http: reqwest::Client,
-    session: String,
-    /// chromedriver leads a process group of its own, which its Chromium processes join.
-    driver: tokio::process::Child,
-}
-
-impl Drop for Browser {
-    /// A test that fails before `close` still leaves no browser behind: the whole process
-    /// group (chromedriver and the Chromium it started) is killed.
-    fn drop(&mut self) {
-        if let Some(pid) = self.driver.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .status();
-        }
-    }
-}
-
-impl Browser {
-    /// Starts chromedriver and a session, or None (after a note) without them and without CI.
-    async fn start(test: &str) -> Option<Browser> {
-        let found = |name: &str| {
-            std::process::Command::new(name)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if !found("chromedriver") || !found("chromium") {
-            let why = "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)";
-            if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-                panic!("{test}: the browser test is required when CI=true, but {why}");
-            }
-            eprintln!("{test}: skipped: {why}");
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let driver = tokio::process::Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting chromedriver");
-        let http = reqwest::Client::new();
-        let root = format!("http://127.0.0.1:{port}");
-        common::eventually("chromedriver is ready", || async {
-            let status = http.get(format!("{root}/status")).send().await.ok()?;
-            let body: Value = status.json().await.ok()?;
-            (body["value"]["ready"] == true).then_some(())
-        })
-        .await;
-        let created: Value = http
-            .post(format!("{root}/session"))
-            .json(&json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-            }}}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let session = created["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no WebDriver session: {created}"));
-        Some(Browser {
-            http,
-            session: format!("{root}/session/{session}"),
-            driver,
-        })
-    }
-
-    async fn open(&self, url: &str) {
-        let response = self
-            .http
-            .post(format!("{}/url", self.session))
-            .json(&json!({ "url": url }))
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success());
-    }
-
-    /// Runs `script` in the page and returns what it returns.
-    async fn run(&self, script: &str) -> Value {
-        let answer: Value = self
-            .http
-            .post(format!("{}/execute/sync", self.session))
-            .json(&json!({ "script": script, "args": [] }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answer["value"].clone()
-    }
-
-    async fn close(self) {
-        let _ = self.http.delete(&self.session).send().await;
-    }
 }
 
 /// The page's origin as Baton's `[cors] allowed_origins` lists it.

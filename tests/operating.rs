@@ -355,3 +355,95 @@ async fn spans_for_the_request_the_match_and_the_delivery_reach_the_otlp_collect
     assert_eq!(delivery["spanId"], sent_span.as_str(), "{delivery}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_push_is_exported_as_a_delivery_span_of_the_writes_trace() {
+    use futures::{SinkExt, StreamExt};
+    let (otlp, spans) = collector().await;
+    let server = TestServer::start_with(|c| {
+        c.telemetry.otlp_endpoint = Some(otlp.clone());
+        c.telemetry.otlp_protocol = baton::config::OtlpProtocol::HttpJson;
+    })
+    .await;
+    let admin = server.admin();
+    let mut body = subscription(&server.base, "task-changed", &[], "unused", "id-only");
+    body["channel"] = serde_json::json!({
+        "type": "websocket",
+        "payload": "application/fhir+json",
+        "_payload": body["channel"]["_payload"].clone(),
+    });
+    let (status, created) = server.post_json("/Subscription", &admin, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let (status, binding) = server
+        .get(&format!("/Subscription/{id}/$get-ws-binding-token"), &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{binding}");
+    let value = |name: &str| {
+        binding["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["valueString"].as_str().or(p["valueUrl"].as_str()))
+            .unwrap()
+            .to_string()
+    };
+    let (mut socket, _) = tokio_tungstenite::connect_async(value("websocket-url"))
+        .await
+        .expect("websocket connects");
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::text(format!(
+            "bind-with-token {}",
+            value("token")
+        )))
+        .await
+        .unwrap();
+    // The handshake on binding, then the event.
+    let mut kinds = Vec::new();
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let caller_span = "c7ad6b7169203331";
+    while !kinds.contains(&"event-notification".to_string()) {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(20), socket.next())
+            .await
+            .expect("a frame within 20 s")
+            .expect("the socket is open")
+            .expect("a valid frame");
+        let tokio_tungstenite::tungstenite::Message::Text(text) = frame else {
+            continue;
+        };
+        let bundle: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        let kind = common::receiver::parameter(&bundle, "type").unwrap_or_default();
+        if kind == "handshake" {
+            create_task_in_trace(&server, Some(&format!("00-{trace}-{caller_span}-01"))).await;
+        }
+        kinds.push(kind);
+    }
+
+    let delivery = eventually("the websocket delivery span at the collector", || async {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s["traceId"] == trace && s["name"] == "delivery.attempt")
+            .cloned()
+    })
+    .await;
+    let request = eventually("the request span", || async {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s["traceId"] == trace && s["parentSpanId"] == caller_span)
+            .cloned()
+    })
+    .await;
+    assert_eq!(delivery["parentSpanId"], request["spanId"], "{delivery}");
+    let attributes = delivery["attributes"].to_string();
+    assert!(
+        attributes.contains(r#""key":"baton.channel","value":{"stringValue":"websocket"}"#),
+        "{attributes}"
+    );
+    assert!(attributes.contains(&id), "{attributes}");
+    server.stop().await;
+}

@@ -1,6 +1,8 @@
 //! The audit trail over HTTP: the layer that opens each FHIR request's audit facts and
 //! records what the store does not (reads, searches, Subscription changes, 401/403
-//! refusals), and `GET /AuditEvent` (search and read) for admins and auditors.
+//! refusals), and `GET /AuditEvent` (search and read) for admins and auditors. A
+//! practitioner may search only the delivery ledger of a subscription it authored
+//! (`entity=Subscription/{id}`, delivery attempts only).
 //!
 //! A Task write's AuditEvent is not written here: the store writes it in the write's own
 //! transaction from the facts this layer opened (see `crate::audit`).
@@ -19,14 +21,16 @@ use base64::Engine as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::{Value, json};
 
+use super::subscription::is_author;
 use super::{AppState, fhir_json};
 use crate::audit::{
     AuditEntity, AuditOutcome, DELIVERY_SYSTEM, RequestAudit, SUBTYPE_SYSTEM, TYPE_SYSTEM,
+    TYPE_TRANSMIT,
 };
 use crate::auth::{Principal, Role};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
-use crate::fhir::ids::StoredInstant;
+use crate::fhir::ids::{StoredInstant, SubscriptionId};
 use crate::store::audit_sql::{AuditQuery, DateBound};
 
 /// Page size of an AuditEvent search without `_count`, and the largest one served.
@@ -132,8 +136,9 @@ struct LayerEvent {
 
 /// Which AuditEvent a request gets from this layer, if any: every 401/403; successful reads,
 /// searches and history of Tasks and Subscriptions when `reads`; successful Subscription
-/// changes and operations. Task writes are audited by the store; AuditEvent reads and the
-/// CapabilityStatement are not audited.
+/// changes and operations; Task writes that failed with 409, 412 or 422. Successful Task
+/// writes are audited by the store; AuditEvent reads and the CapabilityStatement are not
+/// audited.
 fn classify(seen: &Seen<'_>, reads: bool) -> Option<LayerEvent> {
     let segments: Vec<&str> = seen.path.split('/').filter(|s| !s.is_empty()).collect();
     let resource_type = segments.first().copied().unwrap_or("");
@@ -163,6 +168,26 @@ fn classify(seen: &Seen<'_>, reads: bool) -> Option<LayerEvent> {
             entity,
             description: Some(format!(
                 "refused with {} {}",
+                seen.status.as_u16(),
+                seen.status.canonical_reason().unwrap_or("")
+            )),
+        });
+    }
+    if resource_type == "Task"
+        && is_failed_write(seen.status)
+        && matches!(subtype, "create" | "update" | "patch" | "delete")
+    {
+        // The write changed nothing, so its record has no transaction to join; it says why
+        // it failed (a conflict, a stale If-Match, a business rule).
+        return Some(LayerEvent {
+            subtype,
+            outcome: AuditOutcome::MinorFailure,
+            entity: instance.map(|reference| AuditEntity::Resource {
+                reference,
+                version: None,
+            }),
+            description: Some(format!(
+                "failed with {} {}",
                 seen.status.as_u16(),
                 seen.status.canonical_reason().unwrap_or("")
             )),
@@ -213,6 +238,15 @@ fn classify(seen: &Seen<'_>, reads: bool) -> Option<LayerEvent> {
     })
 }
 
+/// A Task write that reached the store's rules and failed there: a conflict (409), a stale
+/// `If-Match` (412) or a broken rule of the Task state machine (422).
+fn is_failed_write(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED | StatusCode::UNPROCESSABLE_ENTITY
+    )
+}
+
 fn is_refusal(status: StatusCode) -> bool {
     status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
 }
@@ -258,7 +292,7 @@ fn created_reference(headers: &HeaderMap, resource_type: &str) -> Option<(String
     Some((format!("{resource_type}/{id}"), version))
 }
 
-/// Only admins and auditors read the audit trail.
+/// Only admins and auditors read the audit trail as a whole (and single AuditEvents).
 fn authorize(principal: &Principal) -> Result<()> {
     match principal.role {
         Role::Admin | Role::Auditor => Ok(()),
@@ -266,6 +300,38 @@ fn authorize(principal: &Principal) -> Result<()> {
             "only admins and auditors may read AuditEvents",
         )),
     }
+}
+
+/// A practitioner's search must name exactly one subscription it authored
+/// (`entity=Subscription/{id}`), and reads only that subscription's delivery attempts
+/// (`type=transmit`): who else changed it, and every other record, stay the auditors'.
+async fn confine_to_own_ledger(
+    state: &AppState,
+    principal: &Principal,
+    query: &mut AuditQuery,
+) -> Result<()> {
+    let refuse = || {
+        Error::forbidden(
+            "a practitioner may read only the delivery ledger of its own subscriptions: \
+             search with entity=Subscription/{id} naming one subscription it authored",
+        )
+    };
+    let id = match query.entity.as_slice() {
+        [values] => match values.as_slice() {
+            [reference] => reference.strip_prefix("Subscription/").ok_or_else(refuse)?,
+            _ => return Err(refuse()),
+        },
+        _ => return Err(refuse()),
+    };
+    let id = SubscriptionId::parse(id).map_err(|_| refuse())?;
+    let stored = state.store.read_subscription(&id).await?;
+    if !stored.is_some_and(|s| is_author(principal, &s)) {
+        return Err(Error::forbidden(format!(
+            "Subscription/{id} is not one of yours; a practitioner may read only the delivery ledger of its own subscriptions"
+        )));
+    }
+    query.type_code.push(vec![TYPE_TRANSMIT.to_string()]);
+    Ok(())
 }
 
 async fn read(
@@ -291,13 +357,15 @@ async fn search(
     principal: Principal,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    authorize(&principal)?;
-    state.hub.audits.flush().await;
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| {
         Error::bad_request(IssueCode::Invalid, format!("the query is not valid: {e}"))
     })?;
     let (mut audit_query, count) = parse_query(&pairs, &state.base_url)?;
+    if principal.role == Role::Practitioner {
+        confine_to_own_ledger(&state, &principal, &mut audit_query).await?;
+    }
+    state.hub.audits.flush().await;
     audit_query.limit = count + 1;
     let mut rows = state.store.search_audit(&audit_query).await?;
     let more = rows.len() > count;
@@ -540,6 +608,28 @@ mod tests {
             (refused.subtype, refused.outcome),
             ("update", AuditOutcome::MinorFailure)
         );
+        for status in [
+            StatusCode::CONFLICT,
+            StatusCode::PRECONDITION_FAILED,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ] {
+            let failed = classify(&seen(&put, "/Task/a", status, &none), false).unwrap();
+            assert_eq!(
+                (failed.subtype, failed.outcome),
+                ("update", AuditOutcome::MinorFailure)
+            );
+            assert_eq!(
+                failed.description.unwrap(),
+                format!(
+                    "failed with {} {}",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap()
+                )
+            );
+        }
+        // A failed read, or a bad request, is not a failed write.
+        assert!(classify(&seen(&get, "/Task/a", StatusCode::CONFLICT, &none), true).is_none());
+        assert!(classify(&seen(&put, "/Task/a", StatusCode::BAD_REQUEST, &none), true).is_none());
         let sub = classify(&seen(&put, "/Subscription/s", StatusCode::OK, &etag), false).unwrap();
         assert_eq!(sub.subtype, "update");
         assert!(classify(&seen(&get, "/AuditEvent", StatusCode::OK, &none), true).is_none());

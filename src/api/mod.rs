@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod console;
 pub mod cors;
 pub mod health;
 pub mod metadata;
@@ -107,6 +108,7 @@ pub fn router(state: AppState) -> Router {
     }
     let router = app
         .merge(health::router())
+        .merge(console::router())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(outcome_for_rejections))

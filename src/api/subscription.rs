@@ -19,8 +19,8 @@ use crate::error::{Error, IssueCode, Result};
 use crate::fhir::datetime::format_instant;
 use crate::fhir::ids::{ChannelType, EventNumber, StoredInstant, SubscriptionId, Version};
 use crate::fhir::notification::{
-    ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, notification_bundle,
-    status_search_bundle,
+    ContentLevel, NotificationType, StatusSnapshot, SubscriptionStatus, add_events_delivered,
+    notification_bundle, status_search_bundle,
 };
 use crate::hub::{Occasion, live_quota, record_for};
 use crate::store::{StoredSubscription, SubscriptionQuery, SubscriptionRecord};
@@ -414,12 +414,13 @@ async fn status_instance(
 ) -> Result<Response> {
     let id = SubscriptionId::parse(&id)?;
     let stored = visible(&state, &principal, &id).await?;
-    let bundle = status_search_bundle(
+    let mut bundle = status_search_bundle(
         &state.base_url,
         &uuid::Uuid::new_v4().to_string(),
         &now(),
         &[snapshot(&stored, NotificationType::QueryStatus)],
     );
+    add_events_delivered(&mut bundle, &[stored.delivered_through]);
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
@@ -449,12 +450,14 @@ async fn status_type(
         .iter()
         .map(|s| snapshot(s, NotificationType::QueryStatus))
         .collect();
-    let bundle = status_search_bundle(
+    let mut bundle = status_search_bundle(
         &state.base_url,
         &uuid::Uuid::new_v4().to_string(),
         &now(),
         &snapshots,
     );
+    let delivered: Vec<EventNumber> = found.iter().map(|s| s.delivered_through).collect();
+    add_events_delivered(&mut bundle, &delivered);
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
@@ -619,12 +622,13 @@ async fn resend(
         })?;
     tracing::info!(subscription.id = %id, event.from = %from, "delivery restarted by an admin");
     state.hub.delivery.wake(&id);
-    let bundle = status_search_bundle(
+    let mut bundle = status_search_bundle(
         &state.base_url,
         &uuid::Uuid::new_v4().to_string(),
         &now(),
         &[snapshot(&restarted, NotificationType::QueryStatus)],
     );
+    add_events_delivered(&mut bundle, &[restarted.delivered_through]);
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 

@@ -58,15 +58,18 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Opens a socket. A browser page says where it comes from (`Origin`): only the pages of
-/// `[cors] allowed_origins` may open one, the same as may call the API. Clients that are not
-/// browsers send no `Origin` and are not affected.
+/// `[cors] allowed_origins` may open one, the same as may call the API, and this server's own
+/// pages (the console at `/console`). Clients that are not browsers send no `Origin` and are
+/// not affected.
 async fn upgrade(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let origin = headers.get(axum::http::header::ORIGIN);
-    if !super::cors::AllowedOrigins::new(&state.config.cors.allowed_origins).allows(origin) {
+    let listed =
+        super::cors::AllowedOrigins::new(&state.config.cors.allowed_origins).allows(origin);
+    if !listed && !same_origin(origin, &headers, &state.base_url) {
         let shown: String = origin
             .and_then(|o| o.to_str().ok())
             .unwrap_or("?")
@@ -112,6 +115,31 @@ async fn upgrade(
         .max_message_size(MAX_INCOMING)
         .max_frame_size(MAX_INCOMING)
         .on_upgrade(move |socket| serve_socket(socket, hub, principal))
+}
+
+/// Whether the page opening the socket is one of this server's own: its origin is the
+/// public base URL's, or the origin the request was addressed to (`Host`). Such a page could
+/// call the API without CORS anyway, so this widens nothing; the socket still binds only with
+/// a binding token, which only a valid bearer token gets.
+fn same_origin(
+    origin: Option<&axum::http::HeaderValue>,
+    headers: &axum::http::HeaderMap,
+    base_url: &str,
+) -> bool {
+    let Some(origin) = origin.and_then(|o| o.to_str().ok()) else {
+        return false;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    if !matches!(scheme, "http" | "https") {
+        return false;
+    }
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    base_url.starts_with(&format!("{origin}/"))
+        || host.is_some_and(|h| h.eq_ignore_ascii_case(authority))
 }
 
 /// What a socket needs from the rest of the hub.
@@ -412,6 +440,37 @@ async fn bind(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_this_servers_own_pages_count_as_same_origin() {
+        let base = "https://baton.example.org/fhir";
+        let headers = |host: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(axum::http::header::HOST, host.parse().unwrap());
+            h
+        };
+        let cases = [
+            ("https://baton.example.org", "10.0.0.5:8080", true),
+            ("http://127.0.0.1:8080", "127.0.0.1:8080", true),
+            ("https://evil.example", "baton.example.org", false),
+            (
+                "https://baton.example.org.evil.example",
+                "10.0.0.5:8080",
+                false,
+            ),
+            ("null", "baton.example.org", false),
+            ("file://baton.example.org", "baton.example.org", false),
+        ];
+        for (origin, host, expected) in cases {
+            let origin = axum::http::HeaderValue::from_str(origin).unwrap();
+            assert_eq!(
+                same_origin(Some(&origin), &headers(host), base),
+                expected,
+                "{origin:?} with Host {host}"
+            );
+        }
+        assert!(!same_origin(None, &headers("baton.example.org"), base));
+    }
 
     #[test]
     fn bind_spellings() {

@@ -318,10 +318,25 @@ impl Claimed<'_> {
         if channel.may_have_listeners(&self.sub.id) {
             let notification = build(&self.subject(sending)).await?;
             tracing::Span::current().record("trace_id", notification.trace.trace_id());
-            reach = channel
-                .send(self.outgoing(sending, notification))
-                .await
-                .unwrap_or(Reach::Nobody);
+            let (trace, caused_by) = (notification.trace, notification.caused_by);
+            let started = std::time::Instant::now();
+            let started_at = std::time::SystemTime::now();
+            let sent = channel.send(self.outgoing(sending, notification)).await;
+            if telemetry::exporting() {
+                // A push to the sockets is an attempt like a POST or a publish: the same span,
+                // in the trace of the change it reports.
+                export_attempt(AttemptSpan {
+                    sub: &self.sub,
+                    channel: channel.name(),
+                    payload: sending.payload,
+                    trace,
+                    caused_by,
+                    started_at,
+                    elapsed: started.elapsed(),
+                    error: sent.as_ref().err().map(|f| f.message.clone()),
+                });
+            }
+            reach = sent.unwrap_or(Reach::Nobody);
         }
         self.slot.release();
         // A heartbeat that went out is recorded too: its time tells the other nodes' heartbeat

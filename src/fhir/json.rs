@@ -18,6 +18,13 @@ use serde_json::{Map, Number, Value};
 /// The deepest nesting of arrays and objects a client document may have.
 pub const MAX_DEPTH: usize = 100;
 
+/// Writes `value` as JSON to `out`, as `serde_json` writes it: for documents written
+/// straight to bytes on hot paths (notifications, AuditEvents) instead of built as a `Value`.
+pub fn write_json(out: &mut Vec<u8>, value: &impl serde::Serialize) {
+    // Writing plain strings, numbers and `Value`s into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
 /// Why a document was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsonError {

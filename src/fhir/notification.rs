@@ -85,6 +85,7 @@ use uuid::Uuid;
 
 use crate::fhir::ids::{EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::interaction::Interaction;
+use crate::fhir::json::write_json;
 
 /// The profile every status `Parameters` claims, so validators check it against the backport IG.
 pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4";
@@ -93,6 +94,13 @@ pub const STATUS_PROFILE: &str = "http://hl7.org/fhir/uv/subscriptions-backport/
 /// heartbeat or events), absent if nothing ever did.
 pub const LAST_DELIVERED_EXTENSION: &str =
     "https://baton.dev/fhir/StructureDefinition/last-delivered";
+
+/// On a `$status` answer's `events-since-subscription-start` parameter: how many of those
+/// events have reached the endpoint (rest-hook and AMQP; the position delivery has
+/// confirmed), so that the backlog is the difference. Left out of notifications, whose
+/// receiver is the endpoint itself.
+pub const EVENTS_DELIVERED_EXTENSION: &str =
+    "https://baton.dev/fhir/StructureDefinition/events-delivered";
 
 /// The code system of the `error` parameter's coding.
 pub const SUBSCRIPTION_ERROR_SYSTEM: &str =
@@ -240,11 +248,6 @@ pub fn notification_bundle_bytes(
     }
     out.extend_from_slice(b"]}");
     out
-}
-
-fn write_json(out: &mut Vec<u8>, value: &impl serde::Serialize) {
-    // Writing plain strings and `Value`s into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, value);
 }
 
 /// Writes what `serde_json` writes for [`status_entry`], without building it as a `Value`.
@@ -398,6 +401,30 @@ pub fn status_search_bundle(
         "total": entries.len(),
         "entry": entries,
     })
+}
+
+/// Adds to each status of a `$status` Bundle (in the order of `delivered`, which is the
+/// order of its snapshots) the events delivered so far, as the
+/// [`EVENTS_DELIVERED_EXTENSION`] on `events-since-subscription-start`. A string, like the
+/// count it qualifies, since both are 64-bit.
+pub fn add_events_delivered(bundle: &mut Value, delivered: &[EventNumber]) {
+    let Some(entries) = bundle["entry"].as_array_mut() else {
+        return;
+    };
+    for (entry, delivered) in entries.iter_mut().zip(delivered) {
+        let Some(parameters) = entry["resource"]["parameter"].as_array_mut() else {
+            continue;
+        };
+        if let Some(since) = parameters
+            .iter_mut()
+            .find(|p| p["name"] == "events-since-subscription-start")
+        {
+            since["extension"] = json!([{
+                "url": EVENTS_DELIVERED_EXTENSION,
+                "valueString": delivered.to_string(),
+            }]);
+        }
+    }
 }
 
 /// The `subscription-error` code for a delivery error text.
@@ -1062,6 +1089,37 @@ mod tests {
         let none = status_search_bundle(BASE, "search-2", NOW, &[]);
         assert_eq!(none["total"], 0);
         assert_eq!(none["entry"], json!([]));
+    }
+
+    #[test]
+    fn status_answers_say_how_many_events_were_delivered() {
+        let statuses = [
+            StatusSnapshot {
+                subscription_id: sub_id("sub-1"),
+                ..snapshot(NotificationType::QueryStatus)
+            },
+            StatusSnapshot {
+                subscription_id: sub_id("sub-2"),
+                ..snapshot(NotificationType::QueryStatus)
+            },
+        ];
+        let mut bundle = status_search_bundle(BASE, "search-1", NOW, &statuses);
+        add_events_delivered(
+            &mut bundle,
+            &[EventNumber::ZERO.saturating_add(7), EventNumber::ZERO],
+        );
+        let delivered: Vec<Value> = bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let since = named(&e["resource"], "events-since-subscription-start")[0];
+                assert_eq!(since["valueString"], "9");
+                assert_eq!(since["extension"][0]["url"], EVENTS_DELIVERED_EXTENSION);
+                since["extension"][0]["valueString"].clone()
+            })
+            .collect();
+        assert_eq!(delivered, [json!("7"), json!("0")]);
     }
 
     #[test]

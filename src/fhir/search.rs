@@ -21,7 +21,7 @@ mod predicate;
 mod query;
 
 pub use columns::{SEVERAL, SINGLE_VALUED, TaskColumns};
-pub use index::{DateEntry, TaskIndex, TokenEntry, index_task, priority_rank};
+pub use index::{DateEntry, TaskIndex, TokenEntry, index_task, last_updated_entry, priority_rank};
 pub use predicate::{DateComparison, Predicate, Prefix, SystemMatch, TokenValue, matches};
 use query::invalid;
 pub use query::{

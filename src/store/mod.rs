@@ -36,12 +36,18 @@ use crate::fhir::search::{Predicate, SortKey};
 
 /// Sets the server-owned parts of a resource: its id and `meta.versionId`/`meta.lastUpdated`.
 pub(crate) fn stamp(resource: &mut Value, id: &str, version: Version, now: &StoredInstant) {
+    stamp_with(resource, id, version, now.as_str());
+}
+
+/// `stamp` with any text as `meta.lastUpdated` (a create is staged with a mark in its place,
+/// `write::Staged`).
+pub(crate) fn stamp_with(resource: &mut Value, id: &str, version: Version, last_updated: &str) {
     resource["id"] = serde_json::json!(id);
     if !resource.get("meta").is_some_and(Value::is_object) {
         resource["meta"] = serde_json::json!({});
     }
     resource["meta"]["versionId"] = serde_json::json!(version.to_string());
-    resource["meta"]["lastUpdated"] = serde_json::json!(now);
+    resource["meta"]["lastUpdated"] = serde_json::json!(last_updated);
 }
 
 /// A version read for the pipeline, or nothing if its stored content cannot be parsed (too

@@ -194,6 +194,10 @@ impl Precheck for PostgresStore {
         let found = tasks::matching_tasks(&self.pool, criteria).await?;
         Ok((Found::among(found), ()))
     }
+
+    fn base_url(&self) -> &str {
+        &self.base_url
+    }
 }
 
 #[async_trait]

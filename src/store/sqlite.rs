@@ -78,6 +78,8 @@ const CACHE_SIZE: &str = "-32000";
 
 pub struct SqliteStore {
     reads: SqlitePool,
+    /// The server's base URL (`Precheck::base_url`); the writer has its own copy.
+    base_url: String,
     /// The database file, which start-up's read of the live subscriptions (`live`) opens
     /// on a connection of its own.
     path: std::path::PathBuf,
@@ -139,10 +141,9 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await?;
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
-        let base_url = base_url.to_string();
         let max_batch = config.max_batch;
         let closing = CancellationToken::new();
-        let ended = writer::start(writer, rx, base_url, max_batch, committed)?;
+        let ended = writer::start(writer, rx, base_url.to_string(), max_batch, committed)?;
         let handle = tokio::spawn(supervise::watch_vital(
             health.clone(),
             "writer",
@@ -151,6 +152,7 @@ impl SqliteStore {
         ));
         Ok(SqliteStore {
             reads,
+            base_url: base_url.to_string(),
             path: path.to_path_buf(),
             point: point::PointReads::new(path, config.read_connections as usize),
             searches: Arc::new(point::PointReads::for_searches(
@@ -199,6 +201,10 @@ impl Precheck for SqliteStore {
             tasks::found_among(&ids, async |id| tasks::load_current(&mut *tx, id).await).await?;
         tx.rollback().await?;
         Ok((found, seq))
+    }
+
+    fn base_url(&self) -> &str {
+        &self.base_url
     }
 }
 
@@ -783,6 +789,7 @@ mod tests {
         let work = Work::Task(write::TaskWrite::CreateUnlessFound {
             id: TaskId::generate(),
             resource: order(value),
+            staged: None,
             criteria: criteria(&format!("identifier=urn:orders|{value}")),
             seen: checked_through,
         });

@@ -10,13 +10,15 @@
 
 use serde_json::Value;
 
-use super::stamp;
 use super::{
     CurrentTask, Decide, Decision, Interaction, StoredVersion, WriteOutcome, WriteRequest,
 };
+use super::{stamp, stamp_with};
 use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
-use crate::fhir::search::{Predicate, TaskColumns, TaskIndex, index_task, priority_rank};
+use crate::fhir::search::{
+    Predicate, TaskColumns, TaskIndex, index_task, last_updated_entry, priority_rank,
+};
 use crate::fhir::workflow::bidding;
 use crate::fhir::workflow::information::{self, Transition};
 use crate::fhir::workflow::{self, RequestKind};
@@ -63,6 +65,9 @@ pub(crate) trait Precheck {
 
     /// The Tasks the criteria match now, and how far the check saw.
     async fn precheck(&self, criteria: &[Predicate]) -> Result<(Found, Self::Seen)>;
+
+    /// The server's base URL, against which a Task's references are indexed.
+    fn base_url(&self) -> &str;
 }
 
 /// What a backend does inside the transaction of one Task write, with its own SQL. Every
@@ -142,12 +147,17 @@ pub(crate) struct Deletion<'a> {
 pub(crate) enum TaskWrite<S> {
     /// Create with a server-assigned id (assigned before the write, so that a transaction's
     /// entries can refer to each other).
-    Create { id: TaskId, resource: Value },
+    Create {
+        id: TaskId,
+        resource: Value,
+        staged: Option<Staged>,
+    },
     /// Create with a server-assigned id unless the criteria now match a Task; the pre-check
     /// found none, as far as `seen`.
     CreateUnlessFound {
         id: TaskId,
         resource: Value,
+        staged: Option<Staged>,
         criteria: Vec<Predicate>,
         seen: S,
     },
@@ -163,33 +173,104 @@ pub(crate) enum Prepared<S> {
     Write(TaskWrite<S>),
 }
 
+/// The first version of a created Task, worked out before its transaction: its text, index
+/// rows and columns, which depend on everything but the instant it is stored at. Only the
+/// transaction knows that instant (versions are stamped in commit order), so the text carries
+/// `LAST_UPDATED_MARK` in its place and `put` writes the instant over it and adds the one
+/// index entry it makes. On SQLite every transaction runs on the one writer thread, where
+/// serialising and indexing a Task were ~13 % of that thread's time on transaction Bundles
+/// (BENCHMARKS.md, issue 17); staged, they run on the request's own task, in parallel.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    /// The resource as `put` stores it but for `meta.lastUpdated`, which holds the mark.
+    text: String,
+    /// Where the mark's JSON string, quotes included, is in `text`.
+    mark: std::ops::Range<usize>,
+    /// The index rows beside the columns, without `_lastUpdated`.
+    rows: TaskIndex,
+    columns: TaskColumns,
+    priority_rank: i64,
+}
+
+/// What a staged text holds in place of `meta.lastUpdated`. The NULs make it a string no
+/// client can send (FHIR strings refuse control characters, and a client's backslash is
+/// written `\\`); `Staged::of` checks that it occurs once anyway, and stages nothing if not.
+const LAST_UPDATED_MARK: &str = "\u{0}baton:last-updated\u{0}";
+
+impl Staged {
+    /// Stages the first version of Task `id`: stamps `resource` as `put` will (id, version 1,
+    /// the mark as `meta.lastUpdated`) and works out its text and index. None if the mark is
+    /// not found exactly once in the text; `put` then does it all itself.
+    fn of(id: &TaskId, resource: &mut Value, base_url: &str) -> Option<Staged> {
+        stamp_with(resource, id.as_str(), Version::FIRST, LAST_UPDATED_MARK);
+        let text = resource.to_string();
+        let mark_json = serde_json::to_string(LAST_UPDATED_MARK).ok()?;
+        let start = text.find(&mark_json)?;
+        if text.rfind(&mark_json) != Some(start) {
+            return None;
+        }
+        // The mark is no instant, so the index has everything but `_lastUpdated`.
+        let whole = index_task(resource, base_url);
+        let columns = TaskColumns::from_index(&whole);
+        Some(Staged {
+            mark: start..start + mark_json.len(),
+            rows: columns.rows_beside(&whole),
+            columns,
+            priority_rank: priority_rank(resource),
+            text,
+        })
+    }
+
+    /// The text, index rows, columns and priority rank of the version stored at `now`: what
+    /// `put` works out of a stamped resource, byte for byte
+    /// (`tests::a_staged_create_stores_what_an_unstaged_one_does`).
+    fn at(mut self, now: &StoredInstant) -> (String, TaskIndex, TaskColumns, i64) {
+        let instant = serde_json::to_string(now.as_str()).unwrap_or_default();
+        self.text.replace_range(self.mark, &instant);
+        if let Some(entry) = last_updated_entry(Some(now.as_str())) {
+            self.rows.dates.insert(0, entry);
+        }
+        (self.text, self.rows, self.columns, self.priority_rank)
+    }
+}
+
 /// Runs the pre-check of a conditional create, which answers it when its criteria find a Task
-/// (or several); every other request goes on to the transaction unchanged.
+/// (or several), and stages each create; every other request goes on to the transaction
+/// unchanged.
 pub(crate) async fn prepare<P: Precheck>(
     store: &P,
     request: WriteRequest,
 ) -> Result<Prepared<P::Seen>> {
+    let base_url = store.base_url();
     let write = match request {
         WriteRequest::Create {
             id,
-            resource,
+            mut resource,
             if_none_exist: None,
-        } => TaskWrite::Create {
-            id: id.unwrap_or_else(TaskId::generate),
-            resource,
-        },
+        } => {
+            let id = id.unwrap_or_else(TaskId::generate);
+            let staged = Staged::of(&id, &mut resource, base_url);
+            TaskWrite::Create {
+                id,
+                resource,
+                staged,
+            }
+        }
         WriteRequest::Create {
             id,
-            resource,
+            mut resource,
             if_none_exist: Some(criteria),
         } => {
             let (found, seen) = store.precheck(&criteria).await?;
             if let Some(outcome) = found.answer()? {
                 return Ok(Prepared::Answered(outcome));
             }
+            let id = id.unwrap_or_else(TaskId::generate);
+            let staged = Staged::of(&id, &mut resource, base_url);
             TaskWrite::CreateUnlessFound {
-                id: id.unwrap_or_else(TaskId::generate),
+                id,
                 resource,
+                staged,
                 criteria,
                 seen,
             }
@@ -208,23 +289,28 @@ pub(crate) async fn apply<T: TaskTx>(
     base_url: &str,
 ) -> Result<WriteOutcome> {
     match write {
-        TaskWrite::Create { id, resource } => put_task(tx, &id, None, resource, base_url).await,
+        TaskWrite::Create {
+            id,
+            resource,
+            staged,
+        } => put_task(tx, &id, None, resource, staged, base_url).await,
         TaskWrite::CreateUnlessFound {
             id,
             resource,
+            staged,
             criteria,
             seen,
         } => {
             if let Some(outcome) = tx.recheck(&criteria, seen).await?.answer()? {
                 return Ok(outcome);
             }
-            put_task(tx, &id, None, resource, base_url).await
+            put_task(tx, &id, None, resource, staged, base_url).await
         }
         TaskWrite::Change { id, decide } => {
             let current = tx.load_for_change(&id).await?;
             match decide(current.as_ref())? {
                 Decision::Put(resource) => {
-                    put_task(tx, &id, current.as_ref(), resource, base_url).await
+                    put_task(tx, &id, current.as_ref(), resource, None, base_url).await
                 }
                 Decision::Delete => match current {
                     Some(current) if !current.deleted => delete(tx, &current).await,
@@ -325,6 +411,7 @@ async fn put_task<T: TaskTx>(
     id: &TaskId,
     current: Option<&CurrentTask>,
     resource: Value,
+    staged: Option<Staged>,
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let previous = current.filter(|c| !c.deleted).map(|c| &c.resource);
@@ -339,9 +426,9 @@ async fn put_task<T: TaskTx>(
         } else {
             bidding_effects(tx, id, previous, &resource, base_url).await?
         };
-    let outcome = put(tx, id, current, resource, base_url).await?;
+    let outcome = put(tx, id, current, resource, staged, base_url).await?;
     for (task, changed) in effects {
-        put(tx, &task.id, Some(&task), changed, base_url).await?;
+        put(tx, &task.id, Some(&task), changed, None, base_url).await?;
     }
     Ok(outcome)
 }
@@ -508,12 +595,14 @@ async fn bidding_effects<T: TaskTx>(
     }
 }
 
-/// Stores `resource` as the next version of the Task (the first, if it never existed).
+/// Stores `resource` as the next version of the Task (the first, if it never existed), from
+/// its `staged` text and index when it was staged as a create and nothing stands at its id.
 async fn put<T: TaskTx>(
     tx: &mut T,
     id: &TaskId,
     current: Option<&CurrentTask>,
     mut resource: Value,
+    staged: Option<Staged>,
     base_url: &str,
 ) -> Result<WriteOutcome> {
     let live = current.filter(|c| !c.deleted);
@@ -525,10 +614,10 @@ async fn put<T: TaskTx>(
     };
     let now = StoredInstant::now();
     stamp(&mut resource, id.as_str(), version, &now);
-    let text = resource.to_string();
-    let whole = index_task(&resource, base_url);
-    let columns = TaskColumns::from_index(&whole);
-    let index = columns.rows_beside(&whole);
+    let (text, index, columns, priority_rank) = match staged.filter(|_| current.is_none()) {
+        Some(staged) => staged.at(&now),
+        None => unstaged(&resource, base_url),
+    };
     tx.put_version(&NewVersion {
         id,
         version,
@@ -536,7 +625,7 @@ async fn put<T: TaskTx>(
         interaction,
         last_updated: &now,
         text: &text,
-        priority_rank: priority_rank(&resource),
+        priority_rank,
         index: &index,
         columns: &columns,
         existed: current.is_some(),
@@ -549,6 +638,18 @@ async fn put<T: TaskTx>(
         interaction,
         resource: Some(resource),
     }))
+}
+
+/// The text, index rows, columns and priority rank of a stamped resource.
+fn unstaged(resource: &Value, base_url: &str) -> (String, TaskIndex, TaskColumns, i64) {
+    let whole = index_task(resource, base_url);
+    let columns = TaskColumns::from_index(&whole);
+    (
+        resource.to_string(),
+        columns.rows_beside(&whole),
+        columns,
+        priority_rank(resource),
+    )
 }
 
 async fn delete<T: TaskTx>(tx: &mut T, current: &CurrentTask) -> Result<WriteOutcome> {

@@ -2,6 +2,7 @@
 //! tests an HTTP client, tokens and small helpers.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod cluster;
 pub mod receiver;
 pub mod tripwire;

@@ -82,6 +82,18 @@ fn array<'a>(value: Option<&'a Value>, key: &str) -> impl Iterator<Item = &'a Va
         .flatten()
 }
 
+/// The `_lastUpdated` entry of a version stored at `instant` (`meta.lastUpdated`): the first
+/// of `index_task`'s dates, and all a create's index lacks before its transaction stamps it
+/// (`store::write::Staged`).
+pub fn last_updated_entry(instant: Option<&str>) -> Option<DateEntry> {
+    let range = stored_range(instant)?;
+    Some(DateEntry {
+        param: "_lastUpdated",
+        start: range.start_key(),
+        end: range.end_key(),
+    })
+}
+
 /// The range of a stored date, dateTime or instant. A value the validator let through always
 /// parses; anything else is left out of the index rather than indexed wrongly.
 fn stored_range(text: Option<&str>) -> Option<datetime::DateRange> {
@@ -108,8 +120,10 @@ pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
     let task_ref = Some(task);
 
     index.token("_id", None, str_at(task, "id"));
-    if let Some(range) = stored_range(task.pointer("/meta/lastUpdated").and_then(Value::as_str)) {
-        index.date("_lastUpdated", range.start_key(), range.end_key());
+    if let Some(entry) =
+        last_updated_entry(task.pointer("/meta/lastUpdated").and_then(Value::as_str))
+    {
+        index.dates.push(entry);
     }
 
     index.token("status", Some(STATUS_SYSTEM), str_at(task, "status"));

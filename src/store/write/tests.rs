@@ -144,6 +144,10 @@ impl Precheck for Reads {
     async fn precheck(&self, _criteria: &[Predicate]) -> Result<(Found, u64)> {
         Ok((self.found.clone(), self.seen))
     }
+
+    fn base_url(&self) -> &str {
+        BASE
+    }
 }
 
 fn task(id: &str, version: i64, status: &str) -> CurrentTask {
@@ -439,6 +443,7 @@ async fn only_the_write_that_completes_a_request_acts_on_its_focal_task() {
     let write = TaskWrite::<u64>::Create {
         id: TaskId::generate(),
         resource: request("resume", "f", OWNER),
+        staged: None,
     };
     let error = apply(&mut tx, write, BASE).await.unwrap_err();
     assert_eq!(error.status(), StatusCode::UNPROCESSABLE_ENTITY);
@@ -455,6 +460,7 @@ fn single_puts_are_plain_creates() {
             TaskWrite::Create {
                 id: TaskId::generate(),
                 resource: plain.clone(),
+                staged: None,
             },
             true,
         ),
@@ -463,6 +469,7 @@ fn single_puts_are_plain_creates() {
             TaskWrite::Create {
                 id: TaskId::generate(),
                 resource: request("abort", "f", OWNER),
+                staged: None,
             },
             false,
         ),
@@ -471,6 +478,7 @@ fn single_puts_are_plain_creates() {
             TaskWrite::CreateUnlessFound {
                 id: TaskId::generate(),
                 resource: plain,
+                staged: None,
                 criteria: Vec::new(),
                 seen: 0,
             },
@@ -481,4 +489,60 @@ fn single_puts_are_plain_creates() {
     for (name, write, single) in cases {
         assert_eq!(is_single_put(&write), single, "{name}");
     }
+}
+
+/// A create staged before its transaction is stored byte for byte as one worked out inside
+/// it: text, index rows (with `_lastUpdated`, first of the dates), columns, priority rank and
+/// the resource returned.
+#[test]
+fn a_staged_create_stores_what_an_unstaged_one_does() {
+    let tasks = [
+        json!({ "resourceType": "Task", "status": "requested", "intent": "order" }),
+        json!({
+            "resourceType": "Task", "id": "client-chose-this", "status": "in-progress",
+            "intent": "order", "priority": "stat",
+            "meta": { "profile": ["http://example.org/p"], "lastUpdated": "2020-01-01T00:00:00Z",
+                      "versionId": "7" },
+            "owner": { "reference": "Practitioner/17" },
+            "performerType": [{ "coding": [{ "system": "http://snomed.info/sct", "code": "223366009" }] }],
+            "for": { "reference": "Patient/pt42" },
+            "restriction": { "period": { "end": "2027-03-15T10:00:00+01:00" } },
+            "authoredOn": "2026-12-01",
+            "description": "quotes \" and backslashes \\ and é",
+            "code": { "coding": [{ "system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill" }] },
+        }),
+        json!({
+            "resourceType": "Task", "status": "requested", "intent": "plan",
+            "performerType": [{ "text": "several" }, { "coding": [{ "code": "a" }] }, { "coding": [{ "code": "b" }] }],
+            "note": [{ "text": "the mark's name without its NULs: baton:last-updated" }],
+        }),
+    ];
+    for task in tasks {
+        let id = TaskId::generate();
+        let mut resource = task.clone();
+        let staged = Staged::of(&id, &mut resource, BASE).expect("the mark occurs once");
+        let now = StoredInstant::now();
+        stamp(&mut resource, id.as_str(), Version::FIRST, &now);
+        let mut expected = task.clone();
+        stamp(&mut expected, id.as_str(), Version::FIRST, &now);
+        assert_eq!(resource, expected);
+        let (text, rows, columns, rank) = staged.at(&now);
+        let (want_text, want_rows, want_columns, want_rank) = unstaged(&expected, BASE);
+        assert_eq!(text, want_text);
+        assert_eq!(rows, want_rows);
+        assert!(rows.dates.iter().any(|d| d.param == "_lastUpdated"));
+        assert_eq!(columns, want_columns);
+        assert_eq!(rank, want_rank);
+    }
+}
+
+/// A Task that carries the mark itself (which validation refuses, as a control character) is
+/// not staged, and `put` works it out itself.
+#[test]
+fn a_task_holding_the_mark_is_not_staged() {
+    let mut task = json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "description": LAST_UPDATED_MARK,
+    });
+    assert!(Staged::of(&TaskId::generate(), &mut task, BASE).is_none());
 }
