@@ -493,6 +493,16 @@ pub enum Synchronous {
     Normal,
 }
 
+impl Synchronous {
+    /// The value of SQLite's `PRAGMA synchronous`.
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

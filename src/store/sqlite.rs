@@ -64,6 +64,7 @@ use crate::supervise::{self, Health};
 use crate::trace::current_trace;
 use writer::{Done, Job, Work};
 
+mod checkpoint;
 mod hub;
 mod live;
 mod point;
@@ -135,6 +136,7 @@ impl SqliteStore {
         sqlx::migrate!("migrations/sqlite").run(&migrations).await?;
         migrations.close().await;
         let writer = writer::connect(path, config.synchronous)?;
+        let checkpointer = checkpoint::Checkpointer::start(path, config.synchronous)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(config.read_connections)
             .min_connections(1)
@@ -143,7 +145,14 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
         let max_batch = config.max_batch;
         let closing = CancellationToken::new();
-        let ended = writer::start(writer, rx, base_url.to_string(), max_batch, committed)?;
+        let ended = writer::start(
+            writer,
+            checkpointer,
+            rx,
+            base_url.to_string(),
+            max_batch,
+            committed,
+        )?;
         let handle = tokio::spawn(supervise::watch_vital(
             health.clone(),
             "writer",
@@ -901,6 +910,36 @@ mod tests {
         create(&store, order("C-1")).await;
         let error = write("C-1").await.unwrap_err();
         assert_eq!(error.status(), axum::http::StatusCode::PRECONDITION_FAILED);
+        store.close().await;
+    }
+
+    /// The writer's commits leave the WAL to the checkpointer, which folds it into the
+    /// database file soon after: the file grows while the WAL holds far fewer pages than the
+    /// writer's own automatic checkpoint needs.
+    #[tokio::test]
+    async fn the_checkpointer_folds_the_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let file = dir.path().join("baton.db");
+        let before = std::fs::metadata(&file).unwrap().len();
+        for i in 0..200 {
+            create(&store, order(&format!("W-{i}"))).await;
+        }
+        let wal = std::fs::metadata(dir.path().join("baton.db-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            wal < u64::from(checkpoint::WRITER_AUTOCHECKPOINT_PAGES) * 4096,
+            "the writer's own checkpoint would not have run: {wal} bytes of WAL"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::metadata(&file).unwrap().len() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint copied the WAL into the database within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         store.close().await;
     }
 }

@@ -27,6 +27,7 @@ use futures::executor::block_on;
 use rusqlite::Connection;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES};
 use super::hub;
 use super::{BUSY_TIMEOUT, CACHE_SIZE};
 use crate::audit::{AuditRecord, RequestAudit, in_request};
@@ -111,30 +112,31 @@ pub(super) struct Job {
 pub(super) fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    let synchronous = match synchronous {
-        Synchronous::Full => "FULL",
-        Synchronous::Normal => "NORMAL",
-    };
+    // The checkpointer thread folds the WAL back (`checkpoint`); the writer's own automatic
+    // checkpoint is only a safety net.
     conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};
-         PRAGMA cache_size = {CACHE_SIZE}; PRAGMA temp_store = memory; PRAGMA foreign_keys = ON;"
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {};
+         PRAGMA cache_size = {CACHE_SIZE}; PRAGMA temp_store = memory; PRAGMA foreign_keys = ON;
+         PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES};",
+        synchronous.pragma()
     ))?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
 
-/// Starts the writer thread on `conn`. The future returned resolves when the thread has
-/// ended, and panics with the thread's panic if it panicked, so that `supervise::watch_vital`
-/// reports how it ended.
+/// Starts the writer thread on `conn`, with `checkpointer` told of its commits. The future
+/// returned resolves when the thread has ended, and panics with the thread's panic if it
+/// panicked, so that `supervise::watch_vital` reports how it ended.
 pub(super) fn start(
     conn: Connection,
+    checkpointer: Checkpointer,
     jobs: mpsc::Receiver<Job>,
     base_url: String,
     max_batch: usize,
     committed: Arc<Notify>,
 ) -> Result<impl Future<Output = ()> + Send + 'static> {
     spawn_watched("baton-sqlite-writer", move || {
-        run_writer(conn, jobs, &base_url, max_batch, &committed);
+        run_writer(conn, checkpointer, jobs, &base_url, max_batch, &committed);
     })
 }
 
@@ -276,6 +278,7 @@ fn next_lane(
 /// results) and one commit — never for a queue of fan-out work ahead of it.
 fn run_writer(
     mut conn: Connection,
+    checkpointer: Checkpointer,
     mut jobs: mpsc::Receiver<Job>,
     base_url: &str,
     max_batch: usize,
@@ -309,6 +312,7 @@ fn run_writer(
         let size = replies.len();
         match committed_group {
             Ok(outcomes) => {
+                checkpointer.committed();
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome);
                 }
@@ -331,7 +335,9 @@ fn run_writer(
             committed.notify_one();
         }
     }
-    // The queue is closed: fold the WAL back into the database so the file is self-contained.
+    // The queue is closed: fold the WAL back into the database so the file is self-contained,
+    // once the checkpointer has stopped.
+    drop(checkpointer);
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
     drop(conn);
 }
