@@ -1,6 +1,8 @@
 //! Real FHIR clients against a real server: fhirpy (Python) and fhir-kit-client (Node) drive
 //! Baton through create, read, search with totals, paging to the end, update, patch in the
-//! form each client sends, delete and `_history` polling (tests/clients/*/driver.*).
+//! form each client sends, delete, `_history` polling and a classic R4 subscription received
+//! on a local endpoint (tests/clients/*/driver.*); and every kind of resource Baton serves is
+//! validated with fhir.resources' R4B models (tests/clients/python/validate_r4.py).
 //!
 //! The drivers need python3 with the packages of tests/clients/python/requirements.txt and
 //! node with tests/clients/node's packages (`npm ci`); `.ci/run` installs both. Without them
@@ -41,9 +43,10 @@ async fn succeeds(program: &str, args: &[&str], dir: &Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Runs a driver against a fresh server with an admin token and asserts it succeeds.
+/// Runs a driver against a fresh server with an admin token and asserts it succeeds. The
+/// server's rest-hooks may reach the driver's own local endpoint (loopback, plain http).
 async fn drive(program: &str, script: &Path, dir: &Path) {
-    let server = TestServer::start().await;
+    let server = TestServer::start_hub().await;
     let child = tokio::process::Command::new(program)
         .arg(script)
         .current_dir(dir)
@@ -93,4 +96,17 @@ async fn fhir_kit_client_drives_the_task_api() {
         return;
     }
     drive("node", &dir.join("driver.mjs"), &dir).await;
+}
+
+#[tokio::test]
+async fn every_resource_baton_serves_validates_as_r4() {
+    let dir = clients_dir().join("python");
+    if !succeeds("python3", &["-c", "import fhir.resources.R4B"], &dir).await
+        && missing(
+            "python3 with fhir.resources (pip install -r tests/clients/python/requirements.txt)",
+        )
+    {
+        return;
+    }
+    drive("python3", &dir.join("validate_r4.py"), &dir).await;
 }

@@ -478,8 +478,8 @@ async fn unsupported_subscriptions_are_rejected_and_not_stored() {
             with(&|s| s["criteria"] = json!("http://localhost/fhir/SubscriptionTopic/nope")),
         ),
         (
-            "legacy criteria",
-            with(&|s| s["criteria"] = json!("Task?status=requested")),
+            "classic criteria on another resource type",
+            with(&|s| s["criteria"] = json!("Observation?code=1975-2")),
         ),
         (
             "unknown filter",

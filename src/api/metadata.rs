@@ -1,5 +1,10 @@
 //! `GET /fhir/metadata`: the CapabilityStatement, listing exactly what this server supports.
 //! It needs no token.
+//!
+//! It claims FHIR 4.0.1 and so lists only R4 resource types: R4 has no SubscriptionTopic, and
+//! an R4 client knows the topics by the `capabilitystatement-subscriptiontopic-canonical`
+//! extensions on Subscription (the backport IG's R4 discovery). `/fhir/SubscriptionTopic`
+//! still serves them, in R4B's shape, for R4B and R5 clients (`api::topic`).
 
 use axum::Router;
 use axum::extract::State;
@@ -76,6 +81,11 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
         ],
         "rest": [{
             "mode": "server",
+            // Where classic R4 websocket subscriptions connect (`bind <id>`, R4's protocol).
+            "extension": [{
+                "url": "http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket",
+                "valueUri": crate::channels::websocket::websocket_url(base_url),
+            }],
             "security": {
                 "cors": false,
                 "description": "Bearer JWT (HS256) in the Authorization header, with a 'role' claim of admin, practitioner or auditor; practitioners carry 'fhirUser'. Only /metadata is open.",
@@ -137,12 +147,6 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                     { "name": "type", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-type", "documentation": "rest for requests, transmit for delivery attempts" },
                     { "name": "subtype", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-subtype", "documentation": "The FHIR interaction: create, update, patch, delete, read, vread, search-type, history-instance, history-type, operation; for a delivery attempt handshake, heartbeat or event-notification" },
                     { "name": "outcome", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-outcome", "documentation": "0 success, 4 refused, 8 failed (a delivery attempt that failed)" },
-                ],
-            }, {
-                "type": "SubscriptionTopic",
-                "interaction": [{ "code": "read" }, { "code": "search-type" }],
-                "searchParam": [
-                    { "name": "url", "type": "uri", "documentation": "The topic's canonical URL" },
                 ],
             }],
             "interaction": [{ "code": "transaction" }, { "code": "batch" }],

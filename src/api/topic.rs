@@ -1,4 +1,10 @@
 //! `SubscriptionTopic`: the built-in and operator-defined topics, read-only.
+//!
+//! Topics are served in R4B's shape, the only FHIR version before R5 that has the resource
+//! (`GET /fhir/metadata` claims 4.0.1, where topics are known by their canonical URLs, listed
+//! in the CapabilityStatement): a definition written in R5's shape (`canFilterBy.comparator`)
+//! has its comparators folded into `canFilterBy.modifier`, as R4B lists them, and R5's `name`
+//! (which R4B lacks; `title` stays) left out (`served`).
 
 use axum::Router;
 use axum::extract::{Path, RawQuery, State};
@@ -28,7 +34,7 @@ async fn read(
         .iter()
         .find(|t| t.id == id)
         .ok_or_else(|| Error::not_found(format!("SubscriptionTopic/{id} does not exist")))?;
-    Ok(fhir_json(StatusCode::OK, &topic.definition))
+    Ok(fhir_json(StatusCode::OK, &served(&topic.definition)))
 }
 
 async fn search(
@@ -62,7 +68,7 @@ async fn search(
         .map(|t| {
             json!({
                 "fullUrl": format!("{}/SubscriptionTopic/{}", state.link_base, t.id),
-                "resource": t.definition,
+                "resource": served(&t.definition),
                 "search": { "mode": "match" },
             })
         })
@@ -75,4 +81,63 @@ async fn search(
         "entry": entries,
     });
     Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// A topic definition in R4B's shape: R5's `canFilterBy.comparator` codes folded into
+/// `modifier` (R4B's `subscription-search-modifier` codes include the comparators), ahead of
+/// the modifiers, and R5's `name` left out.
+pub fn served(definition: &Value) -> Value {
+    let mut served = definition.clone();
+    if let Some(topic) = served.as_object_mut() {
+        topic.remove("name");
+    }
+    if let Some(filters) = served.get_mut("canFilterBy").and_then(Value::as_array_mut) {
+        for filter in filters.iter_mut().filter_map(Value::as_object_mut) {
+            let Some(Value::Array(comparators)) = filter.remove("comparator") else {
+                continue;
+            };
+            let modifiers = match filter.remove("modifier") {
+                Some(Value::Array(modifiers)) => modifiers,
+                _ => Vec::new(),
+            };
+            let folded: Vec<Value> = comparators.into_iter().chain(modifiers).collect();
+            filter.insert("modifier".into(), Value::Array(folded));
+        }
+    }
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::served;
+    use serde_json::json;
+
+    #[test]
+    fn comparators_are_served_as_r4b_modifiers() {
+        let r5 = json!({
+            "resourceType": "SubscriptionTopic",
+            "name": "R5Only",
+            "canFilterBy": [
+                { "filterParameter": "authored-on", "comparator": ["ge", "lt"], "modifier": ["missing"] },
+                { "filterParameter": "due-date", "comparator": ["le"] },
+                { "filterParameter": "owner", "modifier": ["not"] },
+            ],
+        });
+        assert!(served(&r5).get("name").is_none());
+        assert_eq!(
+            served(&r5)["canFilterBy"],
+            json!([
+                { "filterParameter": "authored-on", "modifier": ["ge", "lt", "missing"] },
+                { "filterParameter": "due-date", "modifier": ["le"] },
+                { "filterParameter": "owner", "modifier": ["not"] },
+            ])
+        );
+        // Served topics read back as the same topics.
+        let base = "http://h/fhir";
+        for topic in crate::matcher::topic::builtin_topics(base).unwrap() {
+            let again = crate::matcher::topic::parse_topic(&served(&topic.definition), base)
+                .unwrap_or_else(|e| panic!("{}: {e}", topic.id));
+            assert_eq!(again.filters, topic.filters, "{}", topic.id);
+        }
+    }
 }

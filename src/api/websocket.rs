@@ -81,12 +81,40 @@ async fn upgrade(
         ))
         .into_response();
     }
+    // A bearer token on the upgrade request is optional: it is what lets the socket use
+    // R4's classic `bind <id>`, which carries no credential of its own. A token that is given
+    // must be valid.
+    let principal = match headers.get(axum::http::header::AUTHORIZATION) {
+        None => None,
+        Some(value) => {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .map(str::trim)
+                .filter(|t| !t.is_empty());
+            let Some(token) = token else {
+                return crate::error::Error::unauthenticated(
+                    "the Authorization header must use the Bearer scheme",
+                )
+                .into_response();
+            };
+            let authenticator: &crate::auth::Authenticator = state.as_ref();
+            match authenticator.authenticate(token).await {
+                Ok(principal) => Some(principal),
+                Err(e) => return e.into_response(),
+            }
+        }
+    };
     let hub = state.websockets.clone();
     upgrade
         .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_INCOMING)
         .max_frame_size(MAX_INCOMING)
-        .on_upgrade(move |socket| serve_socket(socket, hub))
+        .on_upgrade(move |socket| serve_socket(socket, hub, principal))
 }
 
 /// Whether the page opening the socket is one of this server's own: its origin is the
@@ -170,8 +198,20 @@ fn outcome_frame(code: IssueCode, diagnostics: &str) -> Utf8Bytes {
     Utf8Bytes::from(crate::error::operation_outcome("error", code, diagnostics, None).to_string())
 }
 
-/// Serves one socket until it closes, the hub shuts down, or it falls behind.
-pub async fn serve_socket(socket: WebSocket, hub: Arc<WebSocketHub>) {
+/// A classic R4 bind frame, `bind <id>`: the subscription id, or None for any other frame.
+pub fn parse_classic_bind(text: &str) -> Option<&str> {
+    let id = text.trim().strip_prefix("bind ")?.trim();
+    (!id.is_empty() && !id.contains(char::is_whitespace)).then_some(id)
+}
+
+/// Serves one socket until it closes, the hub shuts down, or it falls behind. `principal` is
+/// who the upgrade request's bearer token speaks for, if it carried one: the only credential
+/// a classic `bind <id>` is checked against.
+pub async fn serve_socket(
+    socket: WebSocket,
+    hub: Arc<WebSocketHub>,
+    principal: Option<crate::auth::Principal>,
+) {
     let (mut sink, mut stream) = socket.split();
     let (outbox, mut queued) = mpsc::channel::<Outbound>(hub.config.outbox_capacity);
     let close = CancellationToken::new();
@@ -239,6 +279,22 @@ pub async fn serve_socket(socket: WebSocket, hub: Arc<WebSocketHub>) {
         let Some(Ok(message)) = message else { break };
         match message {
             Message::Text(text) => {
+                if let Some(subscription) = parse_classic_bind(text.as_str()) {
+                    let bound = bind_classic(&hub, id, subscription, principal.as_ref()).await;
+                    ever_bound |= bound;
+                    let reply = if bound {
+                        format!("bound {subscription}")
+                    } else {
+                        format!("error {subscription}")
+                    };
+                    if outbox
+                        .try_send(Outbound::Text(Utf8Bytes::from(reply)))
+                        .is_err()
+                    {
+                        break;
+                    }
+                    continue;
+                }
                 let token = match parse_bind(text.as_str()) {
                     Ok(token) => token,
                     Err(why) => {
@@ -273,6 +329,41 @@ pub async fn serve_socket(socket: WebSocket, hub: Arc<WebSocketHub>) {
     drop(outbox);
     let _ = writer.await;
     tracing::debug!(socket.id = id, "websocket closed");
+}
+
+/// Binds a classic R4 websocket subscription (`bind <id>`) for the socket's principal: the
+/// subscription must exist, be a classic websocket subscription that is not off, and be the
+/// principal's own (or the principal an admin, who may read every subscription). Any failure
+/// reads the same to the client (`error <id>`), so a socket cannot probe which ids exist.
+async fn bind_classic(
+    hub: &WebSocketHub,
+    socket: u64,
+    subscription: &str,
+    principal: Option<&crate::auth::Principal>,
+) -> bool {
+    let Some(principal) = principal else {
+        return false;
+    };
+    let Ok(subscription_id) = crate::fhir::ids::SubscriptionId::parse(subscription) else {
+        return false;
+    };
+    let Ok(Some(stored)) = hub.store.read_subscription(&subscription_id).await else {
+        return false;
+    };
+    let allowed =
+        principal.role == crate::auth::Role::Admin || stored.owner == principal.identity();
+    if stored.channel_type != ChannelType::WebSocket
+        || stored.status == SubscriptionStatus::Off
+        || !crate::fhir::subscription::is_classic(&stored.resource)
+        || !allowed
+    {
+        return false;
+    }
+    if !hub.registry.bind(socket, &subscription_id) {
+        return false;
+    }
+    tracing::info!(socket.id = socket, subscription.id = %stored.id, "websocket bound (classic)");
+    true
 }
 
 /// Redeems a token and binds its subscriptions, sending one handshake each. Returns false
@@ -401,6 +492,22 @@ mod tests {
         ];
         for (text, expected) in cases {
             assert_eq!(parse_bind(text).ok().as_deref(), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn classic_bind_frames() {
+        let cases = [
+            ("bind abc123", Some("abc123")),
+            ("  bind   abc123 \n", Some("abc123")),
+            ("bind", None),
+            ("bind ", None),
+            ("bind a b", None),
+            ("bind-with-token abc123", None),
+            ("bound abc123", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_classic_bind(text), expected, "{text}");
         }
     }
 

@@ -20,8 +20,11 @@ use super::signature::sign_notification;
 
 /// One notification on its way to an endpoint.
 pub struct Outgoing<'a> {
+    /// POST for notifications; PUT and DELETE for classic R4 resource payloads.
+    pub method: reqwest::Method,
     pub endpoint: &'a str,
-    pub content_type: &'a str,
+    /// None for a request without a body (a classic R4 ping, a DELETE).
+    pub content_type: Option<&'a str>,
     pub headers: &'a [(String, String)],
     pub body: Vec<u8>,
     /// Stable per notification, so receivers can drop duplicates (`webhook-id`).
@@ -100,7 +103,8 @@ impl RestHook {
         Ok(())
     }
 
-    /// POSTs one notification. Success is any 2xx answer.
+    /// Sends one notification (a POST, or for classic R4 resource payloads a PUT or DELETE).
+    /// Success is any 2xx answer.
     pub async fn send(&self, out: Outgoing<'_>, now_secs: i64) -> Result<(), SendError> {
         let fail = |message: String| SendError {
             message,
@@ -124,11 +128,10 @@ impl RestHook {
         {
             return Err(fail("the endpoint is an internal address".into()));
         }
-        let mut request = self
-            .client
-            .post(url)
-            .timeout(out.timeout)
-            .header(reqwest::header::CONTENT_TYPE, out.content_type);
+        let mut request = self.client.request(out.method, url).timeout(out.timeout);
+        if let Some(content_type) = out.content_type {
+            request = request.header(reqwest::header::CONTENT_TYPE, content_type);
+        }
         if !out
             .headers
             .iter()
@@ -443,8 +446,9 @@ mod tests {
             "http://127.0.0.1.:9/hook",
         ] {
             let out = Outgoing {
+                method: reqwest::Method::POST,
                 endpoint,
-                content_type: "application/fhir+json",
+                content_type: Some("application/fhir+json"),
                 headers: &[],
                 body: b"{}".to_vec(),
                 message_id: "m",

@@ -192,7 +192,12 @@ impl Claimed<'_> {
                 .await?;
             return Ok(Outcome::Gone);
         }
-        let max_count = i64::from(spec.max_count.unwrap_or(deliverer.config.default_max_count));
+        // A classic R4 ping or resource carries one event, so it goes out one at a time.
+        let max_count = if spec.form.sends_requests_per_event() {
+            1
+        } else {
+            i64::from(spec.max_count.unwrap_or(deliverer.config.default_max_count))
+        };
         let Some(payload) =
             choose_payload(&self.sub, max_count, spec.heartbeat_period, attempt, now)
         else {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::notify::{Notification, Payload};
+use super::notify::{ClassicCall, Notification, Payload};
 use crate::channels::SendError;
 use crate::channels::amqp::{AmqpMessage, AmqpPublisher};
 use crate::channels::rest_hook::{self, RestHook};
@@ -104,11 +104,33 @@ impl Channel for RestHookTo<'_> {
 
     async fn send(&self, out: Outgoing<'_>) -> Result<Reach, SendError> {
         let secret = out.spec.signing_secret.as_deref().and_then(parse_secret);
+        // A classic R4 notification: a ping without a body, or the Task put to or deleted
+        // from `{endpoint}/Task/{id}` (R4's rest-hook rule, as HAPI FHIR sends it).
+        let (method, endpoint, content_type) = match &out.notification.classic {
+            None => (
+                reqwest::Method::POST,
+                self.endpoint.to_string(),
+                Some(out.spec.content_type.as_str()),
+            ),
+            Some(ClassicCall::Withheld) => return Ok(Reach::Nobody),
+            Some(ClassicCall::Ping) => (reqwest::Method::POST, self.endpoint.to_string(), None),
+            Some(ClassicCall::Put(id)) => (
+                reqwest::Method::PUT,
+                resource_url(self.endpoint, id.as_str())?,
+                Some(out.spec.content_type.as_str()),
+            ),
+            Some(ClassicCall::Delete(id)) => (
+                reqwest::Method::DELETE,
+                resource_url(self.endpoint, id.as_str())?,
+                None,
+            ),
+        };
         self.client
             .send(
                 rest_hook::Outgoing {
-                    endpoint: self.endpoint,
-                    content_type: &out.spec.content_type,
+                    method,
+                    endpoint: &endpoint,
+                    content_type,
                     headers: self.headers,
                     body: out.notification.body,
                     message_id: &out.notification.message_id,
@@ -121,6 +143,24 @@ impl Channel for RestHookTo<'_> {
             .await
             .map(|()| Reach::Someone)
     }
+}
+
+/// `{endpoint}/Task/{id}`: the Task's URL on the subscriber's FHIR base, with the endpoint's
+/// query string kept.
+fn resource_url(endpoint: &str, id: &str) -> Result<String, SendError> {
+    let mut url = reqwest::Url::parse(endpoint).map_err(|_| SendError {
+        message: "the endpoint is not a valid URL".into(),
+        retry_after: None,
+    })?;
+    url.path_segments_mut()
+        .map_err(|()| SendError {
+            message: "the endpoint cannot be a FHIR base".into(),
+            retry_after: None,
+        })?
+        .pop_if_empty()
+        .push("Task")
+        .push(id);
+    Ok(url.into())
 }
 
 /// A persistent, mandatory publish to an exchange on the hub's broker, with a confirm.
@@ -190,6 +230,9 @@ impl Channel for Sockets<'_> {
     }
 
     async fn send(&self, out: Outgoing<'_>) -> Result<Reach, SendError> {
+        if out.notification.classic == Some(ClassicCall::Withheld) {
+            return Ok(Reach::Nobody);
+        }
         let text = String::from_utf8(out.notification.body).unwrap_or_default();
         let took = self.signals.push_websocket(&out.sub.id, &text);
         let kind = out.payload.notification_type().as_str();
@@ -201,5 +244,41 @@ impl Channel for Sockets<'_> {
         } else {
             Reach::Nobody
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resource_url;
+
+    #[test]
+    fn a_classic_resource_goes_to_the_task_url_on_the_endpoint_base() {
+        let cases = [
+            (
+                "https://r.example.org/fhir",
+                "https://r.example.org/fhir/Task/t1",
+            ),
+            (
+                "https://r.example.org/fhir/",
+                "https://r.example.org/fhir/Task/t1",
+            ),
+            ("https://r.example.org", "https://r.example.org/Task/t1"),
+            (
+                "https://r.example.org/fhir?tenant=7",
+                "https://r.example.org/fhir/Task/t1?tenant=7",
+            ),
+            (
+                "http://127.0.0.1:9/a/b/?x=1&y=2",
+                "http://127.0.0.1:9/a/b/Task/t1?x=1&y=2",
+            ),
+        ];
+        for (endpoint, expected) in cases {
+            assert_eq!(
+                resource_url(endpoint, "t1").unwrap(),
+                expected,
+                "{endpoint}"
+            );
+        }
+        assert!(resource_url("not a url", "t1").is_err());
     }
 }

@@ -10,11 +10,12 @@ use crate::auth::{self, Principal, Reader};
 use crate::error::Result;
 use crate::fhir::datetime::format_instant;
 use crate::fhir::ids::{EventNumber, TaskId, Version};
+use crate::fhir::interaction::Interaction;
 use crate::fhir::notification::{
     ContentLevel, NotificationEvent, NotificationType, StatusSnapshot, SubscriptionStatus,
     event_entry_bytes, notification_bundle_bytes,
 };
-use crate::fhir::subscription::SubscriptionSpec;
+use crate::fhir::subscription::{ChannelSpec, ClassicPayload, SubscriptionForm, SubscriptionSpec};
 use crate::hub::{EntryKey, SharedParts};
 use crate::store::{EventRecord, Store, StoredSubscription};
 use crate::trace::TraceContext;
@@ -66,6 +67,23 @@ pub struct Notification {
     pub trace: TraceContext,
     /// The span that made the change `trace` continues (the request's), if any.
     pub caused_by: Option<TraceContext>,
+    /// How a classic R4 notification that is not a Bundle goes out (None: `body` is the
+    /// notification Bundle).
+    pub classic: Option<ClassicCall>,
+}
+
+/// One classic R4 notification (`SubscriptionForm::sends_requests_per_event`): one event, sent
+/// as R4 and HAPI FHIR send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClassicCall {
+    /// A POST with no body to the endpoint (no `channel.payload`); `ping <id>` on a socket.
+    Ping,
+    /// A PUT of the Task (the body) to `{endpoint}/Task/{id}`.
+    Put(TaskId),
+    /// A DELETE of `{endpoint}/Task/{id}`: the Task was deleted.
+    Delete(TaskId),
+    /// Nothing goes out: the read rule withheld the event at send time.
+    Withheld,
 }
 
 /// What a notification is about, and when it is made.
@@ -123,6 +141,15 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
         load_shared_versions(store, Some(shared), &events, spec.content).await?
     };
     let notification_events = readable_events(&events, &versions, author.as_ref(), base_url);
+    if spec.form.sends_requests_per_event() {
+        return Ok(classic_notification(
+            sub,
+            spec,
+            &events,
+            &notification_events,
+            message_id,
+        ));
+    }
     let status = StatusSnapshot {
         subscription_id: &sub.id,
         topic_url: &sub.topic_url,
@@ -173,7 +200,50 @@ pub async fn build(subject: &Subject<'_>) -> Result<Notification> {
         message_id,
         trace,
         caused_by,
+        classic: None,
     })
+}
+
+/// A classic R4 notification of one event (the attempt asks for one at a time): a ping, or
+/// the Task put or deleted at `{endpoint}/Task/{id}`; on a socket, `ping <id>` whatever the
+/// payload (R4's websocket protocol has nothing else).
+fn classic_notification(
+    sub: &StoredSubscription,
+    spec: &SubscriptionSpec,
+    events: &[EventRecord],
+    readable: &[NotificationEvent<'_>],
+    message_id: String,
+) -> Notification {
+    let caused_by = events
+        .iter()
+        .find_map(|e| e.traceparent.as_deref().and_then(TraceContext::parse));
+    let trace = caused_by.map_or_else(TraceContext::new_root, |change| change.child());
+    let websocket = matches!(spec.channel, ChannelSpec::WebSocket);
+    let (call, body) = match (readable.first(), spec.form) {
+        (None, _) => (ClassicCall::Withheld, Vec::new()),
+        (Some(_), _) if websocket => (ClassicCall::Ping, format!("ping {}", sub.id).into_bytes()),
+        (Some(event), SubscriptionForm::Classic(ClassicPayload::Resource)) => {
+            match (event.interaction, event.resource) {
+                (Interaction::Delete, _) => {
+                    (ClassicCall::Delete(event.task_id.clone()), Vec::new())
+                }
+                (_, Some(resource)) => (
+                    ClassicCall::Put(event.task_id.clone()),
+                    serde_json::to_vec(resource).unwrap_or_default(),
+                ),
+                // The version is gone (pruned with its Task): nothing left to put.
+                (_, None) => (ClassicCall::Withheld, Vec::new()),
+            }
+        }
+        (Some(_), _) => (ClassicCall::Ping, Vec::new()),
+    };
+    Notification {
+        body,
+        message_id,
+        trace,
+        caused_by,
+        classic: Some(call),
+    }
 }
 
 /// The exact Task versions a batch of events is about, unless the content level needs none

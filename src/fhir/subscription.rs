@@ -245,6 +245,53 @@ pub struct SubscriptionSpec {
     pub requested_status: SubscriptionStatus,
     /// The `whsec_…` signing secret as given, for rest-hook subscriptions that want signatures.
     pub signing_secret: Option<String>,
+    /// Whether `criteria` named a topic or was a classic R4 search string, and so how
+    /// notifications are shaped.
+    pub form: SubscriptionForm,
+}
+
+/// The id of the built-in topic a classic R4 subscription runs on.
+pub const CLASSIC_TOPIC_ID: &str = "task-changed";
+
+/// What kind of Subscription a client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionForm {
+    /// `criteria` names a SubscriptionTopic (the backport IG): a handshake, then notification
+    /// Bundles.
+    Topic,
+    /// `criteria` is a classic R4 search string (`Task?owner=Practitioner/1`): the
+    /// subscription runs on the built-in `task-changed` topic with the criteria as its one
+    /// filter, has no handshake (R4 has none), and notifies in the form given.
+    Classic(ClassicPayload),
+}
+
+impl SubscriptionForm {
+    pub fn is_classic(self) -> bool {
+        matches!(self, SubscriptionForm::Classic(_))
+    }
+
+    /// The classic R4 forms that send one request per event instead of a Bundle: a ping,
+    /// or the resource itself.
+    pub fn sends_requests_per_event(self) -> bool {
+        matches!(
+            self,
+            SubscriptionForm::Classic(ClassicPayload::Ping | ClassicPayload::Resource)
+        )
+    }
+}
+
+/// How a classic R4 subscription's notifications look (R4 `Subscription.channel.payload`,
+/// as HAPI FHIR reads it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassicPayload {
+    /// No `channel.payload`: a POST to the endpoint with no body (on a websocket, `ping <id>`).
+    Ping,
+    /// `channel.payload` is a FHIR JSON type: the Task PUT to `{endpoint}/Task/{id}` after a
+    /// create or update, a DELETE of that URL after a delete.
+    Resource,
+    /// The backport `backport-payload-content` extension is present as well: the backport
+    /// notification Bundle, as for a topic subscription.
+    Bundle,
 }
 
 /// What the hub's configuration allows for channels.
@@ -332,6 +379,7 @@ impl fmt::Debug for SubscriptionSpec {
                 "signing_secret",
                 &self.signing_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("form", &self.form)
             .finish()
     }
 }
@@ -388,8 +436,33 @@ pub fn parse_subscription(
         "Subscription.modifierExtension",
     )?;
 
-    let topic = parse_topic(subscription, find_topic)?;
-    let (filters, filter_criteria) = parse_filters(subscription, &topic, limits, base_url)?;
+    let criteria = parse_criteria(subscription, find_topic, base_url)?;
+    let classic = matches!(criteria, Criteria::Classic { .. });
+    let (topic, filters, filter_criteria) = match criteria {
+        Criteria::Topic(topic) => {
+            let (filters, filter_criteria) = parse_filters(subscription, &topic, limits, base_url)?;
+            (topic, filters, filter_criteria)
+        }
+        Criteria::Classic { topic, search } => {
+            if subscription.contains_key("_criteria") {
+                return Err(fail(
+                    IssueCode::Invalid,
+                    "Subscription._criteria",
+                    "must be absent when criteria is a classic search string: the search is \
+                     the filter. Use backport-filter-criteria with a topic URL in criteria \
+                     instead",
+                ));
+            }
+            let filters = parse_classic_criteria(&search, &topic, limits, base_url)?;
+            // `Task` alone filters nothing; it is kept as no filter at all.
+            let filter_criteria = if filters.is_empty() {
+                Vec::new()
+            } else {
+                vec![search]
+            };
+            (topic, filters, filter_criteria)
+        }
+    };
 
     let channel = match subscription.get("channel") {
         Some(Value::Object(channel)) => channel,
@@ -408,7 +481,16 @@ pub fn parse_subscription(
             ));
         }
     };
-    let parsed = parse_channel(channel, policy)?;
+    let parsed = parse_channel(channel, policy, classic)?;
+    let form = if classic {
+        let payload = parsed.classic_payload;
+        if payload != ClassicPayload::Bundle {
+            refuse_for_classic(&parsed)?;
+        }
+        SubscriptionForm::Classic(payload)
+    } else {
+        SubscriptionForm::Topic
+    };
 
     Ok(SubscriptionSpec {
         topic_url: topic.url,
@@ -425,6 +507,87 @@ pub fn parse_subscription(
         end: end.map(String::from),
         requested_status,
         signing_secret: parsed.signing_secret,
+        form,
+    })
+}
+
+/// Whether a stored Subscription resource is a classic R4 one (its `criteria` a search
+/// string rather than a topic URL).
+pub fn is_classic(resource: &Value) -> bool {
+    resource
+        .get("criteria")
+        .and_then(Value::as_str)
+        .is_some_and(|criteria| !is_topic_url(criteria))
+}
+
+/// What `criteria` asks for: a topic, or a classic R4 search on Tasks.
+enum Criteria {
+    Topic(TopicFilters),
+    Classic { topic: TopicFilters, search: String },
+}
+
+/// Refuses what a classic subscription sending a ping or the resource cannot honour: those
+/// forms carry no Bundle, so no heartbeat and no batching.
+fn refuse_for_classic(parsed: &channel::ParsedChannel) -> Result<()> {
+    let at = "Subscription.channel.extension";
+    if parsed.heartbeat_period.is_some() {
+        return Err(fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "has '{HEARTBEAT_PERIOD_EXTENSION}', but a classic R4 subscription (criteria a \
+                 search string) without backport-payload-content sends a ping or the resource, \
+                 which have no heartbeat form. Add backport-payload-content to receive \
+                 notification Bundles, or name a topic in criteria"
+            ),
+        ));
+    }
+    if parsed.max_count.is_some() {
+        return Err(fail(
+            IssueCode::NotSupported,
+            at,
+            format_args!(
+                "has '{MAX_COUNT_EXTENSION}', but a classic R4 subscription (criteria a search \
+                 string) without backport-payload-content sends one request per event. Add \
+                 backport-payload-content to receive notification Bundles, or name a topic \
+                 in criteria"
+            ),
+        ));
+    }
+    if matches!(parsed.channel, ChannelSpec::Message { .. }) {
+        return Err(fail(
+            IssueCode::NotSupported,
+            "Subscription.channel.type",
+            "is message, which a classic R4 subscription (criteria a search string) delivers \
+             only as backport notification Bundles: add backport-payload-content on \
+             channel._payload, or use rest-hook or websocket",
+        ));
+    }
+    Ok(())
+}
+
+/// The classic search string's predicates, checked against the `task-changed` topic's filters,
+/// with refusals naming `Subscription.criteria`.
+fn parse_classic_criteria(
+    search: &str,
+    topic: &TopicFilters,
+    limits: &SearchLimits,
+    base_url: &str,
+) -> Result<Vec<Predicate>> {
+    if search == "Task" || search == "Task?" {
+        return Ok(Vec::new());
+    }
+    parse_filter_criteria(&[search.to_string()], topic, limits, base_url).map_err(|e| match e {
+        Error::Client(mut client) => {
+            client.expression = Some("Subscription.criteria".into());
+            client.diagnostics = client.diagnostics.replacen(
+                "Subscription._criteria.extension[0]",
+                "Subscription.criteria",
+                1,
+            );
+            Error::Client(client)
+        }
+        other => other,
     })
 }
 
@@ -528,33 +691,60 @@ fn refuse_extensions(object: &Map<String, Value>, key: &str, path: &str) -> Resu
     ))
 }
 
-fn parse_topic(
+/// Whether `criteria` is written as a topic's canonical URL.
+fn is_topic_url(criteria: &str) -> bool {
+    (criteria.starts_with("https://") || criteria.starts_with("http://"))
+        && !criteria.chars().any(char::is_whitespace)
+        && Url::parse(criteria).is_ok_and(|url| url.host().is_some())
+}
+
+fn parse_criteria(
     subscription: &Map<String, Value>,
     find_topic: &dyn Fn(&str) -> Option<TopicFilters>,
-) -> Result<TopicFilters> {
+    base_url: &str,
+) -> Result<Criteria> {
     let at = "Subscription.criteria";
     let Some(criteria) = string(subscription, "criteria", at)? else {
         return Err(fail(
             IssueCode::Required,
             at,
-            "is required and must be the canonical URL of a SubscriptionTopic this hub offers",
+            "is required: the canonical URL of a SubscriptionTopic this hub offers, or a \
+             classic R4 search on Tasks such as 'Task?status=requested'",
         ));
     };
-    let is_url = (criteria.starts_with("https://") || criteria.starts_with("http://"))
-        && !criteria.chars().any(char::is_whitespace)
-        && Url::parse(criteria).is_ok_and(|url| url.host().is_some());
-    if !is_url {
-        return Err(fail(
-            IssueCode::NotSupported,
-            at,
-            format_args!(
-                "'{criteria}' is not a topic canonical URL. Legacy R4 search-criteria \
-                 subscriptions are not supported: put the SubscriptionTopic URL in criteria and \
-                 the filters in backport-filter-criteria extensions on _criteria"
-            ),
-        ));
+    if !is_topic_url(criteria) {
+        let kind = criteria.split_once('?').map_or(criteria, |(kind, _)| kind);
+        if kind != "Task" {
+            return Err(fail(
+                IssueCode::NotSupported,
+                at,
+                format_args!(
+                    "'{criteria}' is neither a topic canonical URL nor a classic R4 search on \
+                     Tasks: this hub serves Task subscriptions only. Write e.g. \
+                     'Task?owner=Practitioner/1&status=requested', or name a topic"
+                ),
+            ));
+        }
+        let url = format!(
+            "{}/SubscriptionTopic/{CLASSIC_TOPIC_ID}",
+            base_url.trim_end_matches('/')
+        );
+        let topic = find_topic(&url).ok_or_else(|| {
+            fail(
+                IssueCode::NotSupported,
+                at,
+                format_args!(
+                    "is a classic R4 search, which runs on the built-in topic \
+                     '{CLASSIC_TOPIC_ID}', and this hub does not offer it"
+                ),
+            )
+        })?;
+        return Ok(Criteria::Classic {
+            topic,
+            search: criteria.to_string(),
+        });
     }
-    find_topic(criteria).ok_or_else(|| {
+    find_topic(criteria).map(Criteria::Topic).ok_or_else(|| {
         fail(
             IssueCode::NotSupported,
             at,
@@ -712,6 +902,7 @@ mod tests {
             end: Some("2030-01-01T00:00:00Z".into()),
             requested_status: SubscriptionStatus::Requested,
             signing_secret: Some(SECRET.into()),
+            form: SubscriptionForm::Topic,
         };
         assert_eq!(spec, expected);
     }
@@ -882,6 +1073,165 @@ mod tests {
             assert_eq!(spec.content_type, payload, "{resource}");
             assert_eq!(spec.content, case.content, "{resource}");
         }
+    }
+
+    fn classic(criteria: &str, channel: Value) -> Value {
+        json!({
+            "resourceType": "Subscription",
+            "status": "requested",
+            "reason": "r",
+            "criteria": criteria,
+            "channel": channel,
+        })
+    }
+
+    /// The topic lookup the hub gives: the built-in topic found on this server's base.
+    fn find_on_base(url: &str) -> Option<TopicFilters> {
+        (url == "http://h/fhir/SubscriptionTopic/task-changed").then(|| TopicFilters {
+            url: TOPIC.into(),
+            ..topic()
+        })
+    }
+
+    #[test]
+    fn a_classic_search_runs_on_task_changed_with_the_search_as_its_filter() {
+        let hook = |payload: Option<&str>| {
+            let mut channel =
+                json!({ "type": "rest-hook", "endpoint": "https://r.example.org/fhir" });
+            if let Some(payload) = payload {
+                channel["payload"] = json!(payload);
+            }
+            channel
+        };
+        let with_content = {
+            let mut channel = hook(Some("application/fhir+json"));
+            channel["_payload"] = json!({ "extension": [
+                ext(PAYLOAD_CONTENT_EXTENSION, "valueCode", json!("full-resource")),
+            ]});
+            channel
+        };
+        let cases = [
+            (hook(None), ClassicPayload::Ping, ContentLevel::IdOnly, ""),
+            (
+                hook(Some("application/fhir+json")),
+                ClassicPayload::Resource,
+                ContentLevel::FullResource,
+                "application/fhir+json",
+            ),
+            (
+                hook(Some("application/json")),
+                ClassicPayload::Resource,
+                ContentLevel::FullResource,
+                "application/json",
+            ),
+            (
+                with_content,
+                ClassicPayload::Bundle,
+                ContentLevel::FullResource,
+                "application/fhir+json",
+            ),
+            (
+                json!({ "type": "websocket" }),
+                ClassicPayload::Ping,
+                ContentLevel::IdOnly,
+                "",
+            ),
+        ];
+        for (channel, payload, content, content_type) in cases {
+            let resource = classic("Task?owner=Practitioner/1&status=requested", channel);
+            let spec = parse_subscription(&resource, &find_on_base, &STRICT, &LIMITS, BASE)
+                .unwrap_or_else(|e| panic!("{resource}: {e}"));
+            assert_eq!(spec.form, SubscriptionForm::Classic(payload), "{resource}");
+            assert_eq!(spec.content, content, "{resource}");
+            assert_eq!(spec.content_type, content_type, "{resource}");
+            assert_eq!(spec.topic_url, TOPIC);
+            assert_eq!(
+                spec.filters,
+                vec![
+                    reference("owner", false, &["Practitioner/1"]),
+                    reference("status", false, &["requested"]),
+                ]
+            );
+            assert_eq!(
+                spec.filter_criteria,
+                vec!["Task?owner=Practitioner/1&status=requested".to_string()]
+            );
+            assert!(is_classic(&resource));
+        }
+        // `Task` alone is every Task.
+        let spec = parse_subscription(
+            &classic("Task", hook(None)),
+            &find_on_base,
+            &STRICT,
+            &LIMITS,
+            BASE,
+        )
+        .unwrap();
+        assert!(spec.filters.is_empty() && spec.filter_criteria.is_empty());
+        assert!(!is_classic(&rest_hook()));
+        assert_eq!(
+            parse(&rest_hook(), &STRICT).unwrap().form,
+            SubscriptionForm::Topic
+        );
+    }
+
+    #[test]
+    fn classic_refusals_name_the_element() {
+        let hook = json!({ "type": "rest-hook", "endpoint": "https://r.example.org/fhir" });
+        let amqp = json!({
+            "type": "message",
+            "endpoint": "amqp://rabbit/%2F?exchange=x",
+            "payload": "application/json",
+        });
+        let cases = [
+            (
+                classic("Observation?code=1", hook.clone()),
+                "Subscription.criteria",
+            ),
+            (classic("Patient", hook.clone()), "Subscription.criteria"),
+            (
+                classic("Task?nope=1", hook.clone()),
+                "Subscription.criteria",
+            ),
+            (classic("Task?owner", hook.clone()), "Subscription.criteria"),
+            (
+                classic("Task?status:below=x", hook.clone()),
+                "Subscription.criteria",
+            ),
+            (
+                classic("Task?status=requested", amqp),
+                "Subscription.channel.type",
+            ),
+        ];
+        for (resource, expression) in cases {
+            let Err(Error::Client(refusal)) =
+                parse_subscription(&resource, &find_on_base, &STRICT, &LIMITS, BASE)
+            else {
+                panic!("accepted {resource}");
+            };
+            assert_eq!(
+                refusal.expression.as_deref(),
+                Some(expression),
+                "{resource}"
+            );
+            assert!(
+                refusal.diagnostics.starts_with(expression),
+                "{}",
+                refusal.diagnostics
+            );
+        }
+        // Without the built-in topic there is nothing to run a classic search on.
+        let none = |_: &str| None;
+        assert!(
+            parse_subscription(
+                &classic("Task?status=requested", hook),
+                &none,
+                &STRICT,
+                &LIMITS,
+                BASE
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -1099,12 +1449,12 @@ mod tests {
                 "Subscription.criteria",
             ),
             (
-                "legacy search criteria",
-                |v| v["criteria"] = json!("Task?status=requested"),
+                "classic search criteria on another resource type",
+                |v| v["criteria"] = json!("Observation?code=1975-2"),
                 &STRICT,
                 400,
                 NotSupported,
-                "Legacy R4",
+                "neither a topic canonical URL nor a classic R4 search on Tasks",
             ),
             (
                 "an unknown topic",

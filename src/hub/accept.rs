@@ -50,9 +50,12 @@ pub fn record_for(
 ) -> SubscriptionRecord {
     let off = spec.requested_status == SubscriptionStatus::Off;
     // rest-hook and message subscriptions start `requested` and become `active` after the
-    // handshake; a websocket subscription is active at once and handshakes on each bind.
-    let websocket = matches!(spec.channel, ChannelSpec::WebSocket);
-    let status = match (off, websocket) {
+    // handshake; a websocket subscription is active at once and handshakes on each bind. A
+    // classic R4 subscription has no handshake (R4 defines none): the hub sets it `active` as
+    // soon as it is stored, as HAPI FHIR does, and a failing endpoint then moves it to `error`
+    // through the retry policy like any other.
+    let immediate = matches!(spec.channel, ChannelSpec::WebSocket) || spec.form.is_classic();
+    let status = match (off, immediate) {
         (true, _) => SubscriptionStatus::Off,
         (false, true) => SubscriptionStatus::Active,
         (false, false) => SubscriptionStatus::Requested,
@@ -68,7 +71,7 @@ pub fn record_for(
         },
         author: serde_json::to_value(author).unwrap_or(Value::Null),
         owner: author.identity(),
-        handshake_pending: !off && !websocket,
+        handshake_pending: !off && !immediate,
         matching: super::MatchingForm::of(spec).to_text(),
         live_quota,
     }

@@ -253,7 +253,11 @@ fn name_the_topics(error: Error, topics: &[Topic], base_url: &str) -> Error {
     let Error::Client(mut client) = error else {
         return error;
     };
-    if client.expression.as_deref() == Some("Subscription.criteria") {
+    // A classic search's refusal is about its parameters, and says which are allowed.
+    if client.expression.as_deref() == Some("Subscription.criteria")
+        && (client.diagnostics.contains("unknown topic")
+            || client.diagnostics.contains("topic canonical URL"))
+    {
         let urls: Vec<&str> = topics.iter().map(|t| t.url.as_str()).collect();
         client.diagnostics.push_str(&format!(
             ". This hub's topics are: {}; a topic may also be named \

@@ -12,8 +12,8 @@ use super::elements::{
 use super::extensions::parse_channel_extensions;
 use super::filters::percent_decode;
 use super::{
-    AmqpEndpoint, CHANNEL_ELEMENTS, ChannelPolicy, ChannelSpec, DEFAULT_AMQP_PORT, MIME_TYPES,
-    PAYLOAD_CONTENT_EXTENSION, RESERVED_HEADERS,
+    AmqpEndpoint, CHANNEL_ELEMENTS, ChannelPolicy, ChannelSpec, ClassicPayload, DEFAULT_AMQP_PORT,
+    MIME_TYPES, PAYLOAD_CONTENT_EXTENSION, RESERVED_HEADERS,
 };
 use crate::error::{IssueCode, Result};
 use crate::fhir::ids::ChannelType;
@@ -28,11 +28,17 @@ pub(super) struct ParsedChannel {
     pub(super) timeout: Option<u32>,
     pub(super) max_count: Option<u32>,
     pub(super) signing_secret: Option<String>,
+    /// The form a classic R4 subscription's notifications take (read, but unused, for a
+    /// topic subscription).
+    pub(super) classic_payload: ClassicPayload,
 }
 
+/// `classic`: whether `criteria` is a classic R4 search string, whose `channel.payload` may be
+/// absent (R4: "blank for no payload", a ping).
 pub(super) fn parse_channel(
     channel: &Map<String, Value>,
     policy: &ChannelPolicy,
+    classic: bool,
 ) -> Result<ParsedChannel> {
     for name in channel.keys() {
         if !CHANNEL_ELEMENTS.contains(&name.as_str()) {
@@ -49,8 +55,26 @@ pub(super) fn parse_channel(
     }
     let kind = parse_channel_type(channel)?;
     let endpoint = string(channel, "endpoint", "Subscription.channel.endpoint")?;
-    let (mime_type, content_type) = parse_payload_type(channel)?;
-    let content = parse_payload_content(channel)?;
+    let content_given = channel.contains_key("_payload");
+    let payload_given = channel.contains_key("payload");
+    let classic_payload = match (payload_given, content_given) {
+        (_, true) => ClassicPayload::Bundle,
+        (true, false) => ClassicPayload::Resource,
+        (false, false) => ClassicPayload::Ping,
+    };
+    let (mime_type, content_type) = if classic && classic_payload == ClassicPayload::Ping {
+        (String::new(), String::new())
+    } else {
+        parse_payload_type(channel)?
+    };
+    let content = match (classic, classic_payload) {
+        // The resource itself goes out, so its version is loaded, and the read rule checked
+        // against it at send time.
+        (true, ClassicPayload::Resource) => ContentLevel::FullResource,
+        // A ping carries no content; id-only still has the read rule checked at send time.
+        (true, ClassicPayload::Ping) => ContentLevel::IdOnly,
+        _ => parse_payload_content(channel)?,
+    };
     let headers = parse_headers(channel, kind)?;
     let extensions = parse_channel_extensions(channel, kind)?;
 
@@ -112,6 +136,7 @@ pub(super) fn parse_channel(
         timeout: extensions.timeout,
         max_count: extensions.max_count,
         signing_secret: extensions.signing_secret,
+        classic_payload,
     })
 }
 

@@ -1,6 +1,7 @@
 // Drives a running Baton with fhir-kit-client, as a JavaScript integrator would; run by
 // tests/clients.rs. Reads BATON_URL (the FHIR base) and BATON_TOKEN (an admin bearer token)
 // from the environment and exits non-zero with a message on the first surprise.
+import http from 'node:http';
 import { Client } from 'fhir-kit-client';
 
 function check(condition, message) {
@@ -88,4 +89,42 @@ for (;;) {
 check(entries.length === 8, `history has ${entries.length} entries`);
 const deletes = entries.filter((e) => e.request.method === 'DELETE');
 check(deletes.length === 1 && !deletes[0].resource, `history deletes ${JSON.stringify(deletes)}`);
+// A classic R4 subscription (criteria a search), received on a local endpoint.
+const received = [];
+const endpoint = http.createServer((request, response) => {
+  let body = '';
+  request.on('data', (chunk) => { body += chunk; });
+  request.on('end', () => {
+    received.push({ method: request.method, url: request.url, body });
+    response.writeHead(200).end();
+  });
+});
+await new Promise((resolve) => { endpoint.listen(0, '127.0.0.1', resolve); });
+const subscription = await client.create({
+  resourceType: 'Subscription',
+  body: {
+    resourceType: 'Subscription', status: 'requested', reason: 'fhir-kit classic subscription',
+    criteria: 'Task?owner=Practitioner/fhirkit-classic',
+    channel: { type: 'rest-hook', endpoint: `http://127.0.0.1:${endpoint.address().port}/hook` },
+  },
+});
+check(subscription.status === 'active', `classic subscription is ${subscription.status}`);
+await client.create({
+  resourceType: 'Task',
+  body: { resourceType: 'Task', status: 'requested', intent: 'order', owner: { reference: 'Practitioner/other' } },
+});
+await client.create({
+  resourceType: 'Task',
+  body: { resourceType: 'Task', status: 'requested', intent: 'order', owner: { reference: 'Practitioner/fhirkit-classic' } },
+});
+const deadline = Date.now() + 20000;
+while (received.length === 0 && Date.now() < deadline) {
+  await new Promise((resolve) => { setTimeout(resolve, 50); });
+}
+await new Promise((resolve) => { setTimeout(resolve, 200); });
+check(received.length === 1, `classic endpoint received ${JSON.stringify(received)}`);
+check(received[0].method === 'POST' && received[0].url === '/hook' && received[0].body === '',
+  `a classic ping is a POST with no body: ${JSON.stringify(received[0])}`);
+endpoint.closeAllConnections();
+endpoint.close();
 console.log('fhir-kit-client driver: ok');
