@@ -7,14 +7,14 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use common::socket::{Socket, next_text};
 use common::{TestServer, eventually, task};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -478,9 +478,6 @@ async fn unsupported_criteria_are_refused_and_nothing_is_stored() {
     server.stop().await;
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 async fn connect(server: &TestServer, token: Option<&str>) -> Socket {
     let url = format!("{}/fhir/ws", server.root.replacen("http", "ws", 1));
     let mut request = url.into_client_request().unwrap();
@@ -493,21 +490,6 @@ async fn connect(server: &TestServer, token: Option<&str>) -> Socket {
         .await
         .expect("websocket connects")
         .0
-}
-
-async fn next_text(socket: &mut Socket) -> String {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(20), socket.next())
-            .await
-            .expect("a frame within 20 s")
-            .expect("the socket is open")
-            .expect("a valid frame");
-        match frame {
-            Message::Text(text) => return text.to_string(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
 }
 
 #[tokio::test]

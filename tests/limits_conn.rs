@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::TestServer;
+use common::socket::{Socket, next_json};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -19,9 +20,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The server's TCP address.
 fn address(server: &TestServer) -> SocketAddr {
@@ -306,22 +304,6 @@ fn ws_subscription(base: &str) -> Value {
     s
 }
 
-/// The next text frame as JSON, skipping pings; panics after a bounded wait.
-async fn next_json(socket: &mut Socket) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(20), socket.next())
-            .await
-            .expect("a frame within 20 s")
-            .expect("the socket is open")
-            .expect("a valid frame");
-        match frame {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-}
-
 /// Waits (bounded) for the server's close frame and returns its code and reason.
 async fn close_frame(socket: &mut Socket) -> (CloseCode, String) {
     loop {
@@ -352,27 +334,10 @@ async fn an_unbound_websocket_is_closed_after_the_bind_deadline_while_a_bound_on
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["id"].as_str().unwrap();
-    let (status, params) = server
-        .get(&format!("/Subscription/{id}/$get-ws-binding-token"), &admin)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{params}");
-    let param = |name: &str, key: &str| {
-        params["parameter"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap()[key]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let url = param("websocket-url", "valueUrl");
+    let (token, url) = server.ws_binding(&admin, id).await;
     let mut bound = connect_ws(&url).await;
     bound
-        .send(Message::Text(
-            format!("bind-with-token {}", param("token", "valueString")).into(),
-        ))
+        .send(Message::Text(format!("bind-with-token {token}").into()))
         .await
         .unwrap();
     let handshake = next_json(&mut bound).await;

@@ -7,14 +7,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::socket::{Socket, next_json};
 use common::{TestServer, task};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn ws_subscription(base: &str, topic: &str, filters: &[&str], content: &str) -> Value {
     let mut s = common::subscription(base, topic, filters, "unused", content);
@@ -36,51 +34,11 @@ async fn create(server: &TestServer, token: &str, body: &Value) -> String {
     created["id"].as_str().unwrap().to_string()
 }
 
-/// `$get-ws-binding-token` for one subscription: (token, websocket-url).
-async fn binding(server: &TestServer, token: &str, id: &str) -> (String, String) {
-    let (status, params) = server
-        .get(&format!("/Subscription/{id}/$get-ws-binding-token"), token)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{params}");
-    let value = |name: &str, key: &str| {
-        params["parameter"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap()[key]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    assert!(value("expiration", "valueDateTime").ends_with('Z'));
-    (
-        value("token", "valueString"),
-        value("websocket-url", "valueUrl"),
-    )
-}
-
 async fn connect(url: &str) -> Socket {
     tokio_tungstenite::connect_async(url)
         .await
         .expect("websocket connects")
         .0
-}
-
-/// The next text frame as JSON, skipping pings; panics after a bounded wait.
-async fn next_json(socket: &mut Socket) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(20), socket.next())
-            .await
-            .expect("a frame within 20 s")
-            .expect("the socket is open")
-            .expect("a valid frame");
-        match frame {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
 }
 
 fn kind(bundle: &Value) -> String {
@@ -138,7 +96,7 @@ async fn several_subscriptions_on_one_socket_with_every_bind_spelling() {
     let mut url = String::new();
     let mut binds = Vec::new();
     for (i, id) in subs.iter().enumerate() {
-        let (token, ws_url) = binding(&server, &admin, id).await;
+        let (token, ws_url) = server.ws_binding(&admin, id).await;
         url = ws_url;
         binds.push(match i {
             0 => format!("bind-with-token {token}"),
@@ -215,7 +173,7 @@ async fn heartbeats_tokens_and_authorisation() {
     assert_eq!(status, StatusCode::NOT_FOUND, "bob has nothing to bind");
 
     // Heartbeats at the period, after the handshake.
-    let (token, url) = binding(&server, &alice, &id).await;
+    let (token, url) = server.ws_binding(&alice, &id).await;
     let mut socket = connect(&url).await;
     socket
         .send(Message::Text(format!("bind-with-token {token}").into()))
@@ -257,7 +215,7 @@ async fn heartbeats_tokens_and_authorisation() {
     }
 
     // An expired token (ttl 1 s) is refused the same way.
-    let (late, _) = binding(&server, &alice, &id).await;
+    let (late, _) = server.ws_binding(&alice, &id).await;
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let mut another = connect(&url).await;
     another
@@ -287,8 +245,8 @@ async fn a_deleted_subscription_stops_and_the_read_rule_holds() {
         &ws_subscription(&server.base, "task-changed", &[], "full-resource"),
     )
     .await;
-    let (t1, url) = binding(&server, &alice, &gone).await;
-    let (t2, _) = binding(&server, &alice, &kept).await;
+    let (t1, url) = server.ws_binding(&alice, &gone).await;
+    let (t2, _) = server.ws_binding(&alice, &kept).await;
     let mut socket = connect(&url).await;
     for t in [t1, t2] {
         socket
@@ -356,8 +314,8 @@ async fn a_slow_reader_is_closed_while_a_fast_one_gets_everything() {
         &ws_subscription(&server.base, "task-changed", &[], "full-resource"),
     )
     .await;
-    let (slow_token, url) = binding(&server, &admin, &id).await;
-    let (fast_token, _) = binding(&server, &admin, &id).await;
+    let (slow_token, url) = server.ws_binding(&admin, &id).await;
+    let (fast_token, _) = server.ws_binding(&admin, &id).await;
     let mut slow = connect(&url).await;
     slow.send(Message::Text(
         format!("bind-with-token {slow_token}").into(),
@@ -448,7 +406,7 @@ async fn reconnect_and_fill_the_gap_with_events() {
         &ws_subscription(&server.base, "task-changed", &[], "id-only"),
     )
     .await;
-    let (token, url) = binding(&server, &admin, &id).await;
+    let (token, url) = server.ws_binding(&admin, &id).await;
     let mut socket = connect(&url).await;
     socket
         .send(Message::Text(format!("bind-with-token {token}").into()))
@@ -473,7 +431,7 @@ async fn reconnect_and_fill_the_gap_with_events() {
     .await;
 
     // Reconnect, bind, then $events from the last number seen.
-    let (token, _) = binding(&server, &admin, &id).await;
+    let (token, _) = server.ws_binding(&admin, &id).await;
     let mut socket = connect(&url).await;
     socket
         .send(Message::Text(format!("bind-with-token {token}").into()))
@@ -517,7 +475,7 @@ async fn listeners_with_a_backlog_get_each_event_once_in_order() {
             "valuePositiveInt": 1 + n % 3,
         }]);
         let id = create(&server, &admin, &body).await;
-        let (token, url) = binding(&server, &admin, &id).await;
+        let (token, url) = server.ws_binding(&admin, &id).await;
         let mut socket = connect(&url).await;
         socket
             .send(Message::Text(format!("bind-with-token {token}").into()))

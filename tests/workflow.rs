@@ -7,8 +7,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::receiver::Receiver;
+use common::socket::{Socket, next_json};
 use common::{TestServer, assert_outcome, eventually, match_ids, subscription, task};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -1851,31 +1852,15 @@ async fn listen_on_socket(server: &TestServer, token: &str, filters: &[&str]) ->
     let (status, created) = server.post_json("/Subscription", token, &body).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = id_of(&created);
-    let (status, params) = server
-        .get(&format!("/Subscription/{id}/$get-ws-binding-token"), token)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{params}");
-    let value = |name: &str, key: &str| {
-        params["parameter"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap()[key]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let (mut socket, _) = tokio_tungstenite::connect_async(value("websocket-url", "valueUrl"))
+    let (binding, url) = server.ws_binding(token, &id).await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(url)
         .await
         .expect("the websocket connects");
     socket
-        .send(Message::Text(
-            format!("bind-with-token {}", value("token", "valueString")).into(),
-        ))
+        .send(Message::Text(format!("bind-with-token {binding}").into()))
         .await
         .unwrap();
-    let handshake = next_frame(&mut socket).await;
+    let handshake = next_json(&mut socket).await;
     assert_eq!(
         common::receiver::parameter(&handshake, "type").as_deref(),
         Some("handshake"),
@@ -1884,32 +1869,13 @@ async fn listen_on_socket(server: &TestServer, token: &str, filters: &[&str]) ->
     (id, socket)
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// The next text frame as JSON, skipping pings; panics after a bounded wait.
-async fn next_frame(socket: &mut Socket) -> Value {
-    loop {
-        let frame = tokio::time::timeout(std::time::Duration::from_secs(20), socket.next())
-            .await
-            .expect("a frame within 20 s")
-            .expect("the socket is open")
-            .expect("a valid frame");
-        match frame {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-}
-
 /// The (Task id, version, status) of every Task a socket is told about, in order, until it
 /// has been told about `until` (a Task id and status); every frame must be an event
 /// notification.
 async fn told_on_socket(socket: &mut Socket, until: (&str, &str)) -> Vec<(String, String, String)> {
     let mut told = Vec::new();
     loop {
-        let bundle = next_frame(socket).await;
+        let bundle = next_json(socket).await;
         assert_eq!(
             common::receiver::parameter(&bundle, "type").as_deref(),
             Some("event-notification"),

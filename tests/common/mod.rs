@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod cluster;
 pub mod receiver;
+pub mod socket;
 pub mod tripwire;
 
 use std::path::{Path, PathBuf};
