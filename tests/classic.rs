@@ -492,6 +492,22 @@ async fn connect(server: &TestServer, token: Option<&str>) -> Socket {
         .0
 }
 
+/// A local token for practitioner `user` (the same subject `TestServer::practitioner` mints)
+/// carrying `scope`.
+fn scoped_token(user: &str, scope: &str) -> String {
+    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 600;
+    let claims = json!({
+        "sub": format!("practitioner:{user}"), "role": "practitioner", "fhirUser": user,
+        "scope": scope, "exp": exp,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(common::SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_websocket_binds_by_id_and_hears_pings_only_for_its_own_subscription() {
     let server = TestServer::start_hub().await;
@@ -522,6 +538,15 @@ async fn a_websocket_binds_by_id_and_hears_pings_only_for_its_own_subscription()
         .await
         .unwrap();
     assert_eq!(next_text(&mut bobs).await, "error no-such-subscription");
+    // Alice's own token, narrowed by its scopes to Tasks: binding needs Subscription read,
+    // as `$get-ws-binding-token` does.
+    let narrowed = scoped_token("Practitioner/alice", "user/Task.rs");
+    let mut tasks_only = connect(&server, Some(&narrowed)).await;
+    tasks_only
+        .send(Message::Text(format!("bind {id}").into()))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut tasks_only).await, format!("error {id}"));
 
     let mut socket = connect(&server, Some(&alice)).await;
     socket

@@ -350,8 +350,16 @@ async fn bind_classic(
     let Ok(Some(stored)) = hub.store.read_subscription(&subscription_id).await else {
         return false;
     };
-    let allowed =
-        principal.role == crate::auth::Role::Admin || stored.owner == principal.identity();
+    // As for `$get-ws-binding-token`: the author (or an admin) whose token's scopes, if it
+    // has any, allow reading Subscriptions.
+    let allowed = (principal.role == crate::auth::Role::Admin
+        || stored.owner == principal.identity())
+        && principal
+            .require_scope(
+                crate::auth::Resource::Subscription,
+                crate::auth::Permission::Read,
+            )
+            .is_ok();
     if stored.channel_type != ChannelType::WebSocket
         || stored.status == SubscriptionStatus::Off
         || !crate::fhir::subscription::is_classic(&stored.resource)
