@@ -1681,8 +1681,31 @@ mod plans {
     use crate::fhir::search::{Handling, SearchLimits, TotalMode, parse_query};
     use sqlx::{AssertSqlSafe, Row};
 
+    /// The steps of SQLite's plan for `statement` with `binds` (and a first page's LIMIT and
+    /// OFFSET, where it pages by offset).
+    pub(super) async fn explain(
+        pool: &sqlx::SqlitePool,
+        statement: &str,
+        binds: &[String],
+    ) -> Vec<String> {
+        let mut explain = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {statement}")));
+        for bind in binds {
+            explain = explain.bind(bind);
+        }
+        if statement.contains("LIMIT ? OFFSET ?") {
+            explain = explain.bind(20_i64).bind(0_i64);
+        }
+        explain
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect()
+    }
+
     /// An in-memory database with the real schema (every SQLite migration), no statistics.
-    async fn migrated_pool() -> sqlx::SqlitePool {
+    pub(super) async fn migrated_pool() -> sqlx::SqlitePool {
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(1)
             .connect("sqlite::memory:")
@@ -1762,21 +1785,7 @@ mod plans {
                     (sql.rows.clone(), sql.binds.clone(), *walks_index),
                 ];
                 for (statement, binds, ordered) in statements {
-                    let mut explain =
-                        sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {statement}")));
-                    for bind in &binds {
-                        explain = explain.bind(bind);
-                    }
-                    if statement.contains("LIMIT ? OFFSET ?") {
-                        explain = explain.bind(20_i64).bind(0_i64);
-                    }
-                    let plan: Vec<String> = explain
-                        .fetch_all(&pool)
-                        .await
-                        .unwrap()
-                        .iter()
-                        .map(|row| row.get::<String, _>("detail"))
-                        .collect();
+                    let plan = explain(&pool, &statement, &binds).await;
                     let full_scan = plan.iter().find(|step| {
                         let scans_table = step.starts_with("SCAN ")
                             && !step.starts_with("SCAN (subquery")
@@ -1870,22 +1879,14 @@ mod plans {
 /// bids and information requests it requested, never every `code` of every Task.
 #[cfg(test)]
 mod read_scope_plans {
+    use super::plans::{explain, migrated_pool};
     use super::*;
     use crate::auth::{PerformerType, Principal, Role, read_scope};
     use crate::fhir::search::{Handling, SearchLimits, TotalMode, parse_query};
-    use sqlx::{AssertSqlSafe, Row};
 
     #[tokio::test]
     async fn a_practitioner_scope_looks_up_tokens_by_equality() {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        sqlx::migrate!("migrations/sqlite")
-            .run(&pool)
-            .await
-            .unwrap();
+        let pool = migrated_pool().await;
         let limits = SearchLimits {
             default_count: 50,
             max_count: 1000,
@@ -1927,21 +1928,7 @@ mod read_scope_plans {
                     Placeholder::Question,
                 )
                 .unwrap();
-                let mut explain =
-                    sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", sql.rows)));
-                for bind in &sql.binds {
-                    explain = explain.bind(bind);
-                }
-                if sql.rows.contains("LIMIT ? OFFSET ?") {
-                    explain = explain.bind(20_i64).bind(0_i64);
-                }
-                let plan: Vec<String> = explain
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|row| row.get::<String, _>("detail"))
-                    .collect();
+                let plan = explain(&pool, &sql.rows, &sql.binds).await;
                 let broad = plan.iter().find(|step| {
                     step.starts_with("SCAN task_token")
                         || (step.contains("task_token") && step.ends_with("(param=?)"))
