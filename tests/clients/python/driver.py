@@ -7,10 +7,9 @@ exits non-zero with a message on the first thing that does not behave as fhirpy 
 import json
 import os
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import endpoint
 from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import ResourceNotFound
 
@@ -21,31 +20,9 @@ def check(condition, message):
         sys.exit(1)
 
 
-class Endpoint(BaseHTTPRequestHandler):
-    """A classic rest-hook endpoint: records each request (method, path, body), answers 200."""
-
-    received = []
-
-    def _take(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        Endpoint.received.append((self.command, self.path, body))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_POST = _take
-    do_PUT = _take
-    do_DELETE = _take
-
-    def log_message(self, *args):
-        pass
-
-
 def classic_subscription(client):
     """A classic R4 subscription (criteria a search), saved with fhirpy, received locally."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, hook = endpoint.start()
     subscription = client.resource(
         "Subscription",
         status="requested",
@@ -53,7 +30,7 @@ def classic_subscription(client):
         criteria="Task?owner=Practitioner/fhirpy-classic",
         channel={
             "type": "rest-hook",
-            "endpoint": f"http://127.0.0.1:{server.server_address[1]}/fhir",
+            "endpoint": f"{hook}/fhir",
             "payload": "application/fhir+json",
         },
     )
@@ -64,15 +41,13 @@ def classic_subscription(client):
     task = client.resource("Task", status="requested", intent="order",
                            owner={"reference": "Practitioner/fhirpy-classic"})
     task.save()
-    deadline = time.monotonic() + 20
-    while not Endpoint.received and time.monotonic() < deadline:
-        time.sleep(0.05)
-    check(Endpoint.received, "the classic subscription sent nothing")
-    method, path, body = Endpoint.received[0]
+    first = endpoint.wait_for(lambda request: True)
+    check(first, "the classic subscription sent nothing")
+    method, path, body = first
     check((method, path) == ("PUT", f"/fhir/Task/{task.id}"), f"received {method} {path}")
     check(json.loads(body)["id"] == task.id, f"received {body!r}")
     time.sleep(0.2)
-    check(len(Endpoint.received) == 1, f"received {Endpoint.received}")
+    check(len(endpoint.received()) == 1, f"received {endpoint.received()}")
     server.shutdown()
 
 

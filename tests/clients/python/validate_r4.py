@@ -15,12 +15,10 @@ this script runs. Prints every failure, then exits non-zero if there was one.
 import json
 import os
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import endpoint
 from fhir.resources.R4B import construct_fhir_element
 
 BASE = os.environ["BATON_URL"].rstrip("/")
@@ -61,39 +59,12 @@ def validate(what, resource):
         FAILURES.append(f"{what}: {error}")
 
 
-class Endpoint(BaseHTTPRequestHandler):
-    """Records every request (method, path, body) and answers 200."""
-
-    received = []
-    lock = threading.Lock()
-
-    def _take(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        with Endpoint.lock:
-            Endpoint.received.append((self.command, self.path, body))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_POST = _take
-    do_PUT = _take
-    do_DELETE = _take
-
-    def log_message(self, *args):
-        pass
-
-
 def wait_for(what, check):
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with Endpoint.lock:
-            found = [r for r in Endpoint.received if check(r)]
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    print(f"r4 validator: timed out waiting for {what}", file=sys.stderr)
-    sys.exit(1)
+    found = endpoint.wait_for(check)
+    if found is None:
+        print(f"r4 validator: timed out waiting for {what}", file=sys.stderr)
+        sys.exit(1)
+    return found
 
 
 def notification_type(body):
@@ -105,9 +76,7 @@ def notification_type(body):
 
 
 def main():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    hook = f"http://127.0.0.1:{server.server_address[1]}"
+    _server, hook = endpoint.start()
 
     status, capability = call("GET", "metadata")
     validate("CapabilityStatement", expect(status, 200, "metadata", capability))
