@@ -599,13 +599,15 @@ impl Store for SqliteStore {
             },
             Placeholder::Question,
         )?;
+        let rows = sql.rows_with_window(page.count, page.offset)?;
         let shape = tasks::PageShape {
             count: page.count,
             offset: page.offset,
+            after_cursor: page.after.is_some(),
             max_bytes: page.max_bytes,
             sort_values: sort_value_count(page.sort),
         };
-        self.search_reads(move |conn| tasks::search_page(conn, &sql, shape))
+        self.search_reads(move |conn| tasks::search_page(conn, &sql, &rows, shape))
             .await
     }
 
