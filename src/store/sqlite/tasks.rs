@@ -483,3 +483,61 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
         .filter_map(|id| indexes.remove(&id).map(|index| (id, index)))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ListedTask;
+
+    fn collected(tasks: usize, truncated: bool) -> Collected {
+        let mut collected = Collected::new(usize::MAX, 1);
+        for n in 0..tasks {
+            let task = ListedTask {
+                id: TaskId::parse(&format!("t{n}")).unwrap(),
+                version: Version::FIRST,
+                last_updated: StoredInstant::parse("2026-12-07T10:00:00.000000Z").unwrap(),
+                json: "{}".into(),
+            };
+            collected.take(task, None);
+        }
+        collected.truncated = truncated;
+        collected
+    }
+
+    /// A page gives its own total only where it must hold the last match: short of `_count`,
+    /// not cut by the byte budget, reached by offset, and not an empty page past the end.
+    #[test]
+    fn a_page_shows_its_total_only_when_it_holds_the_last_match() {
+        let shape = |offset, after_cursor| PageShape {
+            count: 20,
+            offset,
+            after_cursor,
+            max_bytes: usize::MAX,
+            sort_values: 0,
+        };
+        let cases = [
+            (shape(0, false), collected(7, false), Some(7)),
+            (shape(40, false), collected(7, false), Some(47)),
+            (shape(0, false), collected(0, false), Some(0)),
+            // A full page may have more after it.
+            (shape(0, false), collected(20, false), None),
+            // The byte budget ended the page, not the matches.
+            (shape(0, false), collected(7, true), None),
+            // Past the end: the matches may be fewer than the offset.
+            (shape(40, false), collected(0, false), None),
+            // A cursor's page says nothing of the Tasks before the cursor.
+            (shape(0, true), collected(7, false), None),
+        ];
+        for (shape, collected, expected) in cases {
+            assert_eq!(
+                shape.total_shown(&collected),
+                expected,
+                "offset {} cursor {} tasks {} truncated {}",
+                shape.offset,
+                shape.after_cursor,
+                collected.tasks.len(),
+                collected.truncated
+            );
+        }
+    }
+}
