@@ -118,8 +118,8 @@ pub(super) async fn run_search(
             warnings.push(stop.explain(state));
         }
     }
-    if !(query.includes.is_empty() && query.iterated_includes.is_empty()) && !page.tasks.is_empty()
-    {
+    let includes = !query.includes.is_empty() || !query.iterated_includes.is_empty();
+    if includes && !page.tasks.is_empty() {
         let shown: HashSet<&str> = page
             .tasks
             .iter()
