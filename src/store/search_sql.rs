@@ -559,6 +559,28 @@ pub struct PageSql {
     pub binds: Vec<String>,
 }
 
+/// How `PageSql::rows` ends: the page size and offset, as placeholders.
+const WINDOW_PLACEHOLDERS: &str = " LIMIT ? OFFSET ?";
+
+impl PageSql {
+    /// `rows` with the page size and offset written into the text (`?` placeholders only),
+    /// for SQLite. SQLite plans with the value bound to a `LIMIT ?`, so it marks that
+    /// parameter, and any later bind of it, even of the same value, expires the statement:
+    /// every search re-prepared its page statement at its first step (13 % of the server's
+    /// CPU in a profile of the work-list mix, BENCHMARKS.md, issue 16). With the numbers in
+    /// the text, a prepared statement is used again as it is. Both are Baton's own numbers
+    /// (the capped `_count`, the offset), and a work list asks the same few.
+    pub fn rows_with_window(&self, count: usize, offset: usize) -> Result<String> {
+        let rows = self.rows.strip_suffix(WINDOW_PLACEHOLDERS).ok_or_else(|| {
+            Error::internal(
+                "a search page's statement does not end in its window",
+                self.rows.clone(),
+            )
+        })?;
+        Ok(format!("{rows} LIMIT {count} OFFSET {offset}"))
+    }
+}
+
 /// What a page of search results is: its criteria, its order, where it starts and how its
 /// matches are counted.
 #[derive(Debug, Clone, Copy)]

@@ -584,13 +584,15 @@ impl Store for SqliteStore {
             },
             Placeholder::Question,
         )?;
+        let rows = sql.rows_with_window(page.count, page.offset)?;
         let shape = tasks::PageShape {
             count: page.count,
             offset: page.offset,
+            after_cursor: page.after.is_some(),
             max_bytes: page.max_bytes,
             sort_values: sort_value_count(page.sort),
         };
-        self.search_reads(move |conn| tasks::search_page(conn, &sql, shape))
+        self.search_reads(move |conn| tasks::search_page(conn, &sql, &rows, shape))
             .await
     }
 
@@ -917,6 +919,68 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        store.close().await;
+    }
+
+    /// A search's page statement is prepared once per connection and then reused as it is.
+    /// With its LIMIT and OFFSET as bound parameters, SQLite expired the cached statement at
+    /// every bind and prepared it again at its first step (the "before" arm shows that this
+    /// is what SQLite does); with them in the text (`PageSql::rows_with_window`) it does not.
+    #[tokio::test]
+    async fn a_search_page_statement_is_not_prepared_again_for_each_search() {
+        use crate::store::Counting;
+        use rusqlite::StatementStatus;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        for n in 0..3 {
+            create(&store, order(&format!("R-{n}"))).await;
+        }
+        let predicates = criteria("status=requested");
+        let sql = page_sql(
+            PageSpec {
+                predicates: &predicates,
+                sort: &[],
+                after: None,
+                counting: Counting::UpTo(1000),
+            },
+            Placeholder::Question,
+        )
+        .unwrap();
+        let windowed = sql.rows_with_window(2, 0).unwrap();
+        let reprepared = store
+            .searches
+            .run(move |conn| {
+                let shape = || tasks::PageShape {
+                    count: 2,
+                    offset: 0,
+                    after_cursor: false,
+                    max_bytes: usize::MAX,
+                    sort_values: 0,
+                };
+                for _ in 0..3 {
+                    let page = tasks::search_page(conn, &sql, &windowed, shape())?;
+                    assert_eq!((page.tasks.len(), page.total), (2, Some(3)));
+                }
+                let after = conn
+                    .prepare_cached(&windowed)?
+                    .get_status(StatementStatus::RePrepare);
+                // The statement as it was bound before: page size and offset as parameters.
+                let mut bound = conn.prepare_cached(&sql.rows)?;
+                for _ in 0..3 {
+                    let binds = sql.binds.iter().map(|b| b as &dyn rusqlite::ToSql);
+                    let window: [&dyn rusqlite::ToSql; 2] = [&2_i64, &0_i64];
+                    let mut rows = bound.query(rusqlite::params_from_iter(binds.chain(window)))?;
+                    while rows.next()?.is_some() {}
+                }
+                let before = bound.get_status(StatementStatus::RePrepare);
+                Ok((before, after))
+            })
+            .unwrap();
+        assert_eq!(reprepared.1, 0, "the windowed statement was prepared again");
+        assert!(
+            reprepared.0 >= 2,
+            "SQLite no longer re-prepares a statement whose LIMIT is bound: {reprepared:?}"
+        );
         store.close().await;
     }
 }

@@ -319,43 +319,63 @@ pub(super) fn versions(
 pub(super) struct PageShape {
     pub count: usize,
     pub offset: usize,
+    /// The page starts after a keyset cursor, not at `offset`.
+    pub after_cursor: bool,
     pub max_bytes: usize,
     /// How many sort values follow the Task's columns in each row.
     pub sort_values: usize,
 }
 
+impl PageShape {
+    /// The number of matches, when the page itself shows it: a page that stops short of
+    /// `count` without the byte budget ending it holds the last match, so the matches are the
+    /// `offset` before it and its own. Only for a page reached by offset (a cursor's page
+    /// says nothing of the Tasks before the cursor), and not for an empty page past the end.
+    fn total_shown(&self, collected: &Collected) -> Option<u64> {
+        let shown = collected.tasks.len();
+        let last_page = !self.after_cursor
+            && !collected.truncated
+            && shown < self.count
+            && (shown > 0 || self.offset == 0);
+        last_page.then(|| (self.offset + shown) as u64)
+    }
+}
+
 /// A search page and its count (see `search_sql::page_sql`), on a search connection: blocking.
+/// `rows` is the page's statement with its window written in (`PageSql::rows_with_window`).
+/// The page is read first: when it holds the last match, its count is known without the
+/// count statement (a patient's Tasks, a short queue).
 pub(super) fn search_page(
     conn: &Connection,
     sql: &PageSql,
+    rows: &str,
     shape: PageShape,
 ) -> Result<SearchPage> {
-    let total = match &sql.count {
-        Some(count) => {
+    let mut collected = Collected::new(shape.max_bytes, 1);
+    if shape.count > 0 {
+        let mut statement = conn.prepare_cached(rows)?;
+        let mut rows = statement.query(params_from_iter(&sql.binds))?;
+        while let Some(row) = rows.next()? {
+            let task = TaskRow::from_rusqlite(row)?.into_listed();
+            let sort_values = read_sort_values_rusqlite(row, shape.sort_values)?;
+            if !collected.take(task, Some(sort_values)) {
+                break;
+            }
+        }
+    }
+    let shown = (shape.count > 0)
+        .then(|| shape.total_shown(&collected))
+        .flatten();
+    let total = match (&sql.count, shown) {
+        (Some(_), Some(shown)) => Some(shown),
+        (Some(count), None) => {
             let counted: i64 = conn
                 .prepare_cached(count)?
                 .query_row(params_from_iter(&sql.count_binds), |row| row.get(0))?;
             Some(u64::try_from(counted).unwrap_or(0))
         }
-        None => None,
+        (None, _) => None,
     };
-    if shape.count == 0 {
-        return Ok(SearchPage::empty(total));
-    }
-    let (count, offset) = (shape.count as i64, shape.offset as i64);
-    let mut binds: Vec<&dyn ToSql> = sql.binds.iter().map(|b| b as &dyn ToSql).collect();
-    binds.push(&count);
-    binds.push(&offset);
-    let mut statement = conn.prepare_cached(&sql.rows)?;
-    let mut rows = statement.query(binds.as_slice())?;
-    let mut collected = Collected::new(shape.max_bytes, 1);
-    while let Some(row) = rows.next()? {
-        let task = TaskRow::from_rusqlite(row)?.into_listed();
-        let sort_values = read_sort_values_rusqlite(row, shape.sort_values)?;
-        if !collected.take(task, Some(sort_values)) {
-            break;
-        }
-    }
     Ok(collected.into_page(total))
 }
 
@@ -505,4 +525,62 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
         .into_iter()
         .filter_map(|id| indexes.remove(&id).map(|index| (id, index)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ListedTask;
+
+    fn collected(tasks: usize, truncated: bool) -> Collected {
+        let mut collected = Collected::new(usize::MAX, 1);
+        for n in 0..tasks {
+            let task = ListedTask {
+                id: TaskId::parse(&format!("t{n}")).unwrap(),
+                version: Version::FIRST,
+                last_updated: StoredInstant::parse("2026-12-07T10:00:00.000000Z").unwrap(),
+                json: "{}".into(),
+            };
+            collected.take(task, None);
+        }
+        collected.truncated = truncated;
+        collected
+    }
+
+    /// A page gives its own total only where it must hold the last match: short of `_count`,
+    /// not cut by the byte budget, reached by offset, and not an empty page past the end.
+    #[test]
+    fn a_page_shows_its_total_only_when_it_holds_the_last_match() {
+        let shape = |offset, after_cursor| PageShape {
+            count: 20,
+            offset,
+            after_cursor,
+            max_bytes: usize::MAX,
+            sort_values: 0,
+        };
+        let cases = [
+            (shape(0, false), collected(7, false), Some(7)),
+            (shape(40, false), collected(7, false), Some(47)),
+            (shape(0, false), collected(0, false), Some(0)),
+            // A full page may have more after it.
+            (shape(0, false), collected(20, false), None),
+            // The byte budget ended the page, not the matches.
+            (shape(0, false), collected(7, true), None),
+            // Past the end: the matches may be fewer than the offset.
+            (shape(40, false), collected(0, false), None),
+            // A cursor's page says nothing of the Tasks before the cursor.
+            (shape(0, true), collected(7, false), None),
+        ];
+        for (shape, collected, expected) in cases {
+            assert_eq!(
+                shape.total_shown(&collected),
+                expected,
+                "offset {} cursor {} tasks {} truncated {}",
+                shape.offset,
+                shape.after_cursor,
+                collected.tasks.len(),
+                collected.truncated
+            );
+        }
+    }
 }
