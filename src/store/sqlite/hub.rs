@@ -367,13 +367,14 @@ pub(super) fn change_events_after(
     seq: ChangeSeq,
     limit: usize,
 ) -> Result<Vec<ChangeEvent>> {
-    let mut read = conn.prepare_cached(
+    // The limit is written into the text: SQLite re-prepares a statement at every run whose
+    // LIMIT is bound (BENCHMARKS.md, issue 16), and the consumer asks one limit all day.
+    let mut read = conn.prepare_cached(&format!(
         "SELECT seq, resource_type, resource_id, version, previous_version, interaction,
                 recorded_at, traceparent
-         FROM change_event WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-    )?;
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let found = read.query_map(params![seq, limit], |row| {
+         FROM change_event WHERE seq > ?1 ORDER BY seq LIMIT {limit}"
+    ))?;
+    let found = read.query_map(params![seq], |row| {
         Ok((
             ChangeEvent {
                 seq: row.get(0)?,
