@@ -292,6 +292,10 @@ pub struct DeliveryConfig {
     /// and the channel senders apart from the API's runtime, so that a broad fan-out never
     /// holds every thread an API request needs. 0 chooses half the cores, at least one.
     pub threads: usize,
+    /// The operating system's nice value (0–19) of the delivery runtime's threads. Above 0,
+    /// an API request that wants a core while the fan-out is busy gets it first; with idle
+    /// cores the fan-out still runs at full speed. 0 shares the cores equally.
+    pub nice: i32,
 }
 
 impl DeliveryConfig {
@@ -318,6 +322,7 @@ impl Default for DeliveryConfig {
             event_retention_days: 30,
             amqp_channels: 4,
             threads: 0,
+            nice: 0,
         }
     }
 }
@@ -920,6 +925,11 @@ impl Config {
         if d.amqp_channels == 0 || d.amqp_channels > 256 {
             return Err(ConfigError(
                 "delivery.amqp_channels must be between 1 and 256".into(),
+            ));
+        }
+        if !(0..=19).contains(&d.nice) {
+            return Err(ConfigError(
+                "delivery.nice must be between 0 and 19 (raising a thread's priority needs privileges Baton does not ask for)".into(),
             ));
         }
         if d.default_timeout_seconds == 0 || d.default_timeout_seconds > 120 {

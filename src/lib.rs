@@ -63,7 +63,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let base_url = config.base_url(bound);
     // The matcher, the delivery scheduler and the channel senders run here, apart from the
     // API (see `runtimes`); dropped when `run` returns, after the store has closed.
-    let deliveries = runtimes::DeliveryRuntime::start(config.delivery.runtime_threads())?;
+    let deliveries =
+        runtimes::DeliveryRuntime::start(config.delivery.runtime_threads(), config.delivery.nice)?;
 
     let (secret, from_file) = auth::resolve_secret(config.jwt_secret.as_deref(), &config.data_dir)
         .map_err(|e| Error::internal("reading or creating the development JWT secret failed", e))?;

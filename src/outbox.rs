@@ -252,8 +252,24 @@ impl Outbox {
     ) -> Result<(ChangeSeq, bool)> {
         let started = std::time::Instant::now();
         let started_at = std::time::SystemTime::now();
-        let versions = self.load_versions(changes).await?;
-        self.hub.shared.keep_current(changes, &versions);
+        // With no subscription in force (read after the catch-up, so every subscription
+        // committed before these changes counts) nothing can match: the versions are not read,
+        // parsed nor indexed, and a Task write costs the hub a cursor step. A subscription
+        // put in force after this look was committed after these changes, and its
+        // `created_after_seq` keeps them from it anyway.
+        let nobody_listens = self
+            .hub
+            .index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        let versions = if nobody_listens {
+            HashMap::new()
+        } else {
+            let versions = self.load_versions(changes).await?;
+            self.hub.shared.keep_current(changes, &versions);
+            versions
+        };
         let chunk_size = self.fanout_chunk.max(1);
         let mut chunk = Chunk {
             matches: Vec::with_capacity(chunk_size),
@@ -266,7 +282,10 @@ impl Outbox {
         // they are recorded (only when spans are exported).
         let mut traced: Vec<(TraceContext, ChangeSeq, usize)> = Vec::new();
         for change in changes {
-            let mut ids = self.match_change(change, &versions);
+            let mut ids = match nobody_listens {
+                true => Vec::new(),
+                false => self.match_change(change, &versions),
+            };
             if let Some(resume) = resume.as_ref().filter(|r| r.seq == change.seq) {
                 ids.retain(|id| *id > resume.through);
             }

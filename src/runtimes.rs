@@ -15,6 +15,12 @@
 //! through the socket's outbox. I/O objects made on one runtime may be polled from the other
 //! (tokio's reactors are per runtime but serve any task), so a socket accepted by the API
 //! runtime is written by the delivery runtime.
+//!
+//! The delivery runtime's threads may run at a lower operating-system priority
+//! (`delivery.nice`): the two runtimes' threads share the same cores, and when both have work
+//! the kernel then gives a core to the API's first, so a burst of notifications does not
+//! stretch the requests that cause them. On Linux the nice value is per thread, so setting it
+//! from the thread's own start hook touches that thread only.
 
 use tokio::runtime::{Builder, Handle, Runtime};
 
@@ -29,16 +35,19 @@ pub struct DeliveryRuntime {
 }
 
 impl DeliveryRuntime {
-    /// Starts a runtime with `threads` workers (at least one), timers and I/O enabled.
-    pub fn start(threads: usize) -> Result<DeliveryRuntime> {
+    /// Starts a runtime with `threads` workers (at least one), timers and I/O enabled, whose
+    /// threads (workers and blocking ones) run at nice value `nice` or at the process's own,
+    /// whichever is lower in priority.
+    pub fn start(threads: usize, nice: i32) -> Result<DeliveryRuntime> {
         let runtime = Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("baton-delivery")
+            .on_thread_start(move || lower_priority(nice))
             .enable_all()
             .build()
             .map_err(|e| Error::internal("starting the delivery runtime failed", e))?;
         let handle = runtime.handle().clone();
-        tracing::info!(threads = threads.max(1), "delivery runtime started");
+        tracing::info!(threads = threads.max(1), nice, "delivery runtime started");
         Ok(DeliveryRuntime {
             runtime: Some(runtime),
             handle,
@@ -49,6 +58,26 @@ impl DeliveryRuntime {
     /// for code that spawns its own tasks (the recorder, the supervised stages).
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+}
+
+/// Sets the calling thread's nice value to `nice` unless it is already higher (a lower
+/// priority): Baton never raises a priority, which would need privileges. A failure is logged
+/// and the thread runs on at its priority.
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    // `None` is the calling thread on Linux, where the nice value is a thread's own.
+    let outcome = rustix::process::getpriority_process(None).and_then(|current| {
+        if current < nice {
+            rustix::process::setpriority_process(None, nice)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(error) = outcome {
+        tracing::warn!(%error, nice, "lowering a delivery thread's priority failed");
     }
 }
 
@@ -70,7 +99,7 @@ mod tests {
     /// inside another runtime's task (where `run` drops it) without a panic.
     #[tokio::test]
     async fn delivery_work_runs_on_its_own_threads_and_the_runtime_drops_inside_another() {
-        let deliveries = DeliveryRuntime::start(1).unwrap();
+        let deliveries = DeliveryRuntime::start(1, 0).unwrap();
         let name = deliveries
             .handle()
             .spawn(async { std::thread::current().name().map(str::to_string) })
@@ -86,5 +115,31 @@ mod tests {
             Some("baton-delivery")
         );
         drop(deliveries);
+    }
+
+    /// With `nice` set, the delivery threads run at that nice value while the caller's thread
+    /// keeps its own; a nice value below the thread's own is never applied (no raise).
+    #[tokio::test]
+    async fn delivery_threads_run_at_the_configured_nice_value_and_the_caller_keeps_its_own() {
+        let own = rustix::process::getpriority_process(None).unwrap();
+        let wanted = (own + 3).min(19);
+        let deliveries = DeliveryRuntime::start(1, wanted).unwrap();
+        let theirs = deliveries
+            .handle()
+            .spawn(async { rustix::process::getpriority_process(None).unwrap() })
+            .await
+            .unwrap();
+        assert_eq!(theirs, wanted);
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), own);
+        drop(deliveries);
+
+        let gentler = DeliveryRuntime::start(1, 1).unwrap();
+        let theirs = gentler
+            .handle()
+            .spawn(async { rustix::process::getpriority_process(None).unwrap() })
+            .await
+            .unwrap();
+        assert_eq!(theirs, own.max(1));
+        drop(gentler);
     }
 }

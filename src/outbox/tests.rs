@@ -608,3 +608,54 @@ async fn a_task_write_is_answered_between_chunks_of_a_large_fan_out() {
     );
     store.close().await;
 }
+
+/// With no subscription in force a batch of changes is passed over without reading their
+/// versions (none is kept for deliveries) and the cursor still moves past it; once a
+/// subscription is in force, the next change's version is read, kept and numbered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_nobody_listens_to_are_passed_over_without_reading_their_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_sqlite(&dir.path().join("baton.db")).await;
+    let (hub, _commands) = hub();
+    let consumer = outbox(store.clone(), hub.clone(), 100);
+    assert!(
+        store
+            .acquire_lease(MATCHER, NODE, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    let unheard = write_task(store.as_ref(), "Practitioner/nobody").await;
+    let changes = store
+        .change_events_after(ChangeSeq::ZERO, 10)
+        .await
+        .unwrap();
+    let (through, persisted) = consumer.process(&changes, true, None).await.unwrap();
+    assert_eq!((through, persisted), (unheard, true));
+    assert_eq!(store.outbox_cursor(MATCHER).await.unwrap(), unheard);
+    let key = (changes[0].resource_id.clone(), changes[0].version);
+    assert!(
+        hub.shared.version(&key).is_none(),
+        "a change nobody listens to had its version read"
+    );
+
+    let listening = store
+        .create_subscription(subscription(Some("Task?owner=Practitioner/heard")))
+        .await
+        .unwrap();
+    hub.put_in_force(&listening, Occasion::Written);
+    let heard = write_task(store.as_ref(), "Practitioner/heard").await;
+    let changes = store.change_events_after(unheard, 10).await.unwrap();
+    assert_eq!(
+        consumer.process(&changes, true, None).await.unwrap().0,
+        heard
+    );
+    let key = (changes[0].resource_id.clone(), changes[0].version);
+    assert!(hub.shared.version(&key).is_some());
+    let numbered = store
+        .read_subscription(&listening.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(numbered.events_since_start, EventNumber::new(1));
+    store.close().await;
+}

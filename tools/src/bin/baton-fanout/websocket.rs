@@ -55,6 +55,10 @@ pub struct Options {
     /// Print, per second of the run, updates answered, events received and server memory.
     #[arg(long)]
     timeline: bool,
+    /// No subscriptions and no sockets: the same Tasks and schedule of updates with nobody
+    /// listening, the baseline for the updates' own latency beside the fan-out.
+    #[arg(long)]
+    no_listeners: bool,
 }
 
 pub async fn run(options: &Options) -> anyhow::Result<bool> {
@@ -109,7 +113,11 @@ async fn setup(options: &Options) -> anyhow::Result<(Setup, Listeners)> {
         server,
         names,
         pid,
-        listeners: owners + options.catch_all,
+        listeners: if options.no_listeners {
+            0
+        } else {
+            owners + options.catch_all
+        },
         rss_start: 0,
         rss_before: 0,
     };
@@ -250,14 +258,16 @@ struct Sample {
 }
 
 /// How one scheduled update went: its Task, its version when written or why it did not
-/// count, and when it was answered.
-type Answered = (u32, Result<u32, String>, Instant);
+/// count, when it was answered, and how long the request took.
+type Answered = (u32, Result<u32, String>, Instant, Duration);
 
 /// The idle memory and the schedule as it ran; the sampler still samples.
 struct Driven {
     rss_idle: u64,
     per_socket_kib: f64,
     writes: Vec<Write>,
+    /// Each update's request to response, failed ones included.
+    update_latencies: Vec<Duration>,
     failures: BTreeMap<String, u64>,
     schedule: Schedule,
     total: u64,
@@ -311,17 +321,20 @@ async fn drive(options: &Options, setup: &Setup, listeners: &Listeners) -> anyho
             let (server, names) = (server.clone(), setup.names.clone());
             let (results, answered) = (results.clone(), answered.clone());
             async move {
+                let sent = Instant::now();
                 let outcome = server.update_task(&names, task, task, k).await;
                 let responded = Instant::now();
                 answered.fetch_add(1, Ordering::Relaxed);
-                lock(&results).push((task as u32, outcome, responded));
+                lock(&results).push((task as u32, outcome, responded, responded - sent));
             }
         })
         .await?;
     let cpu = cpu.finish();
     let mut writes = Vec::with_capacity(plan.total as usize);
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-    for (task, outcome, responded) in lock(&results).drain(..) {
+    let mut update_latencies = Vec::with_capacity(plan.total as usize);
+    for (task, outcome, responded, took) in lock(&results).drain(..) {
+        update_latencies.push(took);
         match outcome {
             Ok(version) => writes.push(Write {
                 task,
@@ -335,6 +348,7 @@ async fn drive(options: &Options, setup: &Setup, listeners: &Listeners) -> anyho
         rss_idle,
         per_socket_kib,
         writes,
+        update_latencies,
         failures,
         schedule,
         total: plan.total,

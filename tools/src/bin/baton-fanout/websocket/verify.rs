@@ -89,6 +89,7 @@ pub fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
     let all_p = Percentiles::of(all_listeners);
     let per_listener_p = Percentiles::of(per_listener);
     let owner_p = Percentiles::of(owner_latencies);
+    let update_p = Percentiles::of(driven.update_latencies.clone());
     let passed = catch_all_tally.clean()
         && owner_tally.clean()
         && unbound == 0
@@ -114,6 +115,10 @@ pub fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
     for (key, count) in &driven.failures {
         println!("    {key}: {count}");
     }
+    println!(
+        "  latency    update request -> its response:           {}",
+        update_p.line()
+    );
     println!(
         "  cpu        {}",
         driven.cpu.line_with_load_average(crate::NAME)
@@ -191,6 +196,7 @@ pub fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
             "run": setup.names.run,
             "owners": owners,
             "catch_all": options.catch_all,
+            "no_listeners": options.no_listeners,
             "sockets_bound": collected.sockets_bound,
             "rss_kib": { "start": setup.rss_start, "before_sockets": setup.rss_before, "idle": driven.rss_idle, "after_run": collected.rss_after },
             "kib_per_idle_socket": round2(driven.per_socket_kib),
@@ -199,6 +205,7 @@ pub fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
             "updates_failed": driven.failures.values().sum::<u64>(),
             "late_starts": driven.schedule.late_starts,
             "duration_s": round2(window.as_secs_f64()),
+            "update_latency_ms": update_p.json_with_count(),
             "latency_all_catch_alls_ms": all_p.json_with_count(),
             "latency_per_catch_all_ms": per_listener_p.json_with_count(),
             "latency_owner_ms": owner_p.json_with_count(),
