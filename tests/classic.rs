@@ -593,8 +593,8 @@ async fn the_capability_statement_lists_r4_types_and_the_classic_websocket() {
         .collect();
     assert_eq!(
         types,
-        ["Task", "Subscription", "AuditEvent"],
-        "R4 resource types only (R4 has no SubscriptionTopic)"
+        ["Task", "Subscription", "Basic", "AuditEvent"],
+        "R4 resource types only (R4 has no SubscriptionTopic; topics are Basic-wrapped)"
     );
     let websocket = rest["extension"]
         .as_array()

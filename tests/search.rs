@@ -646,3 +646,112 @@ async fn includes_add_the_parent_and_based_on_tasks_under_the_read_rule() {
     assert!(included(&bundle).is_empty());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn iterated_includes_follow_the_chain_up_within_the_limits_and_the_read_rule() {
+    let server = TestServer::start_with(|c| {
+        c.search.max_include_depth = 3;
+        c.search.max_included = 4;
+    })
+    .await;
+    let admin = server.admin();
+    let alice = server.practitioner("Practitioner/alice");
+    let id_of = |t: &Value| t["id"].as_str().unwrap().to_string();
+    // A chain t0 <- t1 <- … <- t5 by partOf, all alice's but t1 (bob's); t5 is also based on
+    // a plan, itself part of a programme.
+    let programme = id_of(&server.create_task(&common::task("requested", None)).await);
+    let mut plan = common::task("requested", None);
+    plan["partOf"] = json!([{ "reference": format!("Task/{programme}") }]);
+    let plan = id_of(&server.create_task(&plan).await);
+    let mut chain: Vec<String> = Vec::new();
+    for i in 0..6 {
+        let owner = if i == 1 {
+            "Practitioner/bob"
+        } else {
+            "Practitioner/alice"
+        };
+        let mut t = common::task("requested", Some(owner));
+        if let Some(previous) = chain.last() {
+            t["partOf"] = json!([{ "reference": format!("Task/{previous}") }]);
+        }
+        if i == 5 {
+            t["basedOn"] = json!([{ "reference": format!("Task/{plan}") }]);
+        }
+        chain.push(id_of(&server.create_task(&t).await));
+    }
+    let search = |query: String, token: String| {
+        let server = &server;
+        async move {
+            let (status, bundle) = server.get(&format!("/Task?{query}"), &token).await;
+            assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+            let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+            let included: Vec<String> = entries
+                .iter()
+                .filter(|e| e["search"]["mode"] == "include")
+                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+                .collect();
+            let warning = entries
+                .iter()
+                .find(|e| e["search"]["mode"] == "outcome")
+                .map(|e| e["resource"]["issue"][0]["diagnostics"].to_string());
+            (bundle, included, warning)
+        }
+    };
+    let t = |i: usize| chain[i].clone();
+
+    // One step without :iterate; the whole chain within the depth with it, and no warning.
+    let (_, included, warning) =
+        search(format!("_id={}&_include=Task:part-of", t(3)), admin.clone()).await;
+    assert_eq!((included, warning), (vec![t(2)], None));
+    let (bundle, included, warning) = search(
+        format!("_id={}&_include:iterate=Task:part-of", t(3)),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!((included, warning), (vec![t(2), t(1), t(0)], None));
+    assert!(
+        bundle["link"][0]["url"]
+            .as_str()
+            .unwrap()
+            .contains("_include%3Aiterate=Task%3Apart-of"),
+        "{bundle}"
+    );
+    // Deeper than search.max_include_depth: three levels, and a warning saying so.
+    let (_, included, warning) = search(
+        format!("_id={}&_include:iterate=Task:part-of", t(4)),
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(included, [t(3), t(2), t(1)]);
+    assert!(
+        warning.unwrap().contains("search.max_include_depth"),
+        "a capped chain says so"
+    );
+    // Two iterated includes fan out; search.max_included caps them, and says so.
+    let (_, included, warning) = search(
+        format!(
+            "_id={}&_include:iterate=Task:part-of&_include:iterate=Task:based-on",
+            t(5)
+        ),
+        admin.clone(),
+    )
+    .await;
+    // (Each level's Tasks come in the store's order.)
+    assert_eq!(
+        included.iter().cloned().collect::<BTreeSet<String>>(),
+        BTreeSet::from([t(4), plan.clone(), t(3), programme.clone()])
+    );
+    assert_eq!(
+        included[2..].iter().cloned().collect::<BTreeSet<String>>(),
+        BTreeSet::from([t(3), programme.clone()])
+    );
+    assert!(warning.unwrap().contains("search.max_included"));
+    // The read rule holds at every level: bob's t1 ends alice's chain (t0 is not reached).
+    let (_, included, _) = search(
+        format!("_id={}&_include:iterate=Task:part-of", t(3)),
+        alice.clone(),
+    )
+    .await;
+    assert_eq!(included, [t(2)]);
+    server.stop().await;
+}

@@ -5,7 +5,7 @@
 mod common;
 
 use common::receiver::{Receiver, parameter};
-use common::{TestServer, assert_outcome, eventually, subscription, task};
+use common::{TestServer, assert_outcome, body, eventually, subscription, task};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -619,6 +619,134 @@ async fn topics_are_discoverable() {
             .as_str()
             .unwrap()
             .ends_with("backport-subscription")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn topics_are_readable_as_basic_resources_for_r4_clients() {
+    let server = TestServer::start().await;
+    let extension = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.";
+    let url_of = |basic: &Value| -> String {
+        basic["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["url"] == format!("{extension}url"))
+            .map(|e| e["valueUri"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    // Any role reads topics, as at /SubscriptionTopic.
+    for token in [
+        server.admin(),
+        server.auditor(),
+        server.practitioner("Practitioner/p1"),
+    ] {
+        let (status, bundle) = server
+            .get(
+                "/Basic?code=http://hl7.org/fhir/fhir-types%7CSubscriptionTopic",
+                &token,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{bundle}");
+        assert_eq!(bundle["type"], "searchset");
+        let ids: Vec<&str> = bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"]["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "task-changed",
+                "task-status-changed",
+                "task-owner-changed",
+                "task-business-status-changed",
+                "task-overdue"
+            ]
+        );
+        assert_eq!(bundle["total"], 5);
+    }
+    let admin = server.admin();
+    let (status, basic) = server.get("/Basic/task-owner-changed", &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(basic["resourceType"], "Basic");
+    assert_eq!(
+        basic["code"]["coding"][0],
+        json!({ "system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic" })
+    );
+    assert_eq!(
+        url_of(&basic),
+        format!("{}/SubscriptionTopic/task-owner-changed", server.base)
+    );
+    assert_eq!(
+        basic["modifierExtension"][0],
+        json!({ "url": format!("{extension}status"), "valueCode": "active" })
+    );
+    let filters = basic["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["url"] == format!("{extension}canFilterBy"))
+        .count();
+    assert!(filters > 10, "every filter is carried: {basic}");
+    // The same topic a Subscription names: the url leads back to the R4B topic.
+    let (_, topic) = server
+        .get("/SubscriptionTopic/task-owner-changed", &admin)
+        .await;
+    assert_eq!(url_of(&basic), topic["url"].as_str().unwrap());
+
+    // Searches by id, url and another code; lenient about the rest, strict on request.
+    let (_, by_url) = server
+        .get(
+            &format!(
+                "/Basic?url={}/SubscriptionTopic/task-changed&colour=red",
+                server.base
+            ),
+            &admin,
+        )
+        .await;
+    assert_eq!(by_url["total"], 1, "{by_url}");
+    assert_eq!(by_url["entry"][0]["resource"]["id"], "task-changed");
+    let self_link = by_url["link"][0]["url"].as_str().unwrap();
+    assert!(!self_link.contains("colour"), "{self_link}");
+    let (_, by_id) = server.get("/Basic?_id=task-overdue,nope", &admin).await;
+    assert_eq!(by_id["total"], 1);
+    let (_, other) = server
+        .get("/Basic?code=http://hl7.org/fhir/fhir-types%7CTask", &admin)
+        .await;
+    assert_eq!(other["total"], 0);
+    assert!(other.get("entry").is_none());
+    let response = server
+        .request(Method::GET, "/Basic?colour=red", &admin)
+        .header("prefer", "handling=strict")
+        .send()
+        .await
+        .unwrap();
+    let (status, outcome) = body(response).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+    assert_outcome(&outcome, "not-supported");
+    let (status, outcome) = server.get("/Basic/nope", &admin).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_outcome(&outcome, "not-found");
+    let (status, _) = server.get("/Basic/task-changed", "not-a-token").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // The CapabilityStatement lists Basic with its code search.
+    let (_, metadata) = server.get("/metadata", "unused").await;
+    let basic = metadata["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Basic")
+        .expect("Basic in the CapabilityStatement");
+    assert!(
+        basic["searchParam"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "code")
     );
     server.stop().await;
 }

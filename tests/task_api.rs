@@ -1049,3 +1049,154 @@ async fn a_filtered_history_page_stops_after_its_scan_budget_and_goes_on() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn vreads_answer_304_and_histories_take_summary_and_elements() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let mut first = task("requested", Some("Practitioner/1"));
+    first["description"] = json!("take the sample");
+    first["note"] = json!([{ "text": "left arm" }]);
+    let created = server.create_task(&first).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let mut second = created.clone();
+    second["status"] = json!("accepted");
+    let (status, _) = server
+        .put_json(&format!("/Task/{id}"), &admin, &second)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // vread: the version's ETag in If-None-Match (or `*`, or a date no earlier than it) is a
+    // 304 with the validators and no body; another version's ETag is the version.
+    let vread_with = |version: u32, token: &str, name: &'static str, value: &str| {
+        server
+            .request(
+                Method::GET,
+                &format!("/Task/{id}/_history/{version}"),
+                token,
+            )
+            .header(name, value)
+            .send()
+    };
+    for (version, name, value) in [
+        (1, "if-none-match", "W/\"1\""),
+        (1, "if-none-match", "W/\"9\", \"1\""),
+        (2, "if-none-match", "*"),
+        (1, "if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT"),
+    ] {
+        let response = vread_with(version, &admin, name, value).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::NOT_MODIFIED,
+            "v{version} {name}: {value}"
+        );
+        assert_eq!(response.headers()["etag"], format!("W/\"{version}\""));
+        assert!(response.text().await.unwrap().is_empty());
+    }
+    for (version, name, value) in [
+        (1, "if-none-match", "W/\"2\""),
+        (2, "if-none-match", "W/\"1\""),
+        (1, "if-modified-since", "Mon, 01 Jan 2001 00:00:00 GMT"),
+    ] {
+        let response = vread_with(version, &admin, name, value).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "v{version} {name}: {value}"
+        );
+        let (_, resource) = body(response).await;
+        assert_eq!(resource["meta"]["versionId"], version.to_string());
+    }
+    // The read rule comes first: a matching ETag tells nothing to someone who may not read.
+    let stranger = server.practitioner("Practitioner/2");
+    let response = vread_with(1, &stranger, "if-none-match", "W/\"1\"")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+
+    // Instance history: _summary and _elements cut each version, tagged SUBSETTED, and the
+    // links keep them; _summary=count is the total alone.
+    let subsetted = |resource: &Value| {
+        resource["meta"]["tag"]
+            .as_array()
+            .is_some_and(|tags| tags.iter().any(|t| t["code"] == "SUBSETTED"))
+    };
+    let history = format!("/Task/{id}/_history");
+    for (query, note, description) in [
+        ("_summary=true", false, true),
+        ("_summary=data", true, true),
+        ("_summary=text", false, false),
+        ("_elements=note", true, false),
+    ] {
+        let (status, bundle) = server.get(&format!("{history}?{query}"), &admin).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        assert_eq!(bundle["total"], 2, "{query}");
+        let entries = bundle["entry"].as_array().unwrap();
+        assert_eq!(entries.len(), 2, "{query}");
+        for entry in entries {
+            let resource = &entry["resource"];
+            assert!(subsetted(resource), "{query}: {resource}");
+            assert_eq!(resource.get("note").is_some(), note, "{query}: {resource}");
+            assert_eq!(
+                resource.get("description").is_some(),
+                description,
+                "{query}: {resource}"
+            );
+            assert!(resource["status"].is_string(), "{query}");
+        }
+        let self_link = bundle["link"][0]["url"].as_str().unwrap();
+        assert!(
+            self_link.contains(&query.replace(',', "%2C")),
+            "{query}: {self_link}"
+        );
+    }
+    let (_, whole) = server.get(&history, &admin).await;
+    assert!(!subsetted(&whole["entry"][0]["resource"]));
+    assert!(whole["entry"][0]["resource"]["note"].is_array());
+    let (status, count) = server
+        .get(&format!("{history}?_summary=count"), &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{count}");
+    assert_eq!(count["total"], 2);
+    assert!(count.get("entry").is_none(), "{count}");
+    let (_, paged) = server
+        .get(&format!("{history}?_summary=true&_count=1"), &admin)
+        .await;
+    let next = paged["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .expect("a next link");
+    assert!(next["url"].as_str().unwrap().contains("_summary=true"));
+    for query in [
+        "_summary=maybe",
+        "_summary=true&_elements=note",
+        "_summary=count&_summary=true",
+    ] {
+        let (status, outcome) = server.get(&format!("{history}?{query}"), &admin).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+        assert_outcome(&outcome, "invalid");
+    }
+
+    // Type-level history: the same cut, carried by its links; counting it is refused.
+    let (status, bundle) = server
+        .get("/Task/_history?_summary=true&_count=1", &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    let resource = &bundle["entry"][0]["resource"];
+    assert!(subsetted(resource), "{resource}");
+    assert!(resource.get("note").is_none(), "{resource}");
+    for link in bundle["link"].as_array().unwrap() {
+        assert!(
+            link["url"].as_str().unwrap().contains("_summary=true"),
+            "{link}"
+        );
+    }
+    let (_, data) = server.get("/Task/_history?_summary=data", &admin).await;
+    assert!(data["entry"][0]["resource"]["note"].is_array(), "{data}");
+    let (status, outcome) = server.get("/Task/_history?_summary=count", &admin).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+    assert_outcome(&outcome, "not-supported");
+    server.stop().await;
+}

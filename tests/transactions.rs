@@ -1101,3 +1101,178 @@ async fn a_bad_patch_entry_fails_the_whole_transaction_naming_it() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn conditional_references_resolve_to_the_one_task_they_match_or_fail_the_transaction() {
+    let server = TestServer::start_hub().await;
+    let receiver = Receiver::start().await;
+    let watch = catch_all(&server, &receiver).await;
+    let admin = server.admin();
+    let order = server
+        .create_task(&with_identifier(
+            task("requested", Some("Practitioner/1")),
+            "order-1",
+        ))
+        .await;
+    let order_id = order["id"].as_str().unwrap().to_string();
+    // Two Tasks sharing an identifier make a reference to it ambiguous.
+    let mut singles = vec![order_id.clone()];
+    for _ in 0..2 {
+        let twin = server
+            .create_task(&with_identifier(
+                task("requested", Some("Practitioner/1")),
+                "twin",
+            ))
+            .await;
+        singles.push(twin["id"].as_str().unwrap().to_string());
+    }
+    let by_identifier = |value: &str| format!("Task?identifier=http://example.org/orders|{value}");
+    let parent = "urn:uuid:40000000-0000-4000-8000-000000000001";
+    let child_url = "urn:uuid:40000000-0000-4000-8000-000000000002";
+    let transaction = |reference: &str, label: &str, owner: &str| {
+        let mut child = sub_task(parent, &format!("{label}-child"));
+        child["basedOn"] = json!([{ "reference": reference }]);
+        child["owner"] = json!({ "reference": owner });
+        bundle(
+            "transaction",
+            vec![
+                post(
+                    parent,
+                    with_identifier(task("requested", Some(owner)), &format!("{label}-parent")),
+                ),
+                post(child_url, child),
+            ],
+        )
+    };
+
+    // One match: the reference becomes Task/{id}, beside a urn:uuid reference to a new Task.
+    let request = transaction(&by_identifier("order-1"), "resolved", "Practitioner/1");
+    let (status, answer) = server.post_json("", &admin, &request).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let ids = locations(&answer);
+    let (_, child) = server.get(&format!("/Task/{}", ids[1]), &admin).await;
+    assert_eq!(child["basedOn"][0]["reference"], format!("Task/{order_id}"));
+    assert_eq!(child["partOf"][0]["reference"], format!("Task/{}", ids[0]));
+    assert_eq!(
+        server
+            .search_ids(&format!("based-on=Task/{order_id}"), &admin)
+            .await,
+        [ids[1].clone()]
+    );
+    // The same reference under this server's base resolves too.
+    let absolute = format!("{}/{}", server.base, by_identifier("order-1"));
+    let request = transaction(&absolute, "absolute", "Practitioner/1");
+    let (status, answer) = server.post_json("", &admin, &request).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let absolute_ids = locations(&answer);
+    let (_, child) = server
+        .get(&format!("/Task/{}", absolute_ids[1]), &admin)
+        .await;
+    assert_eq!(child["basedOn"][0]["reference"], format!("Task/{order_id}"));
+
+    // No match, several, another resource type, and a Task the caller may not read: the
+    // transaction fails naming the entry and the element, and stores nothing.
+    let practitioner = server.practitioner("Practitioner/2");
+    let cases = [
+        (
+            "no match",
+            by_identifier("nobody"),
+            &admin,
+            "Practitioner/1",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "two matches",
+            by_identifier("twin"),
+            &admin,
+            "Practitioner/1",
+            StatusCode::PRECONDITION_FAILED,
+        ),
+        (
+            "another type",
+            "Patient?identifier=http://example.org/mrn|7".to_string(),
+            &admin,
+            "Practitioner/1",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "a Task the caller may not read",
+            by_identifier("order-1"),
+            &practitioner,
+            "Practitioner/2",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "bad criteria",
+            "Task?colour=red".to_string(),
+            &admin,
+            "Practitioner/1",
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (what, reference, token, owner, expected) in cases {
+        let request = transaction(&reference, "rolled-back", owner);
+        let (status, answer) = server.post_json("", token, &request).await;
+        assert_eq!(status, expected, "{what}: {answer}");
+        assert_eq!(answer["resourceType"], "OperationOutcome", "{what}");
+        assert_eq!(
+            answer["issue"][0]["expression"][0], "Bundle.entry[1]",
+            "{what}: {answer}"
+        );
+        let diagnostics = answer["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(
+            diagnostics.contains("basedOn[0].reference"),
+            "{what}: {diagnostics}"
+        );
+        assert!(
+            found(&server, "rolled-back-parent").await.is_empty(),
+            "{what}"
+        );
+        assert!(
+            found(&server, "rolled-back-child").await.is_empty(),
+            "{what}"
+        );
+    }
+
+    // A batch entry resolves its own conditional references; a failing one fails alone.
+    let mut resolved = with_identifier(task("requested", Some("Practitioner/1")), "batch-ok");
+    resolved["basedOn"] = json!([{ "reference": by_identifier("order-1") }]);
+    let mut ambiguous = with_identifier(task("requested", Some("Practitioner/1")), "batch-bad");
+    ambiguous["basedOn"] = json!([{ "reference": by_identifier("twin") }]);
+    let request = bundle(
+        "batch",
+        vec![
+            json!({ "resource": resolved, "request": { "method": "POST", "url": "Task" } }),
+            json!({ "resource": ambiguous, "request": { "method": "POST", "url": "Task" } }),
+        ],
+    );
+    let (status, answer) = server.post_json("", &admin, &request).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["entry"][0]["response"]["status"], "201 Created");
+    assert!(
+        answer["entry"][1]["response"]["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("412"),
+        "{answer}"
+    );
+    let batch_ids = found(&server, "batch-ok").await;
+    let (_, stored) = server.get(&format!("/Task/{}", batch_ids[0]), &admin).await;
+    assert_eq!(
+        stored["basedOn"][0]["reference"],
+        format!("Task/{order_id}")
+    );
+    assert!(found(&server, "batch-bad").await.is_empty());
+
+    // Only the writes that were stored were heard, in order.
+    let heard = eventually("the batch's create", || async {
+        let heard = event_task_ids(&server, &watch).await;
+        heard.contains(&batch_ids[0]).then_some(heard)
+    })
+    .await;
+    let mut expected = singles;
+    expected.extend(ids);
+    expected.extend(absolute_ids);
+    expected.extend(batch_ids);
+    assert_eq!(heard, expected);
+}

@@ -3,8 +3,9 @@
 //!
 //! It claims FHIR 4.0.1 and so lists only R4 resource types: R4 has no SubscriptionTopic, and
 //! an R4 client knows the topics by the `capabilitystatement-subscriptiontopic-canonical`
-//! extensions on Subscription (the backport IG's R4 discovery). `/fhir/SubscriptionTopic`
-//! still serves them, in R4B's shape, for R4B and R5 clients (`api::topic`).
+//! extensions on Subscription (the backport IG's R4 discovery) and reads them as `Basic`
+//! resources (`api::basic`). `/fhir/SubscriptionTopic` still serves them, in R4B's shape, for
+//! R4B and R5 clients (`api::topic`).
 
 use axum::Router;
 use axum::extract::State;
@@ -135,6 +136,15 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                     { "name": "events", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-events") },
                     { "name": "get-ws-binding-token", "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-get-ws-binding-token") },
                     { "name": "resend", "definition": "https://baton.dev/fhir/OperationDefinition/Subscription-resend", "documentation": "Admin only: POST [base]/Subscription/{id}/$resend?eventsSinceNumber=N delivers events N onwards again, in order, with their original numbers (rest-hook and AMQP)." },
+                ],
+            }, {
+                "type": "Basic",
+                "documentation": "The topics for R4 clients: each SubscriptionTopic wrapped in a Basic resource (code http://hl7.org/fhir/fhir-types|SubscriptionTopic, the topic's elements as the R5 cross-version extensions), as the Subscriptions R5 Backport IG shows. Read-only; the id is the topic's id.",
+                "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                "searchParam": [
+                    { "name": "code", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Basic-code", "documentation": "SubscriptionTopic or http://hl7.org/fhir/fhir-types|SubscriptionTopic lists the topics" },
+                    { "name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "documentation": "The topic's id" },
+                    { "name": "url", "type": "uri", "documentation": "The topic's canonical URL" },
                 ],
             }, {
                 "type": "AuditEvent",

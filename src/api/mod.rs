@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod basic;
 pub mod console;
 pub mod cors;
 pub mod health;
@@ -140,6 +141,7 @@ fn fhir_router(state: &AppState) -> Router<AppState> {
         .merge(task::router())
         .merge(subscription::router())
         .merge(topic::router())
+        .merge(basic::router())
         .merge(websocket::router())
         .fallback(unknown_route)
         .layer(axum::middleware::from_fn(negotiate_format))

@@ -2,6 +2,7 @@
 //! rules and the Task search parameters. Pure: nothing here builds an HTTP response or
 //! touches storage (errors carry their status through `crate::error`).
 
+pub mod basic_topic;
 pub mod datetime;
 pub mod ids;
 pub mod interaction;

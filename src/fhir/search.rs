@@ -859,6 +859,7 @@ mod tests {
                 summary_count: false,
                 subset: None,
                 includes: Vec::new(),
+                iterated_includes: Vec::new(),
                 revinclude: None,
                 link_params: vec![],
             }
@@ -908,6 +909,15 @@ mod tests {
             ("_revinclude:iterate=Task:part-of", |q| {
                 q.revinclude == Some(RevInclude::PartOfIterate)
             }),
+            (
+                "_include:iterate=Task:part-of&_include=Task:based-on",
+                |q| {
+                    q.iterated_includes == [Include::PartOf]
+                        && q.includes == [Include::BasedOn]
+                        && q.link_params
+                            == pairs("_include:iterate=Task:part-of&_include=Task:based-on")
+                },
+            ),
             ("_revinclude:recurse=Task:part-of", |q| {
                 q.revinclude == Some(RevInclude::PartOfIterate)
             }),
@@ -932,11 +942,6 @@ mod tests {
         let cases = [
             ("foo=bar", NotSupported, "'foo'"),
             ("_include=Task:owner", NotSupported, "'_include=Task:owner'"),
-            (
-                "_include:iterate=Task:part-of",
-                NotSupported,
-                "'_include:iterate'",
-            ),
             ("_elements:x=status", NotSupported, "'_elements:x'"),
             (
                 "_has:Task:part-of:status=ready",

@@ -414,6 +414,6 @@ impl SubscriptionRow {
 }
 
 /// A stored interaction, or the internal error `problem` for one this version does not know.
-fn interaction(text: String, problem: &'static str) -> Result<Interaction> {
+pub(crate) fn interaction(text: String, problem: &'static str) -> Result<Interaction> {
     Interaction::parse(&text).ok_or_else(|| Error::internal(problem, text))
 }

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use super::hub_sql;
 use super::pressure::{Pressure, WriteKind};
 use super::rows::history_from_row;
-use super::rows::{change_from_row, live_from_row, version_from_row};
+use super::rows::{live_from_row, version_from_row};
 use super::search_sql::{
     PageSpec, Placeholder, children_sql, history_sql, page_sql, sort_value_count,
 };
@@ -282,22 +282,7 @@ impl Store for SqliteStore {
     }
 
     async fn versions(&self, keys: &[(TaskId, Version)]) -> Result<Vec<StoredVersion>> {
-        let mut found = Vec::with_capacity(keys.len());
-        // Chunks keep the statement under SQLite's bound-parameter limit.
-        for chunk in keys.chunks(400) {
-            let sql = format!(
-                "SELECT id, version, last_updated, interaction, resource FROM task_version WHERE (id, version) IN (VALUES {})",
-                vec!["(?, ?)"; chunk.len()].join(", ")
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for (id, version) in chunk {
-                query = query.bind(id).bind(version);
-            }
-            for row in query.fetch_all(&self.reads).await? {
-                found.extend(super::readable(version_from_row(&row)));
-            }
-        }
-        Ok(found)
+        self.point.run(|conn| tasks::versions(conn, keys))
     }
 
     async fn create_subscription(&self, record: SubscriptionRecord) -> Result<StoredSubscription> {
@@ -681,16 +666,8 @@ impl Store for SqliteStore {
     }
 
     async fn change_events_after(&self, seq: ChangeSeq, limit: usize) -> Result<Vec<ChangeEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, resource_type, resource_id, version, previous_version, interaction, recorded_at,
-                    traceparent
-             FROM change_event WHERE seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(seq)
-        .bind(limit as i64)
-        .fetch_all(&self.reads)
-        .await?;
-        rows.iter().map(change_from_row).collect()
+        self.point
+            .run(|conn| hub::change_events_after(conn, seq, limit))
     }
 
     async fn last_change_seq(&self) -> Result<ChangeSeq> {

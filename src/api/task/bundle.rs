@@ -19,6 +19,15 @@
 //!   direction, cycles included (two Tasks each `partOf` the other are stored as sent). A
 //!   `urn:uuid:` that names no entry is a 400 naming the entry that holds it. A request Task's
 //!   focal Task must exist before the transaction (see `links::check_links`).
+//! - Conditional references (`"reference": "Task?identifier=http://x|123"`, relative or under
+//!   this server's base) in a transaction's resources are resolved before anything is written,
+//!   each distinct one by one search with the caller's read rule, as FHIR's transaction rules
+//!   say: one match becomes `Task/{id}`; none is a 400 and several a 412 (as for a conditional
+//!   create), naming the entry and the element, and nothing is stored. They resolve against the
+//!   Tasks as they were before the transaction (a Task it creates is named by its `urn:uuid:`
+//!   instead), and only Tasks: Baton stores no other resource type to search, so a conditional
+//!   reference to another type is a 400. A batch entry's are resolved in the same way, for
+//!   that entry alone.
 //! - A PATCH entry (`Task/{id}` only) carries its patch as the entry's resource, as HAPI FHIR
 //!   takes it: a FHIRPath Patch `Parameters`, or a `Binary` whose `contentType` is
 //!   `application/json-patch+json` (or `application/merge-patch+json`) and whose `data` is the
@@ -462,9 +471,12 @@ async fn batch_entry(
 ) -> Result<Answer> {
     let mut entry = parse_entry(index, raw, &[&state.link_base, &state.base_url])?;
     require_entry_scope(principal, &entry)?;
+    // Conditional references are resolved for the entry alone, as in a transaction.
+    let resolved =
+        resolve_conditional_references(state, principal, std::slice::from_ref(&entry)).await?;
     if let Some(resource) = &mut entry.resource {
         // A batch's entries are independent: a reference to another entry cannot be resolved.
-        rewrite_references(resource, &HashMap::new())?;
+        rewrite_references(resource, &HashMap::new(), &resolved)?;
     }
     if matches!(
         entry.target,
@@ -596,6 +608,7 @@ async fn run_transaction(
         }
         entries.push(entry);
     }
+    let resolved = resolve_conditional_references(state, principal, &entries).await?;
     // Ids first: every Task the transaction creates gets its id now, or the id of the Task its
     // ifNoneExist finds, so that references between entries can be resolved in any direction.
     let mut ids: HashMap<String, String> = HashMap::new();
@@ -636,7 +649,7 @@ async fn run_transaction(
         let index = entry.index;
         let fail = |e: Error| e.in_entry(index);
         if let Some(resource) = &mut entry.resource {
-            rewrite_references(resource, &ids).map_err(fail)?;
+            rewrite_references(resource, &ids, &resolved).map_err(fail)?;
         }
         let (answer, request) = match assignment {
             Some(Assigned::Found(task)) => (Some(existing(StatusCode::OK, task)), None),
@@ -939,9 +952,131 @@ fn existing(status: StatusCode, task: CurrentTask) -> Answer {
     }
 }
 
+/// The conditional references of a transaction's entries, each resolved to `Task/{id}`: the
+/// one Task its search finds now (see the module's notes). Each distinct reference is searched
+/// once; a transaction may resolve at most as many as it may hold entries.
+async fn resolve_conditional_references(
+    state: &AppState,
+    principal: &Principal,
+    entries: &[Entry],
+) -> Result<HashMap<String, String>> {
+    let mut resolved: HashMap<String, String> = HashMap::new();
+    for entry in entries {
+        let Some(resource) = &entry.resource else {
+            continue;
+        };
+        for (place, reference) in conditional_references(resource) {
+            if resolved.contains_key(&reference) {
+                continue;
+            }
+            if resolved.len() == state.config.limits.max_transaction_entries {
+                return Err(Error::client(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    IssueCode::TooCostly,
+                    format!(
+                        "a transaction may resolve at most {} distinct conditional references \
+                         (limits.max_transaction_entries)",
+                        state.config.limits.max_transaction_entries
+                    ),
+                )
+                .in_entry(entry.index));
+            }
+            let task = resolve_conditional_reference(state, principal, &reference)
+                .await
+                .map_err(|e| e.at(format!("resource.{place}")).in_entry(entry.index))?;
+            resolved.insert(reference, task);
+        }
+    }
+    Ok(resolved)
+}
+
+/// The conditional references in a resource (a `reference` holding a search: `Type?…`), with
+/// where each is (`partOf[0].reference`).
+fn conditional_references(resource: &Value) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut stack: Vec<(String, &Value)> = vec![(String::new(), resource)];
+    while let Some((place, value)) = stack.pop() {
+        let join = |name: &str| match place.as_str() {
+            "" => name.to_string(),
+            _ => format!("{place}.{name}"),
+        };
+        match value {
+            Value::Object(object) => {
+                if let Some(Value::String(reference)) = object.get("reference")
+                    && reference.contains('?')
+                    && !reference.starts_with("urn:")
+                    && !reference.starts_with('#')
+                {
+                    found.push((join("reference"), reference.clone()));
+                }
+                stack.extend(object.iter().map(|(name, value)| (join(name), value)));
+            }
+            Value::Array(items) => stack.extend(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| (format!("{place}[{i}]"), item)),
+            ),
+            _ => {}
+        }
+    }
+    // In the order of their places, so that which one a refusal names does not depend on
+    // the walk.
+    found.sort();
+    found
+}
+
+/// Resolves one conditional reference to `Task/{id}`: 400 for another resource type or for
+/// no match, 412 for several.
+async fn resolve_conditional_reference(
+    state: &AppState,
+    principal: &Principal,
+    reference: &str,
+) -> Result<String> {
+    let relative = [&*state.link_base, state.base_url.as_str()]
+        .iter()
+        .find_map(|base| {
+            reference
+                .strip_prefix(base.trim_end_matches('/'))
+                .and_then(|rest| rest.strip_prefix('/'))
+        })
+        .unwrap_or(reference);
+    let (resource_type, query) = relative.split_once('?').unwrap_or((relative, ""));
+    if resource_type != "Task" {
+        return Err(Error::bad_request(
+            IssueCode::NotSupported,
+            format!(
+                "the conditional reference '{reference}' searches {resource_type}; this server \
+                 resolves conditional references to Tasks only (Task?identifier=system|value)"
+            ),
+        ));
+    }
+    let predicates = criteria(state, principal, query, "conditional reference")?;
+    let mut found = find_matches(state, &predicates).await?;
+    match (found.pop(), found.pop()) {
+        (Some(task), None) => Ok(format!("Task/{}", task.id)),
+        (None, _) => Err(Error::bad_request(
+            IssueCode::NotFound,
+            format!(
+                "the conditional reference '{reference}' matches no Task you may read; a \
+                 conditional reference must match exactly one"
+            ),
+        )),
+        (Some(_), Some(_)) => Err(Error::precondition_failed(format!(
+            "the conditional reference '{reference}' matches more than one Task; make the \
+             criteria more selective"
+        ))),
+    }
+}
+
 /// Rewrites every `reference` in a resource that is the `fullUrl` of an entry (`urn:uuid:…`)
-/// to the Task it stands for; a `urn:uuid:` reference that names no entry is a 400.
-fn rewrite_references(resource: &mut Value, ids: &HashMap<String, String>) -> Result<()> {
+/// to the Task it stands for, and every conditional reference to the Task it was resolved to;
+/// a `urn:uuid:` reference that names no entry is a 400.
+fn rewrite_references(
+    resource: &mut Value,
+    ids: &HashMap<String, String>,
+    resolved: &HashMap<String, String>,
+) -> Result<()> {
     // An explicit stack: the resource's depth was bounded when it was parsed, but recursion
     // is not needed to walk it.
     let mut stack = vec![resource];
@@ -949,6 +1084,10 @@ fn rewrite_references(resource: &mut Value, ids: &HashMap<String, String>) -> Re
         match value {
             Value::Object(object) => {
                 if let Some(Value::String(reference)) = object.get_mut("reference")
+                    && let Some(task) = resolved.get(reference.as_str())
+                {
+                    *reference = task.clone();
+                } else if let Some(Value::String(reference)) = object.get_mut("reference")
                     && reference.starts_with("urn:uuid:")
                 {
                     match ids.get(reference.as_str()) {
@@ -1095,14 +1234,47 @@ mod tests {
             "focus": { "reference": "Patient/7" },
             "input": [{ "valueReference": { "reference": "urn:uuid:1" } }],
         });
-        rewrite_references(&mut task, &ids).unwrap();
+        let resolved = HashMap::from([(
+            "Task?identifier=http://x|1".to_owned(),
+            "Task/t9".to_owned(),
+        )]);
+        task["basedOn"] = json!([{ "reference": "Task?identifier=http://x|1" }]);
+        rewrite_references(&mut task, &ids, &resolved).unwrap();
+        assert_eq!(task["basedOn"][0]["reference"], "Task/t9");
         assert_eq!(task["partOf"][0]["reference"], "Task/t1");
         assert_eq!(task["input"][0]["valueReference"]["reference"], "Task/t1");
         assert_eq!(task["focus"]["reference"], "Patient/7");
 
         let mut unknown = json!({ "partOf": [{ "reference": "urn:uuid:2" }] });
-        let error = rewrite_references(&mut unknown, &ids).unwrap_err();
+        let error = rewrite_references(&mut unknown, &ids, &HashMap::new()).unwrap_err();
         assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn conditional_references_are_found_with_their_place() {
+        let task = json!({
+            "partOf": [
+                { "reference": "urn:uuid:1" },
+                { "reference": "Task?identifier=http://x|1" },
+            ],
+            "focus": { "reference": "Patient?identifier=p" },
+            "input": [{ "valueReference": { "reference": "Task/t2" } }],
+            "contained": [{ "resourceType": "Basic", "id": "c" }],
+            "owner": { "reference": "#c" },
+        });
+        assert_eq!(
+            conditional_references(&task),
+            [
+                (
+                    "focus.reference".to_owned(),
+                    "Patient?identifier=p".to_owned()
+                ),
+                (
+                    "partOf[1].reference".to_owned(),
+                    "Task?identifier=http://x|1".to_owned()
+                ),
+            ]
+        );
     }
 
     #[test]

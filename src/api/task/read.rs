@@ -133,6 +133,7 @@ pub(super) async fn vread(
     State(state): State<AppState>,
     principal: Principal,
     Path((id, vid)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response> {
     let id = TaskId::parse(&id)?;
     let version: Version = vid.parse().map_err(|_| {
@@ -163,6 +164,11 @@ pub(super) async fn vread(
             "version {version} of Task/{id} is not owned by you and was not in one of your role queues"
         )));
     }
+    // A version never changes, so a cache holding it (its ETag in `If-None-Match`, or any
+    // copy no older than it) is told so, as a read would; the read rule was applied first.
+    if stored.resource.is_some() && not_modified(&headers, version, &stored.last_updated) {
+        return Ok(not_modified_response(version, &stored.last_updated));
+    }
     match &stored.resource {
         Some(_) => Ok(version_response(
             &state,
@@ -189,7 +195,11 @@ pub(super) async fn history(
     let pairs = parse_pairs(query.as_deref().unwrap_or(""))?;
     let mut count = state.config.search.default_count;
     let mut offset = 0usize;
+    let mut view = HistoryView::default();
     for (name, value) in &pairs {
+        if view.take(name, value)? {
+            continue;
+        }
         let number = || {
             value.parse::<usize>().map_err(|_| {
                 Error::bad_request(
@@ -204,46 +214,84 @@ pub(super) async fn history(
             "_format" | "_pretty" => {}
             other => {
                 return Err(Error::not_supported(format!(
-                    "history supports _count and _offset, not '{other}'"
+                    "history supports _count, _offset, _summary and _elements, not '{other}'"
                 )));
             }
         }
     }
-    let (versions, total) = readable_history(&state, &principal, &id, count, offset).await?;
+    // `_summary=count` asks for the total only: no versions are kept, only counted.
+    let page_size = if view.count_only { 0 } else { count };
+    let (versions, total) = readable_history(&state, &principal, &id, page_size, offset).await?;
     let self_url = format!("{}/Task/{id}/_history", state.link_base);
-    let mut links = vec![link(
-        "self",
-        &format!("{self_url}?_count={count}&_offset={offset}"),
-    )];
-    if (offset + count) < total as usize {
-        links.push(link(
-            "next",
-            &format!("{self_url}?_count={count}&_offset={}", offset + count),
-        ));
-    }
-    if offset > 0 {
-        links.push(link(
-            "previous",
-            &format!(
-                "{self_url}?_count={count}&_offset={}",
-                offset.saturating_sub(count)
-            ),
-        ));
+    let link_to = |offset: usize| {
+        let mut params = vec![
+            ("_count".to_string(), count.to_string()),
+            ("_offset".to_string(), offset.to_string()),
+        ];
+        params.extend(view.param.clone());
+        format!(
+            "{self_url}?{}",
+            serde_urlencoded::to_string(&params).unwrap_or_default()
+        )
+    };
+    let mut links = vec![link("self", &link_to(offset))];
+    if !view.count_only {
+        if (offset + count) < total as usize {
+            links.push(link("next", &link_to(offset + count)));
+        }
+        if offset > 0 {
+            links.push(link("previous", &link_to(offset.saturating_sub(count))));
+        }
     }
     let entries: Vec<Value> = versions
         .iter()
-        .map(|v| history_entry(&state.link_base, v))
+        .map(|v| history_entry(&state.link_base, v, view.subset.as_ref()))
         .collect();
-    let bundle = json!({
+    let mut bundle = json!({
         "resourceType": "Bundle",
         "id": uuid::Uuid::new_v4().to_string(),
         "meta": { "lastUpdated": now() },
         "type": "history",
         "total": total,
         "link": links,
-        "entry": entries,
     });
+    if !view.count_only {
+        bundle["entry"] = Value::Array(entries);
+    }
     Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// `_summary` and `_elements` on a history, as on a search: the part of each version to
+/// show (tagged `SUBSETTED`; a deletion has no content to cut), or, with `_summary=count`,
+/// none of them, only how many there are.
+#[derive(Debug, Default)]
+struct HistoryView {
+    subset: Option<Subset>,
+    count_only: bool,
+    /// The parameter as given, for the paging links.
+    param: Option<(String, String)>,
+}
+
+impl HistoryView {
+    /// Takes `_summary` or `_elements` (true), or leaves any other parameter (false). Both,
+    /// or either twice, is a 400, as on a search.
+    fn take(&mut self, name: &str, value: &str) -> Result<bool> {
+        if !matches!(name, "_summary" | "_elements") {
+            return Ok(false);
+        }
+        if self.subset.is_some() || self.count_only {
+            return Err(subset::both_given());
+        }
+        if name == "_summary" && value == "count" {
+            self.count_only = true;
+        } else if name == "_summary" {
+            self.subset = subset::parse_summary(value)?;
+        } else {
+            self.subset = Some(subset::parse_elements(value)?);
+        }
+        self.param = Some((name.to_string(), value.to_string()));
+        Ok(true)
+    }
 }
 
 /// Versions read from the store at a time while filtering a history.
@@ -333,8 +381,21 @@ pub(super) async fn type_history(
     };
     let mut link_params: Vec<(String, String)> = Vec::new();
     let mut seen: Vec<&str> = Vec::new();
+    let mut view = HistoryView::default();
     for (name, value) in &pairs {
         let name = name.as_str();
+        if view.take(name, value)? {
+            if view.count_only {
+                // Counting every version of every Task costs more than the history itself,
+                // which is why this Bundle has no total either.
+                return Err(Error::not_supported(
+                    "_summary=count is not supported on the history of all Tasks, which has no \
+                     total; count the versions of one Task with Task/{id}/_history?_summary=count",
+                ));
+            }
+            link_params.extend(view.param.clone());
+            continue;
+        }
         if matches!(name, "_since" | "_at" | "_count" | "_cursor") {
             if seen.contains(&name) {
                 return Err(Error::bad_request(
@@ -394,7 +455,8 @@ pub(super) async fn type_history(
         }
     }
     let first_after = request.after.clone();
-    let (entries, next_after) = history_page(&state, &principal, request, count).await?;
+    let (entries, next_after) =
+        history_page(&state, &principal, request, count, view.subset.as_ref()).await?;
     let self_base = format!("{}/Task/_history", state.link_base);
     let link_to = |after: Option<&HistoryKey>| {
         let mut params = link_params.clone();
@@ -433,8 +495,10 @@ async fn history_page(
     principal: &Principal,
     mut request: HistoryRequest,
     count: usize,
+    subset: Option<&Subset>,
 ) -> Result<(Vec<Value>, Option<HistoryKey>)> {
-    let entry = |version: &HistoryVersion| history_entry(&state.link_base, &version.version);
+    let entry =
+        |version: &HistoryVersion| history_entry(&state.link_base, &version.version, subset);
     if auth::read_scope(principal).is_none() {
         request.limit = count + 1;
         let mut versions = state.store.task_history(&request).await?;
@@ -517,7 +581,7 @@ fn decode_history_cursor(text: &str) -> Result<HistoryKey> {
     })
 }
 
-fn history_entry(base_url: &str, version: &StoredVersion) -> Value {
+fn history_entry(base_url: &str, version: &StoredVersion, subset: Option<&Subset>) -> Value {
     let url = format!("Task/{}", version.id);
     let (method, status) = match version.interaction {
         Interaction::Create => ("POST", "201 Created"),
@@ -535,7 +599,10 @@ fn history_entry(base_url: &str, version: &StoredVersion) -> Value {
         },
     });
     if let Some(resource) = &version.resource {
-        entry["resource"] = resource.clone();
+        entry["resource"] = match subset {
+            Some(subset) => subset.apply(resource),
+            None => resource.clone(),
+        };
     }
     entry
 }

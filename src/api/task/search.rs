@@ -118,7 +118,8 @@ pub(super) async fn run_search(
             warnings.push(stop.explain(state));
         }
     }
-    if !query.includes.is_empty() && !page.tasks.is_empty() {
+    let includes = !query.includes.is_empty() || !query.iterated_includes.is_empty();
+    if includes && !page.tasks.is_empty() {
         let shown: HashSet<&str> = page
             .tasks
             .iter()
@@ -126,8 +127,12 @@ pub(super) async fn run_search(
             .map(|t| t.id.as_str())
             .collect();
         let budget = max_page_bytes.saturating_sub(page.bytes);
+        let follow = Follow {
+            first: &query.includes,
+            iterated: &query.iterated_includes,
+        };
         let (parents, stop) =
-            included_tasks(state, &page.tasks, &query.includes, &shown, &scope, budget).await?;
+            included_tasks(state, &page.tasks, follow, &shown, &scope, budget).await?;
         included.extend(parents);
         if let Some(stop) = stop {
             warnings.push(stop.explain(state));
@@ -290,7 +295,8 @@ enum IncludeStop {
     Count,
     /// The page's byte budget was spent.
     Bytes,
-    /// `:iterate` went `search.max_include_depth` levels down.
+    /// `:iterate` went `search.max_include_depth` levels down (sub-tasks) or up (the Tasks
+    /// included Tasks name).
     Depth,
 }
 
@@ -308,90 +314,134 @@ impl IncludeStop {
                 search.max_page_bytes
             ),
             IncludeStop::Depth => format!(
-                "included sub-tasks stop {} levels below the matches \
-                 (search.max_include_depth); deeper ones, if any, are not included",
+                "included Tasks stop {} levels from the matches (search.max_include_depth); \
+                 further ones, if any, are not included",
                 search.max_include_depth
             ),
         }
     }
 }
 
+/// The includes of a search: those followed from the matches only, and those (`:iterate`)
+/// followed from the matches and then from every Task included, level after level.
+#[derive(Debug, Clone, Copy)]
+struct Follow<'a> {
+    first: &'a [Include],
+    iterated: &'a [Include],
+}
+
 /// `_include=Task:part-of` / `Task:based-on`: the Tasks the matched ones name in those
 /// elements (references to other resource types are not followed), read with the caller's
 /// read scope, so an included Task obeys the read rule as a matched one does; those already
-/// in the Bundle are not repeated. At most `search.max_included` of them and `max_bytes` of
-/// stored JSON.
+/// in the Bundle are not repeated. With `:iterate`, the Tasks those name in turn, and so on up
+/// the chain, at most `search.max_include_depth` levels from the matches. At most
+/// `search.max_included` Tasks in all and `max_bytes` of stored JSON; where any of these
+/// bounds stops the walk short, the returned `IncludeStop` says which (a warning in the
+/// Bundle), so a request that would amplify is answered in part, never without end.
 async fn included_tasks(
     state: &AppState,
     matched: &[ListedTask],
-    includes: &[Include],
+    follow: Follow<'_>,
     shown: &HashSet<&str>,
     scope: &[Predicate],
     max_bytes: usize,
 ) -> Result<(Vec<ListedTask>, Option<IncludeStop>)> {
     let limit = state.config.search.max_included;
-    let mut targets: Vec<String> = Vec::new();
-    let mut stop = None;
+    let max_depth = if follow.iterated.is_empty() {
+        1
+    } else {
+        state.config.search.max_include_depth
+    };
+    let mut seen: HashSet<String> = shown.iter().map(|id| id.to_string()).collect();
+    let mut included: Vec<ListedTask> = Vec::new();
+    let mut bytes_left = max_bytes;
+    // The first level follows every include from the matches; later ones the iterated ones
+    // from the Tasks the level before included.
+    let mut following: Vec<Include> = follow.first.to_vec();
+    following.extend(follow.iterated.iter().filter(|i| !follow.first.contains(i)));
     // Only the Tasks whose links are followed are parsed; the page itself stays as stored.
-    let resources = matched
+    let mut sources = matched
         .iter()
         .map(ListedTask::resource)
         .collect::<Result<Vec<_>>>()?;
-    let references = resources.iter().flat_map(|task| {
-        includes.iter().flat_map(move |include| {
-            task[include.element()]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|r| r["reference"].as_str())
-        })
-    });
-    for reference in references {
-        let Some(id) = fhir::normalize_reference(reference, &state.base_url)
-            .and_then(|r| r.strip_prefix("Task/").map(str::to_string))
-        else {
-            continue;
-        };
-        if shown.contains(id.as_str()) || targets.contains(&id) {
-            continue;
-        }
-        if targets.len() == limit.min(search::MAX_SEARCH_VALUES) {
-            stop = Some(IncludeStop::Count);
-            break;
-        }
-        targets.push(id);
-    }
-    if targets.is_empty() {
-        return Ok((Vec::new(), stop));
-    }
-    let mut predicates = vec![Predicate::Token {
-        param: "_id",
-        negated: false,
-        any_of: targets
-            .iter()
-            .map(|id| TokenValue {
-                system: SystemMatch::Any,
-                code: Some(id.clone()),
+    let mut depth = 0;
+    loop {
+        let mut stop = None;
+        let mut targets: Vec<String> = Vec::new();
+        let references = sources.iter().flat_map(|task| {
+            following.iter().flat_map(move |include| {
+                task[include.element()]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r["reference"].as_str())
             })
-            .collect(),
-    }];
-    predicates.extend(scope.iter().cloned());
-    let found = state
-        .store
-        .search(PageRequest {
-            predicates: &predicates,
-            sort: &[],
-            count: targets.len(),
-            offset: 0,
-            after: None,
-            counting: Counting::Skip,
-            max_bytes,
-        })
-        .await?;
-    if found.truncated {
-        stop = Some(IncludeStop::Bytes);
+        });
+        for reference in references {
+            let Some(id) = fhir::normalize_reference(reference, &state.base_url)
+                .and_then(|r| r.strip_prefix("Task/").map(str::to_string))
+            else {
+                continue;
+            };
+            if seen.contains(&id) || targets.contains(&id) {
+                continue;
+            }
+            if included.len() + targets.len() == limit || targets.len() == search::MAX_SEARCH_VALUES
+            {
+                stop = Some(IncludeStop::Count);
+                break;
+            }
+            targets.push(id);
+        }
+        if targets.is_empty() {
+            return Ok((included, stop));
+        }
+        if depth == max_depth {
+            return Ok((included, Some(IncludeStop::Depth)));
+        }
+        let mut predicates = vec![Predicate::Token {
+            param: "_id",
+            negated: false,
+            any_of: targets
+                .iter()
+                .map(|id| TokenValue {
+                    system: SystemMatch::Any,
+                    code: Some(id.clone()),
+                })
+                .collect(),
+        }];
+        predicates.extend(scope.iter().cloned());
+        let found = state
+            .store
+            .search(PageRequest {
+                predicates: &predicates,
+                sort: &[],
+                count: targets.len(),
+                offset: 0,
+                after: None,
+                counting: Counting::Skip,
+                max_bytes: bytes_left,
+            })
+            .await?;
+        depth += 1;
+        bytes_left = bytes_left.saturating_sub(found.bytes);
+        if found.truncated {
+            stop = Some(IncludeStop::Bytes);
+        }
+        // A target the read rule hides is not looked for again.
+        seen.extend(targets);
+        if stop.is_some() || follow.iterated.is_empty() {
+            included.extend(found.tasks);
+            return Ok((included, stop));
+        }
+        sources = found
+            .tasks
+            .iter()
+            .map(ListedTask::resource)
+            .collect::<Result<Vec<_>>>()?;
+        included.extend(found.tasks);
+        following = follow.iterated.to_vec();
     }
-    Ok((found.tasks, stop))
 }
 
 /// Follows `partOf` downwards from the matched Tasks: one level, or (`:iterate`) down to

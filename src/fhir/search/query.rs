@@ -71,6 +71,9 @@ pub struct SearchQuery {
     pub revinclude: Option<RevInclude>,
     /// `_include`s, each once.
     pub includes: Vec<Include>,
+    /// `_include:iterate`s, each once: followed from the matches and then from the Tasks they
+    /// include, level after level (bounded by the search limits where they run).
+    pub iterated_includes: Vec<Include>,
     /// The accepted parameters, for the bundle's self and next links. `_count`, `_offset` and
     /// `_cursor` are left out (the links set them), as are ignored parameters.
     pub link_params: Vec<(String, String)>,
@@ -124,6 +127,7 @@ pub fn parse_query(
         subset: None,
         revinclude: None,
         includes: Vec::new(),
+        iterated_includes: Vec::new(),
         link_params: Vec::new(),
     };
     let mut seen_once: Vec<&str> = Vec::new();
@@ -299,13 +303,13 @@ fn apply_control<'k>(
                     )));
                 }
             };
-            if iterate {
-                return Err(Error::not_supported(format!(
-                    "'{key}' is not supported: includes go one step"
-                )));
-            }
-            if !query.includes.contains(&include) {
-                query.includes.push(include);
+            let includes = if iterate {
+                &mut query.iterated_includes
+            } else {
+                &mut query.includes
+            };
+            if !includes.contains(&include) {
+                includes.push(include);
                 query.link_params.push((key.into(), value.into()));
             }
         }

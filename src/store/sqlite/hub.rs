@@ -18,11 +18,11 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::store::hub_sql;
-use crate::store::rows::{EventRow, subscription_from_row};
+use crate::store::rows::{self, EventRow, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
-    ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch, StoredSubscription,
-    SubscriptionGauges, SubscriptionQuery,
+    ChangeEvent, ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch,
+    StoredSubscription, SubscriptionGauges, SubscriptionQuery,
 };
 
 /// Records a chunk of matches in four statements, whatever its size: the progress check,
@@ -358,4 +358,42 @@ pub(super) async fn next_due(
         .bind(now)
         .fetch_one(reads)
         .await?)
+}
+
+/// The committed changes after `seq`, oldest first, at most `limit`, on a point-read
+/// connection: what the outbox consumer reads after every commit.
+pub(super) fn change_events_after(
+    conn: &Connection,
+    seq: ChangeSeq,
+    limit: usize,
+) -> Result<Vec<ChangeEvent>> {
+    let mut read = conn.prepare_cached(
+        "SELECT seq, resource_type, resource_id, version, previous_version, interaction,
+                recorded_at, traceparent
+         FROM change_event WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let found = read.query_map(params![seq, limit], |row| {
+        Ok((
+            ChangeEvent {
+                seq: row.get(0)?,
+                resource_type: row.get(1)?,
+                resource_id: row.get(2)?,
+                version: row.get(3)?,
+                previous_version: row.get(4)?,
+                // Replaced below: the stored text is checked outside rusqlite's closure.
+                interaction: crate::fhir::interaction::Interaction::Create,
+                recorded_at: row.get(6)?,
+                traceparent: row.get(7)?,
+            },
+            row.get::<_, String>(5)?,
+        ))
+    })?;
+    found
+        .map(|row| {
+            let (mut change, interaction) = row?;
+            change.interaction = rows::interaction(interaction, "unknown interaction in outbox")?;
+            Ok(change)
+        })
+        .collect()
 }

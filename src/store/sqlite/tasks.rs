@@ -19,10 +19,12 @@ use crate::fhir::ids::{ChangeSeq, StoredInstant, TaskId, Version};
 use crate::fhir::search::{
     self, DateEntry, Predicate, TaskColumns, TaskIndex, TokenEntry, task_param,
 };
-use crate::store::rows::{CURRENT_COLUMNS, TaskRow, current_from_row, read_sort_values_rusqlite};
+use crate::store::rows::{
+    self, CURRENT_COLUMNS, TaskRow, current_from_row, read_sort_values_rusqlite,
+};
 use crate::store::search_sql::{PageSql, Placeholder, SqlFilter, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
-use crate::store::{Collected, CurrentTask, Interaction, SearchPage};
+use crate::store::{Collected, CurrentTask, Interaction, SearchPage, StoredVersion};
 use crate::trace::current_trace;
 
 impl TaskTx for Connection {
@@ -268,6 +270,47 @@ pub(super) fn load_by_id(conn: &Connection, id: &TaskId) -> Result<Option<Curren
         .query_row([id], TaskRow::from_rusqlite)
         .optional()?;
     row.map(TaskRow::into_current).transpose()
+}
+
+/// The versions asked for that exist, each by its key, on a point-read connection: the
+/// outbox consumer's read of the versions a batch of changes needs (`Store::versions`). One
+/// prepared lookup per key costs less than a statement of a different length per batch.
+pub(super) fn versions(
+    conn: &Connection,
+    keys: &[(TaskId, Version)],
+) -> Result<Vec<StoredVersion>> {
+    let mut lookup = conn.prepare_cached(
+        "SELECT last_updated, interaction, resource FROM task_version WHERE id = ?1 AND version = ?2",
+    )?;
+    let mut found = Vec::with_capacity(keys.len());
+    for (id, version) in keys {
+        let row = lookup
+            .query_row(params![id, version], |row| {
+                Ok((
+                    row.get::<_, StoredInstant>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                ))
+            })
+            .optional()?;
+        let Some((last_updated, interaction, resource)) = row else {
+            continue;
+        };
+        let version = (|| {
+            Ok(StoredVersion {
+                id: id.clone(),
+                version: *version,
+                last_updated,
+                interaction: rows::interaction(interaction, "unknown interaction in history")?,
+                resource: resource
+                    .map(|text| serde_json::from_str(&text))
+                    .transpose()
+                    .map_err(|e| Error::internal("a stored Task version is not valid JSON", e))?,
+            })
+        })();
+        found.extend(crate::store::readable(version));
+    }
+    Ok(found)
 }
 
 /// The size and budget of a search page.

@@ -4,7 +4,8 @@ run by tests/clients.rs.
 R4B (4.3) differs from R4 (4.0.1) in none of the elements Baton writes on CapabilityStatement,
 Task, Subscription, Bundle, Parameters and OperationOutcome, so the R4B models stand in for R4
 ones (fhir.resources ships no R4 package). SubscriptionTopic, which R4 lacks, is checked with
-R4B's own SubscriptionTopic model. The models refuse unknown elements, wrong types and wrong
+R4B's own SubscriptionTopic model; the topics R4 clients read, Basic resources wrapping them as
+the backport IG shows, with the Basic model. The models refuse unknown elements, wrong types and wrong
 cardinalities; they do not check invariants or terminology bindings.
 
 Reads BATON_URL (the FHIR base) and BATON_TOKEN (an admin bearer token). The server must let
@@ -80,6 +81,13 @@ def main():
 
     status, capability = call("GET", "metadata")
     validate("CapabilityStatement", expect(status, 200, "metadata", capability))
+
+    status, wrapped = call("GET", "Basic?code=http://hl7.org/fhir/fhir-types%7CSubscriptionTopic")
+    expect(status, 200, "Basic topic search", wrapped)
+    if not wrapped.get("entry"):
+        FAILURES.append("Basic?code=…|SubscriptionTopic: no topics found")
+    for entry in wrapped.get("entry", []):
+        validate(f"Basic (topic) {entry['resource']['id']}", entry["resource"])
 
     status, topics = call("GET", "SubscriptionTopic")
     validate("SubscriptionTopic search", expect(status, 200, "topic search", topics))
@@ -159,6 +167,11 @@ def main():
         ("$events", f"Subscription/{topic_id}/$events"),
         ("$status (classic)", f"Subscription/{classic_id}/$status"),
         ("SubscriptionTopic read", "SubscriptionTopic/task-changed"),
+        ("Basic-wrapped topics (search)", "Basic?code=http://hl7.org/fhir/fhir-types%7CSubscriptionTopic"),
+        ("Basic-wrapped topic (read)", "Basic/task-changed"),
+        ("history (instance, _summary=true)", f"Task/{task_id}/_history?_summary=true"),
+        ("history (type, _summary=data)", "Task/_history?_count=5&_summary=data"),
+        ("history (instance, _summary=count)", f"Task/{task_id}/_history?_summary=count"),
     ]:
         status, body = call("GET", path)
         validate(what, expect(status, 200, path, body))
