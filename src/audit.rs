@@ -147,12 +147,13 @@ impl RequestAudit {
         entity: Option<AuditEntity>,
         outcome_desc: Option<&str>,
     ) -> AuditRecord {
-        let id = TaskId::generate().to_string();
         let agent = self.agent();
         let mut out = Vec::with_capacity(1024);
-        out.extend_from_slice(br#"{"resourceType":"AuditEvent","id":"#);
-        write_json(&mut out, &id);
-        out.extend_from_slice(br#","meta":{"versionId":"1","lastUpdated":"#);
+        // No `id`: the store derives it from the row (`store::audit_sql::event_id`) and
+        // writes it in right after `resourceType` when the AuditEvent is read.
+        out.extend_from_slice(
+            br#"{"resourceType":"AuditEvent","meta":{"versionId":"1","lastUpdated":"#,
+        );
         write_json(&mut out, &recorded.as_str());
         out.extend_from_slice(br#"},"type":{"system":"#);
         write_json(&mut out, &TYPE_SYSTEM);
@@ -195,7 +196,6 @@ impl RequestAudit {
         }
         out.push(b'}');
         AuditRecord {
-            id,
             type_code: TYPE_REST,
             recorded: recorded.clone(),
             subtype: subtype.to_string(),
@@ -359,71 +359,85 @@ pub struct DeliveryFacts<'a> {
 
 /// The AuditEvent of one delivery attempt: the node is the agent, the Subscription the
 /// entity, the attempt's facts its details.
+///
+/// Written straight to JSON text, as `RequestAudit::record` writes a request's: the hub
+/// records one per attempt, thousands a second under load. The keys come in the order of
+/// the `Value` form kept in the tests (`delivery_value`), and
+/// `tests::delivery_attempts_are_written_as_serde_json_writes_their_value` holds the two
+/// together.
 pub fn delivery_attempt(facts: &DeliveryFacts<'_>, recorded: &StoredInstant) -> AuditRecord {
-    let id = TaskId::generate().to_string();
     let outcome = if facts.error.is_some() {
         AuditOutcome::SeriousFailure
     } else {
         AuditOutcome::Success
     };
-    let mut details = vec![
-        json!({ "type": "notification-type", "valueString": facts.kind }),
-        json!({ "type": "channel", "valueString": facts.channel }),
-        json!({ "type": "duration-ms", "valueString": facts.duration_ms.to_string() }),
-    ];
+    let subscription = format!("Subscription/{}", facts.subscription);
+    let mut out = Vec::with_capacity(1024);
+    // No `id`: see `RequestAudit::record`.
+    out.extend_from_slice(
+        br#"{"resourceType":"AuditEvent","meta":{"versionId":"1","lastUpdated":"#,
+    );
+    write_json(&mut out, &recorded.as_str());
+    out.extend_from_slice(br#"},"type":{"system":"#);
+    write_json(&mut out, &DELIVERY_SYSTEM);
+    out.extend_from_slice(br#","code":"#);
+    write_json(&mut out, &TYPE_TRANSMIT);
+    out.extend_from_slice(br#","display":"Notification sent"},"subtype":[{"system":"#);
+    write_json(&mut out, &DELIVERY_SYSTEM);
+    out.extend_from_slice(br#","code":"#);
+    write_json(&mut out, &facts.kind);
+    out.extend_from_slice(br#"}],"action":"E","recorded":"#);
+    write_json(&mut out, &recorded.as_str());
+    out.extend_from_slice(br#","outcome":"#);
+    write_json(&mut out, &outcome.code());
+    out.extend_from_slice(br#","agent":[{"who":{"display":"#);
+    write_json(&mut out, &facts.node);
+    out.extend_from_slice(br#"},"requestor":false}],"source":{"observer":{"display":"#);
+    write_json(&mut out, &facts.node);
+    out.extend_from_slice(
+        br#"},"type":[{"system":"http://terminology.hl7.org/CodeSystem/security-source-type","code":"4","display":"Application Server"}]},"entity":[{"what":{"reference":"#,
+    );
+    write_json(&mut out, &subscription);
+    out.extend_from_slice(
+        br#"},"type":{"system":"http://terminology.hl7.org/CodeSystem/audit-entity-type","code":"2","display":"System Object"},"detail":["#,
+    );
+    let detail = |out: &mut Vec<u8>, first: bool, kind: &str, value: &dyn std::fmt::Display| {
+        if !first {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#"{"type":"#);
+        write_json(out, &kind);
+        out.extend_from_slice(br#","valueString":"#);
+        write_json(out, &format_args!("{value}"));
+        out.push(b'}');
+    };
+    detail(&mut out, true, "notification-type", &facts.kind);
+    detail(&mut out, false, "channel", &facts.channel);
+    detail(&mut out, false, "duration-ms", &facts.duration_ms);
     if let Some((from, to)) = facts.events {
-        details.push(json!({ "type": "events", "valueString": format!("{from}..{to}") }));
+        detail(&mut out, false, "events", &format_args!("{from}..{to}"));
     }
     if let Some(host) = facts.endpoint_host {
-        details.push(json!({ "type": "endpoint-host", "valueString": host }));
+        detail(&mut out, false, "endpoint-host", &host);
     }
     if let Some(error) = facts.error {
-        details.push(json!({ "type": "error", "valueString": error }));
+        detail(&mut out, false, "error", &error);
     }
-    let subscription = format!("Subscription/{}", facts.subscription);
-    let mut resource = json!({
-        "resourceType": "AuditEvent",
-        "id": id,
-        "meta": { "versionId": "1", "lastUpdated": recorded.as_str() },
-        "type": { "system": DELIVERY_SYSTEM, "code": TYPE_TRANSMIT, "display": "Notification sent" },
-        "subtype": [{ "system": DELIVERY_SYSTEM, "code": facts.kind }],
-        "action": "E",
-        "recorded": recorded.as_str(),
-        "outcome": outcome.code(),
-        "agent": [{
-            "who": { "display": facts.node },
-            "requestor": false,
-        }],
-        "source": {
-            "observer": { "display": facts.node },
-            "type": [{
-                "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
-                "code": "4",
-                "display": "Application Server"
-            }]
-        },
-        "entity": [{
-            "what": { "reference": subscription },
-            "type": {
-                "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
-                "code": "2",
-                "display": "System Object"
-            },
-            "detail": details,
-        }],
-    });
+    out.extend_from_slice(b"]}]");
     if let Some(error) = facts.error {
-        resource["outcomeDesc"] = json!(error);
+        out.extend_from_slice(br#","outcomeDesc":"#);
+        write_json(&mut out, &error);
     }
+    out.push(b'}');
     AuditRecord {
-        id,
         type_code: TYPE_TRANSMIT,
         recorded: recorded.clone(),
         subtype: facts.kind.to_string(),
         outcome: outcome.code(),
         agent: None,
         entity: Some(subscription),
-        resource: resource.to_string(),
+        // Only `&str`s and numbers went in, each written by serde_json.
+        resource: String::from_utf8(out).unwrap_or_default(),
     }
 }
 
@@ -442,7 +456,6 @@ fn action_of(subtype: &str) -> &'static str {
 /// One AuditEvent as the store keeps it: the resource and the columns its search reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
-    pub id: String,
     /// `AuditEvent.type` code: `rest` for requests, `transmit` for delivery attempts.
     pub type_code: &'static str,
     pub recorded: StoredInstant,
@@ -488,7 +501,6 @@ mod tests {
     /// written straight to bytes), with the id `record` chose.
     fn record_value(
         audit: &RequestAudit,
-        id: &str,
         subtype: &str,
         outcome: AuditOutcome,
         recorded: &StoredInstant,
@@ -528,7 +540,6 @@ mod tests {
         }
         let mut resource = json!({
             "resourceType": "AuditEvent",
-            "id": id,
             "meta": { "versionId": "1", "lastUpdated": recorded.as_str() },
             "type": { "system": TYPE_SYSTEM, "code": TYPE_REST, "display": "Restful Operation" },
             "subtype": [{ "system": SUBTYPE_SYSTEM, "code": subtype }],
@@ -550,6 +561,65 @@ mod tests {
         }
         if let Some(entity) = entity {
             resource["entity"] = json!([entity.to_json()]);
+        }
+        resource
+    }
+
+    /// A delivery attempt's AuditEvent as the `Value` it was first built as: what
+    /// `delivery_attempt` must write.
+    fn delivery_value(facts: &DeliveryFacts<'_>, recorded: &StoredInstant) -> Value {
+        let outcome = if facts.error.is_some() {
+            AuditOutcome::SeriousFailure
+        } else {
+            AuditOutcome::Success
+        };
+        let mut details = vec![
+            json!({ "type": "notification-type", "valueString": facts.kind }),
+            json!({ "type": "channel", "valueString": facts.channel }),
+            json!({ "type": "duration-ms", "valueString": facts.duration_ms.to_string() }),
+        ];
+        if let Some((from, to)) = facts.events {
+            details.push(json!({ "type": "events", "valueString": format!("{from}..{to}") }));
+        }
+        if let Some(host) = facts.endpoint_host {
+            details.push(json!({ "type": "endpoint-host", "valueString": host }));
+        }
+        if let Some(error) = facts.error {
+            details.push(json!({ "type": "error", "valueString": error }));
+        }
+        let subscription = format!("Subscription/{}", facts.subscription);
+        let mut resource = json!({
+            "resourceType": "AuditEvent",
+            "meta": { "versionId": "1", "lastUpdated": recorded.as_str() },
+            "type": { "system": DELIVERY_SYSTEM, "code": TYPE_TRANSMIT, "display": "Notification sent" },
+            "subtype": [{ "system": DELIVERY_SYSTEM, "code": facts.kind }],
+            "action": "E",
+            "recorded": recorded.as_str(),
+            "outcome": outcome.code(),
+            "agent": [{
+                "who": { "display": facts.node },
+                "requestor": false,
+            }],
+            "source": {
+                "observer": { "display": facts.node },
+                "type": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                    "code": "4",
+                    "display": "Application Server"
+                }]
+            },
+            "entity": [{
+                "what": { "reference": subscription },
+                "type": {
+                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                    "code": "2",
+                    "display": "System Object"
+                },
+                "detail": details,
+            }],
+        });
+        if let Some(error) = facts.error {
+            resource["outcomeDesc"] = json!(error);
         }
         resource
     }
@@ -597,11 +667,39 @@ mod tests {
                     &subtype, outcome, &now, entity.clone(), outcome_desc.as_deref(),
                 );
                 let expected = record_value(
-                    &audit, &record.id, &subtype, outcome, &now, entity.as_ref(),
+                    &audit, &subtype, outcome, &now, entity.as_ref(),
                     outcome_desc.as_deref(),
                 );
                 prop_assert_eq!(&record.resource, &expected.to_string());
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn delivery_attempts_are_written_as_serde_json_writes_their_value(
+            node in text(),
+            subscription in text(),
+            kind in prop_oneof![Just("handshake".to_string()), Just("event-notification".to_string()), text()],
+            events in proptest::option::of((any::<i64>(), any::<i64>())),
+            channel in text(),
+            endpoint_host in proptest::option::of(text()),
+            duration_ms in any::<u64>(),
+            error in proptest::option::of(text()),
+        ) {
+            let facts = DeliveryFacts {
+                node: &node,
+                subscription: &subscription,
+                kind: &kind,
+                events,
+                channel: &channel,
+                endpoint_host: endpoint_host.as_deref(),
+                duration_ms: u128::from(duration_ms),
+                error: error.as_deref(),
+            };
+            let now = StoredInstant::parse("2026-01-02T03:04:05.006Z").unwrap();
+            let record = delivery_attempt(&facts, &now);
+            prop_assert_eq!(&record.resource, &delivery_value(&facts, &now).to_string());
         }
     }
 
@@ -617,6 +715,42 @@ mod tests {
             })
             .unwrap();
         audit
+    }
+
+    #[test]
+    fn every_audit_event_leaves_the_place_of_its_id_where_the_store_writes_it() {
+        use crate::store::audit_sql::{AuditRow, RESOURCE_START};
+        let now = StoredInstant::parse("2026-01-02T03:04:05.006Z").unwrap();
+        let id = TaskId::parse("t1").unwrap();
+        let facts = DeliveryFacts {
+            node: "node-1",
+            subscription: "s1",
+            kind: "event-notification",
+            events: Some((1, 2)),
+            channel: "rest-hook",
+            endpoint_host: Some("example.org"),
+            duration_ms: 3,
+            error: None,
+        };
+        for record in [
+            request().task_change(&id, Version::FIRST, Interaction::Create, &now),
+            delivery_attempt(&facts, &now),
+        ] {
+            assert!(
+                record.resource.starts_with(RESOURCE_START),
+                "{}",
+                record.resource
+            );
+            let row = AuditRow {
+                seq: 7,
+                recorded: now.as_str().to_string(),
+                resource: record.resource,
+                legacy_id: None,
+            };
+            let served: Value = serde_json::from_str(&row.into_resource()).unwrap();
+            assert_eq!(served["id"], "7-20260102030405006");
+            assert_eq!(served["recorded"], now.as_str());
+        }
     }
 
     #[test]

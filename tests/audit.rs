@@ -7,7 +7,7 @@ mod common;
 use common::receiver::Receiver;
 use common::{
     TestServer, assert_outcome, database_execute, database_scalar, eventually, forget_database,
-    postgres_backend, subscription, task,
+    migrate_database_to, postgres_backend, subscription, task,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -493,10 +493,11 @@ async fn pruning_removes_audit_events_past_retention() {
     let created = server.create_task(&task("requested", None)).await;
     let id = created["id"].as_str().unwrap().to_string();
     server.stop().await;
-    // An AuditEvent recorded long ago, as an older run of Baton would have left it.
+    // An AuditEvent recorded long ago, as an older run of Baton would have left it (with a
+    // random id of its own, kept as `legacy_id`).
     database_execute(
         dir.path(),
-        "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+        "INSERT INTO audit_event (legacy_id, recorded, type_code, subtype, outcome, agent, entity, resource)
          VALUES ('old-one', '2001-01-01T00:00:00.000Z', 'rest', 'read', '0', NULL, 'Task/old',
                  '{\"resourceType\":\"AuditEvent\",\"id\":\"old-one\"}')",
     )
@@ -504,7 +505,7 @@ async fn pruning_removes_audit_events_past_retention() {
     assert_eq!(
         database_scalar(
             dir.path(),
-            "SELECT id FROM audit_event WHERE id = 'old-one'"
+            "SELECT legacy_id FROM audit_event WHERE legacy_id = 'old-one'"
         )
         .await,
         "old-one"
@@ -519,6 +520,55 @@ async fn pruning_removes_audit_events_past_retention() {
     .await;
     let kept = audit_events(&server, &format!("entity=Task/{id}")).await;
     assert_eq!(subtypes(&kept), ["create"], "a recent AuditEvent is kept");
+    server.stop().await;
+    forget_database(dir.path());
+}
+
+/// The id of the AuditEvent an older Baton left in the test below, and its JSON.
+const LEGACY_ID: &str = "0193f1a2-7c3e-7d41-9a55-2f1e8b6c0d11";
+
+#[tokio::test]
+async fn audit_events_written_before_ids_were_derived_still_read_by_id_and_search() {
+    let dir = tempfile::tempdir().unwrap();
+    // The schema before AuditEvent ids were derived from `seq` (sqlite 0016, postgres 0013),
+    // and an AuditEvent written as that Baton wrote it: a random id, in its column and its JSON.
+    migrate_database_to(dir.path(), 15, 12).await;
+    database_execute(
+        dir.path(),
+        "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
+         VALUES ('0193f1a2-7c3e-7d41-9a55-2f1e8b6c0d11', '2026-01-02T03:04:05.006Z', 'rest',
+                 'create', '0', 'Practitioner/p1', 'Task/legacy-1',
+                 '{\"resourceType\":\"AuditEvent\",\"id\":\"0193f1a2-7c3e-7d41-9a55-2f1e8b6c0d11\",\"recorded\":\"2026-01-02T03:04:05.006Z\",\"subtype\":[{\"system\":\"http://hl7.org/fhir/restful-interaction\",\"code\":\"create\"}],\"entity\":[{\"what\":{\"reference\":\"Task/legacy-1/_history/1\"}}]}')",
+    )
+    .await;
+    // Kept forever, so the old date is not pruned away at start-up.
+    let server = TestServer::start_in(dir.path(), |c| c.audit.retention_days = 0).await;
+    let auditor = server.auditor();
+    let (status, read) = server
+        .get(&format!("/AuditEvent/{LEGACY_ID}"), &auditor)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read["id"], LEGACY_ID);
+    for query in ["entity=Task/legacy-1", "agent=Practitioner/p1"] {
+        let found = audit_events(&server, query).await;
+        assert_eq!(found.len(), 1, "{query}: {found:?}");
+        assert_eq!(found[0]["id"], LEGACY_ID, "{query}");
+    }
+    // An AuditEvent written after the migration has a derived id, reads back by it, and pages
+    // after the old one.
+    let created = server.create_task(&task("requested", None)).await;
+    let task_id = created["id"].as_str().unwrap();
+    let creates = audit_events(&server, "subtype=create&_sort=date").await;
+    assert_eq!(creates.len(), 2, "{creates:?}");
+    assert_eq!(creates[0]["id"], LEGACY_ID);
+    assert_eq!(entity_of(&creates[1]), format!("Task/{task_id}/_history/1"));
+    let new_id = creates[1]["id"].as_str().unwrap();
+    assert_ne!(new_id, LEGACY_ID);
+    let (status, read) = server.get(&format!("/AuditEvent/{new_id}"), &auditor).await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read, creates[1]);
+    let newest = audit_events(&server, "subtype=create&_count=1").await;
+    assert_eq!(newest[0]["id"], new_id, "newest first");
     server.stop().await;
     forget_database(dir.path());
 }
@@ -677,6 +727,38 @@ async fn a_practitioner_reads_only_its_own_subscriptions_delivery_ledger() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+    // Several of her own in one search (as the console's table asks): each one's attempts.
+    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+    let (status, second) = server.post_json("/Subscription", &alice, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    let second = second["id"].as_str().unwrap().to_string();
+    let both = eventually("both of alice's ledgers in one search", || async {
+        let (status, bundle) = ledger(
+            alice.clone(),
+            format!("entity=Subscription/{alices},Subscription/{second}&_count=1000"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{bundle}");
+        let rows: Vec<Value> = bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"].clone())
+            .collect();
+        rows.iter()
+            .any(|r| entity_of(r) == format!("Subscription/{second}"))
+            .then_some(rows)
+    })
+    .await;
+    assert!(
+        both.iter().all(|r| r["type"]["code"] == "transmit"),
+        "{both:#?}"
+    );
+    assert!(
+        both.iter()
+            .any(|r| entity_of(r) == format!("Subscription/{alices}")),
+        "{both:#?}"
+    );
 
     // Everything else is refused with a 403 OperationOutcome.
     let refused = [

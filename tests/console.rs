@@ -162,9 +162,19 @@ async fn the_console_follows_a_failing_subscription_its_ledger_and_a_task_board_
     let (status, created) = server.post_json("/Subscription", &admin, &body).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let sub_id = created["id"].as_str().unwrap().to_string();
+    // A second rest-hook row, so that the table has more than one ledger to chart.
+    let other = subscription(
+        &server.base,
+        "task-changed",
+        &["status=completed"],
+        &receiver.url,
+        "id-only",
+    );
+    let (status, other) = server.post_json("/Subscription", &admin, &other).await;
+    assert_eq!(status, StatusCode::CREATED, "{other}");
     receiver
-        .wait_for("the handshake", |r| {
-            r.iter().any(|n| n.kind() == "handshake")
+        .wait_for("the handshakes", |r| {
+            r.iter().filter(|n| n.kind() == "handshake").count() >= 2
         })
         .await;
     server.create_task(&task("requested", None)).await;
@@ -239,6 +249,28 @@ async fn the_console_follows_a_failing_subscription_its_ledger_and_a_task_board_
             "0"
         ],
         "{cells:?}"
+    );
+    // The table reads the delivery ledgers of all its rows with one AuditEvent search per
+    // refresh, not one per row: from now on, as many of them as Subscription searches (the
+    // refresh's first request), or one fewer while a refresh is under way.
+    browser
+        .run("performance.setResourceTimingBufferSize(1000); performance.clearResourceTimings(); return null")
+        .await;
+    let (searches, ledgers) = eventually("three refreshes of the table", || async {
+        let counts = browser
+            .run(
+                "const names = performance.getEntriesByType('resource').map((e) => e.name);
+                 return [names.filter((n) => n.includes('/fhir/Subscription?')).length,
+                         names.filter((n) => n.includes('/fhir/AuditEvent?')).length];",
+            )
+            .await;
+        let searches = counts[0].as_u64()?;
+        (searches >= 3).then_some((searches, counts[1].as_u64()?))
+    })
+    .await;
+    assert!(
+        ledgers <= searches && ledgers + 1 >= searches,
+        "{ledgers} AuditEvent searches in {searches} refreshes"
     );
     // The token is in this tab's sessionStorage, never in the address.
     let href = browser.run("return location.href").await;
@@ -333,11 +365,12 @@ async fn the_console_follows_a_failing_subscription_its_ledger_and_a_task_board_
         .run("document.getElementById('ledger').scrollIntoView()")
         .await;
     browser.screenshot(&shots.join("subscription.png")).await;
-    // Stopping the tail removes the console's own websocket subscription.
+    // Stopping the tail removes the console's own websocket subscription (the two rest-hook
+    // ones stay).
     browser.click("#tail-toggle").await;
     eventually("the tail's subscription removed", || async {
         let (_, found) = server.get("/Subscription", &admin).await;
-        (found["total"] == 1).then_some(())
+        (found["total"] == 2).then_some(())
     })
     .await;
 
@@ -399,7 +432,7 @@ async fn the_console_follows_a_failing_subscription_its_ledger_and_a_task_board_
     browser.click("#nav-subscriptions").await;
     eventually("the board's subscription removed", || async {
         let (_, found) = server.get("/Subscription", &admin).await;
-        (found["total"] == 1).then_some(())
+        (found["total"] == 2).then_some(())
     })
     .await;
     let remaining: Vec<Value> = server.get("/Subscription", &admin).await.1["entry"]

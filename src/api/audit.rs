@@ -33,6 +33,9 @@ use crate::fhir::datetime::{DateKind, parse_range};
 use crate::fhir::ids::{StoredInstant, SubscriptionId};
 use crate::store::audit_sql::{AuditQuery, DateBound};
 
+/// The most subscriptions whose ledgers a practitioner reads in one search (each is read to
+/// check its author); as many as the console's subscriptions table shows.
+const MAX_OWN_LEDGERS: usize = 100;
 /// Page size of an AuditEvent search without `_count`, and the largest one served.
 const DEFAULT_COUNT: usize = 50;
 const MAX_COUNT: usize = 1000;
@@ -302,9 +305,10 @@ fn authorize(principal: &Principal) -> Result<()> {
     }
 }
 
-/// A practitioner's search must name exactly one subscription it authored
-/// (`entity=Subscription/{id}`), and reads only that subscription's delivery attempts
-/// (`type=transmit`): who else changed it, and every other record, stay the auditors'.
+/// A practitioner's search must name subscriptions it authored (`entity=Subscription/{id}`,
+/// one, or several in one comma-separated `entity` — the console's table asks for all its
+/// rows at once), and reads only their delivery attempts (`type=transmit`): who else changed
+/// them, and every other record, stay the auditors'.
 async fn confine_to_own_ledger(
     state: &AppState,
     principal: &Principal,
@@ -313,22 +317,26 @@ async fn confine_to_own_ledger(
     let refuse = || {
         Error::forbidden(
             "a practitioner may read only the delivery ledger of its own subscriptions: \
-             search with entity=Subscription/{id} naming one subscription it authored",
+             search with entity=Subscription/{id} naming subscriptions it authored",
         )
     };
-    let id = match query.entity.as_slice() {
-        [values] => match values.as_slice() {
-            [reference] => reference.strip_prefix("Subscription/").ok_or_else(refuse)?,
-            _ => return Err(refuse()),
-        },
-        _ => return Err(refuse()),
+    let [references] = query.entity.as_slice() else {
+        return Err(refuse());
     };
-    let id = SubscriptionId::parse(id).map_err(|_| refuse())?;
-    let stored = state.store.read_subscription(&id).await?;
-    if !stored.is_some_and(|s| is_author(principal, &s)) {
+    if references.is_empty() || references.len() > MAX_OWN_LEDGERS {
         return Err(Error::forbidden(format!(
-            "Subscription/{id} is not one of yours; a practitioner may read only the delivery ledger of its own subscriptions"
+            "a practitioner may read the delivery ledgers of 1 to {MAX_OWN_LEDGERS} of its own subscriptions in one search"
         )));
+    }
+    for reference in references {
+        let id = reference.strip_prefix("Subscription/").ok_or_else(refuse)?;
+        let id = SubscriptionId::parse(id).map_err(|_| refuse())?;
+        let stored = state.store.read_subscription(&id).await?;
+        if !stored.is_some_and(|s| is_author(principal, &s)) {
+            return Err(Error::forbidden(format!(
+                "Subscription/{id} is not one of yours; a practitioner may read only the delivery ledger of its own subscriptions"
+            )));
+        }
     }
     query.type_code.push(vec![TYPE_TRANSMIT.to_string()]);
     Ok(())
@@ -387,9 +395,9 @@ async fn search(
     }
     let mut entries = Vec::with_capacity(rows.len());
     for row in rows {
-        let resource: Value = serde_json::from_str(&row.resource)
+        let id = row.id();
+        let resource: Value = serde_json::from_str(&row.into_resource())
             .map_err(|e| Error::internal("a stored AuditEvent is not JSON", e.to_string()))?;
-        let id = resource["id"].as_str().unwrap_or_default().to_string();
         entries.push(json!({
             "fullUrl": format!("{base}/AuditEvent/{id}"),
             "resource": resource,

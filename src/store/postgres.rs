@@ -591,7 +591,6 @@ impl Store for PostgresStore {
         // One statement for the whole batch, in the order given (the `seq` order).
         let mut columns = AuditColumns::default();
         for r in records {
-            columns.ids.push(r.id);
             columns.recorded.push(r.recorded.as_str().to_string());
             columns.type_codes.push(r.type_code);
             columns.subtypes.push(r.subtype);
@@ -601,14 +600,13 @@ impl Store for PostgresStore {
             columns.resources.push(r.resource);
         }
         sqlx::query(
-            "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
-             SELECT id, recorded, type_code, subtype, outcome, agent, entity, resource
+            "INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
+             SELECT recorded, type_code, subtype, outcome, agent, entity, resource
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[])
-               WITH ORDINALITY AS r(id, recorded, type_code, subtype, outcome, agent, entity, resource, n)
+                         $7::text[])
+               WITH ORDINALITY AS r(recorded, type_code, subtype, outcome, agent, entity, resource, n)
              ORDER BY n",
         )
-        .bind(&columns.ids)
         .bind(&columns.recorded)
         .bind(&columns.type_codes)
         .bind(&columns.subtypes)
@@ -634,12 +632,13 @@ impl Store for PostgresStore {
     }
 
     async fn read_audit(&self, id: &str) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT resource FROM audit_event WHERE id = $1")
-                .bind(pg_text(id).into_owned())
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        let lookup = super::audit_sql::IdLookup::of(id);
+        let (sql, bind) = lookup.sql(Placeholder::Dollar);
+        let rows = sqlx::query_as::<_, super::audit_sql::AuditRow>(AssertSqlSafe(sql))
+            .bind(pg_text(&bind).into_owned())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(lookup.found(rows))
     }
 
     async fn prune_audit(&self, before: &StoredInstant) -> Result<u64> {
@@ -698,7 +697,6 @@ impl Store for PostgresStore {
 /// A batch of AuditEvent rows as columns, for one `unnest` insert.
 #[derive(Default)]
 struct AuditColumns {
-    ids: Vec<String>,
     recorded: Vec<String>,
     type_codes: Vec<&'static str>,
     subtypes: Vec<String>,

@@ -511,12 +511,13 @@ impl Store for SqliteStore {
     }
 
     async fn read_audit(&self, id: &str) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT resource FROM audit_event WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.reads)
-                .await?,
-        )
+        let lookup = super::audit_sql::IdLookup::of(id);
+        let (sql, bind) = lookup.sql(Placeholder::Question);
+        let rows = sqlx::query_as::<_, super::audit_sql::AuditRow>(sqlx::AssertSqlSafe(sql))
+            .bind(bind)
+            .fetch_all(&self.reads)
+            .await?;
+        Ok(lookup.found(rows))
     }
 
     async fn prune_audit(&self, before: &StoredInstant) -> Result<u64> {

@@ -137,6 +137,50 @@ pub async fn database_execute(data_dir: &Path, sql: &'static str) {
     }
 }
 
+/// Creates the database of servers started with `start_in(data_dir)` with the schema of an
+/// older Baton: the repository's migrations up to and including `sqlite_last` (SQLite) or
+/// `postgres_last` (PostgreSQL), recorded as applied, so that a server started on it runs
+/// only the newer ones.
+pub async fn migrate_database_to(data_dir: &Path, sqlite_last: i64, postgres_last: i64) {
+    use sqlx::Connection;
+    let backend = if postgres_backend() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let last = if postgres_backend() {
+        postgres_last
+    } else {
+        sqlite_last
+    };
+    // The older migrations, as files: `Migrator::new` reads a directory.
+    let older = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    for file in std::fs::read_dir(&source).unwrap() {
+        let file = file.unwrap();
+        let name = file.file_name().to_string_lossy().into_owned();
+        let version: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if version <= last {
+            std::fs::copy(file.path(), older.path().join(&name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(older.path()).await.unwrap();
+    let (url, _) = database_url_for(data_dir).await;
+    if postgres_backend() {
+        let mut db = sqlx::PgConnection::connect(&url)
+            .await
+            .expect("the test database");
+        migrator.run(&mut db).await.unwrap();
+    } else {
+        let mut db = sqlx::SqliteConnection::connect(&format!("{url}?mode=rwc"))
+            .await
+            .expect("the test database");
+        migrator.run(&mut db).await.unwrap();
+    }
+}
+
 /// The one text value a query gives on that database.
 pub async fn database_scalar(data_dir: &Path, sql: &'static str) -> String {
     use sqlx::Connection;

@@ -117,6 +117,103 @@ function sparkLabel(data) {
   return `${delivered} delivered and ${failed} failed attempts in the last ${SPARK_MINUTES} minutes`;
 }
 
+/** How far back each refresh of the table's ledger reads again, in milliseconds: attempts
+ * can be written a little out of `recorded` order (the audit queue, other nodes). */
+const LEDGER_OVERLAP_MS = 10_000;
+/** The most pages of attempts one refresh of the table reads; the rest waits for the next. */
+const LEDGER_PAGES = 5;
+
+/**
+ * The delivery attempts per minute of every subscription in the table, kept up to date with
+ * ONE AuditEvent search per refresh for all of them (`entity` lists them, comma-separated)
+ * rather than one per row: the first reads the sparkline window, each later one only what
+ * was recorded since the newest attempt already counted (less a short overlap, whose
+ * attempts are told apart by id).
+ */
+class LedgerTally {
+  constructor(minutes) {
+    this.minutes = minutes;
+    this.forget([]);
+  }
+
+  /** Starts over for these subscriptions. */
+  forget(ids) {
+    this.ids = new Set(ids);
+    /** Subscription id → minute (ms) → [delivered, failed]. */
+    this.counts = new Map();
+    /** The newest `recorded` counted, and the ids of the attempts counted since the overlap. */
+    this.newest = null;
+    this.recent = new Map();
+  }
+
+  /** Reads what is new for `ids` (subscription ids). */
+  async refresh(ids) {
+    if (ids.some((id) => !this.ids.has(id))) this.forget(ids);
+    this.ids = new Set(ids);
+    if (ids.length === 0) return;
+    const windowStart = Date.now() - this.minutes * 60_000;
+    const from = this.newest === null
+      ? windowStart
+      : Math.max(windowStart, Date.parse(this.newest) - LEDGER_OVERLAP_MS);
+    let next = `/AuditEvent?${new URLSearchParams({
+      entity: ids.map((id) => `Subscription/${id}`).join(','),
+      type: 'transmit',
+      date: `ge${new Date(from).toISOString()}`,
+      _sort: 'date',
+      _count: '1000',
+    })}`;
+    for (let page = 0; next && page < LEDGER_PAGES; page += 1) {
+      const bundle = await api(next);
+      for (const event of resources(bundle)) this.count(event);
+      next = nextPage(bundle);
+    }
+    this.forgetBefore(windowStart);
+  }
+
+  count(event) {
+    if (this.recent.has(event.id)) return;
+    const attempt = readAttempt(event);
+    const subscription = (event.entity?.[0]?.what?.reference || '').split('/').pop();
+    const at = Date.parse(attempt.recorded);
+    this.recent.set(attempt.id, at);
+    if (this.newest === null || attempt.recorded > this.newest) this.newest = attempt.recorded;
+    const minute = Math.floor(at / 60_000) * 60_000;
+    if (!this.counts.has(subscription)) this.counts.set(subscription, new Map());
+    const perMinute = this.counts.get(subscription);
+    const slot = perMinute.get(minute) || [0, 0];
+    slot[attempt.ok ? 0 : 1] += 1;
+    perMinute.set(minute, slot);
+  }
+
+  forgetBefore(windowStart) {
+    const overlap = this.newest === null ? 0 : Date.parse(this.newest) - LEDGER_OVERLAP_MS;
+    for (const [id, at] of this.recent) if (at < overlap) this.recent.delete(id);
+    for (const perMinute of this.counts.values()) {
+      for (const minute of perMinute.keys()) if (minute + 60_000 <= windowStart) perMinute.delete(minute);
+    }
+    for (const id of this.counts.keys()) if (!this.ids.has(id)) this.counts.delete(id);
+  }
+
+  /** The sparkline data of one subscription, as `perMinute` gives it. */
+  data(id, now) {
+    const minute = 60_000;
+    const end = Math.floor(now / minute) * minute;
+    const start = end - (this.minutes - 1) * minute;
+    const perMinute = this.counts.get(id) || new Map();
+    const xs = [];
+    const delivered = [];
+    const failed = [];
+    for (let i = 0; i < this.minutes; i += 1) {
+      const at = start + i * minute;
+      const [ok, bad] = perMinute.get(at) || [0, 0];
+      xs.push(at / 1000);
+      delivered.push(ok);
+      failed.push(bad);
+    }
+    return [xs, delivered, failed];
+  }
+}
+
 async function attemptsSince(id, minutes, count = 1000) {
   const since = new Date(Date.now() - minutes * 60_000).toISOString();
   const query = new URLSearchParams({
@@ -140,6 +237,7 @@ function subscriptionsPage() {
 
   // One row per subscription, kept across refreshes so that keyboard focus stays put.
   const rows = new Map();
+  const tally = new LedgerTally(SPARK_MINUTES);
   const row = (id) => {
     if (rows.has(id)) return rows.get(id);
     const cells = Object.fromEntries(['topic', 'filter', 'channel', 'host', 'status', 'counted',
@@ -185,20 +283,33 @@ function subscriptionsPage() {
       empty.hidden = list.length > 0;
       failure.replaceChildren();
       updated.textContent = `Updated ${time(new Date().toISOString())}; refreshed every ${REFRESH_MS / 1000} s.`;
-      // The sparklines, from each subscription's delivery ledger.
-      await Promise.all(list.map(async (subscription) => {
-        const entry = rows.get(subscription.id);
-        if (!entry || subscription.channel?.type === 'websocket') return;
-        try {
-          const data = perMinute(await attemptsSince(subscription.id, SPARK_MINUTES), SPARK_MINUTES, Date.now());
-          if (entry.plot) entry.plot.setData(data);
-          else entry.plot = sparkline(entry.cells.spark, data, '');
-          entry.plot.root.setAttribute('aria-label', sparkLabel(data));
-        } catch (error) {
-          entry.cells.spark.textContent = error instanceof ApiError && error.status === 403
-            ? 'ledger not readable with this token' : String(error.message);
+      // The sparklines, from the delivery ledger: one search for every row (websocket
+      // deliveries are not audited).
+      const charted = list.filter((s) => s.channel?.type !== 'websocket').map((s) => s.id);
+      let unread = null;
+      try {
+        await tally.refresh(charted);
+      } catch (error) {
+        unread = error instanceof ApiError && error.status === 403
+          ? 'ledger not readable with this token' : String(error.message);
+      }
+      const now = Date.now();
+      for (const id of charted) {
+        const entry = rows.get(id);
+        if (unread !== null) {
+          entry.plot?.destroy();
+          entry.plot = null;
+          entry.cells.spark.textContent = unread;
+          continue;
         }
-      }));
+        const data = tally.data(id, now);
+        if (entry.plot) entry.plot.setData(data);
+        else {
+          entry.cells.spark.replaceChildren();
+          entry.plot = sparkline(entry.cells.spark, data, '');
+        }
+        entry.plot.root.setAttribute('aria-label', sparkLabel(data));
+      }
     } catch (error) {
       failure.replaceChildren(problem(error));
     }

@@ -60,9 +60,9 @@ const PUT_TASK: &str = "WITH task_row AS (
        INSERT INTO task_date (task_id, param, start_at, end_at)
        SELECT $1, p, s, e FROM unnest($11::text[], $12::text[], $13::text[]) AS x(p, s, e)
      ), audit AS (
-       INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
-       SELECT $23::text, $3, 'rest', $24::text, $25::text, $26::text, $27::text, $28::text
-       WHERE $23::text IS NOT NULL
+       INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
+       SELECT $3, 'rest', $23::text, $24::text, $25::text, $26::text, $27::text
+       WHERE $27::text IS NOT NULL
      )
      INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
      VALUES ('Task', $1, $2, $14, $6, $3, $22)";
@@ -79,9 +79,9 @@ const DELETE_TASK: &str = "WITH task_row AS (
      ), old_dates AS (
        DELETE FROM task_date WHERE task_id = $1
      ), audit AS (
-       INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
-       SELECT $7::text, $3, 'rest', $8::text, $9::text, $10::text, $11::text, $12::text
-       WHERE $7::text IS NOT NULL
+       INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
+       SELECT $3, 'rest', $7::text, $8::text, $9::text, $10::text, $11::text
+       WHERE $11::text IS NOT NULL
      )
      INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
      VALUES ('Task', $1, $2, $4, $5, $3, $6)";
@@ -233,14 +233,12 @@ impl<'q> BindAudit for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::Pg
     fn bind_audit(self, record: Option<AuditRecord>) -> Self {
         match record {
             Some(r) => self
-                .bind(r.id)
                 .bind(r.subtype)
                 .bind(r.outcome)
                 .bind(r.agent)
                 .bind(r.entity)
                 .bind(r.resource),
             None => self
-                .bind(None::<String>)
                 .bind(None::<String>)
                 .bind(None::<String>)
                 .bind(None::<String>)

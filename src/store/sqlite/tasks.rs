@@ -200,11 +200,10 @@ fn insert_change(
 /// Inserts one AuditEvent on the writer's connection, inside the caller's transaction.
 pub(super) fn insert_audit(conn: &Connection, record: &crate::audit::AuditRecord) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO audit_event (id, recorded, type_code, subtype, outcome, agent, entity, resource)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
-        record.id,
         record.recorded,
         record.type_code,
         record.subtype,
