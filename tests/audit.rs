@@ -18,6 +18,11 @@ async fn audit_events(server: &TestServer, query: &str) -> Vec<Value> {
         .get(&format!("/AuditEvent?{query}"), &server.auditor())
         .await;
     assert_eq!(status, StatusCode::OK, "AuditEvent?{query}: {bundle}");
+    resources(&bundle)
+}
+
+/// The resources of a Bundle's entries, in order.
+fn resources(bundle: &Value) -> Vec<Value> {
     bundle["entry"]
         .as_array()
         .unwrap()
@@ -691,12 +696,7 @@ async fn a_practitioner_reads_only_its_own_subscriptions_delivery_ledger() {
     let rows = eventually("alice's ledger shows the event's delivery", || async {
         let (status, bundle) = ledger(alice.clone(), format!("entity=Subscription/{alices}")).await;
         assert_eq!(status, StatusCode::OK, "{bundle}");
-        let rows: Vec<Value> = bundle["entry"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["resource"].clone())
-            .collect();
+        let rows = resources(&bundle);
         subtypes(&rows)
             .contains(&"event-notification".to_string())
             .then_some(rows)
@@ -739,12 +739,7 @@ async fn a_practitioner_reads_only_its_own_subscriptions_delivery_ledger() {
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{bundle}");
-        let rows: Vec<Value> = bundle["entry"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["resource"].clone())
-            .collect();
+        let rows = resources(&bundle);
         rows.iter()
             .any(|r| entity_of(r) == format!("Subscription/{second}"))
             .then_some(rows)

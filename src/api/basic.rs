@@ -28,12 +28,7 @@ async fn read(
     _principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let topic = state
-        .hub
-        .topics
-        .iter()
-        .find(|t| t.id == id)
-        .ok_or_else(|| Error::not_found(format!("Basic/{id} does not exist")))?;
+    let topic = super::topic::topic_by_id(&state, &id, "Basic")?;
     Ok(fhir_json(
         StatusCode::OK,
         &basic_topic::wrap(&topic.definition),

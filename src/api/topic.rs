@@ -28,13 +28,23 @@ async fn read(
     _principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let topic = state
+    let topic = topic_by_id(&state, &id, "SubscriptionTopic")?;
+    Ok(fhir_json(StatusCode::OK, &served(&topic.definition)))
+}
+
+/// The topic with this id, or a 404 naming it as `served_as/{id}` (`SubscriptionTopic`, or
+/// `Basic` for its R4 form).
+pub(super) fn topic_by_id<'a>(
+    state: &'a AppState,
+    id: &str,
+    served_as: &str,
+) -> Result<&'a crate::matcher::topic::Topic> {
+    state
         .hub
         .topics
         .iter()
         .find(|t| t.id == id)
-        .ok_or_else(|| Error::not_found(format!("SubscriptionTopic/{id} does not exist")))?;
-    Ok(fhir_json(StatusCode::OK, &served(&topic.definition)))
+        .ok_or_else(|| Error::not_found(format!("{served_as}/{id} does not exist")))
 }
 
 async fn search(
