@@ -149,21 +149,13 @@ impl RequestAudit {
     ) -> AuditRecord {
         let agent = self.agent();
         let mut out = Vec::with_capacity(1024);
-        // No `id`: the store derives it from the row (`store::audit_sql::event_id`) and
-        // writes it in right after `resourceType` when the AuditEvent is read.
-        out.extend_from_slice(
-            br#"{"resourceType":"AuditEvent","meta":{"versionId":"1","lastUpdated":"#,
+        start_event(
+            &mut out,
+            recorded,
+            (TYPE_SYSTEM, TYPE_REST, "Restful Operation"),
+            (SUBTYPE_SYSTEM, subtype),
         );
-        write_json(&mut out, &recorded.as_str());
-        out.extend_from_slice(br#"},"type":{"system":"#);
-        write_json(&mut out, &TYPE_SYSTEM);
-        out.extend_from_slice(br#","code":"#);
-        write_json(&mut out, &TYPE_REST);
-        out.extend_from_slice(br#","display":"Restful Operation"},"subtype":[{"system":"#);
-        write_json(&mut out, &SUBTYPE_SYSTEM);
-        out.extend_from_slice(br#","code":"#);
-        write_json(&mut out, &subtype);
-        out.extend_from_slice(br#"}],"action":"#);
+        out.extend_from_slice(br#","action":"#);
         write_json(&mut out, &action_of(subtype));
         out.extend_from_slice(br#","recorded":"#);
         write_json(&mut out, &recorded.as_str());
@@ -373,20 +365,13 @@ pub fn delivery_attempt(facts: &DeliveryFacts<'_>, recorded: &StoredInstant) -> 
     };
     let subscription = format!("Subscription/{}", facts.subscription);
     let mut out = Vec::with_capacity(1024);
-    // No `id`: see `RequestAudit::record`.
-    out.extend_from_slice(
-        br#"{"resourceType":"AuditEvent","meta":{"versionId":"1","lastUpdated":"#,
+    start_event(
+        &mut out,
+        recorded,
+        (DELIVERY_SYSTEM, TYPE_TRANSMIT, "Notification sent"),
+        (DELIVERY_SYSTEM, facts.kind),
     );
-    write_json(&mut out, &recorded.as_str());
-    out.extend_from_slice(br#"},"type":{"system":"#);
-    write_json(&mut out, &DELIVERY_SYSTEM);
-    out.extend_from_slice(br#","code":"#);
-    write_json(&mut out, &TYPE_TRANSMIT);
-    out.extend_from_slice(br#","display":"Notification sent"},"subtype":[{"system":"#);
-    write_json(&mut out, &DELIVERY_SYSTEM);
-    out.extend_from_slice(br#","code":"#);
-    write_json(&mut out, &facts.kind);
-    out.extend_from_slice(br#"}],"action":"E","recorded":"#);
+    out.extend_from_slice(br#","action":"E","recorded":"#);
     write_json(&mut out, &recorded.as_str());
     out.extend_from_slice(br#","outcome":"#);
     write_json(&mut out, &outcome.code());
@@ -489,6 +474,33 @@ pub async fn in_request<F: Future>(audit: Option<Arc<RequestAudit>>, work: F) ->
         Some(audit) => REQUEST.scope(audit, work).await,
         None => work.await,
     }
+}
+
+/// Writes the start of an AuditEvent as text, up to its `subtype`: `resourceType`, `meta`,
+/// `type` (system, code, display) and one `subtype` (system, code). No `id`: the store derives
+/// it from the row (`store::audit_sql::event_id`) and writes it in right after
+/// `resourceType` when the AuditEvent is read.
+fn start_event(
+    out: &mut Vec<u8>,
+    recorded: &StoredInstant,
+    (type_system, type_code, type_display): (&str, &str, &str),
+    (subtype_system, subtype_code): (&str, &str),
+) {
+    out.extend_from_slice(
+        br#"{"resourceType":"AuditEvent","meta":{"versionId":"1","lastUpdated":"#,
+    );
+    write_json(out, &recorded.as_str());
+    out.extend_from_slice(br#"},"type":{"system":"#);
+    write_json(out, &type_system);
+    out.extend_from_slice(br#","code":"#);
+    write_json(out, &type_code);
+    out.extend_from_slice(br#","display":"#);
+    write_json(out, &type_display);
+    out.extend_from_slice(br#"},"subtype":[{"system":"#);
+    write_json(out, &subtype_system);
+    out.extend_from_slice(br#","code":"#);
+    write_json(out, &subtype_code);
+    out.extend_from_slice(b"}]");
 }
 
 #[cfg(test)]
