@@ -148,7 +148,7 @@ pub fn build(base_url: &str, topic_urls: &[&str]) -> Value {
                 ],
             }, {
                 "type": "AuditEvent",
-                "documentation": "The audit trail; admins and auditors only.",
+                "documentation": "The audit trail, read by admins and auditors; a practitioner reads only the delivery ledgers of its own subscriptions (entity=Subscription/{id}, up to 100 comma-separated).",
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
                 "searchParam": [
                     { "name": "date", "type": "date", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-date", "documentation": "When the event was recorded" },

@@ -17,8 +17,9 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
+use crate::fhir::interaction::Interaction;
 use crate::store::hub_sql;
-use crate::store::rows::{self, EventRow, subscription_from_row};
+use crate::store::rows::{EventRow, subscription_from_row};
 use crate::store::search_sql::Placeholder;
 use crate::store::{
     ChangeEvent, ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch,
@@ -375,26 +376,23 @@ pub(super) fn change_events_after(
          FROM change_event WHERE seq > ?1 ORDER BY seq LIMIT {limit}"
     ))?;
     let found = read.query_map(params![seq], |row| {
-        Ok((
-            ChangeEvent {
-                seq: row.get(0)?,
-                resource_type: row.get(1)?,
-                resource_id: row.get(2)?,
-                version: row.get(3)?,
-                previous_version: row.get(4)?,
-                // Replaced below: the stored text is checked outside rusqlite's closure.
-                interaction: crate::fhir::interaction::Interaction::Create,
-                recorded_at: row.get(6)?,
-                traceparent: row.get(7)?,
-            },
-            row.get::<_, String>(5)?,
-        ))
-    })?;
-    found
-        .map(|row| {
-            let (mut change, interaction) = row?;
-            change.interaction = rows::interaction(interaction, "unknown interaction in outbox")?;
-            Ok(change)
+        let interaction: String = row.get(5)?;
+        Ok(ChangeEvent {
+            seq: row.get(0)?,
+            resource_type: row.get(1)?,
+            resource_id: row.get(2)?,
+            version: row.get(3)?,
+            previous_version: row.get(4)?,
+            interaction: Interaction::parse(&interaction).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    5,
+                    rusqlite::types::Type::Text,
+                    format!("unknown interaction in outbox: {interaction}").into(),
+                )
+            })?,
+            recorded_at: row.get(6)?,
+            traceparent: row.get(7)?,
         })
-        .collect()
+    })?;
+    Ok(found.collect::<rusqlite::Result<_>>()?)
 }
