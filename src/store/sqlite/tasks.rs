@@ -2,9 +2,10 @@
 //! connection (rusqlite), inside its transaction, and the If-None-Exist search the read pool
 //! (sqlx) runs before it.
 //!
-//! Every statement of the writer is fixed text, prepared once and kept (`prepare_cached`); a
-//! Task's index rows are written one row at a time through the same prepared insert, which
-//! costs no more than a multi-row statement once nothing crosses a thread per statement.
+//! Every statement of the writer is fixed text, prepared once and kept (`prepare_cached`). A
+//! single write's rows go in one statement per row; a transaction's plain creates
+//! (`put_versions`) go in multi-row INSERTs of a few fixed sizes, which cut the writer's CPU
+//! per Task on 100-entry transaction Bundles by about a fifth (BENCHMARKS.md, issue 17).
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
