@@ -994,7 +994,7 @@ mod tests {
         let resource = |n: usize| {
             let mut task = order(&format!("T-{n}"));
             task["owner"] = json!({ "reference": format!("Practitioner/{}", n % 3) });
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 task["authoredOn"] = json!("2026-12-01");
                 task["for"] = json!({ "reference": "Patient/p1" });
             }

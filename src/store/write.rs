@@ -393,13 +393,17 @@ pub(crate) async fn apply_transaction<T: TaskTx>(
     for (entry, prepared) in writes {
         let outcome = match prepared {
             Prepared::Answered(outcome) => outcome,
-            Prepared::Write(write) => match plain_create(write) {
-                Ok((id, resource, staged)) => {
+            Prepared::Write(write) => match sort_write(write) {
+                Sorted::PlainCreate {
+                    id,
+                    resource,
+                    staged,
+                } => {
                     let (next, outcome) = next_version(&id, None, resource, staged, base_url);
                     creates.push(next);
                     outcome
                 }
-                Err(write) => {
+                Sorted::Other(write) => {
                     put_all(tx, &mut creates).await?;
                     let conditional = matches!(write, TaskWrite::CreateUnlessFound { .. });
                     let outcome = apply(tx, write, base_url)
@@ -418,20 +422,31 @@ pub(crate) async fn apply_transaction<T: TaskTx>(
     Ok(outcomes)
 }
 
-/// The parts of a plain create (`is_single_put`), or the write as it was.
-fn plain_create<S>(
-    write: TaskWrite<S>,
-) -> std::result::Result<(TaskId, Value, Option<Box<Staged>>), TaskWrite<S>> {
+/// A transaction's write, sorted: a plain create (`is_single_put`) in its parts, or any other.
+enum Sorted<S> {
+    PlainCreate {
+        id: TaskId,
+        resource: Value,
+        staged: Option<Box<Staged>>,
+    },
+    Other(TaskWrite<S>),
+}
+
+fn sort_write<S>(write: TaskWrite<S>) -> Sorted<S> {
     if !is_single_put(&write) {
-        return Err(write);
+        return Sorted::Other(write);
     }
     match write {
         TaskWrite::Create {
             id,
             resource,
             staged,
-        } => Ok((id, resource, staged)),
-        other => Err(other),
+        } => Sorted::PlainCreate {
+            id,
+            resource,
+            staged,
+        },
+        other => Sorted::Other(other),
     }
 }
 
