@@ -149,11 +149,14 @@ impl Browser {
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        if !found(engine.driver()) || !found(engine.binary()) {
+        let missing: Vec<&str> = [engine.binary(), engine.driver()]
+            .into_iter()
+            .filter(|program| !found(program))
+            .collect();
+        if !missing.is_empty() {
             let why = format!(
-                "{} or {} is not installed ({})",
-                engine.binary(),
-                engine.driver(),
+                "{} not found ({})",
+                missing.join(" and "),
                 engine.install_hint()
             );
             if std::env::var("CI").is_ok_and(|ci| ci == "true") {
