@@ -494,7 +494,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
             fanout_chunk: 2000,
-            fanout_linger_ms: 0,
+            fanout_linger_ms: 20,
         }
     }
 }
