@@ -212,6 +212,11 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Counter,
+        "baton_search_inline_overruns_total",
+        "Task searches (SQLite) that outran their time on the API runtime and ran again on a blocking thread.",
+    ),
+    (
+        Kind::Counter,
         "baton_requests_throttled_total",
         "Requests refused (429) by the per-token rate limit, by role.",
     ),

@@ -319,6 +319,18 @@ impl SearchPage {
 }
 
 impl Collected {
+    /// The number of matches, when this page of `count` from `offset` shows it: a page that
+    /// stops short of `count` without the byte budget ending it holds the last match, so the
+    /// matches are the `offset` before it and its own. Only for a page reached by offset (a
+    /// cursor's page says nothing of the Tasks before the cursor), and not for an empty page
+    /// past the end. Either store then leaves its count statement out.
+    pub fn total_shown(&self, count: usize, offset: usize, after_cursor: bool) -> Option<u64> {
+        let shown = self.tasks.len();
+        let last_page =
+            !after_cursor && !self.truncated && shown < count && (shown > 0 || offset == 0);
+        last_page.then(|| (offset + shown) as u64)
+    }
+
     pub fn into_page(self, total: Option<u64>) -> SearchPage {
         SearchPage {
             tasks: self.tasks,

@@ -307,36 +307,46 @@ impl Store for PostgresStore {
             },
             Placeholder::Dollar,
         )?;
-        let total = match sql.count {
-            Some(count) => {
+        // The page first: when it holds the last match, its count is known without the
+        // count statement (a patient's Tasks, a short queue), as on SQLite.
+        let collected = if page.count == 0 {
+            None
+        } else {
+            let mut query = sqlx::query(AssertSqlSafe(sql.rows));
+            for bind in &sql.binds {
+                query = query.bind(pg_text(bind));
+            }
+            let rows = query
+                .bind(page.count as i64)
+                .bind(page.offset as i64)
+                .fetch(&self.pool);
+            let sort_values = sort_value_count(page.sort);
+            let read = |row: &sqlx::postgres::PgRow| {
+                Ok((
+                    listed_from_row(row)?,
+                    Some(read_sort_values(row, sort_values)?),
+                ))
+            };
+            Some(collect_page(rows, page.max_bytes, 1, read).await?)
+        };
+        let shown = collected
+            .as_ref()
+            .and_then(|c| c.total_shown(page.count, page.offset, page.after.is_some()));
+        let total = match (sql.count, shown) {
+            (Some(_), Some(shown)) => Some(shown),
+            (Some(count), None) => {
                 let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count));
                 for bind in &sql.count_binds {
                     query = query.bind(pg_text(bind));
                 }
                 Some(query.fetch_one(&self.pool).await? as u64)
             }
-            None => None,
+            (None, _) => None,
         };
-        if page.count == 0 {
-            return Ok(SearchPage::empty(total));
-        }
-        let mut query = sqlx::query(AssertSqlSafe(sql.rows));
-        for bind in &sql.binds {
-            query = query.bind(pg_text(bind));
-        }
-        let rows = query
-            .bind(page.count as i64)
-            .bind(page.offset as i64)
-            .fetch(&self.pool);
-        let sort_values = sort_value_count(page.sort);
-        let collected = collect_page(rows, page.max_bytes, 1, |row: &sqlx::postgres::PgRow| {
-            Ok((
-                listed_from_row(row)?,
-                Some(read_sort_values(row, sort_values)?),
-            ))
+        Ok(match collected {
+            Some(collected) => collected.into_page(total),
+            None => SearchPage::empty(total),
         })
-        .await?;
-        Ok(collected.into_page(total))
     }
 
     async fn children_of(

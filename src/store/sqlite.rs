@@ -50,10 +50,10 @@ use super::search_sql::{
 };
 use super::write::{self, Found, Precheck, Prepared};
 use super::{
-    ChangeEvent, CurrentTask, DeliveryReport, EventRecord, HistoryRequest, HistoryVersion,
-    LiveSubscription, MatchBatch, MatchingFormRow, PageRequest, PendingDelivery, SearchPage, Store,
-    StoredSubscription, StoredVersion, SubscriptionChanges, SubscriptionDecide, SubscriptionQuery,
-    SubscriptionRecord, WriteOutcome, WriteRequest,
+    ChangeEvent, Counting, CurrentTask, DeliveryReport, EventRecord, HistoryRequest,
+    HistoryVersion, LiveSubscription, MatchBatch, MatchingFormRow, PageRequest, PendingDelivery,
+    SearchPage, Store, StoredSubscription, StoredVersion, SubscriptionChanges, SubscriptionDecide,
+    SubscriptionQuery, SubscriptionRecord, WriteOutcome, WriteRequest,
 };
 use super::{ChangeProgress, SubscriptionGauges};
 use crate::config::StoreConfig;
@@ -65,6 +65,7 @@ use crate::trace::current_trace;
 use writer::{Done, Job, Work};
 
 mod checkpoint;
+mod counts;
 mod hub;
 mod live;
 mod point;
@@ -74,6 +75,13 @@ mod writer;
 
 /// How long a connection waits for a lock another holds (a checkpoint, a reader starting).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a search may run on the API runtime's thread before it is interrupted and run
+/// again on a blocking thread (`point::PointReads::run_within`). A work-list page and its
+/// count take 0.1–0.3 ms of CPU at a million Tasks (BENCHMARKS.md, issue 16); handing each
+/// search to a blocking thread and its answer back cost more than that in thread wake-ups.
+/// The budget bounds how long one search holds a runtime thread, and what an overrun
+/// wastes.
+const INLINE_SEARCH_BUDGET: Duration = Duration::from_millis(1);
 /// SQLite's page cache per connection (`PRAGMA cache_size`; negative: in KiB).
 const CACHE_SIZE: &str = "-32000";
 
@@ -88,6 +96,11 @@ pub struct SqliteStore {
     point: point::PointReads,
     /// Searches, each on a blocking thread (`point::PointReads::for_searches`).
     searches: Arc<point::PointReads>,
+    /// The searches' capped counts that are still "more than the cap" (`counts`).
+    counts: Arc<counts::CappedCounts>,
+    /// How long a search runs on the caller's thread before it moves to a blocking one
+    /// (`INLINE_SEARCH_BUDGET`).
+    inline_budget: Duration,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled by `close`: the writer's end is then expected, not a failure of the node.
@@ -168,6 +181,8 @@ impl SqliteStore {
                 path,
                 config.read_connections as usize,
             )),
+            counts: Arc::new(counts::CappedCounts::new()),
+            inline_budget: INLINE_SEARCH_BUDGET,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             closing,
@@ -548,13 +563,14 @@ impl Store for SqliteStore {
         count: usize,
         offset: usize,
     ) -> Result<(Vec<StoredVersion>, u64)> {
-        let rows = sqlx::query(
+        // The window is written into the text, not bound: SQLite re-prepares a statement
+        // whose bound LIMIT changes at every run (see `PageSql::rows_with_window`). Both
+        // numbers are Baton's (the capped `_count`, the offset).
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT id, version, last_updated, interaction, resource FROM task_version
-             WHERE id = ? ORDER BY version DESC LIMIT ? OFFSET ?",
-        )
+             WHERE id = ? ORDER BY version DESC LIMIT {count} OFFSET {offset}"
+        )))
         .bind(id)
-        .bind(count as i64)
-        .bind(offset as i64)
         .fetch_all(&self.reads)
         .await?;
         let total: i64 = sqlx::query_scalar("SELECT count(*) FROM task_version WHERE id = ?")
@@ -576,12 +592,17 @@ impl Store for SqliteStore {
     }
 
     async fn search(&self, page: PageRequest<'_>) -> Result<SearchPage> {
+        // A capped count walks past its cap, so that what it proves can be kept (`counts`).
+        let (counting, count_cap) = match page.counting {
+            Counting::UpTo(cap) => (Counting::UpTo(cap.saturating_mul(counts::REACH)), Some(cap)),
+            counting => (counting, None),
+        };
         let sql = page_sql(
             PageSpec {
                 predicates: page.predicates,
                 sort: page.sort,
                 after: page.after,
-                counting: page.counting,
+                counting,
             },
             Placeholder::Question,
         )?;
@@ -592,8 +613,19 @@ impl Store for SqliteStore {
             after_cursor: page.after.is_some(),
             max_bytes: page.max_bytes,
             sort_values: sort_value_count(page.sort),
+            count_cap,
         };
-        self.search_reads(move |conn| tasks::search_page(conn, &sql, &rows, shape))
+        // On this thread first, for as long as a work list takes; a search that takes longer
+        // is interrupted and run again on a blocking thread.
+        let inline = self.searches.run_within(self.inline_budget, |conn| {
+            tasks::search_page(conn, &self.counts, &sql, &rows, shape)
+        })?;
+        if let Some(page) = inline {
+            return Ok(page);
+        }
+        metrics::counter!("baton_search_inline_overruns_total").increment(1);
+        let counts = self.counts.clone();
+        self.search_reads(move |conn| tasks::search_page(conn, &counts, &sql, &rows, shape))
             .await
     }
 
@@ -923,6 +955,49 @@ mod tests {
         store.close().await;
     }
 
+    /// A search that outruns its time on the caller's thread is run again on a blocking
+    /// thread and answers what it answers within its time: the same Tasks, in the same
+    /// order, with the same totals (a zero budget interrupts every statement at its first
+    /// look at the clock).
+    #[tokio::test]
+    async fn a_search_past_its_inline_budget_answers_the_same_from_a_blocking_thread() {
+        use crate::store::Counting;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path()).await;
+        for n in 0..60 {
+            create(&store, order(&format!("B-{n}"))).await;
+        }
+        let predicates = criteria("status=requested");
+        let mut answers = Vec::new();
+        for budget in [INLINE_SEARCH_BUDGET, Duration::ZERO] {
+            store.inline_budget = budget;
+            for counting in [Counting::All, Counting::UpTo(10), Counting::UpTo(100)] {
+                let page = store
+                    .search(PageRequest {
+                        predicates: &predicates,
+                        sort: &[],
+                        count: 50,
+                        offset: 0,
+                        after: None,
+                        counting,
+                        max_bytes: usize::MAX,
+                    })
+                    .await
+                    .unwrap();
+                let ids: Vec<String> = page.tasks.iter().map(|t| t.id.to_string()).collect();
+                answers.push((budget, counting, ids, page.total));
+            }
+        }
+        let (inline, blocking) = answers.split_at(3);
+        for (a, b) in inline.iter().zip(blocking) {
+            assert_eq!((&a.1, &a.2, a.3), (&b.1, &b.2, b.3));
+            assert_eq!(a.2.len(), 50);
+        }
+        let totals: Vec<Option<u64>> = inline.iter().map(|a| a.3).collect();
+        assert_eq!(totals, [Some(60), Some(11), Some(60)]);
+        store.close().await;
+    }
+
     /// A search's page statement is prepared once per connection and then reused as it is.
     /// With its LIMIT and OFFSET as bound parameters, SQLite expired the cached statement at
     /// every bind and prepared it again at its first step (the "before" arm shows that this
@@ -948,6 +1023,7 @@ mod tests {
         )
         .unwrap();
         let windowed = sql.rows_with_window(2, 0).unwrap();
+        let counts = store.counts.clone();
         let reprepared = store
             .searches
             .run(move |conn| {
@@ -957,9 +1033,10 @@ mod tests {
                     after_cursor: false,
                     max_bytes: usize::MAX,
                     sort_values: 0,
+                    count_cap: None,
                 };
                 for _ in 0..3 {
-                    let page = tasks::search_page(conn, &sql, &windowed, shape())?;
+                    let page = tasks::search_page(conn, &counts, &sql, &windowed, shape())?;
                     assert_eq!((page.tasks.len(), page.total), (2, Some(3)));
                 }
                 let after = conn

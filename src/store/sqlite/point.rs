@@ -17,7 +17,9 @@
 //! one cached copy of a page. The file is never truncated under them: Baton does not vacuum.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -29,6 +31,9 @@ const STATEMENT_CACHE: usize = 16;
 /// Statements each search connection keeps prepared: a search's text depends on its
 /// parameters, and a work list asks the same few shapes all day.
 const SEARCH_STATEMENT_CACHE: usize = 128;
+/// SQLite virtual-machine steps between two looks at the clock of a read with a budget
+/// (`PointReads::run_within`): a few microseconds of work.
+const PROGRESS_OPS: std::ffi::c_int = 1000;
 /// How much of the database file a search connection maps (SQLite caps it at what it was built
 /// for, 2 GB, and reads the rest as usual).
 const SEARCH_MMAP_SIZE: i64 = 1 << 40;
@@ -84,6 +89,41 @@ impl PointReads {
         result
     }
 
+    /// Runs `read` on an idle connection on the caller's thread, but only for `budget`:
+    /// SQLite's progress handler interrupts the statement running when the budget is spent,
+    /// and the answer is then `None` (nothing of it is kept; the caller runs the read again
+    /// where it may take long). A search that ends within the budget, as a work list does,
+    /// is answered without the hand-off to a blocking thread and back (see
+    /// `SqliteStore::search`).
+    pub(super) fn run_within<T>(
+        &self,
+        budget: Duration,
+        read: impl FnOnce(&Connection) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let spent = Arc::new(AtomicBool::new(false));
+        self.run(|conn| {
+            let deadline = Instant::now() + budget;
+            let flag = spent.clone();
+            conn.progress_handler(
+                PROGRESS_OPS,
+                Some(move || {
+                    let over = Instant::now() >= deadline;
+                    if over {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                    over
+                }),
+            )?;
+            let result = read(conn);
+            conn.progress_handler(0, None::<fn() -> bool>)?;
+            match result {
+                _ if spent.load(Ordering::Relaxed) => Ok(None),
+                Ok(answer) => Ok(Some(answer)),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
     fn open(&self) -> Result<Connection> {
         let conn = Connection::open_with_flags(
             &self.path,
@@ -96,5 +136,58 @@ impl PointReads {
         }
         conn.set_prepared_statement_cache_capacity(self.statements);
         Ok(conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read that outruns its budget is interrupted and answers `None`; the connection then
+    /// serves reads without a budget to their end, and a short read within one answers.
+    #[test]
+    fn a_read_past_its_budget_is_interrupted_and_the_connection_serves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reads.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (7);")
+            .unwrap();
+        let reads = PointReads::for_searches(&path, 1);
+        // Counting to ten million takes seconds; the budget is a millisecond.
+        let long = |conn: &Connection| -> Result<i64> {
+            Ok(conn.query_row(
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 10000000)
+                 SELECT count(*) FROM c",
+                [],
+                |row| row.get(0),
+            )?)
+        };
+        let started = Instant::now();
+        let interrupted = reads.run_within(Duration::from_millis(1), long).unwrap();
+        assert_eq!(interrupted, None);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the interrupt came late: {:?}",
+            started.elapsed()
+        );
+        // The same (only) connection, its handler gone: a shorter walk runs to its end.
+        let walked = reads
+            .run(|conn| {
+                Ok(conn.query_row(
+                    "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 200000)
+                     SELECT count(*) FROM c",
+                    [],
+                    |row| row.get::<_, i64>(0),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(walked, 200_000);
+        let short = reads
+            .run_within(Duration::from_secs(5), |conn| {
+                Ok(conn.query_row("SELECT x FROM t", [], |row| row.get::<_, i64>(0))?)
+            })
+            .unwrap();
+        assert_eq!(short, Some(7));
     }
 }

@@ -28,6 +28,8 @@ use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
 use crate::store::{Collected, CurrentTask, Interaction, SearchPage, StoredVersion};
 use crate::trace::current_trace;
 
+use super::counts::CappedCounts;
+
 impl TaskTx for Connection {
     /// The outbox position up to which the read pool found no match (`SqliteStore::precheck`).
     type Seen = ChangeSeq;
@@ -59,9 +61,11 @@ impl TaskTx for Connection {
         parent: &TaskId,
         limit: usize,
     ) -> Result<Vec<CurrentTask>> {
-        let mut statement = self.prepare_cached(&LOAD_CHILDREN)?;
+        // The limit is written into the text (one statement per limit: the callers use one),
+        // since a bound LIMIT makes SQLite prepare the statement again at every run.
+        let mut statement = self.prepare_cached(&format!("{} LIMIT {limit}", *LOAD_CHILDREN))?;
         let rows = statement.query_map(
-            rusqlite::params![format!("Task/{parent}"), limit as i64],
+            rusqlite::params![format!("Task/{parent}")],
             TaskRow::from_rusqlite,
         )?;
         rows.map(|row| row?.into_current()).collect()
@@ -426,7 +430,7 @@ static LOAD_CHILDREN: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {CURRENT_COLUMNS} FROM task t WHERE t.deleted = 0 AND t.id IN
            (SELECT task_id FROM task_token WHERE param = 'part-of' AND value = ?)
-         ORDER BY t.id LIMIT ?"
+         ORDER BY t.id"
     )
 });
 
@@ -494,20 +498,15 @@ pub(super) struct PageShape {
     pub max_bytes: usize,
     /// How many sort values follow the Task's columns in each row.
     pub sort_values: usize,
+    /// `Counting::UpTo`'s cap, whose count statement walks `counts::REACH` times as far (see
+    /// `counts`); `None` for a count of every match.
+    pub count_cap: Option<u64>,
 }
 
 impl PageShape {
-    /// The number of matches, when the page itself shows it: a page that stops short of
-    /// `count` without the byte budget ending it holds the last match, so the matches are the
-    /// `offset` before it and its own. Only for a page reached by offset (a cursor's page
-    /// says nothing of the Tasks before the cursor), and not for an empty page past the end.
+    /// The number of matches, when the page itself shows it (`Collected::total_shown`).
     fn total_shown(&self, collected: &Collected) -> Option<u64> {
-        let shown = collected.tasks.len();
-        let last_page = !self.after_cursor
-            && !collected.truncated
-            && shown < self.count
-            && (shown > 0 || self.offset == 0);
-        last_page.then(|| (self.offset + shown) as u64)
+        collected.total_shown(self.count, self.offset, self.after_cursor)
     }
 }
 
@@ -517,6 +516,7 @@ impl PageShape {
 /// count statement (a patient's Tasks, a short queue).
 pub(super) fn search_page(
     conn: &Connection,
+    counts: &CappedCounts,
     sql: &PageSql,
     rows: &str,
     shape: PageShape,
@@ -538,12 +538,15 @@ pub(super) fn search_page(
         .flatten();
     let total = match (&sql.count, shown) {
         (Some(_), Some(shown)) => Some(shown),
-        (Some(count), None) => {
-            let counted: i64 = conn
-                .prepare_cached(count)?
-                .query_row(params_from_iter(&sql.count_binds), |row| row.get(0))?;
-            Some(u64::try_from(counted).unwrap_or(0))
-        }
+        (Some(count), None) => match shape.count_cap {
+            Some(cap) => Some(counts.count_up_to(conn, count, &sql.count_binds, cap)?),
+            None => {
+                let counted: i64 = conn
+                    .prepare_cached(count)?
+                    .query_row(params_from_iter(&sql.count_binds), |row| row.get(0))?;
+                Some(u64::try_from(counted).unwrap_or(0))
+            }
+        },
         (None, _) => None,
     };
     Ok(collected.into_page(total))
@@ -590,15 +593,17 @@ pub(super) async fn find_ids(
     limit: i64,
 ) -> Result<Vec<TaskId>> {
     let filter = where_clause(predicates, Placeholder::Question, 1);
+    // The limit is Baton's own number, written into the text: a bound LIMIT makes SQLite
+    // prepare the statement again at every run.
     let sql = format!(
-        "SELECT t.id FROM task t WHERE t.deleted = 0 AND ({}) LIMIT ?",
+        "SELECT t.id FROM task t WHERE t.deleted = 0 AND ({}) LIMIT {limit}",
         filter.sql
     );
     let mut query = sqlx::query_scalar::<_, TaskId>(AssertSqlSafe(sql));
     for bind in &filter.binds {
         query = query.bind(bind);
     }
-    Ok(query.bind(limit).fetch_all(&mut *conn).await?)
+    Ok(query.fetch_all(&mut *conn).await?)
 }
 
 /// What the ids of at most two matching Tasks found; the one Task is loaded with `load`
@@ -727,6 +732,7 @@ mod tests {
             after_cursor,
             max_bytes: usize::MAX,
             sort_values: 0,
+            count_cap: None,
         };
         let cases = [
             (shape(0, false), collected(7, false), Some(7)),
