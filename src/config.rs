@@ -497,11 +497,19 @@ pub struct HubConfig {
     /// by more subscriptions is recorded in several chunks, and Task writes queued meanwhile
     /// commit between them, so a Task write waits for one chunk, never a whole fan-out.
     pub fanout_chunk: usize,
+    /// Milliseconds the outbox waits after recording a broad fan-out (a batch whose changes
+    /// were each heard by 16 or more subscriptions on average) before it reads the next batch,
+    /// so that a broad listener's events are recorded in longer runs and fewer commits. 0 never
+    /// waits.
+    pub fanout_linger_ms: u64,
 }
 
 impl Default for HubConfig {
     fn default() -> Self {
-        HubConfig { fanout_chunk: 2000 }
+        HubConfig {
+            fanout_chunk: 2000,
+            fanout_linger_ms: 0,
+        }
     }
 }
 
@@ -918,6 +926,12 @@ impl Config {
         if !(1..=100_000).contains(&self.hub.fanout_chunk) {
             return Err(ConfigError(
                 "hub.fanout_chunk must be between 1 and 100000 (matches per fan-out transaction; BATON_HUB__FANOUT_CHUNK)"
+                    .into(),
+            ));
+        }
+        if self.hub.fanout_linger_ms > 1000 {
+            return Err(ConfigError(
+                "hub.fanout_linger_ms must be between 0 and 1000 (milliseconds; BATON_HUB__FANOUT_LINGER_MS)"
                     .into(),
             ));
         }

@@ -289,6 +289,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             lease: Duration::from_secs(state.config.cluster.lease_seconds),
             generation,
             fanout_chunk: state.config.hub.fanout_chunk,
+            fanout_linger: Duration::from_millis(state.config.hub.fanout_linger_ms),
         };
         let outbox_wake = matcher_wake.clone();
         let outbox_stop = pipeline_stop.clone();

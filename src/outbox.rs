@@ -43,6 +43,32 @@ const BATCH: usize = 512;
 /// If a wake-up is ever missed, the consumer still looks this often.
 const POLL: Duration = Duration::from_secs(1);
 
+/// Matches per change from which a batch counts as a broad fan-out, after which the consumer
+/// lingers (`hub.fanout_linger_ms`) before reading the next batch.
+const BROAD_MATCHES_PER_CHANGE: usize = 16;
+
+/// What `Outbox::process` did with a batch of changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Processed {
+    /// The last change of the batch: the cursor from now on.
+    pub through: ChangeSeq,
+    /// Whether the cursor was written to the store with the batch.
+    pub persisted: bool,
+    /// Matches recorded, over all the batch's changes.
+    pub matched: usize,
+}
+
+/// Whether the consumer waits `linger` before reading the next batch, after one of `read`
+/// changes with `matched` matches: only after a broad fan-out (a change heard by many
+/// subscriptions), and never while changes are backlogged (a full batch). A broad listener
+/// matches every change, so the changes gathered while waiting extend its run in the event
+/// log rather than start another: the same rows and pages are written once per batch instead
+/// of once per commit, which is what the SQLite writer spends its time on beside such a
+/// fan-out (BENCHMARKS.md, "a Task PUT beside the websocket fan-out").
+fn lingers(linger: Duration, read: usize, matched: usize) -> bool {
+    !linger.is_zero() && read < BATCH && matched >= BROAD_MATCHES_PER_CHANGE * read.max(1)
+}
+
 #[derive(Clone)]
 pub struct Outbox {
     pub store: Arc<dyn Store>,
@@ -59,6 +85,9 @@ pub struct Outbox {
     pub generation: i64,
     /// Most matches recorded in one store transaction (`hub.fanout_chunk`).
     pub fanout_chunk: usize,
+    /// How long to wait after a broad fan-out before reading the next batch
+    /// (`hub.fanout_linger_ms`; zero: never).
+    pub fanout_linger: Duration,
 }
 
 impl Outbox {
@@ -155,12 +184,18 @@ impl Outbox {
             }
             let persist = !self.store.outbox_in_commit_order() || last_persisted.elapsed() >= POLL;
             match self.process(&changes, persist, resume.clone()).await {
-                Ok((through, persisted)) => {
-                    cursor = through;
+                Ok(done) => {
+                    cursor = done.through;
                     resume = None;
-                    self.note_lag(changes.len(), through).await;
-                    if persisted {
+                    self.note_lag(changes.len(), done.through).await;
+                    if done.persisted {
                         last_persisted = std::time::Instant::now();
+                    }
+                    if lingers(self.fanout_linger, changes.len(), done.matched) {
+                        tokio::select! {
+                            () = tokio::time::sleep(self.fanout_linger) => {}
+                            () = shutdown.cancelled() => break,
+                        }
                     }
                 }
                 Err(e) => {
@@ -249,7 +284,7 @@ impl Outbox {
         changes: &[ChangeEvent],
         persist: bool,
         resume: Option<ChangeProgress>,
-    ) -> Result<(ChangeSeq, bool)> {
+    ) -> Result<Processed> {
         let started = std::time::Instant::now();
         let started_at = std::time::SystemTime::now();
         // With no subscription in force (read after the catch-up, so every subscription
@@ -359,7 +394,11 @@ impl Outbox {
             through = through.get(),
             "matched a batch of changes"
         );
-        Ok((through, written))
+        Ok(Processed {
+            through,
+            persisted: written,
+            matched,
+        })
     }
 
     /// The Task versions a batch of changes needs to be matched (each change's version and

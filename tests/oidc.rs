@@ -11,7 +11,7 @@ mod common;
 use std::process::Stdio;
 
 use baton::config::{Config, IssuerConfig};
-use common::browser::Browser;
+use common::browser::{Browser, Engine};
 use common::{TestServer, assert_outcome, task};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -879,7 +879,7 @@ async fn a_browser_page_lists_tasks_and_hears_notifications() {
     let Some(provider) = Provider::start(test).await else {
         return;
     };
-    let Some(browser) = Browser::start(test).await else {
+    let Some(browser) = Browser::start(test, Engine::Chromium).await else {
         return;
     };
     // The example page, served from an origin of its own.

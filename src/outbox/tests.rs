@@ -41,6 +41,7 @@ fn outbox(store: Arc<dyn Store>, hub: Arc<Hub>, fanout_chunk: usize) -> Outbox {
         lease: Duration::from_secs(30),
         generation: 0,
         fanout_chunk,
+        fanout_linger: Duration::ZERO,
     }
 }
 
@@ -118,6 +119,12 @@ pub(crate) async fn write_task(store: &dyn Store, owner: &str) -> ChangeSeq {
 }
 
 pub(crate) async fn open_sqlite(path: &Path) -> Arc<dyn Store> {
+    open_sqlite_waking(path, Arc::new(Notify::new())).await
+}
+
+/// Opens a SQLite store whose writer notifies `committed` after each commit that wrote a
+/// change, as the server's outbox is woken.
+async fn open_sqlite_waking(path: &Path, committed: Arc<Notify>) -> Arc<dyn Store> {
     let config = StoreConfig {
         max_batch: 64,
         read_connections: 4,
@@ -125,15 +132,9 @@ pub(crate) async fn open_sqlite(path: &Path) -> Arc<dyn Store> {
         ..StoreConfig::default()
     };
     Arc::new(
-        SqliteStore::open(
-            path,
-            BASE,
-            &config,
-            Arc::new(Notify::new()),
-            Default::default(),
-        )
-        .await
-        .expect("opening the SQLite store"),
+        SqliteStore::open(path, BASE, &config, committed, Default::default())
+            .await
+            .expect("opening the SQLite store"),
     )
 }
 
@@ -641,8 +642,8 @@ async fn changes_nobody_listens_to_are_passed_over_without_reading_their_version
         .change_events_after(ChangeSeq::ZERO, 10)
         .await
         .unwrap();
-    let (through, persisted) = consumer.process(&changes, true, None).await.unwrap();
-    assert_eq!((through, persisted), (unheard, true));
+    let done = consumer.process(&changes, true, None).await.unwrap();
+    assert_eq!((done.through, done.persisted), (unheard, true));
     assert_eq!(store.outbox_cursor(MATCHER).await.unwrap(), unheard);
     let key = (changes[0].resource_id.clone(), changes[0].version);
     assert!(
@@ -658,7 +659,11 @@ async fn changes_nobody_listens_to_are_passed_over_without_reading_their_version
     let heard = write_task(store.as_ref(), "Practitioner/heard").await;
     let changes = store.change_events_after(unheard, 10).await.unwrap();
     assert_eq!(
-        consumer.process(&changes, true, None).await.unwrap().0,
+        consumer
+            .process(&changes, true, None)
+            .await
+            .unwrap()
+            .through,
         heard
     );
     let key = (changes[0].resource_id.clone(), changes[0].version);
@@ -669,5 +674,74 @@ async fn changes_nobody_listens_to_are_passed_over_without_reading_their_version
         .unwrap()
         .unwrap();
     assert_eq!(numbered.events_since_start, EventNumber::new(1));
+    store.close().await;
+}
+
+/// After a broad fan-out the consumer lingers (`hub.fanout_linger_ms`) before reading again:
+/// two changes committed meanwhile, each waking it, are recorded together, so each broad
+/// listener gets one run for both instead of one run per commit. Without the linger the
+/// first commit's wake-up records the first change alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broad_fan_out_the_next_changes_are_recorded_together() {
+    const LISTENERS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    let committed = Arc::new(Notify::new());
+    let store = open_sqlite_waking(&path, committed.clone()).await;
+    let (hub, _commands) = hub();
+    let mut listeners = Vec::new();
+    for _ in 0..LISTENERS {
+        let stored = store.create_subscription(subscription(None)).await.unwrap();
+        hub.put_in_force(&stored, Occasion::Written);
+        listeners.push(stored.id);
+    }
+    let mut consumer = outbox(store.clone(), hub, 2000);
+    // Long enough that both later writes commit inside it even on a loaded machine; the test
+    // never waits for it to pass before checking.
+    consumer.fanout_linger = Duration::from_secs(5);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.run(committed, stop.clone()));
+    let heard = |store: Arc<dyn Store>, id: SubscriptionId| async move {
+        store
+            .read_subscription(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .events_since_start
+    };
+    write_task(store.as_ref(), "Practitioner/a").await;
+    eventually("the first change is recorded", || {
+        let (store, first) = (store.clone(), listeners[0].clone());
+        async move { heard(store, first).await == EventNumber::new(1) }
+    })
+    .await;
+    write_task(store.as_ref(), "Practitioner/b").await;
+    write_task(store.as_ref(), "Practitioner/c").await;
+    eventually("the next two changes are recorded", || {
+        let (store, first) = (store.clone(), listeners[0].clone());
+        async move { heard(store, first).await == EventNumber::new(3) }
+    })
+    .await;
+    stop.cancel();
+    running.await.expect("the consumer ends cleanly");
+
+    let db = rusqlite::Connection::open(&path).unwrap();
+    for id in &listeners {
+        let runs: Vec<(i64, i64)> = db
+            .prepare(
+                "SELECT event_number, events FROM subscription_event
+                 WHERE subscription_id = ? ORDER BY event_number",
+            )
+            .unwrap()
+            .query_map([id.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            runs,
+            vec![(1, 1), (2, 2)],
+            "{id}: the two changes after the broad fan-out were not recorded as one run"
+        );
+    }
     store.close().await;
 }

@@ -1,7 +1,8 @@
 #!/bin/bash
 # The runs of BENCHMARKS.md "2026-12-07 (fourth sitting): quiet-window figures" (issue 15).
 # BIN = the release dir; modes: ratio, tx, audit, sync, beside NICE..., fanout NICE...,
-# putfan NICE..., chunk CHUNK... (MODE=--no-listeners for the baseline), hub.
+# putfan NICE..., chunk CHUNK... (MODE=--no-listeners for the baseline), hub, pg (one
+# PostgreSQL node, without TLS, against one SQLite node: a fresh database per run).
 #   BIN=target/release tools/bench/issue15_runs.sh ratio
 BIN=${BIN:-target/release}
 export BATON_JWT_SECRET=bench-secret-0123456789abcdef0123456789
@@ -41,6 +42,10 @@ fanout) for n in ${@:2}; do start 18081 /tmp/q/f BATON_DELIVERY__NICE=$n
 putfan) for n in ${@:2}; do for mode in --no-listeners ""; do start 18081 /tmp/q/f BATON_DELIVERY__NICE=$n
   $BIN/baton-fanout websocket --base http://127.0.0.1:18081/fhir --server-pid $S --owners 10000 --catch-all 100 --rate 500 --duration 30s --idle 2s --settle 2s $mode > /tmp/q/pf.txt 2>&1
   echo "nice=$n ${mode:-listeners} $(tail -1 /tmp/q/pf.txt | jq -c '{up:.update_latency_ms, cat:.latency_all_catch_alls_ms.p99, own:.latency_owner_ms.p99, pass:.passed, cpu:.cpu_percent.server}') load=$(la)"; stop; done; done ;;
+pg) for r in 1 2; do for m in create update; do baton $m
+  createdb -h 127.0.0.1 -U postgres bench_q
+  baton $m BATON_DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_q?sslmode=disable
+  dropdb -h 127.0.0.1 -U postgres bench_q; done; done ;;
 sync) for r in 1 2; do baton create BATON_STORE__SYNCHRONOUS=full; baton create BATON_STORE__SYNCHRONOUS=normal; done ;;
 chunk) for c in ${@:2}; do start 18081 /tmp/q/f BATON_HUB__FANOUT_CHUNK=$c
   $BIN/baton-fanout websocket --base http://127.0.0.1:18081/fhir --server-pid $S --owners 10000 --catch-all 100 --rate 500 --duration 30s --idle 2s --settle 2s $MODE > /tmp/q/pf.txt 2>&1

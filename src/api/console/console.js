@@ -261,6 +261,9 @@ function subscriptionsPage() {
       const byId = new Map(resources(statuses).map(readStatus).map((s) => [s.id, s]));
       const list = resources(found);
       const seen = new Set();
+      // The row before the one being placed: rows already in their place are left where they
+      // are, since moving a node (even onto itself) takes the keyboard focus out of it.
+      let previous = null;
       for (const subscription of list) {
         const id = subscription.id;
         seen.add(id);
@@ -275,7 +278,9 @@ function subscriptionsPage() {
         cells.delivered.textContent = status.delivered ?? '';
         cells.backlog.textContent = status.backlog ?? '';
         cells.error.textContent = status.error || subscription.error || '';
-        body.append(tr);
+        const place = previous ? previous.nextSibling : body.firstChild;
+        if (place !== tr) body.insertBefore(tr, place);
+        previous = tr;
       }
       for (const [id, entry] of rows) {
         if (!seen.has(id)) { entry.plot?.destroy(); entry.tr.remove(); rows.delete(id); }
@@ -626,6 +631,12 @@ document.getElementById('sign-out').addEventListener('click', () => {
   session.signOut();
   location.hash = '#/';
   route();
+});
+// The skip link moves the focus to the page's content. Its `#main` is no route: followed as
+// a link, it would send the hash router to a "Not found" page.
+document.querySelector('.skip').addEventListener('click', (event) => {
+  event.preventDefault();
+  main.focus();
 });
 window.addEventListener('hashchange', route);
 window.addEventListener('pagehide', () => leave());
