@@ -984,4 +984,117 @@ mod tests {
         );
         store.close().await;
     }
+    /// A transaction's creates, written with multi-row INSERTs of every chunk size
+    /// (`tasks::ROW_CHUNKS`), store the rows a single create stores, id and instant aside, and
+    /// their change events follow entry order.
+    #[tokio::test]
+    async fn a_transaction_of_creates_stores_the_rows_single_creates_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let resource = |n: usize| {
+            let mut task = order(&format!("T-{n}"));
+            task["owner"] = json!({ "reference": format!("Practitioner/{}", n % 3) });
+            if n.is_multiple_of(2) {
+                task["authoredOn"] = json!("2026-12-01");
+                task["for"] = json!({ "reference": "Patient/p1" });
+            }
+            task
+        };
+        let single = create(&store, resource(0)).await;
+        // 64 + 16 + 4 + 1 + 1 + 1 Tasks, and a different number of token rows.
+        let entries: Vec<(usize, WriteRequest)> = (0..87)
+            .map(|n| {
+                let request = WriteRequest::Create {
+                    id: Some(TaskId::generate()),
+                    resource: resource(n),
+                    if_none_exist: None,
+                };
+                (n, request)
+            })
+            .collect();
+        let outcomes = store.transaction(entries).await.unwrap();
+        let ids: Vec<TaskId> = outcomes
+            .iter()
+            .map(|o| match o {
+                WriteOutcome::Written(v) => v.id.clone(),
+                other => panic!("not created: {other:?}"),
+            })
+            .collect();
+        let conn = rusqlite::Connection::open(dir.path().join("baton.db")).unwrap();
+        // Each Task's rows, with its id and instant written as placeholders.
+        let rows_of = |id: &TaskId| -> Vec<String> {
+            let instant: String = conn
+                .query_row("SELECT last_updated FROM task WHERE id = ?", [id], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            let queries = [
+                "SELECT 'task', version, deleted, priority_rank, resource, status, owner,
+                   performer, performer_system, due_start, due_end, authored_on
+                 FROM task WHERE id = ?1",
+                "SELECT 'version', version, last_updated, interaction, resource
+                 FROM task_version WHERE id = ?1",
+                "SELECT 'token', param, system, value FROM task_token WHERE task_id = ?1",
+                // `_lastUpdated`'s keys are not the instant's text: counted, not compared.
+                "SELECT 'date', param, start_at, end_at FROM task_date
+                 WHERE task_id = ?1 AND param <> '_lastUpdated'",
+                "SELECT 'last-updated', count(*) FROM task_date
+                 WHERE task_id = ?1 AND param = '_lastUpdated'",
+                "SELECT 'change', resource_type, version, previous_version, interaction,
+                   recorded_at FROM change_event WHERE resource_id = ?1",
+            ];
+            let mut rows = Vec::new();
+            for sql in queries {
+                let mut statement = conn.prepare(sql).unwrap();
+                let found = statement
+                    .query_map([id], |row| {
+                        let values: Vec<String> = (0..row.as_ref().column_count())
+                            .map(|i| {
+                                row.get::<_, rusqlite::types::Value>(i)
+                                    .map(|v| format!("{v:?}"))
+                            })
+                            .collect::<rusqlite::Result<_>>()?;
+                        Ok(values.join("|"))
+                    })
+                    .unwrap()
+                    .collect::<rusqlite::Result<Vec<String>>>()
+                    .unwrap();
+                rows.extend(found);
+            }
+            rows.sort();
+            rows.iter()
+                .map(|row| {
+                    row.replace(id.as_str(), "{id}")
+                        .replace(&instant, "{instant}")
+                })
+                .collect()
+        };
+        // A single create of the same resource: the same rows.
+        assert_eq!(rows_of(&ids[0]), rows_of(&single));
+        for (n, id) in ids.iter().enumerate() {
+            let rows = rows_of(id);
+            let tasks = rows
+                .iter()
+                .filter(|r| r.starts_with("Text(\"task\")"))
+                .count();
+            assert_eq!(tasks, 1, "{rows:?}");
+            assert!(
+                rows.iter().any(|r| r.contains(&format!("T-{n}"))),
+                "{n}: {rows:?}"
+            );
+            assert_eq!(rows.len(), rows_of(&ids[n % 2]).len(), "{n}");
+        }
+        // The change events in entry order, right after the single create's.
+        let order: Vec<String> = conn
+            .prepare("SELECT resource_id FROM change_event ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let mut expected = vec![single.to_string()];
+        expected.extend(ids.iter().map(TaskId::to_string));
+        assert_eq!(order, expected);
+        store.close().await;
+    }
 }

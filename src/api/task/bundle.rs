@@ -56,12 +56,14 @@ use super::write::{
     update_request,
 };
 use crate::api::{
-    AppState, BodyKind, Prefer, fhir_json, parse_if_match_text, parse_json, read_body, subscription,
+    AppState, BodyKind, Prefer, fhir_json_bytes, parse_if_match_text, parse_json, read_body,
+    subscription,
 };
 use crate::auth::{Permission, Principal, Resource};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::interaction::Interaction;
+use crate::fhir::json::write_json;
 use crate::fhir::patch::TaskPatch;
 use crate::store::{CurrentTask, StoredSubscription, StoredVersion, WriteOutcome, WriteRequest};
 
@@ -181,28 +183,20 @@ pub(super) async fn process(
     let prefer = Prefer::from_headers(&headers);
     let bytes = read_body(&state, &headers, body, BodyKind::FhirJson).await?;
     let bundle = parse_json(&bytes)?;
-    let (kind, raw_entries) = bundle_parts(&bundle, state.config.limits.max_transaction_entries)?;
+    let (kind, raw_entries) = bundle_parts(bundle, state.config.limits.max_transaction_entries)?;
     let answers = match kind {
         Kind::Batch => run_batch(&state, &principal, raw_entries).await,
         Kind::Transaction => run_transaction(&state, &principal, raw_entries).await?,
     };
-    let entries: Vec<Value> = answers
-        .into_iter()
-        .map(|answer| entry_json(&state, answer, prefer))
-        .collect();
-    Ok(fhir_json(
+    Ok(fhir_json_bytes(
         StatusCode::OK,
-        &json!({
-            "resourceType": "Bundle",
-            "type": kind.response_type(),
-            "entry": entries,
-        }),
+        response_bundle(&state, kind, answers, prefer),
     ))
 }
 
-/// The Bundle's type and entries, or a 400 for anything that is not a batch or transaction
-/// Bundle, and a 413 past `max_entries`.
-fn bundle_parts(bundle: &Value, max_entries: usize) -> Result<(Kind, &[Value])> {
+/// The Bundle's type and entries, taken out of it, or a 400 for anything that is not a batch
+/// or transaction Bundle, and a 413 past `max_entries`.
+fn bundle_parts(mut bundle: Value, max_entries: usize) -> Result<(Kind, Vec<Value>)> {
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(Error::invalid(
             "Bundle.resourceType",
@@ -222,9 +216,9 @@ fn bundle_parts(bundle: &Value, max_entries: usize) -> Result<(Kind, &[Value])> 
             ));
         }
     };
-    let entries = match bundle.get("entry") {
-        None => &[][..],
-        Some(Value::Array(entries)) => entries.as_slice(),
+    let entries = match bundle.get_mut("entry").map(Value::take) {
+        None => Vec::new(),
+        Some(Value::Array(entries)) => entries,
         Some(_) => {
             return Err(Error::invalid(
                 "Bundle.entry",
@@ -247,12 +241,15 @@ fn bundle_parts(bundle: &Value, max_entries: usize) -> Result<(Kind, &[Value])> 
     Ok((kind, entries))
 }
 
-/// Parses one entry; every error names it.
-fn parse_entry(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry> {
+/// Parses one entry, taking its resource out of it; every error names it.
+fn parse_entry(index: usize, raw: Value, bases: &[&str]) -> Result<Entry> {
     parse_entry_inner(index, raw, bases).map_err(|e| e.in_entry(index))
 }
 
-fn parse_entry_inner(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry> {
+fn parse_entry_inner(index: usize, mut raw: Value, bases: &[&str]) -> Result<Entry> {
+    let resource = raw
+        .as_object_mut()
+        .and_then(|entry| entry.remove("resource"));
     let Some(entry) = raw.as_object() else {
         return Err(Error::bad_request(
             IssueCode::Structure,
@@ -292,7 +289,6 @@ fn parse_entry_inner(index: usize, raw: &Value, bases: &[&str]) -> Result<Entry>
         );
     };
     let target = parse_url(url, bases)?;
-    let resource = entry.get("resource").cloned();
     match (method, &target) {
         (Method::Post, Target::Type | Target::Subscriptions)
         | (
@@ -451,9 +447,9 @@ fn parse_url(url: &str, bases: &[&str]) -> Result<Target> {
 
 /// Runs each entry on its own: one entry's failure is reported in its place and changes
 /// nothing else.
-async fn run_batch(state: &AppState, principal: &Principal, raw: &[Value]) -> Vec<Answer> {
+async fn run_batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> Vec<Answer> {
     let mut answers = Vec::with_capacity(raw.len());
-    for (index, raw) in raw.iter().enumerate() {
+    for (index, raw) in raw.into_iter().enumerate() {
         let answer = match batch_entry(state, principal, index, raw).await {
             Ok(answer) => answer,
             Err(e) => Answer::Failed(e),
@@ -467,7 +463,7 @@ async fn batch_entry(
     state: &AppState,
     principal: &Principal,
     index: usize,
-    raw: &Value,
+    raw: Value,
 ) -> Result<Answer> {
     let mut entry = parse_entry(index, raw, &[&state.link_base, &state.base_url])?;
     require_entry_scope(principal, &entry)?;
@@ -587,10 +583,10 @@ async fn read_entry(state: &AppState, principal: &Principal, entry: &Entry) -> R
 async fn run_transaction(
     state: &AppState,
     principal: &Principal,
-    raw: &[Value],
+    raw: Vec<Value>,
 ) -> Result<Vec<Answer>> {
     let mut entries = Vec::with_capacity(raw.len());
-    for (index, raw) in raw.iter().enumerate() {
+    for (index, raw) in raw.into_iter().enumerate() {
         let entry = parse_entry(index, raw, &[&state.link_base, &state.base_url])?;
         require_entry_scope(principal, &entry)?;
         if entry.method == Method::Get {
@@ -990,9 +986,39 @@ async fn resolve_conditional_references(
     Ok(resolved)
 }
 
+/// Whether a `reference` holds a search (`Type?…`) rather than naming a resource.
+fn is_conditional_reference(reference: &str) -> bool {
+    reference.contains('?') && !reference.starts_with("urn:") && !reference.starts_with('#')
+}
+
+/// Whether a resource holds any conditional reference: the walk of `conditional_references`
+/// without the names of the places it passes, which cost an allocation per element of every
+/// entry when (as nearly always) there is none.
+fn has_conditional_reference(resource: &Value) -> bool {
+    let mut stack = vec![resource];
+    while let Some(value) = stack.pop() {
+        match value {
+            Value::Object(object) => {
+                if let Some(Value::String(reference)) = object.get("reference")
+                    && is_conditional_reference(reference)
+                {
+                    return true;
+                }
+                stack.extend(object.values());
+            }
+            Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// The conditional references in a resource (a `reference` holding a search: `Type?…`), with
 /// where each is (`partOf[0].reference`).
 fn conditional_references(resource: &Value) -> Vec<(String, String)> {
+    if !has_conditional_reference(resource) {
+        return Vec::new();
+    }
     let mut found = Vec::new();
     let mut stack: Vec<(String, &Value)> = vec![(String::new(), resource)];
     while let Some((place, value)) = stack.pop() {
@@ -1003,9 +1029,7 @@ fn conditional_references(resource: &Value) -> Vec<(String, String)> {
         match value {
             Value::Object(object) => {
                 if let Some(Value::String(reference)) = object.get("reference")
-                    && reference.contains('?')
-                    && !reference.starts_with("urn:")
-                    && !reference.starts_with('#')
+                    && is_conditional_reference(reference)
                 {
                     found.push((join("reference"), reference.clone()));
                 }
@@ -1113,9 +1137,76 @@ fn rewrite_references(
     Ok(())
 }
 
+/// The answering Bundle, written as text: an entry that stands for a Task version (every
+/// entry of a transaction of creates) straight to JSON (`write_version_entry`), any other
+/// through `entry_json`. Building each entry as a `Value` first cost an allocation per key
+/// and per string of every entry.
+fn response_bundle(state: &AppState, kind: Kind, answers: Vec<Answer>, prefer: Prefer) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 * answers.len() + 64);
+    out.extend_from_slice(br#"{"resourceType":"Bundle","type":"#);
+    write_json(&mut out, &kind.response_type());
+    out.extend_from_slice(br#","entry":["#);
+    for (n, answer) in answers.into_iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        match answer {
+            Answer::Version {
+                status,
+                id,
+                version,
+                last_updated,
+                resource,
+            } if !prefer.outcome => {
+                let resource = resource.filter(|_| !prefer.minimal);
+                write_version_entry(
+                    &mut out,
+                    &state.link_base,
+                    status,
+                    &id,
+                    version,
+                    &last_updated,
+                    resource.as_ref(),
+                );
+            }
+            answer => write_json(&mut out, &entry_json(&state.link_base, answer, prefer)),
+        }
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// What `entry_json` makes of a Task version without `Prefer: return=OperationOutcome`, key
+/// for key (`tests::version_entries_are_written_as_entry_json_builds_them`).
+fn write_version_entry(
+    out: &mut Vec<u8>,
+    link_base: &str,
+    status: StatusCode,
+    id: &TaskId,
+    version: Version,
+    last_updated: &StoredInstant,
+    resource: Option<&Value>,
+) {
+    out.extend_from_slice(br#"{"fullUrl":"#);
+    write_json(out, &format!("{link_base}/Task/{id}"));
+    if let Some(resource) = resource {
+        out.extend_from_slice(br#","resource":"#);
+        write_json(out, resource);
+    }
+    out.extend_from_slice(br#","response":{"status":"#);
+    write_json(out, &status_line(status));
+    out.extend_from_slice(br#","location":"#);
+    write_json(out, &format!("Task/{id}/_history/{version}"));
+    out.extend_from_slice(br#","etag":"#);
+    write_json(out, &format!("W/\"{version}\""));
+    out.extend_from_slice(br#","lastModified":"#);
+    write_json(out, last_updated);
+    out.extend_from_slice(b"}}");
+}
+
 /// An entry of the answering Bundle: `response` (status, location, etag, lastModified,
 /// outcome) and `resource` as `Prefer: return=` asks.
-fn entry_json(state: &AppState, answer: Answer, prefer: Prefer) -> Value {
+fn entry_json(link_base: &str, answer: Answer, prefer: Prefer) -> Value {
     let mut response = Map::new();
     let mut entry = Map::new();
     match answer {
@@ -1133,10 +1224,7 @@ fn entry_json(state: &AppState, answer: Answer, prefer: Prefer) -> Value {
             );
             response.insert("etag".into(), json!(format!("W/\"{version}\"")));
             response.insert("lastModified".into(), json!(last_updated));
-            entry.insert(
-                "fullUrl".into(),
-                json!(format!("{}/Task/{id}", state.link_base)),
-            );
+            entry.insert("fullUrl".into(), json!(format!("{link_base}/Task/{id}")));
             if prefer.outcome {
                 response.insert(
                     "outcome".into(),
@@ -1170,7 +1258,7 @@ fn entry_json(state: &AppState, answer: Answer, prefer: Prefer) -> Value {
             response.insert("etag".into(), json!(format!("W/\"{version}\"")));
             entry.insert(
                 "fullUrl".into(),
-                json!(format!("{}/Subscription/{id}", state.link_base)),
+                json!(format!("{link_base}/Subscription/{id}")),
             );
             if !prefer.minimal {
                 entry.insert("resource".into(), resource);
@@ -1275,6 +1363,61 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// An entry written as text is the entry `entry_json` builds, whatever `Prefer: return`
+    /// leaves of it, and the whole answer is one JSON document.
+    #[test]
+    fn version_entries_are_written_as_entry_json_builds_them() {
+        let answer = |status, resource: Option<Value>| Answer::Version {
+            status,
+            id: TaskId::parse("t1").unwrap(),
+            version: Version::new(3),
+            last_updated: StoredInstant::parse("2026-12-07T10:00:00.000001Z").unwrap(),
+            resource,
+        };
+        let task = json!({ "resourceType": "Task", "id": "t1", "description": "\"quoted\" é" });
+        let base = "http://localhost/fhir \"x\"";
+        for (status, resource) in [
+            (StatusCode::CREATED, Some(task.clone())),
+            (StatusCode::OK, Some(task)),
+            (StatusCode::OK, None),
+        ] {
+            for minimal in [false, true] {
+                let prefer = Prefer {
+                    minimal,
+                    ..Prefer::default()
+                };
+                let Answer::Version {
+                    status,
+                    id,
+                    version,
+                    last_updated,
+                    resource: shown,
+                } = answer(status, resource.clone())
+                else {
+                    unreachable!()
+                };
+                let mut out = Vec::new();
+                let shown = shown.filter(|_| !prefer.minimal);
+                write_version_entry(
+                    &mut out,
+                    base,
+                    status,
+                    &id,
+                    version,
+                    &last_updated,
+                    shown.as_ref(),
+                );
+                let expected =
+                    serde_json::to_vec(&entry_json(base, answer(status, resource.clone()), prefer))
+                        .unwrap();
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    String::from_utf8(expected).unwrap()
+                );
+            }
+        }
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! connection (rusqlite), inside its transaction, and the If-None-Exist search the read pool
 //! (sqlx) runs before it.
 //!
-//! Every statement of the writer is fixed text, prepared once and kept (`prepare_cached`); a
-//! Task's index rows are written one row at a time through the same prepared insert, which
-//! costs no more than a multi-row statement once nothing crosses a thread per statement.
+//! Every statement of the writer is fixed text, prepared once and kept (`prepare_cached`). A
+//! single write's rows go in one statement per row; a transaction's plain creates
+//! (`put_versions`) go in multi-row INSERTs of a few fixed sizes, which cut the writer's CPU
+//! per Task on 100-entry transaction Bundles by about a fifth (BENCHMARKS.md, issue 17).
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -128,6 +129,19 @@ impl TaskTx for Connection {
         )
     }
 
+    /// A transaction's plain creates: each table's rows in a few multi-row INSERTs
+    /// (`insert_rows`) instead of a statement per row, the change events in the order given.
+    /// A version of a Task that had rows (a create after a delete) takes `put_version`.
+    async fn put_versions(&mut self, versions: &[NewVersion<'_>]) -> Result<()> {
+        if versions.len() < 2 || versions.iter().any(|v| v.existed) {
+            for version in versions {
+                self.put_version(version).await?;
+            }
+            return Ok(());
+        }
+        insert_new_tasks(self, versions)
+    }
+
     async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
         self.prepare_cached(
             "UPDATE task SET version = ?, last_updated = ?, deleted = 1 WHERE id = ?",
@@ -212,6 +226,163 @@ pub(super) fn insert_audit(conn: &Connection, record: &crate::audit::AuditRecord
         record.entity,
         record.facts
     ])?;
+    Ok(())
+}
+
+/// A multi-row INSERT of one table: its text for each size of `ROW_CHUNKS`.
+struct RowsInsert {
+    /// The statement for `ROW_CHUNKS[i]` rows.
+    sql: [String; ROW_CHUNKS.len()],
+}
+
+/// How many rows one INSERT of `insert_rows` carries: a batch goes out in the largest first,
+/// so that a few fixed statement texts stay prepared (`writer::STATEMENT_CACHE`) whatever the
+/// batch's size. 64 rows of the widest table bind 768 values, far below SQLite's limit.
+const ROW_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+impl RowsInsert {
+    /// `head` is `INSERT … VALUES`, `row` one row's placeholders, e.g. `(?, ?, 'x')`.
+    fn new(head: &str, row: &str) -> RowsInsert {
+        RowsInsert {
+            sql: ROW_CHUNKS.map(|n| format!("{head} {}", vec![row; n].join(", "))),
+        }
+    }
+}
+
+/// Inserts `count` rows through `insert`, the values of row `i` pushed by `bind(i, …)` in the
+/// order of its placeholders; the rows go in in order.
+fn insert_rows<'a>(
+    conn: &Connection,
+    insert: &RowsInsert,
+    count: usize,
+    mut bind: impl FnMut(usize, &mut Vec<&'a dyn ToSql>),
+) -> Result<()> {
+    let mut done = 0;
+    let mut values: Vec<&'a dyn ToSql> = Vec::new();
+    for (size, sql) in ROW_CHUNKS.iter().zip(&insert.sql) {
+        if count - done < *size {
+            continue;
+        }
+        let mut statement = conn.prepare_cached(sql)?;
+        while count - done >= *size {
+            values.clear();
+            for row in done..done + size {
+                bind(row, &mut values);
+            }
+            statement.execute(values.as_slice())?;
+            done += size;
+        }
+    }
+    Ok(())
+}
+
+// `INSERT OR FAIL`: a multi-row INSERT that may abort would otherwise copy every page it
+// touches into a statement journal first, to undo its own earlier rows; here a failure fails
+// the whole transaction job, which its savepoint undoes.
+static NEW_TASK_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
+    RowsInsert::new(
+        "INSERT OR FAIL INTO task (id, version, last_updated, deleted, priority_rank, resource,
+           status, owner, performer, performer_system, due_start, due_end, authored_on) VALUES",
+        "(?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+});
+static VERSION_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
+    RowsInsert::new(
+        "INSERT OR FAIL INTO task_version (id, version, last_updated, interaction, resource) VALUES",
+        "(?, ?, ?, ?, ?)",
+    )
+});
+static TOKEN_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
+    RowsInsert::new(
+        "INSERT OR FAIL INTO task_token (task_id, param, system, value) VALUES",
+        "(?, ?, ?, ?)",
+    )
+});
+static DATE_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
+    RowsInsert::new(
+        "INSERT OR FAIL INTO task_date (task_id, param, start_at, end_at) VALUES",
+        "(?, ?, ?, ?)",
+    )
+});
+static CHANGE_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
+    RowsInsert::new(
+        "INSERT OR FAIL INTO change_event (resource_type, resource_id, version, previous_version,
+           interaction, recorded_at, traceparent) VALUES",
+        "('Task', ?, ?, ?, ?, ?, ?)",
+    )
+});
+
+/// Writes versions of Tasks that have no rows yet, as `put_version` writes each: the rows of
+/// each table together, the change events (and their AuditEvents) in the order given, so
+/// their `seq`s ascend in that order.
+fn insert_new_tasks(conn: &Connection, versions: &[NewVersion<'_>]) -> Result<()> {
+    let interactions: Vec<&'static str> = versions.iter().map(|v| v.interaction.as_str()).collect();
+    insert_rows(conn, &NEW_TASK_ROWS, versions.len(), |i, out| {
+        let v = &versions[i];
+        let c = v.columns;
+        out.extend_from_slice(&[
+            v.id as &dyn ToSql,
+            &v.version,
+            v.last_updated,
+            &v.priority_rank,
+            &v.text,
+            &c.status,
+            &c.owner,
+            &c.performer,
+            &c.performer_system,
+            &c.due_start,
+            &c.due_end,
+            &c.authored_on,
+        ]);
+    })?;
+    insert_rows(conn, &VERSION_ROWS, versions.len(), |i, out| {
+        let v = &versions[i];
+        out.extend_from_slice(&[
+            v.id as &dyn ToSql,
+            &v.version,
+            v.last_updated,
+            &interactions[i],
+            &v.text,
+        ]);
+    })?;
+    let tokens: Vec<(&TaskId, &TokenEntry)> = versions
+        .iter()
+        .flat_map(|v| v.index.tokens.iter().map(move |t| (v.id, t)))
+        .collect();
+    insert_rows(conn, &TOKEN_ROWS, tokens.len(), |i, out| {
+        let (id, token) = tokens[i];
+        out.extend_from_slice(&[id as &dyn ToSql, &token.param, &token.system, &token.value]);
+    })?;
+    let dates: Vec<(&TaskId, &DateEntry)> = versions
+        .iter()
+        .flat_map(|v| v.index.dates.iter().map(move |d| (v.id, d)))
+        .collect();
+    insert_rows(conn, &DATE_ROWS, dates.len(), |i, out| {
+        let (id, date) = dates[i];
+        out.extend_from_slice(&[id as &dyn ToSql, &date.param, &date.start, &date.end]);
+    })?;
+    // The writer runs each job in the trace of the request that submitted it.
+    let trace = current_trace().map(|t| t.header());
+    insert_rows(conn, &CHANGE_ROWS, versions.len(), |i, out| {
+        let v = &versions[i];
+        out.extend_from_slice(&[
+            v.id as &dyn ToSql,
+            &v.version,
+            &v.previous_version,
+            &interactions[i],
+            v.last_updated,
+            &trace,
+        ]);
+    })?;
+    // And in the audit facts of that request: each AuditEvent commits with its change.
+    if let Some(audit) = crate::audit::current() {
+        for v in versions {
+            insert_audit(
+                conn,
+                &audit.task_change(v.id, v.version, v.interaction, v.last_updated),
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -44,8 +44,9 @@ use crate::supervise;
 use crate::trace::{TraceContext, in_trace};
 
 /// Statements kept prepared on the writer's connection. Every statement it runs is fixed
-/// text (there are about 30), so all of them stay prepared.
-const STATEMENT_CACHE: usize = 64;
+/// text (about 30, and the multi-row inserts of a transaction's creates in four sizes each,
+/// `tasks::ROW_CHUNKS`), so all of them stay prepared.
+const STATEMENT_CACHE: usize = 96;
 
 /// A unit of work for the writer. Hub writes share the writer with Task writes so that
 /// SQLite sees one writer and every kind of write benefits from group commit.

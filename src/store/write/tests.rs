@@ -30,6 +30,8 @@ enum Step {
         version: i64,
         previous_version: i64,
     },
+    /// `put_versions`: the ids written together, in order.
+    PutTogether(Vec<String>),
 }
 
 /// A backend that keeps Tasks in memory and records each statement asked of it.
@@ -116,6 +118,19 @@ impl TaskTx for Fake {
             resource: serde_json::from_str(v.text).unwrap(),
         };
         self.tasks.insert(task.id.to_string(), task);
+        Ok(())
+    }
+
+    async fn put_versions(&mut self, versions: &[NewVersion<'_>]) -> Result<()> {
+        self.steps.push(Step::PutTogether(
+            versions.iter().map(|v| v.id.to_string()).collect(),
+        ));
+        for v in versions {
+            assert!(!v.existed && v.previous_version.is_none(), "{v:?}");
+            self.put_version(v).await?;
+            // Counted once, as the `PutTogether` above.
+            self.steps.pop();
+        }
         Ok(())
     }
 
@@ -489,6 +504,70 @@ fn single_puts_are_plain_creates() {
     for (name, write, single) in cases {
         assert_eq!(is_single_put(&write), single, "{name}");
     }
+}
+
+/// A transaction's consecutive plain creates are written together, after what came before
+/// them and before any write that reads, so that every read sees the entries before it and
+/// the change events follow entry order; the outcomes come in entry order.
+#[tokio::test]
+async fn a_transaction_writes_its_plain_creates_together_between_its_reads() {
+    let create = |id: &str| {
+        Prepared::Write(TaskWrite::Create {
+            id: TaskId::parse(id).unwrap(),
+            resource: json!({
+                "resourceType": "Task", "status": "requested", "intent": "order",
+                "owner": { "reference": OWNER },
+            }),
+            staged: None,
+        })
+    };
+    fn put() -> Result<Decision> {
+        Ok(Decision::Put(json!({
+            "resourceType": "Task", "status": "in-progress", "intent": "order",
+        })))
+    }
+    let writes = vec![
+        (0, create("n1")),
+        (1, create("n2")),
+        (2, Prepared::Write(change("a", put))),
+        (3, create("n3")),
+        (4, Prepared::Answered(WriteOutcome::Unchanged)),
+        (5, create("n4")),
+        (6, create("n5")),
+    ];
+    let mut tx = Fake::with([task("a", 1, "requested")]);
+    let outcomes = apply_transaction(&mut tx, writes, BASE).await.unwrap();
+    let together = |ids: &[&str]| Step::PutTogether(ids.iter().map(|id| id.to_string()).collect());
+    assert_eq!(
+        tx.steps,
+        [
+            together(&["n1", "n2"]),
+            Step::Load("a".into()),
+            put_step("a", 2, Some(1), true),
+            together(&["n3", "n4", "n5"]),
+        ]
+    );
+    let answered: Vec<Option<(String, i64)>> = outcomes
+        .iter()
+        .map(|o| match o {
+            WriteOutcome::Written(v) => Some((v.id.to_string(), v.version.get())),
+            _ => None,
+        })
+        .collect();
+    let written = |id: &str, v| Some((id.to_string(), v));
+    assert_eq!(
+        answered,
+        [
+            written("n1", 1),
+            written("n2", 1),
+            written("a", 2),
+            written("n3", 1),
+            None,
+            written("n4", 1),
+            written("n5", 1),
+        ]
+    );
+    assert_eq!(tx.tasks["n5"].resource["meta"]["versionId"], "1");
 }
 
 /// A create staged before its transaction is stored byte for byte as one worked out inside
