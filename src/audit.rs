@@ -3,16 +3,28 @@
 //!
 //! The API opens a `RequestAudit` for every FHIR request (a task-local, like the trace
 //! context): the node, the caller's network address, and, once the bearer token is verified,
-//! the agent. A Task write's AuditEvent is built by the store from it and written beside the
-//! change event, so the change and its AuditEvent commit together; reads, searches,
+//! the agent. A Task write's AuditEvent is recorded by the store from it and written beside
+//! the change event, so the change and its AuditEvent commit together; reads, searches,
 //! Subscription changes and refusals are recorded by the API after the response is known.
 //! The builders here are pure: they take the time and the facts, and never see a token, a
 //! secret or a request header.
+//!
+//! **What is stored is the facts, not the resource.** Most of an AuditEvent is the same text
+//! for every event of a kind (the codings of `type`, `agent.type`, `source.type`,
+//! `entity.type` and `role`). A record keeps what varies: the searched columns (`recorded`,
+//! `type`, `subtype`, `outcome`, `agent`, `entity`) and the rest of the facts in a short JSON
+//! object (`StoredFacts`, ~100 bytes against ~1 KB for the resource). `expand` writes the
+//! AuditEvent from a row when it is read, byte for byte what was written before the facts
+//! were stored instead (the `tests` hold both to the `Value` forms). The row is what every
+//! audited write, search and delivery attempt pays for in the SQLite writer's pages and WAL
+//! (BENCHMARKS.md, "The audit trail's cost").
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::auth::Principal;
@@ -91,8 +103,6 @@ pub struct RequestAudit {
     pub patch: bool,
     /// The verified caller; unset until (unless) a bearer token is verified.
     agent: OnceLock<AuditAgent>,
-    /// The AuditEvent `agent` entry of the verified caller, written once (`record`).
-    agent_json: OnceLock<Vec<u8>>,
 }
 
 impl RequestAudit {
@@ -102,7 +112,6 @@ impl RequestAudit {
             address,
             patch,
             agent: OnceLock::new(),
-            agent_json: OnceLock::new(),
         }
     }
 
@@ -110,7 +119,7 @@ impl RequestAudit {
         self.agent.get()
     }
 
-    /// The AuditEvent of one Task version a write stored, built inside its transaction.
+    /// The AuditEvent of one Task version a write stored, recorded inside its transaction.
     pub fn task_change(
         &self,
         id: &TaskId,
@@ -131,14 +140,10 @@ impl RequestAudit {
         self.record(subtype, AuditOutcome::Success, recorded, Some(entity), None)
     }
 
-    /// An AuditEvent of this request.
-    ///
-    /// Written straight to JSON text rather than built as a `Value` and serialised: a Task
-    /// write's AuditEvent is built on the SQLite writer's thread, inside its transaction,
-    /// and the `Value` form was ~15 % of that thread's time on transaction Bundles
-    /// (BENCHMARKS.md, issue 17). The keys come in the order of `record_value` (the
-    /// reference form, kept in the tests), and
-    /// `tests::records_are_written_as_serde_json_writes_their_value` holds the two together.
+    /// An AuditEvent of this request, as the store keeps it: its search columns and the
+    /// facts `expand` writes the rest of the resource from. A Task write's record is made on
+    /// the SQLite writer's thread, inside its transaction, so this stays small: one short
+    /// JSON object, no resource text.
     pub fn record(
         &self,
         subtype: &str,
@@ -148,79 +153,74 @@ impl RequestAudit {
         outcome_desc: Option<&str>,
     ) -> AuditRecord {
         let agent = self.agent();
-        let mut out = Vec::with_capacity(1024);
-        start_event(
-            &mut out,
-            recorded,
-            (TYPE_SYSTEM, TYPE_REST, "Restful Operation"),
-            (SUBTYPE_SYSTEM, subtype),
-        );
-        out.extend_from_slice(br#","action":"#);
-        write_json(&mut out, &action_of(subtype));
-        out.extend_from_slice(br#","recorded":"#);
-        write_json(&mut out, &recorded.as_str());
-        out.extend_from_slice(br#","outcome":"#);
-        write_json(&mut out, &outcome.code());
-        out.extend_from_slice(br#","agent":["#);
-        match agent {
-            // The agent is set once and never changes, so its JSON is written once for all
-            // the AuditEvents of the request (a transaction Bundle has one per entry).
-            Some(_) => out.extend_from_slice(
-                self.agent_json
-                    .get_or_init(|| agent_json(agent, self.address.as_deref())),
-            ),
-            None => out.extend_from_slice(&agent_json(None, self.address.as_deref())),
-        }
-        out.extend_from_slice(br#"],"source":{"observer":{"display":"#);
-        write_json(&mut out, &self.node);
-        out.extend_from_slice(
-            br#"},"type":[{"system":"http://terminology.hl7.org/CodeSystem/security-source-type","code":"4","display":"Application Server"}]}"#,
-        );
-        if let Some(desc) = outcome_desc {
-            out.extend_from_slice(br#","outcomeDesc":"#);
-            write_json(&mut out, &desc);
-        }
-        let entity_key = entity.as_ref().and_then(AuditEntity::search_key);
-        if let Some(entity) = &entity {
-            out.extend_from_slice(br#","entity":["#);
-            entity.write_json(&mut out);
-            out.push(b']');
-        }
-        out.push(b'}');
+        // Only a token without `fhirUser` is named by its `sub` (and `iss`).
+        let by_subject = agent.filter(|a| a.fhir_user.is_none());
+        let (version, query_type, query) = match &entity {
+            Some(AuditEntity::Resource { version, .. }) => (version.as_deref(), None, None),
+            Some(AuditEntity::Query {
+                resource_type,
+                query,
+            }) => (None, Some(resource_type.as_str()), Some(query.as_str())),
+            None => (None, None, None),
+        };
+        let facts = StoredFacts {
+            node: Cow::Borrowed(&self.node),
+            address: self.address.as_deref().map(Cow::Borrowed),
+            fhir_user: agent
+                .and_then(|a| a.fhir_user.as_deref())
+                .map(Cow::Borrowed),
+            subject: by_subject.map(|a| Cow::Borrowed(a.subject.as_str())),
+            issuer: by_subject
+                .and_then(|a| a.issuer.as_deref())
+                .map(Cow::Borrowed),
+            role: agent.map(|a| Cow::Borrowed(a.role)),
+            version: version.map(Cow::Borrowed),
+            query_type: query_type.map(Cow::Borrowed),
+            query: query.map(Cow::Borrowed),
+            description: outcome_desc.map(Cow::Borrowed),
+            ..StoredFacts::default()
+        };
         AuditRecord {
             type_code: TYPE_REST,
             recorded: recorded.clone(),
             subtype: subtype.to_string(),
             outcome: outcome.code(),
             agent: agent.map(AuditAgent::search_key),
-            entity: entity_key,
-            // Only `&str`s and `Value`s went in, each written by serde_json.
-            resource: String::from_utf8(out).unwrap_or_default(),
+            entity: entity.as_ref().and_then(AuditEntity::search_key),
+            facts: facts.to_text(),
         }
     }
 }
 
+/// The agent of a request's AuditEvent, borrowed from a `RequestAudit` or a stored row.
+#[derive(Debug, Clone, Copy)]
+struct AgentRef<'a> {
+    fhir_user: Option<&'a str>,
+    issuer: Option<&'a str>,
+    subject: &'a str,
+    role: &'a str,
+}
+
 /// The JSON of an AuditEvent's `agent` entry for a request by `agent` (None: before any
 /// token was verified) from `address`.
-fn agent_json(agent: Option<&AuditAgent>, address: Option<&str>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(384);
+fn write_agent(out: &mut Vec<u8>, agent: Option<AgentRef<'_>>, address: Option<&str>) {
     out.extend_from_slice(
         br#"{"type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ParticipationType","code":"IRCP","display":"information recipient"}]},"who":{"#,
     );
     match agent {
-        Some(AuditAgent {
+        Some(AgentRef {
             fhir_user: Some(user),
             ..
         }) => {
             out.extend_from_slice(br#""reference":"#);
-            write_json(&mut out, user);
+            write_json(out, &user);
         }
         Some(agent) => {
             out.extend_from_slice(br#""identifier":{"value":"#);
-            write_json(&mut out, &agent.subject);
-            if let Some(issuer) = &agent.issuer {
+            write_json(out, &agent.subject);
+            if let Some(issuer) = agent.issuer {
                 out.extend_from_slice(br#","system":"#);
-                write_json(&mut out, issuer);
+                write_json(out, &issuer);
             }
             out.push(b'}');
         }
@@ -229,16 +229,15 @@ fn agent_json(agent: Option<&AuditAgent>, address: Option<&str>) -> Vec<u8> {
     out.extend_from_slice(br#"},"requestor":true"#);
     if let Some(agent) = agent {
         out.extend_from_slice(br#","role":[{"text":"#);
-        write_json(&mut out, &agent.role);
+        write_json(out, &agent.role);
         out.extend_from_slice(b"}]");
     }
     if let Some(address) = address {
         out.extend_from_slice(br#","network":{"address":"#);
-        write_json(&mut out, &address);
+        write_json(out, &address);
         out.extend_from_slice(br#","type":"2"}"#);
     }
     out.push(b'}');
-    out
 }
 
 /// What an AuditEvent is about.
@@ -266,7 +265,7 @@ impl AuditEntity {
     }
 
     /// Writes what `serde_json` writes for `to_json`, without building a resource's as a
-    /// `Value` (a Task write's AuditEvent has one; see `RequestAudit::record`).
+    /// `Value`.
     fn write_json(&self, out: &mut Vec<u8>) {
         match self {
             AuditEntity::Resource { reference, version } => {
@@ -344,45 +343,71 @@ pub struct DeliveryFacts<'a> {
     /// `rest-hook` or `message`.
     pub channel: &'a str,
     pub endpoint_host: Option<&'a str>,
-    pub duration_ms: u128,
+    pub duration_ms: u64,
     /// The channel's failure (`HTTP 503`, `connection refused…`); None when delivered.
     pub error: Option<&'a str>,
 }
 
-/// The AuditEvent of one delivery attempt: the node is the agent, the Subscription the
-/// entity, the attempt's facts its details.
-///
-/// Written straight to JSON text, as `RequestAudit::record` writes a request's: the hub
-/// records one per attempt, thousands a second under load. The keys come in the order of
-/// the `Value` form kept in the tests (`delivery_value`), and
-/// `tests::delivery_attempts_are_written_as_serde_json_writes_their_value` holds the two
-/// together.
+/// The AuditEvent of one delivery attempt (the node is the agent, the Subscription the
+/// entity, the attempt's facts its details), as the store keeps it. The hub records one
+/// per attempt, thousands a second under load, all through the one SQLite writer beside the
+/// Task writes: the stored facts are a few dozen bytes.
 pub fn delivery_attempt(facts: &DeliveryFacts<'_>, recorded: &StoredInstant) -> AuditRecord {
     let outcome = if facts.error.is_some() {
         AuditOutcome::SeriousFailure
     } else {
         AuditOutcome::Success
     };
-    let subscription = format!("Subscription/{}", facts.subscription);
-    let mut out = Vec::with_capacity(1024);
+    let stored = StoredFacts {
+        node: Cow::Borrowed(facts.node),
+        channel: Some(Cow::Borrowed(facts.channel)),
+        endpoint_host: facts.endpoint_host.map(Cow::Borrowed),
+        duration_ms: Some(facts.duration_ms),
+        events: facts.events,
+        description: facts.error.map(Cow::Borrowed),
+        ..StoredFacts::default()
+    };
+    AuditRecord {
+        type_code: TYPE_TRANSMIT,
+        recorded: recorded.clone(),
+        subtype: facts.kind.to_string(),
+        outcome: outcome.code(),
+        agent: None,
+        entity: Some(format!("Subscription/{}", facts.subscription)),
+        facts: stored.to_text(),
+    }
+}
+
+/// Writes a delivery attempt's AuditEvent. The keys come in the order of the `Value` form
+/// kept in the tests (`delivery_value`), and
+/// `tests::delivery_attempts_expand_to_what_serde_json_writes_for_their_value` holds the
+/// two together.
+fn write_delivery_event(
+    out: &mut Vec<u8>,
+    id: &str,
+    recorded: &str,
+    outcome: &str,
+    facts: &DeliveryFacts<'_>,
+) {
     start_event(
-        &mut out,
+        out,
+        id,
         recorded,
         (DELIVERY_SYSTEM, TYPE_TRANSMIT, "Notification sent"),
         (DELIVERY_SYSTEM, facts.kind),
     );
     out.extend_from_slice(br#","action":"E","recorded":"#);
-    write_json(&mut out, &recorded.as_str());
+    write_json(out, &recorded);
     out.extend_from_slice(br#","outcome":"#);
-    write_json(&mut out, &outcome.code());
+    write_json(out, &outcome);
     out.extend_from_slice(br#","agent":[{"who":{"display":"#);
-    write_json(&mut out, &facts.node);
+    write_json(out, &facts.node);
     out.extend_from_slice(br#"},"requestor":false}],"source":{"observer":{"display":"#);
-    write_json(&mut out, &facts.node);
+    write_json(out, &facts.node);
     out.extend_from_slice(
         br#"},"type":[{"system":"http://terminology.hl7.org/CodeSystem/security-source-type","code":"4","display":"Application Server"}]},"entity":[{"what":{"reference":"#,
     );
-    write_json(&mut out, &subscription);
+    write_json(out, &format_args!("Subscription/{}", facts.subscription));
     out.extend_from_slice(
         br#"},"type":{"system":"http://terminology.hl7.org/CodeSystem/audit-entity-type","code":"2","display":"System Object"},"detail":["#,
     );
@@ -396,34 +421,72 @@ pub fn delivery_attempt(facts: &DeliveryFacts<'_>, recorded: &StoredInstant) -> 
         write_json(out, &format_args!("{value}"));
         out.push(b'}');
     };
-    detail(&mut out, true, "notification-type", &facts.kind);
-    detail(&mut out, false, "channel", &facts.channel);
-    detail(&mut out, false, "duration-ms", &facts.duration_ms);
+    detail(out, true, "notification-type", &facts.kind);
+    detail(out, false, "channel", &facts.channel);
+    detail(out, false, "duration-ms", &facts.duration_ms);
     if let Some((from, to)) = facts.events {
-        detail(&mut out, false, "events", &format_args!("{from}..{to}"));
+        detail(out, false, "events", &format_args!("{from}..{to}"));
     }
     if let Some(host) = facts.endpoint_host {
-        detail(&mut out, false, "endpoint-host", &host);
+        detail(out, false, "endpoint-host", &host);
     }
     if let Some(error) = facts.error {
-        detail(&mut out, false, "error", &error);
+        detail(out, false, "error", &error);
     }
     out.extend_from_slice(b"]}]");
     if let Some(error) = facts.error {
         out.extend_from_slice(br#","outcomeDesc":"#);
-        write_json(&mut out, &error);
+        write_json(out, &error);
     }
     out.push(b'}');
-    AuditRecord {
-        type_code: TYPE_TRANSMIT,
-        recorded: recorded.clone(),
-        subtype: facts.kind.to_string(),
-        outcome: outcome.code(),
-        agent: None,
-        entity: Some(subscription),
-        // Only `&str`s and numbers went in, each written by serde_json.
-        resource: String::from_utf8(out).unwrap_or_default(),
+}
+
+/// A request's AuditEvent, as `write_request_event` writes it.
+struct RequestEvent<'a> {
+    node: &'a str,
+    address: Option<&'a str>,
+    agent: Option<AgentRef<'a>>,
+    subtype: &'a str,
+    outcome: &'a str,
+    recorded: &'a str,
+    entity: Option<&'a AuditEntity>,
+    outcome_desc: Option<&'a str>,
+}
+
+/// Writes a request's AuditEvent. The keys come in the order of `record_value` (the
+/// reference form, kept in the tests), and
+/// `tests::records_expand_to_what_serde_json_writes_for_their_value` holds the two together.
+fn write_request_event(out: &mut Vec<u8>, id: &str, event: &RequestEvent<'_>) {
+    start_event(
+        out,
+        id,
+        event.recorded,
+        (TYPE_SYSTEM, TYPE_REST, "Restful Operation"),
+        (SUBTYPE_SYSTEM, event.subtype),
+    );
+    out.extend_from_slice(br#","action":"#);
+    write_json(out, &action_of(event.subtype));
+    out.extend_from_slice(br#","recorded":"#);
+    write_json(out, &event.recorded);
+    out.extend_from_slice(br#","outcome":"#);
+    write_json(out, &event.outcome);
+    out.extend_from_slice(br#","agent":["#);
+    write_agent(out, event.agent, event.address);
+    out.extend_from_slice(br#"],"source":{"observer":{"display":"#);
+    write_json(out, &event.node);
+    out.extend_from_slice(
+        br#"},"type":[{"system":"http://terminology.hl7.org/CodeSystem/security-source-type","code":"4","display":"Application Server"}]}"#,
+    );
+    if let Some(desc) = event.outcome_desc {
+        out.extend_from_slice(br#","outcomeDesc":"#);
+        write_json(out, &desc);
     }
+    if let Some(entity) = event.entity {
+        out.extend_from_slice(br#","entity":["#);
+        entity.write_json(out);
+        out.push(b']');
+    }
+    out.push(b'}');
 }
 
 /// The CRUDE action of an interaction.
@@ -438,7 +501,8 @@ fn action_of(subtype: &str) -> &'static str {
     }
 }
 
-/// One AuditEvent as the store keeps it: the resource and the columns its search reads.
+/// One AuditEvent as the store keeps it: the columns its search reads, and the rest of its
+/// facts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
     /// `AuditEvent.type` code: `rest` for requests, `transmit` for delivery attempts.
@@ -450,8 +514,164 @@ pub struct AuditRecord {
     pub agent: Option<String>,
     /// The entity's reference without its version.
     pub entity: Option<String>,
-    /// The AuditEvent, compact JSON.
-    pub resource: String,
+    /// The facts the columns do not hold (`StoredFacts`, compact JSON), stored in the row's
+    /// `resource` column; `expand` writes the AuditEvent from them and the columns.
+    pub facts: String,
+}
+
+/// How the stored facts of an AuditEvent begin (the form's number is always the first key),
+/// where a row written before they were stored begins with `{"resourceType":`.
+pub const FACTS_START: &str = r#"{"f":"#;
+
+/// The facts of an AuditEvent that its row's columns do not hold, as stored. Short keys: the
+/// object is written for every audited request and delivery attempt. A key is left out when
+/// its fact is absent.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StoredFacts<'a> {
+    /// The form's number (1), first so that a row's text tells its form (`FACTS_START`).
+    #[serde(rename = "f")]
+    form: Form,
+    /// The node that recorded it: `source.observer`, and a delivery attempt's agent.
+    #[serde(rename = "n", borrow)]
+    node: Cow<'a, str>,
+    /// The caller's address (`agent.network.address`).
+    #[serde(rename = "a", borrow, default, skip_serializing_if = "Option::is_none")]
+    address: Option<Cow<'a, str>>,
+    /// The caller's `fhirUser`.
+    #[serde(rename = "u", borrow, default, skip_serializing_if = "Option::is_none")]
+    fhir_user: Option<Cow<'a, str>>,
+    /// The caller's `sub`, for a token without `fhirUser`.
+    #[serde(rename = "s", borrow, default, skip_serializing_if = "Option::is_none")]
+    subject: Option<Cow<'a, str>>,
+    /// The caller's `iss`, for a token without `fhirUser`.
+    #[serde(rename = "i", borrow, default, skip_serializing_if = "Option::is_none")]
+    issuer: Option<Cow<'a, str>>,
+    /// The caller's role; present whenever a token was verified.
+    #[serde(rename = "r", borrow, default, skip_serializing_if = "Option::is_none")]
+    role: Option<Cow<'a, str>>,
+    /// The version of the entity the `entity` column names.
+    #[serde(rename = "v", borrow, default, skip_serializing_if = "Option::is_none")]
+    version: Option<Cow<'a, str>>,
+    /// A search's resource type; present for a query entity.
+    #[serde(rename = "t", borrow, default, skip_serializing_if = "Option::is_none")]
+    query_type: Option<Cow<'a, str>>,
+    /// A search's query string as the client sent it.
+    #[serde(rename = "q", borrow, default, skip_serializing_if = "Option::is_none")]
+    query: Option<Cow<'a, str>>,
+    /// `outcomeDesc`: why a request failed, the operation, or a delivery attempt's error.
+    #[serde(rename = "d", borrow, default, skip_serializing_if = "Option::is_none")]
+    description: Option<Cow<'a, str>>,
+    /// A delivery attempt's channel; present for every delivery attempt.
+    #[serde(rename = "c", borrow, default, skip_serializing_if = "Option::is_none")]
+    channel: Option<Cow<'a, str>>,
+    #[serde(rename = "h", borrow, default, skip_serializing_if = "Option::is_none")]
+    endpoint_host: Option<Cow<'a, str>>,
+    #[serde(rename = "ms", default, skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<u64>,
+    /// The first and last event numbers a notification carried.
+    #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
+    events: Option<(i64, i64)>,
+}
+
+/// The number of the stored facts' form; a row with another number is refused when read
+/// rather than served wrong.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+struct Form;
+
+impl From<Form> for u8 {
+    fn from(_: Form) -> u8 {
+        1
+    }
+}
+
+impl TryFrom<u8> for Form {
+    type Error = String;
+
+    fn try_from(number: u8) -> Result<Form, String> {
+        match number {
+            1 => Ok(Form),
+            other => Err(format!(
+                "stored AuditEvent facts of form {other} are not known"
+            )),
+        }
+    }
+}
+
+impl StoredFacts<'_> {
+    fn to_text(&self) -> String {
+        // Strings and numbers only: writing them cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// One stored AuditEvent row, as `expand` reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredEvent<'a> {
+    /// The AuditEvent's id (`store::audit_sql::event_id`).
+    pub id: &'a str,
+    pub type_code: &'a str,
+    pub recorded: &'a str,
+    pub subtype: &'a str,
+    pub outcome: &'a str,
+    /// The entity column: the reference without its version.
+    pub entity: Option<&'a str>,
+    /// The stored facts (`AuditRecord::facts`).
+    pub facts: &'a str,
+}
+
+/// The AuditEvent a row's columns and facts describe, as served (with its id). Fails only
+/// on facts that are not the stored form.
+pub fn expand(row: &StoredEvent<'_>) -> Result<String, serde_json::Error> {
+    let facts: StoredFacts<'_> = serde_json::from_str(row.facts)?;
+    let mut out = Vec::with_capacity(1024);
+    if row.type_code == TYPE_TRANSMIT {
+        let subscription = row.entity.unwrap_or_default();
+        let delivery = DeliveryFacts {
+            node: &facts.node,
+            subscription: subscription
+                .strip_prefix("Subscription/")
+                .unwrap_or(subscription),
+            kind: row.subtype,
+            events: facts.events,
+            channel: facts.channel.as_deref().unwrap_or_default(),
+            endpoint_host: facts.endpoint_host.as_deref(),
+            duration_ms: facts.duration_ms.unwrap_or_default(),
+            error: facts.description.as_deref(),
+        };
+        write_delivery_event(&mut out, row.id, row.recorded, row.outcome, &delivery);
+    } else {
+        let entity = match (&facts.query_type, row.entity) {
+            (Some(resource_type), _) => Some(AuditEntity::Query {
+                resource_type: resource_type.to_string(),
+                query: facts.query.as_deref().unwrap_or_default().to_string(),
+            }),
+            (None, Some(reference)) => Some(AuditEntity::Resource {
+                reference: reference.to_string(),
+                version: facts.version.as_deref().map(str::to_string),
+            }),
+            (None, None) => None,
+        };
+        let agent = facts.role.as_deref().map(|role| AgentRef {
+            fhir_user: facts.fhir_user.as_deref(),
+            issuer: facts.issuer.as_deref(),
+            subject: facts.subject.as_deref().unwrap_or_default(),
+            role,
+        });
+        let event = RequestEvent {
+            node: &facts.node,
+            address: facts.address.as_deref(),
+            agent,
+            subtype: row.subtype,
+            outcome: row.outcome,
+            recorded: row.recorded,
+            entity: entity.as_ref(),
+            outcome_desc: facts.description.as_deref(),
+        };
+        write_request_event(&mut out, row.id, &event);
+    }
+    // Only `&str`s and numbers went in, each written by serde_json.
+    Ok(String::from_utf8(out).unwrap_or_default())
 }
 
 tokio::task_local! {
@@ -476,20 +696,19 @@ pub async fn in_request<F: Future>(audit: Option<Arc<RequestAudit>>, work: F) ->
     }
 }
 
-/// Writes the start of an AuditEvent as text, up to its `subtype`: `resourceType`, `meta`,
-/// `type` (system, code, display) and one `subtype` (system, code). No `id`: the store derives
-/// it from the row (`store::audit_sql::event_id`) and writes it in right after
-/// `resourceType` when the AuditEvent is read.
+/// Writes the start of an AuditEvent as text, up to its `subtype`: `resourceType`, `id`,
+/// `meta`, `type` (system, code, display) and one `subtype` (system, code).
 fn start_event(
     out: &mut Vec<u8>,
-    recorded: &StoredInstant,
+    id: &str,
+    recorded: &str,
     (type_system, type_code, type_display): (&str, &str, &str),
     (subtype_system, subtype_code): (&str, &str),
 ) {
-    out.extend_from_slice(
-        br#"{"resourceType":"AuditEvent","meta":{"versionId":"1","lastUpdated":"#,
-    );
-    write_json(out, &recorded.as_str());
+    out.extend_from_slice(br#"{"resourceType":"AuditEvent","id":"#);
+    write_json(out, &id);
+    out.extend_from_slice(br#","meta":{"versionId":"1","lastUpdated":"#);
+    write_json(out, &recorded);
     out.extend_from_slice(br#"},"type":{"system":"#);
     write_json(out, &type_system);
     out.extend_from_slice(br#","code":"#);
@@ -509,8 +728,25 @@ mod tests {
 
     use super::*;
 
-    /// The AuditEvent `record` writes, built as a `Value` (the form it had before it was
-    /// written straight to bytes), with the id `record` chose.
+    /// The id the tests' rows are read with.
+    const ID: &str = "7-20260102030405006";
+
+    /// The AuditEvent the row of `record` is served as.
+    fn served(record: &AuditRecord) -> String {
+        expand(&StoredEvent {
+            id: ID,
+            type_code: record.type_code,
+            recorded: record.recorded.as_str(),
+            subtype: &record.subtype,
+            outcome: record.outcome,
+            entity: record.entity.as_deref(),
+            facts: &record.facts,
+        })
+        .unwrap()
+    }
+
+    /// The AuditEvent of a request, built as a `Value` (the form it had before it was
+    /// written straight to bytes, and before its facts were stored instead of it).
     fn record_value(
         audit: &RequestAudit,
         subtype: &str,
@@ -552,6 +788,7 @@ mod tests {
         }
         let mut resource = json!({
             "resourceType": "AuditEvent",
+            "id": ID,
             "meta": { "versionId": "1", "lastUpdated": recorded.as_str() },
             "type": { "system": TYPE_SYSTEM, "code": TYPE_REST, "display": "Restful Operation" },
             "subtype": [{ "system": SUBTYPE_SYSTEM, "code": subtype }],
@@ -577,8 +814,8 @@ mod tests {
         resource
     }
 
-    /// A delivery attempt's AuditEvent as the `Value` it was first built as: what
-    /// `delivery_attempt` must write.
+    /// A delivery attempt's AuditEvent as the `Value` it was first built as: what its row
+    /// must be served as.
     fn delivery_value(facts: &DeliveryFacts<'_>, recorded: &StoredInstant) -> Value {
         let outcome = if facts.error.is_some() {
             AuditOutcome::SeriousFailure
@@ -602,6 +839,7 @@ mod tests {
         let subscription = format!("Subscription/{}", facts.subscription);
         let mut resource = json!({
             "resourceType": "AuditEvent",
+            "id": ID,
             "meta": { "versionId": "1", "lastUpdated": recorded.as_str() },
             "type": { "system": DELIVERY_SYSTEM, "code": TYPE_TRANSMIT, "display": "Notification sent" },
             "subtype": [{ "system": DELIVERY_SYSTEM, "code": facts.kind }],
@@ -643,7 +881,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn records_are_written_as_serde_json_writes_their_value(
+        fn records_expand_to_what_serde_json_writes_for_their_value(
             node in text(),
             address in proptest::option::of(text()),
             agent in proptest::option::of((
@@ -665,31 +903,24 @@ mod tests {
                     .prop_map(|(resource_type, query)| AuditEntity::Query { resource_type, query }),
             ]),
             outcome_desc in proptest::option::of(text()),
-            twice in any::<bool>(),
         ) {
             let audit = RequestAudit::new(node, address, false);
             if let Some((fhir_user, issuer, subject, role)) = agent {
                 audit.agent.set(AuditAgent { fhir_user, issuer, subject, role }).unwrap();
             }
             let now = StoredInstant::parse("2026-01-02T03:04:05.006Z").unwrap();
-            // The second record of a request reuses the agent's JSON written by the first.
-            let rounds = if twice { 2 } else { 1 };
-            for _ in 0..rounds {
-                let record = audit.record(
-                    &subtype, outcome, &now, entity.clone(), outcome_desc.as_deref(),
-                );
-                let expected = record_value(
-                    &audit, &subtype, outcome, &now, entity.as_ref(),
-                    outcome_desc.as_deref(),
-                );
-                prop_assert_eq!(&record.resource, &expected.to_string());
-            }
+            let record = audit.record(&subtype, outcome, &now, entity.clone(), outcome_desc.as_deref());
+            prop_assert!(record.facts.starts_with(FACTS_START), "{}", record.facts);
+            let expected = record_value(
+                &audit, &subtype, outcome, &now, entity.as_ref(), outcome_desc.as_deref(),
+            );
+            prop_assert_eq!(served(&record), expected.to_string());
         }
     }
 
     proptest! {
         #[test]
-        fn delivery_attempts_are_written_as_serde_json_writes_their_value(
+        fn delivery_attempts_expand_to_what_serde_json_writes_for_their_value(
             node in text(),
             subscription in text(),
             kind in prop_oneof![Just("handshake".to_string()), Just("event-notification".to_string()), text()],
@@ -706,12 +937,13 @@ mod tests {
                 events,
                 channel: &channel,
                 endpoint_host: endpoint_host.as_deref(),
-                duration_ms: u128::from(duration_ms),
+                duration_ms,
                 error: error.as_deref(),
             };
             let now = StoredInstant::parse("2026-01-02T03:04:05.006Z").unwrap();
             let record = delivery_attempt(&facts, &now);
-            prop_assert_eq!(&record.resource, &delivery_value(&facts, &now).to_string());
+            prop_assert!(record.facts.starts_with(FACTS_START), "{}", record.facts);
+            prop_assert_eq!(served(&record), delivery_value(&facts, &now).to_string());
         }
     }
 
@@ -730,47 +962,12 @@ mod tests {
     }
 
     #[test]
-    fn every_audit_event_leaves_the_place_of_its_id_where_the_store_writes_it() {
-        use crate::store::audit_sql::{AuditRow, RESOURCE_START};
-        let now = StoredInstant::parse("2026-01-02T03:04:05.006Z").unwrap();
-        let id = TaskId::parse("t1").unwrap();
-        let facts = DeliveryFacts {
-            node: "node-1",
-            subscription: "s1",
-            kind: "event-notification",
-            events: Some((1, 2)),
-            channel: "rest-hook",
-            endpoint_host: Some("example.org"),
-            duration_ms: 3,
-            error: None,
-        };
-        for record in [
-            request().task_change(&id, Version::FIRST, Interaction::Create, &now),
-            delivery_attempt(&facts, &now),
-        ] {
-            assert!(
-                record.resource.starts_with(RESOURCE_START),
-                "{}",
-                record.resource
-            );
-            let row = AuditRow {
-                seq: 7,
-                recorded: now.as_str().to_string(),
-                resource: record.resource,
-                legacy_id: None,
-            };
-            let served: Value = serde_json::from_str(&row.into_resource()).unwrap();
-            assert_eq!(served["id"], "7-20260102030405006");
-            assert_eq!(served["recorded"], now.as_str());
-        }
-    }
-
-    #[test]
     fn a_task_change_names_the_version_the_agent_and_the_node() {
         let now = StoredInstant::parse("2026-01-02T03:04:05.006Z").unwrap();
         let id = TaskId::parse("t1").unwrap();
         let record = request().task_change(&id, Version::FIRST, Interaction::Create, &now);
-        let event: Value = serde_json::from_str(&record.resource).unwrap();
+        let event: Value = serde_json::from_str(&served(&record)).unwrap();
+        assert_eq!(event["id"], ID);
         assert_eq!(event["subtype"][0]["code"], "create");
         assert_eq!(event["action"], "C");
         assert_eq!(event["outcome"], "0");
@@ -783,6 +980,19 @@ mod tests {
         assert_eq!(event["source"]["observer"]["display"], "node-1");
         assert_eq!(record.entity.as_deref(), Some("Task/t1"));
         assert_eq!(record.agent.as_deref(), Some("Practitioner/p1"));
+    }
+
+    #[test]
+    fn what_a_task_change_stores_is_its_facts_not_its_resource() {
+        let now = StoredInstant::parse("2026-01-02T03:04:05.006Z").unwrap();
+        let id = TaskId::parse("0193f1a2-7c3e-7d41-9a55-2f1e8b6c0d11").unwrap();
+        let record = request().task_change(&id, Version::FIRST, Interaction::Create, &now);
+        assert_eq!(
+            record.facts,
+            r#"{"f":1,"n":"node-1","a":"10.0.0.1","u":"Practitioner/p1","r":"practitioner","v":"1"}"#
+        );
+        // What is served is the whole resource, ten times the size.
+        assert!(served(&record).len() > 8 * record.facts.len());
     }
 
     #[test]
@@ -799,9 +1009,26 @@ mod tests {
             Some(entity),
             None,
         );
-        let event: Value = serde_json::from_str(&record.resource).unwrap();
+        let event: Value = serde_json::from_str(&served(&record)).unwrap();
         assert_eq!(event["entity"][0]["query"], "c3RhdHVzPXJlYWR5");
+        assert_eq!(event["entity"][0]["description"], "Task?status=ready");
         assert_eq!(event["action"], "R");
         assert_eq!(record.entity, None);
+    }
+
+    #[test]
+    fn facts_of_an_unknown_form_or_not_json_are_refused_not_guessed_at() {
+        for facts in [r#"{"f":2,"n":"node-1"}"#, r#"{"f":1}"#, "not json"] {
+            let row = StoredEvent {
+                id: ID,
+                type_code: TYPE_REST,
+                recorded: "2026-01-02T03:04:05.006Z",
+                subtype: "read",
+                outcome: "0",
+                entity: None,
+                facts,
+            };
+            assert!(expand(&row).is_err(), "{facts}");
+        }
     }
 }

@@ -67,6 +67,18 @@ pub struct AuditConfig {
     /// Whether reads, searches and history requests are audited too (writes, Subscription
     /// changes and refusals always are while `enabled`).
     pub reads: bool,
+    /// Whether each rest-hook and AMQP delivery attempt leaves an AuditEvent (the delivery
+    /// ledger) while `enabled`. Off, the console's ledger and a practitioner's ledger search
+    /// are empty; `$status` still says why a subscription failed.
+    pub delivery_attempts: bool,
+    /// How long the node's audit queue gathers AuditEvents (of reads, searches, refusals,
+    /// Subscription changes and delivery attempts) before writing them as one batch, in
+    /// milliseconds; 0 writes whatever gathered during the previous write. Every write ends
+    /// with a commit, and each commit makes every search connection drop its map of the
+    /// database file and fault its pages in again, so a longer window makes audited searches
+    /// cheaper; a crash loses at most this long of those AuditEvents (never a Task write's),
+    /// and another node sees them this much later.
+    pub batch_window_ms: u64,
     /// Days an AuditEvent is kept; older ones are pruned hourly. 0 keeps them forever.
     pub retention_days: u64,
 }
@@ -76,6 +88,8 @@ impl Default for AuditConfig {
         AuditConfig {
             enabled: true,
             reads: true,
+            delivery_attempts: true,
+            batch_window_ms: 100,
             retention_days: 365,
         }
     }
@@ -898,6 +912,12 @@ impl Config {
                 "store.max_batch and store.read_connections must be at least 1".into(),
             ));
         }
+        if self.audit.batch_window_ms > 10_000 {
+            return Err(ConfigError(
+                "audit.batch_window_ms must be between 0 and 10000 (BATON_AUDIT__BATCH_WINDOW_MS)"
+                    .into(),
+            ));
+        }
         if self.audit.retention_days > 36_500 {
             return Err(ConfigError(
                 "audit.retention_days must be between 0 (keep forever) and 36500 (BATON_AUDIT__RETENTION_DAYS)".into(),
@@ -1179,6 +1199,10 @@ mod tests {
             (|c| c.amqp_url = Some("http://x".into()), "BATON_AMQP_URL"),
             (|c| c.redis_url = Some("x".into()), "BATON_REDIS_URL"),
             (|c| c.max_body_bytes = 10, "max_body_bytes"),
+            (
+                |c| c.audit.batch_window_ms = 60_000,
+                "BATON_AUDIT__BATCH_WINDOW_MS",
+            ),
             (
                 |c| c.audit.retention_days = 100_000,
                 "BATON_AUDIT__RETENTION_DAYS",

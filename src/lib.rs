@@ -205,7 +205,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         node: node.clone(),
         matching: Default::default(),
         nodes: hub::nodes::LiveNodes::new(&node),
-        audits: crate::store::audit_queue::AuditQueue::start(store.clone()),
+        audits: crate::store::audit_queue::AuditQueue::start(
+            store.clone(),
+            std::time::Duration::from_millis(config.audit.batch_window_ms),
+        ),
     });
     // The deliverer starts its recorder on the delivery runtime.
     let deliverer = {

@@ -396,7 +396,7 @@ async fn search(
     let mut entries = Vec::with_capacity(rows.len());
     for row in rows {
         let id = row.id();
-        let resource: Value = serde_json::from_str(&row.into_resource())
+        let resource: Value = serde_json::from_str(&row.into_resource()?)
             .map_err(|e| Error::internal("a stored AuditEvent is not JSON", e.to_string()))?;
         entries.push(json!({
             "fullUrl": format!("{base}/AuditEvent/{id}"),

@@ -391,7 +391,7 @@ impl Claimed<'_> {
             events,
             channel,
             endpoint_host: endpoint_host.as_deref(),
-            duration_ms: took.as_millis(),
+            duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
             error: failure.map(|f| f.message.as_str()),
         };
         let record = crate::audit::delivery_attempt(&facts, &StoredInstant::now());

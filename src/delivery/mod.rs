@@ -68,7 +68,8 @@ pub struct Deliverer {
     scan_every: Duration,
     /// Writes the attempts' results in batches.
     recorder: record::Recorder,
-    /// Whether each rest-hook and AMQP attempt leaves an AuditEvent (`audit.enabled`).
+    /// Whether each rest-hook and AMQP attempt leaves an AuditEvent (`audit.enabled` and
+    /// `audit.delivery_attempts`).
     audit: bool,
 }
 
@@ -88,7 +89,7 @@ impl Deliverer {
             retry: RetryPolicy::from(&config.delivery),
             lease: Duration::from_secs(config.cluster.lease_seconds),
             scan_every: Duration::from_secs(config.cluster.scan_seconds),
-            audit: config.audit.enabled,
+            audit: config.audit.enabled && config.audit.delivery_attempts,
         }
     }
 }

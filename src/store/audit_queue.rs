@@ -2,15 +2,16 @@
 //! changes, delivery attempts — queued and written in batches off the request path. A Task
 //! write's AuditEvent is not one of them: it commits in the write's own transaction.
 //!
-//! A request hands its record to the queue and answers at once; the queue's loop writes
-//! whatever gathered while the previous batch committed, as one store write (`record_audits`),
-//! so a thousand audited searches cost one commit, not a thousand waits. Before answering an
-//! AuditEvent search, the API flushes the queue, so a node's own trail is read back whole.
-//! What a crash can lose is the records of the last batch not yet committed, never a Task
-//! change's. A full queue (the database far behind) drops records, counted in
+//! A request hands its record to the queue and answers at once; the queue's loop writes what
+//! gathered over a window (`audit.batch_window_ms`, or until `MAX_BATCH` records) as one store write
+//! (`record_audits`), so a thousand audited searches cost a few commits, not a thousand
+//! waits. Before answering an AuditEvent search, the API flushes the queue (a flush is
+//! written at once), so a node's own trail is read back whole. What a crash can lose is the
+//! records of the last window not yet committed, never a Task change's. A full queue (the database far behind) drops records, counted in
 //! `baton_audit_dropped_total`, rather than slowing every request down.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -19,8 +20,11 @@ use crate::audit::AuditRecord;
 
 /// Records waiting beyond this many are dropped (and counted).
 const CAPACITY: usize = 65_536;
-/// The most records written in one store write.
-const MAX_BATCH: usize = 2_000;
+/// The most records written in one store write. A batch is one job of the SQLite writer's
+/// background lane, and a Task write that arrives while it runs waits for it: at a few µs a
+/// row, 256 rows keep that wait near a millisecond, where 2 000 held Task writes for ten or
+/// more under a hub's load of delivery attempts (BENCHMARKS.md, "The audit trail's cost").
+const MAX_BATCH: usize = 256;
 
 /// The sending side of the node's audit queue; cheap to clone.
 #[derive(Clone)]
@@ -35,11 +39,12 @@ enum Queued {
 }
 
 impl AuditQueue {
-    /// Starts the queue's writer; it ends when every sender is gone, after writing what is
-    /// queued.
-    pub fn start(store: Arc<dyn Store>) -> AuditQueue {
+    /// Starts the queue's writer, which gathers records for `window` after the first of a
+    /// batch (`audit.batch_window_ms`); it ends when every sender is gone, after writing what
+    /// is queued.
+    pub fn start(store: Arc<dyn Store>, window: Duration) -> AuditQueue {
         let (sender, receiver) = mpsc::channel(CAPACITY);
-        tokio::spawn(write_loop(store, receiver));
+        tokio::spawn(write_loop(store, receiver, window));
         AuditQueue {
             sender: Some(sender),
         }
@@ -72,20 +77,29 @@ impl AuditQueue {
     }
 }
 
-async fn write_loop(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Queued>) {
+async fn write_loop(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Queued>, window: Duration) {
     while let Some(first) = receiver.recv().await {
-        let mut batch = Vec::new();
-        let mut flushes = Vec::new();
-        let mut next = Some(first);
-        while let Some(queued) = next.take() {
-            match queued {
-                Queued::Record(record) => batch.push(*record),
-                Queued::Flush(done) => flushes.push(done),
-            }
-            if batch.len() < MAX_BATCH {
-                next = receiver.try_recv().ok();
+        let mut gathered = Gathered::default();
+        gathered.take(first);
+        // Gather for the window before writing, unless someone waits for the write: every
+        // commit rewrites the trail's newest pages into the WAL, and makes each SQLite search
+        // connection unmap the database file and fault its pages in again at its next
+        // search (BENCHMARKS.md, "The audit trail's cost"), so fewer, fuller batches cost
+        // far less than one per few records.
+        let deadline = tokio::time::Instant::now() + window;
+        while gathered.flushes.is_empty() && gathered.batch.len() < MAX_BATCH {
+            match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                Ok(Some(queued)) => gathered.take(queued),
+                Ok(None) | Err(_) => break,
             }
         }
+        while gathered.batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(queued) => gathered.take(queued),
+                Err(_) => break,
+            }
+        }
+        let Gathered { batch, flushes } = gathered;
         if !batch.is_empty() {
             let count = batch.len();
             if let Err(e) = store.record_audits(batch).await {
@@ -95,6 +109,23 @@ async fn write_loop(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Queued>)
         }
         for done in flushes {
             let _ = done.send(());
+        }
+    }
+}
+
+/// What the loop gathered for one write.
+#[derive(Default)]
+struct Gathered {
+    batch: Vec<AuditRecord>,
+    /// Answered once the batch is written.
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+impl Gathered {
+    fn take(&mut self, queued: Queued) {
+        match queued {
+            Queued::Record(record) => self.batch.push(*record),
+            Queued::Flush(done) => self.flushes.push(done),
         }
     }
 }

@@ -1,17 +1,23 @@
 //! The AuditEvent search as SQL, once for both backends: conditions on the columns of
 //! `audit_event`, newest or oldest first by `(recorded, seq)`, and the keyset condition of a
-//! `next` link. And the AuditEvent's id: derived from its row, never stored with it.
+//! `next` link. And the AuditEvent as served: written from its row, its id derived from it.
+//!
+//! A row's `resource` column holds the AuditEvent's stored facts (`crate::audit::StoredFacts`,
+//! ~100 bytes), and `AuditRow::into_resource` writes the whole AuditEvent from them and the
+//! row's columns (`crate::audit::expand`) as it is read. Rows written before the facts were
+//! stored hold the resource itself, and are served as stored.
 //!
 //! An AuditEvent's id is `{seq}-{the digits of recorded}` (`event_id`). It is known only once
-//! the row is inserted, so the stored resource has no `id`, and `AuditRow::into_resource`
-//! writes it in as the row is read; a read by id is a primary-key lookup. Deriving it keeps
-//! a random-key UNIQUE index out of every audited write (BENCHMARKS.md, "The audit trail's
-//! cost"). The `recorded` part keeps ids unique where a `seq` can be handed out twice: SQLite
-//! reuses the rowid of a newest row that was pruned. AuditEvents written before sqlite
-//! migration 0016 (postgres 0013) keep their random ids, stored in `legacy_id` and in the
-//! resource.
+//! the row is inserted, so it is never stored; a read by id is a primary-key lookup. Deriving
+//! it keeps a random-key UNIQUE index out of every audited write (BENCHMARKS.md, "The audit
+//! trail's cost"). The `recorded` part keeps ids unique where a `seq` can be handed out
+//! twice: SQLite reuses the rowid of a newest row that was pruned. AuditEvents written before
+//! sqlite migration 0016 (postgres 0013) keep their random ids, stored in `legacy_id` and in
+//! the resource.
 
 use super::search_sql::Placeholder;
+use crate::audit::{FACTS_START, StoredEvent};
+use crate::error::{Error, Result};
 
 /// How a `date` value's range `[start, end)` bounds `recorded`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,14 +47,20 @@ pub struct AuditQuery {
 }
 
 /// The columns a search or a read by id returns, in `AuditRow`'s order.
-pub const ROW_COLUMNS: &str = "seq, recorded, resource, legacy_id";
+pub const ROW_COLUMNS: &str =
+    "seq, recorded, type_code, subtype, outcome, entity, resource, legacy_id";
 
 /// One row a search reads (both stores read it by these column names).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditRow {
     pub seq: i64,
     pub recorded: String,
-    /// The AuditEvent without its `id` (with it, for a row that has a `legacy_id`).
+    pub type_code: String,
+    pub subtype: String,
+    pub outcome: String,
+    pub entity: Option<String>,
+    /// The AuditEvent's stored facts; or, in a row written before they were stored, the
+    /// AuditEvent itself, without its `id` (with it, for a row that has a `legacy_id`).
     pub resource: String,
     pub legacy_id: Option<String>,
 }
@@ -62,14 +74,26 @@ impl AuditRow {
         }
     }
 
-    /// The AuditEvent as served: its id written in after `resourceType`, where the
-    /// builders in `crate::audit` leave its place.
-    pub fn into_resource(self) -> String {
+    /// The AuditEvent as served: written from the row's facts and columns, with its id; a
+    /// row that holds the resource itself has its id written in after `resourceType`.
+    pub fn into_resource(self) -> Result<String> {
         if self.legacy_id.is_some() {
-            return self.resource;
+            return Ok(self.resource);
         }
         let id = self.id();
-        match self.resource.strip_prefix(RESOURCE_START) {
+        if self.resource.starts_with(FACTS_START) {
+            return crate::audit::expand(&StoredEvent {
+                id: &id,
+                type_code: &self.type_code,
+                recorded: &self.recorded,
+                subtype: &self.subtype,
+                outcome: &self.outcome,
+                entity: self.entity.as_deref(),
+                facts: &self.resource,
+            })
+            .map_err(|e| Error::internal("a stored AuditEvent's facts are not readable", e));
+        }
+        Ok(match self.resource.strip_prefix(RESOURCE_START) {
             Some(rest) => {
                 let mut out = String::with_capacity(self.resource.len() + id.len() + 8);
                 out.push_str(RESOURCE_START);
@@ -79,9 +103,9 @@ impl AuditRow {
                 out.push_str(rest);
                 out
             }
-            // Not written by `crate::audit`: served as stored rather than guessed at.
+            // Not written by Baton: served as stored rather than guessed at.
             None => self.resource,
-        }
+        })
     }
 
     /// Whether this row is the AuditEvent `lookup` names.
@@ -100,7 +124,8 @@ impl AuditRow {
     }
 }
 
-/// How every AuditEvent Baton writes begins; its id goes right after it.
+/// How every AuditEvent Baton stored whole (before it stored the facts) begins; its id goes
+/// right after it.
 pub const RESOURCE_START: &str = r#"{"resourceType":"AuditEvent","#;
 
 /// The id of the AuditEvent stored in row `seq`, recorded at `recorded`.
@@ -159,10 +184,11 @@ impl<'a> IdLookup<'a> {
     }
 
     /// The AuditEvent among the rows `sql` read, as served.
-    pub fn found(&self, rows: Vec<AuditRow>) -> Option<String> {
+    pub fn found(&self, rows: Vec<AuditRow>) -> Result<Option<String>> {
         rows.into_iter()
             .find(|row| row.is(self))
             .map(AuditRow::into_resource)
+            .transpose()
     }
 }
 
@@ -264,20 +290,21 @@ mod tests {
                 recorded_digits: "20261207091730123"
             }
         );
+        // A row as stored before the facts were: the resource without its id.
         let row = |seq: i64, recorded: &str| AuditRow {
-            seq,
-            recorded: recorded.into(),
             resource: r#"{"resourceType":"AuditEvent","meta":{"versionId":"1"}}"#.into(),
-            legacy_id: None,
+            ..stored_row(seq, recorded)
         };
-        let served = lookup.found(vec![row(42, recorded)]).unwrap();
+        let served = lookup.found(vec![row(42, recorded)]).unwrap().unwrap();
         assert_eq!(
             served,
             r#"{"resourceType":"AuditEvent","id":"42-20261207091730123","meta":{"versionId":"1"}}"#
         );
         // The same seq handed out again later is another AuditEvent.
         assert_eq!(
-            lookup.found(vec![row(42, "2027-01-01T00:00:00.000Z")]),
+            lookup
+                .found(vec![row(42, "2027-01-01T00:00:00.000Z")])
+                .unwrap(),
             None
         );
     }
@@ -295,20 +322,66 @@ mod tests {
         }
         let stored = r#"{"resourceType":"AuditEvent","id":"old-one"}"#;
         let row = AuditRow {
-            seq: 1,
-            recorded: "2001-01-01T00:00:00.000Z".into(),
             resource: stored.into(),
             legacy_id: Some("old-one".into()),
+            ..stored_row(1, "2001-01-01T00:00:00.000Z")
         };
         assert_eq!(row.id(), "old-one");
         // Its derived id does not name it: only its own does.
         assert_eq!(
-            IdLookup::of(&event_id(1, &row.recorded)).found(vec![row.clone()]),
+            IdLookup::of(&event_id(1, &row.recorded))
+                .found(vec![row.clone()])
+                .unwrap(),
             None
         );
         assert_eq!(
-            IdLookup::of("old-one").found(vec![row]).as_deref(),
+            IdLookup::of("old-one").found(vec![row]).unwrap().as_deref(),
             Some(stored)
         );
+    }
+
+    /// The row of a Task create's AuditEvent, as stored now: its facts.
+    fn stored_row(seq: i64, recorded: &str) -> AuditRow {
+        AuditRow {
+            seq,
+            recorded: recorded.into(),
+            type_code: "rest".into(),
+            subtype: "create".into(),
+            outcome: "0".into(),
+            entity: Some("Task/t1".into()),
+            resource: r#"{"f":1,"n":"node-1","u":"Practitioner/p1","r":"practitioner","v":"1"}"#
+                .into(),
+            legacy_id: None,
+        }
+    }
+
+    #[test]
+    fn a_row_of_facts_is_served_as_its_whole_audit_event_with_its_derived_id() {
+        let recorded = "2026-12-07T09:17:30.123Z";
+        let id = event_id(42, recorded);
+        let served = IdLookup::of(&id)
+            .found(vec![stored_row(42, recorded)])
+            .unwrap()
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(&served).unwrap();
+        assert!(served.starts_with(r#"{"resourceType":"AuditEvent","id":"42-"#));
+        assert_eq!(event["id"], id.as_str());
+        assert_eq!(event["recorded"], recorded);
+        assert_eq!(event["meta"]["lastUpdated"], recorded);
+        assert_eq!(event["subtype"][0]["code"], "create");
+        assert_eq!(event["outcome"], "0");
+        assert_eq!(event["agent"][0]["who"]["reference"], "Practitioner/p1");
+        assert_eq!(event["agent"][0]["role"][0]["text"], "practitioner");
+        assert_eq!(
+            event["entity"][0]["what"]["reference"],
+            "Task/t1/_history/1"
+        );
+        assert_eq!(event["source"]["observer"]["display"], "node-1");
+        // Facts that are not the stored form fail the read; they are never served half-made.
+        let broken = AuditRow {
+            resource: r#"{"f":9}"#.into(),
+            ..stored_row(42, recorded)
+        };
+        assert!(broken.into_resource().is_err());
     }
 }

@@ -607,7 +607,7 @@ impl Store for PostgresStore {
             columns.outcomes.push(r.outcome);
             columns.agents.push(r.agent);
             columns.entities.push(r.entity);
-            columns.resources.push(r.resource);
+            columns.facts.push(r.facts);
         }
         sqlx::query(
             "INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
@@ -623,7 +623,7 @@ impl Store for PostgresStore {
         .bind(&columns.outcomes)
         .bind(&columns.agents)
         .bind(&columns.entities)
-        .bind(&columns.resources)
+        .bind(&columns.facts)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -648,7 +648,7 @@ impl Store for PostgresStore {
             .bind(pg_text(&bind).into_owned())
             .fetch_all(&self.pool)
             .await?;
-        Ok(lookup.found(rows))
+        lookup.found(rows)
     }
 
     async fn prune_audit(&self, before: &StoredInstant) -> Result<u64> {
@@ -713,5 +713,6 @@ struct AuditColumns {
     outcomes: Vec<&'static str>,
     agents: Vec<Option<String>>,
     entities: Vec<Option<String>>,
-    resources: Vec<String>,
+    /// Each AuditEvent's stored facts, for the `resource` column (`crate::audit::StoredFacts`).
+    facts: Vec<String>,
 }

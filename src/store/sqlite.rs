@@ -532,7 +532,7 @@ impl Store for SqliteStore {
             .bind(bind)
             .fetch_all(&self.reads)
             .await?;
-        Ok(lookup.found(rows))
+        lookup.found(rows)
     }
 
     async fn prune_audit(&self, before: &StoredInstant) -> Result<u64> {

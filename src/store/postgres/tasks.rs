@@ -237,7 +237,7 @@ impl<'q> BindAudit for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::Pg
                 .bind(r.outcome)
                 .bind(r.agent)
                 .bind(r.entity)
-                .bind(r.resource),
+                .bind(r.facts),
             None => self
                 .bind(None::<String>)
                 .bind(None::<String>)

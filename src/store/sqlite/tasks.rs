@@ -228,7 +228,7 @@ pub(super) fn insert_audit(conn: &Connection, record: &crate::audit::AuditRecord
         record.outcome,
         record.agent,
         record.entity,
-        record.resource
+        record.facts
     ])?;
     Ok(())
 }
