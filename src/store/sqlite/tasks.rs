@@ -625,13 +625,13 @@ pub(super) async fn found_among(
 }
 
 /// The live Tasks written after outbox position `seq`, each with its search index as stored:
-/// its work-list columns and its index rows.
+/// its row's id, instant and work-list columns, and its index rows.
 fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskId, TaskIndex)>> {
     // The work-list values are on the row (`TaskColumns`), the rest in the index rows.
-    let changed: Vec<(TaskId, TaskColumns)> = conn
+    let changed: Vec<(TaskId, StoredInstant, TaskColumns)> = conn
         .prepare_cached(
-            "SELECT t.id, t.status, t.owner, t.performer, t.performer_system, t.due_start,
-               t.due_end, t.authored_on
+            "SELECT t.id, t.last_updated, t.status, t.owner, t.performer, t.performer_system,
+               t.due_start, t.due_end, t.authored_on
              FROM task t WHERE t.deleted = 0
                AND t.id IN (SELECT DISTINCT resource_id FROM change_event WHERE seq > ?)
              ORDER BY t.id",
@@ -639,14 +639,15 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
         .query_map([seq], |row| {
             Ok((
                 row.get(0)?,
+                row.get(1)?,
                 TaskColumns {
-                    status: row.get(1)?,
-                    owner: row.get(2)?,
-                    performer: row.get(3)?,
-                    performer_system: row.get(4)?,
-                    due_start: row.get(5)?,
-                    due_end: row.get(6)?,
-                    authored_on: row.get(7)?,
+                    status: row.get(2)?,
+                    owner: row.get(3)?,
+                    performer: row.get(4)?,
+                    performer_system: row.get(5)?,
+                    due_start: row.get(6)?,
+                    due_end: row.get(7)?,
+                    authored_on: row.get(8)?,
                 },
             ))
         })?
@@ -654,12 +655,13 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
     if changed.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<TaskId> = changed.iter().map(|(id, _)| id.clone()).collect();
+    let ids: Vec<TaskId> = changed.iter().map(|(id, ..)| id.clone()).collect();
     let mut indexes: HashMap<TaskId, TaskIndex> = changed
         .iter()
-        .map(|(id, columns)| {
+        .map(|(id, last_updated, columns)| {
             let mut index = TaskIndex::default();
             columns.add_entries(&mut index);
+            search::add_row_entries(id.as_str(), last_updated.as_str(), &mut index);
             (id.clone(), index)
         })
         .collect();
