@@ -118,11 +118,12 @@ impl TaskTx for Connection {
             v.interaction,
             Some(v.text),
         )?;
-        // A Task that never existed has no index rows to clear.
+        // A Task that never existed has no index rows to replace.
         if v.existed {
-            clear_index(self, v.id)?;
+            replace_index(self, v.id, v.index)?;
+        } else {
+            write_index(self, v.id, v.index)?;
         }
-        write_index(self, v.id, v.index)?;
         insert_change(
             self,
             v.id,
@@ -396,6 +397,69 @@ fn clear_index(conn: &Connection, id: &TaskId) -> Result<()> {
     conn.prepare_cached("DELETE FROM task_date WHERE task_id = ?")?
         .execute([id])?;
     Ok(())
+}
+
+/// Makes the index rows of Task `id` those of `index`: the rows it has that `index` lacks go,
+/// those it lacks are written, and the rows both have stay as they are. A new version mostly
+/// keeps its predecessor's values (a status change touches none of them: the status is a
+/// column), and a row kept costs a read of the Task's rows instead of an index entry removed
+/// and put back in each of its table's B-trees (three for a token, three or four for a date).
+fn replace_index(conn: &Connection, id: &TaskId, index: &TaskIndex) -> Result<()> {
+    let mut tokens: Vec<Option<&TokenEntry>> = index.tokens.iter().map(Some).collect();
+    let mut stale = Vec::new();
+    {
+        let mut select = conn.prepare_cached(
+            "SELECT rowid, param, system, value FROM task_token WHERE task_id = ?",
+        )?;
+        let mut rows = select.query([id])?;
+        while let Some(row) = rows.next()? {
+            let (param, system, value): (String, Option<String>, String) =
+                (row.get(1)?, row.get(2)?, row.get(3)?);
+            let kept = tokens.iter_mut().find(|wanted| {
+                wanted.is_some_and(|t| t.param == param && t.system == system && t.value == value)
+            });
+            match kept {
+                Some(slot) => *slot = None,
+                None => stale.push(row.get::<_, i64>(0)?),
+            }
+        }
+    }
+    if !stale.is_empty() {
+        let mut delete = conn.prepare_cached("DELETE FROM task_token WHERE rowid = ?")?;
+        for rowid in &stale {
+            delete.execute([rowid])?;
+        }
+    }
+    let mut dates: Vec<Option<&DateEntry>> = index.dates.iter().map(Some).collect();
+    stale.clear();
+    {
+        let mut select = conn.prepare_cached(
+            "SELECT rowid, param, start_at, end_at FROM task_date WHERE task_id = ?",
+        )?;
+        let mut rows = select.query([id])?;
+        while let Some(row) = rows.next()? {
+            let (param, start, end): (String, String, String) =
+                (row.get(1)?, row.get(2)?, row.get(3)?);
+            let kept = dates.iter_mut().find(|wanted| {
+                wanted.is_some_and(|d| d.param == param && d.start == start && d.end == end)
+            });
+            match kept {
+                Some(slot) => *slot = None,
+                None => stale.push(row.get::<_, i64>(0)?),
+            }
+        }
+    }
+    if !stale.is_empty() {
+        let mut delete = conn.prepare_cached("DELETE FROM task_date WHERE rowid = ?")?;
+        for rowid in &stale {
+            delete.execute([rowid])?;
+        }
+    }
+    let missing = TaskIndex {
+        tokens: tokens.into_iter().flatten().cloned().collect(),
+        dates: dates.into_iter().flatten().cloned().collect(),
+    };
+    write_index(conn, id, &missing)
 }
 
 /// Writes the search index rows of one Task.
