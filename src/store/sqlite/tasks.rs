@@ -317,6 +317,14 @@ static CHANGE_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
     )
 });
 
+static AUDIT_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
+    RowsInsert::new(
+        "INSERT OR FAIL INTO audit_event (recorded, type_code, subtype, outcome, agent, entity,
+           resource) VALUES",
+        "(?, ?, ?, ?, ?, ?, ?)",
+    )
+});
+
 /// Writes versions of Tasks that have no rows yet, as `put_version` writes each: the rows of
 /// each table together, the change events (and their AuditEvents) in the order given, so
 /// their `seq`s ascend in that order.
@@ -379,14 +387,25 @@ fn insert_new_tasks(conn: &Connection, versions: &[NewVersion<'_>]) -> Result<()
             &trace,
         ]);
     })?;
-    // And in the audit facts of that request: each AuditEvent commits with its change.
+    // And in the audit facts of that request: each AuditEvent commits with its change, in
+    // the same order (their `seq`s ascend with the changes').
     if let Some(audit) = crate::audit::current() {
-        for v in versions {
-            insert_audit(
-                conn,
-                &audit.task_change(v.id, v.version, v.interaction, v.last_updated),
-            )?;
-        }
+        let records: Vec<crate::audit::AuditRecord> = versions
+            .iter()
+            .map(|v| audit.task_change(v.id, v.version, v.interaction, v.last_updated))
+            .collect();
+        insert_rows(conn, &AUDIT_ROWS, records.len(), |i, out| {
+            let r = &records[i];
+            out.extend_from_slice(&[
+                &r.recorded as &dyn ToSql,
+                &r.type_code,
+                &r.subtype,
+                &r.outcome,
+                &r.agent,
+                &r.entity,
+                &r.facts,
+            ]);
+        })?;
     }
     Ok(())
 }
