@@ -923,10 +923,10 @@ mod tests {
                 page.tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>()
             }
         };
-        assert_eq!(found(format!("_id={a}")).await, [a.clone()]);
+        assert_eq!(found(format!("_id={a}")).await, std::slice::from_ref(&a));
         assert_eq!(
             found(format!("_id={a}&_lastUpdated={instant}")).await,
-            [a.clone()]
+            std::slice::from_ref(&a)
         );
         assert_eq!(
             found(format!("_id={a}&_lastUpdated=gt{instant}")).await,
@@ -934,7 +934,7 @@ mod tests {
         );
         assert_eq!(
             found(format!("_id={a}&_lastUpdated=ge{instant}")).await,
-            [a.clone()]
+            std::slice::from_ref(&a)
         );
         assert_eq!(
             found(format!("_id:not={a}&identifier=urn:orders|R-1")).await,
