@@ -20,7 +20,7 @@ mod index;
 mod predicate;
 mod query;
 
-pub use columns::{SEVERAL, SINGLE_VALUED, TaskColumns};
+pub use columns::{ON_THE_ROW, SEVERAL, SINGLE_VALUED, TaskColumns, add_row_entries};
 pub use index::{DateEntry, TaskIndex, TokenEntry, index_task, last_updated_entry, priority_rank};
 pub use predicate::{DateComparison, Predicate, Prefix, SystemMatch, TokenValue, matches};
 use query::invalid;

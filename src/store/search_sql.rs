@@ -1,7 +1,8 @@
 //! Search predicates and sort keys as SQL over the index tables, for both stores.
 //!
 //! The work-list parameters `status`, `owner`, `performer` and `due-date` are columns of the
-//! Task row (`fhir::search::TaskColumns`) and are answered from them; the index tables hold the
+//! Task row (`fhir::search::TaskColumns`) and are answered from them, as `_id` and
+//! `_lastUpdated` are from the row's key and `last_updated`; the index tables hold the
 //! rest of what `fhir::search::index_task` extracts (`TaskColumns::rows_beside`): one
 //! `task_token` row per token or reference value and one `task_date` row per date range
 //! (`authored-on` included: its column holds only its sort key), and the performer types of a
@@ -14,6 +15,7 @@
 use super::rows::CURRENT_COLUMNS;
 use super::{Counting, HistoryRequest};
 use crate::error::{Error, IssueCode, Result};
+use crate::fhir::datetime::{MAX_KEY, MIN_KEY};
 use crate::fhir::search::{
     DateComparison, ParamType, Predicate, Prefix, SEVERAL, STATUS_SYSTEM, SortKey, SystemMatch,
     TokenValue, task_param,
@@ -190,7 +192,7 @@ impl Writer {
                 if let Some(column) = column_of(param) {
                     let name = match column {
                         Column::Token(token) => token.name,
-                        Column::Date { start, .. } => start,
+                        Column::Date { start, .. } | Column::Instant(start) => start,
                     };
                     let test = if *missing { "IS NULL" } else { "IS NOT NULL" };
                     return format!("{name} {test}");
@@ -213,6 +215,13 @@ impl Writer {
                     let parts: Vec<String> = any_of
                         .iter()
                         .map(|c| self.date_condition(c, start, end))
+                        .collect();
+                    return format!("({})", parts.join(" OR "));
+                }
+                if let Some(Column::Instant(name)) = column_of(param) {
+                    let parts: Vec<String> = any_of
+                        .iter()
+                        .map(|c| self.instant_condition(c, name))
                         .collect();
                     return format!("({})", parts.join(" OR "));
                 }
@@ -474,6 +483,38 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// `date_condition` on the range of a stored instant held in the column `name`: the range
+    /// `[s, s + 1 ms)` of the instant `s` (`fhir::datetime::parse_range`). Every key counts
+    /// whole milliseconds (the search's `[a, b)` too), so `s + 1 ms > x` is `s >= x` and
+    /// `s + 1 ms <= x` is `s < x`, and each prefix is a comparison of the column itself,
+    /// which an index on it (`task (last_updated, id)`) serves.
+    fn instant_condition(&mut self, comparison: &DateComparison, name: &str) -> String {
+        let (a, b) = (comparison.start.as_str(), comparison.end.as_str());
+        match comparison.prefix {
+            Prefix::Eq => format!("({name} >= {} AND {name} < {})", self.bind(a), self.bind(b)),
+            Prefix::Ne => format!(
+                "NOT ({name} >= {} AND {name} < {})",
+                self.bind(a),
+                self.bind(b)
+            ),
+            // The open side is closed at the first or the last key, which every instant lies
+            // within: SQLite, planning without statistics, takes a range bounded on both
+            // sides to be narrow and searches the index for it, where it would scan a
+            // covering work-list index for a range open on one side.
+            Prefix::Gt | Prefix::Sa => {
+                format!("({name} >= {} AND {name} <= '{MAX_KEY}')", self.bind(b))
+            }
+            Prefix::Lt | Prefix::Eb => {
+                format!("({name} < {} AND {name} >= '{MIN_KEY}')", self.bind(a))
+            }
+            Prefix::Ge => format!("({name} >= {} AND {name} <= '{MAX_KEY}')", self.bind(a)),
+            Prefix::Le => format!("({name} < {} AND {name} >= '{MIN_KEY}')", self.bind(b)),
+            Prefix::Ap => format!("({name} < {} AND {name} >= {})", self.bind(b), self.bind(a)),
+        }
+    }
+}
+
 /// How the system of a token kept in a column is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ColumnSystem {
@@ -513,6 +554,8 @@ enum Column {
         start: &'static str,
         end: &'static str,
     },
+    /// A stored instant (`_lastUpdated`): one value per Task, its range one millisecond wide.
+    Instant(&'static str),
 }
 
 /// The column of a work-list parameter, if it has one.
@@ -537,6 +580,13 @@ fn column_of(param: &str) -> Option<Column> {
             start: "t.due_start",
             end: "t.due_end",
         },
+        // The row's own key and instant (`fhir::search::ON_THE_ROW`): no index rows.
+        "_id" => Column::Token(TokenColumn {
+            name: "t.id",
+            system: ColumnSystem::Fixed(None),
+            allowed: None,
+        }),
+        "_lastUpdated" => Column::Instant("t.last_updated"),
         _ => return None,
     })
 }
@@ -1303,6 +1353,29 @@ mod tests {
         "_lastUpdated=2024-01-03",
         "_lastUpdated=ge2024-01-10",
         "_lastUpdated=lt2024-01-05T08:00:00Z",
+        // `_lastUpdated` is the row's instant (`Column::Instant`): every prefix at the
+        // millisecond of some Tasks' instant and next to it, where `[s, s + 1 ms)` and the
+        // comparisons of `s` alone must agree.
+        "_lastUpdated=2024-01-03T08:00:00.000Z",
+        "_lastUpdated=ne2024-01-03T08:00:00.000Z",
+        "_lastUpdated=gt2024-01-03T08:00:00.000Z",
+        "_lastUpdated=gt2024-01-03T07:59:59.999Z",
+        "_lastUpdated=ge2024-01-03T08:00:00.001Z",
+        "_lastUpdated=ge2024-01-03T08:00:00.000Z",
+        "_lastUpdated=lt2024-01-03T08:00:00.001Z",
+        "_lastUpdated=le2024-01-03T07:59:59.999Z",
+        "_lastUpdated=le2024-01-03T08:00:00.000Z",
+        "_lastUpdated=sa2024-01-03T07:59:59.999Z",
+        "_lastUpdated=sa2024-01-03T08:00:00.000Z",
+        "_lastUpdated=eb2024-01-03T08:00:00.000Z",
+        "_lastUpdated=eb2024-01-03T08:00:00.001Z",
+        "_lastUpdated=ap2024-01-03T08:00:00.000Z",
+        "_lastUpdated=ap2024-01-03T08:00Z",
+        "_lastUpdated=2024-01-03T08:00:00.0004Z",
+        "_lastUpdated:missing=true",
+        "_id=|t01,t02",
+        "_id=urn:x|t01",
+        "_id:not=t01,t02,t03",
         "authored-on=2024-02",
         "authored-on=eq2024-02-12",
         "authored-on=ne2024-02",
@@ -1367,6 +1440,8 @@ mod tests {
         "focus=ServiceRequest/sr8",
         "status=|ready",
         "status:not=http://hl7.org/fhir/task-status|&priority=stat",
+        "_lastUpdated:missing=true",
+        "_id=urn:x|t01",
     ];
 
     async fn pool() -> SqlitePool {
@@ -1857,6 +1932,65 @@ mod plans {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// `_id` and `_lastUpdated` have no index rows (`fhir::search::ON_THE_ROW`): a search on
+    /// them looks the row up by its key, or walks `task (last_updated, id)` from the bound,
+    /// never a scan of the task table.
+    #[tokio::test]
+    async fn row_key_and_instant_searches_use_the_rows_indexes() {
+        let pool = migrated_pool().await;
+        let limits = SearchLimits {
+            default_count: 50,
+            max_count: 1000,
+            default_total: TotalMode::Estimate,
+        };
+        let cases = [
+            ("_id=a,b", "sqlite_autoindex_task_1"),
+            ("_lastUpdated=ge2027-01-01", "task_by_last_updated"),
+            (
+                "_lastUpdated=gt2027-01-01&_lastUpdated=lt2027-02-01&_sort=-_lastUpdated",
+                "task_by_last_updated",
+            ),
+        ];
+        for (query, index) in cases {
+            let pairs: Vec<(String, String)> = query
+                .split('&')
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap();
+                    (k.into(), v.into())
+                })
+                .collect();
+            let parsed =
+                parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict).unwrap();
+            let sql = page_sql(
+                PageSpec {
+                    predicates: &parsed.predicates,
+                    sort: &parsed.sort,
+                    after: None,
+                    counting: Counting::UpTo(1000),
+                },
+                Placeholder::Question,
+            )
+            .unwrap();
+            for (statement, binds) in [
+                (sql.count.clone().unwrap(), sql.count_binds.clone()),
+                (sql.rows.clone(), sql.binds.clone()),
+            ] {
+                let plan = explain(&pool, &statement, &binds).await;
+                assert!(
+                    plan.iter()
+                        .any(|step| step.starts_with("SEARCH t ") && step.contains(index)),
+                    "{query} does not search {index}: {plan:#?}\n{statement}"
+                );
+                assert!(
+                    !plan.iter().any(|step| step.starts_with("SCAN t")
+                        || step.contains("task_token")
+                        || step.contains("task_date")),
+                    "{query}: {plan:#?}\n{statement}"
+                );
             }
         }
     }

@@ -18,9 +18,7 @@ use super::{
 use super::{stamp, stamp_with};
 use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
-use crate::fhir::search::{
-    Predicate, TaskColumns, TaskIndex, index_task, last_updated_entry, priority_rank,
-};
+use crate::fhir::search::{Predicate, TaskColumns, TaskIndex, index_task, priority_rank};
 use crate::fhir::workflow::bidding;
 use crate::fhir::workflow::information::{self, Transition};
 use crate::fhir::workflow::{self, RequestKind};
@@ -202,7 +200,7 @@ pub(crate) struct Staged {
     text: String,
     /// Where the mark's JSON string, quotes included, is in `text`.
     mark: std::ops::Range<usize>,
-    /// The index rows beside the columns, without `_lastUpdated`.
+    /// The index rows beside the columns (`_lastUpdated` is never one: it is the row's).
     rows: TaskIndex,
     columns: TaskColumns,
     priority_rank: i64,
@@ -243,9 +241,6 @@ impl Staged {
     fn at(mut self, now: &StoredInstant) -> (String, TaskIndex, TaskColumns, i64) {
         let instant = serde_json::to_string(now.as_str()).unwrap_or_default();
         self.text.replace_range(self.mark, &instant);
-        if let Some(entry) = last_updated_entry(Some(now.as_str())) {
-            self.rows.dates.insert(0, entry);
-        }
         (self.text, self.rows, self.columns, self.priority_rank)
     }
 }

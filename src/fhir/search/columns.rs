@@ -17,11 +17,14 @@
 //! has several. `authored-on` keeps its index row: the column holds only the start of its range
 //! (its sort key), and putting the end on the row too would have meant rewriting every stored
 //! Task when upgrading (measured: far too long at a million Tasks).
-//! `TaskColumns::entries` gives the index entries back from the columns, so that the whole
-//! `TaskIndex` of a stored Task is its rows plus its columns.
+//! `_id` and `_lastUpdated` are the row's own key and `last_updated` (`ON_THE_ROW`): they are
+//! never written as index rows either, which spares every Task write seven B-tree entries (a
+//! `task_token` row's three, a `task_date` row's four) and their deletion at the next version.
+//! `TaskColumns::add_entries` and `add_row_entries` give the index entries back from the row,
+//! so that the whole `TaskIndex` of a stored Task is its rows plus its row's values.
 
 use super::STATUS_SYSTEM;
-use super::index::{DateEntry, TaskIndex, TokenEntry};
+use super::index::{DateEntry, TaskIndex, TokenEntry, last_updated_entry};
 
 /// What the `performer` column holds for a Task with more than one performer type coding.
 /// Indexed codes are never empty (`TaskIndex::token` skips them), so it cannot be a code.
@@ -79,11 +82,12 @@ impl TaskColumns {
     }
 
     /// Whether the index entries of `param` are held by these columns (and so not written as
-    /// index rows): always for `HELD`, for `performer` unless the Task has several.
+    /// index rows): always for `HELD` and `ON_THE_ROW`, for `performer` unless the Task has
+    /// several.
     pub fn holds(&self, param: &str) -> bool {
         match param {
             "performer" => self.performer.as_deref() != Some(SEVERAL),
-            other => HELD.contains(&other),
+            other => HELD.contains(&other) || ON_THE_ROW.contains(&other),
         }
     }
 
@@ -139,6 +143,24 @@ impl TaskColumns {
         }
     }
 }
+
+/// The index entries of the Task row's own key and instant (`ON_THE_ROW`), added to `rows`:
+/// `_id` (no system) and `_lastUpdated` (the range of the stored instant), as `index_task`
+/// extracts them from a stored version, whose `id` and `meta.lastUpdated` are the row's.
+pub fn add_row_entries(id: &str, last_updated: &str, rows: &mut TaskIndex) {
+    rows.tokens.push(TokenEntry {
+        param: "_id",
+        system: None,
+        value: id.to_string(),
+    });
+    if let Some(entry) = last_updated_entry(Some(last_updated)) {
+        rows.dates.push(entry);
+    }
+}
+
+/// The parameters answered from the Task row's own `id` and `last_updated`, which therefore
+/// have no index rows (`store::search_sql` turns their predicates into conditions on those).
+pub const ON_THE_ROW: &[&str] = &["_id", "_lastUpdated"];
 
 /// The parameters whose values `index_task` extracts at most once per Task, so that a column
 /// holds all of them (checked by a test over every element that feeds them).
@@ -212,7 +234,7 @@ mod tests {
             let index = index_task(&task, BASE);
             let columns = TaskColumns::from_index(&index);
             let mut rows = columns.rows_beside(&index);
-            for param in HELD {
+            for param in HELD.iter().chain(ON_THE_ROW) {
                 assert!(!rows.tokens.iter().any(|t| t.param == *param), "{param}");
                 assert!(!rows.dates.iter().any(|d| d.param == *param), "{param}");
             }
@@ -232,6 +254,11 @@ mod tests {
                 columns.performer.as_deref() == Some(SEVERAL)
             );
             columns.add_entries(&mut rows);
+            add_row_entries(
+                task["id"].as_str().unwrap(),
+                task["meta"]["lastUpdated"].as_str().unwrap(),
+                &mut rows,
+            );
             let sorted = |mut i: TaskIndex| {
                 i.tokens.sort_by(|a, b| {
                     (a.param, &a.system, &a.value).cmp(&(b.param, &b.system, &b.value))

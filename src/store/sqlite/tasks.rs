@@ -118,11 +118,12 @@ impl TaskTx for Connection {
             v.interaction,
             Some(v.text),
         )?;
-        // A Task that never existed has no index rows to clear.
+        // A Task that never existed has no index rows to replace.
         if v.existed {
-            clear_index(self, v.id)?;
+            replace_index(self, v.id, v.index)?;
+        } else {
+            write_index(self, v.id, v.index)?;
         }
-        write_index(self, v.id, v.index)?;
         insert_change(
             self,
             v.id,
@@ -316,6 +317,14 @@ static CHANGE_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
     )
 });
 
+static AUDIT_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
+    RowsInsert::new(
+        "INSERT OR FAIL INTO audit_event (recorded, type_code, subtype, outcome, agent, entity,
+           resource) VALUES",
+        "(?, ?, ?, ?, ?, ?, ?)",
+    )
+});
+
 /// Writes versions of Tasks that have no rows yet, as `put_version` writes each: the rows of
 /// each table together, the change events (and their AuditEvents) in the order given, so
 /// their `seq`s ascend in that order.
@@ -378,14 +387,25 @@ fn insert_new_tasks(conn: &Connection, versions: &[NewVersion<'_>]) -> Result<()
             &trace,
         ]);
     })?;
-    // And in the audit facts of that request: each AuditEvent commits with its change.
+    // And in the audit facts of that request: each AuditEvent commits with its change, in
+    // the same order (their `seq`s ascend with the changes').
     if let Some(audit) = crate::audit::current() {
-        for v in versions {
-            insert_audit(
-                conn,
-                &audit.task_change(v.id, v.version, v.interaction, v.last_updated),
-            )?;
-        }
+        let records: Vec<crate::audit::AuditRecord> = versions
+            .iter()
+            .map(|v| audit.task_change(v.id, v.version, v.interaction, v.last_updated))
+            .collect();
+        insert_rows(conn, &AUDIT_ROWS, records.len(), |i, out| {
+            let r = &records[i];
+            out.extend_from_slice(&[
+                &r.recorded as &dyn ToSql,
+                &r.type_code,
+                &r.subtype,
+                &r.outcome,
+                &r.agent,
+                &r.entity,
+                &r.facts,
+            ]);
+        })?;
     }
     Ok(())
 }
@@ -396,6 +416,69 @@ fn clear_index(conn: &Connection, id: &TaskId) -> Result<()> {
     conn.prepare_cached("DELETE FROM task_date WHERE task_id = ?")?
         .execute([id])?;
     Ok(())
+}
+
+/// Makes the index rows of Task `id` those of `index`: the rows it has that `index` lacks go,
+/// those it lacks are written, and the rows both have stay as they are. A new version mostly
+/// keeps its predecessor's values (a status change touches none of them: the status is a
+/// column), and a row kept costs a read of the Task's rows instead of an index entry removed
+/// and put back in each of its table's B-trees (three for a token, three or four for a date).
+fn replace_index(conn: &Connection, id: &TaskId, index: &TaskIndex) -> Result<()> {
+    let mut tokens: Vec<Option<&TokenEntry>> = index.tokens.iter().map(Some).collect();
+    let mut stale = Vec::new();
+    {
+        let mut select = conn.prepare_cached(
+            "SELECT rowid, param, system, value FROM task_token WHERE task_id = ?",
+        )?;
+        let mut rows = select.query([id])?;
+        while let Some(row) = rows.next()? {
+            let (param, system, value): (String, Option<String>, String) =
+                (row.get(1)?, row.get(2)?, row.get(3)?);
+            let kept = tokens.iter_mut().find(|wanted| {
+                wanted.is_some_and(|t| t.param == param && t.system == system && t.value == value)
+            });
+            match kept {
+                Some(slot) => *slot = None,
+                None => stale.push(row.get::<_, i64>(0)?),
+            }
+        }
+    }
+    if !stale.is_empty() {
+        let mut delete = conn.prepare_cached("DELETE FROM task_token WHERE rowid = ?")?;
+        for rowid in &stale {
+            delete.execute([rowid])?;
+        }
+    }
+    let mut dates: Vec<Option<&DateEntry>> = index.dates.iter().map(Some).collect();
+    stale.clear();
+    {
+        let mut select = conn.prepare_cached(
+            "SELECT rowid, param, start_at, end_at FROM task_date WHERE task_id = ?",
+        )?;
+        let mut rows = select.query([id])?;
+        while let Some(row) = rows.next()? {
+            let (param, start, end): (String, String, String) =
+                (row.get(1)?, row.get(2)?, row.get(3)?);
+            let kept = dates.iter_mut().find(|wanted| {
+                wanted.is_some_and(|d| d.param == param && d.start == start && d.end == end)
+            });
+            match kept {
+                Some(slot) => *slot = None,
+                None => stale.push(row.get::<_, i64>(0)?),
+            }
+        }
+    }
+    if !stale.is_empty() {
+        let mut delete = conn.prepare_cached("DELETE FROM task_date WHERE rowid = ?")?;
+        for rowid in &stale {
+            delete.execute([rowid])?;
+        }
+    }
+    let missing = TaskIndex {
+        tokens: tokens.into_iter().flatten().cloned().collect(),
+        dates: dates.into_iter().flatten().cloned().collect(),
+    };
+    write_index(conn, id, &missing)
 }
 
 /// Writes the search index rows of one Task.
@@ -625,13 +708,13 @@ pub(super) async fn found_among(
 }
 
 /// The live Tasks written after outbox position `seq`, each with its search index as stored:
-/// its work-list columns and its index rows.
+/// its row's id, instant and work-list columns, and its index rows.
 fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskId, TaskIndex)>> {
     // The work-list values are on the row (`TaskColumns`), the rest in the index rows.
-    let changed: Vec<(TaskId, TaskColumns)> = conn
+    let changed: Vec<(TaskId, StoredInstant, TaskColumns)> = conn
         .prepare_cached(
-            "SELECT t.id, t.status, t.owner, t.performer, t.performer_system, t.due_start,
-               t.due_end, t.authored_on
+            "SELECT t.id, t.last_updated, t.status, t.owner, t.performer, t.performer_system,
+               t.due_start, t.due_end, t.authored_on
              FROM task t WHERE t.deleted = 0
                AND t.id IN (SELECT DISTINCT resource_id FROM change_event WHERE seq > ?)
              ORDER BY t.id",
@@ -639,14 +722,15 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
         .query_map([seq], |row| {
             Ok((
                 row.get(0)?,
+                row.get(1)?,
                 TaskColumns {
-                    status: row.get(1)?,
-                    owner: row.get(2)?,
-                    performer: row.get(3)?,
-                    performer_system: row.get(4)?,
-                    due_start: row.get(5)?,
-                    due_end: row.get(6)?,
-                    authored_on: row.get(7)?,
+                    status: row.get(2)?,
+                    owner: row.get(3)?,
+                    performer: row.get(4)?,
+                    performer_system: row.get(5)?,
+                    due_start: row.get(6)?,
+                    due_end: row.get(7)?,
+                    authored_on: row.get(8)?,
                 },
             ))
         })?
@@ -654,12 +738,13 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
     if changed.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<TaskId> = changed.iter().map(|(id, _)| id.clone()).collect();
+    let ids: Vec<TaskId> = changed.iter().map(|(id, ..)| id.clone()).collect();
     let mut indexes: HashMap<TaskId, TaskIndex> = changed
         .iter()
-        .map(|(id, columns)| {
+        .map(|(id, last_updated, columns)| {
             let mut index = TaskIndex::default();
             columns.add_entries(&mut index);
+            search::add_row_entries(id.as_str(), last_updated.as_str(), &mut index);
             (id.clone(), index)
         })
         .collect();

@@ -615,7 +615,9 @@ fn a_staged_create_stores_what_an_unstaged_one_does() {
         let (want_text, want_rows, want_columns, want_rank) = unstaged(&expected, BASE);
         assert_eq!(text, want_text);
         assert_eq!(rows, want_rows);
-        assert!(rows.dates.iter().any(|d| d.param == "_lastUpdated"));
+        // The row's own instant, never an index row (`fhir::search::ON_THE_ROW`).
+        assert!(!rows.dates.iter().any(|d| d.param == "_lastUpdated"));
+        assert!(!rows.tokens.iter().any(|t| t.param == "_id"));
         assert_eq!(columns, want_columns);
         assert_eq!(rank, want_rank);
     }
