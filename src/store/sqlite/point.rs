@@ -34,9 +34,6 @@ const SEARCH_STATEMENT_CACHE: usize = 128;
 /// SQLite virtual-machine steps between two looks at the clock of a read with a budget
 /// (`PointReads::run_within`): a few microseconds of work.
 const PROGRESS_OPS: std::ffi::c_int = 1000;
-/// How much of the database file a search connection maps (SQLite caps it at what it was built
-/// for, 2 GB, and reads the rest as usual).
-const SEARCH_MMAP_SIZE: i64 = 1 << 40;
 
 /// A pool of read-only connections used on the caller's thread.
 pub(super) struct PointReads {
@@ -61,11 +58,13 @@ impl PointReads {
         }
     }
 
-    /// The pool searches run on, from a blocking thread (see the module's documentation).
-    pub(super) fn for_searches(path: &Path, max_idle: usize) -> PointReads {
+    /// The pool searches run on (see the module's documentation), each connection mapping
+    /// `mmap_size` bytes of the database file (SQLite caps it at what it was built for, 2 GB,
+    /// and reads the rest as usual; `store.search_mmap_mib`).
+    pub(super) fn for_searches(path: &Path, max_idle: usize, mmap_size: i64) -> PointReads {
         PointReads {
             statements: SEARCH_STATEMENT_CACHE,
-            mmap_size: SEARCH_MMAP_SIZE,
+            mmap_size,
             ..PointReads::new(path, max_idle)
         }
     }
@@ -153,7 +152,7 @@ mod tests {
             .unwrap()
             .execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (7);")
             .unwrap();
-        let reads = PointReads::for_searches(&path, 1);
+        let reads = PointReads::for_searches(&path, 1, 1 << 40);
         // Counting to ten million takes seconds; the budget is a millisecond.
         let long = |conn: &Connection| -> Result<i64> {
             Ok(conn.query_row(
