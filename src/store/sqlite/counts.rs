@@ -200,7 +200,14 @@ mod tests {
         // kept count is gone (the next search of it does not read the outbox position).
         write(&conn);
         assert_eq!(count(&counts, &conn, "a"), 0);
-        assert_eq!(counts.kept(counts.key(COUNT, &["a".to_string()]), COUNT, &["a".to_string()]), None);
+        assert_eq!(
+            counts.kept(
+                counts.key(COUNT, &["a".to_string()]),
+                COUNT,
+                &["a".to_string()]
+            ),
+            None
+        );
         // Another search's count is not this one's.
         insert(&conn, 8, "b");
         assert_eq!(count(&counts, &conn, "b"), 4);

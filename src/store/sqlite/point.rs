@@ -12,9 +12,12 @@
 //! Only short reads by key run on the caller's thread. Searches use a pool of their own
 //! (`PointReads::for_searches`) from a blocking thread, one hand-off per search rather than
 //! one per row: the sqlx pool's workers took half of a search mix's CPU, in SQLite's page
-//! cache and copies of pages read by `pread` (BENCHMARKS.md, issue 16). Their connections map
-//! the database file instead (`mmap_size`), so every connection reads the operating system's
-//! one cached copy of a page. The file is never truncated under them: Baton does not vacuum.
+//! cache and copies of pages read by `pread` (BENCHMARKS.md, issue 16). Their connections may
+//! map the database file (`store.search_mmap_mib`); by default they do not: SQLite unmaps a
+//! connection's whole mapping whenever it starts reading after a commit
+//! (`pagerBeginReadTransaction`), and under writes the `munmap`, its TLB flushes and the page
+//! faults after it cost a search more than re-reading its pages by `pread` (BENCHMARKS.md,
+//! issue 16, sixth sitting). The file is never truncated under them: Baton does not vacuum.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
