@@ -81,7 +81,11 @@ impl Deliverer {
         config: &Config,
     ) -> Deliverer {
         Deliverer {
-            recorder: record::Recorder::start(store.clone(), hub.node.clone()),
+            recorder: record::Recorder::start(
+                store.clone(),
+                hub.node.clone(),
+                Duration::from_millis(config.delivery.position_record_ms),
+            ),
             store,
             signals,
             hub,
