@@ -494,6 +494,12 @@ pub struct StoreConfig {
     /// Committed Task changes not yet matched and recorded beyond which a new Task write is
     /// refused with 429 and `Retry-After`.
     pub max_fanout_lag: u64,
+    /// How many MiB of the database file each SQLite search connection maps into memory
+    /// (`PRAGMA mmap_size`; SQLite itself maps at most 2 GiB); 0 (the default) reads pages by
+    /// system call into each connection's page cache instead. SQLite unmaps a connection's
+    /// whole mapping when it starts reading after any commit, so under writes (read
+    /// auditing is one) a mapping costs more than it saves (BENCHMARKS.md, issue 16).
+    pub search_mmap_mib: u64,
 }
 
 /// How the outbox consumer records what it matched.
@@ -706,6 +712,7 @@ impl Default for StoreConfig {
             synchronous: Synchronous::Full,
             max_queue: 4096,
             max_fanout_lag: 50_000,
+            search_mmap_mib: 0,
         }
     }
 }

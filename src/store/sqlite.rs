@@ -180,6 +180,7 @@ impl SqliteStore {
             searches: Arc::new(point::PointReads::for_searches(
                 path,
                 config.read_connections as usize,
+                i64::try_from(config.search_mmap_mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX),
             )),
             counts: Arc::new(counts::CappedCounts::new()),
             inline_budget: INLINE_SEARCH_BUDGET,

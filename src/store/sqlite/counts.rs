@@ -65,13 +65,15 @@ impl CappedCounts {
         cap: u64,
     ) -> Result<u64> {
         let key = self.key(count, binds);
-        let seq: i64 = conn
-            .prepare_cached(LAST_SEQ)?
-            .query_row([], |row| row.get(0))?;
-        if let Some(at_least) = self.at_least(key, count, binds, seq)
-            && at_least > cap
-        {
-            return Ok(cap + 1);
+        // The outbox position is read only when a count is kept to compare it with: a search
+        // counted at or under its cap (an owner's list, a queue) is counted at once.
+        if let Some((counted, counted_at)) = self.kept(key, count, binds) {
+            let seq: i64 = conn
+                .prepare_cached(LAST_SEQ)?
+                .query_row([], |row| row.get(0))?;
+            if at_least(counted, counted_at, seq).is_some_and(|at_least| at_least > cap) {
+                return Ok(cap + 1);
+            }
         }
         // The count and the outbox position it holds at, in one statement: one snapshot.
         let (seq, counted): (i64, i64) = conn
@@ -82,6 +84,9 @@ impl CappedCounts {
         let counted = u64::try_from(counted).unwrap_or(0);
         if counted > cap {
             self.keep(key, count, binds, counted, seq);
+        } else {
+            // Exact now: nothing to compare the outbox position with any more.
+            self.forget(key);
         }
         Ok(counted.min(cap + 1))
     }
@@ -93,16 +98,18 @@ impl CappedCounts {
         hasher.finish()
     }
 
-    /// The fewest matches the kept count of this search proves at outbox position `seq`.
-    fn at_least(&self, key: u64, count: &str, binds: &[String], seq: i64) -> Option<u64> {
+    /// The kept count of this search over its cap, and the outbox position it was counted at.
+    fn kept(&self, key: u64, count: &str, binds: &[String]) -> Option<(u64, i64)> {
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        let kept = known
+        known
             .get(&key)
-            .filter(|k| k.statement == count && k.binds == binds)?;
-        // A position before the count's cannot happen with one writer; if it ever did, the
-        // count proves nothing.
-        let writes = u64::try_from(seq.checked_sub(kept.seq)?).ok()?;
-        Some(kept.counted.saturating_sub(writes))
+            .filter(|k| k.statement == count && k.binds == binds)
+            .map(|k| (k.counted, k.seq))
+    }
+
+    fn forget(&self, key: u64) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        known.remove(&key);
     }
 
     fn keep(&self, key: u64, count: &str, binds: &[String], counted: u64, seq: i64) {
@@ -120,6 +127,14 @@ impl CappedCounts {
             },
         );
     }
+}
+
+/// The fewest matches a count of `counted` at outbox position `counted_at` proves at `seq`.
+fn at_least(counted: u64, counted_at: i64, seq: i64) -> Option<u64> {
+    // A position before the count's cannot happen with one writer; if it ever did, the
+    // count proves nothing.
+    let writes = u64::try_from(seq.checked_sub(counted_at)?).ok()?;
+    Some(counted.saturating_sub(writes))
 }
 
 /// The outbox position of the reading snapshot: the last change event's `seq`.
@@ -181,9 +196,18 @@ mod tests {
             write(&conn);
         }
         assert_eq!(count(&counts, &conn, "a"), 4);
-        // A fourth could leave three, which is not "more": counted again, exactly.
+        // A fourth could leave three, which is not "more": counted again, exactly, and the
+        // kept count is gone (the next search of it does not read the outbox position).
         write(&conn);
         assert_eq!(count(&counts, &conn, "a"), 0);
+        assert_eq!(
+            counts.kept(
+                counts.key(COUNT, &["a".to_string()]),
+                COUNT,
+                &["a".to_string()]
+            ),
+            None
+        );
         // Another search's count is not this one's.
         insert(&conn, 8, "b");
         assert_eq!(count(&counts, &conn, "b"), 4);
@@ -195,6 +219,8 @@ mod tests {
         let conn = database(2);
         let counts = CappedCounts::new();
         assert_eq!(count(&counts, &conn, "a"), 2);
+        let a = ["a".to_string()];
+        assert_eq!(counts.kept(counts.key(COUNT, &a), COUNT, &a), None);
         insert(&conn, 1, "a");
         assert_eq!(
             count(&counts, &conn, "a"),

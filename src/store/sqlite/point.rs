@@ -12,9 +12,12 @@
 //! Only short reads by key run on the caller's thread. Searches use a pool of their own
 //! (`PointReads::for_searches`) from a blocking thread, one hand-off per search rather than
 //! one per row: the sqlx pool's workers took half of a search mix's CPU, in SQLite's page
-//! cache and copies of pages read by `pread` (BENCHMARKS.md, issue 16). Their connections map
-//! the database file instead (`mmap_size`), so every connection reads the operating system's
-//! one cached copy of a page. The file is never truncated under them: Baton does not vacuum.
+//! cache and copies of pages read by `pread` (BENCHMARKS.md, issue 16). Their connections may
+//! map the database file (`store.search_mmap_mib`); by default they do not: SQLite unmaps a
+//! connection's whole mapping whenever it starts reading after a commit
+//! (`pagerBeginReadTransaction`), and under writes the `munmap`, its TLB flushes and the page
+//! faults after it cost a search more than re-reading its pages by `pread` (BENCHMARKS.md,
+//! issue 16, sixth sitting). The file is never truncated under them: Baton does not vacuum.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,9 +37,6 @@ const SEARCH_STATEMENT_CACHE: usize = 128;
 /// SQLite virtual-machine steps between two looks at the clock of a read with a budget
 /// (`PointReads::run_within`): a few microseconds of work.
 const PROGRESS_OPS: std::ffi::c_int = 1000;
-/// How much of the database file a search connection maps (SQLite caps it at what it was built
-/// for, 2 GB, and reads the rest as usual).
-const SEARCH_MMAP_SIZE: i64 = 1 << 40;
 
 /// A pool of read-only connections used on the caller's thread.
 pub(super) struct PointReads {
@@ -61,11 +61,13 @@ impl PointReads {
         }
     }
 
-    /// The pool searches run on, from a blocking thread (see the module's documentation).
-    pub(super) fn for_searches(path: &Path, max_idle: usize) -> PointReads {
+    /// The pool searches run on (see the module's documentation), each connection mapping
+    /// `mmap_size` bytes of the database file (SQLite caps it at what it was built for, 2 GB,
+    /// and reads the rest as usual; `store.search_mmap_mib`).
+    pub(super) fn for_searches(path: &Path, max_idle: usize, mmap_size: i64) -> PointReads {
         PointReads {
             statements: SEARCH_STATEMENT_CACHE,
-            mmap_size: SEARCH_MMAP_SIZE,
+            mmap_size,
             ..PointReads::new(path, max_idle)
         }
     }
@@ -153,7 +155,7 @@ mod tests {
             .unwrap()
             .execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (7);")
             .unwrap();
-        let reads = PointReads::for_searches(&path, 1);
+        let reads = PointReads::for_searches(&path, 1, 1 << 40);
         // Counting to ten million takes seconds; the budget is a millisecond.
         let long = |conn: &Connection| -> Result<i64> {
             Ok(conn.query_row(
