@@ -81,7 +81,7 @@ impl Deliverer {
         config: &Config,
     ) -> Deliverer {
         Deliverer {
-            recorder: record::Recorder::start(store.clone(), hub.node.clone()),
+            recorder: record::Recorder::start(store.clone(), hub.node.clone(), hub.audits.clone()),
             store,
             signals,
             hub,
