@@ -310,6 +310,12 @@ pub struct DeliveryConfig {
     /// an API request that wants a core while the fan-out is busy gets it first; with idle
     /// cores the fan-out still runs at full speed. 0 shares the cores equally.
     pub nice: i32,
+    /// Milliseconds the delivery recorder gathers best-effort delivery positions (websocket
+    /// sends that ran ahead of their record) before writing them, so that a broad websocket
+    /// fan-out costs the SQLite writer a few jobs a second rather than one per commit. A
+    /// result an attempt waits for (rest-hook, AMQP, a status change) is written at once,
+    /// with whatever has gathered. 0 writes every batch at once.
+    pub position_record_ms: u64,
 }
 
 impl DeliveryConfig {
@@ -337,6 +343,7 @@ impl Default for DeliveryConfig {
             amqp_channels: 4,
             threads: 0,
             nice: 0,
+            position_record_ms: 100,
         }
     }
 }
@@ -959,6 +966,11 @@ impl Config {
         if d.amqp_channels == 0 || d.amqp_channels > 256 {
             return Err(ConfigError(
                 "delivery.amqp_channels must be between 1 and 256".into(),
+            ));
+        }
+        if d.position_record_ms > 1000 {
+            return Err(ConfigError(
+                "delivery.position_record_ms must be between 0 and 1000 (milliseconds; BATON_DELIVERY__POSITION_RECORD_MS)".into(),
             ));
         }
         if !(0..=19).contains(&d.nice) {

@@ -242,6 +242,16 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Histogram,
+        "baton_store_write_wait_seconds",
+        "Time from queueing a write for the SQLite writer to its answer (after its group's commit), by lane (request: Task and Subscription writes; hub: fan-out chunks, delivery results, audits).",
+    ),
+    (
+        Kind::Counter,
+        "baton_writer_groups_total",
+        "Groups committed by the SQLite writer, by what they held (requests, hub, both: requests that shared their commit with the hub's bookkeeping).",
+    ),
+    (
+        Kind::Histogram,
         "baton_store_commit_batch_size",
         "Jobs committed together by the SQLite writer.",
     ),

@@ -139,6 +139,22 @@ async fn metrics_explain_themselves_and_show_what_waits_for_delivery() {
         ),
         Some(1.0)
     );
+    if !common::postgres_backend() {
+        // The SQLite writer's waits, requests apart from the hub's bookkeeping: the three
+        // creates and the subscription were requests; their change events' chunks hub jobs.
+        let waited = |lane: &str| {
+            sample(
+                &metrics,
+                &format!("baton_store_write_wait_seconds_count{{lane=\"{lane}\"}}"),
+            )
+        };
+        assert!(waited("request") >= Some(4.0), "{metrics}");
+        assert!(waited("hub") >= Some(1.0), "{metrics}");
+        assert!(
+            metrics.contains("baton_writer_groups_total{lanes=\""),
+            "{metrics}"
+        );
+    }
     let in_error = sample(&metrics, "baton_subscriptions{status=\"error\"}");
     assert!(in_error >= Some(1.0), "{metrics}");
     let age = sample(&metrics, "baton_oldest_undelivered_event_age_seconds").unwrap();

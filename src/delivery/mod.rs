@@ -81,7 +81,12 @@ impl Deliverer {
         config: &Config,
     ) -> Deliverer {
         Deliverer {
-            recorder: record::Recorder::start(store.clone(), hub.node.clone(), hub.audits.clone()),
+            recorder: record::Recorder::start(
+                store.clone(),
+                hub.node.clone(),
+                Duration::from_millis(config.delivery.position_record_ms),
+                hub.audits.clone(),
+            ),
             store,
             signals,
             hub,

@@ -12,7 +12,11 @@
 //! last one: `delivered_through` only ever grows, so the last says all the others did.
 //!
 //! An attempt either waits for its report to commit (`record`) or runs ahead of it
-//! (`record_ahead`):
+//! (`record_ahead`). Reports that only run ahead are gathered for up to
+//! `delivery.position_record_ms` before they are written (`gather`): a broad websocket
+//! fan-out then costs the writer a few jobs a second, each one row per subscription, instead
+//! of one job per commit, and a Task write meets the hub's bookkeeping in the writer that
+//! much less often. A report that an attempt waits for ends the gathering at once.
 //! - **Waiting** is the rule where nodes share the store (PostgreSQL: the result ends the
 //!   node's claim in the same statement, and the next attempt, on any node, reads a
 //!   `delivered_through` that counts what was sent) and for any result that changes more than
@@ -34,6 +38,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
@@ -101,13 +106,26 @@ struct Recording {
 
 impl Recorder {
     /// Starts the recording loop for this node (`holder`, whose claims the reports end). The
-    /// loop ends when the recorder is dropped, after recording what was queued. `audits` takes
-    /// the AuditEvents of attempts whose results failed to record: the attempts happened, so
-    /// the ledger keeps them even when their bookkeeping is retried.
-    pub fn start(store: Arc<dyn Store>, holder: String, audits: AuditQueue) -> Recorder {
+    /// loop ends when the recorder is dropped, after recording what was queued.
+    /// Reports that only ran ahead are gathered for up to `gather_ahead` before they are
+    /// written. `audits` takes the AuditEvents of attempts whose results failed to record: the
+    /// attempts happened, so the ledger keeps them even when their bookkeeping is retried.
+    pub fn start(
+        store: Arc<dyn Store>,
+        holder: String,
+        gather_ahead: Duration,
+        audits: AuditQueue,
+    ) -> Recorder {
         let (queue, received) = mpsc::unbounded_channel();
         let ahead = Arc::new(Ahead::default());
-        tokio::spawn(record_loop(store, holder, received, ahead.clone(), audits));
+        tokio::spawn(record_loop(
+            store,
+            holder,
+            received,
+            ahead.clone(),
+            gather_ahead,
+            audits,
+        ));
         Recorder { queue, ahead }
     }
 
@@ -181,16 +199,18 @@ fn stopped() -> Error {
 }
 
 /// Records batches until the queue closes: each batch is whatever gathered while the previous
-/// one was being written.
+/// one was being written, and, when all of it ran ahead, for up to `gather_ahead` more.
 async fn record_loop(
     store: Arc<dyn Store>,
     holder: String,
     mut received: mpsc::UnboundedReceiver<Recording>,
     ahead: Arc<Ahead>,
+    gather_ahead: Duration,
     audits: AuditQueue,
 ) {
     let mut batch = Vec::with_capacity(64);
     while received.recv_many(&mut batch, MAX_REPORTS_PER_WRITE).await > 0 {
+        gather(&mut received, &mut batch, gather_ahead).await;
         let mut attempts = Vec::new();
         let (reports, answers): (Vec<DeliveryReport>, Vec<_>) = batch
             .drain(..)
@@ -244,6 +264,33 @@ async fn record_loop(
                     let _ = answer.send(Err(e.for_another_request()));
                 }
             }
+        }
+    }
+}
+
+/// While every report in `batch` ran ahead (nobody waits for its record), adds what arrives
+/// for up to `window`; stops at once when a report that an attempt waits for arrives, when
+/// the batch is full, or when the queue closes.
+async fn gather(
+    received: &mut mpsc::UnboundedReceiver<Recording>,
+    batch: &mut Vec<Recording>,
+    window: Duration,
+) {
+    let waited_for = |recordings: &[Recording]| recordings.iter().any(|r| r.recorded.is_some());
+    if window.is_zero() || waited_for(batch) {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + window;
+    while batch.len() < MAX_REPORTS_PER_WRITE {
+        let before = batch.len();
+        let room = MAX_REPORTS_PER_WRITE - before;
+        tokio::select! {
+            arrived = received.recv_many(batch, room) => {
+                if arrived == 0 || waited_for(&batch[before..]) {
+                    return;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return,
         }
     }
 }
@@ -468,7 +515,12 @@ mod tests {
             .create_subscription(crate::outbox::tests::subscription(None))
             .await
             .unwrap();
-        let recorder = Recorder::start(store.clone(), "node-a".into(), AuditQueue::disconnected());
+        let recorder = Recorder::start(
+            store.clone(),
+            "node-a".into(),
+            Duration::ZERO,
+            AuditQueue::disconnected(),
+        );
         let lock = rusqlite::Connection::open(&path).unwrap();
         lock.execute_batch("BEGIN IMMEDIATE").unwrap();
 
@@ -514,7 +566,12 @@ mod tests {
             .create_subscription(crate::outbox::tests::subscription(None))
             .await
             .unwrap();
-        let recorder = Recorder::start(store.clone(), "node-a".into(), AuditQueue::disconnected());
+        let recorder = Recorder::start(
+            store.clone(),
+            "node-a".into(),
+            Duration::ZERO,
+            AuditQueue::disconnected(),
+        );
         let subscription = sub.id.to_string();
         let facts = crate::audit::DeliveryFacts {
             node: "node-a",
@@ -547,6 +604,78 @@ mod tests {
             )
             .unwrap();
         assert_eq!((ledger, through), (1, 3));
+    }
+
+    fn ahead_only(sub: &str, through: i64) -> Recording {
+        Recording {
+            report: delivered(sub, through, HandshakeOwed::Unchanged, 0),
+            attempt: None,
+            recorded: None,
+        }
+    }
+
+    fn waited_for(sub: &str) -> Recording {
+        Recording {
+            report: failed(sub, 1),
+            attempt: None,
+            recorded: Some(oneshot::channel().0),
+        }
+    }
+
+    fn subscriptions(batch: &[Recording]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|r| match &r.report {
+                DeliveryReport::Delivered {
+                    subscription_id, ..
+                }
+                | DeliveryReport::Failed {
+                    subscription_id, ..
+                } => subscription_id.to_string(),
+            })
+            .collect()
+    }
+
+    /// Positions sent ahead wait for more to gather; a report an attempt waits for ends the
+    /// gathering at once (the window here is an hour: a test that passes did not wait it).
+    #[tokio::test]
+    async fn positions_sent_ahead_gather_until_a_report_is_waited_for() {
+        let hour = Duration::from_secs(3600);
+        let guard = Duration::from_secs(60);
+        let (queue, mut received) = mpsc::unbounded_channel();
+        let mut batch = vec![ahead_only("a", 1)];
+        let sender = tokio::spawn(async move {
+            queue.send(ahead_only("b", 1)).unwrap();
+            tokio::task::yield_now().await;
+            queue.send(ahead_only("a", 2)).unwrap();
+            tokio::task::yield_now().await;
+            queue.send(waited_for("c")).unwrap();
+            queue
+        });
+        tokio::time::timeout(guard, gather(&mut received, &mut batch, hour))
+            .await
+            .expect("a waited-for report ends the gathering");
+        assert_eq!(subscriptions(&batch), ["a", "b", "a", "c"]);
+        let queue = sender.await.unwrap();
+
+        // A batch that holds a waited-for report is written as it is.
+        let mut batch = vec![ahead_only("a", 3), waited_for("d")];
+        queue.send(ahead_only("b", 2)).unwrap();
+        gather(&mut received, &mut batch, hour).await;
+        assert_eq!(subscriptions(&batch), ["a", "d"]);
+
+        // No window: as before, whatever gathered while the last write committed.
+        let mut batch = vec![ahead_only("b", 2)];
+        gather(&mut received, &mut batch, Duration::ZERO).await;
+        assert_eq!(subscriptions(&batch), ["b"]);
+
+        // The queue closes (the node stops): what gathered is written without waiting.
+        let mut batch = received.recv().await.into_iter().collect::<Vec<_>>();
+        drop(queue);
+        tokio::time::timeout(guard, gather(&mut received, &mut batch, hour))
+            .await
+            .expect("a closed queue ends the gathering");
+        assert_eq!(subscriptions(&batch), ["b"]);
     }
 
     #[test]

@@ -236,6 +236,8 @@ impl SqliteStore {
     /// Queues work for the writer and waits for its commit.
     async fn submit(&self, work: Work) -> Result<Done> {
         let _queued = self.pressure.enter();
+        let queued = std::time::Instant::now();
+        let lane = if work.is_urgent() { "request" } else { "hub" };
         let (reply, answer) = oneshot::channel();
         let sender = self.jobs.lock().await.clone().ok_or_else(writer_gone)?;
         sender
@@ -248,6 +250,8 @@ impl SqliteStore {
             .await
             .map_err(|_| writer_gone())?;
         let done = answer.await.map_err(|_| writer_gone())?;
+        metrics::histogram!("baton_store_write_wait_seconds", "lane" => lane)
+            .record(queued.elapsed().as_secs_f64());
         if let Err(e) = &done
             && e.status() == axum::http::StatusCode::INSUFFICIENT_STORAGE
         {

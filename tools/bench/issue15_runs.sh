@@ -1,7 +1,7 @@
 #!/bin/bash
 # The runs of BENCHMARKS.md "2026-12-07 (fourth sitting): quiet-window figures" (issue 15).
 # BIN = the release dir; modes: ratio, tx, audit, sync, beside NICE..., fanout NICE...,
-# putfan NICE..., chunk CHUNK... (MODE=--no-listeners for the baseline), hub, pg (one
+# putfan NICE..., linger MS..., chunk CHUNK... (MODE=--no-listeners for the baseline), hub, pg (one
 # PostgreSQL node, without TLS, against one SQLite node: a fresh database per run).
 #   BIN=target/release tools/bench/issue15_runs.sh ratio
 BIN=${BIN:-target/release}
@@ -47,6 +47,15 @@ pg) for r in 1 2; do for m in create update; do baton $m
   baton $m BATON_DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_q?sslmode=disable
   dropdb -h 127.0.0.1 -U postgres bench_q; done; done ;;
 sync) for r in 1 2; do baton create BATON_STORE__SYNCHRONOUS=full; baton create BATON_STORE__SYNCHRONOUS=normal; done ;;
+linger) for l in ${@:2}; do start 18081 /tmp/q/f BATON_HUB__FANOUT_LINGER_MS=$l
+  $BIN/baton-fanout websocket --base http://127.0.0.1:18081/fhir --server-pid $S --owners 10000 --catch-all 100 --rate 500 --duration 30s --idle 2s --settle 2s $MODE > /tmp/q/pf.txt 2>&1
+  commits=$(curl -s http://127.0.0.1:18081/metrics | awk '/^baton_store_commit_seconds_(sum|count)|^baton_writer_groups_total|^baton_store_write_wait_seconds_(bucket|count)\{lane="request"/ {v[$1]=$2}
+    END {printf "%d commits (mean %.2f ms), groups: %d requests only, %d with hub jobs, %d hub only; request waits over 5 ms: %.1f %%, over 10 ms: %.1f %%",
+      v["baton_store_commit_seconds_count"], 1000*v["baton_store_commit_seconds_sum"]/v["baton_store_commit_seconds_count"],
+      v["baton_writer_groups_total{lanes=\"requests\"}"], v["baton_writer_groups_total{lanes=\"both\"}"], v["baton_writer_groups_total{lanes=\"hub\"}"],
+      100*(1-v["baton_store_write_wait_seconds_bucket{lane=\"request\",le=\"0.005\"}"]/v["baton_store_write_wait_seconds_count{lane=\"request\"}"]),
+      100*(1-v["baton_store_write_wait_seconds_bucket{lane=\"request\",le=\"0.01\"}"]/v["baton_store_write_wait_seconds_count{lane=\"request\"}"])}')
+  echo "linger=$l ${MODE:-listeners} $(tail -1 /tmp/q/pf.txt | jq -c '{up:.update_latency_ms, cat:.latency_all_catch_alls_ms.p99, own:.latency_owner_ms.p99, pass:.passed, cpu:.cpu_percent.server}') $commits rows=$(sqlite3 /tmp/q/f/baton.db 'SELECT count(*) FROM subscription_event') load=$(la)"; stop; done ;;
 chunk) for c in ${@:2}; do start 18081 /tmp/q/f BATON_HUB__FANOUT_CHUNK=$c
   $BIN/baton-fanout websocket --base http://127.0.0.1:18081/fhir --server-pid $S --owners 10000 --catch-all 100 --rate 500 --duration 30s --idle 2s --settle 2s $MODE > /tmp/q/pf.txt 2>&1
   echo "chunk=$c ${MODE:-listeners} $(tail -1 /tmp/q/pf.txt | jq -c '{up:.update_latency_ms, cat:.latency_all_catch_alls_ms.p99, own:.latency_owner_ms.p99, pass:.passed, cpu:.cpu_percent.server}') load=$(la)"; stop; done ;;

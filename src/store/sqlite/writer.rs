@@ -209,7 +209,7 @@ impl Waiting {
 
 impl Work {
     /// Whether an API client waits for this job's answer.
-    fn is_urgent(&self) -> bool {
+    pub(super) fn is_urgent(&self) -> bool {
         matches!(
             self,
             Work::Task(_)
@@ -307,9 +307,15 @@ fn run_writer(
             max_batch,
             replies: Vec::with_capacity(max_batch),
             wrote: false,
+            lanes: (false, false),
         };
         let committed_group = group.run(first);
-        let Group { replies, wrote, .. } = group;
+        let Group {
+            replies,
+            wrote,
+            lanes,
+            ..
+        } = group;
         let size = replies.len();
         match committed_group {
             Ok(outcomes) => {
@@ -331,6 +337,14 @@ fn run_writer(
         }
         metrics::histogram!("baton_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("baton_store_commit_batch_size").record(size as f64);
+        // Whether requests shared their commit with the hub's bookkeeping: a request in a
+        // "both" group waited for a fan-out chunk or delivery results and their pages.
+        let kind = match lanes {
+            (true, true) => "both",
+            (true, false) => "requests",
+            (false, _) => "hub",
+        };
+        metrics::counter!("baton_writer_groups_total", "lanes" => kind).increment(1);
         // Task writes and overdue events feed the outbox consumer.
         if wrote {
             committed.notify_one();
@@ -355,6 +369,8 @@ struct Group<'a> {
     /// Whether a job wrote a change event (a Task write, an overdue event), which the outbox
     /// consumer is woken for once the group commits.
     wrote: bool,
+    /// Whether the group ran a request, and whether it ran a hub job.
+    lanes: (bool, bool),
 }
 
 impl Group<'_> {
@@ -383,6 +399,10 @@ impl Group<'_> {
             };
             let Some(job) = queue.pop_front() else { break };
             holds_request |= next == Lane::Urgent;
+            match next {
+                Lane::Urgent => self.lanes.0 = true,
+                Lane::Background => self.lanes.1 = true,
+            }
             self.replies.push(job.reply);
             let outcome = self.run_job(job.work, job.trace, job.audit)?;
             self.wrote |= matches!(

@@ -314,21 +314,14 @@ async fn drive(options: &Options, setup: &Setup, listeners: &Listeners) -> anyho
         sampler_stop.clone(),
     ));
     let cpu = CpuMeter::start(Some(setup.pid));
-    let owners = options.owners as u64;
-    let schedule = plan
-        .run(|k| {
-            let task = (k % owners) as usize;
-            let (server, names) = (server.clone(), setup.names.clone());
-            let (results, answered) = (results.clone(), answered.clone());
-            async move {
-                let sent = Instant::now();
-                let outcome = server.update_task(&names, task, task, k).await;
-                let responded = Instant::now();
-                answered.fetch_add(1, Ordering::Relaxed);
-                lock(&results).push((task as u32, outcome, responded, responded - sent));
-            }
-        })
-        .await?;
+    let schedule = run_updates(
+        plan,
+        options,
+        setup.names.clone(),
+        results.clone(),
+        answered.clone(),
+    )
+    .await?;
     let cpu = cpu.finish();
     let mut writes = Vec::with_capacity(plan.total as usize);
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
@@ -356,6 +349,60 @@ async fn drive(options: &Options, setup: &Setup, listeners: &Listeners) -> anyho
         sampler,
         sampler_stop,
     })
+}
+
+/// Runs the open-loop schedule of updates on a thread and a runtime of its own, with its own
+/// connections, and waits for it. On this process's runtime the updates would share the
+/// worker threads with the listeners' sockets (50 000 frames a second in the run):
+/// their timers and answers would wait behind the tool's own reading, and the latency the run
+/// reports would be partly the tool's rather than the server's.
+async fn run_updates(
+    plan: OpenLoop,
+    options: &Options,
+    names: Arc<Names>,
+    results: Arc<Mutex<Vec<Answered>>>,
+    answered: Arc<AtomicU64>,
+) -> anyhow::Result<Schedule> {
+    let target = options.server.target.clone();
+    let connections = options.max_in_flight;
+    let owners = options.owners as u64;
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("fanout-updates".into())
+        .spawn(move || {
+            let run = || -> anyhow::Result<Schedule> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the updates' runtime")?;
+                runtime.block_on(async {
+                    let server = Server::new(&target, connections)?;
+                    plan.run(|k| {
+                        let task = (k % owners) as usize;
+                        let (server, names) = (server.clone(), names.clone());
+                        let (results, answered) = (results.clone(), answered.clone());
+                        async move {
+                            let sent = Instant::now();
+                            let outcome = server.update_task(&names, task, task, k).await;
+                            let responded = Instant::now();
+                            answered.fetch_add(1, Ordering::Relaxed);
+                            lock(&results).push((
+                                task as u32,
+                                outcome,
+                                responded,
+                                responded - sent,
+                            ));
+                        }
+                    })
+                    .await
+                })
+            };
+            let _ = done.send(run());
+        })
+        .context("starting the updates' thread")?;
+    outcome
+        .await
+        .context("the updates' thread ended without an answer")?
 }
 
 /// Once a second until `stop`: updates answered, events the hub numbered and listeners
