@@ -241,6 +241,11 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
         "Time to commit one group of writes.",
     ),
     (
+        Kind::Counter,
+        "baton_store_locked_changes_total",
+        "PostgreSQL Task changes written in a transaction that locks the Task: those with effects on other Tasks, deletes, and those whose Task changed between the unlocked read and the write.",
+    ),
+    (
         Kind::Histogram,
         "baton_store_write_wait_seconds",
         "Time from queueing a write for the SQLite writer to its answer (after its group's commit), by lane (request: Task and Subscription writes; hub: fan-out chunks, delivery results, audits).",

@@ -20,6 +20,7 @@ pub mod sqlite;
 mod subscriptions;
 mod write;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -131,15 +132,21 @@ impl HistoryVersion {
 #[derive(Debug)]
 pub enum Decision {
     /// Store this content as the next version (or the first, if the Task does not exist).
-    Put(Value),
+    /// Shared, so that a decision that runs more than once hands out its content without
+    /// copying it (see `Decide`).
+    Put(Arc<Value>),
     /// Delete the Task.
     Delete,
     /// Nothing to write (e.g. deleting what is already deleted).
     Keep,
 }
 
-/// Runs inside the store's transaction with the current state (None if the id never existed).
-pub type Decide = Box<dyn FnOnce(Option<&CurrentTask>) -> Result<Decision> + Send>;
+/// Decides a change from the current state of its Task (None if the id never existed). The
+/// decision that is written is the one made on the version it replaces, held for change (see
+/// `store::write`); a store may also decide on an unlocked read first and write only if the
+/// Task is still at that version (PostgreSQL, `write::try_unlocked`), so a decision may run
+/// more than once and must depend on nothing but `current` and what it captured.
+pub type Decide = Box<dyn Fn(Option<&CurrentTask>) -> Result<Decision> + Send>;
 
 pub enum WriteRequest {
     /// Create with a server-assigned id; with `if_none_exist`, only when no Task matches.

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 // Every dynamic statement here is assembled from fixed fragments; values are always bound.
-use sqlx::{AssertSqlSafe, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Connection, Postgres, Transaction};
 use tokio::sync::Notify;
 
 use super::hub_sql;
@@ -43,7 +43,7 @@ use super::rows::{
 use super::search_sql::{
     PageSpec, Placeholder, children_sql, history_sql, page_sql, sort_value_count,
 };
-use super::write::{self, Found, Precheck, Prepared};
+use super::write::{self, Attempt, Found, Precheck, Prepared, TaskWrite};
 use super::{
     ChangeEvent, CurrentTask, DeliveryReport, EventRecord, HistoryRequest, HistoryVersion,
     LiveSubscription, MatchBatch, MatchingFormRow, PageRequest, PendingDelivery, SearchPage, Store,
@@ -122,7 +122,7 @@ impl PostgresStore {
 }
 
 /// Commits the transaction when the work succeeded, rolls it back otherwise.
-async fn finish<T>(tx: Transaction<'static, Postgres>, result: Result<T>) -> Result<T> {
+async fn finish<T>(tx: Transaction<'_, Postgres>, result: Result<T>) -> Result<T> {
     match result {
         Ok(value) => {
             tx.commit().await?;
@@ -211,14 +211,25 @@ impl Store for PostgresStore {
         };
         let started = Instant::now();
         // A write that is one statement is atomic on its own: it needs no transaction, and no
-        // BEGIN and COMMIT round trips. Every other write reads and locks before it writes.
+        // BEGIN and COMMIT round trips. A change is first tried as a read and one such
+        // statement that writes only if the Task is still as read (two round trips); what
+        // that cannot settle reads and locks before it writes, in a transaction.
+        let mut conn = self.pool.acquire().await?;
         let result = if write::is_single_put(&write) {
-            let mut conn = self.pool.acquire().await?;
             write::apply(&mut *conn, write, &self.base_url).await
         } else {
-            let mut tx = self.pool.begin().await?;
-            let result = write::apply(&mut *tx, write, &self.base_url).await;
-            finish(tx, result).await
+            match write::try_unlocked(&mut *conn, write, &self.base_url).await {
+                Ok(Attempt::Answered(outcome)) => Ok(outcome),
+                Ok(Attempt::Locked(write)) => {
+                    if matches!(write, TaskWrite::Change { .. }) {
+                        metrics::counter!("baton_store_locked_changes_total").increment(1);
+                    }
+                    let mut tx = conn.begin().await?;
+                    let result = write::apply(&mut *tx, write, &self.base_url).await;
+                    finish(tx, result).await
+                }
+                Err(e) => Err(e),
+            }
         };
         let outcome = result.map_err(|e| concurrent(e, "the Task"))?;
         metrics::histogram!("baton_store_commit_seconds").record(started.elapsed().as_secs_f64());

@@ -8,6 +8,8 @@
 //! savepoint, a PostgreSQL transaction with row locks). A rule changed here therefore holds
 //! on both backends, and each keeps its own SQL and its own way of settling concurrency.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::{
@@ -322,9 +324,12 @@ pub(crate) async fn apply<T: TaskTx>(
         }
         TaskWrite::Change { id, decide } => {
             let current = tx.load_for_change(&id).await?;
-            match decide(current.as_ref())? {
+            let decision = decide(current.as_ref());
+            // Dropped before the content is taken out, so that it is not copied (`owned`).
+            drop(decide);
+            match decision? {
                 Decision::Put(resource) => {
-                    put_task(tx, &id, current.as_ref(), resource, None, base_url).await
+                    put_task(tx, &id, current.as_ref(), owned(resource), None, base_url).await
                 }
                 Decision::Delete => match current {
                     Some(current) if !current.deleted => delete(tx, &current).await,
@@ -336,18 +341,86 @@ pub(crate) async fn apply<T: TaskTx>(
     }
 }
 
+/// The content of a decision, taken out of its `Arc` (copied only when the decision that
+/// shared it is still held, as it is on PostgreSQL's unlocked attempt).
+fn owned(resource: Arc<Value>) -> Value {
+    Arc::try_unwrap(resource).unwrap_or_else(|shared| (*shared).clone())
+}
+
+/// How a backend that holds a Task for change with a row lock (PostgreSQL) may instead try a
+/// change without one: read the Task, decide, and write the version only if the Task is still
+/// at the version read, all in fewer round trips than a transaction (BEGIN, the locking read,
+/// the write, COMMIT). What the attempt writes is what the locked path would have written:
+/// the decision was made on the version the write replaces.
+pub(crate) trait UnlockedChange: TaskTx {
+    /// The current state of a Task (None if the id never existed), committed, not held.
+    async fn read_unlocked(&mut self, id: &TaskId) -> Result<Option<CurrentTask>>;
+
+    /// Writes a version as `TaskTx::put_version` does, atomically, and only if the Task is
+    /// still at the version before it (does not exist, for a first version): false, and
+    /// nothing written, if it has changed.
+    async fn put_version_if_unchanged(&mut self, version: &NewVersion<'_>) -> Result<bool>;
+}
+
+/// What an unlocked attempt at a write came to.
+pub(crate) enum Attempt<S> {
+    /// Answered: written, or refused or left unchanged by a decision on a committed version.
+    Answered(WriteOutcome),
+    /// To be applied in a transaction (`apply`): a write that is not a plain change, or whose
+    /// Task changed between the read and the write. Its decision runs again there.
+    Locked(TaskWrite<S>),
+}
+
+/// Tries a change of one Task without holding it: the decision is made on the committed
+/// version read now, and a put that changes no other Task (`is_single_change`) is written
+/// only if the Task is still at that version. A decision that refuses (412, 403, 422…) or
+/// keeps is answered as made: it was made on the newest committed version, as if the request
+/// had run just before any write still in flight. Everything else — another kind of write, a
+/// delete, a put with effects on other Tasks, a Task changed meanwhile — goes on to `apply`,
+/// where the decision runs again on the locked version.
+pub(crate) async fn try_unlocked<T: UnlockedChange>(
+    conn: &mut T,
+    write: TaskWrite<T::Seen>,
+    base_url: &str,
+) -> Result<Attempt<T::Seen>> {
+    let TaskWrite::Change { id, decide } = write else {
+        return Ok(Attempt::Locked(write));
+    };
+    let current = conn.read_unlocked(&id).await?;
+    let resource = match decide(current.as_ref())? {
+        Decision::Put(resource) => resource,
+        Decision::Keep => return Ok(Attempt::Answered(WriteOutcome::Unchanged)),
+        Decision::Delete => return Ok(Attempt::Locked(TaskWrite::Change { id, decide })),
+    };
+    let previous = current.as_ref().filter(|c| !c.deleted).map(|c| &c.resource);
+    if !is_single_change(previous, &resource) {
+        return Ok(Attempt::Locked(TaskWrite::Change { id, decide }));
+    }
+    // `decide` is still held (it may run again), so the content is copied here, on the
+    // request's own task.
+    let (next, outcome) = next_version(&id, current.as_ref(), owned(resource), None, base_url);
+    if conn.put_version_if_unchanged(&next.as_new()).await? {
+        Ok(Attempt::Answered(outcome))
+    } else {
+        Ok(Attempt::Locked(TaskWrite::Change { id, decide }))
+    }
+}
+
+/// Whether writing `resource` over `previous` (None: the Task is created) changes that Task
+/// alone (see `put_task`): it completes no request, opens or closes no information request,
+/// and is neither a bid nor a bidding Task.
+fn is_single_change(previous: Option<&Value>, resource: &Value) -> bool {
+    workflow::completes_request(previous, resource).is_none()
+        && information::transition(previous, resource).is_none()
+        && !bidding::is_bid(resource)
+        && !bidding::is_bidding(resource)
+}
+
 /// Whether a write is one `TaskTx::put_version` and nothing else: a create without
 /// If-None-Exist that completes no request (see `put_task`). A backend may run it without a
 /// transaction of its own when that statement is atomic by itself.
 pub(crate) fn is_single_put<S>(write: &TaskWrite<S>) -> bool {
-    matches!(
-        write,
-        TaskWrite::Create { resource, .. }
-            if workflow::completes_request(None, resource).is_none()
-                && information::transition(None, resource).is_none()
-                && !bidding::is_bid(resource)
-                && !bidding::is_bidding(resource)
-    )
+    matches!(write, TaskWrite::Create { resource, .. } if is_single_change(None, resource))
 }
 
 /// Runs the pre-checks of a transaction's writes, in order; the first that fails fails the

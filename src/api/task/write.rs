@@ -4,6 +4,7 @@
 //! They are kept apart from reads because only writes go through the writer.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -453,21 +454,23 @@ pub(crate) async fn update_request(
     };
     let base_url = state.base_url.clone();
     let task_id = id.clone();
+    let proposed = Arc::new(resource);
     let decide = Box::new(move |current: Option<&CurrentTask>| {
+        let resource: &Value = &proposed;
         let live = current.filter(|c| !c.deleted);
         check_version(if_match, live)?;
         let before = live.map(|c| &c.resource);
-        auth::authorize_task_write(&principal, before, Some(&resource), &base_url)?;
+        auth::authorize_task_write(&principal, before, Some(resource), &base_url)?;
         if let Some(deleted) = current.filter(|c| c.deleted) {
             auth::authorize_task_recreate(&principal, &deleted.resource, &task_id, &base_url)?;
         }
         if let Some(before) = before {
-            check_rewrite(&principal, before, &resource, &base_url)?;
+            check_rewrite(&principal, before, resource, &base_url)?;
         }
-        check_request_write(&principal, before, &resource, &base_url)?;
-        check_status_change(before, &resource)?;
-        ensure_links_checked(before, &resource, &checked, &task_id, &base_url)?;
-        Ok(Decision::Put(resource))
+        check_request_write(&principal, before, resource, &base_url)?;
+        check_status_change(before, resource)?;
+        ensure_links_checked(before, resource, &checked, &task_id, &base_url)?;
+        Ok(Decision::Put(Arc::clone(&proposed)))
     });
     Ok(WriteRequest::Change { id, decide })
 }
@@ -547,6 +550,7 @@ pub(crate) async fn patch_request(
         HashSet::new()
     };
     let prepared_from = before.version;
+    let prepared = Arc::new(prepared);
     let base_url = state.base_url.clone();
     let task_id = id.clone();
     let decide = Box::new(move |current: Option<&CurrentTask>| {
@@ -556,14 +560,14 @@ pub(crate) async fn patch_request(
         // Versions only grow, so the same version is the same content: what was prepared
         // stands. Otherwise the patch is applied again, with the same bounds, to what is there.
         let patched = if current.version == prepared_from {
-            prepared
+            Arc::clone(&prepared)
         } else {
-            patched_task(current, &patch, limits, &base_url)?
+            Arc::new(patched_task(current, &patch, limits, &base_url)?)
         };
         auth::authorize_task_write(
             &principal,
             Some(&current.resource),
-            Some(&patched),
+            Some(&*patched),
             &base_url,
         )?;
         check_rewrite(&principal, &current.resource, &patched, &base_url)?;

@@ -11,12 +11,12 @@ use sqlx::AssertSqlSafe;
 
 use super::pg_text;
 use crate::audit::AuditRecord;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::fhir::search::Predicate;
 use crate::store::rows::{CURRENT_COLUMNS, current_from_row};
 use crate::store::search_sql::{Placeholder, where_clause};
-use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
+use crate::store::write::{Deletion, Found, NewVersion, TaskTx, UnlockedChange};
 use crate::store::{CurrentTask, Interaction};
 use crate::trace::current_trace;
 
@@ -34,8 +34,13 @@ const CONDITIONAL_CREATE_LOCK: i64 = 0x6261_746f_6e49_4e45;
 /// close to the commit as possible: the fewer transactions hold a lower `seq` uncommitted,
 /// the fewer changes the matcher sees out of order.
 ///
-/// Two first writes to one new id both find nothing to lock; the second waits here for the
-/// first, and its history row (same id, version 1) then fails as a unique violation: 409.
+/// The row is written only if the Task is still at the version before this one (`$2 - 1`;
+/// no row at all for a first version): the upsert locks the row it finds, waiting for any
+/// transaction that holds it, and checks the version it then sees. Every other part reads
+/// `task_row`, so when the check fails nothing is written and the statement reports no row
+/// (`UnlockedChange::put_version_if_unchanged`). Under the row lock of `load_for_change` the
+/// check always holds; two first writes to one new id both find nothing to lock, and the
+/// second then writes nothing (409 there).
 const PUT_TASK: &str = "WITH task_row AS (
        INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
          status, owner, performer, performer_system, due_start, due_end, authored_on)
@@ -46,26 +51,28 @@ const PUT_TASK: &str = "WITH task_row AS (
          status = excluded.status, owner = excluded.owner, performer = excluded.performer,
          performer_system = excluded.performer_system, due_start = excluded.due_start,
          due_end = excluded.due_end, authored_on = excluded.authored_on
+       WHERE task.version = excluded.version - 1
+       RETURNING 1
      ), version_row AS (
        INSERT INTO task_version (id, version, last_updated, interaction, resource)
-       VALUES ($1, $2, $3, $6, $5)
+       SELECT $1, $2, $3, $6, $5 FROM task_row
      ), old_tokens AS (
-       DELETE FROM task_token WHERE $7 AND task_id = $1
+       DELETE FROM task_token WHERE $7 AND task_id = $1 AND EXISTS (SELECT FROM task_row)
      ), old_dates AS (
-       DELETE FROM task_date WHERE $7 AND task_id = $1
+       DELETE FROM task_date WHERE $7 AND task_id = $1 AND EXISTS (SELECT FROM task_row)
      ), tokens AS (
        INSERT INTO task_token (task_id, param, system, value)
-       SELECT $1, p, s, v FROM unnest($8::text[], $9::text[], $10::text[]) AS x(p, s, v)
+       SELECT $1, p, s, v FROM task_row, unnest($8::text[], $9::text[], $10::text[]) AS x(p, s, v)
      ), dates AS (
        INSERT INTO task_date (task_id, param, start_at, end_at)
-       SELECT $1, p, s, e FROM unnest($11::text[], $12::text[], $13::text[]) AS x(p, s, e)
+       SELECT $1, p, s, e FROM task_row, unnest($11::text[], $12::text[], $13::text[]) AS x(p, s, e)
      ), audit AS (
        INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
-       SELECT $3, 'rest', $23::text, $24::text, $25::text, $26::text, $27::text
+       SELECT $3, 'rest', $23::text, $24::text, $25::text, $26::text, $27::text FROM task_row
        WHERE $27::text IS NOT NULL
      )
      INSERT INTO change_event (resource_type, resource_id, version, previous_version, interaction, recorded_at, traceparent)
-     VALUES ('Task', $1, $2, $14, $6, $3, $22)";
+     SELECT 'Task', $1, $2, $14, $6, $3, $22 FROM task_row";
 
 /// Deletes a Task as one statement, as `PUT_TASK` writes one: the row is kept, marked
 /// deleted; the history gains a version without a resource; the index rows go.
@@ -151,6 +158,43 @@ impl TaskTx for PgConnection {
 
     /// One statement, `PUT_TASK` (`write::is_single_put` relies on it).
     async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
+        if self.put_version_if_unchanged(v).await? {
+            Ok(())
+        } else {
+            Err(Error::conflict(format!(
+                "Task/{} was written concurrently with this request; retry the request",
+                v.id
+            )))
+        }
+    }
+
+    async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
+        sqlx::query(DELETE_TASK)
+            .bind(d.id)
+            .bind(d.version)
+            .bind(d.last_updated)
+            .bind(d.previous_version)
+            .bind(Interaction::Delete.as_str())
+            .bind(current_trace().map(|t| t.header()))
+            .bind_audit(audit_of(
+                d.id,
+                d.version,
+                Interaction::Delete,
+                d.last_updated,
+            ))
+            .execute(&mut *self)
+            .await?;
+        Ok(())
+    }
+}
+
+impl UnlockedChange for PgConnection {
+    async fn read_unlocked(&mut self, id: &TaskId) -> Result<Option<CurrentTask>> {
+        super::read_current(&mut *self, id).await
+    }
+
+    /// `PUT_TASK`, alone: atomic without a transaction around it.
+    async fn put_version_if_unchanged(&mut self, v: &NewVersion<'_>) -> Result<bool> {
         let token_params: Vec<&str> = v.index.tokens.iter().map(|t| t.param).collect();
         let token_systems: Vec<Option<Cow<str>>> = v
             .index
@@ -164,7 +208,7 @@ impl TaskTx for PgConnection {
         let date_starts: Vec<&str> = v.index.dates.iter().map(|d| d.start.as_str()).collect();
         let date_ends: Vec<&str> = v.index.dates.iter().map(|d| d.end.as_str()).collect();
         let c = v.columns;
-        sqlx::query(PUT_TASK)
+        let done = sqlx::query(PUT_TASK)
             .bind(v.id)
             .bind(v.version)
             .bind(v.last_updated)
@@ -191,26 +235,8 @@ impl TaskTx for PgConnection {
             .bind_audit(audit_of(v.id, v.version, v.interaction, v.last_updated))
             .execute(&mut *self)
             .await?;
-        Ok(())
-    }
-
-    async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
-        sqlx::query(DELETE_TASK)
-            .bind(d.id)
-            .bind(d.version)
-            .bind(d.last_updated)
-            .bind(d.previous_version)
-            .bind(Interaction::Delete.as_str())
-            .bind(current_trace().map(|t| t.header()))
-            .bind_audit(audit_of(
-                d.id,
-                d.version,
-                Interaction::Delete,
-                d.last_updated,
-            ))
-            .execute(&mut *self)
-            .await?;
-        Ok(())
+        // The change event, the statement's own row, is written exactly when the rest is.
+        Ok(done.rows_affected() == 1)
     }
 }
 

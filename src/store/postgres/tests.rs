@@ -161,7 +161,7 @@ async fn create(store: &PostgresStore, resource: Value) -> TaskId {
 async fn change(
     store: &PostgresStore,
     id: &TaskId,
-    decide: impl FnOnce(Option<&CurrentTask>) -> Result<Decision> + Send + 'static,
+    decide: impl Fn(Option<&CurrentTask>) -> Result<Decision> + Send + 'static,
 ) -> Result<WriteOutcome> {
     store
         .write(WriteRequest::Change {
@@ -169,6 +169,24 @@ async fn change(
             decide: Box::new(decide),
         })
         .await
+}
+
+/// A change as the store applies one it cannot settle without the lock: in a transaction
+/// that holds the Task (`SELECT … FOR UPDATE`) while the decision runs.
+async fn change_locked(
+    store: &PostgresStore,
+    id: &TaskId,
+    decide: impl Fn(Option<&CurrentTask>) -> Result<Decision> + Send + 'static,
+) -> Result<WriteOutcome> {
+    let write = crate::store::write::TaskWrite::Change {
+        id: id.clone(),
+        decide: Box::new(decide),
+    };
+    let mut tx = store.pool.begin().await?;
+    let result = crate::store::write::apply(&mut *tx, write, BASE).await;
+    super::finish(tx, result)
+        .await
+        .map_err(|e| super::concurrent(e, "the Task"))
 }
 
 /// The decision of an If-Match update that appends `mark` to the description.
@@ -187,7 +205,7 @@ fn append_if_match(
     let mut resource = current.resource.clone();
     let before = resource["description"].as_str().unwrap_or("").to_string();
     resource["description"] = json!(format!("{before}{mark}"));
-    Ok(Decision::Put(resource))
+    Ok(Decision::Put(resource.into()))
 }
 
 fn subscription_record(status: SubscriptionStatus) -> SubscriptionRecord {
@@ -272,6 +290,9 @@ fn assert_conflict<T: std::fmt::Debug>(result: Result<T>, what: &str) {
     }
 }
 
+/// A change in a transaction holds the Task while its decision runs; the changes tried
+/// meanwhile without the lock (the store's first attempt) find the Task changed when they
+/// write, and are decided again on its new version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_changes_to_one_task_lose_nothing() {
     let db = test_db!();
@@ -283,7 +304,7 @@ async fn concurrent_changes_to_one_task_lose_nothing() {
     let first = tokio::spawn({
         let (store, id) = (store.clone(), id.clone());
         async move {
-            change(&store, &id, move |current| {
+            change_locked(&store, &id, move |current| {
                 inside.send(()).unwrap();
                 std::thread::sleep(Duration::from_millis(300));
                 append_if_match(current, Some(1), "a")
@@ -1274,7 +1295,7 @@ async fn each_write_leaves_exactly_its_rows() {
             resource["identifier"] = json!([{ "system": "urn:ids", "value": "c" }]);
             resource["authoredOn"] = json!("2025-02-02");
             resource["status"] = json!("on-hold");
-            Ok(Decision::Put(resource))
+            Ok(Decision::Put(resource.into()))
         })
         .await
         .unwrap(),
@@ -1298,7 +1319,7 @@ async fn each_write_leaves_exactly_its_rows() {
     assert!(matches!(again, WriteOutcome::Unchanged));
 
     let recreated = written(
-        change(&store, &id, |_| Ok(Decision::Put(task("ready"))))
+        change(&store, &id, |_| Ok(Decision::Put(task("ready").into())))
             .await
             .unwrap(),
     );
@@ -1338,10 +1359,11 @@ async fn each_write_leaves_exactly_its_rows() {
     assert_eq!(rows.columns.status.as_deref(), Some("on-hold"));
 }
 
-/// Two first writes to one new id both find nothing to lock: one writes version 1, the
-/// other fails on the history's key and answers 409, leaving no row of its own.
+/// Two first writes to one new id in transactions both find nothing to lock: one writes
+/// version 1, the other finds the row there when it writes and answers 409, leaving no row
+/// of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn racing_first_writes_to_one_id_answer_409() {
+async fn racing_locked_first_writes_to_one_id_answer_409() {
     let db = test_db!();
     let store = db.open().await;
     let id = TaskId::generate();
@@ -1352,13 +1374,13 @@ async fn racing_first_writes_to_one_id_answer_409() {
         .map(|mark| {
             let (store, id, both_decided) = (store.clone(), id.clone(), both_decided.clone());
             tokio::spawn(async move {
-                change(&store, &id, move |current| {
+                change_locked(&store, &id, move |current| {
                     assert!(current.is_none());
                     // Off the worker, so that the other racer's task still runs.
                     tokio::task::block_in_place(|| both_decided.wait());
                     let mut resource = task("requested");
                     resource["description"] = json!(mark);
-                    Ok(Decision::Put(resource))
+                    Ok(Decision::Put(resource.into()))
                 })
                 .await
             })
@@ -1381,6 +1403,199 @@ async fn racing_first_writes_to_one_id_answer_409() {
     assert_eq!(rows.tokens, tokens);
     let current = store.read(&id).await.unwrap().unwrap();
     assert_eq!(current.resource, winner.resource.unwrap());
+}
+
+/// Two first writes to one new id through the store both decide on finding nothing; the
+/// one that writes second finds the row there, writes nothing, and is decided again, under
+/// the lock, on the version the other wrote: both land, as versions 1 and 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_first_writes_to_one_id_are_both_written() {
+    let db = test_db!();
+    let store = db.open().await;
+    let id = TaskId::generate();
+    let both_decided = Arc::new(std::sync::Barrier::new(2));
+    let racers: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|mark| {
+            let (store, id, both_decided) = (store.clone(), id.clone(), both_decided.clone());
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            tokio::spawn(async move {
+                let decisions = seen.clone();
+                let outcome = change(&store, &id, move |current| {
+                    let mut seen = decisions.lock().unwrap();
+                    seen.push(current.map(|c| c.version.get()));
+                    if seen.len() == 1 {
+                        // Both first decisions run (having found nothing) before either writes.
+                        tokio::task::block_in_place(|| both_decided.wait());
+                    }
+                    let mut resource = task("requested");
+                    resource["description"] = json!(mark);
+                    Ok(Decision::Put(resource.into()))
+                })
+                .await;
+                let seen = seen.lock().unwrap().clone();
+                (written(outcome.expect("each write lands")), seen)
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for racer in racers {
+        outcomes.push(racer.await.unwrap());
+    }
+    outcomes.sort_by_key(|(version, _)| version.version);
+    let [(first, first_seen), (second, second_seen)] = &outcomes[..] else {
+        panic!("two outcomes")
+    };
+    assert_eq!((first.version, second.version), (v(1), v(2)));
+    assert_eq!(first_seen, &[None], "the first write was decided once");
+    assert_eq!(
+        second_seen,
+        &[None, Some(1)],
+        "the second was decided again on the first's version"
+    );
+    let rows = task_rows(&db, &id).await;
+    assert_eq!(rows.task, (2, 0));
+    assert_eq!(
+        rows.versions,
+        [(1, "create".into(), true), (2, "update".into(), true)]
+    );
+    assert_eq!(
+        rows.changes,
+        [(1, None, "create".into()), (2, Some(1), "update".into())]
+    );
+    let current = store.read(&id).await.unwrap().unwrap();
+    assert_eq!(Some(current.resource), second.resource.clone());
+}
+
+/// A change decided on a version that another write replaces before it is written writes
+/// nothing of its own (no history row, no index rows, no change event): it is decided again
+/// on the new version, and an If-Match on the replaced version is then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_overtaken_before_its_write_is_decided_again() {
+    let db = test_db!();
+    let store = db.open().await;
+    let id = create(&store, task("requested")).await;
+    let (decided, wait_decided) = std::sync::mpsc::channel();
+    let (go, wait_go) = std::sync::mpsc::channel::<()>();
+    let wait_go = Arc::new(std::sync::Mutex::new(wait_go));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let slow = tokio::spawn({
+        let (store, id, seen) = (store.clone(), id.clone(), seen.clone());
+        async move {
+            change(&store, &id, move |current| {
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(current.map(|c| c.version.get()));
+                    seen.len() == 1
+                };
+                if first {
+                    decided.send(()).unwrap();
+                    let wait_go = wait_go.clone();
+                    tokio::task::block_in_place(move || wait_go.lock().unwrap().recv().unwrap());
+                }
+                append_if_match(current, None, "a")
+            })
+            .await
+        }
+    });
+    tokio::task::spawn_blocking(move || wait_decided.recv().unwrap())
+        .await
+        .unwrap();
+    // Meanwhile another update lands: version 2.
+    let other = change(&store, &id, |current| {
+        append_if_match(current, Some(1), "b")
+    })
+    .await
+    .expect("the other update");
+    assert_eq!(written(other).version, v(2));
+    go.send(()).unwrap();
+    let slow = written(slow.await.unwrap().expect("the overtaken update"));
+    assert_eq!(slow.version, v(3));
+    assert_eq!(*seen.lock().unwrap(), [Some(1), Some(2)]);
+    let current = store.read(&id).await.unwrap().unwrap();
+    assert_eq!(current.resource["description"], "ba");
+    let rows = task_rows(&db, &id).await;
+    assert_eq!(rows.task, (3, 0));
+    assert_eq!(rows.versions.len(), 3);
+    assert_eq!(
+        rows.changes,
+        [
+            (1, None, "create".into()),
+            (2, Some(1), "update".into()),
+            (3, Some(2), "update".into())
+        ]
+    );
+    let (tokens, dates) = expected_index(&current.resource);
+    assert_eq!((rows.tokens, rows.dates), (tokens, dates));
+    let stale = change(&store, &id, |current| {
+        append_if_match(current, Some(2), "c")
+    })
+    .await;
+    assert_eq!(
+        stale.expect_err("If-Match 2 after version 3").status(),
+        StatusCode::PRECONDITION_FAILED
+    );
+}
+
+/// The guarded statement itself: written only over the version before it, else nothing.
+#[tokio::test]
+async fn a_version_is_written_only_over_the_one_before_it() {
+    use crate::store::write::{NewVersion, UnlockedChange};
+    let db = test_db!();
+    let store = db.open().await;
+    let id = create(&store, task("requested")).await;
+    let before = task_rows(&db, &id).await;
+    let resource = task("in-progress");
+    let whole = crate::fhir::search::index_task(&resource, BASE);
+    let columns = crate::fhir::search::TaskColumns::from_index(&whole);
+    let index = columns.rows_beside(&whole);
+    let now = StoredInstant::now();
+    let text = resource.to_string();
+    let mut conn = store.pool.acquire().await.unwrap();
+    for (version, previous, written) in [(3, Some(2), false), (1, None, false), (2, Some(1), true)]
+    {
+        let new = NewVersion {
+            id: &id,
+            version: v(version),
+            previous_version: previous.map(v),
+            interaction: if version == 1 {
+                Interaction::Create
+            } else {
+                Interaction::Update
+            },
+            last_updated: &now,
+            text: &text,
+            priority_rank: 0,
+            index: &index,
+            columns: &columns,
+            existed: version > 1,
+        };
+        let done = conn.put_version_if_unchanged(&new).await.unwrap();
+        assert_eq!(done, written, "version {version}");
+        if !written {
+            let rows = task_rows(&db, &id).await;
+            assert_eq!(
+                (
+                    rows.task,
+                    rows.versions,
+                    rows.tokens,
+                    rows.dates,
+                    rows.changes
+                ),
+                (
+                    before.task,
+                    before.versions.clone(),
+                    before.tokens.clone(),
+                    before.dates.clone(),
+                    before.changes.clone()
+                ),
+                "version {version} wrote nothing"
+            );
+        }
+    }
+    let rows = task_rows(&db, &id).await;
+    assert_eq!(rows.task, (2, 0));
+    assert_eq!(rows.changes.len(), 2);
 }
 
 /// `$events` over runs on PostgreSQL (the scenario is `outbox::tests`').

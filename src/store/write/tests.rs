@@ -225,9 +225,12 @@ fn status_of(outcome: &Result<WriteOutcome>) -> Option<StatusCode> {
 #[tokio::test]
 async fn each_decision_writes_what_it_says() {
     fn put() -> Result<Decision> {
-        Ok(Decision::Put(json!({
-            "resourceType": "Task", "status": "requested", "intent": "order",
-        })))
+        Ok(Decision::Put(
+            json!({
+                "resourceType": "Task", "status": "requested", "intent": "order",
+            })
+            .into(),
+        ))
     }
     fn delete() -> Result<Decision> {
         Ok(Decision::Delete)
@@ -406,7 +409,7 @@ async fn completing_a_request_changes_its_focal_task() {
         tx.before_hold.insert("f".into(), "in-progress".into());
         let write = TaskWrite::Change {
             id: TaskId::parse("r").unwrap(),
-            decide: Box::new(move |_| Ok(Decision::Put(resource))),
+            decide: Box::new(move |_| Ok(Decision::Put(resource.clone().into()))),
         };
         let outcome = apply(&mut tx, write, BASE).await;
         match (expect, outcome) {
@@ -449,7 +452,7 @@ async fn only_the_write_that_completes_a_request_acts_on_its_focal_task() {
     let again = request("abort", "f", OWNER);
     let write = TaskWrite::Change {
         id: TaskId::parse("r").unwrap(),
-        decide: Box::new(move |_| Ok(Decision::Put(again))),
+        decide: Box::new(move |_| Ok(Decision::Put(again.clone().into()))),
     };
     apply(&mut tx, write, BASE).await.unwrap();
     assert_eq!(tx.writes(), [&put_step("r", 2, Some(1), true)]);
@@ -522,9 +525,12 @@ async fn a_transaction_writes_its_plain_creates_together_between_its_reads() {
         })
     };
     fn put() -> Result<Decision> {
-        Ok(Decision::Put(json!({
-            "resourceType": "Task", "status": "in-progress", "intent": "order",
-        })))
+        Ok(Decision::Put(
+            json!({
+                "resourceType": "Task", "status": "in-progress", "intent": "order",
+            })
+            .into(),
+        ))
     }
     let writes = vec![
         (0, create("n1")),
