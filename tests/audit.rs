@@ -689,6 +689,66 @@ async fn delivery_attempts_are_audited_with_their_outcome() {
     server.stop().await;
 }
 
+/// An attempt's AuditEvent commits with the attempt's result, not after it through the audit
+/// queue: with the queue holding its records for its longest window, the ledger rows are in
+/// the database as soon as the subscription's row says the delivery (or failure) was recorded.
+#[tokio::test]
+async fn an_attempts_audit_event_commits_with_its_delivery_result() {
+    let server = TestServer::start_with(|c| {
+        c.allow_http_endpoints = true;
+        c.allow_private_endpoints = true;
+        c.delivery.retry_schedule_seconds = vec![1];
+        c.delivery.jitter_ratio = 0.0;
+        c.audit.batch_window_ms = 10_000;
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    let admin = server.admin();
+    let body = subscription(&server.base, "task-changed", &[], &receiver.url, "id-only");
+    let (status, created) = server.post_json("/Subscription", &admin, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    server.create_task(&task("requested", None)).await;
+    // The first moment the event's delivery is on record, the handshake's and the event's
+    // AuditEvents are too.
+    eventually("the event's delivery recorded", || async {
+        let through = database_scalar(
+            &server.data_dir,
+            "SELECT CAST(delivered_through AS TEXT) FROM subscription",
+        )
+        .await;
+        (through == "1").then_some(())
+    })
+    .await;
+    let delivered = database_scalar(
+        &server.data_dir,
+        "SELECT CAST(count(*) AS TEXT) FROM audit_event WHERE type_code = 'transmit' AND outcome = '0'",
+    )
+    .await;
+    assert_eq!(
+        delivered, "2",
+        "the handshake's and the event's AuditEvents"
+    );
+    // A failed attempt: its AuditEvent commits with the failure count.
+    receiver.fail_with(Some(503));
+    server.create_task(&task("requested", None)).await;
+    eventually("the failure recorded", || async {
+        let failures = database_scalar(
+            &server.data_dir,
+            "SELECT CAST(failures AS TEXT) FROM subscription",
+        )
+        .await;
+        (failures != "0").then_some(())
+    })
+    .await;
+    let failed = database_scalar(
+        &server.data_dir,
+        "SELECT CAST(count(*) AS TEXT) FROM audit_event WHERE type_code = 'transmit' AND outcome = '8'",
+    )
+    .await;
+    assert_ne!(failed, "0", "the failed attempt's AuditEvent");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_flood_of_bad_tokens_is_recorded_up_to_a_budget_not_written_whole() {
     let server = TestServer::start().await;

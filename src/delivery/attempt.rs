@@ -96,6 +96,9 @@ struct Claimed<'a> {
     /// their record (`record`); a confirmed channel's wait, so that a crash re-sends at most
     /// the one notification whose result was being recorded.
     guarantee: Guarantee,
+    /// The AuditEvent of the send just made (a confirmed channel's, when attempts are
+    /// audited), written with the attempt's result by `record`.
+    audited: Option<crate::audit::AuditRecord>,
 }
 
 #[tracing::instrument(
@@ -143,6 +146,7 @@ async fn try_attempt(
         claim: Claim::Held,
         slot,
         guarantee: Guarantee::Confirmed,
+        audited: None,
     };
     let outcome = claimed.deliver(attempt, default_timeout).await;
     // Not every attempt records a result (nothing to send, a hub-side error); ending the claim
@@ -271,8 +275,8 @@ impl Claimed<'_> {
             });
         }
         if deliverer.audit {
-            self.audit_attempt(sending, name, started.elapsed(), sent.as_ref().err())
-                .await;
+            self.audited =
+                Some(self.audit_attempt(sending, name, started.elapsed(), sent.as_ref().err()));
         }
         match sent {
             Ok(_) => {
@@ -359,15 +363,15 @@ impl Claimed<'_> {
         })
     }
 
-    /// Records the AuditEvent of a confirmed send (its own write, after the send): the
-    /// delivery ledger. A failure to record it is logged, never fails the delivery.
-    async fn audit_attempt(
+    /// The AuditEvent of a confirmed send, for the delivery ledger: `record` writes it in the
+    /// same store write as the attempt's result, so it costs no write of its own.
+    fn audit_attempt(
         &self,
         sending: &Sending<'_>,
         channel: &str,
         took: Duration,
         failure: Option<&crate::channels::SendError>,
-    ) {
+    ) -> crate::audit::AuditRecord {
         let endpoint_host = match &sending.spec.channel {
             crate::fhir::subscription::ChannelSpec::RestHook { endpoint, .. } => {
                 reqwest::Url::parse(endpoint)
@@ -394,8 +398,7 @@ impl Claimed<'_> {
             duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
             error: failure.map(|f| f.message.as_str()),
         };
-        let record = crate::audit::delivery_attempt(&facts, &StoredInstant::now());
-        self.deliverer.hub.audits.record(record);
+        crate::audit::delivery_attempt(&facts, &StoredInstant::now())
     }
 
     fn subject<'s>(&'s self, sending: &Sending<'s>) -> Subject<'s> {
@@ -461,9 +464,9 @@ impl Claimed<'_> {
         Ok(retry)
     }
 
-    /// Writes the attempt's result, which ends the claim: waiting for it to commit, or, for a
-    /// plain delivery on a best-effort channel where this node alone serves the store,
-    /// running ahead of it (see `record`).
+    /// Writes the attempt's result, with its AuditEvent if it is audited, which ends the
+    /// claim: waiting for it to commit, or, for a plain delivery on a best-effort channel
+    /// where this node alone serves the store, running ahead of it (see `record`).
     async fn record(&mut self, report: DeliveryReport) -> Result<()> {
         let status = match &report {
             DeliveryReport::Delivered { status, .. } | DeliveryReport::Failed { status, .. } => {
@@ -474,13 +477,19 @@ impl Claimed<'_> {
             tracing::info!(subscription.id = %self.sub.id, from = self.sub.status.as_str(), to = status.as_str(), "subscription status changed");
         }
         let recorder = &self.deliverer.recorder;
+        let audited = self.audited.take();
         if self.guarantee == Guarantee::BestEffort
             && self.deliverer.store.serves_one_node()
             && record::runs_ahead(&report, self.sub.status, self.sub.failures)
         {
+            // Only a confirmed send is audited; were a best-effort one, its AuditEvent would
+            // go through the audit queue rather than hold this report back.
+            if let Some(audited) = audited {
+                self.deliverer.hub.audits.record(audited);
+            }
             recorder.record_ahead(report)?;
         } else {
-            recorder.record(report).await?;
+            recorder.record(report, audited).await?;
         }
         self.claim = Claim::Ended;
         Ok(())

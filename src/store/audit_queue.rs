@@ -1,6 +1,7 @@
 //! AuditEvents that commit with nothing else — reads, searches, refusals, Subscription
-//! changes, delivery attempts — queued and written in batches off the request path. A Task
-//! write's AuditEvent is not one of them: it commits in the write's own transaction.
+//! changes — queued and written in batches off the request path. A Task write's AuditEvent is
+//! not one of them: it commits in the write's own transaction; nor is a delivery attempt's,
+//! which commits with the attempt's result (`delivery::record`), unless that write failed.
 //!
 //! A request hands its record to the queue and answers at once; the queue's loop writes what
 //! gathered over a window (`audit.batch_window_ms`, or until `MAX_BATCH` records) as one store write

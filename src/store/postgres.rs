@@ -556,8 +556,13 @@ impl Store for PostgresStore {
         hub::restart_delivery(&self.pool, id, from).await
     }
 
-    async fn record_deliveries(&self, holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
-        hub::record_deliveries(&self.pool, holder, reports).await
+    async fn record_deliveries(
+        &self,
+        holder: &str,
+        reports: Vec<DeliveryReport>,
+        attempts: Vec<crate::audit::AuditRecord>,
+    ) -> Result<()> {
+        hub::record_deliveries(&self.pool, holder, reports, attempts).await
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
@@ -609,35 +614,8 @@ impl Store for PostgresStore {
         if records.is_empty() {
             return Ok(());
         }
-        // One statement for the whole batch, in the order given (the `seq` order).
-        let mut columns = AuditColumns::default();
-        for r in records {
-            columns.recorded.push(r.recorded.as_str().to_string());
-            columns.type_codes.push(r.type_code);
-            columns.subtypes.push(r.subtype);
-            columns.outcomes.push(r.outcome);
-            columns.agents.push(r.agent);
-            columns.entities.push(r.entity);
-            columns.facts.push(r.facts);
-        }
-        sqlx::query(
-            "INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
-             SELECT recorded, type_code, subtype, outcome, agent, entity, resource
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[])
-               WITH ORDINALITY AS r(recorded, type_code, subtype, outcome, agent, entity, resource, n)
-             ORDER BY n",
-        )
-        .bind(&columns.recorded)
-        .bind(&columns.type_codes)
-        .bind(&columns.subtypes)
-        .bind(&columns.outcomes)
-        .bind(&columns.agents)
-        .bind(&columns.entities)
-        .bind(&columns.facts)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        insert_audits(&mut conn, records).await
     }
 
     async fn search_audit(
@@ -713,6 +691,43 @@ impl Store for PostgresStore {
         // pool waits for the connections in use and closes them all.
         self.pool.close().await;
     }
+}
+
+/// Inserts AuditEvents in one statement, in the order given (the `seq` order), on `conn`: the
+/// node's audit queue's batches on their own, and delivery attempts' inside the transaction
+/// that records their results (`hub::record_deliveries`).
+pub(super) async fn insert_audits(
+    conn: &mut sqlx::PgConnection,
+    records: Vec<crate::audit::AuditRecord>,
+) -> Result<()> {
+    let mut columns = AuditColumns::default();
+    for r in records {
+        columns.recorded.push(r.recorded.as_str().to_string());
+        columns.type_codes.push(r.type_code);
+        columns.subtypes.push(r.subtype);
+        columns.outcomes.push(r.outcome);
+        columns.agents.push(r.agent);
+        columns.entities.push(r.entity);
+        columns.facts.push(r.facts);
+    }
+    sqlx::query(
+        "INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
+         SELECT recorded, type_code, subtype, outcome, agent, entity, resource
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[])
+           WITH ORDINALITY AS r(recorded, type_code, subtype, outcome, agent, entity, resource, n)
+         ORDER BY n",
+    )
+    .bind(&columns.recorded)
+    .bind(&columns.type_codes)
+    .bind(&columns.subtypes)
+    .bind(&columns.outcomes)
+    .bind(&columns.agents)
+    .bind(&columns.entities)
+    .bind(&columns.facts)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// A batch of AuditEvent rows as columns, for one `unnest` insert.

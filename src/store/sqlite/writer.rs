@@ -64,10 +64,10 @@ pub(super) enum Work {
     /// One chunk of the outbox's matches (at most `hub.fanout_chunk`): a bounded job, so
     /// that Task writes queued behind it wait for one chunk, never for a whole fan-out.
     RecordMatches(MatchBatch),
-    /// The results of many delivery attempts, in the order they were reported: one job (one
-    /// savepoint) for all the attempts whose results gathered while the previous one
-    /// committed.
-    RecordDeliveries(Vec<DeliveryReport>),
+    /// The results of many delivery attempts, in the order they were reported, and the
+    /// attempts' AuditEvents: one job (one savepoint) for all the attempts whose results
+    /// gathered while the previous one committed.
+    RecordDeliveries(Vec<DeliveryReport>, Vec<AuditRecord>),
     FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
     /// An AuditEvent recorded after the request it describes (a read, a search, a refusal,
@@ -483,8 +483,8 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             .map(|s| Done::Subscription(Box::new(s))),
         Work::DeleteSubscription(id) => subscriptions::delete(conn, &id).await.map(Done::Deleted),
         Work::RecordMatches(batch) => hub::record_matches(conn, batch).map(Done::Numbers),
-        Work::RecordDeliveries(reports) => {
-            hub::record_deliveries(conn, reports).map(|()| Done::Nothing)
+        Work::RecordDeliveries(reports, attempts) => {
+            hub::record_deliveries(conn, reports, &attempts).map(|()| Done::Nothing)
         }
         Work::FillMatchingForms(forms) => {
             super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
