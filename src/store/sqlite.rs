@@ -884,7 +884,7 @@ mod tests {
         let decide: crate::store::Decide = Box::new(|current| {
             let mut resource = current.unwrap().resource.clone();
             resource["status"] = json!("ready");
-            Ok(Decision::Put(resource))
+            Ok(Decision::Put(Arc::new(resource)))
         });
         store
             .write(WriteRequest::Change {
@@ -1001,7 +1001,7 @@ mod tests {
             let decide: crate::store::Decide = Box::new(move |current| {
                 let mut resource = current.unwrap().resource.clone();
                 change(&mut resource);
-                Ok(Decision::Put(resource))
+                Ok(Decision::Put(Arc::new(resource)))
             });
             store.write(WriteRequest::Change {
                 id: id.clone(),
