@@ -1206,7 +1206,8 @@ mod tests {
         loaded
     }
 
-    fn pairs(query: &str) -> Vec<(String, String)> {
+    /// A query string's `name=value` pairs, as the API hands them to `parse_query`.
+    pub(super) fn pairs(query: &str) -> Vec<(String, String)> {
         query
             .split('&')
             .map(|p| {
@@ -1852,13 +1853,7 @@ mod plans {
             default_total: TotalMode::Estimate,
         };
         for (query, walks_index) in WORK_LISTS {
-            let pairs: Vec<(String, String)> = query
-                .split('&')
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap();
-                    (k.into(), v.into())
-                })
-                .collect();
+            let pairs = super::tests::pairs(query);
             let parsed =
                 parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict).unwrap();
             let cursor: Vec<Option<String>> = sort_terms(&parsed.sort, &parsed.predicates)
@@ -1956,13 +1951,7 @@ mod plans {
             ),
         ];
         for (query, index) in cases {
-            let pairs: Vec<(String, String)> = query
-                .split('&')
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap();
-                    (k.into(), v.into())
-                })
-                .collect();
+            let pairs = super::tests::pairs(query);
             let parsed =
                 parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict).unwrap();
             let sql = page_sql(
@@ -2063,13 +2052,7 @@ mod read_scope_plans {
                 "status=requested&_count=20",
                 "_count=20",
             ] {
-                let pairs: Vec<(String, String)> = query
-                    .split('&')
-                    .map(|p| {
-                        let (k, v) = p.split_once('=').unwrap();
-                        (k.into(), v.into())
-                    })
-                    .collect();
+                let pairs = super::tests::pairs(query);
                 let mut parsed =
                     parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict)
                         .unwrap();
