@@ -502,15 +502,12 @@ mod tests {
         assert!(!runs_ahead(&failed("a", 1), Active, 0));
     }
 
-    /// With the database locked by another connection, so that nothing the recorder writes
-    /// can commit: a delivery that runs ahead is queued at once and its position is known to
-    /// the next attempt; once the lock goes, the record commits and the position is the
-    /// stored one again.
-    #[tokio::test]
-    async fn a_delivery_run_ahead_is_known_before_its_record_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("baton.db");
-        let store = crate::outbox::tests::open_sqlite(&path).await;
+    /// A SQLite store at `path` with one subscription, and a recorder over it that writes
+    /// every batch at once and whose audit queue writes nothing.
+    async fn recorder_with_subscription(
+        path: &std::path::Path,
+    ) -> (Arc<dyn Store>, crate::store::StoredSubscription, Recorder) {
+        let store = crate::outbox::tests::open_sqlite(path).await;
         let sub = store
             .create_subscription(crate::outbox::tests::subscription(None))
             .await
@@ -521,6 +518,18 @@ mod tests {
             Duration::ZERO,
             AuditQueue::disconnected(),
         );
+        (store, sub, recorder)
+    }
+
+    /// With the database locked by another connection, so that nothing the recorder writes
+    /// can commit: a delivery that runs ahead is queued at once and its position is known to
+    /// the next attempt; once the lock goes, the record commits and the position is the
+    /// stored one again.
+    #[tokio::test]
+    async fn a_delivery_run_ahead_is_known_before_its_record_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        let (store, sub, recorder) = recorder_with_subscription(&path).await;
         let lock = rusqlite::Connection::open(&path).unwrap();
         lock.execute_batch("BEGIN IMMEDIATE").unwrap();
 
@@ -561,17 +570,7 @@ mod tests {
     async fn an_attempts_audit_event_is_recorded_with_its_result() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("baton.db");
-        let store = crate::outbox::tests::open_sqlite(&path).await;
-        let sub = store
-            .create_subscription(crate::outbox::tests::subscription(None))
-            .await
-            .unwrap();
-        let recorder = Recorder::start(
-            store.clone(),
-            "node-a".into(),
-            Duration::ZERO,
-            AuditQueue::disconnected(),
-        );
+        let (_, sub, recorder) = recorder_with_subscription(&path).await;
         let subscription = sub.id.to_string();
         let facts = crate::audit::DeliveryFacts {
             node: "node-a",

@@ -1803,6 +1803,41 @@ mod plans {
     }
 
     /// An in-memory database with the real schema (every SQLite migration), no statistics.
+    /// `query` parsed as the API parses it (strict), `scope` (a role's read rule) added.
+    pub(super) fn parsed(
+        query: &str,
+        limits: &SearchLimits,
+        scope: Option<Predicate>,
+    ) -> crate::fhir::search::SearchQuery {
+        let mut parsed = parse_query(
+            &super::tests::pairs(query),
+            limits,
+            "http://baton.test/fhir",
+            Handling::Strict,
+        )
+        .unwrap();
+        parsed.predicates.extend(scope);
+        parsed
+    }
+
+    /// The statements of `parsed`'s page after `after` (None: the first), counting up to
+    /// 1 000, with SQLite's placeholders.
+    pub(super) fn page_of(
+        parsed: &crate::fhir::search::SearchQuery,
+        after: Option<&[Option<String>]>,
+    ) -> PageSql {
+        page_sql(
+            PageSpec {
+                predicates: &parsed.predicates,
+                sort: &parsed.sort,
+                after,
+                counting: Counting::UpTo(1000),
+            },
+            Placeholder::Question,
+        )
+        .unwrap()
+    }
+
     pub(super) async fn migrated_pool() -> sqlx::SqlitePool {
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(1)
@@ -1853,24 +1888,13 @@ mod plans {
             default_total: TotalMode::Estimate,
         };
         for (query, walks_index) in WORK_LISTS {
-            let pairs = super::tests::pairs(query);
-            let parsed =
-                parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict).unwrap();
+            let parsed = parsed(query, &limits, None);
             let cursor: Vec<Option<String>> = sort_terms(&parsed.sort, &parsed.predicates)
                 .iter()
                 .map(|term| Some(if term.integer { "2" } else { "x" }.to_string()))
                 .collect();
             for after in [None, Some(cursor.as_slice())] {
-                let sql = page_sql(
-                    PageSpec {
-                        predicates: &parsed.predicates,
-                        sort: &parsed.sort,
-                        after,
-                        counting: Counting::UpTo(1000),
-                    },
-                    Placeholder::Question,
-                )
-                .unwrap();
+                let sql = page_of(&parsed, after);
                 let count = sql.count.clone().unwrap();
                 let statements = [
                     (count, sql.count_binds.clone(), false),
@@ -1951,19 +1975,7 @@ mod plans {
             ),
         ];
         for (query, index) in cases {
-            let pairs = super::tests::pairs(query);
-            let parsed =
-                parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict).unwrap();
-            let sql = page_sql(
-                PageSpec {
-                    predicates: &parsed.predicates,
-                    sort: &parsed.sort,
-                    after: None,
-                    counting: Counting::UpTo(1000),
-                },
-                Placeholder::Question,
-            )
-            .unwrap();
+            let sql = page_of(&parsed(query, &limits, None), None);
             for (statement, binds) in [
                 (sql.count.clone().unwrap(), sql.count_binds.clone()),
                 (sql.rows.clone(), sql.binds.clone()),
@@ -2024,10 +2036,9 @@ mod plans {
 /// bids and information requests it requested, never every `code` of every Task.
 #[cfg(test)]
 mod read_scope_plans {
-    use super::plans::{explain, migrated_pool};
-    use super::*;
+    use super::plans::{explain, migrated_pool, page_of, parsed};
     use crate::auth::{PerformerType, Principal, Role, read_scope};
-    use crate::fhir::search::{Handling, SearchLimits, TotalMode, parse_query};
+    use crate::fhir::search::{SearchLimits, TotalMode};
 
     #[tokio::test]
     async fn a_practitioner_scope_looks_up_tokens_by_equality() {
@@ -2052,21 +2063,7 @@ mod read_scope_plans {
                 "status=requested&_count=20",
                 "_count=20",
             ] {
-                let pairs = super::tests::pairs(query);
-                let mut parsed =
-                    parse_query(&pairs, &limits, "http://baton.test/fhir", Handling::Strict)
-                        .unwrap();
-                parsed.predicates.extend(read_scope(&practitioner));
-                let sql = page_sql(
-                    PageSpec {
-                        predicates: &parsed.predicates,
-                        sort: &parsed.sort,
-                        after: None,
-                        counting: Counting::UpTo(1000),
-                    },
-                    Placeholder::Question,
-                )
-                .unwrap();
+                let sql = page_of(&parsed(query, &limits, read_scope(&practitioner)), None);
                 let plan = explain(&pool, &sql.rows, &sql.binds).await;
                 let broad = plan.iter().find(|step| {
                     step.starts_with("SCAN task_token")
