@@ -55,6 +55,7 @@ pub struct LoadLog {
     pub failure_times: Mutex<Vec<(Instant, String)>>,
     pub creates: AtomicU64,
     pub updates: AtomicU64,
+    /// Task writes sent, answered or not (a transaction Bundle counts its entries).
     pub attempts: AtomicU64,
     /// The marker of every transaction Bundle sent, answered or not: each must be in the
     /// store whole or not at all.
@@ -366,7 +367,10 @@ impl Writer {
             .collect();
         let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
         lock(&self.log.transactions).push(marker.clone());
-        self.log.attempts.fetch_add(1, Ordering::Relaxed);
+        // Counted in Task writes, as its acknowledgements are (one per entry).
+        self.log
+            .attempts
+            .fetch_add(TRANSACTION_ENTRIES as u64, Ordering::Relaxed);
         let started = Instant::now();
         let sent = self
             .client
