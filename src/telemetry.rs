@@ -248,7 +248,12 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
     (
         Kind::Histogram,
         "baton_store_write_wait_seconds",
-        "Time from queueing a write for the SQLite writer to its answer (after its group's commit), by lane (request: Task and Subscription writes; hub: fan-out chunks, delivery results, audits).",
+        "Time from queueing a write for the SQLite writer to its answer (after its group's commit, and with store.synchronous = full after the WAL sync), by lane (request: Task and Subscription writes; hub: fan-out chunks, delivery results, audits).",
+    ),
+    (
+        Kind::Histogram,
+        "baton_store_wal_sync_seconds",
+        "Time of one fdatasync of the SQLite WAL by the syncer thread, which answers the request groups committed before it (store.synchronous = full).",
     ),
     (
         Kind::Counter,

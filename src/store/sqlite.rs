@@ -70,6 +70,7 @@ mod hub;
 mod live;
 mod point;
 mod subscriptions;
+mod syncer;
 mod tasks;
 mod writer;
 
@@ -148,7 +149,7 @@ impl SqliteStore {
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&migrations).await?;
         migrations.close().await;
-        let writer = writer::connect(path, config.synchronous)?;
+        let writer = writer::connect(path)?;
         let checkpointer = checkpoint::Checkpointer::start(path, config.synchronous)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(config.read_connections)
@@ -156,11 +157,14 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await?;
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
+        let durability =
+            writer::Durability::of(config.synchronous, path, &committed, tx.downgrade())?;
         let max_batch = config.max_batch;
         let closing = CancellationToken::new();
         let ended = writer::start(
             writer,
             checkpointer,
+            durability,
             rx,
             base_url.to_string(),
             max_batch,

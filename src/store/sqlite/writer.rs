@@ -29,6 +29,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES};
 use super::hub;
+use super::syncer::{Committed, Syncer};
 use super::{BUSY_TIMEOUT, CACHE_SIZE};
 use crate::audit::{AuditRecord, RequestAudit, in_request};
 use crate::config::Synchronous;
@@ -84,6 +85,9 @@ pub(super) enum Work {
         due_at: StoredInstant,
         now: StoredInstant,
     },
+    /// Sent by the syncer when it has answered every group handed over, to a writer that
+    /// holds a group open until then (`Group::await_sync`); no work.
+    Wake,
 }
 
 /// What a unit of work produced.
@@ -108,21 +112,56 @@ pub(super) struct Job {
 }
 
 /// Opens the write connection with the same settings as the read pool's (`SqliteStore::open`):
-/// WAL, the configured durability, the busy timeout, the page cache, temporary tables in
-/// memory. The migrations have run already.
-pub(super) fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection> {
+/// WAL, the busy timeout, the page cache, temporary tables in memory. The durability is set
+/// per group by `run_writer` (`Durability`). The migrations have run already.
+pub(super) fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // The checkpointer thread folds the WAL back (`checkpoint`); the writer's own automatic
     // checkpoint is only a safety net.
     conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {};
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
          PRAGMA cache_size = {CACHE_SIZE}; PRAGMA temp_store = memory; PRAGMA foreign_keys = ON;
-         PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES};",
-        synchronous.pragma()
+         PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES};"
     ))?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
+}
+
+/// How the writer makes a group durable before its answers go out.
+pub(super) enum Durability {
+    /// `store.synchronous = normal`: no sync at commit (a power loss may take the last
+    /// commits, never the database's consistency).
+    Normal,
+    /// `store.synchronous = full`: a group of requests is committed without a sync and
+    /// answered by the syncer once its frames are synced (`syncer`); a group with hub work
+    /// commits with SQLite's own sync (`synchronous = FULL`) before anything reads it.
+    Pipelined(Syncer),
+}
+
+impl Durability {
+    /// `writer` is the writer's own queue, for the syncer's `Work::Wake`.
+    pub(super) fn of(
+        synchronous: Synchronous,
+        path: &Path,
+        committed: &Arc<Notify>,
+        writer: mpsc::WeakSender<Job>,
+    ) -> Result<Durability> {
+        Ok(match synchronous {
+            Synchronous::Normal => Durability::Normal,
+            Synchronous::Full => {
+                Durability::Pipelined(Syncer::start(path, committed.clone(), writer)?)
+            }
+        })
+    }
+
+    /// The `synchronous` a group starting with `first` commits with.
+    fn level(&self, first: Lane) -> &'static str {
+        match (self, first) {
+            (Durability::Pipelined(_), Lane::Background) => "FULL",
+            _ => "NORMAL",
+        }
+    }
 }
 
 /// Starts the writer thread on `conn`, with `checkpointer` told of its commits. The future
@@ -131,13 +170,22 @@ pub(super) fn connect(path: &Path, synchronous: Synchronous) -> Result<Connectio
 pub(super) fn start(
     conn: Connection,
     checkpointer: Checkpointer,
+    durability: Durability,
     jobs: mpsc::Receiver<Job>,
     base_url: String,
     max_batch: usize,
     committed: Arc<Notify>,
 ) -> Result<impl Future<Output = ()> + Send + 'static> {
     spawn_watched("baton-sqlite-writer", move || {
-        run_writer(conn, checkpointer, jobs, &base_url, max_batch, &committed);
+        run_writer(
+            conn,
+            checkpointer,
+            durability,
+            jobs,
+            &base_url,
+            max_batch,
+            &committed,
+        );
     })
 }
 
@@ -188,6 +236,9 @@ struct Waiting {
 
 impl Waiting {
     fn push(&mut self, job: Job) {
+        if matches!(job.work, Work::Wake) {
+            return;
+        }
         if job.work.is_urgent() {
             self.urgent.push_back(job);
         } else {
@@ -277,9 +328,15 @@ fn next_lane(
 /// commits as soon as none is waiting, so a Task write waits at most for the background job
 /// running when it arrived (one chunk of `hub.fanout_chunk` matches, or one batch of delivery
 /// results) and one commit — never for a queue of fan-out work ahead of it.
+///
+/// With `Durability::Pipelined`, a group that starts with a request holds requests only
+/// (`next_lane`): it commits without a sync and the syncer answers it once its frames are
+/// synced, while this thread runs the next group. A group that starts with hub work commits
+/// with SQLite's sync, since deliveries read what it wrote as soon as it is committed.
 fn run_writer(
     mut conn: Connection,
     checkpointer: Checkpointer,
+    durability: Durability,
     mut jobs: mpsc::Receiver<Job>,
     base_url: &str,
     max_batch: usize,
@@ -287,6 +344,8 @@ fn run_writer(
 ) {
     let mut waiting = Waiting::default();
     let mut turn = Lane::Urgent;
+    // The writer's connection opens with `synchronous = NORMAL` (`connect`).
+    let mut level = "NORMAL";
     loop {
         if waiting.is_empty() {
             match jobs.blocking_recv() {
@@ -299,12 +358,24 @@ fn run_writer(
         // The other lane goes first next time, if it has anything waiting.
         turn = first.other();
         let started = std::time::Instant::now();
+        let wanted = durability.level(first);
+        if wanted != level {
+            // Between groups, outside any transaction: it applies to the next COMMIT.
+            match execute(&conn, &format!("PRAGMA synchronous = {wanted}")) {
+                Ok(()) => level = wanted,
+                Err(e) => tracing::error!(error = %e, "setting the writer's synchronous failed"),
+            }
+        }
         let mut group = Group {
             conn: &mut conn,
             jobs: &mut jobs,
             waiting: &mut waiting,
             base_url,
             max_batch,
+            syncer: match &durability {
+                Durability::Pipelined(syncer) if level == "NORMAL" => Some(syncer),
+                _ => None,
+            },
             replies: Vec::with_capacity(max_batch),
             wrote: false,
             lanes: (false, false),
@@ -317,11 +388,24 @@ fn run_writer(
             ..
         } = group;
         let size = replies.len();
+        let mut answered_here = true;
         match committed_group {
             Ok(outcomes) => {
                 checkpointer.committed();
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(outcome);
+                match &durability {
+                    Durability::Pipelined(syncer) if level == "NORMAL" => {
+                        syncer.hand_over(Committed {
+                            replies,
+                            outcomes,
+                            wrote,
+                        });
+                        answered_here = false;
+                    }
+                    _ => {
+                        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                            let _ = reply.send(outcome);
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -345,13 +429,15 @@ fn run_writer(
             (false, _) => "hub",
         };
         metrics::counter!("baton_writer_groups_total", "lanes" => kind).increment(1);
-        // Task writes and overdue events feed the outbox consumer.
-        if wrote {
+        // Task writes and overdue events feed the outbox consumer (woken by the syncer for
+        // the groups it answers, once they are durable).
+        if wrote && answered_here {
             committed.notify_one();
         }
     }
-    // The queue is closed: fold the WAL back into the database so the file is self-contained,
-    // once the checkpointer has stopped.
+    // The queue is closed: answer what waits for a sync, then fold the WAL back into the
+    // database so the file is self-contained, once the checkpointer has stopped.
+    drop(durability);
     drop(checkpointer);
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
     drop(conn);
@@ -364,6 +450,9 @@ struct Group<'a> {
     waiting: &'a mut Waiting,
     base_url: &'a str,
     max_batch: usize,
+    /// The syncer that will answer this group, when it commits without a sync: the group
+    /// stays open for more requests while the syncer is still syncing earlier ones.
+    syncer: Option<&'a Syncer>,
     /// Where to answer each job run so far, in order.
     replies: Vec<oneshot::Sender<Result<Done>>>,
     /// Whether a job wrote a change event (a Task write, an overdue event), which the outbox
@@ -419,9 +508,32 @@ impl Group<'_> {
                 self.waiting.urgent.len(),
                 self.waiting.background.len(),
             );
+            if lane.is_none() && holds_request && self.replies.len() < self.max_batch {
+                lane = self.await_sync();
+            }
         }
         execute(self.conn, "COMMIT")?;
         Ok(outcomes)
+    }
+
+    /// Before a group of requests commits without a sync: while the syncer still syncs
+    /// earlier groups, waits for it, taking in the requests that arrive meanwhile (`Some`
+    /// lane: run them in this group). Committing at once would only queue this group behind
+    /// that sync, and cut the next arrivals' group small: one commit, with its pages, for
+    /// every request or two.
+    fn await_sync(&mut self) -> Option<Lane> {
+        let syncer = self.syncer?;
+        // Until the syncer is done, sleep until a job arrives: a request (run it in this
+        // group), hub work (it waits for the next group), or the syncer's `Work::Wake`.
+        while !syncer.synced_or_wake_me() {
+            let job = self.jobs.blocking_recv()?;
+            self.waiting.push(job);
+            self.waiting.take_arrived(self.jobs);
+            if !self.waiting.urgent.is_empty() {
+                return Some(Lane::Urgent);
+            }
+        }
+        None
     }
 
     /// Runs one job in its own savepoint. The outer error is the transaction's (SQLite ended
@@ -510,6 +622,8 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             due_at,
             now,
         } => hub::mark_overdue(conn, &task_id, &due_at, &now).map(Done::Deleted),
+        // Never queued as work (`Waiting::push` drops it): only wakes the writer.
+        Work::Wake => Ok(Done::Nothing),
     }
 }
 
