@@ -185,7 +185,13 @@ impl RequestAudit {
                 version: None,
             };
             let mut facts_head = self
-                .record("update", AuditOutcome::Success, &StoredInstant::now(), Some(entity), None)
+                .record(
+                    "update",
+                    AuditOutcome::Success,
+                    &StoredInstant::now(),
+                    Some(entity),
+                    None,
+                )
                 .facts;
             facts_head.pop();
             TaskChangeFacts {

@@ -216,7 +216,10 @@ fn insert_change(
 
 /// Inserts AuditEvents on the writer's connection, inside the caller's transaction, in the
 /// order given, in multi-row INSERTs (`insert_rows`).
-pub(super) fn insert_audits(conn: &Connection, records: &[crate::audit::AuditRecord]) -> Result<()> {
+pub(super) fn insert_audits(
+    conn: &Connection,
+    records: &[crate::audit::AuditRecord],
+) -> Result<()> {
     insert_rows(conn, &AUDIT_ROWS, records.len(), |i, out| {
         let r = &records[i];
         out.extend_from_slice(&[

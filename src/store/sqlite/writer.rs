@@ -450,11 +450,7 @@ impl Group<'_> {
 
     /// Runs one job in its own savepoint. The outer error is the transaction's (SQLite ended
     /// it); the inner one the job's alone, rolled back to its savepoint.
-    fn run_job(
-        &mut self,
-        work: Work,
-        trace: Option<TraceContext>,
-    ) -> Result<Result<Done>> {
+    fn run_job(&mut self, work: Work, trace: Option<TraceContext>) -> Result<Result<Done>> {
         let conn = &mut *self.conn;
         execute(conn, "SAVEPOINT job")?;
         // A job that panics (a bug in its decision or in building its rows) fails alone: its
