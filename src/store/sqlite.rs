@@ -1436,6 +1436,36 @@ mod tests {
                 "Practitioner/a1".to_string()
             )]
         );
+        // A transaction's creates: one AuditEvent each, in entry order.
+        let outcomes = crate::audit::in_request(audited(), async {
+            crate::audit::note_principal(&principal);
+            let create = |value: &str| WriteRequest::Create {
+                id: None,
+                resource: order(value),
+                if_none_exist: None,
+            };
+            store
+                .transaction(vec![(0, create("AU-T1")), (1, create("AU-T2"))])
+                .await
+        })
+        .await
+        .unwrap();
+        let mut expected = vec![(
+            "create".to_string(),
+            format!("Task/{created}"),
+            "Practitioner/a1".to_string(),
+        )];
+        for outcome in &outcomes {
+            let WriteOutcome::Written(version) = outcome else {
+                panic!("not created: {outcome:?}");
+            };
+            expected.push((
+                "create".to_string(),
+                format!("Task/{}", version.id),
+                "Practitioner/a1".to_string(),
+            ));
+        }
+        assert_eq!(audits(&conn), expected);
         // An AuditEvent that cannot be inserted fails its write, which leaves nothing behind.
         conn.execute_batch(
             "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_event
@@ -1461,12 +1491,12 @@ mod tests {
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(count(&conn, "task"), tasks);
         assert_eq!(count(&conn, "change_event"), changes);
-        assert_eq!(audits(&conn).len(), 1);
+        assert_eq!(audits(&conn).len(), 3);
         // Without audit facts (auditing off) a write needs no AuditEvent.
         conn.execute_batch("DROP TRIGGER refuse_audit").unwrap();
         create(&store, order("AU-3")).await;
         assert_eq!(count(&conn, "task"), tasks + 1);
-        assert_eq!(audits(&conn).len(), 1);
+        assert_eq!(audits(&conn).len(), 3);
         store.close().await;
     }
 }
