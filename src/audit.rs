@@ -103,6 +103,20 @@ pub struct RequestAudit {
     pub patch: bool,
     /// The verified caller; unset until (unless) a bearer token is verified.
     agent: OnceLock<AuditAgent>,
+    /// What every Task change of this request stores alike, built once the caller is known
+    /// (`prepare_task_changes`, on the request's thread), so that the SQLite writer, the
+    /// serial stage, only splices each change's version in.
+    task_changes: OnceLock<TaskChangeFacts>,
+}
+
+/// The parts of a request's Task-change AuditEvent record that do not depend on the change.
+#[derive(Debug)]
+struct TaskChangeFacts {
+    /// The agent's search key (`AuditAgent::search_key`).
+    agent: Option<String>,
+    /// The stored facts without the version and the closing brace: for a Task change the
+    /// version is the last key `StoredFacts` writes.
+    facts_head: String,
 }
 
 impl RequestAudit {
@@ -112,6 +126,7 @@ impl RequestAudit {
             address,
             patch,
             agent: OnceLock::new(),
+            task_changes: OnceLock::new(),
         }
     }
 
@@ -133,11 +148,57 @@ impl RequestAudit {
             _ if self.patch => "patch",
             _ => "update",
         };
-        let entity = AuditEntity::Resource {
-            reference: format!("Task/{id}"),
-            version: Some(version.to_string()),
+        let Some(prepared) = self.prepared_task_changes() else {
+            let entity = AuditEntity::Resource {
+                reference: format!("Task/{id}"),
+                version: Some(version.to_string()),
+            };
+            return self.record(subtype, AuditOutcome::Success, recorded, Some(entity), None);
         };
-        self.record(subtype, AuditOutcome::Success, recorded, Some(entity), None)
+        // What `record` stores for this change, byte for byte
+        // (`tests::a_prepared_task_change_stores_what_record_stores`).
+        AuditRecord {
+            type_code: TYPE_REST,
+            recorded: recorded.clone(),
+            subtype: subtype.to_string(),
+            outcome: AuditOutcome::Success.code(),
+            agent: prepared.agent.clone(),
+            entity: Some(format!("Task/{id}")),
+            facts: format!(r#"{},"v":"{version}"}}"#, prepared.facts_head),
+        }
+    }
+
+    /// Builds what this request's Task changes share, once its caller is known: called on
+    /// the request's thread before a write is queued for the SQLite writer. Before a token
+    /// is verified nothing is prepared, and `task_change` builds its record whole.
+    pub fn prepare_task_changes(&self) {
+        let _ = self.prepared_task_changes();
+    }
+
+    fn prepared_task_changes(&self) -> Option<&TaskChangeFacts> {
+        let agent = self.agent()?;
+        Some(self.task_changes.get_or_init(|| {
+            // A record whose entity has no version: its facts are the change's without the
+            // `v` key, which `StoredFacts` writes last of those a Task change has.
+            let entity = AuditEntity::Resource {
+                reference: String::new(),
+                version: None,
+            };
+            let mut facts_head = self
+                .record(
+                    "update",
+                    AuditOutcome::Success,
+                    &StoredInstant::now(),
+                    Some(entity),
+                    None,
+                )
+                .facts;
+            facts_head.pop();
+            TaskChangeFacts {
+                agent: Some(agent.search_key()),
+                facts_head,
+            }
+        }))
     }
 
     /// An AuditEvent of this request, as the store keeps it: its search columns and the
@@ -993,6 +1054,38 @@ mod tests {
         );
         // What is served is the whole resource, ten times the size.
         assert!(served(&record).len() > 8 * record.facts.len());
+    }
+
+    proptest! {
+        #[test]
+        fn a_prepared_task_change_stores_what_record_stores(
+            node in text(),
+            address in proptest::option::of(text()),
+            fhir_user in proptest::option::of(text()),
+            issuer in proptest::option::of(text()),
+            subject in text(),
+            version in 1u64..1_000_000,
+            patch in any::<bool>(),
+        ) {
+            let audit = RequestAudit::new(node, address, patch);
+            audit.agent.set(AuditAgent { fhir_user, issuer, subject, role: "admin" }).unwrap();
+            audit.prepare_task_changes();
+            let now = StoredInstant::parse("2026-01-02T03:04:05.006Z").unwrap();
+            let id = TaskId::parse("t1").unwrap();
+            let version: Version = version.to_string().parse().unwrap();
+            for (interaction, subtype) in [
+                (Interaction::Create, "create"),
+                (Interaction::Update, if patch { "patch" } else { "update" }),
+                (Interaction::Delete, "delete"),
+            ] {
+                let entity = AuditEntity::Resource {
+                    reference: "Task/t1".into(),
+                    version: Some(version.to_string()),
+                };
+                let whole = audit.record(subtype, AuditOutcome::Success, &now, Some(entity), None);
+                prop_assert_eq!(audit.task_change(&id, version, interaction, &now), whole);
+            }
+        }
     }
 
     #[test]

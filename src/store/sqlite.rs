@@ -245,12 +245,19 @@ impl SqliteStore {
         let lane = if work.is_urgent() { "request" } else { "hub" };
         let (reply, answer) = oneshot::channel();
         let sender = self.jobs.lock().await.clone().ok_or_else(writer_gone)?;
+        let audit = crate::audit::current();
+        if let Some(audit) = &audit
+            && matches!(work, Work::Task(_) | Work::Transaction(_))
+        {
+            // What the write's AuditEvents share is built here, not on the writer's thread.
+            audit.prepare_task_changes();
+        }
         sender
             .send(Job {
                 work,
                 reply,
                 trace: current_trace(),
-                audit: crate::audit::current(),
+                audit,
             })
             .await
             .map_err(|_| writer_gone())?;
@@ -1368,6 +1375,132 @@ mod tests {
         let mut expected = vec![single.to_string()];
         expected.extend(ids.iter().map(TaskId::to_string));
         assert_eq!(order, expected);
+        store.close().await;
+    }
+
+    /// A Task write's AuditEvent is made by the writer from the write's outcome and inserted
+    /// with its group's just before the commit: it is stored with the change, a write that
+    /// changed nothing has none, and when the insert fails the write fails with it and nothing
+    /// of it is stored.
+    #[tokio::test]
+    async fn a_task_writes_audit_event_commits_with_it_or_neither_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let audited = || {
+            Some(Arc::new(crate::audit::RequestAudit::new(
+                "node-1".into(),
+                None,
+                false,
+            )))
+        };
+        let principal = crate::auth::Principal {
+            issuer: None,
+            subject: "admin-1".into(),
+            role: crate::auth::Role::Admin,
+            fhir_user: Some("Practitioner/a1".into()),
+            performer_types: Vec::new(),
+            scopes: None,
+            patient: None,
+        };
+        let as_caller = |audit| {
+            let principal = principal.clone();
+            let store = &store;
+            crate::audit::in_request(audit, async move {
+                crate::audit::note_principal(&principal);
+                store
+                    .write(WriteRequest::Create {
+                        id: None,
+                        resource: order("AU-1"),
+                        if_none_exist: Some(criteria("identifier=urn:orders|AU-1")),
+                    })
+                    .await
+            })
+        };
+        let created = match as_caller(audited()).await.unwrap() {
+            WriteOutcome::Written(version) => version.id,
+            other => panic!("not created: {other:?}"),
+        };
+        // The same conditional create again finds it: nothing written, nothing audited.
+        let again = as_caller(audited()).await.unwrap();
+        assert_eq!(existing_id(&again), Some(&created));
+        let conn = rusqlite::Connection::open(dir.path().join("baton.db")).unwrap();
+        let audits = |conn: &rusqlite::Connection| -> Vec<(String, String, String)> {
+            conn.prepare("SELECT subtype, entity, agent FROM audit_event ORDER BY seq")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(
+            audits(&conn),
+            [(
+                "create".to_string(),
+                format!("Task/{created}"),
+                "Practitioner/a1".to_string()
+            )]
+        );
+        // A transaction's creates: one AuditEvent each, in entry order.
+        let outcomes = crate::audit::in_request(audited(), async {
+            crate::audit::note_principal(&principal);
+            let create = |value: &str| WriteRequest::Create {
+                id: None,
+                resource: order(value),
+                if_none_exist: None,
+            };
+            store
+                .transaction(vec![(0, create("AU-T1")), (1, create("AU-T2"))])
+                .await
+        })
+        .await
+        .unwrap();
+        let mut expected = vec![(
+            "create".to_string(),
+            format!("Task/{created}"),
+            "Practitioner/a1".to_string(),
+        )];
+        for outcome in &outcomes {
+            let WriteOutcome::Written(version) = outcome else {
+                panic!("not created: {outcome:?}");
+            };
+            expected.push((
+                "create".to_string(),
+                format!("Task/{}", version.id),
+                "Practitioner/a1".to_string(),
+            ));
+        }
+        assert_eq!(audits(&conn), expected);
+        // An AuditEvent that cannot be inserted fails its write, which leaves nothing behind.
+        conn.execute_batch(
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_event
+             BEGIN SELECT RAISE(FAIL, 'refused'); END",
+        )
+        .unwrap();
+        let count = |conn: &rusqlite::Connection, table: &str| -> i64 {
+            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        let (tasks, changes) = (count(&conn, "task"), count(&conn, "change_event"));
+        let refused = crate::audit::in_request(audited(), async {
+            crate::audit::note_principal(&principal);
+            store
+                .write(WriteRequest::Create {
+                    id: None,
+                    resource: order("AU-2"),
+                    if_none_exist: None,
+                })
+                .await
+        })
+        .await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(count(&conn, "task"), tasks);
+        assert_eq!(count(&conn, "change_event"), changes);
+        assert_eq!(audits(&conn).len(), 3);
+        // Without audit facts (auditing off) a write needs no AuditEvent.
+        conn.execute_batch("DROP TRIGGER refuse_audit").unwrap();
+        create(&store, order("AU-3")).await;
+        assert_eq!(count(&conn, "task"), tasks + 1);
+        assert_eq!(audits(&conn).len(), 3);
         store.close().await;
     }
 }

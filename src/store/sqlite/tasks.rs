@@ -209,29 +209,29 @@ fn insert_change(
         now,
         trace
     ])?;
-    // And in the audit facts of that request: its AuditEvent commits with the change.
-    if let Some(audit) = crate::audit::current() {
-        insert_audit(conn, &audit.task_change(id, version, interaction, now))?;
-    }
+    // Its AuditEvent is made by the writer from the write's outcome and inserted with the
+    // group's (`writer::Group::audits`), in the same commit.
     Ok(())
 }
 
-/// Inserts one AuditEvent on the writer's connection, inside the caller's transaction.
-pub(super) fn insert_audit(conn: &Connection, record: &crate::audit::AuditRecord) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO audit_event (recorded, type_code, subtype, outcome, agent, entity, resource)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )?
-    .execute(params![
-        record.recorded,
-        record.type_code,
-        record.subtype,
-        record.outcome,
-        record.agent,
-        record.entity,
-        record.facts
-    ])?;
-    Ok(())
+/// Inserts AuditEvents on the writer's connection, inside the caller's transaction, in the
+/// order given, in multi-row INSERTs (`insert_rows`).
+pub(super) fn insert_audits(
+    conn: &Connection,
+    records: &[crate::audit::AuditRecord],
+) -> Result<()> {
+    insert_rows(conn, &AUDIT_ROWS, records.len(), |i, out| {
+        let r = &records[i];
+        out.extend_from_slice(&[
+            &r.recorded as &dyn ToSql,
+            &r.type_code,
+            &r.subtype,
+            &r.outcome,
+            &r.agent,
+            &r.entity,
+            &r.facts,
+        ]);
+    })
 }
 
 /// A multi-row INSERT of one table: its text for each size of `ROW_CHUNKS`.
@@ -317,6 +317,8 @@ static CHANGE_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
     )
 });
 
+// The writer inserts a group's AuditEvents after its jobs, outside their savepoints: an
+// AuditEvent insert that fails fails the group (`writer::Group::audits`).
 static AUDIT_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
     RowsInsert::new(
         "INSERT OR FAIL INTO audit_event (recorded, type_code, subtype, outcome, agent, entity,
@@ -387,26 +389,8 @@ fn insert_new_tasks(conn: &Connection, versions: &[NewVersion<'_>]) -> Result<()
             &trace,
         ]);
     })?;
-    // And in the audit facts of that request: each AuditEvent commits with its change, in
-    // the same order (their `seq`s ascend with the changes').
-    if let Some(audit) = crate::audit::current() {
-        let records: Vec<crate::audit::AuditRecord> = versions
-            .iter()
-            .map(|v| audit.task_change(v.id, v.version, v.interaction, v.last_updated))
-            .collect();
-        insert_rows(conn, &AUDIT_ROWS, records.len(), |i, out| {
-            let r = &records[i];
-            out.extend_from_slice(&[
-                &r.recorded as &dyn ToSql,
-                &r.type_code,
-                &r.subtype,
-                &r.outcome,
-                &r.agent,
-                &r.entity,
-                &r.facts,
-            ]);
-        })?;
-    }
+    // Their AuditEvents are made by the writer from the job's outcomes and inserted with
+    // the group's (`writer::Group::audits`), in the same commit.
     Ok(())
 }
 

@@ -31,7 +31,7 @@ use super::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES};
 use super::hub;
 use super::syncer::{Committed, Syncer};
 use super::{BUSY_TIMEOUT, CACHE_SIZE};
-use crate::audit::{AuditRecord, RequestAudit, in_request};
+use crate::audit::{AuditRecord, RequestAudit};
 use crate::config::Synchronous;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId};
@@ -67,12 +67,13 @@ pub(super) enum Work {
     RecordMatches(MatchBatch),
     /// The results of many delivery attempts, in the order they were reported, and the
     /// attempts' AuditEvents: one job (one savepoint) for all the attempts whose results
-    /// gathered while the previous one committed.
+    /// gathered while the previous one committed. The AuditEvents go in with the group's
+    /// (`Group::audits`) once the results are written.
     RecordDeliveries(Vec<DeliveryReport>, Vec<AuditRecord>),
     FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
-    /// An AuditEvent recorded after the request it describes (a read, a search, a refusal,
-    /// a Subscription change).
+    /// AuditEvents recorded after the requests they describe (reads, searches, refusals,
+    /// Subscription changes): inserted with the group's (`Group::audits`).
     RecordAudits(Vec<AuditRecord>),
     /// Removes AuditEvents recorded before the instant.
     PruneAudit(StoredInstant),
@@ -106,8 +107,9 @@ pub(super) struct Job {
     pub(super) reply: oneshot::Sender<Result<Done>>,
     /// The trace of the request that submitted it: the change event it writes keeps it.
     pub(super) trace: Option<TraceContext>,
-    /// The audit facts of the request that submitted it: a Task write's AuditEvent is
-    /// written from them beside its change event.
+    /// The audit facts of the request that submitted it: a Task write's AuditEvents are
+    /// made from them and its outcome, and committed with its change events in the group's
+    /// audit insert (`Group::audits`).
     pub(super) audit: Option<Arc<RequestAudit>>,
 }
 
@@ -377,6 +379,7 @@ fn run_writer(
                 _ => None,
             },
             replies: Vec::with_capacity(max_batch),
+            audits: Vec::new(),
             wrote: false,
             lanes: (false, false),
         };
@@ -455,6 +458,14 @@ struct Group<'a> {
     syncer: Option<&'a Syncer>,
     /// Where to answer each job run so far, in order.
     replies: Vec<oneshot::Sender<Result<Done>>>,
+    /// The AuditEvents of the jobs that succeeded so far, in order: the Task writes', the
+    /// delivery attempts', the audit queue's. They are inserted together, in a few multi-row
+    /// INSERTs just before the commit and outside every job's savepoint, so that an
+    /// AuditEvent costs its write neither a statement of its own nor the copies of the audit
+    /// table's and indexes' pages into each job's statement journal (BENCHMARKS.md, "The
+    /// audit trail's cost"). A job that failed was rolled back and adds none; an insert that
+    /// fails fails the whole group, so a change never commits without its AuditEvent.
+    audits: Vec<AuditRecord>,
     /// Whether a job wrote a change event (a Task write, an overdue event), which the outbox
     /// consumer is woken for once the group commits.
     wrote: bool,
@@ -493,7 +504,19 @@ impl Group<'_> {
                 Lane::Background => self.lanes.1 = true,
             }
             self.replies.push(job.reply);
-            let outcome = self.run_job(job.work, job.trace, job.audit)?;
+            let mut work = job.work;
+            let audits = match &mut work {
+                Work::RecordDeliveries(_, attempts) => std::mem::take(attempts),
+                Work::RecordAudits(records) => std::mem::take(records),
+                _ => Vec::new(),
+            };
+            let outcome = self.run_job(work, job.trace)?;
+            if let Ok(done) = &outcome {
+                self.audits.extend(audits);
+                if let Some(audit) = &job.audit {
+                    push_task_changes(&mut self.audits, audit, done);
+                }
+            }
             self.wrote |= matches!(
                 outcome,
                 Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
@@ -512,6 +535,7 @@ impl Group<'_> {
                 lane = self.await_sync();
             }
         }
+        super::tasks::insert_audits(self.conn, &self.audits)?;
         execute(self.conn, "COMMIT")?;
         Ok(outcomes)
     }
@@ -538,21 +562,13 @@ impl Group<'_> {
 
     /// Runs one job in its own savepoint. The outer error is the transaction's (SQLite ended
     /// it); the inner one the job's alone, rolled back to its savepoint.
-    fn run_job(
-        &mut self,
-        work: Work,
-        trace: Option<TraceContext>,
-        audit: Option<Arc<RequestAudit>>,
-    ) -> Result<Result<Done>> {
+    fn run_job(&mut self, work: Work, trace: Option<TraceContext>) -> Result<Result<Done>> {
         let conn = &mut *self.conn;
         execute(conn, "SAVEPOINT job")?;
         // A job that panics (a bug in its decision or in building its rows) fails alone: its
         // savepoint is rolled back like any failed job's, and the writer goes on.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            block_on(in_trace(
-                trace,
-                in_request(audit, apply_work(conn, work, self.base_url)),
-            ))
+            block_on(in_trace(trace, apply_work(conn, work, self.base_url)))
         }))
         .unwrap_or_else(|panic| {
             let message = supervise::panic_message(panic.as_ref());
@@ -575,6 +591,22 @@ impl Group<'_> {
     }
 }
 
+/// The AuditEvents of the Task versions a job wrote (`done`), made from the facts of the
+/// request that submitted it, in the order written.
+fn push_task_changes(audits: &mut Vec<AuditRecord>, audit: &RequestAudit, done: &Done) {
+    let written = match done {
+        Done::Task(outcome) => std::slice::from_ref(outcome),
+        Done::Transaction(outcomes) => outcomes.as_slice(),
+        _ => return,
+    };
+    audits.extend(written.iter().filter_map(|outcome| match outcome {
+        WriteOutcome::Written(v) => {
+            Some(audit.task_change(&v.id, v.version, v.interaction, &v.last_updated))
+        }
+        WriteOutcome::Existing(_) | WriteOutcome::Unchanged => None,
+    }));
+}
+
 /// Runs one of the writer's fixed statements (transaction control), prepared once.
 fn execute(conn: &Connection, sql: &str) -> Result<()> {
     conn.prepare_cached(sql)?.execute([])?;
@@ -595,17 +627,16 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             .map(|s| Done::Subscription(Box::new(s))),
         Work::DeleteSubscription(id) => subscriptions::delete(conn, &id).await.map(Done::Deleted),
         Work::RecordMatches(batch) => hub::record_matches(conn, batch).map(Done::Numbers),
-        Work::RecordDeliveries(reports, attempts) => {
-            hub::record_deliveries(conn, reports, &attempts).map(|()| Done::Nothing)
+        // The attempts' AuditEvents were taken for the group's audit insert.
+        Work::RecordDeliveries(reports, _) => {
+            hub::record_deliveries(conn, reports).map(|()| Done::Nothing)
         }
         Work::FillMatchingForms(forms) => {
             super::subscriptions::fill_matching_forms(conn, &forms).map(|()| Done::Nothing)
         }
         Work::PruneEvents(before) => hub::prune_events(conn, &before).map(Done::Count),
-        Work::RecordAudits(records) => records
-            .iter()
-            .try_for_each(|record| super::tasks::insert_audit(conn, record))
-            .map(|()| Done::Nothing),
+        // Its AuditEvents were taken for the group's audit insert.
+        Work::RecordAudits(_) => Ok(Done::Nothing),
         Work::PruneAudit(before) => conn
             .prepare_cached("DELETE FROM audit_event WHERE recorded < ?")?
             .execute([&before])
