@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{TaskId, Version};
+use crate::fhir::json;
 use crate::fhir::task::{self as task_rules};
 use crate::fhir::{MULTI_FOCUS_EXTENSION, normalize_reference};
 
@@ -36,7 +37,7 @@ pub fn asked_by(task: &Value, base_url: &str) -> Option<String> {
     if !bidding::is_bid(task) && !information::is_information_request(task) {
         return None;
     }
-    let reference = task.pointer("/requester/reference")?.as_str()?;
+    let reference = json::at(task, "/requester/reference")?.as_str()?;
     normalize_reference(reference, base_url)
 }
 
@@ -88,7 +89,7 @@ pub struct Request {
 
 /// Every request code among `code.coding`, in order.
 fn request_kinds(task: &Value) -> impl Iterator<Item = RequestKind> + '_ {
-    task.pointer("/code/coding")
+    json::at(task, "/code/coding")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
@@ -104,7 +105,7 @@ pub fn request_kind(task: &Value) -> Option<RequestKind> {
 /// The id of the Task that `focus` references, when it references a Task on this server
 /// (`Task/1`, `{base_url}/Task/1`, or either with `/_history/N`).
 pub fn focal_task(task: &Value, base_url: &str) -> Option<TaskId> {
-    let reference = task.pointer("/focus/reference")?.as_str()?;
+    let reference = json::at(task, "/focus/reference")?.as_str()?;
     let local = normalize_reference(reference, base_url)?;
     TaskId::parse(local.strip_prefix("Task/")?).ok()
 }

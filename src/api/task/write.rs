@@ -20,6 +20,7 @@ use crate::auth::{self, Principal};
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::{TaskId, Version};
 use crate::fhir::interaction::Interaction;
+use crate::fhir::json;
 use crate::fhir::patch::TaskPatch;
 use crate::fhir::search::{self, Handling, Predicate, index_task};
 use crate::fhir::shape::{ShapeLimits, check_shape};
@@ -141,8 +142,7 @@ fn authorize_create(principal: &Principal, resource: &Value, base_url: &str) -> 
         return auth::authorize_task_write(principal, None, Some(resource), base_url);
     }
     let me = principal.fhir_user.as_deref().unwrap_or_default();
-    let requester = resource
-        .pointer("/requester/reference")
+    let requester = json::at(resource, "/requester/reference")
         .and_then(Value::as_str)
         .and_then(|r| fhir::normalize_reference(r, base_url));
     if requester.as_deref() != Some(me) {

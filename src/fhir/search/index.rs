@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::{INTENT_SYSTEM, PRIORITY_SYSTEM, STATUS_SYSTEM};
 use crate::fhir::datetime::{self, DateKind, MAX_KEY, MIN_KEY};
+use crate::fhir::json;
 use crate::fhir::task;
 use crate::fhir::{MULTI_FOCUS_EXTENSION, normalize_reference};
 
@@ -121,7 +122,7 @@ pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
 
     index.token("_id", None, str_at(task, "id"));
     if let Some(entry) =
-        last_updated_entry(task.pointer("/meta/lastUpdated").and_then(Value::as_str))
+        last_updated_entry(json::at(task, "/meta/lastUpdated").and_then(Value::as_str))
     {
         index.dates.push(entry);
     }
@@ -130,7 +131,7 @@ pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
     index.codings("business-status", task.get("businessStatus"));
     index.reference(
         "owner",
-        task.pointer("/owner/reference").and_then(Value::as_str),
+        json::at(task, "/owner/reference").and_then(Value::as_str),
         base_url,
     );
     // An owner named without a reference still owns the Task: it is not `owner:missing`,
@@ -158,14 +159,13 @@ pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
 
     index.reference(
         "focus",
-        task.pointer("/focus/reference").and_then(Value::as_str),
+        json::at(task, "/focus/reference").and_then(Value::as_str),
         base_url,
     );
     for extension in array(task_ref, "extension") {
         if str_at(extension, "url") == Some(MULTI_FOCUS_EXTENSION) {
-            let reference = extension
-                .pointer("/valueReference/reference")
-                .and_then(Value::as_str);
+            let reference =
+                json::at(extension, "/valueReference/reference").and_then(Value::as_str);
             index.reference("focus", reference, base_url);
         }
     }
@@ -177,7 +177,7 @@ pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
     }
     index.reference(
         "requester",
-        task.pointer("/requester/reference").and_then(Value::as_str),
+        json::at(task, "/requester/reference").and_then(Value::as_str),
         base_url,
     );
 
@@ -201,10 +201,9 @@ pub fn index_task(task: &Value, base_url: &str) -> TaskIndex {
     if let Some((start, end)) = task.get("executionPeriod").and_then(period_keys) {
         index.date("period", start, end);
     }
-    if let Some(range) = stored_range(
-        task.pointer("/restriction/period/end")
-            .and_then(Value::as_str),
-    ) {
+    if let Some(range) =
+        stored_range(json::at(task, "/restriction/period/end").and_then(Value::as_str))
+    {
         index.date("due-date", range.start_key(), range.end_key());
     }
     index

@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::TaskId;
+use crate::fhir::json;
 use crate::fhir::normalize_reference;
 use crate::fhir::task as task_rules;
 use crate::fhir::workflow::focal_task;
@@ -41,7 +42,7 @@ pub const CANDIDATE_EXTENSION: &str = "https://baton.dev/fhir/StructureDefinitio
 pub const MAX_BIDS: usize = 500;
 
 fn has_code(task: &Value, code: &str) -> bool {
-    task.pointer("/code/coding")
+    json::at(task, "/code/coding")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
@@ -70,7 +71,7 @@ fn id_of(task: &Value) -> &str {
 /// The output of `task` typed `code` of `BID_SYSTEM`.
 fn output<'a>(task: &'a Value, code: &str) -> Option<&'a Value> {
     task.get("output")?.as_array()?.iter().find(|o| {
-        o.pointer("/type/coding")
+        json::at(o, "/type/coding")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
@@ -239,7 +240,7 @@ pub fn check_bid(bid: &Value, bidding: &Value, bids: &[Value], base_url: &str) -
         .into_iter()
         .flatten()
         .filter(|e| e.get("url").and_then(Value::as_str) == Some(CANDIDATE_EXTENSION))
-        .filter_map(|e| e.pointer("/valueReference/reference")?.as_str())
+        .filter_map(|e| json::at(e, "/valueReference/reference")?.as_str())
         .filter_map(|r| normalize_reference(r, base_url))
         .collect();
     if !candidates.is_empty() && !candidates.contains(&owner) {
@@ -274,7 +275,7 @@ pub fn check_bid(bid: &Value, bidding: &Value, bids: &[Value], base_url: &str) -
 /// amended the bid.
 pub fn settle_placer(bid: &mut Value, bidding: &Value, base_url: &str) -> Result<bool> {
     let normal = |task: &Value| {
-        task.pointer("/requester/reference")
+        json::at(task, "/requester/reference")
             .and_then(Value::as_str)
             .and_then(|r| normalize_reference(r, base_url))
     };
@@ -304,7 +305,7 @@ pub fn settle_placer(bid: &mut Value, bidding: &Value, base_url: &str) -> Result
 /// when it names none.
 pub fn awarded(bidding: &Value, base_url: &str) -> Result<TaskId> {
     output(bidding, "awarded")
-        .and_then(|o| o.pointer("/valueReference/reference"))
+        .and_then(|o| json::at(o, "/valueReference/reference"))
         .and_then(Value::as_str)
         .and_then(|r| normalize_reference(r, base_url))
         .and_then(|r| TaskId::parse(r.strip_prefix("Task/")?).ok())

@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::Version;
+use crate::fhir::json;
 use crate::fhir::task as task_rules;
 use crate::fhir::workflow::elements;
 
@@ -52,7 +53,7 @@ pub fn parse_edits(request: &Value) -> Result<Vec<Edit>> {
     let inputs = request.get("input").and_then(Value::as_array);
     for (i, input) in inputs.into_iter().flatten().enumerate() {
         let at = format!("Task.input[{i}]");
-        let codings = input.pointer("/type/coding").and_then(Value::as_array);
+        let codings = json::at(input, "/type/coding").and_then(Value::as_array);
         let mut codings = codings.into_iter().flatten();
         let Some(element) = codings
             .clone()
@@ -162,7 +163,7 @@ fn value_of(input: &Value) -> Option<(String, &Value)> {
 
 /// The version the request's `focus` names (`Task/1/_history/3`), if it names one.
 pub fn pinned_version(request: &Value) -> Option<Result<Version>> {
-    let reference = request.pointer("/focus/reference")?.as_str()?;
+    let reference = json::at(request, "/focus/reference")?.as_str()?;
     let (_, version) = reference.split_once("/_history/")?;
     Some(version.parse::<Version>().map_err(|_| {
         Error::invalid(
@@ -207,7 +208,7 @@ pub fn check_request_write(
         return Ok(());
     }
     let requester = |task: &Value| {
-        task.pointer("/requester/reference")
+        json::at(task, "/requester/reference")
             .and_then(Value::as_str)
             .and_then(|r| crate::fhir::normalize_reference(r, base_url))
     };
@@ -287,8 +288,7 @@ pub fn apply_change(focal: &Value, request: &Value, base_url: &str) -> Result<Va
                     ));
                 };
                 let has_coding = |input: &Value| {
-                    input
-                        .pointer("/type/coding")
+                    json::at(input, "/type/coding")
                         .and_then(Value::as_array)
                         .into_iter()
                         .flatten()

@@ -15,6 +15,7 @@
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::fhir::json;
 use crate::fhir::normalize_reference;
 use crate::fhir::workflow::{bidding, information};
 
@@ -68,8 +69,7 @@ pub fn side_of(admin: bool, fhir_user: Option<&str>, current: &Value, base_url: 
     if admin {
         return Side::Placer;
     }
-    let requester = current
-        .pointer("/requester/reference")
+    let requester = json::at(current, "/requester/reference")
         .and_then(Value::as_str)
         .and_then(|r| normalize_reference(r, base_url));
     match (requester, fhir_user) {

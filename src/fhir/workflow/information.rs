@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, IssueCode, Result};
 use crate::fhir::ids::TaskId;
+use crate::fhir::json;
 use crate::fhir::task as task_rules;
 use crate::fhir::{normalize_reference, workflow::focal_task};
 
@@ -41,7 +42,7 @@ pub const BEFORE_WAITING_EXTENSION: &str =
 
 /// Whether this Task is an information request (by its `code`).
 pub fn is_information_request(task: &Value) -> bool {
-    task.pointer("/code/coding")
+    json::at(task, "/code/coding")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
@@ -213,7 +214,7 @@ pub fn transition(previous: Option<&Value>, next: &Value) -> Option<Transition> 
 }
 
 fn is_waiting(task: &Value) -> bool {
-    task.pointer("/businessStatus/coding")
+    json::at(task, "/businessStatus/coding")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()

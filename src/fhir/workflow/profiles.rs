@@ -9,6 +9,7 @@
 use serde_json::Value;
 
 use crate::error::{Error, IssueCode, Result};
+use crate::fhir::json;
 use crate::fhir::workflow::TASK_CODE_SYSTEM;
 
 /// One rule of a profile.
@@ -75,8 +76,7 @@ fn holds(task: &Value, rule: Rule) -> bool {
 
 /// Checks a Task against every profile it declares that Baton knows.
 pub fn check_declared(task: &Value) -> Result<()> {
-    let declared = task
-        .pointer("/meta/profile")
+    let declared = json::at(task, "/meta/profile")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()

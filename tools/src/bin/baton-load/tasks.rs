@@ -58,18 +58,31 @@ impl Mode {
     }
 }
 
-/// A transaction Bundle creating `entries` Tasks for `owner`.
-fn transaction_body(owner: &str, entries: usize) -> Value {
-    let entries: Vec<Value> = (0..entries)
-        .map(|_| {
-            json!({
-                "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
-                "resource": task_body(owner, None, None),
-                "request": { "method": "POST", "url": "Task" },
-            })
-        })
-        .collect();
-    json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries })
+/// A transaction Bundle creating `entries` Tasks, each `task` (a Task's JSON text), written as
+/// text: the load tool shares the machine with the server it measures, and building each
+/// Bundle as a `serde_json::Value` (an allocation per key and string of every entry) was a
+/// cost it took from the server's cores (BENCHMARKS.md, issue 17, seventh sitting).
+fn transaction_body(task: &str, entries: usize) -> String {
+    const HEAD: &str = r#"{"resourceType":"Bundle","type":"transaction","entry":["#;
+    const ENTRY: &str = r#"{"fullUrl":"urn:uuid:"#;
+    const RESOURCE: &str = r#"","resource":"#;
+    const REQUEST: &str = r#","request":{"method":"POST","url":"Task"}}"#;
+    let mut uuid = uuid::Uuid::encode_buffer();
+    let entry_len = ENTRY.len() + 36 + RESOURCE.len() + task.len() + REQUEST.len() + 1;
+    let mut body = String::with_capacity(HEAD.len() + entries * entry_len + 2);
+    body.push_str(HEAD);
+    for n in 0..entries {
+        if n > 0 {
+            body.push(',');
+        }
+        body.push_str(ENTRY);
+        body.push_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid));
+        body.push_str(RESOURCE);
+        body.push_str(task);
+        body.push_str(REQUEST);
+    }
+    body.push_str("]}");
+    body
 }
 
 pub async fn run(options: &Options) -> anyhow::Result<bool> {
@@ -165,19 +178,18 @@ async fn drive(options: &Options, setup: &Setup) -> Driven {
         let base = setup.base.clone();
         let own = setup.own_tasks.get(worker).cloned();
         let transaction = (options.mode == Mode::Transaction).then_some(options.entries);
+        // Every Task a worker creates is the same; its text is made once.
+        let new_task = task_body(&format!("Practitioner/load-{worker}"), None, None).to_string();
         workers.spawn(async move {
             let mut stats = WorkerStats::default();
             let mut n: u64 = 0;
             while Instant::now() < deadline {
                 n += 1;
                 let request = match (&own, transaction) {
-                    (_, Some(entries)) => client.post(base.clone()).body(
-                        transaction_body(&format!("Practitioner/load-{worker}"), entries)
-                            .to_string(),
-                    ),
-                    (None, None) => client.post(format!("{base}/Task")).body(
-                        task_body(&format!("Practitioner/load-{worker}"), None, None).to_string(),
-                    ),
+                    (_, Some(entries)) => client
+                        .post(base.clone())
+                        .body(transaction_body(&new_task, entries)),
+                    (None, None) => client.post(format!("{base}/Task")).body(new_task.clone()),
                     (Some((owner, id)), None) => client.put(format!("{base}/Task/{id}")).body(
                         task_body(owner, Some(id), Some(&format!("load {worker}-{n}"))).to_string(),
                     ),
@@ -329,4 +341,44 @@ pub fn transport_error(e: &reqwest::Error) -> String {
         "request"
     };
     format!("transport: {kind}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Bundle written as text is the JSON the load tool built before as a `Value`: a
+    /// transaction of `entries` POSTs of the Task, each with its own `urn:uuid:` fullUrl.
+    #[test]
+    fn a_transaction_body_is_the_bundle_of_its_creates() {
+        let task = task_body("Practitioner/load-3", None, None);
+        for entries in [1, 2, 100] {
+            let body: Value = serde_json::from_str(&transaction_body(&task.to_string(), entries))
+                .expect("the body is JSON");
+            let bundle_entries = body["entry"].as_array().expect("entries");
+            assert_eq!(bundle_entries.len(), entries);
+            let expected = json!({
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": bundle_entries
+                    .iter()
+                    .map(|entry| json!({
+                        "fullUrl": entry["fullUrl"],
+                        "resource": task,
+                        "request": { "method": "POST", "url": "Task" },
+                    }))
+                    .collect::<Vec<_>>(),
+            });
+            assert_eq!(body, expected);
+            let urls: std::collections::HashSet<&str> = bundle_entries
+                .iter()
+                .map(|entry| entry["fullUrl"].as_str().expect("a fullUrl"))
+                .collect();
+            assert_eq!(urls.len(), entries, "every fullUrl is its own");
+            assert!(urls.iter().all(|url| {
+                url.strip_prefix("urn:uuid:")
+                    .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
+            }));
+        }
+    }
 }
