@@ -125,14 +125,14 @@ fn search(conn: &Connection, text: &str, kept: &mut HashMap<(String, Vec<String>
     let skip_count = std::env::var_os("FLOOR_SKIP_COUNT").is_some();
     if let Some(count) = sql.count.filter(|_| !page_shows_total && !skip_count) {
         let key = (count.clone(), sql.count_binds.clone());
-        if !kept.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(entry) = kept.entry(key) {
             let counted: i64 = conn
                 .prepare_cached(&count)
                 .expect("prepare the count")
                 .query_row(params_from_iter(&sql.count_binds), |row| row.get(0))
                 .expect("count");
             if counted as u64 > CAP {
-                kept.insert(key, counted as u64);
+                entry.insert(counted as u64);
             }
         }
     }
