@@ -24,7 +24,16 @@ stop() { kill $S; wait $S 2>/dev/null; }
 tasks() { $BIN/baton-load tasks --base http://127.0.0.1:$1/fhir --server-pid $S --concurrency ${C:-16} --duration ${D:-10s} "${@:2}" 2>&1 | tail -1; }
 bare() { $BIN/baton-load bare-server --listen 127.0.0.1:$PB & B=$!; sleep 0.5
   S=$B; echo "bare $1 $(tasks $PB --token unused --mode $1 | jq -c '{r:.tasks_per_s,p99:.latency_ms.p99}') load=$(la)"; kill $B; wait $B 2>/dev/null; }
-baton() { start $P $Q/b "${@:2}"; echo "baton $1 ${SERVE_BIN:+bin=$SERVE_BIN }${*:2} $(tasks $P --mode $1 | jq -c '{r:.tasks_per_s,p99:.latency_ms.p99,cpu:.cpu_percent.server}') load=$(la)"; stop; }
+# CPU ticks (1/100 s) used so far by the PostgreSQL backends serving database $DB.
+pgticks() { for p in $(psql -h 127.0.0.1 -U postgres -Atc "SELECT pid FROM pg_stat_activity WHERE datname = '$DB'"); do
+  cut -d' ' -f14,15 /proc/$p/stat 2>/dev/null; done | awk '{s += $1 + $2} END {print s + 0}'; }
+# One run; on PostgreSQL also the backends' CPU per write (ms), sampled over 8 s of the
+# measured 10 (after 3 s: the 2 s warm-up and 1 s more), and the server's (ms per write).
+baton() { start $P $Q/b "${@:2}"; local pg=""
+  case "$*" in *postgres://*) (sleep 3; a=$(pgticks); sleep 8; echo $(( $(pgticks) - a )) > $Q/pgticks) & pg=$! ;; esac
+  local out=$(tasks $P --mode $1)
+  local extra=""; [ -n "$pg" ] && { wait $pg; extra=" pg_ms=$(jq -r --arg t $(cat $Q/pgticks) '($t|tonumber) * 10 / (.tasks_per_s * 8) * 100 | round / 100' <<< "$out")"; }
+  echo "baton $1 ${SERVE_BIN:+bin=$SERVE_BIN }${*:2} $(jq -c '{r:.tasks_per_s,p99:.latency_ms.p99,cpu:.cpu_percent.server,ms:((.cpu_percent.server * 10 / .tasks_per_s * 1000 | round) / 1000)}' <<< "$out")$extra load=$(la)"; stop; }
 case "$1" in
 ratio) for r in 1 2; do bare create; baton create; bare update; baton update; done ;;
 tx) for r in 1 2; do baton create; baton "transaction --entries 100"; baton "transaction --entries 10"; done ;;
