@@ -368,16 +368,18 @@ fn run_writer(
                 Err(e) => tracing::error!(error = %e, "setting the writer's synchronous failed"),
             }
         }
+        // The syncer answers the group when it commits without a sync.
+        let syncer = match &durability {
+            Durability::Pipelined(syncer) if level == "NORMAL" => Some(syncer),
+            _ => None,
+        };
         let mut group = Group {
             conn: &mut conn,
             jobs: &mut jobs,
             waiting: &mut waiting,
             base_url,
             max_batch,
-            syncer: match &durability {
-                Durability::Pipelined(syncer) if level == "NORMAL" => Some(syncer),
-                _ => None,
-            },
+            syncer,
             replies: Vec::with_capacity(max_batch),
             audits: Vec::new(),
             wrote: false,
@@ -395,8 +397,8 @@ fn run_writer(
         match committed_group {
             Ok(outcomes) => {
                 checkpointer.committed();
-                match &durability {
-                    Durability::Pipelined(syncer) if level == "NORMAL" => {
+                match syncer {
+                    Some(syncer) => {
                         syncer.hand_over(Committed {
                             replies,
                             outcomes,
@@ -404,7 +406,7 @@ fn run_writer(
                         });
                         answered_here = false;
                     }
-                    _ => {
+                    None => {
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {
                             let _ = reply.send(outcome);
                         }
