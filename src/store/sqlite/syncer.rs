@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::sync::{Notify, mpsc as queue, oneshot};
@@ -60,7 +60,6 @@ struct Counts {
 
 struct Pending {
     counts: Mutex<Counts>,
-    none: Condvar,
     /// The writer's queue, where `Work::Wake` tells a waiting writer that none is pending.
     writer: Option<queue::WeakSender<Job>>,
 }
@@ -80,7 +79,6 @@ impl Pending {
             counts.groups = counts.groups.saturating_sub(groups);
             counts.groups == 0 && std::mem::take(&mut counts.writer_waits)
         };
-        self.none.notify_all();
         if let Some(writer) = self
             .writer
             .as_ref()
@@ -121,7 +119,6 @@ impl Syncer {
         let (groups, handed) = mpsc::channel();
         let pending = Arc::new(Pending {
             counts: Mutex::new(Counts::default()),
-            none: Condvar::new(),
             writer,
         });
         let answered = pending.clone();
@@ -157,18 +154,6 @@ impl Syncer {
 }
 
 impl Syncer {
-    /// Waits up to `at_most` for every group handed over to be answered; whether they are.
-    #[cfg(test)]
-    fn wait_synced(&self, at_most: std::time::Duration) -> bool {
-        let counts = self.pending.counts();
-        let (counts, _) = self
-            .pending
-            .none
-            .wait_timeout_while(counts, at_most, |counts| counts.groups > 0)
-            .unwrap_or_else(|e| e.into_inner());
-        counts.groups == 0
-    }
-
     /// Whether every group handed over is answered; if not, the syncer sends the writer's
     /// queue a `Work::Wake` once they are. The writer then sleeps on its queue, and wakes for
     /// a new request or for that.
@@ -259,7 +244,6 @@ fn run(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
 
     use super::*;
 
@@ -300,14 +284,24 @@ mod tests {
         (group, answer)
     }
 
-    #[tokio::test]
-    async fn a_group_is_answered_only_after_its_sync_returned() {
+    /// A syncer on a gated sync, with one group (that wrote change events) handed over and
+    /// its sync started: the gate holds it there.
+    fn syncing_one(
+        committed: Arc<Notify>,
+        writer: Option<queue::WeakSender<Job>>,
+    ) -> (Gate, Syncer, oneshot::Receiver<Result<Done>>) {
         let (gate, sync) = gated();
-        let committed = Arc::new(Notify::new());
-        let syncer = Syncer::with(sync, committed.clone(), None).unwrap();
-        let (first, mut answer) = group(true);
+        let syncer = Syncer::with(sync, committed, writer).unwrap();
+        let (first, answer) = group(true);
         syncer.hand_over(first);
         gate.started.recv().unwrap();
+        (gate, syncer, answer)
+    }
+
+    #[tokio::test]
+    async fn a_group_is_answered_only_after_its_sync_returned() {
+        let committed = Arc::new(Notify::new());
+        let (gate, syncer, mut answer) = syncing_one(committed.clone(), None);
         assert!(
             matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
             "answered while its sync was still running"
@@ -321,11 +315,7 @@ mod tests {
 
     #[tokio::test]
     async fn groups_handed_over_during_a_sync_share_the_next_one() {
-        let (gate, sync) = gated();
-        let syncer = Syncer::with(sync, Arc::new(Notify::new()), None).unwrap();
-        let (first, first_answer) = group(false);
-        syncer.hand_over(first);
-        gate.started.recv().unwrap();
+        let (gate, syncer, first_answer) = syncing_one(Arc::new(Notify::new()), None);
         let answers: Vec<_> = (0..3)
             .map(|_| {
                 let (next, answer) = group(false);
@@ -345,49 +335,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_writer_can_wait_for_the_groups_handed_over_to_be_answered() {
-        let (gate, sync) = gated();
-        let syncer = Syncer::with(sync, Arc::new(Notify::new()), None).unwrap();
-        assert!(
-            syncer.wait_synced(Duration::ZERO),
-            "nothing handed over yet"
-        );
-        let (first, answer) = group(true);
-        syncer.hand_over(first);
-        gate.started.recv().unwrap();
-        assert!(!syncer.wait_synced(Duration::from_millis(1)));
-        gate.release.send(Ok(())).unwrap();
-        assert!(syncer.wait_synced(Duration::from_secs(30)));
-        assert!(answer.await.unwrap().is_ok());
-        drop(syncer);
-    }
-
-    #[tokio::test]
     async fn a_writer_waiting_for_the_sync_is_woken_on_its_queue() {
-        let (gate, sync) = gated();
         let (writer, mut queue) = queue::channel::<Job>(4);
-        let syncer = Syncer::with(sync, Arc::new(Notify::new()), Some(writer.downgrade())).unwrap();
-        assert!(syncer.synced_or_wake_me(), "nothing handed over yet");
-        let (first, answer) = group(false);
-        syncer.hand_over(first);
-        gate.started.recv().unwrap();
+        let (gate, syncer, answer) = syncing_one(Arc::new(Notify::new()), Some(writer.downgrade()));
         assert!(!syncer.synced_or_wake_me());
         assert!(queue.try_recv().is_err(), "woken before the sync returned");
         gate.release.send(Ok(())).unwrap();
-        let woken = queue.recv().await.expect("a wake-up");
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(30), queue.recv())
+            .await
+            .expect("no wake-up came")
+            .expect("the queue is open");
         assert!(matches!(woken.work, Work::Wake));
         assert!(answer.await.unwrap().is_ok());
+        // Nothing pending any more: the writer may commit without waiting.
         assert!(syncer.synced_or_wake_me());
         drop(syncer);
     }
 
     #[tokio::test]
     async fn a_failed_sync_answers_its_groups_with_an_error() {
-        let (gate, sync) = gated();
-        let syncer = Syncer::with(sync, Arc::new(Notify::new()), None).unwrap();
-        let (first, answer) = group(true);
-        syncer.hand_over(first);
-        gate.started.recv().unwrap();
+        let (gate, syncer, answer) = syncing_one(Arc::new(Notify::new()), None);
         gate.release
             .send(Err(io::Error::other("disk went away")))
             .unwrap();

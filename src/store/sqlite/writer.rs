@@ -157,12 +157,9 @@ impl Durability {
         })
     }
 
-    /// The `synchronous` a group starting with `first` commits with.
-    fn level(&self, first: Lane) -> &'static str {
-        match (self, first) {
-            (Durability::Pipelined(_), Lane::Background) => "FULL",
-            _ => "NORMAL",
-        }
+    /// Whether a group starting with `first` commits with SQLite's own sync (`FULL`).
+    fn syncs_at_commit(&self, first: Lane) -> bool {
+        matches!((self, first), (Durability::Pipelined(_), Lane::Background))
     }
 }
 
@@ -346,8 +343,9 @@ fn run_writer(
 ) {
     let mut waiting = Waiting::default();
     let mut turn = Lane::Urgent;
-    // The writer's connection opens with `synchronous = NORMAL` (`connect`).
-    let mut level = "NORMAL";
+    // Whether the connection's COMMIT syncs (`synchronous = FULL`); it opens with NORMAL
+    // (`connect`).
+    let mut syncs_at_commit = false;
     loop {
         if waiting.is_empty() {
             match jobs.blocking_recv() {
@@ -360,17 +358,22 @@ fn run_writer(
         // The other lane goes first next time, if it has anything waiting.
         turn = first.other();
         let started = std::time::Instant::now();
-        let wanted = durability.level(first);
-        if wanted != level {
+        let wanted = durability.syncs_at_commit(first);
+        if wanted != syncs_at_commit {
             // Between groups, outside any transaction: it applies to the next COMMIT.
-            match execute(&conn, &format!("PRAGMA synchronous = {wanted}")) {
-                Ok(()) => level = wanted,
+            let pragma = if wanted {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            match execute(&conn, pragma) {
+                Ok(()) => syncs_at_commit = wanted,
                 Err(e) => tracing::error!(error = %e, "setting the writer's synchronous failed"),
             }
         }
         // The syncer answers the group when it commits without a sync.
         let syncer = match &durability {
-            Durability::Pipelined(syncer) if level == "NORMAL" => Some(syncer),
+            Durability::Pipelined(syncer) if !syncs_at_commit => Some(syncer),
             _ => None,
         };
         let mut group = Group {
