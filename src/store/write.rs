@@ -461,17 +461,12 @@ pub(crate) async fn apply_transaction<T: TaskTx>(
     for (entry, prepared) in writes {
         let outcome = match prepared {
             Prepared::Answered(outcome) => outcome,
-            Prepared::Write(write) => match sort_write(write) {
-                Sorted::PlainCreate {
-                    id,
-                    resource,
-                    staged,
-                } => {
-                    let (next, outcome) = next_version(&id, None, resource, staged, base_url);
+            Prepared::Write(write) => match first_version(write, base_url) {
+                Ok((next, outcome)) => {
                     creates.push(next);
                     outcome
                 }
-                Sorted::Other(write) => {
+                Err(write) => {
                     put_all(tx, &mut creates).await?;
                     let conditional = matches!(write, TaskWrite::CreateUnlessFound { .. });
                     let outcome = apply(tx, write, base_url)
@@ -490,31 +485,24 @@ pub(crate) async fn apply_transaction<T: TaskTx>(
     Ok(outcomes)
 }
 
-/// A transaction's write, sorted: a plain create (`is_single_put`) in its parts, or any other.
-enum Sorted<S> {
-    PlainCreate {
-        id: TaskId,
-        resource: Value,
-        staged: Option<Box<Staged>>,
-    },
-    Other(TaskWrite<S>),
-}
-
-fn sort_write<S>(write: TaskWrite<S>) -> Sorted<S> {
+/// A plain create (`is_single_put`) worked out as `apply` would write it: its first version,
+/// not yet written, and the outcome to answer once it is. Any other write is given back.
+/// Worked out apart, plain creates can be written together (`TaskTx::put_versions`): a
+/// transaction's, and on SQLite the single creates of a group commit.
+pub(crate) fn first_version<S>(
+    write: TaskWrite<S>,
+    base_url: &str,
+) -> std::result::Result<(NextVersion, WriteOutcome), TaskWrite<S>> {
     if !is_single_put(&write) {
-        return Sorted::Other(write);
+        return Err(write);
     }
     match write {
         TaskWrite::Create {
             id,
             resource,
             staged,
-        } => Sorted::PlainCreate {
-            id,
-            resource,
-            staged,
-        },
-        other => Sorted::Other(other),
+        } => Ok(next_version(&id, None, resource, staged, base_url)),
+        other => Err(other),
     }
 }
 
@@ -801,7 +789,7 @@ async fn put<T: TaskTx>(
 }
 
 /// A version of a Task worked out and not yet written: what `NewVersion` borrows.
-struct NextVersion {
+pub(crate) struct NextVersion {
     id: TaskId,
     version: Version,
     previous_version: Option<Version>,
@@ -815,7 +803,7 @@ struct NextVersion {
 }
 
 impl NextVersion {
-    fn as_new(&self) -> NewVersion<'_> {
+    pub(crate) fn as_new(&self) -> NewVersion<'_> {
         NewVersion {
             id: &self.id,
             version: self.version,

@@ -144,7 +144,9 @@ impl TaskTx for Connection {
             }
             return Ok(());
         }
-        insert_new_tasks(self, versions)
+        // The writer runs a transaction in the trace of the request that submitted it.
+        let trace = current_trace().map(|t| t.header());
+        insert_new_tasks(self, versions, &vec![trace; versions.len()])
     }
 
     async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
@@ -328,9 +330,21 @@ static AUDIT_ROWS: LazyLock<RowsInsert> = LazyLock::new(|| {
 });
 
 /// Writes versions of Tasks that have no rows yet, as `put_version` writes each: the rows of
-/// each table together, the change events (and their AuditEvents) in the order given, so
-/// their `seq`s ascend in that order.
-fn insert_new_tasks(conn: &Connection, versions: &[NewVersion<'_>]) -> Result<()> {
+/// each table together, the change events in the order given, so their `seq`s ascend in that
+/// order, each with the traceparent of the request that wrote it (`traces`, one per version:
+/// the writer's group of single creates holds several requests). `INSERT OR FAIL`: the caller
+/// undoes the rows of a failed call with its savepoint.
+pub(super) fn insert_new_tasks(
+    conn: &Connection,
+    versions: &[NewVersion<'_>],
+    traces: &[Option<String>],
+) -> Result<()> {
+    if traces.len() != versions.len() {
+        return Err(Error::internal(
+            "writing new Tasks",
+            format!("{} traces for {} versions", traces.len(), versions.len()),
+        ));
+    }
     let interactions: Vec<&'static str> = versions.iter().map(|v| v.interaction.as_str()).collect();
     insert_rows(conn, &NEW_TASK_ROWS, versions.len(), |i, out| {
         let v = &versions[i];
@@ -376,8 +390,6 @@ fn insert_new_tasks(conn: &Connection, versions: &[NewVersion<'_>]) -> Result<()
         let (id, date) = dates[i];
         out.extend_from_slice(&[id as &dyn ToSql, &date.param, &date.start, &date.end]);
     })?;
-    // The writer runs each job in the trace of the request that submitted it.
-    let trace = current_trace().map(|t| t.header());
     insert_rows(conn, &CHANGE_ROWS, versions.len(), |i, out| {
         let v = &versions[i];
         out.extend_from_slice(&[
@@ -386,7 +398,7 @@ fn insert_new_tasks(conn: &Connection, versions: &[NewVersion<'_>]) -> Result<()
             &v.previous_version,
             &interactions[i],
             v.last_updated,
-            &trace,
+            &traces[i],
         ]);
     })?;
     // Their AuditEvents are made by the writer from the job's outcomes and inserted with

@@ -36,7 +36,7 @@ use crate::config::Synchronous;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId};
 use crate::store::subscriptions;
-use crate::store::write::{self, Prepared, TaskWrite};
+use crate::store::write::{self, Prepared, TaskTx, TaskWrite};
 use crate::store::{
     DeliveryReport, MatchBatch, MatchingFormRow, StoredSubscription, SubscriptionDecide,
     SubscriptionRecord, WriteOutcome,
@@ -508,26 +508,15 @@ impl Group<'_> {
                 Lane::Urgent => self.lanes.0 = true,
                 Lane::Background => self.lanes.1 = true,
             }
-            self.replies.push(job.reply);
-            let mut work = job.work;
-            let audits = match &mut work {
-                Work::RecordDeliveries(_, attempts) => std::mem::take(attempts),
-                Work::RecordAudits(records) => std::mem::take(records),
-                _ => Vec::new(),
-            };
-            let outcome = self.run_job(work, job.trace)?;
-            if let Ok(done) = &outcome {
-                self.audits.extend(audits);
-                if let Some(audit) = &job.audit {
-                    push_task_changes(&mut self.audits, audit, done);
+            let creates = self.plain_creates(job);
+            if creates.len() > 1 {
+                outcomes.extend(self.run_creates(creates)?);
+            } else {
+                for job in creates {
+                    let outcome = self.run_one(job)?;
+                    outcomes.push(outcome);
                 }
             }
-            self.wrote |= matches!(
-                outcome,
-                Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
-            ) || matches!(&outcome, Ok(Done::Transaction(outcomes))
-                if outcomes.iter().any(|o| matches!(o, WriteOutcome::Written(_))));
-            outcomes.push(outcome);
             self.waiting.take_arrived(self.jobs);
             lane = next_lane(
                 self.replies.len(),
@@ -542,6 +531,112 @@ impl Group<'_> {
         }
         super::tasks::insert_audits(self.conn, &self.audits)?;
         execute(self.conn, "COMMIT")?;
+        Ok(outcomes)
+    }
+
+    /// Runs one job in its own savepoint, and keeps its AuditEvents for the group's insert.
+    fn run_one(&mut self, job: Job) -> Result<Result<Done>> {
+        self.replies.push(job.reply);
+        let mut work = job.work;
+        let audits = match &mut work {
+            Work::RecordDeliveries(_, attempts) => std::mem::take(attempts),
+            Work::RecordAudits(records) => std::mem::take(records),
+            _ => Vec::new(),
+        };
+        let outcome = self.run_job(work, job.trace)?;
+        if let Ok(done) = &outcome {
+            self.audits.extend(audits);
+            if let Some(audit) = &job.audit {
+                push_task_changes(&mut self.audits, audit, done);
+            }
+        }
+        self.wrote |= matches!(
+            outcome,
+            Ok(Done::Task(WriteOutcome::Written(_)) | Done::Deleted(true))
+        ) || matches!(&outcome, Ok(Done::Transaction(outcomes))
+            if outcomes.iter().any(|o| matches!(o, WriteOutcome::Written(_))));
+        Ok(outcome)
+    }
+
+    /// `job` and, when it is a request's plain create (`write::is_single_put`), the plain
+    /// creates queued right behind it, in order, as far as the group has room: the creates
+    /// of a burst of POSTs, which `run_creates` writes together. Any other job comes alone.
+    fn plain_creates(&mut self, job: Job) -> Vec<Job> {
+        let mut creates = vec![job];
+        if !is_plain_create(&creates[0]) {
+            return creates;
+        }
+        self.waiting.take_arrived(self.jobs);
+        while self.replies.len() + creates.len() < self.max_batch {
+            match self.waiting.urgent.pop_front() {
+                Some(job) if is_plain_create(&job) => creates.push(job),
+                Some(other) => {
+                    self.waiting.urgent.push_front(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        creates
+    }
+
+    /// Runs requests' plain creates (two or more, in the order queued) as a transaction's
+    /// creates are run: each Task's version worked out, then all of their rows in the few
+    /// multi-row INSERTs of `tasks::insert_new_tasks`, under one savepoint, instead of a
+    /// savepoint and five or more statements for each (a savepoint copies every page a job
+    /// touches into its journal; on single POSTs that and the statements were most of the
+    /// writer's time, BENCHMARKS.md). Each change event keeps its own request's trace. Should
+    /// the insert fail, its savepoint is rolled back and each create is written alone in a
+    /// savepoint of its own, as any job is, so that what fails one create fails that one only.
+    fn run_creates(&mut self, creates: Vec<Job>) -> Result<Vec<Result<Done>>> {
+        let base_url = self.base_url;
+        let mut made = Vec::with_capacity(creates.len());
+        for job in creates {
+            self.replies.push(job.reply);
+            let Work::Task(write) = job.work else {
+                made.push((Err(not_a_create()), job.trace, job.audit));
+                continue;
+            };
+            // Worked out one by one: a bug that panics here fails its own request only.
+            let version = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                write::first_version(write, base_url).map_err(|_| not_a_create())
+            }))
+            .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
+            made.push((version, job.trace, job.audit));
+        }
+        let rows: Vec<_> = made
+            .iter()
+            .filter_map(|(version, trace, _)| {
+                let (next, _) = version.as_ref().ok()?;
+                Some((next.as_new(), trace.map(|t| t.header())))
+            })
+            .collect();
+        let (versions, traces): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
+        let together = in_savepoint(self.conn, |conn| {
+            super::tasks::insert_new_tasks(conn, &versions, &traces)
+        })?;
+        drop(versions);
+        let mut outcomes = Vec::with_capacity(made.len());
+        for (version, trace, audit) in made {
+            let outcome = match version {
+                Err(e) => Err(e),
+                Ok((next, outcome)) => {
+                    let written = match &together {
+                        Ok(()) => Ok(()),
+                        // Each alone, in the trace of its own request.
+                        Err(_) => in_savepoint(self.conn, |conn| {
+                            block_on(in_trace(trace, conn.put_version(&next.as_new())))
+                        })?,
+                    };
+                    written.map(|()| Done::Task(outcome))
+                }
+            };
+            if let (Ok(done), Some(audit)) = (&outcome, &audit) {
+                push_task_changes(&mut self.audits, audit, done);
+            }
+            self.wrote |= outcome.is_ok();
+            outcomes.push(outcome);
+        }
         Ok(outcomes)
     }
 
@@ -568,32 +663,53 @@ impl Group<'_> {
     /// Runs one job in its own savepoint. The outer error is the transaction's (SQLite ended
     /// it); the inner one the job's alone, rolled back to its savepoint.
     fn run_job(&mut self, work: Work, trace: Option<TraceContext>) -> Result<Result<Done>> {
-        let conn = &mut *self.conn;
-        execute(conn, "SAVEPOINT job")?;
-        // A job that panics (a bug in its decision or in building its rows) fails alone: its
-        // savepoint is rolled back like any failed job's, and the writer goes on.
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            block_on(in_trace(trace, apply_work(conn, work, self.base_url)))
-        }))
-        .unwrap_or_else(|panic| {
-            let message = supervise::panic_message(panic.as_ref());
-            metrics::counter!("baton_write_job_panics_total").increment(1);
-            Err(Error::internal(
-                "a write panicked and was rolled back",
-                message,
-            ))
-        });
-        if let Err(e) = &outcome {
-            if conn.is_autocommit() {
-                // SQLite ended the whole transaction (it may, on a full disk or an I/O
-                // error): the jobs before this one are undone too, and share its answer.
-                return Err(e.for_another_request());
-            }
-            execute(conn, "ROLLBACK TO job")?;
-        }
-        execute(conn, "RELEASE job")?;
-        Ok(outcome)
+        let base_url = self.base_url;
+        in_savepoint(self.conn, |conn| {
+            block_on(in_trace(trace, apply_work(conn, work, base_url)))
+        })
     }
+}
+
+/// Runs `body` in a savepoint of its own. The outer error is the transaction's (SQLite ended
+/// it); the inner one `body`'s alone, whose writes were rolled back to the savepoint. A body
+/// that panics (a bug in a decision or in building rows) fails alone in the same way, and the
+/// writer goes on.
+fn in_savepoint<T>(
+    conn: &mut Connection,
+    body: impl FnOnce(&mut Connection) -> Result<T>,
+) -> Result<Result<T>> {
+    execute(conn, "SAVEPOINT job")?;
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| body(&mut *conn)))
+        .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
+    if let Err(e) = &outcome {
+        if conn.is_autocommit() {
+            // SQLite ended the whole transaction (it may, on a full disk or an I/O error):
+            // the jobs before this one are undone too, and share its answer.
+            return Err(e.for_another_request());
+        }
+        execute(conn, "ROLLBACK TO job")?;
+    }
+    execute(conn, "RELEASE job")?;
+    Ok(outcome)
+}
+
+/// The answer to a write that panicked, counted.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> Error {
+    metrics::counter!("baton_write_job_panics_total").increment(1);
+    Error::internal(
+        "a write panicked and was rolled back",
+        supervise::panic_message(panic),
+    )
+}
+
+/// Whether a job is a request's plain create (`write::is_single_put`), which `run_creates`
+/// writes together with its neighbours'.
+fn is_plain_create(job: &Job) -> bool {
+    matches!(&job.work, Work::Task(write) if write::is_single_put(write))
+}
+
+fn not_a_create() -> Error {
+    Error::internal("writing creates together", "a job was not a plain create")
 }
 
 /// The AuditEvents of the Task versions a job wrote (`done`), made from the facts of the
@@ -743,6 +859,114 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// Plain creates queued together are written in one group as one (`run_creates`): each
+    /// answered with its own version, their change events in queue order with each request's
+    /// own trace. One that cannot be written (here a second create of one id) fails alone:
+    /// the creates around it are written, and the Task it collided with is left as it was.
+    #[tokio::test]
+    async fn creates_queued_together_are_written_together_and_one_that_fails_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        use crate::store::Store;
+        let store = super::super::SqliteStore::open(
+            &path,
+            "http://baton.test/fhir",
+            &crate::config::StoreConfig::default(),
+            Arc::new(Notify::new()),
+            Arc::new(Health::default()),
+        )
+        .await
+        .unwrap();
+        store.close().await;
+        let mut conn = connect(&path).unwrap();
+        let (_sender, mut receiver) = mpsc::channel(1);
+        let mut waiting = Waiting::default();
+        let ids: Vec<TaskId> = (0..6).map(|_| TaskId::generate()).collect();
+        // The fifth create reuses the second's id.
+        let queued: Vec<(TaskId, TraceContext)> = (0..6)
+            .map(|i| {
+                let id = if i == 4 {
+                    ids[1].clone()
+                } else {
+                    ids[i].clone()
+                };
+                (id, TraceContext::new_root())
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for (i, (id, trace)) in queued.iter().enumerate() {
+            let (reply, answer) = oneshot::channel();
+            answers.push(answer);
+            let resource = serde_json::json!({
+                "resourceType": "Task", "status": "requested", "intent": "order",
+                "description": format!("create {i}"),
+            });
+            waiting.urgent.push_back(Job {
+                work: Work::Task(TaskWrite::Create {
+                    id: id.clone(),
+                    resource,
+                    staged: None,
+                }),
+                reply,
+                trace: Some(*trace),
+                audit: None,
+            });
+        }
+        let mut group = Group {
+            conn: &mut conn,
+            jobs: &mut receiver,
+            waiting: &mut waiting,
+            base_url: "http://baton.test/fhir",
+            max_batch: 256,
+            syncer: None,
+            replies: Vec::new(),
+            audits: Vec::new(),
+            wrote: false,
+            lanes: (false, false),
+        };
+        let outcomes = group.run(Lane::Urgent).expect("the group commits");
+        assert!(group.wrote);
+        assert_eq!(outcomes.len(), 6);
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match (i, outcome) {
+                (4, Err(_)) => {}
+                (4, Ok(_)) => panic!("a second create of one id was written"),
+                (_, Ok(Done::Task(WriteOutcome::Written(v)))) => {
+                    assert_eq!(v.id, queued[i].0);
+                    assert_eq!(v.version, crate::fhir::ids::Version::FIRST);
+                }
+                (_, other) => panic!("create {i} was not written: {:?}", other.as_ref().err()),
+            }
+        }
+        // In queue order, each with its own request's trace; none for the failed create.
+        let mut select = conn
+            .prepare("SELECT resource_id, traceparent FROM change_event ORDER BY seq")
+            .unwrap();
+        let events: Vec<(String, Option<String>)> = select
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let expected: Vec<(String, Option<String>)> = queued
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 4)
+            .map(|(_, (id, trace))| (id.to_string(), Some(trace.header())))
+            .collect();
+        assert_eq!(events, expected);
+        let description: String = conn
+            .query_row(
+                "SELECT json_extract(resource, '$.description') FROM task WHERE id = ?",
+                [ids[1].as_str()],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            description, "create 1",
+            "the Task collided with is left as it was"
+        );
     }
 
     /// A writer thread that dies before the node stops is reported as a dead vital task, with
