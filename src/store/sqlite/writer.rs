@@ -120,7 +120,7 @@ pub(super) fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // The checkpointer thread folds the WAL back (`checkpoint`); the writer's own automatic
-    // checkpoint is only a safety net.
+    // checkpoint, far apart, restarts the WAL under writes that never pause.
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
          PRAGMA cache_size = {CACHE_SIZE}; PRAGMA temp_store = memory; PRAGMA foreign_keys = ON;
