@@ -253,7 +253,7 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
     (
         Kind::Histogram,
         "baton_store_wal_sync_seconds",
-        "Time of one fdatasync of the SQLite WAL by the syncer thread, which answers the request groups committed before it (store.synchronous = full).",
+        "Time of one fdatasync of the SQLite WAL by the syncer thread, which answers the groups committed before it (store.synchronous = full).",
     ),
     (
         Kind::Counter,

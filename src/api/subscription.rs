@@ -414,6 +414,9 @@ async fn status_instance(
 ) -> Result<Response> {
     let id = SubscriptionId::parse(&id)?;
     let stored = visible(&state, &principal, &id).await?;
+    // The hub's counters as read may still wait for their sync: answered once durable, as a
+    // notification would be (`Store::until_durable`).
+    state.store.until_durable().await;
     let mut bundle = status_search_bundle(
         &state.base_url,
         &uuid::Uuid::new_v4().to_string(),
@@ -446,6 +449,7 @@ async fn status_type(
     }
     let max = state.config.search.max_count;
     let (found, _) = state.store.search_subscriptions(&filter, max, 0).await?;
+    state.store.until_durable().await;
     let snapshots: Vec<StatusSnapshot<'_>> = found
         .iter()
         .map(|s| snapshot(s, NotificationType::QueryStatus))
@@ -518,6 +522,8 @@ async fn events(
     };
     let author: Option<Principal> = serde_json::from_value(stored.author.clone()).ok();
     let versions = crate::delivery::load_versions(state.store.as_ref(), &records, content).await?;
+    // Event numbers as read may still wait for their sync: answered once durable.
+    state.store.until_durable().await;
     let events =
         crate::delivery::readable_events(&records, &versions, author.as_ref(), &state.base_url);
     let bundle = notification_bundle(

@@ -253,6 +253,9 @@ impl Claimed<'_> {
                 )
                 .await?;
         }
+        // What the notification carries was read from commits that may still wait for their
+        // sync: nothing of it leaves the node before they are durable.
+        deliverer.store.until_durable().await;
         let started = std::time::Instant::now();
         let started_at = std::time::SystemTime::now();
         let (trace, caused_by) = (notification.trace, notification.caused_by);
@@ -323,6 +326,8 @@ impl Claimed<'_> {
             let notification = build(&self.subject(sending)).await?;
             tracing::Span::current().record("trace_id", notification.trace.trace_id());
             let (trace, caused_by) = (notification.trace, notification.caused_by);
+            // As for a confirmed send: only what is durable leaves the node.
+            self.deliverer.store.until_durable().await;
             let started = std::time::Instant::now();
             let started_at = std::time::SystemTime::now();
             let sent = channel.send(self.outgoing(sending, notification)).await;

@@ -686,6 +686,12 @@ pub trait Store: Send + Sync + 'static {
     /// has committed (`delivery::record`). False where nodes share the store (PostgreSQL):
     /// there each attempt's claim and result go through the store before the next.
     fn serves_one_node(&self) -> bool;
+    /// Returns once everything committed before the call is durable (as `store.synchronous`
+    /// promises it), so that what the caller read may leave the node: a delivery calls it
+    /// before it sends. Immediate where a commit is durable when it returns (PostgreSQL,
+    /// SQLite with `synchronous = normal`); with SQLite's pipelined commit, it waits for the
+    /// syncer (`sqlite::syncer`).
+    async fn until_durable(&self) {}
     /// The highest committed outbox `seq`, 0 when empty.
     async fn last_change_seq(&self) -> Result<ChangeSeq>;
     /// Several versions at once, in no particular order; missing ones are left out, and so

@@ -5,9 +5,10 @@
 //! on a bounded tokio channel and await each job's oneshot answer; the thread blocks on the
 //! channel, takes every job waiting (up to `store.max_batch`), applies each inside its own
 //! savepoint of one `BEGIN IMMEDIATE` transaction, and commits once, calling into SQLite
-//! directly, with no hop to another thread per statement. With `synchronous = FULL` each
-//! commit is one fsync of the WAL, so the cost of durability is shared by every write in the
-//! group: an acknowledged write survives a killed process and a power cut alike. The thread
+//! directly, with no hop to another thread per statement. With `store.synchronous = full`
+//! each group is made durable by one fsync of the WAL on the syncer thread (`syncer`) before
+//! its answers, so the cost of durability is shared by every write in the group: an
+//! acknowledged write survives a killed process and a power cut alike. The thread
 //! is a vital task (`supervise::watch_vital`): if it ends before `close`, the node says so
 //! and stops. `close` closes the queue; the thread finishes what is queued, checkpoints the
 //! WAL and ends, and `close` waits for it.
@@ -111,6 +112,8 @@ pub struct SqliteStore {
     /// The writer's queue depth (every job, the hub's too) and the fan-out lag that client
     /// writes are admitted against.
     pressure: Pressure,
+    /// How far the commits are durable (`store.synchronous = full`; `Store::until_durable`).
+    horizon: Option<Arc<syncer::Horizon>>,
 }
 
 impl SqliteStore {
@@ -159,6 +162,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
         let durability =
             writer::Durability::of(config.synchronous, path, &committed, tx.downgrade())?;
+        let horizon = durability.horizon();
         let max_batch = config.max_batch;
         let closing = CancellationToken::new();
         let ended = writer::start(
@@ -193,6 +197,7 @@ impl SqliteStore {
             closing,
             health,
             pressure: Pressure::new(config.max_queue, config.max_fanout_lag),
+            horizon,
         })
     }
 }
@@ -678,6 +683,12 @@ impl Store for SqliteStore {
         true
     }
 
+    async fn until_durable(&self) {
+        if let Some(horizon) = &self.horizon {
+            horizon.reached().await;
+        }
+    }
+
     // A SQLite database serves one process (`run` opens it for one node), so the leases that
     // share work between nodes are this process's own: granted, and claims are plain reads.
     async fn acquire_lease(&self, _name: &str, _holder: &str, _ttl: Duration) -> Result<bool> {
@@ -775,11 +786,15 @@ mod tests {
     const BASE: &str = "http://baton.test/fhir";
 
     async fn open(dir: &Path) -> SqliteStore {
+        open_with(dir, crate::config::Synchronous::Normal).await
+    }
+
+    async fn open_with(dir: &Path, synchronous: crate::config::Synchronous) -> SqliteStore {
         let config = StoreConfig {
             max_batch: 16,
             read_connections: 2,
             postgres_connections: 1,
-            synchronous: crate::config::Synchronous::Normal,
+            synchronous,
             ..StoreConfig::default()
         };
         SqliteStore::open(
@@ -1068,6 +1083,42 @@ mod tests {
     /// `close` waits for the writer thread, which commits what was queued before it ends;
     /// after it, a write is refused as "cannot write now" rather than lost or hung, and what
     /// was acknowledged is there when the database is opened again.
+    /// With `store.synchronous = full` the hub's own writes (here an audit job, on the hub's
+    /// lane like fan-out chunks and delivery results) commit without a sync on the writer
+    /// thread and are answered by the syncer: once the answer is in, the horizon the
+    /// deliveries wait for (`until_durable`) has passed them, and a Task write's likewise.
+    #[tokio::test]
+    async fn hub_writes_are_answered_once_durable_and_deliveries_wait_for_that() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_with(dir.path(), crate::config::Synchronous::Full).await;
+        assert!(
+            store.horizon.is_some(),
+            "no horizon with synchronous = full"
+        );
+        for round in 0..20 {
+            create(&store, order(&format!("r{round}"))).await;
+            assert!(
+                store.until_durable().now_or_never().is_some(),
+                "a Task write answered before it was durable"
+            );
+            assert!(matches!(
+                store.submit(Work::RecordAudits(Vec::new())).await,
+                Ok(Done::Nothing)
+            ));
+            assert!(
+                store.until_durable().now_or_never().is_some(),
+                "a hub write answered before it was durable"
+            );
+        }
+        store.close().await;
+        // Without the pipelined commit every commit is final when it returns.
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        assert!(store.horizon.is_none());
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn close_drains_the_writer_thread() {
         let dir = tempfile::tempdir().unwrap();

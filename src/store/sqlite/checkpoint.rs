@@ -7,8 +7,8 @@
 //! writer's profile in BENCHMARKS.md, issue 17). The writer now only tells this thread that it
 //! committed; the thread runs a PASSIVE checkpoint (which never blocks the writer or a reader)
 //! at most every `PACE`, on its own connection with the same durability. The writer keeps a
-//! far higher automatic threshold (`WRITER_AUTOCHECKPOINT_PAGES`) as a safety net, should this
-//! thread ever fall behind: the WAL cannot grow without bound either way.
+//! far higher automatic threshold (`WRITER_AUTOCHECKPOINT_PAGES`), which also restarts the
+//! WAL while writes never pause: the WAL cannot grow without bound either way.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -24,9 +24,16 @@ use crate::error::{Error, Result};
 /// How often the checkpointer runs at most: the commits of this long are folded in at once.
 const PACE: Duration = Duration::from_millis(100);
 
-/// The writer's own automatic checkpoint, reached only if the checkpointer falls far behind
-/// (SQLite's default is 1 000 pages).
-pub(super) const WRITER_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+/// The writer's own automatic checkpoint (SQLite's default is 1 000 pages). It is also what
+/// restarts the WAL from its start while writes never pause: SQLite restarts it only when a
+/// write transaction begins with every frame folded in, which a checkpoint on another thread,
+/// racing the writer's next commit, rarely leaves it. That checkpoint runs inside a COMMIT on the writer thread and ends with
+/// an fsync of the database file; beside the websocket fan-out (~6 000 WAL pages a second)
+/// 10 000 pages brought it every 1.3-1.5 s, and every request queued behind it waited 10-60
+/// ms (BENCHMARKS.md, "a Task PUT beside the fan-out", eighth sitting). At 100 000 pages (a
+/// WAL of ~400 MB at most) it comes every ~16 s of such a load, and the checkpointer has
+/// folded in nearly every frame by then, so it copies little.
+pub(super) const WRITER_AUTOCHECKPOINT_PAGES: u32 = 100_000;
 
 /// The checkpointer thread; dropping it stops the thread and waits for it.
 pub(super) struct Checkpointer {

@@ -15,9 +15,10 @@
 //!   after a group's COMMIT returned covers the group's frames and every frame before them.
 //! - **Nothing leaves the node about a change that could still be lost.** A request's answer
 //!   waits for the sync, and so does the outbox's wake-up. The hub's own groups (match chunks,
-//!   delivery results, which deliveries read straight from the database) still commit with
-//!   `synchronous = FULL` on the writer thread (`writer::run_writer`), and their fsync covers
-//!   every earlier frame too, so a notification is only ever sent for a durable change.
+//!   delivery results) are synced here too, and the deliveries, which read what they send
+//!   straight from the database, wait before each send until every group committed before it
+//!   is synced (`Horizon`, `Store::until_durable`): what a notification carries was durable
+//!   when it was read.
 //! - **What another client may read before the sync** is a committed change whose writer has
 //!   not been answered yet; a power loss in that window loses it together with every later
 //!   commit, as the same loss with SQLite's own fsync would have lost it before its answer.
@@ -26,21 +27,71 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::{Notify, mpsc as queue, oneshot};
+use tokio::sync::{Notify, mpsc as queue, oneshot, watch};
 
 use super::writer::{Done, Job, Work};
 use crate::error::{Error, Result};
 
-/// A committed group of requests, waiting for its WAL frames to be synced before its answers.
+/// A committed group, waiting for its WAL frames to be synced before its answers.
 pub(super) struct Committed {
     pub(super) replies: Vec<oneshot::Sender<Result<Done>>>,
     pub(super) outcomes: Vec<Result<Done>>,
     /// Whether the group wrote change events (the outbox is woken once they are durable).
     pub(super) wrote: bool,
+    /// Its number from `Horizon::committing`: once synced, the horizon reaches it.
+    pub(super) number: u64,
+}
+
+/// How far the committed groups are known durable, for readers that must not pass on what a
+/// power cut could still take: the deliveries (`Store::until_durable`). The writer numbers
+/// each group just before its COMMIT, so whatever a reader has seen was committed by a group
+/// numbered at most `committing` as read after it; the syncer moves `synced` to a group's
+/// number once a sync begun after that group's COMMIT has returned.
+pub(crate) struct Horizon {
+    committing: AtomicU64,
+    synced: watch::Sender<u64>,
+}
+
+impl Default for Horizon {
+    fn default() -> Horizon {
+        Horizon {
+            committing: AtomicU64::new(0),
+            synced: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Horizon {
+    /// Numbers the group about to commit.
+    pub(super) fn committing(&self) -> u64 {
+        self.committing.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Every group numbered up to `number` is durable.
+    fn synced_through(&self, number: u64) {
+        self.synced.send_if_modified(|synced| {
+            let moved = number > *synced;
+            *synced = (*synced).max(number);
+            moved
+        });
+    }
+
+    /// Waits until every group committed before this call is durable: what the caller read
+    /// before it may then leave the node.
+    pub(crate) async fn reached(&self) {
+        let target = self.committing.load(Ordering::SeqCst);
+        if *self.synced.borrow() >= target {
+            return;
+        }
+        // The sender lives as long as `self`: the wait ends only by reaching the target (or
+        // with the caller's task, at shutdown).
+        let _ = self.synced.subscribe().wait_for(|s| *s >= target).await;
+    }
 }
 
 /// The syncer thread; dropping it answers every group handed over and waits for the thread.
@@ -48,6 +99,7 @@ pub(super) struct Syncer {
     groups: Option<mpsc::Sender<Committed>>,
     thread: Option<JoinHandle<()>>,
     pending: Arc<Pending>,
+    horizon: Arc<Horizon>,
 }
 
 /// How many groups were handed over and are not answered yet, and whether the writer waits
@@ -122,15 +174,23 @@ impl Syncer {
             writer,
         });
         let answered = pending.clone();
+        let horizon = Arc::new(Horizon::default());
+        let reached = horizon.clone();
         let thread = std::thread::Builder::new()
             .name("baton-sqlite-sync".into())
-            .spawn(move || run(&handed, sync, &committed, &answered))
+            .spawn(move || run(&handed, sync, &committed, &answered, &reached))
             .map_err(|e| Error::internal("starting the SQLite syncer thread failed", e))?;
         Ok(Syncer {
             groups: Some(groups),
             thread: Some(thread),
             pending,
+            horizon,
         })
+    }
+
+    /// How far the groups handed over are durable.
+    pub(super) fn horizon(&self) -> &Arc<Horizon> {
+        &self.horizon
     }
 
     /// Hands over a committed group: it is answered once its frames are synced.
@@ -203,6 +263,7 @@ fn run(
     mut sync: impl FnMut() -> io::Result<()>,
     committed: &Notify,
     pending: &Pending,
+    horizon: &Horizon,
 ) {
     while let Ok(first) = handed.recv() {
         let mut groups = vec![first];
@@ -211,8 +272,13 @@ fn run(
         let started = std::time::Instant::now();
         let synced = sync();
         metrics::histogram!("baton_store_wal_sync_seconds").record(started.elapsed().as_secs_f64());
-        if let Err(e) = &synced {
-            tracing::error!(error = %e, groups = groups.len(), "syncing the WAL failed; the writes of these groups are committed but may not survive a power loss");
+        match &synced {
+            // Handed over in the order numbered: the last is the highest.
+            Ok(()) => horizon.synced_through(groups.iter().map(|g| g.number).max().unwrap_or(0)),
+            // The horizon stays: deliveries wait for a sync that succeeds.
+            Err(e) => {
+                tracing::error!(error = %e, groups = groups.len(), "syncing the WAL failed; the writes of these groups are committed but may not survive a power loss");
+            }
         }
         let mut wrote = false;
         for group in groups {
@@ -274,12 +340,14 @@ mod tests {
         )
     }
 
-    fn group(wrote: bool) -> (Committed, oneshot::Receiver<Result<Done>>) {
+    /// A group as the writer hands it over, numbered on `syncer`'s horizon.
+    fn group(syncer: &Syncer, wrote: bool) -> (Committed, oneshot::Receiver<Result<Done>>) {
         let (reply, answer) = oneshot::channel();
         let group = Committed {
             replies: vec![reply],
             outcomes: vec![Ok(Done::Count(7))],
             wrote,
+            number: syncer.horizon().committing(),
         };
         (group, answer)
     }
@@ -292,10 +360,62 @@ mod tests {
     ) -> (Gate, Syncer, oneshot::Receiver<Result<Done>>) {
         let (gate, sync) = gated();
         let syncer = Syncer::with(sync, committed, writer).unwrap();
-        let (first, answer) = group(true);
+        let (first, answer) = group(&syncer, true);
         syncer.hand_over(first);
         gate.started.recv().unwrap();
         (gate, syncer, answer)
+    }
+
+    /// Whether `Horizon::reached` returns within a moment.
+    async fn reached_now(horizon: &Horizon) -> bool {
+        tokio::time::timeout(std::time::Duration::from_millis(50), horizon.reached())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn the_horizon_is_reached_only_once_every_group_committed_before_is_synced() {
+        let (gate, syncer, answer) = syncing_one(Arc::new(Notify::new()), None);
+        let horizon = syncer.horizon().clone();
+        assert!(
+            !reached_now(&horizon).await,
+            "reached while the group's sync was still running"
+        );
+        // A group numbered during that sync is not covered by it.
+        let (second, second_answer) = group(&syncer, false);
+        gate.release.send(Ok(())).unwrap();
+        assert!(answer.await.unwrap().is_ok());
+        assert!(
+            !reached_now(&horizon).await,
+            "reached before a group committed later was synced"
+        );
+        syncer.hand_over(second);
+        gate.started.recv().unwrap();
+        gate.release.send(Ok(())).unwrap();
+        assert!(second_answer.await.unwrap().is_ok());
+        assert!(reached_now(&horizon).await, "not reached after both syncs");
+        drop(syncer);
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_leaves_the_horizon_until_a_sync_succeeds() {
+        let (gate, syncer, answer) = syncing_one(Arc::new(Notify::new()), None);
+        let horizon = syncer.horizon().clone();
+        gate.release
+            .send(Err(io::Error::other("disk went away")))
+            .unwrap();
+        assert!(answer.await.unwrap().is_err());
+        assert!(
+            !reached_now(&horizon).await,
+            "reached although its sync failed"
+        );
+        let (next, next_answer) = group(&syncer, false);
+        syncer.hand_over(next);
+        gate.started.recv().unwrap();
+        gate.release.send(Ok(())).unwrap();
+        assert!(next_answer.await.unwrap().is_ok());
+        assert!(reached_now(&horizon).await);
+        drop(syncer);
     }
 
     #[tokio::test]
@@ -318,7 +438,7 @@ mod tests {
         let (gate, syncer, first_answer) = syncing_one(Arc::new(Notify::new()), None);
         let answers: Vec<_> = (0..3)
             .map(|_| {
-                let (next, answer) = group(false);
+                let (next, answer) = group(&syncer, false);
                 syncer.hand_over(next);
                 answer
             })

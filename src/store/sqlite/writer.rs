@@ -29,7 +29,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES};
 use super::hub;
-use super::syncer::{Committed, Syncer};
+use super::syncer::{Committed, Horizon, Syncer};
 use super::{BUSY_TIMEOUT, CACHE_SIZE};
 use crate::audit::{AuditRecord, RequestAudit};
 use crate::config::Synchronous;
@@ -120,7 +120,7 @@ pub(super) fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // The checkpointer thread folds the WAL back (`checkpoint`); the writer's own automatic
-    // checkpoint is only a safety net.
+    // checkpoint, far apart, restarts the WAL under writes that never pause.
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
          PRAGMA cache_size = {CACHE_SIZE}; PRAGMA temp_store = memory; PRAGMA foreign_keys = ON;
@@ -135,9 +135,9 @@ pub(super) enum Durability {
     /// `store.synchronous = normal`: no sync at commit (a power loss may take the last
     /// commits, never the database's consistency).
     Normal,
-    /// `store.synchronous = full`: a group of requests is committed without a sync and
-    /// answered by the syncer once its frames are synced (`syncer`); a group with hub work
-    /// commits with SQLite's own sync (`synchronous = FULL`) before anything reads it.
+    /// `store.synchronous = full`: every group is committed without a sync and answered by
+    /// the syncer once its frames are synced (`syncer`); the deliveries, which read the hub's
+    /// writes at once, wait for the same sync before they send (`syncer::Horizon`).
     Pipelined(Syncer),
 }
 
@@ -157,9 +157,12 @@ impl Durability {
         })
     }
 
-    /// Whether a group starting with `first` commits with SQLite's own sync (`FULL`).
-    fn syncs_at_commit(&self, first: Lane) -> bool {
-        matches!((self, first), (Durability::Pipelined(_), Lane::Background))
+    /// How far the committed groups are durable, where that is not at their commit.
+    pub(super) fn horizon(&self) -> Option<Arc<Horizon>> {
+        match self {
+            Durability::Normal => None,
+            Durability::Pipelined(syncer) => Some(syncer.horizon().clone()),
+        }
     }
 }
 
@@ -328,10 +331,11 @@ fn next_lane(
 /// running when it arrived (one chunk of `hub.fanout_chunk` matches, or one batch of delivery
 /// results) and one commit — never for a queue of fan-out work ahead of it.
 ///
-/// With `Durability::Pipelined`, a group that starts with a request holds requests only
-/// (`next_lane`): it commits without a sync and the syncer answers it once its frames are
-/// synced, while this thread runs the next group. A group that starts with hub work commits
-/// with SQLite's sync, since deliveries read what it wrote as soon as it is committed.
+/// With `Durability::Pipelined`, every group commits without a sync and the syncer answers
+/// it once its frames are synced, while this thread runs the next group: a request never
+/// waits on this thread for the fsync of a fan-out chunk or of delivery results. (That sync
+/// once ran here, with SQLite's `synchronous = FULL`, because deliveries read the hub's
+/// writes as soon as they commit; they now wait for the syncer instead, `syncer::Horizon`.)
 fn run_writer(
     mut conn: Connection,
     checkpointer: Checkpointer,
@@ -343,9 +347,12 @@ fn run_writer(
 ) {
     let mut waiting = Waiting::default();
     let mut turn = Lane::Urgent;
-    // Whether the connection's COMMIT syncs (`synchronous = FULL`); it opens with NORMAL
-    // (`connect`).
-    let mut syncs_at_commit = false;
+    // The syncer answers every group (the connection commits with `synchronous = NORMAL`,
+    // `connect`).
+    let syncer = match &durability {
+        Durability::Pipelined(syncer) => Some(syncer),
+        Durability::Normal => None,
+    };
     loop {
         if waiting.is_empty() {
             match jobs.blocking_recv() {
@@ -358,24 +365,6 @@ fn run_writer(
         // The other lane goes first next time, if it has anything waiting.
         turn = first.other();
         let started = std::time::Instant::now();
-        let wanted = durability.syncs_at_commit(first);
-        if wanted != syncs_at_commit {
-            // Between groups, outside any transaction: it applies to the next COMMIT.
-            let pragma = if wanted {
-                "PRAGMA synchronous = FULL"
-            } else {
-                "PRAGMA synchronous = NORMAL"
-            };
-            match execute(&conn, pragma) {
-                Ok(()) => syncs_at_commit = wanted,
-                Err(e) => tracing::error!(error = %e, "setting the writer's synchronous failed"),
-            }
-        }
-        // The syncer answers the group when it commits without a sync.
-        let syncer = match &durability {
-            Durability::Pipelined(syncer) if !syncs_at_commit => Some(syncer),
-            _ => None,
-        };
         let mut group = Group {
             conn: &mut conn,
             jobs: &mut jobs,
@@ -387,12 +376,14 @@ fn run_writer(
             audits: Vec::new(),
             wrote: false,
             lanes: (false, false),
+            number: None,
         };
         let committed_group = group.run(first);
         let Group {
             replies,
             wrote,
             lanes,
+            number,
             ..
         } = group;
         let size = replies.len();
@@ -400,16 +391,17 @@ fn run_writer(
         match committed_group {
             Ok(outcomes) => {
                 checkpointer.committed();
-                match syncer {
-                    Some(syncer) => {
+                match (syncer, number) {
+                    (Some(syncer), Some(number)) => {
                         syncer.hand_over(Committed {
                             replies,
                             outcomes,
                             wrote,
+                            number,
                         });
                         answered_here = false;
                     }
-                    None => {
+                    _ => {
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {
                             let _ = reply.send(outcome);
                         }
@@ -424,6 +416,16 @@ fn run_writer(
                 }
                 for reply in replies {
                     let _ = reply.send(Err(e.for_another_request()));
+                }
+                // A COMMIT that failed after the group was numbered: nothing of it is
+                // visible, but the horizon must still pass its number.
+                if let (Some(syncer), Some(number)) = (syncer, number) {
+                    syncer.hand_over(Committed {
+                        replies: Vec::new(),
+                        outcomes: Vec::new(),
+                        wrote: false,
+                        number,
+                    });
                 }
             }
         }
@@ -458,8 +460,8 @@ struct Group<'a> {
     waiting: &'a mut Waiting,
     base_url: &'a str,
     max_batch: usize,
-    /// The syncer that will answer this group, when it commits without a sync: the group
-    /// stays open for more requests while the syncer is still syncing earlier ones.
+    /// The syncer that will answer this group (`Durability::Pipelined`): a group holding
+    /// requests stays open for more while the syncer is still syncing earlier groups.
     syncer: Option<&'a Syncer>,
     /// Where to answer each job run so far, in order.
     replies: Vec<oneshot::Sender<Result<Done>>>,
@@ -476,6 +478,8 @@ struct Group<'a> {
     wrote: bool,
     /// Whether the group ran a request, and whether it ran a hub job.
     lanes: (bool, bool),
+    /// Its number for the syncer's horizon, taken just before its COMMIT.
+    number: Option<u64>,
 }
 
 impl Group<'_> {
@@ -530,6 +534,9 @@ impl Group<'_> {
             }
         }
         super::tasks::insert_audits(self.conn, &self.audits)?;
+        // Numbered before the COMMIT makes it visible: a reader that saw any of it and then
+        // reads the horizon's count waits for this group's sync (`Horizon::reached`).
+        self.number = self.syncer.map(|s| s.horizon().committing());
         execute(self.conn, "COMMIT")?;
         Ok(outcomes)
     }
