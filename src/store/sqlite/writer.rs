@@ -2,7 +2,8 @@
 //!
 //! The thread (`baton-sqlite-writer`) owns a rusqlite `Connection` and blocks on the job
 //! queue. It runs a group of the jobs waiting (up to `store.max_batch`) in one transaction
-//! (`BEGIN IMMEDIATE`), each inside its own savepoint, and commits once; every statement is a
+//! (`BEGIN IMMEDIATE`), each inside its own savepoint (plain creates queued together share
+//! one, `Group::run_creates`), and commits once; every statement is a
 //! call into SQLite on this thread, with no hand-off to another thread in between. Requests
 //! (Task and subscription writes) go before the hub's bookkeeping and join a group that is
 //! already running (`run_writer`), so a Task write never queues behind the fan-out. Task writes
