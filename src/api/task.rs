@@ -91,14 +91,13 @@ fn version_response(
     prefer: Prefer,
     with_location: bool,
 ) -> Response {
-    let resource = version.resource.clone().unwrap_or(Value::Null);
     respond(
         state,
         status,
         &version.id,
         version.version,
         &version.last_updated,
-        &resource,
+        version.resource.as_ref().unwrap_or(&Value::Null),
         prefer,
         with_location,
     )

@@ -13,6 +13,7 @@
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
 use serde_json::{Map, Number, Value};
 
 /// The deepest nesting of arrays and objects a client document may have.
@@ -115,9 +116,9 @@ pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     .deserialize(&mut deserializer)
     .and_then(|value| deserializer.end().map(|()| value));
     parsed.map_err(|e| match state.refusal.take() {
-        Some(Refusal::Duplicate { key, path }) => JsonError::DuplicateKey {
+        Some(Refusal::Duplicate { key, enclosing }) => JsonError::DuplicateKey {
             key,
-            path,
+            path: path_text(&enclosing),
             line: e.line(),
             column: e.column(),
         },
@@ -180,14 +181,20 @@ pub fn find_path<T>(
 
 /// What went wrong, kept aside because `serde_json` only carries a message string.
 enum Refusal {
-    Duplicate { key: String, path: String },
+    /// `enclosing`: the keys and indexes that lead to the object, innermost first. Each array
+    /// and object adds its own as the error passes back through it (`State::inside`), so that
+    /// a document without a repeated key, the common case, is read without keeping its path
+    /// (a copy of every key of a transaction Bundle, BENCHMARKS.md, issue 17).
+    Duplicate {
+        key: String,
+        enclosing: Vec<Segment>,
+    },
     TooDeep,
 }
 
-/// The path to the value being read, and the refusal once there is one.
+/// The refusal, once there is one.
 #[derive(Default)]
 struct State {
-    path: Vec<Segment>,
     refusal: Option<Refusal>,
 }
 
@@ -197,20 +204,29 @@ enum Segment {
 }
 
 impl State {
-    fn path_text(&self) -> String {
-        let mut out = String::new();
-        for segment in &self.path {
-            match segment {
-                Segment::Key(key) if out.is_empty() => out.push_str(key),
-                Segment::Key(key) => {
-                    out.push('.');
-                    out.push_str(key);
-                }
-                Segment::Index(i) => out.push_str(&format!("[{i}]")),
-            }
+    /// Notes that a repeated key refused below lies inside `segment` of the value being read.
+    fn inside(&mut self, segment: Segment) {
+        if let Some(Refusal::Duplicate { enclosing, .. }) = &mut self.refusal {
+            enclosing.push(segment);
         }
-        out
     }
+}
+
+/// The path the segments lead along, outermost first (`contained[0].meta`); empty for the
+/// top level.
+fn path_text(innermost_first: &[Segment]) -> String {
+    let mut out = String::new();
+    for segment in innermost_first.iter().rev() {
+        match segment {
+            Segment::Key(key) if out.is_empty() => out.push_str(key),
+            Segment::Key(key) => {
+                out.push('.');
+                out.push_str(key);
+            }
+            Segment::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
 }
 
 struct ValueSeed<'s> {
@@ -282,12 +298,17 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
         let depth = self.enter()?;
         let mut items = Vec::new();
         loop {
-            self.state.path.push(Segment::Index(items.len()));
             let item = seq.next_element_seed(ValueSeed {
                 state: &mut *self.state,
                 depth,
-            })?;
-            self.state.path.pop();
+            });
+            let item = match item {
+                Ok(item) => item,
+                Err(e) => {
+                    self.state.inside(Segment::Index(items.len()));
+                    return Err(e);
+                }
+            };
             match item {
                 Some(item) => items.push(item),
                 None => return Ok(Value::Array(items)),
@@ -299,18 +320,29 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
         let depth = self.enter()?;
         let mut map = Map::new();
         while let Some(key) = access.next_key::<String>()? {
-            if map.contains_key(&key) {
-                let path = self.state.path_text();
-                self.state.refusal = Some(Refusal::Duplicate { key, path });
-                return Err(de::Error::custom("duplicate key"));
-            }
-            self.state.path.push(Segment::Key(key.clone()));
+            let slot = match map.entry(key) {
+                Entry::Vacant(slot) => slot,
+                Entry::Occupied(taken) => {
+                    self.state.refusal = Some(Refusal::Duplicate {
+                        key: taken.key().clone(),
+                        enclosing: Vec::new(),
+                    });
+                    return Err(de::Error::custom("duplicate key"));
+                }
+            };
             let value = access.next_value_seed(ValueSeed {
                 state: &mut *self.state,
                 depth,
-            })?;
-            self.state.path.pop();
-            map.insert(key, value);
+            });
+            match value {
+                Ok(value) => {
+                    slot.insert(value);
+                }
+                Err(e) => {
+                    self.state.inside(Segment::Key(slot.key().clone()));
+                    return Err(e);
+                }
+            }
         }
         Ok(Value::Object(map))
     }
@@ -392,6 +424,11 @@ mod tests {
             ),
             (r#"[{"a":1},{"b":{"c":1,"c":1}}]"#, "c", "[1].b"),
             (r#"{"a":{"x":1},"a":{"x":1}}"#, "a", ""),
+            (
+                r#"{"a":[{"b":[1,{"c":{"d":1,"d":2}}]}],"e":1}"#,
+                "d",
+                "a[0].b[1].c",
+            ),
         ];
         for (text, key, path) in cases {
             match parse(text.as_bytes()) {

@@ -23,7 +23,7 @@ mod tables;
 mod walker;
 
 use tables::TASK;
-use walker::{Context, check_json_rules, check_object, element_repeats};
+use walker::{Context, Path, check_json_rules, check_object, element_repeats};
 
 /// `Task.status` codes (http://hl7.org/fhir/task-status, R4 4.0.1).
 pub const TASK_STATUSES: &[&str] = &[
@@ -160,7 +160,8 @@ pub fn validate_task(resource: &Value, base_url: &str) -> Result<()> {
         },
         "Task",
     )?;
-    check_json_rules(resource, "Task")?;
+    let root = Path::Root("Task");
+    check_json_rules(resource, &root)?;
     let contained = task
         .get("contained")
         .and_then(Value::as_array)
@@ -172,7 +173,7 @@ pub fn validate_task(resource: &Value, base_url: &str) -> Result<()> {
         base_url,
         contained,
     };
-    check_object(task, "Task", &TASK, &cx)?;
+    check_object(task, &root, &TASK, &cx)?;
     // Contained resources are not walked element by element, so their strings and
     // narratives are checked here, with the Task's own.
     check_text_content(resource, "Task")
@@ -277,7 +278,8 @@ pub fn is_terminal(status: &str) -> bool {
 }
 
 /// Builds a 400 whose diagnostic starts with the element it is about.
-fn fail(code: IssueCode, path: &str, problem: impl Display) -> Error {
+fn fail(code: IssueCode, path: impl Display, problem: impl Display) -> Error {
+    let path = path.to_string();
     Error::bad_request(code, format!("{path} {problem}")).at(path)
 }
 

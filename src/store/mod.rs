@@ -69,6 +69,15 @@ pub(crate) fn stamp_with(resource: &mut Value, id: &str, version: Version, last_
     set_text(meta, "lastUpdated", last_updated);
 }
 
+/// Sets `meta.lastUpdated` of a resource `stamp_with` has stamped already, as `stamp` would
+/// with the same id and version: a staged create (`write::Staged`) carries its id and first
+/// version from the request's own task, and only its instant is set on the writer.
+pub(crate) fn stamp_instant(resource: &mut Value, now: &StoredInstant) {
+    if let Some(Value::Object(meta)) = resource.get_mut("meta") {
+        set_text(meta, "lastUpdated", now.as_str());
+    }
+}
+
 /// Sets `object[key]` to the string `text`, allocating only what changes.
 fn set_text(object: &mut serde_json::Map<String, Value>, key: &str, text: &str) {
     match object.get_mut(key) {

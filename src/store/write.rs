@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::{
     CurrentTask, Decide, Decision, Interaction, StoredVersion, WriteOutcome, WriteRequest,
 };
-use super::{stamp, stamp_with};
+use super::{stamp, stamp_instant, stamp_with};
 use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::fhir::search::{Predicate, TaskColumns, TaskIndex, index_task, priority_rank};
@@ -217,7 +217,7 @@ impl Staged {
     /// not found exactly once in the text; `put` then does it all itself.
     fn of(id: &TaskId, resource: &mut Value, base_url: &str) -> Option<Staged> {
         stamp_with(resource, id.as_str(), Version::FIRST, LAST_UPDATED_MARK);
-        let text = resource.to_string();
+        let text = compact_text(resource)?;
         let mark_json = serde_json::to_string(LAST_UPDATED_MARK).ok()?;
         let start = text.find(&mark_json)?;
         if text.rfind(&mark_json) != Some(start) {
@@ -836,10 +836,17 @@ fn next_version(
         Interaction::Create
     };
     let now = StoredInstant::now();
-    stamp(&mut resource, id.as_str(), version, &now);
     let (text, index, columns, priority_rank) = match staged.filter(|_| current.is_none()) {
-        Some(staged) => Staged::at(*staged, &now),
-        None => unstaged(&resource, base_url),
+        Some(staged) => {
+            // `Staged::of` stamped this resource with its id and first version already; only
+            // the instant is new (`tests::a_staged_create_stores_what_an_unstaged_one_does`).
+            stamp_instant(&mut resource, &now);
+            Staged::at(*staged, &now)
+        }
+        None => {
+            stamp(&mut resource, id.as_str(), version, &now);
+            unstaged(&resource, base_url)
+        }
     };
     let outcome = WriteOutcome::Written(StoredVersion {
         id: id.clone(),
@@ -868,11 +875,19 @@ fn unstaged(resource: &Value, base_url: &str) -> (String, TaskIndex, TaskColumns
     let whole = index_task(resource, base_url);
     let columns = TaskColumns::from_index(&whole);
     (
-        resource.to_string(),
+        compact_text(resource).unwrap_or_else(|| resource.to_string()),
         columns.rows_beside(&whole),
         columns,
         priority_rank(resource),
     )
+}
+
+/// A resource as compact JSON text, as `Value::to_string` writes it, but straight into a
+/// byte buffer rather than through `fmt::Write`, which cost twice as much on the hot path of
+/// transaction Bundles (BENCHMARKS.md, issue 17, eighth sitting). None only if serialising
+/// fails, which a `Value` does not.
+fn compact_text(resource: &Value) -> Option<String> {
+    serde_json::to_string(resource).ok()
 }
 
 async fn delete<T: TaskTx>(tx: &mut T, current: &CurrentTask) -> Result<WriteOutcome> {

@@ -39,6 +39,7 @@
 //!   Any other resource type is a 400 naming the entry.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -1187,18 +1188,24 @@ fn write_version_entry(
     last_updated: &StoredInstant,
     resource: Option<&Value>,
 ) {
+    // The texts are written in pieces rather than each made with `format!` first: a
+    // `TaskId` is a FHIR id and a `Version` a number, neither of which JSON escapes, so only
+    // the link base goes through `write_json` (its closing quote taken off to go on).
     out.extend_from_slice(br#"{"fullUrl":"#);
-    write_json(out, &format!("{link_base}/Task/{id}"));
+    write_json(out, &link_base);
+    out.pop();
+    out.extend_from_slice(b"/Task/");
+    out.extend_from_slice(id.as_str().as_bytes());
+    out.push(b'"');
     if let Some(resource) = resource {
         out.extend_from_slice(br#","resource":"#);
         write_json(out, resource);
     }
     out.extend_from_slice(br#","response":{"status":"#);
     write_json(out, &status_line(status));
-    out.extend_from_slice(br#","location":"#);
-    write_json(out, &format!("Task/{id}/_history/{version}"));
-    out.extend_from_slice(br#","etag":"#);
-    write_json(out, &format!("W/\"{version}\""));
+    out.extend_from_slice(br#","location":"Task/"#);
+    out.extend_from_slice(id.as_str().as_bytes());
+    let _ = write!(out, r#"/_history/{version}","etag":"W/\"{version}\"""#);
     out.extend_from_slice(br#","lastModified":"#);
     write_json(out, last_updated);
     out.extend_from_slice(b"}}");

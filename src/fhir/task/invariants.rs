@@ -7,13 +7,14 @@ use std::collections::HashSet;
 use serde_json::{Map, Value};
 
 use super::fail;
+use super::walker::Path;
 use crate::error::{IssueCode, Result};
 use crate::fhir::MULTI_FOCUS_EXTENSION;
 use crate::fhir::datetime::{DateKind, parse_range};
 
 /// dom-3: a contained resource exists only to be referenced from its container, so one that
 /// nothing points at (and that does not point back at the container with `#`) is an error.
-pub(super) fn contained_are_referenced(task: &Map<String, Value>, path: &str) -> Result<()> {
+pub(super) fn contained_are_referenced(task: &Map<String, Value>, path: &Path) -> Result<()> {
     let Some(Value::Array(contained)) = task.get("contained") else {
         return Ok(());
     };
@@ -30,7 +31,7 @@ pub(super) fn contained_are_referenced(task: &Map<String, Value>, path: &str) ->
         if !referenced && !inside.contains("#") {
             return Err(fail(
                 IssueCode::Invariant,
-                &format!("{path}.contained[{i}]"),
+                format_args!("{path}.contained[{i}]"),
                 "is not referenced from anywhere in the Task; a contained resource must be \
                  referenced as '#id' or refer to its container as '#' (dom-3)",
             ));
@@ -52,7 +53,7 @@ fn collect_local_references<'v>(value: &'v Value, into: &mut HashSet<&'v str>) {
 
 /// per-1: a period cannot end before it starts. Partial dates are compared as ranges, and only
 /// an end that lies wholly before the start is refused, as FHIRPath leaves the rest undecided.
-pub(super) fn period_ends_after_start(period: &Map<String, Value>, path: &str) -> Result<()> {
+pub(super) fn period_ends_after_start(period: &Map<String, Value>, path: &Path) -> Result<()> {
     let bound = |name: &str| {
         let value = period.get(name)?.as_str()?;
         parse_range(value, DateKind::DateTime).ok()
@@ -62,7 +63,7 @@ pub(super) fn period_ends_after_start(period: &Map<String, Value>, path: &str) -
     {
         return Err(fail(
             IssueCode::Invariant,
-            &format!("{path}.end"),
+            format_args!("{path}.end"),
             "is before the start; a period cannot end before it begins (per-1)",
         ));
     }
@@ -71,7 +72,7 @@ pub(super) fn period_ends_after_start(period: &Map<String, Value>, path: &str) -
 
 /// ext-1: an extension holds either a value or nested extensions, never both and never
 /// neither. Baton's multi-focus extension must hold a reference, since focus search reads it.
-pub(super) fn extension_holds_one_thing(extension: &Map<String, Value>, path: &str) -> Result<()> {
+pub(super) fn extension_holds_one_thing(extension: &Map<String, Value>, path: &Path) -> Result<()> {
     let has_value = extension
         .keys()
         .any(|k| k.trim_start_matches('_').starts_with("value"));
@@ -107,7 +108,7 @@ pub(super) fn extension_holds_one_thing(extension: &Map<String, Value>, path: &s
 }
 
 /// `Annotation.author[x]` is a choice: a reference or a plain name, not both.
-pub(super) fn annotation_has_one_author(note: &Map<String, Value>, path: &str) -> Result<()> {
+pub(super) fn annotation_has_one_author(note: &Map<String, Value>, path: &Path) -> Result<()> {
     if note.contains_key("authorReference") && note.contains_key("authorString") {
         return Err(fail(
             IssueCode::Structure,

@@ -8,6 +8,7 @@ use super::invariants::{
     annotation_has_one_author, contained_are_referenced, extension_holds_one_thing,
     period_ends_after_start,
 };
+use super::walker::Path;
 use super::{
     IDENTIFIER_USES, NARRATIVE_STATUSES, OWNER_TARGETS, PRIORITIES, RECIPIENT_TARGETS,
     REQUESTER_TARGETS, TASK_INTENTS, TASK_STATUSES,
@@ -77,7 +78,7 @@ pub(super) enum ValueChoice {
 }
 
 /// A constraint across the elements of one object, checked after its elements.
-pub(super) type Rule = fn(&Map<String, Value>, &str) -> Result<()>;
+pub(super) type Rule = fn(&Map<String, Value>, &Path) -> Result<()>;
 
 pub(super) struct Complex {
     pub(super) name: &'static str,

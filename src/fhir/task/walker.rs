@@ -3,6 +3,7 @@
 //! kept apart from the tables because it knows no element by name.
 
 use std::collections::HashMap;
+use std::fmt;
 
 use serde_json::{Map, Value};
 
@@ -13,6 +14,36 @@ use super::{CORE_PROFILE_BASE, fail, json_type};
 use crate::error::{IssueCode, Result};
 use crate::fhir::datetime::{DateKind, parse_range};
 use crate::fhir::{ID_RULE, is_valid_id, normalize_reference};
+
+/// Where an element is (`Task.owner.reference`, `Task.input[0]`), written out only when a
+/// check fails: a valid Task, the common case, is walked without building a path for each of
+/// its elements.
+#[derive(Clone, Copy)]
+pub(super) enum Path<'a> {
+    Root(&'a str),
+    Key(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+}
+
+impl Path<'_> {
+    fn key<'k>(&'k self, key: &'k str) -> Path<'k> {
+        Path::Key(self, key)
+    }
+
+    fn index(&self, i: usize) -> Path<'_> {
+        Path::Index(self, i)
+    }
+}
+
+impl fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Path::Root(root) => f.write_str(root),
+            Path::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
 
 /// What the walk needs besides the element being checked.
 pub(super) struct Context<'a> {
@@ -25,7 +56,7 @@ impl<'a> Context<'a> {
     /// The resource type a normalised reference points at, where it can be told without IO:
     /// local `Type/id` references and contained resources. Absolute URLs to other servers and
     /// `urn:` references say nothing reliable about their type.
-    fn referenced_type<'r>(&'r self, reference: &'r str, at: &str) -> Result<Option<&'r str>> {
+    fn referenced_type<'r>(&'r self, reference: &'r str, at: &Path) -> Result<Option<&'r str>> {
         if reference == "#" {
             return Ok(Some("Task"));
         }
@@ -51,7 +82,7 @@ impl<'a> Context<'a> {
 /// The FHIR JSON rules that hold everywhere, contained resources included: no empty strings,
 /// objects or arrays, and no `null` except where it keeps a primitive array aligned with its
 /// `_name` sibling (`"given": ["Jo", null], "_given": [null, {…}]`).
-pub(super) fn check_json_rules(value: &Value, path: &str) -> Result<()> {
+pub(super) fn check_json_rules(value: &Value, path: &Path) -> Result<()> {
     let absent = "FHIR JSON leaves out an element that has no value";
     match value {
         Value::Null => Err(fail(
@@ -77,10 +108,10 @@ pub(super) fn check_json_rules(value: &Value, path: &str) -> Result<()> {
         Value::Array(items) => items
             .iter()
             .enumerate()
-            .try_for_each(|(i, item)| check_json_rules(item, &format!("{path}[{i}]"))),
+            .try_for_each(|(i, item)| check_json_rules(item, &path.index(i))),
         Value::Object(map) => {
             for (key, child) in map {
-                let child_path = format!("{path}.{key}");
+                let child_path = path.key(key);
                 let Value::Array(items) = child else {
                     check_json_rules(child, &child_path)?;
                     continue;
@@ -99,7 +130,7 @@ pub(super) fn check_json_rules(value: &Value, path: &str) -> Result<()> {
                 {
                     return Err(fail(
                         IssueCode::Structure,
-                        &child_path,
+                        child_path,
                         format_args!(
                             "has {} items but {path}.{partner_key} has {}; a primitive array and \
                              its `_` sibling line up item by item",
@@ -114,7 +145,7 @@ pub(super) fn check_json_rules(value: &Value, path: &str) -> Result<()> {
                             .and_then(|p| p.get(i))
                             .is_some_and(|other| !other.is_null());
                     if !keeps_alignment {
-                        check_json_rules(item, &format!("{child_path}[{i}]"))?;
+                        check_json_rules(item, &child_path.index(i))?;
                     }
                 }
             }
@@ -158,19 +189,19 @@ pub(super) fn element_repeats(names: &[&str]) -> Option<bool> {
 
 pub(super) fn check_object(
     map: &Map<String, Value>,
-    path: &str,
+    path: &Path,
     def: &Complex,
     cx: &Context,
 ) -> Result<()> {
     let mut choices: Vec<&str> = Vec::new();
     for (key, value) in map {
-        let key_path = format!("{path}.{key}");
+        let key_path = path.key(key);
         let sibling_of = key.strip_prefix('_');
         let name = sibling_of.unwrap_or(key);
         let Some((card, kind, is_choice)) = lookup(def, name) else {
             return Err(fail(
                 IssueCode::Structure,
-                &key_path,
+                key_path,
                 format_args!("is not an element of {} in FHIR R4", def.name),
             ));
         };
@@ -192,7 +223,7 @@ pub(super) fn check_object(
             (Some(_), _) => {
                 return Err(fail(
                     IssueCode::Structure,
-                    &key_path,
+                    key_path,
                     format_args!(
                         "is not allowed: only primitive elements have a `_` sibling, and \
                          {path}.{name} is not a primitive"
@@ -205,7 +236,7 @@ pub(super) fn check_object(
         if field.card == Card::Required && !map.contains_key(field.name) {
             return Err(fail(
                 IssueCode::Required,
-                &format!("{path}.{}", field.name),
+                path.key(field.name),
                 "is required",
             ));
         }
@@ -223,7 +254,7 @@ pub(super) fn check_object(
     if def.value == ValueChoice::Required && choices.is_empty() {
         return Err(fail(
             IssueCode::Required,
-            &format!("{path}.value[x]"),
+            path.key("value[x]"),
             "is required (valueString, valueReference, …)",
         ));
     }
@@ -234,14 +265,14 @@ pub(super) fn check_object(
 }
 
 /// Checks an element's JSON shape against its cardinality, then each item against its type.
-fn check_value(value: &Value, card: Card, kind: Kind, path: &str, cx: &Context) -> Result<()> {
+fn check_value(value: &Value, card: Card, kind: Kind, path: &Path, cx: &Context) -> Result<()> {
     match (card, value) {
         (Card::Many, Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 // The JSON rules have already admitted this null: it keeps a primitive array
                 // aligned with its `_name` sibling.
                 if !item.is_null() {
-                    check_kind(item, kind, &format!("{path}[{i}]"), cx)?;
+                    check_kind(item, kind, &path.index(i), cx)?;
                 }
             }
             Ok(())
@@ -263,7 +294,7 @@ fn check_value(value: &Value, card: Card, kind: Kind, path: &str, cx: &Context) 
     }
 }
 
-fn check_kind(value: &Value, kind: Kind, path: &str, cx: &Context) -> Result<()> {
+fn check_kind(value: &Value, kind: Kind, path: &Path, cx: &Context) -> Result<()> {
     match kind {
         Kind::ResourceType => expect_string(value, path).map(drop),
         Kind::Primitive(primitive) => check_primitive(value, primitive, path),
@@ -278,7 +309,7 @@ fn check_kind(value: &Value, kind: Kind, path: &str, cx: &Context) -> Result<()>
     }
 }
 
-fn expect_object<'v>(value: &'v Value, path: &str, what: &str) -> Result<&'v Map<String, Value>> {
+fn expect_object<'v>(value: &'v Value, path: &Path, what: &str) -> Result<&'v Map<String, Value>> {
     value.as_object().ok_or_else(|| {
         fail(
             IssueCode::Structure,
@@ -291,7 +322,7 @@ fn expect_object<'v>(value: &'v Value, path: &str, what: &str) -> Result<&'v Map
     })
 }
 
-fn expect_string<'v>(value: &'v Value, path: &str) -> Result<&'v str> {
+fn expect_string<'v>(value: &'v Value, path: &Path) -> Result<&'v str> {
     value.as_str().ok_or_else(|| {
         fail(
             IssueCode::Structure,
@@ -301,7 +332,7 @@ fn expect_string<'v>(value: &'v Value, path: &str) -> Result<&'v str> {
     })
 }
 
-fn check_primitive(value: &Value, primitive: Primitive, path: &str) -> Result<()> {
+fn check_primitive(value: &Value, primitive: Primitive, path: &Path) -> Result<()> {
     let wrong_type = |expected: &str| {
         fail(
             IssueCode::Structure,
@@ -332,7 +363,7 @@ fn check_primitive(value: &Value, primitive: Primitive, path: &str) -> Result<()
 }
 
 /// Checks the lexical form of a primitive written as a JSON string.
-fn check_text(value: &str, kind: Text, path: &str) -> Result<()> {
+fn check_text(value: &str, kind: Text, path: &Path) -> Result<()> {
     let problem = match kind {
         Text::String => None,
         Text::Code(_) if !is_code(value) => Some(format!(
@@ -395,7 +426,7 @@ fn xhtml_problem(div: &str) -> Option<String> {
 /// the element allows and agrees with `Reference.type`.
 fn check_reference(
     map: &Map<String, Value>,
-    path: &str,
+    path: &Path,
     targets: &[&str],
     cx: &Context,
 ) -> Result<()> {
@@ -403,12 +434,12 @@ fn check_reference(
         .get("type")
         .and_then(Value::as_str)
         .map(|t| t.strip_prefix(CORE_PROFILE_BASE).unwrap_or(t));
-    let reference_path = format!("{path}.reference");
+    let reference_path = path.key("reference");
     let normalized = match map.get("reference").and_then(Value::as_str) {
         Some(text) => Some(normalize_reference(text, cx.base_url).ok_or_else(|| {
             fail(
                 IssueCode::Value,
-                &reference_path,
+                reference_path,
                 format_args!(
                     "'{text}' is not a valid reference: use Type/id, an absolute URL, \
                      urn:uuid:, urn:oid: or #contained-id"
@@ -426,13 +457,13 @@ fn check_reference(
     {
         return Err(fail(
             IssueCode::Value,
-            &format!("{path}.type"),
+            path.key("type"),
             format_args!("is '{declared}', but the reference points at a {named}"),
         ));
     }
     let (actual, actual_path) = match (named, declared) {
         (Some(named), _) => (named, reference_path),
-        (None, Some(declared)) => (declared, format!("{path}.type")),
+        (None, Some(declared)) => (declared, path.key("type")),
         (None, None) => return Ok(()),
     };
     if targets.is_empty() || targets.contains(&actual) {
@@ -440,7 +471,7 @@ fn check_reference(
     }
     Err(fail(
         IssueCode::Value,
-        &actual_path,
+        actual_path,
         format_args!(
             "points at a {actual}, but {path} may only reference {}",
             targets.join(", ")
@@ -450,12 +481,12 @@ fn check_reference(
 
 /// A contained resource is checked for what the container can vouch for; its own elements
 /// are only held to the generic JSON rules.
-fn check_contained(resource: &Map<String, Value>, path: &str) -> Result<()> {
-    let type_path = format!("{path}.resourceType");
+fn check_contained(resource: &Map<String, Value>, path: &Path) -> Result<()> {
+    let type_path = path.key("resourceType");
     let Some(kind) = resource.get("resourceType") else {
         return Err(fail(
             IssueCode::Required,
-            &type_path,
+            type_path,
             "is required: a contained resource names its type",
         ));
     };
@@ -465,21 +496,18 @@ fn check_contained(resource: &Map<String, Value>, path: &str) -> Result<()> {
     if !is_type_name {
         return Err(fail(
             IssueCode::Value,
-            &type_path,
+            type_path,
             format_args!("'{kind}' is not a resource type name"),
         ));
     }
     if let Some(id) = resource.get("id") {
-        check_text(
-            expect_string(id, &format!("{path}.id"))?,
-            Text::Id,
-            &format!("{path}.id"),
-        )?;
+        let id_path = path.key("id");
+        check_text(expect_string(id, &id_path)?, Text::Id, &id_path)?;
     }
     if resource.contains_key("contained") {
         return Err(fail(
             IssueCode::Invariant,
-            &format!("{path}.contained"),
+            path.key("contained"),
             "is not allowed: a contained resource cannot contain resources itself (dom-2)",
         ));
     }
@@ -488,7 +516,7 @@ fn check_contained(resource: &Map<String, Value>, path: &str) -> Result<()> {
     {
         return Err(fail(
             IssueCode::Invariant,
-            &format!("{path}.meta"),
+            path.key("meta"),
             "must not carry versionId or lastUpdated: a contained resource has no version of \
              its own (dom-4)",
         ));

@@ -607,13 +607,24 @@ fn a_staged_create_stores_what_an_unstaged_one_does() {
         let mut resource = task.clone();
         let staged = Staged::of(&id, &mut resource, BASE).expect("the mark occurs once");
         let now = StoredInstant::now();
-        stamp(&mut resource, id.as_str(), Version::FIRST, &now);
+        // What the writer does to a staged create's resource: only its instant is new.
+        stamp_instant(&mut resource, &now);
         let mut expected = task.clone();
         stamp(&mut expected, id.as_str(), Version::FIRST, &now);
         assert_eq!(resource, expected);
+        assert_eq!(
+            resource.to_string(),
+            expected.to_string(),
+            "key order included"
+        );
         let (text, rows, columns, rank) = staged.at(&now);
         let (want_text, want_rows, want_columns, want_rank) = unstaged(&expected, BASE);
         assert_eq!(text, want_text);
+        assert_eq!(
+            text,
+            expected.to_string(),
+            "the text `Value::to_string` writes"
+        );
         assert_eq!(rows, want_rows);
         // The row's own instant, never an index row (`fhir::search::ON_THE_ROW`).
         assert!(!rows.dates.iter().any(|d| d.param == "_lastUpdated"));
