@@ -933,6 +933,7 @@ mod tests {
             audits: Vec::new(),
             wrote: false,
             lanes: (false, false),
+            number: None,
         };
         let outcomes = group.run(Lane::Urgent).expect("the group commits");
         assert!(group.wrote);
