@@ -1222,6 +1222,10 @@ mod tests {
             ),
             (|c| c.cluster.lease_seconds = 1, "cluster.lease_seconds"),
             (
+                |c| c.store.postgres_group_writers = 0,
+                "BATON_STORE__POSTGRES_GROUP_WRITERS",
+            ),
+            (
                 |c| c.cluster.redis_prefix = "a b".into(),
                 "cluster.redis_prefix",
             ),
