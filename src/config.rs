@@ -476,12 +476,16 @@ pub enum DefaultTotal {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Most writes committed together in one transaction (group commit).
+    /// Most writes committed together in one transaction (group commit; on PostgreSQL, the
+    /// most plain Task writes of one group statement).
     pub max_batch: usize,
     /// Connections used for reads and searches (SQLite).
     pub read_connections: u32,
     /// Size of the connection pool shared by reads and writes (PostgreSQL).
     pub postgres_connections: u32,
+    /// Connections, beside `postgres_connections`, each writing the plain Task creates and
+    /// changes waiting for it as one statement (PostgreSQL; at most `max_batch` at a time).
+    pub postgres_group_writers: u32,
     /// PostgreSQL cancels any statement of the serving pool that runs longer, in seconds.
     pub statement_timeout_seconds: u64,
     /// SQLite durability: `full` fsyncs the WAL at every commit (an acknowledged write
@@ -708,6 +712,7 @@ impl Default for StoreConfig {
             max_batch: 256,
             read_connections: 8,
             postgres_connections: 16,
+            postgres_group_writers: 2,
             statement_timeout_seconds: 30,
             synchronous: Synchronous::Full,
             max_queue: 4096,
@@ -880,6 +885,12 @@ impl Config {
         if self.store.postgres_connections < 2 {
             return Err(ConfigError(
                 "store.postgres_connections must be at least 2 (BATON_STORE__POSTGRES_CONNECTIONS)"
+                    .into(),
+            ));
+        }
+        if self.store.postgres_group_writers == 0 {
+            return Err(ConfigError(
+                "store.postgres_group_writers must be at least 1 (BATON_STORE__POSTGRES_GROUP_WRITERS)"
                     .into(),
             ));
         }
@@ -1210,6 +1221,10 @@ mod tests {
                 "postgres://",
             ),
             (|c| c.cluster.lease_seconds = 1, "cluster.lease_seconds"),
+            (
+                |c| c.store.postgres_group_writers = 0,
+                "BATON_STORE__POSTGRES_GROUP_WRITERS",
+            ),
             (
                 |c| c.cluster.redis_prefix = "a b".into(),
                 "cluster.redis_prefix",

@@ -246,6 +246,11 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
         "PostgreSQL Task changes written in a transaction that locks the Task: those with effects on other Tasks, deletes, and those whose Task changed between the unlocked read and the write.",
     ),
     (
+        Kind::Counter,
+        "baton_store_put_groups_split_total",
+        "PostgreSQL groups of plain Task writes the server refused as a whole (e.g. two writes to one Task), written again one write at a time.",
+    ),
+    (
         Kind::Histogram,
         "baton_store_write_wait_seconds",
         "Time from queueing a write for the SQLite writer to its answer (after its group's commit, and with store.synchronous = full after the WAL sync), by lane (request: Task and Subscription writes; hub: fan-out chunks, delivery results, audits).",

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 // Every dynamic statement here is assembled from fixed fragments; values are always bound.
-use sqlx::{AssertSqlSafe, Connection, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use tokio::sync::Notify;
 
 use super::hub_sql;
@@ -56,6 +56,7 @@ use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
 use crate::fhir::search::Predicate;
 
+mod groups;
 mod hub;
 mod subscriptions;
 mod tasks;
@@ -64,6 +65,9 @@ mod tests;
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// The connections of the group writers (`groups`), apart from the serving pool.
+    group_pool: PgPool,
+    groups: groups::PutGroups,
     base_url: String,
     committed: Arc<Notify>,
     /// The client writes in flight on this node and the fan-out lag they are admitted
@@ -105,9 +109,23 @@ impl PostgresStore {
             // A request waits this long for a free connection, then fails rather than queueing
             // without bound behind a saturated pool.
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
+            .await?;
+        // The group statement's arrays change length with every group; a custom plan, made
+        // for each execution by default while it looks cheaper, would plan it every time
+        // (BENCHMARKS.md: h/pg2's planning trap). Its generic plan does as well for any size.
+        let group_pool = PgPoolOptions::new()
+            .max_connections(config.postgres_group_writers)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.options([("plan_cache_mode", "force_generic_plan")]))
             .await?;
         Ok(PostgresStore {
+            groups: groups::PutGroups::start(
+                group_pool.clone(),
+                config.postgres_group_writers,
+                config.max_batch,
+            ),
+            group_pool,
             pool,
             base_url: base_url.to_string(),
             committed,
@@ -211,20 +229,25 @@ impl Store for PostgresStore {
         };
         let started = Instant::now();
         // A write that is one statement is atomic on its own: it needs no transaction, and no
-        // BEGIN and COMMIT round trips. A change is first tried as a read and one such
-        // statement that writes only if the Task is still as read (two round trips); what
-        // that cannot settle reads and locks before it writes, in a transaction.
-        let mut conn = self.pool.acquire().await?;
+        // BEGIN and COMMIT round trips, and it is written with the others waiting beside it
+        // (`groups`). A change is first tried as a read and one such statement that writes
+        // only if the Task is still as read; what that cannot settle reads and locks before
+        // it writes, in a transaction.
         let result = if write::is_single_put(&write) {
-            write::apply(&mut *conn, write, &self.base_url).await
+            let mut grouped = groups::Grouped::new(&self.pool, &self.groups);
+            write::apply(&mut grouped, write, &self.base_url).await
         } else {
-            match write::try_unlocked(&mut *conn, write, &self.base_url).await {
+            let attempt = {
+                let mut grouped = groups::Grouped::new(&self.pool, &self.groups);
+                write::try_unlocked(&mut grouped, write, &self.base_url).await
+            };
+            match attempt {
                 Ok(Attempt::Answered(outcome)) => Ok(outcome),
                 Ok(Attempt::Locked(write)) => {
                     if matches!(write, TaskWrite::Change { .. }) {
                         metrics::counter!("baton_store_locked_changes_total").increment(1);
                     }
-                    let mut tx = conn.begin().await?;
+                    let mut tx = self.pool.begin().await?;
                     let result = write::apply(&mut *tx, write, &self.base_url).await;
                     finish(tx, result).await
                 }
@@ -688,8 +711,9 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         // Every write is its own transaction, finished before its caller returns: closing the
-        // pool waits for the connections in use and closes them all.
+        // pools waits for the connections in use and closes them all.
         self.pool.close().await;
+        self.group_pool.close().await;
     }
 }
 

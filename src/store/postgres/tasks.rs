@@ -13,7 +13,7 @@ use super::pg_text;
 use crate::audit::AuditRecord;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
-use crate::fhir::search::Predicate;
+use crate::fhir::search::{Predicate, TaskColumns, TaskIndex};
 use crate::store::rows::{CURRENT_COLUMNS, current_from_row};
 use crate::store::search_sql::{Placeholder, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx, UnlockedChange};
@@ -161,14 +161,12 @@ impl TaskTx for PgConnection {
         if self.put_version_if_unchanged(v).await? {
             Ok(())
         } else {
-            Err(Error::conflict(format!(
-                "Task/{} was written concurrently with this request; retry the request",
-                v.id
-            )))
+            Err(written_concurrently(v.id))
         }
     }
 
     async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
+        let audit = audit_of(d.id, d.version, Interaction::Delete, d.last_updated);
         sqlx::query(DELETE_TASK)
             .bind(d.id)
             .bind(d.version)
@@ -176,12 +174,7 @@ impl TaskTx for PgConnection {
             .bind(d.previous_version)
             .bind(Interaction::Delete.as_str())
             .bind(current_trace().map(|t| t.header()))
-            .bind_audit(audit_of(
-                d.id,
-                d.version,
-                Interaction::Delete,
-                d.last_updated,
-            ))
+            .bind_audit(audit.as_ref())
             .execute(&mut *self)
             .await?;
         Ok(())
@@ -195,49 +188,98 @@ impl UnlockedChange for PgConnection {
 
     /// `PUT_TASK`, alone: atomic without a transaction around it.
     async fn put_version_if_unchanged(&mut self, v: &NewVersion<'_>) -> Result<bool> {
-        let token_params: Vec<&str> = v.index.tokens.iter().map(|t| t.param).collect();
-        let token_systems: Vec<Option<Cow<str>>> = v
-            .index
-            .tokens
-            .iter()
-            .map(|t| t.system.as_deref().map(pg_text))
-            .collect();
-        let token_values: Vec<Cow<str>> =
-            v.index.tokens.iter().map(|t| pg_text(&t.value)).collect();
-        let date_params: Vec<&str> = v.index.dates.iter().map(|d| d.param).collect();
-        let date_starts: Vec<&str> = v.index.dates.iter().map(|d| d.start.as_str()).collect();
-        let date_ends: Vec<&str> = v.index.dates.iter().map(|d| d.end.as_str()).collect();
-        let c = v.columns;
-        let done = sqlx::query(PUT_TASK)
-            .bind(v.id)
-            .bind(v.version)
-            .bind(v.last_updated)
-            .bind(v.priority_rank)
-            .bind(v.text)
-            .bind(v.interaction.as_str())
-            // A Task that never existed has no index rows to clear.
-            .bind(v.existed)
-            .bind(&token_params)
-            .bind(&token_systems)
-            .bind(&token_values)
-            .bind(&date_params)
-            .bind(&date_starts)
-            .bind(&date_ends)
-            .bind(v.previous_version)
-            .bind(c.status.as_deref().map(pg_text))
-            .bind(c.owner.as_deref().map(pg_text))
-            .bind(c.performer.as_deref().map(pg_text))
-            .bind(c.performer_system.as_deref().map(pg_text))
-            .bind(c.due_start.as_deref())
-            .bind(c.due_end.as_deref())
-            .bind(c.authored_on.as_deref())
-            .bind(current_trace().map(|t| t.header()))
-            .bind_audit(audit_of(v.id, v.version, v.interaction, v.last_updated))
-            .execute(&mut *self)
-            .await?;
-        // The change event, the statement's own row, is written exactly when the rest is.
-        Ok(done.rows_affected() == 1)
+        put_one(self, &Put::of(v)).await
     }
+}
+
+/// A Task version to write, owned, so that it can wait for a group (`groups`): what
+/// `NewVersion` borrows, with the request's trace and AuditEvent, which are the request's
+/// task-local state, taken where the request runs.
+pub(super) struct Put {
+    pub id: TaskId,
+    pub version: Version,
+    pub previous_version: Option<Version>,
+    pub interaction: Interaction,
+    pub last_updated: StoredInstant,
+    pub text: String,
+    pub priority_rank: i64,
+    pub index: TaskIndex,
+    pub columns: TaskColumns,
+    pub existed: bool,
+    pub trace: Option<String>,
+    pub audit: Option<AuditRecord>,
+}
+
+impl Put {
+    pub(super) fn of(v: &NewVersion<'_>) -> Put {
+        Put {
+            id: v.id.clone(),
+            version: v.version,
+            previous_version: v.previous_version,
+            interaction: v.interaction,
+            last_updated: v.last_updated.clone(),
+            text: v.text.to_string(),
+            priority_rank: v.priority_rank,
+            index: v.index.clone(),
+            columns: v.columns.clone(),
+            existed: v.existed,
+            trace: current_trace().map(|t| t.header()),
+            audit: audit_of(v.id, v.version, v.interaction, v.last_updated),
+        }
+    }
+}
+
+/// Writes `put` with `PUT_TASK`: false, and nothing written, when the Task is no longer at the
+/// version before it.
+pub(super) async fn put_one(conn: &mut PgConnection, put: &Put) -> Result<bool> {
+    let token_params: Vec<&str> = put.index.tokens.iter().map(|t| t.param).collect();
+    let token_systems: Vec<Option<Cow<str>>> = put
+        .index
+        .tokens
+        .iter()
+        .map(|t| t.system.as_deref().map(pg_text))
+        .collect();
+    let token_values: Vec<Cow<str>> = put.index.tokens.iter().map(|t| pg_text(&t.value)).collect();
+    let date_params: Vec<&str> = put.index.dates.iter().map(|d| d.param).collect();
+    let date_starts: Vec<&str> = put.index.dates.iter().map(|d| d.start.as_str()).collect();
+    let date_ends: Vec<&str> = put.index.dates.iter().map(|d| d.end.as_str()).collect();
+    let c = &put.columns;
+    let done = sqlx::query(PUT_TASK)
+        .bind(&put.id)
+        .bind(put.version)
+        .bind(&put.last_updated)
+        .bind(put.priority_rank)
+        .bind(&put.text)
+        .bind(put.interaction.as_str())
+        // A Task that never existed has no index rows to clear.
+        .bind(put.existed)
+        .bind(&token_params)
+        .bind(&token_systems)
+        .bind(&token_values)
+        .bind(&date_params)
+        .bind(&date_starts)
+        .bind(&date_ends)
+        .bind(put.previous_version)
+        .bind(c.status.as_deref().map(pg_text))
+        .bind(c.owner.as_deref().map(pg_text))
+        .bind(c.performer.as_deref().map(pg_text))
+        .bind(c.performer_system.as_deref().map(pg_text))
+        .bind(c.due_start.as_deref())
+        .bind(c.due_end.as_deref())
+        .bind(c.authored_on.as_deref())
+        .bind(put.trace.as_deref())
+        .bind_audit(put.audit.as_ref())
+        .execute(conn)
+        .await?;
+    // The change event, the statement's own row, is written exactly when the rest is.
+    Ok(done.rows_affected() == 1)
+}
+
+/// The answer to a put whose Task moved on before it was written.
+pub(super) fn written_concurrently(id: &TaskId) -> Error {
+    Error::conflict(format!(
+        "Task/{id} was written concurrently with this request; retry the request"
+    ))
 }
 
 /// The AuditEvent of a Task version, when the request writing it is audited.
@@ -251,19 +293,19 @@ fn audit_of(
 }
 
 /// Binds an AuditEvent's columns (all NULL when there is none, and nothing is inserted).
-trait BindAudit {
-    fn bind_audit(self, record: Option<AuditRecord>) -> Self;
+trait BindAudit<'q> {
+    fn bind_audit(self, record: Option<&'q AuditRecord>) -> Self;
 }
 
-impl<'q> BindAudit for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    fn bind_audit(self, record: Option<AuditRecord>) -> Self {
+impl<'q> BindAudit<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_audit(self, record: Option<&'q AuditRecord>) -> Self {
         match record {
             Some(r) => self
-                .bind(r.subtype)
+                .bind(r.subtype.as_str())
                 .bind(r.outcome)
-                .bind(r.agent)
-                .bind(r.entity)
-                .bind(r.facts),
+                .bind(r.agent.as_deref())
+                .bind(r.entity.as_deref())
+                .bind(r.facts.as_str()),
             None => self
                 .bind(None::<String>)
                 .bind(None::<String>)

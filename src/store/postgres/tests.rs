@@ -1657,3 +1657,190 @@ async fn start_up_puts_in_force_what_one_by_one_does() {
     crate::hub::start_up_puts_in_force_what_one_by_one_does(store.clone(), clear_forms).await;
     store.close().await;
 }
+
+/// A put as a group writer receives it: version `version` of Task `id` made of `resource`
+/// (the one before it being `previous`), with an AuditEvent.
+fn put_of(id: &TaskId, version: i64, previous: Option<i64>, resource: &Value) -> super::tasks::Put {
+    let whole = crate::fhir::search::index_task(resource, BASE);
+    let columns = crate::fhir::search::TaskColumns::from_index(&whole);
+    let index = columns.rows_beside(&whole);
+    let now = StoredInstant::now();
+    let text = resource.to_string();
+    let interaction = if previous.is_some() {
+        Interaction::Update
+    } else {
+        Interaction::Create
+    };
+    let mut put = super::tasks::Put::of(&crate::store::write::NewVersion {
+        id,
+        version: v(version),
+        previous_version: previous.map(v),
+        interaction,
+        last_updated: &now,
+        text: &text,
+        priority_rank: 0,
+        index: &index,
+        columns: &columns,
+        existed: previous.is_some(),
+    });
+    put.audit = Some(crate::audit::AuditRecord {
+        type_code: "rest",
+        recorded: now,
+        subtype: interaction.as_str().into(),
+        outcome: "0",
+        agent: Some("Practitioner/p".into()),
+        entity: Some(format!("Task/{id}")),
+        facts: "{}".into(),
+    });
+    put
+}
+
+fn answered(results: Vec<Result<bool>>) -> Vec<bool> {
+    results
+        .into_iter()
+        .map(|r| r.expect("a put answered"))
+        .collect()
+}
+
+/// One group statement writes each of its puts only over the version before it, each alone:
+/// a stale put beside others writes nothing (no history, index, event or AuditEvent), the
+/// others are written whole, an update's old index rows replaced, and their change events
+/// follow the group's order.
+#[tokio::test]
+async fn a_group_writes_each_put_over_the_version_before_it_alone() {
+    let db = test_db!();
+    let store = db.open().await;
+    let stale = create(&store, task("requested")).await;
+    let mut before = task("requested");
+    before["identifier"] = json!([{ "system": "urn:ids", "value": "old" }]);
+    let changed = create(&store, before).await;
+    let (first, second) = (TaskId::generate(), TaskId::generate());
+    let mut update = task("in-progress");
+    update["identifier"] = json!([{ "system": "urn:ids", "value": "new" }]);
+    let mut dated = task("in-progress");
+    dated["authoredOn"] = json!("2024-01-01");
+    dated["identifier"] = json!([{ "system": "urn:ids", "value": "d" }]);
+    let last = |table: &'static str| {
+        let pool = store.pool.clone();
+        async move {
+            let sql = format!("SELECT coalesce(max(seq), 0) FROM {table}");
+            let seq: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            seq
+        }
+    };
+    let (changes_before, audits_before) = (last("change_event").await, last("audit_event").await);
+
+    let results = super::groups::write_now(
+        &store.group_pool,
+        vec![
+            put_of(&first, 1, None, &task("requested")),
+            put_of(&stale, 3, Some(2), &task("completed")),
+            put_of(&changed, 2, Some(1), &update),
+            put_of(&second, 1, None, &dated),
+        ],
+    )
+    .await;
+    assert_eq!(answered(results), [true, false, true, true]);
+
+    let rows = task_rows(&db, &stale).await;
+    assert_eq!(rows.task, (1, 0));
+    assert_eq!(rows.versions, [(1, "create".into(), true)]);
+    assert_eq!(rows.changes, [(1, None, "create".into())]);
+    assert_eq!(rows.columns.status.as_deref(), Some("requested"));
+    let rows = task_rows(&db, &changed).await;
+    assert_eq!(rows.task, (2, 0));
+    assert_eq!(rows.versions.len(), 2);
+    assert_eq!(rows.changes[1], (2, Some(1), "update".into()));
+    assert_eq!((rows.tokens, rows.dates), expected_index(&update));
+    assert_eq!(rows.columns.status.as_deref(), Some("in-progress"));
+    for (id, resource) in [(&first, task("requested")), (&second, dated)] {
+        let rows = task_rows(&db, id).await;
+        assert_eq!(rows.task, (1, 0));
+        assert_eq!(rows.versions, [(1, "create".into(), true)]);
+        assert_eq!(rows.changes, [(1, None, "create".into())]);
+        assert_eq!((rows.tokens, rows.dates), expected_index(&resource));
+    }
+    let order: Vec<String> =
+        sqlx::query_scalar("SELECT resource_id FROM change_event WHERE seq > $1 ORDER BY seq")
+            .bind(changes_before)
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+    assert_eq!(order, [first.as_str(), changed.as_str(), second.as_str()]);
+    let audits: Vec<String> =
+        sqlx::query_scalar("SELECT entity FROM audit_event WHERE seq > $1 ORDER BY seq")
+            .bind(audits_before)
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        audits,
+        [first.as_str(), changed.as_str(), second.as_str()].map(|id| format!("Task/{id}"))
+    );
+}
+
+/// Two puts to one id cannot be one upsert: the group is written one put at a time, and the
+/// second, no longer over the version before it, is answered false with nothing written.
+#[tokio::test]
+async fn a_group_with_two_puts_to_one_id_is_written_one_by_one() {
+    let db = test_db!();
+    let store = db.open().await;
+    let (twice, other) = (TaskId::generate(), TaskId::generate());
+    let results = super::groups::write_now(
+        &store.group_pool,
+        vec![
+            put_of(&twice, 1, None, &task("requested")),
+            put_of(&other, 1, None, &task("requested")),
+            put_of(&twice, 1, None, &task("accepted")),
+        ],
+    )
+    .await;
+    assert_eq!(answered(results), [true, true, false]);
+    let rows = task_rows(&db, &twice).await;
+    assert_eq!(rows.versions, [(1, "create".into(), true)]);
+    assert_eq!(rows.changes, [(1, None, "create".into())]);
+    assert_eq!(rows.columns.status.as_deref(), Some("requested"));
+    assert_eq!(task_rows(&db, &other).await.versions.len(), 1);
+}
+
+/// Creates and changes of many Tasks at once, as a busy node receives them (written in
+/// groups): every one is written, each Task ends with exactly its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_and_changes_of_many_tasks_are_each_written() {
+    let db = test_db!();
+    let store = db.open().await;
+    let creates = (0..48).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { create(&store, task("requested")).await })
+    });
+    let mut ids = Vec::new();
+    for created in creates {
+        ids.push(created.await.unwrap());
+    }
+    let changes = ids.iter().map(|id| {
+        let (store, id) = (store.clone(), id.clone());
+        tokio::spawn(async move {
+            written(
+                change(&store, &id, |c| append_if_match(c, Some(1), "x"))
+                    .await
+                    .unwrap(),
+            )
+        })
+    });
+    for changed in changes {
+        assert_eq!(changed.await.unwrap().version, v(2));
+    }
+    for id in &ids {
+        let rows = task_rows(&db, id).await;
+        assert_eq!(rows.task, (2, 0));
+        assert_eq!(rows.versions.len(), 2);
+        assert_eq!(
+            rows.changes,
+            [(1, None, "create".into()), (2, Some(1), "update".into())]
+        );
+        assert_eq!(rows.tokens.len(), 1);
+    }
+}
