@@ -467,6 +467,7 @@ pub(crate) async fn apply_transaction<T: TaskTx>(
                     outcome
                 }
                 Err(write) => {
+                    let write = *write;
                     put_all(tx, &mut creates).await?;
                     let conditional = matches!(write, TaskWrite::CreateUnlessFound { .. });
                     let outcome = apply(tx, write, base_url)
@@ -492,9 +493,9 @@ pub(crate) async fn apply_transaction<T: TaskTx>(
 pub(crate) fn first_version<S>(
     write: TaskWrite<S>,
     base_url: &str,
-) -> std::result::Result<(NextVersion, WriteOutcome), TaskWrite<S>> {
+) -> std::result::Result<(NextVersion, WriteOutcome), Box<TaskWrite<S>>> {
     if !is_single_put(&write) {
-        return Err(write);
+        return Err(Box::new(write));
     }
     match write {
         TaskWrite::Create {
@@ -502,7 +503,7 @@ pub(crate) fn first_version<S>(
             resource,
             staged,
         } => Ok(next_version(&id, None, resource, staged, base_url)),
-        other => Err(other),
+        other => Err(Box::new(other)),
     }
 }
 
