@@ -296,9 +296,14 @@ impl Issuers {
                 })
             })?;
         metrics::counter!("baton_issuer_tokens_verified_total", "check" => "verified").increment(1);
-        issuer
-            .verified
-            .insert(digest, &kid, key.fetch, &data.claims, now);
+        issuer.verified.insert(
+            digest,
+            &kid,
+            key.fetch,
+            data.claims.get("exp"),
+            data.claims.clone(),
+            now,
+        );
         Ok(data.claims)
     }
 

@@ -27,6 +27,7 @@ use crate::fhir::search::{Predicate, SystemMatch, TokenValue};
 use crate::fhir::task::{self, Ownership};
 use crate::fhir::workflow::{self, information};
 pub use scopes::{Permission, Resource, Scopes};
+use verified::VerifiedTokens;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -193,6 +194,9 @@ pub struct Authenticator {
     /// Whether local HS256 tokens are accepted (`auth.local_tokens`); minting them is always
     /// possible, for the `baton token` command.
     local_tokens: bool,
+    /// Local tokens verified before, as the principals they verified to (`verified`): a
+    /// client sends the same token with every request.
+    local_verified: Arc<VerifiedTokens<Principal>>,
 }
 
 impl Authenticator {
@@ -209,6 +213,10 @@ impl Authenticator {
             performer_types_claim: performer_types_claim.to_string(),
             issuers: Arc::new(issuers::Issuers::new(&crate::config::AuthConfig::default())),
             local_tokens: true,
+            local_verified: Arc::new(VerifiedTokens::new(
+                verified::MAX_VERIFIED_TOKENS,
+                leeway_seconds,
+            )),
         }
     }
 
@@ -256,8 +264,23 @@ impl Authenticator {
         self.verify(token)
     }
 
-    /// Verifies a bearer token and turns its claims into a principal.
+    /// Verifies a local HS256 bearer token and turns its claims into a principal; a token
+    /// verified before and not expired since is answered from `local_verified`.
     pub fn verify(&self, token: &str) -> Result<Principal> {
+        let digest = verified::digest(token);
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(principal) = self.local_verified.get(&digest, "", 0, now) {
+            return Ok(principal);
+        }
+        let (principal, exp) = self.verify_fully(token)?;
+        self.local_verified
+            .insert(digest, "", 0, exp.as_ref(), principal.clone(), now);
+        Ok(principal)
+    }
+
+    /// The full check of a local token: signature, times, JSON and claims; with the principal,
+    /// the token's `exp` claim.
+    fn verify_fully(&self, token: &str) -> Result<(Principal, Option<Value>)> {
         let data =
             jsonwebtoken::decode::<Map<String, Value>>(token, &self.decoding, &self.validation)
                 .map_err(|e| {
@@ -345,7 +368,7 @@ impl Authenticator {
             }
         };
         let (scopes, patient) = smart_context(&claims)?;
-        Ok(Principal {
+        let principal = Principal {
             issuer,
             subject,
             role,
@@ -353,7 +376,8 @@ impl Authenticator {
             performer_types,
             scopes,
             patient,
-        })
+        };
+        Ok((principal, claims.get("exp").cloned()))
     }
 
     /// Mints a token, for `baton token`, the start-up admin token and the tests. The token
@@ -1079,6 +1103,33 @@ mod tests {
                 code: "lab".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_local_token_verified_once_is_remembered_and_changes_nothing_else() {
+        let a = auth();
+        let token = a
+            .issue(Role::Practitioner, Some("Practitioner/7"), &[], 60)
+            .unwrap();
+        let first = a.verify(&token).unwrap();
+        assert_eq!(a.local_verified.len(), 1);
+        assert_eq!(a.verify(&token).unwrap(), first, "the remembered principal");
+        assert_eq!(a.local_verified.len(), 1);
+        // The same claims under another signature are another token: checked in full.
+        let (head, signature) = token.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
+        let forged = format!("{head}.{flipped}{}", &signature[1..]);
+        assert!(a.verify(&forged).is_err(), "a forged signature after a hit");
+        // A token that fails its check is not remembered, and fails every time.
+        let expired = sign(
+            json!({"sub": "u", "exp": exp() - 1_200, "role": "admin"}),
+            Algorithm::HS256,
+            SECRET,
+        );
+        for _ in 0..2 {
+            assert!(a.verify(&expired).is_err());
+        }
+        assert_eq!(a.local_verified.len(), 1);
     }
 
     #[test]
