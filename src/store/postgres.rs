@@ -236,8 +236,9 @@ impl Store for PostgresStore {
         // A write that is one statement is atomic on its own: it needs no transaction, and no
         // BEGIN and COMMIT round trips, and it is written with the others waiting beside it
         // (`groups`). A change is first tried as a read and one such statement that writes
-        // only if the Task is still as read; what that cannot settle reads and locks before
-        // it writes, in a transaction.
+        // only if the Task is still as read (as this node last wrote it, when it remembers:
+        // `recent`, no read at all); what that cannot settle reads and locks before it
+        // writes, in a transaction.
         let result = if write::is_single_put(&write) {
             let mut grouped = groups::Grouped::new(&self.pool, &self.groups, &self.recent);
             write::apply(&mut grouped, write, &self.base_url).await
