@@ -486,6 +486,10 @@ pub struct StoreConfig {
     /// Connections, beside `postgres_connections`, each writing the plain Task creates and
     /// changes waiting for it as one statement (PostgreSQL; at most `max_batch` at a time).
     pub postgres_group_writers: u32,
+    /// Tasks whose last version this node wrote it remembers, so that their next change is
+    /// decided without reading them first and written in one group statement (PostgreSQL;
+    /// 0 remembers none). A remembered version is checked by the write, never trusted.
+    pub postgres_recent_tasks: usize,
     /// PostgreSQL cancels any statement of the serving pool that runs longer, in seconds.
     pub statement_timeout_seconds: u64,
     /// SQLite durability: `full` fsyncs the WAL at every commit (an acknowledged write
@@ -713,6 +717,7 @@ impl Default for StoreConfig {
             read_connections: 8,
             postgres_connections: 16,
             postgres_group_writers: 2,
+            postgres_recent_tasks: 10_000,
             statement_timeout_seconds: 30,
             synchronous: Synchronous::Full,
             max_queue: 4096,

@@ -58,6 +58,7 @@ use crate::fhir::search::Predicate;
 
 mod groups;
 mod hub;
+mod recent;
 mod subscriptions;
 mod tasks;
 #[cfg(test)]
@@ -68,6 +69,9 @@ pub struct PostgresStore {
     /// The connections of the group writers (`groups`), apart from the serving pool.
     group_pool: PgPool,
     groups: groups::PutGroups,
+    /// The Task versions this node wrote last: a change of one is decided without reading it
+    /// first (`recent`, `store.postgres_recent_tasks`).
+    recent: recent::RecentTasks,
     base_url: String,
     committed: Arc<Notify>,
     /// The client writes in flight on this node and the fan-out lag they are admitted
@@ -127,6 +131,7 @@ impl PostgresStore {
             ),
             group_pool,
             pool,
+            recent: recent::RecentTasks::new(config.postgres_recent_tasks),
             base_url: base_url.to_string(),
             committed,
             pressure: Pressure::new(config.max_queue, config.max_fanout_lag),
@@ -231,21 +236,25 @@ impl Store for PostgresStore {
         // A write that is one statement is atomic on its own: it needs no transaction, and no
         // BEGIN and COMMIT round trips, and it is written with the others waiting beside it
         // (`groups`). A change is first tried as a read and one such statement that writes
-        // only if the Task is still as read; what that cannot settle reads and locks before
-        // it writes, in a transaction.
+        // only if the Task is still as read (as this node last wrote it, when it remembers:
+        // `recent`, no read at all); what that cannot settle reads and locks before it
+        // writes, in a transaction.
         let result = if write::is_single_put(&write) {
-            let mut grouped = groups::Grouped::new(&self.pool, &self.groups);
+            let mut grouped = groups::Grouped::new(&self.pool, &self.groups, &self.recent);
             write::apply(&mut grouped, write, &self.base_url).await
         } else {
             let attempt = {
-                let mut grouped = groups::Grouped::new(&self.pool, &self.groups);
+                let mut grouped = groups::Grouped::new(&self.pool, &self.groups, &self.recent);
                 write::try_unlocked(&mut grouped, write, &self.base_url).await
             };
             match attempt {
                 Ok(Attempt::Answered(outcome)) => Ok(outcome),
                 Ok(Attempt::Locked(write)) => {
-                    if matches!(write, TaskWrite::Change { .. }) {
+                    if let TaskWrite::Change { id, .. } = &write {
                         metrics::counter!("baton_store_locked_changes_total").increment(1);
+                        // Written (or deleted) below, in a transaction that may yet roll back:
+                        // the next change reads it.
+                        self.recent.forget(id);
                     }
                     let mut tx = self.pool.begin().await?;
                     let result = write::apply(&mut *tx, write, &self.base_url).await;
@@ -272,6 +281,12 @@ impl Store for PostgresStore {
         let outcomes = finish(tx, result)
             .await
             .map_err(|e| concurrent(e, "a Task of this transaction"))?;
+        // The versions a transaction wrote are not remembered: the next change reads them.
+        for outcome in &outcomes {
+            if let WriteOutcome::Written(version) = outcome {
+                self.recent.forget(&version.id);
+            }
+        }
         metrics::histogram!("baton_store_commit_seconds").record(started.elapsed().as_secs_f64());
         if outcomes
             .iter()

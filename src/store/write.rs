@@ -351,6 +351,14 @@ pub(crate) trait UnlockedChange: TaskTx {
     /// The current state of a Task (None if the id never existed), committed, not held.
     async fn read_unlocked(&mut self, id: &TaskId) -> Result<Option<CurrentTask>>;
 
+    /// A version of the Task this backend wrote itself and remembers, without reading it:
+    /// likely, not certainly, still the current one. A put decided on it is written only if
+    /// the Task is still at it (`put_version_if_unchanged`); nothing else decided on it is
+    /// answered. None by default: every attempt reads.
+    fn recent(&self, _id: &TaskId) -> Option<CurrentTask> {
+        None
+    }
+
     /// Writes a version as `TaskTx::put_version` does, atomically, and only if the Task is
     /// still at the version before it (does not exist, for a first version): false, and
     /// nothing written, if it has changed.
@@ -373,6 +381,13 @@ pub(crate) enum Attempt<S> {
 /// had run just before any write still in flight. Everything else — another kind of write, a
 /// delete, a put with effects on other Tasks, a Task changed meanwhile — goes on to `apply`,
 /// where the decision runs again on the locked version.
+///
+/// When the backend remembers a version of the Task it wrote itself (`recent`), the decision
+/// is first made on that version, without the read: a plain put decided on it is written if
+/// the Task is still at it, and is then the whole write. Anything else decided on it (a
+/// refusal, a keep, a delete, a put with effects) and a put the Task has moved past are
+/// decided again on the version read, as below: a remembered version may be stale, and only
+/// the write's guard tells.
 pub(crate) async fn try_unlocked<T: UnlockedChange>(
     conn: &mut T,
     write: TaskWrite<T::Seen>,
@@ -381,6 +396,15 @@ pub(crate) async fn try_unlocked<T: UnlockedChange>(
     let TaskWrite::Change { id, decide } = write else {
         return Ok(Attempt::Locked(write));
     };
+    if let Some(recent) = conn.recent(&id)
+        && let Ok(Decision::Put(resource)) = decide(Some(&recent))
+        && is_single_change((!recent.deleted).then_some(&recent.resource), &resource)
+    {
+        let (next, outcome) = next_version(&id, Some(&recent), owned(resource), None, base_url);
+        if conn.put_version_if_unchanged(&next.as_new()).await? {
+            return Ok(Attempt::Answered(outcome));
+        }
+    }
     let current = conn.read_unlocked(&id).await?;
     let resource = match decide(current.as_ref())? {
         Decision::Put(resource) => resource,

@@ -24,7 +24,8 @@ use sqlx::postgres::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::pg_text;
-use super::tasks::{Put, put_one, written_concurrently};
+use super::recent::RecentTasks;
+use super::tasks::{Put, put_one, put_version_guarded};
 use crate::error::{Error, Result};
 use crate::fhir::ids::{TaskId, Version};
 use crate::fhir::search::Predicate;
@@ -200,7 +201,7 @@ async fn put_group(conn: &mut PgConnection, group: &[Job]) -> sqlx::Result<HashS
     let versions: Vec<Version> = puts().map(|p| p.version).collect();
     let instants: Vec<&str> = puts().map(|p| p.last_updated.as_str()).collect();
     let ranks: Vec<i64> = puts().map(|p| p.priority_rank).collect();
-    let texts: Vec<&str> = puts().map(|p| p.text.as_str()).collect();
+    let texts: Vec<&str> = puts().map(|p| &*p.text).collect();
     let interactions: Vec<&str> = puts().map(|p| p.interaction.as_str()).collect();
     let existed: Vec<bool> = puts().map(|p| p.existed).collect();
     let previous: Vec<Option<i64>> = puts()
@@ -275,20 +276,28 @@ async fn put_group(conn: &mut PgConnection, group: &[Job]) -> sqlx::Result<HashS
 }
 
 /// What `PostgresStore::write` runs a plain create or an unlocked change on: its puts go to the
-/// group writers, its read of the Task to the serving pool; anything else a write might ask
-/// runs on a serving connection taken when first needed, outside any transaction, as a
-/// one-statement write runs.
+/// group writers, its read of the Task to the serving pool, unless the node remembers the
+/// version it wrote last (`recent`); anything else a write might ask runs on a serving
+/// connection taken when first needed, outside any transaction, as a one-statement write runs.
 pub(super) struct Grouped<'a> {
     pool: &'a PgPool,
     groups: &'a PutGroups,
+    /// Told of every put written (remembered) and every put the Task had moved past
+    /// (forgotten).
+    recent: &'a RecentTasks,
     conn: Option<PoolConnection<Postgres>>,
 }
 
 impl<'a> Grouped<'a> {
-    pub(super) fn new(pool: &'a PgPool, groups: &'a PutGroups) -> Grouped<'a> {
+    pub(super) fn new(
+        pool: &'a PgPool,
+        groups: &'a PutGroups,
+        recent: &'a RecentTasks,
+    ) -> Grouped<'a> {
         Grouped {
             pool,
             groups,
+            recent,
             conn: None,
         }
     }
@@ -326,11 +335,7 @@ impl TaskTx for Grouped<'_> {
     }
 
     async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
-        if self.put_version_if_unchanged(v).await? {
-            Ok(())
-        } else {
-            Err(written_concurrently(v.id))
-        }
+        put_version_guarded(self, v).await
     }
 
     async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
@@ -343,8 +348,20 @@ impl UnlockedChange for Grouped<'_> {
         super::read_current(self.pool, id).await
     }
 
+    fn recent(&self, id: &TaskId) -> Option<CurrentTask> {
+        self.recent.get(id)
+    }
+
     async fn put_version_if_unchanged(&mut self, v: &NewVersion<'_>) -> Result<bool> {
-        self.groups.put(Put::of(v)).await
+        let put = Put::of(v);
+        let text = Arc::clone(&put.text);
+        let written = self.groups.put(put).await?;
+        if written {
+            self.recent.wrote(v.id, v.version, v.last_updated, text);
+        } else {
+            self.recent.forget(v.id);
+        }
+        Ok(written)
     }
 }
 

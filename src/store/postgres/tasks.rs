@@ -4,6 +4,7 @@
 //! they replace; conditional creates take one advisory lock so that two cannot both create.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use sqlx::postgres::PgConnection;
 // Every dynamic statement here is assembled from fixed fragments; values are always bound.
@@ -158,11 +159,7 @@ impl TaskTx for PgConnection {
 
     /// One statement, `PUT_TASK` (`write::is_single_put` relies on it).
     async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
-        if self.put_version_if_unchanged(v).await? {
-            Ok(())
-        } else {
-            Err(written_concurrently(v.id))
-        }
+        put_version_guarded(self, v).await
     }
 
     async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
@@ -192,6 +189,20 @@ impl UnlockedChange for PgConnection {
     }
 }
 
+/// `TaskTx::put_version` as one guarded statement (`put_version_if_unchanged`): a Task no
+/// longer at the version before `v` answers 409, which cannot happen under the row lock of
+/// `load_for_change`, and only to the second of two first writes to one new id without it.
+pub(super) async fn put_version_guarded<T: UnlockedChange>(
+    conn: &mut T,
+    v: &NewVersion<'_>,
+) -> Result<()> {
+    if conn.put_version_if_unchanged(v).await? {
+        Ok(())
+    } else {
+        Err(written_concurrently(v.id))
+    }
+}
+
 /// A Task version to write, owned, so that it can wait for a group (`groups`): what
 /// `NewVersion` borrows, with the request's trace and AuditEvent, which are the request's
 /// task-local state, taken where the request runs.
@@ -201,7 +212,8 @@ pub(super) struct Put {
     pub previous_version: Option<Version>,
     pub interaction: Interaction,
     pub last_updated: StoredInstant,
-    pub text: String,
+    /// Shared with `recent::RecentTasks`, which remembers it once it is written.
+    pub text: Arc<str>,
     pub priority_rank: i64,
     pub index: TaskIndex,
     pub columns: TaskColumns,
@@ -218,7 +230,7 @@ impl Put {
             previous_version: v.previous_version,
             interaction: v.interaction,
             last_updated: v.last_updated.clone(),
-            text: v.text.to_string(),
+            text: Arc::from(v.text),
             priority_rank: v.priority_rank,
             index: v.index.clone(),
             columns: v.columns.clone(),
@@ -249,7 +261,7 @@ pub(super) async fn put_one(conn: &mut PgConnection, put: &Put) -> Result<bool> 
         .bind(put.version)
         .bind(&put.last_updated)
         .bind(put.priority_rank)
-        .bind(&put.text)
+        .bind(&*put.text)
         .bind(put.interaction.as_str())
         // A Task that never existed has no index rows to clear.
         .bind(put.existed)

@@ -1844,3 +1844,132 @@ async fn concurrent_creates_and_changes_of_many_tasks_are_each_written() {
         assert_eq!(rows.tokens.len(), 1);
     }
 }
+
+/// A change is decided first on the version this node wrote last, without reading the Task
+/// (`recent`). When another node (here a second store on the same database) wrote the Task
+/// since, the guarded write writes nothing, the version is forgotten and the change is decided
+/// again on the version read: an If-Match refused on the remembered version is not answered
+/// from it, a state rule passed on it is judged again on the Task as it is, and no version,
+/// history row or change event is lost or written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_decided_on_a_remembered_version_is_decided_again_if_another_node_wrote() {
+    let db = test_db!();
+    let here = db.open().await;
+    let there = db.open().await;
+    let id = create(&here, task("requested")).await;
+    assert_eq!(here.recent.get(&id).map(|t| t.version), Some(v(1)));
+    assert!(there.recent.get(&id).is_none());
+    // The decisions a change runs, by the version each was made on.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noting = |seen: &Arc<std::sync::Mutex<Vec<i64>>>,
+                  decide: fn(Option<&CurrentTask>) -> Result<Decision>| {
+        seen.lock().unwrap().clear();
+        let seen = seen.clone();
+        move |current: Option<&CurrentTask>| {
+            seen.lock()
+                .unwrap()
+                .push(current.map_or(0, |c| c.version.get()));
+            decide(current)
+        }
+    };
+    let decisions = |seen: &Arc<std::sync::Mutex<Vec<i64>>>| seen.lock().unwrap().clone();
+
+    // The other node reads (it remembers nothing of this Task) and writes version 2.
+    let b = change(
+        &there,
+        &id,
+        noting(&seen, |c| append_if_match(c, Some(1), "b")),
+    );
+    assert_eq!(written(b.await.unwrap()).version, v(2));
+    assert_eq!(decisions(&seen), [1]);
+    // Here, If-Match 2 fails on the remembered version 1: decided again on version 2, read.
+    let c = change(
+        &here,
+        &id,
+        noting(&seen, |c| append_if_match(c, Some(2), "c")),
+    );
+    assert_eq!(written(c.await.unwrap()).version, v(3));
+    assert_eq!(decisions(&seen), [1, 2]);
+    // There, version 2 is remembered and stale: the guarded write fails, then version 3 read.
+    let d = change(
+        &there,
+        &id,
+        noting(&seen, |c| append_if_match(c, None, "d")),
+    );
+    assert_eq!(written(d.await.unwrap()).version, v(4));
+    assert_eq!(decisions(&seen), [2, 3]);
+    // Remembered and current: one decision, written.
+    let done = change(
+        &there,
+        &id,
+        noting(&seen, |c| {
+            let mut resource = c.expect("the Task exists").resource.clone();
+            resource["status"] = json!("completed");
+            Ok(Decision::Put(resource.into()))
+        }),
+    );
+    assert_eq!(written(done.await.unwrap()).version, v(5));
+    assert_eq!(decisions(&seen), [4]);
+    // Here, version 3 (requested) passes the rule; the Task is completed: refused when
+    // decided again on version 5, and nothing written.
+    let refused = change(
+        &here,
+        &id,
+        noting(&seen, |c| {
+            let current = c.expect("the Task exists");
+            if current.resource["status"] == "completed" {
+                return Err(Error::business_rule("a completed Task cannot start again"));
+            }
+            let mut resource = current.resource.clone();
+            resource["status"] = json!("in-progress");
+            Ok(Decision::Put(resource.into()))
+        }),
+    )
+    .await;
+    assert_eq!(
+        refused
+            .expect_err("a completed Task started again")
+            .status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(decisions(&seen), [3, 5]);
+    assert!(here.recent.get(&id).is_none());
+
+    let current = here.read(&id).await.unwrap().unwrap();
+    assert_eq!(current.resource["description"], "bcd");
+    assert_eq!(current.resource["status"], "completed");
+    let rows = task_rows(&db, &id).await;
+    assert_eq!(rows.task, (5, 0));
+    assert_eq!(rows.versions.len(), 5);
+    let mut expected = vec![(1, None, "create".to_string())];
+    expected.extend((2..=5).map(|n| (n, Some(n - 1), "update".to_string())));
+    assert_eq!(rows.changes, expected);
+    let (tokens, dates) = expected_index(&current.resource);
+    assert_eq!((rows.tokens, rows.dates), (tokens, dates));
+}
+
+/// A change that goes on to the locked path (a delete) forgets the remembered version, and
+/// the next change reads the Task: a create over the deleted Task, from version 2.
+#[tokio::test]
+async fn a_locked_change_forgets_the_remembered_version() {
+    let db = test_db!();
+    let store = db.open().await;
+    let id = create(&store, task("requested")).await;
+    assert!(store.recent.get(&id).is_some());
+    change(&store, &id, |_| Ok(Decision::Delete))
+        .await
+        .expect("the delete");
+    assert!(store.recent.get(&id).is_none());
+    let again = change(&store, &id, |current| {
+        assert!(current.expect("the deleted Task").deleted);
+        Ok(Decision::Put(Arc::new(task("requested"))))
+    })
+    .await
+    .expect("the create over the deleted Task");
+    let again = written(again);
+    assert_eq!(
+        (again.version, again.interaction),
+        (v(3), Interaction::Create)
+    );
+    assert_eq!(store.recent.get(&id).map(|t| t.version), Some(v(3)));
+}
