@@ -60,6 +60,7 @@ async fn create_read_update_patch_delete_round_trip() {
     let (_, updated) = body(response).await;
     assert_eq!(updated["status"], "accepted");
     assert_eq!(updated["meta"]["versionId"], "2");
+    assert_eq!(server.get(&format!("/Task/{id}"), &admin).await.1, updated);
 
     // A stale If-Match is refused and changes nothing.
     let response = server

@@ -126,6 +126,17 @@ async fn a_transaction_creates_a_parent_and_sub_tasks_linked_by_urn_uuid() {
         assert!(entry["response"]["lastModified"].is_string());
         assert_eq!(entry["resource"]["id"], ids[i]);
     }
+    // Each entry shows its Task as stored (the text the write stored, sent as it is): what a
+    // read of it returns, stamped with the version and instant of its response.
+    for (i, entry) in answer["entry"].as_array().unwrap().iter().enumerate() {
+        let (_, stored) = server.get(&format!("/Task/{}", ids[i]), &admin).await;
+        assert_eq!(entry["resource"], stored, "entry {i}");
+        assert_eq!(entry["resource"]["meta"]["versionId"], "1");
+        assert_eq!(
+            entry["resource"]["meta"]["lastUpdated"],
+            entry["response"]["lastModified"]
+        );
+    }
     // The sub-tasks' partOf now names the parent's new id, and the tree is searchable.
     for sub in &ids[1..] {
         let (_, stored) = server.get(&format!("/Task/{sub}"), &admin).await;
@@ -721,6 +732,11 @@ async fn a_transaction_mixes_creates_updates_deletes_and_conditional_creates() {
         ["200 OK", "204 No Content", "200 OK", "201 Created"]
     );
     assert_eq!(answer["entry"][0]["response"]["etag"], "W/\"2\"");
+    // An update's entry, too, shows its Task as stored.
+    let (_, stored) = server
+        .get(&format!("/Task/{}", kept["id"].as_str().unwrap()), &admin)
+        .await;
+    assert_eq!(answer["entry"][0]["resource"], stored);
     assert_eq!(answer["entry"][2]["resource"]["id"], found_task["id"]);
     assert_eq!(
         answer["entry"][3]["resource"]["partOf"][0]["reference"],

@@ -14,8 +14,8 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use serde_json::Value;
 
-use super::fhir_json;
 use super::{AppState, Prefer};
+use super::{fhir_json, fhir_json_bytes};
 use crate::error::{Error, IssueCode};
 use crate::fhir::ids::{StoredInstant, TaskId, Version};
 use crate::store::{CurrentTask, StoredVersion};
@@ -78,29 +78,50 @@ fn current_response(
         &task.id,
         task.version,
         &task.last_updated,
-        &task.resource,
+        Shown::Value(&task.resource),
         prefer,
         false,
     )
 }
 
+/// The answer with a version of a Task: the text the write stored when it gives that back
+/// (`StoredVersion::text`, the same JSON as the resource serialised), else the resource.
 fn version_response(
     state: &AppState,
     status: StatusCode,
-    version: &StoredVersion,
+    version: StoredVersion,
     prefer: Prefer,
     with_location: bool,
 ) -> Response {
+    let StoredVersion {
+        id,
+        version,
+        last_updated,
+        resource,
+        text,
+        ..
+    } = version;
+    let shown = match (text, &resource) {
+        (Some(text), _) => Shown::Text(text.into_bytes()),
+        (None, Some(resource)) => Shown::Value(resource),
+        (None, None) => Shown::Value(&Value::Null),
+    };
     respond(
         state,
         status,
-        &version.id,
-        version.version,
-        &version.last_updated,
-        version.resource.as_ref().unwrap_or(&Value::Null),
+        &id,
+        version,
+        &last_updated,
+        shown,
         prefer,
         with_location,
     )
+}
+
+/// A Task as a response body shows it: a resource to serialise, or the JSON text of one.
+enum Shown<'a> {
+    Value(&'a Value),
+    Text(Vec<u8>),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -110,7 +131,7 @@ fn respond(
     id: &TaskId,
     version: Version,
     last_updated: &StoredInstant,
-    resource: &Value,
+    resource: Shown<'_>,
     prefer: Prefer,
     with_location: bool,
 ) -> Response {
@@ -129,7 +150,10 @@ fn respond(
             ),
         )
     } else {
-        fhir_json(status, resource)
+        match resource {
+            Shown::Value(resource) => fhir_json(status, resource),
+            Shown::Text(text) => fhir_json_bytes(status, text),
+        }
     };
     let headers = response.headers_mut();
     set_validators(headers, version, last_updated);

@@ -53,9 +53,44 @@ impl DateRange {
     }
 }
 
-/// Formats an instant as the fixed-width, sortable UTC key used by the store.
+/// Formats an instant as the fixed-width, sortable UTC key used by the store
+/// (`YYYY-MM-DDThh:mm:ss.sssZ`). The digits are written by hand rather than through
+/// `format!`, whose machinery was most of the cost of stamping each version on the writer and
+/// of every date index key (BENCHMARKS.md, issue 17, ninth sitting); a year outside 0–9999
+/// goes through `format!` as before (`tests::keys_are_written_as_format_writes_them`).
 pub fn to_key(at: OffsetDateTime) -> String {
     let at = at.checked_to_offset(UtcOffset::UTC).unwrap_or(at);
+    let year = match u32::try_from(at.year()) {
+        Ok(year) if year <= 9999 => year,
+        _ => return format_key(at),
+    };
+    let mut out = String::with_capacity(24);
+    push_digits(&mut out, year, 4);
+    for (separator, value, width) in [
+        ('-', u32::from(u8::from(at.month())), 2),
+        ('-', u32::from(at.day()), 2),
+        ('T', u32::from(at.hour()), 2),
+        (':', u32::from(at.minute()), 2),
+        (':', u32::from(at.second()), 2),
+        ('.', u32::from(at.millisecond()), 3),
+    ] {
+        out.push(separator);
+        push_digits(&mut out, value, width);
+    }
+    out.push('Z');
+    out
+}
+
+/// Writes the last `width` decimal digits of `value`, zero-padded.
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    for place in (0..width).rev() {
+        let digit = (value / 10u32.pow(place)) % 10;
+        out.push(char::from_digit(digit, 10).unwrap_or('0'));
+    }
+}
+
+/// `to_key` through `format!`: for the years it does not write by hand.
+fn format_key(at: OffsetDateTime) -> String {
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         at.year(),
@@ -269,6 +304,27 @@ fn advance(start: OffsetDateTime, precision: Precision) -> OffsetDateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key written by hand is the one `format!` writes, for every field at its widest and
+    /// narrowest, and a year before 0 is written by `format!` itself.
+    #[test]
+    fn keys_are_written_as_format_writes_them() {
+        let instants = [
+            "2026-12-08T00:35:07.123Z",
+            "0000-01-01T00:00:00Z",
+            "0999-09-09T09:09:09.009+14:00",
+            "9999-12-31T23:59:59.999Z",
+            "2024-02-29T12:00:00.5-05:30",
+            "1970-01-01T00:00:00.000001Z",
+        ];
+        for text in instants {
+            let at = parse_instant(text).unwrap();
+            let utc = at.checked_to_offset(UtcOffset::UTC).unwrap_or(at);
+            assert_eq!(to_key(at), format_key(utc), "{text}");
+        }
+        let before = time::macros::datetime!(-0001-06-01 0:00 UTC);
+        assert_eq!(to_key(before), format_key(before));
+    }
 
     fn keys(text: &str, kind: DateKind) -> (String, String) {
         let r = parse_range(text, kind).unwrap();

@@ -136,9 +136,12 @@ pub fn normalize_reference(reference: &str, base_url: &str) -> Option<String> {
     if !valid_type || !is_valid_id(id) {
         return None;
     }
+    // `Type/id` is the start of `relative`: sliced, not formatted (`format!` was most of this
+    // function's cost, which runs several times for every Task written).
+    let type_and_id = &relative[..kind.len() + 1 + id.len()];
     match (parts.next(), parts.next(), parts.next()) {
-        (None, _, _) => Some(format!("{kind}/{id}")),
-        (Some("_history"), Some(v), None) if is_valid_id(v) => Some(format!("{kind}/{id}")),
+        (None, _, _) => Some(type_and_id.to_string()),
+        (Some("_history"), Some(v), None) if is_valid_id(v) => Some(type_and_id.to_string()),
         _ => None,
     }
 }

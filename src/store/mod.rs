@@ -122,8 +122,25 @@ pub struct StoredVersion {
     pub version: Version,
     pub last_updated: StoredInstant,
     pub interaction: Interaction,
-    /// `None` for a delete.
+    /// `None` for a delete, and for the first version of a plain create the store staged
+    /// (`write::TaskWrite::PlainCreate`): its resource was let go before its transaction, and
+    /// the write answers with its `text` alone.
     pub resource: Option<Value>,
+    /// The resource exactly as stored (compact JSON), when the write that made this version
+    /// gives it back: what a response sends rather than serialising `resource` again (which
+    /// is the same JSON). None for a version read from the store and for a delete.
+    pub text: Option<String>,
+}
+
+impl StoredVersion {
+    /// The resource, parsed from the stored `text` when the write answered with that alone.
+    pub fn content(&self) -> Option<std::borrow::Cow<'_, Value>> {
+        match (&self.resource, &self.text) {
+            (Some(resource), _) => Some(std::borrow::Cow::Borrowed(resource)),
+            (None, Some(text)) => serde_json::from_str(text).ok().map(std::borrow::Cow::Owned),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Where a version stands in the type-level history: newest first by `last_updated`, then

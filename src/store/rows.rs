@@ -148,6 +148,7 @@ where
             .map(|t| serde_json::from_str(&t))
             .transpose()
             .map_err(|e| Error::internal("a stored Task version is not valid JSON", e))?,
+        text: None,
     })
 }
 

@@ -1039,7 +1039,7 @@ mod tests {
             let WriteOutcome::Written(version) = outcome else {
                 panic!("not written: {outcome:?}");
             };
-            let whole = crate::fhir::search::index_task(version.resource.as_ref().unwrap(), BASE);
+            let whole = crate::fhir::search::index_task(&version.content().unwrap(), BASE);
             let index = crate::fhir::search::TaskColumns::from_index(&whole).rows_beside(&whole);
             let mut expected: Vec<String> = index
                 .tokens

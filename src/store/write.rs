@@ -159,6 +159,10 @@ pub(crate) struct Deletion<'a> {
 /// A create's `Staged` work is boxed: it is several times the size of everything else here,
 /// and a `TaskWrite` travels by value through the writer's queue (clippy `large_enum_variant`).
 pub(crate) enum TaskWrite<S> {
+    /// A create that changes no other Task (`is_single_change`), staged: everything its write
+    /// needs is in `staged`, and its resource was let go on the request's own task (`prepare`)
+    /// rather than carried to the writer and back. Its write answers with the stored text.
+    PlainCreate { id: TaskId, staged: Box<Staged> },
     /// Create with a server-assigned id (assigned before the write, so that a transaction's
     /// entries can refer to each other).
     Create {
@@ -224,11 +228,52 @@ impl Staged {
             return None;
         }
         // The mark is no instant, so the index has everything but `_lastUpdated`.
-        let whole = index_task(resource, base_url);
-        let columns = TaskColumns::from_index(&whole);
+        let (columns, rows) = TaskColumns::split(index_task(resource, base_url));
         Some(Staged {
             mark: start..start + mark_json.len(),
-            rows: columns.rows_beside(&whole),
+            rows,
+            columns,
+            priority_rank: priority_rank(resource),
+            text,
+        })
+    }
+
+    /// Stages the first version of a plain create (`TaskWrite::PlainCreate`), whose resource
+    /// is dropped once staged, without stamping it: a resource with neither `id` nor `meta`
+    /// (a create's, usually: the API takes out the client's id and the server's meta) would
+    /// get both at its end from `stamp_with`, so they are written after its text instead,
+    /// which spares four keyed inserts into the resource. None for any other resource (or one
+    /// whose text holds the mark), which `of` stages.
+    fn unstamped(id: &TaskId, resource: &Value, base_url: &str) -> Option<Staged> {
+        let Value::Object(task) = resource else {
+            return None;
+        };
+        if task.contains_key("id") || task.contains_key("meta") {
+            return None;
+        }
+        let mark_json = serde_json::to_string(LAST_UPDATED_MARK).ok()?;
+        let mut text = compact_text(resource)?;
+        if text.pop() != Some('}') || text.contains(&mark_json) {
+            return None;
+        }
+        if !task.is_empty() {
+            text.push(',');
+        }
+        text.push_str(r#""id":"#);
+        text.push_str(&serde_json::to_string(id.as_str()).ok()?);
+        text.push_str(r#","meta":{"versionId":"#);
+        text.push_str(&serde_json::to_string(&Version::FIRST.to_string()).ok()?);
+        text.push_str(r#","lastUpdated":"#);
+        let start = text.len();
+        text.push_str(&mark_json);
+        let mark = start..text.len();
+        text.push_str("}}");
+        // Without `id` and `meta.lastUpdated` the index lacks only the `_id` and `_lastUpdated`
+        // entries, which are the row's own and never index rows (`split` leaves them out).
+        let (columns, rows) = TaskColumns::split(index_task(resource, base_url));
+        Some(Staged {
+            mark,
+            rows,
             columns,
             priority_rank: priority_rank(resource),
             text,
@@ -260,11 +305,24 @@ pub(crate) async fn prepare<P: Precheck>(
             if_none_exist: None,
         } => {
             let id = id.unwrap_or_else(TaskId::generate);
-            let staged = Staged::of(&id, &mut resource, base_url).map(Box::new);
-            TaskWrite::Create {
-                id,
-                resource,
-                staged,
+            let plain = is_single_change(None, &resource);
+            let unstamped = if plain {
+                Staged::unstamped(&id, &resource, base_url)
+            } else {
+                None
+            };
+            match unstamped.or_else(|| Staged::of(&id, &mut resource, base_url)) {
+                // Nothing of the resource is needed past here but its staged text, which is
+                // what the response sends, so it is dropped now, on the request's task.
+                Some(staged) if plain => TaskWrite::PlainCreate {
+                    id,
+                    staged: Box::new(staged),
+                },
+                staged => TaskWrite::Create {
+                    id,
+                    resource,
+                    staged: staged.map(Box::new),
+                },
             }
         }
         WriteRequest::Create {
@@ -300,6 +358,11 @@ pub(crate) async fn apply<T: TaskTx>(
     base_url: &str,
 ) -> Result<WriteOutcome> {
     match write {
+        TaskWrite::PlainCreate { id, staged } => {
+            let next = staged_version(id, *staged);
+            tx.put_version(&next.as_new()).await?;
+            Ok(next.written())
+        }
         TaskWrite::Create {
             id,
             resource,
@@ -417,9 +480,15 @@ pub(crate) async fn try_unlocked<T: UnlockedChange>(
     }
     // `decide` is still held (it may run again), so the content is copied here, on the
     // request's own task.
-    let (next, outcome) = next_version(&id, current.as_ref(), owned(resource), None, base_url);
+    let next = next_version(
+        id.clone(),
+        current.as_ref(),
+        owned(resource),
+        None,
+        base_url,
+    );
     if conn.put_version_if_unchanged(&next.as_new()).await? {
-        Ok(Attempt::Answered(outcome))
+        Ok(Attempt::Answered(next.written()))
     } else {
         Ok(Attempt::Locked(TaskWrite::Change { id, decide }))
     }
@@ -439,7 +508,11 @@ fn is_single_change(previous: Option<&Value>, resource: &Value) -> bool {
 /// If-None-Exist that completes no request (see `put_task`). A backend may run it without a
 /// transaction of its own when that statement is atomic by itself.
 pub(crate) fn is_single_put<S>(write: &TaskWrite<S>) -> bool {
-    matches!(write, TaskWrite::Create { resource, .. } if is_single_change(None, resource))
+    match write {
+        TaskWrite::PlainCreate { .. } => true,
+        TaskWrite::Create { resource, .. } => is_single_change(None, resource),
+        TaskWrite::CreateUnlessFound { .. } | TaskWrite::Change { .. } => false,
+    }
 }
 
 /// Runs the pre-checks of a transaction's writes, in order; the first that fails fails the
@@ -481,18 +554,20 @@ pub(crate) async fn apply_transaction<T: TaskTx>(
     base_url: &str,
 ) -> Result<Vec<WriteOutcome>> {
     let mut outcomes = Vec::with_capacity(writes.len());
-    let mut creates: Vec<NextVersion> = Vec::new();
+    // Each create worked out and not yet written, with the place of its outcome, which holds
+    // `Unchanged` until it is written.
+    let mut creates: Vec<(usize, NextVersion)> = Vec::new();
     for (entry, prepared) in writes {
         let outcome = match prepared {
             Prepared::Answered(outcome) => outcome,
             Prepared::Write(write) => match first_version(write, base_url) {
-                Ok((next, outcome)) => {
-                    creates.push(next);
-                    outcome
+                Ok(next) => {
+                    creates.push((outcomes.len(), next));
+                    WriteOutcome::Unchanged
                 }
                 Err(write) => {
                     let write = *write;
-                    put_all(tx, &mut creates).await?;
+                    put_all(tx, &mut creates, &mut outcomes).await?;
                     let conditional = matches!(write, TaskWrite::CreateUnlessFound { .. });
                     let outcome = apply(tx, write, base_url)
                         .await
@@ -506,41 +581,52 @@ pub(crate) async fn apply_transaction<T: TaskTx>(
         };
         outcomes.push(outcome);
     }
-    put_all(tx, &mut creates).await?;
+    put_all(tx, &mut creates, &mut outcomes).await?;
     Ok(outcomes)
 }
 
 /// A plain create (`is_single_put`) worked out as `apply` would write it: its first version,
-/// not yet written, and the outcome to answer once it is. Any other write is given back.
+/// not yet written (`NextVersion::written` is its outcome once it is). Any other write is
+/// given back.
 /// Worked out apart, plain creates can be written together (`TaskTx::put_versions`): a
 /// transaction's, and on SQLite the single creates of a group commit.
 pub(crate) fn first_version<S>(
     write: TaskWrite<S>,
     base_url: &str,
-) -> std::result::Result<(NextVersion, WriteOutcome), Box<TaskWrite<S>>> {
+) -> std::result::Result<NextVersion, Box<TaskWrite<S>>> {
     if !is_single_put(&write) {
         return Err(Box::new(write));
     }
     match write {
+        TaskWrite::PlainCreate { id, staged } => Ok(staged_version(id, *staged)),
         TaskWrite::Create {
             id,
             resource,
             staged,
-        } => Ok(next_version(&id, None, resource, staged, base_url)),
+        } => Ok(next_version(id, None, resource, staged, base_url)),
         other => Err(Box::new(other)),
     }
 }
 
-/// Writes the versions worked out and not yet written, in order, and empties the list. What
-/// fails here is the store (a full disk), not an entry, so the error names none.
-async fn put_all<T: TaskTx>(tx: &mut T, versions: &mut Vec<NextVersion>) -> Result<()> {
+/// Writes the versions worked out and not yet written, in order, puts each one's outcome at
+/// its place in `outcomes`, and empties the list. What fails here is the store (a full disk),
+/// not an entry, so the error names none.
+async fn put_all<T: TaskTx>(
+    tx: &mut T,
+    versions: &mut Vec<(usize, NextVersion)>,
+    outcomes: &mut [WriteOutcome],
+) -> Result<()> {
     if versions.is_empty() {
         return Ok(());
     }
-    let rows: Vec<NewVersion<'_>> = versions.iter().map(NextVersion::as_new).collect();
+    let rows: Vec<NewVersion<'_>> = versions.iter().map(|(_, next)| next.as_new()).collect();
     tx.put_versions(&rows).await?;
     drop(rows);
-    versions.clear();
+    for (place, next) in versions.drain(..) {
+        if let Some(outcome) = outcomes.get_mut(place) {
+            *outcome = next.written();
+        }
+    }
     Ok(())
 }
 
@@ -808,12 +894,13 @@ async fn put<T: TaskTx>(
     staged: Option<Box<Staged>>,
     base_url: &str,
 ) -> Result<WriteOutcome> {
-    let (next, outcome) = next_version(id, current, resource, staged, base_url);
+    let next = next_version(id.clone(), current, resource, staged, base_url);
     tx.put_version(&next.as_new()).await?;
-    Ok(outcome)
+    Ok(next.written())
 }
 
-/// A version of a Task worked out and not yet written: what `NewVersion` borrows.
+/// A version of a Task worked out and not yet written: what `NewVersion` borrows, and what
+/// its write answers once written (`written`).
 pub(crate) struct NextVersion {
     id: TaskId,
     version: Version,
@@ -825,6 +912,9 @@ pub(crate) struct NextVersion {
     index: TaskIndex,
     columns: TaskColumns,
     existed: bool,
+    /// The resource stamped, for the outcome; None for a staged plain create, which answers
+    /// with its `text` alone.
+    resource: Option<Value>,
 }
 
 impl NextVersion {
@@ -842,17 +932,31 @@ impl NextVersion {
             existed: self.existed,
         }
     }
+
+    /// What the write of this version answers, once written: the version with the text
+    /// stored (`StoredVersion::text`), moved rather than copied, so that the response sends
+    /// it instead of serialising the resource again.
+    pub(crate) fn written(self) -> WriteOutcome {
+        WriteOutcome::Written(StoredVersion {
+            id: self.id,
+            version: self.version,
+            last_updated: self.last_updated,
+            interaction: self.interaction,
+            resource: self.resource,
+            text: Some(self.text),
+        })
+    }
 }
 
-/// The next version of a Task (the first, if it never existed) made of `resource`, stamped
-/// now, and what its write answers.
+/// The next version of Task `id` (the first, if it never existed) made of `resource`, stamped
+/// now.
 fn next_version(
-    id: &TaskId,
+    id: TaskId,
     current: Option<&CurrentTask>,
     mut resource: Value,
     staged: Option<Box<Staged>>,
     base_url: &str,
-) -> (NextVersion, WriteOutcome) {
+) -> NextVersion {
     let live = current.filter(|c| !c.deleted);
     let version = current.map_or(Version::FIRST, |c| c.version.next());
     let interaction = if live.is_some() {
@@ -873,15 +977,8 @@ fn next_version(
             unstaged(&resource, base_url)
         }
     };
-    let outcome = WriteOutcome::Written(StoredVersion {
-        id: id.clone(),
-        version,
-        last_updated: now.clone(),
-        interaction,
-        resource: Some(resource),
-    });
-    let next = NextVersion {
-        id: id.clone(),
+    NextVersion {
+        id,
         version,
         previous_version: live.map(|c| c.version),
         interaction,
@@ -891,17 +988,36 @@ fn next_version(
         index,
         columns,
         existed: current.is_some(),
-    };
-    (next, outcome)
+        resource: Some(resource),
+    }
+}
+
+/// The first version of a staged plain create (`TaskWrite::PlainCreate`), stored now: its
+/// staged text with the instant written in, which is all its outcome carries of it.
+fn staged_version(id: TaskId, staged: Staged) -> NextVersion {
+    let now = StoredInstant::now();
+    let (text, index, columns, priority_rank) = staged.at(&now);
+    NextVersion {
+        id,
+        version: Version::FIRST,
+        previous_version: None,
+        interaction: Interaction::Create,
+        last_updated: now,
+        text,
+        priority_rank,
+        index,
+        columns,
+        existed: false,
+        resource: None,
+    }
 }
 
 /// The text, index rows, columns and priority rank of a stamped resource.
 fn unstaged(resource: &Value, base_url: &str) -> (String, TaskIndex, TaskColumns, i64) {
-    let whole = index_task(resource, base_url);
-    let columns = TaskColumns::from_index(&whole);
+    let (columns, rows) = TaskColumns::split(index_task(resource, base_url));
     (
         compact_text(resource).unwrap_or_else(|| resource.to_string()),
-        columns.rows_beside(&whole),
+        rows,
         columns,
         priority_rank(resource),
     )
@@ -931,6 +1047,7 @@ async fn delete<T: TaskTx>(tx: &mut T, current: &CurrentTask) -> Result<WriteOut
         last_updated: now,
         interaction: Interaction::Delete,
         resource: None,
+        text: None,
     }))
 }
 

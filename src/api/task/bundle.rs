@@ -158,7 +158,7 @@ enum Answer {
         id: TaskId,
         version: Version,
         last_updated: StoredInstant,
-        resource: Option<Value>,
+        resource: Option<Content>,
     },
     /// A delete (the version is None when there was nothing to delete).
     Deleted(Option<Version>),
@@ -729,6 +729,24 @@ async fn run_transaction(
         .collect()
 }
 
+/// A Task version as an answer carries it: the text its write stored, when the write gives
+/// that back (`StoredVersion::text`: every create and update; it is the resource's JSON as
+/// `serde_json` writes it, so it goes into the answering Bundle as it is), or the resource.
+#[derive(Debug, Clone, PartialEq)]
+enum Content {
+    Text(String),
+    Value(Value),
+}
+
+impl Content {
+    fn into_value(self) -> Value {
+        match self {
+            Content::Value(value) => value,
+            Content::Text(text) => serde_json::from_str(&text).unwrap_or(Value::Null),
+        }
+    }
+}
+
 /// The id a POST entry of a transaction stands for.
 enum Assigned {
     /// A new Task's id, chosen now.
@@ -934,7 +952,10 @@ fn written(version: StoredVersion) -> Answer {
             id: version.id,
             version: version.version,
             last_updated: version.last_updated,
-            resource: version.resource,
+            resource: match (version.text, version.resource) {
+                (Some(text), _) => Some(Content::Text(text)),
+                (None, resource) => resource.map(Content::Value),
+            },
         },
     }
 }
@@ -945,7 +966,7 @@ fn existing(status: StatusCode, task: CurrentTask) -> Answer {
         id: task.id,
         version: task.version,
         last_updated: task.last_updated,
-        resource: Some(task.resource),
+        resource: Some(Content::Value(task.resource)),
     }
 }
 
@@ -1186,7 +1207,7 @@ fn write_version_entry(
     id: &TaskId,
     version: Version,
     last_updated: &StoredInstant,
-    resource: Option<&Value>,
+    resource: Option<&Content>,
 ) {
     // The texts are written in pieces rather than each made with `format!` first: a
     // `TaskId` is a FHIR id and a `Version` a number, neither of which JSON escapes, so only
@@ -1197,9 +1218,16 @@ fn write_version_entry(
     out.extend_from_slice(b"/Task/");
     out.extend_from_slice(id.as_str().as_bytes());
     out.push(b'"');
-    if let Some(resource) = resource {
-        out.extend_from_slice(br#","resource":"#);
-        write_json(out, resource);
+    match resource {
+        Some(Content::Text(text)) => {
+            out.extend_from_slice(br#","resource":"#);
+            out.extend_from_slice(text.as_bytes());
+        }
+        Some(Content::Value(resource)) => {
+            out.extend_from_slice(br#","resource":"#);
+            write_json(out, resource);
+        }
+        None => {}
     }
     out.extend_from_slice(br#","response":{"status":"#);
     write_json(out, &status_line(status));
@@ -1245,7 +1273,7 @@ fn entry_json(link_base: &str, answer: Answer, prefer: Prefer) -> Value {
             } else if !prefer.minimal
                 && let Some(resource) = resource
             {
-                entry.insert("resource".into(), resource);
+                entry.insert("resource".into(), resource.into_value());
             }
         }
         Answer::Deleted(version) => {
@@ -1373,10 +1401,11 @@ mod tests {
     }
 
     /// An entry written as text is the entry `entry_json` builds, whatever `Prefer: return`
-    /// leaves of it, and the whole answer is one JSON document.
+    /// leaves of it, and the whole answer is one JSON document; a version the write answered
+    /// with its stored text is answered byte for byte as one it answered with the resource.
     #[test]
     fn version_entries_are_written_as_entry_json_builds_them() {
-        let answer = |status, resource: Option<Value>| Answer::Version {
+        let answer = |status, resource: Option<Content>| Answer::Version {
             status,
             id: TaskId::parse("t1").unwrap(),
             version: Version::new(3),
@@ -1384,10 +1413,13 @@ mod tests {
             resource,
         };
         let task = json!({ "resourceType": "Task", "id": "t1", "description": "\"quoted\" é" });
+        let text = serde_json::to_string(&task).unwrap();
         let base = "http://localhost/fhir \"x\"";
         for (status, resource) in [
-            (StatusCode::CREATED, Some(task.clone())),
-            (StatusCode::OK, Some(task)),
+            (StatusCode::CREATED, Some(Content::Value(task.clone()))),
+            (StatusCode::CREATED, Some(Content::Text(text.clone()))),
+            (StatusCode::OK, Some(Content::Value(task.clone()))),
+            (StatusCode::OK, Some(Content::Text(text))),
             (StatusCode::OK, None),
         ] {
             for minimal in [false, true] {
@@ -1395,33 +1427,39 @@ mod tests {
                     minimal,
                     ..Prefer::default()
                 };
-                let Answer::Version {
-                    status,
-                    id,
-                    version,
-                    last_updated,
-                    resource: shown,
-                } = answer(status, resource.clone())
-                else {
-                    unreachable!()
+                let written = |resource: Option<Content>| {
+                    let Answer::Version {
+                        status,
+                        id,
+                        version,
+                        last_updated,
+                        resource: shown,
+                    } = answer(status, resource)
+                    else {
+                        unreachable!()
+                    };
+                    let mut out = Vec::new();
+                    let shown = shown.filter(|_| !prefer.minimal);
+                    write_version_entry(
+                        &mut out,
+                        base,
+                        status,
+                        &id,
+                        version,
+                        &last_updated,
+                        shown.as_ref(),
+                    );
+                    String::from_utf8(out).unwrap()
                 };
-                let mut out = Vec::new();
-                let shown = shown.filter(|_| !prefer.minimal);
-                write_version_entry(
-                    &mut out,
-                    base,
-                    status,
-                    &id,
-                    version,
-                    &last_updated,
-                    shown.as_ref(),
-                );
                 let expected =
                     serde_json::to_vec(&entry_json(base, answer(status, resource.clone()), prefer))
                         .unwrap();
+                let out = written(resource.clone());
+                assert_eq!(out, String::from_utf8(expected).unwrap());
+                let as_value = written(resource.clone().map(|r| Content::Value(r.into_value())));
                 assert_eq!(
-                    String::from_utf8(out).unwrap(),
-                    String::from_utf8(expected).unwrap()
+                    out, as_value,
+                    "the stored text or the resource: the same bytes"
                 );
             }
         }

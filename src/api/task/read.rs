@@ -169,18 +169,19 @@ pub(super) async fn vread(
     if stored.resource.is_some() && not_modified(&headers, version, &stored.last_updated) {
         return Ok(not_modified_response(version, &stored.last_updated));
     }
-    match &stored.resource {
-        Some(_) => Ok(version_response(
+    if stored.resource.is_some() {
+        Ok(version_response(
             &state,
             StatusCode::OK,
-            &stored,
+            stored,
             Prefer::default(),
             false,
-        )),
-        None => Ok(gone_with_etag(
+        ))
+    } else {
+        Ok(gone_with_etag(
             format!("version {version} of Task/{id} is its deletion"),
             version,
-        )),
+        ))
     }
 }
 

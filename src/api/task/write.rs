@@ -80,7 +80,7 @@ fn created_response(state: &AppState, outcome: WriteOutcome, prefer: Prefer) -> 
             Ok(version_response(
                 state,
                 StatusCode::CREATED,
-                &version,
+                version,
                 prefer,
                 true,
             ))
@@ -766,7 +766,7 @@ fn written_response(state: &AppState, outcome: WriteOutcome, prefer: Prefer) -> 
             Ok(version_response(
                 state,
                 status,
-                &version,
+                version,
                 prefer,
                 status == StatusCode::CREATED,
             ))

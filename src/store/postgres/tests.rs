@@ -1280,9 +1280,9 @@ async fn each_write_leaves_exactly_its_rows() {
     );
     let id = created.id.clone();
     let rows = task_rows(&db, &id).await;
-    let (tokens, dates) = expected_index(created.resource.as_ref().unwrap());
+    let (tokens, dates) = expected_index(&created.content().unwrap());
     assert_eq!((rows.tokens, rows.dates), (tokens, dates));
-    let whole = crate::fhir::search::index_task(created.resource.as_ref().unwrap(), BASE);
+    let whole = crate::fhir::search::index_task(&created.content().unwrap(), BASE);
     assert_eq!(
         rows.columns,
         crate::fhir::search::TaskColumns::from_index(&whole)

@@ -560,6 +560,7 @@ pub(super) fn versions(
                     .map(|text| serde_json::from_str(&text))
                     .transpose()
                     .map_err(|e| Error::internal("a stored Task version is not valid JSON", e))?,
+                text: None,
             })
         })();
         found.extend(crate::store::readable(version));

@@ -615,7 +615,7 @@ impl Group<'_> {
         let rows: Vec<_> = made
             .iter()
             .filter_map(|(version, trace, _)| {
-                let (next, _) = version.as_ref().ok()?;
+                let next = version.as_ref().ok()?;
                 Some((next.as_new(), trace.map(|t| t.header())))
             })
             .collect();
@@ -628,7 +628,7 @@ impl Group<'_> {
         for (version, trace, audit) in made {
             let outcome = match version {
                 Err(e) => Err(e),
-                Ok((next, outcome)) => {
+                Ok(next) => {
                     let written = match &together {
                         Ok(()) => Ok(()),
                         // Each alone, in the trace of its own request.
@@ -636,7 +636,7 @@ impl Group<'_> {
                             block_on(in_trace(trace, conn.put_version(&next.as_new())))
                         })?,
                     };
-                    written.map(|()| Done::Task(outcome))
+                    written.map(|()| Done::Task(next.written()))
                 }
             };
             if let (Ok(done), Some(audit)) = (&outcome, &audit) {

@@ -576,6 +576,99 @@ async fn a_transaction_writes_its_plain_creates_together_between_its_reads() {
     assert_eq!(tx.tasks["n5"].resource["meta"]["versionId"], "1");
 }
 
+/// A plain create is staged and its resource let go before its transaction (so nothing of it
+/// travels to the writer and back); its write answers with the text it stored, which is the
+/// resource as an unstaged create stamps it. A transaction's writes, creates and changes,
+/// each answer with the text stored for it, in entry order.
+#[tokio::test]
+async fn writes_answer_with_the_text_they_stored() {
+    let plain = json!({
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "description": "quotes \" and é",
+    });
+    let reads = Reads {
+        found: Found::Nothing,
+        seen: 0,
+    };
+    let create = || WriteRequest::Create {
+        id: None,
+        resource: plain.clone(),
+        if_none_exist: None,
+    };
+    let Ok(Prepared::Write(write)) = prepare(&reads, create()).await else {
+        panic!("a create is written");
+    };
+    assert!(matches!(write, TaskWrite::PlainCreate { .. }));
+    assert!(is_single_put(&write));
+    let mut tx = Fake::default();
+    let Ok(WriteOutcome::Written(v)) = apply(&mut tx, write, BASE).await else {
+        panic!("the create is written");
+    };
+    assert_eq!(v.resource, None);
+    let mut expected = plain.clone();
+    stamp(
+        &mut expected,
+        v.id.as_str(),
+        Version::FIRST,
+        &v.last_updated,
+    );
+    assert_eq!(v.text.as_deref(), Some(expected.to_string().as_str()));
+    assert_eq!(tx.tasks[v.id.as_str()].resource, expected);
+    assert_eq!(v.content().as_deref(), Some(&expected));
+
+    // A create that does more than create (here, completes a request) keeps its resource.
+    let completing = WriteRequest::Create {
+        id: None,
+        resource: request("abort", "f", OWNER),
+        if_none_exist: None,
+    };
+    let Ok(Prepared::Write(write)) = prepare(&reads, completing).await else {
+        panic!("a create is written");
+    };
+    assert!(matches!(
+        write,
+        TaskWrite::Create {
+            staged: Some(_),
+            ..
+        }
+    ));
+
+    fn put() -> Result<Decision> {
+        Ok(Decision::Put(
+            json!({ "resourceType": "Task", "status": "in-progress", "intent": "order" }).into(),
+        ))
+    }
+    let entries = vec![
+        (0, create()),
+        (
+            1,
+            WriteRequest::Change {
+                id: TaskId::parse("a").unwrap(),
+                decide: Box::new(|_| put()),
+            },
+        ),
+        (2, create()),
+    ];
+    let writes = prepare_transaction(&reads, entries).await.unwrap();
+    let mut tx = Fake::with([task("a", 1, "requested")]);
+    let outcomes = apply_transaction(&mut tx, writes, BASE).await.unwrap();
+    assert_eq!(outcomes.len(), 3);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let WriteOutcome::Written(v) = outcome else {
+            panic!("entry {i} is written");
+        };
+        let stored = &tx.tasks[v.id.as_str()].resource;
+        let text: Value = serde_json::from_str(v.text.as_deref().unwrap()).unwrap();
+        assert_eq!(&text, stored, "entry {i}");
+        assert_eq!(
+            v.resource.is_some(),
+            i == 1,
+            "entry {i}: only the change keeps it"
+        );
+        assert_eq!(v.content().as_deref(), Some(stored), "entry {i}");
+    }
+}
+
 /// A create staged before its transaction is stored byte for byte as one worked out inside
 /// it: text, index rows (with `_lastUpdated`, first of the dates), columns, priority rank and
 /// the resource returned.
@@ -631,6 +724,21 @@ fn a_staged_create_stores_what_an_unstaged_one_does() {
         assert!(!rows.tokens.iter().any(|t| t.param == "_id"));
         assert_eq!(columns, want_columns);
         assert_eq!(rank, want_rank);
+        // A plain create staged without stamping its resource (it has no id or meta) stores
+        // the same, byte for byte.
+        let has_id_or_meta = task.get("id").is_some() || task.get("meta").is_some();
+        match Staged::unstamped(&id, &task, BASE) {
+            None => assert!(has_id_or_meta, "{task}"),
+            Some(unstamped) => {
+                assert!(!has_id_or_meta, "{task}");
+                let (text, rows, columns, rank) = unstamped.at(&now);
+                assert_eq!(text, want_text);
+                assert_eq!(
+                    (rows, columns, rank),
+                    (want_rows.clone(), want_columns.clone(), want_rank)
+                );
+            }
+        }
     }
 }
 
