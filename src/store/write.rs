@@ -463,9 +463,9 @@ pub(crate) async fn try_unlocked<T: UnlockedChange>(
         && let Ok(Decision::Put(resource)) = decide(Some(&recent))
         && is_single_change((!recent.deleted).then_some(&recent.resource), &resource)
     {
-        let (next, outcome) = next_version(&id, Some(&recent), owned(resource), None, base_url);
+        let next = next_version(id.clone(), Some(&recent), owned(resource), None, base_url);
         if conn.put_version_if_unchanged(&next.as_new()).await? {
-            return Ok(Attempt::Answered(outcome));
+            return Ok(Attempt::Answered(next.written()));
         }
     }
     let current = conn.read_unlocked(&id).await?;
