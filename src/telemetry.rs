@@ -258,12 +258,7 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
     (
         Kind::Histogram,
         "baton_store_wal_sync_seconds",
-        "Time of one fdatasync of the SQLite WAL, which answers the groups committed before it (store.synchronous = full), on the syncer thread or on the writer's.",
-    ),
-    (
-        Kind::Counter,
-        "baton_store_wal_syncs_total",
-        "Syncs of the SQLite WAL (store.synchronous = full), by the thread that ran them (on: syncer, for the hub's groups and groups committed while a sync was waiting; writer, for a group holding requests when the syncer had nothing waiting).",
+        "Time of one fdatasync of the SQLite WAL by the syncer thread, which answers the groups committed before it (store.synchronous = full).",
     ),
     (
         Kind::Counter,

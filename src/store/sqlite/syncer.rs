@@ -9,14 +9,6 @@
 //! `fdatasync` for every group handed over meanwhile) and only then answers them and wakes
 //! the outbox. The writer meanwhile runs the next group, whose frames follow in the WAL.
 //!
-//! A group that holds requests is synced by the writer itself when nothing handed over is
-//! waiting here (`Syncer::sync_here`): the writer would otherwise hand it over and go idle
-//! (or on to hub work) while this thread wakes to sync it, and on a machine whose cores are
-//! busy each wake-up waits its turn for a core; the requests' answers waited for two such
-//! turns, the syncer's and then their API worker's (BENCHMARKS.md, "a Task PUT beside the
-//! fan-out — one hand-over less"). The hub's groups are always synced here, so the writer
-//! goes on with the next group while their many pages are synced.
-//!
 //! Why every guarantee holds (ARCHITECTURE.md, "Durability"):
 //! - **An acknowledged write survives power loss.** The WAL is append-only until a
 //!   checkpoint has copied every frame into the database file and synced it; a sync begun
@@ -108,15 +100,7 @@ pub(super) struct Syncer {
     thread: Option<JoinHandle<()>>,
     pending: Arc<Pending>,
     horizon: Arc<Horizon>,
-    /// How a sync is done, shared with the thread so that the writer can sync a group itself
-    /// (`sync_here`); the lock keeps two syncs from running at once.
-    sync: Arc<Mutex<SyncFn>>,
-    /// Notified once a group that wrote change events is durable (the outbox's wake-up).
-    committed: Arc<Notify>,
 }
-
-/// Makes every frame written to the WAL so far durable.
-type SyncFn = Box<dyn FnMut() -> io::Result<()> + Send>;
 
 /// How many groups were handed over and are not answered yet, and whether the writer waits
 /// to hear when none is.
@@ -192,40 +176,21 @@ impl Syncer {
         let answered = pending.clone();
         let horizon = Arc::new(Horizon::default());
         let reached = horizon.clone();
-        let sync: Arc<Mutex<SyncFn>> = Arc::new(Mutex::new(Box::new(sync)));
-        let (syncs, notify) = (sync.clone(), committed.clone());
         let thread = std::thread::Builder::new()
             .name("baton-sqlite-sync".into())
-            .spawn(move || run(&handed, &syncs, &notify, &answered, &reached))
+            .spawn(move || run(&handed, sync, &committed, &answered, &reached))
             .map_err(|e| Error::internal("starting the SQLite syncer thread failed", e))?;
         Ok(Syncer {
             groups: Some(groups),
             thread: Some(thread),
             pending,
             horizon,
-            sync,
-            committed,
         })
     }
 
     /// How far the groups handed over are durable.
     pub(super) fn horizon(&self) -> &Arc<Horizon> {
         &self.horizon
-    }
-
-    /// Syncs `group` and answers it on the calling thread (the writer's), if no group handed
-    /// over is still waiting for this thread; otherwise gives it back, to be handed over. Only
-    /// the writer hands groups over, so the thread stays idle meanwhile, and the horizon and
-    /// the answers keep the order committed. The sync covers the group's frames and every frame
-    /// before them, as the thread's would.
-    pub(super) fn sync_here(&self, group: Committed) -> std::result::Result<(), Committed> {
-        if self.pending.counts().groups > 0 {
-            return Err(group);
-        }
-        let synced = timed_sync(&self.sync);
-        answer(vec![group], &synced, &self.committed, &self.horizon);
-        metrics::counter!("baton_store_wal_syncs_total", "on" => "writer").increment(1);
-        Ok(())
     }
 
     /// Hands over a committed group: it is answered once its frames are synced.
@@ -295,7 +260,7 @@ fn wal_sync(wal: PathBuf) -> impl FnMut() -> io::Result<()> {
 /// The thread: every group waiting is synced at once, then answered, in the order committed.
 fn run(
     handed: &mpsc::Receiver<Committed>,
-    sync: &Mutex<SyncFn>,
+    mut sync: impl FnMut() -> io::Result<()>,
     committed: &Notify,
     pending: &Pending,
     horizon: &Horizon,
@@ -304,55 +269,41 @@ fn run(
         let mut groups = vec![first];
         groups.extend(handed.try_iter());
         let handed_now = groups.len();
-        let synced = timed_sync(sync);
-        metrics::counter!("baton_store_wal_syncs_total", "on" => "syncer").increment(1);
-        answer(groups, &synced, committed, horizon);
-        pending.answered(handed_now);
-    }
-}
-
-/// One sync, timed.
-fn timed_sync(sync: &Mutex<SyncFn>) -> io::Result<()> {
-    let mut sync = sync.lock().unwrap_or_else(|e| e.into_inner());
-    let started = std::time::Instant::now();
-    let synced = sync();
-    metrics::histogram!("baton_store_wal_sync_seconds").record(started.elapsed().as_secs_f64());
-    synced
-}
-
-/// After the sync that covers `groups` (in the order committed): moves the horizon past them
-/// if it succeeded, answers them, and wakes the outbox if any wrote change events.
-fn answer(groups: Vec<Committed>, synced: &io::Result<()>, committed: &Notify, horizon: &Horizon) {
-    match synced {
-        // Handed over in the order numbered: the last is the highest.
-        Ok(()) => horizon.synced_through(groups.iter().map(|g| g.number).max().unwrap_or(0)),
-        // The horizon stays: deliveries wait for a sync that succeeds.
-        Err(e) => {
-            tracing::error!(error = %e, groups = groups.len(), "syncing the WAL failed; the writes of these groups are committed but may not survive a power loss");
-        }
-    }
-    let mut wrote = false;
-    for group in groups {
-        wrote |= group.wrote;
-        match synced {
-            Ok(()) => {
-                for (reply, outcome) in group.replies.into_iter().zip(group.outcomes) {
-                    let _ = reply.send(outcome);
-                }
-            }
+        let started = std::time::Instant::now();
+        let synced = sync();
+        metrics::histogram!("baton_store_wal_sync_seconds").record(started.elapsed().as_secs_f64());
+        match &synced {
+            // Handed over in the order numbered: the last is the highest.
+            Ok(()) => horizon.synced_through(groups.iter().map(|g| g.number).max().unwrap_or(0)),
+            // The horizon stays: deliveries wait for a sync that succeeds.
             Err(e) => {
-                for reply in group.replies {
-                    let _ = reply.send(Err(Error::internal(
-                        "the write was committed but not made durable",
-                        e.to_string(),
-                    )));
+                tracing::error!(error = %e, groups = groups.len(), "syncing the WAL failed; the writes of these groups are committed but may not survive a power loss");
+            }
+        }
+        let mut wrote = false;
+        for group in groups {
+            wrote |= group.wrote;
+            match &synced {
+                Ok(()) => {
+                    for (reply, outcome) in group.replies.into_iter().zip(group.outcomes) {
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Err(e) => {
+                    for reply in group.replies {
+                        let _ = reply.send(Err(Error::internal(
+                            "the write was committed but not made durable",
+                            e.to_string(),
+                        )));
+                    }
                 }
             }
         }
-    }
-    // The changes are committed either way: the outbox matches what is in the database.
-    if wrote {
-        committed.notify_one();
+        pending.answered(handed_now);
+        // The changes are committed either way: the outbox matches what is in the database.
+        if wrote {
+            committed.notify_one();
+        }
     }
 }
 
@@ -501,58 +452,6 @@ mod tests {
         }
         drop(syncer);
         assert_eq!(gate.syncs.load(Ordering::SeqCst), 2);
-    }
-
-    /// With nothing handed over, the writer syncs a group itself: it is answered when
-    /// `sync_here` returns, after one sync, with the horizon past it and the outbox woken.
-    #[tokio::test]
-    async fn a_group_synced_here_is_answered_after_its_own_sync() {
-        let syncs = Arc::new(AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let committed = Arc::new(Notify::new());
-        let syncer = Syncer::with(
-            move || {
-                counted.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            },
-            committed.clone(),
-            None,
-        )
-        .unwrap();
-        let horizon = syncer.horizon().clone();
-        let (here, mut answer) = group(&syncer, true);
-        assert!(!reached_now(&horizon).await, "reached before the sync");
-        assert!(syncer.sync_here(here).is_ok(), "not synced with nothing waiting");
-        assert_eq!(syncs.load(Ordering::SeqCst), 1);
-        assert!(answer.try_recv().unwrap().is_ok(), "not answered by its sync");
-        assert!(reached_now(&horizon).await, "the horizon did not pass it");
-        tokio::time::timeout(std::time::Duration::from_millis(50), committed.notified())
-            .await
-            .expect("the outbox was not woken for its change events");
-        drop(syncer);
-        assert_eq!(syncs.load(Ordering::SeqCst), 1, "the thread synced again");
-    }
-
-    /// While a group handed over waits for the thread, the writer does not sync the next one
-    /// itself: it gets it back to hand over, so the answers and the horizon keep their order.
-    #[tokio::test]
-    async fn a_group_is_not_synced_here_while_one_handed_over_waits() {
-        let (gate, syncer, first_answer) = syncing_one(Arc::new(Notify::new()), None);
-        let (second, mut second_answer) = group(&syncer, false);
-        let second = syncer
-            .sync_here(second)
-            .err()
-            .expect("synced here while the thread's sync was running");
-        assert_eq!(gate.syncs.load(Ordering::SeqCst), 1);
-        assert!(second_answer.try_recv().is_err(), "answered before any sync covering it");
-        syncer.hand_over(second);
-        gate.release.send(Ok(())).unwrap();
-        assert!(first_answer.await.unwrap().is_ok());
-        gate.started.recv().unwrap();
-        gate.release.send(Ok(())).unwrap();
-        assert!(second_answer.await.unwrap().is_ok());
-        assert!(reached_now(syncer.horizon()).await);
-        drop(syncer);
     }
 
     #[tokio::test]

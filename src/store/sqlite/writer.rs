@@ -334,10 +334,7 @@ fn next_lane(
 ///
 /// With `Durability::Pipelined`, every group commits without a sync and the syncer answers
 /// it once its frames are synced, while this thread runs the next group: a request never
-/// waits on this thread for the fsync of a fan-out chunk or of delivery results. A group
-/// that holds requests is synced on this thread instead when the syncer has nothing waiting
-/// (`Syncer::sync_here`); the requests behind it wait for that sync, as they would have
-/// waited in an open group for the syncer's (`Group::await_sync`). (That sync
+/// waits on this thread for the fsync of a fan-out chunk or of delivery results. (That sync
 /// once ran here, with SQLite's `synchronous = FULL`, because deliveries read the hub's
 /// writes as soon as they commit; they now wait for the syncer instead, `syncer::Horizon`.)
 fn run_writer(
@@ -397,23 +394,12 @@ fn run_writer(
                 checkpointer.committed();
                 match (syncer, number) {
                     (Some(syncer), Some(number)) => {
-                        let group = Committed {
+                        syncer.hand_over(Committed {
                             replies,
                             outcomes,
                             wrote,
                             number,
-                        };
-                        // Requests' answers are synced here when the syncer has nothing
-                        // waiting: one thread's wake-up less on each request's path. The hub's
-                        // groups go to the syncer, and the writer goes on meanwhile.
-                        let unsynced = if lanes.0 {
-                            syncer.sync_here(group).err()
-                        } else {
-                            Some(group)
-                        };
-                        if let Some(group) = unsynced {
-                            syncer.hand_over(group);
-                        }
+                        });
                         answered_here = false;
                     }
                     _ => {
