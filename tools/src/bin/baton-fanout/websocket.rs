@@ -82,21 +82,25 @@ pub async fn run(options: &Options) -> anyhow::Result<bool> {
     Ok(verify::verify(options, &setup, &collected))
 }
 
-/// Sets the nice value of this process's runtime threads (tokio names its workers and
-/// blocking threads `tokio-runtime-worker`), found in `/proc/self/task`; the updates' thread,
-/// started later under a name of its own, keeps the process's priority. On Linux a nice value
-/// is a thread's own.
+/// Sets the nice value of every thread of this process but the calling one: the runtime's
+/// workers, which will read the listeners' sockets. `run` is called on the main thread (the
+/// runtime's `block_on`), which keeps its priority, and so does the updates' thread it starts
+/// later (a new thread takes its creator's nice value). On Linux a nice value is a thread's
+/// own.
 fn lower_runtime_priority(nice: i32) -> anyhow::Result<()> {
-    let mut lowered = 0;
-    for entry in std::fs::read_dir("/proc/self/task").context("listing this process's threads")? {
-        let task = entry?.path();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        let tid = task
-            .file_name()
+    let tid_of = |path: &std::path::Path| {
+        path.file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.parse::<i32>().ok())
-            .and_then(rustix::process::Pid::from_raw);
-        if let Some(tid) = tid.filter(|_| name.starts_with("tokio-runtime")) {
+    };
+    let own = tid_of(&std::fs::read_link("/proc/thread-self").context("finding this thread")?);
+    let mut lowered = 0;
+    for entry in std::fs::read_dir("/proc/self/task").context("listing this process's threads")? {
+        let tid = tid_of(&entry?.path());
+        if tid == own {
+            continue;
+        }
+        if let Some(tid) = tid.and_then(rustix::process::Pid::from_raw) {
             rustix::process::setpriority_process(Some(tid), nice)
                 .with_context(|| format!("setting the listeners' threads to nice {nice}"))?;
             lowered += 1;
