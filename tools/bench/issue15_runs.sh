@@ -1,7 +1,7 @@
 #!/bin/bash
 # The runs of BENCHMARKS.md "2026-12-07 (fourth sitting): quiet-window figures" (issue 15).
 # BIN = the release dir; modes: ratio, tx, audit, sync, beside NICE..., fanout NICE...,
-# putfan NICE..., linger MS... (EXTRA='BATON_X=1 …': more settings), chunk CHUNK... (MODE=--no-listeners for the baseline), hub, pg (one
+# putfan NICE..., linger MS... (EXTRA='BATON_X=1 …': more settings; FANOPT='--listeners-nice 10': more baton-fanout options), chunk CHUNK... (MODE=--no-listeners for the baseline), hub, pg (one
 # PostgreSQL node, without TLS, against one SQLite node: a fresh database per run), pgab (pg
 # with the PostgreSQL runs alternating between OLD=<old release dir> and BIN).
 # PORT (default 18080) moves every port the runs use (PORT, PORT+1, PORT+10, PORT+15), PGDB
@@ -65,7 +65,7 @@ pgab) for r in 1 2; do for m in create update; do baton $m
   dropdb -h 127.0.0.1 -U postgres $DB; done; done; done ;;
 sync) for r in 1 2; do baton create BATON_STORE__SYNCHRONOUS=full; baton create BATON_STORE__SYNCHRONOUS=normal; done ;;
 linger) for l in ${@:2}; do start $P1 $Q/f BATON_HUB__FANOUT_LINGER_MS=$l $EXTRA
-  $BIN/baton-fanout websocket --base http://127.0.0.1:$P1/fhir --server-pid $S --owners 10000 --catch-all 100 --rate 500 --duration 30s --idle 2s --settle 2s $MODE > $Q/pf.txt 2>&1
+  $BIN/baton-fanout websocket --base http://127.0.0.1:$P1/fhir --server-pid $S --owners 10000 --catch-all 100 --rate 500 --duration 30s --idle 2s --settle 2s $MODE $FANOPT > $Q/pf.txt 2>&1
   commits=$(curl -s http://127.0.0.1:$P1/metrics | awk '/^baton_store_commit_seconds_(sum|count)|^baton_writer_groups_total|^baton_store_write_wait_seconds_(bucket|count)\{lane="request"/ {v[$1]=$2}
     END {printf "%d commits (mean %.2f ms), groups: %d requests only, %d with hub jobs, %d hub only; request waits over 5 ms: %.1f %%, over 10 ms: %.1f %%",
       v["baton_store_commit_seconds_count"], 1000*v["baton_store_commit_seconds_sum"]/v["baton_store_commit_seconds_count"],

@@ -59,16 +59,55 @@ pub struct Options {
     /// listening, the baseline for the updates' own latency beside the fan-out.
     #[arg(long)]
     no_listeners: bool,
+    /// The nice value (0-19) of the threads that read the listeners' sockets (this process's
+    /// runtime), not of the updates' own thread. On a machine that runs the server too, the
+    /// 10 100 readers want the cores the server and the updates need; with a higher value the
+    /// kernel serves those first, as if the listeners ran elsewhere, and the readers take
+    /// what is idle (their arrival times, and so the notification latencies, may then be
+    /// later than the server's sends). 0: as the process runs.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    listeners_nice: i32,
 }
 
 pub async fn run(options: &Options) -> anyhow::Result<bool> {
     if options.owners == 0 || options.rate <= 0.0 || options.max_in_flight == 0 {
         bail!("--owners, --rate and --max-in-flight must be positive");
     }
+    if options.listeners_nice > 0 {
+        lower_runtime_priority(options.listeners_nice)?;
+    }
     let (setup, listeners) = setup(options).await?;
     let driven = drive(options, &setup, &listeners).await?;
     let collected = collect(options, &setup, listeners, driven).await;
     Ok(verify::verify(options, &setup, &collected))
+}
+
+/// Sets the nice value of every thread of this process but the calling one: the runtime's
+/// workers, which will read the listeners' sockets. `run` is called on the main thread (the
+/// runtime's `block_on`), which keeps its priority, and so does the updates' thread it starts
+/// later (a new thread takes its creator's nice value). On Linux a nice value is a thread's
+/// own.
+fn lower_runtime_priority(nice: i32) -> anyhow::Result<()> {
+    let tid_of = |path: &std::path::Path| {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<i32>().ok())
+    };
+    let own = tid_of(&std::fs::read_link("/proc/thread-self").context("finding this thread")?);
+    let mut lowered = 0;
+    for entry in std::fs::read_dir("/proc/self/task").context("listing this process's threads")? {
+        let tid = tid_of(&entry?.path());
+        if tid == own {
+            continue;
+        }
+        if let Some(tid) = tid.and_then(rustix::process::Pid::from_raw) {
+            rustix::process::setpriority_process(Some(tid), nice)
+                .with_context(|| format!("setting the listeners' threads to nice {nice}"))?;
+            lowered += 1;
+        }
+    }
+    println!("  setup      {lowered} listener threads at nice {nice}");
+    Ok(())
 }
 
 /// The run's Tasks, subscriptions and server, and its memory before the sockets.

@@ -38,6 +38,12 @@ pub struct Options {
     /// Transaction mode: Task creates in each transaction Bundle.
     #[arg(long, default_value_t = 10)]
     entries: usize,
+    /// Each worker sends at most one request per this interval (e.g. 20ms: 50 a second per
+    /// worker), so that a few paced workers probe a server's latency under someone else's load
+    /// without adding much of their own. A request still waits for the previous answer; the
+    /// wait for the next slot is not part of the latency. Unset: back to back (closed loop).
+    #[arg(long, value_parser = parse_duration)]
+    pace: Option<Duration>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -180,10 +186,19 @@ async fn drive(options: &Options, setup: &Setup) -> Driven {
         let transaction = (options.mode == Mode::Transaction).then_some(options.entries);
         // Every Task a worker creates is the same; its text is made once.
         let new_task = task_body(&format!("Practitioner/load-{worker}"), None, None).to_string();
+        let pace = options.pace;
         workers.spawn(async move {
             let mut stats = WorkerStats::default();
             let mut n: u64 = 0;
+            let mut slots = pace.map(|every| {
+                let mut slots = tokio::time::interval(every);
+                slots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                slots
+            });
             while Instant::now() < deadline {
+                if let Some(slots) = &mut slots {
+                    slots.tick().await;
+                }
                 n += 1;
                 let request = match (&own, transaction) {
                     (_, Some(entries)) => client

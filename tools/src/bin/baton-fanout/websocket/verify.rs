@@ -90,6 +90,10 @@ pub fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
     let per_listener_p = Percentiles::of(per_listener);
     let owner_p = Percentiles::of(owner_latencies);
     let update_p = Percentiles::of(driven.update_latencies.clone());
+    // The share of updates slower than each bucket bound of the server's request-duration
+    // histogram (`baton_http_request_duration_seconds`), so that what the tool saw can be
+    // set against what the server measured for the same requests.
+    let update_over = slower_than(&driven.update_latencies, &[1.0, 2.5, 5.0, 10.0, 25.0]);
     let passed = catch_all_tally.clean()
         && owner_tally.clean()
         && unbound == 0
@@ -206,6 +210,7 @@ pub fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
             "late_starts": driven.schedule.late_starts,
             "duration_s": round2(window.as_secs_f64()),
             "update_latency_ms": update_p.json_with_count(),
+            "update_percent_over_ms": update_over,
             "latency_all_catch_alls_ms": all_p.json_with_count(),
             "latency_per_catch_all_ms": per_listener_p.json_with_count(),
             "latency_owner_ms": owner_p.json_with_count(),
@@ -219,4 +224,20 @@ pub fn verify(options: &Options, setup: &Setup, collected: &Collected) -> bool {
         })
     );
     passed
+}
+
+/// For each bound in milliseconds, the percentage of `latencies` above it (rounded to tenths).
+fn slower_than(latencies: &[std::time::Duration], bounds_ms: &[f64]) -> serde_json::Value {
+    let total = latencies.len().max(1) as f64;
+    let shares = bounds_ms.iter().map(|&bound| {
+        let over = latencies
+            .iter()
+            .filter(|l| l.as_secs_f64() * 1000.0 > bound)
+            .count();
+        (
+            bound.to_string(),
+            serde_json::json!((over as f64 * 1000.0 / total).round() / 10.0),
+        )
+    });
+    serde_json::Value::Object(shares.collect())
 }
