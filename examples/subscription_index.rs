@@ -374,7 +374,8 @@ async fn seed(
 }
 
 /// Clones the one stored subscription `n` times, each with its own id, owner filter and
-/// author (practitioner n), all settled: active, handshake done, nothing to deliver.
+/// author (practitioner n), all settled: active, handshake done, nothing to deliver, never
+/// rewound.
 /// With `without_forms`, the clones have no matching form, as rows written before the column
 /// existed: the first start-up derives and writes back every form.
 async fn clone_rows(dir: &std::path::Path, n: usize, without_forms: bool) -> anyhow::Result<()> {
@@ -401,7 +402,8 @@ async fn clone_rows(dir: &std::path::Path, n: usize, without_forms: bool) -> any
                 s.author_role,
                 replace(s.author_fhir_user, 'Practitioner/0', 'Practitioner/' || i),
                 CASE WHEN ?3 THEN NULL
-                     ELSE replace(s.matching, 'Practitioner/0', 'Practitioner/' || i) END
+                     ELSE replace(s.matching, 'Practitioner/0', 'Practitioner/' || i) END,
+                0
          FROM n, subscription s WHERE s.id = ?2",
     )
     .bind(n as i64 - 1)
