@@ -538,9 +538,6 @@ mod tests {
         assert_eq!(stored.delivered_through, EventNumber::new(5));
     }
 
-    /// An attempt's AuditEvent is written in the write that records its result: once
-    /// `record` answers, both are in the database, though this recorder's audit queue writes
-    /// nothing (a disconnected one).
     fn ahead_only(sub: &str, through: i64) -> Recording {
         Recording {
             report: delivered(sub, through, HandshakeOwed::Unchanged, 0),
