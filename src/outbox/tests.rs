@@ -333,12 +333,24 @@ pub(crate) async fn events_replay_runs_exactly(store: Arc<dyn Store>) {
         everything(&all).await,
         expected_events(&changes, &all_heard)
     );
-    // Delivered through 3: the first run goes, the one after it (undelivered) stays.
+    // Delivered through 3: the first run goes, the one after it (undelivered) stays. (On
+    // SQLite the first run is the subscription's mark, which the run after it is found by:
+    // it stays until a later mark goes, migration 0018.)
     store.record_delivery(NODE, deliver(3)).await.unwrap();
-    assert_eq!(store.prune_events(&far_future).await.unwrap(), 1);
+    let pruned = store.prune_events(&far_future).await.unwrap();
+    let after = everything(&all).await;
+    let all_events = expected_events(&changes, &all_heard);
+    match pruned {
+        1 => assert_eq!(after, all_events[3..].to_vec()),
+        0 => assert_eq!(after, all_events),
+        other => panic!("{other} runs pruned"),
+    }
     assert_eq!(
-        everything(&all).await,
-        expected_events(&changes, &all_heard)[3..].to_vec()
+        store
+            .subscription_events(&all, EventNumber::new(4), EventNumber::new(100))
+            .await
+            .unwrap(),
+        all_events[3..].to_vec()
     );
     assert_eq!(
         everything(&some).await,
@@ -466,6 +478,297 @@ async fn sqlite_events_replay_runs_exactly() {
     let store = open_sqlite(&dir.path().join("baton.db")).await;
     events_replay_runs_exactly(store.clone()).await;
     store.close().await;
+}
+
+/// Appends `count` Task changes straight to `change_event` of the SQLite database at `path`
+/// (no store open), each a second after the one before: a fast way to a long log.
+fn append_changes(path: &Path, count: usize) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute(
+        "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < ?1)
+         INSERT INTO change_event (resource_type, resource_id, version, previous_version,
+                                   interaction, recorded_at)
+         SELECT 'Task', printf('t%05d', i), 1, NULL, 'create',
+                strftime('%Y-%m-%dT%H:%M:%fZ', '2026-01-01', printf('+%d seconds', i))
+         FROM k",
+        [count as i64],
+    )
+    .unwrap();
+}
+
+/// The log keyed by change (migration 0018) over many marks: a subscription that hears every
+/// change (marked once per `MARK_SPAN` changes), one that hears every other change, and one
+/// that hears rarely (every run marked) replay every range exactly, the work waiting and the
+/// oldest undelivered event are found from their marks, and pruning keeps the mark each kept
+/// run is found by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_events_replay_exactly_across_marks() {
+    use crate::store::sqlite::MARK_SPAN;
+    const CHANGES: usize = 1700;
+    const CHUNK: usize = 37;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    let store = open_sqlite(&path).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(store.create_subscription(subscription(None)).await.unwrap().id);
+    }
+    store.close().await;
+    append_changes(&path, CHANGES);
+    let store = open_sqlite(&path).await;
+    let changes = store
+        .change_events_after(ChangeSeq::ZERO, CHANGES * 2)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), CHANGES);
+    assert!(
+        store
+            .acquire_lease(MATCHER, NODE, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    let hears = |who: usize, i: usize| match who {
+        0 => true,
+        1 => i % 2 == 1,
+        _ => i % 301 == 7,
+    };
+    let mut heard: Vec<Vec<ChangeSeq>> = vec![Vec::new(); 3];
+    for (n, part) in changes.chunks(CHUNK).enumerate() {
+        let mut matches = Vec::new();
+        for (k, change) in part.iter().enumerate() {
+            for (who, id) in ids.iter().enumerate() {
+                if hears(who, n * CHUNK + k) {
+                    matches.push((id, change.seq));
+                    heard[who].push(change.seq);
+                }
+            }
+        }
+        let seqs: Vec<ChangeSeq> = part.iter().map(|c| c.seq).collect();
+        store
+            .record_matches(chunk(&seqs, &matches, None, None))
+            .await
+            .unwrap();
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let marks = |id: &SubscriptionId| -> i64 {
+        conn.query_row(
+            "SELECT count(*) FROM subscription_event WHERE subscription_id = ? AND marked <> 0",
+            [id.as_str()],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    // Marked about once per span, and rarely heard runs each.
+    let spans = CHANGES as i64 / MARK_SPAN;
+    assert!((spans..=spans + 2).contains(&marks(&ids[0])), "{}", marks(&ids[0]));
+    assert!((spans..=spans + 2).contains(&marks(&ids[1])), "{}", marks(&ids[1]));
+    // Changes 7, 308, …, 1512: marked at 7, 609 and 1211, the runs between in spans.
+    assert_eq!(marks(&ids[2]), 3);
+
+    let replay = |id: SubscriptionId, from: usize, to: usize| {
+        let store = store.clone();
+        async move {
+            store
+                .subscription_events(&id, EventNumber::new(from as i64), EventNumber::new(to as i64))
+                .await
+                .unwrap()
+        }
+    };
+    for (who, id) in ids.iter().enumerate() {
+        let expected = expected_events(&changes, &heard[who]);
+        let last = expected.len();
+        let mut points: Vec<usize> = vec![1, 2, last.saturating_sub(1).max(1), last, last + 1];
+        points.extend((1..last).step_by(97));
+        points.extend([MARK_SPAN as usize, MARK_SPAN as usize + 1, 2 * MARK_SPAN as usize - 1]);
+        points.retain(|p| *p >= 1 && *p <= last + 1);
+        for &from in &points {
+            for &to in &points {
+                if to < from {
+                    continue;
+                }
+                let wanted: Vec<EventRecord> = expected
+                    .iter()
+                    .filter(|e| (from as i64..=to as i64).contains(&e.event_number.get()))
+                    .cloned()
+                    .collect();
+                assert_eq!(replay(id.clone(), from, to).await, wanted, "{who}: {from}..={to}");
+            }
+        }
+    }
+
+    // Work waiting since change 7 (the rare one's first): all three; the oldest undelivered
+    // event is the first change. Then the first is delivered through event 900 (its next is
+    // found inside a span, after its mark), the second through all of its 850, the rare one
+    // through 5 (its sixth, change 1512, is an unmarked run).
+    let at = |i: usize| changes[i].recorded_at.clone();
+    let deliver = |id: &SubscriptionId, through: i64| DeliveryReport::Delivered {
+        subscription_id: id.clone(),
+        through: EventNumber::new(through),
+        handshake: HandshakeOwed::Unchanged,
+        status: SubscriptionStatus::Active,
+        at: StoredInstant::parse("2026-01-01T00:00:00.000Z").unwrap(),
+        rewinds: 0,
+    };
+    let mut due = store.due_subscriptions(&at(7), 10).await.unwrap();
+    due.sort();
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(due, all);
+    assert_eq!(
+        store.subscription_gauges(5).await.unwrap().oldest_undelivered,
+        Some(at(0))
+    );
+    assert_eq!((heard[1].len(), heard[2].len()), (850, 6));
+    let delivered: [usize; 3] = [900, 850, 5];
+    for (id, through) in ids.iter().zip(delivered) {
+        store.record_delivery(NODE, deliver(id, through as i64)).await.unwrap();
+    }
+    assert!(
+        store.due_subscriptions(&at(899), 10).await.unwrap().is_empty(),
+        "work waiting since change 900 is not older than change 899"
+    );
+    assert_eq!(store.due_subscriptions(&at(900), 10).await.unwrap(), vec![ids[0].clone()]);
+    let mut due = store.due_subscriptions(&at(1512), 10).await.unwrap();
+    due.sort();
+    let mut owing = vec![ids[0].clone(), ids[2].clone()];
+    owing.sort();
+    assert_eq!(due, owing);
+    assert_eq!(
+        store.subscription_gauges(5).await.unwrap().oldest_undelivered,
+        Some(at(900))
+    );
+    store.record_delivery(NODE, deliver(&ids[0], 1700)).await.unwrap();
+    assert_eq!(
+        store.subscription_gauges(5).await.unwrap().oldest_undelivered,
+        Some(at(1512))
+    );
+    store.restart_delivery(&ids[0], EventNumber::new(901)).await.unwrap();
+
+    // Pruning everything delivered: every event kept replays as it was, every undelivered
+    // one is kept, and a range asked for from a kept event replays exactly what is kept (a
+    // subscription's mark may outlive the delivered runs after it, never the other way).
+    let far_future = StoredInstant::parse("9999-12-31T23:59:59.999Z").unwrap();
+    assert!(store.prune_events(&far_future).await.unwrap() > 0);
+    for (who, id) in ids.iter().enumerate() {
+        let expected = expected_events(&changes, &heard[who]);
+        let kept = replay(id.clone(), 1, expected.len() + 1).await;
+        assert!(!kept.is_empty(), "{who}");
+        for event in &kept {
+            assert_eq!(event, &expected[event.event_number.get() as usize - 1], "{who}");
+        }
+        let delivered = delivered[who];
+        let undelivered: Vec<EventRecord> = kept
+            .iter()
+            .filter(|e| e.event_number.get() > delivered as i64)
+            .cloned()
+            .collect();
+        assert_eq!(undelivered, expected[delivered..].to_vec(), "{who}");
+        let first = kept[0].event_number.get() as usize;
+        for from in [first, first + 1, delivered + 1, delivered + 2] {
+            if from > expected.len() {
+                continue;
+            }
+            let wanted: Vec<EventRecord> = kept
+                .iter()
+                .filter(|e| e.event_number.get() >= from as i64)
+                .cloned()
+                .collect();
+            assert_eq!(replay(id.clone(), from, expected.len()).await, wanted, "{who}: {from}..");
+        }
+    }
+    assert_eq!(store.due_subscriptions(&at(900), 10).await.unwrap(), vec![ids[0].clone()]);
+
+    // Deleting a subscription deletes its runs, and only its.
+    store.delete_subscription(&ids[0]).await.unwrap();
+    let rows = |id: &SubscriptionId| -> i64 {
+        conn.query_row(
+            "SELECT count(*) FROM subscription_event WHERE subscription_id = ?",
+            [id.as_str()],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(rows(&ids[0]), 0);
+    assert!(rows(&ids[1]) > 0);
+    store.close().await;
+}
+
+/// A log written before migration 0018 (keyed by subscription) is carried over whole: each
+/// run marked, every event replaying as before.
+#[tokio::test]
+async fn sqlite_event_runs_written_before_the_log_by_change_replay_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    // The schema before 0018, from the migration files.
+    let older = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for file in std::fs::read_dir(&source).unwrap() {
+        let file = file.unwrap();
+        let name = file.file_name().to_string_lossy().into_owned();
+        let version: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if version <= 17 {
+            std::fs::copy(file.path(), older.path().join(&name)).unwrap();
+        }
+    }
+    {
+        use sqlx::Connection;
+        let migrator = sqlx::migrate::Migrator::new(older.path()).await.unwrap();
+        let mut db =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+                .await
+                .unwrap();
+        migrator.run(&mut db).await.unwrap();
+        db.close().await.unwrap();
+    }
+    append_changes(&path, 6);
+    // Runs as the old layout held them: `legacy` heard changes 1-3 (one run) and 5; `other`
+    // heard 2.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "INSERT INTO subscription_event (subscription_id, event_number, change_seq, events, occurred_at)
+             VALUES ('legacy', 1, 1, 3, '2026-01-01T00:00:03.000Z'),
+                    ('legacy', 4, 5, 1, '2026-01-01T00:00:05.000Z'),
+                    ('other', 1, 2, 1, '2026-01-01T00:00:02.000Z')",
+        )
+        .unwrap();
+    let store = open_sqlite(&path).await;
+    let changes = store.change_events_after(ChangeSeq::ZERO, 10).await.unwrap();
+    let seq = |n: i64| ChangeSeq::new(n);
+    let legacy = SubscriptionId::parse("legacy").unwrap();
+    let expected = expected_events(&changes, &[seq(1), seq(2), seq(3), seq(5)]);
+    for from in 1..=5 {
+        for to in from..=5 {
+            let wanted: Vec<EventRecord> = expected
+                .iter()
+                .filter(|e| (from..=to).contains(&e.event_number.get()))
+                .cloned()
+                .collect();
+            let replayed = store
+                .subscription_events(&legacy, EventNumber::new(from), EventNumber::new(to))
+                .await
+                .unwrap();
+            assert_eq!(replayed, wanted, "{from}..={to}");
+        }
+    }
+    let other = SubscriptionId::parse("other").unwrap();
+    assert_eq!(
+        store
+            .subscription_events(&other, EventNumber::new(1), EventNumber::new(9))
+            .await
+            .unwrap(),
+        expected_events(&changes, &[seq(2)])
+    );
+    store.close().await;
+    let marked: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM subscription_event WHERE marked <> 0",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(marked, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
