@@ -403,7 +403,7 @@ async fn clone_rows(dir: &std::path::Path, n: usize, without_forms: bool) -> any
                 replace(s.author_fhir_user, 'Practitioner/0', 'Practitioner/' || i),
                 CASE WHEN ?3 THEN NULL
                      ELSE replace(s.matching, 'Practitioner/0', 'Practitioner/' || i) END,
-                0, NULL
+                0
          FROM n, subscription s WHERE s.id = ?2",
     )
     .bind(n as i64 - 1)

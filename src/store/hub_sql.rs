@@ -22,8 +22,6 @@ use crate::fhir::task::TERMINAL_STATUSES;
 /// runs only of consecutive `seq`s), and the change itself is read from `change_event`,
 /// which is never pruned. The run holding `$2` is found by one seek on the key; the runs
 /// after it up to `$3` follow it on the same index.
-/// (PostgreSQL's log, keyed by subscription; SQLite's is keyed by change and has its own
-/// statement in `sqlite::hub`, which holds the same rule.)
 pub(crate) const SUBSCRIPTION_EVENTS: &str =
     "SELECT e.event_number + (c.seq - e.change_seq) AS event_number, c.seq AS change_seq,
             c.resource_id AS task_id, c.version, c.interaction, c.recorded_at AS occurred_at,
@@ -65,8 +63,6 @@ pub(crate) const PENDING_DELIVERIES: &str = "SELECT id, next_attempt_at FROM sub
 /// Deletes the runs of events that all happened before `$1` and were all delivered.
 /// Undelivered events are kept whatever their age: the queue must never lose them (a run
 /// with one undelivered event is kept whole).
-/// (PostgreSQL's log, keyed by subscription; SQLite's is keyed by change and has its own
-/// statement in `sqlite::hub`, which holds the same rule.)
 pub(crate) const PRUNE_EVENTS: &str =
     "DELETE FROM subscription_event WHERE occurred_at < $1 AND event_number + events - 1 <=
        (SELECT s.delivered_through FROM subscription s WHERE s.id = subscription_event.subscription_id)";
@@ -74,8 +70,6 @@ pub(crate) const PRUNE_EVENTS: &str =
 /// The condition on `subscription s` of work that has waited since before `$1`: a live
 /// subscription owing a handshake since then, or whose oldest undelivered event (or its
 /// retry time, once an attempt failed) is that old.
-/// (PostgreSQL's log, keyed by subscription; SQLite's is keyed by change and has its own
-/// statement in `sqlite::hub`, which holds the same rule.)
 pub(crate) const WORK_WAITING: &str = "s.status <> 'off'
        AND ((s.handshake_pending <> 0 AND s.last_updated <= $1)
          OR (s.delivered_through < s.events_since_start
@@ -311,8 +305,6 @@ pub(crate) const LARGEST_BACKLOGS: &str =
 /// When the oldest undelivered event of any subscription happened: per subscription with a
 /// backlog, the change of its first undelivered event (found in its run as `WORK_WAITING`
 /// finds it), for `/metrics`.
-/// (PostgreSQL's log, keyed by subscription; SQLite's is keyed by change and has its own
-/// statement in `sqlite::hub`, which holds the same rule.)
 pub(crate) const OLDEST_UNDELIVERED: &str = "SELECT min(c.recorded_at) FROM subscription s
      JOIN change_event c ON c.seq =
        (SELECT e.change_seq + (s.delivered_through + 1 - e.event_number)

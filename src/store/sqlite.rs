@@ -68,8 +68,6 @@ use writer::{Done, Job, Work};
 mod checkpoint;
 mod counts;
 mod hub;
-#[cfg(test)]
-pub(crate) use hub::MARK_SPAN;
 mod live;
 mod point;
 mod subscriptions;

@@ -14,7 +14,6 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{AssertSqlSafe, Row};
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId, Version};
@@ -26,99 +25,6 @@ use crate::store::{
     ChangeEvent, ChangeProgress, DeliveryReport, EventRecord, HandshakeOwed, MatchBatch,
     StoredSubscription, SubscriptionGauges, SubscriptionQuery,
 };
-
-/// Events `?2..=?3` of subscription `?1`'s log, oldest first, expanded from its runs as
-/// `hub_sql::SUBSCRIPTION_EVENTS` expands them, found through the log's layout by change
-/// (migration 0018): the subscription's marks from the latest one at or before `?2` up to
-/// `?3`, each by one seek on `subscription_event_marks`, and after each mark that is not
-/// followed at once by the next one (events between them are in unmarked runs), the log's
-/// changes from the mark up to the next mark and at most `MARK_SPAN` changes on, by the key.
-static SUBSCRIPTION_EVENTS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH marks AS (
-           SELECT change_seq, event_number, events,
-                  lead(event_number) OVER w AS next_number, lead(change_seq) OVER w AS next_seq
-           FROM subscription_event
-           WHERE subscription_id = ?1 AND marked <> 0
-             AND event_number >= coalesce((SELECT max(f.event_number) FROM subscription_event f
-                                           WHERE f.subscription_id = ?1 AND f.marked <> 0
-                                             AND f.event_number <= ?2), 0)
-             AND event_number <= ?3
-           WINDOW w AS (ORDER BY event_number)),
-         runs AS (
-           SELECT change_seq, event_number, events FROM marks
-           UNION ALL
-           SELECT e.change_seq, e.event_number, e.events
-           FROM marks m JOIN subscription_event e
-             ON e.change_seq > m.change_seq AND e.change_seq < m.change_seq + {MARK_SPAN}
-            AND e.change_seq < coalesce(m.next_seq, m.change_seq + {MARK_SPAN})
-            AND e.subscription_id = ?1
-           WHERE m.event_number + m.events < coalesce(m.next_number, ?3 + 1)
-             AND e.marked = 0 AND e.event_number <= ?3 AND e.event_number + e.events > ?2)
-         SELECT r.event_number + (c.seq - r.change_seq) AS event_number, c.seq AS change_seq,
-                c.resource_id AS task_id, c.version, c.interaction, c.recorded_at AS occurred_at,
-                c.traceparent
-         FROM runs r
-         JOIN change_event c ON c.seq BETWEEN r.change_seq AND r.change_seq + r.events - 1
-         WHERE r.event_number + (c.seq - r.change_seq) BETWEEN ?2 AND ?3
-         ORDER BY 1"
-    )
-});
-
-/// The `seq` of the change of subscription `s`'s first undelivered event (`hub_sql`'s rule):
-/// found in the log by change from the subscription's latest mark at or before it, within
-/// `MARK_SPAN` changes of it.
-fn first_undelivered_seq() -> String {
-    let mark = "(SELECT f.change_seq FROM subscription_event f
-                 WHERE f.subscription_id = s.id AND f.marked <> 0
-                   AND f.event_number <= s.delivered_through + 1
-                 ORDER BY f.event_number DESC LIMIT 1)";
-    format!(
-        "(SELECT e.change_seq + (s.delivered_through + 1 - e.event_number)
-          FROM subscription_event e
-          WHERE e.change_seq >= {mark} AND e.change_seq < {mark} + {MARK_SPAN}
-            AND e.subscription_id = s.id AND e.event_number <= s.delivered_through + 1
-          ORDER BY e.change_seq DESC LIMIT 1)"
-    )
-}
-
-/// `hub_sql::WORK_WAITING` on the log by change.
-static WORK_WAITING: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "s.status <> 'off'
-       AND ((s.handshake_pending <> 0 AND s.last_updated <= $1)
-         OR (s.delivered_through < s.events_since_start
-             AND coalesce(s.next_attempt_at,
-                   (SELECT c.recorded_at FROM change_event c WHERE c.seq = {})) <= $1))",
-        first_undelivered_seq()
-    )
-});
-
-/// `hub_sql::OLDEST_UNDELIVERED` on the log by change.
-static OLDEST_UNDELIVERED: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT min(c.recorded_at) FROM subscription s
-         JOIN change_event c ON c.seq = {}
-         WHERE s.delivered_through < s.events_since_start",
-        first_undelivered_seq()
-    )
-});
-
-/// `hub_sql::PRUNE_EVENTS` on the log by change: the runs of events that all happened before
-/// `?1` and were all delivered, but a marked run only if the subscription's next mark goes
-/// too. Every run kept then keeps the latest mark before it: the runs between a mark and the
-/// next happened before the next, and their events come before its (a run with an
-/// undelivered event keeps every mark before it). (Pruning by time takes the clock to move
-/// forward, as it always has: runs out of time order could be kept without their mark.)
-const PRUNE_EVENTS: &str = "DELETE FROM subscription_event
-     WHERE occurred_at < ?1 AND event_number + events - 1 <=
-       (SELECT s.delivered_through FROM subscription s WHERE s.id = subscription_event.subscription_id)
-       AND (marked = 0 OR EXISTS (
-         SELECT 1 FROM subscription_event n
-         WHERE n.subscription_id = subscription_event.subscription_id AND n.marked <> 0
-           AND n.event_number > subscription_event.event_number AND n.occurred_at < ?1
-           AND n.event_number + n.events - 1 <=
-             (SELECT s.delivered_through FROM subscription s WHERE s.id = n.subscription_id)))";
 
 /// Records a chunk of matches in four statements, whatever its size: the progress check,
 /// one `UPDATE … FROM json_each` that moves each matched subscription's counter once (by its
@@ -150,72 +56,44 @@ pub(super) fn record_matches(
             "UPDATE subscription SET events_since_start = events_since_start + m.n
              FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each(?1)) AS m
              WHERE subscription.id = m.id AND subscription.status <> 'off'
-             RETURNING subscription.id, subscription.events_since_start, subscription.mark_seq",
+             RETURNING subscription.id, subscription.events_since_start",
         )?;
         // The counter after the chunk, less the chunk's matches: the counter before it. A
         // subscription deleted or turned off since matching is not returned and gets nothing.
         let mut before: HashMap<SubscriptionId, i64> = HashMap::with_capacity(counts.len());
-        let mut marks: HashMap<SubscriptionId, Option<i64>> =
-            HashMap::with_capacity(counts.len());
         let mut rows = bump.query([as_json(&counts)?])?;
         while let Some(row) = rows.next()? {
-            let id: SubscriptionId = row.get(0)?;
-            marks.insert(id.clone(), row.get(2)?);
-            before.insert(id, row.get(1)?);
+            before.insert(row.get(0)?, row.get(1)?);
         }
         for (id, n) in &plan.counts {
             if let Some(count) = before.get_mut(id) {
                 *count -= n;
             }
         }
-        // Which runs are marked (see migration 0018): a subscription's run is marked when it
-        // starts `MARK_SPAN` changes or more after its latest mark, or it has none yet.
-        let mut moved: Vec<&SubscriptionId> = Vec::new();
-        let runs: Vec<(&str, i64, ChangeSeq, i64, bool)> = plan
+        let runs: Vec<(&str, i64, ChangeSeq, i64)> = plan
             .runs
             .iter()
             .filter_map(|run| {
                 let id = &plan.counts[run.subscription].0;
                 let start = before.get(id)?;
-                let mark = marks.get_mut(id)?;
-                let marked = mark_run(mark, run.change_seq.get());
-                if marked {
-                    moved.push(id);
-                }
                 Some((
                     id.as_str(),
                     start + run.offset + 1,
                     run.change_seq,
                     run.events,
-                    marked,
                 ))
             })
             .collect();
         if !runs.is_empty() {
             conn.prepare_cached(&format!(
-                "INSERT INTO subscription_event (change_seq, subscription_id, event_number, events, occurred_at, marked)
-                 SELECT r.change_seq, r.subscription_id, r.event_number, r.events, {}, r.marked
+                "INSERT INTO subscription_event (subscription_id, event_number, change_seq, events, occurred_at)
+                 SELECT r.subscription_id, r.event_number, r.change_seq, r.events, {}
                  FROM (SELECT value ->> 0 AS subscription_id, value ->> 1 AS event_number,
-                              value ->> 2 AS change_seq, value ->> 3 AS events,
-                              value ->> 4 AS marked
+                              value ->> 2 AS change_seq, value ->> 3 AS events
                        FROM json_each(?1)) AS r",
                 hub_sql::RUN_OCCURRED_AT
             ))?
             .execute([as_json(&runs)?])?;
-        }
-        if !moved.is_empty() {
-            moved.sort_unstable();
-            moved.dedup();
-            let moved: Vec<(&str, Option<i64>)> = moved
-                .into_iter()
-                .map(|id| (id.as_str(), marks.get(id).copied().flatten()))
-                .collect();
-            conn.prepare_cached(
-                "UPDATE subscription SET mark_seq = m.seq
-                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS seq FROM json_each(?1)) AS m
-                 WHERE subscription.id = m.id",
-            )?
-            .execute([as_json(&moved)?])?;
         }
         before
     };
@@ -235,23 +113,6 @@ pub(super) fn record_matches(
         partial_through,
     ])?;
     Ok(hub_sql::number_matches(batch.matches, &before))
-}
-
-/// A subscription's marked runs are at most this many changes apart from the unmarked runs
-/// after them (migration 0018): reading a subscription's log from a mark scans at most this
-/// many changes of the log, and a subscription that hears every change gets one mark (one
-/// entry in `subscription_event_marks`, one page written) per this many changes instead of
-/// one per chunk.
-pub(crate) const MARK_SPAN: i64 = 512;
-
-/// Whether a run starting at change `seq` is marked, given the subscription's latest mark
-/// (moved to `seq` if so): its first run, or one `MARK_SPAN` changes or more after the mark.
-fn mark_run(mark: &mut Option<i64>, seq: i64) -> bool {
-    let marked = mark.is_none_or(|m| seq.saturating_sub(m) >= MARK_SPAN);
-    if marked {
-        *mark = Some(seq);
-    }
-    marked
 }
 
 /// A chunk's values as one JSON text, for `json_each`.
@@ -367,7 +228,7 @@ pub(super) fn restart_delivery(
 
 pub(super) fn prune_events(conn: &Connection, before: &StoredInstant) -> Result<u64> {
     let pruned = conn
-        .prepare_cached(PRUNE_EVENTS)?
+        .prepare_cached(hub_sql::PRUNE_EVENTS)?
         .execute([before])?;
     Ok(pruned as u64)
 }
@@ -384,7 +245,7 @@ pub(super) async fn subscription_gauges(
         .fetch_all(pool)
         .await?;
     let oldest_undelivered =
-        sqlx::query_scalar::<_, Option<StoredInstant>>(AssertSqlSafe(OLDEST_UNDELIVERED.as_str()))
+        sqlx::query_scalar::<_, Option<StoredInstant>>(hub_sql::OLDEST_UNDELIVERED)
             .fetch_one(pool)
             .await?;
     Ok(SubscriptionGauges {
@@ -429,7 +290,7 @@ pub(super) fn subscription_events(
     from: EventNumber,
     to: EventNumber,
 ) -> Result<Vec<EventRecord>> {
-    let mut statement = conn.prepare_cached(&SUBSCRIPTION_EVENTS)?;
+    let mut statement = conn.prepare_cached(hub_sql::SUBSCRIPTION_EVENTS)?;
     let rows = statement.query_map(params![id, from, to], EventRow::from_rusqlite)?;
     rows.map(|row| row?.into_record()).collect()
 }
@@ -483,7 +344,7 @@ pub(super) async fn due_subscriptions(
 ) -> Result<Vec<SubscriptionId>> {
     let sql = format!(
         "SELECT s.id FROM subscription s WHERE {} ORDER BY s.id LIMIT $2",
-        WORK_WAITING.as_str()
+        hub_sql::WORK_WAITING
     );
     Ok(sqlx::query_scalar(AssertSqlSafe(sql))
         .bind(stale_before)

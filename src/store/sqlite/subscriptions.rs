@@ -120,15 +120,8 @@ impl SubscriptionTx for Connection {
     }
 
     async fn delete_events(&mut self, id: &SubscriptionId) -> Result<()> {
-        // The log is keyed by change: the subscription's runs start at or after its first
-        // mark (migration 0018), so the scan starts there.
-        self.prepare_cached(
-            "DELETE FROM subscription_event WHERE subscription_id = ?1 AND change_seq >=
-               (SELECT f.change_seq FROM subscription_event f
-                WHERE f.subscription_id = ?1 AND f.marked <> 0
-                ORDER BY f.event_number LIMIT 1)",
-        )?
-        .execute([id])?;
+        self.prepare_cached("DELETE FROM subscription_event WHERE subscription_id = ?")?
+            .execute([id])?;
         Ok(())
     }
 
