@@ -31,6 +31,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES};
 use super::hub;
 use super::syncer::{Committed, Horizon, Syncer};
+use super::texts::TextCache;
 use super::{BUSY_TIMEOUT, CACHE_SIZE};
 use crate::audit::{AuditRecord, RequestAudit};
 use crate::config::Synchronous;
@@ -178,6 +179,7 @@ pub(super) fn start(
     base_url: String,
     max_batch: usize,
     committed: Arc<Notify>,
+    texts: Option<Arc<TextCache>>,
 ) -> Result<impl Future<Output = ()> + Send + 'static> {
     spawn_watched("baton-sqlite-writer", move || {
         run_writer(
@@ -188,6 +190,7 @@ pub(super) fn start(
             &base_url,
             max_batch,
             &committed,
+            texts.as_deref(),
         );
     })
 }
@@ -345,6 +348,7 @@ fn run_writer(
     base_url: &str,
     max_batch: usize,
     committed: &Notify,
+    texts: Option<&TextCache>,
 ) {
     let mut waiting = Waiting::default();
     let mut turn = Lane::Urgent;
@@ -378,6 +382,8 @@ fn run_writer(
             wrote: false,
             lanes: (false, false),
             number: None,
+            texts,
+            written: Vec::new(),
         };
         let committed_group = group.run(first);
         let Group {
@@ -481,6 +487,11 @@ struct Group<'a> {
     lanes: (bool, bool),
     /// Its number for the syncer's horizon, taken just before its COMMIT.
     number: Option<u64>,
+    /// The search pages' cache of Task texts, told of the Tasks the group wrote around its
+    /// COMMIT (`TextCache::before_commit`, `after_commit`).
+    texts: Option<&'a TextCache>,
+    /// The Tasks the group wrote, once its COMMIT has been tried.
+    written: Vec<TaskId>,
 }
 
 impl Group<'_> {
@@ -494,11 +505,18 @@ impl Group<'_> {
             // transaction by itself on a full disk and on I/O errors.)
             let _ = self.conn.execute_batch("ROLLBACK");
         }
+        if let Some(texts) = self.texts
+            && !self.written.is_empty()
+        {
+            texts.after_commit(&self.written);
+        }
         committed
     }
 
     fn run_jobs(&mut self, first: Lane) -> Result<Vec<Result<Done>>> {
         execute(self.conn, "BEGIN IMMEDIATE")?;
+        // What an earlier group wrote before it failed was rolled back.
+        super::tasks::take_written();
         let mut outcomes = Vec::new();
         let mut holds_request = false;
         let mut lane = Some(first);
@@ -538,6 +556,14 @@ impl Group<'_> {
         // Numbered before the COMMIT makes it visible: a reader that saw any of it and then
         // reads the horizon's count waits for this group's sync (`Horizon::reached`).
         self.number = self.syncer.map(|s| s.horizon().committing());
+        // Every Task the group wrote (rolled-back jobs' too) leaves the text cache before the
+        // COMMIT makes its new version visible, and again after it (`Group::run`).
+        self.written = super::tasks::take_written();
+        if let Some(texts) = self.texts
+            && !self.written.is_empty()
+        {
+            texts.before_commit(&self.written);
+        }
         execute(self.conn, "COMMIT")?;
         Ok(outcomes)
     }
@@ -934,6 +960,8 @@ mod tests {
             wrote: false,
             lanes: (false, false),
             number: None,
+            texts: None,
+            written: Vec::new(),
         };
         let outcomes = group.run(Lane::Urgent).expect("the group commits");
         assert!(group.wrote);
