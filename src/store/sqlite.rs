@@ -176,8 +176,10 @@ impl SqliteStore {
             rx,
             base_url.to_string(),
             max_batch,
-            committed,
-            texts.clone(),
+            writer::Told {
+                committed,
+                texts: texts.clone(),
+            },
         )?;
         let handle = tokio::spawn(supervise::watch_vital(
             health.clone(),
@@ -642,11 +644,6 @@ impl Store for SqliteStore {
             Placeholder::Question,
         )?;
         let rows = sql.rows_with_window(page.count, page.offset)?;
-        // With the text cache, the page's statement reads ids and row numbers only.
-        let rows = match &self.texts {
-            Some(_) => tasks::keys_only(&rows),
-            None => rows,
-        };
         let shape = tasks::PageShape {
             count: page.count,
             offset: page.offset,
@@ -951,6 +948,11 @@ mod tests {
         // Read from the table, then from the cache: the same page.
         let first = page().await;
         assert_eq!(first.total, Some(2));
+        assert_eq!(
+            store.texts.as_ref().unwrap().len(),
+            2,
+            "the page walked a covering index and kept the texts it read"
+        );
         assert_eq!(page().await.tasks, first.tasks);
         let decide: crate::store::Decide = Box::new(|current| {
             let mut resource = current.unwrap().resource.clone();

@@ -612,8 +612,7 @@ impl PageShape {
 }
 
 /// A search page and its count (see `search_sql::page_sql`), on a search connection: blocking.
-/// `rows` is the page's statement with its window written in (`PageSql::rows_with_window`),
-/// and, with a text cache, its columns those of `keys_only`.
+/// `rows` is the page's statement with its window written in (`PageSql::rows_with_window`).
 /// The page is read first: when it holds the last match, its count is known without the
 /// count statement (a patient's Tasks, a short queue).
 pub(super) fn search_page(
@@ -625,14 +624,18 @@ pub(super) fn search_page(
     shape: PageShape,
 ) -> Result<SearchPage> {
     let mut collected = Collected::new(shape.max_bytes, 1);
-    if let Some(texts) = texts {
+    // Only a page whose walk reads no table page gains from the cache: one that reads the
+    // Task's row anyway (a patient's Tasks, sorted by the row's instant) takes its text there.
+    let keyed = match texts {
+        Some(texts) if shape.count > 0 => texts.keyed(rows, |keyed| covering(conn, keyed))?,
+        _ => None,
+    };
+    if let (Some(texts), Some(keyed)) = (texts, keyed) {
         // Read before the snapshot is taken (at the transaction's first read), and the page,
         // the rows it misses and its count all in that one snapshot.
         let fence = texts.fence();
         conn.prepare_cached("BEGIN")?.execute([])?;
-        if shape.count > 0 {
-            page_with_texts(conn, texts, fence, rows, sql, shape, &mut collected)?;
-        }
+        page_with_texts(conn, texts, fence, &keyed, sql, shape, &mut collected)?;
         let total = page_total(conn, counts, sql, shape, &collected)?;
         conn.prepare_cached("COMMIT")?.execute([])?;
         return Ok(collected.into_page(total));
@@ -663,6 +666,26 @@ pub(super) fn keys_only(rows: &str) -> String {
         &format!("SELECT {CURRENT_COLUMNS}"),
         &format!("SELECT {KEY_COLUMNS}"),
     )
+}
+
+/// Whether SQLite's plan for `statement` reads Tasks from covering indexes only: every step
+/// that reads `task t` (`SCAN t`, `SEARCH t`) names a covering index.
+fn covering(conn: &Connection, statement: &str) -> Result<bool> {
+    let mut plan = conn.prepare(&format!("EXPLAIN QUERY PLAN {statement}"))?;
+    // The plan does not depend on the values bound (SQLite plans before binding them here).
+    let nulls = std::iter::repeat_n(rusqlite::types::Null, plan.parameter_count());
+    let mut rows = plan.query(params_from_iter(nulls))?;
+    let mut reads = 0;
+    while let Some(row) = rows.next()? {
+        let detail: String = row.get(3)?;
+        if detail.starts_with("SCAN t ") || detail.starts_with("SEARCH t ") || detail == "SCAN t" {
+            if !detail.contains("COVERING INDEX") {
+                return Ok(false);
+            }
+            reads += 1;
+        }
+    }
+    Ok(reads > 0)
 }
 
 /// A Task read by its row number, for a page whose text cache missed it.

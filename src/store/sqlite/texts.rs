@@ -39,7 +39,13 @@ const ENTRY_OVERHEAD: usize = 96;
 pub(super) struct TextCache {
     inner: Mutex<Inner>,
     budget: usize,
+    /// For each page statement seen, its `keys_only` form if its plan walks covering indexes
+    /// only (`tasks::covering`), or `None`: a work list asks the same few shapes all day.
+    plans: Mutex<HashMap<String, Option<Arc<str>>>>,
 }
+
+/// Page statements whose plans are kept; past it they are forgotten and looked at again.
+const MAX_PLANS: usize = 1024;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -76,6 +82,7 @@ impl TextCache {
     pub(super) fn new(mib: u64) -> Option<TextCache> {
         (mib > 0).then(|| TextCache {
             inner: Mutex::new(Inner::default()),
+            plans: Mutex::new(HashMap::new()),
             budget: usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
         })
     }
@@ -86,6 +93,35 @@ impl TextCache {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The `keys_only` form of page statement `rows` if `covering` says its plan reads no
+    /// table page, else `None`; decided once per statement text.
+    pub(super) fn keyed(
+        &self,
+        rows: &str,
+        covering: impl FnOnce(&str) -> crate::error::Result<bool>,
+    ) -> crate::error::Result<Option<Arc<str>>> {
+        let known = self
+            .plans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(rows)
+            .cloned();
+        if let Some(known) = known {
+            return Ok(known);
+        }
+        let keyed = super::tasks::keys_only(rows);
+        let decided = covering(&keyed)?.then(|| Arc::from(keyed));
+        let mut plans = self
+            .plans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if plans.len() >= MAX_PLANS {
+            plans.clear();
+        }
+        plans.insert(rows.to_string(), decided.clone());
+        Ok(decided)
     }
 
     /// Read by a search before its read transaction begins.
@@ -186,6 +222,14 @@ impl TextCache {
         }
         inner.generation += 1;
         inner.in_flight = false;
+    }
+}
+
+#[cfg(test)]
+impl TextCache {
+    /// How many Tasks' texts are kept.
+    pub(super) fn len(&self) -> usize {
+        self.lock().entries.len()
     }
 }
 

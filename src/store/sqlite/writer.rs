@@ -168,6 +168,14 @@ impl Durability {
     }
 }
 
+/// Who the writer tells of its commits.
+pub(super) struct Told {
+    /// Woken after a group that wrote a change event (the outbox consumer).
+    pub committed: Arc<Notify>,
+    /// The search pages' text cache, told of the Tasks each group wrote around its COMMIT.
+    pub texts: Option<Arc<TextCache>>,
+}
+
 /// Starts the writer thread on `conn`, with `checkpointer` told of its commits. The future
 /// returned resolves when the thread has ended, and panics with the thread's panic if it
 /// panicked, so that `supervise::watch_vital` reports how it ended.
@@ -178,8 +186,7 @@ pub(super) fn start(
     jobs: mpsc::Receiver<Job>,
     base_url: String,
     max_batch: usize,
-    committed: Arc<Notify>,
-    texts: Option<Arc<TextCache>>,
+    told: Told,
 ) -> Result<impl Future<Output = ()> + Send + 'static> {
     spawn_watched("baton-sqlite-writer", move || {
         run_writer(
@@ -189,8 +196,7 @@ pub(super) fn start(
             jobs,
             &base_url,
             max_batch,
-            &committed,
-            texts.as_deref(),
+            &told,
         );
     })
 }
@@ -347,9 +353,10 @@ fn run_writer(
     mut jobs: mpsc::Receiver<Job>,
     base_url: &str,
     max_batch: usize,
-    committed: &Notify,
-    texts: Option<&TextCache>,
+    told: &Told,
 ) {
+    let committed = &*told.committed;
+    let texts = told.texts.as_deref();
     let mut waiting = Waiting::default();
     let mut turn = Lane::Urgent;
     // The syncer answers every group (the connection commits with `synchronous = NORMAL`,
