@@ -508,6 +508,10 @@ pub struct StoreConfig {
     /// whole mapping when it starts reading after any commit, so under writes (read
     /// auditing is one) a mapping costs more than it saves (BENCHMARKS.md, issue 16).
     pub search_mmap_mib: u64,
+    /// How many MiB of current Tasks' texts SQLite search pages keep in memory: a page walks
+    /// its index for ids and takes each Task's text from there, reading from the table only
+    /// the Tasks it misses; 0 reads every page's Tasks from the table. PostgreSQL ignores it.
+    pub search_text_cache_mib: u64,
 }
 
 /// How the outbox consumer records what it matched.
@@ -723,6 +727,7 @@ impl Default for StoreConfig {
             max_queue: 4096,
             max_fanout_lag: 50_000,
             search_mmap_mib: 0,
+            search_text_cache_mib: 256,
         }
     }
 }

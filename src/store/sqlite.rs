@@ -73,6 +73,7 @@ mod point;
 mod subscriptions;
 mod syncer;
 mod tasks;
+mod texts;
 mod writer;
 
 /// How long a connection waits for a lock another holds (a checkpoint, a reader starting).
@@ -100,6 +101,8 @@ pub struct SqliteStore {
     searches: Arc<point::PointReads>,
     /// The searches' capped counts that are still "more than the cap" (`counts`).
     counts: Arc<counts::CappedCounts>,
+    /// The current Tasks' texts for search pages (`store.search_text_cache_mib`; `texts`).
+    texts: Option<Arc<texts::TextCache>>,
     /// How long a search runs on the caller's thread before it moves to a blocking one
     /// (`INLINE_SEARCH_BUDGET`).
     inline_budget: Duration,
@@ -165,6 +168,7 @@ impl SqliteStore {
         let horizon = durability.horizon();
         let max_batch = config.max_batch;
         let closing = CancellationToken::new();
+        let texts = texts::TextCache::new(config.search_text_cache_mib).map(Arc::new);
         let ended = writer::start(
             writer,
             checkpointer,
@@ -172,7 +176,10 @@ impl SqliteStore {
             rx,
             base_url.to_string(),
             max_batch,
-            committed,
+            writer::Told {
+                committed,
+                texts: texts.clone(),
+            },
         )?;
         let handle = tokio::spawn(supervise::watch_vital(
             health.clone(),
@@ -191,6 +198,7 @@ impl SqliteStore {
                 i64::try_from(config.search_mmap_mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX),
             )),
             counts: Arc::new(counts::CappedCounts::new()),
+            texts,
             inline_budget: INLINE_SEARCH_BUDGET,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
@@ -639,15 +647,25 @@ impl Store for SqliteStore {
         // On this thread first, for as long as a work list takes; a search that takes longer
         // is interrupted and run again on a blocking thread.
         let inline = self.searches.run_within(self.inline_budget, |conn| {
-            tasks::search_page(conn, &self.counts, &sql, &rows, shape)
+            tasks::search_page(
+                conn,
+                &self.counts,
+                self.texts.as_deref(),
+                &sql,
+                &rows,
+                shape,
+            )
         })?;
         if let Some(page) = inline {
             return Ok(page);
         }
         metrics::counter!("baton_search_inline_overruns_total").increment(1);
         let counts = self.counts.clone();
-        self.search_reads(move |conn| tasks::search_page(conn, &counts, &sql, &rows, shape))
-            .await
+        let texts = self.texts.clone();
+        self.search_reads(move |conn| {
+            tasks::search_page(conn, &counts, texts.as_deref(), &sql, &rows, shape)
+        })
+        .await
     }
 
     async fn children_of(
@@ -886,6 +904,78 @@ mod tests {
             .unwrap();
         let outcome = conditional(&store, "B-1", before).await.unwrap();
         assert!(matches!(outcome, WriteOutcome::Written(_)), "{outcome:?}");
+        store.close().await;
+    }
+
+    /// A search page takes its Tasks' texts from the text cache once a search has read them,
+    /// and a write of a Task is seen by the next search: a new version's text, a deletion.
+    #[tokio::test]
+    async fn search_pages_show_each_write_through_the_text_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        assert!(store.texts.is_some(), "the text cache is on by default");
+        let a = create(&store, order("T-1")).await;
+        let b = create(&store, order("T-2")).await;
+        let predicates = criteria("status=requested,ready");
+        let page = async || {
+            store
+                .search(PageRequest {
+                    predicates: &predicates,
+                    sort: &[],
+                    count: 10,
+                    offset: 0,
+                    counting: Counting::All,
+                    after: None,
+                    max_bytes: usize::MAX,
+                })
+                .await
+                .unwrap()
+        };
+        let status_of = |page: &SearchPage, id: &TaskId| {
+            page.tasks
+                .iter()
+                .find(|t| &t.id == id)
+                .map(|t| serde_json::from_str::<Value>(&t.json).unwrap()["status"].clone())
+        };
+        // Read from the table, then from the cache: the same page.
+        let first = page().await;
+        assert_eq!(first.total, Some(2));
+        assert_eq!(
+            store.texts.as_ref().unwrap().len(),
+            2,
+            "the page walked a covering index and kept the texts it read"
+        );
+        assert_eq!(page().await.tasks, first.tasks);
+        let decide: crate::store::Decide = Box::new(|current| {
+            let mut resource = current.unwrap().resource.clone();
+            resource["status"] = json!("ready");
+            Ok(Decision::Put(Arc::new(resource)))
+        });
+        store
+            .write(WriteRequest::Change {
+                id: a.clone(),
+                decide,
+            })
+            .await
+            .unwrap();
+        let after = page().await;
+        assert_eq!(status_of(&after, &a), Some(json!("ready")));
+        assert_eq!(
+            after.tasks.iter().find(|t| t.id == a).unwrap().version,
+            Version::FIRST.next()
+        );
+        assert_eq!(page().await.tasks, after.tasks);
+        let decide: crate::store::Decide = Box::new(|_| Ok(Decision::Delete));
+        store
+            .write(WriteRequest::Change {
+                id: b.clone(),
+                decide,
+            })
+            .await
+            .unwrap();
+        let last = page().await;
+        assert_eq!((last.tasks.len(), last.total), (1, Some(1)));
+        assert_eq!(status_of(&last, &b), None);
         store.close().await;
     }
 
@@ -1286,7 +1376,7 @@ mod tests {
                     count_cap: None,
                 };
                 for _ in 0..3 {
-                    let page = tasks::search_page(conn, &counts, &sql, &windowed, shape())?;
+                    let page = tasks::search_page(conn, &counts, None, &sql, &windowed, shape())?;
                     assert_eq!((page.tasks.len(), page.total), (2, Some(3)));
                 }
                 let after = conn

@@ -84,6 +84,11 @@ impl PointReads {
             None => self.open()?,
         };
         let result = read(&conn);
+        // A read that failed or was interrupted inside a transaction (a search page with its
+        // text cache reads in one) leaves it open: ended here, or the connection dropped.
+        if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
+            return result;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < self.max_idle {
             idle.push(conn);

@@ -25,10 +25,11 @@ use crate::store::rows::{
 };
 use crate::store::search_sql::{PageSql, Placeholder, SqlFilter, where_clause};
 use crate::store::write::{Deletion, Found, NewVersion, TaskTx};
-use crate::store::{Collected, CurrentTask, Interaction, SearchPage, StoredVersion};
+use crate::store::{Collected, CurrentTask, Interaction, ListedTask, SearchPage, StoredVersion};
 use crate::trace::current_trace;
 
 use super::counts::CappedCounts;
+use super::texts::{Fence, TextCache};
 
 impl TaskTx for Connection {
     /// The outbox position up to which the read pool found no match (`SqliteStore::precheck`).
@@ -84,6 +85,7 @@ impl TaskTx for Connection {
     }
 
     async fn put_version(&mut self, v: &NewVersion<'_>) -> Result<()> {
+        note_written(v.id);
         let c = v.columns;
         self.prepare_cached(
             "INSERT INTO task (id, version, last_updated, deleted, priority_rank, resource,
@@ -150,6 +152,7 @@ impl TaskTx for Connection {
     }
 
     async fn delete_version(&mut self, d: &Deletion<'_>) -> Result<()> {
+        note_written(d.id);
         self.prepare_cached(
             "UPDATE task SET version = ?, last_updated = ?, deleted = 1 WHERE id = ?",
         )?
@@ -172,6 +175,21 @@ impl TaskTx for Connection {
             d.last_updated,
         )
     }
+}
+
+thread_local! {
+    /// The Tasks the writer thread's open transaction wrote, for the text cache
+    /// (`texts::TextCache::before_commit`): taken by the writer before its COMMIT.
+    static WRITTEN: std::cell::RefCell<Vec<TaskId>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn note_written(id: &TaskId) {
+    WRITTEN.with(|written| written.borrow_mut().push(id.clone()));
+}
+
+/// The Tasks written on this thread since the last call (the writer's, since its BEGIN).
+pub(super) fn take_written() -> Vec<TaskId> {
+    WRITTEN.with(|written| std::mem::take(&mut *written.borrow_mut()))
 }
 
 fn insert_version(
@@ -344,6 +362,9 @@ pub(super) fn insert_new_tasks(
             "writing new Tasks",
             format!("{} traces for {} versions", traces.len(), versions.len()),
         ));
+    }
+    for v in versions {
+        note_written(v.id);
     }
     let interactions: Vec<&'static str> = versions.iter().map(|v| v.interaction.as_str()).collect();
     insert_rows(conn, &NEW_TASK_ROWS, versions.len(), |i, out| {
@@ -597,11 +618,28 @@ impl PageShape {
 pub(super) fn search_page(
     conn: &Connection,
     counts: &CappedCounts,
+    texts: Option<&TextCache>,
     sql: &PageSql,
     rows: &str,
     shape: PageShape,
 ) -> Result<SearchPage> {
     let mut collected = Collected::new(shape.max_bytes, 1);
+    // Only a page whose walk reads no table page gains from the cache: one that reads the
+    // Task's row anyway (a patient's Tasks, sorted by the row's instant) takes its text there.
+    let keyed = match texts {
+        Some(texts) if shape.count > 0 => texts.keyed(rows, |keyed| covering(conn, keyed))?,
+        _ => None,
+    };
+    if let (Some(texts), Some(keyed)) = (texts, keyed) {
+        // Read before the snapshot is taken (at the transaction's first read), and the page,
+        // the rows it misses and its count all in that one snapshot.
+        let fence = texts.fence();
+        conn.prepare_cached("BEGIN")?.execute([])?;
+        page_with_texts(conn, texts, fence, &keyed, sql, shape, &mut collected)?;
+        let total = page_total(conn, counts, sql, shape, &collected)?;
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        return Ok(collected.into_page(total));
+    }
     if shape.count > 0 {
         let mut statement = conn.prepare_cached(rows)?;
         let mut rows = statement.query(params_from_iter(&sql.binds))?;
@@ -613,10 +651,112 @@ pub(super) fn search_page(
             }
         }
     }
+    let total = page_total(conn, counts, sql, shape, &collected)?;
+    Ok(collected.into_page(total))
+}
+
+/// The columns a page's statement selects with a text cache, in place of `CURRENT_COLUMNS`
+/// (as many, so that the sort values follow at the same place): the id and the row number,
+/// which every index carries, so that a walk of a work-list index reads no table page.
+const KEY_COLUMNS: &str = "t.id, t.rowid, NULL, NULL, NULL";
+
+/// A page's statement (`PageSql::rows`) selecting `KEY_COLUMNS` instead of the Task's columns.
+pub(super) fn keys_only(rows: &str) -> String {
+    rows.replace(
+        &format!("SELECT {CURRENT_COLUMNS}"),
+        &format!("SELECT {KEY_COLUMNS}"),
+    )
+}
+
+/// Whether SQLite's plan for `statement` reads Tasks from covering indexes only: every step
+/// that reads `task t` (`SCAN t`, `SEARCH t`) names a covering index.
+fn covering(conn: &Connection, statement: &str) -> Result<bool> {
+    let mut plan = conn.prepare(&format!("EXPLAIN QUERY PLAN {statement}"))?;
+    // The plan does not depend on the values bound (SQLite plans before binding them here).
+    let nulls = std::iter::repeat_n(rusqlite::types::Null, plan.parameter_count());
+    let mut rows = plan.query(params_from_iter(nulls))?;
+    let mut reads = 0;
+    while let Some(row) = rows.next()? {
+        let detail: String = row.get(3)?;
+        if detail.starts_with("SCAN t ") || detail.starts_with("SEARCH t ") || detail == "SCAN t" {
+            if !detail.contains("COVERING INDEX") {
+                return Ok(false);
+            }
+            reads += 1;
+        }
+    }
+    Ok(reads > 0)
+}
+
+/// A Task read by its row number, for a page whose text cache missed it.
+static LOAD_BY_ROWID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {CURRENT_COLUMNS} FROM task t WHERE t.rowid = ?"));
+
+/// A page's Tasks: their ids, row numbers and sort values by `rows` (`keys_only`), their
+/// texts from `texts`, and the rows it misses read by row number and kept for later searches.
+fn page_with_texts(
+    conn: &Connection,
+    texts: &TextCache,
+    fence: Fence,
+    rows: &str,
+    sql: &PageSql,
+    shape: PageShape,
+    collected: &mut Collected,
+) -> Result<()> {
+    let mut keys: Vec<(TaskId, i64, Vec<Option<String>>)> = Vec::with_capacity(shape.count);
+    {
+        let mut statement = conn.prepare_cached(rows)?;
+        let mut rows = statement.query(params_from_iter(&sql.binds))?;
+        while let Some(row) = rows.next()? {
+            let id: TaskId = row.get(0)?;
+            let rowid: i64 = row.get(1)?;
+            keys.push((
+                id,
+                rowid,
+                read_sort_values_rusqlite(row, shape.sort_values)?,
+            ));
+        }
+    }
+    let ids: Vec<&TaskId> = keys.iter().map(|(id, ..)| id).collect();
+    let found = texts.lookup(fence, &ids);
+    let mut read = Vec::new();
+    for ((id, rowid, sort_values), hit) in keys.into_iter().zip(found) {
+        let task = match hit {
+            Some((version, last_updated, json)) => ListedTask {
+                id,
+                version,
+                last_updated,
+                json: String::from(&*json),
+            },
+            None => {
+                let task = conn
+                    .prepare_cached(&LOAD_BY_ROWID)?
+                    .query_row([rowid], TaskRow::from_rusqlite)?
+                    .into_listed();
+                read.push(task.clone());
+                task
+            }
+        };
+        if !collected.take(task, Some(sort_values)) {
+            break;
+        }
+    }
+    texts.fill(fence, &read);
+    Ok(())
+}
+
+/// A page's total: shown by the page itself, counted, or not asked for.
+fn page_total(
+    conn: &Connection,
+    counts: &CappedCounts,
+    sql: &PageSql,
+    shape: PageShape,
+    collected: &Collected,
+) -> Result<Option<u64>> {
     let shown = (shape.count > 0)
-        .then(|| shape.total_shown(&collected))
+        .then(|| shape.total_shown(collected))
         .flatten();
-    let total = match (&sql.count, shown) {
+    Ok(match (&sql.count, shown) {
         (Some(_), Some(shown)) => Some(shown),
         (Some(count), None) => match shape.count_cap {
             Some(cap) => Some(counts.count_up_to(conn, count, &sql.count_binds, cap)?),
@@ -628,8 +768,7 @@ pub(super) fn search_page(
             }
         },
         (None, _) => None,
-    };
-    Ok(collected.into_page(total))
+    })
 }
 
 /// The live sub-tasks of a search's `_revinclude` (see `search_sql::children_sql`), at most
@@ -787,7 +926,6 @@ fn indexes_written_after(conn: &Connection, seq: ChangeSeq) -> Result<Vec<(TaskI
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ListedTask;
 
     fn collected(tasks: usize, truncated: bool) -> Collected {
         let mut collected = Collected::new(usize::MAX, 1);

@@ -31,6 +31,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES};
 use super::hub;
 use super::syncer::{Committed, Horizon, Syncer};
+use super::texts::TextCache;
 use super::{BUSY_TIMEOUT, CACHE_SIZE};
 use crate::audit::{AuditRecord, RequestAudit};
 use crate::config::Synchronous;
@@ -166,6 +167,14 @@ impl Durability {
     }
 }
 
+/// Who the writer tells of its commits.
+pub(super) struct Told {
+    /// Woken after a group that wrote a change event (the outbox consumer).
+    pub committed: Arc<Notify>,
+    /// The search pages' text cache, told of the Tasks each group wrote around its COMMIT.
+    pub texts: Option<Arc<TextCache>>,
+}
+
 /// Starts the writer thread on `conn`, with `checkpointer` told of its commits. The future
 /// returned resolves when the thread has ended, and panics with the thread's panic if it
 /// panicked, so that `supervise::watch_vital` reports how it ended.
@@ -176,7 +185,7 @@ pub(super) fn start(
     jobs: mpsc::Receiver<Job>,
     base_url: String,
     max_batch: usize,
-    committed: Arc<Notify>,
+    told: Told,
 ) -> Result<impl Future<Output = ()> + Send + 'static> {
     spawn_watched("baton-sqlite-writer", move || {
         run_writer(
@@ -186,7 +195,7 @@ pub(super) fn start(
             jobs,
             &base_url,
             max_batch,
-            &committed,
+            &told,
         );
     })
 }
@@ -343,8 +352,10 @@ fn run_writer(
     mut jobs: mpsc::Receiver<Job>,
     base_url: &str,
     max_batch: usize,
-    committed: &Notify,
+    told: &Told,
 ) {
+    let committed = &*told.committed;
+    let texts = told.texts.as_deref();
     let mut waiting = Waiting::default();
     let mut turn = Lane::Urgent;
     // The syncer answers every group (the connection commits with `synchronous = NORMAL`,
@@ -377,6 +388,8 @@ fn run_writer(
             wrote: false,
             lanes: (false, false),
             number: None,
+            texts,
+            written: Vec::new(),
         };
         let committed_group = group.run(first);
         let Group {
@@ -480,6 +493,11 @@ struct Group<'a> {
     lanes: (bool, bool),
     /// Its number for the syncer's horizon, taken just before its COMMIT.
     number: Option<u64>,
+    /// The search pages' cache of Task texts, told of the Tasks the group wrote around its
+    /// COMMIT (`TextCache::before_commit`, `after_commit`).
+    texts: Option<&'a TextCache>,
+    /// The Tasks the group wrote, once its COMMIT has been tried.
+    written: Vec<TaskId>,
 }
 
 impl Group<'_> {
@@ -493,11 +511,18 @@ impl Group<'_> {
             // transaction by itself on a full disk and on I/O errors.)
             let _ = self.conn.execute_batch("ROLLBACK");
         }
+        if let Some(texts) = self.texts
+            && !self.written.is_empty()
+        {
+            texts.after_commit(&self.written);
+        }
         committed
     }
 
     fn run_jobs(&mut self, first: Lane) -> Result<Vec<Result<Done>>> {
         execute(self.conn, "BEGIN IMMEDIATE")?;
+        // What an earlier group wrote before it failed was rolled back.
+        super::tasks::take_written();
         let mut outcomes = Vec::new();
         let mut holds_request = false;
         let mut lane = Some(first);
@@ -537,6 +562,14 @@ impl Group<'_> {
         // Numbered before the COMMIT makes it visible: a reader that saw any of it and then
         // reads the horizon's count waits for this group's sync (`Horizon::reached`).
         self.number = self.syncer.map(|s| s.horizon().committing());
+        // Every Task the group wrote (rolled-back jobs' too) leaves the text cache before the
+        // COMMIT makes its new version visible, and again after it (`Group::run`).
+        self.written = super::tasks::take_written();
+        if let Some(texts) = self.texts
+            && !self.written.is_empty()
+        {
+            texts.before_commit(&self.written);
+        }
         execute(self.conn, "COMMIT")?;
         Ok(outcomes)
     }
@@ -931,6 +964,8 @@ mod tests {
             wrote: false,
             lanes: (false, false),
             number: None,
+            texts: None,
+            written: Vec::new(),
         };
         let outcomes = group.run(Lane::Urgent).expect("the group commits");
         assert!(group.wrote);
