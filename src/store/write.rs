@@ -400,7 +400,8 @@ pub(crate) enum Decided {
     /// A put that changes this Task alone (`is_single_change`): the version it writes, whole,
     /// with `TaskTx::put_version`, as `put_task` would write it. The SQLite writer writes the
     /// plain puts of a group's queued changes together (`writer::Group::run_changes`).
-    Plain(NextVersion),
+    /// Boxed: it is twice the size of the other (clippy `large_enum_variant`).
+    Plain(Box<NextVersion>),
     /// Anything else (a delete, a keep, a put with effects on other Tasks): written by
     /// `write_decided`.
     Other {
@@ -423,9 +424,15 @@ pub(crate) async fn decide_change<T: TaskTx>(
     drop(decide);
     let previous = current.as_ref().filter(|c| !c.deleted).map(|c| &c.resource);
     match decision? {
-        Decision::Put(resource) if is_single_change(previous, &resource) => Ok(Decided::Plain(
-            next_version(id, current.as_ref(), owned(resource), None, base_url),
-        )),
+        Decision::Put(resource) if is_single_change(previous, &resource) => {
+            Ok(Decided::Plain(Box::new(next_version(
+                id,
+                current.as_ref(),
+                owned(resource),
+                None,
+                base_url,
+            ))))
+        }
         decision => Ok(Decided::Other {
             id,
             current,

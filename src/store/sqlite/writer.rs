@@ -926,7 +926,7 @@ fn not_a_change() -> Error {
 struct HeldPut {
     /// Its place among the run's outcomes.
     slot: usize,
-    next: write::NextVersion,
+    next: Box<write::NextVersion>,
     trace: Option<TraceContext>,
     audit: Option<Arc<RequestAudit>>,
 }
