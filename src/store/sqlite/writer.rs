@@ -3,7 +3,8 @@
 //! The thread (`baton-sqlite-writer`) owns a rusqlite `Connection` and blocks on the job
 //! queue. It runs a group of the jobs waiting (up to `store.max_batch`) in one transaction
 //! (`BEGIN IMMEDIATE`), each inside its own savepoint (plain creates queued together share
-//! one, `Group::run_creates`), and commits once; every statement is a
+//! one, `Group::run_creates`, and so do the plain puts of changes queued together,
+//! `Group::run_changes`), and commits once; every statement is a
 //! call into SQLite on this thread, with no hand-off to another thread in between. Requests
 //! (Task and subscription writes) go before the hub's bookkeeping and join a group that is
 //! already running (`run_writer`), so a Task write never queues behind the fan-out. Task writes
@@ -38,7 +39,7 @@ use crate::config::Synchronous;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{ChangeSeq, EventNumber, StoredInstant, SubscriptionId, TaskId};
 use crate::store::subscriptions;
-use crate::store::write::{self, Prepared, TaskTx, TaskWrite};
+use crate::store::write::{self, Decided, Prepared, TaskTx, TaskWrite};
 use crate::store::{
     DeliveryReport, MatchBatch, MatchingFormRow, StoredSubscription, SubscriptionDecide,
     SubscriptionRecord, WriteOutcome,
@@ -390,6 +391,7 @@ fn run_writer(
             number: None,
             texts,
             written: Vec::new(),
+            clean: false,
         };
         let committed_group = group.run(first);
         let Group {
@@ -498,6 +500,9 @@ struct Group<'a> {
     texts: Option<&'a TextCache>,
     /// The Tasks the group wrote, once its COMMIT has been tried.
     written: Vec<TaskId>,
+    /// Whether no job has run in the group's transaction yet, or only jobs that failed and
+    /// were undone: the next job then needs no savepoint (`Group::guarded`).
+    clean: bool,
 }
 
 impl Group<'_> {
@@ -523,6 +528,7 @@ impl Group<'_> {
         execute(self.conn, "BEGIN IMMEDIATE")?;
         // What an earlier group wrote before it failed was rolled back.
         super::tasks::take_written();
+        self.clean = true;
         let mut outcomes = Vec::new();
         let mut holds_request = false;
         let mut lane = Some(first);
@@ -542,8 +548,15 @@ impl Group<'_> {
                 outcomes.extend(self.run_creates(creates)?);
             } else {
                 for job in creates {
-                    let outcome = self.run_one(job)?;
-                    outcomes.push(outcome);
+                    let changes = self.changes(job);
+                    if changes.len() > 1 {
+                        outcomes.extend(self.run_changes(changes)?);
+                    } else {
+                        for job in changes {
+                            let outcome = self.run_one(job)?;
+                            outcomes.push(outcome);
+                        }
+                    }
                 }
             }
             self.waiting.take_arrived(self.jobs);
@@ -619,6 +632,152 @@ impl Group<'_> {
         creates
     }
 
+    /// `job` and, when it is a request's change of one Task (`TaskWrite::Change`: an update,
+    /// a patch, a delete), the changes queued right behind it, in order, as far as the group
+    /// has room: the writes of a burst of PUTs, which `run_changes` writes together. Any other
+    /// job comes alone.
+    fn changes(&mut self, job: Job) -> Vec<Job> {
+        let mut changes = vec![job];
+        if !is_change(&changes[0]) {
+            return changes;
+        }
+        self.waiting.take_arrived(self.jobs);
+        while self.replies.len() + changes.len() < self.max_batch {
+            match self.waiting.urgent.pop_front() {
+                Some(job) if is_change(&job) => changes.push(job),
+                Some(other) => {
+                    self.waiting.urgent.push_front(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        changes
+    }
+
+    /// Runs requests' changes of single Tasks (two or more, in the order queued) as `run_one`
+    /// would, one after another, except that the plain puts among them
+    /// (`write::Decided::Plain`: an update that changes its Task alone) are written together
+    /// under one savepoint (or none, `guarded`) rather than one each: a savepoint copies every page its job
+    /// touches into the statement journal, and a run of updates touches mostly the same pages
+    /// (the version, outbox and index tails), which on single PUTs was a fifth of the writer's
+    /// time (BENCHMARKS.md, issue 15, tenth sitting).
+    ///
+    /// Each change is decided on its Task as it stands (reads only, outside any savepoint);
+    /// a plain put is then held back with the others, and anything else — a delete, a put
+    /// with effects on other Tasks, a refusal — first has the held puts written, then is
+    /// written in a savepoint of its own, so every write still comes in queue order and sees
+    /// the ones before it. A change of a Task whose put is held is decided once that put is
+    /// written. Should the held puts fail together, their savepoint is rolled back and each
+    /// is written alone in a savepoint of its own, as any job is, so that what fails one
+    /// fails that one only.
+    fn run_changes(&mut self, changes: Vec<Job>) -> Result<Vec<Result<Done>>> {
+        let base_url = self.base_url;
+        let mut outcomes: Vec<Option<Result<Done>>> = Vec::with_capacity(changes.len());
+        let mut held: Vec<HeldPut> = Vec::new();
+        for job in changes {
+            self.replies.push(job.reply);
+            let slot = outcomes.len();
+            outcomes.push(None);
+            let Work::Task(TaskWrite::Change { id, decide }) = job.work else {
+                outcomes[slot] = Some(Err(not_a_change()));
+                continue;
+            };
+            if held.iter().any(|h| h.next.id() == &id) {
+                self.write_held(std::mem::take(&mut held), &mut outcomes)?;
+            }
+            let conn = &mut *self.conn;
+            // Decided one by one: a bug that panics here fails its own request only.
+            let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                block_on(in_trace(
+                    job.trace,
+                    write::decide_change(conn, id, decide, base_url),
+                ))
+            }))
+            .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
+            match decided {
+                Ok(Decided::Plain(next)) => held.push(HeldPut {
+                    slot,
+                    next,
+                    trace: job.trace,
+                    audit: job.audit,
+                }),
+                Ok(Decided::Other {
+                    id,
+                    current,
+                    decision,
+                }) => {
+                    self.write_held(std::mem::take(&mut held), &mut outcomes)?;
+                    let written = self.guarded(|conn| {
+                        block_on(in_trace(
+                            job.trace,
+                            write::write_decided(conn, &id, current, decision, base_url),
+                        ))
+                    })?;
+                    outcomes[slot] = Some(self.settle(written, job.audit.as_deref()));
+                }
+                Err(e) => {
+                    if self.conn.is_autocommit() {
+                        // SQLite ended the whole transaction: see `in_savepoint`.
+                        return Err(e.for_another_request());
+                    }
+                    outcomes[slot] = Some(Err(e));
+                }
+            }
+        }
+        self.write_held(held, &mut outcomes)?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(not_a_change())))
+            .collect())
+    }
+
+    /// Writes the held plain puts of `run_changes` under one savepoint, or, should that fail,
+    /// each alone in a savepoint of its own; their outcomes go to their slots.
+    fn write_held(
+        &mut self,
+        held: Vec<HeldPut>,
+        outcomes: &mut [Option<Result<Done>>],
+    ) -> Result<()> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let together = self.guarded(|conn| {
+            for h in &held {
+                // Each change event keeps its own request's trace.
+                block_on(in_trace(h.trace, conn.put_version(&h.next.as_new())))?;
+            }
+            Ok(())
+        })?;
+        for h in held {
+            let written = match &together {
+                Ok(()) => Ok(()),
+                Err(_) => self.guarded(|conn| {
+                    block_on(in_trace(h.trace, conn.put_version(&h.next.as_new())))
+                })?,
+            };
+            let outcome = written.map(|()| h.next.written());
+            if let Some(slot) = outcomes.get_mut(h.slot) {
+                *slot = Some(self.settle(outcome, h.audit.as_deref()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A Task write's outcome, its AuditEvents kept for the group's insert.
+    fn settle(
+        &mut self,
+        outcome: Result<WriteOutcome>,
+        audit: Option<&RequestAudit>,
+    ) -> Result<Done> {
+        let outcome = outcome.map(Done::Task);
+        if let (Ok(done), Some(audit)) = (&outcome, audit) {
+            push_task_changes(&mut self.audits, audit, done);
+        }
+        self.wrote |= matches!(outcome, Ok(Done::Task(WriteOutcome::Written(_))));
+        outcome
+    }
+
     /// Runs requests' plain creates (two or more, in the order queued) as a transaction's
     /// creates are run: each Task's version worked out, then all of their rows in the few
     /// multi-row INSERTs of `tasks::insert_new_tasks`, under one savepoint, instead of a
@@ -651,9 +810,8 @@ impl Group<'_> {
             })
             .collect();
         let (versions, traces): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
-        let together = in_savepoint(self.conn, |conn| {
-            super::tasks::insert_new_tasks(conn, &versions, &traces)
-        })?;
+        let together =
+            self.guarded(|conn| super::tasks::insert_new_tasks(conn, &versions, &traces))?;
         drop(versions);
         let mut outcomes = Vec::with_capacity(made.len());
         for (version, trace, audit) in made {
@@ -663,7 +821,7 @@ impl Group<'_> {
                     let written = match &together {
                         Ok(()) => Ok(()),
                         // Each alone, in the trace of its own request.
-                        Err(_) => in_savepoint(self.conn, |conn| {
+                        Err(_) => self.guarded(|conn| {
                             block_on(in_trace(trace, conn.put_version(&next.as_new())))
                         })?,
                     };
@@ -703,9 +861,39 @@ impl Group<'_> {
     /// it); the inner one the job's alone, rolled back to its savepoint.
     fn run_job(&mut self, work: Work, trace: Option<TraceContext>) -> Result<Result<Done>> {
         let base_url = self.base_url;
-        in_savepoint(self.conn, |conn| {
-            block_on(in_trace(trace, apply_work(conn, work, base_url)))
-        })
+        self.guarded(|conn| block_on(in_trace(trace, apply_work(conn, work, base_url))))
+    }
+}
+
+impl Group<'_> {
+    /// Runs `body`, one job of the group (or the jobs written together), so that what it
+    /// writes is undone should it fail, without undoing the jobs before it: in a savepoint of
+    /// its own (`in_savepoint`), or, while the transaction is clean (nothing run in it yet but
+    /// jobs undone), without one, a failure then rolling the whole transaction back and
+    /// beginning it again, which undoes nothing else. A savepoint copies every page its job
+    /// changes into the statement journal first, which was a sixth of the writer's time on
+    /// single creates and a fifth on single updates (BENCHMARKS.md, issue 15, tenth sitting);
+    /// under load a group is mostly one job or one run of creates or changes written
+    /// together, which now goes without it. The outer error is the transaction's.
+    fn guarded<T>(&mut self, body: impl FnOnce(&mut Connection) -> Result<T>) -> Result<Result<T>> {
+        if !self.clean {
+            return in_savepoint(self.conn, body);
+        }
+        let conn = &mut *self.conn;
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| body(&mut *conn)))
+            .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
+        match &outcome {
+            Ok(_) => self.clean = false,
+            Err(e) => {
+                if self.conn.is_autocommit() {
+                    // SQLite ended the transaction itself (a full disk, an I/O error).
+                    return Err(e.for_another_request());
+                }
+                execute(self.conn, "ROLLBACK")?;
+                execute(self.conn, "BEGIN IMMEDIATE")?;
+            }
+        }
+        Ok(outcome)
     }
 }
 
@@ -749,6 +937,29 @@ fn is_plain_create(job: &Job) -> bool {
 
 fn not_a_create() -> Error {
     Error::internal("writing creates together", "a job was not a plain create")
+}
+
+/// Whether a job is a request's change of one Task, which `run_changes` runs with its
+/// neighbours'.
+fn is_change(job: &Job) -> bool {
+    matches!(&job.work, Work::Task(TaskWrite::Change { .. }))
+}
+
+fn not_a_change() -> Error {
+    Error::internal(
+        "writing changes together",
+        "a job was not a change of one Task",
+    )
+}
+
+/// A plain put of `Group::run_changes`, decided and held until the puts around it are
+/// written together.
+struct HeldPut {
+    /// Its place among the run's outcomes.
+    slot: usize,
+    next: Box<write::NextVersion>,
+    trace: Option<TraceContext>,
+    audit: Option<Arc<RequestAudit>>,
 }
 
 /// The AuditEvents of the Task versions a job wrote (`done`), made from the facts of the
@@ -966,6 +1177,7 @@ mod tests {
             number: None,
             texts: None,
             written: Vec::new(),
+            clean: false,
         };
         let outcomes = group.run(Lane::Urgent).expect("the group commits");
         assert!(group.wrote);
@@ -1008,6 +1220,164 @@ mod tests {
             description, "create 1",
             "the Task collided with is left as it was"
         );
+    }
+
+    /// Changes queued together are run in one group with their plain puts written together
+    /// (`run_changes`), and each is answered as if it had run alone, in queue order: a second
+    /// update of one Task sees the first, a refused change and a delete go as they would alone
+    /// and a change of a Task that does not exist creates it, each change event in queue order
+    /// with its own request's trace.
+    #[tokio::test]
+    async fn changes_queued_together_are_answered_as_each_alone() {
+        use crate::store::{CurrentTask, Decide, Decision, Interaction, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        let store = super::super::SqliteStore::open(
+            &path,
+            "http://baton.test/fhir",
+            &crate::config::StoreConfig::default(),
+            Arc::new(Notify::new()),
+            Arc::new(Health::default()),
+        )
+        .await
+        .unwrap();
+        store.close().await;
+        let mut conn = connect(&path).unwrap();
+        let (_sender, mut receiver) = mpsc::channel(1);
+        let ids: Vec<TaskId> = (0..4).map(|_| TaskId::generate()).collect();
+        let task = |description: &str| {
+            serde_json::json!({
+                "resourceType": "Task", "status": "requested", "intent": "order",
+                "description": description,
+            })
+        };
+        let run = |conn: &mut Connection, receiver: &mut mpsc::Receiver<Job>, jobs: Vec<Job>| {
+            let mut waiting = Waiting::default();
+            waiting.urgent.extend(jobs);
+            let mut group = Group {
+                conn,
+                jobs: receiver,
+                waiting: &mut waiting,
+                base_url: "http://baton.test/fhir",
+                max_batch: 256,
+                syncer: None,
+                replies: Vec::new(),
+                audits: Vec::new(),
+                wrote: false,
+                lanes: (false, false),
+                number: None,
+                clean: false,
+            };
+            group.run(Lane::Urgent).expect("the group commits")
+        };
+        let job = |work: Work, trace: Option<TraceContext>| Job {
+            work,
+            reply: oneshot::channel().0,
+            trace,
+            audit: None,
+        };
+        // Tasks 0, 1 and 2 exist; 3 does not.
+        let creates = ids[..3]
+            .iter()
+            .map(|id| {
+                let write = TaskWrite::Create {
+                    id: id.clone(),
+                    resource: task("v1"),
+                    staged: None,
+                };
+                job(Work::Task(write), None)
+            })
+            .collect();
+        run(&mut conn, &mut receiver, creates);
+        let put = |description: &'static str| -> Decide {
+            Box::new(move |current: Option<&CurrentTask>| {
+                let mut resource = task(description);
+                if let Some(current) = current {
+                    resource["id"] = current.id.as_str().into();
+                    // What it saw: the second update of a Task must see the first.
+                    resource["note"] = serde_json::json!([{ "text": format!(
+                        "after version {}", current.version
+                    ) }]);
+                }
+                Ok(Decision::Put(Arc::new(resource)))
+            })
+        };
+        let refuse: Decide =
+            Box::new(|_| Err(crate::error::Error::precondition_failed("not this version")));
+        let delete: Decide = Box::new(|_| Ok(Decision::Delete));
+        let changes: Vec<(TaskId, Decide)> = vec![
+            (ids[0].clone(), put("update 0")),
+            (ids[1].clone(), put("update 1")),
+            (ids[0].clone(), put("update 0 again")),
+            (ids[2].clone(), refuse),
+            (ids[1].clone(), delete),
+            (ids[3].clone(), put("created by a put")),
+            (ids[2].clone(), put("update 2")),
+        ];
+        let traces: Vec<TraceContext> = changes.iter().map(|_| TraceContext::new_root()).collect();
+        let jobs = changes
+            .into_iter()
+            .zip(&traces)
+            .map(|((id, decide), trace)| {
+                job(Work::Task(TaskWrite::Change { id, decide }), Some(*trace))
+            })
+            .collect();
+        let outcomes = run(&mut conn, &mut receiver, jobs);
+        let expected = [
+            (0, 2, Interaction::Update),
+            (1, 2, Interaction::Update),
+            (0, 3, Interaction::Update),
+            (2, 0, Interaction::Update),
+            (1, 3, Interaction::Delete),
+            (3, 1, Interaction::Create),
+            (2, 2, Interaction::Update),
+        ];
+        assert_eq!(outcomes.len(), expected.len());
+        for (i, (outcome, (task, version, interaction))) in
+            outcomes.iter().zip(expected).enumerate()
+        {
+            match outcome {
+                Err(e) if i == 3 => {
+                    assert_eq!(e.status(), axum::http::StatusCode::PRECONDITION_FAILED)
+                }
+                Ok(Done::Task(WriteOutcome::Written(v))) => {
+                    assert_eq!(v.id, ids[task], "change {i}");
+                    assert_eq!(v.version.get(), version, "change {i}");
+                    assert_eq!(v.interaction, interaction, "change {i}");
+                }
+                other => panic!("change {i}: {:?}", other.as_ref().err()),
+            }
+        }
+        let note: String = conn
+            .query_row(
+                "SELECT json_extract(resource, '$.note[0].text') FROM task WHERE id = ?",
+                [ids[0].as_str()],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(note, "after version 2", "the second update saw the first");
+        let mut select = conn
+            .prepare("SELECT resource_id, version, traceparent FROM change_event WHERE traceparent IS NOT NULL ORDER BY seq")
+            .unwrap();
+        let events: Vec<(String, i64, String)> = select
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let written: Vec<(String, i64, String)> = expected
+            .iter()
+            .zip(&traces)
+            .enumerate()
+            .filter(|(i, _)| *i != 3)
+            .map(|(_, ((task, version, _), trace))| {
+                (ids[*task].to_string(), *version, trace.header())
+            })
+            .collect();
+        assert_eq!(events, written);
+        let versions: i64 = conn
+            .query_row("SELECT count(*) FROM task_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(versions, 3 + 6);
     }
 
     /// A writer thread that dies before the node stops is reported as a dead vital task, with
