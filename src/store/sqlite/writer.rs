@@ -1266,6 +1266,8 @@ mod tests {
                 wrote: false,
                 lanes: (false, false),
                 number: None,
+                texts: None,
+                written: Vec::new(),
                 clean: false,
             };
             group.run(Lane::Urgent).expect("the group commits")
