@@ -71,8 +71,8 @@ pub struct AuditConfig {
     /// ledger) while `enabled`. Off, the console's ledger and a practitioner's ledger search
     /// are empty; `$status` still says why a subscription failed.
     pub delivery_attempts: bool,
-    /// How long the node's audit queue gathers AuditEvents (of reads, searches, refusals,
-    /// Subscription changes and delivery attempts) before writing them as one batch, in
+    /// How long the node's audit queue gathers AuditEvents (of reads, searches, refusals and
+    /// Subscription changes; a delivery attempt's is written with its result) before writing them as one batch, in
     /// milliseconds; 0 writes whatever gathered during the previous write. Every write ends
     /// with a commit, and each commit makes every search connection drop its map of the
     /// database file and fault its pages in again, so a longer window makes audited searches

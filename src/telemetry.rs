@@ -331,11 +331,6 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
         "Delivery results recorded in one store write.",
     ),
     (
-        Kind::Histogram,
-        "baton_delivery_record_wait_seconds",
-        "Time a confirmed attempt waits for its result to commit before its subscription may be tried again.",
-    ),
-    (
         Kind::Counter,
         "baton_events_withheld_total",
         "Events left out of a notification because its author may not read the Task.",

@@ -97,7 +97,7 @@ struct Claimed<'a> {
     /// the one notification whose result was being recorded.
     guarantee: Guarantee,
     /// The AuditEvent of the send just made (a confirmed channel's, when attempts are
-    /// audited), queued by `record` with the attempt's result.
+    /// audited), written with the attempt's result by `record`.
     audited: Option<crate::audit::AuditRecord>,
 }
 
@@ -368,8 +368,8 @@ impl Claimed<'_> {
         })
     }
 
-    /// The AuditEvent of a confirmed send, for the delivery ledger: `record` hands it to the
-    /// audit queue, which writes it with whatever else gathered in its window.
+    /// The AuditEvent of a confirmed send, for the delivery ledger: `record` writes it in the
+    /// same store write as the attempt's result, so it costs no write of its own.
     fn audit_attempt(
         &self,
         sending: &Sending<'_>,
@@ -469,8 +469,8 @@ impl Claimed<'_> {
         Ok(retry)
     }
 
-    /// Writes the attempt's result (its AuditEvent, if it is audited, to the audit queue), which
-    /// ends the claim: waiting for it to commit, or, for a plain delivery on a best-effort channel
+    /// Writes the attempt's result, with its AuditEvent if it is audited, which ends the
+    /// claim: waiting for it to commit, or, for a plain delivery on a best-effort channel
     /// where this node alone serves the store, running ahead of it (see `record`).
     async fn record(&mut self, report: DeliveryReport) -> Result<()> {
         let status = match &report {
@@ -482,23 +482,19 @@ impl Claimed<'_> {
             tracing::info!(subscription.id = %self.sub.id, from = self.sub.status.as_str(), to = status.as_str(), "subscription status changed");
         }
         let recorder = &self.deliverer.recorder;
-        // The attempt's AuditEvent goes to the audit queue, queued before its result so that
-        // a subscription's ledger keeps its attempts' order, and is written in the queue's
-        // next batch: the result's commit, which the subscription's next attempt waits for,
-        // carries no ledger row (BENCHMARKS.md, "The audit trail's cost", tenth sitting).
-        if let Some(audited) = self.audited.take() {
-            self.deliverer.hub.audits.record(audited);
-        }
+        let audited = self.audited.take();
         if self.guarantee == Guarantee::BestEffort
             && self.deliverer.store.serves_one_node()
             && record::runs_ahead(&report, self.sub.status, self.sub.failures)
         {
+            // Only a confirmed send is audited; were a best-effort one, its AuditEvent would
+            // go through the audit queue rather than hold this report back.
+            if let Some(audited) = audited {
+                self.deliverer.hub.audits.record(audited);
+            }
             recorder.record_ahead(report)?;
         } else {
-            let waited = std::time::Instant::now();
-            recorder.record(report).await?;
-            metrics::histogram!("baton_delivery_record_wait_seconds")
-                .record(waited.elapsed().as_secs_f64());
+            recorder.record(report, audited).await?;
         }
         self.claim = Claim::Ended;
         Ok(())

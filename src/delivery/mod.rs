@@ -85,6 +85,7 @@ impl Deliverer {
                 store.clone(),
                 hub.node.clone(),
                 Duration::from_millis(config.delivery.position_record_ms),
+                hub.audits.clone(),
             ),
             store,
             signals,

@@ -6,11 +6,10 @@
 //! `Store::record_deliveries` (SQLite: one writer job, one savepoint, the same two cached
 //! statements per report; PostgreSQL: one `unnest` statement per kind of result, one
 //! transaction). So a thousand deliveries cost one commit, not a thousand. A confirmed
-//! attempt's AuditEvent (the delivery ledger) does not travel with its report: the attempt
-//! hands it to the audit queue (`store::audit_queue`), which writes it in its next batch, so
-//! that the commit the subscription's next attempt waits for carries no ledger rows. Within a
-//! write, a subscription's successive plain deliveries (no handshake settled) are coalesced
-//! into the last one: `delivered_through` only ever grows, so the last says all the others did.
+//! attempt's AuditEvent (the delivery ledger) travels with its report and is written in the
+//! same write, so the ledger adds rows to those commits, never writes of its own. Within a write, a
+//! subscription's successive plain deliveries (no handshake settled) are coalesced into the
+//! last one: `delivered_through` only ever grows, so the last says all the others did.
 //!
 //! An attempt either waits for its report to commit (`record`) or runs ahead of it
 //! (`record_ahead`). Reports that only run ahead are gathered for up to
@@ -44,9 +43,11 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::audit::AuditRecord;
 use crate::error::{Error, Result};
 use crate::fhir::ids::{EventNumber, SubscriptionId};
 use crate::fhir::notification::SubscriptionStatus;
+use crate::store::audit_queue::AuditQueue;
 use crate::store::{DeliveryReport, HandshakeOwed, Store};
 
 /// The most reports recorded in one write: a bound on one transaction's size, far above what
@@ -98,6 +99,8 @@ impl Ahead {
 /// ahead).
 struct Recording {
     report: DeliveryReport,
+    /// The attempt's AuditEvent, when it is audited.
+    attempt: Option<AuditRecord>,
     recorded: Option<oneshot::Sender<Result<()>>>,
 }
 
@@ -105,8 +108,14 @@ impl Recorder {
     /// Starts the recording loop for this node (`holder`, whose claims the reports end). The
     /// loop ends when the recorder is dropped, after recording what was queued.
     /// Reports that only ran ahead are gathered for up to `gather_ahead` before they are
-    /// written.
-    pub fn start(store: Arc<dyn Store>, holder: String, gather_ahead: Duration) -> Recorder {
+    /// written. `audits` takes the AuditEvents of attempts whose results failed to record: the
+    /// attempts happened, so the ledger keeps them even when their bookkeeping is retried.
+    pub fn start(
+        store: Arc<dyn Store>,
+        holder: String,
+        gather_ahead: Duration,
+        audits: AuditQueue,
+    ) -> Recorder {
         let (queue, received) = mpsc::unbounded_channel();
         let ahead = Arc::new(Ahead::default());
         tokio::spawn(record_loop(
@@ -115,17 +124,19 @@ impl Recorder {
             received,
             ahead.clone(),
             gather_ahead,
+            audits,
         ));
         Recorder { queue, ahead }
     }
 
-    /// Records one attempt's result together with whatever else is waiting; answers once it
-    /// is committed (or failed with its batch).
-    pub async fn record(&self, report: DeliveryReport) -> Result<()> {
+    /// Records one attempt's result, and its AuditEvent if it is audited, together with
+    /// whatever else is waiting; answers once it is committed (or failed with its batch).
+    pub async fn record(&self, report: DeliveryReport, attempt: Option<AuditRecord>) -> Result<()> {
         let (recorded, answer) = oneshot::channel();
         self.queue
             .send(Recording {
                 report,
+                attempt,
                 recorded: Some(recorded),
             })
             .map_err(|_| stopped())?;
@@ -146,6 +157,7 @@ impl Recorder {
         self.queue
             .send(Recording {
                 report,
+                attempt: None,
                 recorded: None,
             })
             .map_err(|_| stopped())
@@ -194,13 +206,18 @@ async fn record_loop(
     mut received: mpsc::UnboundedReceiver<Recording>,
     ahead: Arc<Ahead>,
     gather_ahead: Duration,
+    audits: AuditQueue,
 ) {
     let mut batch = Vec::with_capacity(64);
     while received.recv_many(&mut batch, MAX_REPORTS_PER_WRITE).await > 0 {
         gather(&mut received, &mut batch, gather_ahead).await;
+        let mut attempts = Vec::new();
         let (reports, answers): (Vec<DeliveryReport>, Vec<_>) = batch
             .drain(..)
-            .map(|recording| (recording.report, recording.recorded))
+            .map(|recording| {
+                attempts.extend(recording.attempt);
+                (recording.report, recording.recorded)
+            })
             .unzip();
         let reports = coalesce(reports);
         let positions: Vec<(SubscriptionId, EventNumber)> = reports
@@ -217,7 +234,7 @@ async fn record_loop(
         metrics::histogram!("baton_delivery_reports_per_write").record(reports.len() as f64);
         // A panic in the store must not end bookkeeping for the node: the batch fails like
         // any failed write, and its attempts are retried.
-        let written = AssertUnwindSafe(store.record_deliveries(&holder, reports))
+        let written = AssertUnwindSafe(store.record_deliveries(&holder, reports, attempts.clone()))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -240,6 +257,9 @@ async fn record_loop(
                 // record waits for the subscription's next report, or is re-sent after a
                 // restart.
                 tracing::warn!(error = %crate::error::error_chain(&e), reports = answers.len(), "recording delivery results failed; their attempts are retried");
+                for attempt in attempts {
+                    audits.record(attempt);
+                }
                 for answer in answers.into_iter().flatten() {
                     let _ = answer.send(Err(e.for_another_request()));
                 }
@@ -483,7 +503,7 @@ mod tests {
     }
 
     /// A SQLite store at `path` with one subscription, and a recorder over it that writes
-    /// every batch at once.
+    /// every batch at once and whose audit queue writes nothing.
     async fn recorder_with_subscription(
         path: &std::path::Path,
     ) -> (Arc<dyn Store>, crate::store::StoredSubscription, Recorder) {
@@ -492,7 +512,12 @@ mod tests {
             .create_subscription(crate::outbox::tests::subscription(None))
             .await
             .unwrap();
-        let recorder = Recorder::start(store.clone(), "node-a".into(), Duration::ZERO);
+        let recorder = Recorder::start(
+            store.clone(),
+            "node-a".into(),
+            Duration::ZERO,
+            AuditQueue::disconnected(),
+        );
         (store, sub, recorder)
     }
 
@@ -538,9 +563,52 @@ mod tests {
         assert_eq!(stored.delivered_through, EventNumber::new(5));
     }
 
+    /// An attempt's AuditEvent is written in the write that records its result: once
+    /// `record` answers, both are in the database, though this recorder's audit queue writes
+    /// nothing (a disconnected one).
+    #[tokio::test]
+    async fn an_attempts_audit_event_is_recorded_with_its_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        let (_, sub, recorder) = recorder_with_subscription(&path).await;
+        let subscription = sub.id.to_string();
+        let facts = crate::audit::DeliveryFacts {
+            node: "node-a",
+            subscription: &subscription,
+            kind: "event-notification",
+            events: Some((1, 3)),
+            channel: "rest-hook",
+            endpoint_host: Some("receiver.example"),
+            duration_ms: 4,
+            error: None,
+        };
+        let attempt = crate::audit::delivery_attempt(&facts, &StoredInstant::now());
+        let report = DeliveryReport::Delivered {
+            subscription_id: sub.id.clone(),
+            through: EventNumber::new(3),
+            handshake: HandshakeOwed::Unchanged,
+            status: sub.status,
+            at: StoredInstant::now(),
+            rewinds: sub.rewinds,
+        };
+        recorder.record(report, Some(attempt)).await.unwrap();
+
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let (ledger, through): (i64, i64) = db
+            .query_row(
+                "SELECT (SELECT count(*) FROM audit_event WHERE type_code = 'transmit' AND entity = ?),
+                        (SELECT delivered_through FROM subscription WHERE id = ?)",
+                [format!("Subscription/{subscription}"), subscription.clone()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((ledger, through), (1, 3));
+    }
+
     fn ahead_only(sub: &str, through: i64) -> Recording {
         Recording {
             report: delivered(sub, through, HandshakeOwed::Unchanged, 0),
+            attempt: None,
             recorded: None,
         }
     }
@@ -548,6 +616,7 @@ mod tests {
     fn waited_for(sub: &str) -> Recording {
         Recording {
             report: failed(sub, 1),
+            attempt: None,
             recorded: Some(oneshot::channel().0),
         }
     }

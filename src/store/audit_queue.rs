@@ -1,15 +1,14 @@
 //! AuditEvents that commit with nothing else — reads, searches, refusals, Subscription
-//! changes, delivery attempts (the ledger) — queued and written in batches off the request
-//! path and off the delivery path. A Task write's AuditEvent is not one of them: it commits in
-//! the write's own transaction.
+//! changes — queued and written in batches off the request path. A Task write's AuditEvent is
+//! not one of them: it commits in the write's own transaction; nor is a delivery attempt's,
+//! which commits with the attempt's result (`delivery::record`), unless that write failed.
 //!
 //! A request hands its record to the queue and answers at once; the queue's loop writes what
 //! gathered over a window (`audit.batch_window_ms`, or until `MAX_BATCH` records) as one store write
 //! (`record_audits`), so a thousand audited searches cost a few commits, not a thousand
 //! waits. Before answering an AuditEvent search, the API flushes the queue (a flush is
 //! written at once), so a node's own trail is read back whole. What a crash can lose is the
-//! records of the last window not yet committed (a delivery attempt's among them, while its
-//! result may have committed), never a Task change's. A full queue (the database far behind) drops records, counted in
+//! records of the last window not yet committed, never a Task change's. A full queue (the database far behind) drops records, counted in
 //! `baton_audit_dropped_total`, rather than slowing every request down.
 
 use std::sync::Arc;

@@ -812,13 +812,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<StoredSubscription>>;
     /// Records an attempt's result and ends `holder`'s claim on the subscription.
     async fn record_delivery(&self, holder: &str, report: DeliveryReport) -> Result<()> {
-        self.record_deliveries(holder, vec![report]).await
+        self.record_deliveries(holder, vec![report], Vec::new())
+            .await
     }
     /// Records the results of many attempts (of many subscriptions) in one transaction, in
-    /// the order given, each ending `holder`'s claim on its subscription: delivery's
-    /// bookkeeping is one write per commit, not one per attempt. All or none are recorded.
-    /// (The attempts' AuditEvents, the delivery ledger, go through the audit queue.)
-    async fn record_deliveries(&self, holder: &str, reports: Vec<DeliveryReport>) -> Result<()>;
+    /// the order given, each ending `holder`'s claim on its subscription, together with the
+    /// attempts' AuditEvents (`attempts`, the delivery ledger): delivery's bookkeeping is one
+    /// write per commit, not one per attempt, and a ledger entry costs no write of its own.
+    /// All or none are recorded.
+    async fn record_deliveries(
+        &self,
+        holder: &str,
+        reports: Vec<DeliveryReport>,
+        attempts: Vec<crate::audit::AuditRecord>,
+    ) -> Result<()>;
 
     // Work sharing between nodes.
     /// Takes or renews the named lease for `holder` until `ttl` from now; false when another

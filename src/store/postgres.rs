@@ -594,8 +594,13 @@ impl Store for PostgresStore {
         hub::restart_delivery(&self.pool, id, from).await
     }
 
-    async fn record_deliveries(&self, holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
-        hub::record_deliveries(&self.pool, holder, reports).await
+    async fn record_deliveries(
+        &self,
+        holder: &str,
+        reports: Vec<DeliveryReport>,
+        attempts: Vec<crate::audit::AuditRecord>,
+    ) -> Result<()> {
+        hub::record_deliveries(&self.pool, holder, reports, attempts).await
     }
 
     async fn acquire_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
@@ -728,7 +733,8 @@ impl Store for PostgresStore {
 }
 
 /// Inserts AuditEvents in one statement, in the order given (the `seq` order), on `conn`: the
-/// node's audit queue's batches (reads, Subscription changes, delivery attempts).
+/// node's audit queue's batches on their own, and delivery attempts' inside the transaction
+/// that records their results (`hub::record_deliveries`).
 pub(super) async fn insert_audits(
     conn: &mut sqlx::PgConnection,
     records: Vec<crate::audit::AuditRecord>,

@@ -486,11 +486,19 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn record_deliveries(&self, _holder: &str, reports: Vec<DeliveryReport>) -> Result<()> {
-        if reports.is_empty() {
+    async fn record_deliveries(
+        &self,
+        _holder: &str,
+        reports: Vec<DeliveryReport>,
+        attempts: Vec<crate::audit::AuditRecord>,
+    ) -> Result<()> {
+        if reports.is_empty() && attempts.is_empty() {
             return Ok(());
         }
-        match self.submit(Work::RecordDeliveries(reports)).await? {
+        match self
+            .submit(Work::RecordDeliveries(reports, attempts))
+            .await?
+        {
             Done::Nothing => Ok(()),
             _ => Err(unexpected()),
         }

@@ -213,7 +213,8 @@ async fn number_matches(
 }
 
 /// Records the results of many attempts in one transaction, one statement per kind of result
-/// (`unnest` of the reports' columns); each claim ends only if `holder` still has it (a node
+/// (`unnest` of the reports' columns), with the attempts' AuditEvents (one more statement);
+/// each claim ends only if `holder` still has it (a node
 /// whose claim expired and was taken over must not end the new holder's). One `UPDATE … FROM`
 /// may change a row only once, so a subscription reported twice (two attempts whose results
 /// gathered in one batch) is recorded in rounds, the k-th report of each subscription in the
@@ -223,11 +224,15 @@ pub(super) async fn record_deliveries(
     pool: &PgPool,
     holder: &str,
     reports: Vec<DeliveryReport>,
+    attempts: Vec<crate::audit::AuditRecord>,
 ) -> Result<()> {
-    if reports.is_empty() {
+    if reports.is_empty() && attempts.is_empty() {
         return Ok(());
     }
     let mut tx = pool.begin().await?;
+    if !attempts.is_empty() {
+        super::insert_audits(&mut tx, attempts).await?;
+    }
     for round in rounds(reports) {
         let mut delivered = DeliveredColumns::default();
         let mut failed = FailedColumns::default();

@@ -135,7 +135,9 @@ pub(super) fn match_progress(conn: &Connection, consumer: &str) -> Result<Option
 }
 
 /// Each report in turn, with the same two cached statements: a batch of a thousand is a
-/// thousand row updates in one savepoint, never a thousand jobs.
+/// thousand row updates in one savepoint, never a thousand jobs. The attempts' AuditEvents go
+/// in the same commit (the writer's group audit insert), so the delivery ledger costs no job
+/// or commit of its own.
 pub(super) fn record_deliveries(conn: &Connection, reports: Vec<DeliveryReport>) -> Result<()> {
     for report in reports {
         record_delivery(conn, report)?;

@@ -68,10 +68,11 @@ pub(super) enum Work {
     /// One chunk of the outbox's matches (at most `hub.fanout_chunk`): a bounded job, so
     /// that Task writes queued behind it wait for one chunk, never for a whole fan-out.
     RecordMatches(MatchBatch),
-    /// The results of many delivery attempts, in the order they were reported: one job (one
-    /// savepoint) for all the attempts whose results gathered while the previous one
-    /// committed. (Their AuditEvents come through the audit queue, `RecordAudits`.)
-    RecordDeliveries(Vec<DeliveryReport>),
+    /// The results of many delivery attempts, in the order they were reported, and the
+    /// attempts' AuditEvents: one job (one savepoint) for all the attempts whose results
+    /// gathered while the previous one committed. The AuditEvents go in with the group's
+    /// (`Group::audits`) once the results are written.
+    RecordDeliveries(Vec<DeliveryReport>, Vec<AuditRecord>),
     FillMatchingForms(Vec<MatchingFormRow>),
     PruneEvents(StoredInstant),
     /// AuditEvents recorded after the requests they describe (reads, searches, refusals,
@@ -480,8 +481,8 @@ struct Group<'a> {
     syncer: Option<&'a Syncer>,
     /// Where to answer each job run so far, in order.
     replies: Vec<oneshot::Sender<Result<Done>>>,
-    /// The AuditEvents of the jobs that succeeded so far, in order: the Task writes' and the
-    /// audit queue's (reads, Subscription changes, delivery attempts). They are inserted together, in a few multi-row
+    /// The AuditEvents of the jobs that succeeded so far, in order: the Task writes', the
+    /// delivery attempts', the audit queue's. They are inserted together, in a few multi-row
     /// INSERTs just before the commit and outside every job's savepoint, so that an
     /// AuditEvent costs its write neither a statement of its own nor the copies of the audit
     /// table's and indexes' pages into each job's statement journal (BENCHMARKS.md, "The
@@ -592,6 +593,7 @@ impl Group<'_> {
         self.replies.push(job.reply);
         let mut work = job.work;
         let audits = match &mut work {
+            Work::RecordDeliveries(_, attempts) => std::mem::take(attempts),
             Work::RecordAudits(records) => std::mem::take(records),
             _ => Vec::new(),
         };
@@ -998,7 +1000,8 @@ async fn apply_work(conn: &mut Connection, work: Work, base_url: &str) -> Result
             .map(|s| Done::Subscription(Box::new(s))),
         Work::DeleteSubscription(id) => subscriptions::delete(conn, &id).await.map(Done::Deleted),
         Work::RecordMatches(batch) => hub::record_matches(conn, batch).map(Done::Numbers),
-        Work::RecordDeliveries(reports) => {
+        // The attempts' AuditEvents were taken for the group's audit insert.
+        Work::RecordDeliveries(reports, _) => {
             hub::record_deliveries(conn, reports).map(|()| Done::Nothing)
         }
         Work::FillMatchingForms(forms) => {
