@@ -613,40 +613,30 @@ impl Group<'_> {
     }
 
     /// `job` and, when it is a request's plain create (`write::is_single_put`), the plain
-    /// creates queued right behind it, in order, as far as the group has room: the creates
-    /// of a burst of POSTs, which `run_creates` writes together. Any other job comes alone.
+    /// creates queued right behind it: the creates of a burst of POSTs, which `run_creates`
+    /// writes together. Any other job comes alone.
     fn plain_creates(&mut self, job: Job) -> Vec<Job> {
-        let mut creates = vec![job];
-        if !is_plain_create(&creates[0]) {
-            return creates;
-        }
-        self.waiting.take_arrived(self.jobs);
-        while self.replies.len() + creates.len() < self.max_batch {
-            match self.waiting.urgent.pop_front() {
-                Some(job) if is_plain_create(&job) => creates.push(job),
-                Some(other) => {
-                    self.waiting.urgent.push_front(other);
-                    break;
-                }
-                None => break,
-            }
-        }
-        creates
+        self.run_of(job, is_plain_create)
     }
 
     /// `job` and, when it is a request's change of one Task (`TaskWrite::Change`: an update,
-    /// a patch, a delete), the changes queued right behind it, in order, as far as the group
-    /// has room: the writes of a burst of PUTs, which `run_changes` writes together. Any other
-    /// job comes alone.
+    /// a patch, a delete), the changes queued right behind it: the writes of a burst of PUTs,
+    /// which `run_changes` writes together. Any other job comes alone.
     fn changes(&mut self, job: Job) -> Vec<Job> {
-        let mut changes = vec![job];
-        if !is_change(&changes[0]) {
-            return changes;
+        self.run_of(job, is_change)
+    }
+
+    /// `job` and, when it is of the kind `alike` tells, the jobs of that kind queued right
+    /// behind it, in order, as far as the group has room.
+    fn run_of(&mut self, job: Job, alike: fn(&Job) -> bool) -> Vec<Job> {
+        let mut run = vec![job];
+        if !alike(&run[0]) {
+            return run;
         }
         self.waiting.take_arrived(self.jobs);
-        while self.replies.len() + changes.len() < self.max_batch {
+        while self.replies.len() + run.len() < self.max_batch {
             match self.waiting.urgent.pop_front() {
-                Some(job) if is_change(&job) => changes.push(job),
+                Some(job) if alike(&job) => run.push(job),
                 Some(other) => {
                     self.waiting.urgent.push_front(other);
                     break;
@@ -654,7 +644,7 @@ impl Group<'_> {
                 None => break,
             }
         }
-        changes
+        run
     }
 
     /// Runs requests' changes of single Tasks (two or more, in the order queued) as `run_one`
