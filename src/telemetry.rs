@@ -217,6 +217,16 @@ const FAMILIES: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Counter,
+        "baton_search_text_cache_hits_total",
+        "Tasks of SQLite search pages whose text came from the in-memory text cache (store.search_text_cache_mib).",
+    ),
+    (
+        Kind::Counter,
+        "baton_search_text_cache_misses_total",
+        "Tasks of SQLite search pages read from the table because the text cache did not hold them.",
+    ),
+    (
+        Kind::Counter,
         "baton_requests_throttled_total",
         "Requests refused (429) by the per-token rate limit, by role.",
     ),
