@@ -378,22 +378,15 @@ fn run_writer(
         // The other lane goes first next time, if it has anything waiting.
         turn = first.other();
         let started = std::time::Instant::now();
-        let mut group = Group {
-            conn: &mut conn,
-            jobs: &mut jobs,
-            waiting: &mut waiting,
+        let mut group = Group::new(
+            &mut conn,
+            &mut jobs,
+            &mut waiting,
             base_url,
             max_batch,
             syncer,
-            replies: Vec::with_capacity(max_batch),
-            audits: Vec::new(),
-            wrote: false,
-            lanes: (false, false),
-            number: None,
             texts,
-            written: Vec::new(),
-            clean: false,
-        };
+        );
         let committed_group = group.run(first);
         let Group {
             replies,
@@ -504,6 +497,37 @@ struct Group<'a> {
     /// Whether no job has run in the group's transaction yet, or only jobs that failed and
     /// were undone: the next job then needs no savepoint (`Group::guarded`).
     clean: bool,
+}
+
+impl<'a> Group<'a> {
+    /// A group about to run on `conn`, taking jobs from `waiting` (and `jobs` as they
+    /// arrive): nothing run, answered or written yet.
+    fn new(
+        conn: &'a mut Connection,
+        jobs: &'a mut mpsc::Receiver<Job>,
+        waiting: &'a mut Waiting,
+        base_url: &'a str,
+        max_batch: usize,
+        syncer: Option<&'a Syncer>,
+        texts: Option<&'a TextCache>,
+    ) -> Group<'a> {
+        Group {
+            conn,
+            jobs,
+            waiting,
+            base_url,
+            max_batch,
+            syncer,
+            replies: Vec::with_capacity(max_batch),
+            audits: Vec::new(),
+            wrote: false,
+            lanes: (false, false),
+            number: None,
+            texts,
+            written: Vec::new(),
+            clean: false,
+        }
+    }
 }
 
 impl Group<'_> {
@@ -1156,22 +1180,15 @@ mod tests {
                 audit: None,
             });
         }
-        let mut group = Group {
-            conn: &mut conn,
-            jobs: &mut receiver,
-            waiting: &mut waiting,
-            base_url: "http://baton.test/fhir",
-            max_batch: 256,
-            syncer: None,
-            replies: Vec::new(),
-            audits: Vec::new(),
-            wrote: false,
-            lanes: (false, false),
-            number: None,
-            texts: None,
-            written: Vec::new(),
-            clean: false,
-        };
+        let mut group = Group::new(
+            &mut conn,
+            &mut receiver,
+            &mut waiting,
+            "http://baton.test/fhir",
+            256,
+            None,
+            None,
+        );
         let outcomes = group.run(Lane::Urgent).expect("the group commits");
         assert!(group.wrote);
         assert_eq!(outcomes.len(), 6);
@@ -1247,22 +1264,15 @@ mod tests {
         let run = |conn: &mut Connection, receiver: &mut mpsc::Receiver<Job>, jobs: Vec<Job>| {
             let mut waiting = Waiting::default();
             waiting.urgent.extend(jobs);
-            let mut group = Group {
+            let mut group = Group::new(
                 conn,
-                jobs: receiver,
-                waiting: &mut waiting,
-                base_url: "http://baton.test/fhir",
-                max_batch: 256,
-                syncer: None,
-                replies: Vec::new(),
-                audits: Vec::new(),
-                wrote: false,
-                lanes: (false, false),
-                number: None,
-                texts: None,
-                written: Vec::new(),
-                clean: false,
-            };
+                receiver,
+                &mut waiting,
+                "http://baton.test/fhir",
+                256,
+                None,
+                None,
+            );
             group.run(Lane::Urgent).expect("the group commits")
         };
         let job = |work: Work, trace: Option<TraceContext>| Job {
